@@ -1,0 +1,34 @@
+# Everything a fresh machine needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Pin torch first so that no dependency pulls a multi-GB CUDA build on a CPU machine.
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/mintvcs demo
+
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: setup
+	$(VENV)/bin/ruff check mintvcs serve kernels tests bench
+	$(VENV)/bin/mypy mintvcs serve kernels
+
+bench: setup
+	$(PY) bench/store.py
+	$(PY) bench/kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
