@@ -121,7 +121,9 @@ def random_state_dict(config: TinyConfig, seed: int) -> dict[str, Any]:
     hidden, inter = config.hidden_size, config.intermediate_size
     q_out = config.num_attention_heads * config.head_dim
     kv_out = config.num_key_value_heads * config.head_dim
-    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": normal(config.vocab_size, hidden)}
+    tensors: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": normal(config.vocab_size, hidden)
+    }
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}"
         tensors[f"{prefix}.input_layernorm.weight"] = norm_weight()
@@ -151,7 +153,11 @@ def build_tiny_model(directory: Path, config: TinyConfig | None = None, *, seed:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(config.hf_config(), indent=2) + "\n")
-    save_file(random_state_dict(config, seed), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        random_state_dict(config, seed),
+        str(directory / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (directory / "tokenizer.json").write_text(build_tokenizer_json())
     tokenizer_config = {
         "bos_token": "<s>",
@@ -162,5 +168,7 @@ def build_tiny_model(directory: Path, config: TinyConfig | None = None, *, seed:
         "clean_up_tokenization_spaces": False,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (directory / "mintvcs-tiny.json").write_text(json.dumps({"seed": seed, **asdict(config)}) + "\n")
+    (directory / "mintvcs-tiny.json").write_text(
+        json.dumps({"seed": seed, **asdict(config)}) + "\n"
+    )
     return directory

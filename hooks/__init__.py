@@ -1,0 +1,1 @@
+"""Sample repository hooks; `mintvcs init` copies them into `.mint/hooks/`."""

@@ -1,0 +1,460 @@
+"""The `mintvcs` command line: parses arguments and formats output; the verbs live in porcelain."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from mintvcs.errors import MintError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _open_repo() -> Any:
+    from mintvcs.store import Repository
+
+    return Repository.open(Path.cwd())
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _format_date(seconds: int, offset: int) -> str:
+    sign = "+" if offset >= 0 else "-"
+    hours, minutes = divmod(abs(offset) // 60, 60)
+    stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(seconds + offset))
+    return f"{stamp} {sign}{hours:02d}{minutes:02d}"
+
+
+def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
+    meta: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--meta")
+        meta[key.strip()] = value
+    return meta
+
+
+class MintGroup(click.Group):
+    """Turns MintError into one line and an exit code instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MintError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def json_option(func: F) -> F:
+    """Add --json to a command."""
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
+
+
+@click.group(cls=MintGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mintvcs")
+def main() -> None:
+    """mintvcs: git for LoRA adapters, and a server that serves any revision by ref."""
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option(
+    "--base-model", help="Base model: a local checkpoint directory (fingerprinted) or an id."
+)
+@click.option("--no-hooks", is_flag=True, help="Do not install the validating pre-commit hook.")
+def init(directory: Path, base_model: str | None, no_hooks: bool) -> None:
+    """Create an empty repository (.mint/) in DIRECTORY."""
+    from mintvcs import porcelain
+
+    repo = porcelain.init(directory, base_model, install_hooks=not no_hooks)
+    base = repo.base
+    click.echo(f"Initialized empty mintvcs repository in {repo.git_dir}")
+    if base is not None:
+        click.echo(
+            f"base model: {base.model_id}"
+            + (f" ({base.fingerprint[:19]})" if base.fingerprint else "")
+        )
+
+
+@main.command()
+@click.option("-m", "--message", required=True, help="Commit message.")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Commit this PEFT directory instead of the work tree.",
+)
+@click.option(
+    "--meta", multiple=True, help="Metadata KEY=VALUE (step, metrics, run id); repeatable."
+)
+@click.option("--no-verify", is_flag=True, help="Skip the pre-commit and commit-msg hooks.")
+@json_option
+def commit(
+    message: str, source: Path | None, meta: tuple[str, ...], no_verify: bool, as_json: bool
+) -> None:
+    """Record the adapter as a new revision on the current branch."""
+    from mintvcs import porcelain
+
+    repo = _open_repo()
+    result = porcelain.commit(
+        repo, message, source=source, meta=_parse_meta(meta), verify=not no_verify
+    )
+    if as_json:
+        _emit_json(
+            {
+                "commit": result.commit,
+                "branch": result.branch,
+                "parent": result.parent,
+                "tensors": result.tensors,
+                "new_objects": result.new_blobs,
+                "bytes": result.nbytes,
+            }
+        )
+        return
+    where = result.branch or "detached HEAD"
+    root = "" if result.parent else " (root-commit)"
+    click.echo(f"[{where}{root} {result.commit[:7]}] {message.splitlines()[0]}")
+    click.echo(
+        f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_blobs} new objects"
+    )
+
+
+@main.command()
+@click.argument("ref", default="HEAD")
+@click.option("--oneline", is_flag=True, help="One line per commit.")
+@click.option("-n", "--max-count", type=click.IntRange(min=0), help="Show at most N commits.")
+@json_option
+def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
+    """Show the revisions reachable from REF, newest first."""
+    from mintvcs import porcelain
+
+    repo = _open_repo()
+    commits = porcelain.log(repo, ref, max_count)
+    if as_json:
+        _emit_json(
+            [
+                {
+                    "commit": c.id,
+                    "parents": list(c.parents),
+                    "author": c.author,
+                    "time": c.time,
+                    "message": c.message,
+                }
+                for c in commits
+            ]
+        )
+        return
+    labels = porcelain.decorations(repo)
+    for index, info in enumerate(commits):
+        deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
+        if oneline:
+            click.echo(
+                f"{click.style(info.id[:7], fg='yellow')}{deco} {info.message.splitlines()[0] if info.message else ''}"
+            )
+            continue
+        if index:
+            click.echo()
+        click.echo(click.style(f"commit {info.id}", fg="yellow") + deco)
+        click.echo(f"Author: {info.author}")
+        click.echo(f"Date:   {_format_date(info.time, info.timezone)}")
+        click.echo()
+        for line in info.message.rstrip("\n").splitlines():
+            click.echo(f"    {line}")
+
+
+@main.command()
+@click.argument("rev", default="HEAD")
+@json_option
+def show(rev: str, as_json: bool) -> None:
+    """Show a revision: commit, base model, metadata and tensors."""
+    from mintvcs import porcelain
+
+    revision = porcelain.show(_open_repo(), rev)
+    info, manifest = revision.info, revision.manifest
+    if as_json:
+        _emit_json({
+            "commit": info.id, "parents": list(info.parents), "author": info.author, "time": info.time,
+            "message": info.message, "meta": manifest.meta,
+            "base": {"id": manifest.base_id, "fingerprint": manifest.base_fingerprint},
+            "config": revision.config,
+            "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "blob": t.blob, "sha256": t.sha256, "encoding": t.encoding, "depth": t.depth} for t in manifest.tensors],
+            "files": [f.path for f in manifest.files],
+        })  # fmt: skip
+        return
+    click.echo(click.style(f"commit {info.id}", fg="yellow"))
+    click.echo(f"Author: {info.author}")
+    click.echo(f"Date:   {_format_date(info.time, info.timezone)}")
+    click.echo()
+    for line in info.message.rstrip("\n").splitlines():
+        click.echo(f"    {line}")
+    click.echo()
+    if manifest.base_id:
+        click.echo(
+            f"base model: {manifest.base_id}"
+            + (f" ({manifest.base_fingerprint})" if manifest.base_fingerprint else "")
+        )
+    for key, value in manifest.meta.items():
+        click.echo(f"meta {key}: {value}")
+    config = revision.config
+    click.echo(
+        f"lora: r={config.get('r')} alpha={config.get('lora_alpha')} targets={config.get('target_modules')}"
+    )
+    click.echo(f"{len(manifest.tensors)} tensors, {manifest.nbytes:,} bytes")
+    for t in manifest.tensors:
+        click.echo(
+            f"  {t.name}  {t.dtype} {list(t.shape)}  {t.encoding}{f' (depth {t.depth})' if t.depth else ''}"
+        )
+    for f in manifest.files:
+        click.echo(f"  file {f.path}")
+
+
+@main.command()
+@click.argument("rev_a")
+@click.argument("rev_b", required=False)
+@click.option("--all", "show_all", is_flag=True, help="List unchanged tensors too.")
+@json_option
+def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
+    """Per-tensor change from REV_A to REV_B (default: the work tree)."""
+    from mintvcs import porcelain
+
+    result = porcelain.diff(_open_repo(), rev_a, rev_b)
+    if as_json:
+        _emit_json(
+            {
+                "a": result.a,
+                "b": result.b,
+                "config_changed": result.config_changed,
+                "files_changed": result.files_changed,
+                "tensors": [t.to_json() for t in result.tensors],
+            }
+        )
+        return
+    b_label = result.b[:7] if len(result.b) == 40 else result.b
+    click.echo(f"diff {result.a[:7]}..{b_label}")
+    if result.config_changed:
+        click.echo("  adapter_config.json changed")
+    for path in result.files_changed:
+        click.echo(f"  file {path} changed")
+    changed = 0
+    for t in result.tensors:
+        if t.status == "unchanged" and not show_all:
+            continue
+        changed += t.status != "unchanged"
+        if t.status in ("modified", "unchanged") and t.rel_l2 is not None:
+            click.echo(
+                f"  {t.status:9} {t.name}  {list(t.shape_b or ())}  rel_l2={t.rel_l2:.3e}  cos={t.cosine:.6f}"
+            )
+        elif t.status == "added":
+            click.echo(click.style(f"  added     {t.name}  {list(t.shape_b or ())}", fg="green"))
+        elif t.status == "removed":
+            click.echo(click.style(f"  removed   {t.name}  {list(t.shape_a or ())}", fg="red"))
+        else:
+            click.echo(
+                f"  {t.status:9} {t.name}  {list(t.shape_a or ())} -> {list(t.shape_b or ())}"
+            )
+    click.echo(f"{changed} of {len(result.tensors)} tensors changed")
+
+
+@main.command()
+@json_option
+def status(as_json: bool) -> None:
+    """Show the branch and how the work tree differs from HEAD."""
+    from mintvcs import porcelain
+
+    state = porcelain.status(_open_repo())
+    if as_json:
+        _emit_json(
+            {
+                "branch": state.branch,
+                "head": state.head,
+                "clean": state.clean,
+                "changes": [{"status": k, "path": p} for k, p in state.changes],
+                "error": state.error,
+            }
+        )
+        return
+    click.echo(
+        f"On branch {state.branch}"
+        if state.branch
+        else f"HEAD detached at {state.head[:7] if state.head else '?'}"
+    )
+    if state.head is None:
+        click.echo("\nNo commits yet")
+    if state.error:
+        click.echo(f"\nwork tree is not a readable adapter: {state.error}")
+    elif state.clean:
+        click.echo("nothing to commit, work tree clean")
+    else:
+        click.echo("\nChanges not committed:")
+        for kind, path in state.changes:
+            color = {"added": "green", "removed": "red"}.get(kind, "yellow")
+            click.echo(click.style(f"\t{kind + ':':10} {path}", fg=color))
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.argument("start", required=False, default="HEAD")
+@click.option("-d", "--delete", is_flag=True, help="Delete branch NAME.")
+@click.option("-f", "--force", is_flag=True, help="Move NAME to START even if it exists.")
+@click.option("--list", "list_", is_flag=True, help="List branches.")
+@json_option
+def branch(
+    name: str | None, start: str, delete: bool, force: bool, list_: bool, as_json: bool
+) -> None:
+    """List, create or delete branches."""
+    from mintvcs import porcelain
+
+    repo = _open_repo()
+    if name is None or list_:
+        rows = porcelain.branches(repo)
+        if as_json:
+            _emit_json([{"name": n, "commit": c, "current": cur} for n, c, cur in rows])
+            return
+        for n, c, cur in rows:
+            click.echo(f"{'*' if cur else ' '} {click.style(n, fg='green') if cur else n}  {c[:7]}")
+        return
+    if delete:
+        oid = porcelain.branch_delete(repo, name)
+        click.echo(f"Deleted branch {name} (was {oid[:7]}).")
+        return
+    oid = porcelain.branch_create(repo, name, start, force=force)
+    if as_json:
+        _emit_json({"name": name, "commit": oid})
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.argument("rev", required=False, default="HEAD")
+@click.option("-m", "--message", help="Create an annotated tag with this message.")
+@click.option("-d", "--delete", is_flag=True, help="Delete tag NAME.")
+@click.option("-f", "--force", is_flag=True, help="Replace an existing tag.")
+@json_option
+def tag(
+    name: str | None, rev: str, message: str | None, delete: bool, force: bool, as_json: bool
+) -> None:
+    """List, create or delete tags."""
+    from mintvcs import porcelain
+
+    repo = _open_repo()
+    if name is None:
+        rows = porcelain.tags(repo)
+        if as_json:
+            _emit_json([{"name": n, "commit": c} for n, c in rows])
+            return
+        for n, _c in rows:
+            click.echo(n)
+        return
+    if delete:
+        oid = porcelain.tag_delete(repo, name)
+        click.echo(f"Deleted tag '{name}' (was {oid[:7]})")
+        return
+    value = porcelain.tag_create(repo, name, rev, message=message, force=force)
+    if as_json:
+        _emit_json({"name": name, "value": value, "commit": repo.peel(value)})
+
+
+@main.command()
+@click.argument("ref")
+@click.option("-b", "new_branch", help="Create branch NEW at REF and switch to it.")
+@click.option("-f", "--force", is_flag=True, help="Overwrite uncommitted changes in the work tree.")
+def checkout(ref: str, new_branch: str | None, force: bool) -> None:
+    """Write revision REF into the work tree as a PEFT adapter directory."""
+    from mintvcs import porcelain
+
+    result = porcelain.checkout(_open_repo(), ref, new_branch=new_branch, force=force)
+    if result.created:
+        click.echo(f"Switched to a new branch '{result.branch}'")
+    elif result.branch:
+        click.echo(f"Switched to branch '{result.branch}'")
+    else:
+        click.echo(f"HEAD is now at {result.commit[:7]} (detached)")
+
+
+@main.command()
+@click.argument("rev")
+@click.option("--hard", is_flag=True, help="Also rewrite the work tree.")
+def reset(rev: str, hard: bool) -> None:
+    """Move the current branch to REV."""
+    from mintvcs import porcelain
+
+    repo = _open_repo()
+    oid = porcelain.reset(repo, rev, hard=hard)
+    summary = repo.commit_info(oid).message.splitlines()
+    click.echo(f"HEAD is now at {oid[:7]} {summary[0] if summary else ''}")
+
+
+@main.command()
+@json_option
+def fsck(as_json: bool) -> None:
+    """Verify every object, every ref's history and every reachable tensor."""
+    from mintvcs import maintenance
+
+    report = maintenance.fsck(_open_repo())
+    if as_json:
+        _emit_json(
+            {
+                "ok": report.ok,
+                "objects": report.objects,
+                "revisions": report.revisions,
+                "tensors": report.tensors,
+                "problems": report.problems,
+            }
+        )
+    else:
+        for problem in report.problems:
+            click.echo(f"error: {problem}", err=True)
+        click.echo(
+            f"checked {report.objects} objects, {report.revisions} revisions, {report.tensors} tensors: {'ok' if report.ok else f'{len(report.problems)} problem(s)'}"
+        )
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--no-prune", is_flag=True, help="Keep unreachable objects.")
+def gc(no_prune: bool) -> None:
+    """Pack reachable objects and refs; prune unreachable objects older than an hour."""
+    from mintvcs import maintenance
+
+    result = maintenance.gc(_open_repo(), prune=not no_prune)
+    click.echo(
+        f"packed {result.packed} objects, pruned {result.pruned}; store {result.bytes_before:,} -> {result.bytes_after:,} bytes"
+    )
+
+
+def _lazy(module: str, attr: str) -> click.Command:
+    """Load a command from the serving side only when it is invoked, so VCS commands start fast."""
+
+    class Lazy(click.Command):
+        def _real(self) -> click.Command:
+            import importlib
+
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+
+        def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+            return self._real().get_params(ctx)
+
+        def invoke(self, ctx: click.Context) -> Any:
+            return self._real().invoke(ctx)
+
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            return self._real().parse_args(ctx, args)
+
+    return Lazy(attr, help=f"(see 'mintvcs {attr} --help')")
+
+
+if __name__ == "__main__":
+    main()

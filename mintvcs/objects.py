@@ -1,0 +1,115 @@
+"""The manifest: what one adapter revision holds, stored as JSON beside the tensor blobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mintvcs.errors import MintError
+
+MANIFEST_FORMAT = "mintvcs-adapter"
+MANIFEST_VERSION = 1
+# Paths inside a revision's git tree.
+CONFIG_PATH = "adapter_config.json"
+MANIFEST_PATH = "manifest.json"
+HEADER_PATH = "safetensors-header"
+TENSORS_DIR = "tensors"
+FILES_DIR = "files"
+
+
+class CorruptManifestError(MintError):
+    """A manifest blob that is not the JSON this version writes."""
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """One tensor of a revision: where it sits in the safetensors file and which blob holds it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+    blob: str
+    sha256: str
+    encoding: str
+    depth: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """An extra file of the adapter directory (README, tokenizer, ...)."""
+
+    path: str
+    blob: str
+    executable: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything needed to rebuild a PEFT directory bit-exact from a revision's tree."""
+
+    base_id: str | None
+    base_fingerprint: str | None
+    header_blob: str
+    tensors: tuple[TensorRecord, ...]
+    files: tuple[FileRecord, ...] = ()
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def tensor(self, name: str) -> TensorRecord | None:
+        """The record of tensor `name`, if the revision has it."""
+        for record in self.tensors:
+            if record.name == name:
+                return record
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        """Decoded size of all tensors."""
+        return sum(t.end - t.start for t in self.tensors)
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON (sorted keys, one tensor per line) so equal manifests share a blob."""
+        body = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "base": {"id": self.base_id, "fingerprint": self.base_fingerprint},
+            "safetensors": {"header": self.header_blob},
+            "meta": dict(sorted(self.meta.items())),
+            "files": [asdict(f) for f in self.files],
+        }
+        head = json.dumps(body, sort_keys=True)[:-1]
+        lines = ",\n  ".join(
+            json.dumps({**asdict(t), "shape": list(t.shape)}, sort_keys=True) for t in self.tensors
+        )
+        return f'{head}, "tensors": [\n  {lines}\n]}}\n'.encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
+        """Parse a manifest blob, refusing other formats and versions."""
+        try:
+            raw: dict[str, Any] = json.loads(data)
+            if raw.get("format") != MANIFEST_FORMAT:
+                raise CorruptManifestError(f"{where}: not a mintvcs manifest")
+            if raw.get("version") != MANIFEST_VERSION:
+                raise CorruptManifestError(
+                    f"{where}: manifest version {raw.get('version')!r} is not supported (this mintvcs reads {MANIFEST_VERSION}); upgrade mintvcs"
+                )
+            tensors = tuple(
+                TensorRecord(**{**t, "shape": tuple(int(d) for d in t["shape"])})
+                for t in raw["tensors"]
+            )
+            files = tuple(FileRecord(**f) for f in raw.get("files", []))
+            return cls(
+                raw["base"]["id"],
+                raw["base"]["fingerprint"],
+                raw["safetensors"]["header"],
+                tensors,
+                files,
+                {str(k): str(v) for k, v in raw.get("meta", {}).items()},
+            )
+        except CorruptManifestError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CorruptManifestError(f"{where}: corrupt manifest ({err})") from None

@@ -1,0 +1,598 @@
+"""The verbs: what `mintvcs init`, `commit`, `checkout` ... do, as functions returning data."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mintvcs import hooks
+from mintvcs.adapter import CONFIG_FILE, GIT_DIR, WEIGHTS_FILE, AdapterFiles, read_adapter
+from mintvcs.base import BaseModel, read_base_model
+from mintvcs.errors import MintError
+from mintvcs.refs import ANY, ZERO, RefConflictError, check_branch_name, check_ref_name
+from mintvcs.store import CommitInfo, Repository, Revision, UnknownRevisionError
+
+COMMIT_RETRIES = 1000  # compare-and-swap attempts when other processes move the branch meanwhile
+
+
+class DirtyWorkTreeError(MintError):
+    """An operation that would overwrite uncommitted changes."""
+
+
+class RefExistsError(MintError):
+    """A branch or tag that already exists, without --force."""
+
+
+# ------------------------------------------------------------------ helpers
+def identity(repo: Repository | None = None) -> str:
+    """`Name <email>` for commits and reflogs: env, repository config, global git config, then user@host."""
+    name, email = os.environ.get("GIT_AUTHOR_NAME"), os.environ.get("GIT_AUTHOR_EMAIL")
+    if not (name and email):
+        from dulwich.config import ConfigFile, StackedConfig
+
+        configs = [ConfigFile.from_path(str(repo.git_dir / "config"))] if repo else []
+        stacked = StackedConfig([*configs, *StackedConfig.default_backends()])
+        with suppress(KeyError):
+            name = name or stacked.get((b"user",), b"name").decode()
+        with suppress(KeyError):
+            email = email or stacked.get((b"user",), b"email").decode()
+    user = getpass.getuser()
+    return f"{name or user} <{email or f'{user}@{socket.gethostname()}'}>"
+
+
+Progress = Callable[[int], None]
+
+
+@contextmanager
+def progress_bar(total: int, desc: str) -> Iterator[Progress]:
+    """A byte progress bar on stderr that appears only when the work takes over a second."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, delay=1.0, leave=False, disable=None
+    ) as bar:
+        yield bar.update
+
+
+def _abbrev(oid: str) -> str:
+    return oid[:7]
+
+
+def _write_atomic(path: Path, data: bytes, executable: bool = False) -> None:
+    """Write a file so that a crash leaves the old or the new content, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o755 if executable else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------- init
+def init(
+    directory: Path, base_model: str | None = None, *, install_hooks: bool = True
+) -> Repository:
+    """Create a repository; `base_model` is a local checkout directory (fingerprinted) or an id."""
+    base: BaseModel | None = None
+    if base_model is not None:
+        path = Path(base_model)
+        base = read_base_model(path) if path.is_dir() else BaseModel(base_model)
+    repo = Repository.init(Path(directory), base)
+    if install_hooks:
+        hooks.install_samples(repo.git_dir)
+    return repo
+
+
+# ------------------------------------------------------------------- commit
+@dataclass(frozen=True)
+class CommitResult:
+    """What `commit` did."""
+
+    commit: str
+    branch: str | None
+    parent: str | None
+    tensors: int
+    new_blobs: int
+    nbytes: int
+
+
+def commit(
+    repo: Repository,
+    message: str,
+    *,
+    source: Path | None = None,
+    meta: dict[str, str] | None = None,
+    verify: bool = True,
+    show_progress: bool = True,
+) -> CommitResult:
+    """Commit the adapter in `source` (default: the work tree) on top of HEAD."""
+    source = Path(source) if source is not None else repo.work_tree
+    if source is None:
+        raise MintError("this repository has no work tree: pass --from DIR")
+    adapter = read_adapter(source)
+    if repo.base is not None:
+        repo.base.check_adapter({t.name: (t.dtype, t.shape) for t in adapter.layout.tensors})
+    env = hooks.hook_env(repo.git_dir, source)
+    if verify:
+        hooks.run_hook(repo.git_dir, "pre-commit", [], env, may_refuse=True)
+        message = _run_commit_msg(repo, message, env)
+    if not message.strip():
+        raise MintError("aborting commit due to empty commit message (use -m MSG)")
+    if not message.endswith("\n"):
+        message += "\n"
+    who = identity(repo)
+    branch_ref = repo.refs.read_symbolic("HEAD")
+    target = branch_ref or "HEAD"
+    parent = repo.refs.read(target)
+    parent_rev = repo.read_revision(parent) if parent else None
+    before = _count_loose(repo)
+    total = adapter.layout.data_size
+    if show_progress:
+        with progress_bar(total, "encoding") as update:
+            tree, manifest = repo.write_revision(adapter, parent_rev, meta, update)
+    else:
+        tree, manifest = repo.write_revision(adapter, parent_rev, meta)
+    summary = message.splitlines()[0]
+    for _ in range(COMMIT_RETRIES):
+        commit_id = repo.write_commit(tree, [parent] if parent else [], message, who)
+        kind = "commit" if parent else "commit (initial)"
+        try:
+            repo.refs.update(
+                target, commit_id, old=parent, message=f"{kind}: {summary}", identity=who
+            )
+            break
+        except RefConflictError:
+            # Another process moved the branch: re-parent onto its new tip (the blobs stay valid).
+            parent = repo.refs.read(target)
+    else:
+        raise RefConflictError(target, parent, repo.refs.read(target))
+    hooks.run_hook(repo.git_dir, "post-commit", [], env, may_refuse=False)
+    hooks.run_hook(
+        repo.git_dir, "ref-update", [target, parent or ZERO, commit_id], env, may_refuse=False
+    )
+    return CommitResult(
+        commit_id,
+        branch_ref.removeprefix("refs/heads/") if branch_ref else None,
+        parent,
+        len(manifest.tensors),
+        max(0, _count_loose(repo) - before),
+        total,
+    )
+
+
+def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
+    """Let the commit-msg hook read, edit or refuse the message, as git does."""
+    path = repo.git_dir / "COMMIT_EDITMSG"
+    path.write_text(message)
+    hooks.run_hook(repo.git_dir, "commit-msg", [str(path)], env, may_refuse=True)
+    return path.read_text()
+
+
+def _count_loose(repo: Repository) -> int:
+    """Number of loose objects (for 'N new objects' in commit output)."""
+    objects = repo.git_dir / "objects"
+    return sum(len(os.listdir(objects / d)) for d in os.listdir(objects) if len(d) == 2)
+
+
+# ------------------------------------------------------------ log and show
+def log(repo: Repository, spec: str = "HEAD", limit: int | None = None) -> list[CommitInfo]:
+    """Commits reachable from `spec` along first parents, newest first."""
+    return list(repo.walk(repo.resolve(spec), limit))
+
+
+def decorations(repo: Repository) -> dict[str, list[str]]:
+    """Ref names by the commit they point to, as `git log --decorate` shows them."""
+    labels: dict[str, list[str]] = {}
+    head_branch = repo.refs.read_symbolic("HEAD")
+    head = repo.head_commit()
+    if head and head_branch is None:
+        labels.setdefault(head, []).append("HEAD")
+    for name, oid in repo.refs.iter_refs("refs/"):
+        short = name.removeprefix("refs/heads/")
+        if name.startswith("refs/tags/"):
+            short = "tag: " + name.removeprefix("refs/tags/")
+        elif name == head_branch:
+            short = f"HEAD -> {short}"
+        try:
+            labels.setdefault(repo.peel(oid), []).append(short)
+        except MintError:
+            continue
+    for names in labels.values():
+        names.sort(key=lambda n: (not n.startswith("HEAD"), n.startswith("tag: "), n))
+    return labels
+
+
+def show(repo: Repository, spec: str = "HEAD") -> Revision:
+    """The revision `spec` names."""
+    return repo.read_revision(repo.resolve(spec))
+
+
+# --------------------------------------------------------------------- diff
+@dataclass(frozen=True)
+class TensorDiff:
+    """How one tensor changed between two revisions."""
+
+    name: str
+    status: str  # "modified", "added", "removed", "unchanged", "reshaped"
+    shape_a: tuple[int, ...] | None
+    shape_b: tuple[int, ...] | None
+    rel_l2: float | None = None  # ||b - a|| / ||a||
+    cosine: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form for --json."""
+        return {
+            "name": self.name,
+            "status": self.status,
+            "shape_a": list(self.shape_a) if self.shape_a is not None else None,
+            "shape_b": list(self.shape_b) if self.shape_b is not None else None,
+            "rel_l2": self.rel_l2,
+            "cosine": self.cosine,
+        }
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """A revision-to-revision (or revision-to-work-tree) comparison."""
+
+    a: str
+    b: str
+    tensors: list[TensorDiff]
+    config_changed: bool
+    files_changed: list[str] = field(default_factory=list)
+
+
+TensorSet = dict[str, tuple[str, tuple[int, ...], bytes]]
+
+
+def _work_tensors(adapter: AdapterFiles) -> TensorSet:
+    return {
+        e.name: (e.dtype, e.shape, bytes(adapter.tensor_bytes(i)))
+        for i, e in enumerate(adapter.layout.tensors)
+    }
+
+
+def _as_float64(dtype: str, raw: bytes) -> Any:
+    """Decode raw tensor bytes to float64 numpy for statistics."""
+    import numpy as np
+
+    if dtype == "BF16":
+        return (
+            (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        )
+    kinds = {
+        "F16": "<f2",
+        "F32": "<f4",
+        "F64": "<f8",
+        "I64": "<i8",
+        "I32": "<i4",
+        "I16": "<i2",
+        "U8": "u1",
+        "I8": "i1",
+    }
+    if dtype not in kinds:
+        return None
+    return np.frombuffer(raw, kinds[dtype]).astype(np.float64)
+
+
+def _compare(
+    name: str,
+    a: tuple[str, tuple[int, ...], bytes] | None,
+    b: tuple[str, tuple[int, ...], bytes] | None,
+) -> TensorDiff:
+    import numpy as np
+
+    if a is None:
+        assert b is not None
+        return TensorDiff(name, "added", None, b[1])
+    if b is None:
+        return TensorDiff(name, "removed", a[1], None)
+    if a[1] != b[1] or a[0] != b[0]:
+        return TensorDiff(name, "reshaped", a[1], b[1])
+    if a[2] == b[2]:
+        return TensorDiff(name, "unchanged", a[1], b[1], 0.0, 1.0)
+    va, vb = _as_float64(a[0], a[2]), _as_float64(b[0], b[2])
+    if va is None or vb is None:
+        return TensorDiff(name, "modified", a[1], b[1])
+    norm_a, norm_b = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
+    rel = float(np.linalg.norm(vb - va)) / norm_a if norm_a else float("inf")
+    cos = float(va @ vb) / (norm_a * norm_b) if norm_a and norm_b else 0.0
+    return TensorDiff(name, "modified", a[1], b[1], rel, cos)
+
+
+def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult:
+    """Per-tensor change from `spec_a` to `spec_b` (default: the work tree)."""
+    rev_a = repo.read_revision(repo.resolve(spec_a))
+    tensors_a = rev_a.tensors()
+    if spec_b is None:
+        if repo.work_tree is None:
+            raise MintError("no work tree to compare with: give two revisions")
+        work = read_adapter(repo.work_tree)
+        tensors_b, label_b = _work_tensors(work), "work tree"
+        config_b, files_b = work.config_bytes, {p: c for p, (c, _x) in work.extra_files.items()}
+    else:
+        rev_b = repo.read_revision(repo.resolve(spec_b))
+        tensors_b, label_b = rev_b.tensors(), rev_b.commit
+        config_b, files_b = rev_b.config_bytes, {p: c for p, (c, _x) in rev_b.files().items()}
+    files_a = {p: c for p, (c, _x) in rev_a.files().items()}
+    names = sorted(set(tensors_a) | set(tensors_b))
+    changed_files = sorted(
+        p for p in set(files_a) | set(files_b) if files_a.get(p) != files_b.get(p)
+    )
+    return DiffResult(
+        rev_a.commit,
+        label_b,
+        [_compare(n, tensors_a.get(n), tensors_b.get(n)) for n in names],
+        rev_a.config_bytes != config_b,
+        changed_files,
+    )
+
+
+# ------------------------------------------------------------------- status
+@dataclass(frozen=True)
+class Status:
+    """The work tree against HEAD."""
+
+    branch: str | None
+    head: str | None
+    changes: list[tuple[str, str]]  # (kind, path): kind is modified/added/removed
+    error: str | None = None  # why the work tree could not be read, if it could not
+
+    @property
+    def clean(self) -> bool:
+        """True when the work tree matches HEAD."""
+        return not self.changes and self.error is None
+
+
+def status(repo: Repository) -> Status:
+    """Compare the work tree with HEAD by content hash."""
+    import hashlib
+
+    if repo.work_tree is None:
+        raise MintError("this repository has no work tree")
+    branch, head = repo.current_branch(), repo.head_commit()
+    try:
+        work = read_adapter(repo.work_tree)
+    except MintError as err:
+        empty = not any(p.name != GIT_DIR for p in repo.work_tree.iterdir())
+        if empty:
+            return Status(branch, head, [] if head is None else [("removed", WEIGHTS_FILE)])
+        return Status(branch, head, [], str(err))
+    if head is None:
+        return Status(
+            branch,
+            head,
+            [("added", CONFIG_FILE), ("added", WEIGHTS_FILE)]
+            + [("added", p) for p in work.extra_files],
+        )
+    rev = repo.read_revision(head)
+    changes: list[tuple[str, str]] = []
+    if work.config_bytes != rev.config_bytes:
+        changes.append(("modified", CONFIG_FILE))
+    committed = {t.name: t for t in rev.manifest.tensors}
+    for index, entry in enumerate(work.layout.tensors):
+        record = committed.pop(entry.name, None)
+        if record is None:
+            changes.append(("added", f"{WEIGHTS_FILE}:{entry.name}"))
+        elif (record.dtype, record.shape) != (
+            entry.dtype,
+            entry.shape,
+        ) or record.sha256 != hashlib.sha256(work.tensor_bytes(index)).hexdigest():
+            changes.append(("modified", f"{WEIGHTS_FILE}:{entry.name}"))
+    changes += [("removed", f"{WEIGHTS_FILE}:{name}") for name in committed]
+    if not changes and work.layout.header != repo.read_blob(rev.manifest.header_blob):
+        changes.append(("modified", f"{WEIGHTS_FILE} (header)"))
+    committed_files = {f.path: f.blob for f in rev.manifest.files}
+    for path, (content, _x) in work.extra_files.items():
+        blob = committed_files.pop(path, None)
+        if blob is None:
+            changes.append(("added", path))
+        elif _blob_id(content) != blob:
+            changes.append(("modified", path))
+    changes += [("removed", path) for path in committed_files]
+    return Status(branch, head, changes)
+
+
+def _blob_id(content: bytes) -> str:
+    from dulwich.objects import Blob
+
+    return Blob.from_string(content).id.decode()
+
+
+# ------------------------------------------------------------ branch and tag
+def branch_create(repo: Repository, name: str, start: str = "HEAD", *, force: bool = False) -> str:
+    """Create (or with force, move) branch `name` at `start`; returns its commit."""
+    check_branch_name(name)
+    ref = f"refs/heads/{name}"
+    oid = repo.resolve(start)
+    existing = repo.refs.read(ref)
+    if existing is not None and not force:
+        raise RefExistsError(f"a branch named '{name}' already exists (use -f to move it)")
+    if existing is not None and ref == repo.refs.read_symbolic("HEAD"):
+        raise MintError(f"cannot force-update the current branch '{name}'; use 'mintvcs reset'")
+    message = f"branch: Created from {start}" if existing is None else f"branch: Reset to {start}"
+    repo.refs.update(ref, oid, old=existing, message=message, identity=identity(repo))
+    return oid
+
+
+def branch_delete(repo: Repository, name: str) -> str:
+    """Delete branch `name`; returns the commit it pointed to."""
+    ref = f"refs/heads/{name}"
+    oid = repo.refs.read(ref)
+    if oid is None:
+        raise UnknownRevisionError(f"branch '{name}' not found")
+    if repo.refs.read_symbolic("HEAD") == ref:
+        raise MintError(f"cannot delete branch '{name}': it is checked out")
+    repo.refs.delete(ref, old=oid)
+    return oid
+
+
+def branches(repo: Repository) -> list[tuple[str, str, bool]]:
+    """(name, commit, is_current) for every branch, sorted."""
+    current = repo.refs.read_symbolic("HEAD")
+    return [
+        (name.removeprefix("refs/heads/"), oid, name == current)
+        for name, oid in repo.refs.iter_refs("refs/heads/")
+    ]
+
+
+def tag_create(
+    repo: Repository,
+    name: str,
+    rev: str = "HEAD",
+    *,
+    message: str | None = None,
+    force: bool = False,
+) -> str:
+    """Create a lightweight tag, or an annotated one with `message`; returns the tag's ref value."""
+    check_ref_name(f"refs/tags/{name}")
+    ref = f"refs/tags/{name}"
+    existing = repo.refs.read(ref)
+    if existing is not None and not force:
+        raise RefExistsError(f"tag '{name}' already exists (use -f to replace it)")
+    target = repo.resolve(rev)
+    value = target
+    who = identity(repo)
+    if message is not None:
+        import time
+
+        from dulwich.objects import Commit, Tag
+
+        tag = Tag()
+        tag.name = name.encode()
+        tag.object = (Commit, target.encode())
+        tag.tagger = who.encode()
+        tag.tag_time = int(time.time())
+        tag.tag_timezone = 0
+        tag.message = (message if message.endswith("\n") else message + "\n").encode()
+        repo.objects.add_object(tag)
+        value = tag.id.decode()
+    repo.refs.update(ref, value, old=existing, message=f"tag: {name}", identity=who)
+    return value
+
+
+def tag_delete(repo: Repository, name: str) -> str:
+    """Delete tag `name`; returns its value."""
+    ref = f"refs/tags/{name}"
+    oid = repo.refs.read(ref)
+    if oid is None:
+        raise UnknownRevisionError(f"tag '{name}' not found")
+    repo.refs.delete(ref, old=oid)
+    return oid
+
+
+def tags(repo: Repository) -> list[tuple[str, str]]:
+    """(name, commit) for every tag, peeled, sorted."""
+    return [
+        (name.removeprefix("refs/tags/"), repo.peel(oid))
+        for name, oid in repo.refs.iter_refs("refs/tags/")
+    ]
+
+
+# ---------------------------------------------------------- checkout, reset
+def write_work_tree(
+    repo: Repository, rev: Revision, old: Revision | None, show_progress: bool = True
+) -> None:
+    """Make the work tree hold `rev` exactly, removing files that only `old` had."""
+    work = repo.work_tree
+    if work is None:
+        raise MintError("this repository has no work tree")
+    if show_progress:
+        with progress_bar(rev.manifest.nbytes, "decoding") as update:
+            weights = rev.safetensors_bytes(update)
+    else:
+        weights = rev.safetensors_bytes()
+    files = rev.files()
+    _write_atomic(work / CONFIG_FILE, rev.config_bytes)
+    _write_atomic(work / WEIGHTS_FILE, weights)
+    for path, (content, executable) in files.items():
+        _write_atomic(work / path, content, executable)
+    if old is not None:
+        for record in old.manifest.files:
+            if record.path not in files:
+                (work / record.path).unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class CheckoutResult:
+    """What `checkout` did."""
+
+    commit: str
+    branch: str | None  # None: detached HEAD
+    created: bool
+
+
+def _refuse_if_dirty(repo: Repository, verb: str) -> None:
+    """Refuse to overwrite a work tree that differs from HEAD."""
+    state = status(repo)
+    if not state.clean:
+        detail = state.error or ", ".join(path for _kind, path in state.changes[:3])
+        more = f" and {len(state.changes) - 3} more" if len(state.changes) > 3 else ""
+        raise DirtyWorkTreeError(
+            f"your local changes would be overwritten by {verb} ({detail}{more}); commit them or use --force"
+        )
+
+
+def checkout(
+    repo: Repository, spec: str, *, new_branch: str | None = None, force: bool = False
+) -> CheckoutResult:
+    """Write revision `spec` into the work tree and move HEAD (to a branch, or detached)."""
+    target = repo.resolve(spec)
+    if new_branch is not None:
+        check_branch_name(new_branch)
+        if repo.refs.read(f"refs/heads/{new_branch}") is not None:
+            raise RefExistsError(f"a branch named '{new_branch}' already exists")
+    head = repo.head_commit()
+    # As in git, switching to the commit already checked out keeps local changes.
+    if force or target != head:
+        if not force:
+            _refuse_if_dirty(repo, "checkout")
+        write_work_tree(
+            repo, repo.read_revision(target), repo.read_revision(head) if head else None
+        )
+    who = identity(repo)
+    previous = repo.current_branch() or (head[:7] if head else "nothing")
+    if new_branch is not None:
+        repo.refs.update(
+            f"refs/heads/{new_branch}",
+            target,
+            old=None,
+            message=f"branch: Created from {spec}",
+            identity=who,
+        )
+        branch: str | None = new_branch
+    elif repo.refs.read(f"refs/heads/{spec}") is not None:
+        branch = spec
+    else:
+        branch = None
+    message = f"checkout: moving from {previous} to {branch or spec}"
+    if branch is not None:
+        repo.refs.set_symbolic("HEAD", f"refs/heads/{branch}", message=message, identity=who)
+    else:
+        repo.refs.update("HEAD", target, old=ANY, message=message, identity=who, deref=False)
+    return CheckoutResult(target, branch, new_branch is not None)
+
+
+def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
+    """Move the current branch (or detached HEAD) to `spec`; with hard, rewrite the work tree too."""
+    target = repo.resolve(spec)
+    head = repo.head_commit()
+    if hard:
+        write_work_tree(
+            repo, repo.read_revision(target), repo.read_revision(head) if head else None
+        )
+    repo.refs.update(
+        "HEAD", target, old=head, message=f"reset: moving to {spec}", identity=identity(repo)
+    )
+    return target
