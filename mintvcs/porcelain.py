@@ -79,6 +79,13 @@ def _write_atomic(path: Path, data: bytes, executable: bool = False) -> None:
         raise
 
 
+def _ref_moved(repo: Repository, ref: str, old: str | None, new: str | None) -> None:
+    """Tell the ref-update hook (e.g. one that notifies running servers) that `ref` moved."""
+    env = hooks.hook_env(repo.git_dir)
+    args = [ref, old or ZERO, new or ZERO]
+    hooks.run_hook(repo.git_dir, "ref-update", args, env, may_refuse=False)
+
+
 # --------------------------------------------------------------------- init
 def init(
     directory: Path, base_model: str | None = None, *, install_hooks: bool = True
@@ -158,9 +165,7 @@ def commit(
     else:
         raise RefConflictError(target, parent, repo.refs.read(target))
     hooks.run_hook(repo.git_dir, "post-commit", [], env, may_refuse=False)
-    hooks.run_hook(
-        repo.git_dir, "ref-update", [target, parent or ZERO, commit_id], env, may_refuse=False
-    )
+    _ref_moved(repo, branch_ref or "HEAD", parent, commit_id)
     return CommitResult(
         commit_id,
         branch_ref.removeprefix("refs/heads/") if branch_ref else None,
@@ -423,6 +428,7 @@ def branch_create(repo: Repository, name: str, start: str = "HEAD", *, force: bo
         raise MintError(f"cannot force-update the current branch '{name}'; use 'mintvcs reset'")
     message = f"branch: Created from {start}" if existing is None else f"branch: Reset to {start}"
     repo.refs.update(ref, oid, old=existing, message=message, identity=identity(repo))
+    _ref_moved(repo, ref, existing, oid)
     return oid
 
 
@@ -435,6 +441,7 @@ def branch_delete(repo: Repository, name: str) -> str:
     if repo.refs.read_symbolic("HEAD") == ref:
         raise MintError(f"cannot delete branch '{name}': it is checked out")
     repo.refs.delete(ref, old=oid)
+    _ref_moved(repo, ref, oid, None)
     return oid
 
 
@@ -479,6 +486,7 @@ def tag_create(
         repo.objects.add_object(tag)
         value = tag.id.decode()
     repo.refs.update(ref, value, old=existing, message=f"tag: {name}", identity=who)
+    _ref_moved(repo, ref, existing, value)
     return value
 
 
@@ -489,6 +497,7 @@ def tag_delete(repo: Repository, name: str) -> str:
     if oid is None:
         raise UnknownRevisionError(f"tag '{name}' not found")
     repo.refs.delete(ref, old=oid)
+    _ref_moved(repo, ref, oid, None)
     return oid
 
 
@@ -571,6 +580,7 @@ def checkout(
             message=f"branch: Created from {spec}",
             identity=who,
         )
+        _ref_moved(repo, f"refs/heads/{new_branch}", None, target)
         branch: str | None = new_branch
     elif repo.refs.read(f"refs/heads/{spec}") is not None:
         branch = spec
@@ -595,4 +605,5 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     repo.refs.update(
         "HEAD", target, old=head, message=f"reset: moving to {spec}", identity=identity(repo)
     )
+    _ref_moved(repo, repo.refs.read_symbolic("HEAD") or "HEAD", head, target)
     return target

@@ -1,0 +1,988 @@
+"""Refs: git's loose refs, packed-refs, reflogs and lock files, scaled to 10^6 branches.
+
+The on-disk format is git's own (so `git --git-dir .mint ...` reads and writes the
+same refs); see docs/format.md. Resolving one ref reads at most its loose file and
+a binary search over an mmap of packed-refs, never all refs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import mmap
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mintvcs.errors import MintError
+
+ZERO = "0" * 40
+HEAD = "HEAD"
+DEFAULT_IDENTITY = "mintvcs <mintvcs@localhost>"
+PACKED_HEADER = b"# pack-refs with: peeled fully-peeled sorted \n"
+# git's SYMREF_MAXDEPTH: deeper chains are treated as loops.
+SYMREF_MAXDEPTH = 5
+# git waits up to core.packedRefsTimeout (1 s) for packed-refs.lock; rewrites are short.
+PACKED_LOCK_TIMEOUT_S = 1.0
+
+
+class _Any(enum.Enum):
+    ANY = "ANY"
+
+
+ANY: Literal[_Any.ANY] = _Any.ANY
+"""Sentinel for `old=`: update or delete without checking the current value."""
+
+OldValue = str | None | Literal[_Any.ANY]
+
+
+class InvalidRefNameError(MintError):
+    """A ref or branch name that git would refuse."""
+
+    def __init__(self, name: str, rule: str) -> None:
+        self.name = name
+        self.rule = rule
+        super().__init__(
+            f"invalid ref name {name!r}: {rule}; choose a name that git check-ref-format accepts"
+        )
+
+
+class InvalidRefValueError(MintError):
+    """A value that is not a full lowercase hex object id."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+        super().__init__(
+            f"invalid ref value {value!r}: expected a full 40-digit lowercase hex object id"
+        )
+
+
+class RefConflictError(MintError):
+    """A compare-and-swap failed, or another process holds the ref's lock."""
+
+    def __init__(
+        self,
+        name: str,
+        expected: OldValue,
+        actual: str | None,
+        detail: str = "",
+    ) -> None:
+        self.name = name
+        self.expected = expected
+        self.actual = actual
+        if detail:
+            msg = f"cannot update ref {name!r}: {detail}"
+        else:
+            exp = "nothing" if expected in (None, ZERO) else str(expected)
+            act = "nothing" if actual is None else actual
+            msg = (
+                f"cannot update ref {name!r}: expected {exp} but found {act}; "
+                "it moved meanwhile, re-read it and retry"
+            )
+        super().__init__(msg)
+
+
+class RefNameConflictError(MintError):
+    """A new ref would be a file where another ref needs a directory, or the reverse."""
+
+    def __init__(self, name: str, other: str) -> None:
+        self.name = name
+        self.other = other
+        super().__init__(
+            f"cannot create ref {name!r}: ref {other!r} exists and one name is a prefix "
+            "directory of the other; delete it or pick another name"
+        )
+
+
+class InvalidIdentityError(MintError):
+    """A reflog identity or timezone that would break git's reflog line format."""
+
+    def __init__(self, value: str, expected: str) -> None:
+        self.value = value
+        super().__init__(f"invalid reflog field {value!r}: expected {expected}")
+
+
+class RefNotFoundError(MintError):
+    """The named ref does not exist."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"ref {name!r} not found; list refs with `mintvcs branch --list`")
+
+
+class RefFormatError(MintError):
+    """A loose ref, packed-refs or reflog file that does not parse."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        super().__init__(f"corrupt ref file {path}: {detail}; restore it or run `git fsck`")
+
+
+@dataclass(frozen=True)
+class ReflogEntry:
+    """One line of logs/<ref>: a move from `old` to `new`, by whom, when and why."""
+
+    old: str
+    new: str
+    identity: str
+    timestamp: int
+    tz: str
+    message: str
+
+
+# --- names -----------------------------------------------------------------------
+
+# git refuses ASCII control characters, space and ~ ^ : ? * [ \ anywhere in a name.
+# The common shape (plain characters, two or more components), accepted without the
+# rule-by-rule walk; everything else takes the slow path that names the broken rule.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*)+\Z")
+_BAD_CHAR = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
+_PSEUDO = re.compile(r"[A-Z][A-Z0-9_]*\Z")
+_IDENTITY = re.compile(r"[^<>\n]* <[^<>\n]*>\Z")
+_TZ = re.compile(r"[+-][0-9]{4}\Z")
+_WS = re.compile(r"[ \t\n\v\f\r]+")
+
+
+def check_ref_name(name: str) -> None:
+    """Raise InvalidRefNameError unless `git check-ref-format` accepts the full name."""
+    if (
+        _PLAIN_NAME.match(name)
+        and ".." not in name
+        and ".lock/" not in name
+        and not name.endswith((".", ".lock"))
+    ):
+        return
+    if not name:
+        raise InvalidRefNameError(name, "it is empty")
+    m = _BAD_CHAR.search(name)
+    if m:
+        ch = m.group()
+        what = "a control character or space" if ch <= " " or ch == "\x7f" else repr(ch)
+        raise InvalidRefNameError(name, f"it contains {what}")
+    if name == "@":
+        raise InvalidRefNameError(name, "it is the single character '@'")
+    if "@{" in name:
+        raise InvalidRefNameError(name, "it contains '@{'")
+    if ".." in name:
+        raise InvalidRefNameError(name, "it contains '..'")
+    if name.startswith("/") or name.endswith("/"):
+        raise InvalidRefNameError(name, "it begins or ends with '/'")
+    if name.endswith("."):
+        raise InvalidRefNameError(name, "it ends with '.'")
+    parts = name.split("/")
+    if len(parts) < 2:
+        raise InvalidRefNameError(name, "it has one level; full names look like refs/heads/NAME")
+    for part in parts:
+        if not part:
+            raise InvalidRefNameError(name, "it contains '//'")
+        if part.startswith("."):
+            raise InvalidRefNameError(name, f"component {part!r} begins with '.'")
+        if part.endswith(".lock"):
+            raise InvalidRefNameError(name, f"component {part!r} ends with '.lock'")
+
+
+def check_branch_name(name: str) -> None:
+    """Raise InvalidRefNameError unless `name` is a valid short branch name."""
+    if not name:
+        raise InvalidRefNameError(name, "it is empty")
+    if name.startswith("-"):
+        raise InvalidRefNameError(name, "it begins with '-'")
+    if name in ("HEAD", "@"):
+        raise InvalidRefNameError(name, f"{name!r} is reserved for the current revision")
+    try:
+        check_ref_name("refs/heads/" + name)
+    except InvalidRefNameError as e:
+        raise InvalidRefNameError(name, e.rule) from None
+
+
+def _check_store_name(name: str) -> None:
+    """Names the store reads and writes: HEAD-like pseudo-refs or full names under refs/."""
+    if _PSEUDO.match(name):
+        return
+    check_ref_name(name)
+    if not name.startswith("refs/"):
+        raise InvalidRefNameError(name, "full ref names begin with 'refs/' (or are HEAD)")
+
+
+def _check_value(value: str) -> None:
+    if not _HEX40.match(value):
+        raise InvalidRefValueError(value)
+
+
+def _check_identity(identity: str) -> None:
+    if not _IDENTITY.match(identity):
+        raise InvalidIdentityError(identity, "'Name <email>' without '<', '>' or newlines inside")
+
+
+def _clean_message(msg: str) -> str:
+    # git's copy_reflog_msg: whitespace runs become one space, ends trimmed, so that a
+    # message can never break the one-line-per-entry format.
+    return _WS.sub(" ", msg).strip(" ")
+
+
+def _local_tz(ts: int) -> str:
+    off = time.localtime(ts).tm_gmtoff // 60
+    sign = "+" if off >= 0 else "-"
+    off = abs(off)
+    return f"{sign}{off // 60:02d}{off % 60:02d}"
+
+
+# --- packed-refs -------------------------------------------------------------------
+
+
+class _Packed:
+    """An immutable snapshot of packed-refs: an mmap plus the traits from its header."""
+
+    def __init__(self, path: str, fd: int, st: os.stat_result) -> None:
+        self.path = path
+        self.key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.mm = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_READ)
+        self.end = st.st_size
+        self.start = 0
+        self.traits: frozenset[str] = frozenset()
+        mm = self.mm
+        if mm[self.end - 1] != 0x0A:
+            raise RefFormatError(path, "last line is not terminated by a newline")
+        if mm[0] == 0x23:  # '#'
+            nl = mm.find(b"\n")
+            header = mm[:nl].decode("utf-8", "replace")
+            if header.startswith("# pack-refs with:"):
+                self.traits = frozenset(header[len("# pack-refs with:") :].split())
+            self.start = nl + 1
+        self.sorted = "sorted" in self.traits
+        # Only for files written without the "sorted" trait (old git, dulwich): parsed once.
+        self._table: dict[bytes, tuple[bytes, bytes | None]] | None = None
+
+    def close(self) -> None:
+        self.mm.close()
+
+    def _record_start(self, lo: int, pos: int) -> int:
+        mm = self.mm
+        p = mm.rfind(b"\n", lo, pos) + 1 or lo
+        if mm[p] == 0x5E:  # '^': a peeled line belongs to the record before it
+            p = max(mm.rfind(b"\n", lo, p - 1) + 1, lo)
+        return p
+
+    def _record_end(self, rec: int) -> int:
+        mm = self.mm
+        e = mm.find(b"\n", rec, self.end) + 1
+        if e < self.end and mm[e] == 0x5E:
+            e = mm.find(b"\n", e, self.end) + 1
+        return e
+
+    def _record_name(self, rec: int) -> bytes:
+        mm = self.mm
+        sp = mm.find(b" ", rec, self.end)
+        nl = mm.find(b"\n", rec, self.end)
+        if sp < 0 or sp > nl:
+            raise RefFormatError(self.path, f"bad line at byte {rec}")
+        return mm[sp + 1 : nl]
+
+    def lower_bound(self, key: bytes) -> int:
+        """Offset of the first record whose name is >= key (self.end if none)."""
+        lo, hi = self.start, self.end
+        while lo < hi:
+            rec = self._record_start(lo, (lo + hi) // 2)
+            if self._record_name(rec) < key:
+                lo = self._record_end(rec)
+            else:
+                hi = rec
+        return lo
+
+    def record(self, rec: int) -> tuple[bytes, bytes, bytes | None, int]:
+        """(name, value, peeled or None, offset of the next record) of the record at rec."""
+        mm = self.mm
+        nl = mm.find(b"\n", rec, self.end)
+        line = mm[rec:nl]
+        value, _, name = line.partition(b" ")
+        if not name or len(value) != 40:
+            raise RefFormatError(self.path, f"bad line at byte {rec}: {line[:80]!r}")
+        nxt = nl + 1
+        peeled = None
+        if nxt < self.end and mm[nxt] == 0x5E:
+            pnl = mm.find(b"\n", nxt, self.end)
+            peeled = mm[nxt + 1 : pnl]
+            nxt = pnl + 1
+        return name, value, peeled, nxt
+
+    def _linear(self) -> dict[bytes, tuple[bytes, bytes | None]]:
+        if self._table is None:
+            table: dict[bytes, tuple[bytes, bytes | None]] = {}
+            pos = self.start
+            while pos < self.end:
+                name, value, peeled, pos = self.record(pos)
+                table[name] = (value, peeled)
+            self._table = table
+        return self._table
+
+    def get(self, name: bytes) -> tuple[bytes, bytes | None] | None:
+        """The (value, peeled) of one ref, by binary search when the file is sorted."""
+        if not self.sorted:
+            return self._linear().get(name)
+        rec = self.lower_bound(name)
+        if rec >= self.end:
+            return None
+        rname, value, peeled, _ = self.record(rec)
+        return (value, peeled) if rname == name else None
+
+    def find_range(self, name: bytes) -> tuple[int, int] | None:
+        """Byte range [start, end) of one ref's record (with its peeled line)."""
+        if self.sorted:
+            rec = self.lower_bound(name)
+            if rec < self.end:
+                rname, _, _, nxt = self.record(rec)
+                if rname == name:
+                    return rec, nxt
+            return None
+        pos = self.start
+        while pos < self.end:
+            rname, _, _, nxt = self.record(pos)
+            if rname == name:
+                return pos, nxt
+            pos = nxt
+        return None
+
+    def iter_prefix(self, prefix: bytes) -> Iterator[tuple[bytes, bytes, bytes | None]]:
+        """Records whose names start with prefix, in file order (sorted if the file is)."""
+        if self.sorted:
+            pos = self.lower_bound(prefix)
+            while pos < self.end:
+                name, value, peeled, pos = self.record(pos)
+                if not name.startswith(prefix):
+                    return
+                yield name, value, peeled
+        else:
+            for name, (value, peeled) in sorted(self._linear().items()):
+                if name.startswith(prefix):
+                    yield name, value, peeled
+
+
+# --- the store -----------------------------------------------------------------------
+
+
+class _Lock:
+    """A git lock file: `<path>.lock` created exclusively, committed by rename."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.lock_path = path + ".lock"
+        self.fd: int | None = fd
+        self.held = True
+
+    def write_commit(self, data: bytes) -> None:
+        """Write data, fsync and rename over the target, so readers see old or new."""
+        assert self.fd is not None
+        os.write(self.fd, data)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.rename(self.lock_path, self.path)
+        # From here the lock path may already be another process's lock: never touch it.
+        self.held = False
+
+    def release(self) -> None:
+        """Drop the lock without changing the target (idempotent)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.held:
+            self.held = False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
+
+
+class RefStore:
+    """git's files ref backend over a git directory: loose refs, packed-refs, reflogs."""
+
+    def __init__(self, git_dir: Path) -> None:
+        self.git_dir = Path(git_dir)
+        self._dir = os.fspath(git_dir)
+        self._packed_path = os.path.join(self._dir, "packed-refs")
+        self._snap: _Packed | None = None
+
+    def close(self) -> None:
+        """Release the packed-refs mapping."""
+        if self._snap is not None:
+            self._snap.close()
+            self._snap = None
+
+    def __enter__(self) -> RefStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading --
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self._dir, name)
+
+    def _packed(self) -> _Packed | None:
+        """The current packed-refs snapshot, re-mapped only when the file changed."""
+        path = self._packed_path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._snap = None
+            return None
+        snap = self._snap
+        if snap is not None and snap.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+            return snap
+        # Drop, don't close, the old mapping: a reader elsewhere may still be searching
+        # it; it unmaps when the last reference goes.
+        self._snap = None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_size == 0:
+                return None
+            snap = _Packed(path, fd, st)
+        finally:
+            os.close(fd)
+        self._snap = snap
+        return snap
+
+    def _read_loose(self, name: str) -> str | None:
+        """Raw content of a loose ref ('ref: X' or a hex id), or None when absent."""
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(4096)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        text = data.decode("utf-8", "replace").rstrip()
+        if text.startswith("ref:"):
+            return "ref: " + text[4:].strip()
+        value = text[:40]
+        if not _HEX40.match(value) or (len(text) > 40 and not text[40].isspace()):
+            raise RefFormatError(
+                path, f"content {data[:60]!r} is neither 'ref: NAME' nor an object id"
+            )
+        return value
+
+    def _read_direct(self, name: str) -> str | None:
+        """Loose then packed content of one ref, without following symrefs."""
+        raw = self._read_loose(name)
+        if raw is not None:
+            return raw
+        if not name.startswith("refs/"):
+            return None
+        snap = self._packed()
+        if snap is None:
+            return None
+        hit = snap.get(name.encode())
+        return None if hit is None else hit[0].decode()
+
+    def _resolve(self, name: str) -> tuple[list[str], str | None]:
+        """Follow symrefs from name: (chain of names visited, final value or None)."""
+        chain = [name]
+        for _ in range(SYMREF_MAXDEPTH + 1):
+            raw = self._read_direct(chain[-1])
+            if raw is None:
+                return chain, None
+            if not raw.startswith("ref: "):
+                return chain, raw
+            target = raw[5:]
+            _check_store_name(target)
+            chain.append(target)
+        raise RefFormatError(self._path(name), f"symbolic ref chain deeper than {SYMREF_MAXDEPTH}")
+
+    def read(self, name: str) -> str | None:
+        """The object id a ref (or HEAD) points to, following symbolic refs; None if absent."""
+        _check_store_name(name)
+        return self._resolve(name)[1]
+
+    def read_symbolic(self, name: str) -> str | None:
+        """The target of a symbolic ref ('HEAD' -> 'refs/heads/main'); None if not symbolic."""
+        _check_store_name(name)
+        raw = self._read_loose(name)
+        if raw is not None and raw.startswith("ref: "):
+            return raw[5:]
+        return None
+
+    def peeled(self, name: str) -> str | None:
+        """The peeled object id recorded in packed-refs for an annotated tag, if any."""
+        _check_store_name(name)
+        chain, value = self._resolve(name)
+        if value is None:
+            return None
+        final = chain[-1]
+        snap = self._packed()
+        if snap is None:
+            return None
+        hit = snap.get(final.encode())
+        # A loose value that differs from the packed one makes the packed peel stale.
+        if hit is None or hit[1] is None or hit[0].decode() != value:
+            return None
+        return hit[1].decode()
+
+    def exists(self, name: str) -> bool:
+        """Whether the ref resolves to an object id."""
+        return self.read(name) is not None
+
+    # -- locking --
+
+    def _lock(self, name: str, expected: OldValue = ANY) -> _Lock:
+        path = self._path(name)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        except (NotADirectoryError, FileExistsError):
+            # A loose ref sits where this name needs a directory.
+            raise RefNameConflictError(name, self._file_ancestor(name) or name) from None
+        try:
+            fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            raise RefConflictError(
+                name,
+                expected,
+                None,
+                detail=(
+                    f"{path}.lock exists: locked by another process; retry, or remove the "
+                    "file if no mintvcs or git process is running"
+                ),
+            ) from None
+        return _Lock(path, fd)
+
+    def _lock_packed(self) -> _Lock:
+        path = self._packed_path
+        deadline = time.monotonic() + PACKED_LOCK_TIMEOUT_S
+        delay = 0.001
+        while True:
+            try:
+                fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                return _Lock(path, fd)
+            except FileExistsError:
+                if time.monotonic() > deadline:
+                    raise RefConflictError(
+                        "packed-refs",
+                        ANY,
+                        None,
+                        detail=(
+                            f"{path}.lock exists: locked by another process; retry, or remove "
+                            "the file if no mintvcs or git process is running"
+                        ),
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    def _file_ancestor(self, name: str) -> str | None:
+        parts = name.split("/")
+        for i in range(2, len(parts)):
+            anc = "/".join(parts[:i])
+            if self._read_direct(anc) is not None:
+                return anc
+        return None
+
+    def _check_df(self, name: str) -> None:
+        """Refuse to create `name` where an ancestor is a ref or `name/` holds refs."""
+        anc = self._file_ancestor(name)
+        if anc is not None:
+            raise RefNameConflictError(name, anc)
+        for child, _ in self._iter_raw(name + "/"):
+            raise RefNameConflictError(name, child)
+        path = self._path(name)
+        if os.path.isdir(path):
+            # Empty directories left behind by deleted refs: git removes them too.
+            for root, _dirs, _files in os.walk(path, topdown=False):
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    raise RefNameConflictError(name, os.path.relpath(root, self._dir)) from None
+
+    # -- reflog --
+
+    def _append_log(
+        self, name: str, old: str, new: str, identity: str, ts: int, tz: str, message: str
+    ) -> None:
+        line = f"{old} {new} {identity} {ts} {tz}"
+        if message:
+            line += "\t" + message
+        path = os.path.join(self._dir, "logs", name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # One O_APPEND write per entry: concurrent appenders never interleave within a line.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def reflog(self, name: str) -> list[ReflogEntry]:
+        """The reflog of a ref, oldest entry first (as stored); [] when it has none."""
+        _check_store_name(name)
+        path = os.path.join(self._dir, "logs", name)
+        try:
+            with open(path, "rb") as f:
+                data = f.read().decode("utf-8", "replace")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return []
+        out = []
+        for n, line in enumerate(data.splitlines(), 1):
+            if not line:
+                continue
+            head, _, message = line.partition("\t")
+            try:
+                ids, ts, tz = head.rsplit(" ", 2)
+                old, new, identity = ids[:40], ids[41:81], ids[82:]
+                entry = ReflogEntry(old, new, identity, int(ts), tz, message)
+            except ValueError:
+                raise RefFormatError(path, f"line {n} does not parse: {line[:80]!r}") from None
+            if not (_HEX40.match(old) and _HEX40.match(new)):
+                raise RefFormatError(path, f"line {n} does not start with two object ids")
+            out.append(entry)
+        return out
+
+    # -- writing --
+
+    def update(
+        self,
+        name: str,
+        new: str,
+        *,
+        old: OldValue = ANY,
+        message: str,
+        identity: str,
+        timestamp: int | None = None,
+        tz: str | None = None,
+        deref: bool = True,
+    ) -> None:
+        """Compare-and-swap `name` (through symbolic refs unless deref=False) from `old` to `new`, with a reflog entry."""
+        _check_store_name(name)
+        _check_value(new)
+        if new == ZERO:
+            raise InvalidRefValueError(new + " (use delete() to remove a ref)")
+        if old is not ANY and old is not None:
+            _check_value(old)
+        _check_identity(identity)
+        ts = int(time.time()) if timestamp is None else timestamp
+        tz = _local_tz(ts) if tz is None else tz
+        if not _TZ.match(tz):
+            raise InvalidIdentityError(tz, "a timezone like +0000 or -0530")
+        message = _clean_message(message)
+
+        locks: list[_Lock] = []
+        try:
+            # Lock each ref along the symref chain, as git does, so HEAD cannot be
+            # retargeted while its branch moves; re-read each one under its lock.
+            chain = [name]
+            locks.append(self._lock(name, old))
+            for _ in range(SYMREF_MAXDEPTH + 1):
+                raw = self._read_loose(chain[-1])
+                if raw is None or not raw.startswith("ref: ") or not deref:
+                    break
+                target = raw[5:]
+                _check_store_name(target)
+                chain.append(target)
+                locks.append(self._lock(target, old))
+            else:
+                raise RefFormatError(self._path(name), "symbolic ref chain too deep")
+            final = chain[-1]
+            current = self._read_direct(final)
+            if current is not None and current.startswith("ref: "):
+                if deref:
+                    raise RefFormatError(self._path(final), "symbolic ref chain too deep")
+                # Detaching a symbolic ref: its old value is what it pointed to.
+                current = self.read(final)
+            if old is not ANY:
+                want = None if old in (None, ZERO) else old
+                if current != want:
+                    raise RefConflictError(
+                        final if final == name else f"{name} -> {final}", old, current
+                    )
+            if current is None:
+                self._check_df(final)
+            logged = list(chain)
+            if HEAD not in logged:
+                # git also logs to HEAD when the branch HEAD points at moves.
+                head_target = self.read_symbolic(HEAD) if final != HEAD else None
+                if head_target == final:
+                    logged.append(HEAD)
+            prev = current or ZERO
+            for ref in logged:
+                self._append_log(ref, prev, new, identity, ts, tz, message)
+            locks[-1].write_commit((new + "\n").encode())
+        finally:
+            for lk in locks:
+                lk.release()
+
+    def set_symbolic(
+        self,
+        name: str,
+        target: str,
+        *,
+        message: str = "",
+        identity: str = DEFAULT_IDENTITY,
+    ) -> None:
+        """Point symbolic ref `name` (usually HEAD) at `target`; log the move if a message is given."""
+        _check_store_name(name)
+        check_ref_name(target)
+        if not target.startswith("refs/"):
+            raise InvalidRefNameError(target, "symbolic refs point at names under 'refs/'")
+        _check_identity(identity)
+        lock = self._lock(name)
+        try:
+            message = _clean_message(message)
+            if message:
+                _, old = self._resolve(name)
+                _, new = self._resolve(target)
+                # git logs a symref move only when the new target resolves (not unborn).
+                if new is not None:
+                    ts = int(time.time())
+                    self._append_log(name, old or ZERO, new, identity, ts, _local_tz(ts), message)
+            lock.write_commit(f"ref: {target}\n".encode())
+        finally:
+            lock.release()
+
+    def delete(
+        self,
+        name: str,
+        *,
+        old: OldValue = ANY,
+        message: str = "",
+        identity: str = DEFAULT_IDENTITY,
+    ) -> None:
+        """Delete a ref (itself, not a symref's target): loose file, packed line and reflog."""
+        _check_store_name(name)
+        _check_identity(identity)
+        if old is not ANY and old is not None:
+            _check_value(old)
+        lock = self._lock(name, old)
+        plock: _Lock | None = None
+        try:
+            if name.startswith("refs/"):
+                # Held across the whole delete, as git does: a concurrent pack() cannot
+                # read the loose value before we unlink it and resurrect it as packed.
+                plock = self._lock_packed()
+            raw = self._read_direct(name)
+            if raw is None:
+                raise RefNotFoundError(name)
+            symbolic = raw.startswith("ref: ")
+            current = raw[5:] if symbolic else raw
+            if old is not ANY:
+                want = None if old in (None, ZERO) else old
+                if current != want:
+                    raise RefConflictError(name, old, current)
+            # Packed line first, loose file second: a reader never sees an older packed
+            # value resurface after the loose file is gone.
+            if plock is not None:
+                self._remove_packed(name, plock)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(name))
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.unlink(os.path.join(self._dir, "logs", name))
+            if not symbolic and name != HEAD and self.read_symbolic(HEAD) == name:
+                # git records the deletion of the checked-out branch in HEAD's reflog.
+                ts = int(time.time())
+                self._append_log(
+                    HEAD, current, ZERO, identity, ts, _local_tz(ts), _clean_message(message)
+                )
+        finally:
+            if plock is not None:
+                plock.release()
+            lock.release()
+        self._prune_dirs(name)
+
+    def _remove_packed(self, name: str, plock: _Lock) -> None:
+        """Rewrite packed-refs without name's record; the caller holds packed-refs.lock."""
+        snap = self._packed()
+        rng = None if snap is None else snap.find_range(name.encode())
+        if snap is None or rng is None:
+            return
+        mm = snap.mm
+        # Splice out the record's bytes; everything else, header included, stays as is.
+        plock.write_commit(mm[: rng[0]] + mm[rng[1] :])
+
+    def _prune_dirs(self, name: str) -> None:
+        """Remove directories emptied by a deleted ref, keeping refs/<kind>/ itself."""
+        parts = name.split("/")
+        for base in (self._dir, os.path.join(self._dir, "logs")):
+            for i in range(len(parts) - 1, 2, -1):
+                try:
+                    os.rmdir(os.path.join(base, *parts[:i]))
+                except OSError:
+                    break
+
+    # -- listing --
+
+    def _iter_loose(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(name, raw content) of loose refs under prefix, unsorted."""
+        # Walk only the deepest directory that contains every name with this prefix.
+        top = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        root = os.path.join(self._dir, top) if top else self._dir
+        stack = [(root, top)]
+        while stack:
+            path, rel = stack.pop()
+            try:
+                it = os.scandir(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for ent in it:
+                    full = f"{rel}/{ent.name}" if rel else ent.name
+                    if ent.is_dir(follow_symlinks=False):
+                        if full.startswith(prefix) or prefix.startswith(full + "/"):
+                            stack.append((ent.path, full))
+                    elif full.startswith(prefix) and not ent.name.endswith(".lock"):
+                        try:
+                            check_ref_name(full)
+                        except InvalidRefNameError:
+                            continue
+                        raw = self._read_loose(full)
+                        if raw is not None:
+                            yield full, raw
+
+    def _iter_raw(self, prefix: str) -> Iterator[tuple[str, str]]:
+        """(name, raw) of refs under prefix sorted by name, loose overriding packed."""
+        loose = dict(self._iter_loose(prefix)) if prefix.startswith("refs/") else {}
+        snap = self._packed()
+        packed: Iterable[tuple[bytes, bytes, bytes | None]] = (
+            snap.iter_prefix(prefix.encode()) if snap is not None else ()
+        )
+        loose_sorted = sorted(loose.items())
+        i = 0
+        for bname, bvalue, _ in packed:
+            pname = bname.decode()
+            while i < len(loose_sorted) and loose_sorted[i][0] < pname:
+                yield loose_sorted[i]
+                i += 1
+            if i < len(loose_sorted) and loose_sorted[i][0] == pname:
+                yield loose_sorted[i]
+                i += 1
+                continue
+            yield pname, bvalue.decode()
+        yield from loose_sorted[i:]
+
+    def iter_refs(self, prefix: str = "refs/") -> Iterator[tuple[str, str]]:
+        """(name, object id) of refs whose names start with prefix, sorted by name."""
+        if not prefix.startswith("refs/") and prefix != "refs":
+            raise InvalidRefNameError(prefix, "listing prefixes begin with 'refs/'")
+        for name, raw in self._iter_raw(prefix):
+            if raw.startswith("ref: "):
+                # Symbolic refs list with their target's value, as git for-each-ref does.
+                try:
+                    _, value = self._resolve(name)
+                except MintError:
+                    continue
+                if value is None:
+                    continue
+                yield name, value
+            else:
+                yield name, raw
+
+    # -- packing --
+
+    def pack(self, peel: Callable[[str], str | None] | None = None) -> None:
+        """Move every loose ref into packed-refs, like `git pack-refs --all`.
+
+        `peel(id)` returns the object an annotated tag points to (or None); with it the
+        file records peeled lines and says "peeled fully-peeled", as git writes it.
+        """
+        plock = self._lock_packed()
+        moved: dict[str, str] = {}
+        try:
+            for name, raw in self._iter_loose("refs/"):
+                if not raw.startswith("ref: "):
+                    moved[name] = raw
+            old_snap = self._packed()
+            entries: dict[str, tuple[str, str | None]] = {}
+            old_full = False
+            if old_snap is not None:
+                old_full = "fully-peeled" in old_snap.traits
+                for bname, bvalue, bpeeled in old_snap.iter_prefix(b""):
+                    entries[bname.decode()] = (
+                        bvalue.decode(),
+                        None if bpeeled is None else bpeeled.decode(),
+                    )
+            for name, value in moved.items():
+                prev = entries.get(name)
+                if prev is not None and prev[0] == value and prev[1] is not None:
+                    continue
+                entries[name] = (value, None if peel is None else peel(value))
+            if peel is not None and not old_full:
+                for name, (value, peeled) in entries.items():
+                    if peeled is None and name not in moved:
+                        entries[name] = (value, peel(value))
+            header = PACKED_HEADER if peel is not None else b"# pack-refs with: sorted \n"
+            plock.write_commit(_serialize_packed(entries, header))
+        finally:
+            plock.release()
+        self.close()
+        # Drop loose files only if they still hold what we packed (git does the same).
+        for name, value in moved.items():
+            try:
+                lock = self._lock(name)
+            except RefConflictError:
+                continue
+            try:
+                if self._read_loose(name) == value:
+                    os.unlink(self._path(name))
+            finally:
+                lock.release()
+            self._prune_dirs(name)
+
+    def bulk_create(self, items: Iterable[tuple[str, str]]) -> int:
+        """Add many new refs straight into packed-refs (no reflog); for imports and benchmarks.
+
+        Refuses names that already exist or that clash as directory and file. Returns the
+        number of refs added.
+        """
+        new: dict[str, str] = {}
+        for name, value in items:
+            _check_store_name(name)
+            if not name.startswith("refs/"):
+                raise InvalidRefNameError(name, "packed refs begin with 'refs/'")
+            _check_value(value)
+            new[name] = value
+        plock = self._lock_packed()
+        try:
+            snap = self._packed()
+            entries: dict[str, tuple[str, str | None]] = {}
+            if snap is not None:
+                for bname, bvalue, bpeeled in snap.iter_prefix(b""):
+                    entries[bname.decode()] = (
+                        bvalue.decode(),
+                        None if bpeeled is None else bpeeled.decode(),
+                    )
+            loose = {n for n, _ in self._iter_loose("refs/")}
+            for name in new:
+                if name in entries or name in loose:
+                    raise RefConflictError(name, None, self.read(name), detail="it already exists")
+            allnames = entries.keys() | loose | new.keys()
+            # Every directory any ref needs; a ref named like one of them clashes.
+            dirs: dict[str, str] = {}
+            for name in allnames:
+                cut = name.rfind("/")
+                while cut > 5:
+                    d = name[:cut]
+                    if d in dirs:
+                        break
+                    dirs[d] = name
+                    cut = name.rfind("/", 0, cut)
+            for name in allnames & dirs.keys():
+                raise RefNameConflictError(dirs[name], name)
+            for name, value in new.items():
+                entries[name] = (value, None)
+            # New refs may be annotated tags we cannot peel here, so claim no peeling.
+            plock.write_commit(_serialize_packed(entries, b"# pack-refs with: sorted \n"))
+        finally:
+            plock.release()
+        self.close()
+        return len(new)
+
+
+def _serialize_packed(entries: dict[str, tuple[str, str | None]], header: bytes) -> bytes:
+    # Sorted by name as bytes: for str this is code-point order, which UTF-8 preserves.
+    lines = [header.decode()]
+    for name in sorted(entries):
+        value, peeled = entries[name]
+        lines.append(f"{value} {name}\n")
+        if peeled is not None:
+            lines.append(f"^{peeled}\n")
+    return "".join(lines).encode()

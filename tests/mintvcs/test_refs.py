@@ -1,0 +1,662 @@
+"""Refs against real git: names, loose and packed refs, reflogs, CAS, locks, concurrency."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mintvcs.refs import (
+    ANY,
+    ZERO,
+    InvalidIdentityError,
+    InvalidRefNameError,
+    InvalidRefValueError,
+    RefConflictError,
+    RefNameConflictError,
+    RefNotFoundError,
+    RefStore,
+    check_branch_name,
+    check_ref_name,
+)
+
+ME = "Ada Lovelace <ada@example.com>"
+GIT_ENV = {
+    **os.environ,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_AUTHOR_NAME": "Tester",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "Tester",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+    "GIT_AUTHOR_DATE": "1700000000 +0000",
+    "GIT_COMMITTER_DATE": "1700000000 +0000",
+}
+
+
+def git(d: Path, *args: str, check: bool = True) -> str:
+    """Run git on git dir d and return stdout."""
+    r = subprocess.run(
+        ["git", "--git-dir", str(d), *args],
+        env=GIT_ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check and r.returncode != 0:
+        raise AssertionError(f"git {args} failed: {r.stderr}")
+    return r.stdout
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """An empty bare git dir with HEAD -> refs/heads/main."""
+    d = tmp_path / "store.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(d)], env=GIT_ENV, check=True)
+    git(d, "symbolic-ref", "HEAD", "refs/heads/main")
+    return d
+
+
+def make_commits(d: Path, n: int) -> list[str]:
+    """n real commits in a chain, so that git fsck accepts refs to them."""
+    tree = _empty_tree(d)
+    out: list[str] = []
+    parent: list[str] = []
+    for i in range(n):
+        c = git(d, "commit-tree", "-m", f"c{i}", *parent, tree).strip()
+        out.append(c)
+        parent = ["-p", c]
+    return out
+
+
+def _empty_tree(d: Path) -> str:
+    r = subprocess.run(
+        ["git", "--git-dir", str(d), "mktree"],
+        input="",
+        env=GIT_ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return r.stdout.strip()
+
+
+def for_each_ref(d: Path, *patterns: str) -> list[tuple[str, str]]:
+    """git's view of the refs: (name, object id), sorted by name."""
+    out = git(d, "for-each-ref", "--format=%(refname) %(objectname)", *patterns)
+    return [tuple(line.split(" ")) for line in out.splitlines()]  # type: ignore[misc]
+
+
+# --- names ----------------------------------------------------------------------------
+
+GOOD = [
+    "refs/heads/main",
+    "refs/heads/user/42",
+    "refs/heads/a.b",
+    "refs/heads/a./b",
+    "refs/heads/a@b",
+    "refs/heads/@",
+    "refs/heads/ü-ñ",
+    "refs/tags/v1.0",
+    "refs/heads/a.lock.b",
+    "refs/heads/-x",
+    "refs/heads/a_b-c.d/e",
+    "refs/heads/-",
+    "x/y",
+]
+BAD = [
+    "refs/heads/a..b",
+    "refs/heads/x~1",
+    "refs/heads/has space",
+    "refs/heads/end.lock",
+    "refs/heads/a.lock/b",
+    "refs/heads/a/b.lock/c",
+    "refs/heads/a..",
+    "refs/heads/a/.",
+    "refs/heads/a/.b",
+    "refs/heads/.a",
+    "refs/heads/@{x}",
+    "refs/heads/a^",
+    "refs/heads/a:b",
+    "refs/heads/a?",
+    "refs/heads/a*",
+    "refs/heads/a[b",
+    "refs/heads/a\\b",
+    "refs/heads/tab\there",
+    "refs/heads/ctl\x01",
+    "refs/heads/del\x7f",
+    "refs/heads//x",
+    "refs/heads/x/",
+    "/refs/heads/x",
+    "refs/heads/x.",
+    "@",
+    "main",
+    "",
+]
+
+
+def _ours_accepts(check: object, name: str) -> bool:
+    try:
+        check(name)  # type: ignore[operator]
+    except InvalidRefNameError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", GOOD + BAD)
+def test_ref_names_match_git(name: str) -> None:
+    r = subprocess.run(["git", "check-ref-format", name], env=GIT_ENV, capture_output=True)
+    assert _ours_accepts(check_ref_name, name) == (r.returncode == 0), name
+    assert (name in GOOD) == (r.returncode == 0)  # the table itself is right
+
+
+def test_random_names_match_git() -> None:
+    # Names built from the characters the rules are about, so every rule gets hit.
+    rng = random.Random(11)
+    alphabet = "ab./-@{_~ lock"
+    for _ in range(200):
+        name = "refs/" + "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 9)))
+        r = subprocess.run(["git", "check-ref-format", name], env=GIT_ENV, capture_output=True)
+        assert _ours_accepts(check_ref_name, name) == (r.returncode == 0), name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["main", "user/42", "a..b", "x~1", "has space", "end.lock", "a/.b", "@{x}", "feat/x.y"],
+)
+def test_branch_names_match_git(name: str, tmp_path: Path) -> None:
+    r = subprocess.run(
+        ["git", "check-ref-format", "--branch", name],
+        env=GIT_ENV,
+        capture_output=True,
+        cwd=tmp_path,
+    )
+    assert _ours_accepts(check_branch_name, name) == (r.returncode == 0), name
+
+
+@pytest.mark.parametrize("name", ["-lead", "HEAD", "a\x00b", "nul\x00", "", "@"])
+def test_branch_names_refused_beyond_git(name: str) -> None:
+    with pytest.raises(InvalidRefNameError) as e:
+        check_branch_name(name)
+    assert repr(name) in str(e.value)
+
+
+def test_name_error_names_the_rule() -> None:
+    with pytest.raises(InvalidRefNameError, match=r"'refs/heads/a\.\.b'.*'\.\.'"):
+        check_ref_name("refs/heads/a..b")
+    with pytest.raises(InvalidRefNameError, match="control character"):
+        check_ref_name("refs/heads/a\x00b")
+    with pytest.raises(InvalidRefNameError, match=r"\.lock"):
+        check_ref_name("refs/heads/end.lock")
+
+
+def test_store_refuses_bad_names_and_values(repo: Path) -> None:
+    s = RefStore(repo)
+    (c,) = make_commits(repo, 1)
+    for bad in ["refs/heads/a..b", "main", "refs/heads/../../config", "../HEAD"]:
+        with pytest.raises(InvalidRefNameError):
+            s.update(bad, c, message="m", identity=ME)
+        with pytest.raises(InvalidRefNameError):
+            s.read(bad)
+    for value in ["abc", c.upper(), c + "0", ZERO]:
+        with pytest.raises(InvalidRefValueError):
+            s.update("refs/heads/x", value, message="m", identity=ME)
+    with pytest.raises(InvalidIdentityError):
+        s.update("refs/heads/x", c, message="m", identity="no email")
+    with pytest.raises(InvalidIdentityError):
+        s.update("refs/heads/x", c, message="m", identity="a <b>\n")
+    assert list(s.iter_refs()) == []
+
+
+# --- interop with git -----------------------------------------------------------------
+
+
+def test_refs_we_write_git_reads(repo: Path) -> None:
+    c = make_commits(repo, 3)
+    s = RefStore(repo)
+    s.update("HEAD", c[0], old=None, message="commit (initial): c0", identity=ME)
+    s.update("refs/heads/main", c[1], old=c[0], message="commit: c1", identity=ME)
+    s.update("refs/heads/user/7", c[2], old=None, message="branch: user 7", identity=ME)
+    s.update("refs/tags/prod", c[1], old=None, message="tag", identity=ME)
+
+    assert git(repo, "rev-parse", "HEAD").strip() == c[1]
+    assert git(repo, "rev-parse", "user/7").strip() == c[2]
+    assert git(repo, "rev-parse", "prod").strip() == c[1]
+    assert for_each_ref(repo) == list(s.iter_refs())
+    assert list(s.iter_refs()) == [
+        ("refs/heads/main", c[1]),
+        ("refs/heads/user/7", c[2]),
+        ("refs/tags/prod", c[1]),
+    ]
+    # git reads our reflog: newest first, new values and messages.
+    log = git(repo, "log", "-g", "--format=%H %gs", "refs/heads/main").splitlines()
+    assert log == [f"{c[1]} commit: c1", f"{c[0]} commit (initial): c0"]
+    head_log = git(repo, "log", "-g", "--format=%H %gs", "HEAD").splitlines()
+    assert head_log == log
+    r = subprocess.run(
+        ["git", "--git-dir", str(repo), "fsck", "--strict", "--no-dangling"],
+        env=GIT_ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr.strip() == ""
+
+
+def test_packed_refs_we_write_git_reads(repo: Path) -> None:
+    c = make_commits(repo, 2)
+    s = RefStore(repo)
+    names = [f"refs/heads/user/{i:04d}" for i in range(500)]
+    assert s.bulk_create((n, c[i % 2]) for i, n in enumerate(names)) == 500
+    s.update("refs/heads/user/0007", c[0], old=c[1], message="move", identity=ME)
+    s.update("refs/tags/v1", c[1], old=None, message="tag", identity=ME)
+    s.pack()
+    assert not (repo / "refs/heads/user/0007").exists()
+    assert (repo / "packed-refs").read_bytes().startswith(b"# pack-refs with: sorted \n")
+    ours = list(s.iter_refs())
+    assert ours == for_each_ref(repo)
+    assert len(ours) == 501
+    assert git(repo, "rev-parse", "user/0007").strip() == c[0]
+    assert git(repo, "rev-parse", "user/0499").strip() == c[1]
+    r = subprocess.run(
+        ["git", "--git-dir", str(repo), "fsck", "--strict"], env=GIT_ENV, capture_output=True
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_refs_git_writes_we_read(repo: Path) -> None:
+    c = make_commits(repo, 3)
+    git(repo, "config", "core.logAllRefUpdates", "always")
+    git(repo, "update-ref", "-m", "first", "refs/heads/main", c[0])
+    git(repo, "update-ref", "-m", "second", "refs/heads/main", c[1])
+    git(repo, "update-ref", "refs/heads/feature/x", c[2])
+    git(repo, "tag", "light", c[0])
+    git(repo, "tag", "-a", "-m", "annotated", "v1", c[1])
+    # A symbolic ref inside refs/: listed with its target's value, by git and by us.
+    git(repo, "symbolic-ref", "refs/remotes/origin/HEAD", "refs/heads/main")
+    tag_obj = git(repo, "rev-parse", "refs/tags/v1").strip()
+    assert tag_obj != c[1]
+
+    s = RefStore(repo)
+    assert s.read_symbolic("HEAD") == "refs/heads/main"
+    assert s.read("HEAD") == c[1]
+    assert s.read("refs/tags/v1") == tag_obj
+    assert s.read("refs/heads/nope") is None
+    assert list(s.iter_refs()) == for_each_ref(repo)
+    log = s.reflog("refs/heads/main")
+    assert [(e.old, e.new, e.message) for e in log] == [
+        (ZERO, c[0], "first"),
+        (c[0], c[1], "second"),
+    ]
+    assert log[0].identity == "Tester <t@example.com>"
+    assert log[0].timestamp == 1700000000 and log[0].tz == "+0000"
+
+    git(repo, "pack-refs", "--all")
+    assert not (repo / "refs/heads/main").exists()
+    s2 = RefStore(repo)
+    assert s2.read("HEAD") == c[1]
+    assert s2.read("refs/heads/feature/x") == c[2]
+    assert s2.read("refs/tags/v1") == tag_obj
+    assert s2.peeled("refs/tags/v1") == c[1] == git(repo, "rev-parse", "v1^{}").strip()
+    assert s2.peeled("refs/tags/light") is None
+    assert list(s2.iter_refs()) == for_each_ref(repo)
+    assert list(s2.iter_refs("refs/heads/feature/")) == [("refs/heads/feature/x", c[2])]
+
+    # A CAS update over a packed ref writes a loose ref that overrides it, for git too.
+    s2.update("refs/heads/feature/x", c[0], old=c[2], message="reset", identity=ME)
+    assert git(repo, "rev-parse", "feature/x").strip() == c[0]
+    assert s2.peeled("refs/tags/v1") == c[1]
+    # Deleting a packed ref removes its line (and the peeled line after it).
+    s2.delete("refs/tags/v1", old=tag_obj)
+    assert s2.read("refs/tags/v1") is None
+    assert "v1" not in (repo / "packed-refs").read_text()
+    assert git(repo, "rev-parse", "--verify", "-q", "refs/tags/v1", check=False) == ""
+    assert list(s2.iter_refs()) == for_each_ref(repo)
+
+
+def test_pack_with_peel_then_git_reads(repo: Path) -> None:
+    c = make_commits(repo, 1)
+    git(repo, "tag", "-a", "-m", "annotated", "v2", c[0])
+    tag_obj = git(repo, "rev-parse", "refs/tags/v2").strip()
+    s = RefStore(repo)
+    s.update("refs/heads/main", c[0], old=None, message="m", identity=ME)
+    peels = {tag_obj: c[0]}
+    s.pack(peel=peels.get)
+    text = (repo / "packed-refs").read_text()
+    assert text.startswith("# pack-refs with: peeled fully-peeled sorted \n")
+    assert f"{tag_obj} refs/tags/v2\n^{c[0]}\n" in text
+    assert RefStore(repo).peeled("refs/tags/v2") == c[0]
+    assert git(repo, "rev-parse", "v2^{}").strip() == c[0]
+    assert git(repo, "show-ref", "-d", "v2").split() == [
+        tag_obj,
+        "refs/tags/v2",
+        c[0],
+        "refs/tags/v2^{}",
+    ]
+
+
+# --- packed-refs search -----------------------------------------------------------------
+
+
+def _write_packed(d: Path, entries: list[tuple[str, str, str | None]], header: str) -> None:
+    lines = [header]
+    for name, value, peeled in entries:
+        lines.append(f"{value} {name}\n")
+        if peeled:
+            lines.append(f"^{peeled}\n")
+    (d / "packed-refs").write_text("".join(lines))
+
+
+@pytest.mark.parametrize("sorted_trait", [True, False])
+def test_packed_lookup_every_name_and_gap(repo: Path, sorted_trait: bool) -> None:
+    rng = random.Random(5)
+    names = sorted({f"refs/{rng.choice('abc')}/{rng.randrange(10**6):x}" for _ in range(400)})
+    entries = [
+        (n, f"{i:040x}", f"{i + 7:040x}" if i % 3 == 0 else None) for i, n in enumerate(names)
+    ]
+    if sorted_trait:
+        header = "# pack-refs with: peeled fully-peeled sorted \n"
+    else:
+        # What dulwich and old git write: no sorted trait, so order is not promised.
+        header = "# pack-refs with: peeled \n"
+        entries = entries[::-1]
+    _write_packed(repo, entries, header)
+    s = RefStore(repo)
+    for n, value, peeled in entries:
+        assert s.read(n) == value
+        assert s.peeled(n) == peeled
+        assert s.read(n + "0") is None
+        assert s.read(n[:-1] + "g") is None  # names are hex: 'g' sorts after, never present
+    for missing in ["refs/a/0", "refs/0/0", "refs/zzz/1", "refs/b/" + "f" * 9]:
+        assert s.read(missing) is None
+    assert list(s.iter_refs()) == [(n, v) for n, v, _ in sorted(entries)]
+    assert list(s.iter_refs("refs/b/")) == [
+        (n, v) for n, v, _ in sorted(entries) if n.startswith("refs/b/")
+    ]
+    if sorted_trait:
+        assert list(s.iter_refs()) == for_each_ref(repo)
+
+
+def test_loose_overrides_packed_in_listing(repo: Path) -> None:
+    c = make_commits(repo, 3)
+    s = RefStore(repo)
+    s.bulk_create([("refs/heads/a", c[0]), ("refs/heads/b", c[0]), ("refs/heads/d", c[0])])
+    s.update("refs/heads/b", c[1], old=c[0], message="m", identity=ME)
+    s.update("refs/heads/c", c[2], old=None, message="m", identity=ME)
+    s.update("refs/heads/e", c[2], old=None, message="m", identity=ME)
+    want = [
+        ("refs/heads/a", c[0]),
+        ("refs/heads/b", c[1]),
+        ("refs/heads/c", c[2]),
+        ("refs/heads/d", c[0]),
+        ("refs/heads/e", c[2]),
+    ]
+    assert list(s.iter_refs()) == want == for_each_ref(repo)
+    assert list(s.iter_refs("refs/heads/c")) == [want[2]]
+    assert list(s.iter_refs("refs/tags/")) == []
+
+
+# --- CAS, locks, conflicts ----------------------------------------------------------------
+
+
+def test_compare_and_swap(repo: Path) -> None:
+    c = make_commits(repo, 3)
+    s = RefStore(repo)
+    name = "refs/heads/main"
+    s.update(name, c[0], old=None, message="create", identity=ME)
+    with pytest.raises(RefConflictError) as e:
+        s.update(name, c[1], old=None, message="recreate", identity=ME)
+    assert e.value.actual == c[0] and c[0] in str(e.value) and name in str(e.value)
+    with pytest.raises(RefConflictError):
+        s.update(name, c[1], old=ZERO, message="recreate", identity=ME)
+    with pytest.raises(RefConflictError) as e:
+        s.update(name, c[1], old=c[2], message="stale", identity=ME)
+    assert (e.value.expected, e.value.actual) == (c[2], c[0])
+    assert c[2] in str(e.value)
+    with pytest.raises(RefConflictError) as e:
+        s.update("refs/heads/other", c[1], old=c[0], message="missing", identity=ME)
+    assert e.value.actual is None
+    assert s.read(name) == c[0]
+    s.update(name, c[1], old=c[0], message="ok", identity=ME)
+    s.update(name, c[2], old=ANY, message="any", identity=ME)
+    assert s.read(name) == c[2]
+    assert [e.message for e in s.reflog(name)] == ["create", "ok", "any"]
+    assert not list(repo.rglob("*.lock"))
+
+
+def test_lock_present_means_conflict(repo: Path) -> None:
+    c = make_commits(repo, 2)
+    s = RefStore(repo)
+    s.update("refs/heads/main", c[0], old=None, message="m", identity=ME)
+    lock = repo / "refs/heads/main.lock"
+    lock.write_text("held by someone else\n")
+    with pytest.raises(RefConflictError, match="locked by another process"):
+        s.update("refs/heads/main", c[1], old=c[0], message="m", identity=ME)
+    with pytest.raises(RefConflictError, match="locked by another process"):
+        s.delete("refs/heads/main")
+    # Through HEAD: the branch lock is the one held.
+    with pytest.raises(RefConflictError, match=r"main\.lock"):
+        s.update("HEAD", c[1], message="m", identity=ME)
+    assert lock.read_text() == "held by someone else\n"  # never ours to remove
+    assert not (repo / "HEAD.lock").exists()
+    assert s.read("refs/heads/main") == c[0]
+    # git refuses too, for the same reason.
+    r = subprocess.run(
+        ["git", "--git-dir", str(repo), "update-ref", "refs/heads/main", c[1]],
+        env=GIT_ENV,
+        capture_output=True,
+    )
+    assert r.returncode != 0
+    lock.unlink()
+    s.update("refs/heads/main", c[1], old=c[0], message="m", identity=ME)
+    assert s.read("refs/heads/main") == c[1]
+
+
+def test_directory_file_conflicts(repo: Path) -> None:
+    c = make_commits(repo, 1)[0]
+    s = RefStore(repo)
+    s.update("refs/heads/a", c, message="m", identity=ME)
+    with pytest.raises(RefNameConflictError, match="refs/heads/a"):
+        s.update("refs/heads/a/b", c, message="m", identity=ME)
+    s.bulk_create([("refs/heads/p/q", c)])
+    with pytest.raises(RefNameConflictError, match="refs/heads/p/q"):
+        s.update("refs/heads/p", c, message="m", identity=ME)
+    with pytest.raises(RefNameConflictError):
+        s.bulk_create([("refs/heads/a/c", c)])
+    with pytest.raises(RefNameConflictError):
+        s.bulk_create([("refs/heads/p", c)])
+    with pytest.raises(RefConflictError):
+        s.bulk_create([("refs/heads/a", c)])
+    # After deleting the packed child, its name is free again.
+    s.delete("refs/heads/p/q")
+    s.update("refs/heads/p", c, old=None, message="m", identity=ME)
+    assert list(s.iter_refs()) == for_each_ref(repo) == [("refs/heads/a", c), ("refs/heads/p", c)]
+
+
+def test_delete(repo: Path) -> None:
+    c = make_commits(repo, 2)
+    s = RefStore(repo)
+    s.update("refs/heads/main", c[0], old=None, message="m", identity=ME)
+    s.update("refs/heads/topic/x", c[1], old=None, message="m", identity=ME)
+    with pytest.raises(RefConflictError):
+        s.delete("refs/heads/topic/x", old=c[0])
+    s.delete("refs/heads/topic/x", old=c[1])
+    assert s.read("refs/heads/topic/x") is None
+    assert not (repo / "refs/heads/topic").exists()
+    assert not (repo / "logs/refs/heads/topic").exists()
+    with pytest.raises(RefNotFoundError):
+        s.delete("refs/heads/topic/x")
+    # Deleting the checked-out branch is logged in HEAD's reflog, as git does.
+    s.delete("refs/heads/main", message="branch: deleted", identity=ME)
+    last = s.reflog("HEAD")[-1]
+    assert (last.old, last.new, last.message) == (c[0], ZERO, "branch: deleted")
+    assert s.reflog("refs/heads/main") == []
+    assert for_each_ref(repo) == []
+
+
+# --- HEAD and reflogs ---------------------------------------------------------------------
+
+
+def test_symbolic_head_update_logs_both(repo: Path) -> None:
+    c = make_commits(repo, 3)
+    s = RefStore(repo)
+    assert s.read("HEAD") is None  # unborn branch
+    s.update(
+        "HEAD",
+        c[0],
+        old=None,
+        message="commit (initial): c0",
+        identity=ME,
+        timestamp=1700000001,
+        tz="+0200",
+    )
+    assert s.read_symbolic("HEAD") == "refs/heads/main"
+    assert (repo / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (repo / "refs/heads/main").read_text() == c[0] + "\n"
+    line = f"{ZERO} {c[0]} {ME} 1700000001 +0200\tcommit (initial): c0\n"
+    assert (repo / "logs/HEAD").read_text() == line
+    assert (repo / "logs/refs/heads/main").read_text() == line
+    # Moving the branch directly also lands in HEAD's log, as git does.
+    s.update("refs/heads/main", c[1], old=c[0], message="a\nmulti-line   message\n", identity=ME)
+    assert [e.message for e in s.reflog("HEAD")] == ["commit (initial): c0", "a multi-line message"]
+    # Another branch moving does not.
+    s.update("refs/heads/other", c[2], old=None, message="other", identity=ME)
+    assert len(s.reflog("HEAD")) == 2
+    # Switching HEAD logs the move on HEAD only.
+    s.set_symbolic(
+        "HEAD", "refs/heads/other", message="checkout: moving from main to other", identity=ME
+    )
+    assert s.read("HEAD") == c[2]
+    assert git(repo, "symbolic-ref", "HEAD").strip() == "refs/heads/other"
+    assert git(repo, "log", "-g", "--format=%H %gs", "HEAD").splitlines() == [
+        f"{c[2]} checkout: moving from main to other",
+        f"{c[1]} a multi-line message",
+        f"{c[0]} commit (initial): c0",
+    ]
+    assert [(e.old, e.new) for e in s.reflog("refs/heads/main")] == [(ZERO, c[0]), (c[0], c[1])]
+    assert s.reflog("refs/heads/other")[0].message == "other"
+    r = subprocess.run(
+        ["git", "--git-dir", str(repo), "fsck", "--strict"], env=GIT_ENV, capture_output=True
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_detached_head(repo: Path) -> None:
+    c = make_commits(repo, 2)
+    git(repo, "update-ref", "--no-deref", "HEAD", c[0])
+    s = RefStore(repo)
+    assert s.read_symbolic("HEAD") is None
+    assert s.read("HEAD") == c[0]
+    s.update("HEAD", c[1], old=c[0], message="detached move", identity=ME)
+    assert git(repo, "rev-parse", "HEAD").strip() == c[1]
+    assert s.read("refs/heads/main") is None
+
+
+# --- processes ------------------------------------------------------------------------------
+
+_COUNTER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from mintvcs.refs import RefConflictError, RefStore
+
+    store = RefStore(Path(sys.argv[1]))
+    name = "refs/heads/counter"
+    done = 0
+    while done < int(sys.argv[2]):
+        cur = store.read(name)
+        nxt = f"{int(cur, 16) + 1:040x}"
+        try:
+            store.update(name, nxt, old=cur, message=f"inc by {sys.argv[3]}", identity="w <w@x>")
+        except RefConflictError:
+            continue
+        done += 1
+    """
+)
+
+
+def test_concurrent_cas_loses_no_update(repo: Path) -> None:
+    s = RefStore(repo)
+    s.update("refs/heads/counter", f"{1:040x}", old=None, message="start", identity=ME)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _COUNTER, str(repo), "50", str(i)])
+        for i in range(2)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    assert s.read("refs/heads/counter") == f"{101:040x}"
+    log = s.reflog("refs/heads/counter")
+    assert len(log) == 101
+    # Each entry continues the previous one: a chain with no gap and no fork.
+    for prev, cur in itertools.pairwise(log):
+        assert cur.old == prev.new
+        assert int(cur.new, 16) == int(cur.old, 16) + 1
+    assert {e.message for e in log[1:]} == {"inc by 0", "inc by 1"}
+    assert not list(repo.rglob("*.lock"))
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from mintvcs.refs import RefStore
+
+    store = RefStore(Path(sys.argv[1]))
+    ids = sys.argv[2:]
+    print("ready", flush=True)
+    i = 0
+    while True:
+        store.update("refs/heads/main", ids[i % len(ids)], message="spin", identity="w <w@x>")
+        i += 1
+    """
+)
+
+
+def test_kill_during_updates_leaves_old_or_new(repo: Path) -> None:
+    c = make_commits(repo, 3)
+    rng = random.Random(1)
+    for _ in range(3):
+        p = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(repo), *c], stdout=subprocess.PIPE, text=True
+        )
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        time.sleep(rng.uniform(0.01, 0.1))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert p.stdout.close() is None
+        # A kill inside the window leaves a stale lock, as with git; the ref itself is whole.
+        (repo / "refs/heads/main.lock").unlink(missing_ok=True)
+        assert RefStore(repo).read("refs/heads/main") in c
+        assert git(repo, "rev-parse", "main").strip() in c
+        for e in RefStore(repo).reflog("refs/heads/main"):
+            assert e.new in c
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, mintvcs.refs; print(sorted({'torch', 'numpy', 'dulwich'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_delete_waits_for_packed_refs_lock(repo: Path) -> None:
+    c = make_commits(repo, 1)[0]
+    s = RefStore(repo)
+    s.bulk_create([("refs/heads/p", c)])
+    (repo / "packed-refs.lock").write_text("")
+    with pytest.raises(RefConflictError, match=r"packed-refs\.lock"):
+        s.delete("refs/heads/p")
+    assert s.read("refs/heads/p") == c
+    assert not (repo / "refs/heads/p.lock").exists()
+    (repo / "packed-refs.lock").unlink()
+    s.delete("refs/heads/p")
+    assert for_each_ref(repo) == []
