@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import getpass
 import os
+import random
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from mintvcs.errors import MintError
 from mintvcs.refs import ANY, ZERO, RefConflictError, check_branch_name, check_ref_name
 from mintvcs.store import CommitInfo, Repository, Revision, UnknownRevisionError
 
-COMMIT_RETRIES = 1000  # compare-and-swap attempts when other processes move the branch meanwhile
+COMMIT_RETRY_SECONDS = 10.0  # how long a commit retries its compare-and-swap while others move the branch
 
 
 class DirtyWorkTreeError(MintError):
@@ -151,7 +153,8 @@ def commit(
     else:
         tree, manifest = repo.write_revision(adapter, parent_rev, meta)
     summary = message.splitlines()[0]
-    for _ in range(COMMIT_RETRIES):
+    deadline = time.monotonic() + COMMIT_RETRY_SECONDS
+    while True:
         commit_id = repo.write_commit(tree, [parent] if parent else [], message, who)
         kind = "commit" if parent else "commit (initial)"
         try:
@@ -160,10 +163,11 @@ def commit(
             )
             break
         except RefConflictError:
-            # Another process moved the branch: re-parent onto its new tip (the blobs stay valid).
+            if time.monotonic() > deadline:
+                raise
+            # Another process moved or holds the branch: re-parent onto its tip (blobs stay valid).
+            time.sleep(random.uniform(0.001, 0.01))
             parent = repo.refs.read(target)
-    else:
-        raise RefConflictError(target, parent, repo.refs.read(target))
     hooks.run_hook(repo.git_dir, "post-commit", [], env, may_refuse=False)
     _ref_moved(repo, branch_ref or "HEAD", parent, commit_id)
     return CommitResult(
