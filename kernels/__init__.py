@@ -1,0 +1,28 @@
+"""Multi-LoRA kernels: add each token's own adapter update to a linear layer's output.
+
+    add_lora(y, x, lora_a, lora_b, token_slots, scales, *, slot_ranks=None, backend="auto") -> y
+      y [T, N] += scales[s] * (x[t] @ lora_a[s].T) @ lora_b[s].T, s = token_slots[t], in place
+      x [T, K]; lora_a [S, R, K]; lora_b [S, N, R]; token_slots [T] int32 (-1 = no adapter);
+      scales [S] float32; slot_ranks [S] int32 real ranks (None = R for all)
+
+Per decode step, build `groups = group_tokens(token_slots, S)` once and pass it as
+token_slots to every layer. For fused projections (q/k/v, gate/up) call
+`add_lora_slices(y, x, [(a_q, b_q), (a_k, b_k), (a_v, b_v)], groups, scales)`: one launch,
+slice i writes the columns of y that follow slices 0..i-1. See docs/kernels.md.
+"""
+
+from .checks import LoraShapeError
+from .groups import SlotGroups, group_tokens
+from .ops import LoraBackendError, add_lora, add_lora_slices, resolve_backend
+from .reference import add_lora_reference
+
+__all__ = [
+    "LoraBackendError",
+    "LoraShapeError",
+    "SlotGroups",
+    "add_lora",
+    "add_lora_reference",
+    "add_lora_slices",
+    "group_tokens",
+    "resolve_backend",
+]

@@ -1,0 +1,197 @@
+"""Host-side validation for the multi-LoRA ops: every bad input fails here, never in a kernel."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mintvcs.errors import MintError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SLOT_DTYPES = (torch.int32, torch.int64)
+
+
+class LoraShapeError(MintError):
+    """A multi-LoRA op got tensors whose shape, dtype, device or layout it cannot use."""
+
+
+@dataclass(frozen=True)
+class LoraShapes:
+    """The sizes of one validated call: tokens, input width, slots, padded rank, slice widths."""
+
+    num_tokens: int
+    in_features: int
+    num_slots: int
+    max_rank: int
+    slice_widths: tuple[int, ...]
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    # Read without importing triton: triton fixes the mode when the kernels are decorated.
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def check_slots(token_slots: torch.Tensor, num_slots: int | None, *, validate_values: bool) -> None:
+    """Check token_slots: 1-D integer, and (optionally, costs a device sync) every value in [-1, S)."""
+    if not isinstance(token_slots, torch.Tensor):
+        raise LoraShapeError(
+            f"token_slots must be a torch.Tensor, got {type(token_slots).__name__}; "
+            "pass one int32 slot index per token"
+        )
+    if token_slots.dtype not in SLOT_DTYPES:
+        raise LoraShapeError(
+            f"token_slots has dtype {token_slots.dtype}; use torch.int32 (or int64)"
+        )
+    if token_slots.dim() != 1:
+        raise LoraShapeError(
+            f"token_slots has shape {_shape(token_slots)}; it must be 1-D [tokens]"
+        )
+    if num_slots is None:
+        return
+    if num_slots < 1:
+        raise LoraShapeError(f"num_slots is {num_slots}; it must be at least 1")
+    if validate_values and token_slots.numel() > 0:
+        lo, hi = int(token_slots.min()), int(token_slots.max())
+        if hi >= num_slots:
+            raise LoraShapeError(
+                f"token_slots holds slot index {hi} but there are only {num_slots} slots "
+                f"(valid: -1..{num_slots - 1}); load the adapter into a slot below {num_slots}"
+            )
+        if lo < -1:
+            raise LoraShapeError(
+                f"token_slots holds slot index {lo}; use -1 for 'no adapter' and 0..{num_slots - 1} for a slot"
+            )
+
+
+def check_call(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    slices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scales: torch.Tensor,
+    slot_ranks: torch.Tensor | None,
+    num_tokens: int,
+    slots_device: torch.device,
+) -> LoraShapes:
+    """Validate one add_lora / add_lora_slices call and return its sizes."""
+    for name, t in (("y", y), ("x", x), ("scales", scales)):
+        if not isinstance(t, torch.Tensor):
+            raise LoraShapeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (len(slices) >= 1):
+        raise LoraShapeError("add_lora_slices needs at least one (lora_a, lora_b) slice")
+    if x.dtype not in FLOAT_DTYPES:
+        raise LoraShapeError(f"x has dtype {x.dtype}; use float32, float16 or bfloat16")
+    if y.dtype != x.dtype:
+        raise LoraShapeError(
+            f"y has dtype {y.dtype} but x has {x.dtype}; pass both in the model's dtype"
+        )
+    if x.dim() != 2:
+        raise LoraShapeError(f"x has shape {_shape(x)}; it must be 2-D [tokens, in_features]")
+    if y.dim() != 2:
+        raise LoraShapeError(f"y has shape {_shape(y)}; it must be 2-D [tokens, out_features]")
+    tokens, k = x.shape
+    if tokens != num_tokens:
+        raise LoraShapeError(
+            f"x has {tokens} tokens but token_slots has {num_tokens}; pass one slot per row of x"
+        )
+    if not (y.shape[0] == tokens):
+        raise LoraShapeError(
+            f"y has {y.shape[0]} rows but x has {tokens}; y and x must have one row per token"
+        )
+    if not x.is_contiguous():
+        raise LoraShapeError(f"x (shape {_shape(x)}) is not contiguous; call x.contiguous()")
+    if not (y.shape[1] <= 1 or y.stride(1) == 1):
+        raise LoraShapeError(
+            f"y has column stride {y.stride(1)}; its rows must be contiguous (a column slice of a "
+            "contiguous tensor is fine, a transposed one is not)"
+        )
+
+    a0 = slices[0][0]
+    if not isinstance(a0, torch.Tensor):
+        raise LoraShapeError(f"lora_a must be a torch.Tensor, got {type(a0).__name__}")
+    if a0.dim() != 3:
+        raise LoraShapeError(
+            f"lora_a has shape {_shape(a0)}; it must be 3-D [slots, rank, in_features]"
+        )
+    num_slots, rank, _ = a0.shape
+    widths: list[int] = []
+    for i, (a, b) in enumerate(slices):
+        tag = "" if len(slices) == 1 else f" (slice {i})"
+        for name, t in (("lora_a", a), ("lora_b", b)):
+            if not isinstance(t, torch.Tensor):
+                raise LoraShapeError(f"{name}{tag} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != x.dtype:
+                raise LoraShapeError(
+                    f"{name}{tag} has dtype {t.dtype} but x has {x.dtype}; keep the slot pool in the model's dtype"
+                )
+            if not t.is_contiguous():
+                raise LoraShapeError(
+                    f"{name}{tag} (shape {_shape(t)}) is not contiguous; call .contiguous() on the slot pool"
+                )
+        if not (a.dim() == 3 and tuple(a.shape) == (num_slots, rank, k)):
+            raise LoraShapeError(
+                f"lora_a{tag} has shape {_shape(a)}; expected [{num_slots}, {rank}, {k}] "
+                "= [slots, rank, in_features of x]"
+            )
+        if not (b.dim() == 3 and b.shape[0] == num_slots and b.shape[2] == rank):
+            raise LoraShapeError(
+                f"lora_b{tag} has shape {_shape(b)}; expected [{num_slots}, out_features, {rank}] "
+                "= [slots, out_features, rank of lora_a]"
+            )
+        widths.append(int(b.shape[1]))
+    if not (y.shape[1] == sum(widths)):
+        raise LoraShapeError(
+            f"y has {y.shape[1]} columns but lora_b gives {sum(widths)} output features "
+            f"(slices {widths}); y must be [tokens, sum of slice widths]"
+        )
+    if not (scales.dim() == 1 and scales.shape[0] == num_slots):
+        raise LoraShapeError(
+            f"scales has shape {_shape(scales)}; expected [{num_slots}] = one scale per slot"
+        )
+    if scales.dtype not in FLOAT_DTYPES:
+        raise LoraShapeError(f"scales has dtype {scales.dtype}; use float32")
+    if slot_ranks is not None:
+        if not isinstance(slot_ranks, torch.Tensor):
+            raise LoraShapeError(
+                f"slot_ranks must be a torch.Tensor, got {type(slot_ranks).__name__}"
+            )
+        if not (
+            slot_ranks.dtype in SLOT_DTYPES
+            and slot_ranks.dim() == 1
+            and slot_ranks.shape[0] == num_slots
+        ):
+            raise LoraShapeError(
+                f"slot_ranks has shape {_shape(slot_ranks)} and dtype {slot_ranks.dtype}; "
+                f"expected int32 [{num_slots}] = the real rank of each slot"
+            )
+        # Reading values off a GPU would sync every layer; there the kernels clamp to [0, R] instead.
+        if slot_ranks.device.type == "cpu" and slot_ranks.numel() > 0:
+            lo, hi = int(slot_ranks.min()), int(slot_ranks.max())
+            if not (lo >= 0 and hi <= rank):
+                raise LoraShapeError(
+                    f"slot_ranks holds {lo if lo < 0 else hi}; each real rank must be in 0..{rank} "
+                    "(the padded rank of lora_a)"
+                )
+
+    named = [("y", y), ("x", x), ("scales", scales)]
+    for i, (a, b) in enumerate(slices):
+        named += [(f"lora_a[{i}]", a), (f"lora_b[{i}]", b)]
+    if slot_ranks is not None:
+        named.append(("slot_ranks", slot_ranks))
+    for name, t in named:
+        if t.device != x.device:
+            raise LoraShapeError(
+                f"{name} is on {t.device} but x is on {x.device}; move every tensor to one device"
+            )
+    if slots_device != x.device:
+        raise LoraShapeError(
+            f"token_slots is on {slots_device} but x is on {x.device}; move every tensor to one device"
+        )
+    return LoraShapes(tokens, k, num_slots, rank, tuple(widths))

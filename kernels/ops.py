@@ -1,0 +1,89 @@
+"""The public multi-LoRA ops: validate once, then hand the work to the torch or Triton backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from .checks import LoraShapeError, check_call, check_slots, interpreting
+from .groups import SlotGroups, group_tokens
+from .torch_ops import add_lora_torch
+
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = ("auto", "torch", "triton")
+
+
+class LoraBackendError(LoraShapeError):
+    """The requested backend cannot run on these tensors (e.g. Triton on CPU without the interpreter)."""
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend add_lora uses on device: 'auto' means triton on CUDA and torch elsewhere."""
+    if backend not in BACKENDS:
+        raise LoraBackendError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not interpreting():
+        raise LoraBackendError(
+            f"backend='triton' got tensors on {device}; Triton needs CUDA tensors "
+            "(or TRITON_INTERPRET=1 to run its interpreter on CPU); use backend='torch'"
+        )
+    return backend
+
+
+def add_lora_slices(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    slices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    token_slots: torch.Tensor | SlotGroups,
+    scales: torch.Tensor,
+    *,
+    slot_ranks: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """add_lora for a fused layer: slice i's update lands in y's columns after slices 0..i-1."""
+    groups = token_slots if isinstance(token_slots, SlotGroups) else None
+    if groups is None:
+        if not isinstance(token_slots, torch.Tensor):
+            raise LoraShapeError(
+                f"token_slots must be a torch.Tensor or SlotGroups, got {type(token_slots).__name__}; "
+                "pass one int32 slot index per token"
+            )
+        check_slots(token_slots, None, validate_values=False)
+        num_tokens, slots_device = int(token_slots.shape[0]), token_slots.device
+    else:
+        num_tokens, slots_device = groups.num_tokens, groups.device
+    shapes = check_call(y, x, slices, scales, slot_ranks, num_tokens, slots_device)
+    if groups is None:
+        assert isinstance(token_slots, torch.Tensor)
+        groups = group_tokens(token_slots, shapes.num_slots)
+    elif groups.num_slots != shapes.num_slots:
+        raise LoraShapeError(
+            f"the SlotGroups were built for {groups.num_slots} slots but lora_a has "
+            f"{shapes.num_slots}; call group_tokens(token_slots, {shapes.num_slots})"
+        )
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "triton":
+        from .triton_ops import add_lora_triton
+
+        return add_lora_triton(y, x, slices, groups, scales, slot_ranks)
+    return add_lora_torch(y, x, slices, groups, scales, slot_ranks)
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: torch.Tensor | SlotGroups,
+    scales: torch.Tensor,
+    *,
+    slot_ranks: torch.Tensor | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """y[t] += scales[s] * (x[t] @ lora_a[s].T) @ lora_b[s].T for s = token_slots[t] >= 0, in place."""
+    return add_lora_slices(
+        y, x, [(lora_a, lora_b)], token_slots, scales, slot_ranks=slot_ranks, backend=backend
+    )
