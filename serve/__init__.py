@@ -1,0 +1,51 @@
+"""The serving backend: a resident Llama-family base, adapter slots, continuous batching."""
+
+from mintvcs.serve.adapters import (
+    AdapterNotFound,
+    AdapterRefused,
+    AdapterSource,
+    AdapterWeights,
+    HostAdapter,
+    PeftDirSource,
+    StoreSource,
+    prepare_adapter,
+)
+from mintvcs.serve.engine import (
+    Completion,
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    EngineError,
+    InvalidRequest,
+    RequestStream,
+)
+from mintvcs.serve.loader import CheckpointError, ModelConfig, UnsupportedModelError
+from mintvcs.serve.model import LORA_MODULES, Model
+from mintvcs.serve.sampling import InvalidSamplingParams, SamplingParams
+from mintvcs.serve.scheduler import TokenEvent
+
+__all__ = [
+    "LORA_MODULES",
+    "AdapterNotFound",
+    "AdapterRefused",
+    "AdapterSource",
+    "AdapterWeights",
+    "CheckpointError",
+    "Completion",
+    "Engine",
+    "EngineClosed",
+    "EngineConfig",
+    "EngineError",
+    "HostAdapter",
+    "InvalidRequest",
+    "InvalidSamplingParams",
+    "Model",
+    "ModelConfig",
+    "PeftDirSource",
+    "RequestStream",
+    "SamplingParams",
+    "StoreSource",
+    "TokenEvent",
+    "UnsupportedModelError",
+    "prepare_adapter",
+]

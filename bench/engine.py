@@ -1,0 +1,444 @@
+"""Engine benchmarks, each side by side with its peer in one run; prints `name: ours X, peer Y, ratio Z`.
+
+    python bench/engine.py [--only throughput|hotswap|cuda] [--quick]
+
+throughput  CPU, ~30M-parameter Llama, 32 requests over 8 adapters (r=16, all linears), 64 new tokens:
+            ours vs PEFT mixed-batch generate(adapter_names=...), and vs our engine with no adapters.
+hotswap     CPU, ~0.4B Llama, r=16 all-linear revision: requested -> slot ready, cold (PEFT dir on disk,
+            not in the host cache) and warm (host cache), vs loading the full merged checkpoint.
+cuda        only where CUDA exists: Llama-3-8B-shaped random bf16 base built on the GPU; 1, 8 and 64
+            distinct adapters in a 64-request batch vs base-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mintvcs.serve import (
+    AdapterWeights,
+    Engine,
+    EngineConfig,
+    PeftDirSource,
+    SamplingParams,
+)
+from mintvcs.serve.loader import ModelConfig
+from mintvcs.serve.model import LORA_MODULES, Model
+from mintvcs.serve.tiny import TinyConfig, build_tiny_model
+
+
+def report(name: str, ours: float, peer: float, unit: str, higher_is_better: bool = True) -> float:
+    """Print one result line; the ratio is how many times better ours is."""
+    ratio = ours / peer if higher_is_better else peer / ours
+    print(f"{name}: ours {ours:.4g} {unit}, peer {peer:.4g} {unit}, ratio {ratio:.2f}x", flush=True)
+    return ratio
+
+
+def write_peft_adapter(
+    directory: Path, config: TinyConfig, *, r: int, seed: int, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write a PEFT-format LoRA (all linears) with random A and B, as PEFT names and configures it."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_out = config.num_attention_heads * config.head_dim
+    kv_out = config.num_key_value_heads * config.head_dim
+    shapes = {
+        "self_attn.q_proj": (q_out, hidden),
+        "self_attn.k_proj": (kv_out, hidden),
+        "self_attn.v_proj": (kv_out, hidden),
+        "self_attn.o_proj": (hidden, q_out),
+        "mlp.gate_proj": (inter, hidden),
+        "mlp.up_proj": (inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for module, (out_f, in_f) in shapes.items():
+            prefix = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = (
+                torch.randn(r, in_f, generator=gen) / in_f**0.5
+            ).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(out_f, r, generator=gen) * 0.02).to(
+                dtype
+            )
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "lora_dropout": 0.0,
+        "target_modules": list(LORA_MODULES),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "base_model_name_or_path": None,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    return directory
+
+
+# ----------------------------------------------------------------------------------- throughput
+THROUGHPUT_MODEL = TinyConfig(
+    arch="llama",
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    init_std=0.02,
+)
+
+
+def bench_throughput(root: Path, quick: bool) -> None:
+    """Mixed-batch CPU throughput: ours vs PEFT, and ours with vs without adapters."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    n_requests, n_adapters, new_tokens = (16, 8, 16) if quick else (32, 8, 64)
+    base = build_tiny_model(root / "base-30m", THROUGHPUT_MODEL, seed=0)
+    adapters = {
+        f"a{i}": write_peft_adapter(root / f"a{i}", THROUGHPUT_MODEL, r=16, seed=100 + i)
+        for i in range(n_adapters)
+    }
+    names = [f"a{i % n_adapters}" for i in range(n_requests)]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(3, 8192, (8 + (7 * i) % 33,), generator=gen).tolist()
+        for i in range(n_requests)
+    ]
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    config = EngineConfig(
+        max_batch_size=n_requests, adapter_slots=n_adapters, max_lora_rank=16, max_model_len=256
+    )
+    with Engine(base, config, source=PeftDirSource(adapters)) as engine:
+        params_count = engine.model.num_parameters
+        for name in adapters:
+            engine.prefetch(name).result()
+
+        def ours(revisions: list[str | None]) -> float:
+            start = time.perf_counter()
+            done = engine.generate_many(
+                list(zip(prompts, revisions, [params] * n_requests, strict=True))
+            )
+            elapsed = time.perf_counter() - start
+            assert all(len(c.token_ids) == new_tokens for c in done)
+            return n_requests * new_tokens / elapsed
+
+        ours([None] * n_requests)  # warm-up: allocator, thread pools
+        with_adapters = max(ours(list(names)) for _ in range(2))
+        base_only = max(ours([None] * n_requests) for _ in range(2))
+
+    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(hf, str(adapters["a0"]), adapter_name="a0")
+    for name, path in adapters.items():
+        if name != "a0":
+            model.load_adapter(str(path), adapter_name=name)
+    model.eval()
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(n_requests, width, dtype=torch.long)
+    mask = torch.zeros(n_requests, width, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding, as decoder-only generation needs
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+
+    def peft_run() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                adapter_names=names,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert out.shape[1] == width + new_tokens
+        return n_requests * new_tokens / (time.perf_counter() - start)
+
+    peft_tps = peft_run()  # one run: PEFT takes minutes here, and its variance is not what we study
+    print(
+        f"# model: {params_count / 1e6:.1f}M parameters, {torch.get_num_threads()} CPU threads",
+        flush=True,
+    )
+    report(
+        f"cpu mixed batch {n_requests} requests / {n_adapters} adapters r16 vs PEFT",
+        with_adapters,
+        peft_tps,
+        "tok/s",
+    )
+    report("cpu mixed batch vs our engine without adapters", with_adapters, base_only, "tok/s")
+
+
+# -------------------------------------------------------------------------------------- hot swap
+HOTSWAP_MODEL = TinyConfig(
+    arch="llama",
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    max_position_embeddings=2048,
+    init_std=0.02,
+)
+
+
+def _merge_into(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """The merged checkpoint users ship today: W += scale * B @ A for every adapted linear."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(base_dir / "model.safetensors"))
+    lora = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    for name, a in lora.items():
+        if ".lora_A." not in name:
+            continue
+        b = lora[name.replace(".lora_A.", ".lora_B.")]
+        target = name.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        weights[target] += scale * (b.float() @ a.float()).to(weights[target].dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for extra in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base_dir / extra, out_dir / extra)
+    return out_dir
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_hotswap(root: Path, quick: bool) -> None:
+    """Revision requested -> slot ready, cold and warm, vs a full merged-checkpoint load."""
+    config = (
+        HOTSWAP_MODEL
+        if not quick
+        else TinyConfig(**{**HOTSWAP_MODEL.__dict__, "num_hidden_layers": 4})
+    )
+    t0 = time.perf_counter()
+    base = build_tiny_model(root / "base-0.4b", config, seed=0)
+    revisions = {
+        f"r{i}": write_peft_adapter(root / f"r{i}", config, r=16, seed=200 + i) for i in range(5)
+    }
+    merged = _merge_into(base, revisions["r0"], root / "merged")
+    print(
+        f"# built base, 5 revisions and a merged checkpoint in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
+
+    engine_config = EngineConfig(
+        adapter_slots=2, max_lora_rank=16, max_model_len=256, max_batch_size=4
+    )
+    with Engine(base, engine_config, source=PeftDirSource(revisions)) as engine:
+        params = engine.model.num_parameters
+        adapter_mb = sum(p.stat().st_size for p in revisions["r0"].glob("*.safetensors")) / 1e6
+        engine.prefetch("r4").result()  # first load pays one-off costs (thread start, allocator)
+        # Cold: not in the host cache; read from the PEFT directory (the OS page cache may hold the file).
+
+        def swap(name: str) -> float:
+            return _time(lambda: engine.prefetch(name).result())
+
+        cold = [swap(n) for n in ("r0", "r1", "r2", "r3")]
+        # Warm: with two slots, each of r0..r3 was evicted since its last use but stays in the host cache.
+        warm = [swap(n) for _ in range(3) for n in ("r0", "r1", "r2", "r3")]
+        stats = engine.stats()
+    full = min(_time(lambda: Model.from_dir(merged)) for _ in range(2))
+    cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+    print(
+        f"# base {params / 1e9:.2f}B parameters fp32, revision {adapter_mb:.1f} MB on disk, "
+        f"cold loads {[round(c * 1e3, 1) for c in cold]} ms, host hits {stats['host_hits']}",
+        flush=True,
+    )
+    report(
+        "hot swap cold (PEFT dir -> slot) vs full merged reload",
+        cold_s * 1e3,
+        full * 1e3,
+        "ms",
+        False,
+    )
+    report(
+        "hot swap warm (host cache -> slot) vs full merged reload",
+        warm_s * 1e3,
+        full * 1e3,
+        "ms",
+        False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ cuda
+class RandomSource:
+    """Random r=16 all-linear revisions made in memory: the GPU benchmark ships no files."""
+
+    def __init__(self, config: ModelConfig, rank: int = 16) -> None:
+        self.config = config
+        self.rank = rank
+
+    def resolve(self, spec: str) -> str:
+        """Names are ids."""
+        return spec
+
+    def load(self, revision: str) -> AdapterWeights:
+        """Random factors for every linear, reproducible from the name."""
+        gen = torch.Generator().manual_seed(hash(revision) % 2**31)
+        tensors = {}
+        for layer in range(self.config.num_hidden_layers):
+            for module in LORA_MODULES:
+                out_f, in_f = self.config.linear_shape(module)
+                part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                prefix = f"base_model.model.model.layers.{layer}.{part}.{module}"
+                tensors[f"{prefix}.lora_A.weight"] = (
+                    torch.randn(self.rank, in_f, generator=gen) / in_f**0.5
+                )
+                tensors[f"{prefix}.lora_B.weight"] = (
+                    torch.randn(out_f, self.rank, generator=gen) * 0.01
+                )
+        config = {"peft_type": "LORA", "r": self.rank, "lora_alpha": 2 * self.rank}
+        return AdapterWeights(revision, config, tensors)
+
+
+def random_model(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, max_len: int
+) -> Model:
+    """A random base of `config`, built directly on `device`."""
+    std = 0.02
+    raw: dict[str, torch.Tensor] = {}
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype) * std
+
+    h = config.hidden_size
+    raw["model.embed_tokens.weight"] = normal(config.vocab_size, h)
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        raw[f"{p}.input_layernorm.weight"] = torch.ones(h, device=device, dtype=dtype)
+        raw[f"{p}.post_attention_layernorm.weight"] = torch.ones(h, device=device, dtype=dtype)
+        for module in LORA_MODULES:
+            out_f, in_f = config.linear_shape(module)
+            part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            raw[f"{p}.{part}.{module}.weight"] = normal(out_f, in_f)
+    raw["model.norm.weight"] = torch.ones(h, device=device, dtype=dtype)
+    raw["lm_head.weight"] = normal(config.vocab_size, h)
+    return Model.from_state_dict(config, raw, max_len=max_len)
+
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "eos_token_id": 128001,
+}
+
+
+def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
+    """Throughput with 1, 8, 64 distinct adapters vs base-only on a Llama-3-8B-shaped bf16 base."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = ModelConfig.from_dict(shape or LLAMA3_8B)
+    n_requests, prompt_len, new_tokens = (64, 128, 128) if not quick else (8, 16, 8)
+    model = random_model(config, device, dtype, max_len=prompt_len + new_tokens + 8)
+    source = RandomSource(config)
+    engine_config = EngineConfig(
+        max_batch_size=n_requests, adapter_slots=64, max_lora_rank=16, max_num_batched_tokens=16384
+    )
+    with Engine(model, engine_config, source=source, base_fingerprint=None) as engine:
+        for i in range(64):
+            engine.prefetch(f"g{i}").result()
+        gen = torch.Generator().manual_seed(0)
+        prompts = [
+            torch.randint(0, config.vocab_size, (prompt_len,), generator=gen).tolist()
+            for _ in range(n_requests)
+        ]
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+        def run(distinct: int) -> float:
+            revisions = [None if distinct == 0 else f"g{i % distinct}" for i in range(n_requests)]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            engine.generate_many(list(zip(prompts, revisions, [params] * n_requests, strict=True)))
+            return n_requests * new_tokens / (time.perf_counter() - start)
+
+        run(0)  # warm-up (kernel compilation, allocator)
+        run(8)
+        base = max(run(0) for _ in range(2))
+        for distinct in (1, 8, 64):
+            tps = max(run(distinct) for _ in range(2))
+            report(
+                f"{device.type} {n_requests} requests, {distinct} distinct adapters vs base-only",
+                tps,
+                base,
+                "tok/s",
+            )
+
+
+def main() -> None:
+    """Run the selected sections."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", choices=["throughput", "hotswap", "cuda"], action="append")
+    parser.add_argument(
+        "--quick", action="store_true", help="small sizes, to check the script runs"
+    )
+    parser.add_argument(
+        "--cuda-smoke", action="store_true", help="run the GPU section's code on CPU, tiny shape"
+    )
+    args = parser.parse_args()
+    sections = args.only or ["throughput", "hotswap", "cuda"]
+    with tempfile.TemporaryDirectory(prefix="mintvcs-bench-") as tmp:
+        root = Path(tmp)
+        if "throughput" in sections:
+            bench_throughput(root, args.quick)
+        if "hotswap" in sections:
+            bench_hotswap(root, args.quick)
+        if "cuda" in sections:
+            if args.cuda_smoke:
+                tiny = {**LLAMA3_8B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128}
+                bench_cuda(
+                    True,
+                    {
+                        **tiny,
+                        "num_hidden_layers": 2,
+                        "num_attention_heads": 4,
+                        "num_key_value_heads": 2,
+                    },
+                )
+            elif torch.cuda.is_available():
+                bench_cuda(args.quick)
+            else:
+                print("cuda: not measured (no CUDA device here)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

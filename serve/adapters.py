@@ -1,0 +1,298 @@
+"""Adapter revisions on their way in: where they come from (a source), and their decoded host form.
+
+The byte path: store (or a PEFT directory) -> `AdapterSource.load` -> `prepare_adapter` (validate,
+refuse what we do not serve, convert to the engine dtype) -> `HostAdapter` in the host cache ->
+`slots.AdapterPools.write` into a device slot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from mintvcs.serve.loader import ModelConfig
+from mintvcs.serve.model import LORA_MODULES
+
+from mintvcs.errors import MintError
+
+# PEFT's tensor names, with or without the adapter name PEFT sometimes keeps ("lora_A.default.weight").
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\."
+    r"(?P<module>\w+)\.lora_(?P<kind>[AB])(?:\.[\w-]+)?\.weight$"
+)
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+class AdapterRefused(MintError):
+    """A revision the engine will not serve; `reason` is a short code (dora, rank, base_fingerprint, ...)."""
+
+    def __init__(self, revision: str, reason: str, detail: str) -> None:
+        self.revision = revision
+        self.reason = reason
+        super().__init__(f"revision {revision[:12]} refused ({reason}): {detail}")
+
+
+class AdapterNotFound(MintError):
+    """The source has no revision of that name or id."""
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """One revision as a source hands it over: PEFT config and PEFT-named tensors."""
+
+    revision: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    base_fingerprint: str | None = None
+
+
+class AdapterSource(Protocol):
+    """Where revisions come from: resolve a ref or name to an id, load an id's weights."""
+
+    def resolve(self, spec: str) -> str:
+        """The revision id `spec` names now."""
+        ...
+
+    def load(self, revision: str) -> AdapterWeights:
+        """Read and decode one revision."""
+        ...
+
+
+class PeftDirSource:
+    """Revisions that are PEFT directories (adapter_config.json + adapter_model.safetensors), by name."""
+
+    def __init__(
+        self,
+        directories: Mapping[str, Path | str] | None = None,
+        *,
+        base_fingerprint: str | None = None,
+    ):
+        self.directories: dict[str, Path] = {k: Path(v) for k, v in (directories or {}).items()}
+        self.base_fingerprint = base_fingerprint
+
+    def add(self, name: str, directory: Path | str) -> None:
+        """Register `directory` under revision id `name`."""
+        self.directories[name] = Path(directory)
+
+    def resolve(self, spec: str) -> str:
+        """A name is its own id; an unknown name is an error."""
+        if spec not in self.directories:
+            raise AdapterNotFound(
+                f"no adapter named {spec!r}; known: {', '.join(sorted(self.directories)) or 'none'}"
+            )
+        return spec
+
+    def load(self, revision: str) -> AdapterWeights:
+        """Read the directory's config and safetensors."""
+        from safetensors.torch import load_file
+
+        directory = self.directories.get(revision)
+        if directory is None:
+            raise AdapterNotFound(f"no adapter named {revision!r}")
+        config = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load_file(str(directory / "adapter_model.safetensors"))
+        return AdapterWeights(revision, config, tensors, self.base_fingerprint)
+
+
+class StoreSource:
+    """Revisions from a mintvcs repository: ids are commit ids, never ref names."""
+
+    def __init__(self, repo: Any) -> None:
+        if isinstance(repo, (str, Path)):
+            from mintvcs.store import Repository
+
+            repo = Repository.open(repo)
+        self.repo = repo
+
+    def resolve(self, spec: str) -> str:
+        """The commit id a ref, tag or abbreviated id names now."""
+        return str(self.repo.resolve(spec))
+
+    def load(self, revision: str) -> AdapterWeights:
+        """Decode the commit's tensors from the store into torch tensors."""
+        rev = self.repo.read_revision(revision)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, (dtype, shape, raw) in rev.tensors().items():
+            torch_dtype = _SAFETENSORS_DTYPES.get(dtype)
+            if torch_dtype is None:
+                raise AdapterRefused(
+                    revision, "dtype", f"tensor {name} has dtype {dtype}; use F32, F16 or BF16"
+                )
+            # bytearray: frombuffer needs a writable buffer to avoid a warning; one copy either way.
+            flat = (
+                torch.frombuffer(bytearray(raw), dtype=torch_dtype)
+                if raw
+                else torch.empty(0, dtype=torch_dtype)
+            )
+            tensors[name] = flat.reshape(shape)
+        return AdapterWeights(rev.commit, dict(rev.config), tensors, rev.base_fingerprint)
+
+
+@dataclass
+class HostAdapter:
+    """A validated revision in host memory: per (layer, module) A [r, in], B [out, r], ready to copy to a slot."""
+
+    revision: str
+    rank: int  # the largest rank over its modules; the slot's real rank
+    scale: float  # the slot scale; modules whose own scale differs carry the ratio folded into B
+    modules: frozenset[str]
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes held by the factors."""
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size()
+            for a, b in self.weights.values()
+        )
+
+
+def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: float) -> float:
+    # PEFT matches rank_pattern/alpha_pattern keys as regexes against the end of the module path.
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return float(value)
+    return default
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def prepare_adapter(
+    weights: AdapterWeights,
+    config: ModelConfig,
+    *,
+    max_rank: int,
+    targets: frozenset[str] | tuple[str, ...] = LORA_MODULES,
+    base_fingerprint: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> HostAdapter:
+    """Check a revision against the resident base and the engine's limits; refuse with the reason."""
+    rev = weights.revision
+    cfg = weights.config
+
+    def refuse(reason: str, detail: str) -> AdapterRefused:
+        return AdapterRefused(rev, reason, detail)
+
+    if (
+        base_fingerprint
+        and weights.base_fingerprint
+        and weights.base_fingerprint != base_fingerprint
+    ):
+        raise refuse(
+            "base_fingerprint",
+            f"it was committed against base {weights.base_fingerprint[:19]}, the resident base is "
+            f"{base_fingerprint[:19]}; serve it with its own base",
+        )
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise refuse("peft_type", f"peft_type is {peft_type}; only LORA adapters are served")
+    if cfg.get("use_dora"):
+        raise refuse("dora", "DoRA (use_dora=true) is not supported; retrain without DoRA")
+    if cfg.get("modules_to_save"):
+        raise refuse(
+            "modules_to_save",
+            f"modules_to_save={cfg['modules_to_save']} would replace base weights; only LoRA factors are served",
+        )
+    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
+        raise refuse("lora_bias", "trained biases (bias != 'none' or lora_bias) are not supported")
+    if cfg.get("layer_replication"):
+        raise refuse("layer_replication", "layer_replication is not supported")
+    alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    rslora = bool(cfg.get("use_rslora", False))
+    alpha_pattern: Mapping[str, Any] = cfg.get("alpha_pattern") or {}
+
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in weights.tensors.items():
+        if "lora_magnitude_vector" in name:
+            raise refuse("dora", f"tensor {name} is a DoRA magnitude; DoRA is not supported")
+        if "lora_embedding" in name or "embed_tokens" in name:
+            raise refuse(
+                "embedding_lora",
+                f"tensor {name} adapts the embedding; only linear layers are served",
+            )
+        if "lm_head" in name:
+            raise refuse(
+                "lm_head_lora",
+                f"tensor {name} adapts lm_head; only decoder-layer linears are served",
+            )
+        match = _LORA_KEY.match(name)
+        if match is None:
+            raise refuse("unknown_tensor", f"tensor {name} is not a decoder-layer LoRA factor")
+        layer, module, kind = int(match["layer"]), match["module"], match["kind"]
+        if module not in LORA_MODULES:
+            raise refuse(
+                "target_module", f"module {module} is not one of {', '.join(LORA_MODULES)}"
+            )
+        if module not in targets:
+            raise refuse(
+                "target_module",
+                f"module {module} has no slot pool in this engine (lora_targets={sorted(targets)}); "
+                "add it to EngineConfig.lora_targets",
+            )
+        if layer >= config.num_hidden_layers:
+            raise refuse(
+                "shape",
+                f"tensor {name} is for layer {layer} but the base has {config.num_hidden_layers} layers",
+            )
+        parts.setdefault((layer, module), {})[kind] = tensor
+
+    if not parts:
+        raise refuse("empty", "the revision holds no LoRA factors")
+    ranks: dict[tuple[int, str], int] = {}
+    for (layer, module), ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise refuse(
+                "incomplete",
+                f"layer {layer} {module} has lora_{''.join(ab)} only; both A and B are needed",
+            )
+        a, b = ab["A"], ab["B"]
+        out_f, in_f = config.linear_shape(module)
+        r = int(a.shape[0]) if a.dim() == 2 else -1
+        if (
+            a.dim() != 2
+            or b.dim() != 2
+            or a.shape[1] != in_f
+            or b.shape[0] != out_f
+            or b.shape[1] != r
+        ):
+            raise refuse(
+                "shape",
+                f"layer {layer} {module}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit the base's "
+                f"[{out_f}, {in_f}] linear; the adapter was made for another base",
+            )
+        if r > max_rank:
+            raise refuse(
+                "rank",
+                f"layer {layer} {module} has rank {r} > max_rank {max_rank}; raise max_lora_rank",
+            )
+        ranks[(layer, module)] = r
+
+    rank = max(ranks.values())
+    slot_scale = lora_scale(alpha, rank, rslora)
+    host = HostAdapter(rev, rank, slot_scale, frozenset(m for _, m in parts))
+    for key, ab in parts.items():
+        layer, module = key
+        r = ranks[key]
+        module_alpha = _pattern_value(alpha_pattern, f"model.layers.{layer}.{module}", alpha)
+        module_scale = lora_scale(module_alpha, r, rslora)
+        a = ab["A"].to(dtype).contiguous()
+        b = ab["B"]
+        if module_scale != slot_scale:
+            # add_lora has one scale per slot: fold this module's own scale into its B.
+            b = b.to(torch.float32) * (module_scale / slot_scale)
+        host.weights[key] = (a, b.to(dtype).contiguous())
+    return host

@@ -1,0 +1,492 @@
+"""The engine: one resident base, adapter slots, and a step loop on its own thread behind an async API."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, prepare_adapter
+from mintvcs.serve.loader import load_tokenizer, read_config
+from mintvcs.serve.model import LORA_MODULES, Model
+from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams
+from mintvcs.serve.scheduler import Scheduler, Sequence, TokenEvent
+from mintvcs.serve.slots import AdapterPools, Residency
+
+from mintvcs.errors import MintError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class EngineError(MintError):
+    """The engine cannot take this request or configuration."""
+
+
+class InvalidRequest(EngineError):
+    """A request the engine refuses before queueing it (empty prompt, too long, bad token id)."""
+
+
+class EngineClosed(EngineError):
+    """The engine was closed; no request can be submitted."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine sizing; every memory the engine allocates is bounded by these numbers."""
+
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    dtype: str | None = None  # None = float32 on CPU, bfloat16 on CUDA
+    max_batch_size: int = 32  # running sequences = KV cache slots
+    max_model_len: int | None = None  # prompt + output; None = min(2048, max_position_embeddings)
+    max_num_batched_tokens: int = 4096  # prefill tokens admitted per step
+    adapter_slots: int = 8
+    max_lora_rank: int = 16
+    lora_targets: tuple[str, ...] = LORA_MODULES
+    host_cache_bytes: int = 2 << 30
+    kernel_backend: str = "auto"
+    check_base_fingerprint: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise EngineError(f"dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise EngineError(f"device {self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'")
+        for name in ("max_batch_size", "max_num_batched_tokens", "adapter_slots", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise EngineError(f"{name} must be at least 1, got {getattr(self, name)}")
+        bad = set(self.lora_targets) - set(LORA_MODULES)
+        if bad:
+            raise EngineError(
+                f"lora_targets {sorted(bad)} are not linears we adapt; choose from {LORA_MODULES}"
+            )
+
+    def torch_device(self) -> torch.device:
+        """The device this config resolves to."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The compute dtype: the configured one, else fp32 on CPU and bf16 on CUDA."""
+        if self.dtype is not None:
+            return _DTYPES[self.dtype]
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request, for the blocking helpers."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    revision: str | None
+    prompt_tokens: int
+
+
+class RequestStream:
+    """The async iterator of one request's TokenEvents; cancel() (or leaving `async with`) frees it."""
+
+    def __init__(
+        self, engine: Engine, seq: Sequence, events: asyncio.Queue[TokenEvent | BaseException]
+    ) -> None:
+        self._engine = engine
+        self._seq = seq
+        self._events = events
+        self._done = False
+        self.request_id = seq.request_id
+        self.revision = seq.revision
+        self.prompt_tokens = len(seq.prompt_ids)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._events.get()
+        except asyncio.CancelledError:
+            # The consumer went away (client disconnect): free the sequence and its slot ref.
+            self.cancel()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finish_reason is not None:
+            self._done = True
+        return item
+
+    def cancel(self) -> None:
+        """Stop generating; the engine frees the KV slot and adapter reference at its next step."""
+        if not self._done:
+            self._done = True
+            self._engine.cancel(self.request_id)
+
+    async def aclose(self) -> None:
+        """Cancel if unfinished."""
+        self.cancel()
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class Engine:
+    """A resident base model serving many adapter revisions through slot pools and continuous batching."""
+
+    def __init__(
+        self,
+        base: Path | str | Model,
+        config: EngineConfig | None = None,
+        *,
+        source: AdapterSource | None = None,
+        base_fingerprint: str | None = None,
+        start: bool = True,
+    ) -> None:
+        self.config = config = config or EngineConfig()
+        if isinstance(base, Model):
+            # A model built in memory (benchmarks build random bases on the GPU): no tokenizer, token ids only.
+            self.base_dir: Path | None = None
+            self.model = base
+            self.max_model_len = base.max_len
+            self.tokenizer = None
+        else:
+            self.base_dir = Path(base)
+            device = config.torch_device()
+            dtype = config.torch_dtype(device)
+            model_config = read_config(self.base_dir)
+            self.max_model_len = config.max_model_len or min(
+                2048, model_config.max_position_embeddings
+            )
+            self.model = Model.from_dir(
+                self.base_dir, dtype=dtype, device=device, max_len=self.max_model_len
+            )
+            self.tokenizer = load_tokenizer(self.base_dir)
+            if base_fingerprint is None and config.check_base_fingerprint:
+                from mintvcs.base import fingerprint
+
+                base_fingerprint = fingerprint(self.base_dir)
+        self.base_fingerprint = base_fingerprint
+        device, dtype = self.model.device, self.model.dtype
+        self.source = source
+        self.kv = self.model.new_kv_cache(config.max_batch_size, self.max_model_len)
+        self.pools = AdapterPools(
+            self.model.config,
+            config.adapter_slots,
+            config.max_lora_rank,
+            config.lora_targets,
+            dtype=dtype,
+            device=device,
+        )
+        self._wake = threading.Event()
+        self.residency = Residency(
+            self.pools,
+            source,
+            self._prepare,
+            host_cache_bytes=config.host_cache_bytes,
+            on_change=self._wake.set,
+        )
+        self.scheduler = Scheduler(
+            self.model,
+            self.kv,
+            self.residency,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            kernel_backend=config.kernel_backend,
+        )
+        self._eos = frozenset(self.model.config.eos_token_ids)
+        self._ids = itertools.count(1)
+        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._seqs: dict[int, Sequence] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.started_at = time.time()
+        if start:
+            self.start()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the step loop thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mintvcs-engine", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the step loop and the loader; pending requests get EngineClosed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.residency.close()
+        err = EngineClosed("the engine was closed")
+        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+            seq.sink(err)
+        while not self._inbox.empty():
+            self._inbox.get().sink(err)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _prepare(self, weights: AdapterWeights) -> HostAdapter:
+        host = prepare_adapter(
+            weights,
+            self.model.config,
+            max_rank=self.config.max_lora_rank,
+            targets=self.pools.targets,
+            base_fingerprint=self.base_fingerprint,
+            dtype=self.model.dtype,
+        )
+        if self.model.device.type == "cuda":
+            # Pinned host memory lets the slot copy run asynchronously on the loader's stream.
+            host.weights = {
+                k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in host.weights.items()
+            }
+        return host
+
+    def _run(self) -> None:
+        sched = self.scheduler
+        while not self._closed:
+            while True:
+                try:
+                    seq = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                sched.add(seq)
+            self._wake.clear()
+            worked = sched.step()
+            with self._lock:
+                for seq in [s for s in self._seqs.values() if s.finished]:
+                    del self._seqs[seq.request_id]
+            if not worked:
+                # Nothing runnable: sleep until a submit, a cancel or a finished load wakes us.
+                self._wake.wait(timeout=0.05 if sched.has_work else 1.0)
+
+    # -- requests -------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of `prompt` with the checkpoint's tokenizer."""
+        if self.tokenizer is None:
+            raise InvalidRequest(
+                f"{self.base_dir} has no tokenizer.json; send token ids instead of text"
+            )
+        ids: list[int] = self.tokenizer.encode(prompt).ids
+        return ids
+
+    def resolve(self, spec: str) -> str:
+        """The revision id a ref or name means now (through the adapter source)."""
+        if self.source is None:
+            raise EngineError("this engine has no adapter source; it serves the base only")
+        return self.source.resolve(spec)
+
+    def _new_sequence(
+        self, prompt: str | Seq[int], revision: str | None, params: SamplingParams | None, sink: Any
+    ) -> Sequence:
+        if self._closed:
+            raise EngineClosed("the engine was closed")
+        params = params or SamplingParams()
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise InvalidRequest("the prompt is empty; send at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; this engine's max_model_len is {self.max_model_len}"
+            )
+        if revision is not None:
+            if self.source is None:
+                raise EngineError(
+                    "this engine has no adapter source; send revision=None for the base"
+                )
+            known = self.residency.failure(revision)
+            if known is not None:
+                raise known
+        seq = Sequence(
+            request_id=next(self._ids),
+            prompt_ids=ids,
+            params=params,
+            revision=revision,
+            sink=sink,
+            detok=IncrementalDetokenizer(self.tokenizer),
+            eos_ids=self._eos,
+            max_len=self.max_model_len,
+            generator=None if params.greedy else params.generator(),
+        )
+        with self._lock:
+            self._seqs[seq.request_id] = seq
+        return seq
+
+    def _enqueue(self, seq: Sequence) -> None:
+        self._inbox.put(seq)
+        self._wake.set()
+
+    def submit(
+        self,
+        prompt: str | Seq[int],
+        revision: str | None = None,
+        params: SamplingParams | None = None,
+    ) -> RequestStream:
+        """Queue a request from a running event loop; iterate the returned stream for its TokenEvents."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+
+        def sink(item: TokenEvent | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                self.cancel(seq.request_id)
+
+        seq = self._new_sequence(prompt, revision, params, sink)
+        self._enqueue(seq)
+        return RequestStream(self, seq, events)
+
+    async def stream(
+        self,
+        prompt: str | Seq[int],
+        revision: str | None = None,
+        params: SamplingParams | None = None,
+    ) -> AsyncIterator[TokenEvent]:
+        """submit() as an async generator; closing it cancels the request."""
+        async with self.submit(prompt, revision, params) as events:
+            async for event in events:
+                yield event
+
+    def cancel(self, request_id: int) -> None:
+        """Cancel a queued or running request; its KV slot and adapter reference are freed next step."""
+        with self._lock:
+            seq = self._seqs.get(request_id)
+        if seq is not None:
+            seq.cancelled = True
+            self._wake.set()
+
+    def start_many(
+        self, requests: Seq[tuple[str | Seq[int], str | None, SamplingParams | None]]
+    ) -> list[Future[Completion]]:
+        """Queue requests from any thread; each future gives the Completion."""
+        futures: list[Future[Completion]] = []
+        seqs = []
+        for prompt, revision, params in requests:
+            future: Future[Completion] = Future()
+            parts: list[TokenEvent] = []
+
+            def sink(
+                item: TokenEvent | BaseException,
+                parts: list[TokenEvent] = parts,
+                future: Future[Completion] = future,
+                revision: str | None = revision,
+            ) -> None:
+                if isinstance(item, BaseException):
+                    future.set_exception(item)
+                    return
+                parts.append(item)
+                if item.finish_reason is not None:
+                    future.set_result(
+                        Completion(
+                            text="".join(e.text for e in parts),
+                            token_ids=[e.token_id for e in parts],
+                            finish_reason=item.finish_reason,
+                            revision=revision,
+                            prompt_tokens=item.prompt_tokens,
+                        )
+                    )
+
+            seqs.append(self._new_sequence(prompt, revision, params, sink))
+            futures.append(future)
+        for seq in seqs:
+            self._enqueue(seq)
+        return futures
+
+    def generate_many(
+        self,
+        requests: Seq[tuple[str | Seq[int], str | None, SamplingParams | None]],
+        timeout: float | None = None,
+    ) -> list[Completion]:
+        """Run requests together (they share batches) and wait for all of them."""
+        return [f.result(timeout) for f in self.start_many(requests)]
+
+    def generate(
+        self,
+        prompt: str | Seq[int],
+        revision: str | None = None,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Run one request and wait for it."""
+        return self.generate_many([(prompt, revision, params)], timeout)[0]
+
+    # -- residency ------------------------------------------------------------------------------
+    def prefetch(self, revision: str, *, pin: bool = False) -> Future[int | None]:
+        """Start loading `revision` (slot if one is free or idle, else host cache); pin keeps it resident."""
+        if self.source is None:
+            raise EngineError("this engine has no adapter source")
+        future = self.residency.warm(revision, pin=pin)
+        return future
+
+    async def warm(self, revision: str, *, pin: bool = False) -> int | None:
+        """Await prefetch(): the slot index, or None when it only reached the host cache."""
+        return await asyncio.wrap_future(self.prefetch(revision, pin=pin))
+
+    def unpin(self, revision: str) -> None:
+        """Allow `revision` to be evicted again."""
+        self.residency.unpin(revision)
+
+    def residency_snapshot(self) -> dict[str, Any]:
+        """Device slots and host-cache contents, for an admin endpoint."""
+        return {
+            "slots": self.residency.snapshot(),
+            "host_cache": {
+                "revisions": self.residency.host.revisions(),
+                "bytes": self.residency.host.nbytes,
+                "max_bytes": self.residency.host.max_bytes,
+            },
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges for /metrics."""
+        r = self.residency.stats
+        s = self.scheduler.stats
+        q = self.scheduler.snapshot()
+        return {
+            "slot_hits": r.slot_hits,
+            "slot_misses": r.slot_misses,
+            "host_hits": r.host_hits,
+            "store_loads": r.store_loads,
+            "evictions": r.evictions,
+            "host_evictions": self.residency.host.evictions,
+            "loads_failed": r.loads_failed,
+            "load_count": r.load_count,
+            "load_seconds_total": r.load_seconds_total,
+            "last_load_seconds": r.last_load_seconds,
+            "steps": s.steps,
+            "prefill_tokens": s.prefill_tokens,
+            "generated_tokens": s.generated_tokens,
+            "requests_finished": s.finished,
+            "requests_cancelled": s.cancelled,
+            "requests_failed": s.failed,
+            "batch_size": s.last_batch_size,
+            "mean_batch_size": s.batch_size_sum / s.steps if s.steps else 0.0,
+            "queue_depth": q["waiting"] + self._inbox.qsize(),
+            "running": q["running"],
+            "kv_slots_free": self.kv.free_slots,
+            "adapter_slots": self.pools.num_slots,
+            "adapter_slots_busy": sum(1 for x in self.residency.snapshot() if x["refs"] > 0),
+            "host_cache_bytes": self.residency.host.nbytes,
+        }

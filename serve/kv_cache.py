@@ -1,0 +1,100 @@
+"""The KV cache: one fixed-size slot per running sequence, so memory is bounded by configuration.
+
+Layout per layer: keys and values `[num_slots, kv_heads, max_len, head_dim]`. A sequence owns one
+slot from admission to finish; position p of its keys lives at `[slot, :, p]`. Sequences of different
+lengths decode together because each step gathers only the slots in the batch and masks every
+position at or beyond each sequence's length. We chose per-sequence slots over a paged cache for
+simplicity: the cost is that every slot reserves `max_len` positions, so memory is
+`2 * layers * num_slots * max_len * kv_heads * head_dim * itemsize`, known at start-up.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mintvcs.errors import MintError
+
+
+class KVCacheFull(MintError):
+    """No free sequence slot is left in the KV cache."""
+
+
+class KVCache:
+    """Per-sequence key/value slots for every layer, allocated once."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_slots < 1 or max_len < 1:
+            raise ValueError(f"num_slots ({num_slots}) and max_len ({max_len}) must be positive")
+        self.num_slots = num_slots
+        self.max_len = max_len
+        shape = (num_slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Lowest free slot first keeps running slots dense, which keeps gathers local.
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @staticmethod
+    def bytes_needed(
+        num_layers: int,
+        num_slots: int,
+        max_len: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+    ) -> int:
+        """Bytes a cache of this shape takes, for sizing before allocation."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * num_slots * max_len * kv_heads * head_dim * itemsize
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all key and value tensors."""
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
+    def free_slots(self) -> int:
+        """How many sequence slots are unused."""
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """Take the lowest free slot; raise KVCacheFull when none is left."""
+        if not self._free:
+            raise KVCacheFull(
+                f"all {self.num_slots} KV slots are in use; raise max_batch_size or wait"
+            )
+        self._free.sort(reverse=True)
+        return self._free.pop()
+
+    def free(self, slot: int) -> None:
+        """Return `slot` to the pool; its contents are overwritten by the next owner's prefill."""
+        if slot in self._free or not 0 <= slot < self.num_slots:
+            raise ValueError(f"KV slot {slot} is not allocated")
+        self._free.append(slot)
+
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """Store k, v `[tokens, kv_heads, head_dim]` at (slots[t], positions[t])."""
+        self.keys[layer][slots, :, positions] = k
+        self.values[layer][slots, :, positions] = v
+
+    def gather(
+        self, layer: int, slots: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[len(slots), kv_heads, length, head_dim]` of the given slots."""
+        return self.keys[layer][slots, :, :length], self.values[layer][slots, :, :length]

@@ -1,0 +1,317 @@
+"""Read a local HF checkpoint directory: config.json, (sharded) safetensors and tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mintvcs.errors import MintError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+# RoPE variants whose frequencies we compute exactly as transformers does.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+class CheckpointError(MintError):
+    """A checkpoint directory is missing files or holds tensors we cannot use."""
+
+
+class UnsupportedModelError(MintError):
+    """The checkpoint is of an architecture or a configuration the engine does not implement."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, normalised from `rope_theta`/`rope_scaling` or `rope_parameters`."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope type {self.rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if self.factor <= 0:
+            raise UnsupportedModelError(f"rope scaling factor must be positive, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family model, read from config.json."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        """Output width of q_proj (and input width of o_proj)."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Output width of k_proj and v_proj."""
+        return self.num_key_value_heads * self.head_dim
+
+    def linear_shape(self, module: str) -> tuple[int, int]:
+        """(out_features, in_features) of a targetable linear by its HF short name."""
+        h, i = self.hidden_size, self.intermediate_size
+        shapes = {
+            "q_proj": (self.q_size, h),
+            "k_proj": (self.kv_size, h),
+            "v_proj": (self.kv_size, h),
+            "o_proj": (h, self.q_size),
+            "gate_proj": (i, h),
+            "up_proj": (i, h),
+            "down_proj": (h, i),
+        }
+        return shapes[module]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Validate a config.json dict and normalise it; raise UnsupportedModelError with the reason."""
+        archs = raw.get("architectures") or []
+        arch = next(
+            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
+        )
+        if arch is None:
+            arch = (
+                raw.get("model_type")
+                if raw.get("model_type") in SUPPORTED_ARCHITECTURES.values()
+                else None
+            )
+        if arch is None:
+            raise UnsupportedModelError(
+                f"architecture {archs or raw.get('model_type')!r} is not supported; "
+                f"the engine runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModelError(
+                f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is"
+            )
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        head_dim = raw.get("head_dim") or hidden // heads
+        # Qwen2 always has q/k/v biases; Llama and Mistral say so in attention_bias.
+        attention_bias = True if arch == "qwen2" else bool(raw.get("attention_bias", False))
+        sliding = raw.get("sliding_window")
+        if arch == "qwen2" and not raw.get("use_sliding_window", False):
+            sliding = None
+        eos = raw.get("eos_token_id")
+        eos_ids: tuple[int, ...] = (
+            ()
+            if eos is None
+            else tuple(int(e) for e in eos)
+            if isinstance(eos, list)
+            else (int(eos),)
+        )
+        return cls(
+            arch=arch,
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=parse_rope(raw),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def parse_rope(raw: dict[str, Any]) -> RopeConfig:
+    """RoPE parameters from either the old keys (`rope_theta`, `rope_scaling`) or transformers 5's `rope_parameters`."""
+    params: dict[str, Any] = dict(raw.get("rope_parameters") or {})
+    if params and all(isinstance(v, dict) for v in params.values()):
+        # Nested per layer type (e.g. {"full_attention": {...}}): Llama-family models use one kind only.
+        kinds = list(params.values())
+        if any(k != kinds[0] for k in kinds):
+            raise UnsupportedModelError(
+                f"per-layer RoPE parameters {sorted(params)} are not supported"
+            )
+        params = dict(kinds[0])
+    scaling = raw.get("rope_scaling") or {}
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
+    original = merged.get(
+        "original_max_position_embeddings", raw.get("original_max_position_embeddings")
+    )
+    if rope_type in ("llama3", "yarn") and original is None:
+        original = raw.get("max_position_embeddings")
+    factor = merged.get("factor")
+    if factor is None and rope_type == "yarn" and original:
+        factor = raw.get("max_position_embeddings", original) / original
+    return RopeConfig(
+        theta=float(theta),
+        rope_type=str(rope_type),
+        factor=float(factor if factor is not None else 1.0),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(original) if original else None,
+        attention_factor=merged.get("attention_factor"),
+        beta_fast=float(merged.get("beta_fast") or 32.0),
+        beta_slow=float(merged.get("beta_slow") or 1.0),
+        mscale=merged.get("mscale"),
+        mscale_all_dim=merged.get("mscale_all_dim"),
+        truncate=bool(merged.get("truncate", True)),
+    )
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] and the cos/sin scale, computed as transformers computes them."""
+    dim = head_dim
+    base = rope.theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+    if rope.rope_type in ("default", "dynamic"):
+        # Dynamic NTK equals default up to max_position_embeddings; the engine caps lengths there.
+        return inv_freq, 1.0
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.rope_type == "llama3":
+        assert rope.original_max_position_embeddings is not None
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn
+    assert rope.original_max_position_embeddings is not None
+    factor = rope.factor
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = rope.attention_factor
+    if attention_factor is None:
+        if rope.mscale and rope.mscale_all_dim:
+            attention_factor = get_mscale(factor, rope.mscale) / get_mscale(
+                factor, rope.mscale_all_dim
+            )
+        else:
+            attention_factor = get_mscale(factor)
+
+    original = rope.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(torch.float) / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    inv = interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+    return inv, float(attention_factor)
+
+
+def read_config(directory: Path) -> ModelConfig:
+    """Parse `directory/config.json` into a ModelConfig."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found; point the engine at a HF checkpoint directory")
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards its index names, or the single file."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = sorted({directory / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"shards named by {index} are missing: {', '.join(missing)}")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(directory.glob("*.safetensors"))
+    if found:
+        return found
+    raise CheckpointError(
+        f"no *.safetensors in {directory}; convert the checkpoint to safetensors first"
+    )
+
+
+def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) over every tensor of the checkpoint, one shard at a time."""
+    from safetensors import safe_open
+
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, handle.get_tensor(name)
+
+
+def load_tokenizer(directory: Path) -> Any:
+    """The `tokenizers.Tokenizer` of `directory/tokenizer.json`, or None when the checkpoint has none."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))

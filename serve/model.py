@@ -1,0 +1,414 @@
+"""Our forward for Llama, Mistral and Qwen2: flat token batches, a slot KV cache, LoRA via add_lora."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from mintvcs.serve.kv_cache import KVCache
+from mintvcs.serve.loader import (
+    CheckpointError,
+    ModelConfig,
+    UnsupportedModelError,
+    iter_tensors,
+    read_config,
+    rope_inv_freq,
+)
+
+# The linears a LoRA may target, in the order the forward applies them.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer, with q/k/v and gate/up fused so that the base does one matmul each."""
+
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [q + 2*kv, hidden]
+    qkv_bias: torch.Tensor | None  # [q + 2*kv]
+    o: torch.Tensor  # [hidden, q]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2*inter, hidden]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [hidden, inter]
+    down_bias: torch.Tensor | None
+    o_bias: torch.Tensor | None = None
+
+
+@dataclass
+class StepBatch:
+    """One iteration's tokens, flattened: the decode tokens first (one per sequence), then the prefills."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    token_kv_slots: torch.Tensor  # [T] long
+    token_lora_slots: torch.Tensor  # [T] int32, -1 = base only
+    num_decode: int
+    decode_kv_slots: torch.Tensor  # [D] long
+    decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] bool, True = attend
+    max_decode_len: int
+    prefills: list[tuple[int, int, int]]  # (start, length, kv_slot), prefill starts at position 0
+    logits_index: torch.Tensor  # [num_seqs] index of each sequence's last token
+
+    @classmethod
+    def build(
+        cls,
+        decodes: Sequence[tuple[int, int, int, int]],
+        prefills: Sequence[tuple[Sequence[int], int, int]],
+        device: torch.device,
+    ) -> StepBatch:
+        """Flatten decodes (token, position, kv_slot, lora_slot) and prefills (tokens, kv_slot, lora_slot)."""
+        ids: list[int] = []
+        pos: list[int] = []
+        kv: list[int] = []
+        lora: list[int] = []
+        last: list[int] = []
+        for token, position, kv_slot, lora_slot in decodes:
+            last.append(len(ids))
+            ids.append(token)
+            pos.append(position)
+            kv.append(kv_slot)
+            lora.append(lora_slot)
+        spans: list[tuple[int, int, int]] = []
+        for tokens, kv_slot, lora_slot in prefills:
+            start = len(ids)
+            n = len(tokens)
+            ids.extend(tokens)
+            pos.extend(range(n))
+            kv.extend([kv_slot] * n)
+            lora.extend([lora_slot] * n)
+            spans.append((start, n, kv_slot))
+            last.append(start + n - 1)
+        num_decode = len(decodes)
+        lengths = [p + 1 for p in pos[:num_decode]]
+        max_len = max(lengths, default=0)
+        mask = None
+        if num_decode:
+            mask = (torch.arange(max_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).view(
+                num_decode, 1, 1, max_len
+            )
+            mask = mask.to(device)
+        return cls(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(pos, dtype=torch.long, device=device),
+            token_kv_slots=torch.tensor(kv, dtype=torch.long, device=device),
+            token_lora_slots=torch.tensor(lora, dtype=torch.int32, device=device),
+            num_decode=num_decode,
+            decode_kv_slots=torch.tensor(kv[:num_decode], dtype=torch.long, device=device),
+            decode_mask=mask,
+            max_decode_len=max_len,
+            prefills=spans,
+            logits_index=torch.tensor(last, dtype=torch.long, device=device),
+        )
+
+
+@dataclass
+class LoraBatch:
+    """The adapter pools and each token's slot for one step; modules = what any slot in the batch targets."""
+
+    token_slots: Any  # kernels.SlotGroups built once per step (or a [T] int32 tensor)
+    a: list[dict[str, torch.Tensor]]  # per layer, module -> [slots, max_rank, in]
+    b: list[dict[str, torch.Tensor]]  # per layer, module -> [slots, out, max_rank]
+    scales: torch.Tensor  # [slots] float32
+    ranks: torch.Tensor | None = None  # [slots] int32 real rank per slot
+    modules: frozenset[str] = field(default_factory=frozenset)
+    backend: str = "auto"
+
+
+def _apply_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora: LoraBatch,
+    layer: int,
+    group: tuple[tuple[str, int], ...],
+) -> None:
+    """Add the multi-LoRA update of a fused group of linears (name, width) to y's column blocks."""
+    if not any(module in lora.modules for module, _ in group):
+        return
+    from mintvcs import kernels
+
+    pools_a, pools_b = lora.a[layer], lora.b[layer]
+    if all(module in pools_a for module, _ in group):
+        # One call for the whole fused projection; slots that skip a module hold zeros there.
+        slices = [(pools_a[m], pools_b[m]) for m, _ in group]
+        kernels.add_lora_slices(
+            y,
+            x,
+            slices,
+            lora.token_slots,
+            lora.scales,
+            slot_ranks=lora.ranks,
+            backend=lora.backend,
+        )
+        return
+    col = 0
+    for module, width in group:
+        if module in pools_a and module in lora.modules:
+            kernels.add_lora(
+                y[:, col : col + width],
+                x,
+                pools_a[module],
+                pools_b[module],
+                lora.token_slots,
+                lora.scales,
+                slot_ranks=lora.ranks,
+                backend=lora.backend,
+            )
+        col += width
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Variance in fp32, as transformers does, so bf16 runs round the same way.
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Model:
+    """A Llama-family decoder with weights in one dtype on one device."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        embed: torch.Tensor,
+        layers: list[LayerWeights],
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        *,
+        max_len: int | None = None,
+    ) -> None:
+        self.config = config
+        self.embed = embed
+        self.layers = layers
+        self.norm = norm
+        self.lm_head = lm_head
+        self.dtype = embed.dtype
+        self.device = embed.device
+        self.max_len = max_len or config.max_position_embeddings
+        if config.sliding_window and self.max_len > config.sliding_window:
+            raise UnsupportedModelError(
+                f"sliding-window attention is not implemented; set max_model_len <= {config.sliding_window}"
+            )
+        if config.rope.rope_type == "dynamic" and self.max_len > config.max_position_embeddings:
+            raise UnsupportedModelError(
+                "dynamic NTK RoPE changes beyond max_position_embeddings; "
+                f"set max_model_len <= {config.max_position_embeddings}"
+            )
+        inv_freq, scale = rope_inv_freq(config.rope, config.head_dim)
+        positions = torch.arange(self.max_len, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # [max_len, head_dim], in the model dtype as transformers casts them.
+        self.cos = (emb.cos() * scale).to(dtype=self.dtype, device=self.device)
+        self.sin = (emb.sin() * scale).to(dtype=self.dtype, device=self.device)
+
+    @classmethod
+    def from_dir(
+        cls,
+        directory: Path | str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        max_len: int | None = None,
+    ) -> Model:
+        """Load a HF checkpoint directory (config.json + safetensors, sharded or not)."""
+        directory = Path(directory)
+        config = read_config(directory)
+        device = torch.device(device)
+        raw: dict[str, torch.Tensor] = {}
+        for name, tensor in iter_tensors(directory):
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raw[name] = tensor.to(device=device, dtype=dtype)
+        return cls.from_state_dict(config, raw, max_len=max_len)
+
+    @classmethod
+    def from_state_dict(
+        cls, config: ModelConfig, raw: dict[str, torch.Tensor], *, max_len: int | None = None
+    ) -> Model:
+        """Build from HF-named tensors already in the target dtype and device; consumes `raw`."""
+
+        def take(name: str) -> torch.Tensor:
+            try:
+                return raw.pop(name)
+            except KeyError:
+                raise CheckpointError(f"tensor {name!r} missing from the checkpoint") from None
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return raw.pop(name, None)
+
+        layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}"
+            q, k, v = (take(f"{p}.self_attn.{m}.weight") for m in ("q_proj", "k_proj", "v_proj"))
+            biases = [maybe(f"{p}.self_attn.{m}.bias") for m in ("q_proj", "k_proj", "v_proj")]
+            qkv_bias = None
+            if any(b is not None for b in biases):
+                sizes = (config.q_size, config.kv_size, config.kv_size)
+                qkv_bias = torch.cat(
+                    [
+                        b if b is not None else q.new_zeros(n)
+                        for b, n in zip(biases, sizes, strict=True)
+                    ]
+                )
+            gate_bias, up_bias = maybe(f"{p}.mlp.gate_proj.bias"), maybe(f"{p}.mlp.up_proj.bias")
+            gate_up_bias = None
+            if gate_bias is not None and up_bias is not None:
+                gate_up_bias = torch.cat([gate_bias, up_bias])
+            layers.append(
+                LayerWeights(
+                    input_norm=take(f"{p}.input_layernorm.weight"),
+                    qkv=torch.cat([q, k, v]),
+                    qkv_bias=qkv_bias,
+                    o=take(f"{p}.self_attn.o_proj.weight"),
+                    o_bias=maybe(f"{p}.self_attn.o_proj.bias"),
+                    post_norm=take(f"{p}.post_attention_layernorm.weight"),
+                    gate_up=torch.cat(
+                        [take(f"{p}.mlp.gate_proj.weight"), take(f"{p}.mlp.up_proj.weight")]
+                    ),
+                    gate_up_bias=gate_up_bias,
+                    down=take(f"{p}.mlp.down_proj.weight"),
+                    down_bias=maybe(f"{p}.mlp.down_proj.bias"),
+                )
+            )
+            del q, k, v
+        embed = take("model.embed_tokens.weight")
+        lm_head = maybe("lm_head.weight")
+        if lm_head is None:
+            if not config.tie_word_embeddings:
+                raise CheckpointError("lm_head.weight missing and tie_word_embeddings is false")
+            lm_head = embed
+        elif config.tie_word_embeddings:
+            lm_head = embed
+        return cls(config, embed, layers, take("model.norm.weight"), lm_head, max_len=max_len)
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count, counting tied embeddings once."""
+        tensors: list[torch.Tensor] = [self.embed, self.norm]
+        if self.lm_head is not self.embed:
+            tensors.append(self.lm_head)
+        for layer in self.layers:
+            tensors.extend(t for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        return sum(t.numel() for t in tensors)
+
+    def new_kv_cache(self, num_slots: int, max_len: int | None = None) -> KVCache:
+        """A KV cache with `num_slots` sequences of up to `max_len` positions."""
+        c = self.config
+        return KVCache(
+            c.num_hidden_layers,
+            num_slots,
+            max_len or self.max_len,
+            c.num_key_value_heads,
+            c.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        batch: StepBatch,
+        kv: KVCache,
+        lora: LoraBatch | None = None,
+        *,
+        all_logits: bool = False,
+    ) -> torch.Tensor:
+        """Run one step; return fp32 logits [num_seqs, vocab] (or [T, vocab] with all_logits)."""
+        c = self.config
+        n_tokens = batch.input_ids.shape[0]
+        qs, kvs = c.q_size, c.kv_size
+        hd, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, head_dim]
+        sin = self.sin[batch.positions].unsqueeze(1)
+        if lora is not None and not lora.modules:
+            lora = None
+        inter = c.intermediate_size
+        qkv_group = (("q_proj", qs), ("k_proj", kvs), ("v_proj", kvs))
+        o_group = (("o_proj", c.hidden_size),)
+        gate_up_group = (("gate_proj", inter), ("up_proj", inter))
+        down_group = (("down_proj", c.hidden_size),)
+        h = self.embed[batch.input_ids]  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            x = _rms_norm(h, layer.input_norm, c.rms_norm_eps)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
+            if lora is not None:
+                _apply_lora(qkv, x, lora, i, qkv_group)
+            q = qkv[:, :qs].view(n_tokens, nh, hd)
+            k = qkv[:, qs : qs + kvs].view(n_tokens, nkv, hd)
+            v = qkv[:, qs + kvs :].view(n_tokens, nkv, hd)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kv.write(i, batch.token_kv_slots, batch.positions, k, v)
+            attn = self._attention(i, q, k, v, batch, kv)  # [T, q]
+            o = F.linear(attn, layer.o, layer.o_bias)
+            if lora is not None:
+                _apply_lora(o, attn, lora, i, o_group)
+            h = h + o
+            x = _rms_norm(h, layer.post_norm, c.rms_norm_eps)
+            gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)  # [T, 2*inter]
+            if lora is not None:
+                _apply_lora(gate_up, x, lora, i, gate_up_group)
+            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            down = F.linear(act, layer.down, layer.down_bias)
+            if lora is not None:
+                _apply_lora(down, act, lora, i, down_group)
+            h = h + down
+        if not all_logits:
+            h = h[batch.logits_index]
+        h = _rms_norm(h, self.norm, c.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
+
+    def _attention(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: StepBatch,
+        kv: KVCache,
+    ) -> torch.Tensor:
+        """Causal attention per sequence: decodes read the cache together, prefills attend to themselves."""
+        c = self.config
+        out = torch.empty_like(q)  # [T, heads, head_dim]
+        gqa = c.num_attention_heads != c.num_key_value_heads
+        nd = batch.num_decode
+        if nd:
+            keys, values = kv.gather(
+                layer, batch.decode_kv_slots, batch.max_decode_len
+            )  # [D, kvh, L, hd]
+            qd = q[:nd].unsqueeze(2)  # [D, heads, 1, hd]
+            od = F.scaled_dot_product_attention(
+                qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa
+            )
+            out[:nd] = od.squeeze(2)
+        for start, length, _slot in batch.prefills:
+            qp = q[start : start + length].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
+            kp = k[start : start + length].transpose(0, 1).unsqueeze(0)
+            vp = v[start : start + length].transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
+            out[start : start + length] = op.squeeze(0).transpose(0, 1)
+        return out.view(q.shape[0], -1)
+
+
+def describe(model: Model) -> dict[str, Any]:
+    """A small summary for logs and /metrics."""
+    c = model.config
+    return {
+        "arch": c.arch,
+        "layers": c.num_hidden_layers,
+        "hidden": c.hidden_size,
+        "parameters": model.num_parameters,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(model.device),
+    }

@@ -1,0 +1,125 @@
+"""Sampling parameters, the sampler (greedy, temperature, top-k, top-p, seeded) and incremental detokenizing."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mintvcs.errors import MintError
+
+
+class InvalidSamplingParams(MintError):
+    """A sampling parameter is out of range."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens and when it stops."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.max_tokens < 1:
+            raise InvalidSamplingParams(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise InvalidSamplingParams(
+                f"temperature must be in [0, 100], got {self.temperature}; 0 means greedy"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidSamplingParams(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidSamplingParams(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise InvalidSamplingParams("stop strings must be non-empty")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidSamplingParams(f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether this request takes the argmax at every step."""
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded from `seed` (or fresh entropy), private to one request."""
+        seed = self.seed if self.seed is not None else secrets.randbits(63)
+        return torch.Generator().manual_seed(seed)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick one token from fp32 logits [vocab]; the only randomness is one draw from `generator`."""
+    if params.greedy or generator is None:
+        return int(torch.argmax(logits))
+    scaled = logits / params.temperature
+    sorted_logits, order = torch.sort(scaled, descending=True)
+    if params.top_k:
+        sorted_logits = sorted_logits[: params.top_k]
+        order = order[: params.top_k]
+    probs = torch.softmax(sorted_logits, dim=-1)
+    if params.top_p < 1.0:
+        cum = torch.cumsum(probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (at least one token).
+        keep = (
+            int(torch.searchsorted(cum, torch.tensor([params.top_p], device=cum.device)).item()) + 1
+        )
+        probs = probs[:keep]
+        order = order[:keep]
+    cum = torch.cumsum(probs, dim=-1)
+    # Inverse-CDF with a CPU draw: reproducible from the seed on any device, whatever the batch.
+    u = torch.rand((), generator=generator).item() * float(cum[-1])
+    index = int(torch.searchsorted(cum, torch.tensor([u], device=cum.device)).item())
+    return int(order[min(index, order.shape[0] - 1)])
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, holding back incomplete characters."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._full = ""
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the new stable text (may be empty while a character is incomplete)."""
+        self.ids.append(token_id)
+        if self.tokenizer is None:
+            return ""
+        # Decoding the whole output keeps merges right; outputs are short enough for this to be cheap.
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._full = text
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.text) :] if text.startswith(self.text) else ""
+        self.text = text
+        return delta
+
+    def flush(self) -> str:
+        """At the end of a sequence: accept the pending tail as decoded (replacement characters included)."""
+        if self._full.startswith(self.text):
+            self.text = self._full
+        return self.text
+
+
+def find_stop(text: str, stops: tuple[str, ...], start: int) -> int:
+    """Index of the earliest stop string in text that ends at or after `start`, or -1."""
+    best = -1
+    for stop in stops:
+        i = text.find(stop, max(0, start - len(stop) + 1))
+        if i != -1 and (best == -1 or i < best):
+            best = i
+    return best

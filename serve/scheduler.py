@@ -1,0 +1,257 @@
+"""Continuous batching at iteration level: every step admits waiting requests (prefill), decodes the
+running ones, and retires the finished, with requests for different adapters in one batch."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from mintvcs.serve.kv_cache import KVCache
+from mintvcs.serve.model import Model, StepBatch
+from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams, find_stop, sample
+from mintvcs.serve.slots import Residency
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token as the request's stream sees it; the last event carries finish_reason."""
+
+    token_id: int
+    text: str  # newly stable text (may be empty while a character or a stop string is pending)
+    index: int  # 1-based count of generated tokens
+    finish_reason: str | None = None  # "stop" | "length" when this is the last event
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+Sink = Callable[[TokenEvent | BaseException], None]
+
+
+@dataclass
+class Sequence:
+    """One request's state inside the scheduler."""
+
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    revision: str | None
+    sink: Sink
+    detok: IncrementalDetokenizer
+    eos_ids: frozenset[int]
+    max_len: int
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    kv_slot: int = -1
+    lora_slot: int = -1
+    emitted: int = 0  # characters of detok.text already sent
+    cancelled: bool = False
+    finished: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def append(self, token: int) -> TokenEvent:
+        """Record a sampled token and decide whether the sequence is finished."""
+        self.output_ids.append(token)
+        self.detok.add(token)
+        text = self.detok.text
+        reason: str | None = None
+        cut = len(text)
+        stops = self.params.stop
+        if stops:
+            at = find_stop(text, stops, self.emitted)
+            if at != -1:
+                reason, cut = "stop", at
+        if reason is None:
+            if (
+                token in self.eos_ids and not self.params.ignore_eos
+            ) or token in self.params.stop_token_ids:
+                reason = "stop"
+            elif len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_len:
+                reason = "length"
+            if reason is not None:
+                text = self.detok.flush()
+                cut = len(text)
+        if reason is None and stops:
+            # Hold back a tail that could still grow into a stop string.
+            cut = max(self.emitted, len(text) - max(len(s) for s in stops) + 1)
+        delta = text[self.emitted : cut]
+        self.emitted = max(self.emitted, cut)
+        if reason is not None:
+            self.finished = True
+        return TokenEvent(
+            token_id=token,
+            text=delta,
+            index=len(self.output_ids),
+            finish_reason=reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+        )
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for /metrics."""
+
+    steps: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    last_batch_size: int = 0
+    batch_size_sum: int = 0
+    step_seconds_total: float = 0.0
+
+
+class Scheduler:
+    """Owns the model, KV cache and sequences; `step()` runs one iteration. Single-threaded by design."""
+
+    def __init__(
+        self,
+        model: Model,
+        kv: KVCache,
+        residency: Residency | None,
+        *,
+        max_num_batched_tokens: int = 4096,
+        kernel_backend: str = "auto",
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.residency = residency
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.kernel_backend = kernel_backend
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    @property
+    def has_work(self) -> bool:
+        """Whether any request is queued or running."""
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a request; it joins the batch at a later step."""
+        self.waiting.append(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq.kv_slot >= 0:
+            self.kv.free(seq.kv_slot)
+            seq.kv_slot = -1
+        if seq.lora_slot >= 0:
+            assert self.residency is not None
+            self.residency.release(seq.lora_slot)
+            seq.lora_slot = -1
+        seq.finished = True
+
+    def _fail(self, seq: Sequence, err: BaseException) -> None:
+        self._finish(seq)
+        self.stats.failed += 1
+        seq.sink(err)
+
+    def _reap_cancelled(self) -> None:
+        for seq in [s for s in self.running if s.cancelled]:
+            self.running.remove(seq)
+            self._finish(seq)
+            self.stats.cancelled += 1
+        if any(s.cancelled for s in self.waiting):
+            for seq in [s for s in self.waiting if s.cancelled]:
+                self.stats.cancelled += 1
+                seq.finished = True
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+
+    def _admit(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        budget = self.max_num_batched_tokens
+        for seq in list(self.waiting):
+            if self.kv.free_slots == 0:
+                break
+            n = len(seq.prompt_ids)
+            if n > budget and (admitted or self.running):
+                break  # FIFO: a long prompt waits for a step with room rather than being overtaken forever
+            if seq.revision is not None:
+                assert self.residency is not None
+                try:
+                    slot = self.residency.acquire(seq.revision)
+                except Exception as err:
+                    self.waiting.remove(seq)
+                    self._fail(seq, err)
+                    continue
+                if slot is None:
+                    continue  # its adapter is loading or every slot is busy: wait, do not fail
+                seq.lora_slot = slot
+            seq.kv_slot = self.kv.allocate()
+            self.waiting.remove(seq)
+            admitted.append(seq)
+            budget -= n
+        return admitted
+
+    def step(self) -> bool:
+        """Run one iteration; return False when there was nothing to run."""
+        self._reap_cancelled()
+        admitted = self._admit()
+        seqs = self.running + admitted
+        if not seqs:
+            return False
+        started = time.perf_counter()
+        decodes = [
+            (s.output_ids[-1], s.num_tokens - 1, s.kv_slot, s.lora_slot) for s in self.running
+        ]
+        prefills = [(s.prompt_ids, s.kv_slot, s.lora_slot) for s in admitted]
+        device = self.model.device
+        try:
+            batch = StepBatch.build(decodes, prefills, device)
+            lora = None
+            used = {s.lora_slot for s in seqs if s.lora_slot >= 0}
+            if used:
+                assert self.residency is not None
+                lora = self.residency.pools.batch(batch.token_lora_slots, used, self.kernel_backend)
+            logits = self.model.forward(batch, self.kv, lora)
+            tokens = self._sample(logits, seqs)
+        except Exception as err:
+            # A failed step must not take the engine down: fail this batch, keep serving.
+            for seq in seqs:
+                self._fail(seq, err)
+            self.running = []
+            return True
+        self.running = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.first_token_at is None:
+                seq.first_token_at = time.monotonic()
+            event = seq.append(token)
+            if seq.finished:
+                self._finish(seq)
+                self.stats.finished += 1
+            else:
+                self.running.append(seq)
+            seq.sink(event)
+        s = self.stats
+        s.steps += 1
+        s.prefill_tokens += sum(len(p[0]) for p in prefills)
+        s.generated_tokens += len(seqs)
+        s.last_batch_size = len(seqs)
+        s.batch_size_sum += len(seqs)
+        s.step_seconds_total += time.perf_counter() - started
+        return True
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        greedy = logits.argmax(dim=-1).tolist()
+        out: list[int] = []
+        for i, seq in enumerate(seqs):
+            if seq.params.greedy:
+                out.append(int(greedy[i]))
+            else:
+                out.append(sample(logits[i], seq.params, seq.generator))
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Queue depth and running count."""
+        return {"waiting": len(self.waiting), "running": len(self.running)}

@@ -1,0 +1,438 @@
+"""Adapter residency: device slot pools per targeted linear, a host LRU of decoded revisions, background loads.
+
+Three tiers: the store on disk (an `AdapterSource`), a host-memory LRU of `HostAdapter`s bounded in bytes,
+and N device slots. A slot is keyed by revision id (a commit id from the store), never by a ref name.
+Each running request holds a reference on its slot; only slots with no references and no pin are
+evicted, least recently used first. Loads run on a background thread and the scheduler never waits for
+them: a request whose revision is not ready stays queued while the rest of the batch keeps decoding.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from mintvcs.serve.adapters import AdapterRefused, AdapterSource, AdapterWeights, HostAdapter
+from mintvcs.serve.loader import ModelConfig
+from mintvcs.serve.model import LORA_MODULES, LoraBatch
+
+from mintvcs.errors import MintError
+
+# How long a load failure that is not a refusal (a disk error, say) is reported before a retry.
+_RETRY_AFTER_S = 2.0
+
+
+class ResidencyError(MintError):
+    """A residency request that cannot be honoured (e.g. pinning more revisions than there are slots)."""
+
+
+class AdapterPools:
+    """Device tensors `[slots, max_rank, in]` / `[slots, out, max_rank]` per targeted linear of every layer."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_slots: int,
+        max_rank: int,
+        targets: tuple[str, ...] = LORA_MODULES,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError(f"num_slots ({num_slots}) and max_rank ({max_rank}) must be positive")
+        unknown = set(targets) - set(LORA_MODULES)
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from {LORA_MODULES}")
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.targets = tuple(m for m in LORA_MODULES if m in targets)
+        self.device = device
+        self.dtype = dtype
+        self.a: list[dict[str, torch.Tensor]] = []
+        self.b: list[dict[str, torch.Tensor]] = []
+        for _ in range(config.num_hidden_layers):
+            a_layer, b_layer = {}, {}
+            for module in self.targets:
+                out_f, in_f = config.linear_shape(module)
+                a_layer[module] = torch.zeros(num_slots, max_rank, in_f, dtype=dtype, device=device)
+                b_layer[module] = torch.zeros(
+                    num_slots, out_f, max_rank, dtype=dtype, device=device
+                )
+            self.a.append(a_layer)
+            self.b.append(b_layer)
+        self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
+        # (layer, module) -> rank of the non-zero B each slot holds, so that stale B columns get cleared.
+        self._written: list[dict[tuple[int, str], int]] = [{} for _ in range(num_slots)]
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of all pools."""
+        return sum(
+            t.numel() * t.element_size() for layer in (*self.a, *self.b) for t in layer.values()
+        )
+
+    def write(self, slot: int, host: HostAdapter) -> None:
+        """Copy a host adapter into `slot`, zeroing every B column an earlier occupant left non-zero."""
+        old = self._written[slot]
+        for key, extent in old.items():
+            if key not in host.weights:
+                # A module the new revision does not target must contribute nothing.
+                layer, module = key
+                self.b[layer][module][slot, :, :extent].zero_()
+        non_blocking = self.device.type == "cuda"
+        written: dict[tuple[int, str], int] = {}
+        for key, (a, b) in host.weights.items():
+            layer, module = key
+            r = a.shape[0]
+            self.a[layer][module][slot, :r].copy_(a, non_blocking=non_blocking)
+            self.b[layer][module][slot, :, :r].copy_(b, non_blocking=non_blocking)
+            # Kernels read B up to the slot's rank; clear what lies past this module's own rank.
+            stale = max(old.get(key, 0), host.rank)
+            if stale > r:
+                self.b[layer][module][slot, :, r:stale].zero_()
+            written[key] = r  # columns that may now be non-zero
+        self._written[slot] = written
+        self.scales[slot] = host.scale
+        self.ranks[slot] = host.rank
+        self.slot_modules[slot] = host.modules
+
+    def release(self, slot: int) -> None:
+        """Mark `slot` empty (rank 0), so no token can read its stale factors."""
+        self.ranks[slot] = 0
+        self.slot_modules[slot] = frozenset()
+
+    def batch(
+        self, token_slots: torch.Tensor, slots: set[int], backend: str = "auto"
+    ) -> LoraBatch | None:
+        """The LoraBatch of one step, or None when no token uses an adapter."""
+        modules: frozenset[str] = (
+            frozenset().union(*(self.slot_modules[s] for s in slots)) if slots else frozenset()
+        )
+        if not modules:
+            return None
+        from mintvcs.kernels import group_tokens
+
+        groups = group_tokens(token_slots, self.num_slots, validate=False)
+        return LoraBatch(
+            token_slots=groups,
+            a=self.a,
+            b=self.b,
+            scales=self.scales,
+            ranks=self.ranks,
+            modules=modules,
+            backend=backend,
+        )
+
+
+class HostCache:
+    """An LRU of decoded revisions bounded in bytes; an entry larger than the bound is not kept."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, HostAdapter] = OrderedDict()
+        self.nbytes = 0
+        self.evictions = 0
+        self._lock = threading.Lock()
+
+    def get(self, revision: str) -> HostAdapter | None:
+        """The cached adapter (now most recently used), or None."""
+        with self._lock:
+            entry = self._entries.get(revision)
+            if entry is not None:
+                self._entries.move_to_end(revision)
+            return entry
+
+    def put(self, host: HostAdapter) -> None:
+        """Insert, evicting least recently used entries to stay within max_bytes."""
+        size = host.nbytes
+        with self._lock:
+            if host.revision in self._entries:
+                self.nbytes -= self._entries.pop(host.revision).nbytes
+            if size > self.max_bytes:
+                return
+            while self._entries and self.nbytes + size > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= old.nbytes
+                self.evictions += 1
+            self._entries[host.revision] = host
+            self.nbytes += size
+
+    def __contains__(self, revision: object) -> bool:
+        with self._lock:
+            return revision in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def revisions(self) -> list[str]:
+        """Cached revision ids, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+
+@dataclass
+class Slot:
+    """One device slot's bookkeeping."""
+
+    index: int
+    revision: str | None = None
+    state: str = "free"  # free | loading | ready
+    refs: int = 0
+    last_used: float = 0.0
+    future: Future[int | None] | None = None
+
+
+@dataclass
+class ResidencyStats:
+    """Counters for /metrics."""
+
+    slot_hits: int = 0
+    slot_misses: int = 0
+    host_hits: int = 0
+    store_loads: int = 0
+    evictions: int = 0
+    loads_failed: int = 0
+    load_seconds_total: float = 0.0
+    load_count: int = 0
+    last_load_seconds: float = 0.0
+    recent_load_seconds: list[float] = field(default_factory=list)
+
+
+class Residency:
+    """Which revision sits in which slot; loads in the background; LRU eviction of idle, unpinned slots."""
+
+    def __init__(
+        self,
+        pools: AdapterPools,
+        source: AdapterSource | None,
+        prepare: Callable[[AdapterWeights], HostAdapter],
+        *,
+        host_cache_bytes: int,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.pools = pools
+        self.source = source
+        self.prepare = prepare
+        self.host = HostCache(host_cache_bytes)
+        self.slots = [Slot(i) for i in range(pools.num_slots)]
+        self.stats = ResidencyStats()
+        self._by_revision: dict[str, Slot] = {}
+        self._pinned: set[str] = set()
+        self._failures: dict[str, tuple[float, BaseException]] = {}
+        self._host_loads: dict[str, Future[int | None]] = {}
+        self._lock = threading.RLock()
+        self._on_change = on_change or (lambda: None)
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mintvcs-adapter-load"
+        )
+        self._stream: Any = (
+            torch.cuda.Stream(device=pools.device) if pools.device.type == "cuda" else None
+        )
+
+    def close(self) -> None:
+        """Stop the loader thread (pending loads finish first)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- the scheduler's side -------------------------------------------------------------------
+    def acquire(self, revision: str) -> int | None:
+        """Take a reference on `revision`'s ready slot; else start its load if a slot can be freed, return None."""
+        with self._lock:
+            self._raise_failure(revision)
+            slot = self._by_revision.get(revision)
+            if slot is not None and slot.state == "ready":
+                slot.refs += 1
+                slot.last_used = time.monotonic()
+                self.stats.slot_hits += 1
+                return slot.index
+            if slot is None and self._start_load(revision) is not None:
+                self.stats.slot_misses += 1
+            return None
+
+    def release(self, index: int) -> None:
+        """Drop one reference on a slot; at zero it becomes evictable (unless pinned)."""
+        with self._lock:
+            slot = self.slots[index]
+            if slot.refs <= 0:
+                raise ResidencyError(f"slot {index} released more often than acquired")
+            slot.refs -= 1
+            slot.last_used = time.monotonic()
+        self._on_change()
+
+    def failure(self, revision: str) -> BaseException | None:
+        """The error of revision's last failed load, if it is still reported."""
+        with self._lock:
+            try:
+                self._raise_failure(revision)
+            except BaseException as err:
+                return err
+            return None
+
+    def _raise_failure(self, revision: str) -> None:
+        entry = self._failures.get(revision)
+        if entry is None:
+            return
+        when, err = entry
+        # Refusals depend only on the revision's content (ids are commit ids): they are final.
+        if isinstance(err, AdapterRefused) or time.monotonic() - when < _RETRY_AFTER_S:
+            raise err
+        del self._failures[revision]
+
+    # -- warm, pin, inspect ---------------------------------------------------------------------
+    def warm(self, revision: str, *, pin: bool = False) -> Future[int | None]:
+        """Load `revision` into a slot if one can be freed, else into the host cache; the future gives the slot."""
+        with self._lock:
+            if pin:
+                unpinned = [s for s in self.slots if s.revision not in self._pinned]
+                if revision not in self._pinned and len(unpinned) <= 1:
+                    raise ResidencyError(
+                        f"cannot pin {revision[:12]}: that would leave no slot for other revisions; "
+                        "add adapter slots or unpin one"
+                    )
+                self._pinned.add(revision)
+            self._failures.pop(revision, None)
+            slot = self._by_revision.get(revision)
+            if slot is not None:
+                if slot.state == "ready":
+                    done: Future[int | None] = Future()
+                    done.set_result(slot.index)
+                    return done
+                assert slot.future is not None
+                return slot.future
+            started = self._start_load(revision)
+            if started is not None:
+                self.stats.slot_misses += 1
+                return started
+            pending = self._host_loads.get(revision)
+            if pending is None:
+                pending = self._executor.submit(self._load_host_only, revision)
+                self._host_loads[revision] = pending
+            return pending
+
+    def unpin(self, revision: str) -> None:
+        """Let `revision`'s slot be evicted again once idle."""
+        with self._lock:
+            self._pinned.discard(revision)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """One dict per slot: index, revision, state, refs, pinned, idle seconds."""
+        now = time.monotonic()
+        with self._lock:
+            return [
+                {
+                    "slot": s.index,
+                    "revision": s.revision,
+                    "state": s.state,
+                    "refs": s.refs,
+                    "pinned": s.revision in self._pinned,
+                    "rank": int(self.pools.ranks[s.index]) if s.state == "ready" else 0,
+                    "idle_s": round(now - s.last_used, 3)
+                    if s.state == "ready" and not s.refs
+                    else 0.0,
+                }
+                for s in self.slots
+            ]
+
+    def slot_of(self, revision: str) -> int | None:
+        """The ready slot holding `revision`, or None."""
+        with self._lock:
+            slot = self._by_revision.get(revision)
+            return slot.index if slot is not None and slot.state == "ready" else None
+
+    # -- loading --------------------------------------------------------------------------------
+    def _victim(self) -> Slot | None:
+        free = [s for s in self.slots if s.state == "free"]
+        if free:
+            return free[0]
+        idle = [
+            s
+            for s in self.slots
+            if s.state == "ready" and s.refs == 0 and s.revision not in self._pinned
+        ]
+        return min(idle, key=lambda s: s.last_used) if idle else None
+
+    def _start_load(self, revision: str) -> Future[int | None] | None:
+        if self.source is None:
+            raise ResidencyError(
+                "this engine has no adapter source; pass source= to serve revisions"
+            )
+        victim = self._victim()
+        if victim is None:
+            return None
+        if victim.revision is not None:
+            self.stats.evictions += 1
+            del self._by_revision[victim.revision]
+        self.pools.release(victim.index)
+        victim.revision, victim.state, victim.refs = revision, "loading", 0
+        future: Future[int | None] = Future()
+        victim.future = future
+        self._by_revision[revision] = victim
+        self._executor.submit(self._load_into, victim, revision, time.perf_counter(), future)
+        return future
+
+    def _host_adapter(self, revision: str) -> HostAdapter:
+        host = self.host.get(revision)
+        if host is not None:
+            self.stats.host_hits += 1
+            return host
+        assert self.source is not None
+        host = self.prepare(self.source.load(revision))
+        self.stats.store_loads += 1
+        self.host.put(host)
+        return host
+
+    def _load_host_only(self, revision: str) -> int | None:
+        try:
+            self._host_adapter(revision)
+        except BaseException as err:
+            with self._lock:
+                self._failures[revision] = (time.monotonic(), err)
+                self.stats.loads_failed += 1
+            raise
+        finally:
+            with self._lock:
+                self._host_loads.pop(revision, None)
+        return None
+
+    def _load_into(
+        self, slot: Slot, revision: str, started: float, future: Future[int | None]
+    ) -> None:
+        try:
+            host = self._host_adapter(revision)
+            if self._stream is not None:
+                # A side stream: the copy overlaps decode steps running on the default stream.
+                with torch.cuda.stream(self._stream):
+                    self.pools.write(slot.index, host)
+                self._stream.synchronize()
+            else:
+                self.pools.write(slot.index, host)
+        except BaseException as err:
+            with self._lock:
+                self._failures[revision] = (time.monotonic(), err)
+                self.stats.loads_failed += 1
+                self._by_revision.pop(revision, None)
+                slot.revision, slot.state, slot.future = None, "free", None
+            future.set_exception(err)
+            self._on_change()
+            return
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            slot.state = "ready"
+            slot.last_used = time.monotonic()
+            slot.future = None
+            s = self.stats
+            s.load_count += 1
+            s.load_seconds_total += elapsed
+            s.last_load_seconds = elapsed
+            s.recent_load_seconds = [*s.recent_load_seconds[-63:], elapsed]
+        future.set_result(slot.index)
+        self._on_change()

@@ -1,0 +1,133 @@
+"""What the engine refuses to serve, and why; scaling; the store-backed source."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mintvcs.serve import (
+    AdapterRefused,
+    AdapterWeights,
+    Engine,
+    EngineConfig,
+    PeftDirSource,
+    SamplingParams,
+)
+from mintvcs.serve.adapters import prepare_adapter
+from mintvcs.serve.loader import read_config
+
+from tests.fixtures import make_peft_adapter
+
+
+def _peft_with(base: Path, out: Path, **lora: Any) -> Path:
+    """A PEFT adapter with arbitrary LoraConfig options (DoRA, modules_to_save, odd targets)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", **lora)
+    get_peft_model(model, config).save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def _load(directory: Path) -> AdapterWeights:
+    return PeftDirSource({"x": directory}).load("x")
+
+
+@pytest.mark.parametrize(
+    ("lora", "reason"),
+    [
+        ({"target_modules": ["q_proj"], "use_dora": True}, "dora"),
+        ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"target_modules": ["embed_tokens"]}, "embedding_lora"),
+        ({"target_modules": ["lm_head"]}, "lm_head_lora"),
+    ],
+)
+def test_refusals_name_the_reason(
+    tiny_base: Path, tmp_path: Path, lora: dict[str, Any], reason: str
+) -> None:
+    weights = _load(_peft_with(tiny_base, tmp_path / reason, **lora))
+    with pytest.raises(AdapterRefused) as info:
+        prepare_adapter(weights, read_config(tiny_base), max_rank=16)
+    assert info.value.reason == reason
+    assert reason.split("_")[0] in str(info.value).lower()
+
+
+def test_rank_above_max_rank_is_refused(tiny_base: Path, peft_adapter_bf16: Path) -> None:
+    with pytest.raises(AdapterRefused, match=r"rank 16 > max_rank 8") as info:
+        prepare_adapter(_load(peft_adapter_bf16), read_config(tiny_base), max_rank=8)
+    assert info.value.reason == "rank"
+
+
+def test_adapter_of_another_base_is_refused(
+    tiny_base: Path, other_base: Path, tmp_path: Path
+) -> None:
+    other = make_peft_adapter(other_base, tmp_path / "other")
+    with pytest.raises(AdapterRefused, match="another base") as info:
+        prepare_adapter(_load(other), read_config(tiny_base), max_rank=16)
+    assert info.value.reason == "shape"
+
+
+def test_other_base_fingerprint_is_refused(tiny_base: Path, peft_adapter: Path) -> None:
+    weights = _load(peft_adapter)
+    tagged = AdapterWeights(weights.revision, weights.config, weights.tensors, "sha256:" + "0" * 64)
+    with pytest.raises(AdapterRefused, match="base_fingerprint") as info:
+        prepare_adapter(
+            tagged, read_config(tiny_base), max_rank=16, base_fingerprint="sha256:" + "1" * 64
+        )
+    assert info.value.reason == "base_fingerprint"
+    # The same fingerprint is accepted.
+    prepare_adapter(
+        tagged, read_config(tiny_base), max_rank=16, base_fingerprint="sha256:" + "0" * 64
+    )
+
+
+def test_scaling_alpha_over_r_and_rslora(tiny_base: Path, tmp_path: Path) -> None:
+    config = read_config(tiny_base)
+    plain = make_peft_adapter(tiny_base, tmp_path / "plain", r=4, alpha=8)
+    rs = make_peft_adapter(tiny_base, tmp_path / "rs", r=4, alpha=8, use_rslora=True)
+    assert prepare_adapter(_load(plain), config, max_rank=16).scale == 2.0
+    assert prepare_adapter(_load(rs), config, max_rank=16).scale == 8 / math.sqrt(4)
+
+
+def test_engine_fails_the_request_and_keeps_serving(
+    tiny_base: Path, tmp_path: Path, peft_adapter: Path
+) -> None:
+    dora = _peft_with(tiny_base, tmp_path / "dora", target_modules=["q_proj"], use_dora=True)
+    source = PeftDirSource({"dora": dora, "ok": peft_adapter})
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    with Engine(tiny_base, EngineConfig(max_model_len=64, adapter_slots=2), source=source) as eng:
+        with pytest.raises(AdapterRefused, match="DoRA"):
+            eng.generate([5, 6], "dora", params, timeout=30)
+        with pytest.raises(AdapterRefused, match="DoRA"):  # known now: refused at submit
+            eng.start_many([([5, 6], "dora", params)])
+        assert len(eng.generate([5, 6], "ok", params, timeout=30).token_ids) == 4
+        assert eng.stats()["loads_failed"] == 1
+        assert all(s["refs"] == 0 for s in eng.residency_snapshot()["slots"])
+
+
+def test_store_source_serves_a_committed_revision(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path
+) -> None:
+    """A revision committed to a mintvcs repository gives the same tokens as its PEFT directory."""
+    from mintvcs.serve import StoreSource
+
+    from mintvcs import porcelain
+
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
+    porcelain.commit(repo, "first", source=peft_adapter, show_progress=False)
+    store = StoreSource(repo)
+    commit = store.resolve("main")
+    assert len(commit) == 40
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with Engine(tiny_base, EngineConfig(max_model_len=64, adapter_slots=2), source=store) as eng:
+        from_store = eng.generate([5, 6, 7], commit, params, timeout=30).token_ids
+        assert eng.residency_snapshot()["slots"][0]["revision"] == commit
+    with Engine(
+        tiny_base, EngineConfig(max_model_len=64), source=PeftDirSource({"d": peft_adapter})
+    ) as eng:
+        assert eng.generate([5, 6, 7], "d", params, timeout=30).token_ids == from_store

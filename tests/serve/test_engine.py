@@ -1,0 +1,293 @@
+"""The engine against PEFT's own generate, and batching, eviction, waiting and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
+
+from tests.serve.conftest import ZOO
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _peft_greedy(base: Path, adapter: Path | None, prompt: list[int], n: int) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return list(out[0, len(prompt) :].tolist())
+
+
+@pytest.mark.parametrize("name", ["qv-r8", "all-r16", "all-r4-rslora", "mlp-r2", "o-r6", None])
+def test_greedy_tokens_equal_peft_generate(
+    engine: Engine, tiny_base: Path, zoo: dict[str, Path], name: str | None
+) -> None:
+    prompt = _prompt(1, 17)
+    ours = engine.generate(prompt, name, GREEDY, timeout=60).token_ids
+    assert ours == _peft_greedy(tiny_base, zoo[name] if name else None, prompt, GREEDY.max_tokens)
+
+
+def test_bf16_adapter_equals_peft(tiny_base: Path, peft_adapter_bf16: Path) -> None:
+    with Engine(
+        tiny_base,
+        EngineConfig(max_model_len=128),
+        source=PeftDirSource({"bf16": peft_adapter_bf16}),
+    ) as eng:
+        prompt = _prompt(2, 9)
+        assert eng.generate(prompt, "bf16", GREEDY, timeout=60).token_ids == _peft_greedy(
+            tiny_base, peft_adapter_bf16, prompt, GREEDY.max_tokens
+        )
+
+
+def _mixed_requests() -> list[tuple[list[int], str | None, SamplingParams]]:
+    names: list[str | None] = [*ZOO, None, None]
+    reqs = []
+    for i, name in enumerate(names * 2):
+        params = (
+            GREEDY
+            if i % 3
+            else SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=i, ignore_eos=True)
+        )
+        reqs.append((_prompt(100 + i, 3 + 5 * i % 40), name, params))
+    return reqs
+
+
+def test_mixed_batch_equals_each_request_alone(engine: Engine) -> None:
+    reqs = _mixed_requests()
+    before = engine.stats()["steps"]
+    together = engine.generate_many(reqs, timeout=120)
+    assert engine.stats()["mean_batch_size"] > 1
+    alone = [engine.generate(*req, timeout=60) for req in reqs]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    # Different adapters really do give different outputs for one prompt.
+    same_prompt = [engine.generate(reqs[0][0], name, GREEDY).token_ids for name in [*ZOO, None]]
+    assert len({tuple(t) for t in same_prompt}) == len(same_prompt)
+    assert engine.stats()["steps"] > before
+
+
+def test_eviction_and_reload_give_the_same_outputs(
+    engine: Engine, tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    reqs = _mixed_requests()
+    expected = [c.token_ids for c in engine.generate_many(reqs, timeout=120)]
+    config = EngineConfig(
+        max_batch_size=16, adapter_slots=2, max_model_len=256, host_cache_bytes=40_000
+    )
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as small:
+        got = [c.token_ids for c in small.generate_many(reqs, timeout=120)]
+        again = [c.token_ids for c in small.generate_many(list(reversed(reqs)), timeout=120)]
+        stats = small.stats()
+    assert got == expected
+    assert list(reversed(again)) == expected
+    assert stats["evictions"] >= 6
+    assert stats["host_evictions"] >= 1  # the host cache is bounded too
+    assert stats["requests_failed"] == 0
+
+
+def test_requests_wait_for_a_busy_slot(tiny_base: Path, zoo: dict[str, Path]) -> None:
+    """One slot, two adapters: the second request queues behind the first instead of failing."""
+    config = EngineConfig(max_batch_size=4, adapter_slots=1, max_model_len=256)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:
+        long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+        first, second = eng.start_many(
+            [(_prompt(3, 5), "qv-r8", long), (_prompt(4, 5), "mlp-r2", GREEDY)]
+        )
+        deadline = time.monotonic() + 30
+        while eng.stats()["steps"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert not second.done()
+        assert eng.stats()["queue_depth"] == 1
+        assert first.result(60).finish_reason == "length"
+        assert (
+            second.result(60).token_ids == eng.generate(_prompt(4, 5), "mlp-r2", GREEDY).token_ids
+        )
+        assert eng.stats()["evictions"] == 1
+
+
+def test_cancel_frees_the_sequence_and_slot_ref(engine: Engine) -> None:
+    async def main() -> tuple[int, dict[str, Any]]:
+        stream = engine.submit(
+            _prompt(5, 6),
+            "all-r16",
+            SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
+        )
+        seen = 0
+        async for _event in stream:
+            seen += 1
+            if seen == 3:
+                break
+        slot = engine.residency.slot_of("all-r16")
+        assert slot is not None and engine.residency.slots[slot].refs == 1
+        await stream.aclose()
+        for _ in range(500):
+            if engine.residency.slots[slot].refs == 0 and engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        return seen, engine.stats()
+
+    seen, stats = asyncio.run(main())
+    assert seen == 3
+    slot = engine.residency.slot_of("all-r16")
+    assert slot is not None and engine.residency.slots[slot].refs == 0
+    assert stats["running"] == 0 and stats["kv_slots_free"] == engine.config.max_batch_size
+    assert stats["requests_cancelled"] >= 1
+
+
+def test_task_cancellation_cancels_the_request(engine: Engine) -> None:
+    """A consumer task cancelled mid-await (a client disconnect) cancels the request."""
+
+    async def consume() -> None:
+        async for _ in engine.stream(
+            _prompt(6, 4), "kv-r12", SamplingParams(max_tokens=200, ignore_eos=True)
+        ):
+            await asyncio.sleep(0)
+
+    async def main() -> int:
+        before = engine.stats()["requests_cancelled"]
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            if engine.stats()["requests_cancelled"] > before and engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        return int(engine.stats()["requests_cancelled"] - before)
+
+    assert asyncio.run(main()) == 1
+    slot = engine.residency.slot_of("kv-r12")
+    assert slot is not None and engine.residency.slots[slot].refs == 0
+
+
+def test_stream_events_and_text(engine: Engine) -> None:
+    async def main() -> list[object]:
+        return [
+            e
+            async for e in engine.stream(
+                "Hello world", None, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+            )
+        ]
+
+    events = asyncio.run(main())
+    assert [e.index for e in events] == [1, 2, 3, 4, 5]  # type: ignore[attr-defined]
+    assert [e.finish_reason for e in events] == [None] * 4 + ["length"]  # type: ignore[attr-defined]
+    ids = [e.token_id for e in events]  # type: ignore[attr-defined]
+    assert "".join(e.text for e in events) == engine.tokenizer.decode(ids)  # type: ignore[attr-defined]
+
+
+def test_stop_string_eos_and_seeded_sampling(engine: Engine) -> None:
+    free = engine.generate(
+        "The answer", None, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    )
+    assert len(free.text) > 6
+    stop = free.text[3:6]
+    cut = engine.generate(
+        "The answer",
+        None,
+        SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=(stop,)),
+    )
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index(stop)]
+    plain = engine.generate(
+        [5, 6, 7], None, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    ).token_ids
+    stop_id = plain[len(plain) // 2]
+    ended = engine.generate(
+        [5, 6, 7], None, SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=(stop_id,))
+    )
+    assert ended.finish_reason == "stop"
+    assert ended.token_ids == plain[: plain.index(stop_id) + 1]
+    seeded = SamplingParams(max_tokens=20, temperature=1.5, seed=42, ignore_eos=True)
+    a, b = engine.generate([5, 6, 7], "qv-r8", seeded), engine.generate([5, 6, 7], "qv-r8", seeded)
+    c = engine.generate(
+        [5, 6, 7], "qv-r8", SamplingParams(max_tokens=20, temperature=1.5, seed=43, ignore_eos=True)
+    )
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_invalid_requests_are_refused_up_front(engine: Engine) -> None:
+    with pytest.raises(InvalidRequest, match="empty"):
+        engine.generate([], None, GREEDY)
+    with pytest.raises(InvalidRequest, match="vocabulary"):
+        engine.generate([10_000], None, GREEDY)
+    with pytest.raises(InvalidRequest, match="max_model_len"):
+        engine.generate([5] * 300, None, GREEDY)
+
+
+def test_length_is_capped_by_max_model_len(engine: Engine) -> None:
+    out = engine.generate(
+        [5] * 250, None, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    )
+    assert out.finish_reason == "length" and len(out.token_ids) == 6
+
+
+def test_warm_pin_and_residency(tiny_base: Path, zoo: dict[str, Path]) -> None:
+    config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=128)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:
+        assert eng.prefetch("qv-r8", pin=True).result(30) is not None
+        for name in ("mlp-r2", "o-r6", "kv-r12"):
+            eng.generate([5, 6], name, GREEDY, timeout=30)
+        snap = eng.residency_snapshot()
+        revisions = {s["revision"] for s in snap["slots"]}
+        assert "qv-r8" in revisions  # pinned: never evicted
+        assert [s["pinned"] for s in snap["slots"] if s["revision"] == "qv-r8"] == [True]
+        assert set(snap["host_cache"]["revisions"]) == {"qv-r8", "mlp-r2", "o-r6", "kv-r12"}
+        stats = eng.stats()
+        assert stats["slot_hits"] >= 3 and stats["evictions"] == 2 and stats["load_count"] == 4
+        eng.unpin("qv-r8")
+        eng.generate([5, 6], "mlp-r2", GREEDY, timeout=30)
+        assert "qv-r8" not in {s["revision"] for s in eng.residency_snapshot()["slots"]}
+        # From the host cache now: no new read of the source.
+        loads = eng.stats()["store_loads"]
+        eng.generate([5, 6], "qv-r8", GREEDY, timeout=30)
+        assert eng.stats()["store_loads"] == loads and eng.stats()["host_hits"] >= 1
+
+
+class _GatedSource(PeftDirSource):
+    """A PEFT-directory source whose loads wait for a gate: a slow disk, on demand."""
+
+    def __init__(self, directories: dict[str, Path]) -> None:
+        super().__init__(directories)
+        import threading
+
+        self.gate = threading.Event()
+
+    def load(self, revision: str) -> Any:
+        assert self.gate.wait(30)
+        return super().load(revision)
+
+
+def test_a_slow_load_does_not_stall_running_requests(tiny_base: Path, zoo: dict[str, Path]) -> None:
+    source = _GatedSource(zoo)
+    with Engine(
+        tiny_base, EngineConfig(max_batch_size=8, adapter_slots=2, max_model_len=128), source=source
+    ) as eng:
+        slow = eng.start_many([(_prompt(7, 5), "all-r16", GREEDY)])[0]
+        base = eng.generate_many([(_prompt(8 + i, 6), None, GREEDY) for i in range(3)], timeout=30)
+        assert all(len(c.token_ids) == GREEDY.max_tokens for c in base)
+        assert not slow.done()
+        assert [s["state"] for s in eng.residency_snapshot()["slots"]].count("loading") == 1
+        source.gate.set()
+        assert len(slow.result(30).token_ids) == GREEDY.max_tokens

@@ -1,0 +1,135 @@
+"""Our forward against transformers on the same weights, in fp32."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mintvcs.serve.loader import ModelConfig, UnsupportedModelError, read_config
+from mintvcs.serve.model import Model, StepBatch
+
+from tests.fixtures import build_base
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),
+    "llama-tied-llama3": ("llama", {"tie_word_embeddings": True, "rope_scaling": LLAMA3_SCALING}),
+    "llama-linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "qwen2-yarn": (
+        "qwen2",
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 128,
+            }
+        },
+    ),
+    "mistral-mha-theta": ("mistral", {"num_key_value_heads": 4, "rope_theta": 500000.0}),
+}
+PROMPT_LEN = 160
+
+
+def _prompt(seed: int = 0, n: int = PROMPT_LEN) -> list[int]:
+    return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _hf_logits(directory: Path, ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0]
+
+
+def _our_logits(directory: Path, ids: list[int]) -> torch.Tensor:
+    model = Model.from_dir(directory)
+    kv = model.new_kv_cache(1, 256)
+    return model.forward(StepBatch.build([], [(ids, 0, -1)], model.device), kv, all_logits=True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_transformers(case: str, tmp_path: Path) -> None:
+    arch, overrides = CASES[case]
+    directory = build_base(tmp_path / case, arch, seed=3, **overrides)
+    ids = _prompt()
+    ours, ref = _our_logits(directory, ids), _hf_logits(directory, ids)
+    assert ours.shape == ref.shape == (PROMPT_LEN, 384)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()
+
+
+def test_rope_scaling_is_applied(tmp_path: Path) -> None:
+    """Guard against a parity test that passes because scaling is ignored on both sides."""
+    plain = build_base(tmp_path / "plain", seed=3)
+    scaled = build_base(tmp_path / "scaled", seed=3, rope_scaling=LLAMA3_SCALING)
+    ids = _prompt()
+    assert (_our_logits(plain, ids) - _our_logits(scaled, ids)).abs().max() > 1e-2
+
+
+def test_transformers5_rope_parameters_config(tmp_path: Path) -> None:
+    """A config written by transformers 5 (rope_parameters, no rope_theta) loads and matches."""
+    from transformers import AutoModelForCausalLM
+
+    src = build_base(tmp_path / "old", seed=4, rope_scaling=LLAMA3_SCALING)
+    hf = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    new = tmp_path / "new"
+    hf.save_pretrained(
+        str(new), max_shard_size="100KB"
+    )  # also exercises sharded safetensors + index
+    raw = json.loads((new / "config.json").read_text())
+    assert "rope_parameters" in raw and "rope_scaling" not in raw
+    assert (new / "model.safetensors.index.json").is_file()
+    assert read_config(new).rope == read_config(src).rope
+    ids = _prompt(1)
+    assert torch.allclose(_our_logits(new, ids), _hf_logits(src, ids), atol=1e-4, rtol=0)
+
+
+def test_decode_with_cache_matches_full_forward(tiny_base: Path) -> None:
+    """Prefill then one-token decode steps, two sequences of different lengths, equal the full forward."""
+    model = Model.from_dir(tiny_base)
+    kv = model.new_kv_cache(4, 64)
+    a, b = _prompt(5, 20), _prompt(6, 9)
+    full_a = model.forward(
+        StepBatch.build([], [(a, 0, -1)], model.device), model.new_kv_cache(1, 64), all_logits=True
+    )
+    full_b = model.forward(
+        StepBatch.build([], [(b, 0, -1)], model.device), model.new_kv_cache(1, 64), all_logits=True
+    )
+    # Prefill the first 12 of a and 5 of b together, then decode both token by token in one batch.
+    out = model.forward(StepBatch.build([], [(a[:12], 2, -1), (b[:5], 0, -1)], model.device), kv)
+    assert torch.allclose(out[0], full_a[11], atol=1e-5)
+    assert torch.allclose(out[1], full_b[4], atol=1e-5)
+    for step in range(4):
+        ia, ib = 12 + step, 5 + step
+        out = model.forward(
+            StepBatch.build([(a[ia], ia, 2, -1), (b[ib], ib, 0, -1)], [], model.device), kv
+        )
+        assert torch.allclose(out[0], full_a[ia], atol=1e-5)
+        assert torch.allclose(out[1], full_b[ib], atol=1e-5)
+
+
+def test_refuses_unsupported_architecture() -> None:
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        ModelConfig.from_dict({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+
+
+def test_refuses_unsupported_rope_type(tmp_path: Path) -> None:
+    directory = build_base(tmp_path / "lr", rope_scaling={"rope_type": "longrope", "factor": 2.0})
+    with pytest.raises(UnsupportedModelError, match="longrope"):
+        read_config(directory)
+
+
+def test_tied_embeddings_share_the_matrix(tmp_path: Path) -> None:
+    model = Model.from_dir(build_base(tmp_path / "tied", tie_word_embeddings=True))
+    assert model.lm_head is model.embed

@@ -1,0 +1,65 @@
+"""The sampler and the stop/detokenize logic, on fixed logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from mintvcs.serve.sampling import InvalidSamplingParams, SamplingParams, find_stop, sample
+
+LOGITS = torch.tensor([0.0, 3.0, 2.9, 1.0, -1.0, 2.0])
+
+
+def _draws(params: SamplingParams, n: int = 400) -> list[int]:
+    gen = params.generator()
+    return [sample(LOGITS, params, gen) for _ in range(n)]
+
+
+def test_greedy_takes_the_argmax() -> None:
+    assert sample(LOGITS, SamplingParams(temperature=0.0), None) == 1
+    assert set(_draws(SamplingParams(top_k=1, seed=0), 50)) == {1}
+
+
+def test_seed_reproduces_and_differs() -> None:
+    a, b = _draws(SamplingParams(seed=7)), _draws(SamplingParams(seed=7))
+    assert a == b
+    assert a != _draws(SamplingParams(seed=8))
+
+
+def test_top_k_and_top_p_cut_the_tail() -> None:
+    assert set(_draws(SamplingParams(top_k=2, seed=1))) == {1, 2}
+    # Softmax mass of tokens 1 and 2 is about 0.63: top_p=0.6 keeps both, 0.3 keeps only the first.
+    assert set(_draws(SamplingParams(top_p=0.6, seed=2))) == {1, 2}
+    assert set(_draws(SamplingParams(top_p=0.3, seed=3))) == {1}
+    every = set(_draws(SamplingParams(temperature=5.0, seed=4), 2000))
+    assert every == set(range(6))
+
+
+def test_temperature_sharpens() -> None:
+    cold = _draws(SamplingParams(temperature=0.1, seed=5))
+    hot = _draws(SamplingParams(temperature=2.0, seed=5))
+    assert cold.count(1) > hot.count(1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_tokens": 0},
+        {"temperature": -1.0},
+        {"top_p": 0.0},
+        {"top_k": -2},
+        {"stop": ("",)},
+        {"seed": -1},
+    ],
+)
+def test_invalid_params_are_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidSamplingParams):
+        SamplingParams(**kwargs)
+
+
+def test_find_stop() -> None:
+    assert find_stop("hello world", ("wor",), 0) == 6
+    assert find_stop("hello world", ("xyz", "lo"), 0) == 3
+    assert find_stop("hello world", ("lo",), 6) == -1
+    assert SamplingParams(stop="x").stop == ("x",)
