@@ -4,8 +4,8 @@
 
 throughput  CPU, ~30M-parameter Llama, 32 requests over 8 adapters (r=16, all linears), 64 new tokens:
             ours vs PEFT mixed-batch generate(adapter_names=...), and vs our engine with no adapters.
-hotswap     CPU, ~0.4B Llama, r=16 all-linear revision: requested -> slot ready, cold (PEFT dir on disk,
-            not in the host cache) and warm (host cache), vs loading the full merged checkpoint.
+hotswap     CPU, ~0.4B Llama, r=16 all-linear revision: requested -> slot ready, cold (decoded from
+            the mintvcs store on disk, not in the host cache) and warm (host cache), vs loading the full merged checkpoint.
 cuda        only where CUDA exists: Llama-3-8B-shaped random bf16 base built on the GPU; 1, 8 and 64
             distinct adapters in a 64-request batch vs base-only.
 """
@@ -26,12 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mintvcs import porcelain
 from mintvcs.serve import (
     AdapterWeights,
     Engine,
     EngineConfig,
     PeftDirSource,
     SamplingParams,
+    StoreSource,
 )
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES, Model
@@ -250,17 +252,27 @@ def bench_hotswap(root: Path, quick: bool) -> None:
         flush=True,
     )
 
+    # The revisions live where users keep them: committed to a mintvcs repository on disk.
+    repo = porcelain.init(root / "repo", str(base), install_hooks=False)
+    commits = {
+        name: porcelain.commit(
+            repo, f"revision {name}", source=path, verify=False, show_progress=False
+        ).commit
+        for name, path in revisions.items()
+    }
     engine_config = EngineConfig(
         adapter_slots=2, max_lora_rank=16, max_model_len=256, max_batch_size=4
     )
-    with Engine(base, engine_config, source=PeftDirSource(revisions)) as engine:
+    with Engine(base, engine_config, source=StoreSource(repo)) as engine:
         params = engine.model.num_parameters
         adapter_mb = sum(p.stat().st_size for p in revisions["r0"].glob("*.safetensors")) / 1e6
-        engine.prefetch("r4").result()  # first load pays one-off costs (thread start, allocator)
-        # Cold: not in the host cache; read from the PEFT directory (the OS page cache may hold the file).
+        engine.prefetch(
+            commits["r4"]
+        ).result()  # the first load pays one-off costs (threads, allocator)
+        # Cold: not in the host cache; decoded from the store (the OS page cache may hold its files).
 
         def swap(name: str) -> float:
-            return _time(lambda: engine.prefetch(name).result())
+            return _time(lambda: engine.prefetch(commits[name]).result())
 
         cold = [swap(n) for n in ("r0", "r1", "r2", "r3")]
         # Warm: with two slots, each of r0..r3 was evicted since its last use but stays in the host cache.
@@ -274,7 +286,7 @@ def bench_hotswap(root: Path, quick: bool) -> None:
         flush=True,
     )
     report(
-        "hot swap cold (PEFT dir -> slot) vs full merged reload",
+        "hot swap cold (store -> slot) vs full merged reload",
         cold_s * 1e3,
         full * 1e3,
         "ms",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from mintvcs.kernels import add_lora, add_lora_reference, group_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,6 +224,7 @@ def gpu_case(
 ) -> None:
     """One GPU shape: the Triton op, its shrink alone, torch gather+bmm and the base linear."""
     import triton.testing
+
     from mintvcs.kernels.checks import check_call
     from mintvcs.kernels.triton_ops import add_lora_triton
 

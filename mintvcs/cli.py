@@ -434,7 +434,7 @@ def gc(no_prune: bool) -> None:
     )
 
 
-def _lazy(module: str, attr: str) -> click.Command:
+def _lazy(module: str, attr: str, help_text: str) -> click.Command:
     """Load a command from the serving side only when it is invoked, so VCS commands start fast."""
 
     class Lazy(click.Command):
@@ -453,8 +453,19 @@ def _lazy(module: str, attr: str) -> click.Command:
         def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
             return self._real().parse_args(ctx, args)
 
-    return Lazy(attr, help=f"(see 'mintvcs {attr} --help')")
+    return Lazy(attr, help=help_text)
 
+
+main.add_command(
+    _lazy(
+        "mintvcs.serve.cli",
+        "serve",
+        "Serve adapter revisions by ref over HTTP with one resident base.",
+    )
+)
+main.add_command(
+    _lazy("mintvcs.serve.cli", "demo", "Tell the whole story on an embedded tiny base model.")
+)
 
 if __name__ == "__main__":
     main()

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 DEFAULT_BRANCH = "main"
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
+_OID = re.compile(r"^[0-9a-f]{40}$")
 _SPEC = re.compile(r"^(?P<name>.*?)(?P<suffix>(?:[~^][0-9]*)*)$")
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
 ProgressFn = Callable[[int], None]
@@ -242,14 +243,50 @@ class Repository:
 
     def read_blob(self, oid: str, *, what: str = "blob") -> bytes:
         """The content of a blob."""
+        content = self.blob_view(oid, what=what)
+        return content if isinstance(content, bytes) else bytes(content)
+
+    def blob_view(self, oid: str, *, what: str = "blob") -> bytes | memoryview:
+        """The content of a blob without a copy where it can (a hot swap reads tensors this way)."""
         from dulwich.objects import Blob
 
+        loose = self._read_loose_blob(oid, what)
+        if loose is not None:
+            return loose
         obj = self.get_object(oid, what=what)
         if not isinstance(obj, Blob):
             raise CorruptObjectError(
                 f"{what}: object {oid} is a {obj.type_name.decode()}, not a blob"
             )
         return obj.as_raw_string()
+
+    def _read_loose_blob(self, oid: str, what: str) -> memoryview | None:
+        """Inflate a loose blob without building a dulwich object; None when it is not loose."""
+        import zlib
+
+        if not _OID.match(oid):
+            raise CorruptObjectError(f"{what}: {oid!r} is not an object id")
+        try:
+            raw = (self.git_dir / "objects" / oid[:2] / oid[2:]).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            data = zlib.decompress(raw)
+        except zlib.error as err:
+            raise CorruptObjectError(
+                f"{what}: object {oid} is corrupt ({err}); run 'mintvcs fsck'"
+            ) from None
+        nul = data.find(b"\0", 0, 32)
+        kind, _, size = data[: max(nul, 0)].partition(b" ")
+        if nul < 0 or not size.isdigit() or int(size) != len(data) - nul - 1:
+            raise CorruptObjectError(
+                f"{what}: object {oid} has a corrupt header; run 'mintvcs fsck'"
+            )
+        if kind != b"blob":
+            raise CorruptObjectError(
+                f"{what}: object {oid} is a {kind.decode(errors='replace')}, not a blob"
+            )
+        return memoryview(data)[nul + 1 :]
 
     def add_blob(self, data: bytes) -> str:
         """Store `data` as a blob; an existing identical blob costs nothing."""
@@ -261,7 +298,7 @@ class Repository:
 
     def tensor_bytes(self, blob_id: str, name: str) -> bytes:
         """Decode a tensor blob, following its XOR chain, verifying each link."""
-        blob = self.read_blob(blob_id, what=f"tensor {name}")
+        blob = self.blob_view(blob_id, what=f"tensor {name}")
         header = codec.read_header(blob, name=name)
         base = self.tensor_bytes(header.base, name) if header.base is not None else None
         data = codec.decode(blob, base, name=name)

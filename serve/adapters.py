@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from mintvcs.serve.loader import ModelConfig
-from mintvcs.serve.model import LORA_MODULES
 
 from mintvcs.errors import MintError
+from mintvcs.serve.loader import ModelConfig
+from mintvcs.serve.model import LORA_MODULES
 
 # PEFT's tensor names, with or without the adapter name PEFT sometimes keeps ("lora_A.default.weight").
 _LORA_KEY = re.compile(

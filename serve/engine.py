@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mintvcs.errors import MintError
 from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, prepare_adapter
 from mintvcs.serve.loader import load_tokenizer, read_config
 from mintvcs.serve.model import LORA_MODULES, Model
 from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams
 from mintvcs.serve.scheduler import Scheduler, Sequence, TokenEvent
 from mintvcs.serve.slots import AdapterPools, Residency
-
-from mintvcs.errors import MintError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.loader import (
     CheckpointError,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import Model, StepBatch
 from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams, find_stop, sample

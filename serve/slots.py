@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from mintvcs.errors import MintError
 from mintvcs.serve.adapters import AdapterRefused, AdapterSource, AdapterWeights, HostAdapter
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES, LoraBatch
-
-from mintvcs.errors import MintError
 
 # How long a load failure that is not a refusal (a disk error, say) is reported before a retry.
 _RETRY_AFTER_S = 2.0

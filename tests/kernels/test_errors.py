@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from mintvcs.errors import MintError
 from mintvcs.kernels import (
     LoraBackendError,
     LoraShapeError,
@@ -14,8 +16,6 @@ from mintvcs.kernels import (
     add_lora_slices,
     group_tokens,
 )
-
-from mintvcs.errors import MintError
 
 T, S, R, K, N = 5, 3, 4, 8, 6
 

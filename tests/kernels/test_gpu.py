@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+
 from mintvcs.kernels import add_lora, group_tokens
 from mintvcs.kernels.torch_ops import add_lora_torch
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from mintvcs.kernels import (
     add_lora,
     add_lora_reference,

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from mintvcs.serve import (
     AdapterRefused,
     AdapterWeights,
@@ -18,7 +19,6 @@ from mintvcs.serve import (
 )
 from mintvcs.serve.adapters import prepare_adapter
 from mintvcs.serve.loader import read_config
-
 from tests.fixtures import make_peft_adapter
 
 
@@ -114,9 +114,8 @@ def test_store_source_serves_a_committed_revision(
     tiny_base: Path, peft_adapter: Path, tmp_path: Path
 ) -> None:
     """A revision committed to a mintvcs repository gives the same tokens as its PEFT directory."""
-    from mintvcs.serve import StoreSource
-
     from mintvcs import porcelain
+    from mintvcs.serve import StoreSource
 
     repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
     porcelain.commit(repo, "first", source=peft_adapter, show_progress=False)

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
 
+from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
 from tests.serve.conftest import ZOO
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+
 from mintvcs.serve.loader import ModelConfig, UnsupportedModelError, read_config
 from mintvcs.serve.model import Model, StepBatch
-
 from tests.fixtures import build_base
 
 LLAMA3_SCALING = {

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from mintvcs.serve.sampling import InvalidSamplingParams, SamplingParams, find_stop, sample
 
 LOGITS = torch.tensor([0.0, 3.0, 2.9, 1.0, -1.0, 2.0])
