@@ -366,12 +366,16 @@ def tag(
 
 
 @main.command()
-@click.argument("ref")
-@click.option("-b", "new_branch", help="Create branch NEW at REF and switch to it.")
+@click.argument("ref", required=False)
+@click.option("-b", "new_branch", help="Create branch NEW at REF (default HEAD) and switch to it.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite uncommitted changes in the work tree.")
-def checkout(ref: str, new_branch: str | None, force: bool) -> None:
+def checkout(ref: str | None, new_branch: str | None, force: bool) -> None:
     """Write revision REF into the work tree as a PEFT adapter directory."""
     from mintvcs import porcelain
+
+    if ref is None and new_branch is None:
+        raise click.UsageError("give a REF to check out, or -b NEW to branch from HEAD")
+    ref = ref or "HEAD"
 
     result = porcelain.checkout(_open_repo(), ref, new_branch=new_branch, force=force)
     if result.created:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -12,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mintvcs.errors import MintError
-from mintvcs.store import Repository
+from mintvcs.store import TMP_OBJECT_PREFIX, Repository
 
 if TYPE_CHECKING:
     from dulwich.objects import ObjectID
 
+_LOOSE_NAME = re.compile(r"^[0-9a-f]{38}$")
 _TYPES = {1: b"commit", 2: b"tree", 3: b"blob", 4: b"tag"}
 GC_GRACE_SECONDS = (
     3600  # unreachable loose objects younger than this may belong to a commit in progress
@@ -85,6 +87,8 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
         if len(fan) != 2:
             continue
         for rest in sorted(os.listdir(objects_dir / fan)):
+            if not _LOOSE_NAME.match(rest):
+                continue  # a temporary file of an interrupted write, not an object (gc removes it)
             report.objects += 1
             problem = _check_loose(objects_dir / fan / rest, fan + rest)
             if problem:
@@ -166,6 +170,17 @@ class GcResult:
     bytes_after: int
 
 
+def _remove_stale_temporaries(repo: Repository, now: float) -> None:
+    """Delete object files that writers killed mid-write left behind, once past the grace period."""
+    for fan in (repo.git_dir / "objects").iterdir():
+        if len(fan.name) != 2 or not fan.is_dir():
+            continue
+        for path in fan.iterdir():
+            stale = now - path.stat().st_mtime >= GC_GRACE_SECONDS
+            if stale and (path.name.startswith(TMP_OBJECT_PREFIX) or path.name.endswith(".lock")):
+                path.unlink(missing_ok=True)
+
+
 def _store_size(repo: Repository) -> int:
     return sum(p.stat().st_size for p in (repo.git_dir / "objects").rglob("*") if p.is_file())
 
@@ -185,6 +200,7 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
                 continue
             unreachable.add(oid)
     packed = repo.objects.repack(exclude=unreachable)
+    _remove_stale_temporaries(repo, now)
     repo.refs.pack()
     for fan in (repo.git_dir / "objects").iterdir():
         if len(fan.name) == 2 and fan.is_dir() and not any(fan.iterdir()):

@@ -18,10 +18,19 @@ from mintvcs import hooks
 from mintvcs.adapter import CONFIG_FILE, GIT_DIR, WEIGHTS_FILE, AdapterFiles, read_adapter
 from mintvcs.base import BaseModel, read_base_model
 from mintvcs.errors import MintError
-from mintvcs.refs import ANY, ZERO, RefConflictError, check_branch_name, check_ref_name
+from mintvcs.refs import (
+    ANY,
+    ZERO,
+    InvalidRefNameError,
+    RefConflictError,
+    check_branch_name,
+    check_ref_name,
+)
 from mintvcs.store import CommitInfo, Repository, Revision, UnknownRevisionError
 
-COMMIT_RETRY_SECONDS = 10.0  # how long a commit retries its compare-and-swap while others move the branch
+COMMIT_RETRY_SECONDS = (
+    10.0  # how long a commit retries its compare-and-swap while others move the branch
+)
 
 
 class DirtyWorkTreeError(MintError):
@@ -468,6 +477,8 @@ def tag_create(
 ) -> str:
     """Create a lightweight tag, or an annotated one with `message`; returns the tag's ref value."""
     check_ref_name(f"refs/tags/{name}")
+    if name.startswith("-"):
+        raise InvalidRefNameError(name, "a tag name cannot begin with '-'")
     ref = f"refs/tags/{name}"
     existing = repo.refs.read(ref)
     if existing is not None and not force:
@@ -487,7 +498,7 @@ def tag_create(
         tag.tag_time = int(time.time())
         tag.tag_timezone = 0
         tag.message = (message if message.endswith("\n") else message + "\n").encode()
-        repo.objects.add_object(tag)
+        repo.add_object(tag)
         value = tag.id.decode()
     repo.refs.update(ref, value, old=existing, message=f"tag: {name}", identity=who)
     _ref_moved(repo, ref, existing, value)
@@ -557,6 +568,14 @@ def _refuse_if_dirty(repo: Repository, verb: str) -> None:
         )
 
 
+def _is_branch(repo: Repository, spec: str) -> bool:
+    """True when `spec` is exactly a branch name (not `main~2`, a tag or a commit id)."""
+    try:
+        return repo.refs.read(f"refs/heads/{spec}") is not None
+    except InvalidRefNameError:
+        return False
+
+
 def checkout(
     repo: Repository, spec: str, *, new_branch: str | None = None, force: bool = False
 ) -> CheckoutResult:
@@ -586,7 +605,9 @@ def checkout(
         )
         _ref_moved(repo, f"refs/heads/{new_branch}", None, target)
         branch: str | None = new_branch
-    elif repo.refs.read(f"refs/heads/{spec}") is not None:
+    elif spec in ("HEAD", "@"):
+        branch = repo.current_branch()
+    elif _is_branch(repo, spec):
         branch = spec
     else:
         branch = None

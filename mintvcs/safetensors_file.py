@@ -63,7 +63,7 @@ def check_tensor_name(name: str) -> None:
         raise BadTensorNameError(
             f"tensor name {name!r} cannot be stored: names must be non-empty and hold no '/', '\\' or NUL"
         )
-    if ".." in name.split(".") or any(ord(c) < 32 for c in name):
+    if ".." in name or any(ord(c) < 32 for c in name):
         raise BadTensorNameError(
             f"tensor name {name!r} cannot be stored: it holds '..' or a control character"
         )

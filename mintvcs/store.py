@@ -6,13 +6,14 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles
@@ -32,10 +33,11 @@ from mintvcs.refs import RefStore
 from mintvcs.safetensors_file import TensorEntry, assemble
 
 if TYPE_CHECKING:
-    from dulwich.object_store import DiskObjectStore
+    from dulwich.object_store import DiskObjectStore, ObjectContainer
     from dulwich.objects import Commit, ShaFile
 
 DEFAULT_BRANCH = "main"
+TMP_OBJECT_PREFIX = "tmp_obj_"  # git's own prefix for objects being written
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
 _OID = re.compile(r"^[0-9a-f]{40}$")
@@ -226,10 +228,11 @@ class Repository:
         from dulwich.errors import ChecksumMismatch, ObjectFormatException
         from dulwich.objects import ObjectID
 
+        problem: str | None = None
         try:
             return self.objects[ObjectID(oid.encode())]
         except KeyError:
-            raise CorruptObjectError(f"{what}: object {oid} is missing from the store") from None
+            problem = "is missing from the store"
         except (
             zlib.error,
             ChecksumMismatch,
@@ -237,9 +240,10 @@ class Repository:
             ValueError,
             AssertionError,
         ) as err:
-            raise CorruptObjectError(
-                f"{what}: object {oid} is corrupt ({err}); run 'mintvcs fsck'"
-            ) from None
+            problem = f"is corrupt ({err}); run 'mintvcs fsck'"
+        # Raised outside the except block so the error does not keep dulwich's frames (and a
+        # view of the pack's memory map) alive.
+        raise CorruptObjectError(f"{what}: object {oid} {problem}")
 
     def read_blob(self, oid: str, *, what: str = "blob") -> bytes:
         """The content of a blob."""
@@ -292,9 +296,35 @@ class Repository:
         """Store `data` as a blob; an existing identical blob costs nothing."""
         from dulwich.objects import Blob
 
-        blob = Blob.from_string(data)
-        self.objects.add_object(blob)
-        return blob.id.decode()
+        return self.add_object(Blob.from_string(data))
+
+    def add_object(self, obj: ShaFile) -> str:
+        """Write a loose object as git does: to a temporary file renamed into place.
+
+        Objects are content-addressed, so two writers of one object cannot conflict, and a
+        writer killed half-way leaves only a temporary file that gc removes.
+        """
+        oid = obj.id.decode()
+        directory = self.git_dir / "objects" / oid[:2]
+        path = directory / oid[2:]
+        try:
+            os.utime(path)  # already there: a fresh mtime keeps gc's grace period from pruning it
+            return oid
+        except FileNotFoundError:
+            pass
+        directory.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_OBJECT_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(
+                    obj.as_legacy_object(compression_level=self.objects.loose_compression_level)
+                )
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return oid
 
     def tensor_bytes(self, blob_id: str, name: str) -> bytes:
         """Decode a tensor blob, following its XOR chain, verifying each link."""
@@ -424,7 +454,7 @@ class Repository:
             )
             for f in files
         ]
-        tree_id: bytes = commit_tree(self.objects, entries)
+        tree_id: bytes = commit_tree(cast("ObjectContainer", self), entries)
         return tree_id.decode(), manifest
 
     def write_commit(self, tree: str, parents: list[str], message: str, identity: str) -> str:
@@ -440,7 +470,7 @@ class Repository:
         commit.author_timezone = commit.commit_timezone = offset
         commit.encoding = b"UTF-8"
         commit.message = message.encode()
-        self.objects.add_object(commit)
+        self.add_object(commit)
         return commit.id.decode()
 
     def walk(self, start: str, limit: int | None = None) -> Iterator[CommitInfo]:

@@ -1,0 +1,239 @@
+"""Shared helpers for the store, CLI, bad-input and crash tests: run the CLI and git, build adapters by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mintvcs.safetensors_file import parse_layout
+
+# Fixed identities so that commits, reflogs and git's own checks never depend on the machine's config.
+ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "Tester",
+    "GIT_AUTHOR_EMAIL": "tester@example.com",
+    "GIT_COMMITTER_NAME": "Tester",
+    "GIT_COMMITTER_EMAIL": "tester@example.com",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "NO_COLOR": "1",
+}
+ROOT = Path(__file__).resolve().parents[2]
+ENV["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def mint(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `mintvcs ARGS` as a real process in `cwd`; never a traceback, and exit 0 unless ok=False."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert "Traceback" not in result.stderr, f"mintvcs {args} raised:\n{result.stderr}"
+    if ok:
+        assert result.returncode == 0, (
+            f"mintvcs {args} exited {result.returncode}:\n{result.stderr}"
+        )
+    return result
+
+
+def mint_fails(cwd: Path, *args: str) -> str:
+    """Run `mintvcs ARGS` expecting a refusal: non-zero exit and one `error:` line; returns that line."""
+    result = mint(cwd, *args, ok=False)
+    assert result.returncode != 0, f"mintvcs {args} should have failed:\n{result.stdout}"
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"expected one error line, got:\n{result.stderr}"
+    return errors[0]
+
+
+def git(git_dir: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run real git on a `.mint` directory."""
+    result = subprocess.run(
+        ["git", "--git-dir", str(git_dir), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if ok:
+        assert result.returncode == 0, f"git {args} exited {result.returncode}:\n{result.stderr}"
+    return result
+
+
+def git_fsck(work: Path) -> None:
+    """Real git's strictest check of a repository we wrote."""
+    result = git(work / ".mint", "fsck", "--strict", "--no-dangling", ok=False)
+    assert result.returncode == 0, f"git fsck --strict failed:\n{result.stdout}\n{result.stderr}"
+    assert "error" not in result.stderr.lower(), result.stderr
+
+
+def git_log(work: Path, ref: str = "HEAD") -> list[str]:
+    """Commit ids that real git lists from `ref`, newest first."""
+    return git(work / ".mint", "log", "--format=%H", ref).stdout.split()
+
+
+def copy_adapter(src: Path, dst: Path) -> Path:
+    """Copy a PEFT adapter directory's files (not any .mint) into `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, dst / path.name)
+    return dst
+
+
+def tensor_names(adapter: Path) -> list[str]:
+    """Tensor names of an adapter's safetensors file, in file order."""
+    layout = parse_layout((adapter / WEIGHTS).read_bytes(), "test")
+    return [t.name for t in layout.tensors]
+
+
+def mutate(
+    adapter: Path, *, seed: int, names: list[str] | None = None, scale: float = 1e-3
+) -> None:
+    """Change the values of some tensors in place, keeping the header byte-for-byte."""
+    path = adapter / WEIGHTS
+    data = bytearray(path.read_bytes())
+    layout = parse_layout(bytes(data), str(path))
+    rng = np.random.default_rng(seed)
+    offset = len(layout.header)
+    for entry in layout.tensors:
+        if names is not None and entry.name not in names:
+            continue
+        view = data[offset + entry.start : offset + entry.end]
+        if entry.dtype == "F32":
+            values = np.frombuffer(bytes(view), "<f4")
+            new = (
+                (values + rng.standard_normal(values.size).astype("<f4") * scale)
+                .astype("<f4")
+                .tobytes()
+            )
+        elif entry.dtype == "BF16":
+            # Nudge the low mantissa bits: a small, finite change of a bf16 value.
+            bits = np.frombuffer(bytes(view), "<u2")
+            new = (bits ^ rng.integers(1, 4, bits.size, dtype="<u2")).astype("<u2").tobytes()
+        else:
+            raise AssertionError(f"mutate: dtype {entry.dtype} not handled")
+        data[offset + entry.start : offset + entry.end] = new
+    # Atomic, so that a test process killed here leaves the old file, not half of it.
+    tmp = path.with_name(path.name + ".mutating")
+    tmp.write_bytes(bytes(data))
+    os.replace(tmp, path)
+
+
+def set_value(adapter: Path, name: str, index: int, value: float) -> None:
+    """Set one element of tensor `name` (F32 or BF16) to `value`, keeping the header."""
+    path = adapter / WEIGHTS
+    data = bytearray(path.read_bytes())
+    layout = parse_layout(bytes(data), str(path))
+    entry = next(t for t in layout.tensors if t.name == name)
+    start = len(layout.header) + entry.start
+    if entry.dtype == "F32":
+        data[start + 4 * index : start + 4 * index + 4] = struct.pack("<f", value)
+    elif entry.dtype == "BF16":
+        data[start + 2 * index : start + 2 * index + 2] = struct.pack("<f", value)[2:]
+    else:
+        raise AssertionError(f"set_value: dtype {entry.dtype} not handled")
+    path.write_bytes(bytes(data))
+
+
+def write_safetensors(
+    path: Path,
+    tensors: dict[str, tuple[str, list[int], bytes]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file by hand (8-byte length, JSON header, data), so any name can be written."""
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(
+        struct.pack("<Q", len(encoded)) + encoded + b"".join(raw for _, _, raw in tensors.values())
+    )
+
+
+def lora_config(targets: list[str], r: int = 4) -> bytes:
+    """A minimal PEFT LoRA adapter_config.json."""
+    return json.dumps(
+        {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": 2 * r,
+            "target_modules": targets,
+            "task_type": "CAUSAL_LM",
+        }
+    ).encode()
+
+
+def handmade_adapter(
+    directory: Path,
+    tensors: dict[str, tuple[str, list[int], bytes]],
+    targets: list[str] | None = None,
+) -> Path:
+    """A PEFT-shaped adapter directory written without PEFT (config + hand-written safetensors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG).write_bytes(lora_config(targets or ["q_proj"]))
+    write_safetensors(directory / WEIGHTS, tensors, {"format": "pt"})
+    return directory
+
+
+def random_f32(rng: np.random.Generator, shape: list[int], scale: float = 0.02) -> bytes:
+    """Random fp32 tensor bytes."""
+    return (rng.standard_normal(shape).astype("<f4") * np.float32(scale)).tobytes()
+
+
+def snapshot(work: Path) -> dict[str, object]:
+    """Everything a refused operation must leave alone: HEAD, every ref, the work tree's bytes."""
+    git_dir = work / ".mint"
+    refs: dict[str, str] = {}
+    for line in git(
+        git_dir, "for-each-ref", "--format=%(refname) %(objectname)"
+    ).stdout.splitlines():
+        name, oid = line.split()
+        refs[name] = oid
+    files = {
+        p.relative_to(work).as_posix(): p.read_bytes()
+        for p in sorted(work.rglob("*"))
+        if p.is_file() and ".mint" not in p.relative_to(work).parts
+    }
+    return {"HEAD": (git_dir / "HEAD").read_text(), "refs": refs, "files": files}
+
+
+def assert_intact(work: Path, before: dict[str, object]) -> None:
+    """Nothing lost: refs, HEAD and work tree as before, and both fscks pass."""
+    after = snapshot(work)
+    assert after["HEAD"] == before["HEAD"]
+    assert after["refs"] == before["refs"]
+    assert after["files"] == before["files"]
+    mint_fsck_ok(work)
+    git_fsck(work)
+
+
+def mint_fsck_ok(work: Path) -> None:
+    """`mintvcs fsck` through the API (in-process, so that many checks stay fast)."""
+    from mintvcs.maintenance import fsck
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    try:
+        report = fsck(repo)
+    finally:
+        repo.close()
+    assert report.ok, report.problems

@@ -1,0 +1,450 @@
+"""Bad input: each is refused with one clear line and a non-zero exit, and nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mintvcs import porcelain
+from mintvcs.errors import MintError
+from mintvcs.maintenance import fsck
+from mintvcs.store import Repository
+from tests.fixtures import make_peft_adapter
+from tests.mintvcs.storekit import (
+    CONFIG,
+    WEIGHTS,
+    assert_intact,
+    copy_adapter,
+    git,
+    handmade_adapter,
+    mint,
+    mint_fails,
+    mutate,
+    random_f32,
+    set_value,
+    snapshot,
+    tensor_names,
+)
+
+Q_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+@pytest.fixture(scope="module")
+def other_adapter(tmp_path_factory: pytest.TempPathFactory, other_base: Path) -> Path:
+    """A PEFT adapter made for other_base (hidden size 96), not for tiny_base."""
+    return make_peft_adapter(other_base, tmp_path_factory.mktemp("adapters") / "for-other")
+
+
+@pytest.fixture
+def work(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> Path:
+    """A repository of tiny_base with two commits, a branch and a tag; the work tree at HEAD."""
+    work = tmp_path / "work"
+    repo = porcelain.init(work, str(tiny_base))
+    copy_adapter(peft_adapter, work)
+    porcelain.commit(repo, "first", verify=False, show_progress=False)
+    mutate(work, seed=1)
+    porcelain.commit(repo, "second", verify=False, show_progress=False)
+    porcelain.branch_create(repo, "dev", "HEAD~1")
+    porcelain.tag_create(repo, "v1", "HEAD", message="one")
+    repo.close()
+    return work
+
+
+def refused(work: Path, *args: str) -> str:
+    """Run a verb that must be refused; check nothing was lost; return the error line."""
+    before = snapshot(work)
+    line = mint_fails(work, *args)
+    assert_intact(work, before)
+    return line
+
+
+# ------------------------------------------------------ not a PEFT adapter
+def _no_config(d: Path, src: Path) -> None:
+    (d / WEIGHTS).write_bytes((src / WEIGHTS).read_bytes())
+
+
+def _no_weights(d: Path, src: Path) -> None:
+    (d / CONFIG).write_bytes((src / CONFIG).read_bytes())
+
+
+def _bin_only(d: Path, src: Path) -> None:
+    (d / CONFIG).write_bytes((src / CONFIG).read_bytes())
+    (d / "adapter_model.bin").write_bytes(b"PK\x03\x04 pickled torch state")
+
+
+def _bad_config_json(d: Path, src: Path) -> None:
+    (d / CONFIG).write_text("{not json")
+    (d / WEIGHTS).write_bytes((src / WEIGHTS).read_bytes())
+
+
+def _not_lora(d: Path, src: Path) -> None:
+    config = json.loads((src / CONFIG).read_bytes())
+    config["peft_type"] = "IA3"
+    (d / CONFIG).write_text(json.dumps(config))
+    (d / WEIGHTS).write_bytes((src / WEIGHTS).read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda d, s: None, f"{CONFIG} is missing"),
+        (_no_config, f"{CONFIG} is missing"),
+        (_no_weights, f"{WEIGHTS} is missing"),
+        (_bin_only, "adapter_model.bin"),
+        (_bad_config_json, "invalid JSON"),
+        (_not_lora, "IA3"),
+    ],
+    ids=["empty", "no-config", "no-safetensors", "bin-only", "config-not-json", "not-lora"],
+)
+def test_not_a_peft_adapter(
+    work: Path, tmp_path: Path, peft_adapter: Path, make, expected: str
+) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    make(bad, peft_adapter)
+    line = refused(work, "commit", "-m", "bad", "--from", str(bad))
+    assert "not a PEFT adapter" in line or "not supported" in line or "invalid JSON" in line
+    assert expected in line and str(bad) in line
+
+
+def test_work_tree_that_is_not_an_adapter(work: Path) -> None:
+    (work / WEIGHTS).unlink()
+    line = refused(work, "commit", "-m", "bad")
+    assert f"{WEIGHTS} is missing" in line
+    # status says so rather than failing.
+    out = json.loads(mint(work, "status", "--json").stdout)
+    assert out["clean"] is False
+
+
+# ------------------------------------------------- broken safetensors files
+def _truncate(data: bytes) -> bytes:
+    return data[: len(data) - 1000]
+
+
+def _truncate_in_header(data: bytes) -> bytes:
+    return data[:20]
+
+
+def _tiny(data: bytes) -> bytes:
+    return data[:5]
+
+
+def _garbage_header(data: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    return data[:8] + b"\xff" * n + data[8 + n :]
+
+
+def _huge_header_length(data: bytes) -> bytes:
+    return struct.pack("<Q", 2**62) + data[8:]
+
+
+def _wrong_offsets(data: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 4
+    raw = json.dumps(header).encode()
+    raw += b" " * (n - len(raw)) if len(raw) <= n else b""
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
+def _bad_dtype(data: bytes) -> bytes:
+    (n,) = struct.unpack("<Q", data[:8])
+    text = data[8 : 8 + n].replace(b'"F32"', b'"Q32"', 1)
+    return data[:8] + text + data[8 + n :]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "expected"),
+    [
+        (_truncate, "truncated"),
+        (_truncate_in_header, "does not fit"),
+        (_tiny, "truncated"),
+        (_garbage_header, "not valid JSON"),
+        (_huge_header_length, "does not fit"),
+        (_wrong_offsets, WEIGHTS),
+        (_bad_dtype, "unknown dtype"),
+    ],
+    ids=[
+        "truncated-data",
+        "truncated-header",
+        "five-bytes",
+        "garbage-header",
+        "huge-length",
+        "offsets",
+        "dtype",
+    ],
+)
+def test_truncated_or_corrupt_safetensors(
+    work: Path, tmp_path: Path, peft_adapter: Path, corrupt, expected: str
+) -> None:
+    bad = copy_adapter(peft_adapter, tmp_path / "bad")
+    (bad / WEIGHTS).write_bytes(corrupt((peft_adapter / WEIGHTS).read_bytes()))
+    line = refused(work, "commit", "-m", "bad", "--from", str(bad))
+    assert expected in line and str(bad / WEIGHTS) in line
+
+
+# ----------------------------------------------------------- tensor names
+BAD_NAMES = [
+    "base_model.model.model.layers.0/self_attn.q_proj.lora_A.weight",
+    "../../etc/passwd",
+    "..",
+    "base_model.model.model.layers.0..self_attn.q_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight\x00evil",
+    "",
+]
+
+
+@pytest.mark.parametrize(
+    "name", BAD_NAMES, ids=["slash", "dotdot-path", "dotdot", "dotdot-inside", "nul", "empty"]
+)
+def test_bad_tensor_names(work: Path, tmp_path: Path, name: str) -> None:
+    rng = np.random.default_rng(0)
+    bad = handmade_adapter(
+        tmp_path / "bad",
+        {
+            name: ("F32", [8, 64], random_f32(rng, [8, 64])),
+            Q_A.replace("lora_A", "lora_B"): ("F32", [64, 8], random_f32(rng, [64, 8])),
+        },
+    )
+    line = refused(work, "commit", "-m", "bad", "--from", str(bad), "--no-verify")
+    assert "tensor name" in line and repr(name) in line
+
+
+# ---------------------------------------------------------- NaN, Inf, base
+@pytest.mark.parametrize(
+    ("value", "index"), [(float("nan"), 3), (float("inf"), 0), (float("-inf"), 17)]
+)
+def test_non_finite_adapter_refused_by_hook(
+    work: Path, tmp_path: Path, value: float, index: int
+) -> None:
+    bad = copy_adapter(work, tmp_path / "bad")
+    name = tensor_names(bad)[5]
+    set_value(bad, name, index, value)
+    line = refused(work, "commit", "-m", "bad", "--from", str(bad))
+    assert "pre-commit" in line and name in line and "non-finite" in line
+    # --no-verify skips the hook: the user asked for it.
+    out = json.loads(
+        mint(work, "commit", "-m", "forced", "--from", str(bad), "--no-verify", "--json").stdout
+    )
+    assert git(work / ".mint", "rev-parse", "HEAD").stdout.strip() == out["commit"]
+
+
+def test_non_finite_bf16_refused(tmp_path: Path, tiny_base: Path, peft_adapter_bf16: Path) -> None:
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--base-model", str(tiny_base))
+    copy_adapter(peft_adapter_bf16, work)
+    name = tensor_names(work)[-1]
+    set_value(work, name, 2, float("nan"))
+    line = mint_fails(work, "commit", "-m", "bad")
+    assert name in line and "non-finite" in line
+    assert git(work / ".mint", "rev-parse", "-q", "--verify", "HEAD", ok=False).returncode != 0
+
+
+def test_adapter_for_another_base_refused(work: Path, other_adapter: Path) -> None:
+    line = refused(work, "commit", "-m", "wrong base", "--from", str(other_adapter))
+    assert "another base model" in line and ".lora_" in line
+    # The shape check is in the store itself: --no-verify does not bypass it.
+    line = refused(work, "commit", "-m", "wrong base", "--from", str(other_adapter), "--no-verify")
+    name = line.split("tensor ")[1].split()[0]
+    assert name in tensor_names(other_adapter)
+
+
+def test_adapter_targeting_missing_module_refused(work: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    name = "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight"
+    bad = handmade_adapter(tmp_path / "bad", {name: ("F32", [4, 64], random_f32(rng, [4, 64]))})
+    line = refused(work, "commit", "-m", "bad", "--from", str(bad), "--no-verify")
+    assert name in line and "does not have" in line
+
+
+def test_init_with_bad_base_model(tmp_path: Path) -> None:
+    (tmp_path / "notamodel").mkdir()
+    line = mint_fails(tmp_path, "init", "repo", "--base-model", str(tmp_path / "notamodel"))
+    assert "config.json is missing" in line
+    assert not (tmp_path / "repo" / ".mint").exists(), (
+        "a refused init must not leave a half-made repository"
+    )
+
+
+# ------------------------------------------------------------ unknown refs
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("checkout", "nope"),
+        ("checkout", "main~9"),
+        ("log", "nope"),
+        ("show", "nope"),
+        ("diff", "nope", "HEAD"),
+        ("diff", "HEAD", "nope"),
+        ("reset", "nope"),
+        ("reset", "--hard", "deadbeef"),
+        ("branch", "new", "nope"),
+        ("tag", "-d", "nope"),
+        ("checkout", "0000000"),
+    ],
+    ids=lambda a: "-".join(a),
+)
+def test_unknown_refs(work: Path, args: tuple[str, ...]) -> None:
+    bad = next(a for a in args if a in ("nope", "main~9", "deadbeef", "0000000"))
+    line = refused(work, *args)
+    assert bad in line
+
+
+def test_outside_a_repository(tmp_path: Path) -> None:
+    line = mint_fails(tmp_path, "log")
+    assert "not a mintvcs repository" in line and "mintvcs init" in line
+
+
+# -------------------------------------------------- names git would refuse
+BAD_REF_NAMES = ["a..b", "x~1", "has space", "-lead", "x^2", "a:b", "br[", "x.lock", "@{x"]
+
+
+@pytest.mark.parametrize("name", BAD_REF_NAMES)
+def test_branch_names_git_refuses(work: Path, name: str) -> None:
+    assert git(work / ".mint", "check-ref-format", "--branch", name, ok=False).returncode != 0
+    line = refused(work, "branch", "--", name)
+    assert "invalid ref name" in line and repr(name)[1:-1] in line
+    line = refused(work, "checkout", "-b", name, "HEAD")
+    assert "invalid ref name" in line and repr(name)[1:-1] in line
+
+
+@pytest.mark.parametrize(
+    "name",
+    BAD_REF_NAMES,
+)
+def test_tag_names_git_refuses(work: Path, name: str) -> None:
+    # git's own `git tag` refuses these names (a leading '-' included).
+    line = refused(work, "tag", "--", name)
+    assert "invalid ref name" in line and repr(name)[1:-1] in line
+
+
+# -------------------------------------------------------- flipped bytes
+def _blob_of(work: Path, rev: str, kind: str) -> tuple[str, str]:
+    """(object id, tensor name or '') of one object of revision `rev`."""
+    repo = Repository.open(work)
+    try:
+        revision = repo.read_revision(repo.resolve(rev))
+        if kind == "tensor":
+            record = revision.manifest.tensors[3]
+            return record.blob, record.name
+        if kind == "commit":
+            return revision.commit, ""
+        if kind == "tree":
+            return revision.info.tree, ""
+        if kind == "manifest":
+            return revision._tree["manifest.json"], ""
+        if kind == "config":
+            return revision._tree[CONFIG], ""
+        raise AssertionError(kind)
+    finally:
+        repo.close()
+
+
+def _flip_loose(work: Path, oid: str) -> None:
+    path = work / ".mint" / "objects" / oid[:2] / oid[2:]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+
+
+def _flip_packed(work: Path, oid: str) -> None:
+    # Real git's `show-index` gives each packed object's offset.
+    packs = sorted((work / ".mint" / "objects" / "pack").glob("*.idx"))
+    for idx in packs:
+        listing = subprocess.run(
+            ["git", "show-index"], input=idx.read_bytes(), capture_output=True, check=True
+        ).stdout.decode()
+        offsets = {line.split()[1]: int(line.split()[0]) for line in listing.splitlines()}
+        if oid in offsets:
+            break
+    else:
+        raise AssertionError(f"{oid} is in no pack")
+    path = idx.with_suffix(".pack")
+    data = bytearray(path.read_bytes())
+    data[offsets[oid] + 64] ^= 0x10
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["loose", "packed"])
+@pytest.mark.parametrize("kind", ["tensor", "manifest", "tree", "commit", "config"])
+def test_flipped_byte_in_object(work: Path, where: str, kind: str) -> None:
+    if where == "packed":
+        mint(work, "gc")
+        loose = [
+            p
+            for p in (work / ".mint" / "objects").iterdir()
+            if len(p.name) == 2 and any(p.iterdir())
+        ]
+        assert loose == []
+    # Corrupt an object of the first revision (dev); HEAD (main) is the second.
+    oid, tensor = _blob_of(work, "dev", kind)
+    assert kind not in ("manifest", "tree", "commit") or _blob_of(work, "main", kind)[0] != oid
+    (_flip_loose if where == "loose" else _flip_packed)(work, oid)
+    before = snapshot(work)
+    # fsck names the object and exits 1.
+    result = mint(work, "fsck", ok=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert oid in result.stderr
+    if tensor:
+        assert tensor in result.stderr
+    assert git(work / ".mint", "fsck", "--strict", ok=False).returncode != 0, (
+        "git agrees it is corrupt"
+    )
+    # Checking out or reading that revision names the tensor (or the object), and changes nothing.
+    line = mint_fails(work, "checkout", "dev")
+    assert (tensor or oid[:12]) in line or (tensor or oid) in line
+    assert snapshot(work) == before
+    message = _read_error(work, "dev")
+    assert (tensor or oid[:12]) in message or oid in message
+    # The manifest is the one object main does not share with dev (tensors are shared or XOR
+    # bases, the config is shared), so main must still read in full.
+    if kind == "manifest":
+        assert _read_error(work, "main") == ""
+
+
+def _read_error(work: Path, rev: str) -> str:
+    """Read a revision's config and tensors through the API; the error message, or '' if it reads."""
+    repo = Repository.open(work)
+    message = ""
+    try:
+        revision = repo.read_revision(repo.resolve(rev))
+        _ = revision.config_bytes
+        revision.tensors()
+    except MintError as err:
+        message = str(err)
+    repo.close()
+    return message
+
+
+def test_fsck_api_names_object_and_tensor(work: Path) -> None:
+    oid, tensor = _blob_of(work, "dev", "tensor")
+    _flip_loose(work, oid)
+    repo = Repository.open(work)
+    try:
+        report = fsck(repo)
+    finally:
+        repo.close()
+    assert not report.ok
+    assert any(oid in p for p in report.problems)
+    assert any(tensor in p for p in report.problems)
+
+
+def test_close_after_reading_a_corrupt_packed_object(work: Path) -> None:
+    # A caller that keeps the error (a server logging it, a test) must still be able to close the repository.
+    mint(work, "gc")
+    oid, tensor = _blob_of(work, "dev", "tensor")
+    _flip_packed(work, oid)
+    repo = Repository.open(work)
+    with pytest.raises(MintError, match=tensor) as kept:
+        repo.read_revision(repo.resolve("dev")).tensors()
+    repo.close()
+    assert kept.value is not None

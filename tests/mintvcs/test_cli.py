@@ -1,0 +1,565 @@
+"""Every CLI verb, run as a real `mintvcs` process, with real git reading what we wrote."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mintvcs.base import fingerprint
+from mintvcs.safetensors_file import parse_layout
+from tests.mintvcs.storekit import (
+    CONFIG,
+    WEIGHTS,
+    copy_adapter,
+    git,
+    git_fsck,
+    git_log,
+    mint,
+    mint_fails,
+    mutate,
+    tensor_names,
+    write_safetensors,
+)
+
+
+@pytest.fixture
+def work(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> Path:
+    """A repository of tiny_base whose work tree holds the fp32 PEFT adapter, nothing committed."""
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--base-model", str(tiny_base))
+    copy_adapter(peft_adapter, work)
+    return work
+
+
+def head(work: Path) -> str:
+    """HEAD's commit id, as real git reads it."""
+    return git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+
+
+def commit(work: Path, message: str, *extra: str) -> str:
+    """`mintvcs commit --json`; returns the new id."""
+    out = mint(work, "commit", "-m", message, "--json", *extra)
+    return str(json.loads(out.stdout)["commit"])
+
+
+def show_json(work: Path, rev: str = "HEAD") -> dict:
+    """`mintvcs show --json REV`."""
+    return json.loads(mint(work, "show", "--json", rev).stdout)
+
+
+def new_objects(work: Path, before: set[str]) -> dict[str, str]:
+    """Objects (id -> type) that appeared since `before`, as real git lists them."""
+    out = git(
+        work / ".mint",
+        "cat-file",
+        "--batch-all-objects",
+        "--batch-check=%(objectname) %(objecttype)",
+    )
+    return {
+        oid: kind
+        for oid, kind in (line.split() for line in out.stdout.splitlines())
+        if oid not in before
+    }
+
+
+def all_objects(work: Path) -> set[str]:
+    """Every object id in the store."""
+    return set(new_objects(work, set()))
+
+
+def subset_adapter(src: Path, dst: Path, drop: str) -> Path:
+    """A copy of `src` whose safetensors file lacks tensor `drop` (header rewritten by hand)."""
+    copy_adapter(src, dst)
+    data = (src / WEIGHTS).read_bytes()
+    layout = parse_layout(data, "src")
+    offset = len(layout.header)
+    tensors = {
+        t.name: (t.dtype, list(t.shape), data[offset + t.start : offset + t.end])
+        for t in layout.tensors
+        if t.name != drop
+    }
+    write_safetensors(dst / WEIGHTS, tensors, layout.metadata)
+    return dst
+
+
+# ------------------------------------------------------------------- init
+def test_init_records_base_default_branch_and_hook(tmp_path: Path, tiny_base: Path) -> None:
+    out = mint(tmp_path, "init", "repo", "--base-model", str(tiny_base))
+    git_dir = tmp_path / "repo" / ".mint"
+    assert "Initialized empty mintvcs repository" in out.stdout
+    recorded = json.loads((git_dir / "mint-base.json").read_text())
+    assert recorded["fingerprint"] == fingerprint(tiny_base)
+    assert recorded["fingerprint"][7:19] in out.stdout
+    assert git(git_dir, "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/main"
+    hook = git_dir / "hooks" / "pre-commit"
+    assert hook.is_file() and os.access(hook, os.X_OK)
+    git_fsck(tmp_path / "repo")
+    # A second init refuses and names the directory.
+    line = mint_fails(tmp_path, "init", "repo")
+    assert ".mint" in line and "already" in line
+    # Without --base-model nothing is recorded; --no-hooks installs no active hook.
+    mint(tmp_path, "init", "bare-repo", "--no-hooks")
+    assert not (tmp_path / "bare-repo" / ".mint" / "mint-base.json").exists()
+    assert not (tmp_path / "bare-repo" / ".mint" / "hooks" / "pre-commit").exists()
+
+
+# ----------------------------------------------------------------- commit
+def test_commit_prints_id_and_git_agrees(work: Path) -> None:
+    out = mint(work, "commit", "-m", "first adapter", "--meta", "step=3", "--meta", "run=abc")
+    first = head(work)
+    assert f"[main (root-commit) {first[:7]}] first adapter" in out.stdout
+    assert git(work / ".mint", "log", "-1", "--format=%s").stdout.strip() == "first adapter"
+    shown = show_json(work)
+    assert shown["commit"] == first
+    assert shown["meta"] == {"step": "3", "run": "abc"}
+    assert shown["base"]["fingerprint"].startswith("sha256:")
+    assert [t["name"] for t in shown["tensors"]] == tensor_names(work)
+    assert shown["files"] == ["README.md"]
+    text = mint(work, "show", first[:9]).stdout
+    assert "meta step: 3" in text and f"commit {first}" in text and "lora: r=8" in text
+    # Malformed --meta is a usage error, not a traceback.
+    result = mint(work, "commit", "-m", "x", "--meta", "novalue", ok=False)
+    assert result.returncode == 2 and "KEY=VALUE" in result.stderr
+    git_fsck(work)
+
+
+def test_unchanged_tensor_adds_no_blob_and_changed_one_is_xor(work: Path) -> None:
+    first = commit(work, "first", "--no-verify")
+    names = tensor_names(work)
+    before = all_objects(work)
+    # Same content again: only a commit object is new.
+    commit(work, "again", "--no-verify")
+    assert sorted(new_objects(work, before).values()) == ["commit"]
+    # One tensor changes: one new tensor blob and a new manifest, nothing else of blob type.
+    before = all_objects(work)
+    mutate(work, seed=1, names=[names[0]])
+    third = commit(work, "one tensor", "--no-verify")
+    added = new_objects(work, before)
+    assert sorted(added.values()).count("blob") == 2, added
+    a, c = show_json(work, first), show_json(work, third)
+    assert [t["blob"] for t in a["tensors"][1:]] == [t["blob"] for t in c["tensors"][1:]]
+    assert c["tensors"][0]["blob"] != a["tensors"][0]["blob"]
+    assert c["tensors"][0]["blob"] in added
+    assert c["tensors"][0]["encoding"] == "xor" and c["tensors"][0]["depth"] == 1
+    assert a["tensors"][0]["encoding"] != "xor" and a["tensors"][0]["depth"] == 0
+    git_fsck(work)
+
+
+def test_commit_from_directory_leaves_work_tree_alone(work: Path, tmp_path: Path) -> None:
+    commit(work, "first", "--no-verify")
+    other = copy_adapter(work, tmp_path / "elsewhere")
+    mutate(other, seed=5)
+    before = (work / WEIGHTS).read_bytes()
+    second = commit(work, "from elsewhere", "--from", str(other))
+    assert (work / WEIGHTS).read_bytes() == before
+    # The work tree now differs from HEAD; a checkout of HEAD~0 into a fresh place gives `other`.
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert not state["clean"] and state["head"] == second
+    mint(work, "checkout", "--force", second)
+    assert filecmp.cmp(work / WEIGHTS, other / WEIGHTS, shallow=False)
+
+
+# -------------------------------------------------------------------- log
+def test_log_oneline_limit_ref_and_json(work: Path) -> None:
+    ids = [commit(work, "rev 0", "--no-verify")]
+    for i in range(1, 3):
+        mutate(work, seed=i)
+        ids.append(commit(work, f"rev {i}", "--no-verify"))
+    mint(work, "branch", "old", ids[0])
+    lines = mint(work, "log", "--oneline").stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [i[:7] for i in reversed(ids)]
+    assert "(HEAD -> main)" in lines[0] and lines[0].endswith("rev 2")
+    assert "old" in lines[-1]
+    assert len(mint(work, "log", "--oneline", "-n", "2").stdout.splitlines()) == 2
+    assert mint(work, "log", "--oneline", "old").stdout.split()[0] == ids[0][:7]
+    full = mint(work, "log", "-n", "1").stdout
+    assert (
+        f"commit {ids[2]}" in full
+        and "Author: Tester <tester@example.com>" in full
+        and "    rev 2" in full
+    )
+    parsed = json.loads(mint(work, "log", "--json").stdout)
+    assert [c["commit"] for c in parsed] == list(reversed(ids))
+    assert parsed[0]["parents"] == [ids[1]]
+    # Real git sees the same history.
+    assert git_log(work) == list(reversed(ids))
+    git_fsck(work)
+
+
+# ------------------------------------------------------------------- diff
+def _floats(path: Path) -> dict[str, np.ndarray]:
+    data = path.read_bytes()
+    layout = parse_layout(data, str(path))
+    off = len(layout.header)
+    return {
+        t.name: np.frombuffer(data[off + t.start : off + t.end], "<f4").astype(np.float64)
+        for t in layout.tensors
+    }
+
+
+def test_diff_revisions_json_matches_numpy(work: Path, tmp_path: Path) -> None:
+    first = commit(work, "first", "--no-verify")
+    a = _floats(work / WEIGHTS)
+    name = tensor_names(work)[1]
+    mutate(work, seed=3, names=[name], scale=1e-2)
+    b = _floats(work / WEIGHTS)
+    second = commit(work, "second", "--no-verify")
+    result = json.loads(mint(work, "diff", first, second, "--json").stdout)
+    assert (result["a"], result["b"]) == (first, second)
+    assert not result["config_changed"] and result["files_changed"] == []
+    by_name = {t["name"]: t for t in result["tensors"]}
+    assert set(by_name) == set(a)
+    changed = by_name[name]
+    assert changed["status"] == "modified" and changed["shape_a"] == changed["shape_b"]
+    expected_rel = np.linalg.norm(b[name] - a[name]) / np.linalg.norm(a[name])
+    expected_cos = a[name] @ b[name] / (np.linalg.norm(a[name]) * np.linalg.norm(b[name]))
+    assert changed["rel_l2"] == pytest.approx(expected_rel, rel=1e-9) and changed["rel_l2"] > 0
+    assert changed["cosine"] == pytest.approx(expected_cos, rel=1e-12) and changed["cosine"] < 1
+    assert all(t["status"] == "unchanged" for n, t in by_name.items() if n != name)
+    text = mint(work, "diff", first, second).stdout
+    assert f"modified  {name}" in text and "1 of 8 tensors changed" in text
+    dropped = tensor_names(work)[0]
+    smaller = subset_adapter(work, tmp_path / "smaller", dropped)
+    # Against the work tree (B omitted).
+    mutate(work, seed=4, names=[name])
+    wt = json.loads(mint(work, "diff", "HEAD", "--json").stdout)
+    assert wt["b"] == "work tree"
+    assert [t["name"] for t in wt["tensors"] if t["status"] != "unchanged"] == [name]
+    # Added and removed tensors.
+    third = commit(work, "drop one", "--from", str(smaller), "--no-verify")
+    removed = json.loads(mint(work, "diff", second, third, "--json").stdout)["tensors"]
+    assert [
+        (t["name"], t["status"], t["shape_b"]) for t in removed if t["status"] != "unchanged"
+    ] == [(dropped, "removed", None)]
+    added = json.loads(mint(work, "diff", third, second, "--json").stdout)["tensors"]
+    assert [(t["name"], t["status"]) for t in added if t["status"] != "unchanged"] == [
+        (dropped, "added")
+    ]
+    assert f"removed   {dropped}" in mint(work, "diff", second, third).stdout
+
+
+# ----------------------------------------------------------------- status
+def test_status_clean_modified_added_removed(work: Path, tmp_path: Path) -> None:
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert state["head"] is None and not state["clean"]
+    assert "No commits yet" in mint(work, "status").stdout
+    commit(work, "first", "--no-verify")
+    assert "nothing to commit, work tree clean" in mint(work, "status").stdout
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"] is True
+    name = tensor_names(work)[2]
+    mutate(work, seed=9, names=[name])
+    (work / "notes.txt").write_text("eval notes\n")
+    (work / "README.md").unlink()
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert state["branch"] == "main" and not state["clean"]
+    assert sorted((c["status"], c["path"]) for c in state["changes"]) == [
+        ("added", "notes.txt"),
+        ("modified", f"{WEIGHTS}:{name}"),
+        ("removed", "README.md"),
+    ]
+    text = mint(work, "status").stdout
+    assert "On branch main" in text and f"modified:  {WEIGHTS}:{name}" in text
+    # A tensor removed from the weights file.
+    smaller = subset_adapter(work, tmp_path / "smaller", name)
+    copy_adapter(smaller, work)
+    changes = json.loads(mint(work, "status", "--json").stdout)["changes"]
+    assert {"status": "removed", "path": f"{WEIGHTS}:{name}"} in changes
+    # A config change.
+    (work / CONFIG).write_bytes((work / CONFIG).read_bytes().replace(b'"r": 8', b'"r": 9'))
+    changes = json.loads(mint(work, "status", "--json").stdout)["changes"]
+    assert {"status": "modified", "path": CONFIG} in changes
+
+
+# ----------------------------------------------------------------- branch
+def test_branch_create_list_force_delete(work: Path) -> None:
+    first = commit(work, "first", "--no-verify")
+    mutate(work, seed=1)
+    second = commit(work, "second", "--no-verify")
+    mint(work, "branch", "dev")
+    mint(work, "branch", "old", first)
+    rows = {r["name"]: r for r in json.loads(mint(work, "branch", "--json").stdout)}
+    assert {n: (r["commit"], r["current"]) for n, r in rows.items()} == {
+        "dev": (second, False),
+        "main": (second, True),
+        "old": (first, False),
+    }
+    listing = mint(work, "branch", "--list").stdout.splitlines()
+    assert f"* main  {second[:7]}" in listing and f"  old  {first[:7]}" in listing
+    assert git(work / ".mint", "rev-parse", "refs/heads/old").stdout.strip() == first
+    line = mint_fails(work, "branch", "dev", first)
+    assert "'dev' already exists" in line
+    mint(work, "branch", "-f", "dev", first)
+    assert git(work / ".mint", "rev-parse", "dev").stdout.strip() == first
+    line = mint_fails(work, "branch", "-d", "main")
+    assert "main" in line and "checked out" in line
+    out = mint(work, "branch", "-d", "dev").stdout
+    assert f"Deleted branch dev (was {first[:7]})" in out
+    assert "dev" not in mint(work, "branch").stdout
+    assert "'dev' not found" in mint_fails(work, "branch", "-d", "dev")
+    assert (
+        git(work / ".mint", "rev-parse", "--verify", "-q", "refs/heads/dev", ok=False).returncode
+        != 0
+    )
+    git_fsck(work)
+
+
+# -------------------------------------------------------------------- tag
+def test_tags_lightweight_annotated_delete_force(work: Path) -> None:
+    first = commit(work, "first", "--no-verify")
+    mutate(work, seed=1)
+    second = commit(work, "second", "--no-verify")
+    mint(work, "tag", "v1", first)
+    out = json.loads(mint(work, "tag", "prod", "-m", "release candidate", "--json").stdout)
+    assert out["commit"] == second and out["value"] != second
+    git_dir = work / ".mint"
+    assert git(git_dir, "cat-file", "-t", "v1").stdout.strip() == "commit"
+    assert git(git_dir, "cat-file", "-t", "prod").stdout.strip() == "tag"
+    assert git(git_dir, "rev-parse", "prod^{commit}").stdout.strip() == second
+    assert "release candidate" in git(git_dir, "tag", "-n1", "prod").stdout
+    assert mint(work, "tag").stdout.split() == ["prod", "v1"]
+    assert {t["name"]: t["commit"] for t in json.loads(mint(work, "tag", "--json").stdout)} == {
+        "prod": second,
+        "v1": first,
+    }
+    git_fsck(work)
+    assert "tag 'v1' already exists" in mint_fails(work, "tag", "v1", second)
+    mint(work, "tag", "-f", "v1", second)
+    assert git(git_dir, "rev-parse", "v1").stdout.strip() == second
+    mint(work, "tag", "-f", "prod", first, "-m", "moved back")
+    assert git(git_dir, "rev-parse", "prod^{commit}").stdout.strip() == first
+    assert "Deleted tag 'v1'" in mint(work, "tag", "-d", "v1").stdout
+    assert mint(work, "tag").stdout.split() == ["prod"]
+    assert "'v1' not found" in mint_fails(work, "tag", "-d", "v1")
+    # The log decorates tagged commits.
+    assert "tag: prod" in mint(work, "log", "--oneline").stdout.splitlines()[-1]
+    git_fsck(work)
+
+
+# --------------------------------------------------------------- checkout
+def test_checkout_every_kind_of_ref(work: Path) -> None:
+    ids = [commit(work, "rev 0", "--no-verify")]
+    snapshots = [(work / WEIGHTS).read_bytes()]
+    for i in range(1, 4):
+        mutate(work, seed=i)
+        ids.append(commit(work, f"rev {i}", "--no-verify"))
+        snapshots.append((work / WEIGHTS).read_bytes())
+    mint(work, "tag", "v1", ids[1], "-m", "annotated")
+    mint(work, "branch", "two", ids[2])
+
+    def at(i: int) -> None:
+        assert (work / WEIGHTS).read_bytes() == snapshots[i]
+        assert head(work) == ids[i]
+        assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+
+    assert "Switched to branch 'two'" in mint(work, "checkout", "two").stdout
+    at(2)
+    assert git(work / ".mint", "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/two"
+    assert "detached" in mint(work, "checkout", "v1").stdout
+    at(1)
+    assert git(work / ".mint", "symbolic-ref", "-q", "HEAD", ok=False).returncode != 0
+    mint(work, "checkout", ids[0])
+    at(0)
+    mint(work, "checkout", ids[3][:8])
+    at(3)
+    mint(work, "checkout", "main~2")
+    at(1)
+    mint(work, "checkout", "main")
+    at(3)
+    assert "Switched to a new branch 'fix'" in mint(work, "checkout", "-b", "fix", "main~3").stdout
+    at(0)
+    assert git(work / ".mint", "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/fix"
+    # A commit on the new branch moves it, not main.
+    mutate(work, seed=77)
+    fix = commit(work, "on fix", "--no-verify")
+    assert git(work / ".mint", "rev-parse", "fix", "main").stdout.split() == [fix, ids[3]]
+    # `checkout HEAD` stays on the branch, as in git.
+    mint(work, "checkout", "HEAD")
+    assert git(work / ".mint", "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/fix"
+    # HEAD's reflog is what git reads.
+    assert (
+        "checkout: moving from main to fix" in git(work / ".mint", "reflog", "show", "HEAD").stdout
+    )
+    git_fsck(work)
+
+
+def test_checkout_refuses_dirty_work_tree_unless_forced(work: Path) -> None:
+    first = commit(work, "first", "--no-verify")
+    mutate(work, seed=1)
+    second = commit(work, "second", "--no-verify")
+    mutate(work, seed=2)
+    dirty = (work / WEIGHTS).read_bytes()
+    line = mint_fails(work, "checkout", first)
+    assert "local changes would be overwritten" in line and "--force" in line and WEIGHTS in line
+    assert (work / WEIGHTS).read_bytes() == dirty and head(work) == second
+    # Switching to a branch at the same commit keeps the changes, as in git.
+    mint(work, "checkout", "-b", "same", "HEAD")
+    assert (work / WEIGHTS).read_bytes() == dirty
+    mint(work, "checkout", "--force", first)
+    assert head(work) == first
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+
+
+def test_checkout_restores_and_removes_extra_files(work: Path) -> None:
+    (work / "tokenizer_extra.json").write_text("{}\n")
+    script = work / "scripts" / "run.sh"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    first = commit(work, "with readme", "--no-verify")
+    readme = (work / "README.md").read_bytes()
+    (work / "README.md").unlink()
+    (work / "NOTES.md").write_text("new notes\n")
+    second = commit(work, "notes instead", "--no-verify")
+    assert show_json(work, second)["files"] == [
+        "NOTES.md",
+        "scripts/run.sh",
+        "tokenizer_extra.json",
+    ]
+    mint(work, "checkout", first)
+    assert (work / "README.md").read_bytes() == readme
+    assert not (work / "NOTES.md").exists()
+    assert script.stat().st_mode & stat.S_IXUSR
+    mint(work, "checkout", second)
+    assert not (work / "README.md").exists() and (work / "NOTES.md").read_text() == "new notes\n"
+    leftovers = [p.name for p in work.iterdir() if p.name.startswith(".") and p.name != ".mint"]
+    assert leftovers == []
+
+
+# ------------------------------------------------------------------ reset
+def test_reset_soft_and_hard(work: Path) -> None:
+    first = commit(work, "first", "--no-verify")
+    first_bytes = (work / WEIGHTS).read_bytes()
+    mutate(work, seed=1)
+    second = commit(work, "second", "--no-verify")
+    second_bytes = (work / WEIGHTS).read_bytes()
+    out = mint(work, "reset", "HEAD~1").stdout
+    assert out.startswith(f"HEAD is now at {first[:7]} first")
+    assert (
+        head(work) == first
+        and git(work / ".mint", "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/main"
+    )
+    assert (work / WEIGHTS).read_bytes() == second_bytes
+    assert not json.loads(mint(work, "status", "--json").stdout)["clean"]
+    mint(work, "reset", "--hard", first)
+    assert (work / WEIGHTS).read_bytes() == first_bytes
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+    # The reset commit stays reachable through the reflog (git agrees), so it can be recovered.
+    assert second in git(work / ".mint", "reflog", "show", "--format=%H", "main").stdout
+    mint(work, "reset", "--hard", second)
+    assert (work / WEIGHTS).read_bytes() == second_bytes
+    git_fsck(work)
+
+
+# ------------------------------------------------------------- fsck and gc
+def test_fsck_and_gc_keep_everything_readable(work: Path) -> None:
+    ids = [commit(work, "rev 0")]
+    snapshots = [(work / WEIGHTS).read_bytes()]
+    for i in range(1, 4):
+        mutate(work, seed=i)
+        ids.append(commit(work, f"rev {i}", "--no-verify"))
+        snapshots.append((work / WEIGHTS).read_bytes())
+    mint(work, "branch", "side", ids[1])
+    mint(work, "tag", "v2", ids[2], "-m", "two")
+    report = json.loads(mint(work, "fsck", "--json").stdout)
+    assert (
+        report["ok"]
+        and report["revisions"] == 4
+        and report["tensors"] == 32
+        and report["problems"] == []
+    )
+    out = mint(work, "gc").stdout
+    assert out.startswith("packed ")
+    git_dir = work / ".mint"
+    loose = [p for p in (git_dir / "objects").iterdir() if len(p.name) == 2 and any(p.iterdir())]
+    assert loose == [], "gc should leave no reachable object loose"
+    assert list((git_dir / "objects" / "pack").glob("*.pack"))
+    assert "checked" in mint(work, "fsck").stdout
+    git_fsck(work)
+    assert git_log(work) == list(reversed(ids))
+    assert git_log(work, "side") == [ids[1], ids[0]]
+    assert git(git_dir, "rev-parse", "v2^{commit}").stdout.strip() == ids[2]
+    assert git(git_dir, "count-objects", "-v").stdout.splitlines()[0] == "count: 0"
+    for i, oid in enumerate(ids):
+        mint(work, "checkout", oid)
+        assert (work / WEIGHTS).read_bytes() == snapshots[i]
+    mint(work, "checkout", "main")
+    # Commits after gc still work and read.
+    mutate(work, seed=99)
+    fifth = commit(work, "after gc", "--no-verify")
+    assert git_log(work)[0] == fifth
+    git_fsck(work)
+
+
+# ------------------------------------------------------------------ hooks
+def _install_hook(work: Path, name: str, body: str) -> None:
+    path = work / ".mint" / "hooks" / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def test_hooks_pre_commit_commit_msg_post_commit(work: Path, tmp_path: Path) -> None:
+    first = commit(work, "first")
+    env_dump = tmp_path / "env.txt"
+    _install_hook(
+        work,
+        "pre-commit",
+        f'echo "$MINT_ADAPTER_DIR|$MINT_DIR" > {env_dump}\necho "no Fridays" >&2\nexit 3\n',
+    )
+    mutate(work, seed=1)
+    line = mint_fails(work, "commit", "-m", "blocked")
+    assert "pre-commit" in line and "no Fridays" in line and "--no-verify" in line
+    adapter_dir, git_dir = env_dump.read_text().strip().split("|")
+    assert (
+        Path(adapter_dir).resolve() == work.resolve()
+        and Path(git_dir).resolve() == (work / ".mint").resolve()
+    )
+    assert head(work) == first
+    # --from sets MINT_ADAPTER_DIR to that directory.
+    other = copy_adapter(work, tmp_path / "other")
+    mint_fails(work, "commit", "-m", "blocked", "--from", str(other))
+    assert Path(env_dump.read_text().split("|")[0]).resolve() == other.resolve()
+    # --no-verify skips it.
+    second = commit(work, "unverified", "--no-verify")
+    _install_hook(work, "pre-commit", "exit 0\n")
+    # commit-msg can refuse ...
+    _install_hook(
+        work,
+        "commit-msg",
+        'grep -q "JIRA-" "$1" || { echo "message needs a ticket" >&2; exit 1; }\n',
+    )
+    mutate(work, seed=2)
+    assert "message needs a ticket" in mint_fails(work, "commit", "-m", "no ticket")
+    assert head(work) == second
+    # ... and can edit the message.
+    _install_hook(
+        work, "commit-msg", 'printf "%s\\n\\nSigned-off-by: hook\\n" "$(cat "$1")" > "$1"\n'
+    )
+    post = tmp_path / "post.txt"
+    _install_hook(work, "post-commit", f'git --git-dir "$MINT_DIR" rev-parse HEAD > {post}\n')
+    third = commit(work, "JIRA-1 edited")
+    assert (
+        git(work / ".mint", "log", "-1", "--format=%B").stdout.strip()
+        == "JIRA-1 edited\n\nSigned-off-by: hook"
+    )
+    # post-commit ran after the ref moved: it saw the new HEAD.
+    assert post.read_text().strip() == third
+    # A failing post-commit does not undo the commit.
+    _install_hook(work, "post-commit", "exit 1\n")
+    mutate(work, seed=3)
+    fourth = commit(work, "JIRA-2 post fails")
+    assert head(work) == fourth
+    git_fsck(work)
+
+
+def test_sample_commit_msg_hook_refuses_empty_message(work: Path) -> None:
+    hooks = work / ".mint" / "hooks"
+    (hooks / "commit-msg.sample").rename(hooks / "commit-msg")
+    line = mint_fails(work, "commit", "-m", "   ")
+    assert "commit-msg" in line and "empty commit message" in line
+    assert git(work / ".mint", "rev-parse", "-q", "--verify", "HEAD", ok=False).returncode != 0

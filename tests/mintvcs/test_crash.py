@@ -1,0 +1,221 @@
+"""Crash safety and concurrency: kill -9 in the middle of commits; two processes committing at once."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mintvcs import porcelain
+from mintvcs.store import Repository
+from tests.mintvcs.storekit import ENV, git_fsck, handmade_adapter, mint_fsck_ok
+
+# A commit loop over an 8 MiB adapter: each iteration changes every tensor and commits it.
+COMMIT_LOOP = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import numpy as np
+    from mintvcs import porcelain
+    from mintvcs.store import Repository
+    from tests.mintvcs.storekit import mutate
+
+    repo, src, seed = Repository.open(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    print("ready", flush=True)
+    for i in range(1000):
+        mutate(src, seed=seed * 1000 + i, scale=1e-3)
+        porcelain.commit(repo, f"loop {seed}.{i}", source=src, verify=False, show_progress=False)
+    """
+)
+
+# Fifty commits of distinct small adapters onto main, started together with another process.
+COMMIT_FIFTY = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import numpy as np
+    from mintvcs import porcelain
+    from mintvcs.store import Repository
+    from tests.mintvcs.storekit import handmade_adapter
+
+    repo, who, go = Repository.open(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    rng = np.random.default_rng(sum(who.encode()))
+    dirs = []
+    for i in range(50):
+        a = (rng.standard_normal((4, 32)) * 0.02).astype("<f4").tobytes()
+        d = handmade_adapter(Path(sys.argv[4]) / f"{who}-{i}", {"w.lora_A.weight": ("F32", [4, 32], a)})
+        dirs.append(d)
+    while not go.exists():
+        time.sleep(0.001)
+    for i, d in enumerate(dirs):
+        porcelain.commit(repo, f"{who} {i}", source=d, verify=False, show_progress=False)
+    """
+)
+
+
+def _first_parents(repo: Repository, tip: str | None) -> list[str]:
+    return [c.id for c in repo.walk(tip)] if tip else []
+
+
+def _debris(git_dir: Path, known: set[str]) -> list[str]:
+    """Files in .mint that are neither objects, refs, logs nor files that were there before."""
+    found = []
+    for path in git_dir.rglob("*"):
+        rel = path.relative_to(git_dir).as_posix()
+        if not path.is_file() or rel in known:
+            continue
+        expected = re.fullmatch(r"objects/[0-9a-f]{2}/[0-9a-f]{38}", rel) or rel.startswith(
+            ("refs/heads/", "logs/")
+        )
+        if expected and not rel.endswith(".lock"):
+            continue
+        found.append(rel)
+    return found
+
+
+def test_kill_9_during_commits_leaves_old_or_new_never_torn(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    # 8 tensors of 1 MiB: a commit takes long enough to be killed in every phase of it.
+    tensors = {
+        f"layers.{i}.lora_{ab}.weight": (
+            "F32",
+            [256, 1024] if ab == "A" else [1024, 256],
+            (rng.standard_normal(2**18) * 0.02).astype("<f4").tobytes(),
+        )
+        for i in range(4)
+        for ab in "AB"
+    }
+    src = handmade_adapter(tmp_path / "src", tensors)
+    work = tmp_path / "work"
+    repo = porcelain.init(work, None, install_hooks=False)
+    repo.close()
+    git_dir = work / ".mint"
+    known = {p.relative_to(git_dir).as_posix() for p in git_dir.rglob("*") if p.is_file()}
+    script = tmp_path / "loop.py"
+    script.write_text(COMMIT_LOOP)
+    chooser = random.Random(1234)
+    tip: str | None = None
+    debris: list[str] = []
+    commits_seen = 0
+    for trial in range(10):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(work), str(src), str(trial)],
+            env=ENV,
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        time.sleep(chooser.uniform(0.0, 0.7))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        assert "Traceback" not in stderr, stderr
+
+        # The ref is a whole id (or still absent), and moved only forward from the old tip.
+        ref = git_dir / "refs" / "heads" / "main"
+        if ref.exists():
+            assert re.fullmatch(r"[0-9a-f]{40}\n", ref.read_text()), repr(ref.read_text())
+        repo = Repository.open(work)
+        new_tip = repo.refs.read("refs/heads/main")
+        history = _first_parents(repo, new_tip)
+        if tip is not None:
+            assert tip in history, (
+                f"trial {trial}: branch moved from {tip} to {new_tip}, not a descendant"
+            )
+        if new_tip is not None:
+            repo.read_revision(new_tip).safetensors_bytes()
+        commits_seen = len(history)
+        repo.close()
+        tip = new_tip
+        left = _debris(git_dir, known)
+        assert all(p.endswith(".lock") for p in left), (
+            f"trial {trial}: debris other than lock files: {left}"
+        )
+        debris += left
+        mint_fsck_ok(work)
+        git_fsck(work)
+        # A stale lock blocks the next writer, as in git; clear it as its error message says to.
+        for rel in left:
+            (git_dir / rel).unlink()
+    assert commits_seen >= 3, "the kills should land after some commits went through"
+    if debris:
+        print(f"lock files left by kill -9: {debris}")
+
+
+def test_two_processes_committing_fifty_each_lose_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    work = handmade_adapter(
+        tmp_path / "work",
+        {
+            "w.lora_A.weight": (
+                "F32",
+                [4, 32],
+                (rng.standard_normal((4, 32))).astype("<f4").tobytes(),
+            )
+        },
+    )
+    repo = porcelain.init(work, None, install_hooks=False)
+    root = porcelain.commit(repo, "root", verify=False, show_progress=False).commit
+    repo.close()
+    script = tmp_path / "fifty.py"
+    script.write_text(COMMIT_FIFTY)
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(work), who, str(go), str(tmp_path / "adapters")],
+            env=ENV,
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for who in ("alice", "bob")
+    ]
+    time.sleep(1.0)  # both have imported and built their adapters
+    go.touch()
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for proc, (_out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+    repo = Repository.open(work)
+    history = list(repo.walk(repo.resolve("main")))
+    repo.close()
+    messages = [c.message.strip() for c in history]
+    assert messages[-1] == "root" and history[-1].id == root
+    expected = {f"{who} {i}" for who in ("alice", "bob") for i in range(50)}
+    assert set(messages[:-1]) == expected and len(messages) == 101
+    # Each process's own commits keep their order along the first-parent chain.
+    for who in ("alice", "bob"):
+        mine = [int(m.split()[1]) for m in reversed(messages) if m.startswith(who)]
+        assert mine == list(range(50))
+    mint_fsck_ok(work)
+    git_fsck(work)
+
+
+def test_stale_object_lock_left_by_a_kill_does_not_block_later_commits(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    from dulwich.objects import Blob
+
+    from tests.mintvcs.storekit import copy_adapter, mint
+
+    work = copy_adapter(peft_adapter, tmp_path / "work")
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    # What a kill -9 in the middle of writing the config blob leaves: objects/xx/<rest>.lock, half written.
+    oid = Blob.from_string((work / "adapter_config.json").read_bytes()).id.decode()
+    lock = work / ".mint" / "objects" / oid[:2] / f"{oid[2:]}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_bytes(b"x\x01")
+    out = mint(work, "commit", "-m", "after a crash")
+    assert "root-commit" in out.stdout
+    mint_fsck_ok(work)
+    git_fsck(work)

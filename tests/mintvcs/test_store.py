@@ -1,0 +1,238 @@
+"""The store through the Python API: bit-exact revisions, PEFT and git as oracles, the XOR chain bound."""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mintvcs import codec, porcelain
+from mintvcs.store import Repository
+from tests.mintvcs.storekit import (
+    CONFIG,
+    WEIGHTS,
+    copy_adapter,
+    git,
+    git_fsck,
+    git_log,
+    handmade_adapter,
+    mutate,
+    tensor_names,
+)
+
+
+def _commit(repo: Repository, message: str, **kwargs: object) -> str:
+    return porcelain.commit(repo, message, verify=False, show_progress=False, **kwargs).commit  # type: ignore[arg-type]
+
+
+def _lora_state(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The LoRA tensors PEFT loads from `adapter_dir` onto a fresh tiny base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@pytest.mark.parametrize("which", ["fp32", "bf16"])
+def test_checkout_is_byte_identical_and_peft_loads_it(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path, peft_adapter_bf16: Path, which: str
+) -> None:
+    from safetensors import safe_open
+
+    original = peft_adapter if which == "fp32" else peft_adapter_bf16
+    work = tmp_path / "work"
+    repo = porcelain.init(work, str(tiny_base))
+    copy_adapter(original, work)
+    first = _commit(repo, "as PEFT saved it")
+    # Work on: change every tensor, commit, then check the first revision out again.
+    mutate(work, seed=11)
+    _commit(repo, "trained a step")
+    assert not filecmp.cmp(work / WEIGHTS, original / WEIGHTS, shallow=False)
+    porcelain.checkout(repo, first[:10])
+    for name in (WEIGHTS, CONFIG, "README.md"):
+        assert filecmp.cmp(work / name, original / name, shallow=False), name
+    with (
+        safe_open(str(work / WEIGHTS), "pt") as ours,
+        safe_open(str(original / WEIGHTS), "pt") as theirs,
+    ):
+        assert ours.metadata() == theirs.metadata() and ours.metadata()
+    # PEFT as oracle: the checkout loads to exactly the state dict of the original directory.
+    expected, got = _lora_state(tiny_base, original), _lora_state(tiny_base, work)
+    assert expected.keys() == got.keys() and expected
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    repo.close()
+    git_fsck(work)
+
+
+def test_api_reads_revisions_without_touching_the_work_tree(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    work = tmp_path / "work"
+    repo = porcelain.init(work, str(tiny_base))
+    copy_adapter(peft_adapter, work)
+    first = _commit(repo, "first", meta={"step": "1", "reward": "0.25"})
+    mutate(work, seed=3)
+    second = _commit(repo, "second", meta={"step": "2"})
+    porcelain.tag_create(repo, "prod", first, message="ship it")
+    porcelain.branch_create(repo, "eval", first)
+    repo.close()
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in work.iterdir() if p.is_file()}
+
+    api = Repository.open(work / ".mint")
+    assert api.list_refs() == {
+        "refs/heads/eval": first,
+        "refs/heads/main": second,
+        "refs/tags/prod": first,
+    }
+    assert (
+        api.resolve("prod")
+        == api.resolve("eval")
+        == api.resolve(first[:7])
+        == api.resolve("main~1")
+        == first
+    )
+    assert api.resolve("HEAD") == api.resolve("main") == second
+    rev = api.read_revision(api.resolve("prod"))
+    assert rev.commit == first and rev.manifest.meta == {"step": "1", "reward": "0.25"}
+    assert rev.config == json.loads((peft_adapter / CONFIG).read_bytes())
+    assert rev.config_bytes == (peft_adapter / CONFIG).read_bytes()
+    assert rev.base_fingerprint is not None and rev.base_fingerprint.startswith("sha256:")
+    # The safetensors library is the oracle for the tensors.
+    oracle = load_file(str(peft_adapter / WEIGHTS))
+    tensors = rev.tensors()
+    assert set(tensors) == set(oracle)
+    for name, (dtype, shape, raw) in tensors.items():
+        assert dtype == "F32" and shape == oracle[name].shape
+        assert raw == oracle[name].astype("<f4").tobytes()
+        assert rev.tensor(name) == raw
+    assert rev.safetensors_bytes() == (peft_adapter / WEIGHTS).read_bytes()
+    assert [c.id for c in porcelain.log(api, "main")] == [second, first]
+    api.close()
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in work.iterdir() if p.is_file()}
+    assert after == before
+
+
+def test_tree_layout_is_plain_git(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> None:
+    work = tmp_path / "work"
+    repo = porcelain.init(work, str(tiny_base))
+    copy_adapter(peft_adapter, work)
+    _commit(repo, "first", meta={"run": "r1"})
+    repo.close()
+    git_dir = work / ".mint"
+    # Real git reads our tree: the config verbatim, the manifest, one blob per tensor, the extra files.
+    assert (
+        git(git_dir, "show", "HEAD:adapter_config.json").stdout.encode()
+        == (peft_adapter / CONFIG).read_bytes()
+    )
+    assert (
+        git(git_dir, "show", "HEAD:files/README.md").stdout.encode()
+        == (peft_adapter / "README.md").read_bytes()
+    )
+    listed = git(git_dir, "ls-tree", "-r", "--name-only", "HEAD").stdout.splitlines()
+    assert {f"tensors/{n}" for n in tensor_names(peft_adapter)} <= set(listed)
+    manifest = json.loads(git(git_dir, "show", "HEAD:manifest.json").stdout)
+    assert manifest["meta"] == {"run": "r1"} and manifest["base"]["fingerprint"].startswith(
+        "sha256:"
+    )
+    data = (peft_adapter / WEIGHTS).read_bytes()
+    header_len = 8 + int.from_bytes(data[:8], "little")
+    for record in manifest["tensors"]:
+        raw = data[header_len + record["start"] : header_len + record["end"]]
+        assert record["sha256"] == hashlib.sha256(raw).hexdigest()
+        assert (
+            git(git_dir, "rev-parse", f"HEAD:tensors/{record['name']}").stdout.strip()
+            == record["blob"]
+        )
+    # Tensor blobs are zstd already: no zlib on top.
+    assert git(git_dir, "config", "core.looseCompression").stdout.strip() == "0"
+    git_fsck(work)
+
+
+def test_xor_chain_stays_bounded_and_every_revision_is_exact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    work = handmade_adapter(
+        tmp_path / "work",
+        {
+            "w.lora_A.weight": (
+                "F32",
+                [16, 64],
+                (rng.standard_normal((16, 64)) * 0.02).astype("<f4").tobytes(),
+            ),
+            "w.lora_B.weight": (
+                "F32",
+                [64, 16],
+                (rng.standard_normal((64, 16)) * 0.02).astype("<f4").tobytes(),
+            ),
+        },
+    )
+    repo = porcelain.init(work, None, install_hooks=False)
+    ids, snapshots = [], []
+    for step in range(2 * codec.MAX_CHAIN + 3):
+        if step:
+            mutate(work, seed=step, names=["w.lora_A.weight"], scale=1e-4)
+        ids.append(_commit(repo, f"step {step}", meta={"step": str(step)}))
+        snapshots.append((work / WEIGHTS).read_bytes())
+    depths = []
+    for oid, expected in zip(ids, snapshots, strict=True):
+        rev = repo.read_revision(oid)
+        record = rev.manifest.tensor("w.lora_A.weight")
+        assert record is not None and 0 <= record.depth <= codec.MAX_CHAIN
+        depths.append(record.depth)
+        assert rev.safetensors_bytes() == expected
+        # The untouched tensor is stored once.
+        assert rev.manifest.tensor("w.lora_B.weight") == repo.read_revision(ids[0]).manifest.tensor(
+            "w.lora_B.weight"
+        )
+    assert max(depths) == codec.MAX_CHAIN and depths.count(0) >= 2, depths
+    assert git_log(work) == list(reversed(ids))
+    repo.close()
+    git_fsck(work)
+
+
+def test_other_dtypes_round_trip_bit_exact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    tensors = {
+        "half.weight": ("F16", [7, 9], rng.standard_normal((7, 9)).astype("<f2").tobytes()),
+        "double.weight": ("F64", [5], rng.standard_normal(5).astype("<f8").tobytes()),
+        "ids": ("I64", [11], rng.integers(-(2**40), 2**40, 11).astype("<i8").tobytes()),
+        "mask": ("BOOL", [13], rng.integers(0, 2, 13).astype("u1").tobytes()),
+        "bytes": ("U8", [3, 3], rng.integers(0, 256, 9).astype("u1").tobytes()),
+        "scalar": ("F32", [], np.float32(-0.0).tobytes()),
+        "empty": ("BF16", [0, 4], b""),
+    }
+    work = handmade_adapter(tmp_path / "work", tensors)
+    original = (work / WEIGHTS).read_bytes()
+    repo = porcelain.init(work, None, install_hooks=False)
+    oid = _commit(repo, "odd dtypes")
+    rev = repo.read_revision(oid)
+    assert {n: (d, list(s), r) for n, (d, s, r) in rev.tensors().items()} == tensors
+    assert rev.safetensors_bytes() == original
+    (work / WEIGHTS).write_bytes(b"")
+    porcelain.checkout(repo, oid, force=True)
+    assert (work / WEIGHTS).read_bytes() == original
+    repo.close()
+    git_fsck(work)
+
+
+def test_commit_reports_no_new_blobs_for_an_unchanged_adapter(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    work = copy_adapter(peft_adapter, tmp_path / "work")
+    repo = porcelain.init(work, None, install_hooks=False)
+    first = porcelain.commit(repo, "first", verify=False, show_progress=False)
+    again = porcelain.commit(repo, "again", verify=False, show_progress=False)
+    assert first.new_blobs > first.tensors
+    assert again.new_blobs == 1  # the commit object alone
+    assert again.parent == first.commit and again.branch == "main"
+    assert repo.read_revision(again.commit).info.tree == repo.read_revision(first.commit).info.tree
+    repo.close()
