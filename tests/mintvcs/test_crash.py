@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mintvcs import porcelain
 from mintvcs.store import Repository
