@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mintvcs.serve import Engine, EngineConfig, PeftDirSource
 
+from mintvcs.serve import Engine, EngineConfig, PeftDirSource
 from tests.fixtures import ALL_LINEAR, make_peft_adapter
 
 # name -> make_peft_adapter kwargs: different ranks, targets, scalings.

@@ -1,0 +1,634 @@
+"""The HTTP server: configuration, the app factory (engine in `cleanup_ctx`), error middleware, run loop.
+
+Handlers live in `http_api` (generation, OpenAI compatibility, models) and `http_admin` (health,
+metrics, notify, warm, residency). One middleware turns every MintError into a JSON error with the
+status code its class maps to, so that bad input never takes the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from mintvcs.errors import MintError
+from mintvcs.serve.http_metrics import Counter, CounterFrom, Gauge, Histogram, Registry
+from mintvcs.serve.refwatch import InvalidRefSpec, RefMove, RefWatcher
+
+if TYPE_CHECKING:
+    from mintvcs.serve.engine import Engine
+
+log = logging.getLogger("mintvcs.serve")
+
+GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+
+
+class ServerError(MintError):
+    """A server configuration that cannot work (bad limits, unreadable key file)."""
+
+
+class HTTPError(MintError):
+    """A request the server refuses with a given status; `reason` is a short machine-readable code."""
+
+    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `mintvcs serve` takes; limits are validated here, paths when the server starts."""
+
+    repo: Path
+    base_model: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "auto"
+    dtype: str | None = None
+    max_loras: int = 8  # device slots
+    max_cpu_loras: int = 64  # decoded revisions kept in host memory (at max_rank)
+    max_rank: int = 64
+    api_key_file: Path | None = None
+    max_batch_size: int = 32
+    max_model_len: int | None = None
+    max_prompt_bytes: int = 64 * 1024  # 413 above this
+    max_tokens_limit: int = 1024  # 400 above this
+    default_max_tokens: int = 16
+    ref_poll_interval: float = 0.15
+    prefetch_on_move: bool = True
+    drain_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_cpu_loras", "max_rank", "max_batch_size", "max_prompt_bytes", "max_tokens_limit"):
+            if getattr(self, name) < 1:
+                raise ServerError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise ServerError(
+                f"default_max_tokens {self.default_max_tokens} must be in [1, max_tokens_limit={self.max_tokens_limit}]"
+            )
+        if not 0 <= self.port < 65536:
+            raise ServerError(f"port {self.port} is not a TCP port; use 0..65535 (0 picks a free one)")
+        if not (0.01 <= self.ref_poll_interval <= 1.0):
+            raise ServerError(f"ref_poll_interval {self.ref_poll_interval} s must be in [0.01, 1]")
+
+
+@dataclass
+class ServerState:
+    """What the handlers share: the engine (None while loading), the ref watcher, metrics, auth."""
+
+    config: ServerConfig
+    repo: Any
+    watcher: RefWatcher
+    api_key: str | None
+    tokenizer_config: dict[str, Any]
+    engine: Engine | None = None
+    load_error: BaseException | None = None
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    draining: bool = False
+    inflight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = field(default_factory=time.time)
+    metrics: Registry = field(default_factory=Registry)
+    requests: Counter = field(init=False)
+    tokens: Counter = field(init=False)
+    load_latency: Histogram = field(init=False)
+    ref_moves: Counter = field(init=False)
+    _loads_seen: int = 0
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+        m = self.metrics
+        self.requests = m.add(
+            Counter("mint_requests_total", "Generation requests by ref spec, endpoint and HTTP status.", ("ref", "endpoint", "status"))
+        )
+        self.tokens = m.add(Counter("mint_tokens_total", "Prompt and completion tokens by ref spec.", ("ref", "kind")))
+        self.ref_moves = m.add(Counter("mint_ref_moves_total", "Moves of refs in use seen by the watcher or a notify.", ("ref",)))
+        self.load_latency = m.add(
+            Histogram(
+                "mint_adapter_load_seconds",
+                "Time to load a revision into a device slot (store or host cache to slot).",
+                (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            )
+        )
+
+        def stat(key: str) -> Callable[[], float]:
+            return lambda: float(self.engine.stats()[key]) if self.engine is not None else 0.0
+
+        for key, help_text in (
+            ("slot_hits", "Admissions whose revision was already in a device slot."),
+            ("slot_misses", "Admissions that started a slot load."),
+            ("evictions", "Device slots reassigned to another revision."),
+            ("host_hits", "Slot loads served from the host cache."),
+            ("store_loads", "Revisions decoded from the store."),
+            ("loads_failed", "Revision loads that failed (refused or unreadable)."),
+            ("generated_tokens", "Tokens generated by the engine."),
+            ("requests_cancelled", "Requests cancelled (client disconnects)."),
+        ):
+            m.add(CounterFrom(f"mint_{key}_total", help_text, stat(key)))
+        for key, help_text in (
+            ("batch_size", "Sequences in the last engine step."),
+            ("mean_batch_size", "Mean sequences per engine step since start."),
+            ("queue_depth", "Requests waiting for a KV slot or their adapter."),
+            ("running", "Sequences decoding now."),
+            ("adapter_slots_busy", "Device slots referenced by running requests."),
+            ("host_cache_bytes", "Bytes of decoded revisions in host memory."),
+        ):
+            m.add(Gauge(f"mint_{key}", help_text, stat(key)))
+        m.add(Gauge("mint_ready", "1 once the base model is loaded.", lambda: 1.0 if self.engine is not None else 0.0))
+        m.add(Gauge("mint_ref_cache_entries", "Ref specs in the resolution cache.", lambda: float(len(self.watcher.tracked()))))
+
+    def harvest_load_latency(self) -> None:
+        """Move new slot-load durations from the engine's counters into the histogram."""
+        if self.engine is None:
+            return
+        stats = self.engine.residency.stats
+        new = stats.load_count - self._loads_seen
+        if new <= 0:
+            return
+        self._loads_seen = stats.load_count
+        # The engine keeps the last 64 durations; more loads than that between two harvests lose detail only.
+        for seconds in stats.recent_load_seconds[-min(new, len(stats.recent_load_seconds)) :]:
+            self.load_latency.observe(seconds)
+
+    def require_engine(self) -> Engine:
+        """The engine, or a 503 while it loads, after it failed, or while draining."""
+        if self.draining:
+            raise HTTPError(503, "the server is shutting down; retry on another instance", "draining")
+        if self.engine is None:
+            if self.load_error is not None:
+                raise HTTPError(503, f"the base model failed to load: {self.load_error}", "load_failed")
+            raise HTTPError(503, "the base model is still loading; poll GET /health", "loading")
+        return self.engine
+
+
+STATE = web.AppKey("mintvcs_state", ServerState)
+# Per-request notes for the middleware's metrics: the ref spec once resolved, a status a stream ended with.
+REF_KEY = web.RequestKey("mintvcs_ref", str)
+STATUS_KEY = web.RequestKey("mintvcs_status", int)
+
+
+# ---------------------------------------------------------------------------- errors
+def _status_for(err: MintError) -> int:
+    from mintvcs.serve.adapters import AdapterNotFound, AdapterRefused
+    from mintvcs.serve.engine import EngineClosed, InvalidRequest
+    from mintvcs.serve.kv_cache import KVCacheFull
+    from mintvcs.serve.sampling import InvalidSamplingParams
+    from mintvcs.serve.slots import ResidencyError
+    from mintvcs.store import UnknownRevisionError
+
+    if isinstance(err, HTTPError):
+        return err.status
+    table: list[tuple[type[BaseException], int]] = [
+        (InvalidRefSpec, 400),
+        (UnknownRevisionError, 404),
+        (AdapterNotFound, 404),
+        (AdapterRefused, 422),
+        (InvalidSamplingParams, 400),
+        (InvalidRequest, 400),
+        (ResidencyError, 409),
+        (EngineClosed, 503),
+        (KVCacheFull, 503),
+    ]
+    for cls, status in table:
+        if isinstance(err, cls):
+            return status
+    return 500  # a MintError we did not expect from a request: corrupt store, unreadable file
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 422: "unprocessable_entity_error", 503: "service_unavailable"}
+
+
+def error_body(path: str, status: int, message: str, reason: str | None = None) -> dict[str, Any]:
+    """The JSON error: OpenAI's nested shape under /v1, a flat one elsewhere."""
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    if path.startswith("/v1/"):
+        return {"error": {"message": message, "type": kind, "code": reason or status, "param": None}}
+    body: dict[str, Any] = {"error": message, "type": kind}
+    if reason:
+        body["reason"] = reason
+    return body
+
+
+def error_response(request: web.Request, status: int, message: str, reason: str | None = None) -> web.Response:
+    """A JSON error response for `request`."""
+    return web.json_response(error_body(request.path, status, message, reason), status=status)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Count the request in flight; translate HTTP and MintError exceptions into JSON errors; record metrics."""
+    state = request.app[STATE]
+    state.inflight += 1
+    state.idle.clear()
+    status = 500
+    try:
+        response = await handler(request)
+        status = request.get(STATUS_KEY, response.status)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            status = exc.status
+            raise
+        status = exc.status
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        return error_response(request, exc.status, message)
+    except MintError as err:
+        status = _status_for(err)
+        if status >= 500 and not isinstance(err, HTTPError):
+            log.error("request %s %s failed: %s", request.method, request.path, err)
+        return error_response(request, status, str(err), getattr(err, "reason", None))
+    except asyncio.CancelledError:
+        status = 499  # the client went away (nginx's code for it)
+        raise
+    except Exception as err:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return error_response(request, 500, f"internal error: {type(err).__name__}: {err}")
+    finally:
+        state.inflight -= 1
+        if state.inflight == 0:
+            state.idle.set()
+        if request.path in GENERATION_PATHS:
+            state.requests.inc((request.get(REF_KEY, "(unresolved)"), request.path, str(status)))
+
+
+# ---------------------------------------------------------------------------- request helpers
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 naming what is wrong with it."""
+    raw = await request.read()
+    if not raw.strip():
+        raise HTTPError(400, "the request body is empty; send a JSON object", "empty_body")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HTTPError(400, f"the body is not valid JSON: {err}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise HTTPError(400, f"the body must be a JSON object, got {type(body).__name__}", "invalid_json")
+    return body
+
+
+_MISSING: Any = object()
+
+
+def field_of(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any = _MISSING) -> Any:
+    """body[name] checked against `kinds` (bool is not a number; floats must be finite); 400 otherwise."""
+    if name not in body or body[name] is None:
+        if default is _MISSING:
+            raise HTTPError(400, f"field {name!r} is required", "missing_field")
+        return default
+    value = body[name]
+    if isinstance(value, bool) and bool not in kinds:
+        ok = False
+    elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+        value = float(value) if int not in kinds else value
+    else:
+        ok = isinstance(value, kinds)
+    if not ok:
+        names = " or ".join("number" if k is float else k.__name__ for k in kinds)
+        raise HTTPError(400, f"field {name!r} must be {names}, got {type(value).__name__} {value!r:.60}", "wrong_type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise HTTPError(400, f"field {name!r} must be a finite number, got {value}", "not_finite")
+    return value
+
+
+def check_bearer(request: web.Request) -> None:
+    """401 unless the request carries the configured bearer token (no token configured: open)."""
+    import hmac
+
+    expected = request.app[STATE].api_key
+    if expected is None:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise HTTPError(401, "this endpoint needs 'Authorization: Bearer <token>' (see --api-key-file)", "missing_token")
+    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise HTTPError(401, "the bearer token is wrong", "wrong_token")
+
+
+# ---------------------------------------------------------------------------- engine lifecycle
+def engine_config(config: ServerConfig) -> Any:
+    """The EngineConfig for a server config: device slots, rank, and a host cache sized in revisions."""
+    import torch
+
+    from mintvcs.serve.engine import EngineConfig
+    from mintvcs.serve.loader import read_config
+    from mintvcs.serve.model import LORA_MODULES
+
+    model = read_config(config.base_model)
+    probe = EngineConfig(device=config.device, dtype=config.dtype)
+    device = probe.torch_device()
+    itemsize = torch.empty((), dtype=probe.torch_dtype(device)).element_size()
+    # A revision of rank max_rank on every targeted linear is the largest the host cache must hold.
+    per_revision = sum(config.max_rank * sum(model.linear_shape(m)) * itemsize for m in LORA_MODULES)
+    per_revision *= model.num_hidden_layers
+    return EngineConfig(
+        device=config.device,
+        dtype=config.dtype,
+        max_batch_size=config.max_batch_size,
+        max_model_len=config.max_model_len,
+        adapter_slots=config.max_loras,
+        max_lora_rank=config.max_rank,
+        host_cache_bytes=max(1, config.max_cpu_loras * per_revision),
+    )
+
+
+def build_engine(config: ServerConfig) -> Engine:
+    """Load the base model and open the store as the engine's adapter source (blocking; seconds)."""
+    from mintvcs.serve.adapters import StoreSource
+    from mintvcs.serve.engine import Engine
+
+    # The loader thread gets its own Repository: dulwich object stores are not shared across threads.
+    return Engine(config.base_model, engine_config(config), source=StoreSource(config.repo))
+
+
+def _read_api_key(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as err:
+        raise ServerError(f"cannot read --api-key-file {path}: {err.strerror}") from None
+    if not token:
+        raise ServerError(f"--api-key-file {path} is empty; put the bearer token in it")
+    return token
+
+
+def _read_tokenizer_config(base: Path) -> dict[str, Any]:
+    path = Path(base) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("ignoring unreadable %s: %s", path, err)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def new_state(config: ServerConfig) -> ServerState:
+    """Open the repository and read what the handlers need; raises MintError for a bad setup."""
+    from mintvcs.store import Repository
+
+    if not (Path(config.base_model) / "config.json").is_file():
+        raise ServerError(f"--base-model {config.base_model} has no config.json; point it at a HF checkpoint directory")
+    repo = Repository.open(config.repo)
+    return ServerState(
+        config=config,
+        repo=repo,
+        watcher=RefWatcher(repo),
+        api_key=_read_api_key(config.api_key_file),
+        tokenizer_config=_read_tokenizer_config(config.base_model),
+    )
+
+
+def _on_move(state: ServerState, move: RefMove) -> None:
+    state.ref_moves.inc((move.spec,))
+    log.info("ref %s moved %s -> %s", move.ref or move.spec, move.old[:12], move.new[:12])
+    engine = state.engine
+    if engine is not None and state.config.prefetch_on_move:
+        prefetch(engine, move.new)
+
+
+def prefetch(engine: Engine, revision: str) -> None:
+    """Start loading `revision` so that the next request finds it resident; failures surface on requests."""
+    try:
+        future = engine.prefetch(revision)
+    except MintError as err:
+        log.warning("prefetch of %s failed: %s", revision[:12], err)
+        return
+    future.add_done_callback(lambda f: f.exception())  # retrieve it so it is never reported as unhandled
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load the engine in a thread while the server already answers /health with 503; close it at exit."""
+    state = app[STATE]
+    factory: Callable[[ServerConfig], Engine] = app.get(ENGINE_FACTORY) or build_engine
+
+    async def load() -> None:
+        try:
+            state.engine = await asyncio.to_thread(factory, state.config)
+            log.info("base model loaded from %s", state.config.base_model)
+        except Exception as err:
+            state.load_error = err
+            log.error("the base model failed to load: %s", err)
+        finally:
+            state.loaded.set()
+
+    task = asyncio.create_task(load())
+    try:
+        yield
+    finally:
+        if not task.done():
+            await asyncio.shield(task)
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.close)
+        state.repo.close()
+
+
+async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Poll the refs in use; every second also harvest slot-load durations for the histogram."""
+    state = app[STATE]
+
+    async def harvest() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            state.harvest_load_latency()
+
+    tasks = [
+        asyncio.create_task(
+            state.watcher.run(lambda move: _on_move(state, move), interval=state.config.ref_poll_interval)
+        ),
+        asyncio.create_task(harvest()),
+    ]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+ENGINE_FACTORY: web.AppKey[Callable[[ServerConfig], Engine]] = web.AppKey("mintvcs_engine_factory")
+
+
+def create_app(config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Engine] | None = None) -> web.Application:
+    """The aiohttp application for `config`; the engine loads in the background once the app starts."""
+    from mintvcs.serve import http_admin, http_api
+
+    client_max = max(1 << 20, 4 * config.max_prompt_bytes + (64 << 10))
+    app = web.Application(middlewares=[error_middleware], client_max_size=client_max)
+    app[STATE] = new_state(config)
+    if engine_factory is not None:
+        app[ENGINE_FACTORY] = engine_factory
+    app.cleanup_ctx.append(_engine_ctx)
+    app.cleanup_ctx.append(_watcher_ctx)
+    http_api.add_routes(app)
+    http_admin.add_routes(app)
+    return app
+
+
+# ---------------------------------------------------------------------------- running
+@dataclass
+class RunningServer:
+    """A started server: its URL, app and runner; `stop()` drains and shuts it down."""
+
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def state(self) -> ServerState:
+        """The shared state (engine, watcher, metrics)."""
+        return self.app[STATE]
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until the base model is loaded; raise its error if it failed."""
+        await asyncio.wait_for(self.state.loaded.wait(), timeout)
+        if self.state.load_error is not None:
+            raise self.state.load_error
+
+    async def stop(self) -> None:
+        """Refuse new requests, let running ones finish (up to drain_timeout), then close everything."""
+        state = self.state
+        state.draining = True
+        try:
+            await asyncio.wait_for(state.idle.wait(), state.config.drain_timeout)
+        except TimeoutError:
+            log.warning("%d requests still running after %.0f s; closing anyway", state.inflight, state.config.drain_timeout)
+        await self.runner.cleanup()
+
+
+async def start_server(
+    config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Engine] | None = None
+) -> RunningServer:
+    """Create the app, bind it, and return at once (the engine keeps loading in the background)."""
+    app = create_app(config, engine_factory=engine_factory)
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its sequence.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    shown = f"[{host}]" if ":" in str(host) else host
+    return RunningServer(f"http://{shown}:{port}", app, runner)
+
+
+async def serve_until_signalled(config: ServerConfig, *, out: Callable[[str], None] = print) -> int:
+    """Run the server until SIGTERM or SIGINT, then drain; the exit status (1 if the base failed to load)."""
+    server = await start_server(config)
+    out(f"mintvcs serve: listening on {server.url} (repository {config.repo}, base {config.base_model})")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loaded = asyncio.create_task(server.state.loaded.wait())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({loaded, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if loaded.done() and server.state.load_error is not None:
+        out(f"error: the base model failed to load: {server.state.load_error}")
+        status = 1
+    else:
+        if loaded.done():
+            out("mintvcs serve: base model loaded; ready")
+        await stopped
+        out("mintvcs serve: draining running requests")
+    stopped.cancel()
+    loaded.cancel()
+    await server.stop()
+    out("mintvcs serve: stopped")
+    return status
+
+
+def run(config: ServerConfig) -> int:
+    """Blocking entry point for the CLI."""
+    logging.basicConfig(level=os.environ.get("MINT_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    return asyncio.run(serve_until_signalled(config, out=out))
+
+
+def with_port(config: ServerConfig, port: int) -> ServerConfig:
+    """A copy of config on another port (tests use 0)."""
+    return replace(config, port=port)
+
+
+class BackgroundServer:
+    """A server on its own event-loop thread (for the demo, benchmarks and tests); a context manager."""
+
+    def __init__(
+        self, config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Engine] | None = None
+    ) -> None:
+        import threading
+
+        self.config = config
+        self.engine_factory = engine_factory
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="mintvcs-http", daemon=True)
+        self.server: RunningServer | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. http://127.0.0.1:40123."""
+        assert self.server is not None, "start() the server first"
+        return self.server.url
+
+    @property
+    def state(self) -> ServerState:
+        """The running server's shared state."""
+        assert self.server is not None, "start() the server first"
+        return self.server.state
+
+    def call(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self, timeout: float = 120.0, *, wait: bool = True) -> str:
+        """Bind and return the URL; with wait, only once the base model is loaded (/health answers 200)."""
+        self._thread.start()
+        self.server = self.call(start_server(self.config, engine_factory=self.engine_factory))
+        if wait:
+            self.wait_ready(timeout)
+        return self.server.url
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until the base model is loaded; raise its load error if it failed."""
+        assert self.server is not None, "start() the server first"
+        self.call(self.server.wait_ready(timeout))
+
+    def stop(self) -> None:
+        """Drain, shut down, and stop the loop thread."""
+        if self.server is not None:
+            self.call(self.server.stop())
+            self.server = None
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+        self.loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

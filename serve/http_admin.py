@@ -1,0 +1,143 @@
+"""Operational endpoints: `/health`, `/metrics`, and the bearer-token ones a hook or an operator calls:
+`POST /v1/refs/notify`, `POST /v1/adapters/warm`, `POST /v1/adapters/unpin`, `GET /v1/adapters`."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from mintvcs.errors import MintError
+from mintvcs.serve.app import STATE, HTTPError, check_bearer, field_of, prefetch, read_json
+from mintvcs.serve.refwatch import check_spec
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 once the base model is loaded; 503 while loading, after a failed load, or while draining."""
+    state = request.app[STATE]
+    if state.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if state.engine is None:
+        if state.load_error is not None:
+            return web.json_response({"status": "failed", "error": str(state.load_error)}, status=503)
+        return web.json_response({"status": "loading"}, status=503)
+    engine = state.engine
+    return web.json_response(
+        {
+            "status": "ok",
+            "base_model": str(state.config.base_model),
+            "base_fingerprint": engine.base_fingerprint,
+            "device": str(engine.model.device),
+            "dtype": str(engine.model.dtype).removeprefix("torch."),
+            "adapter_slots": engine.pools.num_slots,
+            "max_model_len": engine.max_model_len,
+            "uptime_s": round(time.time() - state.started, 3),
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    state = request.app[STATE]
+    state.harvest_load_latency()
+    return web.Response(text=state.metrics.render(), content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"})
+
+
+async def notify(request: web.Request) -> web.Response:
+    """A hook says `ref` moved: forget what the cache knew about it, re-resolve, and prefetch the new revision."""
+    check_bearer(request)
+    state = request.app[STATE]
+    raw = await request.read()
+    body = await read_json(request) if raw.strip() else {}
+    ref = field_of(body, "ref", (str,), None)
+    if ref is not None:
+        check_spec(ref)
+    # The hook's old/new are advisory: what the ref holds now is read from the repository.
+    for key in ("old", "new"):
+        field_of(body, key, (str,), None)
+    forgotten = state.watcher.invalidate(ref)
+    revision: str | None = None
+    moved: list[dict[str, Any]] = []
+    if ref is not None:
+        try:
+            revision = state.watcher.resolve(ref).commit
+        except MintError:
+            revision = None  # deleted: requests naming it will get 404
+        new = body.get("new")
+        if revision is not None and state.engine is not None:
+            prefetch(state.engine, revision)
+        if isinstance(new, str) and revision is not None and new != revision and not revision.startswith(new):
+            moved.append({"warning": f"the ref holds {revision[:12]} now, not {new[:12]}; serving {revision[:12]}"})
+        state.ref_moves.inc((ref,))
+    for spec in forgotten:
+        if spec == ref:
+            continue
+        try:
+            res = state.watcher.resolve(spec)
+        except MintError:
+            continue
+        moved.append({"spec": spec, "revision": res.commit})
+    return web.json_response({"ref": ref, "revision": revision, "refreshed": moved})
+
+
+async def warm(request: web.Request) -> web.Response:
+    """Prefetch a revision (by ref or commit) into a device slot, or the host cache when every slot is busy."""
+    check_bearer(request)
+    state = request.app[STATE]
+    engine = state.require_engine()
+    body = await read_json(request)
+    spec = field_of(body, "revision", (str,), None) or field_of(body, "ref", (str,), None)
+    if spec is None:
+        raise HTTPError(400, "send 'ref' or 'revision' to warm", "missing_field")
+    pin = field_of(body, "pin", (bool,), False)
+    resolution = state.watcher.resolve(check_spec(spec))
+    started = time.perf_counter()
+    slot = await engine.warm(resolution.commit, pin=pin)
+    return web.json_response(
+        {
+            "ref": spec,
+            "revision": resolution.commit,
+            "slot": slot,
+            "pinned": pin,
+            "tier": "device" if slot is not None else "host",
+            "seconds": round(time.perf_counter() - started, 6),
+        }
+    )
+
+
+async def unpin(request: web.Request) -> web.Response:
+    """Let a pinned revision be evicted again."""
+    check_bearer(request)
+    state = request.app[STATE]
+    engine = state.require_engine()
+    body = await read_json(request)
+    spec = field_of(body, "revision", (str,), None) or field_of(body, "ref", (str,), None)
+    if spec is None:
+        raise HTTPError(400, "send 'ref' or 'revision' to unpin", "missing_field")
+    commit = state.watcher.resolve(check_spec(spec)).commit
+    engine.unpin(commit)
+    return web.json_response({"revision": commit, "pinned": False})
+
+
+async def adapters(request: web.Request) -> web.Response:
+    """Which revisions are resident where (device slots, host cache) and which refs the cache maps to them."""
+    check_bearer(request)
+    state = request.app[STATE]
+    engine = state.require_engine()
+    snapshot = engine.residency_snapshot()
+    snapshot["refs"] = [
+        {"spec": r.spec, "ref": r.ref, "revision": r.commit} for r in state.watcher.tracked()
+    ]
+    return web.json_response(snapshot)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the operational routes."""
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/refs/notify", notify)
+    app.router.add_post("/v1/adapters/warm", warm)
+    app.router.add_post("/v1/adapters/unpin", unpin)
+    app.router.add_get("/v1/adapters", adapters)
+

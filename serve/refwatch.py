@@ -1,0 +1,254 @@
+"""Ref resolution for the server: a cache of spec -> commit validated by stat, and a poller that sees refs move.
+
+A request names a ref spec (`main`, `prod`, `main~2`, an abbreviated id). Resolving it through the
+store reads a ref file and peels an object; doing that per request is wasteful, and scanning every
+ref is out of the question with 10^6 per-user branches. So each resolved spec is cached together
+with the stat signature (inode, size, mtime) of the few files that can change its answer: the loose
+ref files it was looked up in, and `packed-refs`. A request revalidates its entry with those two or
+three `stat` calls, so it sees the ref's value at admission exactly; the poller stats the same files
+for every spec in use every ~150 ms, re-reads the ref values once a second (a guard against a
+rename that reuses an inode within one timestamp tick), and reports moves so that the server can
+prefetch the new revision before requests ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mintvcs.errors import MintError
+
+StatKey = tuple[int, int, int] | None
+# `name` then `~N` / `^N` suffixes, as the store parses a spec.
+_SUFFIX = re.compile(r"[~^]")
+_FULL_ID = re.compile(r"[0-9a-f]{40}\Z")
+_MAX_SPEC = 1024
+
+
+class InvalidRefSpec(MintError):
+    """A ref spec the server refuses before resolving (empty, too long, `..`, control characters)."""
+
+
+def check_spec(spec: object) -> str:
+    """The spec as a string, or InvalidRefSpec when it is not one the store could ever accept."""
+    if not isinstance(spec, str) or not spec:
+        raise InvalidRefSpec(f"ref must be a non-empty string, got {spec!r}; send e.g. \"main\"")
+    if len(spec) > _MAX_SPEC:
+        raise InvalidRefSpec(f"ref is {len(spec)} characters long; the limit is {_MAX_SPEC}")
+    if ".." in spec:
+        raise InvalidRefSpec(f"ref {spec!r} holds '..'; name one branch, tag or commit (ranges are not served)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in spec):
+        raise InvalidRefSpec(f"ref {spec!r} holds control characters; send a plain branch, tag or commit id")
+    return spec
+
+
+def _stat(path: str) -> StatKey:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a spec meant at one moment: the commit, and the full ref name it went through (None for an id)."""
+
+    spec: str
+    commit: str
+    ref: str | None
+
+
+@dataclass(frozen=True)
+class RefMove:
+    """A spec in use whose commit changed."""
+
+    spec: str
+    ref: str | None
+    old: str
+    new: str
+
+
+@dataclass
+class _Entry:
+    resolution: Resolution
+    deps: tuple[tuple[str, StatKey], ...]
+    raw: str | None  # the ref's own value when resolved (before ~N), for the periodic re-read
+    used: float
+
+
+class RefWatcher:
+    """Resolve specs through a stat-validated cache; `poll()` finds the specs in use whose commit moved."""
+
+    def __init__(self, repo: Any, *, max_entries: int = 65536, idle_forget_s: float = 600.0) -> None:
+        self.repo = repo
+        self.git_dir = os.fspath(repo.git_dir)
+        self.max_entries = max_entries
+        self.idle_forget_s = idle_forget_s
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Requests resolve on the event loop, the poller may run elsewhere: one lock for the cache.
+        self._lock = threading.RLock()
+        self.hits = 0
+        self.misses = 0
+        self.moves = 0
+
+    # -- resolving ------------------------------------------------------------------------------
+    def _candidates(self, name: str) -> list[str]:
+        """Ref names the store may read for `name`, in its order, with symbolic targets appended."""
+        if name in ("HEAD", "@", ""):
+            names = ["HEAD"]
+        elif name.startswith("refs/"):
+            names = [name]
+        else:
+            names = [f"refs/heads/{name}", f"refs/tags/{name}"]
+        for ref in list(names):
+            try:
+                target = self.repo.refs.read_symbolic(ref)
+            except MintError:
+                target = None
+            if target is not None:
+                names.append(target)
+        return names
+
+    def _deps(self, names: list[str]) -> tuple[tuple[str, StatKey], ...]:
+        paths = [os.path.join(self.git_dir, n) for n in names]
+        paths.append(os.path.join(self.git_dir, "packed-refs"))
+        return tuple((p, _stat(p)) for p in paths)
+
+    def _read_raw(self, ref: str | None) -> str | None:
+        if ref is None:
+            return None
+        try:
+            value: str | None = self.repo.refs.read(ref)
+        except MintError:
+            return None
+        return value
+
+    def _resolve_uncached(self, spec: str) -> _Entry:
+        name = _SUFFIX.split(spec, maxsplit=1)[0]
+        names = self._candidates(name)
+        # Stat first, then read: a move in between leaves a stale signature, so the next check re-resolves.
+        deps = self._deps(names)
+        commit = str(self.repo.resolve(spec))
+        # The first candidate that exists is the ref the store went through; None means a commit id.
+        ref = next((n for n in names if self._read_raw(n) is not None), None)
+        return _Entry(Resolution(spec, commit, ref), deps, self._read_raw(ref), time.monotonic())
+
+    @staticmethod
+    def _fresh(entry: _Entry) -> bool:
+        return all(_stat(path) == key for path, key in entry.deps)
+
+    def resolve(self, spec: str) -> Resolution:
+        """The commit `spec` names now (raises the store's UnknownRevisionError when it names nothing)."""
+        check_spec(spec)
+        with self._lock:
+            entry = self._entries.get(spec)
+            if entry is not None and self._fresh(entry):
+                entry.used = time.monotonic()
+                self._entries.move_to_end(spec)
+                self.hits += 1
+                return entry.resolution
+            self.misses += 1
+            old = entry
+            entry = self._resolve_uncached(spec)
+            self._entries[spec] = entry
+            self._entries.move_to_end(spec)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+            if old is not None and old.resolution.commit != entry.resolution.commit:
+                self.moves += 1
+            return entry.resolution
+
+    def peek(self, spec: str) -> Resolution | None:
+        """The cached resolution of `spec`, without touching the disk."""
+        with self._lock:
+            entry = self._entries.get(spec)
+            return entry.resolution if entry is not None else None
+
+    def invalidate(self, ref: str | None = None) -> list[str]:
+        """Forget cached specs that went through `ref` (a full or short name), or all of them; return the specs."""
+        with self._lock:
+            if ref is None:
+                specs = list(self._entries)
+            else:
+                short = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
+                specs = [
+                    s
+                    for s, e in self._entries.items()
+                    if e.resolution.ref in (ref, f"refs/heads/{short}", f"refs/tags/{short}")
+                    or _SUFFIX.split(s, maxsplit=1)[0] in (ref, short)
+                ]
+            for spec in specs:
+                del self._entries[spec]
+            return specs
+
+    def tracked(self) -> list[Resolution]:
+        """Resolutions in the cache, least recently used first."""
+        with self._lock:
+            return [e.resolution for e in self._entries.values()]
+
+    # -- polling --------------------------------------------------------------------------------
+    def poll(self, *, reread: bool = False) -> list[RefMove]:
+        """Re-resolve specs whose files changed (or, with reread, whose ref value changed); return the moves."""
+        now = time.monotonic()
+        with self._lock:
+            entries = list(self._entries.items())
+        stats: dict[str, StatKey] = {}
+        stale: list[tuple[str, _Entry]] = []
+        for spec, entry in entries:
+            if entry.resolution.ref is None and _FULL_ID.match(spec):
+                continue  # a full commit id names the same revision forever
+            if now - entry.used > self.idle_forget_s:
+                with self._lock:
+                    if self._entries.get(spec) is entry:
+                        del self._entries[spec]
+                continue
+            changed = False
+            for path, key in entry.deps:
+                if path not in stats:
+                    stats[path] = _stat(path)
+                if stats[path] != key:
+                    changed = True
+                    break
+            if not changed and reread and entry.resolution.ref is not None:
+                changed = self._read_raw(entry.resolution.ref) != entry.raw
+            if changed:
+                stale.append((spec, entry))
+        moves: list[RefMove] = []
+        for spec, entry in stale:
+            try:
+                fresh = self._resolve_uncached(spec)
+            except MintError:
+                with self._lock:
+                    if self._entries.get(spec) is entry:
+                        del self._entries[spec]  # the ref was deleted: the next request gets the error
+                continue
+            fresh.used = entry.used
+            with self._lock:
+                if self._entries.get(spec) is entry:
+                    self._entries[spec] = fresh
+            if fresh.resolution.commit != entry.resolution.commit:
+                self.moves += 1
+                moves.append(RefMove(spec, fresh.resolution.ref, entry.resolution.commit, fresh.resolution.commit))
+        return moves
+
+    async def run(
+        self, on_move: Callable[[RefMove], None], *, interval: float = 0.15, reread_every: float = 1.0
+    ) -> None:
+        """Poll forever on the running loop (stat calls are microseconds), calling on_move for each move."""
+        last_reread = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            reread = now - last_reread >= reread_every
+            if reread:
+                last_reread = now
+            for move in self.poll(reread=reread):
+                on_move(move)

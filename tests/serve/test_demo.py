@@ -1,0 +1,62 @@
+"""`mintvcs demo` end to end, as a process: the six steps, the answers by ref, the swap without restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mintvcs.serve.demo import PHRASES, cache_root, ensure_base
+
+
+def test_base_is_built_once_then_reused(tmp_path: Path) -> None:
+    base, built = ensure_base(tmp_path)
+    assert built and (base / "config.json").is_file()
+    stamp = (base / "model.safetensors").stat().st_mtime_ns
+    again, built_again = ensure_base(tmp_path)
+    assert again == base and not built_again
+    assert (base / "model.safetensors").stat().st_mtime_ns == stamp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny-llama.")]
+
+
+def test_cache_root_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_root() == tmp_path / "mintvcs" / "demo"
+    assert cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+@pytest.mark.slow
+def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "mintvcs.serve.cli", "demo", "--workdir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_COLOR": "1"},
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for step in range(1, 7):
+        assert f"[{step}/6]" in out
+    served = re.findall(r"ref=(\S+)\s+-> '([^']*)'\s+revision ([0-9a-f]{12})", out)
+    by_ref = [(ref, text) for ref, text, _ in served]
+    assert by_ref == [
+        ("main", PHRASES["adapter-a"]),
+        ("product-b", PHRASES["adapter-b"]),
+        ("prod", PHRASES["adapter-a"]),
+        ("main", PHRASES["adapter-c"]),
+        ("prod", PHRASES["adapter-a"]),
+    ]
+    revisions = [rev for _, _, rev in served]
+    assert revisions[0] == revisions[2] == revisions[4] != revisions[3] and revisions[1] not in (revisions[0], revisions[3])
+    assert "no restart" in out and "mintvcs log --oneline" in out and "mintvcs diff" in out
+    assert revisions[3][:7] in out.split("[6/6]")[1]  # the log shows the new revision
+    assert elapsed < 120, f"the demo took {elapsed:.0f} s"

@@ -1,0 +1,809 @@
+"""The HTTP server on loopback with real clients: generate by ref, bad input, OpenAI client, PEFT parity,
+hot swap, notify hook, auth, metrics, client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mintvcs import porcelain
+from mintvcs.serve.app import BackgroundServer, ServerConfig
+from mintvcs.store import Repository
+from tests.fixtures import make_peft_adapter
+
+TOKEN = "s3cret-token"
+
+
+# ---------------------------------------------------------------------------- helpers
+def request(
+    url: str,
+    body: Any = None,
+    *,
+    method: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, dict[str, str], Any]:
+    """One HTTP call with urllib: (status, headers, parsed JSON or text); errors are returned, not raised."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method or ("POST" if data is not None else "GET")
+    )
+    req.add_header("Content-Type", "application/json")
+    for key, value in (headers or {}).items():
+        req.add_header(key, value)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, head, raw = resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        status, head, raw = err.code, dict(err.headers), err.read()
+    text = raw.decode()
+    try:
+        return status, head, json.loads(text)
+    except json.JSONDecodeError:
+        return status, head, text
+
+
+def variant(source: Path, dest: Path, factor: float) -> Path:
+    """A copy of a PEFT adapter with lora_B scaled: a distinct revision that acts differently."""
+    from safetensors.torch import load_file, save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source / "adapter_config.json", dest / "adapter_config.json")
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    scaled = {k: (v * factor if "lora_B" in k else v).contiguous() for k, v in tensors.items()}
+    save_file(scaled, str(dest / "adapter_model.safetensors"))
+    return dest
+
+
+def commit_on(repo: Repository, branch: str, source: Path, message: str) -> str:
+    """Commit the adapter in `source` on `branch` (created from HEAD if new) with porcelain."""
+    if repo.current_branch() != branch:
+        if repo.refs.read(f"refs/heads/{branch}") is None:
+            porcelain.checkout(repo, "HEAD", new_branch=branch, force=True)
+        else:
+            porcelain.checkout(repo, branch, force=True)
+    return porcelain.commit(repo, message, source=source, verify=False, show_progress=False).commit
+
+
+def sse_events(text: str) -> list[tuple[str | None, str]]:
+    """(event name, data) of each server-sent event in a body."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        event, data = None, []
+        for line in block.splitlines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data.append(line[6:])
+        out.append((event, "\n".join(data)))
+    return out
+
+
+def peft_greedy(base: Path, adapter: Path, prompt: str, max_new_tokens: int) -> list[int]:
+    """PEFT's greedy continuation of `prompt` (token ids, EOS included when reached)."""
+    import torch
+    from peft import PeftModel
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    ids = tokenizer.encode(prompt).ids
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=2,
+        )
+    return [int(t) for t in out[0, len(ids) :]]
+
+
+# ---------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def adapters(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, peft_adapter: Path
+) -> dict[str, Path]:
+    """Adapters of tiny_base: two PEFT-made ones, scaled variants, and a PEFT DoRA one (refused)."""
+    root = tmp_path_factory.mktemp("server-adapters")
+    out = {
+        "a": peft_adapter,
+        "b": make_peft_adapter(
+            tiny_base,
+            root / "b",
+            r=4,
+            alpha=8,
+            target_modules=(
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ),
+            seed=5,
+            b_std=0.2,
+        ),
+    }
+    for i in range(1, 4):
+        out[f"a{i}"] = variant(peft_adapter, root / f"a{i}", 1.0 + i)
+    dora = root / "dora"
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_base)),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"
+        ),
+    )
+    model.save_pretrained(str(dora))
+    out["dora"] = dora
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, adapters: dict[str, Path]
+) -> Repository:
+    """main = a, product-b = b, tag prod = main's first commit, dora = a DoRA revision."""
+    repo = porcelain.init(tmp_path_factory.mktemp("server-repo") / "repo", str(tiny_base))
+    commit_on(repo, "main", adapters["a"], "adapter a")
+    porcelain.tag_create(repo, "prod", "main", message="release")
+    commit_on(repo, "product-b", adapters["b"], "adapter b")
+    commit_on(repo, "dora", adapters["dora"], "a DoRA adapter")
+    porcelain.checkout(repo, "main", force=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(
+    repo: Repository, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackgroundServer]:
+    """A server on an ephemeral loopback port, with a bearer token for the admin endpoints."""
+    key = tmp_path_factory.mktemp("key") / "token"
+    key.write_text(TOKEN + "\n")
+    config = ServerConfig(
+        repo=repo.work_tree or repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=512,
+        max_prompt_bytes=2000,
+        max_tokens_limit=400,
+        max_loras=4,
+        max_rank=16,
+        api_key_file=key,
+    )
+    with BackgroundServer(config) as srv:
+        yield srv
+
+
+def gen(server: BackgroundServer, **body: Any) -> tuple[int, dict[str, str], Any]:
+    """POST /generate."""
+    return request(server.url + "/generate", body)
+
+
+# ---------------------------------------------------------------------------- generate
+def test_health_and_generate_by_branch_tag_and_commit(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    status, _, body = request(server.url + "/health")
+    assert status == 200 and body["status"] == "ok"
+    main = repo.resolve("main")
+    for spec, want in (
+        ("main", main),
+        ("product-b", repo.resolve("product-b")),
+        ("prod", main),
+        (main[:9], main),
+        (main, main),
+    ):
+        status, headers, body = gen(
+            server, prompt="Hello world", ref=spec, max_tokens=4, temperature=0
+        )
+        assert status == 200, body
+        assert body["revision"] == want and headers["X-Mint-Revision"] == want
+        assert body["ref"] == spec
+        assert 1 <= body["usage"]["completion_tokens"] <= 4
+        assert body["finish_reason"] in ("stop", "length")
+    # main and product-b are different adapters: their greedy outputs differ.
+    a = gen(
+        server,
+        prompt="The answer is",
+        ref="main",
+        max_tokens=8,
+        temperature=0,
+        return_token_ids=True,
+    )[2]
+    b = gen(
+        server,
+        prompt="The answer is",
+        ref="product-b",
+        max_tokens=8,
+        temperature=0,
+        return_token_ids=True,
+    )[2]
+    assert a["token_ids"] != b["token_ids"]
+
+
+def test_ref_tilde_and_old_revision_stay_reachable(
+    server: BackgroundServer, repo: Repository, adapters: dict[str, Path]
+) -> None:
+    first = repo.resolve("main")
+    new = commit_on(repo, "main", adapters["a1"], "a1")
+    status, _, body = gen(server, prompt="Hi", ref="main~1", max_tokens=2, temperature=0)
+    assert status == 200 and body["revision"] == first
+    status, _, body = gen(server, prompt="Hi", ref=first, max_tokens=2, temperature=0)
+    assert status == 200 and body["revision"] == first
+    status, _, body = gen(server, prompt="Hi", ref="main", max_tokens=2, temperature=0)
+    assert body["revision"] == new
+
+
+def test_seeded_sampling_is_reproducible(server: BackgroundServer) -> None:
+    bodies = [
+        gen(
+            server,
+            prompt="Hello",
+            ref="product-b",
+            max_tokens=12,
+            temperature=1.3,
+            top_p=0.9,
+            top_k=50,
+            seed=7,
+            return_token_ids=True,
+        )[2]
+        for _ in range(2)
+    ]
+    assert bodies[0]["token_ids"] == bodies[1]["token_ids"]
+    other = gen(
+        server,
+        prompt="Hello",
+        ref="product-b",
+        max_tokens=12,
+        temperature=1.3,
+        seed=8,
+        return_token_ids=True,
+    )[2]
+    assert other["token_ids"] != bodies[0]["token_ids"]
+
+
+def test_stop_string_ends_generation(server: BackgroundServer) -> None:
+    full = gen(server, prompt="Hello", ref="main", max_tokens=20, temperature=0, ignore_eos=True)[
+        2
+    ]["text"]
+    cut = next((i for i in range(1, len(full)) if full[i].isprintable() and full[i] != " "), None)
+    if cut is None:
+        pytest.skip("this seed's greedy text has no printable character to stop on")
+    stop = full[cut]
+    status, _, body = gen(
+        server,
+        prompt="Hello",
+        ref="main",
+        max_tokens=20,
+        temperature=0,
+        ignore_eos=True,
+        stop=[stop],
+    )
+    assert status == 200
+    assert body["finish_reason"] == "stop" and body["text"] == full[: full.index(stop)]
+
+
+def test_generate_stream_format(server: BackgroundServer, repo: Repository) -> None:
+    status, headers, text = gen(
+        server,
+        prompt="Hello world",
+        ref="product-b",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        ignore_eos=True,
+    )
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = sse_events(text)
+    tokens = [json.loads(d) for e, d in events if e is None]
+    name, data = events[-1]
+    done = json.loads(data)
+    assert name == "done" and len(tokens) == 6 and [t["index"] for t in tokens] == list(range(1, 7))
+    assert done["revision"] == repo.resolve("product-b") == headers["X-Mint-Revision"]
+    assert "".join(t["text"] for t in tokens) == done["text"]
+    plain = gen(
+        server, prompt="Hello world", ref="product-b", max_tokens=6, temperature=0, ignore_eos=True
+    )[2]
+    assert plain["text"] == done["text"] and plain["usage"] == done["usage"]
+
+
+# ---------------------------------------------------------------------------- bad input
+BAD_BODIES: list[tuple[str, bytes, int]] = [
+    ("invalid json", b"{not json", 400),
+    ("empty body", b"", 400),
+    ("whitespace body", b"  \n", 400),
+    ("array body", b"[1, 2]", 400),
+    ("missing prompt", b'{"ref": "main"}', 400),
+    ("prompt not a string", b'{"prompt": 5}', 400),
+    ("empty prompt", b'{"prompt": ""}', 400),
+    ("ref not a string", b'{"prompt": "x", "ref": ["main"]}', 400),
+    ("max_tokens a string", b'{"prompt": "x", "max_tokens": "3"}', 400),
+    ("max_tokens a bool", b'{"prompt": "x", "max_tokens": true}', 400),
+    ("max_tokens a float", b'{"prompt": "x", "max_tokens": 2.5}', 400),
+    ("stream a string", b'{"prompt": "x", "stream": "yes"}', 400),
+    ("max_tokens zero", b'{"prompt": "x", "max_tokens": 0}', 400),
+    ("max_tokens negative", b'{"prompt": "x", "max_tokens": -5}', 400),
+    ("max_tokens over the limit", b'{"prompt": "x", "max_tokens": 401}', 400),
+    ("NaN temperature", b'{"prompt": "x", "temperature": NaN}', 400),
+    ("infinite temperature", b'{"prompt": "x", "temperature": Infinity}', 400),
+    ("negative temperature", b'{"prompt": "x", "temperature": -1}', 400),
+    ("top_p zero", b'{"prompt": "x", "top_p": 0}', 400),
+    ("stop not strings", b'{"prompt": "x", "stop": [1]}', 400),
+    ("unknown ref", b'{"prompt": "x", "ref": "no-such-branch"}', 404),
+    ("unknown commit id", b'{"prompt": "x", "ref": "' + b"0" * 40 + b'"}', 404),
+    ("ref with ..", b'{"prompt": "x", "ref": "main..product-b"}', 400),
+    ("ref with control char", b'{"prompt": "x", "ref": "ma\\u0007in"}', 400),
+    ("ref with newline", b'{"prompt": "x", "ref": "main\\n"}', 400),
+    ("empty ref", b'{"prompt": "x", "ref": ""}', 400),
+    ("ref past the first commit", b'{"prompt": "x", "ref": "prod~5"}', 404),
+    ("prompt over the size limit", json.dumps({"prompt": "x" * 2001}).encode(), 413),
+]
+
+
+@pytest.mark.parametrize(("case", "raw", "status"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_input_is_a_json_4xx(
+    server: BackgroundServer, case: str, raw: bytes, status: int
+) -> None:
+    got, headers, body = request(server.url + "/generate", raw, method="POST")
+    assert got == status, (case, body)
+    assert headers["Content-Type"].startswith("application/json")
+    assert isinstance(body, dict) and isinstance(body["error"], str) and body["error"]
+    # The server is still up and serving.
+    assert gen(server, prompt="ok", ref="main", max_tokens=1)[0] == 200
+
+
+def test_bad_input_on_openai_routes_uses_openai_error_shape(server: BackgroundServer) -> None:
+    status, _, body = request(server.url + "/v1/completions", {"model": "nope", "prompt": "x"})
+    assert status == 404 and "nope" in body["error"]["message"]
+    status, _, body = request(
+        server.url + "/v1/chat/completions", {"model": "main", "messages": []}
+    )
+    assert status == 400 and body["error"]["message"]
+    status, _, body = request(
+        server.url + "/v1/chat/completions",
+        {"model": "main", "messages": [{"role": "wizard", "content": "x"}]},
+    )
+    assert status == 400
+    status, _, body = request(
+        server.url + "/v1/completions", {"model": "main", "prompt": "x", "n": 3}
+    )
+    assert status == 400
+    status, _, body = request(server.url + "/nope")
+    assert status == 404 and "error" in body
+    status, _, body = request(server.url + "/generate", method="GET")
+    assert status == 405 and "error" in body
+
+
+def test_prompt_longer_than_the_context_is_413(server: BackgroundServer) -> None:
+    # Under the byte limit, over the 512-token context: every byte of this prompt is its own token.
+    status, _, body = gen(server, prompt="\x01\x02" * 300, ref="main")
+    assert status == 413 and "tokens" in body["error"]
+
+
+def test_unsupported_lora_feature_is_422_naming_it(server: BackgroundServer) -> None:
+    for _ in range(2):  # the refusal is remembered: the second answer comes from the failure cache
+        status, _, body = gen(server, prompt="Hello", ref="dora", max_tokens=2)
+        assert status == 422 and body["reason"] == "dora" and "DoRA" in body["error"]
+    status, _, body = gen(server, prompt="Hello", ref="dora", max_tokens=2, stream=True)
+    assert status == 422 and body["reason"] == "dora"
+    assert gen(server, prompt="ok", ref="main", max_tokens=1)[0] == 200
+
+
+def test_revision_for_another_base_is_422(
+    tmp_path: Path, tiny_base: Path, other_base: Path
+) -> None:
+    foreign = make_peft_adapter(other_base, tmp_path / "foreign")
+    other_repo = porcelain.init(tmp_path / "repo", str(other_base))
+    porcelain.commit(
+        other_repo, "for another base", source=foreign, verify=False, show_progress=False
+    )
+    config = ServerConfig(repo=tmp_path / "repo", base_model=tiny_base, port=0, max_model_len=128)
+    with BackgroundServer(config) as srv:
+        status, _, body = request(srv.url + "/generate", {"prompt": "Hello", "ref": "main"})
+        assert status == 422 and body["reason"] == "base_fingerprint", body
+        assert request(srv.url + "/health")[0] == 200
+
+
+# ---------------------------------------------------------------------------- auth and admin
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/v1/refs/notify", {"ref": "main"}),
+        ("POST", "/v1/adapters/warm", {"ref": "main"}),
+        ("GET", "/v1/adapters", None),
+    ],
+)
+def test_admin_endpoints_need_the_token(
+    server: BackgroundServer, method: str, path: str, body: Any
+) -> None:
+    url = server.url + path
+    assert request(url, body, method=method)[0] == 401
+    assert request(url, body, method=method, headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert request(url, body, method=method, headers={"Authorization": "Basic " + TOKEN})[0] == 401
+    status, _, answer = request(
+        url, body, method=method, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert status == 200, answer
+
+
+def test_warm_pin_and_residency(server: BackgroundServer, repo: Repository) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    status, _, body = request(
+        server.url + "/v1/adapters/warm", {"ref": "product-b", "pin": True}, headers=auth
+    )
+    assert (
+        status == 200 and body["revision"] == repo.resolve("product-b") and body["slot"] is not None
+    )
+    status, _, body = request(server.url + "/v1/adapters", headers=auth)
+    slots = {s["revision"]: s for s in body["slots"]}
+    assert slots[repo.resolve("product-b")]["pinned"] is True
+    assert request(server.url + "/v1/adapters/unpin", {"ref": "product-b"}, headers=auth)[0] == 200
+    status, _, body = request(server.url + "/v1/adapters/warm", {"ref": "dora"}, headers=auth)
+    assert status == 422 and body["error"]["code"] == "dora"
+
+
+def test_models_lists_branches_and_tags(server: BackgroundServer, repo: Repository) -> None:
+    status, _, body = request(server.url + "/v1/models")
+    assert status == 200
+    got = {m["id"]: (m["kind"], m["revision"]) for m in body["data"]}
+    assert got["main"] == ("branch", repo.resolve("main"))
+    assert got["product-b"] == ("branch", repo.resolve("product-b"))
+    assert got["prod"] == ("tag", repo.resolve("prod"))
+    status, _, body = request(server.url + "/v1/models?prefix=prod")
+    assert [m["id"] for m in body["data"]] == ["product-b", "prod"]
+
+
+def test_metrics_count_requests_tokens_and_slots(server: BackgroundServer) -> None:
+    gen(server, prompt="Hello", ref="product-b", max_tokens=3, ignore_eos=True)
+    gen(server, prompt="Hello", ref="no-such-ref", max_tokens=3)
+    status, headers, text = request(server.url + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    lines = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
+    )
+    assert (
+        float(lines['mint_requests_total{ref="product-b",endpoint="/generate",status="200"}']) >= 1
+    )
+    assert (
+        float(lines['mint_requests_total{ref="(unresolved)",endpoint="/generate",status="404"}'])
+        >= 1
+    )
+    assert float(lines['mint_tokens_total{ref="product-b",kind="completion"}']) >= 3
+    for name in (
+        "mint_slot_hits_total",
+        "mint_slot_misses_total",
+        "mint_evictions_total",
+        "mint_batch_size",
+        "mint_queue_depth",
+        "mint_adapter_load_seconds_count",
+    ):
+        assert name in lines, name
+    assert float(lines["mint_adapter_load_seconds_count"]) >= 1
+    assert float(lines['mint_adapter_load_seconds_bucket{le="+Inf"}']) == float(
+        lines["mint_adapter_load_seconds_count"]
+    )
+
+
+# ---------------------------------------------------------------------------- ref moves
+def test_hot_swap_within_one_second(
+    server: BackgroundServer, repo: Repository, adapters: dict[str, Path]
+) -> None:
+    before = gen(server, prompt="Hi", ref="main", max_tokens=1)[2]["revision"]
+    new = commit_on(repo, "main", adapters["a2"], "a2")
+    assert new != before
+    committed = time.monotonic()
+    while True:
+        body = gen(server, prompt="Hi", ref="main", max_tokens=1)[2]
+        if body["revision"] == new:
+            break
+        assert time.monotonic() - committed < 1.0, (
+            "main moved but requests still get the old revision"
+        )
+    assert time.monotonic() - committed < 1.0
+
+
+def test_watcher_prefetches_a_moved_ref(
+    server: BackgroundServer, repo: Repository, adapters: dict[str, Path]
+) -> None:
+    gen(server, prompt="Hi", ref="main", max_tokens=1)  # main is in use
+    new = commit_on(
+        repo, "main", variant(adapters["a"], adapters["a"].parent / "a-prefetch", 0.5), "prefetched"
+    )
+    deadline = time.monotonic() + 2.0
+    engine = server.state.engine
+    assert engine is not None
+    while engine.residency.slot_of(new) is None:
+        assert time.monotonic() < deadline, "the watcher did not prefetch the new revision of main"
+        time.sleep(0.02)
+
+
+def test_in_flight_request_keeps_its_revision(
+    server: BackgroundServer, repo: Repository, adapters: dict[str, Path]
+) -> None:
+    async def run() -> tuple[dict[str, Any], str, str]:
+        import aiohttp
+
+        body = {
+            "prompt": "Hi",
+            "ref": "main",
+            "max_tokens": 300,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(server.url + "/generate", json=body) as resp,
+        ):
+            old = resp.headers["X-Mint-Revision"]
+            await resp.content.readline()
+            new = await asyncio.to_thread(
+                commit_on, repo, "main", adapters["a3"], "a3 while streaming"
+            )
+            text = (await resp.read()).decode()
+        done = json.loads(sse_events(text)[-1][1])
+        return done, old, new
+
+    done, old, new = asyncio.run(run())
+    assert done["revision"] == old != new
+    assert done["usage"]["completion_tokens"] == 300
+    assert gen(server, prompt="Hi", ref="main", max_tokens=1)[2]["revision"] == new
+
+
+def test_ref_update_hook_notifies_the_server(
+    server: BackgroundServer, repo: Repository, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    hook = repo.git_dir / "hooks" / "ref-update"
+    assert (repo.git_dir / "hooks" / "ref-update.sample").is_file(), "init installs the sample"
+    shutil.copyfile(repo.git_dir / "hooks" / "ref-update.sample", hook)
+    hook.chmod(0o755)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    config = repo.git_dir / "config"
+    original = config.read_text()
+    config.write_text(
+        original + f'[mint "notify"]\n\turl = {server.url}\n\ttoken-file = {token_file}\n'
+    )
+    try:
+        gen(server, prompt="Hi", ref="main", max_tokens=1)
+        new = porcelain.commit(
+            repo, "notified", source=adapters["a1"], verify=True, show_progress=False
+        ).commit
+        _, _, text = request(server.url + "/metrics")
+        assert 'mint_ref_moves_total{ref="refs/heads/main"} 1' in text
+        assert gen(server, prompt="Hi", ref="main", max_tokens=1)[2]["revision"] == new
+    finally:
+        hook.unlink()
+        config.write_text(original)
+
+
+def test_notify_without_token_configured_is_open_and_refreshes(server: BackgroundServer) -> None:
+    status, _, body = request(
+        server.url + "/v1/refs/notify",
+        {"ref": "main..x"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert status == 400
+    status, _, body = request(
+        server.url + "/v1/refs/notify",
+        b"",
+        method="POST",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert status == 200 and body["ref"] is None
+
+
+# ---------------------------------------------------------------------------- disconnects
+def test_client_disconnect_cancels_and_frees_the_slot(server: BackgroundServer) -> None:
+    engine = server.state.engine
+    assert engine is not None
+    cancelled = engine.stats()["requests_cancelled"]
+
+    async def run() -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(
+                server.url + "/generate",
+                json={
+                    "prompt": "Hi",
+                    "ref": "product-b",
+                    "max_tokens": 400,
+                    "stream": True,
+                    "ignore_eos": True,
+                },
+            )
+            assert resp.status == 200
+            await resp.content.readline()
+            resp.close()  # drop the connection mid-stream
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 5
+    while True:
+        stats = engine.stats()
+        busy = [s for s in engine.residency_snapshot()["slots"] if s["refs"]]
+        if stats["requests_cancelled"] > cancelled and stats["running"] == 0 and not busy:
+            break
+        assert time.monotonic() < deadline, (stats, busy)
+        time.sleep(0.02)
+    assert stats["kv_slots_free"] == engine.config.max_batch_size
+    assert stats["generated_tokens"] >= 1
+
+
+# ---------------------------------------------------------------------------- peers
+def test_http_equals_peft_greedy(
+    server: BackgroundServer, tiny_base: Path, adapters: dict[str, Path], repo: Repository
+) -> None:
+    prod = repo.resolve("prod")  # adapter a, committed first
+    for prompt in ("Hello world", "The answer is", "Paris is the capital of"):
+        want = peft_greedy(tiny_base, adapters["a"], prompt, 12)
+        status, _, body = gen(
+            server, prompt=prompt, ref="prod", max_tokens=12, temperature=0, return_token_ids=True
+        )
+        assert status == 200 and body["revision"] == prod
+        assert body["token_ids"] == want, prompt
+    want = peft_greedy(tiny_base, adapters["b"], "Hello world", 12)
+    assert (
+        gen(
+            server,
+            prompt="Hello world",
+            ref="product-b",
+            max_tokens=12,
+            temperature=0,
+            return_token_ids=True,
+        )[2]["token_ids"]
+        == want
+    )
+
+
+def test_openai_client_completions_chat_and_streaming(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    main = repo.resolve("product-b")
+    completion = client.completions.create(
+        model="product-b", prompt="Hello world", max_tokens=5, temperature=0
+    )
+    plain = gen(server, prompt="Hello world", ref="product-b", max_tokens=5, temperature=0)[2]
+    assert completion.choices[0].text == plain["text"]
+    assert completion.system_fingerprint == main and completion.usage is not None
+    assert completion.usage.completion_tokens == plain["usage"]["completion_tokens"]
+
+    chat = client.chat.completions.create(
+        model="product-b",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        temperature=0,
+    )
+    assert chat.choices[0].message.role == "assistant"
+    rendered = gen(
+        server,
+        prompt="system: Be brief.\nuser: Hi\nassistant:",
+        ref="product-b",
+        max_tokens=5,
+        temperature=0,
+    )[2]
+    assert chat.choices[0].message.content == rendered["text"]
+
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model="product-b", prompt="Hello world", max_tokens=5, temperature=0, stream=True
+        )
+        if c.choices
+    ]
+    assert "".join(pieces) == plain["text"]
+    chunks = list(
+        client.chat.completions.create(
+            model="product-b",
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+            ],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == rendered["text"]
+    )
+    assert (
+        chunks[-1].usage is not None
+        and chunks[-1].usage.completion_tokens == rendered["usage"]["completion_tokens"]
+    )
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == [rendered["finish_reason"]]
+
+    models = {m.id for m in client.models.list()}
+    assert {"main", "product-b", "prod"} <= models
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-ref", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="main", prompt="x", max_tokens=0)
+
+
+def test_chat_template_from_tokenizer_config() -> None:
+    from mintvcs.serve.http_api import render_chat
+
+    config = {
+        "bos_token": "<s>",
+        "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
+    }
+    assert (
+        render_chat([("user", "hi"), ("assistant", "yo"), ("user", "ok")], config)
+        == "<s>[user]hi[assistant]yo[user]ok[assistant]"
+    )
+    assert render_chat([("user", "hi")], {}) == "user: hi\nassistant:"
+
+
+def test_nan_is_never_accepted_anywhere(server: BackgroundServer) -> None:
+    for field in ("temperature", "top_p"):
+        raw = b'{"model": "main", "prompt": "x", "' + field.encode() + b'": NaN}'
+        status, _, body = request(server.url + "/v1/completions", raw, method="POST")
+        assert status == 400 and "finite" in body["error"]["message"]
+    # Python's json.dumps writes float('nan') as this very literal, so clients do send it.
+    assert json.dumps({"t": float("nan")}) == '{"t": NaN}'
+
+
+def test_health_is_503_until_the_base_is_loaded(repo: Repository, tiny_base: Path) -> None:
+    import threading
+
+    from mintvcs.serve.app import build_engine
+
+    gate = threading.Event()
+
+    def slow_engine(config: ServerConfig) -> Any:
+        gate.wait(30)
+        return build_engine(config)
+
+    srv = BackgroundServer(
+        ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=64),
+        engine_factory=slow_engine,
+    )
+    srv.start(wait=False)
+    try:
+        status, _, body = request(srv.url + "/health")
+        assert status == 503 and body["status"] == "loading"
+        status, _, body = request(srv.url + "/generate", {"prompt": "x"})
+        assert status == 503 and body["reason"] == "loading"
+        gate.set()
+        srv.wait_ready(30)
+        assert request(srv.url + "/health")[0] == 200
+    finally:
+        gate.set()
+        srv.stop()
+
+
+def test_vcs_cli_does_not_import_the_server() -> None:
+    # `mintvcs serve` is registered lazily: importing the CLI must not pull in torch or aiohttp.
+    import subprocess
+    import sys
+
+    code = "import sys, mintvcs.cli; print(any(m in sys.modules for m in ('torch', 'aiohttp', 'mintvcs.serve.app')))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ}
+    )
+    assert out.stdout.strip() == "False"

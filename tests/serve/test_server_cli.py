@@ -1,0 +1,79 @@
+"""`mintvcs serve` as a process: prints where it listens, /health turns 200 once loaded, SIGTERM drains."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mintvcs import porcelain
+from tests.serve.test_server import request
+
+
+def _start(args: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "MINT_LOG_LEVEL": "WARNING"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mintvcs.serve.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_serve_process_health_and_sigterm_drain(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> None:
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base))
+    commit = porcelain.commit(repo, "a", source=peft_adapter, verify=False, show_progress=False).commit
+    proc = _start(["--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0", "--max-model-len", "512"])
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"listening on (http://\S+)", line)
+        assert match, line
+        url = match.group(1)
+        deadline = time.monotonic() + 60
+        while request(url + "/health")[0] != 200:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+
+        # A long streaming request is running when SIGTERM arrives: it must finish, then the process exits 0.
+        body = json.dumps({"prompt": "Hi", "ref": "main", "max_tokens": 400, "stream": True, "ignore_eos": True}).encode()
+        req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json"})
+        resp = urllib.request.urlopen(req, timeout=60)
+        assert resp.headers["X-Mint-Revision"] == commit
+        first = resp.readline()
+        assert first.startswith(b"data: ")
+        rest: list[bytes] = []
+        reader = threading.Thread(target=lambda: rest.append(resp.read()))
+        reader.start()
+        proc.send_signal(signal.SIGTERM)
+        reader.join(60)
+        text = rest[0].decode()
+        assert "event: done" in text and '"completion_tokens":400' in text
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "draining" in out and "stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_refuses_a_bad_base_model_in_one_line(tmp_path: Path) -> None:
+    repo_dir = tmp_path / "repo"
+    porcelain.init(repo_dir)
+    (tmp_path / "empty").mkdir()
+    proc = _start(["--repo", str(repo_dir), "--base-model", str(tmp_path / "empty"), "--port", "0"])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().startswith("error: ") and "config.json" in err and "Traceback" not in err
