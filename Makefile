@@ -28,7 +28,10 @@ lint: setup
 
 bench: setup
 	$(PY) bench/store.py
+	$(PY) bench/refs.py
 	$(PY) bench/kernels.py
+	$(PY) bench/engine.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
