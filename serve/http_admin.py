@@ -81,15 +81,21 @@ async def notify(request: web.Request) -> web.Response:
     return web.json_response({"ref": ref, "revision": revision, "refreshed": moved})
 
 
+def _spec_of(body: dict[str, Any], verb: str) -> str:
+    """The revision or ref an admin request names."""
+    spec = field_of(body, "revision", (str,), None) or field_of(body, "ref", (str,), None)
+    if spec is None:
+        raise HTTPError(400, f"send 'ref' or 'revision' to {verb}", "missing_field")
+    return str(spec)
+
+
 async def warm(request: web.Request) -> web.Response:
     """Prefetch a revision (by ref or commit) into a device slot, or the host cache when every slot is busy."""
     check_bearer(request)
     state = request.app[STATE]
     engine = state.require_engine()
     body = await read_json(request)
-    spec = field_of(body, "revision", (str,), None) or field_of(body, "ref", (str,), None)
-    if spec is None:
-        raise HTTPError(400, "send 'ref' or 'revision' to warm", "missing_field")
+    spec = _spec_of(body, "warm")
     pin = field_of(body, "pin", (bool,), False)
     resolution = state.watcher.resolve(check_spec(spec))
     started = time.perf_counter()
@@ -111,10 +117,7 @@ async def unpin(request: web.Request) -> web.Response:
     check_bearer(request)
     state = request.app[STATE]
     engine = state.require_engine()
-    body = await read_json(request)
-    spec = field_of(body, "revision", (str,), None) or field_of(body, "ref", (str,), None)
-    if spec is None:
-        raise HTTPError(400, "send 'ref' or 'revision' to unpin", "missing_field")
+    spec = _spec_of(await read_json(request), "unpin")
     commit = state.watcher.resolve(check_spec(spec)).commit
     engine.unpin(commit)
     return web.json_response({"revision": commit, "pinned": False})

@@ -258,6 +258,27 @@ def _oai_error_event(err: MintError) -> bytes:
     return _event_bytes(error_body("/v1/", 500, str(err))) + b"data: [DONE]\n\n"
 
 
+class _OpenAIEnvelope:
+    """The fields every OpenAI response object of one request repeats around its choice."""
+
+    def __init__(self, prefix: str, admitted: Admitted) -> None:
+        self.id, self.created = _oai_ids(prefix)
+        self.admitted = admitted
+
+    def wrap(self, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+        """One response object (or stream chunk) of type `kind` holding `choice`."""
+        revision = self.admitted.resolution.commit
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.admitted.spec,
+            "system_fingerprint": revision,
+            "revision": revision,
+            "choices": [choice],
+        }
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions, where `model` is the ref."""
     state = request.app[STATE]
@@ -272,19 +293,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     _n_is_one(body)
     params = sampling_params(body, state)
     admitted = await admit(request, prompt, spec, params)
-    cid, created = _oai_ids("cmpl")
-    revision = admitted.resolution.commit
+    envelope = _OpenAIEnvelope("cmpl", admitted)
 
     def obj(choice: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": created,
-            "model": admitted.spec,
-            "system_fingerprint": revision,
-            "revision": revision,
-            "choices": [choice],
-        }
+        return envelope.wrap("text_completion", choice)
 
     if not stream:
         text, last, _ = await _collect(admitted, state)
@@ -383,19 +395,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     params = sampling_params(body, state)
     prompt = render_chat(messages, state.tokenizer_config)
     admitted = await admit(request, prompt, spec, params)
-    cid, created = _oai_ids("chatcmpl")
-    revision = admitted.resolution.commit
-
-    def obj(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": kind,
-            "created": created,
-            "model": admitted.spec,
-            "system_fingerprint": revision,
-            "revision": revision,
-            "choices": [choice],
-        }
+    obj = _OpenAIEnvelope("chatcmpl", admitted).wrap
 
     if not stream:
         text, last, _ = await _collect(admitted, state)
