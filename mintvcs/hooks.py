@@ -30,12 +30,18 @@ def hook_env(git_dir: Path, adapter_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
+def is_active(git_dir: Path, name: str) -> bool:
+    """True when `.mint/hooks/NAME` exists and is executable, so run_hook would run it."""
+    path = git_dir / "hooks" / name
+    return path.is_file() and os.access(path, os.X_OK)
+
+
 def run_hook(
     git_dir: Path, name: str, args: list[str], env: dict[str, str], *, may_refuse: bool
 ) -> None:
     """Run `.mint/hooks/NAME` if it exists and is executable; a refusal raises when the hook may refuse."""
     path = git_dir / "hooks" / name
-    if not (path.is_file() and os.access(path, os.X_OK)):
+    if not is_active(git_dir, name):
         return
     result = subprocess.run(
         [str(path), *args], env=env, cwd=git_dir.parent, capture_output=True, text=True, check=False
@@ -43,11 +49,33 @@ def run_hook(
     output = (result.stderr or result.stdout).strip()
     if result.returncode != 0 and may_refuse:
         detail = output.splitlines()[-1] if output else f"exit status {result.returncode}"
-        raise HookRefusedError(
-            f"{name} hook refused the commit: {detail} (use --no-verify to skip hooks)"
-        )
+        raise refusal(name, detail)
     if output:
         sys.stderr.write(output + "\n")
+
+
+def is_sample(git_dir: Path, name: str) -> bool:
+    """True when `.mint/hooks/NAME` is active and byte-identical to the shipped sample.
+
+    mintvcs then runs the sample's checks in-process instead of starting a Python process
+    (same checks, same refusal message); any edit to the hook makes it run as a program.
+    """
+    path = git_dir / "hooks" / name
+    try:
+        installed = path.read_bytes()
+    except OSError:
+        return False
+    if not os.access(path, os.X_OK):
+        return False
+    sample = resources.files("mintvcs.hook_samples") / name
+    return sample.is_file() and sample.read_bytes() == installed
+
+
+def refusal(name: str, detail: str) -> HookRefusedError:
+    """The error for hook `name` refusing a commit, its last output line being `detail`."""
+    return HookRefusedError(
+        f"{name} hook refused the commit: {detail} (use --no-verify to skip hooks)"
+    )
 
 
 def install_samples(git_dir: Path) -> None:

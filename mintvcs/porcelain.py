@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import random
 import socket
+import stat
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +20,7 @@ from typing import Any
 from mintvcs import hooks
 from mintvcs.adapter import CONFIG_FILE, GIT_DIR, WEIGHTS_FILE, AdapterFiles, read_adapter
 from mintvcs.base import BaseModel, read_base_model
+from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
 from mintvcs.refs import (
     ANY,
@@ -64,6 +68,10 @@ Progress = Callable[[int], None]
 @contextmanager
 def progress_bar(total: int, desc: str) -> Iterator[Progress]:
     """A byte progress bar on stderr that appears only when the work takes over a second."""
+    if not sys.stderr.isatty():
+        # tqdm would disable itself here (disable=None); skip importing it at all.
+        yield lambda _n: None
+        return
     from tqdm import tqdm
 
     with tqdm(
@@ -76,14 +84,19 @@ def _abbrev(oid: str) -> str:
     return oid[:7]
 
 
-def _write_atomic(path: Path, data: bytes, executable: bool = False) -> None:
+def _write_atomic(
+    path: Path, data: bytes | memoryview, executable: bool = False, mtime_ns: int | None = None
+) -> None:
     """Write a file so that a crash leaves the old or the new content, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-        os.chmod(tmp, 0o755 if executable else 0o644)
+            handle.flush()
+            os.fchmod(fd, 0o755 if executable else 0o644)
+            if mtime_ns is not None:
+                os.utime(fd, ns=(time.time_ns(), mtime_ns))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -142,13 +155,14 @@ def commit(
     if repo.base is not None:
         repo.base.check_adapter({t.name: (t.dtype, t.shape) for t in adapter.layout.tensors})
     env = hooks.hook_env(repo.git_dir, source)
-    if verify:
+    # The shipped pre-commit sample only runs `python -m mintvcs.validate`: its shape check
+    # is the one above, and its NaN/Inf check runs during encoding on the exponent planes
+    # the codec builds anyway. Any other pre-commit hook runs as a program, as in git.
+    check_in_process = verify and hooks.is_sample(repo.git_dir, "pre-commit")
+    if verify and not check_in_process:
         hooks.run_hook(repo.git_dir, "pre-commit", [], env, may_refuse=True)
-        message = _run_commit_msg(repo, message, env)
-    if not message.strip():
+    if not message.strip() and not (verify and hooks.is_active(repo.git_dir, "commit-msg")):
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
-    if not message.endswith("\n"):
-        message += "\n"
     who = identity(repo)
     branch_ref = repo.refs.read_symbolic("HEAD")
     target = branch_ref or "HEAD"
@@ -156,11 +170,24 @@ def commit(
     parent_rev = repo.read_revision(parent) if parent else None
     before = _count_loose(repo)
     total = adapter.layout.data_size
-    if show_progress:
-        with progress_bar(total, "encoding") as update:
-            tree, manifest = repo.write_revision(adapter, parent_rev, meta, update)
-    else:
-        tree, manifest = repo.write_revision(adapter, parent_rev, meta)
+    try:
+        if show_progress:
+            with progress_bar(total, "encoding") as update:
+                tree, manifest = repo.write_revision(
+                    adapter, parent_rev, meta, update, check_finite=check_in_process
+                )
+        else:
+            tree, manifest = repo.write_revision(
+                adapter, parent_rev, meta, check_finite=check_in_process
+            )
+    except NonFiniteTensorError as err:
+        raise hooks.refusal("pre-commit", f"error: {err}") from None
+    if verify:
+        message = _run_commit_msg(repo, message, env)
+    if not message.strip():
+        raise MintError("aborting commit due to empty commit message (use -m MSG)")
+    if not message.endswith("\n"):
+        message += "\n"
     summary = message.splitlines()[0]
     deadline = time.monotonic() + COMMIT_RETRY_SECONDS
     while True:
@@ -177,6 +204,16 @@ def commit(
             # Another process moved or holds the branch: re-parent onto its tip (blobs stay valid).
             time.sleep(random.uniform(0.001, 0.01))
             parent = repo.refs.read(target)
+    if source == repo.work_tree and branch_ref == repo.refs.read_symbolic("HEAD"):
+        # The work tree's weights are this commit's: later status checks may trust a stat,
+        # unless the file changed since it was opened (it is mapped, so read lazily).
+        from mintvcs.adapter import stat_key
+
+        try:
+            unchanged = stat_key(os.stat(source / WEIGHTS_FILE)) == adapter.weights_stat
+        except OSError:
+            unchanged = False
+        _record_clean(repo, commit_id, adapter.weights_stat if unchanged else None, adapter.read_ns)
     hooks.run_hook(repo.git_dir, "post-commit", [], env, may_refuse=False)
     _ref_moved(repo, branch_ref or "HEAD", parent, commit_id)
     return CommitResult(
@@ -374,12 +411,14 @@ class Status:
 
 
 def status(repo: Repository) -> Status:
-    """Compare the work tree with HEAD by content hash."""
+    """Compare the work tree with HEAD by content hash (the weights by stat when recorded clean)."""
     import hashlib
 
     if repo.work_tree is None:
         raise MintError("this repository has no work tree")
     branch, head = repo.current_branch(), repo.head_commit()
+    if head is not None and _clean_by_stat(repo, head):
+        return Status(branch, head, [])
     try:
         work = read_adapter(repo.work_tree)
     except MintError as err:
@@ -420,6 +459,60 @@ def status(repo: Repository) -> Status:
             changes.append(("modified", path))
     changes += [("removed", path) for path in committed_files]
     return Status(branch, head, changes)
+
+
+# ------------------------------------------------------- clean-by-stat record
+# `.mint/mint-worktree.json` says "the work tree's weights file, while it has this stat,
+# holds the weights of commit C", so that checkout and status need not read and hash 84 MB.
+# It is written after a checkout and after a commit of the work tree. A record is trusted only
+# if the file's mtime is at least _RACY_NS older than the moment its content was known: any
+# later write gives the file a newer mtime, even within the same clock tick (git's "racily
+# clean" rule). Checkout makes its own writes trustworthy at once by dating the file's mtime
+# back by _RACY_NS * 2 before it renames the file into place.
+WORKTREE_RECORD = "mint-worktree.json"
+_RACY_NS = 100_000_000
+
+
+def _record_clean(
+    repo: Repository, commit_id: str, key: tuple[int, ...] | None, known_ns: int
+) -> None:
+    """Record that the weights file whose stat_key() is `key` holds commit `commit_id`'s weights."""
+    path = repo.git_dir / WORKTREE_RECORD
+    if key is None or key[1] > known_ns - _RACY_NS:
+        path.unlink(missing_ok=True)  # changing while read, or too fresh to trust
+        return
+    record = {"commit": commit_id, "weights": list(key), "known_ns": known_ns}
+    with suppress(OSError):  # only an optimisation: a failed write costs a later hash
+        _write_atomic(path, json.dumps(record).encode())
+
+
+def _clean_by_stat(repo: Repository, head: str) -> bool:
+    """True when the record says the weights are HEAD's and the config and files match too."""
+    from mintvcs.adapter import stat_key
+
+    assert repo.work_tree is not None
+    try:
+        record = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())
+        key = stat_key(os.stat(repo.work_tree / WEIGHTS_FILE))
+        if record["commit"] != head or list(key) != record["weights"]:
+            return False
+        if key[1] > int(record["known_ns"]) - _RACY_NS:
+            return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    rev = repo.read_revision(head)
+    try:
+        if (repo.work_tree / CONFIG_FILE).read_bytes() != rev.config_bytes:
+            return False
+    except OSError:
+        return False
+    from mintvcs.adapter import extra_files
+
+    committed = {f.path: (f.blob, f.executable) for f in rev.manifest.files}
+    present = extra_files(repo.work_tree)
+    if set(present) != set(committed):
+        return False
+    return all(_blob_id(content) == committed[p][0] for p, (content, _x) in present.items())
 
 
 def _blob_id(content: bytes) -> str:
@@ -534,18 +627,54 @@ def write_work_tree(
         raise MintError("this repository has no work tree")
     if show_progress:
         with progress_bar(rev.manifest.nbytes, "decoding") as update:
-            weights = rev.safetensors_bytes(update)
+            weights = rev.safetensors_buffer(update)
     else:
-        weights = rev.safetensors_bytes()
+        weights = rev.safetensors_buffer()
     files = rev.files()
+    (repo.git_dir / WORKTREE_RECORD).unlink(missing_ok=True)
     _write_atomic(work / CONFIG_FILE, rev.config_bytes)
-    _write_atomic(work / WEIGHTS_FILE, weights)
+    known_ns = time.time_ns()
+    # mtime dated back (see WORKTREE_RECORD): a write after this one always changes it.
+    _write_weights(work / WEIGHTS_FILE, weights.data, mtime_ns=known_ns - 2 * _RACY_NS)
     for path, (content, executable) in files.items():
         _write_atomic(work / path, content, executable)
     if old is not None:
         for record in old.manifest.files:
             if record.path not in files:
                 (work / record.path).unlink(missing_ok=True)
+    from mintvcs.adapter import stat_key
+
+    _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns)
+
+
+def _write_weights(path: Path, data: memoryview, mtime_ns: int) -> None:
+    """Write the weights file: in place when a same-size, singly linked file is there.
+
+    Overwriting the file's own pages is several times faster than filling a new file and
+    renaming it over the old one (which also frees the old pages). It is safe because
+    checkout only replaces a work tree that is clean (its content is in the store) or that
+    --force gave up: a crash mid-write leaves a file that `status` reports as modified and
+    `checkout --force` rewrites. A file of another size is replaced atomically instead,
+    so a reader that maps it never sees it shrink under it; a hard-linked one is too, so
+    its other names keep their content.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size == len(data) and st.st_nlink == 1:
+                view = memoryview(data)
+                done = 0
+                while done < len(view):
+                    done += os.pwrite(fd, view[done:], done)
+                os.utime(fd, ns=(time.time_ns(), mtime_ns))
+                return
+        finally:
+            os.close(fd)
+    _write_atomic(path, data, mtime_ns=mtime_ns)
 
 
 @dataclass(frozen=True)

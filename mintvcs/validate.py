@@ -1,36 +1,31 @@
-"""Adapter validation for the sample pre-commit hook: finite values and shapes that fit the base."""
+"""Adapter validation for the sample pre-commit hook: finite values and shapes that fit the base.
+
+`mintvcs commit` runs these same checks in-process, during encoding, when the installed
+pre-commit hook is byte-identical to the shipped sample (see mintvcs.hooks.is_sample).
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mintvcs.adapter import read_adapter
+from mintvcs.codec import NonFiniteTensorError, nonfinite_count
 from mintvcs.errors import MintError
-from mintvcs.store import Repository
 
-_FLOATS = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "BF16": "<u2"}
+if TYPE_CHECKING:
+    from mintvcs.store import Repository
 
-
-class NonFiniteTensorError(MintError):
-    """A tensor holding NaN or Inf."""
+__all__ = ["NonFiniteTensorError", "check_finite", "main", "validate_adapter"]
 
 
 def check_finite(name: str, dtype: str, raw: bytes | memoryview) -> None:
     """Refuse a float tensor holding NaN or Inf, naming it and counting the bad values."""
-    import numpy as np
-
-    if dtype not in _FLOATS:
-        return
-    values = np.frombuffer(raw, dtype=_FLOATS[dtype])
-    if dtype == "BF16":
-        # bf16 is the top half of an fp32: all-ones exponent means NaN or Inf.
-        bad = int(np.count_nonzero((values & 0x7F80) == 0x7F80))
-    else:
-        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    bad = nonfinite_count(raw, dtype)
     if bad:
-        raise NonFiniteTensorError(f"tensor {name} holds {bad} non-finite value(s) (NaN or Inf)")
+        raise NonFiniteTensorError(name, bad)
 
 
 def validate_adapter(adapter_dir: Path, repo: Repository | None) -> None:
@@ -44,6 +39,8 @@ def validate_adapter(adapter_dir: Path, repo: Repository | None) -> None:
 
 def main() -> int:
     """Validate MINT_ADAPTER_DIR (or argv[1]) against the repository in MINT_DIR."""
+    from mintvcs.store import Repository
+
     target = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("MINT_ADAPTER_DIR", "."))
     git_dir = os.environ.get("MINT_DIR")
     try:

@@ -1,0 +1,197 @@
+"""The store's fast paths: commits written as one pack, mixed zlib streams, the clean-by-stat
+record, in-place work-tree writes and the in-process sample pre-commit hook."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mintvcs import porcelain
+from mintvcs.store import PACK_THRESHOLD, Repository
+from tests.mintvcs.storekit import (
+    ENV,
+    WEIGHTS,
+    git,
+    git_fsck,
+    handmade_adapter,
+    mint,
+    mint_fails,
+    mint_fsck_ok,
+    mutate,
+    set_value,
+    tensor_names,
+)
+
+
+def _many_tensors(path: Path, seed: int, count: int = PACK_THRESHOLD + 4) -> Path:
+    rng = np.random.default_rng(seed)
+    tensors = {
+        f"layers.{i}.lora_{ab}.weight": (
+            "BF16",
+            [4, 96] if ab == "A" else [96, 4],
+            ((rng.standard_normal(384).astype("<f4") * 0.02).view("<u4") >> 16)
+            .astype("<u2")
+            .tobytes(),
+        )
+        for i in range(count // 2)
+        for ab in "AB"
+    }
+    return handmade_adapter(path, tensors)
+
+
+def _loose_blobs(git_dir: Path) -> list[Path]:
+    return [
+        p
+        for d in (git_dir / "objects").iterdir()
+        if len(d.name) == 2
+        for p in d.iterdir()
+        if (git_dir / "objects").exists()
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_CONFIG_NOSYSTEM", "GIT_CONFIG_GLOBAL"):
+        monkeypatch.setenv(key, ENV[key])
+
+
+def test_big_commit_is_one_pack_that_git_reads(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    src = _many_tensors(tmp_path / "src", seed=1)
+    for name in os.listdir(src):
+        shutil.copyfile(src / name, work / name)
+    mint(work, "commit", "-m", "r0")
+    packs = list((work / ".mint" / "objects" / "pack").glob("pack-*.idx"))
+    assert len(packs) == 1
+    # Only the small objects (config, header, manifest, trees, commit) are loose.
+    assert len(_loose_blobs(work / ".mint")) <= 8
+    git_fsck(work)
+    mint_fsck_ok(work)
+    # Two more revisions: XOR chains across packs, each link read from a pack.
+    for k in (1, 2):
+        mutate(work, seed=k, scale=1e-3)
+        mint(work, "commit", "-m", f"r{k}")
+    expected = (work / WEIGHTS).read_bytes()
+    repo = Repository.open(work)
+    tip = repo.read_revision(repo.head_commit() or "")
+    assert max(t.depth for t in tip.manifest.tensors) == 2
+    name = tip.manifest.tensors[0].name
+    blob = tip.manifest.tensors[0].blob
+    # git inflates our tensor blobs (deflated header + stored payload) to the same bytes.
+    assert bytes(repo.blob_view(blob)) == _git_blob(work, blob)
+    assert tip.tensor(name) == tip.tensors()[name][2]
+    repo.close()
+    mint(work, "checkout", "HEAD~2")
+    mint(work, "checkout", "main")
+    assert (work / WEIGHTS).read_bytes() == expected
+    git_fsck(work)
+    # After gc the same bytes come out of dulwich's pack, with our per-object levels.
+    mint(work, "gc")
+    git_fsck(work)
+    mint_fsck_ok(work)
+    mint(work, "checkout", "--force", "HEAD~1")
+    mint(work, "checkout", "main")
+    assert (work / WEIGHTS).read_bytes() == expected
+
+
+def _git_blob(work: Path, oid: str) -> bytes:
+    import subprocess
+
+    return subprocess.run(
+        ["git", "--git-dir", str(work / ".mint"), "cat-file", "blob", oid],
+        env=ENV,
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+def test_flipped_byte_in_commit_pack_is_named(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    src = _many_tensors(tmp_path / "src", seed=2)
+    for name in os.listdir(src):
+        shutil.copyfile(src / name, work / name)
+    mint(work, "commit", "-m", "r0")
+    mint(work, "branch", "keep")
+    mutate(work, seed=3)
+    mint(work, "commit", "-m", "r1")
+    # The first commit's pack holds every blob of `keep`.
+    pack = min((work / ".mint" / "objects" / "pack").glob("pack-*.pack"), key=os.path.getmtime)
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    os.chmod(pack, 0o644)
+    pack.write_bytes(bytes(data))
+    assert mint(work, "fsck", ok=False).returncode == 1
+    line = mint_fails(work, "checkout", "keep")
+    assert "layers." in line
+
+
+def test_loose_tensor_blobs_read_by_git(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    src = handmade_adapter(
+        tmp_path / "src",
+        {"w.lora_A.weight": ("F32", [8, 64], (rng.standard_normal(512) * 0.02).astype("<f4").tobytes())},
+    )
+    repo = porcelain.init(tmp_path / "work", install_hooks=False)
+    porcelain.commit(repo, "one", source=src, verify=False, show_progress=False)
+    record = repo.read_revision(repo.head_commit() or "").manifest.tensors[0]
+    assert (repo.git_dir / "objects" / record.blob[:2] / record.blob[2:]).exists()
+    assert _git_blob(tmp_path / "work", record.blob) == bytes(repo.blob_view(record.blob))
+    git_fsck(tmp_path / "work")
+
+
+def test_status_trusts_stat_only_while_the_file_is_untouched(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    src = _many_tensors(tmp_path / "src", seed=5, count=8)
+    for name in os.listdir(src):
+        shutil.copyfile(src / name, work / name)
+    mint(work, "commit", "-m", "r0")
+    mint(work, "branch", "old")
+    mutate(work, seed=6)
+    mint(work, "commit", "-m", "r1")
+    mint(work, "checkout", "old")
+    assert (work / ".mint" / "mint-worktree.json").exists()
+    assert "nothing to commit" in mint(work, "status").stdout or mint(work, "status").returncode == 0
+    # An in-place edit of the same size right after checkout is seen: checkout dated the
+    # file's mtime back, so any write moves it.
+    path = work / WEIGHTS
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    with open(path, "r+b") as handle:
+        handle.write(bytes(data))
+    assert "modified" in mint(work, "status").stdout
+    assert "local changes" in mint_fails(work, "checkout", "main")
+    # touch alone: the stat no longer matches, so the content is hashed (and found clean).
+    data[-1] ^= 1
+    with open(path, "r+b") as handle:
+        handle.write(bytes(data))
+    assert "modified" not in mint(work, "status").stdout
+    mint(work, "checkout", "main")
+
+
+def test_sample_hook_runs_in_process_and_edited_hook_as_a_program(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work))
+    src = _many_tensors(tmp_path / "src", seed=7, count=6)
+    bad = handmade_adapter(tmp_path / "bad", {})
+    shutil.rmtree(bad)
+    shutil.copytree(src, bad)
+    name = tensor_names(bad)[3]
+    set_value(bad, name, 1, float("nan"))
+    line = mint_fails(work, "commit", "-m", "bad", "--from", str(bad))
+    assert line == (
+        f"error: pre-commit hook refused the commit: error: tensor {name} holds 1 non-finite "
+        "value(s) (NaN or Inf) (use --no-verify to skip hooks)"
+    )
+    # The same hook with one more comment line is no longer the sample: it runs as a program
+    # and refuses with the same message.
+    hook = work / ".mint" / "hooks" / "pre-commit"
+    hook.write_text(hook.read_text() + "# edited\n")
+    assert mint_fails(work, "commit", "-m", "bad", "--from", str(bad)) == line
+    assert git(work / ".mint", "rev-parse", "-q", "--verify", "HEAD", ok=False).returncode != 0
