@@ -8,21 +8,36 @@
 Per decode step, build `groups = group_tokens(token_slots, S)` once and pass it as
 token_slots to every layer. For fused projections (q/k/v, gate/up) call
 `add_lora_slices(y, x, [(a_q, b_q), (a_k, b_k), (a_v, b_v)], groups, scales)`: one launch,
-slice i writes the columns of y that follow slices 0..i-1. See docs/kernels.md.
+slice i writes the columns of y that follow slices 0..i-1. On CPU the engine keeps each fused
+layer's factors packed (`new_packed`, `pack_slot`, `add_lora_packed`): one shrink matmul per
+layer. See docs/kernels.md.
 """
 
 from .checks import LoraShapeError
 from .groups import SlotGroups, group_tokens
-from .ops import LoraBackendError, add_lora, add_lora_slices, resolve_backend
+from .ops import (
+    LoraBackendError,
+    PackedLora,
+    add_lora,
+    add_lora_packed,
+    add_lora_slices,
+    new_packed,
+    pack_slot,
+    resolve_backend,
+)
 from .reference import add_lora_reference
 
 __all__ = [
     "LoraBackendError",
     "LoraShapeError",
+    "PackedLora",
     "SlotGroups",
     "add_lora",
+    "add_lora_packed",
     "add_lora_reference",
     "add_lora_slices",
     "group_tokens",
+    "new_packed",
+    "pack_slot",
     "resolve_backend",
 ]

@@ -65,6 +65,14 @@ class SlotGroups:
             return self.host_segments
         return _segments(self.slot_start, self.slot_end)
 
+    def host_token_slots(self) -> list[int]:
+        """token_slots as host ints, read once per step (a sync when they live on a GPU)."""
+        got = self.memo.get("host-slots")
+        if not isinstance(got, list):
+            got = self.token_slots.tolist()
+            self.memo["host-slots"] = got
+        return got
+
     def blocks(self) -> Blocks:
         """The token blocks of the Triton grid (computed once, on the metadata's device)."""
         got = self.memo.get("blocks")

@@ -9,7 +9,7 @@ import torch
 
 from .checks import LoraShapeError, check_call, check_slots, interpreting
 from .groups import SlotGroups, group_tokens
-from .torch_ops import add_lora_torch
+from .torch_ops import PackedLora, add_lora_packed_torch, add_lora_torch, new_packed, pack_slot
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
@@ -87,3 +87,73 @@ def add_lora(
     return add_lora_slices(
         y, x, [(lora_a, lora_b)], token_slots, scales, slot_ranks=slot_ranks, backend=backend
     )
+
+
+def add_lora_packed(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    packed: PackedLora,
+    token_slots: torch.Tensor | SlotGroups,
+    scales: torch.Tensor,
+    *,
+    slot_ranks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """add_lora_slices for factors packed by pack_slot (torch backend, host-side plan): y += update, in place."""
+    # Cheap checks only: this runs once per fused layer per step, and pack_slot built `packed`.
+    num_slots, k, _ = packed.a.shape
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.shape[1] != k:
+        raise LoraShapeError(
+            f"x {list(x.shape)} and y {list(y.shape)} do not fit packed factors with in_features "
+            f"{k}; pass x [tokens, {k}] and y [tokens, {packed.out_features}]"
+        )
+    if y.shape[1] != packed.out_features or (y.shape[1] > 1 and y.stride(1) != 1):
+        raise LoraShapeError(
+            f"y has shape {list(y.shape)} and column stride {y.stride(1)}; expected "
+            f"[tokens, {packed.out_features}] with contiguous rows"
+        )
+    if not x.is_contiguous():
+        raise LoraShapeError(f"x (shape {list(x.shape)}) is not contiguous; call x.contiguous()")
+    if y.dtype != x.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise LoraShapeError(
+            f"x has dtype {x.dtype} and y {y.dtype}; pass both in the model's dtype"
+        )
+    if scales.shape != (num_slots,) or (
+        slot_ranks is not None and slot_ranks.shape != (num_slots,)
+    ):
+        raise LoraShapeError(
+            f"scales {list(scales.shape)} / slot_ranks must have one entry per slot ({num_slots})"
+        )
+    for name, t in (("y", y), ("packed factors", packed.a), ("scales", scales)):
+        if t.device != x.device:
+            raise LoraShapeError(
+                f"{name} is on {t.device} but x is on {x.device}; move every tensor to one device"
+            )
+    if isinstance(token_slots, SlotGroups):
+        groups = token_slots
+        if groups.num_slots != num_slots or groups.num_tokens != x.shape[0]:
+            raise LoraShapeError(
+                f"the SlotGroups cover {groups.num_tokens} tokens and {groups.num_slots} slots; "
+                f"this call has {x.shape[0]} and {num_slots}; call group_tokens(token_slots, {num_slots})"
+            )
+    else:
+        check_slots(token_slots, num_slots, validate_values=True)
+        if token_slots.shape[0] != x.shape[0]:
+            raise LoraShapeError(
+                f"x has {x.shape[0]} tokens but token_slots has {token_slots.shape[0]}; pass one per row"
+            )
+        groups = group_tokens(token_slots, num_slots)
+    return add_lora_packed_torch(y, x, packed, groups, scales, slot_ranks)
+
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "LoraBackendError",
+    "PackedLora",
+    "add_lora",
+    "add_lora_packed",
+    "add_lora_slices",
+    "new_packed",
+    "pack_slot",
+    "resolve_backend",
+]

@@ -180,3 +180,251 @@ def _loop(
             torch.mm(h, b[slot, :, :r].to(work).T, out=o[start:end])  # [n, out]
         out.append(o)
     return out
+
+
+# ------------------------------------------------------------------------------------ packed form
+@dataclass(frozen=True, eq=False)
+class PackedLora:
+    """A fused layer's adapter factors laid out for batched matmuls on CPU: one shrink per call.
+
+    Slice i of P occupies rank columns i*R .. i*R+R-1 of `a`, which holds each slot's A_i^T there;
+    b[i] holds B_i^T. Everything past a slot's real rank is zero, so no rank mask is needed at run
+    time. B stays one tensor per slice: a block-diagonal B would be one matmul, but P times the
+    bytes, and the expand is bound by reading B (measured slower on CPU for q/k/v and gate/up).
+    """
+
+    a: torch.Tensor  # [slots, in, P * R]
+    b: tuple[torch.Tensor, ...]  # P x [slots, R, width_i]
+    rank: int  # R, the padded rank of each slice
+    columns: tuple[tuple[int, int], ...]  # (first output column, width) of each slice
+    out_features: int  # the full width of the fused layer's output
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by a and b."""
+        return sum(t.numel() * t.element_size() for t in (self.a, *self.b))
+
+
+def work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the torch backend computes LoRA in: fp32 for half types on CPU, else dtype itself."""
+    # CPU matmuls in half types are slow and round every partial sum; compute those in fp32.
+    return torch.float32 if device.type == "cpu" and dtype != torch.float32 else dtype
+
+
+def new_packed(
+    num_slots: int,
+    in_features: int,
+    out_features: int,
+    columns: Sequence[tuple[int, int]],
+    rank: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> PackedLora:
+    """Zeroed packed factors for num_slots slots of a fused layer whose slices sit at `columns`."""
+    work = work_dtype(dtype, device)
+    return PackedLora(
+        a=torch.zeros(num_slots, in_features, len(columns) * rank, dtype=work, device=device),
+        b=tuple(
+            torch.zeros(num_slots, rank, int(w), dtype=work, device=device) for _, w in columns
+        ),
+        rank=rank,
+        columns=tuple((int(c), int(w)) for c, w in columns),
+        out_features=out_features,
+    )
+
+
+def pack_slot(
+    packed: PackedLora,
+    slot: int,
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+) -> None:
+    """Write one slot: factors[i] = (A [r, in], B [width_i, r]) with r <= R, or None for 'no update'."""
+    a, rank = packed.a[slot], packed.rank  # a: [in, P*R]
+    # Factors whose transposes are contiguous (A.t().contiguous().t(), as the engine keeps its
+    # host copies) copy row by row here; others are transposed on the fly, which is slower.
+    for i, (b, pair) in enumerate(zip(packed.b, factors, strict=True)):
+        r = 0
+        if pair is not None:
+            fa, fb = pair
+            r = fa.shape[0]
+            a[:, i * rank : i * rank + r].copy_(fa.T)
+            b[slot, :r].copy_(fb.T)
+        # Zero past this slice's rank: the previous occupant may have had a larger one.
+        a[:, i * rank + r : (i + 1) * rank].zero_()
+        b[slot, r:].zero_()
+
+
+@dataclass(frozen=True)
+class _PackedPlan:
+    """How one step's tokens meet packed factors; depends on the token slots and live slots only."""
+
+    # (slot, start, end) per matmul pair when not batched: maximal runs of one live slot in token
+    # order, or (grouped) each live slot's segment of `order`
+    runs: tuple[tuple[int, int, int], ...]
+    order: torch.Tensor | None  # [active] token ids grouped by slot; None = runs index x itself
+    batched: bool  # one bmm pair over slots lo .. lo+span-1, each padded to `length` rows
+    lo: int
+    span: int
+    length: int
+    direct: bool  # tokens 0 .. span*length-1 already are that layout: views, no copies
+    gather: torch.Tensor | None  # [span * length] rows of x in the padded layout
+    keep: torch.Tensor | None  # [active] rows of the padded result that hold real tokens
+    dest: torch.Tensor | None  # [active] the token each kept row belongs to; None = 0..active-1
+
+
+def _packed_plan(groups: SlotGroups, live_slots: tuple[bool, ...]) -> _PackedPlan | None:
+    key = ("packed-plan", live_slots)
+    memo = groups.memo
+    if key in memo:
+        hit = memo[key]
+        return hit if isinstance(hit, _PackedPlan) else None
+    slots = groups.host_token_slots()
+    runs: list[tuple[int, int, int]] = []
+    per_slot: dict[int, list[int]] = {}
+    for t, s in enumerate(slots):
+        if s < 0 or not live_slots[s]:
+            continue
+        per_slot.setdefault(s, []).append(t)
+        if runs and runs[-1][0] == s and runs[-1][2] == t:
+            runs[-1] = (s, runs[-1][1], t + 1)
+        else:
+            runs.append((s, t, t + 1))
+    plan = None
+    if runs:
+        active = sum(len(v) for v in per_slot.values())
+        lo, hi = min(per_slot), max(per_slot) + 1
+        span = hi - lo
+        length = max(len(v) for v in per_slot.values())
+        # Short segments (decode): one bmm pair over a range of slots beats a loop of small
+        # matmuls, as long as padding (short segments, idle slots inside the range) at most
+        # doubles the rows. Slots outside lo..hi-1 are never read, so no weight gather.
+        batched = length <= 32 and span * length <= 2 * active
+        direct = batched and list(slots[: span * length]) == [
+            lo + i // length for i in range(span * length)
+        ]
+        gather = keep = dest = order = None
+        if not batched and len(runs) > 2 * len(per_slot):
+            # Slots scattered over many short runs: one gather into slot order, one scatter back.
+            ids = [t for s in sorted(per_slot) for t in per_slot[s]]
+            order = torch.tensor(ids, dtype=torch.int64, device=groups.device)
+            runs, pos = [], 0
+            for s in sorted(per_slot):
+                runs.append((s, pos, pos + len(per_slot[s])))
+                pos += len(per_slot[s])
+        if batched and not direct:
+            fill = next(iter(per_slot.values()))[0]  # padding rows read a real token; discarded
+            g: list[int] = []
+            k: list[int] = []
+            d: list[int] = []
+            for j in range(span):
+                toks = per_slot.get(lo + j, [])
+                g += toks + [fill] * (length - len(toks))
+                k += range(j * length, j * length + len(toks))
+                d += toks
+            dev = groups.device
+            gather = torch.tensor(g, dtype=torch.int64, device=dev)
+            keep = torch.tensor(k, dtype=torch.int64, device=dev)
+            dest = (
+                None if d == list(range(active)) else torch.tensor(d, dtype=torch.int64, device=dev)
+            )
+        plan = _PackedPlan(
+            runs=tuple(runs),
+            order=order,
+            batched=batched,
+            lo=lo,
+            span=span,
+            length=length,
+            direct=direct,
+            gather=gather,
+            keep=keep,
+            dest=dest,
+        )
+    memo[key] = plan
+    return plan
+
+
+def _accumulate(dst: torch.Tensor, delta: torch.Tensor) -> None:
+    """dst += delta, rounding once to dst's dtype when delta is wider."""
+    if delta.dtype == dst.dtype:
+        dst.add_(delta)
+    else:
+        dst.copy_(dst.to(delta.dtype) + delta)
+
+
+def add_lora_packed_torch(
+    y: torch.Tensor,  # [tokens, out]
+    x: torch.Tensor,  # [tokens, in]
+    packed: PackedLora,
+    groups: SlotGroups,
+    scales: torch.Tensor,  # [slots]
+    slot_ranks: torch.Tensor | None,  # [slots]; rank-0 slots are skipped
+) -> torch.Tensor:
+    """Apply a packed fused layer's LoRA update to y in place; idle tokens' rows are never written."""
+    num_slots, rank = packed.a.shape[0], packed.rank
+    ranks = [rank] * num_slots if slot_ranks is None else slot_ranks.tolist()
+    plan = _packed_plan(groups, tuple(r > 0 for r in ranks))
+    if plan is None:
+        return y
+    a, work = packed.a, packed.a.dtype
+    slices = [
+        (i * rank, b, col, width)
+        for i, (b, (col, width)) in enumerate(zip(packed.b, packed.columns, strict=True))
+    ]
+    if plan.batched:
+        lo, span, length = plan.lo, plan.span, plan.length
+        rows = span * length
+        if plan.direct:
+            xp = x[:rows]
+        else:
+            assert plan.gather is not None
+            xp = x.index_select(0, plan.gather)
+        xp = xp.to(work).view(span, length, -1)  # [span, L, in]
+        h = torch.bmm(xp, a[lo : lo + span])  # [span, L, P*R]
+        h.mul_(scales[lo : lo + span].to(work).view(span, 1, 1))
+        if plan.direct and len(slices) == 1 and y.dtype == work and y.is_contiguous():
+            # One slice covering all of y: accumulate inside the matmul.
+            y[:rows].view(span, length, -1).baddbmm_(h, slices[0][1][lo : lo + span])
+            return y
+        for r0, b, col, width in slices:
+            # bmm then add_: measured faster on CPU than baddbmm_ into strided column views of y.
+            o = torch.bmm(h[:, :, r0 : r0 + rank], b[lo : lo + span])  # [span, L, width]
+            if plan.direct:
+                _accumulate(y[:rows, col : col + width].view(span, length, width), o)
+                continue
+            assert plan.keep is not None
+            o = o.view(rows, width).index_select(0, plan.keep)  # [active, width]
+            yv = y[:, col : col + width]
+            if plan.dest is None:
+                _accumulate(yv[: o.shape[0]], o)
+            elif o.dtype == y.dtype:
+                yv.index_add_(0, plan.dest, o)
+            else:
+                cur = yv.index_select(0, plan.dest).to(o.dtype)
+                cur.add_(o)
+                yv.index_copy_(0, plan.dest, cur.to(y.dtype))
+        return y
+    scale_of = scales.tolist()
+    if plan.order is not None:
+        xs = x.index_select(0, plan.order).to(work)  # [active, in]
+        o = torch.empty(xs.shape[0], packed.out_features, dtype=work, device=x.device)
+        for slot, start, end in plan.runs:
+            h = torch.mm(xs[start:end], a[slot])  # [n, P*R]
+            h.mul_(scale_of[slot])
+            for r0, b, col, width in slices:
+                torch.mm(h[:, r0 : r0 + rank], b[slot], out=o[start:end, col : col + width])
+        for _, _, col, width in slices:
+            yv, ov = y[:, col : col + width], o[:, col : col + width]
+            if ov.dtype == y.dtype:
+                yv.index_add_(0, plan.order, ov)
+            else:
+                cur = yv.index_select(0, plan.order).to(ov.dtype)
+                cur.add_(ov)
+                yv.index_copy_(0, plan.order, cur.to(y.dtype))
+        return y
+    for slot, start, end in plan.runs:
+        h = torch.mm(x[start:end].to(work), a[slot])  # [n, P*R]
+        h.mul_(scale_of[slot])
+        for r0, b, col, width in slices:
+            _accumulate(y[start:end, col : col + width], torch.mm(h[:, r0 : r0 + rank], b[slot]))
+    return y

@@ -189,6 +189,8 @@ class Engine:
             config.lora_targets,
             dtype=dtype,
             device=device,
+            # The torch backend on CPU runs fused layers from packed factors (see AdapterPools).
+            packed=device.type == "cpu" and config.kernel_backend != "triton",
         )
         self._wake = threading.Event()
         self.residency = Residency(
@@ -253,6 +255,13 @@ class Engine:
             base_fingerprint=self.base_fingerprint,
             dtype=self.model.dtype,
         )
+        if self.pools.packed is not None:
+            # Packed slots hold A^T and B^T: keep the host copies in that memory order (same
+            # shapes, transposed strides), so a warm swap copies rows instead of transposing.
+            host.weights = {
+                k: (a.t().contiguous().t(), b.t().contiguous().t())
+                for k, (a, b) in host.weights.items()
+            }
         if self.model.device.type == "cuda":
             # Pinned host memory lets the slot copy run asynchronously on the loader's stream.
             host.weights = {

@@ -22,6 +22,13 @@ from mintvcs.serve.loader import (
 
 # The linears a LoRA may target, in the order the forward applies them.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The fused linears of a layer (one base matmul each) and the modules whose columns they hold, in order.
+LORA_GROUPS = (
+    ("qkv", ("q_proj", "k_proj", "v_proj")),
+    ("o", ("o_proj",)),
+    ("gate_up", ("gate_proj", "up_proj")),
+    ("down", ("down_proj",)),
+)
 
 
 @dataclass
@@ -50,10 +57,15 @@ class StepBatch:
     token_lora_slots: torch.Tensor  # [T] int32, -1 = base only
     num_decode: int
     decode_kv_slots: torch.Tensor  # [D] long
-    decode_mask: torch.Tensor | None  # [D, 1, 1, Lmax] bool, True = attend
+    # [D, 1, 1, Lmax] bool, True = attend; with decode_span, [span, 1, 1, Lmax] over its KV slots
+    decode_mask: torch.Tensor | None
     max_decode_len: int
     prefills: list[tuple[int, int, int]]  # (start, length, kv_slot), prefill starts at position 0
     logits_index: torch.Tensor  # [num_seqs] index of each sequence's last token
+    # (first, end) KV slots the decodes' attention reads as one view instead of gathering them;
+    # None = gather decode_kv_slots. decode_rows: each decode's row in that span (None = in order).
+    decode_span: tuple[int, int] | None = None
+    decode_rows: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -88,9 +100,26 @@ class StepBatch:
         lengths = [p + 1 for p in pos[:num_decode]]
         max_len = max(lengths, default=0)
         mask = None
+        span: tuple[int, int] | None = None
+        rows = None
         if num_decode:
+            kv_slots = kv[:num_decode]
+            first, end = min(kv_slots), max(kv_slots) + 1
+            # Gathering the decodes' keys and values copies the whole cache prefix every layer;
+            # a view over the KV slots they span copies nothing. Slots in the span that no decode
+            # uses (holes) cost attention work, so only take the view while they are few.
+            if end - first <= 2 * num_decode and len(set(kv_slots)) == num_decode:
+                span = (first, end)
+                row_lengths = [1] * (end - first)  # holes attend to position 0 only: no NaN rows
+                for slot, n in zip(kv_slots, lengths, strict=True):
+                    row_lengths[slot - first] = n
+                if kv_slots != list(range(first, end)):
+                    rows = torch.tensor(
+                        [s - first for s in kv_slots], dtype=torch.long, device=device
+                    )
+                lengths = row_lengths
             mask = (torch.arange(max_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).view(
-                num_decode, 1, 1, max_len
+                len(lengths), 1, 1, max_len
             )
             mask = mask.to(device)
         return cls(
@@ -104,6 +133,8 @@ class StepBatch:
             max_decode_len=max_len,
             prefills=spans,
             logits_index=torch.tensor(last, dtype=torch.long, device=device),
+            decode_span=span,
+            decode_rows=rows,
         )
 
 
@@ -118,6 +149,8 @@ class LoraBatch:
     ranks: torch.Tensor | None = None  # [slots] int32 real rank per slot
     modules: frozenset[str] = field(default_factory=frozenset)
     backend: str = "auto"
+    # per layer, group name (LORA_GROUPS) -> kernels PackedLora; used instead of a/b when present
+    packed: list[dict[str, Any]] | None = None
 
 
 def _apply_lora(
@@ -126,11 +159,20 @@ def _apply_lora(
     lora: LoraBatch,
     layer: int,
     group: tuple[tuple[str, int], ...],
+    name: str,
 ) -> None:
     """Add the multi-LoRA update of a fused group of linears (name, width) to y's column blocks."""
     if not any(module in lora.modules for module, _ in group):
         return
     from mintvcs import kernels
+    from mintvcs.kernels.ops import add_lora_packed
+
+    if lora.packed is not None:
+        packed = lora.packed[layer].get(name)
+        if packed is not None:
+            # The same sum as below with the slices' factors side by side: 2 matmuls per call.
+            add_lora_packed(y, x, packed, lora.token_slots, lora.scales, slot_ranks=lora.ranks)
+            return
 
     pools_a, pools_b = lora.a[layer], lora.b[layer]
     if all(module in pools_a for module, _ in group):
@@ -170,9 +212,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * h.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    # x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1): the sign lives in
+    # sin_signed (its first half negated), which rounds identically since negation is exact.
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class Model:
@@ -212,6 +255,8 @@ class Model:
         # [max_len, head_dim], in the model dtype as transformers casts them.
         self.cos = (emb.cos() * scale).to(dtype=self.dtype, device=self.device)
         self.sin = (emb.sin() * scale).to(dtype=self.dtype, device=self.device)
+        half = config.head_dim // 2
+        self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
 
     @classmethod
     def from_dir(
@@ -331,7 +376,7 @@ class Model:
         qs, kvs = c.q_size, c.kv_size
         hd, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, head_dim]
-        sin = self.sin[batch.positions].unsqueeze(1)
+        sin = self.sin_signed[batch.positions].unsqueeze(1)
         if lora is not None and not lora.modules:
             lora = None
         inter = c.intermediate_size
@@ -344,26 +389,26 @@ class Model:
             x = _rms_norm(h, layer.input_norm, c.rms_norm_eps)
             qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
             if lora is not None:
-                _apply_lora(qkv, x, lora, i, qkv_group)
-            q = qkv[:, :qs].view(n_tokens, nh, hd)
-            k = qkv[:, qs : qs + kvs].view(n_tokens, nkv, hd)
+                _apply_lora(qkv, x, lora, i, qkv_group, "qkv")
+            # RoPE on q and k heads together: one set of elementwise ops instead of two.
+            qk = _rope(qkv[:, : qs + kvs].view(n_tokens, nh + nkv, hd), cos, sin)
+            q = qk[:, :nh]
+            k = qk[:, nh:]
             v = qkv[:, qs + kvs :].view(n_tokens, nkv, hd)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             kv.write(i, batch.token_kv_slots, batch.positions, k, v)
             attn = self._attention(i, q, k, v, batch, kv)  # [T, q]
             o = F.linear(attn, layer.o, layer.o_bias)
             if lora is not None:
-                _apply_lora(o, attn, lora, i, o_group)
+                _apply_lora(o, attn, lora, i, o_group, "o")
             h = h + o
             x = _rms_norm(h, layer.post_norm, c.rms_norm_eps)
             gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)  # [T, 2*inter]
             if lora is not None:
-                _apply_lora(gate_up, x, lora, i, gate_up_group)
-            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+                _apply_lora(gate_up, x, lora, i, gate_up_group, "gate_up")
+            act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
             down = F.linear(act, layer.down, layer.down_bias)
             if lora is not None:
-                _apply_lora(down, act, lora, i, down_group)
+                _apply_lora(down, act, lora, i, down_group, "down")
             h = h + down
         if not all_logits:
             h = h[batch.logits_index]
@@ -381,18 +426,26 @@ class Model:
     ) -> torch.Tensor:
         """Causal attention per sequence: decodes read the cache together, prefills attend to themselves."""
         c = self.config
-        out = torch.empty_like(q)  # [T, heads, head_dim]
+        out = q.new_empty(q.shape)  # [T, heads, head_dim], contiguous even though q is a view
         gqa = c.num_attention_heads != c.num_key_value_heads
         nd = batch.num_decode
         if nd:
-            keys, values = kv.gather(
-                layer, batch.decode_kv_slots, batch.max_decode_len
-            )  # [D, kvh, L, hd]
-            qd = q[:nd].unsqueeze(2)  # [D, heads, 1, hd]
+            span = batch.decode_span
+            if span is None:
+                keys, values = kv.gather(
+                    layer, batch.decode_kv_slots, batch.max_decode_len
+                )  # [D, kvh, L, hd]
+            else:  # views: [span, kvh, L, hd]
+                keys = kv.keys[layer][span[0] : span[1], :, : batch.max_decode_len]
+                values = kv.values[layer][span[0] : span[1], :, : batch.max_decode_len]
+            qd = q[:nd]  # [D, heads, hd]
+            rows = batch.decode_rows
+            if rows is not None:  # place each decode's query at its KV slot's row of the span
+                qd = q.new_zeros(keys.shape[0], q.shape[1], q.shape[2]).index_copy_(0, rows, qd)
             od = F.scaled_dot_product_attention(
-                qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa
-            )
-            out[:nd] = od.squeeze(2)
+                qd.unsqueeze(2), keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa
+            ).squeeze(2)
+            out[:nd] = od if rows is None else od.index_select(0, rows)
         for start, length, _slot in batch.prefills:
             qp = q[start : start + length].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
             kp = k[start : start + length].transpose(0, 1).unsqueeze(0)

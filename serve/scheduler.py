@@ -113,6 +113,10 @@ class SchedulerStats:
     step_seconds_total: float = 0.0
 
 
+def _slot_order(seq: Sequence) -> int:
+    return seq.lora_slot if seq.lora_slot >= 0 else 1 << 30
+
+
 class Scheduler:
     """Owns the model, KV cache and sequences; `step()` runs one iteration. Single-threaded by design."""
 
@@ -199,6 +203,10 @@ class Scheduler:
         """Run one iteration; return False when there was nothing to run."""
         self._reap_cancelled()
         admitted = self._admit()
+        # Order by adapter slot (base-only last), stably: each slot's tokens then form one
+        # contiguous run, so the LoRA ops work on row slices instead of gathering and scattering.
+        self.running.sort(key=_slot_order)
+        admitted.sort(key=_slot_order)
         seqs = self.running + admitted
         if not seqs:
             return False

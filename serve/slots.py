@@ -22,7 +22,7 @@ import torch
 from mintvcs.errors import MintError
 from mintvcs.serve.adapters import AdapterRefused, AdapterSource, AdapterWeights, HostAdapter
 from mintvcs.serve.loader import ModelConfig
-from mintvcs.serve.model import LORA_MODULES, LoraBatch
+from mintvcs.serve.model import LORA_GROUPS, LORA_MODULES, LoraBatch
 
 # How long a load failure that is not a refusal (a disk error, say) is reported before a retry.
 _RETRY_AFTER_S = 2.0
@@ -44,6 +44,7 @@ class AdapterPools:
         *,
         dtype: torch.dtype,
         device: torch.device,
+        packed: bool = False,
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError(f"num_slots ({num_slots}) and max_rank ({max_rank}) must be positive")
@@ -59,7 +60,9 @@ class AdapterPools:
         self.b: list[dict[str, torch.Tensor]] = []
         for _ in range(config.num_hidden_layers):
             a_layer, b_layer = {}, {}
-            for module in self.targets:
+            # With packed factors the forward never reads the per-module pools: skip them (memory,
+            # and a hot swap then copies each factor once).
+            for module in () if packed else self.targets:
                 out_f, in_f = config.linear_shape(module)
                 a_layer[module] = torch.zeros(num_slots, max_rank, in_f, dtype=dtype, device=device)
                 b_layer[module] = torch.zeros(
@@ -67,6 +70,31 @@ class AdapterPools:
                 )
             self.a.append(a_layer)
             self.b.append(b_layer)
+        # For the torch backend: each fused layer's factors side by side instead (kernels.PackedLora),
+        # so that a step does one shrink matmul per fused layer rather than one per module.
+        self.packed: list[dict[str, Any]] | None = None
+        self._packed_modules: dict[str, tuple[str, ...]] = {}
+        if packed:
+            from mintvcs.kernels.ops import new_packed
+
+            self.packed = []
+            for _ in range(config.num_hidden_layers):
+                layer_packed = {}
+                for name, modules in LORA_GROUPS:
+                    widths = [config.linear_shape(m)[0] for m in modules]
+                    in_f = config.linear_shape(modules[0])[1]
+                    columns, col = [], 0
+                    for m, w in zip(modules, widths, strict=True):
+                        if m in self.targets:
+                            columns.append((col, w))
+                        col += w
+                    if not columns:
+                        continue
+                    self._packed_modules[name] = tuple(m for m in modules if m in self.targets)
+                    layer_packed[name] = new_packed(
+                        num_slots, in_f, col, columns, max_rank, dtype=dtype, device=device
+                    )
+                self.packed.append(layer_packed)
         self.scales = torch.zeros(num_slots, dtype=torch.float32, device=device)
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.slot_modules: list[frozenset[str]] = [frozenset()] * num_slots
@@ -76,12 +104,23 @@ class AdapterPools:
     @property
     def nbytes(self) -> int:
         """Device bytes of all pools."""
-        return sum(
+        packed = sum(p.nbytes for layer in self.packed or [] for p in layer.values())
+        return packed + sum(
             t.numel() * t.element_size() for layer in (*self.a, *self.b) for t in layer.values()
         )
 
     def write(self, slot: int, host: HostAdapter) -> None:
         """Copy a host adapter into `slot`, zeroing every B column an earlier occupant left non-zero."""
+        if self.packed is not None:
+            from mintvcs.kernels.ops import pack_slot
+
+            # pack_slot zeroes the whole slot first: nothing of an earlier occupant survives.
+            for layer, groups in enumerate(self.packed):
+                for name, packed in groups.items():
+                    modules = self._packed_modules[name]
+                    pack_slot(packed, slot, [host.weights.get((layer, m)) for m in modules])
+            self._finish_write(slot, host)
+            return
         old = self._written[slot]
         for key, extent in old.items():
             if key not in host.weights:
@@ -101,6 +140,9 @@ class AdapterPools:
                 self.b[layer][module][slot, :, r:stale].zero_()
             written[key] = r  # columns that may now be non-zero
         self._written[slot] = written
+        self._finish_write(slot, host)
+
+    def _finish_write(self, slot: int, host: HostAdapter) -> None:
         self.scales[slot] = host.scale
         self.ranks[slot] = host.rank
         self.slot_modules[slot] = host.modules
@@ -130,6 +172,7 @@ class AdapterPools:
             ranks=self.ranks,
             modules=modules,
             backend=backend,
+            packed=self.packed,  # exists only when the engine runs the torch backend
         )
 
 
