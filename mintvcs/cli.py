@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -66,6 +67,16 @@ def json_option(func: F) -> F:
 @click.version_option(package_name="mintvcs")
 def main() -> None:
     """mintvcs: git for LoRA adapters, and a server that serves any revision by ref."""
+    if (
+        click.get_current_context().invoked_subcommand not in _BLAS_COMMANDS
+        and "numpy" not in sys.modules
+    ):
+        # numpy's OpenBLAS starts a thread (and its buffers) per core on import: ~50 ms of a
+        # half-second commit here. The version-control verbs do no linear algebra.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+_BLAS_COMMANDS = ("serve", "demo")  # they load models: BLAS keeps its threads
 
 
 @main.command()

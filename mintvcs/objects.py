@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from mintvcs.errors import MintError
@@ -77,12 +77,12 @@ class Manifest:
             "base": {"id": self.base_id, "fingerprint": self.base_fingerprint},
             "safetensors": {"header": self.header_blob},
             "meta": dict(sorted(self.meta.items())),
-            "files": [asdict(f) for f in self.files],
+            "files": [dict(vars(f)) for f in self.files],
         }
         head = json.dumps(body, sort_keys=True)[:-1]
-        lines = ",\n  ".join(
-            json.dumps({**asdict(t), "shape": list(t.shape)}, sort_keys=True) for t in self.tensors
-        )
+        # vars(), not asdict(): asdict deep-copies every field (~20 ms for 448 tensors).
+        encode = json.JSONEncoder(sort_keys=True).encode
+        lines = ",\n  ".join(encode({**vars(t), "shape": list(t.shape)}) for t in self.tensors)
         return f'{head}, "tensors": [\n  {lines}\n]}}\n'.encode()
 
     @classmethod

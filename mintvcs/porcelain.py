@@ -6,7 +6,6 @@ import getpass
 import json
 import os
 import random
-import socket
 import stat
 import sys
 import tempfile
@@ -59,7 +58,11 @@ def identity(repo: Repository | None = None) -> str:
         with suppress(KeyError):
             email = email or stacked.get((b"user",), b"email").decode()
     user = getpass.getuser()
-    return f"{name or user} <{email or f'{user}@{socket.gethostname()}'}>"
+    if not email:
+        import socket  # only for this fallback: not imported by every commit
+
+        email = f"{user}@{socket.gethostname()}"
+    return f"{name or user} <{email}>"
 
 
 Progress = Callable[[int], None]
@@ -168,7 +171,7 @@ def commit(
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
     parent_rev = repo.read_revision(parent) if parent else None
-    before = _count_loose(repo)
+    before = repo.objects_written
     total = adapter.layout.data_size
     try:
         if show_progress:
@@ -221,7 +224,7 @@ def commit(
         branch_ref.removeprefix("refs/heads/") if branch_ref else None,
         parent,
         len(manifest.tensors),
-        max(0, _count_loose(repo) - before),
+        repo.objects_written - before,
         total,
     )
 
@@ -232,12 +235,6 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
     path.write_text(message)
     hooks.run_hook(repo.git_dir, "commit-msg", [str(path)], env, may_refuse=True)
     return path.read_text()
-
-
-def _count_loose(repo: Repository) -> int:
-    """Number of loose objects (for 'N new objects' in commit output)."""
-    objects = repo.git_dir / "objects"
-    return sum(len(os.listdir(objects / d)) for d in os.listdir(objects) if len(d) == 2)
 
 
 # ------------------------------------------------------------ log and show

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -16,7 +17,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles
@@ -37,7 +38,7 @@ from mintvcs.refs import RefStore
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
-    from dulwich.object_store import DiskObjectStore, ObjectContainer
+    from dulwich.object_store import DiskObjectStore
     from dulwich.objects import Commit, ShaFile
 
 DEFAULT_BRANCH = "main"
@@ -209,6 +210,10 @@ class Repository:
         self.work_tree = work_tree
         self.refs = RefStore(self.git_dir)
         self._objects_dir = str(self.git_dir / "objects")
+        self.objects_written = (
+            0  # objects this instance stored (loose or packed), for commit's summary
+        )
+        self._written_lock = threading.Lock()
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -276,6 +281,7 @@ class Repository:
             self.objects.close()
         for pack in self.__dict__.pop("_pack_files", {}).values():
             pack.close()
+        self.__dict__.pop("_packs_scanned", None)
 
     # ----------------------------------------------------------------- objects
     def get_object(self, oid: str, *, what: str = "object") -> ShaFile:
@@ -378,7 +384,9 @@ class Repository:
     def _packs(self, refresh: bool = False) -> list[_PackFile]:
         """The packs of the store (their indexes mapped), rescanned on `refresh`."""
         cached: dict[str, _PackFile] = self.__dict__.setdefault("_pack_files", {})
-        if refresh or not cached:
+        # A flag, not `not cached`: a store without packs would be rescanned on every lookup.
+        if refresh or not self.__dict__.get("_packs_scanned"):
+            self.__dict__["_packs_scanned"] = True
             directory = self.git_dir / "objects" / "pack"
             names = (
                 {p[: -len(".idx")] for p in os.listdir(directory) if p.endswith(".idx")}
@@ -430,7 +438,12 @@ class Repository:
             body = [zlib.compress(b"".join([head, *views]), level)]
         directory.mkdir(exist_ok=True)
         _place_file(directory, path, body)
+        self._count_written()
         return oid
+
+    def _count_written(self) -> None:
+        with self._written_lock:
+            self.objects_written += 1
 
     def has_object(self, oid: str) -> bool:
         """True when the store holds object `oid`, loose or packed."""
@@ -517,19 +530,39 @@ class Repository:
         With `check_finite`, a float tensor holding NaN or Inf raises codec.NonFiniteTensorError
         (the first such tensor in file order) before the tree is written.
         """
-        from dulwich.index import commit_tree
-        from dulwich.objects import ObjectID
-
         tensors = adapter.layout.tensors
         prior_of = {t.name: t for t in parent.manifest.tensors} if parent else {}
         refused: dict[int, int] = {}
         # As git's unpackLimit: a few objects go loose, many go into one pack.
-        pack = PackWriter(self) if len(tensors) >= PACK_THRESHOLD else None
+        pack = None
+        known: dict[int, str] = {}  # index -> sha256 of tensors that may be unchanged
+        if len(tensors) >= PACK_THRESHOLD:
+            # The pack's trailing SHA-1 starts with its object count: knowing it up front
+            # lets the writer hash entries as they are appended instead of reading the pack
+            # back. Only tensors with a same-shaped prior can be unchanged: hash those first.
+            # In a fresh process (no numpy yet) every tensor is hashed while numpy imports.
+            fresh = "numpy" not in sys.modules or "zstandard" not in sys.modules
+            maybe = [
+                i
+                for i, t in enumerate(tensors)
+                if fresh
+                or (
+                    (p := prior_of.get(t.name)) is not None
+                    and (p.dtype, p.shape) == (t.dtype, t.shape)
+                )
+            ]
+            known = _sha256_while_importing(adapter, maybe)
+            unchanged = sum(
+                (p := prior_of.get(tensors[i].name)) is not None
+                and (p.sha256, p.dtype, p.shape) == (d, tensors[i].dtype, tensors[i].shape)
+                for i, d in known.items()
+            )
+            pack = PackWriter(self, expected=len(tensors) - unchanged)
 
         def encode(index: int) -> TensorRecord:
             entry = tensors[index]
             raw = adapter.tensor_bytes(index)
-            digest = hashlib.sha256(raw).hexdigest()
+            digest = known.get(index) or hashlib.sha256(raw).hexdigest()
             prior = prior_of.get(entry.name)
             if prior and (prior.sha256, prior.dtype, prior.shape) == (
                 digest,
@@ -597,49 +630,58 @@ class Repository:
             files,
             dict(meta or {}),
         )
-        entries: list[tuple[bytes, ObjectID, int]] = [
-            (
-                CONFIG_PATH.encode(),
-                ObjectID(self.add_blob(adapter.config_bytes).encode()),
-                0o100644,
-            ),
-            (
-                MANIFEST_PATH.encode(),
-                ObjectID(self.add_blob(manifest.to_bytes()).encode()),
-                0o100644,
-            ),
-            (HEADER_PATH.encode(), ObjectID(manifest.header_blob.encode()), 0o100644),
+        entries: list[tuple[str, str, int]] = [
+            (CONFIG_PATH, self.add_blob(adapter.config_bytes), 0o100644),
+            (MANIFEST_PATH, self.add_blob(manifest.to_bytes()), 0o100644),
+            (HEADER_PATH, manifest.header_blob, 0o100644),
         ]
+        entries += [(f"{TENSORS_DIR}/{r.name}", r.blob, 0o100644) for r in records]
         entries += [
-            (f"{TENSORS_DIR}/{r.name}".encode(), ObjectID(r.blob.encode()), 0o100644)
-            for r in records
+            (f"{FILES_DIR}/{f.path}", f.blob, 0o100755 if f.executable else 0o100644) for f in files
         ]
-        entries += [
-            (
-                f"{FILES_DIR}/{f.path}".encode(),
-                ObjectID(f.blob.encode()),
-                0o100755 if f.executable else 0o100644,
-            )
-            for f in files
-        ]
-        tree_id: bytes = commit_tree(cast("ObjectContainer", self), entries)
-        return tree_id.decode(), manifest
+        return self.write_tree(entries), manifest
+
+    def write_tree(self, entries: Sequence[tuple[str, str, int]]) -> str:
+        """Write the trees holding `entries` (path, blob id, mode); returns the root tree id.
+
+        Serialized here rather than through dulwich, whose import alone is ~40 ms of a commit.
+        """
+        root: dict[str, Any] = {}
+        for path, oid, mode in entries:
+            *dirs, leaf = path.split("/")
+            node = root
+            for name in dirs:
+                node = node.setdefault(name, {})
+            node[leaf] = (oid, mode)
+        return self._write_tree_node(root)
+
+    def _write_tree_node(self, node: dict[str, Any]) -> str:
+        """Write one tree (its subtrees first) in git's order: a subtree sorts as `name/`."""
+        rows: list[tuple[bytes, bytes]] = []
+        for name, value in node.items():
+            key = name.encode()
+            if isinstance(value, dict):
+                rows.append(
+                    (
+                        key + b"/",
+                        b"40000 %s\0%s" % (key, bytes.fromhex(self._write_tree_node(value))),
+                    )
+                )
+            else:
+                oid, mode = value
+                rows.append((key, b"%o %s\0%s" % (mode, key, bytes.fromhex(oid))))
+        rows.sort(key=lambda row: row[0])
+        return self.write_object(b"tree", [b"".join(row[1] for row in rows)], META_ZLIB_LEVEL)
 
     def write_commit(self, tree: str, parents: list[str], message: str, identity: str) -> str:
-        """Write a commit object."""
-        from dulwich.objects import Commit, ObjectID
-
-        commit = Commit()
-        commit.tree = ObjectID(tree.encode())
-        commit.parents = [ObjectID(p.encode()) for p in parents]
-        commit.author = commit.committer = identity.encode()
-        commit.author_time = commit.commit_time = int(time.time())
+        """Write a commit object (serialized as git and dulwich do, without importing dulwich)."""
         offset = -time.altzone if time.localtime().tm_isdst > 0 else -time.timezone
-        commit.author_timezone = commit.commit_timezone = offset
-        commit.encoding = b"UTF-8"
-        commit.message = message.encode()
-        self.add_object(commit)
-        return commit.id.decode()
+        sign = "-" if offset < 0 else "+"
+        hours, minutes = divmod(abs(offset) // 60, 60)
+        who = f"{identity} {int(time.time())} {sign}{hours:02d}{minutes:02d}"
+        lines = [f"tree {tree}", *(f"parent {p}" for p in parents)]
+        lines += [f"author {who}", f"committer {who}", "encoding UTF-8", "", message]
+        return self.write_object(b"commit", ["\n".join(lines).encode()], META_ZLIB_LEVEL)
 
     def walk(self, start: str, limit: int | None = None) -> Iterator[CommitInfo]:
         """Commits from `start` along first parents, newest first."""
@@ -796,6 +838,43 @@ def _parallel(
     if failed:
         raise failed[0]
     return [results[i] for i in items]
+
+
+def _sha256_while_importing(adapter: AdapterFiles, indexes: list[int]) -> dict[int, str]:
+    """sha256 of the given tensors, by index.
+
+    In a fresh process (a CLI commit) the codec's numpy and zstandard are not imported yet:
+    importing them takes ~80 ms of mostly one core, so one thread hashes meanwhile
+    (hashlib releases the GIL). Otherwise the worker threads share the hashing.
+    """
+    tensors = adapter.layout.tensors
+    if "numpy" in sys.modules and "zstandard" in sys.modules:
+        digests = _parallel(
+            lambda k: hashlib.sha256(adapter.tensor_bytes(indexes[k])).hexdigest(),
+            range(len(indexes)),
+            key=lambda k: tensors[indexes[k]].start - tensors[indexes[k]].end,
+        )
+        return dict(zip(indexes, digests, strict=True))
+    out: dict[int, str] = {}
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for i in indexes:
+                out[i] = hashlib.sha256(adapter.tensor_bytes(i)).hexdigest()
+        except BaseException as err:  # re-raised in the caller's thread
+            failed.append(err)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    try:
+        import numpy  # noqa: F401
+        import zstandard  # noqa: F401
+    finally:
+        thread.join()
+    if failed:
+        raise failed[0]
+    return out
 
 
 def _read_fd(fd: int) -> bytes | memoryview:
@@ -1055,8 +1134,13 @@ class PackWriter:
     which the next writer deletes once they are an hour old.
     """
 
-    def __init__(self, repo: Repository) -> None:
-        """Open a temporary pack in `repo`'s objects/pack."""
+    def __init__(self, repo: Repository, expected: int | None = None) -> None:
+        """Open a temporary pack in `repo`'s objects/pack.
+
+        With `expected` (the number of objects the caller will add), the header is written
+        now and the pack's SHA-1 is computed as entries arrive; if a different number ends up
+        in the pack (an object the store or the pack already held), finish() reads it back.
+        """
         self.repo = repo
         self.directory = repo.git_dir / "objects" / "pack"
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -1065,7 +1149,10 @@ class PackWriter:
         self.lock = threading.Lock()
         self.offset = 12
         self.entries: dict[bytes, tuple[int, int]] = {}  # binary id -> (offset, crc32)
-        os.pwrite(self.fd, b"\0" * 12, 0)  # the header, rewritten by finish()
+        self.expected = expected
+        header = _pack_header(expected or 0)  # rewritten by finish() when the count differs
+        self.checksum = hashlib.sha1(header) if expected else None  # of the pack so far
+        os.pwrite(self.fd, header, 0)
 
     def add(self, kind: bytes, parts: Sequence[Any], level: int, prefix: int = 0) -> str:
         """Append an object (unless this pack or the store holds it); returns its id.
@@ -1097,6 +1184,12 @@ class PackWriter:
             offset = self.offset
             self.offset += length
             self.entries[key] = (offset, crc)
+            if self.checksum is not None:
+                # In offset order, under the lock; hashlib releases the GIL meanwhile, so
+                # the other workers keep encoding.
+                for piece in pieces:
+                    self.checksum.update(piece)
+        self.repo._count_written()
         # Each entry owns its byte range, so workers write without holding the lock.
         _write_all(self.fd, pieces, offset)
         return oid
@@ -1107,8 +1200,11 @@ class PackWriter:
             if not self.entries:
                 return
             count = len(self.entries)
-            os.pwrite(self.fd, b"PACK" + struct.pack(">II", 2, count), 0)
-            checksum = _sha1_of_file(self.fd, self.offset)
+            if self.checksum is not None and count == self.expected:
+                checksum = self.checksum.digest()
+            else:
+                os.pwrite(self.fd, _pack_header(count), 0)
+                checksum = _sha1_of_file(self.fd, self.offset)
             os.pwrite(self.fd, checksum, self.offset)
             name = f"pack-{checksum.hex()}"
             idx = _pack_index(self.entries, checksum)
@@ -1124,6 +1220,11 @@ class PackWriter:
         finally:
             os.close(self.fd)
             Path(self.tmp).unlink(missing_ok=True)
+
+
+def _pack_header(count: int) -> bytes:
+    """A version-2 pack header for `count` objects."""
+    return b"PACK" + struct.pack(">II", 2, count)
 
 
 def _sha1_of_file(fd: int, size: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,13 @@ def test_loose_tensor_blobs_read_by_git(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     src = handmade_adapter(
         tmp_path / "src",
-        {"w.lora_A.weight": ("F32", [8, 64], (rng.standard_normal(512) * 0.02).astype("<f4").tobytes())},
+        {
+            "w.lora_A.weight": (
+                "F32",
+                [8, 64],
+                (rng.standard_normal(512) * 0.02).astype("<f4").tobytes(),
+            )
+        },
     )
     repo = porcelain.init(tmp_path / "work", install_hooks=False)
     porcelain.commit(repo, "one", source=src, verify=False, show_progress=False)
@@ -157,7 +164,9 @@ def test_status_trusts_stat_only_while_the_file_is_untouched(tmp_path: Path) -> 
     mint(work, "commit", "-m", "r1")
     mint(work, "checkout", "old")
     assert (work / ".mint" / "mint-worktree.json").exists()
-    assert "nothing to commit" in mint(work, "status").stdout or mint(work, "status").returncode == 0
+    assert (
+        "nothing to commit" in mint(work, "status").stdout or mint(work, "status").returncode == 0
+    )
     # An in-place edit of the same size right after checkout is seen: checkout dated the
     # file's mtime back, so any write moves it.
     path = work / WEIGHTS
@@ -195,3 +204,30 @@ def test_sample_hook_runs_in_process_and_edited_hook_as_a_program(tmp_path: Path
     hook.write_text(hook.read_text() + "# edited\n")
     assert mint_fails(work, "commit", "-m", "bad", "--from", str(bad)) == line
     assert git(work / ".mint", "rev-parse", "-q", "--verify", "HEAD", ok=False).returncode != 0
+
+
+def test_pack_with_duplicate_tensors_is_valid(tmp_path: Path) -> None:
+    # PEFT initializes every lora_B to zeros: same-shaped B's are one blob, so the pack
+    # holds fewer objects than tensors and its checksum is computed by reading it back.
+    zeros = bytes(2 * 96 * 4)
+    tensors = {
+        f"layers.{i}.lora_{ab}.weight": (
+            "BF16",
+            [96, 4],
+            zeros if ab == "B" else os.urandom(len(zeros)),
+        )
+        for i in range(PACK_THRESHOLD // 2 + 2)
+        for ab in "AB"
+    }
+    src = handmade_adapter(tmp_path / "src", tensors)
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    for name in os.listdir(src):
+        shutil.copyfile(src / name, work / name)
+    mint(work, "commit", "-m", "r0")
+    git_fsck(work)
+    mint_fsck_ok(work)
+    for idx in (work / ".mint" / "objects" / "pack").glob("pack-*.idx"):
+        subprocess.run(
+            ["git", "--git-dir", str(work / ".mint"), "verify-pack", str(idx)], env=ENV, check=True
+        )
