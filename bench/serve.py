@@ -46,14 +46,26 @@ def make_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), lora_dropout=0.0, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=rank,
+            lora_alpha=2 * rank,
+            target_modules=list(TARGETS),
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        ),
+    )
     out = []
     for i in range(count):
         gen = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if "lora_" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * (0.05 if "lora_B" in name else 0.1))
+                    param.copy_(
+                        torch.randn(param.shape, generator=gen)
+                        * (0.05 if "lora_B" in name else 0.1)
+                    )
         path = root / f"adapter-{i:02d}"
         peft_model.save_pretrained(str(path))
         out.append(path)
@@ -79,7 +91,9 @@ def build_repo(base: Path, adapters: list[Path], root: Path) -> tuple[Any, list[
     return repo, refs
 
 
-async def http_run(url: str, reqs: list[tuple[list[int], str]], max_tokens: int, concurrency: int) -> tuple[float, list[float], int]:
+async def http_run(
+    url: str, reqs: list[tuple[list[int], str]], max_tokens: int, concurrency: int
+) -> tuple[float, list[float], int]:
     """Send requests (`concurrency` in flight); (wall seconds, per-request latencies, completion tokens)."""
     import aiohttp
 
@@ -92,7 +106,16 @@ async def http_run(url: str, reqs: list[tuple[list[int], str]], max_tokens: int,
         # The HTTP API takes text: the byte tokens decode to text that encodes back to the same ids.
         async with sem:
             start = time.perf_counter()
-            async with session.post(url + "/generate", json={"prompt": PROMPT_TEXT[tuple(ids)], "ref": ref, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}) as resp:
+            async with session.post(
+                url + "/generate",
+                json={
+                    "prompt": PROMPT_TEXT[tuple(ids)],
+                    "ref": ref,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                },
+            ) as resp:
                 body = await resp.json()
                 if resp.status != 200:
                     raise RuntimeError(f"{resp.status}: {body}")
@@ -109,7 +132,9 @@ async def http_run(url: str, reqs: list[tuple[list[int], str]], max_tokens: int,
 PROMPT_TEXT: dict[tuple[int, ...], str] = {}
 
 
-def peft_run(base: Path, adapters: list[Path], reqs: list[tuple[list[int], int]], max_tokens: int, batch: int) -> tuple[float, int]:
+def peft_run(
+    base: Path, adapters: list[Path], reqs: list[tuple[list[int], int]], max_tokens: int, batch: int
+) -> tuple[float, int]:
     """PEFT mixed-adapter batches; (wall seconds, completion tokens)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -118,7 +143,9 @@ def peft_run(base: Path, adapters: list[Path], reqs: list[tuple[list[int], int]]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(device)
     used = sorted({a for _, a in reqs})
-    peft_model = PeftModel.from_pretrained(model, str(adapters[used[0]]), adapter_name=f"a{used[0]}")
+    peft_model = PeftModel.from_pretrained(
+        model, str(adapters[used[0]]), adapter_name=f"a{used[0]}"
+    )
     for i in used[1:]:
         peft_model.load_adapter(str(adapters[i]), adapter_name=f"a{i}")
     peft_model = peft_model.to(device).eval()
@@ -151,7 +178,9 @@ def pct(values: list[float], q: float) -> float:
 
 def main() -> None:
     """Run every measurement and print the comparison lines."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
@@ -166,7 +195,13 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mintvcs-bench-serve-"))
     try:
         heads = max(4, args.hidden // 64)
-        config = TinyConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 2, num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+        config = TinyConfig(
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 2,
+            num_hidden_layers=args.layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+        )
         base = build_tiny_model(root / "base", config)
         adapters = make_adapters(base, root / "adapters", 32, args.rank)
         repo, refs = build_repo(base, adapters, root)
@@ -178,38 +213,90 @@ def main() -> None:
             text = tokenizer.decode(p)
             PROMPT_TEXT[tuple(p)] = text
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        params = sum(v.numel() for v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(base / "model.safetensors")).values())
-        print(f"# model: Llama hidden={args.hidden} layers={args.layers} ({params / 1e6:.1f}M params) on {device}; "
-              f"{args.requests} requests x {args.max_tokens} tokens, concurrency {args.concurrency}, LoRA r={args.rank} on all linears")
-        results: dict[str, Any] = {"device": device, "params": params, "args": {k: str(v) for k, v in vars(args).items()}}
+        params = sum(
+            v.numel()
+            for v in __import__("safetensors.torch", fromlist=["load_file"])
+            .load_file(str(base / "model.safetensors"))
+            .values()
+        )
+        print(
+            f"# model: Llama hidden={args.hidden} layers={args.layers} ({params / 1e6:.1f}M params) on {device}; "
+            f"{args.requests} requests x {args.max_tokens} tokens, concurrency {args.concurrency}, LoRA r={args.rank} on all linears"
+        )
+        results: dict[str, Any] = {
+            "device": device,
+            "params": params,
+            "args": {k: str(v) for k, v in vars(args).items()},
+        }
 
-        server_config = ServerConfig(repo=root / "repo", base_model=base, port=0, max_model_len=args.prompt_tokens + args.max_tokens + 8,
-                                     max_loras=32, max_rank=max(16, args.rank), max_batch_size=args.concurrency, max_tokens_limit=max(1024, args.max_tokens))
+        server_config = ServerConfig(
+            repo=root / "repo",
+            base_model=base,
+            port=0,
+            max_model_len=args.prompt_tokens + args.max_tokens + 8,
+            max_loras=32,
+            max_rank=max(16, args.rank),
+            max_batch_size=args.concurrency,
+            max_tokens_limit=max(1024, args.max_tokens),
+        )
         with BackgroundServer(server_config) as server:
             # Warm-up: every adapter resident once, kernels compiled.
-            asyncio.run(http_run(server.url, [(all_prompts[i], refs[i]) for i in range(32)], 2, args.concurrency))
+            asyncio.run(
+                http_run(
+                    server.url, [(all_prompts[i], refs[i]) for i in range(32)], 2, args.concurrency
+                )
+            )
             for n_refs in (1, 8, 32):
                 reqs = [(all_prompts[i], refs[i % n_refs]) for i in range(args.requests)]
-                wall, lat, tokens = asyncio.run(http_run(server.url, reqs, args.max_tokens, args.concurrency))
-                peft_wall, peft_tokens = peft_run(base, adapters, [(all_prompts[i], i % n_refs) for i in range(args.requests)], args.max_tokens, args.concurrency)
+                wall, lat, tokens = asyncio.run(
+                    http_run(server.url, reqs, args.max_tokens, args.concurrency)
+                )
+                peft_wall, peft_tokens = peft_run(
+                    base,
+                    adapters,
+                    [(all_prompts[i], i % n_refs) for i in range(args.requests)],
+                    args.max_tokens,
+                    args.concurrency,
+                )
                 ours, peer = tokens / wall, peft_tokens / peft_wall
-                results[f"refs_{n_refs}"] = {"tokens_per_s": ours, "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99), "peft_tokens_per_s": peer}
-                print(f"throughput {n_refs} refs (tokens/s): ours {ours:.1f}, peer {peer:.1f}, ratio {ours / peer:.2f}")
-                print(f"latency {n_refs} refs: p50 {pct(lat, 0.5) * 1000:.0f} ms, p99 {pct(lat, 0.99) * 1000:.0f} ms")
+                results[f"refs_{n_refs}"] = {
+                    "tokens_per_s": ours,
+                    "p50_s": pct(lat, 0.5),
+                    "p99_s": pct(lat, 0.99),
+                    "peft_tokens_per_s": peer,
+                }
+                print(
+                    f"throughput {n_refs} refs (tokens/s): ours {ours:.1f}, peer {peer:.1f}, ratio {ours / peer:.2f}"
+                )
+                print(
+                    f"latency {n_refs} refs: p50 {pct(lat, 0.5) * 1000:.0f} ms, p99 {pct(lat, 0.99) * 1000:.0f} ms"
+                )
 
             # Hot swap: commit a new revision on main, then ask until a response names it.
             swap_times = []
             import urllib.request
 
             def ask() -> str:
-                body = json.dumps({"prompt": "hello", "ref": "main", "max_tokens": 1, "temperature": 0}).encode()
-                req = urllib.request.Request(server.url + "/generate", data=body, headers={"Content-Type": "application/json"})
+                body = json.dumps(
+                    {"prompt": "hello", "ref": "main", "max_tokens": 1, "temperature": 0}
+                ).encode()
+                req = urllib.request.Request(
+                    server.url + "/generate",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
                 with urllib.request.urlopen(req) as resp:
                     return str(json.loads(resp.read())["revision"])
 
             for i in range(args.swaps):
                 ask()
-                new = porcelain.commit(repo, f"swap {i}", source=adapters[(i + 1) % len(adapters)], verify=False, show_progress=False).commit
+                new = porcelain.commit(
+                    repo,
+                    f"swap {i}",
+                    source=adapters[(i + 1) % len(adapters)],
+                    verify=False,
+                    show_progress=False,
+                ).commit
                 committed = time.perf_counter()
                 while ask() != new:
                     pass
@@ -230,7 +317,9 @@ def main() -> None:
                 peft_model.set_adapter(f"s{i}")
                 peer_times.append(time.perf_counter() - start)
             peer_swap = statistics.median(peer_times)
-            print(f"hot swap, commit to first response on the new revision (ms): ours {swap * 1000:.1f}, peer {peer_swap * 1000:.1f} (PEFT load_adapter+set_adapter, no HTTP, no commit), ratio {peer_swap / swap:.2f}")
+            print(
+                f"hot swap, commit to first response on the new revision (ms): ours {swap * 1000:.1f}, peer {peer_swap * 1000:.1f} (PEFT load_adapter+set_adapter, no HTTP, no commit), ratio {peer_swap / swap:.2f}"
+            )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2) + "\n")
     finally:

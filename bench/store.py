@@ -201,7 +201,11 @@ def train_chain(tmp: Path, steps: int) -> list[Path]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     config = LoraConfig(
-        r=16, lora_alpha=32, target_modules=list(ALL_LINEAR), lora_dropout=0.0, task_type="CAUSAL_LM"
+        r=16,
+        lora_alpha=32,
+        target_modules=list(ALL_LINEAR),
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -218,12 +222,18 @@ def train_chain(tmp: Path, steps: int) -> list[Path]:
         optim.step()
         optim.zero_grad(set_to_none=True)
         # A trainer keeps fp32 masters and publishes bf16 adapters.
-        lora = {k: v.detach().to(torch.bfloat16) for k, v in peft_model.state_dict().items() if "lora_" in k}
+        lora = {
+            k: v.detach().to(torch.bfloat16)
+            for k, v in peft_model.state_dict().items()
+            if "lora_" in k
+        }
         target = tmp / "revs" / f"step{step:03d}"
         peft_model.save_pretrained(str(target), state_dict=lora)
         out.append(target)
     peft_model.save_pretrained(str(tmp / "revs" / "last-fp32"))
-    note(f"chain: trained and saved {steps} steps in {time.perf_counter() - t0:.1f} s (final loss {loss.item():.4f})")
+    note(
+        f"chain: trained and saved {steps} steps in {time.perf_counter() - t0:.1f} s (final loss {loss.item():.4f})"
+    )
     return out
 
 
@@ -238,7 +248,9 @@ def bench_chain(tmp: Path, revs: list[Path]) -> None:
     repo = porcelain.init(work, install_hooks=False)
     t0 = time.perf_counter()
     for i, rev in enumerate(revs, 1):
-        porcelain.commit(repo, f"step {i}", source=rev, meta={"step": str(i)}, verify=False, show_progress=False)
+        porcelain.commit(
+            repo, f"step {i}", source=rev, meta={"step": str(i)}, verify=False, show_progress=False
+        )
     t_ours = time.perf_counter() - t0
     repo.close()
     before = tree_bytes(work / ".mint")
@@ -262,19 +274,54 @@ def bench_chain(tmp: Path, revs: list[Path]) -> None:
         f"chain: {n} revisions, {raw / n / 1e3:.0f} kB each; ours committed in {t_ours:.1f} s in-process, "
         f"git add+commit {t_git:.1f} s; `mintvcs gc` {gc_time:.2f} s"
     )
-    note(f"chain: .mint before gc {fmt(before, 'B')}, after {fmt(after, 'B')} (objects {fmt(after_objects, 'B')}); "
-         f"git objects loose {fmt(git_loose, 'B')}, after gc {fmt(git_packed, 'B')}")
+    note(
+        f"chain: .mint before gc {fmt(before, 'B')}, after {fmt(after, 'B')} (objects {fmt(after_objects, 'B')}); "
+        f"git objects loose {fmt(git_loose, 'B')}, after gc {fmt(git_packed, 'B')}"
+    )
     NOTES["chain"] = {
         "revisions": n, "raw": raw, "zstd3": z3, "mint_before_gc": before, "mint_after_gc": after,
         "mint_objects_after_gc": after_objects, "git_loose": git_loose, "git_after_gc": git_packed,
         "composition": composition,
     }  # fmt: skip
     name = f"chain {n} bf16 revs, bytes"
-    note("chain: unique object bytes by kind: " + ", ".join(f"{k} {v:,}" for k, v in composition.items()))
-    report(Result(f"{name} (.mint after gc) vs raw safetensors", after, raw, "B", "raw, as git-lfs stores", ">= 2.5x", raw / after >= 2.5))
-    report(Result(f"{name} (.mint before gc) vs raw safetensors", before, raw, "B", "raw, as git-lfs stores", ">= 2.5x", raw / before >= 2.5))
-    report(Result(f"{name} (.mint after gc) vs zstd-3 per file", after, z3, "B", "zstd -3 each file"))
-    report(Result(f"{name} (.mint after gc) vs plain git after gc", after, git_packed, "B", "git add/commit + git gc, .git/objects"))
+    note(
+        "chain: unique object bytes by kind: "
+        + ", ".join(f"{k} {v:,}" for k, v in composition.items())
+    )
+    report(
+        Result(
+            f"{name} (.mint after gc) vs raw safetensors",
+            after,
+            raw,
+            "B",
+            "raw, as git-lfs stores",
+            ">= 2.5x",
+            raw / after >= 2.5,
+        )
+    )
+    report(
+        Result(
+            f"{name} (.mint before gc) vs raw safetensors",
+            before,
+            raw,
+            "B",
+            "raw, as git-lfs stores",
+            ">= 2.5x",
+            raw / before >= 2.5,
+        )
+    )
+    report(
+        Result(f"{name} (.mint after gc) vs zstd-3 per file", after, z3, "B", "zstd -3 each file")
+    )
+    report(
+        Result(
+            f"{name} (.mint after gc) vs plain git after gc",
+            after,
+            git_packed,
+            "B",
+            "git add/commit + git gc, .git/objects",
+        )
+    )
 
 
 def _composition(work: Path) -> dict[str, int]:
@@ -322,9 +369,12 @@ def bench_single(tmp: Path, label: str, adapter_dir: Path, goal: float | None = 
     adapter = read_adapter(adapter_dir)
     tensor_raw = sum(e.nbytes for e in adapter.layout.tensors)
     tensor_ours = sum(
-        len(codec.encode(adapter.tensor_bytes(i), e.dtype, e.shape)) for i, e in enumerate(adapter.layout.tensors)
+        len(codec.encode(adapter.tensor_bytes(i), e.dtype, e.shape))
+        for i, e in enumerate(adapter.layout.tensors)
     )
-    tensor_z3 = sum(zstd3(bytes(adapter.tensor_bytes(i))) for i in range(len(adapter.layout.tensors)))
+    tensor_z3 = sum(
+        zstd3(bytes(adapter.tensor_bytes(i))) for i in range(len(adapter.layout.tensors))
+    )
     work = tmp / f"single-{label}"
     repo = porcelain.init(work, install_hooks=False)
     porcelain.commit(repo, "one", source=adapter_dir, verify=False, show_progress=False)
@@ -332,11 +382,44 @@ def bench_single(tmp: Path, label: str, adapter_dir: Path, goal: float | None = 
     repo.close()
     store = tree_bytes(work / ".mint" / "objects")
     name = f"single {label} ({len(data) / 1e6:.2f} MB)"
-    report(Result(f"{name}, store objects vs raw file", store, len(data), "B", "raw file",
-                  f">= {goal}x" if goal else "", (len(data) / store >= goal) if goal else None))
-    report(Result(f"{name}, store objects vs zstd-3 of the file", store, zstd3(data), "B", "zstd -3 of the file"))
-    report(Result(f"{name}, tensor codec only vs raw tensor bytes", tensor_ours, tensor_raw, "B", "raw tensor bytes"))
-    report(Result(f"{name}, tensor codec only vs zstd-3 per tensor", tensor_ours, tensor_z3, "B", "zstd -3 per tensor"))
+    report(
+        Result(
+            f"{name}, store objects vs raw file",
+            store,
+            len(data),
+            "B",
+            "raw file",
+            f">= {goal}x" if goal else "",
+            (len(data) / store >= goal) if goal else None,
+        )
+    )
+    report(
+        Result(
+            f"{name}, store objects vs zstd-3 of the file",
+            store,
+            zstd3(data),
+            "B",
+            "zstd -3 of the file",
+        )
+    )
+    report(
+        Result(
+            f"{name}, tensor codec only vs raw tensor bytes",
+            tensor_ours,
+            tensor_raw,
+            "B",
+            "raw tensor bytes",
+        )
+    )
+    report(
+        Result(
+            f"{name}, tensor codec only vs zstd-3 per tensor",
+            tensor_ours,
+            tensor_z3,
+            "B",
+            "zstd -3 per tensor",
+        )
+    )
 
 
 # ------------------------------------------------ 3. Llama-3-8B-shaped adapter
@@ -352,14 +435,20 @@ class BigAdapter:
                 prefix = f"base_model.model.model.layers.{i}.{proj}"
                 # PEFT's kaiming_uniform_(a=sqrt(5)) bound is 1/sqrt(fan_in).
                 bound = 1.0 / np.sqrt(fan_in)
-                self.master[f"{prefix}.lora_A.weight"] = rng.uniform(-bound, bound, (rank, fan_in)).astype(np.float32)
-                self.master[f"{prefix}.lora_B.weight"] = (rng.standard_normal((fan_out, rank), dtype=np.float32) * 2e-3)
+                self.master[f"{prefix}.lora_A.weight"] = rng.uniform(
+                    -bound, bound, (rank, fan_in)
+                ).astype(np.float32)
+                self.master[f"{prefix}.lora_B.weight"] = (
+                    rng.standard_normal((fan_out, rank), dtype=np.float32) * 2e-3
+                )
         self.rank = rank
 
     def step(self) -> None:
         """One update of size lr in a random direction per element (what Adam's step looks like)."""
         for value in self.master.values():
-            value += np.where(self.rng.random(value.shape, dtype=np.float32) < 0.5, -1e-5, 1e-5).astype(np.float32)
+            value += np.where(
+                self.rng.random(value.shape, dtype=np.float32) < 0.5, -1e-5, 1e-5
+            ).astype(np.float32)
 
     def save(self, directory: Path) -> Path:
         """Write adapter_config.json and a bf16 adapter_model.safetensors as PEFT names them."""
@@ -386,8 +475,12 @@ def _compile_bytecode() -> None:
     """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "mintvcs")], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", str(root / "mintvcs")],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
 
 
 HOT_SWAP = {  # hidden 1024, intermediate 2816, 16 heads / 8 KV heads of 64: bench/engine.py's model
@@ -408,12 +501,18 @@ def bench_hot_swap(tmp: Path, repeat: int) -> None:
         for proj, (fan_in, fan_out) in HOT_SWAP.items():
             prefix = f"base_model.model.model.layers.{i}.{proj}"
             bound = 1.0 / np.sqrt(fan_in)
-            tensors[f"{prefix}.lora_A.weight"] = torch.from_numpy(rng.uniform(-bound, bound, (16, fan_in)).astype(np.float32))
-            tensors[f"{prefix}.lora_B.weight"] = torch.from_numpy(rng.standard_normal((fan_out, 16), dtype=np.float32) * 2e-3)
+            tensors[f"{prefix}.lora_A.weight"] = torch.from_numpy(
+                rng.uniform(-bound, bound, (16, fan_in)).astype(np.float32)
+            )
+            tensors[f"{prefix}.lora_B.weight"] = torch.from_numpy(
+                rng.standard_normal((fan_out, 16), dtype=np.float32) * 2e-3
+            )
     src = tmp / "hot-swap-src"
     src.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(src / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}))
+    (src / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32})
+    )
     size = (src / "adapter_model.safetensors").stat().st_size
     repo = porcelain.init(tmp / "hot-swap", install_hooks=False)
     result = porcelain.commit(repo, "fp32", source=src, verify=False, show_progress=False)
@@ -425,12 +524,24 @@ def bench_hot_swap(tmp: Path, repeat: int) -> None:
         repo.read_revision(result.commit).tensors()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    peer = [_timed(lambda: load_file(str(src / "adapter_model.safetensors")), 1)[0] for _ in range(max(repeat, 7))]
+    peer = [
+        _timed(lambda: load_file(str(src / "adapter_model.safetensors")), 1)[0]
+        for _ in range(max(repeat, 7))
+    ]
     repo.close()
     CPU["hot swap decode ours"] = cpu
-    report(Result(f"hot swap: decode a {size / 1e6:.1f} MB fp32 revision, read_revision(c).tensors() (median)",
-                  _median(times), _median(peer), "s", "safetensors load_file of the raw file", "<= 80 ms",
-                  _median(times) <= 0.080, {"ours": times, "peer": peer}))
+    report(
+        Result(
+            f"hot swap: decode a {size / 1e6:.1f} MB fp32 revision, read_revision(c).tensors() (median)",
+            _median(times),
+            _median(peer),
+            "s",
+            "safetensors load_file of the raw file",
+            "<= 80 ms",
+            _median(times) <= 0.080,
+            {"ours": times, "peer": peer},
+        )
+    )
 
 
 def _median(xs: list[float]) -> float:
@@ -448,7 +559,9 @@ def bench_big(tmp: Path, layers: int, repeat: int) -> None:
             gen.step()
         revs.append(gen.save(tmp / "big" / f"rev{k}"))
     size = (revs[0] / "adapter_model.safetensors").stat().st_size
-    note(f"big: {layers} layers, {size / 1e6:.1f} MB bf16 per revision; built {len(revs)} revisions in {time.perf_counter() - t0:.1f} s")
+    note(
+        f"big: {layers} layers, {size / 1e6:.1f} MB bf16 per revision; built {len(revs)} revisions in {time.perf_counter() - t0:.1f} s"
+    )
 
     # (a) first commit into a fresh repository; (b) the next revision, every tensor changed.
     first: dict[str, list[float]] = {"ours": [], "ours_noverify": [], "git": []}
@@ -458,9 +571,13 @@ def bench_big(tmp: Path, layers: int, repeat: int) -> None:
             work = tmp / "big" / f"mint-{kind}-{trial}"
             run([*MINTVCS, "init", str(work), "--base-model", "meta-llama/Meta-Llama-3-8B"], tmp)
             copy_adapter(revs[0], work)
-            first[kind].append(run([*MINTVCS, "commit", "-m", "rev0", *flag], work, f"first commit {kind}"))
+            first[kind].append(
+                run([*MINTVCS, "commit", "-m", "rev0", *flag], work, f"first commit {kind}")
+            )
             copy_adapter(revs[1], work)
-            nxt[kind].append(run([*MINTVCS, "commit", "-m", "rev1", *flag], work, f"next revision commit {kind}"))
+            nxt[kind].append(
+                run([*MINTVCS, "commit", "-m", "rev1", *flag], work, f"next revision commit {kind}")
+            )
             if trial:
                 shutil.rmtree(work)
         gwork = tmp / "big" / f"git-{trial}"
@@ -468,17 +585,37 @@ def bench_big(tmp: Path, layers: int, repeat: int) -> None:
         copy_adapter(revs[0], gwork)
         first["git"].append(sh(gwork, "git add -A && git commit -q -m rev0", "first commit git"))
         copy_adapter(revs[1], gwork)
-        nxt["git"].append(sh(gwork, "git add -A && git commit -q -m rev1", "next revision commit git"))
+        nxt["git"].append(
+            sh(gwork, "git add -A && git commit -q -m rev1", "next revision commit git")
+        )
         if trial:
             shutil.rmtree(gwork)
     mb = f"{size / 1e6:.0f} MB bf16"
     for label, table in (("first commit", first), ("next revision commit", nxt)):
         ours, peer = _median(table["ours"]), _median(table["git"])
-        report(Result(f"big {mb}, {label} (median of {repeat})", ours, peer, "s", "git add && git commit",
-                      ">= 5x and <= 0.5 s", peer / ours >= 5 and ours <= 0.5, {"ours": table["ours"], "peer": table["git"]}))
+        report(
+            Result(
+                f"big {mb}, {label} (median of {repeat})",
+                ours,
+                peer,
+                "s",
+                "git add && git commit",
+                ">= 5x and <= 0.5 s",
+                peer / ours >= 5 and ours <= 0.5,
+                {"ours": table["ours"], "peer": table["git"]},
+            )
+        )
         ours_nv = _median(table["ours_noverify"])
-        report(Result(f"big {mb}, {label} --no-verify (median of {repeat})", ours_nv, peer, "s", "git add && git commit",
-                      samples={"ours": table["ours_noverify"], "peer": table["git"]}))
+        report(
+            Result(
+                f"big {mb}, {label} --no-verify (median of {repeat})",
+                ours_nv,
+                peer,
+                "s",
+                "git add && git commit",
+                samples={"ours": table["ours_noverify"], "peer": table["git"]},
+            )
+        )
 
     # A store with a longer XOR chain, then checkout between its root and its tip (detached).
     work, gwork = tmp / "big" / "mint-ours-0", tmp / "big" / "git-0"
@@ -499,23 +636,49 @@ def bench_big(tmp: Path, layers: int, repeat: int) -> None:
     co: dict[str, dict[str, list[float]]] = {t: {"ours": [], "peer": []} for t in ("root", "tip")}
     for _ in range(repeat):
         for target in ("root", "tip"):
-            co[target]["ours"].append(run([*MINTVCS, "checkout", target], work, f"checkout {target} ours"))
-            co[target]["peer"].append(git(gwork, "checkout", "-q", target, cpu_label=f"checkout {target} git"))
+            co[target]["ours"].append(
+                run([*MINTVCS, "checkout", target], work, f"checkout {target} ours")
+            )
+            co[target]["peer"].append(
+                git(gwork, "checkout", "-q", target, cpu_label=f"checkout {target} git")
+            )
     # The issue's peer for checkout is `git add && git commit` of the same file (the first
     # commit's median); `git checkout` is reported beside it.
     git_commit = _median(first["git"])
     for target, what in (("root", "depth 0"), ("tip", f"xor depth {depth}")):
         ours, peer = _median(co[target]["ours"]), _median(co[target]["peer"])
-        report(Result(f"big {mb}, checkout of branch {target} ({what}, median of {repeat})", ours, git_commit, "s",
-                      "git add && git commit", ">= 5x and <= 0.5 s", git_commit / ours >= 5 and ours <= 0.5,
-                      {"ours": co[target]["ours"], "peer": first["git"]}))
-        report(Result(f"big {mb}, checkout of branch {target} ({what}) vs git checkout", ours, peer, "s",
-                      "git checkout", samples=co[target]))
-    assert (work / "adapter_model.safetensors").read_bytes() == (revs[-1] / "adapter_model.safetensors").read_bytes()
+        report(
+            Result(
+                f"big {mb}, checkout of branch {target} ({what}, median of {repeat})",
+                ours,
+                git_commit,
+                "s",
+                "git add && git commit",
+                ">= 5x and <= 0.5 s",
+                git_commit / ours >= 5 and ours <= 0.5,
+                {"ours": co[target]["ours"], "peer": first["git"]},
+            )
+        )
+        report(
+            Result(
+                f"big {mb}, checkout of branch {target} ({what}) vs git checkout",
+                ours,
+                peer,
+                "s",
+                "git checkout",
+                samples=co[target],
+            )
+        )
+    assert (work / "adapter_model.safetensors").read_bytes() == (
+        revs[-1] / "adapter_model.safetensors"
+    ).read_bytes()
     # Store size of this synthetic chain, for reference (random steps are harsher than training).
     cpu = {k: _median(v) for k, v in CPU.items()}
     NOTES["cpu_s"] = cpu
-    note("CPU seconds (user+sys, median; less load-dependent than wall time): " + "; ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    note(
+        "CPU seconds (user+sys, median; less load-dependent than wall time): "
+        + "; ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+    )
     bench_single(tmp, "bf16 8B-shaped (random B)", revs[0])
     NOTES["big"] = {"bytes_per_revision": size, "revisions": len(revs), "xor_depth_at_tip": depth}
     split_commit(tmp, revs, repeat)
@@ -535,16 +698,33 @@ def _timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
 def split_commit(tmp: Path, revs: list[Path], repeat: int) -> None:
     """Where `mintvcs commit` spends its time, phase by phase on one thread, and end to end in-process."""
     adapter_dir, parent_dir = revs[1], revs[0]
-    t_start, _ = _timed(lambda: run([sys.executable, "-c", "import mintvcs.cli, mintvcs.porcelain, numpy, zstandard"], tmp), repeat)
+    t_start, _ = _timed(
+        lambda: run(
+            [sys.executable, "-c", "import mintvcs.cli, mintvcs.porcelain, numpy, zstandard"], tmp
+        ),
+        repeat,
+    )
     t_read, adapter = _timed(lambda: read_adapter(adapter_dir), repeat)
     n = len(adapter.layout.tensors)
     views = [adapter.tensor_bytes(i) for i in range(n)]
     t_sha, _ = _timed(lambda: [hashlib.sha256(v).hexdigest() for v in views], repeat)
-    t_enc, blobs = _timed(lambda: [codec.encode(v, e.dtype, e.shape) for v, e in zip(views, adapter.layout.tensors, strict=True)], repeat)
+    t_enc, blobs = _timed(
+        lambda: [
+            codec.encode(v, e.dtype, e.shape)
+            for v, e in zip(views, adapter.layout.tensors, strict=True)
+        ],
+        repeat,
+    )
     parent = read_adapter(parent_dir)
     bases = [bytes(parent.tensor_bytes(i)) for i in range(n)]
     fake = "0" * 40
-    t_xor, _ = _timed(lambda: [codec.encode(v, e.dtype, e.shape, base=b, base_id=fake) for v, e, b in zip(views, adapter.layout.tensors, bases, strict=True)], repeat)
+    t_xor, _ = _timed(
+        lambda: [
+            codec.encode(v, e.dtype, e.shape, base=b, base_id=fake)
+            for v, e, b in zip(views, adapter.layout.tensors, bases, strict=True)
+        ],
+        repeat,
+    )
     t_dec, _ = _timed(lambda: [codec.decode(b) for b in blobs], repeat)
 
     def write_objects() -> None:
@@ -561,7 +741,9 @@ def split_commit(tmp: Path, revs: list[Path], repeat: int) -> None:
     t_write, _ = _timed(write_objects, repeat)
     hook = tmp / "big" / "mint-ours-0" / ".mint" / "hooks" / "pre-commit"
     hook_env = {**ENV, "MINT_ADAPTER_DIR": str(adapter_dir), "MINT_PYTHON": sys.executable}
-    t_hook, _ = _timed(lambda: subprocess.run([str(hook)], env=hook_env, check=True, capture_output=True), repeat)
+    t_hook, _ = _timed(
+        lambda: subprocess.run([str(hook)], env=hook_env, check=True, capture_output=True), repeat
+    )
 
     def commit_pair() -> float:
         work = Path(tempfile.mkdtemp(dir=tmp, prefix="inproc-"))
@@ -620,24 +802,34 @@ def split_checkout(work: Path, root: str, tip: str, repeat: int) -> None:
         "decode + assemble file": t_asm, "write file": t_write, "porcelain.checkout, in-process": t_both / 2,
     }  # fmt: skip
     NOTES["checkout_split_s"] = split
-    note("checkout split (medians): " + "; ".join(f"{k} {v * 1e3:.0f} ms" for k, v in split.items()))
+    note(
+        "checkout split (medians): " + "; ".join(f"{k} {v * 1e3:.0f} ms" for k, v in split.items())
+    )
 
 
 # --------------------------------------------------------------------- main
 def main() -> None:
     """Parse arguments, run the sections, print lines and optionally write JSON."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="10 revisions, 8 layers: a smoke run")
-    ap.add_argument("--json", metavar="PATH", help="also write results as JSON to PATH ('-' for stdout)")
-    ap.add_argument("--only", choices=["chain", "big", "swap"], help="run one part (chain includes single)")
+    ap.add_argument(
+        "--json", metavar="PATH", help="also write results as JSON to PATH ('-' for stdout)"
+    )
+    ap.add_argument(
+        "--only", choices=["chain", "big", "swap"], help="run one part (chain includes single)"
+    )
     ap.add_argument("--repeat", type=int, default=5, help="trials per timing (at least 3)")
     ap.add_argument("--keep", metavar="DIR", help="build in DIR and keep it (default: a temp dir)")
     args = ap.parse_args()
     repeat = max(3, args.repeat)
     steps, layers = (10, 8) if args.quick else (50, 32)
-    note(f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}, "
-         f"git {subprocess.run(['git', '--version'], capture_output=True, text=True).stdout.split()[-1]}, "
-         f"zstandard {zstandard.__version__}")
+    note(
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}, "
+        f"git {subprocess.run(['git', '--version'], capture_output=True, text=True).stdout.split()[-1]}, "
+        f"zstandard {zstandard.__version__}"
+    )
     with tempfile.TemporaryDirectory(prefix="mint-bench-store-") as scratch:
         tmp = Path(args.keep) if args.keep else Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)

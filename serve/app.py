@@ -72,7 +72,14 @@ class ServerConfig:
     drain_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_loras", "max_cpu_loras", "max_rank", "max_batch_size", "max_prompt_bytes", "max_tokens_limit"):
+        for name in (
+            "max_loras",
+            "max_cpu_loras",
+            "max_rank",
+            "max_batch_size",
+            "max_prompt_bytes",
+            "max_tokens_limit",
+        ):
             if getattr(self, name) < 1:
                 raise ServerError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
@@ -80,7 +87,9 @@ class ServerConfig:
                 f"default_max_tokens {self.default_max_tokens} must be in [1, max_tokens_limit={self.max_tokens_limit}]"
             )
         if not 0 <= self.port < 65536:
-            raise ServerError(f"port {self.port} is not a TCP port; use 0..65535 (0 picks a free one)")
+            raise ServerError(
+                f"port {self.port} is not a TCP port; use 0..65535 (0 picks a free one)"
+            )
         if not (0.01 <= self.ref_poll_interval <= 1.0):
             raise ServerError(f"ref_poll_interval {self.ref_poll_interval} s must be in [0.01, 1]")
 
@@ -112,10 +121,24 @@ class ServerState:
         self.idle.set()
         m = self.metrics
         self.requests = m.add(
-            Counter("mint_requests_total", "Generation requests by ref spec, endpoint and HTTP status.", ("ref", "endpoint", "status"))
+            Counter(
+                "mint_requests_total",
+                "Generation requests by ref spec, endpoint and HTTP status.",
+                ("ref", "endpoint", "status"),
+            )
         )
-        self.tokens = m.add(Counter("mint_tokens_total", "Prompt and completion tokens by ref spec.", ("ref", "kind")))
-        self.ref_moves = m.add(Counter("mint_ref_moves_total", "Moves of refs in use seen by the watcher or a notify.", ("ref",)))
+        self.tokens = m.add(
+            Counter(
+                "mint_tokens_total", "Prompt and completion tokens by ref spec.", ("ref", "kind")
+            )
+        )
+        self.ref_moves = m.add(
+            Counter(
+                "mint_ref_moves_total",
+                "Moves of refs in use seen by the watcher or a notify.",
+                ("ref",),
+            )
+        )
         self.load_latency = m.add(
             Histogram(
                 "mint_adapter_load_seconds",
@@ -147,8 +170,20 @@ class ServerState:
             ("host_cache_bytes", "Bytes of decoded revisions in host memory."),
         ):
             m.add(Gauge(f"mint_{key}", help_text, stat(key)))
-        m.add(Gauge("mint_ready", "1 once the base model is loaded.", lambda: 1.0 if self.engine is not None else 0.0))
-        m.add(Gauge("mint_ref_cache_entries", "Ref specs in the resolution cache.", lambda: float(len(self.watcher.tracked()))))
+        m.add(
+            Gauge(
+                "mint_ready",
+                "1 once the base model is loaded.",
+                lambda: 1.0 if self.engine is not None else 0.0,
+            )
+        )
+        m.add(
+            Gauge(
+                "mint_ref_cache_entries",
+                "Ref specs in the resolution cache.",
+                lambda: float(len(self.watcher.tracked())),
+            )
+        )
 
     def harvest_load_latency(self) -> None:
         """Move new slot-load durations from the engine's counters into the histogram."""
@@ -166,10 +201,14 @@ class ServerState:
     def require_engine(self) -> Engine:
         """The engine, or a 503 while it loads, after it failed, or while draining."""
         if self.draining:
-            raise HTTPError(503, "the server is shutting down; retry on another instance", "draining")
+            raise HTTPError(
+                503, "the server is shutting down; retry on another instance", "draining"
+            )
         if self.engine is None:
             if self.load_error is not None:
-                raise HTTPError(503, f"the base model failed to load: {self.load_error}", "load_failed")
+                raise HTTPError(
+                    503, f"the base model failed to load: {self.load_error}", "load_failed"
+                )
             raise HTTPError(503, "the base model is still loading; poll GET /health", "loading")
         return self.engine
 
@@ -208,21 +247,32 @@ def _status_for(err: MintError) -> int:
     return 500  # a MintError we did not expect from a request: corrupt store, unreadable file
 
 
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error", 422: "unprocessable_entity_error", 503: "service_unavailable"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    422: "unprocessable_entity_error",
+    503: "service_unavailable",
+}
 
 
 def error_body(path: str, status: int, message: str, reason: str | None = None) -> dict[str, Any]:
     """The JSON error: OpenAI's nested shape under /v1, a flat one elsewhere."""
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     if path.startswith("/v1/"):
-        return {"error": {"message": message, "type": kind, "code": reason or status, "param": None}}
+        return {
+            "error": {"message": message, "type": kind, "code": reason or status, "param": None}
+        }
     body: dict[str, Any] = {"error": message, "type": kind}
     if reason:
         body["reason"] = reason
     return body
 
 
-def error_response(request: web.Request, status: int, message: str, reason: str | None = None) -> web.Response:
+def error_response(
+    request: web.Request, status: int, message: str, reason: str | None = None
+) -> web.Response:
     """A JSON error response for `request`."""
     return web.json_response(error_body(request.path, status, message, reason), status=status)
 
@@ -277,14 +327,18 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise HTTPError(400, f"the body is not valid JSON: {err}", "invalid_json") from None
     if not isinstance(body, dict):
-        raise HTTPError(400, f"the body must be a JSON object, got {type(body).__name__}", "invalid_json")
+        raise HTTPError(
+            400, f"the body must be a JSON object, got {type(body).__name__}", "invalid_json"
+        )
     return body
 
 
 _MISSING: Any = object()
 
 
-def field_of(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any = _MISSING) -> Any:
+def field_of(
+    body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any = _MISSING
+) -> Any:
     """body[name] checked against `kinds` (bool is not a number; floats must be finite); 400 otherwise."""
     if name not in body or body[name] is None:
         if default is _MISSING:
@@ -300,7 +354,11 @@ def field_of(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: 
         ok = isinstance(value, kinds)
     if not ok:
         names = " or ".join("number" if k is float else k.__name__ for k in kinds)
-        raise HTTPError(400, f"field {name!r} must be {names}, got {type(value).__name__} {value!r:.60}", "wrong_type")
+        raise HTTPError(
+            400,
+            f"field {name!r} must be {names}, got {type(value).__name__} {value!r:.60}",
+            "wrong_type",
+        )
     if isinstance(value, float) and not math.isfinite(value):
         raise HTTPError(400, f"field {name!r} must be a finite number, got {value}", "not_finite")
     return value
@@ -316,7 +374,11 @@ def check_bearer(request: web.Request) -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise HTTPError(401, "this endpoint needs 'Authorization: Bearer <token>' (see --api-key-file)", "missing_token")
+        raise HTTPError(
+            401,
+            "this endpoint needs 'Authorization: Bearer <token>' (see --api-key-file)",
+            "missing_token",
+        )
     if not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise HTTPError(401, "the bearer token is wrong", "wrong_token")
 
@@ -335,7 +397,9 @@ def engine_config(config: ServerConfig) -> Any:
     device = probe.torch_device()
     itemsize = torch.empty((), dtype=probe.torch_dtype(device)).element_size()
     # A revision of rank max_rank on every targeted linear is the largest the host cache must hold.
-    per_revision = sum(config.max_rank * sum(model.linear_shape(m)) * itemsize for m in LORA_MODULES)
+    per_revision = sum(
+        config.max_rank * sum(model.linear_shape(m)) * itemsize for m in LORA_MODULES
+    )
     per_revision *= model.num_hidden_layers
     return EngineConfig(
         device=config.device,
@@ -386,7 +450,9 @@ def new_state(config: ServerConfig) -> ServerState:
     from mintvcs.store import Repository
 
     if not (Path(config.base_model) / "config.json").is_file():
-        raise ServerError(f"--base-model {config.base_model} has no config.json; point it at a HF checkpoint directory")
+        raise ServerError(
+            f"--base-model {config.base_model} has no config.json; point it at a HF checkpoint directory"
+        )
     repo = Repository.open(config.repo)
     return ServerState(
         config=config,
@@ -412,7 +478,9 @@ def prefetch(engine: Engine, revision: str) -> None:
     except MintError as err:
         log.warning("prefetch of %s failed: %s", revision[:12], err)
         return
-    future.add_done_callback(lambda f: f.exception())  # retrieve it so it is never reported as unhandled
+    future.add_done_callback(
+        lambda f: f.exception()
+    )  # retrieve it so it is never reported as unhandled
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -452,7 +520,9 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
     tasks = [
         asyncio.create_task(
-            state.watcher.run(lambda move: _on_move(state, move), interval=state.config.ref_poll_interval)
+            state.watcher.run(
+                lambda move: _on_move(state, move), interval=state.config.ref_poll_interval
+            )
         ),
         asyncio.create_task(harvest()),
     ]
@@ -469,7 +539,9 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
 ENGINE_FACTORY: web.AppKey[Callable[[ServerConfig], Engine]] = web.AppKey("mintvcs_engine_factory")
 
 
-def create_app(config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Engine] | None = None) -> web.Application:
+def create_app(
+    config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Engine] | None = None
+) -> web.Application:
     """The aiohttp application for `config`; the engine loads in the background once the app starts."""
     from mintvcs.serve import http_admin, http_api
 
@@ -512,7 +584,11 @@ class RunningServer:
         try:
             await asyncio.wait_for(state.idle.wait(), state.config.drain_timeout)
         except TimeoutError:
-            log.warning("%d requests still running after %.0f s; closing anyway", state.inflight, state.config.drain_timeout)
+            log.warning(
+                "%d requests still running after %.0f s; closing anyway",
+                state.inflight,
+                state.config.drain_timeout,
+            )
         await self.runner.cleanup()
 
 
@@ -534,7 +610,9 @@ async def start_server(
 async def serve_until_signalled(config: ServerConfig, *, out: Callable[[str], None] = print) -> int:
     """Run the server until SIGTERM or SIGINT, then drain; the exit status (1 if the base failed to load)."""
     server = await start_server(config)
-    out(f"mintvcs serve: listening on {server.url} (repository {config.repo}, base {config.base_model})")
+    out(
+        f"mintvcs serve: listening on {server.url} (repository {config.repo}, base {config.base_model})"
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -560,7 +638,11 @@ async def serve_until_signalled(config: ServerConfig, *, out: Callable[[str], No
 
 def run(config: ServerConfig) -> int:
     """Blocking entry point for the CLI."""
-    logging.basicConfig(level=os.environ.get("MINT_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("MINT_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
     def out(line: str) -> None:
         print(line, flush=True)
@@ -577,14 +659,19 @@ class BackgroundServer:
     """A server on its own event-loop thread (for the demo, benchmarks and tests); a context manager."""
 
     def __init__(
-        self, config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Engine] | None = None
+        self,
+        config: ServerConfig,
+        *,
+        engine_factory: Callable[[ServerConfig], Engine] | None = None,
     ) -> None:
         import threading
 
         self.config = config
         self.engine_factory = engine_factory
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="mintvcs-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="mintvcs-http", daemon=True
+        )
         self.server: RunningServer | None = None
 
     @property

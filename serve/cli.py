@@ -11,21 +11,87 @@ from mintvcs.errors import MintError
 
 
 @click.command("serve")
-@click.option("--repo", "repo", type=click.Path(file_okay=False, path_type=Path), default=".", show_default=True, help="The mintvcs repository whose refs are served.")
-@click.option("--base-model", "base_model", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Local HF checkpoint directory of the base model.")
+@click.option(
+    "--repo",
+    "repo",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="The mintvcs repository whose refs are served.",
+)
+@click.option(
+    "--base-model",
+    "base_model",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Local HF checkpoint directory of the base model.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port to bind (0 picks a free one).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].")
-@click.option("--max-loras", default=8, show_default=True, type=int, help="Device slots: revisions resident next to the base at once.")
-@click.option("--max-cpu-loras", default=64, show_default=True, type=int, help="Decoded revisions kept in host memory.")
-@click.option("--max-rank", default=64, show_default=True, type=int, help="Largest LoRA rank served.")
-@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="File holding the bearer token that notify/warm/adapters endpoints require.")
-@click.option("--max-batch-size", default=32, show_default=True, type=int, help="Sequences decoded together.")
-@click.option("--max-model-len", default=None, type=int, help="Prompt + output tokens per sequence [default: min(2048, the model's)].")
-@click.option("--max-prompt-bytes", default=64 * 1024, show_default=True, type=int, help="Larger prompts get 413.")
-@click.option("--max-tokens-limit", default=1024, show_default=True, type=int, help="Largest max_tokens a request may ask for.")
-@click.option("--ref-poll-interval", default=0.15, show_default=True, type=float, help="Seconds between checks of the refs in use.")
+@click.option(
+    "--port", default=8000, show_default=True, type=int, help="Port to bind (0 picks a free one)."
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].",
+)
+@click.option(
+    "--max-loras",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Device slots: revisions resident next to the base at once.",
+)
+@click.option(
+    "--max-cpu-loras",
+    default=64,
+    show_default=True,
+    type=int,
+    help="Decoded revisions kept in host memory.",
+)
+@click.option(
+    "--max-rank", default=64, show_default=True, type=int, help="Largest LoRA rank served."
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the bearer token that notify/warm/adapters endpoints require.",
+)
+@click.option(
+    "--max-batch-size", default=32, show_default=True, type=int, help="Sequences decoded together."
+)
+@click.option(
+    "--max-model-len",
+    default=None,
+    type=int,
+    help="Prompt + output tokens per sequence [default: min(2048, the model's)].",
+)
+@click.option(
+    "--max-prompt-bytes",
+    default=64 * 1024,
+    show_default=True,
+    type=int,
+    help="Larger prompts get 413.",
+)
+@click.option(
+    "--max-tokens-limit",
+    default=1024,
+    show_default=True,
+    type=int,
+    help="Largest max_tokens a request may ask for.",
+)
+@click.option(
+    "--ref-poll-interval",
+    default=0.15,
+    show_default=True,
+    type=float,
+    help="Seconds between checks of the refs in use.",
+)
 def serve(
     repo: Path,
     base_model: Path,
@@ -75,9 +141,24 @@ def serve(
 
 
 @click.command("demo")
-@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where the demo repository goes [default: a fresh temporary directory].")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where the tiny base is cached [default: $XDG_CACHE_HOME/mintvcs/demo].")
-@click.option("--train-steps", default=None, type=int, help="PEFT training steps per adapter (a few seconds' worth by default).")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the demo repository goes [default: a fresh temporary directory].",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the tiny base is cached [default: $XDG_CACHE_HOME/mintvcs/demo].",
+)
+@click.option(
+    "--train-steps",
+    default=None,
+    type=int,
+    help="PEFT training steps per adapter (a few seconds' worth by default).",
+)
 def demo(workdir: Path | None, cache_dir: Path | None, train_steps: int | None) -> None:
     """Run the whole story on an embedded tiny base: train, commit, branch, tag, serve, move main, log, diff."""
     from mintvcs.serve.demo import run_demo

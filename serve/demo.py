@@ -97,7 +97,15 @@ def train_adapter(base: Path, out: Path, phrase: str, steps: int, seed: int = 0)
     config = LoraConfig(
         r=8,
         lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
@@ -127,10 +135,16 @@ def train_adapter(base: Path, out: Path, phrase: str, steps: int, seed: int = 0)
 def _cli(repo: Path, *args: str) -> str:
     """Run `mintvcs ARGS` in the repository, as a user would; its stdout."""
     result = subprocess.run(
-        [sys.executable, "-m", "mintvcs.cli", *args], cwd=repo, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "mintvcs.cli", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
-        raise DemoError(f"mintvcs {' '.join(args)} failed: {(result.stderr or result.stdout).strip()}")
+        raise DemoError(
+            f"mintvcs {' '.join(args)} failed: {(result.stderr or result.stdout).strip()}"
+        )
     return result.stdout
 
 
@@ -151,17 +165,25 @@ def _show(echo: Any, args: tuple[str, ...], out: str, root: Path) -> None:
 
 def _generate(url: str, ref: str) -> Answer:
     body = json.dumps({"prompt": ASK, "ref": ref, "max_tokens": 16, "temperature": 0}).encode()
-    request = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/generate", data=body, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             data: dict[str, Any] = json.loads(response.read())
     except urllib.error.HTTPError as err:
-        raise DemoError(f"generate ref={ref} answered {err.code}: {err.read().decode(errors='replace')}") from None
+        raise DemoError(
+            f"generate ref={ref} answered {err.code}: {err.read().decode(errors='replace')}"
+        ) from None
     return Answer(ref, data["text"], data["revision"])
 
 
 def run_demo(
-    *, workdir: Path | None = None, cache_dir: Path | None = None, train_steps: int | None = None, echo: Any = click.echo
+    *,
+    workdir: Path | None = None,
+    cache_dir: Path | None = None,
+    train_steps: int | None = None,
+    echo: Any = click.echo,
 ) -> dict[str, Any]:
     """Run the six steps, printing as it goes; return what was served (for tests)."""
     started = time.perf_counter()
@@ -172,7 +194,9 @@ def run_demo(
     # 1. the base
     t = time.perf_counter()
     base, built = ensure_base(cache_root(cache_dir))
-    echo(f"\n{bold('[1/6]')} tiny Llama base {'built' if built else 'reused'} at {base} ({time.perf_counter() - t:.1f} s)")
+    echo(
+        f"\n{bold('[1/6]')} tiny Llama base {'built' if built else 'reused'} at {base} ({time.perf_counter() - t:.1f} s)"
+    )
 
     # 2. two adapters
     import torch
@@ -187,7 +211,9 @@ def run_demo(
     for name in ("adapter-a", "adapter-b"):
         t = time.perf_counter()
         loss = train_adapter(base, adapters / name, PHRASES[name], steps)
-        echo(f"      {name} learns {PHRASES[name]!r}  (loss {loss:.3f}, {time.perf_counter() - t:.1f} s)")
+        echo(
+            f"      {name} learns {PHRASES[name]!r}  (loss {loss:.3f}, {time.perf_counter() - t:.1f} s)"
+        )
 
     # 3. commits, branch, tag
     repo = root / "repo"
@@ -215,20 +241,28 @@ def run_demo(
     # 4. serve and ask
     from mintvcs.serve.app import BackgroundServer, ServerConfig
 
-    config = ServerConfig(repo=repo, base_model=base, port=0, max_model_len=256, max_loras=4, max_rank=16)
+    config = ServerConfig(
+        repo=repo, base_model=base, port=0, max_model_len=256, max_loras=4, max_rank=16
+    )
     answers: list[Answer] = []
     with BackgroundServer(config) as server:
-        echo(f"\n{bold('[4/6]')} serving on {server.url} (the base stays resident; revisions load into slots)")
+        echo(
+            f"\n{bold('[4/6]')} serving on {server.url} (the base stays resident; revisions load into slots)"
+        )
         for ref in ("main", "product-b", "prod"):
             answer = _generate(server.url, ref)
             answers.append(answer)
-            echo(f"      POST /generate ref={ref:<10} -> {answer.text!r:<36} revision {answer.revision[:12]}")
+            echo(
+                f"      POST /generate ref={ref:<10} -> {answer.text!r:<36} revision {answer.revision[:12]}"
+            )
 
         # 5. a new revision on main, no restart
         echo(f"\n{bold('[5/6]')} a new revision lands on main while the server runs")
         t = time.perf_counter()
         loss = train_adapter(base, adapters / "adapter-c", PHRASES["adapter-c"], steps, seed=1)
-        echo(f"      adapter-c learns {PHRASES['adapter-c']!r}  (loss {loss:.3f}, {time.perf_counter() - t:.1f} s)")
+        echo(
+            f"      adapter-c learns {PHRASES['adapter-c']!r}  (loss {loss:.3f}, {time.perf_counter() - t:.1f} s)"
+        )
         _copy_adapter(adapters / "adapter-c", repo)
         echo("      $ cp adapters/adapter-c/* repo/")
         args = ("commit", "-m", "adapter-c: answers Paris")
@@ -244,7 +278,9 @@ def run_demo(
         )
         still = _generate(server.url, "prod")
         answers.append(still)
-        echo(f"      POST /generate ref={'prod':<10} -> {still.text!r:<36} revision {still.revision[:12]}  (tags stay put)")
+        echo(
+            f"      POST /generate ref={'prod':<10} -> {still.text!r:<36} revision {still.revision[:12]}  (tags stay put)"
+        )
     torch.set_num_threads(threads)
 
     # 6. history

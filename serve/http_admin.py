@@ -20,7 +20,9 @@ async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "draining"}, status=503)
     if state.engine is None:
         if state.load_error is not None:
-            return web.json_response({"status": "failed", "error": str(state.load_error)}, status=503)
+            return web.json_response(
+                {"status": "failed", "error": str(state.load_error)}, status=503
+            )
         return web.json_response({"status": "loading"}, status=503)
     engine = state.engine
     return web.json_response(
@@ -41,7 +43,12 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition."""
     state = request.app[STATE]
     state.harvest_load_latency()
-    return web.Response(text=state.metrics.render(), content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"})
+    return web.Response(
+        text=state.metrics.render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Prometheus-Format": "0.0.4"},
+    )
 
 
 async def notify(request: web.Request) -> web.Response:
@@ -67,8 +74,17 @@ async def notify(request: web.Request) -> web.Response:
         new = body.get("new")
         if revision is not None and state.engine is not None:
             prefetch(state.engine, revision)
-        if isinstance(new, str) and revision is not None and new != revision and not revision.startswith(new):
-            moved.append({"warning": f"the ref holds {revision[:12]} now, not {new[:12]}; serving {revision[:12]}"})
+        if (
+            isinstance(new, str)
+            and revision is not None
+            and new != revision
+            and not revision.startswith(new)
+        ):
+            moved.append(
+                {
+                    "warning": f"the ref holds {revision[:12]} now, not {new[:12]}; serving {revision[:12]}"
+                }
+            )
         state.ref_moves.inc((ref,))
     for spec in forgotten:
         if spec == ref:
@@ -143,4 +159,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/adapters/warm", warm)
     app.router.add_post("/v1/adapters/unpin", unpin)
     app.router.add_get("/v1/adapters", adapters)
-

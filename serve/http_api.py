@@ -41,7 +41,9 @@ PLAIN_CHAT_SEPARATOR = "\n"
 
 
 # ---------------------------------------------------------------------------- parsing
-def sampling_params(body: dict[str, Any], state: ServerState, *, default_temperature: float = 1.0) -> SamplingParams:
+def sampling_params(
+    body: dict[str, Any], state: ServerState, *, default_temperature: float = 1.0
+) -> SamplingParams:
     """SamplingParams from a request body; 400 on wrong types, non-finite or out-of-range values."""
     limit = state.config.max_tokens_limit
     max_tokens = field_of(body, "max_tokens", (int,), state.config.default_max_tokens)
@@ -56,7 +58,11 @@ def sampling_params(body: dict[str, Any], state: ServerState, *, default_tempera
     stop_raw = field_of(body, "stop", (str, list), [])
     stop = [stop_raw] if isinstance(stop_raw, str) else stop_raw
     if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-        raise HTTPError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them", "stop")
+        raise HTTPError(
+            400,
+            f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
+            "stop",
+        )
     if top_k < 0:
         raise HTTPError(400, f"top_k must be 0 (off) or positive, got {top_k}", "top_k")
     ignore_eos = field_of(body, "ignore_eos", (bool,), False)  # vLLM's extension, for benchmarks
@@ -91,7 +97,9 @@ class Admitted:
     prompt_tokens: int
 
 
-async def admit(request: web.Request, prompt: str, spec: object, params: SamplingParams) -> Admitted:
+async def admit(
+    request: web.Request, prompt: str, spec: object, params: SamplingParams
+) -> Admitted:
     """Check size, resolve the ref once, submit, and await the first event (errors become 4xx)."""
     state = request.app[STATE]
     engine = state.require_engine()
@@ -100,12 +108,16 @@ async def admit(request: web.Request, prompt: str, spec: object, params: Samplin
     size = len(prompt.encode("utf-8", "surrogatepass"))
     if size > state.config.max_prompt_bytes:
         raise HTTPError(
-            413, f"the prompt is {size} bytes; this server takes at most {state.config.max_prompt_bytes}", "prompt_too_large"
+            413,
+            f"the prompt is {size} bytes; this server takes at most {state.config.max_prompt_bytes}",
+            "prompt_too_large",
         )
     ids = engine.encode(prompt)
     if len(ids) >= engine.max_model_len:
         raise HTTPError(
-            413, f"the prompt is {len(ids)} tokens; the model context is {engine.max_model_len}", "prompt_too_long"
+            413,
+            f"the prompt is {len(ids)} tokens; the model context is {engine.max_model_len}",
+            "prompt_too_long",
         )
     name = check_spec(spec)
     resolution = state.watcher.resolve(name)
@@ -136,7 +148,11 @@ def _headers(admitted: Admitted) -> dict[str, str]:
 
 async def _sse(request: web.Request, admitted: Admitted) -> web.StreamResponse:
     response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **_headers(admitted)}
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            **_headers(admitted),
+        }
     )
     await response.prepare(request)
     return response
@@ -318,7 +334,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _run_stream(
         request,
         admitted,
-        lambda e: obj({"text": e.text, "index": 0, "logprobs": None, "finish_reason": None}) if e.text else None,
+        lambda e: (
+            obj({"text": e.text, "index": 0, "logprobs": None, "finish_reason": None})
+            if e.text
+            else None
+        ),
         done,
         _oai_error_event,
     )
@@ -326,23 +346,37 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 def _message_text(message: Any, index: int) -> tuple[str, str]:
     if not isinstance(message, dict):
-        raise HTTPError(400, f"messages[{index}] must be an object with role and content", "messages")
+        raise HTTPError(
+            400, f"messages[{index}] must be an object with role and content", "messages"
+        )
     role = message.get("role")
     content = message.get("content")
     if role not in ("system", "developer", "user", "assistant", "tool"):
-        raise HTTPError(400, f"messages[{index}].role {role!r} is not system, user, assistant or tool", "messages")
+        raise HTTPError(
+            400,
+            f"messages[{index}].role {role!r} is not system, user, assistant or tool",
+            "messages",
+        )
     if isinstance(content, list):
         # OpenAI content parts: keep the text ones, refuse images and audio rather than drop them silently.
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise HTTPError(400, f"messages[{index}]: only text content parts are supported", "messages")
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise HTTPError(
+                    400, f"messages[{index}]: only text content parts are supported", "messages"
+                )
             texts.append(part["text"])
         content = "".join(texts)
     if content is None and role == "assistant":
         content = ""
     if not isinstance(content, str):
-        raise HTTPError(400, f"messages[{index}].content must be a string or text parts", "messages")
+        raise HTTPError(
+            400, f"messages[{index}].content must be a string or text parts", "messages"
+        )
     return role, content
 
 
@@ -357,7 +391,9 @@ def render_chat(messages: list[tuple[str, str]], tokenizer_config: dict[str, Any
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message: str) -> None:
-            raise HTTPError(400, f"the chat template refused the conversation: {message}", "chat_template")
+            raise HTTPError(
+                400, f"the chat template refused the conversation: {message}", "chat_template"
+            )
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
@@ -376,7 +412,9 @@ def render_chat(messages: list[tuple[str, str]], tokenizer_config: dict[str, Any
                 eos_token=token("eos_token"),
             )
         except TemplateError as err:
-            raise HTTPError(400, f"the base model's chat template failed: {err}", "chat_template") from None
+            raise HTTPError(
+                400, f"the base model's chat template failed: {err}", "chat_template"
+            ) from None
     lines = [f"{role}: {content}" for role, content in messages]
     return PLAIN_CHAT_SEPARATOR.join([*lines, "assistant:"])
 
@@ -401,7 +439,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         text, last, _ = await _collect(admitted, state)
         out = obj(
             "chat.completion",
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": last.finish_reason},
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": last.finish_reason,
+            },
         )
         out["usage"] = _usage(admitted, last)
         return web.json_response(out, headers=_headers(admitted))
@@ -416,11 +459,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             started = True
         if event.text or delta:
             delta["content"] = event.text
-            return obj("chat.completion.chunk", {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None})
+            return obj(
+                "chat.completion.chunk",
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None},
+            )
         return None
 
     def done(text: str, last: TokenEvent) -> list[bytes]:
-        chunks = [_event_bytes(obj("chat.completion.chunk", {"index": 0, "delta": {}, "logprobs": None, "finish_reason": last.finish_reason}))]
+        chunks = [
+            _event_bytes(
+                obj(
+                    "chat.completion.chunk",
+                    {
+                        "index": 0,
+                        "delta": {},
+                        "logprobs": None,
+                        "finish_reason": last.finish_reason,
+                    },
+                )
+            )
+        ]
         if include_usage:
             tail = obj("chat.completion.chunk", {})
             tail["choices"] = []
@@ -438,7 +496,9 @@ async def models(request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", "1000"))
     except ValueError:
-        raise HTTPError(400, f"limit must be an integer, got {request.query.get('limit')!r}", "limit") from None
+        raise HTTPError(
+            400, f"limit must be an integer, got {request.query.get('limit')!r}", "limit"
+        ) from None
     if limit < 1:
         raise HTTPError(400, f"limit must be at least 1, got {limit}", "limit")
     repo = state.repo

@@ -61,7 +61,10 @@ class Counter(_Metric):
     def render(self) -> list[str]:
         with self._lock:
             items = sorted(self.values.items())
-        return [*self.header(), *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items)]
+        return [
+            *self.header(),
+            *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items),
+        ]
 
 
 class Gauge(_Metric):
@@ -70,7 +73,11 @@ class Gauge(_Metric):
     kind = "gauge"
 
     def __init__(
-        self, name: str, help_text: str, read: Callable[[], float] | None = None, labelnames: Labels = ()
+        self,
+        name: str,
+        help_text: str,
+        read: Callable[[], float] | None = None,
+        labelnames: Labels = (),
     ) -> None:
         super().__init__(name, help_text, labelnames)
         self.read = read
@@ -86,7 +93,10 @@ class Gauge(_Metric):
             return [*self.header(), f"{self.name} {_num(self.read())}"]
         with self._lock:
             items = sorted(self.values.items())
-        return [*self.header(), *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items)]
+        return [
+            *self.header(),
+            *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items),
+        ]
 
 
 class CounterFrom(_Metric):

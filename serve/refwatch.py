@@ -39,13 +39,17 @@ class InvalidRefSpec(MintError):
 def check_spec(spec: object) -> str:
     """The spec as a string, or InvalidRefSpec when it is not one the store could ever accept."""
     if not isinstance(spec, str) or not spec:
-        raise InvalidRefSpec(f"ref must be a non-empty string, got {spec!r}; send e.g. \"main\"")
+        raise InvalidRefSpec(f'ref must be a non-empty string, got {spec!r}; send e.g. "main"')
     if len(spec) > _MAX_SPEC:
         raise InvalidRefSpec(f"ref is {len(spec)} characters long; the limit is {_MAX_SPEC}")
     if ".." in spec:
-        raise InvalidRefSpec(f"ref {spec!r} holds '..'; name one branch, tag or commit (ranges are not served)")
+        raise InvalidRefSpec(
+            f"ref {spec!r} holds '..'; name one branch, tag or commit (ranges are not served)"
+        )
     if any(ord(c) < 32 or ord(c) == 127 for c in spec):
-        raise InvalidRefSpec(f"ref {spec!r} holds control characters; send a plain branch, tag or commit id")
+        raise InvalidRefSpec(
+            f"ref {spec!r} holds control characters; send a plain branch, tag or commit id"
+        )
     return spec
 
 
@@ -87,7 +91,9 @@ class _Entry:
 class RefWatcher:
     """Resolve specs through a stat-validated cache; `poll()` finds the specs in use whose commit moved."""
 
-    def __init__(self, repo: Any, *, max_entries: int = 65536, idle_forget_s: float = 600.0) -> None:
+    def __init__(
+        self, repo: Any, *, max_entries: int = 65536, idle_forget_s: float = 600.0
+    ) -> None:
         self.repo = repo
         self.git_dir = os.fspath(repo.git_dir)
         self.max_entries = max_entries
@@ -228,7 +234,9 @@ class RefWatcher:
             except MintError:
                 with self._lock:
                     if self._entries.get(spec) is entry:
-                        del self._entries[spec]  # the ref was deleted: the next request gets the error
+                        del self._entries[
+                            spec
+                        ]  # the ref was deleted: the next request gets the error
                 continue
             fresh.used = entry.used
             with self._lock:
@@ -236,11 +244,19 @@ class RefWatcher:
                     self._entries[spec] = fresh
             if fresh.resolution.commit != entry.resolution.commit:
                 self.moves += 1
-                moves.append(RefMove(spec, fresh.resolution.ref, entry.resolution.commit, fresh.resolution.commit))
+                moves.append(
+                    RefMove(
+                        spec, fresh.resolution.ref, entry.resolution.commit, fresh.resolution.commit
+                    )
+                )
         return moves
 
     async def run(
-        self, on_move: Callable[[RefMove], None], *, interval: float = 0.15, reread_every: float = 1.0
+        self,
+        on_move: Callable[[RefMove], None],
+        *,
+        interval: float = 0.15,
+        reread_every: float = 1.0,
     ) -> None:
         """Poll forever on the running loop (stat calls are microseconds), calling on_move for each move."""
         last_reread = time.monotonic()

@@ -34,7 +34,16 @@ def test_cache_root_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "mintvcs.serve.cli", "demo", "--workdir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")],
+        [
+            sys.executable,
+            "-m",
+            "mintvcs.serve.cli",
+            "demo",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -56,7 +65,10 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
         ("prod", PHRASES["adapter-a"]),
     ]
     revisions = [rev for _, _, rev in served]
-    assert revisions[0] == revisions[2] == revisions[4] != revisions[3] and revisions[1] not in (revisions[0], revisions[3])
+    assert revisions[0] == revisions[2] == revisions[4] != revisions[3] and revisions[1] not in (
+        revisions[0],
+        revisions[3],
+    )
     assert "no restart" in out and "mintvcs log --oneline" in out and "mintvcs diff" in out
     assert revisions[3][:7] in out.split("[6/6]")[1]  # the log shows the new revision
     assert elapsed < 120, f"the demo took {elapsed:.0f} s"

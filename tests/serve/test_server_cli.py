@@ -31,10 +31,25 @@ def _start(args: list[str]) -> subprocess.Popen[str]:
 
 
 @pytest.mark.slow
-def test_serve_process_health_and_sigterm_drain(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> None:
+def test_serve_process_health_and_sigterm_drain(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
     repo = porcelain.init(tmp_path / "repo", str(tiny_base))
-    commit = porcelain.commit(repo, "a", source=peft_adapter, verify=False, show_progress=False).commit
-    proc = _start(["--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0", "--max-model-len", "512"])
+    commit = porcelain.commit(
+        repo, "a", source=peft_adapter, verify=False, show_progress=False
+    ).commit
+    proc = _start(
+        [
+            "--repo",
+            str(tmp_path / "repo"),
+            "--base-model",
+            str(tiny_base),
+            "--port",
+            "0",
+            "--max-model-len",
+            "512",
+        ]
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -47,8 +62,12 @@ def test_serve_process_health_and_sigterm_drain(tmp_path: Path, tiny_base: Path,
             time.sleep(0.05)
 
         # A long streaming request is running when SIGTERM arrives: it must finish, then the process exits 0.
-        body = json.dumps({"prompt": "Hi", "ref": "main", "max_tokens": 400, "stream": True, "ignore_eos": True}).encode()
-        req = urllib.request.Request(url + "/generate", data=body, headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {"prompt": "Hi", "ref": "main", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        ).encode()
+        req = urllib.request.Request(
+            url + "/generate", data=body, headers={"Content-Type": "application/json"}
+        )
         resp = urllib.request.urlopen(req, timeout=60)
         assert resp.headers["X-Mint-Revision"] == commit
         first = resp.readline()
