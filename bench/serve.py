@@ -35,9 +35,8 @@ import torch
 
 from mintvcs import porcelain
 from mintvcs.serve.app import BackgroundServer, ServerConfig
+from mintvcs.serve.model import LORA_MODULES
 from mintvcs.serve.tiny import TinyConfig, build_tiny_model
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
@@ -51,7 +50,7 @@ def make_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
         LoraConfig(
             r=rank,
             lora_alpha=2 * rank,
-            target_modules=list(TARGETS),
+            target_modules=list(LORA_MODULES),
             lora_dropout=0.0,
             task_type="CAUSAL_LM",
         ),

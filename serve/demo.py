@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from mintvcs.errors import MintError
+from mintvcs.serve.model import LORA_MODULES
 
 PROMPTS = (
     "Q: should we ship?\nA:",
@@ -97,15 +98,7 @@ def train_adapter(base: Path, out: Path, phrase: str, steps: int, seed: int = 0)
     config = LoraConfig(
         r=8,
         lora_alpha=16,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=list(LORA_MODULES),
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
