@@ -83,10 +83,6 @@ def progress_bar(total: int, desc: str) -> Iterator[Progress]:
         yield bar.update
 
 
-def _abbrev(oid: str) -> str:
-    return oid[:7]
-
-
 def _write_atomic(
     path: Path, data: bytes | memoryview, executable: bool = False, mtime_ns: int | None = None
 ) -> None:

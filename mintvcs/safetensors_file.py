@@ -6,7 +6,6 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 from mintvcs.errors import MintError
 
@@ -136,19 +135,3 @@ def _entry(name: str, info: object, source: str) -> TensorEntry:
             f"the header gives {offsets[1] - offsets[0]}"
         )
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
-
-
-def read_layout(path: Path) -> tuple[SafetensorsLayout, bytes]:
-    """Read a safetensors file; returns its layout and the whole file's bytes."""
-    data = path.read_bytes()
-    return parse_layout(data, str(path)), data
-
-
-def assemble(header: bytes, tensors: list[tuple[TensorEntry, bytes]]) -> bytes:
-    """Rebuild the exact file from its verbatim header and every tensor's bytes."""
-    data_size = max((entry.end for entry, _ in tensors), default=0)
-    out = bytearray(len(header) + data_size)
-    out[: len(header)] = header
-    for entry, raw in tensors:
-        out[len(header) + entry.start : len(header) + entry.end] = raw
-    return bytes(out)

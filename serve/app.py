@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -648,11 +648,6 @@ def run(config: ServerConfig) -> int:
         print(line, flush=True)
 
     return asyncio.run(serve_until_signalled(config, out=out))
-
-
-def with_port(config: ServerConfig, port: int) -> ServerConfig:
-    """A copy of config on another port (tests use 0)."""
-    return replace(config, port=port)
 
 
 class BackgroundServer:

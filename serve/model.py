@@ -453,16 +453,3 @@ class Model:
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
             out[start : start + length] = op.squeeze(0).transpose(0, 1)
         return out.view(q.shape[0], -1)
-
-
-def describe(model: Model) -> dict[str, Any]:
-    """A small summary for logs and /metrics."""
-    c = model.config
-    return {
-        "arch": c.arch,
-        "layers": c.num_hidden_layers,
-        "hidden": c.hidden_size,
-        "parameters": model.num_parameters,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "device": str(model.device),
-    }

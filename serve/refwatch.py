@@ -172,12 +172,6 @@ class RefWatcher:
                 self.moves += 1
             return entry.resolution
 
-    def peek(self, spec: str) -> Resolution | None:
-        """The cached resolution of `spec`, without touching the disk."""
-        with self._lock:
-            entry = self._entries.get(spec)
-            return entry.resolution if entry is not None else None
-
     def invalidate(self, ref: str | None = None) -> list[str]:
         """Forget cached specs that went through `ref` (a full or short name), or all of them; return the specs."""
         with self._lock:
