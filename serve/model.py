@@ -204,6 +204,35 @@ def _apply_lora(
         col += width
 
 
+# oneDNN's blocked weight layout for small-batch GEMMs; F.linear re-packs the weight on every call,
+# which is about half of a 32-token decode step on a CPU (docs/engine.md). The hint is the batch
+# size the layout is tuned for: decode batches are tens of tokens.
+_PACK_BATCH_HINT = 32
+
+
+def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in oneDNN's packed layout where oneDNN runs it (CPU, fp32), else the weight itself."""
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or not torch.backends.mkldnn.is_available()
+    ):
+        return weight
+    try:
+        packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_BATCH_HINT)
+    except (AttributeError, RuntimeError):  # a torch build without the op: plain F.linear
+        return weight
+    return packed
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias, for a plain weight or one from prepack_weight."""
+    if weight.is_mkldnn:
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return out
+    return F.linear(x, weight, bias)
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Variance in fp32, as transformers does, so bf16 runs round the same way.
     dtype = x.dtype
@@ -230,9 +259,16 @@ class Model:
         lm_head: torch.Tensor,
         *,
         max_len: int | None = None,
+        prepack: bool = True,
     ) -> None:
         self.config = config
         self.embed = embed
+        self.tied_embeddings = lm_head is embed
+        if prepack:
+            for layer in layers:
+                for name in ("qkv", "o", "gate_up", "down"):
+                    setattr(layer, name, prepack_weight(getattr(layer, name)))
+            lm_head = prepack_weight(lm_head)  # a tied head becomes its own packed copy
         self.layers = layers
         self.norm = norm
         self.lm_head = lm_head
@@ -266,6 +302,7 @@ class Model:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         max_len: int | None = None,
+        prepack: bool = True,
     ) -> Model:
         """Load a HF checkpoint directory (config.json + safetensors, sharded or not)."""
         directory = Path(directory)
@@ -276,11 +313,16 @@ class Model:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             raw[name] = tensor.to(device=device, dtype=dtype)
-        return cls.from_state_dict(config, raw, max_len=max_len)
+        return cls.from_state_dict(config, raw, max_len=max_len, prepack=prepack)
 
     @classmethod
     def from_state_dict(
-        cls, config: ModelConfig, raw: dict[str, torch.Tensor], *, max_len: int | None = None
+        cls,
+        config: ModelConfig,
+        raw: dict[str, torch.Tensor],
+        *,
+        max_len: int | None = None,
+        prepack: bool = True,
     ) -> Model:
         """Build from HF-named tensors already in the target dtype and device; consumes `raw`."""
 
@@ -336,13 +378,14 @@ class Model:
             lm_head = embed
         elif config.tie_word_embeddings:
             lm_head = embed
-        return cls(config, embed, layers, take("model.norm.weight"), lm_head, max_len=max_len)
+        norm = take("model.norm.weight")
+        return cls(config, embed, layers, norm, lm_head, max_len=max_len, prepack=prepack)
 
     @property
     def num_parameters(self) -> int:
         """Parameter count, counting tied embeddings once."""
         tensors: list[torch.Tensor] = [self.embed, self.norm]
-        if self.lm_head is not self.embed:
+        if not self.tied_embeddings:
             tensors.append(self.lm_head)
         for layer in self.layers:
             tensors.extend(t for t in vars(layer).values() if isinstance(t, torch.Tensor))
@@ -387,7 +430,7 @@ class Model:
         h = self.embed[batch.input_ids]  # [T, hidden]
         for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.input_norm, c.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
+            qkv = linear(x, layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
             if lora is not None:
                 _apply_lora(qkv, x, lora, i, qkv_group, "qkv")
             # RoPE on q and k heads together: one set of elementwise ops instead of two.
@@ -397,23 +440,23 @@ class Model:
             v = qkv[:, qs + kvs :].view(n_tokens, nkv, hd)
             kv.write(i, batch.token_kv_slots, batch.positions, k, v)
             attn = self._attention(i, q, k, v, batch, kv)  # [T, q]
-            o = F.linear(attn, layer.o, layer.o_bias)
+            o = linear(attn, layer.o, layer.o_bias)
             if lora is not None:
                 _apply_lora(o, attn, lora, i, o_group, "o")
             h = h + o
             x = _rms_norm(h, layer.post_norm, c.rms_norm_eps)
-            gate_up = F.linear(x, layer.gate_up, layer.gate_up_bias)  # [T, 2*inter]
+            gate_up = linear(x, layer.gate_up, layer.gate_up_bias)  # [T, 2*inter]
             if lora is not None:
                 _apply_lora(gate_up, x, lora, i, gate_up_group, "gate_up")
             act = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
-            down = F.linear(act, layer.down, layer.down_bias)
+            down = linear(act, layer.down, layer.down_bias)
             if lora is not None:
                 _apply_lora(down, act, lora, i, down_group, "down")
             h = h + down
         if not all_logits:
             h = h[batch.logits_index]
         h = _rms_norm(h, self.norm, c.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return linear(h, self.lm_head).float()
 
     def _attention(
         self,

@@ -131,5 +131,10 @@ def test_refuses_unsupported_rope_type(tmp_path: Path) -> None:
 
 
 def test_tied_embeddings_share_the_matrix(tmp_path: Path) -> None:
-    model = Model.from_dir(build_base(tmp_path / "tied", tie_word_embeddings=True))
-    assert model.lm_head is model.embed
+    directory = build_base(tmp_path / "tied", tie_word_embeddings=True)
+    plain = Model.from_dir(directory, prepack=False)
+    assert plain.lm_head is plain.embed
+    packed = Model.from_dir(directory)
+    head = packed.lm_head.to_dense() if packed.lm_head.is_mkldnn else packed.lm_head
+    assert torch.equal(head, packed.embed)
+    assert packed.num_parameters == plain.num_parameters
