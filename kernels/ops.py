@@ -9,7 +9,14 @@ import torch
 
 from .checks import LoraShapeError, check_call, check_slots, interpreting
 from .groups import SlotGroups, group_tokens
-from .torch_ops import PackedLora, add_lora_packed_torch, add_lora_torch, new_packed, pack_slot
+from .torch_ops import (
+    PackedLora,
+    PackedStep,
+    add_lora_torch,
+    new_packed,
+    pack_slot,
+    packed_step,
+)
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
@@ -142,7 +149,7 @@ def add_lora_packed(
                 f"x has {x.shape[0]} tokens but token_slots has {token_slots.shape[0]}; pass one per row"
             )
         groups = group_tokens(token_slots, num_slots)
-    return add_lora_packed_torch(y, x, packed, groups, scales, slot_ranks)
+    return packed_step(groups, scales, slot_ranks).apply(y, x, packed)
 
 
 __all__ = [
@@ -150,10 +157,12 @@ __all__ = [
     "Backend",
     "LoraBackendError",
     "PackedLora",
+    "PackedStep",
     "add_lora",
     "add_lora_packed",
     "add_lora_slices",
     "new_packed",
     "pack_slot",
+    "packed_step",
     "resolve_backend",
 ]

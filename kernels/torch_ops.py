@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from .checks import LoraShapeError
 from .groups import SlotGroups
 
 
@@ -199,6 +201,14 @@ class PackedLora:
     columns: tuple[tuple[int, int], ...]  # (first output column, width) of each slice
     out_features: int  # the full width of the fused layer's output
 
+    @cached_property
+    def slices(self) -> tuple[tuple[int, torch.Tensor, int, int], ...]:
+        """(first rank column in a, B_i^T, first output column, width) of each slice."""
+        return tuple(
+            (i * self.rank, b, col, width)
+            for i, (b, (col, width)) in enumerate(zip(self.b, self.columns, strict=True))
+        )
+
     @property
     def nbytes(self) -> int:
         """Bytes held by a and b."""
@@ -352,79 +362,115 @@ def _accumulate(dst: torch.Tensor, delta: torch.Tensor) -> None:
         dst.copy_(dst.to(delta.dtype) + delta)
 
 
-def add_lora_packed_torch(
-    y: torch.Tensor,  # [tokens, out]
-    x: torch.Tensor,  # [tokens, in]
-    packed: PackedLora,
-    groups: SlotGroups,
-    scales: torch.Tensor,  # [slots]
-    slot_ranks: torch.Tensor | None,  # [slots]; rank-0 slots are skipped
-) -> torch.Tensor:
-    """Apply a packed fused layer's LoRA update to y in place; idle tokens' rows are never written."""
-    num_slots, rank = packed.a.shape[0], packed.rank
-    ranks = [rank] * num_slots if slot_ranks is None else slot_ranks.tolist()
-    plan = _packed_plan(groups, tuple(r > 0 for r in ranks))
-    if plan is None:
-        return y
-    a, work = packed.a, packed.a.dtype
-    slices = [
-        (i * rank, b, col, width)
-        for i, (b, (col, width)) in enumerate(zip(packed.b, packed.columns, strict=True))
-    ]
-    if plan.batched:
-        lo, span, length = plan.lo, plan.span, plan.length
-        rows = span * length
-        if plan.direct:
-            xp = x[:rows]
-        else:
-            assert plan.gather is not None
-            xp = x.index_select(0, plan.gather)
-        xp = xp.to(work).view(span, length, -1)  # [span, L, in]
-        h = torch.bmm(xp, a[lo : lo + span])  # [span, L, P*R]
-        h.mul_(scales[lo : lo + span].to(work).view(span, 1, 1))
-        if plan.direct and len(slices) == 1 and y.dtype == work and y.is_contiguous():
-            # One slice covering all of y: accumulate inside the matmul.
-            y[:rows].view(span, length, -1).baddbmm_(h, slices[0][1][lo : lo + span])
+class PackedStep:
+    """One step's packed-LoRA plan (token layout, live slots, scales), shared by every fused layer.
+
+    Built once per step, so that a layer's call is the matmuls and little else: in a 32-token
+    decode step the per-call bookkeeping used to cost as much as the matmuls' own launch.
+    """
+
+    def __init__(
+        self, groups: SlotGroups, scales: torch.Tensor, slot_ranks: torch.Tensor | None
+    ) -> None:
+        live = (
+            (True,) * scales.shape[0]
+            if slot_ranks is None
+            else tuple(r > 0 for r in slot_ranks.tolist())
+        )
+        self.plan = _packed_plan(groups, live)
+        self.scales = scales
+        self.slot_ranks = slot_ranks
+        self._scale_view: torch.Tensor | None = None  # [span, 1, 1] in the work dtype
+        self._scale_of: list[float] | None = None
+
+    def _batched_scales(self, work: torch.dtype) -> torch.Tensor:
+        view = self._scale_view
+        if view is None or view.dtype != work:
+            plan = self.plan
+            assert plan is not None
+            view = self.scales[plan.lo : plan.lo + plan.span].to(work).view(plan.span, 1, 1)
+            self._scale_view = view
+        return view
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, packed: PackedLora) -> torch.Tensor:
+        """Add the packed fused layer's update to y [tokens, out] in place; idle tokens' rows stay untouched."""
+        plan = self.plan
+        if plan is None:
             return y
-        for r0, b, col, width in slices:
-            # bmm then add_: measured faster on CPU than baddbmm_ into strided column views of y.
-            o = torch.bmm(h[:, :, r0 : r0 + rank], b[lo : lo + span])  # [span, L, width]
-            if plan.direct:
-                _accumulate(y[:rows, col : col + width].view(span, length, width), o)
-                continue
-            assert plan.keep is not None
-            o = o.view(rows, width).index_select(0, plan.keep)  # [active, width]
-            yv = y[:, col : col + width]
-            if plan.dest is None:
-                _accumulate(yv[: o.shape[0]], o)
-            elif o.dtype == y.dtype:
-                yv.index_add_(0, plan.dest, o)
-            else:
-                cur = yv.index_select(0, plan.dest).to(o.dtype)
-                cur.add_(o)
-                yv.index_copy_(0, plan.dest, cur.to(y.dtype))
-        return y
-    scale_of = scales.tolist()
-    if plan.order is not None:
-        xs = x.index_select(0, plan.order).to(work)  # [active, in]
-        o = torch.empty(xs.shape[0], packed.out_features, dtype=work, device=x.device)
-        for slot, start, end in plan.runs:
-            h = torch.mm(xs[start:end], a[slot])  # [n, P*R]
-            h.mul_(scale_of[slot])
+        a, rank, work = packed.a, packed.rank, packed.a.dtype
+        if x.shape[1] != a.shape[1] or y.shape[1] != packed.out_features:
+            raise LoraShapeError(
+                f"x {list(x.shape)} and y {list(y.shape)} do not fit packed factors of "
+                f"[{a.shape[1]} -> {packed.out_features}]"
+            )
+        if plan.batched:
+            lo, span, length = plan.lo, plan.span, plan.length
+            hi, rows = lo + span, span * length
+            xp = x[:rows] if plan.direct else x.index_select(0, plan.gather)  # type: ignore[arg-type]
+            if xp.dtype != work:
+                xp = xp.to(work)
+            h = torch.bmm(xp.view(span, length, -1), a[lo:hi])  # [span, L, P*R]
+            h.mul_(self._batched_scales(work))
+            slices = packed.slices
+            if plan.direct and len(slices) == 1 and y.dtype == work and y.is_contiguous():
+                # One slice covering all of y: accumulate inside the matmul.
+                y[:rows].view(span, length, -1).baddbmm_(h, slices[0][1][lo:hi])
+                return y
             for r0, b, col, width in slices:
-                torch.mm(h[:, r0 : r0 + rank], b[slot], out=o[start:end, col : col + width])
-        for _, _, col, width in slices:
-            yv, ov = y[:, col : col + width], o[:, col : col + width]
-            if ov.dtype == y.dtype:
-                yv.index_add_(0, plan.order, ov)
-            else:
-                cur = yv.index_select(0, plan.order).to(ov.dtype)
-                cur.add_(ov)
-                yv.index_copy_(0, plan.order, cur.to(y.dtype))
+                # bmm then add_: measured faster on CPU than baddbmm_ into strided column views of y.
+                o = torch.bmm(h[:, :, r0 : r0 + rank], b[lo:hi])  # [span, L, width]
+                if plan.direct:
+                    _accumulate(y[:rows, col : col + width].view(span, length, width), o)
+                    continue
+                assert plan.keep is not None
+                o = o.view(rows, width).index_select(0, plan.keep)  # [active, width]
+                yv = y[:, col : col + width]
+                if plan.dest is None:
+                    _accumulate(yv[: o.shape[0]], o)
+                elif o.dtype == y.dtype:
+                    yv.index_add_(0, plan.dest, o)
+                else:
+                    cur = yv.index_select(0, plan.dest).to(o.dtype)
+                    cur.add_(o)
+                    yv.index_copy_(0, plan.dest, cur.to(y.dtype))
+            return y
+        if self._scale_of is None:
+            self._scale_of = self.scales.tolist()
+        scale_of = self._scale_of
+        if plan.order is not None:
+            xs = x.index_select(0, plan.order).to(work)  # [active, in]
+            o = torch.empty(xs.shape[0], packed.out_features, dtype=work, device=x.device)
+            for slot, start, end in plan.runs:
+                h = torch.mm(xs[start:end], a[slot])  # [n, P*R]
+                h.mul_(scale_of[slot])
+                for r0, b, col, width in packed.slices:
+                    torch.mm(h[:, r0 : r0 + rank], b[slot], out=o[start:end, col : col + width])
+            for _, _, col, width in packed.slices:
+                yv, ov = y[:, col : col + width], o[:, col : col + width]
+                if ov.dtype == y.dtype:
+                    yv.index_add_(0, plan.order, ov)
+                else:
+                    cur = yv.index_select(0, plan.order).to(ov.dtype)
+                    cur.add_(ov)
+                    yv.index_copy_(0, plan.order, cur.to(y.dtype))
+            return y
+        for slot, start, end in plan.runs:
+            h = torch.mm(x[start:end].to(work), a[slot])  # [n, P*R]
+            h.mul_(scale_of[slot])
+            for r0, b, col, width in packed.slices:
+                _accumulate(
+                    y[start:end, col : col + width], torch.mm(h[:, r0 : r0 + rank], b[slot])
+                )
         return y
-    for slot, start, end in plan.runs:
-        h = torch.mm(x[start:end].to(work), a[slot])  # [n, P*R]
-        h.mul_(scale_of[slot])
-        for r0, b, col, width in slices:
-            _accumulate(y[start:end, col : col + width], torch.mm(h[:, r0 : r0 + rank], b[slot]))
-    return y
+
+
+def packed_step(
+    groups: SlotGroups, scales: torch.Tensor, slot_ranks: torch.Tensor | None
+) -> PackedStep:
+    """The step's PackedStep, built on first use and cached on the SlotGroups for these tensors."""
+    hit = groups.memo.get("packed-step")
+    if isinstance(hit, PackedStep) and hit.scales is scales and hit.slot_ranks is slot_ranks:
+        return hit
+    step = PackedStep(groups, scales, slot_ranks)
+    groups.memo["packed-step"] = step
+    return step

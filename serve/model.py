@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mintvcs.kernels.torch_ops import PackedStep, packed_step
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.loader import (
     CheckpointError,
@@ -151,6 +152,7 @@ class LoraBatch:
     backend: str = "auto"
     # per layer, group name (LORA_GROUPS) -> kernels PackedLora; used instead of a/b when present
     packed: list[dict[str, Any]] | None = None
+    step: PackedStep | None = None  # the packed plan of this step, built by the first layer
 
 
 def _apply_lora(
@@ -164,15 +166,15 @@ def _apply_lora(
     """Add the multi-LoRA update of a fused group of linears (name, width) to y's column blocks."""
     if not any(module in lora.modules for module, _ in group):
         return
-    from mintvcs import kernels
-    from mintvcs.kernels.ops import add_lora_packed
-
     if lora.packed is not None:
         packed = lora.packed[layer].get(name)
         if packed is not None:
             # The same sum as below with the slices' factors side by side: 2 matmuls per call.
-            add_lora_packed(y, x, packed, lora.token_slots, lora.scales, slot_ranks=lora.ranks)
+            if lora.step is None:
+                lora.step = packed_step(lora.token_slots, lora.scales, lora.ranks)
+            lora.step.apply(y, x, packed)
             return
+    from mintvcs import kernels
 
     pools_a, pools_b = lora.a[layer], lora.b[layer]
     if all(module in pools_a for module, _ in group):
@@ -245,6 +247,21 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     # x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x2, x1): the sign lives in
     # sin_signed (its first half negated), which rounds identically since negation is exact.
     return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
+
+
+def _decode_attention_cpu(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """One query per sequence: q [D, heads, hd] over keys/values [D, kv_heads, L, hd] -> [D, heads, hd]."""
+    # Two batched matmuls with each KV head's query group stacked as rows: on CPU this beats
+    # SDPA's flash kernel, which tiles for long queries, by about a third at decode shapes.
+    d, heads, hd = q.shape
+    kv_heads = keys.shape[1]
+    qg = (q * hd**-0.5).view(d, kv_heads, heads // kv_heads, hd)
+    scores = torch.matmul(qg, keys.transpose(-1, -2))  # [D, kv_heads, group, L]
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values).view(d, heads, hd)
 
 
 class Model:
@@ -485,9 +502,12 @@ class Model:
             rows = batch.decode_rows
             if rows is not None:  # place each decode's query at its KV slot's row of the span
                 qd = q.new_zeros(keys.shape[0], q.shape[1], q.shape[2]).index_copy_(0, rows, qd)
-            od = F.scaled_dot_product_attention(
-                qd.unsqueeze(2), keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa
-            ).squeeze(2)
+            if q.device.type == "cpu" and q.dtype == torch.float32:
+                od = _decode_attention_cpu(qd, keys, values, batch.decode_mask)
+            else:
+                od = F.scaled_dot_product_attention(
+                    qd.unsqueeze(2), keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa
+                ).squeeze(2)
             out[:nd] = od if rows is None else od.index_select(0, rows)
         for start, length, _slot in batch.prefills:
             qp = q[start : start + length].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
