@@ -18,11 +18,11 @@ import json
 import re
 import struct
 import threading
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mintvcs.checksums import crc32
 from mintvcs.errors import MintError
 
 if TYPE_CHECKING:
@@ -199,28 +199,38 @@ def _expected_nbytes(dtype: str, shape: tuple[int, ...]) -> int | None:
     return size
 
 
-def _split(arr: npt.NDArray[np.uint8], group: int, rotate: int) -> npt.NDArray[np.uint8]:
+def _split(
+    arr: npt.NDArray[np.uint8], group: int, rotate: int, reuse: bool = False
+) -> npt.NDArray[np.uint8]:
     """Rotate each `group`-byte element left by `rotate` bits and split it into byte planes.
 
     Returns a (group, n) array; row k holds byte k of every rotated element. Rotation and
     the split only move bits, so XOR commutes with them: planes of a XOR b equal planes of
-    a XOR planes of b. Decoding an XOR chain relies on that.
+    a XOR planes of b. Decoding an XOR chain relies on that. With `reuse`, the grid is this
+    thread's "grid" scratch buffer (valid until the thread's next reuse).
     """
     import numpy as np
 
     if group == 1:
         return arr.reshape(1, -1)
     count = arr.size // group
-    grid = np.empty((group, count), dtype=np.uint8)
+    if reuse:
+        grid = _scratch("grid", arr.size)[: arr.size].reshape(group, count)
+    else:
+        grid = np.empty((group, count), dtype=np.uint8)
     if group == 2:
         x = arr.view("<u2")
-        # Byte 1 of the rotated element is bits 15-R .. 8-R of x; byte 0 wraps the top R bits
-        # around. Shifting into a u8 output truncates, which is the & 0xFF we want.
+        # Byte 1 of the rotated element is bits 15-R .. 8-R of x, byte 0 the low bits of
+        # x << R with the top R bits of x wrapped around. Shifting into a u8 output
+        # truncates, which is the & 0xFF we want; no u16 temporaries (fresh memory is
+        # slow to fault in, and the split runs once per tensor).
         np.right_shift(x, 8 - rotate, out=grid[1], casting="unsafe")
-        low = np.left_shift(x, rotate) if rotate else x
+        np.left_shift(x, rotate, out=grid[0], casting="unsafe")
         if rotate:
-            low |= x >> (16 - rotate)
-        np.copyto(grid[0], low, casting="unsafe")
+            wrap = np.right_shift(
+                x, 16 - rotate, out=_scratch("tmp", count)[:count], casting="unsafe"
+            )
+            np.bitwise_or(grid[0], wrap, out=grid[0])
         return grid
     x = arr.view(_UINT[group])
     rotated = (x << rotate) | (x >> (8 * group - rotate)) if rotate else x
@@ -228,6 +238,30 @@ def _split(arr: npt.NDArray[np.uint8], group: int, rotate: int) -> npt.NDArray[n
     for k in range(group):
         grid[k] = columns[:, k]
     return grid
+
+
+# Per-thread buffers of at most this size are kept for reuse; larger ones are allocated
+# each time (a long-lived thread should not pin a huge tensor's worth of memory).
+_SCRATCH_MAX = 64 << 20
+
+
+def _scratch(slot: str, nbytes: int) -> npt.NDArray[np.uint8]:
+    """A uint8 buffer of at least `nbytes`, reused by this thread for `slot`.
+
+    Reused because fresh anonymous memory is slow to fault in (each tensor's planes and
+    temporaries used to cost new pages). Contents are undefined.
+    """
+    import numpy as np
+
+    if nbytes > _SCRATCH_MAX:
+        return np.empty(nbytes, dtype=np.uint8)
+    buffers: dict[str, npt.NDArray[np.uint8]] | None = getattr(_local, "scratch", None)
+    if buffers is None:
+        buffers = _local.scratch = {}
+    buffer = buffers.get(slot)
+    if buffer is None or buffer.size < nbytes:
+        buffer = buffers[slot] = np.empty(nbytes, dtype=np.uint8)
+    return buffer
 
 
 def _merge(
@@ -283,19 +317,27 @@ def _segments_of(
     return out
 
 
-def _estimate(grid: npt.NDArray[np.uint8], level: int | None) -> tuple[int, list[bool]]:
-    """Estimated stored size of `grid` from a sample of each plane, and which planes pay zstd."""
+def _estimate(
+    grid: npt.NDArray[np.uint8], level: int | None, skip_top: bool = False
+) -> tuple[int, list[bool]]:
+    """Estimated stored size of `grid` from a sample of each plane, and which planes pay zstd.
+
+    With `skip_top`, the last plane is not sampled: it is reported as paying, and its size
+    is not counted (the caller only wants to know which planes to compress).
+    """
     if level is None and grid.shape[0] == 1:
         level = 3
     n = grid.shape[1]
     start = (n - _SAMPLE_BYTES) // 2
     total, pays = 0, []
-    for plane in grid:
+    for plane in grid[:-1] if skip_top else grid:
         size = len(_compressor(level, 0).compress(plane[start : start + _SAMPLE_BYTES]))
         # Half the margin of the full-plane rule, so sampling noise doesn't skip a plane
         # that the full-size rule would keep compressed.
         pays.append(size + _SAMPLE_BYTES // (2 * _PAYS_DIVISOR) < _SAMPLE_BYTES)
         total += (size if pays[-1] else _SAMPLE_BYTES) * n // _SAMPLE_BYTES
+    if skip_top:
+        pays.append(True)
     return total, pays
 
 
@@ -360,8 +402,10 @@ def _nonfinite(grid: npt.NDArray[np.uint8], dtype: str, data: memoryview) -> int
     import numpy as np
 
     if dtype in ("BF16", "F32"):
-        # Rotated by one bit, the top byte is exactly the 8-bit exponent.
-        return int(np.count_nonzero(grid[-1] == 0xFF))
+        # Rotated by one bit, the top byte is exactly the 8-bit exponent. Its max (a SIMD
+        # pass, no temporary) rules out NaN/Inf in the usual case before any counting.
+        top = grid[-1]
+        return int(np.count_nonzero(top == 0xFF)) if top.size and top.max() == 0xFF else 0
     if dtype == "F16":
         # Unrotated: the top byte is sign, 5 exponent bits, 2 mantissa bits.
         return int(np.count_nonzero((grid[1] & 0x7C) == 0x7C))
@@ -400,11 +444,14 @@ def encode_parts(
     base_depth: int = 0,
     level: int | None = None,
     sha256: str | None = None,
+    reuse: bool = False,
 ) -> Encoded:
     """Like encode(), returning the blob in pieces with the tensor's planes and NaN/Inf count.
 
     `base` is the same tensor in the parent revision, as raw bytes or as Planes (then
-    `base_id` and `base_depth` default to the Planes' own).
+    `base_id` and `base_depth` default to the Planes' own). With `reuse`, the planes are
+    built in buffers this thread reuses: the result (its parts and planes) is valid only
+    until the same thread's next encode_parts(reuse=True).
     """
     import numpy as np
 
@@ -431,7 +478,7 @@ def encode_parts(
     group = _group_for(dtype)
     rotate = _ROTATE.get(dtype, 0)
     sha = sha256 if sha256 is not None else hashlib.sha256(view).hexdigest()
-    grid = _split(arr, group, rotate)
+    grid = _split(arr, group, rotate, reuse)
     encoding = "planes" if group > 1 else "raw"
     base_ref: str | None = None
     depth = 0
@@ -453,10 +500,17 @@ def encode_parts(
         )
 
     if base_grid is None:
-        pays = _estimate(grid, level)[1] if grid.shape[1] >= _SAMPLED_PLANE_BYTES else None
+        # The top plane of a float holds the exponents (or sign and exponent), which pay in
+        # practice: it is compressed without a sample (the full-size rule still decides).
+        pays = (
+            _estimate(grid, level, skip_top=grid.shape[0] > 1)[1]
+            if grid.shape[1] >= _SAMPLED_PLANE_BYTES
+            else None
+        )
         segments = _segments_of(grid, level, pays)
     else:
-        xored = np.bitwise_xor(grid, base_grid)
+        xor_out = _scratch("xor", grid.size)[: grid.size].reshape(grid.shape) if reuse else None
+        xored = np.bitwise_xor(grid, base_grid, out=xor_out)
         if grid.shape[1] >= _SAMPLED_PLANE_BYTES:
             # Large tensor: decide between XOR and self-contained from samples of both, and
             # compress only the winner (compressing both doubled the commit's zstd time).
@@ -476,7 +530,7 @@ def encode_parts(
             encoding, base_ref, depth = "xor", base_id, base_depth + 1
 
     seg_meta = tuple(
-        (codec_name, len(memoryview(s).cast("B")), zlib.crc32(s)) for codec_name, s in segments
+        (codec_name, len(memoryview(s).cast("B")), crc32(s)) for codec_name, s in segments
     )
     header_json = {
         "base": base_ref,
@@ -494,7 +548,7 @@ def encode_parts(
     }
     head = json.dumps(header_json, sort_keys=True, separators=(",", ":")).encode("ascii")
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head
-    crc = _CRC.pack(zlib.crc32(prefix))
+    crc = _CRC.pack(crc32(prefix))
     header = BlobHeader(
         dtype=dtype, shape=shape, encoding=encoding, base=base_ref, depth=depth, sha256=sha,
         nbytes=nbytes, group=group, rotate=rotate, segments=seg_meta,
@@ -528,7 +582,7 @@ def read_header(blob: bytes | memoryview, *, name: str = "<tensor>") -> BlobHead
     if view.nbytes < end + _CRC.size:
         raise CorruptBlobError(name, "truncated inside the header")
     (crc,) = _CRC.unpack_from(view, end)
-    if zlib.crc32(view[:end]) != crc:
+    if crc32(view[:end]) != crc:
         raise CorruptBlobError(name, "header CRC32 mismatch")
     try:
         raw = json.loads(bytes(view[_PREFIX.size : end]).decode("ascii"))
@@ -629,11 +683,11 @@ def _plane_arrays(
         seg = view[offset : offset + size]
         offset += size
         if codec_name == "none":
-            if check_raw and zlib.crc32(seg) != crc:
+            if check_raw and crc32(seg) != crc:
                 raise CorruptBlobError(name, f"plane {index}: CRC32 mismatch")
             planes.append(np.frombuffer(seg, dtype=np.uint8))
             continue
-        if zlib.crc32(seg) != crc:
+        if crc32(seg) != crc:
             raise CorruptBlobError(name, f"plane {index}: CRC32 mismatch")
         # Check the frame's declared size first so a flipped size field
         # can't make zstd allocate gigabytes.
