@@ -37,6 +37,7 @@ from mintvcs.serve import (
 )
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES, Model
+from mintvcs.serve.threads import one_intraop_thread
 from mintvcs.serve.tiny import TinyConfig, build_tiny_model
 
 
@@ -115,11 +116,14 @@ def bench_throughput(root: Path, quick: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     n_requests, n_adapters, new_tokens = (16, 8, 16) if quick else (32, 8, 64)
-    base = build_tiny_model(root / "base-30m", THROUGHPUT_MODEL, seed=0)
-    adapters = {
-        f"a{i}": write_peft_adapter(root / f"a{i}", THROUGHPUT_MODEL, r=16, seed=100 + i)
-        for i in range(n_adapters)
-    }
+    # As in a server process, only the engine's step thread computes with a thread team while
+    # the engine runs (mintvcs.serve.threads); PEFT gets the full team afterwards.
+    with one_intraop_thread():
+        base = build_tiny_model(root / "base-30m", THROUGHPUT_MODEL, seed=0)
+        adapters = {
+            f"a{i}": write_peft_adapter(root / f"a{i}", THROUGHPUT_MODEL, r=16, seed=100 + i)
+            for i in range(n_adapters)
+        }
     names = [f"a{i % n_adapters}" for i in range(n_requests)]
     gen = torch.Generator().manual_seed(0)
     prompts = [
@@ -243,12 +247,15 @@ def bench_hotswap(root: Path, quick: bool) -> None:
     )
     t0 = time.perf_counter()
     base = build_tiny_model(root / "base-0.4b", config, seed=0)
+    # One revision to warm up on, then 8 cold loads: the machine is noisy, the median needs them.
+    n_cold = 8
     revisions = {
-        f"r{i}": write_peft_adapter(root / f"r{i}", config, r=16, seed=200 + i) for i in range(5)
+        f"r{i}": write_peft_adapter(root / f"r{i}", config, r=16, seed=200 + i)
+        for i in range(n_cold + 1)
     }
     merged = _merge_into(base, revisions["r0"], root / "merged")
     print(
-        f"# built base, 5 revisions and a merged checkpoint in {time.perf_counter() - t0:.1f}s",
+        f"# built base, {n_cold + 1} revisions and a merged checkpoint in {time.perf_counter() - t0:.1f}s",
         flush=True,
     )
 
@@ -266,15 +273,14 @@ def bench_hotswap(root: Path, quick: bool) -> None:
     with Engine(base, engine_config, source=StoreSource(repo)) as engine:
         params = engine.model.num_parameters
         adapter_mb = sum(p.stat().st_size for p in revisions["r0"].glob("*.safetensors")) / 1e6
-        engine.prefetch(
-            commits["r4"]
-        ).result()  # the first load pays one-off costs (threads, allocator)
+        # The first load pays one-off costs (threads, allocator).
+        engine.prefetch(commits[f"r{n_cold}"]).result()
         # Cold: not in the host cache; decoded from the store (the OS page cache may hold its files).
 
         def swap(name: str) -> float:
             return _time(lambda: engine.prefetch(commits[name]).result())
 
-        cold = [swap(n) for n in ("r0", "r1", "r2", "r3")]
+        cold = [swap(f"r{i}") for i in range(n_cold)]
         # Warm: with two slots, each of r0..r3 was evicted since its last use but stays in the host cache.
         warm = [swap(n) for _ in range(3) for n in ("r0", "r1", "r2", "r3")]
         stats = engine.stats()
@@ -282,7 +288,8 @@ def bench_hotswap(root: Path, quick: bool) -> None:
     cold_s, warm_s = statistics.median(cold), statistics.median(warm)
     print(
         f"# base {params / 1e9:.2f}B parameters fp32, revision {adapter_mb:.1f} MB on disk, "
-        f"cold loads {[round(c * 1e3, 1) for c in cold]} ms, host hits {stats['host_hits']}",
+        f"cold loads {[round(c * 1e3, 1) for c in cold]} ms (range {min(cold) * 1e3:.0f}-"
+        f"{max(cold) * 1e3:.0f}), host hits {stats['host_hits']}",
         flush=True,
     )
     report(

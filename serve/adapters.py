@@ -1,8 +1,9 @@
 """Adapter revisions on their way in: where they come from (a source), and their decoded host form.
 
 The byte path: store (or a PEFT directory) -> `AdapterSource.load` -> `prepare_adapter` (validate,
-refuse what we do not serve, convert to the engine dtype) -> `HostAdapter` in the host cache ->
-`slots.AdapterPools.write` into a device slot.
+refuse what we do not serve, convert to the engine dtype) -> `slots.AdapterPools.stage` (one host
+buffer in the slots' memory order; `HostAdapter.check_finite` runs over it) -> `HostAdapter` in
+the host cache -> `slots.AdapterPools.write` into a device slot.
 """
 
 from __future__ import annotations
@@ -123,20 +124,30 @@ class StoreSource:
         """Decode the commit's tensors from the store into torch tensors."""
         rev = self.repo.read_revision(revision)
         tensors: dict[str, torch.Tensor] = {}
-        for name, (dtype, shape, raw) in rev.tensors().items():
-            torch_dtype = _SAFETENSORS_DTYPES.get(dtype)
+        for record in rev.manifest.tensors:
+            torch_dtype = _SAFETENSORS_DTYPES.get(record.dtype)
             if torch_dtype is None:
                 raise AdapterRefused(
-                    revision, "dtype", f"tensor {name} has dtype {dtype}; use F32, F16 or BF16"
+                    rev.commit,
+                    "dtype",
+                    f"tensor {record.name} has dtype {record.dtype}; use F32, F16 or BF16",
                 )
-            # bytearray: frombuffer needs a writable buffer to avoid a warning; one copy either way.
-            flat = (
-                torch.frombuffer(bytearray(raw), dtype=torch_dtype)
-                if raw
-                else torch.empty(0, dtype=torch_dtype)
-            )
-            tensors[name] = flat.reshape(shape)
+            # Each tensor is decoded straight into its own torch storage: no bytes objects and no
+            # whole-revision buffer in between. Per-tensor blocks (64-180 kB for r=16) come back
+            # from the allocator's free lists on the next load, where a fresh 33 MB buffer would
+            # be page-faulted in every time (the dominant cost of a cold load on a VM).
+            tensor = torch.empty(record.shape, dtype=torch_dtype)
+            if tensor.numel():
+                self.repo.tensor_into(
+                    record.blob, record.name, tensor.view(-1).view(torch.uint8).numpy()
+                )
+            tensors[record.name] = tensor
         return AdapterWeights(rev.commit, dict(rev.config), tensors, rev.base_fingerprint)
+
+
+# Per layer, per fused group (model.LORA_GROUPS) the revision adapts: A^T [in, P*r] and, per slice,
+# B^T [r, width_i] (None for a module it does not adapt); r is the revision's rank.
+PackedImage = list[dict[str, tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]]]
 
 
 @dataclass
@@ -148,14 +159,41 @@ class HostAdapter:
     scale: float  # the slot scale; modules whose own scale differs carry the ratio folded into B
     modules: frozenset[str]
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # Set by slots.AdapterPools.stage: one flat buffer that owns every factor (`weights` are views
+    # into it) and, for packed pools, the slot's exact image inside it, so a swap is whole copies.
+    buffer: torch.Tensor | None = None
+    packed: PackedImage | None = None
 
     @property
     def nbytes(self) -> int:
         """Host bytes held by the factors."""
+        if self.buffer is not None:
+            return self.buffer.numel() * self.buffer.element_size()
         return sum(
             a.numel() * a.element_size() + b.numel() * b.element_size()
             for a, b in self.weights.values()
         )
+
+    def check_finite(self) -> None:
+        """Refuse the revision if any factor holds NaN or Inf (one reduction when staged)."""
+        # A finite sum proves every element finite (NaN and Inf propagate); only a sum that
+        # overflowed or met a non-finite value needs the per-factor search below.
+        buffer = self.buffer
+        if (
+            buffer is not None
+            and buffer.is_floating_point()
+            and math.isfinite(float(buffer.sum(dtype=torch.float32)))
+        ):
+            return
+        for (layer, module), (a, b) in sorted(self.weights.items()):
+            for kind, factor in (("A", a), ("B", b)):
+                if factor.is_floating_point() and not bool(torch.isfinite(factor).all()):
+                    raise AdapterRefused(
+                        self.revision,
+                        "non_finite",
+                        f"layer {layer} {module} lora_{kind} holds NaN or Inf; "
+                        "fix the training run and commit a finite revision",
+                    )
 
 
 def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: float) -> float:
@@ -179,8 +217,13 @@ def prepare_adapter(
     targets: frozenset[str] | tuple[str, ...] = LORA_MODULES,
     base_fingerprint: str | None = None,
     dtype: torch.dtype = torch.float32,
+    check_finite: bool = True,
 ) -> HostAdapter:
-    """Check a revision against the resident base and the engine's limits; refuse with the reason."""
+    """Check a revision against the resident base and the engine's limits; refuse with the reason.
+
+    `check_finite=False` leaves the NaN/Inf check to the caller (the engine runs it once, over the
+    staged host buffer: `HostAdapter.check_finite`).
+    """
     rev = weights.revision
     cfg = weights.config
 
@@ -295,4 +338,6 @@ def prepare_adapter(
             # add_lora has one scale per slot: fold this module's own scale into its B.
             b = b.to(torch.float32) * (module_scale / slot_scale)
         host.weights[key] = (a, b.to(dtype).contiguous())
+    if check_finite:
+        host.check_finite()
     return host

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
@@ -23,6 +25,7 @@ from mintvcs.serve.model import LORA_MODULES, Model
 from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams
 from mintvcs.serve.scheduler import Scheduler, Sequence, TokenEvent
 from mintvcs.serve.slots import AdapterPools, Residency
+from mintvcs.serve.threads import one_intraop_thread, set_intraop_threads
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -143,6 +146,40 @@ class RequestStream:
         self.cancel()
 
 
+class LoopMailbox:
+    """Token events bound for one event loop, handed over with one wakeup per batch, not per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, target: asyncio.Queue[Any], item: object) -> bool:
+        """Queue item for the loop (from any thread); False when the loop is closed."""
+        # A decode step posts one event per sequence: waking the loop for each would make the
+        # HTTP thread take the GIL dozens of times per step, stalling the step thread.
+        with self._lock:
+            self._items.append((target, item))
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+                self._items.clear()
+            return False
+        return True
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for target, item in items:
+            target.put_nowait(item)
+
+
 class Engine:
     """A resident base model serving many adapter revisions through slot pools and continuous batching."""
 
@@ -156,6 +193,35 @@ class Engine:
         start: bool = True,
     ) -> None:
         self.config = config = config or EngineConfig()
+        # The step thread computes with the caller's thread count; everything here runs on one
+        # thread, so that the caller keeps no OpenMP team that would slow the step thread's.
+        self._threads = torch.get_num_threads()
+        on_cpu = (base.device if isinstance(base, Model) else config.torch_device()).type == "cpu"
+        with one_intraop_thread() if on_cpu else contextlib.nullcontext():
+            self._build(base, config, source, base_fingerprint)
+        self._eos = frozenset(self.model.config.eos_token_ids)
+        self._ids = itertools.count(1)
+        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self._seqs: dict[int, Sequence] = {}
+        self._lock = threading.Lock()
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopMailbox] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.started_at = time.time()
+        if start:
+            self.start()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def _build(
+        self,
+        base: Path | str | Model,
+        config: EngineConfig,
+        source: AdapterSource | None,
+        base_fingerprint: str | None,
+    ) -> None:
+        """Load the base (or take the given one) and set up the KV cache, slot pools and scheduler."""
         if isinstance(base, Model):
             # A model built in memory (benchmarks build random bases on the GPU): no tokenizer, token ids only.
             self.base_dir: Path | None = None
@@ -207,18 +273,7 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             kernel_backend=config.kernel_backend,
         )
-        self._eos = frozenset(self.model.config.eos_token_ids)
-        self._ids = itertools.count(1)
-        self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
-        self._seqs: dict[int, Sequence] = {}
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-        self.started_at = time.time()
-        if start:
-            self.start()
 
-    # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Start the step loop thread."""
         if self._thread is None:
@@ -247,29 +302,20 @@ class Engine:
         self.close()
 
     def _prepare(self, weights: AdapterWeights) -> HostAdapter:
-        host = prepare_adapter(
+        # Validation only: the residency stages the factors into the slots' memory order (and
+        # pinned memory on CUDA) and runs the NaN/Inf check once, over the staged buffer.
+        return prepare_adapter(
             weights,
             self.model.config,
             max_rank=self.config.max_lora_rank,
             targets=self.pools.targets,
             base_fingerprint=self.base_fingerprint,
             dtype=self.model.dtype,
+            check_finite=False,
         )
-        if self.pools.packed is not None:
-            # Packed slots hold A^T and B^T: keep the host copies in that memory order (same
-            # shapes, transposed strides), so a warm swap copies rows instead of transposing.
-            host.weights = {
-                k: (a.t().contiguous().t(), b.t().contiguous().t())
-                for k, (a, b) in host.weights.items()
-            }
-        if self.model.device.type == "cuda":
-            # Pinned host memory lets the slot copy run asynchronously on the loader's stream.
-            host.weights = {
-                k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in host.weights.items()
-            }
-        return host
 
     def _run(self) -> None:
+        set_intraop_threads(self._threads)
         sched = self.scheduler
         while not self._closed:
             while True:
@@ -343,6 +389,13 @@ class Engine:
             self._seqs[seq.request_id] = seq
         return seq
 
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> LoopMailbox:
+        with self._lock:
+            box = self._mailboxes.get(loop)
+            if box is None:
+                box = self._mailboxes[loop] = LoopMailbox(loop)
+            return box
+
     def _enqueue(self, seq: Sequence) -> None:
         self._inbox.put(seq)
         self._wake.set()
@@ -354,13 +407,11 @@ class Engine:
         params: SamplingParams | None = None,
     ) -> RequestStream:
         """Queue a request from a running event loop; iterate the returned stream for its TokenEvents."""
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox(asyncio.get_running_loop())
         events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
         def sink(item: TokenEvent | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody listens any more
+            if not mailbox.post(events, item):  # the loop is closed: nobody listens any more
                 self.cancel(seq.request_id)
 
         seq = self._new_sequence(prompt, revision, params, sink)

@@ -1,0 +1,147 @@
+"""Host copies staged in the slots' memory order: what a swap writes, and what the cold path refuses."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mintvcs.serve import AdapterRefused, Engine, EngineConfig, PeftDirSource, SamplingParams
+from mintvcs.serve.adapters import AdapterWeights, HostAdapter, prepare_adapter
+from mintvcs.serve.loader import read_config
+from mintvcs.serve.slots import AdapterPools
+
+CPU = torch.device("cpu")
+
+
+def _host(directory: Path, base: Path, max_rank: int = 16) -> HostAdapter:
+    weights = PeftDirSource({"x": directory}).load("x")
+    return prepare_adapter(weights, read_config(base), max_rank=max_rank)
+
+
+def _pools(base: Path, *, packed: bool, slots: int = 2) -> AdapterPools:
+    return AdapterPools(
+        read_config(base), slots, 16, dtype=torch.float32, device=CPU, packed=packed
+    )
+
+
+def _slot(pools: AdapterPools, slot: int) -> list[torch.Tensor]:
+    assert pools.packed is not None
+    return [t[slot].clone() for layer in pools.packed for p in layer.values() for t in (p.a, *p.b)]
+
+
+# Writes in this order cover: a larger rank then a smaller one (stale columns must go), a group
+# the next revision does not adapt (its slot part must be zeroed), partial groups, rank 1.
+ORDER = ("all-r16", "mlp-r2", "qv-r8", "all-r4-rslora", "qd-r1", "o-r6", "kv-r12", "all-r16")
+
+
+def test_a_staged_image_writes_what_pack_slot_writes(tiny_base: Path, zoo: dict[str, Path]) -> None:
+    """The image path (whole copies) leaves each slot exactly as the per-module pack_slot path does."""
+    staged, direct = _pools(tiny_base, packed=True), _pools(tiny_base, packed=True)
+    for step, name in enumerate(ORDER):
+        host = _host(zoo[name], tiny_base)
+        image = staged.stage(host)
+        assert image.packed is not None and image.buffer is not None
+        slot = step % 2
+        staged.write(slot, image)
+        direct.write(slot, host)  # no image: kernels' pack_slot, factor by factor
+        for got, want in zip(_slot(staged, slot), _slot(direct, slot), strict=True):
+            assert torch.equal(got, want), name
+        assert torch.equal(staged.scales, direct.scales)
+        assert torch.equal(staged.ranks, direct.ranks)
+
+
+def test_staged_weights_are_views_of_one_buffer_sized_by_the_revision(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    pools = _pools(tiny_base, packed=True)
+    full = pools.stage(_host(zoo["all-r16"], tiny_base))
+    small_host = _host(zoo["mlp-r2"], tiny_base)
+    small = pools.stage(small_host)
+    for key, (a, b) in small_host.weights.items():
+        sa, sb = small.weights[key]
+        assert torch.equal(sa, a) and torch.equal(sb, b)
+        assert sa.untyped_storage().data_ptr() == small.buffer.untyped_storage().data_ptr()
+    assert small.nbytes == pools.image_numel(small_host) * 4
+    # Rank 2 of 16 on three of seven modules: the host cache holds far less than a slot.
+    assert small.nbytes * 10 < full.nbytes
+    assert full.nbytes == sum(a.numel() + b.numel() for a, b in full.weights.values()) * 4
+
+
+def test_stage_takes_a_given_zeroed_image_and_checks_its_size(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    pools = _pools(tiny_base, packed=True)
+    host = _host(zoo["qv-r8"], tiny_base)
+    image = pools.new_image(pools.image_numel(host))
+    assert pools.stage(host, image).buffer is image
+    with pytest.raises(ValueError, match="elements"):
+        pools.stage(host, pools.new_image(pools.image_numel(host) + 1))
+
+
+def test_unpacked_pools_on_cpu_keep_the_host_adapter(tiny_base: Path, zoo: dict[str, Path]) -> None:
+    pools = _pools(tiny_base, packed=False)
+    host = _host(zoo["qv-r8"], tiny_base)
+    assert pools.stage(host) is host
+    assert pools.image_numel(host) == 0
+
+
+def _poisoned(directory: Path, value: float, tensor: str = "lora_B") -> AdapterWeights:
+    weights = PeftDirSource({"x": directory}).load("x")
+    name = sorted(n for n in weights.tensors if tensor in n and "layers.1." in n)[0]
+    weights.tensors[name].view(-1)[3] = value
+    return weights
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_factors_are_refused_by_name(
+    tiny_base: Path, zoo: dict[str, Path], value: float
+) -> None:
+    config = read_config(tiny_base)
+    weights = _poisoned(zoo["all-r16"], value)
+    with pytest.raises(AdapterRefused, match=r"layer 1 \w+ lora_B holds NaN or Inf") as info:
+        prepare_adapter(weights, config, max_rank=16)
+    assert info.value.reason == "non_finite"
+    # The engine's path: no check in prepare, one over the staged image.
+    host = prepare_adapter(weights, config, max_rank=16, check_finite=False)
+    staged = _pools(tiny_base, packed=True).stage(host)
+    with pytest.raises(AdapterRefused, match="non_finite"):
+        staged.check_finite()
+
+
+def test_large_finite_factors_whose_sum_overflows_are_served(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    """The one-reduction check falls back to an exact one when the sum itself overflows."""
+    weights = PeftDirSource({"x": zoo["all-r16"]}).load("x")
+    for name in [n for n in weights.tensors if "lora_A" in n][:2]:
+        weights.tensors[name].view(-1)[0] = 3e38
+    host = prepare_adapter(weights, read_config(tiny_base), max_rank=16, check_finite=False)
+    staged = _pools(tiny_base, packed=True).stage(host)
+    assert not math.isfinite(float(staged.buffer.sum()))
+    staged.check_finite()
+
+
+class _PoisonSource(PeftDirSource):
+    """A source whose revision 'bad' has one NaN (as a store without the commit hook could hold)."""
+
+    def load(self, revision: str) -> AdapterWeights:
+        if revision == "bad":
+            return _poisoned(self.directories["ok"], math.nan, "lora_A")
+        return super().load(revision)
+
+
+def test_the_engine_refuses_a_nan_revision_and_keeps_serving(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    source = _PoisonSource({"ok": zoo["all-r16"], "bad": zoo["all-r16"]})
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    config = EngineConfig(max_model_len=64, adapter_slots=2)
+    with Engine(tiny_base, config, source=source) as eng:
+        with pytest.raises(AdapterRefused, match="NaN or Inf"):
+            eng.generate([5, 6], "bad", params, timeout=30)
+        assert len(eng.generate([5, 6], "ok", params, timeout=30).token_ids) == 4
+        assert eng.stats()["loads_failed"] == 1
+        assert "bad" not in eng.residency_snapshot()["host_cache"]["revisions"]
