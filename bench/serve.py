@@ -1,7 +1,8 @@
 """Serving benchmark over HTTP on loopback, against PEFT's mixed-adapter batch generate.
 
 Measured side by side in one run on one locally built Llama-shaped model (random weights, nothing
-downloaded):
+downloaded; by default the ~30M-parameter shape of bench/engine.py's throughput run). The server
+is `mintvcs serve` in its own process, as users run it:
 
 - throughput (completion tokens/s) and p50/p99 request latency with 1, 8 and 32 distinct refs
   active, every request its own HTTP call, `--concurrency` of them in flight;
@@ -12,8 +13,8 @@ downloaded):
 Every request generates exactly `--max-tokens` tokens (ignore_eos / min_new_tokens), greedy.
 Prints `name: ours X, peer Y, ratio Z` lines.
 
-    python bench/serve.py                    # default shape, CPU or GPU (auto)
-    python bench/serve.py --hidden 1024 --layers 8 --requests 256
+    python bench/serve.py                        # the engine benchmark's ~30M Llama, r=16
+    python bench/serve.py --hidden 256 --layers 4 --rank 8   # a 2.6M toy: per-op overhead dominates
 """
 
 from __future__ import annotations
@@ -21,11 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +39,55 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.engine import THROUGHPUT_MODEL
 from mintvcs import porcelain
-from mintvcs.serve.app import BackgroundServer, ServerConfig
 from mintvcs.serve.model import LORA_MODULES
 from mintvcs.serve.tiny import TinyConfig, build_tiny_model
+
+
+class ServerProcess:
+    """`mintvcs serve ARGS` in a subprocess, up and healthy inside the with-block."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.url = ""
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> ServerProcess:
+        env = {**os.environ, "MINT_LOG_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mintvcs.serve.cli", "serve", *self.args],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        match = re.search(r"listening on (http://\S+)", line)
+        if not match:
+            self.proc.kill()
+            raise RuntimeError(f"mintvcs serve did not start: {line!r}")
+        self.url = match.group(1)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
+                raise RuntimeError("mintvcs serve never became healthy")
+            time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def make_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
@@ -180,9 +231,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="Build a Llama of this width instead of the engine benchmark's ~30M model.",
+    )
+    parser.add_argument("--layers", type=int, default=4, help="Layers, with --hidden.")
+    parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=16)
@@ -193,14 +249,17 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="mintvcs-bench-serve-"))
     try:
-        heads = max(4, args.hidden // 64)
-        config = TinyConfig(
-            hidden_size=args.hidden,
-            intermediate_size=args.hidden * 2,
-            num_hidden_layers=args.layers,
-            num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
-        )
+        if args.hidden is None:
+            config = THROUGHPUT_MODEL  # the engine benchmark's ~30M Llama, r=16 by default
+        else:
+            heads = max(4, args.hidden // 64)
+            config = TinyConfig(
+                hidden_size=args.hidden,
+                intermediate_size=args.hidden * 2,
+                num_hidden_layers=args.layers,
+                num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2),
+            )
         base = build_tiny_model(root / "base", config)
         adapters = make_adapters(base, root / "adapters", 32, args.rank)
         repo, refs = build_repo(base, adapters, root)
@@ -219,7 +278,7 @@ def main() -> None:
             .values()
         )
         print(
-            f"# model: Llama hidden={args.hidden} layers={args.layers} ({params / 1e6:.1f}M params) on {device}; "
+            f"# model: Llama hidden={config.hidden_size} layers={config.num_hidden_layers} ({params / 1e6:.1f}M params) on {device}; "
             f"{args.requests} requests x {args.max_tokens} tokens, concurrency {args.concurrency}, LoRA r={args.rank} on all linears"
         )
         results: dict[str, Any] = {
@@ -228,18 +287,30 @@ def main() -> None:
             "args": {k: str(v) for k, v in vars(args).items()},
         }
 
-        server_config = ServerConfig(
-            repo=root / "repo",
-            base_model=base,
-            port=0,
-            max_model_len=args.prompt_tokens + args.max_tokens + 8,
-            max_loras=32,
-            max_rank=max(16, args.rank),
-            max_batch_size=args.concurrency,
-            max_tokens_limit=max(1024, args.max_tokens),
+        # The server runs as `mintvcs serve` in its own process, as users run it: the HTTP
+        # client and PEFT (which runs while the server idles) never share its interpreter.
+        server = ServerProcess(
+            [
+                "--repo",
+                str(root / "repo"),
+                "--base-model",
+                str(base),
+                "--port",
+                "0",
+                "--max-model-len",
+                str(args.prompt_tokens + args.max_tokens + 8),
+                "--max-loras",
+                "32",
+                "--max-rank",
+                str(max(16, args.rank)),
+                "--max-batch-size",
+                str(args.concurrency),
+                "--max-tokens-limit",
+                str(max(1024, args.max_tokens)),
+            ]
         )
-        with BackgroundServer(server_config) as server:
-            # Warm-up: every adapter resident once, kernels compiled.
+        with server:
+            # Warm-up: every adapter resident once.
             asyncio.run(
                 http_run(
                     server.url, [(all_prompts[i], refs[i]) for i in range(32)], 2, args.concurrency
@@ -273,7 +344,6 @@ def main() -> None:
 
             # Hot swap: commit a new revision on main, then ask until a response names it.
             swap_times = []
-            import urllib.request
 
             def ask() -> str:
                 body = json.dumps(
