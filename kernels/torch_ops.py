@@ -362,6 +362,16 @@ def _accumulate(dst: torch.Tensor, delta: torch.Tensor) -> None:
         dst.copy_(dst.to(delta.dtype) + delta)
 
 
+def _accumulate_rows(dst: torch.Tensor, rows: torch.Tensor, delta: torch.Tensor) -> None:
+    """dst[rows] += delta, rounding once to dst's dtype when delta is wider."""
+    if delta.dtype == dst.dtype:
+        dst.index_add_(0, rows, delta)
+    else:
+        cur = dst.index_select(0, rows).to(delta.dtype)
+        cur.add_(delta)
+        dst.index_copy_(0, rows, cur.to(dst.dtype))
+
+
 class PackedStep:
     """One step's packed-LoRA plan (token layout, live slots, scales), shared by every fused layer.
 
@@ -427,12 +437,8 @@ class PackedStep:
                 yv = y[:, col : col + width]
                 if plan.dest is None:
                     _accumulate(yv[: o.shape[0]], o)
-                elif o.dtype == y.dtype:
-                    yv.index_add_(0, plan.dest, o)
                 else:
-                    cur = yv.index_select(0, plan.dest).to(o.dtype)
-                    cur.add_(o)
-                    yv.index_copy_(0, plan.dest, cur.to(y.dtype))
+                    _accumulate_rows(yv, plan.dest, o)
             return y
         if self._scale_of is None:
             self._scale_of = self.scales.tolist()
@@ -446,13 +452,7 @@ class PackedStep:
                 for r0, b, col, width in packed.slices:
                     torch.mm(h[:, r0 : r0 + rank], b[slot], out=o[start:end, col : col + width])
             for _, _, col, width in packed.slices:
-                yv, ov = y[:, col : col + width], o[:, col : col + width]
-                if ov.dtype == y.dtype:
-                    yv.index_add_(0, plan.order, ov)
-                else:
-                    cur = yv.index_select(0, plan.order).to(ov.dtype)
-                    cur.add_(ov)
-                    yv.index_copy_(0, plan.order, cur.to(y.dtype))
+                _accumulate_rows(y[:, col : col + width], plan.order, o[:, col : col + width])
             return y
         for slot, start, end in plan.runs:
             h = torch.mm(x[start:end].to(work), a[slot])  # [n, P*R]
