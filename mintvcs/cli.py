@@ -70,7 +70,7 @@ def json_option(func: F) -> F:
 def main() -> None:
     """mintvcs: git for LoRA adapters, and a server that serves any revision by ref."""
     if (
-        click.get_current_context().invoked_subcommand not in _BLAS_COMMANDS
+        click.get_current_context().invoked_subcommand not in _MODEL_COMMANDS
         and "numpy" not in sys.modules
     ):
         # numpy's OpenBLAS starts a thread (and its buffers) per core on import: ~50 ms of a
@@ -78,17 +78,23 @@ def main() -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     global _FREEZE_AT_EXIT
     if not _FREEZE_AT_EXIT:
-        # At exit, the interpreter's last collections walk every object (numpy's and ours):
-        # ~25 ms of a half-second commit. Frozen objects are skipped; the process is ending
-        # and its memory goes back to the OS anyway. Everything we write is closed by then.
-        atexit.register(pygc.freeze)
+        atexit.register(_freeze_before_exit)
         _FREEZE_AT_EXIT = True
+
+
+def _freeze_before_exit() -> None:
+    # At exit, the interpreter's last collections walk every object (numpy's and ours):
+    # ~25 ms of a half-second commit. Frozen objects are skipped; the process is ending and
+    # its memory goes back to the OS anyway. Everything we write is closed by then. Not once
+    # torch is loaded (serve, demo, tests): its extensions (triton's) report what was not freed.
+    if "torch" not in sys.modules:
+        pygc.freeze()
 
 
 _FREEZE_AT_EXIT = False
 
 
-_BLAS_COMMANDS = ("serve", "demo")  # they load models: BLAS keeps its threads
+_MODEL_COMMANDS = ("serve", "demo")  # they load models: BLAS keeps its threads
 
 
 @main.command()
