@@ -42,10 +42,13 @@ __all__ = [
     "decode",
     "decode_chain",
     "decode_planes",
+    "decode_segments",
     "encode",
     "encode_parts",
+    "header_of",
     "nonfinite_count",
     "read_header",
+    "verify_sha256",
 ]
 
 MAGIC = b"MINTBLOB"
@@ -280,6 +283,26 @@ def _merge(
         word = planes[1].astype(np.uint16)
         word <<= 8
         word |= planes[0]
+    elif group == 4:
+        # Pairs of planes to u16 halves, then the halves to u32 words, all in this thread's
+        # scratch: ~30% faster than four byte-strided copies into a temporary.
+        count = planes[0].size
+        halves = _scratch("merge16", 4 * count)[: 4 * count].view(np.uint16)
+        low, high = halves[:count], halves[count:]
+        for half, (lo, hi) in ((low, planes[:2]), (high, planes[2:])):
+            np.copyto(half, hi)
+            np.left_shift(half, 8, out=half)
+            np.bitwise_or(half, lo, out=half)
+        target = out.view(width)
+        np.copyto(target, high)
+        np.left_shift(target, 16, out=target)
+        np.bitwise_or(target, low, out=target)
+        if rotate:
+            wrap = _scratch("merge32", 4 * count)[: 4 * count].view(np.uint32)
+            np.left_shift(target, 32 - rotate, out=wrap)
+            np.right_shift(target, rotate, out=target)
+            np.bitwise_or(target, wrap, out=target)
+        return
     else:
         columns = np.empty((planes[0].size, group), dtype=np.uint8)
         for k in range(group):
@@ -559,16 +582,23 @@ def encode_parts(
     )
 
 
-def _is_int(value: object) -> bool:
-    # bool is an int subclass; a header holding true/false is corrupt.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def read_header(blob: bytes | memoryview, *, name: str = "<tensor>") -> BlobHeader:
     """Parse and check a blob's header without touching its payload."""
     view = memoryview(blob).cast("B")
-    if view.nbytes < _PREFIX.size + _CRC.size:
-        raise CorruptBlobError(name, f"truncated: {view.nbytes} bytes is shorter than a header")
+    return header_of(view, view.nbytes, name=name)
+
+
+def header_of(head: bytes | memoryview, size: int, *, name: str = "<tensor>") -> BlobHeader:
+    """Parse and check the header of a `size`-byte blob from `head`, its first bytes.
+
+    `head` need only hold the header (through its CRC32); a reader that has the rest of the
+    blob elsewhere (a pack's stored blocks) checks the header before touching the payload.
+    """
+    view = memoryview(head).cast("B")
+    if size < _PREFIX.size + _CRC.size:
+        raise CorruptBlobError(name, f"truncated: {size} bytes is shorter than a header")
+    if view.nbytes < _PREFIX.size:
+        raise CorruptBlobError(name, "truncated inside the header")
     magic, version, hlen = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise CorruptBlobError(name, f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
@@ -579,7 +609,7 @@ def read_header(blob: bytes | memoryview, *, name: str = "<tensor>") -> BlobHead
     if hlen > _MAX_HEADER:
         raise CorruptBlobError(name, f"header length {hlen} is implausible")
     end = _PREFIX.size + hlen
-    if view.nbytes < end + _CRC.size:
+    if min(size, view.nbytes) < end + _CRC.size:
         raise CorruptBlobError(name, "truncated inside the header")
     (crc,) = _CRC.unpack_from(view, end)
     if crc32(view[:end]) != crc:
@@ -590,8 +620,8 @@ def read_header(blob: bytes | memoryview, *, name: str = "<tensor>") -> BlobHead
     except (ValueError, TypeError, KeyError) as exc:
         # Only a CRC collision or a buggy writer gets here.
         raise CorruptBlobError(name, f"malformed header: {exc}") from None
-    payload = view.nbytes - header.payload_offset
-    stored = sum(size for _, size, _ in header.segments)
+    payload = size - header.payload_offset
+    stored = sum(seg[1] for seg in header.segments)
     if payload != stored:
         what = "truncated" if payload < stored else "trailing bytes"
         raise CorruptBlobError(name, f"{what}: payload is {payload} bytes, header says {stored}")
@@ -600,28 +630,31 @@ def read_header(blob: bytes | memoryview, *, name: str = "<tensor>") -> BlobHead
 
 def _check_fields(raw: Any, payload_offset: int) -> BlobHeader:
     """Validate the decoded JSON header; raise ValueError on anything off."""
-    if not isinstance(raw, dict):
+    # A cold hot-swap parses ~400 headers: the checks are inlined (`type(x) is int` also
+    # refuses bool, a header holding true/false is corrupt) to keep this off the profile.
+    if type(raw) is not dict:
         raise ValueError("header is not an object")
     dtype, shape, encoding = raw["dtype"], raw["shape"], raw["encoding"]
     base, depth, sha, nbytes = raw["base"], raw["depth"], raw["sha256"], raw["nbytes"]
     group, rotate, segments = raw["group"], raw["rotate"], raw["segments"]
-    if not isinstance(dtype, str) or not _DTYPE_RE.fullmatch(dtype):
+    if type(dtype) is not str or not _DTYPE_RE.fullmatch(dtype):
         raise ValueError(f"dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise ValueError(f"shape {shape!r}")
     if encoding not in _ENCODINGS:
         raise ValueError(f"encoding {encoding!r}")
-    if not _is_int(nbytes) or nbytes < 0:
+    if type(nbytes) is not int or nbytes < 0:
         raise ValueError(f"nbytes {nbytes!r}")
-    expected = _expected_nbytes(dtype, tuple(shape))
+    shape_t = tuple(shape)
+    expected = _expected_nbytes(dtype, shape_t)
     if expected is not None and expected != nbytes:
         raise ValueError(f"nbytes {nbytes} does not match {dtype} {shape}")
-    if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+    if type(sha) is not str or not _HEX64.fullmatch(sha):
         raise ValueError(f"sha256 {sha!r}")
     if encoding == "xor":
-        if not isinstance(base, str) or not _HEX40.fullmatch(base):
+        if type(base) is not str or not _HEX40.fullmatch(base):
             raise ValueError(f"base {base!r}")
-        if not _is_int(depth) or not 1 <= depth <= MAX_CHAIN:
+        if type(depth) is not int or not 1 <= depth <= MAX_CHAIN:
             raise ValueError(f"depth {depth!r}")
     elif base is not None or depth != 0:
         raise ValueError(f"{encoding} blob with base {base!r} depth {depth!r}")
@@ -634,33 +667,29 @@ def _check_fields(raw: Any, payload_offset: int) -> BlobHeader:
         raise ValueError(f"group {group!r} for {dtype}")
     if rotate != _ROTATE.get(dtype, 0):
         raise ValueError(f"rotate {rotate!r} for {dtype}")
-    if not isinstance(segments, list) or len(segments) != group:
+    if type(segments) is not list or len(segments) != group:
         raise ValueError(f"segments {segments!r}")
+    plane_len = nbytes // group
     segs: list[tuple[str, int, int]] = []
     for seg in segments:
-        if not isinstance(seg, list) or len(seg) != 3:
+        if type(seg) is not list or len(seg) != 3:
             raise ValueError(f"segment {seg!r}")
         codec, size, crc = seg
-        if codec not in ("zstd", "none") or not _is_int(size) or size < 0:
+        if (
+            (codec != "zstd" and codec != "none")
+            or type(size) is not int
+            or size < 0
+            or type(crc) is not int
+            or not 0 <= crc < 1 << 32
+        ):
             raise ValueError(f"segment {seg!r}")
-        if not _is_int(crc) or not 0 <= crc < 1 << 32:
-            raise ValueError(f"segment {seg!r}")
-        if codec == "none" and size != nbytes // group:
-            raise ValueError(f"raw segment of {size} bytes, plane is {nbytes // group}")
+        if codec == "none" and size != plane_len:
+            raise ValueError(f"raw segment of {size} bytes, plane is {plane_len}")
         segs.append((codec, size, crc))
     return BlobHeader(
-        dtype=dtype,
-        shape=tuple(shape),
-        encoding=encoding,
-        base=base,
-        depth=depth,
-        sha256=sha,
-        nbytes=nbytes,
-        group=group,
-        rotate=rotate,
-        segments=tuple(segs),
-        payload_offset=payload_offset,
-    )
+        dtype, shape_t, encoding, base, depth, sha, nbytes, group, rotate, tuple(segs),
+        payload_offset,
+    )  # fmt: skip
 
 
 def _plane_arrays(
@@ -672,16 +701,29 @@ def _plane_arrays(
     sha256). Raw segments are checked only with `check_raw`: when the caller verifies the
     sha256 of the decoded tensor, a flipped raw byte reaches it unchanged and is caught there.
     """
+    view = memoryview(blob).cast("B")
+    segments = []
+    offset = header.payload_offset
+    for _, size, _ in header.segments:
+        segments.append(view[offset : offset + size])
+        offset += size
+    return _segment_planes(segments, header, name, check_raw=check_raw)
+
+
+def _segment_planes(
+    segments: Sequence[bytes | memoryview], header: BlobHeader, name: str, *, check_raw: bool
+) -> list[npt.NDArray[np.uint8]]:
+    """_plane_arrays() for a blob whose segments the caller located (`segments[k]` holds plane k)."""
     import numpy as np
     import zstandard
 
-    view = memoryview(blob).cast("B")
     plane_len = header.nbytes // header.group
     planes: list[npt.NDArray[np.uint8]] = []
-    offset = header.payload_offset
-    for index, (codec_name, size, crc) in enumerate(header.segments):
-        seg = view[offset : offset + size]
-        offset += size
+    for index, ((codec_name, size, crc), seg) in enumerate(
+        zip(header.segments, segments, strict=True)
+    ):
+        if len(seg) != size:
+            raise CorruptBlobError(name, f"plane {index}: {len(seg)} bytes, header says {size}")
         if codec_name == "none":
             if check_raw and crc32(seg) != crc:
                 raise CorruptBlobError(name, f"plane {index}: CRC32 mismatch")
@@ -709,6 +751,38 @@ def _plane_arrays(
             )
         planes.append(np.frombuffer(out, dtype=np.uint8))
     return planes
+
+
+def decode_segments(
+    segments: Sequence[bytes | memoryview],
+    header: BlobHeader,
+    out: npt.NDArray[np.uint8],
+    *,
+    name: str = "<tensor>",
+) -> None:
+    """Decode a self-contained blob, given as its header and its located segments, into `out`.
+
+    Every zstd segment's CRC32 is checked; the sha256 is NOT: the caller must pass `out` to
+    verify_sha256() before using it (a reader hashes on another thread meanwhile).
+    """
+    if header.encoding == "xor":
+        raise CorruptBlobError(name, f"xor blob needs its base blob {header.base}")
+    if out.size != header.nbytes:
+        raise ValueError(f"output buffer holds {out.size} bytes, the tensor {header.nbytes}")
+    planes = _segment_planes(segments, header, name, check_raw=False)
+    _merge(planes, header.group, header.rotate, out)
+
+
+def verify_sha256(
+    data: npt.NDArray[np.uint8], header: BlobHeader, *, name: str = "<tensor>"
+) -> None:
+    """Raise CorruptBlobError unless `data` (decoded bytes) has the sha256 in `header`."""
+    digest = hashlib.sha256(data.data).hexdigest()
+    if digest != header.sha256:
+        hint = " (or the wrong base was given)" if header.encoding == "xor" else ""
+        raise CorruptBlobError(
+            name, f"sha256 of decoded bytes is {digest}, header says {header.sha256}{hint}"
+        )
 
 
 def _chain_planes(
@@ -780,12 +854,7 @@ def decode_chain(
     elif out.size != tip.nbytes:
         raise ValueError(f"output buffer holds {out.size} bytes, the tensor {tip.nbytes}")
     _merge(planes, tip.group, tip.rotate, out)
-    digest = hashlib.sha256(out.data).hexdigest()
-    if digest != tip.sha256:
-        hint = " (or the wrong base was given)" if tip.encoding == "xor" else ""
-        raise CorruptBlobError(
-            name, f"sha256 of decoded bytes is {digest}, header says {tip.sha256}{hint}"
-        )
+    verify_sha256(out, tip, name=name)
     return out
 
 

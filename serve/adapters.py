@@ -124,6 +124,7 @@ class StoreSource:
         """Decode the commit's tensors from the store into torch tensors."""
         rev = self.repo.read_revision(revision)
         tensors: dict[str, torch.Tensor] = {}
+        items = []
         for record in rev.manifest.tensors:
             torch_dtype = _SAFETENSORS_DTYPES.get(record.dtype)
             if torch_dtype is None:
@@ -138,10 +139,10 @@ class StoreSource:
             # be page-faulted in every time (the dominant cost of a cold load on a VM).
             tensor = torch.empty(record.shape, dtype=torch_dtype)
             if tensor.numel():
-                self.repo.tensor_into(
-                    record.blob, record.name, tensor.view(-1).view(torch.uint8).numpy()
-                )
+                items.append((record.blob, record.name, tensor.view(-1).view(torch.uint8).numpy()))
             tensors[record.name] = tensor
+        # One call for the revision: the store decodes while a second thread verifies sha256s.
+        self.repo.tensors_into(items)
         return AdapterWeights(rev.commit, dict(rev.config), tensors, rev.base_fingerprint)
 
 

@@ -1,0 +1,188 @@
+"""Repository.tensors_into: a whole revision decoded straight from its pack, every sha256 checked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mintvcs import codec, porcelain
+from mintvcs import store as store_module
+from mintvcs.errors import MintError
+from mintvcs.store import PACK_THRESHOLD, Repository
+from tests.mintvcs.storekit import WEIGHTS, handmade_adapter, mutate, random_f32
+
+
+def _adapter(path: Path, seed: int) -> Path:
+    """More tensors than PACK_THRESHOLD (so the commit writes a pack), of every plane layout."""
+    rng = np.random.default_rng(seed)
+    # Six bytes first: every later tensor's bytes start 2 bytes off 4-byte alignment.
+    tensors: dict[str, tuple[str, list[int], bytes]] = {"odd": ("BF16", [3], b"\x80\x3f" * 3)}
+    for i in range(PACK_THRESHOLD // 2 + 2):
+        # fp32 [16, 2048]: 32 KiB planes, so some planes straddle 64 KiB stored blocks.
+        shape = [16, 2048] if i % 10 == 0 else [4, 96]
+        tensors[f"layers.{i}.lora_A.weight"] = ("F32", shape, random_f32(rng, shape))
+        bf16 = (rng.standard_normal(384).astype("<f4") * 0.02).view("<u4") >> 16
+        tensors[f"layers.{i}.lora_B.weight"] = ("BF16", [96, 4], bf16.astype("<u2").tobytes())
+    f16 = (rng.standard_normal(256) * 0.02).astype("<f2").tobytes()
+    tensors["extra.f16"] = ("F16", [16, 16], f16)
+    tensors["extra.i32"] = ("I32", [64], rng.integers(-5, 5, 64, dtype="<i4").tobytes())
+    return handmade_adapter(path, tensors)
+
+
+def _commit(repo: Repository, message: str, source: Path) -> str:
+    return porcelain.commit(repo, message, source=source, verify=False, show_progress=False).commit
+
+
+def _decode_all(repo: Repository, commit: str) -> dict[str, bytes]:
+    records = repo.read_revision(commit).manifest.tensors
+    outs = [np.empty(r.end - r.start, dtype=np.uint8) for r in records]
+    repo.tensors_into([(r.blob, r.name, out) for r, out in zip(records, outs, strict=True)])
+    return {r.name: out.tobytes() for r, out in zip(records, outs, strict=True)}
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    repository = porcelain.init(tmp_path / "work", install_hooks=False)
+    yield repository
+    repository.close()
+
+
+def test_matches_tensor_bytes_for_packed_xor_and_loose_blobs(
+    repo: Repository, tmp_path: Path
+) -> None:
+    src = _adapter(tmp_path / "src", seed=1)
+    first = _commit(repo, "r0", src)
+    bf16 = [f"layers.{i}.lora_B.weight" for i in range(PACK_THRESHOLD // 2 + 2)]
+    mutate(src, seed=2, names=bf16)  # bf16 nudges: the next revision stores those as XOR links
+    second = _commit(repo, "r1", src)
+    small = handmade_adapter(
+        tmp_path / "small",
+        {"w.lora_A.weight": ("F32", [8, 64], random_f32(np.random.default_rng(3), [8, 64]))},
+    )
+    third = _commit(repo, "r2", small)
+    encodings = {r.encoding for r in repo.read_revision(second).manifest.tensors}
+    assert {"planes", "raw", "xor"} <= encodings
+    for commit in (first, second, third):
+        decoded = _decode_all(repo, commit)
+        for record in repo.read_revision(commit).manifest.tensors:
+            assert decoded[record.name] == repo.tensor_bytes(record.blob, record.name), record.name
+    record = repo.read_revision(third).manifest.tensors[0]
+    assert (repo.git_dir / "objects" / record.blob[:2] / record.blob[2:]).exists()
+
+
+def _packed_location(repo: Repository, blob: str, content_offset: int) -> tuple[Path, int]:
+    """The pack file and file offset of byte `content_offset` of a packed blob's content."""
+    key = bytes.fromhex(blob)
+    for pack in repo._packs(refresh=True):
+        offset = pack.find(key)
+        if offset is None:
+            continue
+        _, head, pieces = pack.stored_layout(offset)
+        at = len(head)
+        for start, length in pieces:
+            if at <= content_offset < at + length:
+                return Path(pack.pack_path), start + content_offset - at
+            at += length
+    raise AssertionError(f"{blob} is in no pack")
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("plane", "reason"), [(0, "sha256 of decoded bytes"), (3, "plane 3: CRC32")]
+)
+def test_flipped_plane_byte_is_named(
+    repo: Repository, tmp_path: Path, plane: int, reason: str
+) -> None:
+    commit = _commit(repo, "r0", _adapter(tmp_path / "src", seed=4))
+    record = next(r for r in repo.read_revision(commit).manifest.tensors if r.shape == (16, 2048))
+    out = np.empty(record.end - record.start, dtype=np.uint8)
+    header = repo._decode_packed(record.blob, record.name, out, rescan=True)
+    assert header is not None, "the blob must take the pack fast path"
+    assert [s[0] for s in header.segments] == ["none", "none", "none", "zstd"]
+    start = header.payload_offset + sum(s[1] for s in header.segments[:plane])
+    pack_path, offset = _packed_location(repo, record.blob, start + 7)
+    repo.close()
+    _flip(pack_path, offset)
+    reopened = Repository.open(repo.git_dir.parent)
+    try:
+        with pytest.raises(codec.CorruptBlobError, match=reason) as info:
+            _decode_all(reopened, commit)
+        assert record.name in str(info.value)
+    finally:
+        reopened.close()
+
+
+def test_flipped_header_byte_is_named(repo: Repository, tmp_path: Path) -> None:
+    commit = _commit(repo, "r0", _adapter(tmp_path / "src", seed=5))
+    record = repo.read_revision(commit).manifest.tensors[0]
+    key = bytes.fromhex(record.blob)
+    pack = next(p for p in repo._packs(refresh=True) if p.find(key) is not None)
+    pack_path, offset = Path(pack.pack_path), pack.find(key)
+    assert offset is not None
+    repo.close()
+    _flip(pack_path, offset + 40)  # inside the deflated blob header
+    reopened = Repository.open(repo.git_dir.parent)
+    try:
+        with pytest.raises(MintError, match=record.name.replace(".", r"\.")):
+            _decode_all(reopened, commit)
+    finally:
+        reopened.close()
+
+
+def test_pack_index_lookup_agrees_with_git(repo: Repository, tmp_path: Path) -> None:
+    _commit(repo, "r0", _adapter(tmp_path / "src", seed=6))
+    (pack,) = repo._packs(refresh=True)
+    listing = subprocess.run(
+        ["git", "show-index"],
+        input=Path(str(pack.pack_path)[: -len(".pack")] + ".idx").read_bytes(),
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    expected = {
+        bytes.fromhex(line.split()[1]): int(line.split()[0]) for line in listing.splitlines()
+    }
+    assert len(expected) > PACK_THRESHOLD
+    assert {key: pack.find(key) for key in expected} == expected
+    assert pack.find(b"\0" * 20) is None
+
+
+@pytest.mark.parametrize("bad", [None, 0, 5])
+def test_verify_all_names_the_bad_tensor_on_either_thread(
+    monkeypatch: pytest.MonkeyPatch, bad: int | None
+) -> None:
+    monkeypatch.setattr(store_module, "_THREADED_HASH_BYTES", 0)  # two threads even for this
+    rng = np.random.default_rng(7)
+    jobs = []
+    for i in range(6):
+        raw = random_f32(rng, [32, 32])
+        header = codec.read_header(codec.encode(raw, "F32", (32, 32)))
+        data = np.frombuffer(raw, dtype=np.uint8).copy()
+        if i == bad:
+            data[11] ^= 1
+        jobs.append((data, header, f"t{i}"))
+    if bad is None:
+        store_module._verify_all(jobs)
+        return
+    with pytest.raises(codec.CorruptBlobError, match=f"'t{bad}'.*sha256"):
+        store_module._verify_all(jobs)
+
+
+def test_revision_reads_take_it_at_any_alignment(repo: Repository, tmp_path: Path) -> None:
+    # safetensors_buffer decodes each tensor at header length + its offset: rarely 4-aligned.
+    src = _adapter(tmp_path / "src", seed=8)
+    commit = _commit(repo, "r0", src)
+    revision = repo.read_revision(commit)
+    header_len = len(repo.read_blob(revision.manifest.header_blob))
+    assert header_len % 4 or any(r.start % 4 for r in revision.manifest.tensors)
+    assert revision.safetensors_bytes() == (src / WEIGHTS).read_bytes()
