@@ -728,7 +728,7 @@ def split_commit(tmp: Path, revs: list[Path], repeat: int) -> None:
     t_dec, _ = _timed(lambda: [codec.decode(b) for b in blobs], repeat)
 
     def write_objects() -> None:
-        from mintvcs.store import TENSOR_ZLIB_LEVEL, PackWriter
+        from mintvcs.packs import TENSOR_ZLIB_LEVEL, PackWriter
 
         work = Path(tempfile.mkdtemp(dir=tmp, prefix="objs-"))
         repo = Repository.init(work)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mintvcs.errors import MintError
-from mintvcs.store import TMP_OBJECT_PREFIX, Repository
+from mintvcs.packs import TMP_OBJECT_PREFIX
+from mintvcs.store import Repository
 
 if TYPE_CHECKING:
     from dulwich.objects import ObjectID

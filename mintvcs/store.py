@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
 import re
-import struct
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -23,7 +20,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles
 from mintvcs.base import BaseModel
-from mintvcs.checksums import adler32, crc32
 from mintvcs.errors import MintError
 from mintvcs.objects import (
     CONFIG_PATH,
@@ -35,6 +31,20 @@ from mintvcs.objects import (
     Manifest,
     TensorRecord,
 )
+from mintvcs.packs import (
+    META_ZLIB_LEVEL,
+    TENSOR_ZLIB_LEVEL,
+    NotStored,
+    PackFile,
+    PackWriter,
+    inflate,
+    levelled_store_class,
+    place_file,
+    read_fd,
+    slicer,
+    zlib_stored,
+    zlib_tensor,
+)
 from mintvcs.refs import RefStore
 
 if TYPE_CHECKING:
@@ -44,29 +54,18 @@ if TYPE_CHECKING:
     from dulwich.objects import Commit, ShaFile
 
 DEFAULT_BRANCH = "main"
-TMP_OBJECT_PREFIX = "tmp_obj_"  # git's own prefix for objects being written
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
 _OID = re.compile(r"^[0-9a-f]{40}$")
 _SPEC = re.compile(r"^(?P<name>.*?)(?P<suffix>(?:[~^][0-9]*)*)$")
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
-# Tensor blobs are zstd-coded planes already; zlib on top would only burn time. Manifests,
-# trees, headers and commits are JSON and names: zlib level 6 shrinks them 3-9x.
-TENSOR_ZLIB_LEVEL = 0
-META_ZLIB_LEVEL = 6
 # Commits of adapters with at least this many tensors write their new blobs into one pack
 # instead of loose objects (git's fetch.unpackLimit default): creating hundreds of files
 # costs more than encoding them.
 PACK_THRESHOLD = 100
-_BIG_READ = 1 << 20
-_THREADED_DECODE_BYTES = (
-    1 << 20
-)  # mean tensor size from which decoding uses threads  # files at least this large are read into numpy buffers
+_THREADED_DECODE_BYTES = 1 << 20  # mean tensor size from which decoding uses threads
 # Revision reads of small tensors hand tensors_into this many bytes at a time (progress steps).
 _DECODE_CHUNK_BYTES = 16 << 20
-_STORED = struct.Struct("<BHH")  # a zlib stored block header: BFINAL/BTYPE, LEN, NLEN
-_IOV_MAX = 1024
-_MAX_PREFIX = 1 << 16  # a deflated blob header is searched for its flush marker this far
 ProgressFn = Callable[[int], None]
 
 
@@ -292,7 +291,7 @@ class Repository:
         from dulwich.config import ConfigFile
 
         config = ConfigFile.from_path(str(self.git_dir / "config"))
-        return _levelled_store_class().from_config(str(self.git_dir / "objects"), config)
+        return levelled_store_class().from_config(str(self.git_dir / "objects"), config)
 
     @cached_property
     def base(self) -> BaseModel | None:
@@ -365,11 +364,11 @@ class Repository:
         except FileNotFoundError:
             return None
         try:
-            raw = _read_fd(fd)
+            raw = read_fd(fd)
         finally:
             os.close(fd)
         try:
-            data = _inflate(raw)
+            data = inflate(raw)
         except zlib.error as err:
             raise CorruptObjectError(
                 f"{what}: object {oid} is corrupt ({err}); run 'mintvcs fsck'"
@@ -405,13 +404,13 @@ class Repository:
                     raise CorruptObjectError(
                         f"{what}: packed object {oid} is corrupt ({err}); run 'mintvcs fsck'"
                     ) from None
-                except _NotStored:
+                except NotStored:
                     return None
         return None
 
-    def _packs(self, refresh: bool = False) -> list[_PackFile]:
+    def _packs(self, refresh: bool = False) -> list[PackFile]:
         """The packs of the store (their indexes mapped), rescanned on `refresh`."""
-        cached: dict[str, _PackFile] = self.__dict__.setdefault("_pack_files", {})
+        cached: dict[str, PackFile] = self.__dict__.setdefault("_pack_files", {})
         # A flag, not `not cached`: a store without packs would be rescanned on every lookup.
         if refresh or not self.__dict__.get("_packs_scanned"):
             self.__dict__["_packs_scanned"] = True
@@ -425,7 +424,7 @@ class Repository:
                 cached.pop(name).close()
             for name in sorted(names - set(cached)):
                 with suppress(OSError, ValueError):
-                    cached[name] = _PackFile(directory / name)
+                    cached[name] = PackFile(directory / name)
         return list(cached.values())
 
     def add_blob(self, data: bytes) -> str:
@@ -459,13 +458,13 @@ class Repository:
         except FileNotFoundError:
             pass
         if level == 0 and prefix:
-            body = _zlib_tensor([memoryview(head), *views], len(head) + prefix)
+            body = zlib_tensor([memoryview(head), *views], len(head) + prefix)
         elif level == 0:
-            body = _zlib_stored([memoryview(head), *views])
+            body = zlib_stored([memoryview(head), *views])
         else:
             body = [zlib.compress(b"".join([head, *views]), level)]
         directory.mkdir(exist_ok=True)
-        _place_file(directory, path, body)
+        place_file(directory, path, body)
         self._count_written()
         return oid
 
@@ -552,7 +551,7 @@ class Repository:
         key = bytes.fromhex(blob_id)
         packs = self._packs()
         # A revision's blobs mostly sit in one pack (its commit's): try the last hit first.
-        last: _PackFile | None = self.__dict__.get("_last_pack")
+        last: PackFile | None = self.__dict__.get("_last_pack")
         offset = last.find(key) if last is not None and last in packs else None
         pack = last
         if offset is None:
@@ -566,7 +565,7 @@ class Repository:
         assert pack is not None and offset is not None
         try:
             size, head, pieces = pack.stored_layout(offset)
-        except _NotStored:
+        except NotStored:
             return None
         # Our writer deflates exactly the blob header; any other split takes the general path.
         if len(head) < 13 or len(head) < 17 + int.from_bytes(head[9:13], "little"):
@@ -574,7 +573,7 @@ class Repository:
         header = codec.header_of(head, size, name=name)
         if header.encoding == "xor":
             return None
-        piece = _slicer(memoryview(pack.pack), head, pieces)
+        piece = slicer(memoryview(pack.pack), head, pieces)
         segments = []
         at = header.payload_offset
         for _, length, _ in header.segments:
@@ -1022,554 +1021,3 @@ def _verify_all(jobs: list[tuple[npt.NDArray[np.uint8], codec.BlobHeader, str]])
         thread.join()
     if failed:
         raise failed[0]
-
-
-def _read_fd(fd: int) -> bytes | memoryview:
-    """The whole content of an open file: large ones into a numpy buffer (cheaper to fault in)."""
-    size = os.fstat(fd).st_size
-    if size < _BIG_READ:
-        chunks = []
-        while chunk := os.read(fd, max(size, 1 << 16)):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    import numpy as np
-
-    buffer = np.empty(size, dtype=np.uint8)
-    buffer[::4096] = 0  # fault pages in from user space before read() fills them
-    view = buffer.data
-    done = 0
-    while done < size:
-        n = os.readv(fd, [view[done:]])
-        if n == 0:
-            raise zlib.error(f"file shrank while read ({done} of {size} bytes)")
-        done += n
-    return view
-
-
-def _inflate(raw: bytes | memoryview) -> bytes | memoryview:
-    """Decompress a loose object's zlib stream, gathering stored blocks without zlib where it can."""
-    view = memoryview(raw).cast("B")
-    if view.nbytes >= _BIG_READ:
-        fast = _fast_inflate(view, 0, None)
-        if fast is not None and fast[1] == view.nbytes:
-            return fast[0].data
-    return zlib.decompress(view)
-
-
-def _stored_layout(
-    view: memoryview, pos: int, size: int | None
-) -> tuple[bytes, list[tuple[int, int]], int] | None:
-    """Where the content of the zlib stream at view[pos:] lies, if it is what we write for tensors.
-
-    That is: an optional deflated prefix ending in a full flush (the headers), then stored
-    blocks (the payload, zstd-coded already). Returns the inflated prefix, the (offset,
-    length) of each stored block's data in `view`, and the offset of the stream's Adler-32;
-    None for any other shape or any inconsistency in the framing (the caller then inflates
-    with zlib, which also reports real corruption). The Adler-32 is not checked here.
-    """
-    end = view.nbytes
-    if pos + 2 > end or view[pos] != 0x78 or (view[pos] * 256 + view[pos + 1]) % 31:
-        return None
-    pos += 2
-    head = b""
-    if pos < end and view[pos] & 0xFE:
-        # Not a stored block: a deflated prefix, which our writer ends with a full flush
-        # (an empty stored block: LEN 0000, NLEN FFFF).
-        # Tensor headers deflate to a few hundred bytes: look near first, copying little.
-        mark = bytes(view[pos : pos + 2048]).find(b"\x00\x00\xff\xff")
-        if mark < 0:
-            mark = bytes(view[pos : pos + _MAX_PREFIX]).find(b"\x00\x00\xff\xff")
-        if mark < 0:
-            return None
-        inflater = zlib.decompressobj(-15)
-        try:
-            head = inflater.decompress(view[pos : pos + mark + 4])
-        except zlib.error:
-            return None
-        if inflater.eof or inflater.unconsumed_tail:
-            return None
-        pos += mark + 4
-    pieces: list[tuple[int, int]] = []
-    total = len(head)
-    while True:
-        if pos + 5 > end or view[pos] & 0xFE:
-            return None
-        final = view[pos] & 1
-        length = view[pos + 1] | view[pos + 2] << 8
-        if length ^ (view[pos + 3] | view[pos + 4] << 8) != 0xFFFF:
-            return None
-        pieces.append((pos + 5, length))
-        pos += 5 + length
-        total += length
-        if final:
-            break
-    if pos + 4 > end or (size is not None and total != size):
-        return None
-    return head, pieces, pos
-
-
-def _fast_inflate(
-    view: memoryview, pos: int, size: int | None
-) -> tuple[npt.NDArray[np.uint8], int] | None:
-    """Inflate the zlib stream at view[pos:] if it is what we write for tensor blobs.
-
-    The stored part is gathered with memcpy (see _stored_layout). Returns the content
-    (checked against the stream's Adler-32) and the offset after the stream, or None for any
-    other shape, or any inconsistency: the caller then inflates with zlib.
-    """
-    import numpy as np
-
-    layout = _stored_layout(view, pos, size)
-    if layout is None:
-        return None
-    head, pieces, pos = layout
-    out = np.empty(len(head) + sum(length for _, length in pieces), dtype=np.uint8)
-    out[: len(head)] = np.frombuffer(head, dtype=np.uint8)
-    source = np.frombuffer(view, dtype=np.uint8)
-    at = len(head)
-    for start, length in pieces:
-        out[at : at + length] = source[start : start + length]
-        at += length
-    del source
-    if adler32(out.data) != int.from_bytes(view[pos : pos + 4], "big"):
-        return None
-    return out, pos + 4
-
-
-def _slicer(
-    view: memoryview, head: bytes, pieces: list[tuple[int, int]]
-) -> Callable[[int, int], bytes | memoryview]:
-    """content[start:stop] of a stream laid out as _stored_layout() says, without gathering.
-
-    A range inside the inflated prefix or one stored block is a view; one that spans blocks
-    (blocks hold at most 64 KiB) is joined into bytes.
-    """
-    starts = [len(head)]
-    for _, length in pieces:
-        starts.append(starts[-1] + length)
-
-    def piece(start: int, stop: int) -> bytes | memoryview:
-        if stop <= len(head):
-            return head[start:stop]
-        parts: list[bytes | memoryview] = []
-        if start < len(head):
-            parts.append(head[start:])
-            start = len(head)
-        index = bisect.bisect_right(starts, start) - 1
-        while start < stop:
-            begin, length = pieces[index]
-            skip = start - starts[index]
-            take = min(length - skip, stop - start)
-            parts.append(view[begin + skip : begin + skip + take])
-            start += take
-            index += 1
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    return piece
-
-
-def _zlib_tensor(views: list[memoryview], prefix: int) -> list[Any]:
-    """A zlib stream for a tensor blob: the first `prefix` bytes (git and blob headers, JSON)
-    deflated and ended with a full flush, the rest (zstd planes) in stored blocks.
-
-    Any zlib reader inflates it; our readers gather the stored part without zlib.
-    """
-    head_parts: list[memoryview] = []
-    rest: list[memoryview] = []
-    left = prefix
-    for view in views:
-        if left >= view.nbytes:
-            head_parts.append(view)
-            left -= view.nbytes
-        elif left > 0:
-            head_parts.append(view[:left])
-            rest.append(view[left:])
-            left = 0
-        else:
-            rest.append(view)
-    head = b"".join(head_parts)
-    # A header is a few hundred bytes: a 512-byte window and a small hash table deflate it
-    # to the same size as the defaults, and setting them up costs a quarter as much.
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -9, 4)
-    deflated = deflater.compress(head) + deflater.flush(zlib.Z_FULL_FLUSH)
-    stored = _zlib_stored(rest, adler32(head))
-    # The stored part without its own stream header; its Adler-32 covers the prefix too.
-    return [b"\x78\xda", deflated, *stored[1:]]
-
-
-def _zlib_stored(views: list[memoryview], adler: int = 1) -> list[Any]:
-    """A zlib stream of stored (uncompressed) blocks holding `views`, as pieces to write.
-
-    `adler` is the Adler-32 of whatever precedes `views` in the stream.
-    """
-    total = sum(v.nbytes for v in views)
-    out: list[Any] = [b"\x78\x01"]
-    remaining, left = total, 0
-    for view in views:
-        adler = adler32(view, adler)
-        pos = 0
-        while pos < view.nbytes:
-            if left == 0:
-                left = min(0xFFFF, remaining)
-                out.append(_STORED.pack(int(left == remaining), left, left ^ 0xFFFF))
-            take = min(left, view.nbytes - pos)
-            out.append(view[pos : pos + take])
-            pos += take
-            left -= take
-            remaining -= take
-    if total == 0:
-        out.append(_STORED.pack(1, 0, 0xFFFF))
-    out.append(adler.to_bytes(4, "big"))
-    return out
-
-
-def _write_all(fd: int, pieces: list[Any], offset: int | None = None) -> None:
-    """Write every piece in order (at `offset`, or the file position), in few system calls."""
-    index = 0
-    while index < len(pieces):
-        batch = pieces[index : index + _IOV_MAX]
-        written = os.writev(fd, batch) if offset is None else os.pwritev(fd, batch, offset)
-        expected = sum(len(memoryview(p)) for p in batch)
-        if written < expected:
-            # A short write (rare on regular files): finish this batch piece by piece.
-            data = b"".join(bytes(memoryview(p)) for p in batch)[written:]
-            while data:
-                n = os.write(fd, data) if offset is None else os.pwrite(fd, data, offset + written)
-                written += n
-                data = data[n:]
-        if offset is not None:
-            offset += expected
-        index += _IOV_MAX
-
-
-def _place_file(directory: Path, path: Path, pieces: list[Any]) -> None:
-    """Create read-only file `path` holding `pieces` via a temporary renamed into place, as git does."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_OBJECT_PREFIX)
-    try:
-        try:
-            _write_all(fd, pieces)
-            os.fchmod(fd, 0o444)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-_LEVELLED: type[DiskObjectStore] | None = None
-
-
-def _levelled_store_class() -> type[DiskObjectStore]:
-    """dulwich's DiskObjectStore, except that packs compress each object at its own level.
-
-    dulwich deflates a whole pack at one level; git readers take any level per object,
-    so gc stores tensor blobs at level 0 (zstd inside) and every other object at level 6.
-    """
-    global _LEVELLED
-    if _LEVELLED is not None:
-        return _LEVELLED
-    from dulwich.object_store import DiskObjectStore
-    from dulwich.pack import UnpackedObject, pack_object_header
-
-    class LevelledObjectStore(DiskObjectStore):
-        def add_objects(
-            self, objects: Sequence[tuple[ShaFile, str | None]], progress: Any = None
-        ) -> Any:
-            def records() -> Iterator[UnpackedObject]:
-                for obj, _path in objects:
-                    raw = obj.as_raw_string()
-                    unpacked = UnpackedObject(
-                        obj.type_num, delta_base=None, crc32=None, decomp_chunks=[raw],
-                        sha=obj.sha().digest(),
-                    )  # fmt: skip
-                    head = pack_object_header(obj.type_num, None, len(raw), self.object_format)
-                    level = object_zlib_level(obj.type_name, raw)
-                    if level == TENSOR_ZLIB_LEVEL:
-                        prefix = codec.read_header(raw).payload_offset
-                        body = _zlib_tensor([memoryview(raw)], prefix)
-                    else:
-                        body = [zlib.compress(raw, level)]
-                    # Precompressed chunks are written as they are.
-                    unpacked.comp_chunks = [bytes(head), *(bytes(b) for b in body)]
-                    yield unpacked
-
-            return self.add_pack_data(len(objects), records(), progress=progress)
-
-    _LEVELLED = LevelledObjectStore
-    return _LEVELLED
-
-
-def object_zlib_level(kind: bytes, content: bytes | memoryview) -> int:
-    """zlib level for an object: 0 for tensor blobs (zstd already), META_ZLIB_LEVEL otherwise."""
-    if kind == b"blob" and bytes(memoryview(content)[: len(codec.MAGIC)]) == codec.MAGIC:
-        return TENSOR_ZLIB_LEVEL
-    return META_ZLIB_LEVEL
-
-
-# ------------------------------------------------------------------- packs
-_PACK_TYPES = {b"commit": 1, b"tree": 2, b"blob": 3, b"tag": 4}
-_STALE_SECONDS = 3600  # temporaries older than this belong to no live writer
-
-
-def _pack_entry_header(type_num: int, size: int) -> bytes:
-    """A pack entry's type and size: 3 type bits and a little-endian base-128 size."""
-    out = bytearray([(type_num << 4) | (size & 0x0F)])
-    size >>= 4
-    while size:
-        out[-1] |= 0x80
-        out.append(size & 0x7F)
-        size >>= 7
-    return bytes(out)
-
-
-class PackWriter:
-    """Writes a commit's new tensor blobs into one git pack (`objects/pack/pack-<sha>.{pack,idx}`).
-
-    One file instead of hundreds of loose ones: creating a file costs far more than
-    writing its bytes. Entries are appended as workers finish them (thread-safe); finish()
-    writes the object count, the checksums and the version-2 index, then renames the pack
-    and then the index into place, so readers (which find packs by their index) never see
-    a partial pack. A writer killed before that leaves only `tmp_pack_*`/`tmp_idx_*` files,
-    which the next writer deletes once they are an hour old.
-    """
-
-    def __init__(self, repo: Repository, expected: int | None = None) -> None:
-        """Open a temporary pack in `repo`'s objects/pack.
-
-        With `expected` (the number of objects the caller will add), the header is written
-        now and the pack's SHA-1 is computed as entries arrive; if a different number ends up
-        in the pack (an object the store or the pack already held), finish() reads it back.
-        """
-        self.repo = repo
-        self.directory = repo.git_dir / "objects" / "pack"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _remove_stale_packs(self.directory)
-        self.fd, self.tmp = tempfile.mkstemp(dir=self.directory, prefix="tmp_pack_")
-        self.lock = threading.Lock()
-        self.offset = 12
-        self.entries: dict[bytes, tuple[int, int]] = {}  # binary id -> (offset, crc32)
-        self.expected = expected
-        # Fan-out directories of loose objects, listed once: a store checks hundreds of new
-        # ids, and most have no directory (a failed stat each was ~20 us). One created
-        # meanwhile by another writer can only make us store an object twice, which git allows.
-        objects = repo.git_dir / "objects"
-        self.loose_dirs = {name for name in os.listdir(objects) if len(name) == 2}
-        header = _pack_header(expected or 0)  # rewritten by finish() when the count differs
-        self.checksum = hashlib.sha1(header) if expected else None  # of the pack so far
-        os.pwrite(self.fd, header, 0)
-
-    def add(self, kind: bytes, parts: Sequence[Any], level: int, prefix: int = 0) -> str:
-        """Append an object (unless this pack or the store holds it); returns its id.
-
-        `level` and `prefix` are as for Repository.write_object.
-        """
-        views = [memoryview(p).cast("B") for p in parts]
-        size = sum(v.nbytes for v in views)
-        head = b"%s %d\0" % (kind, size)
-        digest = hashlib.sha1(head)
-        for view in views:
-            digest.update(view)
-        oid = digest.hexdigest()
-        if self.repo.has_object(oid, loose=oid[:2] in self.loose_dirs):
-            return oid
-        if level == 0:
-            body = _zlib_tensor(views, prefix) if prefix else _zlib_stored(views)
-        else:
-            body = [zlib.compress(b"".join(views), level)]
-        pieces = [_pack_entry_header(_PACK_TYPES[kind], size), *body]
-        crc = 0
-        for piece in pieces:
-            crc = crc32(piece, crc)
-        length = sum(len(memoryview(p)) for p in pieces)
-        key = digest.digest()
-        with self.lock:
-            if key in self.entries:
-                return oid
-            offset = self.offset
-            self.offset += length
-            self.entries[key] = (offset, crc)
-            if self.checksum is not None:
-                # In offset order, under the lock; hashlib releases the GIL meanwhile, so
-                # the other workers keep encoding.
-                for piece in pieces:
-                    self.checksum.update(piece)
-        self.repo._count_written()
-        # Each entry owns its byte range, so workers write without holding the lock.
-        _write_all(self.fd, pieces, offset)
-        return oid
-
-    def finish(self) -> None:
-        """Seal the pack and move it and its index into place (nothing when it holds no object)."""
-        try:
-            if not self.entries:
-                return
-            count = len(self.entries)
-            if self.checksum is not None and count == self.expected:
-                checksum = self.checksum.digest()
-            else:
-                os.pwrite(self.fd, _pack_header(count), 0)
-                checksum = _sha1_of_file(self.fd, self.offset)
-            os.pwrite(self.fd, checksum, self.offset)
-            name = f"pack-{checksum.hex()}"
-            idx = _pack_index(self.entries, checksum)
-            fd, tmp_idx = tempfile.mkstemp(dir=self.directory, prefix="tmp_idx_")
-            try:
-                _write_all(fd, [idx])
-                os.fchmod(fd, 0o444)
-            finally:
-                os.close(fd)
-            os.fchmod(self.fd, 0o444)
-            os.replace(self.tmp, self.directory / f"{name}.pack")
-            os.replace(tmp_idx, self.directory / f"{name}.idx")
-        finally:
-            os.close(self.fd)
-            Path(self.tmp).unlink(missing_ok=True)
-
-
-def _pack_header(count: int) -> bytes:
-    """A version-2 pack header for `count` objects."""
-    return b"PACK" + struct.pack(">II", 2, count)
-
-
-def _sha1_of_file(fd: int, size: int) -> bytes:
-    """SHA-1 of the first `size` bytes of an open file, read back through a memory map."""
-    import mmap
-
-    digest = hashlib.sha1()
-    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped:
-        digest.update(mapped)
-    return digest.digest()
-
-
-def _pack_index(entries: dict[bytes, tuple[int, int]], checksum: bytes) -> bytes:
-    """A version-2 pack index for `entries` (binary id -> (offset, crc32)), as git writes it."""
-    ids = sorted(entries)
-    fanout = [0] * 256
-    for oid in ids:
-        fanout[oid[0]] += 1
-    total = 0
-    for i in range(256):
-        total += fanout[i]
-        fanout[i] = total
-    small: list[int] = []
-    large: list[int] = []
-    for oid in ids:
-        offset = entries[oid][0]
-        if offset < 0x80000000:
-            small.append(offset)
-        else:  # packs over 2 GiB keep the offset in the 64-bit table
-            small.append(0x80000000 | len(large))
-            large.append(offset)
-    n = len(ids)
-    body = b"".join(
-        [
-            b"\xfftOc",
-            struct.pack(">I", 2),
-            struct.pack(">256I", *fanout),
-            *ids,
-            struct.pack(f">{n}I", *(entries[oid][1] for oid in ids)),
-            struct.pack(f">{n}I", *small),
-            struct.pack(f">{len(large)}Q", *large),
-            checksum,
-        ]
-    )
-    return body + hashlib.sha1(body).digest()
-
-
-def _remove_stale_packs(directory: Path) -> None:
-    """Delete temporaries of pack writers that were killed, once they are an hour old."""
-    now = time.time()
-    with os.scandir(directory) as it:
-        for entry in it:
-            if entry.name.startswith(("tmp_pack_", "tmp_idx_")):
-                with suppress(OSError):
-                    if now - entry.stat().st_mtime > _STALE_SECONDS:
-                        os.unlink(entry.path)
-
-
-class _NotStored(Exception):
-    """A pack entry that is not a whole blob in stored zlib blocks."""
-
-
-class _PackFile:
-    """A pack and its version-2 index, memory-mapped, for reading whole stored blobs fast."""
-
-    def __init__(self, base: Path) -> None:
-        """Map `base`.idx and `base`.pack; ValueError when the index is not version 2."""
-        import mmap
-
-        self._maps: list[mmap.mmap] = []
-        with open(f"{base}.idx", "rb") as handle:
-            self.idx = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        self._maps.append(self.idx)
-        if self.idx[:8] != b"\xfftOc\0\0\0\2":
-            self.close()
-            raise ValueError(f"{base}.idx is not a version-2 pack index")
-        self.count = struct.unpack_from(">I", self.idx, 8 + 255 * 4)[0]
-        self._offsets: dict[bytes, int] | None = None
-        self.pack_path = f"{base}.pack"
-        with open(self.pack_path, "rb") as handle:
-            self.pack = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        self._maps.append(self.pack)
-
-    def close(self) -> None:
-        """Unmap the files."""
-        for mapped in self._maps:
-            with suppress(BufferError):  # a view still in use keeps its map alive
-                mapped.close()
-        self._maps = []
-
-    def find(self, key: bytes) -> int | None:
-        """The pack offset of object `key` (20 bytes), or None."""
-        offsets = self._offsets
-        if offsets is None:
-            offsets = self._offsets = self._read_offsets()
-        return offsets.get(key)
-
-    def _read_offsets(self) -> dict[bytes, int]:
-        """Every object's offset, by binary id, from the index (built once per pack).
-
-        A dict lookup is ~50x cheaper than a binary search in Python, and a hot swap looks
-        up a few hundred blobs in a pack it has never read.
-        """
-        idx, count, base = self.idx, self.count, 8 + 1024
-        names = idx[base : base + count * 20]
-        small = struct.unpack_from(f">{count}I", idx, base + count * 24)
-        offsets: dict[bytes, int] = {}
-        for i, offset in enumerate(small):
-            if offset & 0x80000000:
-                large = base + count * 28 + (offset & 0x7FFFFFFF) * 8
-                offset = struct.unpack_from(">Q", idx, large)[0]
-            offsets[names[i * 20 : i * 20 + 20]] = offset
-        return offsets
-
-    def _blob_entry(self, offset: int) -> tuple[int, int]:
-        """(size, position of the zlib stream) of the undeltified blob entry at `offset`."""
-        pack = self.pack
-        byte = pack[offset]
-        kind, size, shift, pos = (byte >> 4) & 7, byte & 0x0F, 4, offset + 1
-        while byte & 0x80:
-            byte = pack[pos]
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            pos += 1
-        if kind != 3:
-            raise _NotStored
-        return size, pos
-
-    def stored_layout(self, offset: int) -> tuple[int, bytes, list[tuple[int, int]]]:
-        """The size of the blob entry at `offset` and where its content lies (_stored_layout)."""
-        size, pos = self._blob_entry(offset)
-        layout = _stored_layout(memoryview(self.pack), pos, size)
-        if layout is None:
-            raise _NotStored  # deltas, deflated or corrupt entries: dulwich reads (or reports) them
-        return size, layout[0], layout[1]
-
-    def stored_blob(self, offset: int) -> memoryview:
-        """The content of the blob entry at `offset`, when it is zlib-stored as we write tensors."""
-        size, pos = self._blob_entry(offset)
-        fast = _fast_inflate(memoryview(self.pack), pos, size)
-        if fast is None:
-            raise _NotStored  # deltas, deflated or corrupt entries: dulwich reads (or reports) them
-        return fast[0].data

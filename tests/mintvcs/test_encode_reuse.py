@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from mintvcs import checksums, codec, hooks
-from mintvcs.store import TENSOR_ZLIB_LEVEL, PackWriter, Repository
+from mintvcs.packs import TENSOR_ZLIB_LEVEL, PackWriter
+from mintvcs.store import Repository
 
 BASE_ID = "cd" * 20
 
