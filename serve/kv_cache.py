@@ -43,19 +43,6 @@ class KVCache:
         # Lowest free slot first keeps running slots dense, which keeps gathers local.
         self._free = list(range(num_slots - 1, -1, -1))
 
-    @staticmethod
-    def bytes_needed(
-        num_layers: int,
-        num_slots: int,
-        max_len: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-    ) -> int:
-        """Bytes a cache of this shape takes, for sizing before allocation."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * num_slots * max_len * kv_heads * head_dim * itemsize
-
     @property
     def nbytes(self) -> int:
         """Bytes held by all key and value tensors."""
