@@ -278,12 +278,21 @@ def _merge(
         return
     width = _UINT[group]
     if group == 2:
-        # Widen the planes to u16 once and rebuild each element in registers: about twice
-        # as fast as interleaving bytes with strided copies.
-        word = planes[1].astype(np.uint16)
-        word <<= 8
-        word |= planes[0]
-    elif group == 4:
+        # Widen straight into `out` and rebuild each element in registers: about twice as fast
+        # as interleaving bytes with strided copies, and no temporary (fresh pages cost more
+        # than the arithmetic here).
+        target = out.view(width)
+        np.copyto(target, planes[1])
+        np.left_shift(target, 8, out=target)
+        np.bitwise_or(target, planes[0], out=target)
+        if rotate:
+            count = target.size
+            wrap = _scratch("merge16", 2 * count)[: 2 * count].view(np.uint16)
+            np.left_shift(target, 16 - rotate, out=wrap)
+            np.right_shift(target, rotate, out=target)
+            np.bitwise_or(target, wrap, out=target)
+        return
+    if group == 4:
         # Pairs of planes to u16 halves, then the halves to u32 words, all in this thread's
         # scratch: ~30% faster than four byte-strided copies into a temporary.
         count = planes[0].size
@@ -303,11 +312,10 @@ def _merge(
             np.right_shift(target, rotate, out=target)
             np.bitwise_or(target, wrap, out=target)
         return
-    else:
-        columns = np.empty((planes[0].size, group), dtype=np.uint8)
-        for k in range(group):
-            columns[:, k] = planes[k]
-        word = columns.reshape(-1).view(width)
+    columns = np.empty((planes[0].size, group), dtype=np.uint8)  # any other width: bytes
+    for k in range(group):
+        columns[:, k] = planes[k]
+    word = columns.reshape(-1).view(width)
     target = out.view(width)
     if rotate:
         np.right_shift(word, rotate, out=target)
