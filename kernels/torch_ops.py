@@ -110,8 +110,7 @@ def add_lora_torch(
     plan = _plan(groups, None if slot_ranks is None else slot_ranks.tolist(), rank)
     if plan is None:
         return y
-    # CPU matmuls in half types are slow and round every partial sum; compute those in fp32.
-    work = torch.float32 if x.device.type == "cpu" and x.dtype != torch.float32 else x.dtype
+    work = work_dtype(x.dtype, x.device)
     if plan.padded:
         deltas = _padded(x, slices, plan, scales, work)
     else:
@@ -121,17 +120,9 @@ def add_lora_torch(
         yv = y[:, col : col + b.shape[1]]  # [tokens, out_i], a view: writes land in y
         col += b.shape[1]
         if plan.in_place:  # prefill of requests already in slot order: plain row slices
-            rows = yv[: delta.shape[0]]
-            if delta.dtype == rows.dtype:
-                rows.add_(delta)
-            else:
-                rows.copy_(rows.to(delta.dtype) + delta)
-        elif delta.dtype == yv.dtype:
-            yv.index_add_(0, plan.idx, delta)
+            _accumulate(yv[: delta.shape[0]], delta)
         else:
-            cur = yv.index_select(0, plan.idx).to(delta.dtype)  # [active, out_i]
-            cur.add_(delta)
-            yv.index_copy_(0, plan.idx, cur.to(yv.dtype))
+            _accumulate_rows(yv, plan.idx, delta)
     return y
 
 
@@ -416,7 +407,11 @@ class PackedStep:
         if plan.batched:
             lo, span, length = plan.lo, plan.span, plan.length
             hi, rows = lo + span, span * length
-            xp = x[:rows] if plan.direct else x.index_select(0, plan.gather)  # type: ignore[arg-type]
+            if plan.direct:
+                xp = x[:rows]
+            else:
+                assert plan.gather is not None
+                xp = x.index_select(0, plan.gather)
             if xp.dtype != work:
                 xp = xp.to(work)
             h = torch.bmm(xp.view(span, length, -1), a[lo:hi])  # [span, L, P*R]

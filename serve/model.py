@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mintvcs.kernels.torch_ops import PackedStep, packed_step
+from mintvcs.kernels.torch_ops import packed_step
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.loader import (
     CheckpointError,
@@ -152,7 +152,6 @@ class LoraBatch:
     backend: str = "auto"
     # per layer, group name (LORA_GROUPS) -> kernels PackedLora; used instead of a/b when present
     packed: list[dict[str, Any]] | None = None
-    step: PackedStep | None = None  # the packed plan of this step, built by the first layer
 
 
 def _apply_lora(
@@ -170,9 +169,8 @@ def _apply_lora(
         packed = lora.packed[layer].get(name)
         if packed is not None:
             # The same sum as below with the slices' factors side by side: 2 matmuls per call.
-            if lora.step is None:
-                lora.step = packed_step(lora.token_slots, lora.scales, lora.ranks)
-            lora.step.apply(y, x, packed)
+            # The step's plan is built by the first layer and cached on its SlotGroups.
+            packed_step(lora.token_slots, lora.scales, lora.ranks).apply(y, x, packed)
             return
     from mintvcs import kernels
 
