@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mintvcs.checksums import crc32
 from mintvcs.errors import MintError
+from mintvcs.safetensors_file import DTYPE_SIZES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -63,14 +64,9 @@ _CRC = struct.Struct("<I")
 # making us slice or parse something absurd.
 _MAX_HEADER = 1 << 20
 
-# Byte sizes of safetensors dtypes. Unknown (e.g. sub-byte) dtypes are still
-# stored raw; only the shape-vs-size check is skipped for them.
-_ITEMSIZE: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
-}  # fmt: skip
+# Byte sizes of safetensors dtypes: the reader's table and two the codec also sizes. Unknown
+# (e.g. sub-byte) dtypes are still stored raw; only the shape-vs-size check is skipped for them.
+_ITEMSIZE: dict[str, int] = {**DTYPE_SIZES, "F8_E8M0": 1, "C64": 8}
 # Float dtypes whose bytes are split into planes; the issue asks for these.
 _PLANE_DTYPES = frozenset({"F16", "BF16", "F32"})
 # Where the exponent is 8 bits wide, rotating each element left by one bit
