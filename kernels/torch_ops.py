@@ -274,6 +274,10 @@ class _PackedPlan:
     dest: torch.Tensor | None  # [active] the token each kept row belongs to; None = 0..active-1
 
 
+# How many padded rows of the batched layout cost about as much as one more matmul run.
+_ROWS_PER_RUN = 32
+
+
 def _packed_plan(groups: SlotGroups, live_slots: tuple[bool, ...]) -> _PackedPlan | None:
     key = ("packed-plan", live_slots)
     memo = groups.memo
@@ -297,10 +301,13 @@ def _packed_plan(groups: SlotGroups, live_slots: tuple[bool, ...]) -> _PackedPla
         lo, hi = min(per_slot), max(per_slot) + 1
         span = hi - lo
         length = max(len(v) for v in per_slot.values())
-        # Short segments (decode): one bmm pair over a range of slots beats a loop of small
-        # matmuls, as long as padding (short segments, idle slots inside the range) at most
-        # doubles the rows. Slots outside lo..hi-1 are never read, so no weight gather.
-        batched = length <= 32 and span * length <= 2 * active
+        # One bmm pair over a range of slots, each padded to the longest segment, or a matmul
+        # pair per run. A padded row costs a row of small matmuls, about 1/32 of what one more
+        # run costs in calls (measured on CPU), so padding pays while it stays under 32 rows per
+        # run it saves: decode steps, and steps that mix decodes with short prefills, batch; a
+        # long prefill next to short segments loops. Slots outside lo..hi-1 are never read.
+        padding = span * length - active
+        batched = padding <= max(active, _ROWS_PER_RUN * (len(runs) - 1))
         direct = batched and list(slots[: span * length]) == [
             lo + i // length for i in range(span * length)
         ]
