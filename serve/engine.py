@@ -9,12 +9,13 @@ import queue
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -96,15 +97,18 @@ class Completion:
     prompt_tokens: int
 
 
+# What a request's sink posts to its stream's queue: one event or error, or several at once.
+_Posted: TypeAlias = TokenEvent | BaseException | list[TokenEvent | BaseException]
+
+
 class RequestStream:
     """The async iterator of one request's TokenEvents; cancel() (or leaving `async with`) frees it."""
 
-    def __init__(
-        self, engine: Engine, seq: Sequence, events: asyncio.Queue[TokenEvent | BaseException]
-    ) -> None:
+    def __init__(self, engine: Engine, seq: Sequence, events: asyncio.Queue[_Posted]) -> None:
         self._engine = engine
         self._seq = seq
         self._events = events
+        self._pending: deque[TokenEvent | BaseException] = deque()
         self._done = False
         self.request_id = seq.request_id
         self.revision = seq.revision
@@ -116,12 +120,20 @@ class RequestStream:
     async def __anext__(self) -> TokenEvent:
         if self._done:
             raise StopAsyncIteration
-        try:
-            item = await self._events.get()
-        except asyncio.CancelledError:
-            # The consumer went away (client disconnect): free the sequence and its slot ref.
-            self.cancel()
-            raise
+        if self._pending:
+            item = self._pending.popleft()
+        else:
+            try:
+                posted = await self._events.get()
+            except asyncio.CancelledError:
+                # The consumer went away (client disconnect): free the sequence and its slot ref.
+                self.cancel()
+                raise
+            if isinstance(posted, list):
+                self._pending.extend(posted)
+                item = self._pending.popleft()
+            else:
+                item = posted
         if isinstance(item, BaseException):
             self._done = True
             raise item
@@ -405,13 +417,34 @@ class Engine:
         prompt: str | Seq[int],
         revision: str | None = None,
         params: SamplingParams | None = None,
+        *,
+        stream: bool = True,
     ) -> RequestStream:
-        """Queue a request from a running event loop; iterate the returned stream for its TokenEvents."""
+        """Queue a request from a running event loop; iterate the returned stream for its TokenEvents.
+
+        With stream=False the first event still comes at once (it confirms admission), and the
+        rest arrive together when the request ends.
+        """
         mailbox = self._mailbox(asyncio.get_running_loop())
-        events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+        events: asyncio.Queue[_Posted] = asyncio.Queue()
+        held: list[TokenEvent | BaseException] = []  # touched by the step thread only
 
         def sink(item: TokenEvent | BaseException) -> None:
-            if not mailbox.post(events, item):  # the loop is closed: nobody listens any more
+            # A caller that waits for the whole text gains nothing from a loop wakeup per step,
+            # which is Python work competing with the step thread for the GIL and the CPUs.
+            if (
+                not stream
+                and isinstance(item, TokenEvent)
+                and item.finish_reason is None
+                and item.index > 1
+            ):
+                held.append(item)
+                return
+            posted: _Posted = item
+            if held:
+                posted = [*held, item]
+                held.clear()
+            if not mailbox.post(events, posted):  # the loop is closed: nobody listens any more
                 self.cancel(seq.request_id)
 
         seq = self._new_sequence(prompt, revision, params, sink)

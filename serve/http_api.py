@@ -98,9 +98,12 @@ class Admitted:
 
 
 async def admit(
-    request: web.Request, prompt: str, spec: object, params: SamplingParams
+    request: web.Request, prompt: str, spec: object, params: SamplingParams, *, stream: bool
 ) -> Admitted:
-    """Check size, resolve the ref once, submit, and await the first event (errors become 4xx)."""
+    """Check size, resolve the ref once, submit, and await the first event (errors become 4xx).
+
+    Without `stream`, the tokens after the first reach this loop together when the request ends.
+    """
     state = request.app[STATE]
     engine = state.require_engine()
     if not isinstance(prompt, str) or not prompt:
@@ -122,14 +125,14 @@ async def admit(
     name = check_spec(spec)
     resolution = state.watcher.resolve(name)
     request[REF_KEY] = name
-    stream = engine.submit(ids, resolution.commit, params)
+    submitted = engine.submit(ids, resolution.commit, params, stream=stream)
     try:
-        first = await stream.__anext__()
+        first = await submitted.__anext__()
     except BaseException:
-        stream.cancel()
+        submitted.cancel()
         raise
     state.tokens.inc((name, "prompt"), len(ids))
-    return Admitted(name, resolution, stream, first, len(ids))
+    return Admitted(name, resolution, submitted, first, len(ids))
 
 
 async def events(admitted: Admitted) -> AsyncIterator[TokenEvent]:
@@ -238,7 +241,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     stream = field_of(body, "stream", (bool,), False)
     return_ids = field_of(body, "return_token_ids", (bool,), False)
     params = sampling_params(body, state)
-    admitted = await admit(request, prompt, spec, params)
+    admitted = await admit(request, prompt, spec, params, stream=stream)
 
     def result(text: str, last: TokenEvent) -> dict[str, Any]:
         return {
@@ -308,7 +311,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     stream = field_of(body, "stream", (bool,), False)
     _n_is_one(body)
     params = sampling_params(body, state)
-    admitted = await admit(request, prompt, spec, params)
+    admitted = await admit(request, prompt, spec, params, stream=stream)
     envelope = _OpenAIEnvelope("cmpl", admitted)
 
     def obj(choice: dict[str, Any]) -> dict[str, Any]:
@@ -432,7 +435,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     _n_is_one(body)
     params = sampling_params(body, state)
     prompt = render_chat(messages, state.tokenizer_config)
-    admitted = await admit(request, prompt, spec, params)
+    admitted = await admit(request, prompt, spec, params, stream=stream)
     obj = _OpenAIEnvelope("chatcmpl", admitted).wrap
 
     if not stream:

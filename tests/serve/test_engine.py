@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
+from mintvcs.serve.scheduler import TokenEvent
 from tests.serve.conftest import ZOO
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -195,6 +196,33 @@ def test_stream_events_and_text(engine: Engine) -> None:
     assert [e.finish_reason for e in events] == [None] * 4 + ["length"]  # type: ignore[attr-defined]
     ids = [e.token_id for e in events]  # type: ignore[attr-defined]
     assert "".join(e.text for e in events) == engine.tokenizer.decode(ids)  # type: ignore[attr-defined]
+
+
+def test_unstreamed_submit_wakes_the_loop_twice(engine: Engine) -> None:
+    """stream=False: the same events, but only the first and one batch of the rest reach the loop."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def main(stream: bool) -> tuple[list[TokenEvent], int]:
+        box = engine._mailbox(asyncio.get_running_loop())
+        posts = 0
+        post = box.post
+
+        def counting(target: asyncio.Queue[object], item: object) -> bool:
+            nonlocal posts
+            posts += 1
+            return post(target, item)
+
+        box.post = counting  # type: ignore[method-assign]
+        try:
+            events = [e async for e in engine.submit("Hello world", "qv-r8", params, stream=stream)]
+        finally:
+            del box.post
+        return events, posts
+
+    streamed, streamed_posts = asyncio.run(main(True))
+    batched, batched_posts = asyncio.run(main(False))
+    assert batched == streamed and len(batched) == 12
+    assert (streamed_posts, batched_posts) == (12, 2)
 
 
 def test_stop_string_eos_and_seeded_sampling(engine: Engine) -> None:
