@@ -122,9 +122,40 @@ def make_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
     return out
 
 
-def prompts(count: int, tokens: int) -> list[list[int]]:
-    """Distinct prompts of exactly `tokens` token ids (byte tokens 3..258), so no padding is needed."""
-    return [[3 + (i * 7 + j * 13) % 256 for j in range(tokens)] for i in range(count)]
+# Words the benchmark prompts are made of; any words work.
+PROMPT_WORDS = (
+    *("the", "model", "answer", "adapter", "revision", "base", "team", "branch", "product"),
+    *("policy", "user", "yes", "no", "hello", "world", "what", "is", "capital", "of", "france"),
+    *("paris", "keeps", "moves", "only", "many", "times", "continuous", "evaluation"),
+)
+
+
+def prompts(count: int, tokens: int, tokenizer: Any) -> list[list[int]]:
+    """Distinct prompts of exactly `tokens` ids whose text encodes back to the same ids.
+
+    The HTTP API takes text and PEFT takes ids: both must see the same tokens, or the two sides
+    would prefill (and, at the context limit, generate) different amounts.
+    """
+    import random
+
+    gen = random.Random(0)
+    out: list[list[int]] = []
+    seen: set[tuple[int, ...]] = set()
+    for _ in range(100 * count):
+        text, ids = "", []
+        while len(ids) < tokens:
+            longer = f"{text} {gen.choice(PROMPT_WORDS)}" if text else gen.choice(PROMPT_WORDS)
+            longer_ids = tokenizer.encode(longer).ids
+            if len(longer_ids) > tokens:
+                break
+            text, ids = longer, longer_ids
+        stable = len(ids) == tokens and tokenizer.encode(tokenizer.decode(ids)).ids == ids
+        if stable and tuple(ids) not in seen:
+            seen.add(tuple(ids))
+            out.append(ids)
+            if len(out) == count:
+                return out
+    raise RuntimeError(f"could not build {count} distinct {tokens}-token prompts")
 
 
 def build_repo(base: Path, adapters: list[Path], root: Path) -> tuple[Any, list[str]]:
@@ -153,7 +184,7 @@ async def http_run(
 
     async def one(session: aiohttp.ClientSession, ids: list[int], ref: str) -> None:
         nonlocal tokens
-        # The HTTP API takes text: the byte tokens decode to text that encodes back to the same ids.
+        # The HTTP API takes text; prompts() made sure it encodes back to these ids.
         async with sem:
             start = time.perf_counter()
             async with session.post(
@@ -267,10 +298,9 @@ def main() -> None:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
-        all_prompts = prompts(args.requests, args.prompt_tokens)
+        all_prompts = prompts(args.requests, args.prompt_tokens, tokenizer)
         for p in all_prompts:
-            text = tokenizer.decode(p)
-            PROMPT_TEXT[tuple(p)] = text
+            PROMPT_TEXT[tuple(p)] = tokenizer.decode(p)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         params = sum(
             v.numel()
