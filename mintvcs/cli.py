@@ -185,7 +185,7 @@ def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
             ]
         )
         return
-    labels = porcelain.decorations(repo)
+    labels = porcelain.decorations(repo, {c.id for c in commits})
     for index, info in enumerate(commits):
         deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
         if oneline:

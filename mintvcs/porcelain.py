@@ -10,7 +10,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,23 +239,30 @@ def log(repo: Repository, spec: str = "HEAD", limit: int | None = None) -> list[
     return list(repo.walk(repo.resolve(spec), limit))
 
 
-def decorations(repo: Repository) -> dict[str, list[str]]:
-    """Ref names by the commit they point to, as `git log --decorate` shows them."""
+def decorations(repo: Repository, shown: Collection[str]) -> dict[str, list[str]]:
+    """Ref names by the commit they point to, as `git log --decorate` shows them, for `shown` commits."""
     labels: dict[str, list[str]] = {}
     head_branch = repo.refs.read_symbolic("HEAD")
     head = repo.head_commit()
-    if head and head_branch is None:
+    if head is not None and head in shown and head_branch is None:
         labels.setdefault(head, []).append("HEAD")
     for name, oid in repo.refs.iter_refs("refs/"):
+        # Branches name commits; only a tag may name a tag object that has to be read and peeled.
+        # Reading an object per ref made `log` take seconds with 10^5 branches.
+        target: str | None = oid
+        if oid not in shown:
+            target = None
+            if name.startswith("refs/tags/"):
+                with suppress(MintError):
+                    target = repo.peel(oid)
+        if target is None or target not in shown:
+            continue
         short = name.removeprefix("refs/heads/")
         if name.startswith("refs/tags/"):
             short = "tag: " + name.removeprefix("refs/tags/")
         elif name == head_branch:
             short = f"HEAD -> {short}"
-        try:
-            labels.setdefault(repo.peel(oid), []).append(short)
-        except MintError:
-            continue
+        labels.setdefault(target, []).append(short)
     for names in labels.values():
         names.sort(key=lambda n: (not n.startswith("HEAD"), n.startswith("tag: "), n))
     return labels

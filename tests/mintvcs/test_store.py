@@ -236,3 +236,21 @@ def test_commit_reports_no_new_blobs_for_an_unchanged_adapter(
     assert again.parent == first.commit and again.branch == "main"
     assert repo.read_revision(again.commit).info.tree == repo.read_revision(first.commit).info.tree
     repo.close()
+
+
+def test_log_decorations_label_only_the_shown_commits(tmp_path: Path, peft_adapter: Path) -> None:
+    """Branches, lightweight and annotated tags, and a detached HEAD, as `git log --decorate` shows them."""
+    work = copy_adapter(peft_adapter, tmp_path / "work")
+    repo = porcelain.init(work, None, install_hooks=False)
+    first = _commit(repo, "first")
+    mutate(work, seed=1)
+    second = _commit(repo, "second")
+    porcelain.branch_create(repo, "old", first)
+    porcelain.tag_create(repo, "v1", first, message="annotated")
+    porcelain.tag_create(repo, "light", second)
+    both = porcelain.decorations(repo, {first, second})
+    assert both == {first: ["old", "tag: v1"], second: ["HEAD -> main", "tag: light"]}
+    assert porcelain.decorations(repo, {first}) == {first: ["old", "tag: v1"]}
+    porcelain.checkout(repo, first, force=True)
+    assert porcelain.decorations(repo, {first, second})[first] == ["HEAD", "old", "tag: v1"]
+    repo.close()
