@@ -417,13 +417,16 @@ def main() -> None:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(device)
             peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
             peer_times = []
             for i in range(args.swaps):
                 start = time.perf_counter()
                 peft_model.load_adapter(str(adapters[i + 1]), adapter_name=f"s{i}")
                 peft_model.set_adapter(f"s{i}")
+                if device == "cuda":
+                    torch.cuda.synchronize()
                 peer_times.append(time.perf_counter() - start)
             peer_swap = statistics.median(peer_times)
             print(
