@@ -302,12 +302,14 @@ def _packed_plan(groups: SlotGroups, live_slots: tuple[bool, ...]) -> _PackedPla
         span = hi - lo
         length = max(len(v) for v in per_slot.values())
         # One bmm pair over a range of slots, each padded to the longest segment, or a matmul
-        # pair per run. A padded row costs a row of small matmuls, about 1/32 of what one more
-        # run costs in calls (measured on CPU), so padding pays while it stays under 32 rows per
-        # run it saves: decode steps, and steps that mix decodes with short prefills, batch; a
-        # long prefill next to short segments loops. Slots outside lo..hi-1 are never read.
+        # pair per run (per slot, after one gather, when the runs are scattered). A padded row
+        # costs a row of small matmuls, about 1/32 of what one more run costs in calls
+        # (measured on CPU), so padding pays while it stays under 32 rows per run it saves:
+        # decode steps, and steps that mix decodes with short prefills, batch; a long prefill
+        # next to short segments loops. Slots outside lo..hi-1 are never read.
+        looped = len(runs) if len(runs) <= 2 * len(per_slot) else len(per_slot)
         padding = span * length - active
-        batched = padding <= max(active, _ROWS_PER_RUN * (len(runs) - 1))
+        batched = padding <= max(active, _ROWS_PER_RUN * (looped - 1))
         direct = batched and list(slots[: span * length]) == [
             lo + i // length for i in range(span * length)
         ]
