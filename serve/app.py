@@ -324,7 +324,9 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise HTTPError(400, "the request body is empty; send a JSON object", "empty_body")
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except RecursionError:
+        raise HTTPError(400, "the body nests JSON too deeply", "invalid_json") from None
+    except ValueError as err:  # bad JSON, bad UTF-8, or an integer of over 4300 digits
         raise HTTPError(400, f"the body is not valid JSON: {err}", "invalid_json") from None
     if not isinstance(body, dict):
         raise HTTPError(

@@ -328,6 +328,8 @@ def test_generate_stream_format(server: BackgroundServer, repo: Repository) -> N
 # ---------------------------------------------------------------------------- bad input
 BAD_BODIES: list[tuple[str, bytes, int]] = [
     ("invalid json", b"{not json", 400),
+    ("json nested too deeply", b"[" * 100_000 + b"]" * 100_000, 400),
+    ("an integer of 5000 digits", b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", 400),
     ("empty body", b"", 400),
     ("whitespace body", b"  \n", 400),
     ("array body", b"[1, 2]", 400),
