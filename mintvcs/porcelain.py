@@ -7,11 +7,10 @@ import json
 import os
 import random
 import stat
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Collection
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from mintvcs.adapter import CONFIG_FILE, GIT_DIR, WEIGHTS_FILE, AdapterFiles, re
 from mintvcs.base import BaseModel, read_base_model
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
+from mintvcs.progress import progress_bar
 from mintvcs.refs import (
     ANY,
     ZERO,
@@ -63,24 +63,6 @@ def identity(repo: Repository | None = None) -> str:
 
         email = f"{user}@{socket.gethostname()}"
     return f"{name or user} <{email}>"
-
-
-Progress = Callable[[int], None]
-
-
-@contextmanager
-def progress_bar(total: int, desc: str) -> Iterator[Progress]:
-    """A byte progress bar on stderr that appears only when the work takes over a second."""
-    if not sys.stderr.isatty():
-        # tqdm would disable itself here (disable=None); skip importing it at all.
-        yield lambda _n: None
-        return
-    from tqdm import tqdm
-
-    with tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, delay=1.0, leave=False, disable=None
-    ) as bar:
-        yield bar.update
 
 
 def _write_atomic(

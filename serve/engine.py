@@ -20,8 +20,9 @@ from typing import Any, TypeAlias
 import torch
 
 from mintvcs.errors import MintError
+from mintvcs.progress import progress_bar
 from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, prepare_adapter
-from mintvcs.serve.loader import load_tokenizer, read_config
+from mintvcs.serve.loader import load_tokenizer, read_config, safetensors_files
 from mintvcs.serve.model import LORA_MODULES, Model
 from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams
 from mintvcs.serve.scheduler import Scheduler, Sequence, TokenEvent
@@ -248,9 +249,15 @@ class Engine:
             self.max_model_len = config.max_model_len or min(
                 2048, model_config.max_position_embeddings
             )
-            self.model = Model.from_dir(
-                self.base_dir, dtype=dtype, device=device, max_len=self.max_model_len
-            )
+            total = sum(f.stat().st_size for f in safetensors_files(self.base_dir))
+            with progress_bar(total, "loading base") as progress:
+                self.model = Model.from_dir(
+                    self.base_dir,
+                    dtype=dtype,
+                    device=device,
+                    max_len=self.max_model_len,
+                    progress=progress,
+                )
             self.tokenizer = load_tokenizer(self.base_dir)
             if base_fingerprint is None and config.check_base_fingerprint:
                 from mintvcs.base import fingerprint

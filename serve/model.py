@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mintvcs.kernels.torch_ops import packed_step
+from mintvcs.progress import Progress
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.loader import (
     CheckpointError,
@@ -318,13 +319,19 @@ class Model:
         device: torch.device | str = "cpu",
         max_len: int | None = None,
         prepack: bool = True,
+        progress: Progress | None = None,
     ) -> Model:
-        """Load a HF checkpoint directory (config.json + safetensors, sharded or not)."""
+        """Load a HF checkpoint directory (config.json + safetensors, sharded or not).
+
+        `progress` is called with each tensor's stored bytes once it is read.
+        """
         directory = Path(directory)
         config = read_config(directory)
         device = torch.device(device)
         raw: dict[str, torch.Tensor] = {}
         for name, tensor in iter_tensors(directory):
+            if progress is not None:
+                progress(tensor.numel() * tensor.element_size())
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             raw[name] = tensor.to(device=device, dtype=dtype)
