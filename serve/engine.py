@@ -78,7 +78,20 @@ class EngineConfig:
         """The device this config resolves to."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+                raise EngineError(
+                    f"device {self.device!r} asked for, but torch {torch.__version__} ({build}) "
+                    "sees no CUDA device; use --device cpu or auto"
+                )
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise EngineError(
+                    f"device {self.device!r} asked for, but only "
+                    f"{torch.cuda.device_count()} CUDA device(s) are visible"
+                )
+        return device
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         """The compute dtype: the configured one, else fp32 on CPU and bf16 on CUDA."""

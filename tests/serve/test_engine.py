@@ -319,3 +319,14 @@ def test_a_slow_load_does_not_stall_running_requests(tiny_base: Path, zoo: dict[
         assert [s["state"] for s in eng.residency_snapshot()["slots"]].count("loading") == 1
         source.gate.set()
         assert len(slow.result(30).token_ids) == GREEDY.max_tokens
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
+def test_cuda_asked_for_without_cuda_is_a_clear_error() -> None:
+    from mintvcs.serve.engine import EngineError
+
+    with pytest.raises(EngineError, match="sees no CUDA device; use --device cpu or auto"):
+        EngineConfig(device="cuda").torch_device()
+    assert EngineConfig(device="auto").torch_device().type == "cpu"
