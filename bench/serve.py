@@ -344,7 +344,10 @@ def main() -> None:
             # Warm-up: every adapter resident once.
             asyncio.run(
                 http_run(
-                    server.url, [(all_prompts[i], refs[i]) for i in range(32)], 2, args.concurrency
+                    server.url,
+                    [(all_prompts[i % len(all_prompts)], ref) for i, ref in enumerate(refs)],
+                    2,
+                    args.concurrency,
                 )
             )
             for n_refs in (1, 8, 32):
