@@ -628,7 +628,9 @@ async def serve_until_signalled(config: ServerConfig, *, out: Callable[[str], No
         status = 1
     else:
         if loaded.done():
-            out("mintvcs serve: base model loaded; ready")
+            engine = server.state.engine
+            held = f": {engine.summary()}" if engine is not None else ""
+            out(f"mintvcs serve: base model loaded; ready{held}")
         await stopped
         out("mintvcs serve: draining running requests")
     stopped.cancel()

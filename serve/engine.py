@@ -561,6 +561,17 @@ class Engine:
         """Allow `revision` to be evicted again."""
         self.residency.unpin(revision)
 
+    def summary(self) -> str:
+        """One line on what the engine holds: the base, the KV cache and the adapter slots."""
+        model, kv, pools = self.model, self.kv, self.pools
+        dtype = str(model.dtype).removeprefix("torch.")
+        return (
+            f"{model.num_parameters / 1e6:.1f}M parameters, {dtype} on {model.device}; "
+            f"KV cache {kv.nbytes / 2**30:.2f} GiB for {kv.num_slots} sequences of {kv.max_len} "
+            f"tokens; {pools.num_slots} adapter slots up to rank {self.config.max_lora_rank}, "
+            f"{pools.nbytes / 2**20:.1f} MiB"
+        )
+
     def residency_snapshot(self) -> dict[str, Any]:
         """Device slots and host-cache contents, for an admin endpoint."""
         return {

@@ -330,3 +330,10 @@ def test_cuda_asked_for_without_cuda_is_a_clear_error() -> None:
     with pytest.raises(EngineError, match="sees no CUDA device; use --device cpu or auto"):
         EngineConfig(device="cuda").torch_device()
     assert EngineConfig(device="auto").torch_device().type == "cpu"
+
+
+def test_summary_names_what_the_engine_holds(engine: Engine) -> None:
+    line = engine.summary()
+    kv_gib = engine.kv.nbytes / 2**30
+    assert f"KV cache {kv_gib:.2f} GiB for {engine.kv.num_slots} sequences" in line
+    assert f"{engine.pools.num_slots} adapter slots" in line and "float32 on cpu" in line
