@@ -4,6 +4,7 @@ hot swap, notify hook, auth, metrics, client disconnects."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -613,7 +614,10 @@ def test_notify_without_token_configured_is_open_and_refreshes(server: Backgroun
 
 
 # ---------------------------------------------------------------------------- disconnects
-def test_client_disconnect_cancels_and_frees_the_slot(server: BackgroundServer) -> None:
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "not streaming"])
+def test_client_disconnect_cancels_and_frees_the_slot(
+    server: BackgroundServer, stream: bool
+) -> None:
     engine = server.state.engine
     assert engine is not None
     cancelled = engine.stats()["requests_cancelled"]
@@ -621,20 +625,27 @@ def test_client_disconnect_cancels_and_frees_the_slot(server: BackgroundServer) 
     async def run() -> None:
         import aiohttp
 
+        body = {
+            "prompt": "Hi",
+            "ref": "product-b",
+            "max_tokens": 400,
+            "stream": stream,
+            "ignore_eos": True,
+        }
         async with aiohttp.ClientSession() as session:
-            resp = await session.post(
-                server.url + "/generate",
-                json={
-                    "prompt": "Hi",
-                    "ref": "product-b",
-                    "max_tokens": 400,
-                    "stream": True,
-                    "ignore_eos": True,
-                },
-            )
-            assert resp.status == 200
-            await resp.content.readline()
-            resp.close()  # drop the connection mid-stream
+            if stream:
+                resp = await session.post(server.url + "/generate", json=body)
+                assert resp.status == 200
+                await resp.content.readline()
+                resp.close()  # drop the connection mid-stream
+                return
+            # No byte comes back before the end: drop the connection once it is decoding.
+            request = asyncio.ensure_future(session.post(server.url + "/generate", json=body))
+            while engine.stats()["running"] == 0:
+                await asyncio.sleep(0.01)
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
 
     asyncio.run(run())
     deadline = time.monotonic() + 5
