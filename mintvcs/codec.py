@@ -263,6 +263,28 @@ def _scratch(slot: str, nbytes: int) -> npt.NDArray[np.uint8]:
     return buffer
 
 
+def _join(dst: npt.NDArray[Any], low: npt.NDArray[Any], high: npt.NDArray[Any], bits: int) -> None:
+    """dst = high << bits | low, in place in dst (wider than low and high)."""
+    import numpy as np
+
+    np.copyto(dst, high)
+    np.left_shift(dst, bits, out=dst)
+    np.bitwise_or(dst, low, out=dst)
+
+
+def _rotate_right(words: npt.NDArray[Any], rotate: int) -> None:
+    """Rotate each unsigned word right by `rotate` bits in place (a thread scratch buffer helps)."""
+    import numpy as np
+
+    if not rotate:
+        return
+    nbytes = words.nbytes
+    wrap = _scratch("rotate", nbytes)[:nbytes].view(words.dtype)
+    np.left_shift(words, 8 * words.itemsize - rotate, out=wrap)
+    np.right_shift(words, rotate, out=words)
+    np.bitwise_or(words, wrap, out=words)
+
+
 def _merge(
     planes: list[npt.NDArray[np.uint8]], group: int, rotate: int, out: npt.NDArray[np.uint8]
 ) -> None:
@@ -273,20 +295,13 @@ def _merge(
         out[:] = planes[0]
         return
     width = _UINT[group]
+    target = out.view(width)
     if group == 2:
         # Widen straight into `out` and rebuild each element in registers: about twice as fast
         # as interleaving bytes with strided copies, and no temporary (fresh pages cost more
         # than the arithmetic here).
-        target = out.view(width)
-        np.copyto(target, planes[1])
-        np.left_shift(target, 8, out=target)
-        np.bitwise_or(target, planes[0], out=target)
-        if rotate:
-            count = target.size
-            wrap = _scratch("merge16", 2 * count)[: 2 * count].view(np.uint16)
-            np.left_shift(target, 16 - rotate, out=wrap)
-            np.right_shift(target, rotate, out=target)
-            np.bitwise_or(target, wrap, out=target)
+        _join(target, planes[0], planes[1], 8)
+        _rotate_right(target, rotate)
         return
     if group == 4:
         # Pairs of planes to u16 halves, then the halves to u32 words, all in this thread's
@@ -294,25 +309,15 @@ def _merge(
         count = planes[0].size
         halves = _scratch("merge16", 4 * count)[: 4 * count].view(np.uint16)
         low, high = halves[:count], halves[count:]
-        for half, (lo, hi) in ((low, planes[:2]), (high, planes[2:])):
-            np.copyto(half, hi)
-            np.left_shift(half, 8, out=half)
-            np.bitwise_or(half, lo, out=half)
-        target = out.view(width)
-        np.copyto(target, high)
-        np.left_shift(target, 16, out=target)
-        np.bitwise_or(target, low, out=target)
-        if rotate:
-            wrap = _scratch("merge32", 4 * count)[: 4 * count].view(np.uint32)
-            np.left_shift(target, 32 - rotate, out=wrap)
-            np.right_shift(target, rotate, out=target)
-            np.bitwise_or(target, wrap, out=target)
+        _join(low, planes[0], planes[1], 8)
+        _join(high, planes[2], planes[3], 8)
+        _join(target, low, high, 16)
+        _rotate_right(target, rotate)
         return
     columns = np.empty((planes[0].size, group), dtype=np.uint8)  # any other width: bytes
     for k in range(group):
         columns[:, k] = planes[k]
     word = columns.reshape(-1).view(width)
-    target = out.view(width)
     if rotate:
         np.right_shift(word, rotate, out=target)
         word <<= 8 * group - rotate
