@@ -47,6 +47,7 @@ __all__ = [
     "encode",
     "encode_parts",
     "header_of",
+    "header_span",
     "nonfinite_count",
     "read_header",
     "verify_sha256",
@@ -595,6 +596,13 @@ def read_header(blob: bytes | memoryview, *, name: str = "<tensor>") -> BlobHead
     """Parse and check a blob's header without touching its payload."""
     view = memoryview(blob).cast("B")
     return header_of(view, view.nbytes, name=name)
+
+
+def header_span(head: bytes | memoryview) -> int | None:
+    """Bytes a blob's header takes through its CRC32, read from `head`; None if too short to tell."""
+    if len(head) < _PREFIX.size:
+        return None
+    return int(_PREFIX.size + _PREFIX.unpack_from(head, 0)[2] + _CRC.size)
 
 
 def header_of(head: bytes | memoryview, size: int, *, name: str = "<tensor>") -> BlobHeader:

@@ -568,7 +568,8 @@ class Repository:
         except NotStored:
             return None
         # Our writer deflates exactly the blob header; any other split takes the general path.
-        if len(head) < 13 or len(head) < 17 + int.from_bytes(head[9:13], "little"):
+        span = codec.header_span(head)
+        if span is None or len(head) < span:
             return None
         header = codec.header_of(head, size, name=name)
         if header.encoding == "xor":
