@@ -76,10 +76,6 @@ def main() -> None:
         # numpy's OpenBLAS starts a thread (and its buffers) per core on import: ~50 ms of a
         # half-second commit here. The version-control verbs do no linear algebra.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    global _FREEZE_AT_EXIT
-    if not _FREEZE_AT_EXIT:
-        atexit.register(_freeze_before_exit)
-        _FREEZE_AT_EXIT = True
 
 
 def _freeze_before_exit() -> None:
@@ -91,7 +87,7 @@ def _freeze_before_exit() -> None:
         pygc.freeze()
 
 
-_FREEZE_AT_EXIT = False
+atexit.register(_freeze_before_exit)
 
 
 _MODEL_COMMANDS = ("serve", "demo")  # they load models: BLAS keeps its threads
