@@ -123,18 +123,28 @@ def throughput_workload(quick: bool) -> tuple[list[str], list[list[int]], int]:
     return names, prompts, new_tokens
 
 
-def peft_throughput(root: Path, quick: bool) -> float:
-    """PEFT's mixed-batch generate(adapter_names=...) over the workload, tokens/s (one run)."""
+def load_peft(base: Path, adapters: dict[str, Path], device: str = "cpu") -> Any:
+    """transformers' model of `base` with `adapters` loaded by name through PEFT, in eval mode.
+
+    bf16 on CUDA, fp32 on CPU, as our engine runs by default.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(device)
+    (first, path), *rest = adapters.items()
+    model = PeftModel.from_pretrained(hf, str(path), adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(str(path), adapter_name=name)
+    return model.to(device).eval()
+
+
+def peft_throughput(root: Path, quick: bool) -> float:
+    """PEFT's mixed-batch generate(adapter_names=...) over the workload, tokens/s (one run)."""
     names, prompts, new_tokens = throughput_workload(quick)
     adapters = sorted(set(names), key=lambda n: int(n[1:]))
-    hf = AutoModelForCausalLM.from_pretrained(str(root / "base-30m"), dtype=torch.float32)
-    model = PeftModel.from_pretrained(hf, str(root / adapters[0]), adapter_name=adapters[0])
-    for name in adapters[1:]:
-        model.load_adapter(str(root / name), adapter_name=name)
-    model.eval()
+    model = load_peft(root / "base-30m", {name: root / name for name in adapters})
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.engine import THROUGHPUT_MODEL
+from bench.engine import THROUGHPUT_MODEL, load_peft
 from mintvcs import porcelain
 from mintvcs.serve.model import LORA_MODULES
 from mintvcs.serve.tiny import TinyConfig, build_tiny_model
@@ -217,19 +217,9 @@ def peft_run(
     base: Path, adapters: list[Path], reqs: list[tuple[list[int], int]], max_tokens: int, batch: int
 ) -> tuple[float, int]:
     """PEFT mixed-adapter batches; (wall seconds, completion tokens)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(device)
     used = sorted({a for _, a in reqs})
-    peft_model = PeftModel.from_pretrained(
-        model, str(adapters[used[0]]), adapter_name=f"a{used[0]}"
-    )
-    for i in used[1:]:
-        peft_model.load_adapter(str(adapters[i]), adapter_name=f"a{i}")
-    peft_model = peft_model.to(device).eval()
+    peft_model = load_peft(base, {f"a{i}": adapters[i] for i in used}, device)
     tokens = 0
     start = time.perf_counter()
     with torch.no_grad():
@@ -417,12 +407,7 @@ def main() -> None:
             results["hot_swap_s"] = swap_times
             # Peer for the swap: what merging-and-reloading would cost is a full base load; PEFT's
             # nearest equivalent is load_adapter of the new revision into a resident PeftModel.
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM
-
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(device)
-            peft_model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="a0")
+            peft_model = load_peft(base, {"a0": adapters[0]}, device)
             peer_times = []
             for i in range(args.swaps):
                 start = time.perf_counter()
