@@ -37,7 +37,7 @@ from mintvcs.serve import (
     StoreSource,
 )
 from mintvcs.serve.loader import ModelConfig
-from mintvcs.serve.model import LORA_MODULES, Model
+from mintvcs.serve.model import LORA_MODULES, Model, StepBatch
 from mintvcs.serve.threads import one_intraop_thread
 from mintvcs.serve.tiny import TinyConfig, build_tiny_model
 
@@ -132,7 +132,8 @@ def load_peft(base: Path, adapters: dict[str, Path], device: str = "cpu") -> Any
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).to(device)
+    hf: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    hf = hf.to(device)
     (first, path), *rest = adapters.items()
     model = PeftModel.from_pretrained(hf, str(path), adapter_name=first)
     for name, path in rest:
@@ -462,6 +463,64 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
                 base,
                 "tok/s",
             )
+        # The engine is idle now: its KV slots and adapter slots are free to drive directly.
+        for distinct in (0, 8):
+            profile_decode_step(engine, n_requests, prompt_len, distinct)
+
+
+def profile_decode_step(engine: Engine, n_requests: int, position: int, distinct: int) -> None:
+    """Where one decode step's time goes: the wall time against the GPU's kernel time.
+
+    Kernel time well under the wall time means the step is bound by launching (Python and the
+    CUDA driver), which CUDA graphs would remove; near it, by the kernels themselves.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model, pools = engine.model, engine.pools
+    slots = [] if distinct == 0 else [engine.residency.slot_of(f"g{i}") for i in range(distinct)]
+    lora_slots = [-1 if not slots else slots[i % distinct] for i in range(n_requests)]
+    decodes = [(7, position, i, s if s is not None else -1) for i, s in enumerate(lora_slots)]
+    batch = StepBatch.build(decodes, [], model.device)
+    used = {s for s in lora_slots if s >= 0}
+    cuda = model.device.type == "cuda"
+
+    def step() -> None:
+        lora = pools.batch(batch.token_lora_slots, used, engine.config.kernel_backend)
+        model.forward(batch, engine.kv, lora)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    sync()
+    steps = 5
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    wall = (time.perf_counter() - start) / steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_s = sum(e.self_device_time_total for e in events) / 1e6 / steps
+    lora_s = (
+        sum(e.self_device_time_total for e in events if "shrink" in e.key or "expand" in e.key)
+        / 1e6
+        / steps
+    )
+    launches = sum(e.count for e in events) / steps
+    print(
+        f"# decode step, {n_requests} sequences at position {position}, {distinct} distinct "
+        f"adapters: wall {wall * 1e3:.2f} ms, GPU kernels {kernel_s * 1e3:.2f} ms "
+        f"({kernel_s / wall:.0%} busy), LoRA kernels {lora_s * 1e3:.2f} ms, "
+        f"{launches:.0f} kernels per step",
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -142,7 +142,7 @@ def prompts(count: int, tokens: int, tokenizer: Any) -> list[list[int]]:
     out: list[list[int]] = []
     seen: set[tuple[int, ...]] = set()
     for _ in range(100 * count):
-        text, ids = "", []
+        text, ids = "", list[int]()
         while len(ids) < tokens:
             longer = f"{text} {gen.choice(PROMPT_WORDS)}" if text else gen.choice(PROMPT_WORDS)
             longer_ids = tokenizer.encode(longer).ids
