@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import mmap
 import os
 import re
@@ -146,12 +147,15 @@ _PSEUDO = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 _IDENTITY = re.compile(r"[^<>\n]* <[^<>\n]*>\Z")
 _TZ = re.compile(r"[+-][0-9]{4}\Z")
 _WS = re.compile(r"[ \t\n\v\f\r]+")
+# Each component is a file or directory name, and a ref's lock file adds '.lock' to it.
+_MAX_COMPONENT = 250
 
 
 def check_ref_name(name: str) -> None:
-    """Raise InvalidRefNameError unless `git check-ref-format` accepts the full name."""
+    """Raise InvalidRefNameError unless `git check-ref-format` accepts the full name (and a file system can hold it)."""
     if (
         _PLAIN_NAME.match(name)
+        and (len(name) <= _MAX_COMPONENT or max(map(len, name.split("/"))) <= _MAX_COMPONENT)
         and ".." not in name
         and ".lock/" not in name
         and not name.endswith((".", ".lock"))
@@ -184,6 +188,13 @@ def check_ref_name(name: str) -> None:
             raise InvalidRefNameError(name, f"component {part!r} begins with '.'")
         if part.endswith(".lock"):
             raise InvalidRefNameError(name, f"component {part!r} ends with '.lock'")
+        size = len(part.encode("utf-8", "surrogateescape"))
+        if size > _MAX_COMPONENT:
+            raise InvalidRefNameError(
+                name,
+                f"component {part[:24]!r}... is {size} bytes; a file name holds at most "
+                f"{_MAX_COMPONENT} (255 less room for '.lock')",
+            )
 
 
 def check_branch_name(name: str) -> None:
@@ -458,6 +469,10 @@ class RefStore:
                 data = f.read(4096)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except OSError as err:
+            if err.errno == errno.ENAMETOOLONG:  # no such ref can exist (check_ref_name)
+                return None
+            raise
         text = data.decode("utf-8", "replace").rstrip()
         if text.startswith("ref:"):
             return "ref: " + text[4:].strip()

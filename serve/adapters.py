@@ -321,7 +321,8 @@ def prepare_adapter(
         if r > max_rank:
             raise refuse(
                 "rank",
-                f"layer {layer} {module} has rank {r} > max_rank {max_rank}; raise max_lora_rank",
+                f"layer {layer} {module} has rank {r} > max_rank {max_rank}; raise max_lora_rank "
+                "(mintvcs serve --max-rank)",
             )
         ranks[(layer, module)] = r
 

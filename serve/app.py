@@ -25,7 +25,7 @@ from aiohttp import web
 
 from mintvcs.errors import MintError
 from mintvcs.serve.http_metrics import Counter, CounterFrom, Gauge, Histogram, Registry
-from mintvcs.serve.refwatch import InvalidRefSpec, RefMove, RefWatcher
+from mintvcs.serve.refwatch import InvalidRefSpec, RefMove, RefWatcher, metric_label
 
 if TYPE_CHECKING:
     from mintvcs.serve.engine import Engine
@@ -115,6 +115,9 @@ class ServerState:
     tokens: Counter = field(init=False)
     load_latency: Histogram = field(init=False)
     ref_moves: Counter = field(init=False)
+    # The commit each ref's last counted move went to: several specs in use (main, main~1,
+    # refs/heads/main) report one move each, and the counter counts the ref's move once.
+    moved_to: dict[str, str] = field(default_factory=dict)
     _loads_seen: int = 0
 
     def __post_init__(self) -> None:
@@ -123,13 +126,15 @@ class ServerState:
         self.requests = m.add(
             Counter(
                 "mint_requests_total",
-                "Generation requests by ref spec, endpoint and HTTP status.",
+                "Generation requests by the branch or tag they named, endpoint and HTTP status.",
                 ("ref", "endpoint", "status"),
             )
         )
         self.tokens = m.add(
             Counter(
-                "mint_tokens_total", "Prompt and completion tokens by ref spec.", ("ref", "kind")
+                "mint_tokens_total",
+                "Prompt and completion tokens by branch or tag.",
+                ("ref", "kind"),
             )
         )
         self.ref_moves = m.add(
@@ -257,6 +262,19 @@ _ERROR_TYPES = {
 }
 
 
+# The flat body's `reason` when the raiser named none.
+_REASONS = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    422: "unprocessable",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
 def error_body(path: str, status: int, message: str, reason: str | None = None) -> dict[str, Any]:
     """The JSON error: OpenAI's nested shape under /v1, a flat one elsewhere."""
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
@@ -264,10 +282,7 @@ def error_body(path: str, status: int, message: str, reason: str | None = None) 
         return {
             "error": {"message": message, "type": kind, "code": reason or status, "param": None}
         }
-    body: dict[str, Any] = {"error": message, "type": kind}
-    if reason:
-        body["reason"] = reason
-    return body
+    return {"error": message, "type": kind, "reason": reason or _REASONS.get(status, kind)}
 
 
 def error_response(
@@ -307,7 +322,10 @@ async def error_middleware(
         raise
     except Exception as err:
         log.exception("internal error on %s %s", request.method, request.path)
-        return error_response(request, 500, f"internal error: {type(err).__name__}: {err}")
+        # The message stays in the server's log: it may name paths that clients have no business seeing.
+        return error_response(
+            request, 500, f"internal error ({type(err).__name__}); the server log has the details"
+        )
     finally:
         state.inflight -= 1
         if state.inflight == 0:
@@ -332,6 +350,17 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise HTTPError(
             400, f"the body must be a JSON object, got {type(body).__name__}", "invalid_json"
         )
+    try:
+        # JSON may spell a lone UTF-16 surrogate (\ud800), which no UTF-8 text can hold: refuse it
+        # here, once, rather than let it reach the tokenizer or a ref file's name.
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise HTTPError(
+            400,
+            f"the body holds a lone UTF-16 surrogate ({err.object[err.start]!a}); "
+            "strings must be valid Unicode",
+            "invalid_json",
+        ) from None
     return body
 
 
@@ -352,6 +381,9 @@ def field_of(
     elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
         ok = True
         value = float(value) if int not in kinds else value
+    elif int in kinds and isinstance(value, float) and value.is_integer():
+        # 2.0 for 2, as pydantic's lax mode (vLLM) takes it: clients compute counts with '/'.
+        ok, value = True, int(value)
     else:
         ok = isinstance(value, kinds)
     if not ok:
@@ -465,8 +497,16 @@ def new_state(config: ServerConfig) -> ServerState:
     )
 
 
+def count_move(state: ServerState, ref: str | None, commit: str) -> None:
+    """Count a ref's move to `commit` once, however many specs in use reported it."""
+    label = metric_label(ref)
+    if state.moved_to.get(label) != commit:
+        state.moved_to[label] = commit
+        state.ref_moves.inc((label,))
+
+
 def _on_move(state: ServerState, move: RefMove) -> None:
-    state.ref_moves.inc((move.spec,))
+    count_move(state, move.ref, move.new)
     log.info("ref %s moved %s -> %s", move.ref or move.spec, move.old[:12], move.new[:12])
     engine = state.engine
     if engine is not None and state.config.prefetch_on_move:

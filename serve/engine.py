@@ -366,13 +366,13 @@ class Engine:
                 self._wake.wait(timeout=0.05 if sched.has_work else 1.0)
 
     # -- requests -------------------------------------------------------------------------------
-    def encode(self, prompt: str) -> list[int]:
-        """Token ids of `prompt` with the checkpoint's tokenizer."""
+    def encode(self, prompt: str, *, special_tokens: bool = True) -> list[int]:
+        """Token ids of `prompt` with the checkpoint's tokenizer (and its BOS, unless `special_tokens=False`)."""
         if self.tokenizer is None:
             raise InvalidRequest(
                 f"{self.base_dir} has no tokenizer.json; send token ids instead of text"
             )
-        ids: list[int] = self.tokenizer.encode(prompt).ids
+        ids: list[int] = self.tokenizer.encode(prompt, add_special_tokens=special_tokens).ids
         return ids
 
     def resolve(self, spec: str) -> str:

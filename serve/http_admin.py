@@ -9,7 +9,15 @@ from typing import Any
 from aiohttp import web
 
 from mintvcs.errors import MintError
-from mintvcs.serve.app import STATE, HTTPError, check_bearer, field_of, prefetch, read_json
+from mintvcs.serve.app import (
+    STATE,
+    HTTPError,
+    check_bearer,
+    count_move,
+    field_of,
+    prefetch,
+    read_json,
+)
 from mintvcs.serve.refwatch import check_spec
 
 
@@ -68,9 +76,12 @@ async def notify(request: web.Request) -> web.Response:
     moved: list[dict[str, Any]] = []
     if ref is not None:
         try:
-            revision = state.watcher.resolve(ref).commit
+            resolution = state.watcher.resolve(ref)
         except MintError:
-            revision = None  # deleted: requests naming it will get 404
+            resolution = None  # deleted: requests naming it will get 404
+        else:
+            revision = resolution.commit
+            count_move(state, resolution.ref, revision)
         new = body.get("new")
         if revision is not None and state.engine is not None:
             prefetch(state.engine, revision)
@@ -85,7 +96,6 @@ async def notify(request: web.Request) -> web.Response:
                     "warning": f"the ref holds {revision[:12]} now, not {new[:12]}; serving {revision[:12]}"
                 }
             )
-        state.ref_moves.inc((ref,))
     for spec in forgotten:
         if spec == ref:
             continue

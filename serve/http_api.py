@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from mintvcs.errors import MintError
+from mintvcs.refs import InvalidRefNameError
 from mintvcs.serve.app import (
     REF_KEY,
     STATE,
@@ -29,7 +30,7 @@ from mintvcs.serve.app import (
     field_of,
     read_json,
 )
-from mintvcs.serve.refwatch import Resolution, check_spec
+from mintvcs.serve.refwatch import Resolution, check_spec, metric_label
 from mintvcs.serve.sampling import SamplingParams
 from mintvcs.serve.scheduler import TokenEvent
 
@@ -42,13 +43,22 @@ PLAIN_CHAT_SEPARATOR = "\n"
 
 # ---------------------------------------------------------------------------- parsing
 def sampling_params(
-    body: dict[str, Any], state: ServerState, *, default_temperature: float = 1.0
+    body: dict[str, Any],
+    state: ServerState,
+    *,
+    default_temperature: float = 1.0,
+    to_context_end: bool = False,
 ) -> SamplingParams:
-    """SamplingParams from a request body; 400 on wrong types, non-finite or out-of-range values."""
+    """SamplingParams from a request body; 400 on wrong types, non-finite or out-of-range values.
+
+    Without max_tokens, a completion gets the server's default; with `to_context_end` (chat, as
+    OpenAI does) it runs to the end of the context, or to the server's limit if that comes first.
+    """
     limit = state.config.max_tokens_limit
-    max_tokens = field_of(body, "max_tokens", (int,), state.config.default_max_tokens)
-    if "max_completion_tokens" in body and "max_tokens" not in body:
-        max_tokens = field_of(body, "max_completion_tokens", (int,), max_tokens)
+    default = limit if to_context_end else state.config.default_max_tokens
+    max_tokens = field_of(body, "max_tokens", (int,), default)
+    # OpenAI's newer name wins over the deprecated one when a client sends both.
+    max_tokens = field_of(body, "max_completion_tokens", (int,), max_tokens)
     if max_tokens < 1 or max_tokens > limit:
         raise HTTPError(400, f"max_tokens must be in [1, {limit}], got {max_tokens}", "max_tokens")
     temperature = field_of(body, "temperature", (float,), default_temperature)
@@ -78,12 +88,46 @@ def sampling_params(
     )
 
 
-def _n_is_one(body: dict[str, Any]) -> None:
-    n = field_of(body, "n", (int,), 1)
-    if n != 1:
-        raise HTTPError(400, f"n={n} is not supported; send one request per completion", "n")
-    if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
-        raise HTTPError(400, "logprobs and echo are not supported", "unsupported")
+# OpenAI (and vLLM) request fields that change what is generated, with the values that change
+# nothing: anything else is refused, since ignoring it would silently return other text.
+_NEUTRAL: dict[str, tuple[object, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "echo": (False,),
+    "suffix": ("",),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "logit_bias": ({},),
+    "min_tokens": (0,),
+    "min_p": (0,),
+    "stop_token_ids": ([],),
+    "tools": ([],),
+    "functions": ([],),
+    "response_format": ({"type": "text"},),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+}
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """400 for an OpenAI field this server does not implement, unless its value is the neutral one."""
+    for name, neutral in _NEUTRAL.items():
+        value = body.get(name)
+        # 0.0 counts as 0, but True is not 1: JSON's booleans and numbers are different values.
+        if value is None or any(
+            value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral
+        ):
+            continue
+        raise HTTPError(
+            400,
+            f"{name}={value!r:.80} is not supported by this server; leave it out",
+            "unsupported",
+        )
 
 
 @dataclass
@@ -91,6 +135,7 @@ class Admitted:
     """A request that passed validation, resolved its ref, and got its first event."""
 
     spec: str
+    label: str  # the metrics label: the branch or tag it went through (refwatch.metric_label)
     resolution: Resolution
     stream: Any  # RequestStream
     first: TokenEvent
@@ -98,11 +143,18 @@ class Admitted:
 
 
 async def admit(
-    request: web.Request, prompt: str, spec: object, params: SamplingParams, *, stream: bool
+    request: web.Request,
+    prompt: str,
+    spec: object,
+    params: SamplingParams,
+    *,
+    stream: bool,
+    special_tokens: bool = True,
 ) -> Admitted:
     """Check size, resolve the ref once, submit, and await the first event (errors become 4xx).
 
     Without `stream`, the tokens after the first reach this loop together when the request ends.
+    `special_tokens=False` encodes the prompt as it is (a chat template writes its own BOS).
     """
     state = request.app[STATE]
     engine = state.require_engine()
@@ -115,7 +167,7 @@ async def admit(
             f"the prompt is {size} bytes; this server takes at most {state.config.max_prompt_bytes}",
             "prompt_too_large",
         )
-    ids = engine.encode(prompt)
+    ids = engine.encode(prompt, special_tokens=special_tokens)
     if len(ids) >= engine.max_model_len:
         raise HTTPError(
             413,
@@ -124,15 +176,16 @@ async def admit(
         )
     name = check_spec(spec)
     resolution = state.watcher.resolve(name)
-    request[REF_KEY] = name
+    label = metric_label(resolution.ref)
+    request[REF_KEY] = label
     submitted = engine.submit(ids, resolution.commit, params, stream=stream)
     try:
         first = await submitted.__anext__()
     except BaseException:
         submitted.cancel()
         raise
-    state.tokens.inc((name, "prompt"), len(ids))
-    return Admitted(name, resolution, submitted, first, len(ids))
+    state.tokens.inc((label, "prompt"), len(ids))
+    return Admitted(name, label, resolution, submitted, first, len(ids))
 
 
 async def events(admitted: Admitted) -> AsyncIterator[TokenEvent]:
@@ -202,7 +255,7 @@ async def _run_stream(
         return response
     finally:
         if last is not None:
-            state.tokens.inc((admitted.spec, "completion"), last.completion_tokens)
+            state.tokens.inc((admitted.label, "completion"), last.completion_tokens)
     assert last is not None
     for data in done("".join(text), last):
         if not await _write(request, response, data):
@@ -219,7 +272,7 @@ async def _collect(admitted: Admitted, state: ServerState) -> tuple[str, TokenEv
         text.append(event.text)
         ids.append(event.token_id)
         last = event
-    state.tokens.inc((admitted.spec, "completion"), last.completion_tokens)
+    state.tokens.inc((admitted.label, "completion"), last.completion_tokens)
     return "".join(text), last, ids
 
 
@@ -309,7 +362,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise HTTPError(400, "field 'prompt' must be a string (one prompt per request)", "prompt")
     spec = field_of(body, "model", (str,))
     stream = field_of(body, "stream", (bool,), False)
-    _n_is_one(body)
+    _refuse_unsupported(body)
     params = sampling_params(body, state)
     admitted = await admit(request, prompt, spec, params, stream=stream)
     envelope = _OpenAIEnvelope("cmpl", admitted)
@@ -357,7 +410,7 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
     if role not in ("system", "developer", "user", "assistant", "tool"):
         raise HTTPError(
             400,
-            f"messages[{index}].role {role!r} is not system, user, assistant or tool",
+            f"messages[{index}].role {role!r} is not system, developer, user, assistant or tool",
             "messages",
         )
     if isinstance(content, list):
@@ -383,8 +436,10 @@ def _message_text(message: Any, index: int) -> tuple[str, str]:
     return role, content
 
 
-def render_chat(messages: list[tuple[str, str]], tokenizer_config: dict[str, Any]) -> str:
-    """The prompt for a conversation: the tokenizer's Jinja chat_template if it has one, else the plain template."""
+def render_chat(
+    messages: list[tuple[str, str]], tokenizer_config: dict[str, Any]
+) -> tuple[str, bool]:
+    """The prompt for a conversation, and whether the tokenizer's Jinja chat_template wrote it (else the plain template)."""
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # several named templates: take "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -408,7 +463,7 @@ def render_chat(messages: list[tuple[str, str]], tokenizer_config: dict[str, Any
             return value if isinstance(value, str) else ""
 
         try:
-            return env.from_string(template).render(
+            rendered = env.from_string(template).render(
                 messages=[{"role": r, "content": c} for r, c in messages],
                 add_generation_prompt=True,
                 bos_token=token("bos_token"),
@@ -418,8 +473,9 @@ def render_chat(messages: list[tuple[str, str]], tokenizer_config: dict[str, Any
             raise HTTPError(
                 400, f"the base model's chat template failed: {err}", "chat_template"
             ) from None
+        return rendered, True
     lines = [f"{role}: {content}" for role, content in messages]
-    return PLAIN_CHAT_SEPARATOR.join([*lines, "assistant:"])
+    return PLAIN_CHAT_SEPARATOR.join([*lines, "assistant:"]), False
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -432,10 +488,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = [_message_text(m, i) for i, m in enumerate(raw)]
     spec = field_of(body, "model", (str,))
     stream = field_of(body, "stream", (bool,), False)
-    _n_is_one(body)
-    params = sampling_params(body, state)
-    prompt = render_chat(messages, state.tokenizer_config)
-    admitted = await admit(request, prompt, spec, params, stream=stream)
+    _refuse_unsupported(body)
+    params = sampling_params(body, state, to_context_end=True)
+    prompt, templated = render_chat(messages, state.tokenizer_config)
+    # A chat template writes BOS itself; the tokenizer adding another would shift every logit.
+    admitted = await admit(
+        request, prompt, spec, params, stream=stream, special_tokens=not templated
+    )
     obj = _OpenAIEnvelope("chatcmpl", admitted).wrap
 
     if not stream:
@@ -504,27 +563,45 @@ async def models(request: web.Request) -> web.Response:
         ) from None
     if limit < 1:
         raise HTTPError(400, f"limit must be at least 1, got {limit}", "limit")
-    repo = state.repo
     data: list[dict[str, Any]] = []
     truncated = False
-    for kind, root in (("branch", "refs/heads/"), ("tag", "refs/tags/")):
-        for name, oid in repo.refs.iter_refs(root + prefix if prefix else root):
+    for kind, root in _MODEL_KINDS:
+        for name, oid in state.repo.refs.iter_refs(root + prefix if prefix else root):
             if len(data) >= limit:
                 truncated = True
                 break
-            commit = repo.peel(oid)
-            data.append(
-                {
-                    "id": name.removeprefix(root),
-                    "object": "model",
-                    "created": _commit_time(state, commit),
-                    "owned_by": "mintvcs",
-                    "kind": kind,
-                    "ref": name,
-                    "revision": commit,
-                }
-            )
+            data.append(_model_object(state, kind, name, oid))
     return web.json_response({"object": "list", "data": data, "truncated": truncated})
+
+
+_MODEL_KINDS = (("branch", "refs/heads/"), ("tag", "refs/tags/"))
+
+
+def _model_object(state: ServerState, kind: str, ref: str, oid: str) -> dict[str, Any]:
+    commit = state.repo.peel(oid)
+    return {
+        "id": ref.removeprefix("refs/heads/").removeprefix("refs/tags/"),
+        "object": "model",
+        "created": _commit_time(state, commit),
+        "owned_by": "mintvcs",
+        "kind": kind,
+        "ref": ref,
+        "revision": commit,
+    }
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: one branch or tag, as /v1/models lists it; 404 when neither exists."""
+    state = request.app[STATE]
+    name = check_spec(request.match_info["id"])
+    for kind, root in _MODEL_KINDS:
+        try:
+            oid = state.repo.refs.read(root + name)
+        except InvalidRefNameError:
+            oid = None  # no branch or tag can have that name
+        if oid is not None:
+            return web.json_response(_model_object(state, kind, root + name, oid))
+    raise HTTPError(404, f"no branch or tag named {name!r}; GET /v1/models lists them", "not_found")
 
 
 _COMMIT_TIMES: dict[str, int] = {}
@@ -549,3 +626,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{id:.+}", model)

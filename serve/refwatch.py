@@ -14,6 +14,7 @@ prefetch the new revision before requests ask for it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import threading
@@ -58,6 +59,10 @@ def _stat(path: str) -> StatKey:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:  # a name no ref can have
+            return None
+        raise
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -68,6 +73,17 @@ class Resolution:
     spec: str
     commit: str
     ref: str | None
+
+
+def metric_label(ref: str | None) -> str:
+    """The metrics label of a request or move: the branch or tag it went through, "(commit)" for ids.
+
+    Labelling by the spec as sent would let clients mint series without bound (`main~0^0~0`,
+    abbreviated ids of every length all name one commit); refs bound the label set.
+    """
+    if ref is None:
+        return "(commit)"
+    return ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
 
 
 @dataclass(frozen=True)
@@ -201,6 +217,7 @@ class RefWatcher:
         with self._lock:
             entries = list(self._entries.items())
         stats: dict[str, StatKey] = {}
+        values: dict[str, str | None] = {}  # each ref read once per poll, however many specs use it
         stale: list[tuple[str, _Entry]] = []
         for spec, entry in entries:
             if entry.resolution.ref is None and _FULL_ID.match(spec):
@@ -217,8 +234,11 @@ class RefWatcher:
                 if stats[path] != key:
                     changed = True
                     break
-            if not changed and reread and entry.resolution.ref is not None:
-                changed = self._read_raw(entry.resolution.ref) != entry.raw
+            ref = entry.resolution.ref
+            if not changed and reread and ref is not None:
+                if ref not in values:
+                    values[ref] = self._read_raw(ref)
+                changed = values[ref] != entry.raw
             if changed:
                 stale.append((spec, entry))
         moves: list[RefMove] = []

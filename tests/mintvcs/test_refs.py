@@ -196,6 +196,18 @@ def test_name_error_names_the_rule() -> None:
         check_ref_name("refs/heads/a\x00b")
     with pytest.raises(InvalidRefNameError, match=r"\.lock"):
         check_ref_name("refs/heads/end.lock")
+    # A component is a file name: 255 bytes at most, less room for the lock file's '.lock'.
+    check_ref_name("refs/heads/" + "a" * 250)
+    with pytest.raises(InvalidRefNameError, match="251 bytes"):
+        check_ref_name("refs/heads/" + "a" * 251)
+    with pytest.raises(InvalidRefNameError, match="252 bytes"):
+        check_ref_name("refs/heads/user/" + "é" * 126)
+
+
+def test_a_name_too_long_for_the_file_system_reads_as_absent(repo: Path) -> None:
+    store = RefStore(repo)
+    assert store.read("refs/heads/" + "a" * 250) is None
+    assert store._read_loose("refs/heads/" + "a" * 300) is None  # the server's specs come this way
 
 
 def test_store_refuses_bad_names_and_values(repo: Path) -> None:

@@ -584,14 +584,23 @@ def test_ref_update_hook_notifies_the_server(
     config.write_text(
         original + f'[mint "notify"]\n\turl = {server.url}\n\ttoken-file = {token_file}\n'
     )
+
+    def moves() -> float:
+        _, _, text = request(server.url + "/metrics")
+        line = [s for s in text.splitlines() if s.startswith('mint_ref_moves_total{ref="main"}')]
+        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+
     try:
         gen(server, prompt="Hi", ref="main", max_tokens=1)
+        before = moves()
         new = porcelain.commit(
             repo, "notified", source=adapters["a1"], verify=True, show_progress=False
         ).commit
-        _, _, text = request(server.url + "/metrics")
-        assert 'mint_ref_moves_total{ref="refs/heads/main"} 1' in text
+        # Counted once, whether the hook's notify or the watcher saw the move first.
+        assert moves() == before + 1
         assert gen(server, prompt="Hi", ref="main", max_tokens=1)[2]["revision"] == new
+        time.sleep(0.4)  # the watcher has polled since: still one move
+        assert moves() == before + 1
     finally:
         hook.unlink()
         config.write_text(original)
@@ -765,11 +774,158 @@ def test_chat_template_from_tokenizer_config() -> None:
         "bos_token": "<s>",
         "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
     }
-    assert (
-        render_chat([("user", "hi"), ("assistant", "yo"), ("user", "ok")], config)
-        == "<s>[user]hi[assistant]yo[user]ok[assistant]"
+    assert render_chat([("user", "hi"), ("assistant", "yo"), ("user", "ok")], config) == (
+        "<s>[user]hi[assistant]yo[user]ok[assistant]",
+        True,
     )
-    assert render_chat([("user", "hi")], {}) == "user: hi\nassistant:"
+    assert render_chat([("user", "hi")], {}) == ("user: hi\nassistant:", False)
+
+
+def test_chat_template_bos_is_not_doubled(
+    tiny_base: Path, repo: Repository, tmp_path: Path
+) -> None:
+    # A base whose tokenizer adds BOS itself (as Llama's and Mistral's do) and whose chat template
+    # writes {{ bos_token }}: the rendered prompt must be encoded without adding a second one.
+    import shutil
+
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    base = tmp_path / "base-with-bos"
+    shutil.copytree(tiny_base, base)
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    bos = tokenizer.id_to_token(1)
+    tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 1)]
+    )
+    tokenizer.save(str(base / "tokenizer.json"))
+    (base / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": bos,
+                "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] "
+                "{{ m['content'] }} {% endfor %}[assistant]",
+            }
+        )
+    )
+    config = ServerConfig(repo=repo.git_dir, base_model=base, port=0, max_model_len=64)
+    with BackgroundServer(config) as srv:
+        _, _, chat = request(
+            srv.url + "/v1/chat/completions",
+            {
+                "model": "main",
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 1,
+            },
+        )
+        rendered = f"{bos}[user] Hello [assistant]"
+        _, _, plain = request(srv.url + "/generate", {"prompt": rendered, "max_tokens": 1})
+        once = tokenizer.encode(rendered, add_special_tokens=False).ids
+    assert once[0] == 1 and once[1] != 1
+    # /generate adds the tokenizer's BOS to a raw prompt (one more token); chat does not.
+    assert plain["usage"]["prompt_tokens"] == len(once) + 1
+    assert chat["usage"]["prompt_tokens"] == len(once)
+
+
+def test_openai_fields_that_would_change_the_output_are_refused(server: BackgroundServer) -> None:
+    base = {"model": "main", "prompt": "Hello", "max_tokens": 2}
+    for field, value in (
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", -1),
+        ("logit_bias", {"1": 5}),
+        ("best_of", 2),
+        ("suffix", "end"),
+        ("min_tokens", 3),
+        ("repetition_penalty", 1.2),
+        ("n", True),
+    ):
+        status, _, body = request(server.url + "/v1/completions", {**base, field: value})
+        assert status == 400 and field in body["error"]["message"], (field, body)
+    chat = {"model": "main", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for field, value in (
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("response_format", {"type": "json_object"}),
+    ):
+        status, _, body = request(server.url + "/v1/chat/completions", {**chat, field: value})
+        assert status == 400 and field in body["error"]["message"], (field, body)
+    # Their neutral values (what clients send by default) change nothing and are accepted.
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "n": 1}
+    status, _, _ = request(server.url + "/v1/completions", {**base, **neutral, "best_of": 1})
+    assert status == 200
+    status, _, _ = request(
+        server.url + "/v1/chat/completions", {**chat, "response_format": {"type": "text"}}
+    )
+    assert status == 200
+
+
+def test_chat_runs_to_the_context_end_by_default(server: BackgroundServer) -> None:
+    chat = {"model": "main", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+    status, _, body = request(server.url + "/v1/chat/completions", chat)
+    # No max_tokens: not the completions default of 16 but the server's limit (400 here).
+    assert status == 200 and body["usage"]["completion_tokens"] == 400
+    # max_completion_tokens, OpenAI's current name, wins over the deprecated max_tokens.
+    status, _, body = request(
+        server.url + "/v1/chat/completions",
+        {**chat, "max_tokens": 2, "max_completion_tokens": 5},
+    )
+    assert body["usage"]["completion_tokens"] == 5
+    # Whole-number floats are counts too (clients compute them with '/').
+    status, _, body = request(
+        server.url + "/v1/completions",
+        {"model": "main", "prompt": "x", "max_tokens": 3.0, "seed": 7.0, "ignore_eos": True},
+    )
+    assert status == 200 and body["usage"]["completion_tokens"] == 3
+    status, _, _ = request(
+        server.url + "/v1/completions", {"model": "main", "prompt": "x", "max_tokens": 2.5}
+    )
+    assert status == 400
+
+
+def test_lone_surrogates_and_overlong_ref_names_are_4xx(server: BackgroundServer) -> None:
+    for path, raw in (
+        ("/generate", b'{"prompt": "\\ud800"}'),
+        ("/generate", b'{"prompt": "x", "ref": "ma\\udc00in"}'),
+        ("/v1/completions", b'{"model": "main", "prompt": "\\ud800x"}'),
+        (
+            "/v1/chat/completions",
+            b'{"model": "main", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        ),
+    ):
+        status, _, body = request(server.url + path, raw, method="POST")
+        assert status == 400, (path, body)
+        assert "surrogate" in json.dumps(body)
+    # A ref name no file system can hold names no ref: 404, and the message names no path.
+    for ref in ("a" * 300, "refs/heads/" + "b" * 300):
+        status, _, body = gen(server, prompt="x", ref=ref, max_tokens=1)
+        assert status == 404, body
+        assert "/" not in body["error"].replace(ref, "")
+        assert body["reason"] == "not_found"
+
+
+def test_metrics_label_requests_by_ref_not_by_spelling(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    head = repo.resolve("main")
+    for spec in ("main~0", "main^0~0", "refs/heads/main", head[:9], head):
+        assert gen(server, prompt="x", ref=spec, max_tokens=1)[0] == 200
+    _, _, text = request(server.url + "/metrics")
+    labels = {
+        line.split('ref="', 1)[1].split('"', 1)[0]
+        for line in text.splitlines()
+        if line.startswith("mint_requests_total{")
+    }
+    assert "main" in labels and "(commit)" in labels
+    assert not labels & {"main~0", "main^0~0", "refs/heads/main", head[:9], head}
+
+
+def test_models_retrieves_one_ref(server: BackgroundServer, repo: Repository) -> None:
+    status, _, body = request(server.url + "/v1/models/prod")
+    assert status == 200
+    assert (body["id"], body["kind"], body["revision"]) == ("prod", "tag", repo.resolve("prod"))
+    status, _, body = request(server.url + "/v1/models/product-b")
+    assert (body["kind"], body["revision"]) == ("branch", repo.resolve("product-b"))
+    status, _, body = request(server.url + "/v1/models/no-such-thing")
+    assert status == 404 and body["error"]["type"] == "not_found_error"
 
 
 def test_nan_is_never_accepted_anywhere(server: BackgroundServer) -> None:
