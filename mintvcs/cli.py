@@ -42,6 +42,8 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--meta")
+        if key.strip() in meta:
+            raise click.BadParameter(f"key {key.strip()!r} given twice", param_hint="--meta")
         meta[key.strip()] = value
     return meta
 
@@ -58,6 +60,16 @@ class MintGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
+    """git's warning for a name that is both a tag and a branch (the tag wins, as in git)."""
+    for spec in specs:
+        if spec and len(refs := repo.ambiguous(spec)) > 1:
+            click.echo(
+                f"warning: refname '{spec}' is ambiguous ({' and '.join(refs)}); using {refs[0]}",
+                err=True,
+            )
 
 
 def json_option(func: F) -> F:
@@ -125,16 +137,27 @@ def init(directory: Path, base_model: str | None, no_hooks: bool) -> None:
     "--meta", multiple=True, help="Metadata KEY=VALUE (step, metrics, run id); repeatable."
 )
 @click.option("--no-verify", is_flag=True, help="Skip the pre-commit and commit-msg hooks.")
+@click.option("--allow-empty", is_flag=True, help="Commit even if the adapter equals HEAD's.")
 @json_option
 def commit(
-    message: str, source: Path | None, meta: tuple[str, ...], no_verify: bool, as_json: bool
+    message: str,
+    source: Path | None,
+    meta: tuple[str, ...],
+    no_verify: bool,
+    allow_empty: bool,
+    as_json: bool,
 ) -> None:
     """Record the adapter as a new revision on the current branch."""
     from mintvcs import porcelain
 
     repo = _open_repo()
     result = porcelain.commit(
-        repo, message, source=source, meta=_parse_meta(meta), verify=not no_verify
+        repo,
+        message,
+        source=source,
+        meta=_parse_meta(meta),
+        verify=not no_verify,
+        allow_empty=allow_empty,
     )
     if as_json:
         _emit_json(
@@ -166,7 +189,9 @@ def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
     from mintvcs import porcelain
 
     repo = _open_repo()
+    _warn_if_ambiguous(repo, ref)
     commits = porcelain.log(repo, ref, max_count)
+    labels = porcelain.decorations(repo, {c.id for c in commits})
     if as_json:
         _emit_json(
             [
@@ -176,12 +201,13 @@ def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
                     "author": c.author,
                     "time": c.time,
                     "message": c.message,
+                    "meta": repo.read_revision(c.id).manifest.meta,
+                    "refs": labels.get(c.id, []),
                 }
                 for c in commits
             ]
         )
         return
-    labels = porcelain.decorations(repo, {c.id for c in commits})
     for index, info in enumerate(commits):
         deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
         if oneline:
@@ -206,7 +232,9 @@ def show(rev: str, as_json: bool) -> None:
     """Show a revision: commit, base model, metadata and tensors."""
     from mintvcs import porcelain
 
-    revision = porcelain.show(_open_repo(), rev)
+    repo = _open_repo()
+    _warn_if_ambiguous(repo, rev)
+    revision = porcelain.show(repo, rev)
     info, manifest = revision.info, revision.manifest
     if as_json:
         _emit_json({
@@ -254,7 +282,9 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
     """Per-tensor change from REV_A to REV_B (default: the work tree)."""
     from mintvcs import porcelain
 
-    result = porcelain.diff(_open_repo(), rev_a, rev_b)
+    repo = _open_repo()
+    _warn_if_ambiguous(repo, rev_a, rev_b)
+    result = porcelain.diff(repo, rev_a, rev_b)
     if as_json:
         _emit_json(
             {
@@ -262,6 +292,7 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
                 "b": result.b,
                 "config_changed": result.config_changed,
                 "files_changed": result.files_changed,
+                "files": [{"path": p, "status": st} for st, p in result.files],
                 "tensors": [t.to_json() for t in result.tensors],
             }
         )
@@ -270,16 +301,17 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
     click.echo(f"diff {result.a[:7]}..{b_label}")
     if result.config_changed:
         click.echo("  adapter_config.json changed")
-    for path in result.files_changed:
-        click.echo(f"  file {path} changed")
+    for file_status, path in result.files:
+        click.echo(f"  file {path} {file_status}")
     changed = 0
     for t in result.tensors:
         if t.status == "unchanged" and not show_all:
             continue
         changed += t.status != "unchanged"
-        if t.status in ("modified", "unchanged") and t.rel_l2 is not None:
+        retyped = f"  {t.dtype_a} -> {t.dtype_b}" if t.status == "retyped" else ""
+        if t.status in ("modified", "unchanged", "retyped") and t.rel_l2 is not None:
             click.echo(
-                f"  {t.status:9} {t.name}  {list(t.shape_b or ())}  rel_l2={t.rel_l2:.3e}  cos={t.cosine:.6f}"
+                f"  {t.status:9} {t.name}  {list(t.shape_b or ())}{retyped}  rel_l2={t.rel_l2:.3e}  cos={t.cosine:.6f}"
             )
         elif t.status == "added":
             click.echo(click.style(f"  added     {t.name}  {list(t.shape_b or ())}", fg="green"))
@@ -331,12 +363,19 @@ def status(as_json: bool) -> None:
 @main.command()
 @click.argument("name", required=False)
 @click.argument("start", required=False, default="HEAD")
-@click.option("-d", "--delete", is_flag=True, help="Delete branch NAME.")
+@click.option("-d", "--delete", is_flag=True, help="Delete branch NAME if HEAD's history holds it.")
+@click.option("-D", "force_delete", is_flag=True, help="Delete branch NAME even if not merged.")
 @click.option("-f", "--force", is_flag=True, help="Move NAME to START even if it exists.")
 @click.option("--list", "list_", is_flag=True, help="List branches.")
 @json_option
 def branch(
-    name: str | None, start: str, delete: bool, force: bool, list_: bool, as_json: bool
+    name: str | None,
+    start: str,
+    delete: bool,
+    force_delete: bool,
+    force: bool,
+    list_: bool,
+    as_json: bool,
 ) -> None:
     """List, create or delete branches."""
     from mintvcs import porcelain
@@ -350,10 +389,11 @@ def branch(
         for n, c, cur in rows:
             click.echo(f"{'*' if cur else ' '} {click.style(n, fg='green') if cur else n}  {c[:7]}")
         return
-    if delete:
-        oid = porcelain.branch_delete(repo, name)
+    if delete or force_delete:
+        oid = porcelain.branch_delete(repo, name, force=force_delete or force)
         click.echo(f"Deleted branch {name} (was {oid[:7]}).")
         return
+    _warn_if_ambiguous(repo, start)
     oid = porcelain.branch_create(repo, name, start, force=force)
     if as_json:
         _emit_json({"name": name, "commit": oid})
@@ -385,6 +425,7 @@ def tag(
         oid = porcelain.tag_delete(repo, name)
         click.echo(f"Deleted tag '{name}' (was {oid[:7]})")
         return
+    _warn_if_ambiguous(repo, rev)
     value = porcelain.tag_create(repo, name, rev, message=message, force=force)
     if as_json:
         _emit_json({"name": name, "value": value, "commit": repo.peel(value)})
@@ -402,9 +443,13 @@ def checkout(ref: str | None, new_branch: str | None, force: bool) -> None:
         raise click.UsageError("give a REF to check out, or -b NEW to branch from HEAD")
     ref = ref or "HEAD"
 
-    result = porcelain.checkout(_open_repo(), ref, new_branch=new_branch, force=force)
+    repo = _open_repo()
+    was_on = repo.current_branch()
+    result = porcelain.checkout(repo, ref, new_branch=new_branch, force=force)
     if result.created:
         click.echo(f"Switched to a new branch '{result.branch}'")
+    elif result.branch and result.branch == was_on:
+        click.echo(f"Already on '{result.branch}'")
     elif result.branch:
         click.echo(f"Switched to branch '{result.branch}'")
     else:
@@ -419,6 +464,7 @@ def reset(rev: str, hard: bool) -> None:
     from mintvcs import porcelain
 
     repo = _open_repo()
+    _warn_if_ambiguous(repo, rev)
     oid = porcelain.reset(repo, rev, hard=hard)
     summary = repo.commit_info(oid).message.splitlines()
     click.echo(f"HEAD is now at {oid[:7]} {summary[0] if summary else ''}")

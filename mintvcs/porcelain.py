@@ -9,8 +9,8 @@ import random
 import stat
 import tempfile
 import time
-from collections.abc import Collection
-from contextlib import suppress
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,10 @@ COMMIT_RETRY_SECONDS = (
 
 class DirtyWorkTreeError(MintError):
     """An operation that would overwrite uncommitted changes."""
+
+
+class NothingToCommit(MintError):
+    """The adapter to commit is identical to HEAD's revision."""
 
 
 class RefExistsError(MintError):
@@ -98,7 +102,15 @@ def init(
     """Create a repository; `base_model` is a local checkout directory (fingerprinted) or an id."""
     base: BaseModel | None = None
     if base_model is not None:
-        path = Path(base_model)
+        path = Path(base_model).expanduser()
+        looks_local = base_model.startswith(("/", "./", "../", "~")) or base_model in (".", "..")
+        if looks_local and not path.is_dir():
+            # 'org/name' is a hub id, but './x' or '/x' means a directory: a typo must not become
+            # an id that silently turns the shape check off.
+            raise MintError(
+                f"--base-model {base_model}: no such directory; give a local checkpoint "
+                "directory, or a model id such as org/name"
+            )
         base = read_base_model(path) if path.is_dir() else BaseModel(base_model)
     repo = Repository.init(Path(directory), base)
     if install_hooks:
@@ -127,8 +139,13 @@ def commit(
     meta: dict[str, str] | None = None,
     verify: bool = True,
     show_progress: bool = True,
+    allow_empty: bool = False,
 ) -> CommitResult:
-    """Commit the adapter in `source` (default: the work tree) on top of HEAD."""
+    """Commit the adapter in `source` (default: the work tree) on top of HEAD.
+
+    An adapter identical to HEAD's (tensors, config, files and metadata) is refused with
+    NothingToCommit, as git refuses an empty commit, unless `allow_empty`.
+    """
     source = Path(source) if source is not None else repo.work_tree
     if source is None:
         raise MintError("this repository has no work tree: pass --from DIR")
@@ -163,6 +180,11 @@ def commit(
             )
     except NonFiniteTensorError as err:
         raise hooks.refusal("pre-commit", f"error: {err}") from None
+    if parent_rev is not None and tree == parent_rev.info.tree and not allow_empty:
+        raise NothingToCommit(
+            f"nothing to commit: the adapter in {source} is identical to HEAD "
+            f"({parent_rev.commit[:7]}); use --allow-empty to record it anyway"
+        )
     if verify:
         message = _run_commit_msg(repo, message, env)
     if not message.strip():
@@ -261,11 +283,13 @@ class TensorDiff:
     """How one tensor changed between two revisions."""
 
     name: str
-    status: str  # "modified", "added", "removed", "unchanged", "reshaped"
+    status: str  # "modified", "added", "removed", "unchanged", "reshaped", "retyped"
     shape_a: tuple[int, ...] | None
     shape_b: tuple[int, ...] | None
     rel_l2: float | None = None  # ||b - a|| / ||a||
     cosine: float | None = None
+    dtype_a: str | None = None
+    dtype_b: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON form for --json."""
@@ -274,6 +298,8 @@ class TensorDiff:
             "status": self.status,
             "shape_a": list(self.shape_a) if self.shape_a is not None else None,
             "shape_b": list(self.shape_b) if self.shape_b is not None else None,
+            "dtype_a": self.dtype_a,
+            "dtype_b": self.dtype_b,
             "rel_l2": self.rel_l2,
             "cosine": self.cosine,
         }
@@ -287,7 +313,14 @@ class DiffResult:
     b: str
     tensors: list[TensorDiff]
     config_changed: bool
-    files_changed: list[str] = field(default_factory=list)
+    files: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (status, path): added/removed/modified
+
+    @property
+    def files_changed(self) -> list[str]:
+        """Paths of the extra files that differ."""
+        return [path for _status, path in self.files]
 
 
 TensorSet = dict[str, tuple[str, tuple[int, ...], bytes]]
@@ -332,20 +365,22 @@ def _compare(
 
     if a is None:
         assert b is not None
-        return TensorDiff(name, "added", None, b[1])
+        return TensorDiff(name, "added", None, b[1], dtype_b=b[0])
     if b is None:
-        return TensorDiff(name, "removed", a[1], None)
-    if a[1] != b[1] or a[0] != b[0]:
-        return TensorDiff(name, "reshaped", a[1], b[1])
-    if a[2] == b[2]:
-        return TensorDiff(name, "unchanged", a[1], b[1], 0.0, 1.0)
+        return TensorDiff(name, "removed", a[1], None, dtype_a=a[0])
+    if a[1] != b[1]:
+        return TensorDiff(name, "reshaped", a[1], b[1], dtype_a=a[0], dtype_b=b[0])
+    if a[0] == b[0] and a[2] == b[2]:
+        return TensorDiff(name, "unchanged", a[1], b[1], 0.0, 1.0, dtype_a=a[0], dtype_b=b[0])
+    # Same shape: compare values, across a dtype change too (F32 -> BF16 shows its rounding).
+    status = "modified" if a[0] == b[0] else "retyped"
     va, vb = _as_float64(a[0], a[2]), _as_float64(b[0], b[2])
     if va is None or vb is None:
-        return TensorDiff(name, "modified", a[1], b[1])
+        return TensorDiff(name, status, a[1], b[1], dtype_a=a[0], dtype_b=b[0])
     norm_a, norm_b = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
     rel = float(np.linalg.norm(vb - va)) / norm_a if norm_a else float("inf")
     cos = float(va @ vb) / (norm_a * norm_b) if norm_a and norm_b else 0.0
-    return TensorDiff(name, "modified", a[1], b[1], rel, cos)
+    return TensorDiff(name, status, a[1], b[1], rel, cos, dtype_a=a[0], dtype_b=b[0])
 
 
 def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult:
@@ -364,9 +399,11 @@ def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult
         config_b, files_b = rev_b.config_bytes, {p: c for p, (c, _x) in rev_b.files().items()}
     files_a = {p: c for p, (c, _x) in rev_a.files().items()}
     names = sorted(set(tensors_a) | set(tensors_b))
-    changed_files = sorted(
-        p for p in set(files_a) | set(files_b) if files_a.get(p) != files_b.get(p)
-    )
+    changed_files = [
+        ("added" if p not in files_a else "removed" if p not in files_b else "modified", p)
+        for p in sorted(set(files_a) | set(files_b))
+        if files_a.get(p) != files_b.get(p)
+    ]
     return DiffResult(
         rev_a.commit,
         label_b,
@@ -394,7 +431,6 @@ class Status:
 
 def status(repo: Repository) -> Status:
     """Compare the work tree with HEAD by content hash (the weights by stat when recorded clean)."""
-    import hashlib
 
     if repo.work_tree is None:
         raise MintError("this repository has no work tree")
@@ -415,7 +451,13 @@ def status(repo: Repository) -> Status:
             [("added", CONFIG_FILE), ("added", WEIGHTS_FILE)]
             + [("added", p) for p in work.extra_files],
         )
-    rev = repo.read_revision(head)
+    return Status(branch, head, _changes(repo, work, repo.read_revision(head)))
+
+
+def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[str, str]]:
+    """(kind, path) for what differs between the adapter files `work` and revision `rev`."""
+    import hashlib
+
     changes: list[tuple[str, str]] = []
     if work.config_bytes != rev.config_bytes:
         changes.append(("modified", CONFIG_FILE))
@@ -440,7 +482,7 @@ def status(repo: Repository) -> Status:
         elif _blob_id(content) != blob:
             changes.append(("modified", path))
     changes += [("removed", path) for path in committed_files]
-    return Status(branch, head, changes)
+    return changes
 
 
 # ------------------------------------------------------- clean-by-stat record
@@ -520,17 +562,38 @@ def branch_create(repo: Repository, name: str, start: str = "HEAD", *, force: bo
     return oid
 
 
-def branch_delete(repo: Repository, name: str) -> str:
-    """Delete branch `name`; returns the commit it pointed to."""
+def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
+    """Delete branch `name`; returns the commit it pointed to. Unless forced, only if HEAD's history holds it."""
     ref = f"refs/heads/{name}"
     oid = repo.refs.read(ref)
     if oid is None:
         raise UnknownRevisionError(f"branch '{name}' not found")
     if repo.refs.read_symbolic("HEAD") == ref:
         raise MintError(f"cannot delete branch '{name}': it is checked out")
+    head = repo.head_commit()
+    if not force and (head is None or not is_ancestor(repo, oid, head)):
+        raise MintError(
+            f"the branch '{name}' is not fully merged: its tip {oid[:7]} is not in HEAD's "
+            f"history, so deleting it would leave that revision reachable only by the reflog; "
+            f"use -D to delete it anyway"
+        )
     repo.refs.delete(ref, old=oid)
     _ref_moved(repo, ref, oid, None)
     return oid
+
+
+def is_ancestor(repo: Repository, ancestor: str, commit: str) -> bool:
+    """True when `ancestor` is `commit` or in its history (every parent, not only first ones)."""
+    seen: set[str] = set()
+    todo = [commit]
+    while todo:
+        oid = todo.pop()
+        if oid == ancestor:
+            return True
+        if oid not in seen:
+            seen.add(oid)
+            todo.extend(repo.commit_info(oid).parents)
+    return False
 
 
 def branches(repo: Repository) -> list[tuple[str, str, bool]]:
@@ -624,9 +687,21 @@ def write_work_tree(
         for record in old.manifest.files:
             if record.path not in files:
                 (work / record.path).unlink(missing_ok=True)
+                _remove_empty_parents(work, work / record.path)
     from mintvcs.adapter import stat_key
 
     _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns)
+
+
+def _remove_empty_parents(root: Path, path: Path) -> None:
+    """Remove the directories above `path` that are left empty, up to (not including) `root`."""
+    parent = path.parent
+    while parent != root and root in parent.parents:
+        try:
+            parent.rmdir()
+        except OSError:  # not empty (or not ours to remove): stop here
+            return
+        parent = parent.parent
 
 
 def _write_weights(path: Path, data: memoryview, mtime_ns: int) -> None:
@@ -668,42 +743,105 @@ class CheckoutResult:
     created: bool
 
 
-def _refuse_if_dirty(repo: Repository, verb: str) -> None:
-    """Refuse to overwrite a work tree that differs from HEAD."""
+def _refuse_if_changes_lost(repo: Repository, target: Revision, verb: str) -> None:
+    """Refuse to write `target` over local changes it would lose, as git does.
+
+    A change is safe when the work tree already holds the target's version of that file, or
+    when it is a file HEAD does not have and the target does not write (it stays, as an
+    untracked file does in git). A work tree that cannot be read is never safe.
+    """
     state = status(repo)
-    if not state.clean:
-        detail = state.error or ", ".join(path for _kind, path in state.changes[:3])
-        more = f" and {len(state.changes) - 3} more" if len(state.changes) > 3 else ""
+    if state.clean:
+        return
+    lost: list[str] = []
+    if state.error is not None:
+        lost.append(state.error)
+    else:
+        assert repo.work_tree is not None
+        against_target = {
+            path for _kind, path in _changes(repo, read_adapter(repo.work_tree), target)
+        }
+        target_files = {f.path for f in target.manifest.files}
+        for kind, path in state.changes:
+            if kind == "removed" and not path.startswith(WEIGHTS_FILE):
+                continue  # nothing of the user's to lose: the target's version comes back
+            if (
+                kind == "added"
+                and path not in target_files
+                and not path.startswith((WEIGHTS_FILE, CONFIG_FILE))
+            ):
+                continue  # untracked: left alone
+            if path in against_target or (
+                path.startswith(WEIGHTS_FILE)
+                and any(p.startswith(WEIGHTS_FILE) for p in against_target)
+            ):
+                lost.append(path)
+    if lost:
+        more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
         raise DirtyWorkTreeError(
-            f"your local changes would be overwritten by {verb} ({detail}{more}); commit them or use --force"
+            f"your local changes would be overwritten by {verb} ({', '.join(lost[:3])}{more}); "
+            "commit them or use --force"
         )
 
 
-def _is_branch(repo: Repository, spec: str) -> bool:
-    """True when `spec` is exactly a branch name (not `main~2`, a tag or a commit id)."""
+def _refuse_if_locked(repo: Repository, *names: str | None) -> None:
+    """Fail before the work tree is touched when a ref the command will move is locked."""
+    for name in ("HEAD", repo.refs.read_symbolic("HEAD"), *names):
+        if name is not None:
+            repo.refs.check_unlocked(name)
+
+
+@contextmanager
+def _restore_on_failure(
+    repo: Repository, written: Revision, old: Revision | None
+) -> Iterator[None]:
+    """Put `old` back in the work tree if moving the refs fails after `written` was written."""
     try:
-        return repo.refs.read(f"refs/heads/{spec}") is not None
+        yield
+    except BaseException:
+        if old is not None:
+            with suppress(MintError, OSError):
+                write_work_tree(repo, old, written, show_progress=False)
+        raise
+
+
+def _branch_value(repo: Repository, spec: str) -> str | None:
+    """The value of branch `spec` when `spec` is exactly a branch name (not `main~2` or an id), else None."""
+    try:
+        return repo.refs.read(f"refs/heads/{spec}")
     except InvalidRefNameError:
-        return False
+        return None
 
 
 def checkout(
     repo: Repository, spec: str, *, new_branch: str | None = None, force: bool = False
 ) -> CheckoutResult:
     """Write revision `spec` into the work tree and move HEAD (to a branch, or detached)."""
-    target = repo.resolve(spec)
+    # A branch name switches to that branch even where a tag of the same name exists (as git
+    # checkout does), although a plain spec resolves to the tag first.
+    oid = _branch_value(repo, spec)
+    target = repo.peel(oid) if oid is not None else repo.resolve(spec)
     if new_branch is not None:
         check_branch_name(new_branch)
         if repo.refs.read(f"refs/heads/{new_branch}") is not None:
             raise RefExistsError(f"a branch named '{new_branch}' already exists")
     head = repo.head_commit()
+    _refuse_if_locked(repo, f"refs/heads/{new_branch}" if new_branch else None)
+    head_rev = repo.read_revision(head) if head else None
+    target_rev = repo.read_revision(target)
     # As in git, switching to the commit already checked out keeps local changes.
-    if force or target != head:
+    written = force or target != head
+    if written:
         if not force:
-            _refuse_if_dirty(repo, "checkout")
-        write_work_tree(
-            repo, repo.read_revision(target), repo.read_revision(head) if head else None
-        )
+            _refuse_if_changes_lost(repo, target_rev, "checkout")
+        write_work_tree(repo, target_rev, head_rev)
+    with _restore_on_failure(repo, target_rev, head_rev if written else None):
+        return _move_head(repo, spec, target, head, new_branch)
+
+
+def _move_head(
+    repo: Repository, spec: str, target: str, head: str | None, new_branch: str | None
+) -> CheckoutResult:
     who = identity(repo)
     previous = repo.current_branch() or (head[:7] if head else "nothing")
     if new_branch is not None:
@@ -718,7 +856,7 @@ def checkout(
         branch: str | None = new_branch
     elif spec in ("HEAD", "@"):
         branch = repo.current_branch()
-    elif _is_branch(repo, spec):
+    elif _branch_value(repo, spec) is not None:
         branch = spec
     else:
         branch = None
@@ -734,12 +872,14 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     """Move the current branch (or detached HEAD) to `spec`; with hard, rewrite the work tree too."""
     target = repo.resolve(spec)
     head = repo.head_commit()
+    _refuse_if_locked(repo)
+    target_rev = repo.read_revision(target)
+    head_rev = repo.read_revision(head) if head else None
     if hard:
-        write_work_tree(
-            repo, repo.read_revision(target), repo.read_revision(head) if head else None
+        write_work_tree(repo, target_rev, head_rev)
+    with _restore_on_failure(repo, target_rev, head_rev if hard else None):
+        repo.refs.update(
+            "HEAD", target, old=head, message=f"reset: moving to {spec}", identity=identity(repo)
         )
-    repo.refs.update(
-        "HEAD", target, old=head, message=f"reset: moving to {spec}", identity=identity(repo)
-    )
     _ref_moved(repo, repo.refs.read_symbolic("HEAD") or "HEAD", head, target)
     return target

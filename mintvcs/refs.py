@@ -376,6 +376,13 @@ class _Packed:
 # --- the store -----------------------------------------------------------------------
 
 
+def _held_elsewhere(path: str) -> str:
+    return (
+        f"{path}.lock exists: locked by another process; retry, or remove the "
+        "file if no mintvcs or git process is running"
+    )
+
+
 class _Lock:
     """A git lock file: `<path>.lock` created exclusively, committed by rename."""
 
@@ -545,6 +552,13 @@ class RefStore:
 
     # -- locking --
 
+    def check_unlocked(self, name: str) -> None:
+        """Raise RefConflictError now if another process holds `name`'s lock (a later update would fail)."""
+        _check_store_name(name)
+        path = self._path(name)
+        if os.path.exists(path + ".lock"):
+            raise RefConflictError(name, ANY, None, detail=_held_elsewhere(path))
+
     def _lock(self, name: str, expected: OldValue = ANY) -> _Lock:
         path = self._path(name)
         try:
@@ -555,15 +569,7 @@ class RefStore:
         try:
             fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
-            raise RefConflictError(
-                name,
-                expected,
-                None,
-                detail=(
-                    f"{path}.lock exists: locked by another process; retry, or remove the "
-                    "file if no mintvcs or git process is running"
-                ),
-            ) from None
+            raise RefConflictError(name, expected, None, detail=_held_elsewhere(path)) from None
         return _Lock(path, fd)
 
     def _lock_packed(self) -> _Lock:

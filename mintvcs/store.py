@@ -835,8 +835,9 @@ class Repository:
 
     def _resolve_name(self, name: str, spec: str) -> str:
         """Resolve the part of a spec before any `~`/`^` suffix."""
+        # git's order (gitrevisions): the name itself, then a tag, then a branch.
         candidates = (
-            ["HEAD"] if name in ("HEAD", "@") else [name, f"refs/heads/{name}", f"refs/tags/{name}"]
+            ["HEAD"] if name in ("HEAD", "@") else [name, f"refs/tags/{name}", f"refs/heads/{name}"]
         )
         for ref in candidates:
             if ref != "HEAD" and not ref.startswith("refs/"):
@@ -863,6 +864,25 @@ class Repository:
                     f"revision {name!r} is ambiguous: {', '.join(c[:12] for c in commits[:5])}; give more digits"
                 )
         raise UnknownRevisionError(f"unknown revision {spec!r}: not a branch, tag or commit id")
+
+    def ambiguous(self, spec: str) -> list[str]:
+        """The refs a spec's name could mean when it names more than one (a tag and a branch), else [].
+
+        `resolve` takes the first of them, as git does; git warns "refname is ambiguous".
+        """
+        match = _SPEC.match(spec)
+        assert match is not None  # the pattern matches every string
+        name = match["name"]
+        if not name or name in ("HEAD", "@") or name.startswith("refs/"):
+            return []
+        found = []
+        for ref in (f"refs/tags/{name}", f"refs/heads/{name}"):
+            try:
+                if self.refs.read(ref) is not None:
+                    found.append(ref)
+            except MintError:
+                return []
+        return found if len(found) > 1 else []
 
     def _is_commit_or_tag(self, oid: str) -> bool:
         try:

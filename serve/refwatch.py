@@ -129,7 +129,7 @@ class RefWatcher:
         elif name.startswith("refs/"):
             names = [name]
         else:
-            names = [f"refs/heads/{name}", f"refs/tags/{name}"]
+            names = [f"refs/tags/{name}", f"refs/heads/{name}"]  # the store's (git's) order
         for ref in list(names):
             try:
                 target = self.repo.refs.read_symbolic(ref)

@@ -133,8 +133,12 @@ def test_unchanged_tensor_adds_no_blob_and_changed_one_is_xor(work: Path) -> Non
     first = commit(work, "first", "--no-verify")
     names = tensor_names(work)
     before = all_objects(work)
-    # Same content again: only a commit object is new.
-    commit(work, "again", "--no-verify")
+    # Same content again is nothing to commit, as in git (exit 1, nothing written)...
+    line = mint_fails(work, "commit", "-m", "again", "--no-verify")
+    assert "nothing to commit" in line and "--allow-empty" in line
+    assert head(work) == first
+    # ...unless asked for: then only a commit object is new.
+    commit(work, "again", "--no-verify", "--allow-empty")
     assert sorted(new_objects(work, before).values()) == ["commit"]
     # One tensor changes: one new tensor blob and a new manifest, nothing else of blob type.
     before = all_objects(work)
@@ -242,6 +246,31 @@ def test_diff_revisions_json_matches_numpy(work: Path, tmp_path: Path) -> None:
         (dropped, "added")
     ]
     assert f"removed   {dropped}" in mint(work, "diff", second, third).stdout
+    # A dtype change of the same shape compares the values: F32 -> BF16 shows its rounding.
+    as_bf16 = tmp_path / "bf16"
+    copy_adapter(work, as_bf16)
+    shapes = {
+        t.name: list(t.shape) for t in parse_layout((work / WEIGHTS).read_bytes(), "w").tensors
+    }
+    write_safetensors(
+        as_bf16 / WEIGHTS,
+        {
+            n: ("BF16", shapes[n], (v.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes())
+            for n, v in _floats(work / WEIGHTS).items()
+        },
+    )
+    fourth = commit(work, "bf16", "--from", str(as_bf16), "--no-verify")
+    retyped = json.loads(mint(work, "diff", third, fourth, "--json").stdout)["tensors"]
+    assert {t["status"] for t in retyped} == {"retyped", "added"}
+    row = next(t for t in retyped if t["status"] == "retyped")
+    assert (row["dtype_a"], row["dtype_b"]) == ("F32", "BF16")
+    assert 0 < row["rel_l2"] < 0.05 and row["cosine"] > 0.999  # bf16 keeps ~3 digits
+    # Extra files: added, removed and modified are told apart.
+    (as_bf16 / "notes.md").write_text("v1\n")
+    fifth = commit(work, "notes", "--from", str(as_bf16), "--no-verify")
+    files = json.loads(mint(work, "diff", fourth, fifth, "--json").stdout)["files"]
+    assert files == [{"path": "notes.md", "status": "added"}]
+    assert "file notes.md removed" in mint(work, "diff", fifth, fourth).stdout
 
 
 # ----------------------------------------------------------------- status
@@ -307,6 +336,61 @@ def test_branch_create_list_force_delete(work: Path) -> None:
         != 0
     )
     git_fsck(work)
+
+
+def test_branch_d_keeps_unmerged_work_unless_capital_d(work: Path, tmp_path: Path) -> None:
+    commit(work, "first", "--no-verify")
+    mint(work, "checkout", "-b", "exp")
+    mutate(work, seed=4)
+    exp = commit(work, "experiment", "--no-verify")
+    mint(work, "checkout", "main")
+    line = mint_fails(work, "branch", "-d", "exp")
+    assert "not fully merged" in line and exp[:7] in line and "-D" in line
+    assert git(work / ".mint", "rev-parse", "exp").stdout.strip() == exp
+    assert f"Deleted branch exp (was {exp[:7]})" in mint(work, "branch", "-D", "exp").stdout
+    git_fsck(work)
+
+
+def test_a_tag_and_a_branch_of_one_name_resolve_as_git_does(work: Path) -> None:
+    first = commit(work, "first", "--no-verify")
+    mutate(work, seed=5)
+    second = commit(work, "second", "--no-verify")
+    mint(work, "tag", "dup", first)
+    mint(work, "branch", "dup", second)
+    git_dir = work / ".mint"
+    assert git(git_dir, "rev-parse", "dup").stdout.strip() == first  # git: the tag wins
+    shown = mint(work, "show", "--json", "dup")
+    assert json.loads(shown.stdout)["commit"] == first
+    assert "warning: refname 'dup' is ambiguous" in shown.stderr
+    # checkout of a branch name switches to the branch, as `git checkout dup` does.
+    mint(work, "checkout", "dup")
+    assert git(git_dir, "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/dup"
+    assert head(work) == second
+    assert "Already on 'dup'" in mint(work, "checkout", "--force", "dup").stdout
+
+
+def test_log_json_carries_meta_and_refs(work: Path) -> None:
+    first = commit(work, "first", "--no-verify", "--meta", "step=100", "--meta", "reward=0.5")
+    mutate(work, seed=6)
+    second = commit(work, "second", "--no-verify", "--meta", "step=200")
+    mint(work, "tag", "prod", first)
+    rows = json.loads(mint(work, "log", "--json").stdout)
+    assert [(r["commit"], r["meta"]) for r in rows] == [
+        (second, {"step": "200"}),
+        (first, {"reward": "0.5", "step": "100"}),
+    ]
+    assert rows[0]["refs"] == ["HEAD -> main"] and rows[1]["refs"] == ["tag: prod"]
+    mutate(work, seed=7)
+    result = mint(work, "commit", "-m", "x", "--meta", "step=1", "--meta", "step=2", ok=False)
+    assert result.returncode != 0 and "'step' given twice" in result.stderr
+
+
+def test_init_refuses_a_base_model_path_that_does_not_exist(tmp_path: Path) -> None:
+    line = mint_fails(tmp_path, "init", str(tmp_path / "r"), "--base-model", "./no-such-base")
+    assert "no such directory" in line and "./no-such-base" in line
+    assert not (tmp_path / "r" / ".mint").exists()
+    # A hub id (org/name) is still an id.
+    mint(tmp_path, "init", str(tmp_path / "r2"), "--base-model", "meta-llama/Llama-3-8B")
 
 
 # -------------------------------------------------------------------- tag
@@ -429,6 +513,59 @@ def test_checkout_restores_and_removes_extra_files(work: Path) -> None:
     assert not (work / "README.md").exists() and (work / "NOTES.md").read_text() == "new notes\n"
     leftovers = [p.name for p in work.iterdir() if p.name.startswith(".") and p.name != ".mint"]
     assert leftovers == []
+
+
+def test_checkout_with_head_locked_touches_nothing(work: Path) -> None:
+    first = commit(work, "first", "--no-verify")
+    mutate(work, seed=1)
+    second = commit(work, "second", "--no-verify")
+    before = (work / WEIGHTS).read_bytes()
+    lock = work / ".mint" / "HEAD.lock"
+    lock.write_text("")
+    for args in (("checkout", first), ("checkout", "--force", first), ("reset", "--hard", first)):
+        line = mint_fails(work, *args)
+        assert "HEAD.lock exists" in line, line
+        assert (work / WEIGHTS).read_bytes() == before and head(work) == second
+    lock.unlink()
+    (work / ".mint" / "refs" / "heads" / "main.lock").write_text("")
+    assert "main.lock exists" in mint_fails(work, "reset", "--hard", first)
+    assert (work / WEIGHTS).read_bytes() == before and head(work) == second
+    (work / ".mint" / "refs" / "heads" / "main.lock").unlink()
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+
+
+def test_checkout_allows_what_loses_nothing(work: Path, tmp_path: Path) -> None:
+    # The README's quickstart: commit --from leaves the work tree at the older revision, which is
+    # exactly what the tag names: checking it out loses nothing, so no --force is needed.
+    first = commit(work, "step 100", "--no-verify")
+    other = copy_adapter(work, tmp_path / "other")
+    mutate(other, seed=3)
+    commit(work, "step 200", "--no-verify", "--from", str(other))
+    mint(work, "tag", "prod", "HEAD~1")
+    assert not json.loads(mint(work, "status", "--json").stdout)["clean"]
+    mint(work, "checkout", "prod")
+    assert head(work) == first
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+    # A file no revision has stays, as an untracked file does in git, and blocks nothing.
+    (work / "notes.txt").write_text("mine\n")
+    mint(work, "checkout", "main")
+    assert (work / "notes.txt").read_text() == "mine\n"
+    mint(work, "checkout", "prod")
+    assert (work / "notes.txt").read_text() == "mine\n"
+    # A file the target would overwrite with other content is a change that would be lost.
+    (work / "notes.txt").unlink()
+    (work / "sub").mkdir()
+    (work / "sub" / "keep.txt").write_text("v1\n")
+    with_file = commit(work, "with a file", "--no-verify")
+    (work / "sub" / "keep.txt").write_text("edited\n")
+    line = mint_fails(work, "checkout", "main")
+    assert "sub/keep.txt" in line and "--force" in line
+    assert (work / "sub" / "keep.txt").read_text() == "edited\n" and head(work) == with_file
+    # A clean switch removes the file the target lacks, and the directory it leaves empty.
+    mint(work, "checkout", "--force", with_file)
+    mint(work, "checkout", "main")
+    assert not (work / "sub").exists()
+    git_fsck(work)
 
 
 # ------------------------------------------------------------------ reset

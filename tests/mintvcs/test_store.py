@@ -230,7 +230,10 @@ def test_commit_reports_no_new_blobs_for_an_unchanged_adapter(
     work = copy_adapter(peft_adapter, tmp_path / "work")
     repo = porcelain.init(work, None, install_hooks=False)
     first = porcelain.commit(repo, "first", verify=False, show_progress=False)
-    again = porcelain.commit(repo, "again", verify=False, show_progress=False)
+    with pytest.raises(porcelain.NothingToCommit, match="identical to HEAD"):
+        porcelain.commit(repo, "again", verify=False, show_progress=False)
+    assert repo.head_commit() == first.commit
+    again = porcelain.commit(repo, "again", verify=False, show_progress=False, allow_empty=True)
     assert first.new_blobs > first.tensors
     assert again.new_blobs == 1  # the commit object alone
     assert again.parent == first.commit and again.branch == "main"
