@@ -100,9 +100,11 @@ def parse_layout(data: bytes | memoryview, source: str) -> SafetensorsLayout:
                 f"{source}: tensor {entry.name!r} starts at {entry.start}, expected {position} (overlap or gap)"
             )
         position = entry.end
-    if 8 + header_len + position != len(view):
+    held = len(view) - 8 - header_len
+    if held != position:
+        hint = "truncated?" if held < position else "trailing bytes after the last tensor"
         raise CorruptSafetensorsError(
-            f"{source}: data section holds {len(view) - 8 - header_len} bytes, the header describes {position} (truncated?)"
+            f"{source}: data section holds {held} bytes, the header describes {position} ({hint})"
         )
     return SafetensorsLayout(bytes(view[: 8 + header_len]), dict(metadata), tuple(entries))
 

@@ -127,6 +127,10 @@ def _truncate(data: bytes) -> bytes:
     return data[: len(data) - 1000]
 
 
+def _trailing_bytes(data: bytes) -> bytes:
+    return data + b"\0" * 16
+
+
 def _truncate_in_header(data: bytes) -> bytes:
     return data[:20]
 
@@ -164,6 +168,7 @@ def _bad_dtype(data: bytes) -> bytes:
     ("corrupt", "expected"),
     [
         (_truncate, "truncated"),
+        (_trailing_bytes, "trailing bytes after the last tensor"),
         (_truncate_in_header, "does not fit"),
         (_tiny, "truncated"),
         (_garbage_header, "not valid JSON"),
@@ -173,6 +178,7 @@ def _bad_dtype(data: bytes) -> bytes:
     ],
     ids=[
         "truncated-data",
+        "trailing-bytes",
         "truncated-header",
         "five-bytes",
         "garbage-header",
