@@ -511,7 +511,14 @@ def bench_hot_swap(tmp: Path, repeat: int) -> None:
     src.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(src / "adapter_model.safetensors"), metadata={"format": "pt"})
     (src / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32})
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 16,
+                "lora_alpha": 32,
+                "target_modules": sorted(p.rsplit(".", 1)[1] for p in HOT_SWAP),
+            }
+        )
     )
     size = (src / "adapter_model.safetensors").stat().st_size
     repo = porcelain.init(tmp / "hot-swap", install_hooks=False)

@@ -5,19 +5,22 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mintvcs.errors import MintError
 from mintvcs.packs import TMP_OBJECT_PREFIX
-from mintvcs.store import Repository
+from mintvcs.store import CorruptObjectError, Repository
 
 if TYPE_CHECKING:
     from dulwich.objects import ObjectID
+    from dulwich.pack import Pack
 
 _LOOSE_NAME = re.compile(r"^[0-9a-f]{38}$")
 _TYPES = {1: b"commit", 2: b"tree", 3: b"blob", 4: b"tag"}
@@ -41,60 +44,132 @@ class FsckReport:
         return not self.problems
 
 
-def _check_loose(path: Path, oid: str) -> str | None:
-    """Verify one loose object file: zlib stream, header and sha1."""
+class _Damage(Exception):
+    """An object (or pack) that cannot be read back as what its name says; the text says why."""
+
+
+def _read_loose(path: Path, oid: str) -> tuple[bytes, bytes]:
+    """(type, content) of one loose object file, verified: zlib stream, header and sha1."""
     try:
         raw = zlib.decompress(path.read_bytes())
-    except zlib.error as err:
-        return f"corrupt loose object {oid}: {err}"
+    except (zlib.error, OSError) as err:
+        raise _Damage(f"corrupt loose object {oid}: {err}") from None
     head, sep, body = raw.partition(b"\0")
     kind, _, size = head.partition(b" ")
     if not sep or kind not in _TYPES.values() or not size.isdigit() or int(size) != len(body):
-        return f"corrupt loose object {oid}: bad header {head[:32]!r}"
-    if hashlib.sha1(raw).hexdigest() != oid:
-        return f"corrupt loose object {oid}: content hashes to {hashlib.sha1(raw).hexdigest()}"
+        raise _Damage(f"corrupt loose object {oid}: bad header {head[:32]!r}")
+    actual = hashlib.sha1(raw).hexdigest()
+    if actual != oid:
+        raise _Damage(f"corrupt loose object {oid}: content hashes to {actual}")
+    return kind, body
+
+
+def _check_loose(path: Path, oid: str) -> str | None:
+    """Verify one loose object file: zlib stream, header and sha1."""
+    try:
+        _read_loose(path, oid)
+    except _Damage as damage:
+        return str(damage)
     return None
+
+
+def _loose_files(repo: Repository) -> Iterator[tuple[str, Path]]:
+    """(id, path) of every loose object file, in id order; temporaries are not objects."""
+    objects_dir = repo.git_dir / "objects"
+    for fan in sorted(os.listdir(objects_dir)):
+        if len(fan) != 2 or not (objects_dir / fan).is_dir():
+            continue
+        for rest in sorted(os.listdir(objects_dir / fan)):
+            if _LOOSE_NAME.match(rest):
+                yield fan + rest, objects_dir / fan / rest
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """One entry of a pack index, read back: its content, or why it cannot be."""
+
+    oid: str
+    kind: bytes | None = None
+    data: bytes | None = None
+    problem: str | None = None
+
+
+def _pack_name(pack: Pack) -> str:
+    return Path(pack._basename).name + ".pack"
+
+
+def _pack_checksum_problem(pack: Pack) -> str | None:
+    """Why a pack's length or trailing checksum is wrong, or None."""
+    try:
+        pack.check_length_and_checksum()
+    except Exception as err:  # dulwich raises several kinds here; all mean "corrupt" to a user
+        return f"corrupt pack {_pack_name(pack)}: {err}"
+    return None
+
+
+def _pack_objects(pack: Pack) -> Iterator[_Packed]:
+    """Every object a pack's index lists, inflated, delta-resolved and checked against its id."""
+    name = _pack_name(pack)
+    for sha in pack.index:
+        oid = sha.decode() if len(sha) == 40 else sha.hex()
+        try:
+            type_num, data = pack.get_raw(sha)
+            kind = _TYPES[type_num]
+        except Exception as err:  # a damaged entry fails in zlib, delta or type decoding alike
+            yield _Packed(oid, problem=f"corrupt packed object {oid} in {name}: {err}")
+            continue
+        actual = hashlib.sha1(kind + b" %d\0" % len(data) + data).hexdigest()
+        if actual != oid:
+            problem = f"corrupt packed object {oid} in {name}: content hashes to {actual}"
+            yield _Packed(oid, problem=problem)
+            continue
+        yield _Packed(oid, kind, data)
 
 
 def _check_packs(repo: Repository, report: FsckReport) -> None:
     """Verify each pack's checksum and every packed object's sha1."""
     for pack in repo.objects.packs:
-        name = Path(pack._basename).name + ".pack"
-        try:
-            pack.check_length_and_checksum()
-        except Exception as err:  # dulwich raises several kinds here; all mean "corrupt" to a user
-            report.problems.append(f"corrupt pack {name}: {err}")
-        for sha in pack.index:
-            oid = sha.decode() if len(sha) == 40 else sha.hex()
+        problem = _pack_checksum_problem(pack)
+        if problem:
+            report.problems.append(problem)
+        for entry in _pack_objects(pack):
             report.objects += 1
-            try:
-                type_num, data = pack.get_raw(sha)
-                actual = hashlib.sha1(_TYPES[type_num] + b" %d\0" % len(data) + data).hexdigest()
-            except Exception as err:
-                report.problems.append(f"corrupt packed object {oid} in {name}: {err}")
-                continue
-            if actual != oid:
-                report.problems.append(
-                    f"corrupt packed object {oid} in {name}: content hashes to {actual}"
-                )
+            if entry.problem:
+                report.problems.append(entry.problem)
+
+
+def _missing_in_tree(repo: Repository, tree_id: str, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(path, id) of each object under a tree that the store lacks, as git fsck's connectivity check.
+
+    The manifest names the blobs that decoding reads; this also covers the rest (the
+    safetensors header, nested files) that a checkout needs.
+    """
+    from dulwich.objects import Tree
+
+    tree = repo.get_object(tree_id, what=f"tree {prefix or '/'}")
+    if not isinstance(tree, Tree):
+        raise CorruptObjectError(f"object {tree_id} ({prefix or '/'}) is not a tree")
+    for item in tree.items():
+        path = prefix + item.path.decode(errors="replace")
+        oid = item.sha.decode()
+        if item.mode == 0o160000:
+            continue  # a submodule's commit lives in another repository
+        if not repo.has_object(oid):
+            yield path, oid
+        elif item.mode == 0o040000:
+            yield from _missing_in_tree(repo, oid, path + "/")
 
 
 def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> FsckReport:
     """Verify all objects (loose and packed), every ref's history, and decode every reachable tensor."""
     report = FsckReport()
-    objects_dir = repo.git_dir / "objects"
     bad: set[str] = set()
-    for fan in sorted(os.listdir(objects_dir)):
-        if len(fan) != 2:
-            continue
-        for rest in sorted(os.listdir(objects_dir / fan)):
-            if not _LOOSE_NAME.match(rest):
-                continue  # a temporary file of an interrupted write, not an object (gc removes it)
-            report.objects += 1
-            problem = _check_loose(objects_dir / fan / rest, fan + rest)
-            if problem:
-                report.problems.append(problem)
-                bad.add(fan + rest)
+    for loose_id, path in _loose_files(repo):
+        report.objects += 1
+        problem = _check_loose(path, loose_id)
+        if problem:
+            report.problems.append(problem)
+            bad.add(loose_id)
     _check_packs(repo, report)
     seen_commits: set[str] = set()
     for name, value in [("HEAD", repo.head_commit()), *repo.refs.iter_refs("refs/")]:
@@ -124,6 +199,10 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
                         progress(1)
                 for file in rev.manifest.files:
                     repo.read_blob(file.blob, what=file.path)
+                for where, missing in _missing_in_tree(repo, rev.info.tree):
+                    report.problems.append(
+                        f"commit {oid[:12]}: object {missing} ({where!r}) is missing from the store"
+                    )
                 parents = rev.info.parents
             except MintError as err:
                 report.problems.append(f"commit {oid[:12]} (reachable from {name}): {err}")
@@ -133,32 +212,155 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
 
 
 def reachable_objects(repo: Repository) -> set[ObjectID]:
-    """Ids of every object reachable from refs, HEAD and reflogs (so reset can be undone)."""
-    from dulwich.objects import Commit, ObjectID, Tag, Tree
+    """Ids of every object reachable from refs, HEAD and reflogs (so reset can be undone).
 
-    roots: set[str] = {oid for _name, oid in repo.refs.iter_refs("refs/")}
+    Raises GcMissingObjectError for an object that refs or HEAD need and the store lacks, and
+    GcCorruptObjectError for one that cannot be read; a reflog entry whose commit is gone is
+    skipped, as git does ("reflog references pruned commits").
+    """
+    scan = _scan_store(repo)
+    _refuse_damage(scan)
+    return _walk(repo, scan)
+
+
+class GcRefusedError(MintError):
+    """gc stopped before changing anything in the repository."""
+
+    exit_code = 128  # git's exit status for `fatal:`
+
+
+class GcCorruptObjectError(GcRefusedError):
+    """gc found an object (or a pack) that does not read back as what its id says."""
+
+
+class GcMissingObjectError(GcRefusedError):
+    """gc found an object that a ref needs missing from the store."""
+
+
+class GcLockedError(GcRefusedError):
+    """Another gc holds the repository's gc.pid."""
+
+
+class GcWriteError(MintError):
+    """Packing failed after the store was verified; no object was deleted."""
+
+
+_FIX = "nothing was changed; run `mintvcs fsck`, then restore the object from a clone or backup"
+_LOCK_FILE = "gc.pid"  # git's name and format ("<pid> <host>"): git gc and ours exclude each other
+_LOCK_STALE_SECONDS = 12 * 3600  # git's limit too: a gc.pid older than this is a leftover
+
+
+@dataclass
+class _Scan:
+    """Every object in the store, read back and verified once."""
+
+    ids: set[str] = field(default_factory=set)  # readable objects, loose or packed
+    loose: set[str] = field(default_factory=set)
+    # Commits, trees and tags are small; keeping their content spares the walk a second read.
+    meta: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    damage: list[str] = field(default_factory=list)
+
+
+def _scan_store(repo: Repository) -> _Scan:
+    """Read every loose and packed object, check it against its id, and keep what the walk needs."""
+    scan = _Scan()
+    for oid, path in _loose_files(repo):
+        try:
+            kind, body = _read_loose(path, oid)
+        except _Damage as damage:
+            scan.damage.append(str(damage))
+            continue
+        scan.ids.add(oid)
+        scan.loose.add(oid)
+        if kind != b"blob":
+            scan.meta[oid] = (kind, body)
+    for pack in repo.objects.packs:
+        pack_damage: list[str] = []
+        for entry in _pack_objects(pack):
+            if entry.problem is not None or entry.kind is None or entry.data is None:
+                pack_damage.append(entry.problem or f"corrupt packed object {entry.oid}")
+                continue
+            scan.ids.add(entry.oid)
+            if entry.kind != b"blob":
+                scan.meta.setdefault(entry.oid, (entry.kind, entry.data))
+        # A broken checksum whose objects all read back still means a damaged pack file: name
+        # the objects when we can, the pack when no object is at fault.
+        checksum = _pack_checksum_problem(pack)
+        scan.damage.extend(pack_damage or ([checksum] if checksum else []))
+    return scan
+
+
+def _refuse_damage(scan: _Scan) -> None:
+    """Raise GcCorruptObjectError naming the first damaged object, if any."""
+    if not scan.damage:
+        return
+    more = len(scan.damage) - 1
+    also = f" (and {more} more damaged object{'s' if more > 1 else ''})" if more else ""
+    raise GcCorruptObjectError(f"gc refused: {scan.damage[0]}{also}; {_FIX}")
+
+
+def _children(oid: str, kind: bytes, body: bytes) -> list[tuple[str, str]]:
+    """(id, what it is) of each object a commit, tree or tag points at; GcCorruptObjectError if it does not parse."""
+    from dulwich.errors import ObjectFormatException
+    from dulwich.objects import Commit, ShaFile, Tag, Tree
+
+    type_num = {name: num for num, name in _TYPES.items()}[kind]
+    try:
+        obj = ShaFile.from_raw_string(type_num, body)
+        if isinstance(obj, Commit):
+            return [
+                (obj.tree.decode(), f"tree of commit {oid[:12]}"),
+                *((p.decode(), f"parent of commit {oid[:12]}") for p in obj.parents),
+            ]
+        if isinstance(obj, Tree):
+            return [
+                (item.sha.decode(), f"{item.path.decode(errors='replace')!r} in tree {oid[:12]}")
+                for item in obj.items()
+                if item.mode != 0o160000  # a submodule's commit lives in another repository
+            ]
+        if isinstance(obj, Tag):
+            return [(obj.object[1].decode(), f"target of tag {oid[:12]}")]
+    except (ObjectFormatException, ValueError, KeyError, IndexError, AssertionError) as err:
+        raise GcCorruptObjectError(
+            f"gc refused: {kind.decode()} {oid} does not parse ({err}); {_FIX}"
+        ) from None
+    return []
+
+
+def _walk(repo: Repository, scan: _Scan) -> set[ObjectID]:
+    """Every object reachable from refs, HEAD and reflogs, each confirmed present in `scan`."""
+    from dulwich.objects import ObjectID
+
+    # (id, what it is to whoever points at it, the root it was reached from, strict). Popped
+    # last-in first-out: HEAD and refs go on top, so damage is blamed on them before reflogs.
+    stack: list[tuple[str, str, str, bool]] = []
+    refs = list(repo.refs.iter_refs("refs/"))
+    for name in ["HEAD", *(name for name, _ in refs)]:
+        for entry in repo.refs.reflog(name):
+            for logged in (entry.old, entry.new):
+                if logged != "0" * 40:
+                    stack.append((logged, "a commit", f"the reflog of {name}", False))
+    stack.extend((oid, "the object it names", name, True) for name, oid in reversed(refs))
     head = repo.head_commit()
     if head:
-        roots.add(head)
-    for name in ["HEAD", *(n for n, _ in repo.refs.iter_refs("refs/"))]:
-        for entry in repo.refs.reflog(name):
-            roots.update(o for o in (entry.old, entry.new) if o != "0" * 40)
-    seen: set[ObjectID] = set()
-    stack = [ObjectID(r.encode()) for r in roots]
+        stack.append((head, "the commit it names", "HEAD", True))
+    seen: set[str] = set()
     while stack:
-        oid = stack.pop()
-        if oid in seen or oid not in repo.objects:
+        oid, what, root, strict = stack.pop()
+        if oid in seen:
             continue
+        if oid not in scan.ids:
+            if not strict:
+                continue  # a reflog entry whose commit was pruned: git skips it too
+            raise GcMissingObjectError(
+                f"gc refused: object {oid} ({what}, reachable from {root}) is missing from the store; {_FIX}"
+            )
         seen.add(oid)
-        obj = repo.objects[oid]
-        if isinstance(obj, Commit):
-            stack.append(obj.tree)
-            stack.extend(obj.parents)
-        elif isinstance(obj, Tree):
-            stack.extend(entry.sha for entry in obj.items())
-        elif isinstance(obj, Tag):
-            stack.append(obj.object[1])
-    return seen
+        if oid not in scan.meta:
+            continue  # a blob: present and verified is all gc needs of it
+        # Below a root, everything is needed: a missing tree or blob is fatal even from a reflog.
+        stack.extend((child, kind, root, True) for child, kind in _children(oid, *scan.meta[oid]))
+    return {ObjectID(oid.encode()) for oid in seen}
 
 
 @dataclass(frozen=True)
@@ -186,24 +388,103 @@ def _store_size(repo: Repository) -> int:
     return sum(p.stat().st_size for p in (repo.git_dir / "objects").rglob("*") if p.is_file())
 
 
+def _lock_holder(text: str, age: float) -> str | None:
+    """Who holds a gc.pid of this content and age ("pid N on HOST"); None for a dead gc's leftover."""
+    pid_text, _, host = text.strip().partition(" ")
+    if age > _LOCK_STALE_SECONDS or not pid_text.isdigit():
+        return None
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return None  # that gc died without removing its lock
+        except PermissionError:
+            pass  # alive, another user's
+    return f"pid {pid_text} on {host or 'an unknown host'}"
+
+
+@contextmanager
+def _gc_lock(repo: Repository) -> Iterator[None]:
+    """Hold `.mint/gc.pid` for the duration: two gcs repacking at once would delete each other's packs."""
+    path = repo.git_dir / _LOCK_FILE
+    mine = f"{os.getpid()} {socket.gethostname()}"
+    # Written aside and hard-linked into place: the lock appears with its content, so no
+    # other gc can read it empty and take it for a leftover.
+    tmp = repo.git_dir / f"{_LOCK_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(mine)
+    try:
+        for _attempt in range(2):
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                try:
+                    text = path.read_text(errors="replace")
+                    age = time.time() - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # released meanwhile
+                holder = _lock_holder(text, age)
+                if holder is not None:
+                    raise GcLockedError(
+                        f"gc refused: another gc is running ({holder}, lock {path}); wait for "
+                        "it, or remove the file if no gc is running"
+                    ) from None
+                # A leftover: remove it only if it still is the one judged dead.
+                with suppress(FileNotFoundError):
+                    if path.read_text(errors="replace") == text:
+                        path.unlink()
+        else:
+            raise GcLockedError(f"gc refused: {path} keeps changing hands; retry")
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def gc(repo: Repository, *, prune: bool = True) -> GcResult:
-    """Pack reachable objects (no deltas, no zlib: tensors are zstd already), drop old unreachable ones, pack refs."""
-    before = _store_size(repo)
-    reachable = reachable_objects(repo)
-    now = time.time()
-    unreachable: set[ObjectID] = set()
-    if prune:
-        for oid in repo.objects:
-            if oid in reachable:
-                continue
-            path = repo.git_dir / "objects" / oid[:2].decode() / oid[2:].decode()
-            if path.exists() and now - path.stat().st_mtime < GC_GRACE_SECONDS:
-                continue
-            unreachable.add(oid)
-    packed = repo.objects.repack(exclude=unreachable)
-    _remove_stale_temporaries(repo, now)
-    repo.refs.pack()
-    for fan in (repo.git_dir / "objects").iterdir():
-        if len(fan.name) == 2 and fan.is_dir() and not any(fan.iterdir()):
-            fan.rmdir()
-    return GcResult(packed, len(unreachable), before, _store_size(repo))
+    """Pack reachable objects (no deltas, no zlib: tensors are zstd already), drop old unreachable ones, pack refs.
+
+    Every object is read back and checked first, and every object a ref needs must be
+    present: on a damaged store gc raises a GcRefusedError and changes nothing, since
+    packing would carry the damage into the new pack and pruning could delete what a
+    restore still needs.
+    """
+    from dulwich.errors import ChecksumMismatch, ObjectFormatException
+    from dulwich.objects import ObjectID
+
+    with _gc_lock(repo):
+        before = _store_size(repo)
+        scan = _scan_store(repo)
+        _refuse_damage(scan)
+        reachable = _walk(repo, scan)
+        now = time.time()
+        unreachable: set[ObjectID] = set()
+        if prune:
+            for oid in sorted(scan.ids):
+                key = ObjectID(oid.encode())
+                if key in reachable:
+                    continue
+                if oid in scan.loose:
+                    path = repo.git_dir / "objects" / oid[:2] / oid[2:]
+                    try:
+                        if now - path.stat().st_mtime < GC_GRACE_SECONDS:
+                            continue
+                    except FileNotFoundError:
+                        continue  # another process removed it meanwhile: nothing to prune
+                unreachable.add(key)
+        try:
+            # dulwich writes the new pack completely (and renames it into place) before it
+            # deletes any loose object or old pack, so a failure here loses nothing.
+            packed = repo.objects.repack(exclude=unreachable)
+        except (OSError, zlib.error, ChecksumMismatch, ObjectFormatException, ValueError) as err:
+            raise GcWriteError(
+                f"gc failed while packing ({err}); no object was deleted; run `mintvcs fsck`"
+            ) from None
+        _remove_stale_temporaries(repo, now)
+        repo.refs.pack()
+        for fan in (repo.git_dir / "objects").iterdir():
+            if len(fan.name) == 2 and fan.is_dir() and not any(fan.iterdir()):
+                fan.rmdir()
+        return GcResult(packed, len(unreachable), before, _store_size(repo))

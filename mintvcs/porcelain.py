@@ -30,6 +30,7 @@ from mintvcs.refs import (
     check_ref_name,
 )
 from mintvcs.store import CommitInfo, Repository, Revision, UnknownRevisionError
+from mintvcs.validate import check_lora_config
 
 COMMIT_RETRY_SECONDS = (
     10.0  # how long a commit retries its compare-and-swap while others move the branch
@@ -150,8 +151,12 @@ def commit(
     if source is None:
         raise MintError("this repository has no work tree: pass --from DIR")
     adapter = read_adapter(source)
+    shapes = {t.name: (t.dtype, t.shape) for t in adapter.layout.tensors}
     if repo.base is not None:
-        repo.base.check_adapter({t.name: (t.dtype, t.shape) for t in adapter.layout.tensors})
+        repo.base.check_adapter(shapes)
+    # Like the base check, not skipped by --no-verify: PEFT could not load such a revision, or
+    # would silently drop some of its weights.
+    check_lora_config(adapter.config, shapes)
     env = hooks.hook_env(repo.git_dir, source)
     # The shipped pre-commit sample only runs `python -m mintvcs.validate`: its shape check
     # is the one above, and its NaN/Inf check runs during encoding on the exponent planes

@@ -1,4 +1,5 @@
-"""Adapter validation for the sample pre-commit hook: finite values and shapes that fit the base.
+"""Adapter validation for the sample pre-commit hook: finite values, a config that matches the
+tensors as PEFT reads it, and shapes that fit the base.
 
 `mintvcs commit` runs these same checks in-process, during encoding, when the installed
 pre-commit hook is byte-identical to the shipped sample (see mintvcs.hooks.is_sample).
@@ -6,19 +7,28 @@ pre-commit hook is byte-identical to the shipped sample (see mintvcs.hooks.is_sa
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from mintvcs.adapter import read_adapter
+from mintvcs.adapter import CONFIG_FILE, read_adapter
 from mintvcs.codec import NonFiniteTensorError, nonfinite_count
 from mintvcs.errors import MintError
 
 if TYPE_CHECKING:
     from mintvcs.store import Repository
 
-__all__ = ["NonFiniteTensorError", "check_finite", "main", "validate_adapter"]
+__all__ = [
+    "AdapterConfigError",
+    "NonFiniteTensorError",
+    "check_finite",
+    "check_lora_config",
+    "main",
+    "validate_adapter",
+]
 
 
 def check_finite(name: str, dtype: str, raw: bytes | memoryview) -> None:
@@ -31,10 +41,284 @@ def check_finite(name: str, dtype: str, raw: bytes | memoryview) -> None:
 def validate_adapter(adapter_dir: Path, repo: Repository | None) -> None:
     """Run every check on an adapter directory."""
     adapter = read_adapter(adapter_dir)
+    shapes = {t.name: (t.dtype, t.shape) for t in adapter.layout.tensors}
+    check_lora_config(adapter.config, shapes)
     for index, entry in enumerate(adapter.layout.tensors):
         check_finite(entry.name, entry.dtype, adapter.tensor_bytes(index))
     if repo is not None and repo.base is not None:
-        repo.base.check_adapter({t.name: (t.dtype, t.shape) for t in adapter.layout.tensors})
+        repo.base.check_adapter(shapes)
+
+
+class AdapterConfigError(MintError):
+    """An adapter_config.json that PEFT would reject, or read so that it ignores some tensors."""
+
+
+# PEFT saves LoRA factors as `base_model.model.<module path>.lora_{A,B}.weight`; the module path
+# is what PEFT matches target_modules, rank_pattern and layers_to_transform against.
+_PEFT_PREFIX = "base_model.model."
+_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])\.weight$")
+_ALL_LINEAR = "all-linear"
+_RESAVE = "or re-save the adapter with PEFT's save_pretrained"
+
+
+def check_lora_config(
+    config: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]]
+) -> None:
+    """Refuse a LoRA config whose keys PEFT would fail on or read so as to skip or misfit a tensor."""
+    if not isinstance(config, dict):
+        raise AdapterConfigError(
+            f"{CONFIG_FILE} holds a JSON {type(config).__name__}, not an object: "
+            f"write the LoraConfig that PEFT saved, {_RESAVE}"
+        )
+    if "peft_type" not in config:
+        raise AdapterConfigError(
+            f'{CONFIG_FILE} has no "peft_type": add "peft_type": "LORA", {_RESAVE}'
+        )
+    if config["peft_type"] != "LORA":
+        return  # only LoRA's rules are known here; read_adapter decides which types are stored
+    rank = _config_rank(config)
+    rank_pattern = _rank_pattern(config)
+    target_parameters = _str_list(config, "target_parameters")
+    _check_target_keys(config, target_parameters)
+    for module, factor_a, factor_b in _factors(tensors):
+        key = module.removeprefix(_PEFT_PREFIX)
+        # A lone factor is still checked: PEFT would load it beside a freshly initialised partner.
+        first = factor_a or factor_b
+        if first is None:
+            continue  # a module is listed only with at least one factor
+        name, shape = first
+        rows = shape[0] if factor_a else shape[1]
+        by_parameter = _targets_parameter(key, target_parameters)
+        if not by_parameter:
+            _check_targeted(config, key, name)
+        if factor_a and factor_b and factor_b[1][1] != rows:
+            raise AdapterConfigError(
+                f"{name} has {rows} rows but {factor_b[0]} has {factor_b[1][1]} columns; PEFT "
+                f'needs both to be the rank "r" gives {key}: {_RESAVE.removeprefix("or ")}'
+            )
+        pattern = _pattern_for(rank_pattern, key)
+        if pattern is None:
+            want, source = rank, '"r"'
+        else:
+            want, source = rank_pattern[pattern], f'"rank_pattern"[{pattern!r}]'
+        # A LoRA on a parameter (target_parameters) stacks one rank-r block per expert.
+        fits = rows % want == 0 if by_parameter else rows == want
+        if not fits:
+            fix = (
+                f"set {source} to {rows}"
+                if pattern
+                else f'set "r" to {rows} or add "rank_pattern": {{{json.dumps(key)}: {rows}}}'
+            )
+            raise AdapterConfigError(
+                f"{CONFIG_FILE}: {source} is {want} but {name} has rank {rows} "
+                f"(shape {list(shape)}), so PEFT cannot load it: {fix}, {_RESAVE}"
+            )
+
+
+def _config_rank(config: dict[str, Any]) -> int:
+    """The config's "r": an int of at least 1."""
+    if "r" not in config:
+        raise AdapterConfigError(f'{CONFIG_FILE} has no "r": add the LoRA rank, e.g. "r": 8')
+    rank = config["r"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "r" is {json.dumps(rank)}; it must be an integer of at least 1, '
+            "the rank of the lora_A/lora_B tensors"
+        )
+    return rank
+
+
+def _rank_pattern(config: dict[str, Any]) -> dict[str, int]:
+    """The config's "rank_pattern" (regex -> rank), checked; empty when absent."""
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "rank_pattern" is {json.dumps(pattern)}; it must map module '
+            'patterns to ranks, e.g. {"v_proj": 4}'
+        )
+    for regex, value in pattern.items():
+        _compile(regex, "rank_pattern")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AdapterConfigError(
+                f'{CONFIG_FILE}: "rank_pattern"[{regex!r}] is {json.dumps(value)}; '
+                "it must be an integer of at least 1"
+            )
+    return pattern
+
+
+def _pattern_for(rank_pattern: dict[str, int], key: str) -> str | None:
+    """The first rank_pattern key that PEFT's get_pattern_key matches to module `key`."""
+    for regex in rank_pattern:
+        if re.match(rf"(.*\.)?({regex})$", key):
+            return regex
+    return None
+
+
+def _str_list(config: dict[str, Any], field: str) -> list[str]:
+    """A config field that must be null or a list of strings."""
+    value = config.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "{field}" is {json.dumps(value)}; it must be a list of names or null'
+        )
+    return value
+
+
+def _compile(regex: str, field: str) -> re.Pattern[str]:
+    """A config regex, or a refusal naming the field."""
+    try:
+        return re.compile(regex)
+    except re.error as err:
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "{field}" has an invalid regex {regex!r} ({err}): fix the pattern'
+        ) from None
+
+
+def _check_target_keys(config: dict[str, Any], target_parameters: list[str]) -> None:
+    """Refuse target_modules / layers_* values that PEFT's LoraConfig itself rejects."""
+    targets = config.get("target_modules")
+    if targets is None:
+        if target_parameters:
+            return  # PEFT allows a LoRA on parameters alone
+        missing = "no" if "target_modules" not in config else "a null"
+        raise AdapterConfigError(
+            f'{CONFIG_FILE} has {missing} "target_modules": list the modules the LoRA tensors '
+            'are on, e.g. ["q_proj", "v_proj"]'
+        )
+    if isinstance(targets, str):
+        if targets.lower() != _ALL_LINEAR:
+            _compile(targets, "target_modules")
+        for field in ("layers_to_transform", "layers_pattern"):
+            if config.get(field) is not None:
+                raise AdapterConfigError(
+                    f'{CONFIG_FILE}: "{field}" cannot be used with a regex "target_modules" '
+                    f"({targets!r}), PEFT rejects that config: remove {field} or list the modules"
+                )
+    else:
+        _str_list(config, "target_modules")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+        (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(i, int) for i in layers))
+    ):
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "layers_to_transform" is {json.dumps(layers)}; it must be a layer '
+            "index or a list of them"
+        )
+    pattern = config.get("layers_pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        _str_list(config, "layers_pattern")
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str):
+        _compile(exclude, "exclude_modules")
+    else:
+        _str_list(config, "exclude_modules")
+    for name in _str_list(config, "modules_to_save"):
+        _compile(rf"(^|.*\.){name}($|\..*)", "modules_to_save")
+    if pattern and layers is None:
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "layers_pattern" is set but "layers_to_transform" is not, PEFT '
+            'rejects that config: set "layers_to_transform" or remove "layers_pattern"'
+        )
+
+
+def _names_match(names: str | list[str], key: str) -> bool:
+    """PEFT's test of a module against a regex string (full match) or a list (exact or suffix)."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{name}") for name in names)
+
+
+def _targets_parameter(key: str, target_parameters: list[str]) -> bool:
+    """Whether module `key` owns a parameter that target_parameters names (exact or suffix)."""
+    # PEFT nests a ParamWrapper per targeted parameter of one module behind base_layer.
+    owner = re.sub(r"(\.base_layer)+$", "", key)
+    for target in target_parameters:
+        module = target.rpartition(".")[0]
+        if module and (owner == module or owner.endswith(f".{module}")):
+            return True
+    return False
+
+
+def _check_targeted(config: dict[str, Any], key: str, tensor: str) -> None:
+    """Refuse LoRA factors on a module that PEFT, reading this config, would not give a LoRA."""
+    refuse = f"so PEFT would ignore {tensor}"
+    exclude = config.get("exclude_modules")
+    if exclude and _names_match(exclude, key):
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "exclude_modules" excludes {key}, {refuse}: '
+            "remove it from exclude_modules"
+        )
+    for name in _str_list(config, "modules_to_save"):
+        if re.match(rf"(^|.*\.){name}($|\..*)", key):
+            raise AdapterConfigError(
+                f'{CONFIG_FILE}: "modules_to_save" entry {name!r} covers {key}, which PEFT then '
+                f"never gives a LoRA, {refuse}: remove {name!r} from modules_to_save"
+            )
+    targets = config.get("target_modules")
+    if targets is None:
+        targets = []
+    if isinstance(targets, str):
+        if targets.lower() == _ALL_LINEAR or _names_match(targets, key):
+            return
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "target_modules" regex {targets!r} does not fully match {key}, '
+            f"{refuse}: widen the regex to match the module path"
+        )
+    if not _names_match(targets, key):
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "target_modules" {json.dumps(targets)} does not cover {key}, '
+            f'{refuse}: add "{key.rpartition(".")[2]}" to target_modules'
+        )
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return
+    index = _layer_index(key, config.get("layers_pattern"))
+    wanted = [layers] if isinstance(layers, int) else layers
+    if index is None or index not in wanted:
+        found = "has no layer index" if index is None else f"is in layer {index}"
+        raise AdapterConfigError(
+            f'{CONFIG_FILE}: "layers_to_transform" is {json.dumps(layers)} but {key} {found}, '
+            f"{refuse}: add {index if index is not None else 'its layer'} to layers_to_transform "
+            "(or fix layers_pattern)"
+        )
+
+
+def _layer_index(key: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The layer index PEFT reads from module `key`: the first number after layers_pattern."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match["idx"]) if match else None
+
+
+_Factor = tuple[str, tuple[int, ...]]
+
+
+def _factors(
+    tensors: dict[str, tuple[str, tuple[int, ...]]],
+) -> list[tuple[str, _Factor | None, _Factor | None]]:
+    """(module, (lora_A name, shape) or None, (lora_B name, shape) or None), sorted by module."""
+    factors: dict[str, dict[str, _Factor]] = {}
+    for name, (_dtype, shape) in tensors.items():
+        match = _FACTOR.match(name)
+        if match is None:
+            continue  # DoRA magnitudes, embedding LoRA, modules_to_save copies, biases
+        if len(shape) < 2:
+            raise AdapterConfigError(
+                f"{name} has shape {list(shape)}; a LoRA factor has at least 2 dimensions: "
+                f"{_RESAVE.removeprefix('or ')}"
+            )
+        factors.setdefault(match["module"], {})[match["kind"]] = (name, shape)
+    return [(module, pair.get("A"), pair.get("B")) for module, pair in sorted(factors.items())]
 
 
 def main() -> int:

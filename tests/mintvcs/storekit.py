@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -169,17 +170,35 @@ def write_safetensors(
     )
 
 
-def lora_config(targets: list[str], r: int = 4) -> bytes:
+def lora_config(
+    targets: list[str], r: int = 4, rank_pattern: dict[str, int] | None = None
+) -> bytes:
     """A minimal PEFT LoRA adapter_config.json."""
-    return json.dumps(
-        {
-            "peft_type": "LORA",
-            "r": r,
-            "lora_alpha": 2 * r,
-            "target_modules": targets,
-            "task_type": "CAUSAL_LM",
-        }
-    ).encode()
+    config: dict[str, object] = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "target_modules": targets,
+        "task_type": "CAUSAL_LM",
+    }
+    if rank_pattern:
+        config["rank_pattern"] = rank_pattern
+    return json.dumps(config).encode()
+
+
+def config_for(tensors: dict[str, tuple[str, list[int], bytes]]) -> bytes:
+    """A LoRA config that fits hand-made tensors: every module they adapt targeted, at its rank."""
+    ranks: dict[str, int] = {}
+    for name, (_dtype, shape, _raw) in tensors.items():
+        module, sep, kind = name.rpartition(".lora_")
+        if sep and kind in ("A.weight", "B.weight") and len(shape) == 2:
+            ranks[module] = shape[0] if kind == "A.weight" else shape[1]
+    if not ranks:
+        return lora_config(["q_proj"])
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    targets = sorted({module.rsplit(".", 1)[-1] for module in ranks})
+    odd = {re.escape(m): r for m, r in ranks.items() if r != common}
+    return lora_config(targets, common, odd)
 
 
 def handmade_adapter(
@@ -187,9 +206,13 @@ def handmade_adapter(
     tensors: dict[str, tuple[str, list[int], bytes]],
     targets: list[str] | None = None,
 ) -> Path:
-    """A PEFT-shaped adapter directory written without PEFT (config + hand-written safetensors)."""
+    """A PEFT-shaped adapter directory written without PEFT (config + hand-written safetensors).
+
+    Without `targets`, the config is made to fit the tensors (`config_for`), as PEFT would save it.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG).write_bytes(lora_config(targets or ["q_proj"]))
+    config = lora_config(targets) if targets else config_for(tensors)
+    (directory / CONFIG).write_bytes(config)
     write_safetensors(directory / WEIGHTS, tensors, {"format": "pt"})
     return directory
 

@@ -213,7 +213,7 @@ def test_pack_with_duplicate_tensors_is_valid(tmp_path: Path) -> None:
     tensors = {
         f"layers.{i}.lora_{ab}.weight": (
             "BF16",
-            [96, 4],
+            [96, 4] if ab == "B" else [4, 96],  # rank 4 either way, as PEFT's config says
             zeros if ab == "B" else os.urandom(len(zeros)),
         )
         for i in range(PACK_THRESHOLD // 2 + 2)

@@ -27,7 +27,8 @@ def _adapter(path: Path, seed: int) -> Path:
         shape = [16, 2048] if i % 10 == 0 else [4, 96]
         tensors[f"layers.{i}.lora_A.weight"] = ("F32", shape, random_f32(rng, shape))
         bf16 = (rng.standard_normal(384).astype("<f4") * 0.02).view("<u4") >> 16
-        tensors[f"layers.{i}.lora_B.weight"] = ("BF16", [96, 4], bf16.astype("<u2").tobytes())
+        b_shape = [24, 16] if i % 10 == 0 else [96, 4]  # B's columns are A's rows: the rank
+        tensors[f"layers.{i}.lora_B.weight"] = ("BF16", b_shape, bf16.astype("<u2").tobytes())
     f16 = (rng.standard_normal(256) * 0.02).astype("<f2").tobytes()
     tensors["extra.f16"] = ("F16", [16, 16], f16)
     tensors["extra.i32"] = ("I32", [64], rng.integers(-5, 5, 64, dtype="<i4").tobytes())

@@ -1,0 +1,203 @@
+"""`mintvcs gc` on a damaged store refuses as `git gc` does, and changes nothing while refusing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from tests.mintvcs.storekit import copy_adapter, git, git_fsck, mint, mint_fails, mutate
+
+Snapshot = dict[str, tuple[int, bytes | None]]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, peft_adapter: Path) -> Path:
+    """A repository with three revisions on main and a branch, every object loose; built once."""
+    work = tmp_path_factory.mktemp("gc-damaged") / "work"
+    mint(work.parent, "init", str(work), "--base-model", str(tiny_base))
+    copy_adapter(peft_adapter, work)
+    mint(work, "commit", "-m", "rev 0", "--no-verify")
+    for seed in (1, 2):
+        mutate(work, seed=seed)
+        mint(work, "commit", "-m", f"rev {seed}", "--no-verify")
+    mint(work, "branch", "side", "HEAD~1")
+    return work
+
+
+@pytest.fixture
+def work(built: Path, tmp_path: Path) -> Path:
+    """A private copy of the built repository (modes and mtimes kept), for one test to damage."""
+    copy = tmp_path / "work"
+    shutil.copytree(built, copy)
+    return copy
+
+
+def snapshot(git_dir: Path) -> Snapshot:
+    """Every path under `git_dir`: its mode and, for files, its bytes."""
+    out: Snapshot = {}
+    for path in sorted(git_dir.rglob("*")):
+        st = path.lstat()
+        out[str(path.relative_to(git_dir))] = (
+            st.st_mode,
+            None if path.is_dir() else path.read_bytes(),
+        )
+    return out
+
+
+def blobs(work: Path, rev: str = "HEAD") -> list[str]:
+    """Blob ids of `rev`'s tree, largest first (real git lists them)."""
+    out = git(work / ".mint", "ls-tree", "-r", "-l", rev).stdout
+    rows = [line.split() for line in out.splitlines()]
+    return [row[2] for row in sorted(rows, key=lambda r: -int(r[3])) if row[1] == "blob"]
+
+
+def loose_path(work: Path, oid: str) -> Path:
+    """Where loose object `oid` lives."""
+    return work / ".mint" / "objects" / oid[:2] / oid[2:]
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    """Replace a read-only object file's bytes, keeping its mode and mtime."""
+    st = path.stat()
+    path.chmod(0o644)
+    path.write_bytes(data)
+    path.chmod(st.st_mode)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def damage_checks(work: Path) -> tuple[list[str], tuple[int, str]]:
+    """What `mintvcs fsck --json` and `git fsck --strict` report."""
+    report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)
+    strict = git(work / ".mint", "fsck", "--strict", "--no-dangling", ok=False)
+    return sorted(report["problems"]), (strict.returncode, strict.stdout + strict.stderr)
+
+
+def gc_refuses(work: Path, oid: str) -> str:
+    """Run gc expecting a refusal naming `oid`; the repository must come out unchanged."""
+    before = snapshot(work / ".mint")
+    checks = damage_checks(work)
+    assert checks[0], "the test should have damaged the store"
+    result = mint(work, "gc", ok=False)  # asserts that no traceback was printed
+    assert result.returncode == 128, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: gc refused: "), result.stderr
+    line = lines[0]
+    assert oid in line and "mintvcs fsck" in line and "backup" in line, line
+    assert result.stdout == "", "gc must not report packing after refusing"
+    assert snapshot(work / ".mint") == before, "a refused gc changed the repository"
+    assert damage_checks(work) == checks
+    return line
+
+
+def test_gc_refuses_bit_flipped_loose_blob(work: Path) -> None:
+    oid = blobs(work)[0]
+    path = loose_path(work, oid)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the stored (zstd) part of the tensor blob
+    rewrite(path, bytes(data))
+    line = gc_refuses(work, oid)
+    assert "corrupt loose object" in line
+
+
+def test_gc_refuses_recompressed_blob_with_wrong_content(work: Path) -> None:
+    oid, other = blobs(work)[:2]
+    path = loose_path(work, oid)
+    body = zlib.decompress(loose_path(work, other).read_bytes())
+    # A well-formed object whose content is another blob's: only its hash gives it away.
+    rewrite(path, zlib.compress(body))
+    line = gc_refuses(work, oid)
+    assert "hashes to" in line
+
+
+@pytest.mark.parametrize("which", [0, -1], ids=["largest-tensor", "safetensors-header"])
+def test_gc_refuses_missing_reachable_blob(work: Path, which: int) -> None:
+    oid = blobs(work, "side")[which]
+    loose_path(work, oid).unlink()
+    line = gc_refuses(work, oid)
+    assert "missing" in line and "reachable from" in line
+
+
+def test_gc_refuses_corrupt_object_inside_pack(work: Path) -> None:
+    mint(work, "gc")
+    packs = list((work / ".mint" / "objects" / "pack").glob("*.pack"))
+    assert len(packs) == 1
+    oid = blobs(work)[0]
+    # `git verify-pack -v` rows: id, type, size, size in pack, offset.
+    rows = git(work / ".mint", "verify-pack", "-v", str(packs[0].with_suffix(".idx"))).stdout
+    entry = next(line.split() for line in rows.splitlines() if line.startswith(oid))
+    in_pack, offset = int(entry[3]), int(entry[4])
+    data = bytearray(packs[0].read_bytes())
+    data[offset + in_pack // 2] ^= 0x01
+    rewrite(packs[0], bytes(data))
+    line = gc_refuses(work, oid)
+    assert "corrupt packed object" in line
+
+
+def test_gc_skips_reflog_entry_whose_commit_is_gone(work: Path) -> None:
+    # As git: a reflog that names a pruned commit is no reason to refuse.
+    dropped = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    mint(work, "reset", "--hard", "HEAD~1")
+    loose_path(work, dropped).unlink()
+    checks = damage_checks(work)
+    assert checks[1][0] != 0 and "invalid reflog entry" in checks[1][1]
+    assert "packed " in mint(work, "gc").stdout
+    assert damage_checks(work) == checks  # the same damage, nothing new
+
+
+def test_gc_on_healthy_repository_packs_and_cleans_up(work: Path) -> None:
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    assert mint(work, "gc").stdout.startswith("packed ")
+    git_dir = work / ".mint"
+    assert not (git_dir / "gc.pid").exists()
+    assert not [p for p in (git_dir / "objects").iterdir() if len(p.name) == 2]
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    git_fsck(work)
+    assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == head
+    assert mint(work, "gc").stdout.startswith("packed ")  # and again, on a packed store
+
+
+def test_gc_refuses_while_another_gc_holds_the_lock(work: Path) -> None:
+    lock = work / ".mint" / "gc.pid"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # this test process: alive
+    before = snapshot(work / ".mint")
+    line = mint_fails(work, "gc")
+    assert "another gc is running" in line and f"pid {os.getpid()}" in line
+    assert snapshot(work / ".mint") == before
+
+
+def test_gc_takes_over_the_lock_of_a_dead_gc(work: Path) -> None:
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lock = work / ".mint" / "gc.pid"
+    lock.write_text(f"{dead.stdout.strip()} {socket.gethostname()}")
+    assert mint(work, "gc").stdout.startswith("packed ")
+    assert not lock.exists()
+
+
+def test_gc_prunes_old_unreachable_objects_and_keeps_young_ones(work: Path) -> None:
+    git_dir = work / ".mint"
+    ids = []
+    for name in ("old", "young"):
+        source = work.parent / f"{name}.txt"
+        source.write_text(f"unreachable and {name}\n")
+        ids.append(git(git_dir, "hash-object", "-w", str(source)).stdout.strip())
+    old, young = ids
+    two_hours_ago = time.time() - 7200
+    os.utime(loose_path(work, old), (two_hours_ago, two_hours_ago))
+    assert ", pruned 1;" in mint(work, "gc").stdout
+    assert git(git_dir, "cat-file", "-e", old, ok=False).returncode != 0
+    assert git(git_dir, "cat-file", "-t", young).stdout.strip() == "blob"
+    git_fsck(work)

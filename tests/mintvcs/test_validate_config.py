@@ -1,0 +1,262 @@
+"""check_lora_config: adapters PEFT saved pass; configs PEFT would misread are refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mintvcs.errors import MintError
+from mintvcs.validate import AdapterConfigError, check_lora_config, validate_adapter
+
+CONFIG = "adapter_config.json"
+PREFIX = "base_model.model.model.layers"
+Q_A = f"{PREFIX}.0.self_attn.q_proj.lora_A.weight"
+Q_B = f"{PREFIX}.0.self_attn.q_proj.lora_B.weight"
+V_A = f"{PREFIX}.0.self_attn.v_proj.lora_A.weight"
+Shapes = dict[str, tuple[str, tuple[int, ...]]]
+
+# LoraConfig options of the adapters PEFT itself saves in these tests, by name.
+KINDS: dict[str, dict[str, Any]] = {
+    "qv": {"target_modules": ["q_proj", "v_proj"]},
+    "dora": {"target_modules": ["q_proj", "v_proj"], "use_dora": True},
+    "modules_to_save": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+    "embedding": {"target_modules": ["embed_tokens", "q_proj"]},
+    "layers": {
+        "target_modules": ["q_proj", "down_proj"],
+        "layers_to_transform": [1],
+        "layers_pattern": "layers",
+    },
+    "rank_pattern": {
+        "target_modules": ["q_proj", "v_proj"],
+        "rank_pattern": {"v_proj": 2, r"layers\.0\.self_attn\.q_proj": 6},
+    },
+    "all_linear": {"target_modules": "all-linear"},
+    "regex": {"target_modules": r".*\.(q|k)_proj"},
+    "bias": {"target_modules": ["q_proj"], "bias": "lora_only"},
+    "lora_bias": {"target_modules": ["q_proj"], "lora_bias": True},
+    "parameters": {"target_modules": [], "target_parameters": ["q_proj.weight"]},
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Path]:
+    """One rank-4 adapter per KINDS entry, each made and saved by PEFT on the tiny base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("peft-kinds")
+    out: dict[str, Path] = {}
+    for kind, options in KINDS.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", **options)
+        get_peft_model(model, config).save_pretrained(str(root / kind), safe_serialization=True)
+        out[kind] = root / kind
+    return out
+
+
+def edited(src: Path, dst: Path, **changes: Any) -> Path:
+    """A copy of adapter `src` whose config has `changes` applied (a value of ... deletes the key)."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / CONFIG).read_text())
+    for key, value in changes.items():
+        if value is ...:
+            del config[key]
+        else:
+            config[key] = value
+    (dst / CONFIG).write_text(json.dumps(config))
+    return dst
+
+
+def refusal(adapter: Path) -> str:
+    """The message validate_adapter refuses `adapter` with."""
+    with pytest.raises(AdapterConfigError) as info:
+        validate_adapter(adapter, None)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_adapters_peft_saved_pass(saved: dict[str, Path], kind: str) -> None:
+    validate_adapter(saved[kind], None)
+
+
+def test_all_linear_shorthand_accepts_every_linear(saved: dict[str, Path], tmp_path: Path) -> None:
+    # PEFT saves the expanded list; a config written by hand keeps the shorthand.
+    validate_adapter(edited(saved["all_linear"], tmp_path / "a", target_modules="ALL-LINEAR"), None)
+
+
+def test_error_is_a_mint_error() -> None:
+    assert issubclass(AdapterConfigError, MintError)
+
+
+def test_r_mismatch_names_key_tensor_and_fix(saved: dict[str, Path], tmp_path: Path) -> None:
+    message = refusal(edited(saved["qv"], tmp_path / "a", r=8))
+    assert '"r" is 8' in message
+    assert "has rank 4" in message
+    assert 'set "r" to 4' in message
+    assert "q_proj.lora_A.weight" in message
+
+
+def test_r_mismatch_is_what_peft_fails_on(
+    saved: dict[str, Path], tiny_base: Path, tmp_path: Path
+) -> None:
+    """The refused config really breaks PEFT's load: the check is not stricter than PEFT here."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = edited(saved["qv"], tmp_path / "a", r=8)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(model, str(adapter))
+
+
+def test_untargeted_module_is_refused(saved: dict[str, Path], tmp_path: Path) -> None:
+    message = refusal(edited(saved["qv"], tmp_path / "a", target_modules=["q_proj"]))
+    assert '"target_modules" ["q_proj"] does not cover' in message
+    assert V_A in message
+    assert 'add "v_proj" to target_modules' in message
+
+
+def test_untargeted_weights_are_what_peft_ignores(
+    saved: dict[str, Path], tiny_base: Path, tmp_path: Path
+) -> None:
+    """PEFT loads the refused adapter but leaves v_proj without a LoRA: its weights are lost."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = edited(saved["qv"], tmp_path / "a", target_modules=["q_proj"])
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(model, str(adapter))
+    names = [name for name, _ in loaded.named_parameters()]
+    assert any("q_proj.lora_A" in name for name in names)
+    assert not any("v_proj.lora_A" in name for name in names)
+
+
+def test_regex_target_must_fully_match(saved: dict[str, Path], tmp_path: Path) -> None:
+    # "q_proj" alone is a regex that matches no full module path.
+    message = refusal(edited(saved["regex"], tmp_path / "a", target_modules="q_proj"))
+    assert "regex 'q_proj' does not fully match model.layers.0.self_attn.k_proj" in message
+
+
+def test_layers_to_transform_must_cover_the_layer(saved: dict[str, Path], tmp_path: Path) -> None:
+    message = refusal(edited(saved["layers"], tmp_path / "a", layers_to_transform=[0]))
+    assert '"layers_to_transform" is [0]' in message
+    assert "is in layer 1" in message
+    assert "layers.1.mlp.down_proj.lora_A.weight" in message
+
+
+def test_layers_to_transform_with_regex_targets_is_refused(
+    saved: dict[str, Path], tmp_path: Path
+) -> None:
+    message = refusal(edited(saved["regex"], tmp_path / "a", layers_to_transform=[0]))
+    assert '"layers_to_transform" cannot be used with a regex "target_modules"' in message
+
+
+@pytest.mark.parametrize("key", ["peft_type", "r", "target_modules"])
+def test_missing_key_is_named(saved: dict[str, Path], tmp_path: Path, key: str) -> None:
+    message = refusal(edited(saved["qv"], tmp_path / "a", **{key: ...}))
+    assert f'has no "{key}"' in message
+
+
+def test_null_target_modules_is_refused(saved: dict[str, Path], tmp_path: Path) -> None:
+    assert 'a null "target_modules"' in refusal(
+        edited(saved["qv"], tmp_path / "a", target_modules=None)
+    )
+
+
+@pytest.mark.parametrize("rank", [0, -4, "4", 4.0, True, None])
+def test_r_must_be_a_positive_int(saved: dict[str, Path], tmp_path: Path, rank: object) -> None:
+    message = refusal(edited(saved["qv"], tmp_path / "a", r=rank))
+    assert f'"r" is {json.dumps(rank)}' in message
+    assert "integer of at least 1" in message
+
+
+def test_foreign_config_is_refused(saved: dict[str, Path], tmp_path: Path) -> None:
+    adapter = shutil.copytree(saved["qv"], tmp_path / "a")
+    (adapter / CONFIG).write_text('{"foo": 1}')
+    assert 'has no "peft_type"' in refusal(adapter)
+    with pytest.raises(AdapterConfigError, match="peft_type"):
+        check_lora_config({"foo": 1}, {})
+
+
+def test_non_object_config_is_refused() -> None:
+    with pytest.raises(AdapterConfigError, match="JSON list, not an object"):
+        check_lora_config([1, 2], {})  # type: ignore[arg-type]
+
+
+def test_other_peft_types_are_left_alone() -> None:
+    tensors: Shapes = {Q_A: ("F32", (4, 64)), Q_B: ("F32", (64, 7))}
+    check_lora_config({"peft_type": "IA3"}, tensors)
+
+
+def test_rank_pattern_mismatch(saved: dict[str, Path], tmp_path: Path) -> None:
+    message = refusal(
+        edited(
+            saved["rank_pattern"],
+            tmp_path / "a",
+            rank_pattern={"v_proj": 3, r"layers\.0\.self_attn\.q_proj": 6},
+        )
+    )
+    assert "\"rank_pattern\"['v_proj'] is 3" in message
+    assert "has rank 2" in message
+    assert V_A in message
+    assert "set \"rank_pattern\"['v_proj'] to 2" in message
+
+
+def test_dropped_rank_pattern_falls_back_to_r(saved: dict[str, Path], tmp_path: Path) -> None:
+    message = refusal(edited(saved["rank_pattern"], tmp_path / "a", rank_pattern={}))
+    assert '"r" is 4 but' in message
+    assert "has rank 6" in message
+    assert 'add "rank_pattern": {"model.layers.0.self_attn.q_proj": 6}' in message
+
+
+def test_rank_pattern_matches_as_peft_does() -> None:
+    # PEFT anchors a pattern at a dot boundary and at the end: "proj" does not match "q_proj".
+    tensors: Shapes = {Q_A: ("F32", (2, 64)), Q_B: ("F32", (64, 2))}
+    base = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    check_lora_config({**base, "rank_pattern": {"q_proj": 2}}, tensors)
+    check_lora_config({**base, "rank_pattern": {r"layers\.\d+\.self_attn\.q_proj": 2}}, tensors)
+    with pytest.raises(AdapterConfigError, match='"r" is 4'):
+        check_lora_config({**base, "rank_pattern": {"proj": 2}}, tensors)
+
+
+def test_lora_a_and_b_ranks_must_agree() -> None:
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    disagree: Shapes = {Q_A: ("F32", (4, 64)), Q_B: ("F32", (64, 6))}
+    with pytest.raises(AdapterConfigError) as info:
+        check_lora_config(config, disagree)
+    message = str(info.value)
+    assert f"{Q_A} has 4 rows but {Q_B} has 6 columns" in message
+    assert '"r"' in message
+
+
+def test_lone_factor_is_checked_but_allowed() -> None:
+    # Not this check's business (PEFT loads it beside a fresh partner), but its rank still counts.
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    check_lora_config(config, {Q_B: ("F32", (64, 4))})
+    lone: Shapes = {Q_B: ("F32", (64, 2))}
+    with pytest.raises(AdapterConfigError, match=f'"r" is 4 but {Q_B} has rank 2'):
+        check_lora_config(config, lone)
+
+
+def test_excluded_and_saved_modules_cannot_hold_lora() -> None:
+    tensors: Shapes = {Q_A: ("F32", (4, 64)), Q_B: ("F32", (64, 4))}
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    with pytest.raises(AdapterConfigError, match='"exclude_modules" excludes'):
+        check_lora_config({**config, "exclude_modules": ["q_proj"]}, tensors)
+    with pytest.raises(AdapterConfigError, match="\"modules_to_save\" entry 'self_attn'"):
+        check_lora_config({**config, "modules_to_save": ["self_attn"]}, tensors)
+
+
+def test_bad_regex_is_refused_by_key() -> None:
+    tensors: Shapes = {Q_A: ("F32", (4, 64)), Q_B: ("F32", (64, 4))}
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    with pytest.raises(AdapterConfigError, match='"rank_pattern" has an invalid regex'):
+        check_lora_config({**config, "rank_pattern": {"q_proj(": 4}}, tensors)
+    with pytest.raises(AdapterConfigError, match='"target_modules" has an invalid regex'):
+        check_lora_config({**config, "target_modules": "(("}, tensors)
