@@ -114,7 +114,14 @@ def extra_files(root: Path) -> dict[str, tuple[bytes, bool]]:
         for filename in sorted(filenames):
             path = Path(dirpath) / filename
             rel = path.relative_to(root).as_posix()
-            if rel in (CONFIG_FILE, WEIGHTS_FILE) or filename in _IGNORED or path.is_symlink():
+            if rel in (CONFIG_FILE, WEIGHTS_FILE) or filename in _IGNORED:
                 continue
+            # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
+            # cache snapshot is a directory of such links, and a checkout writes plain files.
+            if path.is_symlink() and not path.is_file():
+                raise NotAnAdapterError(
+                    f"{path} is a symlink to {os.readlink(path)!r}, which is not a file; "
+                    "remove it or point it at a file"
+                )
             extra[rel] = (path.read_bytes(), os.access(path, os.X_OK))
     return extra

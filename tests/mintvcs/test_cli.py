@@ -568,6 +568,25 @@ def test_checkout_allows_what_loses_nothing(work: Path, tmp_path: Path) -> None:
     git_fsck(work)
 
 
+def test_symlinked_files_are_stored_by_content(work: Path, tmp_path: Path) -> None:
+    # A Hugging Face cache snapshot is a directory of links into blobs/: commit what they point at.
+    outside = tmp_path / "blobs" / "readme"
+    outside.parent.mkdir()
+    outside.write_text("model card\n")
+    (work / "README.md").unlink(missing_ok=True)  # PEFT wrote one; a link takes its place
+    (work / "README.md").symlink_to(outside)
+    first = commit(work, "linked", "--no-verify")
+    assert "README.md" in show_json(work, first)["files"]
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+    (work / "README.md").unlink()
+    mint(work, "checkout", "--force", first)
+    readme = work / "README.md"
+    assert readme.read_text() == "model card\n" and not readme.is_symlink()
+    (work / "broken").symlink_to(tmp_path / "nowhere")
+    line = mint_fails(work, "commit", "-m", "x", "--no-verify")
+    assert "broken" in line and "symlink" in line and "not a file" in line
+
+
 # ------------------------------------------------------------------ reset
 def test_reset_soft_and_hard(work: Path) -> None:
     first = commit(work, "first", "--no-verify")
