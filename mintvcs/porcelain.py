@@ -761,6 +761,8 @@ def _refuse_if_changes_lost(repo: Repository, target: Revision, verb: str) -> No
     lost: list[str] = []
     if state.error is not None:
         lost.append(state.error)
+    elif state.changes == [("removed", WEIGHTS_FILE)]:
+        pass  # an emptied work tree: nothing of the user's is there to lose
     else:
         assert repo.work_tree is not None
         against_target = {

@@ -565,6 +565,12 @@ def test_checkout_allows_what_loses_nothing(work: Path, tmp_path: Path) -> None:
     mint(work, "checkout", "--force", with_file)
     mint(work, "checkout", "main")
     assert not (work / "sub").exists()
+    # An emptied work tree holds nothing to lose: checkout brings the revision back.
+    for path in work.iterdir():
+        if path.is_file():
+            path.unlink()
+    mint(work, "checkout", "prod")
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
     git_fsck(work)
 
 
