@@ -24,7 +24,7 @@ from mintvcs.serve.model import LORA_MODULES
 
 # PEFT's tensor names, with or without the adapter name PEFT sometimes keeps ("lora_A.default.weight").
 _LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?:self_attn|mlp)\."
+    r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\."
     r"(?P<module>\w+)\.lora_(?P<kind>[AB])(?:\.[\w-]+)?\.weight$"
 )
 _SAFETENSORS_DTYPES = {
@@ -260,6 +260,7 @@ def prepare_adapter(
     alpha_pattern: Mapping[str, Any] = cfg.get("alpha_pattern") or {}
 
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    paths: dict[tuple[int, str], str] = {}
     for name, tensor in weights.tensors.items():
         if "lora_magnitude_vector" in name:
             raise refuse("dora", f"tensor {name} is a DoRA magnitude; DoRA is not supported")
@@ -277,6 +278,8 @@ def prepare_adapter(
         if match is None:
             raise refuse("unknown_tensor", f"tensor {name} is not a decoder-layer LoRA factor")
         layer, module, kind = int(match["layer"]), match["module"], match["kind"]
+        # The module's path as PEFT names it when it matches rank_pattern and alpha_pattern keys.
+        paths[(layer, module)] = f"model.layers.{layer}.{match['parent']}.{module}"
         if module not in LORA_MODULES:
             raise refuse(
                 "target_module", f"module {module} is not one of {', '.join(LORA_MODULES)}"
@@ -332,7 +335,7 @@ def prepare_adapter(
     for key, ab in parts.items():
         layer, module = key
         r = ranks[key]
-        module_alpha = _pattern_value(alpha_pattern, f"model.layers.{layer}.{module}", alpha)
+        module_alpha = _pattern_value(alpha_pattern, paths[(layer, module)], alpha)
         module_scale = lora_scale(module_alpha, r, rslora)
         a = ab["A"].to(dtype).contiguous()
         b = ab["B"]

@@ -314,9 +314,10 @@ class Engine:
 
     def close(self) -> None:
         """Stop the step loop and the loader; pending requests get EngineClosed."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
@@ -429,7 +430,13 @@ class Engine:
             return box
 
     def _enqueue(self, seq: Sequence) -> None:
-        self._inbox.put(seq)
+        # Under the lock that close() takes to set _closed: a request queued after close()
+        # drained the inbox would never be answered.
+        with self._lock:
+            if self._closed:
+                self._seqs.pop(seq.request_id, None)
+                raise EngineClosed("the engine was closed")
+            self._inbox.put(seq)
         self._wake.set()
 
     def submit(
@@ -493,38 +500,53 @@ class Engine:
     def start_many(
         self, requests: Seq[tuple[str | Seq[int], str | None, SamplingParams | None]]
     ) -> list[Future[Completion]]:
-        """Queue requests from any thread; each future gives the Completion."""
+        """Queue requests from any thread; each future gives the Completion (cancelling it cancels the request).
+
+        All or nothing: a request refused here (InvalidRequest, ...) leaves none of them queued.
+        """
         futures: list[Future[Completion]] = []
-        seqs = []
-        for prompt, revision, params in requests:
-            future: Future[Completion] = Future()
-            parts: list[TokenEvent] = []
+        seqs: list[Sequence] = []
+        try:
+            for prompt, revision, params in requests:
+                future: Future[Completion] = Future()
+                parts: list[TokenEvent] = []
 
-            def sink(
-                item: TokenEvent | BaseException,
-                parts: list[TokenEvent] = parts,
-                future: Future[Completion] = future,
-                revision: str | None = revision,
-            ) -> None:
-                if isinstance(item, BaseException):
-                    future.set_exception(item)
-                    return
-                parts.append(item)
-                if item.finish_reason is not None:
-                    future.set_result(
-                        Completion(
-                            text="".join(e.text for e in parts),
-                            token_ids=[e.token_id for e in parts],
-                            finish_reason=item.finish_reason,
-                            revision=revision,
-                            prompt_tokens=item.prompt_tokens,
+                def sink(
+                    item: TokenEvent | BaseException,
+                    parts: list[TokenEvent] = parts,
+                    future: Future[Completion] = future,
+                    revision: str | None = revision,
+                ) -> None:
+                    if future.done():  # cancelled by its caller: the request is being reaped
+                        return
+                    if isinstance(item, BaseException):
+                        future.set_exception(item)
+                        return
+                    parts.append(item)
+                    if item.finish_reason is not None:
+                        future.set_result(
+                            Completion(
+                                text="".join(e.text for e in parts),
+                                token_ids=[e.token_id for e in parts],
+                                finish_reason=item.finish_reason,
+                                revision=revision,
+                                prompt_tokens=item.prompt_tokens,
+                            )
                         )
-                    )
 
-            seqs.append(self._new_sequence(prompt, revision, params, sink))
-            futures.append(future)
-        for seq in seqs:
-            self._enqueue(seq)
+                seq = self._new_sequence(prompt, revision, params, sink)
+                seqs.append(seq)
+                future.add_done_callback(
+                    lambda done, rid=seq.request_id: self.cancel(rid) if done.cancelled() else None
+                )
+                futures.append(future)
+            for seq in seqs:
+                self._enqueue(seq)
+        except BaseException:
+            with self._lock:
+                for seq in seqs:
+                    self._seqs.pop(seq.request_id, None)
+            raise
         return futures
 
     def generate_many(
@@ -532,8 +554,21 @@ class Engine:
         requests: Seq[tuple[str | Seq[int], str | None, SamplingParams | None]],
         timeout: float | None = None,
     ) -> list[Completion]:
-        """Run requests together (they share batches) and wait for all of them."""
-        return [f.result(timeout) for f in self.start_many(requests)]
+        """Run requests together (they share batches) and wait for all of them, `timeout` seconds in all.
+
+        On a timeout (or an interrupt) every request still running is cancelled, freeing its slots.
+        """
+        futures = self.start_many(requests)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return [
+                f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                for f in futures
+            ]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
     def generate(
         self,

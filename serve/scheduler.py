@@ -3,6 +3,7 @@ running ones, and retires the finished, with requests for different adapters in 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import Model, StepBatch
 from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams, find_stop, sample
 from mintvcs.serve.slots import Residency
+
+log = logging.getLogger("mintvcs.serve")
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,7 @@ class Scheduler:
     def _fail(self, seq: Sequence, err: BaseException) -> None:
         self._finish(seq)
         self.stats.failed += 1
-        seq.sink(err)
+        _deliver(seq, err)
 
     def _reap_cancelled(self) -> None:
         for seq in [s for s in self.running if s.cancelled]:
@@ -241,7 +244,7 @@ class Scheduler:
                 self.stats.finished += 1
             else:
                 self.running.append(seq)
-            seq.sink(event)
+            _deliver(seq, event)
         s = self.stats
         s.steps += 1
         s.prefill_tokens += sum(len(p[0]) for p in prefills)
@@ -269,3 +272,12 @@ class Scheduler:
     def snapshot(self) -> dict[str, Any]:
         """Queue depth and running count."""
         return {"waiting": len(self.waiting), "running": len(self.running)}
+
+
+def _deliver(seq: Sequence, item: Any) -> None:
+    """Hand an event or error to the request's sink; a sink that raises cancels its request, not the engine."""
+    try:
+        seq.sink(item)
+    except Exception:
+        log.exception("request %d: its sink failed; cancelling it", seq.request_id)
+        seq.cancelled = True

@@ -12,6 +12,7 @@ import torch
 
 from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
 from mintvcs.serve.scheduler import TokenEvent
+from tests.fixtures import ALL_LINEAR
 from tests.serve.conftest import ZOO
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -47,6 +48,42 @@ def test_greedy_tokens_equal_peft_generate(
     prompt = _prompt(1, 17)
     ours = engine.generate(prompt, name, GREEDY, timeout=60).token_ids
     assert ours == _peft_greedy(tiny_base, zoo[name] if name else None, prompt, GREEDY.max_tokens)
+
+
+def test_rank_and_alpha_patterns_match_peft_by_module_path(tiny_base: Path, tmp_path: Path) -> None:
+    # PEFT matches pattern keys against the module's path (model.layers.0.self_attn.v_proj), so
+    # keys may name the parent (self_attn./mlp.) or one layer: each must scale as PEFT scales it.
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=list(ALL_LINEAR),
+        rank_pattern={"mlp.up_proj": 2},
+        alpha_pattern={
+            "self_attn.v_proj": 64,
+            "mlp.down_proj": 1,
+            "model.layers.1.self_attn.q_proj": 40,
+        },
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_base)), config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    adapter = tmp_path / "patterns"
+    model.save_pretrained(str(adapter), safe_serialization=True)
+    prompt = _prompt(4, 11)
+    with Engine(
+        tiny_base, EngineConfig(max_model_len=128), source=PeftDirSource({"p": adapter})
+    ) as eng:
+        ours = eng.generate(prompt, "p", GREEDY, timeout=60).token_ids
+    assert ours == _peft_greedy(tiny_base, adapter, prompt, GREEDY.max_tokens)
 
 
 def test_bf16_adapter_equals_peft(tiny_base: Path, peft_adapter_bf16: Path) -> None:
@@ -153,6 +190,44 @@ def test_cancel_frees_the_sequence_and_slot_ref(engine: Engine) -> None:
     assert slot is not None and engine.residency.slots[slot].refs == 0
     assert stats["running"] == 0 and stats["kv_slots_free"] == engine.config.max_batch_size
     assert stats["requests_cancelled"] >= 1
+
+
+def _settled(engine: Engine) -> dict[str, Any]:
+    for _ in range(500):
+        stats = engine.stats()
+        if stats["running"] == 0 and stats["queue_depth"] == 0:
+            return stats
+        time.sleep(0.01)
+    return engine.stats()
+
+
+def test_cancelling_a_future_cancels_its_request_and_the_engine_lives(engine: Engine) -> None:
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    cancelled_before = engine.stats()["requests_cancelled"]
+    future = engine.start_many([(_prompt(7, 5), "all-r16", long)])[0]
+    time.sleep(0.05)
+    assert future.cancel() or future.done()
+    stats = _settled(engine)
+    assert stats["running"] == 0 and stats["requests_cancelled"] > cancelled_before
+    assert engine._thread is not None and engine._thread.is_alive()
+    assert len(engine.generate([5, 6], None, GREEDY, timeout=30).token_ids) == GREEDY.max_tokens
+
+
+def test_a_timeout_cancels_what_it_gave_up_on(engine: Engine) -> None:
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    cancelled_before = engine.stats()["requests_cancelled"]
+    with pytest.raises(TimeoutError):
+        engine.generate_many([(_prompt(8, 5), None, long), (_prompt(9, 5), "qv-r8", long)], 0.01)
+    stats = _settled(engine)
+    assert stats["requests_cancelled"] == cancelled_before + 2  # not run to the end
+    assert stats["running"] == 0 and stats["kv_slots_free"] == engine.config.max_batch_size
+
+
+def test_a_refused_batch_queues_none_of_its_requests(engine: Engine) -> None:
+    before = len(engine._seqs)
+    with pytest.raises(InvalidRequest, match="vocabulary"):
+        engine.generate_many([([5, 6], None, GREEDY), ([10_000], None, GREEDY)])
+    assert len(engine._seqs) == before
 
 
 def test_task_cancellation_cancels_the_request(engine: Engine) -> None:
