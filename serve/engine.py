@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -536,9 +537,7 @@ class Engine:
 
                 seq = self._new_sequence(prompt, revision, params, sink)
                 seqs.append(seq)
-                future.add_done_callback(
-                    lambda done, rid=seq.request_id: self.cancel(rid) if done.cancelled() else None
-                )
+                future.add_done_callback(partial(self._cancel_if_cancelled, seq.request_id))
                 futures.append(future)
             for seq in seqs:
                 self._enqueue(seq)
@@ -548,6 +547,10 @@ class Engine:
                     self._seqs.pop(seq.request_id, None)
             raise
         return futures
+
+    def _cancel_if_cancelled(self, request_id: int, future: Future[Completion]) -> None:
+        if future.cancelled():
+            self.cancel(request_id)
 
     def generate_many(
         self,
