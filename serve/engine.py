@@ -414,7 +414,7 @@ class Engine:
             params=params,
             revision=revision,
             sink=sink,
-            detok=IncrementalDetokenizer(self.tokenizer),
+            detok=IncrementalDetokenizer(self.tokenizer, ids),
             eos_ids=self._eos,
             max_len=self.max_model_len,
             generator=None if params.greedy else params.generator(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,11 +86,26 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(order[min(index, order.shape[0] - 1)])
 
 
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas, holding back incomplete characters."""
+# Prompt tokens decoded ahead of the output (as vLLM does): a SentencePiece (Metaspace) decoder
+# drops the space of the first token it decodes, which must not be the first generated word.
+CONTEXT_TOKENS = 5
 
-    def __init__(self, tokenizer: Any) -> None:
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, holding back incomplete characters.
+
+    The text is decode(context + output) less decode(context), `context` being the prompt's
+    last tokens, so that what a tokenizer does to the start of a text happens to the prompt.
+    """
+
+    def __init__(self, tokenizer: Any, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
+        self.context = list(context)[-CONTEXT_TOKENS:]
+        self._prefix = (
+            tokenizer.decode(self.context, skip_special_tokens=True)
+            if tokenizer is not None and self.context
+            else ""
+        )
         self.ids: list[int] = []
         self.text = ""
         self._full = ""
@@ -100,7 +116,11 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:
             return ""
         # Decoding the whole output keeps merges right; outputs are short enough for this to be cheap.
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(self.context + self.ids, skip_special_tokens=True)
+        if text.startswith(self._prefix):
+            text = text[len(self._prefix) :]
+        else:  # the prompt's tail merged with the output: fall back to the output alone
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         self._full = text
         if text.endswith("\ufffd"):
             return ""

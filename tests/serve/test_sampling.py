@@ -64,3 +64,32 @@ def test_find_stop() -> None:
     assert find_stop("hello world", ("xyz", "lo"), 0) == 3
     assert find_stop("hello world", ("lo",), 6) == -1
     assert SamplingParams(stop="x").stop == ("x",)
+
+
+@pytest.mark.parametrize("style", ["metaspace", "byte-level"])
+def test_detokenized_text_is_what_the_prompt_leaves_off(style: str) -> None:
+    # vLLM's definition: decode(prompt + output) minus decode(prompt). A SentencePiece-style
+    # (Metaspace) decoder drops the space of the first token it decodes, so decoding the output
+    # alone would lose the space before the first generated word.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mintvcs.serve.sampling import IncrementalDetokenizer
+    from mintvcs.serve.tiny import _TOKENIZER_CORPUS
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    if style == "metaspace":
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tokenizer.train_from_iterator([_TOKENIZER_CORPUS], trainer)
+    prompt = tokenizer.encode("The answer is").ids
+    output = tokenizer.encode(" yes. Paris", add_special_tokens=False).ids
+    expected = tokenizer.decode(prompt + output)[len(tokenizer.decode(prompt)) :]
+    assert expected.startswith(" ")
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    assert "".join(detok.add(t) for t in output) == expected
