@@ -260,9 +260,15 @@ class Engine:
             device = config.torch_device()
             dtype = config.torch_dtype(device)
             model_config = read_config(self.base_dir)
-            self.max_model_len = config.max_model_len or min(
-                2048, model_config.max_position_embeddings
-            )
+            limit = model_config.trained_positions
+            if config.max_model_len is not None and config.max_model_len > limit:
+                raise EngineError(
+                    f"max_model_len {config.max_model_len} is beyond the {limit} positions "
+                    f"{self.base_dir} was trained for (max_position_embeddings and RoPE "
+                    f"scaling); past them RoPE extrapolates and the output degrades: set "
+                    f"max_model_len <= {limit}"
+                )
+            self.max_model_len = config.max_model_len or min(2048, limit)
             total = sum(f.stat().st_size for f in safetensors_files(self.base_dir))
             with progress_bar(total, "loading base") as progress:
                 self.model = Model.from_dir(

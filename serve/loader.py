@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterator
@@ -109,6 +110,15 @@ class ModelConfig:
         }
         return shapes[module]
 
+    @property
+    def trained_positions(self) -> int:
+        """How many positions the base serves: max_position_embeddings, stretched by linear or YaRN RoPE scaling."""
+        rope = self.rope
+        if rope.rope_type in ("linear", "yarn"):
+            original = rope.original_max_position_embeddings or self.max_position_embeddings
+            return max(self.max_position_embeddings, int(original * rope.factor))
+        return self.max_position_embeddings
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Validate a config.json dict and normalise it; raise UnsupportedModelError with the reason."""
@@ -138,7 +148,13 @@ class ModelConfig:
         # Qwen2 always has q/k/v biases; Llama and Mistral say so in attention_bias.
         attention_bias = True if arch == "qwen2" else bool(raw.get("attention_bias", False))
         sliding = raw.get("sliding_window")
-        if arch == "qwen2" and not raw.get("use_sliding_window", False):
+        layers = int(raw["num_hidden_layers"])
+        # Qwen2 slides only from layer max_window_layers on (transformers' default is 28), and
+        # only with use_sliding_window: with no layer past it, every layer attends in full.
+        if arch == "qwen2" and (
+            not raw.get("use_sliding_window", False)
+            or int(raw.get("max_window_layers", 28)) >= layers
+        ):
             sliding = None
         eos = raw.get("eos_token_id")
         eos_ids: tuple[int, ...] = (
@@ -153,7 +169,7 @@ class ModelConfig:
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(head_dim),
@@ -268,11 +284,22 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> tuple[torch.Tensor, float]
 
 
 def read_config(directory: Path) -> ModelConfig:
-    """Parse `directory/config.json` into a ModelConfig."""
+    """Parse `directory/config.json` into a ModelConfig, with generation_config.json's EOS ids too."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found; point the engine at a HF checkpoint directory")
-    return ModelConfig.from_dict(json.loads(path.read_text()))
+    config = ModelConfig.from_dict(json.loads(path.read_text()))
+    # Instruct models (Llama 3, Qwen2.5) list their end-of-turn token here, not in config.json.
+    generation = Path(directory) / "generation_config.json"
+    if generation.is_file():
+        try:
+            eos = json.loads(generation.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{generation}: not a JSON object ({err})") from None
+        extra = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+        ids = tuple(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)]))
+        config = dataclasses.replace(config, eos_token_ids=ids)
+    return config
 
 
 def safetensors_files(directory: Path) -> list[Path]:

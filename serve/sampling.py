@@ -20,7 +20,7 @@ class InvalidSamplingParams(MintError):
 class SamplingParams:
     """How one request picks its tokens and when it stops."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: until EOS, a stop, or the end of the context
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k cut
@@ -35,8 +35,14 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if self.max_tokens < 1:
-            raise InvalidSamplingParams(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise InvalidSamplingParams(
+                f"max_tokens must be None or an integer >= 1, got {self.max_tokens!r}"
+            )
+        if self.top_k == -1:  # vLLM's spelling of "off"
+            object.__setattr__(self, "top_k", 0)
         if not 0.0 <= self.temperature <= 100.0:
             raise InvalidSamplingParams(
                 f"temperature must be in [0, 100], got {self.temperature}; 0 means greedy"
@@ -44,7 +50,9 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidSamplingParams(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise InvalidSamplingParams(f"top_k must be 0 (off) or positive, got {self.top_k}")
+            raise InvalidSamplingParams(
+                f"top_k must be 0 or -1 (off) or positive, got {self.top_k}"
+            )
         if any(not s for s in self.stop):
             raise InvalidSamplingParams("stop strings must be non-empty")
         if self.seed is not None and not 0 <= self.seed < 2**63:

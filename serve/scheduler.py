@@ -79,7 +79,10 @@ class Sequence:
                 token in self.eos_ids and not self.params.ignore_eos
             ) or token in self.params.stop_token_ids:
                 reason = "stop"
-            elif len(self.output_ids) >= self.params.max_tokens or self.num_tokens >= self.max_len:
+            elif (
+                self.params.max_tokens is not None
+                and len(self.output_ids) >= self.params.max_tokens
+            ) or self.num_tokens >= self.max_len:
                 reason = "length"
             if reason is not None:
                 text = self.detok.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -193,10 +194,10 @@ def test_cancel_frees_the_sequence_and_slot_ref(engine: Engine) -> None:
 
 
 def _settled(engine: Engine) -> dict[str, Any]:
+    # Not the running and waiting counts: a request being prefilled is in neither for a step.
     for _ in range(500):
-        stats = engine.stats()
-        if stats["running"] == 0 and stats["queue_depth"] == 0:
-            return stats
+        if not engine._seqs:
+            break
         time.sleep(0.01)
     return engine.stats()
 
@@ -412,3 +413,33 @@ def test_summary_names_what_the_engine_holds(engine: Engine) -> None:
     kv_gib = engine.kv.nbytes / 2**30
     assert f"KV cache {kv_gib:.2f} GiB for {engine.kv.num_slots} sequences" in line
     assert f"{engine.pools.num_slots} adapter slots" in line and "float32 on cpu" in line
+
+
+def test_generation_config_eos_stops_generation(tiny_base: Path, tmp_path: Path) -> None:
+    # Instruct models list their end-of-turn token in generation_config.json only.
+    import shutil
+
+    base = tmp_path / "instruct"
+    shutil.copytree(tiny_base, base)
+    prompt = _prompt(10, 6)
+    with Engine(tiny_base, EngineConfig(max_model_len=64)) as eng:
+        first = eng.generate(prompt, None, GREEDY).token_ids[0]
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, first]}))
+    with Engine(base, EngineConfig(max_model_len=64)) as eng:
+        out = eng.generate(prompt, None, SamplingParams(max_tokens=12, temperature=0.0))
+    assert out.finish_reason == "stop" and out.token_ids == [first]
+
+
+def test_max_model_len_beyond_the_trained_positions_is_refused(tiny_base: Path) -> None:
+    from mintvcs.serve.engine import EngineError
+
+    with pytest.raises(EngineError, match="beyond the 512 positions"):
+        Engine(tiny_base, EngineConfig(max_model_len=4096), start=False)
+
+
+def test_vllm_spellings_of_off_and_unbounded(engine: Engine) -> None:
+    assert SamplingParams(top_k=-1).top_k == 0
+    out = engine.generate(
+        [5] * 250, None, SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    )
+    assert out.finish_reason == "length" and len(out.token_ids) == 6  # the context's end

@@ -138,3 +138,49 @@ def test_tied_embeddings_share_the_matrix(tmp_path: Path) -> None:
     head = packed.lm_head.to_dense() if packed.lm_head.is_mkldnn else packed.lm_head
     assert torch.equal(head, packed.embed)
     assert packed.num_parameters == plain.num_parameters
+
+
+def _qwen2(**extra: Any) -> dict[str, Any]:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "sliding_window": 16,
+        **extra,
+    }
+
+
+def test_qwen2_slides_only_from_max_window_layers_on() -> None:
+    # transformers' Qwen2 uses the window in layers >= max_window_layers, and only with
+    # use_sliding_window: with no such layer, every layer attends in full.
+    assert ModelConfig.from_dict(_qwen2()).sliding_window is None
+    full = ModelConfig.from_dict(_qwen2(use_sliding_window=True, max_window_layers=4))
+    assert full.sliding_window is None
+    some = ModelConfig.from_dict(_qwen2(use_sliding_window=True, max_window_layers=2))
+    assert some.sliding_window == 16
+
+
+def test_generation_config_eos_ids_join_config_ones(tmp_path: Path) -> None:
+    directory = build_base(tmp_path / "gen")
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert set(read_config(directory).eos_token_ids) == {2, 7}
+
+
+def test_trained_positions_follow_rope_scaling() -> None:
+    plain = ModelConfig.from_dict(_qwen2(max_position_embeddings=4096))
+    assert plain.trained_positions == 4096
+    yarn = ModelConfig.from_dict(
+        _qwen2(
+            max_position_embeddings=4096,
+            rope_scaling={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 4096,
+            },
+        )
+    )
+    assert yarn.trained_positions == 16384

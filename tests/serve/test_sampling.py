@@ -47,6 +47,7 @@ def test_temperature_sharpens() -> None:
     "kwargs",
     [
         {"max_tokens": 0},
+        {"max_tokens": "3"},
         {"temperature": -1.0},
         {"top_p": 0.0},
         {"top_k": -2},
