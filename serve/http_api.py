@@ -73,8 +73,6 @@ def sampling_params(
             f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them",
             "stop",
         )
-    if top_k < 0:
-        raise HTTPError(400, f"top_k must be 0 (off) or positive, got {top_k}", "top_k")
     ignore_eos = field_of(body, "ignore_eos", (bool,), False)  # vLLM's extension, for benchmarks
     # SamplingParams checks the ranges and raises InvalidSamplingParams (400) naming the value.
     return SamplingParams(
