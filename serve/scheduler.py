@@ -142,6 +142,8 @@ class Scheduler:
         self.kernel_backend = kernel_backend
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Admitted this step and being prefilled: neither waiting nor (yet) running.
+        self.admitting: list[Sequence] = []
         self.stats = SchedulerStats()
 
     @property
@@ -208,7 +210,7 @@ class Scheduler:
     def step(self) -> bool:
         """Run one iteration; return False when there was nothing to run."""
         self._reap_cancelled()
-        admitted = self._admit()
+        admitted = self.admitting = self._admit()
         # Order by adapter slot (base-only last), stably: each slot's tokens then form one
         # contiguous run, so the LoRA ops work on row slices instead of gathering and scattering.
         self.running.sort(key=_slot_order)
@@ -235,7 +237,7 @@ class Scheduler:
             # A failed step must not take the engine down: fail this batch, keep serving.
             for seq in seqs:
                 self._fail(seq, err)
-            self.running = []
+            self.running = self.admitting = []
             return True
         self.running = []
         for seq, token in zip(seqs, tokens, strict=True):
@@ -248,6 +250,7 @@ class Scheduler:
             else:
                 self.running.append(seq)
             _deliver(seq, event)
+        self.admitting = []
         s = self.stats
         s.steps += 1
         s.prefill_tokens += sum(len(p[0]) for p in prefills)
@@ -274,7 +277,7 @@ class Scheduler:
 
     def snapshot(self) -> dict[str, Any]:
         """Queue depth and running count."""
-        return {"waiting": len(self.waiting), "running": len(self.running)}
+        return {"waiting": len(self.waiting), "running": len(self.running) + len(self.admitting)}
 
 
 def _deliver(seq: Sequence, item: Any) -> None:
