@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.idle.set()
+        self.watcher.on_move = partial(_on_move, self)
         m = self.metrics
         self.requests = m.add(
             Counter(
@@ -507,7 +509,8 @@ def count_move(state: ServerState, ref: str | None, commit: str) -> None:
 
 def _on_move(state: ServerState, move: RefMove) -> None:
     count_move(state, move.ref, move.new)
-    log.info("ref %s moved %s -> %s", move.ref or move.spec, move.old[:12], move.new[:12])
+    what = move.spec if move.ref in (None, move.spec) else f"{move.spec} ({move.ref})"
+    log.info("%s moved %s -> %s", what, move.old[:12], move.new[:12])
     engine = state.engine
     if engine is not None and state.config.prefetch_on_move:
         prefetch(engine, move.new)
@@ -533,7 +536,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     async def load() -> None:
         try:
             state.engine = await asyncio.to_thread(factory, state.config)
-            log.info("base model loaded from %s", state.config.base_model)
+            log.debug("base model loaded from %s", state.config.base_model)  # the CLI says so
         except Exception as err:
             state.load_error = err
             log.error("the base model failed to load: %s", err)
@@ -561,11 +564,7 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
             state.harvest_load_latency()
 
     tasks = [
-        asyncio.create_task(
-            state.watcher.run(
-                lambda move: _on_move(state, move), interval=state.config.ref_poll_interval
-            )
-        ),
+        asyncio.create_task(state.watcher.run(interval=state.config.ref_poll_interval)),
         asyncio.create_task(harvest()),
     ]
     try:

@@ -125,6 +125,15 @@ def train_adapter(base: Path, out: Path, phrase: str, steps: int, seed: int = 0)
     return loss
 
 
+def _command() -> str:
+    """How the user can run mintvcs: `mintvcs` when it is on PATH, else this venv's script (after `make demo`)."""
+    script = Path(sys.executable).parent / "mintvcs"
+    found = shutil.which("mintvcs")
+    if found and Path(found).resolve() == script.resolve():
+        return "mintvcs"
+    return str(script) if script.exists() else f"{sys.executable} -m mintvcs.cli"
+
+
 def _cli(repo: Path, *args: str) -> str:
     """Run `mintvcs ARGS` in the repository, as a user would; its stdout."""
     result = subprocess.run(
@@ -288,6 +297,7 @@ def run_demo(
     if len(lines) > 8:
         echo(f"        ... {len(lines) - 8} more lines")
     total = time.perf_counter() - started
-    echo(f"\ndone in {total:.1f} s. The repository is in {repo}; try `cd {repo} && mintvcs log`,")
-    echo(f"or serve it yourself: mintvcs serve --repo {repo} --base-model {base}")
+    mintvcs = _command()
+    echo(f"\ndone in {total:.1f} s. The repository is in {repo}; try `cd {repo} && {mintvcs} log`,")
+    echo(f"or serve it yourself: {mintvcs} serve --repo {repo} --base-model {base}")
     return {"answers": answers, "swap_ms": swap_ms, "seconds": total, "repo": repo, "base": base}

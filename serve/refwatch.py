@@ -108,9 +108,16 @@ class RefWatcher:
     """Resolve specs through a stat-validated cache; `poll()` finds the specs in use whose commit moved."""
 
     def __init__(
-        self, repo: Any, *, max_entries: int = 65536, idle_forget_s: float = 600.0
+        self,
+        repo: Any,
+        *,
+        max_entries: int = 65536,
+        idle_forget_s: float = 600.0,
+        on_move: Callable[[RefMove], None] | None = None,
     ) -> None:
         self.repo = repo
+        # Told of every move, whether the poller or a request's revalidation saw it first.
+        self.on_move = on_move
         self.git_dir = os.fspath(repo.git_dir)
         self.max_entries = max_entries
         self.idle_forget_s = idle_forget_s
@@ -184,9 +191,14 @@ class RefWatcher:
             self._entries.move_to_end(spec)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-            if old is not None and old.resolution.commit != entry.resolution.commit:
+            moved = old is not None and old.resolution.commit != entry.resolution.commit
+            if moved:
                 self.moves += 1
-            return entry.resolution
+        if moved and old is not None and self.on_move is not None:
+            self.on_move(
+                RefMove(spec, entry.resolution.ref, old.resolution.commit, entry.resolution.commit)
+            )
+        return entry.resolution
 
     def invalidate(self, ref: str | None = None) -> list[str]:
         """Forget cached specs that went through `ref` (a full or short name), or all of them; return the specs."""
@@ -265,13 +277,7 @@ class RefWatcher:
                 )
         return moves
 
-    async def run(
-        self,
-        on_move: Callable[[RefMove], None],
-        *,
-        interval: float = 0.15,
-        reread_every: float = 1.0,
-    ) -> None:
+    async def run(self, *, interval: float = 0.15, reread_every: float = 1.0) -> None:
         """Poll forever on the running loop (stat calls are microseconds), calling on_move for each move."""
         last_reread = time.monotonic()
         while True:
@@ -281,4 +287,5 @@ class RefWatcher:
             if reread:
                 last_reread = now
             for move in self.poll(reread=reread):
-                on_move(move)
+                if self.on_move is not None:
+                    self.on_move(move)

@@ -1,0 +1,54 @@
+"""The server's ref watcher on a real repository: moves reported once, whoever sees them first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mintvcs import porcelain
+from mintvcs.serve.refwatch import RefMove, RefWatcher, metric_label
+from tests.mintvcs.storekit import copy_adapter, mutate
+
+
+def _repo_with_two_revisions(tmp_path: Path, adapter: Path) -> tuple[object, str, Path]:
+    work = copy_adapter(adapter, tmp_path / "work")
+    repo = porcelain.init(work, None, install_hooks=False)
+    first = porcelain.commit(repo, "first", verify=False, show_progress=False).commit
+    mutate(work, seed=1)
+    return repo, first, work
+
+
+def test_a_move_seen_by_a_request_is_reported(tmp_path: Path, peft_adapter: Path) -> None:
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    moves: list[RefMove] = []
+    watcher = RefWatcher(repo, on_move=moves.append)
+    assert watcher.resolve("main").commit == first
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    # The request revalidates its cached entry by stat and sees the move before any poll.
+    assert watcher.resolve("main").commit == second
+    assert moves == [RefMove("main", "refs/heads/main", first, second)]
+    assert watcher.poll(reread=True) == []  # nothing left for the poller to report
+
+
+def test_the_poller_reports_a_move_no_request_has_seen(tmp_path: Path, peft_adapter: Path) -> None:
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    watcher = RefWatcher(repo)
+    watcher.resolve("main")
+    watcher.resolve("main~0")
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    moves = watcher.poll()
+    assert {(m.spec, m.old, m.new) for m in moves} == {
+        ("main", first, second),
+        ("main~0", first, second),
+    }
+    assert {metric_label(m.ref) for m in moves} == {"main"}
+
+
+def test_a_name_no_file_system_can_hold_is_unknown(tmp_path: Path, peft_adapter: Path) -> None:
+    from mintvcs.store import UnknownRevisionError
+
+    repo, _first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    watcher = RefWatcher(repo)
+    with pytest.raises(UnknownRevisionError):
+        watcher.resolve("x" * 300)
