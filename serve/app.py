@@ -688,7 +688,12 @@ def run(config: ServerConfig) -> int:
     )
 
     def out(line: str) -> None:
-        print(line, flush=True)
+        # Whoever read the first line (the port) may have closed the pipe since, as
+        # `mintvcs serve ... | head -1` does: a daemon keeps serving without its stdout.
+        try:
+            print(line, flush=True)
+        except (BrokenPipeError, ValueError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
 
     return asyncio.run(serve_until_signalled(config, out=out))
 

@@ -8,7 +8,9 @@ ref files it was looked up in, and `packed-refs`. A request revalidates its entr
 three `stat` calls, so it sees the ref's value at admission exactly; the poller stats the same files
 for every spec in use every ~150 ms, re-reads the ref values once a second (a guard against a
 rename that reuses an inode within one timestamp tick), and reports moves so that the server can
-prefetch the new revision before requests ask for it.
+prefetch the new revision before requests ask for it. Only specs requested in the last minute
+are polled (others are revalidated on their next request), on a worker thread, so that polling
+10^4 per-user branches neither blocks the event loop nor takes over a core.
 """
 
 from __future__ import annotations
@@ -113,9 +115,13 @@ class RefWatcher:
         *,
         max_entries: int = 65536,
         idle_forget_s: float = 600.0,
+        active_s: float = 60.0,
         on_move: Callable[[RefMove], None] | None = None,
     ) -> None:
         self.repo = repo
+        # The poller watches specs requested in the last active_s seconds; older cached ones are
+        # still revalidated by stat on their next request, so none is ever served stale.
+        self.active_s = active_s
         # Told of every move, whether the poller or a request's revalidation saw it first.
         self.on_move = on_move
         self.git_dir = os.fspath(repo.git_dir)
@@ -234,11 +240,14 @@ class RefWatcher:
         for spec, entry in entries:
             if entry.resolution.ref is None and _FULL_ID.match(spec):
                 continue  # a full commit id names the same revision forever
-            if now - entry.used > self.idle_forget_s:
+            idle = now - entry.used
+            if idle > self.idle_forget_s:
                 with self._lock:
                     if self._entries.get(spec) is entry:
                         del self._entries[spec]
                 continue
+            if idle > self.active_s:
+                continue  # no recent request: nothing to prefetch for
             changed = False
             for path, key in entry.deps:
                 if path not in stats:
@@ -278,14 +287,22 @@ class RefWatcher:
         return moves
 
     async def run(self, *, interval: float = 0.15, reread_every: float = 1.0) -> None:
-        """Poll forever on the running loop (stat calls are microseconds), calling on_move for each move."""
+        """Poll forever, calling on_move on the loop for each move.
+
+        A poll runs on a worker thread: with many specs in use (per-user branches) it is
+        milliseconds of stat calls that must not hold up requests, and the next poll waits at
+        least twice as long as the last one took, so polling never takes over a core.
+        """
         last_reread = time.monotonic()
+        took = 0.0
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(interval, 2 * took))
             now = time.monotonic()
             reread = now - last_reread >= reread_every
             if reread:
                 last_reread = now
-            for move in self.poll(reread=reread):
+            moves = await asyncio.to_thread(self.poll, reread=reread)
+            took = time.monotonic() - now
+            for move in moves:
                 if self.on_move is not None:
                     self.on_move(move)

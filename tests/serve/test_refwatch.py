@@ -52,3 +52,19 @@ def test_a_name_no_file_system_can_hold_is_unknown(tmp_path: Path, peft_adapter:
     watcher = RefWatcher(repo)
     with pytest.raises(UnknownRevisionError):
         watcher.resolve("x" * 300)
+
+
+def test_only_recently_requested_specs_are_polled(tmp_path: Path, peft_adapter: Path) -> None:
+    import time
+
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    moves: list[RefMove] = []
+    watcher = RefWatcher(repo, active_s=0.1, on_move=moves.append)
+    watcher.resolve("main")
+    time.sleep(0.2)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    # Idle for longer than active_s: the poller skips it (its cost follows the traffic)...
+    assert watcher.poll(reread=True) == []
+    # ...and its next request still revalidates by stat and gets the new revision.
+    assert watcher.resolve("main").commit == second
+    assert [(m.old, m.new) for m in moves] == [(first, second)]

@@ -96,3 +96,32 @@ def test_serve_refuses_a_bad_base_model_in_one_line(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert err.strip().startswith("error: ") and "config.json" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_serve_keeps_serving_after_its_stdout_is_closed(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    # `mintvcs serve ... | head -1`: the reader takes the port line and closes the pipe.
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base))
+    porcelain.commit(repo, "a", source=peft_adapter, verify=False, show_progress=False)
+    proc = _start(["--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0"])
+    try:
+        assert proc.stdout is not None
+        match = re.search(r"listening on (http://\S+)", proc.stdout.readline())
+        assert match
+        url = match.group(1)
+        proc.stdout.close()  # before the "ready" line is printed
+        deadline = time.monotonic() + 60
+        while request(url + "/health")[0] != 200:
+            assert time.monotonic() < deadline and proc.poll() is None, "the server died"
+            time.sleep(0.05)
+        status, _, body = request(url + "/generate", {"prompt": "Hi", "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert proc.stderr is not None and "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
