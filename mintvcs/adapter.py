@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mintvcs.errors import MintError
+from mintvcs.objects import unsafe_path_reason
 from mintvcs.safetensors_file import SafetensorsLayout, parse_layout
 
 CONFIG_FILE = "adapter_config.json"
@@ -118,6 +119,11 @@ def extra_files(root: Path) -> dict[str, tuple[bytes, bool]]:
                 continue
             # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
             # cache snapshot is a directory of such links, and a checkout writes plain files.
+            reason = unsafe_path_reason(rel)
+            if reason is not None:
+                raise NotAnAdapterError(
+                    f"{path}: this file name cannot be stored ({reason}); rename it"
+                )
             if path.is_symlink() and not path.is_file():
                 raise NotAnAdapterError(
                     f"{path} is a symlink to {os.readlink(path)!r}, which is not a file; "

@@ -37,6 +37,25 @@ class TensorRecord:
     depth: int
 
 
+def unsafe_path_reason(path: str) -> str | None:
+    """Why an extra file's path may not be written under a work tree, or None when it may.
+
+    A revision is data that may come from anyone: a path that climbs out of the work tree,
+    names the repository itself (.mint/hooks/...: code that would run) or holds bytes a file
+    system treats specially must never reach a checkout, as git refuses such tree entries.
+    """
+    if not path or path.startswith("/") or "\\" in path:
+        return "it is empty, absolute or holds a backslash"
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        return "it holds a control character"
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "it has an empty, '.' or '..' component"
+    if parts[0].lower() in (".mint", ".git"):
+        return f"it is inside {parts[0]}, the repository itself"
+    return None
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """An extra file of the adapter directory (README, tokenizer, ...)."""
@@ -44,6 +63,11 @@ class FileRecord:
     path: str
     blob: str
     executable: bool = False
+
+    def __post_init__(self) -> None:
+        reason = unsafe_path_reason(self.path) if isinstance(self.path, str) else "not a string"
+        if reason is not None:
+            raise ValueError(f"file path {self.path!r} is unsafe: {reason}")
 
 
 @dataclass(frozen=True)

@@ -681,6 +681,8 @@ def write_work_tree(
     else:
         weights = rev.safetensors_buffer()
     files = rev.files()
+    for path in files:
+        _refuse_symlinked_parent(work, path)
     (repo.git_dir / WORKTREE_RECORD).unlink(missing_ok=True)
     _write_atomic(work / CONFIG_FILE, rev.config_bytes)
     known_ns = time.time_ns()
@@ -696,6 +698,18 @@ def write_work_tree(
     from mintvcs.adapter import stat_key
 
     _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns)
+
+
+def _refuse_symlinked_parent(work: Path, path: str) -> None:
+    """Refuse to write `path` through a symlinked directory of the work tree (it could lead anywhere)."""
+    parent = work
+    for part in path.split("/")[:-1]:
+        parent = parent / part
+        if parent.is_symlink():
+            raise MintError(
+                f"{parent} is a symlink: checkout will not write {path} through it; "
+                "remove the link (or make it a directory) and retry"
+            )
 
 
 def _remove_empty_parents(root: Path, path: Path) -> None:

@@ -454,3 +454,68 @@ def test_close_after_reading_a_corrupt_packed_object(work: Path) -> None:
         repo.read_revision(repo.resolve("dev")).tensors()
     repo.close()
     assert kept.value is not None
+
+
+def _commit_with_manifest_files(work: Path, extra: list[dict[str, object]]) -> str:
+    """A commit like HEAD whose manifest also lists `extra` files (as a hostile repository could)."""
+    from dulwich.objects import Commit, Tree
+
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    head = repo.head_commit()
+    assert head is not None
+    info = repo.commit_info(head)
+    tree = repo.get_object(info.tree)
+    assert isinstance(tree, Tree)
+    manifest = json.loads(repo.read_blob(tree[b"manifest.json"][1].decode()))
+    manifest["files"] = manifest.get("files", []) + extra
+    new_tree = Tree()
+    for item in tree.items():
+        new_tree.add(item.path, item.mode, item.sha)
+    blob = repo.add_blob(json.dumps(manifest).encode())
+    new_tree.add(b"manifest.json", 0o100644, blob.encode())
+    repo.add_object(new_tree)
+    commit = Commit()
+    commit.tree = new_tree.id
+    commit.parents = [head.encode()]
+    commit.author = commit.committer = b"Eve <eve@example.com>"
+    commit.author_time = commit.commit_time = 0
+    commit.author_timezone = commit.commit_timezone = 0
+    commit.message = b"hostile\n"
+    repo.add_object(commit)
+    oid = commit.id.decode()
+    repo.refs.update("refs/heads/hostile", oid, old=None, message="test", identity="T <t@t>")
+    return oid
+
+
+@pytest.mark.parametrize("path", ["../evil", ".mint/hooks/post-commit", "/tmp/evil", "a/../../b"])
+def test_a_revision_naming_an_unsafe_path_is_refused(work: Path, path: str) -> None:
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)  # the fixture committed the adapter
+    any_blob = repo.read_revision(repo.head_commit() or "").manifest.header_blob
+    _commit_with_manifest_files(work, [{"path": path, "blob": any_blob, "executable": True}])
+    before = sorted(p.relative_to(work.parent).as_posix() for p in work.parent.rglob("*"))
+    state = snapshot(work)
+    line = mint_fails(work, "checkout", "--force", "hostile")
+    assert "unsafe" in line and path in line
+    after = sorted(p.relative_to(work.parent).as_posix() for p in work.parent.rglob("*"))
+    assert after == before and snapshot(work) == state  # nothing written, HEAD unmoved
+    # fsck names the hostile revision too.
+    result = mint(work, "fsck", ok=False)
+    assert result.returncode != 0 and "unsafe" in result.stdout + result.stderr
+
+
+def test_checkout_does_not_write_through_a_symlinked_directory(work: Path, tmp_path: Path) -> None:
+    (work / "sub").mkdir()
+    (work / "sub" / "notes.txt").write_text("v1\n")
+    first = json.loads(mint(work, "commit", "-m", "with sub", "--no-verify", "--json").stdout)
+    (work / "sub" / "notes.txt").unlink()
+    (work / "sub").rmdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (work / "sub").symlink_to(outside, target_is_directory=True)
+    line = refused(work, "checkout", "--force", first["commit"])
+    assert "symlink" in line and "sub/notes.txt" in line
+    assert list(outside.iterdir()) == []
