@@ -364,7 +364,7 @@ class RandomSource:
         """Names are ids."""
         return spec
 
-    def load(self, revision: str) -> AdapterWeights:
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         """Random factors for every linear, reproducible from the name."""
         gen = torch.Generator().manual_seed(hash(revision) % 2**31)
         tensors = {}

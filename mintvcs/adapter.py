@@ -11,12 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from mintvcs.errors import MintError
-from mintvcs.objects import unsafe_path_reason
+from mintvcs.objects import CONFIG_FILE, GIT_DIR, WEIGHTS_FILE, unsafe_path_reason
 from mintvcs.safetensors_file import SafetensorsLayout, parse_layout
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-GIT_DIR = ".mint"
 # Files a PEFT save may write that we must not take for adapter content.
 _IGNORED = {GIT_DIR, ".git", "__pycache__", ".DS_Store"}
 

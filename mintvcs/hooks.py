@@ -40,6 +40,13 @@ def run_hook(
     path = git_dir / "hooks" / name
     if not is_active(git_dir, name):
         return
+    try:
+        _refuse_foreign(git_dir, path)
+    except ForeignRepositoryError as err:
+        if may_refuse:
+            raise
+        sys.stderr.write(f"warning: {err}\n")  # after the fact: what it would report is done
+        return
     import subprocess  # ~5 ms: only when a hook runs
 
     result = subprocess.run(
@@ -51,6 +58,25 @@ def run_hook(
         raise refusal(name, detail)
     if output:
         sys.stderr.write(output + "\n")
+
+
+class ForeignRepositoryError(MintError):
+    """A hook of a repository (or a hook file) owned by another user: running it would run their code as you."""
+
+
+def _refuse_foreign(git_dir: Path, hook: Path) -> None:
+    """Refuse to run hooks from a repository another user owns, as git's safe.directory check does."""
+    if not hasattr(os, "getuid"):
+        return
+    me = os.getuid()
+    for path in (git_dir, hook):
+        owner = path.stat().st_uid
+        if owner != me:
+            raise ForeignRepositoryError(
+                f"not running {hook}: {path} belongs to uid {owner}, not to you (uid {me}), so "
+                "the hook would run someone else's code as you; chown the repository, or skip "
+                "hooks with --no-verify"
+            )
 
 
 def is_sample(git_dir: Path, name: str) -> bool:

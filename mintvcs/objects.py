@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from mintvcs.errors import MintError
+from mintvcs.safetensors_file import DTYPE_SIZES, check_tensor_name
 
 MANIFEST_FORMAT = "mintvcs-adapter"
 MANIFEST_VERSION = 1
@@ -22,6 +25,17 @@ class CorruptManifestError(MintError):
     """A manifest blob that is not the JSON this version writes."""
 
 
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+GIT_DIR = ".mint"
+_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class TensorRecord:
     """One tensor of a revision: where it sits in the safetensors file and which blob holds it."""
@@ -35,6 +49,29 @@ class TensorRecord:
     sha256: str
     encoding: str
     depth: int
+
+    def __post_init__(self) -> None:
+        # A manifest may come from anyone: every field is checked before a reader sizes a
+        # buffer, places bytes or names a tree entry by it.
+        check_tensor_name(self.name)
+        if not isinstance(self.dtype, str) or not isinstance(self.encoding, str):
+            raise ValueError(f"tensor {self.name!r}: dtype and encoding must be strings")
+        if not all(_is_int(d) and d >= 0 for d in self.shape):
+            raise ValueError(f"tensor {self.name!r}: shape {self.shape!r}")
+        if not (_is_int(self.start) and _is_int(self.end) and 0 <= self.start <= self.end):
+            raise ValueError(f"tensor {self.name!r}: offsets {self.start!r}..{self.end!r}")
+        size = DTYPE_SIZES.get(self.dtype)
+        if size is not None and size * math.prod(self.shape) != self.end - self.start:
+            raise ValueError(
+                f"tensor {self.name!r}: {self.dtype} {list(self.shape)} does not fill "
+                f"{self.start}..{self.end}"
+            )
+        if not isinstance(self.blob, str) or not _HEX40.match(self.blob):
+            raise ValueError(f"tensor {self.name!r}: blob {self.blob!r}")
+        if not isinstance(self.sha256, str) or not _HEX64.match(self.sha256):
+            raise ValueError(f"tensor {self.name!r}: sha256 {self.sha256!r}")
+        if not _is_int(self.depth) or self.depth < 0:
+            raise ValueError(f"tensor {self.name!r}: depth {self.depth!r}")
 
 
 def unsafe_path_reason(path: str) -> str | None:
@@ -53,6 +90,8 @@ def unsafe_path_reason(path: str) -> str | None:
         return "it has an empty, '.' or '..' component"
     if parts[0].lower() in (".mint", ".git"):
         return f"it is inside {parts[0]}, the repository itself"
+    if path in (CONFIG_FILE, WEIGHTS_FILE):
+        return "it is the adapter's config or weights file, which the revision holds itself"
     return None
 
 
@@ -68,6 +107,10 @@ class FileRecord:
         reason = unsafe_path_reason(self.path) if isinstance(self.path, str) else "not a string"
         if reason is not None:
             raise ValueError(f"file path {self.path!r} is unsafe: {reason}")
+        if not isinstance(self.blob, str) or not _HEX40.match(self.blob):
+            raise ValueError(f"file {self.path!r}: blob {self.blob!r}")
+        if not isinstance(self.executable, bool):
+            raise ValueError(f"file {self.path!r}: executable {self.executable!r}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +168,7 @@ class Manifest:
                 for t in raw["tensors"]
             )
             files = tuple(FileRecord(**f) for f in raw.get("files", []))
+            _check_layout(tensors, files)
             return cls(
                 raw["base"]["id"],
                 raw["base"]["fingerprint"],
@@ -135,5 +179,37 @@ class Manifest:
             )
         except CorruptManifestError:
             raise
+        except MintError as err:  # a tensor name check_tensor_name refuses
+            raise CorruptManifestError(f"{where}: corrupt manifest ({err})") from None
+        except RecursionError:
+            raise CorruptManifestError(
+                f"{where}: corrupt manifest (JSON nested too deeply)"
+            ) from None
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptManifestError(f"{where}: corrupt manifest ({err})") from None
+
+
+def _check_layout(tensors: tuple[TensorRecord, ...], files: tuple[FileRecord, ...]) -> None:
+    """The tensors tile the data section with no gap or overlap; names and paths are unique.
+
+    A gap would be filled from uninitialised memory at checkout and a far offset would make it
+    write a file of any size; a file path that is also a directory of another cannot be written.
+    """
+    position = 0
+    for record in sorted(tensors, key=lambda t: (t.start, t.end)):
+        if record.start != position:
+            raise ValueError(
+                f"tensor {record.name!r} starts at {record.start}, expected {position} (gap or overlap)"
+            )
+        position = record.end
+    if len({t.name for t in tensors}) != len(tensors):
+        raise ValueError("a tensor name appears twice")
+    paths = {f.path for f in files}
+    if len(paths) != len(files):
+        raise ValueError("a file path appears twice")
+    for path in paths:
+        parent = path.rpartition("/")[0]
+        while parent:
+            if parent in paths:
+                raise ValueError(f"file path {parent!r} is also the directory of {path!r}")
+            parent = parent.rpartition("/")[0]

@@ -681,7 +681,8 @@ def write_work_tree(
     else:
         weights = rev.safetensors_buffer()
     files = rev.files()
-    for path in files:
+    gone = [] if old is None else [f.path for f in old.manifest.files if f.path not in files]
+    for path in [*files, *gone]:  # before anything is written or removed
         _refuse_symlinked_parent(work, path)
     (repo.git_dir / WORKTREE_RECORD).unlink(missing_ok=True)
     _write_atomic(work / CONFIG_FILE, rev.config_bytes)
@@ -690,24 +691,22 @@ def write_work_tree(
     _write_weights(work / WEIGHTS_FILE, weights.data, mtime_ns=known_ns - 2 * _RACY_NS)
     for path, (content, executable) in files.items():
         _write_atomic(work / path, content, executable)
-    if old is not None:
-        for record in old.manifest.files:
-            if record.path not in files:
-                (work / record.path).unlink(missing_ok=True)
-                _remove_empty_parents(work, work / record.path)
+    for path in gone:
+        (work / path).unlink(missing_ok=True)
+        _remove_empty_parents(work, work / path)
     from mintvcs.adapter import stat_key
 
     _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns)
 
 
 def _refuse_symlinked_parent(work: Path, path: str) -> None:
-    """Refuse to write `path` through a symlinked directory of the work tree (it could lead anywhere)."""
+    """Refuse to write or remove `path` through a symlinked directory of the work tree (it could lead anywhere)."""
     parent = work
     for part in path.split("/")[:-1]:
         parent = parent / part
         if parent.is_symlink():
             raise MintError(
-                f"{parent} is a symlink: checkout will not write {path} through it; "
+                f"{parent} is a symlink: checkout will not write or remove {path} through it; "
                 "remove the link (or make it a directory) and retry"
             )
 

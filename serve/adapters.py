@@ -65,8 +65,8 @@ class AdapterSource(Protocol):
         """The revision id `spec` names now."""
         ...
 
-    def load(self, revision: str) -> AdapterWeights:
-        """Read and decode one revision."""
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
+        """Read and decode one revision; AdapterRefused("too_large") past max_bytes of tensors."""
         ...
 
 
@@ -94,15 +94,24 @@ class PeftDirSource:
             )
         return spec
 
-    def load(self, revision: str) -> AdapterWeights:
-        """Read the directory's config and safetensors."""
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
+        """Read the directory's config and safetensors (refused past max_bytes, by file size)."""
         from safetensors.torch import load_file
 
         directory = self.directories.get(revision)
         if directory is None:
             raise AdapterNotFound(f"no adapter named {revision!r}")
         config = json.loads((directory / "adapter_config.json").read_text())
-        tensors = load_file(str(directory / "adapter_model.safetensors"))
+        weights = directory / "adapter_model.safetensors"
+        size = weights.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise AdapterRefused(
+                revision,
+                "too_large",
+                f"{weights} holds {size} bytes, more than any adapter this engine serves "
+                f"({max_bytes} bytes: max_lora_rank on every targeted linear)",
+            )
+        tensors = load_file(str(weights))
         return AdapterWeights(revision, config, tensors, self.base_fingerprint)
 
 
@@ -120,9 +129,16 @@ class StoreSource:
         """The commit id a ref, tag or abbreviated id names now."""
         return str(self.repo.resolve(spec))
 
-    def load(self, revision: str) -> AdapterWeights:
-        """Decode the commit's tensors from the store into torch tensors."""
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
+        """Decode the commit's tensors from the store into torch tensors, refusing more than max_bytes before decoding."""
         rev = self.repo.read_revision(revision)
+        if max_bytes is not None and rev.manifest.nbytes > max_bytes:
+            raise AdapterRefused(
+                rev.commit,
+                "too_large",
+                f"its tensors hold {rev.manifest.nbytes} bytes, more than any adapter this engine "
+                f"serves ({max_bytes} bytes: max_lora_rank on every targeted linear)",
+            )
         tensors: dict[str, torch.Tensor] = {}
         items = []
         for record in rev.manifest.tensors:

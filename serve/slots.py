@@ -75,6 +75,14 @@ class AdapterPools:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.targets = tuple(m for m in LORA_MODULES if m in targets)
+        # The most tensor bytes a servable revision can hold: max_rank on every target, in the
+        # widest dtype (F64). A store revision claiming more is refused before it is decoded,
+        # since its manifest alone would size the buffers (a tiny zstd frame can claim GiBs).
+        self.max_revision_bytes = (
+            8
+            * config.num_hidden_layers
+            * sum(max_rank * sum(config.linear_shape(m)) for m in self.targets)
+        )
         self.device = device
         self.dtype = dtype
         self.a: list[dict[str, torch.Tensor]] = []
@@ -607,7 +615,7 @@ class Residency:
             self.stats.host_hits += 1
             return host
         assert self.source is not None
-        prepared = self.prepare(self.source.load(revision))
+        prepared = self.prepare(self.source.load(revision, max_bytes=self.pools.max_revision_bytes))
         host = self.pools.stage(prepared, self._take_spare(prepared))
         # The one NaN/Inf check, over the staged buffer: it covers dtype conversion and folded scales.
         host.check_finite()

@@ -519,3 +519,80 @@ def test_checkout_does_not_write_through_a_symlinked_directory(work: Path, tmp_p
     line = refused(work, "checkout", "--force", first["commit"])
     assert "symlink" in line and "sub/notes.txt" in line
     assert list(outside.iterdir()) == []
+
+
+def test_checkout_does_not_remove_through_a_symlinked_directory(work: Path, tmp_path: Path) -> None:
+    # HEAD has sub/notes.txt, the target does not, and sub is now a link to a directory elsewhere.
+    (work / "sub").mkdir()
+    (work / "sub" / "notes.txt").write_text("v1\n")
+    with_sub = json.loads(mint(work, "commit", "-m", "with sub", "--no-verify", "--json").stdout)
+    outside = tmp_path / "outside"
+    (work / "sub").rename(outside)
+    (work / "sub").symlink_to(outside, target_is_directory=True)
+    line = mint_fails(work, "checkout", "--force", with_sub["parent"])
+    assert "symlink" in line and "sub/notes.txt" in line
+    assert (outside / "notes.txt").read_text() == "v1\n"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda t: t[0].update(start=3 << 30, end=(3 << 30) + t[0]["end"]), "gap or overlap"),
+        (lambda t: t[1].update(start=t[1]["start"] + 4, end=t[1]["end"] + 4), "gap or overlap"),
+        (lambda t: t[0].update(end="12"), "offsets"),
+        (lambda t: t[0].update(start=-4), "offsets"),
+        (lambda t: t[0].update(shape=[10**9, 10**9]), "does not fill"),
+        (lambda t: t[1].update(name=t[0]["name"]), "twice"),
+        (lambda t: t[0].update(name="a/b"), "cannot be stored"),
+    ],
+    ids=["far-offset", "gap", "string-end", "negative", "huge-shape", "duplicate", "slash"],
+)
+def test_a_manifest_that_lies_about_its_layout_is_refused(work: Path, edit, expected: str) -> None:
+    from mintvcs.objects import CorruptManifestError, Manifest
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    raw = json.loads(repo.read_revision(repo.head_commit() or "").manifest.to_bytes())
+    edit(raw["tensors"])
+    with pytest.raises(CorruptManifestError, match=expected):
+        Manifest.from_bytes(json.dumps(raw).encode())
+
+
+def test_manifest_file_paths_must_not_collide(work: Path) -> None:
+    from mintvcs.objects import CorruptManifestError, Manifest
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    manifest = repo.read_revision(repo.head_commit() or "").manifest
+    raw = json.loads(manifest.to_bytes())
+    blob = manifest.header_blob
+    for files, expected in (
+        ([{"path": "a", "blob": blob}, {"path": "a/b", "blob": blob}], "also the directory"),
+        ([{"path": "a", "blob": blob}, {"path": "a", "blob": blob}], "twice"),
+        ([{"path": "adapter_model.safetensors", "blob": blob}], "weights file"),
+        ([{"path": "x", "blob": blob, "executable": "yes"}], "executable"),
+    ):
+        raw["files"] = files
+        with pytest.raises(CorruptManifestError, match=expected):
+            Manifest.from_bytes(json.dumps(raw).encode())
+    with pytest.raises(CorruptManifestError, match="nested too deeply"):
+        Manifest.from_bytes(b"[" * 100_000 + b"]" * 100_000)
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="needs root to chown")
+def test_hooks_of_a_repository_owned_by_someone_else_do_not_run(work: Path, tmp_path: Path) -> None:
+    # git's safe.directory rule (CVE-2022-24765): another user's .mint must not run code as you.
+    marker = tmp_path / "ran"
+    for name in ("pre-commit", "post-commit"):
+        hook = work / ".mint" / "hooks" / name
+        hook.write_text(f"#!/bin/sh\necho {name} >> {marker}\n")
+        hook.chmod(0o755)
+    nobody = 65534
+    for path in [work / ".mint", *(work / ".mint").rglob("*")]:
+        os.chown(path, nobody, nobody, follow_symlinks=False)
+    mutate(work, seed=9)
+    line = mint_fails(work, "commit", "-m", "x")
+    assert "not running" in line and "uid 65534" in line and "--no-verify" in line
+    result = mint(work, "commit", "-m", "x", "--no-verify")
+    assert "warning: not running" in result.stderr  # post-commit is skipped, the commit is made
+    assert not marker.exists()

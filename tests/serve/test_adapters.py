@@ -130,3 +130,26 @@ def test_store_source_serves_a_committed_revision(
         tiny_base, EngineConfig(max_model_len=64), source=PeftDirSource({"d": peft_adapter})
     ) as eng:
         assert eng.generate([5, 6, 7], "d", params, timeout=30).token_ids == from_store
+
+
+def test_a_revision_larger_than_any_servable_one_is_refused_before_decoding(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path
+) -> None:
+    from mintvcs import porcelain
+    from mintvcs.serve import StoreSource
+
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
+    porcelain.commit(repo, "first", source=peft_adapter, show_progress=False)
+    store = StoreSource(repo)
+    commit = store.resolve("main")
+    nbytes = repo.read_revision(commit).manifest.nbytes
+    with pytest.raises(AdapterRefused, match="more than any adapter") as err:
+        store.load(commit, max_bytes=nbytes - 1)
+    assert err.value.reason == "too_large"
+    assert store.load(commit, max_bytes=nbytes).revision == commit
+    # The engine's bound: max_lora_rank on every targeted linear, in the widest dtype.
+    small = EngineConfig(max_model_len=64, max_lora_rank=1, lora_targets=("q_proj",))
+    with Engine(tiny_base, small, source=store) as eng:
+        assert eng.pools.max_revision_bytes < nbytes
+        with pytest.raises(AdapterRefused, match="more than any adapter"):
+            eng.generate([5, 6], commit, SamplingParams(max_tokens=1), timeout=30)

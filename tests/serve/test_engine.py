@@ -378,7 +378,7 @@ class _GatedSource(PeftDirSource):
 
         self.gate = threading.Event()
 
-    def load(self, revision: str) -> Any:
+    def load(self, revision: str, *, max_bytes: int | None = None) -> Any:
         assert self.gate.wait(30)
         return super().load(revision)
 
