@@ -62,6 +62,13 @@ class MintGroup(click.Group):
             sys.exit(130)
 
 
+def _printable(text: str) -> str:
+    """`text` with control characters escaped: a revision's metadata must not drive the terminal."""
+    if all(c.isprintable() or c == " " for c in text):
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
     """git's warning for a name that is both a tag and a branch (the tag wins, as in git)."""
     for spec in specs:
@@ -259,10 +266,12 @@ def show(rev: str, as_json: bool) -> None:
             + (f" ({manifest.base_fingerprint})" if manifest.base_fingerprint else "")
         )
     for key, value in manifest.meta.items():
-        click.echo(f"meta {key}: {value}")
+        click.echo(f"meta {_printable(key)}: {_printable(value)}")
     config = revision.config
     click.echo(
-        f"lora: r={config.get('r')} alpha={config.get('lora_alpha')} targets={config.get('target_modules')}"
+        _printable(
+            f"lora: r={config.get('r')} alpha={config.get('lora_alpha')} targets={config.get('target_modules')}"
+        )
     )
     click.echo(f"{len(manifest.tensors)} tensors, {manifest.nbytes:,} bytes")
     for t in manifest.tensors:

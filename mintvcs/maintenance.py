@@ -110,7 +110,14 @@ def _pack_checksum_problem(pack: Pack) -> str | None:
 def _pack_objects(pack: Pack) -> Iterator[_Packed]:
     """Every object a pack's index lists, inflated, delta-resolved and checked against its id."""
     name = _pack_name(pack)
-    for sha in pack.index:
+    try:
+        shas = list(pack.index)
+    except Exception as err:  # a lying fan-out table or a short file: dulwich asserts or raises
+        yield _Packed(
+            "0" * 40, problem=f"corrupt pack index of {name}: {err or type(err).__name__}"
+        )
+        return
+    for sha in shas:
         oid = sha.decode() if len(sha) == 40 else sha.hex()
         try:
             type_num, data = pack.get_raw(sha)

@@ -596,3 +596,22 @@ def test_hooks_of_a_repository_owned_by_someone_else_do_not_run(work: Path, tmp_
     result = mint(work, "commit", "-m", "x", "--no-verify")
     assert "warning: not running" in result.stderr  # post-commit is skipped, the commit is made
     assert not marker.exists()
+
+
+def test_metadata_cannot_drive_the_terminal(work: Path) -> None:
+    mutate(work, seed=11)
+    mint(work, "commit", "-m", "m", "--no-verify", "--meta", "note=\x1b]52;c;aGk=\x07 done")
+    out = mint(work, "show").stdout
+    assert "\x1b" not in out and "\x07" not in out
+    assert "meta note: \\x1b]52;c;aGk=\\x07 done" in out
+
+
+def test_a_lying_pack_index_is_a_clean_error(work: Path) -> None:
+    mint(work, "gc")
+    (idx,) = (work / ".mint" / "objects" / "pack").glob("pack-*.idx")
+    data = bytearray(idx.read_bytes())
+    data[8 + 4 * 255 : 8 + 4 * 256] = (2**31 - 1).to_bytes(4, "big")  # the fan-out's total count
+    idx.write_bytes(bytes(data))
+    result = mint(work, "fsck", ok=False)  # `mint` fails the test on any traceback
+    assert result.returncode != 0
+    assert mint(work, "gc", ok=False).returncode == 128
