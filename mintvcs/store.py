@@ -45,7 +45,7 @@ from mintvcs.packs import (
     zlib_stored,
     zlib_tensor,
 )
-from mintvcs.refs import RefStore
+from mintvcs.refs import InvalidRefNameError, RefStore
 
 if TYPE_CHECKING:
     import numpy as np
@@ -290,7 +290,13 @@ class Repository:
         """The git object store; packs it writes compress each object at its own zlib level."""
         from dulwich.config import ConfigFile
 
-        config = ConfigFile.from_path(str(self.git_dir / "config"))
+        path = self.git_dir / "config"
+        try:
+            config = ConfigFile.from_path(str(path))
+        except ValueError as err:  # dulwich's parse errors
+            raise NotARepositoryError(
+                f"{path} cannot be read ({err}); fix it, or restore it from a working repository"
+            ) from None
         return levelled_store_class().from_config(str(self.git_dir / "objects"), config)
 
     @cached_property
@@ -844,8 +850,8 @@ class Repository:
                 continue
             try:
                 oid = self.refs.read(ref)
-            except MintError:
-                oid = None
+            except InvalidRefNameError:
+                oid = None  # `name` cannot be this kind of ref: try the next reading
             if oid is not None:
                 return self.peel(oid)
         if ref == "HEAD" and name in ("HEAD", "@"):

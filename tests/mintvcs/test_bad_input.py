@@ -615,3 +615,17 @@ def test_a_lying_pack_index_is_a_clean_error(work: Path) -> None:
     result = mint(work, "fsck", ok=False)  # `mint` fails the test on any traceback
     assert result.returncode != 0
     assert mint(work, "gc", ok=False).returncode == 128
+
+
+def test_a_corrupt_head_or_config_is_named(work: Path) -> None:
+    head = (work / ".mint" / "HEAD").read_bytes()
+    (work / ".mint" / "HEAD").write_text("garbage\n")
+    for verb in ("log", "show"):
+        line = mint_fails(work, verb)
+        assert "corrupt ref file" in line and "HEAD" in line, line  # not "make a first commit"
+    (work / ".mint" / "HEAD").write_bytes(head)
+    config = work / ".mint" / "config"
+    config.write_text(config.read_text() + "[core\nbroken")
+    for verb in ("log", "fsck", "gc"):
+        line = mint_fails(work, verb)
+        assert "config cannot be read" in line, line
