@@ -110,17 +110,22 @@ def test_engine_fails_the_request_and_keeps_serving(
         assert all(s["refs"] == 0 for s in eng.residency_snapshot()["slots"])
 
 
-def test_store_source_serves_a_committed_revision(
-    tiny_base: Path, peft_adapter: Path, tmp_path: Path
-) -> None:
-    """A revision committed to a mintvcs repository gives the same tokens as its PEFT directory."""
+def _committed(tiny_base: Path, adapter: Path, tmp_path: Path) -> tuple[Any, Any, str]:
+    """A repository holding `adapter` on main, a StoreSource over it, and main's commit id."""
     from mintvcs import porcelain
     from mintvcs.serve import StoreSource
 
     repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
-    porcelain.commit(repo, "first", source=peft_adapter, show_progress=False)
+    porcelain.commit(repo, "first", source=adapter, show_progress=False)
     store = StoreSource(repo)
-    commit = store.resolve("main")
+    return repo, store, store.resolve("main")
+
+
+def test_store_source_serves_a_committed_revision(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path
+) -> None:
+    """A revision committed to a mintvcs repository gives the same tokens as its PEFT directory."""
+    _repo, store, commit = _committed(tiny_base, peft_adapter, tmp_path)
     assert len(commit) == 40
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     with Engine(tiny_base, EngineConfig(max_model_len=64, adapter_slots=2), source=store) as eng:
@@ -135,13 +140,7 @@ def test_store_source_serves_a_committed_revision(
 def test_a_revision_larger_than_any_servable_one_is_refused_before_decoding(
     tiny_base: Path, peft_adapter: Path, tmp_path: Path
 ) -> None:
-    from mintvcs import porcelain
-    from mintvcs.serve import StoreSource
-
-    repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
-    porcelain.commit(repo, "first", source=peft_adapter, show_progress=False)
-    store = StoreSource(repo)
-    commit = store.resolve("main")
+    repo, store, commit = _committed(tiny_base, peft_adapter, tmp_path)
     nbytes = repo.read_revision(commit).manifest.nbytes
     with pytest.raises(AdapterRefused, match="more than any adapter") as err:
         store.load(commit, max_bytes=nbytes - 1)
