@@ -63,6 +63,7 @@ class ServerConfig:
     max_cpu_loras: int = 64  # decoded revisions kept in host memory (at max_rank)
     max_rank: int = 64
     api_key_file: Path | None = None
+    api_key_scope: str = "admin"  # "all": every endpoint but /health needs the token too
     max_batch_size: int = 32
     max_model_len: int | None = None
     max_prompt_bytes: int = 64 * 1024  # 413 above this
@@ -91,6 +92,8 @@ class ServerConfig:
             raise ServerError(
                 f"port {self.port} is not a TCP port; use 0..65535 (0 picks a free one)"
             )
+        if self.api_key_scope not in ("admin", "all"):
+            raise ServerError(f"api_key_scope {self.api_key_scope!r} must be 'admin' or 'all'")
         if not (0.01 <= self.ref_poll_interval <= 1.0):
             raise ServerError(f"ref_poll_interval {self.ref_poll_interval} s must be in [0.01, 1]")
 
@@ -304,6 +307,8 @@ async def error_middleware(
     state.idle.clear()
     status = 500
     try:
+        if state.config.api_key_scope == "all" and request.path != "/health":
+            check_bearer(request)  # load balancers probe /health without credentials
         response = await handler(request)
         status = request.get(STATUS_KEY, response.status)
         return response

@@ -63,6 +63,13 @@ from mintvcs.errors import MintError
     help="File holding the bearer token that notify/warm/adapters endpoints require.",
 )
 @click.option(
+    "--api-key-scope",
+    type=click.Choice(["admin", "all"]),
+    default="admin",
+    show_default=True,
+    help="Which endpoints need the token: the admin ones, or all but /health (as vLLM's --api-key).",
+)
+@click.option(
     "--max-batch-size", default=32, show_default=True, type=int, help="Sequences decoded together."
 )
 @click.option(
@@ -103,6 +110,7 @@ def serve(
     max_cpu_loras: int,
     max_rank: int,
     api_key_file: Path | None,
+    api_key_scope: str,
     max_batch_size: int,
     max_model_len: int | None,
     max_prompt_bytes: int,
@@ -124,6 +132,7 @@ def serve(
             max_cpu_loras=max_cpu_loras,
             max_rank=max_rank,
             api_key_file=api_key_file,
+            api_key_scope=api_key_scope,
             max_batch_size=max_batch_size,
             max_model_len=max_model_len,
             max_prompt_bytes=max_prompt_bytes,

@@ -447,6 +447,33 @@ def test_admin_endpoints_need_the_token(
     assert status == 200, answer
 
 
+def test_api_key_scope_all_guards_every_endpoint_but_health(
+    repo: Repository, tiny_base: Path, tmp_path: Path
+) -> None:
+    key = tmp_path / "token"
+    key.write_text(TOKEN)
+    config = ServerConfig(
+        repo=repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=64,
+        api_key_file=key,
+        api_key_scope="all",
+    )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with BackgroundServer(config) as srv:
+        assert request(srv.url + "/health")[0] == 200  # probes need no credentials
+        for path, body in (
+            ("/generate", {"prompt": "x", "max_tokens": 1}),
+            ("/v1/completions", {"model": "main", "prompt": "x", "max_tokens": 1}),
+            ("/v1/models", None),
+            ("/metrics", None),
+        ):
+            status, _, answer = request(srv.url + path, body)
+            assert status == 401, (path, answer)
+            assert request(srv.url + path, body, headers=auth)[0] == 200, path
+
+
 def test_warm_pin_and_residency(server: BackgroundServer, repo: Repository) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     status, _, body = request(
