@@ -10,7 +10,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Collection, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,27 +436,28 @@ class Status:
 
 def status(repo: Repository) -> Status:
     """Compare the work tree with HEAD by content hash (the weights by stat when recorded clean)."""
+    return _status(repo)[0]
 
+
+def _status(repo: Repository) -> tuple[Status, AdapterFiles | None]:
+    """status(), and the work tree's adapter files when they were read (for a second comparison)."""
     if repo.work_tree is None:
         raise MintError("this repository has no work tree")
     branch, head = repo.current_branch(), repo.head_commit()
     if head is not None and _clean_by_stat(repo, head):
-        return Status(branch, head, [])
+        return Status(branch, head, []), None
     try:
         work = read_adapter(repo.work_tree)
     except MintError as err:
         empty = not any(p.name != GIT_DIR for p in repo.work_tree.iterdir())
         if empty:
-            return Status(branch, head, [] if head is None else [("removed", WEIGHTS_FILE)])
-        return Status(branch, head, [], str(err))
+            changes = [] if head is None else [("removed", WEIGHTS_FILE)]
+            return Status(branch, head, changes), None
+        return Status(branch, head, [], str(err)), None
     if head is None:
-        return Status(
-            branch,
-            head,
-            [("added", CONFIG_FILE), ("added", WEIGHTS_FILE)]
-            + [("added", p) for p in work.extra_files],
-        )
-    return Status(branch, head, _changes(repo, work, repo.read_revision(head)))
+        added = [("added", CONFIG_FILE), ("added", WEIGHTS_FILE)]
+        return Status(branch, head, added + [("added", p) for p in work.extra_files]), work
+    return Status(branch, head, _changes(repo, work, repo.read_revision(head))), work
 
 
 def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[str, str]]:
@@ -768,19 +769,15 @@ def _refuse_if_changes_lost(repo: Repository, target: Revision, verb: str) -> No
     when it is a file HEAD does not have and the target does not write (it stays, as an
     untracked file does in git). A work tree that cannot be read is never safe.
     """
-    state = status(repo)
+    state, work = _status(repo)
     if state.clean:
         return
     lost: list[str] = []
     if state.error is not None:
         lost.append(state.error)
-    elif state.changes == [("removed", WEIGHTS_FILE)]:
-        pass  # an emptied work tree: nothing of the user's is there to lose
-    else:
-        assert repo.work_tree is not None
-        against_target = {
-            path for _kind, path in _changes(repo, read_adapter(repo.work_tree), target)
-        }
+    elif work is not None:  # None with no error: an emptied work tree, nothing there to lose
+        # The files read for status are compared with the target too: no second read and hash.
+        against_target = {path for _kind, path in _changes(repo, work, target)}
         target_files = {f.path for f in target.manifest.files}
         for kind, path in state.changes:
             if kind == "removed" and not path.startswith(WEIGHTS_FILE):
@@ -856,11 +853,17 @@ def checkout(
             _refuse_if_changes_lost(repo, target_rev, "checkout")
         write_work_tree(repo, target_rev, head_rev)
     with _restore_on_failure(repo, target_rev, head_rev if written else None):
-        return _move_head(repo, spec, target, head, new_branch)
+        return _move_head(repo, spec, target, head, new_branch, is_branch=oid is not None)
 
 
 def _move_head(
-    repo: Repository, spec: str, target: str, head: str | None, new_branch: str | None
+    repo: Repository,
+    spec: str,
+    target: str,
+    head: str | None,
+    new_branch: str | None,
+    *,
+    is_branch: bool,
 ) -> CheckoutResult:
     who = identity(repo)
     previous = repo.current_branch() or (head[:7] if head else "nothing")
@@ -876,10 +879,8 @@ def _move_head(
         branch: str | None = new_branch
     elif spec in ("HEAD", "@"):
         branch = repo.current_branch()
-    elif _branch_value(repo, spec) is not None:
-        branch = spec
     else:
-        branch = None
+        branch = spec if is_branch else None
     message = f"checkout: moving from {previous} to {branch or spec}"
     if branch is not None:
         repo.refs.set_symbolic("HEAD", f"refs/heads/{branch}", message=message, identity=who)
@@ -893,11 +894,13 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     target = repo.resolve(spec)
     head = repo.head_commit()
     _refuse_if_locked(repo)
-    target_rev = repo.read_revision(target)
-    head_rev = repo.read_revision(head) if head else None
-    if hard:
+    restore: AbstractContextManager[None] = nullcontext()
+    if hard:  # a soft reset moves a ref only: no revision need be read
+        target_rev = repo.read_revision(target)
+        head_rev = repo.read_revision(head) if head else None
         write_work_tree(repo, target_rev, head_rev)
-    with _restore_on_failure(repo, target_rev, head_rev if hard else None):
+        restore = _restore_on_failure(repo, target_rev, head_rev)
+    with restore:
         repo.refs.update(
             "HEAD", target, old=head, message=f"reset: moving to {spec}", identity=identity(repo)
         )
