@@ -72,7 +72,7 @@ def _printable(text: str) -> str:
 def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
     """git's warning for a name that is both a tag and a branch (the tag wins, as in git)."""
     for spec in specs:
-        if spec and len(refs := repo.ambiguous(spec)) > 1:
+        if spec and (refs := repo.ambiguous(spec)):
             click.echo(
                 f"warning: refname '{spec}' is ambiguous ({' and '.join(refs)}); using {refs[0]}",
                 err=True,

@@ -228,6 +228,15 @@ class Revision:
         }
 
 
+def ref_candidates(name: str) -> list[str]:
+    """The refs a spec's name may mean, in git's order (gitrevisions): the name itself when it is
+    a full one, then the tag, then the branch; HEAD for `HEAD`, `@` and the empty name."""
+    if name in ("HEAD", "@", ""):
+        return ["HEAD"]
+    itself = [name] if name.startswith("refs/") else []
+    return [*itself, f"refs/tags/{name}", f"refs/heads/{name}"]
+
+
 class Repository:
     """A mintvcs repository: `.mint/` (a git directory) and, usually, a work tree beside it."""
 
@@ -841,13 +850,7 @@ class Repository:
 
     def _resolve_name(self, name: str, spec: str) -> str:
         """Resolve the part of a spec before any `~`/`^` suffix."""
-        # git's order (gitrevisions): the name itself, then a tag, then a branch.
-        candidates = (
-            ["HEAD"] if name in ("HEAD", "@") else [name, f"refs/tags/{name}", f"refs/heads/{name}"]
-        )
-        for ref in candidates:
-            if ref != "HEAD" and not ref.startswith("refs/"):
-                continue
+        for ref in ref_candidates(name):
             try:
                 oid = self.refs.read(ref)
             except InvalidRefNameError:
@@ -882,7 +885,7 @@ class Repository:
         if not name or name in ("HEAD", "@") or name.startswith("refs/"):
             return []
         found = []
-        for ref in (f"refs/tags/{name}", f"refs/heads/{name}"):
+        for ref in ref_candidates(name):
             try:
                 if self.refs.read(ref) is not None:
                     found.append(ref)

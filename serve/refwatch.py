@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mintvcs.errors import MintError
+from mintvcs.store import ref_candidates
 
 StatKey = tuple[int, int, int] | None
 # `name` then `~N` / `^N` suffixes, as the store parses a spec.
@@ -137,12 +138,7 @@ class RefWatcher:
     # -- resolving ------------------------------------------------------------------------------
     def _candidates(self, name: str) -> list[str]:
         """Ref names the store may read for `name`, in its order, with symbolic targets appended."""
-        if name in ("HEAD", "@", ""):
-            names = ["HEAD"]
-        elif name.startswith("refs/"):
-            names = [name]
-        else:
-            names = [f"refs/tags/{name}", f"refs/heads/{name}"]  # the store's (git's) order
+        names = ref_candidates(name)
         for ref in list(names):
             try:
                 target = self.repo.refs.read_symbolic(ref)
