@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "check_finite",
     "check_lora_config",
     "main",
+    "pattern_key",
     "validate_adapter",
 ]
 
@@ -96,7 +98,7 @@ def check_lora_config(
                 f"{name} has {rows} rows but {factor_b[0]} has {factor_b[1][1]} columns; PEFT "
                 f'needs both to be the rank "r" gives {key}: {_RESAVE.removeprefix("or ")}'
             )
-        pattern = _pattern_for(rank_pattern, key)
+        pattern = pattern_key(rank_pattern, key)
         if pattern is None:
             want, source = rank, '"r"'
         else:
@@ -146,10 +148,10 @@ def _rank_pattern(config: dict[str, Any]) -> dict[str, int]:
     return pattern
 
 
-def _pattern_for(rank_pattern: dict[str, int], key: str) -> str | None:
-    """The first rank_pattern key that PEFT's get_pattern_key matches to module `key`."""
-    for regex in rank_pattern:
-        if re.match(rf"(.*\.)?({regex})$", key):
+def pattern_key(patterns: Iterable[str], module: str) -> str | None:
+    """The first rank_pattern/alpha_pattern key that PEFT's get_pattern_key matches to `module`'s path."""
+    for regex in patterns:
+        if re.match(rf"(.*\.)?({regex})$", module):
             return regex
     return None
 

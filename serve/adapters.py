@@ -21,6 +21,7 @@ import torch
 from mintvcs.errors import MintError
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES
+from mintvcs.validate import pattern_key
 
 # PEFT's tensor names, with or without the adapter name PEFT sometimes keeps ("lora_A.default.weight").
 _LORA_KEY = re.compile(
@@ -213,14 +214,6 @@ class HostAdapter:
                     )
 
 
-def _pattern_value(patterns: Mapping[str, Any], module_name: str, default: float) -> float:
-    # PEFT matches rank_pattern/alpha_pattern keys as regexes against the end of the module path.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return float(value)
-    return default
-
-
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
@@ -351,7 +344,8 @@ def prepare_adapter(
     for key, ab in parts.items():
         layer, module = key
         r = ranks[key]
-        module_alpha = _pattern_value(alpha_pattern, paths[(layer, module)], alpha)
+        pattern = pattern_key(alpha_pattern, paths[(layer, module)])
+        module_alpha = alpha if pattern is None else float(alpha_pattern[pattern])
         module_scale = lora_scale(module_alpha, r, rslora)
         a = ab["A"].to(dtype).contiguous()
         b = ab["B"]
