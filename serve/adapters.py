@@ -71,6 +71,15 @@ class AdapterSource(Protocol):
         ...
 
 
+def _too_large(revision: str, held: str, max_bytes: int) -> AdapterRefused:
+    return AdapterRefused(
+        revision,
+        "too_large",
+        f"{held}, more than any adapter this engine serves "
+        f"({max_bytes} bytes: max_lora_rank on every targeted linear)",
+    )
+
+
 class PeftDirSource:
     """Revisions that are PEFT directories (adapter_config.json + adapter_model.safetensors), by name."""
 
@@ -106,12 +115,7 @@ class PeftDirSource:
         weights = directory / "adapter_model.safetensors"
         size = weights.stat().st_size
         if max_bytes is not None and size > max_bytes:
-            raise AdapterRefused(
-                revision,
-                "too_large",
-                f"{weights} holds {size} bytes, more than any adapter this engine serves "
-                f"({max_bytes} bytes: max_lora_rank on every targeted linear)",
-            )
+            raise _too_large(revision, f"{weights} holds {size} bytes", max_bytes)
         tensors = load_file(str(weights))
         return AdapterWeights(revision, config, tensors, self.base_fingerprint)
 
@@ -134,12 +138,7 @@ class StoreSource:
         """Decode the commit's tensors from the store into torch tensors, refusing more than max_bytes before decoding."""
         rev = self.repo.read_revision(revision)
         if max_bytes is not None and rev.manifest.nbytes > max_bytes:
-            raise AdapterRefused(
-                rev.commit,
-                "too_large",
-                f"its tensors hold {rev.manifest.nbytes} bytes, more than any adapter this engine "
-                f"serves ({max_bytes} bytes: max_lora_rank on every targeted linear)",
-            )
+            raise _too_large(rev.commit, f"its tensors hold {rev.manifest.nbytes} bytes", max_bytes)
         tensors: dict[str, torch.Tensor] = {}
         items = []
         for record in rev.manifest.tensors:
