@@ -484,8 +484,10 @@ def reset(rev: str, hard: bool) -> None:
 def fsck(as_json: bool) -> None:
     """Verify every object, every ref's history and every reachable tensor."""
     from mintvcs import maintenance
+    from mintvcs.progress import progress_bar
 
-    report = maintenance.fsck(_open_repo())
+    with progress_bar(None, "checking tensors", unit=" tensors") as progress:
+        report = maintenance.fsck(_open_repo(), progress=progress)
     if as_json:
         _emit_json(
             {

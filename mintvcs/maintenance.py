@@ -64,12 +64,22 @@ def _read_loose(path: Path, oid: str) -> tuple[bytes, bytes]:
     return kind, body
 
 
-def _check_loose(path: Path, oid: str) -> str | None:
-    """Verify one loose object file: zlib stream, header and sha1."""
+def _format_problem(oid: str, kind: bytes, body: bytes) -> str | None:
+    """Why a commit, tree or tag does not pass git's format checks, or None (blobs always pass).
+
+    Catches what `git fsck` flags in a tree: names '', '.', '..', '.git' or with '/',
+    unknown modes, unsorted or duplicate entries; and malformed commit or tag headers.
+    """
+    if kind == b"blob":
+        return None
+    from dulwich.errors import ObjectFormatException
+    from dulwich.objects import ShaFile
+
+    type_num = {name: num for num, name in _TYPES.items()}[kind]
     try:
-        _read_loose(path, oid)
-    except _Damage as damage:
-        return str(damage)
+        ShaFile.from_raw_string(type_num, body).check()
+    except (ObjectFormatException, ValueError, KeyError, IndexError, AssertionError) as err:
+        return f"malformed {kind.decode()} {oid}: {err}"
     return None
 
 
@@ -141,8 +151,11 @@ def _check_packs(repo: Repository, report: FsckReport) -> None:
             report.problems.append(problem)
         for entry in _pack_objects(pack):
             report.objects += 1
-            if entry.problem:
-                report.problems.append(entry.problem)
+            problem = entry.problem
+            if problem is None and entry.kind is not None and entry.data is not None:
+                problem = _format_problem(entry.oid, entry.kind, entry.data)
+            if problem:
+                report.problems.append(problem)
 
 
 def _missing_in_tree(repo: Repository, tree_id: str, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -173,10 +186,15 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
     bad: set[str] = set()
     for loose_id, path in _loose_files(repo):
         report.objects += 1
-        problem = _check_loose(path, loose_id)
+        try:
+            kind, body = _read_loose(path, loose_id)
+        except _Damage as damage:
+            report.problems.append(str(damage))
+            bad.add(loose_id)
+            continue
+        problem = _format_problem(loose_id, kind, body)
         if problem:
             report.problems.append(problem)
-            bad.add(loose_id)
     _check_packs(repo, report)
     seen_commits: set[str] = set()
     for name, value in [("HEAD", repo.head_commit()), *repo.refs.iter_refs("refs/")]:
@@ -187,8 +205,12 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
         except MintError as err:
             report.problems.append(f"ref {name}: {err}")
             continue
-        oid: str | None = start
-        while oid is not None and oid not in seen_commits:
+        # Every parent, not only the first: a merge made with git brings in a second history.
+        pending = [start]
+        while pending:
+            oid = pending.pop()
+            if oid in seen_commits:
+                continue
             seen_commits.add(oid)
             try:
                 rev = repo.read_revision(oid)
@@ -210,11 +232,10 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
                     report.problems.append(
                         f"commit {oid[:12]}: object {missing} ({where!r}) is missing from the store"
                     )
-                parents = rev.info.parents
             except MintError as err:
                 report.problems.append(f"commit {oid[:12]} (reachable from {name}): {err}")
-                break
-            oid = parents[0] if parents else None
+                continue
+            pending.extend(reversed(rev.info.parents))
     return report
 
 

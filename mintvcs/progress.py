@@ -10,8 +10,8 @@ Progress = Callable[[int], None]
 
 
 @contextmanager
-def progress_bar(total: int, desc: str) -> Iterator[Progress]:
-    """A byte progress bar on stderr that appears only when the work takes over a second."""
+def progress_bar(total: int | None, desc: str, unit: str = "B") -> Iterator[Progress]:
+    """A progress bar on stderr (bytes unless `unit` says otherwise; total None: a counter) that appears only when the work takes over a second."""
     if not sys.stderr.isatty():
         # tqdm would disable itself here (disable=None); skip importing it at all.
         yield lambda _n: None
@@ -19,6 +19,12 @@ def progress_bar(total: int, desc: str) -> Iterator[Progress]:
     from tqdm import tqdm
 
     with tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, delay=1.0, leave=False, disable=None
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit == "B",
+        delay=1.0,
+        leave=False,
+        disable=None,
     ) as bar:
         yield bar.update

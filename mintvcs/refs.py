@@ -636,7 +636,11 @@ class RefStore:
             os.close(fd)
 
     def reflog(self, name: str) -> list[ReflogEntry]:
-        """The reflog of a ref, oldest entry first (as stored); [] when it has none."""
+        """The reflog of a ref, oldest entry first (as stored); [] when it has none.
+
+        A line that does not parse is skipped, as git skips it: a torn or hand-edited reflog
+        must not block gc, `@{n}` or the server's admission check.
+        """
         _check_store_name(name)
         path = os.path.join(self._dir, "logs", name)
         try:
@@ -645,19 +649,16 @@ class RefStore:
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return []
         out = []
-        for n, line in enumerate(data.splitlines(), 1):
-            if not line:
-                continue
+        for line in data.splitlines():
             head, _, message = line.partition("\t")
             try:
                 ids, ts, tz = head.rsplit(" ", 2)
                 old, new, identity = ids[:40], ids[41:81], ids[82:]
                 entry = ReflogEntry(old, new, identity, int(ts), tz, message)
             except ValueError:
-                raise RefFormatError(path, f"line {n} does not parse: {line[:80]!r}") from None
-            if not (_HEX40.match(old) and _HEX40.match(new)):
-                raise RefFormatError(path, f"line {n} does not start with two object ids")
-            out.append(entry)
+                continue
+            if _HEX40.match(old) and _HEX40.match(new) and ids[40:41] == ids[81:82] == " ":
+                out.append(entry)
         return out
 
     # -- writing --

@@ -201,3 +201,55 @@ def test_gc_prunes_old_unreachable_objects_and_keeps_young_ones(work: Path) -> N
     assert git(git_dir, "cat-file", "-e", old, ok=False).returncode != 0
     assert git(git_dir, "cat-file", "-t", young).stdout.strip() == "blob"
     git_fsck(work)
+
+
+def test_fsck_flags_tree_entries_git_fsck_flags(work: Path) -> None:
+    # A tree with a '..' entry (dulwich writes it; git mktree would refuse) checks out nowhere
+    # sane: both fscks must name it even though no ref reaches it.
+    from dulwich.objects import Blob, Tree
+    from dulwich.repo import Repo
+
+    store = Repo(str(work / ".mint")).object_store
+    blob = Blob.from_string(b"x")
+    store.add_object(blob)
+    tree = Tree()
+    tree.add(b"..", 0o100644, blob.id)
+    store.add_object(tree)
+    problems, (git_status, git_text) = damage_checks(work)
+    assert git_status != 0 and tree.id.decode() in git_text
+    assert problems == [f"malformed tree {tree.id.decode()}: invalid name .."]
+
+
+def test_fsck_follows_every_parent_of_a_merge(work: Path) -> None:
+    # git can merge two mintvcs branches; a blob missing from the history reached only through
+    # the merge's second parent must still be found (fsck used to walk first parents only).
+    git_dir = work / ".mint"
+    mint(work, "checkout", "-b", "other")
+    mutate(work, seed=3)
+    mint(work, "commit", "-m", "rev 3", "--no-verify")
+    mint(work, "checkout", "main")
+    main_tip = git(git_dir, "rev-parse", "main").stdout.strip()
+    other_tip = git(git_dir, "rev-parse", "other").stdout.strip()
+    merge = git(
+        git_dir, "commit-tree", "main^{tree}", "-p", main_tip, "-p", other_tip, "-m", "merge"
+    ).stdout.strip()
+    git(git_dir, "update-ref", "refs/heads/main", merge)
+    git(git_dir, "branch", "-D", "other")
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    elsewhere = {b for rev in ("main^1", "side") for b in blobs(work, rev)}
+    only_other = [b for b in blobs(work, other_tip) if b not in elsewhere]
+    assert only_other, "rev 3 should have changed some tensors"
+    loose_path(work, only_other[0]).unlink()
+    problems, (git_status, _) = damage_checks(work)
+    assert git_status != 0
+    assert any(only_other[0] in p for p in problems), problems
+
+
+def test_gc_skips_reflog_lines_that_do_not_parse(work: Path) -> None:
+    # git ignores a torn or hand-edited reflog line; gc used to refuse the whole repository.
+    log = work / ".mint" / "logs" / "HEAD"
+    lines = log.read_bytes().splitlines(keepends=True)
+    garbage = [b"garbage\n", b"0" * 40 + b" not-an-id x 1 +0000\n"]
+    log.write_bytes(b"".join([lines[0], *garbage, *lines[1:]]))
+    assert mint(work, "gc").stdout.startswith("packed ")
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
