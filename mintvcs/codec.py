@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from mintvcs.checksums import crc32
 from mintvcs.errors import MintError
+from mintvcs.ids import is_object_id, is_sha256
 from mintvcs.safetensors_file import DTYPE_SIZES
 
 if TYPE_CHECKING:
@@ -78,8 +79,6 @@ _ROTATE = {"BF16": 1, "F32": 1}
 _UINT = {2: "<u2", 4: "<u4"}
 _ENCODINGS = frozenset({"raw", "planes", "xor"})
 _DTYPE_RE = re.compile(r"[A-Z0-9_]{1,32}")
-_HEX40 = re.compile(r"[0-9a-f]{40}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Encoder settings for planes, chosen by measurement on LoRA tensors: a
 # plane of exponents is close to i.i.d. symbols, where matches cost more than
@@ -286,45 +285,48 @@ def _rotate_right(words: npt.NDArray[Any], rotate: int) -> None:
     np.bitwise_or(words, wrap, out=words)
 
 
+# Elements merged per pass: the scratch stays a few MB (reused, cache-warm) whatever the
+# tensor's size, instead of two temporaries as large as the tensor.
+_MERGE_CHUNK = 1 << 20
+
+
 def _merge(
     planes: list[npt.NDArray[np.uint8]], group: int, rotate: int, out: npt.NDArray[np.uint8]
 ) -> None:
     """Undo _split: interleave the planes and rotate right, writing the bytes into `out`."""
-    import numpy as np
-
     if group == 1:
         out[:] = planes[0]
         return
-    width = _UINT[group]
-    target = out.view(width)
+    target = out.view(_UINT[group])
+    count = planes[0].size
+    for start in range(0, count, _MERGE_CHUNK):
+        stop = min(start + _MERGE_CHUNK, count)
+        chunk = planes if count <= _MERGE_CHUNK else [p[start:stop] for p in planes]
+        _merge_words(chunk, group, rotate, target[start:stop])
+
+
+def _merge_words(
+    planes: list[npt.NDArray[np.uint8]], group: int, rotate: int, target: npt.NDArray[Any]
+) -> None:
+    """Words of `group` (2 or 4) bytes from their byte planes, rotated right, into `target`."""
+    import numpy as np
+
     if group == 2:
-        # Widen straight into `out` and rebuild each element in registers: about twice as fast
-        # as interleaving bytes with strided copies, and no temporary (fresh pages cost more
-        # than the arithmetic here).
+        # Widen straight into `target` and rebuild each element in registers: about twice as
+        # fast as interleaving bytes with strided copies, and no temporary (fresh pages cost
+        # more than the arithmetic here).
         _join(target, planes[0], planes[1], 8)
         _rotate_right(target, rotate)
         return
-    if group == 4:
-        # Pairs of planes to u16 halves, then the halves to u32 words, all in this thread's
-        # scratch: ~30% faster than four byte-strided copies into a temporary.
-        count = planes[0].size
-        halves = _scratch("merge16", 4 * count)[: 4 * count].view(np.uint16)
-        low, high = halves[:count], halves[count:]
-        _join(low, planes[0], planes[1], 8)
-        _join(high, planes[2], planes[3], 8)
-        _join(target, low, high, 16)
-        _rotate_right(target, rotate)
-        return
-    columns = np.empty((planes[0].size, group), dtype=np.uint8)  # any other width: bytes
-    for k in range(group):
-        columns[:, k] = planes[k]
-    word = columns.reshape(-1).view(width)
-    if rotate:
-        np.right_shift(word, rotate, out=target)
-        word <<= 8 * group - rotate
-        target |= word
-    else:
-        target[:] = word
+    # group 4 (F32): pairs of planes to u16 halves, then the halves to u32 words, all in this
+    # thread's scratch: ~30% faster than four byte-strided copies into a temporary.
+    count = planes[0].size
+    halves = _scratch("merge16", 4 * count)[: 4 * count].view(np.uint16)
+    low, high = halves[:count], halves[count:]
+    _join(low, planes[0], planes[1], 8)
+    _join(high, planes[2], planes[3], 8)
+    _join(target, low, high, 16)
+    _rotate_right(target, rotate)
 
 
 def _segments_of(
@@ -527,7 +529,7 @@ def encode_parts(
         elif len(base) == nbytes:
             base_arr = np.frombuffer(memoryview(base).cast("B"), dtype=np.uint8)
             base_grid = _split(base_arr, group, rotate)
-    if base_grid is not None and (base_id is None or not _HEX40.fullmatch(base_id)):
+    if base_grid is not None and not is_object_id(base_id):
         raise CodecInputError(
             f"base_id {base_id!r} is not a 40-hex git blob id; pass the base blob's id"
         )
@@ -666,10 +668,10 @@ def _check_fields(raw: Any, payload_offset: int) -> BlobHeader:
     expected = _expected_nbytes(dtype, shape_t)
     if expected is not None and expected != nbytes:
         raise ValueError(f"nbytes {nbytes} does not match {dtype} {shape}")
-    if type(sha) is not str or not _HEX64.fullmatch(sha):
+    if not is_sha256(sha):
         raise ValueError(f"sha256 {sha!r}")
     if encoding == "xor":
-        if type(base) is not str or not _HEX40.fullmatch(base):
+        if not is_object_id(base):
             raise ValueError(f"base {base!r}")
         if type(depth) is not int or not 1 <= depth <= MAX_CHAIN:
             raise ValueError(f"depth {depth!r}")

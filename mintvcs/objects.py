@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from mintvcs.errors import MintError
+from mintvcs.ids import is_object_id, is_sha256
 from mintvcs.safetensors_file import DTYPE_SIZES, check_tensor_name
 
 MANIFEST_FORMAT = "mintvcs-adapter"
@@ -28,8 +28,6 @@ class CorruptManifestError(MintError):
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 GIT_DIR = ".mint"
-_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
-_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 
 
 def _is_int(value: object) -> bool:
@@ -65,10 +63,8 @@ class TensorRecord:
             and type(self.encoding) is str
             and all(type(d) is int and d >= 0 for d in self.shape)
             and (size is None or size * math.prod(self.shape) == end - start)
-            and type(self.blob) is str
-            and _HEX40.match(self.blob)
-            and type(self.sha256) is str
-            and _HEX64.match(self.sha256)
+            and is_object_id(self.blob)
+            and is_sha256(self.sha256)
         ):
             check_tensor_name(self.name)
             return
@@ -84,9 +80,9 @@ class TensorRecord:
             return "dtype and encoding must be strings"
         if not all(_is_int(d) and d >= 0 for d in self.shape):
             return f"shape {self.shape!r}"
-        if not isinstance(self.blob, str) or not _HEX40.match(self.blob):
+        if not is_object_id(self.blob):
             return f"blob {self.blob!r}"
-        if not isinstance(self.sha256, str) or not _HEX64.match(self.sha256):
+        if not is_sha256(self.sha256):
             return f"sha256 {self.sha256!r}"
         return f"{self.dtype} {list(self.shape)} does not fill {self.start}..{self.end}"
 
@@ -124,7 +120,7 @@ class FileRecord:
         reason = unsafe_path_reason(self.path) if isinstance(self.path, str) else "not a string"
         if reason is not None:
             raise ValueError(f"file path {self.path!r} is unsafe: {reason}")
-        if not isinstance(self.blob, str) or not _HEX40.match(self.blob):
+        if not is_object_id(self.blob):
             raise ValueError(f"file {self.path!r}: blob {self.blob!r}")
         if not isinstance(self.executable, bool):
             raise ValueError(f"file {self.path!r}: executable {self.executable!r}")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from mintvcs.errors import MintError
+from mintvcs.ids import is_object_id
 
 ZERO = "0" * 40
 HEAD = "HEAD"
@@ -142,7 +143,6 @@ class ReflogEntry:
 # rule-by-rule walk; everything else takes the slow path that names the broken rule.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*)+\Z")
 _BAD_CHAR = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
-_HEX40 = re.compile(r"[0-9a-f]{40}\Z")
 _PSEUDO = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 _IDENTITY = re.compile(r"[^<>\n]* <[^<>\n]*>\Z")
 _TZ = re.compile(r"[+-][0-9]{4}\Z")
@@ -221,7 +221,7 @@ def _check_store_name(name: str) -> None:
 
 
 def _check_value(value: str) -> None:
-    if not _HEX40.match(value):
+    if not is_object_id(value):
         raise InvalidRefValueError(value)
 
 
@@ -484,7 +484,7 @@ class RefStore:
         if text.startswith("ref:"):
             return "ref: " + text[4:].strip()
         value = text[:40]
-        if not _HEX40.match(value) or (len(text) > 40 and not text[40].isspace()):
+        if not is_object_id(value) or (len(text) > 40 and not text[40].isspace()):
             raise RefFormatError(
                 path, f"content {data[:60]!r} is neither 'ref: NAME' nor an object id"
             )
@@ -657,7 +657,7 @@ class RefStore:
                 entry = ReflogEntry(old, new, identity, int(ts), tz, message)
             except ValueError:
                 continue
-            if _HEX40.match(old) and _HEX40.match(new) and ids[40:41] == ids[81:82] == " ":
+            if is_object_id(old) and is_object_id(new) and ids[40:41] == ids[81:82] == " ":
                 out.append(entry)
         return out
 

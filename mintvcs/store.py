@@ -21,6 +21,7 @@ from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles
 from mintvcs.base import BaseModel
 from mintvcs.errors import MintError
+from mintvcs.ids import is_object_id
 from mintvcs.objects import (
     CONFIG_PATH,
     FILES_DIR,
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 DEFAULT_BRANCH = "main"
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
-_OID = re.compile(r"^[0-9a-f]{40}$")
 _SPEC = re.compile(r"^(?P<name>.*?)(?P<suffix>(?:[~^][0-9]*)*)$")
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
 # Commits of adapters with at least this many tensors write their new blobs into one pack
@@ -372,7 +372,7 @@ class Repository:
 
     def _read_loose_blob(self, oid: str, what: str) -> bytes | memoryview | None:
         """Inflate a loose blob without building a dulwich object; None when it is not loose."""
-        if not _OID.match(oid):
+        if not is_object_id(oid):
             raise CorruptObjectError(f"{what}: {oid!r} is not an object id")
         try:
             fd = os.open(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}", os.O_RDONLY)
@@ -561,7 +561,7 @@ class Repository:
         in a pack in the form we write, or is an XOR link. With `rescan`, a blob in no known
         pack makes the pack directory be listed again.
         """
-        if not _OID.match(blob_id):
+        if not is_object_id(blob_id):
             raise CorruptObjectError(f"tensor {name}: {blob_id!r} is not an object id")
         key = bytes.fromhex(blob_id)
         packs = self._packs()

@@ -604,6 +604,9 @@ def create_app(
 
 
 # ---------------------------------------------------------------------------- running
+_CLEANUP_GRACE_S = 2.0
+
+
 @dataclass
 class RunningServer:
     """A started server: its URL, app and runner; `stop()` drains and shuts it down."""
@@ -623,17 +626,28 @@ class RunningServer:
         if self.state.load_error is not None:
             raise self.state.load_error
 
-    async def stop(self) -> None:
-        """Refuse new requests, let running ones finish (up to drain_timeout), then close everything."""
+    async def stop(self, force: asyncio.Event | None = None) -> None:
+        """Refuse new requests, let running ones finish (up to drain_timeout, or until `force` is set), then close everything."""
         state = self.state
         state.draining = True
+        waits = {asyncio.ensure_future(state.idle.wait())}
+        if force is not None:
+            waits.add(asyncio.ensure_future(force.wait()))
         try:
-            await asyncio.wait_for(state.idle.wait(), state.config.drain_timeout)
-        except TimeoutError:
+            await asyncio.wait(
+                waits, timeout=state.config.drain_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if not state.idle.is_set():
+            forced = force is not None and force.is_set()
             log.warning(
-                "%d requests still running after %.0f s; closing anyway",
+                "%d request(s) still running %s",
                 state.inflight,
-                state.config.drain_timeout,
+                "; signalled again: stopping at once"
+                if forced
+                else f"after {state.config.drain_timeout:g} s; closing anyway",
             )
         await self.runner.cleanup()
 
@@ -644,7 +658,10 @@ async def start_server(
     """Create the app, bind it, and return at once (the engine keeps loading in the background)."""
     app = create_app(config, engine_factory=engine_factory)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its sequence.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # stop() has drained already: whatever still runs at cleanup is cancelled after a moment.
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=_CLEANUP_GRACE_S
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
@@ -676,10 +693,17 @@ async def serve_until_signalled(config: ServerConfig, *, out: Callable[[str], No
             held = f": {engine.summary()}" if engine is not None else ""
             out(f"mintvcs serve: base model loaded; ready{held}")
         await stopped
-        out("mintvcs serve: draining running requests")
+    force = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: stop without waiting
+        loop.add_signal_handler(sig, force.set)
+    if status == 0:
+        out(
+            f"mintvcs serve: draining running requests (up to {config.drain_timeout:g} s; "
+            "signal again to stop at once)"
+        )
     stopped.cancel()
     loaded.cancel()
-    await server.stop()
+    await server.stop(force)
     out("mintvcs serve: stopped")
     return status
 

@@ -99,6 +99,13 @@ from mintvcs.errors import MintError
     type=float,
     help="Seconds between checks of the refs in use.",
 )
+@click.option(
+    "--drain-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="On SIGTERM/SIGINT, seconds to let running requests finish (a second signal stops at once).",
+)
 def serve(
     repo: Path,
     base_model: Path,
@@ -116,6 +123,7 @@ def serve(
     max_prompt_bytes: int,
     max_tokens_limit: int,
     ref_poll_interval: float,
+    drain_timeout: float,
 ) -> None:
     """Serve generate-by-ref over HTTP from one resident base model."""
     from mintvcs.serve.app import ServerConfig, run
@@ -138,6 +146,7 @@ def serve(
             max_prompt_bytes=max_prompt_bytes,
             max_tokens_limit=max_tokens_limit,
             ref_poll_interval=ref_poll_interval,
+            drain_timeout=drain_timeout,
         )
         status = run(config)
     except MintError as err:

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from mintvcs.errors import MintError
+from mintvcs.ids import is_object_id
 from mintvcs.store import ref_candidates
 
 StatKey = tuple[int, int, int] | None
 # `name` then `~N` / `^N` suffixes, as the store parses a spec.
 _SUFFIX = re.compile(r"[~^]")
-_FULL_ID = re.compile(r"[0-9a-f]{40}\Z")
 _MAX_SPEC = 1024
 
 
@@ -234,7 +234,7 @@ class RefWatcher:
         values: dict[str, str | None] = {}  # each ref read once per poll, however many specs use it
         stale: list[tuple[str, _Entry]] = []
         for spec, entry in entries:
-            if entry.resolution.ref is None and _FULL_ID.match(spec):
+            if entry.resolution.ref is None and is_object_id(spec):
                 continue  # a full commit id names the same revision forever
             idle = now - entry.used
             if idle > self.idle_forget_s:

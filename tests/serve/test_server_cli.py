@@ -125,3 +125,64 @@ def test_serve_keeps_serving_after_its_stdout_is_closed(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_serve_second_signal_stops_without_waiting_for_the_drain(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    # As uvicorn and vLLM: the first SIGTERM drains, a second one stops at once.
+    from tests.fixtures import build_base
+
+    base = build_base(tmp_path / "long-base", max_position_embeddings=8192)
+    repo = porcelain.init(tmp_path / "repo", str(base))
+    porcelain.commit(repo, "a", source=peft_adapter, verify=False, show_progress=False)
+    proc = _start(
+        [
+            *("--repo", str(tmp_path / "repo"), "--base-model", str(base), "--port", "0"),
+            *("--max-model-len", "8192", "--max-tokens-limit", "8000", "--drain-timeout", "600"),
+        ]
+    )
+    try:
+        assert proc.stdout is not None
+        match = re.search(r"listening on (http://\S+)", proc.stdout.readline())
+        assert match
+        url = match.group(1)
+        deadline = time.monotonic() + 60
+        while request(url + "/health")[0] != 200:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        body = json.dumps(
+            {"prompt": "Hi", "max_tokens": 8000, "stream": True, "ignore_eos": True}
+        ).encode()
+        req = urllib.request.Request(
+            url + "/generate", data=body, headers={"Content-Type": "application/json"}
+        )
+        resp = urllib.request.urlopen(req, timeout=120)
+        assert resp.readline().startswith(b"data: ")
+        rest: list[bytes] = []
+
+        def read_rest() -> None:
+            try:
+                rest.append(resp.read())
+            except Exception as err:  # the server closes the stream mid-way: that is the point
+                rest.append(repr(err).encode())
+
+        reader = threading.Thread(target=read_rest)
+        reader.start()
+        proc.send_signal(signal.SIGTERM)
+        while "draining" not in proc.stdout.readline():
+            assert proc.poll() is None
+        assert request(url + "/health")[0] == 503  # draining: the long request still runs
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - started < 15, "the second signal did not stop the server"
+        assert proc.returncode == 0, err
+        assert "stopped" in out and "stopping at once" in err and "Traceback" not in err
+        reader.join(30)
+        assert b"event: done" not in rest[0]  # cut short, not finished
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,18 @@
+"""Ids as text: a git object id is 40 lowercase hex digits, a tensor's sha256 is 64."""
+
+from __future__ import annotations
+
+import re
+
+_OBJECT_ID = re.compile(r"[0-9a-f]{40}\Z")
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def is_object_id(value: object) -> bool:
+    """True for a full git object id in the form git writes it (lowercase hex)."""
+    return type(value) is str and _OBJECT_ID.match(value) is not None
+
+
+def is_sha256(value: object) -> bool:
+    """True for a sha256 digest as a manifest and a blob header write it (lowercase hex)."""
+    return type(value) is str and _SHA256.match(value) is not None
