@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mintvcs import codec
 from mintvcs.errors import MintError
 from mintvcs.packs import TMP_OBJECT_PREFIX
 from mintvcs.store import CorruptObjectError, Repository
@@ -286,7 +287,21 @@ class _Scan:
     loose: set[str] = field(default_factory=set)
     # Commits, trees and tags are small; keeping their content spares the walk a second read.
     meta: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    # XOR tensor blob -> the blob it is encoded against: a link inside the blob's content that
+    # git's reachability cannot see (a history rewritten with git may leave it only here).
+    bases: dict[str, str] = field(default_factory=dict)
     damage: list[str] = field(default_factory=list)
+
+    def add(self, oid: str, kind: bytes, body: bytes) -> None:
+        """Record a readable object: what the walk needs of it."""
+        self.ids.add(oid)
+        if kind != b"blob":
+            self.meta.setdefault(oid, (kind, body))
+        elif body.startswith(codec.MAGIC):
+            with suppress(MintError):  # not a tensor blob after all, or one nothing can decode
+                header = codec.read_header(body)
+                if header.base is not None:
+                    self.bases[oid] = header.base
 
 
 def _scan_store(repo: Repository) -> _Scan:
@@ -298,19 +313,15 @@ def _scan_store(repo: Repository) -> _Scan:
         except _Damage as damage:
             scan.damage.append(str(damage))
             continue
-        scan.ids.add(oid)
+        scan.add(oid, kind, body)
         scan.loose.add(oid)
-        if kind != b"blob":
-            scan.meta[oid] = (kind, body)
     for pack in repo.objects.packs:
         pack_damage: list[str] = []
         for entry in _pack_objects(pack):
             if entry.problem is not None or entry.kind is None or entry.data is None:
                 pack_damage.append(entry.problem or f"corrupt packed object {entry.oid}")
                 continue
-            scan.ids.add(entry.oid)
-            if entry.kind != b"blob":
-                scan.meta.setdefault(entry.oid, (entry.kind, entry.data))
+            scan.add(entry.oid, entry.kind, entry.data)
         # A broken checksum whose objects all read back still means a damaged pack file: name
         # the objects when we can, the pack when no object is at fault.
         checksum = _pack_checksum_problem(pack)
@@ -385,7 +396,10 @@ def _walk(repo: Repository, scan: _Scan) -> set[ObjectID]:
             )
         seen.add(oid)
         if oid not in scan.meta:
-            continue  # a blob: present and verified is all gc needs of it
+            base = scan.bases.get(oid)  # a blob: present and verified, and its XOR base too
+            if base is not None:
+                stack.append((base, f"XOR base of blob {oid[:12]}", root, True))
+            continue
         # Below a root, everything is needed: a missing tree or blob is fatal even from a reflog.
         stack.extend((child, kind, root, True) for child, kind in _children(oid, *scan.meta[oid]))
     return {ObjectID(oid.encode()) for oid in seen}

@@ -20,6 +20,7 @@ from mintvcs.adapter import CONFIG_FILE, GIT_DIR, WEIGHTS_FILE, AdapterFiles, re
 from mintvcs.base import BaseModel, read_base_model
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
+from mintvcs.objects import Manifest
 from mintvcs.progress import progress_bar
 from mintvcs.refs import (
     ANY,
@@ -50,23 +51,38 @@ class RefExistsError(MintError):
 
 
 # ------------------------------------------------------------------ helpers
+class BadIdentityError(MintError):
+    """A user name or email that would break the commit's author line."""
+
+
 def identity(repo: Repository | None = None) -> str:
     """`Name <email>` for commits and reflogs: env, repository config, global git config, then user@host."""
     name, email = os.environ.get("GIT_AUTHOR_NAME"), os.environ.get("GIT_AUTHOR_EMAIL")
+    name_from, email_from = "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL"
     if not (name and email):
         from dulwich.config import ConfigFile, StackedConfig
 
         configs = [ConfigFile.from_path(str(repo.git_dir / "config"))] if repo else []
         stacked = StackedConfig([*configs, *StackedConfig.default_backends()])
-        with suppress(KeyError):
-            name = name or stacked.get((b"user",), b"name").decode()
-        with suppress(KeyError):
-            email = email or stacked.get((b"user",), b"email").decode()
+        if not name:
+            name_from = "user.name"
+            with suppress(KeyError):
+                name = stacked.get((b"user",), b"name").decode()
+        if not email:
+            email_from = "user.email"
+            with suppress(KeyError):
+                email = stacked.get((b"user",), b"email").decode()
     user = getpass.getuser()
     if not email:
         import socket  # only for this fallback: not imported by every commit
 
         email = f"{user}@{socket.gethostname()}"
+    # Checked before anything is written: such a value would forge header lines in the commit.
+    for value, where in ((name, name_from), (email, email_from)):
+        if value and any(c in value for c in "<>\n\0"):
+            raise BadIdentityError(
+                f"{where} is {value!r}: a name or email may not hold '<', '>', a newline or NUL"
+            )
     return f"{name or user} <{email}>"
 
 
@@ -172,19 +188,20 @@ def commit(
     parent = repo.refs.read(target)
     parent_rev = repo.read_revision(parent) if parent else None
     before = repo.objects_written
-    total = adapter.layout.data_size
-    try:
-        if show_progress:
-            with progress_bar(total, "encoding") as update:
-                tree, manifest = repo.write_revision(
+
+    def encode(parent_rev: Revision | None) -> tuple[str, Manifest]:
+        """Write the revision's blobs and tree, XOR-encoded against `parent_rev`'s tensors."""
+        try:
+            if not show_progress:
+                return repo.write_revision(adapter, parent_rev, meta, check_finite=check_in_process)
+            with progress_bar(adapter.layout.data_size, "encoding") as update:
+                return repo.write_revision(
                     adapter, parent_rev, meta, update, check_finite=check_in_process
                 )
-        else:
-            tree, manifest = repo.write_revision(
-                adapter, parent_rev, meta, check_finite=check_in_process
-            )
-    except NonFiniteTensorError as err:
-        raise hooks.refusal("pre-commit", f"error: {err}") from None
+        except NonFiniteTensorError as err:
+            raise hooks.refusal("pre-commit", f"error: {err}") from None
+
+    tree, manifest = encode(parent_rev)
     if parent_rev is not None and tree == parent_rev.info.tree and not allow_empty:
         raise NothingToCommit(
             f"nothing to commit: the adapter in {source} is identical to HEAD "
@@ -209,9 +226,18 @@ def commit(
         except RefConflictError:
             if time.monotonic() > deadline:
                 raise
-            # Another process moved or holds the branch: re-parent onto its tip (blobs stay valid).
+            # Another process moved or holds the branch: re-parent onto its tip. The blobs stay
+            # valid while their XOR bases (the old parent's tensors) are in the new history;
+            # after a reset or a forced move they may not be: encode against the new tip then,
+            # or a git gc, push or squash could drop the bases.
             time.sleep(random.uniform(0.001, 0.01))
             parent = repo.refs.read(target)
+            encoded_on = parent_rev.commit if parent_rev is not None else None
+            if encoded_on is not None and (
+                parent is None or not is_ancestor(repo, encoded_on, parent)
+            ):
+                parent_rev = repo.read_revision(parent) if parent else None
+                tree, manifest = encode(parent_rev)
     if source == repo.work_tree and branch_ref == repo.refs.read_symbolic("HEAD"):
         # The work tree's weights are this commit's: later status checks may trust a stat,
         # unless the file changed since it was opened (it is mapped, so read lazily).
@@ -230,7 +256,7 @@ def commit(
         parent,
         len(manifest.tensors),
         repo.objects_written - before,
-        total,
+        adapter.layout.data_size,
     )
 
 

@@ -629,3 +629,26 @@ def test_a_corrupt_head_or_config_is_named(work: Path) -> None:
     for verb in ("log", "fsck", "gc"):
         line = mint_fails(work, verb)
         assert "config cannot be read" in line, line
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("GIT_AUTHOR_NAME", "Eve <evil@x> 0 +0000"),
+        ("GIT_AUTHOR_NAME", "Eve\nparent " + "0" * 40),
+        ("GIT_AUTHOR_EMAIL", "eve@x>"),
+    ],
+)
+def test_identity_that_would_forge_commit_headers(
+    work: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    # Refused before anything is written: the commit object used to be stored first, and
+    # `git fsck --strict` then failed on it until gc pruned it an hour later.
+    mutate(work, seed=11)
+    objects = sorted(p.name for p in (work / ".mint" / "objects").rglob("*"))
+    before = snapshot(work)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(porcelain.BadIdentityError, match=variable):
+        porcelain.commit(Repository.open(work), "x", verify=False, show_progress=False)
+    assert sorted(p.name for p in (work / ".mint" / "objects").rglob("*")) == objects
+    assert_intact(work, before)

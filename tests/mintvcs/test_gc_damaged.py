@@ -253,3 +253,46 @@ def test_gc_skips_reflog_lines_that_do_not_parse(work: Path) -> None:
     log.write_bytes(b"".join([lines[0], *garbage, *lines[1:]]))
     assert mint(work, "gc").stdout.startswith("packed ")
     assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+
+
+def test_gc_keeps_xor_bases_that_only_a_tensor_blob_names(work: Path) -> None:
+    # Squash the history with git: the tip's XOR tensor blobs still name their bases (older
+    # revisions' blobs) inside their content, where git's reachability cannot see them.
+    git_dir = work / ".mint"
+    weights = (work / "adapter_model.safetensors").read_bytes()
+    squashed = git(git_dir, "commit-tree", "main^{tree}", "-m", "squashed").stdout.strip()
+    git(git_dir, "update-ref", "refs/heads/main", squashed)
+    git(git_dir, "branch", "-D", "side")
+    shutil.rmtree(git_dir / "logs")
+    two_hours_ago = time.time() - 7200
+    for path in (git_dir / "objects").rglob("*"):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    pruned = mint(work, "gc").stdout
+    assert ", pruned " in pruned and ", pruned 0;" not in pruned  # the old commits went
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    (work / "adapter_model.safetensors").unlink()
+    mint(work, "checkout", "--force", "main")
+    assert (work / "adapter_model.safetensors").read_bytes() == weights
+
+
+def test_commit_retry_after_a_backwards_move_encodes_against_the_new_tip(work: Path) -> None:
+    # The branch moves back (a reset elsewhere) while a commit is in flight: the commit lands
+    # on the new tip, so its XOR bases must come from the new tip's history, or git's own gc
+    # (which cannot see bases) drops them once the old revisions are unreachable.
+    git_dir = work / ".mint"
+    root = git(git_dir, "rev-list", "--max-parents=0", "main").stdout.strip()
+    hook = git_dir / "hooks" / "commit-msg"
+    hook.write_text(f"#!/bin/sh\ngit --git-dir='{git_dir}' update-ref refs/heads/main {root}\n")
+    hook.chmod(0o755)
+    mutate(work, seed=7)
+    weights = (work / "adapter_model.safetensors").read_bytes()
+    mint(work, "commit", "-m", "rev 3")
+    hook.unlink()
+    assert git(git_dir, "rev-parse", "main~1").stdout.strip() == root
+    git(git_dir, "branch", "-D", "side")
+    shutil.rmtree(git_dir / "logs")
+    git(git_dir, "gc", "--prune=now", "--quiet")
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    (work / "adapter_model.safetensors").unlink()
+    mint(work, "checkout", "--force", "main")
+    assert (work / "adapter_model.safetensors").read_bytes() == weights
