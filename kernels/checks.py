@@ -56,10 +56,15 @@ def check_slots(token_slots: torch.Tensor, num_slots: int | None, *, validate_va
         )
     if num_slots is None:
         return
-    if num_slots < 1:
-        raise LoraShapeError(f"num_slots is {num_slots}; it must be at least 1")
+    if num_slots < 0:
+        raise LoraShapeError(f"num_slots is {num_slots}; pass the slot pool's size (0 or more)")
     if validate_values and token_slots.numel() > 0:
         lo, hi = int(token_slots.min()), int(token_slots.max())
+        if hi >= 0 and num_slots == 0:
+            raise LoraShapeError(
+                f"token_slots holds slot index {hi} but the pool has no slots; "
+                "use -1 for every token until an adapter is loaded"
+            )
         if hi >= num_slots:
             raise LoraShapeError(
                 f"token_slots holds slot index {hi} but there are only {num_slots} slots "
@@ -155,8 +160,7 @@ def check_call(
         raise LoraShapeError(
             f"scales has shape {_shape(scales)}; expected [{num_slots}] = one scale per slot"
         )
-    if scales.dtype not in FLOAT_DTYPES:
-        raise LoraShapeError(f"scales has dtype {scales.dtype}; use float32")
+    check_scales_dtype(scales)
     if slot_ranks is not None:
         if not isinstance(slot_ranks, torch.Tensor):
             raise LoraShapeError(

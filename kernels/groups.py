@@ -24,6 +24,8 @@ def max_blocks(num_tokens: int, num_slots: int, block_m: int) -> int:
     """Upper bound on the token blocks any slot assignment of num_tokens tokens can need."""
     # sum_s ceil(c_s / BM) <= (sum_s c_s + A * (BM - 1)) / BM with A <= min(S, T) active slots.
     active = min(num_slots, num_tokens)
+    if active == 0:  # no slots (nothing loaded) or no tokens: no token can be in a block
+        return 0
     return (num_tokens + active * (block_m - 1)) // block_m
 
 
@@ -42,7 +44,7 @@ class SlotGroups:
 
     num_tokens: int
     num_slots: int
-    token_slots: torch.Tensor  # [tokens] int32, -1 = no adapter
+    token_slots: torch.Tensor  # [tokens] int32, -1 = no adapter (every index outside 0..S-1)
     sorted_tokens: torch.Tensor  # [tokens] int64 token ids ordered by slot, the -1 tokens last
     counts: torch.Tensor  # [slots] int64 tokens per slot
     slot_start: torch.Tensor  # [slots] int32 first position of each slot in sorted_tokens
@@ -91,6 +93,9 @@ def _make_blocks(tokens: int, num_slots: int, counts: torch.Tensor, start: torch
     # Fixed-shape ops only: no sync, so this can sit inside a CUDA graph capture.
     bm = block_m_for(tokens)
     nb = max_blocks(tokens, num_slots, bm)
+    if nb == 0:  # no tokens or no slots: an empty grid (the gathers below need a slot to index)
+        empty = torch.zeros(0, dtype=torch.int32, device=counts.device)
+        return Blocks(block_m=bm, block_slot=empty, block_start=empty)
     blocks_per_slot = (counts + bm - 1) // bm  # [slots]
     blk_end = torch.cumsum(blocks_per_slot, 0)
     blk_begin = blk_end - blocks_per_slot
@@ -109,13 +114,16 @@ def _make_blocks(tokens: int, num_slots: int, counts: torch.Tensor, start: torch
 
 
 def group_tokens(token_slots: torch.Tensor, num_slots: int, *, validate: bool = True) -> SlotGroups:
-    """Group tokens by slot for add_lora; validate=False skips the slot range check (no GPU sync)."""
+    """Group tokens by slot for add_lora; validate=False makes out-of-range indices idle (no GPU sync)."""
     check_slots(token_slots, num_slots, validate_values=validate)
     dev = token_slots.device
     tokens = int(token_slots.shape[0])
-    slots32 = token_slots.to(torch.int32)
-    # Sort key: -1 becomes num_slots so idle tokens land after every real segment.
-    key = torch.where(slots32 < 0, num_slots, slots32).long()
+    # Without validation every index outside 0..S-1 means "no adapter", like -1: a fixed-shape
+    # mask, so no sync. Compare before narrowing to int32, which would wrap 2**32 to slot 0.
+    live = (token_slots >= 0) & (token_slots < num_slots)
+    slots32 = torch.where(live, token_slots, -1).to(torch.int32)
+    # Sort key: idle becomes num_slots so idle tokens land after every real segment.
+    key = torch.where(live, token_slots, num_slots).long()
     # Stable sort keeps each segment in token order, which keeps results reproducible.
     order = torch.sort(key, stable=True).indices
     # scatter_add_ rather than bincount: bincount sizes its output from the data (a sync on GPU).

@@ -425,9 +425,19 @@ def tag(
     if name is None:
         rows = porcelain.tags(repo)
         if as_json:
-            _emit_json([{"name": n, "commit": c} for n, c in rows])
+            _emit_json(
+                [
+                    {
+                        "name": n,
+                        "commit": oid if kind == "commit" else None,
+                        "object": oid,
+                        "type": kind,
+                    }
+                    for n, oid, kind in rows
+                ]
+            )
             return
-        for n, _c in rows:
+        for n, _oid, _kind in rows:
             click.echo(n)
         return
     if delete:

@@ -181,6 +181,34 @@ def _missing_in_tree(repo: Repository, tree_id: str, prefix: str = "") -> Iterat
             yield from _missing_in_tree(repo, oid, path + "/")
 
 
+# Refs whose commits are adapter revisions; others (refs/notes/, refs/stash, ...) are git's.
+_REVISION_REFS = ("HEAD", "refs/heads/", "refs/tags/", "refs/remotes/")
+
+
+def _check_git_history(
+    repo: Repository, start: str, kind: str, name: str, seen: set[str], report: FsckReport
+) -> None:
+    """git fsck's connectivity check from a ref that names no adapter revision."""
+    pending = [(start, kind)]
+    while pending:
+        oid, kind = pending.pop()
+        if oid in seen:
+            continue
+        seen.add(oid)
+        try:
+            if kind == "commit":
+                info = repo.commit_info(oid)
+                pending.append((info.tree, "tree"))
+                pending.extend((parent, "commit") for parent in info.parents)
+            elif kind == "tree":
+                for where, missing in _missing_in_tree(repo, oid):
+                    report.problems.append(
+                        f"{name}: object {missing} ({where!r}) is missing from the store"
+                    )
+        except MintError as err:
+            report.problems.append(f"{kind} {oid[:12]} (reachable from {name}): {err}")
+
+
 def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> FsckReport:
     """Verify all objects (loose and packed), every ref's history, and decode every reachable tensor."""
     report = FsckReport()
@@ -198,13 +226,18 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
             report.problems.append(problem)
     _check_packs(repo, report)
     seen_commits: set[str] = set()
+    seen_git: set[str] = set()  # apart: a revision also reached from a notes ref is still decoded
     for name, value in [("HEAD", repo.head_commit()), *repo.refs.iter_refs("refs/")]:
         if value is None:
             continue
         try:
-            start = repo.peel(value)
+            start, target = repo.peel_object(value)
         except MintError as err:
             report.problems.append(f"ref {name}: {err}")
+            continue
+        if target != "commit" or not name.startswith(_REVISION_REFS):
+            # A git tag of a tree or blob, git notes, a stash: git objects, not revisions.
+            _check_git_history(repo, start, target, name, seen_git, report)
             continue
         # Every parent, not only the first: a merge made with git brings in a second history.
         pending = [start]

@@ -686,10 +686,10 @@ def tag_delete(repo: Repository, name: str) -> str:
     return oid
 
 
-def tags(repo: Repository) -> list[tuple[str, str]]:
-    """(name, commit) for every tag, peeled, sorted."""
+def tags(repo: Repository) -> list[tuple[str, str, str]]:
+    """(name, object, type) for every tag, peeled, sorted: mostly commits, but git can tag a tree or blob."""
     return [
-        (name.removeprefix("refs/tags/"), repo.peel(oid))
+        (name.removeprefix("refs/tags/"), *repo.peel_object(oid))
         for name, oid in repo.refs.iter_refs("refs/tags/")
     ]
 

@@ -901,19 +901,29 @@ class Repository:
 
     def peel(self, oid: str) -> str:
         """Follow annotated tags to the commit they name."""
+        target, kind = self.peel_object(oid)
+        if kind != "commit":
+            raise UnknownRevisionError(f"{target} is a {kind}, not a commit")
+        return target
+
+    def peel_object(self, oid: str) -> tuple[str, str]:
+        """(id, type) of the object `oid` names once annotated tags are followed: a git tag may name a tree or blob."""
         from dulwich.objects import Tag
 
         obj = self.get_object(oid)
         while isinstance(obj, Tag):
             oid = obj.object[1].decode()
             obj = self.get_object(oid)
-        if obj.type_name != b"commit":
-            raise UnknownRevisionError(f"{oid} is a {obj.type_name.decode()}, not a commit")
-        return oid
+        return oid, obj.type_name.decode()
 
     def list_refs(self) -> dict[str, str]:
-        """Every branch and tag with the commit it points to (tags peeled)."""
-        return {name: self.peel(oid) for name, oid in self.refs.iter_refs("refs/")}
+        """Every ref that names a commit (tags peeled), with that commit; refs to trees or blobs are left out."""
+        refs = {}
+        for name, oid in self.refs.iter_refs("refs/"):
+            target, kind = self.peel_object(oid)
+            if kind == "commit":
+                refs[name] = target
+        return refs
 
 
 def _commit_info(commit: Commit) -> CommitInfo:

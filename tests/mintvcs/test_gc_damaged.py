@@ -296,3 +296,23 @@ def test_commit_retry_after_a_backwards_move_encodes_against_the_new_tip(work: P
     (work / "adapter_model.safetensors").unlink()
     mint(work, "checkout", "--force", "main")
     assert (work / "adapter_model.safetensors").read_bytes() == weights
+
+
+def test_fsck_and_tag_accept_git_notes_and_tags_of_trees_and_blobs(work: Path) -> None:
+    # Ordinary git: notes on a revision, a tag of a tree, an annotated tag of a blob. They are
+    # not adapter revisions; fsck used to call them broken and `tag` died listing them.
+    git_dir = work / ".mint"
+    git(git_dir, "notes", "add", "-m", "eval: reward 0.73", "main")
+    git(git_dir, "tag", "treetag", "main^{tree}")
+    git(git_dir, "tag", "-a", "blobtag", "-m", "x", "main:adapter_config.json")
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    rows = {t["name"]: t for t in json.loads(mint(work, "tag", "--json").stdout)}
+    tree = git(git_dir, "rev-parse", "main^{tree}").stdout.strip()
+    assert rows["treetag"] == {"name": "treetag", "commit": None, "object": tree, "type": "tree"}
+    assert rows["blobtag"]["type"] == "blob" and rows["blobtag"]["commit"] is None
+    assert {"blobtag", "treetag"} <= set(mint(work, "tag").stdout.split())
+    # Their objects are still checked: a missing note blob is reported.
+    note = git(git_dir, "notes", "list", "main").stdout.split()[0]
+    loose_path(work, note).unlink()
+    problems = json.loads(mint(work, "fsck", "--json", ok=False).stdout)["problems"]
+    assert any(note in p and "refs/notes/commits" in p for p in problems), problems
