@@ -10,6 +10,7 @@ from typing import Any
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id, is_sha256
 from mintvcs.safetensors_file import DTYPE_SIZES, check_tensor_name
+from mintvcs.treenames import git_special_name
 
 MANIFEST_FORMAT = "mintvcs-adapter"
 MANIFEST_VERSION = 1
@@ -103,6 +104,10 @@ def unsafe_path_reason(path: str) -> str | None:
         return "it has an empty, '.' or '..' component"
     if parts[0].lower() in (".mint", ".git"):
         return f"it is inside {parts[0]}, the repository itself"
+    for part in parts:
+        reason = git_special_name(part)
+        if reason is not None:
+            return reason
     if path in (CONFIG_FILE, WEIGHTS_FILE):
         return "it is the adapter's config or weights file, which the revision holds itself"
     return None

@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass
 
 from mintvcs.errors import MintError
+from mintvcs.treenames import git_special_name
 
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES = {
@@ -70,6 +71,9 @@ def check_tensor_name(name: str) -> None:
         raise BadTensorNameError(
             f"tensor name {name!r} cannot be stored: it holds '..' or a control character"
         )
+    reason = git_special_name(name)
+    if reason is not None:
+        raise BadTensorNameError(f"tensor name {name!r} cannot be stored: {reason}")
 
 
 def parse_layout(data: bytes | memoryview, source: str) -> SafetensorsLayout:

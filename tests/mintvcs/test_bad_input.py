@@ -204,11 +204,20 @@ BAD_NAMES = [
     "base_model.model.model.layers.0..self_attn.q_proj.lora_A.weight",
     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight\x00evil",
     "",
+    # git fsck's hasDotgit (and any fsck-checking clone or push) refuses these tree entries.
+    ".GIT",
+    "git~1",
+    ".git. .",
+    ".g\u200cit",
+    ".gitmodules",
 ]
 
 
 @pytest.mark.parametrize(
-    "name", BAD_NAMES, ids=["slash", "dotdot-path", "dotdot", "dotdot-inside", "nul", "empty"]
+    "name",
+    BAD_NAMES,
+    ids=["slash", "dotdot-path", "dotdot", "dotdot-inside", "nul", "empty"]
+    + ["dotgit-case", "dotgit-ntfs-short", "dotgit-ntfs-dots", "dotgit-hfs", "gitmodules"],
 )
 def test_bad_tensor_names(work: Path, tmp_path: Path, name: str) -> None:
     rng = np.random.default_rng(0)
@@ -651,4 +660,15 @@ def test_identity_that_would_forge_commit_headers(
     with pytest.raises(porcelain.BadIdentityError, match=variable):
         porcelain.commit(Repository.open(work), "x", verify=False, show_progress=False)
     assert sorted(p.name for p in (work / ".mint" / "objects").rglob("*")) == objects
+    assert_intact(work, before)
+
+
+@pytest.mark.parametrize("path", [".gitmodules", "sub/.Git", "sub/GITMOD~1"])
+def test_extra_files_git_would_refuse_are_not_committed(work: Path, path: str) -> None:
+    target = work / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("[submodule]\n")
+    before = snapshot(work)
+    line = refused(work, "commit", "-m", "x", "--no-verify")
+    assert "git" in line and repr(path.rsplit("/", 1)[-1]) in line
     assert_intact(work, before)
