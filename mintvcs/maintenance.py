@@ -399,6 +399,19 @@ def _children(oid: str, kind: bytes, body: bytes) -> list[tuple[str, str]]:
     return []
 
 
+def _borrowed(repo: Repository, scan: _Scan, oid: str) -> bool:
+    """Whether `oid` is in an alternate object store (`git clone --shared`); recorded in `scan` if so.
+
+    gc neither packs nor prunes such objects (they belong to the other repository), but
+    walks through them, as git does.
+    """
+    if not repo.has_object(oid):
+        return False
+    obj = repo.get_object(oid)
+    scan.add(oid, obj.type_name, obj.as_raw_string())
+    return True
+
+
 def _walk(repo: Repository, scan: _Scan) -> set[ObjectID]:
     """Every object reachable from refs, HEAD and reflogs, each confirmed present in `scan`."""
     from dulwich.objects import ObjectID
@@ -421,7 +434,7 @@ def _walk(repo: Repository, scan: _Scan) -> set[ObjectID]:
         oid, what, root, strict = stack.pop()
         if oid in seen:
             continue
-        if oid not in scan.ids:
+        if oid not in scan.ids and not _borrowed(repo, scan, oid):
             if not strict:
                 continue  # a reflog entry whose commit was pruned: git skips it too
             raise GcMissingObjectError(

@@ -11,7 +11,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -437,9 +436,13 @@ class Repository:
             )
             for name in set(cached) - names:
                 cached.pop(name).close()
+            unreadable = set()
             for name in sorted(names - set(cached)):
-                with suppress(OSError, ValueError):
+                try:
                     cached[name] = PackFile(directory / name)
+                except (OSError, ValueError):
+                    unreadable.add(name)  # dulwich still reads it: has_object falls back
+            self.__dict__["_unreadable_packs"] = unreadable
         return list(cached.values())
 
     def add_blob(self, data: bytes) -> str:
@@ -494,7 +497,22 @@ class Repository:
         key = bytes.fromhex(oid)
         # Packs another process writes meanwhile are not rescanned: at worst an object is
         # stored twice, which git allows.
-        return any(pack.find(key) is not None for pack in self._packs())
+        if any(pack.find(key) is not None for pack in self._packs()):
+            return True
+        # What our pack reader cannot see, dulwich reads: an alternate object store (a clone
+        # made with --shared or --reference) or a pack with a version-1 index.
+        if not self._has_foreign_objects():
+            return False
+        from dulwich.objects import ObjectID
+
+        return ObjectID(oid.encode()) in self.objects
+
+    def _has_foreign_objects(self) -> bool:
+        """True when some objects are outside our own reader's reach (alternates, unusual packs)."""
+        self._packs()
+        return bool(self.__dict__.get("_unreadable_packs")) or os.path.exists(
+            f"{self._objects_dir}/info/alternates"
+        )
 
     def _chain(
         self, blob_id: str, name: str

@@ -316,3 +316,31 @@ def test_fsck_and_tag_accept_git_notes_and_tags_of_trees_and_blobs(work: Path) -
     loose_path(work, note).unlink()
     problems = json.loads(mint(work, "fsck", "--json", ok=False).stdout)["problems"]
     assert any(note in p and "refs/notes/commits" in p for p in problems), problems
+
+
+def test_a_shared_clone_and_version_1_pack_indexes_are_not_called_damaged(
+    work: Path, tmp_path: Path
+) -> None:
+    # `git clone --shared` borrows objects through objects/info/alternates, and git can write
+    # version-1 pack indexes; fsck called every borrowed object missing and gc refused.
+    weights = (work / "adapter_model.safetensors").read_bytes()
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", "--shared", str(work / ".mint"), str(clone / ".mint")],
+        check=True,
+    )
+    assert (clone / ".mint" / "objects" / "info" / "alternates").exists()
+    mint(clone, "checkout", "--force", "main")
+    assert json.loads(mint(clone, "fsck", "--json").stdout)["ok"]
+    assert mint(clone, "gc").stdout.startswith("packed ")
+    (clone / "adapter_model.safetensors").unlink()
+    mint(clone, "checkout", "--force", "main")
+    assert (clone / "adapter_model.safetensors").read_bytes() == weights
+
+    git(work / ".mint", "-c", "pack.indexVersion=1", "repack", "-adq")
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    assert mint(work, "gc").stdout.startswith("packed ")
+    (work / "adapter_model.safetensors").unlink()
+    mint(work, "checkout", "--force", "main")
+    assert (work / "adapter_model.safetensors").read_bytes() == weights
