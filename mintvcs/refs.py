@@ -143,6 +143,7 @@ class ReflogEntry:
 # rule-by-rule walk; everything else takes the slow path that names the broken rule.
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]*)+\Z")
 _BAD_CHAR = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+_LOGGED_REFS = ("refs/heads/", "refs/remotes/", "refs/notes/")
 _PSEUDO = re.compile(r"[A-Z][A-Z0-9_]*\Z")
 _IDENTITY = re.compile(r"[^<>\n]* <[^<>\n]*>\Z")
 _TZ = re.compile(r"[+-][0-9]{4}\Z")
@@ -620,6 +621,18 @@ class RefStore:
 
     # -- reflog --
 
+    def _logs(self, name: str) -> bool:
+        """Whether a move of `name` is logged: git's core.logAllRefUpdates=true rule.
+
+        HEAD, branches, remote-tracking branches and notes get a reflog; other refs (tags)
+        only when one already exists. git gc's reflog expiry complains about tag reflogs.
+        """
+        return (
+            name == HEAD
+            or name.startswith(_LOGGED_REFS)
+            or os.path.exists(os.path.join(self._dir, "logs", name))
+        )
+
     def _append_log(
         self, name: str, old: str, new: str, identity: str, ts: int, tz: str, message: str
     ) -> None:
@@ -728,7 +741,8 @@ class RefStore:
                     logged.append(HEAD)
             prev = current or ZERO
             for ref in logged:
-                self._append_log(ref, prev, new, identity, ts, tz, message)
+                if self._logs(ref):
+                    self._append_log(ref, prev, new, identity, ts, tz, message)
             locks[-1].write_commit((new + "\n").encode())
         finally:
             for lk in locks:

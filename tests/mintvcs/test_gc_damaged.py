@@ -344,3 +344,14 @@ def test_a_shared_clone_and_version_1_pack_indexes_are_not_called_damaged(
     (work / "adapter_model.safetensors").unlink()
     mint(work, "checkout", "--force", "main")
     assert (work / "adapter_model.safetensors").read_bytes() == weights
+
+
+def test_tags_get_no_reflog_so_git_gc_runs_clean(work: Path) -> None:
+    # git (core.logAllRefUpdates=true) logs branches, not tags; our tag reflogs made git gc's
+    # reflog expiry print "error: Object ... not a commit" for every annotated tag.
+    mint(work, "tag", "-m", "ship it", "prod")
+    mint(work, "tag", "light", "HEAD~1")
+    assert not (work / ".mint" / "logs" / "refs" / "tags").exists()
+    result = git(work / ".mint", "gc", "--quiet")
+    assert result.stderr == "", result.stderr
+    git_fsck(work)
