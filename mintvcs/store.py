@@ -56,7 +56,9 @@ if TYPE_CHECKING:
 DEFAULT_BRANCH = "main"
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
-_SPEC = re.compile(r"^(?P<name>.*?)(?P<suffix>(?:[~^][0-9]*)*)$")
+_SPEC = re.compile(r"^(?P<name>.*?)(?P<suffix>(?:\^\{(?:commit)?\}|[~^][0-9]*)*)$")
+_STEP = re.compile(r"\^\{(?:commit)?\}|[~^][0-9]*")
+_PREVIOUS_CHECKOUT = re.compile(r"checkout: moving from (?P<name>\S+) to \S+")
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
 # Commits of adapters with at least this many tensors write their new blobs into one pack
 # instead of loose objects (git's fetch.unpackLimit default): creating hundreds of files
@@ -229,11 +231,19 @@ class Revision:
 
 def ref_candidates(name: str) -> list[str]:
     """The refs a spec's name may mean, in git's order (gitrevisions): the name itself when it is
-    a full one, then the tag, then the branch; HEAD for `HEAD`, `@` and the empty name."""
+    a full one, `refs/NAME` (`heads/main`), the tag, the branch, the remote-tracking branch
+    (`origin/main`) and a remote's HEAD (`origin`); HEAD for `HEAD`, `@` and the empty name."""
     if name in ("HEAD", "@", ""):
         return ["HEAD"]
     itself = [name] if name.startswith("refs/") else []
-    return [*itself, f"refs/tags/{name}", f"refs/heads/{name}"]
+    return [
+        *itself,
+        f"refs/{name}",
+        f"refs/tags/{name}",
+        f"refs/heads/{name}",
+        f"refs/remotes/{name}",
+        f"refs/remotes/{name}/HEAD",
+    ]
 
 
 class Repository:
@@ -848,8 +858,14 @@ class Repository:
         match = _SPEC.match(spec)
         assert match is not None
         name, suffix = match["name"], match["suffix"]
-        oid = self._resolve_name(name or "HEAD", spec)
-        for step in re.findall(r"[~^][0-9]*", suffix):
+        base, at, selector = name.partition("@{")
+        if at:
+            oid = self._resolve_reflog(base, selector, spec)
+        else:
+            oid = self._resolve_name(name or "HEAD", spec)
+        for step in _STEP.findall(suffix):
+            if step.startswith("^{"):
+                continue  # `^{}` / `^{commit}`: peel to a commit, which every step already did
             count = int(step[1:]) if len(step) > 1 else 1
             parents = self.commit_info(oid).parents
             if step[0] == "~":
@@ -865,6 +881,42 @@ class Repository:
                     )
                 oid = parents[count - 1]
         return oid
+
+    def _resolve_reflog(self, base: str, selector: str, spec: str) -> str:
+        """`NAME@{N}`: NAME's value N moves ago (its reflog); `@{-N}`: the branch checked out before the last N switches."""
+        if not selector.endswith("}") or not selector[:-1].lstrip("-").isdigit():
+            raise UnknownRevisionError(
+                f"revision {spec!r}: only @{{N}} and @{{-N}} reflog selectors are supported"
+            )
+        count = int(selector[:-1])
+        if count < 0:
+            if base:
+                raise UnknownRevisionError(f"revision {spec!r}: @{{-N}} takes no name before it")
+            moves = [_PREVIOUS_CHECKOUT.match(e.message) for e in self.refs.reflog("HEAD")]
+            previous = [m["name"] for m in reversed(moves) if m is not None]
+            if len(previous) < -count:
+                raise UnknownRevisionError(
+                    f"revision {spec!r}: only {len(previous)} checkout(s) in HEAD's reflog"
+                )
+            return self.resolve(previous[-count - 1])
+        if base in ("", "@"):  # git: the current branch's reflog (HEAD's when detached)
+            ref = self.refs.read_symbolic("HEAD") or "HEAD"
+        else:
+            ref = next((r for r in ref_candidates(base) if self._ref_exists(r)), "")
+            if not ref:
+                raise UnknownRevisionError(f"unknown revision {spec!r}: no ref named {base!r}")
+        entries = self.refs.reflog(ref)
+        if count >= len(entries) or entries[-1 - count].new == "0" * 40:
+            raise UnknownRevisionError(
+                f"revision {spec!r}: the reflog of {ref} has only {len(entries)} entries"
+            )
+        return self.peel(entries[-1 - count].new)
+
+    def _ref_exists(self, ref: str) -> bool:
+        try:
+            return self.refs.read(ref) is not None
+        except InvalidRefNameError:
+            return False
 
     def _resolve_name(self, name: str, spec: str) -> str:
         """Resolve the part of a spec before any `~`/`^` suffix."""

@@ -31,8 +31,7 @@ from mintvcs.ids import is_object_id
 from mintvcs.store import ref_candidates
 
 StatKey = tuple[int, int, int] | None
-# `name` then `~N` / `^N` suffixes, as the store parses a spec.
-_SUFFIX = re.compile(r"[~^]")
+_SUFFIX = re.compile(r"[~^]|@\{")  # where a spec's ref name ends: `main~1`, `main@{1}`
 _MAX_SPEC = 1024
 
 

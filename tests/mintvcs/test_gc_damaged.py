@@ -355,3 +355,27 @@ def test_tags_get_no_reflog_so_git_gc_runs_clean(work: Path) -> None:
     result = git(work / ".mint", "gc", "--quiet")
     assert result.stderr == "", result.stderr
     git_fsck(work)
+
+
+def test_revision_names_resolve_as_git_rev_parse_does(work: Path) -> None:
+    from mintvcs.store import Repository
+
+    git_dir = work / ".mint"
+    git(git_dir, "update-ref", "refs/remotes/origin/main", "main~1")
+    git(git_dir, "symbolic-ref", "refs/remotes/origin/HEAD", "refs/remotes/origin/main")
+    mint(work, "tag", "-m", "ship", "prod", "main~2")
+    mint(work, "checkout", "side")
+    mint(work, "checkout", "main")
+    mint(work, "reset", "--hard", "main~1")
+    specs = [
+        *("heads/main", "tags/prod", "origin/main", "origin", "refs/remotes/origin/main"),
+        *("main@{1}", "main@{1}~1", "HEAD@{2}", "@{1}", "@{-1}", "@{-2}", "HEAD@{0}"),
+        *("prod^{}", "prod^{commit}", "main^{commit}~1"),
+    ]
+    repo = Repository.open(work)
+    for spec in specs:
+        expected = git(git_dir, "rev-parse", "--verify", "-q", f"{spec}^{{commit}}").stdout.strip()
+        assert repo.resolve(spec) == expected, spec
+    line = mint_fails(work, "checkout", "main@{99}")
+    assert "main@{99}" in line and "reflog" in line
+    assert "@{N}" in mint_fails(work, "checkout", "main@{yesterday}")

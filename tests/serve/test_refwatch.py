@@ -68,3 +68,15 @@ def test_only_recently_requested_specs_are_polled(tmp_path: Path, peft_adapter: 
     # ...and its next request still revalidates by stat and gets the new revision.
     assert watcher.resolve("main").commit == second
     assert [(m.old, m.new) for m in moves] == [(first, second)]
+
+
+def test_a_reflog_spec_follows_its_ref(tmp_path: Path, peft_adapter: Path) -> None:
+    # `main@{1}` (main's previous value) must move when main does: its cache entry depends on
+    # main's ref file, as `main~1`'s does.
+    repo, first, work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    watcher = RefWatcher(repo)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    assert watcher.resolve("main@{1}").commit == first
+    mutate(work, seed=2)
+    porcelain.commit(repo, "third", verify=False, show_progress=False)
+    assert watcher.resolve("main@{1}").commit == second
