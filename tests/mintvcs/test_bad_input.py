@@ -216,8 +216,10 @@ BAD_NAMES = [
 @pytest.mark.parametrize(
     "name",
     BAD_NAMES,
-    ids=["slash", "dotdot-path", "dotdot", "dotdot-inside", "nul", "empty"]
-    + ["dotgit-case", "dotgit-ntfs-short", "dotgit-ntfs-dots", "dotgit-hfs", "gitmodules"],
+    ids=[
+        *("slash", "dotdot-path", "dotdot", "dotdot-inside", "nul", "empty"),
+        *("dotgit-case", "dotgit-ntfs-short", "dotgit-ntfs-dots", "dotgit-hfs", "gitmodules"),
+    ],
 )
 def test_bad_tensor_names(work: Path, tmp_path: Path, name: str) -> None:
     rng = np.random.default_rng(0)
