@@ -6,6 +6,7 @@ import getpass
 import json
 import os
 import random
+import re
 import stat
 import tempfile
 import time
@@ -29,6 +30,7 @@ from mintvcs.refs import (
     RefConflictError,
     check_branch_name,
     check_ref_name,
+    local_tz,
 )
 from mintvcs.store import CommitInfo, Repository, Revision, UnknownRevisionError
 from mintvcs.validate import check_lora_config
@@ -52,13 +54,28 @@ class RefExistsError(MintError):
 
 # ------------------------------------------------------------------ helpers
 class BadIdentityError(MintError):
-    """A user name or email that would break the commit's author line."""
+    """A user name, email or date that would break the commit's author or committer line."""
 
 
-def identity(repo: Repository | None = None) -> str:
-    """`Name <email>` for commits and reflogs: env, repository config, global git config, then user@host."""
-    name, email = os.environ.get("GIT_AUTHOR_NAME"), os.environ.get("GIT_AUTHOR_EMAIL")
-    name_from, email_from = "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL"
+@dataclass(frozen=True)
+class Signature:
+    """Who and when, as a commit's author or committer line holds it."""
+
+    identity: str  # "Name <email>"
+    timestamp: int
+    tz: str  # "+HHMM"
+
+    def line(self) -> str:
+        """The `Name <email> seconds +HHMM` of a commit or tag header."""
+        return f"{self.identity} {self.timestamp} {self.tz}"
+
+
+def signature(repo: Repository | None = None, role: str = "committer") -> Signature:
+    """The author or committer, as git picks them: GIT_<ROLE>_NAME/_EMAIL/_DATE, then user.name and
+    user.email (repository, then global config), then user@host, now."""
+    env = f"GIT_{role.upper()}_"
+    name, email = os.environ.get(env + "NAME"), os.environ.get(env + "EMAIL")
+    name_from, email_from = env + "NAME", env + "EMAIL"
     if not (name and email):
         from dulwich.config import ConfigFile, StackedConfig
 
@@ -83,7 +100,43 @@ def identity(repo: Repository | None = None) -> str:
             raise BadIdentityError(
                 f"{where} is {value!r}: a name or email may not hold '<', '>', a newline or NUL"
             )
-    return f"{name or user} <{email}>"
+    date = os.environ.get(env + "DATE")
+    timestamp, tz = _parse_date(date, env + "DATE") if date else (int(time.time()), None)
+    return Signature(f"{name or user} <{email}>", timestamp, tz or local_tz(timestamp))
+
+
+def identity(repo: Repository | None = None) -> str:
+    """`Name <email>` for reflogs and tags: the committer, as git logs."""
+    return signature(repo).identity
+
+
+_RAW_DATE = re.compile(r"@?(?P<seconds>[0-9]+)(?: (?P<tz>[+-][0-9]{4}))?\Z")
+
+
+def _parse_date(text: str, where: str) -> tuple[int, str | None]:
+    """(unix seconds, "+HHMM" or None for local) from git's raw, ISO 8601 or RFC 2822 date forms."""
+    import datetime
+    import email.utils
+
+    raw = _RAW_DATE.match(text.strip())
+    if raw:
+        return int(raw["seconds"]), raw["tz"]
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            raise BadIdentityError(
+                f"{where} is {text!r}: give '<unix seconds> <+HHMM>', ISO 8601 "
+                "('2026-11-28T12:00:00+01:00') or RFC 2822"
+            ) from None
+    offset = when.utcoffset()
+    if offset is None:
+        return int(when.timestamp()), None  # local time, as git reads it
+    minutes = int(offset.total_seconds() // 60)
+    sign = "-" if minutes < 0 else "+"
+    return int(when.timestamp()), f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
 
 
 def _write_atomic(
@@ -182,7 +235,8 @@ def commit(
         hooks.run_hook(repo.git_dir, "pre-commit", [], env, may_refuse=True)
     if not message.strip() and not (verify and hooks.is_active(repo.git_dir, "commit-msg")):
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
-    who = identity(repo)
+    author, committer = signature(repo, "author"), signature(repo, "committer")
+    who = committer.identity
     branch_ref = repo.refs.read_symbolic("HEAD")
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
@@ -216,7 +270,9 @@ def commit(
     summary = message.splitlines()[0]
     deadline = time.monotonic() + COMMIT_RETRY_SECONDS
     while True:
-        commit_id = repo.write_commit(tree, [parent] if parent else [], message, who)
+        commit_id = repo.write_commit(
+            tree, [parent] if parent else [], message, author.line(), committer.line()
+        )
         kind = "commit" if parent else "commit (initial)"
         try:
             repo.refs.update(
@@ -655,18 +711,17 @@ def tag_create(
         raise RefExistsError(f"tag '{name}' already exists (use -f to replace it)")
     target = repo.resolve(rev)
     value = target
-    who = identity(repo)
+    tagger = signature(repo)
+    who = tagger.identity
     if message is not None:
-        import time
-
-        from dulwich.objects import Commit, Tag
+        from dulwich.objects import Commit, Tag, parse_timezone
 
         tag = Tag()
         tag.name = name.encode()
         tag.object = (Commit, target.encode())
         tag.tagger = who.encode()
-        tag.tag_time = int(time.time())
-        tag.tag_timezone = 0
+        tag.tag_time = tagger.timestamp
+        tag.tag_timezone = parse_timezone(tagger.tz.encode())[0]
         tag.message = (message if message.endswith("\n") else message + "\n").encode()
         repo.add_object(tag)
         value = tag.id.decode()

@@ -237,7 +237,8 @@ def _clean_message(msg: str) -> str:
     return _WS.sub(" ", msg).strip(" ")
 
 
-def _local_tz(ts: int) -> str:
+def local_tz(ts: int) -> str:
+    """This machine's UTC offset at `ts`, as git writes it (`+0100`)."""
     off = time.localtime(ts).tm_gmtoff // 60
     sign = "+" if off >= 0 else "-"
     off = abs(off)
@@ -697,7 +698,7 @@ class RefStore:
             _check_value(old)
         _check_identity(identity)
         ts = int(time.time()) if timestamp is None else timestamp
-        tz = _local_tz(ts) if tz is None else tz
+        tz = local_tz(ts) if tz is None else tz
         if not _TZ.match(tz):
             raise InvalidIdentityError(tz, "a timezone like +0000 or -0530")
         message = _clean_message(message)
@@ -771,7 +772,7 @@ class RefStore:
                 # git logs a symref move only when the new target resolves (not unborn).
                 if new is not None:
                     ts = int(time.time())
-                    self._append_log(name, old or ZERO, new, identity, ts, _local_tz(ts), message)
+                    self._append_log(name, old or ZERO, new, identity, ts, local_tz(ts), message)
             lock.write_commit(f"ref: {target}\n".encode())
         finally:
             lock.release()
@@ -817,7 +818,7 @@ class RefStore:
                 # git records the deletion of the checked-out branch in HEAD's reflog.
                 ts = int(time.time())
                 self._append_log(
-                    HEAD, current, ZERO, identity, ts, _local_tz(ts), _clean_message(message)
+                    HEAD, current, ZERO, identity, ts, local_tz(ts), _clean_message(message)
                 )
         finally:
             if plock is not None:

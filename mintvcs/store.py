@@ -8,7 +8,6 @@ import os
 import re
 import sys
 import threading
-import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -819,14 +818,12 @@ class Repository:
         rows.sort(key=lambda row: row[0])
         return self.write_object(b"tree", [b"".join(row[1] for row in rows)], META_ZLIB_LEVEL)
 
-    def write_commit(self, tree: str, parents: list[str], message: str, identity: str) -> str:
-        """Write a commit object (serialized as git and dulwich do, without importing dulwich)."""
-        offset = -time.altzone if time.localtime().tm_isdst > 0 else -time.timezone
-        sign = "-" if offset < 0 else "+"
-        hours, minutes = divmod(abs(offset) // 60, 60)
-        who = f"{identity} {int(time.time())} {sign}{hours:02d}{minutes:02d}"
+    def write_commit(
+        self, tree: str, parents: list[str], message: str, author: str, committer: str
+    ) -> str:
+        """Write a commit object as git serializes it; `author`/`committer` are `Name <email> seconds +HHMM`."""
         lines = [f"tree {tree}", *(f"parent {p}" for p in parents)]
-        lines += [f"author {who}", f"committer {who}", "encoding UTF-8", "", message]
+        lines += [f"author {author}", f"committer {committer}", "", message]
         return self.write_object(b"commit", ["\n".join(lines).encode()], META_ZLIB_LEVEL)
 
     def walk(self, start: str, limit: int | None = None) -> Iterator[CommitInfo]:

@@ -379,3 +379,42 @@ def test_revision_names_resolve_as_git_rev_parse_does(work: Path) -> None:
     line = mint_fails(work, "checkout", "main@{99}")
     assert "main@{99}" in line and "reflog" in line
     assert "@{N}" in mint_fails(work, "checkout", "main@{yesterday}")
+
+
+def test_commit_takes_git_identity_and_date_variables(work: Path) -> None:
+    # GIT_COMMITTER_* and GIT_*_DATE as git takes them (reproducible commits, bots); git
+    # writes no `encoding` header for UTF-8, so `git cat-file` shows what git would write.
+    mutate(work, seed=5)
+    env = {
+        "GIT_AUTHOR_NAME": "Ada",
+        "GIT_AUTHOR_EMAIL": "ada@example.com",
+        "GIT_AUTHOR_DATE": "2026-01-02T03:04:05+01:00",
+        "GIT_COMMITTER_NAME": "Bot",
+        "GIT_COMMITTER_EMAIL": "bot@example.com",
+        "GIT_COMMITTER_DATE": "@1767225600 -0700",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", "commit", "-m", "dated", "--no-verify"],
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **env},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    body = git(work / ".mint", "cat-file", "commit", "HEAD").stdout
+    assert "author Ada <ada@example.com> 1767319445 +0100\n" in body
+    assert "committer Bot <bot@example.com> 1767225600 -0700\n" in body
+    assert "encoding" not in body
+    assert git(work / ".mint", "log", "-1", "--format=%an|%cn|%aI").stdout.strip() == (
+        "Ada|Bot|2026-01-02T03:04:05+01:00"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", "commit", "-m", "x", "--no-verify", "--allow-empty"],
+        cwd=work,
+        env={**os.environ, **env, "GIT_AUTHOR_DATE": "next tuesday"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode != 0 and "GIT_AUTHOR_DATE" in bad.stderr and "Traceback" not in bad.stderr
