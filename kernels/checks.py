@@ -76,6 +76,50 @@ def check_slots(token_slots: torch.Tensor, num_slots: int | None, *, validate_va
             )
 
 
+def check_scales_dtype(scales: torch.Tensor) -> None:
+    """Check that scales hold floats the kernels read: float32, float16 or bfloat16."""
+    if scales.dtype not in FLOAT_DTYPES:
+        raise LoraShapeError(
+            f"scales has dtype {scales.dtype}; use float32 (float16 and bfloat16 are accepted "
+            "too and read as float32)"
+        )
+
+
+def check_rows_disjoint(y: torch.Tensor) -> None:
+    """Check that no two rows of y share memory: each token's update must land in its own row."""
+    # With unit column stride, rows overlap exactly when a row starts before the previous one ends
+    # (an expand() or as_strided view); the kernels would then add several tokens into one row.
+    tokens, width = y.shape
+    if tokens > 1 and width > 0 and y.stride(0) < width:
+        raise LoraShapeError(
+            f"y [{tokens}, {width}] has row stride {y.stride(0)}, so its rows overlap in memory "
+            "(an expand() or as_strided view); pass a tensor with one row per token, e.g. y.clone()"
+        )
+
+
+def _what(obj: object) -> str:
+    if obj is None:
+        return "None"
+    if isinstance(obj, (list, tuple)):
+        return f"a {type(obj).__name__} of {len(obj)}"
+    return f"a {type(obj).__name__}"
+
+
+def check_slices(slices: object) -> None:
+    """Check that slices is a list or tuple of (lora_a, lora_b) pairs (the tensors are checked later)."""
+    if not isinstance(slices, (list, tuple)):
+        raise LoraShapeError(
+            f"slices is {_what(slices)}; pass a list or tuple of (lora_a, lora_b) pairs "
+            "(wrap a generator in list(...))"
+        )
+    for i, pair in enumerate(slices):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise LoraShapeError(
+                f"slice {i} is {_what(pair)}; each slice must be a pair "
+                "(lora_a [slots, rank, in_features], lora_b [slots, out_features, rank])"
+            )
+
+
 def check_call(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -89,6 +133,7 @@ def check_call(
     for name, t in (("y", y), ("x", x), ("scales", scales)):
         if not isinstance(t, torch.Tensor):
             raise LoraShapeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_slices(slices)
     if not (len(slices) >= 1):
         raise LoraShapeError("add_lora_slices needs at least one (lora_a, lora_b) slice")
     if x.dtype not in FLOAT_DTYPES:
@@ -117,6 +162,7 @@ def check_call(
             f"y has column stride {y.stride(1)}; its rows must be contiguous (a column slice of a "
             "contiguous tensor is fine, a transposed one is not)"
         )
+    check_rows_disjoint(y)
 
     a0 = slices[0][0]
     if not isinstance(a0, torch.Tensor):

@@ -7,7 +7,14 @@ from typing import Literal
 
 import torch
 
-from .checks import LoraShapeError, check_call, check_slots, interpreting
+from .checks import (
+    LoraShapeError,
+    check_call,
+    check_rows_disjoint,
+    check_scales_dtype,
+    check_slots,
+    interpreting,
+)
 from .groups import SlotGroups, group_tokens
 from .torch_ops import (
     PackedLora,
@@ -20,6 +27,12 @@ from .torch_ops import (
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
+
+
+def _describe(obj: object) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"a {obj.dtype} tensor [{', '.join(str(d) for d in obj.shape)}]"
+    return f"a {type(obj).__name__}"
 
 
 class LoraBackendError(LoraShapeError):
@@ -73,9 +86,16 @@ def add_lora_slices(
         )
     chosen = resolve_backend(backend, x.device)
     if chosen == "triton":
-        from .triton_ops import add_lora_triton
+        from . import triton_ops
 
-        return add_lora_triton(y, x, slices, groups, scales, slot_ranks)
+        if x.device.type != "cuda" and not triton_ops.INTERPRETED:
+            # Triton fixes interpreted or compiled when the kernels are defined, at import.
+            raise LoraBackendError(
+                f"backend='triton' got tensors on {x.device}, but the Triton kernels were compiled "
+                "for a GPU: mintvcs.kernels.triton_ops was imported before TRITON_INTERPRET=1 was "
+                "set. Set TRITON_INTERPRET=1 before anything imports it, or use backend='torch'"
+            )
+        return triton_ops.add_lora_triton(y, x, slices, groups, scales, slot_ranks)
     return add_lora_torch(y, x, slices, groups, scales, slot_ranks)
 
 
@@ -107,6 +127,16 @@ def add_lora_packed(
 ) -> torch.Tensor:
     """add_lora_slices for factors packed by pack_slot (torch backend, host-side plan): y += update, in place."""
     # Cheap checks only: this runs once per fused layer per step, and pack_slot built `packed`.
+    if not isinstance(packed, PackedLora):
+        raise LoraShapeError(
+            f"packed must be a PackedLora, got {type(packed).__name__}; build it with new_packed()"
+        )
+    for name, t in (("y", y), ("x", x), ("scales", scales)):
+        if not isinstance(t, torch.Tensor):
+            raise LoraShapeError(
+                f"{name} must be a torch.Tensor, got {type(t).__name__}"
+                + ("; pass torch.tensor(scales, dtype=torch.float32)" if name == "scales" else "")
+            )
     num_slots, k, _ = packed.a.shape
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.shape[1] != k:
         raise LoraShapeError(
@@ -118,17 +148,26 @@ def add_lora_packed(
             f"y has shape {list(y.shape)} and column stride {y.stride(1)}; expected "
             f"[tokens, {packed.out_features}] with contiguous rows"
         )
+    check_rows_disjoint(y)
     if not x.is_contiguous():
         raise LoraShapeError(f"x (shape {list(x.shape)}) is not contiguous; call x.contiguous()")
     if y.dtype != x.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise LoraShapeError(
             f"x has dtype {x.dtype} and y {y.dtype}; pass both in the model's dtype"
         )
-    if scales.shape != (num_slots,) or (
-        slot_ranks is not None and slot_ranks.shape != (num_slots,)
+    if scales.shape != (num_slots,):
+        raise LoraShapeError(
+            f"scales has shape {list(scales.shape)}; expected [{num_slots}] = one scale per slot"
+        )
+    check_scales_dtype(scales)
+    if slot_ranks is not None and not (
+        isinstance(slot_ranks, torch.Tensor)
+        and slot_ranks.shape == (num_slots,)
+        and slot_ranks.dtype in (torch.int32, torch.int64)
     ):
         raise LoraShapeError(
-            f"scales {list(scales.shape)} / slot_ranks must have one entry per slot ({num_slots})"
+            f"slot_ranks is {_describe(slot_ranks)}; expected an int32 tensor [{num_slots}] "
+            "= the real rank of each slot"
         )
     for name, t in (("y", y), ("packed factors", packed.a), ("scales", scales)):
         if t.device != x.device:

@@ -12,6 +12,7 @@ Neither reads lora_a/lora_b past a slot's real rank.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -241,6 +242,7 @@ def pack_slot(
     factors: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
 ) -> None:
     """Write one slot: factors[i] = (A [r, in], B [width_i, r]) with r <= R, or None for 'no update'."""
+    _check_pack(packed, slot, factors)  # everything, so that a bad call leaves the slot as it was
     a, rank = packed.a[slot], packed.rank  # a: [in, P*R]
     # Factors whose transposes are contiguous (A.t().contiguous().t(), as the engine keeps its
     # host copies) copy row by row here; others are transposed on the fly, which is slower.
@@ -254,6 +256,63 @@ def pack_slot(
         # Zero past this slice's rank: the previous occupant may have had a larger one.
         a[:, i * rank + r : (i + 1) * rank].zero_()
         b[slot, r:].zero_()
+
+
+def _check_pack(packed: PackedLora, slot: object, factors: object) -> None:
+    if not isinstance(packed, PackedLora):
+        raise LoraShapeError(
+            f"packed must be a PackedLora, got {type(packed).__name__}; build it with new_packed()"
+        )
+    num_slots, in_features, _ = packed.a.shape
+    try:
+        index = operator.index(slot)  # type: ignore[arg-type]
+    except TypeError:
+        index = -1
+    if not 0 <= index < num_slots:
+        raise LoraShapeError(
+            f"slot is {slot!r}; pass an int in 0..{num_slots - 1} "
+            "(negative indices are refused: -1 would write the last slot)"
+        )
+    parts = len(packed.b)
+    if not isinstance(factors, (list, tuple)) or len(factors) != parts:
+        got = (
+            f"has {len(factors)} entries"
+            if isinstance(factors, (list, tuple))
+            else f"is a {type(factors).__name__}"
+        )
+        raise LoraShapeError(
+            f"factors {got}; pass a list of {parts} (one per slice of the fused layer), "
+            "each (A [rank, in], B [width, rank]) or None"
+        )
+    for i, pair in enumerate(factors):
+        if pair is None:
+            continue
+        width = packed.columns[i][1]
+        if not (
+            isinstance(pair, (list, tuple))
+            and len(pair) == 2
+            and all(isinstance(t, torch.Tensor) for t in pair)
+        ):
+            raise LoraShapeError(
+                f"factors[{i}] is a {type(pair).__name__}; pass (A, B) tensors or None"
+            )
+        fa, fb = pair
+        r = fa.shape[0] if fa.dim() == 2 else -1
+        if not (fa.dim() == 2 and fa.shape[1] == in_features and r <= packed.rank):
+            raise LoraShapeError(
+                f"factors[{i}] A has shape {list(fa.shape)}; expected [rank, {in_features}] "
+                f"with rank at most {packed.rank} (the pool's padded rank)"
+            )
+        if not (fb.dim() == 2 and tuple(fb.shape) == (width, r)):
+            raise LoraShapeError(
+                f"factors[{i}] B has shape {list(fb.shape)}; expected [{width}, {r}] "
+                "= [width of the slice, rank of A]"
+            )
+        for name, t in (("A", fa), ("B", fb)):
+            if not t.is_floating_point():
+                raise LoraShapeError(
+                    f"factors[{i}] {name} has dtype {t.dtype}; pass floating-point factors"
+                )
 
 
 @dataclass(frozen=True)
@@ -310,9 +369,11 @@ def _packed_plan(groups: SlotGroups, live_slots: tuple[bool, ...]) -> _PackedPla
         looped = len(runs) if len(runs) <= 2 * len(per_slot) else len(per_slot)
         padding = span * length - active
         batched = padding <= max(active, _ROWS_PER_RUN * (looped - 1))
-        direct = batched and list(slots[: span * length]) == [
-            lo + i // length for i in range(span * length)
-        ]
+        # Direct only if every token of the prefix is live: a rank-0 (released) slot keeps its
+        # previous occupant's factors, and in place its tokens' rows would receive them.
+        direct = batched and [
+            s if s >= 0 and live_slots[s] else -1 for s in slots[: span * length]
+        ] == [lo + i // length for i in range(span * length)]
         gather = keep = dest = order = None
         if not batched and len(runs) > 2 * len(per_slot):
             # Slots scattered over many short runs: one gather into slot order, one scatter back.

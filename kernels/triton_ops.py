@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import interpreting
 from .groups import SlotGroups
 
 
@@ -160,6 +159,11 @@ def _expand_kernel(
     tl.store(yp, (cur.to(tl.float32) + scale * acc).to(cur.dtype), mask=ok)
 
 
+# Whether the kernels run in Triton's CPU interpreter. Triton reads TRITON_INTERPRET once, when
+# the decorators above run, so the kernels' type says it; the variable may have changed since.
+INTERPRETED = not isinstance(_shrink_kernel, triton.runtime.JITFunction)
+
+
 # Address tables and small constant tensors, cached so that a steady-state step makes none:
 # the engine's slot pools live as long as the engine, so their addresses repeat every step.
 _CACHE: dict[tuple[object, ...], torch.Tensor] = {}
@@ -242,7 +246,7 @@ def add_lora_triton(
     scales32 = scales.to(torch.float32)
     # fp32 stays exact (no tf32). Triton's CPU interpreter multiplies bf16 tiles as raw uint16
     # bits, so there bf16 tiles go through fp32 too; on a GPU bf16 uses the tensor cores.
-    upcast = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and interpreting())
+    upcast = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and INTERPRETED)
 
     bm = blocks.block_m
     br = _pow2(rank, 16, 64)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -199,3 +202,78 @@ def test_no_slices() -> None:
     args = good()
     with pytest.raises(LoraShapeError, match="at least one"):
         add_lora_slices(args["y"], args["x"], [], args["token_slots"], args["scales"])
+
+
+def _slices_call(slices: object) -> None:
+    args = good()
+    add_lora_slices(args["y"], args["x"], slices, args["token_slots"], args["scales"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda a, b: (p for p in [(a, b)]), "slices is a generator; pass a list or tuple"),
+        (lambda a, b: [None], "slice 0 is None; each slice must be a pair"),
+        (lambda a, b: [(a, b), (a, b, b)], "slice 1 is a tuple of 3"),
+        (lambda a, b: [a], "slice 0 is a Tensor"),
+        (lambda a, b: a, "slices is a Tensor"),
+    ],
+    ids=["generator", "None", "triple", "bare tensor slice", "tensor as slices"],
+)
+def test_malformed_slices(make: Callable[[Any, Any], object], needle: str) -> None:
+    args = good()
+    with pytest.raises(LoraShapeError) as err:
+        _slices_call(make(args["lora_a"], args["lora_b"]))
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "make_y",
+    [
+        lambda: torch.zeros(1, N).expand(T, N),  # every row is one row
+        lambda: torch.zeros(T * N).as_strided((T, N), (N - 2, 1)),  # rows share 2 elements
+        lambda: torch.zeros(1, 1).expand(T, 1),  # a one-column y with row stride 0
+    ],
+    ids=["expand", "as_strided", "one column"],
+)
+def test_y_with_overlapping_rows(make_y: Callable[[], torch.Tensor], backend: str) -> None:
+    # Several tokens would add into the same memory; Triton gave a silently wrong result.
+    y = make_y()
+    args = good()
+    if y.shape[1] != N:
+        args["lora_b"] = args["lora_b"][:, :1].contiguous()
+    with pytest.raises(LoraShapeError, match="rows overlap in memory"):
+        call(y=y, lora_b=args["lora_b"], backend=backend)
+    assert y.abs().sum() == 0
+
+
+def test_scales_dtype_message_names_the_accepted_dtypes() -> None:
+    with pytest.raises(LoraShapeError, match="use float32 \\(float16 and bfloat16 are accepted"):
+        call(scales=torch.ones(S, dtype=torch.float64))
+
+
+_IMPORT_ORDER = """
+import torch
+import mintvcs.kernels.triton_ops  # decorates the kernels while TRITON_INTERPRET is unset
+import os
+os.environ["TRITON_INTERPRET"] = "1"  # too late: the kernels are already compiled-mode
+from mintvcs.kernels import LoraBackendError, add_lora
+try:
+    add_lora(torch.zeros(2, 3), torch.ones(2, 4), torch.ones(1, 2, 4), torch.ones(1, 3, 2),
+             torch.zeros(2, dtype=torch.int32), torch.ones(1), backend="triton")
+except LoraBackendError as err:
+    print("LoraBackendError:", err)
+"""
+
+
+def test_triton_imported_before_interpreter_was_requested() -> None:
+    # A fresh interpreter: this process imported triton_ops with TRITON_INTERPRET=1 already set.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU tensors even where a GPU exists
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ORDER], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "LoraBackendError:" in run.stdout, run.stdout + run.stderr[-2000:]
+    assert "imported before TRITON_INTERPRET=1 was set" in run.stdout

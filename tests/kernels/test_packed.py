@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
-from mintvcs.kernels import add_lora_packed, add_lora_slices, group_tokens, new_packed, pack_slot
+from mintvcs.kernels import (
+    LoraShapeError,
+    PackedLora,
+    add_lora_packed,
+    add_lora_slices,
+    group_tokens,
+    new_packed,
+    pack_slot,
+)
 from mintvcs.kernels.torch_ops import _packed_plan
+
+from .cases import same_bits
 
 SLOTS, RANK, IN = 6, 8, 24
 WIDTHS = (16, 8, 8)  # a fused q/k/v-like layer
@@ -78,12 +90,16 @@ def test_packed_matches_slices(dtype: torch.dtype, case: int) -> None:
             if (slot, index) == UNTARGETED:
                 b[slot] = 0
                 factors.append(None)
+            elif rank == 0:
+                # A released slot: rank 0, but its previous occupant's factors stay in place.
+                factors.append((a[slot], b[slot]))
             else:
                 b[slot, :, rank:] = 0
                 factors.append((a[slot, :rank], b[slot, :, :rank]))
         pack_slot(packed, slot, factors)
     x = torch.randn(tokens, IN, generator=gen).to(dtype)
     y0 = torch.randn(tokens, sum(WIDTHS), generator=gen).to(dtype)
+    y0[::2, ::3] = -0.0  # y + 0.0 would turn these into 0.0: untouched rows must keep them
     scales = torch.rand(SLOTS, generator=gen) * 2
     want = add_lora_slices(
         y0.clone(), x, slices, token_slots, scales, slot_ranks=ranks, backend="torch"
@@ -96,4 +112,182 @@ def test_packed_matches_slices(dtype: torch.dtype, case: int) -> None:
         1.0, want.abs().max().item()
     )
     idle = (token_slots < 0) | (ranks[token_slots.clamp(min=0).long()] == 0)
-    assert torch.equal(got[idle], y0[idle]), "rows of idle tokens must stay bit-identical"
+    assert same_bits(got[idle], y0[idle]), "rows of idle and rank-0 tokens must stay bit-identical"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("widths", [(16,), WIDTHS], ids=["one slice", "q/k/v"])
+@pytest.mark.parametrize(
+    "slots",
+    [
+        [0, 0, 1, 1, 2, 2],  # already in slot order (no gather), the rank-0 slot in the middle
+        [1, 1, 0, 0, 2, 2],  # ... first
+        [0, 0, 2, 2, 1, 1],  # ... last
+        [0, 1, 0, 1, 2, 2],  # gathered into slot order
+        [1, 1, 1, -1],  # only the rank-0 slot and an idle token
+        [0] * 40 + [1, 1, 2],  # a long segment: one matmul pair per run
+    ],
+    ids=["in order", "first", "last", "gathered", "only rank 0", "runs"],
+)
+def test_rank0_slot_never_reads_stale_factors(
+    slots: list[int], widths: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    # SlotPools.release() only sets a slot's rank to 0: its old factors stay, non-zero.
+    gen = torch.Generator().manual_seed(len(slots))
+    ranks = torch.tensor([RANK, 0, 3], dtype=torch.int32)
+    columns, col = [], 0
+    for width in widths:
+        columns.append((col, width))
+        col += width
+    packed = new_packed(3, IN, col, columns, RANK, dtype=dtype, device=torch.device("cpu"))
+    slices = [
+        (
+            torch.randn(3, RANK, IN, generator=gen).to(dtype),
+            torch.randn(3, width, RANK, generator=gen).to(dtype),
+        )
+        for width in widths
+    ]
+    for slot in range(3):
+        r = RANK if slot == 1 else int(ranks[slot])  # slot 1 keeps stale full-rank factors
+        for _, b in slices:
+            b[slot, :, r:] = 0
+        pack_slot(packed, slot, [(a[slot, :r], b[slot, :, :r]) for a, b in slices])
+    token_slots = torch.tensor(slots, dtype=torch.int32)
+    x = torch.randn(len(slots), IN, generator=gen).to(dtype)
+    y0 = torch.randn(len(slots), col, generator=gen).to(dtype)
+    y0[token_slots == 1] = -0.0  # adding even 0.0 would flip these to +0.0
+    scales = torch.tensor([0.5, 2.0, 1.5])
+    got = add_lora_packed(y0.clone(), x, packed, token_slots, scales, slot_ranks=ranks)
+    idle = (token_slots < 0) | (token_slots == 1)
+    assert same_bits(got[idle], y0[idle]), "a rank-0 slot's tokens read its stale factors"
+    want = add_lora_slices(
+        y0.clone(), x, slices, token_slots, scales, slot_ranks=ranks, backend="torch"
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def _filled_pool() -> PackedLora:
+    gen = torch.Generator().manual_seed(0)
+    packed = new_packed(
+        SLOTS, IN, sum(WIDTHS), COLUMNS, RANK, dtype=torch.float32, device=torch.device("cpu")
+    )
+    for slot in range(SLOTS):
+        pack_slot(
+            packed,
+            slot,
+            [
+                (torch.randn(RANK, IN, generator=gen), torch.randn(w, RANK, generator=gen))
+                for w in WIDTHS
+            ],
+        )
+    return packed
+
+
+def _good_factors(rank: int = RANK) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    return [(torch.ones(rank, IN), torch.ones(w, rank)) for w in WIDTHS]
+
+
+BAD_PACK: list[tuple[str, Callable[[], tuple[object, object]], str]] = [
+    ("slot -1", lambda: (-1, _good_factors()), "slot is -1; pass an int in 0..5"),
+    ("slot == S", lambda: (SLOTS, _good_factors()), "slot is 6"),
+    ("slot not an int", lambda: ("1", _good_factors()), "slot is '1'"),
+    (
+        "too few factors",
+        lambda: (1, _good_factors()[:2]),
+        "factors has 2 entries; pass a list of 3",
+    ),
+    (
+        "factors a generator",
+        lambda: (1, iter(_good_factors())),
+        "factors is a list_iterator; pass a list of 3",
+    ),
+    (
+        "rank > R",
+        lambda: (1, [*_good_factors()[:2], _good_factors(RANK + 2)[2]]),
+        "with rank at most 8",
+    ),
+    (
+        "wrong in_features",
+        lambda: (1, [(torch.ones(RANK, IN - 1), torch.ones(16, RANK)), None, None]),
+        f"factors[0] A has shape [{RANK}, {IN - 1}]; expected [rank, {IN}]",
+    ),
+    (
+        "B width",
+        lambda: (1, [None, (torch.ones(2, IN), torch.ones(16, 2)), None]),
+        "factors[1] B has shape [16, 2]; expected [8, 2]",
+    ),
+    (
+        "B rank differs from A",
+        lambda: (1, [None, None, (torch.ones(2, IN), torch.ones(8, 3))]),
+        "expected [8, 2]",
+    ),
+    ("not a pair", lambda: (1, [torch.ones(RANK, IN), None, None]), "factors[0] is a Tensor"),
+    (
+        "integer factors",
+        lambda: (1, [(torch.ones(2, IN, dtype=torch.int32), torch.ones(16, 2)), None, None]),
+        "factors[0] A has dtype torch.int32",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "needle"), BAD_PACK, ids=[b[0] for b in BAD_PACK])
+def test_pack_slot_refuses_bad_input_before_writing(
+    name: str, make: Callable[[], tuple[object, object]], needle: str
+) -> None:
+    packed = _filled_pool()
+    before = [t.clone() for t in (packed.a, *packed.b)]
+    slot, factors = make()
+    with pytest.raises(LoraShapeError) as err:
+        pack_slot(packed, slot, factors)  # type: ignore[arg-type]
+    assert needle in str(err.value), f"{name}: {err.value}"
+    for was, now in zip(before, (packed.a, *packed.b), strict=True):
+        assert same_bits(was, now), f"{name}: pack_slot wrote part of the slot before failing"
+
+
+def _packed_call(**override: object) -> torch.Tensor:
+    packed = _filled_pool()
+    args: dict[str, object] = {
+        "y": torch.zeros(4, sum(WIDTHS)),
+        "x": torch.randn(4, IN),
+        "packed": packed,
+        "token_slots": torch.tensor([0, 1, 1, 2], dtype=torch.int32),
+        "scales": torch.ones(SLOTS),
+        "slot_ranks": None,
+    }
+    args.update(override)
+    ranks = args.pop("slot_ranks")
+    return add_lora_packed(**args, slot_ranks=ranks)  # type: ignore[arg-type]
+
+
+BAD_PACKED_CALL: list[tuple[str, Callable[[], dict[str, object]], str]] = [
+    ("scales a list", lambda: {"scales": [1.0] * SLOTS}, "scales must be a torch.Tensor, got list"),
+    ("scales float64", lambda: {"scales": torch.ones(SLOTS, dtype=torch.float64)}, "use float32"),
+    ("scales int", lambda: {"scales": torch.ones(SLOTS, dtype=torch.int64)}, "dtype torch.int64"),
+    ("scales length", lambda: {"scales": torch.ones(SLOTS + 1)}, "expected [6]"),
+    ("slot_ranks a list", lambda: {"slot_ranks": [1] * SLOTS}, "slot_ranks is a list"),
+    (
+        "slot_ranks float",
+        lambda: {"slot_ranks": torch.ones(SLOTS)},
+        "slot_ranks is a torch.float32 tensor [6]",
+    ),
+    ("packed not packed", lambda: {"packed": torch.ones(3)}, "packed must be a PackedLora"),
+    ("x a list", lambda: {"x": [[0.0] * IN] * 4}, "x must be a torch.Tensor"),
+    (
+        "y rows overlap",
+        lambda: {"y": torch.zeros(1, sum(WIDTHS)).expand(4, sum(WIDTHS))},
+        "rows overlap in memory",
+    ),
+    ("slot out of range", lambda: {"token_slots": torch.tensor([0, 6, 1, 2])}, "slot index 6"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "needle"), BAD_PACKED_CALL, ids=[b[0] for b in BAD_PACKED_CALL]
+)
+def test_add_lora_packed_bad_input(
+    name: str, make: Callable[[], dict[str, object]], needle: str
+) -> None:
+    with pytest.raises(LoraShapeError) as err:
+        _packed_call(**make())
+    assert needle in str(err.value), f"{name}: {err.value}"
