@@ -260,3 +260,22 @@ def mint_fsck_ok(work: Path) -> None:
     finally:
         repo.close()
     assert report.ok, report.problems
+
+
+def blobs(work: Path, rev: str = "HEAD") -> list[str]:
+    """Blob ids of `rev`'s tree, largest first (real git lists them)."""
+    out = git(work / ".mint", "ls-tree", "-r", "-l", rev).stdout
+    rows = [line.split() for line in out.splitlines()]
+    return [row[2] for row in sorted(rows, key=lambda r: -int(r[3])) if row[1] == "blob"]
+
+
+def loose_path(work: Path, oid: str) -> Path:
+    """Where loose object `oid` lives."""
+    return work / ".mint" / "objects" / oid[:2] / oid[2:]
+
+
+def damage_checks(work: Path) -> tuple[list[str], tuple[int, str]]:
+    """What `mintvcs fsck --json` and `git fsck --strict` report."""
+    report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)
+    strict = git(work / ".mint", "fsck", "--strict", "--no-dangling", ok=False)
+    return sorted(report["problems"]), (strict.returncode, strict.stdout + strict.stderr)

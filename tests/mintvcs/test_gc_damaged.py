@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -14,31 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.mintvcs.storekit import copy_adapter, git, git_fsck, mint, mint_fails, mutate
+from tests.mintvcs.storekit import blobs, damage_checks, git, git_fsck, loose_path, mint, mint_fails
 
 Snapshot = dict[str, tuple[int, bytes | None]]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, peft_adapter: Path) -> Path:
-    """A repository with three revisions on main and a branch, every object loose; built once."""
-    work = tmp_path_factory.mktemp("gc-damaged") / "work"
-    mint(work.parent, "init", str(work), "--base-model", str(tiny_base))
-    copy_adapter(peft_adapter, work)
-    mint(work, "commit", "-m", "rev 0", "--no-verify")
-    for seed in (1, 2):
-        mutate(work, seed=seed)
-        mint(work, "commit", "-m", f"rev {seed}", "--no-verify")
-    mint(work, "branch", "side", "HEAD~1")
-    return work
-
-
-@pytest.fixture
-def work(built: Path, tmp_path: Path) -> Path:
-    """A private copy of the built repository (modes and mtimes kept), for one test to damage."""
-    copy = tmp_path / "work"
-    shutil.copytree(built, copy)
-    return copy
 
 
 def snapshot(git_dir: Path) -> Snapshot:
@@ -53,18 +30,6 @@ def snapshot(git_dir: Path) -> Snapshot:
     return out
 
 
-def blobs(work: Path, rev: str = "HEAD") -> list[str]:
-    """Blob ids of `rev`'s tree, largest first (real git lists them)."""
-    out = git(work / ".mint", "ls-tree", "-r", "-l", rev).stdout
-    rows = [line.split() for line in out.splitlines()]
-    return [row[2] for row in sorted(rows, key=lambda r: -int(r[3])) if row[1] == "blob"]
-
-
-def loose_path(work: Path, oid: str) -> Path:
-    """Where loose object `oid` lives."""
-    return work / ".mint" / "objects" / oid[:2] / oid[2:]
-
-
 def rewrite(path: Path, data: bytes) -> None:
     """Replace a read-only object file's bytes, keeping its mode and mtime."""
     st = path.stat()
@@ -72,13 +37,6 @@ def rewrite(path: Path, data: bytes) -> None:
     path.write_bytes(data)
     path.chmod(st.st_mode)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-
-def damage_checks(work: Path) -> tuple[list[str], tuple[int, str]]:
-    """What `mintvcs fsck --json` and `git fsck --strict` report."""
-    report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)
-    strict = git(work / ".mint", "fsck", "--strict", "--no-dangling", ok=False)
-    return sorted(report["problems"]), (strict.returncode, strict.stdout + strict.stderr)
 
 
 def gc_refuses(work: Path, oid: str) -> str:
@@ -201,220 +159,3 @@ def test_gc_prunes_old_unreachable_objects_and_keeps_young_ones(work: Path) -> N
     assert git(git_dir, "cat-file", "-e", old, ok=False).returncode != 0
     assert git(git_dir, "cat-file", "-t", young).stdout.strip() == "blob"
     git_fsck(work)
-
-
-def test_fsck_flags_tree_entries_git_fsck_flags(work: Path) -> None:
-    # A tree with a '..' entry (dulwich writes it; git mktree would refuse) checks out nowhere
-    # sane: both fscks must name it even though no ref reaches it.
-    from dulwich.objects import Blob, Tree
-    from dulwich.repo import Repo
-
-    store = Repo(str(work / ".mint")).object_store
-    blob = Blob.from_string(b"x")
-    store.add_object(blob)
-    tree = Tree()
-    tree.add(b"..", 0o100644, blob.id)
-    store.add_object(tree)
-    problems, (git_status, git_text) = damage_checks(work)
-    assert git_status != 0 and tree.id.decode() in git_text
-    assert problems == [f"malformed tree {tree.id.decode()}: invalid name .."]
-
-
-def test_fsck_follows_every_parent_of_a_merge(work: Path) -> None:
-    # git can merge two mintvcs branches; a blob missing from the history reached only through
-    # the merge's second parent must still be found (fsck used to walk first parents only).
-    git_dir = work / ".mint"
-    mint(work, "checkout", "-b", "other")
-    mutate(work, seed=3)
-    mint(work, "commit", "-m", "rev 3", "--no-verify")
-    mint(work, "checkout", "main")
-    main_tip = git(git_dir, "rev-parse", "main").stdout.strip()
-    other_tip = git(git_dir, "rev-parse", "other").stdout.strip()
-    merge = git(
-        git_dir, "commit-tree", "main^{tree}", "-p", main_tip, "-p", other_tip, "-m", "merge"
-    ).stdout.strip()
-    git(git_dir, "update-ref", "refs/heads/main", merge)
-    git(git_dir, "branch", "-D", "other")
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    elsewhere = {b for rev in ("main^1", "side") for b in blobs(work, rev)}
-    only_other = [b for b in blobs(work, other_tip) if b not in elsewhere]
-    assert only_other, "rev 3 should have changed some tensors"
-    loose_path(work, only_other[0]).unlink()
-    problems, (git_status, _) = damage_checks(work)
-    assert git_status != 0
-    assert any(only_other[0] in p for p in problems), problems
-
-
-def test_gc_skips_reflog_lines_that_do_not_parse(work: Path) -> None:
-    # git ignores a torn or hand-edited reflog line; gc used to refuse the whole repository.
-    log = work / ".mint" / "logs" / "HEAD"
-    lines = log.read_bytes().splitlines(keepends=True)
-    garbage = [b"garbage\n", b"0" * 40 + b" not-an-id x 1 +0000\n"]
-    log.write_bytes(b"".join([lines[0], *garbage, *lines[1:]]))
-    assert mint(work, "gc").stdout.startswith("packed ")
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-
-
-def test_gc_keeps_xor_bases_that_only_a_tensor_blob_names(work: Path) -> None:
-    # Squash the history with git: the tip's XOR tensor blobs still name their bases (older
-    # revisions' blobs) inside their content, where git's reachability cannot see them.
-    git_dir = work / ".mint"
-    weights = (work / "adapter_model.safetensors").read_bytes()
-    squashed = git(git_dir, "commit-tree", "main^{tree}", "-m", "squashed").stdout.strip()
-    git(git_dir, "update-ref", "refs/heads/main", squashed)
-    git(git_dir, "branch", "-D", "side")
-    shutil.rmtree(git_dir / "logs")
-    two_hours_ago = time.time() - 7200
-    for path in (git_dir / "objects").rglob("*"):
-        os.utime(path, (two_hours_ago, two_hours_ago))
-    pruned = mint(work, "gc").stdout
-    assert ", pruned " in pruned and ", pruned 0;" not in pruned  # the old commits went
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    (work / "adapter_model.safetensors").unlink()
-    mint(work, "checkout", "--force", "main")
-    assert (work / "adapter_model.safetensors").read_bytes() == weights
-
-
-def test_commit_retry_after_a_backwards_move_encodes_against_the_new_tip(work: Path) -> None:
-    # The branch moves back (a reset elsewhere) while a commit is in flight: the commit lands
-    # on the new tip, so its XOR bases must come from the new tip's history, or git's own gc
-    # (which cannot see bases) drops them once the old revisions are unreachable.
-    git_dir = work / ".mint"
-    root = git(git_dir, "rev-list", "--max-parents=0", "main").stdout.strip()
-    hook = git_dir / "hooks" / "commit-msg"
-    hook.write_text(f"#!/bin/sh\ngit --git-dir='{git_dir}' update-ref refs/heads/main {root}\n")
-    hook.chmod(0o755)
-    mutate(work, seed=7)
-    weights = (work / "adapter_model.safetensors").read_bytes()
-    mint(work, "commit", "-m", "rev 3")
-    hook.unlink()
-    assert git(git_dir, "rev-parse", "main~1").stdout.strip() == root
-    git(git_dir, "branch", "-D", "side")
-    shutil.rmtree(git_dir / "logs")
-    git(git_dir, "gc", "--prune=now", "--quiet")
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    (work / "adapter_model.safetensors").unlink()
-    mint(work, "checkout", "--force", "main")
-    assert (work / "adapter_model.safetensors").read_bytes() == weights
-
-
-def test_fsck_and_tag_accept_git_notes_and_tags_of_trees_and_blobs(work: Path) -> None:
-    # Ordinary git: notes on a revision, a tag of a tree, an annotated tag of a blob. They are
-    # not adapter revisions; fsck used to call them broken and `tag` died listing them.
-    git_dir = work / ".mint"
-    git(git_dir, "notes", "add", "-m", "eval: reward 0.73", "main")
-    git(git_dir, "tag", "treetag", "main^{tree}")
-    git(git_dir, "tag", "-a", "blobtag", "-m", "x", "main:adapter_config.json")
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    rows = {t["name"]: t for t in json.loads(mint(work, "tag", "--json").stdout)}
-    tree = git(git_dir, "rev-parse", "main^{tree}").stdout.strip()
-    assert rows["treetag"] == {"name": "treetag", "commit": None, "object": tree, "type": "tree"}
-    assert rows["blobtag"]["type"] == "blob" and rows["blobtag"]["commit"] is None
-    assert {"blobtag", "treetag"} <= set(mint(work, "tag").stdout.split())
-    # Their objects are still checked: a missing note blob is reported.
-    note = git(git_dir, "notes", "list", "main").stdout.split()[0]
-    loose_path(work, note).unlink()
-    problems = json.loads(mint(work, "fsck", "--json", ok=False).stdout)["problems"]
-    assert any(note in p and "refs/notes/commits" in p for p in problems), problems
-
-
-def test_a_shared_clone_and_version_1_pack_indexes_are_not_called_damaged(
-    work: Path, tmp_path: Path
-) -> None:
-    # `git clone --shared` borrows objects through objects/info/alternates, and git can write
-    # version-1 pack indexes; fsck called every borrowed object missing and gc refused.
-    weights = (work / "adapter_model.safetensors").read_bytes()
-    clone = tmp_path / "clone"
-    clone.mkdir()
-    subprocess.run(
-        ["git", "clone", "-q", "--bare", "--shared", str(work / ".mint"), str(clone / ".mint")],
-        check=True,
-    )
-    assert (clone / ".mint" / "objects" / "info" / "alternates").exists()
-    mint(clone, "checkout", "--force", "main")
-    assert json.loads(mint(clone, "fsck", "--json").stdout)["ok"]
-    assert mint(clone, "gc").stdout.startswith("packed ")
-    (clone / "adapter_model.safetensors").unlink()
-    mint(clone, "checkout", "--force", "main")
-    assert (clone / "adapter_model.safetensors").read_bytes() == weights
-
-    git(work / ".mint", "-c", "pack.indexVersion=1", "repack", "-adq")
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    assert mint(work, "gc").stdout.startswith("packed ")
-    (work / "adapter_model.safetensors").unlink()
-    mint(work, "checkout", "--force", "main")
-    assert (work / "adapter_model.safetensors").read_bytes() == weights
-
-
-def test_tags_get_no_reflog_so_git_gc_runs_clean(work: Path) -> None:
-    # git (core.logAllRefUpdates=true) logs branches, not tags; our tag reflogs made git gc's
-    # reflog expiry print "error: Object ... not a commit" for every annotated tag.
-    mint(work, "tag", "-m", "ship it", "prod")
-    mint(work, "tag", "light", "HEAD~1")
-    assert not (work / ".mint" / "logs" / "refs" / "tags").exists()
-    result = git(work / ".mint", "gc", "--quiet")
-    assert result.stderr == "", result.stderr
-    git_fsck(work)
-
-
-def test_revision_names_resolve_as_git_rev_parse_does(work: Path) -> None:
-    from mintvcs.store import Repository
-
-    git_dir = work / ".mint"
-    git(git_dir, "update-ref", "refs/remotes/origin/main", "main~1")
-    git(git_dir, "symbolic-ref", "refs/remotes/origin/HEAD", "refs/remotes/origin/main")
-    mint(work, "tag", "-m", "ship", "prod", "main~2")
-    mint(work, "checkout", "side")
-    mint(work, "checkout", "main")
-    mint(work, "reset", "--hard", "main~1")
-    specs = [
-        *("heads/main", "tags/prod", "origin/main", "origin", "refs/remotes/origin/main"),
-        *("main@{1}", "main@{1}~1", "HEAD@{2}", "@{1}", "@{-1}", "@{-2}", "HEAD@{0}"),
-        *("prod^{}", "prod^{commit}", "main^{commit}~1"),
-    ]
-    repo = Repository.open(work)
-    for spec in specs:
-        expected = git(git_dir, "rev-parse", "--verify", "-q", f"{spec}^{{commit}}").stdout.strip()
-        assert repo.resolve(spec) == expected, spec
-    line = mint_fails(work, "checkout", "main@{99}")
-    assert "main@{99}" in line and "reflog" in line
-    assert "@{N}" in mint_fails(work, "checkout", "main@{yesterday}")
-
-
-def test_commit_takes_git_identity_and_date_variables(work: Path) -> None:
-    # GIT_COMMITTER_* and GIT_*_DATE as git takes them (reproducible commits, bots); git
-    # writes no `encoding` header for UTF-8, so `git cat-file` shows what git would write.
-    mutate(work, seed=5)
-    env = {
-        "GIT_AUTHOR_NAME": "Ada",
-        "GIT_AUTHOR_EMAIL": "ada@example.com",
-        "GIT_AUTHOR_DATE": "2026-01-02T03:04:05+01:00",
-        "GIT_COMMITTER_NAME": "Bot",
-        "GIT_COMMITTER_EMAIL": "bot@example.com",
-        "GIT_COMMITTER_DATE": "@1767225600 -0700",
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "mintvcs.cli", "commit", "-m", "dated", "--no-verify"],
-        cwd=work,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **env},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    body = git(work / ".mint", "cat-file", "commit", "HEAD").stdout
-    assert "author Ada <ada@example.com> 1767319445 +0100\n" in body
-    assert "committer Bot <bot@example.com> 1767225600 -0700\n" in body
-    assert "encoding" not in body
-    assert git(work / ".mint", "log", "-1", "--format=%an|%cn|%aI").stdout.strip() == (
-        "Ada|Bot|2026-01-02T03:04:05+01:00"
-    )
-    bad = subprocess.run(
-        [sys.executable, "-m", "mintvcs.cli", "commit", "-m", "x", "--no-verify", "--allow-empty"],
-        cwd=work,
-        env={**os.environ, **env, "GIT_AUTHOR_DATE": "next tuesday"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert bad.returncode != 0 and "GIT_AUTHOR_DATE" in bad.stderr and "Traceback" not in bad.stderr
