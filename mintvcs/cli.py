@@ -393,10 +393,22 @@ def branch(
     if name is None or list_:
         rows = porcelain.branches(repo)
         if as_json:
-            _emit_json([{"name": n, "commit": c, "current": cur} for n, c, cur in rows])
+            _emit_json(
+                [
+                    {
+                        "name": b.name,
+                        "commit": b.commit,
+                        "current": b.current,
+                        "alias_of": b.alias_of,
+                    }
+                    for b in rows
+                ]
+            )
             return
-        for n, c, cur in rows:
-            click.echo(f"{'*' if cur else ' '} {click.style(n, fg='green') if cur else n}  {c[:7]}")
+        for b in rows:
+            shown = click.style(b.name, fg="green") if b.current else b.name
+            where = f"-> {b.alias_of}" if b.alias_of is not None else b.commit[:7]
+            click.echo(f"{'*' if b.current else ' '} {shown}  {where}")
         return
     if delete or force_delete:
         oid = porcelain.branch_delete(repo, name, force=force_delete or force)

@@ -651,11 +651,18 @@ def branch_create(repo: Repository, name: str, start: str = "HEAD", *, force: bo
 
 
 def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
-    """Delete branch `name`; returns the commit it pointed to. Unless forced, only if HEAD's history holds it."""
+    """Delete branch `name`; returns the commit it pointed to (the branch a symbolic one names). Unless forced, only if HEAD's history holds it."""
     ref = f"refs/heads/{name}"
     oid = repo.refs.read(ref)
     if oid is None:
         raise UnknownRevisionError(f"branch '{name}' not found")
+    alias_of = repo.refs.read_symbolic(ref)
+    if alias_of is not None:
+        # A symbolic branch (`git symbolic-ref refs/heads/alias refs/heads/main`): as git,
+        # delete the link itself; the branch it names keeps its commits.
+        repo.refs.delete(ref)
+        _ref_moved(repo, ref, oid, None)
+        return alias_of.removeprefix("refs/heads/")
     if repo.refs.read_symbolic("HEAD") == ref:
         raise MintError(f"cannot delete branch '{name}': it is checked out")
     head = repo.head_commit()
@@ -684,13 +691,25 @@ def is_ancestor(repo: Repository, ancestor: str, commit: str) -> bool:
     return False
 
 
-def branches(repo: Repository) -> list[tuple[str, str, bool]]:
-    """(name, commit, is_current) for every branch, sorted."""
+@dataclass(frozen=True)
+class Branch:
+    """A branch as `branch --list` shows it."""
+
+    name: str
+    commit: str
+    current: bool
+    alias_of: str | None = None  # the branch a symbolic branch names (git shows `alias -> main`)
+
+
+def branches(repo: Repository) -> list[Branch]:
+    """Every branch, sorted by name."""
     current = repo.refs.read_symbolic("HEAD")
-    return [
-        (name.removeprefix("refs/heads/"), oid, name == current)
-        for name, oid in repo.refs.iter_refs("refs/heads/")
-    ]
+    rows = []
+    for name, oid in repo.refs.iter_refs("refs/heads/"):
+        target = repo.refs.read_symbolic(name)
+        alias_of = target.removeprefix("refs/heads/") if target is not None else None
+        rows.append(Branch(name.removeprefix("refs/heads/"), oid, name == current, alias_of))
+    return rows
 
 
 def tag_create(

@@ -237,3 +237,16 @@ def test_commit_takes_git_identity_and_date_variables(work: Path) -> None:
         check=False,
     )
     assert bad.returncode != 0 and "GIT_AUTHOR_DATE" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_symbolic_branch_is_listed_and_deleted_as_git_does(work: Path) -> None:
+    git_dir = work / ".mint"
+    main = git(git_dir, "rev-parse", "main").stdout.strip()
+    git(git_dir, "symbolic-ref", "refs/heads/alias", "refs/heads/main")
+    rows = {b["name"]: b for b in json.loads(mint(work, "branch", "--json").stdout)}
+    assert rows["alias"] == {"name": "alias", "commit": main, "current": False, "alias_of": "main"}
+    assert rows["main"]["alias_of"] is None
+    assert "  alias  -> main" in mint(work, "branch").stdout.splitlines()
+    assert mint(work, "branch", "-D", "alias").stdout.strip() == "Deleted branch alias (was main)."
+    assert git(git_dir, "rev-parse", "main").stdout.strip() == main
+    assert "alias" not in git(git_dir, "branch").stdout
