@@ -44,14 +44,19 @@ class AdapterFiles:
         return memoryview(self.weights)[offset + entry.start : offset + entry.end]
 
 
-def read_adapter(root: Path) -> AdapterFiles:
-    """Read and validate a PEFT adapter directory."""
+def adapter_paths(root: Path) -> tuple[Path, Path]:
+    """The config and weights files of a PEFT adapter directory; NotAnAdapterError with a hint if either is missing."""
     root = Path(root)
     if not root.is_dir():
         raise NotAnAdapterError(f"{root} is not a directory")
     config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
     if not config_path.is_file():
-        raise NotAnAdapterError(f"{root} is not a PEFT adapter: {CONFIG_FILE} is missing")
+        # save_pretrained(..., selected_adapters=[NAME]) writes NAME/ with the adapter inside.
+        inside = sorted(p.parent.name for p in root.glob(f"*/{CONFIG_FILE}"))
+        hint = (
+            f" (found {inside[0]}/{CONFIG_FILE}: use --from {root / inside[0]})" if inside else ""
+        )
+        raise NotAnAdapterError(f"{root} is not a PEFT adapter: {CONFIG_FILE} is missing{hint}")
     if not weights_path.is_file():
         hint = (
             " (adapter_model.bin found: save with safe_serialization=True)"
@@ -59,6 +64,13 @@ def read_adapter(root: Path) -> AdapterFiles:
             else ""
         )
         raise NotAnAdapterError(f"{root} is not a PEFT adapter: {WEIGHTS_FILE} is missing{hint}")
+    return config_path, weights_path
+
+
+def read_adapter(root: Path) -> AdapterFiles:
+    """Read and validate a PEFT adapter directory."""
+    root = Path(root)
+    config_path, weights_path = adapter_paths(root)
     config_bytes = config_path.read_bytes()
     try:
         config = json.loads(config_bytes)

@@ -58,7 +58,9 @@ class AdapterConfigError(MintError):
 # PEFT saves LoRA factors as `base_model.model.<module path>.lora_{A,B}.weight`; the module path
 # is what PEFT matches target_modules, rank_pattern and layers_to_transform against.
 _PEFT_PREFIX = "base_model.model."
-_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])\.weight$")
+# PEFT also loads factors that keep its default adapter name (`lora_A.default.weight`, what a
+# filtered model.state_dict() holds); under any other name it skips them.
+_FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _ALL_LINEAR = "all-linear"
 _RESAVE = "or re-save the adapter with PEFT's save_pretrained"
 
@@ -319,7 +321,18 @@ def _factors(
                 f"{name} has shape {list(shape)}; a LoRA factor has at least 2 dimensions: "
                 f"{_RESAVE.removeprefix('or ')}"
             )
-        factors.setdefault(match["module"], {})[match["kind"]] = (name, shape)
+        adapter = match["adapter"]
+        if adapter not in (None, "default"):
+            raise AdapterConfigError(
+                f"{name} carries the adapter name {adapter!r}; PEFT loads such a tensor only as "
+                f"'default' and would skip it: {_RESAVE.removeprefix('or ')}"
+            )
+        pair = factors.setdefault(match["module"], {})
+        if match["kind"] in pair:
+            raise AdapterConfigError(
+                f"{name} and {pair[match['kind']][0]} are the same factor; keep one of them"
+            )
+        pair[match["kind"]] = (name, shape)
     return [(module, pair.get("A"), pair.get("B")) for module, pair in sorted(factors.items())]
 
 

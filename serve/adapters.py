@@ -18,16 +18,20 @@ from typing import Any, Protocol
 
 import torch
 
+from mintvcs.adapter import adapter_paths
 from mintvcs.errors import MintError
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES
 from mintvcs.validate import pattern_key
 
-# PEFT's tensor names, with or without the adapter name PEFT sometimes keeps ("lora_A.default.weight").
+# PEFT's tensor names, with or without its default adapter name ("lora_A.default.weight"), as PEFT
+# loads them; factors under another adapter name PEFT skips, so the engine refuses them.
 _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\."
-    r"(?P<module>\w+)\.lora_(?P<kind>[AB])(?:\.[\w-]+)?\.weight$"
+    r"(?P<module>\w+)\.lora_(?P<kind>[AB])(?:\.default)?\.weight$"
 )
+# LoraConfig's default lora_alpha: a config that leaves it out is scaled as PEFT scales it.
+_PEFT_DEFAULT_ALPHA = 8
 _SAFETENSORS_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
@@ -111,8 +115,11 @@ class PeftDirSource:
         directory = self.directories.get(revision)
         if directory is None:
             raise AdapterNotFound(f"no adapter named {revision!r}")
-        config = json.loads((directory / "adapter_config.json").read_text())
-        weights = directory / "adapter_model.safetensors"
+        try:
+            config_path, weights = adapter_paths(directory)  # the hints a commit gives
+        except MintError as err:
+            raise AdapterNotFound(f"adapter {revision!r}: {err}") from None
+        config = json.loads(config_path.read_text())
         size = weights.stat().st_size
         if max_bytes is not None and size > max_bytes:
             raise _too_large(revision, f"{weights} holds {size} bytes", max_bytes)
@@ -259,29 +266,43 @@ def prepare_adapter(
             "modules_to_save",
             f"modules_to_save={cfg['modules_to_save']} would replace base weights; only LoRA factors are served",
         )
-    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-        raise refuse("lora_bias", "trained biases (bias != 'none' or lora_bias) are not supported")
+    if cfg.get("trainable_token_indices"):
+        raise refuse(
+            "trainable_tokens",
+            "trainable_token_indices trains embedding rows; only LoRA factors of linear layers are served",
+        )
     if cfg.get("layer_replication"):
         raise refuse("layer_replication", "layer_replication is not supported")
-    alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    # Biases go by the tensors, not the config: with bias="all" on a base without biases (Llama)
+    # PEFT saves none and runs a plain LoRA.
+    for name in weights.tensors:
+        if name.endswith(".bias"):
+            kind = "lora_bias" if ".lora_B" in name else "bias"
+            raise refuse(
+                kind,
+                f"tensor {name} is a trained bias ({'lora_bias' if kind == 'lora_bias' else 'bias'}"
+                " in the PEFT config); only LoRA factors are served",
+            )
+    alpha = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
     rslora = bool(cfg.get("use_rslora", False))
     alpha_pattern: Mapping[str, Any] = cfg.get("alpha_pattern") or {}
 
+    for reason, marks, what in (
+        ("embedding_lora", ("lora_embedding", "embed_tokens"), "the embedding"),
+        ("lm_head_lora", ("lm_head",), "lm_head"),
+    ):
+        hits = [n for n in weights.tensors if any(m in n for m in marks)]
+        if hits:
+            # Name a LoRA factor, not the full base-layer copy PEFT saves beside it.
+            shown = next((n for n in hits if "lora_" in n), hits[0])
+            raise refuse(
+                reason, f"tensor {shown} adapts {what}; only decoder-layer linears are served"
+            )
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     paths: dict[tuple[int, str], str] = {}
     for name, tensor in weights.tensors.items():
         if "lora_magnitude_vector" in name:
             raise refuse("dora", f"tensor {name} is a DoRA magnitude; DoRA is not supported")
-        if "lora_embedding" in name or "embed_tokens" in name:
-            raise refuse(
-                "embedding_lora",
-                f"tensor {name} adapts the embedding; only linear layers are served",
-            )
-        if "lm_head" in name:
-            raise refuse(
-                "lm_head_lora",
-                f"tensor {name} adapts lm_head; only decoder-layer linears are served",
-            )
         match = _LORA_KEY.match(name)
         if match is None:
             raise refuse("unknown_tensor", f"tensor {name} is not a decoder-layer LoRA factor")

@@ -260,3 +260,34 @@ def test_bad_regex_is_refused_by_key() -> None:
         check_lora_config({**config, "rank_pattern": {"q_proj(": 4}}, tensors)
     with pytest.raises(AdapterConfigError, match='"target_modules" has an invalid regex'):
         check_lora_config({**config, "target_modules": "(("}, tensors)
+
+
+def _shapes(prefix: str, r: int = 4) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """q_proj factors of layer 0 under `prefix` naming (`lora_A{prefix}.weight`)."""
+    module = "base_model.model.model.layers.0.self_attn.q_proj"
+    return {
+        f"{module}.lora_A{prefix}.weight": ("F32", (r, 64)),
+        f"{module}.lora_B{prefix}.weight": ("F32", (64, r)),
+    }
+
+
+_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+
+
+def test_factors_named_with_peft_default_adapter_are_checked_like_plain_ones() -> None:
+    # A filtered model.state_dict() keeps `.default.`; PEFT loads such names, so the same
+    # checks apply (they used to be skipped: an r mismatch passed and PEFT then failed).
+    check_lora_config(_CONFIG, _shapes(".default"))
+    with pytest.raises(AdapterConfigError, match=r"\br\b"):
+        check_lora_config({**_CONFIG, "r": 8}, _shapes(".default"))
+    with pytest.raises(AdapterConfigError, match="target_modules"):
+        check_lora_config({**_CONFIG, "target_modules": ["v_proj"]}, _shapes(".default"))
+
+
+def test_factors_under_another_adapter_name_are_refused() -> None:
+    # PEFT skips them (missing-keys warning, output = base): committing them would store an
+    # adapter that does nothing under PEFT.
+    with pytest.raises(AdapterConfigError, match="adapter name 'policy-b'"):
+        check_lora_config(_CONFIG, _shapes(".policy-b"))
+    with pytest.raises(AdapterConfigError, match="same factor"):
+        check_lora_config(_CONFIG, {**_shapes(""), **_shapes(".default")})

@@ -55,6 +55,9 @@ def test_refusals_name_the_reason(
         prepare_adapter(weights, read_config(tiny_base), max_rank=16)
     assert info.value.reason == reason
     assert reason.split("_")[0] in str(info.value).lower()
+    if reason in ("embedding_lora", "lm_head_lora"):
+        # The LoRA factor, not the full base-layer copy PEFT saves beside it.
+        assert "lora_" in str(info.value) and "base_layer" not in str(info.value)
 
 
 def test_rank_above_max_rank_is_refused(tiny_base: Path, peft_adapter_bf16: Path) -> None:
@@ -152,3 +155,84 @@ def test_a_revision_larger_than_any_servable_one_is_refused_before_decoding(
         assert eng.pools.max_revision_bytes < nbytes
         with pytest.raises(AdapterRefused, match="more than any adapter"):
             eng.generate([5, 6], commit, SamplingParams(max_tokens=1), timeout=30)
+
+
+def test_bias_refusals_go_by_tensors_not_config(tiny_base: Path, tmp_path: Path) -> None:
+    # bias="all" on a base without biases saves none: PEFT runs a plain LoRA, and so must we.
+    config = read_config(tiny_base)
+    plain_bias = _load(
+        _peft_with(tiny_base, tmp_path / "all", target_modules=["q_proj"], bias="all")
+    )
+    assert not any(n.endswith(".bias") for n in plain_bias.tensors)
+    assert prepare_adapter(plain_bias, config, max_rank=16).scale == 2.0
+    lora_bias = _load(
+        _peft_with(tiny_base, tmp_path / "lb", target_modules=["q_proj"], lora_bias=True)
+    )
+    with pytest.raises(AdapterRefused, match=r"lora_B\.bias") as info:
+        prepare_adapter(lora_bias, config, max_rank=16)
+    assert info.value.reason == "lora_bias"
+
+
+def test_trained_base_biases_are_refused(tmp_path: Path) -> None:
+    from tests.fixtures import build_base
+
+    qwen = build_base(tmp_path / "qwen2", "qwen2")
+    weights = _load(_peft_with(qwen, tmp_path / "qb", target_modules=["q_proj"], bias="all"))
+    with pytest.raises(AdapterRefused, match=r"_proj\.bias") as info:
+        prepare_adapter(weights, read_config(qwen), max_rank=16)
+    assert info.value.reason == "bias"
+
+
+def test_trainable_tokens_are_refused(tiny_base: Path, tmp_path: Path) -> None:
+    weights = _load(
+        _peft_with(
+            tiny_base, tmp_path / "tt", target_modules=["q_proj"], trainable_token_indices=[1, 2]
+        )
+    )
+    with pytest.raises(AdapterRefused) as info:
+        prepare_adapter(weights, read_config(tiny_base), max_rank=16)
+    assert info.value.reason == "trainable_tokens"
+
+
+def test_a_config_without_lora_alpha_is_scaled_as_peft_scales_it(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    # LoraConfig's default lora_alpha is 8: scale 8 / r (it was taken as r, scale 1).
+    weights = _load(make_peft_adapter(tiny_base, tmp_path / "a", r=4, alpha=8))
+    config = {k: v for k, v in weights.config.items() if k != "lora_alpha"}
+    bare = AdapterWeights(weights.revision, config, weights.tensors)
+    assert prepare_adapter(bare, read_config(tiny_base), max_rank=16).scale == 8 / 4
+
+
+def test_factor_names_as_peft_loads_them(tiny_base: Path, peft_adapter: Path) -> None:
+    # `.default.` (a filtered model.state_dict()) is what PEFT loads as the adapter; another
+    # adapter name PEFT skips, so serving its factors would disagree with PEFT.
+    config = read_config(tiny_base)
+    weights = _load(peft_adapter)
+    plain = prepare_adapter(weights, config, max_rank=16)
+
+    def renamed(segment: str) -> AdapterWeights:
+        tensors = {
+            n.replace(".weight", f".{segment}.weight"): t for n, t in weights.tensors.items()
+        }
+        return AdapterWeights(weights.revision, weights.config, tensors)
+
+    default = prepare_adapter(renamed("default"), config, max_rank=16)
+    assert default.weights.keys() == plain.weights.keys()
+    assert all(torch.equal(default.weights[k][0], plain.weights[k][0]) for k in plain.weights)
+    with pytest.raises(AdapterRefused) as info:
+        prepare_adapter(renamed("policy-b"), config, max_rank=16)
+    assert info.value.reason == "unknown_tensor"
+
+
+def test_peft_dir_source_names_what_is_missing(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from mintvcs.serve.adapters import AdapterNotFound
+
+    parent = tmp_path / "saved"
+    shutil.copytree(peft_adapter, parent / "policy-b")
+    with pytest.raises(AdapterNotFound, match=r"found policy-b/adapter_config\.json"):
+        PeftDirSource({"x": parent}).load("x")
