@@ -280,9 +280,10 @@ def reachable_objects(repo: Repository) -> set[ObjectID]:
     GcCorruptObjectError for one that cannot be read; a reflog entry whose commit is gone is
     skipped, as git does ("reflog references pruned commits").
     """
+    roots = _roots(repo)
     scan = _scan_store(repo)
     _refuse_damage(scan)
-    return _walk(repo, scan)
+    return _walk(repo, scan, roots)
 
 
 class GcRefusedError(MintError):
@@ -412,13 +413,19 @@ def _borrowed(repo: Repository, scan: _Scan, oid: str) -> bool:
     return True
 
 
-def _walk(repo: Repository, scan: _Scan) -> set[ObjectID]:
-    """Every object reachable from refs, HEAD and reflogs, each confirmed present in `scan`."""
-    from dulwich.objects import ObjectID
+# (id, what it is to whoever points at it, the root it was reached from, strict)
+_Root = tuple[str, str, str, bool]
 
-    # (id, what it is to whoever points at it, the root it was reached from, strict). Popped
-    # last-in first-out: HEAD and refs go on top, so damage is blamed on them before reflogs.
-    stack: list[tuple[str, str, str, bool]] = []
+
+def _roots(repo: Repository) -> list[_Root]:
+    """What refs, HEAD and reflogs name now, in walk order (popped last-in first-out: HEAD and
+    refs on top, so damage is blamed on them before reflogs).
+
+    Read before the store is scanned: a commit landing meanwhile writes its objects before it
+    moves its ref, so everything these roots need is already there for the scan to see (read
+    after, a new commit's objects were missing from the scan and gc refused a sound store).
+    """
+    stack: list[_Root] = []
     refs = list(repo.refs.iter_refs("refs/"))
     for name in ["HEAD", *(name for name, _ in refs)]:
         for entry in repo.refs.reflog(name):
@@ -429,6 +436,14 @@ def _walk(repo: Repository, scan: _Scan) -> set[ObjectID]:
     head = repo.head_commit()
     if head:
         stack.append((head, "the commit it names", "HEAD", True))
+    return stack
+
+
+def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
+    """Every object reachable from `roots`, each confirmed present in `scan`."""
+    from dulwich.objects import ObjectID
+
+    stack = list(roots)
     seen: set[str] = set()
     while stack:
         oid, what, root, strict = stack.pop()
@@ -462,14 +477,17 @@ class GcResult:
 
 
 def _remove_stale_temporaries(repo: Repository, now: float) -> None:
-    """Delete object files that writers killed mid-write left behind, once past the grace period."""
-    for fan in (repo.git_dir / "objects").iterdir():
-        if len(fan.name) != 2 or not fan.is_dir():
-            continue
-        for path in fan.iterdir():
-            stale = now - path.stat().st_mtime >= GC_GRACE_SECONDS
-            if stale and (path.name.startswith(TMP_OBJECT_PREFIX) or path.name.endswith(".lock")):
-                path.unlink(missing_ok=True)
+    """Delete files that writers killed mid-write left behind, once past the grace period: loose
+    object temporaries, and pack temporaries (a killed gc leaves a store-sized `tmp*.pack`)."""
+    objects = repo.git_dir / "objects"
+    for folder in objects.iterdir():
+        if folder.is_dir() and (len(folder.name) == 2 or folder.name == "pack"):
+            for path in folder.iterdir():
+                name = path.name
+                temporary = name.startswith((TMP_OBJECT_PREFIX, "tmp")) or name.endswith(".lock")
+                with suppress(FileNotFoundError):
+                    if temporary and now - path.stat().st_mtime >= GC_GRACE_SECONDS:
+                        path.unlink()
 
 
 def _store_size(repo: Repository) -> int:
@@ -544,9 +562,10 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
 
     with _gc_lock(repo):
         before = _store_size(repo)
+        roots = _roots(repo)
         scan = _scan_store(repo)
         _refuse_damage(scan)
-        reachable = _walk(repo, scan)
+        reachable = _walk(repo, scan, roots)
         now = time.time()
         unreachable: set[ObjectID] = set()
         if prune:

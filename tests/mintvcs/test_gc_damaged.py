@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.mintvcs.storekit import blobs, damage_checks, git, git_fsck, loose_path, mint, mint_fails
+from tests.mintvcs.storekit import (
+    blobs,
+    damage_checks,
+    git,
+    git_fsck,
+    loose_path,
+    mint,
+    mint_fails,
+    mutate,
+)
 
 Snapshot = dict[str, tuple[int, bytes | None]]
 
@@ -158,4 +167,46 @@ def test_gc_prunes_old_unreachable_objects_and_keeps_young_ones(work: Path) -> N
     assert ", pruned 1;" in mint(work, "gc").stdout
     assert git(git_dir, "cat-file", "-e", old, ok=False).returncode != 0
     assert git(git_dir, "cat-file", "-t", young).stdout.strip() == "blob"
+    git_fsck(work)
+
+
+def test_gc_with_a_commit_landing_while_it_scans(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A training loop commits while gc runs: the refs gc walks must be the ones it read before
+    # scanning the store, or the new commit's objects look missing and gc refuses a sound store.
+    from mintvcs import maintenance, porcelain
+    from mintvcs.store import Repository
+
+    scan_store = maintenance._scan_store
+    landed: list[str] = []
+
+    def scan_then_commit(repo: Repository) -> object:
+        scan = scan_store(repo)
+        mutate(work, seed=21)
+        other = Repository.open(work)
+        landed.append(
+            porcelain.commit(other, "lands mid-gc", verify=False, show_progress=False).commit
+        )
+        other.close()
+        return scan
+
+    monkeypatch.setattr(maintenance, "_scan_store", scan_then_commit)
+    repo = Repository.open(work)
+    maintenance.gc(repo)
+    repo.close()
+    assert git(work / ".mint", "rev-parse", "main").stdout.strip() == landed[0]
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+
+
+def test_gc_removes_pack_temporaries_a_killed_gc_left(work: Path) -> None:
+    pack_dir = work / ".mint" / "objects" / "pack"
+    pack_dir.mkdir(exist_ok=True)
+    old, young = pack_dir / "tmpk2j3h4.pack", pack_dir / "tmp_pack_young"
+    for path in (old, young):
+        path.write_bytes(b"\0" * 4096)
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    mint(work, "gc")
+    assert not old.exists() and young.exists()
     git_fsck(work)
