@@ -145,6 +145,11 @@ def init(directory: Path, base_model: str | None, no_hooks: bool) -> None:
 )
 @click.option("--no-verify", is_flag=True, help="Skip the pre-commit and commit-msg hooks.")
 @click.option("--allow-empty", is_flag=True, help="Commit even if the adapter equals HEAD's.")
+@click.option(
+    "--branch",
+    metavar="NAME",
+    help="Commit onto existing branch NAME instead of HEAD's; HEAD and the work tree stay as they are.",
+)
 @json_option
 def commit(
     message: str,
@@ -152,6 +157,7 @@ def commit(
     meta: tuple[str, ...],
     no_verify: bool,
     allow_empty: bool,
+    branch: str | None,
     as_json: bool,
 ) -> None:
     """Record the adapter as a new revision on the current branch."""
@@ -165,6 +171,7 @@ def commit(
         meta=_parse_meta(meta),
         verify=not no_verify,
         allow_empty=allow_empty,
+        branch=branch,
     )
     if as_json:
         _emit_json(

@@ -210,15 +210,25 @@ def commit(
     verify: bool = True,
     show_progress: bool = True,
     allow_empty: bool = False,
+    branch: str | None = None,
 ) -> CommitResult:
-    """Commit the adapter in `source` (default: the work tree) on top of HEAD.
+    """Commit the adapter in `source` (default: the work tree) on top of HEAD, or of `branch`.
 
-    An adapter identical to HEAD's (tensors, config, files and metadata) is refused with
-    NothingToCommit, as git refuses an empty commit, unless `allow_empty`.
+    With `branch`, the commit goes onto that existing branch whatever HEAD is (a trainer that
+    commits with `source` keeps feeding `main` after someone checks out a tag); HEAD and the
+    work tree are left alone. An adapter identical to its parent's (tensors, config, files and
+    metadata) is refused with NothingToCommit, as git refuses an empty commit, unless
+    `allow_empty`.
     """
     source = Path(source) if source is not None else repo.work_tree
     if source is None:
         raise MintError("this repository has no work tree: pass --from DIR")
+    if branch is not None:
+        check_branch_name(branch)
+        if repo.refs.read(f"refs/heads/{branch}") is None:
+            raise UnknownRevisionError(
+                f"branch '{branch}' does not exist; create it with `mintvcs branch {branch} [START]`"
+            )
     adapter = read_adapter(source)
     shapes = {t.name: (t.dtype, t.shape) for t in adapter.layout.tensors}
     if repo.base is not None:
@@ -237,7 +247,7 @@ def commit(
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
     author, committer = signature(repo, "author"), signature(repo, "committer")
     who = committer.identity
-    branch_ref = repo.refs.read_symbolic("HEAD")
+    branch_ref = f"refs/heads/{branch}" if branch is not None else repo.refs.read_symbolic("HEAD")
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
     parent_rev = repo.read_revision(parent) if parent else None
@@ -258,8 +268,9 @@ def commit(
     tree, manifest = encode(parent_rev)
     if parent_rev is not None and tree == parent_rev.info.tree and not allow_empty:
         raise NothingToCommit(
-            f"nothing to commit: the adapter in {source} is identical to HEAD "
-            f"({parent_rev.commit[:7]}); use --allow-empty to record it anyway"
+            f"nothing to commit: the adapter in {source} is identical to "
+            f"{'HEAD' if branch is None else branch} ({parent_rev.commit[:7]}); "
+            "use --allow-empty to record it anyway"
         )
     if verify:
         message = _run_commit_msg(repo, message, env)

@@ -169,6 +169,30 @@ def test_commit_from_directory_leaves_work_tree_alone(work: Path, tmp_path: Path
     assert filecmp.cmp(work / WEIGHTS, other / WEIGHTS, shallow=False)
 
 
+def test_commit_branch_feeds_a_branch_whatever_head_is(work: Path, tmp_path: Path) -> None:
+    # A trainer commits with --from onto main; someone checks out a tag meanwhile (detached
+    # HEAD). Without --branch the trainer's commits went to the detached HEAD and main stopped.
+    first = commit(work, "first", "--no-verify")
+    mint(work, "tag", "prod")
+    mint(work, "checkout", "prod")
+    trainer = copy_adapter(work, tmp_path / "trainer")
+    mutate(trainer, seed=9)
+    out = json.loads(
+        mint(
+            work, "commit", "-m", "step 2", "--from", str(trainer), "--branch", "main", "--json"
+        ).stdout
+    )
+    assert out["branch"] == "main" and out["parent"] == first
+    assert git(work / ".mint", "rev-parse", "main").stdout.strip() == out["commit"]
+    assert head(work) == first  # HEAD stays detached at prod
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+    assert "does not exist" in mint_fails(
+        work, "commit", "-m", "x", "--from", str(trainer), "--branch", "nope"
+    )
+    again = mint_fails(work, "commit", "-m", "x", "--from", str(trainer), "--branch", "main")
+    assert "identical to main" in again
+
+
 # -------------------------------------------------------------------- log
 def test_log_oneline_limit_ref_and_json(work: Path) -> None:
     ids = [commit(work, "rev 0", "--no-verify")]
