@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import re
 import sys
 import threading
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -245,8 +248,23 @@ def ref_candidates(name: str) -> list[str]:
     ]
 
 
+# Repositories still open at exit are closed while the interpreter is whole: dulwich's pack
+# finalizers, run later during teardown, print "Exception ignored" tracebacks.
+_OPEN: weakref.WeakSet[Repository] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_repositories() -> None:
+    for repo in list(_OPEN):
+        with suppress(Exception):  # exiting anyway: a close that fails must not hide the real exit
+            repo.close()
+
+
 class Repository:
-    """A mintvcs repository: `.mint/` (a git directory) and, usually, a work tree beside it."""
+    """A mintvcs repository: `.mint/` (a git directory) and, usually, a work tree beside it.
+
+    Use it as a context manager (or call close()) to release its pack files.
+    """
 
     def __init__(self, git_dir: Path, work_tree: Path | None):
         self.git_dir = Path(git_dir)
@@ -257,6 +275,13 @@ class Repository:
             0  # objects this instance stored (loose or packed), for commit's summary
         )
         self._written_lock = threading.Lock()
+        _OPEN.add(self)
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ----------------------------------------------------------------- opening
     @classmethod

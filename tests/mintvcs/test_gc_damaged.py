@@ -210,3 +210,26 @@ def test_gc_removes_pack_temporaries_a_killed_gc_left(work: Path) -> None:
     mint(work, "gc")
     assert not old.exists() and young.exists()
     git_fsck(work)
+
+
+def test_a_repository_left_open_exits_quietly(work: Path) -> None:
+    # A script that never calls close() used to print dulwich's "Exception ignored" tracebacks
+    # at exit once packs existed; `with Repository.open(...)` closes it explicitly.
+    mint(work, "gc")
+    script = (
+        "import torch  # its teardown is what met dulwich's pack finalizers\n"
+        "from mintvcs.store import Repository\n"
+        "repo = Repository.open('.')\n"
+        "repo.read_revision(repo.resolve(repo.resolve('main')[:8])).tensors()\n"
+        "with Repository.open('.') as other:\n"
+        "    other.read_revision(other.resolve('side')).tensors()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr
