@@ -49,7 +49,7 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 class MintGroup(click.Group):
-    """Turns MintError into one line and an exit code instead of a traceback."""
+    """Turns MintError and usage errors into one `error:` line and an exit code instead of a traceback or a usage block."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -57,6 +57,10 @@ class MintGroup(click.Group):
         except MintError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
+        except click.UsageError as err:
+            where = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            click.echo(f"error: {err.format_message()} (see '{where} --help')", err=True)
+            sys.exit(err.exit_code)  # 2, click's (and argparse's) status for a usage error
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -28,7 +28,11 @@ from mintvcs.errors import MintError
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option(
-    "--port", default=8000, show_default=True, type=int, help="Port to bind (0 picks a free one)."
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to bind (0 picks a free one).",
 )
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
@@ -43,18 +47,22 @@ from mintvcs.errors import MintError
     "--max-loras",
     default=8,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=1),
     help="Device slots: revisions resident next to the base at once.",
 )
 @click.option(
     "--max-cpu-loras",
     default=64,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=1),
     help="Decoded revisions kept in host memory.",
 )
 @click.option(
-    "--max-rank", default=64, show_default=True, type=int, help="Largest LoRA rank served."
+    "--max-rank",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest LoRA rank served.",
 )
 @click.option(
     "--api-key-file",
@@ -70,33 +78,37 @@ from mintvcs.errors import MintError
     help="Which endpoints need the token: the admin ones, or all but /health (as vLLM's --api-key).",
 )
 @click.option(
-    "--max-batch-size", default=32, show_default=True, type=int, help="Sequences decoded together."
+    "--max-batch-size",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sequences decoded together.",
 )
 @click.option(
     "--max-model-len",
     default=None,
-    type=int,
+    type=click.IntRange(min=1),
     help="Prompt + output tokens per sequence [default: min(2048, the model's)].",
 )
 @click.option(
     "--max-prompt-bytes",
     default=64 * 1024,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=1),
     help="Larger prompts get 413.",
 )
 @click.option(
     "--max-tokens-limit",
     default=1024,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=1),
     help="Largest max_tokens a request may ask for.",
 )
 @click.option(
     "--ref-poll-interval",
     default=0.15,
     show_default=True,
-    type=float,
+    type=click.FloatRange(0.01, 1.0),
     help="Seconds between checks of the refs in use.",
 )
 @click.option(

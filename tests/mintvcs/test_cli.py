@@ -126,6 +126,13 @@ def test_commit_prints_id_and_git_agrees(work: Path) -> None:
     # Malformed --meta is a usage error, not a traceback.
     result = mint(work, "commit", "-m", "x", "--meta", "novalue", ok=False)
     assert result.returncode == 2 and "KEY=VALUE" in result.stderr
+    # One `error:` line naming the help to read, as for every other refusal (not click's
+    # four-line usage block).
+    for args in (("commit", "-m", "x", "--meta", "novalue"), ("gc", "--json"), ("nonsense",)):
+        result = mint(work, *args, ok=False)
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: ") and "--help" in lines[0]
     git_fsck(work)
 
 

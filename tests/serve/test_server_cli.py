@@ -186,3 +186,20 @@ def test_serve_second_signal_stops_without_waiting_for_the_drain(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_option_out_of_range_is_one_usage_line(tmp_path: Path, tiny_base: Path) -> None:
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "mintvcs.cli", "serve"),
+            *("--base-model", str(tiny_base), "--ref-poll-interval", "5"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "--ref-poll-interval" in lines[0] and "0.01<=x<=1.0" in lines[0]
