@@ -25,8 +25,21 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from mintvcs.errors import MintError
-from mintvcs.serve.http_metrics import Counter, CounterFrom, Gauge, Histogram, Registry
-from mintvcs.serve.refwatch import InvalidRefSpec, RefMove, RefWatcher, metric_label
+from mintvcs.serve.http_metrics import (
+    Counter,
+    CounterFrom,
+    Gauge,
+    GaugeSeries,
+    Histogram,
+    Registry,
+)
+from mintvcs.serve.refwatch import (
+    InvalidRefSpec,
+    RefMove,
+    RefWatcher,
+    metric_label,
+    names_an_ancestor,
+)
 
 if TYPE_CHECKING:
     from mintvcs.serve.engine import Engine
@@ -188,12 +201,28 @@ class ServerState:
             )
         )
         m.add(
+            GaugeSeries(
+                "mint_ref_revision_info",
+                "1 for the revision each branch or tag in use resolves to now (which one is live).",
+                ("ref", "revision"),
+                self._live_revisions,
+            )
+        )
+        m.add(
             Gauge(
                 "mint_ref_cache_entries",
                 "Ref specs in the resolution cache.",
                 lambda: float(len(self.watcher.tracked())),
             )
         )
+
+    def _live_revisions(self) -> dict[tuple[str, ...], float]:
+        """(branch or tag, commit) of every ref named as is (not `main~1`) in the resolution cache."""
+        return {
+            (metric_label(r.ref), r.commit): 1.0
+            for r in self.watcher.tracked()
+            if r.ref is not None and not names_an_ancestor(r.spec)
+        }
 
     def harvest_load_latency(self) -> None:
         """Move new slot-load durations from the engine's counters into the histogram."""

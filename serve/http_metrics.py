@@ -112,6 +112,25 @@ class CounterFrom(_Metric):
         return [*self.header(), f"{self.name} {_num(self.read())}"]
 
 
+class GaugeSeries(_Metric):
+    """Gauges whose label sets and values some other component knows, read at scrape time."""
+
+    kind = "gauge"
+
+    def __init__(
+        self, name: str, help_text: str, labelnames: Labels, read: Callable[[], dict[Labels, float]]
+    ) -> None:
+        super().__init__(name, help_text, labelnames)
+        self.read = read
+
+    def render(self) -> list[str]:
+        items = sorted(self.read().items())
+        return [
+            *self.header(),
+            *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items),
+        ]
+
+
 class Histogram(_Metric):
     """Observations counted into cumulative buckets, with their sum and count."""
 

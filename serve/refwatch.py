@@ -77,6 +77,11 @@ class Resolution:
     ref: str | None
 
 
+def names_an_ancestor(spec: str) -> bool:
+    """True for a spec with a suffix (`main~1`, `main@{1}`): its commit is not its ref's value."""
+    return _SUFFIX.search(spec) is not None
+
+
 def metric_label(ref: str | None) -> str:
     """The metrics label of a request or move: the branch or tag it went through, "(commit)" for ids.
 

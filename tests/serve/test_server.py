@@ -19,6 +19,7 @@ import pytest
 
 from mintvcs import porcelain
 from mintvcs.serve.app import BackgroundServer, ServerConfig
+from mintvcs.serve.refwatch import names_an_ancestor
 from mintvcs.store import Repository
 from tests.fixtures import make_peft_adapter
 
@@ -943,6 +944,28 @@ def test_metrics_label_requests_by_ref_not_by_spelling(
     }
     assert "main" in labels and "(commit)" in labels
     assert not labels & {"main~0", "main^0~0", "refs/heads/main", head[:9], head}
+
+
+def test_metrics_show_which_revision_each_ref_serves(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    # An operator following `main` from a training loop asks "which revision is live?".
+    for spec in ("main", "prod"):
+        assert gen(server, prompt="x", ref=spec, max_tokens=1)[0] == 200
+    _, _, text = request(server.url + "/metrics")
+    live = {
+        line.split('ref="', 1)[1].split('"', 1)[0]: line.split('revision="', 1)[1][:40]
+        for line in text.splitlines()
+        if line.startswith("mint_ref_revision_info{")
+    }
+    assert live["main"] == repo.resolve("main") and live["prod"] == repo.resolve("prod")
+    # A spec with a suffix names a commit through its ref, not the ref's value.
+    assert [names_an_ancestor(s) for s in ("main", "main~1", "main^2", "main@{1}")] == [
+        False,
+        True,
+        True,
+        True,
+    ]
 
 
 def test_models_retrieves_one_ref(server: BackgroundServer, repo: Repository) -> None:
