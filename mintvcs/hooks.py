@@ -49,10 +49,17 @@ def run_hook(
         return
     import subprocess  # ~5 ms: only when a hook runs
 
+    # One stream, in the order the hook wrote it (git sends hooks' stdout to stderr too).
     result = subprocess.run(
-        [str(path), *args], env=env, cwd=git_dir.parent, capture_output=True, text=True, check=False
+        [str(path), *args],
+        env=env,
+        cwd=git_dir.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        check=False,
     )
-    output = (result.stderr or result.stdout).strip()
+    output = result.stdout.strip()
     if result.returncode != 0 and may_refuse:
         detail = output.splitlines()[-1] if output else f"exit status {result.returncode}"
         raise refusal(name, detail)

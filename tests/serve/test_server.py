@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -632,6 +633,43 @@ def test_ref_update_hook_notifies_the_server(
     finally:
         hook.unlink()
         config.write_text(original)
+
+
+def test_ref_update_hook_notifies_servers_at_once_and_reports_each(
+    server: BackgroundServer, repo: Repository, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    # Two servers that accept but never answer: the commit used to wait 2 s for each in turn,
+    # and the live server's "notified" line was dropped once another one failed.
+    import socket
+
+    hook = repo.git_dir / "hooks" / "ref-update"
+    shutil.copyfile(repo.git_dir / "hooks" / "ref-update.sample", hook)
+    hook.chmod(0o755)
+    silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    urls = [f"http://127.0.0.1:{s.getsockname()[1]}" for s in silent] + [server.url]
+    config = repo.git_dir / "config"
+    original = config.read_text()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    config.write_text(
+        original
+        + f'[mint "notify"]\n\ttoken-file = {token_file}\n'
+        + "".join(f"\turl = {u}\n" for u in urls)
+    )
+    err = io.StringIO()
+    try:
+        started = time.monotonic()
+        with contextlib.redirect_stderr(err):
+            porcelain.commit(repo, "twice", source=adapters["a2"], verify=True, show_progress=False)
+        elapsed = time.monotonic() - started
+    finally:
+        hook.unlink()
+        config.write_text(original)
+        for s in silent:
+            s.close()
+    text = err.getvalue()
+    assert text.count("cannot notify") == 2 and f"notified {server.url}" in text, text
+    assert elapsed < 3.5, f"the hook notified one server after another ({elapsed:.1f} s)"
 
 
 def test_notify_without_token_configured_is_open_and_refreshes(server: BackgroundServer) -> None:
