@@ -22,6 +22,14 @@ from tests.mintvcs.storekit import (
 )
 
 
+def assert_sound_and_checks_out(work: Path, weights: bytes) -> None:
+    """fsck passes and a fresh checkout of main writes `weights` byte for byte."""
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    (work / "adapter_model.safetensors").unlink()
+    mint(work, "checkout", "--force", "main")
+    assert (work / "adapter_model.safetensors").read_bytes() == weights
+
+
 def test_fsck_flags_tree_entries_git_fsck_flags(work: Path) -> None:
     # A tree with a '..' entry (dulwich writes it; git mktree would refuse) checks out nowhere
     # sane: both fscks must name it even though no ref reaches it.
@@ -88,10 +96,7 @@ def test_gc_keeps_xor_bases_that_only_a_tensor_blob_names(work: Path) -> None:
         os.utime(path, (two_hours_ago, two_hours_ago))
     pruned = mint(work, "gc").stdout
     assert ", pruned " in pruned and ", pruned 0;" not in pruned  # the old commits went
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    (work / "adapter_model.safetensors").unlink()
-    mint(work, "checkout", "--force", "main")
-    assert (work / "adapter_model.safetensors").read_bytes() == weights
+    assert_sound_and_checks_out(work, weights)
 
 
 def test_commit_retry_after_a_backwards_move_encodes_against_the_new_tip(work: Path) -> None:
@@ -111,10 +116,7 @@ def test_commit_retry_after_a_backwards_move_encodes_against_the_new_tip(work: P
     git(git_dir, "branch", "-D", "side")
     shutil.rmtree(git_dir / "logs")
     git(git_dir, "gc", "--prune=now", "--quiet")
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    (work / "adapter_model.safetensors").unlink()
-    mint(work, "checkout", "--force", "main")
-    assert (work / "adapter_model.safetensors").read_bytes() == weights
+    assert_sound_and_checks_out(work, weights)
 
 
 def test_fsck_and_tag_accept_git_notes_and_tags_of_trees_and_blobs(work: Path) -> None:
@@ -151,18 +153,12 @@ def test_a_shared_clone_and_version_1_pack_indexes_are_not_called_damaged(
     )
     assert (clone / ".mint" / "objects" / "info" / "alternates").exists()
     mint(clone, "checkout", "--force", "main")
-    assert json.loads(mint(clone, "fsck", "--json").stdout)["ok"]
     assert mint(clone, "gc").stdout.startswith("packed ")
-    (clone / "adapter_model.safetensors").unlink()
-    mint(clone, "checkout", "--force", "main")
-    assert (clone / "adapter_model.safetensors").read_bytes() == weights
+    assert_sound_and_checks_out(clone, weights)
 
     git(work / ".mint", "-c", "pack.indexVersion=1", "repack", "-adq")
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
     assert mint(work, "gc").stdout.startswith("packed ")
-    (work / "adapter_model.safetensors").unlink()
-    mint(work, "checkout", "--force", "main")
-    assert (work / "adapter_model.safetensors").read_bytes() == weights
+    assert_sound_and_checks_out(work, weights)
 
 
 def test_tags_get_no_reflog_so_git_gc_runs_clean(work: Path) -> None:

@@ -30,6 +30,20 @@ def _start(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
+def _url_when_ready(proc: subprocess.Popen[str]) -> str:
+    """The URL the server's first line names, once /health answers 200."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"listening on (http://\S+)", line)
+    assert match, line
+    url = match.group(1)
+    deadline = time.monotonic() + 60
+    while request(url + "/health")[0] != 200:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    return url
+
+
 @pytest.mark.slow
 def test_serve_process_health_and_sigterm_drain(
     tmp_path: Path, tiny_base: Path, peft_adapter: Path
@@ -51,15 +65,7 @@ def test_serve_process_health_and_sigterm_drain(
         ]
     )
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"listening on (http://\S+)", line)
-        assert match, line
-        url = match.group(1)
-        deadline = time.monotonic() + 60
-        while request(url + "/health")[0] != 200:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        url = _url_when_ready(proc)
 
         # A long streaming request is running when SIGTERM arrives: it must finish, then the process exits 0.
         body = json.dumps(
@@ -144,14 +150,8 @@ def test_serve_second_signal_stops_without_waiting_for_the_drain(
         ]
     )
     try:
+        url = _url_when_ready(proc)
         assert proc.stdout is not None
-        match = re.search(r"listening on (http://\S+)", proc.stdout.readline())
-        assert match
-        url = match.group(1)
-        deadline = time.monotonic() + 60
-        while request(url + "/health")[0] != 200:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
         body = json.dumps(
             {"prompt": "Hi", "max_tokens": 8000, "stream": True, "ignore_eos": True}
         ).encode()
