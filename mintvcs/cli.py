@@ -542,12 +542,23 @@ def fsck(as_json: bool) -> None:
 
 
 @main.command()
+@json_option
 @click.option("--no-prune", is_flag=True, help="Keep unreachable objects.")
-def gc(no_prune: bool) -> None:
+def gc(no_prune: bool, as_json: bool) -> None:
     """Pack reachable objects and refs; prune unreachable objects older than an hour."""
     from mintvcs import maintenance
 
     result = maintenance.gc(_open_repo(), prune=not no_prune)
+    if as_json:
+        _emit_json(
+            {
+                "packed": result.packed,
+                "pruned": result.pruned,
+                "bytes_before": result.bytes_before,
+                "bytes_after": result.bytes_after,
+            }
+        )
+        return
     click.echo(
         f"packed {result.packed} objects, pruned {result.pruned}; store {result.bytes_before:,} -> {result.bytes_after:,} bytes"
     )

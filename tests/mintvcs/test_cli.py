@@ -128,7 +128,7 @@ def test_commit_prints_id_and_git_agrees(work: Path) -> None:
     assert result.returncode == 2 and "KEY=VALUE" in result.stderr
     # One `error:` line naming the help to read, as for every other refusal (not click's
     # four-line usage block).
-    for args in (("commit", "-m", "x", "--meta", "novalue"), ("gc", "--json"), ("nonsense",)):
+    for args in (("commit", "-m", "x", "--meta", "novalue"), ("gc", "--bogus"), ("nonsense",)):
         result = mint(work, *args, ok=False)
         lines = result.stderr.splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
