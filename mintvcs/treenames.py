@@ -28,6 +28,8 @@ def git_special_name(component: str) -> str | None:
     file-system alias, and checks `.gitmodules` as submodule configuration: an adapter's tensor
     or file must never be stored under such a name.
     """
+    if component.isascii() and not component[:7].lower().startswith((".git", "git~", "gitmod~")):
+        return None  # every tensor name of a real adapter: checked on each manifest read
     folded = "".join(c for c in component if c not in _HFS_IGNORED).lower()
     # NTFS drops trailing dots and spaces and reads `name:stream` as `name`.
     ntfs = folded.split(":", 1)[0].rstrip(". ")
