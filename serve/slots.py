@@ -665,6 +665,10 @@ class Residency:
             host = self._host_adapter(revision)
             if self._stream is not None:
                 # A side stream: the copy overlaps decode steps running on the default stream.
+                # It starts after what that stream already holds, the eviction's release() of
+                # this slot included: otherwise that rank-0 write could land after ours, and the
+                # slot would silently apply nothing.
+                self._stream.wait_stream(torch.cuda.default_stream(self.pools.device))
                 with torch.cuda.stream(self._stream):
                     self.pools.write(slot.index, host)
                 self._stream.synchronize()
