@@ -187,6 +187,7 @@ def _apply_lora(
             lora.scales,
             slot_ranks=lora.ranks,
             backend=lora.backend,
+            validate=False,  # the engine built the pools and grouped the step's tokens
         )
         return
     col = 0
@@ -201,6 +202,7 @@ def _apply_lora(
                 lora.scales,
                 slot_ranks=lora.ranks,
                 backend=lora.backend,
+                validate=False,
             )
         col += width
 
