@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -476,6 +477,33 @@ class GcResult:
     bytes_after: int
 
 
+# oid -> unix time gc first found it unreachable (or its loose file's mtime): the age of
+# unreachable objects inside packs, which have no file of their own to date them.
+FIRST_SEEN_FILE = "mint-unreachable.json"
+
+
+def _read_first_seen(repo: Repository) -> dict[str, float]:
+    """The record of young unreachable objects; empty when missing or unreadable (all count as new)."""
+    try:
+        raw = json.loads((repo.git_dir / FIRST_SEEN_FILE).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+
+
+def _write_first_seen(repo: Repository, seen: dict[str, float]) -> None:
+    """Replace the record atomically (a crash leaves the old one, which only keeps objects longer)."""
+    path = repo.git_dir / FIRST_SEEN_FILE
+    if not seen:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f"{FIRST_SEEN_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(seen, sort_keys=True))
+    os.replace(tmp, path)
+
+
 def _remove_stale_temporaries(repo: Repository, now: float) -> None:
     """Delete files that writers killed mid-write left behind, once past the grace period: loose
     object temporaries, and pack temporaries (a killed gc leaves a store-sized `tmp*.pack`)."""
@@ -569,6 +597,12 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
         now = time.time()
         unreachable: set[ObjectID] = set()
         if prune:
+            # Unreachable objects are kept until an hour after they were written (loose) or
+            # first found unreachable (packed: a commit of many tensors packs its blobs before
+            # its ref moves, and this gc packs young loose ones), so a commit in progress
+            # loses nothing.
+            first_seen = _read_first_seen(repo)
+            still_young: dict[str, float] = {}
             for oid in sorted(scan.ids):
                 key = ObjectID(oid.encode())
                 if key in reachable:
@@ -576,11 +610,16 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
                 if oid in scan.loose:
                     path = repo.git_dir / "objects" / oid[:2] / oid[2:]
                     try:
-                        if now - path.stat().st_mtime < GC_GRACE_SECONDS:
-                            continue
+                        seen = path.stat().st_mtime
                     except FileNotFoundError:
                         continue  # another process removed it meanwhile: nothing to prune
+                else:
+                    seen = first_seen.get(oid, now)
+                if now - seen < GC_GRACE_SECONDS:
+                    still_young[oid] = seen
+                    continue
                 unreachable.add(key)
+            _write_first_seen(repo, still_young)
         try:
             # dulwich writes the new pack completely (and renames it into place) before it
             # deletes any loose object or old pack, so a failure here loses nothing.

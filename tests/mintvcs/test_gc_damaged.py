@@ -234,3 +234,44 @@ def test_a_repository_left_open_exits_quietly(work: Path) -> None:
         check=False,
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_gc_keeps_young_unreachable_objects_even_inside_packs(work: Path) -> None:
+    # A commit of many tensors writes its blobs into a pack before its ref moves; gc used to
+    # prune every unreachable packed object at once, whatever its age (a concurrent commit's
+    # tensors went missing), and a young loose one at the second gc, once the first packed it.
+    git_dir = work / ".mint"
+    ids = []
+    for i in range(3):
+        source = work.parent / f"in-flight-{i}.bin"
+        source.write_bytes(os.urandom(1000))
+        ids.append(git(git_dir, "hash-object", "-w", str(source)).stdout.strip())
+    subprocess.run(
+        [
+            "git",
+            "--git-dir",
+            str(git_dir),
+            "pack-objects",
+            "-q",
+            str(git_dir / "objects/pack/pack"),
+        ],
+        input="\n".join(ids[:2]) + "\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    git(git_dir, "prune-packed")
+    assert not loose_path(work, ids[0]).exists() and loose_path(work, ids[2]).exists()
+    for _ in range(2):
+        assert json.loads(mint(work, "gc", "--json").stdout)["pruned"] == 0
+        for oid in ids:
+            assert git(git_dir, "cat-file", "-t", oid).stdout.strip() == "blob"
+    # An hour after gc first found them unreachable, they go.
+    record = git_dir / "mint-unreachable.json"
+    seen = json.loads(record.read_text())
+    assert set(ids) <= set(seen)
+    record.write_text(json.dumps({oid: t - 7200 for oid, t in seen.items()}))
+    assert json.loads(mint(work, "gc", "--json").stdout)["pruned"] >= 3
+    assert git(git_dir, "cat-file", "-e", ids[0], ok=False).returncode != 0
+    assert not record.exists()
+    git_fsck(work)
