@@ -248,29 +248,40 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
                 continue
             seen_commits.add(oid)
             try:
+                # Parents first: damage in this revision must not hide the older ones.
+                pending.extend(reversed(repo.commit_info(oid).parents))
                 rev = repo.read_revision(oid)
                 report.revisions += 1
                 _ = rev.config_bytes
-                for record in rev.manifest.tensors:
-                    if oid in bad or record.blob in bad:
-                        report.problems.append(
-                            f"commit {oid[:12]}: tensor {record.name} is in corrupt object {record.blob}"
-                        )
-                        continue
+            except MintError as err:
+                report.problems.append(f"commit {oid[:12]} (reachable from {name}): {err}")
+                continue
+            # Each tensor and file on its own: every missing or damaged one is named.
+            for record in rev.manifest.tensors:
+                if oid in bad or record.blob in bad:
+                    report.problems.append(
+                        f"commit {oid[:12]}: tensor {record.name} is in corrupt object {record.blob}"
+                    )
+                    continue
+                try:
                     repo.tensor_bytes(record.blob, record.name)
                     report.tensors += 1
-                    if progress:
-                        progress(1)
-                for file in rev.manifest.files:
+                except MintError as err:
+                    report.problems.append(f"commit {oid[:12]}: {err}")
+                if progress:
+                    progress(1)
+            for file in rev.manifest.files:
+                try:
                     repo.read_blob(file.blob, what=file.path)
+                except MintError as err:
+                    report.problems.append(f"commit {oid[:12]}: {err}")
+            try:
                 for where, missing in _missing_in_tree(repo, rev.info.tree):
                     report.problems.append(
                         f"commit {oid[:12]}: object {missing} ({where!r}) is missing from the store"
                     )
             except MintError as err:
-                report.problems.append(f"commit {oid[:12]} (reachable from {name}): {err}")
-                continue
-            pending.extend(reversed(rev.info.parents))
+                report.problems.append(f"commit {oid[:12]}: {err}")
     return report
 
 

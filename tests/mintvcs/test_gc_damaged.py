@@ -275,3 +275,15 @@ def test_gc_keeps_young_unreachable_objects_even_inside_packs(work: Path) -> Non
     assert git(git_dir, "cat-file", "-e", ids[0], ok=False).returncode != 0
     assert not record.exists()
     git_fsck(work)
+
+
+def test_fsck_names_every_missing_tensor_and_checks_older_revisions(work: Path) -> None:
+    # It used to stop at the first missing object of a revision, and skip its history.
+    only_tip = [b for b in blobs(work, "main:tensors") if b not in set(blobs(work, "main~1"))]
+    assert len(only_tip) >= 2
+    for oid in only_tip[:2]:
+        loose_path(work, oid).unlink()
+    report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)
+    assert report["revisions"] == 3
+    for oid in only_tip[:2]:
+        assert any(oid in p for p in report["problems"]), report["problems"]
