@@ -533,6 +533,14 @@ def new_state(config: ServerConfig) -> ServerState:
     )
 
 
+def _ref_value(state: ServerState, ref: str) -> str | None:
+    try:
+        value: str | None = state.repo.refs.read(ref)
+    except MintError:
+        return None
+    return value
+
+
 def count_move(state: ServerState, ref: str | None, commit: str) -> None:
     """Count a ref's move to `commit` once, however many specs in use reported it."""
     label = metric_label(ref)
@@ -542,7 +550,11 @@ def count_move(state: ServerState, ref: str | None, commit: str) -> None:
 
 
 def _on_move(state: ServerState, move: RefMove) -> None:
-    count_move(state, move.ref, move.new)
+    if move.ref is not None:
+        # `main~1` and `main@{1}` move to other commits than main itself: count main's value.
+        value = move.new if not names_an_ancestor(move.spec) else _ref_value(state, move.ref)
+        if value is not None:
+            count_move(state, move.ref, value)
     what = move.spec if move.ref in (None, move.spec) else f"{move.spec} ({move.ref})"
     log.info("%s moved %s -> %s", what, move.old[:12], move.new[:12])
     engine = state.engine

@@ -568,6 +568,8 @@ async def models(request: web.Request) -> web.Response:
             if len(data) >= limit:
                 truncated = True
                 break
+            if state.repo.peel_object(oid)[1] != "commit":
+                continue  # a git tag of a tree or blob names no revision to serve
             data.append(_model_object(state, kind, name, oid))
     return web.json_response({"object": "list", "data": data, "truncated": truncated})
 

@@ -1006,6 +1006,46 @@ def test_metrics_show_which_revision_each_ref_serves(
     ]
 
 
+def test_models_list_skips_tags_of_trees(server: BackgroundServer, repo: Repository) -> None:
+    # `git tag treetag main^{tree}` made the whole listing fail with 404.
+    import subprocess
+
+    git_dir = str(repo.git_dir)
+    subprocess.run(["git", "--git-dir", git_dir, "tag", "treetag", "main^{tree}"], check=True)
+    try:
+        status, _, body = request(server.url + "/v1/models")
+        assert status == 200, body
+        ids = {m["id"] for m in body["data"]}
+        assert "main" in ids and "treetag" not in ids
+    finally:
+        subprocess.run(
+            ["git", "--git-dir", git_dir, "tag", "-d", "treetag"], check=True, capture_output=True
+        )
+
+
+def test_a_move_is_counted_once_whatever_specs_follow_it(
+    server: BackgroundServer, repo: Repository, adapters: dict[str, Path]
+) -> None:
+    # main~1 and main@{1} move to other commits than main; each used to count the move again.
+    def moves() -> float:
+        _, _, text = request(server.url + "/metrics")
+        line = [s for s in text.splitlines() if s.startswith('mint_ref_moves_total{ref="main"}')]
+        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+
+    porcelain.commit(repo, "one", source=adapters["a1"], show_progress=False, allow_empty=True)
+    porcelain.commit(repo, "two", source=adapters["a2"], show_progress=False, allow_empty=True)
+    specs = ("main", "heads/main", "main~1", "main@{1}")
+    for spec in specs:
+        assert gen(server, prompt="x", ref=spec, max_tokens=1)[0] == 200
+    time.sleep(0.5)  # the watcher has polled: nothing pending
+    before = moves()
+    porcelain.commit(repo, "three", source=adapters["a1"], show_progress=False, allow_empty=True)
+    time.sleep(0.5)
+    for spec in specs:
+        assert gen(server, prompt="x", ref=spec, max_tokens=1)[0] == 200
+    assert moves() == before + 1
+
+
 def test_models_retrieves_one_ref(server: BackgroundServer, repo: Repository) -> None:
     status, _, body = request(server.url + "/v1/models/prod")
     assert status == 200
