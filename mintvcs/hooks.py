@@ -20,10 +20,11 @@ class HookRefusedError(MintError):
 def hook_env(git_dir: Path, adapter_dir: Path | None = None) -> dict[str, str]:
     """The environment hooks get: where the repository and adapter are, and which Python runs mintvcs."""
     env = dict(os.environ)
-    env["MINT_DIR"] = str(git_dir)
+    # Absolute: hooks run in the work tree, not where mintvcs was started (`--from ../x`).
+    env["MINT_DIR"] = os.path.abspath(git_dir)
     env["MINT_PYTHON"] = sys.executable
     if adapter_dir is not None:
-        env["MINT_ADAPTER_DIR"] = str(adapter_dir)
+        env["MINT_ADAPTER_DIR"] = os.path.abspath(adapter_dir)
     return env
 
 
@@ -61,8 +62,11 @@ def run_hook(
     )
     output = result.stdout.strip()
     if result.returncode != 0 and may_refuse:
-        detail = output.splitlines()[-1] if output else f"exit status {result.returncode}"
-        raise refusal(name, detail)
+        # Everything the hook said, as git shows it; its last line also goes into the error.
+        lines = output.splitlines()
+        if len(lines) > 1:
+            sys.stderr.write("\n".join(lines[:-1]) + "\n")
+        raise refusal(name, lines[-1] if lines else f"exit status {result.returncode}")
     if output:
         sys.stderr.write(output + "\n")
 

@@ -19,6 +19,7 @@ from mintvcs import codec
 from mintvcs.errors import MintError
 from mintvcs.packs import TMP_OBJECT_PREFIX
 from mintvcs.store import CorruptObjectError, Repository
+from mintvcs.treenames import git_special_name
 
 if TYPE_CHECKING:
     from dulwich.objects import ObjectID
@@ -75,13 +76,19 @@ def _format_problem(oid: str, kind: bytes, body: bytes) -> str | None:
     if kind == b"blob":
         return None
     from dulwich.errors import ObjectFormatException
-    from dulwich.objects import ShaFile
+    from dulwich.objects import ShaFile, Tree
 
     type_num = {name: num for num, name in _TYPES.items()}[kind]
     try:
-        ShaFile.from_raw_string(type_num, body).check()
+        obj = ShaFile.from_raw_string(type_num, body)
+        obj.check()
     except (ObjectFormatException, ValueError, KeyError, IndexError, AssertionError) as err:
         return f"malformed {kind.decode()} {oid}: {err}"
+    if isinstance(obj, Tree):
+        for item in obj.items():  # the case and file-system aliases dulwich does not check
+            reason = git_special_name(item.path.decode(errors="replace"))
+            if reason is not None:
+                return f"malformed tree {oid}: entry {reason}"
     return None
 
 

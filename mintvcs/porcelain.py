@@ -977,7 +977,8 @@ def _move_head(
     is_branch: bool,
 ) -> CheckoutResult:
     who = identity(repo)
-    previous = repo.current_branch() or (head[:7] if head else "nothing")
+    # git writes a detached HEAD's full id here (`@{-1}` reads it back).
+    previous = repo.current_branch() or (head if head else "nothing")
     if new_branch is not None:
         repo.refs.update(
             f"refs/heads/{new_branch}",

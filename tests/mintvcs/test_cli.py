@@ -6,6 +6,8 @@ import filecmp
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from mintvcs.base import fingerprint
 from mintvcs.safetensors_file import parse_layout
 from tests.mintvcs.storekit import (
     CONFIG,
+    ENV,
     WEIGHTS,
     copy_adapter,
     git,
@@ -748,6 +751,35 @@ def test_hooks_pre_commit_commit_msg_post_commit(work: Path, tmp_path: Path) -> 
     fourth = commit(work, "JIRA-2 post fails")
     assert head(work) == fourth
     git_fsck(work)
+
+
+def test_hook_refusal_shows_all_its_output_and_gets_absolute_paths(
+    work: Path, tmp_path: Path
+) -> None:
+    # git shows everything a refusing hook printed; we kept only its last line. And hooks run
+    # in the work tree, so a relative --from in MINT_ADAPTER_DIR pointed nowhere.
+    commit(work, "first")
+    _install_hook(
+        work,
+        "pre-commit",
+        'echo "checking"\necho "reward too low" >&2\n'
+        'ls "$MINT_ADAPTER_DIR/adapter_config.json" >/dev/null || exit 9\n'
+        'echo "refused: see above"\nexit 1\n',
+    )
+    copy_adapter(work, tmp_path / "elsewhere")
+    (work / "sub").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", "commit", "-m", "x", "--from", "../../elsewhere"],
+        cwd=work / "sub",
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode != 0
+    assert lines[:2] == ["checking", "reward too low"], result.stderr
+    assert lines[-1].startswith("error: pre-commit hook refused the commit: refused: see above")
 
 
 def test_sample_commit_msg_hook_refuses_empty_message(work: Path) -> None:

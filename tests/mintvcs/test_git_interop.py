@@ -246,3 +246,31 @@ def test_a_symbolic_branch_is_listed_and_deleted_as_git_does(work: Path) -> None
     assert mint(work, "branch", "-D", "alias").stdout.strip() == "Deleted branch alias (was main)."
     assert git(git_dir, "rev-parse", "main").stdout.strip() == main
     assert "alias" not in git(git_dir, "branch").stdout
+
+
+def test_fsck_flags_dotgit_aliases_in_trees(work: Path) -> None:
+    # dulwich's check only knows ".git"; git fsck's hasDotgit also catches case and NTFS aliases.
+    from dulwich.objects import Blob, Tree
+    from dulwich.repo import Repo
+
+    store = Repo(str(work / ".mint")).object_store
+    blob = Blob.from_string(b"x")
+    store.add_object(blob)
+    tree = Tree()
+    tree.add(b".GIT", 0o100644, blob.id)
+    store.add_object(tree)
+    problems, (git_status, git_text) = damage_checks(work)
+    assert git_status != 0 and tree.id.decode() in git_text
+    assert len(problems) == 1 and problems[0].startswith(
+        f"malformed tree {tree.id.decode()}: entry"
+    )
+
+
+def test_checkout_logs_a_detached_head_by_its_full_id(work: Path) -> None:
+    # As git: `checkout: moving from <40 hex> to main`, so @{-1} names the exact commit.
+    git_dir = work / ".mint"
+    tip = git(git_dir, "rev-parse", "main~1").stdout.strip()
+    mint(work, "checkout", tip)
+    mint(work, "checkout", "main")
+    assert f"checkout: moving from {tip} to main" in (git_dir / "logs" / "HEAD").read_text()
+    assert git(git_dir, "rev-parse", "@{-1}").stdout.strip() == tip
