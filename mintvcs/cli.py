@@ -51,6 +51,21 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
 class MintGroup(click.Group):
     """Turns MintError and usage errors into one `error:` line and an exit code instead of a traceback or a usage block."""
 
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `mintvcs` alone: the help, as git prints its usage
+        except click.UsageError as err:  # `mintvcs --bogus`: one line, as for a command's
+            click.echo(f"error: {err.format_message()} (see '{info_name} --help')", err=True)
+            sys.exit(err.exit_code)
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)

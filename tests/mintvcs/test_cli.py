@@ -131,7 +131,12 @@ def test_commit_prints_id_and_git_agrees(work: Path) -> None:
     assert result.returncode == 2 and "KEY=VALUE" in result.stderr
     # One `error:` line naming the help to read, as for every other refusal (not click's
     # four-line usage block).
-    for args in (("commit", "-m", "x", "--meta", "novalue"), ("gc", "--bogus"), ("nonsense",)):
+    for args in (
+        ("commit", "-m", "x", "--meta", "novalue"),
+        ("gc", "--bogus"),
+        ("nonsense",),
+        ("--bogus",),
+    ):
         result = mint(work, *args, ok=False)
         lines = result.stderr.splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
