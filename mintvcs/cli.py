@@ -395,17 +395,22 @@ def status(as_json: bool) -> None:
             click.echo(click.style(f"\t{kind + ':':10} {path}", fg=color))
 
 
+def _name_and_start(names: tuple[str, ...], what: str) -> tuple[str, str]:
+    """NAME [START] of a create: at most two names (`-d` takes any number)."""
+    if len(names) > 2:
+        raise click.UsageError(f"too many arguments: give NAME and at most one {what}")
+    return names[0], names[1] if len(names) == 2 else "HEAD"
+
+
 @main.command()
-@click.argument("name", required=False)
-@click.argument("start", required=False, default="HEAD")
+@click.argument("names", nargs=-1, metavar="[NAME [START]]")
 @click.option("-d", "--delete", is_flag=True, help="Delete branch NAME if HEAD's history holds it.")
 @click.option("-D", "force_delete", is_flag=True, help="Delete branch NAME even if not merged.")
 @click.option("-f", "--force", is_flag=True, help="Move NAME to START even if it exists.")
 @click.option("--list", "list_", is_flag=True, help="List branches.")
 @json_option
 def branch(
-    name: str | None,
-    start: str,
+    names: tuple[str, ...],
     delete: bool,
     force_delete: bool,
     force: bool,
@@ -416,7 +421,14 @@ def branch(
     from mintvcs import porcelain
 
     repo = _open_repo()
-    if name is None or list_:
+    if delete or force_delete:
+        if not names:
+            raise click.UsageError("branch name required")
+        for name in names:  # as git: every name given
+            oid = porcelain.branch_delete(repo, name, force=force_delete or force)
+            click.echo(f"Deleted branch {name} (was {oid[:7]}).")
+        return
+    if not names or list_:
         rows = porcelain.branches(repo)
         if as_json:
             _emit_json(
@@ -436,10 +448,7 @@ def branch(
             where = f"-> {b.alias_of}" if b.alias_of is not None else b.commit[:7]
             click.echo(f"{'*' if b.current else ' '} {shown}  {where}")
         return
-    if delete or force_delete:
-        oid = porcelain.branch_delete(repo, name, force=force_delete or force)
-        click.echo(f"Deleted branch {name} (was {oid[:7]}).")
-        return
+    name, start = _name_and_start(names, "START")
     _warn_if_ambiguous(repo, start)
     oid = porcelain.branch_create(repo, name, start, force=force)
     if as_json:
@@ -447,20 +456,26 @@ def branch(
 
 
 @main.command()
-@click.argument("name", required=False)
-@click.argument("rev", required=False, default="HEAD")
+@click.argument("names", nargs=-1, metavar="[NAME [REV]]")
 @click.option("-m", "--message", help="Create an annotated tag with this message.")
 @click.option("-d", "--delete", is_flag=True, help="Delete tag NAME.")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing tag.")
 @json_option
 def tag(
-    name: str | None, rev: str, message: str | None, delete: bool, force: bool, as_json: bool
+    names: tuple[str, ...], message: str | None, delete: bool, force: bool, as_json: bool
 ) -> None:
     """List, create or delete tags."""
     from mintvcs import porcelain
 
     repo = _open_repo()
-    if name is None:
+    if delete:
+        if not names:
+            raise click.UsageError("tag name required")
+        for name in names:  # as git: every name given
+            oid = porcelain.tag_delete(repo, name)
+            click.echo(f"Deleted tag '{name}' (was {oid[:7]})")
+        return
+    if not names:
         rows = porcelain.tags(repo)
         if as_json:
             _emit_json(
@@ -478,10 +493,7 @@ def tag(
         for n, _oid, _kind in rows:
             click.echo(n)
         return
-    if delete:
-        oid = porcelain.tag_delete(repo, name)
-        click.echo(f"Deleted tag '{name}' (was {oid[:7]})")
-        return
+    name, rev = _name_and_start(names, "REV")
     _warn_if_ambiguous(repo, rev)
     value = porcelain.tag_create(repo, name, rev, message=message, force=force)
     if as_json:

@@ -274,3 +274,19 @@ def test_checkout_logs_a_detached_head_by_its_full_id(work: Path) -> None:
     mint(work, "checkout", "main")
     assert f"checkout: moving from {tip} to main" in (git_dir / "logs" / "HEAD").read_text()
     assert git(git_dir, "rev-parse", "@{-1}").stdout.strip() == tip
+
+
+def test_branch_and_tag_delete_every_name_given(work: Path) -> None:
+    # `branch -d a b` deleted a and silently ignored b (taken as a start point); git deletes both.
+    for name in ("x1", "x2"):
+        mint(work, "branch", name)
+        mint(work, "tag", f"t-{name}")
+    out = mint(work, "branch", "-d", "x1", "x2").stdout
+    assert "Deleted branch x1" in out and "Deleted branch x2" in out
+    mint(work, "tag", "-d", "t-x1", "t-x2")
+    assert not {"x1", "x2"} & set(
+        git(work / ".mint", "branch", "--format=%(refname:short)").stdout.split()
+    )
+    assert git(work / ".mint", "tag").stdout.split() == []
+    assert "name required" in mint_fails(work, "branch", "-d")
+    assert "too many arguments" in mint_fails(work, "branch", "a", "main", "extra")
