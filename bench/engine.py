@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -354,31 +355,51 @@ def bench_hotswap(root: Path, quick: bool) -> None:
 
 # ------------------------------------------------------------------------------------------ cuda
 class RandomSource:
-    """Random r=16 all-linear revisions made in memory: the GPU benchmark ships no files."""
+    """Random all-linear revisions made in memory: the GPU benchmark ships no files.
 
-    def __init__(self, config: ModelConfig, rank: int = 16) -> None:
+    One set of random factors is drawn, on first use; each name gets that set with its layers
+    rotated and B scaled by amounts taken from the name's CRC-32. So revisions differ from one
+    another and from run to run stay the same, and a load draws no random numbers (drawing
+    Llama-3-8B-sized factors afresh took ~0.9 s a revision, a minute for the benchmark's 64).
+    """
+
+    def __init__(self, config: ModelConfig, rank: int = 16, dtype: torch.dtype = torch.float32):
         self.config = config
         self.rank = rank
+        self.dtype = dtype  # the engine's: no conversion when a revision is prepared
+        self._layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
 
     def resolve(self, spec: str) -> str:
         """Names are ids."""
         return spec
 
+    def _factors(self) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        if not self._layers:
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(self.config.num_hidden_layers):
+                layer = {}
+                for module in LORA_MODULES:
+                    out_f, in_f = self.config.linear_shape(module)
+                    a = torch.randn(self.rank, in_f, generator=gen) / in_f**0.5
+                    b = torch.randn(out_f, self.rank, generator=gen) * 0.01
+                    layer[module] = (a.to(self.dtype), b.to(self.dtype))
+                self._layers.append(layer)
+        return self._layers
+
     def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
-        """Random factors for every linear, reproducible from the name."""
-        gen = torch.Generator().manual_seed(hash(revision) % 2**31)
+        """Factors for every linear, the same for the same name in every process."""
+        layers = self._factors()
+        code = zlib.crc32(revision.encode())  # hash() of a str changes with each process
+        shift = code % len(layers)
+        scale = 0.5 + (code >> 16) % 1024 / 1024  # in [0.5, 1.5)
         tensors = {}
-        for layer in range(self.config.num_hidden_layers):
-            for module in LORA_MODULES:
-                out_f, in_f = self.config.linear_shape(module)
+        for layer in range(len(layers)):
+            for module, (a, b) in layers[(layer + shift) % len(layers)].items():
                 part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
                 prefix = f"base_model.model.model.layers.{layer}.{part}.{module}"
-                tensors[f"{prefix}.lora_A.weight"] = (
-                    torch.randn(self.rank, in_f, generator=gen) / in_f**0.5
-                )
-                tensors[f"{prefix}.lora_B.weight"] = (
-                    torch.randn(out_f, self.rank, generator=gen) * 0.01
-                )
+                # A is shared between revisions: the engine copies factors and never writes them.
+                tensors[f"{prefix}.lora_A.weight"] = a
+                tensors[f"{prefix}.lora_B.weight"] = b * scale
         config = {"peft_type": "LORA", "r": self.rank, "lora_alpha": 2 * self.rank}
         return AdapterWeights(revision, config, tensors)
 
@@ -429,14 +450,23 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = ModelConfig.from_dict(shape or LLAMA3_8B)
     n_requests, prompt_len, new_tokens = (64, 128, 128) if not quick else (8, 16, 8)
+    start = time.perf_counter()
+
+    def progress(what: str) -> None:
+        # Each step's time, as it happens: a run cut off by its time limit still says where.
+        print(f"# {time.perf_counter() - start:6.1f} s  {what}", flush=True)
+
     model = random_model(config, device, dtype, max_len=prompt_len + new_tokens + 8)
-    source = RandomSource(config)
+    progress(f"random {config.num_hidden_layers}-layer base built on {device.type}")
+    source = RandomSource(config, dtype=dtype)
     engine_config = EngineConfig(
         max_batch_size=n_requests, adapter_slots=64, max_lora_rank=16, max_num_batched_tokens=16384
     )
     with Engine(model, engine_config, source=source, base_fingerprint=None) as engine:
         for i in range(64):
             engine.prefetch(f"g{i}").result()
+            if i in (0, 15, 31, 63):
+                progress(f"{i + 1} adapters resident")
         gen = torch.Generator().manual_seed(0)
         prompts = [
             torch.randint(0, config.vocab_size, (prompt_len,), generator=gen).tolist()
@@ -454,6 +484,7 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
 
         run(0)  # warm-up (kernel compilation, allocator)
         run(8)
+        progress("warm-up runs done")
         base = max(run(0) for _ in range(2))
         for distinct in (1, 8, 64):
             tps = max(run(distinct) for _ in range(2))

@@ -79,7 +79,9 @@ def _shrink_kernel(
             other=0.0,
         )  # [BK, rank]
         if UPCAST:
-            acc = tl.dot(xt.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
+            # Each K tile's dot from zero, then added: chaining acc through tl.dot makes one
+            # long sequential fp32 sum per output, which at K=4099 erred past the 1e-5 tolerance.
+            acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(xt, at, acc)
 

@@ -48,19 +48,23 @@ def device_for(backend: str) -> str:
 
 
 def make_slots(tokens: int, num_slots: int, mix: str, gen: torch.Generator) -> torch.Tensor:
-    """Slot indices: 'mixed' (random, -1 included), 'none' (all -1), 'same' (all slot 0), 'runs'."""
+    """Slot indices: 'mixed' (random, -1 included), 'none' (all -1), 'same' (all slot 0), 'runs'.
+
+    Drawn on the generator's device, where they stay.
+    """
+    dev = gen.device
     if mix == "none":
-        return torch.full((tokens,), -1, dtype=torch.int32)
+        return torch.full((tokens,), -1, dtype=torch.int32, device=dev)
     if mix == "same":
-        return torch.zeros(tokens, dtype=torch.int32)
+        return torch.zeros(tokens, dtype=torch.int32, device=dev)
     if mix == "runs":  # prefill-like: contiguous requests, each on one slot
-        cuts = sorted(torch.randint(0, tokens + 1, (3,), generator=gen).tolist())
-        ids = torch.randint(-1, num_slots, (4,), generator=gen).tolist()
+        cuts = sorted(torch.randint(0, tokens + 1, (3,), generator=gen, device=dev).tolist())
+        ids = torch.randint(-1, num_slots, (4,), generator=gen, device=dev).tolist()
         out = torch.empty(tokens, dtype=torch.int32)
         for i, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, tokens], strict=True)):
             out[lo:hi] = ids[i]
-        return out
-    return torch.randint(-1, num_slots, (tokens,), generator=gen, dtype=torch.int32)
+        return out.to(dev)
+    return torch.randint(-1, num_slots, (tokens,), generator=gen, dtype=torch.int32, device=dev)
 
 
 def make_case(
@@ -76,36 +80,44 @@ def make_case(
     mixed_ranks: bool = True,
     device: str = "cpu",
 ) -> Case:
-    """Inputs whose padded ranks hold NaN, so any read of the padding shows up in y."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(tokens, in_features, generator=gen)
-    a = torch.randn(num_slots, rank, in_features, generator=gen) / in_features**0.5
-    b = torch.randn(num_slots, out_features, rank, generator=gen) / rank**0.5
+    """Inputs whose padded ranks hold NaN, so any read of the padding shows up in y.
+
+    Drawn on `device` with a generator there: the GPU grid's 4099-wide cases would otherwise
+    spend most of their time in the CPU's random numbers and copies. So a seed gives other
+    numbers on CUDA than on the CPU, and the same ones for every dtype and mix of a shape.
+    """
+    dev = torch.device(device)
+    gen = torch.Generator(dev).manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=dev)
+
+    x = randn(tokens, in_features)
+    a = randn(num_slots, rank, in_features) / in_features**0.5
+    b = randn(num_slots, out_features, rank) / rank**0.5
     ranks = None
     if mixed_ranks:
-        ranks = torch.randint(1, rank + 1, (num_slots,), generator=gen, dtype=torch.int32)
+        ranks = torch.randint(
+            1, rank + 1, (num_slots,), generator=gen, dtype=torch.int32, device=dev
+        )
         ranks[0] = rank  # slot 0 uses the full padded rank
         if num_slots >= 8:
             ranks[-1] = 0  # an empty slot: its tokens must come out untouched
-        for s in range(num_slots):
-            a[s, int(ranks[s]) :] = float("nan")
-            b[s, :, int(ranks[s]) :] = float("nan")
-    scales = torch.rand(num_slots, generator=gen) * 2 - 0.5
-    y0 = torch.randn(tokens, out_features, generator=gen)
+        pad = torch.arange(rank, device=dev)[None, :] >= ranks[:, None]  # [slots, rank]
+        a.masked_fill_(pad[:, :, None], float("nan"))
+        b.masked_fill_(pad[:, None, :], float("nan"))
+    scales = torch.rand(num_slots, generator=gen, device=dev) * 2 - 0.5
+    y0 = randn(tokens, out_features)
     y0[::2, ::3] = -0.0  # y + 0.0 would flip these bits: untouched rows must keep them
     slots = make_slots(tokens, num_slots, mix, gen)
-
-    def put(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype)
-
     return Case(
-        y0=put(y0),
-        x=put(x),
-        a=put(a),
-        b=put(b),
-        slots=slots.to(device),
-        scales=scales.to(device),
-        ranks=None if ranks is None else ranks.to(device),
+        y0=y0.to(dtype),
+        x=x.to(dtype),
+        a=a.to(dtype),
+        b=b.to(dtype),
+        slots=slots,
+        scales=scales,
+        ranks=ranks,
     )
 
 
@@ -136,13 +148,16 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def assert_matches(case: Case, got: torch.Tensor, want: torch.Tensor) -> None:
-    """Untouched rows bit-identical, the others within the dtype's tolerance of the reference."""
-    got, want = got.cpu(), want.cpu()
-    y0 = case.y0.cpu()
-    slots = case.slots.cpu()
+    """Untouched rows bit-identical, the others within the dtype's tolerance of the reference.
+
+    Compared where `got` lives: on a GPU, copying 4099-wide results back would cost more than
+    the comparison.
+    """
+    dev = got.device
+    want, y0, slots = want.to(dev), case.y0.to(dev), case.slots.to(dev)
     idle = slots < 0
     if case.ranks is not None:
-        idle |= case.ranks.cpu()[slots.clamp(min=0).long()] == 0
+        idle |= case.ranks.to(dev)[slots.clamp(min=0).long()] == 0
     assert same_bits(got[idle], y0[idle]), "rows without an adapter changed"
     assert not torch.isnan(got).any(), "NaN in y: padding past a slot's real rank was read"
     rtol, atol = TOL[got.dtype]
