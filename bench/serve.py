@@ -403,6 +403,8 @@ def main() -> None:
                 print(
                     f"throughput {n_refs} refs (tokens/s): ours {ours:.1f}, peer {peer:.1f}, ratio {ours / peer:.2f}"
                 )
+                if args.json:  # after each row: a run cut short by a time limit keeps what it had
+                    args.json.write_text(json.dumps(results, indent=2) + "\n")
                 print(
                     f"latency {n_refs} refs: p50 {pct(lat, 0.5) * 1000:.0f} ms, p99 {pct(lat, 0.99) * 1000:.0f} ms"
                 )
