@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.mintvcs.storekit import (
     blobs,
     damage_checks,
@@ -28,23 +30,6 @@ def assert_sound_and_checks_out(work: Path, weights: bytes) -> None:
     (work / "adapter_model.safetensors").unlink()
     mint(work, "checkout", "--force", "main")
     assert (work / "adapter_model.safetensors").read_bytes() == weights
-
-
-def test_fsck_flags_tree_entries_git_fsck_flags(work: Path) -> None:
-    # A tree with a '..' entry (dulwich writes it; git mktree would refuse) checks out nowhere
-    # sane: both fscks must name it even though no ref reaches it.
-    from dulwich.objects import Blob, Tree
-    from dulwich.repo import Repo
-
-    store = Repo(str(work / ".mint")).object_store
-    blob = Blob.from_string(b"x")
-    store.add_object(blob)
-    tree = Tree()
-    tree.add(b"..", 0o100644, blob.id)
-    store.add_object(tree)
-    problems, (git_status, git_text) = damage_checks(work)
-    assert git_status != 0 and tree.id.decode() in git_text
-    assert problems == [f"malformed tree {tree.id.decode()}: invalid name .."]
 
 
 def test_fsck_follows_every_parent_of_a_merge(work: Path) -> None:
@@ -248,8 +233,17 @@ def test_a_symbolic_branch_is_listed_and_deleted_as_git_does(work: Path) -> None
     assert "alias" not in git(git_dir, "branch").stdout
 
 
-def test_fsck_flags_dotgit_aliases_in_trees(work: Path) -> None:
-    # dulwich's check only knows ".git"; git fsck's hasDotgit also catches case and NTFS aliases.
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        # dulwich writes such trees (git mktree would refuse); no ref needs to reach them.
+        (b"..", "invalid name .."),
+        # dulwich's check only knows ".git"; git's hasDotgit also catches case and NTFS aliases.
+        (b".GIT", "entry git reads '.GIT' as .git"),
+        (b"git~1", "entry 'git~1' is an NTFS short name"),
+    ],
+)
+def test_fsck_flags_tree_entries_git_fsck_flags(work: Path, name: bytes, problem: str) -> None:
     from dulwich.objects import Blob, Tree
     from dulwich.repo import Repo
 
@@ -257,13 +251,12 @@ def test_fsck_flags_dotgit_aliases_in_trees(work: Path) -> None:
     blob = Blob.from_string(b"x")
     store.add_object(blob)
     tree = Tree()
-    tree.add(b".GIT", 0o100644, blob.id)
+    tree.add(name, 0o100644, blob.id)
     store.add_object(tree)
     problems, (git_status, git_text) = damage_checks(work)
     assert git_status != 0 and tree.id.decode() in git_text
-    assert len(problems) == 1 and problems[0].startswith(
-        f"malformed tree {tree.id.decode()}: entry"
-    )
+    assert len(problems) == 1
+    assert problems[0].startswith(f"malformed tree {tree.id.decode()}: {problem}"), problems
 
 
 def test_checkout_logs_a_detached_head_by_its_full_id(work: Path) -> None:
