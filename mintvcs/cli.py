@@ -556,9 +556,12 @@ def fsck(as_json: bool) -> None:
                 "revisions": report.revisions,
                 "tensors": report.tensors,
                 "problems": report.problems,
+                "warnings": report.warnings,
             }
         )
     else:
+        for warning in report.warnings:
+            click.echo(f"warning: {warning}", err=True)
         for problem in report.problems:
             click.echo(f"error: {problem}", err=True)
         click.echo(

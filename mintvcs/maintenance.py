@@ -40,6 +40,7 @@ class FsckReport:
     revisions: int = 0
     tensors: int = 0
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # nothing damaged, but worth a look
 
     @property
     def ok(self) -> bool:
@@ -217,9 +218,30 @@ def _check_git_history(
             report.problems.append(f"{kind} {oid[:12]} (reachable from {name}): {err}")
 
 
+# A ref lock is held for milliseconds; one this old was left by a writer that was killed.
+STALE_LOCK_SECONDS = 600
+
+
+def _stale_locks(repo: Repository, now: float) -> list[str]:
+    """Warnings for ref lock files old enough to have been left by a killed writer."""
+    found = []
+    candidates = [*repo.git_dir.glob("*.lock"), *(repo.git_dir / "refs").rglob("*.lock")]
+    for path in sorted(candidates):
+        with suppress(FileNotFoundError):
+            age = now - path.stat().st_mtime
+            if age >= STALE_LOCK_SECONDS:
+                found.append(
+                    f"{path.relative_to(repo.git_dir)} is {age / 60:.0f} minutes old: a writer was "
+                    "killed while updating the ref, and updates of it fail until the file is "
+                    "removed; remove it if no mintvcs or git process is running"
+                )
+    return found
+
+
 def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> FsckReport:
     """Verify all objects (loose and packed), every ref's history, and decode every reachable tensor."""
     report = FsckReport()
+    report.warnings.extend(_stale_locks(repo, time.time()))
     bad: set[str] = set()
     for loose_id, path in _loose_files(repo):
         report.objects += 1

@@ -287,3 +287,18 @@ def test_fsck_names_every_missing_tensor_and_checks_older_revisions(work: Path) 
     assert report["revisions"] == 3
     for oid in only_tip[:2]:
         assert any(oid in p for p in report["problems"]), report["problems"]
+
+
+def test_fsck_warns_about_a_ref_lock_a_killed_writer_left(work: Path) -> None:
+    # An unattended training loop killed mid-update leaves refs/heads/main.lock: every later
+    # commit waits and fails until someone removes it. fsck says so (and still passes).
+    lock = work / ".mint" / "refs" / "heads" / "main.lock"
+    lock.write_text("0" * 40 + "\n")
+    report = json.loads(mint(work, "fsck", "--json").stdout)
+    assert report["ok"] and report["warnings"] == []  # a fresh lock may be a live writer
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    result = mint(work, "fsck")
+    assert result.returncode == 0
+    assert "warning: refs/heads/main.lock is 60 minutes old" in result.stderr
+    assert "remove it if no mintvcs or git process is running" in result.stderr
