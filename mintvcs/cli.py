@@ -234,7 +234,7 @@ def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
                     "author": c.author,
                     "time": c.time,
                     "message": c.message,
-                    "meta": repo.read_revision(c.id).manifest.meta,
+                    "meta": repo.revision_meta(c.id),
                     "refs": labels.get(c.id, []),
                 }
                 for c in commits

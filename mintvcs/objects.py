@@ -170,17 +170,21 @@ class Manifest:
         lines = ",\n  ".join(encode({**vars(t), "shape": list(t.shape)}) for t in self.tensors)
         return f'{head}, "tensors": [\n  {lines}\n]}}\n'.encode()
 
+    @staticmethod
+    def meta_from_bytes(data: bytes, where: str = "manifest") -> dict[str, str]:
+        """Only the `meta` of a manifest blob: what `log --json` shows, without building its tensor records."""
+        try:
+            return {str(k): str(v) for k, v in _parse(data, where).get("meta", {}).items()}
+        except CorruptManifestError:
+            raise
+        except (ValueError, TypeError, AttributeError, RecursionError) as err:
+            raise CorruptManifestError(f"{where}: corrupt manifest ({err})") from None
+
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
         """Parse a manifest blob, refusing other formats and versions."""
         try:
-            raw: dict[str, Any] = json.loads(data)
-            if raw.get("format") != MANIFEST_FORMAT:
-                raise CorruptManifestError(f"{where}: not a mintvcs manifest")
-            if raw.get("version") != MANIFEST_VERSION:
-                raise CorruptManifestError(
-                    f"{where}: manifest version {raw.get('version')!r} is not supported (this mintvcs reads {MANIFEST_VERSION}); upgrade mintvcs"
-                )
+            raw = _parse(data, where)
             tensors = tuple(
                 TensorRecord(**{**t, "shape": tuple(int(d) for d in t["shape"])})
                 for t in raw["tensors"]
@@ -205,6 +209,18 @@ class Manifest:
             ) from None
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise CorruptManifestError(f"{where}: corrupt manifest ({err})") from None
+
+
+def _parse(data: bytes, where: str) -> dict[str, Any]:
+    """A manifest's JSON, refusing other formats and versions."""
+    raw = json.loads(data)
+    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
+        raise CorruptManifestError(f"{where}: not a mintvcs manifest")
+    if raw.get("version") != MANIFEST_VERSION:
+        raise CorruptManifestError(
+            f"{where}: manifest version {raw.get('version')!r} is not supported (this mintvcs reads {MANIFEST_VERSION}); upgrade mintvcs"
+        )
+    return raw
 
 
 def _check_layout(tensors: tuple[TensorRecord, ...], files: tuple[FileRecord, ...]) -> None:

@@ -667,6 +667,18 @@ class Repository:
 
     def read_revision(self, commit_id: str) -> Revision:
         """Load a revision's manifest (tensors are decoded on demand)."""
+        info, entries, manifest = self._manifest_of(commit_id)
+        return Revision(
+            self, info, Manifest.from_bytes(manifest, f"manifest of {commit_id[:12]}"), entries
+        )
+
+    def revision_meta(self, commit_id: str) -> dict[str, str]:
+        """A revision's `--meta` strings, read without parsing its tensor records (log --json)."""
+        _, _, manifest = self._manifest_of(commit_id)
+        return Manifest.meta_from_bytes(manifest, f"manifest of {commit_id[:12]}")
+
+    def _manifest_of(self, commit_id: str) -> tuple[CommitInfo, dict[str, str], bytes]:
+        """The commit, its tree's top-level entries and its manifest blob."""
         from dulwich.objects import Tree
 
         info = self.commit_info(commit_id)
@@ -678,11 +690,7 @@ class Repository:
             raise CorruptObjectError(
                 f"commit {commit_id[:12]} is not an adapter revision: {MANIFEST_PATH} is missing"
             )
-        manifest = Manifest.from_bytes(
-            self.read_blob(entries[MANIFEST_PATH], what=MANIFEST_PATH),
-            f"manifest of {commit_id[:12]}",
-        )
-        return Revision(self, info, manifest, entries)
+        return info, entries, self.read_blob(entries[MANIFEST_PATH], what=MANIFEST_PATH)
 
     def write_revision(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -256,4 +257,30 @@ def test_log_decorations_label_only_the_shown_commits(tmp_path: Path, peft_adapt
     assert porcelain.decorations(repo, {first}) == {first: ["old", "tag: v1"]}
     porcelain.checkout(repo, first, force=True)
     assert porcelain.decorations(repo, {first, second})[first] == ["HEAD", "old", "tag: v1"]
+    repo.close()
+
+
+def test_revision_meta_reads_meta_as_the_full_manifest_does(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    # log --json reads only the meta of each revision; it must say what read_revision says.
+    from mintvcs.objects import CorruptManifestError, Manifest
+
+    work = tmp_path / "w"
+    porcelain.init(work, str(tiny_base))
+    shutil.copytree(peft_adapter, work, dirs_exist_ok=True)
+    repo = Repository.open(work)
+    commit = porcelain.commit(
+        repo, "m", meta={"step": "7", "reward": "0.5"}, verify=False, show_progress=False
+    ).commit
+    assert (
+        repo.revision_meta(commit)
+        == repo.read_revision(commit).manifest.meta
+        == {
+            "step": "7",
+            "reward": "0.5",
+        }
+    )
+    with pytest.raises(CorruptManifestError, match="not a mintvcs manifest"):
+        Manifest.meta_from_bytes(b'{"format": "other"}')
     repo.close()
