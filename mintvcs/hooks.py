@@ -9,8 +9,9 @@ from pathlib import Path
 from mintvcs.errors import MintError
 
 # Samples shipped in the `hooks/` directory of the source tree (package `mintvcs.hook_samples`).
-SAMPLES = ("pre-commit", "commit-msg", "post-commit", "ref-update")
-INSTALLED_BY_INIT = ("pre-commit",)
+SAMPLES = ("pre-commit", "commit-msg", "post-commit", "ref-update", "update")
+# update acts only on `git push` into the repository (git runs it; mintvcs never does).
+INSTALLED_BY_INIT = ("pre-commit", "update")
 
 
 class HookRefusedError(MintError):
@@ -133,7 +134,7 @@ def refusal(name: str, detail: str) -> HookRefusedError:
 
 
 def install_samples(git_dir: Path) -> None:
-    """Copy the sample hooks into `.mint/hooks/`: the validating pre-commit active, the rest as .sample."""
+    """Copy the sample hooks into `.mint/hooks/`: pre-commit and update active, the rest as .sample."""
     import shutil
     from importlib import resources
 

@@ -283,3 +283,22 @@ def test_branch_and_tag_delete_every_name_given(work: Path) -> None:
     assert git(work / ".mint", "tag").stdout.split() == []
     assert "name required" in mint_fails(work, "branch", "-d")
     assert "too many arguments" in mint_fails(work, "branch", "a", "main", "extra")
+
+
+def test_git_push_into_the_checked_out_branch_is_refused(work: Path, tmp_path: Path) -> None:
+    # git takes .mint for a bare repository, so receive.denyCurrentBranch never applied: a push
+    # moved main under the work tree, and the next commit recorded the stale files on top.
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", str(work / ".mint"), str(clone / ".mint")], check=True
+    )
+    mint(clone, "checkout", "--force", "main")
+    mutate(clone, seed=17)
+    mint(clone, "commit", "-m", "from the clone", "--no-verify")
+    before = git(work / ".mint", "rev-parse", "main").stdout
+    pushed = git(clone / ".mint", "push", "-q", str(work / ".mint"), "main", ok=False)
+    assert pushed.returncode != 0 and "checked out in the mintvcs work tree" in pushed.stderr
+    assert git(work / ".mint", "rev-parse", "main").stdout == before
+    git(clone / ".mint", "push", "-q", str(work / ".mint"), "main:refs/heads/from-clone")
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
