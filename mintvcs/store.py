@@ -923,7 +923,11 @@ class Repository:
             if base:
                 raise UnknownRevisionError(f"revision {spec!r}: @{{-N}} takes no name before it")
             moves = [_PREVIOUS_CHECKOUT.match(e.message) for e in self.refs.reflog("HEAD")]
-            previous = [m["name"] for m in reversed(moves) if m is not None]
+            # Only what a checkout can move from: a branch or a commit id. A hand-made line
+            # naming `@{-1}` would otherwise send this lookup round in circles.
+            previous = [
+                m["name"] for m in reversed(moves) if m is not None and "@{" not in m["name"]
+            ]
             if len(previous) < -count:
                 raise UnknownRevisionError(
                     f"revision {spec!r}: only {len(previous)} checkout(s) in HEAD's reflog"

@@ -302,3 +302,12 @@ def test_git_push_into_the_checked_out_branch_is_refused(work: Path, tmp_path: P
     assert git(work / ".mint", "rev-parse", "main").stdout == before
     git(clone / ".mint", "push", "-q", str(work / ".mint"), "main:refs/heads/from-clone")
     assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+
+
+def test_a_hand_made_reflog_line_cannot_send_at_minus_n_in_circles(work: Path) -> None:
+    log = work / ".mint" / "logs" / "HEAD"
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    with log.open("a") as f:
+        f.write(f"{head} {head} T <t@t> 1 +0000\tcheckout: moving from @{{-1}} to main\n")
+    line = mint_fails(work, "checkout", "@{-1}")
+    assert "checkout" in line and "reflog" in line
