@@ -110,11 +110,19 @@ def identity(repo: Repository | None = None) -> str:
     return signature(repo).identity
 
 
+_LATEST_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z, git's limit too
 _RAW_DATE = re.compile(r"@?(?P<seconds>[0-9]+)(?: (?P<tz>[+-][0-9]{4}))?\Z")
 
 
 def _parse_date(text: str, where: str) -> tuple[int, str | None]:
     """(unix seconds, "+HHMM" or None for local) from git's raw, ISO 8601 or RFC 2822 date forms."""
+    seconds, tz = _read_date(text, where)
+    if not 0 <= seconds <= _LATEST_DATE:
+        raise BadIdentityError(f"{where} is {text!r}: give a date from 1970 to 9999")
+    return seconds, tz
+
+
+def _read_date(text: str, where: str) -> tuple[int, str | None]:
     import datetime
     import email.utils
 
@@ -131,12 +139,16 @@ def _parse_date(text: str, where: str) -> tuple[int, str | None]:
                 f"{where} is {text!r}: give '<unix seconds> <+HHMM>', ISO 8601 "
                 "('2026-11-28T12:00:00+01:00') or RFC 2822"
             ) from None
+    try:
+        seconds = int(when.timestamp())
+    except (OverflowError, OSError, ValueError):
+        seconds = -1  # out of range: refused by the caller
     offset = when.utcoffset()
     if offset is None:
-        return int(when.timestamp()), None  # local time, as git reads it
+        return seconds, None  # local time, as git reads it
     minutes = int(offset.total_seconds() // 60)
     sign = "-" if minutes < 0 else "+"
-    return int(when.timestamp()), f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+    return seconds, f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
 
 
 def _write_atomic(

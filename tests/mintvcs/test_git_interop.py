@@ -209,15 +209,26 @@ def test_commit_takes_git_identity_and_date_variables(work: Path) -> None:
     assert git(work / ".mint", "log", "-1", "--format=%an|%cn|%aI").stdout.strip() == (
         "Ada|Bot|2026-01-02T03:04:05+01:00"
     )
-    bad = subprocess.run(
-        [sys.executable, "-m", "mintvcs.cli", "commit", "-m", "x", "--no-verify", "--allow-empty"],
-        cwd=work,
-        env={**os.environ, **env, "GIT_AUTHOR_DATE": "next tuesday"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert bad.returncode != 0 and "GIT_AUTHOR_DATE" in bad.stderr and "Traceback" not in bad.stderr
+    for date in ("next tuesday", "@99999999999999999999", "1960-01-01"):
+        bad = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mintvcs.cli",
+                "commit",
+                "-m",
+                "x",
+                "--no-verify",
+                "--allow-empty",
+            ],
+            cwd=work,
+            env={**os.environ, **env, "GIT_AUTHOR_DATE": date},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert bad.returncode != 0 and "GIT_AUTHOR_DATE" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
 
 
 def test_a_symbolic_branch_is_listed_and_deleted_as_git_does(work: Path) -> None:
