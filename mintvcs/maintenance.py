@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -522,15 +523,48 @@ class GcResult:
 FIRST_SEEN_FILE = "mint-unreachable.json"
 
 
-def _read_first_seen(repo: Repository) -> dict[str, float]:
-    """The record of young unreachable objects; empty when missing or unreadable (all count as new)."""
+def _read_first_seen(repo: Repository, now: float) -> dict[str, float]:
+    """The record of young unreachable objects; an entry that is not a plain past time is left
+    out (the object then counts as first seen now), as is the whole record when unreadable."""
     try:
         raw = json.loads((repo.git_dir / FIRST_SEEN_FILE).read_bytes())
     except (OSError, ValueError):
         return {}
     if not isinstance(raw, dict):
         return {}
-    return {k: float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+    return {
+        k: float(v)
+        for k, v in raw.items()
+        if type(v) in (int, float) and math.isfinite(v) and 0 <= v <= now
+    }
+
+
+def _last_touched(repo: Repository, oid: str, first_seen: dict[str, float], now: float) -> float:
+    """When an unreachable object was last written or reused: its loose file's mtime (a commit
+    that reuses a packed object writes a loose copy: Repository.freshen), else when gc first
+    found it unreachable."""
+    with suppress(FileNotFoundError):
+        return (repo.git_dir / "objects" / oid[:2] / oid[2:]).stat().st_mtime
+    return first_seen.get(oid, now)
+
+
+def _needed_now(
+    repo: Repository,
+    scan: _Scan,
+    reachable: set[ObjectID],
+    unreachable: set[ObjectID],
+    first_seen: dict[str, float],
+) -> set[ObjectID]:
+    """The objects of `unreachable` that refs moved since reach, or that a writer reused since."""
+    known = {oid.decode() for oid in reachable}
+    fresh = [root for root in _roots(repo) if root[0] not in known]
+    needed = _walk(repo, scan, fresh) if fresh else set()
+    now = time.time()
+    return needed | {
+        key
+        for key in unreachable
+        if now - _last_touched(repo, key.decode(), first_seen, now) < GC_GRACE_SECONDS
+    }
 
 
 def _write_first_seen(repo: Repository, seen: dict[str, float]) -> None:
@@ -546,13 +580,16 @@ def _write_first_seen(repo: Repository, seen: dict[str, float]) -> None:
 
 def _remove_stale_temporaries(repo: Repository, now: float) -> None:
     """Delete files that writers killed mid-write left behind, once past the grace period: loose
-    object temporaries, and pack temporaries (a killed gc leaves a store-sized `tmp*.pack`)."""
+    object temporaries, pack temporaries and locks (a killed gc leaves a store-sized `tmp*.pack`,
+    or a `pack-X.pack` without its index and the index's `.lock`)."""
     objects = repo.git_dir / "objects"
     for folder in objects.iterdir():
         if folder.is_dir() and (len(folder.name) == 2 or folder.name == "pack"):
             for path in folder.iterdir():
                 name = path.name
                 temporary = name.startswith((TMP_OBJECT_PREFIX, "tmp")) or name.endswith(".lock")
+                if folder.name == "pack" and name.endswith(".pack"):
+                    temporary = temporary or not path.with_suffix(".idx").exists()
                 with suppress(FileNotFoundError):
                     if temporary and now - path.stat().st_mtime >= GC_GRACE_SECONDS:
                         path.unlink()
@@ -626,6 +663,7 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
     restore still needs.
     """
     from dulwich.errors import ChecksumMismatch, ObjectFormatException
+    from dulwich.file import FileLocked
     from dulwich.objects import ObjectID
 
     with _gc_lock(repo):
@@ -641,34 +679,36 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
             # first found unreachable (packed: a commit of many tensors packs its blobs before
             # its ref moves, and this gc packs young loose ones), so a commit in progress
             # loses nothing.
-            first_seen = _read_first_seen(repo)
+            first_seen = _read_first_seen(repo, now)
             still_young: dict[str, float] = {}
             for oid in sorted(scan.ids):
                 key = ObjectID(oid.encode())
                 if key in reachable:
                     continue
-                if oid in scan.loose:
-                    path = repo.git_dir / "objects" / oid[:2] / oid[2:]
-                    try:
-                        seen = path.stat().st_mtime
-                    except FileNotFoundError:
-                        continue  # another process removed it meanwhile: nothing to prune
-                else:
-                    seen = first_seen.get(oid, now)
+                seen = _last_touched(repo, oid, first_seen, now)
                 if now - seen < GC_GRACE_SECONDS:
                     still_young[oid] = seen
                     continue
                 unreachable.add(key)
             _write_first_seen(repo, still_young)
+            # A commit that started meanwhile may reuse an old unreachable object (it freshens
+            # it) or have moved a ref to it: look again just before anything is deleted.
+            unreachable -= _needed_now(repo, scan, reachable, unreachable, first_seen)
+        _remove_stale_temporaries(repo, now)  # first: a killed gc's lock files would block this one
         try:
             # dulwich writes the new pack completely (and renames it into place) before it
             # deletes any loose object or old pack, so a failure here loses nothing.
             packed = repo.objects.repack(exclude=unreachable)
+        except FileLocked as err:
+            raise GcWriteError(
+                f"gc could not pack: {os.fsdecode(err.lockfilename)} exists (another gc, or one that was "
+                "killed: remove the file if no mintvcs or git process is running); no object was "
+                "deleted"
+            ) from None
         except (OSError, zlib.error, ChecksumMismatch, ObjectFormatException, ValueError) as err:
             raise GcWriteError(
                 f"gc failed while packing ({err}); no object was deleted; run `mintvcs fsck`"
             ) from None
-        _remove_stale_temporaries(repo, now)
         repo.refs.pack()
         for fan in (repo.git_dir / "objects").iterdir():
             if len(fan.name) == 2 and fan.is_dir() and not any(fan.iterdir()):

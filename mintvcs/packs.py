@@ -389,6 +389,7 @@ class PackWriter:
             digest.update(view)
         oid = digest.hexdigest()
         if self.repo.has_object(oid, loose=oid[:2] in self.loose_dirs):
+            self.repo.freshen(oid)  # reused: gc must not take it for old garbage
             return oid
         if level == 0:
             body = zlib_tensor(views, prefix) if prefix else zlib_stored(views)

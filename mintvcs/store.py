@@ -524,6 +524,22 @@ class Repository:
         with self._written_lock:
             self.objects_written += 1
 
+    def freshen(self, oid: str) -> None:
+        """Mark `oid` as just used, as git does when a write finds the object already stored:
+        touch its loose file, or write a loose copy of a packed one. gc keeps an unreachable
+        object an hour past that, so a commit reusing an old abandoned object cannot lose it
+        to a running gc."""
+        with suppress(FileNotFoundError):
+            os.utime(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}")
+            return
+        obj = self.get_object(oid)
+        data = obj.as_raw_string()
+        if obj.type_name == b"blob" and data.startswith(codec.MAGIC):
+            span = codec.header_span(data)
+            self.write_object(b"blob", [data], TENSOR_ZLIB_LEVEL, span or 0)
+        else:
+            self.write_object(obj.type_name, [data], META_ZLIB_LEVEL)
+
     def has_object(self, oid: str, *, loose: bool = True) -> bool:
         """True when the store holds object `oid`, loose or packed (`loose` False: packed only)."""
         if loose and os.path.exists(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from tests.mintvcs.storekit import (
     blobs,
+    copy_adapter,
     damage_checks,
     git,
     git_fsck,
@@ -302,3 +304,61 @@ def test_fsck_warns_about_a_ref_lock_a_killed_writer_left(work: Path) -> None:
     assert result.returncode == 0
     assert "warning: refs/heads/main.lock is 60 minutes old" in result.stderr
     assert "remove it if no mintvcs or git process is running" in result.stderr
+
+
+def test_gc_keeps_old_objects_a_commit_reuses_while_it_runs(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An abandoned revision's tree and blobs are over an hour old and unreachable; a commit of
+    # the same adapter reuses them (writing nothing) while gc runs. gc used to delete them
+    # from under the new commit.
+    from mintvcs import maintenance, porcelain
+    from mintvcs.store import Repository
+
+    git_dir = work / ".mint"
+    mint(work, "checkout", "-b", "exp")
+    mutate(work, seed=31)
+    mint(work, "commit", "-m", "abandoned", "--no-verify")
+    adapter = copy_adapter(work, tmp_path / "same-again")
+    mint(work, "checkout", "main")
+    mint(work, "branch", "-D", "exp")
+    shutil.rmtree(git_dir / "logs")
+    two_hours_ago = time.time() - 7200
+    for path in (git_dir / "objects").rglob("*"):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    write_first_seen = maintenance._write_first_seen
+    landed: list[str] = []
+
+    def decide_then_commit(repo: Repository, seen: dict[str, float]) -> None:
+        write_first_seen(repo, seen)  # gc has chosen what to prune
+        with Repository.open(work) as other:
+            result = porcelain.commit(
+                other, "again", source=adapter, verify=False, show_progress=False
+            )
+        landed.append(result.commit)
+
+    monkeypatch.setattr(maintenance, "_write_first_seen", decide_then_commit)
+    with Repository.open(work) as repo:
+        maintenance.gc(repo)
+    assert git(git_dir, "rev-parse", "main").stdout.strip() == landed[0]
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    git_fsck(work)
+
+
+def test_gc_clears_what_a_gc_killed_mid_index_left(work: Path) -> None:
+    # A pack without its index and the index's lock file: the next gc built the same pack name,
+    # hit the lock and died with a traceback, every time.
+    pack_dir = work / ".mint" / "objects" / "pack"
+    pack_dir.mkdir(exist_ok=True)
+    orphan, lock = (
+        pack_dir / ("pack-" + "ab" * 20 + ".pack"),
+        pack_dir / ("pack-" + "ab" * 20 + ".idx.lock"),
+    )
+    orphan.write_bytes(b"PACK" + b"\0" * 100)
+    lock.write_bytes(b"")
+    two_hours_ago = time.time() - 7200
+    for path in (orphan, lock):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    mint(work, "gc")
+    assert not orphan.exists() and not lock.exists()
+    git_fsck(work)
