@@ -58,8 +58,11 @@ if TYPE_CHECKING:
 DEFAULT_BRANCH = "main"
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
-_SPEC = re.compile(r"^(?P<name>.*?)(?P<suffix>(?:\^\{(?:commit)?\}|[~^][0-9]*)*)$")
+# What may follow a spec's name, checked in one linear pass (counts below 10^9: a larger one
+# names no commit, and Python's int() refuses very long digit strings).
+_SUFFIX = re.compile(r"(?:\^\{(?:commit)?\}|[~^][0-9]{0,9})*\Z")
 _STEP = re.compile(r"\^\{(?:commit)?\}|[~^][0-9]*")
+_SELECTOR = re.compile(r"(?P<count>-?[0-9]{1,9})\}\Z")  # ASCII digits only, as git reads them
 _PREVIOUS_CHECKOUT = re.compile(r"checkout: moving from (?P<name>\S+) to \S+")
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
 # Commits of adapters with at least this many tensors write their new blobs into one pack
@@ -229,6 +232,14 @@ class Revision:
             f.path: (self.repo.read_blob(f.blob, what=f.path), f.executable)
             for f in self.manifest.files
         }
+
+
+def _split_spec(spec: str) -> tuple[str, str] | None:
+    """(name, suffix) of a revision spec, split at its first `~` or `^` (no ref name holds
+    either); None when what follows is not a run of ~N, ^N, ^{} and ^{commit}."""
+    cut = min((i for i in (spec.find("~"), spec.find("^")) if i >= 0), default=len(spec))
+    name, suffix = spec[:cut], spec[cut:]
+    return (name, suffix) if _SUFFIX.match(suffix) else None
 
 
 def ref_candidates(name: str) -> list[str]:
@@ -901,9 +912,12 @@ class Repository:
             raise UnknownRevisionError(
                 f"invalid revision {spec!r}: it is empty or holds '..' or control characters"
             )
-        match = _SPEC.match(spec)
-        assert match is not None
-        name, suffix = match["name"], match["suffix"]
+        parts = _split_spec(spec)
+        if parts is None:
+            raise UnknownRevisionError(
+                f"unknown revision {spec!r}: after a name come only ~N, ^N, ^{{}} and ^{{commit}}"
+            )
+        name, suffix = parts
         base, at, selector = name.partition("@{")
         if at:
             oid = self._resolve_reflog(base, selector, spec)
@@ -913,14 +927,14 @@ class Repository:
             if step.startswith("^{"):
                 continue  # `^{}` / `^{commit}`: peel to a commit, which every step already did
             count = int(step[1:]) if len(step) > 1 else 1
-            parents = self.commit_info(oid).parents
             if step[0] == "~":
                 for _ in range(count):
+                    parents = self.commit_info(oid).parents
                     if not parents:
                         raise UnknownRevisionError(f"revision {spec!r} goes past the first commit")
                     oid = parents[0]
-                    parents = self.commit_info(oid).parents
-            elif count:
+            elif count:  # `^0` is the commit itself: nothing to read
+                parents = self.commit_info(oid).parents
                 if count > len(parents):
                     raise UnknownRevisionError(
                         f"revision {spec!r}: commit {oid[:12]} has no parent {count}"
@@ -930,11 +944,12 @@ class Repository:
 
     def _resolve_reflog(self, base: str, selector: str, spec: str) -> str:
         """`NAME@{N}`: NAME's value N moves ago (its reflog); `@{-N}`: the branch checked out before the last N switches."""
-        if not selector.endswith("}") or not selector[:-1].lstrip("-").isdigit():
+        chosen = _SELECTOR.match(selector)
+        if chosen is None or chosen["count"] == "-0":
             raise UnknownRevisionError(
                 f"revision {spec!r}: only @{{N}} and @{{-N}} reflog selectors are supported"
             )
-        count = int(selector[:-1])
+        count = int(chosen["count"])
         if count < 0:
             if base:
                 raise UnknownRevisionError(f"revision {spec!r}: @{{-N}} takes no name before it")
@@ -999,9 +1014,10 @@ class Repository:
 
         `resolve` takes the first of them, as git does; git warns "refname is ambiguous".
         """
-        match = _SPEC.match(spec)
-        assert match is not None  # the pattern matches every string
-        name = match["name"]
+        parts = _split_spec(spec)
+        if parts is None:
+            return []
+        name = parts[0]
         if not name or name in ("HEAD", "@") or name.startswith("refs/"):
             return []
         found = []

@@ -322,3 +322,23 @@ def test_a_hand_made_reflog_line_cannot_send_at_minus_n_in_circles(work: Path) -
         f.write(f"{head} {head} T <t@t> 1 +0000\tcheckout: moving from @{{-1}} to main\n")
     line = mint_fails(work, "checkout", "@{-1}")
     assert "checkout" in line and "reflog" in line
+
+
+def test_hostile_revision_specs_are_refused_quickly_and_cleanly(work: Path) -> None:
+    from mintvcs.store import Repository, UnknownRevisionError
+
+    with Repository.open(work) as repo:
+        for spec in (
+            "main@{\u00b2}",
+            "main@{\u0661}",
+            "@{-0}",
+            "main~" + "9" * 5000,
+            "main^{tree}",
+        ):
+            with pytest.raises(UnknownRevisionError):
+                repo.resolve(spec)
+        started = time.monotonic()
+        with pytest.raises(UnknownRevisionError):
+            repo.resolve("~" * 16000 + "x")
+        assert repo.resolve("main" + "^0" * 510) == repo.resolve("main")
+        assert time.monotonic() - started < 2, "spec parsing is not linear"
