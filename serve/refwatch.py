@@ -183,6 +183,10 @@ class RefWatcher:
     def resolve(self, spec: str) -> Resolution:
         """The commit `spec` names now (raises the store's UnknownRevisionError when it names nothing)."""
         check_spec(spec)
+        if "@{-" in spec:
+            # The branch checked out N switches ago: no file of the entry's would change when
+            # that branch moves, so such a spec is resolved afresh every time, never cached.
+            return Resolution(spec, str(self.repo.resolve(spec)), "HEAD")
         with self._lock:
             entry = self._entries.get(spec)
             if entry is not None and self._fresh(entry):

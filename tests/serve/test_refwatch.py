@@ -80,3 +80,16 @@ def test_a_reflog_spec_follows_its_ref(tmp_path: Path, peft_adapter: Path) -> No
     mutate(work, seed=2)
     porcelain.commit(repo, "third", verify=False, show_progress=False)
     assert watcher.resolve("main@{1}").commit == second
+
+
+def test_at_minus_n_follows_the_branch_it_names(tmp_path: Path, peft_adapter: Path) -> None:
+    # @{-1} names the previously checked-out branch; a commit onto it (commit --branch) does
+    # not touch HEAD, and the cache used to keep serving the old commit.
+    repo, _first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    porcelain.branch_create(repo, "side")
+    porcelain.checkout(repo, "side")
+    porcelain.checkout(repo, "main")
+    watcher = RefWatcher(repo)
+    before = watcher.resolve("@{-1}").commit
+    new = porcelain.commit(repo, "on side", branch="side", verify=False, show_progress=False).commit
+    assert new != before and watcher.resolve("@{-1}").commit == new
