@@ -395,6 +395,23 @@ def status(as_json: bool) -> None:
             click.echo(click.style(f"\t{kind + ':':10} {path}", fg=color))
 
 
+def _each(names: tuple[str, ...], delete: Callable[[str], str], shown: str) -> None:
+    """Delete every name given, as git does: one that fails is reported and the rest still go (exit 1 then)."""
+    failed = False
+    for name in names:
+        try:
+            oid = delete(name)
+        except MintError as err:
+            click.echo(f"error: {err}", err=True)
+            failed = True
+            continue
+        click.echo(
+            "Deleted " + shown.format(name, oid[:7]) + ("." if shown.startswith("branch") else "")
+        )
+    if failed:
+        sys.exit(1)
+
+
 def _name_and_start(names: tuple[str, ...], what: str) -> tuple[str, str]:
     """NAME [START] of a create: at most two names (`-d` takes any number)."""
     if len(names) > 2:
@@ -424,9 +441,11 @@ def branch(
     if delete or force_delete:
         if not names:
             raise click.UsageError("branch name required")
-        for name in names:  # as git: every name given
-            oid = porcelain.branch_delete(repo, name, force=force_delete or force)
-            click.echo(f"Deleted branch {name} (was {oid[:7]}).")
+        _each(
+            names,
+            lambda name: porcelain.branch_delete(repo, name, force=force_delete or force),
+            "branch {} (was {})",
+        )
         return
     if not names or list_:
         rows = porcelain.branches(repo)
@@ -471,9 +490,7 @@ def tag(
     if delete:
         if not names:
             raise click.UsageError("tag name required")
-        for name in names:  # as git: every name given
-            oid = porcelain.tag_delete(repo, name)
-            click.echo(f"Deleted tag '{name}' (was {oid[:7]})")
+        _each(names, lambda name: porcelain.tag_delete(repo, name), "Deleted tag '{}' (was {})")
         return
     if not names:
         rows = porcelain.tags(repo)

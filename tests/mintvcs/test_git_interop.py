@@ -293,6 +293,12 @@ def test_branch_and_tag_delete_every_name_given(work: Path) -> None:
     )
     assert git(work / ".mint", "tag").stdout.split() == []
     assert "name required" in mint_fails(work, "branch", "-d")
+    # A name that fails is reported; the others still go, and the exit status says so.
+    mint(work, "branch", "y1")
+    mint(work, "branch", "y2")
+    result = mint(work, "branch", "-d", "y1", "nosuch", "y2", ok=False)
+    assert result.returncode == 1 and "nosuch" in result.stderr
+    assert "Deleted branch y1" in result.stdout and "Deleted branch y2" in result.stdout
     assert "too many arguments" in mint_fails(work, "branch", "a", "main", "extra")
 
 
@@ -342,3 +348,13 @@ def test_hostile_revision_specs_are_refused_quickly_and_cleanly(work: Path) -> N
             repo.resolve("~" * 16000 + "x")
         assert repo.resolve("main" + "^0" * 510) == repo.resolve("main")
         assert time.monotonic() - started < 2, "spec parsing is not linear"
+
+
+def test_update_hook_sees_through_a_branch_alias(work: Path, tmp_path: Path) -> None:
+    git_dir = work / ".mint"
+    git(git_dir, "symbolic-ref", "refs/heads/alias", "refs/heads/main")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--bare", str(git_dir), str(clone)], check=True)
+    tip = git(clone, "rev-parse", "main~1").stdout.strip()
+    pushed = git(clone, "push", "-q", "-f", str(git_dir), f"{tip}:refs/heads/alias", ok=False)
+    assert pushed.returncode != 0 and "checked out in the mintvcs work tree" in pushed.stderr
