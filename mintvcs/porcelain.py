@@ -111,7 +111,8 @@ def identity(repo: Repository | None = None) -> str:
 
 
 _LATEST_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z, git's limit too
-_RAW_DATE = re.compile(r"@?(?P<seconds>[0-9]+)(?: (?P<tz>[+-][0-9]{4}))?\Z")
+# `seconds +HHMM`, a zone being at most 23:59 from UTC (`+9999` would print as nonsense).
+_RAW_DATE = re.compile(r"@?(?P<seconds>[0-9]+)(?: (?P<tz>[+-](?:[01][0-9]|2[0-3])[0-5][0-9]))?\Z")
 
 
 def _parse_date(text: str, where: str) -> tuple[int, str | None]:

@@ -209,7 +209,7 @@ def test_commit_takes_git_identity_and_date_variables(work: Path) -> None:
     assert git(work / ".mint", "log", "-1", "--format=%an|%cn|%aI").stdout.strip() == (
         "Ada|Bot|2026-01-02T03:04:05+01:00"
     )
-    for date in ("next tuesday", "@99999999999999999999", "1960-01-01"):
+    for date in ("next tuesday", "@99999999999999999999", "1960-01-01", "@1 +9999", "@1 +0060"):
         bad = subprocess.run(
             [
                 sys.executable,
