@@ -443,12 +443,14 @@ def _children(oid: str, kind: bytes, body: bytes) -> list[tuple[str, str]]:
 
 
 def _borrowed(repo: Repository, scan: _Scan, oid: str) -> bool:
-    """Whether `oid` is in an alternate object store (`git clone --shared`); recorded in `scan` if so.
+    """Whether `oid` is stored though the scan did not see it (an alternate object store, `git
+    clone --shared`, or written since by a commit); recorded in `scan` if so.
 
-    gc neither packs nor prunes such objects (they belong to the other repository), but
-    walks through them, as git does.
+    An alternate's objects belong to the other repository: gc walks through them but neither
+    packs nor prunes them, as git does. Objects written since are kept like any young one.
     """
-    if not repo.has_object(oid):
+    # Rescanning: a commit landing during gc may have written its pack after the scan.
+    if not repo.has_object(oid, rescan=True):
         return False
     obj = repo.get_object(oid)
     scan.add(oid, obj.type_name, obj.as_raw_string())

@@ -551,14 +551,15 @@ class Repository:
         else:
             self.write_object(obj.type_name, [data], META_ZLIB_LEVEL)
 
-    def has_object(self, oid: str, *, loose: bool = True) -> bool:
-        """True when the store holds object `oid`, loose or packed (`loose` False: packed only)."""
+    def has_object(self, oid: str, *, loose: bool = True, rescan: bool = False) -> bool:
+        """True when the store holds object `oid`, loose or packed (`loose` False: packed only;
+        `rescan`: list the pack directory again first, for packs written since)."""
         if loose and os.path.exists(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}"):
             return True
         key = bytes.fromhex(oid)
         # Packs another process writes meanwhile are not rescanned: at worst an object is
         # stored twice, which git allows.
-        if any(pack.find(key) is not None for pack in self._packs()):
+        if any(pack.find(key) is not None for pack in self._packs(refresh=rescan)):
             return True
         # What our pack reader cannot see, dulwich reads: an alternate object store (a clone
         # made with --shared or --reference) or a pack with a version-1 index.
