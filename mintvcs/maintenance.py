@@ -677,10 +677,10 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
         now = time.time()
         unreachable: set[ObjectID] = set()
         if prune:
-            # Unreachable objects are kept until an hour after they were written (loose) or
-            # first found unreachable (packed: a commit of many tensors packs its blobs before
-            # its ref moves, and this gc packs young loose ones), so a commit in progress
-            # loses nothing.
+            # Unreachable objects are kept until an hour after they were last written or reused
+            # (a loose file's mtime) or first found unreachable (packed: a commit of many tensors
+            # packs its blobs before its ref moves, and this gc packs young loose ones), so a
+            # commit in progress loses nothing.
             first_seen = _read_first_seen(repo, now)
             still_young: dict[str, float] = {}
             for oid in sorted(scan.ids):
