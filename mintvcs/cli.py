@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -30,10 +30,10 @@ def _emit_json(data: Any) -> None:
 
 
 def _format_date(seconds: int, offset: int) -> str:
-    sign = "+" if offset >= 0 else "-"
-    hours, minutes = divmod(abs(offset) // 60, 60)
+    from mintvcs.refs import tz_text
+
     stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(seconds + offset))
-    return f"{stamp} {sign}{hours:02d}{minutes:02d}"
+    return f"{stamp} {tz_text(int(offset / 60))}"
 
 
 def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -46,6 +46,12 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"key {key.strip()!r} given twice", param_hint="--meta")
         meta[key.strip()] = value
     return meta
+
+
+def _usage_error(err: click.UsageError, command: str) -> NoReturn:
+    """One `error:` line naming the help to read, and click's exit status for a usage error (2)."""
+    click.echo(f"error: {err.format_message()} (see '{command} --help')", err=True)
+    sys.exit(err.exit_code)
 
 
 class MintGroup(click.Group):
@@ -63,8 +69,7 @@ class MintGroup(click.Group):
         except click.exceptions.NoArgsIsHelpError:
             raise  # `mintvcs` alone: the help, as git prints its usage
         except click.UsageError as err:  # `mintvcs --bogus`: one line, as for a command's
-            click.echo(f"error: {err.format_message()} (see '{info_name} --help')", err=True)
-            sys.exit(err.exit_code)
+            _usage_error(err, info_name or "mintvcs")
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -73,9 +78,7 @@ class MintGroup(click.Group):
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
         except click.UsageError as err:
-            where = err.ctx.command_path if err.ctx is not None else ctx.command_path
-            click.echo(f"error: {err.format_message()} (see '{where} --help')", err=True)
-            sys.exit(err.exit_code)  # 2, click's (and argparse's) status for a usage error
+            _usage_error(err, err.ctx.command_path if err.ctx is not None else ctx.command_path)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 _LOOSE_NAME = re.compile(r"^[0-9a-f]{38}$")
 _TYPES = {1: b"commit", 2: b"tree", 3: b"blob", 4: b"tag"}
+_TYPE_NUMS = {name: num for num, name in _TYPES.items()}
+# What dulwich raises for an object whose content does not parse as its type.
+_UNPARSABLE = (ValueError, KeyError, IndexError, AssertionError)
 GC_GRACE_SECONDS = (
     3600  # unreachable loose objects younger than this may belong to a commit in progress
 )
@@ -80,11 +83,10 @@ def _format_problem(oid: str, kind: bytes, body: bytes) -> str | None:
     from dulwich.errors import ObjectFormatException
     from dulwich.objects import ShaFile, Tree
 
-    type_num = {name: num for num, name in _TYPES.items()}[kind]
     try:
-        obj = ShaFile.from_raw_string(type_num, body)
+        obj = ShaFile.from_raw_string(_TYPE_NUMS[kind], body)
         obj.check()
-    except (ObjectFormatException, ValueError, KeyError, IndexError, AssertionError) as err:
+    except (ObjectFormatException, *_UNPARSABLE) as err:
         return f"malformed {kind.decode()} {oid}: {err}"
     if isinstance(obj, Tree):
         for item in obj.items():  # the case and file-system aliases dulwich does not check
@@ -419,9 +421,8 @@ def _children(oid: str, kind: bytes, body: bytes) -> list[tuple[str, str]]:
     from dulwich.errors import ObjectFormatException
     from dulwich.objects import Commit, ShaFile, Tag, Tree
 
-    type_num = {name: num for num, name in _TYPES.items()}[kind]
     try:
-        obj = ShaFile.from_raw_string(type_num, body)
+        obj = ShaFile.from_raw_string(_TYPE_NUMS[kind], body)
         if isinstance(obj, Commit):
             return [
                 (obj.tree.decode(), f"tree of commit {oid[:12]}"),
@@ -435,7 +436,7 @@ def _children(oid: str, kind: bytes, body: bytes) -> list[tuple[str, str]]:
             ]
         if isinstance(obj, Tag):
             return [(obj.object[1].decode(), f"target of tag {oid[:12]}")]
-    except (ObjectFormatException, ValueError, KeyError, IndexError, AssertionError) as err:
+    except (ObjectFormatException, *_UNPARSABLE) as err:
         raise GcCorruptObjectError(
             f"gc refused: {kind.decode()} {oid} does not parse ({err}); {_FIX}"
         ) from None

@@ -31,6 +31,7 @@ from mintvcs.refs import (
     check_branch_name,
     check_ref_name,
     local_tz,
+    tz_text,
 )
 from mintvcs.store import CommitInfo, Repository, Revision, UnknownRevisionError
 from mintvcs.validate import check_lora_config
@@ -147,9 +148,7 @@ def _read_date(text: str, where: str) -> tuple[int, str | None]:
     offset = when.utcoffset()
     if offset is None:
         return seconds, None  # local time, as git reads it
-    minutes = int(offset.total_seconds() // 60)
-    sign = "-" if minutes < 0 else "+"
-    return seconds, f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
+    return seconds, tz_text(int(offset.total_seconds() // 60))
 
 
 def _write_atomic(

@@ -237,12 +237,16 @@ def _clean_message(msg: str) -> str:
     return _WS.sub(" ", msg).strip(" ")
 
 
+def tz_text(minutes: int) -> str:
+    """A UTC offset in minutes as git writes it (`+0100`, `-0530`)."""
+    sign = "+" if minutes >= 0 else "-"
+    hours, rest = divmod(abs(minutes), 60)
+    return f"{sign}{hours:02d}{rest:02d}"
+
+
 def local_tz(ts: int) -> str:
     """This machine's UTC offset at `ts`, as git writes it (`+0100`)."""
-    off = time.localtime(ts).tm_gmtoff // 60
-    sign = "+" if off >= 0 else "-"
-    off = abs(off)
-    return f"{sign}{off // 60:02d}{off % 60:02d}"
+    return tz_text(time.localtime(ts).tm_gmtoff // 60)
 
 
 # --- packed-refs -------------------------------------------------------------------

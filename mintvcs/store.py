@@ -557,8 +557,8 @@ class Repository:
         if loose and os.path.exists(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}"):
             return True
         key = bytes.fromhex(oid)
-        # Packs another process writes meanwhile are not rescanned: at worst an object is
-        # stored twice, which git allows.
+        # Without `rescan`, packs another process wrote meanwhile are not seen: at worst an
+        # object is stored twice, which git allows.
         if any(pack.find(key) is not None for pack in self._packs(refresh=rescan)):
             return True
         # What our pack reader cannot see, dulwich reads: an alternate object store (a clone

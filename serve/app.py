@@ -533,14 +533,6 @@ def new_state(config: ServerConfig) -> ServerState:
     )
 
 
-def _ref_value(state: ServerState, ref: str) -> str | None:
-    try:
-        value: str | None = state.repo.refs.read(ref)
-    except MintError:
-        return None
-    return value
-
-
 def count_move(state: ServerState, ref: str | None, commit: str) -> None:
     """Count a ref's move to `commit` once, however many specs in use reported it."""
     label = metric_label(ref)
@@ -552,7 +544,7 @@ def count_move(state: ServerState, ref: str | None, commit: str) -> None:
 def _on_move(state: ServerState, move: RefMove) -> None:
     if move.ref is not None:
         # `main~1` and `main@{1}` move to other commits than main itself: count main's value.
-        value = move.new if not names_an_ancestor(move.spec) else _ref_value(state, move.ref)
+        value = move.new if not names_an_ancestor(move.spec) else state.watcher.read_ref(move.ref)
         if value is not None:
             count_move(state, move.ref, value)
     what = move.spec if move.ref in (None, move.spec) else f"{move.spec} ({move.ref})"

@@ -43,6 +43,16 @@ class _Metric:
     def render(self) -> list[str]:
         raise NotImplementedError
 
+    def _series(self, values: dict[Labels, float]) -> list[str]:
+        """The header and one line per label set, in label order."""
+        return [
+            *self.header(),
+            *(
+                f"{self.name}{_labels(self.labelnames, k)} {_num(v)}"
+                for k, v in sorted(values.items())
+            ),
+        ]
+
 
 class Counter(_Metric):
     """A monotonically increasing count per label set."""
@@ -60,11 +70,8 @@ class Counter(_Metric):
 
     def render(self) -> list[str]:
         with self._lock:
-            items = sorted(self.values.items())
-        return [
-            *self.header(),
-            *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items),
-        ]
+            values = dict(self.values)
+        return self._series(values)
 
 
 class Gauge(_Metric):
@@ -92,11 +99,8 @@ class Gauge(_Metric):
         if self.read is not None:
             return [*self.header(), f"{self.name} {_num(self.read())}"]
         with self._lock:
-            items = sorted(self.values.items())
-        return [
-            *self.header(),
-            *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items),
-        ]
+            values = dict(self.values)
+        return self._series(values)
 
 
 class CounterFrom(_Metric):
@@ -124,11 +128,7 @@ class GaugeSeries(_Metric):
         self.read = read
 
     def render(self) -> list[str]:
-        items = sorted(self.read().items())
-        return [
-            *self.header(),
-            *(f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items),
-        ]
+        return self._series(self.read())
 
 
 class Histogram(_Metric):

@@ -157,7 +157,8 @@ class RefWatcher:
         paths.append(os.path.join(self.git_dir, "packed-refs"))
         return tuple((p, _stat(p)) for p in paths)
 
-    def _read_raw(self, ref: str | None) -> str | None:
+    def read_ref(self, ref: str | None) -> str | None:
+        """The value of `ref` now (None for no ref, or one that is missing or unreadable)."""
         if ref is None:
             return None
         try:
@@ -173,8 +174,8 @@ class RefWatcher:
         deps = self._deps(names)
         commit = str(self.repo.resolve(spec))
         # The first candidate that exists is the ref the store went through; None means a commit id.
-        ref = next((n for n in names if self._read_raw(n) is not None), None)
-        return _Entry(Resolution(spec, commit, ref), deps, self._read_raw(ref), time.monotonic())
+        ref = next((n for n in names if self.read_ref(n) is not None), None)
+        return _Entry(Resolution(spec, commit, ref), deps, self.read_ref(ref), time.monotonic())
 
     @staticmethod
     def _fresh(entry: _Entry) -> bool:
@@ -262,7 +263,7 @@ class RefWatcher:
             ref = entry.resolution.ref
             if not changed and reread and ref is not None:
                 if ref not in values:
-                    values[ref] = self._read_raw(ref)
+                    values[ref] = self.read_ref(ref)
                 changed = values[ref] != entry.raw
             if changed:
                 stale.append((spec, entry))
