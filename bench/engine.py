@@ -37,8 +37,10 @@ from mintvcs.serve import (
     SamplingParams,
     StoreSource,
 )
+from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES, Model, StepBatch
+from mintvcs.serve.scheduler import Scheduler
 from mintvcs.serve.threads import one_intraop_thread
 from mintvcs.serve.tiny import TinyConfig, build_tiny_model
 
@@ -462,7 +464,21 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
     engine_config = EngineConfig(
         max_batch_size=n_requests, adapter_slots=64, max_lora_rank=16, max_num_batched_tokens=16384
     )
-    with Engine(model, engine_config, source=source, base_fingerprint=None) as engine:
+    with Engine(
+        model, engine_config, source=source, base_fingerprint=None, start=device.type == "cuda"
+    ) as engine:
+        if device.type == "cpu":
+            # The CPU smoke runs the graphs' fixed-shape steps without capturing them, so that
+            # every line of this section has run before a GPU session spends minutes on it.
+            engine.kv = model.new_kv_cache(n_requests, model.max_len, scratch=True)
+            engine.scheduler = Scheduler(
+                model,
+                engine.kv,
+                engine.residency,
+                max_num_batched_tokens=engine_config.max_num_batched_tokens,
+                graphs=DecodeGraphs(model, engine.kv, engine.pools, max_batch=n_requests),
+            )
+            engine.start()
         for i in range(64):
             engine.prefetch(f"g{i}").result()
             if i in (0, 15, 31, 63):
@@ -482,28 +498,52 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
             engine.generate_many(list(zip(prompts, revisions, [params] * n_requests, strict=True)))
             return n_requests * new_tokens / (time.perf_counter() - start)
 
-        run(0)  # warm-up (kernel compilation, allocator)
+        graphs = engine.scheduler.graphs
+        mode = "eager" if graphs is None else "CUDA graphs" if graphs.capture else "fixed shapes"
+        run(0)  # warm-up (kernel compilation, allocator, graph capture)
         run(8)
-        progress("warm-up runs done")
+        progress(f"warm-up runs done ({mode})")
         base = max(run(0) for _ in range(2))
         for distinct in (1, 8, 64):
             tps = max(run(distinct) for _ in range(2))
             report(
-                f"{device.type} {n_requests} requests, {distinct} distinct adapters vs base-only",
+                f"{device.type} {n_requests} requests, {distinct} distinct adapters vs base-only"
+                f" ({mode})",
                 tps,
                 base,
+                "tok/s",
+            )
+        if graphs is not None:
+            progress(
+                f"{graphs.captured} CUDA graphs captured in {graphs.capture_seconds:.1f} s"
+                + (f"; capture FAILED, runs were eager: {graphs.failure}" if graphs.failure else "")
+            )
+            # The same engine with its decode steps run eagerly (the scheduler is idle between runs).
+            engine.scheduler.graphs = None
+            eager = {distinct: max(run(distinct) for _ in range(2)) for distinct in (0, 8)}
+            engine.scheduler.graphs = graphs
+            report(f"{device.type} base-only, CUDA graphs vs eager", base, eager[0], "tok/s")
+            report(
+                f"{device.type} {n_requests} requests, 8 distinct adapters vs base-only (eager)",
+                eager[8],
+                eager[0],
                 "tok/s",
             )
         # The engine is idle now: its KV slots and adapter slots are free to drive directly.
         for distinct in (0, 8):
             profile_decode_step(engine, n_requests, prompt_len, distinct)
+            if graphs is not None:
+                profile_decode_step(engine, n_requests, prompt_len, distinct, graphs=True)
 
 
-def profile_decode_step(engine: Engine, n_requests: int, position: int, distinct: int) -> None:
+def profile_decode_step(
+    engine: Engine, n_requests: int, position: int, distinct: int, *, graphs: bool = False
+) -> None:
     """Where one decode step's time goes: the wall time against the GPU's kernel time.
 
     Kernel time well under the wall time means the step is bound by launching (Python and the
-    CUDA driver), which CUDA graphs would remove; near it, by the kernels themselves.
+    CUDA driver), which CUDA graphs remove; near it, by the kernels themselves. graphs=True
+    replays the engine's captured step instead of the eager forward.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -515,7 +555,12 @@ def profile_decode_step(engine: Engine, n_requests: int, position: int, distinct
     used = {s for s in lora_slots if s >= 0}
     cuda = model.device.type == "cuda"
 
+    decode_graphs = engine.scheduler.graphs
+
     def step() -> None:
+        if graphs and decode_graphs is not None:
+            decode_graphs.run(decodes, lora=bool(used))
+            return
         lora = pools.batch(batch.token_lora_slots, used, engine.config.kernel_backend)
         model.forward(batch, engine.kv, lora)
 
@@ -546,8 +591,8 @@ def profile_decode_step(engine: Engine, n_requests: int, position: int, distinct
     )
     launches = sum(e.count for e in events) / steps
     print(
-        f"# decode step, {n_requests} sequences at position {position}, {distinct} distinct "
-        f"adapters: wall {wall * 1e3:.2f} ms, GPU kernels {kernel_s * 1e3:.2f} ms "
+        f"# decode step{' (CUDA graph)' if graphs else ''}, {n_requests} sequences at position "
+        f"{position}, {distinct} distinct adapters: wall {wall * 1e3:.2f} ms, GPU kernels {kernel_s * 1e3:.2f} ms "
         f"({kernel_s / wall:.0%} busy), LoRA kernels {lora_s * 1e3:.2f} ms, "
         f"{launches:.0f} kernels per step",
         flush=True,

@@ -166,7 +166,8 @@ echo "## set-up done at $SECONDS s" | tee -a "$OUT/gpu.txt"
 
 # -------------------------------------------------------------------------------------- steps
 step parity 120 "$OUT/parity.log" \
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu --maxfail=5 --durations=10 --timeout=60 tests/kernels
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu --maxfail=5 --durations=10 --timeout=60 tests/kernels \
+    tests/serve/test_graphs.py
 step kernels 90 "$OUT/kernels.log" \
     "$PY" bench/kernels.py --no-cpu --skip-parity --json "$OUT/kernels.json"
 step engine 150 "$OUT/engine-cuda.log" "$PY" bench/engine.py --only cuda

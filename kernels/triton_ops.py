@@ -184,6 +184,11 @@ def _cached(
     return hit
 
 
+def address_tables() -> list[torch.Tensor]:
+    """The device tables the launches read (factor addresses, widths): a CUDA graph must keep them alive."""
+    return list(_CACHE.values())
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 

@@ -85,6 +85,7 @@ class ServerConfig:
     ref_poll_interval: float = 0.15
     prefetch_on_move: bool = True
     drain_timeout: float = 30.0
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         for name in (
@@ -479,6 +480,7 @@ def engine_config(config: ServerConfig) -> Any:
         adapter_slots=config.max_loras,
         max_lora_rank=config.max_rank,
         host_cache_bytes=max(1, config.max_cpu_loras * per_revision),
+        cuda_graphs=not config.enforce_eager,
     )
 
 

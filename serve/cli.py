@@ -118,6 +118,11 @@ from mintvcs.errors import MintError
     type=click.FloatRange(min=0),
     help="On SIGTERM/SIGINT, seconds to let running requests finish (a second signal stops waiting).",
 )
+@click.option(
+    "--enforce-eager",
+    is_flag=True,
+    help="Run every decode step eagerly on CUDA instead of replaying captured CUDA graphs.",
+)
 def serve(
     repo: Path,
     base_model: Path,
@@ -136,6 +141,7 @@ def serve(
     max_tokens_limit: int,
     ref_poll_interval: float,
     drain_timeout: float,
+    enforce_eager: bool,
 ) -> None:
     """Serve generate-by-ref over HTTP from one resident base model."""
     from mintvcs.serve.app import ServerConfig, run
@@ -159,6 +165,7 @@ def serve(
             max_tokens_limit=max_tokens_limit,
             ref_poll_interval=ref_poll_interval,
             drain_timeout=drain_timeout,
+            enforce_eager=enforce_eager,
         )
         status = run(config)
     except MintError as err:

@@ -23,6 +23,7 @@ import torch
 from mintvcs.errors import MintError
 from mintvcs.progress import progress_bar
 from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, prepare_adapter
+from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.loader import load_tokenizer, read_config, safetensors_files
 from mintvcs.serve.model import LORA_MODULES, Model
 from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams
@@ -60,6 +61,8 @@ class EngineConfig:
     host_cache_bytes: int = 2 << 30
     kernel_backend: str = "auto"
     check_base_fingerprint: bool = True
+    # Decode-only steps replay from CUDA graphs on a GPU (serve/graphs.py); False = always eager.
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -286,7 +289,9 @@ class Engine:
         self.base_fingerprint = base_fingerprint
         device, dtype = self.model.device, self.model.dtype
         self.source = source
-        self.kv = self.model.new_kv_cache(config.max_batch_size, self.max_model_len)
+        # Graphs need the Triton backend: the torch one reads slot segments on the host (a sync).
+        graphs = device.type == "cuda" and config.cuda_graphs and config.kernel_backend != "torch"
+        self.kv = self.model.new_kv_cache(config.max_batch_size, self.max_model_len, scratch=graphs)
         self.pools = AdapterPools(
             self.model.config,
             config.adapter_slots,
@@ -311,6 +316,15 @@ class Engine:
             self.residency,
             max_num_batched_tokens=config.max_num_batched_tokens,
             kernel_backend=config.kernel_backend,
+            graphs=DecodeGraphs(
+                self.model,
+                self.kv,
+                self.pools,
+                max_batch=config.max_batch_size,
+                backend=config.kernel_backend,
+            )
+            if graphs
+            else None,
         )
 
     def start(self) -> None:

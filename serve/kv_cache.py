@@ -32,12 +32,15 @@ class KVCache:
         *,
         dtype: torch.dtype,
         device: torch.device,
+        scratch: bool = False,
     ) -> None:
         if num_slots < 1 or max_len < 1:
             raise ValueError(f"num_slots ({num_slots}) and max_len ({max_len}) must be positive")
         self.num_slots = num_slots
         self.max_len = max_len
-        shape = (num_slots, kv_heads, max_len, head_dim)
+        # A slot never handed out, where padding rows of a fixed-size (CUDA graph) step write.
+        self.scratch_slot: int | None = num_slots if scratch else None
+        shape = (num_slots + int(scratch), kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         # Lowest free slot first keeps running slots dense, which keeps gathers local.

@@ -418,8 +418,10 @@ class Model:
             tensors.extend(t for t in vars(layer).values() if isinstance(t, torch.Tensor))
         return sum(t.numel() for t in tensors)
 
-    def new_kv_cache(self, num_slots: int, max_len: int | None = None) -> KVCache:
-        """A KV cache with `num_slots` sequences of up to `max_len` positions."""
+    def new_kv_cache(
+        self, num_slots: int, max_len: int | None = None, *, scratch: bool = False
+    ) -> KVCache:
+        """A KV cache with `num_slots` sequences of up to `max_len` positions (and a scratch slot)."""
         c = self.config
         return KVCache(
             c.num_hidden_layers,
@@ -429,6 +431,7 @@ class Model:
             c.head_dim,
             dtype=self.dtype,
             device=self.device,
+            scratch=scratch,
         )
 
     @torch.inference_mode()

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import Model, StepBatch
 from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams, find_stop, sample
@@ -134,8 +135,10 @@ class Scheduler:
         *,
         max_num_batched_tokens: int = 4096,
         kernel_backend: str = "auto",
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
+        self.graphs = graphs  # decode-only steps replay from these; steps with prefills run eagerly
         self.kv = kv
         self.residency = residency
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -224,14 +227,25 @@ class Scheduler:
         ]
         prefills = [(s.prompt_ids, s.kv_slot, s.lora_slot) for s in admitted]
         device = self.model.device
+        used = {s.lora_slot for s in seqs if s.lora_slot >= 0}
+        graphs = self.graphs
         try:
-            batch = StepBatch.build(decodes, prefills, device)
-            lora = None
-            used = {s.lora_slot for s in seqs if s.lora_slot >= 0}
-            if used:
-                assert self.residency is not None
-                lora = self.residency.pools.batch(batch.token_lora_slots, used, self.kernel_backend)
-            logits = self.model.forward(batch, self.kv, lora)
+            logits = None
+            if (
+                graphs is not None
+                and not prefills
+                and graphs.fits(len(decodes), max(d[1] for d in decodes) + 1)
+            ):
+                logits = graphs.run(decodes, lora=bool(used))
+            if logits is None:
+                batch = StepBatch.build(decodes, prefills, device)
+                lora = None
+                if used:
+                    assert self.residency is not None
+                    lora = self.residency.pools.batch(
+                        batch.token_lora_slots, used, self.kernel_backend
+                    )
+                logits = self.model.forward(batch, self.kv, lora)
             tokens = self._sample(logits, seqs)
         except Exception as err:
             # A failed step must not take the engine down: fail this batch, keep serving.
