@@ -597,6 +597,14 @@ def profile_decode_step(
         f"{launches:.0f} kernels per step",
         flush=True,
     )
+    # The kernels that take the time: which attention backend ran, GEMMs against the rest.
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:10]:
+        share = e.self_device_time_total / 1e6 / steps / kernel_s if kernel_s else 0.0
+        print(
+            f"#   {e.self_device_time_total / 1e3 / steps:8.3f} ms {share:4.0%} "
+            f"x{e.count / steps:<5.0f} {e.key[:100]}",
+            flush=True,
+        )
 
 
 def main() -> None:
