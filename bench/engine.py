@@ -532,7 +532,7 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
         # The engine is idle now: its KV slots and adapter slots are free to drive directly.
         for distinct in (0, 8):
             profile_decode_step(engine, n_requests, prompt_len, distinct)
-            if graphs is not None:
+            if graphs is not None and graphs.failure is None:
                 profile_decode_step(engine, n_requests, prompt_len, distinct, graphs=True)
 
 
@@ -550,7 +550,10 @@ def profile_decode_step(
     model, pools = engine.model, engine.pools
     slots = [] if distinct == 0 else [engine.residency.slot_of(f"g{i}") for i in range(distinct)]
     lora_slots = [-1 if not slots else slots[i % distinct] for i in range(n_requests)]
-    decodes = [(7, position, i, s if s is not None else -1) for i, s in enumerate(lora_slots)]
+    first = engine.kv.first_slot  # KV slot 0 is the graphs' scratch slot when they are on
+    decodes = [
+        (7, position, first + i, s if s is not None else -1) for i, s in enumerate(lora_slots)
+    ]
     batch = StepBatch.build(decodes, [], model.device)
     used = {s for s in lora_slots if s >= 0}
     cuda = model.device.type == "cuda"
@@ -558,8 +561,8 @@ def profile_decode_step(
     decode_graphs = engine.scheduler.graphs
 
     def step() -> None:
-        if graphs and decode_graphs is not None:
-            decode_graphs.run(decodes, lora=bool(used))
+        replayed = graphs and decode_graphs is not None
+        if replayed and decode_graphs.run(decodes, lora=bool(used)) is not None:
             return
         lora = pools.batch(batch.token_lora_slots, used, engine.config.kernel_backend)
         model.forward(batch, engine.kv, lora)

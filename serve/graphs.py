@@ -5,9 +5,11 @@ plus two Triton launches per fused linear for LoRA; at decode batch sizes the GP
 faster than Python issues them. A graph replays the whole step with one launch.
 
 What a replay needs fixed, and how it gets it:
-- Shapes. Decodes are padded up to a batch bucket, and attention reads every KV slot up to a
-  length bucket (rows that are not decoding, and positions past each sequence's length, are
-  masked). Padding rows carry token 0 at position 0 of the KV cache's scratch slot and no adapter.
+- Shapes. Decodes are padded up to a batch bucket B that also covers their highest KV slot, and
+  attention reads KV slots 0..B (slot 0 is the cache's scratch slot) up to a length bucket; rows
+  that are not decoding, and positions past each sequence's length, are masked. KV slots are
+  handed out lowest first, so B stays close to the batch. Padding rows carry token 0 at
+  position 0 of the scratch slot and no adapter.
 - Addresses. Inputs are copied into static device buffers each step; the model's weights, the
   KV cache and the adapter pools never move; the kernels' address tables are held here too.
 - No host syncs inside the step. The LoRA metadata is built with fixed-shape ops
@@ -20,6 +22,7 @@ graph, which is how the CPU tests check it against the eager forward.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -75,79 +78,82 @@ class DecodeGraphs:
         backend: str = "auto",
         capture: bool | None = None,
     ) -> None:
-        if kv.scratch_slot is None:
+        if kv.scratch_slot != 0:
             raise ValueError("DecodeGraphs needs a KV cache with a scratch slot (scratch=True)")
         self.model = model
         self.kv = kv
         self.pools = pools
         self.backend = backend
         self.capture = model.device.type == "cuda" if capture is None else capture
-        self.batches = batch_buckets(max_batch)
+        # A bucket must also cover the highest KV slot in use, which can reach kv.num_slots.
+        self.batches = batch_buckets(max(max_batch, kv.num_slots))
         self.lengths = length_buckets(kv.max_len)
-        self.rows = kv.num_slots + 1  # every KV slot and the scratch slot
         device = model.device
         m = self.max_batch = self.batches[-1]
         # One int64 buffer for a step's inputs, so each step is one host-to-device copy:
-        # token ids, positions, KV slots, adapter slots [max_batch each], then each KV row's length.
+        # token ids, positions, KV slots, adapter slots [max_batch each], then the length of
+        # each KV slot 0..max_batch (what the step's attention reads).
         self._layout = {"ids": 0, "positions": m, "kv": 2 * m, "lora": 3 * m, "lengths": 4 * m}
-        size = 4 * m + self.rows
+        size = 5 * m + 1
         self._inputs = torch.zeros(size, dtype=torch.long, device=device)
         self._host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
         self._host_np = self._host.numpy()
-        self._positions = torch.arange(self.kv.max_len, device=device)
-        self._graphs: dict[tuple[int, int, bool], tuple[Any, torch.Tensor]] = {}
+        self._copied: Any = None  # a CUDA event: the last copy out of _host has finished
+        self._positions = torch.arange(max(kv.max_len, m + 1), device=device)
+        # Every graph writes its logits here: one buffer, not one per graph.
+        self._logits = torch.empty(m, model.config.vocab_size, device=device)
+        self._graphs: dict[tuple[int, int, bool], Any] = {}
         self._pool: Any = None
         self._keep: list[object] = []  # tensors the captured kernels address (see _capture)
         self.capture_seconds = 0.0
         self.steps = 0  # decode steps run here
         self.failure: str | None = None  # why capturing failed (graphs are then off)
 
-    def fits(self, num_decodes: int, max_length: int) -> bool:
-        """Whether a decode step of this size can run here (else it runs eagerly)."""
-        return (
-            self.failure is None
-            and 0 < num_decodes <= self.max_batch
-            and max_length <= self.kv.max_len
-        )
+    def plan(self, decodes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int] | None:
+        """(batch bucket, length bucket) of a decode-only step, or None when it must run eagerly."""
+        if self.failure is not None or not decodes:
+            return None
+        span = max(len(decodes), max(d[2] for d in decodes))  # KV slots 1..span are read
+        length = max(d[1] for d in decodes) + 1
+        if span > self.max_batch or length > self.kv.max_len:
+            return None
+        return _bucket(span, self.batches), _bucket(length, self.lengths)
 
     def run(self, decodes: Sequence[tuple[int, int, int, int]], lora: bool) -> torch.Tensor | None:
         """Logits [len(decodes), vocab] of a decode-only step of (token, position, kv_slot, lora_slot).
 
-        The tensor is this graph's output buffer: read it before the next run. None: a capture
-        failed, so graphs are off from now on (`failure` says why) and the caller runs eagerly.
+        The tensor is a view of a buffer the next run overwrites: read it before then. None: the
+        step does not fit (plan), or a capture failed and graphs are off (`failure` says why);
+        the caller runs the step eagerly.
         """
+        planned = self.plan(decodes)
+        if planned is None:
+            return None
+        batch, length = planned
         n = len(decodes)
-        max_length = max(d[1] for d in decodes) + 1
-        if not self.fits(n, max_length):
-            raise ValueError(f"a step of {n} decodes up to length {max_length} does not fit")
-        batch = _bucket(n, self.batches)
-        length = _bucket(max_length, self.lengths)
         self._stage(decodes, batch)
         self.steps += 1
         key = (batch, length, lora)
         if not self.capture:
             return self._step(*key)[:n]
-        entry = self._graphs.get(key)
-        if entry is None:
-            try:
-                entry = self._graphs[key] = self._capture(key)
-            except Exception as err:  # a driver or an op that cannot be captured: serve eagerly
-                self.failure = f"{type(err).__name__}: {err}"
-                log.warning("CUDA graph capture failed; decoding eagerly from now on: %s", err)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture_or_give_up(key)
+            if graph is None:
                 return None
-        graph, out = entry
         graph.replay()
-        return out[:n]
+        return self._logits[:n]
 
     def _stage(self, decodes: Sequence[tuple[int, int, int, int]], batch: int) -> None:
         """Write the step's inputs, padding rows included, into the static input buffer."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy has read the pinned buffer
         at, host, n = self._layout, self._host_np, len(decodes)
         tokens, positions, kv_slots, lora_slots = zip(*decodes, strict=True)
-        scratch = self.kv.scratch_slot
         for name, values, pad in (
             ("ids", tokens, 0),
             ("positions", positions, 0),
-            ("kv", kv_slots, scratch),
+            ("kv", kv_slots, 0),  # the scratch slot
             ("lora", lora_slots, -1),
         ):
             host[at[name] : at[name] + n] = values
@@ -155,17 +161,19 @@ class DecodeGraphs:
         lengths = host[at["lengths"] :]
         lengths[:] = 1  # rows not decoding attend to position 0 only: no all-masked (NaN) rows
         lengths[list(kv_slots)] = [p + 1 for p in positions]
-        # Non-blocking from pinned memory: the previous step's logits were read on the host
-        # (a sync), so no copy from this buffer is still in flight when it is rewritten.
         self._inputs.copy_(self._host, non_blocking=True)
+        if self._inputs.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
 
     def _step(self, batch: int, length: int, lora: bool) -> torch.Tensor:
         """The step itself, on the static buffers: fixed shapes, no host syncs."""
         at, inputs = self._layout, self._inputs
+        rows = batch + 1  # KV slots 0 (scratch) .. batch
         kv_slots = inputs[at["kv"] : at["kv"] + batch]
-        lengths = inputs[at["lengths"] : at["lengths"] + self.rows]
+        lengths = inputs[at["lengths"] : at["lengths"] + rows]
         mask = (self._positions[:length].unsqueeze(0) < lengths.unsqueeze(1)).view(
-            self.rows, 1, 1, length
+            rows, 1, 1, length
         )
         token_lora_slots = inputs[at["lora"] : at["lora"] + batch].to(torch.int32)
         step = StepBatch(
@@ -179,7 +187,7 @@ class DecodeGraphs:
             max_decode_len=length,
             prefills=[],
             logits_index=self._positions[:batch],
-            decode_span=(0, self.rows),
+            decode_span=(0, rows),
             decode_rows=kv_slots,
         )
         adapters = None
@@ -199,7 +207,35 @@ class DecodeGraphs:
             )
         return self.model.forward(step, self.kv, adapters)
 
-    def _capture(self, key: tuple[int, int, bool]) -> tuple[Any, torch.Tensor]:
+    def _capture_or_give_up(self, key: tuple[int, int, bool]) -> Any:
+        """The graph of `key`, captured now; None after a failure, which turns graphs off for good."""
+        device = self.model.device
+        stream = None
+        try:
+            stream = torch.cuda.current_stream(device)
+            with torch.cuda.device(device):
+                graph = self._graphs[key] = self._capture(key)
+            return graph
+        except Exception as err:  # a driver or an op that cannot be captured: serve eagerly
+            # An invalidated capture raises from capture_end before torch restores the stream:
+            # put the thread back on its own stream, or every later eager step would run on the
+            # capture's side stream, out of order with the adapter loader's.
+            if stream is not None:
+                torch.cuda.set_stream(stream)
+            cause = err.__context__ or err.__cause__
+            self.failure = f"{type(err).__name__}: {err}" + (
+                f" (after {type(cause).__name__}: {cause})" if cause else ""
+            )
+            log.warning("CUDA graph capture failed; decoding eagerly from now on: %s", self.failure)
+            self._graphs.clear()
+            self._keep.clear()
+            self._pool = None
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(device)
+                torch.cuda.empty_cache()
+            return None
+
+    def _capture(self, key: tuple[int, int, bool]) -> Any:
         """Warm up, then capture the step of `key` into a graph sharing one memory pool."""
         started = time.perf_counter()
         device = self.model.device
@@ -215,23 +251,25 @@ class DecodeGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        batch = key[0]
         # thread_local: the adapter loader keeps copying into slots on its own thread meanwhile.
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = self._step(*key)
+            self._logits[:batch].copy_(self._step(*key))
         # The Triton wrapper caches its per-pool address tables and may drop them when its cache
         # fills; the graph baked in their addresses, so they must live as long as it does.
         from mintvcs.kernels import triton_ops
 
         self._keep.append(tuple(triton_ops.address_tables()))
-        self.capture_seconds += time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        self.capture_seconds += elapsed
         log.info(
             "captured a CUDA graph for %d decodes up to length %d%s in %.2f s",
             key[0],
             key[1],
             " with adapters" if key[2] else "",
-            time.perf_counter() - started,
+            elapsed,
         )
-        return graph, out
+        return graph
 
     @property
     def captured(self) -> int:

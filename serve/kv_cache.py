@@ -38,13 +38,17 @@ class KVCache:
             raise ValueError(f"num_slots ({num_slots}) and max_len ({max_len}) must be positive")
         self.num_slots = num_slots
         self.max_len = max_len
-        # A slot never handed out, where padding rows of a fixed-size (CUDA graph) step write.
-        self.scratch_slot: int | None = num_slots if scratch else None
+        # Slot 0 is never handed out when `scratch`: padding rows of a fixed-shape (CUDA graph)
+        # step write there, and as the first slot it lies in every span a step reads.
+        self.scratch_slot: int | None = 0 if scratch else None
+        self.first_slot = int(
+            scratch
+        )  # sequences get slots first_slot .. first_slot + num_slots - 1
         shape = (num_slots + int(scratch), kv_heads, max_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         # Lowest free slot first keeps running slots dense, which keeps gathers local.
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = list(range(self.first_slot + num_slots - 1, self.first_slot - 1, -1))
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +71,7 @@ class KVCache:
 
     def free(self, slot: int) -> None:
         """Return `slot` to the pool; its contents are overwritten by the next owner's prefill."""
-        if slot in self._free or not 0 <= slot < self.num_slots:
+        if slot in self._free or not self.first_slot <= slot < self.first_slot + self.num_slots:
             raise ValueError(f"KV slot {slot} is not allocated")
         self._free.append(slot)
 

@@ -518,9 +518,14 @@ class Model:
             if q.device.type == "cpu" and q.dtype == torch.float32:
                 od = _decode_attention_cpu(qd, keys, values, batch.decode_mask)
             else:
+                # Each KV head's query group as that head's query rows: equal head counts, so the
+                # fused kernels take it (with enable_gqa and a mask, torch falls back to its math
+                # backend, which upcasts and repeats K and V to every query head).
+                d, heads, hd = qd.shape
+                nkv = keys.shape[1]
                 od = F.scaled_dot_product_attention(
-                    qd.unsqueeze(2), keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa
-                ).squeeze(2)
+                    qd.reshape(d, nkv, heads // nkv, hd), keys, values, attn_mask=batch.decode_mask
+                ).reshape(d, heads, hd)
             out[:nd] = od if rows is None else od.index_select(0, rows)
         for start, length, _slot in batch.prefills:
             qp = q[start : start + length].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]

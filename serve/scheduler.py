@@ -231,12 +231,8 @@ class Scheduler:
         graphs = self.graphs
         try:
             logits = None
-            if (
-                graphs is not None
-                and not prefills
-                and graphs.fits(len(decodes), max(d[1] for d in decodes) + 1)
-            ):
-                logits = graphs.run(decodes, lora=bool(used))
+            if graphs is not None and not prefills:
+                logits = graphs.run(decodes, lora=bool(used))  # None: run this step eagerly
             if logits is None:
                 batch = StepBatch.build(decodes, prefills, device)
                 lora = None

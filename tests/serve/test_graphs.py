@@ -44,12 +44,12 @@ def test_static_decode_step_equals_the_eager_forward(idle_engine: Engine) -> Non
     slots = {name: engine.prefetch(name).result() for name in ("qv-r8", "all-r16", "mlp-r2")}
     kv = model.new_kv_cache(8, 96, scratch=True)
     # Five sequences in scattered KV slots, different lengths and adapters (one base-only).
-    seqs = [
-        (2, _prompt(1, 5), slots["qv-r8"]),
-        (0, _prompt(2, 17), slots["all-r16"]),
-        (5, _prompt(3, 9), -1),
-        (6, _prompt(4, 70), slots["mlp-r2"]),
-        (3, _prompt(5, 2), slots["all-r16"]),
+    seqs = [  # KV slot 0 is the scratch slot
+        (3, _prompt(1, 5), slots["qv-r8"]),
+        (1, _prompt(2, 17), slots["all-r16"]),
+        (6, _prompt(3, 9), -1),
+        (7, _prompt(4, 70), slots["mlp-r2"]),
+        (4, _prompt(5, 2), slots["all-r16"]),
     ]
     prefill = StepBatch.build([], [(p, k, s) for k, p, s in seqs], model.device)
     lora = pools.batch(prefill.token_lora_slots, {s for *_, s in seqs if s >= 0})
@@ -61,27 +61,44 @@ def test_static_decode_step_equals_the_eager_forward(idle_engine: Engine) -> Non
     keys = [k.clone() for k in kv.keys]
 
     graphs = DecodeGraphs(model, kv, pools, max_batch=8, capture=False)
-    static = graphs.run(decodes, lora=True)  # padded to 8 rows, attention over 128 positions
-    assert static.shape == eager.shape
+    assert graphs.plan(decodes) == (8, 96)  # KV slots up to 7: 8; lengths up to 71: max_len
+    static = graphs.run(decodes, lora=True)
+    assert static is not None and static.shape == eager.shape
     torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
     assert static.argmax(-1).tolist() == eager.argmax(-1).tolist()
     # It rewrote the same keys for the real rows; the padding wrote only to the scratch slot.
     for before, after in zip(keys, kv.keys, strict=True):
-        torch.testing.assert_close(after[:8], before[:8], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(after[1:], before[1:], rtol=1e-5, atol=1e-5)
     # Base-only rows of the same step without adapters: the base forward.
     base = model.forward(StepBatch.build(decodes, [], model.device), kv, None)
-    torch.testing.assert_close(graphs.run(decodes, lora=False), base, rtol=1e-5, atol=1e-5)
+    static_base = graphs.run(decodes, lora=False)
+    assert static_base is not None
+    torch.testing.assert_close(static_base, base, rtol=1e-5, atol=1e-5)
     assert graphs.steps == 2
 
 
-def test_a_step_that_does_not_fit_is_refused(idle_engine: Engine) -> None:
+def test_steps_are_planned_by_batch_highest_slot_and_length(idle_engine: Engine) -> None:
     model = idle_engine.model
-    graphs = DecodeGraphs(model, model.new_kv_cache(4, 32, scratch=True), None, max_batch=4)
-    assert graphs.fits(4, 32) and not graphs.fits(5, 1) and not graphs.fits(1, 33)
-    with pytest.raises(ValueError, match="does not fit"):
-        graphs.run([(1, 40, 0, -1)], lora=False)
+    graphs = DecodeGraphs(model, model.new_kv_cache(12, 100, scratch=True), None, max_batch=12)
+    assert graphs.plan([(1, 0, 1, -1)]) == (1, 64)
+    assert graphs.plan([(1, 0, 3, -1)]) == (4, 64)  # one decode, but KV slots 0..3 are read
+    assert graphs.plan([(1, 70, s, -1) for s in (1, 2, 9)]) == (12, 100)
+    assert graphs.plan([(1, 5, s, -1) for s in range(1, 13)]) == (12, 64)
+    assert graphs.plan([(1, 100, 1, -1)]) is None  # past max_len: eager (and refused there)
+    assert graphs.plan([]) is None
+    assert graphs.run([(1, 100, 1, -1)], lora=False) is None
     with pytest.raises(ValueError, match="scratch"):
         DecodeGraphs(model, model.new_kv_cache(4, 32), None, max_batch=4)
+
+
+def test_the_scratch_slot_is_never_handed_out(idle_engine: Engine) -> None:
+    kv = idle_engine.model.new_kv_cache(3, 16, scratch=True)
+    assert kv.keys[0].shape[0] == 4 and kv.scratch_slot == 0
+    assert [kv.allocate() for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="not allocated"):
+        kv.free(0)
+    kv.free(2)
+    assert kv.allocate() == 2
 
 
 def test_an_engine_on_static_steps_generates_what_the_eager_one_does(
@@ -120,7 +137,7 @@ def test_a_failed_capture_turns_graphs_off_and_the_engine_decodes_eagerly(
         assert engine.stats()["requests_failed"] == 0
     assert got == expected
     assert graphs.failure is not None and graphs.captured == 0
-    assert not graphs.fits(1, 1)
+    assert graphs.plan([(1, 0, 1, -1)]) is None
 
 
 @pytest.mark.gpu

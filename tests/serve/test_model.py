@@ -95,9 +95,13 @@ def test_transformers5_rope_parameters_config(tmp_path: Path) -> None:
     assert torch.allclose(_our_logits(new, ids), _hf_logits(src, ids), atol=1e-4, rtol=0)
 
 
-def test_decode_with_cache_matches_full_forward(tiny_base: Path) -> None:
+# float64 takes the decode attention of other devices and dtypes (SDPA with each KV head's query
+# group as its rows) instead of the CPU fp32 one.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_with_cache_matches_full_forward(tiny_base: Path, dtype: torch.dtype) -> None:
     """Prefill then one-token decode steps, two sequences of different lengths, equal the full forward."""
-    model = Model.from_dir(tiny_base)
+    model = Model.from_dir(tiny_base, dtype=dtype)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
     kv = model.new_kv_cache(4, 64)
     a, b = _prompt(5, 20), _prompt(6, 9)
     full_a = model.forward(
