@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a session lent a GPU machine, most important first: the CUDA
-# parity grid and the kernel benchmark (#3), the engine's CUDA benchmark (#4), the server
-# benchmark (#5). Results land in $OUT (default bench/out), eight files at most: gpu.txt
+# parity grid and the kernel benchmark (#3), the engine's CUDA graphs against its eager steps and
+# its CUDA benchmark (#4), the server benchmark (#5). Results land in $OUT (default bench/out), eight files at most: gpu.txt
 # (nvidia-smi, versions, each step's time and exit status), setup.log, parity.log, kernels.log,
 # kernels.json, engine-cuda.log, serve.log, serve.json.
 #
 # Before the call, run bench/gpu-wheels.sh here and carry ".whl". Never run with TRITON_INTERPRET.
-# Time: each step has its own limit (parity 120 s, kernels 90 s, engine 150 s, serve 90 s) and
+# Time: each step has its own limit (parity 140 s, kernels 90 s, engine 140 s, serve 90 s) and
 # none runs past GPU_DEADLINE_S (default 500 s) from the start, so the whole script ends within
 # about 8.5 minutes even when every step hangs; ~20 s of set-up comes first. Set-up that leaves
 # no CUDA, or no importable mintvcs, dulwich, zstandard or zlib_ng, stops the script at once with
@@ -165,12 +165,13 @@ fi
 echo "## set-up done at $SECONDS s" | tee -a "$OUT/gpu.txt"
 
 # -------------------------------------------------------------------------------------- steps
-step parity 120 "$OUT/parity.log" \
+# The kernels' grid first; then the engine's CUDA graphs against its eager steps (tiny model, fp32).
+step parity 140 "$OUT/parity.log" \
     "$PY" -m pytest -q -p no:cacheprovider -m gpu --maxfail=5 --durations=10 --timeout=60 tests/kernels \
     tests/serve/test_graphs.py
 step kernels 90 "$OUT/kernels.log" \
     "$PY" bench/kernels.py --no-cpu --skip-parity --json "$OUT/kernels.json"
-step engine 150 "$OUT/engine-cuda.log" "$PY" bench/engine.py --only cuda
+step engine 140 "$OUT/engine-cuda.log" "$PY" bench/engine.py --only cuda
 step serve 90 "$OUT/serve.log" \
     "$PY" bench/serve.py --repeat 1 --swaps 3 --json "$OUT/serve.json"
 
