@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a session lent a GPU machine, most important first: the CUDA
 # parity grid and the kernel benchmark (#3), the engine's CUDA graphs against its eager steps and
-# its CUDA benchmark (#4), the server benchmark (#5). Results land in $OUT (default bench/out), eight files at most: gpu.txt
-# (nvidia-smi, versions, each step's time and exit status), setup.log, parity.log, kernels.log,
-# kernels.json, engine-cuda.log, serve.log, serve.json.
+# its CUDA benchmark (#4), the server benchmark (#5). Results land in $OUT (default bench/out),
+# eight files at most: gpu.txt (nvidia-smi, versions, each step's time and exit status),
+# setup.log, parity.log, kernels.log, kernels.json, engine-cuda.log, serve.log, serve.json.
 #
 # Before the call, run bench/gpu-wheels.sh here and carry ".whl". Never run with TRITON_INTERPRET.
 # Time: each step has its own limit (parity 140 s, kernels 90 s, engine 140 s, serve 90 s) and
