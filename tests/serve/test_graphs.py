@@ -101,20 +101,37 @@ def test_the_scratch_slot_is_never_handed_out(idle_engine: Engine) -> None:
     assert kv.allocate() == 2
 
 
+def _eager_then_fixed_shape(
+    tiny_base: Path,
+    zoo: dict[str, Path],
+    reqs: list[tuple[list[int], str | None, SamplingParams]],
+    config: EngineConfig,
+    *,
+    capture: bool,
+) -> tuple[list[list[int]], list[list[int]], DecodeGraphs, dict[str, object]]:
+    """Greedy tokens of an eager engine, then of one wired to DecodeGraphs as Engine does on CUDA."""
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eager:
+        expected = [c.token_ids for c in eager.generate_many(reqs, timeout=120)]
+    with Engine(tiny_base, config, source=PeftDirSource(zoo), start=False) as engine:
+        engine.kv = engine.model.new_kv_cache(
+            config.max_batch_size, config.max_model_len, scratch=True
+        )
+        graphs = DecodeGraphs(
+            engine.model, engine.kv, engine.pools, max_batch=config.max_batch_size, capture=capture
+        )
+        engine.scheduler = Scheduler(engine.model, engine.kv, engine.residency, graphs=graphs)
+        engine.start()
+        got = [c.token_ids for c in engine.generate_many(reqs, timeout=120)]
+        stats = engine.stats()
+    return expected, got, graphs, stats
+
+
 def test_an_engine_on_static_steps_generates_what_the_eager_one_does(
     tiny_base: Path, zoo: dict[str, Path]
 ) -> None:
     reqs = [(_prompt(50 + i, 3 + 7 * i % 30), name, GREEDY) for i, name in enumerate([*ZOO, None])]
     config = EngineConfig(max_batch_size=12, adapter_slots=8, max_model_len=128)
-    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eager:
-        expected = [c.token_ids for c in eager.generate_many(reqs, timeout=120)]
-    with Engine(tiny_base, config, source=PeftDirSource(zoo), start=False) as engine:
-        # The wiring Engine does on CUDA, without the capture: a scratch KV slot and the graphs.
-        engine.kv = engine.model.new_kv_cache(12, 128, scratch=True)
-        graphs = DecodeGraphs(engine.model, engine.kv, engine.pools, max_batch=12, capture=False)
-        engine.scheduler = Scheduler(engine.model, engine.kv, engine.residency, graphs=graphs)
-        engine.start()
-        got = [c.token_ids for c in engine.generate_many(reqs, timeout=120)]
+    expected, got, graphs, _ = _eager_then_fixed_shape(tiny_base, zoo, reqs, config, capture=False)
     assert got == expected
     assert graphs.steps >= 9  # every step after the prefills was a fixed-shape one
 
@@ -125,17 +142,11 @@ def test_a_failed_capture_turns_graphs_off_and_the_engine_decodes_eagerly(
 ) -> None:
     reqs = [(_prompt(60 + i, 4 + i), name, GREEDY) for i, name in enumerate(["qv-r8", None])]
     config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=64)
-    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eager:
-        expected = [c.token_ids for c in eager.generate_many(reqs, timeout=120)]
-    with Engine(tiny_base, config, source=PeftDirSource(zoo), start=False) as engine:
-        engine.kv = engine.model.new_kv_cache(4, 64, scratch=True)
-        # capture=True on a machine without CUDA: the first capture fails for real.
-        graphs = DecodeGraphs(engine.model, engine.kv, engine.pools, max_batch=4, capture=True)
-        engine.scheduler = Scheduler(engine.model, engine.kv, engine.residency, graphs=graphs)
-        engine.start()
-        got = [c.token_ids for c in engine.generate_many(reqs, timeout=120)]
-        assert engine.stats()["requests_failed"] == 0
-    assert got == expected
+    # capture=True on a machine without CUDA: the first capture fails for real.
+    expected, got, graphs, stats = _eager_then_fixed_shape(
+        tiny_base, zoo, reqs, config, capture=True
+    )
+    assert got == expected and stats["requests_failed"] == 0
     assert graphs.failure is not None and graphs.captured == 0
     assert graphs.plan([(1, 0, 1, -1)]) is None
 
