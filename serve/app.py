@@ -197,8 +197,8 @@ class ServerState:
         m.add(
             Gauge(
                 "mint_ready",
-                "1 once the base model is loaded.",
-                lambda: 1.0 if self.engine is not None else 0.0,
+                "1 once the base model is loaded, while the engine's steps succeed (as /health).",
+                lambda: 1.0 if self.engine is not None and self.engine.problem() is None else 0.0,
             )
         )
         m.add(
@@ -450,7 +450,9 @@ def check_bearer(request: web.Request) -> None:
             "this endpoint needs 'Authorization: Bearer <token>' (see --api-key-file)",
             "missing_token",
         )
-    if not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    # aiohttp decodes header bytes that are not UTF-8 to lone surrogates: encode them back
+    # (plain encode() raised, a 500 any client could cause); such a token is simply wrong.
+    if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), expected.encode()):
         raise HTTPError(401, "the bearer token is wrong", "wrong_token")
 
 
@@ -568,6 +570,25 @@ def prefetch(engine: Engine, revision: str) -> None:
     )  # retrieve it so it is never reported as unhandled
 
 
+def _warn_if_another_base(state: ServerState) -> None:
+    """Say loudly when --base-model is not the base the repository was made for."""
+    recorded = state.repo.base
+    loaded = state.engine.base_fingerprint if state.engine is not None else None
+    if recorded is None or recorded.fingerprint is None or loaded is None:
+        return
+    if recorded.fingerprint != loaded:
+        # Requests for its revisions get 422 base_fingerprint, each one; the server stays up for
+        # the base alone and for revisions committed elsewhere, but this is most likely a typo.
+        log.warning(
+            "--base-model %s (%s) is not the base this repository was made for (%s, %s): its "
+            "revisions will be refused with 422; point --base-model at that base",
+            state.config.base_model,
+            loaded[:19],
+            recorded.model_id,
+            recorded.fingerprint[:19],
+        )
+
+
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     """Load the engine in a thread while the server already answers /health with 503; close it at exit."""
     state = app[STATE]
@@ -577,6 +598,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
             state.engine = await asyncio.to_thread(factory, state.config)
             log.debug("base model loaded from %s", state.config.base_model)  # the CLI says so
+            _warn_if_another_base(state)
         except Exception as err:
             state.load_error = err
             log.error("the base model failed to load: %s", err)
@@ -705,9 +727,14 @@ async def start_server(
     return RunningServer(f"http://{shown}:{port}", app, runner)
 
 
-async def serve_until_signalled(config: ServerConfig, *, out: Callable[[str], None] = print) -> int:
+async def serve_until_signalled(
+    config: ServerConfig,
+    *,
+    out: Callable[[str], None] = print,
+    engine_factory: Callable[[ServerConfig], Engine] | None = None,
+) -> int:
     """Run the server until SIGTERM or SIGINT, then drain; the exit status (1 if the base failed to load)."""
-    server = await start_server(config)
+    server = await start_server(config, engine_factory=engine_factory)
     out(
         f"mintvcs serve: listening on {server.url} (repository {config.repo}, base {config.base_model})"
     )
@@ -738,7 +765,17 @@ async def serve_until_signalled(config: ServerConfig, *, out: Callable[[str], No
         )
     stopped.cancel()
     loaded.cancel()
-    await server.stop(force)
+    stopping = asyncio.create_task(server.stop(force))
+    if not server.state.loaded.is_set():
+        # Nothing can be running without a base, and the base loads in a worker thread that
+        # cannot be interrupted and that Python would wait for at exit: a large checkpoint
+        # would hold the process for minutes, past any orchestrator's grace period.
+        await asyncio.wait({stopping}, timeout=_CLEANUP_GRACE_S + 1.0)
+        if not stopping.done():
+            out("mintvcs serve: stopped while the base model was loading")
+            sys.stderr.flush()
+            os._exit(status)
+    await stopping
     out("mintvcs serve: stopped")
     return status
 

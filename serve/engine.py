@@ -32,6 +32,9 @@ from mintvcs.serve.slots import AdapterPools, Residency
 from mintvcs.serve.threads import one_intraop_thread, set_intraop_threads
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# One failed step can be one bad batch; this many in a row is an engine that cannot compute
+# (a sticky CUDA error, say): health checks then report it so a load balancer stops sending.
+UNHEALTHY_AFTER_FAILED_STEPS = 3
 
 
 class EngineError(MintError):
@@ -618,6 +621,15 @@ class Engine:
     def unpin(self, revision: str) -> None:
         """Allow `revision` to be evicted again."""
         self.residency.unpin(revision)
+
+    def problem(self) -> str | None:
+        """Why the engine cannot serve although it is loaded (None: healthy), for health checks."""
+        if self._thread is not None and not self._thread.is_alive() and not self._closed:
+            return "the engine's step loop has stopped"
+        sched = self.scheduler
+        if sched.failed_steps_in_a_row >= UNHEALTHY_AFTER_FAILED_STEPS:
+            return f"the last {sched.failed_steps_in_a_row} engine steps failed: {sched.last_error}"
+        return None
 
     def summary(self) -> str:
         """One line on what the engine holds: the base, the KV cache and the adapter slots."""

@@ -22,7 +22,7 @@ from mintvcs.serve.refwatch import check_spec
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 once the base model is loaded; 503 while loading, after a failed load, or while draining."""
+    """200 once the base model is loaded; 503 while loading, after a failed load, while draining, or unhealthy."""
     state = request.app[STATE]
     if state.draining:
         return web.json_response({"status": "draining"}, status=503)
@@ -33,6 +33,9 @@ async def health(request: web.Request) -> web.Response:
             )
         return web.json_response({"status": "loading"}, status=503)
     engine = state.engine
+    problem = engine.problem()
+    if problem is not None:  # loaded, but the step loop is dead or every step fails
+        return web.json_response({"status": "unhealthy", "error": problem}, status=503)
     return web.json_response(
         {
             "status": "ok",

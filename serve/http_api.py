@@ -10,6 +10,7 @@ revision is still a clean 422 even for a streaming request.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +34,8 @@ from mintvcs.serve.app import (
 from mintvcs.serve.refwatch import Resolution, check_spec, metric_label
 from mintvcs.serve.sampling import SamplingParams
 from mintvcs.serve.scheduler import TokenEvent
+
+log = logging.getLogger("mintvcs.serve")
 
 REVISION_HEADER = "X-Mint-Revision"
 MAX_STOP_STRINGS = 16
@@ -232,7 +235,7 @@ async def _run_stream(
     admitted: Admitted,
     chunk: Callable[[TokenEvent], dict[str, Any] | None],
     done: Callable[[str, TokenEvent], list[bytes]],
-    error: Callable[[MintError], bytes],
+    error: Callable[[str], bytes],
 ) -> web.StreamResponse:
     """Send one SSE chunk per event, then the closing chunks; count tokens; stop on disconnect."""
     state = request.app[STATE]
@@ -246,9 +249,14 @@ async def _run_stream(
             payload = chunk(event)
             if payload is not None and not await _write(request, response, _event_bytes(payload)):
                 return response
-    except MintError as err:
+    except Exception as err:
         # Headers are gone already: the error travels as an event, as OpenAI's streams do.
-        await _write(request, response, error(err))
+        if isinstance(err, MintError):
+            message = str(err)
+        else:  # as the middleware does: details (paths, say) stay in the server's log
+            log.error("stream of %s %s failed", request.method, request.path, exc_info=err)
+            message = f"internal error ({type(err).__name__}); the server log has the details"
+        await _write(request, response, error(message))
         request[STATUS_KEY] = 500
         return response
     finally:
@@ -315,7 +323,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         admitted,
         lambda e: {"text": e.text, "index": e.index, "token_id": e.token_id},
         lambda text, last: [_event_bytes(result(text, last), "done")],
-        lambda err: _event_bytes(error_body(request.path, 500, str(err)), "error"),
+        lambda message: _event_bytes(error_body(request.path, 500, message), "error"),
     )
 
 
@@ -324,8 +332,8 @@ def _oai_ids(prefix: str) -> tuple[str, int]:
     return f"{prefix}-{secrets.token_hex(12)}", int(time.time())
 
 
-def _oai_error_event(err: MintError) -> bytes:
-    return _event_bytes(error_body("/v1/", 500, str(err))) + b"data: [DONE]\n\n"
+def _oai_error_event(message: str) -> bytes:
+    return _event_bytes(error_body("/v1/", 500, message)) + b"data: [DONE]\n\n"
 
 
 class _OpenAIEnvelope:

@@ -148,6 +148,8 @@ class Scheduler:
         # Admitted this step and being prefilled: neither waiting nor (yet) running.
         self.admitting: list[Sequence] = []
         self.stats = SchedulerStats()
+        self.failed_steps_in_a_row = 0  # reset by a step that succeeds
+        self.last_error: str | None = None
 
     @property
     def has_work(self) -> bool:
@@ -245,10 +247,14 @@ class Scheduler:
             tokens = self._sample(logits, seqs)
         except Exception as err:
             # A failed step must not take the engine down: fail this batch, keep serving.
+            log.error("an engine step of %d sequences failed", len(seqs), exc_info=err)
             for seq in seqs:
                 self._fail(seq, err)
             self.running = self.admitting = []
+            self.failed_steps_in_a_row += 1
+            self.last_error = f"{type(err).__name__}: {err}"
             return True
+        self.failed_steps_in_a_row = 0
         self.running = []
         for seq, token in zip(seqs, tokens, strict=True):
             if seq.first_token_at is None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -413,7 +414,7 @@ def test_unsupported_lora_feature_is_422_naming_it(server: BackgroundServer) -> 
 
 
 def test_revision_for_another_base_is_422(
-    tmp_path: Path, tiny_base: Path, other_base: Path
+    tmp_path: Path, tiny_base: Path, other_base: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     foreign = make_peft_adapter(other_base, tmp_path / "foreign")
     other_repo = porcelain.init(tmp_path / "repo", str(other_base))
@@ -421,10 +422,13 @@ def test_revision_for_another_base_is_422(
         other_repo, "for another base", source=foreign, verify=False, show_progress=False
     )
     config = ServerConfig(repo=tmp_path / "repo", base_model=tiny_base, port=0, max_model_len=128)
-    with BackgroundServer(config) as srv:
+    with caplog.at_level(logging.WARNING, logger="mintvcs.serve"), BackgroundServer(config) as srv:
         status, _, body = request(srv.url + "/generate", {"prompt": "Hello", "ref": "main"})
         assert status == 422 and body["reason"] == "base_fingerprint", body
         assert request(srv.url + "/health")[0] == 200
+    # The operator hears of it at start, not only from each refused request.
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("is not the base this repository was made for" in m for m in warned), warned
 
 
 # ---------------------------------------------------------------------------- auth and admin
@@ -447,6 +451,23 @@ def test_admin_endpoints_need_the_token(
         url, body, method=method, headers={"Authorization": f"Bearer {TOKEN}"}
     )
     assert status == 200, answer
+
+
+def test_a_token_that_is_not_utf8_is_401_not_500(server: BackgroundServer) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=30)
+    try:
+        conn.putrequest("GET", "/v1/adapters")
+        conn.putheader("Authorization", b"Bearer \xff\xfe")  # raw bytes, as any client may send
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 401, response.read()
+        assert json.loads(response.read())["error"]["code"] == "wrong_token"
+    finally:
+        conn.close()
 
 
 def test_api_key_scope_all_guards_every_endpoint_but_health(
@@ -1104,3 +1125,40 @@ def test_vcs_cli_does_not_import_the_server() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ}
     )
     assert out.stdout.strip() == "False"
+
+
+def test_an_engine_whose_steps_keep_failing_is_unhealthy_and_streams_say_why(
+    repo: Repository, tiny_base: Path
+) -> None:
+    config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=128)
+    with BackgroundServer(config) as srv:
+        engine = srv.state.engine
+        assert engine is not None
+        keys = engine.kv.keys[0]
+        body = {"prompt": "Hello", "ref": "main", "max_tokens": 100, "ignore_eos": True}
+        with urllib.request.urlopen(
+            urllib.request.Request(
+                srv.url + "/generate",
+                data=json.dumps({**body, "stream": True}).encode(),
+                headers={"Content-Type": "application/json"},
+            ),
+            timeout=60,
+        ) as resp:
+            assert resp.readline().startswith(b"data: ")
+            # A real fault, not a mock: layer 0's key cache loses its storage, so every
+            # step from now on raises inside torch, as a GPU with a sticky error would.
+            engine.kv.keys[0] = keys.new_empty(0)
+            rest = resp.read().decode()
+        events = sse_events(rest)
+        assert events[-1][0] == "error", rest[-500:]
+        assert "internal error (" in json.loads(events[-1][1])["error"]
+        for _ in range(2):
+            assert gen(srv, **body)[0] == 500
+        status, _, health = request(srv.url + "/health")
+        assert status == 503 and health["status"] == "unhealthy", health
+        assert "engine steps failed" in health["error"]
+        metrics = urllib.request.urlopen(srv.url + "/metrics", timeout=30).read().decode()
+        assert "\nmint_ready 0" in metrics
+        engine.kv.keys[0] = keys  # the fault clears: one good step makes it healthy again
+        assert gen(srv, **body)[0] == 200
+        assert request(srv.url + "/health")[0] == 200

@@ -203,3 +203,44 @@ def test_serve_option_out_of_range_is_one_usage_line(tmp_path: Path, tiny_base: 
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "--ref-poll-interval" in lines[0] and "0.01<=x<=1.0" in lines[0]
+
+
+def test_a_signal_while_the_base_loads_stops_the_server_at_once(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    # A large checkpoint loads for minutes in a thread nothing can interrupt; an orchestrator's
+    # SIGTERM must not have to wait for it. The load is made slow here by its factory.
+    porcelain.init(tmp_path / "repo", str(tiny_base))
+    script = f"""
+import asyncio, sys, time
+from mintvcs.serve.app import ServerConfig, build_engine, serve_until_signalled
+
+def slow_engine(config):
+    time.sleep(120)
+    return build_engine(config)
+
+config = ServerConfig(repo={str(tmp_path / "repo")!r}, base_model={str(tiny_base)!r}, port=0)
+sys.exit(asyncio.run(serve_until_signalled(config, engine_factory=slow_engine)))
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MINT_LOG_LEVEL": "WARNING"},
+    )
+    try:
+        assert proc.stdout is not None
+        url = re.search(r"listening on (http://\S+)", proc.stdout.readline())
+        assert url, proc.stderr.read() if proc.stderr else ""
+        assert request(url.group(1) + "/health")[2]["status"] == "loading"
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - started < 15, "SIGTERM waited for the base to load"
+        assert proc.returncode == 0, err
+        assert "stopped while the base model was loading" in out and "Traceback" not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
