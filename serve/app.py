@@ -86,6 +86,9 @@ class ServerConfig:
     prefetch_on_move: bool = True
     drain_timeout: float = 30.0
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    # Seconds a request body may take to arrive (408 after): a client that stalls mid-body
+    # would otherwise hold its request, and a drain, open for ever.
+    body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -302,6 +305,8 @@ _REASONS = {
     400: "invalid_request",
     401: "unauthorized",
     404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "too_large",
     422: "unprocessable",
@@ -353,7 +358,14 @@ async def error_middleware(
         status = _status_for(err)
         if status >= 500 and not isinstance(err, HTTPError):
             log.error("request %s %s failed: %s", request.method, request.path, err)
-        return error_response(request, status, str(err), getattr(err, "reason", None))
+        response = error_response(request, status, str(err), getattr(err, "reason", None))
+        if status == 503:  # loading or draining: a client may come back (or go elsewhere)
+            response.headers["Retry-After"] = "1"
+        if status == 408 or state.draining:
+            # A body that never came leaves the connection unusable; a draining server should
+            # not keep a client's connection alive for requests it will refuse.
+            response.force_close()
+        return response
     except asyncio.CancelledError:
         status = 499  # the client went away (nginx's code for it)
         raise
@@ -373,8 +385,14 @@ async def error_middleware(
 
 # ---------------------------------------------------------------------------- request helpers
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 naming what is wrong with it."""
-    raw = await request.read()
+    """The body as a JSON object, or a 400 naming what is wrong with it (408 if it does not come)."""
+    limit = request.app[STATE].config.body_timeout
+    try:
+        raw = await asyncio.wait_for(request.read(), limit)
+    except TimeoutError:
+        raise HTTPError(
+            408, f"the request body did not arrive within {limit:g} s", "body_timeout"
+        ) from None
     if not raw.strip():
         raise HTTPError(400, "the request body is empty; send a JSON object", "empty_body")
     try:
@@ -662,6 +680,9 @@ def create_app(
 
 # ---------------------------------------------------------------------------- running
 _CLEANUP_GRACE_S = 2.0
+# Idle keep-alive connections close after this; longer than the usual load balancer idle
+# timeout (60 s), so that the balancer, not the server, closes them first.
+KEEPALIVE_TIMEOUT_S = 75.0
 
 
 @dataclass
@@ -717,7 +738,11 @@ async def start_server(
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its sequence.
     # stop() has drained already: whatever still runs at cleanup is cancelled after a moment.
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=_CLEANUP_GRACE_S
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=_CLEANUP_GRACE_S,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)

@@ -1105,8 +1105,9 @@ def test_health_is_503_until_the_base_is_loaded(repo: Repository, tiny_base: Pat
     try:
         status, _, body = request(srv.url + "/health")
         assert status == 503 and body["status"] == "loading"
-        status, _, body = request(srv.url + "/generate", {"prompt": "x"})
+        status, headers, body = request(srv.url + "/generate", {"prompt": "x"})
         assert status == 503 and body["reason"] == "loading"
+        assert headers["Retry-After"] == "1"
         gate.set()
         srv.wait_ready(30)
         assert request(srv.url + "/health")[0] == 200
@@ -1162,3 +1163,28 @@ def test_an_engine_whose_steps_keep_failing_is_unhealthy_and_streams_say_why(
         engine.kv.keys[0] = keys  # the fault clears: one good step makes it healthy again
         assert gen(srv, **body)[0] == 200
         assert request(srv.url + "/health")[0] == 200
+
+
+def test_a_body_that_stalls_is_408_and_the_connection_closes(
+    repo: Repository, tiny_base: Path
+) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    config = ServerConfig(
+        repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=64, body_timeout=0.5
+    )
+    with BackgroundServer(config) as srv:
+        url = urlsplit(srv.url)
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"prompt": '
+            )
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes: recv returns b""
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert json.loads(body)["reason"] == "body_timeout"
+        assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200  # and it goes on serving

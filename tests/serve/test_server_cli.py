@@ -174,6 +174,9 @@ def test_serve_second_signal_stops_without_waiting_for_the_drain(
         while "draining" not in proc.stdout.readline():
             assert proc.poll() is None
         assert request(url + "/health")[0] == 503  # draining: the long request still runs
+        status, headers, _ = request(url + "/generate", {"prompt": "Hi"})
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert headers["Connection"] == "close"  # no keep-alive for requests it will refuse
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         out, err = proc.communicate(timeout=60)
