@@ -174,6 +174,39 @@ class ServerState:
             )
         )
 
+        # vLLM's buckets for the same two quantities (time to first token, end to end).
+        self.first_token_latency = m.add(
+            Histogram(
+                "mint_time_to_first_token_seconds",
+                "From a generation request's arrival to its first token (queueing and prefill included).",
+                (
+                    0.001,
+                    0.005,
+                    0.01,
+                    0.02,
+                    0.04,
+                    0.06,
+                    0.08,
+                    0.1,
+                    0.25,
+                    0.5,
+                    0.75,
+                    1.0,
+                    2.5,
+                    5.0,
+                    7.5,
+                    10.0,
+                ),
+            )
+        )
+        self.request_latency = m.add(
+            Histogram(
+                "mint_e2e_request_latency_seconds",
+                "From a generation request's arrival to its last byte, for requests answered 200.",
+                (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0),
+            )
+        )
+
         def stat(key: str) -> Callable[[], float]:
             return lambda: float(self.engine.stats()[key]) if self.engine is not None else 0.0
 
@@ -259,6 +292,7 @@ class ServerState:
 STATE = web.AppKey("mintvcs_state", ServerState)
 # Per-request notes for the middleware's metrics: the ref spec once resolved, a status a stream ended with.
 REF_KEY = web.RequestKey("mintvcs_ref", str)
+STARTED_KEY = web.RequestKey("mintvcs_started", float)  # time.monotonic() when the request came
 STATUS_KEY = web.RequestKey("mintvcs_status", int)
 
 
@@ -340,6 +374,7 @@ async def error_middleware(
     state = request.app[STATE]
     state.inflight += 1
     state.idle.clear()
+    request[STARTED_KEY] = time.monotonic()
     status = 500
     try:
         if state.config.api_key_scope == "all" and request.path != "/health":
@@ -381,6 +416,8 @@ async def error_middleware(
             state.idle.set()
         if request.path in GENERATION_PATHS:
             state.requests.inc((request.get(REF_KEY, "(unresolved)"), request.path, str(status)))
+            if status == 200:
+                state.request_latency.observe(time.monotonic() - request[STARTED_KEY])
 
 
 # ---------------------------------------------------------------------------- request helpers

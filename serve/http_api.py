@@ -23,6 +23,7 @@ from mintvcs.errors import MintError
 from mintvcs.refs import InvalidRefNameError
 from mintvcs.serve.app import (
     REF_KEY,
+    STARTED_KEY,
     STATE,
     STATUS_KEY,
     HTTPError,
@@ -186,6 +187,7 @@ async def admit(
         submitted.cancel()
         raise
     state.tokens.inc((label, "prompt"), len(ids))
+    state.first_token_latency.observe(time.monotonic() - request[STARTED_KEY])
     return Admitted(name, label, resolution, submitted, first, len(ids))
 
 

@@ -553,6 +553,10 @@ def test_metrics_count_requests_tokens_and_slots(server: BackgroundServer) -> No
     assert float(lines['mint_adapter_load_seconds_bucket{le="+Inf"}']) == float(
         lines["mint_adapter_load_seconds_count"]
     )
+    # Latency of generation requests: the 200 above counts, the 404 does not reach the engine.
+    first, total = "mint_time_to_first_token_seconds", "mint_e2e_request_latency_seconds"
+    assert float(lines[f"{first}_count"]) >= 1 and float(lines[f"{total}_count"]) >= 1
+    assert float(lines[f"{first}_sum"]) > 0 and float(lines[f"{total}_sum"]) > 0
 
 
 # ---------------------------------------------------------------------------- ref moves
