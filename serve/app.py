@@ -226,6 +226,7 @@ class ServerState:
             ("mean_batch_size", "Mean sequences per engine step since start."),
             ("queue_depth", "Requests waiting for a KV slot or their adapter."),
             ("running", "Sequences decoding now."),
+            ("kv_slots_free", "KV cache slots free (each holds one sequence)."),
             ("adapter_slots_busy", "Device slots referenced by running requests."),
             ("host_cache_bytes", "Bytes of decoded revisions in host memory."),
         ):

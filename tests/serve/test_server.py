@@ -546,6 +546,7 @@ def test_metrics_count_requests_tokens_and_slots(server: BackgroundServer) -> No
         "mint_evictions_total",
         "mint_batch_size",
         "mint_queue_depth",
+        "mint_kv_slots_free",
         "mint_adapter_load_seconds_count",
     ):
         assert name in lines, name
