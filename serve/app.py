@@ -560,6 +560,13 @@ def _read_api_key(path: Path | None) -> str | None:
         raise ServerError(f"cannot read --api-key-file {path}: {err.strerror}") from None
     if not token:
         raise ServerError(f"--api-key-file {path} is empty; put the bearer token in it")
+    mode = Path(path).stat().st_mode
+    if mode & 0o077:  # as ssh does for private keys: others on the machine can read it
+        log.warning(
+            "--api-key-file %s is readable by others (mode %03o); chmod 600 it",
+            path,
+            mode & 0o777,
+        )
     return token
 
 
@@ -718,6 +725,8 @@ def create_app(
 
 # ---------------------------------------------------------------------------- running
 _CLEANUP_GRACE_S = 2.0
+# Each drains: SIGHUP too (a closed terminal, a supervisor's stop), which by default kills at once.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # Idle keep-alive connections close after this; longer than the usual load balancer idle
 # timeout (60 s), so that the balancer, not the server, closes them first.
 KEEPALIVE_TIMEOUT_S = 75.0
@@ -796,14 +805,14 @@ async def serve_until_signalled(
     out: Callable[[str], None] = print,
     engine_factory: Callable[[ServerConfig], Engine] | None = None,
 ) -> int:
-    """Run the server until SIGTERM or SIGINT, then drain; the exit status (1 if the base failed to load)."""
+    """Run the server until SIGTERM, SIGINT or SIGHUP, then drain; the exit status (1 if the base failed to load)."""
     server = await start_server(config, engine_factory=engine_factory)
     out(
         f"mintvcs serve: listening on {server.url} (repository {config.repo}, base {config.base_model})"
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     loaded = asyncio.create_task(server.state.loaded.wait())
     stopped = asyncio.create_task(stop.wait())
@@ -819,7 +828,7 @@ async def serve_until_signalled(
             out(f"mintvcs serve: base model loaded; ready{held}")
         await stopped
     force = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: stop without waiting
+    for sig in _STOP_SIGNALS:  # a second signal: stop without waiting
         loop.add_signal_handler(sig, force.set)
     if status == 0:
         out(

@@ -116,7 +116,7 @@ from mintvcs.errors import MintError
     default=30.0,
     show_default=True,
     type=click.FloatRange(min=0),
-    help="On SIGTERM/SIGINT, seconds to let running requests finish (a second signal stops waiting).",
+    help="On SIGTERM/SIGINT/SIGHUP, seconds to let running requests finish (a second signal stops waiting).",
 )
 @click.option(
     "--enforce-eager",

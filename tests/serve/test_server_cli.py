@@ -247,3 +247,29 @@ sys.exit(asyncio.run(serve_until_signalled(config, engine_factory=slow_engine)))
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_sighup_drains_as_sigterm_and_a_readable_token_file_is_a_warning(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    porcelain.init(tmp_path / "repo", str(tiny_base))
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    token.chmod(0o644)
+    proc = _start(
+        [
+            *("--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0"),
+            *("--max-model-len", "64", "--api-key-file", str(token)),
+        ]
+    )
+    try:
+        _url_when_ready(proc)
+        proc.send_signal(signal.SIGHUP)  # by default it would kill the process on the spot
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "draining" in out and "stopped" in out
+        assert "readable by others (mode 644)" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
