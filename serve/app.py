@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mintvcs.serve")
 
 GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+OTHER_REFS = "(other)"  # the metrics label of refs past ServerConfig.max_ref_labels
 
 
 class ServerError(MintError):
@@ -89,6 +90,7 @@ class ServerConfig:
     # Seconds a request body may take to arrive (408 after): a client that stalls mid-body
     # would otherwise hold its request, and a drain, open for ever.
     body_timeout: float = 30.0
+    max_ref_labels: int = 1000  # distinct refs labelled in metrics; later ones count as (other)
 
     def __post_init__(self) -> None:
         for name in (
@@ -140,6 +142,19 @@ class ServerState:
     # refs/heads/main) report one move each, and the counter counts the ref's move once.
     moved_to: dict[str, str] = field(default_factory=dict)
     _loads_seen: int = 0
+    _ref_labels: set[str] = field(default_factory=set)
+
+    def ref_label(self, ref: str | None) -> str:
+        """The metrics label of `ref` (refwatch.metric_label), or OTHER_REFS past max_ref_labels refs."""
+        label = metric_label(ref)
+        labels = self._ref_labels
+        if label in labels:
+            return label
+        # Per-user branches that come and go would otherwise add series for ever.
+        if len(labels) >= self.config.max_ref_labels:
+            return OTHER_REFS
+        labels.add(label)
+        return label
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -602,7 +617,7 @@ def new_state(config: ServerConfig) -> ServerState:
 
 def count_move(state: ServerState, ref: str | None, commit: str) -> None:
     """Count a ref's move to `commit` once, however many specs in use reported it."""
-    label = metric_label(ref)
+    label = state.ref_label(ref)
     if state.moved_to.get(label) != commit:
         state.moved_to[label] = commit
         state.ref_moves.inc((label,))

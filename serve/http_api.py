@@ -32,7 +32,7 @@ from mintvcs.serve.app import (
     field_of,
     read_json,
 )
-from mintvcs.serve.refwatch import Resolution, check_spec, metric_label
+from mintvcs.serve.refwatch import Resolution, check_spec
 from mintvcs.serve.sampling import SamplingParams
 from mintvcs.serve.scheduler import TokenEvent
 
@@ -137,7 +137,7 @@ class Admitted:
     """A request that passed validation, resolved its ref, and got its first event."""
 
     spec: str
-    label: str  # the metrics label: the branch or tag it went through (refwatch.metric_label)
+    label: str  # the metrics label: the branch or tag it went through (ServerState.ref_label)
     resolution: Resolution
     stream: Any  # RequestStream
     first: TokenEvent
@@ -178,7 +178,7 @@ async def admit(
         )
     name = check_spec(spec)
     resolution = state.watcher.resolve(name)
-    label = metric_label(resolution.ref)
+    label = state.ref_label(resolution.ref)
     request[REF_KEY] = label
     submitted = engine.submit(ids, resolution.commit, params, stream=stream)
     try:

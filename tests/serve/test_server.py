@@ -1193,3 +1193,18 @@ def test_a_body_that_stalls_is_408_and_the_connection_closes(
         assert head.startswith(b"HTTP/1.1 408"), answer
         assert json.loads(body)["reason"] == "body_timeout"
         assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200  # and it goes on serving
+
+
+def test_metrics_label_at_most_max_ref_labels_refs(repo: Repository, tiny_base: Path) -> None:
+    config = ServerConfig(
+        repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=64, max_ref_labels=2
+    )
+    with BackgroundServer(config) as srv:
+        for ref in ("main", "product-b", "prod", "main"):
+            assert gen(srv, prompt="Hi", ref=ref, max_tokens=1)[0] == 200
+        text = request(srv.url + "/metrics")[2]
+    series = [line for line in text.splitlines() if line.startswith("mint_requests_total{")]
+    assert any('ref="main"' in line and line.endswith(" 2") for line in series), series
+    assert any('ref="product-b"' in line for line in series)
+    assert any('ref="(other)"' in line for line in series)  # prod came third
+    assert not any('ref="prod"' in line for line in series)
