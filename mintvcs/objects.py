@@ -10,7 +10,7 @@ from typing import Any
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id, is_sha256
 from mintvcs.safetensors_file import DTYPE_SIZES, check_tensor_name
-from mintvcs.treenames import git_special_name
+from mintvcs.treenames import git_special_name, repository_dir_name
 
 MANIFEST_FORMAT = "mintvcs-adapter"
 MANIFEST_VERSION = 1
@@ -102,9 +102,9 @@ def unsafe_path_reason(path: str) -> str | None:
     parts = path.split("/")
     if any(part in ("", ".", "..") for part in parts):
         return "it has an empty, '.' or '..' component"
-    if parts[0].lower() in (".mint", ".git"):
-        return f"it is inside {parts[0]}, the repository itself"
     for part in parts:
+        if repository_dir_name(part):
+            return f"it is inside {part}, a repository's own directory"
         reason = git_special_name(part)
         if reason is not None:
             return reason

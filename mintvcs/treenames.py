@@ -21,6 +21,24 @@ _HFS_IGNORED = frozenset(
 _NTFS_SHORT = re.compile(r"(?:git~1|gitmod~[1-4])\Z")
 
 
+def _folded(component: str) -> tuple[str, str]:
+    """The name as HFS+ reads it (ignored code points dropped, any case) and as NTFS does."""
+    folded = "".join(c for c in component if c not in _HFS_IGNORED).lower()
+    # NTFS drops trailing dots and spaces and reads `name:stream` as `name`.
+    return folded, folded.split(":", 1)[0].rstrip(". ")
+
+
+def repository_dir_name(component: str) -> bool:
+    """Whether some file system opens `component` as `.mint` or `.git`: a repository's own directory.
+
+    A checkout must never write one, at any depth: `sub/.mint/hooks/pre-commit` would be a
+    repository of its own whose hooks run the next time someone commits in `sub`.
+    """
+    if component.isascii() and not component[:5].lower().startswith((".mint", ".git")):
+        return False
+    return any(name in (".mint", ".git") for name in _folded(component))
+
+
 def git_special_name(component: str) -> str | None:
     """Why git would refuse `component` (one path segment) in a tree, or None when it accepts it.
 
@@ -30,9 +48,7 @@ def git_special_name(component: str) -> str | None:
     """
     if component.isascii() and not component[:7].lower().startswith((".git", "git~", "gitmod~")):
         return None  # every tensor name of a real adapter: checked on each manifest read
-    folded = "".join(c for c in component if c not in _HFS_IGNORED).lower()
-    # NTFS drops trailing dots and spaces and reads `name:stream` as `name`.
-    ntfs = folded.split(":", 1)[0].rstrip(". ")
+    folded, ntfs = _folded(component)
     for special in (".git", ".gitmodules"):
         if special in (folded, ntfs):
             return (

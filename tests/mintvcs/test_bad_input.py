@@ -500,7 +500,19 @@ def _commit_with_manifest_files(work: Path, extra: list[dict[str, object]]) -> s
     return oid
 
 
-@pytest.mark.parametrize("path", ["../evil", ".mint/hooks/post-commit", "/tmp/evil", "a/../../b"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../evil",
+        ".mint/hooks/post-commit",
+        "/tmp/evil",
+        "a/../../b",
+        # A repository of its own below the work tree: its hooks run on the next commit in sub/.
+        "sub/.mint/hooks/pre-commit",
+        "sub/.MINT./hooks/pre-commit",
+        "sub/.git/hooks/pre-commit",
+    ],
+)
 def test_a_revision_naming_an_unsafe_path_is_refused(work: Path, path: str) -> None:
     from mintvcs.store import Repository
 
