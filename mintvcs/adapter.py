@@ -76,6 +76,8 @@ def read_adapter(root: Path) -> AdapterFiles:
         config = json.loads(config_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise NotAnAdapterError(f"{config_path}: invalid JSON ({err})") from None
+    except RecursionError:
+        raise NotAnAdapterError(f"{config_path}: invalid JSON (nested too deeply)") from None
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
         kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         raise NotAnAdapterError(

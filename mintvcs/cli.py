@@ -32,7 +32,10 @@ def _emit_json(data: Any) -> None:
 def _format_date(seconds: int, offset: int) -> str:
     from mintvcs.refs import tz_text
 
-    stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(seconds + offset))
+    try:
+        stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(seconds + offset))
+    except (OverflowError, OSError, ValueError):  # a commit may claim any time (git prints it raw)
+        stamp = f"@{seconds}"
     return f"{stamp} {tz_text(int(offset / 60))}"
 
 
@@ -86,9 +89,18 @@ class MintGroup(click.Group):
 
 def _printable(text: str) -> str:
     """`text` with control characters escaped: a revision's metadata must not drive the terminal."""
-    if all(c.isprintable() or c == " " for c in text):
+    if all(c.isprintable() or c in " \t" for c in text):
         return text
     return text.encode("unicode_escape").decode("ascii")
+
+
+def _echo_commit_text(info: Any) -> None:
+    """Author, date and message as git log prints them, with control characters escaped."""
+    click.echo(f"Author: {_printable(info.author)}")
+    click.echo(f"Date:   {_format_date(info.time, info.timezone)}")
+    click.echo()
+    for line in info.message.rstrip("\n").splitlines():
+        click.echo(f"    {_printable(line)}")
 
 
 def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
@@ -248,17 +260,13 @@ def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
         deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
         if oneline:
             click.echo(
-                f"{click.style(info.id[:7], fg='yellow')}{deco} {info.message.splitlines()[0] if info.message else ''}"
+                f"{click.style(info.id[:7], fg='yellow')}{deco} {_printable(info.message.splitlines()[0]) if info.message else ''}"
             )
             continue
         if index:
             click.echo()
         click.echo(click.style(f"commit {info.id}", fg="yellow") + deco)
-        click.echo(f"Author: {info.author}")
-        click.echo(f"Date:   {_format_date(info.time, info.timezone)}")
-        click.echo()
-        for line in info.message.rstrip("\n").splitlines():
-            click.echo(f"    {line}")
+        _echo_commit_text(info)
 
 
 @main.command()
@@ -283,11 +291,7 @@ def show(rev: str, as_json: bool) -> None:
         })  # fmt: skip
         return
     click.echo(click.style(f"commit {info.id}", fg="yellow"))
-    click.echo(f"Author: {info.author}")
-    click.echo(f"Date:   {_format_date(info.time, info.timezone)}")
-    click.echo()
-    for line in info.message.rstrip("\n").splitlines():
-        click.echo(f"    {line}")
+    _echo_commit_text(info)
     click.echo()
     if manifest.base_id:
         click.echo(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import socket
@@ -97,14 +98,62 @@ def _format_problem(oid: str, kind: bytes, body: bytes) -> str | None:
 
 
 def _loose_files(repo: Repository) -> Iterator[tuple[str, Path]]:
-    """(id, path) of every loose object file, in id order; temporaries are not objects."""
+    """(id, path) of every loose object file, in id order; temporaries are not objects.
+
+    Links are never followed (a fan-out directory linked elsewhere is reported by
+    `_store_links`): what lies behind one is not this repository's.
+    """
     objects_dir = repo.git_dir / "objects"
-    for fan in sorted(os.listdir(objects_dir)):
-        if len(fan) != 2 or not (objects_dir / fan).is_dir():
-            continue
-        for rest in sorted(os.listdir(objects_dir / fan)):
-            if _LOOSE_NAME.match(rest):
-                yield fan + rest, objects_dir / fan / rest
+    with os.scandir(objects_dir) as entries:
+        fans = sorted(
+            e.name for e in entries if len(e.name) == 2 and e.is_dir(follow_symlinks=False)
+        )
+    for fan in fans:
+        with os.scandir(objects_dir / fan) as entries:
+            names = sorted(
+                e.name
+                for e in entries
+                if _LOOSE_NAME.match(e.name) and e.is_file(follow_symlinks=False)
+            )
+        for rest in names:
+            yield fan + rest, objects_dir / fan / rest
+
+
+def _store_links(repo: Repository) -> list[tuple[Path, str]]:
+    """(path, target) of every symbolic link at or under .mint/objects, none followed.
+
+    git never puts a link in a store; one arrives with a repository unpacked from a tarball,
+    and gc would prune or remove files through it, outside the repository.
+    """
+    objects_dir = repo.git_dir / "objects"
+    found: list[tuple[Path, str]] = []
+    pending = [objects_dir]
+    while pending:
+        folder = pending.pop()
+        try:
+            if folder.is_symlink():
+                found.append((folder, os.readlink(folder)))
+                continue
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        path = Path(entry.path)
+                        found.append((path, os.readlink(path)))
+                    elif entry.is_dir(follow_symlinks=False):
+                        pending.append(Path(entry.path))
+        except OSError:
+            continue  # unreadable or gone meanwhile: the object checks report what matters
+    return sorted(found)
+
+
+def _link_problem(path: Path, target: str) -> str:
+    """One line naming a link in the store, why it is refused and the fix."""
+    return (
+        f"{path} is a symbolic link (to {target}); mintvcs never follows links in its object "
+        "store, since gc would delete files through them, outside the repository: replace the "
+        "link with a copy of what it points to, or remove it (to share another repository's "
+        "objects, name its objects directory in .mint/objects/info/alternates)"
+    )
 
 
 @dataclass(frozen=True)
@@ -130,30 +179,225 @@ def _pack_checksum_problem(pack: Pack) -> str | None:
     return None
 
 
-def _pack_objects(pack: Pack) -> Iterator[_Packed]:
-    """Every object a pack's index lists, inflated, delta-resolved and checked against its id."""
+# git's ceiling for pack.depth: no pack git writes holds a longer delta chain. A longer one was
+# crafted, and every read of its deepest objects rebuilds the whole chain.
+MAX_DELTA_DEPTH = 4095
+_OFS_DELTA, _REF_DELTA = 6, 7
+_PACK_HEADER, _PACK_TRAILER = 12, 20
+_MAX_VARINT_BYTES = 10  # a size or offset of up to 70 bits; more is a damaged header
+
+
+def _entry_header(buf: mmap.mmap, offset: int, end: int) -> tuple[int, int | bytes | None]:
+    """(type, delta base) of the pack entry at `offset`, without inflating it: the base's
+    absolute offset for an OFS_DELTA, its raw id for a REF_DELTA, None for a whole object.
+
+    Raises _Damage for a header that runs past the object area or never ends.
+    """
+    pos = offset
+
+    def byte() -> int:
+        nonlocal pos
+        if pos >= end:
+            raise _Damage(f"entry header at offset {offset} runs past the end of the pack data")
+        pos += 1
+        return buf[pos - 1]
+
+    first = byte()
+    kind = (first >> 4) & 0x07
+    more, count = first & 0x80, 1
+    while more:  # the size: unpacking checks it, only its length matters here
+        more, count = byte() & 0x80, count + 1
+        if count > _MAX_VARINT_BYTES:
+            raise _Damage(f"entry at offset {offset} has a size header that never ends")
+    if kind == _OFS_DELTA:
+        b = byte()
+        distance, count = b & 0x7F, 1
+        while b & 0x80:
+            b, count = byte(), count + 1
+            if count > _MAX_VARINT_BYTES:
+                raise _Damage(f"entry at offset {offset} has a base offset that never ends")
+            distance = ((distance + 1) << 7) | (b & 0x7F)
+        if not 0 < distance <= offset - _PACK_HEADER:
+            raise _Damage(
+                f"OFS_DELTA at offset {offset} points {distance} bytes back, outside the pack"
+            )
+        return kind, offset - distance
+    if kind == _REF_DELTA:
+        if pos + 20 > end:
+            raise _Damage(f"REF_DELTA at offset {offset} runs past the end of the pack data")
+        return kind, bytes(buf[pos : pos + 20])
+    if kind not in _TYPES:
+        raise _Damage(f"entry at offset {offset} has unknown type {kind}")
+    return kind, None
+
+
+def _pack_objects(pack: Pack, too_deep: list[tuple[str, int]]) -> Iterator[_Packed]:
+    """Every object a pack's index lists, inflated, delta-resolved and checked against its id.
+
+    One pass: each entry is inflated once and each delta applied once, from the whole objects
+    down their chains (asking the store for each object instead rebuilds its chain every
+    time: quadratic, hours on a crafted 50,000-deep chain). Objects deeper than
+    MAX_DELTA_DEPTH are not resolved: their (id, depth) go to `too_deep`.
+    """
     name = _pack_name(pack)
     try:
-        shas = list(pack.index)
+        names: dict[int, list[str]] = {}
+        for sha, offset, _crc in pack.index.iterentries():
+            names.setdefault(offset, []).append(sha.decode() if len(sha) == 40 else sha.hex())
     except Exception as err:  # a lying fan-out table or a short file: dulwich asserts or raises
         yield _Packed(
             "0" * 40, problem=f"corrupt pack index of {name}: {err or type(err).__name__}"
         )
         return
-    for sha in shas:
-        oid = sha.decode() if len(sha) == 40 else sha.hex()
+    try:
+        with open(Path(pack._basename + ".pack"), "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as err:  # gone, unreadable, or empty (mmap refuses size 0)
+        for oids in names.values():
+            for oid in oids:
+                yield _Packed(oid, problem=f"corrupt packed object {oid} in {name}: {err}")
+        return
+    with buf:
+        yield from _walk_pack(pack, name, buf, names, too_deep)
+
+
+def _walk_pack(
+    pack: Pack,
+    name: str,
+    buf: mmap.mmap,
+    names: dict[int, list[str]],
+    too_deep: list[tuple[str, int]],
+) -> Iterator[_Packed]:
+    """The resolving pass of `_pack_objects` over the mapped pack `buf`."""
+    from dulwich.objects import RawObjectID
+    from dulwich.pack import apply_delta, unpack_object_at
+
+    end = len(buf) - _PACK_TRAILER
+    # Read every listed entry's header and, transitively, its delta base's.
+    children: dict[int, list[int]] = {}  # base offset -> offsets of the deltas against it
+    external: dict[bytes, list[int]] = {}  # REF_DELTA base found outside this pack -> deltas
+    roots: list[int] = []
+    broken: dict[int, str] = {}  # offset -> why its header cannot be read
+    seen: set[int] = set()
+    todo = list(names)
+    while todo:
+        offset = todo.pop()
+        if offset in seen:
+            continue
+        seen.add(offset)
         try:
-            type_num, data = pack.get_raw(sha)
-            kind = _TYPES[type_num]
-        except Exception as err:  # a damaged entry fails in zlib, delta or type decoding alike
-            yield _Packed(oid, problem=f"corrupt packed object {oid} in {name}: {err}")
+            if not _PACK_HEADER <= offset < end:
+                raise _Damage(f"offset {offset} is outside the pack's object area")
+            _kind, base = _entry_header(buf, offset, end)
+        except _Damage as damage:
+            broken[offset] = str(damage)
             continue
-        actual = hashlib.sha1(kind + b" %d\0" % len(data) + data).hexdigest()
-        if actual != oid:
-            problem = f"corrupt packed object {oid} in {name}: content hashes to {actual}"
-            yield _Packed(oid, problem=problem)
+        if isinstance(base, bytes):
+            base_id = base
+            try:  # as the store reads it: the base in this pack if listed, else anywhere
+                base = pack.index.object_offset(RawObjectID(base_id))
+            except KeyError:
+                external.setdefault(base_id, []).append(offset)
+                continue
+        if base is None:
+            roots.append(offset)
+        else:
+            children.setdefault(base, []).append(offset)
+            todo.append(base)
+
+    done: set[int] = set()
+
+    def fail(offset: int, reason: str) -> Iterator[_Packed]:
+        """Problems for the entry at `offset` and every delta built on it."""
+        stack = [(offset, reason)]
+        while stack:
+            at, why = stack.pop()
+            if at in done:
+                continue
+            done.add(at)
+            for oid in names.get(at, ()):
+                yield _Packed(oid, problem=f"corrupt packed object {oid} in {name}: {why}")
+            below = f"a delta base in its chain (offset {offset}) cannot be read ({reason})"
+            stack.extend((child, below) for child in children.get(at, ()))
+
+    def mark_deep(offset: int, depth: int) -> None:
+        """Record the listed objects at and below `offset` as too deep, without resolving them."""
+        stack = [(offset, depth)]
+        while stack:
+            at, d = stack.pop()
+            if at in done:
+                continue
+            done.add(at)
+            too_deep.extend((oid, d) for oid in names.get(at, ()))
+            stack.extend((child, d + 1) for child in children.get(at, ()))
+
+    # (offset, type, base content or None for a whole object, depth): depth-first, so only the
+    # bases of the chains in progress are held in memory.
+    Item = tuple[int, int, bytes | None, int]
+    pending: list[Item] = [(offset, 0, None, 0) for offset in roots]
+    for offset in broken:
+        yield from fail(offset, broken[offset])
+    for base_id, deltas in external.items():
+        # A thin pack's base lives elsewhere in the store; dulwich reads it from there too.
+        try:
+            if pack.resolve_ext_ref is None:
+                raise KeyError(base_id)
+            kind, content = pack.resolve_ext_ref(RawObjectID(base_id))
+            data = content if isinstance(content, bytes) else b"".join(content)
+        except Exception:  # missing or unreadable: the store cannot read these deltas either
+            for offset in deltas:
+                yield from fail(offset, f"its delta base {base_id.hex()} is not in the store")
             continue
-        yield _Packed(oid, kind, data)
+        pending.extend((offset, kind, data, 1) for offset in deltas)
+    while pending:
+        offset, kind, base_data, depth = pending.pop()
+        if offset in done:
+            continue
+        if depth > MAX_DELTA_DEPTH:
+            mark_deep(offset, depth)
+            continue
+        try:
+            unpacked, _ = unpack_object_at(buf, offset, hashlib.sha1)
+            if base_data is None:
+                kind = unpacked.pack_type_num
+                data = b"".join(unpacked.decomp_chunks)
+            else:
+                data = b"".join(apply_delta(base_data, unpacked.decomp_chunks))
+        except Exception as err:  # zlib, size and delta errors alike mean a damaged entry
+            yield from fail(offset, str(err) or type(err).__name__)
+            continue
+        done.add(offset)
+        type_name = _TYPES[kind]
+        actual = hashlib.sha1(type_name + b" %d\0" % len(data) + data).hexdigest()
+        for oid in names.get(offset, ()):
+            if actual == oid:
+                yield _Packed(oid, type_name, data)
+            else:
+                problem = f"corrupt packed object {oid} in {name}: content hashes to {actual}"
+                yield _Packed(oid, problem=problem)
+        pending.extend((child, kind, data, depth + 1) for child in children.get(offset, ()))
+    # What is left never reached a whole object: REF_DELTAs whose bases form a cycle.
+    for offset, oids in names.items():
+        if offset not in done:
+            for oid in oids:
+                yield _Packed(
+                    oid,
+                    problem=f"corrupt packed object {oid} in {name}: its delta chain never "
+                    "reaches a whole object (its bases form a cycle)",
+                )
+
+
+def _depth_problem(pack: Pack, too_deep: list[tuple[str, int]]) -> str:
+    """One line for the objects of a pack that sit deeper than MAX_DELTA_DEPTH."""
+    oid, depth = max(too_deep, key=lambda item: item[1])
+    count, name = len(too_deep), _pack_name(pack)
+    return (
+        f"pack {name}: {count} object{'s' if count > 1 else ''} sit deeper than git's delta chain "
+        f"limit of {MAX_DELTA_DEPTH} (deepest: {oid} at depth {depth}); git never writes such a "
+        "pack, and reading those objects rebuilds the whole chain each time: get the repository "
+        "again from a trusted source, or rewrite the pack with `git --git-dir=.mint repack -a -d "
+        f"-f` (git leaves a pack not named pack-<hash>: remove {name} and its .idx if still there)"
+    )
 
 
 def _check_packs(repo: Repository, report: FsckReport) -> None:
@@ -162,13 +406,17 @@ def _check_packs(repo: Repository, report: FsckReport) -> None:
         problem = _pack_checksum_problem(pack)
         if problem:
             report.problems.append(problem)
-        for entry in _pack_objects(pack):
+        too_deep: list[tuple[str, int]] = []
+        for entry in _pack_objects(pack, too_deep):
             report.objects += 1
             problem = entry.problem
             if problem is None and entry.kind is not None and entry.data is not None:
                 problem = _format_problem(entry.oid, entry.kind, entry.data)
             if problem:
                 report.problems.append(problem)
+        if too_deep:
+            report.objects += len(too_deep)
+            report.problems.append(_depth_problem(pack, too_deep))
 
 
 def _missing_in_tree(repo: Repository, tree_id: str, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -245,6 +493,7 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
     """Verify all objects (loose and packed), every ref's history, and decode every reachable tensor."""
     report = FsckReport()
     report.warnings.extend(_stale_locks(repo, time.time()))
+    report.problems.extend(_link_problem(path, target) for path, target in _store_links(repo))
     bad: set[str] = set()
     for loose_id, path in _loose_files(repo):
         report.objects += 1
@@ -296,7 +545,7 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
                     )
                     continue
                 try:
-                    repo.tensor_bytes(record.blob, record.name)
+                    repo.tensor_bytes(record.blob, record.name, expect=record)
                     report.tensors += 1
                 except MintError as err:
                     report.problems.append(f"commit {oid[:12]}: {err}")
@@ -348,6 +597,10 @@ class GcLockedError(GcRefusedError):
     """Another gc holds the repository's gc.pid."""
 
 
+class GcSymlinkError(GcRefusedError):
+    """gc found a symbolic link in the object store, through which it would delete outside files."""
+
+
 class GcWriteError(MintError):
     """Packing failed after the store was verified; no object was deleted."""
 
@@ -395,11 +648,14 @@ def _scan_store(repo: Repository) -> _Scan:
         scan.loose.add(oid)
     for pack in repo.objects.packs:
         pack_damage: list[str] = []
-        for entry in _pack_objects(pack):
+        too_deep: list[tuple[str, int]] = []
+        for entry in _pack_objects(pack, too_deep):
             if entry.problem is not None or entry.kind is None or entry.data is None:
                 pack_damage.append(entry.problem or f"corrupt packed object {entry.oid}")
                 continue
             scan.add(entry.oid, entry.kind, entry.data)
+        if too_deep:
+            pack_damage.append(_depth_problem(pack, too_deep))
         # A broken checksum whose objects all read back still means a damaged pack file: name
         # the objects when we can, the pack when no object is at fault.
         checksum = _pack_checksum_problem(pack)
@@ -586,10 +842,12 @@ def _remove_stale_temporaries(repo: Repository, now: float) -> None:
     object temporaries, pack temporaries and locks (a killed gc leaves a store-sized `tmp*.pack`,
     or a `pack-X.pack` without its index and the index's `.lock`)."""
     objects = repo.git_dir / "objects"
-    for folder in objects.iterdir():
-        if folder.is_dir() and (len(folder.name) == 2 or folder.name == "pack"):
-            for path in folder.iterdir():
-                name = path.name
+    for folder in _real_entries(objects):
+        if folder.is_dir(follow_symlinks=False) and (
+            len(folder.name) == 2 or folder.name == "pack"
+        ):
+            for entry in _real_entries(Path(folder.path)):
+                path, name = Path(entry.path), entry.name
                 temporary = name.startswith((TMP_OBJECT_PREFIX, "tmp")) or name.endswith(".lock")
                 if folder.name == "pack" and name.endswith(".pack"):
                     temporary = temporary or not path.with_suffix(".idx").exists()
@@ -598,8 +856,37 @@ def _remove_stale_temporaries(repo: Repository, now: float) -> None:
                         path.unlink()
 
 
+def _real_entries(folder: Path) -> list[os.DirEntry[str]]:
+    """The entries of `folder` that are not symbolic links (gc refuses a store with any)."""
+    with os.scandir(folder) as entries:
+        return [entry for entry in entries if not entry.is_symlink()]
+
+
 def _store_size(repo: Repository) -> int:
-    return sum(p.stat().st_size for p in (repo.git_dir / "objects").rglob("*") if p.is_file())
+    """Bytes in the files under .mint/objects, no link followed."""
+    total, pending = 0, [repo.git_dir / "objects"]
+    while pending:
+        try:
+            entries = _real_entries(pending.pop())
+        except FileNotFoundError:  # a fan-out directory removed meanwhile
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                with suppress(FileNotFoundError):  # a temporary removed meanwhile
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def _refuse_links(repo: Repository) -> None:
+    """Raise GcSymlinkError naming the first symbolic link under .mint/objects, if any."""
+    links = _store_links(repo)
+    if not links:
+        return
+    more = len(links) - 1
+    also = f" (and {more} more link{'s' if more > 1 else ''})" if more else ""
+    raise GcSymlinkError(f"gc refused: {_link_problem(*links[0])}{also}; nothing was changed")
 
 
 def _lock_holder(text: str, age: float) -> str | None:
@@ -670,6 +957,8 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
     from dulwich.objects import ObjectID
 
     with _gc_lock(repo):
+        # First of all: repacking and pruning through a link delete files outside the repository.
+        _refuse_links(repo)
         before = _store_size(repo)
         roots = _roots(repo)
         scan = _scan_store(repo)
@@ -713,7 +1002,10 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
                 f"gc failed while packing ({err}); no object was deleted; run `mintvcs fsck`"
             ) from None
         repo.refs.pack()
-        for fan in (repo.git_dir / "objects").iterdir():
-            if len(fan.name) == 2 and fan.is_dir() and not any(fan.iterdir()):
-                fan.rmdir()
+        for fan in _real_entries(repo.git_dir / "objects"):
+            if len(fan.name) == 2 and fan.is_dir(follow_symlinks=False):
+                # Tidying only: a fan-out directory that is not empty (a commit just wrote to
+                # it) or not removable stays, and gc has still done its work.
+                with suppress(OSError):
+                    os.rmdir(fan.path)
         return GcResult(packed, len(unreachable), before, _store_size(repo))

@@ -103,11 +103,11 @@ def unsafe_path_reason(path: str) -> str | None:
     if any(part in ("", ".", "..") for part in parts):
         return "it has an empty, '.' or '..' component"
     for part in parts:
-        if repository_dir_name(part):
-            return f"it is inside {part}, a repository's own directory"
         reason = git_special_name(part)
         if reason is not None:
             return reason
+        if repository_dir_name(part):  # .mint: git stores it, but it would be our repository
+            return f"it is inside {part}, a repository's own directory"
     if path in (CONFIG_FILE, WEIGHTS_FILE):
         return "it is the adapter's config or weights file, which the revision holds itself"
     return None

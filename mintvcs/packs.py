@@ -565,6 +565,8 @@ class PackFile:
     def _blob_entry(self, offset: int) -> tuple[int, int]:
         """(size, position of the zlib stream) of the undeltified blob entry at `offset`."""
         pack = self.pack
+        if not 12 <= offset < len(pack) - 20:  # a lying index: past the header or the checksum
+            raise NotStored  # dulwich reads (or reports) it
         byte = pack[offset]
         kind, size, shift, pos = (byte >> 4) & 7, byte & 0x0F, 4, offset + 1
         while byte & 0x80:

@@ -78,9 +78,9 @@ def signature(repo: Repository | None = None, role: str = "committer") -> Signat
     name, email = os.environ.get(env + "NAME"), os.environ.get(env + "EMAIL")
     name_from, email_from = env + "NAME", env + "EMAIL"
     if not (name and email):
-        from dulwich.config import ConfigFile, StackedConfig
+        from dulwich.config import StackedConfig
 
-        configs = [ConfigFile.from_path(str(repo.git_dir / "config"))] if repo else []
+        configs = [repo.config] if repo else []
         stacked = StackedConfig([*configs, *StackedConfig.default_backends()])
         if not name:
             name_from = "user.name"
@@ -808,16 +808,19 @@ def write_work_tree(
     gone = [] if old is None else [f.path for f in old.manifest.files if f.path not in files]
     for path in [*files, *gone]:  # before anything is written or removed
         _refuse_symlinked_parent(work, path)
+    for path in files:
+        _refuse_file_in_the_way(work, path, set(gone))
     (repo.git_dir / WORKTREE_RECORD).unlink(missing_ok=True)
+    # Files only `old` had go first: one of them may be where `rev` has a directory.
+    for path in gone:
+        (work / path).unlink(missing_ok=True)
+        _remove_empty_parents(work, work / path)
     _write_atomic(work / CONFIG_FILE, rev.config_bytes)
     known_ns = time.time_ns()
     # mtime dated back (see WORKTREE_RECORD): a write after this one always changes it.
     _write_weights(work / WEIGHTS_FILE, weights.data, mtime_ns=known_ns - 2 * _RACY_NS)
     for path, (content, executable) in files.items():
         _write_atomic(work / path, content, executable)
-    for path in gone:
-        (work / path).unlink(missing_ok=True)
-        _remove_empty_parents(work, work / path)
     from mintvcs.adapter import stat_key
 
     _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns)
@@ -833,6 +836,27 @@ def _refuse_symlinked_parent(work: Path, path: str) -> None:
                 f"{parent} is a symlink: checkout will not write or remove {path} through it; "
                 "remove the link (or make it a directory) and retry"
             )
+
+
+def _refuse_file_in_the_way(work: Path, path: str, gone: set[str]) -> None:
+    """Refuse to write `path` where the work tree has a file as one of its directories, or a directory as it.
+
+    As git's "untracked working tree files would be overwritten": checked before anything is
+    written, so a refused checkout leaves the work tree as it was.
+    """
+    parts = path.split("/")
+    for depth in range(1, len(parts)):
+        parent = work.joinpath(*parts[:depth])
+        if parent.exists() and not parent.is_dir() and "/".join(parts[:depth]) not in gone:
+            raise MintError(
+                f"{parent} is a file, but the revision has {path} inside it; "
+                "move the file away and retry"
+            )
+    if (work / path).is_dir() and not (work / path).is_symlink():
+        raise MintError(
+            f"{work / path} is a directory, but the revision has a file there; "
+            "move the directory away and retry"
+        )
 
 
 def _remove_empty_parents(root: Path, path: Path) -> None:

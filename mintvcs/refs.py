@@ -506,7 +506,7 @@ class RefStore:
         snap = self._packed()
         if snap is None:
             return None
-        hit = snap.get(name.encode())
+        hit = snap.get(name.encode("utf-8", "surrogateescape"))
         return None if hit is None else hit[0].decode()
 
     def _resolve(self, name: str) -> tuple[list[str], str | None]:
@@ -546,7 +546,7 @@ class RefStore:
         snap = self._packed()
         if snap is None:
             return None
-        hit = snap.get(final.encode())
+        hit = snap.get(final.encode("utf-8", "surrogateescape"))
         # A loose value that differs from the packed one makes the packed peel stale.
         if hit is None or hit[1] is None or hit[0].decode() != value:
             return None
@@ -833,7 +833,7 @@ class RefStore:
     def _remove_packed(self, name: str, plock: _Lock) -> None:
         """Rewrite packed-refs without name's record; the caller holds packed-refs.lock."""
         snap = self._packed()
-        rng = None if snap is None else snap.find_range(name.encode())
+        rng = None if snap is None else snap.find_range(name.encode("utf-8", "surrogateescape"))
         if snap is None or rng is None:
             return
         mm = snap.mm
@@ -884,12 +884,12 @@ class RefStore:
         loose = dict(self._iter_loose(prefix)) if prefix.startswith("refs/") else {}
         snap = self._packed()
         packed: Iterable[tuple[bytes, bytes, bytes | None]] = (
-            snap.iter_prefix(prefix.encode()) if snap is not None else ()
+            snap.iter_prefix(prefix.encode("utf-8", "surrogateescape")) if snap is not None else ()
         )
         loose_sorted = sorted(loose.items())
         i = 0
         for bname, bvalue, _ in packed:
-            pname = bname.decode()
+            pname = bname.decode("utf-8", "surrogateescape")  # as loose names from listdir
             while i < len(loose_sorted) and loose_sorted[i][0] < pname:
                 yield loose_sorted[i]
                 i += 1
@@ -937,7 +937,7 @@ class RefStore:
             if old_snap is not None:
                 old_full = "fully-peeled" in old_snap.traits
                 for bname, bvalue, bpeeled in old_snap.iter_prefix(b""):
-                    entries[bname.decode()] = (
+                    entries[bname.decode("utf-8", "surrogateescape")] = (
                         bvalue.decode(),
                         None if bpeeled is None else bpeeled.decode(),
                     )
@@ -987,7 +987,7 @@ class RefStore:
             entries: dict[str, tuple[str, str | None]] = {}
             if snap is not None:
                 for bname, bvalue, bpeeled in snap.iter_prefix(b""):
-                    entries[bname.decode()] = (
+                    entries[bname.decode("utf-8", "surrogateescape")] = (
                         bvalue.decode(),
                         None if bpeeled is None else bpeeled.decode(),
                     )
@@ -1019,11 +1019,11 @@ class RefStore:
 
 
 def _serialize_packed(entries: dict[str, tuple[str, str | None]], header: bytes) -> bytes:
-    # Sorted by name as bytes: for str this is code-point order, which UTF-8 preserves.
+    # Sorted by name as bytes, as git does (names that are not UTF-8 hold surrogate escapes).
     lines = [header.decode()]
-    for name in sorted(entries):
+    for name in sorted(entries, key=lambda n: n.encode("utf-8", "surrogateescape")):
         value, peeled = entries[name]
         lines.append(f"{value} {name}\n")
         if peeled is not None:
             lines.append(f"^{peeled}\n")
-    return "".join(lines).encode()
+    return "".join(lines).encode("utf-8", "surrogateescape")

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import threading
 import weakref
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from dulwich.objects import Commit, ShaFile
 
 DEFAULT_BRANCH = "main"
+_MAX_CONFIG_BYTES = 1 << 20
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
 # What may follow a spec's name, checked in one linear pass (counts below 10^9: a larger one
@@ -132,7 +134,14 @@ class Revision:
     @cached_property
     def config(self) -> dict[str, Any]:
         """The parsed PEFT config."""
-        parsed: dict[str, Any] = json.loads(self.config_bytes)
+        where = f"{CONFIG_PATH} of {self.commit[:12]}"
+        try:
+            parsed = json.loads(self.config_bytes)
+        except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, or nested too deeply
+            problem = "nests too deeply" if isinstance(err, RecursionError) else f"({err})"
+            raise CorruptObjectError(f"{where} is not valid JSON {problem}") from None
+        if not isinstance(parsed, dict):
+            raise CorruptObjectError(f"{where} is a JSON {type(parsed).__name__}, not an object")
         return parsed
 
     def tensor(self, name: str) -> bytes:
@@ -140,7 +149,7 @@ class Revision:
         record = self.manifest.tensor(name)
         if record is None:
             raise UnknownRevisionError(f"revision {self.commit[:12]} has no tensor {name!r}")
-        return self.repo.tensor_bytes(record.blob, name)
+        return self.repo.tensor_bytes(record.blob, name, expect=record)
 
     def tensors(
         self, progress: ProgressFn | None = None
@@ -165,13 +174,19 @@ class Revision:
         """Decode every tensor into `size` bytes of a new buffer, tensor i at offsets[i]."""
         import numpy as np
 
-        buffer = np.empty(size, dtype=np.uint8)
+        try:
+            buffer = np.empty(size, dtype=np.uint8)
+        except MemoryError:  # a manifest may claim any size (4 TiB takes 300 bytes to write)
+            raise MintError(
+                f"revision {self.commit[:12]} holds {size:,} bytes of tensors, more than this "
+                "machine can allocate"
+            ) from None
         records = self.manifest.tensors
 
         def decode(index: int) -> None:
             record = records[index]
             out = buffer[offsets[index] : offsets[index] + record.end - record.start]
-            self.repo.tensor_into(record.blob, record.name, out)
+            self.repo.tensor_into(record.blob, record.name, out, expect=record)
             if progress:
                 progress(out.size)
 
@@ -191,8 +206,7 @@ class Revision:
                     self.repo.tensors_into(
                         [
                             (
-                                records[i].blob,
-                                records[i].name,
+                                records[i],
                                 buffer[offsets[i] : offsets[i] + records[i].end - records[i].start],
                             )
                             for i in chunk
@@ -341,16 +355,31 @@ class Repository:
     @cached_property
     def objects(self) -> DiskObjectStore:
         """The git object store; packs it writes compress each object at its own zlib level."""
+        return levelled_store_class().from_config(str(self.git_dir / "objects"), self.config)
+
+    @cached_property
+    def config(self) -> Any:
+        """The repository's git config (a dulwich ConfigFile), read once, without includes.
+
+        A received repository's config may name any file: `[include] path = /dev/zero` would
+        be read without end (git itself refuses that one as a bad config line). So the file
+        must be a regular file of sane size, and include directives are not followed.
+        """
         from dulwich.config import ConfigFile
 
         path = self.git_dir / "config"
+        problem = None
         try:
-            config = ConfigFile.from_path(str(path))
-        except ValueError as err:  # dulwich's parse errors
-            raise NotARepositoryError(
-                f"{path} cannot be read ({err}); fix it, or restore it from a working repository"
-            ) from None
-        return levelled_store_class().from_config(str(self.git_dir / "objects"), config)
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_CONFIG_BYTES:
+                problem = f"not a regular file under {_MAX_CONFIG_BYTES >> 20} MiB"
+            else:
+                return ConfigFile.from_path(str(path), expand_includes=False)
+        except (OSError, ValueError) as err:  # unreadable, or dulwich's parse errors
+            problem = str(err)
+        raise NotARepositoryError(
+            f"{path} cannot be read ({problem}); fix it, or restore it from a working repository"
+        )
 
     @cached_property
     def base(self) -> BaseModel | None:
@@ -419,10 +448,19 @@ class Repository:
         if not is_object_id(oid):
             raise CorruptObjectError(f"{what}: {oid!r} is not an object id")
         try:
-            fd = os.open(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}", os.O_RDONLY)
+            # Never through a link: a received repository's "object" could be /dev/zero.
+            fd = os.open(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}", os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             return None
+        except OSError as err:
+            raise CorruptObjectError(
+                f"{what}: object {oid} cannot be read ({err.strerror}: a symlink?); run 'mintvcs fsck'"
+            ) from None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorruptObjectError(
+                    f"{what}: object {oid} is not a regular file; run 'mintvcs fsck'"
+                )
             raw = read_fd(fd)
         finally:
             os.close(fd)
@@ -577,9 +615,9 @@ class Repository:
         )
 
     def _chain(
-        self, blob_id: str, name: str
+        self, blob_id: str, name: str, expect: TensorRecord | None = None
     ) -> tuple[list[bytes | memoryview], list[codec.BlobHeader]]:
-        """The blobs of a tensor's XOR chain, tip first, and their parsed headers."""
+        """The blobs of a tensor's XOR chain, tip first, and their parsed headers (the tip's checked against `expect`)."""
         blobs: list[bytes | memoryview] = []
         headers: list[codec.BlobHeader] = []
         oid: str | None = blob_id
@@ -591,21 +629,32 @@ class Repository:
             blob = self.blob_view(oid, what=f"tensor {name}")
             blobs.append(blob)
             headers.append(codec.read_header(blob, name=name))
+            if expect is not None and len(headers) == 1:
+                _check_record(expect, headers[0])
             oid = headers[-1].base
         return blobs, headers
 
-    def tensor_bytes(self, blob_id: str, name: str) -> bytes:
-        """Decode a tensor blob, following its XOR chain; the result's sha256 is verified."""
-        blobs, headers = self._chain(blob_id, name)
+    def tensor_bytes(self, blob_id: str, name: str, expect: TensorRecord | None = None) -> bytes:
+        """Decode a tensor blob, following its XOR chain; the result's sha256 is verified.
+
+        With `expect` (the manifest's record), the blob must hold what the record says.
+        """
+        blobs, headers = self._chain(blob_id, name, expect)
         return codec.decode_chain(blobs, name=name, headers=headers).tobytes()
 
-    def tensor_into(self, blob_id: str, name: str, out: npt.NDArray[np.uint8]) -> None:
+    def tensor_into(
+        self,
+        blob_id: str,
+        name: str,
+        out: npt.NDArray[np.uint8],
+        expect: TensorRecord | None = None,
+    ) -> None:
         """Decode a tensor blob (and its XOR chain) into `out`, a uint8 array of its size."""
-        blobs, headers = self._chain(blob_id, name)
+        blobs, headers = self._chain(blob_id, name, expect)
         codec.decode_chain(blobs, out, name=name, headers=headers)
 
-    def tensors_into(self, items: Sequence[tuple[str, str, npt.NDArray[np.uint8]]]) -> None:
-        """Decode many tensors, each (blob id, name, uint8 array of its size), into their arrays.
+    def tensors_into(self, items: Sequence[tuple[TensorRecord, npt.NDArray[np.uint8]]]) -> None:
+        """Decode many tensors, each (its manifest record, uint8 array of its size), into their arrays.
 
         Returns once every tensor's sha256 is verified; a failure raises naming its tensor.
         The read of a whole revision (a hot swap): a packed self-contained blob is decoded
@@ -615,25 +664,25 @@ class Repository:
         anything unusual) take tensor_into().
         """
         if len(items) <= 1:
-            for blob_id, name, out in items:
-                self.tensor_into(blob_id, name, out)
+            for record, out in items:
+                self.tensor_into(record.blob, record.name, out, expect=record)
             return
         # Decoded first, verified after: see _verify_all for why not side by side.
         jobs = []
         rescanned = False
-        for blob_id, name, out in items:
-            header = self._decode_packed(blob_id, name, out, rescan=not rescanned)
+        for record, out in items:
+            header = self._decode_packed(record, out, rescan=not rescanned)
             # Packs written since the last scan (a commit after the server started) are found
             # by the first miss's rescan; later misses are loose or unusual blobs.
             rescanned = rescanned or header is None
             if header is None:
-                self.tensor_into(blob_id, name, out)
+                self.tensor_into(record.blob, record.name, out, expect=record)
             else:
-                jobs.append((out, header, name))
+                jobs.append((out, header, record.name))
         _verify_all(jobs)
 
     def _decode_packed(
-        self, blob_id: str, name: str, out: npt.NDArray[np.uint8], rescan: bool = False
+        self, record: TensorRecord, out: npt.NDArray[np.uint8], rescan: bool = False
     ) -> codec.BlobHeader | None:
         """Decode a packed self-contained tensor blob into `out` without its sha256 check.
 
@@ -641,6 +690,7 @@ class Repository:
         in a pack in the form we write, or is an XOR link. With `rescan`, a blob in no known
         pack makes the pack directory be listed again.
         """
+        blob_id, name = record.blob, record.name
         if not is_object_id(blob_id):
             raise CorruptObjectError(f"tensor {name}: {blob_id!r} is not an object id")
         key = bytes.fromhex(blob_id)
@@ -667,6 +717,7 @@ class Repository:
         if span is None or len(head) < span:
             return None
         header = codec.header_of(head, size, name=name)
+        _check_record(record, header)
         if header.encoding == "xor":
             return None
         piece = slicer(memoryview(pack.pack), head, pieces)
@@ -713,7 +764,9 @@ class Repository:
         tree = self.get_object(info.tree, what=f"tree of {commit_id[:12]}")
         if not isinstance(tree, Tree):
             raise CorruptObjectError(f"commit {commit_id[:12]}: tree {info.tree} is not a tree")
-        entries = {e.path.decode(): e.sha.decode() for e in tree.items()}
+        # We write UTF-8 names only; git accepts any bytes, and "replace" keeps such a tree
+        # readable (its odd entries are never ours to read) instead of failing on it.
+        entries = {e.path.decode("utf-8", "replace"): e.sha.decode() for e in tree.items()}
         if MANIFEST_PATH not in entries or CONFIG_PATH not in entries:
             raise CorruptObjectError(
                 f"commit {commit_id[:12]} is not an adapter revision: {MANIFEST_PATH} is missing"
@@ -1158,6 +1211,26 @@ def _sha256_while_importing(adapter: AdapterFiles, indexes: list[int]) -> dict[i
 
 # Below this many decoded bytes a second hashing thread costs more than it saves.
 _THREADED_HASH_BYTES = 4 << 20
+
+
+def _check_record(record: TensorRecord, header: codec.BlobHeader) -> None:
+    """The blob a manifest record names must hold that tensor: its dtype, shape, size and sha256.
+
+    A record pointing at another tensor's blob of the same size would otherwise be decoded and
+    verified against the blob's own sha256, and the wrong values written under its name.
+    """
+    if (header.dtype, header.shape, header.nbytes, header.sha256) != (
+        record.dtype,
+        record.shape,
+        record.end - record.start,
+        record.sha256,
+    ):
+        raise CorruptObjectError(
+            f"tensor {record.name}: its blob {record.blob[:12]} holds {header.dtype} "
+            f"{list(header.shape)} with sha256 {header.sha256[:12]}, but the manifest records "
+            f"{record.dtype} {list(record.shape)} with sha256 {record.sha256[:12]}: the "
+            "manifest and its blobs disagree; restore the repository from a good copy"
+        )
 
 
 def _verify_all(jobs: list[tuple[npt.NDArray[np.uint8], codec.BlobHeader, str]]) -> None:

@@ -162,7 +162,7 @@ class StoreSource:
             # be page-faulted in every time (the dominant cost of a cold load on a VM).
             tensor = torch.empty(record.shape, dtype=torch_dtype)
             if tensor.numel():
-                items.append((record.blob, record.name, tensor.view(-1).view(torch.uint8).numpy()))
+                items.append((record, tensor.view(-1).view(torch.uint8).numpy()))
             tensors[record.name] = tensor
         # One call for the revision: the store decodes while a second thread verifies sha256s.
         self.repo.tensors_into(items)

@@ -40,6 +40,7 @@ def mint(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[
         env=ENV,
         capture_output=True,
         text=True,
+        errors="surrogateescape",  # as git, names that are not UTF-8 print as their bytes
         check=False,
         timeout=120,
     )

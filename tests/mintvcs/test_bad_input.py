@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -467,8 +468,18 @@ def test_close_after_reading_a_corrupt_packed_object(work: Path) -> None:
     assert kept.value is not None
 
 
-def _commit_with_manifest_files(work: Path, extra: list[dict[str, object]]) -> str:
-    """A commit like HEAD whose manifest also lists `extra` files (as a hostile repository could)."""
+def _commit_with_manifest_files(
+    work: Path,
+    extra: list[dict[str, object]],
+    edit_tensors: Any = None,
+    *,
+    message: bytes = b"hostile\n",
+    when: int = 0,
+) -> str:
+    """A commit like HEAD whose manifest also lists `extra` files (as a hostile repository could).
+
+    `edit_tensors`, if given, changes the manifest's tensor records (a list of dicts) in place.
+    """
     from dulwich.objects import Commit, Tree
 
     from mintvcs.store import Repository
@@ -481,6 +492,8 @@ def _commit_with_manifest_files(work: Path, extra: list[dict[str, object]]) -> s
     assert isinstance(tree, Tree)
     manifest = json.loads(repo.read_blob(tree[b"manifest.json"][1].decode()))
     manifest["files"] = manifest.get("files", []) + extra
+    if edit_tensors is not None:
+        edit_tensors(manifest["tensors"])
     new_tree = Tree()
     for item in tree.items():
         new_tree.add(item.path, item.mode, item.sha)
@@ -491,9 +504,9 @@ def _commit_with_manifest_files(work: Path, extra: list[dict[str, object]]) -> s
     commit.tree = new_tree.id
     commit.parents = [head.encode()]
     commit.author = commit.committer = b"Eve <eve@example.com>"
-    commit.author_time = commit.commit_time = 0
+    commit.author_time = commit.commit_time = when
     commit.author_timezone = commit.commit_timezone = 0
-    commit.message = b"hostile\n"
+    commit.message = message
     repo.add_object(commit)
     oid = commit.id.decode()
     repo.refs.update("refs/heads/hostile", oid, old=None, message="test", identity="T <t@t>")
@@ -528,6 +541,157 @@ def test_a_revision_naming_an_unsafe_path_is_refused(work: Path, path: str) -> N
     # fsck names the hostile revision too.
     result = mint(work, "fsck", ok=False)
     assert result.returncode != 0 and "unsafe" in result.stdout + result.stderr
+
+
+def test_a_record_must_name_the_blob_of_its_own_tensor(work: Path) -> None:
+    # Two records of the same size trade blobs: each blob decodes and matches its own sha256,
+    # so only the record's own dtype, shape and sha256 can tell that the values are another's.
+    def swap(tensors: list[dict[str, Any]]) -> None:
+        same = {}
+        for t in tensors:
+            first = same.setdefault(t["end"] - t["start"], t)
+            if first is not t:
+                first["blob"], t["blob"] = t["blob"], first["blob"]
+                return
+        raise AssertionError("no two tensors of one size")
+
+    _commit_with_manifest_files(work, [], edit_tensors=swap)
+    state = snapshot(work)
+    line = mint_fails(work, "checkout", "--force", "hostile")
+    assert "the manifest and its blobs disagree" in line
+    assert snapshot(work) == state
+    result = mint(work, "fsck", ok=False)
+    assert result.returncode != 0 and "disagree" in result.stdout + result.stderr
+
+
+def test_a_revision_claiming_terabytes_is_one_error_line(work: Path) -> None:
+    def huge(tensors: list[dict[str, Any]]) -> None:
+        last = tensors[-1]  # consistent with itself: 2**20 x 2**20 F32 is 4 TiB
+        last.update(dtype="F32", shape=[1 << 20, 1 << 20], end=last["start"] + (4 << 40))
+
+    _commit_with_manifest_files(work, [], edit_tensors=huge)
+    state = snapshot(work)
+    line = mint_fails(work, "checkout", "--force", "hostile")
+    assert "more than this machine can allocate" in line, line
+    assert snapshot(work) == state
+
+
+def test_log_and_show_escape_control_characters_and_survive_any_date(work: Path) -> None:
+    # An OSC sequence would retitle (or, OSC 52, write the clipboard of) the reader's terminal.
+    _commit_with_manifest_files(
+        work, [], message=b"\x1b]0;pwned\x07subject\n\nbody\tline\n", when=10**17
+    )
+    for args in (("log", "hostile"), ("log", "--oneline", "hostile"), ("show", "hostile")):
+        out = mint(work, *args).stdout
+        assert "\x1b" not in out and "\\x1b]0;pwned\\x07subject" in out, out
+    assert "@100000000000000000 +0000" in mint(work, "show", "hostile").stdout
+    assert "body\tline" in mint(work, "log", "hostile").stdout  # tabs print as git prints them
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b"[1, 2]", "a JSON list, not an object"),
+        (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+    ],
+    ids=["not-utf8", "list", "deep"],
+)
+def test_a_config_blob_that_is_not_a_json_object_is_one_error_line(
+    work: Path, config: bytes, expected: str
+) -> None:
+    from dulwich.objects import Blob, Commit, Tree
+
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    head = repo.head_commit()
+    assert head is not None
+    tree = repo.get_object(repo.commit_info(head).tree)
+    assert isinstance(tree, Tree)
+    blob = Blob.from_string(config)
+    repo.add_object(blob)
+    tree[b"adapter_config.json"] = (0o100644, blob.id)
+    repo.add_object(tree)
+    commit = Commit()
+    commit.tree, commit.parents = tree.id, [head.encode()]
+    commit.author = commit.committer = b"Eve <eve@example.com>"
+    commit.author_time = commit.commit_time = commit.author_timezone = commit.commit_timezone = 0
+    commit.message = b"hostile\n"
+    repo.add_object(commit)
+    line = mint_fails(work, "show", "--json", commit.id.decode())
+    assert expected in line and "adapter_config.json" in line, line
+
+
+def test_a_repository_config_that_reads_without_end_is_refused_or_ignored(work: Path) -> None:
+    config = work / ".mint" / "config"
+    original = config.read_text()
+    # git reads includes; one naming /dev/zero would be read for ever (git: "bad config line").
+    config.write_text(original + "[include]\n\tpath = /dev/zero\n")
+    assert "On branch main" in mint(work, "status").stdout
+    config.unlink()
+    config.symlink_to("/dev/zero")
+    line = mint_fails(work, "log")
+    assert "config cannot be read (not a regular file" in line, line
+    config.unlink()
+    config.write_text(original)
+
+
+def test_checkout_refuses_an_untracked_file_where_the_revision_has_a_directory(
+    work: Path,
+) -> None:
+    (work / "notes").mkdir()
+    (work / "notes" / "x.txt").write_text("v1\n")
+    with_notes = json.loads(mint(work, "commit", "-m", "notes", "--no-verify", "--json").stdout)
+    mint(work, "checkout", with_notes["parent"])
+    (work / "notes").write_text("my own notes, not in any revision\n")
+    state = snapshot(work)
+    line = mint_fails(work, "checkout", "--force", with_notes["commit"])
+    assert "is a file, but the revision has notes/x.txt inside it" in line, line
+    assert snapshot(work) == state  # nothing written: weights, config and notes as they were
+    assert (work / "notes").read_text() == "my own notes, not in any revision\n"
+    (work / "notes").unlink()
+    mint(work, "checkout", with_notes["commit"])
+    assert (work / "notes" / "x.txt").read_text() == "v1\n"
+
+
+def test_a_ref_name_that_is_not_utf8_is_listed_kept_and_repacked(work: Path) -> None:
+    # git allows any bytes in ref names, and a clone brings them along.
+    head = mint(work, "log", "--json").stdout
+    oid = json.loads(head)[0]["commit"]
+    packed = work / ".mint" / "packed-refs"
+    old = (
+        packed.read_bytes()
+        if packed.exists()
+        else b"# pack-refs with: peeled fully-peeled sorted \n"
+    )
+    packed.write_bytes(old + oid.encode() + b" refs/heads/caf\xe9\n")
+    for args in (("log", "--oneline"), ("branch",), ("fsck",), ("gc",), ("branch",)):
+        result = mint(work, *args)
+        assert "Traceback" not in result.stderr, (args, result.stderr)
+    assert "caf" in mint(work, "branch").stdout
+    assert b"refs/heads/caf\xe9\n" in packed.read_bytes()  # gc kept it, byte for byte
+
+
+def test_a_loose_object_that_is_a_link_to_a_device_is_refused(work: Path) -> None:
+    manifest = subprocess.run(
+        ["git", "--git-dir", str(work / ".mint"), "rev-parse", "HEAD:manifest.json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    loose = work / ".mint" / "objects" / manifest[:2] / manifest[2:]
+    if not loose.exists():
+        pytest.skip("the manifest blob is packed in this fixture")
+    saved = loose.read_bytes()
+    loose.unlink()
+    loose.symlink_to("/dev/zero")  # read without end, it would fill the memory
+    try:
+        line = mint_fails(work, "show")
+        assert manifest in line and "cannot be read" in line, line
+    finally:
+        loose.unlink()
+        loose.write_bytes(saved)
 
 
 def test_checkout_does_not_write_through_a_symlinked_directory(work: Path, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def _commit(repo: Repository, message: str, source: Path) -> str:
 def _decode_all(repo: Repository, commit: str) -> dict[str, bytes]:
     records = repo.read_revision(commit).manifest.tensors
     outs = [np.empty(r.end - r.start, dtype=np.uint8) for r in records]
-    repo.tensors_into([(r.blob, r.name, out) for r, out in zip(records, outs, strict=True)])
+    repo.tensors_into(list(zip(records, outs, strict=True)))
     return {r.name: out.tobytes() for r, out in zip(records, outs, strict=True)}
 
 
@@ -108,7 +108,7 @@ def test_flipped_plane_byte_is_named(
     commit = _commit(repo, "r0", _adapter(tmp_path / "src", seed=4))
     record = next(r for r in repo.read_revision(commit).manifest.tensors if r.shape == (16, 2048))
     out = np.empty(record.end - record.start, dtype=np.uint8)
-    header = repo._decode_packed(record.blob, record.name, out, rescan=True)
+    header = repo._decode_packed(record, out, rescan=True)
     assert header is not None, "the blob must take the pack fast path"
     assert [s[0] for s in header.segments] == ["none", "none", "none", "zstd"]
     start = header.payload_offset + sum(s[1] for s in header.segments[:plane])
