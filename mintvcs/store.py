@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 
 DEFAULT_BRANCH = "main"
 _MAX_CONFIG_BYTES = 1 << 20
+# A manifest, adapter config or safetensors header larger than this is refused unread: a real
+# adapter's manifest is ~300 bytes per tensor (134 kB for a Llama-8B all-linear LoRA).
+MAX_METADATA_BYTES = 64 << 20
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
 # What may follow a spec's name, checked in one linear pass (counts below 10^9: a larger one
@@ -129,7 +132,9 @@ class Revision:
     @cached_property
     def config_bytes(self) -> bytes:
         """adapter_config.json, verbatim."""
-        return self.repo.read_blob(self._tree[CONFIG_PATH], what=CONFIG_PATH)
+        return self.repo.read_blob(
+            self._tree[CONFIG_PATH], what=CONFIG_PATH, max_size=MAX_METADATA_BYTES
+        )
 
     @cached_property
     def config(self) -> dict[str, Any]:
@@ -227,7 +232,9 @@ class Revision:
 
     def safetensors_buffer(self, progress: ProgressFn | None = None) -> npt.NDArray[np.uint8]:
         """adapter_model.safetensors as a uint8 array, byte-identical to what was committed."""
-        header = self.repo.read_blob(self.manifest.header_blob, what=HEADER_PATH)
+        header = self.repo.read_blob(
+            self.manifest.header_blob, what=HEADER_PATH, max_size=MAX_METADATA_BYTES
+        )
         records = self.manifest.tensors
         data_size = max((r.end for r in records), default=0)
         buffer = self._decode_into(
@@ -421,16 +428,18 @@ class Repository:
         # view of the pack's memory map) alive.
         raise CorruptObjectError(f"{what}: object {oid} {problem}")
 
-    def read_blob(self, oid: str, *, what: str = "blob") -> bytes:
-        """The content of a blob."""
-        content = self.blob_view(oid, what=what)
+    def read_blob(self, oid: str, *, what: str = "blob", max_size: int | None = None) -> bytes:
+        """The content of a blob (a loose one claiming more than `max_size` bytes is refused unread)."""
+        content = self.blob_view(oid, what=what, max_size=max_size)
         return content if isinstance(content, bytes) else bytes(content)
 
-    def blob_view(self, oid: str, *, what: str = "blob") -> bytes | memoryview:
+    def blob_view(
+        self, oid: str, *, what: str = "blob", max_size: int | None = None
+    ) -> bytes | memoryview:
         """The content of a blob without a copy where it can (a hot swap reads tensors this way)."""
         from dulwich.objects import Blob
 
-        loose = self._read_loose_blob(oid, what)
+        loose = self._read_loose_blob(oid, what, max_size)
         if loose is not None:
             return loose
         packed = self._read_packed_blob(oid, what)
@@ -443,7 +452,9 @@ class Repository:
             )
         return obj.as_raw_string()
 
-    def _read_loose_blob(self, oid: str, what: str) -> bytes | memoryview | None:
+    def _read_loose_blob(
+        self, oid: str, what: str, max_size: int | None = None
+    ) -> bytes | memoryview | None:
         """Inflate a loose blob without building a dulwich object; None when it is not loose."""
         if not is_object_id(oid):
             raise CorruptObjectError(f"{what}: {oid!r} is not an object id")
@@ -464,6 +475,8 @@ class Repository:
             raw = read_fd(fd)
         finally:
             os.close(fd)
+        if max_size is not None:
+            _refuse_larger(raw, max_size, oid, what)
         try:
             data = inflate(raw)
         except zlib.error as err:
@@ -771,7 +784,10 @@ class Repository:
             raise CorruptObjectError(
                 f"commit {commit_id[:12]} is not an adapter revision: {MANIFEST_PATH} is missing"
             )
-        return info, entries, self.read_blob(entries[MANIFEST_PATH], what=MANIFEST_PATH)
+        manifest = self.read_blob(
+            entries[MANIFEST_PATH], what=MANIFEST_PATH, max_size=MAX_METADATA_BYTES
+        )
+        return info, entries, manifest
 
     def write_revision(
         self,
@@ -1211,6 +1227,24 @@ def _sha256_while_importing(adapter: AdapterFiles, indexes: list[int]) -> dict[i
 
 # Below this many decoded bytes a second hashing thread costs more than it saves.
 _THREADED_HASH_BYTES = 4 << 20
+
+
+def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) -> None:
+    """Refuse a loose object whose header claims more than `max_size` bytes, before inflating it.
+
+    A megabyte of zlib inflates to a gigabyte of whitespace: metadata (a manifest, a config)
+    that claims more than any real adapter's is refused unread.
+    """
+    try:
+        head = zlib.decompressobj().decompress(bytes(raw[:1024]), 64)
+    except zlib.error:
+        return  # inflate() reports it
+    size = head.partition(b"\0")[0].partition(b" ")[2]
+    if size.isdigit() and int(size) > max_size:
+        raise CorruptObjectError(
+            f"{what}: object {oid} claims {int(size):,} bytes, more than a {what} may hold "
+            f"({max_size:,}); the repository was made to exhaust memory, or is damaged"
+        )
 
 
 def _check_record(record: TensorRecord, header: codec.BlobHeader) -> None:

@@ -694,6 +694,32 @@ def test_a_loose_object_that_is_a_link_to_a_device_is_refused(work: Path) -> Non
         loose.write_bytes(saved)
 
 
+def test_a_manifest_that_inflates_to_gigabytes_is_refused_unread(work: Path) -> None:
+    from dulwich.objects import Blob, Commit, Tree
+
+    from mintvcs.store import MAX_METADATA_BYTES, Repository
+
+    repo = Repository.open(work)
+    head = repo.head_commit()
+    assert head is not None
+    tree = repo.get_object(repo.commit_info(head).tree)
+    assert isinstance(tree, Tree)
+    manifest = repo.read_revision(head).manifest.to_bytes()
+    # Valid JSON, then whitespace: a loose object of ~65 kB that inflates past the limit.
+    bomb = Blob.from_string(manifest + b" " * (MAX_METADATA_BYTES + 1))
+    repo.add_object(bomb)
+    tree[b"manifest.json"] = (0o100644, bomb.id)
+    repo.add_object(tree)
+    commit = Commit()
+    commit.tree, commit.parents = tree.id, [head.encode()]
+    commit.author = commit.committer = b"Eve <eve@example.com>"
+    commit.author_time = commit.commit_time = commit.author_timezone = commit.commit_timezone = 0
+    commit.message = b"hostile\n"
+    repo.add_object(commit)
+    line = mint_fails(work, "show", commit.id.decode())
+    assert "claims" in line and "more than a manifest.json may hold" in line, line
+
+
 def test_checkout_does_not_write_through_a_symlinked_directory(work: Path, tmp_path: Path) -> None:
     (work / "sub").mkdir()
     (work / "sub" / "notes.txt").write_text("v1\n")
