@@ -578,6 +578,48 @@ class PackFile:
             raise NotStored
         return size, pos
 
+    def object_size(self, offset: int) -> int | None:
+        """The size of the object at `offset` once inflated (and undeltified), from its headers.
+
+        A delta's result size is the second number of its (inflated) delta header. None when
+        the entry cannot be read so far: whoever reads it reports that.
+        """
+        pack = self.pack
+        if not 12 <= offset < len(pack) - 20:
+            return None
+        byte = pack[offset]
+        kind, size, shift, pos = (byte >> 4) & 7, byte & 0x0F, 4, offset + 1
+        while byte & 0x80 and pos < len(pack):
+            byte = pack[pos]
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            pos += 1
+        if kind in (1, 2, 3, 4):
+            return size
+        if kind == 6:  # OFS_DELTA: a variable-length base offset comes first
+            while pos < len(pack) and pack[pos] & 0x80:
+                pos += 1
+            pos += 1
+        elif kind == 7:  # REF_DELTA: a 20-byte base id
+            pos += 20
+        else:
+            return None
+        try:
+            head = zlib.decompressobj().decompress(bytes(pack[pos : pos + 64]), 32)
+        except zlib.error:
+            return None
+        numbers = []
+        value = shift = 0
+        for byte in head:
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                numbers.append(value)
+                value = shift = 0
+                if len(numbers) == 2:
+                    return numbers[1]  # (base size, result size)
+        return None
+
     def stored_layout(self, offset: int) -> tuple[int, bytes, list[tuple[int, int]]]:
         """The size of the blob entry at `offset` and where its content lies (_stored_layout)."""
         size, pos = self._blob_entry(offset)

@@ -445,6 +445,13 @@ class Repository:
         packed = self._read_packed_blob(oid, what)
         if packed is not None:
             return packed
+        if max_size is not None:  # a deflated or deltified entry: its size is in its headers
+            key = bytes.fromhex(oid)
+            for pack in self._packs():
+                offset = pack.find(key)
+                size = None if offset is None else pack.object_size(offset)
+                if size is not None and size > max_size:
+                    raise _too_large(oid, size, max_size, what)
         obj = self.get_object(oid, what=what)
         if not isinstance(obj, Blob):
             raise CorruptObjectError(
@@ -1241,10 +1248,14 @@ def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) 
         return  # inflate() reports it
     size = head.partition(b"\0")[0].partition(b" ")[2]
     if size.isdigit() and int(size) > max_size:
-        raise CorruptObjectError(
-            f"{what}: object {oid} claims {int(size):,} bytes, more than a {what} may hold "
-            f"({max_size:,}); the repository was made to exhaust memory, or is damaged"
-        )
+        raise _too_large(oid, int(size), max_size, what)
+
+
+def _too_large(oid: str, size: int, max_size: int, what: str) -> CorruptObjectError:
+    return CorruptObjectError(
+        f"{what}: object {oid} claims {size:,} bytes, more than a {what} may hold "
+        f"({max_size:,}); the repository was made to exhaust memory, or is damaged"
+    )
 
 
 def _check_record(record: TensorRecord, header: codec.BlobHeader) -> None:

@@ -718,6 +718,21 @@ def test_a_manifest_that_inflates_to_gigabytes_is_refused_unread(work: Path) -> 
     repo.add_object(commit)
     line = mint_fails(work, "show", commit.id.decode())
     assert "claims" in line and "more than a manifest.json may hold" in line, line
+    # The same once git has packed it (deflated, as a clone brings it).
+    oid = commit.id.decode()
+    repo.refs.update("refs/heads/hostile", oid, old=None, message="test", identity="T <t@t>")
+    git = ["git", "--git-dir", str(work / ".mint")]
+    # Deflated at git's usual level (this repository's own config stores blobs uncompressed).
+    subprocess.run(
+        [*git, "-c", "pack.compression=6", "repack", "-a", "-d", "-F", "-q"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run([*git, "prune-packed"], check=True, capture_output=True)
+    bomb_id = bomb.id.decode()
+    assert not (work / ".mint" / "objects" / bomb_id[:2] / bomb_id[2:]).exists()
+    line = mint_fails(work, "show", oid)
+    assert "claims" in line and "more than a manifest.json may hold" in line, line
 
 
 def test_checkout_does_not_write_through_a_symlinked_directory(work: Path, tmp_path: Path) -> None:
