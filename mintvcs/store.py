@@ -17,7 +17,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles
@@ -366,27 +366,21 @@ class Repository:
 
     @cached_property
     def config(self) -> Any:
-        """The repository's git config (a dulwich ConfigFile), read once, without includes.
+        """The repository's git config (a dulwich ConfigFile, includes followed), read once.
 
         A received repository's config may name any file: `[include] path = /dev/zero` would
-        be read without end (git itself refuses that one as a bad config line). So the file
-        must be a regular file of sane size, and include directives are not followed.
+        be read without end (git refuses that one as a bad config line). So the config and
+        every file it includes must be a regular file under 1 MiB.
         """
         from dulwich.config import ConfigFile
 
         path = self.git_dir / "config"
-        problem = None
         try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_CONFIG_BYTES:
-                problem = f"not a regular file under {_MAX_CONFIG_BYTES >> 20} MiB"
-            else:
-                return ConfigFile.from_path(str(path), expand_includes=False)
-        except (OSError, ValueError) as err:  # unreadable, or dulwich's parse errors
-            problem = str(err)
-        raise NotARepositoryError(
-            f"{path} cannot be read ({problem}); fix it, or restore it from a working repository"
-        )
+            return ConfigFile.from_path(str(path), file_opener=_open_config_file)
+        except (OSError, ValueError) as err:  # unreadable, refused, or dulwich's parse errors
+            raise NotARepositoryError(
+                f"{path} cannot be read ({err}); fix it, or restore it from a working repository"
+            ) from None
 
     @cached_property
     def base(self) -> BaseModel | None:
@@ -1234,6 +1228,17 @@ def _sha256_while_importing(adapter: AdapterFiles, indexes: list[int]) -> dict[i
 
 # Below this many decoded bytes a second hashing thread costs more than it saves.
 _THREADED_HASH_BYTES = 4 << 20
+
+
+def _open_config_file(path: str | os.PathLike[str]) -> IO[bytes]:
+    """Open a config file (or one it includes) only if it is a regular file under 1 MiB."""
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; a regular file ignores it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_CONFIG_BYTES:
+        os.close(fd)
+        raise ValueError(f"{os.fspath(path)} is not a regular file under 1 MiB")
+    return os.fdopen(fd, "rb")
 
 
 def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) -> None:

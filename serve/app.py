@@ -740,8 +740,15 @@ def create_app(
 
 # ---------------------------------------------------------------------------- running
 _CLEANUP_GRACE_S = 2.0
-# Each drains: SIGHUP too (a closed terminal, a supervisor's stop), which by default kills at once.
+# Each drains: SIGHUP too (a closed terminal), which by default kills at once; unless the
+# process was started ignoring it (nohup), which it keeps honouring.
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _stop_signals() -> list[signal.Signals]:
+    return [s for s in _STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+
+
 # Idle keep-alive connections close after this; longer than the usual load balancer idle
 # timeout (60 s), so that the balancer, not the server, closes them first.
 KEEPALIVE_TIMEOUT_S = 75.0
@@ -814,10 +821,14 @@ async def start_server(
     return RunningServer(f"http://{shown}:{port}", app, runner)
 
 
+def _print_flushed(line: str) -> None:
+    print(line, flush=True)  # whoever started the server waits for the line naming its port
+
+
 async def serve_until_signalled(
     config: ServerConfig,
     *,
-    out: Callable[[str], None] = print,
+    out: Callable[[str], None] = _print_flushed,
     engine_factory: Callable[[ServerConfig], Engine] | None = None,
 ) -> int:
     """Run the server until SIGTERM, SIGINT or SIGHUP, then drain; the exit status (1 if the base failed to load)."""
@@ -827,7 +838,8 @@ async def serve_until_signalled(
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in _STOP_SIGNALS:
+    signals = _stop_signals()  # read before our handlers replace what the process inherited
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     loaded = asyncio.create_task(server.state.loaded.wait())
     stopped = asyncio.create_task(stop.wait())
@@ -843,7 +855,7 @@ async def serve_until_signalled(
             out(f"mintvcs serve: base model loaded; ready{held}")
         await stopped
     force = asyncio.Event()
-    for sig in _STOP_SIGNALS:  # a second signal: stop without waiting
+    for sig in signals:  # a second signal: stop without waiting
         loop.add_signal_handler(sig, force.set)
     if status == 0:
         out(
@@ -860,7 +872,9 @@ async def serve_until_signalled(
         await asyncio.wait({stopping}, timeout=_CLEANUP_GRACE_S + 1.0)
         if not stopping.done():
             out("mintvcs serve: stopped while the base model was loading")
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):  # _exit skips Python's own flushing
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
             os._exit(status)
     await stopping
     out("mintvcs serve: stopped")

@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from mintvcs.store import Repository
 from tests.fixtures import make_peft_adapter
 from tests.mintvcs.storekit import (
     CONFIG,
+    ENV,
     WEIGHTS,
     assert_intact,
     copy_adapter,
@@ -627,13 +629,27 @@ def test_a_repository_config_that_reads_without_end_is_refused_or_ignored(work: 
     config = work / ".mint" / "config"
     original = config.read_text()
     # git reads includes; one naming /dev/zero would be read for ever (git: "bad config line").
+    # Ours refuses to open it, and an include that cannot be read is skipped, as git skips one.
     config.write_text(original + "[include]\n\tpath = /dev/zero\n")
     assert "On branch main" in mint(work, "status").stdout
     config.unlink()
     config.symlink_to("/dev/zero")
     line = mint_fails(work, "log")
-    assert "config cannot be read (not a regular file" in line, line
+    assert "is not a regular file under 1 MiB" in line, line
     config.unlink()
+    # A real include still counts: the identity a user keeps in an included file.
+    (work / "identity.conf").write_text("[user]\n\tname = Work Me\n\temail = me@work.example\n")
+    config.write_text(original + f"[include]\n\tpath = {work / 'identity.conf'}\n")
+    env_free = {k: v for k, v in ENV.items() if not k.startswith(("GIT_AUTHOR", "GIT_COMMITTER"))}
+    mutate(work, seed=21)
+    subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", "commit", "-m", "x", "--no-verify"],
+        cwd=work,
+        env=env_free,
+        check=True,
+        capture_output=True,
+    )
+    assert "Work Me <me@work.example>" in mint(work, "log").stdout.split("\n\n")[0]
     config.write_text(original)
 
 

@@ -225,12 +225,13 @@ def slow_engine(config):
 config = ServerConfig(repo={str(tmp_path / "repo")!r}, base_model={str(tiny_base)!r}, port=0)
 sys.exit(asyncio.run(serve_until_signalled(config, engine_factory=slow_engine)))
 """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a buffered pipe
     proc = subprocess.Popen(
         [sys.executable, "-c", script],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "MINT_LOG_LEVEL": "WARNING"},
+        env={**env, "MINT_LOG_LEVEL": "WARNING"},
     )
     try:
         assert proc.stdout is not None
@@ -269,6 +270,33 @@ def test_sighup_drains_as_sigterm_and_a_readable_token_file_is_a_warning(
         assert proc.returncode == 0, err
         assert "draining" in out and "stopped" in out
         assert "readable by others (mode 644)" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_under_nohup_sighup_is_still_ignored(tmp_path: Path, tiny_base: Path) -> None:
+    porcelain.init(tmp_path / "repo", str(tiny_base))
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "mintvcs.serve.cli", "serve"),
+            *("--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MINT_LOG_LEVEL": "WARNING"},
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),  # what nohup does
+    )
+    try:
+        url = _url_when_ready(proc)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None and request(url + "/health")[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "stopped" in out, err
     finally:
         if proc.poll() is None:
             proc.kill()
