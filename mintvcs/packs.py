@@ -506,6 +506,25 @@ def _remove_stale_packs(directory: Path) -> None:
                         os.unlink(entry.path)
 
 
+def _delta_sizes(stream: bytes | memoryview) -> tuple[int, int] | None:
+    """(base size, result size): the two varints a delta's zlib stream starts with."""
+    try:
+        head = zlib.decompressobj().decompress(bytes(stream), 32)
+    except zlib.error:
+        return None
+    numbers = []
+    value = shift = 0
+    for byte in head:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            numbers.append(value)
+            value = shift = 0
+            if len(numbers) == 2:
+                return numbers[0], numbers[1]
+    return None
+
+
 class NotStored(Exception):
     """A pack entry that is not a whole blob in stored zlib blocks."""
 
@@ -578,47 +597,51 @@ class PackFile:
             raise NotStored
         return size, pos
 
-    def object_size(self, offset: int) -> int | None:
-        """The size of the object at `offset` once inflated (and undeltified), from its headers.
+    def object_size(self, offset: int, max_chain: int = 64) -> int | None:
+        """The largest object that reading the entry at `offset` inflates, from headers alone.
 
-        A delta's result size is the second number of its (inflated) delta header. None when
-        the entry cannot be read so far: whoever reads it reports that.
+        For a delta that is the larger of each delta's base and result sizes (the second and
+        first numbers of its inflated delta header) down its chain of bases in this pack, up to
+        `max_chain` links. None when the first entry cannot be read so far: whoever reads it
+        reports that.
         """
         pack = self.pack
-        if not 12 <= offset < len(pack) - 20:
-            return None
-        byte = pack[offset]
-        kind, size, shift, pos = (byte >> 4) & 7, byte & 0x0F, 4, offset + 1
-        while byte & 0x80 and pos < len(pack):
-            byte = pack[pos]
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            pos += 1
-        if kind in (1, 2, 3, 4):
-            return size
-        if kind == 6:  # OFS_DELTA: a variable-length base offset comes first
-            while pos < len(pack) and pack[pos] & 0x80:
+        largest: int | None = None
+        for _ in range(max_chain):
+            if not 12 <= offset < len(pack) - 20:
+                return largest
+            byte = pack[offset]
+            kind, size, shift, pos = (byte >> 4) & 7, byte & 0x0F, 4, offset + 1
+            while byte & 0x80 and pos < len(pack):
+                byte = pack[pos]
+                size |= (byte & 0x7F) << shift
+                shift += 7
                 pos += 1
-            pos += 1
-        elif kind == 7:  # REF_DELTA: a 20-byte base id
-            pos += 20
-        else:
-            return None
-        try:
-            head = zlib.decompressobj().decompress(bytes(pack[pos : pos + 64]), 32)
-        except zlib.error:
-            return None
-        numbers = []
-        value = shift = 0
-        for byte in head:
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                numbers.append(value)
-                value = shift = 0
-                if len(numbers) == 2:
-                    return numbers[1]  # (base size, result size)
-        return None
+            if kind in (1, 2, 3, 4):
+                return max(size, largest or 0)
+            base: int | None
+            if kind == 6:  # OFS_DELTA: the base lies this many bytes back (git's encoding)
+                byte = pack[pos]
+                back = byte & 0x7F
+                pos += 1
+                while byte & 0x80 and pos < len(pack):
+                    byte = pack[pos]
+                    back = ((back + 1) << 7) | (byte & 0x7F)
+                    pos += 1
+                base = offset - back
+            elif kind == 7:  # REF_DELTA: the base's id (elsewhere in the store: not followed)
+                base = self.find(bytes(pack[pos : pos + 20]))
+                pos += 20
+            else:
+                return largest
+            sizes = _delta_sizes(pack[pos : pos + 64])
+            if sizes is None:
+                return largest
+            largest = max(largest or 0, *sizes)
+            if base is None:
+                return largest
+            offset = base
+        return largest
 
     def stored_layout(self, offset: int) -> tuple[int, bytes, list[tuple[int, int]]]:
         """The size of the blob entry at `offset` and where its content lies (_stored_layout)."""

@@ -852,11 +852,19 @@ def _refuse_file_in_the_way(work: Path, path: str, gone: set[str]) -> None:
                 f"{parent} is a file, but the revision has {path} inside it; "
                 "move the file away and retry"
             )
-    if (work / path).is_dir() and not (work / path).is_symlink():
-        raise MintError(
-            f"{work / path} is a directory, but the revision has a file there; "
-            "move the directory away and retry"
+    target = work / path
+    if target.is_dir() and not target.is_symlink():
+        # Fine when it holds only files the checkout removes (the old revision's): it goes with them.
+        inside = (
+            f.relative_to(work).as_posix()
+            for f in target.rglob("*")
+            if f.is_symlink() or not f.is_dir()
         )
+        if not all(name in gone for name in inside):
+            raise MintError(
+                f"{target} is a directory holding files of its own, but the revision has a "
+                "file there; move the directory away and retry"
+            )
 
 
 def _remove_empty_parents(root: Path, path: Path) -> None:

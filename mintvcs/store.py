@@ -49,6 +49,7 @@ from mintvcs.packs import (
     zlib_tensor,
 )
 from mintvcs.refs import InvalidRefNameError, RefStore
+from mintvcs.safetensors_file import MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,8 +59,9 @@ if TYPE_CHECKING:
 
 DEFAULT_BRANCH = "main"
 _MAX_CONFIG_BYTES = 1 << 20
-# A manifest, adapter config or safetensors header larger than this is refused unread: a real
-# adapter's manifest is ~300 bytes per tensor (134 kB for a Llama-8B all-linear LoRA).
+# A manifest or adapter config larger than this is refused unread: a real adapter's manifest is
+# ~300 bytes per tensor (134 kB for a Llama-8B all-linear LoRA). A safetensors header blob may be
+# as large as commit accepts one (safetensors_file.MAX_HEADER_BYTES, with its length prefix).
 MAX_METADATA_BYTES = 64 << 20
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
@@ -233,7 +235,7 @@ class Revision:
     def safetensors_buffer(self, progress: ProgressFn | None = None) -> npt.NDArray[np.uint8]:
         """adapter_model.safetensors as a uint8 array, byte-identical to what was committed."""
         header = self.repo.read_blob(
-            self.manifest.header_blob, what=HEADER_PATH, max_size=MAX_METADATA_BYTES
+            self.manifest.header_blob, what=HEADER_PATH, max_size=MAX_HEADER_BYTES + 8
         )
         records = self.manifest.tensors
         data_size = max((r.end for r in records), default=0)

@@ -87,8 +87,8 @@ class ServerConfig:
     prefetch_on_move: bool = True
     drain_timeout: float = 30.0
     enforce_eager: bool = False  # no CUDA graphs for decode steps
-    # Seconds a request body may take to arrive (408 after): a client that stalls mid-body
-    # would otherwise hold its request, and a drain, open for ever.
+    # Seconds a request body may take to arrive in full (408 after): a client that stalls
+    # mid-body would otherwise hold its request, and a drain, open for ever.
     body_timeout: float = 30.0
     max_ref_labels: int = 1000  # distinct refs labelled in metrics; later ones count as (other)
 
@@ -107,6 +107,8 @@ class ServerConfig:
             raise ServerError(
                 f"default_max_tokens {self.default_max_tokens} must be in [1, max_tokens_limit={self.max_tokens_limit}]"
             )
+        if not self.body_timeout > 0:
+            raise ServerError(f"body_timeout must be positive, got {self.body_timeout}")
         if not 0 <= self.port < 65536:
             raise ServerError(
                 f"port {self.port} is not a TCP port; use 0..65535 (0 picks a free one)"

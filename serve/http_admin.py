@@ -21,21 +21,24 @@ from mintvcs.serve.app import (
 from mintvcs.serve.refwatch import check_spec
 
 
+def _unavailable(body: dict[str, str]) -> web.Response:
+    """A 503 health answer, with Retry-After as every 503 of the server has."""
+    return web.json_response(body, status=503, headers={"Retry-After": "1"})
+
+
 async def health(request: web.Request) -> web.Response:
     """200 once the base model is loaded; 503 while loading, after a failed load, while draining, or unhealthy."""
     state = request.app[STATE]
     if state.draining:
-        return web.json_response({"status": "draining"}, status=503)
+        return _unavailable({"status": "draining"})
     if state.engine is None:
         if state.load_error is not None:
-            return web.json_response(
-                {"status": "failed", "error": str(state.load_error)}, status=503
-            )
-        return web.json_response({"status": "loading"}, status=503)
+            return _unavailable({"status": "failed", "error": str(state.load_error)})
+        return _unavailable({"status": "loading"})
     engine = state.engine
     problem = engine.problem()
     if problem is not None:  # loaded, but the step loop is dead or every step fails
-        return web.json_response({"status": "unhealthy", "error": problem}, status=503)
+        return _unavailable({"status": "unhealthy", "error": problem})
     return web.json_response(
         {
             "status": "ok",

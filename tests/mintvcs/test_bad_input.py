@@ -669,6 +669,21 @@ def test_checkout_refuses_an_untracked_file_where_the_revision_has_a_directory(
     (work / "notes").unlink()
     mint(work, "checkout", with_notes["commit"])
     assert (work / "notes" / "x.txt").read_text() == "v1\n"
+    # And the other way: a revision with a file `notes` replaces the tracked directory notes/.
+    (work / "notes" / "x.txt").unlink()
+    (work / "notes").rmdir()
+    (work / "notes").write_text("now a file\n")
+    as_file = json.loads(mint(work, "commit", "-m", "file", "--no-verify", "--json").stdout)
+    mint(work, "checkout", with_notes["commit"])
+    assert (work / "notes").is_dir()
+    mint(work, "checkout", as_file["commit"])
+    assert (work / "notes").read_text() == "now a file\n"
+    (work / "notes").unlink()
+    mint(work, "checkout", "--force", with_notes["commit"])
+    (work / "notes" / "mine.txt").write_text("untracked\n")  # not the checkout's to remove
+    line = mint_fails(work, "checkout", "--force", as_file["commit"])
+    assert "is a directory holding files of its own" in line, line
+    assert (work / "notes" / "mine.txt").read_text() == "untracked\n"
 
 
 def test_a_ref_name_that_is_not_utf8_is_listed_kept_and_repacked(work: Path) -> None:
@@ -749,6 +764,47 @@ def test_a_manifest_that_inflates_to_gigabytes_is_refused_unread(work: Path) -> 
     assert not (work / ".mint" / "objects" / bomb_id[:2] / bomb_id[2:]).exists()
     line = mint_fails(work, "show", oid)
     assert "claims" in line and "more than a manifest.json may hold" in line, line
+
+
+def test_a_small_manifest_delta_on_a_huge_base_is_refused_unread(work: Path) -> None:
+    import hashlib
+    import zlib
+
+    from dulwich.objects import Commit, Tree
+
+    from mintvcs.store import MAX_METADATA_BYTES, Repository
+    from tests.mintvcs.test_hostile_maintenance import _entry_header, _ofs_distance, _size_varint
+
+    repo = Repository.open(work)
+    head = repo.head_commit()
+    assert head is not None
+    # A pack of two entries: a blob of whitespace just over the limit, and a 100-byte
+    # "manifest" as a delta on it: small itself, but reading it inflates the base.
+    size = MAX_METADATA_BYTES + 1
+    delta = _size_varint(size) + _size_varint(100) + bytes([0x80 | 0x10, 100])
+    body = bytearray(b"PACK" + struct.pack(">II", 2, 2))
+    at = len(body)
+    body += _entry_header(3, size) + zlib.compress(b" " * size, 1)
+    here = len(body)
+    body += _entry_header(6, len(delta)) + _ofs_distance(here - at) + zlib.compress(delta)
+    body += hashlib.sha1(body).digest()
+    pack = work / ".mint" / "objects" / "pack" / "pack-bomb.pack"
+    pack.parent.mkdir(exist_ok=True)
+    pack.write_bytes(bytes(body))
+    subprocess.run(["git", "index-pack", str(pack)], check=True, capture_output=True)
+    tree = repo.get_object(repo.commit_info(head).tree)
+    assert isinstance(tree, Tree)
+    small = hashlib.sha1(b"blob 100\0" + b" " * 100).hexdigest()
+    tree[b"manifest.json"] = (0o100644, small.encode())
+    repo.add_object(tree)
+    commit = Commit()
+    commit.tree, commit.parents = tree.id, [head.encode()]
+    commit.author = commit.committer = b"Eve <eve@example.com>"
+    commit.author_time = commit.commit_time = commit.author_timezone = commit.commit_timezone = 0
+    commit.message = b"hostile\n"
+    repo.add_object(commit)
+    line = mint_fails(work, "show", commit.id.decode())
+    assert f"claims {size:,} bytes" in line, line
 
 
 def test_checkout_does_not_write_through_a_symlinked_directory(work: Path, tmp_path: Path) -> None:

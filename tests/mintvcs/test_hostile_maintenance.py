@@ -117,14 +117,15 @@ def test_fsck_reports_every_link_in_the_store(work: Path, tmp_path: Path) -> Non
     target = tmp_path / "outside-object"
     shutil.move(objects / first[:2] / first[2:], target)
     (objects / first[:2] / first[2:]).symlink_to(target)
-    (objects / "ee").symlink_to(tmp_path / "does-not-exist")
+    free = next(f"{i:02x}" for i in range(256) if not (objects / f"{i:02x}").exists())
+    (objects / free).symlink_to(tmp_path / "does-not-exist")  # a fan-out name no object uses
     result = mint(work, "fsck", "--json", ok=False)
     assert result.returncode == 1
     problems = json.loads(result.stdout)["problems"]
     # One line for each link (reading the linked object through the store may add its own).
     mark = " is a symbolic link (to "
     linked = [p.partition(mark)[0] for p in problems if mark in p]
-    assert sorted(linked) == sorted([str(objects / first[:2] / first[2:]), str(objects / "ee")])
+    assert sorted(linked) == sorted([str(objects / first[:2] / first[2:]), str(objects / free)])
     gc_refuses(work, "(and 1 more link)")
 
 

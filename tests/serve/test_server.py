@@ -1108,8 +1108,8 @@ def test_health_is_503_until_the_base_is_loaded(repo: Repository, tiny_base: Pat
     )
     srv.start(wait=False)
     try:
-        status, _, body = request(srv.url + "/health")
-        assert status == 503 and body["status"] == "loading"
+        status, headers, body = request(srv.url + "/health")
+        assert status == 503 and body["status"] == "loading" and headers["Retry-After"] == "1"
         status, headers, body = request(srv.url + "/generate", {"prompt": "x"})
         assert status == 503 and body["reason"] == "loading"
         assert headers["Retry-After"] == "1"
