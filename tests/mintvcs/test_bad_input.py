@@ -482,6 +482,28 @@ def _commit_with_manifest_files(
 
     `edit_tensors`, if given, changes the manifest's tensor records (a list of dicts) in place.
     """
+    from dulwich.objects import Tree
+
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    head = repo.head_commit()
+    assert head is not None
+    tree = repo.get_object(repo.commit_info(head).tree)
+    assert isinstance(tree, Tree)
+    manifest = json.loads(repo.read_blob(tree[b"manifest.json"][1].decode()))
+    manifest["files"] = manifest.get("files", []) + extra
+    if edit_tensors is not None:
+        edit_tensors(manifest["tensors"])
+    blob = repo.add_blob(json.dumps(manifest).encode())
+    return _hostile_commit(work, {"manifest.json": blob}, message=message, when=when)
+
+
+def _hostile_commit(
+    work: Path, entries: dict[str, str], *, message: bytes = b"hostile\n", when: int = 0
+) -> str:
+    """A commit on HEAD, as a hostile repository could hold, whose tree is HEAD's with `entries`
+    (top-level name -> blob id) put in; branch `hostile` points at it."""
     from dulwich.objects import Commit, Tree
 
     from mintvcs.store import Repository
@@ -489,29 +511,21 @@ def _commit_with_manifest_files(
     repo = Repository.open(work)
     head = repo.head_commit()
     assert head is not None
-    info = repo.commit_info(head)
-    tree = repo.get_object(info.tree)
+    tree = repo.get_object(repo.commit_info(head).tree)
     assert isinstance(tree, Tree)
-    manifest = json.loads(repo.read_blob(tree[b"manifest.json"][1].decode()))
-    manifest["files"] = manifest.get("files", []) + extra
-    if edit_tensors is not None:
-        edit_tensors(manifest["tensors"])
-    new_tree = Tree()
-    for item in tree.items():
-        new_tree.add(item.path, item.mode, item.sha)
-    blob = repo.add_blob(json.dumps(manifest).encode())
-    new_tree.add(b"manifest.json", 0o100644, blob.encode())
-    repo.add_object(new_tree)
+    for name, blob_id in entries.items():
+        tree[name.encode()] = (0o100644, blob_id.encode())
+    repo.add_object(tree)
     commit = Commit()
-    commit.tree = new_tree.id
-    commit.parents = [head.encode()]
+    commit.tree, commit.parents = tree.id, [head.encode()]
     commit.author = commit.committer = b"Eve <eve@example.com>"
     commit.author_time = commit.commit_time = when
     commit.author_timezone = commit.commit_timezone = 0
     commit.message = message
     repo.add_object(commit)
     oid = commit.id.decode()
-    repo.refs.update("refs/heads/hostile", oid, old=None, message="test", identity="T <t@t>")
+    old = repo.refs.read("refs/heads/hostile")
+    repo.refs.update("refs/heads/hostile", oid, old=old, message="test", identity="T <t@t>")
     return oid
 
 
@@ -602,26 +616,11 @@ def test_log_and_show_escape_control_characters_and_survive_any_date(work: Path)
 def test_a_config_blob_that_is_not_a_json_object_is_one_error_line(
     work: Path, config: bytes, expected: str
 ) -> None:
-    from dulwich.objects import Blob, Commit, Tree
-
     from mintvcs.store import Repository
 
-    repo = Repository.open(work)
-    head = repo.head_commit()
-    assert head is not None
-    tree = repo.get_object(repo.commit_info(head).tree)
-    assert isinstance(tree, Tree)
-    blob = Blob.from_string(config)
-    repo.add_object(blob)
-    tree[b"adapter_config.json"] = (0o100644, blob.id)
-    repo.add_object(tree)
-    commit = Commit()
-    commit.tree, commit.parents = tree.id, [head.encode()]
-    commit.author = commit.committer = b"Eve <eve@example.com>"
-    commit.author_time = commit.commit_time = commit.author_timezone = commit.commit_timezone = 0
-    commit.message = b"hostile\n"
-    repo.add_object(commit)
-    line = mint_fails(work, "show", "--json", commit.id.decode())
+    blob = Repository.open(work).add_blob(config)
+    oid = _hostile_commit(work, {"adapter_config.json": blob})
+    line = mint_fails(work, "show", "--json", oid)
     assert expected in line and "adapter_config.json" in line, line
 
 
@@ -726,32 +725,16 @@ def test_a_loose_object_that_is_a_link_to_a_device_is_refused(work: Path) -> Non
 
 
 def test_a_manifest_that_inflates_to_gigabytes_is_refused_unread(work: Path) -> None:
-    from dulwich.objects import Blob, Commit, Tree
-
     from mintvcs.store import MAX_METADATA_BYTES, Repository
 
     repo = Repository.open(work)
-    head = repo.head_commit()
-    assert head is not None
-    tree = repo.get_object(repo.commit_info(head).tree)
-    assert isinstance(tree, Tree)
-    manifest = repo.read_revision(head).manifest.to_bytes()
+    manifest = repo.read_revision(repo.head_commit() or "").manifest.to_bytes()
     # Valid JSON, then whitespace: a loose object of ~65 kB that inflates past the limit.
-    bomb = Blob.from_string(manifest + b" " * (MAX_METADATA_BYTES + 1))
-    repo.add_object(bomb)
-    tree[b"manifest.json"] = (0o100644, bomb.id)
-    repo.add_object(tree)
-    commit = Commit()
-    commit.tree, commit.parents = tree.id, [head.encode()]
-    commit.author = commit.committer = b"Eve <eve@example.com>"
-    commit.author_time = commit.commit_time = commit.author_timezone = commit.commit_timezone = 0
-    commit.message = b"hostile\n"
-    repo.add_object(commit)
-    line = mint_fails(work, "show", commit.id.decode())
+    bomb = repo.add_blob(manifest + b" " * (MAX_METADATA_BYTES + 1))
+    oid = _hostile_commit(work, {"manifest.json": bomb})
+    line = mint_fails(work, "show", oid)
     assert "claims" in line and "more than a manifest.json may hold" in line, line
     # The same once git has packed it (deflated, as a clone brings it).
-    oid = commit.id.decode()
-    repo.refs.update("refs/heads/hostile", oid, old=None, message="test", identity="T <t@t>")
     git = ["git", "--git-dir", str(work / ".mint")]
     # Deflated at git's usual level (this repository's own config stores blobs uncompressed).
     subprocess.run(
@@ -760,8 +743,7 @@ def test_a_manifest_that_inflates_to_gigabytes_is_refused_unread(work: Path) -> 
         capture_output=True,
     )
     subprocess.run([*git, "prune-packed"], check=True, capture_output=True)
-    bomb_id = bomb.id.decode()
-    assert not (work / ".mint" / "objects" / bomb_id[:2] / bomb_id[2:]).exists()
+    assert not (work / ".mint" / "objects" / bomb[:2] / bomb[2:]).exists()
     line = mint_fails(work, "show", oid)
     assert "claims" in line and "more than a manifest.json may hold" in line, line
 
@@ -770,40 +752,26 @@ def test_a_small_manifest_delta_on_a_huge_base_is_refused_unread(work: Path) -> 
     import hashlib
     import zlib
 
-    from dulwich.objects import Commit, Tree
+    from mintvcs.packs import _pack_entry_header
+    from mintvcs.store import MAX_METADATA_BYTES
+    from tests.mintvcs.test_hostile_maintenance import _ofs_distance, _size_varint
 
-    from mintvcs.store import MAX_METADATA_BYTES, Repository
-    from tests.mintvcs.test_hostile_maintenance import _entry_header, _ofs_distance, _size_varint
-
-    repo = Repository.open(work)
-    head = repo.head_commit()
-    assert head is not None
     # A pack of two entries: a blob of whitespace just over the limit, and a 100-byte
     # "manifest" as a delta on it: small itself, but reading it inflates the base.
     size = MAX_METADATA_BYTES + 1
     delta = _size_varint(size) + _size_varint(100) + bytes([0x80 | 0x10, 100])
     body = bytearray(b"PACK" + struct.pack(">II", 2, 2))
     at = len(body)
-    body += _entry_header(3, size) + zlib.compress(b" " * size, 1)
+    body += _pack_entry_header(3, size) + zlib.compress(b" " * size, 1)
     here = len(body)
-    body += _entry_header(6, len(delta)) + _ofs_distance(here - at) + zlib.compress(delta)
+    body += _pack_entry_header(6, len(delta)) + _ofs_distance(here - at) + zlib.compress(delta)
     body += hashlib.sha1(body).digest()
     pack = work / ".mint" / "objects" / "pack" / "pack-bomb.pack"
     pack.parent.mkdir(exist_ok=True)
     pack.write_bytes(bytes(body))
     subprocess.run(["git", "index-pack", str(pack)], check=True, capture_output=True)
-    tree = repo.get_object(repo.commit_info(head).tree)
-    assert isinstance(tree, Tree)
     small = hashlib.sha1(b"blob 100\0" + b" " * 100).hexdigest()
-    tree[b"manifest.json"] = (0o100644, small.encode())
-    repo.add_object(tree)
-    commit = Commit()
-    commit.tree, commit.parents = tree.id, [head.encode()]
-    commit.author = commit.committer = b"Eve <eve@example.com>"
-    commit.author_time = commit.commit_time = commit.author_timezone = commit.commit_timezone = 0
-    commit.message = b"hostile\n"
-    repo.add_object(commit)
-    line = mint_fails(work, "show", commit.id.decode())
+    line = mint_fails(work, "show", _hostile_commit(work, {"manifest.json": small}))
     assert f"claims {size:,} bytes" in line, line
 
 

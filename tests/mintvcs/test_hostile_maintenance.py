@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 from mintvcs.maintenance import MAX_DELTA_DEPTH, fsck
+from mintvcs.packs import _pack_entry_header
 from mintvcs.store import Repository
 from tests.mintvcs.storekit import blobs, git, mint
 
@@ -142,16 +143,6 @@ def _size_varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _entry_header(kind: int, size: int) -> bytes:
-    out = bytearray([(kind << 4) | (size & 0x0F)])
-    size >>= 4
-    while size:
-        out[-1] |= 0x80
-        out.append(size & 0x7F)
-        size >>= 7
-    return bytes(out)
-
-
 def _ofs_distance(n: int) -> bytes:
     """OFS_DELTA's distance back to the base: big-endian base-128, each continuation minus one."""
     out = [n & 0x7F]
@@ -182,15 +173,15 @@ def write_chain_pack(pack_dir: Path, depth: int, size: int) -> list[str]:
     raw_ids: list[bytes] = []
     body = bytearray(b"PACK" + struct.pack(">II", 2, depth + 1))
     previous_at = len(body)
-    body += _entry_header(3, len(content)) + zlib.compress(content, 1)
+    body += _pack_entry_header(3, len(content)) + zlib.compress(content, 1)
     raw_ids.append(hashlib.sha1(b"blob %d\0" % len(content) + content).digest())
     for i in range(depth):
         delta = _copy_all_then_insert(len(content), i & 0xFF)
         here = len(body)
         if i % 2:
-            body += _entry_header(7, len(delta)) + raw_ids[-1]
+            body += _pack_entry_header(7, len(delta)) + raw_ids[-1]
         else:
-            body += _entry_header(6, len(delta)) + _ofs_distance(here - previous_at)
+            body += _pack_entry_header(6, len(delta)) + _ofs_distance(here - previous_at)
         body += zlib.compress(delta)
         previous_at = here
         content += bytes([i & 0xFF])
