@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from mintvcs import codec
 from mintvcs.errors import MintError
-from mintvcs.packs import TMP_OBJECT_PREFIX
+from mintvcs.packs import TMP_OBJECT_PREFIX, PackEntryError, entry_header
 from mintvcs.store import CorruptObjectError, Repository
 from mintvcs.treenames import git_special_name
 
@@ -182,53 +182,16 @@ def _pack_checksum_problem(pack: Pack) -> str | None:
 # git's ceiling for pack.depth: no pack git writes holds a longer delta chain. A longer one was
 # crafted, and every read of its deepest objects rebuilds the whole chain.
 MAX_DELTA_DEPTH = 4095
-_OFS_DELTA, _REF_DELTA = 6, 7
 _PACK_HEADER, _PACK_TRAILER = 12, 20
-_MAX_VARINT_BYTES = 10  # a size or offset of up to 70 bits; more is a damaged header
 
 
 def _entry_header(buf: mmap.mmap, offset: int, end: int) -> tuple[int, int | bytes | None]:
-    """(type, delta base) of the pack entry at `offset`, without inflating it: the base's
-    absolute offset for an OFS_DELTA, its raw id for a REF_DELTA, None for a whole object.
-
-    Raises _Damage for a header that runs past the object area or never ends.
-    """
-    pos = offset
-
-    def byte() -> int:
-        nonlocal pos
-        if pos >= end:
-            raise _Damage(f"entry header at offset {offset} runs past the end of the pack data")
-        pos += 1
-        return buf[pos - 1]
-
-    first = byte()
-    kind = (first >> 4) & 0x07
-    more, count = first & 0x80, 1
-    while more:  # the size: unpacking checks it, only its length matters here
-        more, count = byte() & 0x80, count + 1
-        if count > _MAX_VARINT_BYTES:
-            raise _Damage(f"entry at offset {offset} has a size header that never ends")
-    if kind == _OFS_DELTA:
-        b = byte()
-        distance, count = b & 0x7F, 1
-        while b & 0x80:
-            b, count = byte(), count + 1
-            if count > _MAX_VARINT_BYTES:
-                raise _Damage(f"entry at offset {offset} has a base offset that never ends")
-            distance = ((distance + 1) << 7) | (b & 0x7F)
-        if not 0 < distance <= offset - _PACK_HEADER:
-            raise _Damage(
-                f"OFS_DELTA at offset {offset} points {distance} bytes back, outside the pack"
-            )
-        return kind, offset - distance
-    if kind == _REF_DELTA:
-        if pos + 20 > end:
-            raise _Damage(f"REF_DELTA at offset {offset} runs past the end of the pack data")
-        return kind, bytes(buf[pos : pos + 20])
-    if kind not in _TYPES:
-        raise _Damage(f"entry at offset {offset} has unknown type {kind}")
-    return kind, None
+    """(type, delta base) of the pack entry at `offset` (packs.entry_header); _Damage if unreadable."""
+    try:
+        kind, _size, _pos, base = entry_header(buf, offset, end)
+    except PackEntryError as err:
+        raise _Damage(str(err)) from None
+    return kind, base
 
 
 def _pack_objects(pack: Pack, too_deep: list[tuple[str, int]]) -> Iterator[_Packed]:

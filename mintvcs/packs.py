@@ -525,6 +525,68 @@ def _delta_sizes(stream: bytes | memoryview) -> tuple[int, int] | None:
     return None
 
 
+OFS_DELTA, REF_DELTA = 6, 7
+_PACK_HEADER = 12
+_MAX_VARINT_BYTES = 10  # a size or offset of up to 70 bits; more is a damaged header
+
+
+class PackEntryError(ValueError):
+    """A pack entry header that cannot be read; the text says why."""
+
+
+def entry_header(
+    buf: bytes | memoryview | Any, offset: int, end: int
+) -> tuple[int, int, int, int | bytes | None]:
+    """(type, size, where its zlib stream starts, delta base) of the pack entry at `offset`.
+
+    The delta base is the base's absolute offset for an OFS_DELTA, its raw id for a
+    REF_DELTA, None for a whole object; the size is the inflated entry's (a delta's, for
+    deltas). Read without inflating anything; raises PackEntryError for a header that runs
+    past `end` (where the objects end), never ends, or names an unknown type.
+    """
+    pos = offset
+
+    def byte() -> int:
+        nonlocal pos
+        if pos >= end:
+            raise PackEntryError(
+                f"entry header at offset {offset} runs past the end of the pack data"
+            )
+        pos += 1
+        return int(buf[pos - 1])
+
+    first = byte()
+    kind, size, shift, count = (first >> 4) & 0x07, first & 0x0F, 4, 1
+    more = first & 0x80
+    while more:
+        b = byte()
+        more, count = b & 0x80, count + 1
+        if count > _MAX_VARINT_BYTES:
+            raise PackEntryError(f"entry at offset {offset} has a size header that never ends")
+        size |= (b & 0x7F) << shift
+        shift += 7
+    if kind == OFS_DELTA:
+        b = byte()
+        distance, count = b & 0x7F, 1
+        while b & 0x80:
+            b, count = byte(), count + 1
+            if count > _MAX_VARINT_BYTES:
+                raise PackEntryError(f"entry at offset {offset} has a base offset that never ends")
+            distance = ((distance + 1) << 7) | (b & 0x7F)
+        if not 0 < distance <= offset - _PACK_HEADER:
+            raise PackEntryError(
+                f"OFS_DELTA at offset {offset} points {distance} bytes back, outside the pack"
+            )
+        return kind, size, pos, offset - distance
+    if kind == REF_DELTA:
+        if pos + 20 > end:
+            raise PackEntryError(f"REF_DELTA at offset {offset} runs past the end of the pack data")
+        return kind, size, pos + 20, bytes(buf[pos : pos + 20])
+    if kind not in (1, 2, 3, 4):
+        raise PackEntryError(f"entry at offset {offset} has unknown type {kind}")
+    return kind, size, pos, None
+
+
 class NotStored(Exception):
     """A pack entry that is not a whole blob in stored zlib blocks."""
 
@@ -584,15 +646,12 @@ class PackFile:
     def _blob_entry(self, offset: int) -> tuple[int, int]:
         """(size, position of the zlib stream) of the undeltified blob entry at `offset`."""
         pack = self.pack
-        if not 12 <= offset < len(pack) - 20:  # a lying index: past the header or the checksum
+        if not _PACK_HEADER <= offset < len(pack) - 20:  # a lying index: outside the objects
             raise NotStored  # dulwich reads (or reports) it
-        byte = pack[offset]
-        kind, size, shift, pos = (byte >> 4) & 7, byte & 0x0F, 4, offset + 1
-        while byte & 0x80:
-            byte = pack[pos]
-            size |= (byte & 0x7F) << shift
-            shift += 7
-            pos += 1
+        try:
+            kind, size, pos, _ = entry_header(pack, offset, len(pack) - 20)
+        except PackEntryError:
+            raise NotStored from None
         if kind != 3:
             raise NotStored
         return size, pos
@@ -600,47 +659,31 @@ class PackFile:
     def object_size(self, offset: int, max_chain: int = 64) -> int | None:
         """The largest object that reading the entry at `offset` inflates, from headers alone.
 
-        For a delta that is the larger of each delta's base and result sizes (the second and
-        first numbers of its inflated delta header) down its chain of bases in this pack, up to
+        For a delta that is the larger of each delta's base and result sizes (the first two
+        numbers of its inflated delta stream) down its chain of bases in this pack, up to
         `max_chain` links. None when the first entry cannot be read so far: whoever reads it
         reports that.
         """
         pack = self.pack
         largest: int | None = None
         for _ in range(max_chain):
-            if not 12 <= offset < len(pack) - 20:
+            if not _PACK_HEADER <= offset < len(pack) - 20:
                 return largest
-            byte = pack[offset]
-            kind, size, shift, pos = (byte >> 4) & 7, byte & 0x0F, 4, offset + 1
-            while byte & 0x80 and pos < len(pack):
-                byte = pack[pos]
-                size |= (byte & 0x7F) << shift
-                shift += 7
-                pos += 1
-            if kind in (1, 2, 3, 4):
+            try:
+                _kind, size, pos, base = entry_header(pack, offset, len(pack) - 20)
+            except PackEntryError:
+                return largest
+            if base is None:
                 return max(size, largest or 0)
-            base: int | None
-            if kind == 6:  # OFS_DELTA: the base lies this many bytes back (git's encoding)
-                byte = pack[pos]
-                back = byte & 0x7F
-                pos += 1
-                while byte & 0x80 and pos < len(pack):
-                    byte = pack[pos]
-                    back = ((back + 1) << 7) | (byte & 0x7F)
-                    pos += 1
-                base = offset - back
-            elif kind == 7:  # REF_DELTA: the base's id (elsewhere in the store: not followed)
-                base = self.find(bytes(pack[pos : pos + 20]))
-                pos += 20
-            else:
-                return largest
             sizes = _delta_sizes(pack[pos : pos + 64])
             if sizes is None:
                 return largest
             largest = max(largest or 0, *sizes)
-            if base is None:
+            # A REF_DELTA's base elsewhere in the store is not followed.
+            next_offset = self.find(base) if isinstance(base, bytes) else base
+            if next_offset is None:
                 return largest
-            offset = base
+            offset = next_offset
         return largest
 
     def stored_layout(self, offset: int) -> tuple[int, bytes, list[tuple[int, int]]]:
