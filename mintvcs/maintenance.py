@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 
 from mintvcs import codec
 from mintvcs.errors import MintError
-from mintvcs.packs import TMP_OBJECT_PREFIX, PackEntryError, entry_header
+from mintvcs.packs import (
+    PACK_HEADER,
+    PACK_TRAILER,
+    TMP_OBJECT_PREFIX,
+    PackEntryError,
+    entry_header,
+)
 from mintvcs.store import CorruptObjectError, Repository
 from mintvcs.treenames import git_special_name
 
@@ -182,7 +188,6 @@ def _pack_checksum_problem(pack: Pack) -> str | None:
 # git's ceiling for pack.depth: no pack git writes holds a longer delta chain. A longer one was
 # crafted, and every read of its deepest objects rebuilds the whole chain.
 MAX_DELTA_DEPTH = 4095
-_PACK_HEADER, _PACK_TRAILER = 12, 20
 
 
 def _entry_header(buf: mmap.mmap, offset: int, end: int) -> tuple[int, int | bytes | None]:
@@ -235,7 +240,7 @@ def _walk_pack(
     from dulwich.objects import RawObjectID
     from dulwich.pack import apply_delta, unpack_object_at
 
-    end = len(buf) - _PACK_TRAILER
+    end = len(buf) - PACK_TRAILER
     # Read every listed entry's header and, transitively, its delta base's.
     children: dict[int, list[int]] = {}  # base offset -> offsets of the deltas against it
     external: dict[bytes, list[int]] = {}  # REF_DELTA base found outside this pack -> deltas
@@ -249,7 +254,7 @@ def _walk_pack(
             continue
         seen.add(offset)
         try:
-            if not _PACK_HEADER <= offset < end:
+            if not PACK_HEADER <= offset < end:
                 raise _Damage(f"offset {offset} is outside the pack's object area")
             _kind, base = _entry_header(buf, offset, end)
         except _Damage as damage:
@@ -270,29 +275,29 @@ def _walk_pack(
 
     done: set[int] = set()
 
-    def fail(offset: int, reason: str) -> Iterator[_Packed]:
-        """Problems for the entry at `offset` and every delta built on it."""
-        stack = [(offset, reason)]
+    def unresolved(offset: int) -> Iterator[tuple[int, int]]:
+        """(entry, levels below `offset`) of `offset` and every delta built on it, each once."""
+        stack = [(offset, 0)]
         while stack:
-            at, why = stack.pop()
+            at, level = stack.pop()
             if at in done:
                 continue
             done.add(at)
+            yield at, level
+            stack.extend((child, level + 1) for child in children.get(at, ()))
+
+    def fail(offset: int, reason: str) -> Iterator[_Packed]:
+        """Problems for the entry at `offset` and every delta built on it."""
+        below = f"a delta base in its chain (offset {offset}) cannot be read ({reason})"
+        for at, level in unresolved(offset):
+            why = below if level else reason
             for oid in names.get(at, ()):
                 yield _Packed(oid, problem=f"corrupt packed object {oid} in {name}: {why}")
-            below = f"a delta base in its chain (offset {offset}) cannot be read ({reason})"
-            stack.extend((child, below) for child in children.get(at, ()))
 
     def mark_deep(offset: int, depth: int) -> None:
         """Record the listed objects at and below `offset` as too deep, without resolving them."""
-        stack = [(offset, depth)]
-        while stack:
-            at, d = stack.pop()
-            if at in done:
-                continue
-            done.add(at)
-            too_deep.extend((oid, d) for oid in names.get(at, ()))
-            stack.extend((child, d + 1) for child in children.get(at, ()))
+        for at, level in unresolved(offset):
+            too_deep.extend((oid, depth + level) for oid in names.get(at, ()))
 
     # (offset, type, base content or None for a whole object, depth): depth-first, so only the
     # bases of the chains in progress are held in memory.

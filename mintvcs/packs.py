@@ -526,7 +526,7 @@ def _delta_sizes(stream: bytes | memoryview) -> tuple[int, int] | None:
 
 
 OFS_DELTA, REF_DELTA = 6, 7
-_PACK_HEADER = 12
+PACK_HEADER, PACK_TRAILER = 12, 20  # bytes before the first entry; the SHA-1 after the last
 _MAX_VARINT_BYTES = 10  # a size or offset of up to 70 bits; more is a damaged header
 
 
@@ -573,7 +573,7 @@ def entry_header(
             if count > _MAX_VARINT_BYTES:
                 raise PackEntryError(f"entry at offset {offset} has a base offset that never ends")
             distance = ((distance + 1) << 7) | (b & 0x7F)
-        if not 0 < distance <= offset - _PACK_HEADER:
+        if not 0 < distance <= offset - PACK_HEADER:
             raise PackEntryError(
                 f"OFS_DELTA at offset {offset} points {distance} bytes back, outside the pack"
             )
@@ -646,10 +646,12 @@ class PackFile:
     def _blob_entry(self, offset: int) -> tuple[int, int]:
         """(size, position of the zlib stream) of the undeltified blob entry at `offset`."""
         pack = self.pack
-        if not _PACK_HEADER <= offset < len(pack) - 20:  # a lying index: outside the objects
+        if (
+            not PACK_HEADER <= offset < len(pack) - PACK_TRAILER
+        ):  # a lying index: outside the objects
             raise NotStored  # dulwich reads (or reports) it
         try:
-            kind, size, pos, _ = entry_header(pack, offset, len(pack) - 20)
+            kind, size, pos, _ = entry_header(pack, offset, len(pack) - PACK_TRAILER)
         except PackEntryError:
             raise NotStored from None
         if kind != 3:
@@ -667,10 +669,10 @@ class PackFile:
         pack = self.pack
         largest: int | None = None
         for _ in range(max_chain):
-            if not _PACK_HEADER <= offset < len(pack) - 20:
+            if not PACK_HEADER <= offset < len(pack) - PACK_TRAILER:
                 return largest
             try:
-                _kind, size, pos, base = entry_header(pack, offset, len(pack) - 20)
+                _kind, size, pos, base = entry_header(pack, offset, len(pack) - PACK_TRAILER)
             except PackEntryError:
                 return largest
             if base is None:

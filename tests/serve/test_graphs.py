@@ -13,12 +13,9 @@ from mintvcs.serve.graphs import DecodeGraphs, batch_buckets, length_buckets
 from mintvcs.serve.model import StepBatch
 from mintvcs.serve.scheduler import Scheduler
 from tests.serve.conftest import ZOO
+from tests.serve.test_engine import _prompt
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-
-def _prompt(seed: int, n: int) -> list[int]:
-    return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def test_buckets_cover_every_size_once() -> None:
