@@ -48,6 +48,8 @@ log = logging.getLogger("mintvcs.serve")
 
 GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 OTHER_REFS = "(other)"  # the metrics label of refs past ServerConfig.max_ref_labels
+# Every 503 (loading, draining, unhealthy) tells a client when to come back (or go elsewhere).
+RETRY_AFTER = {"Retry-After": "1"}
 
 
 class ServerError(MintError):
@@ -412,8 +414,8 @@ async def error_middleware(
         if status >= 500 and not isinstance(err, HTTPError):
             log.error("request %s %s failed: %s", request.method, request.path, err)
         response = error_response(request, status, str(err), getattr(err, "reason", None))
-        if status == 503:  # loading or draining: a client may come back (or go elsewhere)
-            response.headers["Retry-After"] = "1"
+        if status == 503:
+            response.headers.update(RETRY_AFTER)
         if status == 408 or state.draining:
             # A body that never came leaves the connection unusable; a draining server should
             # not keep a client's connection alive for requests it will refuse.

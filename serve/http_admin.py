@@ -10,6 +10,7 @@ from aiohttp import web
 
 from mintvcs.errors import MintError
 from mintvcs.serve.app import (
+    RETRY_AFTER,
     STATE,
     HTTPError,
     check_bearer,
@@ -23,7 +24,7 @@ from mintvcs.serve.refwatch import check_spec
 
 def _unavailable(body: dict[str, str]) -> web.Response:
     """A 503 health answer, with Retry-After as every 503 of the server has."""
-    return web.json_response(body, status=503, headers={"Retry-After": "1"})
+    return web.json_response(body, status=503, headers=RETRY_AFTER)
 
 
 async def health(request: web.Request) -> web.Response:
