@@ -476,7 +476,7 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
                 engine.kv,
                 engine.residency,
                 max_num_batched_tokens=engine_config.max_num_batched_tokens,
-                graphs=DecodeGraphs(model, engine.kv, engine.pools, max_batch=n_requests),
+                graphs=DecodeGraphs(model, engine.kv, engine.pools),
             )
             engine.start()
         for i in range(64):

@@ -323,7 +323,6 @@ class Engine:
                 self.model,
                 self.kv,
                 self.pools,
-                max_batch=config.max_batch_size,
                 backend=config.kernel_backend,
             )
             if graphs

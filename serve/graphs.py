@@ -74,7 +74,6 @@ class DecodeGraphs:
         kv: KVCache,
         pools: AdapterPools | None,
         *,
-        max_batch: int,
         backend: str = "auto",
         capture: bool | None = None,
     ) -> None:
@@ -85,8 +84,8 @@ class DecodeGraphs:
         self.pools = pools
         self.backend = backend
         self.capture = model.device.type == "cuda" if capture is None else capture
-        # A bucket must also cover the highest KV slot in use, which can reach kv.num_slots.
-        self.batches = batch_buckets(max(max_batch, kv.num_slots))
+        # A bucket covers both the decodes and the highest KV slot in use: at most every slot.
+        self.batches = batch_buckets(kv.num_slots)
         self.lengths = length_buckets(kv.max_len)
         device = model.device
         m = self.max_batch = self.batches[-1]

@@ -57,7 +57,7 @@ def test_static_decode_step_equals_the_eager_forward(idle_engine: Engine) -> Non
     eager = model.forward(step, kv, lora).clone()
     keys = [k.clone() for k in kv.keys]
 
-    graphs = DecodeGraphs(model, kv, pools, max_batch=8, capture=False)
+    graphs = DecodeGraphs(model, kv, pools, capture=False)
     assert graphs.plan(decodes) == (8, 96)  # KV slots up to 7: 8; lengths up to 71: max_len
     static = graphs.run(decodes, lora=True)
     assert static is not None and static.shape == eager.shape
@@ -76,7 +76,7 @@ def test_static_decode_step_equals_the_eager_forward(idle_engine: Engine) -> Non
 
 def test_steps_are_planned_by_batch_highest_slot_and_length(idle_engine: Engine) -> None:
     model = idle_engine.model
-    graphs = DecodeGraphs(model, model.new_kv_cache(12, 100, scratch=True), None, max_batch=12)
+    graphs = DecodeGraphs(model, model.new_kv_cache(12, 100, scratch=True), None)
     assert graphs.plan([(1, 0, 1, -1)]) == (1, 64)
     assert graphs.plan([(1, 0, 3, -1)]) == (4, 64)  # one decode, but KV slots 0..3 are read
     assert graphs.plan([(1, 70, s, -1) for s in (1, 2, 9)]) == (12, 100)
@@ -85,7 +85,7 @@ def test_steps_are_planned_by_batch_highest_slot_and_length(idle_engine: Engine)
     assert graphs.plan([]) is None
     assert graphs.run([(1, 100, 1, -1)], lora=False) is None
     with pytest.raises(ValueError, match="scratch"):
-        DecodeGraphs(model, model.new_kv_cache(4, 32), None, max_batch=4)
+        DecodeGraphs(model, model.new_kv_cache(4, 32), None)
 
 
 def test_the_scratch_slot_is_never_handed_out(idle_engine: Engine) -> None:
@@ -113,9 +113,7 @@ def _eager_then_fixed_shape(
         engine.kv = engine.model.new_kv_cache(
             config.max_batch_size, config.max_model_len, scratch=True
         )
-        graphs = DecodeGraphs(
-            engine.model, engine.kv, engine.pools, max_batch=config.max_batch_size, capture=capture
-        )
+        graphs = DecodeGraphs(engine.model, engine.kv, engine.pools, capture=capture)
         engine.scheduler = Scheduler(engine.model, engine.kv, engine.residency, graphs=graphs)
         engine.start()
         got = [c.token_ids for c in engine.generate_many(reqs, timeout=120)]
