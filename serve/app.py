@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from mintvcs.errors import MintError
+from mintvcs.serve.api_keys import ApiKeys
 from mintvcs.serve.http_metrics import (
     Counter,
     CounterFrom,
@@ -81,6 +82,7 @@ class ServerConfig:
     api_key_file: Path | None = None
     api_key_scope: str = "admin"  # "all": every endpoint but /health needs the token too
     max_batch_size: int = 32
+    max_queued_requests: int | None = None  # waiting to start; more get 503 (None: no bound)
     max_model_len: int | None = None
     max_prompt_bytes: int = 64 * 1024  # 413 above this
     max_tokens_limit: int = 1024  # 400 above this
@@ -109,6 +111,10 @@ class ServerConfig:
             raise ServerError(
                 f"default_max_tokens {self.default_max_tokens} must be in [1, max_tokens_limit={self.max_tokens_limit}]"
             )
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise ServerError(
+                f"max_queued_requests must be at least 1 or None, got {self.max_queued_requests}"
+            )
         if not self.body_timeout > 0:
             raise ServerError(f"body_timeout must be positive, got {self.body_timeout}")
         if not 0 <= self.port < 65536:
@@ -128,7 +134,7 @@ class ServerState:
     config: ServerConfig
     repo: Any
     watcher: RefWatcher
-    api_key: str | None
+    api_keys: ApiKeys | None  # None: no --api-key-file, the endpoints are open
     tokenizer_config: dict[str, Any]
     engine: Engine | None = None
     load_error: BaseException | None = None
@@ -319,7 +325,7 @@ STATUS_KEY = web.RequestKey("mintvcs_status", int)
 # ---------------------------------------------------------------------------- errors
 def _status_for(err: MintError) -> int:
     from mintvcs.serve.adapters import AdapterNotFound, AdapterRefused
-    from mintvcs.serve.engine import EngineClosed, InvalidRequest
+    from mintvcs.serve.engine import EngineClosed, EngineOverloaded, InvalidRequest
     from mintvcs.serve.kv_cache import KVCacheFull
     from mintvcs.serve.sampling import InvalidSamplingParams
     from mintvcs.serve.slots import ResidencyError
@@ -336,6 +342,7 @@ def _status_for(err: MintError) -> int:
         (InvalidRequest, 400),
         (ResidencyError, 409),
         (EngineClosed, 503),
+        (EngineOverloaded, 503),
         (KVCacheFull, 503),
     ]
     for cls, status in table:
@@ -411,7 +418,9 @@ async def error_middleware(
         return error_response(request, exc.status, message)
     except MintError as err:
         status = _status_for(err)
-        if status >= 500 and not isinstance(err, HTTPError):
+        # 503s (loading, draining, overloaded) are capacity, counted in the metrics; a log
+        # line each would flood the log exactly when the server is busiest.
+        if status >= 500 and status != 503 and not isinstance(err, HTTPError):
             log.error("request %s %s failed: %s", request.method, request.path, err)
         response = error_response(request, status, str(err), getattr(err, "reason", None))
         if status == 503:
@@ -511,11 +520,9 @@ def field_of(
 
 
 def check_bearer(request: web.Request) -> None:
-    """401 unless the request carries the configured bearer token (no token configured: open)."""
-    import hmac
-
-    expected = request.app[STATE].api_key
-    if expected is None:
+    """401 unless the request carries one of the configured bearer tokens (none configured: open)."""
+    keys = request.app[STATE].api_keys
+    if keys is None:
         return
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -527,7 +534,7 @@ def check_bearer(request: web.Request) -> None:
         )
     # aiohttp decodes header bytes that are not UTF-8 to lone surrogates: encode them back
     # (plain encode() raised, a 500 any client could cause); such a token is simply wrong.
-    if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), expected.encode()):
+    if not keys.accepts(token.strip().encode("utf-8", "surrogateescape")):
         raise HTTPError(401, "the bearer token is wrong", "wrong_token")
 
 
@@ -553,6 +560,7 @@ def engine_config(config: ServerConfig) -> Any:
         device=config.device,
         dtype=config.dtype,
         max_batch_size=config.max_batch_size,
+        max_waiting=config.max_queued_requests,
         max_model_len=config.max_model_len,
         adapter_slots=config.max_loras,
         max_lora_rank=config.max_rank,
@@ -568,25 +576,6 @@ def build_engine(config: ServerConfig) -> Engine:
 
     # The loader thread gets its own Repository: dulwich object stores are not shared across threads.
     return Engine(config.base_model, engine_config(config), source=StoreSource(config.repo))
-
-
-def _read_api_key(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as err:
-        raise ServerError(f"cannot read --api-key-file {path}: {err.strerror}") from None
-    if not token:
-        raise ServerError(f"--api-key-file {path} is empty; put the bearer token in it")
-    mode = Path(path).stat().st_mode
-    if mode & 0o077:  # as ssh does for private keys: others on the machine can read it
-        log.warning(
-            "--api-key-file %s is readable by others (mode %03o); chmod 600 it",
-            path,
-            mode & 0o777,
-        )
-    return token
 
 
 def _read_tokenizer_config(base: Path) -> dict[str, Any]:
@@ -614,7 +603,7 @@ def new_state(config: ServerConfig) -> ServerState:
         config=config,
         repo=repo,
         watcher=RefWatcher(repo),
-        api_key=_read_api_key(config.api_key_file),
+        api_keys=None if config.api_key_file is None else ApiKeys(config.api_key_file),
         tokenizer_config=_read_tokenizer_config(config.base_model),
     )
 

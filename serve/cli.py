@@ -85,6 +85,12 @@ from mintvcs.errors import MintError
     help="Sequences decoded together.",
 )
 @click.option(
+    "--max-queued-requests",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Requests that may wait to start; more get 503 with Retry-After [default: no bound].",
+)
+@click.option(
     "--max-model-len",
     default=None,
     type=click.IntRange(min=1),
@@ -136,6 +142,7 @@ def serve(
     api_key_file: Path | None,
     api_key_scope: str,
     max_batch_size: int,
+    max_queued_requests: int | None,
     max_model_len: int | None,
     max_prompt_bytes: int,
     max_tokens_limit: int,
@@ -160,6 +167,7 @@ def serve(
             api_key_file=api_key_file,
             api_key_scope=api_key_scope,
             max_batch_size=max_batch_size,
+            max_queued_requests=max_queued_requests,
             max_model_len=max_model_len,
             max_prompt_bytes=max_prompt_bytes,
             max_tokens_limit=max_tokens_limit,

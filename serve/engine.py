@@ -49,6 +49,12 @@ class EngineClosed(EngineError):
     """The engine was closed; no request can be submitted."""
 
 
+class EngineOverloaded(EngineError):
+    """As many requests as EngineConfig.max_waiting already wait to start; retry later."""
+
+    reason = "overloaded"
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine sizing; every memory the engine allocates is bounded by these numbers."""
@@ -66,6 +72,9 @@ class EngineConfig:
     check_base_fingerprint: bool = True
     # Decode-only steps replay from CUDA graphs on a GPU (serve/graphs.py); False = always eager.
     cuda_graphs: bool = True
+    # Requests that may wait to start (queued, not yet in the batch); more are refused with
+    # EngineOverloaded. None = no bound, as vLLM: a client then waits instead of being told.
+    max_waiting: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -75,6 +84,8 @@ class EngineConfig:
         for name in ("max_batch_size", "max_num_batched_tokens", "adapter_slots", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise EngineError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_waiting is not None and self.max_waiting < 1:
+            raise EngineError(f"max_waiting must be at least 1 or None, got {self.max_waiting}")
         bad = set(self.lora_targets) - set(LORA_MODULES)
         if bad:
             raise EngineError(
@@ -452,15 +463,31 @@ class Engine:
                 box = self._mailboxes[loop] = LoopMailbox(loop)
             return box
 
-    def _enqueue(self, seq: Sequence) -> None:
+    def _enqueue(self, *seqs: Sequence) -> None:
         # Under the lock that close() takes to set _closed: a request queued after close()
-        # drained the inbox would never be answered.
+        # drained the inbox would never be answered. All of `seqs` are queued, or none.
         with self._lock:
+            refusal: EngineError | None = None
+            limit = self.config.max_waiting
             if self._closed:
-                self._seqs.pop(seq.request_id, None)
-                raise EngineClosed("the engine was closed")
-            self._inbox.put(seq)
+                refusal = EngineClosed("the engine was closed")
+            elif limit is not None and self.waiting + len(seqs) > limit:
+                refusal = EngineOverloaded(
+                    f"the server is overloaded: {self.waiting} requests already wait to start, "
+                    f"at most {limit} may (max_waiting); retry later"
+                )
+            if refusal is not None:
+                for seq in seqs:
+                    self._seqs.pop(seq.request_id, None)
+                raise refusal
+            for seq in seqs:
+                self._inbox.put(seq)
         self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet in the running batch (read without the step thread's help)."""
+        return self._inbox.qsize() + len(self.scheduler.waiting)
 
     def submit(
         self,
@@ -561,8 +588,7 @@ class Engine:
                 seqs.append(seq)
                 future.add_done_callback(partial(self._cancel_if_cancelled, seq.request_id))
                 futures.append(future)
-            for seq in seqs:
-                self._enqueue(seq)
+            self._enqueue(*seqs)
         except BaseException:
             with self._lock:
                 for seq in seqs:

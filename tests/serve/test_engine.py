@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
+from mintvcs.serve.engine import EngineError
 from mintvcs.serve.scheduler import TokenEvent
 from tests.fixtures import ALL_LINEAR
 from tests.serve.conftest import ZOO
@@ -162,6 +163,33 @@ def test_requests_wait_for_a_busy_slot(tiny_base: Path, zoo: dict[str, Path]) ->
             second.result(60).token_ids == eng.generate(_prompt(4, 5), "mlp-r2", GREEDY).token_ids
         )
         assert eng.stats()["evictions"] == 1
+
+
+def test_max_waiting_refuses_past_the_bound_all_or_nothing(tiny_base: Path) -> None:
+    """One running request, max_waiting=2: two more wait, the next is refused; cancelling frees room."""
+    from mintvcs.serve.engine import EngineOverloaded
+
+    config = EngineConfig(max_batch_size=1, max_model_len=256, max_waiting=2)
+    long = SamplingParams(max_tokens=250, temperature=0.0, ignore_eos=True)
+    with Engine(tiny_base, config) as eng:
+        running = eng.start_many([(_prompt(3, 5), None, long)])[0]
+        deadline = time.monotonic() + 30
+        while eng.stats()["running"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # A batch that would overflow the bound queues none of its requests.
+        with pytest.raises(EngineOverloaded, match="at most 2 may"):
+            eng.start_many([(_prompt(4, 5), None, long)] * 3)
+        assert eng.waiting == 0 and len(eng._seqs) == 1
+        waiting = eng.start_many([(_prompt(4, 5), None, long), (_prompt(5, 5), None, long)])
+        with pytest.raises(EngineOverloaded, match="2 requests already wait"):
+            eng.start_many([(_prompt(6, 5), None, GREEDY)])
+        assert eng.stats()["queue_depth"] == 2
+        for future in [running, *waiting]:
+            future.cancel()
+        _settled(eng)
+        assert eng.generate([5, 6], None, GREEDY, timeout=30).finish_reason == "length"
+    with pytest.raises(EngineError, match="max_waiting"):
+        EngineConfig(max_waiting=0)
 
 
 def test_cancel_frees_the_sequence_and_slot_ref(engine: Engine) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from mintvcs import porcelain
+from mintvcs.serve.api_keys import ApiKeyFileError
 from mintvcs.serve.app import BackgroundServer, ServerConfig
 from mintvcs.serve.refwatch import names_an_ancestor
 from mintvcs.store import Repository
@@ -497,6 +498,51 @@ def test_api_key_scope_all_guards_every_endpoint_but_health(
             assert request(srv.url + path, body, headers=auth)[0] == 200, path
 
 
+def test_api_key_file_rotates_without_a_restart(
+    repo: Repository,
+    tiny_base: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every line is a token; the file is re-read when it changes; an emptied file keeps the old ones."""
+    from mintvcs.serve import api_keys
+
+    monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.05)
+    key = tmp_path / "token"
+    key.write_text("old-token\n")
+    key.chmod(0o600)
+    config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, api_key_file=key)
+
+    def status(srv: BackgroundServer, token: str) -> int:
+        return request(srv.url + "/v1/adapters", headers={"Authorization": f"Bearer {token}"})[0]
+
+    def eventually(srv: BackgroundServer, token: str, wanted: int) -> None:
+        deadline = time.monotonic() + 10
+        while status(srv, token) != wanted:
+            assert time.monotonic() < deadline, (token, wanted)
+            time.sleep(0.02)
+
+    with caplog.at_level(logging.INFO, logger="mintvcs.serve"), BackgroundServer(config) as srv:
+        assert (status(srv, "old-token"), status(srv, "new-token")) == (200, 401)
+        key.write_text("# rotation: both until the clients move\nold-token\n\n  new-token  \n")
+        eventually(srv, "new-token", 200)
+        assert status(srv, "old-token") == 200
+        key.write_text("new-token\n")
+        eventually(srv, "old-token", 401)
+        key.write_text("")  # emptied by mistake: keep what worked rather than lock everyone out
+        deadline = time.monotonic() + 10
+        while "keeping the 1 token(s) read before" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            status(srv, "new-token")
+            time.sleep(0.02)
+        assert status(srv, "new-token") == 200
+        assert "re-read: 2 token(s)" in caplog.text
+    key.write_text("# no token here\n")
+    with pytest.raises(ApiKeyFileError, match="holds no token"):
+        api_keys.ApiKeys(key)
+
+
 def test_warm_pin_and_residency(server: BackgroundServer, repo: Repository) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     status, _, body = request(
@@ -676,7 +722,9 @@ def test_ref_update_hook_notifies_servers_at_once_and_reports_each(
     config = repo.git_dir / "config"
     original = config.read_text()
     token_file = tmp_path / "token"
-    token_file.write_text(TOKEN)
+    token_file.write_text(
+        f"# the server's --api-key-file: its first token is sent\n\n{TOKEN}\nlater\n"
+    )
     config.write_text(
         original
         + f'[mint "notify"]\n\ttoken-file = {token_file}\n'
@@ -759,6 +807,58 @@ def test_client_disconnect_cancels_and_frees_the_slot(
         time.sleep(0.02)
     assert stats["kv_slots_free"] == engine.config.max_batch_size
     assert stats["generated_tokens"] >= 1
+
+
+def test_past_max_queued_requests_is_503_overloaded_at_once(
+    repo: Repository, tiny_base: Path
+) -> None:
+    config = ServerConfig(
+        repo=repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=512,
+        max_tokens_limit=400,
+        max_batch_size=1,
+        max_queued_requests=1,
+    )
+    long = {"prompt": "Hi", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with BackgroundServer(config) as srv:
+        engine = srv.state.engine
+        assert engine is not None
+
+        async def run() -> tuple[int, dict[str, str], Any, int]:
+            import aiohttp
+
+            async with aiohttp.ClientSession() as session:
+                running = await session.post(srv.url + "/generate", json=long)
+                await running.content.readline()  # it decodes: the one batch place is taken
+                waiting = asyncio.ensure_future(session.post(srv.url + "/generate", json=long))
+                while engine.waiting < 1:
+                    await asyncio.sleep(0.01)
+                refused = await session.post(srv.url + "/generate", json={"prompt": "x"})
+                answer = await refused.json()
+                # /v1 gets the same refusal in OpenAI's shape.
+                openai = await session.post(
+                    srv.url + "/v1/completions", json={"model": "main", "prompt": "x"}
+                )
+                body = await openai.json()
+                assert body["error"]["code"] == "overloaded", body
+                running.close()
+                waiting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiting
+                return refused.status, dict(refused.headers), answer, openai.status
+
+        status, headers, answer, openai_status = asyncio.run(run())
+        assert (status, openai_status) == (503, 503), answer
+        assert answer["reason"] == "overloaded" and "retry later" in answer["error"]
+        assert headers["Retry-After"] == "1"
+        deadline = time.monotonic() + 10
+        while engine.stats()["running"] or engine.waiting:
+            assert time.monotonic() < deadline, engine.stats()
+            time.sleep(0.02)
+        # Room again: the next request runs.
+        assert request(srv.url + "/generate", {"prompt": "x", "max_tokens": 2})[0] == 200
 
 
 # ---------------------------------------------------------------------------- peers
