@@ -331,6 +331,9 @@ def bench_hotswap(root: Path, quick: bool) -> None:
         # Warm: with two slots, each of r0..r3 was evicted since its last use but stays in the host cache.
         warm = [swap(n) for _ in range(3) for n in ("r0", "r1", "r2", "r3")]
         stats = engine.stats()
+    chain_cached, chain_plain, depths = _hotswap_chain(
+        root, base, repo, revisions["r0"], engine_config, cycles=1 if quick else 2
+    )
     full = min(_time(lambda: Model.from_dir(merged)) for _ in range(2))
     cold_s, warm_s = statistics.median(cold), statistics.median(warm)
     print(
@@ -353,6 +356,65 @@ def bench_hotswap(root: Path, quick: bool) -> None:
         "ms",
         False,
     )
+    print(
+        f"# training-run chain (XOR depths {depths}): cold loads in commit order, with the plane "
+        f"cache {[round(c * 1e3, 1) for c in chain_cached]} ms, without "
+        f"{[round(c * 1e3, 1) for c in chain_plain]} ms",
+        flush=True,
+    )
+    steady = len(depths) // 2  # the second cycle of depths
+    report(
+        "hot swap cold, next revision of a training run (store -> slot) vs full merged reload",
+        statistics.median(chain_cached[steady:]) * 1e3,
+        full * 1e3,
+        "ms",
+        False,
+    )
+    report(
+        "hot swap cold, next revision of a training run: plane cache vs decoding every chain",
+        statistics.median(chain_cached[steady:]) * 1e3,
+        statistics.median(chain_plain[steady:]) * 1e3,
+        "ms",
+        False,
+    )
+
+
+def _hotswap_chain(
+    root: Path, base: Path, repo: Any, first: Path, engine_config: EngineConfig, cycles: int
+) -> tuple[list[float], list[float], list[int]]:
+    """Cold loads of a training run's revisions (each a nudge of the last, so XOR links up to
+    MAX_CHAIN deep), in commit order as a server following the branch sees them: with the
+    store's plane cache (the default) and without it, over `cycles` cycles of chain depths:
+    the first fills the cache (fresh memory, page faults), later ones are the steady state that
+    a long-running server sees. Returns both timings and the depths."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mintvcs.codec import MAX_CHAIN
+
+    work = root / "run"
+    shutil.copytree(first, work, dirs_exist_ok=True)
+    porcelain.branch_create(repo, "run", "HEAD")
+    gen = torch.Generator().manual_seed(7)
+    commits, depths = [], []
+    for step in range(cycles * (MAX_CHAIN + 1) + 1):
+        if step:
+            weights = load_file(str(work / "adapter_model.safetensors"))
+            nudged = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in weights.items()}
+            save_file(nudged, str(work / "adapter_model.safetensors"), metadata={"format": "pt"})
+        result = porcelain.commit(
+            repo, f"step {step}", source=work, branch="run", verify=False, show_progress=False
+        )
+        commits.append(result.commit)
+        depths.append(max(r.depth for r in repo.read_revision(result.commit).manifest.tensors))
+    timings = []
+    for cache_bytes in (None, 0):  # None: the default bound
+        source = StoreSource(repo.git_dir, plane_cache_bytes=cache_bytes)
+        with Engine(base, engine_config, source=source) as engine:
+            engine.prefetch(commits[0]).result()  # the first one pays one-off costs
+            timings.append([_time(lambda c=c: engine.prefetch(c).result()) for c in commits[1:]])
+    return timings[0], timings[1], depths[1:]
 
 
 # ------------------------------------------------------------------------------------------ cuda

@@ -14,6 +14,7 @@ never touch tensors don't pay for them at start-up.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import struct
@@ -41,14 +42,17 @@ __all__ = [
     "Encoded",
     "NonFiniteTensorError",
     "Planes",
+    "chain_planes",
     "decode",
     "decode_chain",
+    "decode_link",
     "decode_planes",
     "decode_segments",
     "encode",
     "encode_parts",
     "header_of",
     "header_span",
+    "merge_planes",
     "nonfinite_count",
     "read_header",
     "verify_sha256",
@@ -792,6 +796,44 @@ def decode_segments(
     _merge(planes, header.group, header.rotate, out)
 
 
+def decode_link(
+    segments: Sequence[bytes | memoryview],
+    header: BlobHeader,
+    base: Planes,
+    out: npt.NDArray[np.uint8],
+    *,
+    blob_id: str,
+    name: str = "<tensor>",
+) -> Planes:
+    """Decode xor blob `blob_id`, given as its header and located segments, against its base's planes.
+
+    Writes the tensor into `out` and returns its own planes (a fresh grid), without the sha256
+    check: the caller must verify_sha256(out, header) before using either.
+    """
+    import numpy as np
+
+    if header.encoding != "xor":
+        raise ValueError(f"{name}: decode_link takes an xor blob, not {header.encoding}")
+    if out.size != header.nbytes:
+        raise ValueError(f"output buffer holds {out.size} bytes, the tensor {header.nbytes}")
+    plane_len = header.nbytes // header.group
+    if base.blob_id != header.base or base.grid.shape != (header.group, plane_len):
+        raise ValueError(
+            f"{name}: base planes of {base.blob_id} {base.grid.shape} do not fit xor blob on "
+            f"{header.base} ({header.group} planes of {plane_len} bytes)"
+        )
+    if base.depth != header.depth - 1:
+        raise CorruptBlobError(
+            name, f"base {header.base} has depth {base.depth}, expected {header.depth - 1}"
+        )
+    planes = _segment_planes(segments, header, name, check_raw=False)
+    grid = np.empty((header.group, plane_len), dtype=np.uint8)
+    for row, plane, below in zip(grid, planes, base.grid, strict=True):
+        np.bitwise_xor(plane, below, out=row)
+    _merge(list(grid), header.group, header.rotate, out)
+    return Planes(grid, blob_id, header.depth)
+
+
 def verify_sha256(
     data: npt.NDArray[np.uint8], header: BlobHeader, *, name: str = "<tensor>"
 ) -> None:
@@ -804,17 +846,22 @@ def verify_sha256(
         )
 
 
-def _chain_planes(
+def chain_planes(
     blobs: Sequence[bytes | memoryview],
-    name: str,
     *,
-    check_raw: bool,
+    name: str = "<tensor>",
+    check_raw: bool = False,
     headers: Sequence[BlobHeader] | None = None,
-) -> tuple[BlobHeader, list[npt.NDArray[np.uint8]]]:
-    """XOR the planes of a chain (tip first, self-contained root last) into the tip's planes.
+    base: Planes | None = None,
+) -> tuple[BlobHeader, list[npt.NDArray[np.uint8]], npt.NDArray[np.uint8] | None]:
+    """XOR the planes of a chain (tip first) into the tip's planes: (tip header, planes, grid).
 
-    Rotation and the byte split only move bits, so XOR-ing in plane space and converting
-    back once gives the same bytes as decoding each link in turn, at a fraction of the cost.
+    The chain ends with a self-contained root, or, with `base`, with the xor link whose base
+    blob `base` holds already decoded. Rotation and the byte split only move bits, so XOR-ing
+    in plane space and converting back once gives the same bytes as decoding each link in turn,
+    at a fraction of the cost. When anything was XOR-ed, the planes are the rows of `grid`, a
+    fresh (group, n) array the caller owns; otherwise `grid` is None and the planes may be
+    views into `blobs`. The sha256 is not checked here.
     """
     import numpy as np
 
@@ -825,8 +872,8 @@ def _chain_planes(
     tip = headers[0]
     for index, header in enumerate(headers):
         last = index == len(headers) - 1
-        if (header.encoding == "xor") == last:
-            what = "needs its base blob and none was given" if last else "is not an xor blob"
+        if (header.encoding == "xor") != (not last or base is not None):
+            what = "is not an xor blob" if header.encoding != "xor" else "needs its base blob"
             raise CorruptBlobError(name, f"blob {index} of the chain {what} ({header.base})")
         if (header.dtype, header.nbytes, header.group, header.rotate) != (
             tip.dtype, tip.nbytes, tip.group, tip.rotate,
@@ -835,21 +882,51 @@ def _chain_planes(
                 name, f"base {headers[index - 1].base} decodes to {header.nbytes} bytes "
                 f"{header.dtype}, expected {tip.nbytes} bytes {tip.dtype}",
             )  # fmt: skip
-        if not last and headers[index + 1].depth != header.depth - 1:
+        below = headers[index + 1].depth if not last else base.depth if base else None
+        if below is not None and below != header.depth - 1:
             raise CorruptBlobError(
-                name, f"base {header.base} has depth {headers[index + 1].depth}, "
-                f"expected {header.depth - 1}",
-            )  # fmt: skip
+                name, f"base {header.base} has depth {below}, expected {header.depth - 1}"
+            )
+    plane_len = tip.nbytes // tip.group
+    if base is not None and (
+        base.blob_id != headers[-1].base or base.grid.shape != (tip.group, plane_len)
+    ):
+        raise ValueError(
+            f"base planes of {base.blob_id} {base.grid.shape} do not fit the chain's last link "
+            f"(base {headers[-1].base}, {tip.group} planes of {plane_len} bytes)"
+        )
     planes = _plane_arrays(blobs[0], tip, name, check_raw=check_raw)
-    owned = [False] * len(planes)
-    for blob, header in zip(blobs[1:], headers[1:], strict=True):
-        for k, plane in enumerate(_plane_arrays(blob, header, name, check_raw=check_raw)):
-            if owned[k]:
-                np.bitwise_xor(planes[k], plane, out=planes[k])
-            else:
-                planes[k] = np.bitwise_xor(planes[k], plane)
-                owned[k] = True
-    return tip, planes
+    grid: npt.NDArray[np.uint8] | None = None
+    # One link at a time: a deep chain never holds every link's planes at once.
+    links = (
+        _plane_arrays(b, h, name, check_raw=check_raw)
+        for b, h in zip(blobs[1:], headers[1:], strict=True)
+    )
+    for others in itertools.chain(links, [list(base.grid)] if base is not None else []):
+        if grid is None:
+            # One owned grid for the result: the first XOR writes it, later ones update it.
+            grid = np.empty((tip.group, plane_len), dtype=np.uint8)
+            for row, plane, other in zip(grid, planes, others, strict=True):
+                np.bitwise_xor(plane, other, out=row)
+            planes = list(grid)
+        else:
+            for row, other in zip(grid, others, strict=True):
+                np.bitwise_xor(row, other, out=row)
+    return tip, planes, grid
+
+
+def merge_planes(
+    planes: Sequence[npt.NDArray[np.uint8]],
+    header: BlobHeader,
+    out: npt.NDArray[np.uint8],
+    *,
+    name: str = "<tensor>",
+) -> None:
+    """Convert a tensor's planes back to its bytes in `out` and verify the header's sha256."""
+    if out.size != header.nbytes:
+        raise ValueError(f"output buffer holds {out.size} bytes, the tensor {header.nbytes}")
+    _merge(list(planes), header.group, header.rotate, out)
+    verify_sha256(out, header, name=name)
 
 
 def decode_chain(
@@ -867,13 +944,10 @@ def decode_chain(
     """
     import numpy as np
 
-    tip, planes = _chain_planes(blobs, name, check_raw=False, headers=headers)
+    tip, planes, _ = chain_planes(blobs, name=name, headers=headers)
     if out is None:
         out = np.empty(tip.nbytes, dtype=np.uint8)
-    elif out.size != tip.nbytes:
-        raise ValueError(f"output buffer holds {out.size} bytes, the tensor {tip.nbytes}")
-    _merge(planes, tip.group, tip.rotate, out)
-    verify_sha256(out, tip, name=name)
+    merge_planes(planes, tip, out, name=name)
     return out
 
 
@@ -890,8 +964,9 @@ def decode_planes(
     """
     import numpy as np
 
-    tip, planes = _chain_planes(blobs, name, check_raw=True, headers=headers)
-    grid = np.stack(planes) if planes else np.empty((tip.group, 0), dtype=np.uint8)
+    tip, planes, grid = chain_planes(blobs, name=name, check_raw=True, headers=headers)
+    if grid is None:
+        grid = np.stack(planes) if planes else np.empty((tip.group, 0), dtype=np.uint8)
     return Planes(grid, blob_id, tip.depth)
 
 

@@ -57,6 +57,8 @@ if TYPE_CHECKING:
     from dulwich.object_store import DiskObjectStore
     from dulwich.objects import Commit, ShaFile
 
+    from mintvcs.plane_cache import PlaneCache
+
 DEFAULT_BRANCH = "main"
 _MAX_CONFIG_BYTES = 1 << 20
 # A manifest or adapter config larger than this is refused unread: a real adapter's manifest is
@@ -309,6 +311,9 @@ class Repository:
             0  # objects this instance stored (loose or packed), for commit's summary
         )
         self._written_lock = threading.Lock()
+        # Set by a reader that follows a branch (the server): decoded XOR tips are kept here, so
+        # a child revision decodes its last link only (see mintvcs.plane_cache).
+        self.plane_cache: PlaneCache | None = None
         _OPEN.add(self)
 
     def __enter__(self) -> Repository:
@@ -631,13 +636,27 @@ class Repository:
         )
 
     def _chain(
-        self, blob_id: str, name: str, expect: TensorRecord | None = None
-    ) -> tuple[list[bytes | memoryview], list[codec.BlobHeader]]:
-        """The blobs of a tensor's XOR chain, tip first, and their parsed headers (the tip's checked against `expect`)."""
+        self,
+        blob_id: str,
+        name: str,
+        expect: TensorRecord | None = None,
+        cache: PlaneCache | None = None,
+    ) -> tuple[
+        list[bytes | memoryview],
+        list[codec.BlobHeader],
+        tuple[codec.BlobHeader, codec.Planes] | None,
+    ]:
+        """The blobs of a tensor's XOR chain, tip first, their parsed headers (the tip's checked
+        against `expect`), and the cached planes the walk stopped at (None: it reached the root)."""
         blobs: list[bytes | memoryview] = []
         headers: list[codec.BlobHeader] = []
         oid: str | None = blob_id
         while oid is not None:
+            hit = cache.get(oid) if cache is not None else None
+            if hit is not None:
+                if expect is not None and not headers:
+                    _check_record(expect, hit[0])
+                return blobs, headers, hit
             if len(blobs) > codec.MAX_CHAIN:
                 raise codec.CorruptBlobError(
                     name, f"xor chain from {blob_id} is longer than {codec.MAX_CHAIN}"
@@ -648,14 +667,14 @@ class Repository:
             if expect is not None and len(headers) == 1:
                 _check_record(expect, headers[0])
             oid = headers[-1].base
-        return blobs, headers
+        return blobs, headers, None
 
     def tensor_bytes(self, blob_id: str, name: str, expect: TensorRecord | None = None) -> bytes:
         """Decode a tensor blob, following its XOR chain; the result's sha256 is verified.
 
         With `expect` (the manifest's record), the blob must hold what the record says.
         """
-        blobs, headers = self._chain(blob_id, name, expect)
+        blobs, headers, _ = self._chain(blob_id, name, expect)
         return codec.decode_chain(blobs, name=name, headers=headers).tobytes()
 
     def tensor_into(
@@ -665,9 +684,23 @@ class Repository:
         out: npt.NDArray[np.uint8],
         expect: TensorRecord | None = None,
     ) -> None:
-        """Decode a tensor blob (and its XOR chain) into `out`, a uint8 array of its size."""
-        blobs, headers = self._chain(blob_id, name, expect)
-        codec.decode_chain(blobs, out, name=name, headers=headers)
+        """Decode a tensor blob (and its XOR chain) into `out`, a uint8 array of its size.
+
+        With a plane_cache, the chain is read down to the first blob whose planes are cached,
+        and a decoded XOR tip's planes are cached once its sha256 is verified.
+        """
+        cache = self.plane_cache
+        blobs, headers, cached = self._chain(blob_id, name, expect, cache)
+        if not blobs:  # the tensor itself is cached: unchanged since a revision decoded before
+            assert cached is not None
+            header, planes = cached
+            codec.merge_planes(list(planes.grid), header, out, name=name)
+            return
+        base = cached[1] if cached is not None else None
+        tip, planes_, grid = codec.chain_planes(blobs, name=name, headers=headers, base=base)
+        codec.merge_planes(planes_, tip, out, name=name)
+        if cache is not None and grid is not None:
+            cache.put(tip, codec.Planes(grid, blob_id, tip.depth))
 
     def tensors_into(self, items: Sequence[tuple[TensorRecord, npt.NDArray[np.uint8]]]) -> None:
         """Decode many tensors, each (its manifest record, uint8 array of its size), into their arrays.
@@ -685,26 +718,35 @@ class Repository:
             return
         # Decoded first, verified after: see _verify_all for why not side by side.
         jobs = []
+        links: list[tuple[codec.BlobHeader, codec.Planes]] = []
         rescanned = False
         for record, out in items:
-            header = self._decode_packed(record, out, rescan=not rescanned)
+            decoded = self._decode_packed(record, out, rescan=not rescanned)
             # Packs written since the last scan (a commit after the server started) are found
             # by the first miss's rescan; later misses are loose or unusual blobs.
-            rescanned = rescanned or header is None
-            if header is None:
+            rescanned = rescanned or decoded is None
+            if decoded is None:
                 self.tensor_into(record.blob, record.name, out, expect=record)
-            else:
-                jobs.append((out, header, record.name))
+                continue
+            header, planes = decoded
+            jobs.append((out, header, record.name))
+            if planes is not None:
+                links.append((header, planes))
         _verify_all(jobs)
+        if self.plane_cache is not None:  # only verified planes become bases
+            for header, planes in links:
+                self.plane_cache.put(header, planes)
 
     def _decode_packed(
         self, record: TensorRecord, out: npt.NDArray[np.uint8], rescan: bool = False
-    ) -> codec.BlobHeader | None:
-        """Decode a packed self-contained tensor blob into `out` without its sha256 check.
+    ) -> tuple[codec.BlobHeader, codec.Planes | None] | None:
+        """Decode a packed tensor blob into `out` without its sha256 check.
 
-        Returns the header to verify against, or None (nothing written) when the blob is not
-        in a pack in the form we write, or is an XOR link. With `rescan`, a blob in no known
-        pack makes the pack directory be listed again.
+        A self-contained blob, or an XOR link whose base's planes are in the plane cache.
+        Returns the header to verify against and, for a link, its planes (to cache once
+        verified); or None (nothing written) when the blob is not in a pack in the form we
+        write, or is a link without a cached base. With `rescan`, a blob in no known pack makes
+        the pack directory be listed again.
         """
         blob_id, name = record.blob, record.name
         if not is_object_id(blob_id):
@@ -734,20 +776,26 @@ class Repository:
             return None
         header = codec.header_of(head, size, name=name)
         _check_record(record, header)
+        base = None
         if header.encoding == "xor":
-            return None
+            cached = self.plane_cache.get(header.base) if self.plane_cache and header.base else None
+            if cached is None:
+                return None
+            base = cached[1]
         piece = slicer(memoryview(pack.pack), head, pieces)
         segments = []
         at = header.payload_offset
         for _, length, _ in header.segments:
             segments.append(piece(at, at + length))
             at += length
-        codec.decode_segments(segments, header, out, name=name)
-        return header
+        if base is None:
+            codec.decode_segments(segments, header, out, name=name)
+            return header, None
+        return header, codec.decode_link(segments, header, base, out, blob_id=blob_id, name=name)
 
     def tensor_planes(self, blob_id: str, name: str) -> codec.Planes:
         """A tensor in plane space, as the codec XORs the next revision against it."""
-        blobs, headers = self._chain(blob_id, name)
+        blobs, headers, _ = self._chain(blob_id, name)
         return codec.decode_planes(blobs, blob_id, name=name, headers=headers)
 
     # --------------------------------------------------------------- revisions

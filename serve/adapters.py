@@ -127,15 +127,30 @@ class PeftDirSource:
         return AdapterWeights(revision, config, tensors, self.base_fingerprint)
 
 
+# The plane cache's default bound, in revisions of the largest size loaded so far: the last
+# revision of one or two branches in training. A larger bound costs fresh memory (page faults:
+# tens of ms per revision) until it fills, and helps only when more branches are followed.
+PLANE_CACHE_REVISIONS = 2
+
+
 class StoreSource:
     """Revisions from a mintvcs repository: ids are commit ids, never ref names."""
 
-    def __init__(self, repo: Any) -> None:
+    def __init__(self, repo: Any, *, plane_cache_bytes: int | None = None) -> None:
+        """Read revisions from `repo` (a Repository or its path), keeping decoded XOR tips so
+        that a revision committed on top of one loaded before decodes one link of its chain,
+        not all of them: up to `plane_cache_bytes` (0: none; None: PLANE_CACHE_REVISIONS of the
+        largest revision loaded so far)."""
+        from mintvcs.plane_cache import PlaneCache
+
         if isinstance(repo, (str, Path)):
             from mintvcs.store import Repository
 
             repo = Repository.open(repo)
         self.repo = repo
+        self._auto_bound = plane_cache_bytes is None
+        if plane_cache_bytes != 0:
+            repo.plane_cache = PlaneCache(plane_cache_bytes or 0)
 
     def resolve(self, spec: str) -> str:
         """The commit id a ref, tag or abbreviated id names now."""
@@ -146,6 +161,9 @@ class StoreSource:
         rev = self.repo.read_revision(revision)
         if max_bytes is not None and rev.manifest.nbytes > max_bytes:
             raise _too_large(rev.commit, f"its tensors hold {rev.manifest.nbytes} bytes", max_bytes)
+        cache = self.repo.plane_cache
+        if self._auto_bound and cache is not None:
+            cache.max_bytes = max(cache.max_bytes, PLANE_CACHE_REVISIONS * rev.manifest.nbytes)
         tensors: dict[str, torch.Tensor] = {}
         items = []
         for record in rev.manifest.tensors:

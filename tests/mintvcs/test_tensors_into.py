@@ -13,8 +13,15 @@ import pytest
 from mintvcs import codec, porcelain
 from mintvcs import store as store_module
 from mintvcs.errors import MintError
+from mintvcs.plane_cache import PlaneCache
 from mintvcs.store import PACK_THRESHOLD, Repository
-from tests.mintvcs.storekit import WEIGHTS, handmade_adapter, mutate, random_f32
+from tests.mintvcs.storekit import (
+    WEIGHTS,
+    handmade_adapter,
+    mutate,
+    random_f32,
+    tensor_names,
+)
 
 
 def _adapter(path: Path, seed: int) -> Path:
@@ -108,8 +115,9 @@ def test_flipped_plane_byte_is_named(
     commit = _commit(repo, "r0", _adapter(tmp_path / "src", seed=4))
     record = next(r for r in repo.read_revision(commit).manifest.tensors if r.shape == (16, 2048))
     out = np.empty(record.end - record.start, dtype=np.uint8)
-    header = repo._decode_packed(record, out, rescan=True)
-    assert header is not None, "the blob must take the pack fast path"
+    decoded = repo._decode_packed(record, out, rescan=True)
+    assert decoded is not None, "the blob must take the pack fast path"
+    header = decoded[0]
     assert [s[0] for s in header.segments] == ["none", "none", "none", "zstd"]
     start = header.payload_offset + sum(s[1] for s in header.segments[:plane])
     pack_path, offset = _packed_location(repo, record.blob, start + 7)
@@ -187,3 +195,93 @@ def test_revision_reads_take_it_at_any_alignment(repo: Repository, tmp_path: Pat
     header_len = len(repo.read_blob(revision.manifest.header_blob))
     assert header_len % 4 or any(r.start % 4 for r in revision.manifest.tensors)
     assert revision.safetensors_bytes() == (src / WEIGHTS).read_bytes()
+
+
+# ------------------------------------------------------------------------------- plane cache
+def _chain_of_revisions(repo: Repository, src: Path, count: int) -> list[str]:
+    """`count` revisions, each a small nudge of the one before: XOR links up the chain."""
+    commits = [_commit(repo, "r0", src)]
+    for i in range(1, count):
+        names = [n for n in tensor_names(src) if n.endswith("weight")]
+        mutate(src, seed=10 + i, names=names)
+        commits.append(_commit(repo, f"r{i}", src))
+    return commits
+
+
+def test_plane_cache_decodes_each_child_from_its_parents_planes(
+    repo: Repository, tmp_path: Path
+) -> None:
+    commits = _chain_of_revisions(repo, _adapter(tmp_path / "src", seed=6), 5)
+    depths = {r.depth for r in repo.read_revision(commits[-1]).manifest.tensors}
+    assert max(depths) == 4, depths
+    expected = [_decode_all(repo, c) for c in commits]  # no cache: every chain from its root
+    with Repository.open(repo.git_dir.parent) as cached:
+        cached.plane_cache = PlaneCache(1 << 30)
+        hits = []
+        for commit, want in zip(commits, expected, strict=True):
+            assert _decode_all(cached, commit) == want
+            hits.append(cached.plane_cache.hits)
+        links = sum(r.encoding == "xor" for r in repo.read_revision(commits[2]).manifest.tensors)
+        # r2 on: every link's base is the tip the revision before left in the cache.
+        assert hits[0] == hits[1] == 0 and hits[2] >= links > 0, hits
+        # Out of order (an old revision, then the newest again) decodes the same bytes.
+        assert _decode_all(cached, commits[1]) == expected[1]
+        assert _decode_all(cached, commits[4]) == expected[4]
+    with Repository.open(repo.git_dir.parent) as small:
+        small.plane_cache = PlaneCache(40_000)  # holds a few small tensors, never a big one
+        for commit, want in zip(commits, expected, strict=True):
+            assert _decode_all(small, commit) == want
+        assert 0 < small.plane_cache.nbytes <= 40_000
+
+
+def test_plane_cache_reads_only_the_last_link(tmp_path: Path) -> None:
+    """A child decodes with its ancestors' blobs gone: only its own link is read."""
+    repo = porcelain.init(tmp_path / "work", install_hooks=False)
+    src = handmade_adapter(
+        tmp_path / "src",
+        {
+            f"w{i}.lora_A.weight": (
+                "F32",
+                [16, 256],
+                random_f32(np.random.default_rng(i), [16, 256]),
+            )
+            for i in range(3)
+        },
+    )
+    commits = _chain_of_revisions(repo, src, 3)
+    tip_records = repo.read_revision(commits[2]).manifest.tensors
+    assert {r.encoding for r in tip_records} == {"xor"} and {r.depth for r in tip_records} == {2}
+    ancestors = {r.blob for c in commits[:2] for r in repo.read_revision(c).manifest.tensors}
+    repo.plane_cache = PlaneCache(1 << 20)
+    _decode_all(repo, commits[1])
+    expected = _decode_all(repo, commits[2])
+    for blob in ancestors:  # loose objects: fewer tensors than a pack needs
+        (repo.git_dir / "objects" / blob[:2] / blob[2:]).unlink()
+    with Repository.open(repo.git_dir.parent) as fresh, pytest.raises(MintError):
+        _decode_all(fresh, commits[2])  # without the cache the chain is needed
+    assert _decode_all(repo, commits[2]) == expected
+    repo.close()
+
+
+def test_a_corrupt_link_over_a_cached_base_is_named_and_not_cached(
+    repo: Repository, tmp_path: Path
+) -> None:
+    commits = _chain_of_revisions(repo, _adapter(tmp_path / "src", seed=7), 3)
+    record = next(
+        r
+        for r in repo.read_revision(commits[2]).manifest.tensors
+        if r.encoding == "xor" and r.shape == (16, 2048)
+    )
+    header = codec.read_header(repo.blob_view(record.blob), name=record.name)
+    pack_path, offset = _packed_location(repo, record.blob, header.payload_offset + 9)
+    repo.close()
+    _flip(pack_path, offset)
+    with Repository.open(repo.git_dir.parent) as reopened:
+        reopened.plane_cache = PlaneCache(1 << 30)
+        _decode_all(reopened, commits[1])
+        with pytest.raises(codec.CorruptBlobError) as info:
+            _decode_all(reopened, commits[2])
+        assert record.name in str(info.value)
+        assert record.blob not in reopened.plane_cache
+        # The revision before is untouched and still decodes.
+        _decode_all(reopened, commits[1])

@@ -140,6 +140,34 @@ def test_store_source_serves_a_committed_revision(
         assert eng.generate([5, 6, 7], "d", params, timeout=30).token_ids == from_store
 
 
+def test_store_source_follows_a_chain_through_its_plane_cache(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path
+) -> None:
+    """Each revision a nudge of the last (a training run): loaded in order, each decodes its
+    own link over the planes its parent left, to the same tensors as decoding every chain."""
+    import shutil
+
+    from mintvcs import porcelain
+    from mintvcs.serve import StoreSource
+    from tests.mintvcs.storekit import mutate
+
+    work = shutil.copytree(peft_adapter, tmp_path / "adapter")
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
+    commits = []
+    for i in range(4):
+        if i:
+            mutate(work, seed=i)
+        commits.append(porcelain.commit(repo, f"r{i}", source=work, show_progress=False).commit)
+    assert max(r.depth for r in repo.read_revision(commits[-1]).manifest.tensors) == 3
+    following, plain = StoreSource(repo.git_dir), StoreSource(repo.git_dir, plane_cache_bytes=0)
+    assert plain.repo.plane_cache is None
+    for commit in commits:
+        got, want = following.load(commit).tensors, plain.load(commit).tensors
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert following.repo.plane_cache.hits > 0
+
+
 def test_a_revision_larger_than_any_servable_one_is_refused_before_decoding(
     tiny_base: Path, peft_adapter: Path, tmp_path: Path
 ) -> None:
