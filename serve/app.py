@@ -83,6 +83,7 @@ class ServerConfig:
     api_key_scope: str = "admin"  # "all": every endpoint but /health needs the token too
     max_batch_size: int = 32
     max_queued_requests: int | None = None  # waiting to start; more get 503 (None: no bound)
+    cpu_threads: int | None = None  # None: the CPUs this process may use (affinity, cgroup quota)
     max_model_len: int | None = None
     max_prompt_bytes: int = 64 * 1024  # 413 above this
     max_tokens_limit: int = 1024  # 400 above this
@@ -111,6 +112,8 @@ class ServerConfig:
             raise ServerError(
                 f"default_max_tokens {self.default_max_tokens} must be in [1, max_tokens_limit={self.max_tokens_limit}]"
             )
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ServerError(f"cpu_threads must be at least 1 or None, got {self.cpu_threads}")
         if self.max_queued_requests is not None and self.max_queued_requests < 1:
             raise ServerError(
                 f"max_queued_requests must be at least 1 or None, got {self.max_queued_requests}"
@@ -561,6 +564,7 @@ def engine_config(config: ServerConfig) -> Any:
         dtype=config.dtype,
         max_batch_size=config.max_batch_size,
         max_waiting=config.max_queued_requests,
+        cpu_threads=config.cpu_threads,
         max_model_len=config.max_model_len,
         adapter_slots=config.max_loras,
         max_lora_rank=config.max_rank,

@@ -91,6 +91,13 @@ from mintvcs.errors import MintError
     help="Requests that may wait to start; more get 503 with Retry-After [default: no bound].",
 )
 @click.option(
+    "--cpu-threads",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Threads computing each step on CPU [default: the CPUs this process may use, "
+    "counting a container's CPU quota].",
+)
+@click.option(
     "--max-model-len",
     default=None,
     type=click.IntRange(min=1),
@@ -143,6 +150,7 @@ def serve(
     api_key_scope: str,
     max_batch_size: int,
     max_queued_requests: int | None,
+    cpu_threads: int | None,
     max_model_len: int | None,
     max_prompt_bytes: int,
     max_tokens_limit: int,
@@ -168,6 +176,7 @@ def serve(
             api_key_scope=api_key_scope,
             max_batch_size=max_batch_size,
             max_queued_requests=max_queued_requests,
+            cpu_threads=cpu_threads,
             max_model_len=max_model_len,
             max_prompt_bytes=max_prompt_bytes,
             max_tokens_limit=max_tokens_limit,

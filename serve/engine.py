@@ -29,7 +29,7 @@ from mintvcs.serve.model import LORA_MODULES, Model
 from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams
 from mintvcs.serve.scheduler import Scheduler, Sequence, TokenEvent
 from mintvcs.serve.slots import AdapterPools, Residency
-from mintvcs.serve.threads import one_intraop_thread, set_intraop_threads
+from mintvcs.serve.threads import available_cpus, one_intraop_thread, set_intraop_threads
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # One failed step can be one bad batch; this many in a row is an engine that cannot compute
@@ -72,6 +72,9 @@ class EngineConfig:
     check_base_fingerprint: bool = True
     # Decode-only steps replay from CUDA graphs on a GPU (serve/graphs.py); False = always eager.
     cuda_graphs: bool = True
+    # Threads of the step thread's torch team on CPU; None = the caller's torch count, capped by
+    # the CPUs this process may use (affinity and cgroup quota: threads.available_cpus).
+    cpu_threads: int | None = None
     # Requests that may wait to start (queued, not yet in the batch); more are refused with
     # EngineOverloaded. None = no bound, as vLLM: a client then waits instead of being told.
     max_waiting: int | None = None
@@ -84,6 +87,8 @@ class EngineConfig:
         for name in ("max_batch_size", "max_num_batched_tokens", "adapter_slots", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise EngineError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise EngineError(f"cpu_threads must be at least 1 or None, got {self.cpu_threads}")
         if self.max_waiting is not None and self.max_waiting < 1:
             raise EngineError(f"max_waiting must be at least 1 or None, got {self.max_waiting}")
         bad = set(self.lora_targets) - set(LORA_MODULES)
@@ -237,9 +242,10 @@ class Engine:
         start: bool = True,
     ) -> None:
         self.config = config = config or EngineConfig()
-        # The step thread computes with the caller's thread count; everything here runs on one
-        # thread, so that the caller keeps no OpenMP team that would slow the step thread's.
-        self._threads = torch.get_num_threads()
+        # The step thread computes with the caller's thread count (at most the CPUs it may use);
+        # everything here runs on one thread, so that the caller keeps no OpenMP team that would
+        # slow the step thread's.
+        self._threads = config.cpu_threads or min(torch.get_num_threads(), available_cpus())
         on_cpu = (base.device if isinstance(base, Model) else config.torch_device()).type == "cpu"
         with one_intraop_thread() if on_cpu else contextlib.nullcontext():
             self._build(base, config, source, base_fingerprint)
@@ -660,8 +666,10 @@ class Engine:
         """One line on what the engine holds: the base, the KV cache and the adapter slots."""
         model, kv, pools = self.model, self.kv, self.pools
         dtype = str(model.dtype).removeprefix("torch.")
+        n = self._threads
+        threads = f" ({n} thread{'s' * (n != 1)})" if model.device.type == "cpu" else ""
         return (
-            f"{model.num_parameters / 1e6:.1f}M parameters, {dtype} on {model.device}; "
+            f"{model.num_parameters / 1e6:.1f}M parameters, {dtype} on {model.device}{threads}; "
             f"KV cache {kv.nbytes / 2**30:.2f} GiB for {kv.num_slots} sequences of {kv.max_len} "
             f"tokens; {pools.num_slots} adapter slots up to rank {self.config.max_lora_rank}, "
             f"{pools.nbytes / 2**20:.1f} MiB"
