@@ -43,6 +43,7 @@ __all__ = [
     "NonFiniteTensorError",
     "Planes",
     "chain_planes",
+    "check_base",
     "decode",
     "decode_chain",
     "decode_link",
@@ -817,11 +818,9 @@ def decode_link(
     if out.size != header.nbytes:
         raise ValueError(f"output buffer holds {out.size} bytes, the tensor {header.nbytes}")
     plane_len = header.nbytes // header.group
-    if base.blob_id != header.base or base.grid.shape != (header.group, plane_len):
-        raise ValueError(
-            f"{name}: base planes of {base.blob_id} {base.grid.shape} do not fit xor blob on "
-            f"{header.base} ({header.group} planes of {plane_len} bytes)"
-        )
+    if base.blob_id != header.base:
+        raise ValueError(f"{name}: base planes of {base.blob_id} given for a link on {header.base}")
+    _check_base_shape(base, header, name)
     if base.depth != header.depth - 1:
         raise CorruptBlobError(
             name, f"base {header.base} has depth {base.depth}, expected {header.depth - 1}"
@@ -888,13 +887,12 @@ def chain_planes(
                 name, f"base {header.base} has depth {below}, expected {header.depth - 1}"
             )
     plane_len = tip.nbytes // tip.group
-    if base is not None and (
-        base.blob_id != headers[-1].base or base.grid.shape != (tip.group, plane_len)
-    ):
-        raise ValueError(
-            f"base planes of {base.blob_id} {base.grid.shape} do not fit the chain's last link "
-            f"(base {headers[-1].base}, {tip.group} planes of {plane_len} bytes)"
-        )
+    if base is not None:
+        if base.blob_id != headers[-1].base:
+            raise ValueError(
+                f"base planes of {base.blob_id} given for a link on {headers[-1].base}"
+            )
+        _check_base_shape(base, tip, name)
     planes = _plane_arrays(blobs[0], tip, name, check_raw=check_raw)
     grid: npt.NDArray[np.uint8] | None = None
     # One link at a time: a deep chain never holds every link's planes at once.
@@ -913,6 +911,30 @@ def chain_planes(
             for row, other in zip(grid, others, strict=True):
                 np.bitwise_xor(row, other, out=row)
     return tip, planes, grid
+
+
+def _check_base_shape(base: Planes, link: BlobHeader, name: str) -> None:
+    """A link whose size disagrees with its base's planes is corrupt (as in a chain read whole)."""
+    if base.grid.shape != (link.group, link.nbytes // link.group):
+        raise CorruptBlobError(
+            name, f"base {base.blob_id} decodes to {base.grid.size} bytes in {base.grid.shape[0]} "
+            f"planes, expected {link.nbytes} bytes {link.dtype}",
+        )  # fmt: skip
+
+
+def check_base(link: BlobHeader, base: BlobHeader, *, name: str = "<tensor>") -> None:
+    """Refuse a cached base whose header does not fit the xor link built on it."""
+    if (base.dtype, base.nbytes, base.group, base.rotate) != (
+        link.dtype, link.nbytes, link.group, link.rotate,
+    ):  # fmt: skip
+        raise CorruptBlobError(
+            name, f"base {link.base} decodes to {base.nbytes} bytes {base.dtype}, "
+            f"expected {link.nbytes} bytes {link.dtype}",
+        )  # fmt: skip
+    if base.depth != link.depth - 1:
+        raise CorruptBlobError(
+            name, f"base {link.base} has depth {base.depth}, expected {link.depth - 1}"
+        )
 
 
 def merge_planes(

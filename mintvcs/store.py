@@ -696,7 +696,10 @@ class Repository:
             header, planes = cached
             codec.merge_planes(list(planes.grid), header, out, name=name)
             return
-        base = cached[1] if cached is not None else None
+        base = None
+        if cached is not None:
+            codec.check_base(headers[-1], cached[0], name=name)
+            base = cached[1]
         tip, planes_, grid = codec.chain_planes(blobs, name=name, headers=headers, base=base)
         codec.merge_planes(planes_, tip, out, name=name)
         if cache is not None and grid is not None:
@@ -781,6 +784,7 @@ class Repository:
             cached = self.plane_cache.get(header.base) if self.plane_cache and header.base else None
             if cached is None:
                 return None
+            codec.check_base(header, cached[0], name=name)
             base = cached[1]
         piece = slicer(memoryview(pack.pack), head, pieces)
         segments = []

@@ -140,7 +140,8 @@ class StoreSource:
         """Read revisions from `repo` (a Repository or its path), keeping decoded XOR tips so
         that a revision committed on top of one loaded before decodes one link of its chain,
         not all of them: up to `plane_cache_bytes` (0: none; None: PLANE_CACHE_REVISIONS of the
-        largest revision loaded so far)."""
+        largest revision loaded so far). This sets the Repository's plane_cache: give a
+        Repository object only if this source is its one reader."""
         from mintvcs.plane_cache import PlaneCache
 
         if isinstance(repo, (str, Path)):
@@ -149,8 +150,7 @@ class StoreSource:
             repo = Repository.open(repo)
         self.repo = repo
         self._auto_bound = plane_cache_bytes is None
-        if plane_cache_bytes != 0:
-            repo.plane_cache = PlaneCache(plane_cache_bytes or 0)
+        repo.plane_cache = PlaneCache(plane_cache_bytes or 0) if plane_cache_bytes != 0 else None
 
     def resolve(self, spec: str) -> str:
         """The commit id a ref, tag or abbreviated id names now."""

@@ -14,8 +14,8 @@ from mintvcs.errors import MintError
 
 log = logging.getLogger("mintvcs.serve")
 
-# Seconds between looks at the file: a stat per authenticated request would be cheap too, but
-# a second is already faster than anyone rotates a token.
+# Seconds between reads of the file: a read per authenticated request would be cheap too, but
+# a second is already faster than anyone rotates a token. A change is taken within two.
 CHECK_INTERVAL = 1.0
 
 
@@ -30,42 +30,52 @@ def parse_tokens(text: str) -> tuple[str, ...]:
 
 
 class ApiKeys:
-    """Accepted bearer tokens, read from `path` now and again whenever the file changes."""
+    """Accepted bearer tokens, read from `path` at start and again when its content changes.
+
+    The file is read again at most once per CHECK_INTERVAL (it is a few bytes; comparing the
+    content, not its mtime, sees a rewrite on file systems with coarse timestamps). A new
+    content is taken only once two reads an interval apart agree, so a rewrite caught half
+    done never becomes the token set. A file that is gone, unreadable or holds no token keeps
+    the tokens read before, with a warning: an accident must not lock every client out.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._signature = self._stat()
-        self._tokens = self._read(at_start=True)
+        tokens, problem = self._read()
+        if problem is not None:
+            raise ApiKeyFileError(problem)
+        self._tokens = tokens
+        self._candidate: tuple[bytes, ...] | None = None  # seen once, not yet taken
+        self._problem: str | None = None  # the last one warned about
         self._checked = time.monotonic()
+        self._warn_if_open()
 
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_ino, st.st_size, st.st_mtime_ns
-
-    def _read(self, *, at_start: bool) -> tuple[bytes, ...]:
+    def _read(self) -> tuple[tuple[bytes, ...], str | None]:
+        """The file's tokens, or a problem saying why there are none."""
         try:
             text = self.path.read_text(encoding="utf-8", errors="surrogateescape")
         except OSError as err:
-            raise ApiKeyFileError(
-                f"cannot read --api-key-file {self.path}: {err.strerror or err}"
-            ) from None
+            return (), f"cannot read --api-key-file {self.path}: {err.strerror or err}"
         tokens = parse_tokens(text)
         if not tokens:
-            raise ApiKeyFileError(
-                f"--api-key-file {self.path} holds no token; put one bearer token per line in it"
+            return (
+                (),
+                f"--api-key-file {self.path} holds no token; put one bearer token per line in it",
             )
-        mode = os.stat(self.path).st_mode
-        if mode & 0o077 and at_start:  # as ssh does for private keys: others can read it
+        return tuple(t.encode("utf-8", "surrogateescape") for t in tokens), None
+
+    def _warn_if_open(self) -> None:
+        try:
+            mode = os.stat(self.path).st_mode
+        except OSError:
+            return
+        if mode & 0o077:  # as ssh does for private keys: others on the machine can read it
             log.warning(
                 "--api-key-file %s is readable by others (mode %03o); chmod 600 it",
                 self.path,
                 mode & 0o777,
             )
-        return tuple(t.encode("utf-8", "surrogateescape") for t in tokens)
 
     def tokens(self) -> tuple[bytes, ...]:
         """The tokens accepted now; the file is looked at again at most once per CHECK_INTERVAL."""
@@ -76,19 +86,22 @@ class ApiKeys:
             if now - self._checked < CHECK_INTERVAL:
                 return self._tokens
             self._checked = now
-            signature = self._stat()
-            if signature is not None and signature != self._signature:
-                try:
-                    tokens = self._read(at_start=False)
-                except ApiKeyFileError as err:
-                    # Mid-rewrite, or emptied by mistake: locking every client out is worse
-                    # than keeping the tokens that worked a second ago.
-                    log.warning("%s; keeping the %d token(s) read before", err, len(self._tokens))
-                else:
-                    if tokens != self._tokens:
-                        log.info("--api-key-file %s re-read: %d token(s)", self.path, len(tokens))
-                    self._tokens = tokens
-                    self._signature = signature
+            tokens, problem = self._read()
+            if problem is not None:
+                self._candidate = None
+                if problem != self._problem:
+                    log.warning(
+                        "%s; keeping the %d token(s) read before", problem, len(self._tokens)
+                    )
+                    self._problem = problem
+            elif tokens == self._tokens:
+                self._candidate = self._problem = None
+            elif tokens != self._candidate:
+                self._candidate = tokens  # taken at the next look if it still reads the same
+            else:
+                self._tokens, self._candidate, self._problem = tokens, None, None
+                log.info("--api-key-file %s re-read: %d token(s)", self.path, len(tokens))
+                self._warn_if_open()
             return self._tokens
 
     def accepts(self, token: bytes) -> bool:

@@ -13,8 +13,9 @@ import pytest
 from mintvcs import codec, porcelain
 from mintvcs import store as store_module
 from mintvcs.errors import MintError
+from mintvcs.objects import TensorRecord
 from mintvcs.plane_cache import PlaneCache
-from mintvcs.store import PACK_THRESHOLD, Repository
+from mintvcs.store import PACK_THRESHOLD, TENSOR_ZLIB_LEVEL, Repository
 from tests.mintvcs.storekit import (
     WEIGHTS,
     handmade_adapter,
@@ -285,3 +286,69 @@ def test_a_corrupt_link_over_a_cached_base_is_named_and_not_cached(
         assert record.blob not in reopened.plane_cache
         # The revision before is untouched and still decodes.
         _decode_all(reopened, commits[1])
+
+
+def _flip_raw_byte_of_a_link(repo: Repository, commit: str) -> TensorRecord:
+    """Flip a byte in a raw (uncompressed) plane of an xor link: only the sha256 guards those."""
+    for record in repo.read_revision(commit).manifest.tensors:
+        if record.encoding != "xor":
+            continue
+        header = codec.read_header(repo.blob_view(record.blob), name=record.name)
+        at = header.payload_offset
+        for kind, size, _ in header.segments:
+            if kind == "none" and size > 16:
+                pack_path, offset = _packed_location(repo, record.blob, at + size // 2)
+                repo.close()
+                _flip(pack_path, offset)
+                return record
+            at += size
+    raise AssertionError("no xor link with a raw plane")
+
+
+def test_a_link_failing_its_sha256_over_a_cached_base_is_not_cached(
+    repo: Repository, tmp_path: Path
+) -> None:
+    commits = _chain_of_revisions(repo, _adapter(tmp_path / "src", seed=8), 3)
+    record = _flip_raw_byte_of_a_link(repo, commits[2])
+    with Repository.open(repo.git_dir.parent) as reopened:
+        reopened.plane_cache = PlaneCache(1 << 30)
+        _decode_all(reopened, commits[1])
+        with pytest.raises(codec.CorruptBlobError, match="sha256"):
+            _decode_all(reopened, commits[2])
+        assert record.blob not in reopened.plane_cache
+
+
+def test_tensor_into_caches_a_link_only_once_its_sha256_holds(
+    repo: Repository, tmp_path: Path
+) -> None:
+    commits = _chain_of_revisions(repo, _adapter(tmp_path / "src", seed=8), 2)
+    with Repository.open(repo.git_dir.parent) as reopened:
+        reopened.plane_cache = cache = PlaneCache(1 << 30)
+        _decode_all(reopened, commits[1])
+        record = next(
+            r
+            for r in reopened.read_revision(commits[1]).manifest.tensors
+            if r.blob in cache and r.dtype == "F32"
+        )
+        hit = cache.get(record.blob)
+        assert hit is not None and hit[1].grid.flags.writeable is False
+        data = bytearray(reopened.tensor_bytes(record.blob, record.name))
+        data[5] ^= 0x40
+        # A link on the cached blob whose header claims another sha256 (a buggy writer).
+        encoded = codec.encode_parts(
+            bytes(data), record.dtype, record.shape, base=hit[1], sha256="0" * 64
+        )
+        assert encoded.header.encoding == "xor" and encoded.header.base == record.blob
+        link = reopened.write_object(
+            b"blob", encoded.parts, TENSOR_ZLIB_LEVEL, encoded.header.payload_offset
+        )
+        out = np.empty(record.end - record.start, dtype=np.uint8)
+        with pytest.raises(codec.CorruptBlobError, match="sha256"):
+            reopened.tensor_into(link, record.name, out)
+        assert link not in cache
+        # A cached tip is still checked when used: planes changed in memory are caught.
+        bad = hit[1].grid.copy()
+        bad[0, 0] ^= 1
+        cache.put(hit[0], codec.Planes(bad, record.blob, hit[1].depth))
+        with pytest.raises(codec.CorruptBlobError, match="sha256"):
+            reopened.tensor_into(record.blob, record.name, out, expect=record)

@@ -181,6 +181,11 @@ def test_max_waiting_refuses_past_the_bound_all_or_nothing(tiny_base: Path) -> N
             eng.start_many([(_prompt(4, 5), None, long)] * 3)
         assert eng.waiting == 0 and len(eng._seqs) == 1
         waiting = eng.start_many([(_prompt(4, 5), None, long), (_prompt(5, 5), None, long)])
+        # Once the step thread has moved them from its inbox to the scheduler, they still count.
+        deadline = time.monotonic() + 30
+        while eng._inbox.qsize() or len(eng.scheduler.waiting) < 2:
+            assert time.monotonic() < deadline, eng.stats()
+            time.sleep(0.005)
         with pytest.raises(EngineOverloaded, match="2 requests already wait"):
             eng.start_many([(_prompt(6, 5), None, GREEDY)])
         assert eng.stats()["queue_depth"] == 2

@@ -538,6 +538,13 @@ def test_api_key_file_rotates_without_a_restart(
             time.sleep(0.02)
         assert status(srv, "new-token") == 200
         assert "re-read: 2 token(s)" in caplog.text
+        key.unlink()  # gone: the same, with its own warning
+        deadline = time.monotonic() + 10
+        while "cannot read --api-key-file" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            status(srv, "new-token")
+            time.sleep(0.02)
+        assert status(srv, "new-token") == 200
     key.write_text("# no token here\n")
     with pytest.raises(ApiKeyFileError, match="holds no token"):
         api_keys.ApiKeys(key)
@@ -833,7 +840,9 @@ def test_past_max_queued_requests_is_503_overloaded_at_once(
                 running = await session.post(srv.url + "/generate", json=long)
                 await running.content.readline()  # it decodes: the one batch place is taken
                 waiting = asyncio.ensure_future(session.post(srv.url + "/generate", json=long))
+                deadline = time.monotonic() + 30
                 while engine.waiting < 1:
+                    assert time.monotonic() < deadline, engine.stats()
                     await asyncio.sleep(0.01)
                 refused = await session.post(srv.url + "/generate", json={"prompt": "x"})
                 answer = await refused.json()
