@@ -341,10 +341,20 @@ def commit(
 
 def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
     """Let the commit-msg hook read, edit or refuse the message, as git does."""
-    path = repo.git_dir / "COMMIT_EDITMSG"
-    path.write_text(message)
-    hooks.run_hook(repo.git_dir, "commit-msg", [str(path)], env, may_refuse=True)
-    return path.read_text()
+    if not hooks.is_active(repo.git_dir, "commit-msg"):
+        return message
+    # A file of this commit's own (the hook gets its path, as git's gets COMMIT_EDITMSG's):
+    # git serializes commits under index.lock, we do not, and two trainers committing at once
+    # through one shared file took each other's messages.
+    fd, name = tempfile.mkstemp(prefix="COMMIT_EDITMSG.", dir=repo.git_dir)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(message)
+        hooks.run_hook(repo.git_dir, "commit-msg", [str(path)], env, may_refuse=True)
+        return path.read_text()
+    finally:
+        path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------ log and show

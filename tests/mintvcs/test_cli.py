@@ -758,6 +758,51 @@ def test_hooks_pre_commit_commit_msg_post_commit(work: Path, tmp_path: Path) -> 
     git_fsck(work)
 
 
+def test_concurrent_commits_keep_their_own_messages_through_commit_msg(
+    work: Path, tmp_path: Path
+) -> None:
+    """Two trainers commit at once with a commit-msg hook: each revision keeps its own message
+    (they shared .mint/COMMIT_EDITMSG, and took each other's)."""
+    import threading
+
+    from mintvcs import porcelain
+    from mintvcs.store import Repository
+
+    commit(work, "first")
+    _install_hook(work, "commit-msg", 'sleep 0.05\nprintf "%s [hook]" "$(cat "$1")" > "$1"\n')
+    failures: list[BaseException] = []
+
+    def trainer(name: str) -> None:
+        source = copy_adapter(work, tmp_path / name)
+        try:
+            with Repository.open(work) as repo:
+                for step in range(4):
+                    mutate(source, seed=hash((name, step)) % 1000)
+                    porcelain.commit(
+                        repo,
+                        f"{name}-{step}",
+                        source=source,
+                        meta={"writer": name, "step": str(step)},
+                        show_progress=False,
+                    )
+        except BaseException as err:
+            failures.append(err)
+
+    threads = [threading.Thread(target=trainer, args=(n,)) for n in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    with Repository.open(work) as repo:
+        revisions = porcelain.log(repo, "main", limit=8)
+        assert len(revisions) == 8
+        for info in revisions:
+            meta = repo.read_revision(info.id).manifest.meta
+            assert info.message.strip() == f"{meta['writer']}-{meta['step']} [hook]", info
+    assert not list((work / ".mint").glob("COMMIT_EDITMSG*"))  # no temporary left behind
+
+
 def test_hook_refusal_shows_all_its_output_and_gets_absolute_paths(
     work: Path, tmp_path: Path
 ) -> None:
