@@ -568,9 +568,9 @@ def reset(rev: str, hard: bool) -> None:
 def fsck(as_json: bool) -> None:
     """Verify every object, every ref's history and every reachable tensor."""
     from mintvcs import maintenance
-    from mintvcs.progress import progress_bar
+    from mintvcs.progress import phase_counter
 
-    with progress_bar(None, "checking tensors", unit=" tensors") as progress:
+    with phase_counter("fsck") as progress:
         report = maintenance.fsck(_open_repo(), progress=progress)
     if as_json:
         _emit_json(
@@ -601,8 +601,10 @@ def fsck(as_json: bool) -> None:
 def gc(no_prune: bool, as_json: bool) -> None:
     """Pack reachable objects and refs; prune unreachable objects older than an hour."""
     from mintvcs import maintenance
+    from mintvcs.progress import phase_counter
 
-    result = maintenance.gc(_open_repo(), prune=not no_prune)
+    with phase_counter("gc") as progress:
+        result = maintenance.gc(_open_repo(), prune=not no_prune, progress=progress)
     if as_json:
         _emit_json(
             {

@@ -26,6 +26,7 @@ from mintvcs.packs import (
     PackEntryError,
     entry_header,
 )
+from mintvcs.progress import PhaseProgress
 from mintvcs.store import CorruptObjectError, Repository
 from mintvcs.treenames import git_special_name
 
@@ -368,7 +369,7 @@ def _depth_problem(pack: Pack, too_deep: list[tuple[str, int]]) -> str:
     )
 
 
-def _check_packs(repo: Repository, report: FsckReport) -> None:
+def _check_packs(repo: Repository, report: FsckReport, progress: PhaseProgress) -> None:
     """Verify each pack's checksum and every packed object's sha1."""
     for pack in repo.objects.packs:
         problem = _pack_checksum_problem(pack)
@@ -377,6 +378,7 @@ def _check_packs(repo: Repository, report: FsckReport) -> None:
         too_deep: list[tuple[str, int]] = []
         for entry in _pack_objects(pack, too_deep):
             report.objects += 1
+            progress("objects", 1)
             problem = entry.problem
             if problem is None and entry.kind is not None and entry.data is not None:
                 problem = _format_problem(entry.oid, entry.kind, entry.data)
@@ -457,14 +459,22 @@ def _stale_locks(repo: Repository, now: float) -> list[str]:
     return found
 
 
-def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> FsckReport:
-    """Verify all objects (loose and packed), every ref's history, and decode every reachable tensor."""
+def _no_progress(_phase: str, _n: int) -> None:
+    pass
+
+
+def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckReport:
+    """Verify all objects (loose and packed), every ref's history, and decode every reachable tensor.
+
+    `progress(phase, n)` hears of each object ("objects") and tensor ("tensors") checked.
+    """
     report = FsckReport()
     report.warnings.extend(_stale_locks(repo, time.time()))
     report.problems.extend(_link_problem(path, target) for path, target in _store_links(repo))
     bad: set[str] = set()
     for loose_id, path in _loose_files(repo):
         report.objects += 1
+        progress("objects", 1)
         try:
             kind, body = _read_loose(path, loose_id)
         except _Damage as damage:
@@ -474,7 +484,7 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
         problem = _format_problem(loose_id, kind, body)
         if problem:
             report.problems.append(problem)
-    _check_packs(repo, report)
+    _check_packs(repo, report, progress)
     seen_commits: set[str] = set()
     seen_git: set[str] = set()  # apart: a revision also reached from a notes ref is still decoded
     for name, value in [("HEAD", repo.head_commit()), *repo.refs.iter_refs("refs/")]:
@@ -517,8 +527,7 @@ def fsck(repo: Repository, *, progress: Callable[[int], None] | None = None) -> 
                     report.tensors += 1
                 except MintError as err:
                     report.problems.append(f"commit {oid[:12]}: {err}")
-                if progress:
-                    progress(1)
+                progress("tensors", 1)
             for file in rev.manifest.files:
                 try:
                     repo.read_blob(file.blob, what=file.path)
@@ -542,7 +551,7 @@ def reachable_objects(repo: Repository) -> set[ObjectID]:
     skipped, as git does ("reflog references pruned commits").
     """
     roots = _roots(repo)
-    scan = _scan_store(repo)
+    scan = _scan_store(repo, _no_progress)
     _refuse_damage(scan)
     return _walk(repo, scan, roots)
 
@@ -603,10 +612,11 @@ class _Scan:
                     self.bases[oid] = header.base
 
 
-def _scan_store(repo: Repository) -> _Scan:
+def _scan_store(repo: Repository, progress: PhaseProgress) -> _Scan:
     """Read every loose and packed object, check it against its id, and keep what the walk needs."""
     scan = _Scan()
     for oid, path in _loose_files(repo):
+        progress("checking objects", 1)
         try:
             kind, body = _read_loose(path, oid)
         except _Damage as damage:
@@ -618,6 +628,7 @@ def _scan_store(repo: Repository) -> _Scan:
         pack_damage: list[str] = []
         too_deep: list[tuple[str, int]] = []
         for entry in _pack_objects(pack, too_deep):
+            progress("checking objects", 1)
             if entry.problem is not None or entry.kind is None or entry.data is None:
                 pack_damage.append(entry.problem or f"corrupt packed object {entry.oid}")
                 continue
@@ -912,8 +923,24 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
-def gc(repo: Repository, *, prune: bool = True) -> GcResult:
+def _pack_progress(progress: PhaseProgress) -> Callable[[bytes | str], None]:
+    """dulwich's pack-writing messages ("writing pack data: 3000/8212") as counts of objects."""
+    done = [0]
+
+    def hear(message: bytes | str) -> None:
+        text = message.decode("ascii", "replace") if isinstance(message, bytes) else message
+        if text.startswith("writing pack data: "):
+            count = int(text.split(": ", 1)[1].split("/", 1)[0])
+            progress("packing", count - done[0])
+            done[0] = count
+
+    return hear
+
+
+def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_progress) -> GcResult:
     """Pack reachable objects (no deltas, no zlib: tensors are zstd already), drop old unreachable ones, pack refs.
+
+    `progress(phase, n)` hears of the objects checked ("checking objects") and packed ("packing").
 
     Every object is read back and checked first, and every object a ref needs must be
     present: on a damaged store gc raises a GcRefusedError and changes nothing, since
@@ -929,7 +956,7 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
         _refuse_links(repo)
         before = _store_size(repo)
         roots = _roots(repo)
-        scan = _scan_store(repo)
+        scan = _scan_store(repo, progress)
         _refuse_damage(scan)
         reachable = _walk(repo, scan, roots)
         now = time.time()
@@ -958,7 +985,7 @@ def gc(repo: Repository, *, prune: bool = True) -> GcResult:
         try:
             # dulwich writes the new pack completely (and renames it into place) before it
             # deletes any loose object or old pack, so a failure here loses nothing.
-            packed = repo.objects.repack(exclude=unreachable)
+            packed = repo.objects.repack(exclude=unreachable, progress=_pack_progress(progress))
         except FileLocked as err:
             raise GcWriteError(
                 f"gc could not pack: {os.fsdecode(err.lockfilename)} exists (another gc, or one that was "

@@ -184,8 +184,8 @@ def test_gc_with_a_commit_landing_while_it_scans(
     scan_store = maintenance._scan_store
     landed: list[str] = []
 
-    def scan_then_commit(repo: Repository) -> object:
-        scan = scan_store(repo)
+    def scan_then_commit(repo: Repository, *rest: object) -> object:
+        scan = scan_store(repo, *rest)
         mutate(work, seed=21)
         other = Repository.open(work)
         landed.append(
