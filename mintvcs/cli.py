@@ -214,8 +214,8 @@ def commit(
                 "branch": result.branch,
                 "parent": result.parent,
                 "tensors": result.tensors,
-                "new_objects": result.new_blobs,
-                "bytes": result.nbytes,
+                "new_objects": result.new_objects,
+                "nbytes": result.nbytes,
             }
         )
         return
@@ -223,7 +223,7 @@ def commit(
     root = "" if result.parent else " (root-commit)"
     click.echo(f"[{where}{root} {result.commit[:7]}] {message.splitlines()[0]}")
     click.echo(
-        f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_blobs} new objects"
+        f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_objects} new objects"
     )
 
 

@@ -842,7 +842,11 @@ def _real_entries(folder: Path) -> list[os.DirEntry[str]]:
 
 
 def _store_size(repo: Repository) -> int:
-    """Bytes in the files under .mint/objects, no link followed."""
+    """Disk space the files under .mint/objects take (allocated blocks, as du counts), no link followed.
+
+    Not their lengths: packing thousands of small loose files frees a block each, which the
+    sum of their sizes does not show.
+    """
     total, pending = 0, [repo.git_dir / "objects"]
     while pending:
         try:
@@ -854,7 +858,7 @@ def _store_size(repo: Repository) -> int:
                 pending.append(Path(entry.path))
             elif entry.is_file(follow_symlinks=False):
                 with suppress(FileNotFoundError):  # a temporary removed meanwhile
-                    total += entry.stat(follow_symlinks=False).st_size
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
     return total
 
 

@@ -209,8 +209,8 @@ class CommitResult:
     branch: str | None
     parent: str | None
     tensors: int
-    new_blobs: int
-    nbytes: int
+    new_objects: int  # objects this commit stored: new tensor blobs, trees, manifest, commit
+    nbytes: int  # the adapter's tensor bytes
 
 
 def commit(

@@ -124,7 +124,14 @@ def test_gc_skips_reflog_entry_whose_commit_is_gone(work: Path) -> None:
 
 def test_gc_on_healthy_repository_packs_and_cleans_up(work: Path) -> None:
     head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
-    assert mint(work, "gc").stdout.startswith("packed ")
+    loose = sum(1 for p in (work / ".mint" / "objects").glob("??/*"))
+    first = json.loads(mint(work, "gc", "--json").stdout)
+    # Disk space, as du counts it: the loose files' blocks are freed, not just their lengths.
+    du = subprocess.run(
+        ["du", "-s", "-B1", str(work / ".mint" / "objects")], capture_output=True, text=True
+    )
+    assert loose > 0 and first["bytes_after"] == int(du.stdout.split()[0]) - _dirs_bytes(work)
+    assert first["bytes_after"] < first["bytes_before"], first
     git_dir = work / ".mint"
     assert not (git_dir / "gc.pid").exists()
     assert not [p for p in (git_dir / "objects").iterdir() if len(p.name) == 2]
@@ -362,3 +369,9 @@ def test_gc_clears_what_a_gc_killed_mid_index_left(work: Path) -> None:
     mint(work, "gc")
     assert not orphan.exists() and not lock.exists()
     git_fsck(work)
+
+
+def _dirs_bytes(work: Path) -> int:
+    """Blocks du counts for the directories under objects/ themselves (gc counts files only)."""
+    root = work / ".mint" / "objects"
+    return sum(d.stat().st_blocks * 512 for d in [root, *root.rglob("*")] if d.is_dir())

@@ -235,8 +235,8 @@ def test_commit_reports_no_new_blobs_for_an_unchanged_adapter(
         porcelain.commit(repo, "again", verify=False, show_progress=False)
     assert repo.head_commit() == first.commit
     again = porcelain.commit(repo, "again", verify=False, show_progress=False, allow_empty=True)
-    assert first.new_blobs > first.tensors
-    assert again.new_blobs == 1  # the commit object alone
+    assert first.new_objects > first.tensors
+    assert again.new_objects == 1  # the commit object alone
     assert again.parent == first.commit and again.branch == "main"
     assert repo.read_revision(again.commit).info.tree == repo.read_revision(first.commit).info.tree
     repo.close()
