@@ -591,6 +591,10 @@ class NotStored(Exception):
     """A pack entry that is not a whole blob in stored zlib blocks."""
 
 
+# Where a version-2 index's sorted object names start: magic, version, 256 fan-out entries.
+_IDX_NAMES = 8 + 1024
+
+
 class PackFile:
     """A pack and its version-2 index, memory-mapped, for reading whole stored blobs fast."""
 
@@ -605,8 +609,15 @@ class PackFile:
         if self.idx[:8] != b"\xfftOc\0\0\0\2":
             self.close()
             raise ValueError(f"{base}.idx is not a version-2 pack index")
+        if len(self.idx) < _IDX_NAMES + 40:
+            self.close()
+            raise ValueError(f"{base}.idx is truncated")
         self.count = struct.unpack_from(">I", self.idx, 8 + 255 * 4)[0]
-        self._offsets: dict[bytes, int] | None = None
+        # Names, CRCs and 4-byte offsets for every object, then two checksums: find() reads
+        # inside these tables without further checks.
+        if len(self.idx) < _IDX_NAMES + self.count * 28 + 40:
+            self.close()
+            raise ValueError(f"{base}.idx is shorter than its {self.count} objects need")
         self.pack_path = f"{base}.pack"
         with open(self.pack_path, "rb") as handle:
             self.pack = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
@@ -620,28 +631,39 @@ class PackFile:
         self._maps = []
 
     def find(self, key: bytes) -> int | None:
-        """The pack offset of object `key` (20 bytes), or None."""
-        offsets = self._offsets
-        if offsets is None:
-            offsets = self._offsets = self._read_offsets()
-        return offsets.get(key)
+        """The pack offset of object `key` (20 bytes), or None: a binary search of the index.
 
-    def _read_offsets(self) -> dict[bytes, int]:
-        """Every object's offset, by binary id, from the index (built once per pack).
-
-        A dict lookup is ~50x cheaper than a binary search in Python, and a hot swap looks
-        up a few hundred blobs in a pack it has never read.
+        In the range the fan-out table gives, as git does: ~15 probes even in a pack of 10^6
+        objects, and nothing built first (a table of every object cost 100 ms and 37 MiB per
+        command at 240,000 objects, where a command looks up a few hundred).
         """
-        idx, count, base = self.idx, self.count, 8 + 1024
-        names = idx[base : base + count * 20]
-        small = struct.unpack_from(f">{count}I", idx, base + count * 24)
-        offsets: dict[bytes, int] = {}
-        for i, offset in enumerate(small):
-            if offset & 0x80000000:
-                large = base + count * 28 + (offset & 0x7FFFFFFF) * 8
-                offset = struct.unpack_from(">Q", idx, large)[0]
-            offsets[names[i * 20 : i * 20 + 20]] = offset
-        return offsets
+        idx, count, names = self.idx, self.count, _IDX_NAMES
+        first = key[0]
+        lo = struct.unpack_from(">I", idx, 8 + (first - 1) * 4)[0] if first else 0
+        hi = min(struct.unpack_from(">I", idx, 8 + first * 4)[0], count)  # a lying fan-out
+        lo = min(lo, hi)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            at = names + mid * 20
+            name = idx[at : at + 20]
+            if name < key:
+                lo = mid + 1
+            elif name > key:
+                hi = mid
+            else:
+                return self._offset_at(mid)
+        return None
+
+    def _offset_at(self, position: int) -> int:
+        """The pack offset of the index's `position`-th object (large offsets in their own table)."""
+        idx, count = self.idx, self.count
+        offset: int = struct.unpack_from(">I", idx, _IDX_NAMES + count * 24 + position * 4)[0]
+        if offset & 0x80000000:
+            large = _IDX_NAMES + count * 28 + (offset & 0x7FFFFFFF) * 8
+            if large + 8 > len(idx):  # a lying entry: no such large offset
+                return -1
+            offset = struct.unpack_from(">Q", idx, large)[0]
+        return offset
 
     def _blob_entry(self, offset: int) -> tuple[int, int]:
         """(size, position of the zlib stream) of the undeltified blob entry at `offset`."""
