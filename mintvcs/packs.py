@@ -591,6 +591,7 @@ class NotStored(Exception):
     """A pack entry that is not a whole blob in stored zlib blocks."""
 
 
+_KIND_NAMES = {1: "commit", 2: "tree", 3: "blob", 4: "tag"}
 # Where a version-2 index's sorted object names start: magic, version, 256 fan-out entries.
 _IDX_NAMES = 8 + 1024
 
@@ -664,6 +665,17 @@ class PackFile:
                 return -1
             offset = struct.unpack_from(">Q", idx, large)[0]
         return offset
+
+    def kind_at(self, offset: int) -> str | None:
+        """The type of the whole object at `offset` from its entry header; None for a delta
+        (its type is its base's) or an entry that cannot be read."""
+        if not PACK_HEADER <= offset < len(self.pack) - PACK_TRAILER:
+            return None
+        try:
+            kind = entry_header(self.pack, offset, len(self.pack) - PACK_TRAILER)[0]
+        except PackEntryError:
+            return None
+        return _KIND_NAMES.get(kind)
 
     def _blob_entry(self, offset: int) -> tuple[int, int]:
         """(size, position of the zlib stream) of the undeltified blob entry at `offset`."""

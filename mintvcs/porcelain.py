@@ -376,7 +376,8 @@ def decorations(repo: Repository, shown: Collection[str]) -> dict[str, list[str]
         target: str | None = oid
         if oid not in shown:
             target = None
-            if name.startswith("refs/tags/"):
+            # A lightweight tag names its commit: only a tag object has to be read and peeled.
+            if name.startswith("refs/tags/") and repo.object_kind(oid) in ("tag", None):
                 with suppress(MintError):
                     target = repo.peel(oid)
         if target is None or target not in shown:
@@ -795,10 +796,12 @@ def tag_delete(repo: Repository, name: str) -> str:
 
 def tags(repo: Repository) -> list[tuple[str, str, str]]:
     """(name, object, type) for every tag, peeled, sorted: mostly commits, but git can tag a tree or blob."""
-    return [
-        (name.removeprefix("refs/tags/"), *repo.peel_object(oid))
-        for name, oid in repo.refs.iter_refs("refs/tags/")
-    ]
+    listed = []
+    for name, oid in repo.refs.iter_refs("refs/tags/"):
+        kind = repo.object_kind(oid)  # a lightweight tag: its object's type, nothing read
+        target = (oid, kind) if kind not in ("tag", None) else repo.peel_object(oid)
+        listed.append((name.removeprefix("refs/tags/"), *target))
+    return listed
 
 
 # ---------------------------------------------------------- checkout, reset

@@ -1160,6 +1160,35 @@ class Repository:
         except CorruptObjectError:
             return False
 
+    def object_kind(self, oid: str) -> str | None:
+        """The type of object `oid` ("commit", "tag", ...) from its header alone, or None when
+        that cannot tell (a deltified entry, a borrowed store, a damaged object): then read it.
+
+        A ref listing asks this of every tag: a lightweight tag names a commit, and inflating
+        10,000 commits to learn so took most of a second.
+        """
+        if not is_object_id(oid):
+            return None
+        key = bytes.fromhex(oid)
+        for pack in self._packs():
+            offset = pack.find(key)
+            if offset is not None:
+                return pack.kind_at(offset)
+        try:
+            fd = os.open(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}", os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            head = zlib.decompressobj().decompress(os.read(fd, 256), 32)
+        except zlib.error:
+            return None
+        finally:
+            os.close(fd)
+        kind = head.partition(b" ")[0]
+        return kind.decode() if kind in (b"commit", b"tree", b"blob", b"tag") else None
+
     def peel(self, oid: str) -> str:
         """Follow annotated tags to the commit they name."""
         target, kind = self.peel_object(oid)

@@ -260,6 +260,39 @@ def test_log_decorations_label_only_the_shown_commits(tmp_path: Path, peft_adapt
     repo.close()
 
 
+def test_object_kind_reads_only_headers_loose_and_packed(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    """What a tag names, from the object's header: what git's `cat-file -t` says, or None."""
+    import subprocess
+
+    from mintvcs import maintenance
+
+    work = copy_adapter(peft_adapter, tmp_path / "work")
+    repo = porcelain.init(work, None, install_hooks=False)
+    first = _commit(repo, "first")
+    porcelain.tag_create(repo, "v1", first, message="annotated")
+    tag = repo.refs.read("refs/tags/v1")
+    tree = repo.commit_info(first).tree
+    blob = repo.read_revision(first).manifest.tensors[0].blob
+
+    def git_kind(oid: str) -> str:
+        return subprocess.run(
+            ["git", "--git-dir", str(repo.git_dir), "cat-file", "-t", oid],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+
+    for _ in ("loose", "packed"):
+        for oid in (first, tag, tree, blob):
+            assert repo.object_kind(oid) == git_kind(oid), oid
+        assert repo.object_kind("0" * 40) is None and repo.object_kind("not an id") is None
+        maintenance.gc(repo)
+        repo.close()
+        repo = Repository.open(work)
+    assert porcelain.tags(repo) == [("v1", first, "commit")]
+    repo.close()
+
+
 def test_revision_meta_reads_meta_as_the_full_manifest_does(
     tmp_path: Path, tiny_base: Path, peft_adapter: Path
 ) -> None:
