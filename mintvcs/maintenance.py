@@ -11,7 +11,7 @@ import re
 import socket
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +22,12 @@ from mintvcs.errors import MintError
 from mintvcs.packs import (
     PACK_HEADER,
     PACK_TRAILER,
+    TENSOR_ZLIB_LEVEL,
     TMP_OBJECT_PREFIX,
     PackEntryError,
+    PackWriter,
     entry_header,
+    object_zlib_level,
 )
 from mintvcs.progress import PhaseProgress
 from mintvcs.store import CorruptObjectError, Repository
@@ -927,18 +930,49 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
-def _pack_progress(progress: PhaseProgress) -> Callable[[bytes | str], None]:
-    """dulwich's pack-writing messages ("writing pack data: 3000/8212") as counts of objects."""
-    done = [0]
+def _repack(
+    repo: Repository, scan: _Scan, unreachable: set[ObjectID], progress: PhaseProgress
+) -> int:
+    """Write every object the scan found, but `unreachable`, into one new pack, one object at a
+    time; then delete the loose objects and the packs it replaces. Returns the objects packed.
 
-    def hear(message: bytes | str) -> None:
-        text = message.decode("ascii", "replace") if isinstance(message, bytes) else message
-        if text.startswith("writing pack data: "):
-            count = int(text.split(": ", 1)[1].split("/", 1)[0])
-            progress("packing", count - done[0])
-            done[0] = count
+    The new pack is complete and in place before anything is deleted, so a failure loses
+    nothing; objects written after the scan (a commit landing meanwhile) are left alone.
+    (dulwich's repack held every object of the store in memory: 1.5 GB of heap for a
+    1.5 GB store.)
+    """
+    from dulwich.objects import ObjectID
 
-    return hear
+    store = repo.objects
+    old_packs = {os.path.basename(pack._basename): pack for pack in store.packs}
+    keep = sorted(oid for oid in scan.ids if ObjectID(oid.encode()) not in unreachable)
+    if keep:
+        writer = PackWriter(repo, expected=len(keep), repack=True)
+        try:
+            for oid in keep:
+                obj = repo.get_object(oid)
+                kind, raw = obj.type_name, obj.as_raw_string()
+                level = object_zlib_level(kind, raw)
+                prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
+                if writer.add(kind, [raw], level, prefix) != oid:
+                    raise GcWriteError(
+                        f"gc failed while packing: object {oid} read back as other content; no "
+                        "object was deleted; run `mintvcs fsck`"
+                    )
+                progress("packing", 1)
+        except BaseException:
+            writer.abort()
+            raise
+        name = writer.finish()
+        if name is not None:
+            old_packs.pop(name, None)  # the same objects as a pack we had: that file was replaced
+    for oid in scan.loose:  # packed now, or pruned
+        with suppress(FileNotFoundError):
+            store.delete_loose_object(ObjectID(oid.encode()))
+    for pack in old_packs.values():
+        store._remove_pack(pack)
+    repo.close()  # our maps and dulwich's pack list name the old packs
+    return len(keep)
 
 
 def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_progress) -> GcResult:
@@ -987,9 +1021,7 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
             unreachable -= _needed_now(repo, scan, reachable, unreachable, first_seen)
         _remove_stale_temporaries(repo, now)  # first: a killed gc's lock files would block this one
         try:
-            # dulwich writes the new pack completely (and renames it into place) before it
-            # deletes any loose object or old pack, so a failure here loses nothing.
-            packed = repo.objects.repack(exclude=unreachable, progress=_pack_progress(progress))
+            packed = _repack(repo, scan, unreachable, progress)
         except FileLocked as err:
             raise GcWriteError(
                 f"gc could not pack: {os.fsdecode(err.lockfilename)} exists (another gc, or one that was "

@@ -351,14 +351,18 @@ class PackWriter:
     which the next writer deletes once they are an hour old.
     """
 
-    def __init__(self, repo: Repository, expected: int | None = None) -> None:
+    def __init__(
+        self, repo: Repository, expected: int | None = None, *, repack: bool = False
+    ) -> None:
         """Open a temporary pack in `repo`'s objects/pack.
 
         With `expected` (the number of objects the caller will add), the header is written
         now and the pack's SHA-1 is computed as entries arrive; if a different number ends up
         in the pack (an object the store or the pack already held), finish() reads it back.
+        With `repack` (gc), objects the store holds already are written too.
         """
         self.repo = repo
+        self.repack = repack
         self.directory = repo.git_dir / "objects" / "pack"
         self.directory.mkdir(parents=True, exist_ok=True)
         _remove_stale_packs(self.directory)
@@ -388,7 +392,7 @@ class PackWriter:
         for view in views:
             digest.update(view)
         oid = digest.hexdigest()
-        if self.repo.has_object(oid, loose=oid[:2] in self.loose_dirs):
+        if not self.repack and self.repo.has_object(oid, loose=oid[:2] in self.loose_dirs):
             self.repo.freshen(oid)  # reused: gc must not take it for old garbage
             return oid
         if level == 0:
@@ -417,11 +421,18 @@ class PackWriter:
         _write_all(self.fd, pieces, offset)
         return oid
 
-    def finish(self) -> None:
-        """Seal the pack and move it and its index into place (nothing when it holds no object)."""
+    def abort(self) -> None:
+        """Drop the temporary pack: nothing of it reaches the store."""
+        with suppress(OSError):
+            os.close(self.fd)
+        Path(self.tmp).unlink(missing_ok=True)
+
+    def finish(self) -> str | None:
+        """Seal the pack and move it and its index into place; its name (`pack-<sha>`), or
+        None when it holds no object (then nothing is written)."""
         try:
             if not self.entries:
-                return
+                return None
             count = len(self.entries)
             if self.checksum is not None and count == self.expected:
                 checksum = self.checksum.digest()
@@ -440,6 +451,7 @@ class PackWriter:
             os.fchmod(self.fd, 0o444)
             os.replace(self.tmp, self.directory / f"{name}.pack")
             os.replace(tmp_idx, self.directory / f"{name}.idx")
+            return name
         finally:
             os.close(self.fd)
             Path(self.tmp).unlink(missing_ok=True)

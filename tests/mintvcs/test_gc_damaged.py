@@ -140,6 +140,10 @@ def test_gc_on_healthy_repository_packs_and_cleans_up(work: Path) -> None:
     assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == head
     again = json.loads(mint(work, "gc", "--json").stdout)  # and again, on a packed store
     assert again["pruned"] == 0 and again["packed"] > 0 and again["bytes_after"] > 0
+    # The same objects make the same pack: the file replaced in place must not be deleted.
+    assert len(list((git_dir / "objects" / "pack").glob("*.pack"))) == 1
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    git_fsck(work)
 
 
 def test_gc_refuses_while_another_gc_holds_the_lock(work: Path) -> None:
