@@ -821,10 +821,7 @@ def decode_link(
     if base.blob_id != header.base:
         raise ValueError(f"{name}: base planes of {base.blob_id} given for a link on {header.base}")
     _check_base_shape(base, header, name)
-    if base.depth != header.depth - 1:
-        raise CorruptBlobError(
-            name, f"base {header.base} has depth {base.depth}, expected {header.depth - 1}"
-        )
+    _check_base_depth(header, base.depth, name)
     planes = _segment_planes(segments, header, name, check_raw=False)
     grid = np.empty((header.group, plane_len), dtype=np.uint8)
     for row, plane, below in zip(grid, planes, base.grid, strict=True):
@@ -874,18 +871,8 @@ def chain_planes(
         if (header.encoding == "xor") != (not last or base is not None):
             what = "is not an xor blob" if header.encoding != "xor" else "needs its base blob"
             raise CorruptBlobError(name, f"blob {index} of the chain {what} ({header.base})")
-        if (header.dtype, header.nbytes, header.group, header.rotate) != (
-            tip.dtype, tip.nbytes, tip.group, tip.rotate,
-        ):  # fmt: skip
-            raise CorruptBlobError(
-                name, f"base {headers[index - 1].base} decodes to {header.nbytes} bytes "
-                f"{header.dtype}, expected {tip.nbytes} bytes {tip.dtype}",
-            )  # fmt: skip
-        below = headers[index + 1].depth if not last else base.depth if base else None
-        if below is not None and below != header.depth - 1:
-            raise CorruptBlobError(
-                name, f"base {header.base} has depth {below}, expected {header.depth - 1}"
-            )
+        if index:  # each link against the blob below it: so all of them against the tip
+            check_base(headers[index - 1], header, name=name)
     plane_len = tip.nbytes // tip.group
     if base is not None:
         if base.blob_id != headers[-1].base:
@@ -893,6 +880,7 @@ def chain_planes(
                 f"base planes of {base.blob_id} given for a link on {headers[-1].base}"
             )
         _check_base_shape(base, tip, name)
+        _check_base_depth(headers[-1], base.depth, name)
     planes = _plane_arrays(blobs[0], tip, name, check_raw=check_raw)
     grid: npt.NDArray[np.uint8] | None = None
     # One link at a time: a deep chain never holds every link's planes at once.
@@ -931,9 +919,13 @@ def check_base(link: BlobHeader, base: BlobHeader, *, name: str = "<tensor>") ->
             name, f"base {link.base} decodes to {base.nbytes} bytes {base.dtype}, "
             f"expected {link.nbytes} bytes {link.dtype}",
         )  # fmt: skip
-    if base.depth != link.depth - 1:
+    _check_base_depth(link, base.depth, name)
+
+
+def _check_base_depth(link: BlobHeader, depth: int, name: str) -> None:
+    if depth != link.depth - 1:
         raise CorruptBlobError(
-            name, f"base {link.base} has depth {base.depth}, expected {link.depth - 1}"
+            name, f"base {link.base} has depth {depth}, expected {link.depth - 1}"
         )
 
 

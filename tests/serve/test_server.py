@@ -523,6 +523,14 @@ def test_api_key_file_rotates_without_a_restart(
             assert time.monotonic() < deadline, (token, wanted)
             time.sleep(0.02)
 
+    def logged(srv: BackgroundServer, text: str) -> None:
+        """Ask with the token until the server's log says `text` (it reads the file as asked)."""
+        deadline = time.monotonic() + 10
+        while text not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            status(srv, "new-token")
+            time.sleep(0.02)
+
     with caplog.at_level(logging.INFO, logger="mintvcs.serve"), BackgroundServer(config) as srv:
         assert (status(srv, "old-token"), status(srv, "new-token")) == (200, 401)
         key.write_text("# rotation: both until the clients move\nold-token\n\n  new-token  \n")
@@ -531,19 +539,11 @@ def test_api_key_file_rotates_without_a_restart(
         key.write_text("new-token\n")
         eventually(srv, "old-token", 401)
         key.write_text("")  # emptied by mistake: keep what worked rather than lock everyone out
-        deadline = time.monotonic() + 10
-        while "keeping the 1 token(s) read before" not in caplog.text:
-            assert time.monotonic() < deadline, caplog.text
-            status(srv, "new-token")
-            time.sleep(0.02)
+        logged(srv, "keeping the 1 token(s) read before")
         assert status(srv, "new-token") == 200
         assert "re-read: 2 token(s)" in caplog.text
         key.unlink()  # gone: the same, with its own warning
-        deadline = time.monotonic() + 10
-        while "cannot read --api-key-file" not in caplog.text:
-            assert time.monotonic() < deadline, caplog.text
-            status(srv, "new-token")
-            time.sleep(0.02)
+        logged(srv, "cannot read --api-key-file")
         assert status(srv, "new-token") == 200
     key.write_text("# no token here\n")
     with pytest.raises(ApiKeyFileError, match="holds no token"):
