@@ -930,6 +930,18 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
         path.unlink(missing_ok=True)
 
 
+# The name of the pack gc wrote last: while it is the store's only pack and nothing is loose or
+# due for pruning, the next gc has nothing to rewrite.
+LAST_PACK_FILE = "mint-gc-pack"
+
+
+def _last_pack(repo: Repository) -> str | None:
+    try:
+        return (repo.git_dir / LAST_PACK_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def _repack(
     repo: Repository, scan: _Scan, unreachable: set[ObjectID], progress: PhaseProgress
 ) -> int:
@@ -946,6 +958,9 @@ def _repack(
     store = repo.objects
     old_packs = {os.path.basename(pack._basename): pack for pack in store.packs}
     keep = sorted(oid for oid in scan.ids if ObjectID(oid.encode()) not in unreachable)
+    if not scan.loose and not unreachable and set(old_packs) == {_last_pack(repo)}:
+        # Nothing new since our last gc wrote the one pack: rewriting it would give the same file.
+        return len(keep)
     if keep:
         writer = PackWriter(repo, expected=len(keep), repack=True)
         try:
@@ -966,6 +981,7 @@ def _repack(
         name = writer.finish()
         if name is not None:
             old_packs.pop(name, None)  # the same objects as a pack we had: that file was replaced
+            (repo.git_dir / LAST_PACK_FILE).write_text(name + "\n")
     for oid in scan.loose:  # packed now, or pruned
         with suppress(FileNotFoundError):
             store.delete_loose_object(ObjectID(oid.encode()))

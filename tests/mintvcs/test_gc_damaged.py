@@ -138,9 +138,18 @@ def test_gc_on_healthy_repository_packs_and_cleans_up(work: Path) -> None:
     assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
     git_fsck(work)
     assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == head
+    (pack,) = (git_dir / "objects" / "pack").glob("*.pack")
+    written = pack.stat()
     again = json.loads(mint(work, "gc", "--json").stdout)  # and again, on a packed store
-    assert again["pruned"] == 0 and again["packed"] > 0 and again["bytes_after"] > 0
-    # The same objects make the same pack: the file replaced in place must not be deleted.
+    assert again["pruned"] == 0 and again["packed"] == first["packed"] > 0
+    # Nothing new since: the pack gc wrote is left as it is, not written again.
+    assert (pack.stat().st_ino, pack.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    # A new commit's loose objects: the next gc packs everything into a new pack, the only one.
+    mutate(work, seed=31)
+    mint(work, "commit", "-m", "after gc", "--no-verify")
+    third = json.loads(mint(work, "gc", "--json").stdout)
+    assert third["packed"] > first["packed"]
+    assert [p.name for p in (git_dir / "objects" / "pack").glob("*.pack")] != [pack.name]
     assert len(list((git_dir / "objects" / "pack").glob("*.pack"))) == 1
     assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
     git_fsck(work)
