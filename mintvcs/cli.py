@@ -152,12 +152,22 @@ _MODEL_COMMANDS = ("serve", "demo")  # they load models: BLAS keeps its threads
     "--base-model", help="Base model: a local checkpoint directory (fingerprinted) or an id."
 )
 @click.option("--no-hooks", is_flag=True, help="Do not install the validating pre-commit hook.")
-def init(directory: Path, base_model: str | None, no_hooks: bool) -> None:
+@json_option
+def init(directory: Path, base_model: str | None, no_hooks: bool, as_json: bool) -> None:
     """Create an empty repository (.mint/) in DIRECTORY."""
     from mintvcs import porcelain
 
     repo = porcelain.init(directory, base_model, install_hooks=not no_hooks)
     base = repo.base
+    if as_json:
+        _emit_json(
+            {
+                "git_dir": str(repo.git_dir.resolve()),
+                "base_model": base.model_id if base else None,
+                "base_fingerprint": base.fingerprint if base else None,
+            }
+        )
+        return
     click.echo(f"Initialized empty mintvcs repository in {repo.git_dir}")
     if base is not None:
         click.echo(
@@ -528,7 +538,8 @@ def tag(
 @click.argument("ref", required=False)
 @click.option("-b", "new_branch", help="Create branch NEW at REF (default HEAD) and switch to it.")
 @click.option("-f", "--force", is_flag=True, help="Overwrite uncommitted changes in the work tree.")
-def checkout(ref: str | None, new_branch: str | None, force: bool) -> None:
+@json_option
+def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool) -> None:
     """Write revision REF into the work tree as a PEFT adapter directory."""
     from mintvcs import porcelain
 
@@ -539,6 +550,9 @@ def checkout(ref: str | None, new_branch: str | None, force: bool) -> None:
     repo = _open_repo()
     was_on = repo.current_branch()
     result = porcelain.checkout(repo, ref, new_branch=new_branch, force=force)
+    if as_json:  # a deploy script learns which revision it got without a second command
+        _emit_json({"commit": result.commit, "branch": result.branch, "created": result.created})
+        return
     if result.created:
         click.echo(f"Switched to a new branch '{result.branch}'")
     elif result.branch and result.branch == was_on:
@@ -552,13 +566,17 @@ def checkout(ref: str | None, new_branch: str | None, force: bool) -> None:
 @main.command()
 @click.argument("rev")
 @click.option("--hard", is_flag=True, help="Also rewrite the work tree.")
-def reset(rev: str, hard: bool) -> None:
+@json_option
+def reset(rev: str, hard: bool, as_json: bool) -> None:
     """Move the current branch to REV."""
     from mintvcs import porcelain
 
     repo = _open_repo()
     _warn_if_ambiguous(repo, rev)
     oid = porcelain.reset(repo, rev, hard=hard)
+    if as_json:
+        _emit_json({"commit": oid, "branch": repo.current_branch(), "hard": hard})
+        return
     summary = repo.commit_info(oid).message.splitlines()
     click.echo(f"HEAD is now at {oid[:7]} {summary[0] if summary else ''}")
 

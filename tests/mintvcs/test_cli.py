@@ -697,6 +697,31 @@ def test_fsck_and_gc_keep_everything_readable(work: Path) -> None:
     git_fsck(work)
 
 
+def test_init_checkout_and_reset_speak_json(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    """A deploy script learns what it got without a second command."""
+    work = tmp_path / "json"
+    made = json.loads(
+        mint(tmp_path, "init", str(work), "--base-model", str(tiny_base), "--json").stdout
+    )
+    assert made["git_dir"] == str((work / ".mint").resolve())
+    assert made["base_model"] == tiny_base.name and made["base_fingerprint"] == fingerprint(
+        tiny_base
+    )
+    copy_adapter(peft_adapter, work)
+    first = commit(work, "first")
+    mutate(work, seed=1)
+    second = commit(work, "second")
+    detached = json.loads(mint(work, "checkout", first, "--json").stdout)
+    assert detached == {"commit": first, "branch": None, "created": False}
+    branched = json.loads(mint(work, "checkout", "-b", "exp", "--json").stdout)
+    assert branched == {"commit": first, "branch": "exp", "created": True}
+    moved = json.loads(mint(work, "reset", "--hard", second, "--json").stdout)
+    assert moved == {"commit": second, "branch": "exp", "hard": True}
+    assert head(work) == second
+
+
 # ------------------------------------------------------------------ hooks
 def _install_hook(work: Path, name: str, body: str) -> None:
     path = work / ".mint" / "hooks" / name
