@@ -630,7 +630,13 @@ def gc(no_prune: bool, as_json: bool) -> None:
                 "pruned": result.pruned,
                 "bytes_before": result.bytes_before,
                 "bytes_after": result.bytes_after,
+                "rewritten": result.rewritten,
             }
+        )
+        return
+    if not result.rewritten:
+        click.echo(
+            f"nothing to do: {result.packed} objects checked, already packed; store {result.bytes_after:,} bytes"
         )
         return
     click.echo(

@@ -753,10 +753,11 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
 class GcResult:
     """What `gc` did."""
 
-    packed: int
+    packed: int  # objects in the store's pack afterwards
     pruned: int
     bytes_before: int
     bytes_after: int
+    rewritten: bool = True  # False: nothing new since the pack gc wrote last, left as it was
 
 
 # oid -> unix time gc first found it unreachable (or its loose file's mtime): the age of
@@ -944,9 +945,10 @@ def _last_pack(repo: Repository) -> str | None:
 
 def _repack(
     repo: Repository, scan: _Scan, unreachable: set[ObjectID], progress: PhaseProgress
-) -> int:
+) -> tuple[int, bool]:
     """Write every object the scan found, but `unreachable`, into one new pack, one object at a
-    time; then delete the loose objects and the packs it replaces. Returns the objects packed.
+    time; then delete the loose objects and the packs it replaces. Returns the objects packed
+    and whether anything was written.
 
     The new pack is complete and in place before anything is deleted, so a failure loses
     nothing; objects written after the scan (a commit landing meanwhile) are left alone.
@@ -960,7 +962,7 @@ def _repack(
     keep = sorted(oid for oid in scan.ids if ObjectID(oid.encode()) not in unreachable)
     if not scan.loose and not unreachable and set(old_packs) == {_last_pack(repo)}:
         # Nothing new since our last gc wrote the one pack: rewriting it would give the same file.
-        return len(keep)
+        return len(keep), False
     if keep:
         writer = PackWriter(repo, expected=len(keep), repack=True)
         try:
@@ -988,7 +990,7 @@ def _repack(
     for pack in old_packs.values():
         store._remove_pack(pack)
     repo.close()  # our maps and dulwich's pack list name the old packs
-    return len(keep)
+    return len(keep), True
 
 
 def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_progress) -> GcResult:
@@ -1037,7 +1039,7 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
             unreachable -= _needed_now(repo, scan, reachable, unreachable, first_seen)
         _remove_stale_temporaries(repo, now)  # first: a killed gc's lock files would block this one
         try:
-            packed = _repack(repo, scan, unreachable, progress)
+            packed, rewritten = _repack(repo, scan, unreachable, progress)
         except FileLocked as err:
             raise GcWriteError(
                 f"gc could not pack: {os.fsdecode(err.lockfilename)} exists (another gc, or one that was "
@@ -1055,4 +1057,4 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
                 # it) or not removable stays, and gc has still done its work.
                 with suppress(OSError):
                     os.rmdir(fan.path)
-        return GcResult(packed, len(unreachable), before, _store_size(repo))
+        return GcResult(packed, len(unreachable), before, _store_size(repo), rewritten)

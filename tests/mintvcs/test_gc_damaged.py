@@ -142,6 +142,8 @@ def test_gc_on_healthy_repository_packs_and_cleans_up(work: Path) -> None:
     written = pack.stat()
     again = json.loads(mint(work, "gc", "--json").stdout)  # and again, on a packed store
     assert again["pruned"] == 0 and again["packed"] == first["packed"] > 0
+    assert first["rewritten"] and not again["rewritten"]
+    assert mint(work, "gc").stdout.startswith("nothing to do: ")
     # Nothing new since: the pack gc wrote is left as it is, not written again.
     assert (pack.stat().st_ino, pack.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     # A new commit's loose objects: the next gc packs everything into a new pack, the only one.
