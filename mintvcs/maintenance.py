@@ -1004,7 +1004,6 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
     restore still needs.
     """
     from dulwich.errors import ChecksumMismatch, ObjectFormatException
-    from dulwich.file import FileLocked
     from dulwich.objects import ObjectID
 
     with _gc_lock(repo):
@@ -1037,15 +1036,9 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
             # A commit that started meanwhile may reuse an old unreachable object (it freshens
             # it) or have moved a ref to it: look again just before anything is deleted.
             unreachable -= _needed_now(repo, scan, reachable, unreachable, first_seen)
-        _remove_stale_temporaries(repo, now)  # first: a killed gc's lock files would block this one
+        _remove_stale_temporaries(repo, now)  # a killed gc's store-sized temporary pack, first
         try:
             packed, rewritten = _repack(repo, scan, unreachable, progress)
-        except FileLocked as err:
-            raise GcWriteError(
-                f"gc could not pack: {os.fsdecode(err.lockfilename)} exists (another gc, or one that was "
-                "killed: remove the file if no mintvcs or git process is running); no object was "
-                "deleted"
-            ) from None
         except (OSError, zlib.error, ChecksumMismatch, ObjectFormatException, ValueError) as err:
             raise GcWriteError(
                 f"gc failed while packing ({err}); no object was deleted; run `mintvcs fsck`"

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +25,6 @@ from mintvcs.checksums import adler32, crc32
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
-    from dulwich.object_store import DiskObjectStore
-    from dulwich.objects import ShaFile
 
     from mintvcs.store import Repository
 
@@ -272,49 +270,6 @@ def place_file(directory: Path, path: Path, pieces: list[Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-_LEVELLED: type[DiskObjectStore] | None = None
-
-
-def levelled_store_class() -> type[DiskObjectStore]:
-    """dulwich's DiskObjectStore, except that packs compress each object at its own level.
-
-    dulwich deflates a whole pack at one level; git readers take any level per object,
-    so gc stores tensor blobs at level 0 (zstd inside) and every other object at level 6.
-    """
-    global _LEVELLED
-    if _LEVELLED is not None:
-        return _LEVELLED
-    from dulwich.object_store import DiskObjectStore
-    from dulwich.pack import UnpackedObject, pack_object_header
-
-    class LevelledObjectStore(DiskObjectStore):
-        def add_objects(
-            self, objects: Sequence[tuple[ShaFile, str | None]], progress: Any = None
-        ) -> Any:
-            def records() -> Iterator[UnpackedObject]:
-                for obj, _path in objects:
-                    raw = obj.as_raw_string()
-                    unpacked = UnpackedObject(
-                        obj.type_num, delta_base=None, crc32=None, decomp_chunks=[raw],
-                        sha=obj.sha().digest(),
-                    )  # fmt: skip
-                    head = pack_object_header(obj.type_num, None, len(raw), self.object_format)
-                    level = object_zlib_level(obj.type_name, raw)
-                    if level == TENSOR_ZLIB_LEVEL:
-                        prefix = codec.read_header(raw).payload_offset
-                        body = zlib_tensor([memoryview(raw)], prefix)
-                    else:
-                        body = [zlib.compress(raw, level)]
-                    # Precompressed chunks are written as they are.
-                    unpacked.comp_chunks = [bytes(head), *(bytes(b) for b in body)]
-                    yield unpacked
-
-            return self.add_pack_data(len(objects), records(), progress=progress)
-
-    _LEVELLED = LevelledObjectStore
-    return _LEVELLED
 
 
 def object_zlib_level(kind: bytes, content: bytes | memoryview) -> int:

@@ -41,7 +41,6 @@ from mintvcs.packs import (
     PackFile,
     PackWriter,
     inflate,
-    levelled_store_class,
     place_file,
     read_fd,
     slicer,
@@ -368,8 +367,10 @@ class Repository:
 
     @cached_property
     def objects(self) -> DiskObjectStore:
-        """The git object store; packs it writes compress each object at its own zlib level."""
-        return levelled_store_class().from_config(str(self.git_dir / "objects"), self.config)
+        """The git object store, as dulwich reads it (our own writers write packs: PackWriter)."""
+        from dulwich.object_store import DiskObjectStore
+
+        return DiskObjectStore.from_config(str(self.git_dir / "objects"), self.config)
 
     @cached_property
     def config(self) -> Any:
@@ -781,7 +782,8 @@ class Repository:
         _check_record(record, header)
         base = None
         if header.encoding == "xor":
-            cached = self.plane_cache.get(header.base) if self.plane_cache and header.base else None
+            cache = self.plane_cache
+            cached = cache.get(header.base) if cache is not None and header.base else None
             if cached is None:
                 return None
             codec.check_base(header, cached[0], name=name)
@@ -1181,12 +1183,10 @@ class Repository:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return None
-            head = zlib.decompressobj().decompress(os.read(fd, 256), 32)
-        except zlib.error:
-            return None
+            head = _loose_head(os.read(fd, 1024))
         finally:
             os.close(fd)
-        kind = head.partition(b" ")[0]
+        kind = head[0] if head is not None else b""
         return kind.decode() if kind in (b"commit", b"tree", b"blob", b"tag") else None
 
     def peel(self, oid: str) -> str:
@@ -1330,13 +1330,23 @@ def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) 
     A megabyte of zlib inflates to a gigabyte of whitespace: metadata (a manifest, a config)
     that claims more than any real adapter's is refused unread.
     """
+    head = _loose_head(raw)
+    if head is None:
+        return  # inflate() reports it
+    size = head[1]
+    if size.isdigit() and int(size) > max_size:
+        raise _too_large(oid, int(size), max_size, what)
+
+
+def _loose_head(raw: bytes | memoryview) -> tuple[bytes, bytes] | None:
+    """(type, size) as a loose object's header writes them, inflated from its first bytes only;
+    None when they do not inflate."""
     try:
         head = zlib.decompressobj().decompress(bytes(raw[:1024]), 64)
     except zlib.error:
-        return  # inflate() reports it
-    size = head.partition(b"\0")[0].partition(b" ")[2]
-    if size.isdigit() and int(size) > max_size:
-        raise _too_large(oid, int(size), max_size, what)
+        return None
+    kind, _, size = head.partition(b"\0")[0].partition(b" ")
+    return kind, size
 
 
 def _too_large(oid: str, size: int, max_size: int, what: str) -> CorruptObjectError:

@@ -112,12 +112,10 @@ class ServerConfig:
             raise ServerError(
                 f"default_max_tokens {self.default_max_tokens} must be in [1, max_tokens_limit={self.max_tokens_limit}]"
             )
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ServerError(f"cpu_threads must be at least 1 or None, got {self.cpu_threads}")
-        if self.max_queued_requests is not None and self.max_queued_requests < 1:
-            raise ServerError(
-                f"max_queued_requests must be at least 1 or None, got {self.max_queued_requests}"
-            )
+        for name in ("cpu_threads", "max_queued_requests"):  # None: chosen for you, no bound
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ServerError(f"{name} must be at least 1 or None, got {value}")
         if not self.body_timeout > 0:
             raise ServerError(f"body_timeout must be positive, got {self.body_timeout}")
         if not 0 <= self.port < 65536:

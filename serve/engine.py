@@ -87,10 +87,10 @@ class EngineConfig:
         for name in ("max_batch_size", "max_num_batched_tokens", "adapter_slots", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise EngineError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise EngineError(f"cpu_threads must be at least 1 or None, got {self.cpu_threads}")
-        if self.max_waiting is not None and self.max_waiting < 1:
-            raise EngineError(f"max_waiting must be at least 1 or None, got {self.max_waiting}")
+        for name in ("cpu_threads", "max_waiting"):  # None: chosen for you, no bound
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EngineError(f"{name} must be at least 1 or None, got {value}")
         bad = set(self.lora_targets) - set(LORA_MODULES)
         if bad:
             raise EngineError(
