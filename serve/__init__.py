@@ -21,7 +21,7 @@ from mintvcs.serve.engine import (
 )
 from mintvcs.serve.loader import CheckpointError, ModelConfig, UnsupportedModelError
 from mintvcs.serve.model import LORA_MODULES, Model
-from mintvcs.serve.sampling import InvalidSamplingParams, SamplingParams
+from mintvcs.serve.sampling import InvalidSamplingParams, SamplingParams, TokenLogprobs
 from mintvcs.serve.scheduler import TokenEvent
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "SamplingParams",
     "StoreSource",
     "TokenEvent",
+    "TokenLogprobs",
     "UnsupportedModelError",
     "prepare_adapter",
 ]

@@ -26,7 +26,7 @@ from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, p
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.loader import load_tokenizer, read_config, safetensors_files
 from mintvcs.serve.model import LORA_MODULES, Model
-from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams
+from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams, TokenLogprobs
 from mintvcs.serve.scheduler import Scheduler, Sequence, TokenEvent
 from mintvcs.serve.slots import AdapterPools, Residency
 from mintvcs.serve.threads import available_cpus, one_intraop_thread, set_intraop_threads
@@ -132,6 +132,9 @@ class Completion:
     finish_reason: str
     revision: str | None
     prompt_tokens: int
+    # When the request's SamplingParams asked for them: one per generated token / prompt token.
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 # What a request's sink posts to its stream's queue: one event or error, or several at once.
@@ -227,6 +230,44 @@ class LoopMailbox:
             items, self._items, self._scheduled = self._items, [], False
         for target, item in items:
             target.put_nowait(item)
+
+
+class _LoopSink:
+    """A request's sink that posts its events to an event loop (held back until the end without `stream`)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        mailbox: LoopMailbox,
+        events: asyncio.Queue[_Posted],
+        stream: bool,
+    ) -> None:
+        self.engine = engine
+        self.mailbox = mailbox
+        self.events = events
+        self.stream = stream
+        self.request_id = -1
+        self.held: list[TokenEvent | BaseException] = []  # touched by the step thread only
+
+    def __call__(self, item: TokenEvent | BaseException) -> None:
+        # A caller that waits for the whole text gains nothing from a loop wakeup per step,
+        # which is Python work competing with the step thread for the GIL and the CPUs.
+        if (
+            not self.stream
+            and isinstance(item, TokenEvent)
+            and item.finish_reason is None
+            and item.index > 1
+        ):
+            self.held.append(item)
+            return
+        posted: _Posted = item
+        if self.held:
+            posted = [*self.held, item]
+            self.held.clear()
+        if not self.mailbox.post(
+            self.events, posted
+        ):  # the loop is closed: nobody listens any more
+            self.engine.cancel(self.request_id)
 
 
 class Engine:
@@ -508,31 +549,33 @@ class Engine:
         With stream=False the first event still comes at once (it confirms admission), and the
         rest arrive together when the request ends.
         """
+        return self.submit_many([(prompt, revision, params)], stream=stream)[0]
+
+    def submit_many(
+        self,
+        requests: Seq[tuple[str | Seq[int], str | None, SamplingParams | None]],
+        *,
+        stream: bool = True,
+    ) -> list[RequestStream]:
+        """submit() for several requests at once: all of them are queued, or none (a refusal raises)."""
         mailbox = self._mailbox(asyncio.get_running_loop())
-        events: asyncio.Queue[_Posted] = asyncio.Queue()
-        held: list[TokenEvent | BaseException] = []  # touched by the step thread only
-
-        def sink(item: TokenEvent | BaseException) -> None:
-            # A caller that waits for the whole text gains nothing from a loop wakeup per step,
-            # which is Python work competing with the step thread for the GIL and the CPUs.
-            if (
-                not stream
-                and isinstance(item, TokenEvent)
-                and item.finish_reason is None
-                and item.index > 1
-            ):
-                held.append(item)
-                return
-            posted: _Posted = item
-            if held:
-                posted = [*held, item]
-                held.clear()
-            if not mailbox.post(events, posted):  # the loop is closed: nobody listens any more
-                self.cancel(seq.request_id)
-
-        seq = self._new_sequence(prompt, revision, params, sink)
-        self._enqueue(seq)
-        return RequestStream(self, seq, events)
+        seqs: list[Sequence] = []
+        streams: list[RequestStream] = []
+        try:
+            for prompt, revision, params in requests:
+                events: asyncio.Queue[_Posted] = asyncio.Queue()
+                sink = _LoopSink(self, mailbox, events, stream)
+                seq = self._new_sequence(prompt, revision, params, sink)
+                sink.request_id = seq.request_id
+                seqs.append(seq)
+                streams.append(RequestStream(self, seq, events))
+            self._enqueue(*seqs)
+        except BaseException:
+            with self._lock:
+                for seq in seqs:
+                    self._seqs.pop(seq.request_id, None)
+            raise
+        return streams
 
     async def stream(
         self,
@@ -580,6 +623,7 @@ class Engine:
                         return
                     parts.append(item)
                     if item.finish_reason is not None:
+                        logprobs = [e.logprobs for e in parts if e.logprobs is not None]
                         future.set_result(
                             Completion(
                                 text="".join(e.text for e in parts),
@@ -587,6 +631,8 @@ class Engine:
                                 finish_reason=item.finish_reason,
                                 revision=revision,
                                 prompt_tokens=item.prompt_tokens,
+                                logprobs=logprobs if len(logprobs) == len(parts) else None,
+                                prompt_logprobs=parts[0].prompt_logprobs,
                             )
                         )
 

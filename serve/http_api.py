@@ -9,13 +9,14 @@ revision is still a clean 422 even for a streaming request.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -33,13 +34,15 @@ from mintvcs.serve.app import (
     read_json,
 )
 from mintvcs.serve.refwatch import Resolution, check_spec
-from mintvcs.serve.sampling import SamplingParams
+from mintvcs.serve.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
 from mintvcs.serve.scheduler import TokenEvent
 
 log = logging.getLogger("mintvcs.serve")
 
 REVISION_HEADER = "X-Mint-Revision"
 MAX_STOP_STRINGS = 16
+# Prompts x n per OpenAI request: every choice is its own sequence in the batch.
+MAX_CHOICES = 128
 # The template used when the base has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in docs/http.md.
 PLAIN_CHAT_SEPARATOR = "\n"
@@ -93,11 +96,6 @@ def sampling_params(
 # OpenAI (and vLLM) request fields that change what is generated, with the values that change
 # nothing: anything else is refused, since ignoring it would silently return other text.
 _NEUTRAL: dict[str, tuple[object, ...]] = {
-    "n": (1,),
-    "best_of": (1,),
-    "logprobs": (False, 0),
-    "top_logprobs": (0,),
-    "echo": (False,),
     "suffix": ("",),
     "presence_penalty": (0,),
     "frequency_penalty": (0,),
@@ -141,54 +139,98 @@ class Admitted:
     resolution: Resolution
     stream: Any  # RequestStream
     first: TokenEvent
-    prompt_tokens: int
+    prompt_ids: list[int]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """How many tokens the prompt has."""
+        return len(self.prompt_ids)
 
 
-async def admit(
-    request: web.Request,
-    prompt: str,
-    spec: object,
-    params: SamplingParams,
-    *,
-    stream: bool,
-    special_tokens: bool = True,
-) -> Admitted:
-    """Check size, resolve the ref once, submit, and await the first event (errors become 4xx).
+Prompt = str | list[int]  # text, or token ids sent as they are
 
-    Without `stream`, the tokens after the first reach this loop together when the request ends.
-    `special_tokens=False` encodes the prompt as it is (a chat template writes its own BOS).
-    """
-    state = request.app[STATE]
+
+def _prompt_ids(state: ServerState, prompt: Prompt, special_tokens: bool) -> list[int]:
+    """A prompt's token ids; 400 for an empty or malformed prompt, 413 for one too large."""
     engine = state.require_engine()
-    if not isinstance(prompt, str) or not prompt:
-        raise HTTPError(400, "prompt must be a non-empty string", "prompt")
-    size = len(prompt.encode("utf-8", "surrogatepass"))
-    if size > state.config.max_prompt_bytes:
-        raise HTTPError(
-            413,
-            f"the prompt is {size} bytes; this server takes at most {state.config.max_prompt_bytes}",
-            "prompt_too_large",
-        )
-    ids = engine.encode(prompt, special_tokens=special_tokens)
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise HTTPError(400, "a token-id prompt must be a non-empty list of integers", "prompt")
+        ids = prompt
+    else:
+        if not isinstance(prompt, str) or not prompt:
+            raise HTTPError(400, "prompt must be a non-empty string", "prompt")
+        size = len(prompt.encode("utf-8", "surrogatepass"))
+        if size > state.config.max_prompt_bytes:
+            raise HTTPError(
+                413,
+                f"the prompt is {size} bytes; this server takes at most {state.config.max_prompt_bytes}",
+                "prompt_too_large",
+            )
+        ids = engine.encode(prompt, special_tokens=special_tokens)
     if len(ids) >= engine.max_model_len:
         raise HTTPError(
             413,
             f"the prompt is {len(ids)} tokens; the model context is {engine.max_model_len}",
             "prompt_too_long",
         )
+    return ids
+
+
+async def admit_many(
+    request: web.Request,
+    requests: list[tuple[Prompt, SamplingParams]],
+    spec: object,
+    *,
+    stream: bool,
+    special_tokens: bool = True,
+) -> list[Admitted]:
+    """Check sizes, resolve the ref once, submit all (or none), and await each first event (errors become 4xx).
+
+    Without `stream`, the tokens after the first reach this loop together when each request ends.
+    `special_tokens=False` encodes text prompts as they are (a chat template writes its own BOS).
+    """
+    state = request.app[STATE]
+    engine = state.require_engine()
+    ids = [_prompt_ids(state, prompt, special_tokens) for prompt, _ in requests]
     name = check_spec(spec)
     resolution = state.watcher.resolve(name)
     label = state.ref_label(resolution.ref)
     request[REF_KEY] = label
-    submitted = engine.submit(ids, resolution.commit, params, stream=stream)
+    submitted = engine.submit_many(
+        [(i, resolution.commit, params) for i, (_, params) in zip(ids, requests, strict=True)],
+        stream=stream,
+    )
+    firsts: list[TokenEvent] = []
     try:
-        first = await submitted.__anext__()
+        for one in submitted:
+            firsts.append(await one.__anext__())
     except BaseException:
-        submitted.cancel()
+        for one in submitted:
+            one.cancel()
         raise
-    state.tokens.inc((label, "prompt"), len(ids))
+    state.tokens.inc((label, "prompt"), sum(len(i) for i in ids))
     state.first_token_latency.observe(time.monotonic() - request[STARTED_KEY])
-    return Admitted(name, label, resolution, submitted, first, len(ids))
+    return [
+        Admitted(name, label, resolution, one, first, i)
+        for one, first, i in zip(submitted, firsts, ids, strict=True)
+    ]
+
+
+async def admit(
+    request: web.Request,
+    prompt: Prompt,
+    spec: object,
+    params: SamplingParams,
+    *,
+    stream: bool,
+    special_tokens: bool = True,
+) -> Admitted:
+    """admit_many() for one request."""
+    admitted = await admit_many(
+        request, [(prompt, params)], spec, stream=stream, special_tokens=special_tokens
+    )
+    return admitted[0]
 
 
 async def events(admitted: Admitted) -> AsyncIterator[TokenEvent]:
@@ -199,6 +241,39 @@ async def events(admitted: Admitted) -> AsyncIterator[TokenEvent]:
             return
         async for event in stream:
             yield event
+
+
+async def merged_events(choices: list[Admitted]) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """(choice index, event) of several requests as they come; leaving early cancels them all."""
+    if len(choices) == 1:
+        async for event in events(choices[0]):
+            yield 0, event
+        return
+    arrivals: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, choice: Admitted) -> None:
+        try:
+            async for event in events(choice):
+                arrivals.put_nowait((index, event))
+        except Exception as err:
+            arrivals.put_nowait((index, err))
+        finally:
+            arrivals.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(choices)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await arrivals.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _headers(admitted: Admitted) -> dict[str, str]:
@@ -234,21 +309,19 @@ def _event_bytes(payload: dict[str, Any], event: str | None = None) -> bytes:
 
 async def _run_stream(
     request: web.Request,
-    admitted: Admitted,
-    chunk: Callable[[TokenEvent], dict[str, Any] | None],
-    done: Callable[[str, TokenEvent], list[bytes]],
+    choices: list[Admitted],
+    chunk: Callable[[int, TokenEvent], dict[str, Any] | None],
+    done: Callable[[list[TokenEvent]], list[bytes]],
     error: Callable[[str], bytes],
 ) -> web.StreamResponse:
     """Send one SSE chunk per event, then the closing chunks; count tokens; stop on disconnect."""
     state = request.app[STATE]
-    response = await _sse(request, admitted)
-    text: list[str] = []
-    last: TokenEvent | None = None
+    response = await _sse(request, choices[0])
+    lasts: list[TokenEvent | None] = [None] * len(choices)
     try:
-        async for event in events(admitted):
-            last = event
-            text.append(event.text)
-            payload = chunk(event)
+        async for index, event in merged_events(choices):
+            lasts[index] = event
+            payload = chunk(index, event)
             if payload is not None and not await _write(request, response, _event_bytes(payload)):
                 return response
     except Exception as err:
@@ -262,47 +335,178 @@ async def _run_stream(
         request[STATUS_KEY] = 500
         return response
     finally:
-        if last is not None:
-            state.tokens.inc((admitted.label, "completion"), last.completion_tokens)
-    assert last is not None
-    for data in done("".join(text), last):
+        for choice, last in zip(choices, lasts, strict=True):
+            if last is not None:
+                state.tokens.inc((choice.label, "completion"), last.completion_tokens)
+    finished = [last for last in lasts if last is not None]
+    assert len(finished) == len(choices)
+    for data in done(finished):
         if not await _write(request, response, data):
             return response
     await response.write_eof()
     return response
 
 
-async def _collect(admitted: Admitted, state: ServerState) -> tuple[str, TokenEvent, list[int]]:
-    text: list[str] = []
-    ids: list[int] = []
-    last = admitted.first
-    async for event in events(admitted):
-        text.append(event.text)
-        ids.append(event.token_id)
-        last = event
-    state.tokens.inc((admitted.label, "completion"), last.completion_tokens)
-    return "".join(text), last, ids
+@dataclass
+class Collected:
+    """One request's whole output."""
+
+    text: str
+    last: TokenEvent
+    events: list[TokenEvent]
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids."""
+        return [e.token_id for e in self.events]
 
 
-def _usage(admitted: Admitted, last: TokenEvent) -> dict[str, int]:
+async def _collect(admitted: Admitted, state: ServerState) -> Collected:
+    got: list[TokenEvent] = []
+    try:
+        async for event in events(admitted):
+            got.append(event)
+    finally:
+        if got:
+            state.tokens.inc((admitted.label, "completion"), got[-1].completion_tokens)
+    return Collected("".join(e.text for e in got), got[-1], got)
+
+
+async def _collect_all(choices: list[Admitted], state: ServerState) -> list[Collected]:
+    """Every choice's output (an error in one cancels the others)."""
+    tasks = [asyncio.ensure_future(_collect(c, state)) for c in choices]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _usage(choices: list[Admitted], lasts: list[TokenEvent], n: int = 1) -> dict[str, int]:
+    """OpenAI's usage: each distinct prompt counted once (n choices share one), every choice's tokens."""
+    prompt = sum(c.prompt_tokens for c in choices[::n])
+    completion = sum(last.completion_tokens for last in lasts)
     return {
-        "prompt_tokens": admitted.prompt_tokens,
-        "completion_tokens": last.completion_tokens,
-        "total_tokens": admitted.prompt_tokens + last.completion_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
+
+
+# ---------------------------------------------------------------------------- logprobs
+def _logprobs_field(body: dict[str, Any], name: str) -> int | None:
+    """An integer count of alternatives in [0, MAX_LOGPROBS], or None when absent."""
+    value = field_of(body, name, (int,), None)
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise HTTPError(400, f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", name)
+    return cast(int | None, value)
+
+
+class TokenTexts:
+    """Each token id's text, as the logprobs responses name tokens (decoded alone, special tokens kept)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.texts: dict[int, str] = {}
+
+    def add(self, lps: Iterable[TokenLogprobs | None], token_ids: Iterable[int] = ()) -> None:
+        """Decode, in one call, every token id these logprobs (and `token_ids`) name that is not known yet."""
+        wanted = set(token_ids)
+        for lp in lps:
+            if lp is not None:
+                wanted.add(lp.token_id)
+                wanted.update(t for t, _ in lp.top)
+        new = sorted(wanted - self.texts.keys())
+        if not new:
+            return
+        if self.tokenizer is None:  # a base without tokenizer.json: vLLM's spelling
+            self.texts.update((t, f"token_id:{t}") for t in new)
+            return
+        decoded = self.tokenizer.decode_batch([[t] for t in new], skip_special_tokens=False)
+        self.texts.update(zip(new, decoded, strict=True))
+
+    def __getitem__(self, token_id: int) -> str:
+        return self.texts[token_id]
+
+
+def _generate_logprobs(lps: list[TokenLogprobs], texts: TokenTexts) -> list[dict[str, Any]]:
+    """`/generate`'s logprobs: one object per generated token, with token ids and texts."""
+    texts.add(lps)
+    return [
+        {
+            "token_id": lp.token_id,
+            "token": texts[lp.token_id],
+            "logprob": lp.logprob,
+            "top_logprobs": [{"token_id": t, "token": texts[t], "logprob": v} for t, v in lp.top],
+        }
+        for lp in lps
+    ]
+
+
+class CompletionLogprobs:
+    """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset) of one choice, built chunk by chunk."""
+
+    def __init__(self, texts: TokenTexts, offset: int) -> None:
+        self.texts = texts
+        self.offset = offset  # text_offset counts from the start of prompt + completion
+
+    def chunk(self, lps: list[tuple[int, TokenLogprobs | None]]) -> dict[str, Any]:
+        """The object for these (token id, logprobs) entries; None logprobs (a first prompt token) stay null."""
+        self.texts.add((lp for _, lp in lps), (t for t, _ in lps))
+        out: dict[str, list[Any]] = {
+            "tokens": [],
+            "token_logprobs": [],
+            "top_logprobs": [],
+            "text_offset": [],
+        }
+        for token_id, lp in lps:
+            text = self.texts[token_id]
+            out["tokens"].append(text)
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+            if lp is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            top = {self.texts[t]: v for t, v in lp.top}
+            top.setdefault(text, lp.logprob)  # OpenAI always includes the chosen token
+            out["token_logprobs"].append(lp.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+
+def _chat_logprobs(lps: list[TokenLogprobs], texts: TokenTexts) -> dict[str, Any]:
+    """The chat `logprobs` object: content entries with token, logprob, bytes and top_logprobs."""
+    texts.add(lps)
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = texts[token_id]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+            for lp in lps
+        ]
+    }
+
+
+def _event_logprobs(events: list[TokenEvent]) -> list[TokenLogprobs]:
+    return [e.logprobs for e in events if e.logprobs is not None]
 
 
 # ---------------------------------------------------------------------------- /generate
 async def generate(request: web.Request) -> web.StreamResponse:
-    """POST /generate: {prompt, ref, max_tokens, temperature, top_p, top_k, seed, stop, stream}."""
+    """POST /generate: {prompt, ref, max_tokens, temperature, top_p, top_k, seed, stop, stream, logprobs}."""
     state = request.app[STATE]
     body = await read_json(request)
     prompt = field_of(body, "prompt", (str,))
     spec = field_of(body, "ref", (str,), "main")
     stream = field_of(body, "stream", (bool,), False)
     return_ids = field_of(body, "return_token_ids", (bool,), False)
-    params = sampling_params(body, state)
+    params = replace(sampling_params(body, state), logprobs=_logprobs_field(body, "logprobs"))
     admitted = await admit(request, prompt, spec, params, stream=stream)
+    texts = TokenTexts(state.require_engine().tokenizer)
 
     def result(text: str, last: TokenEvent) -> dict[str, Any]:
         return {
@@ -310,21 +514,32 @@ async def generate(request: web.Request) -> web.StreamResponse:
             "ref": admitted.spec,
             "revision": admitted.resolution.commit,
             "resolved_ref": admitted.resolution.ref,
-            "usage": _usage(admitted, last),
+            "usage": _usage([admitted], [last]),
             "finish_reason": last.finish_reason,
         }
 
     if not stream:
-        text, last, ids = await _collect(admitted, state)
-        out = result(text, last)
+        got = await _collect(admitted, state)
+        out = result(got.text, got.last)
         if return_ids:
-            out["token_ids"] = ids
+            out["token_ids"] = got.token_ids
+        if params.logprobs is not None:
+            out["logprobs"] = _generate_logprobs(_event_logprobs(got.events), texts)
         return web.json_response(out, headers=_headers(admitted))
+    text: list[str] = []
+
+    def chunk(_: int, event: TokenEvent) -> dict[str, Any]:
+        text.append(event.text)
+        out: dict[str, Any] = {"text": event.text, "index": event.index, "token_id": event.token_id}
+        if event.logprobs is not None:
+            out["logprobs"] = _generate_logprobs([event.logprobs], texts)[0]
+        return out
+
     return await _run_stream(
         request,
-        admitted,
-        lambda e: {"text": e.text, "index": e.index, "token_id": e.token_id},
-        lambda text, last: [_event_bytes(result(text, last), "done")],
+        [admitted],
+        chunk,
+        lambda lasts: [_event_bytes(result("".join(text), lasts[0]), "done")],
         lambda message: _event_bytes(error_body(request.path, 500, message), "error"),
     )
 
@@ -339,14 +554,14 @@ def _oai_error_event(message: str) -> bytes:
 
 
 class _OpenAIEnvelope:
-    """The fields every OpenAI response object of one request repeats around its choice."""
+    """The fields every OpenAI response object of one request repeats around its choices."""
 
     def __init__(self, prefix: str, admitted: Admitted) -> None:
         self.id, self.created = _oai_ids(prefix)
         self.admitted = admitted
 
-    def wrap(self, kind: str, choice: dict[str, Any]) -> dict[str, Any]:
-        """One response object (or stream chunk) of type `kind` holding `choice`."""
+    def wrap(self, kind: str, *choices: dict[str, Any]) -> dict[str, Any]:
+        """One response object (or stream chunk) of type `kind` holding `choices`."""
         revision = self.admitted.resolution.commit
         return {
             "id": self.id,
@@ -355,57 +570,163 @@ class _OpenAIEnvelope:
             "model": self.admitted.spec,
             "system_fingerprint": revision,
             "revision": revision,
-            "choices": [choice],
+            "choices": list(choices),
         }
+
+
+def _choice_count(body: dict[str, Any], prompts: int) -> int:
+    """`n` (choices per prompt), with best_of only at its neutral values; 400 past MAX_CHOICES in all."""
+    n = field_of(body, "n", (int,), 1)
+    if n < 1:
+        raise HTTPError(400, f"n must be at least 1, got {n}", "n")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of not in (1, n):
+        raise HTTPError(
+            400,
+            f"best_of={best_of!r:.40} is not supported by this server; leave it out",
+            "unsupported",
+        )
+    if n * prompts > MAX_CHOICES:
+        raise HTTPError(
+            400,
+            f"{prompts} prompt(s) x n={n} is {n * prompts} choices; at most {MAX_CHOICES} per request",
+            "n",
+        )
+    return cast(int, n)
+
+
+def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n copies of params; a seed gives choice j the seed + j, so the choices differ and each reproduces."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [replace(params, seed=(params.seed + j) % 2**63) for j in range(n)]
+
+
+def _completion_prompts(body: dict[str, Any]) -> list[Prompt]:
+    """`prompt` as OpenAI takes it: a string, a list of strings, token ids, or a list of token-id lists."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [prompt]
+        if all(isinstance(p, (str, list)) for p in prompt):
+            return list(prompt)
+    raise HTTPError(
+        400,
+        "field 'prompt' must be a string, a list of strings, a list of token ids, "
+        "or a list of token-id lists",
+        "prompt",
+    )
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions, where `model` is the ref."""
     state = request.app[STATE]
     body = await read_json(request)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # the openai client may wrap a single prompt in a list
-    if not isinstance(prompt, str):
-        raise HTTPError(400, "field 'prompt' must be a string (one prompt per request)", "prompt")
+    prompts = _completion_prompts(body)
     spec = field_of(body, "model", (str,))
     stream = field_of(body, "stream", (bool,), False)
+    echo = field_of(body, "echo", (bool,), False)
     _refuse_unsupported(body)
-    params = sampling_params(body, state)
-    admitted = await admit(request, prompt, spec, params, stream=stream)
-    envelope = _OpenAIEnvelope("cmpl", admitted)
+    n = _choice_count(body, len(prompts))
+    logprobs = _logprobs_field(body, "logprobs")
+    # max_tokens 0 with echo scores the prompt only (as lm-eval asks): one token is generated
+    # and not reported.
+    score_only = echo and body.get("max_tokens") == 0
+    params = sampling_params({**body, "max_tokens": 1} if score_only else body, state)
+    params = replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+    requests = [(p, q) for p in prompts for q in _choice_params(params, n)]
+    choices = await admit_many(request, requests, spec, stream=stream)
+    envelope = _OpenAIEnvelope("cmpl", choices[0])
+    engine = state.require_engine()
+    texts = TokenTexts(engine.tokenizer)
+    # The prompt's text: as sent, or decoded from the token ids sent (echo returns it).
+    prompt_texts = [
+        p if isinstance(p, str) else (engine.tokenizer.decode(p) if engine.tokenizer else "")
+        for p, _ in requests
+    ]
+    echoes = prompt_texts if echo else [""] * len(requests)
+    offsets = [CompletionLogprobs(texts, 0 if echo else len(t)) for t in prompt_texts]
 
-    def obj(choice: dict[str, Any]) -> dict[str, Any]:
-        return envelope.wrap("text_completion", choice)
+    def prompt_entries(i: int) -> list[tuple[int, TokenLogprobs | None]]:
+        found = choices[i].first.prompt_logprobs
+        if not echo or found is None:
+            return []
+        return list(zip(choices[i].prompt_ids, found, strict=True))
+
+    def lp_object(i: int, evs: list[TokenEvent], with_prompt: bool) -> dict[str, Any] | None:
+        if logprobs is None:
+            return None
+        entries = prompt_entries(i) if with_prompt else []
+        if not score_only:
+            entries += [(e.token_id, e.logprobs) for e in evs]
+        return offsets[i].chunk(entries)
+
+    def obj(*items: dict[str, Any]) -> dict[str, Any]:
+        return envelope.wrap("text_completion", *items)
 
     if not stream:
-        text, last, _ = await _collect(admitted, state)
-        out = obj({"text": text, "index": 0, "logprobs": None, "finish_reason": last.finish_reason})
-        out["usage"] = _usage(admitted, last)
-        return web.json_response(out, headers=_headers(admitted))
+        got = await _collect_all(choices, state)
+        out = obj(
+            *(
+                {
+                    "text": echoes[i] + ("" if score_only else g.text),
+                    "index": i,
+                    "logprobs": lp_object(i, g.events, True),
+                    "finish_reason": g.last.finish_reason,
+                }
+                for i, g in enumerate(got)
+            )
+        )
+        out["usage"] = _completion_usage(choices, [g.last for g in got], n, score_only)
+        return web.json_response(out, headers=_headers(choices[0]))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    started = [False] * len(choices)
+    pending: list[list[TokenEvent]] = [[] for _ in choices]
 
-    def done(text: str, last: TokenEvent) -> list[bytes]:
-        final = obj({"text": "", "index": 0, "logprobs": None, "finish_reason": last.finish_reason})
-        chunks = [_event_bytes(final)]
+    def chunk(i: int, event: TokenEvent) -> dict[str, Any] | None:
+        first = not started[i]
+        started[i] = True
+        pending[i].append(event)
+        text = echoes[i] * first + ("" if score_only else event.text)
+        if not text and not first:
+            return None  # held-back text: its logprobs go with the next chunk that has text
+        evs, pending[i] = pending[i], []
+        return obj(
+            {"text": text, "index": i, "logprobs": lp_object(i, evs, first), "finish_reason": None}
+        )
+
+    def done(lasts: list[TokenEvent]) -> list[bytes]:
+        finals = [
+            obj(
+                {
+                    "text": "",
+                    "index": i,
+                    "logprobs": lp_object(i, pending[i], False) if pending[i] else None,
+                    "finish_reason": last.finish_reason,
+                }
+            )
+            for i, last in enumerate(lasts)
+        ]
+        chunks = [_event_bytes(f) for f in finals]
         if include_usage:
-            tail = obj({})
-            tail["choices"] = []
-            tail["usage"] = _usage(admitted, last)
+            tail = obj()
+            tail["usage"] = _completion_usage(choices, lasts, n, score_only)
             chunks.append(_event_bytes(tail))
         return [*chunks, b"data: [DONE]\n\n"]
 
-    return await _run_stream(
-        request,
-        admitted,
-        lambda e: (
-            obj({"text": e.text, "index": 0, "logprobs": None, "finish_reason": None})
-            if e.text
-            else None
-        ),
-        done,
-        _oai_error_event,
-    )
+    return await _run_stream(request, choices, chunk, done, _oai_error_event)
+
+
+def _completion_usage(
+    choices: list[Admitted], lasts: list[TokenEvent], n: int, score_only: bool
+) -> dict[str, int]:
+    usage = _usage(choices, lasts, n)
+    if score_only:  # the one token generated to score the prompt is not an output
+        usage["total_tokens"] -= usage["completion_tokens"]
+        usage["completion_tokens"] = 0
+    return usage
 
 
 def _message_text(message: Any, index: int) -> tuple[str, str]:
@@ -497,66 +818,85 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     spec = field_of(body, "model", (str,))
     stream = field_of(body, "stream", (bool,), False)
     _refuse_unsupported(body)
+    n = _choice_count(body, 1)
+    want_logprobs = field_of(body, "logprobs", (bool,), False)
+    top = _logprobs_field(body, "top_logprobs")
+    if top and not want_logprobs:
+        raise HTTPError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     params = sampling_params(body, state, to_context_end=True)
+    params = replace(params, logprobs=(top or 0) if want_logprobs else None)
     prompt, templated = render_chat(messages, state.tokenizer_config)
     # A chat template writes BOS itself; the tokenizer adding another would shift every logit.
-    admitted = await admit(
-        request, prompt, spec, params, stream=stream, special_tokens=not templated
+    choices = await admit_many(
+        request,
+        [(prompt, q) for q in _choice_params(params, n)],
+        spec,
+        stream=stream,
+        special_tokens=not templated,
     )
-    obj = _OpenAIEnvelope("chatcmpl", admitted).wrap
+    obj = _OpenAIEnvelope("chatcmpl", choices[0]).wrap
+    texts = TokenTexts(state.require_engine().tokenizer)
+
+    def lp_object(evs: list[TokenEvent]) -> dict[str, Any] | None:
+        return _chat_logprobs(_event_logprobs(evs), texts) if want_logprobs else None
 
     if not stream:
-        text, last, _ = await _collect(admitted, state)
+        got = await _collect_all(choices, state)
         out = obj(
             "chat.completion",
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": last.finish_reason,
-            },
+            *(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": g.text},
+                    "logprobs": lp_object(g.events),
+                    "finish_reason": g.last.finish_reason,
+                }
+                for i, g in enumerate(got)
+            ),
         )
-        out["usage"] = _usage(admitted, last)
-        return web.json_response(out, headers=_headers(admitted))
+        out["usage"] = _usage(choices, [g.last for g in got], n)
+        return web.json_response(out, headers=_headers(choices[0]))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    started = False
+    started = [False] * len(choices)
+    pending: list[list[TokenEvent]] = [[] for _ in choices]
 
-    def chunk(event: TokenEvent) -> dict[str, Any] | None:
-        nonlocal started
+    def chunk(i: int, event: TokenEvent) -> dict[str, Any] | None:
+        pending[i].append(event)
         delta: dict[str, Any] = {}
-        if not started:
+        if not started[i]:
             delta["role"] = "assistant"
-            started = True
-        if event.text or delta:
-            delta["content"] = event.text
-            return obj(
-                "chat.completion.chunk",
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None},
-            )
-        return None
+            started[i] = True
+        if not (event.text or delta):
+            return None  # held-back text: its logprobs go with the next chunk that has text
+        delta["content"] = event.text
+        evs, pending[i] = pending[i], []
+        return obj(
+            "chat.completion.chunk",
+            {"index": i, "delta": delta, "logprobs": lp_object(evs), "finish_reason": None},
+        )
 
-    def done(text: str, last: TokenEvent) -> list[bytes]:
+    def done(lasts: list[TokenEvent]) -> list[bytes]:
         chunks = [
             _event_bytes(
                 obj(
                     "chat.completion.chunk",
                     {
-                        "index": 0,
+                        "index": i,
                         "delta": {},
-                        "logprobs": None,
+                        "logprobs": lp_object(pending[i]) if pending[i] else None,
                         "finish_reason": last.finish_reason,
                     },
                 )
             )
+            for i, last in enumerate(lasts)
         ]
         if include_usage:
-            tail = obj("chat.completion.chunk", {})
-            tail["choices"] = []
-            tail["usage"] = _usage(admitted, last)
+            tail = obj("chat.completion.chunk")
+            tail["usage"] = _usage(choices, lasts, n)
             chunks.append(_event_bytes(tail))
         return [*chunks, b"data: [DONE]\n\n"]
 
-    return await _run_stream(request, admitted, chunk, done, _oai_error_event)
+    return await _run_stream(request, choices, chunk, done, _oai_error_event)
 
 
 async def models(request: web.Request) -> web.Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,11 +63,16 @@ class StepBatch:
     decode_mask: torch.Tensor | None
     max_decode_len: int
     prefills: list[tuple[int, int, int]]  # (start, length, kv_slot), prefill starts at position 0
-    logits_index: torch.Tensor  # [num_seqs] index of each sequence's last token
+    # [R] the token rows whose logits forward() returns: each sequence's last token, and every
+    # token of a scored prefill (prompt logprobs)
+    logits_index: torch.Tensor
     # (first, end) KV slots the decodes' attention reads as one view instead of gathering them;
     # None = gather decode_kv_slots. decode_rows: each decode's row in that span (None = in order).
     decode_span: tuple[int, int] | None = None
     decode_rows: torch.Tensor | None = None
+    # Each sequence's last-token row within forward()'s output; None = row i is sequence i
+    # (no prefill was scored).
+    seq_rows: list[int] | None = None
 
     @classmethod
     def build(
@@ -75,13 +80,19 @@ class StepBatch:
         decodes: Sequence[tuple[int, int, int, int]],
         prefills: Sequence[tuple[Sequence[int], int, int]],
         device: torch.device,
+        *,
+        scored: Collection[int] = (),
     ) -> StepBatch:
-        """Flatten decodes (token, position, kv_slot, lora_slot) and prefills (tokens, kv_slot, lora_slot)."""
+        """Flatten decodes (token, position, kv_slot, lora_slot) and prefills (tokens, kv_slot, lora_slot).
+
+        `scored` holds the indices of prefills whose every token's logits are wanted, not only the last.
+        """
         ids: list[int] = []
         pos: list[int] = []
         kv: list[int] = []
         lora: list[int] = []
         last: list[int] = []
+        rows: list[int] = []  # logits rows, when a prefill is scored
         for token, position, kv_slot, lora_slot in decodes:
             last.append(len(ids))
             ids.append(token)
@@ -89,7 +100,10 @@ class StepBatch:
             kv.append(kv_slot)
             lora.append(lora_slot)
         spans: list[tuple[int, int, int]] = []
-        for tokens, kv_slot, lora_slot in prefills:
+        seq_rows: list[int] | None = list(range(len(decodes))) if scored else None
+        if scored:
+            rows.extend(last)
+        for i, (tokens, kv_slot, lora_slot) in enumerate(prefills):
             start = len(ids)
             n = len(tokens)
             ids.extend(tokens)
@@ -98,12 +112,15 @@ class StepBatch:
             lora.extend([lora_slot] * n)
             spans.append((start, n, kv_slot))
             last.append(start + n - 1)
+            if seq_rows is not None:
+                rows.extend(range(start, start + n) if i in scored else (start + n - 1,))
+                seq_rows.append(len(rows) - 1)
         num_decode = len(decodes)
         lengths = [p + 1 for p in pos[:num_decode]]
         max_len = max(lengths, default=0)
         mask = None
         span: tuple[int, int] | None = None
-        rows = None
+        decode_rows = None
         if num_decode:
             kv_slots = kv[:num_decode]
             first, end = min(kv_slots), max(kv_slots) + 1
@@ -116,7 +133,7 @@ class StepBatch:
                 for slot, n in zip(kv_slots, lengths, strict=True):
                     row_lengths[slot - first] = n
                 if kv_slots != list(range(first, end)):
-                    rows = torch.tensor(
+                    decode_rows = torch.tensor(
                         [s - first for s in kv_slots], dtype=torch.long, device=device
                     )
                 lengths = row_lengths
@@ -134,9 +151,10 @@ class StepBatch:
             decode_mask=mask,
             max_decode_len=max_len,
             prefills=spans,
-            logits_index=torch.tensor(last, dtype=torch.long, device=device),
+            logits_index=torch.tensor(rows if scored else last, dtype=torch.long, device=device),
             decode_span=span,
-            decode_rows=rows,
+            decode_rows=decode_rows,
+            seq_rows=seq_rows,
         )
 
 
@@ -443,7 +461,24 @@ class Model:
         *,
         all_logits: bool = False,
     ) -> torch.Tensor:
-        """Run one step; return fp32 logits [num_seqs, vocab] (or [T, vocab] with all_logits)."""
+        """Run one step; return fp32 logits of batch.logits_index's rows [R, vocab] (or [T, vocab] with all_logits)."""
+        return self.head(self.hidden(batch, kv, lora, all_rows=all_logits))
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [R, vocab] of final hidden states [R, hidden] (from hidden())."""
+        return linear(hidden, self.lm_head).float()
+
+    @torch.inference_mode()
+    def hidden(
+        self,
+        batch: StepBatch,
+        kv: KVCache,
+        lora: LoraBatch | None = None,
+        *,
+        all_rows: bool = False,
+    ) -> torch.Tensor:
+        """Run one step; return the final-normed hidden states of batch.logits_index's rows (or all)."""
         c = self.config
         n_tokens = batch.input_ids.shape[0]
         qs, kvs = c.q_size, c.kv_size
@@ -483,10 +518,9 @@ class Model:
             if lora is not None:
                 _apply_lora(down, act, lora, i, down_group, "down")
             h.add_(down)
-        if not all_logits:
+        if not all_rows:
             h = h[batch.logits_index]
-        h = _rms_norm(h, self.norm, c.rms_norm_eps)
-        return linear(h, self.lm_head).float()
+        return _rms_norm(h, self.norm, c.rms_norm_eps)
 
     def _attention(
         self,

@@ -16,6 +16,12 @@ class InvalidSamplingParams(MintError):
     """A sampling parameter is out of range."""
 
 
+# The most alternatives a request may ask for per token (OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
+# A log-probability JSON cannot carry (-inf, NaN) is reported as this, as vLLM does.
+LOGPROB_FLOOR = -9999.0
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens and when it stops."""
@@ -28,6 +34,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # Log-probabilities of each generated (or prompt) token and of the N likeliest alternatives;
+    # None = not computed, 0 = the token's own only.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,6 +67,12 @@ class SamplingParams:
             raise InvalidSamplingParams("stop strings must be non-empty")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidSamplingParams(f"seed must be in [0, 2**63), got {self.seed}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidSamplingParams(
+                    f"{name} must be in [0, {MAX_LOGPROBS}] or None, got {value}"
+                )
 
     @property
     def greedy(self) -> bool:
@@ -92,6 +108,35 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     u = torch.rand((), generator=generator).item() * float(cum[-1])
     index = int(torch.searchsorted(cum, torch.tensor([u], device=cum.device)).item())
     return int(order[min(index, order.shape[0] - 1)])
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the model (raw logits, before temperature, top-k and top-p) and the likeliest alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprobs]:
+    """Log-probabilities of `tokens` [R] under fp32 logits [R, vocab], with the `top` likeliest of each row."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logprobs = torch.nan_to_num(logprobs, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR)
+    index = torch.tensor(list(tokens), dtype=torch.long, device=logprobs.device).unsqueeze(1)
+    chosen = logprobs.gather(1, index).squeeze(1).tolist()
+    if top:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[1]), dim=-1)
+        alternatives = [
+            tuple(zip(row_ids, row_values, strict=True))
+            for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+        ]
+    else:
+        alternatives = [()] * len(chosen)
+    return [
+        TokenLogprobs(token, value, alts)
+        for token, value, alts in zip(tokens, chosen, alternatives, strict=True)
+    ]
 
 
 # Prompt tokens decoded ahead of the output (as vLLM does): a SentencePiece (Metaspace) decoder

@@ -7,7 +7,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,10 +15,21 @@ import torch
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import Model, StepBatch
-from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams, find_stop, sample
+from mintvcs.serve.sampling import (
+    IncrementalDetokenizer,
+    SamplingParams,
+    TokenLogprobs,
+    find_stop,
+    sample,
+    token_logprobs,
+)
 from mintvcs.serve.slots import Residency
 
 log = logging.getLogger("mintvcs.serve")
+
+# Prompt logprobs go through the LM head this many rows at a time: a long prompt's whole
+# [tokens, vocab] logits at once would be gigabytes for a large vocabulary.
+PROMPT_LOGPROBS_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,9 @@ class TokenEvent:
     finish_reason: str | None = None  # "stop" | "length" when this is the last event
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+    # On the first event of a request that asked: one per prompt token (None for the first).
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None
 
 
 Sink = Callable[[TokenEvent | BaseException], None]
@@ -63,7 +77,12 @@ class Sequence:
         """Prompt plus generated tokens."""
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def append(self, token: int) -> TokenEvent:
+    def append(
+        self,
+        token: int,
+        logprobs: TokenLogprobs | None = None,
+        prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None,
+    ) -> TokenEvent:
         """Record a sampled token and decide whether the sequence is finished."""
         self.output_ids.append(token)
         self.detok.add(token)
@@ -102,6 +121,8 @@ class Sequence:
             finish_reason=reason,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.output_ids),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
@@ -231,20 +252,35 @@ class Scheduler:
         device = self.model.device
         used = {s.lora_slot for s in seqs if s.lora_slot >= 0}
         graphs = self.graphs
+        scored = [i for i, s in enumerate(admitted) if s.params.prompt_logprobs is not None]
+        prompt_logprobs: dict[int, tuple[TokenLogprobs | None, ...]] = {}
         try:
             logits = None
             if graphs is not None and not prefills:
                 logits = graphs.run(decodes, lora=bool(used))  # None: run this step eagerly
             if logits is None:
-                batch = StepBatch.build(decodes, prefills, device)
+                batch = StepBatch.build(decodes, prefills, device, scored=scored)
                 lora = None
                 if used:
                     assert self.residency is not None
                     lora = self.residency.pools.batch(
                         batch.token_lora_slots, used, self.kernel_backend
                     )
-                logits = self.model.forward(batch, self.kv, lora)
+                if scored:
+                    hidden = self.model.hidden(batch, self.kv, lora)
+                    assert batch.seq_rows is not None
+                    logits = self.model.head(hidden[batch.seq_rows])
+                    for i in scored:
+                        seq = admitted[i]
+                        last = batch.seq_rows[len(decodes) + i]
+                        first = last - len(seq.prompt_ids) + 1
+                        prompt_logprobs[seq.request_id] = self._prompt_logprobs(
+                            hidden[first:last], seq
+                        )
+                else:
+                    logits = self.model.forward(batch, self.kv, lora)
             tokens = self._sample(logits, seqs)
+            logprobs = self._logprobs(logits, seqs, tokens)
         except Exception as err:
             # A failed step must not take the engine down: fail this batch, keep serving.
             log.error("an engine step of %d sequences failed", len(seqs), exc_info=err)
@@ -256,10 +292,10 @@ class Scheduler:
             return True
         self.failed_steps_in_a_row = 0
         self.running = []
-        for seq, token in zip(seqs, tokens, strict=True):
+        for seq, token, token_lp in zip(seqs, tokens, logprobs, strict=True):
             if seq.first_token_at is None:
                 seq.first_token_at = time.monotonic()
-            event = seq.append(token)
+            event = seq.append(token, token_lp, prompt_logprobs.get(seq.request_id))
             if seq.finished:
                 self._finish(seq)
                 self.stats.finished += 1
@@ -290,6 +326,35 @@ class Scheduler:
             else:
                 out.append(sample(logits[i], seq.params, seq.generator))
         return out
+
+    def _logprobs(
+        self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]
+    ) -> list[TokenLogprobs | None]:
+        """Each sampled token's logprobs, for the sequences that asked (one batched pass)."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        out: list[TokenLogprobs | None] = [None] * len(seqs)
+        if not rows:
+            return out
+        top = max(seqs[i].params.logprobs or 0 for i in rows)
+        index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+        found = token_logprobs(logits[index], [tokens[i] for i in rows], top)
+        for i, lp in zip(rows, found, strict=True):
+            wanted = seqs[i].params.logprobs or 0
+            out[i] = lp if len(lp.top) == wanted else replace(lp, top=lp.top[:wanted])
+        return out
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, seq: Sequence
+    ) -> tuple[TokenLogprobs | None, ...]:
+        """Logprobs of prompt tokens 1.. from the hidden states of tokens 0..n-2, a few rows at a time."""
+        top = seq.params.prompt_logprobs or 0
+        targets = seq.prompt_ids[1:]
+        found: list[TokenLogprobs | None] = [None]
+        for start in range(0, len(targets), PROMPT_LOGPROBS_ROWS):
+            end = start + PROMPT_LOGPROBS_ROWS
+            logits = self.model.head(hidden[start:end])
+            found.extend(token_logprobs(logits, targets[start:end], top))
+        return tuple(found)
 
     def snapshot(self) -> dict[str, Any]:
         """Queue depth and running count."""

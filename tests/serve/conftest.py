@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from mintvcs import porcelain
 from mintvcs.serve import Engine, EngineConfig, PeftDirSource
+from mintvcs.serve.app import BackgroundServer, ServerConfig
+from mintvcs.store import Repository
 from tests.fixtures import ALL_LINEAR, make_peft_adapter
+from tests.serve.http_kit import TOKEN, commit_on, variant
 
 # name -> make_peft_adapter kwargs: different ranks, targets, scalings.
 ZOO: dict[str, dict[str, object]] = {
@@ -55,3 +59,82 @@ def engine(tiny_base: Path, zoo: dict[str, Path]) -> Iterator[Engine]:
         source=PeftDirSource(zoo),
     ) as eng:
         yield eng
+
+
+@pytest.fixture(scope="module")
+def adapters(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, peft_adapter: Path
+) -> dict[str, Path]:
+    """Adapters of tiny_base: two PEFT-made ones, scaled variants, and a PEFT DoRA one (refused)."""
+    root = tmp_path_factory.mktemp("server-adapters")
+    out = {
+        "a": peft_adapter,
+        "b": make_peft_adapter(
+            tiny_base,
+            root / "b",
+            r=4,
+            alpha=8,
+            target_modules=(
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ),
+            seed=5,
+            b_std=0.2,
+        ),
+    }
+    for i in range(1, 4):
+        out[f"a{i}"] = variant(peft_adapter, root / f"a{i}", 1.0 + i)
+    dora = root / "dora"
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_base)),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"
+        ),
+    )
+    model.save_pretrained(str(dora))
+    out["dora"] = dora
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, adapters: dict[str, Path]
+) -> Repository:
+    """main = a, product-b = b, tag prod = main's first commit, dora = a DoRA revision."""
+    repo = porcelain.init(tmp_path_factory.mktemp("server-repo") / "repo", str(tiny_base))
+    commit_on(repo, "main", adapters["a"], "adapter a")
+    porcelain.tag_create(repo, "prod", "main", message="release")
+    commit_on(repo, "product-b", adapters["b"], "adapter b")
+    commit_on(repo, "dora", adapters["dora"], "a DoRA adapter")
+    porcelain.checkout(repo, "main", force=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(
+    repo: Repository, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackgroundServer]:
+    """A server on an ephemeral loopback port, with a bearer token for the admin endpoints."""
+    key = tmp_path_factory.mktemp("key") / "token"
+    key.write_text(TOKEN + "\n")
+    config = ServerConfig(
+        repo=repo.work_tree or repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=512,
+        max_prompt_bytes=2000,
+        max_tokens_limit=400,
+        max_loras=4,
+        max_rank=16,
+        api_key_file=key,
+    )
+    with BackgroundServer(config) as srv:
+        yield srv

@@ -13,7 +13,6 @@ import shutil
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,181 +24,15 @@ from mintvcs.serve.app import BackgroundServer, ServerConfig
 from mintvcs.serve.refwatch import names_an_ancestor
 from mintvcs.store import Repository
 from tests.fixtures import make_peft_adapter
-
-TOKEN = "s3cret-token"
-
-
-# ---------------------------------------------------------------------------- helpers
-def request(
-    url: str,
-    body: Any = None,
-    *,
-    method: str | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 30,
-) -> tuple[int, dict[str, str], Any]:
-    """One HTTP call with urllib: (status, headers, parsed JSON or text); errors are returned, not raised."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(
-        url, data=data, method=method or ("POST" if data is not None else "GET")
-    )
-    req.add_header("Content-Type", "application/json")
-    for key, value in (headers or {}).items():
-        req.add_header(key, value)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status, head, raw = resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as err:
-        status, head, raw = err.code, dict(err.headers), err.read()
-    text = raw.decode()
-    try:
-        return status, head, json.loads(text)
-    except json.JSONDecodeError:
-        return status, head, text
-
-
-def variant(source: Path, dest: Path, factor: float) -> Path:
-    """A copy of a PEFT adapter with lora_B scaled: a distinct revision that acts differently."""
-    from safetensors.torch import load_file, save_file
-
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source / "adapter_config.json", dest / "adapter_config.json")
-    tensors = load_file(str(source / "adapter_model.safetensors"))
-    scaled = {k: (v * factor if "lora_B" in k else v).contiguous() for k, v in tensors.items()}
-    save_file(scaled, str(dest / "adapter_model.safetensors"))
-    return dest
-
-
-def commit_on(repo: Repository, branch: str, source: Path, message: str) -> str:
-    """Commit the adapter in `source` on `branch` (created from HEAD if new) with porcelain."""
-    if repo.current_branch() != branch:
-        if repo.refs.read(f"refs/heads/{branch}") is None:
-            porcelain.checkout(repo, "HEAD", new_branch=branch, force=True)
-        else:
-            porcelain.checkout(repo, branch, force=True)
-    return porcelain.commit(repo, message, source=source, verify=False, show_progress=False).commit
-
-
-def sse_events(text: str) -> list[tuple[str | None, str]]:
-    """(event name, data) of each server-sent event in a body."""
-    out = []
-    for block in text.strip().split("\n\n"):
-        event, data = None, []
-        for line in block.splitlines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data.append(line[6:])
-        out.append((event, "\n".join(data)))
-    return out
-
-
-def peft_greedy(base: Path, adapter: Path, prompt: str, max_new_tokens: int) -> list[int]:
-    """PEFT's greedy continuation of `prompt` (token ids, EOS included when reached)."""
-    import torch
-    from peft import PeftModel
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM
-
-    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
-    ids = tokenizer.encode(prompt).ids
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=2,
-            pad_token_id=2,
-        )
-    return [int(t) for t in out[0, len(ids) :]]
-
-
-# ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def adapters(
-    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, peft_adapter: Path
-) -> dict[str, Path]:
-    """Adapters of tiny_base: two PEFT-made ones, scaled variants, and a PEFT DoRA one (refused)."""
-    root = tmp_path_factory.mktemp("server-adapters")
-    out = {
-        "a": peft_adapter,
-        "b": make_peft_adapter(
-            tiny_base,
-            root / "b",
-            r=4,
-            alpha=8,
-            target_modules=(
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ),
-            seed=5,
-            b_std=0.2,
-        ),
-    }
-    for i in range(1, 4):
-        out[f"a{i}"] = variant(peft_adapter, root / f"a{i}", 1.0 + i)
-    dora = root / "dora"
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(tiny_base)),
-        LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True, task_type="CAUSAL_LM"
-        ),
-    )
-    model.save_pretrained(str(dora))
-    out["dora"] = dora
-    return out
-
-
-@pytest.fixture(scope="module")
-def repo(
-    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, adapters: dict[str, Path]
-) -> Repository:
-    """main = a, product-b = b, tag prod = main's first commit, dora = a DoRA revision."""
-    repo = porcelain.init(tmp_path_factory.mktemp("server-repo") / "repo", str(tiny_base))
-    commit_on(repo, "main", adapters["a"], "adapter a")
-    porcelain.tag_create(repo, "prod", "main", message="release")
-    commit_on(repo, "product-b", adapters["b"], "adapter b")
-    commit_on(repo, "dora", adapters["dora"], "a DoRA adapter")
-    porcelain.checkout(repo, "main", force=True)
-    return repo
-
-
-@pytest.fixture(scope="module")
-def server(
-    repo: Repository, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[BackgroundServer]:
-    """A server on an ephemeral loopback port, with a bearer token for the admin endpoints."""
-    key = tmp_path_factory.mktemp("key") / "token"
-    key.write_text(TOKEN + "\n")
-    config = ServerConfig(
-        repo=repo.work_tree or repo.git_dir,
-        base_model=tiny_base,
-        port=0,
-        max_model_len=512,
-        max_prompt_bytes=2000,
-        max_tokens_limit=400,
-        max_loras=4,
-        max_rank=16,
-        api_key_file=key,
-    )
-    with BackgroundServer(config) as srv:
-        yield srv
-
-
-def gen(server: BackgroundServer, **body: Any) -> tuple[int, dict[str, str], Any]:
-    """POST /generate."""
-    return request(server.url + "/generate", body)
+from tests.serve.http_kit import (
+    TOKEN,
+    commit_on,
+    gen,
+    peft_greedy,
+    request,
+    sse_events,
+    variant,
+)
 
 
 # ---------------------------------------------------------------------------- generate
@@ -390,9 +223,13 @@ def test_bad_input_on_openai_routes_uses_openai_error_shape(server: BackgroundSe
     )
     assert status == 400
     status, _, body = request(
-        server.url + "/v1/completions", {"model": "main", "prompt": "x", "n": 3}
+        server.url + "/v1/completions", {"model": "main", "prompt": "x", "n": 2, "best_of": 3}
     )
-    assert status == 400
+    assert status == 400 and "best_of" in body["error"]["message"]
+    status, _, body = request(
+        server.url + "/v1/completions", {"model": "main", "prompt": ["x", "y"], "n": 65}
+    )
+    assert status == 400 and "130 choices" in body["error"]["message"]
     status, _, body = request(server.url + "/nope")
     assert status == 404 and "error" in body
     status, _, body = request(server.url + "/generate", method="GET")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mintvcs import porcelain
-from tests.serve.test_server import request
+from tests.serve.http_kit import request
 
 
 def _start(args: list[str]) -> subprocess.Popen[str]:

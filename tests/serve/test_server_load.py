@@ -12,7 +12,7 @@ import pytest
 
 from mintvcs import porcelain
 from mintvcs.serve.app import BackgroundServer, ServerConfig
-from tests.serve.test_server import commit_on, variant
+from tests.serve.http_kit import commit_on, variant
 
 REQUESTS = 500
 REFS = 50

@@ -1,0 +1,213 @@
+"""Logprobs, echo, n and batched prompts over HTTP: the fields evaluation harnesses and RL rollouts send."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mintvcs.serve.app import BackgroundServer
+from tests.serve.http_kit import gen, request, sse_events
+
+
+def _peft_logprobs(base: Path, adapter: Path, ids: list[int]) -> torch.Tensor:
+    """log_softmax of PEFT's logits at every position of `ids` [len, vocab]."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _ids(base: Path, text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return list(Tokenizer.from_file(str(base / "tokenizer.json")).encode(text).ids)
+
+
+def completions(server: BackgroundServer, **body: Any) -> tuple[int, Any]:
+    status, _, answer = request(server.url + "/v1/completions", {"model": "main", **body})
+    return status, answer
+
+
+def test_echo_logprobs_score_token_prompts_as_lm_eval_asks(
+    server: BackgroundServer, tiny_base: Path, adapters: dict[str, Path]
+) -> None:
+    # lm-eval-harness's loglikelihood request: token-id prompts, echo, logprobs=1, max_tokens=1.
+    prompts = [_ids(tiny_base, "Hello world, the cat"), _ids(tiny_base, "A dog ran")]
+    status, answer = completions(
+        server, prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0
+    )
+    assert status == 200, answer
+    assert [c["index"] for c in answer["choices"]] == [0, 1]
+    for ids, choice in zip(prompts, answer["choices"], strict=True):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt, then one generated token
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        expected = _peft_logprobs(tiny_base, adapters["a"], ids)
+        for j in range(1, len(ids)):
+            assert lp["token_logprobs"][j] == pytest.approx(
+                float(expected[j - 1][ids[j]]), abs=1e-4
+            )
+            # The likeliest alternative plus the token itself (OpenAI's logprobs + 1 at most).
+            top = lp["top_logprobs"][j]
+            assert 1 <= len(top) <= 2
+            assert max(top.values()) == pytest.approx(float(expected[j - 1].max()), abs=1e-4)
+        # Greedy: the generated token is the likeliest after the prompt.
+        assert lp["token_logprobs"][-1] == pytest.approx(float(expected[-1].max()), abs=1e-4)
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    assert answer["usage"]["prompt_tokens"] == sum(len(p) for p in prompts)
+
+
+def test_max_tokens_zero_with_echo_scores_the_prompt_only(server: BackgroundServer) -> None:
+    status, answer = completions(server, prompt="Hello world", echo=True, logprobs=0, max_tokens=0)
+    assert status == 200, answer
+    choice = answer["choices"][0]
+    assert choice["text"] == "Hello world"
+    assert answer["usage"]["completion_tokens"] == 0
+    prompt_tokens = answer["usage"]["prompt_tokens"]
+    assert len(choice["logprobs"]["token_logprobs"]) == prompt_tokens
+    # Without echo, max_tokens 0 is still a mistake.
+    status, answer = completions(server, prompt="Hello world", max_tokens=0)
+    assert status == 400 and "max_tokens" in answer["error"]["message"]
+
+
+def test_n_choices_are_each_a_seeded_request(server: BackgroundServer) -> None:
+    body = {"prompt": "Once upon", "max_tokens": 8, "temperature": 1.0, "seed": 41}
+    status, answer = completions(server, n=3, **body)
+    assert status == 200, answer
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    for j, choice in enumerate(answer["choices"]):
+        alone = completions(server, **{**body, "seed": 41 + j})[1]
+        assert choice["text"] == alone["choices"][0]["text"]
+    assert len({c["text"] for c in answer["choices"]}) > 1  # different seeds, different samples
+    one = completions(server, **body)[1]
+    assert answer["usage"]["prompt_tokens"] == one["usage"]["prompt_tokens"]  # counted once
+    assert answer["usage"]["completion_tokens"] == sum(
+        completions(server, **{**body, "seed": 41 + j})[1]["usage"]["completion_tokens"]
+        for j in range(3)
+    )
+
+
+def test_several_prompts_with_n_keep_openai_order(server: BackgroundServer) -> None:
+    prompts = ["The sky", "A cat sat", "Numbers: 1 2"]
+    status, answer = completions(server, prompt=prompts, n=2, max_tokens=5, temperature=0)
+    assert status == 200, answer
+    texts = [c["text"] for c in sorted(answer["choices"], key=lambda c: c["index"])]
+    for p, prompt in enumerate(prompts):
+        alone = completions(server, prompt=prompt, max_tokens=5, temperature=0)[1]
+        assert texts[2 * p] == texts[2 * p + 1] == alone["choices"][0]["text"]
+
+
+def test_generate_logprobs_equal_peft(
+    server: BackgroundServer, tiny_base: Path, adapters: dict[str, Path]
+) -> None:
+    status, _, answer = gen(
+        server, prompt="Hello world", max_tokens=6, temperature=0, logprobs=3, ignore_eos=True
+    )
+    assert status == 200, answer
+    prompt = _ids(tiny_base, "Hello world")
+    tokens = [e["token_id"] for e in answer["logprobs"]]
+    expected = _peft_logprobs(tiny_base, adapters["a"], prompt + tokens)
+    for i, entry in enumerate(answer["logprobs"]):
+        row = expected[len(prompt) - 1 + i]
+        assert entry["logprob"] == pytest.approx(float(row[entry["token_id"]]), abs=1e-4)
+        assert [t["token_id"] for t in entry["top_logprobs"]] == torch.topk(row, 3)[1].tolist()
+        assert entry["top_logprobs"][0]["token_id"] == entry["token_id"]
+    # Streaming sends each token's logprobs with its event.
+    status, _, raw = gen(
+        server,
+        prompt="Hello world",
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        ignore_eos=True,
+        stream=True,
+    )
+    streamed = [json.loads(d) for e, d in sse_events(raw) if e is None]
+    assert [s["logprobs"] for s in streamed] == answer["logprobs"]
+
+
+def test_streamed_choices_and_logprobs_add_up_to_the_whole(server: BackgroundServer) -> None:
+    body = {"prompt": ["Hello world", "The sky"], "n": 2, "max_tokens": 6, "logprobs": 2}
+    body.update(temperature=0.8, seed=5)
+    status, whole = completions(server, **body)
+    assert status == 200
+    status, _, raw = request(
+        server.url + "/v1/completions", {"model": "main", **body, "stream": True}
+    )
+    chunks = [json.loads(d) for _, d in sse_events(raw) if d != "[DONE]"]
+    for choice in whole["choices"]:
+        i = choice["index"]
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        tokens = [t for c in mine if c["logprobs"] for t in c["logprobs"]["tokens"]]
+        values = [v for c in mine if c["logprobs"] for v in c["logprobs"]["token_logprobs"]]
+        assert tokens == choice["logprobs"]["tokens"]
+        assert values == choice["logprobs"]["token_logprobs"]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [choice["finish_reason"]]
+
+
+def test_openai_client_chat_logprobs_and_n(server: BackgroundServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages: Any = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(
+        model="main", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3
+    )
+    plain = gen(server, prompt="user: Hi\nassistant:", max_tokens=5, temperature=0, logprobs=3)[2]
+    assert chat.choices[0].logprobs is not None
+    content = chat.choices[0].logprobs.content
+    assert content is not None
+    assert [c.logprob for c in content] == [e["logprob"] for e in plain["logprobs"]]
+    assert [c.token for c in content] == [e["token"] for e in plain["logprobs"]]
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token for c in content)
+    assert (
+        "".join(bytes(c.bytes or []).decode() for c in content) == chat.choices[0].message.content
+    )
+
+    many = client.chat.completions.create(
+        model="main", messages=messages, max_tokens=5, temperature=0.9, seed=3, n=4
+    )
+    assert sorted(c.index for c in many.choices) == [0, 1, 2, 3]
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(
+        model="main", messages=messages, max_tokens=5, temperature=0.9, seed=3, n=4, stream=True
+    ):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert streamed == {c.index: c.message.content for c in many.choices}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "word"),
+    [
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+        ("/v1/completions", {"prompt": [True, 2]}, "prompt"),
+        ("/v1/completions", {"prompt": [[]]}, "prompt"),
+        ("/v1/completions", {"prompt": [10**9]}, "vocabulary"),
+        ("/v1/completions", {"prompt": "x", "echo": "yes"}, "echo"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 99}, "top_logprobs"),
+        ("/generate", {"prompt": "x", "ref": "main", "logprobs": -1}, "logprobs"),
+    ],
+)
+def test_bad_logprobs_n_and_prompts_are_400(
+    server: BackgroundServer, route: str, body: dict[str, Any], word: str
+) -> None:
+    full = {"model": "main", **body} if route != "/generate" else body
+    if route == "/v1/chat/completions":
+        full["messages"] = [{"role": "user", "content": "hi"}]
+    status, _, answer = request(server.url + route, full)
+    assert status == 400, answer
+    message = answer["error"]["message"] if route != "/generate" else answer["error"]
+    assert word in message
