@@ -473,9 +473,14 @@ class Engine:
         if not ids:
             raise InvalidRequest("the prompt is empty; send at least one token")
         vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        for what, named in (
+            ("token id", ids),
+            ("stop token id", params.stop_token_ids),
+            ("logit_bias token id", [t for t, _ in params.logit_bias]),
+        ):
+            bad = [t for t in named if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(f"{what} {bad[0]} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens; this engine's max_model_len is {self.max_model_len}"

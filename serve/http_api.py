@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -43,6 +44,7 @@ REVISION_HEADER = "X-Mint-Revision"
 MAX_STOP_STRINGS = 16
 # Prompts x n per OpenAI request: every choice is its own sequence in the batch.
 MAX_CHOICES = 128
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 # The template used when the base has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in docs/http.md.
 PLAIN_CHAT_SEPARATOR = "\n"
@@ -90,20 +92,49 @@ def sampling_params(
         seed=seed,
         stop=tuple(stop),
         ignore_eos=ignore_eos,
+        presence_penalty=field_of(body, "presence_penalty", (float,), 0.0),
+        frequency_penalty=field_of(body, "frequency_penalty", (float,), 0.0),
+        repetition_penalty=field_of(body, "repetition_penalty", (float,), 1.0),
+        min_tokens=field_of(body, "min_tokens", (int,), 0),
+        min_p=field_of(body, "min_p", (float,), 0.0),
+        stop_token_ids=_token_ids(body, "stop_token_ids", MAX_STOP_STRINGS),
+        logit_bias=_logit_bias(body),
     )
+
+
+def _token_ids(body: dict[str, Any], name: str, limit: int) -> tuple[int, ...]:
+    """A list of at most `limit` token ids; 400 otherwise (the engine checks them against the vocabulary)."""
+    value = field_of(body, name, (list,), [])
+    if len(value) > limit or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise HTTPError(400, f"{name} must be a list of at most {limit} token ids", name)
+    return tuple(value)
+
+
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias}; 400 for a key that is not a token id or a bias that is not a number."""
+    value = field_of(body, "logit_bias", (dict,), {})
+    if len(value) > MAX_LOGIT_BIAS:
+        raise HTTPError(
+            400, f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS}", "logit_bias"
+        )
+    out: list[tuple[int, float]] = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit()) or not (
+            isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)
+        ):
+            raise HTTPError(
+                400,
+                f"logit_bias maps token ids to numbers; got {key!r:.40}: {bias!r:.40}",
+                "logit_bias",
+            )
+        out.append((int(key), float(bias)))
+    return tuple(out)
 
 
 # OpenAI (and vLLM) request fields that change what is generated, with the values that change
 # nothing: anything else is refused, since ignoring it would silently return other text.
 _NEUTRAL: dict[str, tuple[object, ...]] = {
     "suffix": ("",),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
-    "repetition_penalty": (1,),
-    "logit_bias": ({},),
-    "min_tokens": (0,),
-    "min_p": (0,),
-    "stop_token_ids": ([],),
     "tools": ([],),
     "functions": ([],),
     "response_format": ({"type": "text"},),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,15 @@ class SamplingParams:
     # None = not computed, 0 = the token's own only.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # OpenAI's penalties on tokens already generated: presence subtracts once per token seen,
+    # frequency once per occurrence. repetition (> 1 discourages) divides a positive logit and
+    # multiplies a negative one of any token in the prompt or the output, as vLLM and HF do.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # EOS, stop token ids and stop strings cannot end the output before this
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +75,26 @@ class SamplingParams:
             )
         if any(not s for s in self.stop):
             raise InvalidSamplingParams("stop strings must be non-empty")
+        object.__setattr__(
+            self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias)
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidSamplingParams(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidSamplingParams(
+                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}; 1 is off"
+            )
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidSamplingParams(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.min_tokens < 0 or (
+            self.max_tokens is not None and self.min_tokens > self.max_tokens
+        ):
+            raise InvalidSamplingParams(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise InvalidSamplingParams("logit_bias values must be in [-100, 100]")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidSamplingParams(f"seed must be in [0, 2**63), got {self.seed}")
         for name in ("logprobs", "prompt_logprobs"):
@@ -73,6 +103,17 @@ class SamplingParams:
                 raise InvalidSamplingParams(
                     f"{name} must be in [0, {MAX_LOGPROBS}] or None, got {value}"
                 )
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a penalty, a bias or min_tokens changes the logits before a token is picked."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.min_tokens
+            or self.logit_bias
+        )
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +136,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_logits = sorted_logits[: params.top_k]
         order = order[: params.top_k]
     probs = torch.softmax(sorted_logits, dim=-1)
+    if params.min_p:
+        # Sorted: the tokens at least min_p times as likely as the first form a prefix.
+        keep = int((probs >= params.min_p * probs[0]).sum())
+        probs = probs[:keep]
+        order = order[:keep]
     if params.top_p < 1.0:
         cum = torch.cumsum(probs, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (at least one token).
@@ -108,6 +154,35 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     u = torch.rand((), generator=generator).item() * float(cum[-1])
     index = int(torch.searchsorted(cum, torch.tensor([u], device=cum.device)).item())
     return int(order[min(index, order.shape[0] - 1)])
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    stop_ids: Collection[int],
+) -> torch.Tensor:
+    """A copy of one row of logits [vocab] with min_tokens, logit_bias and the penalties applied, in vLLM's order."""
+    out = logits.float().clone()
+    device = out.device
+    if params.min_tokens and len(output_ids) < params.min_tokens and stop_ids:
+        out[torch.tensor(sorted(stop_ids), device=device)] = -math.inf
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias, strict=True)
+        out.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, device=device))
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({*prompt_ids, *output_ids}), dtype=torch.long, device=device)
+        values = out[seen]
+        out[seen] = torch.where(
+            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+        )
+    if (params.presence_penalty or params.frequency_penalty) and output_ids:
+        counts = torch.bincount(
+            torch.tensor(list(output_ids), device=device), minlength=out.shape[0]
+        ).to(out.dtype)
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return out
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from mintvcs.serve.sampling import (
     IncrementalDetokenizer,
     SamplingParams,
     TokenLogprobs,
+    adjust_logits,
     find_stop,
     sample,
     token_logprobs,
@@ -73,6 +74,12 @@ class Sequence:
     first_token_at: float | None = None
 
     @property
+    def stop_ids(self) -> frozenset[int]:
+        """The token ids that end this sequence: EOS (unless ignored) and its stop token ids."""
+        eos = frozenset() if self.params.ignore_eos else self.eos_ids
+        return eos | frozenset(self.params.stop_token_ids)
+
+    @property
     def num_tokens(self) -> int:
         """Prompt plus generated tokens."""
         return len(self.prompt_ids) + len(self.output_ids)
@@ -90,14 +97,13 @@ class Sequence:
         reason: str | None = None
         cut = len(text)
         stops = self.params.stop
-        if stops:
+        may_stop = len(self.output_ids) > self.params.min_tokens
+        if stops and may_stop:
             at = find_stop(text, stops, self.emitted)
             if at != -1:
                 reason, cut = "stop", at
         if reason is None:
-            if (
-                token in self.eos_ids and not self.params.ignore_eos
-            ) or token in self.params.stop_token_ids:
+            if may_stop and token in self.stop_ids:
                 reason = "stop"
             elif (
                 self.params.max_tokens is not None
@@ -321,10 +327,17 @@ class Scheduler:
             greedy = logits.argmax(dim=-1).tolist()
         out: list[int] = []
         for i, seq in enumerate(seqs):
-            if seq.params.greedy:
+            params = seq.params
+            row = logits[i]
+            if params.adjusts_logits:
+                row = adjust_logits(row, params, seq.prompt_ids, seq.output_ids, seq.stop_ids)
+                if params.greedy:
+                    out.append(int(torch.argmax(row)))
+                    continue
+            if params.greedy:
                 out.append(int(greedy[i]))
             else:
-                out.append(sample(logits[i], seq.params, seq.generator))
+                out.append(sample(row, params, seq.generator))
         return out
 
     def _logprobs(

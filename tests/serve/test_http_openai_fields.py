@@ -1,4 +1,4 @@
-"""Logprobs, echo, n and batched prompts over HTTP: the fields evaluation harnesses and RL rollouts send."""
+"""Logprobs, echo, n, batched prompts and penalties over HTTP: what evaluation harnesses and RL rollouts send."""
 
 from __future__ import annotations
 
@@ -186,6 +186,42 @@ def test_openai_client_chat_logprobs_and_n(server: BackgroundServer) -> None:
     assert streamed == {c.index: c.message.content for c in many.choices}
 
 
+def test_penalties_bias_and_min_tokens_over_http(server: BackgroundServer) -> None:
+    body = {"prompt": "Hello world", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+    plain = completions(server, **body)[1]["choices"][0]["text"]
+    for extra in (
+        {"repetition_penalty": 1.8},
+        {"frequency_penalty": 2.0, "presence_penalty": 1.0},
+        {"logit_bias": {"300": 100}},
+    ):
+        status, answer = completions(server, **body, **extra)
+        assert status == 200, answer
+        over_generate = gen(server, ref="main", **body, **extra)[2]
+        assert answer["choices"][0]["text"] == over_generate["text"] != plain, extra
+    biased = gen(server, ref="main", **body, logit_bias={"300": 100}, return_token_ids=True)[2]
+    assert biased["token_ids"] == [300] * 10
+    first = gen(server, ref="main", **body, return_token_ids=True)[2]["token_ids"][0]
+    stopped = gen(
+        server,
+        ref="main",
+        prompt="Hello world",
+        max_tokens=10,
+        temperature=0,
+        stop_token_ids=[first],
+    )[2]
+    assert stopped["usage"]["completion_tokens"] == 1 and stopped["finish_reason"] == "stop"
+    held = gen(
+        server,
+        ref="main",
+        prompt="Hello world",
+        max_tokens=10,
+        temperature=0,
+        stop_token_ids=[first],
+        min_tokens=4,
+    )[2]
+    assert held["usage"]["completion_tokens"] >= 4
+
+
 @pytest.mark.parametrize(
     ("route", "body", "word"),
     [
@@ -199,6 +235,14 @@ def test_openai_client_chat_logprobs_and_n(server: BackgroundServer) -> None:
         ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 99}, "top_logprobs"),
         ("/generate", {"prompt": "x", "ref": "main", "logprobs": -1}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": "high"}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 1}}, "vocabulary"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [1.5]}, "stop_token_ids"),
+        ("/v1/completions", {"prompt": "x", "stop_token_ids": [10**7]}, "vocabulary"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "x", "min_tokens": 50, "max_tokens": 5}, "min_tokens"),
     ],
 )
 def test_bad_logprobs_n_and_prompts_are_400(

@@ -1,0 +1,154 @@
+"""Penalties, logit_bias, min_tokens and min_p: against HF transformers' own processors where it has them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mintvcs.serve import Engine, InvalidRequest, SamplingParams
+from mintvcs.serve.sampling import InvalidSamplingParams, adjust_logits, sample
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _hf_greedy(base: Path, adapter: Path | None, prompt: list[int], **kw: Any) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    with torch.no_grad():
+        out = model.eval().generate(
+            input_ids=torch.tensor([prompt]), do_sample=False, pad_token_id=0, **kw
+        )
+    return list(out[0, len(prompt) :].tolist())
+
+
+def test_repetition_penalty_equals_hf(
+    engine: Engine, tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    prompt = _prompt(21, 12)
+    for penalty in (1.5, 0.7):
+        params = SamplingParams(
+            max_tokens=16, temperature=0.0, ignore_eos=True, repetition_penalty=penalty
+        )
+        ours = engine.generate(prompt, "all-r16", params, timeout=60).token_ids
+        hf = _hf_greedy(
+            tiny_base,
+            zoo["all-r16"],
+            prompt,
+            max_new_tokens=16,
+            eos_token_id=None,
+            repetition_penalty=penalty,
+        )
+        assert ours == hf
+        plain = engine.generate(
+            prompt,
+            "all-r16",
+            SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+            timeout=60,
+        )
+        assert ours != plain.token_ids  # the penalty changed what greedy picks
+
+
+def test_min_tokens_and_logit_bias_equal_hf(engine: Engine, tiny_base: Path) -> None:
+    prompt = _prompt(22, 10)
+    plain = engine.generate(
+        prompt, None, SamplingParams(max_tokens=12, temperature=0.0), timeout=60
+    )
+    # Make the first token greedy picks a stop token: without min_tokens the output is one token.
+    stop = plain.token_ids[0]
+    stopped = engine.generate(
+        prompt,
+        None,
+        SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop,)),
+        timeout=60,
+    )
+    assert stopped.token_ids == [stop] and stopped.finish_reason == "stop"
+    held = engine.generate(
+        prompt,
+        None,
+        SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop,), min_tokens=5),
+        timeout=60,
+    )
+    hf = _hf_greedy(tiny_base, None, prompt, max_new_tokens=12, eos_token_id=stop, min_new_tokens=5)
+    assert held.token_ids == hf and len(held.token_ids) > 5
+    assert stop not in held.token_ids[:5]
+
+    favourite = 377
+    biased = engine.generate(
+        prompt,
+        None,
+        SamplingParams(
+            max_tokens=8, temperature=0.0, ignore_eos=True, logit_bias=((favourite, 3.0),)
+        ),
+        timeout=60,
+    )
+    hf = _hf_greedy(
+        tiny_base,
+        None,
+        prompt,
+        max_new_tokens=8,
+        eos_token_id=None,
+        sequence_bias={(favourite,): 3.0},
+    )
+    assert biased.token_ids == hf and favourite in biased.token_ids
+
+
+def test_presence_and_frequency_penalties_follow_openai_formula() -> None:
+    logits = torch.linspace(-2.0, 3.0, 10)
+    output = [9, 9, 4]
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    got = adjust_logits(logits, params, [1, 2], output, frozenset())
+    expected = logits.clone()
+    expected[9] -= 2 * 0.25 + 0.5
+    expected[4] -= 1 * 0.25 + 0.5
+    assert torch.equal(got, expected)
+    assert torch.equal(logits, torch.linspace(-2.0, 3.0, 10))  # the input row is untouched
+
+
+def test_penalties_change_the_output_over_the_engine(engine: Engine) -> None:
+    prompt = _prompt(23, 8)
+    base = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    plain = engine.generate(prompt, None, base, timeout=60).token_ids
+    penalised = engine.generate(
+        prompt,
+        None,
+        SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, frequency_penalty=2.0),
+        timeout=60,
+    ).token_ids
+    # A strong frequency penalty makes greedy repeat itself less.
+    assert len(set(penalised)) >= len(set(plain)) and penalised != plain
+
+
+def test_min_p_keeps_only_tokens_near_the_likeliest() -> None:
+    logits = torch.tensor([4.0, 3.9, 1.0, 0.5, -3.0])
+    probs = torch.softmax(logits, dim=0)
+    params = SamplingParams(temperature=1.0, min_p=0.5)
+    drawn = {sample(logits, params, torch.Generator().manual_seed(s)) for s in range(200)}
+    allowed = {i for i in range(5) if probs[i] >= 0.5 * probs.max()}
+    assert drawn == allowed == {0, 1}
+
+
+def test_out_of_range_values_are_refused(engine: Engine) -> None:
+    for kw in (
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3.0},
+        {"repetition_penalty": 0.0},
+        {"min_p": 1.5},
+        {"min_tokens": 20, "max_tokens": 10},
+        {"logit_bias": ((1, 101.0),)},
+    ):
+        with pytest.raises(InvalidSamplingParams):
+            SamplingParams(**kw)  # type: ignore[arg-type]
+    vocab = engine.model.config.vocab_size
+    with pytest.raises(InvalidRequest, match="logit_bias token id"):
+        engine.generate([5, 6], None, SamplingParams(logit_bias=((vocab, 1.0),)))
+    with pytest.raises(InvalidRequest, match="stop token id"):
+        engine.generate([5, 6], None, SamplingParams(stop_token_ids=(vocab + 3,)))
