@@ -42,8 +42,9 @@ log = logging.getLogger("mintvcs.serve")
 
 REVISION_HEADER = "X-Mint-Revision"
 MAX_STOP_STRINGS = 16
-# Prompts x n per OpenAI request: every choice is its own sequence in the batch.
-MAX_CHOICES = 128
+# Prompts x n per OpenAI request: every choice is its own sequence, queued like a request of
+# its own (the body size limit bounds the prompts too).
+MAX_CHOICES = 1024
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 # The template used when the base has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in docs/http.md.
@@ -662,8 +663,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     _refuse_unsupported(body)
     n = _choice_count(body, len(prompts))
     logprobs = _logprobs_field(body, "logprobs")
-    # max_tokens 0 with echo scores the prompt only (as lm-eval asks): one token is generated
-    # and not reported.
+    # max_tokens 0 with echo scores the prompt only (OpenAI's legacy form; lm-eval sends
+    # max_tokens 1 and drops the last token itself): one token is generated and not reported.
     score_only = echo and body.get("max_tokens") == 0
     params = sampling_params({**body, "max_tokens": 1} if score_only else body, state)
     params = replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)

@@ -72,12 +72,12 @@ class Sequence:
     finished: bool = False
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    # The token ids that end this sequence: EOS (unless ignored) and its stop token ids.
+    stop_ids: frozenset[int] = field(init=False)
 
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        """The token ids that end this sequence: EOS (unless ignored) and its stop token ids."""
+    def __post_init__(self) -> None:
         eos = frozenset() if self.params.ignore_eos else self.eos_ids
-        return eos | frozenset(self.params.stop_token_ids)
+        self.stop_ids = eos | frozenset(self.params.stop_token_ids)
 
     @property
     def num_tokens(self) -> int:

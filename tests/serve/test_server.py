@@ -227,9 +227,9 @@ def test_bad_input_on_openai_routes_uses_openai_error_shape(server: BackgroundSe
     )
     assert status == 400 and "best_of" in body["error"]["message"]
     status, _, body = request(
-        server.url + "/v1/completions", {"model": "main", "prompt": ["x", "y"], "n": 65}
+        server.url + "/v1/completions", {"model": "main", "prompt": ["x", "y"], "n": 513}
     )
-    assert status == 400 and "130 choices" in body["error"]["message"]
+    assert status == 400 and "1026 choices" in body["error"]["message"]
     status, _, body = request(server.url + "/nope")
     assert status == 404 and "error" in body
     status, _, body = request(server.url + "/generate", method="GET")
