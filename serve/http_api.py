@@ -663,6 +663,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     _refuse_unsupported(body)
     n = _choice_count(body, len(prompts))
     logprobs = _logprobs_field(body, "logprobs")
+    return_ids = field_of(body, "return_token_ids", (bool,), False)
     # max_tokens 0 with echo scores the prompt only (OpenAI's legacy form; lm-eval sends
     # max_tokens 1 and drops the last token itself): one token is generated and not reported.
     score_only = echo and body.get("max_tokens") == 0
@@ -698,6 +699,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     def obj(*items: dict[str, Any]) -> dict[str, Any]:
         return envelope.wrap("text_completion", *items)
 
+    def ids(i: int, evs: list[TokenEvent], first: bool) -> dict[str, Any]:
+        generated = [] if score_only else evs
+        return _token_id_fields(choices[i], generated, first) if return_ids else {}
+
     if not stream:
         got = await _collect_all(choices, state)
         out = obj(
@@ -707,6 +712,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     "index": i,
                     "logprobs": lp_object(i, g.events, True),
                     "finish_reason": g.last.finish_reason,
+                    **ids(i, g.events, True),
                 }
                 for i, g in enumerate(got)
             )
@@ -726,7 +732,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
             return None  # held-back text: its logprobs go with the next chunk that has text
         evs, pending[i] = pending[i], []
         return obj(
-            {"text": text, "index": i, "logprobs": lp_object(i, evs, first), "finish_reason": None}
+            {
+                "text": text,
+                "index": i,
+                "logprobs": lp_object(i, evs, first),
+                "finish_reason": None,
+                **ids(i, evs, first),
+            }
         )
 
     def done(lasts: list[TokenEvent]) -> list[bytes]:
@@ -737,6 +749,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     "index": i,
                     "logprobs": lp_object(i, pending[i], False) if pending[i] else None,
                     "finish_reason": last.finish_reason,
+                    **ids(i, pending[i], False),
                 }
             )
             for i, last in enumerate(lasts)
@@ -749,6 +762,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return [*chunks, b"data: [DONE]\n\n"]
 
     return await _run_stream(request, choices, chunk, done, _oai_error_event)
+
+
+def _token_id_fields(choice: Admitted, events: list[TokenEvent], first: bool) -> dict[str, Any]:
+    """vLLM's return_token_ids fields: the generated ids of these events, and the prompt's with the first."""
+    out: dict[str, Any] = {"token_ids": [e.token_id for e in events]}
+    if first:
+        out["prompt_token_ids"] = choice.prompt_ids
+    return out
 
 
 def _completion_usage(
@@ -852,6 +873,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     _refuse_unsupported(body)
     n = _choice_count(body, 1)
     want_logprobs = field_of(body, "logprobs", (bool,), False)
+    return_ids = field_of(body, "return_token_ids", (bool,), False)
     top = _logprobs_field(body, "top_logprobs")
     if top and not want_logprobs:
         raise HTTPError(400, "top_logprobs needs logprobs: true", "top_logprobs")
@@ -872,6 +894,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     def lp_object(evs: list[TokenEvent]) -> dict[str, Any] | None:
         return _chat_logprobs(_event_logprobs(evs), texts) if want_logprobs else None
 
+    def ids(i: int, evs: list[TokenEvent], first: bool) -> dict[str, Any]:
+        return _token_id_fields(choices[i], evs, first) if return_ids else {}
+
     if not stream:
         got = await _collect_all(choices, state)
         out = obj(
@@ -882,6 +907,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     "message": {"role": "assistant", "content": g.text},
                     "logprobs": lp_object(g.events),
                     "finish_reason": g.last.finish_reason,
+                    **ids(i, g.events, True),
                 }
                 for i, g in enumerate(got)
             ),
@@ -894,17 +920,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     def chunk(i: int, event: TokenEvent) -> dict[str, Any] | None:
         pending[i].append(event)
-        delta: dict[str, Any] = {}
-        if not started[i]:
-            delta["role"] = "assistant"
-            started[i] = True
-        if not (event.text or delta):
+        first = not started[i]
+        started[i] = True
+        if not (event.text or first):
             return None  # held-back text: its logprobs go with the next chunk that has text
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
         delta["content"] = event.text
         evs, pending[i] = pending[i], []
         return obj(
             "chat.completion.chunk",
-            {"index": i, "delta": delta, "logprobs": lp_object(evs), "finish_reason": None},
+            {
+                "index": i,
+                "delta": delta,
+                "logprobs": lp_object(evs),
+                "finish_reason": None,
+                **ids(i, evs, first),
+            },
         )
 
     def done(lasts: list[TokenEvent]) -> list[bytes]:
@@ -917,6 +948,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         "delta": {},
                         "logprobs": lp_object(pending[i]) if pending[i] else None,
                         "finish_reason": last.finish_reason,
+                        **ids(i, pending[i], False),
                     },
                 )
             )

@@ -222,6 +222,29 @@ def test_penalties_bias_and_min_tokens_over_http(server: BackgroundServer) -> No
     assert held["usage"]["completion_tokens"] >= 4
 
 
+def test_return_token_ids_on_openai_routes(server: BackgroundServer, tiny_base: Path) -> None:
+    body = {"max_tokens": 6, "temperature": 0, "return_token_ids": True}
+    expected = gen(server, ref="main", prompt="Hello world", **body)[2]["token_ids"]
+    status, answer = completions(server, prompt="Hello world", **body)
+    assert status == 200
+    choice = answer["choices"][0]
+    assert choice["token_ids"] == expected
+    assert choice["prompt_token_ids"] == _ids(tiny_base, "Hello world")
+    status, _, raw = request(
+        server.url + "/v1/completions",
+        {"model": "main", "prompt": "Hello world", **body, "stream": True},
+    )
+    chunks = [json.loads(d)["choices"] for _, d in sse_events(raw) if d != "[DONE]"]
+    assert [t for c in chunks if c for t in c[0]["token_ids"]] == expected
+    assert chunks[0][0]["prompt_token_ids"] == choice["prompt_token_ids"]
+    status, _, chat = request(
+        server.url + "/v1/chat/completions",
+        {"model": "main", "messages": [{"role": "user", "content": "Hi"}], **body},
+    )
+    plain = gen(server, ref="main", prompt="user: Hi\nassistant:", **body)[2]
+    assert chat["choices"][0]["token_ids"] == plain["token_ids"]
+
+
 @pytest.mark.parametrize(
     ("route", "body", "word"),
     [
