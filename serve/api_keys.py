@@ -77,12 +77,20 @@ class ApiKeys:
                 mode & 0o777,
             )
 
-    def tokens(self) -> tuple[bytes, ...]:
-        """The tokens accepted now; the file is looked at again at most once per CHECK_INTERVAL."""
-        now = time.monotonic()
-        if now - self._checked < CHECK_INTERVAL:
+    def due(self) -> bool:
+        """Whether refresh() would read the file: CHECK_INTERVAL has passed and no read is under way."""
+        return time.monotonic() - self._checked >= CHECK_INTERVAL and not self._lock.locked()
+
+    def refresh(self) -> tuple[bytes, ...]:
+        """Read the file again if due, and return the tokens accepted now (file I/O: keep it off the event loop).
+
+        While another read is under way (a file system that hangs), it returns the current tokens
+        at once rather than queue behind it.
+        """
+        if not self._lock.acquire(blocking=False):
             return self._tokens
-        with self._lock:
+        try:
+            now = time.monotonic()
             if now - self._checked < CHECK_INTERVAL:
                 return self._tokens
             self._checked = now
@@ -103,11 +111,13 @@ class ApiKeys:
                 log.info("--api-key-file %s re-read: %d token(s)", self.path, len(tokens))
                 self._warn_if_open()
             return self._tokens
+        finally:
+            self._lock.release()
 
     def accepts(self, token: bytes) -> bool:
-        """Whether `token` is one of the accepted tokens (each compared in constant time)."""
+        """Whether `token` is one of the tokens accepted now (each compared in constant time); reads nothing."""
         # No early exit: how long the check takes must not tell which token nearly matched.
         matched = False
-        for expected in self.tokens():
+        for expected in self._tokens:
             matched |= hmac.compare_digest(token, expected)
         return matched

@@ -405,6 +405,11 @@ async def error_middleware(
     request[STARTED_KEY] = time.monotonic()
     status = 500
     try:
+        keys = state.api_keys
+        if keys is not None and keys.due():
+            # Re-read the token file on a worker thread, not awaited: a read that blocks (a hung
+            # mount) must stall neither the loop nor this request, which checks the tokens held.
+            asyncio.get_running_loop().run_in_executor(None, keys.refresh)
         if state.config.api_key_scope == "all" and request.path != "/health":
             check_bearer(request)  # load balancers probe /health without credentials
         response = await handler(request)

@@ -432,12 +432,12 @@ class Engine:
         set_intraop_threads(self._threads)
         sched = self.scheduler
         while not self._closed:
-            while True:
-                try:
-                    seq = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                sched.add(seq)
+            if not self._inbox.empty():
+                # Under the lock that _enqueue counts `waiting` under: a request in neither the
+                # inbox nor the scheduler's queue would let one more in than max_waiting allows.
+                with self._lock:
+                    while not self._inbox.empty():
+                        sched.add(self._inbox.get_nowait())
             self._wake.clear()
             worked = sched.step()
             with self._lock:

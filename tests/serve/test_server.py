@@ -387,6 +387,31 @@ def test_api_key_file_rotates_without_a_restart(
         api_keys.ApiKeys(key)
 
 
+def test_a_key_file_that_hangs_does_not_stall_the_server(
+    repo: Repository, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token file is re-read off the event loop: a read that blocks (a FIFO no one writes, a
+    hung network mount) leaves every request answered with the tokens read before."""
+    from mintvcs.serve import api_keys
+
+    monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.05)
+    key = tmp_path / "token"
+    key.write_text("the-token\n")
+    key.chmod(0o600)
+    config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, api_key_file=key)
+    auth = {"Authorization": "Bearer the-token"}
+    with BackgroundServer(config) as srv:
+        key.unlink()
+        os.mkfifo(key)  # opening it for reading blocks until a writer comes
+        time.sleep(0.2)
+        for _ in range(20):  # more than the default executor's threads
+            assert request(srv.url + "/v1/adapters", headers=auth, timeout=5)[0] == 200
+            assert gen(srv, prompt="Hi", ref="main", max_tokens=1)[0] == 200
+            time.sleep(0.02)
+        with open(key, "w") as writer:  # release the blocked read
+            writer.write("the-token\n")
+
+
 def test_warm_pin_and_residency(server: BackgroundServer, repo: Repository) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     status, _, body = request(
