@@ -1034,6 +1034,55 @@ def _commit_time(state: ServerState, commit: str) -> int:
     return when
 
 
+# ---------------------------------------------------------------------------- tokenizer
+async def tokenize(request: web.Request) -> web.Response:
+    """POST /tokenize (vLLM's): the token ids of a prompt, or of a conversation through the chat template."""
+    state = request.app[STATE]
+    engine = state.require_engine()
+    body = await read_json(request)
+    if "messages" in body:
+        raw = body["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise HTTPError(400, "field 'messages' must be a non-empty list", "messages")
+        messages = [_message_text(m, i) for i, m in enumerate(raw)]
+        text, templated = render_chat(messages, state.tokenizer_config)
+        special = field_of(body, "add_special_tokens", (bool,), not templated)
+    else:
+        text = field_of(body, "prompt", (str,))
+        special = field_of(body, "add_special_tokens", (bool,), True)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > state.config.max_prompt_bytes:
+        raise HTTPError(
+            413,
+            f"the prompt is {size} bytes; this server takes at most {state.config.max_prompt_bytes}",
+            "prompt_too_large",
+        )
+    ids = engine.encode(text, special_tokens=special)
+    out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+    if field_of(body, "return_token_strs", (bool,), False):
+        texts = TokenTexts(engine.tokenizer)
+        texts.add((), ids)
+        out["token_strs"] = [texts[t] for t in ids]
+    return web.json_response(out)
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """POST /detokenize (vLLM's): the text of token ids, special tokens kept."""
+    state = request.app[STATE]
+    engine = state.require_engine()
+    body = await read_json(request)
+    ids = _token_ids(body, "tokens", engine.max_model_len)
+    vocab = engine.model.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise HTTPError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+    if engine.tokenizer is None:
+        raise HTTPError(400, "the base model has no tokenizer.json to decode with", "tokens")
+    return web.json_response(
+        {"prompt": engine.tokenizer.decode(list(ids), skip_special_tokens=False)}
+    )
+
+
 def add_routes(app: web.Application) -> None:
     """Register the generation and model routes."""
     app.router.add_post("/generate", generate)
@@ -1041,3 +1090,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{id:.+}", model)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)

@@ -245,6 +245,29 @@ def test_return_token_ids_on_openai_routes(server: BackgroundServer, tiny_base: 
     assert chat["choices"][0]["token_ids"] == plain["token_ids"]
 
 
+def test_tokenize_and_detokenize(server: BackgroundServer, tiny_base: Path) -> None:
+    status, _, answer = request(server.url + "/tokenize", {"prompt": "Hello world"})
+    assert status == 200
+    assert answer["tokens"] == _ids(tiny_base, "Hello world")
+    assert answer["count"] == len(answer["tokens"]) and answer["max_model_len"] == 512
+    chat = request(
+        server.url + "/tokenize",
+        {"messages": [{"role": "user", "content": "Hi"}], "return_token_strs": True},
+    )[2]
+    assert chat["tokens"] == _ids(tiny_base, "user: Hi\nassistant:")
+    assert len(chat["token_strs"]) == chat["count"]
+    # The ids a completion reports for its prompt are the ids /tokenize gives.
+    scored = completions(server, prompt="Hello world", max_tokens=1, return_token_ids=True)[1]
+    assert scored["choices"][0]["prompt_token_ids"] == answer["tokens"]
+    status, _, back = request(server.url + "/detokenize", {"tokens": answer["tokens"]})
+    assert status == 200 and back["prompt"].endswith("Hello world")
+    for body in ({"tokens": [10**8]}, {"tokens": "abc"}, {"tokens": [True]}):
+        status, _, bad = request(server.url + "/detokenize", body)
+        assert status == 400 and "token" in bad["error"], body
+    status, _, bad = request(server.url + "/tokenize", {"prompt": 5})
+    assert status == 400
+
+
 @pytest.mark.parametrize(
     ("route", "body", "word"),
     [
