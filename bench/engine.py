@@ -1,9 +1,11 @@
 """Engine benchmarks, each side by side with its peer in one run; prints `name: ours X, peer Y, ratio Z`.
 
-    python bench/engine.py [--only throughput|hotswap|cuda] [--quick]
+    python bench/engine.py [--only throughput|choices|hotswap|cuda] [--quick]
 
 throughput  CPU, ~30M-parameter Llama, 32 requests over 8 adapters (r=16, all linears), 64 new tokens:
             ours vs PEFT mixed-batch generate(adapter_names=...), and vs our engine with no adapters.
+choices     CPU, the same Llama: 4 prompts x n=8 sampled choices on one adapter: each prompt prefilled
+            once and its KV copied to the choices, vs every choice prefilling it (same batching).
 hotswap     CPU, ~0.4B Llama, r=16 all-linear revision: requested -> slot ready, cold (decoded from
             the mintvcs store on disk, not in the host cache) and warm (host cache), vs loading the full merged checkpoint.
 cuda        only where CUDA exists: Llama-3-8B-shaped random bf16 base built on the GPU; 1, 8 and 64
@@ -238,6 +240,63 @@ def bench_throughput(root: Path, quick: bool) -> None:
         f"{[f'{w:.0f}/{b:.0f}/{p:.0f}' for w, b, p in rounds]}; median ratio in a round: "
         f"vs PEFT {statistics.median(w / p for w, _, p in rounds):.2f}x, "
         f"vs no adapters {statistics.median(w / b for w, b, _ in rounds):.2f}x",
+        flush=True,
+    )
+
+
+# -------------------------------------------------------------------------------------- choices
+def bench_choices(root: Path, quick: bool) -> None:
+    """n sampled choices per prompt (RL rollouts, best-of-n): one prefill per prompt vs one per choice."""
+    n_prompts, n, prompt_len, new_tokens = (2, 4, 64, 4) if quick else (4, 8, 192, 16)
+    with one_intraop_thread():
+        base = build_tiny_model(root / "base-choices", THROUGHPUT_MODEL, seed=0)
+        adapter = write_peft_adapter(root / "choices-a", THROUGHPUT_MODEL, r=16, seed=7)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(3, 8192, (prompt_len,), generator=gen).tolist() for _ in range(n_prompts)
+    ]
+    requests = [
+        (
+            prompt,
+            "a",
+            SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=j, ignore_eos=True),
+        )
+        for prompt in prompts
+        for j in range(n)
+    ]
+    config = EngineConfig(
+        max_batch_size=len(requests), adapter_slots=1, max_lora_rank=16, max_model_len=256
+    )
+    with Engine(base, config, source=PeftDirSource({"a": adapter})) as engine:
+        engine.prefetch("a").result()
+
+        def shared() -> tuple[float, list[list[int]]]:
+            start = time.perf_counter()
+            done = engine.generate_many(requests)  # one call: each prompt's choices are forks
+            return time.perf_counter() - start, [c.token_ids for c in done]
+
+        def each() -> tuple[float, list[list[int]]]:
+            # One call per request, queued back to back: batched alike, every choice prefilled.
+            start = time.perf_counter()
+            futures = [f for r in requests for f in engine.start_many([r])]
+            done = [f.result() for f in futures]
+            return time.perf_counter() - start, [c.token_ids for c in done]
+
+        shared()  # warm-up
+        rounds = [(shared(), each()) for _ in range(1 if quick else 4)]
+    assert all(a[1] == b[1] for a, b in rounds), "shared prefills changed the tokens"
+    ours = min(a[0] for a, _ in rounds)
+    peer = min(b[0] for _, b in rounds)
+    report(
+        f"cpu {n_prompts} prompts x n={n} choices ({prompt_len}-token prompts, {new_tokens} new "
+        "tokens): one prefill per prompt vs one per choice",
+        ours * 1000,
+        peer * 1000,
+        "ms",
+        higher_is_better=False,
+    )
+    print(
+        f"# rounds (shared / each, ms): {[f'{a[0] * 1000:.0f}/{b[0] * 1000:.0f}' for a, b in rounds]}",
         flush=True,
     )
 
@@ -677,7 +736,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--only", choices=["throughput", "hotswap", "cuda"], action="append")
+    parser.add_argument(
+        "--only", choices=["throughput", "choices", "hotswap", "cuda"], action="append"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, to check the script runs"
     )
@@ -689,11 +750,13 @@ def main() -> None:
     if args.peft_run is not None:
         print(peft_throughput(args.peft_run, args.quick))
         return
-    sections = args.only or ["throughput", "hotswap", "cuda"]
+    sections = args.only or ["throughput", "choices", "hotswap", "cuda"]
     with tempfile.TemporaryDirectory(prefix="mintvcs-bench-") as tmp:
         root = Path(tmp)
         if "throughput" in sections:
             bench_throughput(root, args.quick)
+        if "choices" in sections:
+            bench_choices(root, args.quick)
         if "hotswap" in sections:
             bench_hotswap(root, args.quick)
         if "cuda" in sections:

@@ -232,6 +232,22 @@ class LoopMailbox:
             target.put_nowait(item)
 
 
+def _link_forks(seqs: Seq[Sequence]) -> None:
+    """Mark runs of requests with one prompt, revision and prompt-logprobs ask (`n` choices) as
+    forks of the run's first: admitted together, they prefill the prompt once."""
+    parent: Sequence | None = None
+    for seq in seqs:
+        if (
+            parent is not None
+            and seq.prompt_ids == parent.prompt_ids
+            and seq.revision == parent.revision
+            and seq.params.prompt_logprobs == parent.params.prompt_logprobs
+        ):
+            seq.fork_of = parent
+        else:
+            parent = seq
+
+
 class _LoopSink:
     """A request's sink that posts its events to an event loop (held back until the end without `stream`)."""
 
@@ -532,6 +548,7 @@ class Engine:
                 for seq in seqs:
                     self._seqs.pop(seq.request_id, None)
                 raise refusal
+            _link_forks(seqs)
             for seq in seqs:
                 self._inbox.put(seq)
         self._wake.set()

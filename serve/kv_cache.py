@@ -87,6 +87,12 @@ class KVCache:
         self.keys[layer][slots, :, positions] = k
         self.values[layer][slots, :, positions] = v
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Copy positions [0, length) of slot `src` into slot `dst`, every layer (a forked prompt)."""
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]
+
     def gather(
         self, layer: int, slots: torch.Tensor, length: int
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,6 +72,10 @@ class Sequence:
     finished: bool = False
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    # A request with the same prompt, revision and prompt logprobs queued just before this one
+    # (an `n` choices group): admitted in the same step, this sequence copies its prompt's KV
+    # instead of prefilling it again. Cleared once used or not usable.
+    fork_of: Sequence | None = None
     # The token ids that end this sequence: EOS (unless ignored) and its stop token ids.
     stop_ids: frozenset[int] = field(init=False)
 
@@ -219,7 +223,15 @@ class Scheduler:
         for seq in list(self.waiting):
             if self.kv.free_slots == 0:
                 break
-            n = len(seq.prompt_ids)
+            # A fork whose parent is admitted in this step shares its prefill: no prompt tokens.
+            # While the parent waits (its adapter loading), so does the fork; once the parent is
+            # gone (admitted before, failed), the fork prefills on its own.
+            parent = seq.fork_of
+            if parent is not None and not any(parent is a for a in admitted):
+                if not parent.finished and any(parent is w for w in self.waiting):
+                    continue
+                seq.fork_of = None
+            n = 0 if seq.fork_of is not None else len(seq.prompt_ids)
             if n > budget and (admitted or self.running):
                 break  # FIFO: a long prompt waits for a step with room rather than being overtaken forever
             if seq.revision is not None:
@@ -254,11 +266,13 @@ class Scheduler:
         decodes = [
             (s.output_ids[-1], s.num_tokens - 1, s.kv_slot, s.lora_slot) for s in self.running
         ]
-        prefills = [(s.prompt_ids, s.kv_slot, s.lora_slot) for s in admitted]
+        prefilled = [s for s in admitted if s.fork_of is None]
+        forks = [s for s in admitted if s.fork_of is not None]
+        prefills = [(s.prompt_ids, s.kv_slot, s.lora_slot) for s in prefilled]
         device = self.model.device
         used = {s.lora_slot for s in seqs if s.lora_slot >= 0}
         graphs = self.graphs
-        scored = [i for i, s in enumerate(admitted) if s.params.prompt_logprobs is not None]
+        scored = [i for i, s in enumerate(prefilled) if s.params.prompt_logprobs is not None]
         prompt_logprobs: dict[int, tuple[TokenLogprobs | None, ...]] = {}
         try:
             logits = None
@@ -277,7 +291,7 @@ class Scheduler:
                     assert batch.seq_rows is not None
                     logits = self.model.head(hidden[batch.seq_rows])
                     for i in scored:
-                        seq = admitted[i]
+                        seq = prefilled[i]
                         last = batch.seq_rows[len(decodes) + i]
                         first = last - len(seq.prompt_ids) + 1
                         prompt_logprobs[seq.request_id] = self._prompt_logprobs(
@@ -285,6 +299,8 @@ class Scheduler:
                         )
                 else:
                     logits = self.model.forward(batch, self.kv, lora)
+            if forks:
+                logits = self._fork(logits, forks, prefilled, prompt_logprobs)
             tokens = self._sample(logits, seqs)
             logprobs = self._logprobs(logits, seqs, tokens)
         except Exception as err:
@@ -339,6 +355,26 @@ class Scheduler:
             else:
                 out.append(sample(row, params, seq.generator))
         return out
+
+    def _fork(
+        self,
+        logits: torch.Tensor,
+        forks: list[Sequence],
+        prefilled: list[Sequence],
+        prompt_logprobs: dict[int, tuple[TokenLogprobs | None, ...]],
+    ) -> torch.Tensor:
+        """Give each fork its parent's prompt KV, logits row and prompt logprobs; the logits of every sequence of the step, in order."""
+        rows = {id(s): i for i, s in enumerate([*self.running, *prefilled])}
+        for seq in forks:
+            parent = seq.fork_of
+            assert parent is not None
+            self.kv.copy_prefix(parent.kv_slot, seq.kv_slot, len(seq.prompt_ids))
+            if parent.request_id in prompt_logprobs:
+                prompt_logprobs[seq.request_id] = prompt_logprobs[parent.request_id]
+            rows[id(seq)] = rows[id(parent)]
+            seq.fork_of = None
+        order = [rows[id(s)] for s in [*self.running, *self.admitting]]
+        return logits[torch.tensor(order, dtype=torch.long, device=logits.device)]
 
     def _logprobs(
         self, logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]

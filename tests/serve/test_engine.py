@@ -476,3 +476,52 @@ def test_vllm_spellings_of_off_and_unbounded(engine: Engine) -> None:
         [5] * 250, None, SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
     )
     assert out.finish_reason == "length" and len(out.token_ids) == 6  # the context's end
+
+
+def test_choices_of_one_prompt_prefill_it_once_and_equal_each_alone(engine: Engine) -> None:
+    prompt = _prompt(31, 21)
+    other = _prompt(32, 9)
+    choices = [
+        (prompt, "all-r16", SamplingParams(max_tokens=8, temperature=0.9, seed=s, logprobs=1))
+        for s in (1, 2, 3, 4)
+    ]
+    # Two groups of choices and a lone request between them, with requests already decoding.
+    prefilled = engine.scheduler.stats.prefill_tokens
+    before = engine.start_many([(other, "qv-r8", GREEDY), (other, None, GREEDY)])
+    together = engine.generate_many(
+        [*choices, (other, None, GREEDY), *[(prompt, None, GREEDY)] * 3], timeout=120
+    )
+    for future in before:
+        future.result(60)
+    # Each group's prompt once, the lone request's, and the two that were decoding.
+    assert engine.scheduler.stats.prefill_tokens - prefilled == 2 * len(prompt) + 3 * len(other)
+    for (request_prompt, name, params), got in zip(
+        [*choices, (other, None, GREEDY), *[(prompt, None, GREEDY)] * 3], together, strict=True
+    ):
+        alone = engine.generate(request_prompt, name, params, timeout=60)
+        assert got.token_ids == alone.token_ids
+        if params.logprobs is not None:
+            assert got.logprobs is not None and alone.logprobs is not None
+            assert [lp.logprob for lp in got.logprobs] == pytest.approx(
+                [lp.logprob for lp in alone.logprobs], abs=1e-4
+            )
+    assert len({tuple(c.token_ids) for c in together[:4]}) > 1  # different seeds, different draws
+
+
+def test_a_choice_admitted_after_its_parent_prefills_itself(tiny_base: Path) -> None:
+    # Two KV slots for three choices: the third waits, then is admitted alone and prefills.
+    with Engine(tiny_base, EngineConfig(max_batch_size=2, max_model_len=128)) as small:
+        prompt = _prompt(33, 15)
+        params = [
+            SamplingParams(max_tokens=5, temperature=1.0, seed=s, prompt_logprobs=1)
+            for s in (7, 8, 9)
+        ]
+        together = small.generate_many([(prompt, None, p) for p in params], timeout=60)
+        assert small.scheduler.stats.prefill_tokens == 2 * len(prompt)
+        for p, got in zip(params, together, strict=True):
+            alone = small.generate(prompt, None, p, timeout=60)
+            assert got.token_ids == alone.token_ids
+            assert got.prompt_logprobs is not None and alone.prompt_logprobs is not None
+            assert [lp.logprob for lp in got.prompt_logprobs if lp] == pytest.approx(
+                [lp.logprob for lp in alone.prompt_logprobs if lp], abs=1e-4
+            )
