@@ -126,34 +126,92 @@ class SamplingParams:
         return torch.Generator().manual_seed(seed)
 
 
+# A nucleus (top_p) is looked for among this many likeliest tokens before a row is sorted in
+# full: sorting a whole vocabulary costs more than a decode step's matmuls on a CPU.
+NUCLEUS_CANDIDATES = 256
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick one token from fp32 logits [vocab]; the only randomness is one draw from `generator`."""
     if params.greedy or generator is None:
         return int(torch.argmax(logits))
-    scaled = logits / params.temperature
-    sorted_logits, order = torch.sort(scaled, descending=True)
-    if params.top_k:
-        sorted_logits = sorted_logits[: params.top_k]
-        order = order[: params.top_k]
-    probs = torch.softmax(sorted_logits, dim=-1)
-    if params.min_p:
-        # Sorted: the tokens at least min_p times as likely as the first form a prefix.
-        keep = int((probs >= params.min_p * probs[0]).sum())
-        probs = probs[:keep]
-        order = order[:keep]
-    if params.top_p < 1.0:
-        cum = torch.cumsum(probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (at least one token).
-        keep = (
-            int(torch.searchsorted(cum, torch.tensor([params.top_p], device=cum.device)).item()) + 1
+    return sample_rows(logits.unsqueeze(0), [params], [generator])[0]
+
+
+def sample_rows(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """One token per row of fp32 logits [rows, vocab], each with its own params and generator.
+
+    Temperature, then top-k, min_p and top-p cut each row to the tokens they keep (a token tied
+    with the last one kept is kept too); the token is then drawn by inverse CDF over the kept
+    tokens in vocabulary order, from one uniform number of the row's generator (on the CPU, so
+    a seed gives the same token on any device, whatever else is in the batch). Every step is a
+    batched op over the rows: no row is sorted unless its nucleus lies past the
+    NUCLEUS_CANDIDATES likeliest tokens.
+    """
+    vocab = logits.shape[1]
+    device = logits.device
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+    scaled = logits.float() / column([p.temperature for p in params])
+    # Unnormalised probabilities, the likeliest of each row at exactly 1.
+    weights = torch.exp(scaled - scaled.max(dim=-1, keepdim=True).values)
+    top_ks = [min(p.top_k, vocab) for p in params]
+    if any(top_ks):
+        kth = torch.topk(weights, max(top_ks), dim=-1).values
+        at = torch.tensor([max(k, 1) - 1 for k in top_ks], device=device).unsqueeze(1)
+        floor = torch.where(column([float(k > 0) for k in top_ks]) > 0, kth.gather(1, at), 0.0)
+        weights = torch.where(weights >= floor, weights, 0.0)
+    if any(p.min_p for p in params):
+        weights = torch.where(weights >= column([p.min_p for p in params]), weights, 0.0)
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        index = torch.tensor(nucleus, device=device)
+        kept = weights[index]
+        weights[index] = torch.where(
+            kept >= _nucleus_floor(kept, [params[i].top_p for i in nucleus]), kept, 0.0
         )
-        probs = probs[:keep]
-        order = order[:keep]
-    cum = torch.cumsum(probs, dim=-1)
-    # Inverse-CDF with a CPU draw: reproducible from the seed on any device, whatever the batch.
-    u = torch.rand((), generator=generator).item() * float(cum[-1])
-    index = int(torch.searchsorted(cum, torch.tensor([u], device=cum.device)).item())
-    return int(order[min(index, order.shape[0] - 1)])
+    cum = weights.cumsum(dim=-1)
+    total = cum[:, -1:]
+    draws = torch.tensor(
+        [torch.rand((), generator=g).item() for g in generators], dtype=torch.float32
+    ).to(device)
+    # Below the total even when u * total rounds up to it: the draw lands on a kept token.
+    target = torch.minimum(
+        draws.unsqueeze(1) * total, torch.nextafter(total, torch.zeros_like(total))
+    )
+    # side="right": the first token whose cumulative weight passes the target has weight > 0.
+    tokens = torch.searchsorted(cum, target, right=True).squeeze(1).clamp_(max=vocab - 1)
+    return [int(t) for t in tokens.tolist()]
+
+
+def _nucleus_floor(weights: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    """Per row of weights [rows, vocab], the weight of the last token of its top-p nucleus [rows, 1].
+
+    Looked for among the NUCLEUS_CANDIDATES likeliest tokens, then 16 times as many, then the
+    whole sorted row, each time only for the rows whose nucleus was not found yet.
+    """
+    vocab = weights.shape[1]
+    total = weights.sum(dim=-1, keepdim=True)
+    need = torch.tensor(top_ps, dtype=torch.float32, device=weights.device).unsqueeze(1) * total
+    floor = torch.zeros_like(total)
+    pending = torch.arange(weights.shape[0], device=weights.device)
+    for k in (NUCLEUS_CANDIDATES, 16 * NUCLEUS_CANDIDATES, vocab):
+        k = min(k, vocab)
+        top = torch.topk(weights[pending], k, dim=-1).values  # sorted, likeliest first
+        reached = top.cumsum(dim=-1) >= need[pending]
+        if k == vocab:  # float rounding may leave the last sum a hair short: take the last token
+            reached[:, -1] = True
+        found = reached[:, -1]
+        first = reached.to(torch.uint8).argmax(dim=-1, keepdim=True)  # the first True
+        floor[pending[found]] = top.gather(1, first)[found]
+        pending = pending[~found]
+        if pending.numel() == 0 or k == vocab:
+            break
+    return floor
 
 
 def adjust_logits(

@@ -21,7 +21,7 @@ from mintvcs.serve.sampling import (
     TokenLogprobs,
     adjust_logits,
     find_stop,
-    sample,
+    sample_rows,
     token_logprobs,
 )
 from mintvcs.serve.slots import Residency
@@ -338,22 +338,31 @@ class Scheduler:
         if logits.device.type == "cpu":
             # numpy's argmax is ~10x faster than torch's on a [32, vocab] CPU tensor; both
             # return the first maximum (and the first NaN), so the tokens are the same.
-            greedy = logits.numpy().argmax(axis=-1).tolist()
+            out: list[int] = logits.numpy().argmax(axis=-1).tolist()
         else:
-            greedy = logits.argmax(dim=-1).tolist()
-        out: list[int] = []
+            out = logits.argmax(dim=-1).tolist()
+        adjusted: dict[int, torch.Tensor] = {}
         for i, seq in enumerate(seqs):
-            params = seq.params
-            row = logits[i]
-            if params.adjusts_logits:
-                row = adjust_logits(row, params, seq.prompt_ids, seq.output_ids, seq.stop_ids)
-                if params.greedy:
-                    out.append(int(torch.argmax(row)))
-                    continue
-            if params.greedy:
-                out.append(int(greedy[i]))
-            else:
-                out.append(sample(row, params, seq.generator))
+            if seq.params.adjusts_logits:
+                row = adjust_logits(
+                    logits[i], seq.params, seq.prompt_ids, seq.output_ids, seq.stop_ids
+                )
+                adjusted[i] = row
+                if seq.params.greedy:
+                    out[i] = int(torch.argmax(row))
+        drawn = [i for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy]
+        if drawn:
+            rows = logits[torch.tensor(drawn, device=logits.device)]
+            for j, i in enumerate(drawn):
+                if i in adjusted:
+                    rows[j] = adjusted[i]
+            tokens = sample_rows(
+                rows,
+                [seqs[i].params for i in drawn],
+                [seqs[i].generator for i in drawn],
+            )
+            for i, token in zip(drawn, tokens, strict=True):
+                out[i] = token
         return out
 
     def _fork(

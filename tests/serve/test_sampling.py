@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 import torch
 
-from mintvcs.serve.sampling import InvalidSamplingParams, SamplingParams, find_stop, sample
+from mintvcs.serve import sampling
+from mintvcs.serve.sampling import (
+    InvalidSamplingParams,
+    SamplingParams,
+    find_stop,
+    sample,
+    sample_rows,
+)
 
 LOGITS = torch.tensor([0.0, 3.0, 2.9, 1.0, -1.0, 2.0])
 
@@ -35,6 +42,72 @@ def test_top_k_and_top_p_cut_the_tail() -> None:
     assert set(_draws(SamplingParams(top_p=0.3, seed=3))) == {1}
     every = set(_draws(SamplingParams(temperature=5.0, seed=4), 2000))
     assert every == set(range(6))
+
+
+def _kept_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution the sampler must draw from, by its definition, with a full sort."""
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    order = torch.argsort(probs, descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    kept = order[: params.top_k] if params.top_k else order
+    keep[kept] = True
+    keep &= probs >= params.min_p * probs.max()
+    if params.top_p < 1.0:
+        ranked = probs[order] * keep[order]
+        cum = ranked.cumsum(0) / ranked.sum()
+        last = int((cum < params.top_p).sum())
+        keep &= probs >= ranked[last]
+    out = probs * keep
+    return out / out.sum()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.3, top_k=3),
+        SamplingParams(temperature=1.0, top_p=0.8),
+        SamplingParams(temperature=2.0, min_p=0.3),
+        SamplingParams(temperature=1.5, top_k=4, top_p=0.9, min_p=0.1),
+    ],
+)
+def test_draws_follow_the_kept_distribution(params: SamplingParams) -> None:
+    n = 20000  # one row per draw, each with its own generator: one batched call
+    rows = LOGITS.repeat(n, 1)
+    tokens = sample_rows(rows, [params] * n, [torch.Generator().manual_seed(i) for i in range(n)])
+    freq = torch.bincount(torch.tensor(tokens), minlength=LOGITS.shape[0]).float() / n
+    expected = _kept_distribution(LOGITS, params)
+    assert torch.equal(freq > 0, expected > 0)  # never a token the cuts removed
+    assert torch.allclose(freq, expected, atol=0.015), (freq, expected)
+
+
+def test_a_seed_draws_the_same_token_whatever_the_batch() -> None:
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(12, 300, generator=gen) * 2
+    params = [
+        SamplingParams(temperature=0.5 + 0.1 * i, top_k=i % 4 * 7, top_p=1.0 - 0.05 * (i % 3))
+        for i in range(12)
+    ]
+    together = sample_rows(logits, params, [torch.Generator().manual_seed(i) for i in range(12)])
+    alone = [
+        sample_rows(logits[i : i + 1], [params[i]], [torch.Generator().manual_seed(i)])[0]
+        for i in range(12)
+    ]
+    assert together == alone
+
+
+def test_a_nucleus_past_the_candidates_is_found_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", 8)  # 8, then 128, then the whole row
+    logits = torch.cat([-0.002 * torch.arange(1000.0), torch.full((3000,), -40.0)])
+    params = SamplingParams(temperature=1.0, top_p=0.99)
+    n = 6000
+    tokens = sample_rows(
+        logits.repeat(n, 1), [params] * n, [torch.Generator().manual_seed(i) for i in range(n)]
+    )
+    expected = _kept_distribution(logits, params)
+    assert max(tokens) > 128  # found past the second round of candidates
+    assert all(expected[t] > 0 for t in tokens)
+    assert max(tokens) < 1000  # the negligible tail is outside the nucleus
 
 
 def test_temperature_sharpens() -> None:
