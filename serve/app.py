@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from mintvcs.errors import MintError
+from mintvcs.serve import api_keys
 from mintvcs.serve.api_keys import ApiKeys
 from mintvcs.serve.http_metrics import (
     Counter,
@@ -405,11 +406,6 @@ async def error_middleware(
     request[STARTED_KEY] = time.monotonic()
     status = 500
     try:
-        keys = state.api_keys
-        if keys is not None and keys.due():
-            # Re-read the token file on a worker thread, not awaited: a read that blocks (a hung
-            # mount) must stall neither the loop nor this request, which checks the tokens held.
-            asyncio.get_running_loop().run_in_executor(None, keys.refresh)
         if state.config.api_key_scope == "all" and request.path != "/health":
             check_bearer(request)  # load balancers probe /health without credentials
         response = await handler(request)
@@ -507,7 +503,13 @@ def field_of(
         ok = False
     elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
         ok = True
-        value = float(value) if int not in kinds else value
+        if int not in kinds:
+            try:
+                value = float(value)
+            except OverflowError:  # 10**400 is valid JSON
+                raise HTTPError(
+                    400, f"field {name!r} must be a finite number, got one past 1e308", "not_finite"
+                ) from None
     elif int in kinds and isinstance(value, float) and value.is_integer():
         # 2.0 for 2, as pydantic's lax mode (vLLM) takes it: clients compute counts with '/'.
         ok, value = True, int(value)
@@ -703,10 +705,22 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(0.5)
             state.harvest_load_latency()
 
+    async def reread_keys(keys: ApiKeys) -> None:
+        # On a timer, not per request: a rotation is taken within two intervals whatever the
+        # traffic, and on a worker thread, not awaited: a read that hangs (a stuck mount)
+        # stalls neither the loop nor a request, which checks the tokens held.
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(api_keys.CHECK_INTERVAL / 2)
+            if keys.due():
+                loop.run_in_executor(None, keys.refresh)
+
     tasks = [
         asyncio.create_task(state.watcher.run(interval=state.config.ref_poll_interval)),
         asyncio.create_task(harvest()),
     ]
+    if state.api_keys is not None:
+        tasks.append(asyncio.create_task(reread_keys(state.api_keys)))
     try:
         yield
     finally:

@@ -539,6 +539,11 @@ class Engine:
             limit = self.config.max_waiting
             if self._closed:
                 refusal = EngineClosed("the engine was closed")
+            elif limit is not None and len(seqs) > limit:  # would never fit: not "retry later"
+                refusal = InvalidRequest(
+                    f"{len(seqs)} requests at once (choices of one call) are more than the "
+                    f"{limit} that may wait to start (max_waiting); send fewer"
+                )
             elif limit is not None and self.waiting + len(seqs) > limit:
                 refusal = EngineOverloaded(
                     f"the server is overloaded: {self.waiting} requests already wait to start, "

@@ -10,12 +10,14 @@ revision is still a clean 422 even for a streaming request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -46,6 +48,7 @@ MAX_STOP_STRINGS = 16
 # its own (the body size limit bounds the prompts too).
 MAX_CHOICES = 1024
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+_TOKEN_KEY = re.compile(r"[0-9]{1,9}")
 # The template used when the base has no chat_template: one "role: content" line per message, then the
 # assistant's turn. Documented in docs/http.md.
 PLAIN_CHAT_SEPARATOR = "\n"
@@ -118,18 +121,25 @@ def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
         raise HTTPError(
             400, f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS}", "logit_bias"
         )
-    out: list[tuple[int, float]] = []
+    out: dict[int, float] = {}
     for key, bias in value.items():
-        if not (isinstance(key, str) and key.isdigit()) or not (
-            isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias)
-        ):
+        # ASCII digits only: str.isdigit() takes superscripts and other scripts' digits, and
+        # int() of a 5000-digit key raises.
+        number = (
+            isinstance(bias, (int, float))
+            and not isinstance(bias, bool)
+            and -1e9 < bias < 1e9  # NaN and infinities fail; 10**400 compares without overflowing
+        )
+        if not (isinstance(key, str) and _TOKEN_KEY.fullmatch(key)) or not number:
             raise HTTPError(
                 400,
                 f"logit_bias maps token ids to numbers; got {key!r:.40}: {bias!r:.40}",
                 "logit_bias",
             )
-        out.append((int(key), float(bias)))
-    return tuple(out)
+        if int(key) in out:  # "5" and "05": one token, two biases that would add up
+            raise HTTPError(400, f"logit_bias names token {int(key)} twice", "logit_bias")
+        out[int(key)] = float(bias)
+    return tuple(out.items())
 
 
 # OpenAI (and vLLM) request fields that change what is generated, with the values that change
@@ -224,11 +234,20 @@ async def admit_many(
     """
     state = request.app[STATE]
     engine = state.require_engine()
-    ids = [_prompt_ids(state, prompt, special_tokens) for prompt, _ in requests]
     name = check_spec(spec)
-    resolution = state.watcher.resolve(name)
+    resolution = state.watcher.resolve(name)  # first: a ref that names nothing costs no encoding
     label = state.ref_label(resolution.ref)
     request[REF_KEY] = label
+    # Each distinct prompt is encoded once (n choices repeat one prompt object), on a worker
+    # thread when the text is large: encoding 64 KiB takes ~75 ms the loop would stand still.
+    distinct = list({id(prompt): prompt for prompt, _ in requests}.values())
+
+    def encode_all() -> dict[int, list[int]]:
+        return {id(p): _prompt_ids(state, p, special_tokens) for p in distinct}
+
+    text_bytes = sum(len(p) for p in distinct if isinstance(p, str))
+    encoded = await asyncio.to_thread(encode_all) if text_bytes > 16_384 else encode_all()
+    ids = [encoded[id(prompt)] for prompt, _ in requests]
     submitted = engine.submit_many(
         [(i, resolution.commit, params) for i, (_, params) in zip(ids, requests, strict=True)],
         stream=stream,
@@ -241,7 +260,7 @@ async def admit_many(
         for one in submitted:
             one.cancel()
         raise
-    state.tokens.inc((label, "prompt"), sum(len(i) for i in ids))
+    state.tokens.inc((label, "prompt"), sum(len(i) for i in encoded.values()))
     state.first_token_latency.observe(time.monotonic() - request[STARTED_KEY])
     return [
         Admitted(name, label, resolution, one, first, i)
@@ -342,7 +361,7 @@ def _event_bytes(payload: dict[str, Any], event: str | None = None) -> bytes:
 async def _run_stream(
     request: web.Request,
     choices: list[Admitted],
-    chunk: Callable[[int, TokenEvent], dict[str, Any] | None],
+    chunk: Callable[[int, TokenEvent], list[dict[str, Any]]],
     done: Callable[[list[TokenEvent]], list[bytes]],
     error: Callable[[str], bytes],
 ) -> web.StreamResponse:
@@ -353,9 +372,9 @@ async def _run_stream(
     try:
         async for index, event in merged_events(choices):
             lasts[index] = event
-            payload = chunk(index, event)
-            if payload is not None and not await _write(request, response, _event_bytes(payload)):
-                return response
+            for payload in chunk(index, event):
+                if not await _write(request, response, _event_bytes(payload)):
+                    return response
     except Exception as err:
         # Headers are gone already: the error travels as an event, as OpenAI's streams do.
         if isinstance(err, MintError):
@@ -440,6 +459,8 @@ class TokenTexts:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.texts: dict[int, str] = {}
+        # Characters each token adds to decoded text (0 for a special token a decode skips).
+        self.widths: dict[int, int] = {}
 
     def add(self, lps: Iterable[TokenLogprobs | None], token_ids: Iterable[int] = ()) -> None:
         """Decode, in one call, every token id these logprobs (and `token_ids`) name that is not known yet."""
@@ -453,12 +474,20 @@ class TokenTexts:
             return
         if self.tokenizer is None:  # a base without tokenizer.json: vLLM's spelling
             self.texts.update((t, f"token_id:{t}") for t in new)
+            self.widths.update((t, 0) for t in new)
             return
-        decoded = self.tokenizer.decode_batch([[t] for t in new], skip_special_tokens=False)
+        alone = [[t] for t in new]
+        decoded = self.tokenizer.decode_batch(alone, skip_special_tokens=False)
+        shown = self.tokenizer.decode_batch(alone, skip_special_tokens=True)
         self.texts.update(zip(new, decoded, strict=True))
+        self.widths.update((t, len(text)) for t, text in zip(new, shown, strict=True))
 
     def __getitem__(self, token_id: int) -> str:
         return self.texts[token_id]
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids as a completion shows it (special tokens skipped)."""
+        return "" if self.tokenizer is None else str(self.tokenizer.decode(ids))
 
 
 def _generate_logprobs(lps: list[TokenLogprobs], texts: TokenTexts) -> list[dict[str, Any]]:
@@ -495,13 +524,16 @@ class CompletionLogprobs:
             text = self.texts[token_id]
             out["tokens"].append(text)
             out["text_offset"].append(self.offset)
-            self.offset += len(text)
+            self.offset += self.texts.widths[token_id]  # a skipped special token adds nothing
             if lp is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
                 continue
-            top = {self.texts[t]: v for t, v in lp.top}
-            top.setdefault(text, lp.logprob)  # OpenAI always includes the chosen token
+            top: dict[str, float] = {}
+            for alternative, value in lp.top:  # likeliest first: two ids of one text keep the first
+                top.setdefault(self.texts[alternative], value)
+            # OpenAI always includes the chosen token, with its own logprob.
+            top[text] = max(top.get(text, -math.inf), lp.logprob)
             out["token_logprobs"].append(lp.logprob)
             out["top_logprobs"].append(top)
         return out
@@ -560,12 +592,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return web.json_response(out, headers=_headers(admitted))
     text: list[str] = []
 
-    def chunk(_: int, event: TokenEvent) -> dict[str, Any]:
+    def chunk(_: int, event: TokenEvent) -> list[dict[str, Any]]:
         text.append(event.text)
         out: dict[str, Any] = {"text": event.text, "index": event.index, "token_id": event.token_id}
         if event.logprobs is not None:
             out["logprobs"] = _generate_logprobs([event.logprobs], texts)[0]
-        return out
+        return [out]
 
     return await _run_stream(
         request,
@@ -612,7 +644,7 @@ def _choice_count(body: dict[str, Any], prompts: int) -> int:
     if n < 1:
         raise HTTPError(400, f"n must be at least 1, got {n}", "n")
     best_of = body.get("best_of")
-    if best_of is not None and best_of not in (1, n):
+    if best_of is not None and (isinstance(best_of, bool) or best_of not in (1, n)):
         raise HTTPError(
             400,
             f"best_of={best_of!r:.40} is not supported by this server; leave it out",
@@ -659,6 +691,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts = _completion_prompts(body)
     spec = field_of(body, "model", (str,))
     stream = field_of(body, "stream", (bool,), False)
+    include_usage = _include_usage(body)
     echo = field_of(body, "echo", (bool,), False)
     _refuse_unsupported(body)
     n = _choice_count(body, len(prompts))
@@ -666,102 +699,114 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return_ids = field_of(body, "return_token_ids", (bool,), False)
     # max_tokens 0 with echo scores the prompt only (OpenAI's legacy form; lm-eval sends
     # max_tokens 1 and drops the last token itself): one token is generated and not reported.
-    score_only = echo and body.get("max_tokens") == 0
+    score_only = echo and field_of(body, "max_tokens", (int,), None) == 0
     params = sampling_params({**body, "max_tokens": 1} if score_only else body, state)
     params = replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
     requests = [(p, q) for p in prompts for q in _choice_params(params, n)]
     choices = await admit_many(request, requests, spec, stream=stream)
-    envelope = _OpenAIEnvelope("cmpl", choices[0])
-    engine = state.require_engine()
-    texts = TokenTexts(engine.tokenizer)
-    # The prompt's text: as sent, or decoded from the token ids sent (echo returns it).
-    prompt_texts = [
-        p if isinstance(p, str) else (engine.tokenizer.decode(p) if engine.tokenizer else "")
-        for p, _ in requests
-    ]
-    echoes = prompt_texts if echo else [""] * len(requests)
-    offsets = [CompletionLogprobs(texts, 0 if echo else len(t)) for t in prompt_texts]
+    with _cancel_on_error(choices):
+        envelope = _OpenAIEnvelope("cmpl", choices[0])
+        engine = state.require_engine()
+        texts = TokenTexts(engine.tokenizer)
+        # The prompt's text: as sent, or decoded from the token ids sent (echo returns it).
+        decoded = {
+            id(p): p if isinstance(p, str) else texts.decode(p)
+            for p in {id(p): p for p in prompts}.values()
+        }
+        prompt_texts = [decoded[id(p)] for p, _ in requests]
+        echoes = prompt_texts if echo else [""] * len(requests)
+        offsets = [CompletionLogprobs(texts, 0 if echo else len(t)) for t in prompt_texts]
 
-    def prompt_entries(i: int) -> list[tuple[int, TokenLogprobs | None]]:
-        found = choices[i].first.prompt_logprobs
-        if not echo or found is None:
-            return []
-        return list(zip(choices[i].prompt_ids, found, strict=True))
+        def prompt_entries(i: int) -> list[tuple[int, TokenLogprobs | None]]:
+            found = choices[i].first.prompt_logprobs
+            if not echo or found is None:
+                return []
+            return list(zip(choices[i].prompt_ids, found, strict=True))
 
-    def lp_object(i: int, evs: list[TokenEvent], with_prompt: bool) -> dict[str, Any] | None:
-        if logprobs is None:
-            return None
-        entries = prompt_entries(i) if with_prompt else []
-        if not score_only:
-            entries += [(e.token_id, e.logprobs) for e in evs]
-        return offsets[i].chunk(entries)
+        def lp_object(i: int, evs: list[TokenEvent], with_prompt: bool) -> dict[str, Any] | None:
+            if logprobs is None:
+                return None
+            entries = prompt_entries(i) if with_prompt else []
+            if not score_only:
+                entries += [(e.token_id, e.logprobs) for e in evs]
+            return offsets[i].chunk(entries)
 
-    def obj(*items: dict[str, Any]) -> dict[str, Any]:
-        return envelope.wrap("text_completion", *items)
+        def obj(*items: dict[str, Any]) -> dict[str, Any]:
+            return envelope.wrap("text_completion", *items)
 
-    def ids(i: int, evs: list[TokenEvent], first: bool) -> dict[str, Any]:
-        generated = [] if score_only else evs
-        return _token_id_fields(choices[i], generated, first) if return_ids else {}
+        def ids(i: int, evs: list[TokenEvent], first: bool) -> dict[str, Any]:
+            generated = [] if score_only else evs
+            return _token_id_fields(choices[i], generated, first) if return_ids else {}
 
-    if not stream:
-        got = await _collect_all(choices, state)
-        out = obj(
-            *(
-                {
-                    "text": echoes[i] + ("" if score_only else g.text),
-                    "index": i,
-                    "logprobs": lp_object(i, g.events, True),
-                    "finish_reason": g.last.finish_reason,
-                    **ids(i, g.events, True),
-                }
-                for i, g in enumerate(got)
+        if not stream:
+            got = await _collect_all(choices, state)
+            out = obj(
+                *(
+                    {
+                        "text": echoes[i] + ("" if score_only else g.text),
+                        "index": i,
+                        "logprobs": lp_object(i, g.events, True),
+                        "finish_reason": g.last.finish_reason,
+                        **ids(i, g.events, True),
+                    }
+                    for i, g in enumerate(got)
+                )
             )
-        )
-        out["usage"] = _completion_usage(choices, [g.last for g in got], n, score_only)
-        return web.json_response(out, headers=_headers(choices[0]))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    started = [False] * len(choices)
-    pending: list[list[TokenEvent]] = [[] for _ in choices]
+            out["usage"] = _completion_usage(choices, [g.last for g in got], n, score_only)
+            return web.json_response(out, headers=_headers(choices[0]))
+        started = [False] * len(choices)
+        pending: list[list[TokenEvent]] = [[] for _ in choices]
 
-    def chunk(i: int, event: TokenEvent) -> dict[str, Any] | None:
-        first = not started[i]
-        started[i] = True
-        pending[i].append(event)
-        text = echoes[i] * first + ("" if score_only else event.text)
-        if not text and not first:
-            return None  # held-back text: its logprobs go with the next chunk that has text
-        evs, pending[i] = pending[i], []
-        return obj(
-            {
-                "text": text,
-                "index": i,
-                "logprobs": lp_object(i, evs, first),
-                "finish_reason": None,
-                **ids(i, evs, first),
-            }
-        )
-
-    def done(lasts: list[TokenEvent]) -> list[bytes]:
-        finals = [
-            obj(
-                {
+        def chunk(i: int, event: TokenEvent) -> list[dict[str, Any]]:
+            first = not started[i]
+            started[i] = True
+            pending[i].append(event)
+            text = echoes[i] * first + ("" if score_only else event.text)
+            out: list[dict[str, Any]] = []
+            # Held-back text (inside a character or a possible stop string) sends nothing: its
+            # logprobs go with the next chunk of that choice.
+            if text or first:
+                evs, pending[i] = pending[i], []
+                item = {"text": text, "index": i, "logprobs": lp_object(i, evs, first)}
+                out.append(obj({**item, "finish_reason": None, **ids(i, evs, first)}))
+            if event.finish_reason is not None:  # each choice ends when it ends
+                evs, pending[i] = pending[i], []
+                item = {
                     "text": "",
                     "index": i,
-                    "logprobs": lp_object(i, pending[i], False) if pending[i] else None,
-                    "finish_reason": last.finish_reason,
-                    **ids(i, pending[i], False),
+                    "logprobs": lp_object(i, evs, False) if evs else None,
                 }
-            )
-            for i, last in enumerate(lasts)
-        ]
-        chunks = [_event_bytes(f) for f in finals]
-        if include_usage:
-            tail = obj()
-            tail["usage"] = _completion_usage(choices, lasts, n, score_only)
-            chunks.append(_event_bytes(tail))
-        return [*chunks, b"data: [DONE]\n\n"]
+                out.append(
+                    obj({**item, "finish_reason": event.finish_reason, **ids(i, evs, False)})
+                )
+            return out
 
-    return await _run_stream(request, choices, chunk, done, _oai_error_event)
+        def done(lasts: list[TokenEvent]) -> list[bytes]:
+            chunks = []
+            if include_usage:
+                tail = obj()
+                tail["usage"] = _completion_usage(choices, lasts, n, score_only)
+                chunks.append(_event_bytes(tail))
+            return [*chunks, b"data: [DONE]\n\n"]
+
+        return await _run_stream(request, choices, chunk, done, _oai_error_event)
+
+
+@contextlib.contextmanager
+def _cancel_on_error(choices: list[Admitted]) -> Iterator[None]:
+    """Cancel every choice's sequence if building the response fails before it owns them."""
+    try:
+        yield
+    except BaseException:
+        for choice in choices:
+            choice.stream.cancel()
+        raise
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    """stream_options.include_usage; 400 unless stream_options is an object and the flag a boolean."""
+    options = field_of(body, "stream_options", (dict,), {})
+    return cast(bool, field_of(options, "include_usage", (bool,), False))
 
 
 def _token_id_fields(choice: Admitted, events: list[TokenEvent], first: bool) -> dict[str, Any]:
@@ -870,6 +915,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = [_message_text(m, i) for i, m in enumerate(raw)]
     spec = field_of(body, "model", (str,))
     stream = field_of(body, "stream", (bool,), False)
+    include_usage = _include_usage(body)
     _refuse_unsupported(body)
     n = _choice_count(body, 1)
     want_logprobs = field_of(body, "logprobs", (bool,), False)
@@ -888,79 +934,73 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stream=stream,
         special_tokens=not templated,
     )
-    obj = _OpenAIEnvelope("chatcmpl", choices[0]).wrap
-    texts = TokenTexts(state.require_engine().tokenizer)
+    with _cancel_on_error(choices):
+        obj = _OpenAIEnvelope("chatcmpl", choices[0]).wrap
+        texts = TokenTexts(state.require_engine().tokenizer)
 
-    def lp_object(evs: list[TokenEvent]) -> dict[str, Any] | None:
-        return _chat_logprobs(_event_logprobs(evs), texts) if want_logprobs else None
+        def lp_object(evs: list[TokenEvent]) -> dict[str, Any] | None:
+            return _chat_logprobs(_event_logprobs(evs), texts) if want_logprobs else None
 
-    def ids(i: int, evs: list[TokenEvent], first: bool) -> dict[str, Any]:
-        return _token_id_fields(choices[i], evs, first) if return_ids else {}
+        def ids(i: int, evs: list[TokenEvent], first: bool) -> dict[str, Any]:
+            return _token_id_fields(choices[i], evs, first) if return_ids else {}
 
-    if not stream:
-        got = await _collect_all(choices, state)
-        out = obj(
-            "chat.completion",
-            *(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": g.text},
-                    "logprobs": lp_object(g.events),
-                    "finish_reason": g.last.finish_reason,
-                    **ids(i, g.events, True),
-                }
-                for i, g in enumerate(got)
-            ),
-        )
-        out["usage"] = _usage(choices, [g.last for g in got], n)
-        return web.json_response(out, headers=_headers(choices[0]))
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    started = [False] * len(choices)
-    pending: list[list[TokenEvent]] = [[] for _ in choices]
-
-    def chunk(i: int, event: TokenEvent) -> dict[str, Any] | None:
-        pending[i].append(event)
-        first = not started[i]
-        started[i] = True
-        if not (event.text or first):
-            return None  # held-back text: its logprobs go with the next chunk that has text
-        delta: dict[str, Any] = {"role": "assistant"} if first else {}
-        delta["content"] = event.text
-        evs, pending[i] = pending[i], []
-        return obj(
-            "chat.completion.chunk",
-            {
-                "index": i,
-                "delta": delta,
-                "logprobs": lp_object(evs),
-                "finish_reason": None,
-                **ids(i, evs, first),
-            },
-        )
-
-    def done(lasts: list[TokenEvent]) -> list[bytes]:
-        chunks = [
-            _event_bytes(
-                obj(
-                    "chat.completion.chunk",
+        if not stream:
+            got = await _collect_all(choices, state)
+            out = obj(
+                "chat.completion",
+                *(
                     {
                         "index": i,
-                        "delta": {},
-                        "logprobs": lp_object(pending[i]) if pending[i] else None,
-                        "finish_reason": last.finish_reason,
-                        **ids(i, pending[i], False),
-                    },
-                )
+                        "message": {"role": "assistant", "content": g.text},
+                        "logprobs": lp_object(g.events),
+                        "finish_reason": g.last.finish_reason,
+                        **ids(i, g.events, True),
+                    }
+                    for i, g in enumerate(got)
+                ),
             )
-            for i, last in enumerate(lasts)
-        ]
-        if include_usage:
-            tail = obj("chat.completion.chunk")
-            tail["usage"] = _usage(choices, lasts, n)
-            chunks.append(_event_bytes(tail))
-        return [*chunks, b"data: [DONE]\n\n"]
+            out["usage"] = _usage(choices, [g.last for g in got], n)
+            return web.json_response(out, headers=_headers(choices[0]))
+        started = [False] * len(choices)
+        pending: list[list[TokenEvent]] = [[] for _ in choices]
 
-    return await _run_stream(request, choices, chunk, done, _oai_error_event)
+        def chunk(i: int, event: TokenEvent) -> list[dict[str, Any]]:
+            pending[i].append(event)
+            first = not started[i]
+            started[i] = True
+            out: list[dict[str, Any]] = []
+            # Held-back text sends nothing: its logprobs go with the choice's next chunk.
+            if event.text or first:
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                delta["content"] = event.text
+                evs, pending[i] = pending[i], []
+                item = {"index": i, "delta": delta, "logprobs": lp_object(evs)}
+                out.append(
+                    obj(
+                        "chat.completion.chunk",
+                        {**item, "finish_reason": None, **ids(i, evs, first)},
+                    )
+                )
+            if event.finish_reason is not None:  # each choice ends when it ends
+                evs, pending[i] = pending[i], []
+                item = {"index": i, "delta": {}, "logprobs": lp_object(evs) if evs else None}
+                out.append(
+                    obj(
+                        "chat.completion.chunk",
+                        {**item, "finish_reason": event.finish_reason, **ids(i, evs, False)},
+                    )
+                )
+            return out
+
+        def done(lasts: list[TokenEvent]) -> list[bytes]:
+            chunks = []
+            if include_usage:
+                tail = obj("chat.completion.chunk")
+                tail["usage"] = _usage(choices, lasts, n)
+                chunks.append(_event_bytes(tail))
+            return [*chunks, b"data: [DONE]\n\n"]
+
+        return await _run_stream(request, choices, chunk, done, _oai_error_event)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -1071,6 +1111,7 @@ async def detokenize(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engine = state.require_engine()
     body = await read_json(request)
+    field_of(body, "tokens", (list,))  # required
     ids = _token_ids(body, "tokens", engine.max_model_len)
     vocab = engine.model.config.vocab_size
     bad = [t for t in ids if not 0 <= t < vocab]

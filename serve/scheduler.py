@@ -76,6 +76,7 @@ class Sequence:
     # (an `n` choices group): admitted in the same step, this sequence copies its prompt's KV
     # instead of prefilling it again. Cleared once used or not usable.
     fork_of: Sequence | None = None
+    stop_floor: int = 0  # characters of text no stop string may end in (min_tokens)
     # The token ids that end this sequence: EOS (unless ignored) and its stop token ids.
     stop_ids: frozenset[int] = field(init=False)
 
@@ -102,8 +103,11 @@ class Sequence:
         cut = len(text)
         stops = self.params.stop
         may_stop = len(self.output_ids) > self.params.min_tokens
-        if stops and may_stop:
-            at = find_stop(text, stops, self.emitted)
+        if not may_stop:
+            # The text of the first min_tokens tokens: a stop string must end past it (vLLM's).
+            self.stop_floor = len(text)
+        elif stops:
+            at = find_stop(text, stops, max(self.emitted, self.stop_floor))
             if at != -1:
                 reason, cut = "stop", at
         if reason is None:

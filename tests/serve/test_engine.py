@@ -176,11 +176,16 @@ def test_max_waiting_refuses_past_the_bound_all_or_nothing(tiny_base: Path) -> N
         deadline = time.monotonic() + 30
         while eng.stats()["running"] < 1 and time.monotonic() < deadline:
             time.sleep(0.005)
-        # A batch that would overflow the bound queues none of its requests.
-        with pytest.raises(EngineOverloaded, match="at most 2 may"):
+        # A batch larger than the bound could never wait: not "retry later" but a bad request.
+        with pytest.raises(InvalidRequest, match="more than the 2 that may wait"):
             eng.start_many([(_prompt(4, 5), None, long)] * 3)
         assert eng.waiting == 0 and len(eng._seqs) == 1
-        waiting = eng.start_many([(_prompt(4, 5), None, long), (_prompt(5, 5), None, long)])
+        waiting = eng.start_many([(_prompt(4, 5), None, long)])
+        # A batch that would overflow the bound queues none of its requests.
+        with pytest.raises(EngineOverloaded, match="at most 2 may"):
+            eng.start_many([(_prompt(5, 5), None, long)] * 2)
+        assert eng.waiting == 1 and len(eng._seqs) == 2
+        waiting += eng.start_many([(_prompt(5, 5), None, long)])
         # Once the step thread has moved them from its inbox to the scheduler, they still count.
         deadline = time.monotonic() + 30
         while eng._inbox.qsize() or len(eng.scheduler.waiting) < 2:

@@ -268,6 +268,34 @@ def test_tokenize_and_detokenize(server: BackgroundServer, tiny_base: Path) -> N
     assert status == 400
 
 
+def test_min_tokens_lets_no_stop_string_end_inside_its_tokens(server: BackgroundServer) -> None:
+    # vLLM's rule: a stop string counts only if it ends past the text of the first min_tokens
+    # tokens; one that ended inside them is not looked for again later.
+    body = {"prompt": "one two", "max_tokens": 12, "temperature": 0, "ref": "main"}
+    free = gen(server, **body, ignore_eos=True, return_token_ids=True)[2]
+    pieces = [
+        request(server.url + "/detokenize", {"tokens": free["token_ids"][: i + 1]})[2]["prompt"]
+        for i in range(len(free["token_ids"]))
+    ]
+    text = free["text"]
+    for stop in sorted({text[2:5], text[-4:-1], pieces[1][-3:]} - {""}):
+        for min_tokens in range(6):
+            got = gen(server, **body, ignore_eos=True, stop=[stop], min_tokens=min_tokens)[2]
+            protected = _text_of_first(free, pieces, min_tokens)
+            at = text.find(stop, max(0, len(protected) - len(stop) + 1))
+            expected = text if at == -1 else text[:at]
+            assert got["text"] == expected, (stop, min_tokens, got["text"], expected)
+            assert got["finish_reason"] == ("length" if at == -1 else "stop")
+
+
+def _text_of_first(free: dict[str, Any], pieces: list[str], n: int) -> str:
+    """The completion text of the first n generated tokens (pieces decode the ids alone)."""
+    if n == 0:
+        return ""
+    whole = pieces[-1]
+    return free["text"][: len(free["text"]) - (len(whole) - len(pieces[n - 1]))]
+
+
 @pytest.mark.parametrize(
     ("route", "body", "word"),
     [
@@ -289,15 +317,53 @@ def test_tokenize_and_detokenize(server: BackgroundServer, tiny_base: Path) -> N
         ("/v1/completions", {"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
         ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
         ("/v1/completions", {"prompt": "x", "min_tokens": 50, "max_tokens": 5}, "min_tokens"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"\u00b2": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10**400}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 60, "05": 60}}, "twice"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 10**400}, "finite"),
+        ("/v1/completions", {"prompt": "x", "temperature": -(10**400)}, "finite"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "stream": True, "stream_options": "x"},
+            "stream_options",
+        ),
+        ("/v1/completions", {"prompt": "x", "n": 2, "best_of": True}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "echo": True, "max_tokens": False}, "max_tokens"),
+        ("/detokenize", {}, "tokens"),
     ],
 )
 def test_bad_logprobs_n_and_prompts_are_400(
     server: BackgroundServer, route: str, body: dict[str, Any], word: str
 ) -> None:
-    full = {"model": "main", **body} if route != "/generate" else body
+    full = {"model": "main", **body} if route.startswith("/v1/") else body
     if route == "/v1/chat/completions":
         full["messages"] = [{"role": "user", "content": "hi"}]
     status, _, answer = request(server.url + route, full)
     assert status == 400, answer
-    message = answer["error"]["message"] if route != "/generate" else answer["error"]
+    message = answer["error"]["message"] if route.startswith("/v1/") else answer["error"]
     assert word in message
+    # Nothing was left running.
+    assert request(server.url + "/metrics")[2].count("mint_running 0") == 1
+
+
+def test_legacy_logprobs_objects_with_colliding_texts_and_special_tokens(tiny_base: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from mintvcs.serve.http_api import CompletionLogprobs, TokenTexts
+    from mintvcs.serve.sampling import TokenLogprobs
+
+    tokenizer = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    broken = [i for i in range(tokenizer.get_vocab_size()) if tokenizer.decode([i]) == "\ufffd"]
+    a, b = broken[:2]  # two byte tokens that each decode alone to U+FFFD
+    comma = tokenizer.token_to_id(",")
+    chosen = TokenLogprobs(a, -4.5, ((a, -4.5), (b, -4.6), (comma, -4.62)))
+    bos = tokenizer.token_to_id("<s>")
+    texts = TokenTexts(tokenizer)
+    out = CompletionLogprobs(texts, 0).chunk([(bos, None), (comma, None), (a, chosen)])
+    # The likeliest of two ids with one text keeps its value; the chosen token is the max, as
+    # lm-eval's greedy check reads it.
+    assert out["top_logprobs"][2] == {"\ufffd": -4.5, ",": -4.62}
+    assert max(out["top_logprobs"][2].values()) == out["token_logprobs"][2]
+    # A special token the echoed text skips takes no characters: offsets index the text.
+    assert out["tokens"][0] == "<s>" and out["text_offset"] == [0, 0, 1]

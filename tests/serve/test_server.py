@@ -401,6 +401,11 @@ def test_a_key_file_that_hangs_does_not_stall_the_server(
     config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, api_key_file=key)
     auth = {"Authorization": "Bearer the-token"}
     with BackgroundServer(config) as srv:
+        # Re-read on a timer: a new token works on its first request, however sparse the traffic.
+        key.write_text("the-token\nnew-token\n")
+        time.sleep(0.5)
+        new = {"Authorization": "Bearer new-token"}
+        assert request(srv.url + "/v1/adapters", headers=new, timeout=5)[0] == 200
         key.unlink()
         os.mkfifo(key)  # opening it for reading blocks until a writer comes
         time.sleep(0.2)
