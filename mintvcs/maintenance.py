@@ -965,18 +965,31 @@ def _repack(
         return len(keep), False
     if keep:
         writer = PackWriter(repo, expected=len(keep), repack=True)
+        wanted = set(keep)
+
+        def add(oid: str, kind: bytes, raw: bytes) -> None:
+            level = object_zlib_level(kind, raw)
+            prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
+            if writer.add(kind, [raw], level, prefix) != oid:
+                raise GcWriteError(
+                    f"gc failed while packing: object {oid} read back as other content; no "
+                    "object was deleted; run `mintvcs fsck`"
+                )
+            wanted.discard(oid)
+            progress("packing", 1)
+
         try:
-            for oid in keep:
-                obj = repo.get_object(oid)
-                kind, raw = obj.type_name, obj.as_raw_string()
-                level = object_zlib_level(kind, raw)
-                prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
-                if writer.add(kind, [raw], level, prefix) != oid:
-                    raise GcWriteError(
-                        f"gc failed while packing: object {oid} read back as other content; no "
-                        "object was deleted; run `mintvcs fsck`"
-                    )
-                progress("packing", 1)
+            # Pack by pack, in each one's order, not object by object: looking each object up
+            # searched every pack (28 s of a 37 s gc with a pack per commit), and a revision's
+            # blobs stay next to each other as its commit wrote them.
+            for pack in sorted(old_packs.values(), key=_pack_name):
+                for entry in _pack_objects(pack, []):
+                    if entry.oid in wanted and entry.kind is not None and entry.data is not None:
+                        add(entry.oid, entry.kind, entry.data)
+            for oid in keep:  # loose, or in a pack written since the scan
+                if oid in wanted:
+                    obj = repo.get_object(oid)
+                    add(oid, obj.type_name, obj.as_raw_string())
         except BaseException:
             writer.abort()
             raise
