@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import dataclasses
 import gc as pygc  # `gc` is the name of a command below
 import json
 import os
@@ -235,6 +237,21 @@ def commit(
     click.echo(
         f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_objects} new objects"
     )
+    _hint_auto_gc(repo)
+
+
+def _hint_auto_gc(repo: Any) -> None:
+    """As git's "auto packing" notice: say so when packs pile up (each commit of a large adapter writes one)."""
+    from mintvcs.maintenance import auto_limits
+
+    with contextlib.suppress(OSError, MintError):
+        packs = sum(n.endswith(".pack") for n in os.listdir(repo.git_dir / "objects" / "pack"))
+        if packs > auto_limits(repo)[0]:
+            click.echo(
+                f"hint: the store has {packs} packs and every lookup of a new object searches "
+                "each; `mintvcs gc --auto` merges the small ones",
+                err=True,
+            )
 
 
 @main.command()
@@ -616,11 +633,36 @@ def fsck(as_json: bool) -> None:
 @main.command()
 @json_option
 @click.option("--no-prune", is_flag=True, help="Keep unreachable objects.")
-def gc(no_prune: bool, as_json: bool) -> None:
+@click.option(
+    "--auto",
+    is_flag=True,
+    help="Only past gc.autoPackLimit packs (32) or gc.auto loose objects (6700): merge the "
+    "small packs and loose objects into one, geometrically, pruning nothing (cheap enough to "
+    "run after every commit).",
+)
+def gc(no_prune: bool, auto: bool, as_json: bool) -> None:
     """Pack reachable objects and refs; prune unreachable objects older than an hour."""
     from mintvcs import maintenance
     from mintvcs.progress import phase_counter
 
+    if auto:
+        with phase_counter("gc") as progress:
+            rolled = maintenance.auto_gc(_open_repo(), progress=progress)
+        if as_json:
+            _emit_json({**dataclasses.asdict(rolled), "rewritten": rolled.rewritten})
+        elif not rolled.rewritten:
+            packs, loose = maintenance.auto_limits(_open_repo())
+            click.echo(
+                f"nothing to do: {rolled.packs_after} packs (gc.autoPackLimit {packs}), loose "
+                f"objects within gc.auto ({loose})"
+            )
+        else:
+            click.echo(
+                f"merged {rolled.packs_merged} packs and {rolled.loose_packed} loose objects into "
+                f"one pack of {rolled.objects} objects; {rolled.packs_after} packs now; store "
+                f"{rolled.bytes_before:,} -> {rolled.bytes_after:,} bytes"
+            )
+        return
     with phase_counter("gc") as progress:
         result = maintenance.gc(_open_repo(), prune=not no_prune, progress=progress)
     if as_json:

@@ -1064,3 +1064,150 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
                 with suppress(OSError):
                     os.rmdir(fan.path)
         return GcResult(packed, len(unreachable), before, _store_size(repo), rewritten)
+
+
+# `gc --auto` does nothing below these (git's own are 50 and 6700), set per repository by
+# git's config keys gc.autoPackLimit and gc.auto: each commit of a real adapter writes a pack,
+# and every pack is one more index that a lookup of a new object searches.
+AUTO_PACK_LIMIT = 32
+AUTO_LOOSE_LIMIT = 6700
+GEOMETRIC_FACTOR = 2
+
+
+def auto_limits(repo: Repository) -> tuple[int, int]:
+    """(packs, loose objects) past which `gc --auto` merges: gc.autoPackLimit and gc.auto, or the defaults."""
+
+    def read(name: bytes, default: int) -> int:
+        try:
+            value = repo.config.get((b"gc",), name)
+        except KeyError:
+            return default
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise GcRefusedError(
+                f"gc.{name.decode()} in .mint/config is {value!r:.40}, not a number; fix it"
+            ) from None
+
+    return read(b"autoPackLimit", AUTO_PACK_LIMIT), read(b"auto", AUTO_LOOSE_LIMIT)
+
+
+@dataclass(frozen=True)
+class RollUpResult:
+    """What `gc --auto` did: the small packs and loose objects it merged into one pack."""
+
+    objects: int  # in the new pack
+    packs_merged: int
+    loose_packed: int
+    packs_after: int
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def rewritten(self) -> bool:
+        """Whether anything was merged."""
+        return self.objects > 0
+
+
+def geometric_split(sizes: list[int], loose: int, factor: int = GEOMETRIC_FACTOR) -> int:
+    """How many of the smallest packs (`sizes` ascending) to merge, with `loose` bytes of loose
+    objects, so that each remaining pack is at least `factor` times the one below it, the
+    merged one first (git's `repack --geometric`): the big old packs are left alone."""
+    for count in range(len(sizes) + 1):
+        rest = sizes[count:]
+        if not rest:
+            break
+        below = [loose + sum(sizes[:count]), *rest[:-1]]  # what each remaining pack sits on
+        if all(size >= factor * under for size, under in zip(rest, below, strict=True)):
+            return count
+    return len(sizes)
+
+
+def _pack_bytes(pack: Pack) -> int:
+    return os.path.getsize(pack._basename + ".pack")
+
+
+def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> RollUpResult:
+    """`gc --auto`: past gc.autoPackLimit packs or gc.auto loose objects (auto_limits), merge the
+    smallest packs and the loose objects into one pack, geometrically; else nothing.
+
+    Nothing is pruned and nothing unmerged is read, so it costs in proportion to what it merges
+    (amortised, each object is rewritten about log2 of the store's growth times). Every object
+    merged is read back and checked against its id first; the new pack is in place before the
+    files it replaces are deleted. A full `gc` still verifies and prunes the whole store.
+    """
+    from dulwich.objects import ObjectID
+
+    with _gc_lock(repo):
+        _refuse_links(repo)
+        before = _store_size(repo)
+        store = repo.objects
+        packs = sorted(store.packs, key=lambda p: (_pack_bytes(p), _pack_name(p)))
+        loose = list(_loose_files(repo))
+        pack_limit, loose_limit = auto_limits(repo)
+        if len(packs) <= pack_limit and len(loose) <= loose_limit:
+            return RollUpResult(0, 0, 0, len(packs), before, before)
+        loose_bytes = sum(path.stat().st_size for _, path in loose)
+        merged = packs[: geometric_split([_pack_bytes(p) for p in packs], loose_bytes)]
+        wanted = {oid for oid, _ in loose}
+        for pack in merged:
+            wanted.update(
+                sha.decode() if len(sha) == 40 else sha.hex()
+                for sha, _offset, _crc in pack.index.iterentries()
+            )
+        if not wanted:
+            return RollUpResult(0, 0, 0, len(packs), before, before)
+        total = len(wanted)
+        writer = PackWriter(repo, expected=total, repack=True)
+
+        def add(oid: str, kind: bytes, raw: bytes) -> None:
+            if oid not in wanted:
+                return  # stored twice (two packs, or a pack and a loose file): packed once
+            level = object_zlib_level(kind, raw)
+            prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
+            if writer.add(kind, [raw], level, prefix) != oid:
+                raise GcWriteError(
+                    f"gc --auto failed: object {oid} read back as other content; nothing was "
+                    "deleted; run `mintvcs fsck`"
+                )
+            wanted.discard(oid)
+            progress("packing", 1)
+
+        try:
+            for pack in merged:
+                too_deep: list[tuple[str, int]] = []
+                for entry in _pack_objects(pack, too_deep):
+                    if entry.problem is not None or entry.kind is None or entry.data is None:
+                        raise GcCorruptObjectError(
+                            f"gc refused: {entry.problem or f'corrupt packed object {entry.oid}'}; {_FIX}"
+                        )
+                    add(entry.oid, entry.kind, entry.data)
+                if too_deep:
+                    raise GcCorruptObjectError(
+                        f"gc refused: {_depth_problem(pack, too_deep)}; {_FIX}"
+                    )
+            for oid, path in loose:
+                try:
+                    kind, body = _read_loose(path, oid)
+                except _Damage as damage:
+                    raise GcCorruptObjectError(f"gc refused: {damage}; {_FIX}") from None
+                add(oid, kind, body)
+        except BaseException:
+            writer.abort()
+            raise
+        name = writer.finish()
+        for oid, _ in loose:  # packed now
+            with suppress(FileNotFoundError):
+                store.delete_loose_object(ObjectID(oid.encode()))
+        for pack in merged:
+            if name is None or os.path.basename(pack._basename) != name:
+                store._remove_pack(pack)
+        repo.close()  # our maps and dulwich's pack list name the merged packs
+        return RollUpResult(
+            objects=total,
+            packs_merged=len(merged),
+            loose_packed=len(loose),
+            packs_after=len(packs) - len(merged) + (name is not None),
+            bytes_before=before,
+            bytes_after=_store_size(repo),
+        )

@@ -1,0 +1,113 @@
+"""`gc --auto`: a training run's packs (one per commit) merged geometrically, checked by git."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from mintvcs import porcelain
+from mintvcs.maintenance import GcCorruptObjectError, GcRefusedError, auto_gc, geometric_split
+from mintvcs.store import Repository
+from tests.fixtures import ALL_LINEAR, build_base, make_peft_adapter
+from tests.mintvcs.storekit import WEIGHTS, git, git_fsck, mint, mutate
+
+
+@pytest.mark.parametrize(
+    ("sizes", "loose", "merged"),
+    [
+        ([10, 10, 10, 10, 100, 1000], 0, 4),  # the four small ones become 40; 100 >= 2 x 40
+        ([1, 2, 4, 8], 0, 0),  # already geometric: nothing to merge
+        ([5, 5], 0, 2),
+        ([100, 300, 1000], 60, 2),  # loose objects count as the bottom of the merged pack
+        ([10] * 40, 0, 40),
+        ([], 5, 0),  # loose objects only: packed on their own
+    ],
+)
+def test_geometric_split(sizes: list[int], loose: int, merged: int) -> None:
+    assert geometric_split(sizes, loose) == merged
+
+
+def _pack_files(work: Path) -> list[Path]:
+    return sorted((work / ".mint" / "objects" / "pack").glob("*.pack"))
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """A repository with 9 commits of a 112-tensor adapter: a pack each, as a training run leaves them."""
+    base = build_base(tmp_path / "base", num_hidden_layers=8)
+    adapter = make_peft_adapter(
+        base, tmp_path / "adapter", r=4, alpha=8, seed=1, target_modules=ALL_LINEAR
+    )
+    repo = porcelain.init(tmp_path / "repo", str(base))
+    weights: dict[str, str] = {}
+    for step in range(9):
+        mutate(adapter, seed=step)
+        result = porcelain.commit(
+            repo, f"step {step}", source=adapter, verify=False, show_progress=False
+        )
+        weights[result.commit] = hashlib.sha256((adapter / WEIGHTS).read_bytes()).hexdigest()
+    repo.close()
+    work = tmp_path / "repo"
+    assert len(_pack_files(work)) == 9
+    return work, adapter, weights
+
+
+def test_auto_merges_the_small_packs_and_every_revision_reads_back(
+    run: tuple[Path, Path, dict[str, str]],
+) -> None:
+    work, adapter, weights = run
+    # Below the limit (32 packs): nothing, and the CLI says so.
+    out = json.loads(mint(work, "gc", "--auto", "--json").stdout)
+    assert out["rewritten"] is False and out["packs_after"] == 9
+    # git's own key sets the limit; past it, a commit hints at gc --auto.
+    git(work / ".mint", "config", "gc.autoPackLimit", "4")
+    mutate(adapter, seed=99)
+    committed = mint(work, "commit", "-m", "step 9", "--from", str(adapter), "--no-verify")
+    assert "hint: the store has 10 packs" in committed.stderr
+    weights[committed.stdout.split("]")[0].split()[-1]] = hashlib.sha256(
+        (adapter / WEIGHTS).read_bytes()
+    ).hexdigest()
+    with Repository.open(work) as repo:  # as a training loop holds it: used on afterwards
+        weights = {repo.resolve(c): d for c, d in weights.items()}
+        result = auto_gc(repo)
+        assert result.rewritten and result.packs_merged == 10 and result.loose_packed > 0
+        assert len(_pack_files(work)) == result.packs_after == 1
+        assert not list((work / ".mint" / "objects").glob("??/*"))  # the loose ones are packed
+        git_fsck(work)
+        for commit, digest in weights.items():
+            porcelain.checkout(repo, commit, force=True)
+            assert hashlib.sha256((work / WEIGHTS).read_bytes()).hexdigest() == digest
+        mutate(adapter, seed=100)
+        porcelain.commit(repo, "after", source=adapter, verify=False, show_progress=False)
+    with Repository.open(work) as repo:  # one pack: nothing more to merge
+        assert not auto_gc(repo).rewritten
+
+
+def test_auto_refuses_a_damaged_pack_and_deletes_nothing(
+    run: tuple[Path, Path, dict[str, str]],
+) -> None:
+    work, _, _ = run
+    git(work / ".mint", "config", "gc.autoPackLimit", "4")
+    packs = _pack_files(work)
+    data = bytearray(packs[3].read_bytes())
+    data[len(data) // 2] ^= 0x40  # inside some tensor blob
+    packs[3].write_bytes(bytes(data))
+    loose = sorted((work / ".mint" / "objects").glob("??/*"))
+    with Repository.open(work) as repo, pytest.raises(GcCorruptObjectError, match="gc refused"):
+        auto_gc(repo)
+    assert _pack_files(work) == packs
+    assert sorted((work / ".mint" / "objects").glob("??/*")) == loose
+    assert not list((work / ".mint" / "objects" / "pack").glob("tmp_*"))
+
+
+def test_a_limit_that_is_not_a_number_is_named(run: tuple[Path, Path, dict[str, str]]) -> None:
+    work, _, _ = run
+    git(work / ".mint", "config", "gc.auto", "lots")
+    with (
+        Repository.open(work) as repo,
+        pytest.raises(GcRefusedError, match=r"gc\.auto .* not a number"),
+    ):
+        auto_gc(repo)
