@@ -246,7 +246,8 @@ def _hint_auto_gc(repo: Any) -> None:
 
     with contextlib.suppress(OSError, MintError):
         packs = sum(n.endswith(".pack") for n in os.listdir(repo.git_dir / "objects" / "pack"))
-        if packs > auto_limits(repo)[0]:
+        limit = auto_limits(repo)[0]
+        if limit is not None and packs > limit:
             click.echo(
                 f"hint: the store has {packs} packs and every lookup of a new object searches "
                 "each; `mintvcs gc --auto` merges the small ones",
@@ -650,11 +651,13 @@ def gc(no_prune: bool, auto: bool, as_json: bool) -> None:
             rolled = maintenance.auto_gc(_open_repo(), progress=progress)
         if as_json:
             _emit_json({**dataclasses.asdict(rolled), "rewritten": rolled.rewritten})
+        elif rolled.busy:
+            click.echo("nothing to do: another gc is running")
         elif not rolled.rewritten:
             packs, loose = maintenance.auto_limits(_open_repo())
             click.echo(
-                f"nothing to do: {rolled.packs_after} packs (gc.autoPackLimit {packs}), loose "
-                f"objects within gc.auto ({loose})"
+                f"nothing to do: {rolled.packs_after} packs (gc.autoPackLimit "
+                f"{packs or 'off'}), loose objects within gc.auto ({loose or 'off'})"
             )
         else:
             click.echo(

@@ -34,6 +34,7 @@ from mintvcs.store import CorruptObjectError, Repository
 from mintvcs.treenames import git_special_name
 
 if TYPE_CHECKING:
+    from dulwich.object_store import DiskObjectStore
     from dulwich.objects import ObjectID
     from dulwich.pack import Pack
 
@@ -471,6 +472,7 @@ def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckRep
 
     `progress(phase, n)` hears of each object ("objects") and tensor ("tensors") checked.
     """
+    repo.close()  # a long-lived Repository's pack list may name packs another gc deleted
     report = FsckReport()
     report.warnings.extend(_stale_locks(repo, time.time()))
     report.problems.extend(_link_problem(path, target) for path, target in _store_links(repo))
@@ -602,6 +604,9 @@ class _Scan:
     # git's reachability cannot see (a history rewritten with git may leave it only here).
     bases: dict[str, str] = field(default_factory=dict)
     damage: list[str] = field(default_factory=list)
+    # The packs scanned, by name: the only ones gc may rewrite and delete (a commit landing
+    # meanwhile writes a pack of its own, whose objects the scan did not see).
+    packs: dict[str, Pack] = field(default_factory=dict)
 
     def add(self, oid: str, kind: bytes, body: bytes) -> None:
         """Record a readable object: what the walk needs of it."""
@@ -628,6 +633,7 @@ def _scan_store(repo: Repository, progress: PhaseProgress) -> _Scan:
         scan.add(oid, kind, body)
         scan.loose.add(oid)
     for pack in repo.objects.packs:
+        scan.packs[os.path.basename(pack._basename)] = pack
         pack_damage: list[str] = []
         too_deep: list[tuple[str, int]] = []
         for entry in _pack_objects(pack, too_deep):
@@ -834,6 +840,8 @@ def _remove_stale_temporaries(repo: Repository, now: float) -> None:
                 temporary = name.startswith((TMP_OBJECT_PREFIX, "tmp")) or name.endswith(".lock")
                 if folder.name == "pack" and name.endswith(".pack"):
                     temporary = temporary or not path.with_suffix(".idx").exists()
+                if folder.name == "pack" and name.endswith(".idx"):  # an older gc's leftover
+                    temporary = temporary or not path.with_suffix(".pack").exists()
                 with suppress(FileNotFoundError):
                     if temporary and now - path.stat().st_mtime >= GC_GRACE_SECONDS:
                         path.unlink()
@@ -936,6 +944,14 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
 LAST_PACK_FILE = "mint-gc-pack"
 
 
+def _drop_pack(store: DiskObjectStore, pack: Pack) -> None:
+    """Delete a pack, its index first, as git does: killed in between, gc leaves a `.pack`
+    without its index, which the next gc sweeps, not an index that names a missing pack."""
+    with suppress(FileNotFoundError):
+        os.unlink(pack._basename + ".idx")
+    store._remove_pack(pack)
+
+
 def _last_pack(repo: Repository) -> str | None:
     try:
         return (repo.git_dir / LAST_PACK_FILE).read_text().strip() or None
@@ -958,7 +974,7 @@ def _repack(
     from dulwich.objects import ObjectID
 
     store = repo.objects
-    old_packs = {os.path.basename(pack._basename): pack for pack in store.packs}
+    old_packs = dict(scan.packs)
     keep = sorted(oid for oid in scan.ids if ObjectID(oid.encode()) not in unreachable)
     if not scan.loose and not unreachable and set(old_packs) == {_last_pack(repo)}:
         # Nothing new since our last gc wrote the one pack: rewriting it would give the same file.
@@ -1001,7 +1017,7 @@ def _repack(
         with suppress(FileNotFoundError):
             store.delete_loose_object(ObjectID(oid.encode()))
     for pack in old_packs.values():
-        store._remove_pack(pack)
+        _drop_pack(store, pack)
     repo.close()  # our maps and dulwich's pack list name the old packs
     return len(keep), True
 
@@ -1020,6 +1036,7 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
     from dulwich.objects import ObjectID
 
     with _gc_lock(repo):
+        repo.close()  # a long-lived Repository's pack list may name packs another gc deleted
         # First of all: repacking and pruning through a link delete files outside the repository.
         _refuse_links(repo)
         before = _store_size(repo)
@@ -1074,22 +1091,34 @@ AUTO_LOOSE_LIMIT = 6700
 GEOMETRIC_FACTOR = 2
 
 
-def auto_limits(repo: Repository) -> tuple[int, int]:
-    """(packs, loose objects) past which `gc --auto` merges: gc.autoPackLimit and gc.auto, or the defaults."""
+_GIT_INT = re.compile(r"\s*([-+]?[0-9]+)\s*([kKmMgG]?)\s*")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
-    def read(name: bytes, default: int) -> int:
+
+def auto_limits(repo: Repository) -> tuple[int | None, int | None]:
+    """(packs, loose objects) past which `gc --auto` merges: gc.autoPackLimit and gc.auto, or
+    the defaults; None where the key is 0 or less, which turns that trigger off, as in git."""
+
+    def read(name: bytes, default: int) -> int | None:
         try:
-            value = repo.config.get((b"gc",), name)
+            raw = repo.config.get((b"gc",), name)
         except KeyError:
             return default
-        try:
-            return max(1, int(value))
-        except ValueError:
+        text = raw.decode(errors="replace")
+        matched = _GIT_INT.fullmatch(text)
+        if matched is None:
             raise GcRefusedError(
-                f"gc.{name.decode()} in .mint/config is {value!r:.40}, not a number; fix it"
-            ) from None
+                f"gc.{name.decode()} in .mint/config is {text!r:.40}, not an integer "
+                "(git's form: 100, 1k, 2m); fix it"
+            )
+        value = int(matched[1]) * _UNITS[matched[2].lower()]
+        return value if value > 0 else None
 
     return read(b"autoPackLimit", AUTO_PACK_LIMIT), read(b"auto", AUTO_LOOSE_LIMIT)
+
+
+def _over(count: int, limit: int | None) -> bool:
+    return limit is not None and count > limit
 
 
 @dataclass(frozen=True)
@@ -1102,6 +1131,7 @@ class RollUpResult:
     packs_after: int
     bytes_before: int
     bytes_after: int
+    busy: bool = False  # another gc held the lock: nothing was done
 
     @property
     def rewritten(self) -> bool:
@@ -1136,78 +1166,115 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
     merged is read back and checked against its id first; the new pack is in place before the
     files it replaces are deleted. A full `gc` still verifies and prunes the whole store.
     """
+    from dulwich.errors import ChecksumMismatch, ObjectFormatException
+
+    pack_limit, loose_limit = auto_limits(repo)
+    # Counted before the lock, as git's --auto: under the limits there is nothing to wait for.
+    if not _over(_pack_count(repo), pack_limit) and not _over(_loose_count(repo), loose_limit):
+        return RollUpResult(0, 0, 0, _pack_count(repo), 0, 0)
+    try:
+        with _gc_lock(repo):
+            try:
+                return _roll_up(repo, pack_limit, loose_limit, progress)
+            except (
+                OSError,
+                zlib.error,
+                ChecksumMismatch,
+                ObjectFormatException,
+                ValueError,
+            ) as err:
+                raise GcWriteError(
+                    f"gc --auto failed while packing ({err}); nothing was deleted; run `mintvcs fsck`"
+                ) from None
+    except GcLockedError:
+        # Another gc is at work: --auto is a hint to tidy up, not worth an error (git's too).
+        return RollUpResult(0, 0, 0, _pack_count(repo), 0, 0, busy=True)
+
+
+def _pack_count(repo: Repository) -> int:
+    try:
+        return sum(n.endswith(".pack") for n in os.listdir(repo.git_dir / "objects" / "pack"))
+    except FileNotFoundError:
+        return 0
+
+
+def _loose_count(repo: Repository) -> int:
+    return sum(1 for _ in _loose_files(repo))
+
+
+def _roll_up(
+    repo: Repository, pack_limit: int | None, loose_limit: int | None, progress: PhaseProgress
+) -> RollUpResult:
+    """auto_gc under gc's lock: merge the loose objects and the smallest packs (geometric_split)."""
     from dulwich.objects import ObjectID
 
-    with _gc_lock(repo):
-        _refuse_links(repo)
-        before = _store_size(repo)
-        store = repo.objects
-        packs = sorted(store.packs, key=lambda p: (_pack_bytes(p), _pack_name(p)))
-        loose = list(_loose_files(repo))
-        pack_limit, loose_limit = auto_limits(repo)
-        if len(packs) <= pack_limit and len(loose) <= loose_limit:
-            return RollUpResult(0, 0, 0, len(packs), before, before)
-        loose_bytes = sum(path.stat().st_size for _, path in loose)
-        merged = packs[: geometric_split([_pack_bytes(p) for p in packs], loose_bytes)]
-        wanted = {oid for oid, _ in loose}
-        for pack in merged:
-            wanted.update(
-                sha.decode() if len(sha) == 40 else sha.hex()
-                for sha, _offset, _crc in pack.index.iterentries()
-            )
-        if not wanted:
-            return RollUpResult(0, 0, 0, len(packs), before, before)
-        total = len(wanted)
-        writer = PackWriter(repo, expected=total, repack=True)
-
-        def add(oid: str, kind: bytes, raw: bytes) -> None:
-            if oid not in wanted:
-                return  # stored twice (two packs, or a pack and a loose file): packed once
-            level = object_zlib_level(kind, raw)
-            prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
-            if writer.add(kind, [raw], level, prefix) != oid:
-                raise GcWriteError(
-                    f"gc --auto failed: object {oid} read back as other content; nothing was "
-                    "deleted; run `mintvcs fsck`"
-                )
-            wanted.discard(oid)
-            progress("packing", 1)
-
-        try:
-            for pack in merged:
-                too_deep: list[tuple[str, int]] = []
-                for entry in _pack_objects(pack, too_deep):
-                    if entry.problem is not None or entry.kind is None or entry.data is None:
-                        raise GcCorruptObjectError(
-                            f"gc refused: {entry.problem or f'corrupt packed object {entry.oid}'}; {_FIX}"
-                        )
-                    add(entry.oid, entry.kind, entry.data)
-                if too_deep:
-                    raise GcCorruptObjectError(
-                        f"gc refused: {_depth_problem(pack, too_deep)}; {_FIX}"
-                    )
-            for oid, path in loose:
-                try:
-                    kind, body = _read_loose(path, oid)
-                except _Damage as damage:
-                    raise GcCorruptObjectError(f"gc refused: {damage}; {_FIX}") from None
-                add(oid, kind, body)
-        except BaseException:
-            writer.abort()
-            raise
-        name = writer.finish()
-        for oid, _ in loose:  # packed now
-            with suppress(FileNotFoundError):
-                store.delete_loose_object(ObjectID(oid.encode()))
-        for pack in merged:
-            if name is None or os.path.basename(pack._basename) != name:
-                store._remove_pack(pack)
-        repo.close()  # our maps and dulwich's pack list name the merged packs
-        return RollUpResult(
-            objects=total,
-            packs_merged=len(merged),
-            loose_packed=len(loose),
-            packs_after=len(packs) - len(merged) + (name is not None),
-            bytes_before=before,
-            bytes_after=_store_size(repo),
+    repo.close()  # a long-lived Repository's pack list may name packs another gc deleted
+    _refuse_links(repo)
+    before = _store_size(repo)
+    store = repo.objects
+    packs = sorted(store.packs, key=lambda p: (_pack_bytes(p), _pack_name(p)))
+    loose = list(_loose_files(repo))
+    if not _over(len(packs), pack_limit) and not _over(len(loose), loose_limit):
+        return RollUpResult(0, 0, 0, len(packs), before, before)
+    loose_bytes = sum(path.stat().st_size for _, path in loose)
+    merged = packs[: geometric_split([_pack_bytes(p) for p in packs], loose_bytes)]
+    wanted = {oid for oid, _ in loose}
+    for pack in merged:
+        wanted.update(
+            sha.decode() if len(sha) == 40 else sha.hex()
+            for sha, _offset, _crc in pack.index.iterentries()
         )
+    if not wanted:
+        return RollUpResult(0, 0, 0, len(packs), before, before)
+    total = len(wanted)
+    writer = PackWriter(repo, expected=total, repack=True)
+
+    def add(oid: str, kind: bytes, raw: bytes) -> None:
+        if oid not in wanted:
+            return  # stored twice (two packs, or a pack and a loose file): packed once
+        level = object_zlib_level(kind, raw)
+        prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
+        if writer.add(kind, [raw], level, prefix) != oid:
+            raise GcWriteError(
+                f"gc --auto failed: object {oid} read back as other content; nothing was "
+                "deleted; run `mintvcs fsck`"
+            )
+        wanted.discard(oid)
+        progress("packing", 1)
+
+    try:
+        for pack in merged:
+            too_deep: list[tuple[str, int]] = []
+            for entry in _pack_objects(pack, too_deep):
+                if entry.problem is not None or entry.kind is None or entry.data is None:
+                    raise GcCorruptObjectError(
+                        f"gc refused: {entry.problem or f'corrupt packed object {entry.oid}'}; {_FIX}"
+                    )
+                add(entry.oid, entry.kind, entry.data)
+            if too_deep:
+                raise GcCorruptObjectError(f"gc refused: {_depth_problem(pack, too_deep)}; {_FIX}")
+        for oid, path in loose:
+            try:
+                kind, body = _read_loose(path, oid)
+            except _Damage as damage:
+                raise GcCorruptObjectError(f"gc refused: {damage}; {_FIX}") from None
+            add(oid, kind, body)
+    except BaseException:
+        writer.abort()
+        raise
+    name = writer.finish()
+    for oid, _ in loose:  # packed now
+        with suppress(FileNotFoundError):
+            store.delete_loose_object(ObjectID(oid.encode()))
+    for pack in merged:
+        if name is None or os.path.basename(pack._basename) != name:
+            _drop_pack(store, pack)
+    repo.close()  # our maps and dulwich's pack list name the merged packs
+    return RollUpResult(
+        objects=total,
+        packs_merged=len(merged),
+        loose_packed=len(loose),
+        packs_after=_pack_count(repo),  # a commit landing meanwhile adds its own
+        bytes_before=before,
+        bytes_after=_store_size(repo),
+    )

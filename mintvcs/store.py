@@ -367,8 +367,10 @@ class Repository:
                     break
         if found is not None:
             # Read now, as git does: a broken config fails every command, not only the ones
-            # that happen to reach dulwich's object store (loose reads do not).
-            found.config  # noqa: B018
+            # that happen to reach dulwich's object store (loose reads do not). A missing one
+            # is left to whoever needs it, as before.
+            if (found.git_dir / "config").exists():
+                found.config  # noqa: B018
             return found
         raise NotARepositoryError(
             f"not a mintvcs repository (or any parent up to /): {start}; run 'mintvcs init'"
@@ -425,19 +427,31 @@ class Repository:
         problem: str | None = None
         # Loose first, with our reader: dulwich looks through every pack before the loose
         # files, and a training run's commits, trees and manifests stay loose until gc while
-        # each commit adds a pack (2.3 ms per read with 300 packs).
-        loose = self._read_loose(oid, what)
-        if loose is not None:
+        # each commit adds a pack (2.3 ms per read with 300 packs). A loose copy that is
+        # unreadable or holds other content falls through to dulwich, which reads packs first
+        # (a good packed copy wins, as in git) and reports a bad loose one.
+        try:
+            loose = self._read_loose(oid, what)
+        except CorruptObjectError:
+            loose = None
+        if loose is not None and (type_num := _TYPE_NUMBERS.get(loose[0])) is not None:
             kind, body = loose
-            type_num = _TYPE_NUMBERS.get(kind)
-            if type_num is not None:
+            digest = hashlib.sha1(b"%s %d\0" % (kind, len(body)))
+            digest.update(body)
+            if digest.hexdigest() == oid:
                 try:
                     return ShaFile.from_raw_string(
                         type_num, bytes(body), sha=ObjectID(oid.encode())
                     )
-                except (ObjectFormatException, ValueError, AssertionError) as err:
+                except (
+                    ObjectFormatException,
+                    ValueError,
+                    KeyError,
+                    IndexError,
+                    AssertionError,
+                ) as err:
                     raise CorruptObjectError(
-                        f"{what}: object {oid} is corrupt ({err}); run 'mintvcs fsck'"
+                        f"{what}: object {oid} is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
                     ) from None
         try:
             return self.objects[ObjectID(oid.encode())]
@@ -508,7 +522,11 @@ class Repository:
             raise CorruptObjectError(f"{what}: {oid!r} is not an object id")
         try:
             # Never through a link: a received repository's "object" could be /dev/zero.
-            fd = os.open(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}", os.O_RDONLY | os.O_NOFOLLOW)
+            # Non-blocking: opening a FIFO planted there would wait for a writer for ever.
+            fd = os.open(
+                f"{self._objects_dir}/{oid[:2]}/{oid[2:]}",
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+            )
         except FileNotFoundError:
             return None
         except OSError as err:
@@ -1218,7 +1236,11 @@ class Repository:
             if offset is not None:
                 return pack.kind_at(offset)
         try:
-            fd = os.open(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}", os.O_RDONLY | os.O_NOFOLLOW)
+            # Non-blocking: opening a FIFO planted there would wait for a writer for ever.
+            fd = os.open(
+                f"{self._objects_dir}/{oid[:2]}/{oid[2:]}",
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+            )
         except OSError:
             return None
         try:

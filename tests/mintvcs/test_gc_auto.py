@@ -105,9 +105,71 @@ def test_auto_refuses_a_damaged_pack_and_deletes_nothing(
 
 def test_a_limit_that_is_not_a_number_is_named(run: tuple[Path, Path, dict[str, str]]) -> None:
     work, _, _ = run
+    git(work / ".mint", "config", "gc.autoPackLimit", "4")
     git(work / ".mint", "config", "gc.auto", "lots")
     with (
         Repository.open(work) as repo,
-        pytest.raises(GcRefusedError, match=r"gc\.auto .* not a number"),
+        pytest.raises(GcRefusedError, match=r"gc\.auto .* not an integer"),
     ):
         auto_gc(repo)
+
+
+def test_a_pack_written_while_gc_scans_is_left_alone(
+    run: tuple[Path, Path, dict[str, str]],
+) -> None:
+    # A commit landing during gc writes a pack of its own; gc rewrites and deletes only the
+    # packs it scanned (it used to delete the new one, and the commit's tensors with it).
+    work, adapter, _ = run
+    landed: list[str] = []
+    checked = [0]
+
+    def commit_meanwhile(phase: str, n: int) -> None:
+        checked[0] += n
+        # Past the loose objects (36) and into the packs: the scan has listed them already.
+        if phase == "checking objects" and checked[0] == 200:
+            mutate(adapter, seed=77)
+            with Repository.open(work) as other:
+                landed.append(
+                    porcelain.commit(
+                        other, "meanwhile", source=adapter, verify=False, show_progress=False
+                    ).commit
+                )
+
+    with Repository.open(work) as repo:
+        from mintvcs.maintenance import gc
+
+        gc(repo, prune=False, progress=commit_meanwhile)
+    assert landed
+    git_fsck(work)
+    with Repository.open(work) as repo:
+        porcelain.checkout(repo, landed[0], force=True)
+    assert (
+        hashlib.sha256((work / WEIGHTS).read_bytes()).hexdigest()
+        == hashlib.sha256((adapter / WEIGHTS).read_bytes()).hexdigest()
+    )
+
+
+def test_limits_read_as_git_reads_them(run: tuple[Path, Path, dict[str, str]]) -> None:
+    work, _, _ = run
+    git(work / ".mint", "config", "gc.autoPackLimit", "0")  # 0 turns the trigger off
+    git(work / ".mint", "config", "gc.auto", "1k")
+    with Repository.open(work) as repo:
+        from mintvcs.maintenance import auto_limits
+
+        assert auto_limits(repo) == (None, 1024)
+        assert not auto_gc(repo).rewritten
+    assert "gc.autoPackLimit off" in mint(work, "gc", "--auto").stdout
+
+
+def test_auto_says_nothing_to_do_while_another_gc_runs(
+    run: tuple[Path, Path, dict[str, str]],
+) -> None:
+    import os
+    import socket
+
+    work, _, _ = run
+    git(work / ".mint", "config", "gc.autoPackLimit", "4")
+    (work / ".mint" / "gc.pid").write_text(f"{os.getpid()} {socket.gethostname()}")
+    result = mint(work, "gc", "--auto")
+    assert "another gc is running" in result.stdout
+    assert len(_pack_files(work)) == 9

@@ -1,0 +1,89 @@
+"""Loose objects are read before packs: whatever sits at a loose path, a good packed copy still wins."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from pathlib import Path
+
+import pytest
+
+from mintvcs import maintenance, porcelain
+from mintvcs.store import CorruptObjectError, Repository
+from tests.mintvcs.storekit import git, git_log, loose_path, mint
+
+
+def _head(work: Path) -> str:
+    return git_log(work)[0]
+
+
+def _messages(work: Path) -> list[str]:
+    with Repository.open(work) as repo:
+        return [c.message.strip() for c in porcelain.log(repo, "HEAD")]
+
+
+@pytest.mark.parametrize("planted", ["garbage", "empty", "other object", "fifo", "directory"])
+def test_a_bad_loose_copy_does_not_hide_the_packed_one(work: Path, planted: str) -> None:
+    expected = _messages(work)
+    mint(work, "gc")  # every object packed now
+    head = _head(work)
+    path = loose_path(work, head)
+    path.parent.mkdir(exist_ok=True)
+    if planted == "garbage":
+        path.write_bytes(b"not zlib at all")
+    elif planted == "empty":
+        path.write_bytes(b"")
+    elif planted == "other object":  # another commit's content under HEAD's name
+        older = git_log(work)[1]
+        raw = git(work / ".mint", "cat-file", "commit", older).stdout.encode()
+        path.write_bytes(zlib.compress(b"commit %d\0" % len(raw) + raw))
+    elif planted == "fifo":
+        os.mkfifo(path)  # opening it for reading would wait for a writer for ever
+    else:
+        path.mkdir()
+    assert _messages(work) == expected
+    assert expected[0] in mint(work, "log", "-n", "1").stdout
+
+
+def test_a_loose_only_object_with_other_content_is_named_corrupt(work: Path) -> None:
+    head, older = git_log(work)[:2]
+    raw = git(work / ".mint", "cat-file", "commit", older).stdout.encode()
+    loose_path(work, head).write_bytes(zlib.compress(b"commit %d\0" % len(raw) + raw))
+    with Repository.open(work) as repo, pytest.raises(CorruptObjectError, match=head):
+        repo.get_object(head)
+
+
+def test_a_commit_that_does_not_parse_is_an_error_not_a_traceback(work: Path) -> None:
+    tree = git(work / ".mint", "rev-parse", "HEAD^{tree}").stdout.strip()
+    # An author line with an empty time zone: dulwich's parser raises IndexError on it.
+    body = f"tree {tree}\nauthor A <a@b> 1700000000 \ncommitter A <a@b> 1700000000 +0000\n\nx\n"
+    raw = body.encode()
+    oid = hashlib.sha1(b"commit %d\0" % len(raw) + raw).hexdigest()
+    path = loose_path(work, oid)
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(zlib.compress(b"commit %d\0" % len(raw) + raw))
+    with Repository.open(work) as repo, pytest.raises(CorruptObjectError, match=oid):
+        repo.get_object(oid)
+
+
+def test_a_repository_held_open_survives_another_process_gc(work: Path) -> None:
+    with Repository.open(work) as repo:
+        porcelain.log(repo, "HEAD")  # the packs (none yet) and maps are now cached
+        mint(work, "gc")
+        mint(work, "gc")  # the first gc's pack is replaced: a second list goes stale
+        assert maintenance.fsck(repo).ok
+        maintenance.gc(repo)
+        assert not maintenance.auto_gc(repo).rewritten
+        assert _messages(work)[0] == porcelain.log(repo, "HEAD")[0].message.strip()
+
+
+def test_gc_sweeps_an_index_left_without_its_pack(work: Path) -> None:
+    mint(work, "gc")
+    pack_dir = work / ".mint" / "objects" / "pack"
+    orphan = pack_dir / ("pack-" + "0" * 40 + ".idx")
+    orphan.write_bytes((next(pack_dir.glob("*.idx"))).read_bytes())
+    old = 1_600_000_000
+    os.utime(orphan, (old, old))
+    mint(work, "gc")
+    assert not orphan.exists()
