@@ -1,11 +1,13 @@
 """Engine benchmarks, each side by side with its peer in one run; prints `name: ours X, peer Y, ratio Z`.
 
-    python bench/engine.py [--only throughput|choices|hotswap|cuda] [--quick]
+    python bench/engine.py [--only throughput|choices|chunked|hotswap|cuda] [--quick]
 
 throughput  CPU, ~30M-parameter Llama, 32 requests over 8 adapters (r=16, all linears), 64 new tokens:
             ours vs PEFT mixed-batch generate(adapter_names=...), and vs our engine with no adapters.
 choices     CPU, the same Llama: 4 prompts x n=8 sampled choices on one adapter: each prompt prefilled
             once and its KV copied to the choices, vs every choice prefilling it (same batching).
+chunked     CPU, the same Llama: 16 requests decoding when a 1000-token prompt arrives; their worst
+            gap between two tokens with the prompt prefilled in chunks of 128 vs in one step.
 hotswap     CPU, ~0.4B Llama, r=16 all-linear revision: requested -> slot ready, cold (decoded from
             the mintvcs store on disk, not in the host cache) and warm (host cache), vs loading the full merged checkpoint.
 cuda        only where CUDA exists: Llama-3-8B-shaped random bf16 base built on the GPU; 1, 8 and 64
@@ -297,6 +299,74 @@ def bench_choices(root: Path, quick: bool) -> None:
     )
     print(
         f"# rounds (shared / each, ms): {[f'{a[0] * 1000:.0f}/{b[0] * 1000:.0f}' for a, b in rounds]}",
+        flush=True,
+    )
+
+
+# -------------------------------------------------------------------------------------- chunked
+def bench_chunked(root: Path, quick: bool) -> None:
+    """A long prompt arriving while requests decode: their worst gap between two tokens, with
+    the prompt prefilled in chunks of --max-num-batched-tokens vs in one step."""
+    import asyncio
+
+    decoders, prompt_len, chunk = (4, 120, 32) if quick else (16, 1000, 128)
+    long_model = TinyConfig(**{**THROUGHPUT_MODEL.__dict__, "max_position_embeddings": 1024})
+    with one_intraop_thread():
+        base = build_tiny_model(root / "base-chunked", long_model, seed=0)
+    gen = torch.Generator().manual_seed(2)
+    short = [torch.randint(3, 8192, (16,), generator=gen).tolist() for _ in range(decoders)]
+    long_prompt = torch.randint(3, 8192, (prompt_len,), generator=gen).tolist()
+    decode = SamplingParams(max_tokens=10_000, temperature=0.0, ignore_eos=True)
+
+    async def run(engine: Engine) -> tuple[float, float]:
+        stop = asyncio.Event()
+        gaps: list[float] = []
+
+        async def decoder(prompt: list[int]) -> None:
+            last = None
+            async with engine.submit(prompt, None, decode) as events:
+                async for _ in events:
+                    now = time.perf_counter()
+                    if last is not None and measuring:
+                        gaps.append(now - last)
+                    last = now
+                    if stop.is_set():
+                        return
+
+        measuring = False
+        tasks = [asyncio.create_task(decoder(p)) for p in short]
+        await asyncio.sleep(1.0)  # all decoding, in a steady state
+        measuring = True
+        start = time.perf_counter()
+        async with engine.submit(long_prompt, None, SamplingParams(max_tokens=1)) as events:
+            async for _ in events:
+                pass
+        first_token = time.perf_counter() - start
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return max(gaps), first_token
+
+    results = {}
+    for name, budget in (("chunked", chunk), ("whole", 4096)):
+        config = EngineConfig(
+            max_batch_size=decoders + 1, max_model_len=1024, max_num_batched_tokens=budget
+        )
+        with Engine(base, config) as engine:
+            results[name] = min(
+                (asyncio.run(run(engine)) for _ in range(1 if quick else 3)), key=lambda r: r[0]
+            )
+    report(
+        f"cpu worst gap between two tokens of {decoders} decoding requests while a "
+        f"{prompt_len}-token prompt arrives: prefilled in chunks of {chunk} vs in one step",
+        results["chunked"][0] * 1000,
+        results["whole"][0] * 1000,
+        "ms",
+        higher_is_better=False,
+    )
+    print(
+        f"# the long prompt's first token: {results['chunked'][1] * 1000:.0f} ms chunked, "
+        f"{results['whole'][1] * 1000:.0f} ms in one step",
         flush=True,
     )
 
@@ -737,7 +807,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--only", choices=["throughput", "choices", "hotswap", "cuda"], action="append"
+        "--only", choices=["throughput", "choices", "chunked", "hotswap", "cuda"], action="append"
     )
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, to check the script runs"
@@ -750,13 +820,15 @@ def main() -> None:
     if args.peft_run is not None:
         print(peft_throughput(args.peft_run, args.quick))
         return
-    sections = args.only or ["throughput", "choices", "hotswap", "cuda"]
+    sections = args.only or ["throughput", "choices", "chunked", "hotswap", "cuda"]
     with tempfile.TemporaryDirectory(prefix="mintvcs-bench-") as tmp:
         root = Path(tmp)
         if "throughput" in sections:
             bench_throughput(root, args.quick)
         if "choices" in sections:
             bench_choices(root, args.quick)
+        if "chunked" in sections:
+            bench_chunked(root, args.quick)
         if "hotswap" in sections:
             bench_hotswap(root, args.quick)
         if "cuda" in sections:

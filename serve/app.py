@@ -84,6 +84,7 @@ class ServerConfig:
     api_key_scope: str = "admin"  # "all": every endpoint but /health needs the token too
     max_batch_size: int = 32
     max_queued_requests: int | None = None  # waiting to start; more get 503 (None: no bound)
+    max_num_batched_tokens: int = 4096  # prompt tokens prefilled per step (longer: chunked)
     cpu_threads: int | None = None  # None: the CPUs this process may use (affinity, cgroup quota)
     max_model_len: int | None = None
     max_prompt_bytes: int = 64 * 1024  # 413 above this
@@ -104,6 +105,7 @@ class ServerConfig:
             "max_cpu_loras",
             "max_rank",
             "max_batch_size",
+            "max_num_batched_tokens",
             "max_prompt_bytes",
             "max_tokens_limit",
         ):
@@ -569,6 +571,7 @@ def engine_config(config: ServerConfig) -> Any:
         dtype=config.dtype,
         max_batch_size=config.max_batch_size,
         max_waiting=config.max_queued_requests,
+        max_num_batched_tokens=config.max_num_batched_tokens,
         cpu_threads=config.cpu_threads,
         max_model_len=config.max_model_len,
         adapter_slots=config.max_loras,

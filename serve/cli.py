@@ -91,6 +91,14 @@ from mintvcs.errors import MintError
     help="Requests that may wait to start; more get 503 with Retry-After [default: no bound].",
 )
 @click.option(
+    "--max-num-batched-tokens",
+    default=4096,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Prompt tokens prefilled per step; a longer prompt is prefilled in chunks over several "
+    "steps (lower it to keep running requests' token rate steady while long prompts arrive).",
+)
+@click.option(
     "--cpu-threads",
     default=None,
     type=click.IntRange(min=1),
@@ -150,6 +158,7 @@ def serve(
     api_key_scope: str,
     max_batch_size: int,
     max_queued_requests: int | None,
+    max_num_batched_tokens: int,
     cpu_threads: int | None,
     max_model_len: int | None,
     max_prompt_bytes: int,
@@ -176,6 +185,7 @@ def serve(
             api_key_scope=api_key_scope,
             max_batch_size=max_batch_size,
             max_queued_requests=max_queued_requests,
+            max_num_batched_tokens=max_num_batched_tokens,
             cpu_threads=cpu_threads,
             max_model_len=max_model_len,
             max_prompt_bytes=max_prompt_bytes,

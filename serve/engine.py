@@ -63,7 +63,7 @@ class EngineConfig:
     dtype: str | None = None  # None = float32 on CPU, bfloat16 on CUDA
     max_batch_size: int = 32  # running sequences = KV cache slots
     max_model_len: int | None = None  # prompt + output; None = min(2048, max_position_embeddings)
-    max_num_batched_tokens: int = 4096  # prefill tokens admitted per step
+    max_num_batched_tokens: int = 4096  # prompt tokens prefilled per step; longer ones are chunked
     adapter_slots: int = 8
     max_lora_rank: int = 16
     lora_targets: tuple[str, ...] = LORA_MODULES

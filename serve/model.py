@@ -62,7 +62,8 @@ class StepBatch:
     # [D, 1, 1, Lmax] bool, True = attend; with decode_span, [span, 1, 1, Lmax] over its KV slots
     decode_mask: torch.Tensor | None
     max_decode_len: int
-    prefills: list[tuple[int, int, int]]  # (start, length, kv_slot), prefill starts at position 0
+    # (start row, length, kv_slot, first position): a prompt, or a chunk of one from `offset` on
+    prefills: list[tuple[int, int, int, int]]
     # [R] the token rows whose logits forward() returns: each sequence's last token, and every
     # token of a scored prefill (prompt logprobs)
     logits_index: torch.Tensor
@@ -70,9 +71,11 @@ class StepBatch:
     # None = gather decode_kv_slots. decode_rows: each decode's row in that span (None = in order).
     decode_span: tuple[int, int] | None = None
     decode_rows: torch.Tensor | None = None
-    # Each sequence's last-token row within forward()'s output; None = row i is sequence i
-    # (no prefill was scored).
+    # Each sampled sequence's last-token row within forward()'s output; None = row i is
+    # sequence i (no prefill scored, none mid-prompt).
     seq_rows: list[int] | None = None
+    # Prefill index -> its first row within forward()'s output, for the scored prefills.
+    scored_rows: dict[int, int] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -82,10 +85,14 @@ class StepBatch:
         device: torch.device,
         *,
         scored: Collection[int] = (),
+        starts: Sequence[int] = (),
+        unsampled: Collection[int] = (),
     ) -> StepBatch:
         """Flatten decodes (token, position, kv_slot, lora_slot) and prefills (tokens, kv_slot, lora_slot).
 
-        `scored` holds the indices of prefills whose every token's logits are wanted, not only the last.
+        By index into `prefills`: `scored` ones want every token's logits, not only the last;
+        `starts` gives each one's first position (a later chunk of a prompt; default 0), and
+        `unsampled` ones end mid-prompt, so their last token has no logits row to sample from.
         """
         ids: list[int] = []
         pos: list[int] = []
@@ -99,22 +106,30 @@ class StepBatch:
             pos.append(position)
             kv.append(kv_slot)
             lora.append(lora_slot)
-        spans: list[tuple[int, int, int]] = []
-        seq_rows: list[int] | None = list(range(len(decodes))) if scored else None
-        if scored:
+        spans: list[tuple[int, int, int, int]] = []
+        listed = bool(scored or unsampled)  # output rows differ from one per sequence
+        seq_rows: list[int] | None = list(range(len(decodes))) if listed else None
+        scored_rows: dict[int, int] = {}
+        if listed:
             rows.extend(last)
         for i, (tokens, kv_slot, lora_slot) in enumerate(prefills):
             start = len(ids)
             n = len(tokens)
+            offset = starts[i] if starts else 0
             ids.extend(tokens)
-            pos.extend(range(n))
+            pos.extend(range(offset, offset + n))
             kv.extend([kv_slot] * n)
             lora.extend([lora_slot] * n)
-            spans.append((start, n, kv_slot))
+            spans.append((start, n, kv_slot, offset))
             last.append(start + n - 1)
             if seq_rows is not None:
-                rows.extend(range(start, start + n) if i in scored else (start + n - 1,))
-                seq_rows.append(len(rows) - 1)
+                if i in scored:
+                    scored_rows[i] = len(rows)
+                    rows.extend(range(start, start + n))
+                elif i not in unsampled:
+                    rows.append(start + n - 1)
+                if i not in unsampled:
+                    seq_rows.append(len(rows) - 1)
         num_decode = len(decodes)
         lengths = [p + 1 for p in pos[:num_decode]]
         max_len = max(lengths, default=0)
@@ -151,10 +166,11 @@ class StepBatch:
             decode_mask=mask,
             max_decode_len=max_len,
             prefills=spans,
-            logits_index=torch.tensor(rows if scored else last, dtype=torch.long, device=device),
+            logits_index=torch.tensor(rows if listed else last, dtype=torch.long, device=device),
             decode_span=span,
             decode_rows=decode_rows,
             seq_rows=seq_rows,
+            scored_rows=scored_rows,
         )
 
 
@@ -561,10 +577,18 @@ class Model:
                     qd.reshape(d, nkv, heads // nkv, hd), keys, values, attn_mask=batch.decode_mask
                 ).reshape(d, heads, hd)
             out[:nd] = od if rows is None else od.index_select(0, rows)
-        for start, length, _slot in batch.prefills:
+        for start, length, slot, offset in batch.prefills:
             qp = q[start : start + length].transpose(0, 1).unsqueeze(0)  # [1, heads, n, hd]
-            kp = k[start : start + length].transpose(0, 1).unsqueeze(0)
-            vp = v[start : start + length].transpose(0, 1).unsqueeze(0)
-            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
+            if offset == 0:  # a whole prompt, or its first chunk: its own tokens, causally
+                kp = k[start : start + length].transpose(0, 1).unsqueeze(0)
+                vp = v[start : start + length].transpose(0, 1).unsqueeze(0)
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
+            else:  # a later chunk: the prompt so far from the cache (this chunk written already)
+                end = offset + length
+                kp = kv.keys[layer][slot : slot + 1, :, :end]
+                vp = kv.values[layer][slot : slot + 1, :, :end]
+                seen = torch.arange(end, device=q.device).unsqueeze(0)
+                mask = seen <= torch.arange(offset, end, device=q.device).unsqueeze(1)
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=gqa)
             out[start : start + length] = op.squeeze(0).transpose(0, 1)
         return out.view(q.shape[0], -1)

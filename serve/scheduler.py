@@ -72,6 +72,10 @@ class Sequence:
     finished: bool = False
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    prefilled: int = 0  # prompt tokens in the KV cache (a long prompt takes several steps)
+    chunk: int = 0  # prompt tokens this step prefills
+    # Prompt logprobs gathered chunk by chunk (None for the first token), until the prompt ends.
+    prompt_lps: list[TokenLogprobs | None] = field(default_factory=list)
     # A request with the same prompt, revision and prompt logprobs queued just before this one
     # (an `n` choices group): admitted in the same step, this sequence copies its prompt's KV
     # instead of prefilling it again. Cleared once used or not usable.
@@ -180,7 +184,9 @@ class Scheduler:
         self.kernel_backend = kernel_backend
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        # Admitted this step and being prefilled: neither waiting nor (yet) running.
+        # Admitted, holding a KV slot, their prompt not all in the cache yet (chunked prefill).
+        self.prefilling: list[Sequence] = []
+        # Sampled for the first time in this step: neither waiting nor (yet) running.
         self.admitting: list[Sequence] = []
         self.stats = SchedulerStats()
         self.failed_steps_in_a_row = 0  # reset by a step that succeeds
@@ -188,8 +194,8 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        """Whether any request is queued or running."""
-        return bool(self.waiting or self.running)
+        """Whether any request is queued, being prefilled or running."""
+        return bool(self.waiting or self.prefilling or self.running)
 
     def add(self, seq: Sequence) -> None:
         """Queue a request; it joins the batch at a later step."""
@@ -211,33 +217,46 @@ class Scheduler:
         _deliver(seq, err)
 
     def _reap_cancelled(self) -> None:
-        for seq in [s for s in self.running if s.cancelled]:
-            self.running.remove(seq)
-            self._finish(seq)
-            self.stats.cancelled += 1
+        for group in (self.running, self.prefilling):
+            for seq in [s for s in group if s.cancelled]:
+                group.remove(seq)
+                self._finish(seq)
+                self.stats.cancelled += 1
         if any(s.cancelled for s in self.waiting):
             for seq in [s for s in self.waiting if s.cancelled]:
                 self.stats.cancelled += 1
                 seq.finished = True
             self.waiting = deque(s for s in self.waiting if not s.cancelled)
 
-    def _admit(self) -> list[Sequence]:
-        admitted: list[Sequence] = []
+    def _plan(self) -> list[Sequence]:
+        """This step's prompt work within max_num_batched_tokens: the next chunk of each prompt
+        under way, then new requests in FIFO order (seq.chunk set; a fork's is 0)."""
         budget = self.max_num_batched_tokens
+        planned: list[Sequence] = []
+        for seq in self.prefilling:
+            if budget == 0:
+                break
+            seq.chunk = min(len(seq.prompt_ids) - seq.prefilled, budget)
+            budget -= seq.chunk
+            planned.append(seq)
         for seq in list(self.waiting):
             if self.kv.free_slots == 0:
                 break
-            # A fork whose parent is admitted in this step shares its prefill: no prompt tokens.
-            # While the parent waits (its adapter loading), so does the fork; once the parent is
-            # gone (admitted before, failed), the fork prefills on its own.
+            # A fork whose parent's prompt ends in this step shares its prefill (at no cost to
+            # the budget). While the parent waits or is still prefilling, so does the fork;
+            # once the parent is gone (running, failed), the fork prefills on its own.
             parent = seq.fork_of
-            if parent is not None and not any(parent is a for a in admitted):
-                if not parent.finished and any(parent is w for w in self.waiting):
+            if parent is not None and not any(
+                parent is p and p.prefilled + p.chunk == len(p.prompt_ids) for p in planned
+            ):
+                if not parent.finished and (
+                    any(parent is w for w in self.waiting)
+                    or any(parent is p for p in self.prefilling)
+                ):
                     continue
                 seq.fork_of = None
-            n = 0 if seq.fork_of is not None else len(seq.prompt_ids)
-            if n > budget and (admitted or self.running):
-                break  # FIFO: a long prompt waits for a step with room rather than being overtaken forever
+            if seq.fork_of is None and budget == 0:
+                continue  # no prompt tokens left this step; only forks still get in
             if seq.revision is not None:
                 assert self.residency is not None
                 try:
@@ -251,72 +270,92 @@ class Scheduler:
                 seq.lora_slot = slot
             seq.kv_slot = self.kv.allocate()
             self.waiting.remove(seq)
-            admitted.append(seq)
-            budget -= n
-        return admitted
+            seq.chunk = 0 if seq.fork_of is not None else min(len(seq.prompt_ids), budget)
+            budget -= seq.chunk
+            planned.append(seq)
+            if seq.fork_of is None:
+                self.prefilling.append(seq)
+        return planned
 
     def step(self) -> bool:
         """Run one iteration; return False when there was nothing to run."""
         self._reap_cancelled()
-        admitted = self.admitting = self._admit()
-        # Order by adapter slot (base-only last), stably: each slot's tokens then form one
+        planned = self._plan()
+        chunked = [s for s in planned if s.fork_of is None]
+        # Sampled this step: the running sequences and each prompt that ends in this step.
+        # Ordered by adapter slot (base-only last), stably: each slot's tokens then form one
         # contiguous run, so the LoRA ops work on row slices instead of gathering and scattering.
         self.running.sort(key=_slot_order)
-        admitted.sort(key=_slot_order)
+        chunked.sort(key=_slot_order)
+        ending = [s for s in chunked if s.prefilled + s.chunk == len(s.prompt_ids)]
+        forks = [s for s in planned if s.fork_of is not None]
+        admitted = self.admitting = sorted([*ending, *forks], key=_slot_order)
         seqs = self.running + admitted
-        if not seqs:
+        if not seqs and not chunked:
             return False
         started = time.perf_counter()
         decodes = [
             (s.output_ids[-1], s.num_tokens - 1, s.kv_slot, s.lora_slot) for s in self.running
         ]
-        prefilled = [s for s in admitted if s.fork_of is None]
-        forks = [s for s in admitted if s.fork_of is not None]
-        prefills = [(s.prompt_ids, s.kv_slot, s.lora_slot) for s in prefilled]
+        prefills = [
+            (s.prompt_ids[s.prefilled : s.prefilled + s.chunk], s.kv_slot, s.lora_slot)
+            for s in chunked
+        ]
         device = self.model.device
-        used = {s.lora_slot for s in seqs if s.lora_slot >= 0}
+        used = {s.lora_slot for s in [*seqs, *chunked] if s.lora_slot >= 0}
         graphs = self.graphs
-        scored = [i for i, s in enumerate(prefilled) if s.params.prompt_logprobs is not None]
+        scored = [i for i, s in enumerate(chunked) if s.params.prompt_logprobs is not None]
+        unsampled = {i for i, s in enumerate(chunked) if not any(s is e for e in ending)}
         prompt_logprobs: dict[int, tuple[TokenLogprobs | None, ...]] = {}
         try:
             logits = None
             if graphs is not None and not prefills:
                 logits = graphs.run(decodes, lora=bool(used))  # None: run this step eagerly
             if logits is None:
-                batch = StepBatch.build(decodes, prefills, device, scored=scored)
+                batch = StepBatch.build(
+                    decodes,
+                    prefills,
+                    device,
+                    scored=scored,
+                    starts=[s.prefilled for s in chunked],
+                    unsampled=unsampled,
+                )
                 lora = None
                 if used:
                     assert self.residency is not None
                     lora = self.residency.pools.batch(
                         batch.token_lora_slots, used, self.kernel_backend
                     )
-                if scored:
+                if batch.seq_rows is not None:
                     hidden = self.model.hidden(batch, self.kv, lora)
-                    assert batch.seq_rows is not None
                     logits = self.model.head(hidden[batch.seq_rows])
                     for i in scored:
-                        seq = prefilled[i]
-                        last = batch.seq_rows[len(decodes) + i]
-                        first = last - len(seq.prompt_ids) + 1
-                        prompt_logprobs[seq.request_id] = self._prompt_logprobs(
-                            hidden[first:last], seq
-                        )
+                        seq = chunked[i]
+                        first = batch.scored_rows[i]
+                        found = self._prompt_logprobs(hidden[first : first + seq.chunk], seq)
+                        if i not in unsampled:
+                            prompt_logprobs[seq.request_id] = found
                 else:
                     logits = self.model.forward(batch, self.kv, lora)
             if forks:
-                logits = self._fork(logits, forks, prefilled, prompt_logprobs)
+                logits = self._fork(logits, forks, prompt_logprobs)
             tokens = self._sample(logits, seqs)
             logprobs = self._logprobs(logits, seqs, tokens)
         except Exception as err:
             # A failed step must not take the engine down: fail this batch, keep serving.
             log.error("an engine step of %d sequences failed", len(seqs), exc_info=err)
-            for seq in seqs:
-                self._fail(seq, err)
+            for seq in [*seqs, *chunked]:
+                if not seq.finished:
+                    self._fail(seq, err)
+            self.prefilling = [s for s in self.prefilling if not s.finished]
             self.running = self.admitting = []
             self.failed_steps_in_a_row += 1
             self.last_error = f"{type(err).__name__}: {err}"
             return True
         self.failed_steps_in_a_row = 0
+        for seq in chunked:
+            seq.prefilled += seq.chunk
+        self.prefilling = [s for s in self.prefilling if s.prefilled < len(s.prompt_ids)]
         self.running = []
         for seq, token, token_lp in zip(seqs, tokens, logprobs, strict=True):
             if seq.first_token_at is None:
@@ -331,7 +370,7 @@ class Scheduler:
         self.admitting = []
         s = self.stats
         s.steps += 1
-        s.prefill_tokens += sum(len(p[0]) for p in prefills)
+        s.prefill_tokens += sum(seq.chunk for seq in chunked)
         s.generated_tokens += len(seqs)
         s.last_batch_size = len(seqs)
         s.batch_size_sum += len(seqs)
@@ -373,11 +412,11 @@ class Scheduler:
         self,
         logits: torch.Tensor,
         forks: list[Sequence],
-        prefilled: list[Sequence],
         prompt_logprobs: dict[int, tuple[TokenLogprobs | None, ...]],
     ) -> torch.Tensor:
         """Give each fork its parent's prompt KV, logits row and prompt logprobs; the logits of every sequence of the step, in order."""
-        rows = {id(s): i for i, s in enumerate([*self.running, *prefilled])}
+        sampled = [s for s in self.admitting if s.fork_of is None]
+        rows = {id(s): i for i, s in enumerate([*self.running, *sampled])}
         for seq in forks:
             parent = seq.fork_of
             assert parent is not None
@@ -408,10 +447,15 @@ class Scheduler:
     def _prompt_logprobs(
         self, hidden: torch.Tensor, seq: Sequence
     ) -> tuple[TokenLogprobs | None, ...]:
-        """Logprobs of prompt tokens 1.. from the hidden states of tokens 0..n-2, a few rows at a time."""
+        """Add the logprobs this chunk's hidden states give (each row predicts the next prompt
+        token) to the sequence's, a few rows at a time; all of them once the prompt ends."""
         top = seq.params.prompt_logprobs or 0
-        targets = seq.prompt_ids[1:]
-        found: list[TokenLogprobs | None] = [None]
+        offset = seq.prefilled
+        targets = seq.prompt_ids[offset + 1 : offset + 1 + seq.chunk]
+        found = seq.prompt_lps
+        if offset == 0:
+            found.append(None)  # the first token: nothing predicts it
+        hidden = hidden[: len(targets)]  # a prompt's last row predicts the first output token
         for start in range(0, len(targets), PROMPT_LOGPROBS_ROWS):
             end = start + PROMPT_LOGPROBS_ROWS
             logits = self.model.head(hidden[start:end])
@@ -420,7 +464,8 @@ class Scheduler:
 
     def snapshot(self) -> dict[str, Any]:
         """Queue depth and running count."""
-        return {"waiting": len(self.waiting), "running": len(self.running) + len(self.admitting)}
+        running = len(self.running) + len(self.admitting) + len(self.prefilling)
+        return {"waiting": len(self.waiting), "running": running}
 
 
 def _deliver(seq: Sequence, item: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -530,3 +531,56 @@ def test_a_choice_admitted_after_its_parent_prefills_itself(tiny_base: Path) -> 
             assert [lp.logprob for lp in got.prompt_logprobs if lp] == pytest.approx(
                 [lp.logprob for lp in alone.prompt_logprobs if lp], abs=1e-4
             )
+
+
+def test_chunked_prefill_gives_what_one_step_gives(
+    engine: Engine, tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    # A budget of 7 prompt tokens per step: every prompt is prefilled over several steps, in
+    # chunks that attend to the cache, while other requests decode; tokens and logprobs must
+    # be those of the one-step prefill (the module engine's budget is 4096).
+    params = SamplingParams(
+        max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=2
+    )
+    requests: list[tuple[list[int], str | None, SamplingParams]] = [
+        (_prompt(40 + i, 9 + 6 * i), name, params)
+        for i, name in enumerate(["all-r16", None, "qv-r8", "all-r16", "mlp-r2"])
+    ]
+    requests += [
+        (requests[0][0], "all-r16", replace(params, temperature=0.8, seed=s)) for s in (1, 2)
+    ]
+    config = EngineConfig(max_batch_size=8, max_model_len=256, max_num_batched_tokens=7)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as chunked:
+        got = chunked.generate_many(requests, timeout=120)
+        steps = chunked.scheduler.stats.steps
+        # The last two share their prompt's chunks (a fork): each prompt once, the first twice.
+        prefilled = chunked.scheduler.stats.prefill_tokens
+        assert prefilled == sum(len(p) for p, _, _ in requests[:6])
+        assert chunked.stats()["running"] == 0 and chunked.kv.free_slots == 8
+    assert steps > sum(len(p) for p, _, _ in requests[:5]) // 7
+    for request, mine in zip(requests, got, strict=True):
+        whole = engine.generate(*request, timeout=60)
+        assert mine.token_ids == whole.token_ids
+        assert mine.logprobs is not None and whole.logprobs is not None
+        assert [lp.logprob for lp in mine.logprobs] == pytest.approx(
+            [lp.logprob for lp in whole.logprobs], abs=1e-4
+        )
+        assert mine.prompt_logprobs is not None and whole.prompt_logprobs is not None
+        assert len(mine.prompt_logprobs) == len(request[0])
+        assert [lp.logprob for lp in mine.prompt_logprobs if lp] == pytest.approx(
+            [lp.logprob for lp in whole.prompt_logprobs if lp], abs=1e-4
+        )
+
+
+def test_cancelling_a_request_mid_prompt_frees_its_slots(tiny_base: Path) -> None:
+    config = EngineConfig(max_batch_size=2, max_model_len=256, max_num_batched_tokens=4)
+    with Engine(tiny_base, config) as eng:
+        long = eng.start_many([(_prompt(50, 200), None, GREEDY)])[0]
+        deadline = time.monotonic() + 30
+        while not eng.scheduler.prefilling:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        long.cancel()
+        _settled(eng)
+        assert eng.kv.free_slots == 2 and not eng.scheduler.prefilling
+        assert eng.generate([5, 6], None, GREEDY, timeout=30).finish_reason == "length"

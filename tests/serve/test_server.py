@@ -20,7 +20,7 @@ import pytest
 
 from mintvcs import porcelain
 from mintvcs.serve.api_keys import ApiKeyFileError
-from mintvcs.serve.app import BackgroundServer, ServerConfig
+from mintvcs.serve.app import BackgroundServer, ServerConfig, ServerError
 from mintvcs.serve.refwatch import names_an_ancestor
 from mintvcs.store import Repository
 from tests.fixtures import make_peft_adapter
@@ -681,6 +681,26 @@ def test_client_disconnect_cancels_and_frees_the_slot(
         time.sleep(0.02)
     assert stats["kv_slots_free"] == engine.config.max_batch_size
     assert stats["generated_tokens"] >= 1
+
+
+def test_a_small_prefill_budget_chunks_prompts_and_answers_alike(
+    server: BackgroundServer, repo: Repository, tiny_base: Path
+) -> None:
+    config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, max_num_batched_tokens=8)
+    body = {"prompt": "Hello world, the cat sat on the mat. " * 3, "ref": "main"}
+    body.update(max_tokens=8, temperature=0, logprobs=1)
+    with BackgroundServer(config) as srv:
+        engine = srv.state.engine
+        assert engine is not None and engine.scheduler.max_num_batched_tokens == 8
+        chunked = gen(srv, **body)[2]
+        assert engine.scheduler.stats.steps > chunked["usage"]["prompt_tokens"] // 8
+    whole = gen(server, **body)[2]
+    assert chunked["text"] == whole["text"] and chunked["revision"] == whole["revision"]
+    assert [e["logprob"] for e in chunked["logprobs"]] == pytest.approx(
+        [e["logprob"] for e in whole["logprobs"]], abs=1e-4
+    )
+    with pytest.raises(ServerError, match="max_num_batched_tokens"):
+        ServerConfig(repo=repo.git_dir, base_model=tiny_base, max_num_batched_tokens=0)
 
 
 def test_past_max_queued_requests_is_503_overloaded_at_once(
