@@ -944,6 +944,18 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
 LAST_PACK_FILE = "mint-gc-pack"
 
 
+def _pack_checked(writer: PackWriter, oid: str, kind: bytes, raw: bytes, who: str) -> None:
+    """Append an object read back to `writer` as our writers store it; GcWriteError if its
+    content hashes to another id."""
+    level = object_zlib_level(kind, raw)
+    prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
+    if writer.add(kind, [raw], level, prefix) != oid:
+        raise GcWriteError(
+            f"{who} failed while packing: object {oid} read back as other content; nothing was "
+            "deleted; run `mintvcs fsck`"
+        )
+
+
 def _drop_pack(store: DiskObjectStore, pack: Pack) -> None:
     """Delete a pack, its index first, as git does: killed in between, gc leaves a `.pack`
     without its index, which the next gc sweeps, not an index that names a missing pack."""
@@ -984,13 +996,7 @@ def _repack(
         wanted = set(keep)
 
         def add(oid: str, kind: bytes, raw: bytes) -> None:
-            level = object_zlib_level(kind, raw)
-            prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
-            if writer.add(kind, [raw], level, prefix) != oid:
-                raise GcWriteError(
-                    f"gc failed while packing: object {oid} read back as other content; no "
-                    "object was deleted; run `mintvcs fsck`"
-                )
+            _pack_checked(writer, oid, kind, raw, "gc")
             wanted.discard(oid)
             progress("packing", 1)
 
@@ -1232,13 +1238,7 @@ def _roll_up(
     def add(oid: str, kind: bytes, raw: bytes) -> None:
         if oid not in wanted:
             return  # stored twice (two packs, or a pack and a loose file): packed once
-        level = object_zlib_level(kind, raw)
-        prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
-        if writer.add(kind, [raw], level, prefix) != oid:
-            raise GcWriteError(
-                f"gc --auto failed: object {oid} read back as other content; nothing was "
-                "deleted; run `mintvcs fsck`"
-            )
+        _pack_checked(writer, oid, kind, raw, "gc --auto")
         wanted.discard(oid)
         progress("packing", 1)
 

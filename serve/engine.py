@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -588,7 +588,7 @@ class Engine:
         mailbox = self._mailbox(asyncio.get_running_loop())
         seqs: list[Sequence] = []
         streams: list[RequestStream] = []
-        try:
+        with self._forgotten_on_error(seqs):
             for prompt, revision, params in requests:
                 events: asyncio.Queue[_Posted] = asyncio.Queue()
                 sink = _LoopSink(self, mailbox, events, stream)
@@ -597,12 +597,18 @@ class Engine:
                 seqs.append(seq)
                 streams.append(RequestStream(self, seq, events))
             self._enqueue(*seqs)
+        return streams
+
+    @contextlib.contextmanager
+    def _forgotten_on_error(self, seqs: list[Sequence]) -> Iterator[None]:
+        """All or nothing: if queueing fails, the sequences made so far are dropped."""
+        try:
+            yield
         except BaseException:
             with self._lock:
                 for seq in seqs:
                     self._seqs.pop(seq.request_id, None)
             raise
-        return streams
 
     async def stream(
         self,
@@ -632,7 +638,7 @@ class Engine:
         """
         futures: list[Future[Completion]] = []
         seqs: list[Sequence] = []
-        try:
+        with self._forgotten_on_error(seqs):
             for prompt, revision, params in requests:
                 future: Future[Completion] = Future()
                 parts: list[TokenEvent] = []
@@ -668,11 +674,6 @@ class Engine:
                 future.add_done_callback(partial(self._cancel_if_cancelled, seq.request_id))
                 futures.append(future)
             self._enqueue(*seqs)
-        except BaseException:
-            with self._lock:
-                for seq in seqs:
-                    self._seqs.pop(seq.request_id, None)
-            raise
         return futures
 
     def _cancel_if_cancelled(self, request_id: int, future: Future[Completion]) -> None:

@@ -202,13 +202,7 @@ def _prompt_ids(state: ServerState, prompt: Prompt, special_tokens: bool) -> lis
     else:
         if not isinstance(prompt, str) or not prompt:
             raise HTTPError(400, "prompt must be a non-empty string", "prompt")
-        size = len(prompt.encode("utf-8", "surrogatepass"))
-        if size > state.config.max_prompt_bytes:
-            raise HTTPError(
-                413,
-                f"the prompt is {size} bytes; this server takes at most {state.config.max_prompt_bytes}",
-                "prompt_too_large",
-            )
+        _check_prompt_bytes(state, prompt)
         ids = engine.encode(prompt, special_tokens=special_tokens)
     if len(ids) >= engine.max_model_len:
         raise HTTPError(
@@ -217,6 +211,17 @@ def _prompt_ids(state: ServerState, prompt: Prompt, special_tokens: bool) -> lis
             "prompt_too_long",
         )
     return ids
+
+
+def _check_prompt_bytes(state: ServerState, text: str) -> None:
+    """413 for a prompt over --max-prompt-bytes."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > state.config.max_prompt_bytes:
+        raise HTTPError(
+            413,
+            f"the prompt is {size} bytes; this server takes at most {state.config.max_prompt_bytes}",
+            "prompt_too_large",
+        )
 
 
 async def admit_many(
@@ -1090,13 +1095,7 @@ async def tokenize(request: web.Request) -> web.Response:
     else:
         text = field_of(body, "prompt", (str,))
         special = field_of(body, "add_special_tokens", (bool,), True)
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > state.config.max_prompt_bytes:
-        raise HTTPError(
-            413,
-            f"the prompt is {size} bytes; this server takes at most {state.config.max_prompt_bytes}",
-            "prompt_too_large",
-        )
+    _check_prompt_bytes(state, text)
     ids = engine.encode(text, special_tokens=special)
     out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
     if field_of(body, "return_token_strs", (bool,), False):

@@ -201,24 +201,11 @@ def test_penalties_bias_and_min_tokens_over_http(server: BackgroundServer) -> No
     biased = gen(server, ref="main", **body, logit_bias={"300": 100}, return_token_ids=True)[2]
     assert biased["token_ids"] == [300] * 10
     first = gen(server, ref="main", **body, return_token_ids=True)[2]["token_ids"][0]
-    stopped = gen(
-        server,
-        ref="main",
-        prompt="Hello world",
-        max_tokens=10,
-        temperature=0,
-        stop_token_ids=[first],
-    )[2]
+    stop_at_first = {"ref": "main", "prompt": "Hello world", "max_tokens": 10, "temperature": 0}
+    stop_at_first["stop_token_ids"] = [first]
+    stopped = gen(server, **stop_at_first)[2]
     assert stopped["usage"]["completion_tokens"] == 1 and stopped["finish_reason"] == "stop"
-    held = gen(
-        server,
-        ref="main",
-        prompt="Hello world",
-        max_tokens=10,
-        temperature=0,
-        stop_token_ids=[first],
-        min_tokens=4,
-    )[2]
+    held = gen(server, **stop_at_first, min_tokens=4)[2]
     assert held["usage"]["completion_tokens"] >= 4
 
 
