@@ -420,7 +420,8 @@ class Engine:
             self._thread.join()
         self.residency.close()
         err = EngineClosed("the engine was closed")
-        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+        sched = self.scheduler
+        for seq in [*sched.waiting, *sched.prefilling, *sched.running]:
             seq.sink(err)
         while not self._inbox.empty():
             self._inbox.get().sink(err)

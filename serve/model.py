@@ -585,10 +585,17 @@ class Model:
                 op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=gqa)
             else:  # a later chunk: the prompt so far from the cache (this chunk written already)
                 end = offset + length
-                kp = kv.keys[layer][slot : slot + 1, :, :end]
+                kp = kv.keys[layer][slot : slot + 1, :, :end]  # [1, kvh, end, hd]
                 vp = kv.values[layer][slot : slot + 1, :, :end]
                 seen = torch.arange(end, device=q.device).unsqueeze(0)
-                mask = seen <= torch.arange(offset, end, device=q.device).unsqueeze(1)
-                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, enable_gqa=gqa)
+                mask = seen <= torch.arange(offset, end, device=q.device).unsqueeze(1)  # [n, end]
+                # Each KV head's query heads as its rows, as for decodes: with equal head counts
+                # and a mask, the fused kernels take it (with enable_gqa, torch falls back to its
+                # math backend, which materialises the scores in fp32).
+                nkv, hd = kp.shape[1], kp.shape[3]
+                group = qp.shape[1] // nkv
+                qg = qp.reshape(1, nkv, group * length, hd)
+                og = F.scaled_dot_product_attention(qg, kp, vp, attn_mask=mask.repeat(group, 1))
+                op = og.reshape(1, qp.shape[1], length, hd)
             out[start : start + length] = op.squeeze(0).transpose(0, 1)
         return out.view(q.shape[0], -1)

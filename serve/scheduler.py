@@ -239,42 +239,48 @@ class Scheduler:
             seq.chunk = min(len(seq.prompt_ids) - seq.prefilled, budget)
             budget -= seq.chunk
             planned.append(seq)
-        for seq in list(self.waiting):
+        # Looked up by identity, once per step: a queue of thousands (n-choice groups) must
+        # not cost a scan per request.
+        ending = {id(p) for p in planned if p.prefilled + p.chunk == len(p.prompt_ids)}
+        pending = {id(s) for s in self.waiting} | {id(s) for s in self.prefilling}
+        taken: set[int] = set()
+        for seq in self.waiting:
             if self.kv.free_slots == 0:
                 break
             # A fork whose parent's prompt ends in this step shares its prefill (at no cost to
             # the budget). While the parent waits or is still prefilling, so does the fork;
             # once the parent is gone (running, failed), the fork prefills on its own.
             parent = seq.fork_of
-            if parent is not None and not any(
-                parent is p and p.prefilled + p.chunk == len(p.prompt_ids) for p in planned
-            ):
-                if not parent.finished and (
-                    any(parent is w for w in self.waiting)
-                    or any(parent is p for p in self.prefilling)
-                ):
+            if parent is not None and id(parent) not in ending:
+                if not parent.finished and id(parent) in pending:
                     continue
                 seq.fork_of = None
             if seq.fork_of is None and budget == 0:
-                continue  # no prompt tokens left this step; only forks still get in
+                if not ending:
+                    break  # no prompt tokens left, and no fork can join a parent this step
+                continue  # only forks still get in
             if seq.revision is not None:
                 assert self.residency is not None
                 try:
                     slot = self.residency.acquire(seq.revision)
                 except Exception as err:
-                    self.waiting.remove(seq)
+                    taken.add(id(seq))
                     self._fail(seq, err)
                     continue
                 if slot is None:
                     continue  # its adapter is loading or every slot is busy: wait, do not fail
                 seq.lora_slot = slot
             seq.kv_slot = self.kv.allocate()
-            self.waiting.remove(seq)
+            taken.add(id(seq))
             seq.chunk = 0 if seq.fork_of is not None else min(len(seq.prompt_ids), budget)
             budget -= seq.chunk
             planned.append(seq)
             if seq.fork_of is None:
                 self.prefilling.append(seq)
+                if seq.chunk == len(seq.prompt_ids):
+                    ending.add(id(seq))
+        if taken:
+            self.waiting = deque(s for s in self.waiting if id(s) not in taken)
         return planned
 
     def step(self) -> bool:
@@ -343,7 +349,9 @@ class Scheduler:
             logprobs = self._logprobs(logits, seqs, tokens)
         except Exception as err:
             # A failed step must not take the engine down: fail this batch, keep serving.
-            log.error("an engine step of %d sequences failed", len(seqs), exc_info=err)
+            log.error(
+                "an engine step of %d sequences failed", len(seqs) + len(chunked), exc_info=err
+            )
             for seq in [*seqs, *chunked]:
                 if not seq.finished:
                     self._fail(seq, err)
@@ -464,7 +472,8 @@ class Scheduler:
 
     def snapshot(self) -> dict[str, Any]:
         """Queue depth and running count."""
-        running = len(self.running) + len(self.admitting) + len(self.prefilling)
+        # A prompt ending in this step is both admitting and (until the step ends) prefilling.
+        running = len({id(s) for s in [*self.running, *self.admitting, *self.prefilling]})
         return {"waiting": len(self.waiting), "running": running}
 
 

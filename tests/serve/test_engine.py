@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
-from mintvcs.serve.engine import EngineError
+from mintvcs.serve.engine import EngineClosed, EngineError
 from mintvcs.serve.scheduler import TokenEvent
 from tests.fixtures import ALL_LINEAR
 from tests.serve.conftest import ZOO
@@ -584,3 +584,20 @@ def test_cancelling_a_request_mid_prompt_frees_its_slots(tiny_base: Path) -> Non
         _settled(eng)
         assert eng.kv.free_slots == 2 and not eng.scheduler.prefilling
         assert eng.generate([5, 6], None, GREEDY, timeout=30).finish_reason == "length"
+
+
+def test_closing_answers_a_request_mid_prompt(tiny_base: Path) -> None:
+    config = EngineConfig(max_batch_size=2, max_model_len=512, max_num_batched_tokens=1)
+    eng = Engine(tiny_base, config)
+    try:
+        pending = eng.start_many([(_prompt(60, 400), None, GREEDY)])[0]
+        deadline = time.monotonic() + 30
+        while not eng.scheduler.prefilling:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        # Mid-prompt, it counts once as running (not also as the step's new sequence).
+        assert eng.stats()["running"] == 1
+    finally:
+        eng.close()
+    with pytest.raises(EngineClosed):
+        pending.result(5)
