@@ -784,7 +784,7 @@ class Engine:
             "requests_cancelled": s.cancelled,
             "requests_failed": s.failed,
             "batch_size": s.last_batch_size,
-            "mean_batch_size": s.batch_size_sum / s.steps if s.steps else 0.0,
+            "mean_batch_size": s.batch_size_sum / s.sampling_steps if s.sampling_steps else 0.0,
             "queue_depth": q["waiting"] + self._inbox.qsize(),
             "running": q["running"],
             "kv_slots_free": self.kv.free_slots,

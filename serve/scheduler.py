@@ -156,6 +156,7 @@ class SchedulerStats:
     failed: int = 0
     last_batch_size: int = 0
     batch_size_sum: int = 0
+    sampling_steps: int = 0  # steps that sampled (not only prompt chunks): batch_size_sum's count
     step_seconds_total: float = 0.0
 
 
@@ -380,8 +381,10 @@ class Scheduler:
         s.steps += 1
         s.prefill_tokens += sum(seq.chunk for seq in chunked)
         s.generated_tokens += len(seqs)
-        s.last_batch_size = len(seqs)
-        s.batch_size_sum += len(seqs)
+        if seqs:  # a step of prompt chunks only samples nothing: it is no batch size
+            s.sampling_steps += 1
+            s.last_batch_size = len(seqs)
+            s.batch_size_sum += len(seqs)
         s.step_seconds_total += time.perf_counter() - started
         return True
 
