@@ -1177,7 +1177,8 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
     pack_limit, loose_limit = auto_limits(repo)
     # Counted before the lock, as git's --auto: under the limits there is nothing to wait for.
     if not _over(_pack_count(repo), pack_limit) and not _over(_loose_count(repo), loose_limit):
-        return RollUpResult(0, 0, 0, _pack_count(repo), 0, 0)
+        size = _store_size(repo)
+        return RollUpResult(0, 0, 0, _pack_count(repo), size, size)
     try:
         with _gc_lock(repo):
             try:
@@ -1194,7 +1195,8 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
                 ) from None
     except GcLockedError:
         # Another gc is at work: --auto is a hint to tidy up, not worth an error (git's too).
-        return RollUpResult(0, 0, 0, _pack_count(repo), 0, 0, busy=True)
+        size = _store_size(repo)
+        return RollUpResult(0, 0, 0, _pack_count(repo), size, size, busy=True)
 
 
 def _pack_count(repo: Repository) -> int:

@@ -62,6 +62,7 @@ def test_auto_merges_the_small_packs_and_every_revision_reads_back(
     # Below the limit (32 packs): nothing, and the CLI says so.
     out = json.loads(mint(work, "gc", "--auto", "--json").stdout)
     assert out["rewritten"] is False and out["packs_after"] == 9
+    assert out["bytes_before"] == out["bytes_after"] > 0  # the store's size, measured
     # git's own key sets the limit; past it, a commit hints at gc --auto.
     git(work / ".mint", "config", "gc.autoPackLimit", "4")
     mutate(adapter, seed=99)
