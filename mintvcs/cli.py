@@ -237,22 +237,38 @@ def commit(
     click.echo(
         f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_objects} new objects"
     )
-    _hint_auto_gc(repo)
+    _auto_gc_after_commit(repo)
 
 
-def _hint_auto_gc(repo: Any) -> None:
-    """As git's "auto packing" notice: say so when packs pile up (each commit of a large adapter writes one)."""
-    from mintvcs.maintenance import auto_limits
+def _auto_gc_after_commit(repo: Any) -> None:
+    """As git after a commit: past gc.autoPackLimit packs (each commit of a large adapter writes
+    one), run `gc --auto`, in a detached process unless gc.autoDetach is false."""
+    import subprocess
 
-    with contextlib.suppress(OSError, MintError):
-        packs = sum(n.endswith(".pack") for n in os.listdir(repo.git_dir / "objects" / "pack"))
-        limit = auto_limits(repo)[0]
-        if limit is not None and packs > limit:
-            click.echo(
-                f"hint: the store has {packs} packs and every lookup of a new object searches "
-                "each; `mintvcs gc --auto` merges the small ones",
-                err=True,
-            )
+    from mintvcs import maintenance
+
+    with contextlib.suppress(OSError, MintError, ValueError):
+        limit = maintenance.auto_limits(repo)[0]
+        packs = maintenance.pack_count(repo)
+        if limit is None or packs <= limit:
+            return
+        if not repo.config.get_boolean((b"gc",), b"autoDetach", True):
+            click.echo(f"Auto packing the repository ({packs} packs)...", err=True)
+            maintenance.auto_gc(repo)
+            return
+        click.echo(
+            f"Auto packing the repository in the background ({packs} packs); "
+            "`mintvcs gc --auto` does it by hand",
+            err=True,
+        )
+        subprocess.Popen(
+            [sys.executable, "-m", "mintvcs.cli", "gc", "--auto"],
+            cwd=repo.git_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # outlives this command, as git's detached gc does
+        )
 
 
 @main.command()

@@ -1176,9 +1176,9 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
 
     pack_limit, loose_limit = auto_limits(repo)
     # Counted before the lock, as git's --auto: under the limits there is nothing to wait for.
-    if not _over(_pack_count(repo), pack_limit) and not _over(_loose_count(repo), loose_limit):
+    if not _over(pack_count(repo), pack_limit) and not _over(_loose_count(repo), loose_limit):
         size = _store_size(repo)
-        return RollUpResult(0, 0, 0, _pack_count(repo), size, size)
+        return RollUpResult(0, 0, 0, pack_count(repo), size, size)
     try:
         with _gc_lock(repo):
             try:
@@ -1196,10 +1196,11 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
     except GcLockedError:
         # Another gc is at work: --auto is a hint to tidy up, not worth an error (git's too).
         size = _store_size(repo)
-        return RollUpResult(0, 0, 0, _pack_count(repo), size, size, busy=True)
+        return RollUpResult(0, 0, 0, pack_count(repo), size, size, busy=True)
 
 
-def _pack_count(repo: Repository) -> int:
+def pack_count(repo: Repository) -> int:
+    """How many packs the store has now."""
     try:
         return sum(n.endswith(".pack") for n in os.listdir(repo.git_dir / "objects" / "pack"))
     except FileNotFoundError:
@@ -1276,7 +1277,7 @@ def _roll_up(
         objects=total,
         packs_merged=len(merged),
         loose_packed=len(loose),
-        packs_after=_pack_count(repo),  # a commit landing meanwhile adds its own
+        packs_after=pack_count(repo),  # a commit landing meanwhile adds its own
         bytes_before=before,
         bytes_after=_store_size(repo),
     )
