@@ -787,6 +787,7 @@ class Engine:
             "mean_batch_size": s.batch_size_sum / s.sampling_steps if s.sampling_steps else 0.0,
             "queue_depth": q["waiting"] + self._inbox.qsize(),
             "running": q["running"],
+            "prefilling": len(self.scheduler.prefilling),
             "kv_slots_free": self.kv.free_slots,
             "adapter_slots": self.pools.num_slots,
             "adapter_slots_busy": sum(1 for x in self.residency.snapshot() if x["refs"] > 0),

@@ -78,10 +78,24 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_only(server: BackgroundServ
     assert status == 400 and "max_tokens" in answer["error"]["message"]
 
 
+def _prefilled(server: BackgroundServer) -> float:
+    text = request(server.url + "/metrics")[2]
+    return float(
+        next(
+            line.split()[1]
+            for line in text.splitlines()
+            if line.startswith("mint_prefill_tokens_total ")
+        )
+    )
+
+
 def test_n_choices_are_each_a_seeded_request(server: BackgroundServer) -> None:
     body = {"prompt": "Once upon", "max_tokens": 8, "temperature": 1.0, "seed": 41}
+    before = _prefilled(server)
     status, answer = completions(server, n=3, **body)
     assert status == 200, answer
+    # The three choices share one prefill of the prompt.
+    assert _prefilled(server) - before == answer["usage"]["prompt_tokens"]
     assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
     for j, choice in enumerate(answer["choices"]):
         alone = completions(server, **{**body, "seed": 41 + j})[1]

@@ -467,9 +467,11 @@ def test_metrics_count_requests_tokens_and_slots(server: BackgroundServer) -> No
         "mint_batch_size",
         "mint_queue_depth",
         "mint_kv_slots_free",
+        "mint_prefilling",
         "mint_adapter_load_seconds_count",
     ):
         assert name in lines, name
+    assert float(lines["mint_prefill_tokens_total"]) > 0
     assert float(lines["mint_adapter_load_seconds_count"]) >= 1
     assert float(lines['mint_adapter_load_seconds_bucket{le="+Inf"}']) == float(
         lines["mint_adapter_load_seconds_count"]
