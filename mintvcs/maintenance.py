@@ -1038,7 +1038,6 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
     packing would carry the damage into the new pack and pruning could delete what a
     restore still needs.
     """
-    from dulwich.errors import ChecksumMismatch, ObjectFormatException
     from dulwich.objects import ObjectID
 
     with _gc_lock(repo):
@@ -1073,12 +1072,8 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
             # it) or have moved a ref to it: look again just before anything is deleted.
             unreachable -= _needed_now(repo, scan, reachable, unreachable, first_seen)
         _remove_stale_temporaries(repo, now)  # a killed gc's store-sized temporary pack, first
-        try:
+        with _packing_errors_named("gc"):
             packed, rewritten = _repack(repo, scan, unreachable, progress)
-        except (OSError, zlib.error, ChecksumMismatch, ObjectFormatException, ValueError) as err:
-            raise GcWriteError(
-                f"gc failed while packing ({err}); no object was deleted; run `mintvcs fsck`"
-            ) from None
         repo.refs.pack()
         for fan in _real_entries(repo.git_dir / "objects"):
             if len(fan.name) == 2 and fan.is_dir(follow_symlinks=False):
@@ -1172,31 +1167,33 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
     merged is read back and checked against its id first; the new pack is in place before the
     files it replaces are deleted. A full `gc` still verifies and prunes the whole store.
     """
-    from dulwich.errors import ChecksumMismatch, ObjectFormatException
 
     pack_limit, loose_limit = auto_limits(repo)
     # Counted before the lock, as git's --auto: under the limits there is nothing to wait for.
-    if not _over(pack_count(repo), pack_limit) and not _over(_loose_count(repo), loose_limit):
+    packs = pack_count(repo)
+    if not _over(packs, pack_limit) and not _over(_loose_count(repo), loose_limit):
         size = _store_size(repo)
-        return RollUpResult(0, 0, 0, pack_count(repo), size, size)
+        return RollUpResult(0, 0, 0, packs, size, size)
     try:
-        with _gc_lock(repo):
-            try:
-                return _roll_up(repo, pack_limit, loose_limit, progress)
-            except (
-                OSError,
-                zlib.error,
-                ChecksumMismatch,
-                ObjectFormatException,
-                ValueError,
-            ) as err:
-                raise GcWriteError(
-                    f"gc --auto failed while packing ({err}); nothing was deleted; run `mintvcs fsck`"
-                ) from None
+        with _gc_lock(repo), _packing_errors_named("gc --auto"):
+            return _roll_up(repo, pack_limit, loose_limit, progress)
     except GcLockedError:
         # Another gc is at work: --auto is a hint to tidy up, not worth an error (git's too).
         size = _store_size(repo)
         return RollUpResult(0, 0, 0, pack_count(repo), size, size, busy=True)
+
+
+@contextmanager
+def _packing_errors_named(who: str) -> Iterator[None]:
+    """Turn what can fail while packing (disk full, an unreadable entry) into one GcWriteError."""
+    from dulwich.errors import ChecksumMismatch, ObjectFormatException
+
+    try:
+        yield
+    except (OSError, zlib.error, ChecksumMismatch, ObjectFormatException, ValueError) as err:
+        raise GcWriteError(
+            f"{who} failed while packing ({err}); nothing was deleted; run `mintvcs fsck`"
+        ) from None
 
 
 def pack_count(repo: Repository) -> int:

@@ -520,24 +520,10 @@ class Repository:
         """A loose object's type and content, its header checked; None when it is not loose."""
         if not is_object_id(oid):
             raise CorruptObjectError(f"{what}: {oid!r} is not an object id")
-        try:
-            # Never through a link: a received repository's "object" could be /dev/zero.
-            # Non-blocking: opening a FIFO planted there would wait for a writer for ever.
-            fd = os.open(
-                f"{self._objects_dir}/{oid[:2]}/{oid[2:]}",
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
-            )
-        except FileNotFoundError:
+        fd = self._open_loose(oid, what)
+        if fd is None:
             return None
-        except OSError as err:
-            raise CorruptObjectError(
-                f"{what}: object {oid} cannot be read ({err.strerror}: a symlink?); run 'mintvcs fsck'"
-            ) from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise CorruptObjectError(
-                    f"{what}: object {oid} is not a regular file; run 'mintvcs fsck'"
-                )
             raw = read_fd(fd)
         finally:
             os.close(fd)
@@ -1215,6 +1201,29 @@ class Repository:
                 return []
         return found if len(found) > 1 else []
 
+    def _open_loose(self, oid: str, what: str) -> int | None:
+        """A descriptor of loose object `oid`'s file, None when it is not loose; CorruptObjectError
+        when the name is taken by something that is not a regular file."""
+        try:
+            # Never through a link: a received repository's "object" could be /dev/zero.
+            # Non-blocking: opening a FIFO planted there would wait for a writer for ever.
+            fd = os.open(
+                f"{self._objects_dir}/{oid[:2]}/{oid[2:]}",
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
+            )
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise CorruptObjectError(
+                f"{what}: object {oid} cannot be read ({err.strerror}: a symlink?); run 'mintvcs fsck'"
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptObjectError(
+                f"{what}: object {oid} is not a regular file; run 'mintvcs fsck'"
+            )
+        return fd
+
     def _is_commit_or_tag(self, oid: str) -> bool:
         try:
             return self.get_object(oid).type_name in (b"commit", b"tag")
@@ -1230,22 +1239,16 @@ class Repository:
         """
         if not is_object_id(oid):
             return None
-        key = bytes.fromhex(oid)
-        for pack in self._packs():
-            offset = pack.find(key)
-            if offset is not None:
-                return pack.kind_at(offset)
+        found = self._find_packed(bytes.fromhex(oid))
+        if found is not None:
+            return found[0].kind_at(found[1])
         try:
-            # Non-blocking: opening a FIFO planted there would wait for a writer for ever.
-            fd = os.open(
-                f"{self._objects_dir}/{oid[:2]}/{oid[2:]}",
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK,
-            )
-        except OSError:
+            fd = self._open_loose(oid, "object")
+        except CorruptObjectError:
+            return None
+        if fd is None:
             return None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
             head = _loose_head(os.read(fd, 1024))
         finally:
             os.close(fd)
