@@ -17,6 +17,7 @@ cuda        only where CUDA exists: Llama-3-8B-shaped random bf16 base built on 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import subprocess
@@ -187,8 +188,14 @@ def bench_throughput(root: Path, quick: bool) -> None:
             for name in sorted(set(names), key=lambda n: int(n[1:]))
         }
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    # Every round sends the same prompts: with prefix caching, later rounds would skip most of
+    # their prefill, which PEFT cannot. This measures computing them (--only prefix measures reuse).
     config = EngineConfig(
-        max_batch_size=n_requests, adapter_slots=len(adapters), max_lora_rank=16, max_model_len=256
+        max_batch_size=n_requests,
+        adapter_slots=len(adapters),
+        max_lora_rank=16,
+        max_model_len=256,
+        prefix_caching=False,
     )
     with Engine(base, config, source=PeftDirSource(adapters)) as engine:
         params_count = engine.model.num_parameters
@@ -266,8 +273,12 @@ def bench_choices(root: Path, quick: bool) -> None:
         for prompt in prompts
         for j in range(n)
     ]
-    config = EngineConfig(
-        max_batch_size=len(requests), adapter_slots=1, max_lora_rank=16, max_model_len=256
+    config = EngineConfig(  # no prefix caching: `each` would reuse `shared`'s prompts
+        max_batch_size=len(requests),
+        adapter_slots=1,
+        max_lora_rank=16,
+        max_model_len=256,
+        prefix_caching=False,
     )
     with Engine(base, config, source=PeftDirSource({"a": adapter})) as engine:
         engine.prefetch("a").result()
@@ -349,8 +360,11 @@ def bench_chunked(root: Path, quick: bool) -> None:
 
     results = {}
     for name, budget in (("chunked", chunk), ("whole", 4096)):
-        config = EngineConfig(
-            max_batch_size=decoders + 1, max_model_len=1024, max_num_batched_tokens=budget
+        config = EngineConfig(  # no prefix caching: every run must compute the long prompt
+            max_batch_size=decoders + 1,
+            max_model_len=1024,
+            max_num_batched_tokens=budget,
+            prefix_caching=False,
         )
         with Engine(base, config) as engine:
             results[name] = min(
@@ -367,6 +381,91 @@ def bench_chunked(root: Path, quick: bool) -> None:
     print(
         f"# the long prompt's first token: {results['chunked'][1] * 1000:.0f} ms chunked, "
         f"{results['whole'][1] * 1000:.0f} ms in one step",
+        flush=True,
+    )
+
+
+# --------------------------------------------------------------------------------- prefix cache
+def bench_prefix(root: Path, quick: bool) -> None:
+    """Requests sharing a long system prompt per adapter: with prefix caching vs without."""
+    n_adapters, per_adapter, system_len, user_len, new_tokens = (
+        (2, 2, 48, 8, 4) if quick else (4, 8, 512, 32, 16)
+    )
+    long_model = TinyConfig(**{**THROUGHPUT_MODEL.__dict__, "max_position_embeddings": 1024})
+    with one_intraop_thread():
+        base = build_tiny_model(root / "base-prefix", long_model, seed=0)
+        adapters = {
+            f"p{i}": write_peft_adapter(root / f"prefix-p{i}", long_model, r=16, seed=30 + i)
+            for i in range(n_adapters)
+        }
+    gen = torch.Generator().manual_seed(3)
+    # One system prompt per adapter (a product's instructions); keys differ by adapter anyway.
+    systems = {
+        name: torch.randint(3, 8192, (system_len,), generator=gen).tolist() for name in adapters
+    }
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+
+    def batch() -> list[tuple[list[int], str | None, SamplingParams]]:
+        # Fresh user turns every time: only the system prompts repeat.
+        return [
+            (
+                systems[name] + torch.randint(3, 8192, (user_len,), generator=gen).tolist(),
+                name,
+                params,
+            )
+            for _ in range(per_adapter)
+            for name in adapters
+        ]
+
+    n_requests = n_adapters * per_adapter
+
+    async def run(engine: Engine) -> tuple[float, float, int]:
+        """(seconds for the batch, median time to first token, prompt tokens computed)."""
+        computed = engine.stats()["prefill_tokens"]
+        start = time.perf_counter()
+        firsts: list[float] = []
+
+        async def one(prompt: list[int], name: str | None) -> None:
+            async with engine.submit(prompt, name, params) as events:
+                async for event in events:
+                    if event.index == 1:
+                        firsts.append(time.perf_counter() - start)
+
+        await asyncio.gather(*(one(prompt, name) for prompt, name, _ in batch()))
+        elapsed = time.perf_counter() - start
+        return elapsed, statistics.median(firsts), engine.stats()["prefill_tokens"] - computed
+
+    results: dict[bool, list[tuple[float, float, int]]] = {}
+    for caching in (True, False):
+        config = EngineConfig(
+            max_batch_size=n_requests,
+            adapter_slots=n_adapters,
+            max_lora_rank=16,
+            max_model_len=1024,
+            prefix_caching=caching,
+        )
+        with Engine(base, config, source=PeftDirSource(adapters)) as engine:
+            for name in adapters:
+                engine.prefetch(name).result()
+            # Warm-up; with caching it also leaves each system prompt cached, as a server that
+            # has answered the product's earlier requests holds it.
+            asyncio.run(run(engine))
+            results[caching] = [asyncio.run(run(engine)) for _ in range(1 if quick else 4)]
+    ours, peer = (min(r[0] for r in results[c]) for c in (True, False))
+    report(
+        f"cpu {n_requests} requests over {n_adapters} adapters, each a {system_len}-token system "
+        f"prompt + {user_len} new tokens, {new_tokens} generated: prefix caching vs without",
+        ours * 1000,
+        peer * 1000,
+        "ms",
+        higher_is_better=False,
+    )
+    ttft = [min(r[1] for r in results[c]) * 1000 for c in (True, False)]
+    rounds = zip(results[True], results[False], strict=True)
+    print(
+        f"# median time to first token: {ttft[0]:.0f} ms with caching, {ttft[1]:.0f} ms without; "
+        f"prompt tokens computed per batch: {results[True][0][2]} with, {results[False][0][2]} "
+        f"without; rounds (ms, with/without): {[f'{a[0] * 1000:.0f}/{b[0] * 1000:.0f}' for a, b in rounds]}",
         flush=True,
     )
 
@@ -652,8 +751,12 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
     model = random_model(config, device, dtype, max_len=prompt_len + new_tokens + 8)
     progress(f"random {config.num_hidden_layers}-layer base built on {device.type}")
     source = RandomSource(config, dtype=dtype)
-    engine_config = EngineConfig(
-        max_batch_size=n_requests, adapter_slots=64, max_lora_rank=16, max_num_batched_tokens=16384
+    engine_config = EngineConfig(  # no prefix caching: every run sends the same prompts
+        max_batch_size=n_requests,
+        adapter_slots=64,
+        max_lora_rank=16,
+        max_num_batched_tokens=16384,
+        prefix_caching=False,
     )
     with Engine(
         model, engine_config, source=source, base_fingerprint=None, start=device.type == "cuda"
@@ -668,6 +771,7 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
                 engine.residency,
                 max_num_batched_tokens=engine_config.max_num_batched_tokens,
                 graphs=DecodeGraphs(model, engine.kv, engine.pools),
+                prefix_caching=False,
             )
             engine.start()
         for i in range(64):
@@ -807,7 +911,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--only", choices=["throughput", "choices", "chunked", "hotswap", "cuda"], action="append"
+        "--only",
+        choices=["throughput", "choices", "chunked", "prefix", "hotswap", "cuda"],
+        action="append",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, to check the script runs"
@@ -820,7 +926,7 @@ def main() -> None:
     if args.peft_run is not None:
         print(peft_throughput(args.peft_run, args.quick))
         return
-    sections = args.only or ["throughput", "choices", "chunked", "hotswap", "cuda"]
+    sections = args.only or ["throughput", "choices", "chunked", "prefix", "hotswap", "cuda"]
     with tempfile.TemporaryDirectory(prefix="mintvcs-bench-") as tmp:
         root = Path(tmp)
         if "throughput" in sections:
@@ -829,6 +935,8 @@ def main() -> None:
             bench_choices(root, args.quick)
         if "chunked" in sections:
             bench_chunked(root, args.quick)
+        if "prefix" in sections:
+            bench_prefix(root, args.quick)
         if "hotswap" in sections:
             bench_hotswap(root, args.quick)
         if "cuda" in sections:

@@ -94,6 +94,7 @@ class ServerConfig:
     prefetch_on_move: bool = True
     drain_timeout: float = 30.0
     enforce_eager: bool = False  # no CUDA graphs for decode steps
+    prefix_caching: bool = True  # prompts reuse cached keys and values of a shared prefix
     # Seconds a request body may take to arrive in full (408 after): a client that stalls
     # mid-body would otherwise hold its request, and a drain, open for ever.
     body_timeout: float = 30.0
@@ -252,6 +253,11 @@ class ServerState:
                 "Prompt tokens the engine computed (choices sharing a prompt count it once).",
             ),
             ("requests_cancelled", "Requests cancelled (client disconnects)."),
+            ("prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."),
+            (
+                "prefix_cache_hit_tokens",
+                "Prompt tokens whose keys and values were copied from the prefix cache.",
+            ),
         ):
             m.add(CounterFrom(f"mint_{key}_total", help_text, stat(key)))
         for key, help_text in (
@@ -260,7 +266,11 @@ class ServerState:
             ("queue_depth", "Requests waiting for a KV slot or their adapter."),
             ("running", "Sequences admitted: decoding, or their prompt going in."),
             ("prefilling", "Sequences whose prompt is going in over several steps (chunked)."),
-            ("kv_slots_free", "KV cache slots free (each holds one sequence)."),
+            (
+                "kv_slots_free",
+                "KV cache slots a new sequence can take (each holds one sequence).",
+            ),
+            ("kv_slots_cached", "Of those, slots kept for the prompt prefix they hold."),
             ("adapter_slots_busy", "Device slots referenced by running requests."),
             ("host_cache_bytes", "Bytes of decoded revisions in host memory."),
         ):
@@ -583,6 +593,7 @@ def engine_config(config: ServerConfig) -> Any:
         max_lora_rank=config.max_rank,
         host_cache_bytes=max(1, config.max_cpu_loras * per_revision),
         cuda_graphs=not config.enforce_eager,
+        prefix_caching=config.prefix_caching,
     )
 
 

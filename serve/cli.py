@@ -99,6 +99,13 @@ from mintvcs.errors import MintError
     "steps (lower it to keep running requests' token rate steady while long prompts arrive).",
 )
 @click.option(
+    "--prefix-caching/--no-prefix-caching",
+    default=True,
+    show_default=True,
+    help="Keep finished requests' keys and values, so that a prompt starting with the same "
+    "tokens for the same revision (a system prompt, an earlier turn) skips computing them.",
+)
+@click.option(
     "--cpu-threads",
     default=None,
     type=click.IntRange(min=1),
@@ -159,6 +166,7 @@ def serve(
     max_batch_size: int,
     max_queued_requests: int | None,
     max_num_batched_tokens: int,
+    prefix_caching: bool,
     cpu_threads: int | None,
     max_model_len: int | None,
     max_prompt_bytes: int,
@@ -186,6 +194,7 @@ def serve(
             max_batch_size=max_batch_size,
             max_queued_requests=max_queued_requests,
             max_num_batched_tokens=max_num_batched_tokens,
+            prefix_caching=prefix_caching,
             cpu_threads=cpu_threads,
             max_model_len=max_model_len,
             max_prompt_bytes=max_prompt_bytes,

@@ -78,6 +78,10 @@ class EngineConfig:
     # Requests that may wait to start (queued, not yet in the batch); more are refused with
     # EngineOverloaded. None = no bound, as vLLM: a client then waits instead of being told.
     max_waiting: int | None = None
+    # Finished sequences' KV slots keep their keys and values, and a prompt that starts with
+    # the same tokens for the same revision copies them (serve/prefix_cache.py). False = every
+    # prompt is computed in full, as before.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -393,6 +397,7 @@ class Engine:
             self.residency,
             max_num_batched_tokens=config.max_num_batched_tokens,
             kernel_backend=config.kernel_backend,
+            prefix_caching=config.prefix_caching,
             graphs=DecodeGraphs(
                 self.model,
                 self.kv,
@@ -766,6 +771,7 @@ class Engine:
         r = self.residency.stats
         s = self.scheduler.stats
         q = self.scheduler.snapshot()
+        p = self.scheduler.prefix.stats
         return {
             "slot_hits": r.slot_hits,
             "slot_misses": r.slot_misses,
@@ -788,7 +794,11 @@ class Engine:
             "queue_depth": q["waiting"] + self._inbox.qsize(),
             "running": q["running"],
             "prefilling": len(self.scheduler.prefilling),
-            "kv_slots_free": self.kv.free_slots,
+            "kv_slots_free": self.scheduler.prefix.available,
+            "kv_slots_cached": self.scheduler.prefix.idle,
+            "prefix_cache_queried_tokens": p.queried_tokens,
+            "prefix_cache_hit_tokens": p.hit_tokens,
+            "prefix_cache_hits": p.hits,
             "adapter_slots": self.pools.num_slots,
             "adapter_slots_busy": sum(1 for x in self.residency.snapshot() if x["refs"] > 0),
             "host_cache_bytes": self.residency.host.nbytes,

@@ -438,14 +438,18 @@ async def _collect_all(choices: list[Admitted], state: ServerState) -> list[Coll
             task.cancel()
 
 
-def _usage(choices: list[Admitted], lasts: list[TokenEvent], n: int = 1) -> dict[str, int]:
-    """OpenAI's usage: each distinct prompt counted once (n choices share one), every choice's tokens."""
+def _usage(choices: list[Admitted], lasts: list[TokenEvent], n: int = 1) -> dict[str, Any]:
+    """OpenAI's usage: each distinct prompt counted once (n choices share one), every choice's
+    tokens, and how many prompt tokens the prefix cache supplied."""
     prompt = sum(c.prompt_tokens for c in choices[::n])
     completion = sum(last.completion_tokens for last in lasts)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {
+            "cached_tokens": sum(c.first.cached_tokens for c in choices[::n])
+        },
     }
 
 
@@ -824,7 +828,7 @@ def _token_id_fields(choice: Admitted, events: list[TokenEvent], first: bool) ->
 
 def _completion_usage(
     choices: list[Admitted], lasts: list[TokenEvent], n: int, score_only: bool
-) -> dict[str, int]:
+) -> dict[str, Any]:
     usage = _usage(choices, lasts, n)
     if score_only:  # the one token generated to score the prompt is not an output
         usage["total_tokens"] -= usage["completion_tokens"]

@@ -15,6 +15,7 @@ import torch
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import Model, StepBatch
+from mintvcs.serve.prefix_cache import PrefixCache
 from mintvcs.serve.sampling import (
     IncrementalDetokenizer,
     SamplingParams,
@@ -42,6 +43,9 @@ class TokenEvent:
     index: int  # 1-based count of generated tokens
     finish_reason: str | None = None  # "stop" | "length" when this is the last event
     prompt_tokens: int = 0
+    cached_tokens: int = (
+        0  # of the prompt tokens, those whose keys and values came from the prefix cache
+    )
     completion_tokens: int = 0
     logprobs: TokenLogprobs | None = None  # when the request asked for them
     # On the first event of a request that asked: one per prompt token (None for the first).
@@ -73,6 +77,7 @@ class Sequence:
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     prefilled: int = 0  # prompt tokens in the KV cache (a long prompt takes several steps)
+    cached: int = 0  # of those, the ones copied from the prefix cache at admission
     chunk: int = 0  # prompt tokens this step prefills
     # Prompt logprobs gathered chunk by chunk (None for the first token), until the prompt ends.
     prompt_lps: list[TokenLogprobs | None] = field(default_factory=list)
@@ -92,6 +97,13 @@ class Sequence:
     def num_tokens(self) -> int:
         """Prompt plus generated tokens."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values are in the sequence's KV slot."""
+        if self.prefilled < len(self.prompt_ids):
+            return self.prompt_ids[: self.prefilled]
+        # The last sampled token has not been through the model yet.
+        return self.prompt_ids + self.output_ids[:-1]
 
     def append(
         self,
@@ -138,6 +150,7 @@ class Sequence:
             index=len(self.output_ids),
             finish_reason=reason,
             prompt_tokens=len(self.prompt_ids),
+            cached_tokens=self.cached,
             completion_tokens=len(self.output_ids),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
@@ -176,10 +189,12 @@ class Scheduler:
         max_num_batched_tokens: int = 4096,
         kernel_backend: str = "auto",
         graphs: DecodeGraphs | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         self.model = model
         self.graphs = graphs  # decode-only steps replay from these; steps with prefills run eagerly
         self.kv = kv
+        self.prefix = PrefixCache(kv, enabled=prefix_caching)  # hands out the KV slots
         self.residency = residency
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kernel_backend = kernel_backend
@@ -202,9 +217,12 @@ class Scheduler:
         """Queue a request; it joins the batch at a later step."""
         self.waiting.append(seq)
 
-    def _finish(self, seq: Sequence) -> None:
+    def _finish(self, seq: Sequence, *, kv_valid: bool = True) -> None:
         if seq.kv_slot >= 0:
-            self.kv.free(seq.kv_slot)
+            if kv_valid:  # kept for later prompts that start with the same tokens
+                self.prefix.retire(seq.kv_slot, seq.revision, seq.cached_tokens())
+            else:
+                self.prefix.release(seq.kv_slot)
             seq.kv_slot = -1
         if seq.lora_slot >= 0:
             assert self.residency is not None
@@ -213,7 +231,7 @@ class Scheduler:
         seq.finished = True
 
     def _fail(self, seq: Sequence, err: BaseException) -> None:
-        self._finish(seq)
+        self._finish(seq, kv_valid=False)  # a failed step may have written part of its KV
         self.stats.failed += 1
         _deliver(seq, err)
 
@@ -246,7 +264,7 @@ class Scheduler:
         pending = {id(s) for s in self.waiting} | {id(s) for s in self.prefilling}
         taken: set[int] = set()
         for seq in self.waiting:
-            if self.kv.free_slots == 0:
+            if self.prefix.available == 0:
                 break
             # A fork whose parent's prompt ends in this step shares its prefill (at no cost to
             # the budget). While the parent waits or is still prefilling, so does the fork;
@@ -271,14 +289,23 @@ class Scheduler:
                 if slot is None:
                     continue  # its adapter is loading or every slot is busy: wait, do not fail
                 seq.lora_slot = slot
-            seq.kv_slot = self.kv.allocate()
+            if seq.fork_of is not None:
+                seq.kv_slot = self.prefix.allocate()
+            else:
+                # Prompt logprobs need every prompt token's hidden state: no cached prefix.
+                seq.kv_slot, seq.prefilled = self.prefix.admit(
+                    seq.revision, seq.prompt_ids, reuse=seq.params.prompt_logprobs is None
+                )
+                seq.cached = seq.prefilled
             taken.add(id(seq))
-            seq.chunk = 0 if seq.fork_of is not None else min(len(seq.prompt_ids), budget)
+            seq.chunk = (
+                0 if seq.fork_of is not None else min(len(seq.prompt_ids) - seq.prefilled, budget)
+            )
             budget -= seq.chunk
             planned.append(seq)
             if seq.fork_of is None:
                 self.prefilling.append(seq)
-                if seq.chunk == len(seq.prompt_ids):
+                if seq.prefilled + seq.chunk == len(seq.prompt_ids):
                     ending.add(id(seq))
         if taken:
             self.waiting = deque(s for s in self.waiting if id(s) not in taken)
@@ -364,6 +391,8 @@ class Scheduler:
         self.failed_steps_in_a_row = 0
         for seq in chunked:
             seq.prefilled += seq.chunk
+            if seq.prefilled == len(seq.prompt_ids):  # its prompt can now serve later ones
+                self.prefix.publish(seq.kv_slot, seq.revision, seq.prompt_ids)
         self.prefilling = [s for s in self.prefilling if s.prefilled < len(s.prompt_ids)]
         self.running = []
         for seq, token, token_lp in zip(seqs, tokens, logprobs, strict=True):
@@ -432,6 +461,8 @@ class Scheduler:
             parent = seq.fork_of
             assert parent is not None
             self.kv.copy_prefix(parent.kv_slot, seq.kv_slot, len(seq.prompt_ids))
+            seq.prefilled = len(seq.prompt_ids)
+            seq.cached = parent.cached
             if parent.request_id in prompt_logprobs:
                 prompt_logprobs[seq.request_id] = prompt_logprobs[parent.request_id]
             rows[id(seq)] = rows[id(parent)]

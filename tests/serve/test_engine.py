@@ -556,7 +556,7 @@ def test_chunked_prefill_gives_what_one_step_gives(
         # The last two share their prompt's chunks (a fork): each prompt once, the first twice.
         prefilled = chunked.scheduler.stats.prefill_tokens
         assert prefilled == sum(len(p) for p, _, _ in requests[:6])
-        assert chunked.stats()["running"] == 0 and chunked.kv.free_slots == 8
+        assert chunked.stats()["running"] == 0 and chunked.scheduler.prefix.available == 8
     assert steps > sum(len(p) for p, _, _ in requests[:5]) // 7
     for request, mine in zip(requests, got, strict=True):
         whole = engine.generate(*request, timeout=60)
@@ -582,7 +582,7 @@ def test_cancelling_a_request_mid_prompt_frees_its_slots(tiny_base: Path) -> Non
             time.sleep(0.001)
         long.cancel()
         _settled(eng)
-        assert eng.kv.free_slots == 2 and not eng.scheduler.prefilling
+        assert eng.scheduler.prefix.available == 2 and not eng.scheduler.prefilling
         assert eng.generate([5, 6], None, GREEDY, timeout=30).finish_reason == "length"
 
 

@@ -78,15 +78,13 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_only(server: BackgroundServ
     assert status == 400 and "max_tokens" in answer["error"]["message"]
 
 
-def _prefilled(server: BackgroundServer) -> float:
+def _metric(server: BackgroundServer, name: str) -> float:
     text = request(server.url + "/metrics")[2]
-    return float(
-        next(
-            line.split()[1]
-            for line in text.splitlines()
-            if line.startswith("mint_prefill_tokens_total ")
-        )
-    )
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def _prefilled(server: BackgroundServer) -> float:
+    return _metric(server, "mint_prefill_tokens_total")
 
 
 def test_n_choices_are_each_a_seeded_request(server: BackgroundServer) -> None:
@@ -368,3 +366,26 @@ def test_legacy_logprobs_objects_with_colliding_texts_and_special_tokens(tiny_ba
     assert max(out["top_logprobs"][2].values()) == out["token_logprobs"][2]
     # A special token the echoed text skips takes no characters: offsets index the text.
     assert out["tokens"][0] == "<s>" and out["text_offset"] == [0, 0, 1]
+
+
+def test_a_repeated_prefix_is_served_from_the_cache_and_reported(server: BackgroundServer) -> None:
+    shared = torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(9)).tolist()
+    body = {"max_tokens": 6, "temperature": 0, "logprobs": 1}
+    status, first = completions(server, prompt=[*shared, 11, 12], **body)
+    assert status == 200, first
+    before = _metric(server, "mint_prefix_cache_hit_tokens_total")
+    status, second = completions(server, prompt=[*shared, 13, 14, 15], **body)
+    assert status == 200, second
+    # OpenAI's field: the prompt tokens whose keys and values were cached (the shared 40).
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 40}
+    assert _metric(server, "mint_prefix_cache_hit_tokens_total") - before == 40
+    # The same prompt again: all but its last token come from the cache; the output is the same.
+    status, again = completions(server, prompt=[*shared, 13, 14, 15], **body)
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 42}
+    assert again["choices"][0]["text"] == second["choices"][0]["text"]
+    assert again["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
+        second["choices"][0]["logprobs"]["token_logprobs"], abs=1e-4
+    )
+    # Scoring a prompt (echo + logprobs) needs every prompt position: nothing cached.
+    status, scored = completions(server, prompt=[*shared, 13], echo=True, logprobs=1, max_tokens=0)
+    assert status == 200 and scored["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
