@@ -387,7 +387,8 @@ def bench_chunked(root: Path, quick: bool) -> None:
 
 # --------------------------------------------------------------------------------- prefix cache
 def bench_prefix(root: Path, quick: bool) -> None:
-    """Requests sharing a long system prompt per adapter: with prefix caching vs without."""
+    """Prompts sharing a prefix, with prefix caching vs without: requests sharing a long system
+    prompt per adapter, and an eval harness's loglikelihood batch sharing a few-shot context."""
     n_adapters, per_adapter, system_len, user_len, new_tokens = (
         (2, 2, 48, 8, 4) if quick else (4, 8, 512, 32, 16)
     )
@@ -435,7 +436,33 @@ def bench_prefix(root: Path, quick: bool) -> None:
         elapsed = time.perf_counter() - start
         return elapsed, statistics.median(firsts), engine.stats()["prefill_tokens"] - computed
 
+    n_questions, n_choices, shots_len, question_len = (2, 2, 32, 8) if quick else (8, 4, 384, 64)
+    scoring = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+
+    def eval_batch(round_index: int) -> list[tuple[list[int], str | None, SamplingParams]]:
+        """lm-eval's loglikelihood requests for a multiple-choice task, in one list: a few-shot
+        context shared by every question, each question, then each choice (2-6 tokens)."""
+        g = torch.Generator().manual_seed(100 + round_index)  # the same for both engines
+        shots = torch.randint(3, 8192, (shots_len,), generator=g).tolist()
+        out = []
+        for _ in range(n_questions):
+            question = torch.randint(3, 8192, (question_len,), generator=g).tolist()
+            for c in range(n_choices):
+                choice = torch.randint(3, 8192, (2 + c,), generator=g).tolist()
+                out.append(([*shots, *question, *choice], "p0", scoring))
+        return out
+
+    def score(engine: Engine, round_index: int) -> tuple[float, int, list[list[float]]]:
+        """(seconds, prompt tokens computed, each request's prompt logprobs)."""
+        computed = engine.stats()["prefill_tokens"]
+        start = time.perf_counter()
+        done = engine.generate_many(eval_batch(round_index))
+        elapsed = time.perf_counter() - start
+        lps = [[lp.logprob for lp in c.prompt_logprobs or () if lp] for c in done]
+        return elapsed, engine.stats()["prefill_tokens"] - computed, lps
+
     results: dict[bool, list[tuple[float, float, int]]] = {}
+    scored: dict[bool, list[tuple[float, int, list[list[float]]]]] = {}
     for caching in (True, False):
         config = EngineConfig(
             max_batch_size=n_requests,
@@ -451,6 +478,11 @@ def bench_prefix(root: Path, quick: bool) -> None:
             # has answered the product's earlier requests holds it.
             asyncio.run(run(engine))
             results[caching] = [asyncio.run(run(engine)) for _ in range(1 if quick else 4)]
+            # Each round its own few-shot context: what is shared is within the one batch.
+            scored[caching] = [score(engine, i) for i in range(1 if quick else 3)]
+    for a, b in zip(scored[True], scored[False], strict=True):
+        for x, y in zip(a[2], b[2], strict=True):
+            assert max(abs(u - v) for u, v in zip(x, y, strict=True)) < 1e-3
     ours, peer = (min(r[0] for r in results[c]) for c in (True, False))
     report(
         f"cpu {n_requests} requests over {n_adapters} adapters, each a {system_len}-token system "
@@ -466,6 +498,23 @@ def bench_prefix(root: Path, quick: bool) -> None:
         f"# median time to first token: {ttft[0]:.0f} ms with caching, {ttft[1]:.0f} ms without; "
         f"prompt tokens computed per batch: {results[True][0][2]} with, {results[False][0][2]} "
         f"without; rounds (ms, with/without): {[f'{a[0] * 1000:.0f}/{b[0] * 1000:.0f}' for a, b in rounds]}",
+        flush=True,
+    )
+    ours, peer = (min(r[0] for r in scored[c]) for c in (True, False))
+    report(
+        f"cpu loglikelihood batch ({n_questions} questions x {n_choices} choices, a "
+        f"{shots_len}-token few-shot context + {question_len}-token questions, prompt logprobs, "
+        "one list as lm-eval sends it): prefix caching vs without",
+        ours * 1000,
+        peer * 1000,
+        "ms",
+        higher_is_better=False,
+    )
+    rounds = zip(scored[True], scored[False], strict=True)
+    print(
+        f"# prompt tokens computed: {scored[True][0][1]} with caching, {scored[False][0][1]} "
+        f"without; prompt logprobs agree within 1e-3; rounds (ms, with/without): "
+        f"{[f'{a[0] * 1000:.0f}/{b[0] * 1000:.0f}' for a, b in rounds]}",
         flush=True,
     )
 

@@ -342,6 +342,9 @@ def main() -> None:
                 str(args.concurrency),
                 "--max-tokens-limit",
                 str(max(1024, args.max_tokens)),
+                # Each run resends the same prompts: with the cache, longer ones than the
+                # default's would skip their prefill on later runs, which PEFT cannot.
+                "--no-prefix-caching",
             ]
         )
         with server:

@@ -60,6 +60,10 @@ class KVCache:
         """How many sequence slots are unused."""
         return len(self._free)
 
+    def lowest_free(self) -> int | None:
+        """The slot allocate() would hand out next; None when none is free."""
+        return min(self._free) if self._free else None
+
     def allocate(self) -> int:
         """Take the lowest free slot; raise KVCacheFull when none is left."""
         if not self._free:

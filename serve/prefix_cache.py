@@ -8,15 +8,21 @@ counts too, for its prompt, once that is in the cache. Lookups go by a chain of 
 blocks of BLOCK tokens (each block's hash covers everything before it and the revision, as
 vLLM's prefix cache keys its blocks), then compare the tokens themselves: a hash collision can
 only cost a miss, never give a request another prompt's keys.
+
+A slot whose prompt was scored (prompt logprobs) also keeps those logprobs, so that a scored
+prompt (lm-eval's loglikelihood: a shared context, then each choice) can reuse the prefix too:
+it copies the logprobs of the cached positions and recomputes from the last shared token on,
+whose hidden state predicts its first token of its own.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mintvcs.serve.kv_cache import KVCache, KVCacheFull
+from mintvcs.serve.sampling import TokenLogprobs
 
 BLOCK = 16  # tokens per hashed block: shorter shared prefixes are not worth a lookup
 
@@ -34,6 +40,9 @@ def block_hashes(
     return out
 
 
+PromptLogprobs = tuple[TokenLogprobs | None, ...]  # one per prompt position; None for the first
+
+
 @dataclass
 class PrefixStats:
     """Prompt tokens looked up and found, for /metrics (vLLM's prefix cache queries and hits)."""
@@ -48,6 +57,21 @@ class _Held:
     revision: str | None
     tokens: list[int]  # the tokens whose keys and values positions 0 .. len - 1 of the slot hold
     hashes: list[int]
+    # The logprobs of tokens[: len(logprobs)] (a scored prompt's), with `top` alternatives each.
+    logprobs: PromptLogprobs | None = None
+    top: int = 0
+
+
+@dataclass(frozen=True)
+class Hit:
+    """Where a prompt's longest cached prefix is: its keys and values, and logprobs if asked."""
+
+    slot: int  # -1 = none
+    length: int  # prompt tokens whose keys and values the slot holds (0 = none)
+    logprobs: PromptLogprobs | None = None  # positions 0 .. length, for a scored prompt
+
+
+MISS = Hit(-1, 0)
 
 
 class PrefixCache:
@@ -72,54 +96,116 @@ class PrefixCache:
         return len(self._idle)
 
     def allocate(self, keep: int = -1) -> int:
-        """A slot for a new sequence: a free one, else the least recently used idle one but `keep`."""
-        if self.kv.free_slots:
-            return self.kv.allocate()
-        for slot in self._idle:
-            if slot != keep:
-                del self._idle[slot]
-                self._forget(slot)
-                return slot
-        raise KVCacheFull(
-            f"all {self.kv.num_slots} KV slots are in use; raise max_batch_size or wait"
-        )
+        """A slot for a new sequence: the lowest one free or idle (but `keep`).
 
-    def admit(
-        self, revision: str | None, prompt: Sequence[int], *, reuse: bool = True
-    ) -> tuple[int, int]:
-        """A slot for a new prompt and how many of its first tokens are already in it (copied
-        from the longest cached prefix when `reuse`; the last prompt token is always computed)."""
-        src, length = (-1, 0)
-        if reuse and self.enabled:
-            src, length = self.match(revision, prompt, len(prompt) - 1)
+        Decode steps read KV slots 0 up to the highest in use (a view, or CUDA graphs' bucket),
+        so running sequences must stay in the lowest slots. When the lowest is idle, what it
+        holds moves to the slot the cache gives up instead: the lowest free one, else the
+        least recently used idle one, whose own contents are dropped.
+        """
+        free = self.kv.lowest_free()
+        low = min((s for s in self._idle if s != keep), default=None)
+        if low is None or (free is not None and free < low):
+            if free is None:
+                raise KVCacheFull(
+                    f"all {self.kv.num_slots} KV slots are in use; raise max_batch_size or wait"
+                )
+            return self.kv.allocate()
+        if free is not None:
+            spare = self.kv.allocate()
+        else:
+            spare = next(s for s in self._idle if s != keep)
+            if spare == low:
+                del self._idle[low]
+                self._forget(low)
+                return low
+            self._forget(spare)
+        held = self._held[low]
+        self.kv.copy_prefix(low, spare, len(held.tokens))
+        self._forget(low)
+        # spare takes low's place in the recency order; its own place (if it had one) goes.
+        self._idle = OrderedDict((spare if s == low else s, None) for s in self._idle if s != spare)
+        self._hold(spare, held.revision, held.tokens, held.logprobs, held.top)
+        return low
+
+    def lookup(
+        self,
+        revision: str | None,
+        prompt: Sequence[int],
+        *,
+        hashes: Sequence[int] | None = None,
+        scored: int | None = None,
+    ) -> Hit:
+        """The longest cached prefix of `prompt` usable for it, short of its last token (whose
+        logits give the first output token). `scored`: the prompt asks for prompt logprobs with
+        this many alternatives, which the holder must have kept."""
+        if not self.enabled:
+            return MISS
+        slot, length = self.match(revision, prompt, len(prompt) - 1, hashes=hashes, scored=scored)
+        if slot < 0:
+            return MISS
+        logprobs = None
+        if scored is not None:
+            kept = self._held[slot].logprobs
+            assert kept is not None
+            logprobs = tuple(
+                lp if lp is None or len(lp.top) <= scored else replace(lp, top=lp.top[:scored])
+                for lp in kept[: length + 1]
+            )
+        return Hit(slot, length, logprobs)
+
+    def admit(self, revision: str | None, prompt: Sequence[int], hit: Hit = MISS) -> int:
+        """A slot for a new prompt, holding the first `hit.length` of its tokens' keys and values."""
+        if self.enabled:
             self.stats.queried_tokens += len(prompt)
+        src, length = hit.slot, hit.length
         if length == 0:
-            return self.allocate(), 0
+            return self.allocate()
         self.stats.hits += 1
         self.stats.hit_tokens += length
-        if src in self._idle and self.kv.free_slots == 0:
-            # A slot must be given up anyway: give up the one holding the prefix, with no copy.
-            # Only what it held past `length` is lost, and while this prompt runs its slot
-            # still offers the prefix to others (match prefers the least recently used holder,
-            # so the most recent conversations keep their tails longest).
+        if src in self._idle and self.kv.free_slots == 0 and src == min(self._idle):
+            # A slot must be given up anyway, and this is the one allocate() would hand out:
+            # take it over with no copy. Only what it held past `length` is lost, and while
+            # this prompt runs its slot still offers the prefix to others.
             del self._idle[src]
-            self._hold(src, revision, list(prompt[:length]))
-            return src, length
+            held = self._held[src]
+            kept = None if held.logprobs is None else held.logprobs[:length]
+            self._hold(src, revision, list(prompt[:length]), kept, held.top)
+            return src
         slot = self.allocate(keep=src)
         self.kv.copy_prefix(src, slot, length)
         if src in self._idle:
             self._idle.move_to_end(src)
-        return slot, length
+        return slot
 
-    def match(self, revision: str | None, tokens: Sequence[int], limit: int) -> tuple[int, int]:
+    def match(
+        self,
+        revision: str | None,
+        tokens: Sequence[int],
+        limit: int,
+        *,
+        hashes: Sequence[int] | None = None,
+        scored: int | None = None,
+    ) -> tuple[int, int]:
         """(slot, n): a slot whose cache holds tokens[:n] with the largest n <= limit; (-1, 0) if none
-        holds a whole block of them."""
+        holds a whole block of them. `scored`: only the positions whose logprobs (with that many
+        alternatives) the slot kept count, and the last of them is left to recompute."""
+        if hashes is None:
+            hashes = block_hashes(revision, tokens, limit)
         best: dict[int, None] = {}
-        for h in block_hashes(revision, tokens, limit):
+        depth = 0
+        for h in hashes[: max(limit, 0) // BLOCK]:
             found = self._index.get(h)
             if not found:
                 break
             best = found
+            depth += 1
+        # Every candidate shares the first `depth` blocks' hashes: compare only what follows
+        # (less than a block, or the next block would have matched), and the winner's whole
+        # prefix once, against a hash collision.
+        start = depth * BLOCK
+        end = limit + (scored is not None)
+        tail = tokens[start : min(end, start + BLOCK + 1)]
         # Longest first; among equals an idle slot, least recently used first (the one an
         # allocation would give up next), then running ones.
         rank = {s: i for i, s in enumerate(self._idle)} if len(best) > 1 else {}
@@ -128,17 +214,36 @@ class PrefixCache:
             held = self._held[candidate]
             if held.revision != revision:
                 continue
-            n = _common_prefix(held.tokens, tokens, limit)
+            if scored is not None and (held.logprobs is None or held.top < scored):
+                continue
+            n = start + _common_prefix(held.tokens[start : start + len(tail)], tail)
+            if scored is not None:
+                # Position i's logprob is kept for i < len(logprobs) when tokens[: i + 1] agree;
+                # the prompt's next position needs the hidden state of the last one reused.
+                assert held.logprobs is not None
+                n = min(n, len(held.logprobs)) - 1
             k = (n, -rank.get(candidate, len(rank)))
             if k > key:
                 key, slot = k, candidate
-        length = key[0]
-        return (slot, length) if length >= BLOCK else (-1, 0)
+        # Whole blocks only: reporting (cached_tokens) or timing a match down to the token would
+        # let one client learn another's prompt a token at a time (vLLM also shares blocks).
+        length = key[0] - key[0] % BLOCK
+        if length < BLOCK or self._held[slot].tokens[:start] != list(tokens[:start]):
+            return -1, 0
+        return slot, length
 
-    def publish(self, slot: int, revision: str | None, tokens: Sequence[int]) -> None:
-        """Record that the slot's cache now holds `tokens` (a running sequence's prompt)."""
+    def publish(
+        self,
+        slot: int,
+        revision: str | None,
+        tokens: Sequence[int],
+        logprobs: PromptLogprobs | None = None,
+        top: int = 0,
+    ) -> None:
+        """Record that the slot's cache now holds `tokens` (a running sequence's prompt), and the
+        prompt's logprobs with `top` alternatives when it was scored."""
         if self.enabled:
-            self._hold(slot, revision, list(tokens))
+            self._hold(slot, revision, list(tokens), logprobs, top)
 
     def retire(self, slot: int, revision: str | None, tokens: Sequence[int]) -> None:
         """A sequence is done with its slot, whose cache holds `tokens`: keep it idle for reuse."""
@@ -154,17 +259,24 @@ class PrefixCache:
         self._idle.pop(slot, None)
         self.kv.free(slot)
 
-    def clear(self) -> None:
-        """Free every idle slot and forget every cached prefix."""
-        for slot in list(self._idle):
-            self.release(slot)
-        for slot in list(self._held):
-            self._forget(slot)
-
-    def _hold(self, slot: int, revision: str | None, tokens: list[int]) -> None:
+    def _hold(
+        self,
+        slot: int,
+        revision: str | None,
+        tokens: list[int],
+        logprobs: PromptLogprobs | None = None,
+        top: int = 0,
+    ) -> None:
+        prev = self._held.get(slot)
+        if logprobs is None and prev is not None and prev.logprobs is not None:
+            # The same sequence going on (its prompt published, now retired with its output):
+            # the prompt logprobs it kept still hold for the positions it still holds.
+            n = len(prev.logprobs)
+            if prev.revision == revision and prev.tokens[:n] == tokens[:n]:
+                logprobs, top = prev.logprobs, prev.top
         self._forget(slot)
         hashes = block_hashes(revision, tokens)
-        self._held[slot] = _Held(revision, tokens, hashes)
+        self._held[slot] = _Held(revision, tokens, hashes, logprobs, top)
         for h in hashes:
             self._index.setdefault(h, {})[slot] = None
 
@@ -180,16 +292,11 @@ class PrefixCache:
                     del self._index[h]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """How many leading tokens a and b share, at most `limit`."""
-    n = min(len(a), len(b), limit)
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]: bisect on slice equality (C speed)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

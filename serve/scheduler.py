@@ -15,7 +15,7 @@ import torch
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import Model, StepBatch
-from mintvcs.serve.prefix_cache import PrefixCache
+from mintvcs.serve.prefix_cache import BLOCK, PrefixCache, block_hashes
 from mintvcs.serve.sampling import (
     IncrementalDetokenizer,
     SamplingParams,
@@ -86,6 +86,7 @@ class Sequence:
     # instead of prefilling it again. Cleared once used or not usable.
     fork_of: Sequence | None = None
     stop_floor: int = 0  # characters of text no stop string may end in (min_tokens)
+    _hashes: list[int] | None = field(default=None, init=False, repr=False)
     # The token ids that end this sequence: EOS (unless ignored) and its stop token ids.
     stop_ids: frozenset[int] = field(init=False)
 
@@ -98,7 +99,14 @@ class Sequence:
         """Prompt plus generated tokens."""
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def cached_tokens(self) -> list[int]:
+    @property
+    def prompt_hashes(self) -> list[int]:
+        """The prefix cache's chain hashes of the prompt's whole blocks (computed once)."""
+        if self._hashes is None:
+            self._hashes = block_hashes(self.revision, self.prompt_ids)
+        return self._hashes
+
+    def kv_tokens(self) -> list[int]:
         """The tokens whose keys and values are in the sequence's KV slot."""
         if self.prefilled < len(self.prompt_ids):
             return self.prompt_ids[: self.prefilled]
@@ -173,6 +181,19 @@ class SchedulerStats:
     step_seconds_total: float = 0.0
 
 
+def _shared_blocks(seq: Sequence, going_in: dict[int, int], scored: int | None) -> int:
+    """How many of seq's leading prompt blocks (short of its last token) are going in with
+    what seq needs of them (their logprobs, when it is scored)."""
+    usable = (len(seq.prompt_ids) - 1) // BLOCK
+    need = -1 if scored is None else scored
+    n = 0
+    for h in seq.prompt_hashes[:usable]:
+        if going_in.get(h, -2) < need:
+            break
+        n += 1
+    return n
+
+
 def _slot_order(seq: Sequence) -> int:
     return seq.lora_slot if seq.lora_slot >= 0 else 1 << 30
 
@@ -220,7 +241,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, *, kv_valid: bool = True) -> None:
         if seq.kv_slot >= 0:
             if kv_valid:  # kept for later prompts that start with the same tokens
-                self.prefix.retire(seq.kv_slot, seq.revision, seq.cached_tokens())
+                self.prefix.retire(seq.kv_slot, seq.revision, seq.kv_tokens())
             else:
                 self.prefix.release(seq.kv_slot)
             seq.kv_slot = -1
@@ -263,6 +284,11 @@ class Scheduler:
         ending = {id(p) for p in planned if p.prefilled + p.chunk == len(p.prompt_ids)}
         pending = {id(s) for s in self.waiting} | {id(s) for s in self.prefilling}
         taken: set[int] = set()
+        # Blocks of the prompts going in, not yet in the cache: a prompt that shares more of
+        # them than the cache holds waits a step for them instead of computing them again.
+        going_in: dict[int, int] = {}
+        for seq in self.prefilling:
+            self._going_in(seq, going_in)
         for seq in self.waiting:
             if self.prefix.available == 0:
                 break
@@ -278,6 +304,14 @@ class Scheduler:
                 if not ending:
                     break  # no prompt tokens left, and no fork can join a parent this step
                 continue  # only forks still get in
+            hit = None
+            if seq.fork_of is None:
+                scored = seq.params.prompt_logprobs
+                hit = self.prefix.lookup(
+                    seq.revision, seq.prompt_ids, hashes=seq.prompt_hashes, scored=scored
+                )
+                if _shared_blocks(seq, going_in, scored) * BLOCK > hit.length + BLOCK:
+                    continue  # a prompt going in holds more of it: wait a step, then copy
             if seq.revision is not None:
                 assert self.residency is not None
                 try:
@@ -289,14 +323,14 @@ class Scheduler:
                 if slot is None:
                     continue  # its adapter is loading or every slot is busy: wait, do not fail
                 seq.lora_slot = slot
-            if seq.fork_of is not None:
+            if hit is None:
                 seq.kv_slot = self.prefix.allocate()
             else:
-                # Prompt logprobs need every prompt token's hidden state: no cached prefix.
-                seq.kv_slot, seq.prefilled = self.prefix.admit(
-                    seq.revision, seq.prompt_ids, reuse=seq.params.prompt_logprobs is None
-                )
-                seq.cached = seq.prefilled
+                seq.kv_slot = self.prefix.admit(seq.revision, seq.prompt_ids, hit)
+                seq.prefilled = seq.cached = hit.length
+                if hit.logprobs is not None:
+                    seq.prompt_lps = list(hit.logprobs)
+                self._going_in(seq, going_in)
             taken.add(id(seq))
             seq.chunk = (
                 0 if seq.fork_of is not None else min(len(seq.prompt_ids) - seq.prefilled, budget)
@@ -310,6 +344,15 @@ class Scheduler:
         if taken:
             self.waiting = deque(s for s in self.waiting if id(s) not in taken)
         return planned
+
+    def _going_in(self, seq: Sequence, going_in: dict[int, int]) -> None:
+        """Add seq's prompt blocks to those going in, each with the most prompt-logprob
+        alternatives a prompt holding it keeps (-1: none)."""
+        if not self.prefix.enabled:
+            return
+        top = -1 if seq.params.prompt_logprobs is None else seq.params.prompt_logprobs
+        for h in seq.prompt_hashes:
+            going_in[h] = max(going_in.get(h, -1), top)
 
     def step(self) -> bool:
         """Run one iteration; return False when there was nothing to run."""
@@ -392,7 +435,14 @@ class Scheduler:
         for seq in chunked:
             seq.prefilled += seq.chunk
             if seq.prefilled == len(seq.prompt_ids):  # its prompt can now serve later ones
-                self.prefix.publish(seq.kv_slot, seq.revision, seq.prompt_ids)
+                top = seq.params.prompt_logprobs
+                self.prefix.publish(
+                    seq.kv_slot,
+                    seq.revision,
+                    seq.prompt_ids,
+                    None if top is None else tuple(seq.prompt_lps),
+                    top or 0,
+                )
         self.prefilling = [s for s in self.prefilling if s.prefilled < len(s.prompt_ids)]
         self.running = []
         for seq, token, token_lp in zip(seqs, tokens, logprobs, strict=True):

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPARISON = re.compile(r": ours [0-9.]+.*, .*[0-9.]+.*, ratio [0-9.e+-]+x?$", re.MULTILINE)
 
 SMALLEST = {
-    "engine": "bench/engine.py --quick --only throughput --only choices --only chunked --only hotswap",
+    "engine": "bench/engine.py --quick --only throughput --only choices --only chunked "
+    "--only prefix --only hotswap",
     "kernels": "bench/kernels.py --quick",
     "refs": "bench/refs.py --no-million --lookups 20 --dulwich-lookups 2 --git-lookups 2",
     "store": "bench/store.py --quick",

@@ -376,16 +376,23 @@ def test_a_repeated_prefix_is_served_from_the_cache_and_reported(server: Backgro
     before = _metric(server, "mint_prefix_cache_hit_tokens_total")
     status, second = completions(server, prompt=[*shared, 13, 14, 15], **body)
     assert status == 200, second
-    # OpenAI's field: the prompt tokens whose keys and values were cached (the shared 40).
-    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 40}
-    assert _metric(server, "mint_prefix_cache_hit_tokens_total") - before == 40
-    # The same prompt again: all but its last token come from the cache; the output is the same.
+    # OpenAI's field: the prompt tokens whose keys and values were cached (the shared 40, in
+    # whole blocks of 16).
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    assert _metric(server, "mint_prefix_cache_hit_tokens_total") - before == 32
+    # The same prompt again: the output is the same.
     status, again = completions(server, prompt=[*shared, 13, 14, 15], **body)
-    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 42}
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
     assert again["choices"][0]["text"] == second["choices"][0]["text"]
     assert again["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(
         second["choices"][0]["logprobs"]["token_logprobs"], abs=1e-4
     )
-    # Scoring a prompt (echo + logprobs) needs every prompt position: nothing cached.
-    status, scored = completions(server, prompt=[*shared, 13], echo=True, logprobs=1, max_tokens=0)
+    # Scoring a prompt (echo + logprobs) needs the cached positions' logprobs, which only a
+    # scored prompt keeps: nothing cached the first time, then the shared whole blocks.
+    scoring = {"echo": True, "logprobs": 1, "max_tokens": 0}
+    status, scored = completions(server, prompt=[*shared, 13], **scoring)
     assert status == 200 and scored["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    status, other = completions(server, prompt=[*shared, 14, 15], **scoring)
+    assert status == 200 and other["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    lps = [c["choices"][0]["logprobs"]["token_logprobs"] for c in (scored, other)]
+    assert len(lps[1]) == 42 and lps[1][:40] == pytest.approx(lps[0][:40], abs=1e-4)

@@ -25,6 +25,12 @@ def _cache(slots: int = 3) -> PrefixCache:
     return PrefixCache(kv)
 
 
+def _admit(cache: PrefixCache, revision: str | None, prompt: list[int]) -> tuple[int, int]:
+    """Admit a prompt as the scheduler does: (its slot, how many tokens it got from the cache)."""
+    hit = cache.lookup(revision, prompt)
+    return cache.admit(revision, prompt, hit), hit.length
+
+
 def _fill(cache: PrefixCache, slot: int, value: float) -> None:
     for keys, values in zip(cache.kv.keys, cache.kv.values, strict=True):
         keys[slot].fill_(value)
@@ -32,79 +38,88 @@ def _fill(cache: PrefixCache, slot: int, value: float) -> None:
 
 
 # ---------------------------------------------------------------------------- slot bookkeeping
-def test_a_retired_prompt_is_found_and_copied_up_to_the_last_token() -> None:
+def test_a_retired_prompt_is_found_and_copied_in_whole_blocks_short_of_the_last_token() -> None:
     cache = _cache()
     prompt = _tokens(0, 40)
-    slot, cached = cache.admit(None, prompt)
+    slot, cached = _admit(cache, None, prompt)
     assert cached == 0
     _fill(cache, slot, 7.0)
     cache.retire(slot, None, prompt)
     assert cache.idle == 1 and cache.available == 3
-    # The same prompt again: everything but its last token, which must give the logits.
-    again, cached = cache.admit(None, prompt)
-    assert again != slot and cached == 39
-    assert torch.equal(cache.kv.keys[1][again, :, :39], cache.kv.keys[1][slot, :, :39])
-    assert bool((cache.kv.values[0][again, :, :39] == -7.0).all())
-    # A prompt sharing 30 tokens, then diverging: 30 (past the block boundary), not 16 or 32.
+    # The same prompt again: its last token must give the logits, and a match counts whole
+    # blocks only (a token-exact match would tell a client another one's next token).
+    again, cached = _admit(cache, None, prompt)
+    assert again != slot and cached == 32
+    assert torch.equal(cache.kv.keys[1][again, :, :32], cache.kv.keys[1][slot, :, :32])
+    assert bool((cache.kv.values[0][again, :, :32] == -7.0).all())
+    # A prompt sharing 30 tokens, then diverging: the one whole block.
     other = [*prompt[:30], 1, 2, 3, *prompt[33:]]
-    _, cached = cache.admit(None, other)
-    assert cached == 30
-    assert cache.stats.hits == 2 and cache.stats.hit_tokens == 69
+    _, cached = _admit(cache, None, other)
+    assert cached == 16
+    assert cache.stats.hits == 2 and cache.stats.hit_tokens == 48
     assert cache.stats.queried_tokens == 3 * 40
 
 
 def test_revisions_and_short_prefixes_do_not_match() -> None:
     cache = _cache()
     prompt = _tokens(1, 40)
-    slot, _ = cache.admit("a" * 40, prompt)
+    slot, _ = _admit(cache, "a" * 40, prompt)
     cache.retire(slot, "a" * 40, prompt)
     # Another revision's keys differ (its LoRA changes k and v): no match.
     assert cache.match("b" * 40, prompt, 39) == (-1, 0)
     assert cache.match(None, prompt, 39) == (-1, 0)
-    assert cache.match("a" * 40, prompt, 39) == (slot, 39)
+    assert cache.match("a" * 40, prompt, 39) == (slot, 32)
     # Fewer than a block in common is no match; the limit caps the length.
-    assert cache.match("a" * 40, prompt[: BLOCK - 1] + [0] * 20, 30) == (-1, 0)
-    assert cache.match("a" * 40, prompt, 20) == (slot, 20)
+    assert cache.match("a" * 40, [*prompt[: BLOCK - 1], *[0] * 20], 30) == (-1, 0)
+    assert cache.match("a" * 40, prompt, 20) == (slot, 16)
+    assert cache.match("a" * 40, prompt, 15) == (-1, 0)
     assert block_hashes("a", prompt)[:1] == block_hashes("a", prompt[:BLOCK])
     assert block_hashes("a", prompt) != block_hashes("b", prompt)
 
 
-def test_the_longest_holder_wins_and_idle_slots_go_least_recently_used_first() -> None:
+def test_allocation_keeps_running_slots_lowest_and_moves_what_idle_ones_hold() -> None:
     cache = _cache(3)
     base = _tokens(2, 48)
-    short_slot, _ = cache.admit(None, base[:20])
+    short_slot, _ = _admit(cache, None, base[:20])
+    _fill(cache, short_slot, 1.0)
     cache.retire(short_slot, None, base[:20])
-    long_slot, _ = cache.admit(None, base)
+    long_slot, _ = _admit(cache, None, base)
+    _fill(cache, long_slot, 2.0)
     cache.retire(long_slot, None, base)
+    assert (short_slot, long_slot) == (0, 1)
     assert cache.match(None, [*base, 9], 48) == (long_slot, 48)
-    assert cache.match(None, base[:24] + [9] * 8, 31) in ((short_slot, 20), (long_slot, 24))
-    assert cache.match(None, base[:24] + [9] * 8, 31)[1] == 24
-    # Three slots, two idle: a new prompt takes the free one, the next evicts the oldest idle.
-    third, _ = cache.admit(None, _tokens(3, 20))
-    assert third not in (short_slot, long_slot) and cache.kv.free_slots == 0
-    fourth, _ = cache.admit(None, _tokens(4, 20))
-    assert fourth == short_slot and cache.match(None, [*base[:20], 0], 20) == (long_slot, 20)
-    assert cache.admit(None, _tokens(5, 20))[0] == long_slot  # the last idle slot
+    # The longest holder wins (24 tokens against 20), counted in whole blocks.
+    assert cache.match(None, [*base[:24], *[9] * 8], 31) == (long_slot, 16)
+    # A new prompt gets the lowest slot, 0; what slot 0 held moves to the free slot 2.
+    assert _admit(cache, None, _tokens(3, 20)) == (0, 0)
+    assert cache.match(None, [*base[:20], 0], 20)[1] == 16
+    assert bool((cache.kv.keys[0][2, :, :20] == 1.0).all())
+    # No slot is free: the next gets slot 1, and what it held (the long prompt) moves to the
+    # least recently used idle slot, 2, whose short prompt is dropped.
+    assert _admit(cache, None, _tokens(4, 20)) == (1, 0)
+    assert cache.match(None, [*base, 9], 48) == (2, 48)
+    assert bool((cache.kv.values[1][2, :, :48] == -2.0).all())
+    assert _admit(cache, None, _tokens(5, 20)) == (2, 0)  # the last idle slot, given up
     with pytest.raises(KVCacheFull):
-        cache.admit(None, _tokens(6, 20))
+        _admit(cache, None, _tokens(6, 20))
 
 
-def test_with_no_free_slot_the_holder_is_taken_over_without_a_copy() -> None:
+def test_with_no_free_slot_the_lowest_holder_is_taken_over_without_a_copy() -> None:
     cache = _cache(2)
     prompt = _tokens(7, 40)
-    older, _ = cache.admit(None, prompt)
+    older, _ = _admit(cache, None, prompt)
     cache.retire(older, None, prompt)
-    slot, _ = cache.admit(None, prompt)
+    slot, _ = _admit(cache, None, prompt)
     _fill(cache, slot, 3.0)
     cache.retire(slot, None, prompt)
     assert cache.kv.free_slots == 0 and cache.idle == 2
-    # Both hold the prompt: the least recently used is the one taken (the copy came from it).
-    assert cache.match(None, prompt, 39) == (older, 39)
-    again, cached = cache.admit(None, [*prompt[:35], 5, 6])
-    assert (again, cached) == (older, 35) and cache.idle == 1
+    # Both hold the prompt: the least recently used is the one matched (the copy came from it).
+    assert cache.match(None, prompt, 39) == (older, 32)
+    again, cached = _admit(cache, None, [*prompt[:35], 5, 6])
+    assert (again, cached) == (older, 32) and cache.idle == 1
     # While it runs, its slot still offers the prefix it kept.
     cache.release(slot)
-    assert cache.match(None, prompt, 39) == (older, 35)
+    assert cache.match(None, prompt, 39) == (older, 32)
     cache.release(again)
     assert cache.match(None, prompt, 39) == (-1, 0) and cache.available == 2
 
@@ -112,21 +127,21 @@ def test_with_no_free_slot_the_holder_is_taken_over_without_a_copy() -> None:
 def test_a_published_running_prompt_is_a_source_and_disabled_caching_keeps_nothing() -> None:
     cache = _cache(2)
     prompt = _tokens(8, 33)
-    slot, _ = cache.admit(None, prompt)
+    slot, _ = _admit(cache, None, prompt)
     cache.publish(slot, None, prompt)
-    assert cache.match(None, [*prompt, 1], 33) == (slot, 33)
+    assert cache.match(None, [*prompt, 1], 33) == (slot, 32)
     off = PrefixCache(_cache(2).kv, enabled=False)
-    s, cached = off.admit(None, prompt)
+    s, cached = _admit(off, None, prompt)
     off.publish(s, None, prompt)
     off.retire(s, None, prompt)
     assert cached == 0 and off.idle == 0 and off.kv.free_slots == 2
-    assert off.admit(None, prompt) == (0, 0) and off.stats.queried_tokens == 0
+    assert _admit(off, None, prompt) == (0, 0) and off.stats.queried_tokens == 0
 
 
 # ------------------------------------------------------------------------------------- engine
 @pytest.fixture(scope="module")
 def engines(tiny_base: Path, zoo: dict[str, Path]) -> tuple[Engine, Engine]:
-    config = EngineConfig(max_batch_size=4, max_model_len=256)
+    config = EngineConfig(max_batch_size=16, max_model_len=256)
     cached = Engine(tiny_base, config, source=PeftDirSource(zoo))
     plain = Engine(tiny_base, replace(config, prefix_caching=False), source=PeftDirSource(zoo))
     yield cached, plain
@@ -165,11 +180,12 @@ def test_a_second_turn_reuses_the_first_turns_answer(engines: tuple[Engine, Engi
     before = cached.stats()["prefix_cache_hit_tokens"]
     second = first + answer + _tokens(21, 5)
     _same(cached, plain, second, "all-r16")
-    # The prompt and all but the last generated token were in the cache.
-    assert cached.stats()["prefix_cache_hit_tokens"] - before == len(first) + len(answer) - 1
+    # The prompt and all but the last generated token were in the cache (whole blocks of it).
+    held = len(first) + len(answer) - 1
+    assert cached.stats()["prefix_cache_hit_tokens"] - before == held - held % BLOCK
 
 
-def test_another_revision_and_prompt_logprobs_do_not_reuse(engines: tuple[Engine, Engine]) -> None:
+def test_another_revision_does_not_reuse(engines: tuple[Engine, Engine]) -> None:
     cached, plain = engines
     prompt = _tokens(30, 40)
     _same(cached, plain, prompt, "all-r16")
@@ -177,14 +193,68 @@ def test_another_revision_and_prompt_logprobs_do_not_reuse(engines: tuple[Engine
     _same(cached, plain, prompt, "mlp-r2")  # same tokens, another adapter: other keys
     _same(cached, plain, prompt, None)
     assert cached.stats()["prefix_cache_hit_tokens"] == before
-    scored = replace(GREEDY, prompt_logprobs=1)
-    mine = cached.generate(prompt, "all-r16", scored, timeout=60)
-    theirs = plain.generate(prompt, "all-r16", scored, timeout=60)
-    assert cached.stats()["prefix_cache_hit_tokens"] == before
+
+
+def _scored(cached: Engine, plain: Engine, prompt: list[int], top: int) -> int:
+    """Prompt logprobs with and without the cache agree; how many prompt tokens were cached."""
+    params = replace(GREEDY, max_tokens=1, prompt_logprobs=top)
+    before = cached.stats()["prefix_cache_hit_tokens"]
+    mine = cached.generate(prompt, "qv-r8", params, timeout=60)
+    theirs = plain.generate(prompt, "qv-r8", params, timeout=60)
     assert mine.prompt_logprobs is not None and theirs.prompt_logprobs is not None
-    assert [lp.logprob for lp in mine.prompt_logprobs if lp] == pytest.approx(
-        [lp.logprob for lp in theirs.prompt_logprobs if lp], abs=1e-4
-    )
+    assert len(mine.prompt_logprobs) == len(prompt) and mine.prompt_logprobs[0] is None
+    for a, b in zip(mine.prompt_logprobs[1:], theirs.prompt_logprobs[1:], strict=True):
+        assert a is not None and b is not None and a.token_id == b.token_id
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top] and len(a.top) == top
+    assert mine.token_ids == theirs.token_ids
+    return int(cached.stats()["prefix_cache_hit_tokens"] - before)
+
+
+def test_scored_prompts_reuse_the_logprobs_a_scored_holder_kept(
+    engines: tuple[Engine, Engine],
+) -> None:
+    cached, plain = engines
+    context = _tokens(31, 50)
+    # Only unscored holders: a scored prompt has no logprobs to copy, so computes it all.
+    _same(cached, plain, [*context, 1], "qv-r8")
+    assert _scored(cached, plain, [*context, 2, 3], 2) == 0
+    # Now a scored holder with 2 alternatives: each choice (lm-eval's loglikelihood) copies
+    # the context but its last token, whose hidden state predicts the choice's first token.
+    assert _scored(cached, plain, [*context, 4, 5, 6], 1) == 48
+    assert _scored(cached, plain, [*context, 7], 2) == 48
+    # More alternatives than any holder kept: computed in full.
+    assert _scored(cached, plain, [*context, 8], 3) == 0
+    # The very same scored prompt again: its whole blocks short of the last token.
+    assert _scored(cached, plain, [*context, 7], 2) == 48
+
+
+def test_prompts_sharing_a_prefix_in_one_batch_compute_it_once(tiny_base: Path) -> None:
+    # What an eval harness sends: one request, a list of prompts with a shared few-shot context.
+    context = _tokens(60, 64)
+    scored = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    requests: list[tuple[list[int], str | None, SamplingParams]] = [
+        ([*context, *_tokens(61 + i, 1 + i)], None, scored) for i in range(5)
+    ]
+    requests += [([*context, *_tokens(70 + i, 3)], None, GREEDY) for i in range(3)]
+    config = EngineConfig(max_batch_size=8, max_model_len=128)
+    with (
+        Engine(tiny_base, config) as cached,
+        Engine(tiny_base, replace(config, prefix_caching=False)) as plain,
+    ):
+        mine = cached.generate_many(requests, timeout=120)
+        theirs = plain.generate_many(requests, timeout=120)
+        for a, b in zip(mine, theirs, strict=True):
+            assert a.token_ids == b.token_ids
+            if a.prompt_logprobs is not None:
+                assert b.prompt_logprobs is not None
+                assert [lp.logprob for lp in a.prompt_logprobs if lp] == pytest.approx(
+                    [lp.logprob for lp in b.prompt_logprobs if lp], abs=1e-4
+                )
+        # The first prompt computes the context; the others wait a step and copy it.
+        computed = cached.stats()["prefill_tokens"]
+        assert computed < sum(len(p) for p, _, _ in requests) - 6 * 60
+        assert plain.stats()["prefill_tokens"] == sum(len(p) for p, _, _ in requests)
 
 
 def test_a_running_requests_prompt_serves_one_that_arrives_later(
@@ -200,7 +270,7 @@ def test_a_running_requests_prompt_serves_one_that_arrives_later(
         time.sleep(0.002)
     before = cached.stats()["prefix_cache_hit_tokens"]
     _same(cached, plain, [*prompt, 7, 8, 9], "qv-r8")
-    assert cached.stats()["prefix_cache_hit_tokens"] - before == 36
+    assert cached.stats()["prefix_cache_hit_tokens"] - before == 32
     assert running.result(timeout=60).token_ids == plain.generate(prompt, "qv-r8", long).token_ids
 
 
