@@ -103,6 +103,7 @@ def sampling_params(
         min_p=field_of(body, "min_p", (float,), 0.0),
         stop_token_ids=_token_ids(body, "stop_token_ids", MAX_STOP_STRINGS),
         logit_bias=_logit_bias(body),
+        cache_salt=field_of(body, "cache_salt", (str,), None),
     )
 
 

@@ -1,13 +1,15 @@
 """Prefix caching across requests: KV slots remember which tokens they hold, so a new prompt that
-starts with the same tokens (for the same revision) copies their keys and values instead of
-computing them again.
+starts with the same tokens for the same owner copies their keys and values instead of
+computing them again. The owner is whose keys and values they are: the revision (None for the
+base), salted with the request's cache_salt when it has one (Sequence.cache_owner), so that
+only requests with the same salt share (vLLM's isolation between tenants).
 
-A finished sequence's slot is not freed but kept, idle, with its tokens; idle slots are taken
-back least recently used first, and only once no free slot is left. A running sequence's slot
-counts too, for its prompt, once that is in the cache. Lookups go by a chain of hashes over
-blocks of BLOCK tokens (each block's hash covers everything before it and the revision, as
-vLLM's prefix cache keys its blocks), then compare the tokens themselves: a hash collision can
-only cost a miss, never give a request another prompt's keys.
+A finished sequence's slot is not freed but kept, idle, with its tokens; an idle slot is given
+up when a new sequence needs a slot and none is free, least recently used first. A running
+sequence's slot counts too, for its prompt, once that is in the cache. Lookups go by a chain of
+hashes over blocks of BLOCK tokens (each block's hash covers everything before it and the
+owner, as vLLM's prefix cache keys its blocks), then compare the tokens themselves: a hash
+collision can only cost a miss, never give a request another prompt's keys.
 
 A slot whose prompt was scored (prompt logprobs) also keeps those logprobs, so that a scored
 prompt (lm-eval's loglikelihood: a shared context, then each choice) can reuse the prefix too:
@@ -27,13 +29,11 @@ from mintvcs.serve.sampling import TokenLogprobs
 BLOCK = 16  # tokens per hashed block: shorter shared prefixes are not worth a lookup
 
 
-def block_hashes(
-    revision: str | None, tokens: Sequence[int], limit: int | None = None
-) -> list[int]:
+def block_hashes(owner: str | None, tokens: Sequence[int], limit: int | None = None) -> list[int]:
     """The chain hash of each whole block of tokens[:limit]; hash i covers tokens[: (i + 1) * BLOCK]."""
     end = len(tokens) if limit is None else min(limit, len(tokens))
     out: list[int] = []
-    seed = hash(("mint-prefix", revision))
+    seed = hash(("mint-prefix", owner))
     for start in range(0, end - BLOCK + 1, BLOCK):
         seed = hash((seed, *tokens[start : start + BLOCK]))
         out.append(seed)
@@ -54,7 +54,7 @@ class PrefixStats:
 
 @dataclass
 class _Held:
-    revision: str | None
+    owner: str | None
     tokens: list[int]  # the tokens whose keys and values positions 0 .. len - 1 of the slot hold
     hashes: list[int]
     # The logprobs of tokens[: len(logprobs)] (a scored prompt's), with `top` alternatives each.
@@ -75,7 +75,7 @@ MISS = Hit(-1, 0)
 
 
 class PrefixCache:
-    """The KV slots' owner for the scheduler: allocation, idle slots kept for reuse, and lookup."""
+    """Hands out the KV slots for the scheduler: allocation, idle slots kept for reuse, and lookup."""
 
     def __init__(self, kv: KVCache, *, enabled: bool = True) -> None:
         self.kv = kv
@@ -125,12 +125,12 @@ class PrefixCache:
         self._forget(low)
         # spare takes low's place in the recency order; its own place (if it had one) goes.
         self._idle = OrderedDict((spare if s == low else s, None) for s in self._idle if s != spare)
-        self._hold(spare, held.revision, held.tokens, held.logprobs, held.top)
+        self._hold(spare, held.owner, held.tokens, held.logprobs, held.top)
         return low
 
     def lookup(
         self,
-        revision: str | None,
+        owner: str | None,
         prompt: Sequence[int],
         *,
         hashes: Sequence[int] | None = None,
@@ -141,7 +141,7 @@ class PrefixCache:
         this many alternatives, which the holder must have kept."""
         if not self.enabled:
             return MISS
-        slot, length = self.match(revision, prompt, len(prompt) - 1, hashes=hashes, scored=scored)
+        slot, length = self.match(owner, prompt, len(prompt) - 1, hashes=hashes, scored=scored)
         if slot < 0:
             return MISS
         logprobs = None
@@ -154,7 +154,7 @@ class PrefixCache:
             )
         return Hit(slot, length, logprobs)
 
-    def admit(self, revision: str | None, prompt: Sequence[int], hit: Hit = MISS) -> int:
+    def admit(self, owner: str | None, prompt: Sequence[int], hit: Hit = MISS) -> int:
         """A slot for a new prompt, holding the first `hit.length` of its tokens' keys and values."""
         if self.enabled:
             self.stats.queried_tokens += len(prompt)
@@ -170,7 +170,7 @@ class PrefixCache:
             del self._idle[src]
             held = self._held[src]
             kept = None if held.logprobs is None else held.logprobs[:length]
-            self._hold(src, revision, list(prompt[:length]), kept, held.top)
+            self._hold(src, owner, list(prompt[:length]), kept, held.top)
             return src
         slot = self.allocate(keep=src)
         self.kv.copy_prefix(src, slot, length)
@@ -180,7 +180,7 @@ class PrefixCache:
 
     def match(
         self,
-        revision: str | None,
+        owner: str | None,
         tokens: Sequence[int],
         limit: int,
         *,
@@ -191,7 +191,7 @@ class PrefixCache:
         holds a whole block of them. `scored`: only the positions whose logprobs (with that many
         alternatives) the slot kept count, and the last of them is left to recompute."""
         if hashes is None:
-            hashes = block_hashes(revision, tokens, limit)
+            hashes = block_hashes(owner, tokens, limit)
         best: dict[int, None] = {}
         depth = 0
         for h in hashes[: max(limit, 0) // BLOCK]:
@@ -212,7 +212,7 @@ class PrefixCache:
         key, slot = (0, 0), -1
         for candidate in best:
             held = self._held[candidate]
-            if held.revision != revision:
+            if held.owner != owner:
                 continue
             if scored is not None and (held.logprobs is None or held.top < scored):
                 continue
@@ -235,7 +235,7 @@ class PrefixCache:
     def publish(
         self,
         slot: int,
-        revision: str | None,
+        owner: str | None,
         tokens: Sequence[int],
         logprobs: PromptLogprobs | None = None,
         top: int = 0,
@@ -243,14 +243,14 @@ class PrefixCache:
         """Record that the slot's cache now holds `tokens` (a running sequence's prompt), and the
         prompt's logprobs with `top` alternatives when it was scored."""
         if self.enabled:
-            self._hold(slot, revision, list(tokens), logprobs, top)
+            self._hold(slot, owner, list(tokens), logprobs, top)
 
-    def retire(self, slot: int, revision: str | None, tokens: Sequence[int]) -> None:
+    def retire(self, slot: int, owner: str | None, tokens: Sequence[int]) -> None:
         """A sequence is done with its slot, whose cache holds `tokens`: keep it idle for reuse."""
         if not self.enabled or len(tokens) < BLOCK:
             self.release(slot)
             return
-        self._hold(slot, revision, list(tokens))
+        self._hold(slot, owner, list(tokens))
         self._idle[slot] = None
 
     def release(self, slot: int) -> None:
@@ -262,7 +262,7 @@ class PrefixCache:
     def _hold(
         self,
         slot: int,
-        revision: str | None,
+        owner: str | None,
         tokens: list[int],
         logprobs: PromptLogprobs | None = None,
         top: int = 0,
@@ -272,11 +272,11 @@ class PrefixCache:
             # The same sequence going on (its prompt published, now retired with its output):
             # the prompt logprobs it kept still hold for the positions it still holds.
             n = len(prev.logprobs)
-            if prev.revision == revision and prev.tokens[:n] == tokens[:n]:
+            if prev.owner == owner and prev.tokens[:n] == tokens[:n]:
                 logprobs, top = prev.logprobs, prev.top
         self._forget(slot)
-        hashes = block_hashes(revision, tokens)
-        self._held[slot] = _Held(revision, tokens, hashes, logprobs, top)
+        hashes = block_hashes(owner, tokens)
+        self._held[slot] = _Held(owner, tokens, hashes, logprobs, top)
         for h in hashes:
             self._index.setdefault(h, {})[slot] = None
 

@@ -19,6 +19,7 @@ class InvalidSamplingParams(MintError):
 
 # The most alternatives a request may ask for per token (OpenAI's top_logprobs limit).
 MAX_LOGPROBS = 20
+MAX_CACHE_SALT = 1024  # characters of a cache_salt (vLLM suggests 43: 256 random bits in base64)
 # A log-probability JSON cannot carry (-inf, NaN) is reported as this, as vLLM does.
 LOGPROB_FLOOR = -9999.0
 
@@ -48,6 +49,10 @@ class SamplingParams:
     min_tokens: int = 0  # EOS, stop token ids and stop strings cannot end the output before this
     min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # vLLM's cache_salt: only requests with the same salt share cached prompt prefixes, so one
+    # tenant cannot learn from the cache what another sent. Not a sampling choice, but it
+    # travels with the request's other options.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +80,11 @@ class SamplingParams:
             )
         if any(not s for s in self.stop):
             raise InvalidSamplingParams("stop strings must be non-empty")
+        salt = self.cache_salt
+        if salt is not None and not (isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT):
+            raise InvalidSamplingParams(
+                f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters"
+            )
         object.__setattr__(
             self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias)
         )

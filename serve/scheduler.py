@@ -100,10 +100,17 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def cache_owner(self) -> str | None:
+        """Whose cached keys and values this sequence may share: its revision's, salted."""
+        salt = self.params.cache_salt
+        # Commit ids are hex and never contain NUL: a salted owner is never a revision's.
+        return self.revision if salt is None else f"{self.revision or 'base'}\0{salt}"
+
+    @property
     def prompt_hashes(self) -> list[int]:
         """The prefix cache's chain hashes of the prompt's whole blocks (computed once)."""
         if self._hashes is None:
-            self._hashes = block_hashes(self.revision, self.prompt_ids)
+            self._hashes = block_hashes(self.cache_owner, self.prompt_ids)
         return self._hashes
 
     def kv_tokens(self) -> list[int]:
@@ -241,7 +248,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, *, kv_valid: bool = True) -> None:
         if seq.kv_slot >= 0:
             if kv_valid:  # kept for later prompts that start with the same tokens
-                self.prefix.retire(seq.kv_slot, seq.revision, seq.kv_tokens())
+                self.prefix.retire(seq.kv_slot, seq.cache_owner, seq.kv_tokens())
             else:
                 self.prefix.release(seq.kv_slot)
             seq.kv_slot = -1
@@ -308,7 +315,7 @@ class Scheduler:
             if seq.fork_of is None:
                 scored = seq.params.prompt_logprobs
                 hit = self.prefix.lookup(
-                    seq.revision, seq.prompt_ids, hashes=seq.prompt_hashes, scored=scored
+                    seq.cache_owner, seq.prompt_ids, hashes=seq.prompt_hashes, scored=scored
                 )
                 if _shared_blocks(seq, going_in, scored) * BLOCK > hit.length + BLOCK:
                     continue  # a prompt going in holds more of it: wait a step, then copy
@@ -326,7 +333,7 @@ class Scheduler:
             if hit is None:
                 seq.kv_slot = self.prefix.allocate()
             else:
-                seq.kv_slot = self.prefix.admit(seq.revision, seq.prompt_ids, hit)
+                seq.kv_slot = self.prefix.admit(seq.cache_owner, seq.prompt_ids, hit)
                 seq.prefilled = seq.cached = hit.length
                 if hit.logprobs is not None:
                     seq.prompt_lps = list(hit.logprobs)
@@ -438,7 +445,7 @@ class Scheduler:
                 top = seq.params.prompt_logprobs
                 self.prefix.publish(
                     seq.kv_slot,
-                    seq.revision,
+                    seq.cache_owner,
                     seq.prompt_ids,
                     None if top is None else tuple(seq.prompt_lps),
                     top or 0,

@@ -396,3 +396,16 @@ def test_a_repeated_prefix_is_served_from_the_cache_and_reported(server: Backgro
     assert status == 200 and other["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
     lps = [c["choices"][0]["logprobs"]["token_logprobs"] for c in (scored, other)]
     assert len(lps[1]) == 42 and lps[1][:40] == pytest.approx(lps[0][:40], abs=1e-4)
+
+
+def test_a_cache_salt_keeps_tenants_apart(server: BackgroundServer) -> None:
+    shared = torch.randint(3, 300, (40,), generator=torch.Generator().manual_seed(10)).tolist()
+    body = {"prompt": shared, "max_tokens": 2, "temperature": 0}
+    assert completions(server, cache_salt="tenant-a", **body)[0] == 200
+    # Another tenant, or no salt, gets nothing from tenant-a's prompt; tenant-a does.
+    for salt, cached in (("tenant-b", 0), (None, 0), ("tenant-a", 32)):
+        status, answer = completions(server, **({"cache_salt": salt} if salt else {}), **body)
+        assert status == 200 and answer["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+    for bad in ("", 5, "x" * 5000):
+        status, answer = completions(server, cache_salt=bad, **body)
+        assert status == 400 and "cache_salt" in answer["error"]["message"]

@@ -12,6 +12,7 @@ import torch
 from mintvcs.serve import Engine, EngineConfig, PeftDirSource, SamplingParams
 from mintvcs.serve.kv_cache import KVCache, KVCacheFull
 from mintvcs.serve.prefix_cache import BLOCK, PrefixCache, block_hashes
+from mintvcs.serve.sampling import InvalidSamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
 
@@ -291,3 +292,24 @@ def test_many_prompts_through_few_slots_evict_and_stay_right(tiny_base: Path) ->
         stats = cached.stats()
         assert stats["prefix_cache_hits"] >= 3 and stats["kv_slots_free"] == 2
         assert stats["kv_slots_cached"] == 2 and plain.stats()["kv_slots_cached"] == 0
+
+
+def test_a_cache_salt_shares_only_with_the_same_salt(engines: tuple[Engine, Engine]) -> None:
+    cached, plain = engines
+    prompt = _tokens(80, 40)
+
+    def hits(salt: str | None) -> int:
+        before = cached.stats()["prefix_cache_hit_tokens"]
+        params = replace(GREEDY, cache_salt=salt)
+        mine = cached.generate(prompt, "all-r16", params, timeout=60)
+        assert mine.token_ids == plain.generate(prompt, "all-r16", params, timeout=60).token_ids
+        return int(cached.stats()["prefix_cache_hit_tokens"] - before)
+
+    assert hits("tenant-a") == 0
+    assert hits(None) == 0  # unsalted requests do not see a salted prompt, nor the reverse
+    assert hits("tenant-b") == 0
+    assert hits("tenant-a") == 32 and hits(None) == 32
+    with pytest.raises(InvalidSamplingParams, match="cache_salt"):
+        SamplingParams(cache_salt="")
+    with pytest.raises(InvalidSamplingParams, match="cache_salt"):
+        SamplingParams(cache_salt="x" * 2000)
