@@ -751,7 +751,7 @@ class Engine:
         return (
             f"{model.num_parameters / 1e6:.1f}M parameters, {dtype} on {model.device}{threads}; "
             f"KV cache {kv.nbytes / 2**30:.2f} GiB for {kv.num_slots} sequences of {kv.max_len} "
-            f"tokens; {pools.num_slots} adapter slots up to rank {self.config.max_lora_rank}, "
+            f"tokens{', prefix caching on' if self.config.prefix_caching else ''}; {pools.num_slots} adapter slots up to rank {self.config.max_lora_rank}, "
             f"{pools.nbytes / 2**20:.1f} MiB"
         )
 

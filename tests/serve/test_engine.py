@@ -452,6 +452,7 @@ def test_summary_names_what_the_engine_holds(engine: Engine) -> None:
     kv_gib = engine.kv.nbytes / 2**30
     assert f"KV cache {kv_gib:.2f} GiB for {engine.kv.num_slots} sequences" in line
     assert f"{engine.pools.num_slots} adapter slots" in line and "float32 on cpu" in line
+    assert "prefix caching on" in line
 
 
 def test_generation_config_eos_stops_generation(tiny_base: Path, tmp_path: Path) -> None:
