@@ -493,11 +493,10 @@ def bench_prefix(root: Path, quick: bool) -> None:
         higher_is_better=False,
     )
     ttft = [min(r[1] for r in results[c]) * 1000 for c in (True, False)]
-    rounds = zip(results[True], results[False], strict=True)
     print(
         f"# median time to first token: {ttft[0]:.0f} ms with caching, {ttft[1]:.0f} ms without; "
         f"prompt tokens computed per batch: {results[True][0][2]} with, {results[False][0][2]} "
-        f"without; rounds (ms, with/without): {[f'{a[0] * 1000:.0f}/{b[0] * 1000:.0f}' for a, b in rounds]}",
+        f"without; rounds (ms, with/without): {_rounds_ms(results[True], results[False])}",
         flush=True,
     )
     ours, peer = (min(r[0] for r in scored[c]) for c in (True, False))
@@ -510,13 +509,17 @@ def bench_prefix(root: Path, quick: bool) -> None:
         "ms",
         higher_is_better=False,
     )
-    rounds = zip(scored[True], scored[False], strict=True)
     print(
         f"# prompt tokens computed: {scored[True][0][1]} with caching, {scored[False][0][1]} "
         f"without; prompt logprobs agree within 1e-3; rounds (ms, with/without): "
-        f"{[f'{a[0] * 1000:.0f}/{b[0] * 1000:.0f}' for a, b in rounds]}",
+        f"{_rounds_ms(scored[True], scored[False])}",
         flush=True,
     )
+
+
+def _rounds_ms(ours: list[tuple[Any, ...]], peer: list[tuple[Any, ...]]) -> list[str]:
+    """Each round's 'ours/peer' milliseconds, from results whose first item is seconds."""
+    return [f"{a[0] * 1000:.0f}/{b[0] * 1000:.0f}" for a, b in zip(ours, peer, strict=True)]
 
 
 # -------------------------------------------------------------------------------------- hot swap
