@@ -192,18 +192,30 @@ class PrefixCache:
         alternatives) the slot kept count, and the last of them is left to recompute."""
         if hashes is None:
             hashes = block_hashes(owner, tokens, limit)
-        best: dict[int, None] = {}
-        depth = 0
+        levels: list[dict[int, None]] = []  # levels[d]: the slots holding blocks 0 .. d
         for h in hashes[: max(limit, 0) // BLOCK]:
             found = self._index.get(h)
             if not found:
                 break
-            best = found
-            depth += 1
+            levels.append(found)
+
+        def usable(slot: int) -> bool:
+            held = self._held[slot]
+            if held.owner != owner:
+                return False
+            return scored is None or (held.logprobs is not None and held.top >= scored)
+
+        # The deepest level with a usable holder (a scored prompt may have to settle for a
+        # scored holder below an unscored one that holds more of it).
+        best: list[int] = []
+        while levels and not best:
+            best = [s for s in levels[-1] if usable(s)]
+            if not best:
+                levels.pop()
         # Every candidate shares the first `depth` blocks' hashes: compare only what follows
         # (less than a block, or the next block would have matched), and the winner's whole
         # prefix once, against a hash collision.
-        start = depth * BLOCK
+        start = len(levels) * BLOCK
         end = limit + (scored is not None)
         tail = tokens[start : min(end, start + BLOCK + 1)]
         # Longest first; among equals an idle slot, least recently used first (the one an
@@ -212,15 +224,10 @@ class PrefixCache:
         key, slot = (0, 0), -1
         for candidate in best:
             held = self._held[candidate]
-            if held.owner != owner:
-                continue
-            if scored is not None and (held.logprobs is None or held.top < scored):
-                continue
             n = start + _common_prefix(held.tokens[start : start + len(tail)], tail)
-            if scored is not None:
+            if held.logprobs is not None and scored is not None:
                 # Position i's logprob is kept for i < len(logprobs) when tokens[: i + 1] agree;
                 # the prompt's next position needs the hidden state of the last one reused.
-                assert held.logprobs is not None
                 n = min(n, len(held.logprobs)) - 1
             k = (n, -rank.get(candidate, len(rank)))
             if k > key:

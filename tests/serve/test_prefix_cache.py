@@ -12,7 +12,7 @@ import torch
 from mintvcs.serve import Engine, EngineConfig, PeftDirSource, SamplingParams
 from mintvcs.serve.kv_cache import KVCache, KVCacheFull
 from mintvcs.serve.prefix_cache import BLOCK, PrefixCache, block_hashes
-from mintvcs.serve.sampling import InvalidSamplingParams
+from mintvcs.serve.sampling import InvalidSamplingParams, TokenLogprobs
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
 
@@ -123,6 +123,26 @@ def test_with_no_free_slot_the_lowest_holder_is_taken_over_without_a_copy() -> N
     assert cache.match(None, prompt, 39) == (older, 32)
     cache.release(again)
     assert cache.match(None, prompt, 39) == (-1, 0) and cache.available == 2
+
+
+def test_a_scored_prompt_settles_for_a_scored_holder_below_an_unscored_one() -> None:
+    cache = _cache(4)
+    context = _tokens(9, 48)  # 3 blocks
+    scored_holder = [*context, *_tokens(10, 20)]
+    unscored_holder = [*context, *_tokens(11, 40)]
+    lps = (None, *(TokenLogprobs(t, -1.0, ((t, -1.0),)) for t in scored_holder[1:]))
+    slot, _ = _admit(cache, None, scored_holder)
+    cache.publish(slot, None, scored_holder, lps, 1)
+    cache.retire(slot, None, scored_holder)
+    other, _ = _admit(cache, None, unscored_holder)
+    cache.retire(other, None, unscored_holder)
+    prompt = [*unscored_holder[:70], 7]  # 3 blocks shared with the scored holder, 4 with the other
+    assert cache.lookup(None, prompt).length == 64  # unscored: the deeper holder
+    hit = cache.lookup(None, prompt, scored=1)
+    assert hit.length == 32 and hit.logprobs is not None and len(hit.logprobs) == 33
+    assert cache._held[hit.slot].tokens == scored_holder
+    assert [lp.token_id for lp in hit.logprobs[1:]] == scored_holder[1:33]
+    assert cache.lookup(None, prompt, scored=2).length == 0  # it kept one alternative only
 
 
 def test_a_published_running_prompt_is_a_source_and_disabled_caching_keeps_nothing() -> None:
