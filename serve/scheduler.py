@@ -296,6 +296,9 @@ class Scheduler:
         going_in: dict[int, int] = {}
         for seq in self.prefilling:
             self._going_in(seq, going_in)
+        # Revisions with no adapter slot this step (loading, or every slot busy): the requests
+        # behind them wait too, without a lookup each (a backlog of thousands, every step).
+        stalled: set[str] = set()
         for seq in self.waiting:
             if self.prefix.available == 0:
                 break
@@ -311,6 +314,8 @@ class Scheduler:
                 if not ending:
                     break  # no prompt tokens left, and no fork can join a parent this step
                 continue  # only forks still get in
+            if seq.revision in stalled:
+                continue
             hit = None
             if seq.fork_of is None:
                 scored = seq.params.prompt_logprobs
@@ -328,6 +333,7 @@ class Scheduler:
                     self._fail(seq, err)
                     continue
                 if slot is None:
+                    stalled.add(seq.revision)
                     continue  # its adapter is loading or every slot is busy: wait, do not fail
                 seq.lora_slot = slot
             if hit is None:
