@@ -1,6 +1,6 @@
 """Engine benchmarks, each side by side with its peer in one run; prints `name: ours X, peer Y, ratio Z`.
 
-    python bench/engine.py [--only throughput|choices|chunked|hotswap|cuda] [--quick]
+    python bench/engine.py [--only throughput|choices|chunked|prefix|hotswap|cuda] [--quick]
 
 throughput  CPU, ~30M-parameter Llama, 32 requests over 8 adapters (r=16, all linears), 64 new tokens:
             ours vs PEFT mixed-batch generate(adapter_names=...), and vs our engine with no adapters.
@@ -8,6 +8,9 @@ choices     CPU, the same Llama: 4 prompts x n=8 sampled choices on one adapter:
             once and its KV copied to the choices, vs every choice prefilling it (same batching).
 chunked     CPU, the same Llama: 16 requests decoding when a 1000-token prompt arrives; their worst
             gap between two tokens with the prompt prefilled in chunks of 128 vs in one step.
+prefix      CPU, the same Llama: 32 requests over 4 adapters sharing a 512-token system prompt each,
+            and an lm-eval loglikelihood batch sharing a few-shot context: with the prefix cache vs
+            without (the other sections that generate run without it: they resend their prompts).
 hotswap     CPU, ~0.4B Llama, r=16 all-linear revision: requested -> slot ready, cold (decoded from
             the mintvcs store on disk, not in the host cache) and warm (host cache), vs loading the full merged checkpoint.
 cuda        only where CUDA exists: Llama-3-8B-shaped random bf16 base built on the GPU; 1, 8 and 64
@@ -441,7 +444,7 @@ def bench_prefix(root: Path, quick: bool) -> None:
 
     def eval_batch(round_index: int) -> list[tuple[list[int], str | None, SamplingParams]]:
         """lm-eval's loglikelihood requests for a multiple-choice task, in one list: a few-shot
-        context shared by every question, each question, then each choice (2-6 tokens)."""
+        context shared by every question, each question, then each choice (2-5 tokens)."""
         g = torch.Generator().manual_seed(100 + round_index)  # the same for both engines
         shots = torch.randint(3, 8192, (shots_len,), generator=g).tolist()
         out = []

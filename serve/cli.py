@@ -102,8 +102,9 @@ from mintvcs.errors import MintError
     "--prefix-caching/--no-prefix-caching",
     default=True,
     show_default=True,
-    help="Keep finished requests' keys and values, so that a prompt starting with the same "
-    "tokens for the same revision (a system prompt, an earlier turn) skips computing them.",
+    help="Keep finished requests' keys and values until the room is needed (least recently used "
+    "dropped first), so that a prompt starting with the same tokens for the same revision and "
+    "cache_salt (a system prompt, an earlier turn) skips computing them.",
 )
 @click.option(
     "--cpu-threads",

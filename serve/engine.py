@@ -237,14 +237,14 @@ class LoopMailbox:
 
 
 def _link_forks(seqs: Seq[Sequence]) -> None:
-    """Mark runs of requests with one prompt, revision and prompt-logprobs ask (`n` choices) as
-    forks of the run's first: admitted together, they prefill the prompt once."""
+    """Mark runs of requests with one prompt, revision, prompt-logprobs ask and cache salt (`n`
+    choices) as forks of the run's first: admitted together, they prefill the prompt once."""
     parent: Sequence | None = None
     for seq in seqs:
         if (
             parent is not None
             and seq.prompt_ids == parent.prompt_ids
-            and seq.revision == parent.revision
+            and seq.cache_owner == parent.cache_owner  # its revision, and its cache salt
             and seq.params.prompt_logprobs == parent.params.prompt_logprobs
         ):
             seq.fork_of = parent

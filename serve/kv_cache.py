@@ -1,7 +1,9 @@
 """The KV cache: one fixed-size slot per running sequence, so memory is bounded by configuration.
 
 Layout per layer: keys and values `[num_slots, kv_heads, max_len, head_dim]`. A sequence owns one
-slot from admission to finish; position p of its keys lives at `[slot, :, p]`. Sequences of different
+slot from admission to finish; position p of its keys lives at `[slot, :, p]`. A finished
+sequence's slot may stay allocated, idle, holding its tokens for the prefix cache
+(serve/prefix_cache.py, which hands out the slots). Sequences of different
 lengths decode together because each step gathers only the slots in the batch and masks every
 position at or beyond each sequence's length. We chose per-sequence slots over a paged cache for
 simplicity: the cost is that every slot reserves `max_len` positions, so memory is
@@ -92,7 +94,8 @@ class KVCache:
         self.values[layer][slots, :, positions] = v
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
-        """Copy positions [0, length) of slot `src` into slot `dst`, every layer (a forked prompt)."""
+        """Copy positions [0, length) of slot `src` into slot `dst`, every layer (a forked prompt,
+        a prefix-cache hit, or an idle slot's contents moved)."""
         for keys, values in zip(self.keys, self.values, strict=True):
             keys[dst, :, :length] = keys[src, :, :length]
             values[dst, :, :length] = values[src, :, :length]

@@ -4,7 +4,8 @@ computing them again. The owner is whose keys and values they are: the revision 
 base), salted with the request's cache_salt when it has one (Sequence.cache_owner), so that
 only requests with the same salt share (vLLM's isolation between tenants).
 
-A finished sequence's slot is not freed but kept, idle, with its tokens; an idle slot is given
+A finished sequence's slot is not freed but kept, idle, with its tokens (unless they are fewer
+than BLOCK); an idle slot is given
 up when a new sequence needs a slot and none is free, least recently used first. A running
 sequence's slot counts too, for its prompt, once that is in the cache. Lookups go by a chain of
 hashes over blocks of BLOCK tokens (each block's hash covers everything before it and the
@@ -13,8 +14,8 @@ collision can only cost a miss, never give a request another prompt's keys.
 
 A slot whose prompt was scored (prompt logprobs) also keeps those logprobs, so that a scored
 prompt (lm-eval's loglikelihood: a shared context, then each choice) can reuse the prefix too:
-it copies the logprobs of the cached positions and recomputes from the last shared token on,
-whose hidden state predicts its first token of its own.
+it copies the logprobs of the whole blocks that end before its last shared token and
+recomputes from there: the last shared token's hidden state predicts its first own token.
 """
 
 from __future__ import annotations

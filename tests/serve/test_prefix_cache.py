@@ -329,6 +329,12 @@ def test_a_cache_salt_shares_only_with_the_same_salt(engines: tuple[Engine, Engi
     assert hits(None) == 0  # unsalted requests do not see a salted prompt, nor the reverse
     assert hits("tenant-b") == 0
     assert hits("tenant-a") == 32 and hits(None) == 32
+    # Queued together, the same prompt under two salts is two prefills, not one and a fork.
+    before = cached.stats()["prefill_tokens"]
+    pair = [(prompt, "all-r16", replace(GREEDY, cache_salt=s)) for s in ("tenant-c", "tenant-d")]
+    done = cached.generate_many(pair, timeout=60)
+    assert all(c.token_ids == done[0].token_ids for c in done)
+    assert cached.stats()["prefill_tokens"] - before == 2 * len(prompt)
     with pytest.raises(InvalidSamplingParams, match="cache_salt"):
         SamplingParams(cache_salt="")
     with pytest.raises(InvalidSamplingParams, match="cache_salt"):
