@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import dataclasses
 import gc as pygc  # `gc` is the name of a command below
+import itertools
 import json
 import os
 import sys
@@ -78,7 +79,13 @@ class MintGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a reader gone (`| head`) shows here, not at interpreter exit
+            return result
+        except BrokenPipeError:
+            # As git: stop quietly with SIGPIPE's status; nothing more can reach the reader.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except MintError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
@@ -282,35 +289,53 @@ def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
 
     repo = _open_repo()
     _warn_if_ambiguous(repo, ref)
+    if not as_json:
+        _log_text(repo, ref, max_count, oneline)
+        return
     commits = porcelain.log(repo, ref, max_count)
     labels = porcelain.decorations(repo, {c.id for c in commits})
-    if as_json:
-        _emit_json(
-            [
-                {
-                    "commit": c.id,
-                    "parents": list(c.parents),
-                    "author": c.author,
-                    "time": c.time,
-                    "message": c.message,
-                    "meta": repo.revision_meta(c.id),
-                    "refs": labels.get(c.id, []),
-                }
-                for c in commits
-            ]
-        )
-        return
-    for index, info in enumerate(commits):
-        deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
-        if oneline:
-            click.echo(
-                f"{click.style(info.id[:7], fg='yellow')}{deco} {_printable(info.message.splitlines()[0]) if info.message else ''}"
-            )
-            continue
-        if index:
-            click.echo()
-        click.echo(click.style(f"commit {info.id}", fg="yellow") + deco)
-        _echo_commit_text(info)
+    _emit_json(
+        [
+            {
+                "commit": c.id,
+                "parents": list(c.parents),
+                "author": c.author,
+                "time": c.time,
+                "message": c.message,
+                "meta": repo.revision_meta(c.id),
+                "refs": labels.get(c.id, []),
+            }
+            for c in commits
+        ]
+    )
+
+
+# The first page of `log` is printed after this many commits are read, and each next page is
+# twice as long: a long history starts printing at once (and `| head` stops it early), while
+# the ref labels are looked up a few times in all, not once per commit.
+LOG_FIRST_PAGE = 64
+
+
+def _log_text(repo: Any, ref: str, max_count: int | None, oneline: bool) -> None:
+    """Print `log` as git does, page by page as the history is read."""
+    from mintvcs import porcelain
+
+    commits = repo.walk(repo.resolve(ref), max_count)
+    index, size = 0, LOG_FIRST_PAGE
+    while page := list(itertools.islice(commits, size)):
+        labels = porcelain.decorations(repo, {c.id for c in page})
+        for info in page:
+            deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
+            if oneline:
+                subject = _printable(info.message.splitlines()[0]) if info.message else ""
+                click.echo(f"{click.style(info.id[:7], fg='yellow')}{deco} {subject}")
+                continue
+            if index:
+                click.echo()
+            click.echo(click.style(f"commit {info.id}", fg="yellow") + deco)
+            _echo_commit_text(info)
+            index += 1
+        size *= 2
 
 
 @main.command()

@@ -235,6 +235,47 @@ def test_log_oneline_limit_ref_and_json(work: Path) -> None:
     git_fsck(work)
 
 
+def test_log_prints_page_by_page_and_stops_quietly_when_the_reader_goes(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    from mintvcs import porcelain
+    from mintvcs.cli import LOG_FIRST_PAGE
+
+    work = copy_adapter(peft_adapter, tmp_path / "work")
+    repo = porcelain.init(work, None, install_hooks=False)
+    ids = [
+        porcelain.commit(
+            repo, f"rev {i}", verify=False, show_progress=False, allow_empty=True
+        ).commit
+        for i in range(LOG_FIRST_PAGE + 40)
+    ]
+    ids.reverse()  # newest first, as log prints them
+    # Labels in the first page and in the second (each page looks its commits' labels up).
+    porcelain.tag_create(repo, "early", ids[LOG_FIRST_PAGE + 5])
+    porcelain.branch_create(repo, "mid", ids[3])
+    repo.close()
+    lines = mint(work, "log", "--oneline").stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [i[:7] for i in ids]
+    assert lines[0].startswith(f"{ids[0][:7]} (HEAD -> main) rev")
+    assert f"{ids[3][:7]} (mid) " in lines[3]
+    assert f"{ids[LOG_FIRST_PAGE + 5][:7]} (tag: early) " in lines[LOG_FIRST_PAGE + 5]
+    full = mint(work, "log").stdout
+    assert full.count("\ncommit ") == len(ids) - 1 and "\n\n\n" not in full
+    # `mintvcs log | head -1`: the reader goes after one line; log stops as git does, with
+    # SIGPIPE's status and no traceback.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mintvcs.cli", "log"],
+        cwd=work,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().startswith(b"commit ")
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == b"", err.decode()
+
+
 # ------------------------------------------------------------------- diff
 def _floats(path: Path) -> dict[str, np.ndarray]:
     data = path.read_bytes()
