@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from mintvcs import codec
 from mintvcs.errors import MintError
 from mintvcs.packs import (
+    OBJECT_TYPE_NUMBERS,
     PACK_HEADER,
     PACK_TRAILER,
     TENSOR_ZLIB_LEVEL,
@@ -39,8 +40,7 @@ if TYPE_CHECKING:
     from dulwich.pack import Pack
 
 _LOOSE_NAME = re.compile(r"^[0-9a-f]{38}$")
-_TYPES = {1: b"commit", 2: b"tree", 3: b"blob", 4: b"tag"}
-_TYPE_NUMS = {name: num for num, name in _TYPES.items()}
+_TYPES = {num: name for name, num in OBJECT_TYPE_NUMBERS.items()}
 # What dulwich raises for an object whose content does not parse as its type.
 _UNPARSABLE = (ValueError, KeyError, IndexError, AssertionError)
 GC_GRACE_SECONDS = (
@@ -96,7 +96,7 @@ def _format_problem(oid: str, kind: bytes, body: bytes) -> str | None:
     from dulwich.objects import ShaFile, Tree
 
     try:
-        obj = ShaFile.from_raw_string(_TYPE_NUMS[kind], body)
+        obj = ShaFile.from_raw_string(OBJECT_TYPE_NUMBERS[kind], body)
         obj.check()
     except (ObjectFormatException, *_UNPARSABLE) as err:
         return f"malformed {kind.decode()} {oid}: {err}"
@@ -666,7 +666,7 @@ def _children(oid: str, kind: bytes, body: bytes) -> list[tuple[str, str]]:
     from dulwich.objects import Commit, ShaFile, Tag, Tree
 
     try:
-        obj = ShaFile.from_raw_string(_TYPE_NUMS[kind], body)
+        obj = ShaFile.from_raw_string(OBJECT_TYPE_NUMBERS[kind], body)
         if isinstance(obj, Commit):
             return [
                 (obj.tree.decode(), f"tree of commit {oid[:12]}"),

@@ -280,7 +280,8 @@ def object_zlib_level(kind: bytes, content: bytes | memoryview) -> int:
 
 
 # ------------------------------------------------------------------- packs
-_PACK_TYPES = {b"commit": 1, b"tree": 2, b"blob": 3, b"tag": 4}
+# git's object type numbers (pack entries, dulwich's ShaFile.from_raw_string).
+OBJECT_TYPE_NUMBERS = {b"commit": 1, b"tree": 2, b"blob": 3, b"tag": 4}
 _STALE_SECONDS = 3600  # temporaries older than this belong to no live writer
 
 
@@ -354,7 +355,7 @@ class PackWriter:
             body = zlib_tensor(views, prefix) if prefix else zlib_stored(views)
         else:
             body = [zlib.compress(b"".join(views), level)]
-        pieces = [_pack_entry_header(_PACK_TYPES[kind], size), *body]
+        pieces = [_pack_entry_header(OBJECT_TYPE_NUMBERS[kind], size), *body]
         crc = 0
         for piece in pieces:
             crc = crc32(piece, crc)

@@ -36,6 +36,7 @@ from mintvcs.objects import (
 )
 from mintvcs.packs import (
     META_ZLIB_LEVEL,
+    OBJECT_TYPE_NUMBERS,
     TENSOR_ZLIB_LEVEL,
     NotStored,
     PackFile,
@@ -77,7 +78,6 @@ _WORKERS = max(1, min(8, os.cpu_count() or 1))
 # instead of loose objects (git's fetch.unpackLimit default): creating hundreds of files
 # costs more than encoding them.
 PACK_THRESHOLD = 100
-_TYPE_NUMBERS = {b"commit": 1, b"tree": 2, b"blob": 3, b"tag": 4}
 _THREADED_DECODE_BYTES = 1 << 20  # mean tensor size from which decoding uses threads
 # Revision reads of small tensors hand tensors_into this many bytes at a time (progress steps).
 _DECODE_CHUNK_BYTES = 16 << 20
@@ -434,7 +434,7 @@ class Repository:
             loose = self._read_loose(oid, what)
         except CorruptObjectError:
             loose = None
-        if loose is not None and (type_num := _TYPE_NUMBERS.get(loose[0])) is not None:
+        if loose is not None and (type_num := OBJECT_TYPE_NUMBERS.get(loose[0])) is not None:
             kind, body = loose
             digest = hashlib.sha1(b"%s %d\0" % (kind, len(body)))
             digest.update(body)
