@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mintvcs.serve.kv_cache import KVCache, KVCacheFull
 from mintvcs.serve.sampling import TokenLogprobs
@@ -30,12 +30,20 @@ from mintvcs.serve.sampling import TokenLogprobs
 BLOCK = 16  # tokens per hashed block: shorter shared prefixes are not worth a lookup
 
 
-def block_hashes(owner: str | None, tokens: Sequence[int], limit: int | None = None) -> list[int]:
-    """The chain hash of each whole block of tokens[:limit]; hash i covers tokens[: (i + 1) * BLOCK]."""
+def block_hashes(
+    owner: str | None,
+    tokens: Sequence[int],
+    limit: int | None = None,
+    known: Sequence[int] = (),
+) -> list[int]:
+    """The chain hash of each whole block of tokens[:limit]; hash i covers tokens[: (i + 1) * BLOCK].
+
+    `known`: the hashes of tokens' first blocks, already computed; the chain goes on from them.
+    """
     end = len(tokens) if limit is None else min(limit, len(tokens))
-    out: list[int] = []
-    seed = hash(("mint-prefix", owner))
-    for start in range(0, end - BLOCK + 1, BLOCK):
+    out = list(known)
+    seed = known[-1] if known else hash(("mint-prefix", owner))
+    for start in range(len(known) * BLOCK, end - BLOCK + 1, BLOCK):
         seed = hash((seed, *tokens[start : start + BLOCK]))
         out.append(seed)
     return out
@@ -126,7 +134,7 @@ class PrefixCache:
         self._forget(low)
         # spare takes low's place in the recency order; its own place (if it had one) goes.
         self._idle = OrderedDict((spare if s == low else s, None) for s in self._idle if s != spare)
-        self._hold(spare, held.owner, held.tokens, held.logprobs, held.top)
+        self._hold(spare, held.owner, held.tokens, held.logprobs, held.top, held.hashes)
         return low
 
     def lookup(
@@ -150,8 +158,7 @@ class PrefixCache:
             kept = self._held[slot].logprobs
             assert kept is not None
             logprobs = tuple(
-                lp if lp is None or len(lp.top) <= scored else replace(lp, top=lp.top[:scored])
-                for lp in kept[: length + 1]
+                None if lp is None else lp.keep_top(scored) for lp in kept[: length + 1]
             )
         return Hit(slot, length, logprobs)
 
@@ -247,11 +254,13 @@ class PrefixCache:
         tokens: Sequence[int],
         logprobs: PromptLogprobs | None = None,
         top: int = 0,
+        hashes: Sequence[int] = (),
     ) -> None:
         """Record that the slot's cache now holds `tokens` (a running sequence's prompt), and the
-        prompt's logprobs with `top` alternatives when it was scored."""
+        prompt's logprobs with `top` alternatives when it was scored. `hashes`: the prompt's
+        block hashes when the caller has them (Sequence.prompt_hashes)."""
         if self.enabled:
-            self._hold(slot, owner, list(tokens), logprobs, top)
+            self._hold(slot, owner, list(tokens), logprobs, top, hashes)
 
     def retire(self, slot: int, owner: str | None, tokens: Sequence[int]) -> None:
         """A sequence is done with its slot, whose cache holds `tokens`: keep it idle for reuse."""
@@ -274,16 +283,21 @@ class PrefixCache:
         tokens: list[int],
         logprobs: PromptLogprobs | None = None,
         top: int = 0,
+        known: Sequence[int] = (),
     ) -> None:
         prev = self._held.get(slot)
-        if logprobs is None and prev is not None and prev.logprobs is not None:
+        if prev is not None and prev.owner == owner:
             # The same sequence going on (its prompt published, now retired with its output):
-            # the prompt logprobs it kept still hold for the positions it still holds.
-            n = len(prev.logprobs)
-            if prev.owner == owner and prev.tokens[:n] == tokens[:n]:
+            # what it held is a prefix of what it holds, and so are its hashes and the prompt
+            # logprobs it kept.
+            n = len(prev.hashes) * BLOCK
+            if not known and prev.tokens[:n] == tokens[:n]:
+                known = prev.hashes
+            n = len(prev.logprobs or ())
+            if logprobs is None and prev.logprobs is not None and prev.tokens[:n] == tokens[:n]:
                 logprobs, top = prev.logprobs, prev.top
         self._forget(slot)
-        hashes = block_hashes(owner, tokens)
+        hashes = block_hashes(owner, tokens, known=known)
         self._held[slot] = _Held(owner, tokens, hashes, logprobs, top)
         for h in hashes:
             self._index.setdefault(h, {})[slot] = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -260,6 +260,10 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
+
+    def keep_top(self, n: int) -> TokenLogprobs:
+        """These logprobs with at most the `n` likeliest alternatives (itself when it has no more)."""
+        return self if len(self.top) <= n else replace(self, top=self.top[:n])
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprobs]:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,9 +43,8 @@ class TokenEvent:
     index: int  # 1-based count of generated tokens
     finish_reason: str | None = None  # "stop" | "length" when this is the last event
     prompt_tokens: int = 0
-    cached_tokens: int = (
-        0  # of the prompt tokens, those whose keys and values came from the prefix cache
-    )
+    # Of the prompt tokens, those whose keys and values came from the prefix cache.
+    cached_tokens: int = 0
     completion_tokens: int = 0
     logprobs: TokenLogprobs | None = None  # when the request asked for them
     # On the first event of a request that asked: one per prompt token (None for the first).
@@ -455,6 +454,7 @@ class Scheduler:
                     seq.prompt_ids,
                     None if top is None else tuple(seq.prompt_lps),
                     top or 0,
+                    seq.prompt_hashes,
                 )
         self.prefilling = [s for s in self.prefilling if s.prefilled < len(s.prompt_ids)]
         self.running = []
@@ -546,7 +546,7 @@ class Scheduler:
         found = token_logprobs(logits[index], [tokens[i] for i in rows], top)
         for i, lp in zip(rows, found, strict=True):
             wanted = seqs[i].params.logprobs or 0
-            out[i] = lp if len(lp.top) == wanted else replace(lp, top=lp.top[:wanted])
+            out[i] = lp.keep_top(wanted)
         return out
 
     def _prompt_logprobs(

@@ -75,6 +75,9 @@ def test_revisions_and_short_prefixes_do_not_match() -> None:
     assert cache.match("a" * 40, prompt, 20) == (slot, 16)
     assert cache.match("a" * 40, prompt, 15) == (-1, 0)
     assert block_hashes("a", prompt)[:1] == block_hashes("a", prompt[:BLOCK])
+    assert block_hashes("a", prompt, known=block_hashes("a", prompt[:20])) == block_hashes(
+        "a", prompt
+    )
     assert block_hashes("a", prompt) != block_hashes("b", prompt)
 
 
@@ -149,8 +152,13 @@ def test_a_published_running_prompt_is_a_source_and_disabled_caching_keeps_nothi
     cache = _cache(2)
     prompt = _tokens(8, 33)
     slot, _ = _admit(cache, None, prompt)
-    cache.publish(slot, None, prompt)
+    cache.publish(slot, None, prompt, hashes=block_hashes(None, prompt))
     assert cache.match(None, [*prompt, 1], 33) == (slot, 32)
+    # Retired with its output, the slot's hashes go on from its prompt's: the same as fresh.
+    done = [*prompt, *_tokens(9, 30)]
+    cache.retire(slot, None, done)
+    assert cache._held[slot].hashes == block_hashes(None, done)
+    assert cache.match(None, [*done, 1], 63) == (slot, 48)
     off = PrefixCache(_cache(2).kv, enabled=False)
     s, cached = _admit(off, None, prompt)
     off.publish(s, None, prompt)
