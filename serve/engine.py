@@ -748,10 +748,11 @@ class Engine:
         dtype = str(model.dtype).removeprefix("torch.")
         n = self._threads
         threads = f" ({n} thread{'s' * (n != 1)})" if model.device.type == "cpu" else ""
+        caching = ", prefix caching on" if self.config.prefix_caching else ""
         return (
             f"{model.num_parameters / 1e6:.1f}M parameters, {dtype} on {model.device}{threads}; "
             f"KV cache {kv.nbytes / 2**30:.2f} GiB for {kv.num_slots} sequences of {kv.max_len} "
-            f"tokens{', prefix caching on' if self.config.prefix_caching else ''}; {pools.num_slots} adapter slots up to rank {self.config.max_lora_rank}, "
+            f"tokens{caching}; {pools.num_slots} adapter slots up to rank {self.config.max_lora_rank}, "
             f"{pools.nbytes / 2**20:.1f} MiB"
         )
 
