@@ -1,6 +1,6 @@
 """Engine benchmarks, each side by side with its peer in one run; prints `name: ours X, peer Y, ratio Z`.
 
-    python bench/engine.py [--only throughput|choices|chunked|prefix|hotswap|cuda] [--quick]
+    python bench/engine.py [--only throughput|choices|chunked|prefix|structured|hotswap|cuda] [--quick]
 
 throughput  CPU, ~30M-parameter Llama, 32 requests over 8 adapters (r=16, all linears), 64 new tokens:
             ours vs PEFT mixed-batch generate(adapter_names=...), and vs our engine with no adapters.
@@ -11,6 +11,9 @@ chunked     CPU, the same Llama: 16 requests decoding when a 1000-token prompt a
 prefix      CPU, the same Llama: 32 requests over 4 adapters sharing a 512-token system prompt each,
             and an lm-eval loglikelihood batch sharing a few-shot context: with the prefix cache vs
             without (the other sections that generate run without it: they resend their prompts).
+structured  CPU, the same Llama with a 32000-token BPE vocabulary: 32 requests over 8 adapters whose
+            output must match a JSON schema (token masks from llguidance) vs the same requests
+            unconstrained; every request writes 64 tokens either way.
 hotswap     CPU, ~0.4B Llama, r=16 all-linear revision: requested -> slot ready, cold (decoded from
             the mintvcs store on disk, not in the host cache) and warm (host cache), vs loading the full merged checkpoint.
 cuda        only where CUDA exists: Llama-3-8B-shaped random bf16 base built on the GPU; 1, 8 and 64
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -29,6 +33,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +53,7 @@ from mintvcs.serve import (
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES, Model, StepBatch
+from mintvcs.serve.sampling import StructuredOutput
 from mintvcs.serve.scheduler import Scheduler
 from mintvcs.serve.threads import one_intraop_thread
 from mintvcs.serve.tiny import TinyConfig, build_tiny_model
@@ -313,6 +319,103 @@ def bench_choices(root: Path, quick: bool) -> None:
     )
     print(
         f"# rounds (shared / each, ms): {[f'{a[0] * 1000:.0f}/{b[0] * 1000:.0f}' for a, b in rounds]}",
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------------- structured
+def bpe_tokenizer_json(vocab_size: int) -> str:
+    """A byte-level BPE tokenizer.json of `vocab_size` tokens, trained on made-up words and JSON."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    rng = random.Random(0)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou")]
+    words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(60_000)]
+    lines = (
+        " ".join(rng.choices(words, k=200)) + ' {"key": [1, 2.5, "x"], "ok": true}\n'
+        for _ in range(2000)
+    )
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(lines, trainer=trainer)
+    return str(tokenizer.to_str())
+
+
+# A schema no request can complete within its 64 tokens (the text field is at least 400
+# characters), so that both sides generate the same number of tokens.
+LONG_JSON = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "text": {"type": "string", "minLength": 400}},
+    "required": ["title", "text"],
+}
+
+
+def bench_structured(root: Path, quick: bool) -> None:
+    """The cost of structured outputs: JSON-schema-constrained requests vs the same unconstrained."""
+    names, prompts, new_tokens = throughput_workload(quick)
+    vocab = 32_000
+    model = replace(THROUGHPUT_MODEL, vocab_size=vocab)
+    with one_intraop_thread():
+        base = build_tiny_model(root / "base-structured", model, seed=0)
+        (base / "tokenizer.json").write_text(bpe_tokenizer_json(vocab))
+        adapters = {
+            name: write_peft_adapter(root / f"s-{name}", model, r=16, seed=100 + int(name[1:]))
+            for name in sorted(set(names), key=lambda n: int(n[1:]))
+        }
+    spec = StructuredOutput.json_schema(LONG_JSON)
+    config = EngineConfig(
+        max_batch_size=len(prompts),
+        adapter_slots=len(adapters),
+        max_lora_rank=16,
+        max_model_len=256,
+        prefix_caching=False,  # every round resends the prompts
+    )
+    with Engine(base, config, source=PeftDirSource(adapters)) as engine:
+        for name in adapters:
+            engine.prefetch(name).result()
+
+        def run(structured: StructuredOutput | None) -> float:
+            requests = [
+                (
+                    prompt,
+                    name,
+                    SamplingParams(
+                        max_tokens=new_tokens,
+                        temperature=1.0,
+                        seed=i,
+                        ignore_eos=True,
+                        structured=structured,
+                    ),
+                )
+                for i, (prompt, name) in enumerate(zip(prompts, names, strict=True))
+            ]
+            start = time.perf_counter()
+            done = engine.generate_many(requests)
+            elapsed = time.perf_counter() - start
+            assert all(len(c.token_ids) == new_tokens for c in done)
+            if structured is not None:
+                assert all(c.text.startswith("{") for c in done), done[0].text
+            return len(done) * new_tokens / elapsed
+
+        run(spec)  # warm-up; compiles the schema (kept by the engine, as a server keeps it)
+        rounds = [(run(spec), run(None)) for _ in range(1 if quick else 4)]
+    report(
+        f"cpu {len(prompts)} requests / {len(adapters)} adapters, JSON schema (vocab {vocab}) "
+        "vs unconstrained",
+        max(r[0] for r in rounds),
+        max(r[1] for r in rounds),
+        "tok/s",
+    )
+    print(
+        f"# rounds (structured / unconstrained, tok/s): {[f'{a:.0f}/{b:.0f}' for a, b in rounds]}; "
+        f"median ratio {statistics.median(a / b for a, b in rounds):.2f}x",
         flush=True,
     )
 
@@ -967,7 +1070,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--only",
-        choices=["throughput", "choices", "chunked", "prefix", "hotswap", "cuda"],
+        choices=["throughput", "choices", "chunked", "prefix", "structured", "hotswap", "cuda"],
         action="append",
     )
     parser.add_argument(
@@ -981,7 +1084,15 @@ def main() -> None:
     if args.peft_run is not None:
         print(peft_throughput(args.peft_run, args.quick))
         return
-    sections = args.only or ["throughput", "choices", "chunked", "prefix", "hotswap", "cuda"]
+    sections = args.only or [
+        "throughput",
+        "choices",
+        "chunked",
+        "prefix",
+        "structured",
+        "hotswap",
+        "cuda",
+    ]
     with tempfile.TemporaryDirectory(prefix="mintvcs-bench-") as tmp:
         root = Path(tmp)
         if "throughput" in sections:
@@ -992,6 +1103,8 @@ def main() -> None:
             bench_chunked(root, args.quick)
         if "prefix" in sections:
             bench_prefix(root, args.quick)
+        if "structured" in sections:
+            bench_structured(root, args.quick)
         if "hotswap" in sections:
             bench_hotswap(root, args.quick)
         if "cuda" in sections:

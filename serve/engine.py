@@ -29,6 +29,7 @@ from mintvcs.serve.model import LORA_MODULES, Model
 from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams, TokenLogprobs
 from mintvcs.serve.scheduler import Scheduler, Sequence, TokenEvent
 from mintvcs.serve.slots import AdapterPools, Residency
+from mintvcs.serve.structured import Grammars
 from mintvcs.serve.threads import available_cpus, one_intraop_thread, set_intraop_threads
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -319,6 +320,10 @@ class Engine:
             weakref.WeakKeyDictionary()
         )
         self._closed = False
+        self._grammars: Grammars | None = None  # built at the first structured output
+        # Its own lock: building it indexes the whole vocabulary (up to a second), which must
+        # not hold up submit() on the event loop.
+        self._grammars_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.started_at = time.time()
         if start:
@@ -515,6 +520,7 @@ class Engine:
             known = self.residency.failure(revision)
             if known is not None:
                 raise known
+        matcher = None if params.structured is None else self.grammars().matcher(params.structured)
         seq = Sequence(
             request_id=next(self._ids),
             prompt_ids=ids,
@@ -525,10 +531,24 @@ class Engine:
             eos_ids=self._eos,
             max_len=self.max_model_len,
             generator=None if params.greedy else params.generator(),
+            matcher=matcher,
         )
         with self._lock:
             self._seqs[seq.request_id] = seq
         return seq
+
+    def grammars(self) -> Grammars:
+        """The compiler of structured outputs for this base's tokenizer (built on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise InvalidRequest(
+                        "structured outputs need the base's tokenizer.json; this engine has none"
+                    )
+                self._grammars = Grammars(
+                    self.tokenizer.to_str(), self._eos, self.model.config.vocab_size
+                )
+            return self._grammars
 
     def _mailbox(self, loop: asyncio.AbstractEventLoop) -> LoopMailbox:
         with self._lock:

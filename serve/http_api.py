@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
@@ -37,8 +37,16 @@ from mintvcs.serve.app import (
     read_json,
 )
 from mintvcs.serve.refwatch import Resolution, check_spec
-from mintvcs.serve.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+from mintvcs.serve.sampling import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprobs,
+)
 from mintvcs.serve.scheduler import TokenEvent
+
+if TYPE_CHECKING:
+    from mintvcs.serve.engine import Engine
 
 log = logging.getLogger("mintvcs.serve")
 
@@ -104,6 +112,7 @@ def sampling_params(
         stop_token_ids=_token_ids(body, "stop_token_ids", MAX_STOP_STRINGS),
         logit_bias=_logit_bias(body),
         cache_salt=field_of(body, "cache_salt", (str,), None),
+        structured=structured_output(body),
     )
 
 
@@ -149,12 +158,90 @@ _NEUTRAL: dict[str, tuple[object, ...]] = {
     "suffix": ("",),
     "tools": ([],),
     "functions": ([],),
-    "response_format": ({"type": "text"},),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
 }
+
+# vLLM's structured_outputs keys (and its older guided_* fields) -> our kinds.
+_STRUCTURED_KEYS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+_GUIDED_FIELDS = {f"guided_{key}": kind for key, kind in _STRUCTURED_KEYS.items()}
+
+
+def structured_output(body: dict[str, Any]) -> StructuredOutput | None:
+    """The structured output a request asks for, by OpenAI's response_format, vLLM's
+    structured_outputs or its older guided_* fields (at most one of them); 400 when malformed."""
+    given = [
+        name for name in ("response_format", "structured_outputs") if body.get(name) is not None
+    ]
+    given += [name for name in _GUIDED_FIELDS if body.get(name) is not None]
+    if len(given) > 1:
+        raise HTTPError(
+            400, f"give one of {' and '.join(given)}, not several", "structured_outputs"
+        )
+    if not given:
+        return None
+    name = given[0]
+    if name == "response_format":
+        return _response_format(field_of(body, name, (dict,)))
+    if name == "structured_outputs":
+        options = field_of(body, name, (dict,))
+        kinds = [key for key in _STRUCTURED_KEYS if options.get(key) is not None]
+        if options.get("json_object") is True:
+            kinds.append("json_object")
+        if len(kinds) != 1:
+            raise HTTPError(
+                400,
+                "structured_outputs needs exactly one of json, regex, choice, grammar or "
+                f"json_object, got {', '.join(kinds) or 'none'}",
+                "structured_outputs",
+            )
+        compact = field_of(options, "disable_any_whitespace", (bool,), False)
+        if kinds[0] == "json_object":
+            return StructuredOutput.json_schema({"type": "object"}, compact=compact)
+        return _structured(_STRUCTURED_KEYS[kinds[0]], options[kinds[0]], name, compact)
+    return _structured(_GUIDED_FIELDS[name], body[name], name, compact=False)
+
+
+def _structured(kind: str, value: Any, name: str, compact: bool) -> StructuredOutput:
+    """One structured output from a field's value: a schema (object, bool or JSON text), a string or a list of strings."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as err:
+                raise HTTPError(400, f"{name}: the JSON schema is not JSON: {err}", name) from None
+        if not isinstance(value, (dict, bool)):
+            raise HTTPError(400, f"{name} must be a JSON schema (an object)", name)
+        return StructuredOutput.json_schema(value, compact=compact)
+    if kind == "choice":
+        if not isinstance(value, list):
+            raise HTTPError(400, f"{name} must be a list of strings", name)
+        return StructuredOutput.choice(value)
+    if not isinstance(value, str):
+        raise HTTPError(400, f"{name} must be a string", name)
+    return StructuredOutput(kind, value)
+
+
+def _response_format(value: dict[str, Any]) -> StructuredOutput | None:
+    """OpenAI's response_format: text (nothing to enforce), json_object, or json_schema."""
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput.json_schema({"type": "object"})
+    if kind == "json_schema":
+        named = field_of(value, "json_schema", (dict,))
+        schema = named.get("schema")
+        if not isinstance(schema, (dict, bool)):
+            raise HTTPError(
+                400,
+                "response_format.json_schema.schema must be a JSON schema (an object)",
+                "response_format",
+            )
+        return StructuredOutput.json_schema(schema)
+    raise HTTPError(
+        400,
+        f"response_format type must be text, json_object or json_schema, got {kind!r:.40}",
+        "response_format",
+    )
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -254,6 +341,10 @@ async def admit_many(
     text_bytes = sum(len(p) for p in distinct if isinstance(p, str))
     encoded = await asyncio.to_thread(encode_all) if text_bytes > 16_384 else encode_all()
     ids = [encoded[id(prompt)] for prompt, _ in requests]
+    for spec in {params.structured for _, params in requests if params.structured is not None}:
+        # On a worker thread: the first one builds the tokenizer's index, and a large schema
+        # can take a while to compile (then it is kept, and submitting finds it ready).
+        await asyncio.to_thread(_compile, engine, spec)
     submitted = engine.submit_many(
         [(i, resolution.commit, params) for i, (_, params) in zip(ids, requests, strict=True)],
         stream=stream,
@@ -272,6 +363,10 @@ async def admit_many(
         Admitted(name, label, resolution, one, first, i)
         for one, first, i in zip(submitted, firsts, ids, strict=True)
     ]
+
+
+def _compile(engine: Engine, spec: StructuredOutput) -> None:
+    engine.grammars().compile(spec)
 
 
 async def admit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections.abc import Collection, Sequence
@@ -22,6 +23,54 @@ MAX_LOGPROBS = 20
 MAX_CACHE_SALT = 1024  # characters of a cache_salt (vLLM suggests 43: 256 random bits in base64)
 # A log-probability JSON cannot carry (-inf, NaN) is reported as this, as vLLM does.
 LOGPROB_FLOOR = -9999.0
+
+
+# Structured-output kinds: what StructuredOutput.spec holds for each.
+STRUCTURED_KINDS = {
+    "json": "a JSON schema, as JSON text",
+    "regex": "a regular expression the whole output must match",
+    "choice": "a JSON list of the strings the output may be",
+    "grammar": "a context-free grammar in Lark or GBNF syntax",
+}
+MAX_STRUCTURED_SPEC = 1 << 20  # characters of a schema, pattern or grammar
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the generated text must match (vLLM's structured outputs); enforced token by token."""
+
+    kind: str  # one of STRUCTURED_KINDS
+    spec: str
+    # JSON only: allow no whitespace between tokens but the separators' (vLLM's option): some
+    # models otherwise write whitespace until max_tokens.
+    compact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise InvalidSamplingParams(
+                f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}, got {self.kind!r:.40}"
+            )
+        if not isinstance(self.spec, str) or not 0 < len(self.spec) <= MAX_STRUCTURED_SPEC:
+            raise InvalidSamplingParams(
+                f"a {self.kind} structured output needs {STRUCTURED_KINDS[self.kind]}, as a "
+                f"non-empty string of at most {MAX_STRUCTURED_SPEC} characters"
+            )
+
+    @classmethod
+    def json_schema(cls, schema: object, *, compact: bool = False) -> StructuredOutput:
+        """Output that is JSON valid against `schema` (a dict, a bool, or JSON text)."""
+        return cls("json", schema if isinstance(schema, str) else json.dumps(schema), compact)
+
+    @classmethod
+    def choice(cls, options: Sequence[str]) -> StructuredOutput:
+        """Output that is exactly one of `options`."""
+        if (
+            isinstance(options, str)
+            or not options
+            or not all(isinstance(o, str) and o for o in options)
+        ):
+            raise InvalidSamplingParams("choice needs a non-empty list of non-empty strings")
+        return cls("choice", json.dumps(list(options)))
 
 
 @dataclass(frozen=True)
@@ -53,6 +102,7 @@ class SamplingParams:
     # tenant cannot learn from the cache what another sent. Not a sampling choice, but it
     # travels with the request's other options.
     cache_salt: str | None = None
+    structured: StructuredOutput | None = None  # a schema, pattern or grammar the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -4,6 +4,7 @@ running ones, and retires the finished, with requests for different adapters in 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from mintvcs.serve.sampling import (
     token_logprobs,
 )
 from mintvcs.serve.slots import Residency
+from mintvcs.serve.structured import StructuredOutputError, allowed_tokens
 
 log = logging.getLogger("mintvcs.serve")
 
@@ -85,6 +87,9 @@ class Sequence:
     # instead of prefilling it again. Cleared once used or not usable.
     fork_of: Sequence | None = None
     stop_floor: int = 0  # characters of text no stop string may end in (min_tokens)
+    # The llguidance matcher of a structured output (params.structured): it masks each step's
+    # logits, takes each sampled token, and says when the output is complete.
+    matcher: Any = None
     _hashes: list[int] | None = field(default=None, init=False, repr=False)
     # The token ids that end this sequence: EOS (unless ignored) and its stop token ids.
     stop_ids: frozenset[int] = field(init=False)
@@ -127,6 +132,9 @@ class Sequence:
     ) -> TokenEvent:
         """Record a sampled token and decide whether the sequence is finished."""
         self.output_ids.append(token)
+        # A structured output whose grammar takes no further token is complete: it stops here,
+        # not one step later on the EOS that would be the only token left (min_tokens or not).
+        complete = self.matcher is not None and self.matcher.is_stopped()
         self.detok.add(token)
         text = self.detok.text
         reason: str | None = None
@@ -141,7 +149,7 @@ class Sequence:
             if at != -1:
                 reason, cut = "stop", at
         if reason is None:
-            if may_stop and token in self.stop_ids:
+            if (may_stop and token in self.stop_ids) or complete:
                 reason = "stop"
             elif (
                 self.params.max_tokens is not None
@@ -461,6 +469,9 @@ class Scheduler:
         for seq, token, token_lp in zip(seqs, tokens, logprobs, strict=True):
             if seq.first_token_at is None:
                 seq.first_token_at = time.monotonic()
+            if seq.matcher is not None and not seq.matcher.consume_token(token):
+                self._fail(seq, _structured_failure(seq))
+                continue
             event = seq.append(token, token_lp, prompt_logprobs.get(seq.request_id))
             if seq.finished:
                 self._finish(seq)
@@ -490,12 +501,22 @@ class Scheduler:
         adjusted: dict[int, torch.Tensor] = {}
         for i, seq in enumerate(seqs):
             if seq.params.adjusts_logits:
-                row = adjust_logits(
+                adjusted[i] = adjust_logits(
                     logits[i], seq.params, seq.prompt_ids, seq.output_ids, seq.stop_ids
                 )
+        structured = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if structured:
+            allowed = allowed_tokens([seqs[i].matcher for i in structured], logits.shape[1])
+            allowed = allowed.to(logits.device, non_blocking=True)
+            for i, ok in zip(structured, allowed, strict=True):
+                row = adjusted.get(i, logits[i]).float().masked_fill(~ok, -math.inf)
+                if i in adjusted and not bool(torch.isfinite(row).any()):
+                    # min_tokens barred EOS where the grammar allows nothing else: it ends.
+                    row = logits[i].float().masked_fill(~ok, -math.inf)
                 adjusted[i] = row
-                if seq.params.greedy:
-                    out[i] = int(torch.argmax(row))
+        for i, row in adjusted.items():
+            if seqs[i].params.greedy:
+                out[i] = int(torch.argmax(row))
         drawn = [i for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy]
         if drawn:
             rows = logits[torch.tensor(drawn, device=logits.device)]
@@ -572,6 +593,16 @@ class Scheduler:
         # A prompt ending in this step is both admitting and (until the step ends) prefilling.
         running = len({id(s) for s in [*self.running, *self.admitting, *self.prefilling]})
         return {"waiting": len(self.waiting), "running": running}
+
+
+def _structured_failure(seq: Sequence) -> StructuredOutputError:
+    """The error of a sequence whose sampled token its structured output refused."""
+    reason = seq.matcher.get_error() or "no token could continue the output"
+    return StructuredOutputError(
+        f"request {seq.request_id}: the output stopped matching its "
+        f"{seq.params.structured.kind if seq.params.structured else 'structured'} output "
+        f"after {len(seq.output_ids)} tokens: {reason}"
+    )
 
 
 def _deliver(seq: Sequence, item: Any) -> None:

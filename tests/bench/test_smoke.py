@@ -15,7 +15,7 @@ COMPARISON = re.compile(r": ours [0-9.]+.*, .*[0-9.]+.*, ratio [0-9.e+-]+x?$", r
 
 SMALLEST = {
     "engine": "bench/engine.py --quick --only throughput --only choices --only chunked "
-    "--only prefix --only hotswap",
+    "--only prefix --only structured --only hotswap",
     "kernels": "bench/kernels.py --quick",
     "refs": "bench/refs.py --no-million --lookups 20 --dulwich-lookups 2 --git-lookups 2",
     "store": "bench/store.py --quick",

@@ -1,0 +1,113 @@
+"""Structured outputs: compile a request's schema, pattern or grammar with llguidance, and mask
+each step's logits to the tokens that keep the output matching it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import llguidance
+import numpy as np
+import torch
+
+from mintvcs.errors import MintError
+from mintvcs.serve.sampling import InvalidSamplingParams, StructuredOutput
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+# Compiled grammars kept per engine: clients tend to send the same few schemas again and again,
+# and compiling a large schema takes milliseconds to seconds.
+COMPILED_GRAMMARS = 64
+
+
+class InvalidStructuredOutput(InvalidSamplingParams):
+    """A schema, pattern or grammar that does not compile (the message is llguidance's)."""
+
+
+class StructuredOutputError(MintError):
+    """A request's output could not go on matching its structured output (a grammar limit)."""
+
+
+def grammar_text(spec: StructuredOutput) -> str:
+    """llguidance's grammar for a structured output; InvalidStructuredOutput when it is malformed."""
+    try:
+        if spec.kind == "json":
+            options: JsonCompileOptions = {"whitespace_flexible": not spec.compact}
+            if spec.compact:
+                options["item_separator"] = ", "
+                options["key_separator"] = ": "
+            return llguidance.LLMatcher.grammar_from_json_schema(spec.spec, defaults=options)
+        if spec.kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(spec.spec)
+        if spec.kind == "choice":
+            options_list = json.loads(spec.spec)
+            # A Lark alternation of JSON-quoted literals (Lark's strings take JSON's escapes).
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(o) for o in options_list)
+            )
+        return llguidance.grammar_from("grammar", spec.spec)  # Lark, or GBNF converted to it
+    except ValueError as err:
+        raise InvalidStructuredOutput(
+            f"the {spec.kind} structured output is invalid: {err}"
+        ) from None
+
+
+class Grammars:
+    """The structured outputs of one tokenizer: a fresh matcher per request from grammars compiled once."""
+
+    def __init__(self, tokenizer_json: str, eos_ids: Iterable[int], vocab_size: int) -> None:
+        eos = sorted(eos_ids)
+        self.vocab_size = vocab_size
+        try:
+            # n_vocab: the model's rows; ids past the tokenizer's own (padding) are never allowed.
+            self.tokenizer = llguidance.LLTokenizer(
+                tokenizer_json, n_vocab=vocab_size, eos_token=eos or None
+            )
+        except ValueError as err:
+            raise InvalidStructuredOutput(
+                f"structured outputs are unavailable for this base: its tokenizer does not fit "
+                f"its {vocab_size}-token vocabulary ({err})"
+            ) from None
+        self._compiled: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def compile(self, spec: StructuredOutput) -> llguidance.LLMatcher:
+        """The compiled, unstarted matcher of `spec` (kept for next time); InvalidStructuredOutput if it does not compile."""
+        with self._lock:
+            known = self._compiled.get(spec)
+            if known is not None:
+                self._compiled.move_to_end(spec)
+                return known
+        # Outside the lock: compiling drops the GIL and may take a while for a large schema.
+        grammar = grammar_text(spec)
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise InvalidStructuredOutput(
+                f"the {spec.kind} structured output is invalid: {matcher.get_error()}"
+            )
+        with self._lock:
+            self._compiled[spec] = matcher
+            self._compiled.move_to_end(spec)
+            while len(self._compiled) > COMPILED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return matcher
+
+    def matcher(self, spec: StructuredOutput) -> llguidance.LLMatcher:
+        """A new matcher for one request's output."""
+        return self.compile(spec).deep_copy()
+
+
+def allowed_tokens(matchers: Sequence[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+    """bool [len(matchers), vocab_size]: the tokens each matcher accepts next (on the CPU)."""
+    words = (vocab_size + 31) // 32
+    bits = torch.zeros((len(matchers), words), dtype=torch.int32)
+    for row, matcher in enumerate(matchers):
+        target = bits[row]
+        matcher.unsafe_compute_mask_ptr(target.data_ptr(), words * 4)
+    # Bit j of 32-bit word w is token 32 w + j; little-endian bytes keep that order.
+    unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
+    return torch.from_numpy(unpacked[:, :vocab_size].astype(bool))

@@ -1,0 +1,173 @@
+"""Structured outputs over HTTP: OpenAI's response_format, vLLM's structured_outputs and guided_* fields."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from mintvcs.serve.app import BackgroundServer
+from tests.serve.http_kit import gen, request, sse_events
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"type": "integer"}},
+    "required": ["answer", "score"],
+    "additionalProperties": False,
+}
+CHAT: dict[str, Any] = {"model": "main", "messages": [{"role": "user", "content": "Well?"}]}
+
+
+def _schema_ok(text: str) -> bool:
+    value = json.loads(text)
+    return set(value) == {"answer", "score"} and value["answer"] in ("yes", "no")
+
+
+def test_openai_client_json_schema_chat_streamed_and_not(server: BackgroundServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    response_format: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "verdict", "schema": SCHEMA, "strict": True},
+    }
+    messages: Any = CHAT["messages"]
+    for seed in range(3):
+        chat = client.chat.completions.create(
+            model="main",
+            messages=messages,
+            max_tokens=120,
+            temperature=1.0,
+            seed=seed,
+            response_format=response_format,
+        )
+        text = chat.choices[0].message.content or ""
+        assert chat.choices[0].finish_reason == "stop" and _schema_ok(text), text
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="main",
+                messages=messages,
+                max_tokens=120,
+                temperature=1.0,
+                seed=seed,
+                response_format=response_format,
+                stream=True,
+            )
+            if c.choices
+        )
+        assert streamed == text
+    anything = client.chat.completions.create(
+        model="main",
+        messages=messages,
+        max_tokens=200,
+        temperature=0.8,
+        seed=1,
+        response_format={"type": "json_object"},
+    )
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(anything.choices[0].message.content or ""), dict)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "check"),
+    [
+        ("structured_outputs", {"regex": "[a-c]{4}"}, lambda t: re.fullmatch("[a-c]{4}", t)),
+        ("structured_outputs", {"choice": ["red", "green"]}, lambda t: t in ("red", "green")),
+        ("guided_choice", ["up", "down"], lambda t: t in ("up", "down")),
+        ("guided_regex", "x[0-9]{2}", lambda t: re.fullmatch("x[0-9]{2}", t)),
+        ("guided_json", json.dumps(SCHEMA), _schema_ok),
+        ("guided_grammar", 'start: "a" "b"+', lambda t: re.fullmatch("ab+", t)),
+        (
+            "structured_outputs",
+            {"json": SCHEMA, "disable_any_whitespace": True},
+            lambda t: _schema_ok(t) and "\n" not in t,
+        ),
+    ],
+)
+def test_vllm_fields_on_completions_and_generate(
+    server: BackgroundServer, field: str, value: Any, check: Any
+) -> None:
+    body = {"prompt": "Hello", "max_tokens": 60, "temperature": 0.9, "seed": 4, field: value}
+    status, _, answer = request(server.url + "/v1/completions", {"model": "main", **body})
+    assert status == 200, answer
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "stop" and check(choice["text"]), choice
+    status, _, generated = gen(server, ref="main", **body)
+    assert status == 200, generated
+    assert generated["text"] == choice["text"]
+
+
+def test_n_choices_each_follow_the_grammar(server: BackgroundServer) -> None:
+    status, _, answer = request(
+        server.url + "/v1/completions",
+        {
+            "model": "main",
+            "prompt": "Pick",
+            "n": 6,
+            "max_tokens": 10,
+            "temperature": 1.0,
+            "seed": 9,
+            "guided_choice": ["alpha", "beta", "gamma"],
+        },
+    )
+    assert status == 200, answer
+    texts = [c["text"] for c in answer["choices"]]
+    assert len(texts) == 6 and set(texts) <= {"alpha", "beta", "gamma"}
+
+
+def test_streamed_generate_follows_a_regex(server: BackgroundServer) -> None:
+    status, _, text = request(
+        server.url + "/generate",
+        {
+            "ref": "main",
+            "prompt": "Code:",
+            "max_tokens": 30,
+            "temperature": 1.0,
+            "seed": 2,
+            "stream": True,
+            "structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"},
+        },
+    )
+    assert status == 200
+    events = sse_events(text)
+    joined = "".join(json.loads(data)["text"] for name, data in events if name is None)
+    done = [json.loads(data) for name, data in events if name == "done"]
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", joined), events
+    assert done[0]["text"] == joined and done[0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"guided_regex": "(["}, "regex"),
+        ({"guided_json": "{not json"}, "not JSON"),
+        ({"guided_json": {"type": "nonsense"}}, "nonsense"),
+        ({"guided_choice": []}, "choice"),
+        ({"guided_choice": "yes"}, "list"),
+        ({"guided_grammar": "start: missing"}, "grammar"),
+        ({"structured_outputs": {}}, "exactly one"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one"),
+        ({"structured_outputs": "a+"}, "structured_outputs"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "not several"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "schema"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "not several"),
+    ],
+)
+def test_malformed_structured_outputs_are_400(
+    server: BackgroundServer, extra: dict[str, Any], words: str
+) -> None:
+    for url, body in (
+        ("/v1/completions", {"model": "main", "prompt": "Hi", "max_tokens": 4}),
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 4}),
+        ("/generate", {"ref": "main", "prompt": "Hi", "max_tokens": 4}),
+    ):
+        status, _, answer = request(server.url + url, {**body, **extra})
+        assert status == 400, (url, extra, answer)
+        message = answer["error"] if url == "/generate" else answer["error"]["message"]
+        assert words in str(message), (url, extra, message)
+    # Nothing was queued or left behind: the server answers the next request.
+    assert gen(server, ref="main", prompt="Hi", max_tokens=2)[0] == 200

@@ -1,0 +1,296 @@
+"""Structured outputs in the engine: PEFT's generate with the same grammar mask is the oracle."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import llguidance
+import pytest
+import torch
+
+from mintvcs.serve import Engine, EngineConfig, InvalidSamplingParams, SamplingParams
+from mintvcs.serve.sampling import StructuredOutput
+from mintvcs.serve.structured import Grammars, InvalidStructuredOutput, allowed_tokens
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+PATTERN = r"[0-9]{3}-[a-z]{2,4}"
+CHOICES = ["yes", "no", "maybe not"]
+GRAMMAR = 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[1-9][0-9]?/'
+
+SPECS = {
+    "json": StructuredOutput.json_schema(PERSON, compact=True),
+    "regex": StructuredOutput("regex", PATTERN),
+    "choice": StructuredOutput.choice(CHOICES),
+    "grammar": StructuredOutput("grammar", GRAMMAR),
+}
+
+
+def _matches(kind: str, text: str) -> bool:
+    """Whether a complete output satisfies its spec, checked without llguidance."""
+    if kind == "json":
+        value = json.loads(text)
+        return (
+            set(value) == {"name", "age", "tags"}
+            and isinstance(value["name"], str)
+            and len(value["name"]) <= 6
+            and isinstance(value["age"], int)
+            and 0 <= value["age"] <= 150
+            and all(t in ("a", "b") for t in value["tags"])
+            and len(value["tags"]) <= 2
+        )
+    if kind == "regex":
+        return re.fullmatch(PATTERN, text) is not None
+    if kind == "choice":
+        return text in CHOICES
+    return re.fullmatch(r"\((?:[1-9][0-9]?)(?:\+[1-9][0-9]?)*\)", text) is not None
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return torch.randint(3, 384, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _peft_masked_greedy(
+    base: Path, adapter: Path | None, prompt: list[int], spec: StructuredOutput, max_new: int
+) -> list[int]:
+    """Greedy tokens of HF (with PEFT) whose every step is masked by an llguidance matcher of its own."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    vocab = model.config.vocab_size
+    tokenizer = llguidance.LLTokenizer(
+        (base / "tokenizer.json").read_text(), n_vocab=vocab, eos_token=2
+    )
+    if spec.kind == "json":
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            spec.spec,
+            defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+        )
+    elif spec.kind == "choice":
+        grammar = llguidance.grammar_from("choice", spec.spec)
+    else:
+        grammar = llguidance.grammar_from("regex" if spec.kind == "regex" else "lark", spec.spec)
+    matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+    seen = len(prompt)
+
+    def allowed(_batch: int, ids: torch.Tensor) -> list[int]:
+        nonlocal seen
+        for token in ids[seen:].tolist():
+            assert matcher.consume_token(token)
+        seen = len(ids)
+        mask = llguidance.LLMatcher.compute_logit_bias(matcher)
+        return [t for t in range(vocab) if mask[t]]
+
+    with torch.no_grad():
+        out = model.eval().generate(
+            input_ids=torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=max_new,
+            prefix_allowed_tokens_fn=allowed,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    return list(out[0, len(prompt) :].tolist())
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_greedy_equals_peft_masked_by_the_same_grammar(
+    engine: Engine, tiny_base: Path, zoo: dict[str, Path], kind: str
+) -> None:
+    spec = SPECS[kind]
+    for adapter, seed in ((None, 1), ("all-r16", 2), ("qv-r8", 3)):
+        prompt = _prompt(seed, 9)
+        ours = engine.generate(
+            prompt,
+            adapter,
+            SamplingParams(max_tokens=48, temperature=0.0, structured=spec),
+            timeout=60,
+        )
+        oracle = _peft_masked_greedy(
+            tiny_base, None if adapter is None else zoo[adapter], prompt, spec, 48
+        )
+        # A grammar that takes no further token ends our output at once; HF runs one more
+        # step, where EOS is the only token left.
+        if ours.finish_reason == "stop" and oracle[-1:] == [2] and ours.token_ids[-1:] != [2]:
+            oracle = oracle[:-1]
+        assert ours.token_ids == oracle, (kind, adapter)
+        if ours.finish_reason == "stop":
+            assert _matches(kind, ours.text), (kind, adapter, ours.text)
+
+
+@pytest.mark.parametrize("kind", list(SPECS))
+def test_sampled_outputs_match_their_spec(engine: Engine, kind: str) -> None:
+    spec = SPECS[kind]
+    done = engine.generate_many(
+        [
+            (_prompt(seed, 7), ("all-r16", "mlp-r2", None)[seed % 3], params)
+            for seed in range(6)
+            for params in [
+                SamplingParams(max_tokens=64, temperature=1.0, seed=seed, structured=spec)
+            ]
+        ],
+        timeout=120,
+    )
+    for c in done:
+        assert c.finish_reason == "stop", (kind, c.text)
+        assert _matches(kind, c.text), (kind, c.text)
+    # Seeded: the same request gives the same output.
+    again = engine.generate(
+        _prompt(0, 7),
+        "all-r16",
+        SamplingParams(max_tokens=64, temperature=1.0, seed=0, structured=spec),
+        timeout=60,
+    )
+    assert again.token_ids == done[0].token_ids
+
+
+def test_a_mixed_batch_gives_each_request_what_it_gives_alone(engine: Engine) -> None:
+    requests = [
+        (_prompt(40 + i, 5 + i), ("all-r16", "qv-r8", "kv-r12", None)[i % 4], params)
+        for i, params in enumerate(
+            [
+                SamplingParams(max_tokens=24, temperature=0.0, structured=SPECS["json"]),
+                SamplingParams(max_tokens=24, temperature=0.0),
+                SamplingParams(max_tokens=24, temperature=0.7, seed=5, structured=SPECS["regex"]),
+                SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+                SamplingParams(max_tokens=24, temperature=0.0, structured=SPECS["choice"]),
+                SamplingParams(max_tokens=24, temperature=0.9, seed=6, structured=SPECS["grammar"]),
+                SamplingParams(max_tokens=24, temperature=0.0, repetition_penalty=1.3),
+                SamplingParams(
+                    max_tokens=24, temperature=0.0, repetition_penalty=1.3, structured=SPECS["json"]
+                ),
+            ]
+        )
+    ]
+    together = engine.generate_many(requests, timeout=120)
+    for request, got in zip(requests, together, strict=True):
+        alone = engine.generate(*request, timeout=60)
+        assert got.token_ids == alone.token_ids
+        assert got.finish_reason == alone.finish_reason
+
+
+def test_max_tokens_cuts_a_structured_output_short(engine: Engine) -> None:
+    out = engine.generate(
+        _prompt(7, 6),
+        None,
+        SamplingParams(max_tokens=3, temperature=0.0, structured=SPECS["json"]),
+        timeout=60,
+    )
+    assert out.finish_reason == "length"
+    assert len(out.token_ids) == 3
+    assert out.text.startswith('{"')
+
+
+def test_min_tokens_cannot_outlast_a_complete_grammar(engine: Engine) -> None:
+    out = engine.generate(
+        _prompt(8, 6),
+        None,
+        SamplingParams(
+            max_tokens=20,
+            temperature=0.0,
+            min_tokens=15,
+            structured=StructuredOutput.choice(["ok"]),
+        ),
+        timeout=60,
+    )
+    assert (out.text, out.finish_reason) == ("ok", "stop")
+
+
+def test_a_regex_allowing_more_may_end_on_eos(engine: Engine) -> None:
+    # [a-z]+ accepts after one letter: from then on EOS is allowed, and the output may end on it.
+    spec = StructuredOutput("regex", "[a-z]+")
+    outs = engine.generate_many(
+        [
+            (
+                _prompt(s, 5),
+                None,
+                SamplingParams(max_tokens=40, temperature=1.0, seed=s, structured=spec),
+            )
+            for s in range(8)
+        ],
+        timeout=120,
+    )
+    for out in outs:
+        assert re.fullmatch("[a-z]*", out.text), out.text
+        if out.finish_reason == "stop":
+            assert out.token_ids[-1] == 2 and out.text
+    assert any(o.finish_reason == "stop" for o in outs)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (lambda: StructuredOutput("regex", "([a-z"), "regex"),
+        (lambda: StructuredOutput("json", "{not json"), "json"),
+        (lambda: StructuredOutput.json_schema({"type": "nonsense"}), "nonsense"),
+        (lambda: StructuredOutput("grammar", "start: undefined_rule"), "grammar"),
+    ],
+)
+def test_a_spec_that_does_not_compile_is_refused(engine: Engine, spec: Any, message: str) -> None:
+    with pytest.raises(InvalidStructuredOutput, match=message):
+        engine.generate(
+            [5, 6, 7], None, SamplingParams(max_tokens=4, structured=spec()), timeout=30
+        )
+    # The engine goes on serving.
+    assert engine.generate([5, 6, 7], None, SamplingParams(max_tokens=2), timeout=30).token_ids
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: StructuredOutput("yaml", "a: 1"),
+        lambda: StructuredOutput("regex", ""),
+        lambda: StructuredOutput.choice([]),
+        lambda: StructuredOutput.choice(["a", ""]),
+        lambda: StructuredOutput.choice("ab"),  # type: ignore[arg-type]
+    ],
+)
+def test_malformed_specs_are_refused_before_compiling(make: Any) -> None:
+    with pytest.raises(InvalidSamplingParams):
+        make()
+
+
+def test_engine_without_tokenizer_refuses_structured_outputs(tiny_base: Path) -> None:
+    from mintvcs.serve import InvalidRequest, Model
+
+    model = Model.from_dir(tiny_base, dtype=torch.float32, device=torch.device("cpu"), max_len=64)
+    with (
+        Engine(model, EngineConfig(max_batch_size=2)) as eng,
+        pytest.raises(InvalidRequest, match="tokenizer"),
+    ):
+        eng.generate([5, 6], None, SamplingParams(structured=SPECS["regex"]), timeout=30)
+
+
+def test_allowed_tokens_unpacks_llguidance_bits(tiny_base: Path) -> None:
+    tokenizer = llguidance.LLTokenizer((tiny_base / "tokenizer.json").read_text(), eos_token=2)
+    matcher = llguidance.LLMatcher(tokenizer, llguidance.grammar_from("regex", "[0-9]+"))
+    vocab = tokenizer.vocab_size
+    got = allowed_tokens([matcher, matcher.deep_copy()], vocab)
+    expected = torch.tensor([b != 0 for b in matcher.compute_logit_bias()[:vocab]])
+    assert got.shape == (2, vocab)
+    assert torch.equal(got[0], expected) and torch.equal(got[1], expected)
+    assert 0 < int(expected.sum()) < vocab
+
+
+def test_a_padded_vocabulary_never_allows_its_padding(tiny_base: Path) -> None:
+    text = (tiny_base / "tokenizer.json").read_text()
+    grammars = Grammars(text, [2], 400)  # 384 tokens, 16 rows of padding (as Qwen2 pads)
+    matcher = grammars.matcher(StructuredOutput("regex", "[a-z ]+"))
+    allowed = allowed_tokens([matcher], 400)[0]
+    assert allowed[:384].any() and not allowed[384:].any()
+    with pytest.raises(InvalidStructuredOutput, match="does not fit its 300-token vocabulary"):
+        Grammars(text, [2], 300)
