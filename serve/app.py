@@ -349,6 +349,7 @@ def _status_for(err: MintError) -> int:
     from mintvcs.serve.kv_cache import KVCacheFull
     from mintvcs.serve.sampling import InvalidSamplingParams
     from mintvcs.serve.slots import ResidencyError
+    from mintvcs.serve.structured import StructuredOutputError
     from mintvcs.store import UnknownRevisionError
 
     if isinstance(err, HTTPError):
@@ -360,6 +361,7 @@ def _status_for(err: MintError) -> int:
         (AdapterRefused, 422),
         (InvalidSamplingParams, 400),
         (InvalidRequest, 400),
+        (StructuredOutputError, 422),  # a grammar past llguidance's limits while generating
         (ResidencyError, 409),
         (EngineClosed, 503),
         (EngineOverloaded, 503),

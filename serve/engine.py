@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,7 +26,12 @@ from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, p
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.loader import load_tokenizer, read_config, safetensors_files
 from mintvcs.serve.model import LORA_MODULES, Model
-from mintvcs.serve.sampling import IncrementalDetokenizer, SamplingParams, TokenLogprobs
+from mintvcs.serve.sampling import (
+    IncrementalDetokenizer,
+    SamplingParams,
+    StructuredOutput,
+    TokenLogprobs,
+)
 from mintvcs.serve.scheduler import Scheduler, Sequence, TokenEvent
 from mintvcs.serve.slots import AdapterPools, Residency
 from mintvcs.serve.structured import Grammars
@@ -491,7 +496,12 @@ class Engine:
         return self.source.resolve(spec)
 
     def _new_sequence(
-        self, prompt: str | Seq[int], revision: str | None, params: SamplingParams | None, sink: Any
+        self,
+        prompt: str | Seq[int],
+        revision: str | None,
+        params: SamplingParams | None,
+        sink: Any,
+        compiled: Mapping[StructuredOutput, Any] | None = None,
     ) -> Sequence:
         if self._closed:
             raise EngineClosed("the engine was closed")
@@ -520,7 +530,12 @@ class Engine:
             known = self.residency.failure(revision)
             if known is not None:
                 raise known
-        matcher = None if params.structured is None else self.grammars().matcher(params.structured)
+        matcher = None
+        if params.structured is not None:
+            known = (compiled or {}).get(params.structured)
+            matcher = (
+                self.grammars().matcher(params.structured) if known is None else known.deep_copy()
+            )
         seq = Sequence(
             request_id=next(self._ids),
             prompt_ids=ids,
@@ -609,8 +624,13 @@ class Engine:
         requests: Seq[tuple[str | Seq[int], str | None, SamplingParams | None]],
         *,
         stream: bool = True,
+        compiled: Mapping[StructuredOutput, Any] | None = None,
     ) -> list[RequestStream]:
-        """submit() for several requests at once: all of them are queued, or none (a refusal raises)."""
+        """submit() for several requests at once: all of them are queued, or none (a refusal raises).
+
+        `compiled`: structured outputs compiled beforehand (`grammars().compile`, off the event
+        loop), so that none is compiled here, even one the cache has dropped meanwhile.
+        """
         mailbox = self._mailbox(asyncio.get_running_loop())
         seqs: list[Sequence] = []
         streams: list[RequestStream] = []
@@ -618,7 +638,7 @@ class Engine:
             for prompt, revision, params in requests:
                 events: asyncio.Queue[_Posted] = asyncio.Queue()
                 sink = _LoopSink(self, mailbox, events, stream)
-                seq = self._new_sequence(prompt, revision, params, sink)
+                seq = self._new_sequence(prompt, revision, params, sink, compiled)
                 sink.request_id = seq.request_id
                 seqs.append(seq)
                 streams.append(RequestStream(self, seq, events))

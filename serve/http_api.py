@@ -36,6 +36,7 @@ from mintvcs.serve.app import (
     field_of,
     read_json,
 )
+from mintvcs.serve.http_chat import chat_message, offered_tools, parse_tools, render_chat
 from mintvcs.serve.refwatch import Resolution, check_spec
 from mintvcs.serve.sampling import (
     MAX_LOGPROBS,
@@ -57,9 +58,6 @@ MAX_STOP_STRINGS = 16
 MAX_CHOICES = 1024
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 _TOKEN_KEY = re.compile(r"[0-9]{1,9}")
-# The template used when the base has no chat_template: one "role: content" line per message, then the
-# assistant's turn. Documented in docs/http.md.
-PLAIN_CHAT_SEPARATOR = "\n"
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -156,48 +154,95 @@ def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
 # nothing: anything else is refused, since ignoring it would silently return other text.
 _NEUTRAL: dict[str, tuple[object, ...]] = {
     "suffix": ("",),
-    "tools": ([],),
-    "functions": ([],),
+    "functions": ([],),  # OpenAI's deprecated form of tools
 }
 
 # vLLM's structured_outputs keys (and its older guided_* fields) -> our kinds.
 _STRUCTURED_KEYS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 _GUIDED_FIELDS = {f"guided_{key}": kind for key, kind in _STRUCTURED_KEYS.items()}
+# structured_outputs keys that change nothing here: which library enforces it, and vLLM's
+# fallback between libraries (llguidance always does).
+_STRUCTURED_IGNORED = ("backend", "disable_fallback")
 
 
 def structured_output(body: dict[str, Any]) -> StructuredOutput | None:
     """The structured output a request asks for, by OpenAI's response_format, vLLM's
-    structured_outputs or its older guided_* fields (at most one of them); 400 when malformed."""
-    given = [
-        name for name in ("response_format", "structured_outputs") if body.get(name) is not None
-    ]
-    given += [name for name in _GUIDED_FIELDS if body.get(name) is not None]
+    structured_outputs or its older guided_* fields (one of them; structured_outputs may also
+    carry only options for response_format's schema); 400 when malformed."""
+    options = field_of(body, "structured_outputs", (dict,), None)
+    kinds = [] if options is None else _structured_kinds(options)
+    given = [name for name in _GUIDED_FIELDS if body.get(name) is not None]
+    if body.get("response_format") is not None:
+        given.append("response_format")
+    if kinds:
+        given.append("structured_outputs")
     if len(given) > 1:
         raise HTTPError(
             400, f"give one of {' and '.join(given)}, not several", "structured_outputs"
         )
+    if body.get("guided_whitespace_pattern") is not None:
+        raise HTTPError(
+            400,
+            "guided_whitespace_pattern is not supported; structured_outputs."
+            "disable_any_whitespace allows none but after ',' and ':'",
+            "unsupported",
+        )
+    compact = False
+    if options is not None:
+        compact = field_of(options, "disable_any_whitespace", (bool,), False)
+        if not given:
+            raise HTTPError(
+                400,
+                "structured_outputs needs exactly one of json, regex, choice, grammar or "
+                "json_object (or response_format beside it)",
+                "structured_outputs",
+            )
     if not given:
         return None
     name = given[0]
     if name == "response_format":
-        return _response_format(field_of(body, name, (dict,)))
+        return _response_format(field_of(body, name, (dict,)), compact)
     if name == "structured_outputs":
-        options = field_of(body, name, (dict,))
-        kinds = [key for key in _STRUCTURED_KEYS if options.get(key) is not None]
-        if options.get("json_object") is True:
-            kinds.append("json_object")
-        if len(kinds) != 1:
-            raise HTTPError(
-                400,
-                "structured_outputs needs exactly one of json, regex, choice, grammar or "
-                f"json_object, got {', '.join(kinds) or 'none'}",
-                "structured_outputs",
-            )
-        compact = field_of(options, "disable_any_whitespace", (bool,), False)
+        assert options is not None
         if kinds[0] == "json_object":
             return StructuredOutput.json_schema({"type": "object"}, compact=compact)
         return _structured(_STRUCTURED_KEYS[kinds[0]], options[kinds[0]], name, compact)
-    return _structured(_GUIDED_FIELDS[name], body[name], name, compact=False)
+    return _structured(_GUIDED_FIELDS[name], body[name], name, compact)
+
+
+def _structured_kinds(options: dict[str, Any]) -> list[str]:
+    """Which kind a structured_outputs object asks for (none, when it only sets options); 400
+    for several, and for a key this server would otherwise ignore."""
+    known = {*_STRUCTURED_KEYS, "json_object", "disable_any_whitespace", *_STRUCTURED_IGNORED}
+    unknown = sorted(key for key, value in options.items() if key not in known and value)
+    if unknown:
+        raise HTTPError(
+            400,
+            f"structured_outputs.{unknown[0]} is not supported; leave it out",
+            "unsupported",
+        )
+    kinds = [key for key in _STRUCTURED_KEYS if options.get(key) is not None]
+    if options.get("json_object") is True:
+        kinds.append("json_object")
+    if len(kinds) > 1:
+        raise HTTPError(
+            400,
+            "structured_outputs needs exactly one of json, regex, choice, grammar or "
+            f"json_object, got {', '.join(kinds)}",
+            "structured_outputs",
+        )
+    return kinds
+
+
+def _schema(value: Any, name: str, compact: bool) -> StructuredOutput:
+    """A JSON-schema structured output; `true` (anything) is `{}`, `false` admits no output."""
+    if value is True:
+        value = {}
+    if value is False:
+        raise HTTPError(400, f"{name}: the schema false admits no output at all", name)
+    if not isinstance(value, dict):
+        raise HTTPError(400, f"{name} must be a JSON schema (an object)", name)
+    return StructuredOutput.json_schema(value, compact=compact)
 
 
 def _structured(kind: str, value: Any, name: str, compact: bool) -> StructuredOutput:
@@ -208,9 +253,7 @@ def _structured(kind: str, value: Any, name: str, compact: bool) -> StructuredOu
                 value = json.loads(value)
             except ValueError as err:
                 raise HTTPError(400, f"{name}: the JSON schema is not JSON: {err}", name) from None
-        if not isinstance(value, (dict, bool)):
-            raise HTTPError(400, f"{name} must be a JSON schema (an object)", name)
-        return StructuredOutput.json_schema(value, compact=compact)
+        return _schema(value, name, compact)
     if kind == "choice":
         if not isinstance(value, list):
             raise HTTPError(400, f"{name} must be a list of strings", name)
@@ -220,23 +263,22 @@ def _structured(kind: str, value: Any, name: str, compact: bool) -> StructuredOu
     return StructuredOutput(kind, value)
 
 
-def _response_format(value: dict[str, Any]) -> StructuredOutput | None:
+def _response_format(value: dict[str, Any], compact: bool) -> StructuredOutput | None:
     """OpenAI's response_format: text (nothing to enforce), json_object, or json_schema."""
     kind = value.get("type")
     if kind == "text":
         return None
     if kind == "json_object":
-        return StructuredOutput.json_schema({"type": "object"})
+        return StructuredOutput.json_schema({"type": "object"}, compact=compact)
     if kind == "json_schema":
         named = field_of(value, "json_schema", (dict,))
-        schema = named.get("schema")
-        if not isinstance(schema, (dict, bool)):
+        if "schema" not in named:
             raise HTTPError(
                 400,
                 "response_format.json_schema.schema must be a JSON schema (an object)",
                 "response_format",
             )
-        return StructuredOutput.json_schema(schema)
+        return _schema(named["schema"], "response_format.json_schema.schema", compact)
     raise HTTPError(
         400,
         f"response_format type must be text, json_object or json_schema, got {kind!r:.40}",
@@ -244,9 +286,10 @@ def _response_format(value: dict[str, Any]) -> StructuredOutput | None:
     )
 
 
-def _refuse_unsupported(body: dict[str, Any]) -> None:
+def _refuse_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
     """400 for an OpenAI field this server does not implement, unless its value is the neutral one."""
-    for name, neutral in _NEUTRAL.items():
+    fields = _NEUTRAL if chat else {**_NEUTRAL, "tools": ([],)}  # tools: chat only
+    for name, neutral in fields.items():
         value = body.get(name)
         # 0.0 counts as 0, but True is not 1: JSON's booleans and numbers are different values.
         if value is None or any(
@@ -341,13 +384,15 @@ async def admit_many(
     text_bytes = sum(len(p) for p in distinct if isinstance(p, str))
     encoded = await asyncio.to_thread(encode_all) if text_bytes > 16_384 else encode_all()
     ids = [encoded[id(prompt)] for prompt, _ in requests]
+    compiled = {}
     for spec in {params.structured for _, params in requests if params.structured is not None}:
         # On a worker thread: the first one builds the tokenizer's index, and a large schema
-        # can take a while to compile (then it is kept, and submitting finds it ready).
-        await asyncio.to_thread(_compile, engine, spec)
+        # can take a while to compile; submitting then copies what was compiled here.
+        compiled[spec] = await asyncio.to_thread(_compile, engine, spec)
     submitted = engine.submit_many(
         [(i, resolution.commit, params) for i, (_, params) in zip(ids, requests, strict=True)],
         stream=stream,
+        compiled=compiled,
     )
     firsts: list[TokenEvent] = []
     try:
@@ -365,8 +410,8 @@ async def admit_many(
     ]
 
 
-def _compile(engine: Engine, spec: StructuredOutput) -> None:
-    engine.grammars().compile(spec)
+def _compile(engine: Engine, spec: StructuredOutput) -> Any:
+    return engine.grammars().compile(spec)
 
 
 async def admit(
@@ -932,84 +977,6 @@ def _completion_usage(
     return usage
 
 
-def _message_text(message: Any, index: int) -> tuple[str, str]:
-    if not isinstance(message, dict):
-        raise HTTPError(
-            400, f"messages[{index}] must be an object with role and content", "messages"
-        )
-    role = message.get("role")
-    content = message.get("content")
-    if role not in ("system", "developer", "user", "assistant", "tool"):
-        raise HTTPError(
-            400,
-            f"messages[{index}].role {role!r} is not system, developer, user, assistant or tool",
-            "messages",
-        )
-    if isinstance(content, list):
-        # OpenAI content parts: keep the text ones, refuse images and audio rather than drop them silently.
-        texts = []
-        for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise HTTPError(
-                    400, f"messages[{index}]: only text content parts are supported", "messages"
-                )
-            texts.append(part["text"])
-        content = "".join(texts)
-    if content is None and role == "assistant":
-        content = ""
-    if not isinstance(content, str):
-        raise HTTPError(
-            400, f"messages[{index}].content must be a string or text parts", "messages"
-        )
-    return role, content
-
-
-def render_chat(
-    messages: list[tuple[str, str]], tokenizer_config: dict[str, Any]
-) -> tuple[str, bool]:
-    """The prompt for a conversation, and whether the tokenizer's Jinja chat_template wrote it (else the plain template)."""
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, list):  # several named templates: take "default"
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if isinstance(template, str) and template:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise HTTPError(
-                400, f"the chat template refused the conversation: {message}", "chat_template"
-            )
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-
-        def token(name: str) -> str:
-            value = tokenizer_config.get(name)
-            if isinstance(value, dict):  # AddedToken form
-                value = value.get("content")
-            return value if isinstance(value, str) else ""
-
-        try:
-            rendered = env.from_string(template).render(
-                messages=[{"role": r, "content": c} for r, c in messages],
-                add_generation_prompt=True,
-                bos_token=token("bos_token"),
-                eos_token=token("eos_token"),
-            )
-        except TemplateError as err:
-            raise HTTPError(
-                400, f"the base model's chat template failed: {err}", "chat_template"
-            ) from None
-        return rendered, True
-    lines = [f"{role}: {content}" for role, content in messages]
-    return PLAIN_CHAT_SEPARATOR.join([*lines, "assistant:"]), False
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions, where `model` is the ref."""
     state = request.app[STATE]
@@ -1017,11 +984,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise HTTPError(400, "field 'messages' must be a non-empty list", "messages")
-    messages = [_message_text(m, i) for i, m in enumerate(raw)]
+    messages = [chat_message(m, i) for i, m in enumerate(raw)]
     spec = field_of(body, "model", (str,))
     stream = field_of(body, "stream", (bool,), False)
     include_usage = _include_usage(body)
-    _refuse_unsupported(body)
+    _refuse_unsupported(body, chat=True)
+    plan = parse_tools(body)
+    calling = plan is not None and plan.choice != "none"
     n = _choice_count(body, 1)
     want_logprobs = field_of(body, "logprobs", (bool,), False)
     return_ids = field_of(body, "return_token_ids", (bool,), False)
@@ -1030,7 +999,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise HTTPError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     params = sampling_params(body, state, to_context_end=True)
     params = replace(params, logprobs=(top or 0) if want_logprobs else None)
-    prompt, templated = render_chat(messages, state.tokenizer_config)
+    if calling:
+        assert plan is not None
+        if params.structured is not None:
+            raise HTTPError(
+                400,
+                "a tool_choice that calls tools decides the output's form: send it without "
+                "response_format or structured_outputs",
+                "tool_choice",
+            )
+        params = replace(params, structured=plan.structured())
+    prompt, templated = render_chat(
+        messages, state.tokenizer_config, None if plan is None else list(plan.tools)
+    )
     # A chat template writes BOS itself; the tokenizer adding another would shift every logit.
     choices = await admit_many(
         request,
@@ -1049,34 +1030,80 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         def ids(i: int, evs: list[TokenEvent], first: bool) -> dict[str, Any]:
             return _token_id_fields(choices[i], evs, first) if return_ids else {}
 
+        def reply(text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
+            """The message of a finished choice, and its finish_reason."""
+            calls = plan.calls(text) if calling and plan is not None else None
+            if calls is None:
+                return {"role": "assistant", "content": text}, reason
+            # OpenAI: "tool_calls" when the model chose to call; a named call ends as "stop".
+            if plan is not None and plan.choice == "required" and reason == "stop":
+                reason = "tool_calls"
+            return {"role": "assistant", "content": None, "tool_calls": calls}, reason
+
         if not stream:
             got = await _collect_all(choices, state)
+            replies = [reply(g.text, g.last.finish_reason) for g in got]
             out = obj(
                 "chat.completion",
                 *(
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": g.text},
+                        "message": message,
                         "logprobs": lp_object(g.events),
-                        "finish_reason": g.last.finish_reason,
+                        "finish_reason": reason,
                         **ids(i, g.events, True),
                     }
-                    for i, g in enumerate(got)
+                    for i, (g, (message, reason)) in enumerate(zip(got, replies, strict=True))
                 ),
             )
             out["usage"] = _usage(choices, [g.last for g in got], n)
             return web.json_response(out, headers=_headers(choices[0]))
         started = [False] * len(choices)
         pending: list[list[TokenEvent]] = [[] for _ in choices]
+        # Tool calls: a named call streams its arguments as they come; "required" calls (a
+        # list, parsed when complete) go out in one chunk at the end.
+        named = calling and plan is not None and plan.choice == "function"
+        call_ids = [f"call_{secrets.token_hex(12)}" for _ in choices]
+        written = ["" for _ in choices]
+
+        def tool_delta(i: int, event: TokenEvent, first: bool) -> dict[str, Any] | None:
+            """A chunk's delta for a tool-calling choice (None: nothing to send yet)."""
+            assert plan is not None
+            written[i] += event.text
+            if named:
+                call: dict[str, Any] = {"index": 0, "function": {"arguments": event.text}}
+                if first:
+                    call.update(id=call_ids[i], type="function")
+                    call["function"]["name"] = plan.name
+                delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
+                return {**delta, "tool_calls": [call]} if event.text or first else None
+            if event.finish_reason is None:
+                return {"role": "assistant", "content": None} if first else None
+            message, _ = reply(written[i], event.finish_reason)
+            calls = message.get("tool_calls")
+            if calls is None:  # cut short: what it wrote, as text
+                return {"content": written[i]}
+            return {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
 
         def chunk(i: int, event: TokenEvent) -> list[dict[str, Any]]:
             pending[i].append(event)
             first = not started[i]
             started[i] = True
             out: list[dict[str, Any]] = []
+            if calling:
+                delta = tool_delta(i, event, first)
+                if delta is not None:
+                    evs, pending[i] = pending[i], []
+                    item = {"index": i, "delta": delta, "logprobs": lp_object(evs)}
+                    out.append(
+                        obj(
+                            "chat.completion.chunk",
+                            {**item, "finish_reason": None, **ids(i, evs, first)},
+                        )
+                    )
             # Held-back text sends nothing: its logprobs go with the choice's next chunk.
-            if event.text or first:
-                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            elif event.text or first:
+                delta = {"role": "assistant"} if first else {}
                 delta["content"] = event.text
                 evs, pending[i] = pending[i], []
                 item = {"index": i, "delta": delta, "logprobs": lp_object(evs)}
@@ -1089,10 +1116,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if event.finish_reason is not None:  # each choice ends when it ends
                 evs, pending[i] = pending[i], []
                 item = {"index": i, "delta": {}, "logprobs": lp_object(evs) if evs else None}
+                _, reason = reply(written[i], event.finish_reason)
                 out.append(
                     obj(
                         "chat.completion.chunk",
-                        {**item, "finish_reason": event.finish_reason, **ids(i, evs, False)},
+                        {**item, "finish_reason": reason, **ids(i, evs, False)},
                     )
                 )
             return out
@@ -1189,8 +1217,8 @@ async def tokenize(request: web.Request) -> web.Response:
         raw = body["messages"]
         if not isinstance(raw, list) or not raw:
             raise HTTPError(400, "field 'messages' must be a non-empty list", "messages")
-        messages = [_message_text(m, i) for i, m in enumerate(raw)]
-        text, templated = render_chat(messages, state.tokenizer_config)
+        messages = [chat_message(m, i) for i, m in enumerate(raw)]
+        text, templated = render_chat(messages, state.tokenizer_config, offered_tools(body) or None)
         special = field_of(body, "add_special_tokens", (bool,), not templated)
     else:
         text = field_of(body, "prompt", (str,))

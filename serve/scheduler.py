@@ -492,6 +492,11 @@ class Scheduler:
         return True
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        # Structured outputs' masks first: on a GPU they are computed on the CPU while the
+        # step's kernels still run (nothing before them waits for the logits).
+        structured = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if structured:
+            allowed = allowed_tokens([seqs[i].matcher for i in structured], logits.shape[1])
         if logits.device.type == "cpu":
             # numpy's argmax is ~10x faster than torch's on a [32, vocab] CPU tensor; both
             # return the first maximum (and the first NaN), so the tokens are the same.
@@ -504,19 +509,14 @@ class Scheduler:
                 adjusted[i] = adjust_logits(
                     logits[i], seq.params, seq.prompt_ids, seq.output_ids, seq.stop_ids
                 )
-        structured = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if structured:
-            allowed = allowed_tokens([seqs[i].matcher for i in structured], logits.shape[1])
-            allowed = allowed.to(logits.device, non_blocking=True)
-            for i, ok in zip(structured, allowed, strict=True):
-                row = adjusted.get(i, logits[i]).float().masked_fill(~ok, -math.inf)
-                if i in adjusted and not bool(torch.isfinite(row).any()):
-                    # min_tokens barred EOS where the grammar allows nothing else: it ends.
-                    row = logits[i].float().masked_fill(~ok, -math.inf)
+            for i, row in self._masked(logits, structured, adjusted, allowed).items():
                 adjusted[i] = row
-        for i, row in adjusted.items():
-            if seqs[i].params.greedy:
-                out[i] = int(torch.argmax(row))
+        greedy = [i for i in adjusted if seqs[i].params.greedy]
+        if greedy:
+            picked = torch.stack([adjusted[i] for i in greedy]).argmax(dim=-1).tolist()
+            for i, token in zip(greedy, picked, strict=True):
+                out[i] = token
         drawn = [i for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy]
         if drawn:
             rows = logits[torch.tensor(drawn, device=logits.device)]
@@ -531,6 +531,28 @@ class Scheduler:
             for i, token in zip(drawn, tokens, strict=True):
                 out[i] = token
         return out
+
+    @staticmethod
+    def _masked(
+        logits: torch.Tensor,
+        rows: list[int],
+        adjusted: dict[int, torch.Tensor],
+        allowed: torch.Tensor,
+    ) -> dict[int, torch.Tensor]:
+        """The constrained rows' logits (adjusted where penalties applied) with every token
+        their structured output does not allow next at -inf, as one batched op."""
+        ok = allowed.to(logits.device, non_blocking=True)
+        raw = logits[torch.tensor(rows, device=logits.device)].float()
+        base = raw.clone()
+        for j, i in enumerate(rows):
+            if i in adjusted:
+                base[j] = adjusted[i]
+        masked = base.masked_fill(~ok, -math.inf)
+        if any(i in adjusted for i in rows):
+            # min_tokens barred EOS where the grammar allows nothing else: the grammar wins.
+            empty = ~torch.isfinite(masked).any(dim=-1, keepdim=True)
+            masked = torch.where(empty, raw.masked_fill(~ok, -math.inf), masked)
+        return dict(zip(rows, masked.unbind(0), strict=True))
 
     def _fork(
         self,

@@ -7,6 +7,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -20,8 +21,12 @@ if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
 # Compiled grammars kept per engine: clients tend to send the same few schemas again and again,
-# and compiling a large schema takes milliseconds to seconds.
+# and compiling a large schema takes milliseconds to seconds. Bounded in count and in the specs'
+# characters too: a compiled grammar takes ~50 bytes of memory per character of its spec.
 COMPILED_GRAMMARS = 64
+COMPILED_SPEC_CHARS = 2 << 20
+# llguidance's default limits, with short errors: its verbose ones quote the whole grammar.
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
 
 
 class InvalidStructuredOutput(InvalidSamplingParams):
@@ -44,16 +49,21 @@ def grammar_text(spec: StructuredOutput) -> str:
         if spec.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(spec.spec)
         if spec.kind == "choice":
-            options_list = json.loads(spec.spec)
-            # A Lark alternation of JSON-quoted literals (Lark's strings take JSON's escapes).
-            return llguidance.LLMatcher.grammar_from_lark(
-                "start: " + " | ".join(json.dumps(o) for o in options_list)
-            )
+            # One regular expression: a lexer alternation scales to thousands of options, where
+            # a grammar alternation of as many rules passes llguidance's per-step limits.
+            options = json.loads(spec.spec)
+            return llguidance.LLMatcher.grammar_from_regex("|".join(map(_literal, options)))
         return llguidance.grammar_from("grammar", spec.spec)  # Lark, or GBNF converted to it
     except ValueError as err:
         raise InvalidStructuredOutput(
             f"the {spec.kind} structured output is invalid: {err}"
         ) from None
+
+
+def _literal(text: str) -> str:
+    """A regular expression (Rust syntax) matching exactly `text`: ASCII punctuation and
+    control characters as \\xHH escapes, everything else as it is."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 128 and not c.isalnum() else c for c in text)
 
 
 class Grammars:
@@ -73,27 +83,54 @@ class Grammars:
                 f"its {vocab_size}-token vocabulary ({err})"
             ) from None
         self._compiled: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
+        self._compiling: dict[StructuredOutput, Future[llguidance.LLMatcher]] = {}
         self._lock = threading.Lock()
 
     def compile(self, spec: StructuredOutput) -> llguidance.LLMatcher:
-        """The compiled, unstarted matcher of `spec` (kept for next time); InvalidStructuredOutput if it does not compile."""
+        """The compiled, unstarted matcher of `spec` (kept for next time); InvalidStructuredOutput
+        if it does not compile. Callers asking for a spec being compiled wait for that compile."""
         with self._lock:
             known = self._compiled.get(spec)
             if known is not None:
                 self._compiled.move_to_end(spec)
                 return known
-        # Outside the lock: compiling drops the GIL and may take a while for a large schema.
-        grammar = grammar_text(spec)
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-        if matcher.is_error():
-            raise InvalidStructuredOutput(
-                f"the {spec.kind} structured output is invalid: {matcher.get_error()}"
-            )
+            running = self._compiling.get(spec)
+            if running is None:
+                mine: Future[llguidance.LLMatcher] = Future()
+                self._compiling[spec] = mine
+        if running is not None:
+            return running.result()
+        try:
+            # Outside the lock: compiling drops the GIL and may take a while for a large schema.
+            matcher = self._build(spec)
+        except BaseException as err:
+            mine.set_exception(err)
+            raise
+        finally:
+            with self._lock:
+                del self._compiling[spec]
+        mine.set_result(matcher)
         with self._lock:
             self._compiled[spec] = matcher
-            self._compiled.move_to_end(spec)
-            while len(self._compiled) > COMPILED_GRAMMARS:
+            while len(self._compiled) > COMPILED_GRAMMARS or (
+                len(self._compiled) > 1
+                and sum(len(s.spec) for s in self._compiled) > COMPILED_SPEC_CHARS
+            ):
                 self._compiled.popitem(last=False)
+        return matcher
+
+    def _build(self, spec: StructuredOutput) -> llguidance.LLMatcher:
+        matcher = llguidance.LLMatcher(
+            self.tokenizer, grammar_text(spec), log_level=0, limits=_LIMITS
+        )
+        # A first mask too: some grammars compile but pass the parser's per-step limits at once.
+        first = matcher.deep_copy()
+        allowed_tokens([first], self.vocab_size)
+        for failed in (matcher, first):
+            if failed.is_error():
+                raise InvalidStructuredOutput(
+                    f"the {spec.kind} structured output is invalid: {failed.get_error()}"
+                )
         return matcher
 
     def matcher(self, spec: StructuredOutput) -> llguidance.LLMatcher:

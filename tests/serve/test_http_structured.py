@@ -82,9 +82,10 @@ def test_openai_client_json_schema_chat_streamed_and_not(server: BackgroundServe
         ("guided_grammar", 'start: "a" "b"+', lambda t: re.fullmatch("ab+", t)),
         (
             "structured_outputs",
-            {"json": SCHEMA, "disable_any_whitespace": True},
+            {"json": SCHEMA, "disable_any_whitespace": True, "backend": "xgrammar"},
             lambda t: _schema_ok(t) and "\n" not in t,
         ),
+        ("guided_json", True, lambda t: json.loads(t) is not None),
     ],
 )
 def test_vllm_fields_on_completions_and_generate(
@@ -155,6 +156,10 @@ def test_streamed_generate_follows_a_regex(server: BackgroundServer) -> None:
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "schema"),
         ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "not several"),
+        ({"guided_json": False}, "admits no output"),
+        ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "whitespace_pattern"),
+        ({"guided_regex": "a", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+        ({"structured_outputs": {"disable_any_whitespace": True}}, "exactly one"),
     ],
 )
 def test_malformed_structured_outputs_are_400(
@@ -171,3 +176,19 @@ def test_malformed_structured_outputs_are_400(
         assert words in str(message), (url, extra, message)
     # Nothing was queued or left behind: the server answers the next request.
     assert gen(server, ref="main", prompt="Hi", max_tokens=2)[0] == 200
+
+
+def test_response_format_takes_vllm_options_beside_it(server: BackgroundServer) -> None:
+    body = {
+        "model": "main",
+        "prompt": "Hello",
+        "max_tokens": 80,
+        "temperature": 1.0,
+        "seed": 3,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "v", "schema": SCHEMA}},
+        "structured_outputs": {"disable_any_whitespace": True},
+    }
+    status, _, answer = request(server.url + "/v1/completions", body)
+    assert status == 200, answer
+    text = answer["choices"][0]["text"]
+    assert _schema_ok(text) and text == json.dumps(json.loads(text)), text

@@ -858,17 +858,18 @@ def test_openai_client_completions_chat_and_streaming(
 
 
 def test_chat_template_from_tokenizer_config() -> None:
-    from mintvcs.serve.http_api import render_chat
+    from mintvcs.serve.http_chat import render_chat
 
     config = {
         "bos_token": "<s>",
         "chat_template": "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}",
     }
-    assert render_chat([("user", "hi"), ("assistant", "yo"), ("user", "ok")], config) == (
+    turns = [("user", "hi"), ("assistant", "yo"), ("user", "ok")]
+    assert render_chat([{"role": r, "content": c} for r, c in turns], config) == (
         "<s>[user]hi[assistant]yo[user]ok[assistant]",
         True,
     )
-    assert render_chat([("user", "hi")], {}) == ("user: hi\nassistant:", False)
+    assert render_chat([{"role": "user", "content": "hi"}], {}) == ("user: hi\nassistant:", False)
 
 
 def test_chat_template_bos_is_not_doubled(

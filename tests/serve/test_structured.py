@@ -294,3 +294,68 @@ def test_a_padded_vocabulary_never_allows_its_padding(tiny_base: Path) -> None:
     assert allowed[:384].any() and not allowed[384:].any()
     with pytest.raises(InvalidStructuredOutput, match="does not fit its 300-token vocabulary"):
         Grammars(text, [2], 300)
+
+
+def test_choices_are_matched_literally_and_scale(engine: Engine) -> None:
+    odd = ["a.b", "(x|y)*", "tab\there", 'quote"s', "back\\slash", "naïve 😀", "[1-9]+"]
+    outs = engine.generate_many(
+        [
+            (
+                _prompt(s, 5),
+                None,
+                SamplingParams(
+                    max_tokens=30, temperature=1.0, seed=s, structured=StructuredOutput.choice(odd)
+                ),
+            )
+            for s in range(10)
+        ],
+        timeout=120,
+    )
+    assert all(o.text in odd and o.finish_reason == "stop" for o in outs), [o.text for o in outs]
+    many = [f"option {i:04d}" for i in range(3000)]  # past llguidance's 2000 grammar branches
+    out = engine.generate(
+        _prompt(3, 5),
+        None,
+        SamplingParams(
+            max_tokens=30, temperature=1.0, seed=1, structured=StructuredOutput.choice(many)
+        ),
+        timeout=60,
+    )
+    assert out.text in many and out.finish_reason == "stop"
+
+
+def test_a_spec_compiling_in_one_thread_is_shared_with_the_others(engine: Engine) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    grammars = engine.grammars()
+    spec = StructuredOutput.json_schema(
+        {"type": "object", "properties": {"k": {"type": "integer"}}}
+    )
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: grammars.compile(spec), range(8)))
+    assert all(g is got[0] for g in got)
+
+
+def test_submitting_with_compiled_matchers_compiles_nothing(engine: Engine) -> None:
+    import asyncio
+
+    grammars = engine.grammars()
+    spec = StructuredOutput("regex", "z{2,5}")
+    template = grammars.compile(spec)
+    for i in range(70):  # more than the cache keeps: spec is dropped
+        grammars.compile(StructuredOutput("regex", f"q{{{i + 1}}}"))
+    assert spec not in grammars._compiled
+
+    async def run() -> str:
+        (stream,) = engine.submit_many(
+            [([5, 6, 7], None, SamplingParams(max_tokens=8, structured=spec))],
+            compiled={spec: template},
+        )
+        text = ""
+        async with stream:
+            async for event in stream:
+                text += event.text
+        return text
+
+    assert re.fullmatch("z{2,5}", asyncio.run(run()))
+    assert spec not in grammars._compiled

@@ -1,0 +1,285 @@
+"""Chat requests: messages checked and rendered into a prompt (the base's chat template, or the
+plain one), and tool calls: `tools` offered to the template, `tool_choice` "required" or a named
+function enforced as a structured output whose text becomes the reply's `tool_calls`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from mintvcs.serve.app import HTTPError, field_of
+from mintvcs.serve.sampling import StructuredOutput
+
+# The template used when the base has no chat_template: one "role: content" line per message, then the
+# assistant's turn. Documented in docs/http.md.
+PLAIN_CHAT_SEPARATOR = "\n"
+MAX_TOOLS = 128
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _content(message: dict[str, Any], index: int) -> str:
+    """A message's text: a string, or OpenAI's text parts joined (images and audio are refused)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise HTTPError(
+                    400, f"messages[{index}]: only text content parts are supported", "messages"
+                )
+            texts.append(part["text"])
+        content = "".join(texts)
+    if content is None and message.get("role") == "assistant":
+        content = ""  # an assistant turn that only called tools
+    if not isinstance(content, str):
+        raise HTTPError(
+            400, f"messages[{index}].content must be a string or text parts", "messages"
+        )
+    return content
+
+
+def chat_message(message: Any, index: int) -> dict[str, Any]:
+    """One checked message as chat templates read it: role, content, and an assistant's
+    `tool_calls` (arguments parsed into objects, as templates expect) or a tool reply's
+    `tool_call_id` and `name`."""
+    if not isinstance(message, dict):
+        raise HTTPError(
+            400, f"messages[{index}] must be an object with role and content", "messages"
+        )
+    role = message.get("role")
+    if role not in _ROLES:
+        raise HTTPError(
+            400,
+            f"messages[{index}].role {role!r:.40} is not {', '.join(_ROLES[:-1])} or tool",
+            "messages",
+        )
+    out: dict[str, Any] = {"role": role, "content": _content(message, index)}
+    calls = message.get("tool_calls")
+    if role == "assistant" and calls:
+        out["tool_calls"] = [_past_call(call, index) for call in _list(calls, index)]
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(message.get(key), str):
+                out[key] = message[key]
+    return out
+
+
+def _list(value: Any, index: int) -> list[Any]:
+    if not isinstance(value, list):
+        raise HTTPError(400, f"messages[{index}].tool_calls must be a list", "messages")
+    return value
+
+
+def _past_call(call: Any, index: int) -> dict[str, Any]:
+    """An earlier tool call of the conversation, with its arguments as an object where they parse."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise HTTPError(
+            400,
+            f"messages[{index}].tool_calls: each needs function.name and function.arguments",
+            "messages",
+        )
+    arguments: Any = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        with contextlib.suppress(ValueError):  # else a template gets the text as it was sent
+            arguments = json.loads(arguments)
+    out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def render_chat(
+    messages: list[dict[str, Any]],
+    tokenizer_config: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, bool]:
+    """The prompt for a conversation, and whether the tokenizer's Jinja chat_template wrote it (else the plain template)."""
+    template = tokenizer_config.get("chat_template")
+    if isinstance(
+        template, list
+    ):  # several named templates: take "tool_use" for tools, else "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = (tools and named.get("tool_use")) or named.get("default")
+    if isinstance(template, str) and template:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise HTTPError(
+                400, f"the chat template refused the conversation: {message}", "chat_template"
+            )
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+
+        def token(name: str) -> str:
+            value = tokenizer_config.get(name)
+            if isinstance(value, dict):  # AddedToken form
+                value = value.get("content")
+            return value if isinstance(value, str) else ""
+
+        try:
+            rendered = env.from_string(template).render(
+                messages=messages,
+                tools=tools,
+                add_generation_prompt=True,
+                bos_token=token("bos_token"),
+                eos_token=token("eos_token"),
+            )
+        except TemplateError as err:
+            raise HTTPError(
+                400, f"the base model's chat template failed: {err}", "chat_template"
+            ) from None
+        return rendered, True
+    lines = [f"tools: {json.dumps(tools)}"] if tools else []
+    for m in messages:
+        content = m["content"]
+        if m.get("tool_calls"):
+            calls = [c["function"] for c in m["tool_calls"]]
+            content = f"{content}{' ' if content else ''}tool_calls: {json.dumps(calls)}"
+        lines.append(f"{m['role']}: {content}")
+    return PLAIN_CHAT_SEPARATOR.join([*lines, "assistant:"]), False
+
+
+# ---------------------------------------------------------------------------- tools
+@dataclass(frozen=True)
+class ToolPlan:
+    """A chat request's tools and what it asks of them: "none" (offered only), "required" (one
+    or more calls) or a named function (exactly that call)."""
+
+    tools: tuple[dict[str, Any], ...]  # OpenAI's {"type": "function", "function": {...}}
+    choice: str  # "none" | "required" | "function"
+    name: str | None = None  # the named function
+    parallel: bool = True  # parallel_tool_calls: several calls allowed under "required"
+
+    def structured(self) -> StructuredOutput | None:
+        """The structured output that makes the reply a valid call (None for "none").
+
+        Compact JSON (no whitespace but after "," and ":"): arguments are read by programs, and a
+        model free to write whitespace may write nothing else until max_tokens.
+        """
+        if self.choice == "function":
+            return StructuredOutput.json_schema(self._parameters(self.name), compact=True)
+        if self.choice == "none":
+            return None
+        # vLLM's form for "required": a list of {"name", "parameters"}, one schema per tool.
+        call = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "name": {"const": t["function"]["name"]},
+                        "parameters": self._parameters(t["function"]["name"]),
+                    },
+                    "required": ["name", "parameters"],
+                    "additionalProperties": False,
+                }
+                for t in self.tools
+            ]
+        }
+        schema: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        return StructuredOutput.json_schema(schema, compact=True)
+
+    def _parameters(self, name: str | None) -> Any:
+        for tool in self.tools:
+            if tool["function"]["name"] == name:
+                return tool["function"].get("parameters") or {"type": "object", "properties": {}}
+        raise AssertionError(name)  # parse_tools checked the name
+
+    def calls(self, text: str) -> list[dict[str, Any]] | None:
+        """The reply's tool_calls (OpenAI's form, fresh ids), or None when `text` holds none
+        (a "none" plan, or an output cut short before it parsed)."""
+        if self.choice == "function":
+            return [_tool_call(self.name or "", text)]
+        if self.choice == "none":
+            return None
+        try:
+            items = json.loads(text)
+        except ValueError:
+            return None
+        return [_tool_call(item["name"], json.dumps(item["parameters"])) for item in items]
+
+
+def _tool_call(name: str, arguments: str) -> dict[str, Any]:
+    return {
+        "id": f"call_{secrets.token_hex(12)}",
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+
+
+def offered_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A request's `tools`, checked: OpenAI's function tools with unique names; 400 otherwise."""
+    raw = field_of(body, "tools", (list,), [])
+    if len(raw) > MAX_TOOLS:
+        raise HTTPError(400, f"{len(raw)} tools; at most {MAX_TOOLS}", "tools")
+    tools: list[dict[str, Any]] = []
+    for i, tool in enumerate(raw):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if (
+            not isinstance(tool, dict)
+            or tool.get("type", "function") != "function"
+            or not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
+            raise HTTPError(
+                400,
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
+                "tools",
+            )
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise HTTPError(400, f"tools[{i}].function.parameters must be a JSON schema", "tools")
+        tools.append({"type": "function", "function": function})
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise HTTPError(400, "tools: two tools have the same name", "tools")
+    return tools
+
+
+def parse_tools(body: dict[str, Any]) -> ToolPlan | None:
+    """The tools and tool_choice of a chat request; 400 for malformed ones and for "auto",
+    which needs a model-specific parser of the reply that this server does not have."""
+    tools = offered_tools(body)
+    choice = body.get("tool_choice")
+    if not tools:
+        if choice not in (None, "none"):
+            raise HTTPError(400, "tool_choice needs a non-empty list of tools", "tool_choice")
+        return None
+    names = [t["function"]["name"] for t in tools]
+    parallel = field_of(body, "parallel_tool_calls", (bool,), True)
+    if choice is None or choice == "auto":
+        raise HTTPError(
+            400,
+            'tool_choice "auto" (the default with tools) needs a parser of the model\'s own '
+            'tool-call format, which this server does not have; send tool_choice "required", '
+            '{"type": "function", "function": {"name": ...}}, or "none"',
+            "tool_choice",
+        )
+    if choice in ("none", "required"):
+        return ToolPlan(tuple(tools), choice, parallel=parallel)
+    named = choice.get("function") if isinstance(choice, dict) else None
+    name = named.get("name") if isinstance(named, dict) else None
+    if not isinstance(name, str):
+        raise HTTPError(
+            400,
+            'tool_choice must be "none", "required", "auto" or {"type": "function", '
+            '"function": {"name": ...}}',
+            "tool_choice",
+        )
+    if name not in names:
+        raise HTTPError(
+            400, f"tool_choice names {name!r:.60}, which is not in tools", "tool_choice"
+        )
+    return ToolPlan(tuple(tools), "function", name, parallel)

@@ -1,0 +1,272 @@
+"""Tool calls on /v1/chat/completions: a named function or "required", enforced as structured outputs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from mintvcs.serve.app import BackgroundServer
+from mintvcs.serve.http_chat import render_chat
+from tests.serve.http_kit import request
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+DICE = {
+    "type": "function",
+    "function": {
+        "name": "roll",
+        "parameters": {
+            "type": "object",
+            "properties": {"sides": {"enum": [6, 20]}},
+            "required": ["sides"],
+            "additionalProperties": False,
+        },
+    },
+}
+MESSAGES: Any = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def _valid(name: str, arguments: str) -> bool:
+    """Whether a call's arguments fit its tool's schema, checked by hand."""
+    args = json.loads(arguments)
+    if name == "get_weather":
+        return (
+            set(args) == {"city", "unit"}
+            and isinstance(args["city"], str)
+            and len(args["city"]) <= 12
+            and args["unit"] in ("celsius", "fahrenheit")
+        )
+    if name == "roll":
+        return args in ({"sides": 6}, {"sides": 20})
+    return name == "get_time" and args in ({"zone": "UTC"}, {"zone": "CET"})
+
+
+def _client(server: BackgroundServer) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_a_named_function_is_called_with_valid_arguments(server: BackgroundServer) -> None:
+    client = _client(server)
+    choice: Any = {"type": "function", "function": {"name": "get_weather"}}
+    for seed in range(3):
+        kwargs: Any = {
+            "model": "main",
+            "messages": MESSAGES,
+            "tools": [WEATHER, CLOCK],
+            "tool_choice": choice,
+            "max_tokens": 80,
+            "temperature": 1.0,
+            "seed": seed,
+        }
+        reply = client.chat.completions.create(**kwargs)
+        out = reply.choices[0]
+        assert out.finish_reason == "stop" and out.message.content is None
+        (call,) = out.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name == "get_weather" and _valid(
+            "get_weather", call.function.arguments
+        )
+        # Streamed: the arguments arrive in pieces under one id, and add up to the same call.
+        pieces: list[Any] = []
+        reasons = []
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            for c in chunk.choices:
+                pieces.extend(c.delta.tool_calls or [])
+                reasons.append(c.finish_reason)
+        assert pieces[0].id and pieces[0].function.name == "get_weather"
+        assert {p.index for p in pieces} == {0} and all(
+            p.id in (None, pieces[0].id) for p in pieces
+        )
+        assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments
+        assert [r for r in reasons if r] == ["stop"]
+
+
+def test_required_calls_one_or_more_tools(server: BackgroundServer) -> None:
+    client = _client(server)
+    for seed in range(4):
+        # parallel_tool_calls=False: exactly one call, so the list closes within max_tokens.
+        kwargs: Any = {
+            "model": "main",
+            "messages": MESSAGES,
+            "tools": [CLOCK, DICE],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "max_tokens": 150,
+            "temperature": 1.0,
+            "seed": seed,
+        }
+        out = client.chat.completions.create(**kwargs).choices[0]
+        assert out.finish_reason == "tool_calls" and out.message.content is None
+        (call,) = out.message.tool_calls
+        assert _valid(call.function.name, call.function.arguments)
+        streamed: list[Any] = []
+        for chunk in client.chat.completions.create(**kwargs, stream=True):
+            for c in chunk.choices:
+                streamed.extend(c.delta.tool_calls or [])
+        assert [(c.index, c.function.name, c.function.arguments) for c in streamed] == [
+            (0, call.function.name, call.function.arguments)
+        ]
+    # Several calls in one reply; one cut short by max_tokens comes back as text.
+    for seed in range(4):
+        out = client.chat.completions.create(
+            model="main",
+            messages=MESSAGES,
+            tools=[CLOCK, DICE],
+            tool_choice="required",
+            max_tokens=60,
+            temperature=1.0,
+            seed=seed,
+        ).choices[0]
+        if out.finish_reason == "length":
+            assert out.message.tool_calls is None and out.message.content.startswith('[{"name": ')
+        else:
+            calls = out.message.tool_calls
+            assert out.finish_reason == "tool_calls" and calls
+            assert all(_valid(c.function.name, c.function.arguments) for c in calls)
+            assert len({c.id for c in calls}) == len(calls)
+
+
+def test_tools_reach_the_prompt_and_none_answers_in_text(server: BackgroundServer) -> None:
+    plain = {"model": "main", "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    status, _, without = request(server.url + "/v1/chat/completions", plain)
+    assert status == 200
+    status, _, offered = request(
+        server.url + "/v1/chat/completions", {**plain, "tools": [WEATHER], "tool_choice": "none"}
+    )
+    assert status == 200, offered
+    message = offered["choices"][0]["message"]
+    assert isinstance(message["content"], str) and "tool_calls" not in message
+    assert offered["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
+    status, _, counted = request(
+        server.url + "/tokenize", {"messages": MESSAGES, "tools": [WEATHER]}
+    )
+    assert status == 200 and counted["count"] == offered["usage"]["prompt_tokens"]
+
+
+def test_a_conversation_with_earlier_tool_calls_continues(server: BackgroundServer) -> None:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+    }
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    ]
+    status, _, answer = request(
+        server.url + "/v1/chat/completions",
+        {"model": "main", "messages": messages, "tools": [WEATHER], "tool_choice": "none"},
+    )
+    assert status == 200, answer
+
+
+def test_templates_see_tools_and_calls_as_objects() -> None:
+    config = {
+        "chat_template": (
+            "{% if tools %}<tools>{{ tools | map(attribute='function') | map(attribute='name') "
+            "| join(',') }}</tools>{% endif %}"
+            "{% for m in messages %}[{{ m.role }}]{{ m.content }}"
+            "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}"
+            "({{ c.function.arguments.city }})</call>{% endfor %}"
+            "{% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}{% endfor %}[assistant]"
+        )
+    }
+    messages = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+                }
+            ],
+        },
+        {"role": "tool", "content": "cold", "tool_call_id": "c1"},
+    ]
+    assert render_chat(messages, config, [WEATHER, CLOCK]) == (
+        "<tools>get_weather,get_time</tools>[user]hi[assistant]<call>get_weather(Oslo)</call>"
+        "[tool]cold#c1[assistant]",
+        True,
+    )
+    text, templated = render_chat(messages, {}, [WEATHER])
+    assert not templated
+    lines = text.split("\n")
+    assert json.loads(lines[0].removeprefix("tools: ")) == [WEATHER]
+    assert (
+        lines[2]
+        == 'assistant: tool_calls: [{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    )
+    assert lines[3:] == ["tool: cold", "assistant:"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"tools": [WEATHER]}, '"auto"'),
+        ({"tools": [WEATHER], "tool_choice": "auto"}, '"auto"'),
+        ({"tool_choice": "required"}, "needs a non-empty list of tools"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+            "not in tools",
+        ),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice must be"),
+        ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0]"),
+        ({"tools": [WEATHER, WEATHER], "tool_choice": "required"}, "same name"),
+        (
+            {
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "without response_format",
+        ),
+        ({"tools": "get_weather", "tool_choice": "required"}, "tools"),
+    ],
+)
+def test_malformed_tool_requests_are_400(
+    server: BackgroundServer, extra: dict[str, Any], words: str
+) -> None:
+    body = {"model": "main", "messages": MESSAGES, "max_tokens": 4, **extra}
+    status, _, answer = request(server.url + "/v1/chat/completions", body)
+    assert status == 400 and words in answer["error"]["message"], answer
+
+
+def test_completions_still_refuse_tools(server: BackgroundServer) -> None:
+    status, _, answer = request(
+        server.url + "/v1/completions",
+        {"model": "main", "prompt": "Hi", "max_tokens": 2, "tools": [WEATHER]},
+    )
+    assert status == 400 and "tools" in answer["error"]["message"]
