@@ -95,6 +95,8 @@ class ServerConfig:
     drain_timeout: float = 30.0
     enforce_eager: bool = False  # no CUDA graphs for decode steps
     prefix_caching: bool = True  # prompts reuse cached keys and values of a shared prefix
+    # How replies with tool_choice "auto" are read for calls (None: "auto" is refused).
+    tool_call_parser: str | None = None
     # Seconds a request body may take to arrive in full (408 after): a client that stalls
     # mid-body would otherwise hold its request, and a drain, open for ever.
     body_timeout: float = 30.0
@@ -128,6 +130,10 @@ class ServerConfig:
             )
         if self.api_key_scope not in ("admin", "all"):
             raise ServerError(f"api_key_scope {self.api_key_scope!r} must be 'admin' or 'all'")
+        if self.tool_call_parser not in (None, "hermes"):
+            raise ServerError(
+                f"tool_call_parser {self.tool_call_parser!r} is not one this server reads: hermes"
+            )
         if not (0.01 <= self.ref_poll_interval <= 1.0):
             raise ServerError(f"ref_poll_interval {self.ref_poll_interval} s must be in [0.01, 1]")
 

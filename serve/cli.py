@@ -148,6 +148,13 @@ from mintvcs.errors import MintError
     help="On SIGTERM/SIGINT/SIGHUP, seconds to let running requests finish (a second signal stops waiting).",
 )
 @click.option(
+    "--tool-call-parser",
+    type=click.Choice(["hermes"]),
+    help='Read replies to tool_choice "auto" for tool calls in this format (hermes: '
+    '<tool_call>{"name": ..., "arguments": ...}</tool_call>, as Qwen2.5 and Hermes '
+    "models write them) [default: auto is refused].",
+)
+@click.option(
     "--enforce-eager",
     is_flag=True,
     help="Run every decode step eagerly on CUDA instead of replaying captured CUDA graphs.",
@@ -174,6 +181,7 @@ def serve(
     max_tokens_limit: int,
     ref_poll_interval: float,
     drain_timeout: float,
+    tool_call_parser: str | None,
     enforce_eager: bool,
 ) -> None:
     """Serve generate-by-ref over HTTP from one resident base model."""
@@ -202,6 +210,7 @@ def serve(
             max_tokens_limit=max_tokens_limit,
             ref_poll_interval=ref_poll_interval,
             drain_timeout=drain_timeout,
+            tool_call_parser=tool_call_parser,
             enforce_eager=enforce_eager,
         )
         status = run(config)

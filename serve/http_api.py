@@ -36,7 +36,13 @@ from mintvcs.serve.app import (
     field_of,
     read_json,
 )
-from mintvcs.serve.http_chat import chat_message, offered_tools, parse_tools, render_chat
+from mintvcs.serve.http_chat import (
+    HERMES_OPEN,
+    chat_message,
+    offered_tools,
+    parse_tools,
+    render_chat,
+)
 from mintvcs.serve.refwatch import Resolution, check_spec
 from mintvcs.serve.sampling import (
     MAX_LOGPROBS,
@@ -953,6 +959,18 @@ def _cancel_on_error(choices: list[Admitted]) -> Iterator[None]:
         raise
 
 
+def _before_possible(text: str, marker: str) -> int:
+    """How much of `text` cannot be part of `marker`: up to its first occurrence, or up to a
+    tail that could still grow into it."""
+    at = text.find(marker)
+    if at != -1:
+        return at
+    for keep in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-keep:]):
+            return len(text) - keep
+    return len(text)
+
+
 def _include_usage(body: dict[str, Any]) -> bool:
     """stream_options.include_usage; 400 unless stream_options is an object and the flag a boolean."""
     options = field_of(body, "stream_options", (dict,), {})
@@ -989,8 +1007,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     stream = field_of(body, "stream", (bool,), False)
     include_usage = _include_usage(body)
     _refuse_unsupported(body, chat=True)
-    plan = parse_tools(body)
-    calling = plan is not None and plan.choice != "none"
+    plan = parse_tools(body, state.config.tool_call_parser)
+    calling = plan is not None and plan.calling
     n = _choice_count(body, 1)
     want_logprobs = field_of(body, "logprobs", (bool,), False)
     return_ids = field_of(body, "return_token_ids", (bool,), False)
@@ -999,16 +1017,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise HTTPError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     params = sampling_params(body, state, to_context_end=True)
     params = replace(params, logprobs=(top or 0) if want_logprobs else None)
-    if calling:
-        assert plan is not None
+    forced = None if plan is None else plan.structured()
+    if forced is not None:
         if params.structured is not None:
             raise HTTPError(
                 400,
-                "a tool_choice that calls tools decides the output's form: send it without "
+                "a tool_choice that requires calls decides the output's form: send it without "
                 "response_format or structured_outputs",
                 "tool_choice",
             )
-        params = replace(params, structured=plan.structured())
+        params = replace(params, structured=forced)
     prompt, templated = render_chat(
         messages, state.tokenizer_config, None if plan is None else list(plan.tools)
     )
@@ -1032,13 +1050,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
         def reply(text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
             """The message of a finished choice, and its finish_reason."""
-            calls = plan.calls(text) if calling and plan is not None else None
+            if plan is None or not calling:
+                return {"role": "assistant", "content": text}, reason
+            content, calls = plan.split(text)
             if calls is None:
                 return {"role": "assistant", "content": text}, reason
             # OpenAI: "tool_calls" when the model chose to call; a named call ends as "stop".
-            if plan is not None and plan.choice == "required" and reason == "stop":
+            if plan.choice != "function" and reason == "stop":
                 reason = "tool_calls"
-            return {"role": "assistant", "content": None, "tool_calls": calls}, reason
+            return {"role": "assistant", "content": content, "tool_calls": calls}, reason
 
         if not stream:
             got = await _collect_all(choices, state)
@@ -1061,15 +1081,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         started = [False] * len(choices)
         pending: list[list[TokenEvent]] = [[] for _ in choices]
         # Tool calls: a named call streams its arguments as they come; "required" calls (a
-        # list, parsed when complete) go out in one chunk at the end.
+        # list, parsed when complete) go out in one chunk at the end; under "auto", text
+        # streams as content until a call may be starting, and the calls go out at the end.
         named = calling and plan is not None and plan.choice == "function"
         call_ids = [f"call_{secrets.token_hex(12)}" for _ in choices]
         written = ["" for _ in choices]
+        sent = [0] * len(choices)  # characters of written[i] already sent as content
 
         def tool_delta(i: int, event: TokenEvent, first: bool) -> dict[str, Any] | None:
             """A chunk's delta for a tool-calling choice (None: nothing to send yet)."""
             assert plan is not None
             written[i] += event.text
+            text = written[i]
             if named:
                 call: dict[str, Any] = {"index": 0, "function": {"arguments": event.text}}
                 if first:
@@ -1077,13 +1100,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     call["function"]["name"] = plan.name
                 delta: dict[str, Any] = {"role": "assistant", "content": None} if first else {}
                 return {**delta, "tool_calls": [call]} if event.text or first else None
+            delta = {"role": "assistant", "content": None} if first else {}
             if event.finish_reason is None:
-                return {"role": "assistant", "content": None} if first else None
-            message, _ = reply(written[i], event.finish_reason)
-            calls = message.get("tool_calls")
-            if calls is None:  # cut short: what it wrote, as text
-                return {"content": written[i]}
-            return {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                if plan.choice == "auto":  # text up to where a call could be starting
+                    safe = _before_possible(text, HERMES_OPEN)
+                    if safe > sent[i]:
+                        delta["content"] = text[sent[i] : safe]
+                        sent[i] = safe
+                return delta or None
+            content, calls = plan.split(text)
+            if calls is None:  # no calls: the rest as text (all of it, if cut short)
+                delta["content"] = text[sent[i] :]
+            else:
+                if content is not None and plan.choice == "auto":
+                    start = text.find(HERMES_OPEN)
+                    if start > sent[i]:
+                        delta["content"] = text[sent[i] : start]
+                delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+            return delta
 
         def chunk(i: int, event: TokenEvent) -> list[dict[str, Any]]:
             pending[i].append(event)

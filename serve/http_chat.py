@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,9 @@ from mintvcs.serve.sampling import StructuredOutput
 # assistant's turn. Documented in docs/http.md.
 PLAIN_CHAT_SEPARATOR = "\n"
 MAX_TOOLS = 128
+# Hermes' (and Qwen2.5's) calls: <tool_call>{"name": ..., "arguments": {...}}</tool_call>.
+HERMES_OPEN = "<tool_call>"
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -152,11 +156,12 @@ def render_chat(
 # ---------------------------------------------------------------------------- tools
 @dataclass(frozen=True)
 class ToolPlan:
-    """A chat request's tools and what it asks of them: "none" (offered only), "required" (one
-    or more calls) or a named function (exactly that call)."""
+    """A chat request's tools and what it asks of them: "none" (offered only), "auto" (the model
+    decides; its reply is read for calls), "required" (one or more calls) or a named function
+    (exactly that call)."""
 
     tools: tuple[dict[str, Any], ...]  # OpenAI's {"type": "function", "function": {...}}
-    choice: str  # "none" | "required" | "function"
+    choice: str  # "none" | "auto" | "required" | "function"
     name: str | None = None  # the named function
     parallel: bool = True  # parallel_tool_calls: several calls allowed under "required"
 
@@ -168,7 +173,7 @@ class ToolPlan:
         """
         if self.choice == "function":
             return StructuredOutput.json_schema(self._parameters(self.name), compact=True)
-        if self.choice == "none":
+        if self.choice in ("none", "auto"):
             return None
         # vLLM's form for "required": a list of {"name", "parameters"}, one schema per tool.
         call = {
@@ -196,18 +201,54 @@ class ToolPlan:
                 return tool["function"].get("parameters") or {"type": "object", "properties": {}}
         raise AssertionError(name)  # parse_tools checked the name
 
-    def calls(self, text: str) -> list[dict[str, Any]] | None:
-        """The reply's tool_calls (OpenAI's form, fresh ids), or None when `text` holds none
-        (a "none" plan, or an output cut short before it parsed)."""
+    @property
+    def calling(self) -> bool:
+        """Whether the reply may hold tool calls."""
+        return self.choice != "none"
+
+    def split(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """A finished reply as (content, tool_calls in OpenAI's form with fresh ids); no calls
+        when it holds none (a "none" plan, plain text under "auto", an output cut short)."""
         if self.choice == "function":
-            return [_tool_call(self.name or "", text)]
-        if self.choice == "none":
-            return None
+            return None, [_tool_call(self.name or "", text)]
+        if self.choice == "auto":
+            found = hermes_calls(text)
+            return (text, None) if found is None else found
+        if self.choice == "required":
+            try:
+                items = json.loads(text)
+            except ValueError:
+                return text, None
+            return None, [_tool_call(i["name"], json.dumps(i["parameters"])) for i in items]
+        return text, None
+
+
+def hermes_calls(text: str) -> tuple[str | None, list[dict[str, Any]]] | None:
+    """The content before the first <tool_call> and the calls of a Hermes-format reply; None
+    when it has none, or one that does not parse (it is then text, as vLLM's parser leaves it)."""
+    start = text.find(HERMES_OPEN)
+    if start == -1:
+        return None
+    calls = []
+    blocks = list(_HERMES_CALL.finditer(text, start))
+    rest = _HERMES_CALL.sub("", text[start:]).strip()
+    if not blocks or rest:  # an unclosed call (cut short), or text between or after the calls
+        return None
+    for block in blocks:
         try:
-            items = json.loads(text)
+            call = json.loads(block.group(1))
         except ValueError:
             return None
-        return [_tool_call(item["name"], json.dumps(item["parameters"])) for item in items]
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return None
+        arguments = call.get("arguments", {})
+        calls.append(
+            _tool_call(
+                call["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)
+            )
+        )
+    content = text[:start]
+    return (content if content.strip() else None), calls
 
 
 def _tool_call(name: str, arguments: str) -> dict[str, Any]:
@@ -248,9 +289,9 @@ def offered_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     return tools
 
 
-def parse_tools(body: dict[str, Any]) -> ToolPlan | None:
-    """The tools and tool_choice of a chat request; 400 for malformed ones and for "auto",
-    which needs a model-specific parser of the reply that this server does not have."""
+def parse_tools(body: dict[str, Any], parser: str | None = None) -> ToolPlan | None:
+    """The tools and tool_choice of a chat request; 400 for malformed ones, and for "auto" (the
+    default with tools) when the server reads no tool-call format (`parser`)."""
     tools = offered_tools(body)
     choice = body.get("tool_choice")
     if not tools:
@@ -260,13 +301,15 @@ def parse_tools(body: dict[str, Any]) -> ToolPlan | None:
     names = [t["function"]["name"] for t in tools]
     parallel = field_of(body, "parallel_tool_calls", (bool,), True)
     if choice is None or choice == "auto":
-        raise HTTPError(
-            400,
-            'tool_choice "auto" (the default with tools) needs a parser of the model\'s own '
-            'tool-call format, which this server does not have; send tool_choice "required", '
-            '{"type": "function", "function": {"name": ...}}, or "none"',
-            "tool_choice",
-        )
+        if parser is None:
+            raise HTTPError(
+                400,
+                'tool_choice "auto" (the default with tools) needs a parser of the model\'s own '
+                "tool-call format: start the server with --tool-call-parser, or send "
+                'tool_choice "required", {"type": "function", "function": {"name": ...}} or "none"',
+                "tool_choice",
+            )
+        return ToolPlan(tuple(tools), "auto", parallel=parallel)
     if choice in ("none", "required"):
         return ToolPlan(tuple(tools), choice, parallel=parallel)
     named = choice.get("function") if isinstance(choice, dict) else None

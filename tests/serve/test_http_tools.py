@@ -270,3 +270,94 @@ def test_completions_still_refuse_tools(server: BackgroundServer) -> None:
         {"model": "main", "prompt": "Hi", "max_tokens": 2, "tools": [WEATHER]},
     )
     assert status == 400 and "tools" in answer["error"]["message"]
+
+
+def test_hermes_replies_are_read_for_calls() -> None:
+    from mintvcs.serve.http_chat import hermes_calls
+
+    text = 'Let me check.\n<tool_call>\n{"name": "roll", "arguments": {"sides": 6}}\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}</tool_call>'
+    found = hermes_calls(text)
+    assert found is not None
+    content, calls = found
+    assert content == "Let me check.\n"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("roll", {"sides": 6}),
+        ("get_time", {"zone": "UTC"}),
+    ]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+    assert hermes_calls('<tool_call>{"name": "roll", "arguments": {}}</tool_call>')[0] is None  # type: ignore[index]
+    for text in (
+        "no calls here",
+        '<tool_call>{"name": "roll", "arguments": {"sides": 6}}',  # cut short
+        "<tool_call>not json</tool_call>",
+        '<tool_call>{"arguments": {}}</tool_call>',  # no name
+        '<tool_call>{"name": "roll"}</tool_call> and then some text',
+    ):
+        assert hermes_calls(text) is None, text
+
+
+def test_text_that_may_start_a_call_is_held_back() -> None:
+    from mintvcs.serve.http_api import _before_possible
+
+    assert _before_possible("hello", "<tool_call>") == 5
+    assert _before_possible("hello <tool", "<tool_call>") == 6
+    assert _before_possible("hello <tool_call>{", "<tool_call>") == 6
+    assert _before_possible("a <b", "<tool_call>") == 4
+
+
+@pytest.fixture(scope="module")
+def hermes_server(repo: Any, tiny_base: Any) -> Any:
+    from mintvcs.serve.app import ServerConfig
+
+    config = ServerConfig(
+        repo=repo.work_tree or repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=512,
+        max_tokens_limit=400,
+        tool_call_parser="hermes",
+    )
+    with BackgroundServer(config) as srv:
+        yield srv
+
+
+def test_auto_reads_calls_with_the_hermes_parser(hermes_server: BackgroundServer) -> None:
+    client = _client(hermes_server)
+    # The tiny model writes no calls of its own: a regex makes it write one after some text.
+    call = r'Checking\. <tool_call>\{"name": "roll", "arguments": \{"sides": (6|20)\}\}</tool_call>'
+    kwargs: Any = {
+        "model": "main",
+        "messages": MESSAGES,
+        "tools": [DICE],
+        "max_tokens": 100,
+        "temperature": 0.8,
+        "seed": 2,
+        "extra_body": {"structured_outputs": {"regex": call}},
+    }
+    out = client.chat.completions.create(**kwargs).choices[0]
+    assert out.finish_reason == "tool_calls" and out.message.content == "Checking. "
+    (made,) = out.message.tool_calls
+    assert made.function.name == "roll" and _valid("roll", made.function.arguments)
+    content = ""
+    streamed: list[Any] = []
+    reasons = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            streamed.extend(c.delta.tool_calls or [])
+            reasons.append(c.finish_reason)
+    assert content == "Checking. " and [r for r in reasons if r] == ["tool_calls"]
+    assert [(c.function.name, c.function.arguments) for c in streamed] == [
+        ("roll", made.function.arguments)
+    ]
+    # A reply without a call is text; "auto" is what a request with tools gets by default.
+    kwargs["extra_body"] = {"structured_outputs": {"regex": "Hi <tool [a-z]{3}"}}
+    plain = client.chat.completions.create(**kwargs).choices[0]
+    assert plain.finish_reason == "stop" and plain.message.tool_calls is None
+    assert plain.message.content.startswith("Hi <tool ")
+    text = "".join(
+        c.delta.content or ""
+        for chunk in client.chat.completions.create(**kwargs, stream=True)
+        for c in chunk.choices
+    )
+    assert text == plain.message.content
