@@ -361,3 +361,10 @@ def test_auto_reads_calls_with_the_hermes_parser(hermes_server: BackgroundServer
         for c in chunk.choices
     )
     assert text == plain.message.content
+
+
+def test_an_unknown_tool_call_parser_is_refused(tiny_base: Any, tmp_path: Any) -> None:
+    from mintvcs.serve.app import ServerConfig, ServerError
+
+    with pytest.raises(ServerError, match="tool_call_parser 'mistral' is not one"):
+        ServerConfig(repo=tmp_path, base_model=tiny_base, tool_call_parser="mistral")
