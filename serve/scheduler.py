@@ -503,26 +503,40 @@ class Scheduler:
             out: list[int] = logits.numpy().argmax(axis=-1).tolist()
         else:
             out = logits.argmax(dim=-1).tolist()
-        adjusted: dict[int, torch.Tensor] = {}
-        for i, seq in enumerate(seqs):
-            if seq.params.adjusts_logits:
-                adjusted[i] = adjust_logits(
-                    logits[i], seq.params, seq.prompt_ids, seq.output_ids, seq.stop_ids
-                )
-        if structured:
-            for i, row in self._masked(logits, structured, adjusted, allowed).items():
-                adjusted[i] = row
-        greedy = [i for i in adjusted if seqs[i].params.greedy]
-        if greedy:
-            picked = torch.stack([adjusted[i] for i in greedy]).argmax(dim=-1).tolist()
-            for i, token in zip(greedy, picked, strict=True):
-                out[i] = token
+        # The rows a penalty, a bias or a structured output changes, in one matrix (a copy:
+        # logprobs are of the raw logits).
+        changed = [
+            i for i, s in enumerate(seqs) if s.params.adjusts_logits or s.matcher is not None
+        ]
+        work = None
+        if changed:
+            device = logits.device
+            work = logits[torch.tensor(changed, device=device)].float()
+            for j, i in enumerate(changed):
+                seq = seqs[i]
+                if seq.params.adjusts_logits:
+                    work[j] = adjust_logits(
+                        logits[i], seq.params, seq.prompt_ids, seq.output_ids, seq.stop_ids
+                    )
+            if structured:
+                self._mask(work, logits, changed, structured, allowed, seqs)
+            greedy = [j for j, i in enumerate(changed) if seqs[i].params.greedy]
+            if greedy:
+                picked = work[torch.tensor(greedy, device=device)].argmax(dim=-1).tolist()
+                for j, token in zip(greedy, picked, strict=True):
+                    out[changed[j]] = token
         drawn = [i for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy]
         if drawn:
-            rows = logits[torch.tensor(drawn, device=logits.device)]
-            for j, i in enumerate(drawn):
-                if i in adjusted:
-                    rows[j] = adjusted[i]
+            if work is not None and drawn == changed:  # e.g. every request sampled and constrained
+                rows = work
+            else:
+                rows = logits[torch.tensor(drawn, device=logits.device)]
+            if work is not None and rows is not work:
+                at = {i: j for j, i in enumerate(changed)}
+                pairs = [(k, at[i]) for k, i in enumerate(drawn) if i in at]
+                if pairs:
+                    into, source = zip(*pairs, strict=True)
+                    rows[list(into)] = work[list(source)].to(rows.dtype)
             tokens = sample_rows(
                 rows,
                 [seqs[i].params for i in drawn],
@@ -533,26 +547,35 @@ class Scheduler:
         return out
 
     @staticmethod
-    def _masked(
+    def _mask(
+        work: torch.Tensor,
         logits: torch.Tensor,
-        rows: list[int],
-        adjusted: dict[int, torch.Tensor],
+        changed: list[int],
+        structured: list[int],
         allowed: torch.Tensor,
-    ) -> dict[int, torch.Tensor]:
-        """The constrained rows' logits (adjusted where penalties applied) with every token
-        their structured output does not allow next at -inf, as one batched op."""
-        ok = allowed.to(logits.device, non_blocking=True)
-        raw = logits[torch.tensor(rows, device=logits.device)].float()
-        base = raw.clone()
-        for j, i in enumerate(rows):
-            if i in adjusted:
-                base[j] = adjusted[i]
-        masked = base.masked_fill(~ok, -math.inf)
-        if any(i in adjusted for i in rows):
+        seqs: list[Sequence],
+    ) -> None:
+        """Set, in `work` (the changed rows), every token a structured output does not allow
+        next to -inf, as one batched op."""
+        blocked = allowed.logical_not_().to(logits.device, non_blocking=True)
+        if len(structured) == len(changed):  # the usual case: every changed row is constrained
+            rows = None
+            work.masked_fill_(blocked, -math.inf)
+        else:
+            at = {i: j for j, i in enumerate(changed)}
+            rows = torch.tensor([at[i] for i in structured], device=logits.device)
+            work[rows] = work[rows].masked_fill(blocked, -math.inf)
+        if any(seqs[i].params.adjusts_logits for i in structured):
             # min_tokens barred EOS where the grammar allows nothing else: the grammar wins.
-            empty = ~torch.isfinite(masked).any(dim=-1, keepdim=True)
-            masked = torch.where(empty, raw.masked_fill(~ok, -math.inf), masked)
-        return dict(zip(rows, masked.unbind(0), strict=True))
+            part = work if rows is None else work[rows]
+            empty = ~torch.isfinite(part).any(dim=-1)
+            if bool(empty.any()):
+                raw = logits[torch.tensor(structured, device=logits.device)].float()
+                fixed = torch.where(empty.unsqueeze(1), raw.masked_fill(blocked, -math.inf), part)
+                if rows is None:
+                    work.copy_(fixed)
+                else:
+                    work[rows] = fixed
 
     def _fork(
         self,
