@@ -294,7 +294,8 @@ def _response_format(value: dict[str, Any], compact: bool) -> StructuredOutput |
 
 def _refuse_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
     """400 for an OpenAI field this server does not implement, unless its value is the neutral one."""
-    fields = _NEUTRAL if chat else {**_NEUTRAL, "tools": ([],)}  # tools: chat only
+    # Tools are for chat only.
+    fields = _NEUTRAL if chat else {**_NEUTRAL, "tools": ([],), "tool_choice": ("none",)}
     for name, neutral in fields.items():
         value = body.get(name)
         # 0.0 counts as 0, but True is not 1: JSON's booleans and numbers are different values.
@@ -724,6 +725,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     spec = field_of(body, "ref", (str,), "main")
     stream = field_of(body, "stream", (bool,), False)
     return_ids = field_of(body, "return_token_ids", (bool,), False)
+    _refuse_unsupported(body)
     params = replace(sampling_params(body, state), logprobs=_logprobs_field(body, "logprobs"))
     admitted = await admit(request, prompt, spec, params, stream=stream)
     texts = TokenTexts(state.require_engine().tokenizer)
@@ -1104,6 +1106,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if event.finish_reason is None:
                 if plan.choice == "auto":  # text up to where a call could be starting
                     safe = _before_possible(text, HERMES_OPEN)
+                    if not text[:safe].strip():  # blank so far: it may only lead up to a call
+                        safe = 0
                     if safe > sent[i]:
                         delta["content"] = text[sent[i] : safe]
                         sent[i] = safe
@@ -1114,7 +1118,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             else:
                 if content is not None and plan.choice == "auto":
                     start = text.find(HERMES_OPEN)
-                    if start > sent[i]:
+                    if start > sent[i]:  # (blank content is None, as not streamed)
                         delta["content"] = text[sent[i] : start]
                 delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
             return delta

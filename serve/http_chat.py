@@ -66,7 +66,7 @@ def chat_message(message: Any, index: int) -> dict[str, Any]:
         )
     out: dict[str, Any] = {"role": role, "content": _content(message, index)}
     calls = message.get("tool_calls")
-    if role == "assistant" and calls:
+    if role == "assistant" and calls is not None:
         out["tool_calls"] = [_past_call(call, index) for call in _list(calls, index)]
     if role == "tool":
         for key in ("tool_call_id", "name"):
@@ -121,8 +121,13 @@ def render_chat(
                 400, f"the chat template refused the conversation: {message}", "chat_template"
             )
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # As transformers renders chat templates: loop controls, and a tojson that keeps key
+        # order and writes non-ASCII and <>&' as they are (Jinja's own escapes them for HTML).
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = _tojson
 
         def token(name: str) -> str:
             value = tokenizer_config.get(name)
@@ -138,7 +143,11 @@ def render_chat(
                 bos_token=token("bos_token"),
                 eos_token=token("eos_token"),
             )
-        except TemplateError as err:
+        except HTTPError:
+            raise
+        except (TemplateError, TypeError, ValueError, AttributeError, KeyError) as err:
+            # A template is the checkpoint's code run on the client's messages: whatever it
+            # raises on them is a refusal of the conversation, not a server error.
             raise HTTPError(
                 400, f"the base model's chat template failed: {err}", "chat_template"
             ) from None
@@ -151,6 +160,19 @@ def render_chat(
             content = f"{content}{' ' if content else ''}tool_calls: {json.dumps(calls)}"
         lines.append(f"{m['role']}: {content}")
     return PLAIN_CHAT_SEPARATOR.join([*lines, "assistant:"]), False
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """Jinja's tojson as transformers defines it for chat templates: plain json.dumps."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 # ---------------------------------------------------------------------------- tools
@@ -219,20 +241,25 @@ class ToolPlan:
                 items = json.loads(text)
             except ValueError:
                 return text, None
-            return None, [_tool_call(i["name"], json.dumps(i["parameters"])) for i in items]
+            return None, [_tool_call(i["name"], _arguments(i["parameters"])) for i in items]
         return text, None
 
 
+def _arguments(value: Any) -> str:
+    """A call's arguments as JSON text, non-ASCII as it is."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def hermes_calls(text: str) -> tuple[str | None, list[dict[str, Any]]] | None:
-    """The content before the first <tool_call> and the calls of a Hermes-format reply; None
-    when it has none, or one that does not parse (it is then text, as vLLM's parser leaves it)."""
+    """The content before the first <tool_call> and the calls of a Hermes-format reply (text
+    after the last call is dropped, as vLLM's parser does); None when it holds no complete call
+    or one that does not parse: it is then text."""
     start = text.find(HERMES_OPEN)
     if start == -1:
         return None
     calls = []
     blocks = list(_HERMES_CALL.finditer(text, start))
-    rest = _HERMES_CALL.sub("", text[start:]).strip()
-    if not blocks or rest:  # an unclosed call (cut short), or text between or after the calls
+    if not blocks:  # an unclosed call: cut short
         return None
     for block in blocks:
         try:
@@ -241,12 +268,7 @@ def hermes_calls(text: str) -> tuple[str | None, list[dict[str, Any]]] | None:
             return None
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return None
-        arguments = call.get("arguments", {})
-        calls.append(
-            _tool_call(
-                call["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)
-            )
-        )
+        calls.append(_tool_call(call["name"], _arguments(call.get("arguments", {}))))
     content = text[:start]
     return (content if content.strip() else None), calls
 
@@ -280,8 +302,15 @@ def offered_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
                 "tools",
             )
         parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise HTTPError(400, f"tools[{i}].function.parameters must be a JSON schema", "tools")
+        if parameters is not None and (
+            not isinstance(parameters, dict) or parameters.get("type", "object") != "object"
+        ):
+            raise HTTPError(
+                400,
+                f"tools[{i}].function.parameters must be a JSON schema of an object "
+                '({"type": "object", ...}): arguments are a JSON object',
+                "tools",
+            )
         tools.append({"type": "function", "function": function})
     names = [t["function"]["name"] for t in tools]
     if len(set(names)) != len(names):
@@ -310,9 +339,23 @@ def parse_tools(body: dict[str, Any], parser: str | None = None) -> ToolPlan | N
                 "tool_choice",
             )
         return ToolPlan(tuple(tools), "auto", parallel=parallel)
-    if choice in ("none", "required"):
+    if choice == "none":
         return ToolPlan(tuple(tools), choice, parallel=parallel)
-    named = choice.get("function") if isinstance(choice, dict) else None
+    if body.get("stop") or body.get("stop_token_ids"):
+        # A stop string inside the arguments would cut a call the reply must hold.
+        raise HTTPError(
+            400,
+            "stop and stop_token_ids would cut short the call this tool_choice requires; "
+            "leave them out",
+            "tool_choice",
+        )
+    if choice == "required":
+        return ToolPlan(tuple(tools), choice, parallel=parallel)
+    named = (
+        choice.get("function")
+        if isinstance(choice, dict) and choice.get("type", "function") == "function"
+        else None
+    )
     name = named.get("name") if isinstance(named, dict) else None
     if not isinstance(name, str):
         raise HTTPError(

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from mintvcs.serve.app import BackgroundServer
-from mintvcs.serve.http_chat import render_chat
+from mintvcs.serve.http_chat import chat_message, render_chat
 from tests.serve.http_kit import request
 
 WEATHER = {
@@ -254,6 +254,39 @@ def test_templates_see_tools_and_calls_as_objects() -> None:
             "without response_format",
         ),
         ({"tools": "get_weather", "tool_choice": "required"}, "tools"),
+        ({"tools": [DICE], "tool_choice": "required", "stop": ["x"]}, "stop"),
+        (
+            {
+                "tools": [DICE],
+                "tool_choice": {"type": "function", "function": {"name": "roll"}},
+                "stop_token_ids": [5],
+            },
+            "stop",
+        ),
+        (
+            {"tools": [DICE], "tool_choice": {"type": "custom", "function": {"name": "roll"}}},
+            "tool_choice must be",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"type": "string"}},
+                    }
+                ],
+                "tool_choice": "required",
+            },
+            "of an object",
+        ),
+        (
+            {
+                "messages": [{"role": "assistant", "content": "x", "tool_calls": {}}],
+                "tools": [DICE],
+                "tool_choice": "none",
+            },
+            "tool_calls must be a list",
+        ),
     ],
 )
 def test_malformed_tool_requests_are_400(
@@ -264,12 +297,67 @@ def test_malformed_tool_requests_are_400(
     assert status == 400 and words in answer["error"]["message"], answer
 
 
-def test_completions_still_refuse_tools(server: BackgroundServer) -> None:
-    status, _, answer = request(
-        server.url + "/v1/completions",
-        {"model": "main", "prompt": "Hi", "max_tokens": 2, "tools": [WEATHER]},
+def test_completions_and_generate_refuse_tools(server: BackgroundServer) -> None:
+    for url, body in (
+        ("/v1/completions", {"model": "main", "tools": [WEATHER]}),
+        ("/v1/completions", {"model": "main", "tool_choice": "required"}),
+        ("/generate", {"tools": [WEATHER], "tool_choice": "required"}),
+    ):
+        status, _, answer = request(server.url + url, {"prompt": "Hi", "max_tokens": 2, **body})
+        assert status == 400 and "tool" in json.dumps(answer), (url, answer)
+
+
+def test_tools_render_as_transformers_renders_them(tiny_base: Any) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    # A Qwen2.5-style template: tools as JSON lines in the system turn, earlier calls as JSON.
+    template = (
+        "{%- if tools %}<|system|>Tools:\n{%- for tool in tools %}{{ tool | tojson }}\n"
+        "{%- endfor %}{%- endif %}"
+        "{%- for m in messages %}<|{{ m.role }}|>{{ m.content or '' }}"
+        "{%- for call in m.tool_calls or [] %}<tool_call>"
+        "{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}"
+        "</tool_call>{%- if loop.index > 3 %}{% break %}{% endif %}{%- endfor %}"
+        "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>{%- endif %}"
     )
-    assert status == 400 and "tools" in answer["error"]["message"]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "weather",
+                "description": "Weather <in> a city & 'region', e.g. Zürich",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    messages = [
+        {"role": "user", "content": "Wie ist das Wetter in Zürich?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": '{"city": "Zürich"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "18 °C"},
+    ]
+    checked = [chat_message(m, i) for i, m in enumerate(messages)]
+    ours, templated = render_chat(checked, {"chat_template": template}, tools)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tiny_base / "tokenizer.json"))
+    hf.chat_template = template
+    # transformers takes earlier calls' arguments as objects, as render_chat hands them over.
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    expected = hf.apply_chat_template(
+        messages, tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert templated and ours == expected
+    assert "Zürich" in ours and "<in>" in ours
 
 
 def test_hermes_replies_are_read_for_calls() -> None:
@@ -291,9 +379,13 @@ def test_hermes_replies_are_read_for_calls() -> None:
         '<tool_call>{"name": "roll", "arguments": {"sides": 6}}',  # cut short
         "<tool_call>not json</tool_call>",
         '<tool_call>{"arguments": {}}</tool_call>',  # no name
-        '<tool_call>{"name": "roll"}</tool_call> and then some text',
     ):
         assert hermes_calls(text) is None, text
+    # Text after the calls is dropped, as vLLM's parser drops it; arguments keep non-ASCII.
+    after = hermes_calls(
+        '<tool_call>{"name": "go", "arguments": {"to": "Zürich"}}</tool_call> Done!'
+    )
+    assert after is not None and after[1][0]["function"]["arguments"] == '{"to": "Zürich"}'
 
 
 def test_text_that_may_start_a_call_is_held_back() -> None:
@@ -350,6 +442,21 @@ def test_auto_reads_calls_with_the_hermes_parser(hermes_server: BackgroundServer
     assert [(c.function.name, c.function.arguments) for c in streamed] == [
         ("roll", made.function.arguments)
     ]
+    # Blank text before a call is no content, streamed or not.
+    kwargs["extra_body"] = {
+        "structured_outputs": {
+            "regex": r'\n\n<tool_call>\{"name": "roll", "arguments": \{\}\}</tool_call>'
+        }
+    }
+    lead = client.chat.completions.create(**kwargs).choices[0]
+    assert lead.message.content is None and lead.message.tool_calls
+    streamed_content = [
+        c.delta.content
+        for chunk in client.chat.completions.create(**kwargs, stream=True)
+        for c in chunk.choices
+        if c.delta.content
+    ]
+    assert streamed_content == []
     # A reply without a call is text; "auto" is what a request with tools gets by default.
     kwargs["extra_body"] = {"structured_outputs": {"regex": "Hi <tool [a-z]{3}"}}
     plain = client.chat.completions.create(**kwargs).choices[0]
