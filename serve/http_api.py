@@ -1128,21 +1128,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             first = not started[i]
             started[i] = True
             out: list[dict[str, Any]] = []
+            delta: dict[str, Any] | None = None
             if calling:
                 delta = tool_delta(i, event, first)
-                if delta is not None:
-                    evs, pending[i] = pending[i], []
-                    item = {"index": i, "delta": delta, "logprobs": lp_object(evs)}
-                    out.append(
-                        obj(
-                            "chat.completion.chunk",
-                            {**item, "finish_reason": None, **ids(i, evs, first)},
-                        )
-                    )
             # Held-back text sends nothing: its logprobs go with the choice's next chunk.
             elif event.text or first:
                 delta = {"role": "assistant"} if first else {}
                 delta["content"] = event.text
+            if delta is not None:
                 evs, pending[i] = pending[i], []
                 item = {"index": i, "delta": delta, "logprobs": lp_object(evs)}
                 out.append(
