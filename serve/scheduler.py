@@ -440,16 +440,17 @@ class Scheduler:
             logprobs = self._logprobs(logits, seqs, tokens)
         except Exception as err:
             # A failed step must not take the engine down: fail this batch, keep serving.
-            log.error(
-                "an engine step of %d sequences failed", len(seqs) + len(chunked), exc_info=err
-            )
-            for seq in [*seqs, *chunked]:
+            # Distinct requests: a prompt ending in this step is both sampled and prefilled.
+            failed = list({id(s): s for s in [*seqs, *chunked]}.values())
+            log.error("an engine step of %d sequences failed", len(failed), exc_info=err)
+            # Counted before anyone hears of it: a client told of the failure may ask /health.
+            self.failed_steps_in_a_row += 1
+            self.last_error = f"{type(err).__name__}: {err}"
+            for seq in failed:
                 if not seq.finished:
                     self._fail(seq, err)
             self.prefilling = [s for s in self.prefilling if not s.finished]
             self.running = self.admitting = []
-            self.failed_steps_in_a_row += 1
-            self.last_error = f"{type(err).__name__}: {err}"
             return True
         self.failed_steps_in_a_row = 0
         for seq in chunked:
