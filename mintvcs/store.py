@@ -1167,11 +1167,7 @@ class Repository:
         if ref == "HEAD" and name in ("HEAD", "@"):
             raise UnknownRevisionError("HEAD does not point to a commit yet: make a first commit")
         if _HEX.match(name):
-            matches = sorted(
-                {o.decode() for o in self.objects.iter_prefix(name.encode())}
-                if len(name) < 40
-                else {name}
-            )
+            matches = sorted(self._ids_with_prefix(name) if len(name) < 40 else {name})
             commits = [o for o in matches if self._is_commit_or_tag(o)]
             if len(commits) == 1:
                 return self.peel(commits[0])
@@ -1180,6 +1176,17 @@ class Repository:
                     f"revision {name!r} is ambiguous: {', '.join(c[:12] for c in commits[:5])}; give more digits"
                 )
         raise UnknownRevisionError(f"unknown revision {spec!r}: not a branch, tag or commit id")
+
+    def _ids_with_prefix(self, prefix: str) -> set[str]:
+        """The ids of the objects whose hex id starts with `prefix`."""
+        from dulwich.pack import PackFileDisappeared
+
+        try:
+            return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
+        except PackFileDisappeared:
+            # Another process's gc replaced a pack since dulwich last listed them; the failed
+            # walk dropped it, so a second one reads the packs there are now.
+            return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
 
     def ambiguous(self, spec: str) -> list[str]:
         """The refs a spec's name could mean when it names more than one (a tag and a branch), else [].

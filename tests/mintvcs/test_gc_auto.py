@@ -190,3 +190,18 @@ def test_a_cli_commit_past_the_limit_packs_as_git_does(
         for commit, digest in weights.items():
             porcelain.checkout(repo, commit, force=True)
             assert hashlib.sha256((work / WEIGHTS).read_bytes()).hexdigest() == digest
+
+
+def test_a_long_lived_reader_resolves_short_ids_after_another_process_repacks(work: Path) -> None:
+    # A server holds one Repository for hours while a training run commits and gcs in its own
+    # processes: dulwich's cached pack list then names a pack that is gone.
+    mint(work, "gc")
+    with Repository.open(work) as reader:
+        head = reader.resolve("main")
+        assert reader.resolve(head[:10]) == head
+        mutate(work, seed=7)
+        mint(work, "commit", "-m", "next", "--no-verify")
+        mint(work, "gc")
+        assert reader.resolve(head[:10]) == head
+        newest = reader.resolve("main")
+        assert newest != head and reader.resolve(newest[:12]) == newest
