@@ -35,6 +35,20 @@ from mintvcs.serve.threads import use_one_intraop_thread
 
 # How long a load failure that is not a refusal (a disk error, say) is reported before a retry.
 _RETRY_AFTER_S = 2.0
+
+
+def _detached(err: BaseException) -> BaseException:
+    """A copy of `err` without its traceback or chained errors (its __init__ is not run again:
+    AdapterRefused's takes other arguments than it keeps)."""
+    clone = type(err).__new__(type(err))
+    clone.args = err.args
+    clone.__dict__.update(err.__dict__)
+    return clone
+
+
+# Revisions whose refusal is remembered (the oldest forgotten first): an eval that names each
+# commit of a long run by id must not grow this without bound.
+_REMEMBERED_FAILURES = 4096
 # Stand-in factors for sizing an image: image_numel reads only which modules a revision adapts.
 _NO_FACTORS = (torch.empty(0), torch.empty(0))
 
@@ -507,6 +521,14 @@ class Residency:
                 return err
             return None
 
+    def _remember_failure(self, revision: str, err: BaseException) -> None:
+        """Keep why `revision` failed (under the lock): the error without its traceback, whose
+        frames would hold the decoded adapter and the loader's locals."""
+        self._failures.pop(revision, None)
+        self._failures[revision] = (time.monotonic(), _detached(err))
+        while len(self._failures) > _REMEMBERED_FAILURES:
+            del self._failures[next(iter(self._failures))]
+
     def _raise_failure(self, revision: str) -> None:
         entry = self._failures.get(revision)
         if entry is None:
@@ -514,7 +536,9 @@ class Residency:
         when, err = entry
         # Refusals depend only on the revision's content (ids are commit ids): they are final.
         if isinstance(err, AdapterRefused) or time.monotonic() - when < _RETRY_AFTER_S:
-            raise err
+            # A fresh copy per request: raising the stored one would grow its traceback by each
+            # request's frames, and keep them (and what they hold) alive for good.
+            raise _detached(err)
         del self._failures[revision]
 
     # -- warm, pin, inspect ---------------------------------------------------------------------
@@ -650,7 +674,7 @@ class Residency:
             self._host_adapter(revision)
         except BaseException as err:
             with self._lock:
-                self._failures[revision] = (time.monotonic(), err)
+                self._remember_failure(revision, err)
                 self.stats.loads_failed += 1
             raise
         finally:
@@ -676,7 +700,7 @@ class Residency:
                 self.pools.write(slot.index, host)
         except BaseException as err:
             with self._lock:
-                self._failures[revision] = (time.monotonic(), err)
+                self._remember_failure(revision, err)
                 self.stats.loads_failed += 1
                 self._by_revision.pop(revision, None)
                 slot.revision, slot.state, slot.future = None, "free", None

@@ -145,3 +145,26 @@ def test_the_engine_refuses_a_nan_revision_and_keeps_serving(
         assert len(eng.generate([5, 6], "ok", params, timeout=30).token_ids) == 4
         assert eng.stats()["loads_failed"] == 1
         assert "bad" not in eng.residency_snapshot()["host_cache"]["revisions"]
+
+
+def test_a_remembered_refusal_does_not_collect_each_request_s_frames(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    import traceback
+
+    source = _PoisonSource({"ok": zoo["all-r16"], "bad": zoo["all-r16"]})
+    params = SamplingParams(max_tokens=4, temperature=0.0)
+    config = EngineConfig(max_model_len=64, adapter_slots=2)
+    with Engine(tiny_base, config, source=source) as eng:
+        depths, messages = [], set()
+        for _ in range(6):
+            with pytest.raises(AdapterRefused, match="NaN or Inf") as info:
+                eng.generate([5, 6], "bad", params, timeout=30)
+            depths.append(len(traceback.extract_tb(info.value.__traceback__)))
+            messages.add((str(info.value), info.value.reason))
+        assert len(messages) == 1  # the same refusal every time
+        # Each request raises a copy: the traceback it carries is its own, not all of them.
+        assert depths[-1] == depths[1]
+        _, kept = eng.residency._failures["bad"]
+        assert kept.__traceback__ is None and kept.__context__ is None
+        assert eng.stats()["loads_failed"] == 1
