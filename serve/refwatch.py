@@ -243,14 +243,14 @@ class RefWatcher:
         values: dict[str, str | None] = {}  # each ref read once per poll, however many specs use it
         stale: list[tuple[str, _Entry]] = []
         for spec, entry in entries:
-            if entry.resolution.ref is None and is_object_id(spec):
-                continue  # a full commit id names the same revision forever
             idle = now - entry.used
-            if idle > self.idle_forget_s:
+            if idle > self.idle_forget_s:  # full commit ids too: an eval names each one once
                 with self._lock:
                     if self._entries.get(spec) is entry:
                         del self._entries[spec]
                 continue
+            if entry.resolution.ref is None and is_object_id(spec):
+                continue  # a full commit id names the same revision forever: nothing to watch
             if idle > self.active_s:
                 continue  # no recent request: nothing to prefetch for
             changed = False

@@ -93,3 +93,18 @@ def test_at_minus_n_follows_the_branch_it_names(tmp_path: Path, peft_adapter: Pa
     before = watcher.resolve("@{-1}").commit
     new = porcelain.commit(repo, "on side", branch="side", verify=False, show_progress=False).commit
     assert new != before and watcher.resolve("@{-1}").commit == new
+
+
+def test_idle_entries_are_forgotten_full_commit_ids_too(tmp_path: Path, peft_adapter: Path) -> None:
+    import time
+
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    watcher = RefWatcher(repo, idle_forget_s=0.1)
+    for spec in ("main", first, first[:10]):
+        assert watcher.resolve(spec).commit == first
+    time.sleep(0.2)
+    watcher.poll()
+    # An eval naming each commit of a long run by id would otherwise keep one entry per commit.
+    assert watcher.tracked() == []
+    assert watcher.resolve(first).commit == first  # resolved again when asked again
+    assert len(watcher.tracked()) == 1
