@@ -133,13 +133,20 @@ class _PoisonSource(PeftDirSource):
         return super().load(revision)
 
 
+PARAMS = SamplingParams(max_tokens=4, temperature=0.0)
+
+
+def _poisoned_engine(tiny_base: Path, zoo: dict[str, Path]) -> Engine:
+    """An engine whose source has revisions 'ok' and 'bad' (one NaN)."""
+    source = _PoisonSource({"ok": zoo["all-r16"], "bad": zoo["all-r16"]})
+    return Engine(tiny_base, EngineConfig(max_model_len=64, adapter_slots=2), source=source)
+
+
 def test_the_engine_refuses_a_nan_revision_and_keeps_serving(
     tiny_base: Path, zoo: dict[str, Path]
 ) -> None:
-    source = _PoisonSource({"ok": zoo["all-r16"], "bad": zoo["all-r16"]})
-    params = SamplingParams(max_tokens=4, temperature=0.0)
-    config = EngineConfig(max_model_len=64, adapter_slots=2)
-    with Engine(tiny_base, config, source=source) as eng:
+    params = PARAMS
+    with _poisoned_engine(tiny_base, zoo) as eng:
         with pytest.raises(AdapterRefused, match="NaN or Inf"):
             eng.generate([5, 6], "bad", params, timeout=30)
         assert len(eng.generate([5, 6], "ok", params, timeout=30).token_ids) == 4
@@ -152,10 +159,8 @@ def test_a_remembered_refusal_does_not_collect_each_request_s_frames(
 ) -> None:
     import traceback
 
-    source = _PoisonSource({"ok": zoo["all-r16"], "bad": zoo["all-r16"]})
-    params = SamplingParams(max_tokens=4, temperature=0.0)
-    config = EngineConfig(max_model_len=64, adapter_slots=2)
-    with Engine(tiny_base, config, source=source) as eng:
+    params = PARAMS
+    with _poisoned_engine(tiny_base, zoo) as eng:
         depths, messages = [], set()
         for _ in range(6):
             with pytest.raises(AdapterRefused, match="NaN or Inf") as info:
