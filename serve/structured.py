@@ -104,19 +104,19 @@ class Grammars:
             # Outside the lock: compiling drops the GIL and may take a while for a large schema.
             matcher = self._build(spec)
         except BaseException as err:
-            mine.set_exception(err)
-            raise
-        finally:
             with self._lock:
                 del self._compiling[spec]
-        mine.set_result(matcher)
-        with self._lock:
+            mine.set_exception(err)
+            raise
+        with self._lock:  # cached as it stops being in progress: no caller compiles it again
+            del self._compiling[spec]
             self._compiled[spec] = matcher
             while len(self._compiled) > COMPILED_GRAMMARS or (
                 len(self._compiled) > 1
                 and sum(len(s.spec) for s in self._compiled) > COMPILED_SPEC_CHARS
             ):
                 self._compiled.popitem(last=False)
+        mine.set_result(matcher)
         return matcher
 
     def _build(self, spec: StructuredOutput) -> llguidance.LLMatcher:
