@@ -1050,17 +1050,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         def ids(i: int, evs: list[TokenEvent], first: bool) -> dict[str, Any]:
             return _token_id_fields(choices[i], evs, first) if return_ids else {}
 
+        def call_reason(calls: list[Any] | None, reason: str | None) -> str | None:
+            """A finished choice's finish_reason, given the calls its reply holds."""
+            # OpenAI: "tool_calls" when the model chose to call; a named call ends as "stop".
+            if calls is not None and plan is not None and plan.choice != "function":
+                return "tool_calls" if reason == "stop" else reason
+            return reason
+
         def reply(text: str, reason: str | None) -> tuple[dict[str, Any], str | None]:
             """The message of a finished choice, and its finish_reason."""
-            if plan is None or not calling:
-                return {"role": "assistant", "content": text}, reason
-            content, calls = plan.split(text)
+            content, calls = (text, None) if plan is None else plan.split(text)
             if calls is None:
                 return {"role": "assistant", "content": text}, reason
-            # OpenAI: "tool_calls" when the model chose to call; a named call ends as "stop".
-            if plan.choice != "function" and reason == "stop":
-                reason = "tool_calls"
-            return {"role": "assistant", "content": content, "tool_calls": calls}, reason
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            return message, call_reason(calls, reason)
 
         if not stream:
             got = await _collect_all(choices, state)
@@ -1085,10 +1088,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         # Tool calls: a named call streams its arguments as they come; "required" calls (a
         # list, parsed when complete) go out in one chunk at the end; under "auto", text
         # streams as content until a call may be starting, and the calls go out at the end.
-        named = calling and plan is not None and plan.choice == "function"
+        named = plan is not None and plan.choice == "function"
         call_ids = [f"call_{secrets.token_hex(12)}" for _ in choices]
         written = ["" for _ in choices]
         sent = [0] * len(choices)  # characters of written[i] already sent as content
+        reasons: list[str | None] = [None] * len(choices)  # set where calls change it
 
         def tool_delta(i: int, event: TokenEvent, first: bool) -> dict[str, Any] | None:
             """A chunk's delta for a tool-calling choice (None: nothing to send yet)."""
@@ -1113,6 +1117,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         sent[i] = safe
                 return delta or None
             content, calls = plan.split(text)
+            reasons[i] = call_reason(calls, event.finish_reason)
             if calls is None:  # no calls: the rest as text (all of it, if cut short)
                 delta["content"] = text[sent[i] :]
             else:
@@ -1147,7 +1152,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if event.finish_reason is not None:  # each choice ends when it ends
                 evs, pending[i] = pending[i], []
                 item = {"index": i, "delta": {}, "logprobs": lp_object(evs) if evs else None}
-                _, reason = reply(written[i], event.finish_reason)
+                reason = reasons[i] or event.finish_reason
                 out.append(
                     obj(
                         "chat.completion.chunk",
