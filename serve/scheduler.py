@@ -532,10 +532,10 @@ class Scheduler:
                 rows = work
             else:
                 rows = logits[torch.tensor(drawn, device=logits.device)]
-            if work is not None and rows is not work:
                 at = {i: j for j, i in enumerate(changed)}
                 pairs = [(k, at[i]) for k, i in enumerate(drawn) if i in at]
                 if pairs:
+                    assert work is not None
                     into, source = zip(*pairs, strict=True)
                     rows[list(into)] = work[list(source)].to(rows.dtype)
             tokens = sample_rows(
@@ -643,11 +643,11 @@ class Scheduler:
 
 def _structured_failure(seq: Sequence) -> StructuredOutputError:
     """The error of a sequence whose sampled token its structured output refused."""
+    assert seq.params.structured is not None  # the matcher's spec
     reason = seq.matcher.get_error() or "no token could continue the output"
     return StructuredOutputError(
         f"request {seq.request_id}: the output stopped matching its "
-        f"{seq.params.structured.kind if seq.params.structured else 'structured'} output "
-        f"after {len(seq.output_ids)} tokens: {reason}"
+        f"{seq.params.structured.kind} output after {len(seq.output_ids)} tokens: {reason}"
     )
 
 
