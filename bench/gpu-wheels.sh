@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Fetch, on this machine, the wheels of our dependencies that the GPU machine lacks (it has torch,
-# triton, peft, transformers, aiohttp, tokenizers... but no dulwich, zstandard or zlib-ng, and no
-# package registry). They land in .whl/ (git-ignored through .git/info/exclude); pass ".whl" in
+# Fetch, on this machine, the wheels of our runtime dependencies that the GPU machine lacks (it has
+# no package registry). They land in .whl/ (git-ignored through .git/info/exclude); pass ".whl" in
 # the device run's `carry` and bench/gpu.sh installs them. The GPU machine's Python is 3.12.
-# Versions: those of the dev venv (.venv) when it has them, else the pins below, so that the GPU
-# run tests what CI tests.
+# What to fetch follows pyproject.toml: every runtime dependency except those the GPU image ships
+# (GPU_IMAGE_HAS below, from the device tool's list of the image's packages), so a dependency
+# added to pyproject is fetched without anyone remembering this script. Versions: those of the
+# dev venv (.venv), so that the GPU run tests what CI tests; unpinned where the venv lacks one.
+# Platforms up to glibc 2.34: the GPU image's Python 3.12.3 is a distribution build with a newer glibc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PINS=(dulwich==1.2.21 zstandard==0.25.0 zlib-ng==1.1.0)
+GPU_IMAGE_HAS="torch triton safetensors click numpy tqdm tokenizers aiohttp jinja2"
 PY=${PYTHON:-python3}
 TARGET_PY=${TARGET_PY:-3.12}
 # In a worktree .git is a file; ask git where the exclude file is, and carry on without one.
@@ -18,24 +20,41 @@ if [ -n "$exclude" ]; then
 else
     echo "warning: not a git checkout; keep .whl/ out of commits yourself" >&2
 fi
-if [ -x .venv/bin/python ]; then
-    mapfile -t PINS < <(.venv/bin/python - "${PINS[@]}" <<'EOF'
+VENV_PY=$PY
+[ -x .venv/bin/python ] && VENV_PY=.venv/bin/python
+mapfile -t PINS < <("$VENV_PY" - $GPU_IMAGE_HAS <<'PYEOF'
+import re
 import sys
+import tomllib
 from importlib.metadata import PackageNotFoundError, version
 
-for pin in sys.argv[1:]:
-    name = pin.split("==")[0]
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+image = {canonical(name) for name in sys.argv[1:]}
+with open("pyproject.toml", "rb") as f:
+    requirements = tomllib.load(f)["project"]["dependencies"]
+for requirement in requirements:
+    name = canonical(re.match(r"[A-Za-z0-9._-]+", requirement).group(0))
+    if name in image:
+        continue
     try:
         print(f"{name}=={version(name)}")
     except PackageNotFoundError:
-        print(pin)
-EOF
-    )
-fi
+        print(name)
+PYEOF
+)
 echo "fetching ${PINS[*]} for CPython $TARGET_PY"
+mkdir -p .whl
 # One version of each: two would stop the install on the GPU machine.
-rm -f .whl/dulwich-*.whl .whl/zstandard-*.whl .whl/zlib_ng-*.whl
+for pin in "${PINS[@]}"; do
+    stem=${pin%%==*}
+    rm -f ".whl/${stem//-/_}"-*.whl ".whl/$stem"-*.whl
+done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET_PY" \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --implementation cp --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl "${PINS[@]}"
 ls -l .whl

@@ -9,8 +9,9 @@
 # Time: each step has its own limit (parity 140 s, kernels 90 s, engine 140 s, serve 90 s) and
 # none runs past GPU_DEADLINE_S (default 500 s) from the start, so the whole script ends within
 # about 8.5 minutes even when every step hangs; ~20 s of set-up comes first. Set-up that leaves
-# no CUDA, or no importable mintvcs, dulwich, zstandard or zlib_ng, stops the script at once with
-# exit status 2 and setup.log printed: device minutes are too scarce to spend on the timeouts.
+# no CUDA, no importable mintvcs, or a runtime dependency of pyproject.toml uninstalled stops the
+# script at once with exit status 2 and setup.log printed: device minutes are too scarce to spend
+# on the timeouts.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -137,7 +138,7 @@ try:
 except Exception as e:
     problems.append(f"import triton: {type(e).__name__}: {e}")
 for module, dist in [("mintvcs.kernels", "mintvcs"), ("mintvcs.serve", None), ("dulwich", "dulwich"),
-                     ("zstandard", "zstandard"), ("zlib_ng", "zlib-ng")]:
+                     ("zstandard", "zstandard"), ("zlib_ng", "zlib-ng"), ("llguidance", "llguidance")]:
     try:
         mod = importlib.import_module(module)
     except Exception as e:
@@ -148,6 +149,18 @@ for module, dist in [("mintvcs.kernels", "mintvcs"), ("mintvcs.serve", None), ("
     except PackageNotFoundError:
         release = "(no installed metadata)"  # mintvcs through the import shim
     print(" ".join(part for part in (module, release, mod.__file__) if part))
+# Every runtime dependency pyproject names, installed: one added since bench/gpu-wheels.sh last
+# ran would otherwise fail a step minutes in, at its first import.
+import re
+import tomllib
+
+with open("pyproject.toml", "rb") as f:
+    for requirement in tomllib.load(f)["project"]["dependencies"]:
+        dist = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
+        try:
+            version(dist)
+        except PackageNotFoundError:
+            problems.append(f"dependency {dist} is not installed: rerun bench/gpu-wheels.sh, carry .whl")
 if problems:
     print("SETUP FAILED:", *problems, sep="\n  ")
     sys.exit(2)
