@@ -152,12 +152,13 @@ def render_chat(
                 400, f"the base model's chat template failed: {err}", "chat_template"
             ) from None
         return rendered, True
-    lines = [f"tools: {json.dumps(tools)}"] if tools else []
+    # Non-ASCII as it is, as templates' tojson writes it: escapes would cost tokens.
+    lines = [f"tools: {_tojson(tools)}"] if tools else []
     for m in messages:
         content = m["content"]
         if m.get("tool_calls"):
             calls = [c["function"] for c in m["tool_calls"]]
-            content = f"{content}{' ' if content else ''}tool_calls: {json.dumps(calls)}"
+            content = f"{content}{' ' if content else ''}tool_calls: {_tojson(calls)}"
         lines.append(f"{m['role']}: {content}")
     return PLAIN_CHAT_SEPARATOR.join([*lines, "assistant:"]), False
 
@@ -185,7 +186,7 @@ class ToolPlan:
     tools: tuple[dict[str, Any], ...]  # OpenAI's {"type": "function", "function": {...}}
     choice: str  # "none" | "auto" | "required" | "function"
     name: str | None = None  # the named function
-    parallel: bool = True  # parallel_tool_calls: several calls allowed under "required"
+    parallel: bool = True  # parallel_tool_calls: several calls allowed ("auto", "required")
 
     def structured(self) -> StructuredOutput | None:
         """The structured output that makes the reply a valid call (None for "none").
@@ -235,7 +236,10 @@ class ToolPlan:
             return None, [_tool_call(self.name or "", text)]
         if self.choice == "auto":
             found = hermes_calls(text)
-            return (text, None) if found is None else found
+            if found is None:
+                return text, None
+            # The model cannot be held to one call here; as vLLM does, keep its first.
+            return found if self.parallel else (found[0], found[1][:1])
         if self.choice == "required":
             try:
                 items = json.loads(text)

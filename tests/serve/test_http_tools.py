@@ -360,6 +360,26 @@ def test_tools_render_as_transformers_renders_them(tiny_base: Any) -> None:
     assert "Zürich" in ours and "<in>" in ours
 
 
+def test_the_plain_template_writes_tools_and_calls_as_json_text() -> None:
+    tool = {"type": "function", "function": {"name": "go", "description": "Reise nach Zürich"}}
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "go", "arguments": {"to": "Zürich"}},
+    }
+    messages = [
+        {"role": "user", "content": "Los!"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+    prompt, templated = render_chat(messages, {}, [tool])
+    assert not templated
+    lines = prompt.split("\n")
+    # Non-ASCII as it is (an escape would cost tokens), and each line's JSON reads back.
+    assert "Zürich" in lines[0] and "\\u" not in prompt
+    assert json.loads(lines[0].removeprefix("tools: ")) == [tool]
+    assert json.loads(lines[2].split("tool_calls: ", 1)[1]) == [call["function"]]
+
+
 def test_hermes_replies_are_read_for_calls() -> None:
     from mintvcs.serve.http_chat import hermes_calls
 
@@ -457,6 +477,21 @@ def test_auto_reads_calls_with_the_hermes_parser(hermes_server: BackgroundServer
         if c.delta.content
     ]
     assert streamed_content == []
+    # Two calls: both come back, or with parallel_tool_calls false only the first (as vLLM).
+    two = r'<tool_call>\{"name": "roll", "arguments": \{"sides": 6\}\}</tool_call>' * 2
+    kwargs.update(extra_body={"structured_outputs": {"regex": two}}, max_tokens=300)
+    both = client.chat.completions.create(**kwargs).choices[0]
+    assert both.finish_reason == "tool_calls" and len(both.message.tool_calls) == 2
+    single = {**kwargs, "parallel_tool_calls": False}
+    one = client.chat.completions.create(**single).choices[0]
+    assert len(one.message.tool_calls) == 1 and one.finish_reason == "tool_calls"
+    streamed = [
+        call
+        for chunk in client.chat.completions.create(**single, stream=True)
+        for c in chunk.choices
+        for call in c.delta.tool_calls or []
+    ]
+    assert [(c.index, c.function.arguments) for c in streamed] == [(0, '{"sides": 6}')]
     # A reply without a call is text; "auto" is what a request with tools gets by default.
     kwargs["extra_body"] = {"structured_outputs": {"regex": "Hi <tool [a-z]{3}"}}
     plain = client.chat.completions.create(**kwargs).choices[0]
