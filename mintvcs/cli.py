@@ -250,8 +250,6 @@ def commit(
 def _auto_gc_after_commit(repo: Any) -> None:
     """As git after a commit: past gc.autoPackLimit packs (each commit of a large adapter writes
     one), run `gc --auto`, in a detached process unless gc.autoDetach is false."""
-    import subprocess
-
     from mintvcs import maintenance
 
     with contextlib.suppress(OSError, MintError, ValueError):
@@ -268,14 +266,7 @@ def _auto_gc_after_commit(repo: Any) -> None:
             "`mintvcs gc --auto` does it by hand",
             err=True,
         )
-        subprocess.Popen(
-            [sys.executable, "-m", "mintvcs.cli", "gc", "--auto"],
-            cwd=repo.git_dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # outlives this command, as git's detached gc does
-        )
+        maintenance.auto_gc_detached(repo)
 
 
 @main.command()

@@ -9,6 +9,8 @@ import mmap
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -1181,6 +1183,22 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
         # Another gc is at work: --auto is a hint to tidy up, not worth an error (git's too).
         size = _store_size(repo)
         return RollUpResult(0, 0, 0, pack_count(repo), size, size, busy=True)
+
+
+def auto_gc_detached(repo: Repository) -> subprocess.Popen[bytes] | None:
+    """Past gc.autoPackLimit packs, start `mintvcs gc --auto` in a process of its own and return it
+    at once (None under the limit): a training loop's commit need not wait for the merge."""
+    limit = auto_limits(repo)[0]
+    if limit is None or pack_count(repo) <= limit:
+        return None
+    return subprocess.Popen(
+        [sys.executable, "-m", "mintvcs.cli", "gc", "--auto"],
+        cwd=repo.git_dir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # outlives its parent, as git's detached gc does
+    )
 
 
 @contextmanager

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from mintvcs import porcelain
-from mintvcs.maintenance import GcCorruptObjectError, GcRefusedError, auto_gc, geometric_split
+from mintvcs.maintenance import (
+    GcCorruptObjectError,
+    GcRefusedError,
+    auto_gc,
+    auto_gc_detached,
+    geometric_split,
+)
 from mintvcs.store import Repository
 from tests.fixtures import ALL_LINEAR, build_base, make_peft_adapter
 from tests.mintvcs.storekit import WEIGHTS, git, git_fsck, mint, mutate
@@ -187,6 +193,28 @@ def test_a_cli_commit_past_the_limit_packs_as_git_does(
         time.sleep(0.1)
     git_fsck(work)
     with Repository.open(work) as repo:
+        for commit, digest in weights.items():
+            porcelain.checkout(repo, commit, force=True)
+            assert hashlib.sha256((work / WEIGHTS).read_bytes()).hexdigest() == digest
+
+
+def test_a_training_loop_hands_the_merge_to_a_process_of_its_own(
+    run: tuple[Path, Path, dict[str, str]],
+) -> None:
+    work, adapter, weights = run
+    with Repository.open(work) as repo:
+        assert auto_gc_detached(repo) is None  # 9 packs, under the default limit of 32
+    git(work / ".mint", "config", "gc.autoPackLimit", "4")
+    with Repository.open(work) as repo:
+        process = auto_gc_detached(repo)
+        assert process is not None
+        # The loop goes on committing while the merge runs.
+        mutate(adapter, seed=50)
+        after = porcelain.commit(repo, "step 9", source=adapter, verify=False, show_progress=False)
+        weights[after.commit] = hashlib.sha256((adapter / WEIGHTS).read_bytes()).hexdigest()
+        assert process.wait(timeout=120) == 0
+        assert len(_pack_files(work)) <= 2  # the merged pack, and the one written meanwhile
+        git_fsck(work)
         for commit, digest in weights.items():
             porcelain.checkout(repo, commit, force=True)
             assert hashlib.sha256((work / WEIGHTS).read_bytes()).hexdigest() == digest
