@@ -27,7 +27,7 @@ from mintvcs.serve.sampling import (
     token_logprobs,
 )
 from mintvcs.serve.slots import Residency
-from mintvcs.serve.structured import StructuredOutputError, allowed_tokens
+from mintvcs.serve.structured import StructuredOutputError, blocked_tokens, token_bitmask
 
 log = logging.getLogger("mintvcs.serve")
 
@@ -497,7 +497,11 @@ class Scheduler:
         # step's kernels still run (nothing before them waits for the logits).
         structured = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if structured:
-            allowed = allowed_tokens([seqs[i].matcher for i in structured], logits.shape[1])
+            on_cpu = logits.device.type == "cpu"
+            bits = token_bitmask(
+                [seqs[i].matcher for i in structured], logits.shape[1], parallel=not on_cpu
+            )
+            blocked = blocked_tokens(bits, logits.shape[1], logits.device)
         if logits.device.type == "cpu":
             # numpy's argmax is ~10x faster than torch's on a [32, vocab] CPU tensor; both
             # return the first maximum (and the first NaN), so the tokens are the same.
@@ -520,7 +524,7 @@ class Scheduler:
                         logits[i], seq.params, seq.prompt_ids, seq.output_ids, seq.stop_ids
                     )
             if structured:
-                self._mask(work, logits, changed, structured, allowed, seqs)
+                self._mask(work, logits, changed, structured, blocked, seqs)
             greedy = [j for j, i in enumerate(changed) if seqs[i].params.greedy]
             if greedy:
                 picked = work[torch.tensor(greedy, device=device)].argmax(dim=-1).tolist()
@@ -553,12 +557,11 @@ class Scheduler:
         logits: torch.Tensor,
         changed: list[int],
         structured: list[int],
-        allowed: torch.Tensor,
+        blocked: torch.Tensor,
         seqs: list[Sequence],
     ) -> None:
         """Set, in `work` (the changed rows), every token a structured output does not allow
-        next to -inf, as one batched op."""
-        blocked = allowed.logical_not_().to(logits.device, non_blocking=True)
+        next (`blocked`, on the logits' device) to -inf, as one batched op."""
         if len(structured) == len(changed):  # the usual case: every changed row is constrained
             rows = None
             work.masked_fill_(blocked, -math.inf)

@@ -138,13 +138,55 @@ class Grammars:
         return self.compile(spec).deep_copy()
 
 
-def allowed_tokens(matchers: Sequence[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
-    """bool [len(matchers), vocab_size]: the tokens each matcher accepts next (on the CPU)."""
+# Rows from which a step's masks are computed on llguidance's thread pool (only for a GPU's steps:
+# on CPU the step's own threads are every core, and the masks of 32 rows take under a millisecond).
+PARALLEL_MASK_ROWS = 4
+_EXECUTOR: llguidance.LLExecutor | None = None
+_EXECUTOR_LOCK = threading.Lock()
+
+
+def _executor() -> llguidance.LLExecutor:
+    global _EXECUTOR
+    with _EXECUTOR_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = llguidance.LLExecutor()
+        return _EXECUTOR
+
+
+def token_bitmask(
+    matchers: Sequence[llguidance.LLMatcher], vocab_size: int, *, parallel: bool = False
+) -> torch.Tensor:
+    """int32 [len(matchers), ceil(vocab_size / 32)] on the CPU: bit j of word w set when token
+    32 w + j may come next. `parallel`: on llguidance's thread pool, a row per task."""
     words = (vocab_size + 31) // 32
     bits = torch.zeros((len(matchers), words), dtype=torch.int32)
+    if parallel and len(matchers) >= PARALLEL_MASK_ROWS:
+        rows = [(matcher, row) for row, matcher in enumerate(matchers)]
+        _executor().unsafe_compute_mask_ptr(rows, bits.data_ptr(), words * 4, len(matchers))
+        return bits
     for row, matcher in enumerate(matchers):
-        target = bits[row]
-        matcher.unsafe_compute_mask_ptr(target.data_ptr(), words * 4)
-    # Bit j of 32-bit word w is token 32 w + j; little-endian bytes keep that order.
-    unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
-    return torch.from_numpy(unpacked[:, :vocab_size].astype(bool))
+        matcher.unsafe_compute_mask_ptr(bits[row].data_ptr(), words * 4)
+    return bits
+
+
+def blocked_tokens(bits: torch.Tensor, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """bool [rows, vocab_size] on `device`, True for each token a token_bitmask() row does not allow."""
+    if device.type == "cpu":
+        # Bit j of 32-bit word w is token 32 w + j; little-endian bytes keep that order.
+        unpacked = np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(unpacked[:, :vocab_size] == 0)
+    # On a GPU: move the packed words (1/8 of a bool mask's bytes) and unpack them there.
+    return unpack_blocked(bits.to(device, non_blocking=True), vocab_size)
+
+
+def unpack_blocked(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """blocked_tokens() with torch ops on the words' own device."""
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    allowed = (words.unsqueeze(-1) >> shifts) & 1  # the arithmetic shift keeps bit 31 right
+    return (allowed == 0).view(words.shape[0], -1)[:, :vocab_size]
+
+
+def allowed_tokens(matchers: Sequence[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+    """bool [len(matchers), vocab_size]: the tokens each matcher accepts next (on the CPU)."""
+    bits = token_bitmask(matchers, vocab_size)
+    return blocked_tokens(bits, vocab_size, torch.device("cpu")).logical_not_()

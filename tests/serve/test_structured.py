@@ -13,7 +13,15 @@ import torch
 
 from mintvcs.serve import Engine, EngineConfig, InvalidSamplingParams, SamplingParams
 from mintvcs.serve.sampling import StructuredOutput
-from mintvcs.serve.structured import Grammars, InvalidStructuredOutput, allowed_tokens
+from mintvcs.serve.structured import (
+    PARALLEL_MASK_ROWS,
+    Grammars,
+    InvalidStructuredOutput,
+    allowed_tokens,
+    blocked_tokens,
+    token_bitmask,
+    unpack_blocked,
+)
 
 PERSON = {
     "type": "object",
@@ -284,6 +292,26 @@ def test_allowed_tokens_unpacks_llguidance_bits(tiny_base: Path) -> None:
     assert got.shape == (2, vocab)
     assert torch.equal(got[0], expected) and torch.equal(got[1], expected)
     assert 0 < int(expected.sum()) < vocab
+
+
+def test_masks_on_the_thread_pool_and_unpacked_by_torch_agree(tiny_base: Path) -> None:
+    # What a GPU's steps run: masks on llguidance's threads, unpacked on the device.
+    grammars = Grammars((tiny_base / "tokenizer.json").read_text(), [2], 400)
+    matchers = []
+    for i, spec in enumerate([*SPECS.values(), *SPECS.values()]):
+        matcher = grammars.matcher(spec)
+        for token in [t for t in range(400) if allowed_tokens([matcher], 400)[0, t]][i : i + 1]:
+            assert matcher.consume_token(token)  # rows in different states
+        matchers.append(matcher)
+    serial = token_bitmask(matchers, 400)
+    assert len(matchers) >= PARALLEL_MASK_ROWS
+    assert torch.equal(token_bitmask(matchers, 400, parallel=True), serial)
+    cpu = torch.device("cpu")
+    assert torch.equal(unpack_blocked(serial, 400), blocked_tokens(serial, 400, cpu))
+    words = torch.randint(-(2**31), 2**31, (5, 13), dtype=torch.int32)  # bit 31 set in half
+    expected = [[not (int(w) >> j) & 1 for w in row for j in range(32)][:400] for row in words]
+    assert unpack_blocked(words, 400).tolist() == expected
+    assert blocked_tokens(words, 400, cpu).tolist() == expected
 
 
 def test_a_padded_vocabulary_never_allows_its_padding(tiny_base: Path) -> None:
