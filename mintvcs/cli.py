@@ -10,8 +10,9 @@ import itertools
 import json
 import os
 import sys
+import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -276,29 +277,12 @@ def _auto_gc_after_commit(repo: Any) -> None:
 @json_option
 def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
     """Show the revisions reachable from REF, newest first."""
-    from mintvcs import porcelain
-
     repo = _open_repo()
     _warn_if_ambiguous(repo, ref)
-    if not as_json:
+    if as_json:
+        _log_json(repo, ref, max_count)
+    else:
         _log_text(repo, ref, max_count, oneline)
-        return
-    commits = porcelain.log(repo, ref, max_count)
-    labels = porcelain.decorations(repo, {c.id for c in commits})
-    _emit_json(
-        [
-            {
-                "commit": c.id,
-                "parents": list(c.parents),
-                "author": c.author,
-                "time": c.time,
-                "message": c.message,
-                "meta": repo.revision_meta(c.id),
-                "refs": labels.get(c.id, []),
-            }
-            for c in commits
-        ]
-    )
 
 
 # The first page of `log` is printed after this many commits are read, and each next page is
@@ -307,14 +291,43 @@ def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
 LOG_FIRST_PAGE = 64
 
 
-def _log_text(repo: Any, ref: str, max_count: int | None, oneline: bool) -> None:
-    """Print `log` as git does, page by page as the history is read."""
+def _log_pages(
+    repo: Any, ref: str, max_count: int | None
+) -> Iterator[tuple[list[Any], dict[str, list[str]]]]:
+    """The history from `ref` in pages of growing size, each with the ref labels of its commits."""
     from mintvcs import porcelain
 
     commits = repo.walk(repo.resolve(ref), max_count)
-    index, size = 0, LOG_FIRST_PAGE
+    size = LOG_FIRST_PAGE
     while page := list(itertools.islice(commits, size)):
-        labels = porcelain.decorations(repo, {c.id for c in page})
+        yield page, porcelain.decorations(repo, {c.id for c in page})
+        size *= 2
+
+
+def _log_json(repo: Any, ref: str, max_count: int | None) -> None:
+    """Print `log --json`, one JSON array written as the history is read (what _emit_json writes)."""
+    opened = False
+    for page, labels in _log_pages(repo, ref, max_count):
+        for c in page:
+            item = {
+                "commit": c.id,
+                "parents": list(c.parents),
+                "author": c.author,
+                "time": c.time,
+                "message": c.message,
+                "meta": repo.revision_meta(c.id),
+                "refs": labels.get(c.id, []),
+            }
+            text = textwrap.indent(json.dumps(item, indent=2, sort_keys=True), "  ")
+            click.echo((",\n" if opened else "[\n") + text, nl=False)
+            opened = True
+    click.echo("\n]" if opened else "[]")
+
+
+def _log_text(repo: Any, ref: str, max_count: int | None, oneline: bool) -> None:
+    """Print `log` as git does, page by page as the history is read."""
+    index = 0
+    for page, labels in _log_pages(repo, ref, max_count):
         for info in page:
             deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
             if oneline:
@@ -326,7 +339,6 @@ def _log_text(repo: Any, ref: str, max_count: int | None, oneline: bool) -> None
             click.echo(click.style(f"commit {info.id}", fg="yellow") + deco)
             _echo_commit_text(info)
             index += 1
-        size *= 2
 
 
 @main.command()

@@ -261,6 +261,13 @@ def test_log_prints_page_by_page_and_stops_quietly_when_the_reader_goes(
     assert f"{ids[LOG_FIRST_PAGE + 5][:7]} (tag: early) " in lines[LOG_FIRST_PAGE + 5]
     full = mint(work, "log").stdout
     assert full.count("\ncommit ") == len(ids) - 1 and "\n\n\n" not in full
+    # --json is written page by page too: one array, as json.dumps would write it whole.
+    text = mint(work, "log", "--json").stdout
+    parsed = json.loads(text)
+    assert text == json.dumps(parsed, indent=2, sort_keys=True) + "\n"
+    assert [c["commit"] for c in parsed] == ids
+    assert parsed[3]["refs"] == ["mid"] and parsed[LOG_FIRST_PAGE + 5]["refs"] == ["tag: early"]
+    assert mint(work, "log", "--json", "-n", "0").stdout == "[]\n"
     # `mintvcs log | head -1`: the reader goes after one line; log stops as git does, with
     # SIGPIPE's status and no traceback.
     proc = subprocess.Popen(
