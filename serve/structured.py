@@ -125,7 +125,7 @@ class Grammars:
         )
         # A first mask too: some grammars compile but pass the parser's per-step limits at once.
         first = matcher.deep_copy()
-        allowed_tokens([first], self.vocab_size)
+        token_bitmask([first], self.vocab_size)
         for failed in (matcher, first):
             if failed.is_error():
                 raise InvalidStructuredOutput(
