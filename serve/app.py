@@ -39,6 +39,7 @@ from mintvcs.serve.refwatch import (
     InvalidRefSpec,
     RefMove,
     RefWatcher,
+    check_spec,
     metric_label,
     names_an_ancestor,
 )
@@ -50,6 +51,7 @@ log = logging.getLogger("mintvcs.serve")
 
 GENERATION_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 OTHER_REFS = "(other)"  # the metrics label of refs past ServerConfig.max_ref_labels
+BASE_LABEL = "(base)"  # the metrics label of requests for the base alone
 # Every 503 (loading, draining, unhealthy) tells a client when to come back (or go elsewhere).
 RETRY_AFTER = {"Retry-After": "1"}
 
@@ -97,6 +99,8 @@ class ServerConfig:
     prefix_caching: bool = True  # prompts reuse cached keys and values of a shared prefix
     # How replies with tool_choice "auto" are read for calls (None: "auto" is refused).
     tool_call_parser: str | None = None
+    # The `model` (or `ref`) that asks for the base alone, no adapter (None: the base's folder name).
+    served_model_name: str | None = None
     # Seconds a request body may take to arrive in full (408 after): a client that stalls
     # mid-body would otherwise hold its request, and a drain, open for ever.
     body_timeout: float = 30.0
@@ -136,6 +140,21 @@ class ServerConfig:
             )
         if not (0.01 <= self.ref_poll_interval <= 1.0):
             raise ServerError(f"ref_poll_interval {self.ref_poll_interval} s must be in [0.01, 1]")
+        name = self.base_name
+        try:
+            check_spec(name)
+        except InvalidRefSpec as err:
+            raise ServerError(f"the base's served name: {err}; set --served-model-name") from None
+        if names_an_ancestor(name):
+            raise ServerError(
+                f"the base's served name {name!r} reads as a revision spec (~, ^ or @{{); "
+                "set --served-model-name to a plain name"
+            )
+
+    @property
+    def base_name(self) -> str:
+        """The name that selects the base model alone (served_model_name, or the base's folder name)."""
+        return self.served_model_name or Path(self.base_model).resolve().name
 
 
 @dataclass
@@ -636,6 +655,7 @@ def new_state(config: ServerConfig) -> ServerState:
             f"--base-model {config.base_model} has no config.json; point it at a HF checkpoint directory"
         )
     repo = Repository.open(config.repo)
+    _warn_if_a_ref_is_named_as_the_base(repo, config.base_name)
     return ServerState(
         config=config,
         repo=repo,
@@ -643,6 +663,26 @@ def new_state(config: ServerConfig) -> ServerState:
         api_keys=None if config.api_key_file is None else ApiKeys(config.api_key_file),
         tokenizer_config=_read_tokenizer_config(config.base_model),
     )
+
+
+def _warn_if_a_ref_is_named_as_the_base(repo: Any, name: str) -> None:
+    """Say at start when the base's served name hides a branch or tag of the same name."""
+    for root in ("refs/heads/", "refs/tags/"):
+        try:
+            found = repo.refs.read(root + name)
+        except MintError:
+            found = None  # no ref can have that name
+        if found is not None:
+            log.warning(
+                "%s%s has the base's served name %r: requests for %r get the base alone, with "
+                "no adapter; name the ref in full (%s%s) or set --served-model-name",
+                root,
+                name,
+                name,
+                name,
+                root,
+                name,
+            )
 
 
 def count_move(state: ServerState, ref: str | None, commit: str) -> None:
@@ -876,7 +916,8 @@ async def serve_until_signalled(
     """Run the server until SIGTERM, SIGINT or SIGHUP, then drain; the exit status (1 if the base failed to load)."""
     server = await start_server(config, engine_factory=engine_factory)
     out(
-        f"mintvcs serve: listening on {server.url} (repository {config.repo}, base {config.base_model})"
+        f"mintvcs serve: listening on {server.url} (repository {config.repo}, base "
+        f"{config.base_model}, served alone as {config.base_name!r})"
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -155,6 +155,11 @@ from mintvcs.errors import MintError
     "models write them) [default: auto is refused].",
 )
 @click.option(
+    "--served-model-name",
+    help="The model (or ref) that asks for the base model alone, with no adapter "
+    "[default: the --base-model folder's name]. It wins over a branch or tag of the same name.",
+)
+@click.option(
     "--enforce-eager",
     is_flag=True,
     help="Run every decode step eagerly on CUDA instead of replaying captured CUDA graphs.",
@@ -182,6 +187,7 @@ def serve(
     ref_poll_interval: float,
     drain_timeout: float,
     tool_call_parser: str | None,
+    served_model_name: str | None,
     enforce_eager: bool,
 ) -> None:
     """Serve generate-by-ref over HTTP from one resident base model."""
@@ -211,6 +217,7 @@ def serve(
             ref_poll_interval=ref_poll_interval,
             drain_timeout=drain_timeout,
             tool_call_parser=tool_call_parser,
+            served_model_name=served_model_name,
             enforce_eager=enforce_eager,
         )
         status = run(config)

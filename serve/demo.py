@@ -166,6 +166,11 @@ def _show(echo: Any, args: tuple[str, ...], out: str, root: Path) -> None:
 
 
 def _generate(url: str, ref: str) -> Answer:
+    data = _post_generate(url, ref)
+    return Answer(ref, data["text"], data["revision"])
+
+
+def _post_generate(url: str, ref: str) -> dict[str, Any]:
     body = json.dumps({"prompt": ASK, "ref": ref, "max_tokens": 16, "temperature": 0}).encode()
     request = urllib.request.Request(
         url + "/generate", data=body, headers={"Content-Type": "application/json"}
@@ -177,7 +182,7 @@ def _generate(url: str, ref: str) -> Answer:
         raise DemoError(
             f"generate ref={ref} answered {err.code}: {err.read().decode(errors='replace')}"
         ) from None
-    return Answer(ref, data["text"], data["revision"])
+    return data
 
 
 def run_demo(
@@ -257,6 +262,12 @@ def run_demo(
             echo(
                 f"      POST /generate ref={ref:<10} -> {answer.text!r:<36} revision {answer.revision[:12]}"
             )
+        # What the adapters changed: the base alone, asked by its served name.
+        base_answer = str(_post_generate(server.url, config.base_name)["text"])
+        echo(
+            f"      POST /generate ref={config.base_name:<10} -> {base_answer!r:<36} "
+            "the base alone, no adapter"
+        )
 
         # 5. a new revision on main, no restart
         echo(f"\n{bold('[5/6]')} a new revision lands on main while the server runs")
@@ -300,4 +311,11 @@ def run_demo(
     mintvcs = _command()
     echo(f"\ndone in {total:.1f} s. The repository is in {repo}; try `cd {repo} && {mintvcs} log`,")
     echo(f"or serve it yourself: {mintvcs} serve --repo {repo} --base-model {base}")
-    return {"answers": answers, "swap_ms": swap_ms, "seconds": total, "repo": repo, "base": base}
+    return {
+        "answers": answers,
+        "base_answer": base_answer,
+        "swap_ms": swap_ms,
+        "seconds": total,
+        "repo": repo,
+        "base": base,
+    }

@@ -13,6 +13,7 @@ from mintvcs.serve.app import (
     RETRY_AFTER,
     STATE,
     HTTPError,
+    ServerState,
     check_bearer,
     count_move,
     field_of,
@@ -114,11 +115,17 @@ async def notify(request: web.Request) -> web.Response:
     return web.json_response({"ref": ref, "revision": revision, "refreshed": moved})
 
 
-def _spec_of(body: dict[str, Any], verb: str) -> str:
-    """The revision or ref an admin request names."""
+def _spec_of(state: ServerState, body: dict[str, Any], verb: str) -> str:
+    """The revision or ref an admin request names (never the base's served name)."""
     spec = field_of(body, "revision", (str,), None) or field_of(body, "ref", (str,), None)
     if spec is None:
         raise HTTPError(400, f"send 'ref' or 'revision' to {verb}", "missing_field")
+    if spec == state.config.base_name:
+        raise HTTPError(
+            400,
+            f"{spec!r} is the base model, always resident: there is no adapter to {verb}",
+            "base_model",
+        )
     return str(spec)
 
 
@@ -128,7 +135,7 @@ async def warm(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engine = state.require_engine()
     body = await read_json(request)
-    spec = _spec_of(body, "warm")
+    spec = _spec_of(state, body, "warm")
     pin = field_of(body, "pin", (bool,), False)
     resolution = state.watcher.resolve(check_spec(spec))
     started = time.perf_counter()
@@ -150,7 +157,7 @@ async def unpin(request: web.Request) -> web.Response:
     check_bearer(request)
     state = request.app[STATE]
     engine = state.require_engine()
-    spec = _spec_of(await read_json(request), "unpin")
+    spec = _spec_of(state, await read_json(request), "unpin")
     commit = state.watcher.resolve(check_spec(spec)).commit
     engine.unpin(commit)
     return web.json_response({"revision": commit, "pinned": False})

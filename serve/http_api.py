@@ -26,6 +26,7 @@ from aiohttp import web
 from mintvcs.errors import MintError
 from mintvcs.refs import InvalidRefNameError
 from mintvcs.serve.app import (
+    BASE_LABEL,
     REF_KEY,
     STARTED_KEY,
     STATE,
@@ -316,10 +317,20 @@ class Admitted:
 
     spec: str
     label: str  # the metrics label: the branch or tag it went through (ServerState.ref_label)
-    resolution: Resolution
+    resolution: Resolution | None  # None: the base alone (the served base name)
     stream: Any  # RequestStream
     first: TokenEvent
     prompt_ids: list[int]
+
+    @property
+    def revision(self) -> str | None:
+        """The commit the request runs on; None for the base alone."""
+        return None if self.resolution is None else self.resolution.commit
+
+    @property
+    def resolved_ref(self) -> str | None:
+        """The full ref name the spec went through (None for a commit id or the base)."""
+        return None if self.resolution is None else self.resolution.ref
 
     @property
     def prompt_tokens(self) -> int:
@@ -378,8 +389,13 @@ async def admit_many(
     state = request.app[STATE]
     engine = state.require_engine()
     name = check_spec(spec)
-    resolution = state.watcher.resolve(name)  # first: a ref that names nothing costs no encoding
-    label = state.ref_label(resolution.ref)
+    resolution = None
+    label = BASE_LABEL
+    if name != state.config.base_name:  # the base's own name wins over a ref of that name
+        resolution = state.watcher.resolve(
+            name
+        )  # first: a ref that names nothing costs no encoding
+        label = state.ref_label(resolution.ref)
     request[REF_KEY] = label
     # Each distinct prompt is encoded once (n choices repeat one prompt object), on a worker
     # thread when the text is large: encoding 64 KiB takes ~75 ms the loop would stand still.
@@ -397,7 +413,10 @@ async def admit_many(
         # can take a while to compile; submitting then copies what was compiled here.
         compiled[spec] = await asyncio.to_thread(_compile, engine, spec)
     submitted = engine.submit_many(
-        [(i, resolution.commit, params) for i, (_, params) in zip(ids, requests, strict=True)],
+        [
+            (i, None if resolution is None else resolution.commit, params)
+            for i, (_, params) in zip(ids, requests, strict=True)
+        ],
         stream=stream,
         compiled=compiled,
     )
@@ -481,7 +500,8 @@ async def merged_events(choices: list[Admitted]) -> AsyncIterator[tuple[int, Tok
 
 
 def _headers(admitted: Admitted) -> dict[str, str]:
-    return {REVISION_HEADER: admitted.resolution.commit}
+    revision = admitted.revision
+    return {} if revision is None else {REVISION_HEADER: revision}
 
 
 async def _sse(request: web.Request, admitted: Admitted) -> web.StreamResponse:
@@ -734,8 +754,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
         return {
             "text": text,
             "ref": admitted.spec,
-            "revision": admitted.resolution.commit,
-            "resolved_ref": admitted.resolution.ref,
+            "revision": admitted.revision,
+            "resolved_ref": admitted.resolved_ref,
             "usage": _usage([admitted], [last]),
             "finish_reason": last.finish_reason,
         }
@@ -784,7 +804,7 @@ class _OpenAIEnvelope:
 
     def wrap(self, kind: str, *choices: dict[str, Any]) -> dict[str, Any]:
         """One response object (or stream chunk) of type `kind` holding `choices`."""
-        revision = self.admitted.resolution.commit
+        revision = self.admitted.revision
         return {
             "id": self.id,
             "object": kind,
@@ -1185,6 +1205,8 @@ async def models(request: web.Request) -> web.Response:
     if limit < 1:
         raise HTTPError(400, f"limit must be at least 1, got {limit}", "limit")
     data: list[dict[str, Any]] = []
+    if state.config.base_name.startswith(prefix):
+        data.append(_base_object(state))
     truncated = False
     for kind, root in _MODEL_KINDS:
         for name, oid in state.repo.refs.iter_refs(root + prefix if prefix else root):
@@ -1210,6 +1232,21 @@ def _model_object(state: ServerState, kind: str, ref: str, oid: str) -> dict[str
         "kind": kind,
         "ref": ref,
         "revision": commit,
+        "parent": state.config.base_name,  # as vLLM lists a LoRA: on top of its base
+    }
+
+
+def _base_object(state: ServerState) -> dict[str, Any]:
+    """The base model alone, as /v1/models lists it."""
+    return {
+        "id": state.config.base_name,
+        "object": "model",
+        "created": int(state.started),
+        "owned_by": "mintvcs",
+        "kind": "base",
+        "ref": None,
+        "revision": None,
+        "parent": None,
     }
 
 
@@ -1217,6 +1254,8 @@ async def model(request: web.Request) -> web.Response:
     """GET /v1/models/{id}: one branch or tag, as /v1/models lists it; 404 when neither exists."""
     state = request.app[STATE]
     name = check_spec(request.match_info["id"])
+    if name == state.config.base_name:
+        return web.json_response(_base_object(state))
     for kind, root in _MODEL_KINDS:
         try:
             oid = state.repo.refs.read(root + name)

@@ -80,8 +80,9 @@ def sse_events(text: str) -> list[tuple[str | None, str]]:
     return out
 
 
-def peft_greedy(base: Path, adapter: Path, prompt: str, max_new_tokens: int) -> list[int]:
-    """PEFT's greedy continuation of `prompt` (token ids, EOS included when reached)."""
+def peft_greedy(base: Path, adapter: Path | None, prompt: str, max_new_tokens: int) -> list[int]:
+    """PEFT's greedy continuation of `prompt` (token ids, EOS included when reached); with no
+    adapter, transformers' own on the base."""
     import torch
     from peft import PeftModel
     from tokenizers import Tokenizer
@@ -90,7 +91,9 @@ def peft_greedy(base: Path, adapter: Path, prompt: str, max_new_tokens: int) -> 
     tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
     ids = tokenizer.encode(prompt).ids
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
     with torch.no_grad():
         out = model.generate(
             torch.tensor([ids]),

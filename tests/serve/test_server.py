@@ -785,6 +785,61 @@ def test_http_equals_peft_greedy(
     )
 
 
+def test_the_base_alone_is_served_by_its_name(
+    server: BackgroundServer, tiny_base: Path, repo: Repository
+) -> None:
+    import openai
+
+    name = tiny_base.resolve().name  # the default: the --base-model folder's name
+    want = peft_greedy(tiny_base, None, "Hello world", 12)
+    status, headers, body = gen(
+        server, prompt="Hello world", ref=name, max_tokens=12, temperature=0, return_token_ids=True
+    )
+    assert status == 200 and body["token_ids"] == want
+    assert body["revision"] is None and body["resolved_ref"] is None
+    assert "X-Mint-Revision" not in headers
+    adapted = gen(server, prompt="Hello world", ref="main", max_tokens=12, temperature=0)[2]
+    assert adapted["text"] != body["text"]  # the adapter does change the answer
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    done = client.completions.create(model=name, prompt="Hello world", max_tokens=12, temperature=0)
+    assert done.choices[0].text == body["text"] and done.system_fingerprint is None
+    listed = {m.id: m for m in client.models.list()}
+    assert listed[name].kind == "base" and listed[name].revision is None  # type: ignore[attr-defined]
+    assert listed["main"].parent == name  # type: ignore[attr-defined]
+    status, _, one = request(server.url + f"/v1/models/{name}")
+    assert status == 200 and one["kind"] == "base"
+    status, _, refused = request(
+        server.url + "/v1/adapters/warm",
+        {"ref": name},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert status == 400 and refused["error"]["code"] == "base_model"
+    metrics = request(server.url + "/metrics")[2]
+    assert 'mint_requests_total{ref="(base)",endpoint="/generate",status="200"}' in metrics
+
+
+def test_the_base_name_wins_over_a_ref_of_that_name(
+    repo: Repository, tiny_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = ServerConfig(
+        repo=repo.work_tree or repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=128,
+        served_model_name="product-b",
+    )
+    with caplog.at_level(logging.WARNING, logger="mintvcs.serve"), BackgroundServer(config) as srv:
+        body = gen(srv, prompt="Hello", ref="product-b", max_tokens=4, temperature=0)[2]
+        assert body["revision"] is None
+        full = gen(srv, prompt="Hello", ref="refs/heads/product-b", max_tokens=4)[2]
+        assert full["revision"] == repo.resolve("product-b")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("has the base's served name 'product-b'" in m for m in warned), warned
+    for bad in ("main~1", "a..b", ""):
+        with pytest.raises(ServerError, match="served"):
+            ServerConfig(repo=repo.git_dir, base_model=tiny_base, served_model_name=bad or " \x01")
+
+
 def test_openai_client_completions_chat_and_streaming(
     server: BackgroundServer, repo: Repository
 ) -> None:
