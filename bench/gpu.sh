@@ -179,9 +179,13 @@ echo "## set-up done at $SECONDS s" | tee -a "$OUT/gpu.txt"
 
 # -------------------------------------------------------------------------------------- steps
 # The kernels' grid first; then the engine's CUDA graphs against its eager steps (tiny model, fp32).
+# The grid needs ~70 specialisations of the two kernels, ~0.5-1.5 s of Triton compiling each:
+# four pytest workers (pytest-xdist, on the GPU image) compile them side by side.
+WORKERS=()
+"$PY" -c "import xdist" 2> /dev/null && WORKERS=(-n 4)
 step parity 140 "$OUT/parity.log" \
-    "$PY" -m pytest -q -p no:cacheprovider -m gpu --maxfail=5 --durations=10 --timeout=60 tests/kernels \
-    tests/serve/test_graphs.py
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu "${WORKERS[@]}" --maxfail=5 --durations=10 \
+    --timeout=60 tests/kernels tests/serve/test_graphs.py
 step kernels 90 "$OUT/kernels.log" \
     "$PY" bench/kernels.py --no-cpu --skip-parity --json "$OUT/kernels.json"
 step engine 140 "$OUT/engine-cuda.log" "$PY" bench/engine.py --only cuda
