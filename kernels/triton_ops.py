@@ -193,6 +193,27 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
 
 
+def tile_config(block_m: int, rank: int, fp32: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, widest BLOCK_K / BLOCK_N, num_warps) for a token block and a padded rank.
+
+    Chosen so that no tile spills registers on an H100/H200 (sm_90), read from the compiled
+    cubins' resource usage (tests/kernels/test_compile_hopper.py checks it): 4 warps and K
+    tiles of 128 for the small decode tiles; 8 warps past 512 tile cells (4 warps spilled up to
+    1.5 KiB per thread at 64 x 64); K tiles of 64 past 2048 cells. fp32 dots run on FMA units
+    and hold their operands in registers: 8 warps past 256 cells, K tiles of 64 from 512 cells
+    and of 32 at 64 x 64.
+    """
+    block_r = _pow2(rank, 16, 64)
+    cells = block_m * block_r
+    if fp32:
+        return (
+            block_r,
+            32 if cells >= 4096 else 64 if cells >= 512 else 128,
+            4 if cells <= 256 else 8,
+        )
+    return block_r, 64 if cells >= 2048 else 128, 4 if cells <= 512 else 8
+
+
 @functools.cache
 def _sm_count(index: int | None) -> int:
     return int(torch.cuda.get_device_properties(index or 0).multi_processor_count)
@@ -256,8 +277,8 @@ def add_lora_triton(
     upcast = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and INTERPRETED)
 
     bm = blocks.block_m
-    br = _pow2(rank, 16, 64)
-    bk = _pow2(in_features, 16, 128)
+    br, widest, warps = tile_config(bm, rank, x.dtype == torch.float32)
+    bk = _pow2(in_features, 16, widest)
     rank_tiles = triton.cdiv(rank, br)
     sk = (
         split_k
@@ -287,10 +308,11 @@ def add_lora_triton(
         BLOCK_K=bk,
         SPLIT_K=sk,
         UPCAST=upcast,
+        num_warps=warps,
     )
     if shrink_only:
         return y
-    bn = _pow2(max(widths), 16, 128 if dev.type == "cuda" else 64)
+    bn = _pow2(max(widths), 16, widest if dev.type == "cuda" else 64)
     _expand_kernel[(nb, triton.cdiv(max(widths), bn), num_slices)](
         y,
         b_table,
@@ -310,5 +332,6 @@ def add_lora_triton(
         BLOCK_N=bn,
         BLOCK_R=br,
         UPCAST=upcast,
+        num_warps=warps,
     )
     return y
