@@ -250,14 +250,13 @@ def commit(
 
 def _auto_gc_after_commit(repo: Any) -> None:
     """As git after a commit: past gc.autoPackLimit packs (each commit of a large adapter writes
-    one), run `gc --auto`, in a detached process unless gc.autoDetach is false."""
+    one) or gc.auto loose objects, run `gc --auto`, detached unless gc.autoDetach is false."""
     from mintvcs import maintenance
 
     with contextlib.suppress(OSError, MintError, ValueError):
-        limit = maintenance.auto_limits(repo)[0]
-        packs = maintenance.pack_count(repo)
-        if limit is None or packs <= limit:
+        if not maintenance.auto_gc_due(repo):
             return
+        packs = maintenance.pack_count(repo)
         if not repo.config.get_boolean((b"gc",), b"autoDetach", True):
             click.echo(f"Auto packing the repository ({packs} packs)...", err=True)
             maintenance.auto_gc(repo)

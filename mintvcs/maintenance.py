@@ -1172,10 +1172,9 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
 
     pack_limit, loose_limit = auto_limits(repo)
     # Counted before the lock, as git's --auto: under the limits there is nothing to wait for.
-    packs = pack_count(repo)
-    if not _over(packs, pack_limit) and not _over(_loose_count(repo), loose_limit):
+    if not auto_gc_due(repo):
         size = _store_size(repo)
-        return RollUpResult(0, 0, 0, packs, size, size)
+        return RollUpResult(0, 0, 0, pack_count(repo), size, size)
     try:
         with _gc_lock(repo), _packing_errors_named("gc --auto"):
             return _roll_up(repo, pack_limit, loose_limit, progress)
@@ -1185,20 +1184,46 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
         return RollUpResult(0, 0, 0, pack_count(repo), size, size, busy=True)
 
 
-def auto_gc_detached(repo: Repository) -> subprocess.Popen[bytes] | None:
-    """Past gc.autoPackLimit packs, start `mintvcs gc --auto` in a process of its own and return it
-    at once (None under the limit): a training loop's commit need not wait for the merge."""
-    limit = auto_limits(repo)[0]
-    if limit is None or pack_count(repo) <= limit:
+def auto_gc_due(repo: Repository) -> bool:
+    """Whether `gc --auto` would merge now: past gc.autoPackLimit packs or gc.auto loose objects."""
+    pack_limit, loose_limit = auto_limits(repo)
+    if _over(pack_count(repo), pack_limit):
+        return True
+    return loose_limit is not None and _loose_count(repo) > loose_limit
+
+
+class GcStartError(MintError):
+    """`gc --auto` could not be started in a process of its own."""
+
+
+# Run by a short-lived intermediate process: it starts the gc in a session of its own, prints
+# its pid and exits, as git double-forks its detached gc.
+_DETACH = (
+    "import subprocess, sys; print(subprocess.Popen(sys.argv[1:], start_new_session=True, "
+    "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"
+)
+
+
+def auto_gc_detached(repo: Repository) -> int | None:
+    """When gc --auto is due, start it in a process of its own and return its pid at once (else None)."""
+    if not auto_gc_due(repo):
         return None
-    return subprocess.Popen(
-        [sys.executable, "-m", "mintvcs.cli", "gc", "--auto"],
-        cwd=repo.git_dir,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # outlives its parent, as git's detached gc does
-    )
+    # Through an intermediate that exits at once: the gc is no child of this process (a
+    # training loop), which then has nothing to reap: no zombie, no "still running" warning.
+    try:
+        spawned = subprocess.run(
+            [sys.executable, "-c", _DETACH, sys.executable, "-m", "mintvcs.cli", "gc", "--auto"],
+            cwd=repo.git_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        return int(spawned.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as err:
+        raise GcStartError(
+            f"could not start gc --auto in the background ({err}); run `mintvcs gc --auto`"
+        ) from None
 
 
 @contextmanager
