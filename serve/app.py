@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ from mintvcs.serve.refwatch import (
 
 if TYPE_CHECKING:
     from mintvcs.serve.engine import Engine
+    from mintvcs.store import Repository
 
 log = logging.getLogger("mintvcs.serve")
 
@@ -141,20 +142,31 @@ class ServerConfig:
         if not (0.01 <= self.ref_poll_interval <= 1.0):
             raise ServerError(f"ref_poll_interval {self.ref_poll_interval} s must be in [0.01, 1]")
         name = self.base_name
+        given = (
+            "--served-model-name"
+            if self.served_model_name is not None
+            else "the base folder's name"
+        )
         try:
             check_spec(name)
-        except InvalidRefSpec as err:
-            raise ServerError(f"the base's served name: {err}; set --served-model-name") from None
-        if names_an_ancestor(name):
+        except InvalidRefSpec:
             raise ServerError(
-                f"the base's served name {name!r} reads as a revision spec (~, ^ or @{{); "
+                f"{given} {name!r} cannot name the base model (empty, control characters or "
+                "'..'); set --served-model-name to a plain name"
+            ) from None
+        if names_an_ancestor(name) or name == "HEAD" or name.startswith("refs/"):
+            raise ServerError(
+                f"{given} {name!r} reads as a revision spec (HEAD, refs/..., ~, ^ or @{{); "
                 "set --served-model-name to a plain name"
             )
 
-    @property
+    @cached_property
     def base_name(self) -> str:
         """The name that selects the base model alone (served_model_name, or the base's folder name)."""
-        return self.served_model_name or Path(self.base_model).resolve().name
+        if self.served_model_name is not None:
+            return self.served_model_name
+        # The folder as given, links not followed: a linked snapshot is not named by its hash.
+        return Path(os.path.abspath(self.base_model)).name
 
 
 @dataclass
@@ -665,24 +677,21 @@ def new_state(config: ServerConfig) -> ServerState:
     )
 
 
-def _warn_if_a_ref_is_named_as_the_base(repo: Any, name: str) -> None:
-    """Say at start when the base's served name hides a branch or tag of the same name."""
-    for root in ("refs/heads/", "refs/tags/"):
-        try:
-            found = repo.refs.read(root + name)
-        except MintError:
-            found = None  # no ref can have that name
-        if found is not None:
-            log.warning(
-                "%s%s has the base's served name %r: requests for %r get the base alone, with "
-                "no adapter; name the ref in full (%s%s) or set --served-model-name",
-                root,
-                name,
-                name,
-                name,
-                root,
-                name,
-            )
+def _warn_if_a_ref_is_named_as_the_base(repo: Repository, name: str) -> None:
+    """Say at start when the base's served name hides a revision (a branch, a tag, a commit id)."""
+    try:
+        hidden = repo.resolve(name)
+    except MintError:
+        return  # it names nothing in the repository
+    log.warning(
+        "%r, the base's served name, also names revision %s in the repository: requests for "
+        "%r get the base alone, with no adapter; name the revision otherwise (refs/heads/%s, "
+        "its commit id) or set --served-model-name",
+        name,
+        str(hidden)[:12],
+        name,
+        name,
+    )
 
 
 def count_move(state: ServerState, ref: str | None, commit: str) -> None:

@@ -91,7 +91,12 @@ async def notify(request: web.Request) -> web.Response:
             revision = resolution.commit
             count_move(state, resolution.ref, revision)
         new = body.get("new")
-        if revision is not None and state.engine is not None:
+        if ref == state.config.base_name:
+            # Requests for this name run the base: loading the ref's revision would serve none.
+            moved.append(
+                {"warning": f"{ref!r} is the base's served name: requests for it run the base"}
+            )
+        elif revision is not None and state.engine is not None:
             prefetch(state.engine, revision)
         if (
             isinstance(new, str)

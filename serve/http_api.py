@@ -391,10 +391,10 @@ async def admit_many(
     name = check_spec(spec)
     resolution = None
     label = BASE_LABEL
-    if name != state.config.base_name:  # the base's own name wins over a ref of that name
-        resolution = state.watcher.resolve(
-            name
-        )  # first: a ref that names nothing costs no encoding
+    # The base's own name wins over a ref of that name. A ref is resolved first: one that
+    # names nothing costs no encoding.
+    if name != state.config.base_name:
+        resolution = state.watcher.resolve(name)
         label = state.ref_label(resolution.ref)
     request[REF_KEY] = label
     # Each distinct prompt is encoded once (n choices repeat one prompt object), on a worker
@@ -1193,7 +1193,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def models(request: web.Request) -> web.Response:
-    """GET /v1/models: branches and tags with the revision each names now (`?prefix=`, `?limit=`)."""
+    """GET /v1/models: the base alone, then branches and tags with the revision each names now (`?prefix=`, `?limit=`)."""
     state = request.app[STATE]
     prefix = request.query.get("prefix", "")
     try:
@@ -1215,7 +1215,10 @@ async def models(request: web.Request) -> web.Response:
                 break
             if state.repo.peel_object(oid)[1] != "commit":
                 continue  # a git tag of a tree or blob names no revision to serve
-            data.append(_model_object(state, kind, name, oid))
+            entry = _model_object(state, kind, name, oid)
+            if entry["id"] == state.config.base_name:
+                entry["id"] = name  # its short name serves the base: the full one reaches it
+            data.append(entry)
     return web.json_response({"object": "list", "data": data, "truncated": truncated})
 
 
@@ -1251,18 +1254,23 @@ def _base_object(state: ServerState) -> dict[str, Any]:
 
 
 async def model(request: web.Request) -> web.Response:
-    """GET /v1/models/{id}: one branch or tag, as /v1/models lists it; 404 when neither exists."""
+    """GET /v1/models/{id}: the base, or one branch or tag, as /v1/models lists it; 404 when none is."""
     state = request.app[STATE]
     name = check_spec(request.match_info["id"])
     if name == state.config.base_name:
         return web.json_response(_base_object(state))
     for kind, root in _MODEL_KINDS:
+        # A full name too: /v1/models lists a ref named as the base by it.
+        ref = name if name.startswith(root) else root + name
         try:
-            oid = state.repo.refs.read(root + name)
+            oid = state.repo.refs.read(ref)
         except InvalidRefNameError:
             oid = None  # no branch or tag can have that name
         if oid is not None:
-            return web.json_response(_model_object(state, kind, root + name, oid))
+            entry = _model_object(state, kind, ref, oid)
+            if name.startswith(root):
+                entry["id"] = name
+            return web.json_response(entry)
     raise HTTPError(404, f"no branch or tag named {name!r}; GET /v1/models lists them", "not_found")
 
 

@@ -819,7 +819,7 @@ def test_the_base_alone_is_served_by_its_name(
 
 
 def test_the_base_name_wins_over_a_ref_of_that_name(
-    repo: Repository, tiny_base: Path, caplog: pytest.LogCaptureFixture
+    repo: Repository, tiny_base: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = ServerConfig(
         repo=repo.work_tree or repo.git_dir,
@@ -828,16 +828,31 @@ def test_the_base_name_wins_over_a_ref_of_that_name(
         max_model_len=128,
         served_model_name="product-b",
     )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
     with caplog.at_level(logging.WARNING, logger="mintvcs.serve"), BackgroundServer(config) as srv:
         body = gen(srv, prompt="Hello", ref="product-b", max_tokens=4, temperature=0)[2]
         assert body["revision"] is None
         full = gen(srv, prompt="Hello", ref="refs/heads/product-b", max_tokens=4)[2]
         assert full["revision"] == repo.resolve("product-b")
+        # Listed once each: the branch by the full name that reaches it.
+        listed = request(srv.url + "/v1/models")[2]["data"]
+        ids = [m["id"] for m in listed]
+        assert len(ids) == len(set(ids)) and "refs/heads/product-b" in ids
+        assert next(m for m in listed if m["id"] == "product-b")["kind"] == "base"
+        one = request(srv.url + "/v1/models/refs/heads/product-b")[2]
+        assert one["kind"] == "branch" and one["revision"] == repo.resolve("product-b")
+        # A hook's notify for that name loads nothing: no request would use it.
+        told = request(srv.url + "/v1/refs/notify", {"ref": "product-b"}, headers=auth)[2]
+        assert "base's served name" in told["refreshed"][0]["warning"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("has the base's served name 'product-b'" in m for m in warned), warned
-    for bad in ("main~1", "a..b", ""):
-        with pytest.raises(ServerError, match="served"):
-            ServerConfig(repo=repo.git_dir, base_model=tiny_base, served_model_name=bad or " \x01")
+    assert any("'product-b', the base's served name, also names" in m for m in warned), warned
+    for bad in ("main~1", "a..b", "", "HEAD", "refs/heads/x", " \x01"):
+        with pytest.raises(ServerError, match="served-model-name"):
+            ServerConfig(repo=repo.git_dir, base_model=tiny_base, served_model_name=bad)
+    # The folder's name as given: a link to a snapshot is not served by the snapshot's hash.
+    link = tmp_path / "my-base"
+    link.symlink_to(tiny_base, target_is_directory=True)
+    assert ServerConfig(repo=repo.git_dir, base_model=link).base_name == "my-base"
 
 
 def test_openai_client_completions_chat_and_streaming(
