@@ -16,6 +16,7 @@ import torch
 
 from mintvcs.errors import MintError
 from mintvcs.serve.sampling import InvalidSamplingParams, StructuredOutput
+from mintvcs.serve.threads import available_cpus
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
@@ -149,7 +150,9 @@ def _executor() -> llguidance.LLExecutor:
     global _EXECUTOR
     with _EXECUTOR_LOCK:
         if _EXECUTOR is None:
-            _EXECUTOR = llguidance.LLExecutor()
+            # Sized by the CPUs this process may use (affinity, a cgroup quota), not the host's:
+            # llguidance's default takes 80% of every CPU it sees.
+            _EXECUTOR = llguidance.LLExecutor(num_threads=min(8, available_cpus()))
         return _EXECUTOR
 
 
@@ -181,8 +184,10 @@ def blocked_tokens(bits: torch.Tensor, vocab_size: int, device: torch.device) ->
 
 def unpack_blocked(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """blocked_tokens() with torch ops on the words' own device."""
-    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
-    allowed = (words.unsqueeze(-1) >> shifts) & 1  # the arithmetic shift keeps bit 31 right
+    # Byte by byte (little-endian words keep the token order): one byte of scratch per token.
+    packed = words.view(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
+    allowed = (packed.unsqueeze(-1) >> shifts) & 1
     return (allowed == 0).view(words.shape[0], -1)[:, :vocab_size]
 
 
