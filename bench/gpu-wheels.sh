@@ -43,16 +43,18 @@ for requirement in requirements:
     try:
         print(f"{name}=={version(name)}")
     except PackageNotFoundError:
-        print(name)
+        print(requirement.split(";")[0].strip())  # pyproject's own bounds, without a marker
 PYEOF
 )
+if ((${#PINS[@]} == 0)); then
+    echo "error: no requirements read from pyproject.toml (this needs Python 3.11 or later)" >&2
+    exit 1
+fi
 echo "fetching ${PINS[*]} for CPython $TARGET_PY"
+# The folder is this script's: a wheel left from an earlier run (a dependency since dropped, or
+# now on the image) would be installed over the image's copy.
+rm -f .whl/*.whl
 mkdir -p .whl
-# One version of each: two would stop the install on the GPU machine.
-for pin in "${PINS[@]}"; do
-    stem=${pin%%==*}
-    rm -f ".whl/${stem//-/_}"-*.whl ".whl/$stem"-*.whl
-done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$TARGET_PY" \
     --implementation cp --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

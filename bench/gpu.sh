@@ -6,7 +6,8 @@
 # setup.log, parity.log, kernels.log, kernels.json, engine-cuda.log, serve.log, serve.json.
 #
 # Before the call, run bench/gpu-wheels.sh here and carry ".whl". Never run with TRITON_INTERPRET.
-# Time: each step has its own limit (parity 140 s, kernels 90 s, engine 140 s, serve 90 s) and
+# Time: each step has its own limit (parity 110 s, graphs 60 s, kernels 90 s, engine 140 s,
+# serve 90 s; the parity and graphs steps share parity.log) and
 # none runs past GPU_DEADLINE_S (default 500 s) from the start, so the whole script ends within
 # about 8.5 minutes even when every step hangs; ~20 s of set-up comes first. Set-up that leaves
 # no CUDA, no importable mintvcs, or a runtime dependency of pyproject.toml uninstalled stops the
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
+rm -f "$OUT"/{parity,kernels,engine-cuda,serve}.log # steps append to these
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -42,7 +44,7 @@ step() {
         return
     fi
     echo "## $name (limit $secs s, at $SECONDS s)"
-    timeout -k 10 "$secs" "$@" 2>&1 | tee "$log"
+    timeout -k 10 "$secs" "$@" 2>&1 | tee -a "$log" # -a: two steps may share a log
     rc=$?
     local what="exit $rc"
     ((rc == 124 || rc == 137)) && what="TIMED OUT after $secs s (exit $rc)"
@@ -151,16 +153,22 @@ for module, dist in [("mintvcs.kernels", "mintvcs"), ("mintvcs.serve", None), ("
     print(" ".join(part for part in (module, release, mod.__file__) if part))
 # Every runtime dependency pyproject names, installed: one added since bench/gpu-wheels.sh last
 # ran would otherwise fail a step minutes in, at its first import.
-import re
 import tomllib
 
+from packaging.requirements import Requirement
+
 with open("pyproject.toml", "rb") as f:
-    for requirement in tomllib.load(f)["project"]["dependencies"]:
-        dist = re.match(r"[A-Za-z0-9._-]+", requirement).group(0)
+    for line in tomllib.load(f)["project"]["dependencies"]:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
         try:
-            version(dist)
+            installed = version(requirement.name)
         except PackageNotFoundError:
-            problems.append(f"dependency {dist} is not installed: rerun bench/gpu-wheels.sh, carry .whl")
+            problems.append(f"{requirement.name} is not installed: rerun bench/gpu-wheels.sh, carry .whl")
+            continue
+        if not requirement.specifier.contains(installed, prereleases=True):
+            problems.append(f"{requirement.name} {installed} does not satisfy {line!r}")
 if problems:
     print("SETUP FAILED:", *problems, sep="\n  ")
     sys.exit(2)
@@ -180,12 +188,16 @@ echo "## set-up done at $SECONDS s" | tee -a "$OUT/gpu.txt"
 # -------------------------------------------------------------------------------------- steps
 # The kernels' grid first; then the engine's CUDA graphs against its eager steps (tiny model, fp32).
 # The grid needs ~70 specialisations of the two kernels, ~0.5-1.5 s of Triton compiling each:
-# four pytest workers (pytest-xdist, on the GPU image) compile them side by side.
+# four pytest workers (pytest-xdist, on the GPU image) compile them side by side. The engine's
+# graph tests run in one process: each worker would build their engine again.
 WORKERS=()
 "$PY" -c "import xdist" 2> /dev/null && WORKERS=(-n 4)
-step parity 140 "$OUT/parity.log" \
+step parity 110 "$OUT/parity.log" \
     "$PY" -m pytest -q -p no:cacheprovider -m gpu "${WORKERS[@]}" --maxfail=5 --durations=10 \
-    --timeout=60 tests/kernels tests/serve/test_graphs.py
+    --timeout=60 tests/kernels
+step graphs 60 "$OUT/parity.log" \
+    "$PY" -m pytest -q -p no:cacheprovider -m gpu --maxfail=3 --durations=5 --timeout=50 \
+    tests/serve/test_graphs.py
 step kernels 90 "$OUT/kernels.log" \
     "$PY" bench/kernels.py --no-cpu --skip-parity --json "$OUT/kernels.json"
 step engine 140 "$OUT/engine-cuda.log" "$PY" bench/engine.py --only cuda
