@@ -298,8 +298,10 @@ def _log_pages(
 
     commits = repo.walk(repo.resolve(ref), max_count)
     size = LOG_FIRST_PAGE
+    index: dict[str, list[str]] | None = None
     while page := list(itertools.islice(commits, size)):
-        yield page, porcelain.decorations(repo, {c.id for c in page})
+        index = porcelain.ref_labels(repo) if index is None else index  # after the first read
+        yield page, {c.id: index[c.id] for c in page if c.id in index}
         size *= 2
 
 

@@ -365,22 +365,27 @@ def log(repo: Repository, spec: str = "HEAD", limit: int | None = None) -> list[
 
 def decorations(repo: Repository, shown: Collection[str]) -> dict[str, list[str]]:
     """Ref names by the commit they point to, as `git log --decorate` shows them, for `shown` commits."""
+    index = ref_labels(repo)
+    return {commit: index[commit] for commit in shown if commit in index}
+
+
+def ref_labels(repo: Repository) -> dict[str, list[str]]:
+    """Every commit a ref names, with its `git log --decorate` labels: one pass over the refs
+    (a log of many pages reads them once, not once a page)."""
     labels: dict[str, list[str]] = {}
     head_branch = repo.refs.read_symbolic("HEAD")
     head = repo.head_commit()
-    if head is not None and head in shown and head_branch is None:
+    if head is not None and head_branch is None:
         labels.setdefault(head, []).append("HEAD")
     for name, oid in repo.refs.iter_refs("refs/"):
         # Branches name commits; only a tag may name a tag object that has to be read and peeled.
-        # Reading an object per ref made `log` take seconds with 10^5 branches.
+        # Reading an object per branch made `log` take seconds with 10^5 branches.
         target: str | None = oid
-        if oid not in shown:
+        if name.startswith("refs/tags/") and repo.object_kind(oid) in ("tag", None):
             target = None
-            # A lightweight tag names its commit: only a tag object has to be read and peeled.
-            if name.startswith("refs/tags/") and repo.object_kind(oid) in ("tag", None):
-                with suppress(MintError):
-                    target = repo.peel(oid)
-        if target is None or target not in shown:
+            with suppress(MintError):
+                target = repo.peel(oid)
+        if target is None:
             continue
         short = name.removeprefix("refs/heads/")
         if name.startswith("refs/tags/"):
