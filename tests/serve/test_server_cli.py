@@ -68,10 +68,15 @@ def test_serve_process_health_and_sigterm_drain(
             "300",
             "--cpu-threads",
             "1",
+            "--served-model-name",
+            "plain-base",
         ]
     )
     try:
         url = _url_when_ready(proc)
+        status, _, alone = request(url + "/generate", {"prompt": "Hi", "ref": "plain-base"})
+        assert status == 200 and alone["revision"] is None
+        assert request(url + "/v1/models")[2]["data"][0]["id"] == "plain-base"
 
         # A long streaming request is running when SIGTERM arrives: it must finish, then the process exits 0.
         body = json.dumps(
