@@ -6,8 +6,8 @@
 # setup.log, parity.log, kernels.log, kernels.json, engine-cuda.log, serve.log, serve.json.
 #
 # Before the call, run bench/gpu-wheels.sh here and carry ".whl". Never run with TRITON_INTERPRET.
-# Time: each step has its own limit (parity 110 s, graphs 60 s, kernels 90 s, engine 140 s,
-# serve 90 s; the parity and graphs steps share parity.log) and
+# Time: each step has its own limit (parity 110 s, engine-tests 60 s, kernels 90 s, engine
+# 140 s, serve 90 s; parity and engine-tests share parity.log) and
 # none runs past GPU_DEADLINE_S (default 500 s) from the start, so the whole script ends within
 # about 8.5 minutes even when every step hangs; ~20 s of set-up comes first. Set-up that leaves
 # no CUDA, no importable mintvcs, or a runtime dependency of pyproject.toml uninstalled stops the
@@ -189,15 +189,16 @@ echo "## set-up done at $SECONDS s" | tee -a "$OUT/gpu.txt"
 # The kernels' grid first; then the engine's CUDA graphs against its eager steps (tiny model, fp32).
 # The grid needs ~70 specialisations of the two kernels, ~0.5-1.5 s of Triton compiling each:
 # four pytest workers (pytest-xdist, on the GPU image) compile them side by side. The engine's
-# graph tests run in one process: each worker would build their engine again.
+# GPU tests (CUDA graphs, structured outputs' masks) run in one process: each worker would
+# build their engines again.
 WORKERS=()
 "$PY" -c "import xdist" 2> /dev/null && WORKERS=(-n 4)
 step parity 110 "$OUT/parity.log" \
     "$PY" -m pytest -q -p no:cacheprovider -m gpu "${WORKERS[@]}" --maxfail=5 --durations=10 \
     --timeout=60 tests/kernels
-step graphs 60 "$OUT/parity.log" \
+step engine-tests 60 "$OUT/parity.log" \
     "$PY" -m pytest -q -p no:cacheprovider -m gpu --maxfail=3 --durations=5 --timeout=50 \
-    tests/serve/test_graphs.py
+    tests/serve
 step kernels 90 "$OUT/kernels.log" \
     "$PY" bench/kernels.py --no-cpu --skip-parity --json "$OUT/kernels.json"
 step engine 140 "$OUT/engine-cuda.log" "$PY" bench/engine.py --only cuda

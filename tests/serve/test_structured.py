@@ -191,6 +191,41 @@ def test_a_mixed_batch_gives_each_request_what_it_gives_alone(engine: Engine) ->
         assert got.finish_reason == alone.finish_reason
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_masks_come_from_the_thread_pool_and_unpack_there(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    from mintvcs.serve import PeftDirSource
+
+    words = torch.randint(-(2**31), 2**31, (6, 13), dtype=torch.int32)
+    cuda = torch.device("cuda")
+    on_gpu = blocked_tokens(words, 400, cuda)
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), blocked_tokens(words, 400, torch.device("cpu")))
+    # A batch of PARALLEL_MASK_ROWS or more constrained rows takes llguidance's thread pool.
+    config = EngineConfig(
+        device="cuda", dtype="float32", max_batch_size=8, adapter_slots=4, max_model_len=128
+    )
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as gpu:
+        kinds = [*SPECS, *SPECS]
+        requests = [
+            (
+                _prompt(60 + i, 6),
+                ("all-r16", "qv-r8", None)[i % 3],
+                SamplingParams(max_tokens=48, temperature=0.8, seed=i, structured=SPECS[kind]),
+            )
+            for i, kind in enumerate(kinds)
+        ]
+        together = gpu.generate_many(requests, timeout=120)
+        # (Not compared with each request alone: on a GPU a batch's matmuls may round
+        # differently from a single row's, and a sampled token can then differ.)
+        assert sum(got.finish_reason == "stop" for got in together) >= len(kinds) // 2
+        for kind, got in zip(kinds, together, strict=True):
+            if got.finish_reason == "stop":
+                assert _matches(kind, got.text), (kind, got.text)
+
+
 def test_max_tokens_cuts_a_structured_output_short(engine: Engine) -> None:
     out = engine.generate(
         _prompt(7, 6),
