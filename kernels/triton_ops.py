@@ -40,6 +40,7 @@ def _shrink_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 inputs (no tf32), or bf16 under the interpreter
+    ALIGNED: tl.constexpr,  # the factors' addresses and rows start on 16 bytes (host-checked)
 ):
     pid_b = tl.program_id(0)
     pid_rk = tl.program_id(1)
@@ -60,6 +61,8 @@ def _shrink_kernel(
     rank_ok = offs_r < real_rank  # [BR]
 
     a_ptr = tl.load(a_table + pid_s).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    if ALIGNED:  # an address read from a table says nothing of its alignment: without this,
+        a_ptr = tl.multiple_of(a_ptr, 16)  # every load of A is one element wide
     a_ptr += slot.to(tl.int64) * rank * in_features
     k_chunk = tl.cdiv(in_features, SPLIT_K * BLOCK_K) * BLOCK_K
     k_lo = k_split * k_chunk
@@ -113,6 +116,7 @@ def _expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 inputs (no tf32), or bf16 under the interpreter
+    ALIGNED: tl.constexpr,  # the factors' addresses, rows and y's slices start on 16 bytes
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -121,6 +125,8 @@ def _expand_kernel(
     if slot < 0:
         return
     width = tl.load(widths_ptr + pid_s)
+    if ALIGNED:  # then the column mask holds in runs of 8, and y's row moves as vectors
+        width = tl.multiple_of(width, 8)
     n_lo = pid_n * BLOCK_N
     if n_lo >= width:  # this slice is narrower than the widest one
         return
@@ -135,6 +141,8 @@ def _expand_kernel(
     col_ok = offs_n < width
 
     b_ptr = tl.load(b_table + pid_s).to(tl.pointer_type(y_ptr.dtype.element_ty))
+    if ALIGNED:  # as in the shrink: vector loads of B
+        b_ptr = tl.multiple_of(b_ptr, 16)
     b_ptr += slot.to(tl.int64) * width * rank
     h_ptr = buf_ptr + pid_s * num_tokens * rank + tok[:, None] * rank  # [BM, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [tokens, out]
@@ -155,6 +163,8 @@ def _expand_kernel(
 
     scale = tl.load(scales_ptr + slot)
     col = tl.load(col_ptr + pid_s)
+    if ALIGNED:  # each slice starts on 16 bytes of y's row: vector loads and stores of y
+        col = tl.multiple_of(col, 8)
     yp = y_ptr + tok[:, None] * stride_ym + col + offs_n[None, :]  # [tokens, out]
     ok = row_ok[:, None] & col_ok[None, :]
     cur = tl.load(yp, mask=ok, other=0.0)
@@ -191,6 +201,26 @@ def address_tables() -> list[torch.Tensor]:
 
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def vector_aligned(
+    slices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    element_size: int,
+    cols: Sequence[int],
+    widths: Sequence[int],
+) -> bool:
+    """Whether the kernels may tell the compiler that the factors and y's slices sit on 16 bytes
+    (ALIGNED): every factor tensor starts there, its rows are multiples of 16 bytes long, and
+    each slice of y starts and ends on a multiple of 8 elements."""
+    # The compiler cannot see an address read from a table; a false claim would fault.
+    per16 = 16 // element_size
+    _, rank, in_features = slices[0][0].shape
+    return (
+        all(t.data_ptr() % 16 == 0 for pair in slices for t in pair)
+        and in_features % per16 == 0
+        and rank % per16 == 0
+        and all(c % 8 == 0 for c in (*cols, *widths))
+    )
 
 
 def tile_config(block_m: int, rank: int, fp32: bool) -> tuple[int, int, int]:
@@ -276,6 +306,8 @@ def add_lora_triton(
     # bits, so there bf16 tiles go through fp32 too; on a GPU bf16 uses the tensor cores.
     upcast = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and INTERPRETED)
 
+    aligned = vector_aligned(slices, x.element_size(), cols, widths)
+
     bm = blocks.block_m
     br, widest, warps = tile_config(bm, rank, x.dtype == torch.float32)
     bk = _pow2(in_features, 16, widest)
@@ -308,6 +340,7 @@ def add_lora_triton(
         BLOCK_K=bk,
         SPLIT_K=sk,
         UPCAST=upcast,
+        ALIGNED=aligned,
         num_warps=warps,
     )
     if shrink_only:
@@ -332,6 +365,7 @@ def add_lora_triton(
         BLOCK_N=bn,
         BLOCK_R=br,
         UPCAST=upcast,
+        ALIGNED=aligned,
         num_warps=warps,
     )
     return y

