@@ -41,6 +41,7 @@ def _shrink_kernel(
     SPLIT_K: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 inputs (no tf32), or bf16 under the interpreter
     ALIGNED: tl.constexpr,  # the factors' addresses and rows start on 16 bytes (host-checked)
+    VEC_SHIFT: tl.constexpr,  # log2 of the elements in 16 bytes of the factors' dtype
 ):
     pid_b = tl.program_id(0)
     pid_rk = tl.program_id(1)
@@ -89,11 +90,17 @@ def _shrink_kernel(
             acc = tl.dot(xt, at, acc)
 
     out = buf_ptr + pid_s * num_tokens * rank + tok[:, None] * rank + offs_r[None, :]
-    ok = row_ok[:, None] & rank_ok[None, :]
+    if ALIGNED:
+        # Whole 16-byte vectors of the buffer's row (past the real rank: what x times A's
+        # masked zeros gave; the expand never uses those columns).
+        vec_rank = ((real_rank + (1 << VEC_SHIFT) - 1) >> VEC_SHIFT) << VEC_SHIFT
+        ok = row_ok[:, None] & (offs_r < vec_rank)[None, :]
+    else:
+        ok = row_ok[:, None] & rank_ok[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc, mask=ok)
-    else:
-        tl.atomic_add(out, acc, mask=ok)
+    else:  # relaxed: the expand reads the sums after this launch ends
+        tl.atomic_add(out, acc, mask=ok, sem="relaxed")
 
 
 @triton.jit
@@ -117,6 +124,7 @@ def _expand_kernel(
     BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 inputs (no tf32), or bf16 under the interpreter
     ALIGNED: tl.constexpr,  # the factors' addresses, rows and y's slices start on 16 bytes
+    VEC_SHIFT: tl.constexpr,  # log2 of the elements in 16 bytes of the factors' dtype
 ):
     pid_b = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -134,6 +142,11 @@ def _expand_kernel(
     if real_rank <= 0:  # y must stay bit-identical, so don't even add zero
         return
 
+    # Under ALIGNED, h and B are read in whole 16-byte vectors: up to the real rank rounded up
+    # (within the padded rank, a multiple of the vector), the lanes past it zeroed after.
+    load_rank = real_rank
+    if ALIGNED:
+        load_rank = ((real_rank + (1 << VEC_SHIFT) - 1) >> VEC_SHIFT) << VEC_SHIFT
     pos = tl.load(block_start_ptr + pid_b) + tl.arange(0, BLOCK_M)  # [BM]
     row_ok = pos < tl.load(slot_end_ptr + slot)
     tok = tl.load(sorted_ptr + pos, mask=row_ok, other=0).to(tl.int64)  # [BM]
@@ -149,13 +162,17 @@ def _expand_kernel(
     for r in range(0, real_rank, BLOCK_R):  # stops at the real rank: padding costs nothing
         offs_r = r + tl.arange(0, BLOCK_R)
         r_ok = offs_r < real_rank
-        h = tl.load(h_ptr + offs_r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        load_ok = offs_r < load_rank
+        h = tl.load(h_ptr + offs_r[None, :], mask=row_ok[:, None] & load_ok[None, :], other=0.0)
         # h: [tokens, BR] fp32
         bt = tl.load(
             b_ptr + offs_n[None, :] * rank + offs_r[:, None],
-            mask=r_ok[:, None] & col_ok[None, :],
+            mask=load_ok[:, None] & col_ok[None, :],
             other=0.0,
         )  # [BR, out]
+        if ALIGNED:  # lanes read past the real rank become zeros, whatever the padding holds
+            h = tl.where(r_ok[None, :], h, 0.0)
+            bt = tl.where(r_ok[:, None], bt, 0.0)
         if UPCAST:
             acc = tl.dot(h, bt.to(tl.float32), acc, input_precision="ieee")
         else:
@@ -341,6 +358,7 @@ def add_lora_triton(
         SPLIT_K=sk,
         UPCAST=upcast,
         ALIGNED=aligned,
+        VEC_SHIFT=(16 // x.element_size()).bit_length() - 1,
         num_warps=warps,
     )
     if shrink_only:
@@ -366,6 +384,7 @@ def add_lora_triton(
         BLOCK_R=br,
         UPCAST=upcast,
         ALIGNED=aligned,
+        VEC_SHIFT=(16 // x.element_size()).bit_length() - 1,
         num_warps=warps,
     )
     return y

@@ -151,6 +151,37 @@ def test_triton_split_k(split_k: int) -> None:
     assert_matches(case, y, expected(case))
 
 
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_aligned_factors_are_read_in_whole_vectors_without_their_padding(
+    dtype: torch.dtype, split_k: int
+) -> None:
+    # Shapes on 16 bytes (ALIGNED): the kernels read h and B up to each slot's real rank
+    # rounded up to a whole vector, into the NaN padding, and must zero those lanes.
+    from mintvcs.kernels.triton_ops import add_lora_triton, vector_aligned
+
+    widths = (32, 16, 16)
+    dev = device_for("triton")
+    case = make_case(33, 8, 16, 64, sum(widths), dtype, "mixed", seed=23, device=dev)
+    assert case.ranks is not None and sorted(set(case.ranks.tolist())) != [16]
+    pairs, col = [], 0
+    for w in widths:
+        pairs.append((case.a.clone(), case.b[:, col : col + w].contiguous()))
+        col += w
+    assert vector_aligned(pairs, case.x.element_size(), [0, 32, 48], list(widths))
+    y = case.y0.clone()
+    groups = group_tokens(case.slots, 8)
+    add_lora_triton(y, case.x, pairs, groups, case.scales, case.ranks, split_k=split_k)
+    want = case.y0.clone()
+    col = 0
+    for a, b in pairs:
+        add_lora_reference(
+            want[:, col : col + b.shape[1]], case.x, a, b, case.slots, case.scales, case.ranks
+        )
+        col += b.shape[1]
+    assert_matches(case, y, want)
+
+
 @pytest.mark.parametrize("tokens", [1, 16, 17, 64, 65, 200, 600])
 @pytest.mark.parametrize("num_slots", [1, 5, 64])
 def test_group_tokens_blocks_cover_each_token_once(tokens: int, num_slots: int) -> None:
