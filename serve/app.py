@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -784,13 +785,14 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async def reread_keys(keys: ApiKeys) -> None:
         # On a timer, not per request: a rotation is taken within two intervals whatever the
-        # traffic, and on a worker thread, not awaited: a read that hangs (a stuck mount)
-        # stalls neither the loop nor a request, which checks the tokens held.
-        loop = asyncio.get_running_loop()
+        # traffic, and on a thread of its own, not awaited: a read that hangs (a stuck mount, a
+        # FIFO) stalls neither the loop nor a request, which checks the tokens held. A daemon
+        # thread, not the loop's executor, whose threads are joined at exit: one stuck read
+        # would keep a drained server from ever exiting. due() lets one read run at a time.
         while True:
             await asyncio.sleep(api_keys.CHECK_INTERVAL / 2)
             if keys.due():
-                loop.run_in_executor(None, keys.refresh)
+                threading.Thread(target=keys.refresh, name="mint-api-keys", daemon=True).start()
 
     tasks = [
         asyncio.create_task(state.watcher.run(interval=state.config.ref_poll_interval)),

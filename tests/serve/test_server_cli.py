@@ -105,6 +105,36 @@ def test_serve_process_health_and_sigterm_drain(
             proc.wait()
 
 
+@pytest.mark.slow
+def test_a_key_file_read_that_hangs_does_not_keep_the_server_from_exiting(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    porcelain.init(tmp_path / "repo", str(tiny_base))
+    key = tmp_path / "token"
+    key.write_text("the-token\n")
+    key.chmod(0o600)
+    proc = _start(
+        [
+            *("--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0"),
+            *("--api-key-file", str(key), "--max-model-len", "128", "--cpu-threads", "1"),
+        ]
+    )
+    try:
+        url = _url_when_ready(proc)
+        key.unlink()
+        os.mkfifo(key)  # the next re-read blocks opening it, for ever: no writer comes
+        time.sleep(2.5)  # the file is re-read every second
+        auth = {"Authorization": "Bearer the-token"}
+        assert request(url + "/v1/adapters", headers=auth, timeout=5)[0] == 200
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)  # a stuck read on a joined thread: never
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_serve_refuses_a_bad_base_model_in_one_line(tmp_path: Path) -> None:
     repo_dir = tmp_path / "repo"
     porcelain.init(repo_dir)
