@@ -311,6 +311,9 @@ class Repository:
             0  # objects this instance stored (loose or packed), for commit's summary
         )
         self._written_lock = threading.Lock()
+        # dulwich's object store is not thread-safe (its pack list fills in lazily): a commit's
+        # encoding threads that read through it at once could each see a partial list.
+        self._dulwich_lock = threading.Lock()
         # Set by a reader that follows a branch (the server): decoded XOR tips are kept here, so
         # a child revision decodes its last link only (see mintvcs.plane_cache).
         self.plane_cache: PlaneCache | None = None
@@ -454,7 +457,8 @@ class Repository:
                         f"{what}: object {oid} is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
                     ) from None
         try:
-            return self.objects[ObjectID(oid.encode())]
+            with self._dulwich_lock:
+                return self.objects[ObjectID(oid.encode())]
         except KeyError:
             problem = "is missing from the store"
         except (
@@ -683,7 +687,8 @@ class Repository:
             return False
         from dulwich.objects import ObjectID
 
-        return ObjectID(oid.encode()) in self.objects
+        with self._dulwich_lock:
+            return ObjectID(oid.encode()) in self.objects
 
     def _has_foreign_objects(self) -> bool:
         """True when some objects are outside our own reader's reach (alternates, unusual packs)."""
@@ -1181,12 +1186,13 @@ class Repository:
         """The ids of the objects whose hex id starts with `prefix`."""
         from dulwich.pack import PackFileDisappeared
 
-        try:
-            return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
-        except PackFileDisappeared:
-            # Another process's gc replaced a pack since dulwich last listed them; the failed
-            # walk dropped it, so a second one reads the packs there are now.
-            return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
+        with self._dulwich_lock:
+            try:
+                return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
+            except PackFileDisappeared:
+                # Another process's gc replaced a pack since dulwich last listed them; the
+                # failed walk dropped it, so a second one reads the packs there are now.
+                return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
 
     def ambiguous(self, spec: str) -> list[str]:
         """The refs a spec's name could mean when it names more than one (a tag and a branch), else [].

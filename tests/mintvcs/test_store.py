@@ -317,3 +317,26 @@ def test_revision_meta_reads_meta_as_the_full_manifest_does(
     with pytest.raises(CorruptManifestError, match="not a mintvcs manifest"):
         Manifest.meta_from_bytes(b'{"format": "other"}')
     repo.close()
+
+
+def test_recommitting_stored_tensors_from_many_threads_finds_them(tmp_path: Path) -> None:
+    # A tensor found in a pack gets a fresh loose copy (freshen), read on the commit's encoding
+    # threads; dulwich's lazily filled pack list, read by two threads at once, made some of
+    # those reads report the object missing (about one commit in four here).
+    from tests.fixtures import ALL_LINEAR, build_base, make_peft_adapter
+
+    base = build_base(tmp_path / "base", num_hidden_layers=8)
+    adapters = [
+        make_peft_adapter(base, tmp_path / f"a{i}", r=8, seed=i, target_modules=ALL_LINEAR)
+        for i in range(6)
+    ]
+    with porcelain.init(tmp_path / "stored", str(base)) as repo:
+        for i, adapter in enumerate(adapters):  # a pack each
+            porcelain.commit(repo, f"a{i}", source=adapter, verify=False, show_progress=False)
+    for attempt in range(12):
+        # A fresh copy each time: once freshened, the loose copies would answer the reads.
+        shutil.copytree(tmp_path / "stored", tmp_path / f"r{attempt}", symlinks=True)
+        with Repository.open(tmp_path / f"r{attempt}") as repo:
+            # Unrelated to its parent (a5): stored whole, as when a0 was committed.
+            source = adapters[attempt % 5]
+            porcelain.commit(repo, "again", source=source, verify=False, show_progress=False)
