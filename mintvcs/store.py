@@ -314,6 +314,8 @@ class Repository:
         # dulwich's object store is not thread-safe (its pack list fills in lazily): a commit's
         # encoding threads that read through it at once could each see a partial list.
         self._dulwich_lock = threading.Lock()
+        # Our own pack list is shared by the same threads, and refreshed when a pack is missed.
+        self._packs_lock = threading.Lock()
         # Set by a reader that follows a branch (the server): decoded XOR tips are kept here, so
         # a child revision decodes its last link only (see mintvcs.plane_cache).
         self.plane_cache: PlaneCache | None = None
@@ -587,29 +589,32 @@ class Repository:
 
     def _packs(self, refresh: bool = False) -> list[PackFile]:
         """The packs of the store (their indexes mapped), rescanned on `refresh`."""
-        cached: dict[str, PackFile] = self.__dict__.setdefault("_pack_files", {})
-        # A flag, not `not cached`: a store without packs would be rescanned on every lookup.
-        if refresh or not self.__dict__.get("_packs_scanned"):
-            self.__dict__["_packs_scanned"] = True
-            directory = self.git_dir / "objects" / "pack"
-            names = (
-                {p[: -len(".idx")] for p in os.listdir(directory) if p.endswith(".idx")}
-                if directory.is_dir()
-                else set()
-            )
-            for name in set(cached) - names:
-                gone = cached.pop(name)
-                if self.__dict__.get("_last_pack") is gone:
-                    del self.__dict__["_last_pack"]
-                gone.close()
-            unreadable = set()
-            for name in sorted(names - set(cached)):
-                try:
-                    cached[name] = PackFile(directory / name)
-                except (OSError, ValueError):
-                    unreadable.add(name)  # dulwich still reads it: has_object falls back
-            self.__dict__["_unreadable_packs"] = unreadable
-        return list(cached.values())
+        with self._packs_lock:
+            cached: dict[str, PackFile] = self.__dict__.setdefault("_pack_files", {})
+            # A flag, not `not cached`: a store without packs would be rescanned on every lookup.
+            if refresh or not self.__dict__.get("_packs_scanned"):
+                directory = self.git_dir / "objects" / "pack"
+                names = (
+                    {p[: -len(".idx")] for p in os.listdir(directory) if p.endswith(".idx")}
+                    if directory.is_dir()
+                    else set()
+                )
+                for name in set(cached) - names:
+                    gone = cached.pop(name)
+                    if self.__dict__.get("_last_pack") is gone:
+                        self.__dict__.pop("_last_pack", None)
+                    # Not closed: another thread may be reading it (its content is still
+                    # right: objects are named by their content); its maps go with the last
+                    # reference.
+                unreadable = set()
+                for name in sorted(names - set(cached)):
+                    try:
+                        cached[name] = PackFile(directory / name)
+                    except (OSError, ValueError):
+                        unreadable.add(name)  # dulwich still reads it: has_object falls back
+                self.__dict__["_unreadable_packs"] = unreadable
+                self.__dict__["_packs_scanned"] = True  # after the scan: others wait for it
+            return list(cached.values())
 
     def add_blob(self, data: bytes) -> str:
         """Store `data` as a blob; an existing identical blob costs nothing."""

@@ -340,3 +340,64 @@ def test_recommitting_stored_tensors_from_many_threads_finds_them(tmp_path: Path
             # Unrelated to its parent (a5): stored whole, as when a0 was committed.
             source = adapters[attempt % 5]
             porcelain.commit(repo, "again", source=source, verify=False, show_progress=False)
+
+
+def test_threads_sharing_a_repository_keep_reading_while_gc_replaces_its_packs(
+    tmp_path: Path,
+) -> None:
+    # The pack list is refreshed when a lookup misses; two threads refreshing at once tore it
+    # (KeyError), and a pack closed under a reader (mmap closed) could be left as the
+    # last-hit hint, failing every packed read of that Repository from then on.
+    import os
+    import sys
+    import threading
+
+    from mintvcs import maintenance
+    from tests.fixtures import ALL_LINEAR, build_base, make_peft_adapter
+
+    base = build_base(tmp_path / "base", num_hidden_layers=8)
+    adapter = make_peft_adapter(base, tmp_path / "a", r=4, alpha=8, target_modules=ALL_LINEAR)
+    writer = porcelain.init(tmp_path / "repo", str(base))
+    porcelain.commit(writer, "first", source=adapter, verify=False, show_progress=False)
+    reader = Repository.open(tmp_path / "repo")
+    blobs = [t.blob for t in reader.read_revision(reader.resolve("main")).manifest.tensors]
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def refresh() -> None:  # what a miss does: list the pack directory again
+        while not stop.is_set():
+            try:
+                reader.has_object(os.urandom(20).hex(), loose=False, rescan=True)
+            except Exception as err:
+                errors.append(f"refresh: {type(err).__name__}: {err}")
+
+    def read() -> None:
+        while not stop.is_set():
+            for blob in blobs[::7]:
+                try:
+                    assert reader.object_kind(blob) == "blob"
+                except Exception as err:
+                    errors.append(f"read: {type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=f) for f in (refresh, refresh, read, read)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: the windows are a few bytecodes wide
+    try:
+        for t in threads:
+            t.start()
+        for step in range(3):  # a new pack, then gc: every old pack is replaced
+            mutate(adapter, seed=step)
+            porcelain.commit(
+                writer, f"step {step}", source=adapter, verify=False, show_progress=False
+            )
+            maintenance.gc(writer)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(interval)
+        writer.close()
+    assert errors == [], errors[:5]
+    for blob in blobs:  # and the Repository is still whole
+        assert reader.object_kind(blob) == "blob"
+    reader.close()
