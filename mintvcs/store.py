@@ -10,6 +10,7 @@ import re
 import stat
 import sys
 import threading
+import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -92,6 +93,10 @@ class UnknownRevisionError(MintError):
     """A ref spec that names no branch, tag or commit."""
 
     exit_code = 128
+
+
+class StoreBusyError(MintError):
+    """The store's packs kept changing under a read (another process's gc): try again."""
 
 
 class CorruptObjectError(MintError):
@@ -1191,13 +1196,19 @@ class Repository:
         """The ids of the objects whose hex id starts with `prefix`."""
         from dulwich.pack import PackFileDisappeared
 
-        with self._dulwich_lock:
-            try:
-                return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
-            except PackFileDisappeared:
-                # Another process's gc replaced a pack since dulwich last listed them; the
-                # failed walk dropped it, so a second one reads the packs there are now.
-                return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
+        for attempt in range(_PREFIX_ATTEMPTS):
+            with self._dulwich_lock:
+                try:
+                    return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
+                except PackFileDisappeared:
+                    pass
+            # Another process's gc removed a pack dulwich had listed; a gc removes its old
+            # packs one by one, so the next walks may meet the next one: a few, a moment apart.
+            time.sleep(0.01 * (attempt + 1))
+        raise StoreBusyError(
+            f"the store's packs kept changing while looking up ids starting {prefix!r} (a gc "
+            "in another process?); try again"
+        )
 
     def ambiguous(self, spec: str) -> list[str]:
         """The refs a spec's name could mean when it names more than one (a tag and a branch), else [].
@@ -1395,6 +1406,7 @@ def _sha256_while_importing(adapter: AdapterFiles, indexes: list[int]) -> dict[i
 
 # Below this many decoded bytes a second hashing thread costs more than it saves.
 _THREADED_HASH_BYTES = 4 << 20
+_PREFIX_ATTEMPTS = 8  # walks of the packs for an abbreviated id while a gc replaces them
 
 
 def _open_config_file(path: str | os.PathLike[str]) -> IO[bytes]:

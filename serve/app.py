@@ -388,7 +388,7 @@ def _status_for(err: MintError) -> int:
     from mintvcs.serve.sampling import InvalidSamplingParams
     from mintvcs.serve.slots import ResidencyError
     from mintvcs.serve.structured import StructuredOutputError
-    from mintvcs.store import UnknownRevisionError
+    from mintvcs.store import StoreBusyError, UnknownRevisionError
 
     if isinstance(err, HTTPError):
         return err.status
@@ -404,6 +404,7 @@ def _status_for(err: MintError) -> int:
         (EngineClosed, 503),
         (EngineOverloaded, 503),
         (KVCacheFull, 503),
+        (StoreBusyError, 503),  # a gc elsewhere kept replacing packs: a retry will do
     ]
     for cls, status in table:
         if isinstance(err, cls):

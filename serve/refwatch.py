@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import re
 import threading
@@ -29,6 +30,8 @@ from typing import Any
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
 from mintvcs.store import ref_candidates
+
+log = logging.getLogger("mintvcs.serve")
 
 StatKey = tuple[int, int, int] | None
 _SUFFIX = re.compile(r"[~^]|@\{")  # where a spec's ref name ends: `main~1`, `main@{1}`
@@ -306,7 +309,13 @@ class RefWatcher:
             reread = now - last_reread >= reread_every
             if reread:
                 last_reread = now
-            moves = await asyncio.to_thread(self.poll, reread=reread)
+            try:
+                moves = await asyncio.to_thread(self.poll, reread=reread)
+            except Exception as err:
+                # One failed poll (a store another process is rewriting) must not end polling
+                # for the server's life: requests would then only see moves by revalidation.
+                log.warning("ref poll failed (%s: %s); polling on", type(err).__name__, err)
+                moves = []
             took = time.monotonic() - now
             for move in moves:
                 if self.on_move is not None:
