@@ -30,6 +30,23 @@ def _start(args: list[str]) -> subprocess.Popen[str]:
     )
 
 
+def _start_with_key_file(
+    tmp_path: Path, tiny_base: Path, token: str, mode: int, *args: str
+) -> tuple[subprocess.Popen[str], Path]:
+    """`mintvcs serve` of a new repository, its admin token in a file of the given mode."""
+    porcelain.init(tmp_path / "repo", str(tiny_base))
+    key = tmp_path / "token"
+    key.write_text(token + "\n")
+    key.chmod(mode)
+    proc = _start(
+        [
+            *("--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0"),
+            *("--api-key-file", str(key), *args),
+        ]
+    )
+    return proc, key
+
+
 def _url_when_ready(proc: subprocess.Popen[str]) -> str:
     """The URL the server's first line names, once /health answers 200."""
     assert proc.stdout is not None
@@ -109,15 +126,8 @@ def test_serve_process_health_and_sigterm_drain(
 def test_a_key_file_read_that_hangs_does_not_keep_the_server_from_exiting(
     tmp_path: Path, tiny_base: Path
 ) -> None:
-    porcelain.init(tmp_path / "repo", str(tiny_base))
-    key = tmp_path / "token"
-    key.write_text("the-token\n")
-    key.chmod(0o600)
-    proc = _start(
-        [
-            *("--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0"),
-            *("--api-key-file", str(key), "--max-model-len", "128", "--cpu-threads", "1"),
-        ]
+    proc, key = _start_with_key_file(
+        tmp_path, tiny_base, "the-token", 0o600, "--max-model-len", "128", "--cpu-threads", "1"
     )
     try:
         url = _url_when_ready(proc)
@@ -294,16 +304,7 @@ sys.exit(asyncio.run(serve_until_signalled(config, engine_factory=slow_engine)))
 def test_sighup_drains_as_sigterm_and_a_readable_token_file_is_a_warning(
     tmp_path: Path, tiny_base: Path
 ) -> None:
-    porcelain.init(tmp_path / "repo", str(tiny_base))
-    token = tmp_path / "token"
-    token.write_text("secret\n")
-    token.chmod(0o644)
-    proc = _start(
-        [
-            *("--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0"),
-            *("--max-model-len", "64", "--api-key-file", str(token)),
-        ]
-    )
+    proc, _ = _start_with_key_file(tmp_path, tiny_base, "secret", 0o644, "--max-model-len", "64")
     try:
         _url_when_ready(proc)
         proc.send_signal(signal.SIGHUP)  # by default it would kill the process on the spot
