@@ -251,7 +251,7 @@ class ToolPlan:
 
 def _arguments(value: Any) -> str:
     """A call's arguments as JSON text, non-ASCII as it is."""
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return value if isinstance(value, str) else _tojson(value)
 
 
 def hermes_calls(text: str) -> tuple[str | None, list[dict[str, Any]]] | None:

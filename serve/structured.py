@@ -189,9 +189,3 @@ def unpack_blocked(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=words.device)
     allowed = (packed.unsqueeze(-1) >> shifts) & 1
     return (allowed == 0).view(words.shape[0], -1)[:, :vocab_size]
-
-
-def allowed_tokens(matchers: Sequence[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
-    """bool [len(matchers), vocab_size]: the tokens each matcher accepts next (on the CPU)."""
-    bits = token_bitmask(matchers, vocab_size)
-    return blocked_tokens(bits, vocab_size, torch.device("cpu")).logical_not_()

@@ -17,7 +17,6 @@ from mintvcs.serve.structured import (
     PARALLEL_MASK_ROWS,
     Grammars,
     InvalidStructuredOutput,
-    allowed_tokens,
     blocked_tokens,
     token_bitmask,
     unpack_blocked,
@@ -318,7 +317,13 @@ def test_engine_without_tokenizer_refuses_structured_outputs(tiny_base: Path) ->
         eng.generate([5, 6], None, SamplingParams(structured=SPECS["regex"]), timeout=30)
 
 
-def test_allowed_tokens_unpacks_llguidance_bits(tiny_base: Path) -> None:
+def allowed_tokens(matchers: list[llguidance.LLMatcher], vocab_size: int) -> torch.Tensor:
+    """bool [len(matchers), vocab_size]: the tokens each matcher accepts next, as a CPU step sees it."""
+    bits = token_bitmask(matchers, vocab_size)
+    return blocked_tokens(bits, vocab_size, torch.device("cpu")).logical_not_()
+
+
+def test_the_bitmask_unpacks_to_what_llguidance_allows(tiny_base: Path) -> None:
     tokenizer = llguidance.LLTokenizer((tiny_base / "tokenizer.json").read_text(), eos_token=2)
     matcher = llguidance.LLMatcher(tokenizer, llguidance.grammar_from("regex", "[0-9]+"))
     vocab = tokenizer.vocab_size
