@@ -266,7 +266,7 @@ def _auto_gc_after_commit(repo: Any) -> None:
             "`mintvcs gc --auto` does it by hand",
             err=True,
         )
-        maintenance.auto_gc_detached(repo)
+        maintenance.start_auto_gc(repo)  # due: checked above
 
 
 @main.command()

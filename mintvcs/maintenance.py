@@ -1206,8 +1206,11 @@ _DETACH = (
 
 def auto_gc_detached(repo: Repository) -> int | None:
     """When gc --auto is due, start it in a process of its own and return its pid at once (else None)."""
-    if not auto_gc_due(repo):
-        return None
+    return start_auto_gc(repo) if auto_gc_due(repo) else None
+
+
+def start_auto_gc(repo: Repository) -> int:
+    """Start `gc --auto` in a process of its own, due or not, and return its pid at once."""
     # Through an intermediate that exits at once: the gc is no child of this process (a
     # training loop), which then has nothing to reap: no zombie, no "still running" warning.
     try:
