@@ -266,7 +266,7 @@ def run_demo(
         base_answer = str(_post_generate(server.url, config.base_name)["text"])
         echo(
             f"      POST /generate ref={config.base_name:<10} -> {base_answer!r:<36} "
-            "the base alone, no adapter"
+            "the base alone (random weights: its bytes need not even be text)"
         )
 
         # 5. a new revision on main, no restart

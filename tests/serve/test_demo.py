@@ -69,7 +69,7 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
         revisions[0],
         revisions[3],
     )
-    base = re.search(r"ref=tiny-llama -> (.+) the base alone, no adapter", out)
+    base = re.search(r"ref=tiny-llama -> (.+) the base alone \(random weights", out)
     assert base is not None and not any(p in base.group(1) for p in PHRASES.values())
     assert "no restart" in out and "mintvcs log --oneline" in out and "mintvcs diff" in out
     assert revisions[3][:7] in out.split("[6/6]")[1]  # the log shows the new revision
