@@ -136,9 +136,12 @@ class ServerConfig:
             )
         if self.api_key_scope not in ("admin", "all"):
             raise ServerError(f"api_key_scope {self.api_key_scope!r} must be 'admin' or 'all'")
-        if self.tool_call_parser not in (None, "hermes"):
+        from mintvcs.serve.http_chat import TOOL_CALL_FORMATS  # it imports this module
+
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_FORMATS:
             raise ServerError(
-                f"tool_call_parser {self.tool_call_parser!r} is not one this server reads: hermes"
+                f"tool_call_parser {self.tool_call_parser!r} is not one this server reads: "
+                f"{', '.join(TOOL_CALL_FORMATS)}"
             )
         if not (0.01 <= self.ref_poll_interval <= 1.0):
             raise ServerError(f"ref_poll_interval {self.ref_poll_interval} s must be in [0.01, 1]")

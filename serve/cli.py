@@ -149,10 +149,13 @@ from mintvcs.errors import MintError
 )
 @click.option(
     "--tool-call-parser",
-    type=click.Choice(["hermes"]),
+    type=click.Choice(
+        ["hermes", "llama3_json"]
+    ),  # http_chat.TOOL_CALL_FORMATS (not imported: torch)
     help='Read replies to tool_choice "auto" for tool calls in this format (hermes: '
     '<tool_call>{"name": ..., "arguments": ...}</tool_call>, as Qwen2.5 and Hermes '
-    "models write them) [default: auto is refused].",
+    'models write them; llama3_json: {"name": ..., "parameters": ...} objects separated by ";" '
+    "as the whole reply, as Llama 3.1-3.3 write them) [default: auto is refused].",
 )
 @click.option(
     "--served-model-name",

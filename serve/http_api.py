@@ -38,7 +38,6 @@ from mintvcs.serve.app import (
     read_json,
 )
 from mintvcs.serve.http_chat import (
-    HERMES_OPEN,
     chat_message,
     offered_tools,
     parse_tools,
@@ -981,18 +980,6 @@ def _cancel_on_error(choices: list[Admitted]) -> Iterator[None]:
         raise
 
 
-def _before_possible(text: str, marker: str) -> int:
-    """How much of `text` cannot be part of `marker`: up to its first occurrence, or up to a
-    tail that could still grow into it."""
-    at = text.find(marker)
-    if at != -1:
-        return at
-    for keep in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-keep:]):
-            return len(text) - keep
-    return len(text)
-
-
 def _include_usage(body: dict[str, Any]) -> bool:
     """stream_options.include_usage; 400 unless stream_options is an object and the flag a boolean."""
     options = field_of(body, "stream_options", (dict,), {})
@@ -1128,8 +1115,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 return {**delta, "tool_calls": [call]} if event.text or first else None
             delta = {"role": "assistant", "content": None} if first else {}
             if event.finish_reason is None:
-                if plan.choice == "auto":  # text up to where a call could be starting
-                    safe = _before_possible(text, HERMES_OPEN)
+                if plan.choice == "auto" and plan.format is not None:
+                    safe = plan.format.streamable(text)  # up to where a call could be starting
                     if not text[:safe].strip():  # blank so far: it may only lead up to a call
                         safe = 0
                     if safe > sent[i]:
@@ -1141,10 +1128,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if calls is None:  # no calls: the rest as text (all of it, if cut short)
                 delta["content"] = text[sent[i] :]
             else:
-                if content is not None and plan.choice == "auto":
-                    start = text.find(HERMES_OPEN)
-                    if start > sent[i]:  # (blank content is None, as not streamed)
-                        delta["content"] = text[sent[i] : start]
+                # The content before the calls (None when blank: never streamed then).
+                if content is not None and plan.choice == "auto" and len(content) > sent[i]:
+                    delta["content"] = content[sent[i] :]
                 delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
             return delta
 

@@ -21,6 +21,9 @@ MAX_TOOLS = 128
 # Hermes' (and Qwen2.5's) calls: <tool_call>{"name": ..., "arguments": {...}}</tool_call>.
 HERMES_OPEN = "<tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# Llama 3.1-3.3's: the whole reply is one or more {"name": ..., "parameters": {...}} objects
+# separated by ";", after the <|python_tag|> token where the detokenizer keeps it.
+LLAMA3_PYTHON_TAG = "<|python_tag|>"
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -187,6 +190,7 @@ class ToolPlan:
     choice: str  # "none" | "auto" | "required" | "function"
     name: str | None = None  # the named function
     parallel: bool = True  # parallel_tool_calls: several calls allowed ("auto", "required")
+    format: ToolCallFormat | None = None  # how "auto" replies are read for calls
 
     def structured(self) -> StructuredOutput | None:
         """The structured output that makes the reply a valid call (None for "none").
@@ -235,7 +239,7 @@ class ToolPlan:
         if self.choice == "function":
             return None, [_tool_call(self.name or "", text)]
         if self.choice == "auto":
-            found = hermes_calls(text)
+            found = None if self.format is None else self.format.calls(text)
             if found is None:
                 return text, None
             # The model cannot be held to one call here; as vLLM does, keep its first.
@@ -254,27 +258,126 @@ def _arguments(value: Any) -> str:
     return value if isinstance(value, str) else _tojson(value)
 
 
-def hermes_calls(text: str) -> tuple[str | None, list[dict[str, Any]]] | None:
-    """The content before the first <tool_call> and the calls of a Hermes-format reply (text
-    after the last call is dropped, as vLLM's parser does); None when it holds no complete call
-    or one that does not parse: it is then text."""
-    start = text.find(HERMES_OPEN)
-    if start == -1:
-        return None
-    calls = []
-    blocks = list(_HERMES_CALL.finditer(text, start))
-    if not blocks:  # an unclosed call: cut short
-        return None
-    for block in blocks:
-        try:
-            call = json.loads(block.group(1))
-        except ValueError:
+Calls = tuple[str | None, list[dict[str, Any]]]  # (content before the calls or None, calls)
+
+
+class ToolCallFormat:
+    """How a model writes tool calls into its reply, for tool_choice "auto" (--tool-call-parser)."""
+
+    def calls(self, text: str) -> Calls | None:
+        """The content and calls of a finished reply; None when it holds no calls (it is text)."""
+        raise NotImplementedError
+
+    def streamable(self, text: str) -> int:
+        """How much of an unfinished reply is certainly content, not the start of a call."""
+        raise NotImplementedError
+
+
+class HermesFormat(ToolCallFormat):
+    """Hermes and Qwen2.5: text, then <tool_call>{"name": ..., "arguments": {...}}</tool_call>
+    blocks."""
+
+    def calls(self, text: str) -> Calls | None:
+        """The content before the first <tool_call> and the calls (text after the last call is
+        dropped, as vLLM's parser does); None when no call is complete or one does not parse."""
+        start = text.find(HERMES_OPEN)
+        if start == -1:
             return None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        calls = []
+        blocks = list(_HERMES_CALL.finditer(text, start))
+        if not blocks:  # an unclosed call: cut short
             return None
-        calls.append(_tool_call(call["name"], _arguments(call.get("arguments", {}))))
-    content = text[:start]
-    return (content if content.strip() else None), calls
+        for block in blocks:
+            call = _call_object(block.group(1), "arguments")
+            if call is None:
+                return None
+            calls.append(call)
+        content = text[:start]
+        return (content if content.strip() else None), calls
+
+    def streamable(self, text: str) -> int:
+        """Up to the first <tool_call>, or up to a tail that could still grow into one."""
+        return before_possible(text, HERMES_OPEN)
+
+
+class Llama3JsonFormat(ToolCallFormat):
+    """Llama 3.1-3.3 (JSON tool calling): the reply is the calls and nothing else, each
+    {"name": ..., "parameters": {...}} ("arguments" also read), separated by ";", after an
+    optional <|python_tag|>."""
+
+    def calls(self, text: str) -> Calls | None:
+        """The calls of a reply made of calls only; None for anything else."""
+        body = text.strip()
+        body = body.removeprefix(LLAMA3_PYTHON_TAG)
+        decoder = json.JSONDecoder()
+        calls, at = [], 0
+        while True:
+            while at < len(body) and body[at].isspace():
+                at += 1
+            try:
+                value, at = decoder.raw_decode(body, at)
+            except ValueError:
+                return None
+            call = _call_value(value, "parameters")
+            if call is None:
+                return None
+            calls.append(call)
+            rest = body[at:].lstrip()
+            if not rest:
+                return None, calls
+            if rest[0] != ";":
+                return None  # text after a call: the reply is text
+            if not rest[1:].strip():
+                return None, calls  # a trailing separator
+            at = len(body) - len(rest) + 1
+
+    def streamable(self, text: str) -> int:
+        """Nothing while the reply may still be calls (it starts with "{" or the python tag);
+        all of it once it cannot."""
+        head = text.lstrip()
+        could_be_calls = (
+            not head
+            or head.startswith(("{", LLAMA3_PYTHON_TAG))
+            or LLAMA3_PYTHON_TAG.startswith(head)
+        )
+        return 0 if could_be_calls else len(text)
+
+
+TOOL_CALL_FORMATS: dict[str, ToolCallFormat] = {
+    "hermes": HermesFormat(),
+    "llama3_json": Llama3JsonFormat(),
+}
+
+
+def before_possible(text: str, marker: str) -> int:
+    """How much of `text` cannot be part of `marker`: up to its first occurrence, or up to a
+    tail that could still grow into it."""
+    at = text.find(marker)
+    if at != -1:
+        return at
+    for keep in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-keep:]):
+            return len(text) - keep
+    return len(text)
+
+
+def _call_object(text: str, arguments_key: str) -> dict[str, Any] | None:
+    """A call in OpenAI's form from its JSON text; None if it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return _call_value(value, arguments_key)
+
+
+def _call_value(value: Any, arguments_key: str) -> dict[str, Any] | None:
+    """A call in OpenAI's form from {"name": ..., arguments_key or the other: {...}}; None if
+    it is not one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    other = "parameters" if arguments_key == "arguments" else "arguments"
+    arguments = value.get(arguments_key, value.get(other, {}))
+    return _tool_call(value["name"], _arguments(arguments))
 
 
 def _tool_call(name: str, arguments: str) -> dict[str, Any]:
@@ -342,7 +445,7 @@ def parse_tools(body: dict[str, Any], parser: str | None = None) -> ToolPlan | N
                 'tool_choice "required", {"type": "function", "function": {"name": ...}} or "none"',
                 "tool_choice",
             )
-        return ToolPlan(tuple(tools), "auto", parallel=parallel)
+        return ToolPlan(tuple(tools), "auto", parallel=parallel, format=TOOL_CALL_FORMATS[parser])
     if choice == "none":
         return ToolPlan(tuple(tools), choice, parallel=parallel)
     if body.get("stop") or body.get("stop_token_ids"):

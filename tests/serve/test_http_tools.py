@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from mintvcs.serve.app import BackgroundServer
-from mintvcs.serve.http_chat import chat_message, render_chat
+from mintvcs.serve.http_chat import (
+    TOOL_CALL_FORMATS,
+    HermesFormat,
+    Llama3JsonFormat,
+    chat_message,
+    render_chat,
+)
 from tests.serve.http_kit import request
 
 WEATHER = {
@@ -381,8 +387,7 @@ def test_the_plain_template_writes_tools_and_calls_as_json_text() -> None:
 
 
 def test_hermes_replies_are_read_for_calls() -> None:
-    from mintvcs.serve.http_chat import hermes_calls
-
+    hermes_calls = HermesFormat().calls
     text = 'Let me check.\n<tool_call>\n{"name": "roll", "arguments": {"sides": 6}}\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}</tool_call>'
     found = hermes_calls(text)
     assert found is not None
@@ -409,12 +414,56 @@ def test_hermes_replies_are_read_for_calls() -> None:
 
 
 def test_text_that_may_start_a_call_is_held_back() -> None:
-    from mintvcs.serve.http_api import _before_possible
+    streamable = HermesFormat().streamable
+    assert streamable("hello") == 5
+    assert streamable("hello <tool") == 6
+    assert streamable("hello <tool_call>{") == 6
+    assert streamable("a <b") == 4
+    llama = Llama3JsonFormat().streamable
+    for maybe_calls in ("", "  ", '{"na', " <|pyth", '<|python_tag|>{"name"'):
+        assert llama(maybe_calls) == 0, maybe_calls
+    assert llama("Paris is sunny") == len("Paris is sunny")
+    assert llama(" <b>") == 4
 
-    assert _before_possible("hello", "<tool_call>") == 5
-    assert _before_possible("hello <tool", "<tool_call>") == 6
-    assert _before_possible("hello <tool_call>{", "<tool_call>") == 6
-    assert _before_possible("a <b", "<tool_call>") == 4
+
+def test_llama3_json_replies_are_read_for_calls() -> None:
+    calls = Llama3JsonFormat().calls
+
+    def named(text: str) -> list[tuple[str, Any]] | None:
+        found = calls(text)
+        if found is None:
+            return None
+        assert found[0] is None  # the calls are the whole reply: no content
+        return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in found[1]]
+
+    assert named('{"name": "roll", "parameters": {"sides": 6}}') == [("roll", {"sides": 6})]
+    assert named('<|python_tag|>{"name": "roll", "arguments": {"sides": 20}}') == [
+        ("roll", {"sides": 20})
+    ]
+    assert named(
+        ' {"name": "roll", "parameters": {}}; {"name": "get_time", "parameters": {"zone": "UTC"}};\n'
+    ) == [
+        ("roll", {}),
+        ("get_time", {"zone": "UTC"}),
+    ]
+    assert named('{"name": "go", "parameters": {"to": "Zürich"}}') == [("go", {"to": "Zürich"})]
+    for text in (
+        "It is sunny in Paris.",
+        'Sure: {"name": "roll", "parameters": {}}',  # text first: the reply is text
+        '{"name": "roll", "parameters": {}} and more',  # text after a call
+        '{"name": "roll", "parameters": {"sides": 6}',  # cut short
+        '{"parameters": {}}',  # no name
+        '{"name": "roll"}; nonsense',
+        "<|python_tag|>",
+    ):
+        assert calls(text) is None, text
+
+
+def test_the_cli_offers_every_tool_call_parser() -> None:
+    from mintvcs.serve.cli import serve
+
+    option = next(p for p in serve.params if p.name == "tool_call_parser")
+    assert list(option.type.choices) == list(TOOL_CALL_FORMATS)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
@@ -503,6 +552,65 @@ def test_auto_reads_calls_with_the_hermes_parser(hermes_server: BackgroundServer
         for c in chunk.choices
     )
     assert text == plain.message.content
+
+
+@pytest.fixture(scope="module")
+def llama3_server(repo: Any, tiny_base: Any) -> Any:
+    from mintvcs.serve.app import ServerConfig
+
+    config = ServerConfig(
+        repo=repo.work_tree or repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=512,
+        max_tokens_limit=400,
+        tool_call_parser="llama3_json",
+    )
+    with BackgroundServer(config) as srv:
+        yield srv
+
+
+def test_auto_reads_calls_with_the_llama3_json_parser(llama3_server: BackgroundServer) -> None:
+    client = _client(llama3_server)
+    # The tiny model writes no calls of its own: a regex makes it write two.
+    two = r'\{"name": "roll", "parameters": \{"sides": (6|20)\}\}; \{"name": "roll", "parameters": \{"sides": 6\}\}'
+    kwargs: Any = {
+        "model": "main",
+        "messages": MESSAGES,
+        "tools": [DICE],
+        "max_tokens": 100,
+        "temperature": 0.8,
+        "seed": 3,
+        "extra_body": {"structured_outputs": {"regex": two}},
+    }
+    out = client.chat.completions.create(**kwargs).choices[0]
+    assert out.finish_reason == "tool_calls" and out.message.content is None
+    assert [c.function.name for c in out.message.tool_calls] == ["roll", "roll"]
+    assert all(_valid("roll", c.function.arguments) for c in out.message.tool_calls)
+    content, streamed, reasons = "", [], []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            streamed.extend(c.delta.tool_calls or [])
+            reasons.append(c.finish_reason)
+    assert content == "" and [r for r in reasons if r] == ["tool_calls"]
+    assert [(c.index, c.function.arguments) for c in streamed] == [
+        (k, call.function.arguments) for k, call in enumerate(out.message.tool_calls)
+    ]
+    single = client.chat.completions.create(**kwargs, parallel_tool_calls=False).choices[0]
+    assert len(single.message.tool_calls) == 1
+    # A reply that is not calls is text, streamed as it comes once it cannot be a call.
+    kwargs["extra_body"] = {"structured_outputs": {"regex": "Roll a [a-z]{12}"}}
+    plain = client.chat.completions.create(**kwargs).choices[0]
+    assert plain.finish_reason == "length" or plain.finish_reason == "stop"
+    assert plain.message.tool_calls is None and plain.message.content.startswith("Roll a ")
+    pieces = [
+        c.delta.content
+        for chunk in client.chat.completions.create(**kwargs, stream=True)
+        for c in chunk.choices
+        if c.delta.content
+    ]
+    assert "".join(pieces) == plain.message.content and len(pieces) > 1
 
 
 def test_an_unknown_tool_call_parser_is_refused(tiny_base: Any, tmp_path: Any) -> None:
