@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import fnmatch
 import gc as pygc  # `gc` is the name of a command below
 import itertools
 import json
@@ -30,7 +31,15 @@ def _open_repo() -> Any:
 
 
 def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
+    # allow_nan=False: NaN and Infinity are not JSON (strict parsers reject them); a value
+    # that can be non-finite must be mapped to null before it gets here.
+    click.echo(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
+
+
+def _subject(message: str) -> str:
+    """A commit's subject as git shows it: its first non-blank line (messages written by other
+    tools may start with blank lines; ours are cleaned when committed)."""
+    return next((line for line in message.splitlines() if line.strip()), "")
 
 
 def _format_date(seconds: int, offset: int) -> str:
@@ -238,14 +247,14 @@ def commit(
                 "nbytes": result.nbytes,
             }
         )
-        return
-    where = result.branch or "detached HEAD"
-    root = "" if result.parent else " (root-commit)"
-    click.echo(f"[{where}{root} {result.commit[:7]}] {message.splitlines()[0]}")
-    click.echo(
-        f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_objects} new objects"
-    )
-    _auto_gc_after_commit(repo)
+    else:
+        where = result.branch or "detached HEAD"
+        root = "" if result.parent else " (root-commit)"
+        click.echo(f"[{where}{root} {result.commit[:7]}] {result.summary}")
+        click.echo(
+            f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_objects} new objects"
+        )
+    _auto_gc_after_commit(repo)  # its notices go to stderr: --json output stays parseable
 
 
 def _auto_gc_after_commit(repo: Any) -> None:
@@ -319,7 +328,9 @@ def _log_json(repo: Any, ref: str, max_count: int | None) -> None:
                 "meta": repo.revision_meta(c.id),
                 "refs": labels.get(c.id, []),
             }
-            text = textwrap.indent(json.dumps(item, indent=2, sort_keys=True), "  ")
+            text = textwrap.indent(
+                json.dumps(item, indent=2, sort_keys=True, allow_nan=False), "  "
+            )
             click.echo((",\n" if opened else "[\n") + text, nl=False)
             opened = True
     click.echo("\n]" if opened else "[]")
@@ -332,7 +343,7 @@ def _log_text(repo: Any, ref: str, max_count: int | None, oneline: bool) -> None
         for info in page:
             deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
             if oneline:
-                subject = _printable(info.message.splitlines()[0]) if info.message else ""
+                subject = _printable(_subject(info.message))
                 click.echo(f"{click.style(info.id[:7], fg='yellow')}{deco} {subject}")
                 continue
             if index:
@@ -475,9 +486,12 @@ def status(as_json: bool) -> None:
             click.echo(click.style(f"\t{kind + ':':10} {path}", fg=color))
 
 
-def _each(names: tuple[str, ...], delete: Callable[[str], str], shown: str) -> None:
-    """Delete every name given, as git does: one that fails is reported and the rest still go (exit 1 then)."""
+def _each(names: tuple[str, ...], delete: Callable[[str], str], shown: str, as_json: bool) -> None:
+    """Delete every name given, as git does: one that fails is reported and the rest still go
+    (exit 1 then). `shown` formats a deletion's line from the name and the short id it had;
+    --json prints [{"name", "was"}] of those deleted."""
     failed = False
+    deleted = []
     for name in names:
         try:
             oid = delete(name)
@@ -485,9 +499,11 @@ def _each(names: tuple[str, ...], delete: Callable[[str], str], shown: str) -> N
             click.echo(f"error: {err}", err=True)
             failed = True
             continue
-        click.echo(
-            "Deleted " + shown.format(name, oid[:7]) + ("." if shown.startswith("branch") else "")
-        )
+        deleted.append({"name": name, "was": oid})
+        if not as_json:
+            click.echo(shown.format(name, oid[:7]))
+    if as_json:
+        _emit_json(deleted)
     if failed:
         sys.exit(1)
 
@@ -524,11 +540,19 @@ def branch(
         _each(
             names,
             lambda name: porcelain.branch_delete(repo, name, force=force_delete or force),
-            "branch {} (was {})",
+            "Deleted branch {} (was {}).",
+            as_json,
         )
         return
+    if not names and force:
+        raise click.UsageError("branch name required: -f moves NAME to START")
     if not names or list_:
-        rows = porcelain.branches(repo)
+        # As git: with --list, the names are patterns the listed branches must match.
+        rows = [
+            b
+            for b in porcelain.branches(repo)
+            if not names or any(fnmatch.fnmatchcase(b.name, pattern) for pattern in names)
+        ]
         if as_json:
             _emit_json(
                 [
@@ -570,8 +594,19 @@ def tag(
     if delete:
         if not names:
             raise click.UsageError("tag name required")
-        _each(names, lambda name: porcelain.tag_delete(repo, name), "Deleted tag '{}' (was {})")
+        if message is not None or force:
+            raise click.UsageError("-d deletes tags: it takes no -m or -f")
+        _each(
+            names,
+            lambda name: porcelain.tag_delete(repo, name),
+            "Deleted tag '{}' (was {})",
+            as_json,
+        )
         return
+    if not names and (message is not None or force):
+        # As git: without a name these would list the tags, and a forgotten name would look
+        # like a tag made.
+        raise click.UsageError("tag name required: -m and -f create or replace tag NAME")
     if not names:
         rows = porcelain.tags(repo)
         if as_json:
@@ -640,8 +675,7 @@ def reset(rev: str, hard: bool, as_json: bool) -> None:
     if as_json:
         _emit_json({"commit": oid, "branch": repo.current_branch(), "hard": hard})
         return
-    summary = repo.commit_info(oid).message.splitlines()
-    click.echo(f"HEAD is now at {oid[:7]} {summary[0] if summary else ''}")
+    click.echo(f"HEAD is now at {oid[:7]} {_printable(_subject(repo.commit_info(oid).message))}")
 
 
 @main.command()

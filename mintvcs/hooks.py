@@ -41,6 +41,11 @@ def run_hook(
     """Run `.mint/hooks/NAME` if it exists and is executable; a refusal raises when the hook may refuse."""
     path = git_dir / "hooks" / name
     if not is_active(git_dir, name):
+        if path.is_file():  # as git: a hook that exists but cannot run is named, not silent
+            sys.stderr.write(
+                f"hint: the '{path}' hook was ignored because it is not set as executable "
+                f"(chmod +x it to run it)\n"
+            )
         return
     try:
         _refuse_foreign(git_dir, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import random
 import re
@@ -184,14 +185,19 @@ def init(
     """Create a repository; `base_model` is a local checkout directory (fingerprinted) or an id."""
     base: BaseModel | None = None
     if base_model is not None:
-        path = Path(base_model).expanduser()
+        try:
+            path = Path(base_model).expanduser()
+        except RuntimeError:  # ~user of no such user
+            path = Path(base_model)
         looks_local = base_model.startswith(("/", "./", "../", "~")) or base_model in (".", "..")
-        if looks_local and not path.is_dir():
-            # 'org/name' is a hub id, but './x' or '/x' means a directory: a typo must not become
-            # an id that silently turns the shape check off.
+        if (looks_local or path.is_file()) and not path.is_dir():
+            # 'org/name' is a hub id, but './x' or '/x' means a directory, and so does a path
+            # to a file (its config.json, say): a typo must not become an id that silently
+            # turns the shape check off.
             raise MintError(
-                f"--base-model {base_model}: no such directory; give a local checkpoint "
-                "directory, or a model id such as org/name"
+                f"--base-model {base_model}: "
+                f"{'a file, not a directory' if path.is_file() else 'no such directory'}; give "
+                "a local checkpoint directory, or a model id such as org/name"
             )
         base = read_base_model(path) if path.is_dir() else BaseModel(base_model)
     repo = Repository.init(Path(directory), base)
@@ -201,6 +207,20 @@ def init(
 
 
 # ------------------------------------------------------------------- commit
+def clean_message(message: str) -> str:
+    """A commit or tag message as git stores one given with -m: trailing whitespace off each
+    line, blank lines at either end dropped and runs of them made one, a final newline ("" if
+    nothing is left)."""
+    lines = [line.rstrip() for line in message.splitlines()]
+    kept: list[str] = []
+    for line in lines:
+        if line or (kept and kept[-1]):
+            kept.append(line)
+    while kept and not kept[-1]:
+        kept.pop()
+    return "\n".join(kept) + "\n" if kept else ""
+
+
 @dataclass(frozen=True)
 class CommitResult:
     """What `commit` did."""
@@ -211,6 +231,7 @@ class CommitResult:
     tensors: int
     new_objects: int  # objects this commit stored: new tensor blobs, trees, manifest, commit
     nbytes: int  # the adapter's tensor bytes
+    summary: str = ""  # the first line of the message as stored (after clean_message)
 
 
 def commit(
@@ -237,7 +258,9 @@ def commit(
         raise MintError("this repository has no work tree: pass --from DIR")
     if branch is not None:
         check_branch_name(branch)
-        if repo.refs.read(f"refs/heads/{branch}") is None:
+        ref = f"refs/heads/{branch}"
+        # The unborn branch HEAD names (a new repository's main) takes its root commit.
+        if repo.refs.read(ref) is None and repo.refs.read_symbolic("HEAD") != ref:
             raise UnknownRevisionError(
                 f"branch '{branch}' does not exist; create it with `mintvcs branch {branch} [START]`"
             )
@@ -286,10 +309,9 @@ def commit(
         )
     if verify:
         message = _run_commit_msg(repo, message, env)
-    if not message.strip():
+    message = clean_message(message)
+    if not message:
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
-    if not message.endswith("\n"):
-        message += "\n"
     summary = message.splitlines()[0]
     deadline = time.monotonic() + COMMIT_RETRY_SECONDS
     while True:
@@ -336,6 +358,7 @@ def commit(
         len(manifest.tensors),
         repo.objects_written - before,
         adapter.layout.data_size,
+        summary,
     )
 
 
@@ -426,9 +449,15 @@ class TensorDiff:
             "shape_b": list(self.shape_b) if self.shape_b is not None else None,
             "dtype_a": self.dtype_a,
             "dtype_b": self.dtype_b,
-            "rel_l2": self.rel_l2,
-            "cosine": self.cosine,
+            # JSON has no NaN or Infinity: null where the ratio has no finite value (an
+            # all-zero old tensor, as PEFT's B starts, or non-finite values).
+            "rel_l2": _finite_or_none(self.rel_l2),
+            "cosine": _finite_or_none(self.cosine),
         }
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -571,8 +600,11 @@ def _status(repo: Repository) -> tuple[Status, AdapterFiles | None]:
         work = read_adapter(repo.work_tree)
     except MintError as err:
         empty = not any(p.name != GIT_DIR for p in repo.work_tree.iterdir())
-        if empty:
-            changes = [] if head is None else [("removed", WEIGHTS_FILE)]
+        if empty:  # every file HEAD holds is gone
+            changes = []
+            if head is not None:
+                files = [f.path for f in repo.read_revision(head).manifest.files]
+                changes = [("removed", p) for p in (CONFIG_FILE, WEIGHTS_FILE, *files)]
             return Status(branch, head, changes), None
         return Status(branch, head, [], str(err)), None
     if head is None:
@@ -780,7 +812,7 @@ def tag_create(
         tag.tagger = who.encode()
         tag.tag_time = tagger.timestamp
         tag.tag_timezone = parse_timezone(tagger.tz.encode())[0]
-        tag.message = (message if message.endswith("\n") else message + "\n").encode()
+        tag.message = clean_message(message).encode()
         repo.add_object(tag)
         value = tag.id.decode()
     repo.refs.update(ref, value, old=existing, message=f"tag: {name}", identity=who)

@@ -1,0 +1,167 @@
+"""CLI details where a git user expects git's behaviour: messages, options out of place, JSON
+that strict parsers read, hooks that cannot run. Real `mintvcs` processes, real git."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mintvcs import porcelain
+from mintvcs.safetensors_file import parse_layout
+from tests.mintvcs.storekit import WEIGHTS, copy_adapter, git, mint, mint_fails, mutate
+
+
+@pytest.fixture
+def work(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> Path:
+    """A repository of tiny_base with the fp32 PEFT adapter committed once."""
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--base-model", str(tiny_base))
+    copy_adapter(peft_adapter, work)
+    mint(work, "commit", "-m", "first")
+    return work
+
+
+def _strict_json(text: str) -> Any:
+    """Parse as JSON parsers outside Python do: NaN and Infinity are not JSON."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _zero_first_tensor(adapter: Path) -> str:
+    path = adapter / WEIGHTS
+    data = bytearray(path.read_bytes())
+    layout = parse_layout(bytes(data), str(path))
+    first = layout.tensors[0]
+    offset = len(layout.header)
+    data[offset + first.start : offset + first.end] = bytes(first.end - first.start)
+    path.write_bytes(bytes(data))
+    return first.name
+
+
+def test_diff_json_is_strict_json_when_the_old_tensor_is_all_zero(work: Path) -> None:
+    # PEFT saves B as zeros at step 0: the first diff of a run divides by a zero norm.
+    name = _zero_first_tensor(work)
+    mint(work, "commit", "-m", "zeros")
+    mutate(work, seed=1, names=[name], scale=1.0)
+    mint(work, "commit", "-m", "trained")
+    out = _strict_json(mint(work, "diff", "HEAD~1", "HEAD", "--json").stdout)
+    (row,) = [t for t in out["tensors"] if t["name"] == name]
+    assert row["status"] == "modified" and row["rel_l2"] is None
+    assert "rel_l2=inf" in mint(work, "diff", "HEAD~1", "HEAD").stdout  # the text says so
+
+
+def test_commit_json_runs_auto_gc_too(work: Path) -> None:
+    git_dir = work / ".mint"
+    git(git_dir, "config", "gc.auto", "1")
+    git(git_dir, "config", "gc.autoDetach", "false")
+    mutate(work, seed=2)
+    result = mint(work, "commit", "-m", "scripted", "--json")
+    json.loads(result.stdout)  # stdout stays one JSON document; the notice went to stderr
+    assert "Auto packing" in result.stderr
+    counts = dict(
+        line.split(": ") for line in git(git_dir, "count-objects", "-v").stdout.splitlines()
+    )
+    assert counts["count"] == "0" and int(counts["packs"]) >= 1
+
+
+def test_messages_are_cleaned_as_git_cleans_them(work: Path) -> None:
+    mutate(work, seed=3)
+    result = mint(work, "commit", "-m", "\n\n  subject line  \n\n\n\nbody  \n\n")
+    # As git: blank lines at the ends and trailing spaces go; leading spaces stay.
+    assert result.stdout.startswith("[main ") and "]   subject line\n" in result.stdout
+    commit = git(work / ".mint", "cat-file", "-p", "HEAD").stdout
+    assert commit.endswith("\n\n  subject line\n\nbody\n")
+    assert mint(work, "log", "--oneline", "-n", "1").stdout.rstrip().endswith("  subject line")
+    mint(work, "tag", "-m", "\n release 1 \n\n", "v1")
+    assert git(work / ".mint", "cat-file", "-p", "v1").stdout.endswith("\n\n release 1\n")
+
+
+def test_tag_and_branch_options_out_of_place_are_usage_errors(work: Path) -> None:
+    for args in (("tag", "-m", "release"), ("tag", "-f"), ("branch", "-f")):
+        result = mint(work, *args, ok=False)
+        assert result.returncode == 2 and "name required" in result.stderr, args
+    mint(work, "tag", "v1")
+    result = mint(work, "tag", "-d", "-m", "x", "v1", ok=False)
+    assert result.returncode == 2
+    assert mint(work, "tag").stdout.split() == ["v1"]  # nothing was deleted
+    # Deleting says it once, and --json answers in JSON.
+    assert re.fullmatch(
+        r"Deleted tag 'v1' \(was [0-9a-f]{7}\)\n", mint(work, "tag", "-d", "v1").stdout
+    )
+    mint(work, "tag", "v2")
+    mint(work, "branch", "side")
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    for kind, name in (("tag", "v2"), ("branch", "side")):
+        out = _strict_json(mint(work, kind, "-d", name, "--json").stdout)
+        assert out == [{"name": name, "was": head}]
+
+
+def test_branch_list_takes_patterns(work: Path) -> None:
+    for name in ("feat/a", "feat/b", "fix/c"):
+        mint(work, "branch", name)
+    listed = [
+        line.split()[-2] for line in mint(work, "branch", "--list", "feat/*").stdout.splitlines()
+    ]
+    assert listed == ["feat/a", "feat/b"]
+    names = [
+        b["name"]
+        for b in json.loads(mint(work, "branch", "--list", "fix*", "main", "--json").stdout)
+    ]
+    assert names == ["fix/c", "main"]
+
+
+def test_an_emptied_work_tree_lists_every_committed_file_removed(work: Path) -> None:
+    (work / "README.md").write_text("notes\n")
+    mutate(work, seed=4)
+    mint(work, "commit", "-m", "with notes")
+    for path in work.iterdir():
+        if path.name != ".mint":
+            path.unlink()
+    changes = json.loads(mint(work, "status", "--json").stdout)["changes"]
+    assert sorted(c["path"] for c in changes if c["status"] == "removed") == [
+        "README.md",
+        "adapter_config.json",
+        WEIGHTS,
+    ]
+
+
+def test_a_hook_that_is_not_executable_is_named(work: Path) -> None:
+    hook = work / ".mint" / "hooks" / "post-commit"
+    hook.write_text("#!/bin/sh\necho ran\n")
+    os.chmod(hook, 0o644)
+    mutate(work, seed=5)
+    result = mint(work, "commit", "-m", "hooked")
+    assert "post-commit' hook was ignored because it is not set as executable" in result.stderr
+    assert "ran" not in result.stderr
+
+
+def test_base_model_paths_that_are_no_checkpoint_directory_are_refused(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    error = mint_fails(tmp_path, "init", "r1", "--base-model", str(tiny_base / "config.json"))
+    assert "a file, not a directory" in error
+    error = mint_fails(tmp_path, "init", "r2", "--base-model", "~no-such-user-here/base")
+    assert "no such directory" in error
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
+def test_a_new_repository_takes_its_first_commit_on_the_branch_head_names(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    # A training loop commits with branch="main" from the start, as docs/python.md shows.
+    repo = porcelain.init(tmp_path / "run", install_hooks=False)
+    first = porcelain.commit(
+        repo, "step 0", source=peft_adapter, branch="main", show_progress=False
+    )
+    assert first.parent is None and first.branch == "main" and first.summary == "step 0"
+    assert repo.refs.read("refs/heads/main") == first.commit
+    with pytest.raises(porcelain.UnknownRevisionError, match="does not exist"):
+        porcelain.commit(repo, "x", source=peft_adapter, branch="other", show_progress=False)
