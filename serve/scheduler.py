@@ -27,7 +27,12 @@ from mintvcs.serve.sampling import (
     token_logprobs,
 )
 from mintvcs.serve.slots import Residency
-from mintvcs.serve.structured import StructuredOutputError, blocked_tokens, token_bitmask
+from mintvcs.serve.structured import (
+    StructuredOutputError,
+    blocked_tokens,
+    matcher_error,
+    token_bitmask,
+)
 
 log = logging.getLogger("mintvcs.serve")
 
@@ -470,7 +475,11 @@ class Scheduler:
         for seq, token, token_lp in zip(seqs, tokens, logprobs, strict=True):
             if seq.first_token_at is None:
                 seq.first_token_at = time.monotonic()
-            if seq.matcher is not None and not seq.matcher.consume_token(token):
+            # A matcher whose mask failed (a parser limit met mid-output) allowed only the end
+            # of the output: that is a failure to report, not a finished answer.
+            if seq.matcher is not None and (
+                seq.matcher.is_error() or not seq.matcher.consume_token(token)
+            ):
                 self._fail(seq, _structured_failure(seq))
                 continue
             event = seq.append(token, token_lp, prompt_logprobs.get(seq.request_id))
@@ -647,10 +656,11 @@ class Scheduler:
 def _structured_failure(seq: Sequence) -> StructuredOutputError:
     """The error of a sequence whose sampled token its structured output refused."""
     assert seq.params.structured is not None  # the matcher's spec
-    reason = seq.matcher.get_error() or "no token could continue the output"
+    reason = matcher_error(seq.matcher) or "no token could continue the output"
+    log.info("request %d: its structured output failed: %s", seq.request_id, reason)
     return StructuredOutputError(
-        f"request {seq.request_id}: the output stopped matching its "
-        f"{seq.params.structured.kind} output after {len(seq.output_ids)} tokens: {reason}"
+        f"the output could not continue under its {seq.params.structured.kind} structured "
+        f"output after {len(seq.output_ids)} tokens: {reason}"
     )
 
 

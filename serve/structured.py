@@ -124,13 +124,21 @@ class Grammars:
         matcher = llguidance.LLMatcher(
             self.tokenizer, grammar_text(spec), log_level=0, limits=_LIMITS
         )
-        # A first mask too: some grammars compile but pass the parser's per-step limits at once.
-        first = matcher.deep_copy()
-        token_bitmask([first], self.vocab_size)
-        for failed in (matcher, first):
+        # A first mask too, on two copies: some grammars compile but pass the parser's per-step
+        # limits at once, and copies share the lexer's budget (a regex like a{1000}{1000} gets
+        # one mask out of it, then every later copy fails).
+        # Then one allowed token consumed: a grammar of thousands of alternatives passes the
+        # parser's row limit only there.
+        copies = [matcher.deep_copy() for _ in range(2)]
+        for copy in copies:
+            bits = token_bitmask([copy], self.vocab_size)
+        allowed = torch.nonzero(blocked_tokens(bits, self.vocab_size, bits.device)[0] == 0)
+        if len(allowed) and not copies[-1].is_error():
+            copies[-1].consume_token(int(allowed[0]))
+        for failed in (matcher, *copies):
             if failed.is_error():
                 raise InvalidStructuredOutput(
-                    f"the {spec.kind} structured output is invalid: {failed.get_error()}"
+                    f"the {spec.kind} structured output is invalid: {matcher_error(failed)}"
                 )
         return matcher
 
@@ -154,6 +162,11 @@ def _executor() -> llguidance.LLExecutor:
             # llguidance's default takes 80% of every CPU it sees.
             _EXECUTOR = llguidance.LLExecutor(num_threads=min(8, available_cpus()))
         return _EXECUTOR
+
+
+def matcher_error(matcher: llguidance.LLMatcher) -> str:
+    """A failed matcher's error, without llguidance's verbosity marker."""
+    return str(matcher.get_error()).replace("<non-verbose/>", "").strip()
 
 
 def token_bitmask(

@@ -160,6 +160,10 @@ def test_streamed_generate_follows_a_regex(server: BackgroundServer) -> None:
         ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "whitespace_pattern"),
         ({"guided_regex": "a", "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
         ({"structured_outputs": {"disable_any_whitespace": True}}, "exactly one"),
+        # Past llguidance's limits at the first token, for every request that sends it: its
+        # copies share the lexer's budget, and a row of thousands of alternatives.
+        ({"guided_regex": "a{1000}{1000}"}, "too many expressions"),
+        ({"guided_grammar": "start: " + " | ".join(f'"w{i}"' for i in range(2500))}, "max is"),
     ],
 )
 def test_malformed_structured_outputs_are_400(
@@ -175,6 +179,22 @@ def test_malformed_structured_outputs_are_400(
         message = answer["error"] if url == "/generate" else answer["error"]["message"]
         assert words in str(message), (url, extra, message)
     # Nothing was queued or left behind: the server answers the next request.
+    assert gen(server, ref="main", prompt="Hi", max_tokens=2)[0] == 200
+
+
+def test_a_limit_met_mid_output_fails_the_request_not_silently_stops(
+    server: BackgroundServer,
+) -> None:
+    # Compiles, masks and takes a first token; the huge repetition is built one token later.
+    body = {"ref": "main", "prompt": "Hi", "max_tokens": 8, "guided_regex": "[a-z]{2}a{1000}{1000}"}
+    status, _, answer = request(server.url + "/generate", body)
+    assert status == 422 and "too many expressions" in answer["error"], answer
+    status, _, streamed = request(server.url + "/generate", {**body, "stream": True})
+    if status == 200:  # the stream had started: an error event ends it
+        names = [name for name, _ in sse_events(streamed)]
+        assert "error" in names and "done" not in names, streamed
+    else:
+        assert status == 422 and "too many expressions" in streamed["error"], streamed
     assert gen(server, ref="main", prompt="Hi", max_tokens=2)[0] == 200
 
 
