@@ -497,6 +497,9 @@ async def error_middleware(
     except asyncio.CancelledError:
         status = 499  # the client went away (nginx's code for it)
         raise
+    except ConnectionResetError:  # the client went away while its body was being read
+        status = 499
+        return error_response(request, 499, "the client closed the connection")
     except Exception as err:
         log.exception("internal error on %s %s", request.method, request.path)
         # The message stays in the server's log: it may name paths that clients have no business seeing.
@@ -514,9 +517,23 @@ async def error_middleware(
 
 
 # ---------------------------------------------------------------------------- request helpers
+def body_limit(config: ServerConfig) -> int:
+    """The largest request body read (413 past it): room for a prompt of max_prompt_bytes
+    written as JSON escapes, and the other fields."""
+    return max(1 << 20, 4 * config.max_prompt_bytes + (64 << 10))
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 400 naming what is wrong with it (408 if it does not come)."""
-    limit = request.app[STATE].config.body_timeout
+    config = request.app[STATE].config
+    declared, most = request.content_length, body_limit(config)
+    if declared is not None and declared > most:
+        # Refused before reading: waiting for a body that will be refused anyway would hold
+        # the connection until the body timeout.
+        raise HTTPError(
+            413, f"the request body is {declared} bytes; at most {most} are read", "too_large"
+        )
+    limit = config.body_timeout
     try:
         raw = await asyncio.wait_for(request.read(), limit)
     except TimeoutError:
@@ -823,8 +840,7 @@ def create_app(
     """The aiohttp application for `config`; the engine loads in the background once the app starts."""
     from mintvcs.serve import http_admin, http_api
 
-    client_max = max(1 << 20, 4 * config.max_prompt_bytes + (64 << 10))
-    app = web.Application(middlewares=[error_middleware], client_max_size=client_max)
+    app = web.Application(middlewares=[error_middleware], client_max_size=body_limit(config))
     app[STATE] = new_state(config)
     if engine_factory is not None:
         app[ENGINE_FACTORY] = engine_factory

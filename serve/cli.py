@@ -68,7 +68,8 @@ from mintvcs.errors import MintError
     "--api-key-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="File holding the bearer token that notify/warm/adapters endpoints require.",
+    help="File of bearer tokens, one a line (re-read while serving, so tokens rotate without a "
+    "restart), that the notify/warm/adapters endpoints require.",
 )
 @click.option(
     "--api-key-scope",

@@ -59,10 +59,11 @@ class Answer:
 
 def cache_root(cache_dir: Path | None = None) -> Path:
     """Where the tiny base lives: --cache-dir, else $XDG_CACHE_HOME/mintvcs/demo, else ~/.cache/mintvcs/demo."""
+    # Absolute: the demo runs commands from other directories.
     if cache_dir is not None:
-        return Path(cache_dir)
+        return Path(cache_dir).resolve()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "mintvcs" / "demo"
+    return ((Path(xdg) if xdg else Path.home() / ".cache") / "mintvcs" / "demo").resolve()
 
 
 def ensure_base(cache_dir: Path) -> tuple[Path, bool]:
@@ -211,7 +212,10 @@ def run_demo(
     threads = torch.get_num_threads()
     # A 0.2M-parameter model gains nothing from threads; on a busy 2-core box they only contend.
     torch.set_num_threads(1)
-    root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mintvcs-demo-"))
+    # Absolute: the steps run `mintvcs` from the repository, and init from here.
+    root = (
+        Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mintvcs-demo-"))
+    ).resolve()
     root.mkdir(parents=True, exist_ok=True)
     adapters = root / "adapters"
     echo(f"\n{bold('[2/6]')} training two LoRA adapters with PEFT ({steps} steps each)")

@@ -583,12 +583,14 @@ class Engine:
             elif limit is not None and len(seqs) > limit:  # would never fit: not "retry later"
                 refusal = InvalidRequest(
                     f"{len(seqs)} requests at once (choices of one call) are more than the "
-                    f"{limit} that may wait to start (max_waiting); send fewer"
+                    f"{limit} that may wait to start (max_waiting, the server's "
+                    "--max-queued-requests); send fewer"
                 )
             elif limit is not None and self.waiting + len(seqs) > limit:
                 refusal = EngineOverloaded(
                     f"the server is overloaded: {self.waiting} requests already wait to start, "
-                    f"at most {limit} may (max_waiting); retry later"
+                    f"at most {limit} may (max_waiting, the server's --max-queued-requests); "
+                    "retry later"
                 )
             if refusal is not None:
                 for seq in seqs:

@@ -122,7 +122,10 @@ async def notify(request: web.Request) -> web.Response:
 
 def _spec_of(state: ServerState, body: dict[str, Any], verb: str) -> str:
     """The revision or ref an admin request names (never the base's served name)."""
-    spec = field_of(body, "revision", (str,), None) or field_of(body, "ref", (str,), None)
+    revision, ref = field_of(body, "revision", (str,), None), field_of(body, "ref", (str,), None)
+    if revision is not None and ref is not None:
+        raise HTTPError(400, f"send 'ref' or 'revision' to {verb}, not both", "invalid_request")
+    spec = revision or ref
     if spec is None:
         raise HTTPError(400, f"send 'ref' or 'revision' to {verb}", "missing_field")
     if spec == state.config.base_name:

@@ -83,9 +83,12 @@ def sampling_params(
     default = limit if to_context_end else state.config.default_max_tokens
     max_tokens = field_of(body, "max_tokens", (int,), default)
     # OpenAI's newer name wins over the deprecated one when a client sends both.
+    named = (
+        "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    )
     max_tokens = field_of(body, "max_completion_tokens", (int,), max_tokens)
     if max_tokens < 1 or max_tokens > limit:
-        raise HTTPError(400, f"max_tokens must be in [1, {limit}], got {max_tokens}", "max_tokens")
+        raise HTTPError(400, f"{named} must be in [1, {limit}], got {max_tokens}", named)
     temperature = field_of(body, "temperature", (float,), default_temperature)
     top_p = field_of(body, "top_p", (float,), 1.0)
     top_k = field_of(body, "top_k", (int,), 0)
@@ -303,9 +306,11 @@ def _refuse_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
             value == v and isinstance(value, bool) == isinstance(v, bool) for v in neutral
         ):
             continue
+        shown = repr(value)
         raise HTTPError(
             400,
-            f"{name}={value!r:.80} is not supported by this server; leave it out",
+            f"{name} is not supported by this server; leave it out"
+            + (f" (got {shown})" if len(shown) <= 60 else ""),
             "unsupported",
         )
 

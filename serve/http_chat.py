@@ -61,6 +61,8 @@ def chat_message(message: Any, index: int) -> dict[str, Any]:
             400, f"messages[{index}] must be an object with role and content", "messages"
         )
     role = message.get("role")
+    if role is None:
+        raise HTTPError(400, f"messages[{index}].role is missing", "messages")
     if role not in _ROLES:
         raise HTTPError(
             400,

@@ -550,7 +550,7 @@ class Residency:
                 if revision not in self._pinned and len(unpinned) <= 1:
                     raise ResidencyError(
                         f"cannot pin {revision[:12]}: that would leave no slot for other revisions; "
-                        "add adapter slots or unpin one"
+                        "add adapter slots (the server's --max-loras) or unpin one"
                     )
                 self._pinned.add(revision)
             self._failures.pop(revision, None)

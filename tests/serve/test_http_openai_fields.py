@@ -330,6 +330,14 @@ def _text_of_first(free: dict[str, Any], pieces: list[str], n: int) -> str:
         ("/v1/completions", {"prompt": "x", "n": 2, "best_of": True}, "best_of"),
         ("/v1/completions", {"prompt": "x", "echo": True, "max_tokens": False}, "max_tokens"),
         ("/detokenize", {}, "tokens"),
+        # Each message names what the client sent, whole.
+        ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens must be"),
+        ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, "messages[0].role is missing"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "tools": [{"type": "function", "function": {"name": "f" * 90}}]},
+            "tools is not supported by this server; leave it out",
+        ),
     ],
 )
 def test_bad_logprobs_n_and_prompts_are_400(
@@ -337,7 +345,7 @@ def test_bad_logprobs_n_and_prompts_are_400(
 ) -> None:
     full = {"model": "main", **body} if route.startswith("/v1/") else body
     if route == "/v1/chat/completions":
-        full["messages"] = [{"role": "user", "content": "hi"}]
+        full.setdefault("messages", [{"role": "user", "content": "hi"}])
     status, _, answer = request(server.url + route, full)
     assert status == 400, answer
     message = answer["error"]["message"] if route.startswith("/v1/") else answer["error"]

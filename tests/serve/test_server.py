@@ -431,6 +431,9 @@ def test_warm_pin_and_residency(server: BackgroundServer, repo: Repository) -> N
     assert request(server.url + "/v1/adapters/unpin", {"ref": "product-b"}, headers=auth)[0] == 200
     status, _, body = request(server.url + "/v1/adapters/warm", {"ref": "dora"}, headers=auth)
     assert status == 422 and body["error"]["code"] == "dora"
+    both = {"ref": "main", "revision": repo.resolve("product-b")}
+    status, _, body = request(server.url + "/v1/adapters/warm", both, headers=auth)
+    assert status == 400 and "not both" in str(body), body
 
 
 def test_models_lists_branches_and_tags(server: BackgroundServer, repo: Repository) -> None:
@@ -1254,6 +1257,43 @@ def test_a_body_that_stalls_is_408_and_the_connection_closes(
         assert head.startswith(b"HTTP/1.1 408"), answer
         assert json.loads(body)["reason"] == "body_timeout"
         assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200  # and it goes on serving
+
+
+def test_a_body_declared_too_large_is_413_at_once_and_a_client_gone_mid_body_is_499(
+    repo: Repository, tiny_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=64)
+    with BackgroundServer(config) as srv:
+        url = urlsplit(srv.url)
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            started = time.monotonic()
+            sock.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 99999999999\r\n\r\n{"prompt": '
+            )
+            head = sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 413"), head
+            assert time.monotonic() - started < config.body_timeout / 2  # not after it
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"prompt": '
+            )
+            time.sleep(0.3)  # the server is reading the body when the client leaves
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = request(srv.url + "/metrics")[2]
+            if 'endpoint="/generate",status="499"' in text:
+                break
+            time.sleep(0.1)
+        assert 'endpoint="/generate",status="499"' in text, text
+        assert 'status="500"' not in text
+        assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
 
 
 def test_metrics_label_at_most_max_ref_labels_refs(repo: Repository, tiny_base: Path) -> None:
