@@ -1207,8 +1207,11 @@ async def models(request: web.Request) -> web.Response:
             if state.repo.peel_object(oid)[1] != "commit":
                 continue  # a git tag of a tree or blob names no revision to serve
             entry = _model_object(state, kind, name, oid)
-            if entry["id"] == state.config.base_name:
-                entry["id"] = name  # its short name serves the base: the full one reaches it
+            if entry["id"] == state.config.base_name or (
+                kind == "branch" and state.repo.refs.read(f"refs/tags/{entry['id']}") is not None
+            ):
+                # Its short name serves the base, or a tag (git's order): the full one reaches it.
+                entry["id"] = name
             data.append(entry)
     return web.json_response({"object": "list", "data": data, "truncated": truncated})
 

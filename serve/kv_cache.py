@@ -4,8 +4,9 @@ Layout per layer: keys and values `[num_slots, kv_heads, max_len, head_dim]`. A 
 slot from admission to finish; position p of its keys lives at `[slot, :, p]`. A finished
 sequence's slot may stay allocated, idle, holding its tokens for the prefix cache
 (serve/prefix_cache.py, which hands out the slots). Sequences of different
-lengths decode together because each step gathers only the slots in the batch and masks every
-position at or beyond each sequence's length. We chose per-sequence slots over a paged cache for
+lengths decode together: each step reads the batch's slots (as one view over their span when
+they sit close together, else gathered) and masks every position at or beyond each sequence's
+length. We chose per-sequence slots over a paged cache for
 simplicity: the cost is that every slot reserves `max_len` positions, so memory is
 `2 * layers * num_slots * max_len * kv_heads * head_dim * itemsize`, known at start-up.
 """

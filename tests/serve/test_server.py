@@ -447,6 +447,29 @@ def test_models_lists_branches_and_tags(server: BackgroundServer, repo: Reposito
     assert [m["id"] for m in body["data"]] == ["product-b", "prod"]
 
 
+def test_a_branch_a_tag_shadows_is_listed_by_its_full_name(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    porcelain.branch_create(repo, "twin", "product-b")
+    porcelain.tag_create(repo, "twin", "main")
+    try:
+        listed = request(server.url + "/v1/models?prefix=twin")[2]["data"]
+        assert [(m["id"], m["kind"]) for m in listed] == [
+            ("refs/heads/twin", "branch"),
+            ("twin", "tag"),
+        ]
+        # Every id listed serves what it lists.
+        for model in listed:
+            got = request(
+                server.url + "/v1/completions",
+                {"model": model["id"], "prompt": "Hi", "max_tokens": 1},
+            )
+            assert got[0] == 200 and got[1]["X-Mint-Revision"] == model["revision"], got
+    finally:
+        porcelain.tag_delete(repo, "twin")
+        porcelain.branch_delete(repo, "twin", force=True)
+
+
 def test_metrics_count_requests_tokens_and_slots(server: BackgroundServer) -> None:
     gen(server, prompt="Hello", ref="product-b", max_tokens=3, ignore_eos=True)
     gen(server, prompt="Hello", ref="no-such-ref", max_tokens=3)
