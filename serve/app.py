@@ -489,6 +489,9 @@ async def error_middleware(
         response = error_response(request, status, str(err), getattr(err, "reason", None))
         if status == 503:
             response.headers.update(RETRY_AFTER)
+        if status == 401:  # RFC 9110: a 401 names the scheme it wants
+            response.headers["WWW-Authenticate"] = 'Bearer realm="mintvcs"'
+
         if status == 408 or state.draining:
             # A body that never came leaves the connection unusable; a draining server should
             # not keep a client's connection alive for requests it will refuse.

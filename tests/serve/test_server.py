@@ -282,7 +282,8 @@ def test_admin_endpoints_need_the_token(
     server: BackgroundServer, method: str, path: str, body: Any
 ) -> None:
     url = server.url + path
-    assert request(url, body, method=method)[0] == 401
+    status, headers, _ = request(url, body, method=method)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
     assert request(url, body, method=method, headers={"Authorization": "Bearer wrong"})[0] == 401
     assert request(url, body, method=method, headers={"Authorization": "Basic " + TOKEN})[0] == 401
     status, _, answer = request(
