@@ -123,12 +123,27 @@ def sampling_params(
     )
 
 
+def as_token_ids(value: Any) -> list[int] | None:
+    """`value` as a list of token ids, or None if it is not one: integers, or whole-number floats
+    as integer fields take them (pydantic's lax mode, as vLLM reads lists of ids too)."""
+    if not isinstance(value, list):
+        return None
+    ids = []
+    for t in value:
+        if isinstance(t, bool) or not (
+            isinstance(t, int) or (isinstance(t, float) and t.is_integer())
+        ):
+            return None
+        ids.append(int(t))
+    return ids
+
+
 def _token_ids(body: dict[str, Any], name: str, limit: int) -> tuple[int, ...]:
     """A list of at most `limit` token ids; 400 otherwise (the engine checks them against the vocabulary)."""
-    value = field_of(body, name, (list,), [])
-    if len(value) > limit or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    ids = as_token_ids(field_of(body, name, (list,), []))
+    if ids is None or len(ids) > limit:
         raise HTTPError(400, f"{name} must be a list of at most {limit} token ids", name)
-    return tuple(value)
+    return tuple(ids)
 
 
 def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
@@ -349,9 +364,10 @@ def _prompt_ids(state: ServerState, prompt: Prompt, special_tokens: bool) -> lis
     """A prompt's token ids; 400 for an empty or malformed prompt, 413 for one too large."""
     engine = state.require_engine()
     if isinstance(prompt, list):
-        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        given = as_token_ids(prompt)
+        if not given:
             raise HTTPError(400, "a token-id prompt must be a non-empty list of integers", "prompt")
-        ids = prompt
+        ids = given
     else:
         if not isinstance(prompt, str) or not prompt:
             raise HTTPError(400, "prompt must be a non-empty string", "prompt")
@@ -854,8 +870,9 @@ def _completion_prompts(body: dict[str, Any]) -> list[Prompt]:
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-            return [prompt]
+        ids = as_token_ids(prompt)
+        if ids is not None:
+            return [ids]
         if all(isinstance(p, (str, list)) for p in prompt):
             return list(prompt)
     raise HTTPError(

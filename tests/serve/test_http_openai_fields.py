@@ -417,3 +417,16 @@ def test_a_cache_salt_keeps_tenants_apart(server: BackgroundServer) -> None:
     for bad in ("", 5, "x" * 5000):
         status, answer = completions(server, cache_salt=bad, **body)
         assert status == 400 and "cache_salt" in answer["error"]["message"]
+
+
+def test_token_ids_take_whole_number_floats_as_integer_fields_do(server: BackgroundServer) -> None:
+    body = {"model": "main", "max_tokens": 3, "temperature": 0, "return_token_ids": True}
+    ints = request(server.url + "/v1/completions", {**body, "prompt": [5, 40, 7]})
+    floats = request(server.url + "/v1/completions", {**body, "prompt": [5.0, 40.0, 7.0]})
+    assert ints[0] == floats[0] == 200
+    assert floats[2]["choices"][0]["text"] == ints[2]["choices"][0]["text"]
+    assert floats[2]["choices"][0]["prompt_token_ids"] == [5, 40, 7]
+    assert request(server.url + "/detokenize", {"tokens": [5.0, 40]})[0] == 200
+    for bad in ([5.5], [True], [[5.0]]):
+        status, _, _ = request(server.url + "/v1/completions", {**body, "prompt": [bad[0], 7]})
+        assert status == 400, bad
