@@ -82,6 +82,7 @@ async def notify(request: web.Request) -> web.Response:
     forgotten = state.watcher.invalidate(ref)
     revision: str | None = None
     moved: list[dict[str, Any]] = []
+    warnings: list[str] = []
     if ref is not None:
         try:
             resolution = state.watcher.resolve(ref)
@@ -93,9 +94,7 @@ async def notify(request: web.Request) -> web.Response:
         new = body.get("new")
         if ref == state.config.base_name:
             # Requests for this name run the base: loading the ref's revision would serve none.
-            moved.append(
-                {"warning": f"{ref!r} is the base's served name: requests for it run the base"}
-            )
+            warnings.append(f"{ref!r} is the base's served name: requests for it run the base")
         elif revision is not None and state.engine is not None:
             prefetch(state.engine, revision)
         if (
@@ -104,10 +103,8 @@ async def notify(request: web.Request) -> web.Response:
             and new != revision
             and not revision.startswith(new)
         ):
-            moved.append(
-                {
-                    "warning": f"the ref holds {revision[:12]} now, not {new[:12]}; serving {revision[:12]}"
-                }
+            warnings.append(
+                f"the ref holds {revision[:12]} now, not {new[:12]}; serving {revision[:12]}"
             )
     for spec in forgotten:
         if spec == ref:
@@ -117,7 +114,9 @@ async def notify(request: web.Request) -> web.Response:
         except MintError:
             continue
         moved.append({"spec": spec, "revision": res.commit})
-    return web.json_response({"ref": ref, "revision": revision, "refreshed": moved})
+    return web.json_response(
+        {"ref": ref, "revision": revision, "refreshed": moved, "warnings": warnings}
+    )
 
 
 def _spec_of(state: ServerState, body: dict[str, Any], verb: str) -> str:

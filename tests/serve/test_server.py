@@ -663,6 +663,15 @@ def test_notify_without_token_configured_is_open_and_refreshes(server: Backgroun
         headers={"Authorization": f"Bearer {TOKEN}"},
     )
     assert status == 200 and body["ref"] is None
+    # A hook whose "new" is stale is told so apart from the specs it refreshed.
+    status, _, body = request(
+        server.url + "/v1/refs/notify",
+        {"ref": "main", "new": "0" * 40},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    assert status == 200 and body["revision"] is not None
+    assert len(body["warnings"]) == 1 and "not 000000000000" in body["warnings"][0]
+    assert all(set(item) == {"spec", "revision"} for item in body["refreshed"])
 
 
 # ---------------------------------------------------------------------------- disconnects
@@ -870,7 +879,7 @@ def test_the_base_name_wins_over_a_ref_of_that_name(
         assert one["kind"] == "branch" and one["revision"] == repo.resolve("product-b")
         # A hook's notify for that name loads nothing: no request would use it.
         told = request(srv.url + "/v1/refs/notify", {"ref": "product-b"}, headers=auth)[2]
-        assert "base's served name" in told["refreshed"][0]["warning"]
+        assert "base's served name" in told["warnings"][0]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("'product-b', the base's served name, also names" in m for m in warned), warned
     for bad in ("main~1", "a..b", "", "HEAD", "refs/heads/x", " \x01"):
