@@ -158,6 +158,14 @@ class StoreSource:
 
     def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         """Decode the commit's tensors from the store into torch tensors, refusing more than max_bytes before decoding."""
+        from mintvcs.ids import is_object_id
+
+        if not is_object_id(revision):
+            # A ref name or an abbreviation would otherwise read as a corrupt object.
+            raise AdapterNotFound(
+                f"{revision!r:.60} is not a commit id: revisions are served by full commit id; "
+                "resolve a ref or an abbreviation first (Engine.resolve)"
+            )
         rev = self.repo.read_revision(revision)
         if max_bytes is not None and rev.manifest.nbytes > max_bytes:
             raise _too_large(rev.commit, f"its tensors hold {rev.manifest.nbytes} bytes", max_bytes)

@@ -1,8 +1,8 @@
 """Prefix caching across requests: KV slots remember which tokens they hold, so a new prompt that
 starts with the same tokens for the same owner copies their keys and values instead of
-computing them again. The owner is whose keys and values they are: the revision (None for the
-base), salted with the request's cache_salt when it has one (Sequence.cache_owner), so that
-only requests with the same salt share (vLLM's isolation between tenants).
+computing them again. The owner is whose keys and values they are: the pair of the revision
+(None for the base) and the request's cache_salt (None without one) (Sequence.cache_owner), so
+that only requests with the same salt share (vLLM's isolation between tenants).
 
 A finished sequence's slot is not freed but kept, idle, with its tokens (unless they are fewer
 than BLOCK); an idle slot is given
@@ -28,10 +28,12 @@ from mintvcs.serve.kv_cache import KVCache, KVCacheFull
 from mintvcs.serve.sampling import TokenLogprobs
 
 BLOCK = 16  # tokens per hashed block: shorter shared prefixes are not worth a lookup
+# Whose keys and values a slot holds: (revision or None for the base, cache_salt or None).
+Owner = tuple[str | None, str | None]
 
 
 def block_hashes(
-    owner: str | None,
+    owner: Owner,
     tokens: Sequence[int],
     limit: int | None = None,
     known: Sequence[int] = (),
@@ -63,7 +65,7 @@ class PrefixStats:
 
 @dataclass
 class _Held:
-    owner: str | None
+    owner: Owner
     tokens: list[int]  # the tokens whose keys and values positions 0 .. len - 1 of the slot hold
     hashes: list[int]
     # The logprobs of tokens[: len(logprobs)] (a scored prompt's), with `top` alternatives each.
@@ -139,7 +141,7 @@ class PrefixCache:
 
     def lookup(
         self,
-        owner: str | None,
+        owner: Owner,
         prompt: Sequence[int],
         *,
         hashes: Sequence[int] | None = None,
@@ -162,7 +164,7 @@ class PrefixCache:
             )
         return Hit(slot, length, logprobs)
 
-    def admit(self, owner: str | None, prompt: Sequence[int], hit: Hit = MISS) -> int:
+    def admit(self, owner: Owner, prompt: Sequence[int], hit: Hit = MISS) -> int:
         """A slot for a new prompt, holding the first `hit.length` of its tokens' keys and values."""
         if self.enabled:
             self.stats.queried_tokens += len(prompt)
@@ -188,7 +190,7 @@ class PrefixCache:
 
     def match(
         self,
-        owner: str | None,
+        owner: Owner,
         tokens: Sequence[int],
         limit: int,
         *,
@@ -250,7 +252,7 @@ class PrefixCache:
     def publish(
         self,
         slot: int,
-        owner: str | None,
+        owner: Owner,
         tokens: Sequence[int],
         logprobs: PromptLogprobs | None = None,
         top: int = 0,
@@ -262,7 +264,7 @@ class PrefixCache:
         if self.enabled:
             self._hold(slot, owner, list(tokens), logprobs, top, hashes)
 
-    def retire(self, slot: int, owner: str | None, tokens: Sequence[int]) -> None:
+    def retire(self, slot: int, owner: Owner, tokens: Sequence[int]) -> None:
         """A sequence is done with its slot, whose cache holds `tokens`: keep it idle for reuse."""
         if not self.enabled or len(tokens) < BLOCK:
             self.release(slot)
@@ -279,7 +281,7 @@ class PrefixCache:
     def _hold(
         self,
         slot: int,
-        owner: str | None,
+        owner: Owner,
         tokens: list[int],
         logprobs: PromptLogprobs | None = None,
         top: int = 0,

@@ -16,7 +16,7 @@ import torch
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import Model, StepBatch
-from mintvcs.serve.prefix_cache import BLOCK, PrefixCache, block_hashes
+from mintvcs.serve.prefix_cache import BLOCK, Owner, PrefixCache, block_hashes
 from mintvcs.serve.sampling import (
     IncrementalDetokenizer,
     SamplingParams,
@@ -109,11 +109,9 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def cache_owner(self) -> str | None:
-        """Whose cached keys and values this sequence may share: its revision's, salted."""
-        salt = self.params.cache_salt
-        # Commit ids are hex and never contain NUL: a salted owner is never a revision's.
-        return self.revision if salt is None else f"{self.revision or 'base'}\0{salt}"
+    def cache_owner(self) -> Owner:
+        """Whose cached keys and values this sequence may share: its revision's, with its salt."""
+        return self.revision, self.params.cache_salt
 
     @property
     def prompt_hashes(self) -> list[int]:

@@ -546,8 +546,9 @@ class Residency:
         """Load `revision` into a slot if one can be freed, else into the host cache; the future gives the slot."""
         with self._lock:
             if pin:
-                unpinned = [s for s in self.slots if s.revision not in self._pinned]
-                if revision not in self._pinned and len(unpinned) <= 1:
+                # Every pin counts, in a slot or not yet: one pinned while the slots were busy
+                # takes a slot once loaded, and all slots pinned would starve other revisions.
+                if revision not in self._pinned and len(self._pinned) + 1 >= len(self.slots):
                     raise ResidencyError(
                         f"cannot pin {revision[:12]}: that would leave no slot for other revisions; "
                         "add adapter slots (the server's --max-loras) or unpin one"

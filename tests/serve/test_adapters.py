@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mintvcs.serve import (
+    AdapterNotFound,
     AdapterRefused,
     AdapterWeights,
     Engine,
@@ -138,6 +139,11 @@ def test_store_source_serves_a_committed_revision(
         tiny_base, EngineConfig(max_model_len=64), source=PeftDirSource({"d": peft_adapter})
     ) as eng:
         assert eng.generate([5, 6, 7], "d", params, timeout=30).token_ids == from_store
+    # A ref name or an abbreviation is not an id: said so, not read as a corrupt object.
+    with Engine(tiny_base, EngineConfig(max_model_len=64), source=store) as eng:
+        for spec in ("main", commit[:10]):
+            with pytest.raises(AdapterNotFound, match="not a commit id"):
+                eng.generate([5, 6, 7], spec, params, timeout=30)
 
 
 def test_store_source_follows_a_chain_through_its_plane_cache(

@@ -15,6 +15,7 @@ import torch
 from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
 from mintvcs.serve.engine import EngineClosed, EngineError
 from mintvcs.serve.scheduler import TokenEvent
+from mintvcs.serve.slots import ResidencyError
 from tests.fixtures import ALL_LINEAR
 from tests.serve.conftest import ZOO
 
@@ -420,6 +421,24 @@ class _GatedSource(PeftDirSource):
     def load(self, revision: str, *, max_bytes: int | None = None) -> Any:
         assert self.gate.wait(30)
         return super().load(revision)
+
+
+def test_pins_taken_while_the_slots_are_busy_count_too(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    source = _GatedSource(zoo)
+    config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=128)
+    with Engine(tiny_base, config, source=source) as eng:
+        busy = [eng.prefetch(name) for name in ("mlp-r2", "o-r6")]  # both slots loading
+        pinned = eng.prefetch("qv-r8", pin=True)  # no slot free: the host cache, pinned
+        # A second pin would leave no slot for anything else once both pins are loaded.
+        with pytest.raises(ResidencyError, match="no slot for other revisions"):
+            eng.prefetch("kv-r12", pin=True)
+        source.gate.set()
+        for future in (*busy, pinned):
+            future.result(30)
+        # Other revisions still get a slot.
+        assert eng.generate([5, 6], "kv-r12", GREEDY, timeout=30).token_ids
 
 
 def test_a_slow_load_does_not_stall_running_requests(tiny_base: Path, zoo: dict[str, Path]) -> None:

@@ -347,3 +347,30 @@ def test_a_cache_salt_shares_only_with_the_same_salt(engines: tuple[Engine, Engi
         SamplingParams(cache_salt="")
     with pytest.raises(InvalidSamplingParams, match="cache_salt"):
         SamplingParams(cache_salt="x" * 2000)
+
+
+def test_a_revision_named_base_never_shares_the_bases_salted_cache(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    # Owners are (revision, salt) pairs: no name a source gives a revision spells the base's.
+    prompt = _tokens(81, 40)
+    params = replace(GREEDY, cache_salt="tenant")
+    with Engine(
+        tiny_base,
+        EngineConfig(max_model_len=128, prefix_caching=False),
+        source=PeftDirSource({"all-r16": zoo["all-r16"]}),
+    ) as reference:
+        want = reference.generate(prompt, "all-r16", params, timeout=60).token_ids
+    for caching in (True, False):
+        with Engine(
+            tiny_base,
+            EngineConfig(max_model_len=128, prefix_caching=caching),
+            source=PeftDirSource({"base": zoo["all-r16"]}),
+        ) as engine:
+            engine.prefetch("base").result(30)
+            if caching:  # the base's salted prompt cached first
+                engine.generate(prompt, None, params, timeout=60)
+                assert engine.generate(prompt, "base", params, timeout=60).token_ids == want
+            else:  # queued together: a fork of the base's request, before the fix
+                done = engine.generate_many([(prompt, None, params), (prompt, "base", params)])
+                assert done[1].token_ids == want
