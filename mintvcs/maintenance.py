@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -805,7 +805,8 @@ def _needed_now(
     unreachable: set[ObjectID],
     first_seen: dict[str, float],
 ) -> set[ObjectID]:
-    """The objects of `unreachable` that refs moved since reach, or that a writer reused since."""
+    """The objects of `unreachable` that refs moved since reach, or that a writer reused since
+    (and others the moved refs reach)."""
     known = {oid.decode() for oid in reachable}
     fresh = [root for root in _roots(repo) if root[0] not in known]
     needed = _walk(repo, scan, fresh) if fresh else set()
@@ -974,11 +975,16 @@ def _last_pack(repo: Repository) -> str | None:
 
 
 def _repack(
-    repo: Repository, scan: _Scan, unreachable: set[ObjectID], progress: PhaseProgress
-) -> tuple[int, bool]:
+    repo: Repository,
+    scan: _Scan,
+    unreachable: set[ObjectID],
+    progress: PhaseProgress,
+    needed_late: Callable[[], set[ObjectID]],
+) -> tuple[int, bool, int]:
     """Write every object the scan found, but `unreachable`, into one new pack, one object at a
-    time; then delete the loose objects and the packs it replaces. Returns the objects packed
-    and whether anything was written.
+    time; then delete the loose objects and the packs it replaces, but for the objects of
+    `unreachable` that `needed_late()` says are needed after all. Returns the objects packed,
+    whether anything was written, and how many of `unreachable` were kept so.
 
     The new pack is complete and in place before anything is deleted, so a failure loses
     nothing; objects written after the scan (a commit landing meanwhile) are left alone.
@@ -992,7 +998,7 @@ def _repack(
     keep = sorted(oid for oid in scan.ids if ObjectID(oid.encode()) not in unreachable)
     if not scan.loose and not unreachable and set(old_packs) == {_last_pack(repo)}:
         # Nothing new since our last gc wrote the one pack: rewriting it would give the same file.
-        return len(keep), False
+        return len(keep), False, 0
     if keep:
         writer = PackWriter(repo, expected=len(keep), repack=True)
         wanted = set(keep)
@@ -1021,13 +1027,19 @@ def _repack(
         if name is not None:
             old_packs.pop(name, None)  # the same objects as a pack we had: that file was replaced
             (repo.git_dir / LAST_PACK_FILE).write_text(name + "\n")
-    for oid in scan.loose:  # packed now, or pruned
+    # A commit during the repack may have reused an object found unreachable (it freshens it)
+    # or moved a ref onto one: look once more, now, just before deleting, and keep those, loose
+    # or in the old packs that hold them (the next gc packs them).
+    late = {key.decode() for key in needed_late() & unreachable} if unreachable else set()
+    for oid in scan.loose - late:  # packed now, or pruned
         with suppress(FileNotFoundError):
             store.delete_loose_object(ObjectID(oid.encode()))
+    held = late - scan.loose
     for pack in old_packs.values():
-        _drop_pack(store, pack)
+        if not any(ObjectID(oid.encode()) in pack for oid in held):
+            _drop_pack(store, pack)
     repo.close()  # our maps and dulwich's pack list name the old packs
-    return len(keep), True
+    return len(keep), True, len(late)
 
 
 def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_progress) -> GcResult:
@@ -1053,6 +1065,7 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
         reachable = _walk(repo, scan, roots)
         now = time.time()
         unreachable: set[ObjectID] = set()
+        first_seen: dict[str, float] = {}
         if prune:
             # Unreachable objects are kept until an hour after they were last written or reused
             # (a loose file's mtime) or first found unreachable (packed: a commit of many tensors
@@ -1074,8 +1087,12 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
             # it) or have moved a ref to it: look again just before anything is deleted.
             unreachable -= _needed_now(repo, scan, reachable, unreachable, first_seen)
         _remove_stale_temporaries(repo, now)  # a killed gc's store-sized temporary pack, first
+
+        def needed_late() -> set[ObjectID]:
+            return _needed_now(repo, scan, reachable, unreachable, first_seen)
+
         with _packing_errors_named("gc"):
-            packed, rewritten = _repack(repo, scan, unreachable, progress)
+            packed, rewritten, spared = _repack(repo, scan, unreachable, progress, needed_late)
         repo.refs.pack()
         for fan in _real_entries(repo.git_dir / "objects"):
             if len(fan.name) == 2 and fan.is_dir(follow_symlinks=False):
@@ -1083,7 +1100,8 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
                 # it) or not removable stays, and gc has still done its work.
                 with suppress(OSError):
                     os.rmdir(fan.path)
-        return GcResult(packed, len(unreachable), before, _store_size(repo), rewritten)
+        pruned = len(unreachable) - spared
+        return GcResult(packed, pruned, before, _store_size(repo), rewritten)
 
 
 # `gc --auto` does nothing below these (git's own are 50 and 6700), set per repository by

@@ -367,6 +367,46 @@ def test_gc_keeps_old_objects_a_commit_reuses_while_it_runs(
     git_fsck(work)
 
 
+def test_gc_keeps_old_objects_a_commit_reuses_while_it_writes_its_pack(
+    work: Path, tmp_path: Path
+) -> None:
+    # As above, but the commit lands while gc writes its new pack, after its last look at
+    # refs and ages before packing: gc must look again before it deletes.
+    from mintvcs import maintenance, porcelain
+    from mintvcs.store import Repository
+
+    git_dir = work / ".mint"
+    mint(work, "checkout", "-b", "exp")
+    mutate(work, seed=32)
+    mint(work, "commit", "-m", "abandoned", "--no-verify")
+    adapter = copy_adapter(work, tmp_path / "same-again")
+    mint(work, "checkout", "main")
+    mint(work, "branch", "-D", "exp")
+    shutil.rmtree(git_dir / "logs")
+    two_hours_ago = time.time() - 7200
+    for path in (git_dir / "objects").rglob("*"):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    landed: list[str] = []
+
+    def commit_while_packing(phase: str, count: int) -> None:
+        if phase == "packing" and not landed:
+            with Repository.open(work) as other:
+                result = porcelain.commit(
+                    other, "again", source=adapter, verify=False, show_progress=False
+                )
+            landed.append(result.commit)
+
+    with Repository.open(work) as repo:
+        result = maintenance.gc(repo, progress=commit_while_packing)
+    assert landed and git(git_dir, "rev-parse", "main").stdout.strip() == landed[0]
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    git_fsck(work)
+    # Only the abandoned commit itself was pruned (the new one reuses its tree and blobs), and
+    # the old packs went (nothing of them was needed): the store holds one pack.
+    assert result.pruned == 1
+    assert len(list((git_dir / "objects" / "pack").glob("*.pack"))) == 1
+
+
 def test_gc_clears_what_a_gc_killed_mid_index_left(work: Path) -> None:
     # A pack without its index and the index's lock file: the next gc built the same pack name,
     # hit the lock and died with a traceback, every time.
