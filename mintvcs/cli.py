@@ -99,6 +99,12 @@ class MintGroup(click.Group):
         except MintError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
+        except OSError as err:
+            # The system refused a read or write (a full disk, a file size limit, permissions):
+            # one line, as git says it; every write is atomic, so nothing was left half done.
+            where = f": {err.filename}" if err.filename else ""
+            click.echo(f"error: {err.strerror or err}{where}", err=True)
+            sys.exit(1)
         except click.UsageError as err:
             _usage_error(err, err.ctx.command_path if err.ctx is not None else ctx.command_path)
         except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import mmap
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from mintvcs import codec
 from mintvcs.errors import MintError
+from mintvcs.ids import is_object_id
 from mintvcs.packs import (
     OBJECT_TYPE_NUMBERS,
     PACK_HEADER,
@@ -740,6 +742,13 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
         oid, what, root, strict = stack.pop()
         if oid in seen:
             continue
+        if not is_object_id(oid):  # a damaged packed-refs or reflog line
+            if not strict:
+                continue
+            raise GcMissingObjectError(
+                f"gc refused: {root} holds {oid!r:.60}, which is not an object id; fix or "
+                f"delete that ref; {_FIX}"
+            )
         if oid not in scan.ids and not _borrowed(repo, scan, oid):
             if not strict:
                 continue  # a reflog entry whose commit was pruned: git skips it too
@@ -970,7 +979,7 @@ def _drop_pack(store: DiskObjectStore, pack: Pack) -> None:
 def _last_pack(repo: Repository) -> str | None:
     try:
         return (repo.git_dir / LAST_PACK_FILE).read_text().strip() or None
-    except OSError:
+    except (OSError, ValueError):  # a reader may ignore it: unreadable, it names no pack
         return None
 
 
@@ -1276,6 +1285,7 @@ def _roll_up(
     repo: Repository, pack_limit: int | None, loose_limit: int | None, progress: PhaseProgress
 ) -> RollUpResult:
     """auto_gc under gc's lock: merge the loose objects and the smallest packs (geometric_split)."""
+    from dulwich.errors import FileFormatException
     from dulwich.objects import ObjectID
 
     repo.close()  # a long-lived Repository's pack list may name packs another gc deleted
@@ -1290,10 +1300,16 @@ def _roll_up(
     merged = packs[: geometric_split([_pack_bytes(p) for p in packs], loose_bytes)]
     wanted = {oid for oid, _ in loose}
     for pack in merged:
-        wanted.update(
-            sha.decode() if len(sha) == 40 else sha.hex()
-            for sha, _offset, _crc in pack.index.iterentries()
-        )
+        try:
+            wanted.update(
+                sha.decode() if len(sha) == 40 else sha.hex()
+                for sha, _offset, _crc in pack.index.iterentries()
+            )
+        except (FileFormatException, ValueError, struct.error, OverflowError) as err:
+            raise GcCorruptObjectError(
+                f"gc refused: corrupt pack index of {_pack_name(pack)} "
+                f"({err or type(err).__name__}); {_FIX}"
+            ) from None
     if not wanted:
         return RollUpResult(0, 0, 0, len(packs), before, before)
     total = len(wanted)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+import struct
 import sys
 import threading
 import time
@@ -431,9 +432,10 @@ class Repository:
     # ----------------------------------------------------------------- objects
     def get_object(self, oid: str, *, what: str = "object") -> ShaFile:
         """Read one git object, naming `what` if it is missing or unreadable."""
-        from dulwich.errors import ChecksumMismatch, ObjectFormatException
+        from dulwich.errors import ChecksumMismatch, FileFormatException, ObjectFormatException
         from dulwich.objects import ObjectID, ShaFile
 
+        named = "" if what == "object" else f"{what}: "
         problem: str | None = None
         # Loose first, with our reader: dulwich looks through every pack before the loose
         # files, and a training run's commits, trees and manifests stay loose until gc while
@@ -461,7 +463,7 @@ class Repository:
                     AssertionError,
                 ) as err:
                     raise CorruptObjectError(
-                        f"{what}: object {oid} is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
+                        f"{named}object {oid} is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
                     ) from None
         try:
             with self._dulwich_lock:
@@ -472,13 +474,17 @@ class Repository:
             zlib.error,
             ChecksumMismatch,
             ObjectFormatException,
+            FileFormatException,  # an empty loose file, a pack index of the wrong kind
             ValueError,
             AssertionError,
+            struct.error,  # a truncated pack index
+            OverflowError,  # an index whose fields make no sense
+            IndexError,
         ) as err:
-            problem = f"is corrupt ({err}); run 'mintvcs fsck'"
+            problem = f"is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
         # Raised outside the except block so the error does not keep dulwich's frames (and a
         # view of the pack's memory map) alive.
-        raise CorruptObjectError(f"{what}: object {oid} {problem}")
+        raise CorruptObjectError(f"{named}object {oid} {problem}")
 
     def read_blob(self, oid: str, *, what: str = "blob", max_size: int | None = None) -> bytes:
         """The content of a blob (a loose one claiming more than `max_size` bytes is refused unread)."""
@@ -685,6 +691,8 @@ class Repository:
     def has_object(self, oid: str, *, loose: bool = True, rescan: bool = False) -> bool:
         """True when the store holds object `oid`, loose or packed (`loose` False: packed only;
         `rescan`: list the pack directory again first, for packs written since)."""
+        if not is_object_id(oid):  # a damaged ref's value, say: no object has that name
+            return False
         if loose and os.path.exists(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}"):
             return True
         # Without `rescan`, packs another process wrote meanwhile are not seen: at worst an
@@ -695,10 +703,18 @@ class Repository:
         # made with --shared or --reference) or a pack with a version-1 index.
         if not self._has_foreign_objects():
             return False
+        from dulwich.errors import FileFormatException
         from dulwich.objects import ObjectID
 
-        with self._dulwich_lock:
-            return ObjectID(oid.encode()) in self.objects
+        try:
+            with self._dulwich_lock:
+                return ObjectID(oid.encode()) in self.objects
+        except (FileFormatException, ValueError, struct.error, OverflowError) as err:
+            unreadable = ", ".join(sorted(self.__dict__.get("_unreadable_packs", ()))) or "a pack"
+            raise CorruptObjectError(
+                f"{os.path.basename(unreadable)} cannot be read ({err or type(err).__name__}); "
+                "run 'mintvcs fsck', and restore it from a good copy"
+            ) from None
 
     def _has_foreign_objects(self) -> bool:
         """True when some objects are outside our own reader's reach (alternates, unusual packs)."""
@@ -1002,10 +1018,15 @@ class Repository:
                     encode, range(len(tensors)), key=lambda i: tensors[i].start - tensors[i].end
                 )
             )
-        finally:
-            # Sealed even when refused: its blobs are unreferenced, and gc drops them.
+        except BaseException:
+            # A write that failed (a full disk) may have left an entry half written: the pack
+            # must never be installed then.
             if pack:
-                pack.finish()
+                pack.abort()
+            raise
+        # Sealed even when refused: its blobs are unreferenced, and gc drops them.
+        if pack:
+            pack.finish()
         if refused:
             first = min(refused)
             raise codec.NonFiniteTensorError(tensors[first].name, refused[first])

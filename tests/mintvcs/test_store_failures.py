@@ -1,0 +1,133 @@
+"""The store when the system or its files fail it: a file-size limit mid-commit, damaged pack
+indexes, ref values and gc's own records. One line of error, nothing installed half-written,
+and real git agreeing that the repository is sound."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mintvcs.store import PACK_THRESHOLD
+from tests.mintvcs.storekit import (
+    ENV,
+    git,
+    git_fsck,
+    handmade_adapter,
+    mint,
+    mint_fails,
+    random_f32,
+)
+
+
+def _many_tensors(path: Path, seed: int) -> Path:
+    """An adapter of more than PACK_THRESHOLD tensors: its commit writes a pack."""
+    rng = np.random.default_rng(seed)
+    shapes = {"A": [4, 64], "B": [64, 4]}  # rank 4 on a 64-wide linear
+    tensors = {
+        f"base_model.model.layers.{i}.q_proj.lora_{ab}.weight": (
+            "F32",
+            shapes[ab],
+            random_f32(rng, shapes[ab]),
+        )
+        for i in range(PACK_THRESHOLD // 2 + 1)
+        for ab in "AB"
+    }
+    return handmade_adapter(path, tensors)
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    mint(work, "commit", "-m", "first", "--from", str(_many_tensors(tmp_path / "a", 1)))
+    return work
+
+
+def _limited(cwd: Path, limit: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mintvcs ARGS` with files capped at `limit` bytes (a full disk, as far as a writer sees)."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", *args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=cap,
+        check=False,
+        timeout=120,
+    )
+
+
+def _packs(work: Path) -> list[str]:
+    return sorted(p.name for p in (work / ".mint" / "objects" / "pack").iterdir())
+
+
+def test_a_commit_that_cannot_write_its_pack_installs_nothing(work: Path, tmp_path: Path) -> None:
+    before = _packs(work)
+    source = _many_tensors(tmp_path / "b", 2)
+    result = _limited(work, 20_000, "commit", "-m", "second", "--from", str(source))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: File too large"]
+    assert _packs(work) == before  # no pack, no temporary
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    git_fsck(work)
+    # With room again, the same commit goes through.
+    mint(work, "commit", "-m", "second", "--from", str(source))
+    git_fsck(work)
+
+
+def test_writes_refused_by_the_system_are_one_line_and_change_nothing(work: Path) -> None:
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout
+    for args in (
+        ("branch", "side"),
+        ("tag", "-m", "release", "v1"),
+        ("checkout", "--force", "main"),
+    ):
+        result = _limited(work, 0, *args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stderr.strip().splitlines() == ["error: File too large"], args
+    assert git(work / ".mint", "rev-parse", "HEAD").stdout == head
+    assert mint(work, "branch").stdout.split() == ["*", "main", head[:7]]
+    assert mint(work, "tag").stdout == ""
+
+
+def test_a_truncated_pack_index_is_named_in_one_line(work: Path, tmp_path: Path) -> None:
+    # Two packs of one size, so that gc --auto merges both, the damaged one included; the
+    # damaged one holds HEAD's tensors.
+    before = set(_packs(work))
+    mint(work, "commit", "-m", "second", "--from", str(_many_tensors(tmp_path / "b", 2)))
+    (name,) = [n for n in _packs(work) if n not in before and n.endswith(".idx")]
+    index = work / ".mint" / "objects" / "pack" / name
+    index.chmod(0o644)
+    index.write_bytes(index.read_bytes()[:500])
+    mint(work, "log")  # commits are loose: the history still reads
+    mint_fails(work, "checkout", "--force", "main")  # one error line, no traceback
+    git(work / ".mint", "config", "gc.autoPackLimit", "1")  # so that it merges the pack
+    git(work / ".mint", "config", "gc.auto", "1")
+    assert "corrupt pack index" in mint_fails(work, "gc", "--auto")
+    assert "corrupt pack index" in mint_fails(work, "gc")
+    report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)
+    assert not report["ok"] and report["problems"]
+
+
+def test_gc_names_a_packed_ref_that_holds_no_object_id(work: Path) -> None:
+    mint(work, "gc")  # refs packed
+    packed = work / ".mint" / "packed-refs"
+    packed.write_text(packed.read_text() + "zz" + "0" * 38 + " refs/heads/zz\n")
+    assert "refs/heads/zz holds 'zz000" in mint_fails(work, "gc")
+
+
+def test_an_unreadable_record_of_gcs_last_pack_is_ignored(work: Path) -> None:
+    mint(work, "gc")  # one pack, nothing loose: the next gc reads the record
+    (work / ".mint" / "mint-gc-pack").write_bytes(b"\xff\x00../../etc\n")
+    mint(work, "gc")
+    git_fsck(work)
