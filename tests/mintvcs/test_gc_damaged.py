@@ -328,6 +328,24 @@ def test_fsck_warns_about_a_ref_lock_a_killed_writer_left(work: Path) -> None:
     assert "remove it if no mintvcs or git process is running" in result.stderr
 
 
+def _abandoned_long_ago(work: Path, tmp_path: Path, seed: int) -> Path:
+    """Commit a revision on a branch, delete the branch and its reflog, and date every object
+    two hours back: its tree and blobs are unreachable and past gc's grace. Returns a copy
+    of that adapter, to commit again."""
+    git_dir = work / ".mint"
+    mint(work, "checkout", "-b", "exp")
+    mutate(work, seed=seed)
+    mint(work, "commit", "-m", "abandoned", "--no-verify")
+    adapter = copy_adapter(work, tmp_path / "same-again")
+    mint(work, "checkout", "main")
+    mint(work, "branch", "-D", "exp")
+    shutil.rmtree(git_dir / "logs")
+    two_hours_ago = time.time() - 7200
+    for path in (git_dir / "objects").rglob("*"):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    return adapter
+
+
 def test_gc_keeps_old_objects_a_commit_reuses_while_it_runs(
     work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -338,16 +356,7 @@ def test_gc_keeps_old_objects_a_commit_reuses_while_it_runs(
     from mintvcs.store import Repository
 
     git_dir = work / ".mint"
-    mint(work, "checkout", "-b", "exp")
-    mutate(work, seed=31)
-    mint(work, "commit", "-m", "abandoned", "--no-verify")
-    adapter = copy_adapter(work, tmp_path / "same-again")
-    mint(work, "checkout", "main")
-    mint(work, "branch", "-D", "exp")
-    shutil.rmtree(git_dir / "logs")
-    two_hours_ago = time.time() - 7200
-    for path in (git_dir / "objects").rglob("*"):
-        os.utime(path, (two_hours_ago, two_hours_ago))
+    adapter = _abandoned_long_ago(work, tmp_path, seed=31)
     write_first_seen = maintenance._write_first_seen
     landed: list[str] = []
 
@@ -376,16 +385,7 @@ def test_gc_keeps_old_objects_a_commit_reuses_while_it_writes_its_pack(
     from mintvcs.store import Repository
 
     git_dir = work / ".mint"
-    mint(work, "checkout", "-b", "exp")
-    mutate(work, seed=32)
-    mint(work, "commit", "-m", "abandoned", "--no-verify")
-    adapter = copy_adapter(work, tmp_path / "same-again")
-    mint(work, "checkout", "main")
-    mint(work, "branch", "-D", "exp")
-    shutil.rmtree(git_dir / "logs")
-    two_hours_ago = time.time() - 7200
-    for path in (git_dir / "objects").rglob("*"):
-        os.utime(path, (two_hours_ago, two_hours_ago))
+    adapter = _abandoned_long_ago(work, tmp_path, seed=32)
     landed: list[str] = []
 
     def commit_while_packing(phase: str, count: int) -> None:

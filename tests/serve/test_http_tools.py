@@ -466,8 +466,8 @@ def test_the_cli_offers_every_tool_call_parser() -> None:
     assert list(option.type.choices) == list(TOOL_CALL_FORMATS)  # type: ignore[attr-defined]
 
 
-@pytest.fixture(scope="module")
-def hermes_server(repo: Any, tiny_base: Any) -> Any:
+def _parser_server(repo: Any, tiny_base: Any, parser: str) -> BackgroundServer:
+    """A server that reads tool_choice "auto" replies with `parser`."""
     from mintvcs.serve.app import ServerConfig
 
     config = ServerConfig(
@@ -476,25 +476,35 @@ def hermes_server(repo: Any, tiny_base: Any) -> Any:
         port=0,
         max_model_len=512,
         max_tokens_limit=400,
-        tool_call_parser="hermes",
+        tool_call_parser=parser,
     )
-    with BackgroundServer(config) as srv:
-        yield srv
+    return BackgroundServer(config)
 
 
-def test_auto_reads_calls_with_the_hermes_parser(hermes_server: BackgroundServer) -> None:
-    client = _client(hermes_server)
-    # The tiny model writes no calls of its own: a regex makes it write one after some text.
-    call = r'Checking\. <tool_call>\{"name": "roll", "arguments": \{"sides": (6|20)\}\}</tool_call>'
-    kwargs: Any = {
+def _auto(regex: str, seed: int) -> dict[str, Any]:
+    """A chat request offering DICE under tool_choice "auto", whose reply the regex forces
+    (the tiny model writes no calls of its own)."""
+    return {
         "model": "main",
         "messages": MESSAGES,
         "tools": [DICE],
         "max_tokens": 100,
         "temperature": 0.8,
-        "seed": 2,
-        "extra_body": {"structured_outputs": {"regex": call}},
+        "seed": seed,
+        "extra_body": {"structured_outputs": {"regex": regex}},
     }
+
+
+@pytest.fixture(scope="module")
+def hermes_server(repo: Any, tiny_base: Any) -> Any:
+    with _parser_server(repo, tiny_base, "hermes") as srv:
+        yield srv
+
+
+def test_auto_reads_calls_with_the_hermes_parser(hermes_server: BackgroundServer) -> None:
+    client = _client(hermes_server)
+    call = r'Checking\. <tool_call>\{"name": "roll", "arguments": \{"sides": (6|20)\}\}</tool_call>'
+    kwargs = _auto(call, seed=2)  # one call after some text
     out = client.chat.completions.create(**kwargs).choices[0]
     assert out.finish_reason == "tool_calls" and out.message.content == "Checking. "
     (made,) = out.message.tool_calls
@@ -556,33 +566,14 @@ def test_auto_reads_calls_with_the_hermes_parser(hermes_server: BackgroundServer
 
 @pytest.fixture(scope="module")
 def llama3_server(repo: Any, tiny_base: Any) -> Any:
-    from mintvcs.serve.app import ServerConfig
-
-    config = ServerConfig(
-        repo=repo.work_tree or repo.git_dir,
-        base_model=tiny_base,
-        port=0,
-        max_model_len=512,
-        max_tokens_limit=400,
-        tool_call_parser="llama3_json",
-    )
-    with BackgroundServer(config) as srv:
+    with _parser_server(repo, tiny_base, "llama3_json") as srv:
         yield srv
 
 
 def test_auto_reads_calls_with_the_llama3_json_parser(llama3_server: BackgroundServer) -> None:
     client = _client(llama3_server)
-    # The tiny model writes no calls of its own: a regex makes it write two.
     two = r'\{"name": "roll", "parameters": \{"sides": (6|20)\}\}; \{"name": "roll", "parameters": \{"sides": 6\}\}'
-    kwargs: Any = {
-        "model": "main",
-        "messages": MESSAGES,
-        "tools": [DICE],
-        "max_tokens": 100,
-        "temperature": 0.8,
-        "seed": 3,
-        "extra_body": {"structured_outputs": {"regex": two}},
-    }
+    kwargs = _auto(two, seed=3)  # two calls, the whole reply
     out = client.chat.completions.create(**kwargs).choices[0]
     assert out.finish_reason == "tool_calls" and out.message.content is None
     assert [c.function.name for c in out.message.tool_calls] == ["roll", "roll"]
