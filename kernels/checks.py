@@ -32,7 +32,8 @@ class LoraShapes:
 def interpreting() -> bool:
     """Whether Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     # Read without importing triton: triton fixes the mode when the kernels are decorated.
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    # Triton's own reading of the flag: these spellings are on, anything else is off.
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _shape(t: torch.Tensor) -> str:

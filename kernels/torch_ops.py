@@ -224,6 +224,19 @@ def new_packed(
     device: torch.device,
 ) -> PackedLora:
     """Zeroed packed factors for num_slots slots of a fused layer whose slices sit at `columns`."""
+    if min(num_slots, in_features, out_features, rank) < 0:
+        raise LoraShapeError(
+            f"new_packed takes sizes of 0 or more, got num_slots {num_slots}, in_features "
+            f"{in_features}, out_features {out_features}, rank {rank}"
+        )
+    end = 0
+    for col, width in sorted((int(c), int(w)) for c, w in columns):
+        if col < end or width < 0 or col + width > out_features:
+            raise LoraShapeError(
+                f"columns {list(columns)} must be disjoint (first column, width) spans inside "
+                f"the {out_features} output features"
+            )
+        end = col + width
     work = work_dtype(dtype, device)
     return PackedLora(
         a=torch.zeros(num_slots, in_features, len(columns) * rank, dtype=work, device=device),
@@ -533,9 +546,19 @@ def packed_step(
     groups: SlotGroups, scales: torch.Tensor, slot_ranks: torch.Tensor | None
 ) -> PackedStep:
     """The step's PackedStep, built on first use and cached on the SlotGroups for these tensors."""
+    # Keyed by the values too: a caller may change scales or ranks in place between calls (a
+    # slot released to rank 0 must stop applying). A few host floats per call; the engine's
+    # are CPU tensors of one entry per slot.
+    values = (scales.tolist(), None if slot_ranks is None else slot_ranks.tolist())
     hit = groups.memo.get("packed-step")
-    if isinstance(hit, PackedStep) and hit.scales is scales and hit.slot_ranks is slot_ranks:
+    if (
+        isinstance(hit, PackedStep)
+        and hit.scales is scales
+        and hit.slot_ranks is slot_ranks
+        and groups.memo.get("packed-step-values") == values
+    ):
         return hit
     step = PackedStep(groups, scales, slot_ranks)
     groups.memo["packed-step"] = step
+    groups.memo["packed-step-values"] = values
     return step

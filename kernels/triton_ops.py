@@ -317,8 +317,10 @@ def add_lora_triton(
     if slot_ranks is None:
         ranks = _cached(("r", dev, num_slots, rank), [rank] * num_slots, torch.int32, dev)
     else:
-        ranks = slot_ranks.to(torch.int32)
-    scales32 = scales.to(torch.float32)
+        ranks = slot_ranks.to(torch.int32).contiguous()
+    # The kernels index these as flat arrays: a strided view (scales[::2], an expand) would be
+    # read as if contiguous. The engine's own are contiguous: no copy then.
+    scales32 = scales.to(torch.float32).contiguous()
     # fp32 stays exact (no tf32). Triton's CPU interpreter multiplies bf16 tiles as raw uint16
     # bits, so there bf16 tiles go through fp32 too; on a GPU bf16 uses the tensor cores.
     upcast = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and INTERPRETED)

@@ -277,3 +277,27 @@ def test_triton_imported_before_interpreter_was_requested() -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     assert "LoraBackendError:" in run.stdout, run.stdout + run.stderr[-2000:]
     assert "imported before TRITON_INTERPRET=1 was set" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "on"),
+    [
+        ("1", True),
+        ("true", True),
+        ("ON", True),
+        ("yes", True),
+        ("0", False),
+        ("", False),
+        ("false", False),
+        ("no", False),
+        ("off", False),
+        ("2", False),
+    ],
+)
+def test_the_interpreter_flag_reads_as_triton_reads_it(
+    monkeypatch: pytest.MonkeyPatch, value: str, on: bool
+) -> None:
+    from mintvcs.kernels.checks import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreting() is on

@@ -279,6 +279,16 @@ BAD_PACKED_CALL: list[tuple[str, Callable[[], dict[str, object]], str]] = [
         "rows overlap in memory",
     ),
     ("slot out of range", lambda: {"token_slots": torch.tensor([0, 6, 1, 2])}, "slot index 6"),
+    (
+        "rank below 0",
+        lambda: {"slot_ranks": torch.tensor([8, -3, 8, 8, 8, 8], dtype=torch.int32)},
+        "slot_ranks holds -3",
+    ),
+    (
+        "rank past the packed rank",
+        lambda: {"slot_ranks": torch.tensor([8, 99, 8, 8, 8, 8], dtype=torch.int32)},
+        "slot_ranks holds 99",
+    ),
 ]
 
 
@@ -291,3 +301,40 @@ def test_add_lora_packed_bad_input(
     with pytest.raises(LoraShapeError) as err:
         _packed_call(**make())
     assert needle in str(err.value), f"{name}: {err.value}"
+
+
+def test_values_changed_in_place_are_read_on_the_next_call() -> None:
+    # One SlotGroups reused while a caller updates scales and ranks in place (a slot released
+    # to rank 0, a new scale): the cached plan must follow the values, not the tensors' identity.
+    packed = _filled_pool()
+    x = torch.randn(4, IN, generator=torch.Generator().manual_seed(1))
+    groups = group_tokens(torch.tensor([0, 1, 1, 2], dtype=torch.int32), SLOTS)
+    scales = torch.ones(SLOTS)
+    ranks = torch.full((SLOTS,), RANK, dtype=torch.int32)
+
+    def run() -> torch.Tensor:
+        return add_lora_packed(
+            torch.zeros(4, sum(WIDTHS)), x, packed, groups, scales, slot_ranks=ranks
+        )
+
+    first = run()
+    ranks[1] = 0  # released
+    scales[0] = 3.0
+    second = run()
+    assert same_bits(second[1:3], torch.zeros(2, sum(WIDTHS)))  # slot 1 applies nothing now
+    torch.testing.assert_close(second[0], 3 * first[0])
+    torch.testing.assert_close(second[3], first[3])
+
+
+@pytest.mark.parametrize(
+    ("columns", "rank"),
+    [([(0, 16), (16, 8), (24, 16)], RANK), ([(0, 16), (8, 8), (24, 8)], RANK), (COLUMNS, -1)],
+    ids=["past out_features", "overlapping", "negative rank"],
+)
+def test_new_packed_refuses_what_cannot_be_a_fused_layer(
+    columns: list[tuple[int, int]], rank: int
+) -> None:
+    with pytest.raises(LoraShapeError, match=r"columns|rank"):
+        new_packed(
+            SLOTS, IN, sum(WIDTHS), columns, rank, dtype=torch.float32, device=torch.device("cpu")
+        )

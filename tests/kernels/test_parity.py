@@ -60,6 +60,44 @@ def test_full_rank_without_slot_ranks(dtype: torch.dtype, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_scales_and_ranks_are_read_as_their_values(backend: str) -> None:
+    # Views of other tensors (every second entry, a broadcast): the kernels index flat arrays.
+    dev = device_for(backend)
+    case = make_case(21, 3, 8, K, N, torch.float32, "mixed", seed=9, device=dev)
+    assert case.ranks is not None
+    spread_scales = torch.zeros(6, device=dev)
+    spread_scales[::2] = case.scales
+    spread_ranks = torch.zeros(6, dtype=torch.int32, device=dev)
+    spread_ranks[::2] = case.ranks
+    y = add_lora(
+        case.y0.clone(),
+        case.x,
+        case.a,
+        case.b,
+        case.slots,
+        spread_scales[::2],
+        slot_ranks=spread_ranks[::2],
+        backend=backend,
+    )
+    assert_matches(case, y, expected(case))
+    one = torch.tensor([0.7], device=dev)
+    broadcast, full = (
+        add_lora(
+            case.y0.clone(),
+            case.x,
+            case.a,
+            case.b,
+            case.slots,
+            scales,
+            slot_ranks=case.ranks,
+            backend=backend,
+        )
+        for scales in (one.expand(3), one.repeat(3))
+    )
+    torch.testing.assert_close(broadcast, full)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_slices_match_one_call_per_slice(dtype: torch.dtype, backend: str) -> None:
     # q/k/v of a GQA layer: the slices have different widths, one launch covers all three.
