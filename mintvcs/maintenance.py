@@ -124,12 +124,15 @@ def _loose_files(repo: Repository) -> Iterator[tuple[str, Path]]:
             e.name for e in entries if len(e.name) == 2 and e.is_dir(follow_symlinks=False)
         )
     for fan in fans:
-        with os.scandir(objects_dir / fan) as entries:
-            names = sorted(
-                e.name
-                for e in entries
-                if _LOOSE_NAME.match(e.name) and e.is_file(follow_symlinks=False)
-            )
+        try:
+            with os.scandir(objects_dir / fan) as entries:
+                names = sorted(
+                    e.name
+                    for e in entries
+                    if _LOOSE_NAME.match(e.name) and e.is_file(follow_symlinks=False)
+                )
+        except FileNotFoundError:  # emptied and removed by a gc meanwhile
+            continue
         for rest in names:
             yield fan + rest, objects_dir / fan / rest
 

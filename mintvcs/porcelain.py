@@ -229,7 +229,9 @@ class CommitResult:
     branch: str | None
     parent: str | None
     tensors: int
-    new_objects: int  # objects this commit stored: new tensor blobs, trees, manifest, commit
+    # Objects stored while this commit ran (new tensor blobs, trees, manifest, commit), counted
+    # by the Repository: threads committing through one Repository at once count each other's.
+    new_objects: int
     nbytes: int  # the adapter's tensor bytes
     summary: str = ""  # the first line of the message as stored (after clean_message)
 

@@ -421,7 +421,7 @@ class Repository:
         return BaseModel.from_json(json.loads(path.read_text()))
 
     def close(self) -> None:
-        """Release open pack files."""
+        """Release open pack files (a later read opens what it needs again)."""
         if "objects" in self.__dict__:
             self.objects.close()
         for pack in self.__dict__.pop("_pack_files", {}).values():
@@ -892,6 +892,11 @@ class Repository:
 
     def read_revision(self, commit_id: str) -> Revision:
         """Load a revision's manifest (tensors are decoded on demand)."""
+        if not is_object_id(commit_id):
+            raise UnknownRevisionError(
+                f"{commit_id!r:.60} is not a commit id; resolve a ref or an abbreviation first "
+                "(Repository.resolve)"
+            )
         info, entries, manifest = self._manifest_of(commit_id)
         return Revision(
             self, info, Manifest.from_bytes(manifest, f"manifest of {commit_id[:12]}"), entries
@@ -936,6 +941,13 @@ class Repository:
         With `check_finite`, a float tensor holding NaN or Inf raises codec.NonFiniteTensorError
         (the first such tensor in file order) before the tree is written.
         """
+        # Refused before anything is written: the manifest stores metadata as strings.
+        for key, value in (meta or {}).items():
+            if not (isinstance(key, str) and key.strip() and isinstance(value, str)):
+                raise MintError(
+                    f"metadata {key!r:.40}: {value!r:.40} is not a non-empty string key with a "
+                    "string value; convert values with str() (for example meta={'step': str(step)})"
+                )
         tensors = adapter.layout.tensors
         prior_of = {t.name: t for t in parent.manifest.tensors} if parent else {}
         refused: dict[int, int] = {}
@@ -1175,9 +1187,11 @@ class Repository:
         if base in ("", "@"):  # git: the current branch's reflog (HEAD's when detached)
             ref = self.refs.read_symbolic("HEAD") or "HEAD"
         else:
-            ref = next((r for r in ref_candidates(base) if self._ref_exists(r)), "")
-            if not ref:
+            existing = [r for r in ref_candidates(base) if self._ref_exists(r)]
+            if not existing:
                 raise UnknownRevisionError(f"unknown revision {spec!r}: no ref named {base!r}")
+            # As git's: the first of them with a reflog (a tag of a branch's name has none).
+            ref = next((r for r in existing if self.refs.reflog(r)), existing[0])
         entries = self.refs.reflog(ref)
         if count >= len(entries) or entries[-1 - count].new == "0" * 40:
             raise UnknownRevisionError(

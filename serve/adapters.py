@@ -144,6 +144,7 @@ class StoreSource:
         Repository object only if this source is its one reader."""
         from mintvcs.plane_cache import PlaneCache
 
+        self._owns_repo = isinstance(repo, (str, Path))  # opened here: closed by close()
         if isinstance(repo, (str, Path)):
             from mintvcs.store import Repository
 
@@ -151,6 +152,12 @@ class StoreSource:
         self.repo = repo
         self._auto_bound = plane_cache_bytes is None
         repo.plane_cache = PlaneCache(plane_cache_bytes or 0) if plane_cache_bytes != 0 else None
+
+    def close(self) -> None:
+        """Release the pack files of the repository this source opened from a path (the
+        Engine calls it when it closes); a Repository given is the caller's to close."""
+        if self._owns_repo:
+            self.repo.close()
 
     def resolve(self, spec: str) -> str:
         """The commit id a ref, tag or abbreviated id names now."""

@@ -434,6 +434,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
         self.residency.close()
+        close_source = getattr(self.source, "close", None)  # a StoreSource's open pack files
+        if callable(close_source):
+            close_source()
         err = EngineClosed("the engine was closed")
         sched = self.scheduler
         for seq in [*sched.waiting, *sched.prefilling, *sched.running]:

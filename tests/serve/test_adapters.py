@@ -270,3 +270,32 @@ def test_peft_dir_source_names_what_is_missing(
     shutil.copytree(peft_adapter, parent / "policy-b")
     with pytest.raises(AdapterNotFound, match=r"found policy-b/adapter_config\.json"):
         PeftDirSource({"x": parent}).load("x")
+
+
+def test_an_engine_closes_the_repository_its_store_source_opened(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path
+) -> None:
+    import os
+
+    from mintvcs import maintenance
+    from mintvcs.serve import StoreSource
+
+    repo, _store, commit = _committed(tiny_base, peft_adapter, tmp_path)
+    maintenance.gc(repo)  # into a pack, which a reader keeps open
+    repo.close()
+
+    def open_files() -> set[str]:
+        names = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.add(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:  # the listing's own descriptor, closed since
+                continue
+        return names
+
+    before = open_files()
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    with Engine(tiny_base, EngineConfig(max_model_len=64), source=StoreSource(repo.git_dir)) as eng:
+        eng.generate([5, 6, 7], commit, params, timeout=30)
+        assert any(".mint/objects" in f for f in open_files() - before)
+    assert not any(".mint/objects" in f for f in open_files() - before)

@@ -1,0 +1,69 @@
+"""The Python API as a training loop uses it: clear errors for misuse, revisions by spec as git
+reads them, and gc's counters safe to call while another gc tidies the store."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mintvcs import maintenance, porcelain
+from mintvcs.errors import MintError
+from mintvcs.store import Repository, UnknownRevisionError
+
+
+@pytest.fixture
+def repo(tmp_path: Path, peft_adapter: Path) -> Repository:
+    repository = porcelain.init(tmp_path / "run", install_hooks=False)
+    porcelain.commit(repository, "step 0", source=peft_adapter, show_progress=False)
+    return repository
+
+
+def test_read_revision_says_a_name_is_not_an_id(repo: Repository) -> None:
+    commit = repo.resolve("main")
+    for spec in ("main", commit[:10]):
+        with pytest.raises(UnknownRevisionError, match="is not a commit id"):
+            repo.read_revision(spec)
+    assert repo.read_revision(commit).commit == commit
+
+
+def test_metadata_must_be_strings_and_nothing_is_written_otherwise(
+    repo: Repository, peft_adapter: Path
+) -> None:
+    before = {p.name for p in (repo.git_dir / "objects").rglob("*")}
+    for meta in ({"step": 100}, {"reward": None}, {"": "x"}, {3: "x"}):
+        with pytest.raises(MintError, match="convert values with str"):
+            porcelain.commit(
+                repo,
+                "bad meta",
+                source=peft_adapter,
+                meta=meta,  # type: ignore[arg-type]
+                allow_empty=True,
+                show_progress=False,
+            )
+    assert {p.name for p in (repo.git_dir / "objects").rglob("*")} == before
+
+
+def test_a_spec_at_n_reads_the_branchs_reflog_when_a_tag_has_its_name(
+    repo: Repository, peft_adapter: Path
+) -> None:
+    first = repo.resolve("main")
+    second = porcelain.commit(
+        repo, "step 1", source=peft_adapter, allow_empty=True, show_progress=False
+    ).commit
+    porcelain.tag_create(repo, "main", first)  # a tag of the branch's name: it has no reflog
+    assert repo.resolve("main@{0}") == second and repo.resolve("main@{1}") == first
+
+
+def test_loose_objects_are_counted_while_gc_removes_fan_out_directories(
+    repo: Repository,
+) -> None:
+    files = maintenance._loose_files(repo)
+    first_id, _ = next(files)
+    # A gc elsewhere packs the rest and removes their emptied fan-out directories meanwhile.
+    for fan in (repo.git_dir / "objects").iterdir():
+        if len(fan.name) == 2 and fan.name != first_id[:2]:
+            shutil.rmtree(fan)
+    assert all(oid[:2] == first_id[:2] for oid, _ in files)
+    assert maintenance.auto_gc_due(repo) in (True, False)
