@@ -384,7 +384,7 @@ STATUS_KEY = web.RequestKey("mintvcs_status", int)
 
 
 # ---------------------------------------------------------------------------- errors
-def _status_for(err: MintError) -> int:
+def status_for(err: MintError) -> int:
     from mintvcs.serve.adapters import AdapterNotFound, AdapterRefused
     from mintvcs.serve.engine import EngineClosed, EngineOverloaded, InvalidRequest
     from mintvcs.serve.kv_cache import KVCacheFull
@@ -481,7 +481,7 @@ async def error_middleware(
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         return error_response(request, exc.status, message)
     except MintError as err:
-        status = _status_for(err)
+        status = status_for(err)
         # 503s (loading, draining, overloaded) are capacity, counted in the metrics; a log
         # line each would flood the log exactly when the server is busiest.
         if status >= 500 and status != 503 and not isinstance(err, HTTPError):

@@ -17,7 +17,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -36,6 +36,7 @@ from mintvcs.serve.app import (
     error_body,
     field_of,
     read_json,
+    status_for,
 )
 from mintvcs.serve.http_chat import (
     chat_message,
@@ -556,7 +557,7 @@ async def _run_stream(
     choices: list[Admitted],
     chunk: Callable[[int, TokenEvent], list[dict[str, Any]]],
     done: Callable[[list[TokenEvent]], list[bytes]],
-    error: Callable[[str], bytes],
+    error: Callable[[int, str], bytes],
 ) -> web.StreamResponse:
     """Send one SSE chunk per event, then the closing chunks; count tokens; stop on disconnect."""
     state = request.app[STATE]
@@ -571,12 +572,13 @@ async def _run_stream(
     except Exception as err:
         # Headers are gone already: the error travels as an event, as OpenAI's streams do.
         if isinstance(err, MintError):
-            message = str(err)
+            status, message = status_for(err), str(err)  # what it would be before streaming
         else:  # as the middleware does: details (paths, say) stay in the server's log
             log.error("stream of %s %s failed", request.method, request.path, exc_info=err)
+            status = 500
             message = f"internal error ({type(err).__name__}); the server log has the details"
-        await _write(request, response, error(message))
-        request[STATUS_KEY] = 500
+        await _write(request, response, error(status, message))
+        request[STATUS_KEY] = status
         return response
     finally:
         for choice, last in zip(choices, lasts, strict=True):
@@ -656,8 +658,6 @@ class TokenTexts:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.texts: dict[int, str] = {}
-        # Characters each token adds to decoded text (0 for a special token a decode skips).
-        self.widths: dict[int, int] = {}
 
     def add(self, lps: Iterable[TokenLogprobs | None], token_ids: Iterable[int] = ()) -> None:
         """Decode, in one call, every token id these logprobs (and `token_ids`) name that is not known yet."""
@@ -671,13 +671,10 @@ class TokenTexts:
             return
         if self.tokenizer is None:  # a base without tokenizer.json: vLLM's spelling
             self.texts.update((t, f"token_id:{t}") for t in new)
-            self.widths.update((t, 0) for t in new)
             return
         alone = [[t] for t in new]
         decoded = self.tokenizer.decode_batch(alone, skip_special_tokens=False)
-        shown = self.tokenizer.decode_batch(alone, skip_special_tokens=True)
         self.texts.update(zip(new, decoded, strict=True))
-        self.widths.update((t, len(text)) for t, text in zip(new, shown, strict=True))
 
     def __getitem__(self, token_id: int) -> str:
         return self.texts[token_id]
@@ -701,12 +698,39 @@ def _generate_logprobs(lps: list[TokenLogprobs], texts: TokenTexts) -> list[dict
     ]
 
 
+# Tokens decoded before a token to place it: a SentencePiece word's leading space, or the rest
+# of a character split across tokens, shows only next to what comes before.
+_OFFSET_CONTEXT = 6
+
+
 class CompletionLogprobs:
     """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset) of one choice, built chunk by chunk."""
 
-    def __init__(self, texts: TokenTexts, offset: int) -> None:
+    def __init__(self, texts: TokenTexts, offset: int, context: Sequence[int] = ()) -> None:
         self.texts = texts
         self.offset = offset  # text_offset counts from the start of prompt + completion
+        # The ids decoded so far (the tail of `context`, the prompt, when it is not echoed) and
+        # how many of them the offset has counted: a token that ends inside a character adds
+        # nothing until the token that completes it.
+        self._ids = list(context[-_OFFSET_CONTEXT:])
+        self._counted = len(self._ids)
+
+    def _width(self, token_id: int) -> int:
+        """Characters the shown text gains with `token_id`, decoded in context."""
+        tokenizer = self.texts.tokenizer
+        if tokenizer is None:
+            return 0
+        self._ids.append(token_id)
+        start = max(0, self._counted - _OFFSET_CONTEXT)
+        before = tokenizer.decode(self._ids[start : self._counted], skip_special_tokens=True)
+        after = tokenizer.decode(self._ids[start:], skip_special_tokens=True)
+        if after.endswith("\ufffd"):  # inside a character: counted when it completes
+            return 0
+        self._counted = len(self._ids)
+        if self._counted > 4 * _OFFSET_CONTEXT:
+            del self._ids[: self._counted - _OFFSET_CONTEXT]
+            self._counted = len(self._ids)
+        return len(after) - len(before)
 
     def chunk(self, lps: list[tuple[int, TokenLogprobs | None]]) -> dict[str, Any]:
         """The object for these (token id, logprobs) entries; None logprobs (a first prompt token) stay null."""
@@ -721,7 +745,7 @@ class CompletionLogprobs:
             text = self.texts[token_id]
             out["tokens"].append(text)
             out["text_offset"].append(self.offset)
-            self.offset += self.texts.widths[token_id]  # a skipped special token adds nothing
+            self.offset += self._width(token_id)  # a skipped special token adds nothing
             if lp is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
@@ -802,7 +826,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         [admitted],
         chunk,
         lambda lasts: [_event_bytes(result("".join(text), lasts[0]), "done")],
-        lambda message: _event_bytes(error_body(request.path, 500, message), "error"),
+        lambda status, message: _event_bytes(error_body(request.path, status, message), "error"),
     )
 
 
@@ -811,21 +835,24 @@ def _oai_ids(prefix: str) -> tuple[str, int]:
     return f"{prefix}-{secrets.token_hex(12)}", int(time.time())
 
 
-def _oai_error_event(message: str) -> bytes:
-    return _event_bytes(error_body("/v1/", 500, message)) + b"data: [DONE]\n\n"
+def _oai_error_event(status: int, message: str) -> bytes:
+    return _event_bytes(error_body("/v1/", status, message)) + b"data: [DONE]\n\n"
 
 
 class _OpenAIEnvelope:
     """The fields every OpenAI response object of one request repeats around its choices."""
 
-    def __init__(self, prefix: str, admitted: Admitted) -> None:
+    def __init__(self, prefix: str, admitted: Admitted, *, usage_null: bool = False) -> None:
         self.id, self.created = _oai_ids(prefix)
         self.admitted = admitted
+        # A stream with stream_options.include_usage: every chunk carries "usage", null until
+        # the last one (OpenAI's chunk object).
+        self.usage_null = usage_null
 
     def wrap(self, kind: str, *choices: dict[str, Any]) -> dict[str, Any]:
         """One response object (or stream chunk) of type `kind` holding `choices`."""
         revision = self.admitted.revision
-        return {
+        out = {
             "id": self.id,
             "object": kind,
             "created": self.created,
@@ -834,6 +861,9 @@ class _OpenAIEnvelope:
             "revision": revision,
             "choices": list(choices),
         }
+        if self.usage_null:
+            out["usage"] = None
+        return out
 
 
 def _choice_count(body: dict[str, Any], prompts: int) -> int:
@@ -904,7 +934,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     requests = [(p, q) for p in prompts for q in _choice_params(params, n)]
     choices = await admit_many(request, requests, spec, stream=stream)
     with _cancel_on_error(choices):
-        envelope = _OpenAIEnvelope("cmpl", choices[0])
+        envelope = _OpenAIEnvelope("cmpl", choices[0], usage_null=stream and include_usage)
         engine = state.require_engine()
         texts = TokenTexts(engine.tokenizer)
         # The prompt's text: as sent, or decoded from the token ids sent (echo returns it).
@@ -914,7 +944,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
         }
         prompt_texts = [decoded[id(p)] for p, _ in requests]
         echoes = prompt_texts if echo else [""] * len(requests)
-        offsets = [CompletionLogprobs(texts, 0 if echo else len(t)) for t in prompt_texts]
+        offsets = [
+            CompletionLogprobs(texts, 0, ())
+            if echo
+            else CompletionLogprobs(texts, len(t), c.prompt_ids)
+            for t, c in zip(prompt_texts, choices, strict=True)
+        ]
 
         def prompt_entries(i: int) -> list[tuple[int, TokenLogprobs | None]]:
             found = choices[i].first.prompt_logprobs
@@ -1070,7 +1105,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         special_tokens=not templated,
     )
     with _cancel_on_error(choices):
-        obj = _OpenAIEnvelope("chatcmpl", choices[0]).wrap
+        obj = _OpenAIEnvelope("chatcmpl", choices[0], usage_null=stream and include_usage).wrap
         texts = TokenTexts(state.require_engine().tokenizer)
 
         def lp_object(evs: list[TokenEvent]) -> dict[str, Any] | None:
@@ -1270,7 +1305,8 @@ async def model(request: web.Request) -> web.Response:
     name = check_spec(request.match_info["id"])
     if name == state.config.base_name:
         return web.json_response(_base_object(state))
-    for kind, root in _MODEL_KINDS:
+    # Tags before branches, as a short name resolves (git's order) and as /v1/models lists it.
+    for kind, root in reversed(_MODEL_KINDS):
         # A full name too: /v1/models lists a ref named as the base by it.
         ref = name if name.startswith(root) else root + name
         try:

@@ -430,3 +430,48 @@ def test_token_ids_take_whole_number_floats_as_integer_fields_do(server: Backgro
     for bad in ([5.5], [True], [[5.0]]):
         status, _, _ = request(server.url + "/v1/completions", {**body, "prompt": [bad[0], 7]})
         assert status == 400, bad
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_with_include_usage_every_chunk_carries_usage_null_until_the_last(
+    server: BackgroundServer, route: str
+) -> None:
+    body: dict[str, Any] = {
+        "model": "main",
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    body.update(
+        {"prompt": "Hi"}
+        if route == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "Hi"}]}
+    )
+    status, _, text = request(server.url + route, body)
+    assert status == 200
+    chunks = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+    assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), chunks
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_text_offsets_count_a_character_split_across_tokens_once(tiny_base: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from mintvcs.serve.http_api import CompletionLogprobs, TokenTexts
+
+    tokenizer = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    split = tokenizer.encode("մ", add_special_tokens=False).ids  # two bytes, two tokens
+    comma = tokenizer.token_to_id(",")
+    assert len(split) == 2 and tokenizer.decode(split) == "մ"
+    ids = [comma, *split, comma, *split]
+    out = CompletionLogprobs(TokenTexts(tokenizer), 0).chunk([(t, None) for t in ids])
+    text = tokenizer.decode(ids)
+    assert text == ",մ,մ"
+    # Each token's offset is where its text starts; the first half of a character starts
+    # where the character does.
+    assert out["text_offset"] == [0, 1, 1, 2, 3, 3]
+    # Without echo, the offsets follow the prompt's own text, decoded in context.
+    tail = CompletionLogprobs(TokenTexts(tokenizer), 5, [comma, split[0]]).chunk(
+        [(split[1], None), (comma, None)]
+    )
+    assert tail["text_offset"] == [5, 5]

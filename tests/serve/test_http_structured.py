@@ -195,6 +195,17 @@ def test_a_limit_met_mid_output_fails_the_request_not_silently_stops(
         assert "error" in names and "done" not in names, streamed
     else:
         assert status == 422 and "too many expressions" in streamed["error"], streamed
+    # On /v1, a stream that has started ends with OpenAI's error object, coded as the status the
+    # error would have had before streaming (not 500), and the metrics count that status.
+    chat = {**CHAT, "max_tokens": 8, "stream": True, "guided_regex": "[a-z]{3}b{1000}{1000}"}
+    status, _, text = request(server.url + "/v1/chat/completions", chat)
+    if status == 200:
+        errors = [json.loads(data)["error"] for _, data in sse_events(text) if '"error"' in data]
+        assert errors and errors[0]["code"] == 422 and errors[0]["type"] != "server_error"
+        metrics = request(server.url + "/metrics")[2]
+        assert 'endpoint="/v1/chat/completions",status="422"' in metrics
+    else:
+        assert status == 422, text
     assert gen(server, ref="main", prompt="Hi", max_tokens=2)[0] == 200
 
 

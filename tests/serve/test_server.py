@@ -459,8 +459,9 @@ def test_a_branch_a_tag_shadows_is_listed_by_its_full_name(
             ("refs/heads/twin", "branch"),
             ("twin", "tag"),
         ]
-        # Every id listed serves what it lists.
+        # Every id listed serves what it lists, and retrieving it gives what it lists.
         for model in listed:
+            assert request(server.url + "/v1/models/" + model["id"])[2] == model
             got = request(
                 server.url + "/v1/completions",
                 {"model": model["id"], "prompt": "Hi", "max_tokens": 1},
