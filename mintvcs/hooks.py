@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -54,27 +55,58 @@ def run_hook(
             raise
         sys.stderr.write(f"warning: {err}\n")  # after the fact: what it would report is done
         return
-    import subprocess  # ~5 ms: only when a hook runs
+    try:
+        code, last = _run_streaming([str(path), *args], env, git_dir.parent)
+    except OSError as err:
+        if err.errno == errno.ENOEXEC:  # no #! line: as git, the shell runs it
+            code, last = _run_streaming(["/bin/sh", str(path), *args], env, git_dir.parent)
+        else:
+            if may_refuse:
+                raise refusal(name, f"it could not run ({err.strerror})") from None
+            sys.stderr.write(f"warning: the {name} hook could not run ({err.strerror})\n")
+            return
+    if code != 0 and may_refuse:
+        # Everything the hook said went out as git shows it, but its last line: that one goes
+        # into the error.
+        raise refusal(name, last or f"exit status {code}")
+    if last:
+        sys.stderr.write(last + "\n")
 
-    # One stream, in the order the hook wrote it (git sends hooks' stdout to stderr too).
-    result = subprocess.run(
-        [str(path), *args],
+
+def _run_streaming(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run a hook as git does: stdin from /dev/null, stdout and stderr as one stream sent on to
+    our stderr as it comes (a hung hook shows what it said; a flood is not held in memory),
+    undecodable bytes replaced. Returns its exit status and its last line, held back for the
+    caller. Only the hook is waited for: a job it left running may keep the stream open."""
+    import subprocess  # ~5 ms: only when a hook runs
+    import threading
+
+    proc = subprocess.Popen(
+        argv,
         env=env,
-        cwd=git_dir.parent,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        check=False,
     )
-    output = result.stdout.strip()
-    if result.returncode != 0 and may_refuse:
-        # Everything the hook said, as git shows it; its last line also goes into the error.
-        lines = output.splitlines()
-        if len(lines) > 1:
-            sys.stderr.write("\n".join(lines[:-1]) + "\n")
-        raise refusal(name, lines[-1] if lines else f"exit status {result.returncode}")
-    if output:
-        sys.stderr.write(output + "\n")
+    held: list[str] = []
+
+    def forward() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not line.strip():
+                continue
+            if held:
+                sys.stderr.write(held.pop() + "\n")
+                sys.stderr.flush()
+            held.append(line)
+
+    reader = threading.Thread(target=forward, name=f"hook {argv[-1]}", daemon=True)
+    reader.start()
+    code = proc.wait()
+    reader.join(timeout=1.0)  # what the hook wrote before it exited; not a job it left behind
+    return code, held[-1] if held else ""
 
 
 class ForeignRepositoryError(MintError):

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from mintvcs.errors import MintError
+from mintvcs.ids import is_object_id
 from mintvcs.serve.app import (
     RETRY_AFTER,
     STATE,
@@ -97,11 +98,16 @@ async def notify(request: web.Request) -> web.Response:
             warnings.append(f"{ref!r} is the base's served name: requests for it run the base")
         elif revision is not None and state.engine is not None:
             prefetch(state.engine, revision)
-        if (
+        if revision is None and new != "0" * 40:  # not a deletion the hook reported
+            warnings.append(
+                f"{ref!r} names no revision in this server's repository: deleted, or the hook "
+                "serves another repository"
+            )
+        elif (
             isinstance(new, str)
-            and revision is not None
             and new != revision
             and not revision.startswith(new)
+            and not _peels_to(state, new, revision)  # an annotated tag's object
         ):
             warnings.append(
                 f"the ref holds {revision[:12]} now, not {new[:12]}; serving {revision[:12]}"
@@ -117,6 +123,16 @@ async def notify(request: web.Request) -> web.Response:
     return web.json_response(
         {"ref": ref, "revision": revision, "refreshed": moved, "warnings": warnings}
     )
+
+
+def _peels_to(state: ServerState, oid: str, commit: str) -> bool:
+    """Whether object `oid` (a full id) is `commit` once tags are followed."""
+    if not is_object_id(oid):
+        return False
+    try:
+        return bool(state.repo.peel(oid) == commit)
+    except MintError:
+        return False
 
 
 def _spec_of(state: ServerState, body: dict[str, Any], verb: str) -> str:

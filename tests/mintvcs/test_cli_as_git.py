@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import pytest
 
 from mintvcs import porcelain
 from mintvcs.safetensors_file import parse_layout
-from tests.mintvcs.storekit import WEIGHTS, copy_adapter, git, mint, mint_fails, mutate
+from tests.mintvcs.storekit import ENV, WEIGHTS, copy_adapter, git, mint, mint_fails, mutate
 
 
 @pytest.fixture
@@ -165,3 +168,47 @@ def test_a_new_repository_takes_its_first_commit_on_the_branch_head_names(
     assert repo.refs.read("refs/heads/main") == first.commit
     with pytest.raises(porcelain.UnknownRevisionError, match="does not exist"):
         porcelain.commit(repo, "x", source=peft_adapter, branch="other", show_progress=False)
+
+
+def _hook(work: Path, name: str, content: bytes) -> None:
+    path = work / ".mint" / "hooks" / name
+    path.write_bytes(content)
+    path.chmod(0o755)
+
+
+def test_hooks_run_as_git_runs_them(work: Path) -> None:
+    # No #! line (the shell runs it), undecodable output, a job left running, and stdin:
+    # none of them fails, blocks or eats what the command's own stdin holds.
+    _hook(
+        work,
+        "post-commit",
+        b"printf 'caf\\351 done\\n'\n"  # a Latin-1 byte: not UTF-8
+        b"sleep 30 >/dev/null 2>&1 &\n"
+        b"cat > /dev/null\n"  # reads stdin: /dev/null, so at once
+        b"echo posted\n",
+    )
+    mutate(work, seed=6)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", "commit", "-m", "hooked"],
+        cwd=work,
+        env=ENV,
+        input="stdin the hook must not read\n",
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert time.monotonic() - started < 10  # not the 30 s of the job it started
+    assert result.stderr.splitlines()[:2] == ["caf\ufffd done", "posted"]
+
+
+def test_a_refusing_hook_is_streamed_and_its_last_line_quoted_once(work: Path) -> None:
+    _hook(work, "pre-commit", b"#!/bin/sh\necho first\necho 'too big' >&2\nexit 1\n")
+    mutate(work, seed=7)
+    result = mint(work, "commit", "-m", "refused", ok=False)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert lines[0] == "first" and len([x for x in lines if "too big" in x]) == 1
+    assert lines[-1].startswith("error: pre-commit hook refused the commit: too big")

@@ -448,6 +448,21 @@ def test_models_lists_branches_and_tags(server: BackgroundServer, repo: Reposito
     assert [m["id"] for m in body["data"]] == ["product-b", "prod"]
 
 
+def test_notify_for_an_annotated_tag_takes_the_tag_object_as_its_value(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    value = porcelain.tag_create(repo, "annotated", "main", message="release")
+    try:
+        body = request(
+            server.url + "/v1/refs/notify",
+            {"ref": "refs/tags/annotated", "new": value},
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )[2]
+        assert body["revision"] == repo.resolve("main") and body["warnings"] == [], body
+    finally:
+        porcelain.tag_delete(repo, "annotated")
+
+
 def test_a_branch_a_tag_shadows_is_listed_by_its_full_name(
     server: BackgroundServer, repo: Repository
 ) -> None:
@@ -614,14 +629,29 @@ def test_ref_update_hook_notifies_the_server(
 def test_ref_update_hook_notifies_servers_at_once_and_reports_each(
     server: BackgroundServer, repo: Repository, adapters: dict[str, Path], tmp_path: Path
 ) -> None:
-    # Two servers that accept but never answer: the commit used to wait 2 s for each in turn,
-    # and the live server's "notified" line was dropped once another one failed.
+    # A server that accepts but never answers, and one that answers a byte every half second:
+    # the commit used to wait 2 s for each in turn (and for ever for the second: a socket
+    # timeout bounds each read, not the answer), and the live server's "notified" line was
+    # dropped once another one failed.
     import socket
+    import threading
 
     hook = repo.git_dir / "hooks" / "ref-update"
     shutil.copyfile(repo.git_dir / "hooks" / "ref-update.sample", hook)
     hook.chmod(0o755)
     silent = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+
+    def drip(listener: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                for _ in range(100):
+                    time.sleep(0.5)
+                    conn.sendall(b" ")
+
+    threading.Thread(target=drip, args=(silent[1],), daemon=True).start()
     urls = [f"http://127.0.0.1:{s.getsockname()[1]}" for s in silent] + [server.url]
     config = repo.git_dir / "config"
     original = config.read_text()
@@ -646,8 +676,11 @@ def test_ref_update_hook_notifies_servers_at_once_and_reports_each(
         for s in silent:
             s.close()
     text = err.getvalue()
-    assert text.count("cannot notify") == 2 and f"notified {server.url}" in text, text
-    assert elapsed < 3.5, f"the hook notified one server after another ({elapsed:.1f} s)"
+    failed = [
+        line for line in text.splitlines() if "cannot notify" in line or "did not answer" in line
+    ]
+    assert len(failed) == 2 and f"notified {server.url}" in text, text
+    assert elapsed < 3.5, f"the hook waited past its 2 s for all servers ({elapsed:.1f} s)"
 
 
 def test_notify_without_token_configured_is_open_and_refreshes(server: BackgroundServer) -> None:
@@ -673,6 +706,10 @@ def test_notify_without_token_configured_is_open_and_refreshes(server: Backgroun
     assert status == 200 and body["revision"] is not None
     assert len(body["warnings"]) == 1 and "not 000000000000" in body["warnings"][0]
     assert all(set(item) == {"spec", "revision"} for item in body["refreshed"])
+    # A ref the server's repository lacks is said so (a hook pointed at the wrong server).
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    body = request(server.url + "/v1/refs/notify", {"ref": "refs/heads/nowhere"}, headers=auth)[2]
+    assert body["revision"] is None and "names no revision" in body["warnings"][0]
 
 
 # ---------------------------------------------------------------------------- disconnects
