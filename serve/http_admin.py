@@ -104,7 +104,8 @@ async def notify(request: web.Request) -> web.Response:
                 "serves another repository"
             )
         elif (
-            isinstance(new, str)
+            revision is not None
+            and isinstance(new, str)
             and new != revision
             and not revision.startswith(new)
             and not _peels_to(state, new, revision)  # an annotated tag's object

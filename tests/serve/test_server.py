@@ -710,6 +710,10 @@ def test_notify_without_token_configured_is_open_and_refreshes(server: Backgroun
     auth = {"Authorization": f"Bearer {TOKEN}"}
     body = request(server.url + "/v1/refs/notify", {"ref": "refs/heads/nowhere"}, headers=auth)[2]
     assert body["revision"] is None and "names no revision" in body["warnings"][0]
+    # A deletion the hook reports is no surprise: no warning.
+    deleted = {"ref": "refs/heads/nowhere", "old": "1" * 40, "new": "0" * 40}
+    status, _, body = request(server.url + "/v1/refs/notify", deleted, headers=auth)
+    assert status == 200 and body["revision"] is None and body["warnings"] == [], body
 
 
 # ---------------------------------------------------------------------------- disconnects
