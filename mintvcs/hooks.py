@@ -89,7 +89,9 @@ def _run_streaming(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    held: list[str] = []
+    lock = threading.Lock()
+    held: list[str] = []  # the last line so far, until the caller takes it
+    taken = threading.Event()  # after that, a job the hook left running writes straight through
 
     def forward() -> None:
         assert proc.stdout is not None
@@ -97,16 +99,22 @@ def _run_streaming(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if not line.strip():
                 continue
-            if held:
-                sys.stderr.write(held.pop() + "\n")
+            with lock:
+                if taken.is_set():
+                    sys.stderr.write(line + "\n")
+                else:
+                    if held:
+                        sys.stderr.write(held.pop() + "\n")
+                    held.append(line)
                 sys.stderr.flush()
-            held.append(line)
 
-    reader = threading.Thread(target=forward, name=f"hook {argv[-1]}", daemon=True)
+    reader = threading.Thread(target=forward, name="hook output", daemon=True)
     reader.start()
     code = proc.wait()
     reader.join(timeout=1.0)  # what the hook wrote before it exited; not a job it left behind
-    return code, held[-1] if held else ""
+    with lock:
+        taken.set()
+        return code, held[0] if held else ""
 
 
 class ForeignRepositoryError(MintError):
