@@ -36,6 +36,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def check_rank_values(slot_ranks: torch.Tensor, rank: int, what: str) -> None:
+    """Every real rank in 0..rank (`what` says what `rank` is); read only off a CPU tensor:
+    reading values off a GPU would sync every layer, and there the kernels clamp to [0, R]."""
+    if slot_ranks.device.type == "cpu" and slot_ranks.numel() > 0:
+        lo, hi = int(slot_ranks.min()), int(slot_ranks.max())
+        if not (lo >= 0 and hi <= rank):
+            raise LoraShapeError(
+                f"slot_ranks holds {lo if lo < 0 else hi}; each real rank must be in 0..{rank} "
+                f"({what})"
+            )
+
+
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
 
@@ -222,14 +234,7 @@ def check_call(
                 f"slot_ranks has shape {_shape(slot_ranks)} and dtype {slot_ranks.dtype}; "
                 f"expected int32 [{num_slots}] = the real rank of each slot"
             )
-        # Reading values off a GPU would sync every layer; there the kernels clamp to [0, R] instead.
-        if slot_ranks.device.type == "cpu" and slot_ranks.numel() > 0:
-            lo, hi = int(slot_ranks.min()), int(slot_ranks.max())
-            if not (lo >= 0 and hi <= rank):
-                raise LoraShapeError(
-                    f"slot_ranks holds {lo if lo < 0 else hi}; each real rank must be in 0..{rank} "
-                    "(the padded rank of lora_a)"
-                )
+        check_rank_values(slot_ranks, rank, "the padded rank of lora_a")
 
     named = [("y", y), ("x", x), ("scales", scales)]
     for i, (a, b) in enumerate(slices):

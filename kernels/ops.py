@@ -10,6 +10,7 @@ import torch
 from .checks import (
     LoraShapeError,
     check_call,
+    check_rank_values,
     check_rows_disjoint,
     check_scales_dtype,
     check_slots,
@@ -198,13 +199,8 @@ def add_lora_packed(
             f"slot_ranks is {_describe(slot_ranks)}; expected an int32 tensor [{num_slots}] "
             "= the real rank of each slot"
         )
-    if slot_ranks is not None and slot_ranks.numel() and slot_ranks.device.type == "cpu":
-        lo, hi = int(slot_ranks.min()), int(slot_ranks.max())
-        if not (lo >= 0 and hi <= packed.rank):
-            raise LoraShapeError(
-                f"slot_ranks holds {lo if lo < 0 else hi}; each real rank must be in "
-                f"0..{packed.rank} (the packed rank)"
-            )
+    if slot_ranks is not None:
+        check_rank_values(slot_ranks, packed.rank, "the packed rank")
     for name, t in (("y", y), ("packed factors", packed.a), ("scales", scales)):
         if t.device != x.device:
             raise LoraShapeError(

@@ -456,16 +456,15 @@ class PackedStep:
     def __init__(
         self, groups: SlotGroups, scales: torch.Tensor, slot_ranks: torch.Tensor | None
     ) -> None:
-        live = (
-            (True,) * scales.shape[0]
-            if slot_ranks is None
-            else tuple(r > 0 for r in slot_ranks.tolist())
-        )
+        # The values this plan was made for: packed_step makes a new one when they change.
+        self.values = _step_values(scales, slot_ranks)
+        scale_of, ranks = self.values
+        live = (True,) * scales.shape[0] if ranks is None else tuple(r > 0 for r in ranks)
         self.plan = _packed_plan(groups, live)
         self.scales = scales
         self.slot_ranks = slot_ranks
         self._scale_view: torch.Tensor | None = None  # [span, 1, 1] in the work dtype
-        self._scale_of: list[float] | None = None
+        self._scale_of = scale_of
 
     def _batched_scales(self, work: torch.dtype) -> torch.Tensor:
         view = self._scale_view
@@ -518,8 +517,6 @@ class PackedStep:
                 else:
                     _accumulate_rows(yv, plan.dest, o)
             return y
-        if self._scale_of is None:
-            self._scale_of = self.scales.tolist()
         scale_of = self._scale_of
         if plan.order is not None:
             xs = x.index_select(0, plan.order).to(work)  # [active, in]
@@ -546,19 +543,23 @@ def packed_step(
     groups: SlotGroups, scales: torch.Tensor, slot_ranks: torch.Tensor | None
 ) -> PackedStep:
     """The step's PackedStep, built on first use and cached on the SlotGroups for these tensors."""
-    # Keyed by the values too: a caller may change scales or ranks in place between calls (a
-    # slot released to rank 0 must stop applying). A few host floats per call; the engine's
-    # are CPU tensors of one entry per slot.
-    values = (scales.tolist(), None if slot_ranks is None else slot_ranks.tolist())
     hit = groups.memo.get("packed-step")
     if (
         isinstance(hit, PackedStep)
         and hit.scales is scales
         and hit.slot_ranks is slot_ranks
-        and groups.memo.get("packed-step-values") == values
+        # The values too: a caller may change scales or ranks in place between calls (a slot
+        # released to rank 0 must stop applying). A few host numbers, one per slot.
+        and hit.values == _step_values(scales, slot_ranks)
     ):
         return hit
     step = PackedStep(groups, scales, slot_ranks)
     groups.memo["packed-step"] = step
-    groups.memo["packed-step-values"] = values
     return step
+
+
+def _step_values(
+    scales: torch.Tensor, slot_ranks: torch.Tensor | None
+) -> tuple[list[float], list[int] | None]:
+    """Each slot's scale and real rank, on the host."""
+    return scales.tolist(), None if slot_ranks is None else slot_ranks.tolist()
