@@ -9,7 +9,6 @@ import mmap
 import os
 import re
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from mintvcs.packs import (
     object_zlib_level,
 )
 from mintvcs.progress import PhaseProgress
-from mintvcs.store import CorruptObjectError, Repository
+from mintvcs.store import CorruptObjectError, Repository, unreadable_file_errors
 from mintvcs.treenames import git_special_name
 
 if TYPE_CHECKING:
@@ -1078,6 +1077,12 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
         now = time.time()
         unreachable: set[ObjectID] = set()
         first_seen: dict[str, float] = {}
+
+        def needed_now() -> set[ObjectID]:
+            # A commit that started meanwhile may reuse an old unreachable object (it freshens
+            # it) or have moved a ref to it: asked before packing and again before deleting.
+            return _needed_now(repo, scan, reachable, unreachable, first_seen)
+
         if prune:
             # Unreachable objects are kept until an hour after they were last written or reused
             # (a loose file's mtime) or first found unreachable (packed: a commit of many tensors
@@ -1095,16 +1100,10 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
                     continue
                 unreachable.add(key)
             _write_first_seen(repo, still_young)
-            # A commit that started meanwhile may reuse an old unreachable object (it freshens
-            # it) or have moved a ref to it: look again just before anything is deleted.
-            unreachable -= _needed_now(repo, scan, reachable, unreachable, first_seen)
+            unreachable -= needed_now()
         _remove_stale_temporaries(repo, now)  # a killed gc's store-sized temporary pack, first
-
-        def needed_late() -> set[ObjectID]:
-            return _needed_now(repo, scan, reachable, unreachable, first_seen)
-
         with _packing_errors_named("gc"):
-            packed, rewritten, spared = _repack(repo, scan, unreachable, progress, needed_late)
+            packed, rewritten, spared = _repack(repo, scan, unreachable, progress, needed_now)
         repo.refs.pack()
         for fan in _real_entries(repo.git_dir / "objects"):
             if len(fan.name) == 2 and fan.is_dir(follow_symlinks=False):
@@ -1288,7 +1287,6 @@ def _roll_up(
     repo: Repository, pack_limit: int | None, loose_limit: int | None, progress: PhaseProgress
 ) -> RollUpResult:
     """auto_gc under gc's lock: merge the loose objects and the smallest packs (geometric_split)."""
-    from dulwich.errors import FileFormatException
     from dulwich.objects import ObjectID
 
     repo.close()  # a long-lived Repository's pack list may name packs another gc deleted
@@ -1308,7 +1306,7 @@ def _roll_up(
                 sha.decode() if len(sha) == 40 else sha.hex()
                 for sha, _offset, _crc in pack.index.iterentries()
             )
-        except (FileFormatException, ValueError, struct.error, OverflowError) as err:
+        except unreadable_file_errors() as err:
             raise GcCorruptObjectError(
                 f"gc refused: corrupt pack index of {_pack_name(pack)} "
                 f"({err or type(err).__name__}); {_FIX}"

@@ -432,7 +432,7 @@ class Repository:
     # ----------------------------------------------------------------- objects
     def get_object(self, oid: str, *, what: str = "object") -> ShaFile:
         """Read one git object, naming `what` if it is missing or unreadable."""
-        from dulwich.errors import ChecksumMismatch, FileFormatException, ObjectFormatException
+        from dulwich.errors import ChecksumMismatch, ObjectFormatException
         from dulwich.objects import ObjectID, ShaFile
 
         named = "" if what == "object" else f"{what}: "
@@ -465,22 +465,20 @@ class Repository:
                     raise CorruptObjectError(
                         f"{named}object {oid} is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
                     ) from None
+        damaged: tuple[type[Exception], ...] = (
+            zlib.error,
+            ChecksumMismatch,
+            ObjectFormatException,
+            AssertionError,
+            IndexError,
+            *unreadable_file_errors(),
+        )
         try:
             with self._dulwich_lock:
                 return self.objects[ObjectID(oid.encode())]
         except KeyError:
             problem = "is missing from the store"
-        except (
-            zlib.error,
-            ChecksumMismatch,
-            ObjectFormatException,
-            FileFormatException,  # an empty loose file, a pack index of the wrong kind
-            ValueError,
-            AssertionError,
-            struct.error,  # a truncated pack index
-            OverflowError,  # an index whose fields make no sense
-            IndexError,
-        ) as err:
+        except damaged as err:
             problem = f"is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
         # Raised outside the except block so the error does not keep dulwich's frames (and a
         # view of the pack's memory map) alive.
@@ -703,16 +701,15 @@ class Repository:
         # made with --shared or --reference) or a pack with a version-1 index.
         if not self._has_foreign_objects():
             return False
-        from dulwich.errors import FileFormatException
         from dulwich.objects import ObjectID
 
         try:
             with self._dulwich_lock:
                 return ObjectID(oid.encode()) in self.objects
-        except (FileFormatException, ValueError, struct.error, OverflowError) as err:
+        except unreadable_file_errors() as err:
             unreadable = ", ".join(sorted(self.__dict__.get("_unreadable_packs", ()))) or "a pack"
             raise CorruptObjectError(
-                f"{os.path.basename(unreadable)} cannot be read ({err or type(err).__name__}); "
+                f"{unreadable} cannot be read ({err or type(err).__name__}); "
                 "run 'mintvcs fsck', and restore it from a good copy"
             ) from None
 
@@ -1437,6 +1434,15 @@ def _sha256_while_importing(adapter: AdapterFiles, indexes: list[int]) -> dict[i
     if failed:
         raise failed[0]
     return out
+
+
+def unreadable_file_errors() -> tuple[type[Exception], ...]:
+    """What dulwich raises reading a damaged store file: an empty loose object or a pack index
+    of the wrong kind (FileFormatException), a truncated index (struct.error), fields that
+    make no sense (OverflowError, ValueError)."""
+    from dulwich.errors import FileFormatException
+
+    return (FileFormatException, ValueError, struct.error, OverflowError)
 
 
 # Below this many decoded bytes a second hashing thread costs more than it saves.
