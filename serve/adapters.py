@@ -20,6 +20,7 @@ import torch
 
 from mintvcs.adapter import adapter_paths
 from mintvcs.errors import MintError
+from mintvcs.ids import is_object_id
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES
 from mintvcs.validate import pattern_key
@@ -165,8 +166,6 @@ class StoreSource:
 
     def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         """Decode the commit's tensors from the store into torch tensors, refusing more than max_bytes before decoding."""
-        from mintvcs.ids import is_object_id
-
         if not is_object_id(revision):
             # A ref name or an abbreviation would otherwise read as a corrupt object.
             raise AdapterNotFound(

@@ -46,6 +46,7 @@ from mintvcs.serve.http_chat import (
 )
 from mintvcs.serve.refwatch import Resolution, check_spec
 from mintvcs.serve.sampling import (
+    CONTEXT_TOKENS,
     MAX_LOGPROBS,
     SamplingParams,
     StructuredOutput,
@@ -698,11 +699,6 @@ def _generate_logprobs(lps: list[TokenLogprobs], texts: TokenTexts) -> list[dict
     ]
 
 
-# Tokens decoded before a token to place it: a SentencePiece word's leading space, or the rest
-# of a character split across tokens, shows only next to what comes before.
-_OFFSET_CONTEXT = 6
-
-
 class CompletionLogprobs:
     """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset) of one choice, built chunk by chunk."""
 
@@ -712,23 +708,28 @@ class CompletionLogprobs:
         # The ids decoded so far (the tail of `context`, the prompt, when it is not echoed) and
         # how many of them the offset has counted: a token that ends inside a character adds
         # nothing until the token that completes it.
-        self._ids = list(context[-_OFFSET_CONTEXT:])
+        self._ids = list(context[-CONTEXT_TOKENS:])
         self._counted = len(self._ids)
 
     def _width(self, token_id: int) -> int:
-        """Characters the shown text gains with `token_id`, decoded in context."""
+        """Characters the shown text gains with `token_id`, decoded in context.
+
+        IncrementalDetokenizer's rule (a few tokens of context, an incomplete character held
+        back) over a sliding window: an echoed prompt may be thousands of tokens, and decoding
+        all of it again for each one would be quadratic.
+        """
         tokenizer = self.texts.tokenizer
         if tokenizer is None:
             return 0
         self._ids.append(token_id)
-        start = max(0, self._counted - _OFFSET_CONTEXT)
+        start = max(0, self._counted - CONTEXT_TOKENS)
         before = tokenizer.decode(self._ids[start : self._counted], skip_special_tokens=True)
         after = tokenizer.decode(self._ids[start:], skip_special_tokens=True)
         if after.endswith("\ufffd"):  # inside a character: counted when it completes
             return 0
         self._counted = len(self._ids)
-        if self._counted > 4 * _OFFSET_CONTEXT:
-            del self._ids[: self._counted - _OFFSET_CONTEXT]
+        if self._counted > 4 * CONTEXT_TOKENS:
+            del self._ids[: self._counted - CONTEXT_TOKENS]
             self._counted = len(self._ids)
         return len(after) - len(before)
 
