@@ -495,6 +495,18 @@ def _auto(regex: str, seed: int) -> dict[str, Any]:
     }
 
 
+def _streamed(client: Any, kwargs: dict[str, Any]) -> tuple[str, list[Any], list[str]]:
+    """A streamed chat reply's content, tool-call deltas and finish reasons, in order."""
+    content, calls, reasons = "", [], []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            calls.extend(c.delta.tool_calls or [])
+            if c.finish_reason:
+                reasons.append(c.finish_reason)
+    return content, calls, reasons
+
+
 @pytest.fixture(scope="module")
 def hermes_server(repo: Any, tiny_base: Any) -> Any:
     with _parser_server(repo, tiny_base, "hermes") as srv:
@@ -509,15 +521,8 @@ def test_auto_reads_calls_with_the_hermes_parser(hermes_server: BackgroundServer
     assert out.finish_reason == "tool_calls" and out.message.content == "Checking. "
     (made,) = out.message.tool_calls
     assert made.function.name == "roll" and _valid("roll", made.function.arguments)
-    content = ""
-    streamed: list[Any] = []
-    reasons = []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        for c in chunk.choices:
-            content += c.delta.content or ""
-            streamed.extend(c.delta.tool_calls or [])
-            reasons.append(c.finish_reason)
-    assert content == "Checking. " and [r for r in reasons if r] == ["tool_calls"]
+    content, streamed, reasons = _streamed(client, kwargs)
+    assert content == "Checking. " and reasons == ["tool_calls"]
     assert [(c.function.name, c.function.arguments) for c in streamed] == [
         ("roll", made.function.arguments)
     ]
@@ -578,13 +583,8 @@ def test_auto_reads_calls_with_the_llama3_json_parser(llama3_server: BackgroundS
     assert out.finish_reason == "tool_calls" and out.message.content is None
     assert [c.function.name for c in out.message.tool_calls] == ["roll", "roll"]
     assert all(_valid("roll", c.function.arguments) for c in out.message.tool_calls)
-    content, streamed, reasons = "", [], []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        for c in chunk.choices:
-            content += c.delta.content or ""
-            streamed.extend(c.delta.tool_calls or [])
-            reasons.append(c.finish_reason)
-    assert content == "" and [r for r in reasons if r] == ["tool_calls"]
+    content, streamed, reasons = _streamed(client, kwargs)
+    assert content == "" and reasons == ["tool_calls"]
     assert [(c.index, c.function.arguments) for c in streamed] == [
         (k, call.function.arguments) for k, call in enumerate(out.message.tool_calls)
     ]
