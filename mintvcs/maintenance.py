@@ -34,7 +34,7 @@ from mintvcs.packs import (
     object_zlib_level,
 )
 from mintvcs.progress import PhaseProgress
-from mintvcs.store import CorruptObjectError, Repository, unreadable_file_errors
+from mintvcs.store import CorruptObjectError, Repository, accepts_path, unreadable_file_errors
 from mintvcs.treenames import git_special_name
 
 if TYPE_CHECKING:
@@ -473,6 +473,7 @@ def _no_progress(_phase: str, _n: int) -> None:
     pass
 
 
+@accepts_path
 def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckReport:
     """Verify all objects (loose and packed), every ref's history, and decode every reachable tensor.
 
@@ -1053,6 +1054,7 @@ def _repack(
     return len(keep), True, len(late)
 
 
+@accepts_path
 def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_progress) -> GcResult:
     """Pack reachable objects (no deltas, no zlib: tensors are zstd already), drop old unreachable ones, pack refs.
 
@@ -1189,6 +1191,7 @@ def _pack_bytes(pack: Pack) -> int:
     return os.path.getsize(pack._basename + ".pack")
 
 
+@accepts_path
 def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> RollUpResult:
     """`gc --auto`: past gc.autoPackLimit packs or gc.auto loose objects (auto_limits), merge the
     smallest packs and the loose objects into one pack, geometrically; else nothing.

@@ -34,7 +34,7 @@ from mintvcs.refs import (
     local_tz,
     tz_text,
 )
-from mintvcs.store import CommitInfo, Repository, Revision, UnknownRevisionError
+from mintvcs.store import CommitInfo, Repository, Revision, UnknownRevisionError, accepts_path
 from mintvcs.validate import check_lora_config
 
 COMMIT_RETRY_SECONDS = (
@@ -236,6 +236,7 @@ class CommitResult:
     summary: str = ""  # the first line of the message as stored (after clean_message)
 
 
+@accepts_path
 def commit(
     repo: Repository,
     message: str,
@@ -255,6 +256,8 @@ def commit(
     metadata) is refused with NothingToCommit, as git refuses an empty commit, unless
     `allow_empty`.
     """
+    if not isinstance(message, str):
+        raise TypeError(f"a commit message is a str, not {type(message).__name__}")
     source = Path(source) if source is not None else repo.work_tree
     if source is None:
         raise MintError("this repository has no work tree: pass --from DIR")
@@ -383,6 +386,7 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
 
 
 # ------------------------------------------------------------ log and show
+@accepts_path
 def log(repo: Repository, spec: str = "HEAD", limit: int | None = None) -> list[CommitInfo]:
     """Commits reachable from `spec` along first parents, newest first."""
     return list(repo.walk(repo.resolve(spec), limit))
@@ -423,6 +427,7 @@ def ref_labels(repo: Repository) -> dict[str, list[str]]:
     return labels
 
 
+@accepts_path
 def show(repo: Repository, spec: str = "HEAD") -> Revision:
     """The revision `spec` names."""
     return repo.read_revision(repo.resolve(spec))
@@ -540,6 +545,7 @@ def _compare(
     return TensorDiff(name, status, a[1], b[1], rel, cos, dtype_a=a[0], dtype_b=b[0])
 
 
+@accepts_path
 def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult:
     """Per-tensor change from `spec_a` to `spec_b` (default: the work tree)."""
     rev_a = repo.read_revision(repo.resolve(spec_a))
@@ -586,6 +592,7 @@ class Status:
         return not self.changes and self.error is None
 
 
+@accepts_path
 def status(repo: Repository) -> Status:
     """Compare the work tree with HEAD by content hash (the weights by stat when recorded clean)."""
     return _status(repo)[0]
@@ -707,6 +714,7 @@ def _blob_id(content: bytes) -> str:
 
 
 # ------------------------------------------------------------ branch and tag
+@accepts_path
 def branch_create(repo: Repository, name: str, start: str = "HEAD", *, force: bool = False) -> str:
     """Create (or with force, move) branch `name` at `start`; returns its commit."""
     check_branch_name(name)
@@ -723,6 +731,7 @@ def branch_create(repo: Repository, name: str, start: str = "HEAD", *, force: bo
     return oid
 
 
+@accepts_path
 def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
     """Delete branch `name`; returns the commit it pointed to (the branch a symbolic one names). Unless forced, only if HEAD's history holds it."""
     ref = f"refs/heads/{name}"
@@ -774,6 +783,7 @@ class Branch:
     alias_of: str | None = None  # the branch a symbolic branch names (git shows `alias -> main`)
 
 
+@accepts_path
 def branches(repo: Repository) -> list[Branch]:
     """Every branch, sorted by name."""
     current = repo.refs.read_symbolic("HEAD")
@@ -785,6 +795,7 @@ def branches(repo: Repository) -> list[Branch]:
     return rows
 
 
+@accepts_path
 def tag_create(
     repo: Repository,
     name: str,
@@ -794,6 +805,8 @@ def tag_create(
     force: bool = False,
 ) -> str:
     """Create a lightweight tag, or an annotated one with `message`; returns the tag's ref value."""
+    if not isinstance(name, str):
+        raise TypeError(f"a branch or tag name is a str, not {type(name).__name__}")
     check_ref_name(f"refs/tags/{name}")
     if name.startswith("-"):
         raise InvalidRefNameError(name, "a tag name cannot begin with '-'")
@@ -822,6 +835,7 @@ def tag_create(
     return value
 
 
+@accepts_path
 def tag_delete(repo: Repository, name: str) -> str:
     """Delete tag `name`; returns its value."""
     ref = f"refs/tags/{name}"
@@ -833,6 +847,7 @@ def tag_delete(repo: Repository, name: str) -> str:
     return oid
 
 
+@accepts_path
 def tags(repo: Repository) -> list[tuple[str, str, str]]:
     """(name, object, type) for every tag, peeled, sorted: mostly commits, but git can tag a tree or blob."""
     listed = []
@@ -1037,6 +1052,7 @@ def _branch_value(repo: Repository, spec: str) -> str | None:
         return None
 
 
+@accepts_path
 def checkout(
     repo: Repository, spec: str, *, new_branch: str | None = None, force: bool = False
 ) -> CheckoutResult:
@@ -1097,6 +1113,7 @@ def _move_head(
     return CheckoutResult(target, branch, new_branch is not None)
 
 
+@accepts_path
 def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     """Move the current branch (or detached HEAD) to `spec`; with hard, rewrite the work tree too."""
     target = repo.resolve(spec)

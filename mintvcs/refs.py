@@ -200,6 +200,8 @@ def check_ref_name(name: str) -> None:
 
 def check_branch_name(name: str) -> None:
     """Raise InvalidRefNameError unless `name` is a valid short branch name."""
+    if not isinstance(name, str):
+        raise TypeError(f"a branch or tag name is a str, not {type(name).__name__}")
     if not name:
         raise InvalidRefNameError(name, "it is empty")
     if name.startswith("-"):

@@ -17,9 +17,9 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, wraps
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles
@@ -365,7 +365,7 @@ class Repository:
         return cls(git_dir, work_tree)
 
     @classmethod
-    def open(cls, path: Path | str = ".") -> Repository:
+    def open(cls, path: str | os.PathLike[str] = ".") -> Repository:
         """Open the repository at `path` or its nearest parent; `path` may be the `.mint` directory itself."""
         start = Path(path).resolve()
         found: Repository | None = None
@@ -1125,6 +1125,10 @@ class Repository:
 
     def resolve(self, spec: str) -> str:
         """Resolve a branch, tag, (abbreviated) commit id, HEAD, with `~N`/`^N` suffixes, to a commit id."""
+        if not isinstance(spec, str):
+            raise TypeError(
+                f"a revision is named by a str, not {type(spec).__name__}: {spec!r:.60}"
+            )
         if not spec or any(ord(c) < 32 or c == "\x7f" for c in spec) or ".." in spec:
             raise UnknownRevisionError(
                 f"invalid revision {spec!r}: it is empty or holds '..' or control characters"
@@ -1341,6 +1345,35 @@ class Repository:
             if kind == "commit":
                 refs[name] = target
         return refs
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def accepts_path(
+    verb: Callable[Concatenate[Repository, _P], _R],
+) -> Callable[Concatenate[Repository | str | os.PathLike[str], _P], _R]:
+    """Let `verb` take a repository's path as well as a Repository, as dulwich's porcelain does.
+
+    A path is opened for the call and closed after it; anything else is a TypeError naming
+    what was given (it used to surface as an AttributeError deep inside the verb).
+    """
+
+    @wraps(verb)
+    def verb_on(
+        repo: Repository | str | os.PathLike[str], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _R:
+        if isinstance(repo, Repository):
+            return verb(repo, *args, **kwargs)
+        if isinstance(repo, (str, os.PathLike)):
+            with Repository.open(repo) as opened:
+                return verb(opened, *args, **kwargs)
+        raise TypeError(
+            f"{verb.__name__}() takes a Repository or a repository's path, not {type(repo).__name__}"
+        )
+
+    return verb_on
 
 
 def _commit_info(commit: Commit) -> CommitInfo:

@@ -3,7 +3,9 @@ reads them, and gc's counters safe to call while another gc tidies the store."""
 
 from __future__ import annotations
 
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,38 @@ def test_read_revision_says_a_name_is_not_an_id(repo: Repository) -> None:
         with pytest.raises(UnknownRevisionError, match="is not a commit id"):
             repo.read_revision(spec)
     assert repo.read_revision(commit).commit == commit
+
+
+def test_verbs_take_a_path_and_close_what_they_open(repo: Repository, peft_adapter: Path) -> None:
+    path = repo.work_tree
+    assert path is not None
+    result = porcelain.commit(
+        str(path), "by path", source=peft_adapter, allow_empty=True, show_progress=False
+    )
+    assert [c.id for c in porcelain.log(path, limit=1)] == [result.commit]
+    assert porcelain.tag_create(path / ".mint", "v1") == result.commit
+    assert maintenance.fsck(path).ok
+    assert repo.resolve("v1") == result.commit  # the caller's Repository sees what was written
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda r: porcelain.log(42), "takes a Repository or a repository's path, not int"),
+        (lambda r: maintenance.gc(None), "takes a Repository or a repository's path, not NoneType"),
+        (lambda r: porcelain.commit(r, None), "a commit message is a str, not NoneType"),
+        (lambda r: porcelain.log(r, 5), "a revision is named by a str, not int"),
+        (lambda r: porcelain.diff(r, None), "a revision is named by a str, not NoneType"),
+        (lambda r: r.resolve(b"main"), "a revision is named by a str, not bytes"),
+        (lambda r: porcelain.branch_create(r, 1), "a branch or tag name is a str, not int"),
+        (lambda r: porcelain.tag_create(r, 1), "a branch or tag name is a str, not int"),
+    ],
+)
+def test_wrong_argument_types_are_type_errors_naming_what_was_given(
+    repo: Repository, call: Callable[[Repository], object], message: str
+) -> None:
+    with pytest.raises(TypeError, match=re.escape(message)):
+        call(repo)
 
 
 def test_metadata_must_be_strings_and_nothing_is_written_otherwise(
