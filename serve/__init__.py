@@ -22,7 +22,7 @@ from mintvcs.serve.engine import (
 from mintvcs.serve.loader import CheckpointError, ModelConfig, UnsupportedModelError
 from mintvcs.serve.model import LORA_MODULES, Model
 from mintvcs.serve.sampling import InvalidSamplingParams, SamplingParams, TokenLogprobs
-from mintvcs.serve.scheduler import TokenEvent
+from mintvcs.serve.scheduler import RequestCancelled, TokenEvent
 
 __all__ = [
     "LORA_MODULES",
@@ -42,6 +42,7 @@ __all__ = [
     "Model",
     "ModelConfig",
     "PeftDirSource",
+    "RequestCancelled",
     "RequestStream",
     "SamplingParams",
     "StoreSource",

@@ -8,11 +8,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from mintvcs.errors import MintError
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import Model, StepBatch
@@ -274,16 +276,23 @@ class Scheduler:
         _deliver(seq, err)
 
     def _reap_cancelled(self) -> None:
+        reaped = []
         for group in (self.running, self.prefilling):
             for seq in [s for s in group if s.cancelled]:
                 group.remove(seq)
                 self._finish(seq)
-                self.stats.cancelled += 1
+                reaped.append(seq)
         if any(s.cancelled for s in self.waiting):
             for seq in [s for s in self.waiting if s.cancelled]:
-                self.stats.cancelled += 1
                 seq.finished = True
+                reaped.append(seq)
             self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        for seq in reaped:
+            self.stats.cancelled += 1
+            # Its last word, so that whoever waits on it learns it ended. A consumer that
+            # cancelled it has stopped listening, and a sink that failed was why: both may raise.
+            with suppress(Exception):
+                seq.sink(RequestCancelled(f"request {seq.request_id} was cancelled"))
 
     def _plan(self) -> list[Sequence]:
         """This step's prompt work within max_num_batched_tokens: the next chunk of each prompt
@@ -660,6 +669,10 @@ def _structured_failure(seq: Sequence) -> StructuredOutputError:
         f"the output could not continue under its {seq.params.structured.kind} structured "
         f"output after {len(seq.output_ids)} tokens: {reason}"
     )
+
+
+class RequestCancelled(MintError):
+    """The request was cancelled (Engine.cancel) before it finished."""
 
 
 def _deliver(seq: Sequence, item: Any) -> None:

@@ -411,6 +411,9 @@ class Slot:
     refs: int = 0
     last_used: float = 0.0
     future: Future[int | None] | None = None
+    # A revision that found every slot busy: this slot takes no new references until it is
+    # idle, so that the revision gets it in bounded time (see Residency._drain_for).
+    draining_for: str | None = None
 
 
 @dataclass
@@ -494,12 +497,17 @@ class Residency:
             self._raise_failure(revision)
             slot = self._by_revision.get(revision)
             if slot is not None and slot.state == "ready":
+                if slot.draining_for is not None:
+                    return None  # an older request's revision waits for this slot
                 slot.refs += 1
                 slot.last_used = time.monotonic()
                 self.stats.slot_hits += 1
                 return slot.index
-            if slot is None and self._start_load(revision) is not None:
-                self.stats.slot_misses += 1
+            if slot is None:
+                if self._start_load(revision) is not None:
+                    self.stats.slot_misses += 1
+                else:
+                    self._drain_for(revision)
             return None
 
     def release(self, index: int) -> None:
@@ -510,6 +518,10 @@ class Residency:
                 raise ResidencyError(f"slot {index} released more often than acquired")
             slot.refs -= 1
             slot.last_used = time.monotonic()
+            if slot.refs == 0:
+                # Idle now: the next acquire of the revision it drained for evicts it (the
+                # scheduler asks in FIFO order, so that one comes before any later request).
+                slot.draining_for = None
         self._on_change()
 
     def failure(self, revision: str) -> BaseException | None:
@@ -522,8 +534,12 @@ class Residency:
             return None
 
     def _remember_failure(self, revision: str, err: BaseException) -> None:
-        """Keep why `revision` failed (under the lock): the error without its traceback, whose
-        frames would hold the decoded adapter and the loader's locals."""
+        """Count a failed load and keep why `revision` failed (under the lock): the error
+        without its traceback, whose frames would hold the decoded adapter and the loader's
+        locals. A pin asked for it is dropped: nothing is resident to hold, and a pin left
+        behind would count against later pins though no slot shows it."""
+        self.stats.loads_failed += 1
+        self._pinned.discard(revision)
         self._failures.pop(revision, None)
         self._failures[revision] = (time.monotonic(), _detached(err))
         while len(self._failures) > _REMEMBERED_FAILURES:
@@ -604,6 +620,23 @@ class Residency:
             return slot.index if slot is not None and slot.state == "ready" else None
 
     # -- loading --------------------------------------------------------------------------------
+    def _drain_for(self, revision: str) -> None:
+        """Every slot is busy: reserve the busy slot with the fewest references for `revision`.
+
+        Otherwise a revision in use by a steady stream of requests would keep its slot busy for
+        ever, and a request for another revision, passed over at each step, would wait for ever.
+        One slot drains at a time (the oldest waiting revision's), so the others keep serving.
+        """
+        if any(s.draining_for is not None for s in self.slots):
+            return
+        busy = [
+            s
+            for s in self.slots
+            if s.state == "ready" and s.refs > 0 and s.revision not in self._pinned
+        ]
+        if busy:
+            min(busy, key=lambda s: (s.refs, s.last_used)).draining_for = revision
+
     def _victim(self) -> Slot | None:
         free = [s for s in self.slots if s.state == "free"]
         if free:
@@ -623,6 +656,9 @@ class Residency:
         victim = self._victim()
         if victim is None:
             return None
+        for slot in self.slots:  # a slot draining for this revision need drain no more
+            if slot.draining_for == revision:
+                slot.draining_for = None
         if victim.revision is not None:
             self.stats.evictions += 1
             del self._by_revision[victim.revision]
@@ -672,15 +708,19 @@ class Residency:
 
     def _load_host_only(self, revision: str) -> int | None:
         try:
-            self._host_adapter(revision)
+            host = self._host_adapter(revision)
         except BaseException as err:
             with self._lock:
                 self._remember_failure(revision, err)
-                self.stats.loads_failed += 1
             raise
         finally:
             with self._lock:
                 self._host_loads.pop(revision, None)
+        if revision not in self.host:  # not the revision's fault: no failure remembered
+            raise ResidencyError(
+                f"every adapter slot is busy and the host cache ({self.host.max_bytes} bytes) "
+                f"cannot hold {revision[:12]} ({host.nbytes} bytes): nothing was warmed"
+            )
         return None
 
     def _load_into(
@@ -702,7 +742,6 @@ class Residency:
         except BaseException as err:
             with self._lock:
                 self._remember_failure(revision, err)
-                self.stats.loads_failed += 1
                 self._by_revision.pop(revision, None)
                 slot.revision, slot.state, slot.future = None, "free", None
             future.set_exception(err)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
+from mintvcs.serve.adapters import AdapterRefused
 from mintvcs.serve.engine import EngineClosed, EngineError
-from mintvcs.serve.scheduler import TokenEvent
+from mintvcs.serve.scheduler import RequestCancelled, TokenEvent
 from mintvcs.serve.slots import ResidencyError
 from tests.fixtures import ALL_LINEAR
 from tests.serve.conftest import ZOO
@@ -439,6 +440,85 @@ def test_pins_taken_while_the_slots_are_busy_count_too(
             future.result(30)
         # Other revisions still get a slot.
         assert eng.generate([5, 6], "kv-r12", GREEDY, timeout=30).token_ids
+
+
+def test_a_revision_waiting_for_a_slot_gets_it_while_another_has_steady_traffic(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    import threading
+
+    config = EngineConfig(max_batch_size=4, adapter_slots=1, max_model_len=128)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:
+        eng.generate([5, 6], "qv-r8", GREEDY, timeout=30)
+        stop = threading.Event()
+        steady: list[Any] = []
+
+        def feed() -> None:  # six requests for qv-r8 outstanding at all times: never idle
+            while not stop.is_set():
+                if sum(not f.done() for f in steady) < 6:
+                    steady.extend(eng.start_many([(_prompt(len(steady), 8), "qv-r8", GREEDY)]))
+                time.sleep(0.002)
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        try:
+            time.sleep(0.3)
+            waiting = eng.start_many([([7, 8, 9], "all-r16", GREEDY)])[0]
+            # It used to be passed over for as long as qv-r8's requests kept coming.
+            assert len(waiting.result(20).token_ids) == GREEDY.max_tokens
+            assert feeder.is_alive()
+        finally:
+            stop.set()
+            feeder.join()
+        assert all(len(f.result(60).token_ids) == GREEDY.max_tokens for f in steady)
+
+
+def test_a_pin_whose_load_is_refused_is_dropped(tiny_base: Path, zoo: dict[str, Path]) -> None:
+    config = EngineConfig(max_batch_size=4, adapter_slots=3, max_lora_rank=8, max_model_len=128)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:
+        with pytest.raises(AdapterRefused, match="rank"):
+            eng.prefetch("all-r16", pin=True).result(30)  # r=16 over max_lora_rank 8
+        # The refused pin used to count: the second pin below was refused with 2 of 3 slots free.
+        assert eng.prefetch("qv-r8", pin=True).result(30) is not None
+        assert eng.prefetch("mlp-r2", pin=True).result(30) is not None
+
+
+def test_engine_cancel_ends_the_request_for_whoever_waits_on_it(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    long = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+
+    async def main(eng: Engine) -> list[TokenEvent]:
+        stream = eng.submit(_prompt(3, 6), "qv-r8", long)
+        seen = [await stream.__anext__()]
+        eng.cancel(stream.request_id)
+        with pytest.raises(RequestCancelled, match="was cancelled"):
+            async with asyncio.timeout(20):  # it used to wait for ever
+                async for event in stream:
+                    seen.append(event)
+        return seen
+
+    with Engine(tiny_base, EngineConfig(max_model_len=256), source=PeftDirSource(zoo)) as eng:
+        assert len(asyncio.run(main(eng))) < long.max_tokens
+        assert eng.stats()["requests_cancelled"] == 1 and eng.stats()["kv_slots_free"] > 0
+
+
+def test_warming_a_revision_the_host_cache_cannot_hold_is_an_error(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    source = _GatedSource(zoo)
+    config = EngineConfig(
+        max_batch_size=4, adapter_slots=1, max_model_len=128, host_cache_bytes=10_000
+    )
+    with Engine(tiny_base, config, source=source) as eng:
+        busy = eng.prefetch("mlp-r2")  # the only slot: loading
+        host_only = eng.prefetch("all-r16")
+        source.gate.set()
+        busy.result(30)
+        with pytest.raises(ResidencyError, match=r"host cache .* cannot hold"):
+            host_only.result(30)  # it used to answer None: "in the host cache"
+        # Not the revision's fault: it is served at once, not refused for a while.
+        assert len(eng.generate([5, 6], "all-r16", GREEDY, timeout=30).token_ids) == 12
 
 
 def test_a_slow_load_does_not_stall_running_requests(tiny_base: Path, zoo: dict[str, Path]) -> None:
