@@ -740,16 +740,18 @@ def bench_hotswap(root: Path, quick: bool) -> None:
         root, base, repo, revisions["r0"], engine_config, cycles=1 if quick else 2
     )
     full = min(_time(lambda: Model.from_dir(merged)) for _ in range(2))
-    # From disk: a second engine keeps no host cache, so that every load decodes from the store,
-    # and loads r0..r7 three times over: with the files in the page cache, then with them
-    # dropped from it (this process maps none of them any more: a mapped page would stay),
-    # then cached again. The merged checkpoint is dropped before each of its loads.
+    # From disk: engines without host cache, so that every load decodes from the store, load
+    # r0..r7 three times over: with the files in the page cache, then with them dropped from
+    # it, then cached again. Each round is a fresh engine (its own Repository) that has read
+    # only r8 when the drop comes: the pages of a pack a live memory map has touched stay in
+    # the page cache whatever posix_fadvise says. The merged checkpoint is dropped before each
+    # of its loads.
     repo.close()
     no_host_cache = replace(engine_config, host_cache_bytes=0)
-    with Engine(base, no_host_cache, source=StoreSource(repo.git_dir)) as engine:
-        engine.prefetch(commits[f"r{n_cold}"]).result()
-        rounds = []
-        for from_disk in (False, True, False):
+    rounds = []
+    for from_disk in (False, True, False):
+        with Engine(base, no_host_cache, source=StoreSource(repo.git_dir)) as engine:
+            engine.prefetch(commits[f"r{n_cold}"]).result()
             if from_disk:
                 drop_page_cache(repo.git_dir / "objects")
             rounds.append(
@@ -1010,9 +1012,18 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
             return n_requests * new_tokens / (time.perf_counter() - start)
 
         graphs = engine.scheduler.graphs
-        mode = "eager" if graphs is None else "CUDA graphs" if graphs.capture else "fixed shapes"
         run(0)  # warm-up (kernel compilation, allocator, graph capture)
         run(8)
+        # Named after the warm-up: a capture that failed there left the engine eager for good.
+        mode = (
+            "eager"
+            if graphs is None
+            else "eager: CUDA graph capture failed"
+            if graphs.failure is not None
+            else "CUDA graphs"
+            if graphs.capture
+            else "fixed shapes"
+        )
         progress(f"warm-up runs done ({mode})")
         base = max(run(0) for _ in range(2))
         for distinct in (1, 8, 64):
@@ -1033,7 +1044,8 @@ def bench_cuda(quick: bool, shape: dict[str, Any] | None = None) -> None:
             engine.scheduler.graphs = None
             eager = {distinct: max(run(distinct) for _ in range(2)) for distinct in (0, 8)}
             engine.scheduler.graphs = graphs
-            report(f"{device.type} base-only, CUDA graphs vs eager", base, eager[0], "tok/s")
+            if graphs.failure is None:  # otherwise both sides ran eagerly
+                report(f"{device.type} base-only, CUDA graphs vs eager", base, eager[0], "tok/s")
             report(
                 f"{device.type} {n_requests} requests, 8 distinct adapters vs base-only (eager)",
                 eager[8],

@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
-rm -f "$OUT"/{parity,kernels,engine-cuda,serve}.log # steps append to these
+rm -f "$OUT"/{parity,kernels,engine-cuda,serve}.log "$OUT"/{kernels,serve}.json # a reused OUT keeps no old result
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}

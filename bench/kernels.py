@@ -1,8 +1,10 @@
 """Benchmark the multi-LoRA op: the CPU backend against its peers, and on CUDA the Triton kernels.
 
 Prints `name: ours X, peer Y, ratio Z` lines, where ratio = peer time / our time (above 1: ours
-is faster). Every pair is timed interleaved in one run, best of several rounds, because the
-machines here are noisy and absolute times do not compare between runs.
+is faster). On CPU the pairs are timed interleaved in one run, best of several rounds, because
+the machines here are noisy and absolute times do not compare between runs (the reference
+loop, slow, best of 2 on its own). On CUDA each time is the median of triton.testing.do_bench's
+reps (the L2 cache flushed before each), the four of a case measured one after another.
 
     python bench/kernels.py            # CPU always; CUDA parity grid + GPU timings when CUDA is present
     python bench/kernels.py --json out.json --no-cpu --skip-parity   # bench/gpu.sh's call
@@ -283,10 +285,11 @@ def gpu_case(
         h = torch.bmm(x[:, None, :], a[sl].transpose(1, 2))  # [T, 1, R]
         y.add_(torch.bmm(h, b[sl].transpose(1, 2))[:, 0] * scales[sl, None].to(dt))
 
-    t_ours = triton.testing.do_bench(ours) * 1e-3
-    t_shrink = triton.testing.do_bench(shrink) * 1e-3
-    t_peer = triton.testing.do_bench(gather_bmm) * 1e-3
-    t_base = triton.testing.do_bench(lambda: x @ w.T) * 1e-3
+    def timed(fn: Fn) -> float:
+        """Seconds per call: the median of do_bench's reps (its default is the mean)."""
+        return float(triton.testing.do_bench(fn, return_mode="median")) * 1e-3
+
+    t_ours, t_shrink, t_peer, t_base = map(timed, (ours, shrink, gather_bmm, lambda: x @ w.T))
     el = x.element_size()
     # Compulsory traffic: x and each live slot's A once, the fp32 buffer out and back,
     # each live slot's B once, y read and written.
