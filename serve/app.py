@@ -120,10 +120,14 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ServerError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+        if self.default_max_tokens < 1:
             raise ServerError(
-                f"default_max_tokens {self.default_max_tokens} must be in [1, max_tokens_limit={self.max_tokens_limit}]"
+                f"default_max_tokens must be at least 1, got {self.default_max_tokens}"
             )
+        # A request without max_tokens gets the default, never more than the limit allows.
+        object.__setattr__(
+            self, "default_max_tokens", min(self.default_max_tokens, self.max_tokens_limit)
+        )
         for name in ("cpu_threads", "max_queued_requests"):  # None: chosen for you, no bound
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -136,6 +140,10 @@ class ServerConfig:
             )
         if self.api_key_scope not in ("admin", "all"):
             raise ServerError(f"api_key_scope {self.api_key_scope!r} must be 'admin' or 'all'")
+        if self.api_key_scope == "all" and self.api_key_file is None:
+            raise ServerError(
+                "--api-key-scope all needs --api-key-file: without tokens every endpoint is open"
+            )
         from mintvcs.serve.http_chat import TOOL_CALL_FORMATS  # it imports this module
 
         if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_FORMATS:
@@ -631,8 +639,8 @@ def check_bearer(request: web.Request) -> None:
 # ---------------------------------------------------------------------------- engine lifecycle
 def engine_config(config: ServerConfig) -> Any:
     """The EngineConfig for a server config: device slots, rank, and a host cache sized in revisions."""
-    import torch
 
+    from mintvcs.kernels.torch_ops import work_dtype
     from mintvcs.serve.engine import EngineConfig
     from mintvcs.serve.loader import read_config
     from mintvcs.serve.model import LORA_MODULES
@@ -640,7 +648,8 @@ def engine_config(config: ServerConfig) -> Any:
     model = read_config(config.base_model)
     probe = EngineConfig(device=config.device, dtype=config.dtype)
     device = probe.torch_device()
-    itemsize = torch.empty((), dtype=probe.torch_dtype(device)).element_size()
+    # The host cache holds factors as the slots do: on CPU, half types are held in fp32.
+    itemsize = work_dtype(probe.torch_dtype(device), device).itemsize
     # A revision of rank max_rank on every targeted linear is the largest the host cache must hold.
     per_revision = sum(
         config.max_rank * sum(model.linear_shape(m)) * itemsize for m in LORA_MODULES
@@ -912,6 +921,11 @@ class RunningServer:
                 if forced
                 else f"after {state.config.drain_timeout:g} s; closing anyway",
             )
+            if state.engine is not None:
+                # Ends each of them now (EngineClosed: a 503, or an error event in a stream);
+                # left running, they would go on while aiohttp waits for their handlers twice
+                # over at cleanup, seconds past the drain timeout.
+                await asyncio.to_thread(state.engine.close)
         await self.runner.cleanup()
 
 

@@ -21,7 +21,7 @@ from mintvcs.serve.app import (
     prefetch,
     read_json,
 )
-from mintvcs.serve.refwatch import check_spec
+from mintvcs.serve.refwatch import check_spec, names_an_ancestor
 
 
 def _unavailable(body: dict[str, str]) -> web.Response:
@@ -80,6 +80,12 @@ async def notify(request: web.Request) -> web.Response:
     # The hook's old/new are advisory: what the ref holds now is read from the repository.
     for key in ("old", "new"):
         field_of(body, key, (str,), None)
+    # What the ref held as this server last read it: a notify moves nothing when it still holds that.
+    served = {
+        r.ref: r.commit
+        for r in state.watcher.tracked()
+        if r.ref is not None and not names_an_ancestor(r.spec)
+    }
     forgotten = state.watcher.invalidate(ref)
     revision: str | None = None
     moved: list[dict[str, Any]] = []
@@ -91,7 +97,8 @@ async def notify(request: web.Request) -> web.Response:
             resolution = None  # deleted: requests naming it will get 404
         else:
             revision = resolution.commit
-            count_move(state, resolution.ref, revision)
+            if served.get(resolution.ref, revision) != revision:
+                count_move(state, resolution.ref, revision)
         new = body.get("new")
         if ref == state.config.base_name:
             # Requests for this name run the base: loading the ref's revision would serve none.

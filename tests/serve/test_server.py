@@ -1211,6 +1211,25 @@ def test_a_move_is_counted_once_whatever_specs_follow_it(
     assert moves() == before + 1
 
 
+def test_a_notify_for_a_ref_that_did_not_move_counts_no_move(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    def moves(ref: str) -> float:
+        _, _, text = request(server.url + "/metrics")
+        line = [
+            s for s in text.splitlines() if s.startswith(f'mint_ref_moves_total{{ref="{ref}"}}')
+        ]
+        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert gen(server, prompt="x", ref="prod", max_tokens=1)[0] == 200
+    before = moves("prod")
+    for ref in ("prod", "product-b"):  # one served, one not: neither moved
+        status, _, body = request(server.url + "/v1/refs/notify", {"ref": ref}, headers=auth)
+        assert status == 200, body
+    assert (moves("prod"), moves("product-b")) == (before, 0.0)
+
+
 def test_models_retrieves_one_ref(server: BackgroundServer, repo: Repository) -> None:
     status, _, body = request(server.url + "/v1/models/prod")
     assert status == 200

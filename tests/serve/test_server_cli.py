@@ -343,3 +343,64 @@ def test_under_nohup_sighup_is_still_ignored(tmp_path: Path, tiny_base: Path) ->
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_requests_still_running_at_the_drain_timeout_end_then(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    from tests.fixtures import build_base
+
+    base = build_base(tmp_path / "long-base", max_position_embeddings=8192)
+    repo = porcelain.init(tmp_path / "repo", str(base))
+    porcelain.commit(repo, "a", source=peft_adapter, verify=False, show_progress=False)
+    proc = _start(
+        [
+            *("--repo", str(tmp_path / "repo"), "--base-model", str(base), "--port", "0"),
+            *("--max-model-len", "8192", "--max-tokens-limit", "8000", "--drain-timeout", "1"),
+        ]
+    )
+    try:
+        url = _url_when_ready(proc)
+        body = json.dumps(
+            {"prompt": "Hi", "max_tokens": 8000, "stream": True, "ignore_eos": True}
+        ).encode()
+        req = urllib.request.Request(
+            url + "/generate", data=body, headers={"Content-Type": "application/json"}
+        )
+        resp = urllib.request.urlopen(req, timeout=120)
+        assert resp.readline().startswith(b"data: ")
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        rest = resp.read()  # the stream ends when the server ends it
+        ended = time.monotonic() - started
+        _, err = proc.communicate(timeout=60)
+        # It used to go on for two cleanup graces (2 s each) past the drain timeout.
+        assert ended < 2.5, f"the stream ran {ended:.1f} s past SIGTERM (drain timeout 1 s)"
+        assert proc.returncode == 0 and "closing anyway" in err, err
+        assert b"event: error" in rest and b"event: done" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_server_config_keeps_its_limits_consistent(tiny_base: Path) -> None:
+    from mintvcs.serve.app import ServerConfig, ServerError, engine_config
+
+    # A request without max_tokens gets at most the limit (the default, 16, refused a limit under it).
+    assert (
+        ServerConfig(repo=tiny_base, base_model=tiny_base, max_tokens_limit=8).default_max_tokens
+        == 8
+    )
+    with pytest.raises(ServerError, match="--api-key-scope all needs --api-key-file"):
+        ServerConfig(repo=tiny_base, base_model=tiny_base, api_key_scope="all")
+    # On CPU the host cache holds half types in fp32, as the slots do: sized so, it keeps
+    # --max-cpu-loras revisions whatever --dtype says (it used to keep half as many).
+    sizes = {
+        dtype: engine_config(
+            ServerConfig(repo=tiny_base, base_model=tiny_base, device="cpu", dtype=dtype)
+        ).host_cache_bytes
+        for dtype in ("float32", "bfloat16", "float16")
+    }
+    assert len(set(sizes.values())) == 1, sizes
