@@ -8,6 +8,7 @@ import math
 import mmap
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from mintvcs.packs import (
     object_zlib_level,
 )
 from mintvcs.progress import PhaseProgress
+from mintvcs.refs import read_reflog
 from mintvcs.store import CorruptObjectError, Repository, accepts_path, unreadable_file_errors
 from mintvcs.treenames import git_special_name
 
@@ -728,11 +730,53 @@ def _roots(repo: Repository) -> list[_Root]:
             for logged in (entry.old, entry.new):
                 if logged != "0" * 40:
                     stack.append((logged, "a commit", f"the reflog of {name}", False))
+    stack.extend(_worktree_roots(repo))
     stack.extend((oid, "the object it names", name, True) for name, oid in reversed(refs))
     head = repo.head_commit()
     if head:
         stack.append((head, "the commit it names", "HEAD", True))
     return stack
+
+
+def _worktree_roots(repo: Repository) -> list[_Root]:
+    """What git's own roots name beside refs and HEAD, as `git gc` keeps them: each linked
+    worktree's detached HEAD and reflog (`git worktree add`), and what an index stages there
+    or in the store's own index (blobs `git add`ed but not committed yet)."""
+    from dulwich.index import ConflictedIndexEntry, Index
+
+    roots: list[_Root] = []
+    worktrees = sorted(p for p in (repo.git_dir / "worktrees").glob("*") if p.is_dir())
+    for where in [repo.git_dir, *worktrees]:
+        label = "the store" if where == repo.git_dir else f"worktree {where.name}"
+        if where != repo.git_dir:
+            with suppress(OSError):
+                head = (where / "HEAD").read_text(errors="replace").strip()
+                if is_object_id(head):
+                    roots.append((head, "the commit it names", f"the HEAD of {label}", False))
+            for entry in read_reflog(where / "logs" / "HEAD"):
+                for logged in (entry.old, entry.new):
+                    if logged != "0" * 40:
+                        roots.append((logged, "a commit", f"the HEAD reflog of {label}", False))
+        if not (where / "index").is_file():
+            continue
+        try:
+            staged = [
+                side.sha.decode()
+                for _, entry in Index(where / "index").items()
+                for side in (
+                    (entry.ancestor, entry.this, entry.other)  # a merge in progress
+                    if isinstance(entry, ConflictedIndexEntry)
+                    else (entry,)
+                )
+                if side is not None
+            ]
+        except Exception as err:  # dulwich raises several kinds on a damaged index
+            raise MintError(
+                f"gc refused: the index of {label} cannot be read ({err}); gc would not know "
+                "which staged objects to keep. Fix it with git (`git reset` there) first"
+            ) from None
+        roots.extend((oid, "a staged file", f"the index of {label}", False) for oid in staged)
+    return roots
 
 
 def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
@@ -971,12 +1015,40 @@ def _pack_checked(writer: PackWriter, oid: str, kind: bytes, raw: bytes, who: st
         )
 
 
+# Files git keeps beside a pack (`git repack --write-bitmap-index`, `pack.writeReverseIndex`,
+# cruft packs), each meaningless once its pack is gone; git warns about orphans.
+_PACK_SIDECARS = (".rev", ".bitmap", ".mtimes")
+
+
 def _drop_pack(store: DiskObjectStore, pack: Pack) -> None:
     """Delete a pack, its index first, as git does: killed in between, gc leaves a `.pack`
     without its index, which the next gc sweeps, not an index that names a missing pack."""
     with suppress(FileNotFoundError):
         os.unlink(pack._basename + ".idx")
     store._remove_pack(pack)
+    for suffix in _PACK_SIDECARS:
+        with suppress(FileNotFoundError):
+            os.unlink(pack._basename + suffix)
+
+
+def _kept(pack: Pack) -> bool:
+    """A pack marked `.keep` (`git index-pack --keep`, or by hand): git never repacks or deletes it."""
+    return os.path.exists(pack._basename + ".keep")
+
+
+def _drop_git_caches(repo: Repository) -> None:
+    """Delete git's multi-pack-index and commit-graph after gc changed the store.
+
+    They name packs and commits gc may just have removed, and git reads a stale one as
+    damage (`git fsck` fails, and `git gc` does not repair a stale multi-pack-index); git
+    writes them again at its next gc or maintenance run. Neither is needed to read the store.
+    """
+    objects = repo.git_dir / "objects"
+    for path in (objects / "pack" / "multi-pack-index", objects / "info" / "commit-graph"):
+        with suppress(FileNotFoundError):
+            path.unlink()
+    for folder in (objects / "pack" / "multi-pack-index.d", objects / "info" / "commit-graphs"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _last_pack(repo: Repository) -> str | None:
@@ -1006,8 +1078,15 @@ def _repack(
     from dulwich.objects import ObjectID
 
     store = repo.objects
-    old_packs = dict(scan.packs)
-    keep = sorted(oid for oid in scan.ids if ObjectID(oid.encode()) not in unreachable)
+    old_packs = {name: pack for name, pack in scan.packs.items() if not _kept(pack)}
+    kept = [pack for pack in scan.packs.values() if _kept(pack)]
+    # A kept pack stays as it is, with every object in it, as git leaves it.
+    keep = sorted(
+        oid
+        for oid in scan.ids
+        if ObjectID(oid.encode()) not in unreachable
+        and not any(ObjectID(oid.encode()) in pack for pack in kept)
+    )
     if not scan.loose and not unreachable and set(old_packs) == {_last_pack(repo)}:
         # Nothing new since our last gc wrote the one pack: rewriting it would give the same file.
         return len(keep), False, 0
@@ -1050,6 +1129,7 @@ def _repack(
     for pack in old_packs.values():
         if not any(ObjectID(oid.encode()) in pack for oid in held):
             _drop_pack(store, pack)
+    _drop_git_caches(repo)
     repo.close()  # our maps and dulwich's pack list name the old packs
     return len(keep), True, len(late)
 
@@ -1296,7 +1376,9 @@ def _roll_up(
     _refuse_links(repo)
     before = _store_size(repo)
     store = repo.objects
-    packs = sorted(store.packs, key=lambda p: (_pack_bytes(p), _pack_name(p)))
+    packs = sorted(
+        (p for p in store.packs if not _kept(p)), key=lambda p: (_pack_bytes(p), _pack_name(p))
+    )
     loose = list(_loose_files(repo))
     if not _over(len(packs), pack_limit) and not _over(len(loose), loose_limit):
         return RollUpResult(0, 0, 0, len(packs), before, before)
@@ -1353,6 +1435,7 @@ def _roll_up(
     for pack in merged:
         if name is None or os.path.basename(pack._basename) != name:
             _drop_pack(store, pack)
+    _drop_git_caches(repo)
     repo.close()  # our maps and dulwich's pack list name the merged packs
     return RollUpResult(
         objects=total,

@@ -214,6 +214,27 @@ def check_branch_name(name: str) -> None:
         raise InvalidRefNameError(name, e.rule) from None
 
 
+def read_reflog(path: str | os.PathLike[str]) -> list[ReflogEntry]:
+    """The entries of a reflog file, oldest first; [] when there is none (see RefStore.reflog)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read().decode("utf-8", "replace")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return []
+    out = []
+    for line in data.splitlines():
+        head, _, message = line.partition("\t")
+        try:
+            ids, ts, tz = head.rsplit(" ", 2)
+            old, new, identity = ids[:40], ids[41:81], ids[82:]
+            entry = ReflogEntry(old, new, identity, int(ts), tz, message)
+        except ValueError:
+            continue
+        if is_object_id(old) and is_object_id(new) and ids[40:41] == ids[81:82] == " ":
+            out.append(entry)
+    return out
+
+
 def _check_store_name(name: str) -> None:
     """Names the store reads and writes: HEAD-like pseudo-refs or full names under refs/."""
     if _PSEUDO.match(name):
@@ -662,24 +683,7 @@ class RefStore:
         must not block gc, `@{n}` or the server's admission check.
         """
         _check_store_name(name)
-        path = os.path.join(self._dir, "logs", name)
-        try:
-            with open(path, "rb") as f:
-                data = f.read().decode("utf-8", "replace")
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return []
-        out = []
-        for line in data.splitlines():
-            head, _, message = line.partition("\t")
-            try:
-                ids, ts, tz = head.rsplit(" ", 2)
-                old, new, identity = ids[:40], ids[41:81], ids[82:]
-                entry = ReflogEntry(old, new, identity, int(ts), tz, message)
-            except ValueError:
-                continue
-            if is_object_id(old) and is_object_id(new) and ids[40:41] == ids[81:82] == " ":
-                out.append(entry)
-        return out
+        return read_reflog(os.path.join(self._dir, "logs", name))
 
     # -- writing --
 

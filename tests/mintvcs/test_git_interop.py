@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.mintvcs.storekit import (
+    ENV,
     blobs,
     damage_checks,
     git,
@@ -358,3 +359,64 @@ def test_update_hook_sees_through_a_branch_alias(work: Path, tmp_path: Path) -> 
     tip = git(clone, "rev-parse", "main~1").stdout.strip()
     pushed = git(clone, "push", "-q", "-f", str(git_dir), f"{tip}:refs/heads/alias", ok=False)
     assert pushed.returncode != 0 and "checked out in the mintvcs work tree" in pushed.stderr
+
+
+def _age_objects(work: Path, seconds: float = 7200) -> None:
+    """Make every object file look `seconds` old, past gc's grace period for unreachable ones."""
+    old = time.time() - seconds
+    for path in (work / ".mint" / "objects").rglob("*"):
+        if path.is_file():
+            os.utime(path, (old, old))
+
+
+def test_gc_keeps_what_a_git_worktree_holds_and_its_branch_cannot_be_deleted(
+    work: Path, tmp_path: Path
+) -> None:
+    git_dir = work / ".mint"
+    tree = tmp_path / "wt"
+    git(git_dir, "worktree", "add", "-q", "--detach", str(tree), "main")
+    (tree / "files").mkdir(exist_ok=True)
+    (tree / "files" / "NOTES.md").write_text("notes\n")
+    subprocess.run(["git", "add", "files/NOTES.md"], cwd=tree, env=ENV, check=True)
+    subprocess.run(
+        ["git", "commit", "-q", "--no-verify", "-m", "in a worktree"], cwd=tree, env=ENV, check=True
+    )
+    detached = git(git_dir, "rev-parse", "--verify", "HEAD", ok=False)  # the store's own HEAD
+    worktree_head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tree, env=ENV, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    (tree / "STAGED.md").write_text("staged, not committed\n")
+    subprocess.run(["git", "add", "STAGED.md"], cwd=tree, env=ENV, check=True)
+    staged = git(git_dir, "hash-object", str(tree / "STAGED.md")).stdout.strip()
+    _age_objects(work)
+    mint(work, "gc")
+    # gc used to prune both: only refs, HEAD and their reflogs counted as roots.
+    for oid in (worktree_head, staged):
+        assert git(git_dir, "cat-file", "-t", oid).returncode == 0
+    git_fsck(work)
+    assert detached.stdout.strip() == git(git_dir, "rev-parse", "HEAD").stdout.strip()
+    git(git_dir, "worktree", "add", "-q", str(tmp_path / "wt2"), "side")
+    assert "checked out in the git worktree" in mint_fails(work, "branch", "-D", "side")
+
+
+def test_gc_leaves_git_s_pack_files_consistent(work: Path) -> None:
+    git_dir = work / ".mint"
+    pack_dir = git_dir / "objects" / "pack"
+    git(git_dir, "-c", "pack.writeReverseIndex=true", "repack", "-a", "-d", "-q")
+    git(git_dir, "multi-pack-index", "write")
+    git(git_dir, "commit-graph", "write", "--reachable")
+    kept = next(pack_dir.glob("*.pack"))
+    kept.with_suffix(".keep").touch()
+    mutate(work, seed=5)
+    mint(work, "commit", "-m", "after the kept pack", "--no-verify")
+    git(git_dir, "repack", "-d", "-q")  # a second pack of git's, with its .rev
+    mint(work, "gc")
+    # gc used to delete the kept pack, leave the dropped pack's .rev behind and keep a
+    # multi-pack-index and commit-graph naming what it removed (git fsck then failed).
+    assert kept.exists() and kept.with_suffix(".idx").exists()
+    for path in pack_dir.iterdir():
+        assert path.with_suffix(".pack").exists(), f"{path.name} outlives its pack"
+    assert not (pack_dir / "multi-pack-index").exists()
+    git_fsck(work)
+    assert "\ngarbage: 0\n" in git(git_dir, "count-objects", "-v").stdout
+    assert_sound_and_checks_out(work, (work / "adapter_model.safetensors").read_bytes())
