@@ -104,6 +104,10 @@ class CorruptObjectError(MintError):
     """A git object that is missing, unreadable or fails verification."""
 
 
+class NotAnAdapterRevision(CorruptObjectError):
+    """A commit mintvcs cannot read as an adapter: no manifest, or a tree changed with git since."""
+
+
 @dataclass(frozen=True)
 class CommitInfo:
     """A commit's metadata, decoded."""
@@ -894,10 +898,70 @@ class Repository:
                 f"{commit_id!r:.60} is not a commit id; resolve a ref or an abbreviation first "
                 "(Repository.resolve)"
             )
-        info, entries, manifest = self._manifest_of(commit_id)
-        return Revision(
-            self, info, Manifest.from_bytes(manifest, f"manifest of {commit_id[:12]}"), entries
-        )
+        info, entries, manifest_blob = self._manifest_of(commit_id)
+        manifest = Manifest.from_bytes(manifest_blob, f"manifest of {commit_id[:12]}")
+        self._check_tree(commit_id, info.tree, manifest)
+        return Revision(self, info, manifest, entries)
+
+    def _check_tree(self, commit_id: str, tree_id: str, manifest: Manifest) -> None:
+        """Refuse a commit whose tree and manifest disagree (a `git commit` changed the tree).
+
+        Revisions are read through the manifest, so git's change would otherwise be ignored
+        without a word: checkout and the server would give the manifest's tensors while git
+        shows others, and the next commit would revert it.
+        """
+        expected = {HEADER_PATH: (manifest.header_blob, 0o100644)}
+        for record in manifest.tensors:
+            expected[f"{TENSORS_DIR}/{record.name}"] = (record.blob, 0o100644)
+        for file in manifest.files:
+            expected[f"{FILES_DIR}/{file.path}"] = (
+                file.blob,
+                0o100755 if file.executable else 0o100644,
+            )
+        actual = self._tree_blobs(tree_id, "")
+        for path in (CONFIG_PATH, MANIFEST_PATH):
+            actual.pop(path, None)
+        differences = []
+        for path in sorted(expected.keys() | actual.keys()):
+            want, have = expected.get(path), actual.get(path)
+            if want == have:
+                continue
+            if have is None:
+                differences.append(f"{path} is in the manifest, not in the tree")
+            elif want is None:
+                differences.append(f"{path} is in the tree, not in the manifest")
+            elif want[0] != have[0]:
+                differences.append(
+                    f"{path} is {have[0][:12]} in the tree, {want[0][:12]} in the manifest"
+                )
+            else:
+                differences.append(
+                    f"{path} has mode {have[1]:o} in the tree, {want[1]:o} in the manifest"
+                )
+        if differences:
+            more = f" (and {len(differences) - 2} more)" if len(differences) > 2 else ""
+            raise NotAnAdapterRevision(
+                f"commit {commit_id[:12]} was changed with git: {'; '.join(differences[:2])}{more}. "
+                "mintvcs reads a revision through its manifest and would ignore that change; make "
+                "it with `mintvcs commit` instead (check out the last revision mintvcs wrote, "
+                "change the adapter directory, commit)"
+            )
+
+    def _tree_blobs(self, tree_id: str, prefix: str) -> dict[str, tuple[str, int]]:
+        """Every blob under a tree: path -> (blob id, mode); a submodule counts as a blob."""
+        from dulwich.objects import Tree
+
+        tree = self.get_object(tree_id, what=f"tree {prefix or '/'}")
+        if not isinstance(tree, Tree):
+            raise CorruptObjectError(f"{prefix or 'the root'}: {tree_id} is not a tree")
+        blobs = {}
+        for entry in tree.items():
+            path = prefix + entry.path.decode("utf-8", "replace")
+            if stat.S_ISDIR(entry.mode):
+                blobs.update(self._tree_blobs(entry.sha.decode(), path + "/"))
+            else:
+                blobs[path] = (entry.sha.decode(), entry.mode)
+        return blobs
 
     def revision_meta(self, commit_id: str) -> dict[str, str]:
         """A revision's `--meta` strings, read without parsing its tensor records (log --json)."""
@@ -916,7 +980,7 @@ class Repository:
         # readable (its odd entries are never ours to read) instead of failing on it.
         entries = {e.path.decode("utf-8", "replace"): e.sha.decode() for e in tree.items()}
         if MANIFEST_PATH not in entries or CONFIG_PATH not in entries:
-            raise CorruptObjectError(
+            raise NotAnAdapterRevision(
                 f"commit {commit_id[:12]} is not an adapter revision: {MANIFEST_PATH} is missing"
             )
         manifest = self.read_blob(

@@ -399,7 +399,7 @@ def status_for(err: MintError) -> int:
     from mintvcs.serve.sampling import InvalidSamplingParams
     from mintvcs.serve.slots import ResidencyError
     from mintvcs.serve.structured import StructuredOutputError
-    from mintvcs.store import StoreBusyError, UnknownRevisionError
+    from mintvcs.store import NotAnAdapterRevision, StoreBusyError, UnknownRevisionError
 
     if isinstance(err, HTTPError):
         return err.status
@@ -408,6 +408,7 @@ def status_for(err: MintError) -> int:
         (UnknownRevisionError, 404),
         (AdapterNotFound, 404),
         (AdapterRefused, 422),
+        (NotAnAdapterRevision, 422),  # a commit made with git: a README-only branch, say
         (InvalidSamplingParams, 400),
         (InvalidRequest, 400),
         (StructuredOutputError, 422),  # a grammar past llguidance's limits while generating

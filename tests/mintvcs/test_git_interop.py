@@ -420,3 +420,28 @@ def test_gc_leaves_git_s_pack_files_consistent(work: Path) -> None:
     git_fsck(work)
     assert "\ngarbage: 0\n" in git(git_dir, "count-objects", "-v").stdout
     assert_sound_and_checks_out(work, (work / "adapter_model.safetensors").read_bytes())
+
+
+def test_a_tree_changed_with_git_is_refused_not_read_through_its_manifest(work: Path) -> None:
+    git_dir = work / ".mint"
+
+    def tensors(rev: str) -> dict[str, str]:
+        listing = git(git_dir, "ls-tree", "-r", rev, "tensors").stdout.splitlines()
+        return {path: info.split()[2] for info, path in (line.split("\t") for line in listing)}
+
+    old_blob = tensors("main~1")
+    changed = next(path for path, oid in tensors("main").items() if old_blob[path] != oid)
+    # A user rolls one tensor back with git and commits: the tree changes, the manifest does not.
+    git(git_dir, "read-tree", "main")
+    git(git_dir, "update-index", "--cacheinfo", f"100644,{old_blob[changed]},{changed}")
+    tree = git(git_dir, "write-tree").stdout.strip()
+    (git_dir / "index").unlink()
+    commit = git(git_dir, "commit-tree", tree, "-p", "main", "-m", "roll back").stdout.strip()
+    git(git_dir, "update-ref", "refs/heads/gitedit", commit)
+    # checkout wrote main's tensors, diff saw no change and fsck said ok.
+    for args in (("checkout", "gitedit"), ("diff", "main", "gitedit"), ("show", "gitedit")):
+        assert f"{changed} is" in mint_fails(work, *args) and "changed with git" in mint_fails(
+            work, *args
+        )
+    report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)
+    assert not report["ok"] and any("changed with git" in p for p in report["problems"])

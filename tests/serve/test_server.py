@@ -1230,6 +1230,38 @@ def test_a_notify_for_a_ref_that_did_not_move_counts_no_move(
     assert (moves("prod"), moves("product-b")) == (before, 0.0)
 
 
+def test_a_ref_to_a_commit_made_with_git_is_a_422(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    import subprocess
+
+    def git(*args: str, data: str | None = None) -> str:
+        return subprocess.run(
+            ["git", "--git-dir", str(repo.git_dir), *args],
+            input=data,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={
+                **os.environ,
+                "GIT_AUTHOR_NAME": "a",
+                "GIT_AUTHOR_EMAIL": "a@a",
+                "GIT_COMMITTER_NAME": "a",
+                "GIT_COMMITTER_EMAIL": "a@a",
+            },
+        ).stdout.strip()
+
+    readme = git("hash-object", "-w", "--stdin", data="docs only\n")
+    tree = git("mktree", data=f"100644 blob {readme}\tREADME.md\n")
+    git("update-ref", "refs/heads/docs-only", git("commit-tree", tree, "-m", "docs"))
+    try:
+        status, _, body = gen(server, prompt="Hi", ref="docs-only", max_tokens=1)
+        # It was a 500 internal_error, logged as a server fault.
+        assert status == 422 and "not an adapter revision" in body["error"], body
+    finally:
+        git("update-ref", "-d", "refs/heads/docs-only")
+
+
 def test_models_retrieves_one_ref(server: BackgroundServer, repo: Repository) -> None:
     status, _, body = request(server.url + "/v1/models/prod")
     assert status == 200
