@@ -676,6 +676,19 @@ class RefStore:
         finally:
             os.close(fd)
 
+    def reflog_of(self, name: str) -> str | None:
+        """The ref whose reflog `name@{N}` reads, as git's dwim_log picks it: `name` when its
+        reflog file exists (an emptied one counts), else the ref a symbolic `name` ends at when
+        that one's does; None when `name` does not resolve or neither has a reflog file."""
+        _check_store_name(name)
+        chain, value = self._resolve(name)
+        if value is None:
+            return None
+        for ref in dict.fromkeys((name, chain[-1])):
+            if os.path.isfile(os.path.join(self._dir, "logs", ref)):
+                return ref
+        return None
+
     def reflog(self, name: str) -> list[ReflogEntry]:
         """The reflog of a ref, oldest entry first (as stored); [] when it has none.
 

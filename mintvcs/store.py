@@ -1255,14 +1255,30 @@ class Repository:
             existing = [r for r in ref_candidates(base) if self._ref_exists(r)]
             if not existing:
                 raise UnknownRevisionError(f"unknown revision {spec!r}: no ref named {base!r}")
-            # As git's: the first of them with a reflog (a tag of a branch's name has none).
-            ref = next((r for r in existing if self.refs.reflog(r)), existing[0])
+            # As git's: the first of them with a reflog file, even an emptied one (a tag of a
+            # branch's name has none); a symbolic ref without one reads its target's.
+            logged = (self.refs.reflog_of(r) for r in existing)
+            found = next((r for r in logged if r is not None), None)
+            if found is None:
+                raise UnknownRevisionError(f"revision {spec!r}: {existing[0]} has no reflog")
+            ref = found
         entries = self.refs.reflog(ref)
-        if count >= len(entries) or entries[-1 - count].new == "0" * 40:
-            raise UnknownRevisionError(
-                f"revision {spec!r}: the reflog of {ref} has only {len(entries)} entries"
-            )
-        return self.peel(entries[-1 - count].new)
+        zero = "0" * 40
+        if count == 0:
+            # git: the newest entry's new value; with an empty reflog, the ref's current value.
+            oid = entries[-1].new if entries else self.refs.read(ref)
+            if oid is None or oid == zero:
+                raise UnknownRevisionError(f"revision {spec!r}: {ref} does not point to a commit")
+            return self.peel(oid)
+        # As git's read_ref_at: the value before the count-th newest move, i.e. that entry's old
+        # id, or when it is zero (the ref was created there) the next older entry's. So
+        # NAME@{N} with N entries is the oldest entry's old id when the ref existed before it.
+        for entry in reversed(entries[: max(0, len(entries) - count + 1)]):
+            if entry.old != zero:
+                return self.peel(entry.old)
+        raise UnknownRevisionError(
+            f"revision {spec!r}: the reflog of {ref} has only {len(entries)} entries"
+        )
 
     def _ref_exists(self, ref: str) -> bool:
         try:

@@ -182,6 +182,60 @@ def test_revision_names_resolve_as_git_rev_parse_does(work: Path) -> None:
     assert "@{N}" in mint_fails(work, "checkout", "main@{yesterday}")
 
 
+def test_reflog_selectors_at_the_ends_of_a_reflog_resolve_as_git_does(work: Path) -> None:
+    # git rev-parse: NAME@{N} with N entries is the oldest entry's old id when it is not zero;
+    # NAME@{0} of an emptied reflog is the ref's value; a zero old id passes to the older entry.
+    from mintvcs.store import Repository, UnknownRevisionError
+
+    git_dir = work / ".mint"
+    zero = "0" * 40
+
+    def agree(*specs: str) -> None:
+        repo = Repository.open(work)
+        try:
+            for spec in specs:
+                got = git(git_dir, "rev-parse", "--verify", "-q", spec, ok=False)
+                if got.returncode == 0:
+                    assert repo.resolve(spec) == got.stdout.strip(), spec
+                else:
+                    with pytest.raises(UnknownRevisionError):
+                        repo.resolve(spec)
+        finally:
+            repo.close()
+
+    revs = git(git_dir, "rev-list", "--reverse", "main").stdout.split()
+    assert len(revs) == 3
+    git(
+        git_dir, "reflog", "delete", "main@{2}"
+    )  # the creation entry: the oldest left has an old id
+    agree(*(f"main@{{{n}}}" for n in range(5)))
+    assert Repository.open(work).resolve("main@{2}") == revs[0]
+
+    # A hand-edited log with a gap and a zero old id in the middle.
+    log = git_dir / "logs" / "refs" / "heads" / "main"
+    lines = [
+        (zero, revs[0]),
+        (revs[0], revs[1]),
+        (revs[0], revs[2]),
+        (zero, revs[1]),
+        (revs[1], revs[2]),
+    ]
+    log.write_text("".join(f"{o} {n} T <t@t> {i} +0000\tx\n" for i, (o, n) in enumerate(lines)))
+    agree(*(f"main@{{{n}}}" for n in range(7)))
+
+    git(git_dir, "reflog", "expire", "--expire=now", "--all")
+    assert log.read_bytes() == b"" and (git_dir / "logs" / "HEAD").read_bytes() == b""
+    agree("main@{0}", "HEAD@{0}", "@{0}", "main@{1}", "HEAD@{1}", "@{1}")
+    assert Repository.open(work).resolve("main@{0}") == revs[2]
+
+    # No reflog file at all: git reads HEAD@{0} through the branch's log and @{0} as the
+    # current branch's, but refuses main@{0}.
+    (git_dir / "logs" / "HEAD").unlink()
+    agree("HEAD@{0}", "@{0}", "main@{0}")
+    log.unlink()
+    agree("HEAD@{0}", "@{0}", "main@{0}", "side@{0}")
+
+
 def test_commit_takes_git_identity_and_date_variables(work: Path) -> None:
     # GIT_COMMITTER_* and GIT_*_DATE as git takes them (reproducible commits, bots); git
     # writes no `encoding` header for UTF-8, so `git cat-file` shows what git would write.
