@@ -963,9 +963,21 @@ class Repository:
                 blobs[path] = (entry.sha.decode(), entry.mode)
         return blobs
 
-    def revision_meta(self, commit_id: str) -> dict[str, str]:
-        """A revision's `--meta` strings, read without parsing its tensor records (log --json)."""
-        _, _, manifest = self._manifest_of(commit_id)
+    def revision_meta(self, commit_id: str) -> dict[str, str] | None:
+        """A revision's `--meta` strings, read without parsing its tensor records (log --json);
+        None for a commit that is no adapter revision (one made with git, its tree holding no
+        manifest), which a history may hold as git allows."""
+        from dulwich.objects import Tree
+
+        info = self.commit_info(commit_id)
+        tree = self.get_object(info.tree, what=f"tree of {commit_id[:12]}")
+        if not isinstance(tree, Tree):
+            raise CorruptObjectError(f"commit {commit_id[:12]}: tree {info.tree} is not a tree")
+        try:
+            _, blob = tree[MANIFEST_PATH.encode()]
+        except KeyError:
+            return None
+        manifest = self.read_blob(blob.decode(), what=MANIFEST_PATH, max_size=MAX_METADATA_BYTES)
         return Manifest.meta_from_bytes(manifest, f"manifest of {commit_id[:12]}")
 
     def _manifest_of(self, commit_id: str) -> tuple[CommitInfo, dict[str, str], bytes]:

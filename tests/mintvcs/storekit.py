@@ -61,11 +61,14 @@ def mint_fails(cwd: Path, *args: str) -> str:
     return errors[0]
 
 
-def git(git_dir: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run real git on a `.mint` directory."""
+def git(
+    git_dir: Path, *args: str, ok: bool = True, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run real git on a `.mint` directory (`input_text` on its stdin)."""
     result = subprocess.run(
         ["git", "--git-dir", str(git_dir), *args],
         env=ENV,
+        input=input_text,
         capture_output=True,
         text=True,
         check=False,

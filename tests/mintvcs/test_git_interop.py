@@ -18,6 +18,7 @@ from tests.mintvcs.storekit import (
     damage_checks,
     git,
     git_fsck,
+    git_log,
     loose_path,
     mint,
     mint_fails,
@@ -234,6 +235,21 @@ def test_reflog_selectors_at_the_ends_of_a_reflog_resolve_as_git_does(work: Path
     agree("HEAD@{0}", "@{0}", "main@{0}")
     log.unlink()
     agree("HEAD@{0}", "@{0}", "main@{0}", "side@{0}")
+
+
+def test_log_json_lists_a_commit_made_with_git_with_null_meta(work: Path) -> None:
+    # A branch whose tip git made from a tree with no manifest: the text log lists it, and
+    # log --json used to print nothing and fail ("not an adapter revision").
+    git_dir = work / ".mint"
+    readme = git(git_dir, "hash-object", "-w", "--stdin", input_text="docs\n").stdout.strip()
+    tree = git(git_dir, "mktree", input_text=f"100644 blob {readme}\tREADME.md\n").stdout.strip()
+    tip = git(git_dir, "commit-tree", tree, "-p", "main", "-m", "docs made with git")
+    git(git_dir, "update-ref", "refs/heads/docs", tip.stdout.strip())
+    items = json.loads(mint(work, "log", "--json", "docs").stdout)
+    assert [i["commit"] for i in items] == git_log(work, "docs")
+    assert items[0]["meta"] is None and items[0]["message"] == "docs made with git\n"
+    assert all(isinstance(i["meta"], dict) for i in items[1:])
+    assert len(mint(work, "log", "--oneline", "docs").stdout.splitlines()) == len(items)
 
 
 def test_commit_takes_git_identity_and_date_variables(work: Path) -> None:
