@@ -669,8 +669,12 @@ def _refuse_damage(scan: _Scan) -> None:
     raise GcCorruptObjectError(f"gc refused: {scan.damage[0]}{also}; {_FIX}")
 
 
-def _children(oid: str, kind: bytes, body: bytes) -> list[tuple[str, str]]:
-    """(id, what it is) of each object a commit, tree or tag points at; GcCorruptObjectError if it does not parse."""
+def _children(
+    oid: str, kind: bytes, body: bytes, shallow: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """(id, what it is) of each object a commit, tree or tag points at; GcCorruptObjectError if
+    it does not parse. A commit in `shallow` (a shallow clone's boundary) has no parents, as git
+    reads it: they were never fetched."""
     from dulwich.errors import ObjectFormatException
     from dulwich.objects import Commit, ShaFile, Tag, Tree
 
@@ -679,7 +683,11 @@ def _children(oid: str, kind: bytes, body: bytes) -> list[tuple[str, str]]:
         if isinstance(obj, Commit):
             return [
                 (obj.tree.decode(), f"tree of commit {oid[:12]}"),
-                *((p.decode(), f"parent of commit {oid[:12]}") for p in obj.parents),
+                *(
+                    (p.decode(), f"parent of commit {oid[:12]}")
+                    for p in obj.parents
+                    if oid not in shallow
+                ),
             ]
         if isinstance(obj, Tree):
             return [
@@ -785,6 +793,7 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
 
     stack = list(roots)
     seen: set[str] = set()
+    shallow = repo.shallow_commits()
     while stack:
         oid, what, root, strict = stack.pop()
         if oid in seen:
@@ -800,7 +809,8 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
             if not strict:
                 continue  # a reflog entry whose commit was pruned: git skips it too
             raise GcMissingObjectError(
-                f"gc refused: object {oid} ({what}, reachable from {root}) is missing from the store; {_FIX}"
+                f"gc refused: object {oid} ({what}, reachable from {root}) is missing from the "
+                f"store{repo.missing_objects_hint()}; {_FIX}"
             )
         seen.add(oid)
         if oid not in scan.meta:
@@ -809,7 +819,9 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
                 stack.append((base, f"XOR base of blob {oid[:12]}", root, True))
             continue
         # Below a root, everything is needed: a missing tree or blob is fatal even from a reflog.
-        stack.extend((child, kind, root, True) for child, kind in _children(oid, *scan.meta[oid]))
+        stack.extend(
+            (child, kind, root, True) for child, kind in _children(oid, *scan.meta[oid], shallow)
+        )
     return {ObjectID(oid.encode()) for oid in seen}
 
 

@@ -16,7 +16,7 @@ import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property, wraps
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
@@ -67,6 +67,7 @@ _MAX_CONFIG_BYTES = 1 << 20
 # ~300 bytes per tensor (134 kB for a Llama-8B all-linear LoRA). A safetensors header blob may be
 # as large as commit accepts one (safetensors_file.MAX_HEADER_BYTES, with its length prefix).
 MAX_METADATA_BYTES = 64 << 20
+SHALLOW_FILE = "shallow"  # inside .mint/: git's list of a shallow clone's boundary commits
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
 _HEX = re.compile(r"^[0-9a-f]{4,40}$")
 # What may follow a spec's name, checked in one linear pass (counts below 10^9: a larger one
@@ -329,6 +330,8 @@ class Repository:
         # Set by a reader that follows a branch (the server): decoded XOR tips are kept here, so
         # a child revision decodes its last link only (see mintvcs.plane_cache).
         self.plane_cache: PlaneCache | None = None
+        # `.mint/shallow` as last read: (its stat key, the commits it lists).
+        self._shallow: tuple[tuple[int, int, int], frozenset[str]] | None = None
         _OPEN.add(self)
 
     def __enter__(self) -> Repository:
@@ -481,12 +484,67 @@ class Repository:
             with self._dulwich_lock:
                 return self.objects[ObjectID(oid.encode())]
         except KeyError:
-            problem = "is missing from the store"
+            problem = None
         except damaged as err:
             problem = f"is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
+        if problem is None:
+            problem = "is missing from the store" + self.missing_objects_hint()
         # Raised outside the except block so the error does not keep dulwich's frames (and a
         # view of the pack's memory map) alive.
         raise CorruptObjectError(f"{named}object {oid} {problem}")
+
+    def shallow_commits(self) -> frozenset[str]:
+        """The boundary commits of a shallow clone (`git clone --depth`), as `.mint/shallow`
+        lists them: their parents were not fetched, and git treats them as having none. Empty
+        for a whole repository; read again whenever the file changes (`git fetch --unshallow`
+        deletes it)."""
+        path = self.git_dir / SHALLOW_FILE
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return frozenset()
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._shallow is None or self._shallow[0] != key:
+            try:
+                text = path.read_bytes().decode("ascii", "replace")
+            except (FileNotFoundError, IsADirectoryError):
+                return frozenset()
+            lines = (line.strip() for line in text.splitlines())
+            self._shallow = (key, frozenset(line for line in lines if is_object_id(line)))
+        return self._shallow[1]
+
+    def missing_objects_hint(self) -> str:
+        """Why this store may lack objects by design, for an error naming a missing one: it is a
+        shallow clone, or a partial one (`git clone --filter`), whose objects git fetches on
+        demand from its promisor remote and mintvcs cannot; '' for a whole repository."""
+        git_dir = os.path.relpath(self.git_dir)  # `.mint` where commands run, in the work tree
+        if (self.git_dir / SHALLOW_FILE).exists():
+            return (
+                ": this is a shallow clone (git clone --depth), without the older revisions whose "
+                f"blobs XOR-encoded tensors build on; run `git --git-dir {git_dir} fetch --unshallow`"
+            )
+        if self._partial_clone():
+            return (
+                ": this is a partial clone (git clone --filter), whose objects git fetches only "
+                "when it needs them and mintvcs cannot; clone without --filter"
+            )
+        return ""
+
+    def _partial_clone(self) -> bool:
+        """Whether git's config names a promisor remote (a partial clone's)."""
+        try:
+            config = self.config
+        except MintError:
+            return False
+        with suppress(KeyError):
+            if config.get((b"extensions",), b"partialclone"):
+                return True
+        for section in config.sections():
+            if section[:1] == (b"remote",):
+                with suppress(KeyError, ValueError):
+                    if config.get_boolean(section, b"promisor", False):
+                        return True
+        return False
 
     def read_blob(self, oid: str, *, what: str = "blob", max_size: int | None = None) -> bytes:
         """The content of a blob (a loose one claiming more than `max_size` bytes is refused unread)."""
@@ -889,7 +947,12 @@ class Repository:
         obj = self.get_object(oid, what=f"commit {oid[:12]}")
         if not isinstance(obj, Commit):
             raise UnknownRevisionError(f"{oid} is a {obj.type_name.decode()}, not a commit")
-        return _commit_info(obj)
+        info = _commit_info(obj)
+        if info.parents and oid in self.shallow_commits():
+            # A shallow clone's boundary: as git, it has no parents (they were never fetched),
+            # so log, fsck and `~N` stop there instead of failing on a missing object.
+            info = replace(info, parents=())
+        return info
 
     def read_revision(self, commit_id: str) -> Revision:
         """Load a revision's manifest (tensors are decoded on demand)."""

@@ -252,6 +252,67 @@ def test_log_json_lists_a_commit_made_with_git_with_null_meta(work: Path) -> Non
     assert len(mint(work, "log", "--oneline", "docs").stdout.splitlines()) == len(items)
 
 
+def _clone(work: Path, dst: Path, *options: str) -> Path:
+    """`git clone --bare OPTIONS` of `work`'s store into `dst/.mint` (through file://, so that
+    --depth and --filter apply); returns `dst`."""
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", *options, (work / ".mint").as_uri(), str(dst / ".mint")],
+        env=ENV,
+        check=True,
+        capture_output=True,
+    )
+    return dst
+
+
+def test_shallow_clone_stops_at_its_boundary_and_names_itself(work: Path, tmp_path: Path) -> None:
+    # `git clone --depth`: git treats the boundary commits (listed in .mint/shallow) as having
+    # no parents. log printed nothing, fsck called the boundary damage, gc refused, and a read
+    # of a tensor whose XOR base was not fetched said only "missing from the store".
+    git_dir = work / ".mint"
+    revs = git(git_dir, "rev-list", "--reverse", "main").stdout.split()
+    root_tree = git(git_dir, "rev-parse", f"{revs[0]}^{{tree}}").stdout.strip()
+    tip = git(git_dir, "commit-tree", root_tree, "-p", "main", "-m", "back to rev 0")
+    git(git_dir, "update-ref", "refs/heads/main", tip.stdout.strip())  # self-contained blobs
+    mint(work, "checkout", "--force", "main")
+    weights_0 = (work / "adapter_model.safetensors").read_bytes()
+
+    whole_tip = _clone(work, tmp_path / "d1", "--depth", "1")
+    assert (whole_tip / ".mint" / "shallow").is_file()
+    assert git_log(whole_tip) == [tip.stdout.strip()]
+    assert mint(whole_tip, "log", "--oneline").stdout.count("\n") == 1
+    assert json.loads(mint(whole_tip, "fsck", "--json").stdout)["ok"]
+    mint(whole_tip, "gc")
+    assert json.loads(mint(whole_tip, "fsck", "--json").stdout)["ok"]
+    mint(whole_tip, "checkout", "--force", "main")
+    assert (whole_tip / "adapter_model.safetensors").read_bytes() == weights_0
+
+    two = _clone(work, tmp_path / "d2", "--depth", "2")
+    items = json.loads(mint(two, "log", "--json").stdout)
+    assert [i["commit"] for i in items] == git_log(two)
+    assert items[-1]["parents"] == []  # as `git log --format=%P` shows a grafted commit
+    assert "goes past the first commit" in mint_fails(two, "checkout", "main~2")
+    # The boundary revision's tensors are XOR-encoded against blobs that were not fetched.
+    line = mint_fails(two, "checkout", "--force", "main~1")
+    assert "shallow clone" in line and "git --git-dir .mint fetch --unshallow" in line, line
+    report = json.loads(mint(two, "fsck", "--json", ok=False).stdout)
+    assert report["problems"] and all("shallow clone" in p for p in report["problems"])
+    assert not any(revs[1] in p for p in report["problems"])  # the boundary's parent
+    assert "shallow clone" in mint_fails(two, "gc")
+    # The command the hint names makes it whole.
+    git(two / ".mint", "fetch", "-q", "--unshallow")
+    assert json.loads(mint(two, "fsck", "--json").stdout)["ok"]
+    assert len(json.loads(mint(two, "log", "--json").stdout)) == len(revs) + 1
+    mint(two, "checkout", "--force", "main~1")
+
+
+def test_partial_clone_names_itself_when_an_object_is_missing(work: Path, tmp_path: Path) -> None:
+    git(work / ".mint", "config", "uploadpack.allowFilter", "true")
+    partial = _clone(work, tmp_path / "p", "--filter=blob:none")
+    line = mint_fails(partial, "checkout", "--force", "main")
+    assert "partial clone" in line and "without --filter" in line, line
+    assert "partial clone" in mint_fails(partial, "gc")
+
+
 def test_commit_takes_git_identity_and_date_variables(work: Path) -> None:
     # GIT_COMMITTER_* and GIT_*_DATE as git takes them (reproducible commits, bots); git
     # writes no `encoding` header for UTF-8, so `git cat-file` shows what git would write.
