@@ -313,6 +313,28 @@ def test_partial_clone_names_itself_when_an_object_is_missing(work: Path, tmp_pa
     assert "partial clone" in mint_fails(partial, "gc")
 
 
+def test_git_commit_in_a_worktree_says_which_hook_refused_it(work: Path, tmp_path: Path) -> None:
+    # git runs the store's shared pre-commit hook for a `git commit` in a worktree; its refusal
+    # only said ". is not a PEFT adapter", naming neither mintvcs nor --no-verify.
+    git_dir = work / ".mint"
+    wt = tmp_path / "wt"
+    git(git_dir, "worktree", "add", "-q", "-b", "notes", str(wt), "main")
+    (wt / "files").mkdir(exist_ok=True)
+    (wt / "files" / "NOTE.md").write_text("hi\n")
+
+    def in_wt(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", *args], cwd=wt, env=ENV, capture_output=True, text=True, check=False
+        )
+
+    assert in_wt("add", "files/NOTE.md").returncode == 0
+    refused = in_wt("commit", "-q", "-m", "notes")
+    assert refused.returncode != 0
+    assert "mintvcs's pre-commit hook" in refused.stderr, refused.stderr
+    assert "PEFT adapter" in refused.stderr and "git commit --no-verify" in refused.stderr
+    assert in_wt("commit", "-q", "--no-verify", "-m", "notes").returncode == 0
+
+
 def test_commit_takes_git_identity_and_date_variables(work: Path) -> None:
     # GIT_COMMITTER_* and GIT_*_DATE as git takes them (reproducible commits, bots); git
     # writes no `encoding` header for UTF-8, so `git cat-file` shows what git would write.
