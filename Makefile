@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# Pin torch first so that no dependency pulls a multi-GB CUDA build on a CPU machine.
+	# Pin torch first, so that no other requirement pulls another torch build; which build pip takes depends on where it looks (README).
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@

@@ -258,7 +258,8 @@ def commit(
         root = "" if result.parent else " (root-commit)"
         click.echo(f"[{where}{root} {result.commit[:7]}] {result.summary}")
         click.echo(
-            f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_objects} new objects"
+            f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_objects} new "
+            f"object{'s' if result.new_objects != 1 else ''}"
         )
     _auto_gc_after_commit(repo)  # its notices go to stderr: --json output stays parseable
 

@@ -1308,6 +1308,7 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
         return RollUpResult(0, 0, 0, pack_count(repo), size, size, busy=True)
 
 
+@accepts_path
 def auto_gc_due(repo: Repository) -> bool:
     """Whether `gc --auto` would merge now: past gc.autoPackLimit packs or gc.auto loose objects."""
     pack_limit, loose_limit = auto_limits(repo)
@@ -1328,11 +1329,13 @@ _DETACH = (
 )
 
 
+@accepts_path
 def auto_gc_detached(repo: Repository) -> int | None:
     """When gc --auto is due, start it in a process of its own and return its pid at once (else None)."""
     return start_auto_gc(repo) if auto_gc_due(repo) else None
 
 
+@accepts_path
 def start_auto_gc(repo: Repository) -> int:
     """Start `gc --auto` in a process of its own, due or not, and return its pid at once."""
     # Through an intermediate that exits at once: the gc is no child of this process (a

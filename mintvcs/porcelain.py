@@ -310,7 +310,7 @@ def commit(
         raise NothingToCommit(
             f"nothing to commit: the adapter in {source} is identical to "
             f"{'HEAD' if branch is None else branch} ({parent_rev.commit[:7]}); "
-            "use --allow-empty to record it anyway"
+            "use --allow-empty (allow_empty=True) to record it anyway"
         )
     if verify:
         message = _run_commit_msg(repo, message, env)

@@ -239,7 +239,8 @@ def serve(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where the demo repository goes [default: a fresh temporary directory].",
+    help="Where the demo writes its adapters and repository: a new or empty directory, or one "
+    "an earlier demo made [default: a fresh temporary directory].",
 )
 @click.option(
     "--cache-dir",
@@ -250,7 +251,7 @@ def serve(
 @click.option(
     "--train-steps",
     default=None,
-    type=int,
+    type=click.IntRange(min=1),
     help="PEFT training steps per adapter (a few seconds' worth by default).",
 )
 def demo(workdir: Path | None, cache_dir: Path | None, train_steps: int | None) -> None:

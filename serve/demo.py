@@ -186,6 +186,10 @@ def _post_generate(url: str, ref: str) -> dict[str, Any]:
     return data
 
 
+# In a --workdir the demo made: the next run may replace its adapters/ and repo/.
+DEMO_MARK = ".mintvcs-demo"
+
+
 def run_demo(
     *,
     workdir: Path | None = None,
@@ -196,6 +200,17 @@ def run_demo(
     """Run the six steps, printing as it goes; return what was served (for tests)."""
     started = time.perf_counter()
     steps = train_steps or TRAIN_STEPS
+    # Absolute: the steps run `mintvcs` from the repository, and init from here.
+    root = (
+        Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mintvcs-demo-"))
+    ).resolve()
+    if root.is_dir() and any(root.iterdir()) and not (root / DEMO_MARK).exists():
+        raise DemoError(
+            f"--workdir {root} is not empty and was not made by the demo, which writes "
+            "adapters/ and repo/ there, replacing what they hold; give a new or empty directory"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARK).touch()  # a later run may replace what this one writes here
     bold = lambda text: click.style(text, bold=True)  # noqa: E731
     echo(bold("mintvcs demo: one resident base model, adapters as git revisions, served by ref"))
 
@@ -212,11 +227,6 @@ def run_demo(
     threads = torch.get_num_threads()
     # A 0.2M-parameter model gains nothing from threads; on a busy 2-core box they only contend.
     torch.set_num_threads(1)
-    # Absolute: the steps run `mintvcs` from the repository, and init from here.
-    root = (
-        Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="mintvcs-demo-"))
-    ).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     adapters = root / "adapters"
     echo(f"\n{bold('[2/6]')} training two LoRA adapters with PEFT ({steps} steps each)")
     for name in ("adapter-a", "adapter-b"):
@@ -315,6 +325,8 @@ def run_demo(
     mintvcs = _command()
     echo(f"\ndone in {total:.1f} s. The repository is in {repo}; try `cd {repo} && {mintvcs} log`,")
     echo(f"or serve it yourself: {mintvcs} serve --repo {repo} --base-model {base}")
+    ask = json.dumps({"prompt": ASK, "ref": "product-b", "max_tokens": 16, "temperature": 0})
+    echo(f"and ask as the demo did: curl -s localhost:8000/generate -d '{ask}'")
     return {
         "answers": answers,
         "base_answer": base_answer,

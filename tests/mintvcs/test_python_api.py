@@ -39,6 +39,7 @@ def test_verbs_take_a_path_and_close_what_they_open(repo: Repository, peft_adapt
     assert [c.id for c in porcelain.log(path, limit=1)] == [result.commit]
     assert porcelain.tag_create(path / ".mint", "v1") == result.commit
     assert maintenance.fsck(path).ok
+    assert maintenance.auto_gc_due(path) is False  # the call a training loop makes after a commit
     assert repo.resolve("v1") == result.commit  # the caller's Repository sees what was written
 
 

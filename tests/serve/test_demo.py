@@ -76,3 +76,29 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
     assert "no restart" in out and "mintvcs log --oneline" in out and "mintvcs diff" in out
     assert revisions[3][:7] in out.split("[6/6]")[1]  # the log shows the new revision
     assert elapsed < 120, f"the demo took {elapsed:.0f} s"
+
+
+def test_the_demo_refuses_a_workdir_it_did_not_make_and_a_step_count_under_one(
+    tmp_path: Path,
+) -> None:
+    mine = tmp_path / "mine"
+    (mine / "repo").mkdir(parents=True)
+    (mine / "repo" / "important.txt").write_text("keep me\n")
+
+    def demo(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mintvcs.serve.cli", "demo", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    refused = demo("--workdir", str(mine), "--cache-dir", str(tmp_path / "cache"))
+    # It used to delete DIR/repo without a word.
+    assert refused.returncode == 1 and "not made by the demo" in refused.stderr
+    assert (mine / "repo" / "important.txt").read_text() == "keep me\n"
+    for steps in ("0", "-3"):  # 0 used to mean the default, -3 failed later on
+        result = demo("--train-steps", steps)
+        assert result.returncode == 2 and "--train-steps" in result.stderr
