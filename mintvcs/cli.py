@@ -573,6 +573,10 @@ def branch(
                 ]
             )
             return
+        head = repo.head_commit()
+        if not names and head is not None and repo.refs.read_symbolic("HEAD") is None:
+            # As git lists it: a detached HEAD is where the next commit goes.
+            click.echo(f"* {click.style(f'(HEAD detached at {head[:7]})', fg='green')}")
         for b in rows:
             shown = click.style(b.name, fg="green") if b.current else b.name
             where = f"-> {b.alias_of}" if b.alias_of is not None else b.commit[:7]

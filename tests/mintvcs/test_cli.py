@@ -423,6 +423,8 @@ def test_branch_create_list_force_delete(work: Path) -> None:
         != 0
     )
     git_fsck(work)
+    mint(work, "checkout", first)  # detached: git lists where HEAD is first
+    assert mint(work, "branch").stdout.splitlines()[0] == f"* (HEAD detached at {first[:7]})"
 
 
 def test_branch_d_keeps_unmerged_work_unless_capital_d(work: Path, tmp_path: Path) -> None:
