@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,11 +185,11 @@ def test_serve_keeps_serving_after_its_stdout_is_closed(
             proc.wait()
 
 
-@pytest.mark.slow
-def test_serve_second_signal_stops_without_waiting_for_the_drain(
-    tmp_path: Path, peft_adapter: Path
-) -> None:
-    # As uvicorn and vLLM: the first SIGTERM drains, a second one stops at once.
+def _long_stream(
+    tmp_path: Path, peft_adapter: Path, drain_timeout: str
+) -> tuple[subprocess.Popen[str], str, Any]:
+    """A server with room for an 8000-token reply, and a streamed /generate that asks for one
+    (its first event read); returns the process, its URL and the open response."""
     from tests.fixtures import build_base
 
     base = build_base(tmp_path / "long-base", max_position_embeddings=8192)
@@ -197,20 +198,28 @@ def test_serve_second_signal_stops_without_waiting_for_the_drain(
     proc = _start(
         [
             *("--repo", str(tmp_path / "repo"), "--base-model", str(base), "--port", "0"),
-            *("--max-model-len", "8192", "--max-tokens-limit", "8000", "--drain-timeout", "600"),
+            *("--max-model-len", "8192", "--max-tokens-limit", "8000"),
+            *("--drain-timeout", drain_timeout),
         ]
     )
+    url = _url_when_ready(proc)
+    body = json.dumps({"prompt": "Hi", "max_tokens": 8000, "stream": True, "ignore_eos": True})
+    req = urllib.request.Request(
+        url + "/generate", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    resp = urllib.request.urlopen(req, timeout=120)
+    assert resp.readline().startswith(b"data: ")
+    return proc, url, resp
+
+
+@pytest.mark.slow
+def test_serve_second_signal_stops_without_waiting_for_the_drain(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    # As uvicorn and vLLM: the first SIGTERM drains, a second one stops at once.
+    proc, url, resp = _long_stream(tmp_path, peft_adapter, "600")
     try:
-        url = _url_when_ready(proc)
         assert proc.stdout is not None
-        body = json.dumps(
-            {"prompt": "Hi", "max_tokens": 8000, "stream": True, "ignore_eos": True}
-        ).encode()
-        req = urllib.request.Request(
-            url + "/generate", data=body, headers={"Content-Type": "application/json"}
-        )
-        resp = urllib.request.urlopen(req, timeout=120)
-        assert resp.readline().startswith(b"data: ")
         rest: list[bytes] = []
 
         def read_rest() -> None:
@@ -349,27 +358,8 @@ def test_under_nohup_sighup_is_still_ignored(tmp_path: Path, tiny_base: Path) ->
 def test_requests_still_running_at_the_drain_timeout_end_then(
     tmp_path: Path, peft_adapter: Path
 ) -> None:
-    from tests.fixtures import build_base
-
-    base = build_base(tmp_path / "long-base", max_position_embeddings=8192)
-    repo = porcelain.init(tmp_path / "repo", str(base))
-    porcelain.commit(repo, "a", source=peft_adapter, verify=False, show_progress=False)
-    proc = _start(
-        [
-            *("--repo", str(tmp_path / "repo"), "--base-model", str(base), "--port", "0"),
-            *("--max-model-len", "8192", "--max-tokens-limit", "8000", "--drain-timeout", "1"),
-        ]
-    )
+    proc, _, resp = _long_stream(tmp_path, peft_adapter, "1")
     try:
-        url = _url_when_ready(proc)
-        body = json.dumps(
-            {"prompt": "Hi", "max_tokens": 8000, "stream": True, "ignore_eos": True}
-        ).encode()
-        req = urllib.request.Request(
-            url + "/generate", data=body, headers={"Content-Type": "application/json"}
-        )
-        resp = urllib.request.urlopen(req, timeout=120)
-        assert resp.readline().startswith(b"data: ")
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         rest = resp.read()  # the stream ends when the server ends it
