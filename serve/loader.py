@@ -138,16 +138,23 @@ class ModelConfig:
                 f"the engine runs {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         act = raw.get("hidden_act", "silu")
-        if act != "silu":
+        if act not in ("silu", "swish"):  # one function under two names
             raise UnsupportedModelError(
                 f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is"
             )
+        missing = [k for k in _REQUIRED_FIELDS if raw.get(k) is None]
+        if missing:
+            raise UnsupportedModelError(f"config.json lacks {', '.join(map(repr, missing))}")
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
         head_dim = raw.get("head_dim") or hidden // heads
-        # Qwen2 always has q/k/v biases; Llama and Mistral say so in attention_bias.
-        attention_bias = True if arch == "qwen2" else bool(raw.get("attention_bias", False))
-        sliding = raw.get("sliding_window")
+        # As transformers builds each architecture: Qwen2 always has q/k/v biases, Llama says
+        # so in attention_bias (o_proj too) and mlp_bias, Mistral has none.
+        attention_bias = arch == "qwen2" or (arch == "llama" and bool(raw.get("attention_bias")))
+        mlp_bias = arch == "llama" and bool(raw.get("mlp_bias"))
+        # transformers' defaults when the key is absent: Mistral and Qwen2 slide over 4096
+        # positions (Qwen2 only with use_sliding_window); Llama never slides, whatever it says.
+        sliding = None if arch == "llama" else raw.get("sliding_window", 4096)
         layers = int(raw["num_hidden_layers"])
         # Qwen2 slides only from layer max_window_layers on (transformers' default is 28), and
         # only with use_sliding_window: with no layer past it, every layer attends in full.
@@ -173,19 +180,39 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
             head_dim=int(head_dim),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            max_position_embeddings=int(
+                raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch]
+            ),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope=parse_rope(raw),
+            rope=parse_rope(raw, arch),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            mlp_bias=bool(raw.get("mlp_bias", False)),
+            mlp_bias=mlp_bias,
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
 
 
-def parse_rope(raw: dict[str, Any]) -> RopeConfig:
+# Keys a config.json must give (transformers' defaults for them are no model's real values).
+_REQUIRED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+# transformers' default max_position_embeddings per architecture, for a config without one.
+_DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+# What each RoPE scaling type needs in rope_scaling (transformers refuses it without them).
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def parse_rope(raw: dict[str, Any], arch: str = "llama") -> RopeConfig:
     """RoPE parameters from either the old keys (`rope_theta`, `rope_scaling`) or transformers 5's `rope_parameters`."""
     params: dict[str, Any] = dict(raw.get("rope_parameters") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
@@ -199,12 +226,18 @@ def parse_rope(raw: dict[str, Any]) -> RopeConfig:
     scaling = raw.get("rope_scaling") or {}
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    lacking = [k for k in _ROPE_REQUIRED.get(rope_type, ()) if merged.get(k) is None]
+    if lacking:
+        raise UnsupportedModelError(
+            f"rope_scaling of type {rope_type!r} lacks {', '.join(map(repr, lacking))}"
+        )
     theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
-    original = merged.get(
-        "original_max_position_embeddings", raw.get("original_max_position_embeddings")
+    # The top-level key wins over rope_scaling's, as transformers reads them.
+    original = raw.get("original_max_position_embeddings") or merged.get(
+        "original_max_position_embeddings"
     )
     if rope_type in ("llama3", "yarn") and original is None:
-        original = raw.get("max_position_embeddings")
+        original = raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS.get(arch)
     factor = merged.get("factor")
     if factor is None and rope_type == "yarn" and original:
         factor = raw.get("max_position_embeddings", original) / original

@@ -400,34 +400,35 @@ class Model:
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}"
             q, k, v = (take(f"{p}.self_attn.{m}.weight") for m in ("q_proj", "k_proj", "v_proj"))
-            biases = [maybe(f"{p}.self_attn.{m}.bias") for m in ("q_proj", "k_proj", "v_proj")]
-            qkv_bias = None
-            if any(b is not None for b in biases):
-                sizes = (config.q_size, config.kv_size, config.kv_size)
+            # Biases as the config asks for them, as transformers builds the layers: one it asks
+            # for must be there, one it does not is ignored (a stray tensor changes nothing).
+            attn, mlp = f"{p}.self_attn", f"{p}.mlp"
+            qkv_bias = o_bias = gate_up_bias = down_bias = None
+            if config.attention_bias:
                 qkv_bias = torch.cat(
-                    [
-                        b if b is not None else q.new_zeros(n)
-                        for b, n in zip(biases, sizes, strict=True)
-                    ]
+                    [take(f"{attn}.{m}.bias") for m in ("q_proj", "k_proj", "v_proj")]
                 )
-            gate_bias, up_bias = maybe(f"{p}.mlp.gate_proj.bias"), maybe(f"{p}.mlp.up_proj.bias")
-            gate_up_bias = None
-            if gate_bias is not None and up_bias is not None:
-                gate_up_bias = torch.cat([gate_bias, up_bias])
+                if config.arch != "qwen2":  # Qwen2's o_proj has none
+                    o_bias = take(f"{attn}.o_proj.bias")
+            if config.mlp_bias:
+                gate_up_bias = torch.cat(
+                    [take(f"{mlp}.gate_proj.bias"), take(f"{mlp}.up_proj.bias")]
+                )
+                down_bias = take(f"{mlp}.down_proj.bias")
             layers.append(
                 LayerWeights(
                     input_norm=take(f"{p}.input_layernorm.weight"),
                     qkv=torch.cat([q, k, v]),
                     qkv_bias=qkv_bias,
                     o=take(f"{p}.self_attn.o_proj.weight"),
-                    o_bias=maybe(f"{p}.self_attn.o_proj.bias"),
+                    o_bias=o_bias,
                     post_norm=take(f"{p}.post_attention_layernorm.weight"),
                     gate_up=torch.cat(
                         [take(f"{p}.mlp.gate_proj.weight"), take(f"{p}.mlp.up_proj.weight")]
                     ),
                     gate_up_bias=gate_up_bias,
                     down=take(f"{p}.mlp.down_proj.weight"),
-                    down_bias=maybe(f"{p}.mlp.down_proj.bias"),
+                    down_bias=down_bias,
                 )
             )
             del q, k, v

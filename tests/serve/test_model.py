@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from mintvcs.serve.loader import ModelConfig, UnsupportedModelError, read_config
+from mintvcs.serve.loader import CheckpointError, ModelConfig, UnsupportedModelError, read_config
 from mintvcs.serve.model import Model, StepBatch
 from tests.fixtures import build_base
 
@@ -188,3 +188,67 @@ def test_trained_positions_follow_rope_scaling() -> None:
         )
     )
     assert yarn.trained_positions == 16384
+
+
+def test_stray_bias_tensors_are_ignored_as_transformers_ignores_them(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    directory = build_base(tmp_path / "stray", seed=3)
+    weights = load_file(str(directory / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for name, size in (("self_attn.q_proj", 64), ("mlp.up_proj", 128), ("self_attn.o_proj", 64)):
+        weights[f"model.layers.0.{name}.bias"] = torch.randn(size, generator=gen)
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    ids = _prompt(n=32)
+    # They used to be added (the config asks for no bias, so transformers leaves them out).
+    ours, ref = _our_logits(directory, ids), _hf_logits(directory, ids)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()
+    # With the config asking for every bias (Llama's attention_bias and mlp_bias), all are read.
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(
+        json.dumps({**config, "attention_bias": True, "mlp_bias": True})
+    )
+    with pytest.raises(CheckpointError, match=r"k_proj\.bias' missing"):
+        Model.from_dir(directory)
+    for i in range(config["num_hidden_layers"]):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            group = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            weight = weights[f"model.layers.{i}.{group}.{name}.weight"]
+            weights[f"model.layers.{i}.{group}.{name}.bias"] = torch.randn(
+                weight.shape[0], generator=gen
+            )
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    ours, ref = _our_logits(directory, ids), _hf_logits(directory, ids)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()
+
+
+def _llama(**extra: Any) -> dict[str, Any]:
+    return {**_qwen2(), "architectures": ["LlamaForCausalLM"], "model_type": "llama", **extra}
+
+
+def test_config_defaults_and_refusals_follow_transformers() -> None:
+    mistral = {**_llama(), "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    del mistral["sliding_window"]
+    # transformers' defaults for absent keys: Mistral slides over 4096 positions, Llama never.
+    assert ModelConfig.from_dict(mistral).sliding_window == 4096
+    assert ModelConfig.from_dict(_llama()).sliding_window is None
+    assert ModelConfig.from_dict(_llama()).max_position_embeddings == 2048
+    assert ModelConfig.from_dict(mistral).max_position_embeddings == 131072
+    assert ModelConfig.from_dict(_llama(hidden_act="swish")).arch == "llama"
+    both = ModelConfig.from_dict(
+        _llama(
+            original_max_position_embeddings=32,
+            rope_scaling={**LLAMA3_SCALING, "original_max_position_embeddings": 64},
+        )
+    )
+    assert both.rope.original_max_position_embeddings == 32  # the top-level key wins
+    without_vocab = _llama()
+    del without_vocab["vocab_size"]
+    with pytest.raises(UnsupportedModelError, match=r"config\.json lacks 'vocab_size'"):
+        ModelConfig.from_dict(without_vocab)
+    for scaling in (
+        {"rope_type": "linear"},
+        {k: v for k, v in LLAMA3_SCALING.items() if k != "low_freq_factor"},
+    ):
+        with pytest.raises(UnsupportedModelError, match=r"rope_scaling of type .* lacks"):
+            ModelConfig.from_dict(_llama(rope_scaling=scaling))
