@@ -535,8 +535,9 @@ def body_limit(config: ServerConfig) -> int:
     return max(1 << 20, 4 * config.max_prompt_bytes + (64 << 10))
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 400 naming what is wrong with it (408 if it does not come)."""
+async def read_json(request: web.Request, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The body as a JSON object, or a 400 naming what is wrong with it (408 if it does not come;
+    with `empty_ok`, no body is {})."""
     config = request.app[STATE].config
     declared, most = request.content_length, body_limit(config)
     if declared is not None and declared > most:
@@ -553,6 +554,8 @@ async def read_json(request: web.Request) -> dict[str, Any]:
             408, f"the request body did not arrive within {limit:g} s", "body_timeout"
         ) from None
     if not raw.strip():
+        if empty_ok:
+            return {}
         raise HTTPError(400, "the request body is empty; send a JSON object", "empty_body")
     try:
         body = json.loads(raw)

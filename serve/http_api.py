@@ -65,6 +65,9 @@ MAX_STOP_STRINGS = 16
 # its own (the body size limit bounds the prompts too).
 MAX_CHOICES = 1024
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+# Prompt log-probabilities (alternatives included) one echo answer may hold: ~20 MB of JSON.
+MAX_ECHO_LOGPROBS = 1 << 20
+MAX_MODELS_LIMIT = 10_000  # refs one /v1/models answer lists (each is read on the event loop)
 _TOKEN_KEY = re.compile(r"[0-9]{1,9}")
 
 
@@ -277,7 +280,7 @@ def _structured(kind: str, value: Any, name: str, compact: bool) -> StructuredOu
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:  # RecursionError: nested too deeply
                 raise HTTPError(400, f"{name}: the JSON schema is not JSON: {err}", name) from None
         return _schema(value, name, compact)
     if kind == "choice":
@@ -416,7 +419,10 @@ async def admit_many(
     # The base's own name wins over a ref of that name. A ref is resolved first: one that
     # names nothing costs no encoding.
     if name != state.config.base_name:
-        resolution = state.watcher.resolve(name)
+        # A spec not cached may walk a long history (`main~20000`, a reflog): not on the loop.
+        resolution = state.watcher.cached(name) or await asyncio.to_thread(
+            state.watcher.resolve, name
+        )
         label = state.ref_label(resolution.ref)
     request[REF_KEY] = label
     # Each distinct prompt is encoded once (n choices repeat one prompt object), on a worker
@@ -914,6 +920,22 @@ def _completion_prompts(body: dict[str, Any]) -> list[Prompt]:
     )
 
 
+async def _check_echo_size(state: ServerState, prompts: list[Prompt], n: int, top: int) -> None:
+    """400 for an echo whose prompt logprobs would pass MAX_ECHO_LOGPROBS entries: each choice
+    repeats its prompt's, so a 10 kB request (n=1024, a 2000-token prompt, 20 alternatives)
+    asked for a 1 GB answer, gigabytes of memory and a minute of the event loop."""
+    lengths = await asyncio.to_thread(lambda: [len(_prompt_ids(state, p, True)) for p in prompts])
+    entries = n * sum(lengths) * (top + 1)
+    if entries > MAX_ECHO_LOGPROBS:
+        raise HTTPError(
+            400,
+            f"echo with logprobs={top} over {sum(lengths)} prompt tokens x n={n} is {entries:,} "
+            f"log-probabilities; at most {MAX_ECHO_LOGPROBS:,} per request: lower n or logprobs, "
+            "or split the prompts over requests",
+            "logprobs",
+        )
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions, where `model` is the ref."""
     state = request.app[STATE]
@@ -932,6 +954,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     score_only = echo and field_of(body, "max_tokens", (int,), None) == 0
     params = sampling_params({**body, "max_tokens": 1} if score_only else body, state)
     params = replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+    if echo and logprobs is not None:
+        await _check_echo_size(state, prompts, n, logprobs)
     requests = [(p, q) for p in prompts for q in _choice_params(params, n)]
     choices = await admit_many(request, requests, spec, stream=stream)
     with _cancel_on_error(choices):
@@ -1246,8 +1270,13 @@ async def models(request: web.Request) -> web.Response:
         raise HTTPError(
             400, f"limit must be an integer, got {request.query.get('limit')!r}", "limit"
         ) from None
-    if limit < 1:
-        raise HTTPError(400, f"limit must be at least 1, got {limit}", "limit")
+    if not 1 <= limit <= MAX_MODELS_LIMIT:
+        raise HTTPError(
+            400, f"limit must be in [1, {MAX_MODELS_LIMIT}], got {limit}; page with prefix", "limit"
+        )
+    if ".." in prefix or any(ord(c) < 32 or c == "\x7f" for c in prefix):
+        # As for a ref: the prefix is a path under refs/, never a way out of it.
+        raise HTTPError(400, f"prefix {prefix!r:.60} holds '..' or control characters", "prefix")
     data: list[dict[str, Any]] = []
     if state.config.base_name.startswith(prefix):
         data.append(_base_object(state))

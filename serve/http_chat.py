@@ -97,7 +97,8 @@ def _past_call(call: Any, index: int) -> dict[str, Any]:
         )
     arguments: Any = function.get("arguments", "{}")
     if isinstance(arguments, str):
-        with contextlib.suppress(ValueError):  # else a template gets the text as it was sent
+        # Else (not JSON, or nested past the parser's depth) a template gets the text as sent.
+        with contextlib.suppress(ValueError, RecursionError):
             arguments = json.loads(arguments)
     out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
     if isinstance(call.get("id"), str):

@@ -184,19 +184,33 @@ class RefWatcher:
     def _fresh(entry: _Entry) -> bool:
         return all(_stat(path) == key for path, key in entry.deps)
 
+    def cached(self, spec: str) -> Resolution | None:
+        """`spec`'s resolution if the cache holds it and its files have not changed (a few stat
+        calls), else None: what may run on an event loop, where resolve() may walk a history."""
+        check_spec(spec)
+        if "@{-" in spec:
+            return None
+        with self._lock:
+            entry = self._entries.get(spec)
+            if entry is None or not self._fresh(entry):
+                return None
+            entry.used = time.monotonic()
+            self._entries.move_to_end(spec)
+            self.hits += 1
+            return entry.resolution
+
     def resolve(self, spec: str) -> Resolution:
         """The commit `spec` names now (raises the store's UnknownRevisionError when it names nothing)."""
-        check_spec(spec)
+        hit = self.cached(spec)
+        if hit is not None:
+            return hit
         if "@{-" in spec:
             # The branch checked out N switches ago: no file of the entry's would change when
             # that branch moves, so such a spec is resolved afresh every time, never cached.
             return Resolution(spec, str(self.repo.resolve(spec)), "HEAD")
         with self._lock:
             entry = self._entries.get(spec)
-            if entry is not None and self._fresh(entry):
-                entry.used = time.monotonic()
-                self._entries.move_to_end(spec)
-                self.hits += 1
+            if entry is not None and self._fresh(entry):  # resolved by another thread meanwhile
                 return entry.resolution
             self.misses += 1
             old = entry

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,33 @@ COMPILED_GRAMMARS = 64
 COMPILED_SPEC_CHARS = 2 << 20
 # llguidance's default limits, with short errors: its verbose ones quote the whole grammar.
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+# llguidance builds a matcher by recursion, ~3 kB of stack for each link of a chain of rules or
+# of $refs: on a thread's usual 8 MiB, a 70 kB grammar overflowed it and killed the process
+# (SIGSEGV). Compiles run on a thread with this much stack instead, address space only, touched
+# as deep as a grammar goes; llguidance's own cap of 65,000 symbols (an error, not a crash)
+# keeps the deepest grammar under a fifth of it.
+COMPILE_STACK_BYTES = 1 << 30
+_stack_size_lock = threading.Lock()
+
+
+def _on_deep_stack(build: Callable[[], llguidance.LLMatcher]) -> llguidance.LLMatcher:
+    """`build()` run on a thread of its own with COMPILE_STACK_BYTES of stack; its result or error."""
+    done: Future[llguidance.LLMatcher] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(build())
+        except BaseException as err:
+            done.set_exception(err)
+
+    with _stack_size_lock:  # the size applies to threads started while it is set
+        previous = threading.stack_size(COMPILE_STACK_BYTES)
+        try:
+            thread = threading.Thread(target=run, name="mintvcs-grammar-compile", daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    return done.result()
 
 
 class InvalidStructuredOutput(InvalidSamplingParams):
@@ -103,7 +130,7 @@ class Grammars:
             return running.result()
         try:
             # Outside the lock: compiling drops the GIL and may take a while for a large schema.
-            matcher = self._build(spec)
+            matcher = _on_deep_stack(lambda: self._build(spec))
         except BaseException as err:
             with self._lock:
                 del self._compiling[spec]

@@ -223,3 +223,31 @@ def test_response_format_takes_vllm_options_beside_it(server: BackgroundServer) 
     assert status == 200, answer
     text = answer["choices"][0]["text"]
     assert _schema_ok(text) and text == json.dumps(json.loads(text)), text
+
+
+def test_deep_grammars_and_schemas_do_not_bring_the_server_down(server: BackgroundServer) -> None:
+    # Chains llguidance builds by recursion: they overflowed a thread's stack (SIGSEGV, the
+    # whole server gone) at ~3500 rules or ~1000 $refs, inside the body limit.
+    rules = "start: r0\n" + "\n".join(f"r{i}: r{i + 1}" for i in range(5000)) + '\nr5000: "a"'
+    defs: dict[str, Any] = {
+        f"d{i}": {
+            "type": "object",
+            "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}},
+            "required": ["a"],
+        }
+        for i in range(1500)
+    }
+    defs["d1500"] = {"type": "string"}
+    schema = {"$ref": "#/$defs/d0", "$defs": defs}
+    for extra in ({"guided_grammar": rules}, {"guided_json": schema}):
+        status, _, answer = request(
+            server.url + "/generate", {"ref": "main", "prompt": "Hi", "max_tokens": 2, **extra}
+        )
+        assert status in (200, 400), answer
+    # A schema given as text nested past the JSON parser's depth is a 400, not a 500.
+    nested = "[" * 5000 + "]" * 5000
+    status, _, answer = request(
+        server.url + "/generate", {"ref": "main", "prompt": "Hi", "guided_json": nested}
+    )
+    assert status == 400 and "not JSON" in answer["error"], answer
+    assert gen(server, ref="main", prompt="Hi", max_tokens=2)[0] == 200

@@ -1262,6 +1262,44 @@ def test_a_ref_to_a_commit_made_with_git_is_a_422(
         git("update-ref", "-d", "refs/heads/docs-only")
 
 
+def test_models_listing_refuses_a_prefix_out_of_refs_and_a_limit_past_its_cap(
+    server: BackgroundServer,
+) -> None:
+    # The prefix walked the file system from refs/heads/../../.. on the event loop (seconds,
+    # then a 500); a NUL was a 500; and limit had no bound.
+    for query, field in (
+        ("prefix=" + "../" * 12, "prefix"),
+        ("prefix=a%00b", "prefix"),
+        ("limit=100001", "limit"),
+    ):
+        status, _, body = request(server.url + "/v1/models?" + query)
+        assert status == 400 and field in body["error"]["message"], (query, body)
+
+
+def test_an_echo_whose_logprobs_would_be_huge_is_refused(server: BackgroundServer) -> None:
+    body = {"model": "main", "prompt": [5] * 400, "echo": True, "logprobs": 20, "max_tokens": 0}
+    # n=128 repeats 8,400 prompt log-probabilities 128 times: it was built, gigabytes at n=1024.
+    status, _, answer = request(server.url + "/v1/completions", {**body, "n": 128})
+    assert status == 400 and "log-probabilities" in answer["error"]["message"], answer
+    status, _, answer = request(server.url + "/v1/completions", {**body, "n": 2})
+    assert status == 200 and len(answer["choices"][1]["logprobs"]["tokens"]) == 400
+
+
+def test_notify_reads_its_body_under_the_same_limits(server: BackgroundServer) -> None:
+    import http.client
+    import urllib.parse
+
+    where = urllib.parse.urlsplit(server.url)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+    conn.putrequest("POST", "/v1/refs/notify")
+    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn.putheader("Content-Length", str(100 << 20))
+    conn.endheaders()
+    # It waited for the whole declared body (no 413 up front, no body timeout).
+    assert conn.getresponse().status == 413
+    conn.close()
+
+
 def test_models_retrieves_one_ref(server: BackgroundServer, repo: Repository) -> None:
     status, _, body = request(server.url + "/v1/models/prod")
     assert status == 200
