@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,13 @@ def extra_files(root: Path) -> dict[str, tuple[bytes, bool]]:
                 continue
             # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
             # cache snapshot is a directory of such links, and a checkout writes plain files.
+            try:
+                rel.encode("utf-8")  # os.walk gives bytes that are not UTF-8 as surrogates
+            except UnicodeEncodeError:
+                raise NotAnAdapterError(
+                    f"{root}: the file name {rel!a} is not UTF-8, which a stored name must be; "
+                    "rename it"
+                ) from None
             reason = unsafe_path_reason(rel)
             if reason is not None:
                 raise NotAnAdapterError(
@@ -140,5 +148,12 @@ def extra_files(root: Path) -> dict[str, tuple[bytes, bool]]:
                     f"{path} is a symlink to {os.readlink(path)!r}, which is not a file; "
                     "remove it or point it at a file"
                 )
-            extra[rel] = (path.read_bytes(), os.access(path, os.X_OK))
+            mode = path.stat().st_mode
+            if not stat.S_ISREG(mode):  # a FIFO would block the read for ever
+                raise NotAnAdapterError(
+                    f"{path} is not a regular file (a pipe, socket or device); only files are "
+                    "stored: move it out of the adapter directory"
+                )
+            # Executable as git decides it: by the owner's bit, whoever commits.
+            extra[rel] = (path.read_bytes(), bool(mode & stat.S_IXUSR))
     return extra

@@ -450,9 +450,15 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
             click.echo(click.style(f"  added     {t.name}  {list(t.shape_b or ())}", fg="green"))
         elif t.status == "removed":
             click.echo(click.style(f"  removed   {t.name}  {list(t.shape_a or ())}", fg="red"))
+        elif t.shape_a == t.shape_b:  # a dtype without statistics (integers, bool, float8)
+            click.echo(
+                f"  {t.status:9} {t.name}  {list(t.shape_b or ())}{retyped}  "
+                f"(no statistics for {t.dtype_b})"
+            )
         else:
             click.echo(
                 f"  {t.status:9} {t.name}  {list(t.shape_a or ())} -> {list(t.shape_b or ())}"
+                f"{retyped}"
             )
     click.echo(f"{changed} of {len(result.tensors)} tensors changed")
 

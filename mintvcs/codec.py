@@ -73,7 +73,7 @@ _MAX_HEADER = 1 << 20
 
 # Byte sizes of safetensors dtypes: the reader's table and two the codec also sizes. Unknown
 # (e.g. sub-byte) dtypes are still stored raw; only the shape-vs-size check is skipped for them.
-_ITEMSIZE: dict[str, int] = {**DTYPE_SIZES, "F8_E8M0": 1, "C64": 8}
+_ITEMSIZE: dict[str, int] = dict(DTYPE_SIZES)
 # Float dtypes whose bytes are split into planes; the issue asks for these.
 _PLANE_DTYPES = frozenset({"F16", "BF16", "F32"})
 # Where the exponent is 8 bits wide, rotating each element left by one bit
@@ -419,12 +419,23 @@ class Encoded:
         return b"".join(self.parts)
 
 
-# Exponent masks: all exponent bits set means NaN or Inf.
-_EXPONENT_MASKS = {"BF16": ("<u2", 0x7F80), "F16": ("<u2", 0x7C00), "F32": ("<u4", 0x7F800000)}
+# Masks whose bits all set mean NaN or Inf: the exponent of IEEE-like types; for F8_E4M3
+# (OCP's fn variant, no Inf) exponent and mantissa, S.1111.111 being its only NaN; for
+# F8_E8M0 (an exponent alone) 0xFF, its NaN.
+_EXPONENT_MASKS = {
+    "BF16": ("<u2", 0x7F80),
+    "F16": ("<u2", 0x7C00),
+    "F32": ("<u4", 0x7F800000),
+    "C64": ("<u4", 0x7F800000),  # two F32s
+    "F8_E5M2": ("u1", 0x7C),
+    "F8_E4M3": ("u1", 0x7F),
+    "F8_E8M0": ("u1", 0xFF),
+}
 
 
 def nonfinite_count(data: bytes | memoryview, dtype: str) -> int:
-    """How many elements of a float tensor's raw bytes are NaN or Inf (0 for other dtypes)."""
+    """How many values of a float tensor's raw bytes are NaN or Inf (0 for other dtypes; a C64
+    element counts once per non-finite part)."""
     import numpy as np
 
     if dtype == "F64":

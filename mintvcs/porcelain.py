@@ -642,12 +642,12 @@ def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[
     changes += [("removed", f"{WEIGHTS_FILE}:{name}") for name in committed]
     if not changes and work.layout.header != repo.read_blob(rev.manifest.header_blob):
         changes.append(("modified", f"{WEIGHTS_FILE} (header)"))
-    committed_files = {f.path: f.blob for f in rev.manifest.files}
-    for path, (content, _x) in work.extra_files.items():
-        blob = committed_files.pop(path, None)
-        if blob is None:
+    committed_files = {f.path: (f.blob, f.executable) for f in rev.manifest.files}
+    for path, (content, executable) in work.extra_files.items():
+        was = committed_files.pop(path, None)
+        if was is None:
             changes.append(("added", path))
-        elif _blob_id(content) != blob:
+        elif (_blob_id(content), executable) != was:  # a mode change is one, as in git
             changes.append(("modified", path))
     changes += [("removed", path) for path in committed_files]
     return changes
@@ -704,7 +704,7 @@ def _clean_by_stat(repo: Repository, head: str) -> bool:
     present = extra_files(repo.work_tree)
     if set(present) != set(committed):
         return False
-    return all(_blob_id(content) == committed[p][0] for p, (content, _x) in present.items())
+    return all((_blob_id(content), x) == committed[p] for p, (content, x) in present.items())
 
 
 def _blob_id(content: bytes) -> str:

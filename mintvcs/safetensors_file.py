@@ -12,10 +12,10 @@ from mintvcs.treenames import git_special_name
 
 # Bytes per element of each safetensors dtype.
 DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
+    "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }  # fmt: skip
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -67,10 +67,16 @@ def check_tensor_name(name: str) -> None:
         raise BadTensorNameError(
             f"tensor name {name!r} cannot be stored: names must be non-empty and hold no '/', '\\' or NUL"
         )
-    if ".." in name or _CONTROL.search(name):
+    if _CONTROL.search(name):
         raise BadTensorNameError(
-            f"tensor name {name!r} cannot be stored: it holds '..' or a control character"
+            f"tensor name {name!r} cannot be stored: it holds a control character"
         )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which JSON can spell and no file name holds
+        raise BadTensorNameError(
+            f"tensor name {name!a} cannot be stored: it is not valid Unicode (a lone surrogate)"
+        ) from None
     reason = git_special_name(name)
     if reason is not None:
         raise BadTensorNameError(f"tensor name {name!r} cannot be stored: {reason}")
@@ -113,6 +119,11 @@ def parse_layout(data: bytes | memoryview, source: str) -> SafetensorsLayout:
     return SafetensorsLayout(bytes(view[: 8 + header_len]), dict(metadata), tuple(entries))
 
 
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (`true` is an int to Python, not to safetensors)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _entry(name: str, info: object, source: str) -> TensorEntry:
     """Validate one header entry."""
     check_tensor_name(name)
@@ -120,13 +131,16 @@ def _entry(name: str, info: object, source: str) -> TensorEntry:
         raise CorruptSafetensorsError(f"{source}: entry for {name!r} is not an object")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if dtype not in DTYPE_SIZES:
-        raise CorruptSafetensorsError(f"{source}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CorruptSafetensorsError(
+            f"{source}: tensor {name!r} has dtype {dtype!r}, which mintvcs does not store; "
+            f"it stores {', '.join(DTYPE_SIZES)}"
+        )
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
         raise CorruptSafetensorsError(f"{source}: tensor {name!r} has invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(_is_count(o) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise CorruptSafetensorsError(

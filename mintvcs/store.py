@@ -1084,6 +1084,16 @@ class Repository:
                     f"metadata {key!r:.40}: {value!r:.40} is not a non-empty string key with a "
                     "string value; convert values with str() (for example meta={'step': str(step)})"
                 )
+        # What a reader refuses (MAX_METADATA_BYTES) is refused here: a revision that could
+        # not be read back would pass for a damaged one.
+        _check_metadata_size(CONFIG_PATH, len(adapter.config_bytes))
+        # A manifest is ~200 bytes per tensor beside the names and metadata the header holds.
+        _check_metadata_size(
+            MANIFEST_PATH,
+            len(adapter.layout.header)
+            + 200 * len(adapter.layout.tensors)
+            + sum(len(k) + len(v) for k, v in (meta or {}).items()),
+        )
         tensors = adapter.layout.tensors
         prior_of = {t.name: t for t in parent.manifest.tensors} if parent else {}
         refused: dict[int, int] = {}
@@ -1191,9 +1201,11 @@ class Repository:
             files,
             dict(meta or {}),
         )
+        manifest_bytes = manifest.to_bytes()
+        _check_metadata_size(MANIFEST_PATH, len(manifest_bytes))  # the estimate's backstop
         entries: list[tuple[str, str, int]] = [
             (CONFIG_PATH, self.add_blob(adapter.config_bytes), 0o100644),
-            (MANIFEST_PATH, self.add_blob(manifest.to_bytes()), 0o100644),
+            (MANIFEST_PATH, self.add_blob(manifest_bytes), 0o100644),
             (HEADER_PATH, manifest.header_blob, 0o100644),
         ]
         entries += [(f"{TENSORS_DIR}/{r.name}", r.blob, 0o100644) for r in records]
@@ -1529,6 +1541,14 @@ def accepts_path(
         )
 
     return verb_on
+
+
+def _check_metadata_size(what: str, size: int) -> None:
+    if size > MAX_METADATA_BYTES:
+        raise MintError(
+            f"this adapter's {what} would be {size:,} bytes, over the {MAX_METADATA_BYTES:,} a "
+            "revision's metadata may hold (tensor names and metadata too long, or too many)"
+        )
 
 
 def _commit_info(commit: Commit) -> CommitInfo:
