@@ -13,6 +13,8 @@ import torch
 
 from mintvcs.errors import MintError
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (vLLM's _SAMPLING_EPS)
+
 
 class InvalidSamplingParams(MintError):
     """A sampling parameter is out of range."""
@@ -116,12 +118,20 @@ class SamplingParams:
             raise InvalidSamplingParams(
                 f"max_tokens must be None or an integer >= 1, got {self.max_tokens!r}"
             )
+        for name in ("top_k", "min_tokens", "seed", "logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                # A float here failed inside a step, and with it every request in the batch.
+                raise InvalidSamplingParams(f"{name} must be an integer, got {value!r}")
         if self.top_k == -1:  # vLLM's spelling of "off"
             object.__setattr__(self, "top_k", 0)
         if not 0.0 <= self.temperature <= 100.0:
             raise InvalidSamplingParams(
                 f"temperature must be in [0, 100], got {self.temperature}; 0 means greedy"
             )
+        if self.temperature < GREEDY_BELOW:
+            # As vLLM: below this, logits / temperature overflow fp32 and sampling is argmax anyway.
+            object.__setattr__(self, "temperature", 0.0)
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidSamplingParams(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

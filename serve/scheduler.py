@@ -140,6 +140,7 @@ class Sequence:
         # A structured output whose grammar takes no further token is complete: it stops here,
         # not one step later on the EOS that would be the only token left (min_tokens or not).
         complete = self.matcher is not None and self.matcher.is_stopped()
+        before = self.detok.text
         self.detok.add(token)
         text = self.detok.text
         reason: str | None = None
@@ -154,15 +155,21 @@ class Sequence:
             if at != -1:
                 reason, cut = "stop", at
         if reason is None:
-            if (may_stop and token in self.stop_ids) or complete:
-                reason = "stop"
+            if may_stop and token in self.stop_ids and not complete:
+                # As vLLM: a stop token ends the output without its own text (EOS, or an
+                # ordinary token named in stop_token_ids).
+                reason, text = "stop", before
             elif (
-                self.params.max_tokens is not None
-                and len(self.output_ids) >= self.params.max_tokens
-            ) or self.num_tokens >= self.max_len:
-                reason = "length"
-            if reason is not None:
+                complete
+                or (
+                    self.params.max_tokens is not None
+                    and len(self.output_ids) >= self.params.max_tokens
+                )
+                or self.num_tokens >= self.max_len
+            ):
+                reason = "stop" if complete else "length"
                 text = self.detok.flush()
+            if reason is not None:
                 cut = len(text)
         if reason is None and stops:
             # Hold back a tail that could still grow into a stop string.

@@ -364,6 +364,13 @@ def test_stop_string_eos_and_seeded_sampling(engine: Engine) -> None:
     )
     assert ended.finish_reason == "stop"
     assert ended.token_ids == plain[: plain.index(stop_id) + 1]
+    # As vLLM: the stop token's own text is left out (it was kept).
+    before = engine.tokenizer.decode(plain[: plain.index(stop_id)], skip_special_tokens=True)
+    assert ended.text == before
+    # A temperature so small that logits / temperature overflow is greedy (it sampled the
+    # last token of the vocabulary every step).
+    tiny = SamplingParams(max_tokens=12, temperature=1e-40, seed=1, ignore_eos=True)
+    assert engine.generate([5, 6, 7], None, tiny).token_ids == plain[:12]
     seeded = SamplingParams(max_tokens=20, temperature=1.5, seed=42, ignore_eos=True)
     a, b = engine.generate([5, 6, 7], "qv-r8", seeded), engine.generate([5, 6, 7], "qv-r8", seeded)
     c = engine.generate(

@@ -126,6 +126,11 @@ def test_temperature_sharpens() -> None:
         {"top_k": -2},
         {"stop": ("",)},
         {"seed": -1},
+        # Not integers: top_k=3.0 failed inside a step, with every request of its batch.
+        {"top_k": 3.0},
+        {"seed": 1.5},
+        {"logprobs": 2.0},
+        {"prompt_logprobs": True},
     ],
 )
 def test_invalid_params_are_refused(kwargs: dict[str, Any]) -> None:
