@@ -684,16 +684,26 @@ def build_engine(config: ServerConfig) -> Engine:
     return Engine(config.base_model, engine_config(config), source=StoreSource(config.repo))
 
 
-def _read_tokenizer_config(base: Path) -> dict[str, Any]:
+def read_tokenizer_config(base: Path) -> dict[str, Any]:
+    """tokenizer_config.json, with the chat template where transformers now saves it when the
+    config holds none (chat_template.jinja, or chat_template.json's "chat_template")."""
+    data: Any = {}
     path = Path(base) / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, json.JSONDecodeError) as err:
         log.warning("ignoring unreadable %s: %s", path, err)
-        return {}
-    return data if isinstance(data, dict) else {}
+    data = data if isinstance(data, dict) else {}
+    if not data.get("chat_template"):
+        jinja, named = Path(base) / "chat_template.jinja", Path(base) / "chat_template.json"
+        try:
+            if jinja.is_file():
+                data["chat_template"] = jinja.read_text()
+            elif named.is_file():
+                data["chat_template"] = json.loads(named.read_text()).get("chat_template")
+        except (OSError, ValueError, AttributeError) as err:
+            log.warning("ignoring an unreadable chat template beside %s: %s", path, err)
+    return data
 
 
 def new_state(config: ServerConfig) -> ServerState:
@@ -711,7 +721,7 @@ def new_state(config: ServerConfig) -> ServerState:
         repo=repo,
         watcher=RefWatcher(repo),
         api_keys=None if config.api_key_file is None else ApiKeys(config.api_key_file),
-        tokenizer_config=_read_tokenizer_config(config.base_model),
+        tokenizer_config=read_tokenizer_config(config.base_model),
     )
 
 

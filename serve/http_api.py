@@ -184,6 +184,12 @@ def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
 _NEUTRAL: dict[str, tuple[object, ...]] = {
     "suffix": ("",),
     "functions": ([],),  # OpenAI's deprecated form of tools
+    # vLLM's: a request's own template is not run; special tokens are always left out of the
+    # text; a stop string never ends up in it.
+    "chat_template": (),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "include_stop_str_in_output": (False,),
 }
 
 # vLLM's structured_outputs keys (and its older guided_* fields) -> our kinds.
@@ -315,10 +321,36 @@ def _response_format(value: dict[str, Any], compact: bool) -> StructuredOutput |
     )
 
 
+def _render_conversation(
+    state: ServerState,
+    body: dict[str, Any],
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+) -> tuple[str, bool]:
+    """render_chat with the request's template options (vLLM's and transformers' names)."""
+    kwargs = field_of(body, "chat_template_kwargs", (dict,), {})
+    return render_chat(
+        messages,
+        state.tokenizer_config,
+        tools,
+        add_generation_prompt=field_of(body, "add_generation_prompt", (bool,), True),
+        continue_final_message=field_of(body, "continue_final_message", (bool,), False),
+        template_kwargs={k: v for k, v in kwargs.items() if k not in _TEMPLATE_OWN},
+    )
+
+
+# Variables the server gives a chat template itself: chat_template_kwargs cannot replace them.
+_TEMPLATE_OWN = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+
+
 def _refuse_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
     """400 for an OpenAI field this server does not implement, unless its value is the neutral one."""
     # Tools are for chat only.
-    fields = _NEUTRAL if chat else {**_NEUTRAL, "tools": ([],), "tool_choice": ("none",)}
+    fields = (
+        {**_NEUTRAL, "echo": (False,)}  # vLLM's chat echo of the last message
+        if chat
+        else {**_NEUTRAL, "tools": ([],), "tool_choice": ("none",)}
+    )
     for name, neutral in fields.items():
         value = body.get(name)
         # 0.0 counts as 0, but True is not 1: JSON's booleans and numbers are different values.
@@ -957,7 +989,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if echo and logprobs is not None:
         await _check_echo_size(state, prompts, n, logprobs)
     requests = [(p, q) for p in prompts for q in _choice_params(params, n)]
-    choices = await admit_many(request, requests, spec, stream=stream)
+    # False: a client that templated its prompt itself (BOS included) sends it as it is.
+    special = field_of(body, "add_special_tokens", (bool,), True)
+    choices = await admit_many(request, requests, spec, stream=stream, special_tokens=special)
     with _cancel_on_error(choices):
         envelope = _OpenAIEnvelope("cmpl", choices[0], usage_null=stream and include_usage)
         engine = state.require_engine()
@@ -1118,8 +1152,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "tool_choice",
             )
         params = replace(params, structured=forced)
-    prompt, templated = render_chat(
-        messages, state.tokenizer_config, None if plan is None else list(plan.tools)
+    prompt, templated = _render_conversation(
+        state, body, messages, None if plan is None else list(plan.tools)
     )
     # A chat template writes BOS itself; the tokenizer adding another would shift every logit.
     choices = await admit_many(
@@ -1127,7 +1161,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         [(prompt, q) for q in _choice_params(params, n)],
         spec,
         stream=stream,
-        special_tokens=not templated,
+        special_tokens=field_of(body, "add_special_tokens", (bool,), not templated),
     )
     with _cancel_on_error(choices):
         obj = _OpenAIEnvelope("chatcmpl", choices[0], usage_null=stream and include_usage).wrap
@@ -1378,7 +1412,7 @@ async def tokenize(request: web.Request) -> web.Response:
         if not isinstance(raw, list) or not raw:
             raise HTTPError(400, "field 'messages' must be a non-empty list", "messages")
         messages = [chat_message(m, i) for i, m in enumerate(raw)]
-        text, templated = render_chat(messages, state.tokenizer_config, offered_tools(body) or None)
+        text, templated = _render_conversation(state, body, messages, offered_tools(body) or None)
         special = field_of(body, "add_special_tokens", (bool,), not templated)
     else:
         text = field_of(body, "prompt", (str,))

@@ -9,7 +9,11 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+
+from jinja2 import nodes
+from jinja2.ext import Extension
 
 from mintvcs.serve.app import HTTPError, field_of
 from mintvcs.serve.sampling import StructuredOutput
@@ -110,8 +114,22 @@ def render_chat(
     messages: list[dict[str, Any]],
     tokenizer_config: dict[str, Any],
     tools: list[dict[str, Any]] | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[str, bool]:
-    """The prompt for a conversation, and whether the tokenizer's Jinja chat_template wrote it (else the plain template)."""
+    """The prompt for a conversation, and whether the tokenizer's Jinja chat_template wrote it
+    (else the plain template). As transformers' apply_chat_template: `add_generation_prompt`
+    opens the assistant's turn; `continue_final_message` leaves the last message open, so that
+    the reply continues it; `template_kwargs` are extra template variables (`enable_thinking`)."""
+    if continue_final_message and (add_generation_prompt or not messages):
+        raise HTTPError(
+            400,
+            "continue_final_message continues the last message: send it with "
+            "add_generation_prompt false, after at least one message",
+            "continue_final_message",
+        )
     template = tokenizer_config.get("chat_template")
     if isinstance(
         template, list
@@ -130,9 +148,12 @@ def render_chat(
         # As transformers renders chat templates: loop controls, and a tojson that keeps key
         # order and writes non-ASCII and <>&' as they are (Jinja's own escapes them for HTML).
         env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=["jinja2.ext.loopcontrols", _GenerationBlock],
         )
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(str(fmt))
         env.filters["tojson"] = _tojson
 
         def token(name: str) -> str:
@@ -143,9 +164,10 @@ def render_chat(
 
         try:
             rendered = env.from_string(template).render(
+                **(template_kwargs or {}),
                 messages=messages,
                 tools=tools,
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 bos_token=token("bos_token"),
                 eos_token=token("eos_token"),
             )
@@ -157,6 +179,19 @@ def render_chat(
             raise HTTPError(
                 400, f"the base model's chat template failed: {err}", "chat_template"
             ) from None
+        if continue_final_message:
+            # Cut after the last message's content, as transformers does: its end-of-turn goes.
+            final = messages[-1]["content"]
+            final = final.strip() if isinstance(final, str) else ""
+            at = rendered.rfind(final) if final else -1
+            if at == -1:
+                raise HTTPError(
+                    400,
+                    "continue_final_message: the chat template did not write the last message's "
+                    "content as it was sent, so it cannot be continued",
+                    "continue_final_message",
+                )
+            rendered = rendered[: at + len(final)]
         return rendered, True
     # Non-ASCII as it is, as templates' tojson writes it: escapes would cost tokens.
     lines = [f"tools: {_tojson(tools)}"] if tools else []
@@ -166,7 +201,20 @@ def render_chat(
             calls = [c["function"] for c in m["tool_calls"]]
             content = f"{content}{' ' if content else ''}tool_calls: {_tojson(calls)}"
         lines.append(f"{m['role']}: {content}")
-    return PLAIN_CHAT_SEPARATOR.join([*lines, "assistant:"]), False
+    opened = ["assistant:"] if add_generation_prompt else []
+    return PLAIN_CHAT_SEPARATOR.join([*lines, *opened]), False
+
+
+class _GenerationBlock(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`: marks the assistant's part for
+    training masks; rendering a prompt keeps its body as it is."""
+
+    tags = {"generation"}  # noqa: RUF012 (jinja reads it from the class)
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
 
 
 def _tojson(

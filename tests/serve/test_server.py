@@ -1285,6 +1285,15 @@ def test_an_echo_whose_logprobs_would_be_huge_is_refused(server: BackgroundServe
     assert status == 200 and len(answer["choices"][1]["logprobs"]["tokens"]) == 400
 
 
+def test_completions_add_special_tokens_and_refused_text_options(server: BackgroundServer) -> None:
+    body = {"model": "main", "prompt": "Hello there", "max_tokens": 1}
+    # Taken (this tokenizer adds no BOS, so the count does not move), where it was ignored.
+    assert request(server.url + "/v1/completions", {**body, "add_special_tokens": False})[0] == 200
+    for field, value in (("skip_special_tokens", False), ("include_stop_str_in_output", True)):
+        status, _, answer = request(server.url + "/v1/completions", {**body, field: value})
+        assert status == 400 and field in answer["error"]["message"], answer
+
+
 def test_notify_reads_its_body_under_the_same_limits(server: BackgroundServer) -> None:
     import http.client
     import urllib.parse

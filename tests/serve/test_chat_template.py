@@ -1,0 +1,71 @@
+"""Chat templates rendered as transformers' apply_chat_template renders them, from wherever
+transformers saves them, with the options vLLM's chat endpoint takes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mintvcs.serve.app import HTTPError, read_tokenizer_config
+from mintvcs.serve.http_chat import render_chat
+
+# A ChatML-style template with what recent checkpoints use: a {% generation %} block,
+# strftime_now, a kwarg (enable_thinking) and the end-of-turn after each message.
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+    "{% endif %}today {{ strftime_now('%d %b %Y') }}"
+)
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hello"},
+    {"role": "assistant", "content": "The answer is"},
+]
+
+
+@pytest.fixture(scope="module")
+def base_with_jinja(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("chat") / "base"
+    shutil.copytree(tiny_base, base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").write_text(TEMPLATE)  # where transformers saves it now
+    return base
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"add_generation_prompt": True, "messages": MESSAGES[:2]},
+        {"add_generation_prompt": True, "messages": MESSAGES[:2], "enable_thinking": False},
+        {"add_generation_prompt": False, "continue_final_message": True, "messages": MESSAGES},
+    ],
+)
+def test_rendered_as_transformers_renders_it(
+    base_with_jinja: Path, options: dict[str, Any]
+) -> None:
+    from transformers import AutoTokenizer
+
+    options = dict(options)
+    messages = options.pop("messages")
+    expected = AutoTokenizer.from_pretrained(str(base_with_jinja)).apply_chat_template(
+        messages, tokenize=False, **options
+    )
+    config = read_tokenizer_config(base_with_jinja)  # the template was ignored there
+    kwargs = {k: options.pop(k) for k in list(options) if k == "enable_thinking"}
+    rendered, templated = render_chat(messages, config, template_kwargs=kwargs, **options)
+    assert templated and rendered == expected
+
+
+def test_continuing_needs_no_generation_prompt(base_with_jinja: Path) -> None:
+    config = read_tokenizer_config(base_with_jinja)
+    with pytest.raises(HTTPError, match="add_generation_prompt false"):
+        render_chat(MESSAGES, config, continue_final_message=True)
