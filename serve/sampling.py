@@ -354,44 +354,48 @@ CONTEXT_TOKENS = 5
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, holding back incomplete characters.
 
-    The text is decode(context + output) less decode(context), `context` being the prompt's
-    last tokens, so that what a tokenizer does to the start of a text happens to the prompt.
+    Each token's text is decode(window + token) less decode(window), the window being the last
+    CONTEXT_TOKENS tokens before it (the prompt's tail at first), so that what a tokenizer does
+    to the start of a text happens to the window, and each token costs a decode of a few
+    tokens: decoding the whole output each time (as before) cost 0.85 ms per sequence and step
+    at 4,000 tokens, on the step thread.
     """
 
     def __init__(self, tokenizer: Any, context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
-        self.context = list(context)[-CONTEXT_TOKENS:]
-        self._prefix = (
-            tokenizer.decode(self.context, skip_special_tokens=True)
-            if tokenizer is not None and self.context
-            else ""
-        )
+        self._window = list(context)[-CONTEXT_TOKENS:]  # the ids decoded together
+        self._counted = len(self._window)  # those of the window whose text is in self.text
         self.ids: list[int] = []
         self.text = ""
-        self._full = ""
+        self._pending = ""  # text of the uncounted ids, which ends inside a character
 
     def add(self, token_id: int) -> str:
         """Append a token; return the new stable text (may be empty while a character is incomplete)."""
         self.ids.append(token_id)
         if self.tokenizer is None:
             return ""
-        # Decoding the whole output keeps merges right; outputs are short enough for this to be cheap.
-        text = self.tokenizer.decode(self.context + self.ids, skip_special_tokens=True)
-        if text.startswith(self._prefix):
-            text = text[len(self._prefix) :]
-        else:  # the prompt's tail merged with the output: fall back to the output alone
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        self._full = text
-        if text.endswith("\ufffd"):
+        self._window.append(token_id)
+        start = max(0, self._counted - CONTEXT_TOKENS)
+        before = self.tokenizer.decode(
+            self._window[start : self._counted], skip_special_tokens=True
+        )
+        after = self.tokenizer.decode(self._window[start:], skip_special_tokens=True)
+        new = after[len(before) :]
+        if after.endswith("\ufffd"):
+            self._pending = new
             return ""
-        delta = text[len(self.text) :] if text.startswith(self.text) else ""
-        self.text = text
-        return delta
+        self._pending = ""
+        self._counted = len(self._window)
+        if self._counted > 4 * CONTEXT_TOKENS:
+            del self._window[: self._counted - CONTEXT_TOKENS]
+            self._counted = len(self._window)
+        self.text += new
+        return new
 
     def flush(self) -> str:
         """At the end of a sequence: accept the pending tail as decoded (replacement characters included)."""
-        if self._full.startswith(self.text):
-            self.text = self._full
+        self.text += self._pending
+        self._pending = ""
         return self.text
 
 

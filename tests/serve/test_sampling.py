@@ -9,6 +9,7 @@ import torch
 
 from mintvcs.serve import sampling
 from mintvcs.serve.sampling import (
+    CONTEXT_TOKENS,
     InvalidSamplingParams,
     SamplingParams,
     find_stop,
@@ -172,3 +173,17 @@ def test_detokenized_text_is_what_the_prompt_leaves_off(style: str) -> None:
     assert expected.startswith(" ")
     detok = IncrementalDetokenizer(tokenizer, prompt)
     assert "".join(detok.add(t) for t in output) == expected
+    # A long output, each token decoded in a window of a few: the text is the whole decode's,
+    # and no call decodes more than twice the context (it decoded the whole output each time).
+    long = tokenizer.encode(" The answer is yes, it is Paris." * 200, add_special_tokens=False).ids
+    sizes: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            sizes.append(len(ids))
+            return str(tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    detok = IncrementalDetokenizer(Counting(), prompt)
+    streamed = "".join(detok.add(t) for t in long)
+    assert streamed == tokenizer.decode(prompt + long)[len(tokenizer.decode(prompt)) :]
+    assert max(sizes) <= 2 * CONTEXT_TOKENS
