@@ -545,7 +545,9 @@ class Engine:
             params=params,
             revision=revision,
             sink=sink,
-            detok=IncrementalDetokenizer(self.tokenizer, ids),
+            detok=IncrementalDetokenizer(
+                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+            ),
             eos_ids=self._eos,
             max_len=self.max_model_len,
             generator=None if params.greedy else params.generator(),

@@ -1152,6 +1152,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 "tool_choice",
             )
         params = replace(params, structured=forced)
+    reader = None if plan is None or plan.choice != "auto" else plan.format
+    if reader is not None and reader.needs_special_tokens(state.require_engine().tokenizer):
+        # Its markers are special tokens here: left out of the text, the calls would be lost.
+        params = replace(params, skip_special_tokens=False)
     prompt, templated = _render_conversation(
         state, body, messages, None if plan is None else list(plan.tools)
     )

@@ -315,6 +315,14 @@ Calls = tuple[str | None, list[dict[str, Any]]]  # (content before the calls or 
 class ToolCallFormat:
     """How a model writes tool calls into its reply, for tool_choice "auto" (--tool-call-parser)."""
 
+    markers: tuple[str, ...] = ()  # the text it finds calls by; a checkpoint may make them special
+
+    def needs_special_tokens(self, tokenizer: Any) -> bool:
+        """Whether one of the markers is a special token of `tokenizer`, which output text
+        leaves out unless the request keeps special tokens."""
+        special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        return any(marker in special for marker in self.markers)
+
     def calls(self, text: str) -> Calls | None:
         """The content and calls of a finished reply; None when it holds no calls (it is text)."""
         raise NotImplementedError
@@ -327,6 +335,8 @@ class ToolCallFormat:
 class HermesFormat(ToolCallFormat):
     """Hermes and Qwen2.5: text, then <tool_call>{"name": ..., "arguments": {...}}</tool_call>
     blocks."""
+
+    markers = (HERMES_OPEN, "</tool_call>")
 
     def calls(self, text: str) -> Calls | None:
         """The content before the first <tool_call> and the calls (text after the last call is
@@ -355,6 +365,8 @@ class Llama3JsonFormat(ToolCallFormat):
     """Llama 3.1-3.3 (JSON tool calling): the reply is the calls and nothing else, each
     {"name": ..., "parameters": {...}} ("arguments" also read), separated by ";", after an
     optional <|python_tag|>."""
+
+    markers = (LLAMA3_PYTHON_TAG,)
 
     def calls(self, text: str) -> Calls | None:
         """The calls of a reply made of calls only; None for anything else."""

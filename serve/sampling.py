@@ -105,6 +105,9 @@ class SamplingParams:
     # travels with the request's other options.
     cache_salt: str | None = None
     structured: StructuredOutput | None = None  # a schema, pattern or grammar the output must match
+    # False keeps special tokens' text in the output: a tool-call parser whose markers are
+    # special tokens (<tool_call> in some Hermes checkpoints) reads them there, as vLLM's does.
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -361,8 +364,11 @@ class IncrementalDetokenizer:
     at 4,000 tokens, on the step thread.
     """
 
-    def __init__(self, tokenizer: Any, context: Sequence[int] = ()) -> None:
+    def __init__(
+        self, tokenizer: Any, context: Sequence[int] = (), *, skip_special_tokens: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self._window = list(context)[-CONTEXT_TOKENS:]  # the ids decoded together
         self._counted = len(self._window)  # those of the window whose text is in self.text
         self.ids: list[int] = []
@@ -376,10 +382,11 @@ class IncrementalDetokenizer:
             return ""
         self._window.append(token_id)
         start = max(0, self._counted - CONTEXT_TOKENS)
+        skip = self.skip_special_tokens
         before = self.tokenizer.decode(
-            self._window[start : self._counted], skip_special_tokens=True
+            self._window[start : self._counted], skip_special_tokens=skip
         )
-        after = self.tokenizer.decode(self._window[start:], skip_special_tokens=True)
+        after = self.tokenizer.decode(self._window[start:], skip_special_tokens=skip)
         new = after[len(before) :]
         if after.endswith("\ufffd"):
             self._pending = new

@@ -609,3 +609,25 @@ def test_an_unknown_tool_call_parser_is_refused(tiny_base: Any, tmp_path: Any) -
 
     with pytest.raises(ServerError, match="tool_call_parser 'mistral' is not one"):
         ServerConfig(repo=tmp_path, base_model=tiny_base, tool_call_parser="mistral")
+
+
+def test_special_token_markers_are_kept_in_the_text_the_parser_reads(tiny_base: Any) -> None:
+    from tokenizers import AddedToken, Tokenizer
+
+    from mintvcs.serve.http_chat import Llama3JsonFormat
+    from mintvcs.serve.sampling import IncrementalDetokenizer
+
+    plain = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    assert not HermesFormat().needs_special_tokens(plain)
+    special = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    special.add_special_tokens([AddedToken("<tool_call>", special=True)])
+    assert HermesFormat().needs_special_tokens(special)
+    assert not Llama3JsonFormat().needs_special_tokens(special)
+    ids = special.encode('<tool_call>{"name": "f"}', add_special_tokens=False).ids
+    # Output text leaves special tokens out, so a Hermes call written with them was lost.
+    kept = IncrementalDetokenizer(special, skip_special_tokens=False)
+    dropped = IncrementalDetokenizer(special)
+    for token in ids:
+        kept.add(token)
+        dropped.add(token)
+    assert kept.flush().startswith("<tool_call>") and not dropped.flush().startswith("<tool_call>")
