@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
     from dulwich.object_store import DiskObjectStore
-    from dulwich.objects import Commit, ShaFile
+    from dulwich.objects import Commit, ShaFile, Tree
 
     from mintvcs.plane_cache import PlaneCache
 
@@ -961,12 +961,32 @@ class Repository:
                 f"{commit_id!r:.60} is not a commit id; resolve a ref or an abbreviation first "
                 "(Repository.resolve)"
             )
-        info, entries, manifest_blob = self._manifest_of(commit_id)
-        manifest = Manifest.from_bytes(manifest_blob, f"manifest of {commit_id[:12]}")
-        self._check_tree(commit_id, info.tree, manifest)
+        info, tree = self._root_of(commit_id)
+        # We write UTF-8 names only; git accepts any bytes, and "replace" keeps such a tree
+        # readable (its odd entries are never ours to read) instead of failing on it.
+        entries = {e.path.decode("utf-8", "replace"): e.sha.decode() for e in tree.items()}
+        if MANIFEST_PATH not in entries or CONFIG_PATH not in entries:
+            raise NotAnAdapterRevision(
+                f"commit {commit_id[:12]} is not an adapter revision: {MANIFEST_PATH} is missing"
+            )
+        manifest = Manifest.from_bytes(
+            self.read_blob(entries[MANIFEST_PATH], what=MANIFEST_PATH, max_size=MAX_METADATA_BYTES),
+            f"manifest of {commit_id[:12]}",
+        )
+        self._check_tree(commit_id, tree, manifest)
         return Revision(self, info, manifest, entries)
 
-    def _check_tree(self, commit_id: str, tree_id: str, manifest: Manifest) -> None:
+    def _root_of(self, commit_id: str) -> tuple[CommitInfo, Tree]:
+        """A commit and its root tree."""
+        from dulwich.objects import Tree
+
+        info = self.commit_info(commit_id)
+        tree = self.get_object(info.tree, what=f"tree of {commit_id[:12]}")
+        if not isinstance(tree, Tree):
+            raise CorruptObjectError(f"commit {commit_id[:12]}: tree {info.tree} is not a tree")
+        return info, tree
+
+    def _check_tree(self, commit_id: str, root: Tree, manifest: Manifest) -> None:
         """Refuse a commit whose tree and manifest disagree (a `git commit` changed the tree).
 
         Revisions are read through the manifest, so git's change would otherwise be ignored
@@ -981,7 +1001,7 @@ class Repository:
                 file.blob,
                 0o100755 if file.executable else 0o100644,
             )
-        actual = self._tree_blobs(tree_id, "")
+        actual = self._tree_blobs(root, "")
         for path in (CONFIG_PATH, MANIFEST_PATH):
             actual.pop(path, None)
         differences = []
@@ -1010,58 +1030,33 @@ class Repository:
                 "change the adapter directory, commit)"
             )
 
-    def _tree_blobs(self, tree_id: str, prefix: str) -> dict[str, tuple[str, int]]:
-        """Every blob under a tree: path -> (blob id, mode); a submodule counts as a blob."""
+    def _tree_blobs(self, tree: Tree, prefix: str) -> dict[str, tuple[str, int]]:
+        """Every blob under `tree`: path -> (blob id, mode); a submodule counts as a blob."""
         from dulwich.objects import Tree
 
-        tree = self.get_object(tree_id, what=f"tree {prefix or '/'}")
-        if not isinstance(tree, Tree):
-            raise CorruptObjectError(f"{prefix or 'the root'}: {tree_id} is not a tree")
         blobs = {}
         for entry in tree.items():
             path = prefix + entry.path.decode("utf-8", "replace")
-            if stat.S_ISDIR(entry.mode):
-                blobs.update(self._tree_blobs(entry.sha.decode(), path + "/"))
-            else:
+            if not stat.S_ISDIR(entry.mode):
                 blobs[path] = (entry.sha.decode(), entry.mode)
+                continue
+            sub = self.get_object(entry.sha.decode(), what=f"tree {path}")
+            if not isinstance(sub, Tree):
+                raise CorruptObjectError(f"{path}: {entry.sha.decode()} is not a tree")
+            blobs.update(self._tree_blobs(sub, path + "/"))
         return blobs
 
     def revision_meta(self, commit_id: str) -> dict[str, str] | None:
         """A revision's `--meta` strings, read without parsing its tensor records (log --json);
         None for a commit that is no adapter revision (one made with git, its tree holding no
         manifest), which a history may hold as git allows."""
-        from dulwich.objects import Tree
-
-        info = self.commit_info(commit_id)
-        tree = self.get_object(info.tree, what=f"tree of {commit_id[:12]}")
-        if not isinstance(tree, Tree):
-            raise CorruptObjectError(f"commit {commit_id[:12]}: tree {info.tree} is not a tree")
+        _, tree = self._root_of(commit_id)
         try:
             _, blob = tree[MANIFEST_PATH.encode()]
         except KeyError:
             return None
         manifest = self.read_blob(blob.decode(), what=MANIFEST_PATH, max_size=MAX_METADATA_BYTES)
         return Manifest.meta_from_bytes(manifest, f"manifest of {commit_id[:12]}")
-
-    def _manifest_of(self, commit_id: str) -> tuple[CommitInfo, dict[str, str], bytes]:
-        """The commit, its tree's top-level entries and its manifest blob."""
-        from dulwich.objects import Tree
-
-        info = self.commit_info(commit_id)
-        tree = self.get_object(info.tree, what=f"tree of {commit_id[:12]}")
-        if not isinstance(tree, Tree):
-            raise CorruptObjectError(f"commit {commit_id[:12]}: tree {info.tree} is not a tree")
-        # We write UTF-8 names only; git accepts any bytes, and "replace" keeps such a tree
-        # readable (its odd entries are never ours to read) instead of failing on it.
-        entries = {e.path.decode("utf-8", "replace"): e.sha.decode() for e in tree.items()}
-        if MANIFEST_PATH not in entries or CONFIG_PATH not in entries:
-            raise NotAnAdapterRevision(
-                f"commit {commit_id[:12]} is not an adapter revision: {MANIFEST_PATH} is missing"
-            )
-        manifest = self.read_blob(
-            entries[MANIFEST_PATH], what=MANIFEST_PATH, max_size=MAX_METADATA_BYTES
-        )
-        return info, entries, manifest
 
     def write_revision(
         self,
