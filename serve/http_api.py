@@ -46,8 +46,8 @@ from mintvcs.serve.http_chat import (
 )
 from mintvcs.serve.refwatch import Resolution, check_spec
 from mintvcs.serve.sampling import (
-    CONTEXT_TOKENS,
     MAX_LOGPROBS,
+    IncrementalDetokenizer,
     SamplingParams,
     StructuredOutput,
     TokenLogprobs,
@@ -743,33 +743,10 @@ class CompletionLogprobs:
     def __init__(self, texts: TokenTexts, offset: int, context: Sequence[int] = ()) -> None:
         self.texts = texts
         self.offset = offset  # text_offset counts from the start of prompt + completion
-        # The ids decoded so far (the tail of `context`, the prompt, when it is not echoed) and
-        # how many of them the offset has counted: a token that ends inside a character adds
+        # The shown text, token by token, as the output's is built (in the context of the
+        # prompt's tail when it is not echoed): a token that ends inside a character adds
         # nothing until the token that completes it.
-        self._ids = list(context[-CONTEXT_TOKENS:])
-        self._counted = len(self._ids)
-
-    def _width(self, token_id: int) -> int:
-        """Characters the shown text gains with `token_id`, decoded in context.
-
-        IncrementalDetokenizer's rule (a few tokens of context, an incomplete character held
-        back) over a sliding window: an echoed prompt may be thousands of tokens, and decoding
-        all of it again for each one would be quadratic.
-        """
-        tokenizer = self.texts.tokenizer
-        if tokenizer is None:
-            return 0
-        self._ids.append(token_id)
-        start = max(0, self._counted - CONTEXT_TOKENS)
-        before = tokenizer.decode(self._ids[start : self._counted], skip_special_tokens=True)
-        after = tokenizer.decode(self._ids[start:], skip_special_tokens=True)
-        if after.endswith("\ufffd"):  # inside a character: counted when it completes
-            return 0
-        self._counted = len(self._ids)
-        if self._counted > 4 * CONTEXT_TOKENS:
-            del self._ids[: self._counted - CONTEXT_TOKENS]
-            self._counted = len(self._ids)
-        return len(after) - len(before)
+        self._shown = IncrementalDetokenizer(texts.tokenizer, context)
 
     def chunk(self, lps: list[tuple[int, TokenLogprobs | None]]) -> dict[str, Any]:
         """The object for these (token id, logprobs) entries; None logprobs (a first prompt token) stay null."""
@@ -784,7 +761,7 @@ class CompletionLogprobs:
             text = self.texts[token_id]
             out["tokens"].append(text)
             out["text_offset"].append(self.offset)
-            self.offset += self._width(token_id)  # a skipped special token adds nothing
+            self.offset += len(self._shown.add(token_id))  # a skipped special token adds nothing
             if lp is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)

@@ -371,13 +371,11 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self._window = list(context)[-CONTEXT_TOKENS:]  # the ids decoded together
         self._counted = len(self._window)  # those of the window whose text is in self.text
-        self.ids: list[int] = []
         self.text = ""
         self._pending = ""  # text of the uncounted ids, which ends inside a character
 
     def add(self, token_id: int) -> str:
         """Append a token; return the new stable text (may be empty while a character is incomplete)."""
-        self.ids.append(token_id)
         if self.tokenizer is None:
             return ""
         self._window.append(token_id)
