@@ -35,7 +35,7 @@ from mintvcs.packs import (
     object_zlib_level,
 )
 from mintvcs.progress import PhaseProgress
-from mintvcs.refs import read_reflog
+from mintvcs.refs import ReflogEntry, read_reflog
 from mintvcs.store import CorruptObjectError, Repository, accepts_path, unreadable_file_errors
 from mintvcs.treenames import git_special_name
 
@@ -734,16 +734,23 @@ def _roots(repo: Repository) -> list[_Root]:
     stack: list[_Root] = []
     refs = list(repo.refs.iter_refs("refs/"))
     for name in ["HEAD", *(name for name, _ in refs)]:
-        for entry in repo.refs.reflog(name):
-            for logged in (entry.old, entry.new):
-                if logged != "0" * 40:
-                    stack.append((logged, "a commit", f"the reflog of {name}", False))
+        stack.extend(_reflog_roots(repo.refs.reflog(name), f"the reflog of {name}"))
     stack.extend(_worktree_roots(repo))
     stack.extend((oid, "the object it names", name, True) for name, oid in reversed(refs))
     head = repo.head_commit()
     if head:
         stack.append((head, "the commit it names", "HEAD", True))
     return stack
+
+
+def _reflog_roots(entries: list[ReflogEntry], root: str) -> list[_Root]:
+    """The commits a reflog names, old and new, as roots to keep where they still exist."""
+    return [
+        (logged, "a commit", root, False)
+        for entry in entries
+        for logged in (entry.old, entry.new)
+        if logged != "0" * 40
+    ]
 
 
 def _worktree_roots(repo: Repository) -> list[_Root]:
@@ -753,18 +760,15 @@ def _worktree_roots(repo: Repository) -> list[_Root]:
     from dulwich.index import ConflictedIndexEntry, Index
 
     roots: list[_Root] = []
-    worktrees = sorted(p for p in (repo.git_dir / "worktrees").glob("*") if p.is_dir())
-    for where in [repo.git_dir, *worktrees]:
+    worktrees = repo.linked_worktrees()
+    for worktree in worktrees:
+        label = f"worktree {worktree.admin.name}"
+        if is_object_id(worktree.head):  # detached; a branch's value is a ref's, a root already
+            roots.append((worktree.head, "the commit it names", f"the HEAD of {label}", False))
+        reflog = read_reflog(worktree.admin / "logs" / "HEAD")
+        roots.extend(_reflog_roots(reflog, f"the HEAD reflog of {label}"))
+    for where in [repo.git_dir, *(w.admin for w in worktrees)]:
         label = "the store" if where == repo.git_dir else f"worktree {where.name}"
-        if where != repo.git_dir:
-            with suppress(OSError):
-                head = (where / "HEAD").read_text(errors="replace").strip()
-                if is_object_id(head):
-                    roots.append((head, "the commit it names", f"the HEAD of {label}", False))
-            for entry in read_reflog(where / "logs" / "HEAD"):
-                for logged in (entry.old, entry.new):
-                    if logged != "0" * 40:
-                        roots.append((logged, "a commit", f"the HEAD reflog of {label}", False))
         if not (where / "index").is_file():
             continue
         try:

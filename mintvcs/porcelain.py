@@ -747,12 +747,11 @@ def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
         return alias_of.removeprefix("refs/heads/")
     if repo.refs.read_symbolic("HEAD") == ref:
         raise MintError(f"cannot delete branch '{name}': it is checked out")
-    for worktree in sorted((repo.git_dir / "worktrees").glob("*")):  # `git worktree add`
-        if _read_or_empty(worktree / "HEAD").strip() == f"ref: {ref}":
-            where = _read_or_empty(worktree / "gitdir").strip().removesuffix("/.git")
+    for worktree in repo.linked_worktrees():
+        if worktree.head == f"ref: {ref}":
             raise MintError(
                 f"cannot delete branch '{name}': it is checked out in the git worktree "
-                f"{where or worktree.name}"
+                f"{worktree.where}"
             )
     head = repo.head_commit()
     if not force and (head is None or not is_ancestor(repo, oid, head)):
@@ -764,13 +763,6 @@ def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
     repo.refs.delete(ref, old=oid)
     _ref_moved(repo, ref, oid, None)
     return oid
-
-
-def _read_or_empty(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 def is_ancestor(repo: Repository, ancestor: str, commit: str) -> bool:

@@ -110,6 +110,17 @@ class NotAnAdapterRevision(CorruptObjectError):
 
 
 @dataclass(frozen=True)
+class LinkedWorktree:
+    """A worktree `git worktree add` made of the store: its directory under `.mint/worktrees`,
+    what its HEAD file holds (`ref: refs/heads/x` or a commit id; '' if unreadable) and where
+    it is checked out."""
+
+    admin: Path
+    head: str
+    where: str
+
+
+@dataclass(frozen=True)
 class CommitInfo:
     """A commit's metadata, decoded."""
 
@@ -1264,6 +1275,14 @@ class Repository:
         """The commit HEAD points to, or None on an unborn branch."""
         return self.refs.read("HEAD")
 
+    def linked_worktrees(self) -> list[LinkedWorktree]:
+        """git's linked worktrees of this store (`git worktree add`), by name."""
+        found = []
+        for admin in sorted(p for p in (self.git_dir / "worktrees").glob("*") if p.is_dir()):
+            head, gitdir = (_text_or_empty(admin / name).strip() for name in ("HEAD", "gitdir"))
+            found.append(LinkedWorktree(admin, head, gitdir.removesuffix("/.git") or admin.name))
+        return found
+
     def current_branch(self) -> str | None:
         """The short name of the checked-out branch, or None when HEAD is detached."""
         target = self.refs.read_symbolic("HEAD")
@@ -1536,6 +1555,13 @@ def accepts_path(
         )
 
     return verb_on
+
+
+def _text_or_empty(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _check_metadata_size(what: str, size: int) -> None:
