@@ -30,6 +30,7 @@ from mintvcs.refs import (
     InvalidRefNameError,
     RefConflictError,
     check_branch_name,
+    check_name_type,
     check_ref_name,
     local_tz,
     tz_text,
@@ -811,8 +812,7 @@ def tag_create(
     force: bool = False,
 ) -> str:
     """Create a lightweight tag, or an annotated one with `message`; returns the tag's ref value."""
-    if not isinstance(name, str):
-        raise TypeError(f"a branch or tag name is a str, not {type(name).__name__}")
+    check_name_type(name)
     check_ref_name(f"refs/tags/{name}")
     if name.startswith("-"):
         raise InvalidRefNameError(name, "a tag name cannot begin with '-'")

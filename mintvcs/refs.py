@@ -198,10 +198,15 @@ def check_ref_name(name: str) -> None:
             )
 
 
-def check_branch_name(name: str) -> None:
-    """Raise InvalidRefNameError unless `name` is a valid short branch name."""
+def check_name_type(name: object) -> None:
+    """TypeError unless a branch or tag name given from Python is a str."""
     if not isinstance(name, str):
         raise TypeError(f"a branch or tag name is a str, not {type(name).__name__}")
+
+
+def check_branch_name(name: str) -> None:
+    """Raise InvalidRefNameError unless `name` is a valid short branch name."""
+    check_name_type(name)
     if not name:
         raise InvalidRefNameError(name, "it is empty")
     if name.startswith("-"):
