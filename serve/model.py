@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from mintvcs.serve.loader import (
     read_config,
     rope_inv_freq,
 )
+
+log = logging.getLogger("mintvcs.serve")
 
 # The linears a LoRA may target, in the order the forward applies them.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -439,7 +442,16 @@ class Model:
                 raise CheckpointError("lm_head.weight missing and tie_word_embeddings is false")
             lm_head = embed
         elif config.tie_word_embeddings:
-            lm_head = embed
+            if torch.equal(lm_head, embed):
+                lm_head = embed
+            else:
+                # As transformers (our logits' oracle) does: a stored head that differs from
+                # the embedding was trained apart from it, so tying would change the model.
+                log.warning(
+                    "tie_word_embeddings is true but the checkpoint's lm_head.weight differs "
+                    "from its embedding; using the stored lm_head (set tie_word_embeddings to "
+                    "false to silence this)"
+                )
         norm = take("model.norm.weight")
         return cls(config, embed, layers, norm, lm_head, max_len=max_len, prepack=prepack)
 

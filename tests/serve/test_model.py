@@ -252,3 +252,27 @@ def test_config_defaults_and_refusals_follow_transformers() -> None:
     ):
         with pytest.raises(UnsupportedModelError, match=r"rope_scaling of type .* lacks"):
             ModelConfig.from_dict(_llama(rope_scaling=scaling))
+
+
+def test_tied_config_with_a_different_stored_head_keeps_it_as_transformers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # transformers 5 does not tie a stored lm_head that differs from the embedding (it warns):
+    # the logits must still match it, and an equal stored head is still shared.
+    from safetensors.torch import load_file, save_file
+
+    directory = build_base(tmp_path / "untied", seed=3)
+    weights = load_file(directory / "model.safetensors")
+    assert not torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    ids = _prompt()
+    with caplog.at_level("WARNING", logger="mintvcs.serve"):
+        ours = _our_logits(directory, ids)
+    assert "differs from its embedding" in caplog.text
+    assert torch.allclose(ours, _hf_logits(directory, ids), atol=1e-4, rtol=0)
+
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    plain = Model.from_dir(directory, prepack=False)
+    assert plain.lm_head is plain.embed
