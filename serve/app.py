@@ -234,8 +234,8 @@ class ServerState:
         self.tokens = m.add(
             Counter(
                 "mint_tokens_total",
-                "Prompt and completion tokens by branch or tag.",
-                ("ref", "kind"),
+                "Prompt and completion tokens by branch or tag and the request's status.",
+                ("ref", "kind", "status"),
             )
         )
         self.ref_moves = m.add(
@@ -290,8 +290,11 @@ class ServerState:
             return lambda: float(self.engine.stats()[key]) if self.engine is not None else 0.0
 
         for key, help_text in (
-            ("slot_hits", "Admissions whose revision was already in a device slot."),
-            ("slot_misses", "Admissions that started a slot load."),
+            ("slot_hits", "Admissions whose revision was in a device slot when they asked."),
+            (
+                "slot_misses",
+                "Admissions that waited for their revision's slot (its load, or a busy slot).",
+            ),
             ("evictions", "Device slots reassigned to another revision."),
             ("host_hits", "Slot loads served from the host cache."),
             ("store_loads", "Revisions decoded from the store."),
@@ -349,12 +352,8 @@ class ServerState:
         )
 
     def _live_revisions(self) -> dict[tuple[str, ...], float]:
-        """(branch or tag, commit) of every ref named as is (not `main~1`) in the resolution cache."""
-        return {
-            (metric_label(r.ref), r.commit): 1.0
-            for r in self.watcher.tracked()
-            if r.ref is not None and not names_an_ancestor(r.spec)
-        }
+        """(branch or tag, commit) of each ref requested lately as is (not `main~1`), as it is now."""
+        return {(metric_label(r.ref), r.commit): 1.0 for r in self.watcher.live()}
 
     def harvest_load_latency(self) -> None:
         """Move new slot-load durations from the engine's counters into the histogram."""
@@ -389,6 +388,14 @@ STATE = web.AppKey("mintvcs_state", ServerState)
 REF_KEY = web.RequestKey("mintvcs_ref", str)
 STARTED_KEY = web.RequestKey("mintvcs_started", float)  # time.monotonic() when the request came
 STATUS_KEY = web.RequestKey("mintvcs_status", int)
+# Tokens by (ref label, kind): counted with the request's final status once it ends.
+TOKENS_KEY = web.RequestKey("mintvcs_tokens", dict)
+
+
+def count_tokens(request: web.Request, label: str, kind: str, n: int) -> None:
+    """Note `n` prompt or completion tokens of this request, for mint_tokens_total at its end."""
+    tally: dict[tuple[str, str], int] = request.setdefault(TOKENS_KEY, {})
+    tally[(label, kind)] = tally.get((label, kind), 0) + n
 
 
 # ---------------------------------------------------------------------------- errors
@@ -524,6 +531,8 @@ async def error_middleware(
             state.idle.set()
         if request.path in GENERATION_PATHS:
             state.requests.inc((request.get(REF_KEY, "(unresolved)"), request.path, str(status)))
+            for (label, kind), n in request.get(TOKENS_KEY, {}).items():
+                state.tokens.inc((label, kind, str(status)), n)
             if status == 200:
                 state.request_latency.observe(time.monotonic() - request[STARTED_KEY])
 

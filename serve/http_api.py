@@ -33,6 +33,7 @@ from mintvcs.serve.app import (
     STATUS_KEY,
     HTTPError,
     ServerState,
+    count_tokens,
     error_body,
     field_of,
     read_json,
@@ -488,7 +489,7 @@ async def admit_many(
         for one in submitted:
             one.cancel()
         raise
-    state.tokens.inc((label, "prompt"), sum(len(i) for i in encoded.values()))
+    count_tokens(request, label, "prompt", sum(len(i) for i in encoded.values()))
     state.first_token_latency.observe(time.monotonic() - request[STARTED_KEY])
     return [
         Admitted(name, label, resolution, one, first, i)
@@ -599,7 +600,6 @@ async def _run_stream(
     error: Callable[[int, str], bytes],
 ) -> web.StreamResponse:
     """Send one SSE chunk per event, then the closing chunks; count tokens; stop on disconnect."""
-    state = request.app[STATE]
     response = await _sse(request, choices[0])
     lasts: list[TokenEvent | None] = [None] * len(choices)
     try:
@@ -622,7 +622,7 @@ async def _run_stream(
     finally:
         for choice, last in zip(choices, lasts, strict=True):
             if last is not None:
-                state.tokens.inc((choice.label, "completion"), last.completion_tokens)
+                count_tokens(request, choice.label, "completion", last.completion_tokens)
     finished = [last for last in lasts if last is not None]
     assert len(finished) == len(choices)
     for data in done(finished):
@@ -646,20 +646,20 @@ class Collected:
         return [e.token_id for e in self.events]
 
 
-async def _collect(admitted: Admitted, state: ServerState) -> Collected:
+async def _collect(admitted: Admitted, request: web.Request) -> Collected:
     got: list[TokenEvent] = []
     try:
         async for event in events(admitted):
             got.append(event)
     finally:
         if got:
-            state.tokens.inc((admitted.label, "completion"), got[-1].completion_tokens)
+            count_tokens(request, admitted.label, "completion", got[-1].completion_tokens)
     return Collected("".join(e.text for e in got), got[-1], got)
 
 
-async def _collect_all(choices: list[Admitted], state: ServerState) -> list[Collected]:
+async def _collect_all(choices: list[Admitted], request: web.Request) -> list[Collected]:
     """Every choice's output (an error in one cancels the others)."""
-    tasks = [asyncio.ensure_future(_collect(c, state)) for c in choices]
+    tasks = [asyncio.ensure_future(_collect(c, request)) for c in choices]
     try:
         return list(await asyncio.gather(*tasks))
     finally:
@@ -821,7 +821,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
         }
 
     if not stream:
-        got = await _collect(admitted, state)
+        got = await _collect(admitted, request)
         out = result(got.text, got.last)
         if return_ids:
             out["token_ids"] = got.token_ids
@@ -1009,7 +1009,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             return _token_id_fields(choices[i], generated, first) if return_ids else {}
 
         if not stream:
-            got = await _collect_all(choices, state)
+            got = await _collect_all(choices, request)
             out = obj(
                 *(
                     {
@@ -1170,7 +1170,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return message, call_reason(calls, reason)
 
         if not stream:
-            got = await _collect_all(choices, state)
+            got = await _collect_all(choices, request)
             replies = [reply(g.text, g.last.finish_reason) for g in got]
             out = obj(
                 "chat.completion",

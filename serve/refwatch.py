@@ -93,7 +93,10 @@ def metric_label(ref: str | None) -> str:
     """
     if ref is None:
         return "(commit)"
-    return ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
+    short = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
+    # git allows a branch named "(base)": such a ref keeps its full name, so that it never
+    # shares a series with the server's own parenthesised labels.
+    return ref if short.startswith("(") else short
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,22 @@ class RefWatcher:
         """Resolutions in the cache, least recently used first."""
         with self._lock:
             return [e.resolution for e in self._entries.values()]
+
+    def live(self) -> list[Resolution]:
+        """Per ref, the resolution of its most recently requested spec among those the poller
+        keeps current (requested in the last active_s seconds, files unchanged)."""
+        now = time.monotonic()
+        with self._lock:
+            entries = [e for e in self._entries.values() if now - e.used <= self.active_s]
+        stats: dict[str, StatKey] = {}
+        latest: dict[str, Resolution] = {}
+        for entry in entries:  # least recently used first: the latest use of a ref wins
+            ref = entry.resolution.ref
+            if ref is None or names_an_ancestor(entry.resolution.spec):
+                continue
+            if all(stats.setdefault(p, _stat(p)) == key for p, key in entry.deps):
+                latest[ref] = entry.resolution
+        return list(latest.values())
 
     # -- polling --------------------------------------------------------------------------------
     def poll(self, *, reread: bool = False) -> list[RefMove]:

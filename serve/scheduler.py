@@ -79,6 +79,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     kv_slot: int = -1
     lora_slot: int = -1
+    waited_for_adapter: bool = False  # its revision was loading or had no slot when first asked
     emitted: int = 0  # characters of detok.text already sent
     cancelled: bool = False
     finished: bool = False
@@ -341,6 +342,7 @@ class Scheduler:
                     break  # no prompt tokens left, and no fork can join a parent this step
                 continue  # only forks still get in
             if seq.revision in stalled:
+                seq.waited_for_adapter = True
                 continue
             hit = None
             if seq.fork_of is None:
@@ -353,12 +355,13 @@ class Scheduler:
             if seq.revision is not None:
                 assert self.residency is not None
                 try:
-                    slot = self.residency.acquire(seq.revision)
+                    slot = self.residency.acquire(seq.revision, waited=seq.waited_for_adapter)
                 except Exception as err:
                     taken.add(id(seq))
                     self._fail(seq, err)
                     continue
                 if slot is None:
+                    seq.waited_for_adapter = True
                     stalled.add(seq.revision)
                     continue  # its adapter is loading or every slot is busy: wait, do not fail
                 seq.lora_slot = slot

@@ -491,8 +491,12 @@ class Residency:
             self._alloc.shutdown(wait=True, cancel_futures=True)
 
     # -- the scheduler's side -------------------------------------------------------------------
-    def acquire(self, revision: str) -> int | None:
-        """Take a reference on `revision`'s ready slot; else start its load if a slot can be freed, return None."""
+    def acquire(self, revision: str, *, waited: bool = False) -> int | None:
+        """Take a reference on `revision`'s ready slot; else start its load if a slot can be freed, return None.
+
+        `waited`: the request asked before and got None. Each admission counts once, when it
+        gets its slot: a slot miss if it had to wait for it, else a hit.
+        """
         with self._lock:
             self._raise_failure(revision)
             slot = self._by_revision.get(revision)
@@ -501,13 +505,13 @@ class Residency:
                     return None  # an older request's revision waits for this slot
                 slot.refs += 1
                 slot.last_used = time.monotonic()
-                self.stats.slot_hits += 1
-                return slot.index
-            if slot is None:
-                if self._start_load(revision) is not None:
+                if waited:
                     self.stats.slot_misses += 1
                 else:
-                    self._drain_for(revision)
+                    self.stats.slot_hits += 1
+                return slot.index
+            if slot is None and self._start_load(revision) is None:
+                self._drain_for(revision)
             return None
 
     def release(self, index: int) -> None:
@@ -581,7 +585,6 @@ class Residency:
                 return slot.future
             started = self._start_load(revision)
             if started is not None:
-                self.stats.slot_misses += 1
                 return started
             pending = self._host_loads.get(revision)
             if pending is None:

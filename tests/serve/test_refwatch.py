@@ -108,3 +108,31 @@ def test_idle_entries_are_forgotten_full_commit_ids_too(tmp_path: Path, peft_ada
     assert watcher.tracked() == []
     assert watcher.resolve(first).commit == first  # resolved again when asked again
     assert len(watcher.tracked()) == 1
+
+
+def test_live_gives_each_ref_in_use_at_its_value_now(tmp_path: Path, peft_adapter: Path) -> None:
+    import time
+
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    porcelain.branch_create(repo, "gone", "main")
+    watcher = RefWatcher(repo, active_s=0.2)
+    for spec in ("main", "refs/heads/main", "main~0", "gone"):
+        watcher.resolve(spec)
+    assert {(r.ref, r.commit) for r in watcher.live()} == {
+        ("refs/heads/main", first),
+        ("refs/heads/gone", first),
+    }
+    time.sleep(0.3)  # idle past active_s: the poller no longer keeps these current
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    porcelain.branch_delete(repo, "gone")
+    assert watcher.live() == []
+    watcher.resolve("refs/heads/main")
+    # One series for main at its new value, though `main` still caches the old one.
+    assert [(r.ref, r.commit) for r in watcher.live()] == [("refs/heads/main", second)]
+
+
+def test_a_ref_named_like_a_server_label_keeps_its_full_name() -> None:
+    assert metric_label("refs/heads/main") == "main"
+    assert metric_label("refs/tags/prod") == "prod"
+    assert metric_label("refs/heads/(base)") == "refs/heads/(base)"
+    assert metric_label(None) == "(commit)"

@@ -502,7 +502,8 @@ def test_metrics_count_requests_tokens_and_slots(server: BackgroundServer) -> No
         float(lines['mint_requests_total{ref="(unresolved)",endpoint="/generate",status="404"}'])
         >= 1
     )
-    assert float(lines['mint_tokens_total{ref="product-b",kind="completion"}']) >= 3
+    assert float(lines['mint_tokens_total{ref="product-b",kind="completion",status="200"}']) >= 3
+    assert float(lines['mint_tokens_total{ref="product-b",kind="prompt",status="200"}']) >= 1
     for name in (
         "mint_slot_hits_total",
         "mint_slot_misses_total",
@@ -761,6 +762,11 @@ def test_client_disconnect_cancels_and_frees_the_slot(
         time.sleep(0.02)
     assert stats["kv_slots_free"] == engine.config.max_batch_size
     assert stats["generated_tokens"] >= 1
+    # Its tokens count under the status it ended with, as its request does.
+    series = 'mint_tokens_total{ref="product-b",kind="prompt",status="499"}'
+    while series not in request(server.url + "/metrics")[2]:
+        assert time.monotonic() < deadline + 5, "no prompt tokens counted under 499"
+        time.sleep(0.02)
 
 
 def test_a_small_prefill_budget_chunks_prompts_and_answers_alike(
