@@ -513,7 +513,8 @@ class RefStore:
         except OSError as err:
             if err.errno == errno.ENAMETOOLONG:  # no such ref can exist (check_ref_name)
                 return None
-            raise
+            # A symlink loop, no permission: that ref is unreadable, as a corrupt one is.
+            raise RefFormatError(path, f"cannot be read ({err.strerror})") from None
         text = data.decode("utf-8", "replace").rstrip()
         if text.startswith("ref:"):
             return "ref: " + text[4:].strip()
@@ -876,8 +877,10 @@ class RefStore:
 
     # -- listing --
 
-    def _iter_loose(self, prefix: str) -> Iterator[tuple[str, str]]:
-        """(name, raw content) of loose refs under prefix, unsorted."""
+    def _iter_loose(
+        self, prefix: str, on_broken: Callable[[str, MintError], None] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """(name, raw content) of loose refs under prefix, unsorted (see iter_refs for on_broken)."""
         # Walk only the deepest directory that contains every name with this prefix.
         top = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         root = os.path.join(self._dir, top) if top else self._dir
@@ -899,13 +902,21 @@ class RefStore:
                             check_ref_name(full)
                         except InvalidRefNameError:
                             continue
-                        raw = self._read_loose(full)
+                        try:
+                            raw = self._read_loose(full)
+                        except RefFormatError as err:
+                            if on_broken is None:
+                                raise
+                            on_broken(full, err)
+                            continue
                         if raw is not None:
                             yield full, raw
 
-    def _iter_raw(self, prefix: str) -> Iterator[tuple[str, str]]:
+    def _iter_raw(
+        self, prefix: str, on_broken: Callable[[str, MintError], None] | None = None
+    ) -> Iterator[tuple[str, str]]:
         """(name, raw) of refs under prefix sorted by name, loose overriding packed."""
-        loose = dict(self._iter_loose(prefix)) if prefix.startswith("refs/") else {}
+        loose = dict(self._iter_loose(prefix, on_broken)) if prefix.startswith("refs/") else {}
         snap = self._packed()
         packed: Iterable[tuple[bytes, bytes, bytes | None]] = (
             snap.iter_prefix(prefix.encode("utf-8", "surrogateescape")) if snap is not None else ()
@@ -924,11 +935,17 @@ class RefStore:
             yield pname, bvalue.decode()
         yield from loose_sorted[i:]
 
-    def iter_refs(self, prefix: str = "refs/") -> Iterator[tuple[str, str]]:
-        """(name, object id) of refs whose names start with prefix, sorted by name."""
+    def iter_refs(
+        self, prefix: str = "refs/", *, on_broken: Callable[[str, MintError], None] | None = None
+    ) -> Iterator[tuple[str, str]]:
+        """(name, object id) of refs whose names start with prefix, sorted by name.
+
+        A loose ref file that cannot be read raises RefFormatError; with `on_broken`, it is
+        called with the name and the error and the listing goes on (git's "ignoring broken ref").
+        """
         if not prefix.startswith("refs/") and prefix != "refs":
             raise InvalidRefNameError(prefix, "listing prefixes begin with 'refs/'")
-        for name, raw in self._iter_raw(prefix):
+        for name, raw in self._iter_raw(prefix, on_broken):
             if raw.startswith("ref: "):
                 # Symbolic refs list with their target's value, as git for-each-ref does.
                 try:

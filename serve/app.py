@@ -208,6 +208,15 @@ class ServerState:
     _loads_seen: int = 0
     _ref_labels: set[str] = field(default_factory=set)
 
+    def client_message(self, err: BaseException) -> str:
+        """An error's message as clients get it: the repository's location on this machine
+        (a corrupt ref or pack names its file) shortened to its folder's name."""
+        message = str(err)
+        git_dir = Path(self.repo.git_dir)
+        for location in {os.fspath(git_dir.resolve()), os.fspath(git_dir)}:
+            message = message.replace(location, git_dir.name)
+        return message
+
     def ref_label(self, ref: str | None) -> str:
         """The metrics label of `ref` (refwatch.metric_label), or OTHER_REFS past max_ref_labels refs."""
         label = metric_label(ref)
@@ -502,7 +511,8 @@ async def error_middleware(
         # line each would flood the log exactly when the server is busiest.
         if status >= 500 and status != 503 and not isinstance(err, HTTPError):
             log.error("request %s %s failed: %s", request.method, request.path, err)
-        response = error_response(request, status, str(err), getattr(err, "reason", None))
+        message = state.client_message(err)
+        response = error_response(request, status, message, getattr(err, "reason", None))
         if status == 503:
             response.headers.update(RETRY_AFTER)
         if status == 401:  # RFC 9110: a 401 names the scheme it wants

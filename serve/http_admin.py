@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -16,12 +17,12 @@ from mintvcs.serve.app import (
     HTTPError,
     ServerState,
     check_bearer,
-    count_move,
     field_of,
     prefetch,
     read_json,
 )
-from mintvcs.serve.refwatch import check_spec, names_an_ancestor
+from mintvcs.serve.refwatch import check_spec
+from mintvcs.store import UnknownRevisionError
 
 
 def _unavailable(body: dict[str, str]) -> web.Response:
@@ -69,7 +70,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def notify(request: web.Request) -> web.Response:
-    """A hook says `ref` moved: forget what the cache knew about it, re-resolve, and prefetch the new revision."""
+    """A hook says `ref` moved: re-resolve what the cache knew through it, and prefetch the new revision."""
     check_bearer(request)
     state = request.app[STATE]
     body = await read_json(request, empty_ok=True)  # its limits too: 413 at once, 408
@@ -79,37 +80,33 @@ async def notify(request: web.Request) -> web.Response:
     # The hook's old/new are advisory: what the ref holds now is read from the repository.
     for key in ("old", "new"):
         field_of(body, key, (str,), None)
-    # What the ref held as this server last read it: a notify moves nothing when it still holds that.
-    served = {
-        r.ref: r.commit
-        for r in state.watcher.tracked()
-        if r.ref is not None and not names_an_ancestor(r.spec)
-    }
-    forgotten = state.watcher.invalidate(ref)
+    # Off the loop: the cached specs may walk long histories (`main~30000`), and an empty
+    # notify re-resolves every one of them.
+    return web.json_response(await asyncio.to_thread(_notified, state, ref, body.get("new")))
+
+
+def _notified(state: ServerState, ref: str | None, new: str | None) -> dict[str, Any]:
+    """The work of a notify, on a worker thread: moves reach on_move (counted, logged, prefetched)."""
+    refreshed = state.watcher.refresh(ref)
     revision: str | None = None
-    moved: list[dict[str, Any]] = []
     warnings: list[str] = []
     if ref is not None:
         try:
-            resolution = state.watcher.resolve(ref)
-        except MintError:
-            resolution = None  # deleted: requests naming it will get 404
-        else:
-            revision = resolution.commit
-            if served.get(resolution.ref, revision) != revision:
-                count_move(state, resolution.ref, revision)
-        new = body.get("new")
+            revision = state.watcher.resolve(ref).commit
+        except UnknownRevisionError:
+            if new != "0" * 40:  # not a deletion the hook reported
+                warnings.append(
+                    f"{ref!r} names no revision in this server's repository: deleted, or the "
+                    "hook serves another repository"
+                )
+        except MintError as err:
+            warnings.append(f"{ref!r} cannot be read: {state.client_message(err)}")
         if ref == state.config.base_name:
             # Requests for this name run the base: loading the ref's revision would serve none.
             warnings.append(f"{ref!r} is the base's served name: requests for it run the base")
         elif revision is not None and state.engine is not None:
             prefetch(state.engine, revision)
-        if revision is None and new != "0" * 40:  # not a deletion the hook reported
-            warnings.append(
-                f"{ref!r} names no revision in this server's repository: deleted, or the hook "
-                "serves another repository"
-            )
-        elif (
+        if (
             revision is not None
             and isinstance(new, str)
             and new != revision
@@ -119,17 +116,8 @@ async def notify(request: web.Request) -> web.Response:
             warnings.append(
                 f"the ref holds {revision[:12]} now, not {new[:12]}; serving {revision[:12]}"
             )
-    for spec in forgotten:
-        if spec == ref:
-            continue
-        try:
-            res = state.watcher.resolve(spec)
-        except MintError:
-            continue
-        moved.append({"spec": spec, "revision": res.commit})
-    return web.json_response(
-        {"ref": ref, "revision": revision, "refreshed": moved, "warnings": warnings}
-    )
+    moved = [{"spec": r.spec, "revision": r.commit} for r in refreshed if r.spec != ref]
+    return {"ref": ref, "revision": revision, "refreshed": moved, "warnings": warnings}
 
 
 def _peels_to(state: ServerState, oid: str, commit: str) -> bool:

@@ -68,7 +68,7 @@ MAX_CHOICES = 1024
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 # Prompt log-probabilities (alternatives included) one echo answer may hold: ~20 MB of JSON.
 MAX_ECHO_LOGPROBS = 1 << 20
-MAX_MODELS_LIMIT = 10_000  # refs one /v1/models answer lists (each is read on the event loop)
+MAX_MODELS_LIMIT = 10_000  # refs one /v1/models answer lists (read on a worker thread)
 _TOKEN_KEY = re.compile(r"[0-9]{1,9}")
 
 
@@ -611,7 +611,8 @@ async def _run_stream(
     except Exception as err:
         # Headers are gone already: the error travels as an event, as OpenAI's streams do.
         if isinstance(err, MintError):
-            status, message = status_for(err), str(err)  # what it would be before streaming
+            # What it would be before streaming.
+            status, message = status_for(err), request.app[STATE].client_message(err)
         else:  # as the middleware does: details (paths, say) stay in the server's log
             log.error("stream of %s %s failed", request.method, request.path, exc_info=err)
             status = 500
@@ -1292,25 +1293,41 @@ async def models(request: web.Request) -> web.Response:
     if ".." in prefix or any(ord(c) < 32 or c == "\x7f" for c in prefix):
         # As for a ref: the prefix is a path under refs/, never a way out of it.
         raise HTTPError(400, f"prefix {prefix!r:.60} holds '..' or control characters", "prefix")
+    # Off the loop: up to MAX_MODELS_LIMIT refs read and peeled take a second or more.
+    return web.json_response(await asyncio.to_thread(_list_models, state, prefix, limit))
+
+
+def _list_models(state: ServerState, prefix: str, limit: int) -> dict[str, Any]:
+    """The /v1/models listing; a ref that cannot be read is left out and logged, as git
+    for-each-ref ignores a broken ref."""
+
+    def broken(name: str, err: MintError) -> None:
+        log.warning("/v1/models leaves out %s: %s", name, err)
+
     data: list[dict[str, Any]] = []
     if state.config.base_name.startswith(prefix):
         data.append(_base_object(state))
     truncated = False
     for kind, root in _MODEL_KINDS:
-        for name, oid in state.repo.refs.iter_refs(root + prefix if prefix else root):
+        listing = state.repo.refs.iter_refs(root + prefix if prefix else root, on_broken=broken)
+        for name, oid in listing:
             if len(data) >= limit:
                 truncated = True
                 break
-            if state.repo.peel_object(oid)[1] != "commit":
-                continue  # a git tag of a tree or blob names no revision to serve
-            entry = _model_object(state, kind, name, oid)
+            try:
+                if state.repo.peel_object(oid)[1] != "commit":
+                    continue  # a git tag of a tree or blob names no revision to serve
+                entry = _model_object(state, kind, name, oid)
+            except MintError as err:  # its object is missing or corrupt
+                broken(name, err)
+                continue
             if entry["id"] == state.config.base_name or (
                 kind == "branch" and state.repo.refs.read(f"refs/tags/{entry['id']}") is not None
             ):
                 # Its short name serves the base, or a tag (git's order): the full one reaches it.
                 entry["id"] = name
             data.append(entry)
-    return web.json_response({"object": "list", "data": data, "truncated": truncated})
+    return {"object": "list", "data": data, "truncated": truncated}
 
 
 _MODEL_KINDS = (("branch", "refs/heads/"), ("tag", "refs/tags/"))

@@ -29,6 +29,7 @@ from typing import Any
 
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
+from mintvcs.refs import SYMREF_MAXDEPTH
 from mintvcs.store import ref_candidates
 
 log = logging.getLogger("mintvcs.serve")
@@ -67,7 +68,9 @@ def _stat(path: str) -> StatKey:
     except OSError as err:
         if err.errno == errno.ENAMETOOLONG:  # a name no ref can have
             return None
-        raise
+        # A file that cannot be stat'ed (a symlink loop, no permission) is a state of its own:
+        # its spec resolves to the store's error, and the poll goes on for every other spec.
+        return (-1, -1, -(err.errno or 1))
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -112,6 +115,7 @@ class RefMove:
 @dataclass
 class _Entry:
     resolution: Resolution
+    name: str  # the spec's ref name (`main` of `main~2`)
     deps: tuple[tuple[str, StatKey], ...]
     raw: str | None  # the ref's own value when resolved (before ~N), for the periodic re-read
     used: float
@@ -150,12 +154,15 @@ class RefWatcher:
         """Ref names the store may read for `name`, in its order, with symbolic targets appended."""
         names = ref_candidates(name)
         for ref in list(names):
-            try:
-                target = self.repo.refs.read_symbolic(ref)
-            except MintError:
-                target = None
-            if target is not None:
-                names.append(target)
+            # Each link of a symbolic chain (`al2 -> al -> main`), as deep as git follows one.
+            for _ in range(SYMREF_MAXDEPTH):
+                try:
+                    ref = self.repo.refs.read_symbolic(ref)
+                except MintError:
+                    break
+                if ref is None or ref in names:
+                    break
+                names.append(ref)
         return names
 
     def _deps(self, names: list[str]) -> tuple[tuple[str, StatKey], ...]:
@@ -181,7 +188,9 @@ class RefWatcher:
         commit = str(self.repo.resolve(spec))
         # The first candidate that exists is the ref the store went through; None means a commit id.
         ref = next((n for n in names if self.read_ref(n) is not None), None)
-        return _Entry(Resolution(spec, commit, ref), deps, self.read_ref(ref), time.monotonic())
+        return _Entry(
+            Resolution(spec, commit, ref), name, deps, self.read_ref(ref), time.monotonic()
+        )
 
     @staticmethod
     def _fresh(entry: _Entry) -> bool:
@@ -211,13 +220,21 @@ class RefWatcher:
             # The branch checked out N switches ago: no file of the entry's would change when
             # that branch moves, so such a spec is resolved afresh every time, never cached.
             return Resolution(spec, str(self.repo.resolve(spec)), "HEAD")
+        # Outside the lock: `main~40000` walks a long history, and requests for cached specs
+        # (cached(), on the event loop) must not wait for it.
+        entry = self._resolve_uncached(spec)
+        return self._store(spec, entry).resolution
+
+    def _store(self, spec: str, entry: _Entry) -> _Entry:
+        """Cache a fresh resolution of `spec` unless a fresher one came first; report a move."""
         with self._lock:
-            entry = self._entries.get(spec)
-            if entry is not None and self._fresh(entry):  # resolved by another thread meanwhile
-                return entry.resolution
             self.misses += 1
-            old = entry
-            entry = self._resolve_uncached(spec)
+            old = self._entries.get(spec)
+            current = old if old is not None and self._fresh(old) else None
+            if current is not None or not self._fresh(entry):
+                # Another thread cached a current answer meanwhile, or the files changed while
+                # this one was read: keep what is cached (the next request revalidates).
+                return current or entry
             self._entries[spec] = entry
             self._entries.move_to_end(spec)
             while len(self._entries) > self.max_entries:
@@ -229,24 +246,53 @@ class RefWatcher:
             self.on_move(
                 RefMove(spec, entry.resolution.ref, old.resolution.commit, entry.resolution.commit)
             )
-        return entry.resolution
+        return entry
 
-    def invalidate(self, ref: str | None = None) -> list[str]:
-        """Forget cached specs that went through `ref` (a full or short name), or all of them; return the specs."""
+    def refresh(self, ref: str | None = None) -> list[Resolution]:
+        """Re-resolve the cached specs that went through `ref` (a full or short name), or all of
+        them, reporting moves to on_move; specs that name nothing now are dropped. Returns the
+        fresh resolutions (what a hook's notify asks for)."""
         with self._lock:
             if ref is None:
-                specs = list(self._entries)
+                entries = list(self._entries.items())
             else:
                 short = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
-                specs = [
-                    s
+                through = (ref, f"refs/heads/{short}", f"refs/tags/{short}")
+                entries = [
+                    (s, e)
                     for s, e in self._entries.items()
-                    if e.resolution.ref in (ref, f"refs/heads/{short}", f"refs/tags/{short}")
-                    or _SUFFIX.split(s, maxsplit=1)[0] in (ref, short)
+                    if e.resolution.ref in through or e.name in (ref, short)
                 ]
-            for spec in specs:
-                del self._entries[spec]
-            return specs
+        moves, fresh = self._reresolve(entries)
+        if self.on_move is not None:
+            for move in moves:
+                self.on_move(move)
+        return fresh
+
+    def _reresolve(
+        self, entries: list[tuple[str, _Entry]]
+    ) -> tuple[list[RefMove], list[Resolution]]:
+        """Resolve these cached specs afresh and replace their entries: the moves and the resolutions."""
+        moves: list[RefMove] = []
+        fresh_resolutions: list[Resolution] = []
+        for spec, entry in entries:
+            try:
+                fresh = self._resolve_uncached(spec)
+            except MintError:
+                with self._lock:
+                    if self._entries.get(spec) is entry:
+                        del self._entries[spec]  # deleted: the next request gets the error
+                continue
+            fresh.used = entry.used
+            with self._lock:
+                if self._entries.get(spec) is entry:
+                    self._entries[spec] = fresh
+            fresh_resolutions.append(fresh.resolution)
+            old, new = entry.resolution.commit, fresh.resolution.commit
+            if new != old:
+                self.moves += 1
+                moves.append(RefMove(spec, fresh.resolution.ref, old, new))
+        return moves, fresh_resolutions
 
     def tracked(self) -> list[Resolution]:
         """Resolutions in the cache, least recently used first."""
@@ -303,29 +349,7 @@ class RefWatcher:
                 changed = values[ref] != entry.raw
             if changed:
                 stale.append((spec, entry))
-        moves: list[RefMove] = []
-        for spec, entry in stale:
-            try:
-                fresh = self._resolve_uncached(spec)
-            except MintError:
-                with self._lock:
-                    if self._entries.get(spec) is entry:
-                        del self._entries[
-                            spec
-                        ]  # the ref was deleted: the next request gets the error
-                continue
-            fresh.used = entry.used
-            with self._lock:
-                if self._entries.get(spec) is entry:
-                    self._entries[spec] = fresh
-            if fresh.resolution.commit != entry.resolution.commit:
-                self.moves += 1
-                moves.append(
-                    RefMove(
-                        spec, fresh.resolution.ref, entry.resolution.commit, fresh.resolution.commit
-                    )
-                )
-        return moves
+        return self._reresolve(stale)[0]
 
     async def run(self, *, interval: float = 0.15, reread_every: float = 1.0) -> None:
         """Poll forever, calling on_move on the loop for each move.

@@ -136,3 +136,91 @@ def test_a_ref_named_like_a_server_label_keeps_its_full_name() -> None:
     assert metric_label("refs/tags/prod") == "prod"
     assert metric_label("refs/heads/(base)") == "refs/heads/(base)"
     assert metric_label(None) == "(commit)"
+
+
+def test_a_symbolic_chain_follows_its_last_target(tmp_path: Path, peft_adapter: Path) -> None:
+    import subprocess
+
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    git = ["git", "--git-dir", str(repo.git_dir)]
+    subprocess.run([*git, "symbolic-ref", "refs/heads/al", "refs/heads/main"], check=True)
+    subprocess.run([*git, "symbolic-ref", "refs/heads/al2", "refs/heads/al"], check=True)
+    watcher = RefWatcher(repo)
+    assert watcher.resolve("al2").commit == first
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    # main's file is among al2's: the next request sees the move, as git rev-parse does.
+    assert watcher.resolve("al2").commit == second
+
+
+def test_an_unreadable_ref_file_is_an_error_of_its_ref_alone(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    import os
+
+    from mintvcs.errors import MintError
+
+    repo, _first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    porcelain.branch_create(repo, "x", "main")
+    watcher = RefWatcher(repo)
+    watcher.resolve("x")
+    watcher.resolve("main")
+    loop = repo.git_dir / "refs" / "heads" / "x"
+    loop.unlink()
+    os.symlink(loop.name, loop)  # a link to itself: stat fails with ELOOP
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    # The poll goes on past x (it used to end in OSError, every poll) and sees main move.
+    assert [(m.spec, m.new) for m in watcher.poll()] == [("main", second)]
+    with pytest.raises(MintError, match="cannot be read"):
+        watcher.resolve("x")
+
+
+def test_a_long_walk_does_not_hold_up_cached_specs(tmp_path: Path, peft_adapter: Path) -> None:
+    import subprocess
+    import threading
+    import time
+
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    # A history of 3000 commits on one tree, made by git in one go.
+    git = ["git", "--git-dir", str(repo.git_dir)]
+    tree = subprocess.run(
+        [*git, "rev-parse", "main^{tree}"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    n = 3000
+    stream = [f"reset refs/heads/deep\nfrom {first}\n"]
+    for i in range(n):
+        stream.append(
+            f"commit refs/heads/deep\ncommitter a <a@a> {1700000000 + i} +0000\n"
+            f"data 2\n{i % 10}\nM 040000 {tree} \n"
+        )
+    subprocess.run([*git, "fast-import", "--quiet"], input="".join(stream), text=True, check=True)
+    watcher = RefWatcher(repo)
+    watcher.resolve("main")
+    walk = threading.Thread(target=watcher.resolve, args=(f"deep~{n - 1}",))
+    started = time.perf_counter()
+    walk.start()
+    time.sleep(0.02)
+    hit = time.perf_counter()
+    assert watcher.cached("main") is not None
+    hit = time.perf_counter() - hit
+    walk.join()
+    total = time.perf_counter() - started
+    # It waited for the whole walk on the watcher's lock.
+    assert hit < total / 4, (hit, total)
+    assert watcher.resolve(f"deep~{n - 1}").commit != first
+
+
+def test_refresh_reports_the_moves_of_every_cached_spec(tmp_path: Path, peft_adapter: Path) -> None:
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    moves: list[RefMove] = []
+    watcher = RefWatcher(repo, on_move=moves.append)
+    watcher.resolve("main")
+    watcher.resolve("main~0")
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    # A notify without a ref re-resolves all: its moves are reported (they were lost).
+    fresh = watcher.refresh()
+    assert {(r.spec, r.commit) for r in fresh} == {("main", second), ("main~0", second)}
+    assert {(m.spec, m.old, m.new) for m in moves} == {
+        ("main", first, second),
+        ("main~0", first, second),
+    }
+    assert watcher.poll(reread=True) == []

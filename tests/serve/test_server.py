@@ -1488,3 +1488,66 @@ def test_metrics_label_at_most_max_ref_labels_refs(repo: Repository, tiny_base: 
     assert any('ref="product-b"' in line for line in series)
     assert any('ref="(other)"' in line for line in series)  # prod came third
     assert not any('ref="prod"' in line for line in series)
+
+
+def test_a_broken_ref_is_left_out_of_models_and_its_error_names_no_server_path(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    import subprocess
+
+    git_dir = repo.git_dir
+    broken = git_dir / "refs" / "heads" / "zz-broken"
+    broken.write_bytes(b"")  # a writer died mid-write
+    subprocess.run(
+        ["git", "--git-dir", str(git_dir), "update-ref", "refs/heads/zz-missing", "1" * 40],
+        check=False,  # git refuses a missing object: write the file as another tool would
+        capture_output=True,
+    )
+    (git_dir / "refs" / "heads" / "zz-missing").write_text("1" * 40 + "\n")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        # One bad ref made the whole listing a 500.
+        status, _, body = request(server.url + "/v1/models")
+        assert status == 200, body
+        ids = {m["id"] for m in body["data"]}
+        assert "main" in ids and not ids & {"zz-broken", "zz-missing"}
+        status, _, body = gen(server, prompt="x", ref="zz-broken", max_tokens=1)
+        assert status == 500 and ".mint/refs/heads/zz-broken" in body["error"], body
+        assert str(git_dir.resolve()) not in body["error"]
+        # A notify for it says it cannot be read, not that it was deleted.
+        body = request(server.url + "/v1/refs/notify", {"ref": "zz-broken"}, headers=auth)[2]
+        assert body["revision"] is None and "cannot be read" in body["warnings"][0], body
+    finally:
+        broken.unlink()
+        (git_dir / "refs" / "heads" / "zz-missing").unlink()
+
+
+def test_an_empty_notify_counts_the_moves_it_finds(
+    server: BackgroundServer, repo: Repository, adapters: dict[str, Path]
+) -> None:
+    import subprocess
+
+    def moves() -> float:
+        _, _, text = request(server.url + "/metrics")
+        line = [s for s in text.splitlines() if s.startswith('mint_ref_moves_total{ref="fast"}')]
+        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+
+    git = ["git", "--git-dir", str(repo.git_dir)]
+    one, other = repo.resolve("main"), repo.resolve("product-b")
+    porcelain.branch_create(repo, "fast", other)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        assert gen(server, prompt="x", ref="fast", max_tokens=1)[0] == 200
+        before = moves()
+        # The watcher polls every 0.15 s: a notify right after the move usually comes first.
+        for _ in range(5):
+            subprocess.run([*git, "update-ref", "refs/heads/fast", one], check=True)
+            status, _, body = request(server.url + "/v1/refs/notify", {}, headers=auth)
+            assert status == 200, body
+            subprocess.run([*git, "update-ref", "refs/heads/fast", other], check=True)
+            request(server.url + "/v1/refs/notify", {}, headers=auth)
+        time.sleep(0.5)
+        # Every move counted, whoever saw it first (the notify dropped them before).
+        assert moves() == before + 10
+    finally:
+        porcelain.branch_delete(repo, "fast", force=True)
