@@ -665,8 +665,17 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
     repo = _open_repo()
     was_on = repo.current_branch()
     result = porcelain.checkout(repo, ref, new_branch=new_branch, force=force)
+    if result.left_behind:
+        _warn_left_behind(repo, result.left_behind)
     if as_json:  # a deploy script learns which revision it got without a second command
-        _emit_json({"commit": result.commit, "branch": result.branch, "created": result.created})
+        _emit_json(
+            {
+                "commit": result.commit,
+                "branch": result.branch,
+                "created": result.created,
+                "left_behind": list(result.left_behind),
+            }
+        )
         return
     if result.created:
         click.echo(f"Switched to a new branch '{result.branch}'")
@@ -676,6 +685,27 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
         click.echo(f"Switched to branch '{result.branch}'")
     else:
         click.echo(f"HEAD is now at {result.commit[:7]} (detached)")
+
+
+def _warn_left_behind(repo: Any, commits: tuple[str, ...]) -> None:
+    """git's warning on leaving a detached HEAD's own commits: the newest four, and how to keep them."""
+    shown = 4
+    them = "them" if len(commits) > 1 else "it"
+    lines = [
+        f"warning: you are leaving {len(commits)} commit{'s' if len(commits) > 1 else ''} "
+        "behind, not connected to any of your branches or tags:",
+        *(
+            f"  {oid[:7]} {_printable(_subject(repo.commit_info(oid).message))}"
+            for oid in commits[:shown]
+        ),
+    ]
+    if len(commits) > shown:
+        lines.append(f" ... and {len(commits) - shown} more.")
+    lines += [
+        f"If you want to keep {them} by creating a new branch, this may be a good time to do so with:",
+        f"  mintvcs branch <new-branch-name> {commits[0][:7]}",
+    ]
+    click.echo("\n".join(lines), err=True)
 
 
 @main.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import heapq
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -988,6 +989,8 @@ class CheckoutResult:
     commit: str
     branch: str | None  # None: detached HEAD
     created: bool
+    # Commits the detached HEAD held that no ref (nor the new HEAD) reaches, newest first.
+    left_behind: tuple[str, ...] = ()
 
 
 def _refuse_if_changes_lost(repo: Repository, target: Revision, verb: str) -> None:
@@ -1081,8 +1084,88 @@ def checkout(
         if not force:
             _refuse_if_changes_lost(repo, target_rev, "checkout")
         write_work_tree(repo, target_rev, head_rev)
+    detached = repo.current_branch() is None
     with _restore_on_failure(repo, target_rev, head_rev if written else None):
-        return _move_head(repo, spec, target, head, new_branch, is_branch=oid is not None)
+        result = _move_head(repo, spec, target, head, new_branch, is_branch=oid is not None)
+    if detached and head is not None and head != target:
+        # HEAD has moved: a history that cannot be read must not turn that into a failure.
+        with suppress(MintError):
+            result = replace(result, left_behind=tuple(_left_behind(repo, head, target)))
+    return result
+
+
+# Commits walked once only reachable ones are queued, in case commit times are skewed (git's SLOP).
+_SLOP = 5
+
+
+def _left_behind(repo: Repository, old: str, new: str) -> list[str]:
+    """Commits reachable from `old` but from no ref and not from `new`, newest first.
+
+    What `git checkout` warns about when it leaves a detached HEAD. As git, both sides are
+    walked together, newest commit first, and the walk stops once every queued commit is
+    reachable from a ref or `new`, instead of reading the whole history.
+    """
+    tips = {oid for _name, oid in repo.refs.iter_refs("refs/")}
+    if old == new or old in tips:  # the common case: HEAD was detached at a branch or tag
+        return []
+    reached: dict[str, bool] = {}  # each commit seen -> whether a ref or `new` reaches it
+    parents: dict[str, tuple[str, ...]] = {}
+    # (-commit time, not from a ref, order seen, id): newest first; of commits made in the same
+    # second, those a ref reaches first, so that fewer are walked twice.
+    queue: list[tuple[int, bool, int, str]] = []
+    queued: set[str] = set()
+    live = 0  # queued commits that no ref is yet known to reach
+
+    def mark(oid: str) -> None:
+        """Record that a ref reaches `oid`, and so every commit behind it already walked."""
+        nonlocal live
+        todo = [oid]
+        while todo:
+            one = todo.pop()
+            if reached.get(one, True):
+                continue
+            reached[one] = True
+            if one in queued:
+                live -= 1  # its parents learn it when it is walked
+            else:
+                todo.extend(parents[one])
+
+    def push(oid: str, from_ref: bool) -> None:
+        nonlocal live
+        if oid in reached:
+            if from_ref:
+                mark(oid)
+            return
+        info = repo.commit_info(oid)
+        reached[oid] = from_ref
+        parents[oid] = info.parents
+        live += not from_ref
+        queued.add(oid)
+        heapq.heappush(queue, (-info.time, not from_ref, len(reached), oid))
+
+    push(old, False)
+    # Each distinct commit once: 10^6 per-user branches made from main name a handful.
+    for oid in {new, *tips}:
+        with suppress(MintError):  # a ref to a tree or a blob has no history to hold
+            # Only a tag object needs reading to peel; None: the header cannot tell.
+            push(repo.peel(oid) if repo.object_kind(oid) in ("tag", None) else oid, True)
+    walked: list[str] = []
+    slop = _SLOP
+    while queue:
+        if live:
+            slop = _SLOP
+        elif slop:
+            slop -= 1
+        else:
+            break
+        *_key, oid = heapq.heappop(queue)
+        queued.discard(oid)
+        if not reached[oid]:
+            live -= 1
+            walked.append(oid)
+        for parent in parents[oid]:
+            push(parent, reached[oid])
+    return [oid for oid in walked if not reached[oid]]
 
 
 def _move_head(

@@ -561,6 +561,42 @@ def test_checkout_every_kind_of_ref(work: Path) -> None:
     git_fsck(work)
 
 
+def test_checkout_warns_of_commits_left_behind(work: Path) -> None:
+    """As git: leaving a detached HEAD names the commits no branch or tag holds, and how to keep them."""
+    first = commit(work, "first", "--no-verify")
+    mutate(work, seed=1)
+    commit(work, "second", "--no-verify")
+    mint(work, "checkout", first)
+    # Nothing of its own on the detached HEAD: main holds it, nothing to say.
+    left = mint(work, "checkout", "main")
+    assert "behind" not in left.stderr
+    mint(work, "checkout", first)
+    lost = []
+    for seed in range(2, 7):
+        mutate(work, seed=seed)
+        lost.insert(0, commit(work, f"lost {seed}", "--no-verify"))
+    # Moving to a commit that holds the detached one leaves nothing behind either.
+    mint(work, "checkout", lost[1])
+    assert "behind" not in mint(work, "checkout", lost[0]).stderr
+    moved = mint(work, "checkout", "main", "--json")
+    assert json.loads(moved.stdout)["left_behind"] == lost
+    mint(work, "checkout", lost[0])
+    text = mint(work, "checkout", "main").stderr.splitlines()
+    assert text[0] == (
+        "warning: you are leaving 5 commits behind, not connected to any of your branches or tags:"
+    )
+    # git lists four, newest first, then a count.
+    assert text[1:6] == [
+        *(f"  {oid[:7]} lost {seed}" for oid, seed in zip(lost, range(6, 2, -1), strict=False)),
+        " ... and 1 more.",
+    ]
+    assert text[-1] == f"  mintvcs branch <new-branch-name> {lost[0][:7]}"
+    # A tag keeps them: nothing is left behind.
+    mint(work, "tag", "keep", lost[0], "-m", "annotated")
+    mint(work, "checkout", lost[0])
+    assert json.loads(mint(work, "checkout", "main", "--json").stdout)["left_behind"] == []
+
+
 def test_checkout_refuses_dirty_work_tree_unless_forced(work: Path) -> None:
     first = commit(work, "first", "--no-verify")
     mutate(work, seed=1)
@@ -764,9 +800,9 @@ def test_init_checkout_and_reset_speak_json(
     mutate(work, seed=1)
     second = commit(work, "second")
     detached = json.loads(mint(work, "checkout", first, "--json").stdout)
-    assert detached == {"commit": first, "branch": None, "created": False}
+    assert detached == {"commit": first, "branch": None, "created": False, "left_behind": []}
     branched = json.loads(mint(work, "checkout", "-b", "exp", "--json").stdout)
-    assert branched == {"commit": first, "branch": "exp", "created": True}
+    assert branched == {"commit": first, "branch": "exp", "created": True, "left_behind": []}
     moved = json.loads(mint(work, "reset", "--hard", second, "--json").stdout)
     assert moved == {"commit": second, "branch": "exp", "hard": True}
     assert head(work) == second
