@@ -36,7 +36,14 @@ from mintvcs.refs import (
     local_tz,
     tz_text,
 )
-from mintvcs.store import CommitInfo, Repository, Revision, UnknownRevisionError, accepts_path
+from mintvcs.store import (
+    CommitInfo,
+    Repository,
+    Revision,
+    UnknownRevisionError,
+    WriteCount,
+    accepts_path,
+)
 from mintvcs.validate import check_lora_config
 
 COMMIT_RETRY_SECONDS = (
@@ -231,8 +238,8 @@ class CommitResult:
     branch: str | None
     parent: str | None
     tensors: int
-    # Objects stored while this commit ran (new tensor blobs, trees, manifest, commit), counted
-    # by the Repository: threads committing through one Repository at once count each other's.
+    # Objects this commit stored (new tensor blobs, trees, manifest, commit), not counting
+    # those other threads committing through the same Repository stored meanwhile.
     new_objects: int
     nbytes: int  # the adapter's tensor bytes
     summary: str = ""  # the first line of the message as stored (after clean_message)
@@ -293,17 +300,21 @@ def commit(
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
     parent_rev = repo.read_revision(parent) if parent else None
-    before = repo.objects_written
+    # This commit's objects only: other threads may commit through `repo` meanwhile.
+    written = WriteCount()
 
     def encode(parent_rev: Revision | None) -> tuple[str, Manifest]:
         """Write the revision's blobs and tree, XOR-encoded against `parent_rev`'s tensors."""
         try:
-            if not show_progress:
-                return repo.write_revision(adapter, parent_rev, meta, check_finite=check_in_process)
-            with progress_bar(adapter.layout.data_size, "encoding") as update:
-                return repo.write_revision(
-                    adapter, parent_rev, meta, update, check_finite=check_in_process
-                )
+            with repo.counting_writes(written):
+                if not show_progress:
+                    return repo.write_revision(
+                        adapter, parent_rev, meta, check_finite=check_in_process
+                    )
+                with progress_bar(adapter.layout.data_size, "encoding") as update:
+                    return repo.write_revision(
+                        adapter, parent_rev, meta, update, check_finite=check_in_process
+                    )
         except NonFiniteTensorError as err:
             raise hooks.refusal("pre-commit", f"error: {err}") from None
 
@@ -322,9 +333,10 @@ def commit(
     summary = message.splitlines()[0]
     deadline = time.monotonic() + COMMIT_RETRY_SECONDS
     while True:
-        commit_id = repo.write_commit(
-            tree, [parent] if parent else [], message, author.line(), committer.line()
-        )
+        with repo.counting_writes(written):
+            commit_id = repo.write_commit(
+                tree, [parent] if parent else [], message, author.line(), committer.line()
+            )
         kind = "commit" if parent else "commit (initial)"
         try:
             repo.refs.update(
@@ -363,7 +375,7 @@ def commit(
         branch_ref.removeprefix("refs/heads/") if branch_ref else None,
         parent,
         len(manifest.tensors),
-        repo.objects_written - before,
+        written.objects,
         adapter.layout.data_size,
         summary,
     )

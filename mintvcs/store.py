@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextvars
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import cached_property, wraps
 from pathlib import Path
@@ -318,6 +319,27 @@ def _close_open_repositories() -> None:
             repo.close()
 
 
+class WriteCount:
+    """How many objects were stored inside `Repository.counting_writes` blocks."""
+
+    def __init__(self) -> None:
+        self.objects = 0
+        self._lock = threading.Lock()  # a commit's encoding threads store objects at once
+
+    def add(self) -> None:
+        """Count one object stored."""
+        with self._lock:
+            self.objects += 1
+
+
+# The counts open in this context, with their Repository. A context, not the Repository, holds
+# them: threads committing through one Repository at once must not count each other's objects,
+# and `_parallel` runs its workers in copies of the caller's context, so they count for it.
+_WRITE_COUNTS: contextvars.ContextVar[tuple[tuple[Repository, WriteCount], ...]] = (
+    contextvars.ContextVar("mint_write_counts", default=())
+)
+
+
 class Repository:
     """A mintvcs repository: `.mint/` (a git directory) and, usually, a work tree beside it.
 
@@ -329,10 +351,6 @@ class Repository:
         self.work_tree = work_tree
         self.refs = RefStore(self.git_dir)
         self._objects_dir = str(self.git_dir / "objects")
-        self.objects_written = (
-            0  # objects this instance stored (loose or packed), for commit's summary
-        )
-        self._written_lock = threading.Lock()
         # dulwich's object store is not thread-safe (its pack list fills in lazily): a commit's
         # encoding threads that read through it at once could each see a partial list.
         self._dulwich_lock = threading.Lock()
@@ -740,8 +758,20 @@ class Repository:
         return oid
 
     def _count_written(self) -> None:
-        with self._written_lock:
-            self.objects_written += 1
+        for repo, count in _WRITE_COUNTS.get():
+            if repo is self:
+                count.add()
+
+    @contextmanager
+    def counting_writes(self, count: WriteCount | None = None) -> Iterator[WriteCount]:
+        """Add to `count` (default a new one) each object stored in this Repository until the
+        block ends, by this thread or the worker threads it starts; other threads' are not."""
+        count = count if count is not None else WriteCount()
+        token = _WRITE_COUNTS.set((*_WRITE_COUNTS.get(), (self, count)))
+        try:
+            yield count
+        finally:
+            _WRITE_COUNTS.reset(token)
 
     def freshen(self, oid: str) -> None:
         """Mark `oid` as just used, as git does when a write finds the object already stored:
@@ -1617,7 +1647,11 @@ def _parallel(
             except BaseException as err:  # handed to the caller below
                 failed.append(err)
 
-    threads = [threading.Thread(target=worker) for _ in range(_WORKERS - 1)]
+    # Each worker in a copy of the caller's context: a write count open there counts theirs too.
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(worker,))
+        for _ in range(_WORKERS - 1)
+    ]
     for thread in threads:
         thread.start()
     worker()

@@ -242,6 +242,48 @@ def test_commit_reports_no_new_blobs_for_an_unchanged_adapter(
     repo.close()
 
 
+def test_new_objects_counts_only_its_own_commits_writes(
+    tmp_path: Path, peft_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads committing through one Repository at once each count what their commit stored."""
+    import threading
+
+    work = copy_adapter(peft_adapter, tmp_path / "work")
+    repo = porcelain.init(work, None, install_hooks=False)
+    _commit(repo, "first")
+    sources = {}
+    for seed, name in enumerate(("a", "b"), start=1):
+        porcelain.branch_create(repo, name)
+        sources[name] = copy_adapter(peft_adapter, tmp_path / name)
+        mutate(sources[name], seed=seed)  # every tensor changes: no blob is shared
+    # Both commits have stored their blobs and trees before either writes its commit object.
+    both_encoded = threading.Barrier(2, timeout=60)
+    write_commit = repo.write_commit
+
+    def meet_then_write(*args: object) -> str:
+        both_encoded.wait()
+        return write_commit(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repo, "write_commit", meet_then_write)
+    results: dict[str, porcelain.CommitResult] = {}
+
+    def commit_on(name: str) -> None:
+        results[name] = porcelain.commit(
+            repo, name, source=sources[name], branch=name, verify=False, show_progress=False
+        )
+
+    threads = [threading.Thread(target=commit_on, args=(name,)) for name in sources]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    repo.close()
+    for name in sources:
+        # git's own list of what the branch's commit added over main.
+        mine = git(work / ".mint", "rev-list", "--objects", f"main..{name}").stdout.splitlines()
+        assert results[name].new_objects == len(mine), name
+
+
 def test_log_decorations_label_only_the_shown_commits(tmp_path: Path, peft_adapter: Path) -> None:
     """Branches, lightweight and annotated tags, and a detached HEAD, as `git log --decorate` shows them."""
     work = copy_adapter(peft_adapter, tmp_path / "work")
