@@ -25,36 +25,52 @@ from mintvcs.serve.refwatch import check_spec
 from mintvcs.store import UnknownRevisionError
 
 
-def _unavailable(body: dict[str, str]) -> web.Response:
+def _unavailable(body: dict[str, Any]) -> web.Response:
     """A 503 health answer, with Retry-After as every 503 of the server has."""
     return web.json_response(body, status=503, headers=RETRY_AFTER)
 
 
+def _shown_to(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    """The health answer this caller may read: with --api-key-scope all, the status alone
+    unless it presents a token. Probes need none, but the base model's path, the device and
+    error texts that name files are for those the token admits."""
+    if request.app[STATE].config.api_key_scope != "all":
+        return body
+    try:
+        check_bearer(request)
+    except HTTPError:
+        return {"status": body["status"]}
+    return body
+
+
 async def health(request: web.Request) -> web.Response:
     """200 once the base model is loaded; 503 while loading, after a failed load, while draining, or unhealthy."""
-    state = request.app[STATE]
+    body = _shown_to(request, _health(request.app[STATE]))
+    return web.json_response(body) if body["status"] == "ok" else _unavailable(body)
+
+
+def _health(state: ServerState) -> dict[str, Any]:
+    """The whole health answer: `status` and what explains it."""
     if state.draining:
-        return _unavailable({"status": "draining"})
+        return {"status": "draining"}
     if state.engine is None:
         if state.load_error is not None:
-            return _unavailable({"status": "failed", "error": str(state.load_error)})
-        return _unavailable({"status": "loading"})
+            return {"status": "failed", "error": str(state.load_error)}
+        return {"status": "loading"}
     engine = state.engine
     problem = engine.problem()
     if problem is not None:  # loaded, but the step loop is dead or every step fails
-        return _unavailable({"status": "unhealthy", "error": problem})
-    return web.json_response(
-        {
-            "status": "ok",
-            "base_model": str(state.config.base_model),
-            "base_fingerprint": engine.base_fingerprint,
-            "device": str(engine.model.device),
-            "dtype": str(engine.model.dtype).removeprefix("torch."),
-            "adapter_slots": engine.pools.num_slots,
-            "max_model_len": engine.max_model_len,
-            "uptime_s": round(time.time() - state.started, 3),
-        }
-    )
+        return {"status": "unhealthy", "error": problem}
+    return {
+        "status": "ok",
+        "base_model": str(state.config.base_model),
+        "base_fingerprint": engine.base_fingerprint,
+        "device": str(engine.model.device),
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "adapter_slots": engine.pools.num_slots,
+        "max_model_len": engine.max_model_len,
+        "uptime_s": round(time.time() - state.started, 3),
+    }
 
 
 async def metrics(request: web.Request) -> web.Response:

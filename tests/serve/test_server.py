@@ -324,7 +324,14 @@ def test_api_key_scope_all_guards_every_endpoint_but_health(
     )
     auth = {"Authorization": f"Bearer {TOKEN}"}
     with BackgroundServer(config) as srv:
-        assert request(srv.url + "/health")[0] == 200  # probes need no credentials
+        # Probes need no credentials; what the answer tells beyond the status (the base
+        # model's path on this machine among it) needs the token.
+        status, _, health = request(srv.url + "/health")
+        assert (status, health) == (200, {"status": "ok"})
+        wrong = {"Authorization": "Bearer not-the-token"}
+        assert request(srv.url + "/health", headers=wrong)[2] == {"status": "ok"}
+        status, _, health = request(srv.url + "/health", headers=auth)
+        assert status == 200 and health["base_model"] == str(tiny_base), health
         for path, body in (
             ("/generate", {"prompt": "x", "max_tokens": 1}),
             ("/v1/completions", {"model": "main", "prompt": "x", "max_tokens": 1}),
@@ -334,6 +341,41 @@ def test_api_key_scope_all_guards_every_endpoint_but_health(
             status, _, answer = request(srv.url + path, body)
             assert status == 401, (path, answer)
             assert request(srv.url + path, body, headers=auth)[0] == 200, path
+
+
+def test_failed_load_under_api_key_scope_all_names_its_error_to_token_holders_only(
+    repo: Repository, tiny_base: Path, tmp_path: Path
+) -> None:
+    from mintvcs.errors import MintError
+
+    def broken_engine(config: ServerConfig) -> Any:
+        raise MintError(f"cannot read {config.base_model / 'model.safetensors'}")
+
+    key = tmp_path / "token"
+    key.write_text(TOKEN)
+    srv = BackgroundServer(
+        ServerConfig(
+            repo=repo.git_dir,
+            base_model=tiny_base,
+            port=0,
+            api_key_file=key,
+            api_key_scope="all",
+        ),
+        engine_factory=broken_engine,
+    )
+    srv.start(wait=False)
+    try:
+        deadline = time.monotonic() + 30
+        while request(srv.url + "/health")[2]["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status, headers, body = request(srv.url + "/health")
+        assert (status, body, headers["Retry-After"]) == (503, {"status": "failed"}, "1")
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        status, _, body = request(srv.url + "/health", headers=auth)
+        assert status == 503 and str(tiny_base) in body["error"], body
+    finally:
+        srv.stop()
 
 
 def test_api_key_file_rotates_without_a_restart(
