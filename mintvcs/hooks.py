@@ -30,10 +30,20 @@ def hook_env(git_dir: Path, adapter_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
-def is_active(git_dir: Path, name: str) -> bool:
-    """True when `.mint/hooks/NAME` exists and is executable, so run_hook would run it."""
+def is_active(git_dir: Path, name: str, *, hint: bool = False) -> bool:
+    """True when `.mint/hooks/NAME` exists and is executable, so run_hook would run it.
+
+    With `hint`, one that exists but cannot run is named on stderr, as git does, not skipped silently.
+    """
     path = git_dir / "hooks" / name
-    return path.is_file() and os.access(path, os.X_OK)
+    if os.access(path, os.X_OK) and path.is_file():
+        return True
+    if hint and path.is_file():
+        sys.stderr.write(
+            f"hint: the '{path}' hook was ignored because it is not set as executable "
+            f"(chmod +x it to run it)\n"
+        )
+    return False
 
 
 def run_hook(
@@ -41,12 +51,7 @@ def run_hook(
 ) -> None:
     """Run `.mint/hooks/NAME` if it exists and is executable; a refusal raises when the hook may refuse."""
     path = git_dir / "hooks" / name
-    if not is_active(git_dir, name):
-        if path.is_file():  # as git: a hook that exists but cannot run is named, not silent
-            sys.stderr.write(
-                f"hint: the '{path}' hook was ignored because it is not set as executable "
-                f"(chmod +x it to run it)\n"
-            )
+    if not is_active(git_dir, name, hint=True):
         return
     try:
         _refuse_foreign(git_dir, path)

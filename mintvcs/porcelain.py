@@ -383,7 +383,7 @@ def commit(
 
 def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
     """Let the commit-msg hook read, edit or refuse the message, as git does."""
-    if not hooks.is_active(repo.git_dir, "commit-msg"):
+    if not hooks.is_active(repo.git_dir, "commit-msg", hint=True):
         return message
     # A file of this commit's own (the hook gets its path, as git's gets COMMIT_EDITMSG's):
     # git serializes commits under index.lock, we do not, and two trainers committing at once

@@ -377,9 +377,12 @@ class ServerState:
         for seconds in stats.recent_load_seconds[-min(new, len(stats.recent_load_seconds)) :]:
             self.load_latency.observe(seconds)
 
-    def require_engine(self) -> Engine:
-        """The engine, or a 503 while it loads, after it failed, or while draining."""
-        if self.draining:
+    def require_engine(self, *, admitted: bool = False) -> Engine:
+        """The engine, or a 503 while it loads, after it failed, or while draining.
+
+        `admitted`: for a request the engine took before the drain began, which runs to its end.
+        """
+        if self.draining and not admitted:
             raise HTTPError(
                 503, "the server is shutting down; retry on another instance", "draining"
             )
@@ -1047,8 +1050,11 @@ async def serve_until_signalled(
 
 def run(config: ServerConfig) -> int:
     """Blocking entry point for the CLI."""
+    level = os.environ.get("MINT_LOG_LEVEL", "INFO")
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ServerError(f"MINT_LOG_LEVEL={level!r:.40}: use DEBUG, INFO, WARNING or ERROR")
     logging.basicConfig(
-        level=os.environ.get("MINT_LOG_LEVEL", "INFO"),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

@@ -809,7 +809,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     _refuse_unsupported(body)
     params = replace(sampling_params(body, state), logprobs=_logprobs_field(body, "logprobs"))
     admitted = await admit(request, prompt, spec, params, stream=stream)
-    texts = TokenTexts(state.require_engine().tokenizer)
+    texts = TokenTexts(state.require_engine(admitted=True).tokenizer)
 
     def result(text: str, last: TokenEvent) -> dict[str, Any]:
         return {
@@ -972,7 +972,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     choices = await admit_many(request, requests, spec, stream=stream, special_tokens=special)
     with _cancel_on_error(choices):
         envelope = _OpenAIEnvelope("cmpl", choices[0], usage_null=stream and include_usage)
-        engine = state.require_engine()
+        engine = state.require_engine(admitted=True)
         texts = TokenTexts(engine.tokenizer)
         # The prompt's text: as sent, or decoded from the token ids sent (echo returns it).
         decoded = {
@@ -1147,7 +1147,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     )
     with _cancel_on_error(choices):
         obj = _OpenAIEnvelope("chatcmpl", choices[0], usage_null=stream and include_usage).wrap
-        texts = TokenTexts(state.require_engine().tokenizer)
+        texts = TokenTexts(state.require_engine(admitted=True).tokenizer)
 
         def lp_object(evs: list[TokenEvent]) -> dict[str, Any] | None:
             return _chat_logprobs(_event_logprobs(evs), texts) if want_logprobs else None

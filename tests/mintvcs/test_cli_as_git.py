@@ -136,13 +136,15 @@ def test_an_emptied_work_tree_lists_every_committed_file_removed(work: Path) -> 
     ]
 
 
-def test_a_hook_that_is_not_executable_is_named(work: Path) -> None:
-    hook = work / ".mint" / "hooks" / "post-commit"
+@pytest.mark.parametrize("name", ["post-commit", "commit-msg"])
+def test_a_hook_that_is_not_executable_is_named(work: Path, name: str) -> None:
+    # commit-msg's was skipped without a word.
+    hook = work / ".mint" / "hooks" / name
     hook.write_text("#!/bin/sh\necho ran\n")
     os.chmod(hook, 0o644)
     mutate(work, seed=5)
     result = mint(work, "commit", "-m", "hooked")
-    assert "post-commit' hook was ignored because it is not set as executable" in result.stderr
+    assert f"{name}' hook was ignored because it is not set as executable" in result.stderr
     assert "ran" not in result.stderr
 
 

@@ -124,6 +124,51 @@ def test_serve_process_health_and_sigterm_drain(
 
 
 @pytest.mark.slow
+def test_a_request_queued_before_sigterm_is_answered_by_the_drain(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base))
+    porcelain.commit(repo, "a", source=peft_adapter, verify=False, show_progress=False)
+    proc = _start(
+        [
+            *("--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0"),
+            *("--max-batch-size", "1", "--max-model-len", "512", "--cpu-threads", "1"),
+        ]
+    )
+    try:
+        url = _url_when_ready(proc)
+        body = {"prompt": "Hi", "max_tokens": 150, "stream": True, "ignore_eos": True}
+        req = urllib.request.Request(
+            url + "/generate",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        running = urllib.request.urlopen(req, timeout=120)
+        assert running.readline().startswith(b"data: ")
+        queued: list[tuple[int, Any]] = []
+        waiter = threading.Thread(
+            target=lambda: queued.append(
+                request(url + "/generate", {"prompt": "Hi", "max_tokens": 4}, timeout=120)[::2]
+            )
+        )
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "mint_queue_depth 1" not in request(url + "/metrics")[2]:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        running.read()
+        waiter.join(120)
+        # The engine took it before the signal: it runs (it used to wait, then get 503 draining).
+        assert queued and queued[0][0] == 200, queued
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
 def test_a_key_file_read_that_hangs_does_not_keep_the_server_from_exiting(
     tmp_path: Path, tiny_base: Path
 ) -> None:
@@ -394,3 +439,18 @@ def test_server_config_keeps_its_limits_consistent(tiny_base: Path) -> None:
         for dtype in ("float32", "bfloat16", "float16")
     }
     assert len(set(sizes.values())) == 1, sizes
+
+
+def test_an_unknown_log_level_is_one_error_line(tmp_path: Path, tiny_base: Path) -> None:
+    porcelain.init(tmp_path / "repo", str(tiny_base))
+    args = ["--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base), "--port", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mintvcs.serve.cli", "serve", *args],
+        env={**os.environ, "MINT_LOG_LEVEL": "verbose"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    # It was a traceback (ValueError: Unknown level); `debug` was one too.
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: MINT_LOG_LEVEL='verbose'"), done.stderr
