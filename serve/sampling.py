@@ -141,8 +141,14 @@ class SamplingParams:
             raise InvalidSamplingParams(
                 f"top_k must be 0 or -1 (off) or positive, got {self.top_k}"
             )
-        if any(not s for s in self.stop):
-            raise InvalidSamplingParams("stop strings must be non-empty")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidSamplingParams(
+                f"stop must be a string or a sequence of non-empty strings, got {self.stop!r:.80}"
+            )
+        if not isinstance(self.skip_special_tokens, bool):
+            raise InvalidSamplingParams(
+                f"skip_special_tokens must be true or false, got {self.skip_special_tokens!r}"
+            )
         salt = self.cache_salt
         if salt is not None and not (isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT):
             raise InvalidSamplingParams(

@@ -148,30 +148,29 @@ class Sequence:
         cut = len(text)
         stops = self.params.stop
         may_stop = len(self.output_ids) > self.params.min_tokens
-        if not may_stop:
+        if may_stop and token in self.stop_ids and not complete:
+            # As vLLM: a stop token ends the output without its own text (EOS, or an ordinary
+            # token named in stop_token_ids), so no stop string is looked for in that text.
+            reason, text = "stop", before
+            cut = len(text)
+        elif not may_stop:
             # The text of the first min_tokens tokens: a stop string must end past it (vLLM's).
             self.stop_floor = len(text)
         elif stops:
             at = find_stop(text, stops, max(self.emitted, self.stop_floor))
             if at != -1:
                 reason, cut = "stop", at
-        if reason is None:
-            if may_stop and token in self.stop_ids and not complete:
-                # As vLLM: a stop token ends the output without its own text (EOS, or an
-                # ordinary token named in stop_token_ids).
-                reason, text = "stop", before
-            elif (
-                complete
-                or (
-                    self.params.max_tokens is not None
-                    and len(self.output_ids) >= self.params.max_tokens
-                )
-                or self.num_tokens >= self.max_len
-            ):
-                reason = "stop" if complete else "length"
-                text = self.detok.flush()
-            if reason is not None:
-                cut = len(text)
+        if reason is None and (
+            complete
+            or (
+                self.params.max_tokens is not None
+                and len(self.output_ids) >= self.params.max_tokens
+            )
+            or self.num_tokens >= self.max_len
+        ):
+            reason = "stop" if complete else "length"
+            text = self.detok.flush()
+            cut = len(text)
         if reason is None and stops:
             # Hold back a tail that could still grow into a stop string.
             cut = max(self.emitted, len(text) - max(len(s) for s in stops) + 1)
@@ -494,12 +493,19 @@ class Scheduler:
                 seq.first_token_at = time.monotonic()
             # A matcher whose mask failed (a parser limit met mid-output) allowed only the end
             # of the output: that is a failure to report, not a finished answer.
-            if seq.matcher is not None and (
-                seq.matcher.is_error() or not seq.matcher.consume_token(token)
-            ):
-                self._fail(seq, _structured_failure(seq))
+            try:
+                if seq.matcher is not None and (
+                    seq.matcher.is_error() or not seq.matcher.consume_token(token)
+                ):
+                    self._fail(seq, _structured_failure(seq))
+                    continue
+                event = seq.append(token, token_lp, prompt_logprobs.get(seq.request_id))
+            except Exception as err:
+                # This request's own bookkeeping (its detokenizer, its stop strings) failed:
+                # it fails alone, and the engine's thread goes on with the others.
+                log.error("request %d failed after its step", seq.request_id, exc_info=err)
+                self._fail(seq, err)
                 continue
-            event = seq.append(token, token_lp, prompt_logprobs.get(seq.request_id))
             if seq.finished:
                 self._finish(seq)
                 self.stats.finished += 1

@@ -342,6 +342,32 @@ def test_unstreamed_submit_wakes_the_loop_twice(engine: Engine) -> None:
     assert (streamed_posts, batched_posts) == (12, 2)
 
 
+def test_a_request_whose_bookkeeping_fails_fails_alone(engine: Engine) -> None:
+    # Past validation (a bug, say): its stop check raised outside the step's guard, which ended
+    # the engine's thread and left every other request waiting for ever.
+    broken = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    object.__setattr__(broken, "stop", ("a", 1))
+    fine = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    alone = engine.generate([5, 6, 7], None, fine, timeout=30)
+
+    async def both() -> tuple[list[Any], list[Any]]:
+        streams = engine.submit_many([([5, 6, 7], None, broken), ([5, 6, 7], None, fine)])
+        results: list[list[Any]] = [[], []]
+        for i, stream in enumerate(streams):
+            try:
+                async for event in stream:
+                    results[i].append(event.token_id)
+            except TypeError as err:
+                results[i].append(err)
+        return results[0], results[1]
+
+    failed, ok = asyncio.run(asyncio.wait_for(both(), 30))
+    assert isinstance(failed[-1], TypeError)
+    assert ok == alone.token_ids
+    assert engine.problem() is None
+    assert engine.generate([5, 6, 7], None, fine, timeout=30).token_ids == alone.token_ids
+
+
 def test_stop_string_eos_and_seeded_sampling(engine: Engine) -> None:
     free = engine.generate(
         "The answer", None, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
@@ -367,6 +393,17 @@ def test_stop_string_eos_and_seeded_sampling(engine: Engine) -> None:
     # As vLLM: the stop token's own text is left out (it was kept).
     before = engine.tokenizer.decode(plain[: plain.index(stop_id)], skip_special_tokens=True)
     assert ended.text == before
+    # A stop string that ends inside the stop token's text does not apply: that text is not
+    # output (it cut the output there, dropping its last character, or kept part of the token).
+    decoded = engine.tokenizer.decode(plain[: plain.index(stop_id) + 1], skip_special_tokens=True)
+    across = before[-1:] + decoded[len(before) :][:1]
+    assert len(across) == 2 and across not in before
+    crossed = engine.generate(
+        [5, 6, 7],
+        None,
+        SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=(stop_id,), stop=(across,)),
+    )
+    assert (crossed.text, crossed.token_ids) == (before, ended.token_ids)
     # A temperature so small that logits / temperature overflow is greedy (it sampled the
     # last token of the vocabulary every step).
     tiny = SamplingParams(max_tokens=12, temperature=1e-40, seed=1, ignore_eos=True)

@@ -132,6 +132,10 @@ def test_temperature_sharpens() -> None:
         {"seed": 1.5},
         {"logprobs": 2.0},
         {"prompt_logprobs": True},
+        # Not strings or not a bool: they failed inside a step and ended the engine's thread.
+        {"stop": ("a", 1)},
+        {"stop": b"ab"},
+        {"skip_special_tokens": "no"},
     ],
 )
 def test_invalid_params_are_refused(kwargs: dict[str, Any]) -> None:
