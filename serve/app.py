@@ -205,6 +205,9 @@ class ServerState:
     # The commit each ref's last counted move went to: several specs in use (main, main~1,
     # refs/heads/main) report one move each, and the counter counts the ref's move once.
     moved_to: dict[str, str] = field(default_factory=dict)
+    # The revision each ref spec pinned (warm with pin): unpinning by that spec releases it
+    # even after the ref moved on.
+    pins_by_spec: dict[str, str] = field(default_factory=dict)
     _loads_seen: int = 0
     _ref_labels: set[str] = field(default_factory=set)
 

@@ -776,9 +776,9 @@ class Engine:
         """Await prefetch(): the slot index, or None when it only reached the host cache."""
         return await asyncio.wrap_future(self.prefetch(revision, pin=pin))
 
-    def unpin(self, revision: str) -> None:
-        """Allow `revision` to be evicted again."""
-        self.residency.unpin(revision)
+    def unpin(self, revision: str) -> bool:
+        """Allow `revision` to be evicted again; False if it was not pinned."""
+        return self.residency.unpin(revision)
 
     def problem(self) -> str | None:
         """Why the engine cannot serve although it is loaded (None: healthy), for health checks."""
@@ -807,6 +807,7 @@ class Engine:
         """Device slots and host-cache contents, for an admin endpoint."""
         return {
             "slots": self.residency.snapshot(),
+            "pinned": self.residency.pinned(),
             "host_cache": {
                 "revisions": self.residency.host.revisions(),
                 "bytes": self.residency.host.nbytes,

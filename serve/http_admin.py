@@ -174,6 +174,8 @@ async def warm(request: web.Request) -> web.Response:
     resolution = state.watcher.resolve(check_spec(spec))
     started = time.perf_counter()
     slot = await engine.warm(resolution.commit, pin=pin)
+    if pin and resolution.ref is not None:
+        state.pins_by_spec[spec] = resolution.commit
     return web.json_response(
         {
             "ref": spec,
@@ -192,9 +194,18 @@ async def unpin(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engine = state.require_engine()
     spec = _spec_of(state, await read_json(request), "unpin")
-    commit = state.watcher.resolve(check_spec(spec)).commit
-    engine.unpin(commit)
-    return web.json_response({"revision": commit, "pinned": False})
+    # What this spec pinned (the ref may have moved on, or been deleted since), and what it
+    # names now.
+    pinned_then = state.pins_by_spec.pop(spec, None)
+    try:
+        commit: str | None = state.watcher.resolve(check_spec(spec)).commit
+    except UnknownRevisionError:
+        if pinned_then is None:
+            raise
+        commit = None
+    revisions = dict.fromkeys(r for r in (pinned_then, commit) if r is not None)
+    unpinned = [revision for revision in revisions if engine.unpin(revision)]
+    return web.json_response({"revision": commit, "pinned": False, "unpinned": unpinned})
 
 
 async def adapters(request: web.Request) -> web.Response:

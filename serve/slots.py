@@ -526,6 +526,7 @@ class Residency:
                 # Idle now: the next acquire of the revision it drained for evicts it (the
                 # scheduler asks in FIFO order, so that one comes before any later request).
                 slot.draining_for = None
+                self._load_waiting_pins()
         self._on_change()
 
     def failure(self, revision: str) -> BaseException | None:
@@ -592,10 +593,27 @@ class Residency:
                 self._host_loads[revision] = pending
             return pending
 
-    def unpin(self, revision: str) -> None:
-        """Let `revision`'s slot be evicted again once idle."""
+    def unpin(self, revision: str) -> bool:
+        """Let `revision`'s slot be evicted again once idle; False if it was not pinned."""
         with self._lock:
+            pinned = revision in self._pinned
             self._pinned.discard(revision)
+            return pinned
+
+    def pinned(self) -> list[str]:
+        """Every pinned revision, in a slot or waiting for one."""
+        with self._lock:
+            return sorted(self._pinned)
+
+    def _load_waiting_pins(self) -> None:
+        """Start loading pinned revisions that hold no slot (pinned while every slot was busy)
+        into idle ones; under the lock."""
+        for revision in sorted(self._pinned - self._by_revision.keys()):
+            future = self._start_load(revision)
+            if future is None:
+                return  # no slot can be freed: the next release tries again
+            # A failure is remembered (and unpins it); nobody waits on this future.
+            future.add_done_callback(lambda f: f.exception())
 
     def snapshot(self) -> list[dict[str, Any]]:
         """One dict per slot: index, revision, state, refs, pinned, idle seconds."""

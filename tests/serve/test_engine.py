@@ -447,6 +447,35 @@ def test_slot_hits_and_misses_count_each_admission_once(
         assert (stats["slot_hits"], stats["slot_misses"], stats["load_count"]) == (3, 4, 3)
 
 
+def test_a_pin_taken_while_every_slot_is_busy_takes_a_slot_once_one_is_idle(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=256)
+    long = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:
+
+        async def busy() -> int | None:
+            streams = eng.submit_many([([5, 6], "mlp-r2", long), ([5, 6], "o-r6", long)])
+            for stream in streams:  # both admitted: each holds a slot
+                await stream.__anext__()
+            slot = await eng.warm("kv-r12", pin=True)
+            for stream in streams:
+                async for _ in stream:
+                    pass
+            return slot
+
+        assert asyncio.run(busy()) is None  # only the host cache could take it then
+        assert eng.residency_snapshot()["pinned"] == ["kv-r12"]
+        deadline = time.monotonic() + 30
+        # It stayed in the host cache, invisible in the slots, until a request named it.
+        while not any(
+            s["revision"] == "kv-r12" and s["pinned"] and s["state"] == "ready"
+            for s in eng.residency_snapshot()["slots"]
+        ):
+            assert time.monotonic() < deadline, eng.residency_snapshot()
+            time.sleep(0.02)
+
+
 def test_warm_pin_and_residency(tiny_base: Path, zoo: dict[str, Path]) -> None:
     config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=128)
     with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:

@@ -460,6 +460,25 @@ def test_a_key_file_that_hangs_does_not_stall_the_server(
             writer.write("the-token\n")
 
 
+def test_unpin_by_ref_releases_what_it_pinned_after_the_ref_moved(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    old, new = repo.resolve("main"), repo.resolve("product-b")
+    porcelain.branch_create(repo, "pinme", old)
+    try:
+        warm = {"ref": "pinme", "pin": True}
+        body = request(server.url + "/v1/adapters/warm", warm, headers=auth)[2]
+        assert body["revision"] == old and body["pinned"] is True, body
+        porcelain.branch_create(repo, "pinme", new, force=True)
+        status, _, body = request(server.url + "/v1/adapters/unpin", {"ref": "pinme"}, headers=auth)
+        # It unpinned the revision pinme names now (never pinned), and old stayed pinned for good.
+        assert status == 200 and body["revision"] == new and body["unpinned"] == [old], body
+        assert old not in request(server.url + "/v1/adapters", headers=auth)[2]["pinned"]
+    finally:
+        porcelain.branch_delete(repo, "pinme", force=True)
+
+
 def test_warm_pin_and_residency(server: BackgroundServer, repo: Repository) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     status, _, body = request(
