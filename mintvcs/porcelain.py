@@ -351,13 +351,28 @@ def commit(
             # after a reset or a forced move they may not be: encode against the new tip then,
             # or a git gc, push or squash could drop the bases.
             time.sleep(random.uniform(0.001, 0.01))
-            parent = repo.refs.read(target)
+            previous, parent = parent, repo.refs.read(target)
+            if parent is None and previous is not None:
+                # As git's "reference is missing but expected": a commit would bring the
+                # branch back as a root commit sharing nothing with the history deleted.
+                name = target.removeprefix("refs/heads/")
+                raise UnknownRevisionError(
+                    f"branch '{name}' was deleted while this commit was being made; nothing "
+                    "was committed"
+                ) from None
             encoded_on = parent_rev.commit if parent_rev is not None else None
             if encoded_on is not None and (
                 parent is None or not is_ancestor(repo, encoded_on, parent)
             ):
                 parent_rev = repo.read_revision(parent) if parent else None
                 tree, manifest = encode(parent_rev)
+            if parent is not None and not allow_empty and repo.commit_info(parent).tree == tree:
+                # Another process committed this very adapter meanwhile.
+                raise NothingToCommit(
+                    f"nothing to commit: the adapter in {source} is identical to "
+                    f"{'HEAD' if branch is None else branch} ({parent[:7]}), committed meanwhile; "
+                    "use --allow-empty (allow_empty=True) to record it anyway"
+                ) from None
     if source == repo.work_tree and branch_ref == repo.refs.read_symbolic("HEAD"):
         # The work tree's weights are this commit's: later status checks may trust a stat,
         # unless the file changed since it was opened (it is mapped, so read lazily).

@@ -752,8 +752,15 @@ class Repository:
             body = zlib_stored([memoryview(head), *views])
         else:
             body = [zlib.compress(b"".join([head, *views]), level)]
-        directory.mkdir(exist_ok=True)
-        place_file(directory, path, body)
+        for attempt in range(3):
+            directory.mkdir(exist_ok=True)
+            try:
+                place_file(directory, path, body)
+                break
+            except FileNotFoundError:
+                # git prune removes empty fan-out directories: make it again, as git's writer does.
+                if attempt == 2:
+                    raise
         self._count_written()
         return oid
 

@@ -214,3 +214,38 @@ def test_a_refusing_hook_is_streamed_and_its_last_line_quoted_once(work: Path) -
     lines = result.stderr.splitlines()
     assert lines[0] == "first" and len([x for x in lines if "too big" in x]) == 1
     assert lines[-1].startswith("error: pre-commit hook refused the commit: too big")
+
+
+def _commit_msg_hook(work: Path, script: str) -> None:
+    """A commit-msg hook: it runs after the encoding and before the branch moves, where another
+    process's change lands when two race."""
+    hook = work / ".mint" / "hooks" / "commit-msg"
+    hook.write_text("#!/bin/sh\n" + script)
+    hook.chmod(0o755)
+
+
+def test_a_branch_deleted_while_committing_is_not_brought_back_as_a_root(work: Path) -> None:
+    mint(work, "branch", "exp")
+    _commit_msg_hook(work, 'git --git-dir "$MINT_DIR" update-ref -d refs/heads/exp\n')
+    mutate(work, seed=7)
+    error = mint_fails(work, "commit", "-m", "step", "--branch", "exp")
+    # It recreated exp as a root commit sharing nothing with the history deleted.
+    assert "branch 'exp' was deleted while this commit was being made" in error
+    assert (
+        git(work / ".mint", "rev-parse", "--verify", "-q", "refs/heads/exp", ok=False).stdout == ""
+    )
+
+
+def test_an_adapter_committed_meanwhile_by_another_process_is_nothing_to_commit(
+    work: Path, tmp_path: Path
+) -> None:
+    twin = copy_adapter(work, tmp_path / "twin")
+    mutate(twin, seed=8)
+    copy_adapter(twin, work)
+    other = f'"$MINT_PYTHON" -m mintvcs.cli commit --no-verify -m other --from "{twin}"'
+    _commit_msg_hook(work, f'cd "{work}" && {other} >/dev/null\n')
+    error = mint_fails(work, "commit", "-m", "same")
+    # It was recorded as an empty commit on top of the other process's.
+    assert "nothing to commit" in error and "committed meanwhile" in error
+    log = git(work / ".mint", "log", "--format=%s").stdout.split()
+    assert log[:2] == ["other", "first"]

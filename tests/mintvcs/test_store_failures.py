@@ -131,3 +131,27 @@ def test_an_unreadable_record_of_gcs_last_pack_is_ignored(work: Path) -> None:
     (work / ".mint" / "mint-gc-pack").write_bytes(b"\xff\x00../../etc\n")
     mint(work, "gc")
     git_fsck(work)
+
+
+def test_a_fan_out_directory_pruned_under_the_writer_is_made_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `git prune` (git gc) removes empty objects/xx directories: one removed between the
+    # writer's mkdir and its temporary file failed the commit ("No such file or directory").
+    import mintvcs.store as store
+    from mintvcs import porcelain
+
+    repo = porcelain.init(tmp_path / "repo", None, install_hooks=False)
+    real = store.place_file
+    pruned: list[Path] = []
+
+    def pruned_first(directory: Path, path: Path, pieces: list[object]) -> None:
+        if not pruned:
+            directory.rmdir()  # as git prune does, at the worst moment
+            pruned.append(directory)
+        real(directory, path, pieces)
+
+    monkeypatch.setattr(store, "place_file", pruned_first)
+    oid = repo.add_blob(b"written once the directory is back\n")
+    assert pruned
+    assert git(repo.git_dir, "cat-file", "-p", oid).stdout == "written once the directory is back\n"
