@@ -1093,6 +1093,9 @@ def checkout(
     repo: Repository, spec: str, *, new_branch: str | None = None, force: bool = False
 ) -> CheckoutResult:
     """Write revision `spec` into the work tree and move HEAD (to a branch, or detached)."""
+    # As git: `-` is `@{-1}`, and `@{-N}` is the name it stands for, so that it switches back
+    # to that branch (and the reflog names it) rather than detaching at its commit.
+    spec = repo.expand_previous("@{-1}" if spec == "-" else spec)
     # A branch name switches to that branch even where a tag of the same name exists (as git
     # checkout does), although a plain spec resolves to the tag first.
     oid = _branch_value(repo, spec)

@@ -77,6 +77,7 @@ _SUFFIX = re.compile(r"(?:\^\{(?:commit)?\}|[~^][0-9]{0,9})*\Z")
 _STEP = re.compile(r"\^\{(?:commit)?\}|[~^][0-9]*")
 _SELECTOR = re.compile(r"(?P<count>-?[0-9]{1,9})\}\Z")  # ASCII digits only, as git reads them
 _PREVIOUS_CHECKOUT = re.compile(r"checkout: moving from (?P<name>\S+) to \S+")
+_PREVIOUS_SPEC = re.compile(r"@\{-(?P<count>[0-9]{1,9})\}")  # `@{-N}` at a spec's start
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
 # Commits of adapters with at least this many tensors write their new blobs into one pack
 # instead of loose objects (git's fetch.unpackLimit default): creating hundreds of files
@@ -1376,17 +1377,7 @@ class Repository:
         if count < 0:
             if base:
                 raise UnknownRevisionError(f"revision {spec!r}: @{{-N}} takes no name before it")
-            moves = [_PREVIOUS_CHECKOUT.match(e.message) for e in self.refs.reflog("HEAD")]
-            # Only what a checkout can move from: a branch or a commit id. A hand-made line
-            # naming `@{-1}` would otherwise send this lookup round in circles.
-            previous = [
-                m["name"] for m in reversed(moves) if m is not None and "@{" not in m["name"]
-            ]
-            if len(previous) < -count:
-                raise UnknownRevisionError(
-                    f"revision {spec!r}: only {len(previous)} checkout(s) in HEAD's reflog"
-                )
-            return self.resolve(previous[-count - 1])
+            return self.resolve(self._previous_checkout(-count, spec))
         if base in ("", "@"):  # git: the current branch's reflog (HEAD's when detached)
             ref = self.refs.read_symbolic("HEAD") or "HEAD"
         else:
@@ -1417,6 +1408,26 @@ class Repository:
         raise UnknownRevisionError(
             f"revision {spec!r}: the reflog of {ref} has only {len(entries)} entries"
         )
+
+    def _previous_checkout(self, count: int, spec: str) -> str:
+        """The branch name or commit id HEAD was moved from `count` checkouts ago (`@{-count}`)."""
+        moves = [_PREVIOUS_CHECKOUT.match(e.message) for e in self.refs.reflog("HEAD")]
+        # Only what a checkout can move from: a branch or a commit id. A hand-made line
+        # naming `@{-1}` would otherwise send this lookup round in circles.
+        previous = [m["name"] for m in reversed(moves) if m is not None and "@{" not in m["name"]]
+        if len(previous) < count:
+            raise UnknownRevisionError(
+                f"revision {spec!r}: only {len(previous)} checkout(s) in HEAD's reflog"
+            )
+        return previous[count - 1]
+
+    def expand_previous(self, spec: str) -> str:
+        """`spec` with a leading `@{-N}` replaced by the branch name or commit id it stands for,
+        as git's checkout reads it (so `@{-1}` switches back to that branch); else `spec`."""
+        found = _PREVIOUS_SPEC.match(spec)
+        if found is None or int(found["count"]) == 0:
+            return spec
+        return self._previous_checkout(int(found["count"]), spec) + spec[found.end() :]
 
     def _ref_exists(self, ref: str) -> bool:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -249,3 +250,68 @@ def test_an_adapter_committed_meanwhile_by_another_process_is_nothing_to_commit(
     assert "nothing to commit" in error and "committed meanwhile" in error
     log = git(work / ".mint", "log", "--format=%s").stdout.split()
     assert log[:2] == ["other", "first"]
+
+
+# --- the same commands through mintvcs and through git, on two copies of one repository ---
+
+
+def _git_twin(work: Path, tmp_path: Path) -> Path:
+    """A copy of `work` for real git to run the same commands on; returns its .mint."""
+    twin = tmp_path / "twin"
+    shutil.copytree(work, twin, symlinks=True)
+    tree = tmp_path / "twin-tree"  # git needs a work tree and an index of its own
+    tree.mkdir()
+    git(twin / ".mint", "--work-tree", str(tree), "read-tree", "--reset", "-u", "HEAD")
+    return twin / ".mint"
+
+
+def _git_in_twin(twin: Path, *args: str) -> None:
+    """Run a git command in the twin made by _git_twin, with its own work tree."""
+    tree = twin.parent.parent / "twin-tree"
+    git(twin, "-c", "advice.detachedHead=false", "--work-tree", str(tree), *args)
+
+
+def _reflogs(git_dir: Path) -> dict[str, list[tuple[str, str, str]]]:
+    """Every reflog: (old, new, message) of each line, by ref name."""
+    logs = git_dir / "logs"
+    found = {}
+    for path in sorted(p for p in logs.rglob("*") if p.is_file()):
+        rows = []
+        for line in path.read_text().splitlines():
+            head, _, message = line.partition("\t")
+            old, new = head.split()[:2]
+            rows.append((old, new, message))
+        found[path.relative_to(logs).as_posix()] = rows
+    return found
+
+
+def _same_refs(work: Path, twin: Path) -> None:
+    """HEAD, every ref and every reflog are what git wrote in the twin."""
+    ours = work / ".mint"
+    assert (ours / "HEAD").read_text() == (twin / "HEAD").read_text()
+    listing = ("for-each-ref", "--format=%(refname) %(objectname)")
+    assert git(ours, *listing).stdout == git(twin, *listing).stdout
+    assert _reflogs(ours) == _reflogs(twin)
+
+
+def _two_commits_and_a_tag(work: Path) -> None:
+    mutate(work, seed=30)
+    mint(work, "commit", "-m", "second")
+    mint(work, "tag", "v1", "HEAD~1")
+
+
+def test_checkout_of_the_previous_branch_switches_to_it_as_git_does(
+    work: Path, tmp_path: Path
+) -> None:
+    # `checkout @{-1}` detached HEAD at the branch's commit, so the next commit left it behind.
+    _two_commits_and_a_tag(work)
+    twin = _git_twin(work, tmp_path)
+    for args in (("v1",), ("@{-1}",), ("v1",), ("-",), ("-",), ("-b", "nb", "@{-1}")):
+        mint(work, "checkout", *args)
+        _git_in_twin(twin, "checkout", "-q", *args)
+        _same_refs(work, twin)
+    mint(work, "checkout", "main")
+    _git_in_twin(twin, "checkout", "-q", "main")
+    assert mint(work, "checkout", "-").stdout == "Switched to branch 'nb'\n"
+    _git_in_twin(twin, "checkout", "-q", "-")
+    _same_refs(work, twin)
