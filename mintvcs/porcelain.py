@@ -1222,6 +1222,9 @@ def _move_head(
         branch: str | None = new_branch
     elif spec in ("HEAD", "@"):
         branch = repo.current_branch()
+        if branch is not None:
+            # As git: checking out what is checked out moves no ref, so it logs nothing.
+            return CheckoutResult(target, branch, False)
     else:
         branch = spec if is_branch else None
     message = f"checkout: moving from {previous} to {branch or spec}"

@@ -750,7 +750,8 @@ class RefStore:
                 raise RefFormatError(self._path(name), "symbolic ref chain too deep")
             final = chain[-1]
             current = self._read_direct(final)
-            if current is not None and current.startswith("ref: "):
+            final_symbolic = current is not None and current.startswith("ref: ")
+            if final_symbolic:
                 if deref:
                     raise RefFormatError(self._path(final), "symbolic ref chain too deep")
                 # Detaching a symbolic ref: its old value is what it pointed to.
@@ -763,12 +764,13 @@ class RefStore:
                     )
             if current is None:
                 self._check_df(final)
-            logged = list(chain)
-            if HEAD not in logged:
+            # As git's files backend: a ref left at the value it had gets no reflog line, but the
+            # symbolic refs the update went through still do (git's LOG_ONLY updates): `reset
+            # --hard HEAD` logs HEAD, not the branch, so `main@{1}` stays the branch's last move.
+            logged = chain[:-1] if current == new and not final_symbolic else list(chain)
+            if HEAD not in chain and self.read_symbolic(HEAD) == final:
                 # git also logs to HEAD when the branch HEAD points at moves.
-                head_target = self.read_symbolic(HEAD) if final != HEAD else None
-                if head_target == final:
-                    logged.append(HEAD)
+                logged.append(HEAD)
             prev = current or ZERO
             for ref in logged:
                 if self._logs(ref):

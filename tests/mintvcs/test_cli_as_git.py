@@ -315,3 +315,26 @@ def test_checkout_of_the_previous_branch_switches_to_it_as_git_does(
     assert mint(work, "checkout", "-").stdout == "Switched to branch 'nb'\n"
     _git_in_twin(twin, "checkout", "-q", "-")
     _same_refs(work, twin)
+
+
+def test_a_ref_left_where_it_was_gets_no_reflog_line_as_in_git(work: Path, tmp_path: Path) -> None:
+    # `reset --hard HEAD` logged "main -> main" in main's reflog, so main@{1} stopped naming
+    # where main was before its last move; git logs only HEAD, which the update went through.
+    _two_commits_and_a_tag(work)
+    mint(work, "branch", "side", "HEAD~1")
+    twin = _git_twin(work, tmp_path)
+    steps: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+        (("reset", "--hard", "HEAD"), ("reset", "-q", "--hard", "HEAD")),
+        (("reset", "main"), ("reset", "-q", "--soft", "main")),
+        (("branch", "-f", "side", "side"), ("branch", "-f", "side", "side")),
+        (("checkout", "HEAD"), ("checkout", "-q", "HEAD")),
+        (("checkout", "main"), ("checkout", "-q", "main")),  # git logs "main to main" here
+        (("checkout", "v1"), ("checkout", "-q", "v1")),
+        (("checkout", "v1"), ("checkout", "-q", "v1")),  # detached, and already there
+        (("reset", "HEAD"), ("reset", "-q", "--soft", "HEAD")),
+        (("checkout", "HEAD"), ("checkout", "-q", "HEAD")),
+    ]
+    for ours, theirs in steps:
+        mint(work, *ours)
+        _git_in_twin(twin, *theirs)
+        _same_refs(work, twin)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -515,6 +516,47 @@ def test_delete(repo: Path) -> None:
 
 
 # --- HEAD and reflogs ---------------------------------------------------------------------
+
+
+def _log_lines(d: Path) -> dict[str, list[str]]:
+    """Each reflog's lines without identity and time (`old new<TAB>message`), by ref name."""
+    found = {}
+    for path in sorted(p for p in (d / "logs").rglob("*") if p.is_file()):
+        rows = []
+        for line in path.read_text().splitlines():
+            head, _, message = line.partition("\t")
+            old, new = head.split(" ")[:2]
+            rows.append(f"{old} {new}\t{message}")
+        found[path.relative_to(d / "logs").as_posix()] = rows
+    return found
+
+
+def test_an_update_that_leaves_a_ref_unchanged_logs_what_git_logs(
+    repo: Path, tmp_path: Path
+) -> None:
+    # As git's files backend: no line for a ref whose value stays, but HEAD, through which
+    # (or to whose branch) the update went, gets its line (git's LOG_ONLY updates).
+    c = make_commits(repo, 2)
+    s = RefStore(repo)
+    s.update("HEAD", c[0], old=None, message="c0", identity=ME)
+    s.update("refs/heads/side", c[1], old=None, message="side", identity=ME)
+    twin = tmp_path / "twin.git"
+    shutil.copytree(repo, twin)
+    git(twin, "config", "core.logAllRefUpdates", "true")
+    steps = [
+        ("HEAD", c[0], True),
+        ("refs/heads/main", c[0], True),
+        ("refs/heads/side", c[1], True),
+        ("refs/heads/side", c[0], True),
+        ("HEAD", c[0], False),  # detaching: HEAD was symbolic, so it is logged
+        ("HEAD", c[0], False),  # detached and unchanged: nothing
+        ("HEAD", c[1], True),
+    ]
+    for name, value, deref in steps:
+        s.update(name, value, message=f"to {value[:7]}", identity=ME, deref=deref)
+        no_deref = [] if deref else ["--no-deref"]
+        git(twin, "update-ref", *no_deref, "-m", f"to {value[:7]}", name, value)
+        assert _log_lines(repo) == _log_lines(twin), (name, value, deref)
 
 
 def test_symbolic_head_update_logs_both(repo: Path) -> None:
