@@ -768,8 +768,9 @@ class RefStore:
             # symbolic refs the update went through still do (git's LOG_ONLY updates): `reset
             # --hard HEAD` logs HEAD, not the branch, so `main@{1}` stays the branch's last move.
             logged = chain[:-1] if current == new and not final_symbolic else list(chain)
-            if HEAD not in chain and self.read_symbolic(HEAD) == final:
-                # git also logs to HEAD when the branch HEAD points at moves.
+            if HEAD not in chain and self.read_symbolic(HEAD) in chain:
+                # git also logs to HEAD when the branch HEAD names moves, itself or through it
+                # (HEAD -> alias -> main): else HEAD@{0} would not be HEAD after a commit.
                 logged.append(HEAD)
             prev = current or ZERO
             for ref in logged:

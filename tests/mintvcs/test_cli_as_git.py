@@ -338,3 +338,17 @@ def test_a_ref_left_where_it_was_gets_no_reflog_line_as_in_git(work: Path, tmp_p
         mint(work, *ours)
         _git_in_twin(twin, *theirs)
         _same_refs(work, twin)
+
+
+def test_a_commit_through_a_symbolic_branch_is_logged_on_head_too(work: Path) -> None:
+    # HEAD -> alias -> main: the commit was logged on alias and main only, so HEAD@{0} was
+    # the commit before; git logs every ref of the chain.
+    git_dir = work / ".mint"
+    git(git_dir, "symbolic-ref", "refs/heads/alias", "refs/heads/main")
+    mint(work, "checkout", "alias")
+    mutate(work, seed=31)
+    mint(work, "commit", "-m", "on alias")
+    head = git(git_dir, "rev-parse", "HEAD").stdout
+    assert git(git_dir, "rev-parse", "HEAD@{0}").stdout == head
+    for ref in ("HEAD", "refs/heads/alias", "refs/heads/main"):
+        assert (git_dir / "logs" / ref).read_text().splitlines()[-1].endswith("\tcommit: on alias")
