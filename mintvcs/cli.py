@@ -285,10 +285,27 @@ def _auto_gc_after_commit(repo: Any) -> None:
         maintenance.start_auto_gc(repo)  # due: checked above
 
 
-@main.command()
+class _LogCommand(click.Command):
+    """`log`, which also takes git's `-N` for `-n N` (click has no options named by a number)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rewritten: list[str] = []
+        for arg in args:
+            if "--" in rewritten or rewritten[-1:] in (["-n"], ["--max-count"]):
+                rewritten.append(arg)  # a value or an operand: no option to rewrite
+            elif len(arg) > 1 and arg[0] == "-" and arg[1:].isascii() and arg[1:].isdigit():
+                rewritten.append(f"--max-count={arg[1:]}")
+            else:
+                rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+@main.command(cls=_LogCommand)
 @click.argument("ref", default="HEAD")
 @click.option("--oneline", is_flag=True, help="One line per commit.")
-@click.option("-n", "--max-count", type=click.IntRange(min=0), help="Show at most N commits.")
+@click.option(
+    "-n", "--max-count", type=click.IntRange(min=0), help="Show at most N commits (or -N)."
+)
 @json_option
 def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
     """Show the revisions reachable from REF, newest first."""
@@ -533,7 +550,7 @@ def _name_and_start(names: tuple[str, ...], what: str) -> tuple[str, str]:
 @click.option("-d", "--delete", is_flag=True, help="Delete branch NAME if HEAD's history holds it.")
 @click.option("-D", "force_delete", is_flag=True, help="Delete branch NAME even if not merged.")
 @click.option("-f", "--force", is_flag=True, help="Move NAME to START even if it exists.")
-@click.option("--list", "list_", is_flag=True, help="List branches.")
+@click.option("-l", "--list", "list_", is_flag=True, help="List branches (matching NAMEs).")
 @json_option
 def branch(
     names: tuple[str, ...],
@@ -600,13 +617,21 @@ def branch(
 @click.option("-m", "--message", help="Create an annotated tag with this message.")
 @click.option("-d", "--delete", is_flag=True, help="Delete tag NAME.")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing tag.")
+@click.option("-l", "--list", "list_", is_flag=True, help="List tags (matching NAMEs).")
 @json_option
 def tag(
-    names: tuple[str, ...], message: str | None, delete: bool, force: bool, as_json: bool
+    names: tuple[str, ...],
+    message: str | None,
+    delete: bool,
+    force: bool,
+    list_: bool,
+    as_json: bool,
 ) -> None:
     """List, create or delete tags."""
     from mintvcs import porcelain
 
+    if list_ and (delete or message is not None or force):
+        raise click.UsageError("-l lists tags: it takes no -d, -m or -f")
     repo = _open_repo()
     if delete:
         if not names:
@@ -624,8 +649,13 @@ def tag(
         # As git: without a name these would list the tags, and a forgotten name would look
         # like a tag made.
         raise click.UsageError("tag name required: -m and -f create or replace tag NAME")
-    if not names:
-        rows = porcelain.tags(repo)
+    if not names or list_:
+        # As git: with --list, the names are patterns the listed tags must match.
+        rows = [
+            row
+            for row in porcelain.tags(repo)
+            if not names or any(fnmatch.fnmatchcase(row[0], pattern) for pattern in names)
+        ]
         if as_json:
             _emit_json(
                 [
@@ -644,9 +674,15 @@ def tag(
         return
     name, rev = _name_and_start(names, "REV")
     _warn_if_ambiguous(repo, rev)
+    was = None
+    if force:
+        with contextlib.suppress(MintError):  # a bad name: tag_create says why
+            was = repo.refs.read(f"refs/tags/{name}")
     value = porcelain.tag_create(repo, name, rev, message=message, force=force)
     if as_json:
         _emit_json({"name": name, "value": value, "commit": repo.peel(value)})
+    elif was is not None and was != value:
+        click.echo(f"Updated tag '{name}' (was {was[:7]})")
 
 
 @main.command()
@@ -684,6 +720,7 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
     elif result.branch:
         click.echo(f"Switched to branch '{result.branch}'")
     else:
+        assert result.commit is not None  # only `-b` on an unborn branch has none
         click.echo(f"HEAD is now at {result.commit[:7]} (detached)")
 
 
@@ -709,13 +746,20 @@ def _warn_left_behind(repo: Any, commits: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("rev")
+@click.argument("rev", default="HEAD")
 @click.option("--hard", is_flag=True, help="Also rewrite the work tree.")
+# git's other modes differ in what they do to its index; with none, both are the plain reset.
+@click.option("--soft", is_flag=True, help="Move the branch only (the default: there is no index).")
+@click.option(
+    "--mixed", is_flag=True, help="Move the branch only (the default: there is no index)."
+)
 @json_option
-def reset(rev: str, hard: bool, as_json: bool) -> None:
-    """Move the current branch to REV."""
+def reset(rev: str, hard: bool, soft: bool, mixed: bool, as_json: bool) -> None:
+    """Move the current branch to REV (default HEAD)."""
     from mintvcs import porcelain
 
+    if hard + soft + mixed > 1:
+        raise click.UsageError("--soft, --mixed and --hard exclude each other")
     repo = _open_repo()
     _warn_if_ambiguous(repo, rev)
     oid = porcelain.reset(repo, rev, hard=hard)

@@ -1013,7 +1013,7 @@ def _write_weights(path: Path, data: memoryview, mtime_ns: int) -> None:
 class CheckoutResult:
     """What `checkout` did."""
 
-    commit: str
+    commit: str | None  # None: `-b` on an unborn branch, which moves HEAD to another unborn one
     branch: str | None  # None: detached HEAD
     created: bool
     # Commits the detached HEAD held that no ref (nor the new HEAD) reaches, newest first.
@@ -1096,6 +1096,8 @@ def checkout(
     # As git: `-` is `@{-1}`, and `@{-N}` is the name it stands for, so that it switches back
     # to that branch (and the reflog names it) rather than detaching at its commit.
     spec = repo.expand_previous("@{-1}" if spec == "-" else spec)
+    if new_branch is not None and spec in ("HEAD", "@") and repo.head_commit() is None:
+        return _new_unborn_branch(repo, new_branch)
     # A branch name switches to that branch even where a tag of the same name exists (as git
     # checkout does), although a plain spec resolves to the tag first.
     oid = _branch_value(repo, spec)
@@ -1122,6 +1124,19 @@ def checkout(
         with suppress(MintError):
             result = replace(result, left_behind=tuple(_left_behind(repo, head, target)))
     return result
+
+
+def _new_unborn_branch(repo: Repository, name: str) -> CheckoutResult:
+    """`checkout -b NAME` before the first commit: HEAD names the unborn branch NAME, as in git,
+    so that the first commit starts that branch instead of the default one."""
+    check_branch_name(name)
+    ref = f"refs/heads/{name}"
+    if repo.refs.read(ref) is not None:
+        raise RefExistsError(f"a branch named '{name}' already exists")
+    _refuse_if_locked(repo)
+    # No reflog line: git logs a move of HEAD only to a ref that points to a commit.
+    repo.refs.set_symbolic("HEAD", ref)
+    return CheckoutResult(None, name, True)
 
 
 # Commits walked once only reachable ones are queued, in case commit times are skewed (git's SLOP).

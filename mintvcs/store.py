@@ -70,7 +70,7 @@ _MAX_CONFIG_BYTES = 1 << 20
 MAX_METADATA_BYTES = 64 << 20
 SHALLOW_FILE = "shallow"  # inside .mint/: git's list of a shallow clone's boundary commits
 BASE_FILE = "mint-base.json"  # inside .mint/: the base model's identity and linear shapes
-_HEX = re.compile(r"^[0-9a-f]{4,40}$")
+_HEX = re.compile(r"^[0-9a-fA-F]{4,40}$")  # git takes ids in either case
 # What may follow a spec's name, checked in one linear pass (counts below 10^9: a larger one
 # names no commit, and Python's int() refuses very long digit strings).
 _SUFFIX = re.compile(r"(?:\^\{(?:commit)?\}|[~^][0-9]{0,9})*\Z")
@@ -1447,7 +1447,8 @@ class Repository:
         if ref == "HEAD" and name in ("HEAD", "@"):
             raise UnknownRevisionError("HEAD does not point to a commit yet: make a first commit")
         if _HEX.match(name):
-            matches = sorted(self._ids_with_prefix(name) if len(name) < 40 else {name})
+            hex_id = name.lower()
+            matches = sorted(self._ids_with_prefix(hex_id) if len(hex_id) < 40 else {hex_id})
             commits = [o for o in matches if self._is_commit_or_tag(o)]
             if len(commits) == 1:
                 return self.peel(commits[0])

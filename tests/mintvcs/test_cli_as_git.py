@@ -352,3 +352,63 @@ def test_a_commit_through_a_symbolic_branch_is_logged_on_head_too(work: Path) ->
     assert git(git_dir, "rev-parse", "HEAD@{0}").stdout == head
     for ref in ("HEAD", "refs/heads/alias", "refs/heads/main"):
         assert (git_dir / "logs" / ref).read_text().splitlines()[-1].endswith("\tcommit: on alias")
+
+
+def test_git_spellings_of_reset_log_tag_and_ids_are_taken(work: Path, tmp_path: Path) -> None:
+    # Each was refused: `reset --hard` without REV, --soft/--mixed, `log -2`, `tag -l`, an
+    # upper-case id; and `tag -f` over a tag said nothing where git says what it replaced.
+    _two_commits_and_a_tag(work)
+    twin = _git_twin(work, tmp_path)
+    mutate(work, seed=32)
+    mint(work, "reset", "--hard")
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+    _git_in_twin(twin, "reset", "-q", "--hard")
+    for args in (("--soft", "HEAD~1"), ("--mixed", "main@{1}"), ()):
+        mint(work, "reset", *args)
+        _git_in_twin(twin, "reset", "-q", *(args or ("--mixed",)))
+    _same_refs(work, twin)
+    assert mint(work, "reset", "--soft", "--hard", ok=False).returncode == 2
+
+    two = mint(work, "log", "--oneline", "-n", "2").stdout
+    assert two.count("\n") == 2
+    assert mint(work, "log", "-2", "--oneline").stdout == two
+    assert mint(work, "log", "--oneline", "-2", "HEAD").stdout == two
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    assert mint(work, "log", "--oneline", "-1", head[:7].upper()).stdout == two.splitlines(True)[0]
+    assert mint(work, "log", "--oneline", "-1", head.upper()).stdout == two.splitlines(True)[0]
+
+    mint(work, "tag", "v2")
+    assert mint(work, "tag", "-l").stdout == "v1\nv2\n"
+    assert mint(work, "tag", "--list", "*2").stdout == "v2\n"
+    assert mint(work, "tag", "-l", "-d", "v2", ok=False).returncode == 2
+    for _ in range(2):  # replacing, then setting the value it already has (git says nothing)
+        ours = mint(work, "tag", "-f", "v1", "HEAD").stdout
+        assert ours == git(twin, "tag", "-f", "v1", "HEAD").stdout
+    assert ours == "" and mint(work, "tag", "-f", "v1", "HEAD~1").stdout.startswith(
+        "Updated tag 'v1' (was "
+    )
+
+
+def test_checkout_b_before_the_first_commit_names_the_unborn_branch_as_git_does(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    # It failed with "HEAD does not point to a commit yet"; git's way to start on another name.
+    mint(tmp_path, "init", "new")
+    work = tmp_path / "new"
+    twin = _git_twin_unborn(work, tmp_path)
+    for name in ("other", "other", "third"):
+        assert mint(work, "checkout", "-b", name).stdout == f"Switched to a new branch '{name}'\n"
+        _git_in_twin(twin, "checkout", "-q", "-b", name)
+        assert (work / ".mint" / "HEAD").read_text() == (twin / "HEAD").read_text()
+        assert not (work / ".mint" / "logs").exists() and not (twin / "logs").exists()
+    copy_adapter(peft_adapter, work)
+    assert mint(work, "commit", "-m", "first").stdout.startswith("[third (root-commit) ")
+    assert git(work / ".mint", "for-each-ref", "--format=%(refname)").stdout == "refs/heads/third\n"
+
+
+def _git_twin_unborn(work: Path, tmp_path: Path) -> Path:
+    """A copy of a repository that has no commit yet, for git; returns its .mint."""
+    twin = tmp_path / "twin"
+    shutil.copytree(work, twin, symlinks=True)
+    (tmp_path / "twin-tree").mkdir()
+    return twin / ".mint"
