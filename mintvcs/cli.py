@@ -538,11 +538,11 @@ def _each(names: tuple[str, ...], delete: Callable[[str], str], shown: str, as_j
         sys.exit(1)
 
 
-def _name_and_start(names: tuple[str, ...], what: str) -> tuple[str, str]:
-    """NAME [START] of a create: at most two names (`-d` takes any number)."""
+def _name_and_start(names: tuple[str, ...], what: str) -> tuple[str, str | None]:
+    """NAME [START] of a create (None: no START given): at most two names (`-d` takes any number)."""
     if len(names) > 2:
         raise click.UsageError(f"too many arguments: give NAME and at most one {what}")
-    return names[0], names[1] if len(names) == 2 else "HEAD"
+    return names[0], names[1] if len(names) == 2 else None
 
 
 @main.command()
@@ -678,7 +678,7 @@ def tag(
     if force:
         with contextlib.suppress(MintError):  # a bad name: tag_create says why
             was = repo.refs.read(f"refs/tags/{name}")
-    value = porcelain.tag_create(repo, name, rev, message=message, force=force)
+    value = porcelain.tag_create(repo, name, rev or "HEAD", message=message, force=force)
     if as_json:
         _emit_json({"name": name, "value": value, "commit": repo.peel(value)})
     elif was is not None and was != value:

@@ -744,11 +744,16 @@ def _blob_id(content: bytes) -> str:
 
 # ------------------------------------------------------------ branch and tag
 @accepts_path
-def branch_create(repo: Repository, name: str, start: str = "HEAD", *, force: bool = False) -> str:
-    """Create (or with force, move) branch `name` at `start`; returns its commit."""
+def branch_create(
+    repo: Repository, name: str, start: str | None = None, *, force: bool = False
+) -> str:
+    """Create (or with force, move) branch `name` at `start` (default HEAD); returns its commit."""
     check_branch_name(name)
     ref = f"refs/heads/{name}"
-    oid = repo.resolve(start)
+    oid = repo.resolve(start or "HEAD")
+    if start is None:
+        # As git's reflog says it: made from the current branch, by name (HEAD when detached).
+        start = repo.current_branch() or "HEAD"
     existing = repo.refs.read(ref)
     if existing is not None and not force:
         raise RefExistsError(f"a branch named '{name}' already exists (use -f to move it)")

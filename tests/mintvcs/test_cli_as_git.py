@@ -412,3 +412,17 @@ def _git_twin_unborn(work: Path, tmp_path: Path) -> Path:
     shutil.copytree(work, twin, symlinks=True)
     (tmp_path / "twin-tree").mkdir()
     return twin / ".mint"
+
+
+def test_a_branch_made_without_a_start_is_logged_as_git_logs_it(work: Path, tmp_path: Path) -> None:
+    # "branch: Created from HEAD" where git names the current branch (HEAD only when detached).
+    _two_commits_and_a_tag(work)
+    twin = _git_twin(work, tmp_path)
+    for args in (("nb",), ("nb2", "HEAD"), ("-f", "nb"), ("nb3", "v1")):
+        mint(work, "branch", *args)
+        git(twin, "branch", *args)
+    mint(work, "checkout", "v1")
+    _git_in_twin(twin, "checkout", "-q", "v1")
+    mint(work, "branch", "nb4")
+    git(twin, "branch", "nb4")
+    _same_refs(work, twin)
