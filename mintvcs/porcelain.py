@@ -340,7 +340,13 @@ def commit(
         kind = "commit" if parent else "commit (initial)"
         try:
             repo.refs.update(
-                target, commit_id, old=parent, message=f"{kind}: {summary}", identity=who
+                target,
+                commit_id,
+                old=parent,
+                message=f"{kind}: {summary}",
+                identity=who,
+                timestamp=committer.timestamp,
+                tz=committer.tz,
             )
             break
         except RefConflictError:
@@ -760,7 +766,16 @@ def branch_create(
     if existing is not None and ref == repo.refs.read_symbolic("HEAD"):
         raise MintError(f"cannot force-update the current branch '{name}'; use 'mintvcs reset'")
     message = f"branch: Created from {start}" if existing is None else f"branch: Reset to {start}"
-    repo.refs.update(ref, oid, old=existing, message=message, identity=identity(repo))
+    who = signature(repo)
+    repo.refs.update(
+        ref,
+        oid,
+        old=existing,
+        message=message,
+        identity=who.identity,
+        timestamp=who.timestamp,
+        tz=who.tz,
+    )
     _ref_moved(repo, ref, existing, oid)
     return oid
 
@@ -869,7 +884,15 @@ def tag_create(
         tag.message = clean_message(message).encode()
         repo.add_object(tag)
         value = tag.id.decode()
-    repo.refs.update(ref, value, old=existing, message=f"tag: {name}", identity=who)
+    repo.refs.update(
+        ref,
+        value,
+        old=existing,
+        message=f"tag: {name}",
+        identity=who,
+        timestamp=tagger.timestamp,
+        tz=tagger.tz,
+    )
     _ref_moved(repo, ref, existing, value)
     return value
 
@@ -1227,7 +1250,8 @@ def _move_head(
     *,
     is_branch: bool,
 ) -> CheckoutResult:
-    who = identity(repo)
+    # As git: a reflog line's time is the committer's, GIT_COMMITTER_DATE included.
+    who = signature(repo)
     # git writes a detached HEAD's full id here (`@{-1}` reads it back).
     previous = repo.current_branch() or (head if head else "nothing")
     if new_branch is not None:
@@ -1236,7 +1260,9 @@ def _move_head(
             target,
             old=None,
             message=f"branch: Created from {spec}",
-            identity=who,
+            identity=who.identity,
+            timestamp=who.timestamp,
+            tz=who.tz,
         )
         _ref_moved(repo, f"refs/heads/{new_branch}", None, target)
         branch: str | None = new_branch
@@ -1249,9 +1275,25 @@ def _move_head(
         branch = spec if is_branch else None
     message = f"checkout: moving from {previous} to {branch or spec}"
     if branch is not None:
-        repo.refs.set_symbolic("HEAD", f"refs/heads/{branch}", message=message, identity=who)
+        repo.refs.set_symbolic(
+            "HEAD",
+            f"refs/heads/{branch}",
+            message=message,
+            identity=who.identity,
+            timestamp=who.timestamp,
+            tz=who.tz,
+        )
     else:
-        repo.refs.update("HEAD", target, old=ANY, message=message, identity=who, deref=False)
+        repo.refs.update(
+            "HEAD",
+            target,
+            old=ANY,
+            message=message,
+            identity=who.identity,
+            timestamp=who.timestamp,
+            tz=who.tz,
+            deref=False,
+        )
     return CheckoutResult(target, branch, new_branch is not None)
 
 
@@ -1268,8 +1310,15 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
         write_work_tree(repo, target_rev, head_rev)
         restore = _restore_on_failure(repo, target_rev, head_rev)
     with restore:
+        who = signature(repo)
         repo.refs.update(
-            "HEAD", target, old=head, message=f"reset: moving to {spec}", identity=identity(repo)
+            "HEAD",
+            target,
+            old=head,
+            message=f"reset: moving to {spec}",
+            identity=who.identity,
+            timestamp=who.timestamp,
+            tz=who.tz,
         )
     _ref_moved(repo, repo.refs.read_symbolic("HEAD") or "HEAD", head, target)
     return target

@@ -788,6 +788,8 @@ class RefStore:
         *,
         message: str = "",
         identity: str = DEFAULT_IDENTITY,
+        timestamp: int | None = None,
+        tz: str | None = None,
     ) -> None:
         """Point symbolic ref `name` (usually HEAD) at `target`; log the move if a message is given."""
         _check_store_name(name)
@@ -795,6 +797,10 @@ class RefStore:
         if not target.startswith("refs/"):
             raise InvalidRefNameError(target, "symbolic refs point at names under 'refs/'")
         _check_identity(identity)
+        ts = int(time.time()) if timestamp is None else timestamp
+        tz = local_tz(ts) if tz is None else tz
+        if not _TZ.match(tz):
+            raise InvalidIdentityError(tz, "a timezone like +0000 or -0530")
         lock = self._lock(name)
         try:
             message = _clean_message(message)
@@ -803,8 +809,7 @@ class RefStore:
                 _, new = self._resolve(target)
                 # git logs a symref move only when the new target resolves (not unborn).
                 if new is not None:
-                    ts = int(time.time())
-                    self._append_log(name, old or ZERO, new, identity, ts, local_tz(ts), message)
+                    self._append_log(name, old or ZERO, new, identity, ts, tz, message)
             lock.write_commit(f"ref: {target}\n".encode())
         finally:
             lock.release()

@@ -426,3 +426,33 @@ def test_a_branch_made_without_a_start_is_logged_as_git_logs_it(work: Path, tmp_
     mint(work, "branch", "nb4")
     git(twin, "branch", "nb4")
     _same_refs(work, twin)
+
+
+def test_reflog_lines_take_their_time_from_git_committer_date(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Commits honoured GIT_COMMITTER_DATE, reflog lines took the clock: replays were not
+    # reproducible. git dates a reflog line as its committer.
+    _two_commits_and_a_tag(work)
+    twin = _git_twin(work, tmp_path)
+    monkeypatch.setitem(ENV, "GIT_COMMITTER_DATE", "1767225600 +0530")
+    steps: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+        (("checkout", "v1"), ("checkout", "-q", "v1")),
+        (("checkout", "main"), ("checkout", "-q", "main")),
+        (("checkout", "-b", "nb", "HEAD~1"), ("checkout", "-q", "-b", "nb", "HEAD~1")),
+        (("branch", "nb2"), ("branch", "nb2")),
+        (("reset", "main"), ("reset", "-q", "--soft", "main")),
+    ]
+    for ours, theirs in steps:
+        mint(work, *ours)
+        _git_in_twin(twin, *theirs)
+    logs = sorted(p.relative_to(twin) for p in (twin / "logs").rglob("*") if p.is_file())
+    for path in logs:
+        assert (work / ".mint" / path).read_text() == (twin / path).read_text(), path
+    mutate(work, seed=33)
+    mint(work, "commit", "-m", "dated")
+    assert (
+        (work / ".mint" / "logs" / "HEAD")
+        .read_text()
+        .endswith(" 1767225600 +0530\tcommit: dated\n")
+    )
