@@ -596,16 +596,26 @@ class RefStore:
 
     def _lock(self, name: str, expected: OldValue = ANY) -> _Lock:
         path = self._path(name)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        except (NotADirectoryError, FileExistsError):
-            # A loose ref sits where this name needs a directory.
-            raise RefNameConflictError(name, self._file_ancestor(name) or name) from None
-        try:
-            fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            raise RefConflictError(name, expected, None, detail=_held_elsewhere(path)) from None
-        return _Lock(path, fd)
+        retries = 2
+        while True:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except (NotADirectoryError, FileExistsError):
+                # A loose ref sits where this name needs a directory.
+                raise RefNameConflictError(name, self._file_ancestor(name) or name) from None
+            try:
+                fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                raise RefConflictError(name, expected, None, detail=_held_elsewhere(path)) from None
+            except FileNotFoundError:
+                # Another update removed the empty directory meanwhile (git does too): again.
+                if not retries:
+                    raise
+                retries -= 1
+                continue
+            except NotADirectoryError:
+                raise RefNameConflictError(name, self._file_ancestor(name) or name) from None
+            return _Lock(path, fd)
 
     def _lock_packed(self) -> _Lock:
         path = self._packed_path
@@ -773,10 +783,17 @@ class RefStore:
                 # (HEAD -> alias -> main): else HEAD@{0} would not be HEAD after a commit.
                 logged.append(HEAD)
             prev = current or ZERO
+            try:
+                locks[-1].write_commit((new + "\n").encode())
+            except (IsADirectoryError, NotADirectoryError, FileExistsError) as err:
+                # Another process created `final/...` since the check: its directory now
+                # stands where this ref's file would go.
+                raise RefNameConflictError(final, f"{final}/...") from err
+            # Logged once the ref has moved (still under its lock, so lines keep their order):
+            # an update that fails leaves no line, nor a log file in the way of `final/...`.
             for ref in logged:
                 if self._logs(ref):
                     self._append_log(ref, prev, new, identity, ts, tz, message)
-            locks[-1].write_commit((new + "\n").encode())
         finally:
             for lk in locks:
                 lk.release()

@@ -714,3 +714,48 @@ def test_delete_waits_for_packed_refs_lock(repo: Path) -> None:
     (repo / "packed-refs.lock").unlink()
     s.delete("refs/heads/p")
     assert for_each_ref(repo) == []
+
+
+_DF_RACER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from mintvcs.refs import RefConflictError, RefNameConflictError, RefStore
+
+    store = RefStore(Path(sys.argv[1]))
+    kind, oid, start = sys.argv[2], sys.argv[3], float(sys.argv[4])
+    other = 0
+    for i in range(200):
+        while time.time() < start + i * 0.01:  # both at once, round after round
+            pass
+        name = f"refs/heads/d{i}" + ("/x" if kind == "child" else "")
+        try:
+            store.update(name, oid, old=None, message="m", identity="w <w@x>")
+        except (RefNameConflictError, RefConflictError):
+            pass
+    """
+)
+
+
+def test_a_ref_and_one_under_its_name_created_at_once_leave_one(repo: Path) -> None:
+    # Both often failed with raw OS errors, and the loser's reflog file blocked `dN/...` for good.
+    (oid,) = make_commits(repo, 1)
+    start = f"{time.time() + 1.5:.3f}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _DF_RACER, str(repo), kind, oid, start],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for kind in ("parent", "child")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err  # no error but the two conflicts
+    for i in range(200):
+        parent, child = repo / f"refs/heads/d{i}", repo / f"refs/heads/d{i}/x"
+        assert parent.is_file() != child.is_file(), i  # exactly one of the two
+        log = repo / f"logs/refs/heads/d{i}"
+        # No reflog of a ref that is not there.
+        assert log.is_file() == parent.is_file() and (log / "x").is_file() == child.is_file(), i
+    assert not list(repo.rglob("*.lock"))
