@@ -441,16 +441,22 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
                 "a": result.a,
                 "b": result.b,
                 "config_changed": result.config_changed,
+                "header_changed": result.header_changed,
                 "files_changed": result.files_changed,
                 "files": [{"path": p, "status": st} for st, p in result.files],
                 "tensors": [t.to_json() for t in result.tensors],
             }
         )
         return
+    from mintvcs.objects import WEIGHTS_FILE
+    from mintvcs.porcelain import STATISTICS_DTYPES
+
     b_label = result.b[:7] if len(result.b) == 40 else result.b
     click.echo(f"diff {result.a[:7]}..{b_label}")
     if result.config_changed:
         click.echo("  adapter_config.json changed")
+    if result.header_changed:
+        click.echo(f"  {WEIGHTS_FILE} header changed (its __metadata__ or tensor order)")
     for file_status, path in result.files:
         click.echo(f"  file {path} {file_status}")
     changed = 0
@@ -460,17 +466,21 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
         changed += t.status != "unchanged"
         retyped = f"  {t.dtype_a} -> {t.dtype_b}" if t.status == "retyped" else ""
         if t.status in ("modified", "unchanged", "retyped") and t.rel_l2 is not None:
+            cosine = "n/a" if t.cosine is None else f"{t.cosine:.6f}"
             click.echo(
-                f"  {t.status:9} {t.name}  {list(t.shape_b or ())}{retyped}  rel_l2={t.rel_l2:.3e}  cos={t.cosine:.6f}"
+                f"  {t.status:9} {t.name}  {list(t.shape_b or ())}{retyped}  rel_l2={t.rel_l2:.3e}  cos={cosine}"
             )
         elif t.status == "added":
             click.echo(click.style(f"  added     {t.name}  {list(t.shape_b or ())}", fg="green"))
         elif t.status == "removed":
             click.echo(click.style(f"  removed   {t.name}  {list(t.shape_a or ())}", fg="red"))
-        elif t.shape_a == t.shape_b:  # a dtype without statistics (integers, bool, float8)
+        elif t.shape_a == t.shape_b:  # a dtype without statistics (bool, float8, complex)
+            lacking = " and ".join(
+                dict.fromkeys(d for d in (t.dtype_a, t.dtype_b) if d and d not in STATISTICS_DTYPES)
+            )
             click.echo(
                 f"  {t.status:9} {t.name}  {list(t.shape_b or ())}{retyped}  "
-                f"(no statistics for {t.dtype_b})"
+                f"(no statistics for {lacking})"
             )
         else:
             click.echo(

@@ -513,6 +513,9 @@ class DiffResult:
     files: list[tuple[str, str]] = field(
         default_factory=list
     )  # (status, path): added/removed/modified
+    # The safetensors header changed with every tensor's name, dtype and shape the same: its
+    # __metadata__ or the tensors' order (checkout writes other bytes).
+    header_changed: bool = False
 
     @property
     def files_changed(self) -> list[str]:
@@ -530,27 +533,35 @@ def _work_tensors(adapter: AdapterFiles) -> TensorSet:
     }
 
 
+# numpy's little-endian view of each dtype diff computes statistics for (BF16 apart).
+_NUMPY_VIEWS = {
+    "F16": "<f2",
+    "F32": "<f4",
+    "F64": "<f8",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U64": "<u8",
+    "U32": "<u4",
+    "U16": "<u2",
+    "U8": "u1",
+}
+# Dtypes whose values diff compares (relative L2, cosine); others (bool, float8, complex) say so.
+STATISTICS_DTYPES = frozenset({"BF16", *_NUMPY_VIEWS})
+
+
 def _as_float64(dtype: str, raw: bytes) -> Any:
-    """Decode raw tensor bytes to float64 numpy for statistics."""
+    """Decode raw tensor bytes to float64 numpy for statistics (None for a dtype without them)."""
     import numpy as np
 
     if dtype == "BF16":
         return (
             (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         )
-    kinds = {
-        "F16": "<f2",
-        "F32": "<f4",
-        "F64": "<f8",
-        "I64": "<i8",
-        "I32": "<i4",
-        "I16": "<i2",
-        "U8": "u1",
-        "I8": "i1",
-    }
-    if dtype not in kinds:
+    if dtype not in _NUMPY_VIEWS:
         return None
-    return np.frombuffer(raw, kinds[dtype]).astype(np.float64)
+    return np.frombuffer(raw, _NUMPY_VIEWS[dtype]).astype(np.float64)
 
 
 def _compare(
@@ -575,8 +586,13 @@ def _compare(
     if va is None or vb is None:
         return TensorDiff(name, status, a[1], b[1], dtype_a=a[0], dtype_b=b[0])
     norm_a, norm_b = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
-    rel = float(np.linalg.norm(vb - va)) / norm_a if norm_a else float("inf")
-    cos = float(va @ vb) / (norm_a * norm_b) if norm_a and norm_b else 0.0
+    change = float(np.linalg.norm(vb - va))
+    # From an all-zero A (PEFT's B at step 0) a change is infinitely large, and none is none
+    # (+0 -> -0, zeros F32 -> BF16); a cosine with a zero vector has no value.
+    rel = change / norm_a if norm_a else (float("inf") if change else 0.0)
+    cos = None
+    if norm_a and norm_b:
+        cos = min(1.0, max(-1.0, float(va @ vb) / (norm_a * norm_b)))  # rounding can pass 1
     return TensorDiff(name, status, a[1], b[1], rel, cos, dtype_a=a[0], dtype_b=b[0])
 
 
@@ -590,24 +606,29 @@ def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult
             raise MintError("no work tree to compare with: give two revisions")
         work = read_adapter(repo.work_tree)
         tensors_b, label_b = _work_tensors(work), "work tree"
-        config_b, files_b = work.config_bytes, {p: c for p, (c, _x) in work.extra_files.items()}
+        config_b, files_b, header_b = work.config_bytes, work.extra_files, work.layout.header
     else:
         rev_b = repo.read_revision(repo.resolve(spec_b))
         tensors_b, label_b = rev_b.tensors(), rev_b.commit
-        config_b, files_b = rev_b.config_bytes, {p: c for p, (c, _x) in rev_b.files().items()}
-    files_a = {p: c for p, (c, _x) in rev_a.files().items()}
+        config_b, files_b = rev_b.config_bytes, rev_b.files()
+        header_b = repo.read_blob(rev_b.manifest.header_blob)
+    files_a = rev_a.files()
     names = sorted(set(tensors_a) | set(tensors_b))
-    changed_files = [
+    changed_files = [  # content or executable bit: a mode change is one, as in git and status
         ("added" if p not in files_a else "removed" if p not in files_b else "modified", p)
         for p in sorted(set(files_a) | set(files_b))
         if files_a.get(p) != files_b.get(p)
     ]
+    tensors = [_compare(n, tensors_a.get(n), tensors_b.get(n)) for n in names]
+    same_layout = all(t.status in ("modified", "unchanged") for t in tensors)
+    header_a = repo.read_blob(rev_a.manifest.header_blob)
     return DiffResult(
         rev_a.commit,
         label_b,
-        [_compare(n, tensors_a.get(n), tensors_b.get(n)) for n in names],
+        tensors,
         rev_a.config_bytes != config_b,
         changed_files,
+        same_layout and bytes(header_a) != bytes(header_b),
     )
 
 

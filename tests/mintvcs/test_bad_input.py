@@ -1027,18 +1027,19 @@ def test_diff_names_dtypes_it_has_no_statistics_for(work: Path, tmp_path: Path) 
         "-m",
         "u16",
         "--from",
-        str(_with_extra(tmp_path, work, "a", ("U16", [3], b"\1\0\2\0\3\0"))),
+        str(_with_extra(tmp_path, work, "a", ("BOOL", [3], b"\1\0\1"))),
     )
     mint(
         work,
         "commit",
         "-m",
-        "i16",
+        "u8",
         "--from",
-        str(_with_extra(tmp_path, work, "b", ("I16", [3], b"\1\0\2\0\4\0"))),
+        str(_with_extra(tmp_path, work, "b", ("U8", [3], b"\1\0\2"))),
     )
-    # It read `retyped extra.t [3] -> [3]`, like a reshape with no dtypes.
+    # It read `retyped extra.t [3] -> [3]`, like a reshape with no dtypes; then it named U8,
+    # which has statistics, not BOOL, which has none.
     assert (
-        "retyped   extra.t  [3]  U16 -> I16  (no statistics for I16)"
+        "retyped   extra.t  [3]  BOOL -> U8  (no statistics for BOOL)"
         in mint(work, "diff", "HEAD~1", "HEAD").stdout
     )

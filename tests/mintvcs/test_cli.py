@@ -949,3 +949,17 @@ def test_sample_commit_msg_hook_refuses_empty_message(work: Path) -> None:
     line = mint_fails(work, "commit", "-m", "   ")
     assert "commit-msg" in line and "empty commit message" in line
     assert git(work / ".mint", "rev-parse", "-q", "--verify", "HEAD", ok=False).returncode != 0
+
+
+def test_diff_cosine_stays_within_one() -> None:
+    # A lossless F32 -> F64 retype read cosine 1.0000000000000002 in a quarter of tensors.
+    import numpy as np
+
+    from mintvcs.porcelain import _compare
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        values = rng.standard_normal(4253).astype("<f4")
+        wide = values.astype("<f8")
+        row = _compare("t", ("F32", (4253,), values.tobytes()), ("F64", (4253,), wide.tobytes()))
+        assert row.cosine is not None and -1.0 <= row.cosine <= 1.0 and row.rel_l2 == 0.0

@@ -58,8 +58,48 @@ def test_diff_json_is_strict_json_when_the_old_tensor_is_all_zero(work: Path) ->
     mint(work, "commit", "-m", "trained")
     out = _strict_json(mint(work, "diff", "HEAD~1", "HEAD", "--json").stdout)
     (row,) = [t for t in out["tensors"] if t["name"] == name]
-    assert row["status"] == "modified" and row["rel_l2"] is None
-    assert "rel_l2=inf" in mint(work, "diff", "HEAD~1", "HEAD").stdout  # the text says so
+    # A cosine with a zero vector has no value (it read 0.0, "orthogonal").
+    assert row["status"] == "modified" and row["rel_l2"] is None and row["cosine"] is None
+    text = mint(work, "diff", "HEAD~1", "HEAD").stdout
+    assert "rel_l2=inf  cos=n/a" in text  # the text says so
+
+
+def test_diff_shows_what_status_and_git_show(work: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    (work / "run.sh").write_text("#!/bin/sh\n")
+    mint(work, "commit", "-m", "script")
+    (work / "run.sh").chmod(0o755)
+    # A mode change alone is a change, as status says (diff said nothing).
+    assert "file run.sh modified" in mint(work, "diff", "HEAD").stdout
+    mint(work, "commit", "-m", "executable")
+    out = json.loads(mint(work, "diff", "HEAD~1", "HEAD", "--json").stdout)
+    assert out["files"] == [{"path": "run.sh", "status": "modified"}]
+    # The header's __metadata__ alone: checkout writes other bytes, so diff says so.
+    weights = load_file(str(work / WEIGHTS))
+    save_file(weights, str(work / WEIGHTS), metadata={"format": "pt", "step": "5"})
+    assert "header changed" in mint(work, "diff", "HEAD").stdout
+    mint(work, "commit", "-m", "metadata")
+    assert json.loads(mint(work, "diff", "HEAD~1", "HEAD", "--json").stdout)["header_changed"]
+    # +0 -> -0 changes the bytes, not the values: no change, not an infinite one.
+    name = next(iter(weights))
+    save_file(
+        {**weights, name: weights[name] * 0.0},
+        str(work / WEIGHTS),
+        metadata={"format": "pt", "step": "5"},
+    )
+    mint(work, "commit", "-m", "plus zero")
+    save_file(
+        {**weights, name: weights[name] * -0.0},
+        str(work / WEIGHTS),
+        metadata={"format": "pt", "step": "5"},
+    )
+    (row,) = [
+        t
+        for t in json.loads(mint(work, "diff", "HEAD", "--json").stdout)["tensors"]
+        if t["name"] == name
+    ]
+    assert (row["status"], row["rel_l2"], row["cosine"]) == ("modified", 0.0, None)
 
 
 def test_commit_json_runs_auto_gc_too(work: Path) -> None:
