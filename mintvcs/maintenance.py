@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -599,6 +600,9 @@ class GcWriteError(MintError):
 _FIX = "nothing was changed; run `mintvcs fsck`, then restore the object from a clone or backup"
 _LOCK_FILE = "gc.pid"  # git's name and format ("<pid> <host>"): git gc and ours exclude each other
 _LOCK_STALE_SECONDS = 12 * 3600  # git's limit too: a gc.pid older than this is a leftover
+# Only ever locked with flock, never removed: removing it would let two takers lock two files.
+_TAKEOVER_FILE = "gc.pid.flock"
+_TAKEOVER_WAIT_SECONDS = 10.0
 
 
 @dataclass
@@ -975,6 +979,37 @@ def _lock_holder(text: str, age: float) -> str | None:
 
 
 @contextmanager
+def _takeover_guard(repo: Repository) -> Iterator[None]:
+    """Hold a kernel lock while judging and replacing a dead gc's gc.pid, so takers run one at a time.
+
+    Judging a leftover and removing it are two steps: without this, two takers that both
+    judged it dead could each remove what the other just linked and both run. The kernel
+    drops the lock when its holder dies, so unlike a lock file it can never be left behind.
+    """
+    path = repo.git_dir / _TAKEOVER_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + _TAKEOVER_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # Held for the few milliseconds of a takeover; a holder stopped for longer
+                # must not hang a background gc for good.
+                if time.monotonic() > deadline:
+                    raise GcLockedError(
+                        f"gc refused: another gc is taking over {repo.git_dir / _LOCK_FILE}; retry"
+                    ) from None
+                time.sleep(0.01)
+            except OSError:
+                break  # a file system without locks (ENOLCK): take over unguarded, as git does
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
 def _gc_lock(repo: Repository) -> Iterator[None]:
     """Hold `.mint/gc.pid` for the duration: two gcs repacking at once would delete each other's packs."""
     path = repo.git_dir / _LOCK_FILE
@@ -1000,10 +1035,16 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
                         f"gc refused: another gc is running ({holder}, lock {path}); wait for "
                         "it, or remove the file if no gc is running"
                     ) from None
-                # A leftover: remove it only if it still is the one judged dead.
-                with suppress(FileNotFoundError):
-                    if path.read_text(errors="replace") == text:
-                        path.unlink()
+                # A leftover: remove it only if it still is the one judged dead, and link ours
+                # before another taker may look, so no two takers can both succeed.
+                with _takeover_guard(repo):
+                    try:
+                        if path.read_text(errors="replace") == text:
+                            path.unlink()
+                            os.link(tmp, path)
+                            break
+                    except (FileNotFoundError, FileExistsError):
+                        pass  # released, or linked by a gc that found it free: look again
         else:
             raise GcLockedError(f"gc refused: {path} keeps changing hands; retry")
     finally:
@@ -1011,7 +1052,10 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        # Only our own: a gc that outlived the stale limit may have been taken over.
+        with suppress(OSError):
+            if path.read_text(errors="replace") == mine:
+                path.unlink()
 
 
 # The name of the pack gc wrote last: while it is the store's only pack and nothing is loose or

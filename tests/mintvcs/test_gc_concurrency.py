@@ -1,0 +1,85 @@
+"""gc and fsck beside other processes on one repository: the gc lock excludes, fsck stays quiet."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import socket
+import time
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+from mintvcs import maintenance
+from mintvcs.store import Repository
+
+_HOLD_SECONDS = 0.02
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = mp.get_context("fork").Process(target=os._exit, args=(0,))
+    child.start()
+    child.join()
+    assert child.pid is not None
+    return child.pid
+
+
+def _race_for_the_lock(work: Path, rounds: int, barrier: Barrier, out: Any) -> None:
+    """Enter the gc lock once a round, all takers together; send back when each hold began and ended."""
+    real_unlink = Path.unlink
+
+    def slow_unlink(self: Path, missing_ok: bool = False) -> None:
+        # Widens the gap between judging the leftover dead and removing it, where takers race.
+        if self.name == "gc.pid":
+            time.sleep(0.005)
+        real_unlink(self, missing_ok=missing_ok)
+
+    Path.unlink = slow_unlink  # type: ignore[method-assign]
+    repo = Repository.open(work)
+    held = []
+    for round_ in range(rounds):
+        barrier.wait()
+        try:
+            with maintenance._gc_lock(repo):
+                start = time.monotonic()
+                time.sleep(_HOLD_SECONDS)
+                held.append((round_, start, time.monotonic()))
+        except maintenance.GcLockedError:
+            pass
+        barrier.wait()
+    out.put(held)
+
+
+def test_takers_of_a_dead_gcs_lock_exclude_each_other(tmp_path: Path) -> None:
+    Repository.init(tmp_path)
+    lock = tmp_path / ".mint" / "gc.pid"
+    takers, rounds = 3, 25
+    context = mp.get_context("fork")
+    barrier = context.Barrier(takers + 1)
+    out = context.Queue()
+    procs = [
+        context.Process(target=_race_for_the_lock, args=(tmp_path, rounds, barrier, out))
+        for _ in range(takers)
+    ]
+    for proc in procs:
+        proc.start()
+    leftover = f"{_dead_pid()} {socket.gethostname()}"
+    for _ in range(rounds):
+        lock.write_text(leftover)  # as a killed gc leaves it
+        barrier.wait()
+        barrier.wait()
+    results = [out.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    by_round: dict[int, list[tuple[float, float]]] = {}
+    for held in results:
+        for round_, start, end in held:
+            by_round.setdefault(round_, []).append((start, end))
+    assert len(by_round) == rounds  # every round, someone took the leftover over
+    for round_, spans in by_round.items():
+        spans.sort()
+        overlaps = [(a, b) for a, b in itertools.pairwise(spans) if b[0] < a[1]]
+        assert not overlaps, f"round {round_}: two gcs held the lock at once"
+    assert not lock.exists()
