@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import multiprocessing as mp
 import os
@@ -10,6 +11,8 @@ import time
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from mintvcs import maintenance
 from mintvcs.store import Repository
@@ -83,3 +86,27 @@ def test_takers_of_a_dead_gcs_lock_exclude_each_other(tmp_path: Path) -> None:
         overlaps = [(a, b) for a, b in itertools.pairwise(spans) if b[0] < a[1]]
         assert not overlaps, f"round {round_}: two gcs held the lock at once"
     assert not lock.exists()
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_gc_that_lost_a_race_says_retry_not_fsck(
+    work: Path, monkeypatch: pytest.MonkeyPatch, auto: bool
+) -> None:
+    gone = work / ".mint" / "objects" / "pack" / ("pack-" + "0" * 40 + ".pack")
+
+    def removed_meanwhile(*_args: object, **_kwargs: object) -> None:
+        # What reading a pack that a `git repack` deleted under gc raises.
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(gone))
+
+    monkeypatch.setattr(maintenance, "_repack", removed_meanwhile)
+    monkeypatch.setattr(maintenance, "_roll_up", removed_meanwhile)
+    monkeypatch.setattr(maintenance, "auto_gc_due", lambda _repo: True)
+    repo = Repository.open(work)
+    with pytest.raises(maintenance.GcWriteError) as caught:
+        if auto:
+            maintenance.auto_gc(repo)
+        else:
+            maintenance.gc(repo)
+    message = str(caught.value)
+    assert "removed meanwhile" in message and str(gone) in message
+    assert "fsck" not in message
