@@ -74,10 +74,16 @@ class _Damage(Exception):
     """An object (or pack) that cannot be read back as what its name says; the text says why."""
 
 
+class _Gone(_Damage):
+    """A loose object file removed after it was listed: a gc packed or pruned it meanwhile."""
+
+
 def _read_loose(path: Path, oid: str) -> tuple[bytes, bytes]:
     """(type, content) of one loose object file, verified: zlib stream, header and sha1."""
     try:
         raw = zlib.decompress(path.read_bytes())
+    except FileNotFoundError as err:
+        raise _Gone(f"corrupt loose object {oid}: {err}") from None
     except (zlib.error, OSError) as err:
         raise _Damage(f"corrupt loose object {oid}: {err}") from None
     head, sep, body = raw.partition(b"\0")
@@ -382,24 +388,50 @@ def _depth_problem(pack: Pack, too_deep: list[tuple[str, int]]) -> str:
     )
 
 
-def _check_packs(repo: Repository, report: FsckReport, progress: PhaseProgress) -> None:
-    """Verify each pack's checksum and every packed object's sha1."""
-    for pack in repo.objects.packs:
-        problem = _pack_checksum_problem(pack)
+def _check_pack(pack: Pack, report: FsckReport, progress: PhaseProgress) -> list[str]:
+    """The problems of one pack: its checksum, and every object's sha1 and format."""
+    problems = []
+    problem = _pack_checksum_problem(pack)
+    if problem:
+        problems.append(problem)
+    too_deep: list[tuple[str, int]] = []
+    for entry in _pack_objects(pack, too_deep):
+        report.objects += 1
+        progress("objects", 1)
+        problem = entry.problem
+        if problem is None and entry.kind is not None and entry.data is not None:
+            problem = _format_problem(entry.oid, entry.kind, entry.data)
         if problem:
-            report.problems.append(problem)
-        too_deep: list[tuple[str, int]] = []
-        for entry in _pack_objects(pack, too_deep):
-            report.objects += 1
-            progress("objects", 1)
-            problem = entry.problem
-            if problem is None and entry.kind is not None and entry.data is not None:
-                problem = _format_problem(entry.oid, entry.kind, entry.data)
-            if problem:
-                report.problems.append(problem)
-        if too_deep:
-            report.objects += len(too_deep)
-            report.problems.append(_depth_problem(pack, too_deep))
+            problems.append(problem)
+    if too_deep:
+        report.objects += len(too_deep)
+        problems.append(_depth_problem(pack, too_deep))
+    return problems
+
+
+def _pack_gone(pack: Pack) -> bool:
+    """Whether the pack's index or data file is gone (the store lists only packs that have both)."""
+    return not all(os.path.exists(pack._basename + suffix) for suffix in (".idx", ".pack"))
+
+
+def _check_packs(repo: Repository, report: FsckReport, progress: PhaseProgress) -> None:
+    """Verify each pack's checksum and every packed object's sha1.
+
+    A gc running meanwhile writes new packs and deletes the ones it replaced: a pack deleted
+    while it was read is not damage (its objects are in a new pack by then), and the packs
+    that appeared while these were read are checked too, since they now hold objects that
+    were loose when fsck listed them.
+    """
+    checked: set[str] = set()
+    for _listing in range(2):
+        for pack in repo.objects.packs:
+            if pack._basename in checked:
+                continue
+            checked.add(pack._basename)
+            problems = _check_pack(pack, report, progress)
+            if problems and _pack_gone(pack):
+                continue
+            report.problems.extend(problems)
 
 
 def _missing_in_tree(repo: Repository, tree_id: str, prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -418,7 +450,8 @@ def _missing_in_tree(repo: Repository, tree_id: str, prefix: str = "") -> Iterat
         oid = item.sha.decode()
         if item.mode == 0o160000:
             continue  # a submodule's commit lives in another repository
-        if not repo.has_object(oid):
+        # Listed again on a miss: a gc may have packed a loose object into a pack written since.
+        if not repo.has_object(oid) and not repo.has_object(oid, rescan=True):
             yield path, oid
         elif item.mode == 0o040000:
             yield from _missing_in_tree(repo, oid, path + "/")
@@ -476,6 +509,57 @@ def _no_progress(_phase: str, _n: int) -> None:
     pass
 
 
+@dataclass
+class _RevisionCheck:
+    """What checking one revision found: its parents, what it decoded, and its problems."""
+
+    parents: list[str] = field(default_factory=list)
+    revisions: int = 0
+    tensors: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _check_revision(
+    repo: Repository, oid: str, name: str, bad: set[str], progress: PhaseProgress
+) -> _RevisionCheck:
+    """Read one revision, decode each tensor, read each file, and check its tree is complete."""
+    check = _RevisionCheck()
+    try:
+        check.parents = list(repo.commit_info(oid).parents)
+        rev = repo.read_revision(oid)
+        check.revisions = 1
+        _ = rev.config_bytes
+    except MintError as err:
+        check.problems.append(f"commit {oid[:12]} (reachable from {name}): {err}")
+        return check
+    # Each tensor and file on its own: every missing or damaged one is named.
+    for record in rev.manifest.tensors:
+        if oid in bad or record.blob in bad:
+            check.problems.append(
+                f"commit {oid[:12]}: tensor {record.name} is in corrupt object {record.blob}"
+            )
+            continue
+        try:
+            repo.tensor_bytes(record.blob, record.name, expect=record)
+            check.tensors += 1
+        except MintError as err:
+            check.problems.append(f"commit {oid[:12]}: {err}")
+        progress("tensors", 1)
+    for file in rev.manifest.files:
+        try:
+            repo.read_blob(file.blob, what=file.path)
+        except MintError as err:
+            check.problems.append(f"commit {oid[:12]}: {err}")
+    try:
+        for where, missing in _missing_in_tree(repo, rev.info.tree):
+            check.problems.append(
+                f"commit {oid[:12]}: object {missing} ({where!r}) is missing from the store"
+            )
+    except MintError as err:
+        check.problems.append(f"commit {oid[:12]}: {err}")
+    return check
+
+
 @accepts_path
 def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckReport:
     """Verify all objects (loose and packed), every ref's history, and decode every reachable tensor.
@@ -492,6 +576,11 @@ def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckRep
         progress("objects", 1)
         try:
             kind, body = _read_loose(path, loose_id)
+        except _Gone:
+            # Packed or pruned by a gc since it was listed: if a ref needs it, the checks of
+            # the packs listed since and of every revision find it there or report it missing.
+            report.objects -= 1
+            continue
         except _Damage as damage:
             report.problems.append(str(damage))
             bad.add(loose_id)
@@ -521,40 +610,17 @@ def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckRep
             if oid in seen_commits:
                 continue
             seen_commits.add(oid)
-            try:
-                # Parents first: damage in this revision must not hide the older ones.
-                pending.extend(reversed(repo.commit_info(oid).parents))
-                rev = repo.read_revision(oid)
-                report.revisions += 1
-                _ = rev.config_bytes
-            except MintError as err:
-                report.problems.append(f"commit {oid[:12]} (reachable from {name}): {err}")
-                continue
-            # Each tensor and file on its own: every missing or damaged one is named.
-            for record in rev.manifest.tensors:
-                if oid in bad or record.blob in bad:
-                    report.problems.append(
-                        f"commit {oid[:12]}: tensor {record.name} is in corrupt object {record.blob}"
-                    )
-                    continue
-                try:
-                    repo.tensor_bytes(record.blob, record.name, expect=record)
-                    report.tensors += 1
-                except MintError as err:
-                    report.problems.append(f"commit {oid[:12]}: {err}")
-                progress("tensors", 1)
-            for file in rev.manifest.files:
-                try:
-                    repo.read_blob(file.blob, what=file.path)
-                except MintError as err:
-                    report.problems.append(f"commit {oid[:12]}: {err}")
-            try:
-                for where, missing in _missing_in_tree(repo, rev.info.tree):
-                    report.problems.append(
-                        f"commit {oid[:12]}: object {missing} ({where!r}) is missing from the store"
-                    )
-            except MintError as err:
-                report.problems.append(f"commit {oid[:12]}: {err}")
+            check = _check_revision(repo, oid, name, bad, progress)
+            if check.problems:
+                # A gc may have moved what this read between loose files and packs, or replaced
+                # a pack, under the store's cached view: only what a fresh view confirms counts.
+                repo.close()
+                check = _check_revision(repo, oid, name, bad, _no_progress)
+            # Parents first: damage in this revision must not hide the older ones.
+            pending.extend(reversed(check.parents))
+            report.revisions += check.revisions
+            report.tensors += check.tensors
+            report.problems.extend(check.problems)
     return report
 
 

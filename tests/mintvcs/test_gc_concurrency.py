@@ -7,7 +7,9 @@ import itertools
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import pytest
 
 from mintvcs import maintenance
 from mintvcs.store import Repository
+from tests.mintvcs.storekit import git
 
 _HOLD_SECONDS = 0.02
 
@@ -110,3 +113,79 @@ def test_gc_that_lost_a_race_says_retry_not_fsck(
     message = str(caught.value)
     assert "removed meanwhile" in message and str(gone) in message
     assert "fsck" not in message
+
+
+def _gc_elsewhere(work: Path) -> None:
+    """A gc by another Repository, as another process's: it packs or replaces what fsck listed."""
+    maintenance.gc(Repository.open(work))
+
+
+@pytest.mark.parametrize("when", ["loose listed", "packs listed", "second revision"])
+def test_fsck_is_quiet_when_a_gc_moves_objects_under_it(
+    work: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    if when == "packs listed":
+        git(work / ".mint", "repack", "-a", "-d", "-q")  # a pack that gc replaces
+    if when == "loose listed":
+        real_loose = maintenance._loose_files
+
+        listings = []
+
+        def loose_then_gc(repo: Repository) -> Iterator[tuple[str, Path]]:
+            listed = list(real_loose(repo))
+            listings.append(listed)
+            if len(listings) == 1:  # fsck's; the gc lists them too
+                _gc_elsewhere(work)
+            yield from listed
+
+        monkeypatch.setattr(maintenance, "_loose_files", loose_then_gc)
+    elif when == "packs listed":
+        real_checksum = maintenance._pack_checksum_problem
+        calls = []
+
+        def gc_then_checksum(pack: Any) -> str | None:
+            calls.append(pack)
+            if len(calls) == 1:  # fsck's; the gc checks the pack too
+                _gc_elsewhere(work)
+            return real_checksum(pack)
+
+        monkeypatch.setattr(maintenance, "_pack_checksum_problem", gc_then_checksum)
+    else:
+        real_read = Repository.read_revision
+        reads = []
+
+        def gc_then_read(self: Repository, oid: str) -> Any:
+            reads.append(oid)
+            if len(reads) == 2:
+                _gc_elsewhere(work)
+            return real_read(self, oid)
+
+        monkeypatch.setattr(Repository, "read_revision", gc_then_read)
+    report = maintenance.fsck(Repository.open(work))
+    assert report.ok, report.problems
+    assert report.revisions == 3 and report.tensors > 0
+
+
+def test_fsck_is_quiet_while_gcs_replace_packs(work: Path) -> None:
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def churn() -> None:
+        # Each round rewrites every object into a new pack and deletes the old one.
+        try:
+            while not stop.is_set():
+                git(work / ".mint", "repack", "-a", "-d", "-q")
+                _gc_elsewhere(work)
+        except BaseException as err:
+            failures.append(err)
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(15):
+            report = maintenance.fsck(Repository.open(work))
+            assert report.ok, report.problems
+    finally:
+        stop.set()
+        worker.join()
+    assert not failures
