@@ -29,6 +29,7 @@ from mintvcs.refs import (
     ANY,
     ZERO,
     InvalidRefNameError,
+    OldValue,
     RefConflictError,
     check_branch_name,
     check_name_type,
@@ -79,6 +80,29 @@ class Signature:
     def line(self) -> str:
         """The `Name <email> seconds +HHMM` of a commit or tag header."""
         return f"{self.identity} {self.timestamp} {self.tz}"
+
+
+def _move_ref(
+    repo: Repository,
+    ref: str,
+    new: str,
+    *,
+    old: OldValue,
+    message: str,
+    by: Signature,
+    deref: bool = True,
+) -> None:
+    """Compare-and-swap `ref` to `new`, its reflog line signed and dated by `by`, as git's are."""
+    repo.refs.update(
+        ref,
+        new,
+        old=old,
+        message=message,
+        identity=by.identity,
+        timestamp=by.timestamp,
+        tz=by.tz,
+        deref=deref,
+    )
 
 
 def signature(repo: Repository | None = None, role: str = "committer") -> Signature:
@@ -295,7 +319,6 @@ def commit(
     if not message.strip() and not (verify and hooks.is_active(repo.git_dir, "commit-msg")):
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
     author, committer = signature(repo, "author"), signature(repo, "committer")
-    who = committer.identity
     branch_ref = f"refs/heads/{branch}" if branch is not None else repo.refs.read_symbolic("HEAD")
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
@@ -339,14 +362,8 @@ def commit(
             )
         kind = "commit" if parent else "commit (initial)"
         try:
-            repo.refs.update(
-                target,
-                commit_id,
-                old=parent,
-                message=f"{kind}: {summary}",
-                identity=who,
-                timestamp=committer.timestamp,
-                tz=committer.tz,
+            _move_ref(
+                repo, target, commit_id, old=parent, message=f"{kind}: {summary}", by=committer
             )
             break
         except RefConflictError:
@@ -788,15 +805,7 @@ def branch_create(
         raise MintError(f"cannot force-update the current branch '{name}'; use 'mintvcs reset'")
     message = f"branch: Created from {start}" if existing is None else f"branch: Reset to {start}"
     who = signature(repo)
-    repo.refs.update(
-        ref,
-        oid,
-        old=existing,
-        message=message,
-        identity=who.identity,
-        timestamp=who.timestamp,
-        tz=who.tz,
-    )
+    _move_ref(repo, ref, oid, old=existing, message=message, by=who)
     _ref_moved(repo, ref, existing, oid)
     return oid
 
@@ -905,15 +914,7 @@ def tag_create(
         tag.message = clean_message(message).encode()
         repo.add_object(tag)
         value = tag.id.decode()
-    repo.refs.update(
-        ref,
-        value,
-        old=existing,
-        message=f"tag: {name}",
-        identity=who,
-        timestamp=tagger.timestamp,
-        tz=tagger.tz,
-    )
+    _move_ref(repo, ref, value, old=existing, message=f"tag: {name}", by=tagger)
     _ref_moved(repo, ref, existing, value)
     return value
 
@@ -1276,14 +1277,13 @@ def _move_head(
     # git writes a detached HEAD's full id here (`@{-1}` reads it back).
     previous = repo.current_branch() or (head if head else "nothing")
     if new_branch is not None:
-        repo.refs.update(
+        _move_ref(
+            repo,
             f"refs/heads/{new_branch}",
             target,
             old=None,
             message=f"branch: Created from {spec}",
-            identity=who.identity,
-            timestamp=who.timestamp,
-            tz=who.tz,
+            by=who,
         )
         _ref_moved(repo, f"refs/heads/{new_branch}", None, target)
         branch: str | None = new_branch
@@ -1305,16 +1305,7 @@ def _move_head(
             tz=who.tz,
         )
     else:
-        repo.refs.update(
-            "HEAD",
-            target,
-            old=ANY,
-            message=message,
-            identity=who.identity,
-            timestamp=who.timestamp,
-            tz=who.tz,
-            deref=False,
-        )
+        _move_ref(repo, "HEAD", target, old=ANY, message=message, by=who, deref=False)
     return CheckoutResult(target, branch, new_branch is not None)
 
 
@@ -1332,14 +1323,6 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
         restore = _restore_on_failure(repo, target_rev, head_rev)
     with restore:
         who = signature(repo)
-        repo.refs.update(
-            "HEAD",
-            target,
-            old=head,
-            message=f"reset: moving to {spec}",
-            identity=who.identity,
-            timestamp=who.timestamp,
-            tz=who.tz,
-        )
+        _move_ref(repo, "HEAD", target, old=head, message=f"reset: moving to {spec}", by=who)
     _ref_moved(repo, repo.refs.read_symbolic("HEAD") or "HEAD", head, target)
     return target
