@@ -156,13 +156,18 @@ class ModelConfig:
         # positions (Qwen2 only with use_sliding_window); Llama never slides, whatever it says.
         sliding = None if arch == "llama" else raw.get("sliding_window", 4096)
         layers = int(raw["num_hidden_layers"])
-        # Qwen2 slides only from layer max_window_layers on (transformers' default is 28), and
-        # only with use_sliding_window: with no layer past it, every layer attends in full.
-        if arch == "qwen2" and (
-            not raw.get("use_sliding_window", False)
-            or int(raw.get("max_window_layers", 28)) >= layers
-        ):
-            sliding = None
+        # Qwen2 slides only with use_sliding_window, in the layers its layer_types names
+        # "sliding_attention" or, without that list, from layer max_window_layers on
+        # (transformers' default is 28): with no such layer, every layer attends in full.
+        if arch == "qwen2":
+            types = raw.get("layer_types")
+            slides = (
+                "sliding_attention" in types
+                if isinstance(types, list)
+                else int(raw.get("max_window_layers", 28)) < layers
+            )
+            if not raw.get("use_sliding_window", False) or not slides:
+                sliding = None
         eos = raw.get("eos_token_id")
         eos_ids: tuple[int, ...] = (
             ()

@@ -166,6 +166,13 @@ def test_qwen2_slides_only_from_max_window_layers_on() -> None:
     assert full.sliding_window is None
     some = ModelConfig.from_dict(_qwen2(use_sliding_window=True, max_window_layers=2))
     assert some.sliding_window == 16
+    # transformers 5 follows layer_types where the config lists them, over max_window_layers.
+    listed = _qwen2(use_sliding_window=True, max_window_layers=4)
+    listed["layer_types"] = ["full_attention", "sliding_attention"] + ["full_attention"] * 2
+    assert ModelConfig.from_dict(listed).sliding_window == 16
+    listed = _qwen2(use_sliding_window=True, max_window_layers=0)
+    listed["layer_types"] = ["full_attention"] * 4
+    assert ModelConfig.from_dict(listed).sliding_window is None
 
 
 def test_generation_config_eos_ids_join_config_ones(tmp_path: Path) -> None:
