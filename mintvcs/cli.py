@@ -46,7 +46,9 @@ def _format_date(seconds: int, offset: int) -> str:
     from mintvcs.refs import tz_text
 
     try:
-        stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(seconds + offset))
+        when = time.gmtime(seconds + offset)
+        # git's default date format does not pad the day of the month (`Thu Jan 1 ...`).
+        stamp = time.strftime(f"%a %b {when.tm_mday} %H:%M:%S %Y", when)
     except (OverflowError, OSError, ValueError):  # a commit may claim any time (git prints it raw)
         stamp = f"@{seconds}"
     return f"{stamp} {tz_text(int(offset / 60))}"

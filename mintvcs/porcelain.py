@@ -450,15 +450,29 @@ def decorations(repo: Repository, shown: Collection[str]) -> dict[str, list[str]
     return {commit: index[commit] for commit in shown if commit in index}
 
 
+# The refs `git log --decorate` shows by default (git 2.38 and later): others, such as notes,
+# replace refs or a tool's own namespace, only with log.initialDecorationSet=all.
+_DECORATED_PREFIXES = ("refs/heads/", "refs/tags/", "refs/remotes/")
+_DECORATED_EXACT = "refs/stash"
+
+
+def _decoration(name: str) -> str:
+    """A ref's label as git's prettify_refname gives it, tags marked `tag: `."""
+    if name.startswith("refs/tags/"):
+        return "tag: " + name.removeprefix("refs/tags/")
+    for prefix in ("refs/heads/", "refs/remotes/"):
+        if name.startswith(prefix):
+            return name.removeprefix(prefix)
+    return name
+
+
 def ref_labels(repo: Repository) -> dict[str, list[str]]:
     """Every commit a ref names, with its `git log --decorate` labels: one pass over the refs
     (a log of many pages reads them once, not once a page)."""
-    labels: dict[str, list[str]] = {}
-    head_branch = repo.refs.read_symbolic("HEAD")
-    head = repo.head_commit()
-    if head is not None and head_branch is None:
-        labels.setdefault(head, []).append("HEAD")
+    names: dict[str, list[str]] = {}
     for name, oid in repo.refs.iter_refs("refs/"):
+        if not name.startswith(_DECORATED_PREFIXES) and name != _DECORATED_EXACT:
+            continue
         # Branches name commits; only a tag may name a tag object that has to be read and peeled.
         # Reading an object per branch made `log` take seconds with 10^5 branches.
         target: str | None = oid
@@ -468,14 +482,25 @@ def ref_labels(repo: Repository) -> dict[str, list[str]]:
                 target = repo.peel(oid)
         if target is None:
             continue
-        short = name.removeprefix("refs/heads/")
-        if name.startswith("refs/tags/"):
-            short = "tag: " + name.removeprefix("refs/tags/")
-        elif name == head_branch:
-            short = f"HEAD -> {short}"
-        labels.setdefault(target, []).append(short)
-    for names in labels.values():
-        names.sort(key=lambda n: (not n.startswith("HEAD"), n.startswith("tag: "), n))
+        names.setdefault(target, []).append(name)
+    labels: dict[str, list[str]] = {}
+    for commit, refs in names.items():
+        # git lists a commit's refs in reverse refname order (bytes, as it compares them): it
+        # pushes each ref it reads onto the front of the commit's list.
+        refs.sort(key=lambda n: n.encode("utf-8", "surrogateescape"), reverse=True)
+        labels[commit] = [_decoration(n) for n in refs]
+    head = repo.head_commit()
+    if head is not None:
+        # HEAD comes first, joined with the branch it names (`HEAD -> main`), which then is
+        # not listed again; a detached HEAD, or one naming a ref that is not a branch, is `HEAD`.
+        head_branch = repo.refs.read_symbolic("HEAD")
+        own = names.get(head, [])
+        shown = labels.setdefault(head, [])
+        if head_branch is not None and head_branch.startswith("refs/heads/") and head_branch in own:
+            del shown[own.index(head_branch)]
+            shown.insert(0, f"HEAD -> {_decoration(head_branch)}")
+        else:
+            shown.insert(0, "HEAD")
     return labels
 
 

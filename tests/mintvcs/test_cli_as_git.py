@@ -496,3 +496,42 @@ def test_reflog_lines_take_their_time_from_git_committer_date(
         .read_text()
         .endswith(" 1767225600 +0530\tcommit: dated\n")
     )
+
+
+def test_log_decorates_and_dates_as_git_log_does(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Remote-tracking refs printed as refs/remotes/origin/main, refs git hides by default
+    # (notes, a tool's own namespace) showed, the order was not git's, and the day was padded.
+    for name in ("GIT_AUTHOR_DATE", "GIT_COMMITTER_DATE"):
+        monkeypatch.setitem(ENV, name, "1767225600 +0000")  # Thu Jan 1 2026
+    mutate(work, seed=34)
+    mint(work, "commit", "-m", "dated")
+    mint(work, "branch", "side")
+    mint(work, "branch", "x1")
+    mint(work, "tag", "zz")
+    mint(work, "tag", "ann", "-m", "annotated")
+    mint(work, "tag", "aa", "HEAD~1")
+    git_dir = work / ".mint"
+    head = git(git_dir, "rev-parse", "HEAD").stdout.strip()
+    for ref in (
+        "refs/remotes/origin/main",
+        "refs/remotes/upstream/b",
+        "refs/stash",
+        "refs/custom/x",
+        "refs/notes/commits",
+    ):
+        git(git_dir, "update-ref", ref, head)
+    git(git_dir, "symbolic-ref", "refs/remotes/origin/HEAD", "refs/remotes/origin/main")
+    for detached in (False, True):
+        if detached:
+            mint(work, "checkout", head)
+        for args in (("--oneline",), ()):
+            ours = mint(work, "log", *args).stdout
+            assert ours == git(git_dir, "log", "--decorate", *args).stdout, (detached, args)
+    assert "Date:   Thu Jan 1 00:00:00 2026 +0000\n" in ours
+    shown = mint(work, "show", "HEAD").stdout
+    assert git(git_dir, "show", "-s", "--format=Date:   %ad", "HEAD").stdout in shown
+    labels = json.loads(mint(work, "log", "--json", "-n", "1").stdout)[0]["refs"]
+    tags, remotes = ["tag: zz", "tag: ann"], ["upstream/b", "origin/main", "origin/HEAD"]
+    assert labels == ["HEAD", *tags, "refs/stash", *remotes, "x1", "side", "main"]

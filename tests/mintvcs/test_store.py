@@ -295,10 +295,11 @@ def test_log_decorations_label_only_the_shown_commits(tmp_path: Path, peft_adapt
     porcelain.tag_create(repo, "v1", first, message="annotated")
     porcelain.tag_create(repo, "light", second)
     both = porcelain.decorations(repo, {first, second})
-    assert both == {first: ["old", "tag: v1"], second: ["HEAD -> main", "tag: light"]}
-    assert porcelain.decorations(repo, {first}) == {first: ["old", "tag: v1"]}
+    # After HEAD, git's order: refs in reverse name order, so tags before branches.
+    assert both == {first: ["tag: v1", "old"], second: ["HEAD -> main", "tag: light"]}
+    assert porcelain.decorations(repo, {first}) == {first: ["tag: v1", "old"]}
     porcelain.checkout(repo, first, force=True)
-    assert porcelain.decorations(repo, {first, second})[first] == ["HEAD", "old", "tag: v1"]
+    assert porcelain.decorations(repo, {first, second})[first] == ["HEAD", "tag: v1", "old"]
     repo.close()
 
 
