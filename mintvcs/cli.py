@@ -124,7 +124,9 @@ def _printable(text: str) -> str:
 def _echo_commit_text(info: Any) -> None:
     """Author, date and message as git log prints them, with control characters escaped."""
     click.echo(f"Author: {_printable(info.author)}")
-    click.echo(f"Date:   {_format_date(info.time, info.timezone)}")
+    # git's Date is the author's: it differs from the committer's after a rebase or with
+    # GIT_AUTHOR_DATE.
+    click.echo(f"Date:   {_format_date(info.author_time, info.author_timezone)}")
     click.echo()
     for line in info.message.rstrip("\n").splitlines():
         click.echo(f"    {_printable(line)}")

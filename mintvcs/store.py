@@ -131,9 +131,11 @@ class CommitInfo:
     parents: tuple[str, ...]
     author: str
     committer: str
-    time: int
+    time: int  # the committer's: when the commit was made, what `log --json` reports
     timezone: int
     message: str
+    author_time: int  # what `git log` prints as Date
+    author_timezone: int
 
 
 class Revision:
@@ -1632,6 +1634,8 @@ def _commit_info(commit: Commit) -> CommitInfo:
         time=commit.commit_time,
         timezone=commit.commit_timezone,
         message=commit.message.decode("utf-8", "replace"),
+        author_time=commit.author_time,
+        author_timezone=commit.author_timezone,
     )
 
 

@@ -503,8 +503,9 @@ def test_log_decorates_and_dates_as_git_log_does(
 ) -> None:
     # Remote-tracking refs printed as refs/remotes/origin/main, refs git hides by default
     # (notes, a tool's own namespace) showed, the order was not git's, and the day was padded.
-    for name in ("GIT_AUTHOR_DATE", "GIT_COMMITTER_DATE"):
-        monkeypatch.setitem(ENV, name, "1767225600 +0000")  # Thu Jan 1 2026
+    monkeypatch.setitem(ENV, "GIT_AUTHOR_DATE", "1767225600 +0000")  # Thu Jan 1 2026
+    # git's Date is the author's; it read the committer's.
+    monkeypatch.setitem(ENV, "GIT_COMMITTER_DATE", "1767312000 +0100")
     mutate(work, seed=34)
     mint(work, "commit", "-m", "dated")
     mint(work, "branch", "side")
