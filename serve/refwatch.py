@@ -193,8 +193,19 @@ class RefWatcher:
         )
 
     @staticmethod
-    def _fresh(entry: _Entry) -> bool:
-        return all(_stat(path) == key for path, key in entry.deps)
+    def _fresh(entry: _Entry, stats: dict[str, StatKey] | None = None) -> bool:
+        """Whether the entry's files are as when it was resolved; `stats` memoizes one pass's
+        stat calls (many specs share packed-refs and their ref's file)."""
+        for path, key in entry.deps:
+            if stats is None:
+                now = _stat(path)
+            elif path in stats:
+                now = stats[path]
+            else:
+                now = stats[path] = _stat(path)
+            if now != key:
+                return False
+        return True
 
     def cached(self, spec: str) -> Resolution | None:
         """`spec`'s resolution if the cache holds it and its files have not changed (a few stat
@@ -311,7 +322,7 @@ class RefWatcher:
             ref = entry.resolution.ref
             if ref is None or names_an_ancestor(entry.resolution.spec):
                 continue
-            if all(stats.setdefault(p, _stat(p)) == key for p, key in entry.deps):
+            if self._fresh(entry, stats):
                 latest[ref] = entry.resolution
         return list(latest.values())
 
@@ -335,13 +346,7 @@ class RefWatcher:
                 continue  # a full commit id names the same revision forever: nothing to watch
             if idle > self.active_s:
                 continue  # no recent request: nothing to prefetch for
-            changed = False
-            for path, key in entry.deps:
-                if path not in stats:
-                    stats[path] = _stat(path)
-                if stats[path] != key:
-                    changed = True
-                    break
+            changed = not self._fresh(entry, stats)
             ref = entry.resolution.ref
             if not changed and reread and ref is not None:
                 if ref not in values:
