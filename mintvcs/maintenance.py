@@ -1477,19 +1477,15 @@ def _packing_errors_named(who: str) -> Iterator[None]:
 
     try:
         yield
-    except FileNotFoundError as err:
-        if "objects" not in Path(err.filename or "").parts:
-            raise GcWriteError(
-                f"{who} failed while packing ({err}); nothing was deleted; run `mintvcs fsck`"
-            ) from None
-        # A pack or loose object removed under us: another gc or a `git repack` that does not
-        # take gc.pid ran at once. Nothing is damaged, so fsck is not the advice.
-        raise GcWriteError(
-            f"{who} failed while packing: {err.filename} was removed meanwhile, most likely by "
-            f"another gc or `git repack` running at once; nothing was deleted; run `mintvcs "
-            f"{who}` again once it is done"
-        ) from None
     except (OSError, zlib.error, ChecksumMismatch, ObjectFormatException, ValueError) as err:
+        if isinstance(err, FileNotFoundError) and "objects" in Path(err.filename or "").parts:
+            # A pack or loose object removed under us: another gc or a `git repack` that does
+            # not take gc.pid ran at once. Nothing is damaged, so fsck is not the advice.
+            raise GcWriteError(
+                f"{who} failed while packing: {err.filename} was removed meanwhile, most likely "
+                f"by another gc or `git repack` running at once; nothing was deleted; run "
+                f"`mintvcs {who}` again once it is done"
+            ) from None
         raise GcWriteError(
             f"{who} failed while packing ({err}); nothing was deleted; run `mintvcs fsck`"
         ) from None
