@@ -140,11 +140,6 @@ def signature(repo: Repository | None = None, role: str = "committer") -> Signat
     return Signature(f"{name or user} <{email}>", timestamp, tz or local_tz(timestamp))
 
 
-def identity(repo: Repository | None = None) -> str:
-    """`Name <email>` for reflogs and tags: the committer, as git logs."""
-    return signature(repo).identity
-
-
 _LATEST_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z, git's limit too
 # `seconds +HHMM`, a zone being at most 23:59 from UTC (`+9999` would print as nonsense).
 _RAW_DATE = re.compile(r"@?(?P<seconds>[0-9]+)(?: (?P<tz>[+-](?:[01][0-9]|2[0-3])[0-5][0-9]))?\Z")
@@ -341,13 +336,16 @@ def commit(
         except NonFiniteTensorError as err:
             raise hooks.refusal("pre-commit", f"error: {err}") from None
 
-    tree, manifest = encode(parent_rev)
-    if parent_rev is not None and tree == parent_rev.info.tree and not allow_empty:
-        raise NothingToCommit(
+    def identical_to(commit_id: str, when: str = "") -> NothingToCommit:
+        return NothingToCommit(
             f"nothing to commit: the adapter in {source} is identical to "
-            f"{'HEAD' if branch is None else branch} ({parent_rev.commit[:7]}); "
+            f"{'HEAD' if branch is None else branch} ({commit_id[:7]}){when}; "
             "use --allow-empty (allow_empty=True) to record it anyway"
         )
+
+    tree, manifest = encode(parent_rev)
+    if parent_rev is not None and tree == parent_rev.info.tree and not allow_empty:
+        raise identical_to(parent_rev.commit)
     if verify:
         message = _run_commit_msg(repo, message, env)
     message = clean_message(message)
@@ -391,11 +389,7 @@ def commit(
                 tree, manifest = encode(parent_rev)
             if parent is not None and not allow_empty and repo.commit_info(parent).tree == tree:
                 # Another process committed this very adapter meanwhile.
-                raise NothingToCommit(
-                    f"nothing to commit: the adapter in {source} is identical to "
-                    f"{'HEAD' if branch is None else branch} ({parent[:7]}), committed meanwhile; "
-                    "use --allow-empty (allow_empty=True) to record it anyway"
-                ) from None
+                raise identical_to(parent, ", committed meanwhile") from None
     if source == repo.work_tree and branch_ref == repo.refs.read_symbolic("HEAD"):
         # The work tree's weights are this commit's: later status checks may trust a stat,
         # unless the file changed since it was opened (it is mapped, so read lazily).
@@ -829,8 +823,7 @@ def branch_create(
     if existing is not None and ref == repo.refs.read_symbolic("HEAD"):
         raise MintError(f"cannot force-update the current branch '{name}'; use 'mintvcs reset'")
     message = f"branch: Created from {start}" if existing is None else f"branch: Reset to {start}"
-    who = signature(repo)
-    _move_ref(repo, ref, oid, old=existing, message=message, by=who)
+    _move_ref(repo, ref, oid, old=existing, message=message, by=signature(repo))
     _ref_moved(repo, ref, existing, oid)
     return oid
 
@@ -1347,7 +1340,7 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
         write_work_tree(repo, target_rev, head_rev)
         restore = _restore_on_failure(repo, target_rev, head_rev)
     with restore:
-        who = signature(repo)
-        _move_ref(repo, "HEAD", target, old=head, message=f"reset: moving to {spec}", by=who)
+        message = f"reset: moving to {spec}"
+        _move_ref(repo, "HEAD", target, old=head, message=message, by=signature(repo))
     _ref_moved(repo, repo.refs.read_symbolic("HEAD") or "HEAD", head, target)
     return target
