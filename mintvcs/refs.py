@@ -254,6 +254,15 @@ def _check_value(value: str) -> None:
         raise InvalidRefValueError(value)
 
 
+def _when(timestamp: int | None, tz: str | None) -> tuple[int, str]:
+    """A reflog line's time and zone: now and the local zone unless given; a bad zone is refused."""
+    ts = int(time.time()) if timestamp is None else timestamp
+    tz = local_tz(ts) if tz is None else tz
+    if not _TZ.match(tz):
+        raise InvalidIdentityError(tz, "a timezone like +0000 or -0530")
+    return ts, tz
+
+
 def _check_identity(identity: str) -> None:
     if not _IDENTITY.match(identity):
         raise InvalidIdentityError(identity, "'Name <email>' without '<', '>' or newlines inside")
@@ -736,10 +745,7 @@ class RefStore:
         if old is not ANY and old is not None:
             _check_value(old)
         _check_identity(identity)
-        ts = int(time.time()) if timestamp is None else timestamp
-        tz = local_tz(ts) if tz is None else tz
-        if not _TZ.match(tz):
-            raise InvalidIdentityError(tz, "a timezone like +0000 or -0530")
+        ts, tz = _when(timestamp, tz)
         message = _clean_message(message)
 
         locks: list[_Lock] = []
@@ -814,10 +820,7 @@ class RefStore:
         if not target.startswith("refs/"):
             raise InvalidRefNameError(target, "symbolic refs point at names under 'refs/'")
         _check_identity(identity)
-        ts = int(time.time()) if timestamp is None else timestamp
-        tz = local_tz(ts) if tz is None else tz
-        if not _TZ.match(tz):
-            raise InvalidIdentityError(tz, "a timezone like +0000 or -0530")
+        ts, tz = _when(timestamp, tz)
         lock = self._lock(name)
         try:
             message = _clean_message(message)
