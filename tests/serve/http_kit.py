@@ -44,6 +44,13 @@ def request(
         return status, head, text
 
 
+def metric(server: BackgroundServer, series: str) -> float:
+    """The value of one /metrics series (`name` or `name{labels}`), 0 when it is not there yet."""
+    text = request(server.url + "/metrics")[2]
+    values = [line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(series + " ")]
+    return float(values[0]) if values else 0.0
+
+
 def variant(source: Path, dest: Path, factor: float) -> Path:
     """A copy of a PEFT adapter with lora_B scaled: a distinct revision that acts differently."""
     from safetensors.torch import load_file, save_file

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mintvcs.serve.app import BackgroundServer
-from tests.serve.http_kit import gen, request, sse_events
+from tests.serve.http_kit import gen, metric, request, sse_events
 
 
 def _peft_logprobs(base: Path, adapter: Path, ids: list[int]) -> torch.Tensor:
@@ -78,13 +78,8 @@ def test_max_tokens_zero_with_echo_scores_the_prompt_only(server: BackgroundServ
     assert status == 400 and "max_tokens" in answer["error"]["message"]
 
 
-def _metric(server: BackgroundServer, name: str) -> float:
-    text = request(server.url + "/metrics")[2]
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
-
-
 def _prefilled(server: BackgroundServer) -> float:
-    return _metric(server, "mint_prefill_tokens_total")
+    return metric(server, "mint_prefill_tokens_total")
 
 
 def test_n_choices_are_each_a_seeded_request(server: BackgroundServer) -> None:
@@ -381,13 +376,13 @@ def test_a_repeated_prefix_is_served_from_the_cache_and_reported(server: Backgro
     body = {"max_tokens": 6, "temperature": 0, "logprobs": 1}
     status, first = completions(server, prompt=[*shared, 11, 12], **body)
     assert status == 200, first
-    before = _metric(server, "mint_prefix_cache_hit_tokens_total")
+    before = metric(server, "mint_prefix_cache_hit_tokens_total")
     status, second = completions(server, prompt=[*shared, 13, 14, 15], **body)
     assert status == 200, second
     # OpenAI's field: the prompt tokens whose keys and values were cached (the shared 40, in
     # whole blocks of 16).
     assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
-    assert _metric(server, "mint_prefix_cache_hit_tokens_total") - before == 32
+    assert metric(server, "mint_prefix_cache_hit_tokens_total") - before == 32
     # The same prompt again: the output is the same.
     status, again = completions(server, prompt=[*shared, 13, 14, 15], **body)
     assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}

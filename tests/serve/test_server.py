@@ -28,6 +28,7 @@ from tests.serve.http_kit import (
     TOKEN,
     commit_on,
     gen,
+    metric,
     peft_greedy,
     request,
     sse_events,
@@ -668,9 +669,7 @@ def test_ref_update_hook_notifies_the_server(
     )
 
     def moves() -> float:
-        _, _, text = request(server.url + "/metrics")
-        line = [s for s in text.splitlines() if s.startswith('mint_ref_moves_total{ref="main"}')]
-        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+        return metric(server, 'mint_ref_moves_total{ref="main"}')
 
     try:
         gen(server, prompt="Hi", ref="main", max_tokens=1)
@@ -1260,9 +1259,7 @@ def test_a_move_is_counted_once_whatever_specs_follow_it(
 ) -> None:
     # main~1 and main@{1} move to other commits than main; each used to count the move again.
     def moves() -> float:
-        _, _, text = request(server.url + "/metrics")
-        line = [s for s in text.splitlines() if s.startswith('mint_ref_moves_total{ref="main"}')]
-        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+        return metric(server, 'mint_ref_moves_total{ref="main"}')
 
     porcelain.commit(repo, "one", source=adapters["a1"], show_progress=False, allow_empty=True)
     porcelain.commit(repo, "two", source=adapters["a2"], show_progress=False, allow_empty=True)
@@ -1282,11 +1279,7 @@ def test_a_notify_for_a_ref_that_did_not_move_counts_no_move(
     server: BackgroundServer, repo: Repository
 ) -> None:
     def moves(ref: str) -> float:
-        _, _, text = request(server.url + "/metrics")
-        line = [
-            s for s in text.splitlines() if s.startswith(f'mint_ref_moves_total{{ref="{ref}"}}')
-        ]
-        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+        return metric(server, f'mint_ref_moves_total{{ref="{ref}"}}')
 
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert gen(server, prompt="x", ref="prod", max_tokens=1)[0] == 200
@@ -1589,9 +1582,7 @@ def test_an_empty_notify_counts_the_moves_it_finds(
     import subprocess
 
     def moves() -> float:
-        _, _, text = request(server.url + "/metrics")
-        line = [s for s in text.splitlines() if s.startswith('mint_ref_moves_total{ref="fast"}')]
-        return float(line[0].rsplit(" ", 1)[1]) if line else 0.0
+        return metric(server, 'mint_ref_moves_total{ref="fast"}')
 
     git = ["git", "--git-dir", str(repo.git_dir)]
     one, other = repo.resolve("main"), repo.resolve("product-b")
