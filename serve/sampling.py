@@ -358,16 +358,19 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> lis
 # Prompt tokens decoded ahead of the output (as vLLM does): a SentencePiece (Metaspace) decoder
 # drops the space of the first token it decodes, which must not be the first generated word.
 CONTEXT_TOKENS = 5
+# A UTF-8 character spans at most 4 bytes, so at most 3 tokens of one precede its last.
+_MAX_CONTINUATION_TOKENS = 3
 
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, holding back incomplete characters.
 
-    Each token's text is decode(window + token) less decode(window), the window being the last
-    CONTEXT_TOKENS tokens before it (the prompt's tail at first), so that what a tokenizer does
-    to the start of a text happens to the window, and each token costs a decode of a few
-    tokens: decoding the whole output each time (as before) cost 0.85 ms per sequence and step
-    at 4,000 tokens, on the step thread.
+    Each token's text is decode(window + token) less decode(window), the window starting at
+    the first token of the last text emitted (at first the prompt's last CONTEXT_TOKENS, moved
+    back to a character's start), vLLM's offsets: the window always starts on a character
+    boundary, as a byte-fallback decoder needs (a run of <0xNN> tokens cut inside a character
+    decodes to U+FFFD whole), and a token costs a decode of a few tokens, not of the whole
+    output (that cost 0.85 ms per sequence and step at 4,000 tokens, on the step thread).
     """
 
     def __init__(
@@ -375,31 +378,39 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._window = list(context)[-CONTEXT_TOKENS:]  # the ids decoded together
+        self._window = self._context_window(list(context))  # the ids decoded together
         self._counted = len(self._window)  # those of the window whose text is in self.text
         self.text = ""
         self._pending = ""  # text of the uncounted ids, which ends inside a character
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
+
+    def _context_window(self, context: list[int]) -> list[int]:
+        """The prompt's last CONTEXT_TOKENS, widened (by up to 3) to start on a character."""
+        if self.tokenizer is None or len(context) <= CONTEXT_TOKENS:
+            return context
+        start = len(context) - CONTEXT_TOKENS
+        for back in range(min(_MAX_CONTINUATION_TOKENS, start) + 1):
+            if not self._decode(context[start - back :]).startswith("\ufffd"):
+                return context[start - back :]
+        return context[start:]  # the prompt itself holds U+FFFD or invalid bytes there
 
     def add(self, token_id: int) -> str:
         """Append a token; return the new stable text (may be empty while a character is incomplete)."""
         if self.tokenizer is None:
             return ""
         self._window.append(token_id)
-        start = max(0, self._counted - CONTEXT_TOKENS)
-        skip = self.skip_special_tokens
-        before = self.tokenizer.decode(
-            self._window[start : self._counted], skip_special_tokens=skip
-        )
-        after = self.tokenizer.decode(self._window[start:], skip_special_tokens=skip)
+        before = self._decode(self._window[: self._counted])
+        after = self._decode(self._window)
         new = after[len(before) :]
         if after.endswith("\ufffd"):
             self._pending = new
             return ""
         self._pending = ""
+        if new:  # the window moves to this text's first token; a token with none keeps it
+            del self._window[: self._counted]
         self._counted = len(self._window)
-        if self._counted > 4 * CONTEXT_TOKENS:
-            del self._window[: self._counted - CONTEXT_TOKENS]
-            self._counted = len(self._window)
         self.text += new
         return new
 

@@ -141,39 +141,35 @@ class Sequence:
         # A structured output whose grammar takes no further token is complete: it stops here,
         # not one step later on the EOS that would be the only token left (min_tokens or not).
         complete = self.matcher is not None and self.matcher.is_stopped()
-        before = self.detok.text
-        self.detok.add(token)
-        text = self.detok.text
+        may_stop = len(self.output_ids) > self.params.min_tokens
+        # As vLLM: a stop token ends the output without its own text (EOS, or an ordinary
+        # token named in stop_token_ids), so no stop string is looked for in that text.
+        stop_token = may_stop and token in self.stop_ids and not complete
+        if not stop_token:
+            self.detok.add(token)
         reason: str | None = None
+        if stop_token or complete:
+            reason = "stop"
+        elif (
+            self.params.max_tokens is not None and len(self.output_ids) >= self.params.max_tokens
+        ) or self.num_tokens >= self.max_len:
+            reason = "length"
+        if reason is not None:
+            # A character left unfinished is kept as decoded (U+FFFD), as tokenizer.decode does.
+            self.detok.flush()
+        text = self.detok.text
         cut = len(text)
         stops = self.params.stop
-        may_stop = len(self.output_ids) > self.params.min_tokens
-        if may_stop and token in self.stop_ids and not complete:
-            # As vLLM: a stop token ends the output without its own text (EOS, or an ordinary
-            # token named in stop_token_ids), so no stop string is looked for in that text.
-            reason, text = "stop", before
-            cut = len(text)
-        elif not may_stop:
+        if not may_stop:
             # The text of the first min_tokens tokens: a stop string must end past it (vLLM's).
             self.stop_floor = len(text)
         elif stops:
             at = find_stop(text, stops, max(self.emitted, self.stop_floor))
             if at != -1:
                 reason, cut = "stop", at
-        if reason is None and (
-            complete
-            or (
-                self.params.max_tokens is not None
-                and len(self.output_ids) >= self.params.max_tokens
-            )
-            or self.num_tokens >= self.max_len
-        ):
-            reason = "stop" if complete else "length"
-            text = self.detok.flush()
-            cut = len(text)
-        if reason is None and stops:
-            # Hold back a tail that could still grow into a stop string.
-            cut = max(self.emitted, len(text) - max(len(s) for s in stops) + 1)
+            elif reason is None:
+                # Hold back a tail that could still grow into a stop string.
+                cut = max(self.emitted, len(text) - max(len(s) for s in stops) + 1)
         delta = text[self.emitted : cut]
         self.emitted = max(self.emitted, cut)
         if reason is not None:

@@ -191,3 +191,114 @@ def test_detokenized_text_is_what_the_prompt_leaves_off(style: str) -> None:
     streamed = "".join(detok.add(t) for t in long)
     assert streamed == tokenizer.decode(prompt + long)[len(tokenizer.decode(prompt)) :]
     assert max(sizes) <= 2 * CONTEXT_TOKENS
+
+
+def _byte_fallback_tokenizer() -> tuple[Any, dict[str, int]]:
+    """A Llama-2/Mistral-style tokenizer: Metaspace pieces, and <0xNN> tokens for other characters."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece in ["▁", "▁The", "▁answer", "▁is", "▁Hello"]:
+        vocab[piece] = len(vocab)
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1, right=0),
+        ]
+    )
+    tokenizer.add_special_tokens([AddedToken(s, special=True) for s in ("<unk>", "<s>", "</s>")])
+    return tokenizer, vocab
+
+
+def _byte_tokens(text: str) -> list[int]:
+    return [3 + b for b in text.encode()]
+
+
+@pytest.mark.parametrize("characters", ["🙂😀🚀", "兔龜鼠虎"])
+def test_byte_fallback_characters_in_a_row_are_not_replaced(characters: str) -> None:
+    # From the third such character on, each came out as U+FFFD: the window started 5 tokens
+    # back, inside a character, and a byte-fallback decoder turns that whole run into U+FFFD.
+    from mintvcs.serve.sampling import IncrementalDetokenizer
+
+    tokenizer, vocab = _byte_fallback_tokenizer()
+    words = [vocab["▁The"], vocab["▁answer"], vocab["▁is"]]
+    # The second prompt ends in 6 byte tokens: its last 5 start inside a character.
+    for prompt in (words, words + _byte_tokens("兔龜")):
+        output = [*_byte_tokens(characters), vocab["▁answer"]]
+        expected = tokenizer.decode(prompt + output)[len(tokenizer.decode(prompt)) :]
+        assert expected == f"{characters} answer"
+        detok = IncrementalDetokenizer(tokenizer, prompt)
+        deltas = [detok.add(t) for t in output]
+        assert "".join(deltas) == expected
+        assert not any("\ufffd" in d for d in deltas)
+
+
+def _sequence(tokenizer: Any, prompt: list[int], params: SamplingParams) -> Any:
+    from mintvcs.serve.sampling import IncrementalDetokenizer
+    from mintvcs.serve.scheduler import Sequence
+
+    return Sequence(
+        request_id=0,
+        prompt_ids=prompt,
+        params=params,
+        revision=None,
+        sink=lambda event: None,
+        detok=IncrementalDetokenizer(tokenizer, prompt),
+        eos_ids=frozenset({2}),
+        max_len=10**6,
+    )
+
+
+def _byte_level_tokenizer() -> tuple[Any, dict[str, int]]:
+    """A GPT-2-style byte-level vocabulary with one token ending inside a character (' 世' + 2 bytes of 界)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+
+    # GPT-2's byte-to-character map: printable bytes stand for themselves, the rest from U+0100.
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({char[b]: 3 + b for b in range(256)})
+    for text in [b"Hello", " 世界".encode()[:6]]:
+        vocab["".join(char[b] for b in text)] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(s, special=True) for s in ("<unk>", "<s>", "</s>")])
+    return tokenizer, vocab
+
+
+# "Hello", then one token: " 世" and the first two bytes of "界" (a character left unfinished).
+_HELLO, _WORLD_CUT = 259, 260
+
+
+@pytest.mark.parametrize("stop", [" 世", "世"])
+def test_a_stop_string_in_the_text_flushed_at_max_tokens_is_cut(stop: str) -> None:
+    # The last token completed the stop string and began a character: the text flushed at
+    # max_tokens was not searched, and came back with the stop string and finish_reason length.
+    tokenizer, _ = _byte_level_tokenizer()
+    seq = _sequence(tokenizer, [_HELLO], SamplingParams(max_tokens=2, stop=(stop,)))
+    events = [seq.append(t) for t in (_HELLO, _WORLD_CUT)]
+    assert "".join(e.text for e in events) == "Hello" + " 世"[: " 世".index(stop)]
+    assert events[-1].finish_reason == "stop"
+
+
+def test_a_character_left_unfinished_is_kept_whatever_ends_the_output() -> None:
+    # At EOS the pending tail was dropped, the space before it too; at max_tokens it was kept.
+    tokenizer, _ = _byte_level_tokenizer()
+    expected = tokenizer.decode([_HELLO, _WORLD_CUT])
+    assert expected == "Hello 世\ufffd"
+    for ids, params, reason in [
+        ([_HELLO, _WORLD_CUT, 2], SamplingParams(max_tokens=10), "stop"),
+        ([_HELLO, _WORLD_CUT], SamplingParams(max_tokens=2), "length"),
+    ]:
+        seq = _sequence(tokenizer, [_HELLO], params)
+        events = [seq.append(t) for t in ids]
+        assert "".join(e.text for e in events) == expected
+        assert events[-1].finish_reason == reason
