@@ -258,6 +258,17 @@ def demo(workdir: Path | None, cache_dir: Path | None, train_steps: int | None) 
     """Run the whole story on an embedded tiny base: train, commit, branch, tag, serve, move main, log, diff."""
     from mintvcs.serve.demo import run_demo
 
+    try:  # the demo trains its adapters with PEFT; serving needs neither
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        click.echo(
+            f"error: mintvcs demo trains its adapters with PEFT, and {err.name or err} is not "
+            "installed: pip install 'mintvcs[demo]'",
+            err=True,
+        )
+        sys.exit(1)
+
     try:
         run_demo(workdir=workdir, cache_dir=cache_dir, train_steps=train_steps)
     except MintError as err:

@@ -102,3 +102,40 @@ def test_the_demo_refuses_a_workdir_it_did_not_make_and_a_step_count_under_one(
     for steps in ("0", "-3"):  # 0 used to mean the default, -3 failed later on
         result = demo("--train-steps", steps)
         assert result.returncode == 2 and "--train-steps" in result.stderr
+
+
+# A finder that makes `import peft` fail as it does where only the base package is installed.
+_WITHOUT_PEFT = """
+import sys
+
+
+class NoPeft:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "peft":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoPeft())
+from mintvcs.cli import main
+
+sys.argv = ["mintvcs", "demo", "--workdir", sys.argv[1]]
+main()
+"""
+
+
+def test_the_demo_without_peft_says_which_extra_to_install(tmp_path: Path) -> None:
+    # peft and transformers are the `demo` extra: without them the demo was a traceback after step 1.
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_PEFT, str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (
+        "error: mintvcs demo trains its adapters with PEFT, and peft is not installed: "
+        "pip install 'mintvcs[demo]'"
+    )
+    assert not (tmp_path / "demo").exists()
