@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,7 +72,11 @@ class AdapterSource(Protocol):
         ...
 
     def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
-        """Read and decode one revision; AdapterRefused("too_large") past max_bytes of tensors."""
+        """Read and decode one revision; AdapterRefused("too_large") past max_bytes of tensors.
+
+        Before refusing a revision as too large, a source runs `refuse_unserved` on its config
+        and tensor names, so that the refusal names the real cause when there is one.
+        """
         ...
 
 
@@ -111,6 +115,7 @@ class PeftDirSource:
 
     def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         """Read the directory's config and safetensors (refused past max_bytes, by file size)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         directory = self.directories.get(revision)
@@ -123,6 +128,9 @@ class PeftDirSource:
         config = json.loads(config_path.read_text())
         size = weights.stat().st_size
         if max_bytes is not None and size > max_bytes:
+            # The real cause first: a copy of a whole base layer is refused as such.
+            with safe_open(str(weights), framework="pt") as header:  # reads the header only
+                refuse_unserved(revision, config, header.keys())
             raise _too_large(revision, f"{weights} holds {size} bytes", max_bytes)
         tensors = load_file(str(weights))
         return AdapterWeights(revision, config, tensors, self.base_fingerprint)
@@ -174,6 +182,10 @@ class StoreSource:
             )
         rev = self.repo.read_revision(revision)
         if max_bytes is not None and rev.manifest.nbytes > max_bytes:
+            # The real cause first: a copy of a whole base layer is refused as such.
+            refuse_unserved(
+                rev.commit, rev.config, (record.name for record in rev.manifest.tensors)
+            )
             raise _too_large(rev.commit, f"its tensors hold {rev.manifest.nbytes} bytes", max_bytes)
         cache = self.repo.plane_cache
         if self._auto_bound and cache is not None:
@@ -257,6 +269,63 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def refuse_unserved(revision: str, config: Mapping[str, Any], names: Iterable[str]) -> None:
+    """Refuse what the config or the tensor names alone rule out, whatever the base.
+
+    prepare_adapter runs it; a source runs it before refusing a revision as too large, so that
+    an adapter with a full-size copy of a base layer (modules_to_save, lm_head or embedding
+    LoRA) is refused for that, not as too large.
+    """
+
+    def refuse(reason: str, detail: str) -> AdapterRefused:
+        return AdapterRefused(revision, reason, detail)
+
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise refuse("peft_type", f"peft_type is {peft_type}; only LORA adapters are served")
+    if config.get("use_dora"):
+        raise refuse("dora", "DoRA (use_dora=true) is not supported; retrain without DoRA")
+    if config.get("modules_to_save"):
+        raise refuse(
+            "modules_to_save",
+            f"modules_to_save={config['modules_to_save']} would replace base weights; only LoRA factors are served",
+        )
+    if config.get("trainable_token_indices"):
+        raise refuse(
+            "trainable_tokens",
+            "trainable_token_indices trains embedding rows; only LoRA factors of linear layers are served",
+        )
+    if config.get("layer_replication"):
+        raise refuse("layer_replication", "layer_replication is not supported")
+    names = list(names)
+    # Biases go by the tensors, not the config: with bias="all" on a base without biases (Llama)
+    # PEFT saves none and runs a plain LoRA.
+    for name in names:
+        if name.endswith(".bias"):
+            kind = "lora_bias" if ".lora_B" in name else "bias"
+            raise refuse(
+                kind,
+                f"tensor {name} is a trained bias ({'lora_bias' if kind == 'lora_bias' else 'bias'}"
+                " in the PEFT config); only LoRA factors are served",
+            )
+    for reason, marks, what in (
+        ("embedding_lora", ("lora_embedding", "embed_tokens"), "the embedding"),
+        ("lm_head_lora", ("lm_head",), "lm_head"),
+    ):
+        hits = [n for n in names if any(m in n for m in marks)]
+        if hits:
+            # Name a LoRA factor, not the full base-layer copy PEFT saves beside it.
+            shown = next((n for n in hits if "lora_" in n), hits[0])
+            raise refuse(
+                reason, f"tensor {shown} adapts {what}; only decoder-layer linears are served"
+            )
+    for name in names:
+        if "lora_magnitude_vector" in name:
+            raise refuse("dora", f"tensor {name} is a DoRA magnitude; DoRA is not supported")
+        if _LORA_KEY.match(name) is None:
+            raise refuse("unknown_tensor", f"tensor {name} is not a decoder-layer LoRA factor")
+
+
 def prepare_adapter(
     weights: AdapterWeights,
     config: ModelConfig,
@@ -288,56 +357,17 @@ def prepare_adapter(
             f"it was committed against base {weights.base_fingerprint[:19]}, the resident base is "
             f"{base_fingerprint[:19]}; serve it with its own base",
         )
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise refuse("peft_type", f"peft_type is {peft_type}; only LORA adapters are served")
-    if cfg.get("use_dora"):
-        raise refuse("dora", "DoRA (use_dora=true) is not supported; retrain without DoRA")
-    if cfg.get("modules_to_save"):
-        raise refuse(
-            "modules_to_save",
-            f"modules_to_save={cfg['modules_to_save']} would replace base weights; only LoRA factors are served",
-        )
-    if cfg.get("trainable_token_indices"):
-        raise refuse(
-            "trainable_tokens",
-            "trainable_token_indices trains embedding rows; only LoRA factors of linear layers are served",
-        )
-    if cfg.get("layer_replication"):
-        raise refuse("layer_replication", "layer_replication is not supported")
-    # Biases go by the tensors, not the config: with bias="all" on a base without biases (Llama)
-    # PEFT saves none and runs a plain LoRA.
-    for name in weights.tensors:
-        if name.endswith(".bias"):
-            kind = "lora_bias" if ".lora_B" in name else "bias"
-            raise refuse(
-                kind,
-                f"tensor {name} is a trained bias ({'lora_bias' if kind == 'lora_bias' else 'bias'}"
-                " in the PEFT config); only LoRA factors are served",
-            )
+    refuse_unserved(rev, cfg, weights.tensors)
     alpha = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
     rslora = bool(cfg.get("use_rslora", False))
     alpha_pattern: Mapping[str, Any] = cfg.get("alpha_pattern") or {}
 
-    for reason, marks, what in (
-        ("embedding_lora", ("lora_embedding", "embed_tokens"), "the embedding"),
-        ("lm_head_lora", ("lm_head",), "lm_head"),
-    ):
-        hits = [n for n in weights.tensors if any(m in n for m in marks)]
-        if hits:
-            # Name a LoRA factor, not the full base-layer copy PEFT saves beside it.
-            shown = next((n for n in hits if "lora_" in n), hits[0])
-            raise refuse(
-                reason, f"tensor {shown} adapts {what}; only decoder-layer linears are served"
-            )
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     paths: dict[tuple[int, str], str] = {}
     for name, tensor in weights.tensors.items():
-        if "lora_magnitude_vector" in name:
-            raise refuse("dora", f"tensor {name} is a DoRA magnitude; DoRA is not supported")
         match = _LORA_KEY.match(name)
         if match is None:
-            raise refuse("unknown_tensor", f"tensor {name} is not a decoder-layer LoRA factor")
+            continue  # refuse_unserved let no other name through
         layer, module, kind = int(match["layer"]), match["module"], match["kind"]
         # The module's path as PEFT names it when it matches rank_pattern and alpha_pattern keys.
         paths[(layer, module)] = f"model.layers.{layer}.{match['parent']}.{module}"

@@ -61,6 +61,31 @@ def test_refusals_name_the_reason(
         assert "lora_" in str(info.value) and "base_layer" not in str(info.value)
 
 
+@pytest.mark.parametrize("reason", ["modules_to_save", "embedding_lora", "lm_head_lora"])
+def test_full_layer_copies_are_refused_for_what_they_are_not_their_size(
+    tiny_base: Path, tmp_path: Path, reason: str
+) -> None:
+    # PEFT saves the whole base layer beside these, larger than any servable adapter of a real
+    # base; the refusal must name the cause (the size bound's fix, a larger max rank, is none).
+    from mintvcs import porcelain
+    from mintvcs.serve import StoreSource
+
+    lora = {
+        "modules_to_save": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
+        "embedding_lora": {"target_modules": ["q_proj", "embed_tokens"]},
+        "lm_head_lora": {"target_modules": ["q_proj", "lm_head"]},
+    }[reason]
+    adapter = _peft_with(tiny_base, tmp_path / "adapter", **lora)
+    with pytest.raises(AdapterRefused) as info:
+        PeftDirSource({"x": adapter}).load("x", max_bytes=1)
+    assert info.value.reason == reason
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
+    commit = porcelain.commit(repo, "m", source=adapter, show_progress=False).commit
+    with pytest.raises(AdapterRefused) as info:
+        StoreSource(repo).load(commit, max_bytes=1)
+    assert info.value.reason == reason
+
+
 def test_rank_above_max_rank_is_refused(tiny_base: Path, peft_adapter_bf16: Path) -> None:
     with pytest.raises(AdapterRefused, match=r"rank 16 > max_rank 8") as info:
         prepare_adapter(_load(peft_adapter_bf16), read_config(tiny_base), max_rank=8)
