@@ -33,6 +33,13 @@ _LORA_KEY = re.compile(
 )
 # LoraConfig's default lora_alpha: a config that leaves it out is scaled as PEFT scales it.
 _PEFT_DEFAULT_ALPHA = 8
+# The fix for an init that PEFT redoes on the base weights at load (PiSSA, OLoRA, CorDA): PEFT's
+# own conversion, which folds the base's change into the factors.
+_CONVERT = (
+    "re-save the trained model with save_pretrained(..., "
+    "path_initial_model_for_weight_conversion=DIR), which writes a plain LoRA (rank 2r) of the "
+    "original base"
+)
 _SAFETENSORS_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
@@ -269,6 +276,34 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def _base_rewrite(init: object) -> str | None:
+    """Why `init_lora_weights` makes PEFT rewrite the base on load, with the fix; None if it does not."""
+    # The tests are PEFT's own (LoraLayer.update_layer): pissa/corda by prefix, olora in any
+    # case, loftq exactly. Every other value only initialises factors that the saved ones replace.
+    if not isinstance(init, str):
+        return None
+    if init.startswith("pissa") or init.lower() == "olora":
+        what = "PiSSA" if init.startswith("pissa") else "OLoRA"
+        return (
+            f"{what} (init_lora_weights={init!r}) moves part of each targeted base weight into "
+            "the factors, and PEFT redoes that on load: the adapter only works on the rewritten "
+            f"base, not on the one served here; {_CONVERT}"
+        )
+    if init.startswith("corda"):
+        return (
+            f"CorDA (init_lora_weights={init!r}) moves part of each targeted base weight into the "
+            "factors; PEFT cannot redo that on load without preprocess_corda's calibration data; "
+            + _CONVERT
+        )
+    if init == "loftq":
+        return (
+            "LoftQ (init_lora_weights='loftq') quantizes the base weights again on load: serve the "
+            "adapter on the LoftQ backbone it was trained on, with init_lora_weights set to true "
+            "in adapter_config.json (as PEFT's LoftQ example saves it)"
+        )
+    return None
+
+
 def refuse_unserved(revision: str, config: Mapping[str, Any], names: Iterable[str]) -> None:
     """Refuse what the config or the tensor names alone rule out, whatever the base.
 
@@ -285,6 +320,9 @@ def refuse_unserved(revision: str, config: Mapping[str, Any], names: Iterable[st
         raise refuse("peft_type", f"peft_type is {peft_type}; only LORA adapters are served")
     if config.get("use_dora"):
         raise refuse("dora", "DoRA (use_dora=true) is not supported; retrain without DoRA")
+    rewrite = _base_rewrite(config.get("init_lora_weights"))
+    if rewrite is not None:
+        raise refuse("init_lora_weights", rewrite)
     if config.get("modules_to_save"):
         raise refuse(
             "modules_to_save",

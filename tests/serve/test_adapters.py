@@ -86,6 +86,103 @@ def test_full_layer_copies_are_refused_for_what_they_are_not_their_size(
     assert info.value.reason == reason
 
 
+# init_lora_weights -> whether PEFT, loading the adapter, redoes the init on the base weights.
+# PEFT itself is asked below; "corda" and "loftq" it cannot load here at all (calibration
+# data, scipy), so those are checked by config alone.
+_INITS: dict[str | bool, bool] = {
+    "pissa": True,
+    "pissa_niter_2": True,
+    "olora": True,
+    "OLoRA": True,
+    True: False,
+    False: False,
+    "gaussian": False,
+    "eva": False,
+    "orthogonal": False,
+    "mica": False,
+    "lora_ga": False,
+}
+
+
+@pytest.mark.parametrize("init", list(_INITS), ids=str)
+def test_inits_that_peft_redoes_on_the_base_at_load_are_refused(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path, init: str | bool
+) -> None:
+    import json
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(shutil.copytree(peft_adapter, tmp_path / "adapter"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+    PeftModel.from_pretrained(model, str(adapter))
+    rewritten = any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert rewritten == _INITS[init]  # PEFT's behaviour, as this table (and the engine) has it
+    weights = _load(adapter)
+    if not rewritten:
+        assert prepare_adapter(weights, read_config(tiny_base), max_rank=16).rank == 8
+        return
+    with pytest.raises(AdapterRefused, match="path_initial_model_for_weight_conversion") as info:
+        prepare_adapter(weights, read_config(tiny_base), max_rank=16)
+    assert info.value.reason == "init_lora_weights"
+
+
+@pytest.mark.parametrize(
+    ("init", "fix"),
+    [("corda", "path_initial_model_for_weight_conversion"), ("loftq", "LoftQ backbone")],
+)
+def test_corda_and_loftq_are_refused_by_config(
+    tiny_base: Path, peft_adapter: Path, init: str, fix: str
+) -> None:
+    weights = _load(peft_adapter)
+    config = {**weights.config, "init_lora_weights": init}
+    with pytest.raises(AdapterRefused, match=fix) as info:
+        prepare_adapter(
+            AdapterWeights(weights.revision, config, weights.tensors),
+            read_config(tiny_base),
+            max_rank=16,
+        )
+    assert info.value.reason == "init_lora_weights"
+
+
+def test_a_pissa_adapter_is_refused_and_its_conversion_served(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    lora = LoraConfig(
+        r=4, target_modules=["q_proj"], init_lora_weights="pissa", task_type="CAUSAL_LM"
+    )
+    peft = get_peft_model(model, lora)
+    peft.peft_config[
+        "default"
+    ].init_lora_weights = True  # the initial adapter, as PEFT's docs save it
+    peft.save_pretrained(str(tmp_path / "initial"))
+    peft.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # "training"
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape) * 0.05)
+    peft.save_pretrained(str(tmp_path / "pissa"))
+    peft.save_pretrained(
+        str(tmp_path / "converted"),
+        path_initial_model_for_weight_conversion=str(tmp_path / "initial"),
+    )
+    config = read_config(tiny_base)
+    with pytest.raises(AdapterRefused, match="PiSSA") as info:
+        prepare_adapter(_load(tmp_path / "pissa"), config, max_rank=16)
+    assert info.value.reason == "init_lora_weights"
+    assert prepare_adapter(_load(tmp_path / "converted"), config, max_rank=16).rank == 8
+
+
 def test_rank_above_max_rank_is_refused(tiny_base: Path, peft_adapter_bf16: Path) -> None:
     with pytest.raises(AdapterRefused, match=r"rank 16 > max_rank 8") as info:
         prepare_adapter(_load(peft_adapter_bf16), read_config(tiny_base), max_rank=8)
