@@ -31,8 +31,35 @@ _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<parent>self_attn|mlp)\."
     r"(?P<module>\w+)\.lora_(?P<kind>[AB])(?:\.default)?\.weight$"
 )
+# VeLoRA's saved projection buffer: it enters only the backward pass (PEFT's VeLoRA forward
+# outside training is a plain LoRA), so a VeLoRA revision is served as its factors.
+_VELORA_BUFFER = re.compile(r"\.lora_velora_embed(?:\.default)?$")
 # LoraConfig's default lora_alpha: a config that leaves it out is scaled as PEFT scales it.
 _PEFT_DEFAULT_ALPHA = 8
+# LoraConfig keys of LoRA variants whose forward is not a plain LoRA: key -> (reason, detail).
+_VARIANTS = {
+    "alora_invocation_tokens": (
+        "alora",
+        "activated LoRA (aLoRA) applies the adapter only from its invocation tokens on; the engine "
+        "does not serve aLoRA yet and would apply it to every token",
+    ),
+    "use_bdlora": (
+        "bdlora",
+        "BD-LoRA (block-diagonal lora_A or lora_B) is not supported; retrain as a plain LoRA",
+    ),
+    "kasa_config": (
+        "kasa",
+        "KaSA (a trained lora_diag between A and B, on a truncated base weight) is not supported",
+    ),
+    "monteclora_config": (
+        "monteclora",
+        "MonteCLoRA (sampled LoRA factors) is not supported; retrain as a plain LoRA",
+    ),
+    "arrow_config": (
+        "arrow",
+        "Arrow (routing among several task adapters) is not supported; serve each adapter alone",
+    ),
+}
 # The fix for an init that PEFT redoes on the base weights at load (PiSSA, OLoRA, CorDA): PEFT's
 # own conversion, which folds the base's change into the factors.
 _CONVERT = (
@@ -320,6 +347,9 @@ def refuse_unserved(revision: str, config: Mapping[str, Any], names: Iterable[st
         raise refuse("peft_type", f"peft_type is {peft_type}; only LORA adapters are served")
     if config.get("use_dora"):
         raise refuse("dora", "DoRA (use_dora=true) is not supported; retrain without DoRA")
+    for key, (reason, detail) in _VARIANTS.items():
+        if config.get(key):
+            raise refuse(reason, f"{key} is set: {detail}")
     rewrite = _base_rewrite(config.get("init_lora_weights"))
     if rewrite is not None:
         raise refuse("init_lora_weights", rewrite)
@@ -357,9 +387,12 @@ def refuse_unserved(revision: str, config: Mapping[str, Any], names: Iterable[st
             raise refuse(
                 reason, f"tensor {shown} adapts {what}; only decoder-layer linears are served"
             )
+    velora = bool(config.get("velora_config"))
     for name in names:
         if "lora_magnitude_vector" in name:
             raise refuse("dora", f"tensor {name} is a DoRA magnitude; DoRA is not supported")
+        if velora and _VELORA_BUFFER.search(name):
+            continue
         if _LORA_KEY.match(name) is None:
             raise refuse("unknown_tensor", f"tensor {name} is not a decoder-layer LoRA factor")
 
@@ -405,7 +438,7 @@ def prepare_adapter(
     for name, tensor in weights.tensors.items():
         match = _LORA_KEY.match(name)
         if match is None:
-            continue  # refuse_unserved let no other name through
+            continue  # VeLoRA's buffer: refuse_unserved let nothing else through
         layer, module, kind = int(match["layer"]), match["module"], match["kind"]
         # The module's path as PEFT names it when it matches rank_pattern and alpha_pattern keys.
         paths[(layer, module)] = f"model.layers.{layer}.{match['parent']}.{module}"

@@ -23,16 +23,52 @@ from mintvcs.serve.loader import read_config
 from tests.fixtures import make_peft_adapter
 
 
-def _peft_with(base: Path, out: Path, **lora: Any) -> Path:
-    """A PEFT adapter with arbitrary LoraConfig options (DoRA, modules_to_save, odd targets)."""
+def _peft_with(base: Path, out: Path, *, b_std: float = 0.0, **lora: Any) -> Path:
+    """A PEFT adapter with arbitrary LoraConfig options (DoRA, modules_to_save, odd targets);
+    `b_std` > 0 gives it random lora_B factors, so that it acts."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", **lora)
-    get_peft_model(model, config).save_pretrained(str(out), safe_serialization=True)
+    lora = {"r": 4, "lora_alpha": 8, **lora}
+    peft = get_peft_model(model, LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **lora))
+    if b_std:
+        with torch.no_grad():
+            for name, param in peft.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape) * b_std)
+    peft.save_pretrained(str(out), safe_serialization=True)
     return out
+
+
+def _peft_logprobs(base: Path, adapter: Path, ids: list[int]) -> torch.Tensor:
+    """log_softmax of PEFT's logits at every position of `ids` [len, vocab]."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        return torch.log_softmax(peft(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def _assert_served_as_peft(base: Path, adapters: dict[str, Path]) -> None:
+    """Each adapter's greedy tokens and their logprobs, prompt included, equal PEFT's."""
+    prompt = torch.randint(3, 384, (13,), generator=torch.Generator().manual_seed(5)).tolist()
+    params = SamplingParams(
+        max_tokens=4, temperature=0.0, ignore_eos=True, logprobs=0, prompt_logprobs=0
+    )
+    with Engine(base, EngineConfig(max_model_len=64), source=PeftDirSource(adapters)) as eng:
+        for name, adapter in adapters.items():
+            done = eng.generate(prompt, name, params, timeout=60)
+            ids = prompt + done.token_ids
+            expected = _peft_logprobs(base, adapter, ids)
+            assert done.token_ids == expected[len(prompt) - 1 : -1].argmax(-1).tolist(), name
+            assert done.logprobs is not None and done.prompt_logprobs is not None
+            found = [lp.logprob for lp in [*done.prompt_logprobs[1:], *done.logprobs] if lp]
+            want = [float(expected[i - 1, ids[i]]) for i in range(1, len(ids))]
+            assert found == pytest.approx(want, abs=1e-4), name
 
 
 def _load(directory: Path) -> AdapterWeights:
@@ -46,6 +82,20 @@ def _load(directory: Path) -> AdapterWeights:
         ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"target_modules": ["embed_tokens"]}, "embedding_lora"),
         ({"target_modules": ["lm_head"]}, "lm_head_lora"),
+        ({"target_modules": ["q_proj"], "alora_invocation_tokens": [5, 6]}, "alora"),
+        (
+            {
+                "target_modules": ["q_proj", "o_proj"],
+                "use_bdlora": {
+                    "target_modules_bd_a": ["o_proj"],
+                    "target_modules_bd_b": ["q_proj"],
+                    "nblocks": 2,
+                },
+            },
+            "bdlora",
+        ),
+        ({"target_modules": ["q_proj"], "kasa_config": {}}, "kasa"),
+        ({"target_modules": ["q_proj"], "monteclora_config": {}}, "monteclora"),
     ],
 )
 def test_refusals_name_the_reason(
@@ -181,6 +231,31 @@ def test_a_pissa_adapter_is_refused_and_its_conversion_served(
         prepare_adapter(_load(tmp_path / "pissa"), config, max_rank=16)
     assert info.value.reason == "init_lora_weights"
     assert prepare_adapter(_load(tmp_path / "converted"), config, max_rank=16).rank == 8
+
+
+def test_velora_is_served_as_the_plain_lora_peft_runs_at_inference(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    # VeLoRA changes only the backward pass; its saved buffer enters no forward.
+    velora = _peft_with(
+        tiny_base,
+        tmp_path / "velora",
+        b_std=0.1,
+        target_modules=["q_proj", "v_proj"],
+        velora_config={"num_groups": 4},
+    )
+    assert any("lora_velora_embed" in n for n in _load(velora).tensors)
+    _assert_served_as_peft(tiny_base, {"velora": velora})
+    # Without velora_config the buffer is an unknown tensor, as any other.
+    weights = _load(velora)
+    bare = {k: v for k, v in weights.config.items() if k != "velora_config"}
+    with pytest.raises(AdapterRefused) as info:
+        prepare_adapter(
+            AdapterWeights(weights.revision, bare, weights.tensors),
+            read_config(tiny_base),
+            max_rank=16,
+        )
+    assert info.value.reason == "unknown_tensor"
 
 
 def test_rank_above_max_rank_is_refused(tiny_base: Path, peft_adapter_bf16: Path) -> None:
