@@ -491,15 +491,21 @@ def prepare_adapter(
             )
         ranks[(layer, module)] = r
 
+    scales: dict[tuple[int, str], float] = {}
+    for key, r in ranks.items():
+        pattern = pattern_key(alpha_pattern, paths[key])
+        module_alpha = alpha if pattern is None else float(alpha_pattern[pattern])
+        scales[key] = lora_scale(module_alpha, r, rslora)
     rank = max(ranks.values())
     slot_scale = lora_scale(alpha, rank, rslora)
+    if slot_scale == 0:
+        # lora_alpha=0 switches off only the modules alpha_pattern leaves at 0 (PEFT scales
+        # each module on its own): the slot takes a module's non-zero scale, so that the others
+        # fold theirs into B as a ratio, 0 included.
+        slot_scale = next((v for v in scales.values() if v != 0), 0.0)
     host = HostAdapter(rev, rank, slot_scale, frozenset(m for _, m in parts))
     for key, ab in parts.items():
-        layer, module = key
-        r = ranks[key]
-        pattern = pattern_key(alpha_pattern, paths[(layer, module)])
-        module_alpha = alpha if pattern is None else float(alpha_pattern[pattern])
-        module_scale = lora_scale(module_alpha, r, rslora)
+        module_scale = scales[key]
         a = ab["A"].to(dtype).contiguous()
         b = ab["B"]
         if module_scale != slot_scale:

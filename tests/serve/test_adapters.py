@@ -258,6 +258,24 @@ def test_velora_is_served_as_the_plain_lora_peft_runs_at_inference(
     assert info.value.reason == "unknown_tensor"
 
 
+def test_lora_alpha_zero_is_scaled_as_peft_scales_it(tiny_base: Path, tmp_path: Path) -> None:
+    # lora_alpha=0 switches the adapter off, except for the modules alpha_pattern gives an alpha.
+    targets = {"target_modules": ["q_proj", "v_proj"], "lora_alpha": 0}
+    _assert_served_as_peft(
+        tiny_base,
+        {
+            "zero": _peft_with(tiny_base, tmp_path / "zero", b_std=0.2, **targets),
+            "pattern": _peft_with(
+                tiny_base,
+                tmp_path / "pattern",
+                b_std=0.2,
+                alpha_pattern={"q_proj": 16},
+                **targets,
+            ),
+        },
+    )
+
+
 def test_rank_above_max_rank_is_refused(tiny_base: Path, peft_adapter_bf16: Path) -> None:
     with pytest.raises(AdapterRefused, match=r"rank 16 > max_rank 8") as info:
         prepare_adapter(_load(peft_adapter_bf16), read_config(tiny_base), max_rank=8)
