@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ _SHAPE_KEYS = (
 _LORA_NAME = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$"
 )
+# The decoder-layer list PEFT's layer_replication rebuilds (model.layers, encoder.layer, h).
+_LAYER_LIST = re.compile(r"^(?P<head>(?:.*\.)?(?:layers|layer|h))\.(?P<index>\d+)(?P<tail>\..+)$")
+# The input embedding a tied lm_head shares its matrix with (a tied checkpoint saves only it).
+_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")
 
 
 class BaseModelError(MintError):
@@ -48,23 +53,33 @@ class BaseModel:
         linears = {name: (int(s[0]), int(s[1])) for name, s in data.get("linears", {}).items()}
         return cls(str(data["id"]), data.get("fingerprint"), linears)
 
-    def check_adapter(self, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> None:
-        """Refuse LoRA tensors whose shapes do not fit this base's linears."""
+    def check_adapter(
+        self,
+        tensors: dict[str, tuple[str, tuple[int, ...]]],
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Refuse LoRA tensors whose shapes do not fit this base's linears as PEFT attaches them under `config`."""
         if not self.linears:
             return
+        config = config if isinstance(config, Mapping) else {}
+        replicated = _replicated_layers(config.get("layer_replication"))
         for name, (_dtype, shape) in sorted(tensors.items()):
             match = _LORA_NAME.match(name)
             if not match:
                 continue
             module, kind = match["module"], match["kind"]
-            if module not in self.linears:
+            linear = self._linear(_base_module(module, replicated))
+            if linear is None:
                 raise BaseModelError(
                     f"tensor {name} targets {module}, which base model {self.model_id} does not have "
                     "(an adapter for another base model?)"
                 )
-            out_features, in_features = self.linears[module]
+            out_features, in_features = linear
             if len(shape) != 2:
                 raise BaseModelError(f"tensor {name} has shape {list(shape)}; LoRA factors are 2-D")
+            if kind == "A":
+                # BD-LoRA saves a block-diagonal lora_A as its blocks, stacked: [r, in / nblocks].
+                in_features //= bdlora_blocks(config, module)[0]
             fits = shape[1] == in_features if kind == "A" else shape[0] == out_features
             if not fits:
                 want = f"[r, {in_features}]" if kind == "A" else f"[{out_features}, r]"
@@ -72,6 +87,53 @@ class BaseModel:
                     f"tensor {name} has shape {list(shape)} but base model {self.model_id} needs {want} "
                     f"for {module} (an adapter for another base model?)"
                 )
+
+    def _linear(self, module: str) -> tuple[int, int] | None:
+        """The [out, in] shape of the base's `module`; None if the base has none."""
+        shape = self.linears.get(module)
+        if shape is None and module.rsplit(".", 1)[-1] == "lm_head":
+            # A tied base saves no lm_head.weight: its output layer is the input embedding's
+            # [vocab, hidden] matrix, which PEFT adapts as lm_head.
+            embeddings = [s for n, s in self.linears.items() if n.rsplit(".", 1)[-1] in _EMBEDDINGS]
+            if len(embeddings) == 1:
+                shape = embeddings[0]
+        return shape
+
+
+def _replicated_layers(layer_map: Any) -> list[int] | None:
+    """The base layer behind each layer of PEFT's layer_replication map; None without one."""
+    if not isinstance(layer_map, list) or not layer_map:
+        return None
+    try:
+        return [i for start, end in layer_map for i in range(int(start), int(end))]
+    except (TypeError, ValueError):
+        return None  # a map PEFT would reject: checked as if there were none
+
+
+def _base_module(module: str, replicated: list[int] | None) -> str:
+    """The base module behind `module`: with layer_replication, layer i is a copy of another."""
+    if replicated is None:
+        return module
+    match = _LAYER_LIST.match(module)
+    if match is None or int(match["index"]) >= len(replicated):
+        return module  # a layer past the map: no base module, refused as such
+    return f"{match['head']}.{replicated[int(match['index'])]}{match['tail']}"
+
+
+def bdlora_blocks(config: Mapping[str, Any], module: str) -> tuple[int, int]:
+    """The number of diagonal blocks of `module`'s lora_A and lora_B under BD-LoRA (1: a full factor)."""
+    bd = config.get("use_bdlora")
+    if not isinstance(bd, Mapping):
+        return 1, 1
+    nblocks = bd.get("nblocks")
+    if isinstance(nblocks, bool) or not isinstance(nblocks, int) or nblocks < 1:
+        return 1, 1
+    # PEFT's own test: a pattern is a substring of the module path.
+    if any(isinstance(p, str) and p in module for p in bd.get("target_modules_bd_a") or ()):
+        return nblocks, 1
+    if any(isinstance(p, str) and p in module for p in bd.get("target_modules_bd_b") or ()):
+        return 1, nblocks
+    return 1, 1
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:

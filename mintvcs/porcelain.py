@@ -300,7 +300,7 @@ def commit(
     adapter = read_adapter(source)
     shapes = {t.name: (t.dtype, t.shape) for t in adapter.layout.tensors}
     if repo.base is not None:
-        repo.base.check_adapter(shapes)
+        repo.base.check_adapter(shapes, adapter.config)
     # Like the base check, not skipped by --no-verify: PEFT could not load such a revision, or
     # would silently drop some of its weights.
     check_lora_config(adapter.config, shapes)

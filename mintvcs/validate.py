@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mintvcs.adapter import CONFIG_FILE, read_adapter
+from mintvcs.base import bdlora_blocks
 from mintvcs.codec import NonFiniteTensorError, nonfinite_count
 from mintvcs.errors import MintError
 
@@ -48,7 +49,7 @@ def validate_adapter(adapter_dir: Path, repo: Repository | None) -> None:
     for index, entry in enumerate(adapter.layout.tensors):
         check_finite(entry.name, entry.dtype, adapter.tensor_bytes(index))
     if repo is not None and repo.base is not None:
-        repo.base.check_adapter(shapes)
+        repo.base.check_adapter(shapes, adapter.config)
 
 
 class AdapterConfigError(MintError):
@@ -91,11 +92,13 @@ def check_lora_config(
         if first is None:
             continue  # a module is listed only with at least one factor
         name, shape = first
-        rows = shape[0] if factor_a else shape[1]
+        # BD-LoRA saves a block-diagonal lora_B as its blocks, stacked: [out, r / nblocks].
+        b_blocks = bdlora_blocks(config, key)[1]
+        rows = shape[0] if factor_a else shape[1] * b_blocks
         by_parameter = _targets_parameter(key, target_parameters)
         if not by_parameter:
             _check_targeted(config, key, name)
-        if factor_a and factor_b and factor_b[1][1] != rows:
+        if factor_a and factor_b and factor_b[1][1] * b_blocks != rows:
             raise AdapterConfigError(
                 f"{name} has {rows} rows but {factor_b[0]} has {factor_b[1][1]} columns; PEFT "
                 f'needs both to be the rank "r" gives {key}: {_RESAVE.removeprefix("or ")}'
@@ -246,6 +249,17 @@ def _targets_parameter(key: str, target_parameters: list[str]) -> bool:
     return False
 
 
+def _tied_to_embedding(config: dict[str, Any], targets: str | list[str], key: str) -> bool:
+    """Whether PEFT gives `key` the embedding's LoRA: lm_head under ensure_weight_tying, embedding targeted."""
+    # On a tied base PEFT adapts embed_tokens and ties lm_head's LoRA to it, saving both, though
+    # lm_head is in no target_modules (PEFT fills target_modules_to_tie in on load).
+    if not config.get("ensure_weight_tying") or key.rpartition(".")[2] != "lm_head":
+        return False
+    if isinstance(targets, str):
+        return _names_match(targets, "embed_tokens")  # PEFT's test: the regex on the bare name
+    return any(isinstance(name, str) and name.split(".")[-1] == "embed_tokens" for name in targets)
+
+
 def _check_targeted(config: dict[str, Any], key: str, tensor: str) -> None:
     """Refuse LoRA factors on a module that PEFT, reading this config, would not give a LoRA."""
     refuse = f"so PEFT would ignore {tensor}"
@@ -264,6 +278,8 @@ def _check_targeted(config: dict[str, Any], key: str, tensor: str) -> None:
     targets = config.get("target_modules")
     if targets is None:
         targets = []
+    if _tied_to_embedding(config, targets, key):
+        return
     if isinstance(targets, str):
         if targets.lower() == _ALL_LINEAR or _names_match(targets, key):
             return

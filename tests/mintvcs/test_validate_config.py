@@ -1,4 +1,5 @@
-"""check_lora_config: adapters PEFT saved pass; configs PEFT would misread are refused by name."""
+"""check_lora_config and the base check: adapters PEFT saved (and loads on their base) pass;
+configs PEFT would misread, and adapters of another base, are refused by name."""
 
 from __future__ import annotations
 
@@ -291,3 +292,82 @@ def test_factors_under_another_adapter_name_are_refused() -> None:
         check_lora_config(_CONFIG, _shapes(".policy-b"))
     with pytest.raises(AdapterConfigError, match="same factor"):
         check_lora_config(_CONFIG, {**_shapes(""), **_shapes(".default")})
+
+
+_BDLORA = {"target_modules_bd_a": ["o_proj"], "target_modules_bd_b": ["q_proj"], "nblocks": 2}
+# Adapters PEFT makes and loads on their own base although not every factor is [r, in] /
+# [out, r] on a linear of the base checkpoint: (tied base?, LoraConfig options).
+SAME_BASE: dict[str, tuple[bool, dict[str, Any]]] = {
+    # A tied checkpoint saves no lm_head.weight: lm_head is the embedding's matrix.
+    "lm_head_on_tied_base": (True, {"target_modules": ["q_proj", "lm_head"]}),
+    # PEFT ties lm_head's LoRA to the embedding's, and saves it, with lm_head in no target.
+    "ensure_weight_tying": (
+        True,
+        {"target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True},
+    ),
+    # Three layers, copies of base layers [0, 1, 1].
+    "layer_replication": (
+        False,
+        {"target_modules": ["q_proj"], "layer_replication": [[0, 2], [1, 2]]},
+    ),
+    # o_proj's lora_A is [r, in / 2], q_proj's lora_B [out, r / 2]: their diagonal blocks.
+    "bd_lora": (False, {"target_modules": ["q_proj", "o_proj"], "use_bdlora": _BDLORA}),
+}
+
+
+@pytest.fixture(scope="module")
+def tied_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with tied embeddings (no lm_head.weight in its checkpoint)."""
+    from tests.fixtures import build_base
+
+    return build_base(tmp_path_factory.mktemp("tied") / "tied-llama", tie_word_embeddings=True)
+
+
+def _peft_saved(base: Path, out: Path, options: dict[str, Any]) -> Path:
+    """A rank-4 adapter PEFT makes on `base`, after checking that PEFT loads it back there."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", **options)
+    get_peft_model(model, config).save_pretrained(str(out), safe_serialization=True)
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(out))
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(SAME_BASE))
+def test_adapters_peft_loads_on_the_base_are_committed(
+    tiny_base: Path, tied_base: Path, tmp_path: Path, kind: str
+) -> None:
+    from mintvcs import porcelain
+    from mintvcs.adapter import read_adapter
+
+    tied, options = SAME_BASE[kind]
+    base = tied_base if tied else tiny_base
+    adapter = _peft_saved(base, tmp_path / kind, options)
+    # The sample pre-commit hook runs too: validate_adapter holds the same checks.
+    repo = porcelain.init(tmp_path / "repo", str(base))
+    commit = porcelain.commit(repo, kind, source=adapter, show_progress=False).commit
+    stored = {t.name for t in repo.read_revision(commit).manifest.tensors}
+    assert stored == {t.name for t in read_adapter(adapter).layout.tensors}
+
+
+@pytest.mark.parametrize(
+    ("kind", "change"),
+    [("layer_replication", {"layer_replication": ...}), ("bd_lora", {"nblocks": 4})],
+)
+def test_the_base_check_follows_the_config(
+    tiny_base: Path, tmp_path: Path, kind: str, change: dict[str, Any]
+) -> None:
+    # The same tensors under a config that attaches them otherwise do not fit the base.
+    from mintvcs import porcelain
+    from mintvcs.base import BaseModelError
+
+    adapter = _peft_saved(tiny_base, tmp_path / kind, SAME_BASE[kind][1])
+    if kind == "bd_lora":
+        change = {"use_bdlora": {**_BDLORA, **change}}
+    adapter = edited(adapter, tmp_path / "edited", **change)
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
+    with pytest.raises(BaseModelError, match="another base model"):
+        porcelain.commit(repo, kind, source=adapter, show_progress=False)

@@ -82,6 +82,10 @@ def _load(directory: Path) -> AdapterWeights:
         ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"target_modules": ["embed_tokens"]}, "embedding_lora"),
         ({"target_modules": ["lm_head"]}, "lm_head_lora"),
+        (
+            {"target_modules": ["q_proj"], "layer_replication": [[0, 2], [1, 2]]},
+            "layer_replication",
+        ),
         ({"target_modules": ["q_proj"], "alora_invocation_tokens": [5, 6]}, "alora"),
         (
             {
