@@ -13,6 +13,24 @@ from mintvcs.errors import MintError
 SAMPLES = ("pre-commit", "commit-msg", "post-commit", "ref-update", "update")
 # update acts only on `git push` into the repository (git runs it; mintvcs never does).
 INSTALLED_BY_INIT = ("pre-commit", "update")
+# Earlier shipped versions of the samples that start Python, by git blob id. They ran it
+# without -I, with the work tree (whose files a checked-out revision chooses) first on sys.path,
+# so a `json.py` or `mintvcs/validate.py` there ran in their place. One still installed
+# unmodified runs as the current sample: pre-commit in-process, ref-update from the package.
+_EARLIER_SAMPLES = {
+    "pre-commit": frozenset(
+        {"846d5b701e36d73c8698075f0de15d651e45b6a8", "be295d6060acf472ad42786e330b85ab73a5cbff"}
+    ),
+    "ref-update": frozenset(
+        {
+            "aac773063e72e40515c905cb566e14027fcb5d87",
+            "b617ff34a057ae8fcd8c26e3b8d917cea06b1690",
+            "b00acf56acca5cd4a31bbc42224aa568174cf52f",
+            "1b3d05c2df04ec4e461665c792c57e9345f7ad4d",
+            "b7977deb3ebdd06b8c21cb63db2ad843df26de0e",
+        }
+    ),
+}
 
 
 class HookRefusedError(MintError):
@@ -60,8 +78,11 @@ def run_hook(
             raise
         sys.stderr.write(f"warning: {err}\n")  # after the fact: what it would report is done
         return
+    argv = [str(path), *args]
+    if (current := _instead_of_earlier_sample(path, name)) is not None:
+        argv = ["/bin/sh", "-c", current.decode(), str(path), *args]  # $0 is the hook's path
     try:
-        code, last = _run_streaming([str(path), *args], env, git_dir.parent)
+        code, last = _run_streaming(argv, env, git_dir.parent)
     except OSError as err:
         if err.errno == errno.ENOEXEC:  # no #! line: as git, the shell runs it
             code, last = _run_streaming(["/bin/sh", str(path), *args], env, git_dir.parent)
@@ -142,7 +163,8 @@ def _refuse_foreign(git_dir: Path, hook: Path) -> None:
 
 
 def is_sample(git_dir: Path, name: str) -> bool:
-    """True when `.mint/hooks/NAME` is active and byte-identical to the shipped sample.
+    """True when `.mint/hooks/NAME` is active and byte-identical to the shipped sample (or to
+    an earlier version of it).
 
     mintvcs then runs the sample's checks in-process instead of starting a Python process
     (same checks, same refusal message); any edit to the hook makes it run as a program.
@@ -154,7 +176,26 @@ def is_sample(git_dir: Path, name: str) -> bool:
         return False
     if not os.access(path, os.X_OK):
         return False
-    return _sample_bytes(name) == installed
+    return _sample_bytes(name) == installed or _blob_id(installed) in _EARLIER_SAMPLES.get(name, ())
+
+
+def _instead_of_earlier_sample(path: Path, name: str) -> bytes | None:
+    """The current sample `name` when the hook at `path` is an unmodified earlier one, else None."""
+    earlier = _EARLIER_SAMPLES.get(name)
+    if not earlier:
+        return None
+    try:
+        installed = path.read_bytes()
+    except OSError:
+        return None
+    return _sample_bytes(name) if _blob_id(installed) in earlier else None
+
+
+def _blob_id(data: bytes) -> str:
+    """The git blob id of `data` (what `git hash-object` prints)."""
+    import hashlib
+
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def _sample_bytes(name: str) -> bytes | None:

@@ -1435,12 +1435,20 @@ class GcStartError(MintError):
     """`gc --auto` could not be started in a process of its own."""
 
 
+# Both processes run in the repository's directory, and `python -c` puts it first on sys.path
+# (its '' entry): a repository whose .mint came from elsewhere (a project that tracks one) could
+# hold a `subprocess.py` or `mintvcs/cli.py` there. So each drops that entry before importing
+# anything. (Not -I: it would also drop PYTHONPATH and the user's site-packages, where this
+# mintvcs may have been found; -P needs Python 3.11.)
+_NO_CWD = "import sys\nif sys.path and sys.path[0] == '':\n    del sys.path[0]\n"
 # Run by a short-lived intermediate process: it starts the gc in a session of its own, prints
 # its pid and exits, as git double-forks its detached gc.
-_DETACH = (
-    "import subprocess, sys; print(subprocess.Popen(sys.argv[1:], start_new_session=True, "
-    "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"
+_DETACH = _NO_CWD + (
+    "import subprocess\nprint(subprocess.Popen(sys.argv[1:], start_new_session=True, "
+    "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)\n"
 )
+# The gc itself: `mintvcs gc --auto`, as the console script starts it.
+_GC_AUTO = _NO_CWD + "from mintvcs.cli import main\nsys.exit(main(prog_name='mintvcs'))\n"
 
 
 @accepts_path
@@ -1456,7 +1464,7 @@ def start_auto_gc(repo: Repository) -> int:
     # training loop), which then has nothing to reap: no zombie, no "still running" warning.
     try:
         spawned = subprocess.run(
-            [sys.executable, "-c", _DETACH, sys.executable, "-m", "mintvcs.cli", "gc", "--auto"],
+            [sys.executable, "-c", _DETACH, sys.executable, "-c", _GC_AUTO, "gc", "--auto"],
             cwd=repo.git_dir,
             capture_output=True,
             text=True,
