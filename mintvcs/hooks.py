@@ -73,7 +73,8 @@ def run_hook(
         return
     try:
         _refuse_foreign(git_dir, path)
-    except ForeignRepositoryError as err:
+        _refuse_nested(git_dir, path)
+    except (ForeignRepositoryError, NestedRepositoryError) as err:
         if may_refuse:
             raise
         sys.stderr.write(f"warning: {err}\n")  # after the fact: what it would report is done
@@ -160,6 +161,68 @@ def _refuse_foreign(git_dir: Path, hook: Path) -> None:
                 "the hook would run someone else's code as you; chown the repository, or skip "
                 "hooks with --no-verify"
             )
+
+
+class NestedRepositoryError(MintError):
+    """A hook of a repository that lies inside another repository's work tree: it may have come
+    with that work tree's files, so running it would run their author's code as you."""
+
+
+# The user's own setting, in the global or system git config (never the repository's own,
+# which comes with the repository): repositories whose hooks run although they lie inside
+# another repository's work tree. A path (the work tree, or the .mint or store directory), or *.
+TRUST_KEY = (b"mint",), b"safeHooks"
+
+
+def _refuse_nested(git_dir: Path, hook: Path) -> None:
+    """Refuse to run hooks of a repository inside another repository's work tree, unless trusted.
+
+    git refuses to check out a `.git` path, so a clone never holds a repository with hooks;
+    it does check out `.mint`, and a mintvcs revision may carry the files of a bare store
+    (HEAD, objects/, refs/, hooks/). Either then lies inside a git or mintvcs work tree, which
+    a repository made by `mintvcs init` or a `git clone` of one normally does not.
+    """
+    git_dir = Path(os.path.abspath(git_dir))
+    outer = _enclosing_work_tree(git_dir)
+    if outer is None:
+        return
+    kind, where = outer
+    own = git_dir.parent if git_dir.name == ".mint" else git_dir
+    if _trusted(git_dir, own):
+        return
+    raise NestedRepositoryError(
+        f"not running {hook}: this repository lies inside the work tree of the {kind} repository "
+        f"at {where}, so its hooks may have come with that work tree's files (a project that "
+        f"tracks a .mint, a revision that carries a store); if they are yours, trust them with "
+        f"`git config --global --add mint.safeHooks {own}`, or skip hooks with --no-verify"
+    )
+
+
+def _enclosing_work_tree(git_dir: Path) -> tuple[str, Path] | None:
+    """("git" or "mintvcs", the folder) of the nearest repository whose work tree holds `git_dir`."""
+    for folder in (git_dir, *git_dir.parents):
+        if os.path.lexists(folder / ".git"):  # a directory, or a worktree's or submodule's file
+            return "git", folder
+        if folder / ".mint" != git_dir and os.path.lexists(folder / ".mint"):
+            return "mintvcs", folder
+    return None
+
+
+def _trusted(*paths: Path) -> bool:
+    """Whether the user's global or system git config lists one of `paths` in mint.safeHooks."""
+    from dulwich.config import StackedConfig
+
+    try:
+        values = list(StackedConfig(StackedConfig.default_backends()).get_multivar(*TRUST_KEY))
+    except (OSError, ValueError) as err:  # an unreadable config trusts nothing
+        sys.stderr.write(f"warning: cannot read your git config for mint.safeHooks: {err}\n")
+        return False
+    wanted = {os.path.realpath(path) for path in paths}
+    for value in values:
+        text = os.fsdecode(value).strip()
+        if text == "*" or os.path.realpath(os.path.expanduser(text)) in wanted:
+            return True
+    return False
 
 
 def is_sample(git_dir: Path, name: str) -> bool:

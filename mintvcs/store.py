@@ -408,7 +408,12 @@ class Repository:
         """Open the repository at `path` or its nearest parent; `path` may be the `.mint` directory itself."""
         start = Path(path).resolve()
         found: Repository | None = None
-        if (start / "HEAD").is_file() and (start / "objects").is_dir():
+        # A work tree's own .mint first: its revision may hold files named HEAD and objects/.
+        if (
+            (start / "HEAD").is_file()
+            and (start / "objects").is_dir()
+            and not (start / GIT_DIR / "HEAD").is_file()
+        ):
             found = cls(start, start.parent if start.name == GIT_DIR else None)
         else:
             for candidate in (start, *start.parents):

@@ -3,6 +3,8 @@ run as code when mintvcs runs a hook."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -171,3 +173,103 @@ def test_background_gc_imports_nothing_from_the_repository_directory(
         assert time.monotonic() < deadline, "the background gc did not run"
         time.sleep(0.05)
     assert sorted(p.name for p in marks.iterdir()) == []
+
+
+# ------------------------------------------------- repositories inside another's work tree
+def _marking_hooks(git_dir: Path, marks: Path, *names: str) -> None:
+    """Install hooks that each leave a file named after themselves in `marks`."""
+    for name in names:
+        hook = git_dir / "hooks" / name
+        hook.write_text(f"#!/bin/sh\necho ran > '{marks}/{name}'\n")
+        hook.chmod(0o755)
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, env=ENV, check=True, capture_output=True)
+
+
+def test_a_cloned_project_that_tracks_a_mint_runs_none_of_its_hooks(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    # git refuses to check out a .git path, not a .mint one: the clone holds a repository whose
+    # hooks are executable and the victim's own.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    model = tmp_path / "project" / "model"
+    mint(tmp_path, "init", str(model), "--base-model", str(tiny_base))
+    copy_adapter(peft_adapter, model)
+    mint(model, "commit", "-m", "adapter", "--no-verify")
+    _marking_hooks(model / ".mint", marks, "ref-update", "pre-commit", "post-commit")
+    _git(model.parent, "init", "-q")
+    _git(model.parent, "add", "-A")
+    _git(model.parent, "commit", "-q", "-m", "a project with a model")
+    victim = tmp_path / "victim"
+    _git(tmp_path, "clone", "-q", (model.parent).as_uri(), str(victim))
+    cloned = victim / "model"
+    assert os.access(cloned / ".mint" / "hooks" / "ref-update", os.X_OK)
+
+    result = run(cloned, "branch", "experiment")
+    assert result.returncode == 0, result.stderr
+    assert f"inside the work tree of the git repository at {victim}" in result.stderr
+    assert f"git config --global --add mint.safeHooks {cloned}" in result.stderr
+    set_value(cloned, tensor_names(cloned)[0], 0, 0.25)
+    refused = run(cloned, "commit", "-m", "mine")
+    assert refused.returncode != 0 and "mint.safeHooks" in refused.stderr, refused.stderr
+    committed = run(cloned, "commit", "-m", "mine", "--no-verify")  # post-commit: skipped
+    assert committed.returncode == 0 and "mint.safeHooks" in committed.stderr
+    assert sorted(p.name for p in marks.iterdir()) == []
+
+    # Trusted in the user's own git config, they run.
+    config = tmp_path / "gitconfig"
+    config.write_text(f"[mint]\n\tsafeHooks = {cloned}\n")
+    result = run(cloned, "branch", "trusted", env={**ENV, "GIT_CONFIG_GLOBAL": str(config)})
+    assert result.returncode == 0 and "safeHooks" not in result.stderr, result.stderr
+    assert sorted(p.name for p in marks.iterdir()) == ["ref-update"]
+
+
+def test_a_store_carried_by_a_revision_runs_none_of_its_hooks(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    # A revision's extra files may lay out a store (HEAD, objects/, refs/, hooks/): found from
+    # the current directory, it was opened as a repository and its hooks ran.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--base-model", str(tiny_base))
+    copy_adapter(peft_adapter, work)
+    mint(work, "commit", "-m", "adapter", "--no-verify")
+    shutil.copytree(work / ".mint", work / "examples")
+    _marking_hooks(work / "examples", marks, "ref-update")
+    (work / "HEAD").write_text("ref: refs/heads/elsewhere\n")  # and one at the top, too
+    (work / "objects").mkdir()
+    (work / "objects" / "README").write_text("not a store\n")
+    mint(work, "commit", "-m", "with examples", "--no-verify")
+    victim = tmp_path / "victim"
+    _git(tmp_path, "clone", "-q", "--bare", (work / ".mint").as_uri(), str(victim / ".mint"))
+    mint(victim, "checkout", "--force", "main")
+    assert os.access(victim / "examples" / "hooks" / "ref-update", os.X_OK)
+
+    result = run(victim / "examples", "branch", "try")
+    assert result.returncode == 0, result.stderr
+    assert f"inside the work tree of the mintvcs repository at {victim}" in result.stderr
+    assert not list(marks.iterdir())
+    # At the top of the work tree, the files named HEAD and objects/ are the revision's: the
+    # repository is the work tree's .mint.
+    log = run(victim, "log", "--oneline")
+    assert log.returncode == 0 and "with examples" in log.stdout, log.stderr
+
+
+def test_hooks_of_a_repository_of_ones_own_run(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    # Not inside another repository's work tree: hooks run as before, warning-free.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--base-model", str(tiny_base))
+    copy_adapter(peft_adapter, work)
+    mint(work, "commit", "-m", "adapter", "--no-verify")
+    _marking_hooks(work / ".mint", marks, "ref-update")
+    result = run(work, "checkout", "-b", "next")
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+    assert [p.name for p in marks.iterdir()] == ["ref-update"]
