@@ -12,7 +12,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +34,7 @@ from mintvcs.refs import (
     check_branch_name,
     check_name_type,
     check_ref_name,
+    fits_files,
     local_tz,
     tz_text,
 )
@@ -832,10 +833,12 @@ def branch_create(
 def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
     """Delete branch `name`; returns the commit it pointed to (the branch a symbolic one names). Unless forced, only if HEAD's history holds it."""
     ref = f"refs/heads/{name}"
-    oid = repo.refs.read(ref)
+    # Also one whose name no ref file could hold (git takes such names in packed-refs):
+    # deleting is the one thing mintvcs does with it.
+    oid = repo.refs.read(ref, long_names=True)
     if oid is None:
         raise UnknownRevisionError(f"branch '{name}' not found")
-    alias_of = repo.refs.read_symbolic(ref)
+    alias_of = repo.refs.read_symbolic(ref, long_names=True)
     if alias_of is not None:
         # A symbolic branch (`git symbolic-ref refs/heads/alias refs/heads/main`): as git,
         # delete the link itself; the branch it names keeps its commits.
@@ -886,12 +889,26 @@ class Branch:
     alias_of: str | None = None  # the branch a symbolic branch names (git shows `alias -> main`)
 
 
+def warn_ignored_ref(name: str, err: MintError) -> None:
+    """As git's `warning: ignoring broken ref`: a listing leaves `name` out, and says why on stderr."""
+    import sys
+
+    reason = err.rule if isinstance(err, InvalidRefNameError) else str(err)
+    if not fits_files(name):
+        kind = "branch -D" if name.startswith("refs/heads/") else "tag -d"
+        reason += f"; mintvcs only deletes such a ref (`mintvcs {kind} NAME`)"
+    sys.stderr.write(f"warning: ignoring ref {name}: {reason}\n")
+
+
 @accepts_path
-def branches(repo: Repository) -> list[Branch]:
-    """Every branch, sorted by name."""
+def branches(
+    repo: Repository, *, on_broken: Callable[[str, MintError], None] = warn_ignored_ref
+) -> list[Branch]:
+    """Every branch, sorted by name; one that cannot be read or used is left out and passed to
+    `on_broken` (by default, warned about on stderr), as git's listings do."""
     current = repo.refs.read_symbolic("HEAD")
     rows = []
-    for name, oid in repo.refs.iter_refs("refs/heads/"):
+    for name, oid in repo.refs.iter_refs("refs/heads/", on_broken=on_broken):
         target = repo.refs.read_symbolic(name)
         alias_of = target.removeprefix("refs/heads/") if target is not None else None
         rows.append(Branch(name.removeprefix("refs/heads/"), oid, name == current, alias_of))
@@ -941,7 +958,7 @@ def tag_create(
 def tag_delete(repo: Repository, name: str) -> str:
     """Delete tag `name`; returns its value."""
     ref = f"refs/tags/{name}"
-    oid = repo.refs.read(ref)
+    oid = repo.refs.read(ref, long_names=True)  # as branch_delete
     if oid is None:
         raise UnknownRevisionError(f"tag '{name}' not found")
     repo.refs.delete(ref, old=oid)
@@ -950,10 +967,13 @@ def tag_delete(repo: Repository, name: str) -> str:
 
 
 @accepts_path
-def tags(repo: Repository) -> list[tuple[str, str, str]]:
-    """(name, object, type) for every tag, peeled, sorted: mostly commits, but git can tag a tree or blob."""
+def tags(
+    repo: Repository, *, on_broken: Callable[[str, MintError], None] = warn_ignored_ref
+) -> list[tuple[str, str, str]]:
+    """(name, object, type) for every tag, peeled, sorted: mostly commits, but git can tag a tree
+    or blob. One that cannot be read or used is left out, as in branches()."""
     listed = []
-    for name, oid in repo.refs.iter_refs("refs/tags/"):
+    for name, oid in repo.refs.iter_refs("refs/tags/", on_broken=on_broken):
         kind = repo.object_kind(oid)  # a lightweight tag: its object's type, nothing read
         target = (oid, kind) if kind not in ("tag", None) else repo.peel_object(oid)
         listed.append((name.removeprefix("refs/tags/"), *target))

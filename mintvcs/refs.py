@@ -152,11 +152,16 @@ _WS = re.compile(r"[ \t\n\v\f\r]+")
 _MAX_COMPONENT = 250
 
 
-def check_ref_name(name: str) -> None:
-    """Raise InvalidRefNameError unless `git check-ref-format` accepts the full name (and a file system can hold it)."""
+def check_ref_name(name: str, *, long_names: bool = False) -> None:
+    """Raise InvalidRefNameError unless `git check-ref-format` accepts the full name (and a file
+    system can hold it: unless `long_names`, no component is over 250 bytes)."""
     if (
         _PLAIN_NAME.match(name)
-        and (len(name) <= _MAX_COMPONENT or max(map(len, name.split("/"))) <= _MAX_COMPONENT)
+        and (
+            long_names
+            or len(name) <= _MAX_COMPONENT
+            or max(map(len, name.split("/"))) <= _MAX_COMPONENT
+        )
         and ".." not in name
         and ".lock/" not in name
         and not name.endswith((".", ".lock"))
@@ -189,13 +194,29 @@ def check_ref_name(name: str) -> None:
             raise InvalidRefNameError(name, f"component {part!r} begins with '.'")
         if part.endswith(".lock"):
             raise InvalidRefNameError(name, f"component {part!r} ends with '.lock'")
-        size = len(part.encode("utf-8", "surrogateescape"))
-        if size > _MAX_COMPONENT:
-            raise InvalidRefNameError(
-                name,
-                f"component {part[:24]!r}... is {size} bytes; a file name holds at most "
-                f"{_MAX_COMPONENT} (255 less room for '.lock')",
-            )
+        if not long_names and (rule := _too_long(part)):
+            raise InvalidRefNameError(name, rule)
+
+
+def _too_long(part: str) -> str | None:
+    """Why no file system could hold a ref file for name component `part`, or None."""
+    size = len(part.encode("utf-8", "surrogateescape"))
+    if size <= _MAX_COMPONENT:
+        return None
+    return (
+        f"component {part[:24]!r}... is {size} bytes; a file name holds at most "
+        f"{_MAX_COMPONENT} (255 less room for '.lock')"
+    )
+
+
+def fits_files(name: str) -> bool:
+    """Whether every component of ref `name` fits a file name (with '.lock' added).
+
+    git takes longer ones, and `git clone` writes them to packed-refs, which has no such limit;
+    mintvcs does not use them (no loose ref or lock file could be written for one), but lists
+    them as ignored, keeps what they point to in gc, and deletes them.
+    """
+    return len(name) <= _MAX_COMPONENT or not any(map(_too_long, name.split("/")))
 
 
 def check_name_type(name: object) -> None:
@@ -226,6 +247,10 @@ def read_reflog(path: str | os.PathLike[str]) -> list[ReflogEntry]:
             data = f.read().decode("utf-8", "replace")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return []
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:  # a packed ref's name no file can hold: no reflog
+            return []
+        raise
     out = []
     for line in data.splitlines():
         head, _, message = line.partition("\t")
@@ -240,11 +265,12 @@ def read_reflog(path: str | os.PathLike[str]) -> list[ReflogEntry]:
     return out
 
 
-def _check_store_name(name: str) -> None:
-    """Names the store reads and writes: HEAD-like pseudo-refs or full names under refs/."""
+def _check_store_name(name: str, *, long_names: bool = False) -> None:
+    """Names the store reads and writes: HEAD-like pseudo-refs or full names under refs/
+    (`long_names`: also those only packed-refs can hold, see fits_files)."""
     if _PSEUDO.match(name):
         return
-    check_ref_name(name)
+    check_ref_name(name, long_names=long_names)
     if not name.startswith("refs/"):
         raise InvalidRefNameError(name, "full ref names begin with 'refs/' (or are HEAD)")
 
@@ -561,14 +587,17 @@ class RefStore:
             chain.append(target)
         raise RefFormatError(self._path(name), f"symbolic ref chain deeper than {SYMREF_MAXDEPTH}")
 
-    def read(self, name: str) -> str | None:
-        """The object id a ref (or HEAD) points to, following symbolic refs; None if absent."""
-        _check_store_name(name)
+    def read(self, name: str, *, long_names: bool = False) -> str | None:
+        """The object id a ref (or HEAD) points to, following symbolic refs; None if absent.
+
+        A name no ref file could hold (see fits_files) is refused unless `long_names`.
+        """
+        _check_store_name(name, long_names=long_names)
         return self._resolve(name)[1]
 
-    def read_symbolic(self, name: str) -> str | None:
+    def read_symbolic(self, name: str, *, long_names: bool = False) -> str | None:
         """The target of a symbolic ref ('HEAD' -> 'refs/heads/main'); None if not symbolic."""
-        _check_store_name(name)
+        _check_store_name(name, long_names=long_names)
         raw = self._read_loose(name)
         if raw is not None and raw.startswith("ref: "):
             return raw[5:]
@@ -718,9 +747,10 @@ class RefStore:
         """The reflog of a ref, oldest entry first (as stored); [] when it has none.
 
         A line that does not parse is skipped, as git skips it: a torn or hand-edited reflog
-        must not block gc, `@{n}` or the server's admission check.
+        must not block gc, `@{n}` or the server's admission check. A packed ref whose name no
+        file could hold has none.
         """
-        _check_store_name(name)
+        _check_store_name(name, long_names=True)
         return read_reflog(os.path.join(self._dir, "logs", name))
 
     # -- writing --
@@ -842,12 +872,16 @@ class RefStore:
         message: str = "",
         identity: str = DEFAULT_IDENTITY,
     ) -> None:
-        """Delete a ref (itself, not a symref's target): loose file, packed line and reflog."""
-        _check_store_name(name)
+        """Delete a ref (itself, not a symref's target): loose file, packed line and reflog.
+
+        One whose name no file could hold (see fits_files) is only packed: packed-refs' lock
+        is all it takes, since no process can create its loose file or lock either.
+        """
+        _check_store_name(name, long_names=True)
         _check_identity(identity)
         if old is not ANY and old is not None:
             _check_value(old)
-        lock = self._lock(name, old)
+        lock = self._lock(name, old) if fits_files(name) else None
         plock: _Lock | None = None
         try:
             if name.startswith("refs/"):
@@ -867,10 +901,11 @@ class RefStore:
             # value resurface after the loose file is gone.
             if plock is not None:
                 self._remove_packed(name, plock)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(name))
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.unlink(os.path.join(self._dir, "logs", name))
+            if lock is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(name))
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(os.path.join(self._dir, "logs", name))
             if not symbolic and name != HEAD and self.read_symbolic(HEAD) == name:
                 # git records the deletion of the checked-out branch in HEAD's reflog.
                 ts = int(time.time())
@@ -880,7 +915,8 @@ class RefStore:
         finally:
             if plock is not None:
                 plock.release()
-            lock.release()
+            if lock is not None:
+                lock.release()
         self._prune_dirs(name)
 
     def _remove_packed(self, name: str, plock: _Lock) -> None:
@@ -970,10 +1006,16 @@ class RefStore:
 
         A loose ref file that cannot be read raises RefFormatError; with `on_broken`, it is
         called with the name and the error and the listing goes on (git's "ignoring broken ref").
+        With `on_broken`, a packed ref whose name no file could hold (see fits_files) is left
+        out the same way, with an InvalidRefNameError; without, it is listed (gc keeps it).
         """
         if not prefix.startswith("refs/") and prefix != "refs":
             raise InvalidRefNameError(prefix, "listing prefixes begin with 'refs/'")
         for name, raw in self._iter_raw(prefix, on_broken):
+            if on_broken is not None and not fits_files(name):
+                rule = next(filter(None, map(_too_long, name.split("/"))))
+                on_broken(name, InvalidRefNameError(name, rule))
+                continue
             if raw.startswith("ref: "):
                 # Symbolic refs list with their target's value, as git for-each-ref does.
                 try:

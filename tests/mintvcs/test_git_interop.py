@@ -598,3 +598,45 @@ def test_a_tree_changed_with_git_is_refused_not_read_through_its_manifest(work: 
         )
     report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)
     assert not report["ok"] and any("changed with git" in p for p in report["problems"])
+
+
+def test_a_ref_name_no_file_can_hold_is_ignored_kept_by_gc_and_deletable(
+    work: Path, tmp_path: Path
+) -> None:
+    # git takes a ref whose component is over 250 bytes, and `git clone` writes it into
+    # packed-refs, where no file name limit applies. `branch` (and --json) and `gc` failed on it
+    # for everyone, and `branch -d` could not remove it.
+    git_dir = work / ".mint"
+    tree = git(git_dir, "rev-parse", "main^{tree}").stdout.strip()
+    only_long = git(git_dir, "commit-tree", tree, "-p", "main", "-m", "kept").stdout.strip()
+    main = git(git_dir, "rev-parse", "main").stdout.strip()
+    branch, tag = "n" * 300, "t" * 300
+    git(git_dir, "pack-refs", "--all")
+    packed = (git_dir / "packed-refs").read_text().splitlines(keepends=True)
+    packed += [f"{only_long} refs/heads/{branch}\n", f"{main} refs/tags/{tag}\n"]
+    by_name = sorted(packed[1:], key=lambda line: line.split()[1])  # no peeled lines: no tags
+    (git_dir / "packed-refs").write_text(packed[0] + "".join(by_name))
+    victim = _clone(work, tmp_path / "victim")
+    assert f"refs/heads/{branch}" in (victim / ".mint" / "packed-refs").read_text()
+    mint(victim, "checkout", "--force", "main")
+
+    listed = mint(victim, "branch")
+    assert listed.stdout.split() == ["*", "main", main[:7], "side", listed.stdout.split()[-1]]
+    assert listed.stderr.startswith(f"warning: ignoring ref refs/heads/{branch}: component ")
+    assert "branch -D NAME" in listed.stderr
+    rows = json.loads(mint(victim, "branch", "--json").stdout)
+    assert [row["name"] for row in rows] == ["main", "side"]
+    tags = mint(victim, "tag")
+    assert tags.stdout == "" and f"ignoring ref refs/tags/{tag}" in tags.stderr
+
+    mint(victim, "gc")
+    assert git(victim / ".mint", "cat-file", "-t", only_long).stdout.strip() == "commit"
+    assert f"{only_long} refs/heads/{branch}" in (victim / ".mint" / "packed-refs").read_text()
+    git_fsck(victim)
+
+    assert mint(victim, "branch", "-D", branch).stdout.startswith(f"Deleted branch {branch}")
+    assert mint(victim, "tag", "-d", tag).stdout.startswith(f"Deleted tag '{tag}'")
+    names = git(victim / ".mint", "for-each-ref", "--format=%(refname)").stdout.split()
+    assert names == ["refs/heads/main", "refs/heads/side"]
+    assert mint(victim, "branch").stderr == ""
+    git_fsck(victim)

@@ -1254,6 +1254,38 @@ def test_models_list_skips_tags_of_trees(server: BackgroundServer, repo: Reposit
         )
 
 
+def test_models_list_skips_a_ref_no_file_could_hold(
+    server: BackgroundServer, repo: Repository, caplog: pytest.LogCaptureFixture
+) -> None:
+    # git takes a component over 250 bytes in packed-refs (a clone writes it there): the
+    # listing's tag lookup of its name answered 500 to every caller.
+    long = "n" * 300
+    packed = repo.git_dir / "packed-refs"
+    before = packed.read_bytes() if packed.exists() else None
+    lines = packed.read_text().splitlines(keepends=True) if before else []
+    header = [line for line in lines[:1] if line.startswith("#")]
+    records = lines[len(header) :]
+    assert not any(line.startswith("^") for line in records), "peeled lines would move"
+    records += [f"{repo.resolve('main')} refs/heads/{long}\n"]
+    records += [f"{repo.resolve('main')} refs/tags/{long}\n"]
+    records.sort(key=lambda line: line.split()[1])
+    fresh = packed.with_name("packed-refs.new")
+    fresh.write_text("".join(header + records))
+    fresh.replace(packed)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mintvcs.serve"):
+            status, _, body = request(server.url + "/v1/models")
+        assert status == 200, body
+        ids = {m["id"] for m in body["data"]}
+        assert "main" in ids and long not in ids and f"refs/heads/{long}" not in ids
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"leaves out refs/tags/{long}" in m for m in warned), warned
+    finally:
+        porcelain.branch_delete(repo, long, force=True)
+        porcelain.tag_delete(repo, long)
+    assert long not in packed.read_text()
+
+
 def test_a_move_is_counted_once_whatever_specs_follow_it(
     server: BackgroundServer, repo: Repository, adapters: dict[str, Path]
 ) -> None:
