@@ -88,12 +88,18 @@ class TensorRecord:
         return f"{self.dtype} {list(self.shape)} does not fill {self.start}..{self.end}"
 
 
+# The longest file name, in bytes, that the file systems mintvcs runs on hold.
+NAME_MAX = 255
+
+
 def unsafe_path_reason(path: str) -> str | None:
     """Why an extra file's path may not be written under a work tree, or None when it may.
 
     A revision is data that may come from anyone: a path that climbs out of the work tree,
     names the repository itself (.mint/hooks/...: code that would run) or holds bytes a file
     system treats specially must never reach a checkout, as git refuses such tree entries.
+    Nor may one that checkout could not write whole: a component no file name holds, or one
+    inside the config or weights file, which checkout writes first.
     """
     if not path or path.startswith("/") or "\\" in path:
         return "it is empty, absolute or holds a backslash"
@@ -108,8 +114,12 @@ def unsafe_path_reason(path: str) -> str | None:
             return reason
         if repository_dir_name(part):  # .mint: git stores it, but it would be our repository
             return f"it is inside {part}, a repository's own directory"
-    if path in (CONFIG_FILE, WEIGHTS_FILE):
-        return "it is the adapter's config or weights file, which the revision holds itself"
+        # 63 characters are at most 252 bytes: only a longer one is counted.
+        if len(part) > 63 and (size := len(part.encode("utf-8", "surrogatepass"))) > NAME_MAX:
+            return f"its component {part[:24]!r}... is {size} bytes; a file name holds {NAME_MAX}"
+    if parts[0] in (CONFIG_FILE, WEIGHTS_FILE):
+        # Also as a directory (`adapter_config.json/x`): checkout writes that file itself.
+        return "it is (or is inside) the adapter's config or weights file, which the revision holds itself"
     return None
 
 

@@ -186,7 +186,10 @@ def _write_atomic(
 ) -> None:
     """Write a file so that a crash leaves the old or the new content, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The temporary name adds 14 bytes to the file's: a name near the limit (255 bytes, which
+    # a stored path may use) takes a short one.
+    stem = path.name if len(path.name.encode("utf-8", "surrogatepass")) <= 200 else "long-name"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

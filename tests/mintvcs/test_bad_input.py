@@ -477,10 +477,12 @@ def _commit_with_manifest_files(
     *,
     message: bytes = b"hostile\n",
     when: int = 0,
+    in_tree: bool = False,
 ) -> str:
     """A commit like HEAD whose manifest also lists `extra` files (as a hostile repository could).
 
     `edit_tensors`, if given, changes the manifest's tensor records (a list of dicts) in place.
+    `in_tree`: the tree's `files/` holds them too, as a careful hostile writer keeps it.
     """
     from dulwich.objects import Tree
 
@@ -503,6 +505,25 @@ def _commit_with_manifest_files(
             tensors[record["name"].encode()] = (0o100644, record["blob"].encode())
         repo.add_object(tensors)
         entries["tensors"] = tensors.id.decode()
+    if in_tree:
+        nested: dict[str, Any] = {}
+        for record in manifest["files"]:
+            *dirs, name = record["path"].split("/")
+            folder = nested
+            for part in dirs:
+                folder = folder.setdefault(part, {})
+            folder[name] = (0o100755 if record["executable"] else 0o100644, record["blob"])
+
+        def write(folder: dict[str, Any]) -> str:
+            subtree = Tree()
+            for name, entry in folder.items():
+                if isinstance(entry, dict):
+                    entry = (0o040000, write(entry))
+                subtree[name.encode()] = (entry[0], entry[1].encode())
+            repo.add_object(subtree)
+            return subtree.id.decode()
+
+        entries["files"] = write(nested)
     entries["manifest.json"] = repo.add_blob(json.dumps(manifest).encode())
     return _hostile_commit(work, entries, message=message, when=when)
 
@@ -566,6 +587,48 @@ def test_a_revision_naming_an_unsafe_path_is_refused(work: Path, path: str) -> N
     # fsck names the hostile revision too.
     result = mint(work, "fsck", ok=False)
     assert result.returncode != 0 and "unsafe" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "adapter_config.json/x",
+        "adapter_model.safetensors/x",
+        "n" * 256 + "/f",
+        "sub/" + "\u00e9" * 128,  # 128 characters, 256 bytes
+    ],
+)
+def test_a_path_checkout_could_not_write_is_refused_before_anything_is(
+    work: Path, path: str
+) -> None:
+    # Into an emptied work tree (a fresh clone's), checkout wrote the config and the weights,
+    # then failed on such a file: HEAD unmoved, and every tensor modified.
+    from mintvcs.objects import FileRecord
+
+    repo = Repository.open(work)
+    any_blob = repo.read_revision(repo.head_commit() or "").manifest.header_blob
+    with pytest.raises(ValueError, match="unsafe"):
+        FileRecord(path, any_blob)  # what a commit records for each extra file
+    extra = [{"path": path, "blob": any_blob, "executable": False}]
+    _commit_with_manifest_files(work, extra, in_tree=True)
+    for child in work.iterdir():
+        if child.name != ".mint":
+            child.unlink()
+    state = snapshot(work)
+    line = mint_fails(work, "checkout", "--force", "hostile")
+    assert "unsafe" in line, line
+    assert snapshot(work) == state and [p.name for p in work.iterdir()] == [".mint"]
+
+
+def test_a_file_name_of_255_bytes_is_stored_and_checked_out(work: Path) -> None:
+    # The longest name a file system holds: checkout's temporary name for it was too long.
+    name = "x" * 250 + ".json"
+    (work / name).write_text("{}\n")
+    mint(work, "commit", "-m", "a long name", "--no-verify")
+    (work / name).unlink()
+    mint(work, "checkout", "--force", "main")
+    assert (work / name).read_text() == "{}\n"
+    assert "nothing to commit" in mint(work, "status").stdout
 
 
 def test_a_record_must_name_the_blob_of_its_own_tensor(work: Path) -> None:
