@@ -86,6 +86,8 @@ PACK_THRESHOLD = 100
 _THREADED_DECODE_BYTES = 1 << 20  # mean tensor size from which decoding uses threads
 # Revision reads of small tensors hand tensors_into this many bytes at a time (progress steps).
 _DECODE_CHUNK_BYTES = 16 << 20
+# Manifests remembered as agreeing with their safetensors header (~100 bytes each), per Repository.
+_AGREEING_MANIFESTS_KEPT = 1 << 16
 ProgressFn = Callable[[int], None]
 
 
@@ -364,6 +366,8 @@ class Repository:
         self.plane_cache: PlaneCache | None = None
         # `.mint/shallow` as last read: (its stat key, the commits it lists).
         self._shallow: tuple[tuple[int, int, int], frozenset[str]] | None = None
+        # Manifest blobs whose safetensors header was found to agree with them (_check_header).
+        self._agreeing_manifests: set[str] = set()
         _OPEN.add(self)
 
     def __enter__(self) -> Repository:
@@ -1030,7 +1034,32 @@ class Repository:
             f"manifest of {commit_id[:12]}",
         )
         self._check_tree(commit_id, tree, manifest)
+        self._check_header(commit_id, entries[MANIFEST_PATH], manifest)
         return Revision(self, info, manifest, entries)
+
+    def _check_header(self, commit_id: str, manifest_blob: str, manifest: Manifest) -> None:
+        """Refuse a revision whose safetensors header disagrees with its manifest (see
+        Manifest.header_problem): checkout writes that header, everything else reads the manifest.
+
+        A manifest blob names its header blob, and both are named by their content: one that
+        agreed once always does, so each is checked once per Repository (a server reading a
+        branch's revisions, fsck reading thousands that share a tree).
+        """
+        if manifest_blob in self._agreeing_manifests:
+            return
+        header = self.read_blob(
+            manifest.header_blob, what=HEADER_PATH, max_size=MAX_HEADER_BYTES + 8
+        )
+        problem = manifest.header_problem(header)
+        if problem is not None:
+            raise CorruptObjectError(
+                f"{HEADER_PATH} of {commit_id[:12]} ({manifest.header_blob[:12]}) disagrees with "
+                f"the manifest: {problem}; a checkout would write other weights than diff, fsck "
+                "and the server read (the revision is damaged, or was made to deceive)"
+            )
+        if len(self._agreeing_manifests) >= _AGREEING_MANIFESTS_KEPT:
+            self._agreeing_manifests.clear()
+        self._agreeing_manifests.add(manifest_blob)
 
     def _root_of(self, commit_id: str) -> tuple[CommitInfo, Tree]:
         """A commit and its root tree."""

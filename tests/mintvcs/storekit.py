@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -283,3 +284,127 @@ def damage_checks(work: Path) -> tuple[list[str], tuple[int, str]]:
     report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)
     strict = git(work / ".mint", "fsck", "--strict", "--no-dangling", ok=False)
     return sorted(report["problems"]), (strict.returncode, strict.stdout + strict.stderr)
+
+
+def commit_with_manifest_files(
+    work: Path,
+    extra: list[dict[str, object]],
+    edit_tensors: Any = None,
+    *,
+    edit_header: Any = None,
+    message: bytes = b"hostile\n",
+    when: int = 0,
+    in_tree: bool = False,
+) -> str:
+    """A commit like HEAD whose manifest also lists `extra` files (as a hostile repository could).
+
+    `edit_tensors`, if given, changes the manifest's tensor records (a list of dicts) in place,
+    and the safetensors header is rewritten to match them; `edit_header`, if given, then changes
+    that header's JSON (a dict) in place. `in_tree`: the tree's `files/` holds the files too, as
+    a careful hostile writer keeps it.
+    """
+    from dulwich.objects import Tree
+
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    head = repo.head_commit()
+    assert head is not None
+    tree = repo.get_object(repo.commit_info(head).tree)
+    assert isinstance(tree, Tree)
+    manifest = json.loads(repo.read_blob(tree[b"manifest.json"][1].decode()))
+    manifest["files"] = manifest.get("files", []) + extra
+    entries = {}
+    if edit_tensors is not None:
+        edit_tensors(manifest["tensors"])
+        # The tree names the blobs the manifest does, as a careful hostile writer keeps it:
+        # what is then caught is the record's own dtype, shape and sha256.
+        tensors = Tree()
+        for record in manifest["tensors"]:
+            tensors[record["name"].encode()] = (0o100644, record["blob"].encode())
+        repo.add_object(tensors)
+        entries["tensors"] = tensors.id.decode()
+    if edit_tensors is not None or edit_header is not None:
+        raw = repo.read_blob(manifest["safetensors"]["header"])
+        (length,) = struct.unpack("<Q", raw[:8])
+        metadata = json.loads(raw[8 : 8 + length]).get("__metadata__")
+        header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+        for record in manifest["tensors"]:  # as a careful hostile writer keeps them in step
+            header[record["name"]] = {
+                "dtype": record["dtype"],
+                "shape": record["shape"],
+                "data_offsets": [record["start"], record["end"]],
+            }
+        if edit_header is not None:
+            edit_header(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        entries["safetensors-header"] = repo.add_blob(struct.pack("<Q", len(text)) + text)
+        manifest["safetensors"]["header"] = entries["safetensors-header"]
+    if in_tree:
+        nested: dict[str, Any] = {}
+        for record in manifest["files"]:
+            *dirs, name = record["path"].split("/")
+            folder = nested
+            for part in dirs:
+                folder = folder.setdefault(part, {})
+            folder[name] = (0o100755 if record["executable"] else 0o100644, record["blob"])
+
+        def write(folder: dict[str, Any]) -> str:
+            subtree = Tree()
+            for name, entry in folder.items():
+                if isinstance(entry, dict):
+                    entry = (0o040000, write(entry))
+                subtree[name.encode()] = (entry[0], entry[1].encode())
+            repo.add_object(subtree)
+            return subtree.id.decode()
+
+        entries["files"] = write(nested)
+    entries["manifest.json"] = repo.add_blob(json.dumps(manifest).encode())
+    return hostile_commit(work, entries, message=message, when=when)
+
+
+def hostile_commit(
+    work: Path, entries: dict[str, str], *, message: bytes = b"hostile\n", when: int = 0
+) -> str:
+    """A commit on HEAD, as a hostile repository could hold, whose tree is HEAD's with `entries`
+    (top-level name -> blob id) put in; branch `hostile` points at it."""
+    from dulwich.objects import Commit, Tree
+
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    head = repo.head_commit()
+    assert head is not None
+    tree = repo.get_object(repo.commit_info(head).tree)
+    assert isinstance(tree, Tree)
+    for name, oid in entries.items():
+        mode = 0o040000 if isinstance(repo.get_object(oid), Tree) else 0o100644
+        tree[name.encode()] = (mode, oid.encode())
+    repo.add_object(tree)
+    commit = Commit()
+    commit.tree, commit.parents = tree.id, [head.encode()]
+    commit.author = commit.committer = b"Eve <eve@example.com>"
+    commit.author_time = commit.commit_time = when
+    commit.author_timezone = commit.commit_timezone = 0
+    commit.message = message
+    repo.add_object(commit)
+    oid = commit.id.decode()
+    old = repo.refs.read("refs/heads/hostile")
+    repo.refs.update("refs/heads/hostile", oid, old=old, message="test", identity="T <t@t>")
+    return oid
+
+
+def swap_two_offsets(header: dict[str, Any]) -> None:
+    """Trade the data_offsets of two tensors of one dtype and shape in a header's JSON."""
+    first: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            other = first.setdefault((entry["dtype"], tuple(entry["shape"])), entry)
+            if other is not entry:
+                other["data_offsets"], entry["data_offsets"] = (
+                    entry["data_offsets"],
+                    other["data_offsets"],
+                )
+                return
+    raise AssertionError("no two tensors of one dtype and shape")

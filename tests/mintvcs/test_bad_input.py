@@ -23,15 +23,18 @@ from tests.mintvcs.storekit import (
     ENV,
     WEIGHTS,
     assert_intact,
+    commit_with_manifest_files,
     copy_adapter,
     git,
     handmade_adapter,
+    hostile_commit,
     mint,
     mint_fails,
     mutate,
     random_f32,
     set_value,
     snapshot,
+    swap_two_offsets,
     tensor_names,
     write_safetensors,
 )
@@ -470,95 +473,6 @@ def test_close_after_reading_a_corrupt_packed_object(work: Path) -> None:
     assert kept.value is not None
 
 
-def _commit_with_manifest_files(
-    work: Path,
-    extra: list[dict[str, object]],
-    edit_tensors: Any = None,
-    *,
-    message: bytes = b"hostile\n",
-    when: int = 0,
-    in_tree: bool = False,
-) -> str:
-    """A commit like HEAD whose manifest also lists `extra` files (as a hostile repository could).
-
-    `edit_tensors`, if given, changes the manifest's tensor records (a list of dicts) in place.
-    `in_tree`: the tree's `files/` holds them too, as a careful hostile writer keeps it.
-    """
-    from dulwich.objects import Tree
-
-    from mintvcs.store import Repository
-
-    repo = Repository.open(work)
-    head = repo.head_commit()
-    assert head is not None
-    tree = repo.get_object(repo.commit_info(head).tree)
-    assert isinstance(tree, Tree)
-    manifest = json.loads(repo.read_blob(tree[b"manifest.json"][1].decode()))
-    manifest["files"] = manifest.get("files", []) + extra
-    entries = {}
-    if edit_tensors is not None:
-        edit_tensors(manifest["tensors"])
-        # The tree names the blobs the manifest does, as a careful hostile writer keeps it:
-        # what is then caught is the record's own dtype, shape and sha256.
-        tensors = Tree()
-        for record in manifest["tensors"]:
-            tensors[record["name"].encode()] = (0o100644, record["blob"].encode())
-        repo.add_object(tensors)
-        entries["tensors"] = tensors.id.decode()
-    if in_tree:
-        nested: dict[str, Any] = {}
-        for record in manifest["files"]:
-            *dirs, name = record["path"].split("/")
-            folder = nested
-            for part in dirs:
-                folder = folder.setdefault(part, {})
-            folder[name] = (0o100755 if record["executable"] else 0o100644, record["blob"])
-
-        def write(folder: dict[str, Any]) -> str:
-            subtree = Tree()
-            for name, entry in folder.items():
-                if isinstance(entry, dict):
-                    entry = (0o040000, write(entry))
-                subtree[name.encode()] = (entry[0], entry[1].encode())
-            repo.add_object(subtree)
-            return subtree.id.decode()
-
-        entries["files"] = write(nested)
-    entries["manifest.json"] = repo.add_blob(json.dumps(manifest).encode())
-    return _hostile_commit(work, entries, message=message, when=when)
-
-
-def _hostile_commit(
-    work: Path, entries: dict[str, str], *, message: bytes = b"hostile\n", when: int = 0
-) -> str:
-    """A commit on HEAD, as a hostile repository could hold, whose tree is HEAD's with `entries`
-    (top-level name -> blob id) put in; branch `hostile` points at it."""
-    from dulwich.objects import Commit, Tree
-
-    from mintvcs.store import Repository
-
-    repo = Repository.open(work)
-    head = repo.head_commit()
-    assert head is not None
-    tree = repo.get_object(repo.commit_info(head).tree)
-    assert isinstance(tree, Tree)
-    for name, oid in entries.items():
-        mode = 0o040000 if isinstance(repo.get_object(oid), Tree) else 0o100644
-        tree[name.encode()] = (mode, oid.encode())
-    repo.add_object(tree)
-    commit = Commit()
-    commit.tree, commit.parents = tree.id, [head.encode()]
-    commit.author = commit.committer = b"Eve <eve@example.com>"
-    commit.author_time = commit.commit_time = when
-    commit.author_timezone = commit.commit_timezone = 0
-    commit.message = message
-    repo.add_object(commit)
-    oid = commit.id.decode()
-    old = repo.refs.read("refs/heads/hostile")
-    repo.refs.update("refs/heads/hostile", oid, old=old, message="test", identity="T <t@t>")
-    return oid
-
-
 @pytest.mark.parametrize(
     "path",
     [
@@ -577,7 +491,7 @@ def test_a_revision_naming_an_unsafe_path_is_refused(work: Path, path: str) -> N
 
     repo = Repository.open(work)  # the fixture committed the adapter
     any_blob = repo.read_revision(repo.head_commit() or "").manifest.header_blob
-    _commit_with_manifest_files(work, [{"path": path, "blob": any_blob, "executable": True}])
+    commit_with_manifest_files(work, [{"path": path, "blob": any_blob, "executable": True}])
     before = sorted(p.relative_to(work.parent).as_posix() for p in work.parent.rglob("*"))
     state = snapshot(work)
     line = mint_fails(work, "checkout", "--force", "hostile")
@@ -610,7 +524,7 @@ def test_a_path_checkout_could_not_write_is_refused_before_anything_is(
     with pytest.raises(ValueError, match="unsafe"):
         FileRecord(path, any_blob)  # what a commit records for each extra file
     extra = [{"path": path, "blob": any_blob, "executable": False}]
-    _commit_with_manifest_files(work, extra, in_tree=True)
+    commit_with_manifest_files(work, extra, in_tree=True)
     for child in work.iterdir():
         if child.name != ".mint":
             child.unlink()
@@ -643,7 +557,7 @@ def test_a_record_must_name_the_blob_of_its_own_tensor(work: Path) -> None:
                 return
         raise AssertionError("no two tensors of one size")
 
-    _commit_with_manifest_files(work, [], edit_tensors=swap)
+    commit_with_manifest_files(work, [], edit_tensors=swap)
     state = snapshot(work)
     line = mint_fails(work, "checkout", "--force", "hostile")
     assert "the manifest and its blobs disagree" in line
@@ -652,12 +566,63 @@ def test_a_record_must_name_the_blob_of_its_own_tensor(work: Path) -> None:
     assert result.returncode != 0 and "disagree" in result.stdout + result.stderr
 
 
+def test_a_header_that_disagrees_with_the_manifest_is_refused(work: Path) -> None:
+    # HEAD's manifest and blobs, with a header that trades two tensors' places: a checkout would
+    # put each one's values under the other's name, while diff, status, fsck and the server read
+    # the manifest and see HEAD's weights.
+    commit_with_manifest_files(work, [], edit_header=swap_two_offsets)
+    state = snapshot(work)
+    line = mint_fails(work, "checkout", "--force", "hostile")
+    assert "safetensors-header" in line and "disagrees with the manifest" in line, line
+    assert snapshot(work) == state
+    assert "disagrees with the manifest" in mint_fails(work, "diff", "HEAD", "hostile")
+    result = mint(work, "fsck", ok=False)
+    assert result.returncode == 1 and "disagrees with the manifest" in result.stderr
+
+
+def test_the_header_must_name_each_tensor_as_the_manifest_does(work: Path) -> None:
+    repo = Repository.open(work)
+    revision = repo.read_revision(repo.head_commit() or "")
+    manifest = revision.manifest
+    raw = repo.read_blob(manifest.header_blob)
+    repo.close()
+    first = manifest.tensors[0]  # starts at 0: `false` equals it in Python, not in safetensors
+
+    def header(edit: Any = None, text: bytes | None = None) -> bytes:
+        entries = json.loads(raw[8:])
+        if edit is not None:
+            edit(entries)
+        body = text if text is not None else json.dumps(entries).encode()
+        return struct.pack("<Q", len(body)) + body
+
+    assert manifest.header_problem(raw) is None
+    # __metadata__ is free, and so is padding.
+    assert manifest.header_problem(header(lambda h: h.update(__metadata__={"a": "b"}))) is None
+    assert manifest.header_problem(header(lambda h: h.pop("__metadata__", None))) is None
+    assert manifest.header_problem(header(text=raw[8:] + b"    ")) is None
+
+    def differs(edit: Any, expected: str, *, text: bytes | None = None) -> None:
+        problem = manifest.header_problem(header(edit, text))
+        assert problem is not None and expected in problem, problem
+
+    differs(swap_two_offsets, "in the manifest, and is")
+    differs(lambda h: h[first.name].update(dtype="F16"), f"tensor {first.name} is ")
+    differs(lambda h: h[first.name].update(shape=[float(d) for d in first.shape]), first.name)
+    differs(lambda h: h[first.name].update(data_offsets=[False, first.end]), first.name)
+    differs(lambda h: h.pop(first.name), "is missing there")
+    differs(lambda h: h.update(extra=h[first.name]), "it lists tensor 'extra'")
+    differs(None, "not valid JSON", text=b"{")
+    differs(None, "not a JSON object", text=b"[]")
+    problem = manifest.header_problem(raw + b" ")
+    assert problem is not None and "length prefix" in problem, problem
+
+
 def test_a_revision_claiming_terabytes_is_one_error_line(work: Path) -> None:
     def huge(tensors: list[dict[str, Any]]) -> None:
         last = tensors[-1]  # consistent with itself: 2**20 x 2**20 F32 is 4 TiB
         last.update(dtype="F32", shape=[1 << 20, 1 << 20], end=last["start"] + (4 << 40))
 
-    _commit_with_manifest_files(work, [], edit_tensors=huge)
+    commit_with_manifest_files(work, [], edit_tensors=huge)
     state = snapshot(work)
     line = mint_fails(work, "checkout", "--force", "hostile")
     assert "more than this machine can allocate" in line, line
@@ -666,7 +631,7 @@ def test_a_revision_claiming_terabytes_is_one_error_line(work: Path) -> None:
 
 def test_log_and_show_escape_control_characters_and_survive_any_date(work: Path) -> None:
     # An OSC sequence would retitle (or, OSC 52, write the clipboard of) the reader's terminal.
-    _commit_with_manifest_files(
+    commit_with_manifest_files(
         work, [], message=b"\x1b]0;pwned\x07subject\n\nbody\tline\n", when=10**17
     )
     for args in (("log", "hostile"), ("log", "--oneline", "hostile"), ("show", "hostile")):
@@ -691,7 +656,7 @@ def test_a_config_blob_that_is_not_a_json_object_is_one_error_line(
     from mintvcs.store import Repository
 
     blob = Repository.open(work).add_blob(config)
-    oid = _hostile_commit(work, {"adapter_config.json": blob})
+    oid = hostile_commit(work, {"adapter_config.json": blob})
     line = mint_fails(work, "show", "--json", oid)
     assert expected in line and "adapter_config.json" in line, line
 
@@ -803,7 +768,7 @@ def test_a_manifest_that_inflates_to_gigabytes_is_refused_unread(work: Path) -> 
     manifest = repo.read_revision(repo.head_commit() or "").manifest.to_bytes()
     # Valid JSON, then whitespace: a loose object of ~65 kB that inflates past the limit.
     bomb = repo.add_blob(manifest + b" " * (MAX_METADATA_BYTES + 1))
-    oid = _hostile_commit(work, {"manifest.json": bomb})
+    oid = hostile_commit(work, {"manifest.json": bomb})
     line = mint_fails(work, "show", oid)
     assert "claims" in line and "more than a manifest.json may hold" in line, line
     # The same once git has packed it (deflated, as a clone brings it).
@@ -843,7 +808,7 @@ def test_a_small_manifest_delta_on_a_huge_base_is_refused_unread(work: Path) -> 
     pack.write_bytes(bytes(body))
     subprocess.run(["git", "index-pack", str(pack)], check=True, capture_output=True)
     small = hashlib.sha1(b"blob 100\0" + b" " * 100).hexdigest()
-    line = mint_fails(work, "show", _hostile_commit(work, {"manifest.json": small}))
+    line = mint_fails(work, "show", hostile_commit(work, {"manifest.json": small}))
     assert f"claims {size:,} bytes" in line, line
 
 

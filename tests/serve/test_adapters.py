@@ -365,6 +365,20 @@ def test_store_source_serves_a_committed_revision(
                 eng.generate([5, 6, 7], spec, params, timeout=30)
 
 
+def test_store_source_refuses_a_header_that_disagrees_with_the_manifest(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path
+) -> None:
+    """The server reads a revision through its manifest, a checkout through its safetensors
+    header: a revision whose two disagree (two tensors' places traded) is refused, not served."""
+    from mintvcs.store import CorruptObjectError
+    from tests.mintvcs.storekit import commit_with_manifest_files, swap_two_offsets
+
+    repo, store, _ = _committed(tiny_base, peft_adapter, tmp_path)
+    hostile = commit_with_manifest_files(repo.work_tree, [], edit_header=swap_two_offsets)
+    with pytest.raises(CorruptObjectError, match="disagrees with the manifest"):
+        store.load(hostile)
+
+
 def test_store_source_follows_a_chain_through_its_plane_cache(
     tiny_base: Path, peft_adapter: Path, tmp_path: Path
 ) -> None:
