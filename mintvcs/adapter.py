@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from mintvcs.errors import MintError
-from mintvcs.objects import CONFIG_FILE, GIT_DIR, WEIGHTS_FILE, unsafe_path_reason
+from mintvcs.objects import (
+    CONFIG_FILE,
+    GIT_DIR,
+    MAX_PATH_DEPTH,
+    WEIGHTS_FILE,
+    unsafe_path_reason,
+)
 from mintvcs.safetensors_file import SafetensorsLayout, parse_layout
 
 # Files a PEFT save may write that we must not take for adapter content.
@@ -124,6 +130,12 @@ def extra_files(root: Path) -> dict[str, tuple[bytes, bool]]:
     extra: dict[str, tuple[bytes, bool]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _IGNORED)
+        if dirnames and Path(dirpath).relative_to(root).as_posix().count("/") >= MAX_PATH_DEPTH:
+            # os.walk recurses once per level: refused before it runs out of stack.
+            raise NotAnAdapterError(
+                f"{dirpath[:200]}…: directories nest more than {MAX_PATH_DEPTH} levels deep, and "
+                f"a stored path has at most {MAX_PATH_DEPTH} components; move them out"
+            )
         for filename in sorted(filenames):
             path = Path(dirpath) / filename
             rel = path.relative_to(root).as_posix()

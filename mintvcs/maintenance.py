@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from mintvcs import codec
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
+from mintvcs.objects import MAX_PATH_DEPTH
 from mintvcs.packs import (
     OBJECT_TYPE_NUMBERS,
     PACK_HEADER,
@@ -434,27 +435,42 @@ def _check_packs(repo: Repository, report: FsckReport, progress: PhaseProgress) 
             report.problems.extend(problems)
 
 
-def _missing_in_tree(repo: Repository, tree_id: str, prefix: str = "") -> Iterator[tuple[str, str]]:
+def _missing_in_tree(repo: Repository, tree_id: str) -> Iterator[tuple[str, str]]:
     """(path, id) of each object under a tree that the store lacks, as git fsck's connectivity check.
 
     The manifest names the blobs that decoding reads; this also covers the rest (the
-    safetensors header, nested files) that a checkout needs.
+    safetensors header, nested files) that a checkout needs. Walked without recursion, each
+    tree once, and no deeper than MAX_PATH_DEPTH: a received tree may nest thousands deep, or
+    name one subtree under many names.
     """
     from dulwich.objects import Tree
 
-    tree = repo.get_object(tree_id, what=f"tree {prefix or '/'}")
-    if not isinstance(tree, Tree):
-        raise CorruptObjectError(f"object {tree_id} ({prefix or '/'}) is not a tree")
-    for item in tree.items():
-        path = prefix + item.path.decode(errors="replace")
-        oid = item.sha.decode()
-        if item.mode == 0o160000:
-            continue  # a submodule's commit lives in another repository
-        # Listed again on a miss: a gc may have packed a loose object into a pack written since.
-        if not repo.has_object(oid) and not repo.has_object(oid, rescan=True):
-            yield path, oid
-        elif item.mode == 0o040000:
-            yield from _missing_in_tree(repo, oid, path + "/")
+    pending = [(tree_id, "", 0)]
+    walked: set[str] = set()
+    while pending:
+        oid, prefix, depth = pending.pop()
+        if oid in walked:
+            continue
+        walked.add(oid)
+        where = prefix[:200] or "/"
+        tree = repo.get_object(oid, what=f"tree {where}")
+        if not isinstance(tree, Tree):
+            raise CorruptObjectError(f"object {oid} ({where}) is not a tree")
+        for item in tree.items():
+            path = prefix + item.path.decode(errors="replace")
+            child = item.sha.decode()
+            if item.mode == 0o160000:
+                continue  # a submodule's commit lives in another repository
+            # Listed again on a miss: a gc may have packed a loose object into a pack written since.
+            if not repo.has_object(child) and not repo.has_object(child, rescan=True):
+                yield path[:200], child
+            elif item.mode == 0o040000:
+                if depth >= MAX_PATH_DEPTH:
+                    raise CorruptObjectError(
+                        f"tree {oid} ({where}…) nests more than {MAX_PATH_DEPTH} levels deep, "
+                        "which mintvcs never writes; fsck looks no deeper"
+                    )
+                pending.append((child, path + "/", depth + 1))
 
 
 # Refs whose commits are adapter revisions; others (refs/notes/, refs/stash, ...) are git's.

@@ -30,6 +30,11 @@ class CorruptManifestError(MintError):
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 GIT_DIR = ".mint"
+# Most components an extra file's path may have, so a revision's tree nests at most this deep
+# (`files/`, then a tree per directory). git caps trees at core.maxTreeDepth (thousands); an
+# adapter directory is shallow, and this keeps every path a work tree must hold well inside
+# PATH_MAX (4096 bytes) and every walk of a tree short.
+MAX_PATH_DEPTH = 256
 
 
 def _is_int(value: object) -> bool:
@@ -129,6 +134,8 @@ def unsafe_path_reason(path: str) -> str | None:
         return "it is empty, absolute or holds a backslash"
     if any(ord(c) < 32 or ord(c) == 127 for c in path):
         return "it holds a control character"
+    if path.count("/") >= MAX_PATH_DEPTH:
+        return f"it has {path.count('/') + 1} components, more than the {MAX_PATH_DEPTH} mintvcs stores"
     parts = path.split("/")
     if any(part in ("", ".", "..") for part in parts):
         return "it has an empty, '.' or '..' component"
@@ -158,7 +165,7 @@ class FileRecord:
     def __post_init__(self) -> None:
         reason = unsafe_path_reason(self.path) if isinstance(self.path, str) else "not a string"
         if reason is not None:
-            raise ValueError(f"file path {self.path!r} is unsafe: {reason}")
+            raise ValueError(f"file path {self.path!r:.200} is unsafe: {reason}")
         if not is_object_id(self.blob):
             raise ValueError(f"file {self.path!r}: blob {self.blob!r}")
         if not isinstance(self.executable, bool):

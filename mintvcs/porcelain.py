@@ -185,7 +185,7 @@ def _write_atomic(
     path: Path, data: bytes | memoryview, executable: bool = False, mtime_ns: int | None = None
 ) -> None:
     """Write a file so that a crash leaves the old or the new content, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parents(path)
     # The temporary name adds 14 bytes to the file's: a name near the limit (255 bytes, which
     # a stored path may use) takes a short one.
     stem = path.name if len(path.name.encode("utf-8", "surrogatepass")) <= 200 else "long-name"
@@ -201,6 +201,22 @@ def _write_atomic(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _make_parents(path: Path) -> None:
+    """Create the missing directories above `path`, outermost first: pathlib's
+    mkdir(parents=True) recurses once per missing level."""
+    missing = []
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            if not directory.is_dir():  # a file in the way: as mkdir(parents=True) refuses
+                raise
 
 
 def _ref_moved(repo: Repository, ref: str, old: str | None, new: str | None) -> None:

@@ -32,6 +32,7 @@ from mintvcs.objects import (
     FILES_DIR,
     HEADER_PATH,
     MANIFEST_PATH,
+    MAX_PATH_DEPTH,
     TENSORS_DIR,
     FileRecord,
     Manifest,
@@ -1086,13 +1087,16 @@ class Repository:
                 file.blob,
                 0o100755 if file.executable else 0o100644,
             )
-        actual = self._tree_blobs(root, "")
+        limit = len(expected) + 2  # the config and the manifest besides
+        actual = self._tree_blobs(commit_id, root, limit)
+        # Past the limit the walk stopped: a path it did not reach is not known to be missing.
+        stopped = len(actual) > limit
         for path in (CONFIG_PATH, MANIFEST_PATH):
             actual.pop(path, None)
         differences = []
         for path in sorted(expected.keys() | actual.keys()):
             want, have = expected.get(path), actual.get(path)
-            if want == have:
+            if want == have or (have is None and stopped):
                 continue
             if have is None:
                 differences.append(f"{path} is in the manifest, not in the tree")
@@ -1115,20 +1119,36 @@ class Repository:
                 "change the adapter directory, commit)"
             )
 
-    def _tree_blobs(self, tree: Tree, prefix: str) -> dict[str, tuple[str, int]]:
-        """Every blob under `tree`: path -> (blob id, mode); a submodule counts as a blob."""
+    def _tree_blobs(self, commit_id: str, tree: Tree, limit: int) -> dict[str, tuple[str, int]]:
+        """Every blob under commit `commit_id`'s root `tree`: path -> (blob id, mode); a
+        submodule counts as a blob.
+
+        Walked without recursion, and refused below MAX_PATH_DEPTH levels (a received tree may
+        nest thousands deep). It stops once it holds more than `limit` blobs: a tree may name one
+        subtree under many names (two a level, 40 levels: 2**40 paths), and more blobs than the
+        manifest records are a difference already.
+        """
         from dulwich.objects import Tree
 
-        blobs = {}
-        for entry in tree.items():
-            path = prefix + entry.path.decode("utf-8", "replace")
-            if not stat.S_ISDIR(entry.mode):
-                blobs[path] = (entry.sha.decode(), entry.mode)
-                continue
-            sub = self.get_object(entry.sha.decode(), what=f"tree {path}")
-            if not isinstance(sub, Tree):
-                raise CorruptObjectError(f"{path}: {entry.sha.decode()} is not a tree")
-            blobs.update(self._tree_blobs(sub, path + "/"))
+        blobs: dict[str, tuple[str, int]] = {}
+        pending = [(tree, "", 0)]
+        while pending and len(blobs) <= limit:
+            tree, prefix, depth = pending.pop()
+            for entry in tree.items():
+                path = prefix + entry.path.decode("utf-8", "replace")
+                if not stat.S_ISDIR(entry.mode):
+                    blobs[path] = (entry.sha.decode(), entry.mode)
+                    continue
+                if depth >= MAX_PATH_DEPTH:
+                    raise NotAnAdapterRevision(
+                        f"commit {commit_id[:12]}: its tree nests more than {MAX_PATH_DEPTH} "
+                        f"levels deep (at {path[:120]!r}…), which mintvcs never writes: an extra "
+                        f"file's path has at most {MAX_PATH_DEPTH} components"
+                    )
+                sub = self.get_object(entry.sha.decode(), what=f"tree {path[:200]}")
+                if not isinstance(sub, Tree):
+                    raise CorruptObjectError(f"{path[:200]}: {entry.sha.decode()} is not a tree")
+                pending.append((sub, path + "/", depth + 1))
         return blobs
 
     def revision_meta(self, commit_id: str) -> dict[str, str] | None:

@@ -970,6 +970,70 @@ def test_extra_files_git_would_refuse_are_not_committed(work: Path, path: str) -
     assert_intact(work, before)
 
 
+def test_trees_nested_thousands_deep_are_one_error_line(work: Path) -> None:
+    # Deeper than Python's recursion limit, as git stores and clones it: every reader walked
+    # trees recursively and died with a RecursionError traceback, fsck at the first such revision.
+    from dulwich.objects import Tree
+
+    repo = Repository.open(work)
+    hello = repo.add_blob(b"hello\n")
+    nested = Tree()
+    nested[b"f"] = (0o100644, hello.encode())
+    repo.add_object(nested)
+    for _ in range(1500):
+        outer = Tree()
+        outer[b"d"] = (0o040000, nested.id)
+        repo.add_object(outer)
+        nested = outer
+    repo.close()
+    deep_tree = hostile_commit(work, {"d": nested.id.decode()})
+    mint(work, "branch", "deep-tree", deep_tree)
+    # The same path listed by the manifest: refused as it is read, before any tree is walked.
+    deep_path = commit_with_manifest_files(
+        work, [{"path": "/".join(["d"] * 1500) + "/f", "blob": hello, "executable": False}]
+    )
+    state = snapshot(work)
+    for args in (("show", deep_tree), ("diff", "HEAD", deep_tree), ("checkout", deep_tree)):
+        line = mint_fails(work, *args)
+        assert "nests more than 256 levels deep" in line, line
+    for args in (("show", deep_path), ("checkout", "--force", deep_path)):
+        line = mint_fails(work, *args)
+        assert "it has 1501 components, more than the 256" in line, line
+        assert len(line) < 1000
+    assert snapshot(work) == state
+    # fsck reports each and goes on: main's two revisions (dev is the first) are still checked.
+    # A notes ref holding the deep commit has its trees walked as git fsck walks them.
+    git(work / ".mint", "update-ref", "refs/notes/deep", deep_tree)
+    result = mint(work, "fsck", ok=False)
+    assert result.returncode == 1
+    problems = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(problems) == 3, result.stderr
+    assert any("refs/notes/deep" in p and "256 levels" in p for p in problems), problems
+    assert any(deep_tree[:12] in p and "256 levels" in p for p in problems), problems
+    assert any(deep_path[:12] in p and "1501 components" in p for p in problems), problems
+    assert "2 revisions" in result.stdout, result.stdout
+
+
+def test_a_path_deeper_than_mintvcs_stores_is_not_committed(work: Path) -> None:
+    target = work.joinpath(*["d"] * 300, "notes.txt")
+    target.parent.mkdir(parents=True)
+    target.write_text("deep\n")
+    line = refused(work, "commit", "-m", "x", "--no-verify")
+    assert "more than the 256 mintvcs stores" in line or "more than 256 levels" in line, line
+
+
+def test_checkout_makes_deep_directories_without_recursing(tmp_path: Path) -> None:
+    # pathlib's mkdir(parents=True) recursed once per missing level.
+    target = tmp_path.joinpath(*["d"] * 1200, "f")
+    try:
+        porcelain._write_atomic(target, b"x")
+        assert target.read_bytes() == b"x"
+    finally:
+        # Removed here, with rm (no recursion): shutil.rmtree, which pytest's cleanup of old
+        # temporary directories uses, recurses once per level too and would fail on this one.
+        subprocess.run(["rm", "-rf", str(tmp_path / "d")], check=True)
+
+
 # ------------------------------------------------------------ unusual adapters (codec review)
 def _with_extra(tmp_path: Path, work: Path, name: str, extra: tuple[str, list[int], bytes]) -> Path:
     """A copy of the work tree's adapter, its weights rewritten by hand with one more tensor."""
