@@ -212,9 +212,14 @@ class Revision:
         """Decode every tensor into `size` bytes of a new buffer, tensor i at offsets[i]."""
         import numpy as np
 
+        # A manifest may claim any size (4 TiB takes 300 bytes to write): past what the memory
+        # holds numpy raises MemoryError, past what an index can address (2**63 bytes, F32
+        # [2**31, 2**31, 4] say) a ValueError.
         try:
+            if size > sys.maxsize:
+                raise MemoryError
             buffer = np.empty(size, dtype=np.uint8)
-        except MemoryError:  # a manifest may claim any size (4 TiB takes 300 bytes to write)
+        except (MemoryError, ValueError):
             raise MintError(
                 f"revision {self.commit[:12]} holds {size:,} bytes of tensors, more than this "
                 "machine can allocate"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import subprocess
@@ -617,15 +618,24 @@ def test_the_header_must_name_each_tensor_as_the_manifest_does(work: Path) -> No
     assert problem is not None and "length prefix" in problem, problem
 
 
-def test_a_revision_claiming_terabytes_is_one_error_line(work: Path) -> None:
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [1 << 20, 1 << 20],  # 4 TiB: numpy's MemoryError
+        [1 << 31, 1 << 31, 4],  # 2**66 bytes, past what an index addresses: numpy's ValueError
+    ],
+    ids=["4TiB", "past-int64"],
+)
+def test_a_revision_claiming_terabytes_is_one_error_line(work: Path, shape: list[int]) -> None:
     def huge(tensors: list[dict[str, Any]]) -> None:
-        last = tensors[-1]  # consistent with itself: 2**20 x 2**20 F32 is 4 TiB
-        last.update(dtype="F32", shape=[1 << 20, 1 << 20], end=last["start"] + (4 << 40))
+        last = tensors[-1]  # consistent with itself
+        last.update(dtype="F32", shape=shape, end=last["start"] + 4 * math.prod(shape))
 
     commit_with_manifest_files(work, [], edit_tensors=huge)
     state = snapshot(work)
-    line = mint_fails(work, "checkout", "--force", "hostile")
-    assert "more than this machine can allocate" in line, line
+    for args in (("checkout", "--force", "hostile"), ("diff", "HEAD", "hostile")):
+        line = mint_fails(work, *args)
+        assert "more than this machine can allocate" in line, line
     assert snapshot(work) == state
 
 
