@@ -15,16 +15,16 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mintvcs import codec
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
-from mintvcs.objects import MAX_PATH_DEPTH
+from mintvcs.objects import MAX_PATH_DEPTH, TensorRecord
 from mintvcs.packs import (
     OBJECT_TYPE_NUMBERS,
     PACK_HEADER,
@@ -435,21 +435,25 @@ def _check_packs(repo: Repository, report: FsckReport, progress: PhaseProgress) 
             report.problems.extend(problems)
 
 
-def _missing_in_tree(repo: Repository, tree_id: str) -> Iterator[tuple[str, str]]:
+def _missing_in_tree(
+    repo: Repository, tree_id: str, complete: set[str]
+) -> Iterator[tuple[str, str]]:
     """(path, id) of each object under a tree that the store lacks, as git fsck's connectivity check.
 
     The manifest names the blobs that decoding reads; this also covers the rest (the
     safetensors header, nested files) that a checkout needs. Walked without recursion, each
     tree once, and no deeper than MAX_PATH_DEPTH: a received tree may nest thousands deep, or
-    name one subtree under many names.
+    name one subtree under many names. Trees in `complete` (found whole before) are not walked
+    again; a walk that finds nothing missing adds the trees it read.
     """
     from dulwich.objects import Tree
 
     pending = [(tree_id, "", 0)]
     walked: set[str] = set()
+    whole = True
     while pending:
         oid, prefix, depth = pending.pop()
-        if oid in walked:
+        if oid in walked or oid in complete:
             continue
         walked.add(oid)
         where = prefix[:200] or "/"
@@ -463,6 +467,7 @@ def _missing_in_tree(repo: Repository, tree_id: str) -> Iterator[tuple[str, str]
                 continue  # a submodule's commit lives in another repository
             # Listed again on a miss: a gc may have packed a loose object into a pack written since.
             if not repo.has_object(child) and not repo.has_object(child, rescan=True):
+                whole = False
                 yield path[:200], child
             elif item.mode == 0o040000:
                 if depth >= MAX_PATH_DEPTH:
@@ -471,6 +476,8 @@ def _missing_in_tree(repo: Repository, tree_id: str) -> Iterator[tuple[str, str]
                         "which mintvcs never writes; fsck looks no deeper"
                     )
                 pending.append((child, path + "/", depth + 1))
+    if whole:
+        _remember(complete, walked)
 
 
 # Refs whose commits are adapter revisions; others (refs/notes/, refs/stash, ...) are git's.
@@ -478,7 +485,13 @@ _REVISION_REFS = ("HEAD", "refs/heads/", "refs/tags/", "refs/remotes/")
 
 
 def _check_git_history(
-    repo: Repository, start: str, kind: str, name: str, seen: set[str], report: FsckReport
+    repo: Repository,
+    start: str,
+    kind: str,
+    name: str,
+    seen: set[str],
+    report: FsckReport,
+    verified: _Verified,
 ) -> None:
     """git fsck's connectivity check from a ref that names no adapter revision."""
     pending = [(start, kind)]
@@ -493,7 +506,7 @@ def _check_git_history(
                 pending.append((info.tree, "tree"))
                 pending.extend((parent, "commit") for parent in info.parents)
             elif kind == "tree":
-                for where, missing in _missing_in_tree(repo, oid):
+                for where, missing in _missing_in_tree(repo, oid, verified.trees):
                     report.problems.append(
                         f"{name}: object {missing} ({where!r}) is missing from the store"
                     )
@@ -535,13 +548,60 @@ class _RevisionCheck:
     problems: list[str] = field(default_factory=list)
 
 
+# How many entries each of _Verified's records keeps before it starts again (a cache: what it
+# forgets is checked again); ~100 bytes each.
+_VERIFIED_KEPT = 1 << 20
+
+
+def _remember(record: set[Any], items: Iterable[Any]) -> None:
+    """Add `items` to one of _Verified's records, emptied first when it holds _VERIFIED_KEPT."""
+    if len(record) >= _VERIFIED_KEPT:
+        record.clear()
+    record.update(items)
+
+
+class _Verified:
+    """What this fsck found sound. Objects are named by their content, so what one revision's
+    check verified holds for every revision that names it: 20,000 commits of one tree (or a
+    history whose frozen modules never change) are decoded once, not once per commit."""
+
+    def __init__(self) -> None:
+        self.trees: set[str] = set()  # trees with every object below them present
+        self.blobs: set[str] = set()  # config and extra-file blobs read
+        # (tensor blob, the record it was decoded against), as a keyed 16-byte hash: a blob
+        # verified against one record says nothing of another record naming it.
+        self.tensors: set[bytes] = set()
+        self.revisions: dict[str, int] = {}  # root tree checked clean -> its tensor count
+        self._key = os.urandom(16)  # a received repository cannot aim a collision at it
+
+    def tensor_key(self, record: TensorRecord) -> bytes:
+        """A record, but for its name (only messages use it), with its blob, as 16 bytes."""
+        fields = [record.blob, record.dtype, record.shape, record.end - record.start, record.sha256]
+        text = json.dumps(fields).encode()
+        return hashlib.blake2b(text, digest_size=16, key=self._key).digest()
+
+
 def _check_revision(
-    repo: Repository, oid: str, name: str, bad: set[str], progress: PhaseProgress
+    repo: Repository,
+    oid: str,
+    name: str,
+    bad: set[str],
+    progress: PhaseProgress,
+    verified: _Verified,
 ) -> _RevisionCheck:
-    """Read one revision, decode each tensor, read each file, and check its tree is complete."""
+    """Read one revision, decode each tensor, read each file, and check its tree is complete;
+    what `verified` holds already is not read again, and what is found sound is added to it."""
     check = _RevisionCheck()
     try:
-        check.parents = list(repo.commit_info(oid).parents)
+        info = repo.commit_info(oid)
+        check.parents = list(info.parents)
+        known = verified.revisions.get(info.tree)
+        if known is not None and oid not in bad:
+            # A revision is its root tree (the commit adds parents and a message): one checked
+            # clean under another commit is clean under this one.
+            check.revisions, check.tensors = 1, known
+            progress("tensors", known)
+            return check
         rev = repo.read_revision(oid)
         check.revisions = 1
         _ = rev.config_bytes
@@ -555,24 +615,34 @@ def _check_revision(
                 f"commit {oid[:12]}: tensor {record.name} is in corrupt object {record.blob}"
             )
             continue
+        key = verified.tensor_key(record)
         try:
-            repo.tensor_bytes(record.blob, record.name, expect=record)
+            if key not in verified.tensors:
+                repo.tensor_bytes(record.blob, record.name, expect=record)
+                _remember(verified.tensors, (key,))
             check.tensors += 1
         except MintError as err:
             check.problems.append(f"commit {oid[:12]}: {err}")
         progress("tensors", 1)
     for file in rev.manifest.files:
+        if file.blob in verified.blobs:
+            continue
         try:
             repo.read_blob(file.blob, what=file.path)
+            _remember(verified.blobs, (file.blob,))
         except MintError as err:
             check.problems.append(f"commit {oid[:12]}: {err}")
     try:
-        for where, missing in _missing_in_tree(repo, rev.info.tree):
+        for where, missing in _missing_in_tree(repo, rev.info.tree, verified.trees):
             check.problems.append(
                 f"commit {oid[:12]}: object {missing} ({where!r}) is missing from the store"
             )
     except MintError as err:
         check.problems.append(f"commit {oid[:12]}: {err}")
+    if not check.problems:
+        if len(verified.revisions) >= _VERIFIED_KEPT:
+            verified.revisions.clear()
+        verified.revisions[rev.info.tree] = check.tensors
     return check
 
 
@@ -607,6 +677,7 @@ def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckRep
     _check_packs(repo, report, progress)
     seen_commits: set[str] = set()
     seen_git: set[str] = set()  # apart: a revision also reached from a notes ref is still decoded
+    verified = _Verified()
     for name, value in [("HEAD", repo.head_commit()), *repo.refs.iter_refs("refs/")]:
         if value is None:
             continue
@@ -617,7 +688,7 @@ def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckRep
             continue
         if target != "commit" or not name.startswith(_REVISION_REFS):
             # A git tag of a tree or blob, git notes, a stash: git objects, not revisions.
-            _check_git_history(repo, start, target, name, seen_git, report)
+            _check_git_history(repo, start, target, name, seen_git, report, verified)
             continue
         # Every parent, not only the first: a merge made with git brings in a second history.
         pending = [start]
@@ -626,12 +697,13 @@ def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckRep
             if oid in seen_commits:
                 continue
             seen_commits.add(oid)
-            check = _check_revision(repo, oid, name, bad, progress)
+            check = _check_revision(repo, oid, name, bad, progress, verified)
             if check.problems:
                 # A gc may have moved what this read between loose files and packs, or replaced
                 # a pack, under the store's cached view: only what a fresh view confirms counts.
+                # (`verified` holds only what was found sound, which a gc does not change.)
                 repo.close()
-                check = _check_revision(repo, oid, name, bad, _no_progress)
+                check = _check_revision(repo, oid, name, bad, _no_progress, verified)
             # Parents first: damage in this revision must not hide the older ones.
             pending.extend(reversed(check.parents))
             report.revisions += check.revisions
