@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from mintvcs import hooks
-from mintvcs.adapter import CONFIG_FILE, GIT_DIR, WEIGHTS_FILE, AdapterFiles, read_adapter
+from mintvcs.adapter import (
+    CONFIG_FILE,
+    GIT_DIR,
+    WEIGHTS_FILE,
+    AdapterFiles,
+    extra_files,
+    read_adapter,
+)
 from mintvcs.base import BaseModel, read_base_model
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
@@ -720,13 +727,18 @@ def _status(repo: Repository) -> tuple[Status, AdapterFiles | None]:
     try:
         work = read_adapter(repo.work_tree)
     except MintError as err:
-        empty = not any(p.name != GIT_DIR for p in repo.work_tree.iterdir())
-        if empty:  # every file HEAD holds is gone
-            changes = []
-            if head is not None:
-                files = [f.path for f in repo.read_revision(head).manifest.files]
-                changes = [("removed", p) for p in (CONFIG_FILE, WEIGHTS_FILE, *files)]
-            return Status(branch, head, changes), None
+        gone = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (repo.work_tree / f).is_file()]
+        if head is not None and gone:  # as git status: a deleted file is a change
+            rev = repo.read_revision(head)
+            changes = [("removed", f) for f in gone]
+            config = repo.work_tree / CONFIG_FILE
+            if CONFIG_FILE not in gone and config.read_bytes() != rev.config_bytes:
+                changes.append(("modified", CONFIG_FILE))
+            return Status(
+                branch, head, changes + _file_changes(extra_files(repo.work_tree), rev)
+            ), None
+        if head is None and not any(p.name != GIT_DIR for p in repo.work_tree.iterdir()):
+            return Status(branch, head, []), None  # no commit yet, and nothing to commit
         return Status(branch, head, [], str(err)), None
     if head is None:
         added = [("added", CONFIG_FILE), ("added", WEIGHTS_FILE)]
@@ -754,15 +766,22 @@ def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[
     changes += [("removed", f"{WEIGHTS_FILE}:{name}") for name in committed]
     if not changes and work.layout.header != repo.read_blob(rev.manifest.header_blob):
         changes.append(("modified", f"{WEIGHTS_FILE} (header)"))
+    return changes + _file_changes(work.extra_files, rev)
+
+
+def _file_changes(
+    work_files: dict[str, tuple[bytes, bool]], rev: Revision
+) -> list[tuple[str, str]]:
+    """(kind, path) for the extra files that differ between the work tree's and revision `rev`'s."""
+    changes: list[tuple[str, str]] = []
     committed_files = {f.path: (f.blob, f.executable) for f in rev.manifest.files}
-    for path, (content, executable) in work.extra_files.items():
+    for path, (content, executable) in work_files.items():
         was = committed_files.pop(path, None)
         if was is None:
             changes.append(("added", path))
         elif (_blob_id(content), executable) != was:  # a mode change is one, as in git
             changes.append(("modified", path))
-    changes += [("removed", path) for path in committed_files]
-    return changes
+    return changes + [("removed", path) for path in committed_files]
 
 
 # ------------------------------------------------------- clean-by-stat record
@@ -810,7 +829,6 @@ def _clean_by_stat(repo: Repository, head: str) -> bool:
             return False
     except OSError:
         return False
-    from mintvcs.adapter import extra_files
 
     committed = {f.path: (f.blob, f.executable) for f in rev.manifest.files}
     present = extra_files(repo.work_tree)

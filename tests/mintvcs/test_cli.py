@@ -392,6 +392,25 @@ def test_status_clean_modified_added_removed(work: Path, tmp_path: Path) -> None
     assert {"status": "modified", "path": CONFIG} in changes
 
 
+
+def test_status_lists_a_deleted_weights_or_config_file_as_removed(work: Path) -> None:
+    # Deleting only the weights file said "work tree is not a readable adapter"; git status
+    # lists a deleted file, and so did ours when every file was gone.
+    commit(work, "first", "--no-verify")
+    weights = (work / WEIGHTS).read_bytes()
+    (work / WEIGHTS).unlink()
+    (work / "notes.txt").write_text("eval notes\n")
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert state["error"] is None and not state["clean"]
+    assert state["changes"] == [
+        {"status": "removed", "path": WEIGHTS},
+        {"status": "added", "path": "notes.txt"},
+    ]
+    (work / WEIGHTS).write_bytes(weights)
+    (work / CONFIG).unlink()
+    assert "removed:   adapter_config.json" in mint(work, "status").stdout
+
+
 # ----------------------------------------------------------------- branch
 def test_branch_create_list_force_delete(work: Path) -> None:
     first = commit(work, "first", "--no-verify")
