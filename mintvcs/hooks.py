@@ -13,13 +13,18 @@ from mintvcs.errors import MintError
 SAMPLES = ("pre-commit", "commit-msg", "post-commit", "ref-update", "update")
 # update acts only on `git push` into the repository (git runs it; mintvcs never does).
 INSTALLED_BY_INIT = ("pre-commit", "update")
-# Earlier shipped versions of the samples that start Python, by git blob id. They ran it
-# without -I, with the work tree (whose files a checked-out revision chooses) first on sys.path,
-# so a `json.py` or `mintvcs/validate.py` there ran in their place. One still installed
-# unmodified runs as the current sample: pre-commit in-process, ref-update from the package.
+# Earlier shipped versions of the samples that start Python, by git blob id. Most ran it with
+# the work tree (whose files a checked-out revision chooses) first on sys.path, so a `json.py`
+# or `mintvcs/validate.py` there ran in their place; the last ran it with -I, which also hid the
+# user's site-packages (a `pip install --user`). One still installed unmodified runs as the
+# current sample: pre-commit in-process, ref-update from the package.
 _EARLIER_SAMPLES = {
     "pre-commit": frozenset(
-        {"846d5b701e36d73c8698075f0de15d651e45b6a8", "be295d6060acf472ad42786e330b85ab73a5cbff"}
+        {
+            "846d5b701e36d73c8698075f0de15d651e45b6a8",
+            "be295d6060acf472ad42786e330b85ab73a5cbff",
+            "577b2e8207ee59f53ad96a6cd962558a55e7bc99",
+        }
     ),
     "ref-update": frozenset(
         {
@@ -28,6 +33,7 @@ _EARLIER_SAMPLES = {
             "b00acf56acca5cd4a31bbc42224aa568174cf52f",
             "1b3d05c2df04ec4e461665c792c57e9345f7ad4d",
             "b7977deb3ebdd06b8c21cb63db2ad843df26de0e",
+            "d4b82712a2f856fd08b8f8fdc2e80605e4877e17",
         }
     ),
 }
@@ -194,7 +200,8 @@ def _refuse_nested(git_dir: Path, hook: Path) -> None:
         f"not running {hook}: this repository lies inside the work tree of the {kind} repository "
         f"at {where}, so its hooks may have come with that work tree's files (a project that "
         f"tracks a .mint, a revision that carries a store); if they are yours, trust them with "
-        f"`git config --global --add mint.safeHooks {own}`, or skip hooks with --no-verify"
+        f"`git config --global --add mint.safeHooks {own}`"
+        + (", or skip hooks with --no-verify" if hook.name in ("pre-commit", "commit-msg") else "")
     )
 
 

@@ -392,7 +392,6 @@ def test_status_clean_modified_added_removed(work: Path, tmp_path: Path) -> None
     assert {"status": "modified", "path": CONFIG} in changes
 
 
-
 def test_status_lists_a_deleted_weights_or_config_file_as_removed(work: Path) -> None:
     # Deleting only the weights file said "work tree is not a readable adapter"; git status
     # lists a deleted file, and so did ours when every file was gone.

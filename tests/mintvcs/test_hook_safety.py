@@ -55,12 +55,6 @@ def run(
     )
 
 
-def isolated_python_finds_mintvcs() -> bool:
-    """The samples run `python -I`: mintvcs must be installed (a virtualenv, editable or not)."""
-    probe = [sys.executable, "-I", "-c", "import mintvcs"]
-    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
-
-
 @pytest.fixture
 def planted(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> tuple[Path, Path]:
     """A work tree whose checked-out revision holds `json.py`, `mintvcs/__init__.py` and
@@ -79,7 +73,6 @@ def planted(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> tuple[Path, 
     return work, marks
 
 
-@pytest.mark.skipif(not isolated_python_finds_mintvcs(), reason="mintvcs is not installed")
 def test_sample_hooks_import_nothing_from_the_work_tree(planted: tuple[Path, Path]) -> None:
     work, marks = planted
     hooks = work / ".mint" / "hooks"
@@ -103,6 +96,28 @@ def test_sample_hooks_import_nothing_from_the_work_tree(planted: tuple[Path, Pat
     result = run(work, "commit", "-m", "mine")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in marks.iterdir()) == []
+
+
+def test_an_edited_pre_commit_keeps_pythonpath_and_the_user_site(
+    planted: tuple[Path, Path],
+) -> None:
+    # The samples ran `python -I`, which also hides PYTHONPATH and the user's site-packages
+    # (where `pip install --user` puts mintvcs): an edited pre-commit refused every commit.
+    # A sitecustomize on PYTHONPATH that only the hook's Python (MINT_ADAPTER_DIR set) reports.
+    work, marks = planted
+    site = work.parent / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\nif 'MINT_ADAPTER_DIR' in os.environ:\n"
+        f"    open(os.path.join({str(marks)!r}, 'sitecustomize'), 'w').close()\n"
+    )
+    pre_commit = work / ".mint" / "hooks" / "pre-commit"
+    pre_commit.write_text(pre_commit.read_text() + "# our team's hook\n")
+    paths = [str(site), *filter(None, ENV.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join(paths)}
+    result = run(work, "commit", "-m", "mine", "--allow-empty", env=env)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in marks.iterdir()) == ["sitecustomize"]
 
 
 def test_an_earlier_sample_runs_as_the_current_one(planted: tuple[Path, Path]) -> None:
@@ -212,9 +227,11 @@ def test_a_cloned_project_that_tracks_a_mint_runs_none_of_its_hooks(
     assert result.returncode == 0, result.stderr
     assert f"inside the work tree of the git repository at {victim}" in result.stderr
     assert f"git config --global --add mint.safeHooks {cloned}" in result.stderr
+    assert "--no-verify" not in result.stderr  # it skips pre-commit and commit-msg only
     set_value(cloned, tensor_names(cloned)[0], 0, 0.25)
     refused = run(cloned, "commit", "-m", "mine")
     assert refused.returncode != 0 and "mint.safeHooks" in refused.stderr, refused.stderr
+    assert "or skip hooks with --no-verify" in refused.stderr
     committed = run(cloned, "commit", "-m", "mine", "--no-verify")  # post-commit: skipped
     assert committed.returncode == 0 and "mint.safeHooks" in committed.stderr
     assert sorted(p.name for p in marks.iterdir()) == []
