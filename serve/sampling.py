@@ -382,6 +382,7 @@ class IncrementalDetokenizer:
         self._counted = len(self._window)  # those of the window whose text is in self.text
         self.text = ""
         self._pending = ""  # text of the uncounted ids, which ends inside a character
+        self._skipped: dict[int, bool] = {}  # token id -> a special token that decode skips
 
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
@@ -410,9 +411,26 @@ class IncrementalDetokenizer:
         self._pending = ""
         if new:  # the window moves to this text's first token; a token with none keeps it
             del self._window[: self._counted]
+        elif self._is_skipped(token_id):
+            # The text is the same with or without it: kept out of the window, so that a run of
+            # them (EOS after EOS under ignore_eos) does not make every decode longer.
+            self._window.pop()
         self._counted = len(self._window)
         self.text += new
         return new
+
+    def _is_skipped(self, token_id: int) -> bool:
+        """Whether decode leaves `token_id` out (a special token under skip_special_tokens)."""
+        if not self.skip_special_tokens:
+            return False
+        known = self._skipped.get(token_id)
+        if known is None:
+            decode = self.tokenizer.decode
+            known = self._skipped[token_id] = (
+                decode([token_id], skip_special_tokens=True) == ""
+                and decode([token_id], skip_special_tokens=False) != ""
+            )
+        return known
 
     def flush(self) -> str:
         """At the end of a sequence: accept the pending tail as decoded (replacement characters included)."""

@@ -302,3 +302,27 @@ def test_a_character_left_unfinished_is_kept_whatever_ends_the_output() -> None:
         events = [seq.append(t) for t in ids]
         assert "".join(e.text for e in events) == expected
         assert events[-1].finish_reason == reason
+
+
+def test_a_run_of_skipped_special_tokens_keeps_the_decodes_short() -> None:
+    # EOS after EOS (ignore_eos) added no text, so the window never moved and every decode
+    # grew by one token: 4,000 of them cost ~1 s on the step thread.
+    from mintvcs.serve.sampling import IncrementalDetokenizer
+
+    tokenizer, vocab = _byte_fallback_tokenizer()
+    sizes: list[int] = []
+
+    class Counting:
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            sizes.append(len(ids))
+            return str(tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    output = [vocab["▁answer"], *[2] * 500, vocab["▁is"]]
+    for skip in (True, False):
+        sizes.clear()
+        detok = IncrementalDetokenizer(Counting(), [vocab["▁The"]], skip_special_tokens=skip)
+        text = "".join(detok.add(t) for t in output)
+        prompt_text = tokenizer.decode([vocab["▁The"]], skip_special_tokens=skip)
+        whole = tokenizer.decode([vocab["▁The"], *output], skip_special_tokens=skip)
+        assert text == whole[len(prompt_text) :]
+        assert max(sizes) <= 3
