@@ -216,7 +216,8 @@ def fits_files(name: str) -> bool:
     mintvcs does not use them (no loose ref or lock file could be written for one), but lists
     them as ignored, keeps what they point to in gc, and deletes them.
     """
-    return len(name) <= _MAX_COMPONENT or not any(map(_too_long, name.split("/")))
+    short = name.isascii() and len(name) <= _MAX_COMPONENT  # else count each part's bytes
+    return short or not any(map(_too_long, name.split("/")))
 
 
 def check_name_type(name: object) -> None:

@@ -600,8 +600,10 @@ def test_a_tree_changed_with_git_is_refused_not_read_through_its_manifest(work: 
     assert not report["ok"] and any("changed with git" in p for p in report["problems"])
 
 
+# ASCII, and 84 three-byte characters: 252 bytes, which a count of characters took for 84.
+@pytest.mark.parametrize(("branch", "tag"), [("n" * 300, "t" * 300), ("中" * 84, "標" * 84)])
 def test_a_ref_name_no_file_can_hold_is_ignored_kept_by_gc_and_deletable(
-    work: Path, tmp_path: Path
+    work: Path, tmp_path: Path, branch: str, tag: str
 ) -> None:
     # git takes a ref whose component is over 250 bytes, and `git clone` writes it into
     # packed-refs, where no file name limit applies. `branch` (and --json) and `gc` failed on it
@@ -610,7 +612,6 @@ def test_a_ref_name_no_file_can_hold_is_ignored_kept_by_gc_and_deletable(
     tree = git(git_dir, "rev-parse", "main^{tree}").stdout.strip()
     only_long = git(git_dir, "commit-tree", tree, "-p", "main", "-m", "kept").stdout.strip()
     main = git(git_dir, "rev-parse", "main").stdout.strip()
-    branch, tag = "n" * 300, "t" * 300
     git(git_dir, "pack-refs", "--all")
     packed = (git_dir / "packed-refs").read_text().splitlines(keepends=True)
     packed += [f"{only_long} refs/heads/{branch}\n", f"{main} refs/tags/{tag}\n"]
