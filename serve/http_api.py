@@ -1315,9 +1315,10 @@ def _list_models(state: ServerState, prefix: str, limit: int) -> dict[str, Any]:
                 truncated = True
                 break
             try:
-                if state.repo.peel_object(oid)[1] != "commit":
+                commit, what = state.repo.peel_object(oid)
+                if what != "commit":
                     continue  # a git tag of a tree or blob names no revision to serve
-                entry = _model_object(state, kind, name, oid)
+                entry = _model_object(state, kind, name, commit)
             except MintError as err:  # its object is missing or corrupt
                 broken(name, err)
                 continue
@@ -1333,8 +1334,8 @@ def _list_models(state: ServerState, prefix: str, limit: int) -> dict[str, Any]:
 _MODEL_KINDS = (("branch", "refs/heads/"), ("tag", "refs/tags/"))
 
 
-def _model_object(state: ServerState, kind: str, ref: str, oid: str) -> dict[str, Any]:
-    commit = state.repo.peel(oid)
+def _model_object(state: ServerState, kind: str, ref: str, commit: str) -> dict[str, Any]:
+    """The /v1/models entry of `ref`, which names `commit` (tags already peeled)."""
     return {
         "id": ref.removeprefix("refs/heads/").removeprefix("refs/tags/"),
         "object": "model",
@@ -1376,7 +1377,7 @@ async def model(request: web.Request) -> web.Response:
         except InvalidRefNameError:
             oid = None  # no branch or tag can have that name
         if oid is not None:
-            entry = _model_object(state, kind, ref, oid)
+            entry = _model_object(state, kind, ref, state.repo.peel(oid))
             if name.startswith(root):
                 entry["id"] = name
             return web.json_response(entry)

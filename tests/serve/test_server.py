@@ -510,6 +510,27 @@ def test_models_lists_branches_and_tags(server: BackgroundServer, repo: Reposito
     assert [m["id"] for m in body["data"]] == ["product-b", "prod"]
 
 
+
+def test_models_reads_each_listed_commit_once(
+    server: BackgroundServer, repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each listed ref's object was read three times (peeled to check its type, peeled again,
+    # parsed for its date): /v1/models?limit=10000 took 4.6 s on 21k refs.
+    store = server.state.repo
+    request(server.url + "/v1/models")  # commit dates are remembered from here on
+    reads: list[str] = []
+    get_object = store.get_object
+
+    def counting(oid: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(oid)
+        return get_object(oid, *args, **kwargs)
+
+    monkeypatch.setattr(store, "get_object", counting)
+    listed = request(server.url + "/v1/models")[2]["data"]
+    revisions = [m["revision"] for m in listed if m["object"] == "model" and "revision" in m]
+    assert len(revisions) >= 3 and len(reads) == len(revisions), (reads, revisions)
+
+
 def test_notify_for_an_annotated_tag_takes_the_tag_object_as_its_value(
     server: BackgroundServer, repo: Repository
 ) -> None:
