@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import mmap
@@ -1516,7 +1517,7 @@ def auto_gc_due(repo: Repository) -> bool:
     pack_limit, loose_limit = auto_limits(repo)
     if _over(pack_count(repo), pack_limit):
         return True
-    return loose_limit is not None and _loose_count(repo) > loose_limit
+    return loose_limit is not None and _loose_over(repo, loose_limit)
 
 
 class GcStartError(MintError):
@@ -1595,8 +1596,21 @@ def pack_count(repo: Repository) -> int:
         return 0
 
 
-def _loose_count(repo: Repository) -> int:
-    return sum(1 for _ in _loose_files(repo))
+# From this gc.auto on, the loose objects are counted in one fan-out directory, as git does:
+# every commit asks, and listing thousands of files cost more than the commit itself.
+_ESTIMATE_FROM = 2560
+
+
+def _loose_over(repo: Repository, limit: int) -> bool:
+    """Whether there are more than `limit` loose objects (estimated from objects/17 past _ESTIMATE_FROM)."""
+    if limit < _ESTIMATE_FROM:  # few files to list at most: count them, stopping past the limit
+        return sum(1 for _ in itertools.islice(_loose_files(repo), limit + 1)) > limit
+    try:
+        with os.scandir(repo.git_dir / "objects" / "17") as entries:
+            sample = sum(1 for e in entries if _LOOSE_NAME.match(e.name))
+    except FileNotFoundError:
+        return False
+    return sample > -(-limit // 256)  # git's: more than ceil(gc.auto / 256) in one of 256
 
 
 def _roll_up(

@@ -270,3 +270,30 @@ def test_a_long_lived_reader_resolves_short_ids_after_another_process_repacks(wo
         assert reader.resolve(head[:10]) == head
         newest = reader.resolve("main")
         assert newest != head and reader.resolve(newest[:12]) == newest
+
+
+def test_many_loose_objects_are_counted_in_one_fan_out_directory(tmp_path: Path) -> None:
+    # Each commit asks whether gc is due: counting every loose object (45 ms at ~6,000, more
+    # than the commit) is now, past a few thousand, git's estimate from objects/17.
+    from mintvcs.maintenance import auto_gc_due
+
+    repo = porcelain.init(tmp_path / "repo", install_hooks=False)
+    objects = repo.git_dir / "objects"
+    git(repo.git_dir, "config", "gc.autoPackLimit", "0")  # the loose trigger alone
+
+    def plant(fan: str, count: int) -> None:
+        (objects / fan).mkdir(exist_ok=True)
+        for i in range(count):
+            (objects / fan / f"{i:038x}").write_bytes(b"")
+
+    plant("17", 27)  # 27 x 256 = 6,912: at git's line for gc.auto 6,700, ceil(6,700 / 256) = 27
+    assert not auto_gc_due(repo)
+    plant("18", 5000)  # elsewhere: not looked at
+    assert not auto_gc_due(repo)
+    plant("17", 28)
+    assert auto_gc_due(repo)  # 28 in one of 256: about 7,168, past the limit
+    repo.close()
+    git(objects.parent, "config", "gc.auto", "100")  # few: counted exactly
+    (objects / "17" / f"{0:038x}").unlink()
+    with Repository.open(objects.parent) as repo:
+        assert auto_gc_due(repo)  # 5,027 > 100

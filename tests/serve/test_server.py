@@ -510,7 +510,6 @@ def test_models_lists_branches_and_tags(server: BackgroundServer, repo: Reposito
     assert [m["id"] for m in body["data"]] == ["product-b", "prod"]
 
 
-
 def test_models_reads_each_listed_commit_once(
     server: BackgroundServer, repo: Repository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
