@@ -15,6 +15,7 @@ import threading
 import time
 import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -89,6 +90,8 @@ _THREADED_DECODE_BYTES = 1 << 20  # mean tensor size from which decoding uses th
 _DECODE_CHUNK_BYTES = 16 << 20
 # Manifests remembered as agreeing with their safetensors header (~100 bytes each), per Repository.
 _AGREEING_MANIFESTS_KEPT = 1 << 16
+# Commits whose parents a Repository remembers for `~N`/`^N` (~300 bytes each, so ~10 MB at most).
+_PARENTS_KEPT = 1 << 15
 ProgressFn = Callable[[int], None]
 
 
@@ -374,6 +377,10 @@ class Repository:
         self._shallow: tuple[tuple[int, int, int], frozenset[str]] | None = None
         # Manifest blobs whose safetensors header was found to agree with them (_check_header).
         self._agreeing_manifests: set[str] = set()
+        # Commit id -> its parents as the object lists them, least recently used first (see
+        # _parents_of); its own lock, as the server's ref watcher resolves on worker threads.
+        self._parents: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._parents_lock = threading.Lock()
         _OPEN.add(self)
 
     def __enter__(self) -> Repository:
@@ -1008,17 +1015,40 @@ class Repository:
     # --------------------------------------------------------------- revisions
     def commit_info(self, oid: str) -> CommitInfo:
         """Decode a commit object."""
-        from dulwich.objects import Commit
-
-        obj = self.get_object(oid, what=f"commit {oid[:12]}")
-        if not isinstance(obj, Commit):
-            raise UnknownRevisionError(f"{oid} is a {obj.type_name.decode()}, not a commit")
-        info = _commit_info(obj)
+        info = self._read_commit(oid)
         if info.parents and oid in self.shallow_commits():
             # A shallow clone's boundary: as git, it has no parents (they were never fetched),
             # so log, fsck and `~N` stop there instead of failing on a missing object.
             info = replace(info, parents=())
         return info
+
+    def _read_commit(self, oid: str) -> CommitInfo:
+        """A commit object decoded, its parents as it lists them (commit_info trims a shallow
+        clone's boundary)."""
+        from dulwich.objects import Commit
+
+        obj = self.get_object(oid, what=f"commit {oid[:12]}")
+        if not isinstance(obj, Commit):
+            raise UnknownRevisionError(f"{oid} is a {obj.type_name.decode()}, not a commit")
+        return _commit_info(obj)
+
+    def _parents_of(self, oid: str, shallow: frozenset[str]) -> tuple[str, ...]:
+        """A commit's parents as commit_info gives them (none at a `shallow` boundary), read
+        once: a commit never changes, so the `~N` walks that the server's ref watcher resolves
+        again after every move of their branch (`main~1` ... `main~K`) cost K remembered
+        lookups each, not K commit reads. The most recently used _PARENTS_KEPT are kept."""
+        with self._parents_lock:
+            parents = self._parents.get(oid)
+            if parents is not None:
+                self._parents.move_to_end(oid)
+        if parents is None:
+            # Untrimmed: `.mint/shallow` may change (`fetch --deepen`), the commit cannot.
+            parents = self._read_commit(oid).parents
+            with self._parents_lock:
+                self._parents[oid] = parents
+                while len(self._parents) > _PARENTS_KEPT:
+                    self._parents.popitem(last=False)
+        return () if parents and oid in shallow else parents
 
     def read_revision(self, commit_id: str) -> Revision:
         """Load a revision's manifest (tensors are decoded on demand)."""
@@ -1408,18 +1438,20 @@ class Repository:
             oid = self._resolve_reflog(base, selector, spec)
         else:
             oid = self._resolve_name(name or "HEAD", spec)
-        for step in _STEP.findall(suffix):
+        steps = _STEP.findall(suffix)
+        shallow = self.shallow_commits() if steps else frozenset()
+        for step in steps:
             if step.startswith("^{"):
                 continue  # `^{}` / `^{commit}`: peel to a commit, which every step already did
             count = int(step[1:]) if len(step) > 1 else 1
             if step[0] == "~":
                 for _ in range(count):
-                    parents = self.commit_info(oid).parents
+                    parents = self._parents_of(oid, shallow)
                     if not parents:
                         raise UnknownRevisionError(f"revision {spec!r} goes past the first commit")
                     oid = parents[0]
             elif count:  # `^0` is the commit itself: nothing to read
-                parents = self.commit_info(oid).parents
+                parents = self._parents_of(oid, shallow)
                 if count > len(parents):
                     raise UnknownRevisionError(
                         f"revision {spec!r}: commit {oid[:12]} has no parent {count}"
@@ -1504,7 +1536,9 @@ class Repository:
             except InvalidRefNameError:
                 oid = None  # `name` cannot be this kind of ref: try the next reading
             if oid is not None:
-                return self.peel(oid)
+                with self._parents_lock:
+                    known = oid in self._parents  # a commit a walk read: no tag to peel
+                return oid if known else self.peel(oid)
         if ref == "HEAD" and name in ("HEAD", "@"):
             raise UnknownRevisionError("HEAD does not point to a commit yet: make a first commit")
         if _HEX.match(name):

@@ -231,3 +231,41 @@ def test_pack_with_duplicate_tensors_is_valid(tmp_path: Path) -> None:
         subprocess.run(
             ["git", "--git-dir", str(work / ".mint"), "verify-pack", str(idx)], env=ENV, check=True
         )
+
+
+def test_parent_walks_are_remembered_boundedly_and_follow_the_shallow_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `~N` reads each commit once per Repository (commits never change), keeps only the most
+    # recently used few, and still stops at a shallow boundary listed after the walk was made.
+    import mintvcs.store as store
+
+    src = handmade_adapter(tmp_path / "src", {"w.lora_A.weight": ("F32", [2, 2], bytes(16))})
+    repo = porcelain.init(tmp_path / "work", install_hooks=False)
+    first = porcelain.commit(repo, "one", source=src, verify=False, show_progress=False).commit
+    who = "T <t@example.com> 1700000000 +0000"
+    chain = [first]
+    for n in range(6):
+        chain.append(repo.write_commit(repo.commit_info(first).tree, [chain[-1]], f"{n}", who, who))
+    git(repo.git_dir, "update-ref", "refs/heads/main", chain[-1])
+    monkeypatch.setattr(store, "_PARENTS_KEPT", 4)
+    reads: list[str] = []
+    get_object = repo.get_object
+
+    def counting(oid: str, **kwargs: object) -> object:
+        reads.append(oid)
+        return get_object(oid, **kwargs)
+
+    monkeypatch.setattr(repo, "get_object", counting)
+    assert repo.resolve("main~2") == chain[-3]
+    assert len(reads) == 3  # main peeled, then two walked
+    reads.clear()
+    assert repo.resolve("main~2") == repo.resolve("main^^") == chain[-3]
+    assert reads == []
+    assert repo.resolve("main~6") == first
+    assert len(repo._parents) == 4
+    (repo.git_dir / "shallow").write_text(f"{chain[-2]}\n")
+    with pytest.raises(store.UnknownRevisionError, match="past the first commit"):
+        repo.resolve("main~2")
+    (repo.git_dir / "shallow").unlink()
+    assert repo.resolve("main~2") == chain[-3]

@@ -224,3 +224,38 @@ def test_refresh_reports_the_moves_of_every_cached_spec(tmp_path: Path, peft_ada
         ("main~0", first, second),
     }
     assert watcher.poll(reread=True) == []
+
+
+def test_a_move_rereads_no_commit_behind_it(
+    tmp_path: Path, peft_adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `main~1` ... `main~K` in use: when main moves, each is resolved again. Commits never
+    # change, so the walks read only the new commit, not ~K²/2 commits (seconds at K = 300).
+    from tests.mintvcs.storekit import git
+
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    tree = repo.commit_info(first).tree
+    who = "T <t@example.com> 1700000000 +0000"
+    tip = first
+    for n in range(25):
+        tip = repo.write_commit(tree, [tip], f"step {n}", who, who)
+    git(repo.git_dir, "update-ref", "refs/heads/main", tip)
+    watcher = RefWatcher(repo)
+    specs = [f"main~{k}" for k in range(1, 21)]
+    before = {spec: watcher.resolve(spec).commit for spec in specs}
+    moved = repo.write_commit(tree, [tip], "moved", who, who)
+    git(repo.git_dir, "update-ref", "refs/heads/main", moved)
+    reads: list[str] = []
+    get_object = repo.get_object
+
+    def counting(oid: str, **kwargs: object) -> object:
+        reads.append(oid)
+        return get_object(oid, **kwargs)
+
+    monkeypatch.setattr(repo, "get_object", counting)
+    moves = watcher.poll()
+    assert {m.spec: m.new for m in moves} == {
+        f"main~{k}": before.get(f"main~{k - 1}", tip) for k in range(1, 21)
+    }
+    # The new tip, read to peel it and to walk it; every other commit was remembered.
+    assert reads == [moved, moved]
