@@ -1268,6 +1268,38 @@ def _new_unborn_branch(repo: Repository, name: str) -> CheckoutResult:
 _SLOP = 5
 
 
+def _reaches(repo: Repository, start: str, target: str) -> bool:
+    """Whether `target` is an ancestor of `start`, looked for cheaply: from `start` newest
+    commit first, giving up _SLOP commits after the walk is older than `target` (as git's
+    date-bounded walks; a clock skewed further hides it). False only says it was not found so."""
+    try:
+        floor = repo.commit_info(target).time
+        parents: dict[str, tuple[str, ...]] = {}
+        queue: list[tuple[int, str]] = []
+
+        def push(oid: str) -> None:
+            info = repo.commit_info(oid)
+            parents[oid] = info.parents
+            heapq.heappush(queue, (-info.time, oid))
+
+        push(start)
+        slop = _SLOP
+        while queue:
+            age, oid = heapq.heappop(queue)
+            if oid == target:
+                return True
+            if -age < floor:
+                if not slop:
+                    return False
+                slop -= 1
+            for parent in parents[oid]:
+                if parent not in parents:
+                    push(parent)
+    except MintError:
+        pass  # a commit missing or damaged: the full walk says what it can
+    return False
+
+
 def _left_behind(repo: Repository, old: str, new: str) -> list[str]:
     """Commits reachable from `old` but from no ref and not from `new`, newest first.
 
@@ -1277,6 +1309,8 @@ def _left_behind(repo: Repository, old: str, new: str) -> list[str]:
     """
     tips = {oid for _name, oid in repo.refs.iter_refs("refs/")}
     if old == new or old in tips:  # the common case: HEAD was detached at a branch or tag
+        return []
+    if _reaches(repo, new, old):  # and back from `main~20` to main: no ref tip need be read
         return []
     reached: dict[str, bool] = {}  # each commit seen -> whether a ref or `new` reaches it
     parents: dict[str, tuple[str, ...]] = {}

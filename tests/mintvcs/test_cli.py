@@ -615,6 +615,38 @@ def test_checkout_warns_of_commits_left_behind(work: Path) -> None:
     assert json.loads(mint(work, "checkout", "main", "--json").stdout)["left_behind"] == []
 
 
+def test_leaving_a_detached_head_behind_its_target_reads_no_branch_tip(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Back from `main~1` to main: main holds the old HEAD, found by walking from main, so the
+    commits of 10^5 per-user branches are not read to say that nothing is left behind."""
+    from mintvcs import porcelain
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    for seed in range(3):
+        mutate(work, seed=seed)
+        porcelain.commit(repo, f"step {seed}", verify=False, show_progress=False)
+    main = repo.resolve("main")
+    tree = repo.commit_info(main).tree
+    who = "T <t@example.com> 1700000000 +0000"
+    users = [repo.write_commit(tree, [main], f"user {n}", who, who) for n in range(40)]
+    updates = "".join(f"create refs/heads/u/p{n}\0{oid}\0" for n, oid in enumerate(users))
+    git(work / ".mint", "update-ref", "-z", "--stdin", input_text=updates)
+    porcelain.checkout(repo, "main~2")
+    read: list[str] = []
+    commit_info = repo.commit_info
+
+    def counting(oid: str) -> object:
+        read.append(oid)
+        return commit_info(oid)
+
+    monkeypatch.setattr(repo, "commit_info", counting)
+    assert porcelain.checkout(repo, "main").left_behind == ()
+    assert not set(read) & set(users), "a branch tip was read"
+    assert len(read) < 10, read
+
+
 def test_checkout_refuses_dirty_work_tree_unless_forced(work: Path) -> None:
     first = commit(work, "first", "--no-verify")
     mutate(work, seed=1)
