@@ -408,3 +408,16 @@ def swap_two_offsets(header: dict[str, Any]) -> None:
                 )
                 return
     raise AssertionError("no two tensors of one dtype and shape")
+
+
+def count_reads(repo: Any, monkeypatch: Any) -> list[str]:
+    """The ids `repo.get_object` reads from now on, in order (the list fills as it reads)."""
+    reads: list[str] = []
+    get_object = repo.get_object
+
+    def counting(oid: str, *args: Any, **kwargs: Any) -> Any:
+        reads.append(oid)
+        return get_object(oid, *args, **kwargs)
+
+    monkeypatch.setattr(repo, "get_object", counting)
+    return reads

@@ -55,6 +55,17 @@ def run(
     )
 
 
+def _refuses_non_finite_then_commits(work: Path, bad: float) -> None:
+    """The real mintvcs.validate ran: a commit holding `bad` is refused, a finite one lands."""
+    name = tensor_names(work)[0]
+    set_value(work, name, 0, bad)
+    refused = run(work, "commit", "-m", "non-finite")
+    assert refused.returncode != 0 and "non-finite" in refused.stderr, refused.stderr
+    set_value(work, name, 0, 0.5)
+    result = run(work, "commit", "-m", "mine")
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.fixture
 def planted(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> tuple[Path, Path]:
     """A work tree whose checked-out revision holds `json.py`, `mintvcs/__init__.py` and
@@ -88,13 +99,7 @@ def test_sample_hooks_import_nothing_from_the_work_tree(planted: tuple[Path, Pat
     # pre-commit edited (so it runs as a program): it validates with the real mintvcs.validate.
     pre_commit = hooks / "pre-commit"
     pre_commit.write_text(pre_commit.read_text() + "# our team's hook\n")
-    name = tensor_names(work)[0]
-    set_value(work, name, 0, float("nan"))
-    refused = run(work, "commit", "-m", "nan")
-    assert refused.returncode != 0 and "non-finite" in refused.stderr, refused.stderr
-    set_value(work, name, 0, 0.5)
-    result = run(work, "commit", "-m", "mine")
-    assert result.returncode == 0, result.stderr
+    _refuses_non_finite_then_commits(work, float("nan"))
     assert sorted(p.name for p in marks.iterdir()) == []
 
 
@@ -126,13 +131,7 @@ def test_an_earlier_sample_runs_as_the_current_one(planted: tuple[Path, Path]) -
     work, marks = planted
     pre_commit = work / ".mint" / "hooks" / "pre-commit"
     pre_commit.write_text(EARLIER_PRE_COMMIT)
-    name = tensor_names(work)[0]
-    set_value(work, name, 0, float("inf"))
-    refused = run(work, "commit", "-m", "inf")
-    assert refused.returncode != 0 and "non-finite" in refused.stderr, refused.stderr
-    set_value(work, name, 0, 0.5)
-    result = run(work, "commit", "-m", "mine")
-    assert result.returncode == 0, result.stderr
+    _refuses_non_finite_then_commits(work, float("inf"))
     assert sorted(p.name for p in marks.iterdir()) == []
 
 
@@ -244,17 +243,23 @@ def test_a_cloned_project_that_tracks_a_mint_runs_none_of_its_hooks(
     assert sorted(p.name for p in marks.iterdir()) == ["ref-update"]
 
 
-def test_a_store_carried_by_a_revision_runs_none_of_its_hooks(
-    tmp_path: Path, tiny_base: Path, peft_adapter: Path
-) -> None:
-    # A revision's extra files may lay out a store (HEAD, objects/, refs/, hooks/): found from
-    # the current directory, it was opened as a repository and its hooks ran.
+def _committed_work(tmp_path: Path, tiny_base: Path, peft_adapter: Path) -> tuple[Path, Path]:
+    """A work tree with one commit of `peft_adapter`, and an empty directory for hooks' marks."""
     marks = tmp_path / "marks"
     marks.mkdir()
     work = tmp_path / "work"
     mint(tmp_path, "init", str(work), "--base-model", str(tiny_base))
     copy_adapter(peft_adapter, work)
     mint(work, "commit", "-m", "adapter", "--no-verify")
+    return work, marks
+
+
+def test_a_store_carried_by_a_revision_runs_none_of_its_hooks(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    # A revision's extra files may lay out a store (HEAD, objects/, refs/, hooks/): found from
+    # the current directory, it was opened as a repository and its hooks ran.
+    work, marks = _committed_work(tmp_path, tiny_base, peft_adapter)
     shutil.copytree(work / ".mint", work / "examples")
     _marking_hooks(work / "examples", marks, "ref-update")
     (work / "HEAD").write_text("ref: refs/heads/elsewhere\n")  # and one at the top, too
@@ -280,12 +285,7 @@ def test_hooks_of_a_repository_of_ones_own_run(
     tmp_path: Path, tiny_base: Path, peft_adapter: Path
 ) -> None:
     # Not inside another repository's work tree: hooks run as before, warning-free.
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    work = tmp_path / "work"
-    mint(tmp_path, "init", str(work), "--base-model", str(tiny_base))
-    copy_adapter(peft_adapter, work)
-    mint(work, "commit", "-m", "adapter", "--no-verify")
+    work, marks = _committed_work(tmp_path, tiny_base, peft_adapter)
     _marking_hooks(work / ".mint", marks, "ref-update")
     result = run(work, "checkout", "-b", "next")
     assert result.returncode == 0 and "warning" not in result.stderr, result.stderr

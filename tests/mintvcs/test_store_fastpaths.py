@@ -16,6 +16,7 @@ from mintvcs.store import PACK_THRESHOLD, Repository
 from tests.mintvcs.storekit import (
     ENV,
     WEIGHTS,
+    count_reads,
     git,
     git_fsck,
     handmade_adapter,
@@ -249,14 +250,7 @@ def test_parent_walks_are_remembered_boundedly_and_follow_the_shallow_file(
         chain.append(repo.write_commit(repo.commit_info(first).tree, [chain[-1]], f"{n}", who, who))
     git(repo.git_dir, "update-ref", "refs/heads/main", chain[-1])
     monkeypatch.setattr(store, "_PARENTS_KEPT", 4)
-    reads: list[str] = []
-    get_object = repo.get_object
-
-    def counting(oid: str, **kwargs: object) -> object:
-        reads.append(oid)
-        return get_object(oid, **kwargs)
-
-    monkeypatch.setattr(repo, "get_object", counting)
+    reads = count_reads(repo, monkeypatch)
     assert repo.resolve("main~2") == chain[-3]
     assert len(reads) == 3  # main peeled, then two walked
     reads.clear()

@@ -8,7 +8,7 @@ import pytest
 
 from mintvcs import porcelain
 from mintvcs.serve.refwatch import RefMove, RefWatcher, metric_label
-from tests.mintvcs.storekit import copy_adapter, mutate
+from tests.mintvcs.storekit import copy_adapter, count_reads, mutate
 
 
 def _repo_with_two_revisions(tmp_path: Path, adapter: Path) -> tuple[object, str, Path]:
@@ -245,14 +245,7 @@ def test_a_move_rereads_no_commit_behind_it(
     before = {spec: watcher.resolve(spec).commit for spec in specs}
     moved = repo.write_commit(tree, [tip], "moved", who, who)
     git(repo.git_dir, "update-ref", "refs/heads/main", moved)
-    reads: list[str] = []
-    get_object = repo.get_object
-
-    def counting(oid: str, **kwargs: object) -> object:
-        reads.append(oid)
-        return get_object(oid, **kwargs)
-
-    monkeypatch.setattr(repo, "get_object", counting)
+    reads = count_reads(repo, monkeypatch)
     moves = watcher.poll()
     assert {m.spec: m.new for m in moves} == {
         f"main~{k}": before.get(f"main~{k - 1}", tip) for k in range(1, 21)

@@ -24,6 +24,7 @@ from mintvcs.serve.app import BackgroundServer, ServerConfig, ServerError
 from mintvcs.serve.refwatch import names_an_ancestor
 from mintvcs.store import Repository
 from tests.fixtures import make_peft_adapter
+from tests.mintvcs.storekit import count_reads
 from tests.serve.http_kit import (
     TOKEN,
     commit_on,
@@ -517,14 +518,7 @@ def test_models_reads_each_listed_commit_once(
     # parsed for its date): /v1/models?limit=10000 took 4.6 s on 21k refs.
     store = server.state.repo
     request(server.url + "/v1/models")  # commit dates are remembered from here on
-    reads: list[str] = []
-    get_object = store.get_object
-
-    def counting(oid: str, *args: Any, **kwargs: Any) -> Any:
-        reads.append(oid)
-        return get_object(oid, *args, **kwargs)
-
-    monkeypatch.setattr(store, "get_object", counting)
+    reads = count_reads(store, monkeypatch)
     listed = request(server.url + "/v1/models")[2]["data"]
     revisions = [m["revision"] for m in listed if m["object"] == "model" and "revision" in m]
     assert len(revisions) >= 3 and len(reads) == len(revisions), (reads, revisions)
