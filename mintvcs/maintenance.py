@@ -1029,6 +1029,14 @@ def _last_touched(repo: Repository, oid: str, first_seen: dict[str, float], now:
     return first_seen.get(oid, now)
 
 
+def _touched_lately(path: Path) -> bool:
+    """Whether a loose object file was written or reused within the grace period (gone: no)."""
+    try:
+        return time.time() - path.stat().st_mtime < GC_GRACE_SECONDS
+    except FileNotFoundError:
+        return False
+
+
 def _needed_now(
     repo: Repository,
     scan: _Scan,
@@ -1337,7 +1345,11 @@ def _repack(
     # or moved a ref onto one: look once more, now, just before deleting, and keep those, loose
     # or in the old packs that hold them (the next gc packs them).
     late = {key.decode() for key in needed_late() & unreachable} if unreachable else set()
+    pruned = {key.decode() for key in unreachable}
+    objects = repo.git_dir / "objects"
     for oid in scan.loose - late:  # packed now, or pruned
+        if oid in pruned and _touched_lately(objects / oid[:2] / oid[2:]):
+            continue  # a commit reused it after that last look (it freshens what it reuses)
         with suppress(FileNotFoundError):
             store.delete_loose_object(ObjectID(oid.encode()))
     held = late - scan.loose

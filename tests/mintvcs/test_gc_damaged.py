@@ -11,6 +11,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -405,6 +406,40 @@ def test_gc_keeps_old_objects_a_commit_reuses_while_it_writes_its_pack(
     # the old packs went (nothing of them was needed): the store holds one pack.
     assert result.pruned == 1
     assert len(list((git_dir / "objects" / "pack").glob("*.pack"))) == 1
+
+
+def test_gc_keeps_old_objects_a_commit_reuses_after_its_last_look(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above, but the commit reuses them after gc's last look at refs and ages, while gc
+    # deletes: gc deleted every loose object that look had not kept, and the commit that
+    # exited 0 named missing objects (6 of 10 runs with 30,000 loose objects to delete).
+    from mintvcs import maintenance, porcelain
+    from mintvcs.store import Repository
+
+    git_dir = work / ".mint"
+    adapter = _abandoned_long_ago(work, tmp_path, seed=33)
+    needed_now = maintenance._needed_now
+    looks: list[int] = []
+    landed: list[str] = []
+
+    def look_then_commit(*args: Any) -> Any:
+        needed = needed_now(*args)
+        looks.append(1)
+        if len(looks) == 2:  # the look before deleting: the commit lands right after it
+            with Repository.open(work) as other:
+                result = porcelain.commit(
+                    other, "again", source=adapter, verify=False, show_progress=False
+                )
+            landed.append(result.commit)
+        return needed
+
+    monkeypatch.setattr(maintenance, "_needed_now", look_then_commit)
+    with Repository.open(work) as repo:
+        maintenance.gc(repo)
+    assert landed and git(git_dir, "rev-parse", "main").stdout.strip() == landed[0]
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    git_fsck(work)
 
 
 def test_gc_clears_what_a_gc_killed_mid_index_left(work: Path) -> None:
