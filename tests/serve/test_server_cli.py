@@ -28,6 +28,9 @@ def _start(args: list[str]) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # SIGHUP as a terminal's process gets it, whatever the runner left (under nohup the
+        # server rightly keeps ignoring it, and the SIGHUP test would wait for nothing).
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
 
 
