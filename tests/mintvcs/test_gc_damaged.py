@@ -347,34 +347,45 @@ def _abandoned_long_ago(work: Path, tmp_path: Path, seed: int) -> Path:
     return adapter
 
 
+def _commit_again(work: Path, adapter: Path) -> str:
+    """Commit `adapter` to main from another Repository, as a concurrent process would."""
+    from mintvcs import porcelain
+    from mintvcs.store import Repository
+
+    with Repository.open(work) as other:
+        return porcelain.commit(
+            other, "again", source=adapter, verify=False, show_progress=False
+        ).commit
+
+
+def _landed_whole(work: Path, landed: list[str]) -> None:
+    """The concurrent commit is main, and the store holds every object of it (fsck, git fsck)."""
+    assert landed and git(work / ".mint", "rev-parse", "main").stdout.strip() == landed[0]
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    git_fsck(work)
+
+
 def test_gc_keeps_old_objects_a_commit_reuses_while_it_runs(
     work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An abandoned revision's tree and blobs are over an hour old and unreachable; a commit of
     # the same adapter reuses them (writing nothing) while gc runs. gc used to delete them
     # from under the new commit.
-    from mintvcs import maintenance, porcelain
+    from mintvcs import maintenance
     from mintvcs.store import Repository
 
-    git_dir = work / ".mint"
     adapter = _abandoned_long_ago(work, tmp_path, seed=31)
     write_first_seen = maintenance._write_first_seen
     landed: list[str] = []
 
     def decide_then_commit(repo: Repository, seen: dict[str, float]) -> None:
         write_first_seen(repo, seen)  # gc has chosen what to prune
-        with Repository.open(work) as other:
-            result = porcelain.commit(
-                other, "again", source=adapter, verify=False, show_progress=False
-            )
-        landed.append(result.commit)
+        landed.append(_commit_again(work, adapter))
 
     monkeypatch.setattr(maintenance, "_write_first_seen", decide_then_commit)
     with Repository.open(work) as repo:
         maintenance.gc(repo)
-    assert git(git_dir, "rev-parse", "main").stdout.strip() == landed[0]
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    git_fsck(work)
+    _landed_whole(work, landed)
 
 
 def test_gc_keeps_old_objects_a_commit_reuses_while_it_writes_its_pack(
@@ -382,7 +393,7 @@ def test_gc_keeps_old_objects_a_commit_reuses_while_it_writes_its_pack(
 ) -> None:
     # As above, but the commit lands while gc writes its new pack, after its last look at
     # refs and ages before packing: gc must look again before it deletes.
-    from mintvcs import maintenance, porcelain
+    from mintvcs import maintenance
     from mintvcs.store import Repository
 
     git_dir = work / ".mint"
@@ -391,17 +402,11 @@ def test_gc_keeps_old_objects_a_commit_reuses_while_it_writes_its_pack(
 
     def commit_while_packing(phase: str, count: int) -> None:
         if phase == "packing" and not landed:
-            with Repository.open(work) as other:
-                result = porcelain.commit(
-                    other, "again", source=adapter, verify=False, show_progress=False
-                )
-            landed.append(result.commit)
+            landed.append(_commit_again(work, adapter))
 
     with Repository.open(work) as repo:
         result = maintenance.gc(repo, progress=commit_while_packing)
-    assert landed and git(git_dir, "rev-parse", "main").stdout.strip() == landed[0]
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    git_fsck(work)
+    _landed_whole(work, landed)
     # Only the abandoned commit itself was pruned (the new one reuses its tree and blobs), and
     # the old packs went (nothing of them was needed): the store holds one pack.
     assert result.pruned == 1
@@ -414,10 +419,9 @@ def test_gc_keeps_old_objects_a_commit_reuses_after_its_last_look(
     # As above, but the commit reuses them after gc's last look at refs and ages, while gc
     # deletes: gc deleted every loose object that look had not kept, and the commit that
     # exited 0 named missing objects (6 of 10 runs with 30,000 loose objects to delete).
-    from mintvcs import maintenance, porcelain
+    from mintvcs import maintenance
     from mintvcs.store import Repository
 
-    git_dir = work / ".mint"
     adapter = _abandoned_long_ago(work, tmp_path, seed=33)
     needed_now = maintenance._needed_now
     looks: list[int] = []
@@ -427,19 +431,13 @@ def test_gc_keeps_old_objects_a_commit_reuses_after_its_last_look(
         needed = needed_now(*args)
         looks.append(1)
         if len(looks) == 2:  # the look before deleting: the commit lands right after it
-            with Repository.open(work) as other:
-                result = porcelain.commit(
-                    other, "again", source=adapter, verify=False, show_progress=False
-                )
-            landed.append(result.commit)
+            landed.append(_commit_again(work, adapter))
         return needed
 
     monkeypatch.setattr(maintenance, "_needed_now", look_then_commit)
     with Repository.open(work) as repo:
         maintenance.gc(repo)
-    assert landed and git(git_dir, "rev-parse", "main").stdout.strip() == landed[0]
-    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
-    git_fsck(work)
+    _landed_whole(work, landed)
 
 
 def test_gc_clears_what_a_gc_killed_mid_index_left(work: Path) -> None:
