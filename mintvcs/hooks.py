@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from mintvcs.errors import MintError
+from mintvcs.ids import blob_id
 
 # Samples shipped in the `hooks/` directory of the source tree (package `mintvcs.hook_samples`).
 SAMPLES = ("pre-commit", "commit-msg", "post-commit", "ref-update", "update")
@@ -246,7 +247,7 @@ def is_sample(git_dir: Path, name: str) -> bool:
         return False
     if not os.access(path, os.X_OK):
         return False
-    return _sample_bytes(name) == installed or _blob_id(installed) in _EARLIER_SAMPLES.get(name, ())
+    return _sample_bytes(name) == installed or blob_id(installed) in _EARLIER_SAMPLES.get(name, ())
 
 
 def _instead_of_earlier_sample(path: Path, name: str) -> bytes | None:
@@ -258,14 +259,7 @@ def _instead_of_earlier_sample(path: Path, name: str) -> bytes | None:
         installed = path.read_bytes()
     except OSError:
         return None
-    return _sample_bytes(name) if _blob_id(installed) in earlier else None
-
-
-def _blob_id(data: bytes) -> str:
-    """The git blob id of `data` (what `git hash-object` prints)."""
-    import hashlib
-
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return _sample_bytes(name) if blob_id(installed) in earlier else None
 
 
 def _sample_bytes(name: str) -> bytes | None:

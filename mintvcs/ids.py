@@ -16,3 +16,10 @@ def is_object_id(value: object) -> bool:
 def is_sha256(value: object) -> bool:
     """True for a sha256 digest as a manifest and a blob header write it (lowercase hex)."""
     return type(value) is str and _SHA256.match(value) is not None
+
+
+def blob_id(content: bytes) -> str:
+    """The git blob id of `content` (what `git hash-object` prints)."""
+    from dulwich.objects import Blob
+
+    return Blob.from_string(content).id.decode()

@@ -30,6 +30,7 @@ from mintvcs.adapter import (
 from mintvcs.base import BaseModel, read_base_model
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
+from mintvcs.ids import blob_id
 from mintvcs.objects import Manifest
 from mintvcs.progress import progress_bar
 from mintvcs.refs import (
@@ -779,7 +780,7 @@ def _file_changes(
         was = committed_files.pop(path, None)
         if was is None:
             changes.append(("added", path))
-        elif (_blob_id(content), executable) != was:  # a mode change is one, as in git
+        elif (blob_id(content), executable) != was:  # a mode change is one, as in git
             changes.append(("modified", path))
     return changes + [("removed", path) for path in committed_files]
 
@@ -834,13 +835,7 @@ def _clean_by_stat(repo: Repository, head: str) -> bool:
     present = extra_files(repo.work_tree)
     if set(present) != set(committed):
         return False
-    return all((_blob_id(content), x) == committed[p] for p, (content, x) in present.items())
-
-
-def _blob_id(content: bytes) -> str:
-    from dulwich.objects import Blob
-
-    return Blob.from_string(content).id.decode()
+    return all((blob_id(content), x) == committed[p] for p, (content, x) in present.items())
 
 
 # ------------------------------------------------------------ branch and tag

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mintvcs.ids import blob_id
 from tests.mintvcs.storekit import (
     ENV,
     copy_adapter,
@@ -142,7 +143,7 @@ def test_an_earlier_ref_update_sample_runs_the_current_sample(
 
     work, marks = planted
     earlier = b"#!/bin/sh\necho earlier sample ran >&2\n"
-    monkeypatch.setitem(hooks._EARLIER_SAMPLES, "ref-update", frozenset({hooks._blob_id(earlier)}))
+    monkeypatch.setitem(hooks._EARLIER_SAMPLES, "ref-update", frozenset({blob_id(earlier)}))
     monkeypatch.setattr(hooks, "_sample_bytes", lambda name: b'echo "current sample: $1" >&2\n')
     hook = work / ".mint" / "hooks" / "ref-update"
     hook.write_bytes(earlier)
