@@ -1029,12 +1029,10 @@ def _last_touched(repo: Repository, oid: str, first_seen: dict[str, float], now:
     return first_seen.get(oid, now)
 
 
-def _touched_lately(path: Path) -> bool:
-    """Whether a loose object file was written or reused within the grace period (gone: no)."""
-    try:
-        return time.time() - path.stat().st_mtime < GC_GRACE_SECONDS
-    except FileNotFoundError:
-        return False
+def _young(repo: Repository, oid: str, first_seen: dict[str, float], now: float) -> bool:
+    """Whether an unreachable object was written, reused or first found unreachable within
+    the grace period (see _last_touched)."""
+    return now - _last_touched(repo, oid, first_seen, now) < GC_GRACE_SECONDS
 
 
 def _needed_now(
@@ -1050,11 +1048,7 @@ def _needed_now(
     fresh = [root for root in _roots(repo) if root[0] not in known]
     needed = _walk(repo, scan, fresh) if fresh else set()
     now = time.time()
-    return needed | {
-        key
-        for key in unreachable
-        if now - _last_touched(repo, key.decode(), first_seen, now) < GC_GRACE_SECONDS
-    }
+    return needed | {key for key in unreachable if _young(repo, key.decode(), first_seen, now)}
 
 
 def _write_first_seen(repo: Repository, seen: dict[str, float]) -> None:
@@ -1346,9 +1340,8 @@ def _repack(
     # or in the old packs that hold them (the next gc packs them).
     late = {key.decode() for key in needed_late() & unreachable} if unreachable else set()
     pruned = {key.decode() for key in unreachable}
-    objects = repo.git_dir / "objects"
     for oid in scan.loose - late:  # packed now, or pruned
-        if oid in pruned and _touched_lately(objects / oid[:2] / oid[2:]):
+        if oid in pruned and _young(repo, oid, {}, time.time()):
             continue  # a commit reused it after that last look (it freshens what it reuses)
         with suppress(FileNotFoundError):
             store.delete_loose_object(ObjectID(oid.encode()))
