@@ -216,8 +216,14 @@ def fits_files(name: str) -> bool:
     mintvcs does not use them (no loose ref or lock file could be written for one), but lists
     them as ignored, keeps what they point to in gc, and deletes them.
     """
-    short = name.isascii() and len(name) <= _MAX_COMPONENT  # else count each part's bytes
-    return short or not any(map(_too_long, name.split("/")))
+    return _name_too_long(name) is None
+
+
+def _name_too_long(name: str) -> str | None:
+    """Why no file could hold ref `name` (its first component over the limit), or None."""
+    if name.isascii() and len(name) <= _MAX_COMPONENT:  # else count each part's bytes
+        return None
+    return next(filter(None, map(_too_long, name.split("/"))), None)
 
 
 def check_name_type(name: object) -> None:
@@ -1013,8 +1019,7 @@ class RefStore:
         if not prefix.startswith("refs/") and prefix != "refs":
             raise InvalidRefNameError(prefix, "listing prefixes begin with 'refs/'")
         for name, raw in self._iter_raw(prefix, on_broken):
-            if on_broken is not None and not fits_files(name):
-                rule = next(filter(None, map(_too_long, name.split("/"))))
+            if on_broken is not None and (rule := _name_too_long(name)) is not None:
                 on_broken(name, InvalidRefNameError(name, rule))
                 continue
             if raw.startswith("ref: "):
