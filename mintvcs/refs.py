@@ -490,6 +490,24 @@ class _Lock:
                 os.unlink(self.lock_path)
 
 
+@dataclass(frozen=True)
+class _Appended:
+    """A reflog line just appended: where, so that a move that then fails can take it back."""
+
+    path: str
+    start: int
+    length: int
+
+    def undo(self) -> None:
+        """Remove the line, if it is still the log's last (HEAD's log takes lines unlocked)."""
+        with contextlib.suppress(OSError):
+            if os.path.getsize(self.path) == self.start + self.length:
+                if self.start:
+                    os.truncate(self.path, self.start)
+                else:
+                    os.unlink(self.path)
+
+
 class RefStore:
     """git's files ref backend over a git directory: loose refs, packed-refs, reflogs."""
 
@@ -724,18 +742,21 @@ class RefStore:
 
     def _append_log(
         self, name: str, old: str, new: str, identity: str, ts: int, tz: str, message: str
-    ) -> None:
+    ) -> _Appended:
         line = f"{old} {new} {identity} {ts} {tz}"
         if message:
             line += "\t" + message
+        data = (line + "\n").encode()
         path = os.path.join(self._dir, "logs", name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # One O_APPEND write per entry: concurrent appenders never interleave within a line.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         try:
-            os.write(fd, (line + "\n").encode())
+            start = os.fstat(fd).st_size
+            os.write(fd, data)
         finally:
             os.close(fd)
+        return _Appended(path, start, len(data))
 
     def reflog_of(self, name: str) -> str | None:
         """The ref whose reflog `name@{N}` reads, as git's dwim_log picks it: `name` when its
@@ -826,17 +847,31 @@ class RefStore:
                 # (HEAD -> alias -> main): else HEAD@{0} would not be HEAD after a commit.
                 logged.append(HEAD)
             prev = current or ZERO
+            logged = [ref for ref in logged if self._logs(ref)]
+            if current is not None:
+                # The line goes first, as git writes it: a crash between the two leaves a line
+                # for a move that did not happen, never a move without its line (after which
+                # `main@{1}` would name the value before the last move, not the one undone).
+                appended = [
+                    self._append_log(ref, prev, new, identity, ts, tz, message) for ref in logged
+                ]
+                try:
+                    locks[-1].write_commit((new + "\n").encode())
+                except BaseException:
+                    for entry in appended:
+                        entry.undo()
+                    raise
+                return
             try:
                 locks[-1].write_commit((new + "\n").encode())
             except (IsADirectoryError, NotADirectoryError, FileExistsError) as err:
                 # Another process created `final/...` since the check: its directory now
                 # stands where this ref's file would go.
                 raise RefNameConflictError(final, f"{final}/...") from err
-            # Logged once the ref has moved (still under its lock, so lines keep their order):
-            # an update that fails leaves no line, nor a log file in the way of `final/...`.
+            # A new ref is logged once it exists (still under its lock): a log file written
+            # first could stand in the way of a concurrent `final/...`, the ref that won the race.
             for ref in logged:
-                if self._logs(ref):
-                    self._append_log(ref, prev, new, identity, ts, tz, message)
+                self._append_log(ref, prev, new, identity, ts, tz, message)
         finally:
             for lk in locks:
                 lk.release()
@@ -909,10 +944,12 @@ class RefStore:
             if plock is not None:
                 self._remove_packed(name, plock)
             if lock is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._path(name))
+                # The reflog before the ref: a crash between the two leaves a ref without its
+                # reflog, not a reflog that a later ref of this name would take for its own.
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     os.unlink(os.path.join(self._dir, "logs", name))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path(name))
             if not symbolic and name != HEAD and self.read_symbolic(HEAD) == name:
                 # git records the deletion of the checked-out branch in HEAD's reflog.
                 ts = int(time.time())

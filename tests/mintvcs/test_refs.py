@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import mintvcs.refs as mintvcs_refs
 from mintvcs.refs import (
     ANY,
     ZERO,
@@ -759,3 +760,60 @@ def test_a_ref_and_one_under_its_name_created_at_once_leave_one(repo: Path) -> N
         # No reflog of a ref that is not there.
         assert log.is_file() == parent.is_file() and (log / "x").is_file() == child.is_file(), i
     assert not list(repo.rglob("*.lock"))
+
+
+def test_a_move_is_logged_before_the_ref_moves(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Logged after the rename, a crash between the two left main moved with no line for the
+    # move, and `main@{1}` then named the commit before the previous move.
+    c1, c2, c3 = make_commits(repo, 3)
+    s = RefStore(repo)
+    s.update("refs/heads/main", c1, old=None, message="one", identity=ME)
+    s.update("refs/heads/main", c2, message="two", identity=ME)
+    seen: list[list[str]] = []
+    commit = mintvcs_refs._Lock.write_commit
+
+    def crash_point(lock: mintvcs_refs._Lock, data: bytes) -> None:
+        seen.append(
+            [e.new for e in s.reflog("refs/heads/main")] + [e.new for e in s.reflog("HEAD")]
+        )
+        commit(lock, data)
+
+    monkeypatch.setattr(mintvcs_refs._Lock, "write_commit", crash_point)
+    s.update("refs/heads/main", c3, message="three", identity=ME)
+    assert seen == [[c1, c2, c3, c1, c2, c3]]  # both lines there before the rename
+
+
+def test_a_move_that_fails_takes_its_line_back(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    c1, c2 = make_commits(repo, 2)
+    s = RefStore(repo)
+    s.update("refs/heads/main", c1, old=None, message="one", identity=ME)
+    before = (repo / "logs/HEAD").read_bytes(), (repo / "logs/refs/heads/main").read_bytes()
+
+    def interrupted(lock: mintvcs_refs._Lock, data: bytes) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mintvcs_refs._Lock, "write_commit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        s.update("refs/heads/main", c2, message="two", identity=ME)
+    assert s.read("refs/heads/main") == c1
+    after = (repo / "logs/HEAD").read_bytes(), (repo / "logs/refs/heads/main").read_bytes()
+    assert after == before
+    assert not (repo / "refs/heads/main.lock").exists()
+
+
+def test_a_deleted_ref_loses_its_reflog_first(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ref first, a crash before the reflog's unlink left a reflog that the next branch of the
+    # same name took for its own (`feat@{1}` named the deleted branch's commit).
+    (c1,) = make_commits(repo, 1)
+    s = RefStore(repo)
+    s.update("refs/heads/feat", c1, old=None, message="create", identity=ME)
+    unlink = os.unlink
+    order: list[str] = []
+
+    def recording(path: str | os.PathLike[str], *args: object, **kwargs: object) -> None:
+        order.append(os.path.relpath(path, repo))
+        unlink(path)
+
+    monkeypatch.setattr(mintvcs_refs.os, "unlink", recording)
+    s.delete("refs/heads/feat")
+    assert order.index("logs/refs/heads/feat") < order.index("refs/heads/feat")
