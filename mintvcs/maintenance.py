@@ -1065,7 +1065,17 @@ def _write_first_seen(repo: Repository, seen: dict[str, float]) -> None:
 def _remove_stale_temporaries(repo: Repository, now: float) -> None:
     """Delete files that writers killed mid-write left behind, once past the grace period: loose
     object temporaries, pack temporaries and locks (a killed gc leaves a store-sized `tmp*.pack`,
-    or a `pack-X.pack` without its index and the index's `.lock`)."""
+    or a `pack-X.pack` without its index and the index's `.lock`), and the `*.tmp` files and
+    commit-msg hook messages that commands write in the git directory itself (a killed checkout
+    leaves a file of the work tree there)."""
+    for entry in _real_entries(repo.git_dir):
+        name = entry.name
+        if entry.is_file(follow_symlinks=False) and (
+            name.endswith(".tmp") or name.startswith("COMMIT_EDITMSG.")
+        ):
+            with suppress(FileNotFoundError):
+                if now - entry.stat(follow_symlinks=False).st_mtime >= GC_GRACE_SECONDS:
+                    os.unlink(entry.path)
     objects = repo.git_dir / "objects"
     for folder in _real_entries(objects):
         if folder.is_dir(follow_symlinks=False) and (

@@ -190,14 +190,22 @@ def _read_date(text: str, where: str) -> tuple[int, str | None]:
 
 
 def _write_atomic(
-    path: Path, data: bytes | memoryview, executable: bool = False, mtime_ns: int | None = None
+    path: Path,
+    data: bytes | memoryview,
+    executable: bool = False,
+    mtime_ns: int | None = None,
+    temp_dir: Path | None = None,
 ) -> None:
-    """Write a file so that a crash leaves the old or the new content, never a torn one."""
+    """Write a file so that a crash leaves the old or the new content, never a torn one.
+
+    The temporary is made in `temp_dir` (on the same file system) when given, else beside `path`.
+    """
     _make_parents(path)
     # The temporary name adds 14 bytes to the file's: a name near the limit (255 bytes, which
     # a stored path may use) takes a short one.
     stem = path.name if len(path.name.encode("utf-8", "surrogatepass")) <= 200 else "long-name"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}.", suffix=".tmp")
+    folder = path.parent if temp_dir is None else temp_dir
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -1032,19 +1040,32 @@ def write_work_tree(
     for path in files:
         _refuse_file_in_the_way(work, path, set(gone))
     (repo.git_dir / WORKTREE_RECORD).unlink(missing_ok=True)
+    temps = _work_temporaries(repo)
     # Files only `old` had go first: one of them may be where `rev` has a directory.
     for path in gone:
         (work / path).unlink(missing_ok=True)
         _remove_empty_parents(work, work / path)
-    _write_atomic(work / CONFIG_FILE, rev.config_bytes)
+    _write_atomic(work / CONFIG_FILE, rev.config_bytes, temp_dir=temps)
     known_ns = time.time_ns()
     # mtime dated back (see WORKTREE_RECORD): a write after this one always changes it.
-    _write_weights(work / WEIGHTS_FILE, weights.data, mtime_ns=known_ns - 2 * _RACY_NS)
+    _write_weights(work / WEIGHTS_FILE, weights.data, known_ns - 2 * _RACY_NS, temps)
     for path, (content, executable) in files.items():
-        _write_atomic(work / path, content, executable)
+        _write_atomic(work / path, content, executable, temp_dir=temps)
     from mintvcs.adapter import stat_key
 
     _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns)
+
+
+def _work_temporaries(repo: Repository) -> Path | None:
+    """Where checkout makes its temporaries: in the git directory, when it shares the work tree's
+    file system (a temporary a killed checkout left there is no file of the revision's, and gc
+    sweeps it); else None, beside each file."""
+    assert repo.work_tree is not None
+    try:
+        same = os.stat(repo.git_dir).st_dev == os.stat(repo.work_tree).st_dev
+    except OSError:
+        return None
+    return repo.git_dir if same else None
 
 
 def _refuse_symlinked_parent(work: Path, path: str) -> None:
@@ -1099,7 +1120,9 @@ def _remove_empty_parents(root: Path, path: Path) -> None:
         parent = parent.parent
 
 
-def _write_weights(path: Path, data: memoryview, mtime_ns: int) -> None:
+def _write_weights(
+    path: Path, data: memoryview, mtime_ns: int, temp_dir: Path | None = None
+) -> None:
     """Write the weights file: in place when a same-size, singly linked file is there.
 
     Overwriting the file's own pages is several times faster than filling a new file and
@@ -1126,7 +1149,7 @@ def _write_weights(path: Path, data: memoryview, mtime_ns: int) -> None:
                 return
         finally:
             os.close(fd)
-    _write_atomic(path, data, mtime_ns=mtime_ns)
+    _write_atomic(path, data, mtime_ns=mtime_ns, temp_dir=temp_dir)
 
 
 @dataclass(frozen=True)

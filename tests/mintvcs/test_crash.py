@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -223,5 +224,68 @@ def test_stale_object_lock_left_by_a_kill_does_not_block_later_commits(
     lock.write_bytes(b"x\x01")
     out = mint(work, "commit", "-m", "after a crash")
     assert "root-commit" in out.stdout
+    mint_fsck_ok(work)
+    git_fsck(work)
+
+
+# `mintvcs checkout REV` that dies (as under kill -9) just before its Nth rename.
+CHECKOUT_KILLED_AT = textwrap.dedent(
+    """
+    import os, sys
+    from mintvcs import cli, porcelain
+
+    left = int(sys.argv[1])
+    replace = os.replace
+
+    def crash_point(src, dst):
+        global left
+        left -= 1
+        if left == 0:
+            os._exit(9)
+        replace(src, dst)
+
+    porcelain.os.replace = crash_point
+    cli.main(["checkout", sys.argv[2]])
+    """
+)
+
+
+def test_a_killed_checkout_leaves_no_temporary_in_the_work_tree(tmp_path: Path) -> None:
+    # Each temporary was made beside the file it replaced: status listed it as added,
+    # checkout --force and gc left it, and the next commit stored it as one of the adapter's files.
+    from tests.mintvcs.storekit import handmade_adapter, mint, random_f32
+
+    rng = np.random.default_rng(7)
+    work = handmade_adapter(
+        tmp_path / "work", {"q.lora_A.weight": ("F32", [4, 64], random_f32(rng, [4, 64]))}
+    )
+    (work / "notes.txt").write_text("one")
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    mint(work, "commit", "-m", "small")
+    handmade_adapter(work, {"q.lora_A.weight": ("F32", [8, 64], random_f32(rng, [8, 64]))})
+    (work / "notes.txt").write_text("two")
+    mint(work, "commit", "-m", "big")
+    for n in (1, 2, 3):  # config, weights (another size: replaced), notes.txt
+        code = subprocess.run(
+            [sys.executable, "-c", CHECKOUT_KILLED_AT, str(n), "HEAD~1"], cwd=work, env=ENV
+        ).returncode
+        assert code == 9
+        assert sorted(p.name for p in work.iterdir()) == [
+            ".mint",
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "notes.txt",
+        ]
+        mint(work, "checkout", "--force", "main")
+    left = [p for p in (work / ".mint").iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 3
+    mint(work, "gc")
+    assert all(p.exists() for p in left)  # young: may be a running checkout's
+    old = time.time() - 2 * 3600
+    for p in left:
+        os.utime(p, (old, old))
+    mint(work, "gc")
+    assert not any(p.exists() for p in left)
+    assert json.loads(mint(work, "status", "--json").stdout)["changes"] == []
     mint_fsck_ok(work)
     git_fsck(work)
