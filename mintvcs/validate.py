@@ -28,6 +28,7 @@ __all__ = [
     "NonFiniteTensorError",
     "check_finite",
     "check_lora_config",
+    "init_lora_weights_error",
     "main",
     "pattern_key",
     "validate_adapter",
@@ -81,6 +82,9 @@ def check_lora_config(
         )
     if config["peft_type"] != "LORA":
         return  # only LoRA's rules are known here; read_adapter decides which types are stored
+    init_error = init_lora_weights_error(config.get("init_lora_weights", True))
+    if init_error is not None:
+        raise AdapterConfigError(f"{CONFIG_FILE}: {init_error}")
     rank = _config_rank(config)
     rank_pattern = _rank_pattern(config)
     target_parameters = _str_list(config, "target_parameters")
@@ -120,6 +124,45 @@ def check_lora_config(
                 f"{CONFIG_FILE}: {source} is {want} but {name} has rank {rows} "
                 f"(shape {list(shape)}), so PEFT cannot load it: {fix}, {_RESAVE}"
             )
+
+
+# The init_lora_weights names PEFT's LoraLayer.update_layer takes exactly as written (besides
+# "pissa"/"pissa_niter_N", "corda..." by prefix, and "olora", "mica", "gaussian" in any case).
+_INIT_NAMES = ("eva", "orthogonal", "lora_ga", "loftq")
+_INIT_CASELESS = ("olora", "mica", "gaussian")
+
+
+def init_lora_weights_error(init: object) -> str | None:
+    """Why PEFT (LoraLayer.update_layer, which runs again when it loads an adapter) fails on
+    this init_lora_weights, with the fix; None for a value it loads.
+
+    The rules are PEFT's own: a false value does nothing and true is the default init; a string
+    is one of its init names (case matters but for olora, mica and gaussian), "pissa" or
+    "pissa_niter_N", or starts with "corda"; anything else raises ("Unknown initialization").
+    """
+    if not init or init is True:
+        return None
+    if isinstance(init, str):
+        if init.startswith("pissa"):
+            if init == "pissa":
+                return None
+            parts = init.split("_niter_")  # PEFT's parse: one "_niter_", then int()
+            if len(parts) == 2:
+                try:
+                    int(parts[1])
+                    return None
+                except ValueError:
+                    pass
+        elif init.startswith("corda") or init.lower() in _INIT_CASELESS or init in _INIT_NAMES:
+            return None
+    what = f"init_lora_weights is {json.dumps(init, default=repr)}, which PEFT cannot load"
+    names = ", ".join(json.dumps(n) for n in ("pissa", *_INIT_CASELESS, *_INIT_NAMES, "corda"))
+    if isinstance(init, str) and init.lower() != init and not init_lora_weights_error(init.lower()):
+        return f'{what} (its init names are lower case): write "{init.lower()}", as PEFT saves it'
+    return (
+        f'{what}: it takes the JSON booleans true and false, {names} or "pissa_niter_N"; for '
+        "factors trained from the unmodified base weights, write true"
+    )
 
 
 def _config_rank(config: dict[str, Any]) -> int:

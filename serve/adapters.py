@@ -23,7 +23,7 @@ from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES
-from mintvcs.validate import pattern_key
+from mintvcs.validate import init_lora_weights_error, pattern_key
 
 # PEFT's tensor names, with or without its default adapter name ("lora_A.default.weight"), as PEFT
 # loads them; factors under another adapter name PEFT skips, so the engine refuses them.
@@ -304,7 +304,8 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 
 
 def _base_rewrite(init: object) -> str | None:
-    """Why `init_lora_weights` makes PEFT rewrite the base on load, with the fix; None if it does not."""
+    """Why a loadable `init_lora_weights` makes PEFT rewrite the base on load, with the fix;
+    None if it does not (a value PEFT cannot load is refused before: init_lora_weights_error)."""
     # The tests are PEFT's own (LoraLayer.update_layer): pissa/corda by prefix, olora in any
     # case, loftq exactly. Every other value only initialises factors that the saved ones replace.
     if not isinstance(init, str):
@@ -350,7 +351,11 @@ def refuse_unserved(revision: str, config: Mapping[str, Any], names: Iterable[st
     for key, (reason, detail) in _VARIANTS.items():
         if config.get(key):
             raise refuse(reason, f"{key} is set: {detail}")
-    rewrite = _base_rewrite(config.get("init_lora_weights"))
+    init = config.get("init_lora_weights", True)
+    unloadable = init_lora_weights_error(init)
+    if unloadable is not None:
+        raise refuse("init_lora_weights", unloadable)
+    rewrite = _base_rewrite(init)
     if rewrite is not None:
         raise refuse("init_lora_weights", rewrite)
     if config.get("modules_to_save"):

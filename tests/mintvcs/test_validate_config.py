@@ -116,6 +116,24 @@ def test_r_mismatch_is_what_peft_fails_on(
         PeftModel.from_pretrained(model, str(adapter))
 
 
+def test_init_lora_weights_peft_cannot_load_is_refused_even_without_verify(
+    saved: dict[str, Path], tiny_base: Path, tmp_path: Path
+) -> None:
+    from mintvcs import porcelain
+
+    message = refusal(edited(saved["qv"], tmp_path / "a", init_lora_weights="PISSA"))
+    assert 'init_lora_weights is "PISSA", which PEFT cannot load' in message
+    assert 'write "pissa"' in message
+    assert "write true" in refusal(edited(saved["qv"], tmp_path / "b", init_lora_weights="svd"))
+    # A commit checks the config like the base's shapes, --no-verify or not (what PEFT itself
+    # says of these is asked in tests/serve/test_adapters.py).
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
+    with pytest.raises(AdapterConfigError, match="PEFT cannot load"):
+        porcelain.commit(repo, "m", source=tmp_path / "a", verify=False, show_progress=False)
+    valid = edited(saved["qv"], tmp_path / "c", init_lora_weights="pissa")  # PEFT loads it
+    porcelain.commit(repo, "m", source=valid, verify=False, show_progress=False)
+
+
 def test_untargeted_module_is_refused(saved: dict[str, Path], tmp_path: Path) -> None:
     message = refusal(edited(saved["qv"], tmp_path / "a", target_modules=["q_proj"]))
     assert '"target_modules" ["q_proj"] does not cover' in message

@@ -140,27 +140,42 @@ def test_full_layer_copies_are_refused_for_what_they_are_not_their_size(
     assert info.value.reason == reason
 
 
-# init_lora_weights -> whether PEFT, loading the adapter, redoes the init on the base weights.
-# PEFT itself is asked below; "corda" and "loftq" it cannot load here at all (calibration
-# data, scipy), so those are checked by config alone.
-_INITS: dict[str | bool, bool] = {
-    "pissa": True,
-    "pissa_niter_2": True,
-    "olora": True,
-    "OLoRA": True,
-    True: False,
-    False: False,
-    "gaussian": False,
-    "eva": False,
-    "orthogonal": False,
-    "mica": False,
-    "lora_ga": False,
+# init_lora_weights -> what PEFT does with it when it loads the adapter: redo the init on the
+# base weights ("rewrite"), leave the base alone ("plain"), or fail ("error"). PEFT itself is
+# asked below; "corda" and "loftq" it cannot load here at all (calibration data, scipy), so
+# those are checked by config alone.
+_INITS: dict[Any, str] = {
+    "pissa": "rewrite",
+    "pissa_niter_2": "rewrite",
+    "olora": "rewrite",
+    "OLoRA": "rewrite",
+    True: "plain",
+    False: "plain",
+    None: "plain",
+    "gaussian": "plain",
+    "Gaussian": "plain",
+    "eva": "plain",
+    "orthogonal": "plain",
+    "mica": "plain",
+    "MICA": "plain",
+    "lora_ga": "plain",
+    "PISSA": "error",
+    "Pissa": "error",
+    "pissa_niter_x": "error",
+    "pissaX": "error",
+    "EVA": "error",
+    "LORA_GA": "error",
+    "CORDA": "error",
+    "LOFTQ": "error",
+    "unknown": "error",
+    "true": "error",
+    2: "error",  # (not 1: a dict key equal to True)
 }
 
 
-@pytest.mark.parametrize("init", list(_INITS), ids=str)
-def test_inits_that_peft_redoes_on_the_base_at_load_are_refused(
-    tiny_base: Path, peft_adapter: Path, tmp_path: Path, init: str | bool
+@pytest.mark.parametrize("init", list(_INITS), ids=repr)
+def test_inits_that_peft_redoes_on_the_base_or_cannot_load_are_refused(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path, init: Any
 ) -> None:
     import json
     import shutil
@@ -168,22 +183,41 @@ def test_inits_that_peft_redoes_on_the_base_at_load_are_refused(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from mintvcs.validate import AdapterConfigError, check_lora_config
+
     adapter = Path(shutil.copytree(peft_adapter, tmp_path / "adapter"))
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": init}))
+    config = {
+        **json.loads((adapter / "adapter_config.json").read_text()),
+        "init_lora_weights": init,
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
     params = list(model.parameters())
     before = [p.detach().clone() for p in params]
-    PeftModel.from_pretrained(model, str(adapter))
-    rewritten = any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
-    assert rewritten == _INITS[init]  # PEFT's behaviour, as this table (and the engine) has it
+    try:
+        PeftModel.from_pretrained(model, str(adapter))
+    except (ValueError, AttributeError):
+        peft = "error"
+    else:
+        rewritten = any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+        peft = "rewrite" if rewritten else "plain"
+    assert peft == _INITS[init]  # PEFT's behaviour, as this table (and the engine) has it
     weights = _load(adapter)
-    if not rewritten:
+    shapes = {name: ("F32", tuple(t.shape)) for name, t in weights.tensors.items()}
+    if peft == "plain":
+        check_lora_config(config, shapes)
         assert prepare_adapter(weights, read_config(tiny_base), max_rank=16).rank == 8
         return
-    with pytest.raises(AdapterRefused, match="path_initial_model_for_weight_conversion") as info:
+    # The engine refuses both; a commit only what PEFT cannot load at all.
+    fix = "path_initial_model_for_weight_conversion" if peft == "rewrite" else "PEFT cannot load"
+    with pytest.raises(AdapterRefused, match=fix) as info:
         prepare_adapter(weights, read_config(tiny_base), max_rank=16)
     assert info.value.reason == "init_lora_weights"
+    if peft == "rewrite":
+        check_lora_config(config, shapes)
+    else:
+        with pytest.raises(AdapterConfigError, match="PEFT cannot load"):
+            check_lora_config(config, shapes)
 
 
 @pytest.mark.parametrize(
