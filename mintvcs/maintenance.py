@@ -147,6 +147,14 @@ def _loose_files(repo: Repository) -> Iterator[tuple[str, Path]]:
             yield fan + rest, objects_dir / fan / rest
 
 
+def _size(path: Path) -> int:
+    """A loose file's size; 0 once it is gone (packed or pruned since it was listed)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _store_links(repo: Repository) -> list[tuple[Path, str]]:
     """(path, target) of every symbolic link at or under .mint/objects, none followed.
 
@@ -795,6 +803,11 @@ def _scan_store(repo: Repository, progress: PhaseProgress) -> _Scan:
         progress("checking objects", 1)
         try:
             kind, body = _read_loose(path, oid)
+        except _Gone:
+            # Packed or pruned since it was listed (`git repack -d`, `git prune`), which git's
+            # own gc skips too: not damage. If a ref needs it, the walk finds it in a pack
+            # written since (_borrowed) or reports it missing.
+            continue
         except _Damage as damage:
             scan.damage.append(str(damage))
             continue
@@ -1644,7 +1657,7 @@ def _roll_up(
     loose = list(_loose_files(repo))
     if not _over(len(packs), pack_limit) and not _over(len(loose), loose_limit):
         return RollUpResult(0, 0, 0, len(packs), before, before)
-    loose_bytes = sum(path.stat().st_size for _, path in loose)
+    loose_bytes = sum(_size(path) for _, path in loose)
     merged = packs[: geometric_split([_pack_bytes(p) for p in packs], loose_bytes)]
     wanted = {oid for oid, _ in loose}
     for pack in merged:
@@ -1684,6 +1697,8 @@ def _roll_up(
         for oid, path in loose:
             try:
                 kind, body = _read_loose(path, oid)
+            except _Gone:
+                continue  # packed or pruned since it was listed: as in the full gc's scan
             except _Damage as damage:
                 raise GcCorruptObjectError(f"gc refused: {damage}; {_FIX}") from None
             add(oid, kind, body)

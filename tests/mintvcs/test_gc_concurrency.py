@@ -115,6 +115,39 @@ def test_gc_that_lost_a_race_says_retry_not_fsck(
     assert "fsck" not in message
 
 
+@pytest.mark.parametrize("auto", [False, True], ids=["gc", "gc --auto"])
+@pytest.mark.parametrize("how", ["pruned", "packed"])
+def test_gc_skips_a_loose_object_removed_after_it_was_listed(
+    work: Path, monkeypatch: pytest.MonkeyPatch, how: str, auto: bool
+) -> None:
+    # `git prune` (an unreachable object) or `git repack -d` (which packs loose objects, then
+    # deletes them) need no gc lock: a loose file may go between gc's listing and its read.
+    # git's gc skips such a file; it is not damage.
+    repo = Repository.open(work)
+    stray = repo.add_blob(b"nothing refers to this")
+    real_loose = maintenance._loose_files
+
+    def listed_then_removed(repo: Repository) -> Iterator[tuple[str, Path]]:
+        listed = list(real_loose(repo))
+        if how == "pruned":
+            os.unlink(work / ".mint" / "objects" / stray[:2] / stray[2:])
+        else:
+            git(work / ".mint", "repack", "-d", "-q")  # packs what refs reach; no loose copies
+        yield from listed
+
+    monkeypatch.setattr(maintenance, "_loose_files", listed_then_removed)
+    if auto:
+        monkeypatch.setattr(maintenance, "auto_gc_due", lambda _repo: True)
+        monkeypatch.setattr(maintenance, "auto_limits", lambda _repo: (1, 1))
+        assert maintenance.auto_gc(repo).objects > 0
+    else:
+        assert maintenance.gc(repo).packed > 0
+    monkeypatch.undo()
+    report = maintenance.fsck(Repository.open(work))
+    assert report.ok, report.problems
+    assert report.revisions == 3
+
+
 def _gc_elsewhere(work: Path) -> None:
     """A gc by another Repository, as another process's: it packs or replaces what fsck listed."""
     maintenance.gc(Repository.open(work))
