@@ -10,6 +10,7 @@ import gc as pygc  # `gc` is the name of a command below
 import itertools
 import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -72,8 +73,53 @@ def _usage_error(err: click.UsageError, command: str) -> NoReturn:
     sys.exit(err.exit_code)
 
 
+def _exit_for(err: MintError | OSError | KeyboardInterrupt) -> NoReturn:
+    """Report a failure in one line, and exit with the status git gives it."""
+    if isinstance(err, KeyboardInterrupt):
+        click.echo("interrupted", err=True)
+        # Die of the signal, as git does, not exit 130: a shell running a loop of commands stops
+        # at Ctrl-C only when the command it waited for was killed by SIGINT.
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(130)  # only if the signal is blocked
+    if isinstance(err, BrokenPipeError):
+        # As git: stop quietly with SIGPIPE's status; nothing more can reach the reader.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    if isinstance(err, MintError):
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    # The system refused a read or write (a full disk, a file size limit, permissions): one
+    # line, as git says it.
+    where = f": {err.filename}" if err.filename else ""
+    click.echo(f"error: {err.strerror or err}{where}", err=True)
+    sys.exit(1)
+
+
+def _open_closed_standard_streams() -> None:
+    """Open /dev/null where fd 0, 1 or 2 is closed (`mintvcs branch x >&-`), as git does: else
+    Python has no sys.stdout, and the first print fails after the command's work is done."""
+    for fd, mode, name in (
+        (0, os.O_RDONLY, "stdin"),
+        (1, os.O_WRONLY, "stdout"),
+        (2, os.O_WRONLY, "stderr"),
+    ):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, mode)  # the lowest free descriptor: this one
+        if getattr(sys, name) is None:
+            # Lives as long as the process, as the stream it stands in for.
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
 class MintGroup(click.Group):
     """Turns MintError and usage errors into one `error:` line and an exit code instead of a traceback or a usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        _open_closed_standard_streams()
+        return super().main(*args, **kwargs)
 
     def make_context(
         self,
@@ -88,30 +134,18 @@ class MintGroup(click.Group):
             raise  # `mintvcs` alone: the help, as git prints its usage
         except click.UsageError as err:  # `mintvcs --bogus`: one line, as for a command's
             _usage_error(err, info_name or "mintvcs")
+        except (OSError, KeyboardInterrupt) as err:  # `--help` or `--version` into a full output
+            _exit_for(err)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             result = super().invoke(ctx)
             sys.stdout.flush()  # a reader gone (`| head`) shows here, not at interpreter exit
             return result
-        except BrokenPipeError:
-            # As git: stop quietly with SIGPIPE's status; nothing more can reach the reader.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(141)
-        except MintError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(err.exit_code)
-        except OSError as err:
-            # The system refused a read or write (a full disk, a file size limit, permissions):
-            # one line, as git says it; every write is atomic, so nothing was left half done.
-            where = f": {err.filename}" if err.filename else ""
-            click.echo(f"error: {err.strerror or err}{where}", err=True)
-            sys.exit(1)
         except click.UsageError as err:
             _usage_error(err, err.ctx.command_path if err.ctx is not None else ctx.command_path)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except (MintError, OSError, KeyboardInterrupt) as err:
+            _exit_for(err)
 
 
 def _printable(text: str) -> str:

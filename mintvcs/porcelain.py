@@ -213,7 +213,11 @@ def _write_atomic(
             os.fchmod(fd, 0o755 if executable else 0o644)
             if mtime_ns is not None:
                 os.utime(fd, ns=(time.time_ns(), mtime_ns))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            # Name the file that could not be written (a read-only work tree), not the temporary.
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -1022,9 +1026,18 @@ def tags(
 
 # ---------------------------------------------------------- checkout, reset
 def write_work_tree(
-    repo: Repository, rev: Revision, old: Revision | None, show_progress: bool = True
+    repo: Repository,
+    rev: Revision,
+    old: Revision | None,
+    show_progress: bool = True,
+    *,
+    undo: bool = True,
 ) -> None:
-    """Make the work tree hold `rev` exactly, removing files that only `old` had."""
+    """Make the work tree hold `rev` exactly, removing files that only `old` had.
+
+    If writing fails part-way (a full disk, Ctrl-C), `old` is written back (with `undo`): the
+    work tree never holds one revision's config beside another's weights.
+    """
     work = repo.work_tree
     if work is None:
         raise MintError("this repository has no work tree")
@@ -1041,16 +1054,22 @@ def write_work_tree(
         _refuse_file_in_the_way(work, path, set(gone))
     (repo.git_dir / WORKTREE_RECORD).unlink(missing_ok=True)
     temps = _work_temporaries(repo)
-    # Files only `old` had go first: one of them may be where `rev` has a directory.
-    for path in gone:
-        (work / path).unlink(missing_ok=True)
-        _remove_empty_parents(work, work / path)
-    _write_atomic(work / CONFIG_FILE, rev.config_bytes, temp_dir=temps)
     known_ns = time.time_ns()
-    # mtime dated back (see WORKTREE_RECORD): a write after this one always changes it.
-    _write_weights(work / WEIGHTS_FILE, weights.data, known_ns - 2 * _RACY_NS, temps)
-    for path, (content, executable) in files.items():
-        _write_atomic(work / path, content, executable, temp_dir=temps)
+    try:
+        # Files only `old` had go first: one of them may be where `rev` has a directory.
+        for path in gone:
+            (work / path).unlink(missing_ok=True)
+            _remove_empty_parents(work, work / path)
+        _write_atomic(work / CONFIG_FILE, rev.config_bytes, temp_dir=temps)
+        # mtime dated back (see WORKTREE_RECORD): a write after this one always changes it.
+        _write_weights(work / WEIGHTS_FILE, weights.data, known_ns - 2 * _RACY_NS, temps)
+        for path, (content, executable) in files.items():
+            _write_atomic(work / path, content, executable, temp_dir=temps)
+    except BaseException:
+        if undo and old is not None:
+            with suppress(MintError, OSError):
+                write_work_tree(repo, old, rev, show_progress=False, undo=False)
+        raise
     from mintvcs.adapter import stat_key
 
     _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns)
@@ -1219,7 +1238,7 @@ def _restore_on_failure(
     except BaseException:
         if old is not None:
             with suppress(MintError, OSError):
-                write_work_tree(repo, old, written, show_progress=False)
+                write_work_tree(repo, old, written, show_progress=False, undo=False)
         raise
 
 
