@@ -1027,7 +1027,7 @@ async def serve_until_signalled(
     force = asyncio.Event()
     for sig in signals:  # a second signal: stop without waiting
         loop.add_signal_handler(sig, force.set)
-    if status == 0:
+    if status == 0 and server.state.loaded.is_set():  # without a base, nothing runs to drain
         out(
             f"mintvcs serve: draining running requests (up to {config.drain_timeout:g} s; "
             "signal again to stop at once)"

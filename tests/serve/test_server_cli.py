@@ -352,6 +352,7 @@ sys.exit(asyncio.run(serve_until_signalled(config, engine_factory=slow_engine)))
         assert time.monotonic() - started < 15, "SIGTERM waited for the base to load"
         assert proc.returncode == 0, err
         assert "stopped while the base model was loading" in out and "Traceback" not in err
+        assert "draining" not in out  # nothing runs to drain, and a second signal changes nothing
     finally:
         if proc.poll() is None:
             proc.kill()
