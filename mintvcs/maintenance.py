@@ -37,6 +37,7 @@ from mintvcs.packs import (
     entry_header,
     object_zlib_level,
 )
+from mintvcs.plane_cache import PlaneCache
 from mintvcs.progress import PhaseProgress
 from mintvcs.refs import ReflogEntry, read_reflog
 from mintvcs.store import CorruptObjectError, Repository, accepts_path, unreadable_file_errors
@@ -549,9 +550,8 @@ def _no_progress(_phase: str, _n: int) -> None:
 
 @dataclass
 class _RevisionCheck:
-    """What checking one revision found: its parents, what it decoded, and its problems."""
+    """What checking one revision found: what it decoded, and its problems."""
 
-    parents: list[str] = field(default_factory=list)
     revisions: int = 0
     tensors: int = 0
     problems: list[str] = field(default_factory=list)
@@ -560,6 +560,11 @@ class _RevisionCheck:
 # How many entries each of _Verified's records keeps before it starts again (a cache: what it
 # forgets is checked again); ~100 bytes each.
 _VERIFIED_KEPT = 1 << 20
+# The verified planes fsck keeps (_Verified.planes), in revisions of the largest one checked so
+# far: a revision's XOR links find their bases in its parent's tensors, checked just before. At
+# most _PLANES_KEPT_BYTES: past it, a link's chain is decoded down to what is still kept.
+_PLANES_KEPT_REVISIONS = 2
+_PLANES_KEPT_BYTES = 1 << 30
 
 
 def _remember(record: set[Any], items: Iterable[Any]) -> None:
@@ -581,7 +586,14 @@ class _Verified:
         # verified against one record says nothing of another record naming it.
         self.tensors: set[bytes] = set()
         self.revisions: dict[str, int] = {}  # root tree checked clean -> its tensor count
+        # Verified tensors' planes, the bases the next revision's XOR links are decoded over.
+        self.planes = PlaneCache(0)
         self._key = os.urandom(16)  # a received repository cannot aim a collision at it
+
+    def keep_planes_of(self, revision_bytes: int) -> None:
+        """Let `planes` hold _PLANES_KEPT_REVISIONS revisions of this size (_PLANES_KEPT_BYTES at most)."""
+        wanted = min(_PLANES_KEPT_REVISIONS * revision_bytes, _PLANES_KEPT_BYTES)
+        self.planes.max_bytes = max(self.planes.max_bytes, wanted)
 
     def tensor_key(self, record: TensorRecord) -> bytes:
         """A record, but for its name (only messages use it), with its blob, as 16 bytes."""
@@ -603,7 +615,6 @@ def _check_revision(
     check = _RevisionCheck()
     try:
         info = repo.commit_info(oid)
-        check.parents = list(info.parents)
         known = verified.revisions.get(info.tree)
         if known is not None and oid not in bad:
             # A revision is its root tree (the commit adds parents and a message): one checked
@@ -614,6 +625,7 @@ def _check_revision(
         rev = repo.read_revision(oid)
         check.revisions = 1
         _ = rev.config_bytes
+        verified.keep_planes_of(rev.manifest.nbytes)
     except MintError as err:
         check.problems.append(f"commit {oid[:12]} (reachable from {name}): {err}")
         return check
@@ -627,8 +639,11 @@ def _check_revision(
         key = verified.tensor_key(record)
         try:
             if key not in verified.tensors:
-                repo.tensor_bytes(record.blob, record.name, expect=record)
+                repo.verify_tensor(record, verified.planes)
                 _remember(verified.tensors, (key,))
+            else:
+                # Kept as recently used: what the next revision changes is XOR-ed on this one.
+                verified.planes.get(record.blob)
             check.tensors += 1
         except MintError as err:
             check.problems.append(f"commit {oid[:12]}: {err}")
@@ -653,6 +668,16 @@ def _check_revision(
             verified.revisions.clear()
         verified.revisions[rev.info.tree] = check.tensors
     return check
+
+
+def _parents(repo: Repository, oid: str) -> tuple[str, ...]:
+    """A commit's parents, for fsck's walk: none when it cannot be read (its check says why)."""
+    for _attempt in range(2):
+        try:
+            return repo.commit_info(oid).parents
+        except MintError:
+            repo.close()  # a gc may have replaced its pack under the store's cached view
+    return ()
 
 
 @accepts_path
@@ -700,12 +725,17 @@ def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckRep
             _check_git_history(repo, start, target, name, seen_git, report, verified)
             continue
         # Every parent, not only the first: a merge made with git brings in a second history.
-        pending = [start]
+        # Each commit after its parents (oldest first): its XOR links' bases are then the
+        # tensors just verified, whose planes `verified` keeps.
+        pending = [(start, False)]
         while pending:
-            oid = pending.pop()
-            if oid in seen_commits:
+            oid, parents_checked = pending.pop()
+            if not parents_checked:
+                if oid not in seen_commits:
+                    seen_commits.add(oid)
+                    pending.append((oid, True))
+                    pending.extend((parent, False) for parent in reversed(_parents(repo, oid)))
                 continue
-            seen_commits.add(oid)
             check = _check_revision(repo, oid, name, bad, progress, verified)
             if check.problems:
                 # A gc may have moved what this read between loose files and packs, or replaced
@@ -713,8 +743,6 @@ def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckRep
                 # (`verified` holds only what was found sound, which a gc does not change.)
                 repo.close()
                 check = _check_revision(repo, oid, name, bad, _no_progress, verified)
-            # Parents first: damage in this revision must not hide the older ones.
-            pending.extend(reversed(check.parents))
             report.revisions += check.revisions
             report.tensors += check.tensors
             report.problems.extend(check.problems)

@@ -2,7 +2,8 @@
 
 A training run commits each revision as XOR links on its parent (up to codec.MAX_CHAIN deep);
 decoding a revision at depth d decompresses d + 1 blobs per tensor. A server that follows a
-branch has just decoded the parent, so keeping the parent's planes makes the child one link.
+branch has just decoded the parent, so keeping the parent's planes makes the child one link;
+fsck, checking each history from its oldest revision, keeps them for the same reason.
 """
 
 from __future__ import annotations

@@ -897,6 +897,32 @@ class Repository:
         blobs, headers, _ = self._chain(blob_id, name, expect)
         return codec.decode_chain(blobs, name=name, headers=headers).tobytes()
 
+    def verify_tensor(self, record: TensorRecord, planes: PlaneCache) -> None:
+        """Check a tensor as tensor_bytes does (against its record, then its sha256), over `planes`.
+
+        `planes` holds verified tensors only: the chain is read down to the first blob whose
+        planes it holds (none read when it holds the tensor itself), and the tensor's planes are
+        kept there once verified, a self-contained blob's too. fsck checks each history from its
+        oldest revision, so a revision's XOR links find their bases there: each link is decoded
+        once, not once per revision above it.
+        """
+        import numpy as np
+
+        blobs, headers, cached = self._chain(record.blob, record.name, record, planes)
+        if not blobs:
+            return  # verified before; _chain checked it against `record`
+        base = None
+        if cached is not None:
+            codec.check_base(headers[-1], cached[0], name=record.name)
+            base = cached[1]
+        tip, tip_planes, grid = codec.chain_planes(
+            blobs, name=record.name, headers=headers, base=base
+        )
+        codec.merge_planes(tip_planes, tip, np.empty(tip.nbytes, dtype=np.uint8), name=record.name)
+        if grid is None:  # views into the blob (a pack's map, maybe): a copy outlives it
+            grid = np.stack(tip_planes)
+        planes.put(tip, codec.Planes(grid, record.blob, tip.depth))
+
     def tensor_into(
         self,
         blob_id: str,

@@ -9,15 +9,19 @@ import shutil
 import struct
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mintvcs import codec, porcelain
 from mintvcs.maintenance import MAX_DELTA_DEPTH, fsck
+from mintvcs.objects import TensorRecord
 from mintvcs.packs import _pack_entry_header
+from mintvcs.plane_cache import PlaneCache
 from mintvcs.store import Repository
-from tests.mintvcs.storekit import blobs, git, mint, tensor_names
+from tests.mintvcs.storekit import blobs, git, mint, mutate, tensor_names
 
 Tree = dict[str, tuple[int, bytes | str | None]]
 
@@ -258,18 +262,18 @@ def test_fsck_decodes_what_commits_share_once(work: Path, monkeypatch: pytest.Mo
     git(work / ".mint", "update-ref", "refs/heads/same", parent)
     trees = {repo.commit_info(repo.resolve(spec)).tree for spec in ("HEAD", "HEAD~1", "HEAD~2")}
     read, decoded = [], []
-    read_revision, tensor_bytes = Repository.read_revision, Repository.tensor_bytes
+    read_revision, verify_tensor = Repository.read_revision, Repository.verify_tensor
 
     def counting_read(self: Repository, commit_id: str) -> Any:
         read.append(commit_id)
         return read_revision(self, commit_id)
 
-    def counting_decode(self: Repository, blob: str, name: str, expect: Any = None) -> bytes:
-        decoded.append((blob, expect.dtype, expect.shape, expect.sha256))
-        return tensor_bytes(self, blob, name, expect)
+    def counting_decode(self: Repository, record: TensorRecord, planes: PlaneCache) -> None:
+        decoded.append((record.blob, record.dtype, record.shape, record.sha256))
+        verify_tensor(self, record, planes)
 
     monkeypatch.setattr(Repository, "read_revision", counting_read)
-    monkeypatch.setattr(Repository, "tensor_bytes", counting_decode)
+    monkeypatch.setattr(Repository, "verify_tensor", counting_decode)
     try:
         report = fsck(repo)
     finally:
@@ -278,3 +282,45 @@ def test_fsck_decodes_what_commits_share_once(work: Path, monkeypatch: pytest.Mo
     assert report.revisions == 303 and report.tensors == 303 * len(tensor_names(work))
     assert len(read) == len(trees) == 3  # a revision is read once per tree
     assert len(decoded) == len(set(decoded))  # a tensor blob once per record it is checked against
+
+
+def test_fsck_decodes_each_link_of_a_chain_once(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each revision's tensors are XOR links on its parent's: fsck decoded every tensor's chain
+    # from its root, so the link d revisions below a branch's tip was decoded d + 1 times over.
+    # (A branch whose history fsck walks after its fork point's is still decoded once from the
+    # root there: an unchanged cost per branch, not one per revision.)
+    repo = Repository.open(work)
+    for seed in range(3, 9):
+        mutate(work, seed=seed)
+        porcelain.commit(repo, f"rev {seed}", verify=False, show_progress=False)
+    records = [
+        record
+        for n in range(9)
+        for record in repo.read_revision(repo.resolve(f"HEAD~{n}")).manifest.tensors
+    ]
+    assert max(record.depth for record in records) == codec.MAX_CHAIN
+    tensor_blobs = {record.blob for record in records}
+    reads: Counter[str] = Counter()
+    decodes = []
+    blob_view, segment_planes = Repository.blob_view, codec._segment_planes
+
+    def counting_view(self: Repository, oid: str, **kwargs: Any) -> bytes | memoryview:
+        reads[oid] += 1
+        return blob_view(self, oid, **kwargs)
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        decodes.append(args[1])  # the blob's header
+        return segment_planes(*args, **kwargs)
+
+    monkeypatch.setattr(Repository, "blob_view", counting_view)
+    monkeypatch.setattr(codec, "_segment_planes", counting_decode)
+    try:
+        report = fsck(repo)
+    finally:
+        repo.close()
+    assert report.ok, report.problems
+    assert report.revisions == 9 and report.tensors == 9 * len(tensor_names(work))
+    assert {oid: reads[oid] for oid in tensor_blobs} == dict.fromkeys(tensor_blobs, 1)
+    assert len(decodes) == len(tensor_blobs)
