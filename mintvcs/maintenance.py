@@ -40,7 +40,13 @@ from mintvcs.packs import (
 from mintvcs.plane_cache import PlaneCache
 from mintvcs.progress import PhaseProgress
 from mintvcs.refs import ReflogEntry, read_reflog
-from mintvcs.store import CorruptObjectError, Repository, accepts_path, unreadable_file_errors
+from mintvcs.store import (
+    CommitInfo,
+    CorruptObjectError,
+    Repository,
+    accepts_path,
+    unreadable_file_errors,
+)
 from mintvcs.treenames import git_special_name
 
 if TYPE_CHECKING:
@@ -605,17 +611,18 @@ class _Verified:
 def _check_revision(
     repo: Repository,
     oid: str,
+    tree: str,
     name: str,
     bad: set[str],
     progress: PhaseProgress,
     verified: _Verified,
 ) -> _RevisionCheck:
-    """Read one revision, decode each tensor, read each file, and check its tree is complete;
-    what `verified` holds already is not read again, and what is found sound is added to it."""
+    """Read one revision (`tree`: its root tree, "" if its commit was not read), decode each
+    tensor, read each file, and check its tree is complete; what `verified` holds already is not
+    read again, and what is found sound is added to it."""
     check = _RevisionCheck()
     try:
-        info = repo.commit_info(oid)
-        known = verified.revisions.get(info.tree)
+        known = verified.revisions.get(tree)
         if known is not None and oid not in bad:
             # A revision is its root tree (the commit adds parents and a message): one checked
             # clean under another commit is clean under this one.
@@ -670,14 +677,14 @@ def _check_revision(
     return check
 
 
-def _parents(repo: Repository, oid: str) -> tuple[str, ...]:
-    """A commit's parents, for fsck's walk: none when it cannot be read (its check says why)."""
+def _commit_info(repo: Repository, oid: str) -> CommitInfo | None:
+    """A commit, for fsck's walk: None when it cannot be read (its check says why)."""
     for _attempt in range(2):
         try:
-            return repo.commit_info(oid).parents
+            return repo.commit_info(oid)
         except MintError:
             repo.close()  # a gc may have replaced its pack under the store's cached view
-    return ()
+    return None
 
 
 @accepts_path
@@ -726,23 +733,26 @@ def fsck(repo: Repository, *, progress: PhaseProgress = _no_progress) -> FsckRep
             continue
         # Every parent, not only the first: a merge made with git brings in a second history.
         # Each commit after its parents (oldest first): its XOR links' bases are then the
-        # tensors just verified, whose planes `verified` keeps.
-        pending = [(start, False)]
+        # tensors just verified, whose planes `verified` keeps. (commit, None) until its
+        # parents are pushed, then (commit, its root tree) to be checked.
+        pending: list[tuple[str, str | None]] = [(start, None)]
         while pending:
-            oid, parents_checked = pending.pop()
-            if not parents_checked:
+            oid, tree = pending.pop()
+            if tree is None:
                 if oid not in seen_commits:
                     seen_commits.add(oid)
-                    pending.append((oid, True))
-                    pending.extend((parent, False) for parent in reversed(_parents(repo, oid)))
+                    info = _commit_info(repo, oid)
+                    pending.append((oid, info.tree if info else ""))
+                    parents = info.parents if info else ()
+                    pending.extend((parent, None) for parent in reversed(parents))
                 continue
-            check = _check_revision(repo, oid, name, bad, progress, verified)
+            check = _check_revision(repo, oid, tree, name, bad, progress, verified)
             if check.problems:
                 # A gc may have moved what this read between loose files and packs, or replaced
                 # a pack, under the store's cached view: only what a fresh view confirms counts.
                 # (`verified` holds only what was found sound, which a gc does not change.)
                 repo.close()
-                check = _check_revision(repo, oid, name, bad, _no_progress, verified)
+                check = _check_revision(repo, oid, tree, name, bad, _no_progress, verified)
             report.revisions += check.revisions
             report.tensors += check.tensors
             report.problems.extend(check.problems)
