@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import queue
 import threading
@@ -534,12 +535,15 @@ class Engine:
             known = self.residency.failure(revision)
             if known is not None:
                 raise known
-        matcher = None
+        matcher = retire = None
         if params.structured is not None:
-            known = (compiled or {}).get(params.structured)
-            matcher = (
-                self.grammars().matcher(params.structured) if known is None else known.deep_copy()
-            )
+            spec = params.structured
+            grammars = self.grammars()
+            base = (compiled or {}).get(spec)
+            if base is None:
+                base = grammars.compile(spec)
+            matcher = base.deep_copy()
+            retire = functools.partial(grammars.retire, spec, base)
         seq = Sequence(
             request_id=next(self._ids),
             prompt_ids=ids,
@@ -553,6 +557,7 @@ class Engine:
             max_len=self.max_model_len,
             generator=None if params.greedy else params.generator(),
             matcher=matcher,
+            retire_grammar=retire,
         )
         with self._lock:
             self._seqs[seq.request_id] = seq

@@ -34,6 +34,7 @@ from mintvcs.serve.structured import (
     blocked_tokens,
     matcher_error,
     token_bitmask,
+    worn_out,
 )
 
 log = logging.getLogger("mintvcs.serve")
@@ -98,6 +99,9 @@ class Sequence:
     # The llguidance matcher of a structured output (params.structured): it masks each step's
     # logits, takes each sampled token, and says when the output is complete.
     matcher: Any = None
+    # Called when the matcher fails on its lexer's state cap: drops the worn-out compiled
+    # grammar it was copied from, so that later requests of its spec get a fresh one.
+    retire_grammar: Callable[[], None] | None = None
     _hashes: list[int] | None = field(default=None, init=False, repr=False)
     # The token ids that end this sequence: EOS (unless ignored) and its stop token ids.
     stop_ids: frozenset[int] = field(init=False)
@@ -677,6 +681,8 @@ def _structured_failure(seq: Sequence) -> StructuredOutputError:
     assert seq.params.structured is not None  # the matcher's spec
     reason = matcher_error(seq.matcher) or "no token could continue the output"
     log.info("request %d: its structured output failed: %s", seq.request_id, reason)
+    if seq.retire_grammar is not None and worn_out(reason):
+        seq.retire_grammar()
     return StructuredOutputError(
         f"the output could not continue under its {seq.params.structured.kind} structured "
         f"output after {len(seq.output_ids)} tokens: {reason}"

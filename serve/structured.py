@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 # Compiled grammars kept per engine: clients tend to send the same few schemas again and again,
 # and compiling a large schema takes milliseconds to seconds. Bounded in count and in the specs'
-# characters too: a compiled grammar takes ~50 bytes of memory per character of its spec.
+# characters too: a compiled grammar takes ~50 bytes of memory per character of its spec, plus
+# its lexer, built as requests use it, up to max_lexer_states (then it is retired, see worn_out;
+# llguidance does not tell its size, so it is not counted here).
 COMPILED_GRAMMARS = 64
 COMPILED_SPEC_CHARS = 2 << 20
 # llguidance's default limits, with short errors: its verbose ones quote the whole grammar.
@@ -172,6 +174,22 @@ class Grammars:
     def matcher(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         """A new matcher for one request's output."""
         return self.compile(spec).deep_copy()
+
+    def retire(self, spec: StructuredOutput, compiled: llguidance.LLMatcher) -> None:
+        """Drop `spec`'s cached grammar if it is still `compiled`: the next request compiles it
+        afresh. For a grammar worn out (see worn_out()): its copies share its lexer's states,
+        so once they reach llguidance's cap every later copy would fail."""
+        with self._lock:
+            if self._compiled.get(spec) is compiled:
+                del self._compiled[spec]
+
+
+def worn_out(error: str) -> bool:
+    """Whether a matcher failed on its lexer's state cap (max_lexer_states). The copies of one
+    compiled grammar share its lexer, built lazily as outputs explore it: their states add up
+    across requests, and each grammar's lexer may grow to the cap (~170 MiB measured) with use.
+    A grammar meeting it is retired, not kept failing every later request of its spec."""
+    return "too many states" in error
 
 
 # Rows from which a step's masks are computed on llguidance's thread pool (only for a GPU's steps:

@@ -427,3 +427,50 @@ def test_submitting_with_compiled_matchers_compiles_nothing(engine: Engine) -> N
 
     assert re.fullmatch("z{2,5}", asyncio.run(run()))
     assert spec not in grammars._compiled
+
+
+def test_a_cached_grammar_worn_out_by_use_is_compiled_afresh(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mintvcs.serve import structured
+    from mintvcs.serve.structured import StructuredOutputError
+
+    # The copies of one compiled grammar share its lexer's states, which [ab]*a[ab]{n} keeps
+    # adding to: with a small cap, a batch of requests meets it after a few dozen of them. Those
+    # requests fail (their shared lexer is full); the ones after them must not: the worn-out
+    # grammar is dropped and compiled afresh.
+    monkeypatch.setattr(
+        structured,
+        "_LIMITS",
+        llguidance.LLParserLimits(verbose_errors=False, max_lexer_states=1000),
+    )
+    spec = StructuredOutput("regex", "[ab]*a[ab]{10}")
+    batches: list[list[bool]] = []
+    for batch in range(9):
+        futures = engine.start_many(
+            [
+                (
+                    _prompt(batch, 4),
+                    None,
+                    SamplingParams(
+                        max_tokens=24,
+                        temperature=3.0,
+                        seed=16 * batch + i,
+                        logit_bias=((2, -100.0),),
+                        structured=spec,
+                    ),
+                )
+                for i in range(16)
+            ]
+        )
+        batches.append([])
+        for future in futures:
+            try:
+                future.result(60)
+                batches[-1].append(True)
+            except StructuredOutputError as err:
+                assert "too many states" in str(err)
+                batches[-1].append(False)
+    failed = [i for i, outcomes in enumerate(batches) if not all(outcomes)]
+    assert failed, "the lexer's cap was never met"
+    assert all(all(batches[i + 1]) for i in failed if i + 1 < len(batches)), batches
