@@ -563,6 +563,13 @@ class Engine:
             self._seqs[seq.request_id] = seq
         return seq
 
+    def cached_grammar(self, spec: StructuredOutput) -> Any:
+        """`spec`'s compiled matcher if it is cached (Grammars.cached: no compile, no wait),
+        else None; InvalidStructuredOutput if it failed to compile lately."""
+        with self._grammars_lock:
+            grammars = self._grammars
+        return None if grammars is None else grammars.cached(spec)
+
     def grammars(self) -> Grammars:
         """The compiler of structured outputs for this base's tokenizer (built on first use)."""
         with self._grammars_lock:

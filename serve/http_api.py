@@ -54,6 +54,7 @@ from mintvcs.serve.sampling import (
     TokenLogprobs,
 )
 from mintvcs.serve.scheduler import TokenEvent
+from mintvcs.serve.structured import compile_pool
 
 if TYPE_CHECKING:
     from mintvcs.serve.engine import Engine
@@ -470,9 +471,13 @@ async def admit_many(
     ids = [encoded[id(prompt)] for prompt, _ in requests]
     compiled = {}
     for spec in {params.structured for _, params in requests if params.structured is not None}:
-        # On a worker thread: the first one builds the tokenizer's index, and a large schema
-        # can take a while to compile; submitting then copies what was compiled here.
-        compiled[spec] = await asyncio.to_thread(_compile, engine, spec)
+        # A cached one at once; else on the compile pool (not the loop's default executor):
+        # the first one builds the tokenizer's index, and a large schema can take seconds to
+        # compile. Submitting then copies what was compiled here.
+        known = engine.cached_grammar(spec)
+        if known is None:
+            known = await asyncio.wrap_future(compile_pool().submit(_compile, engine, spec))
+        compiled[spec] = known
     submitted = engine.submit_many(
         [
             (i, None if resolution is None else resolution.commit, params)

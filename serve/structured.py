@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -28,6 +29,27 @@ if TYPE_CHECKING:
 # llguidance does not tell its size, so it is not counted here).
 COMPILED_GRAMMARS = 64
 COMPILED_SPEC_CHARS = 2 << 20
+# Specs that did not compile are remembered as long (count and characters as above), for this
+# long: a client resending a schema that took seconds to fail gets its 400 at once.
+FAILED_SPECS = 64
+FAILED_SPEC_SECONDS = 60.0
+# Compiles run on a pool of their own, this many at once: a schema may take seconds to compile
+# (or to fail), and on the event loop's default executor a few of them would hold up every
+# other worker-thread job (ref lookups, prompt encoding, /v1/models).
+COMPILE_THREADS = 2
+_compile_pool: ThreadPoolExecutor | None = None
+_compile_pool_lock = threading.Lock()
+
+
+def compile_pool() -> ThreadPoolExecutor:
+    """The threads that compile structured outputs for the HTTP layer (COMPILE_THREADS)."""
+    global _compile_pool
+    with _compile_pool_lock:
+        if _compile_pool is None:
+            _compile_pool = ThreadPoolExecutor(COMPILE_THREADS, "mintvcs-grammar")
+        return _compile_pool
+
+
 # llguidance's default limits, with short errors: its verbose ones quote the whole grammar.
 _LIMITS = llguidance.LLParserLimits(verbose_errors=False)
 # llguidance builds a matcher by recursion, ~3 kB of stack for each link of a chain of rules or
@@ -114,15 +136,34 @@ class Grammars:
             ) from None
         self._compiled: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
         self._compiling: dict[StructuredOutput, Future[llguidance.LLMatcher]] = {}
+        # Recent compile failures: their spec -> (when they are forgotten, the message).
+        self._failed: OrderedDict[StructuredOutput, tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def cached(self, spec: StructuredOutput) -> llguidance.LLMatcher | None:
+        """`spec`'s compiled matcher if it is cached, else None, without compiling or waiting;
+        InvalidStructuredOutput if it failed to compile in the last FAILED_SPEC_SECONDS."""
+        with self._lock:
+            return self._cached(spec)
+
+    def _cached(self, spec: StructuredOutput) -> llguidance.LLMatcher | None:
+        known = self._compiled.get(spec)
+        if known is not None:
+            self._compiled.move_to_end(spec)
+            return known
+        failed = self._failed.get(spec)
+        if failed is not None:
+            if failed[0] > time.monotonic():
+                raise InvalidStructuredOutput(failed[1])
+            del self._failed[spec]
+        return None
 
     def compile(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         """The compiled, unstarted matcher of `spec` (kept for next time); InvalidStructuredOutput
         if it does not compile. Callers asking for a spec being compiled wait for that compile."""
         with self._lock:
-            known = self._compiled.get(spec)
+            known = self._cached(spec)
             if known is not None:
-                self._compiled.move_to_end(spec)
                 return known
             running = self._compiling.get(spec)
             if running is None:
@@ -136,6 +177,8 @@ class Grammars:
         except BaseException as err:
             with self._lock:
                 del self._compiling[spec]
+                if isinstance(err, InvalidStructuredOutput):
+                    self._remember_failure(spec, str(err))
             mine.set_exception(err)
             raise
         with self._lock:  # cached as it stops being in progress: no caller compiles it again
@@ -148,6 +191,13 @@ class Grammars:
                 self._compiled.popitem(last=False)
         mine.set_result(matcher)
         return matcher
+
+    def _remember_failure(self, spec: StructuredOutput, message: str) -> None:
+        self._failed[spec] = (time.monotonic() + FAILED_SPEC_SECONDS, message)
+        while len(self._failed) > FAILED_SPECS or (
+            len(self._failed) > 1 and sum(len(s.spec) for s in self._failed) > COMPILED_SPEC_CHARS
+        ):
+            self._failed.popitem(last=False)
 
     def _build(self, spec: StructuredOutput) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(

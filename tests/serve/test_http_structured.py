@@ -251,3 +251,48 @@ def test_deep_grammars_and_schemas_do_not_bring_the_server_down(server: Backgrou
     )
     assert status == 400 and "not JSON" in answer["error"], answer
     assert gen(server, ref="main", prompt="Hi", max_tokens=2)[0] == 200
+
+
+def test_slow_compiles_hold_up_neither_other_requests_nor_a_resent_failure(
+    server: BackgroundServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mintvcs.serve import structured
+
+    build = structured.Grammars._build
+    built: list[str] = []
+
+    def slow_build(self: Any, spec: Any) -> Any:
+        built.append(spec.spec)
+        if spec.spec.startswith("slow"):
+            time.sleep(1.5)  # a schema that takes seconds to compile (thousands of properties)
+        return build(self, spec)
+
+    cached = {"ref": "main", "prompt": "Hi", "max_tokens": 2, "guided_regex": "c[0-9]"}
+    assert gen(server, **cached)[0] == 200
+    monkeypatch.setattr(structured.Grammars, "_build", slow_build)
+    with ThreadPoolExecutor(8) as pool:
+        slow = [
+            pool.submit(gen, server, ref="main", prompt="Hi", max_tokens=2, guided_regex=f"slow{i}")
+            for i in range(8)
+        ]
+        time.sleep(0.3)
+        # Neither a request whose schema is cached, nor a ref looked up (worker-thread jobs
+        # both), nor /v1/models waits for those compiles.
+        for url, body in (
+            ("/generate", cached),
+            ("/generate", {"ref": "main~0", "prompt": "Hi", "max_tokens": 2}),
+            ("/v1/models", None),
+        ):
+            started = time.monotonic()
+            status, _, answer = request(server.url + url, body)
+            assert status == 200, answer
+            assert time.monotonic() - started < 1.0, url
+        assert all(f.result()[0] == 200 for f in slow)
+    # A spec that failed to compile is remembered: sent again, it is refused without compiling.
+    bad = {"ref": "main", "prompt": "Hi", "max_tokens": 2, "guided_regex": "slow(["}
+    first, second = gen(server, **bad), gen(server, **bad)
+    assert first[0] == second[0] == 400 and first[2] == second[2], (first, second)
+    assert built.count("slow([") == 1
