@@ -147,8 +147,9 @@ class Sequence:
         complete = self.matcher is not None and self.matcher.is_stopped()
         may_stop = len(self.output_ids) > self.params.min_tokens
         # As vLLM: a stop token ends the output without its own text (EOS, or an ordinary
-        # token named in stop_token_ids), so no stop string is looked for in that text.
-        stop_token = may_stop and token in self.stop_ids and not complete
+        # token named in stop_token_ids), so no stop string is looked for in that text; also
+        # when it is what completes a grammar (an EOS ending `[0-9]+`: no `</s>` in the text).
+        stop_token = token in self.stop_ids and (may_stop or complete)
         if not stop_token:
             self.detok.add(token)
         reason: str | None = None

@@ -474,3 +474,29 @@ def test_a_cached_grammar_worn_out_by_use_is_compiled_afresh(
     failed = [i for i, outcomes in enumerate(batches) if not all(outcomes)]
     assert failed, "the lexer's cap was never met"
     assert all(all(batches[i + 1]) for i in failed if i + 1 < len(batches)), batches
+
+
+def test_an_eos_ending_a_grammar_leaves_no_text_with_special_tokens_kept(engine: Engine) -> None:
+    spec = StructuredOutput("regex", "[0-9]+")
+    outs = engine.generate_many(
+        [
+            (
+                _prompt(s, 5),
+                None,
+                SamplingParams(
+                    max_tokens=40,
+                    temperature=1.0,
+                    seed=s,
+                    structured=spec,
+                    skip_special_tokens=False,
+                ),
+            )
+            for s in range(8)
+        ],
+        timeout=120,
+    )
+    ended = [o for o in outs if o.token_ids[-1:] == [2]]
+    assert ended, "no output ended on EOS"
+    for out in ended:
+        # As without a grammar: the EOS that ends the output is not part of its text.
+        assert out.finish_reason == "stop" and re.fullmatch("[0-9]+", out.text), out.text
