@@ -108,7 +108,7 @@ def grammar_text(spec: StructuredOutput) -> str:
         return llguidance.grammar_from("grammar", spec.spec)  # Lark, or GBNF converted to it
     except ValueError as err:
         raise InvalidStructuredOutput(
-            f"the {spec.kind} structured output is invalid: {err}"
+            f"the {spec.kind} structured output is invalid: {short_error(str(err))}"
         ) from None
 
 
@@ -259,9 +259,24 @@ def _executor() -> llguidance.LLExecutor:
         return _EXECUTOR
 
 
+# The most of an llguidance error a message quotes.
+ERROR_CHARS = 300
+
+
 def matcher_error(matcher: llguidance.LLMatcher) -> str:
-    """A failed matcher's error, without llguidance's verbosity marker."""
-    return str(matcher.get_error()).replace("<non-verbose/>", "").strip()
+    """A failed matcher's error, short (short_error)."""
+    return short_error(str(matcher.get_error()))
+
+
+def short_error(message: str) -> str:
+    """An llguidance error without its verbosity marker, the backtrace of a Rust panic (dozens
+    of lines), or anything past ERROR_CHARS; its bare NoExtensionBias explained."""
+    text = message.replace("<non-verbose/>", "").split("<backtrace>", 1)[0].strip()
+    if text == "NoExtensionBias":  # what a $ref cycle without a schema in it ends in
+        text += " (a $ref that refers back to itself with no schema in between describes no value)"
+    if len(text) > ERROR_CHARS:
+        text = text[: ERROR_CHARS - 3] + "..."
+    return text
 
 
 def token_bitmask(

@@ -500,3 +500,31 @@ def test_an_eos_ending_a_grammar_leaves_no_text_with_special_tokens_kept(engine:
     for out in ended:
         # As without a grammar: the EOS that ends the output is not part of its text.
         assert out.finish_reason == "stop" and re.fullmatch("[0-9]+", out.text), out.text
+
+
+def test_llguidance_errors_are_short_and_say_what_is_wrong(tiny_base: Path) -> None:
+    from mintvcs.serve.structured import matcher_error
+
+    class Panicked:  # what a schema of 16,000 properties got, after ~10 s of compiling
+        def get_error(self) -> str:
+            return (
+                "panic: assertion failed: grammar.symbols.len() < u16::MAX as usize - 10\n"
+                "<backtrace>\n" + "".join(f"  {i}: <unknown>\n" for i in range(48))
+            )
+
+    assert matcher_error(Panicked()) == (  # type: ignore[arg-type]
+        "panic: assertion failed: grammar.symbols.len() < u16::MAX as usize - 10"
+    )
+
+    class Verbose:
+        def get_error(self) -> str:
+            return "parser error: " + "x" * 5000
+
+    assert len(matcher_error(Verbose())) == 300  # type: ignore[arg-type]
+    grammars = Grammars((tiny_base / "tokenizer.json").read_text(), [2], 384)
+    for schema in (
+        {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+        {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    ):
+        with pytest.raises(InvalidStructuredOutput, match=r"\$ref that refers back to itself"):
+            grammars.compile(StructuredOutput.json_schema(schema))
