@@ -896,9 +896,7 @@ class RandomSource:
                 self._layers.append(layer)
         return self._layers
 
-    def load(
-        self, revision: str, *, max_bytes: int | None = None, base_fingerprint: str | None = None
-    ) -> AdapterWeights:
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         """Factors for every linear, the same for the same name in every process."""
         layers = self._factors()
         code = zlib.crc32(revision.encode())  # hash() of a str changes with each process

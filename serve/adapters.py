@@ -105,30 +105,13 @@ class AdapterSource(Protocol):
         """The revision id `spec` names now."""
         ...
 
-    def load(
-        self, revision: str, *, max_bytes: int | None = None, base_fingerprint: str | None = None
-    ) -> AdapterWeights:
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         """Read and decode one revision; AdapterRefused("too_large") past max_bytes of tensors.
 
-        Before decoding, a source that knows the revision's base refuses a revision of another
-        base than `base_fingerprint` (the resident one's), with `refuse_other_base`: the most
-        fundamental refusal comes first. Before refusing a revision as too large, it runs
-        `refuse_unserved` on its config and tensor names, so that the refusal names the real
-        cause when there is one.
+        Before refusing a revision as too large, a source runs `refuse_unserved` on its config
+        and tensor names, so that the refusal names the real cause when there is one.
         """
         ...
-
-
-def refuse_other_base(revision: str, committed: str | None, resident: str | None) -> None:
-    """Refuse a revision committed against another base than the resident one (no check when
-    either is unknown)."""
-    if resident and committed and committed != resident:
-        raise AdapterRefused(
-            revision,
-            "base_fingerprint",
-            f"it was committed against base {committed[:19]}, the resident base is "
-            f"{resident[:19]}; serve it with its own base",
-        )
 
 
 def _too_large(revision: str, held: str, max_bytes: int) -> AdapterRefused:
@@ -164,9 +147,7 @@ class PeftDirSource:
             )
         return spec
 
-    def load(
-        self, revision: str, *, max_bytes: int | None = None, base_fingerprint: str | None = None
-    ) -> AdapterWeights:
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         """Read the directory's config and safetensors (refused past max_bytes, by file size)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -178,7 +159,6 @@ class PeftDirSource:
             config_path, weights = adapter_paths(directory)  # the hints a commit gives
         except MintError as err:
             raise AdapterNotFound(f"adapter {revision!r}: {err}") from None
-        refuse_other_base(revision, self.base_fingerprint, base_fingerprint)
         config = json.loads(config_path.read_text())
         size = weights.stat().st_size
         if max_bytes is not None and size > max_bytes:
@@ -226,11 +206,8 @@ class StoreSource:
         """The commit id a ref, tag or abbreviated id names now."""
         return str(self.repo.resolve(spec))
 
-    def load(
-        self, revision: str, *, max_bytes: int | None = None, base_fingerprint: str | None = None
-    ) -> AdapterWeights:
-        """Decode the commit's tensors from the store into torch tensors; a revision of another
-        base than `base_fingerprint`, or of more than max_bytes, is refused before decoding."""
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
+        """Decode the commit's tensors from the store into torch tensors, refusing more than max_bytes before decoding."""
         if not is_object_id(revision):
             # A ref name or an abbreviation would otherwise read as a corrupt object.
             raise AdapterNotFound(
@@ -238,7 +215,6 @@ class StoreSource:
                 "resolve a ref or an abbreviation first (Engine.resolve)"
             )
         rev = self.repo.read_revision(revision)
-        refuse_other_base(rev.commit, rev.base_fingerprint, base_fingerprint)
         if max_bytes is not None and rev.manifest.nbytes > max_bytes:
             # The real cause first: a copy of a whole base layer is refused as such.
             refuse_unserved(
@@ -447,7 +423,16 @@ def prepare_adapter(
     def refuse(reason: str, detail: str) -> AdapterRefused:
         return AdapterRefused(rev, reason, detail)
 
-    refuse_other_base(rev, weights.base_fingerprint, base_fingerprint)
+    if (
+        base_fingerprint
+        and weights.base_fingerprint
+        and weights.base_fingerprint != base_fingerprint
+    ):
+        raise refuse(
+            "base_fingerprint",
+            f"it was committed against base {weights.base_fingerprint[:19]}, the resident base is "
+            f"{base_fingerprint[:19]}; serve it with its own base",
+        )
     refuse_unserved(rev, cfg, weights.tensors)
     alpha = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
     rslora = bool(cfg.get("use_rslora", False))

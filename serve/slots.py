@@ -443,13 +443,10 @@ class Residency:
         *,
         host_cache_bytes: int,
         on_change: Callable[[], None] | None = None,
-        base_fingerprint: str | None = None,
     ) -> None:
         self.pools = pools
         self.source = source
         self.prepare = prepare
-        # The resident base's: a source refuses a revision of another base before decoding it.
-        self.base_fingerprint = base_fingerprint
         self.host = HostCache(host_cache_bytes)
         self.slots = [Slot(i) for i in range(pools.num_slots)]
         self.stats = ResidencyStats()
@@ -700,12 +697,7 @@ class Residency:
             self.stats.host_hits += 1
             return host
         assert self.source is not None
-        weights = self.source.load(
-            revision,
-            max_bytes=self.pools.max_revision_bytes,
-            base_fingerprint=self.base_fingerprint,
-        )
-        prepared = self.prepare(weights)
+        prepared = self.prepare(self.source.load(revision, max_bytes=self.pools.max_revision_bytes))
         host = self.pools.stage(prepared, self._take_spare(prepared))
         # The one NaN/Inf check, over the staged buffer: it covers dtype conversion and folded scales.
         host.check_finite()

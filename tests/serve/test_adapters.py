@@ -458,37 +458,6 @@ def test_a_revision_larger_than_any_servable_one_is_refused_before_decoding(
             eng.generate([5, 6], commit, SamplingParams(max_tokens=1), timeout=30)
 
 
-def test_a_revision_of_another_base_is_refused_for_that_before_its_size(
-    tiny_base: Path, other_base: Path, tmp_path: Path
-) -> None:
-    # Too large and for another base: the base is the more fundamental reason (a larger
-    # max_lora_rank would not make it servable), so it wins, as it does in prepare_adapter.
-    from mintvcs import porcelain
-    from mintvcs.base import fingerprint
-    from mintvcs.serve import StoreSource
-    from tests.fixtures import make_peft_adapter
-
-    foreign = make_peft_adapter(other_base, tmp_path / "foreign")
-    repo = porcelain.init(tmp_path / "repo", str(other_base), install_hooks=False)
-    commit = porcelain.commit(repo, "m", source=foreign, show_progress=False).commit
-    resident = fingerprint(tiny_base)
-    store = StoreSource(repo)
-    for source, revision in (
-        (store, commit),
-        (PeftDirSource({"x": foreign}, base_fingerprint=fingerprint(other_base)), "x"),
-    ):
-        with pytest.raises(AdapterRefused) as info:
-            source.load(revision, max_bytes=1, base_fingerprint=resident)
-        assert info.value.reason == "base_fingerprint"
-        assert source.load(revision, max_bytes=1 << 30).revision == revision  # no base given
-    small = EngineConfig(max_model_len=64, max_lora_rank=1, lora_targets=("q_proj",))
-    with Engine(tiny_base, small, source=store) as eng:
-        assert eng.pools.max_revision_bytes < repo.read_revision(commit).manifest.nbytes
-        with pytest.raises(AdapterRefused, match="committed against base") as info:
-            eng.generate([5, 6], commit, SamplingParams(max_tokens=1), timeout=30)
-        assert info.value.reason == "base_fingerprint"
-
-
 def test_bias_refusals_go_by_tensors_not_config(tiny_base: Path, tmp_path: Path) -> None:
     # bias="all" on a base without biases saves none: PEFT runs a plain LoRA, and so must we.
     config = read_config(tiny_base)

@@ -509,9 +509,7 @@ class _GatedSource(PeftDirSource):
 
         self.gate = threading.Event()
 
-    def load(
-        self, revision: str, *, max_bytes: int | None = None, base_fingerprint: str | None = None
-    ) -> Any:
+    def load(self, revision: str, *, max_bytes: int | None = None) -> Any:
         assert self.gate.wait(30)
         return super().load(revision)
 

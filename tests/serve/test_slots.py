@@ -127,9 +127,7 @@ def test_large_finite_factors_whose_sum_overflows_are_served(
 class _PoisonSource(PeftDirSource):
     """A source whose revision 'bad' has one NaN (as a store without the commit hook could hold)."""
 
-    def load(
-        self, revision: str, *, max_bytes: int | None = None, base_fingerprint: str | None = None
-    ) -> AdapterWeights:
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         if revision == "bad":
             return _poisoned(self.directories["ok"], math.nan, "lora_A")
         return super().load(revision)

@@ -23,9 +23,7 @@ class _RecordingSource(PeftDirSource):
         super().__init__(directories)
         self.load_threads: list[int] = []
 
-    def load(
-        self, revision: str, *, max_bytes: int | None = None, base_fingerprint: str | None = None
-    ) -> AdapterWeights:
+    def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         self.load_threads.append(torch.get_num_threads())
         return super().load(revision)
 
