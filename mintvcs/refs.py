@@ -852,10 +852,10 @@ class RefStore:
                 # The line goes first, as git writes it: a crash between the two leaves a line
                 # for a move that did not happen, never a move without its line (after which
                 # `main@{1}` would name the value before the last move, not the one undone).
-                appended = [
-                    self._append_log(ref, prev, new, identity, ts, tz, message) for ref in logged
-                ]
+                appended: list[_Appended] = []
                 try:
+                    for ref in logged:
+                        appended.append(self._append_log(ref, prev, new, identity, ts, tz, message))
                     locks[-1].write_commit((new + "\n").encode())
                 except BaseException:
                     for entry in appended:

@@ -817,3 +817,25 @@ def test_a_deleted_ref_loses_its_reflog_first(repo: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(mintvcs_refs.os, "unlink", recording)
     s.delete("refs/heads/feat")
     assert order.index("logs/refs/heads/feat") < order.index("refs/heads/feat")
+
+
+def test_a_failed_second_reflog_line_takes_the_first_back(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HEAD's line failing (a full disk) left the branch's line for a move that did not happen.
+    c1, c2 = make_commits(repo, 2)
+    s = RefStore(repo)
+    s.update("refs/heads/main", c1, old=None, message="one", identity=ME)
+    before = (repo / "logs/refs/heads/main").read_bytes()
+    append = RefStore._append_log
+
+    def full_for_head(self: RefStore, name: str, *args: object) -> object:
+        if name == "HEAD":
+            raise OSError(28, "No space left on device")
+        return append(self, name, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RefStore, "_append_log", full_for_head)
+    with pytest.raises(OSError):
+        s.update("refs/heads/main", c2, message="two", identity=ME)
+    assert s.read("refs/heads/main") == c1
+    assert (repo / "logs/refs/heads/main").read_bytes() == before
