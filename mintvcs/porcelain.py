@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import getpass
 import heapq
 import json
@@ -216,6 +217,12 @@ def _write_atomic(
         try:
             os.replace(tmp, path)
         except OSError as err:
+            if err.errno == errno.EXDEV and temp_dir is not None:
+                # A mount inside the work tree, or a bind-mounted git directory: one device
+                # number, but no rename across. Written again beside the file.
+                Path(tmp).unlink(missing_ok=True)
+                _write_atomic(path, data, executable, mtime_ns)
+                return
             # Name the file that could not be written (a read-only work tree), not the temporary.
             raise OSError(err.errno, err.strerror, os.fspath(path)) from None
     except BaseException:

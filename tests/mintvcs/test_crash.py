@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mintvcs import porcelain
 from mintvcs.store import Repository
@@ -289,3 +290,35 @@ def test_a_killed_checkout_leaves_no_temporary_in_the_work_tree(tmp_path: Path) 
     assert json.loads(mint(work, "status", "--json").stdout)["changes"] == []
     mint_fsck_ok(work)
     git_fsck(work)
+
+
+def test_checkout_writes_across_a_mount_inside_the_work_tree(tmp_path: Path) -> None:
+    # Same device number for .mint and the work tree, but a file under a mount point:
+    # the rename of the temporary made in .mint failed ("Invalid cross-device link").
+    from tests.mintvcs.storekit import handmade_adapter, mint, random_f32
+
+    rng = np.random.default_rng(5)
+    work = handmade_adapter(
+        tmp_path / "work", {"q.lora_A.weight": ("F32", [4, 64], random_f32(rng, [4, 64]))}
+    )
+    (work / "data").mkdir()
+    (work / "data" / "notes.txt").write_text("one")
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    mint(work, "commit", "-m", "one")
+    (work / "data" / "notes.txt").write_text("two")
+    mint(work, "commit", "-m", "two")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(work / "data")],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("needs to mount a tmpfs (root)")
+    try:
+        (work / "data" / "notes.txt").write_text("two")
+        mint(work, "checkout", "HEAD~1")
+        assert (work / "data" / "notes.txt").read_text() == "one"
+        assert os.listdir(work / "data") == ["notes.txt"]
+        assert not [p for p in (work / ".mint").iterdir() if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(work / "data")], check=True)
