@@ -48,6 +48,13 @@ def _files(work: Path) -> dict[str, bytes]:
     return {name: (work / name).read_bytes() for name in (CONFIG, WEIGHTS)}
 
 
+def _bash(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a bash script in `cwd`, its output captured."""
+    return subprocess.run(
+        ["bash", "-c", script], cwd=cwd, env=ENV, capture_output=True, text=True, check=True
+    )
+
+
 def _clean(work: Path) -> bool:
     return json.loads(mint(work, "status", "--json").stdout)["changes"] == []
 
@@ -92,14 +99,7 @@ def test_ctrl_c_stops_a_shell_loop_of_commands(tmp_path: Path) -> None:
 def test_a_closed_stdout_is_no_failure(tmp_path: Path) -> None:
     # Python has no sys.stdout then: the branch was created, then a traceback and exit 1.
     work = _two_sizes(tmp_path)
-    done = subprocess.run(
-        ["bash", "-c", " ".join(MINT) + " branch feat >&-; echo rc=$?"],
-        cwd=work,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    done = _bash(" ".join(MINT) + " branch feat >&-; echo rc=$?", work)
     assert done.stdout == "rc=0\n" and "Traceback" not in done.stderr
     assert "feat" in mint(work, "branch").stdout
 
@@ -111,13 +111,7 @@ def test_version_into_a_full_or_closed_output(tmp_path: Path) -> None:
         )
     assert full.returncode == 1 and full.stderr.startswith("error: ")
     assert "Traceback" not in full.stderr
-    gone = subprocess.run(
-        ["bash", "-c", " ".join(MINT) + " --help | (exec 0<&-; sleep 1); echo ${PIPESTATUS[0]}"],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    gone = _bash(" ".join(MINT) + " --help | (exec 0<&-; sleep 1); echo ${PIPESTATUS[0]}", tmp_path)
     assert gone.stdout == "141\n" and gone.stderr == ""
 
 
