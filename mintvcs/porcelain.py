@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -606,12 +607,32 @@ class DiffResult:
         return [path for _status, path in self.files]
 
 
-TensorSet = dict[str, tuple[str, tuple[int, ...], bytes]]
+@dataclass(frozen=True)
+class _Side:
+    """One tensor of one side of a diff: its bytes are read only if the other side's differ."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    sha256: str | None  # None: hash what read() gives
+    read: Callable[[], bytes | memoryview]
+
+    def digest(self) -> str:
+        """The tensor's sha256, as a manifest records it."""
+        import hashlib
+
+        return self.sha256 or hashlib.sha256(self.read()).hexdigest()
 
 
-def _work_tensors(adapter: AdapterFiles) -> TensorSet:
+def _stored_tensors(repo: Repository, rev: Revision) -> dict[str, _Side]:
     return {
-        e.name: (e.dtype, e.shape, bytes(adapter.tensor_bytes(i)))
+        r.name: _Side(r.dtype, r.shape, r.sha256, partial(repo.tensor_bytes, r.blob, r.name, r))
+        for r in rev.manifest.tensors
+    }
+
+
+def _work_tensors(adapter: AdapterFiles) -> dict[str, _Side]:
+    return {
+        e.name: _Side(e.dtype, e.shape, None, partial(adapter.tensor_bytes, i))
         for i, e in enumerate(adapter.layout.tensors)
     }
 
@@ -634,7 +655,7 @@ _NUMPY_VIEWS = {
 STATISTICS_DTYPES = frozenset({"BF16", *_NUMPY_VIEWS})
 
 
-def _as_float64(dtype: str, raw: bytes) -> Any:
+def _as_float64(dtype: str, raw: bytes | memoryview) -> Any:
     """Decode raw tensor bytes to float64 numpy for statistics (None for a dtype without them)."""
     import numpy as np
 
@@ -647,27 +668,28 @@ def _as_float64(dtype: str, raw: bytes) -> Any:
     return np.frombuffer(raw, _NUMPY_VIEWS[dtype]).astype(np.float64)
 
 
-def _compare(
-    name: str,
-    a: tuple[str, tuple[int, ...], bytes] | None,
-    b: tuple[str, tuple[int, ...], bytes] | None,
-) -> TensorDiff:
+def _compare(name: str, a: _Side | None, b: _Side | None) -> TensorDiff:
+    """One tensor's change; its values are read (one tensor at a time) only when they differ."""
     import numpy as np
 
     if a is None:
         assert b is not None
-        return TensorDiff(name, "added", None, b[1], dtype_b=b[0])
+        return TensorDiff(name, "added", None, b.shape, dtype_b=b.dtype)
     if b is None:
-        return TensorDiff(name, "removed", a[1], None, dtype_a=a[0])
-    if a[1] != b[1]:
-        return TensorDiff(name, "reshaped", a[1], b[1], dtype_a=a[0], dtype_b=b[0])
-    if a[0] == b[0] and a[2] == b[2]:
-        return TensorDiff(name, "unchanged", a[1], b[1], 0.0, 1.0, dtype_a=a[0], dtype_b=b[0])
+        return TensorDiff(name, "removed", a.shape, None, dtype_a=a.dtype)
+
+    def result(status: str, rel: float | None = None, cos: float | None = None) -> TensorDiff:
+        return TensorDiff(name, status, a.shape, b.shape, rel, cos, a.dtype, b.dtype)
+
+    if a.shape != b.shape:
+        return result("reshaped")
+    if a.dtype == b.dtype and a.digest() == b.digest():
+        return result("unchanged", 0.0, 1.0)
     # Same shape: compare values, across a dtype change too (F32 -> BF16 shows its rounding).
-    status = "modified" if a[0] == b[0] else "retyped"
-    va, vb = _as_float64(a[0], a[2]), _as_float64(b[0], b[2])
+    status = "modified" if a.dtype == b.dtype else "retyped"
+    va, vb = _as_float64(a.dtype, a.read()), _as_float64(b.dtype, b.read())
     if va is None or vb is None:
-        return TensorDiff(name, status, a[1], b[1], dtype_a=a[0], dtype_b=b[0])
+        return result(status)
     norm_a, norm_b = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
     change = float(np.linalg.norm(vb - va))
     # From an all-zero A (PEFT's B at step 0) a change is infinitely large, and none is none
@@ -676,14 +698,14 @@ def _compare(
     cos = None
     if norm_a and norm_b:
         cos = min(1.0, max(-1.0, float(va @ vb) / (norm_a * norm_b)))  # rounding can pass 1
-    return TensorDiff(name, status, a[1], b[1], rel, cos, dtype_a=a[0], dtype_b=b[0])
+    return result(status, rel, cos)
 
 
 @accepts_path
 def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult:
     """Per-tensor change from `spec_a` to `spec_b` (default: the work tree)."""
     rev_a = repo.read_revision(repo.resolve(spec_a))
-    tensors_a = rev_a.tensors()
+    tensors_a = _stored_tensors(repo, rev_a)
     if spec_b is None:
         if repo.work_tree is None:
             raise MintError("no work tree to compare with: give two revisions")
@@ -692,7 +714,7 @@ def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult
         config_b, files_b, header_b = work.config_bytes, work.extra_files, work.layout.header
     else:
         rev_b = repo.read_revision(repo.resolve(spec_b))
-        tensors_b, label_b = rev_b.tensors(), rev_b.commit
+        tensors_b, label_b = _stored_tensors(repo, rev_b), rev_b.commit
         config_b, files_b = rev_b.config_bytes, rev_b.files()
         header_b = repo.read_blob(rev_b.manifest.header_blob)
     files_a = rev_a.files()
