@@ -73,7 +73,7 @@ def _usage_error(err: click.UsageError, command: str) -> NoReturn:
     sys.exit(err.exit_code)
 
 
-def _exit_for(err: MintError | OSError | KeyboardInterrupt) -> NoReturn:
+def _exit_for(err: MintError | OSError | MemoryError | KeyboardInterrupt) -> NoReturn:
     """Report a failure in one line, and exit with the status git gives it."""
     if isinstance(err, KeyboardInterrupt):
         click.echo("interrupted", err=True)
@@ -90,6 +90,9 @@ def _exit_for(err: MintError | OSError | KeyboardInterrupt) -> NoReturn:
     if isinstance(err, MintError):
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+    if isinstance(err, MemoryError):
+        click.echo("error: out of memory (this process's limit, or the machine's)", err=True)
+        sys.exit(1)
     # The system refused a read or write (a full disk, a file size limit, permissions): one
     # line, as git says it.
     where = f": {err.filename}" if err.filename else ""
@@ -144,7 +147,7 @@ class MintGroup(click.Group):
             return result
         except click.UsageError as err:
             _usage_error(err, err.ctx.command_path if err.ctx is not None else ctx.command_path)
-        except (MintError, OSError, KeyboardInterrupt) as err:
+        except (MintError, OSError, MemoryError, KeyboardInterrupt) as err:
             _exit_for(err)
 
 

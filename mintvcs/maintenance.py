@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import itertools
@@ -258,6 +259,12 @@ def _pack_objects(pack: Pack, too_deep: list[tuple[str, int]]) -> Iterator[_Pack
         with open(Path(pack._basename + ".pack"), "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as err:  # gone, unreadable, or empty (mmap refuses size 0)
+        if isinstance(err, OSError) and err.errno == errno.ENOMEM:
+            # The address space a process limit leaves: not damage.
+            raise OutOfMemoryError(
+                f"{name} does not fit in this process's memory to be checked ({err.strerror}); "
+                "nothing was changed: raise the memory limit (ulimit -v) and retry"
+            ) from None
         for oids in names.values():
             for oid in oids:
                 yield _Packed(oid, problem=f"corrupt packed object {oid} in {name}: {err}")
@@ -770,6 +777,10 @@ def reachable_objects(repo: Repository) -> set[ObjectID]:
     scan = _scan_store(repo, _no_progress)
     _refuse_damage(scan)
     return _walk(repo, scan, roots)
+
+
+class OutOfMemoryError(MintError):
+    """The system refused the memory a check needs: a limit was met, nothing is damaged."""
 
 
 class GcRefusedError(MintError):

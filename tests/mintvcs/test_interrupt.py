@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -165,3 +166,47 @@ def test_a_read_only_work_tree_is_named_in_the_error(tmp_path: Path) -> None:
     assert failed.stderr == f"error: Permission denied: {work / CONFIG}\n"
     assert _files(work) == before
     assert not [p for p in (work / ".mint").iterdir() if p.name.endswith(".tmp")]
+
+
+# `mintvcs gc` with the address space it has once loaded, plus argv[1] bytes.
+GC_WITH_LITTLE_MEMORY = textwrap.dedent(
+    """
+    import resource, sys
+    import dulwich.pack, numpy, zstandard
+    from mintvcs import cli, maintenance, store
+
+    with open("/proc/self/status") as status:
+        size = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    room = size * 1024 + int(sys.argv[1])
+    resource.setrlimit(resource.RLIMIT_AS, (room, room))
+    cli.main(["gc"])
+    """
+)
+
+
+def test_gc_short_of_memory_says_so_not_that_the_store_is_corrupt(tmp_path: Path) -> None:
+    # A pack that did not fit in a process's address space was reported as every object in
+    # it corrupt, with "restore the object from a clone or backup".
+    rng = np.random.default_rng(13)
+    work = handmade_adapter(
+        tmp_path / "work",
+        {"q.lora_A.weight": ("F32", [2048, 4096], random_f32(rng, [2048, 4096]))},
+    )
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    mint(work, "commit", "-m", "big")
+    mint(work, "gc")
+    packs = sorted((work / ".mint" / "objects" / "pack").glob("*.pack"))
+    assert packs and packs[-1].stat().st_size > 16 << 20
+    short = subprocess.run(
+        [sys.executable, "-c", GC_WITH_LITTLE_MEMORY, str(4 << 20)],
+        cwd=work,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert short.returncode != 0 and "Traceback" not in short.stderr
+    assert len(short.stderr.splitlines()) == 1 and "corrupt" not in short.stderr
+    assert "memory" in short.stderr
+    assert sorted((work / ".mint" / "objects" / "pack").glob("*.pack")) == packs
+    mint_fsck_ok(work)
