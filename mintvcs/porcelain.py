@@ -724,7 +724,11 @@ def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult
         for p in sorted(set(files_a) | set(files_b))
         if files_a.get(p) != files_b.get(p)
     ]
-    tensors = [_compare(n, tensors_a.get(n), tensors_b.get(n)) for n in names]
+    tensors = []
+    with progress_bar(len(names), "comparing tensors", unit="tensors") as update:
+        for n in names:
+            tensors.append(_compare(n, tensors_a.get(n), tensors_b.get(n)))
+            update(1)
     same_layout = all(t.status in ("modified", "unchanged") for t in tensors)
     header_a = repo.read_blob(rev_a.manifest.header_blob)
     return DiffResult(

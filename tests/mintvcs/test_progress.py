@@ -82,3 +82,33 @@ def test_fsck_and_gc_report_their_phases(tmp_path: Path) -> None:
     result = maintenance.gc(repo, progress=hear)
     assert heard["checking objects"] == report.objects and result.packed == report.objects
     repo.close()
+
+
+_SLOW_DIFF = """
+import sys, time
+sys.path.insert(0, {root!r})
+from mintvcs import porcelain
+from mintvcs.store import Repository
+
+compare = porcelain._compare
+
+def slow(*args):
+    time.sleep(0.25)  # as a large tensor takes
+    return compare(*args)
+
+porcelain._compare = slow
+result = porcelain.diff(Repository.open({work!r}), "HEAD")
+print("done", len(result.tensors))
+"""
+
+
+def test_diff_shows_its_progress_on_a_terminal(tmp_path: Path) -> None:
+    # diff of a 2 GB adapter was silent for 10-15 s.
+    repo = porcelain.init(tmp_path / "work", install_hooks=False)
+    rng = np.random.default_rng(1)
+    tensors = {f"w{i}.lora_A.weight": ("F32", [4, 64], random_f32(rng, [4, 64])) for i in range(8)}
+    handmade_adapter(tmp_path / "work", tensors)
+    porcelain.commit(repo, "r0", show_progress=False)
+    code = _SLOW_DIFF.format(root=str(ROOT), work=str(tmp_path / "work"))
+    out = _on_a_terminal(code).decode(errors="replace")
+    assert "comparing tensors" in out and "done 8" in out, out
