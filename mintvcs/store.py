@@ -354,6 +354,10 @@ _WRITE_COUNTS: contextvars.ContextVar[tuple[tuple[Repository, WriteCount], ...]]
 )
 
 
+# How much of an object's content zlib is given at once (write_object).
+_DEFLATE_STEP = 1 << 20
+
+
 class Repository:
     """A mintvcs repository: `.mint/` (a git directory) and, usually, a work tree beside it.
 
@@ -776,7 +780,15 @@ class Repository:
         elif level == 0:
             body = zlib_stored([memoryview(head), *views])
         else:
-            body = [zlib.compress(b"".join([head, *views]), level)]
+            # Streamed a MiB at a time: a large extra file (a trainer's optimizer.pt) is neither
+            # copied whole first nor held twice by zlib's growing output.
+            deflate = zlib.compressobj(level)
+            body = [
+                deflate.compress(part[start : start + _DEFLATE_STEP])
+                for part in [memoryview(head), *views]
+                for start in range(0, part.nbytes, _DEFLATE_STEP)
+            ]
+            body.append(deflate.flush())
         for attempt in range(3):
             directory.mkdir(exist_ok=True)
             try:

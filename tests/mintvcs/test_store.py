@@ -444,3 +444,24 @@ def test_threads_sharing_a_repository_keep_reading_while_gc_replaces_its_packs(
     for blob in blobs:  # and the Repository is still whole
         assert reader.object_kind(blob) == "blob"
     reader.close()
+
+
+def test_a_large_deflated_object_is_not_copied_whole_first(tmp_path: Path) -> None:
+    # An extra file (a trainer's optimizer.pt, hundreds of MB) was joined into a second copy
+    # before zlib saw it: the peak held the file, the copy and the compressed output.
+    import os
+    import tracemalloc
+    import zlib
+
+    repo = porcelain.init(tmp_path / "work", install_hooks=False)
+    content = os.urandom(32 << 20)  # incompressible: the output is as large as the input
+    tracemalloc.start()
+    try:
+        oid = repo.write_object(b"blob", [content], 6)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.3 * len(content), peak
+    stored = (tmp_path / "work" / ".mint" / "objects" / oid[:2] / oid[2:]).read_bytes()
+    assert zlib.decompress(stored) == b"blob %d\0" % len(content) + content
+    repo.close()
