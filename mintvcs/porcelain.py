@@ -1088,7 +1088,7 @@ def write_work_tree(
     (repo.git_dir / WORKTREE_RECORD).unlink(missing_ok=True)
     temps = _work_temporaries(repo)
     known_ns = time.time_ns()
-    try:
+    with _restore_on_failure(repo, rev, old if undo else None):
         # Files only `old` had go first: one of them may be where `rev` has a directory.
         for path in gone:
             (work / path).unlink(missing_ok=True)
@@ -1098,11 +1098,6 @@ def write_work_tree(
         _write_weights(work / WEIGHTS_FILE, weights.data, known_ns - 2 * _RACY_NS, temps)
         for path, (content, executable) in files.items():
             _write_atomic(work / path, content, executable, temp_dir=temps)
-    except BaseException:
-        if undo and old is not None:
-            with suppress(MintError, OSError):
-                write_work_tree(repo, old, rev, show_progress=False, undo=False)
-        raise
     from mintvcs.adapter import stat_key
 
     _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns)
@@ -1265,7 +1260,8 @@ def _refuse_if_locked(repo: Repository, *names: str | None) -> None:
 def _restore_on_failure(
     repo: Repository, written: Revision, old: Revision | None
 ) -> Iterator[None]:
-    """Put `old` back in the work tree if moving the refs fails after `written` was written."""
+    """Put `old` back in the work tree if the block fails once `written` is (being) written:
+    writing it part-way, or moving the refs after it."""
     try:
         yield
     except BaseException:
