@@ -913,27 +913,14 @@ class Repository:
         """Check a tensor as tensor_bytes does (against its record, then its sha256), over `planes`.
 
         `planes` holds verified tensors only: the chain is read down to the first blob whose
-        planes it holds (none read when it holds the tensor itself), and the tensor's planes are
-        kept there once verified, a self-contained blob's too. fsck checks each history from its
-        oldest revision, so a revision's XOR links find their bases there: each link is decoded
-        once, not once per revision above it.
+        planes it holds, and the tensor's planes are kept there once verified, a self-contained
+        blob's too. fsck checks each history from its oldest revision, so a revision's XOR links
+        find their bases there: each link is decoded once, not once per revision above it.
         """
         import numpy as np
 
-        blobs, headers, cached = self._chain(record.blob, record.name, record, planes)
-        if not blobs:
-            return  # verified before; _chain checked it against `record`
-        base = None
-        if cached is not None:
-            codec.check_base(headers[-1], cached[0], name=record.name)
-            base = cached[1]
-        tip, tip_planes, grid = codec.chain_planes(
-            blobs, name=record.name, headers=headers, base=base
-        )
-        codec.merge_planes(tip_planes, tip, np.empty(tip.nbytes, dtype=np.uint8), name=record.name)
-        if grid is None:  # views into the blob (a pack's map, maybe): a copy outlives it
-            grid = np.stack(tip_planes)
-        planes.put(tip, codec.Planes(grid, record.blob, tip.depth))
+        out = np.empty(record.end - record.start, dtype=np.uint8)
+        self._tensor_into(record.blob, record.name, out, record, planes, keep_all=True)
 
     def tensor_into(
         self,
@@ -947,7 +934,22 @@ class Repository:
         With a plane_cache, the chain is read down to the first blob whose planes are cached,
         and a decoded XOR tip's planes are cached once its sha256 is verified.
         """
-        cache = self.plane_cache
+        self._tensor_into(blob_id, name, out, expect, self.plane_cache)
+
+    def _tensor_into(
+        self,
+        blob_id: str,
+        name: str,
+        out: npt.NDArray[np.uint8],
+        expect: TensorRecord | None,
+        cache: PlaneCache | None,
+        *,
+        keep_all: bool = False,
+    ) -> None:
+        """tensor_into over `cache`; with `keep_all`, a self-contained blob's planes are kept
+        too (a copy: they are views into the blob, maybe a pack's map)."""
+        import numpy as np
+
         blobs, headers, cached = self._chain(blob_id, name, expect, cache)
         if not blobs:  # the tensor itself is cached: unchanged since a revision decoded before
             assert cached is not None
@@ -960,6 +962,8 @@ class Repository:
             base = cached[1]
         tip, planes_, grid = codec.chain_planes(blobs, name=name, headers=headers, base=base)
         codec.merge_planes(planes_, tip, out, name=name)
+        if cache is not None and grid is None and keep_all:
+            grid = np.stack(planes_)
         if cache is not None and grid is not None:
             cache.put(tip, codec.Planes(grid, blob_id, tip.depth))
 
