@@ -1135,9 +1135,7 @@ def _remove_stale_temporaries(repo: Repository, now: float) -> None:
         if entry.is_file(follow_symlinks=False) and (
             name.endswith(".tmp") or name.startswith("COMMIT_EDITMSG.")
         ):
-            with suppress(FileNotFoundError):
-                if now - entry.stat(follow_symlinks=False).st_mtime >= GC_GRACE_SECONDS:
-                    os.unlink(entry.path)
+            _remove_if_stale(Path(entry.path), now)
     objects = repo.git_dir / "objects"
     for folder in _real_entries(objects):
         if folder.is_dir(follow_symlinks=False) and (
@@ -1150,9 +1148,15 @@ def _remove_stale_temporaries(repo: Repository, now: float) -> None:
                     temporary = temporary or not path.with_suffix(".idx").exists()
                 if folder.name == "pack" and name.endswith(".idx"):  # an older gc's leftover
                     temporary = temporary or not path.with_suffix(".pack").exists()
-                with suppress(FileNotFoundError):
-                    if temporary and now - path.stat().st_mtime >= GC_GRACE_SECONDS:
-                        path.unlink()
+                if temporary:
+                    _remove_if_stale(path, now)
+
+
+def _remove_if_stale(path: Path, now: float) -> None:
+    """Delete a writer's leftover once past the grace period (a younger one may be in use)."""
+    with suppress(FileNotFoundError):
+        if now - path.stat().st_mtime >= GC_GRACE_SECONDS:
+            path.unlink()
 
 
 def _real_entries(folder: Path) -> list[os.DirEntry[str]]:
