@@ -534,15 +534,15 @@ class Engine:
             known = self.residency.failure(revision)
             if known is not None:
                 raise known
-        matcher = retire = None
+        grammar = matcher = renew = None
         if params.structured is not None:
             spec = params.structured
             grammars = self.grammars()
-            base = (compiled or {}).get(spec)
-            if base is None:
-                base = grammars.compile(spec)
-            matcher = base.deep_copy()
-            retire = functools.partial(grammars.retire, spec, base)
+            grammar = (compiled or {}).get(spec)
+            if grammar is None:
+                grammar = grammars.compile(spec)
+            matcher = grammar.deep_copy()
+            renew = functools.partial(grammars.renew, spec)
         seq = Sequence(
             request_id=next(self._ids),
             prompt_ids=ids,
@@ -555,8 +555,9 @@ class Engine:
             eos_ids=self._eos,
             max_len=self.max_model_len,
             generator=None if params.greedy else params.generator(),
+            grammar=grammar,
             matcher=matcher,
-            retire_grammar=retire,
+            renew_grammar=renew,
         )
         with self._lock:
             self._seqs[seq.request_id] = seq

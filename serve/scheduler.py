@@ -96,12 +96,13 @@ class Sequence:
     # instead of prefilling it again. Cleared once used or not usable.
     fork_of: Sequence | None = None
     stop_floor: int = 0  # characters of text no stop string may end in (min_tokens)
-    # The llguidance matcher of a structured output (params.structured): it masks each step's
-    # logits, takes each sampled token, and says when the output is complete.
+    # A structured output (params.structured): its compiled grammar, shared by the requests of
+    # its spec; the llguidance matcher copied from it for this output (it masks each step's
+    # logits, takes each sampled token, and says when the output is complete); and what
+    # compiles the grammar afresh once its shared lexer is full (Grammars.renew).
+    grammar: Any = None
     matcher: Any = None
-    # Called when the matcher fails on its lexer's state cap: drops the worn-out compiled
-    # grammar it was copied from, so that later requests of its spec get a fresh one.
-    retire_grammar: Callable[[], None] | None = None
+    renew_grammar: Callable[[Any], Any] | None = None
     _hashes: list[int] | None = field(default=None, init=False, repr=False)
     # The token ids that end this sequence: EOS (unless ignored) and its stop token ids.
     stop_ids: frozenset[int] = field(init=False)
@@ -133,6 +134,36 @@ class Sequence:
             return self.prompt_ids[: self.prefilled]
         # The last sampled token has not been through the model yet.
         return self.prompt_ids + self.output_ids[:-1]
+
+    def renew_worn_matcher(self) -> bool:
+        """Whether a matcher failed on its grammar's full lexer (worn_out()) was replaced by a
+        copy of the grammar compiled afresh, which has taken the output so far."""
+        if self.renew_grammar is None or not self.matcher.is_error():
+            return False
+        if not worn_out(matcher_error(self.matcher)):
+            return False
+        try:
+            # A compile in the step stalls the batch once per wear-out; failing instead would
+            # end every running request of the spec.
+            self.grammar = self.renew_grammar(self.grammar)
+        except Exception:
+            log.exception("request %d: its worn-out grammar did not compile again", self.request_id)
+            return False
+        matcher = self.grammar.deep_copy()
+        if not matcher.consume_tokens(self.output_ids):
+            return False
+        log.info(
+            "request %d: its grammar's lexer was full; continuing on a fresh compile",
+            self.request_id,
+        )
+        self.matcher = matcher
+        return True
+
+    def takes(self, token: int) -> bool:
+        """Whether the structured output's matcher takes `token` (renewed first if worn out)."""
+        if not self.matcher.is_error() and self.matcher.consume_token(token):
+            return True
+        return self.renew_worn_matcher() and bool(self.matcher.consume_token(token))
 
     def append(
         self,
@@ -495,9 +526,7 @@ class Scheduler:
             # A matcher whose mask failed (a parser limit met mid-output) allowed only the end
             # of the output: that is a failure to report, not a finished answer.
             try:
-                if seq.matcher is not None and (
-                    seq.matcher.is_error() or not seq.matcher.consume_token(token)
-                ):
+                if seq.matcher is not None and not seq.takes(token):
                     self._fail(seq, _structured_failure(seq))
                     continue
                 event = seq.append(token, token_lp, prompt_logprobs.get(seq.request_id))
@@ -534,6 +563,9 @@ class Scheduler:
             bits = token_bitmask(
                 [seqs[i].matcher for i in structured], logits.shape[1], parallel=not on_cpu
             )
+            for row, i in enumerate(structured):
+                if seqs[i].renew_worn_matcher():  # its mask failed on a full lexer: again
+                    bits[row] = token_bitmask([seqs[i].matcher], logits.shape[1])[0]
             blocked = blocked_tokens(bits, logits.shape[1], logits.device)
         if logits.device.type == "cpu":
             # numpy's argmax is ~10x faster than torch's on a [32, vocab] CPU tensor; both
@@ -682,8 +714,6 @@ def _structured_failure(seq: Sequence) -> StructuredOutputError:
     assert seq.params.structured is not None  # the matcher's spec
     reason = matcher_error(seq.matcher) or "no token could continue the output"
     log.info("request %d: its structured output failed: %s", seq.request_id, reason)
-    if seq.retire_grammar is not None and worn_out(reason):
-        seq.retire_grammar()
     return StructuredOutputError(
         f"the output could not continue under its {seq.params.structured.kind} structured "
         f"output after {len(seq.output_ids)} tokens: {reason}"

@@ -225,20 +225,21 @@ class Grammars:
         """A new matcher for one request's output."""
         return self.compile(spec).deep_copy()
 
-    def retire(self, spec: StructuredOutput, compiled: llguidance.LLMatcher) -> None:
-        """Drop `spec`'s cached grammar if it is still `compiled`: the next request compiles it
-        afresh. For a grammar worn out (see worn_out()): its copies share its lexer's states,
-        so once they reach llguidance's cap every later copy would fail."""
+    def renew(self, spec: StructuredOutput, worn: llguidance.LLMatcher) -> llguidance.LLMatcher:
+        """`spec` compiled afresh in place of `worn`, its compiled grammar worn out (worn_out()):
+        its copies share its lexer's states, so once they reach llguidance's cap every copy
+        would fail. The first request to find it worn compiles; the others get that compile."""
         with self._lock:
-            if self._compiled.get(spec) is compiled:
+            if self._compiled.get(spec) is worn:
                 del self._compiled[spec]
+        return self.compile(spec)
 
 
 def worn_out(error: str) -> bool:
     """Whether a matcher failed on its lexer's state cap (max_lexer_states). The copies of one
     compiled grammar share its lexer, built lazily as outputs explore it: their states add up
     across requests, and each grammar's lexer may grow to the cap (~170 MiB measured) with use.
-    A grammar meeting it is retired, not kept failing every later request of its spec."""
+    A grammar meeting it is compiled afresh (Grammars.renew), for the requests using it too."""
     return "too many states" in error
 
 

@@ -429,26 +429,31 @@ def test_submitting_with_compiled_matchers_compiles_nothing(engine: Engine) -> N
     assert spec not in grammars._compiled
 
 
-def test_a_cached_grammar_worn_out_by_use_is_compiled_afresh(
+def test_a_grammar_worn_out_by_use_is_compiled_afresh_for_running_requests_too(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mintvcs.serve import structured
-    from mintvcs.serve.structured import StructuredOutputError
 
     # The copies of one compiled grammar share its lexer's states, which [ab]*a[ab]{n} keeps
-    # adding to: with a small cap, a batch of requests meets it after a few dozen of them. Those
-    # requests fail (their shared lexer is full); the ones after them must not: the worn-out
-    # grammar is dropped and compiled afresh.
-    monkeypatch.setattr(
-        structured,
-        "_LIMITS",
-        llguidance.LLParserLimits(verbose_errors=False, max_lexer_states=1000),
-    )
+    # adding to: with a small cap, a batch of requests meets it after a few dozen of them. The
+    # requests running then must go on (on the grammar compiled afresh, their output so far
+    # replayed), and give what they give with llguidance's own cap, where it is never met.
     spec = StructuredOutput("regex", "[ab]*a[ab]{10}")
-    batches: list[list[bool]] = []
-    for batch in range(9):
-        futures = engine.start_many(
-            [
+    builds = 0
+    build = structured.Grammars._build
+
+    def counted(self: structured.Grammars, spec: StructuredOutput) -> Any:
+        nonlocal builds
+        builds += 1
+        return build(self, spec)
+
+    monkeypatch.setattr(structured.Grammars, "_build", counted)
+
+    def outputs() -> list[list[int]]:
+        engine.grammars()._compiled.clear()
+        out = []
+        for batch in range(9):
+            requests = [
                 (
                     _prompt(batch, 4),
                     None,
@@ -462,18 +467,18 @@ def test_a_cached_grammar_worn_out_by_use_is_compiled_afresh(
                 )
                 for i in range(16)
             ]
-        )
-        batches.append([])
-        for future in futures:
-            try:
-                future.result(60)
-                batches[-1].append(True)
-            except StructuredOutputError as err:
-                assert "too many states" in str(err)
-                batches[-1].append(False)
-    failed = [i for i, outcomes in enumerate(batches) if not all(outcomes)]
-    assert failed, "the lexer's cap was never met"
-    assert all(all(batches[i + 1]) for i in failed if i + 1 < len(batches)), batches
+            out += [f.result(60).token_ids for f in engine.start_many(requests)]
+        return out
+
+    unworn = outputs()
+    assert builds == 1
+    monkeypatch.setattr(
+        structured,
+        "_LIMITS",
+        llguidance.LLParserLimits(verbose_errors=False, max_lexer_states=1000),
+    )
+    assert outputs() == unworn
+    assert builds > 2, "the lexer's cap was never met"
 
 
 def test_an_eos_ending_a_grammar_leaves_no_text_with_special_tokens_kept(engine: Engine) -> None:
