@@ -78,9 +78,14 @@ _SAFETENSORS_DTYPES = {
 class AdapterRefused(MintError):
     """A revision the engine will not serve; `reason` is a short code (dora, rank, base_fingerprint, ...)."""
 
-    def __init__(self, revision: str, reason: str, detail: str) -> None:
+    def __init__(
+        self, revision: str, reason: str, detail: str, *, base_fingerprint: str | None = None
+    ) -> None:
         self.revision = revision
         self.reason = reason
+        # The base the revision was committed against, where the refusal knows it (too_large):
+        # the engine then names another base as the cause instead.
+        self.base_fingerprint = base_fingerprint
         super().__init__(f"revision {revision[:12]} refused ({reason}): {detail}")
 
 
@@ -114,13 +119,28 @@ class AdapterSource(Protocol):
         ...
 
 
-def _too_large(revision: str, held: str, max_bytes: int) -> AdapterRefused:
+def _too_large(
+    revision: str, held: str, max_bytes: int, base_fingerprint: str | None = None
+) -> AdapterRefused:
     return AdapterRefused(
         revision,
         "too_large",
         f"{held}, more than any adapter this engine serves "
         f"({max_bytes} bytes: max_lora_rank on every targeted linear)",
+        base_fingerprint=base_fingerprint,
     )
+
+
+def refuse_other_base(revision: str, committed_on: str | None, resident: str | None) -> None:
+    """AdapterRefused("base_fingerprint") if the revision was committed against another base
+    than the resident one (either unknown: nothing to compare)."""
+    if resident and committed_on and committed_on != resident:
+        raise AdapterRefused(
+            revision,
+            "base_fingerprint",
+            f"it was committed against base {committed_on[:19]}, the resident base is "
+            f"{resident[:19]}; serve it with its own base",
+        )
 
 
 class PeftDirSource:
@@ -220,7 +240,12 @@ class StoreSource:
             refuse_unserved(
                 rev.commit, rev.config, (record.name for record in rev.manifest.tensors)
             )
-            raise _too_large(rev.commit, f"its tensors hold {rev.manifest.nbytes} bytes", max_bytes)
+            raise _too_large(
+                rev.commit,
+                f"its tensors hold {rev.manifest.nbytes} bytes",
+                max_bytes,
+                rev.base_fingerprint,
+            )
         cache = self.repo.plane_cache
         if self._auto_bound and cache is not None:
             cache.max_bytes = max(cache.max_bytes, PLANE_CACHE_REVISIONS * rev.manifest.nbytes)
@@ -423,16 +448,7 @@ def prepare_adapter(
     def refuse(reason: str, detail: str) -> AdapterRefused:
         return AdapterRefused(rev, reason, detail)
 
-    if (
-        base_fingerprint
-        and weights.base_fingerprint
-        and weights.base_fingerprint != base_fingerprint
-    ):
-        raise refuse(
-            "base_fingerprint",
-            f"it was committed against base {weights.base_fingerprint[:19]}, the resident base is "
-            f"{base_fingerprint[:19]}; serve it with its own base",
-        )
+    refuse_other_base(rev, weights.base_fingerprint, base_fingerprint)
     refuse_unserved(rev, cfg, weights.tensors)
     alpha = float(cfg.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
     rslora = bool(cfg.get("use_rslora", False))

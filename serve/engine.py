@@ -401,6 +401,7 @@ class Engine:
             self._prepare,
             host_cache_bytes=config.host_cache_bytes,
             on_change=self._wake.set,
+            base_fingerprint=self.base_fingerprint,
         )
         self.scheduler = Scheduler(
             self.model,

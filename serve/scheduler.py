@@ -136,7 +136,7 @@ class Sequence:
         return self.prompt_ids + self.output_ids[:-1]
 
     def renew_worn_matcher(self) -> bool:
-        """Whether a matcher failed on its grammar's full lexer (worn_out()) was replaced by a
+        """Whether a matcher that failed on its grammar's full lexer (worn_out()) was replaced by a
         copy of the grammar compiled afresh, which has taken the output so far."""
         if self.renew_grammar is None or not self.matcher.is_error():
             return False

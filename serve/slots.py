@@ -28,6 +28,7 @@ from mintvcs.serve.adapters import (
     AdapterWeights,
     HostAdapter,
     PackedImage,
+    refuse_other_base,
 )
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_GROUPS, LORA_MODULES, LoraBatch
@@ -443,10 +444,12 @@ class Residency:
         *,
         host_cache_bytes: int,
         on_change: Callable[[], None] | None = None,
+        base_fingerprint: str | None = None,
     ) -> None:
         self.pools = pools
         self.source = source
         self.prepare = prepare
+        self.base_fingerprint = base_fingerprint  # the resident base's (prepare checks it too)
         self.host = HostCache(host_cache_bytes)
         self.slots = [Slot(i) for i in range(pools.num_slots)]
         self.stats = ResidencyStats()
@@ -697,7 +700,12 @@ class Residency:
             self.stats.host_hits += 1
             return host
         assert self.source is not None
-        prepared = self.prepare(self.source.load(revision, max_bytes=self.pools.max_revision_bytes))
+        try:
+            weights = self.source.load(revision, max_bytes=self.pools.max_revision_bytes)
+        except AdapterRefused as err:  # too large, and maybe for another base: that is the cause
+            refuse_other_base(revision, err.base_fingerprint, self.base_fingerprint)
+            raise
+        prepared = self.prepare(weights)
         host = self.pools.stage(prepared, self._take_spare(prepared))
         # The one NaN/Inf check, over the staged buffer: it covers dtype conversion and folded scales.
         host.check_finite()

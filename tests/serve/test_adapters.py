@@ -456,6 +456,14 @@ def test_a_revision_larger_than_any_servable_one_is_refused_before_decoding(
         assert eng.pools.max_revision_bytes < nbytes
         with pytest.raises(AdapterRefused, match="more than any adapter"):
             eng.generate([5, 6], commit, SamplingParams(max_tokens=1), timeout=30)
+    # Too large and for another base: the other base is what to fix first.
+    other = "sha256:" + "1" * 64
+    with (
+        Engine(tiny_base, small, source=store, base_fingerprint=other) as eng,
+        pytest.raises(AdapterRefused, match="committed against base") as err,
+    ):
+        eng.generate([5, 6], commit, SamplingParams(max_tokens=1), timeout=30)
+    assert err.value.reason == "base_fingerprint"
 
 
 def test_bias_refusals_go_by_tensors_not_config(tiny_base: Path, tmp_path: Path) -> None:
