@@ -143,6 +143,9 @@ class RefWatcher:
         self.max_entries = max_entries
         self.idle_forget_s = idle_forget_s
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # The cached specs by the names a notify may give for them (_keys): a notify for one
+        # of 10^5 per-user branches finds its specs without scanning the cache under the lock.
+        self._by_key: dict[tuple[str, str], set[str]] = {}
         # Requests resolve on the event loop, the poller may run elsewhere: one lock for the cache.
         self._lock = threading.RLock()
         self.hits = 0
@@ -246,10 +249,10 @@ class RefWatcher:
                 # Another thread cached a current answer meanwhile, or the files changed while
                 # this one was read: keep what is cached (the next request revalidates).
                 return current or entry
-            self._entries[spec] = entry
+            self._put(spec, entry)
             self._entries.move_to_end(spec)
             while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+                self._drop(next(iter(self._entries)))
             moved = old is not None and old.resolution.commit != entry.resolution.commit
             if moved:
                 self.moves += 1
@@ -258,6 +261,32 @@ class RefWatcher:
                 RefMove(spec, entry.resolution.ref, old.resolution.commit, entry.resolution.commit)
             )
         return entry
+
+    @staticmethod
+    def _keys(entry: _Entry) -> tuple[tuple[str, str], ...]:
+        """What refresh() finds the entry by: the ref it went through, and the name it gives."""
+        ref = entry.resolution.ref
+        return (("name", entry.name),) if ref is None else (("ref", ref), ("name", entry.name))
+
+    def _put(self, spec: str, entry: _Entry) -> None:
+        """Cache `entry` for `spec` (in place of any entry it had), indexed by its keys; under the lock."""
+        if spec in self._entries:
+            self._unindex(spec, self._entries[spec])
+        self._entries[spec] = entry
+        for key in self._keys(entry):
+            self._by_key.setdefault(key, set()).add(spec)
+
+    def _drop(self, spec: str) -> None:
+        """Forget `spec`'s entry and its index keys; under the lock."""
+        self._unindex(spec, self._entries.pop(spec))
+
+    def _unindex(self, spec: str, entry: _Entry) -> None:
+        for key in self._keys(entry):
+            specs = self._by_key.get(key)
+            if specs is not None:
+                specs.discard(spec)
+                if not specs:
+                    del self._by_key[key]
 
     def refresh(self, ref: str | None = None) -> list[Resolution]:
         """Re-resolve the cached specs that went through `ref` (a full or short name), or all of
@@ -268,12 +297,13 @@ class RefWatcher:
                 entries = list(self._entries.items())
             else:
                 short = ref.removeprefix("refs/heads/").removeprefix("refs/tags/")
-                through = (ref, f"refs/heads/{short}", f"refs/tags/{short}")
-                entries = [
-                    (s, e)
-                    for s, e in self._entries.items()
-                    if e.resolution.ref in through or e.name in (ref, short)
-                ]
+                keys = [("ref", r) for r in (ref, f"refs/heads/{short}", f"refs/tags/{short}")]
+                keys += [("name", ref), ("name", short)]
+                specs = set().union(*(self._by_key.get(key, ()) for key in keys))
+                # In cache order, as a full scan would list them.
+                entries = sorted(
+                    ((s, self._entries[s]) for s in specs), key=lambda item: item[1].used
+                )
         moves, fresh = self._reresolve(entries)
         if self.on_move is not None:
             for move in moves:
@@ -292,12 +322,12 @@ class RefWatcher:
             except MintError:
                 with self._lock:
                     if self._entries.get(spec) is entry:
-                        del self._entries[spec]  # deleted: the next request gets the error
+                        self._drop(spec)  # deleted: the next request gets the error
                 continue
             fresh.used = entry.used
             with self._lock:
                 if self._entries.get(spec) is entry:
-                    self._entries[spec] = fresh
+                    self._put(spec, fresh)
             fresh_resolutions.append(fresh.resolution)
             old, new = entry.resolution.commit, fresh.resolution.commit
             if new != old:
@@ -340,7 +370,7 @@ class RefWatcher:
             if idle > self.idle_forget_s:  # full commit ids too: an eval names each one once
                 with self._lock:
                     if self._entries.get(spec) is entry:
-                        del self._entries[spec]
+                        self._drop(spec)
                 continue
             if entry.resolution.ref is None and is_object_id(spec):
                 continue  # a full commit id names the same revision forever: nothing to watch

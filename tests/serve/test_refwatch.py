@@ -252,3 +252,40 @@ def test_a_move_rereads_no_commit_behind_it(
     }
     # The new tip, read to peel it and to walk it; every other commit was remembered.
     assert reads == [moved, moved]
+
+
+def test_refresh_of_one_ref_re_resolves_only_its_specs_and_keeps_the_index_exact(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    # A notify names one branch among many cached ones (per-user policies): found by index, not
+    # by scanning the cache under its lock; the index follows every way an entry comes and goes.
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    for i in range(40):
+        porcelain.branch_create(repo, f"user{i}", first)
+    porcelain.tag_create(repo, "user3-prod", first)
+    watcher = RefWatcher(repo, max_entries=30)
+    for i in range(40):  # the first ten are evicted
+        watcher.resolve(f"user{i}")
+    for spec in ("user33~0", "refs/heads/user33", "user3-prod", first, "main"):
+        watcher.resolve(spec)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    porcelain.branch_create(repo, "user33", second, force=True)
+    fresh = watcher.refresh("user33")
+    assert sorted(r.spec for r in fresh) == ["refs/heads/user33", "user33", "user33~0"]
+    assert {r.commit for r in fresh} == {second}
+    assert [r.spec for r in watcher.refresh("refs/tags/user3-prod")] == ["user3-prod"]
+    porcelain.branch_delete(repo, "user34", force=True)
+    assert watcher.refresh("user34") == []  # dropped: it names nothing now
+
+    def index() -> dict[tuple[str, str], set[str]]:
+        built: dict[tuple[str, str], set[str]] = {}
+        for spec, entry in watcher._entries.items():
+            for key in watcher._keys(entry):
+                built.setdefault(key, set()).add(spec)
+        return built
+
+    assert watcher._by_key == index()
+    assert ("name", "user0") not in watcher._by_key  # evicted
+    watcher.idle_forget_s = 0.0
+    watcher.poll()
+    assert watcher._entries == {} and watcher._by_key == {}
