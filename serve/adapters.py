@@ -234,6 +234,21 @@ class StoreSource:
                 f"{revision!r:.60} is not a commit id: revisions are served by full commit id; "
                 "resolve a ref or an abbreviation first (Engine.resolve)"
             )
+        from mintvcs.store import CorruptObjectError
+
+        try:
+            return self._load(revision, max_bytes)
+        except CorruptObjectError:
+            # A commit pruned since it was resolved (its ref deleted, then gc) is not there to
+            # serve; a commit that is there with objects missing is damage, and says so.
+            if self.repo.has_object(revision, rescan=True):
+                raise
+        raise AdapterNotFound(
+            f"revision {revision[:12]} is not in the repository: never committed there, or "
+            "pruned since (its ref deleted, then gc)"
+        )
+
+    def _load(self, revision: str, max_bytes: int | None) -> AdapterWeights:
         rev = self.repo.read_revision(revision)
         if max_bytes is not None and rev.manifest.nbytes > max_bytes:
             # The real cause first: a copy of a whole base layer is refused as such.

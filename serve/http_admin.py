@@ -200,6 +200,10 @@ async def unpin(request: web.Request) -> web.Response:
     try:
         commit: str | None = state.watcher.resolve(check_spec(spec)).commit
     except UnknownRevisionError:
+        # Gone since: a deleted ref still releases what it pinned, and a commit pinned by its
+        # full id (pruned since) its own pin.
+        if pinned_then is None and is_object_id(spec) and spec in engine.residency.pinned():
+            pinned_then = spec
         if pinned_then is None:
             raise
         commit = None

@@ -574,3 +574,32 @@ def test_an_engine_closes_the_repository_its_store_source_opened(
         eng.generate([5, 6, 7], commit, params, timeout=30)
         assert any(".mint/objects" in f for f in open_files() - before)
     assert not any(".mint/objects" in f for f in open_files() - before)
+
+
+def test_a_revision_pruned_since_it_was_resolved_is_not_found_and_damage_stays_damage(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path
+) -> None:
+    from mintvcs import porcelain
+    from mintvcs.serve import StoreSource
+    from mintvcs.serve.adapters import AdapterNotFound
+    from mintvcs.store import CorruptObjectError
+    from tests.mintvcs.storekit import copy_adapter, git, loose_path, mutate
+
+    repo, store, first = _committed(tiny_base, peft_adapter, tmp_path)
+    work = copy_adapter(peft_adapter, tmp_path / "work")
+    mutate(work, seed=3)
+    second = porcelain.commit(repo, "second", source=work, show_progress=False).commit
+    # Its ref moves away and git prunes it (the server resolved it by id before).
+    git(repo.git_dir, "update-ref", "refs/heads/main", first)
+    git(repo.git_dir, "reflog", "expire", "--expire=now", "--all")
+    git(repo.git_dir, "gc", "--prune=now", "--quiet")
+    with pytest.raises(AdapterNotFound, match=f"revision {second[:12]} is not in the repository"):
+        store.load(second)
+    # A commit that is there with a tensor missing is damage, not "not found".
+    work = copy_adapter(peft_adapter, tmp_path / "work3")
+    mutate(work, seed=4)
+    third = porcelain.commit(repo, "third", source=work, show_progress=False).commit
+    blobs = [loose_path(repo.work_tree, t.blob) for t in repo.read_revision(third).manifest.tensors]
+    next(path for path in blobs if path.exists()).unlink()  # one only this commit wrote
+    with pytest.raises(CorruptObjectError, match="missing from the store"):
+        StoreSource(repo.git_dir).load(third)

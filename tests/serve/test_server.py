@@ -1649,3 +1649,61 @@ def test_an_empty_notify_counts_the_moves_it_finds(
         assert moves() == before + 10
     finally:
         porcelain.branch_delete(repo, "fast", force=True)
+
+
+def test_a_revision_pruned_while_served_by_id_is_404_and_its_pin_can_be_released(
+    tiny_base: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    from tests.mintvcs.storekit import git
+
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
+    commit_on(repo, "main", adapters["a"], "a")
+    pinned, evicted = (
+        commit_on(repo, "x", adapters["b"], "b"),
+        commit_on(repo, "y", adapters["a"], "y"),
+    )
+    others = [f"z{i}" for i in range(1, 4)]
+    for name in others:
+        commit_on(repo, name, adapters[name.replace("z", "a")], name)
+    key = tmp_path / "token"
+    key.write_text(TOKEN + "\n")
+    key.chmod(0o600)
+    config = ServerConfig(
+        repo=repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_loras=2,
+        max_cpu_loras=1,  # at max_rank: three revisions of `a`'s size
+        max_rank=8,
+        api_key_file=key,
+    )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with BackgroundServer(config) as srv:
+        warm = {"revision": pinned, "pin": True}
+        assert request(srv.url + "/v1/adapters/warm", warm, headers=auth)[0] == 200
+        assert gen(srv, prompt="Hi", ref=evicted, max_tokens=1)[0] == 200
+        for ref in others:  # evicted from its slot and from the host cache
+            assert gen(srv, prompt="Hi", ref=ref, max_tokens=1)[0] == 200
+        resident = request(srv.url + "/v1/adapters", headers=auth)[2]
+        assert evicted not in str([resident["slots"], resident["host_cache"]])
+        porcelain.checkout(repo, "main", force=True)
+        for branch in ("x", "y", *others):
+            porcelain.branch_delete(repo, branch, force=True)
+        git(repo.git_dir, "reflog", "expire", "--expire=now", "--all")
+        # Not `git gc`: it rewrites packed-refs, which the server's cached resolutions watch.
+        git(repo.git_dir, "repack", "-a", "-d", "-q")
+        git(repo.git_dir, "prune", "--expire=now")
+        # Requested by id before, so its resolution is cached: the load finds it gone.
+        status, _, body = gen(srv, prompt="Hi", ref=evicted, max_tokens=1)
+        assert status == 404 and "is not in the repository" in str(body), body
+        # Now uncached too (packed-refs rewritten): a pin by id is released all the same.
+        git(repo.git_dir, "pack-refs", "--all")
+        status, _, body = request(
+            srv.url + "/v1/adapters/unpin", {"revision": pinned}, headers=auth
+        )
+        assert status == 200 and body["unpinned"] == [pinned], body
+        status, _, body = request(
+            srv.url + "/v1/adapters/unpin", {"revision": evicted}, headers=auth
+        )
+        assert status == 404, body  # never pinned, and gone: nothing to release
+        assert request(srv.url + "/v1/adapters", headers=auth)[2]["pinned"] == []
