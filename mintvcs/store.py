@@ -745,6 +745,15 @@ class Repository:
                 self.__dict__["_packs_scanned"] = True  # after the scan: others wait for it
             return list(cached.values())
 
+    def release_removed_packs(self) -> None:
+        """Let go of packs deleted since they were opened (a gc or repack by another process),
+        so that the file system can free them: both pack lists are refreshed only on a miss,
+        and a long-lived reader whose objects are all in an old pack never misses."""
+        self._packs(refresh=True)
+        if "objects" in self.__dict__:
+            with self._dulwich_lock:
+                _ = self.objects.packs  # dulwich lists the directory here, closing removed packs
+
     def add_blob(self, data: bytes) -> str:
         """Store `data` as a blob; an existing identical blob costs nothing."""
         return self.write_object(b"blob", [data], META_ZLIB_LEVEL)

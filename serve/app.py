@@ -846,8 +846,13 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         state.repo.close()
 
 
+# How often the server lets go of packs another process deleted (release_removed_packs).
+PACK_RELEASE_SECONDS = 10.0
+
+
 async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Poll the refs in use; every second also harvest slot-load durations for the histogram."""
+    """Poll the refs in use; harvest slot-load durations for the histogram twice a second;
+    release deleted packs every PACK_RELEASE_SECONDS."""
     state = app[STATE]
 
     async def harvest() -> None:
@@ -866,9 +871,25 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
             if keys.due():
                 threading.Thread(target=keys.refresh, name="mint-api-keys", daemon=True).start()
 
+    async def release_packs() -> None:
+        # A gc or repack by another process deletes packs this server still reads from, and
+        # whose objects it never misses: let go of them, or their space stays taken.
+        from mintvcs.serve.adapters import StoreSource
+
+        while True:
+            await asyncio.sleep(PACK_RELEASE_SECONDS)
+            source = None if state.engine is None else state.engine.source
+            repos = [state.repo, *([source.repo] if isinstance(source, StoreSource) else [])]
+            for repo in repos:
+                try:
+                    await asyncio.to_thread(repo.release_removed_packs)
+                except Exception as err:  # a store another process is rewriting: next time
+                    log.warning("could not rescan the packs (%s: %s)", type(err).__name__, err)
+
     tasks = [
         asyncio.create_task(state.watcher.run(interval=state.config.ref_poll_interval)),
         asyncio.create_task(harvest()),
+        asyncio.create_task(release_packs()),
     ]
     if state.api_keys is not None:
         tasks.append(asyncio.create_task(reread_keys(state.api_keys)))
