@@ -137,31 +137,39 @@ class Sequence:
 
     def renew_worn_matcher(self) -> bool:
         """Whether a matcher that failed on its grammar's full lexer (worn_out()) was replaced by a
-        copy of the grammar compiled afresh, which has taken the output so far."""
+        copy of the grammar compiled afresh, which has taken the output so far. A renewal that
+        fails is not tried again: the request then fails with its matcher's own error."""
         if self.renew_grammar is None or not self.matcher.is_error():
             return False
         if not worn_out(matcher_error(self.matcher)):
             return False
-        try:
-            # A compile in the step stalls the batch once per wear-out; failing instead would
-            # end every running request of the spec.
-            self.grammar = self.renew_grammar(self.grammar)
-        except Exception:
-            log.exception("request %d: its worn-out grammar did not compile again", self.request_id)
-            return False
-        matcher = self.grammar.deep_copy()
-        if not matcher.consume_tokens(self.output_ids):
-            return False
-        log.info(
-            "request %d: its grammar's lexer was full; continuing on a fresh compile",
-            self.request_id,
-        )
-        self.matcher = matcher
-        return True
+        worn = self.grammar
+        # Twice at most: the fresh compile cached by another request may have filled already.
+        for _ in range(2):
+            try:
+                # A compile in the step stalls the batch once per wear-out; failing instead
+                # would end every running request of the spec.
+                grammar = self.renew_grammar(worn)
+            except Exception:
+                log.exception("request %d: its worn grammar did not compile again", self.request_id)
+                break
+            matcher = grammar.deep_copy()
+            if matcher.consume_tokens(self.output_ids):
+                log.info("request %d: its grammar's lexer was full; renewed", self.request_id)
+                self.grammar, self.matcher = grammar, matcher
+                return True
+            if not (matcher.is_error() and worn_out(matcher_error(matcher))):
+                break
+            worn = grammar
+        self.renew_grammar = None
+        return False
 
     def takes(self, token: int) -> bool:
-        """Whether the structured output's matcher takes `token` (renewed first if worn out)."""
-        if not self.matcher.is_error() and self.matcher.consume_token(token):
+        """Whether the structured output's matcher takes `token` (renewed first if it wore out
+        on this token; a matcher whose mask failed gave no mask to draw `token` from)."""
+        if self.matcher.is_error():
+            return False
+        if self.matcher.consume_token(token):
             return True
         return self.renew_worn_matcher() and bool(self.matcher.consume_token(token))
 

@@ -433,6 +433,7 @@ def test_a_grammar_worn_out_by_use_is_compiled_afresh_for_running_requests_too(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mintvcs.serve import structured
+    from mintvcs.serve.structured import StructuredOutputError
 
     # The copies of one compiled grammar share its lexer's states, which [ab]*a[ab]{n} keeps
     # adding to: with a small cap, a batch of requests meets it after a few dozen of them. The
@@ -449,9 +450,10 @@ def test_a_grammar_worn_out_by_use_is_compiled_afresh_for_running_requests_too(
 
     monkeypatch.setattr(structured.Grammars, "_build", counted)
 
-    def outputs() -> list[list[int]]:
+    def outputs(failures: bool = False) -> list[Any]:
+        """Each request's tokens (or, with `failures`, its StructuredOutputError's message)."""
         engine.grammars()._compiled.clear()
-        out = []
+        out: list[Any] = []
         for batch in range(9):
             requests = [
                 (
@@ -467,7 +469,13 @@ def test_a_grammar_worn_out_by_use_is_compiled_afresh_for_running_requests_too(
                 )
                 for i in range(16)
             ]
-            out += [f.result(60).token_ids for f in engine.start_many(requests)]
+            for future in engine.start_many(requests):
+                try:
+                    out.append(future.result(60).token_ids)
+                except StructuredOutputError as err:
+                    if not failures:
+                        raise
+                    out.append(str(err))
         return out
 
     unworn = outputs()
@@ -479,6 +487,17 @@ def test_a_grammar_worn_out_by_use_is_compiled_afresh_for_running_requests_too(
     )
     assert outputs() == unworn
     assert builds > 2, "the lexer's cap was never met"
+    # A cap so small that fresh compiles fill within a step: a request may then fail (with the
+    # cap's own error), but none is cut short by the EOS that a failed mask leaves.
+    monkeypatch.setattr(
+        structured,
+        "_LIMITS",
+        llguidance.LLParserLimits(verbose_errors=False, max_lexer_states=300),
+    )
+    outcomes = outputs(failures=True)
+    assert any(isinstance(o, str) for o in outcomes), "no request met the cap"
+    for got, want in zip(outcomes, unworn, strict=True):
+        assert got == want or "too many states" in str(got), (got, want)
 
 
 def test_an_eos_ending_a_grammar_leaves_no_text_with_special_tokens_kept(engine: Engine) -> None:
