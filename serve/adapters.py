@@ -251,10 +251,15 @@ class StoreSource:
     def _load(self, revision: str, max_bytes: int | None) -> AdapterWeights:
         rev = self.repo.read_revision(revision)
         if max_bytes is not None and rev.manifest.nbytes > max_bytes:
-            # The real cause first: a copy of a whole base layer is refused as such.
-            refuse_unserved(
-                rev.commit, rev.config, (record.name for record in rev.manifest.tensors)
-            )
+            # The real cause first: a copy of a whole base layer is refused as such (and the
+            # engine names another base before either).
+            try:
+                refuse_unserved(
+                    rev.commit, rev.config, (record.name for record in rev.manifest.tensors)
+                )
+            except AdapterRefused as err:
+                err.base_fingerprint = rev.base_fingerprint
+                raise
             raise _too_large(
                 rev.commit,
                 f"its tensors hold {rev.manifest.nbytes} bytes",

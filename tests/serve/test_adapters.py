@@ -138,6 +138,15 @@ def test_full_layer_copies_are_refused_for_what_they_are_not_their_size(
     with pytest.raises(AdapterRefused) as info:
         StoreSource(repo).load(commit, max_bytes=1)
     assert info.value.reason == reason
+    # For another base, that comes first, whatever the revision's size.
+    small = EngineConfig(max_model_len=64, max_lora_rank=1, lora_targets=("q_proj",))
+    other = "sha256:" + "1" * 64
+    with (
+        Engine(tiny_base, small, source=StoreSource(repo.git_dir), base_fingerprint=other) as eng,
+        pytest.raises(AdapterRefused) as info,
+    ):
+        eng.generate([5, 6], commit, SamplingParams(max_tokens=1), timeout=30)
+    assert info.value.reason == "base_fingerprint"
 
 
 # init_lora_weights -> what PEFT does with it when it loads the adapter: redo the init on the
