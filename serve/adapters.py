@@ -23,7 +23,7 @@ from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES
-from mintvcs.validate import init_lora_weights_error, pattern_key
+from mintvcs.validate import PatternKeys, init_lora_weights_error
 
 # PEFT's tensor names, with or without its default adapter name ("lora_A.default.weight"), as PEFT
 # loads them; factors under another adapter name PEFT skips, so the engine refuses them.
@@ -533,8 +533,9 @@ def prepare_adapter(
         ranks[(layer, module)] = r
 
     scales: dict[tuple[int, str], float] = {}
+    alpha_keys = PatternKeys(alpha_pattern)
     for key, r in ranks.items():
-        pattern = pattern_key(alpha_pattern, paths[key])
+        pattern = alpha_keys.first(paths[key])
         module_alpha = alpha if pattern is None else float(alpha_pattern[pattern])
         scales[key] = lora_scale(module_alpha, r, rslora)
     rank = max(ranks.values())
