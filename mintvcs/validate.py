@@ -90,6 +90,10 @@ def check_lora_config(
     target_parameters = _str_list(config, "target_parameters")
     _check_target_keys(config, target_parameters)
     rank_keys = PatternKeys(rank_pattern)
+    names = (
+        _ModuleNames(config.get("target_modules") or []),
+        _ModuleNames(config.get("exclude_modules") or []),
+    )
     for module, factor_a, factor_b in _factors(tensors):
         key = module.removeprefix(_PEFT_PREFIX)
         # A lone factor is still checked: PEFT would load it beside a freshly initialised partner.
@@ -102,7 +106,7 @@ def check_lora_config(
         rows = shape[0] if factor_a else shape[1] * b_blocks
         by_parameter = _targets_parameter(key, target_parameters)
         if not by_parameter:
-            _check_targeted(config, key, name)
+            _check_targeted(config, key, name, names)
         if factor_a and factor_b and factor_b[1][1] * b_blocks != rows:
             raise AdapterConfigError(
                 f"{name} has {rows} rows but {factor_b[0]} has {factor_b[1][1]} columns; PEFT "
@@ -313,11 +317,29 @@ def _check_target_keys(config: dict[str, Any], target_parameters: list[str]) -> 
         )
 
 
-def _names_match(names: str | list[str], key: str) -> bool:
-    """PEFT's test of a module against a regex string (full match) or a list (exact or suffix)."""
-    if isinstance(names, str):
-        return re.fullmatch(names, key) is not None
-    return key in names or any(key.endswith(f".{name}") for name in names)
+def _shown(names: list[str], most: int = 200) -> str:
+    """A config list as JSON, cut short past `most` characters (one may list every module)."""
+    text = json.dumps(names)
+    return text if len(text) <= most else f"{text[: most - 1]}… ({len(names)} names)"
+
+
+class _ModuleNames:
+    """target_modules or exclude_modules, ready to test many modules: a regex, or a list as a set
+    (a list of every module's full name, tens of thousands for an MoE adapter, was scanned once
+    per module)."""
+
+    def __init__(self, names: str | list[str]) -> None:
+        self.regex = names if isinstance(names, str) else None
+        self.names = frozenset(() if isinstance(names, str) else names)
+        self.suffixes = frozenset(f"{name}" for name in self.names)
+
+    def match(self, key: str) -> bool:
+        """PEFT's test: the regex's full match; or the key itself, or a part after one of its dots, listed."""
+        if self.regex is not None:
+            return re.fullmatch(self.regex, key) is not None
+        return key in self.names or any(
+            key[i + 1 :] in self.suffixes for i, c in enumerate(key) if c == "."
+        )
 
 
 def _targets_parameter(key: str, target_parameters: list[str]) -> bool:
@@ -338,15 +360,19 @@ def _tied_to_embedding(config: dict[str, Any], targets: str | list[str], key: st
     if not config.get("ensure_weight_tying") or key.rpartition(".")[2] != "lm_head":
         return False
     if isinstance(targets, str):
-        return _names_match(targets, "embed_tokens")  # PEFT's test: the regex on the bare name
+        # PEFT's test: the regex on the bare name.
+        return re.fullmatch(targets, "embed_tokens") is not None
     return any(isinstance(name, str) and name.split(".")[-1] == "embed_tokens" for name in targets)
 
 
-def _check_targeted(config: dict[str, Any], key: str, tensor: str) -> None:
-    """Refuse LoRA factors on a module that PEFT, reading this config, would not give a LoRA."""
+def _check_targeted(
+    config: dict[str, Any], key: str, tensor: str, names: tuple[_ModuleNames, _ModuleNames]
+) -> None:
+    """Refuse LoRA factors on a module that PEFT, reading this config, would not give a LoRA
+    (`names`: the config's target_modules and exclude_modules, prepared by _target_names)."""
     refuse = f"so PEFT would ignore {tensor}"
-    exclude = config.get("exclude_modules")
-    if exclude and _names_match(exclude, key):
+    target_names, exclude = names
+    if exclude.match(key):
         raise AdapterConfigError(
             f'{CONFIG_FILE}: "exclude_modules" excludes {key}, {refuse}: '
             "remove it from exclude_modules"
@@ -363,15 +389,15 @@ def _check_targeted(config: dict[str, Any], key: str, tensor: str) -> None:
     if _tied_to_embedding(config, targets, key):
         return
     if isinstance(targets, str):
-        if targets.lower() == _ALL_LINEAR or _names_match(targets, key):
+        if targets.lower() == _ALL_LINEAR or target_names.match(key):
             return
         raise AdapterConfigError(
             f'{CONFIG_FILE}: "target_modules" regex {targets!r} does not fully match {key}, '
             f"{refuse}: widen the regex to match the module path"
         )
-    if not _names_match(targets, key):
+    if not target_names.match(key):
         raise AdapterConfigError(
-            f'{CONFIG_FILE}: "target_modules" {json.dumps(targets)} does not cover {key}, '
+            f'{CONFIG_FILE}: "target_modules" {_shown(targets)} does not cover {key}, '
             f'{refuse}: add "{key.rpartition(".")[2]}" to target_modules'
         )
     layers = config.get("layers_to_transform")

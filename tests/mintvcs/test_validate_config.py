@@ -437,3 +437,27 @@ def test_a_key_per_module_is_checked_in_linear_time() -> None:
     assert time.perf_counter() - started < 3.0
     with pytest.raises(AdapterConfigError, match="rank_pattern"):
         check_lora_config({**config, "rank_pattern": {**pattern, module: 8}}, tensors)
+
+
+def test_a_target_list_of_every_module_path_is_checked_in_linear_time() -> None:
+    import time
+
+    tensors, modules = {}, []
+    for layer in range(48):
+        for expert in range(128):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                module = f"model.layers.{layer}.mlp.experts.{expert}.{proj}"
+                modules.append(module)
+                tensors[f"base_model.model.{module}.lora_A.weight"] = ("F32", (4, 64))
+                tensors[f"base_model.model.{module}.lora_B.weight"] = ("F32", (64, 4))
+    config = {"peft_type": "LORA", "r": 4, "target_modules": modules}
+    started = time.perf_counter()
+    check_lora_config(config, tensors)
+    assert time.perf_counter() - started < 3.0  # each module scanned the list: 37k x 18k
+    # A suffix after a dot counts, a part of a name does not; exclude_modules alike.
+    check_lora_config({**config, "target_modules": ["experts.0.gate_proj", *modules[1:]]}, tensors)
+    with pytest.raises(AdapterConfigError, match="does not cover") as err:
+        check_lora_config({**config, "target_modules": ["rts.0.gate_proj", *modules[1:]]}, tensors)
+    assert len(str(err.value)) < 1000  # the list named, not printed whole
+    with pytest.raises(AdapterConfigError, match="exclude_modules"):
+        check_lora_config({**config, "exclude_modules": ["17.down_proj"]}, tensors)
