@@ -763,19 +763,29 @@ def status(repo: Repository) -> Status:
     return _status(repo)[0]
 
 
-def _status(repo: Repository) -> tuple[Status, AdapterFiles | None]:
-    """status(), and the work tree's adapter files when they were read (for a second comparison)."""
+def _status(
+    repo: Repository, head_rev: Revision | None = None
+) -> tuple[Status, AdapterFiles | None]:
+    """status(), and the work tree's adapter files when they were read (for a second comparison).
+    `head_rev`: HEAD's revision if the caller read it already (a large one takes seconds)."""
     if repo.work_tree is None:
         raise MintError("this repository has no work tree")
     branch, head = repo.current_branch(), repo.head_commit()
-    if head is not None and _clean_by_stat(repo, head):
+
+    def head_revision() -> Revision:
+        assert head is not None
+        if head_rev is not None and head_rev.commit == head:
+            return head_rev
+        return repo.read_revision(head)
+
+    if head is not None and _clean_by_stat(repo, head, head_revision):
         return Status(branch, head, []), None
     try:
         work = read_adapter(repo.work_tree)
     except MintError as err:
         gone = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (repo.work_tree / f).is_file()]
         if head is not None and gone:  # as git status: a deleted file is a change
-            rev = repo.read_revision(head)
+            rev = head_revision()
             changes = [("removed", f) for f in gone]
             config = repo.work_tree / CONFIG_FILE
             if CONFIG_FILE not in gone and config.read_bytes() != rev.config_bytes:
@@ -789,7 +799,7 @@ def _status(repo: Repository) -> tuple[Status, AdapterFiles | None]:
     if head is None:
         added = [("added", CONFIG_FILE), ("added", WEIGHTS_FILE)]
         return Status(branch, head, added + [("added", p) for p in work.extra_files]), work
-    return Status(branch, head, _changes(repo, work, repo.read_revision(head))), work
+    return Status(branch, head, _changes(repo, work, head_revision())), work
 
 
 def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[str, str]]:
@@ -855,8 +865,9 @@ def _record_clean(
         _write_atomic(path, json.dumps(record).encode())
 
 
-def _clean_by_stat(repo: Repository, head: str) -> bool:
-    """True when the record says the weights are HEAD's and the config and files match too."""
+def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revision]) -> bool:
+    """True when the record says the weights are HEAD's and the config and files match too
+    (`head_revision()` reads HEAD's revision, only once the record matches)."""
     from mintvcs.adapter import stat_key
 
     assert repo.work_tree is not None
@@ -869,7 +880,7 @@ def _clean_by_stat(repo: Repository, head: str) -> bool:
             return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    rev = repo.read_revision(head)
+    rev = head_revision()
     try:
         if (repo.work_tree / CONFIG_FILE).read_bytes() != rev.config_bytes:
             return False
@@ -1210,14 +1221,16 @@ class CheckoutResult:
     left_behind: tuple[str, ...] = ()
 
 
-def _refuse_if_changes_lost(repo: Repository, target: Revision, verb: str) -> None:
+def _refuse_if_changes_lost(
+    repo: Repository, target: Revision, verb: str, head_rev: Revision | None = None
+) -> None:
     """Refuse to write `target` over local changes it would lose, as git does.
 
     A change is safe when the work tree already holds the target's version of that file, or
     when it is a file HEAD does not have and the target does not write (it stays, as an
     untracked file does in git). A work tree that cannot be read is never safe.
     """
-    state, work = _status(repo)
+    state, work = _status(repo, head_rev)
     if state.clean:
         return
     lost: list[str] = []
@@ -1299,13 +1312,13 @@ def checkout(
             raise RefExistsError(f"a branch named '{new_branch}' already exists")
     head = repo.head_commit()
     _refuse_if_locked(repo, f"refs/heads/{new_branch}" if new_branch else None)
-    head_rev = repo.read_revision(head) if head else None
     target_rev = repo.read_revision(target)
+    head_rev = (target_rev if head == target else repo.read_revision(head)) if head else None
     # As in git, switching to the commit already checked out keeps local changes.
     written = force or target != head
     if written:
         if not force:
-            _refuse_if_changes_lost(repo, target_rev, "checkout")
+            _refuse_if_changes_lost(repo, target_rev, "checkout", head_rev)
         write_work_tree(repo, target_rev, head_rev)
     detached = repo.current_branch() is None
     with _restore_on_failure(repo, target_rev, head_rev if written else None):
@@ -1493,7 +1506,7 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     restore: AbstractContextManager[None] = nullcontext()
     if hard:  # a soft reset moves a ref only: no revision need be read
         target_rev = repo.read_revision(target)
-        head_rev = repo.read_revision(head) if head else None
+        head_rev = (target_rev if head == target else repo.read_revision(head)) if head else None
         write_work_tree(repo, target_rev, head_rev)
         restore = _restore_on_failure(repo, target_rev, head_rev)
     with restore:

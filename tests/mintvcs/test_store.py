@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -465,3 +466,27 @@ def test_a_large_deflated_object_is_not_copied_whole_first(tmp_path: Path) -> No
     stored = (tmp_path / "work" / ".mint" / "objects" / oid[:2] / oid[2:]).read_bytes()
     assert zlib.decompress(stored) == b"blob %d\0" % len(content) + content
     repo.close()
+
+
+def test_checkout_and_reset_read_each_revision_once(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading a revision of an MoE adapter (37k tensors) takes about a second: the dirty check
+    # reuses HEAD's, and a reset to HEAD itself reads it once.
+    from mintvcs.store import Repository
+
+    reads: list[str] = []
+    read = Repository.read_revision
+
+    def counted(self: Repository, commit_id: str) -> Any:
+        reads.append(commit_id)
+        return read(self, commit_id)
+
+    monkeypatch.setattr(Repository, "read_revision", counted)
+    with Repository.open(work) as repo:
+        head, side = repo.resolve("HEAD"), repo.resolve("side")
+        porcelain.checkout(repo, "side")
+        assert sorted(reads) == sorted([head, side])
+        reads.clear()
+        porcelain.reset(repo, "HEAD", hard=True)
+        assert reads == [side]
