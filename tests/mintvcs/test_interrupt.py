@@ -83,6 +83,9 @@ def test_ctrl_c_stops_a_shell_loop_of_commands(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, which Ctrl-C signals as a whole
+        # As from a terminal: a test run started in the background (`make test &` in a script)
+        # ignores SIGINT, and an ignored signal stays ignored in every child.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline:
