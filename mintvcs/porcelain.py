@@ -774,9 +774,7 @@ def _status(
 
     def head_revision() -> Revision:
         assert head is not None
-        if head_rev is not None and head_rev.commit == head:
-            return head_rev
-        return repo.read_revision(head)
+        return _revision_of(repo, head, head_rev)
 
     if head is not None and _clean_by_stat(repo, head, head_revision):
         return Status(branch, head, []), None
@@ -800,6 +798,11 @@ def _status(
         added = [("added", CONFIG_FILE), ("added", WEIGHTS_FILE)]
         return Status(branch, head, added + [("added", p) for p in work.extra_files]), work
     return Status(branch, head, _changes(repo, work, head_revision())), work
+
+
+def _revision_of(repo: Repository, commit: str, known: Revision | None) -> Revision:
+    """`commit`'s revision: `known` if it is that one (a large revision takes seconds to read)."""
+    return known if known is not None and known.commit == commit else repo.read_revision(commit)
 
 
 def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[str, str]]:
@@ -1313,7 +1316,7 @@ def checkout(
     head = repo.head_commit()
     _refuse_if_locked(repo, f"refs/heads/{new_branch}" if new_branch else None)
     target_rev = repo.read_revision(target)
-    head_rev = (target_rev if head == target else repo.read_revision(head)) if head else None
+    head_rev = _revision_of(repo, head, target_rev) if head else None
     # As in git, switching to the commit already checked out keeps local changes.
     written = force or target != head
     if written:
@@ -1506,7 +1509,7 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     restore: AbstractContextManager[None] = nullcontext()
     if hard:  # a soft reset moves a ref only: no revision need be read
         target_rev = repo.read_revision(target)
-        head_rev = (target_rev if head == target else repo.read_revision(head)) if head else None
+        head_rev = _revision_of(repo, head, target_rev) if head else None
         write_work_tree(repo, target_rev, head_rev)
         restore = _restore_on_failure(repo, target_rev, head_rev)
     with restore:

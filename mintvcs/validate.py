@@ -331,14 +331,13 @@ class _ModuleNames:
     def __init__(self, names: str | list[str]) -> None:
         self.regex = names if isinstance(names, str) else None
         self.names = frozenset(() if isinstance(names, str) else names)
-        self.suffixes = frozenset(f"{name}" for name in self.names)
 
     def match(self, key: str) -> bool:
         """PEFT's test: the regex's full match; or the key itself, or a part after one of its dots, listed."""
         if self.regex is not None:
             return re.fullmatch(self.regex, key) is not None
         return key in self.names or any(
-            key[i + 1 :] in self.suffixes for i, c in enumerate(key) if c == "."
+            key[i + 1 :] in self.names for i, c in enumerate(key) if c == "."
         )
 
 
@@ -369,7 +368,7 @@ def _check_targeted(
     config: dict[str, Any], key: str, tensor: str, names: tuple[_ModuleNames, _ModuleNames]
 ) -> None:
     """Refuse LoRA factors on a module that PEFT, reading this config, would not give a LoRA
-    (`names`: the config's target_modules and exclude_modules, prepared by _target_names)."""
+    (`names`: the config's target_modules and exclude_modules, prepared once per config)."""
     refuse = f"so PEFT would ignore {tensor}"
     target_names, exclude = names
     if exclude.match(key):
