@@ -300,7 +300,7 @@ class RefWatcher:
                 keys = [("ref", r) for r in (ref, f"refs/heads/{short}", f"refs/tags/{short}")]
                 keys += [("name", ref), ("name", short)]
                 specs = set().union(*(self._by_key.get(key, ()) for key in keys))
-                # In cache order, as a full scan would list them.
+                # Least recently used first, the order the cache keeps them in.
                 entries = sorted(
                     ((s, self._entries[s]) for s in specs), key=lambda item: item[1].used
                 )

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 # Compiled grammars kept per engine: clients tend to send the same few schemas again and again,
 # and compiling a large schema takes milliseconds to seconds. Bounded in count and in the specs'
 # characters too: a compiled grammar takes ~50 bytes of memory per character of its spec, plus
-# its lexer, built as requests use it, up to max_lexer_states (then it is retired, see worn_out;
-# llguidance does not tell its size, so it is not counted here).
+# its lexer, built as requests use it, up to max_lexer_states (then it is compiled afresh, see
+# worn_out; llguidance does not tell its size, so it is not counted here).
 COMPILED_GRAMMARS = 64
 COMPILED_SPEC_CHARS = 2 << 20
 # Specs that did not compile are remembered as long (count and characters as above), for this
