@@ -290,6 +290,15 @@ def _merge(
         _merge_words([p[start:stop] for p in planes], group, rotate, target[start:stop])
 
 
+def _join(dst: npt.NDArray[Any], low: npt.NDArray[Any], high: npt.NDArray[Any], bits: int) -> None:
+    """dst = high << bits | low, in place in dst (at least as wide as low and high)."""
+    import numpy as np
+
+    np.copyto(dst, high)
+    np.multiply(dst, 1 << bits, out=dst)  # a left shift that numpy vectorizes
+    np.bitwise_or(dst, low, out=dst)
+
+
 def _merge_words(
     planes: list[npt.NDArray[np.uint8]], group: int, rotate: int, target: npt.NDArray[Any]
 ) -> None:
@@ -298,10 +307,10 @@ def _merge_words(
     Widened into registers-sized words and rebuilt with arithmetic, in this thread's scratch: about
     twice as fast as interleaving bytes with strided copies, and no fresh temporaries (fresh pages
     cost more than the arithmetic here). A cold hot-swap merges ~400 tensors of 8-45K elements,
-    where numpy's per-call overhead is as large as the work: hence one flat function, and
-    - left shifts written as multiplies by powers of two: numpy vectorizes unsigned multiplication
-      but not shifts (1.3-1.9 against 2.5-2.9 us on 16K u16); the product wraps as a shift;
-    - operands of one type: or-ing u16 into u32 costs more than a widening copy and a u32 or.
+    where each numpy call counts: left shifts are multiplies by powers of two (numpy vectorizes
+    unsigned multiplication but not shifts: 1.3-1.9 against 2.5-2.9 us on 16K u16; the product
+    wraps as a shift), and operands have one type (or-ing u16 into u32 costs more than a
+    widening copy and a u32 or).
     """
     import numpy as np
 
@@ -310,22 +319,14 @@ def _merge_words(
     scratch = _scratch("merge", 2 * target.nbytes)
     wrap = scratch[: target.nbytes].view(target.dtype)
     if group == 2:
-        np.copyto(target, planes[1])
-        np.multiply(target, 1 << 8, out=target)
-        np.bitwise_or(target, planes[0], out=target)
+        _join(target, planes[0], planes[1], 8)
     else:  # F32: byte pairs to u16 halves, then the halves to u32 words
         halves = scratch[4 * count : 8 * count].view(np.uint16)
         low, high = halves[:count], halves[count:]
-        np.copyto(low, planes[1])
-        np.multiply(low, 1 << 8, out=low)
-        np.bitwise_or(low, planes[0], out=low)
-        np.copyto(high, planes[3])
-        np.multiply(high, 1 << 8, out=high)
-        np.bitwise_or(high, planes[2], out=high)
-        np.copyto(wrap, low)
-        np.copyto(target, high)
-        np.multiply(target, 1 << 16, out=target)
-        np.bitwise_or(target, wrap, out=target)
+        _join(low, planes[0], planes[1], 8)
+        _join(high, planes[2], planes[3], 8)
+        np.copyto(wrap, low)  # widened first: an or of u16 into u32 is the slower one
+        _join(target, wrap, high, 16)
     if rotate:
         np.multiply(target, 1 << (8 * group - rotate), out=wrap)  # the bits that wrap around
         np.right_shift(target, rotate, out=target)
