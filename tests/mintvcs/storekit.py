@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -421,3 +422,15 @@ def count_reads(repo: Any, monkeypatch: Any) -> list[str]:
 
     monkeypatch.setattr(repo, "get_object", counting)
     return reads
+
+
+def deleted_packs_held(git_dir: Path) -> list[str]:
+    """This process's descriptors and memory maps of `git_dir`'s packs that were deleted since."""
+    packs = str(git_dir / "objects" / "pack")
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
+            held.append(os.readlink(f"/proc/self/fd/{fd}"))
+    with open("/proc/self/maps") as maps:
+        held += maps.read().splitlines()
+    return [line for line in held if packs in line and "(deleted)" in line]

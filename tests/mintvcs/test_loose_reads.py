@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import zlib
@@ -12,7 +11,7 @@ import pytest
 
 from mintvcs import maintenance, porcelain
 from mintvcs.store import CorruptObjectError, Repository
-from tests.mintvcs.storekit import git, git_log, loose_path, mint
+from tests.mintvcs.storekit import deleted_packs_held, git, git_log, loose_path, mint
 
 
 def _head(work: Path) -> str:
@@ -93,22 +92,13 @@ def test_gc_sweeps_an_index_left_without_its_pack(work: Path) -> None:
 def test_a_repository_held_open_lets_go_of_packs_another_process_removed(work: Path) -> None:
     # A server reads old revisions out of the pack it first opened and never misses: until it
     # lets go, the pack another process's repack deleted keeps its disk space.
-    def deleted_packs() -> list[str]:
-        held = []
-        for fd in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
-                held.append(os.readlink(f"/proc/self/fd/{fd}"))
-        with open("/proc/self/maps") as maps:
-            held += maps.read().splitlines()
-        return [line for line in held if ".pack" in line and "(deleted)" in line]
-
     mint(work, "gc")
     with Repository.open(work) as repo:
         head = _head(work)
         record = repo.read_revision(head).manifest.tensors[0]  # read through dulwich
         repo.tensor_bytes(record.blob, record.name)  # and through our own pack reader
         git(work / ".mint", "repack", "-a", "-d", "-f", "-q")
-        assert deleted_packs()
+        assert deleted_packs_held(work / ".mint")
         repo.release_removed_packs()
-        assert deleted_packs() == []
+        assert deleted_packs_held(work / ".mint") == []
         assert repo.read_revision(head).commit == head  # read from the new pack

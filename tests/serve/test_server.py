@@ -1714,29 +1714,18 @@ def test_the_server_lets_go_of_packs_another_process_deleted(
 ) -> None:
     from mintvcs import maintenance
     from mintvcs.serve import app as server_app
-    from tests.mintvcs.storekit import git
+    from tests.mintvcs.storekit import deleted_packs_held, git
 
     monkeypatch.setattr(server_app, "PACK_RELEASE_SECONDS", 0.1)
     repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
     commit_on(repo, "main", adapters["a"], "a")
     maintenance.gc(repo)
-    packs = str(repo.git_dir / "objects" / "pack")
-
-    def deleted_packs() -> list[str]:
-        held = []
-        for fd in os.listdir("/proc/self/fd"):
-            with contextlib.suppress(FileNotFoundError):
-                held.append(os.readlink(f"/proc/self/fd/{fd}"))
-        with open("/proc/self/maps") as maps:
-            held += maps.read().splitlines()
-        return [line for line in held if packs in line and "(deleted)" in line]
-
     config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0)
     with BackgroundServer(config) as srv:
         assert gen(srv, prompt="Hi", ref="main", max_tokens=1)[0] == 200  # read from the pack
         git(repo.git_dir, "repack", "-a", "-d", "-f", "-q")
         deadline = time.monotonic() + 10
-        while deleted_packs() and time.monotonic() < deadline:
+        while deleted_packs_held(repo.git_dir) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert deleted_packs() == []
+        assert deleted_packs_held(repo.git_dir) == []
         assert gen(srv, prompt="Hi", ref="main", max_tokens=1)[0] == 200
