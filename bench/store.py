@@ -13,6 +13,9 @@ Everything is built locally in a temporary directory; nothing is downloaded.
    time goes in-process. mintvcs is byte-compiled first, as an installed package is.
 4. swap:   decoding a 33.5 MB fp32 revision from the store with
    `read_revision(c).tensors()`, as the server's hot swap does (goal <= 80 ms).
+5. extra:  a trainer's checkpoint directory, a small adapter beside a 256 MB fp32
+   optimizer state: `mintvcs commit` and a clean `mintvcs status` against
+   `git add -A && git commit` and `git status`.
 
 Each line reads `name: ours X, peer Y, ratio Z`, ratio = peer / ours, so above
 1 means we are smaller or faster. The refs benchmark is bench/refs.py.
@@ -692,6 +695,47 @@ def bench_big(tmp: Path, layers: int, repeat: int) -> None:
     split_checkout(work, "root", "tip", repeat)
 
 
+def bench_extra(tmp: Path, megabytes: int, repeat: int) -> None:
+    """A trainer's checkpoint directory: a small adapter beside a large fp32 optimizer state.
+    Commit (first revision) and a clean status, `mintvcs` CLI vs git, interleaved trials."""
+    _compile_bytecode()
+    src = BigAdapter(2).save(tmp / "extra" / "src")
+    rng = np.random.default_rng(1)
+    # Adam's two moments of fp32 parameters, as torch.save lays them out (zlib saves ~7%).
+    moment = (rng.standard_normal(megabytes << 17, dtype=np.float32) * 1e-3).astype("<f4")
+    state = np.concatenate([moment, moment * moment]).tobytes()
+    (src / "optimizer.pt").write_bytes(state)
+    note(f"extra: {len(state) / 1e6:.0f} MB optimizer.pt beside a 2-layer adapter")
+    commit: dict[str, list[float]] = {"ours": [], "git": []}
+    status: dict[str, list[float]] = {"ours": [], "git": []}
+    for trial in range(repeat):
+        work = tmp / "extra" / f"mint-{trial}"
+        run([*MINTVCS, "init", str(work), "--base-model", "meta-llama/Meta-Llama-3-8B"], tmp)
+        copy_adapter(src, work)
+        shutil.copyfile(src / "optimizer.pt", work / "optimizer.pt")
+        commit["ours"].append(run([*MINTVCS, "commit", "-m", "r0"], work, "extra commit ours"))
+        status["ours"].append(run([*MINTVCS, "status"], work, "extra status ours"))
+        gwork = tmp / "extra" / f"git-{trial}"
+        git(tmp, "init", "-q", "-b", "main", str(gwork))
+        copy_adapter(src, gwork)
+        shutil.copyfile(src / "optimizer.pt", gwork / "optimizer.pt")
+        commit["git"].append(sh(gwork, "git add -A && git commit -q -m r0", "extra commit git"))
+        status["git"].append(git(gwork, "status", "--short", cpu_label="extra status git"))
+        shutil.rmtree(work)
+        shutil.rmtree(gwork)
+    for name, times in (("commit", commit), ("clean status", status)):
+        report(
+            Result(
+                f"{name} with a {len(state) / 1e6:.0f} MB optimizer.pt (median of {repeat})",
+                _median(times["ours"]),
+                _median(times["git"]),
+                "s",
+                "git add -A && git commit" if name == "commit" else "git status",
+                samples=times,
+            )
+        )
+
+
 def _timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
     """Median seconds of fn() over `repeat` calls, and its last result."""
     times, result = [], None
@@ -825,7 +869,9 @@ def main() -> None:
         "--json", metavar="PATH", help="also write results as JSON to PATH ('-' for stdout)"
     )
     ap.add_argument(
-        "--only", choices=["chain", "big", "swap"], help="run one part (chain includes single)"
+        "--only",
+        choices=["chain", "big", "swap", "extra"],
+        help="run one part (chain includes single)",
     )
     ap.add_argument("--repeat", type=int, default=5, help="trials per timing (at least 3)")
     ap.add_argument("--keep", metavar="DIR", help="build in DIR and keep it (default: a temp dir)")
@@ -849,6 +895,8 @@ def main() -> None:
             bench_hot_swap(tmp, repeat)
         if args.only in (None, "big"):
             bench_big(tmp, layers, repeat)
+        if args.only in (None, "extra"):
+            bench_extra(tmp, 16 if args.quick else 256, repeat)
     note(f"load at end {os.getloadavg()[0]:.2f}")
     if args.json:
         payload = {

@@ -7,7 +7,8 @@ import mmap
 import os
 import stat
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,16 @@ class AdapterFiles:
     config: dict[str, Any]
     layout: SafetensorsLayout
     weights: bytes | memoryview  # the whole adapter_model.safetensors
-    extra_files: dict[str, tuple[bytes, bool]]  # relative path -> (content, executable)
+    extra_files: dict[
+        str, tuple[bytes | memoryview, bool]
+    ]  # relative path -> (content, executable)
     # stat_key() of the weights file while it was read, and when the read began; None
     # when the file changed during the read.
     weights_stat: tuple[int, ...] | None = None
     read_ns: int = 0
+    extra_stats: dict[str, tuple[int, ...] | None] = field(
+        default_factory=dict
+    )  # likewise, by path
 
     def tensor_bytes(self, index: int) -> memoryview:
         """The raw bytes of the index-th tensor of the layout."""
@@ -91,10 +97,11 @@ def read_adapter(root: Path) -> AdapterFiles:
             f"{config_path}: peft_type {kind!r} is not supported; mintvcs stores LoRA adapters"
         )
     started = time.time_ns()
-    weights, stat = _read_weights(weights_path)
+    weights, stat = read_stable(weights_path)
     layout = parse_layout(weights, str(weights_path))
+    files, file_stats = read_extra_files(root)
     return AdapterFiles(
-        root, config_bytes, config, layout, weights, extra_files(root), stat, started
+        root, config_bytes, config, layout, weights, files, stat, started, file_stats
     )
 
 
@@ -103,7 +110,7 @@ def stat_key(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-def _read_weights(path: Path) -> tuple[bytes | memoryview, tuple[int, ...] | None]:
+def read_stable(path: Path) -> tuple[bytes | memoryview, tuple[int, ...] | None]:
     """The file's bytes, and its stat_key() if it did not change while read."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -113,7 +120,7 @@ def _read_weights(path: Path) -> tuple[bytes | memoryview, tuple[int, ...] | Non
         else:
             # Mapped, not read: no copy, and no fresh memory to fault in (reading 84 MB into
             # new pages costs 2-5x more on this class of VM). A file truncated while mapped
-            # (a trainer re-saving it mid-commit) kills the commit with SIGBUS rather than
+            # (a trainer re-saving it mid-commit) kills the command with SIGBUS rather than
             # committing a torn file; the repository stays valid, as after kill -9.
             data = memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
         after = os.fstat(fd)
@@ -125,9 +132,8 @@ def _read_weights(path: Path) -> tuple[bytes | memoryview, tuple[int, ...] | Non
     return data, (stat_key(after) if stable else None)
 
 
-def extra_files(root: Path) -> dict[str, tuple[bytes, bool]]:
-    """Every regular file besides the config and weights, by relative posix path."""
-    extra: dict[str, tuple[bytes, bool]] = {}
+def _extra_paths(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """(relative posix path, path, stat) of every regular file besides the config and weights."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _IGNORED)
         if dirnames and Path(dirpath).relative_to(root).as_posix().count("/") >= MAX_PATH_DEPTH:
@@ -160,12 +166,38 @@ def extra_files(root: Path) -> dict[str, tuple[bytes, bool]]:
                     f"{path} is a symlink to {os.readlink(path)!r}, which is not a file; "
                     "remove it or point it at a file"
                 )
-            mode = path.stat().st_mode
-            if not stat.S_ISREG(mode):  # a FIFO would block the read for ever
+            st = path.stat()
+            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read for ever
                 raise NotAnAdapterError(
                     f"{path} is not a regular file (a pipe, socket or device); only files are "
                     "stored: move it out of the adapter directory"
                 )
-            # Executable as git decides it: by the owner's bit, whoever commits.
-            extra[rel] = (path.read_bytes(), bool(mode & stat.S_IXUSR))
-    return extra
+            yield rel, path, st
+
+
+def _executable(st: os.stat_result) -> bool:
+    """Executable as git decides it: by the owner's bit, whoever commits."""
+    return bool(st.st_mode & stat.S_IXUSR)
+
+
+def read_extra_files(
+    root: Path,
+) -> tuple[dict[str, tuple[bytes | memoryview, bool]], dict[str, tuple[int, ...] | None]]:
+    """Every extra file's (content, executable) by relative posix path, and its stat_key() while
+    it was read (None if it changed meanwhile). A large one is mapped, as the weights are."""
+    files: dict[str, tuple[bytes | memoryview, bool]] = {}
+    stats: dict[str, tuple[int, ...] | None] = {}
+    for rel, path, st in _extra_paths(root):
+        content, stats[rel] = read_stable(path)
+        files[rel] = (content, _executable(st))
+    return files, stats
+
+
+def extra_files(root: Path) -> dict[str, tuple[bytes | memoryview, bool]]:
+    """Every regular file besides the config and weights, by relative posix path."""
+    return read_extra_files(root)[0]
+
+
+def extra_file_stats(root: Path) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """(stat_key(), executable) of every extra file, by relative posix path; nothing is read."""
+    return {rel: (stat_key(st), _executable(st)) for rel, _, st in _extra_paths(root)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 _OBJECT_ID = re.compile(r"[0-9a-f]{40}\Z")
@@ -18,8 +19,9 @@ def is_sha256(value: object) -> bool:
     return type(value) is str and _SHA256.match(value) is not None
 
 
-def blob_id(content: bytes) -> str:
+def blob_id(content: bytes | memoryview) -> str:
     """The git blob id of `content` (what `git hash-object` prints)."""
-    from dulwich.objects import Blob
-
-    return Blob.from_string(content).id.decode()
+    # Hashed in place: a large extra file (an optimizer state) is a map, not copied into a Blob.
+    digest = hashlib.sha1(b"blob %d\0" % memoryview(content).nbytes)
+    digest.update(content)
+    return digest.hexdigest()

@@ -31,7 +31,6 @@ from mintvcs.packs import (
     OBJECT_TYPE_NUMBERS,
     PACK_HEADER,
     PACK_TRAILER,
-    TENSOR_ZLIB_LEVEL,
     TMP_OBJECT_PREFIX,
     PackEntryError,
     PackWriter,
@@ -1299,8 +1298,7 @@ LAST_PACK_FILE = "mint-gc-pack"
 def _pack_checked(writer: PackWriter, oid: str, kind: bytes, raw: bytes, who: str) -> None:
     """Append an object read back to `writer` as our writers store it; GcWriteError if its
     content hashes to another id."""
-    level = object_zlib_level(kind, raw)
-    prefix = codec.read_header(raw).payload_offset if level == TENSOR_ZLIB_LEVEL else 0
+    level, prefix = object_zlib_level(kind, raw)
     if writer.add(kind, [raw], level, prefix) != oid:
         raise GcWriteError(
             f"{who} failed while packing: object {oid} read back as other content; nothing was "

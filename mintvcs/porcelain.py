@@ -13,7 +13,7 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -26,8 +26,11 @@ from mintvcs.adapter import (
     GIT_DIR,
     WEIGHTS_FILE,
     AdapterFiles,
+    extra_file_stats,
     extra_files,
     read_adapter,
+    read_stable,
+    stat_key,
 )
 from mintvcs.base import BaseModel, read_base_model
 from mintvcs.codec import NonFiniteTensorError
@@ -441,13 +444,16 @@ def commit(
     if source == repo.work_tree and branch_ref == repo.refs.read_symbolic("HEAD"):
         # The work tree's weights are this commit's: later status checks may trust a stat,
         # unless the file changed since it was opened (it is mapped, so read lazily).
-        from mintvcs.adapter import stat_key
+        def still(path: str, key: tuple[int, ...] | None) -> tuple[int, ...] | None:
+            try:
+                return key if stat_key(os.stat(source / path)) == key else None
+            except OSError:
+                return None
 
-        try:
-            unchanged = stat_key(os.stat(source / WEIGHTS_FILE)) == adapter.weights_stat
-        except OSError:
-            unchanged = False
-        _record_clean(repo, commit_id, adapter.weights_stat if unchanged else None, adapter.read_ns)
+        files = {path: still(path, key) for path, key in adapter.extra_stats.items()}
+        _record_clean(
+            repo, commit_id, still(WEIGHTS_FILE, adapter.weights_stat), adapter.read_ns, files
+        )
     hooks.run_hook(repo.git_dir, "post-commit", [], env, may_refuse=False)
     _ref_moved(repo, branch_ref or "HEAD", parent, commit_id)
     return CommitResult(
@@ -711,7 +717,8 @@ def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult
             raise MintError("no work tree to compare with: give two revisions")
         work = read_adapter(repo.work_tree)
         tensors_b, label_b = _work_tensors(work), "work tree"
-        config_b, files_b, header_b = work.config_bytes, work.extra_files, work.layout.header
+        config_b, header_b = work.config_bytes, work.layout.header
+        files_b: Mapping[str, tuple[bytes | memoryview, bool]] = work.extra_files
     else:
         rev_b = repo.read_revision(repo.resolve(spec_b))
         tensors_b, label_b = _stored_tensors(repo, rev_b), rev_b.commit
@@ -829,7 +836,7 @@ def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[
 
 
 def _file_changes(
-    work_files: dict[str, tuple[bytes, bool]], rev: Revision
+    work_files: Mapping[str, tuple[bytes | memoryview, bool]], rev: Revision
 ) -> list[tuple[str, str]]:
     """(kind, path) for the extra files that differ between the work tree's and revision `rev`'s."""
     changes: list[tuple[str, str]] = []
@@ -845,41 +852,58 @@ def _file_changes(
 
 # ------------------------------------------------------- clean-by-stat record
 # `.mint/mint-worktree.json` says "the work tree's weights file, while it has this stat,
-# holds the weights of commit C", so that checkout and status need not read and hash 84 MB.
-# It is written after a checkout and after a commit of the work tree. A record is trusted only
+# holds the weights of commit C", so that checkout and status need not read and hash 84 MB;
+# and the same of each extra file it lists (a trainer's optimizer state can be larger still).
+# It is written after a checkout and after a commit of the work tree. A stat is trusted only
 # if the file's mtime is at least _RACY_NS older than the moment its content was known: any
 # later write gives the file a newer mtime, even within the same clock tick (git's "racily
-# clean" rule). Checkout makes its own writes trustworthy at once by dating the file's mtime
-# back by _RACY_NS * 2 before it renames the file into place.
+# clean" rule). Checkout makes its own writes trustworthy at once by dating the files' mtimes
+# back by _RACY_NS * 2 before it renames them into place.
 WORKTREE_RECORD = "mint-worktree.json"
 _RACY_NS = 100_000_000
 
 
+def _trusted(key: tuple[int, ...] | None, known_ns: int) -> bool:
+    """Whether a file with stat_key() `key` cannot have changed unseen since `known_ns`."""
+    return key is not None and key[1] <= known_ns - _RACY_NS
+
+
 def _record_clean(
-    repo: Repository, commit_id: str, key: tuple[int, ...] | None, known_ns: int
+    repo: Repository,
+    commit_id: str,
+    key: tuple[int, ...] | None,
+    known_ns: int,
+    files: Mapping[str, tuple[int, ...] | None] | None = None,
 ) -> None:
-    """Record that the weights file whose stat_key() is `key` holds commit `commit_id`'s weights."""
+    """Record that the weights file whose stat_key() is `key` holds commit `commit_id`'s weights,
+    and each extra file in `files` with that stat_key() its committed content."""
     path = repo.git_dir / WORKTREE_RECORD
-    if key is None or key[1] > known_ns - _RACY_NS:
+    if not _trusted(key, known_ns):
         path.unlink(missing_ok=True)  # changing while read, or too fresh to trust
         return
-    record = {"commit": commit_id, "weights": list(key), "known_ns": known_ns}
+    assert key is not None
+    trusted = {
+        p: list(k) for p, k in (files or {}).items() if k is not None and _trusted(k, known_ns)
+    }
+    record = {"commit": commit_id, "weights": list(key), "known_ns": known_ns, "files": trusted}
     with suppress(OSError):  # only an optimisation: a failed write costs a later hash
         _write_atomic(path, json.dumps(record).encode())
 
 
 def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revision]) -> bool:
     """True when the record says the weights are HEAD's and the config and files match too
-    (`head_revision()` reads HEAD's revision, only once the record matches)."""
-    from mintvcs.adapter import stat_key
-
+    (`head_revision()` reads HEAD's revision, only once the record matches). An extra file
+    the record lists with its current stat is not read."""
     assert repo.work_tree is not None
     try:
         record = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())
         key = stat_key(os.stat(repo.work_tree / WEIGHTS_FILE))
         if record["commit"] != head or list(key) != record["weights"]:
             return False
-        if key[1] > int(record["known_ns"]) - _RACY_NS:
+        if not _trusted(key, int(record["known_ns"])):
+            return False
+        recorded = record.get("files", {})
+        if not isinstance(recorded, dict):
             return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -887,14 +911,28 @@ def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revi
     try:
         if (repo.work_tree / CONFIG_FILE).read_bytes() != rev.config_bytes:
             return False
+        committed = {f.path: (f.blob, f.executable) for f in rev.manifest.files}
+        present = extra_file_stats(repo.work_tree)
+        if set(present) != set(committed):
+            return False
+        refreshed: dict[str, tuple[int, ...] | None] = {}
+        for path, (file_key, executable) in present.items():
+            if recorded.get(path) == list(file_key):
+                continue  # its content is the one committed, and a mode change changes its ctime
+            known_ns = time.time_ns()
+            content, refreshed[path] = read_stable(repo.work_tree / path)
+            if (blob_id(content), executable) != committed[path]:
+                return False
+            if not _trusted(refreshed[path], known_ns):
+                refreshed[path] = None
     except OSError:
         return False
-
-    committed = {f.path: (f.blob, f.executable) for f in rev.manifest.files}
-    present = extra_files(repo.work_tree)
-    if set(present) != set(committed):
-        return False
-    return all((blob_id(content), x) == committed[p] for p, (content, x) in present.items())
+    if any(refreshed.values()):
+        # Touched but unchanged (as git status refreshes its index): not read again next time.
+        record["files"] = {**recorded, **{p: list(k) for p, k in refreshed.items() if k}}
+        with suppress(OSError):
+            _write_atomic(repo.git_dir / WORKTREE_RECORD, json.dumps(record).encode())
+    return True
 
 
 # ------------------------------------------------------------ branch and tag
@@ -1111,10 +1149,9 @@ def write_work_tree(
         # mtime dated back (see WORKTREE_RECORD): a write after this one always changes it.
         _write_weights(work / WEIGHTS_FILE, weights.data, known_ns - 2 * _RACY_NS, temps)
         for path, (content, executable) in files.items():
-            _write_atomic(work / path, content, executable, temp_dir=temps)
-    from mintvcs.adapter import stat_key
-
-    _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns)
+            _write_atomic(work / path, content, executable, known_ns - 2 * _RACY_NS, temps)
+    written = {path: stat_key(os.stat(work / path)) for path in files}
+    _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns, written)
 
 
 def _work_temporaries(repo: Repository) -> Path | None:

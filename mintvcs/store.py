@@ -47,6 +47,7 @@ from mintvcs.packs import (
     PackFile,
     PackWriter,
     inflate,
+    object_zlib_level,
     place_file,
     read_fd,
     slicer,
@@ -754,9 +755,9 @@ class Repository:
             with self._dulwich_lock:
                 _ = self.objects.packs  # dulwich lists the directory here, closing removed packs
 
-    def add_blob(self, data: bytes) -> str:
+    def add_blob(self, data: bytes | memoryview) -> str:
         """Store `data` as a blob; an existing identical blob costs nothing."""
-        return self.write_object(b"blob", [data], META_ZLIB_LEVEL)
+        return self.write_object(b"blob", [data], *object_zlib_level(b"blob", data))
 
     def add_object(self, obj: ShaFile) -> str:
         """Store a dulwich object (tree, commit, tag) as a loose object."""
@@ -836,11 +837,7 @@ class Repository:
             return
         obj = self.get_object(oid)
         data = obj.as_raw_string()
-        if obj.type_name == b"blob" and data.startswith(codec.MAGIC):
-            span = codec.header_span(data)
-            self.write_object(b"blob", [data], TENSOR_ZLIB_LEVEL, span or 0)
-        else:
-            self.write_object(obj.type_name, [data], META_ZLIB_LEVEL)
+        self.write_object(obj.type_name, [data], *object_zlib_level(obj.type_name, data))
 
     def has_object(self, oid: str, *, loose: bool = True, rescan: bool = False) -> bool:
         """True when the store holds object `oid`, loose or packed (`loose` False: packed only;
