@@ -718,13 +718,13 @@ def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult
         work = read_adapter(repo.work_tree)
         tensors_b, label_b = _work_tensors(work), "work tree"
         config_b, header_b = work.config_bytes, work.layout.header
-        files_b: Mapping[str, tuple[bytes | memoryview, bool]] = work.extra_files
+        files_b = {p: (blob_id(c), x) for p, (c, x) in work.extra_files.items()}
     else:
         rev_b = repo.read_revision(repo.resolve(spec_b))
         tensors_b, label_b = _stored_tensors(repo, rev_b), rev_b.commit
-        config_b, files_b = rev_b.config_bytes, rev_b.files()
+        config_b, files_b = rev_b.config_bytes, _file_ids(rev_b)
         header_b = repo.read_blob(rev_b.manifest.header_blob)
-    files_a = rev_a.files()
+    files_a = _file_ids(rev_a)
     names = sorted(set(tensors_a) | set(tensors_b))
     changed_files = [  # content or executable bit: a mode change is one, as in git and status
         ("added" if p not in files_a else "removed" if p not in files_b else "modified", p)
@@ -835,12 +835,17 @@ def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[
     return changes + _file_changes(work.extra_files, rev)
 
 
+def _file_ids(rev: Revision) -> dict[str, tuple[str, bool]]:
+    """(blob id, executable) of each of `rev`'s extra files, by path: compared, never read."""
+    return {f.path: (f.blob, f.executable) for f in rev.manifest.files}
+
+
 def _file_changes(
     work_files: Mapping[str, tuple[bytes | memoryview, bool]], rev: Revision
 ) -> list[tuple[str, str]]:
     """(kind, path) for the extra files that differ between the work tree's and revision `rev`'s."""
     changes: list[tuple[str, str]] = []
-    committed_files = {f.path: (f.blob, f.executable) for f in rev.manifest.files}
+    committed_files = _file_ids(rev)
     for path, (content, executable) in work_files.items():
         was = committed_files.pop(path, None)
         if was is None:
@@ -911,7 +916,7 @@ def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revi
     try:
         if (repo.work_tree / CONFIG_FILE).read_bytes() != rev.config_bytes:
             return False
-        committed = {f.path: (f.blob, f.executable) for f in rev.manifest.files}
+        committed = _file_ids(rev)
         present = extra_file_stats(repo.work_tree)
         if set(present) != set(committed):
             return False

@@ -289,10 +289,10 @@ class Revision:
         """adapter_model.safetensors, byte-identical to what was committed."""
         return self.safetensors_buffer(progress).tobytes()
 
-    def files(self) -> dict[str, tuple[bytes, bool]]:
+    def files(self) -> dict[str, tuple[bytes | memoryview, bool]]:
         """Extra files by relative path: (content, executable)."""
-        return {
-            f.path: (self.repo.read_blob(f.blob, what=f.path), f.executable)
+        return {  # views where they can be: an optimizer state is not copied once more
+            f.path: (self.repo.blob_view(f.blob, what=f.path), f.executable)
             for f in self.manifest.files
         }
 
