@@ -359,6 +359,16 @@ def test_diff_revisions_json_matches_numpy(work: Path, tmp_path: Path) -> None:
     files = json.loads(mint(work, "diff", fourth, fifth, "--json").stdout)["files"]
     assert files == [{"path": "notes.md", "status": "added"}]
     assert "file notes.md removed" in mint(work, "diff", fifth, fourth).stdout
+    (as_bf16 / "notes.md").write_text("v2\n")
+    sixth = commit(work, "notes v2", "--from", str(as_bf16), "--no-verify")
+    files = json.loads(mint(work, "diff", fifth, sixth, "--json").stdout)["files"]
+    assert files == [{"path": "notes.md", "status": "modified"}]
+    # Against the work tree: by content, and a mode change is one (as in git).
+    (work / "notes.md").write_text("v2\n")
+    assert json.loads(mint(work, "diff", sixth, "--json").stdout)["files"] == []
+    (work / "notes.md").chmod(0o755)
+    files = json.loads(mint(work, "diff", sixth, "--json").stdout)["files"]
+    assert files == [{"path": "notes.md", "status": "modified"}]
 
 
 # ----------------------------------------------------------------- status
