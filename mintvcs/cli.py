@@ -666,6 +666,9 @@ def branch(
 @main.command()
 @click.argument("names", nargs=-1, metavar="[NAME [REV]]")
 @click.option("-m", "--message", help="Create an annotated tag with this message.")
+@click.option(
+    "-a", "--annotate", is_flag=True, help="Create an annotated tag (needs -m: no editor opens)."
+)
 @click.option("-d", "--delete", is_flag=True, help="Delete tag NAME.")
 @click.option("-f", "--force", is_flag=True, help="Replace an existing tag.")
 @click.option("-l", "--list", "list_", is_flag=True, help="List tags (matching NAMEs).")
@@ -673,6 +676,7 @@ def branch(
 def tag(
     names: tuple[str, ...],
     message: str | None,
+    annotate: bool,
     delete: bool,
     force: bool,
     list_: bool,
@@ -681,14 +685,17 @@ def tag(
     """List, create or delete tags."""
     from mintvcs import porcelain
 
-    if list_ and (delete or message is not None or force):
-        raise click.UsageError("-l lists tags: it takes no -d, -m or -f")
+    if list_ and (delete or message is not None or force or annotate):
+        raise click.UsageError("-l lists tags: it takes no -d, -a, -m or -f")
+    if delete and (message is not None or force or annotate):
+        raise click.UsageError("-d deletes tags: it takes no -a, -m or -f")
+    if annotate and message is None:
+        # git would open an editor for the message; a command run by a training script must not wait on one.
+        raise click.UsageError("-a needs -m MSG: the annotated tag's message")
     repo = _open_repo()
     if delete:
         if not names:
             raise click.UsageError("tag name required")
-        if message is not None or force:
-            raise click.UsageError("-d deletes tags: it takes no -m or -f")
         _each(
             names,
             lambda name: porcelain.tag_delete(repo, name),
@@ -730,10 +737,28 @@ def tag(
         with contextlib.suppress(MintError):  # a bad name: tag_create says why
             was = repo.refs.read(f"refs/tags/{name}")
     value = porcelain.tag_create(repo, name, rev or "HEAD", message=message, force=force)
+    if message is not None and _is_nested_tag(repo, value):
+        # git's advice: tagging a tag's name tags the tag object, which is rarely what was meant.
+        click.echo(
+            "hint: You have created a nested tag. The object referred to by your new tag is\n"
+            "hint: already a tag. If you meant to tag the object that it points to, use:\n"
+            "hint:\n"
+            f"hint: \tmintvcs tag -f -m MSG {name} {rev}^{{}}",
+            err=True,
+        )
     if as_json:
-        _emit_json({"name": name, "value": value, "commit": repo.peel(value)})
+        target, kind = repo.peel_object(value)  # git can tag a tree or a blob
+        _emit_json({"name": name, "value": value, "commit": target if kind == "commit" else None})
     elif was is not None and was != value:
         click.echo(f"Updated tag '{name}' (was {was[:7]})")
+
+
+def _is_nested_tag(repo: Any, oid: str) -> bool:
+    """Whether `oid` is a tag object that names another tag object."""
+    from dulwich.objects import Tag
+
+    obj = repo.get_object(oid)
+    return isinstance(obj, Tag) and obj.object[0] is Tag
 
 
 @main.command()

@@ -1067,16 +1067,19 @@ def tag_create(
     existing = repo.refs.read(ref)
     if existing is not None and not force:
         raise RefExistsError(f"tag '{name}' already exists (use -f to replace it)")
-    target = repo.resolve(rev)
+    # As git: what REV names, so the name of an annotated tag gives its tag object (a
+    # lightweight tag then names that object, an annotated one nests it); `REV^{}` the commit.
+    target = repo.resolve_object(rev)
     value = target
     tagger = signature(repo)
     who = tagger.identity
     if message is not None:
-        from dulwich.objects import Commit, Tag, parse_timezone
+        from dulwich.objects import Tag, parse_timezone
 
         tag = Tag()
         tag.name = name.encode()
-        tag.object = (Commit, target.encode())
+        # Its type as git records it: "tag" for a tag object's id, a nested tag.
+        tag.object = (type(repo.get_object(target)), target.encode())
         tag.tagger = who.encode()
         tag.tag_time = tagger.timestamp
         tag.tag_timezone = parse_timezone(tagger.tz.encode())[0]

@@ -305,6 +305,22 @@ def _split_spec(spec: str) -> tuple[str, str] | None:
     return (name, suffix) if _SUFFIX.match(suffix) else None
 
 
+def _checked_spec(spec: str) -> tuple[str, str]:
+    """(name, suffix) of revision spec `spec`; UnknownRevisionError for one no revision has."""
+    if not isinstance(spec, str):
+        raise TypeError(f"a revision is named by a str, not {type(spec).__name__}: {spec!r:.60}")
+    if not spec or any(ord(c) < 32 or c == "\x7f" for c in spec) or ".." in spec:
+        raise UnknownRevisionError(
+            f"invalid revision {spec!r}: it is empty or holds '..' or control characters"
+        )
+    parts = _split_spec(spec)
+    if parts is None:
+        raise UnknownRevisionError(
+            f"unknown revision {spec!r}: after a name come only ~N, ^N, ^{{}} and ^{{commit}}"
+        )
+    return parts
+
+
 def ref_candidates(name: str) -> list[str]:
     """The refs a spec's name may mean, in git's order (gitrevisions): the name itself when it is
     a full one, `refs/NAME` (`heads/main`), the tag, the branch, the remote-tracking branch
@@ -1467,20 +1483,7 @@ class Repository:
 
     def resolve(self, spec: str) -> str:
         """Resolve a branch, tag, (abbreviated) commit id, HEAD, with `~N`/`^N` suffixes, to a commit id."""
-        if not isinstance(spec, str):
-            raise TypeError(
-                f"a revision is named by a str, not {type(spec).__name__}: {spec!r:.60}"
-            )
-        if not spec or any(ord(c) < 32 or c == "\x7f" for c in spec) or ".." in spec:
-            raise UnknownRevisionError(
-                f"invalid revision {spec!r}: it is empty or holds '..' or control characters"
-            )
-        parts = _split_spec(spec)
-        if parts is None:
-            raise UnknownRevisionError(
-                f"unknown revision {spec!r}: after a name come only ~N, ^N, ^{{}} and ^{{commit}}"
-            )
-        name, suffix = parts
+        name, suffix = _checked_spec(spec)
         base, at, selector = name.partition("@{")
         if at:
             oid = self._resolve_reflog(base, selector, spec)
@@ -1506,6 +1509,14 @@ class Repository:
                     )
                 oid = parents[count - 1]
         return oid
+
+    def resolve_object(self, spec: str) -> str:
+        """The object `spec` names, as git's rev-parse reads it: an annotated tag's name (or its
+        tag object's id) gives the tag object, not its commit; any other spec as `resolve`."""
+        name, suffix = _checked_spec(spec)
+        if suffix or "@{" in name:  # `~N`, `^{}`, a reflog entry: a commit
+            return self.resolve(spec)
+        return self._resolve_name(name or "HEAD", spec, peel=False)
 
     def _resolve_reflog(self, base: str, selector: str, spec: str) -> str:
         """`NAME@{N}`: NAME's value N moves ago (its reflog); `@{-N}`: the branch checked out before the last N switches."""
@@ -1576,13 +1587,15 @@ class Repository:
         except InvalidRefNameError:
             return False
 
-    def _resolve_name(self, name: str, spec: str) -> str:
-        """Resolve the part of a spec before any `~`/`^` suffix."""
+    def _resolve_name(self, name: str, spec: str, *, peel: bool = True) -> str:
+        """Resolve the part of a spec before any `~`/`^` suffix (to the commit, unless not `peel`)."""
         for ref in ref_candidates(name):
             try:
                 oid = self.refs.read(ref)
             except InvalidRefNameError:
                 oid = None  # `name` cannot be this kind of ref: try the next reading
+            if oid is not None and not peel:
+                return oid
             if oid is not None:
                 with self._parents_lock:
                     known = oid in self._parents  # a commit a walk read: no tag to peel
@@ -1594,7 +1607,7 @@ class Repository:
             matches = sorted(self._ids_with_prefix(hex_id) if len(hex_id) < 40 else {hex_id})
             commits = [o for o in matches if self._is_commit_or_tag(o)]
             if len(commits) == 1:
-                return self.peel(commits[0])
+                return self.peel(commits[0]) if peel else commits[0]
             if len(commits) > 1:
                 raise UnknownRevisionError(
                     f"revision {name!r} is ambiguous: {', '.join(c[:12] for c in commits[:5])}; give more digits"

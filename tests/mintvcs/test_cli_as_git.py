@@ -17,7 +17,16 @@ import pytest
 
 from mintvcs import porcelain
 from mintvcs.safetensors_file import parse_layout
-from tests.mintvcs.storekit import ENV, WEIGHTS, copy_adapter, git, mint, mint_fails, mutate
+from tests.mintvcs.storekit import (
+    ENV,
+    WEIGHTS,
+    copy_adapter,
+    git,
+    git_fsck,
+    mint,
+    mint_fails,
+    mutate,
+)
 
 
 @pytest.fixture
@@ -536,3 +545,44 @@ def test_log_decorates_and_dates_as_git_log_does(
     labels = json.loads(mint(work, "log", "--json", "-n", "1").stdout)[0]["refs"]
     tags, remotes = ["tag: zz", "tag: ann"], ["upstream/b", "origin/main", "origin/HEAD"]
     assert labels == ["HEAD", *tags, "refs/stash", *remotes, "x1", "side", "main"]
+
+
+def test_tags_of_an_annotated_tag_are_the_objects_git_writes(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `tag v2 v1` of an annotated v1 tagged v1's commit, and `tag -a v3 v1` a new tag of that
+    # commit; git tags the tag object (a nested tag for -a). `-a` itself was an unknown option.
+    twin = _git_twin(work, tmp_path)
+    monkeypatch.setitem(ENV, "GIT_COMMITTER_DATE", "1767225600 +0100")  # the tagger's date
+    steps = [
+        ("-a", "v1", "-m", "one"),
+        ("v2", "v1"),
+        ("-a", "v3", "v1", "-m", "nested"),
+        ("v4", "-m", "of a lightweight tag of a tag", "v2"),
+        ("v5", "v3"),
+        ("v6", "v1^{}"),
+        ("-a", "v7", "-m", "peeled", "v3^{}"),
+        ("-f", "-a", "v1", "v1", "-m", "over itself"),
+    ]
+    for args in steps:
+        ours = mint(work, "tag", *args)
+        theirs = git(twin, "tag", *args)
+        assert ours.stdout == theirs.stdout, args
+        nested = "hint: You have created a nested tag." in theirs.stderr
+        assert ("hint: You have created a nested tag." in ours.stderr) == nested, args
+    listing = ("for-each-ref", "--format=%(refname) %(objectname) %(*objecttype)", "refs/tags")
+    assert git(work / ".mint", *listing).stdout == git(twin, *listing).stdout
+    assert "tag" in git(work / ".mint", "cat-file", "-p", "v3").stdout.splitlines()[1]
+    git_fsck(work)
+    describe = ("describe", "--tags", "--exact-match", "v5")
+    assert git(work / ".mint", *describe).stdout == git(twin, *describe).stdout
+    head = git(twin, "rev-parse", "HEAD").stdout.strip()
+    tags = json.loads(mint(work, "tag", "--json").stdout)
+    assert {t["commit"] for t in tags} == {head} and len(tags) == 7
+    assert "tag: v5" in mint(work, "log", "--oneline", "-1").stdout
+    for name in ("v3", "v4", "v5"):
+        assert mint(work, "show", "--json", name).stdout == mint(work, "show", "--json").stdout
+    assert mint(work, "tag", "-a", "v8", ok=False).returncode == 2  # no message: no editor opens
+    mint(work, "gc")
+    git_fsck(work)
+    assert git(work / ".mint", *listing).stdout == git(twin, *listing).stdout
