@@ -736,7 +736,10 @@ def tag(
     if force:
         with contextlib.suppress(MintError):  # a bad name: tag_create says why
             was = repo.refs.read(f"refs/tags/{name}")
-    value = porcelain.tag_create(repo, name, rev or "HEAD", message=message, force=force)
+    # An empty REV (an unset variable in a script) is refused, as git does, not read as HEAD.
+    value = porcelain.tag_create(
+        repo, name, "HEAD" if rev is None else rev, message=message, force=force
+    )
     if message is not None and _is_nested_tag(repo, value):
         # git's advice: tagging a tag's name tags the tag object, which is rarely what was meant.
         click.echo(
@@ -772,7 +775,7 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
 
     if ref is None and new_branch is None:
         raise click.UsageError("give a REF to check out, or -b NEW to branch from HEAD")
-    ref = ref or "HEAD"
+    ref = "HEAD" if ref is None else ref  # an empty REF is refused, as git does
 
     repo = _open_repo()
     was_on = repo.current_branch()

@@ -948,7 +948,7 @@ def branch_create(
     """Create (or with force, move) branch `name` at `start` (default HEAD); returns its commit."""
     check_branch_name(name)
     ref = f"refs/heads/{name}"
-    oid = repo.resolve(start or "HEAD")
+    oid = repo.resolve("HEAD" if start is None else start)  # "" is no revision, as in git
     if start is None:
         # As git's reflog says it: made from the current branch, by name (HEAD when detached).
         start = repo.current_branch() or "HEAD"

@@ -586,3 +586,33 @@ def test_tags_of_an_annotated_tag_are_the_objects_git_writes(
     mint(work, "gc")
     git_fsck(work)
     assert git(work / ".mint", *listing).stdout == git(twin, *listing).stdout
+
+
+def test_an_empty_revision_is_refused_not_read_as_head(work: Path) -> None:
+    # `tag prod "$REV"` with REV unset tagged HEAD (so did branch, checkout and checkout -b);
+    # git refuses an empty revision. `@` alone still means HEAD, as in git 2.45 on.
+    mutate(work, seed=35)
+    mint(work, "commit", "-m", "second")
+    before = git(work / ".mint", "for-each-ref").stdout
+    for args in (
+        ("tag", "t", ""),
+        ("tag", "-m", "x", "t", ""),
+        ("branch", "b", ""),
+        ("checkout", ""),
+        ("checkout", "-b", "b", ""),
+    ):
+        result = mint(work, *args, ok=False)
+        assert result.returncode == 128 and "invalid revision ''" in result.stderr, args
+    assert git(work / ".mint", "for-each-ref").stdout == before
+    assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert mint(work, "checkout", "@").stdout == "Already on 'main'\n"
+    assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    head, first = (git(work / ".mint", "rev-parse", r).stdout.strip() for r in ("@", "@~1"))
+    mint(work, "tag", "t", "@^")
+    mint(work, "branch", "b", "@~1")
+    assert git(work / ".mint", "rev-parse", "t", "b").stdout.split() == [first, first]
+    assert json.loads(mint(work, "checkout", "@~", "--json").stdout)["commit"] == first
+    assert mint(work, "log", "--oneline", "@").stdout.count("\n") == 1
+    mint(work, "checkout", "main")
+    assert json.loads(mint(work, "reset", "@^", "--json").stdout)["commit"] == first
+    assert json.loads(mint(work, "reset", "@{1}", "--json").stdout)["commit"] == head
