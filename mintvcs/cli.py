@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import fnmatch
 import gc as pygc  # `gc` is the name of a command below
+import io
 import itertools
 import json
 import os
@@ -67,36 +68,53 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
     return meta
 
 
+def _complain(line: str) -> None:
+    """Write one line to stderr; where stderr cannot take it (a full disk, a reader gone), the
+    exit status still tells, and what is unwritten goes to /dev/null, not into a traceback at exit."""
+    try:
+        click.echo(line, err=True)  # click flushes: a failure shows here
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+
 def _usage_error(err: click.UsageError, command: str) -> NoReturn:
     """One `error:` line naming the help to read, and click's exit status for a usage error (2)."""
-    click.echo(f"error: {err.format_message()} (see '{command} --help')", err=True)
+    _complain(f"error: {err.format_message()} (see '{command} --help')")
     sys.exit(err.exit_code)
 
 
 def _exit_for(err: MintError | OSError | MemoryError | KeyboardInterrupt) -> NoReturn:
     """Report a failure in one line, and exit with the status git gives it."""
     if isinstance(err, KeyboardInterrupt):
-        click.echo("interrupted", err=True)
+        _complain("interrupted")
         # Die of the signal, as git does, not exit 130: a shell running a loop of commands stops
         # at Ctrl-C only when the command it waited for was killed by SIGINT.
-        sys.stderr.flush()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
         sys.exit(130)  # only if the signal is blocked
     if isinstance(err, BrokenPipeError):
-        # As git: stop quietly with SIGPIPE's status; nothing more can reach the reader.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
+        # As git: die of SIGPIPE, quietly; nothing more can reach the reader. What is left in
+        # stdout's buffer goes to /dev/null, should the signal be blocked and Python exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGPIPE)
+        sys.exit(141)  # only if the signal is blocked
+    if isinstance(err, _StdoutWriteError):
+        # git's words and status; the unwritten rest goes to /dev/null, else the flush at exit
+        # would fail again with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        _complain(f"error: write failure on 'stdout': {err.strerror}")
+        sys.exit(128)
     if isinstance(err, MintError):
-        click.echo(f"error: {err}", err=True)
+        _complain(f"error: {err}")
         sys.exit(err.exit_code)
     if isinstance(err, MemoryError):
-        click.echo("error: out of memory (this process's limit, or the machine's)", err=True)
+        _complain("error: out of memory (this process's limit, or the machine's)")
         sys.exit(1)
     # The system refused a read or write (a full disk, a file size limit, permissions): one
     # line, as git says it.
     where = f": {err.filename}" if err.filename else ""
-    click.echo(f"error: {err.strerror or err}{where}", err=True)
+    _complain(f"error: {err.strerror or err}{where}")
     sys.exit(1)
 
 
@@ -117,11 +135,46 @@ def _open_closed_standard_streams() -> None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 
+class _StdoutWriteError(OSError):
+    """A write to standard output failed for a reason other than a reader gone (a full disk)."""
+
+
+class _StandardOutput(io.FileIO):
+    """Descriptor 1, whose failed writes say they were stdout's: a full disk there must not
+    read as the repository's (a commit whose `--json` could not be written was still made)."""
+
+    def write(self, data: Any, /) -> int:
+        try:
+            return super().write(data)
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            raise _StdoutWriteError(err.errno, err.strerror) from None
+
+
+def _name_stdout_failures() -> None:
+    """Put sys.stdout on a _StandardOutput, with the same encoding and buffering."""
+    stream = sys.stdout
+    try:
+        if stream.fileno() != 1:
+            return
+    except (AttributeError, OSError, ValueError):  # not a file's stream (a test's capture)
+        return
+    stream.flush()
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_StandardOutput(1, "w", closefd=False)),
+        encoding=stream.encoding,
+        errors=stream.errors,
+        line_buffering=bool(stream.line_buffering),  # a terminal's: line by line
+    )
+
+
 class MintGroup(click.Group):
     """Turns MintError and usage errors into one `error:` line and an exit code instead of a traceback or a usage block."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         _open_closed_standard_streams()
+        _name_stdout_failures()
         return super().main(*args, **kwargs)
 
     def make_context(

@@ -113,10 +113,35 @@ def test_version_into_a_full_or_closed_output(tmp_path: Path) -> None:
         full = subprocess.run(
             [*MINT, "--version"], stdout=output, stderr=subprocess.PIPE, env=ENV, text=True
         )
-    assert full.returncode == 1 and full.stderr.startswith("error: ")
-    assert "Traceback" not in full.stderr
+    assert full.returncode == 128
+    assert full.stderr == "error: write failure on 'stdout': No space left on device\n"
     gone = _bash(" ".join(MINT) + " --help | (exec 0<&-; sleep 1); echo ${PIPESTATUS[0]}", tmp_path)
     assert gone.stdout == "141\n" and gone.stderr == ""
+
+
+def test_a_full_stdout_or_stderr_is_handled_as_git_handles_it(tmp_path: Path) -> None:
+    # "error: No space left on device", exit 1: a commit whose --json went to a full disk read
+    # as a commit that failed on one, though it was made. git: "write failure on 'stdout'", 128.
+    work = _two_sizes(tmp_path)
+    handmade_adapter(
+        work, {"q.lora_A.weight": ("F32", [4, 256], np.ones([4, 256], "<f4").tobytes())}
+    )
+    for args in (("commit", "-m", "ones", "--json"), ("log",), ("log", "--json"), ("branch",)):
+        with open("/dev/full", "w") as output:
+            full = subprocess.run(
+                [*MINT, *args], cwd=work, stdout=output, stderr=subprocess.PIPE, env=ENV, text=True
+            )
+        assert full.returncode == 128, (args, full.stderr)
+        assert full.stderr == "error: write failure on 'stdout': No space left on device\n", args
+    assert mint(work, "log", "--oneline", "-1").stdout.endswith(" ones\n")
+    assert _clean(work)
+    # An error that a full stderr cannot take still exits with its status (a traceback that
+    # went nowhere made it 1).
+    with open("/dev/full", "w") as errors:
+        lost = subprocess.run(
+            [*MINT, "show", "nonexist"], cwd=work, capture_output=False, stderr=errors, env=ENV
+        )
+    assert lost.returncode == 128
 
 
 def test_a_checkout_that_fails_part_way_writes_the_old_revision_back(tmp_path: Path) -> None:
