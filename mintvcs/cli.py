@@ -166,6 +166,7 @@ def _name_stdout_failures() -> None:
         encoding=stream.encoding,
         errors=stream.errors,
         line_buffering=bool(stream.line_buffering),  # a terminal's: line by line
+        write_through=bool(getattr(stream, "write_through", False)),  # PYTHONUNBUFFERED's
     )
 
 
