@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mintvcs.checksums import crc32
-from mintvcs.errors import MintError
+from mintvcs.errors import MintError, NewerFormatError
 from mintvcs.ids import is_object_id, is_sha256
 from mintvcs.safetensors_file import DTYPE_SIZES
 
@@ -40,6 +40,7 @@ __all__ = [
     "CodecInputError",
     "CorruptBlobError",
     "Encoded",
+    "NewerBlobError",
     "NonFiniteTensorError",
     "Planes",
     "chain_planes",
@@ -83,6 +84,9 @@ _PLANE_DTYPES = frozenset({"F16", "BF16", "F32"})
 _ROTATE = {"BF16": 1, "F32": 1}
 _UINT = {2: "<u2", 4: "<u4"}
 _ENCODINGS = frozenset({"raw", "planes", "xor"})
+_KNOWN_ENCODINGS = "'raw', 'planes' and 'xor'"
+# An encoding or codec name a newer writer could use: anything else in its place is damage.
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.+-]{0,31}")
 _DTYPE_RE = re.compile(r"[A-Z0-9_]{1,32}")
 
 # Encoder settings for planes, chosen by measurement on LoRA tensors: a
@@ -118,6 +122,28 @@ class CorruptBlobError(MintError):
             f"tensor {name!r}: stored blob is corrupt ({reason}); "
             "run `mintvcs fsck` and restore the object from a clone or backup"
         )
+
+
+class NewerBlobError(CorruptBlobError, NewerFormatError):
+    """A tensor blob of a newer format (version, encoding or segment codec) than this mintvcs reads.
+
+    Still a CorruptBlobError for whoever asks "can this blob be read?", but its message says
+    what to do: the blob is not damaged, and restoring it from a backup would change nothing.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        """Build the one-line message naming the tensor and the way out."""
+        self.name = name
+        self.reason = reason
+        MintError.__init__(
+            self,
+            f"tensor {name!r}: stored blob was written by a newer mintvcs ({reason}); "
+            "upgrade mintvcs to read it",
+        )
+
+
+class _NewerHeader(ValueError):
+    """A header field with a value only a newer writer would put there (_check_fields)."""
 
 
 class NonFiniteTensorError(MintError):
@@ -636,10 +662,10 @@ def header_of(head: bytes | memoryview, size: int, *, name: str = "<tensor>") ->
     magic, version, hlen = _PREFIX.unpack_from(view, 0)
     if magic != MAGIC:
         raise CorruptBlobError(name, f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version > FORMAT_VERSION:  # its layout past the version byte may differ: not read on
+        raise NewerBlobError(name, f"format version {version}; this mintvcs reads {FORMAT_VERSION}")
     if version != FORMAT_VERSION:
-        raise CorruptBlobError(
-            name, f"format version {version} is not {FORMAT_VERSION} (a newer mintvcs may read it)"
-        )
+        raise CorruptBlobError(name, f"format version {version} is not {FORMAT_VERSION}")
     if hlen > _MAX_HEADER:
         raise CorruptBlobError(name, f"header length {hlen} is implausible")
     end = _PREFIX.size + hlen
@@ -651,6 +677,8 @@ def header_of(head: bytes | memoryview, size: int, *, name: str = "<tensor>") ->
     try:
         raw = json.loads(bytes(view[_PREFIX.size : end]).decode("ascii"))
         header = _check_fields(raw, payload_offset=end + _CRC.size)
+    except _NewerHeader as exc:  # a sound header (its CRC32 checked) that names what is to come
+        raise NewerBlobError(name, str(exc)) from None
     except (ValueError, TypeError, KeyError) as exc:
         # Only a CRC collision or a buggy writer gets here.
         raise CorruptBlobError(name, f"malformed header: {exc}") from None
@@ -668,15 +696,19 @@ def _check_fields(raw: Any, payload_offset: int) -> BlobHeader:
     # refuses bool, a header holding true/false is corrupt) to keep this off the profile.
     if type(raw) is not dict:
         raise ValueError("header is not an object")
-    dtype, shape, encoding = raw["dtype"], raw["shape"], raw["encoding"]
+    encoding = raw.get("encoding")
+    if encoding not in _ENCODINGS:
+        # First: a newer encoding's header may lack keys that this version's need.
+        if type(encoding) is str and _NAME_RE.fullmatch(encoding):
+            raise _NewerHeader(f"encoding {encoding!r}; this mintvcs reads {_KNOWN_ENCODINGS}")
+        raise ValueError(f"encoding {encoding!r}")
+    dtype, shape = raw["dtype"], raw["shape"]
     base, depth, sha, nbytes = raw["base"], raw["depth"], raw["sha256"], raw["nbytes"]
     group, rotate, segments = raw["group"], raw["rotate"], raw["segments"]
     if type(dtype) is not str or not _DTYPE_RE.fullmatch(dtype):
         raise ValueError(f"dtype {dtype!r}")
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise ValueError(f"shape {shape!r}")
-    if encoding not in _ENCODINGS:
-        raise ValueError(f"encoding {encoding!r}")
     if type(nbytes) is not int or nbytes < 0:
         raise ValueError(f"nbytes {nbytes!r}")
     shape_t = tuple(shape)
@@ -716,6 +748,8 @@ def _check_fields(raw: Any, payload_offset: int) -> BlobHeader:
             or type(crc) is not int
             or not 0 <= crc < 1 << 32
         ):
+            if codec not in ("zstd", "none") and type(codec) is str and _NAME_RE.fullmatch(codec):
+                raise _NewerHeader(f"segment codec {codec!r}; this mintvcs reads 'zstd' and 'none'")
             raise ValueError(f"segment {seg!r}")
         if codec == "none" and size != plane_len:
             raise ValueError(f"raw segment of {size} bytes, plane is {plane_len}")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from mintvcs.errors import MintError
+from mintvcs.errors import MintError, NewerFormatError
 from mintvcs.ids import is_object_id, is_sha256
 from mintvcs.safetensors_file import DTYPE_SIZES, check_tensor_name
 from mintvcs.treenames import git_special_name, repository_dir_name
@@ -25,6 +25,10 @@ FILES_DIR = "files"
 
 class CorruptManifestError(MintError):
     """A manifest blob that is not the JSON this version writes."""
+
+
+class NewerManifestError(CorruptManifestError, NewerFormatError):
+    """A manifest of a newer version than this mintvcs reads."""
 
 
 CONFIG_FILE = "adapter_config.json"
@@ -272,10 +276,15 @@ class Manifest:
         try:
             raw = _parse(data, where)
             tensors = tuple(
-                TensorRecord(**{**t, "shape": tuple(int(d) for d in t["shape"])})
+                TensorRecord(
+                    **{
+                        **_known(t, _TENSOR_KEYS, "tensor"),
+                        "shape": tuple(int(d) for d in t["shape"]),
+                    }
+                )
                 for t in raw["tensors"]
             )
-            files = tuple(FileRecord(**f) for f in raw.get("files", []))
+            files = tuple(FileRecord(**_known(f, _FILE_KEYS, "file")) for f in raw.get("files", []))
             _check_layout(tensors, files)
             return cls(
                 raw["base"]["id"],
@@ -297,14 +306,49 @@ class Manifest:
             raise CorruptManifestError(f"{where}: corrupt manifest ({err})") from None
 
 
+# Each record's keys: (all, the required ones). A key not listed is ignored (docs/format.md §3).
+_TENSOR_KEYS = (
+    frozenset(f.name for f in fields(TensorRecord)),
+    frozenset(f.name for f in fields(TensorRecord) if f.default is MISSING),
+)
+_FILE_KEYS = (
+    frozenset(f.name for f in fields(FileRecord)),
+    frozenset(f.name for f in fields(FileRecord) if f.default is MISSING),
+)
+
+
+def _known(record: Any, keys: tuple[frozenset[str], frozenset[str]], what: str) -> dict[str, Any]:
+    """A manifest record's keys this version knows, checking it has the required ones.
+
+    Unknown keys are ignored, as at the manifest's top level and in a blob header: a newer
+    writer may add a key that an older reader can do without; one it cannot bumps `version`.
+    """
+    if type(record) is not dict:
+        raise ValueError(f"a {what} record is {type(record).__name__}, not an object")
+    known, required = keys
+    if record.keys() == known:  # what this version writes: the common case, as is
+        return record
+    missing = required - record.keys()
+    if missing:
+        raise ValueError(f"a {what} record lacks {', '.join(sorted(missing))}")
+    return {k: v for k, v in record.items() if k in known}
+
+
 def _parse(data: bytes, where: str) -> dict[str, Any]:
     """A manifest's JSON, refusing other formats and versions."""
     raw = json.loads(data)
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
         raise CorruptManifestError(f"{where}: not a mintvcs manifest")
-    if raw.get("version") != MANIFEST_VERSION:
+    version = raw.get("version")
+    if type(version) is int and version > MANIFEST_VERSION:
+        raise NewerManifestError(
+            f"{where}: manifest version {version} is newer than this mintvcs reads "
+            f"({MANIFEST_VERSION}); upgrade mintvcs"
+        )
+    if version != MANIFEST_VERSION:
         raise CorruptManifestError(
-            f"{where}: manifest version {raw.get('version')!r} is not supported (this mintvcs reads {MANIFEST_VERSION}); upgrade mintvcs"
+            f"{where}: corrupt manifest (version {version!r}: no mintvcs writes it; this one "
+            f"reads {MANIFEST_VERSION})"
         )
     return raw
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 
 from mintvcs.adapter import adapter_paths
-from mintvcs.errors import MintError
+from mintvcs.errors import MintError, NewerFormatError
 from mintvcs.ids import is_object_id
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES
@@ -238,6 +238,10 @@ class StoreSource:
 
         try:
             return self._load(revision, max_bytes)
+        except NewerFormatError as err:
+            # Its manifest or a blob is of a newer format: a property of the revision, like the
+            # other refusals (a retry gets the same answer), not a fault of the server's store.
+            raise AdapterRefused(revision, "newer_format", str(err)) from None
         except CorruptObjectError:
             # A commit pruned since it was resolved (its ref deleted, then gc) is not there to
             # serve; a commit that is there with objects missing is damage, and says so.

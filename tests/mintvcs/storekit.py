@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +294,7 @@ def commit_with_manifest_files(
     edit_tensors: Any = None,
     *,
     edit_header: Any = None,
+    edit_manifest: Any = None,
     message: bytes = b"hostile\n",
     when: int = 0,
     in_tree: bool = False,
@@ -301,8 +303,9 @@ def commit_with_manifest_files(
 
     `edit_tensors`, if given, changes the manifest's tensor records (a list of dicts) in place,
     and the safetensors header is rewritten to match them; `edit_header`, if given, then changes
-    that header's JSON (a dict) in place. `in_tree`: the tree's `files/` holds the files too, as
-    a careful hostile writer keeps it.
+    that header's JSON (a dict) in place. `edit_manifest`, if given, last changes the whole
+    manifest (a dict) in place. `in_tree`: the tree's `files/` holds the files too, as a careful
+    hostile writer keeps it.
     """
     from dulwich.objects import Tree
 
@@ -361,6 +364,8 @@ def commit_with_manifest_files(
             return subtree.id.decode()
 
         entries["files"] = write(nested)
+    if edit_manifest is not None:
+        edit_manifest(manifest)
     entries["manifest.json"] = repo.add_blob(json.dumps(manifest).encode())
     return hostile_commit(work, entries, message=message, when=when)
 
@@ -394,6 +399,19 @@ def hostile_commit(
     old = repo.refs.read("refs/heads/hostile")
     repo.refs.update("refs/heads/hostile", oid, old=old, message="test", identity="T <t@t>")
     return oid
+
+
+def edit_blob_header(blob: bytes, edit: Any = None, *, version: int | None = None) -> bytes:
+    """A tensor blob with its header's JSON (a dict) changed by `edit` in place, and its version
+    byte set to `version` if given; the header's CRC-32 is made right again, as a writer's is."""
+    magic, old_version, length = struct.unpack_from("<8sBI", blob, 0)
+    header = json.loads(blob[13 : 13 + length])
+    if edit is not None:
+        edit(header)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    prefix = struct.pack("<8sBI", magic, old_version if version is None else version, len(text))
+    prefix += text
+    return prefix + struct.pack("<I", zlib.crc32(prefix)) + blob[13 + length + 4 :]
 
 
 def swap_two_offsets(header: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from mintvcs.serve.app import BackgroundServer, ServerConfig, ServerError
 from mintvcs.serve.refwatch import names_an_ancestor
 from mintvcs.store import Repository
 from tests.fixtures import make_peft_adapter
-from tests.mintvcs.storekit import count_reads
+from tests.mintvcs.storekit import commit_with_manifest_files, count_reads, edit_blob_header
 from tests.serve.http_kit import (
     TOKEN,
     commit_on,
@@ -1366,6 +1366,26 @@ def test_a_ref_to_a_commit_made_with_git_is_a_422(
         assert status == 422 and "not an adapter revision" in body["error"], body
     finally:
         git("update-ref", "-d", "refs/heads/docs-only")
+
+
+def test_a_revision_of_a_newer_mintvcs_is_a_422_saying_to_upgrade(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    assert repo.work_tree is not None
+
+    def newer(records: list[dict[str, Any]]) -> None:
+        blob = repo.read_blob(records[0]["blob"])
+        records[0]["blob"] = repo.add_blob(edit_blob_header(blob, version=2))
+
+    revision = commit_with_manifest_files(repo.work_tree, [], newer)
+    try:
+        for _ in range(2):  # remembered, as every refusal: the revision will not change
+            status, _, body = gen(server, prompt="Hi", ref="hostile", max_tokens=1)
+            # It was a 500 internal_error: a client retried a revision no retry could serve.
+            assert status == 422 and body["reason"] == "newer_format", body
+            assert revision[:12] in body["error"] and "upgrade mintvcs" in body["error"], body
+    finally:
+        repo.refs.delete("refs/heads/hostile")
 
 
 def test_models_listing_refuses_a_prefix_out_of_refs_and_a_limit_past_its_cap(
