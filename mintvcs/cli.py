@@ -435,6 +435,9 @@ def _log_pages(
 
 def _log_json(repo: Any, ref: str, max_count: int | None) -> None:
     """Print `log --json`, one JSON array written as the history is read (what _emit_json writes)."""
+    from mintvcs.objects import CorruptManifestError
+    from mintvcs.store import CorruptObjectError
+
     opened = False
     for page, labels in _log_pages(repo, ref, max_count):
         for c in page:
@@ -444,9 +447,14 @@ def _log_json(repo: Any, ref: str, max_count: int | None) -> None:
                 "author": c.author,
                 "time": c.time,
                 "message": c.message,
-                "meta": repo.revision_meta(c.id),
                 "refs": labels.get(c.id, []),
             }
+            # Plain log reads no manifest: a commit whose manifest this mintvcs cannot read (a
+            # newer version, damage) is listed all the same, and says why it has no meta.
+            try:
+                item["meta"] = repo.revision_meta(c.id)
+            except (CorruptManifestError, CorruptObjectError) as err:
+                item["meta"], item["meta_error"] = None, str(err)
             text = textwrap.indent(
                 json.dumps(item, indent=2, sort_keys=True, allow_nan=False), "  "
             )

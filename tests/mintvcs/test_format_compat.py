@@ -100,3 +100,14 @@ def test_a_manifest_record_without_a_key_names_it(work: Path) -> None:
     commit_with_manifest_files(work, [], drop)
     line = mint_fails(work, "show", "hostile")
     assert "a tensor record lacks depth" in line and "__init__" not in line, line
+
+
+def test_log_json_lists_a_revision_whose_manifest_is_newer(work: Path) -> None:
+    newer = commit_with_manifest_files(work, [], edit_manifest=lambda m: m.update(version=2))
+    assert len(mint(work, "log", "--oneline", "hostile").stdout.splitlines()) == 4
+    # It printed nothing and exited 1: one newer manifest hid the whole history.
+    items = json.loads(mint(work, "log", "--json", "hostile").stdout)
+    assert items[0]["commit"] == newer and len(items) == 4
+    assert items[0]["meta"] is None
+    assert "manifest version 2 is newer than this mintvcs reads (1)" in items[0]["meta_error"]
+    assert all("meta_error" not in item and item["meta"] is not None for item in items[1:])
