@@ -965,7 +965,14 @@ def gc(no_prune: bool, auto: bool, as_json: bool) -> None:
         elif rolled.busy:
             click.echo("nothing to do: another gc is running")
         elif not rolled.rewritten:
-            packs, loose = maintenance.auto_limits(_open_repo())
+            repo = _open_repo()
+            if repo.repo_format.precious_objects:
+                click.echo(
+                    "nothing to do: extensions.preciousObjects is set (other repositories may "
+                    "borrow these objects), so gc repacks nothing, as git's gc does"
+                )
+                return
+            packs, loose = maintenance.auto_limits(repo)
             click.echo(
                 f"nothing to do: {rolled.packs_after} packs (gc.autoPackLimit "
                 f"{packs or 'off'}), loose objects within gc.auto ({loose or 'off'})"

@@ -1428,6 +1428,17 @@ def _repack(
     return len(keep), True, len(late)
 
 
+def _refuse_precious(repo: Repository) -> None:
+    """Refuse a full gc where extensions.preciousObjects is set, as `git prune` and `git repack
+    -d` refuse (and `git gc` skips both): other repositories may borrow these objects."""
+    if repo.repo_format.precious_objects:
+        raise GcRefusedError(
+            f"gc refused: {repo.git_dir / 'config'} sets extensions.preciousObjects: other "
+            "repositories may borrow this store's objects (`git clone --shared`), so none may be "
+            "repacked away or pruned (git refuses too); nothing was changed"
+        )
+
+
 @accepts_path
 def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_progress) -> GcResult:
     """Pack reachable objects (no deltas, no zlib: tensors are zstd already), drop old unreachable ones, pack refs.
@@ -1441,6 +1452,7 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
     """
     from dulwich.objects import ObjectID
 
+    _refuse_precious(repo)
     with _gc_lock(repo):
         repo.close()  # a long-lived Repository's pack list may name packs another gc deleted
         # First of all: repacking and pruning through a link delete files outside the repository.
@@ -1592,7 +1604,10 @@ def auto_gc(repo: Repository, *, progress: PhaseProgress = _no_progress) -> Roll
 
 @accepts_path
 def auto_gc_due(repo: Repository) -> bool:
-    """Whether `gc --auto` would merge now: past gc.autoPackLimit packs or gc.auto loose objects."""
+    """Whether `gc --auto` would merge now: past gc.autoPackLimit packs or gc.auto loose objects
+    (never with extensions.preciousObjects, where git's `gc --auto` does not repack either)."""
+    if repo.repo_format.precious_objects:
+        return False
     pack_limit, loose_limit = auto_limits(repo)
     if _over(pack_count(repo), pack_limit):
         return True

@@ -55,6 +55,7 @@ from mintvcs.packs import (
     zlib_tensor,
 )
 from mintvcs.refs import InvalidRefNameError, RefStore
+from mintvcs.repoformat import MINT_FORMAT_VERSION, RepositoryFormat, read_format
 from mintvcs.safetensors_file import MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
@@ -431,7 +432,7 @@ class Repository:
         config.set(b"core", b"looseCompression", b"0")
         config.set(b"pack", b"compression", b"0")
         config.set(b"core", b"logAllRefUpdates", b"true")
-        config.set(b"mint", b"formatVersion", b"1")
+        config.set(b"mint", b"formatVersion", str(MINT_FORMAT_VERSION).encode())
         config.write_to_path()
         repo.close()
         (git_dir / "info").mkdir(exist_ok=True)
@@ -459,9 +460,10 @@ class Repository:
                     found = cls(candidate / GIT_DIR, candidate)
                     break
         if found is not None:
-            # Read now, as git does: a broken config fails every command, not only the ones
-            # that happen to reach dulwich's object store (loose reads do not). A missing one
-            # is left to whoever needs it, as before.
+            # Read now, as git does: a broken config, or a format mintvcs cannot honour (a
+            # SHA-256 or reftable repository, an unknown extension), fails every command before
+            # it reads or writes anything, not only the ones that reach dulwich's object store
+            # (loose reads do not). A missing one is left to whoever needs it, as before.
             if (found.git_dir / "config").exists():
                 found.config  # noqa: B018
             return found
@@ -478,21 +480,29 @@ class Repository:
 
     @cached_property
     def config(self) -> Any:
-        """The repository's git config (a dulwich ConfigFile, includes followed), read once.
+        """The repository's git config (a dulwich Config, includes followed), read once.
 
-        A received repository's config may name any file: `[include] path = /dev/zero` would
-        be read without end (git refuses that one as a bad config line). So the config and
-        every file it includes must be a regular file under 1 MiB.
+        Its format is checked first (`repo_format`); with extensions.worktreeConfig,
+        `.mint/config.worktree` is read over `.mint/config`, as git reads it.
         """
-        from dulwich.config import ConfigFile
+        from dulwich.config import StackedConfig
 
-        path = self.git_dir / "config"
-        try:
-            return ConfigFile.from_path(str(path), file_opener=_open_config_file)
-        except (OSError, ValueError) as err:  # unreadable, refused, or dulwich's parse errors
-            raise NotARepositoryError(
-                f"{path} cannot be read ({err}); fix it, or restore it from a working repository"
-            ) from None
+        local = self._local_config
+        path = self.git_dir / "config.worktree"
+        if not self.repo_format.worktree_config or not path.exists():
+            return local
+        return StackedConfig([_read_config(path), local])
+
+    @cached_property
+    def repo_format(self) -> RepositoryFormat:
+        """`.mint/config`'s core.repositoryformatversion, extensions.* and mint.formatVersion,
+        checked as git checks them (UnsupportedRepositoryError for what mintvcs cannot honour)."""
+        return read_format(self._local_config, str(self.git_dir / "config"))
+
+    @cached_property
+    def _local_config(self) -> Any:
+        """`.mint/config` alone, read once."""
+        return _read_config(self.git_dir / "config")
 
     @cached_property
     def base(self) -> BaseModel | None:
@@ -1888,6 +1898,23 @@ def unreadable_file_errors() -> tuple[type[Exception], ...]:
 # Below this many decoded bytes a second hashing thread costs more than it saves.
 _THREADED_HASH_BYTES = 4 << 20
 _PREFIX_ATTEMPTS = 8  # walks of the packs for an abbreviated id while a gc replaces them
+
+
+def _read_config(path: Path) -> Any:
+    """A git config file as a dulwich ConfigFile, includes followed.
+
+    A received repository's config may name any file: `[include] path = /dev/zero` would
+    be read without end (git refuses that one as a bad config line). So the config and
+    every file it includes must be a regular file under 1 MiB.
+    """
+    from dulwich.config import ConfigFile
+
+    try:
+        return ConfigFile.from_path(str(path), file_opener=_open_config_file)
+    except (OSError, ValueError) as err:  # unreadable, refused, or dulwich's parse errors
+        raise NotARepositoryError(
+            f"{path} cannot be read ({err}); fix it, or restore it from a working repository"
+        ) from None
 
 
 def _open_config_file(path: str | os.PathLike[str]) -> IO[bytes]:

@@ -1,8 +1,14 @@
-"""Format compatibility: manifests and blobs of a newer mintvcs, unknown manifest keys."""
+"""Format compatibility: git's repository format (core.repositoryformatversion, extensions.*)
+checked against real git, mint.formatVersion, and manifests and blobs of a newer mintvcs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +16,15 @@ import pytest
 
 from mintvcs.store import Repository
 from tests.mintvcs.storekit import (
+    ENV,
     WEIGHTS,
     commit_with_manifest_files,
+    copy_adapter,
     edit_blob_header,
+    git,
     mint,
     mint_fails,
+    mutate,
 )
 
 
@@ -111,3 +121,205 @@ def test_log_json_lists_a_revision_whose_manifest_is_newer(work: Path) -> None:
     assert items[0]["meta"] is None
     assert "manifest version 2 is newer than this mintvcs reads (1)" in items[0]["meta_error"]
     assert all("meta_error" not in item and item["meta"] is not None for item in items[1:])
+
+
+def _set(work: Path, *settings: tuple[str, str]) -> None:
+    """Write config keys straight into `.mint/config` (`git config -f`: git's own checks of the
+    repository would stop `git --git-dir` at the first setting it refuses)."""
+    for key, value in settings:
+        subprocess.run(
+            ["git", "config", "-f", str(work / ".mint" / "config"), key, value],
+            env=ENV,
+            check=True,
+        )
+
+
+def _store_state(work: Path) -> dict[str, str]:
+    """Every file of `.mint/` by its content's hash: what a refused command must leave alone."""
+    git_dir = work / ".mint"
+    return {
+        p.relative_to(git_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(git_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _age_objects(work: Path, seconds: float = 7200) -> None:
+    """Make every object file look `seconds` old, past gc's grace period for unreachable ones."""
+    old = time.time() - seconds
+    for path in (work / ".mint" / "objects").rglob("*"):
+        if path.is_file():
+            os.utime(path, (old, old))
+
+
+# (settings, what mintvcs's one error line names; None: opened as usual), each as git 2.39 has it.
+FORMATS = [
+    ([("core.repositoryformatversion", "2")], "core.repositoryformatversion = 2"),
+    ([("core.repositoryformatversion", "1k")], "core.repositoryformatversion = 1024"),
+    ([("core.repositoryformatversion", "banana")], "is not a number"),
+    (
+        [("core.repositoryformatversion", "1"), ("extensions.frobnicate", "true")],
+        "unknown repository extension extensions.frobnicate",
+    ),
+    (
+        [("core.repositoryformatversion", "1"), ("extensions.refStorage", "reftable")],
+        "extensions.refStorage = 'reftable'",
+    ),
+    ([("extensions.objectFormat", "sha1")], "extensions.objectFormat is set"),
+    ([("extensions.noop-v1", "true")], "extensions.noop-v1 is set"),
+    (
+        [("core.repositoryformatversion", "1"), ("extensions.preciousObjects", "banana")],
+        "extensions.preciousObjects = 'banana' is not a boolean",
+    ),
+    ([("extensions.worktreeConfig", "maybe")], "is not a boolean"),
+    ([("extensions.frobnicate", "true")], None),  # version 0 predates the rule: ignored
+    (
+        [
+            ("core.repositoryformatversion", "1"),
+            ("extensions.noop", "true"),
+            ("extensions.noop-v1", "true"),
+            ("extensions.objectFormat", "sha1"),
+            ("extensions.partialClone", "origin"),
+            ("extensions.worktreeConfig", "true"),
+        ],
+        None,
+    ),
+    ([("core.repositoryformatversion", "0x1"), ("extensions.Noop", "yes")], None),
+]
+
+
+@pytest.mark.parametrize(("settings", "refused"), FORMATS)
+def test_repository_format_is_refused_exactly_where_git_refuses_it(
+    work: Path, settings: list[tuple[str, str]], refused: str | None
+) -> None:
+    _set(work, *settings)
+    by_git = git(work / ".mint", "log", "--oneline", ok=False)
+    if refused is None:
+        assert by_git.returncode == 0, by_git.stderr
+        assert len(mint(work, "log", "--oneline").stdout.splitlines()) == 3
+        mint(work, "status")
+        return
+    assert by_git.returncode == 128, by_git.stderr  # git's `fatal:`
+    mutate(work, seed=5)
+    before = _store_state(work)
+    # Each used to run, commit and gc included, writing into a repository git cannot read.
+    for args in (["log"], ["status"], ["commit", "-m", "x", "--no-verify"], ["gc"], ["fsck"]):
+        result = mint(work, *args, ok=False)
+        assert result.returncode == 128, result.stderr
+        assert result.stderr.count("error:") == 1 and refused in result.stderr, result.stderr
+    assert _store_state(work) == before
+
+
+def test_a_sha256_repository_is_refused_before_anything_is_written(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    work = tmp_path / "r"
+    git_dir = work / ".mint"
+    subprocess.run(
+        ["git", "init", "-q", "--bare", "--object-format=sha256", "-b", "main", str(git_dir)],
+        env=ENV,
+        check=True,
+    )
+    copy_adapter(peft_adapter, work)
+    before = _store_state(work)
+    # It committed SHA-1 objects into it, which git then called broken, every one of them.
+    for args in (["status"], ["commit", "-m", "one", "--no-verify"], ["log"]):
+        line = mint_fails(work, *args)
+        assert "extensions.objectFormat = sha256" in line and "SHA-1" in line, line
+    assert _store_state(work) == before
+    git(git_dir, "fsck", "--strict")
+
+
+@pytest.mark.parametrize("version", ["0", "1"])
+def test_gc_refuses_a_precious_objects_store_whose_objects_a_clone_borrows(
+    work: Path, tmp_path: Path, version: str
+) -> None:
+    git_dir = work / ".mint"
+    mutate(work, seed=3)
+    mint(work, "commit", "-m", "rev 3", "--no-verify")
+    borrower = tmp_path / "B.mint"  # borrows the store's objects: its main is "rev 3"
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", "--shared", str(git_dir), str(borrower)],
+        env=ENV,
+        check=True,
+    )
+    mint(work, "reset", "--hard", "HEAD~1")  # rev 3 now unreachable here
+    git(git_dir, "reflog", "expire", "--expire=now", "--all")
+    _age_objects(work)
+    _set(
+        work,
+        ("core.repositoryformatversion", version),
+        ("extensions.preciousObjects", "true"),
+        ("gc.auto", "1"),
+    )
+    assert git(git_dir, "prune", ok=False).returncode == 128  # git refuses, in either version
+    before = _store_state(work)
+    for args in (["gc"], ["gc", "--no-prune"]):
+        result = mint(work, *args, ok=False)
+        assert result.returncode == 128, result.stdout  # it packed and pruned rev 3's objects
+        assert "extensions.preciousObjects" in result.stderr and "nothing was changed" in (
+            result.stderr
+        )
+    assert "preciousObjects" in mint(work, "gc", "--auto").stdout  # as git's gc: no repack
+    assert _store_state(work) == before
+    git(borrower, "fsck", "--strict")
+    assert git(borrower, "log", "-1", "--format=%s", "main").stdout.strip() == "rev 3"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        (
+            "2",
+            "mint.formatVersion = 2: the repository's format is newer than this mintvcs reads (1); upgrade mintvcs",
+        ),
+        ("banana", "mint.formatVersion = 'banana' is not a mintvcs repository format"),
+        ("0", "mint.formatVersion = '0' is not a mintvcs repository format"),
+    ],
+)
+def test_mint_format_version_newer_or_garbage_is_refused(work: Path, value: str, says: str) -> None:
+    _set(work, ("mint.formatVersion", value))
+    mutate(work, seed=5)
+    before = _store_state(work)
+    # It was written at init and never read: a v1 mintvcs committed into a v2 repository.
+    for args in (["log"], ["commit", "-m", "x", "--no-verify"], ["gc"]):
+        assert says in mint_fails(work, *args)
+    assert _store_state(work) == before
+
+
+def test_a_repository_without_mint_format_version_opens_as_version_1(work: Path) -> None:
+    git(work / ".mint", "config", "--unset", "mint.formatVersion")  # as `git clone` leaves it
+    assert len(mint(work, "log", "--oneline").stdout.splitlines()) == 3
+
+
+def test_worktree_config_is_read_as_git_reads_it(work: Path) -> None:
+    git_dir = work / ".mint"
+    _set(
+        work,
+        ("core.repositoryformatversion", "1"),
+        ("extensions.worktreeConfig", "true"),
+        ("user.name", "Local Person"),
+        ("user.email", "local@example.com"),
+    )
+    git(git_dir, "config", "--worktree", "user.name", "Worktree Person")
+    git(git_dir, "config", "--worktree", "user.email", "wt@example.com")
+    env = {k: v for k, v in ENV.items() if not k.startswith(("GIT_AUTHOR_", "GIT_COMMITTER_"))}
+    ident = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "var", "GIT_AUTHOR_IDENT"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert ident.startswith("Worktree Person <wt@example.com> ")
+    mutate(work, seed=5)
+    subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", "commit", "-m", "by the worktree", "--no-verify"],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    # It was "Local Person <local@example.com>": config.worktree was not read.
+    author = git(git_dir, "log", "-1", "--format=%an <%ae>").stdout.strip()
+    assert author == "Worktree Person <wt@example.com>"

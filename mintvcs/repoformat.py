@@ -1,0 +1,188 @@
+"""What a repository's config says about its format, checked as git checks it before use.
+
+git's rule (its setup.c): `core.repositoryformatversion` is 0 (or absent) or 1, never more;
+with version 1 every `extensions.*` key must be one the reader understands, since each names
+something a reader must honour; with version 0 unknown extensions are ignored (they predate
+the rule), except the ones that only exist with version 1. mintvcs builds its own ref and
+object stores, so it checks this itself, once, when a repository is opened: a repository it
+cannot honour (SHA-256 objects, reftable refs, an extension it does not know) is refused
+before anything is read or written. `mint.formatVersion` is mintvcs's own repository format
+(docs/format.md, Versions).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from mintvcs.errors import MintError
+
+__all__ = ["MINT_FORMAT_VERSION", "RepositoryFormat", "UnsupportedRepositoryError", "read_format"]
+
+MINT_FORMAT_VERSION = 1
+"""The mintvcs repository format this version reads and writes (`mint.formatVersion`)."""
+
+# Extensions git honours whatever the version (handle_extension_v0), with what mintvcs does:
+# noop nothing; preciousObjects gc refuses to repack or prune; partialClone objects may be
+# missing (an error about one says so); worktreeConfig `config.worktree` is read over `config`.
+_ANY_VERSION = ("noop", "preciousObjects", "partialClone", "worktreeConfig")
+# Extensions that exist only with version 1 (git's handle_extension; refStorage since git 2.45).
+_V1_ONLY = ("noop-v1", "objectFormat", "refStorage", "compatObjectFormat")
+_NAMES = {name.lower(): name for name in (*_ANY_VERSION, *_V1_ONLY)}
+# git reads integers with C's strtol (base 0: 0x.. hex, 0.. octal) and a k/m/g unit.
+_GIT_INT = re.compile(r"\s*([-+]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgG]?)")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_TRUE = frozenset({"true", "yes", "on"})
+_FALSE = frozenset({"false", "no", "off", ""})
+
+
+class UnsupportedRepositoryError(MintError):
+    """A repository whose format this mintvcs cannot honour; nothing was read or written."""
+
+    exit_code = 128  # git's exit status for the same refusal (`fatal:`)
+
+
+@dataclass(frozen=True)
+class RepositoryFormat:
+    """The checked format of a repository: git's version and the extensions mintvcs honours."""
+
+    version: int = 0
+    precious_objects: bool = False  # other repositories may borrow its objects: never delete any
+    worktree_config: bool = False  # `config.worktree` is read over `config`
+
+
+def _git_int(text: str) -> int | None:
+    """An integer as git reads a config value (`1k` is 1024), or None if git refuses it."""
+    matched = _GIT_INT.fullmatch(text)
+    if matched is None:
+        return None
+    sign, digits, unit = matched.groups()
+    base = 16 if digits[:2] in ("0x", "0X") else 8 if digits[0] == "0" else 10
+    value = int(digits, base)
+    return (-value if sign == "-" else value) * _UNITS[unit.lower()]
+
+
+def _git_bool(text: str) -> bool | None:
+    """A boolean as git reads a config value, or None if git refuses it."""
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    number = _git_int(text)
+    return None if number is None else number != 0
+
+
+def _extensions(config: Any) -> dict[str, tuple[str, str]]:
+    """Every `extensions.*` key, lower-cased, to (its name as written, its last value)."""
+    found: dict[str, tuple[str, str]] = {}
+    for section in config.sections():
+        if section[0].lower() != b"extensions":
+            continue
+        # `[extensions "x"] y` is git's `extensions.x.y`: an extension no reader knows.
+        prefix = "".join(s.decode(errors="replace") + "." for s in section[1:])
+        for key, value in config.items(section):
+            name = prefix + key.decode(errors="replace")
+            found[name.lower()] = (name, value.decode(errors="replace"))
+    return found
+
+
+def read_format(config: Any, where: str) -> RepositoryFormat:
+    """Check a repository's config (`where` names the file) as git does, and what mintvcs
+    honours of it; raise UnsupportedRepositoryError for what it cannot honour."""
+
+    def refuse(message: str) -> UnsupportedRepositoryError:
+        return UnsupportedRepositoryError(f"{where}: {message}")
+
+    try:
+        raw = config.get((b"core",), b"repositoryformatversion").decode(errors="replace")
+    except KeyError:
+        raw = "0"
+    version = _git_int(raw)
+    if version is None:
+        raise refuse(
+            f"core.repositoryformatversion = {raw!r} is not a number (git refuses it too); "
+            "set it to 0, or to 1 if the repository uses extensions"
+        )
+    if version > 1:
+        raise refuse(
+            f"core.repositoryformatversion = {version}, newer than the git repository formats "
+            "mintvcs reads (0 and 1), as git says (`Expected git repo version <= 1`); use the "
+            "tool that made it, or a mintvcs that reads it"
+        )
+    extensions = _extensions(config)
+    flags: dict[str, bool] = {}
+    for key, (name, value) in extensions.items():
+        known = _NAMES.get(key)
+        if known is None:
+            if version < 1:
+                continue  # git ignores them in a version-0 repository: they predate the rule
+            raise refuse(
+                f"unknown repository extension extensions.{name} (core.repositoryformatversion "
+                "= 1): mintvcs does not know what it requires, and git refuses it too; use the "
+                "tool that set it, or a mintvcs that knows it"
+            )
+        if known in _V1_ONLY and version < 1:
+            raise refuse(
+                f"extensions.{known} is set but core.repositoryformatversion is {raw}, which "
+                "cannot have it (git refuses this too: `repo version is 0, but v1-only extension "
+                "found`); set core.repositoryformatversion to 1"
+            )
+        if known in ("preciousObjects", "worktreeConfig"):
+            flag = _git_bool(value)
+            if flag is None:
+                raise refuse(
+                    f"extensions.{known} = {value!r} is not a boolean (git refuses it too); "
+                    "set it to true or false"
+                )
+            flags[known] = flag
+        elif known == "objectFormat" and value.lower() != "sha1":
+            if value.lower() == "sha256":
+                raise refuse(
+                    "extensions.objectFormat = sha256: this is a SHA-256 git repository, and "
+                    "mintvcs reads and writes SHA-1 repositories only; keep adapters in a "
+                    "repository made by `mintvcs init` (nothing was read or written)"
+                )
+            raise refuse(
+                f"extensions.objectFormat = {value!r} is not an object format git knows "
+                "(sha1, sha256); set it to sha1, or remove it"
+            )
+        elif known == "refStorage" and value.lower() != "files":
+            what = "its refs are in git's reftable format" if value == "reftable" else "unknown"
+            raise refuse(
+                f"extensions.refStorage = {value!r}: {what}, and mintvcs reads and writes git's "
+                "files ref backend only; convert the refs with `git refs migrate "
+                "--ref-format=files` (git 2.46 or later)"
+            )
+        elif known == "compatObjectFormat":
+            raise refuse(
+                f"extensions.compatObjectFormat = {value!r}: mintvcs does not keep the second "
+                "object format's ids that it asks for (nor does this git); remove it"
+            )
+    _check_mint_version(config, where)
+    return RepositoryFormat(
+        version, flags.get("preciousObjects", False), flags.get("worktreeConfig", False)
+    )
+
+
+def _check_mint_version(config: Any, where: str) -> None:
+    """Refuse a `mint.formatVersion` newer than this mintvcs's, or one that is no version.
+
+    Absent is version 1: `git clone` of a repository does not copy its config.
+    """
+    try:
+        raw = config.get((b"mint",), b"formatVersion").decode(errors="replace")
+    except KeyError:
+        return
+    text = raw.strip()
+    if text.isascii() and text.isdigit() and int(text) > MINT_FORMAT_VERSION:
+        raise UnsupportedRepositoryError(
+            f"{where}: mint.formatVersion = {int(text)}: the repository's format is newer than this "
+            f"mintvcs reads ({MINT_FORMAT_VERSION}); upgrade mintvcs"
+        )
+    if not (text.isascii() and text.isdigit() and int(text) == MINT_FORMAT_VERSION):
+        raise UnsupportedRepositoryError(
+            f"{where}: mint.formatVersion = {raw!r} is not a mintvcs repository format (this mintvcs "
+            f"reads and writes {MINT_FORMAT_VERSION}); if this is a mintvcs repository, set it "
+            f"back with `git --git-dir .mint config mint.formatVersion {MINT_FORMAT_VERSION}`"
+        )
