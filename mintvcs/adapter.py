@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -65,10 +66,12 @@ def adapter_paths(root: Path) -> tuple[Path, Path]:
     config_path, weights_path = root / CONFIG_FILE, root / WEIGHTS_FILE
     if not config_path.is_file():
         # save_pretrained(..., selected_adapters=[NAME]) writes NAME/ with the adapter inside.
-        inside = sorted(p.parent.name for p in root.glob(f"*/{CONFIG_FILE}"))
-        hint = (
-            f" (found {inside[0]}/{CONFIG_FILE}: use --from {root / inside[0]})" if inside else ""
-        )
+        # A Trainer's output directory holds checkpoint-N/ adapters: the hint names the last.
+        inside = sorted((p.parent.name for p in root.glob(f"*/{CONFIG_FILE}")), key=_natural)
+        hint = ""
+        if inside:
+            more = f" and {len(inside) - 1} more such directories" if len(inside) > 1 else ""
+            hint = f" (found {inside[-1]}/{CONFIG_FILE}{more}: use --from {root / inside[-1]})"
         raise NotAnAdapterError(f"{root} is not a PEFT adapter: {CONFIG_FILE} is missing{hint}")
     if not weights_path.is_file():
         hint = (
@@ -78,6 +81,13 @@ def adapter_paths(root: Path) -> tuple[Path, Path]:
         )
         raise NotAnAdapterError(f"{root} is not a PEFT adapter: {WEIGHTS_FILE} is missing{hint}")
     return config_path, weights_path
+
+
+def _natural(name: str) -> tuple[tuple[int, str], ...]:
+    """Sort key putting `checkpoint-10` after `checkpoint-9`, as a person counts."""
+    return tuple(
+        (int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", name)
+    )
 
 
 def read_adapter(root: Path) -> AdapterFiles:

@@ -608,6 +608,7 @@ def status(as_json: bool) -> None:
                 "clean": state.clean,
                 "changes": [{"status": k, "path": p} for k, p in state.changes],
                 "error": state.error,
+                "base": state.base,
             }
         )
         return
@@ -623,6 +624,9 @@ def status(as_json: bool) -> None:
     elif state.clean:
         click.echo("nothing to commit, work tree clean")
     else:
+        if state.base is not None and state.head is not None:
+            behind = porcelain.stale_hint(state.base, state.head, state.branch)
+            click.echo(f"\nNote: {behind}.")
         click.echo("\nChanges not committed:")
         for kind, path in state.changes:
             color = {"added": "green", "removed": "red"}.get(kind, "yellow")

@@ -35,7 +35,7 @@ from mintvcs.adapter import (
 from mintvcs.base import BaseModel, read_base_model
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
-from mintvcs.ids import blob_id
+from mintvcs.ids import blob_id, is_object_id
 from mintvcs.objects import Manifest
 from mintvcs.progress import progress_bar
 from mintvcs.refs import (
@@ -72,6 +72,10 @@ class DirtyWorkTreeError(MintError):
 
 class NothingToCommit(MintError):
     """The adapter to commit is identical to HEAD's revision."""
+
+
+class StaleWorkTreeError(MintError):
+    """A commit of a work tree that holds an older revision than its branch's (the branch moved under it)."""
 
 
 class RefExistsError(MintError):
@@ -368,6 +372,19 @@ def commit(
     branch_ref = f"refs/heads/{branch}" if branch is not None else repo.refs.read_symbolic("HEAD")
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
+    if (
+        source == repo.work_tree
+        and parent is not None
+        and target in ("HEAD", repo.refs.read_symbolic("HEAD"))
+    ):
+        base = work_tree_base(repo)
+        if base is not None and base != parent:
+            # git's index would commit the old files as they are, undoing what moved the
+            # branch (a trainer's `commit --from`); mintvcs knows the base, so it refuses.
+            raise StaleWorkTreeError(
+                stale_hint(base, parent, branch_ref and branch_ref.removeprefix("refs/heads/"))
+                + "; nothing was committed"
+            )
     parent_rev = repo.read_revision(parent) if parent else None
     # This commit's objects only: other threads may commit through `repo` meanwhile.
     written = WriteCount()
@@ -757,6 +774,9 @@ class Status:
     head: str | None
     changes: list[tuple[str, str]]  # (kind, path): kind is modified/added/removed
     error: str | None = None  # why the work tree could not be read, if it could not
+    # The revision the work tree was made to hold, when HEAD has moved since (a `commit --from`
+    # onto its branch, a reset by git): its changes are that revision's, not the user's.
+    base: str | None = None
 
     @property
     def clean(self) -> bool:
@@ -767,7 +787,22 @@ class Status:
 @accepts_path
 def status(repo: Repository) -> Status:
     """Compare the work tree with HEAD by content hash (the weights by stat when recorded clean)."""
-    return _status(repo)[0]
+    state = _status(repo)[0]
+    base = work_tree_base(repo)
+    if state.clean or base is None or base == state.head or state.head is None:
+        return state
+    return replace(state, base=base)
+
+
+def stale_hint(base: str, head: str, branch: str | None) -> str:
+    """What to do about a work tree left at `base` while HEAD (`branch`) moved to `head`."""
+    name = branch or "HEAD"
+    return (
+        f"the work tree holds revision {base[:7]}, but {name} has moved to {head[:7]} since it "
+        f"was checked out (a `commit --from` onto {name}, or another process): `mintvcs checkout "
+        f"--force {branch or head[:7]}` takes {head[:7]} (discarding what differs), `mintvcs reset "
+        f"--soft {branch or head[:7]}` keeps the work tree's files as changes to it"
+    )
 
 
 def _status(
@@ -880,19 +915,36 @@ def _record_clean(
     known_ns: int,
     files: Mapping[str, tuple[int, ...] | None] | None = None,
 ) -> None:
-    """Record that the weights file whose stat_key() is `key` holds commit `commit_id`'s weights,
-    and each extra file in `files` with that stat_key() its committed content."""
-    path = repo.git_dir / WORKTREE_RECORD
-    if not _trusted(key, known_ns):
-        path.unlink(missing_ok=True)  # changing while read, or too fresh to trust
-        return
-    assert key is not None
+    """Record that the work tree holds commit `commit_id` (its base), that the weights file whose
+    stat_key() is `key` holds its weights, and each extra file in `files` with that stat_key()
+    its committed content (None or a fresh stat: not trusted, read next time)."""
     trusted = {
         p: list(k) for p, k in (files or {}).items() if k is not None and _trusted(k, known_ns)
     }
-    record = {"commit": commit_id, "weights": list(key), "known_ns": known_ns, "files": trusted}
-    with suppress(OSError):  # only an optimisation: a failed write costs a later hash
+    weights = list(key) if key is not None and _trusted(key, known_ns) else None
+    _write_record(
+        repo, {"commit": commit_id, "weights": weights, "known_ns": known_ns, "files": trusted}
+    )
+
+
+def _write_record(repo: Repository, record: dict[str, Any]) -> None:
+    """Write the work-tree record; one that cannot be written is removed, never left stale."""
+    path = repo.git_dir / WORKTREE_RECORD
+    try:
         _write_atomic(path, json.dumps(record).encode())
+    except OSError:  # a full disk, say: the next status hashes, and no base is claimed
+        with suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def work_tree_base(repo: Repository) -> str | None:
+    """The revision the work tree was last made to hold (by checkout, a commit of it, reset),
+    as the record says; None where no record says (an interrupted checkout, an old repository)."""
+    try:
+        commit = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())["commit"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return commit if is_object_id(commit) else None
 
 
 def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revision]) -> bool:
@@ -903,8 +955,8 @@ def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revi
     try:
         record = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())
         key = stat_key(os.stat(repo.work_tree / WEIGHTS_FILE))
-        if record["commit"] != head or list(key) != record["weights"]:
-            return False
+        if record["commit"] != head or record["weights"] != list(key):
+            return False  # another base, a changed file, or a stat not trusted (None)
         if not _trusted(key, int(record["known_ns"])):
             return False
         recorded = record.get("files", {})
@@ -935,8 +987,7 @@ def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revi
     if any(refreshed.values()):
         # Touched but unchanged (as git status refreshes its index): not read again next time.
         record["files"] = {**recorded, **{p: list(k) for p, k in refreshed.items() if k}}
-        with suppress(OSError):
-            _write_atomic(repo.git_dir / WORKTREE_RECORD, json.dumps(record).encode())
+        _write_record(repo, record)
     return True
 
 
@@ -1304,9 +1355,14 @@ def _refuse_if_changes_lost(
                 lost.append(path)
     if lost:
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
+        base = work_tree_base(repo)
+        if base is not None and state.head is not None and base != state.head:
+            advice = stale_hint(base, state.head, state.branch)
+        else:
+            advice = "commit them or use --force"
         raise DirtyWorkTreeError(
             f"your local changes would be overwritten by {verb} ({', '.join(lost[:3])}{more}); "
-            "commit them or use --force"
+            + advice
         )
 
 
@@ -1560,5 +1616,9 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     with restore:
         message = f"reset: moving to {spec}"
         _move_ref(repo, "HEAD", target, old=head, message=message, by=signature(repo))
+    if not hard and repo.work_tree is not None:
+        # The work tree's files are now changes to `target`, as after git's soft reset: a
+        # commit of them goes on top of it. No stat is trusted: they are not its content.
+        _write_record(repo, {"commit": target, "weights": None, "known_ns": 0, "files": {}})
     _ref_moved(repo, repo.refs.read_symbolic("HEAD") or "HEAD", head, target)
     return target

@@ -767,22 +767,27 @@ def _warn_if_a_ref_is_named_as_the_base(repo: Repository, name: str) -> None:
     )
 
 
-def count_move(state: ServerState, ref: str | None, commit: str) -> None:
-    """Count a ref's move to `commit` once, however many specs in use reported it."""
+def count_move(state: ServerState, ref: str | None, commit: str) -> bool:
+    """Count a ref's move to `commit` once, however many specs in use reported it; True the
+    first time."""
     label = state.ref_label(ref)
-    if state.moved_to.get(label) != commit:
-        state.moved_to[label] = commit
-        state.ref_moves.inc((label,))
+    if state.moved_to.get(label) == commit:
+        return False
+    state.moved_to[label] = commit
+    state.ref_moves.inc((label,))
+    return True
 
 
 def _on_move(state: ServerState, move: RefMove) -> None:
+    first = True
     if move.ref is not None:
         # `main~1` and `main@{1}` move to other commits than main itself: count main's value.
         value = move.new if not names_an_ancestor(move.spec) else state.watcher.read_ref(move.ref)
         if value is not None:
-            count_move(state, move.ref, value)
-    what = move.spec if move.ref in (None, move.spec) else f"{move.spec} ({move.ref})"
-    log.info("%s moved %s -> %s", what, move.old[:12], move.new[:12])
+            first = count_move(state, move.ref, value)
+    if first:  # one line per move, as the metric counts it: `main` and `refs/heads/main` alike
+        what = move.spec if move.ref in (None, move.spec) else f"{move.spec} ({move.ref})"
+        log.info("%s moved %s -> %s", what, move.old[:12], move.new[:12])
     engine = state.engine
     if engine is not None and state.config.prefetch_on_move:
         prefetch(engine, move.new)

@@ -1149,3 +1149,17 @@ def test_diff_names_dtypes_it_has_no_statistics_for(work: Path, tmp_path: Path) 
         "retyped   extra.t  [3]  BOOL -> U8  (no statistics for BOOL)"
         in mint(work, "diff", "HEAD~1", "HEAD").stdout
     )
+
+
+def test_a_trainer_output_directory_names_its_last_checkpoint(tmp_path: Path) -> None:
+    # `commit --from output_dir` of a Trainer run: the hint used to name the alphabetically
+    # first checkpoint (checkpoint-10 of 2..40), not the last one.
+    from mintvcs.adapter import NotAnAdapterError, read_adapter
+
+    for step in (2, 9, 10, 40):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "adapter_config.json").write_text("{}")
+    with pytest.raises(NotAnAdapterError) as info:
+        read_adapter(tmp_path)
+    assert "found checkpoint-40/adapter_config.json and 3 more such directories" in str(info.value)
+    assert f"use --from {tmp_path / 'checkpoint-40'})" in str(info.value)

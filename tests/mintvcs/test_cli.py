@@ -373,6 +373,49 @@ def test_diff_revisions_json_matches_numpy(work: Path, tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------- status
+def test_a_work_tree_left_behind_by_commit_from_is_told_not_committed_back(
+    work: Path, tmp_path: Path
+) -> None:
+    # A trainer's `commit --from CHECKPOINT` moves the branch the work tree has checked out and
+    # leaves the work tree at the old revision. A plain commit of it used to record the old
+    # weights on top, silently undoing the trainer's revisions (as git's index would).
+    r0 = commit(work, "r0", "--no-verify")
+    checkpoint = tmp_path / "checkpoint"
+    copy_adapter(work, checkpoint)
+    name = tensor_names(checkpoint)[1]
+    mutate(checkpoint, seed=3, names=[name])
+    r1 = commit(work, "trainer step", "--from", str(checkpoint), "--no-verify")
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert not state["clean"] and state["base"] == r0 and state["head"] == r1
+    assert f"the work tree holds revision {r0[:7]}" in mint(work, "status").stdout
+    (work / "notes.txt").write_text("an edit beside the old weights\n")
+    line = mint_fails(work, "commit", "-m", "edit", "--no-verify")
+    assert f"holds revision {r0[:7]}, but main has moved to {r1[:7]}" in line
+    assert "nothing was committed" in line and head(work) == r1
+    mint(work, "branch", "side")
+    mutate(checkpoint, seed=5, names=[name])
+    commit(work, "side step", "--from", str(checkpoint), "--branch", "side", "--no-verify")
+    assert "reset --soft main" in mint_fails(work, "checkout", "side")
+    # Taking main's revision: the edit is discarded, and the work tree follows main again.
+    mint(work, "checkout", "--force", "main")
+    (work / "notes.txt").unlink()  # untracked: --force leaves it, as git does
+    assert json.loads(mint(work, "status", "--json").stdout) | {"changes": []} == {
+        "branch": "main",
+        "head": r1,
+        "clean": True,
+        "changes": [],
+        "error": None,
+        "base": None,
+    }
+    # Or keeping the work tree's files as changes to main (git's soft reset): then they commit.
+    mutate(checkpoint, seed=4, names=[name])
+    r3 = commit(work, "trainer step 3", "--from", str(checkpoint), "--no-verify")
+    mint(work, "reset", "--soft", "main")
+    assert json.loads(mint(work, "status", "--json").stdout)["base"] is None
+    r4 = commit(work, "back to r1's weights", "--no-verify")
+    assert git(work / ".mint", "rev-parse", "HEAD~1").stdout.strip() == r3 and head(work) == r4
+
+
 def test_status_clean_modified_added_removed(work: Path, tmp_path: Path) -> None:
     state = json.loads(mint(work, "status", "--json").stdout)
     assert state["head"] is None and not state["clean"]

@@ -1749,3 +1749,27 @@ def test_the_server_lets_go_of_packs_another_process_deleted(
             time.sleep(0.05)
         assert deleted_packs_held(repo.git_dir) == []
         assert gen(srv, prompt="Hi", ref="main", max_tokens=1)[0] == 200
+
+
+def test_a_move_is_logged_once_whichever_specs_name_the_ref(
+    server: BackgroundServer, repo: Repository, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A notify caches the full name `refs/heads/X` beside the served `X`: each move of X was
+    # then logged once per spec, while the metric counted it once.
+    import subprocess
+
+    git = ["git", "--git-dir", str(repo.git_dir)]
+    one, other = repo.resolve("main"), repo.resolve("product-b")
+    porcelain.branch_create(repo, "twice", other)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        assert gen(server, prompt="x", ref="twice", max_tokens=1)[0] == 200
+        request(server.url + "/v1/refs/notify", {"ref": "refs/heads/twice"}, headers=auth)
+        with caplog.at_level("INFO", logger="mintvcs.serve"):
+            subprocess.run([*git, "update-ref", "refs/heads/twice", one], check=True)
+            request(server.url + "/v1/refs/notify", {"ref": "twice"}, headers=auth)
+            time.sleep(0.5)  # the watcher's poll too
+        lines = [r.getMessage() for r in caplog.records if "moved" in r.getMessage()]
+        assert len([line for line in lines if "twice" in line]) == 1, lines
+    finally:
+        porcelain.branch_delete(repo, "twice", force=True)
