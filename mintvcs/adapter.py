@@ -8,7 +8,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,9 @@ from mintvcs.safetensors_file import SafetensorsLayout, parse_layout
 
 # Files a PEFT save may write that we must not take for adapter content.
 _IGNORED = {GIT_DIR, ".git", "__pycache__", ".DS_Store"}
+# gitignore-syntax patterns at the top of an adapter directory: files commit leaves out.
+IGNORE_FILE = ".mintignore"
+_MAX_IGNORE_BYTES = 1 << 20
 
 
 class NotAnAdapterError(MintError):
@@ -90,8 +93,9 @@ def _natural(name: str) -> tuple[tuple[int, str], ...]:
     )
 
 
-def read_adapter(root: Path) -> AdapterFiles:
-    """Read and validate a PEFT adapter directory."""
+def read_adapter(root: Path, exclude: Sequence[bytes] = ()) -> AdapterFiles:
+    """Read and validate a PEFT adapter directory (`exclude`: gitignore patterns of files that
+    are not part of it, beside those of its .mintignore)."""
     root = Path(root)
     config_path, weights_path = adapter_paths(root)
     config_bytes = config_path.read_bytes()
@@ -109,7 +113,7 @@ def read_adapter(root: Path) -> AdapterFiles:
     started = time.time_ns()
     weights, stat = read_stable(weights_path)
     layout = parse_layout(weights, str(weights_path))
-    files, file_stats = read_extra_files(root)
+    files, file_stats = read_extra_files(root, exclude)
     return AdapterFiles(
         root, config_bytes, config, layout, weights, files, stat, started, file_stats
     )
@@ -142,10 +146,46 @@ def read_stable(path: Path) -> tuple[bytes | memoryview, tuple[int, ...] | None]
     return data, (stat_key(after) if stable else None)
 
 
-def _extra_paths(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
-    """(relative posix path, path, stat) of every regular file besides the config and weights."""
+def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str], bool]:
+    """Whether a relative posix path (a directory's with a trailing `/`) is left out: by
+    `exclude` or by root's .mintignore, in gitignore's syntax (dulwich reads it as git does)."""
+    from dulwich.ignore import IgnoreFilter, read_ignore_patterns
+
+    patterns = list(exclude)
+    path = root / IGNORE_FILE
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_IGNORE_BYTES:
+            raise NotAnAdapterError(
+                f"{path} is not a file of patterns (a regular file under "
+                f"{_MAX_IGNORE_BYTES >> 20} MiB); fix or remove it"
+            )
+        try:
+            with open(path, "rb") as handle:
+                patterns += read_ignore_patterns(handle)
+        except OSError as err:
+            raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
+    if not patterns:
+        return lambda rel: False
+    rules = IgnoreFilter(patterns)
+    return lambda rel: rules.is_ignored(os.fsencode(rel)) is True
+
+
+def _extra_paths(
+    root: Path, exclude: Sequence[bytes] = ()
+) -> Iterator[tuple[str, Path, os.stat_result]]:
+    """(relative posix path, path, stat) of every regular file besides the config and weights,
+    but for those ignored (_ignore_filter)."""
+    ignored = _ignore_filter(root, exclude)
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _IGNORED)
+        where = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if where == "." else where + "/"
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in _IGNORED and not ignored(f"{prefix}{d}/")
+        )
         if dirnames and Path(dirpath).relative_to(root).as_posix().count("/") >= MAX_PATH_DEPTH:
             # os.walk recurses once per level: refused before it runs out of stack.
             raise NotAnAdapterError(
@@ -155,8 +195,8 @@ def _extra_paths(root: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
         for filename in sorted(filenames):
             path = Path(dirpath) / filename
             rel = path.relative_to(root).as_posix()
-            if rel in (CONFIG_FILE, WEIGHTS_FILE) or filename in _IGNORED:
-                continue
+            if rel in (CONFIG_FILE, WEIGHTS_FILE) or filename in _IGNORED or ignored(rel):
+                continue  # the adapter itself is never ignored
             # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
             # cache snapshot is a directory of such links, and a checkout writes plain files.
             try:
@@ -191,23 +231,27 @@ def _executable(st: os.stat_result) -> bool:
 
 
 def read_extra_files(
-    root: Path,
+    root: Path, exclude: Sequence[bytes] = ()
 ) -> tuple[dict[str, tuple[bytes | memoryview, bool]], dict[str, tuple[int, ...] | None]]:
     """Every extra file's (content, executable) by relative posix path, and its stat_key() while
     it was read (None if it changed meanwhile). A large one is mapped, as the weights are."""
     files: dict[str, tuple[bytes | memoryview, bool]] = {}
     stats: dict[str, tuple[int, ...] | None] = {}
-    for rel, path, st in _extra_paths(root):
+    for rel, path, st in _extra_paths(root, exclude):
         content, stats[rel] = read_stable(path)
         files[rel] = (content, _executable(st))
     return files, stats
 
 
-def extra_files(root: Path) -> dict[str, tuple[bytes | memoryview, bool]]:
+def extra_files(
+    root: Path, exclude: Sequence[bytes] = ()
+) -> dict[str, tuple[bytes | memoryview, bool]]:
     """Every regular file besides the config and weights, by relative posix path."""
-    return read_extra_files(root)[0]
+    return read_extra_files(root, exclude)[0]
 
 
-def extra_file_stats(root: Path) -> dict[str, tuple[tuple[int, ...], bool]]:
+def extra_file_stats(
+    root: Path, exclude: Sequence[bytes] = ()
+) -> dict[str, tuple[tuple[int, ...], bool]]:
     """(stat_key(), executable) of every extra file, by relative posix path; nothing is read."""
-    return {rel: (stat_key(st), _executable(st)) for rel, _, st in _extra_paths(root)}
+    return {rel: (stat_key(st), _executable(st)) for rel, _, st in _extra_paths(root, exclude)}

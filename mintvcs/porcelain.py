@@ -352,7 +352,7 @@ def commit(
             raise UnknownRevisionError(
                 f"branch '{branch}' does not exist; create it with `mintvcs branch {branch} [START]`"
             )
-    adapter = read_adapter(source)
+    adapter = read_adapter(source, repo.excludes)
     shapes = {t.name: (t.dtype, t.shape) for t in adapter.layout.tensors}
     if repo.base is not None:
         repo.base.check_adapter(shapes, adapter.config)
@@ -732,7 +732,7 @@ def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult
     if spec_b is None:
         if repo.work_tree is None:
             raise MintError("no work tree to compare with: give two revisions")
-        work = read_adapter(repo.work_tree)
+        work = read_adapter(repo.work_tree, repo.excludes)
         tensors_b, label_b = _work_tensors(work), "work tree"
         config_b, header_b = work.config_bytes, work.layout.header
         files_b = {p: (blob_id(c), x) for p, (c, x) in work.extra_files.items()}
@@ -821,7 +821,7 @@ def _status(
     if head is not None and _clean_by_stat(repo, head, head_revision):
         return Status(branch, head, []), None
     try:
-        work = read_adapter(repo.work_tree)
+        work = read_adapter(repo.work_tree, repo.excludes)
     except MintError as err:
         gone = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (repo.work_tree / f).is_file()]
         if head is not None and gone:  # as git status: a deleted file is a change
@@ -831,7 +831,9 @@ def _status(
             if CONFIG_FILE not in gone and config.read_bytes() != rev.config_bytes:
                 changes.append(("modified", CONFIG_FILE))
             return Status(
-                branch, head, changes + _file_changes(extra_files(repo.work_tree), rev)
+                branch,
+                head,
+                changes + _file_changes(extra_files(repo.work_tree, repo.excludes), rev),
             ), None
         if head is None and not any(p.name != GIT_DIR for p in repo.work_tree.iterdir()):
             return Status(branch, head, []), None  # no commit yet, and nothing to commit
@@ -969,7 +971,7 @@ def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revi
         if (repo.work_tree / CONFIG_FILE).read_bytes() != rev.config_bytes:
             return False
         committed = _file_ids(rev)
-        present = extra_file_stats(repo.work_tree)
+        present = extra_file_stats(repo.work_tree, repo.excludes)
         if set(present) != set(committed):
             return False
         refreshed: dict[str, tuple[int, ...] | None] = {}

@@ -21,7 +21,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import cached_property, wraps
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 
 from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles
@@ -298,6 +298,20 @@ class Revision:
         }
 
 
+# `.mint/info/exclude` as init writes it: comments only, nothing left out until a line is added.
+EXCLUDE_SAMPLE = """\
+# Files that `mintvcs commit` and `status` leave out of every adapter directory of this
+# repository, in .gitignore's syntax (a .mintignore at the top of an adapter directory adds
+# its own). A trainer's checkpoint holds state that a revision may do without; uncommented,
+# these lines keep a Trainer's checkpoint to the adapter and its tokenizer files:
+# optimizer.pt
+# scheduler.pt
+# rng_state*.pth
+# training_args.bin
+# trainer_state.json
+"""
+
+
 def _split_spec(spec: str) -> tuple[str, str] | None:
     """(name, suffix) of a revision spec, split at its first `~` or `^` (no ref name holds
     either); None when what follows is not a run of ~N, ^N, ^{} and ^{commit}."""
@@ -437,6 +451,7 @@ class Repository:
         repo.close()
         (git_dir / "info").mkdir(exist_ok=True)
         (git_dir / "info" / "attributes").write_text(f"{TENSORS_DIR}/** -delta\n")
+        (git_dir / "info" / "exclude").write_text(EXCLUDE_SAMPLE)
         (git_dir / "description").write_text("mintvcs adapter repository\n")
         if base is not None:
             (git_dir / BASE_FILE).write_text(json.dumps(base.to_json(), indent=1) + "\n")
@@ -503,6 +518,21 @@ class Repository:
     def _local_config(self) -> Any:
         """`.mint/config` alone, read once."""
         return _read_config(self.git_dir / "config")
+
+    @cached_property
+    def excludes(self) -> tuple[bytes, ...]:
+        """gitignore patterns of the files no commit takes from an adapter directory:
+        `.mint/info/exclude`, git's own per-repository excludes file, read once."""
+        from dulwich.ignore import read_ignore_patterns
+
+        path = self.git_dir / "info" / "exclude"
+        try:
+            with _open_config_file(path) as handle:  # a regular file under 1 MiB, as the config
+                return tuple(read_ignore_patterns(handle))
+        except FileNotFoundError:
+            return ()
+        except (OSError, ValueError) as err:
+            raise NotARepositoryError(f"{path} cannot be read ({err}); fix or remove it") from None
 
     @cached_property
     def base(self) -> BaseModel | None:
@@ -1917,7 +1947,7 @@ def _read_config(path: Path) -> Any:
         ) from None
 
 
-def _open_config_file(path: str | os.PathLike[str]) -> IO[bytes]:
+def _open_config_file(path: str | os.PathLike[str]) -> BinaryIO:
     """Open a config file (or one it includes) only if it is a regular file under 1 MiB."""
     # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; a regular file ignores it.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)

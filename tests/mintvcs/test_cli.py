@@ -1108,3 +1108,37 @@ def test_diff_decodes_only_the_tensors_that_differ(
         assert decoded == []  # a clean work tree: hashed, nothing decoded
     finally:
         repo.close()
+
+
+def test_ignored_files_stay_out_of_commits_and_status(work: Path, tmp_path: Path) -> None:
+    # A Trainer's checkpoint holds its optimizer state (~70% of a store's growth per revision,
+    # measured): `.mint/info/exclude` and a .mintignore leave such files out, in gitignore's
+    # syntax, as git's own excludes do.
+    checkpoint = tmp_path / "checkpoint-40"
+    copy_adapter(work, checkpoint)
+    (checkpoint / "optimizer.pt").write_bytes(os.urandom(4096))
+    (checkpoint / "runs" / "x").mkdir(parents=True)
+    (checkpoint / "runs" / "x" / "events").write_text("loss\n")
+    (checkpoint / "train.log").write_text("step 40\n")
+    (checkpoint / "keep.log").write_text("kept\n")
+    (checkpoint / ".mintignore").write_text("*.log\n!keep.log\n")
+    exclude = work / ".mint" / "info" / "exclude"
+    assert "# optimizer.pt" in exclude.read_text()  # init's sample: comments only
+    exclude.write_text(exclude.read_text() + "optimizer.pt\nruns/\n")
+    commit(work, "r0", "--from", str(checkpoint), "--no-verify")
+    stored = git(work / ".mint", "ls-tree", "-r", "--name-only", "HEAD", "files").stdout.split()
+    assert stored == ["files/.mintignore", "files/README.md", "files/keep.log"]
+    git_fsck(work)
+    mint(work, "checkout", "--force", "main")
+    assert (work / "keep.log").read_text() == "kept\n" and not (work / "train.log").exists()
+    # Ignored files in the work tree are no change, and no commit takes them.
+    (work / "optimizer.pt").write_bytes(os.urandom(4096))
+    (work / "other.log").write_text("x\n")
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"] is True
+    (work / "keep.log").write_text("changed\n")
+    changes = json.loads(mint(work, "status", "--json").stdout)["changes"]
+    assert changes == [{"status": "modified", "path": "keep.log"}]
+    # A .mintignore that is not a file of patterns is refused, not read (a FIFO would block).
+    (work / ".mintignore").unlink()
+    os.mkfifo(work / ".mintignore")
+    assert ".mintignore is not a file of patterns" in mint_fails(work, "commit", "-m", "x")
