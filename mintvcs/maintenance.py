@@ -28,9 +28,11 @@ from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
 from mintvcs.objects import MAX_PATH_DEPTH, TensorRecord
 from mintvcs.packs import (
+    META_ZLIB_LEVEL,
     OBJECT_TYPE_NUMBERS,
     PACK_HEADER,
     PACK_TRAILER,
+    TENSOR_ZLIB_LEVEL,
     TMP_OBJECT_PREFIX,
     PackEntryError,
     PackWriter,
@@ -331,7 +333,8 @@ def _walk_pack(
 
     def fail(offset: int, reason: str) -> Iterator[_Packed]:
         """Problems for the entry at `offset` and every delta built on it."""
-        below = f"a delta base in its chain (offset {offset}) cannot be read ({reason})"
+        base = " or ".join(names.get(offset, ())) or "unlisted"  # named as a reader knows it
+        below = f"delta base {base} (offset {offset}) in its chain cannot be read ({reason})"
         for at, level in unresolved(offset):
             why = below if level else reason
             for oid in names.get(at, ()):
@@ -1306,6 +1309,232 @@ def _pack_checked(writer: PackWriter, oid: str, kind: bytes, raw: bytes, who: st
         )
 
 
+# gc stores a revision's large metadata objects (its manifest and its tensors/ tree: megabytes
+# each for an adapter of tens of thousands of tensors, a few lines apart from its parent's) as
+# git deltas, as `git repack -adf` does; tensor blobs never (zstd already, `-delta` in
+# .mint/info/attributes). Objects under this size are written whole: a delta saves bytes there.
+DELTA_MIN_BYTES = 4096
+# How many deltas deep a chain may go (git's pack.depth: 50 by default). Reading an object at
+# depth d applies d deltas, ~12 ms each for a 12 MB manifest: 20 keeps the deepest read of such
+# a revision within ~0.25 s more (a few % of the bytes a deeper chain would save). The newest
+# revisions are whole.
+DELTA_DEPTH = 20
+# A delta is kept only when its zlib stream is at most half the object's own.
+_DELTA_GAIN = 2
+# dulwich's delta search takes time in proportion to size times change (a 12 MB manifest with
+# every tensor changed: about a minute), so it is not run when more than this part of an
+# object's lines (or tree entries) is new: such a delta is never half the object's size anyway.
+_DELTA_NEW_PART = 8
+
+
+class _Deltas:
+    """Holds back a pack's large metadata objects while the rest is written, then writes them
+    after it, each one a delta against the same path in its child revision's tree where that is
+    clearly smaller (`_delta_bases`), base before delta (OFS_DELTA: git's normal form)."""
+
+    def __init__(
+        self, repo: Repository, writer: PackWriter, who: str, progress: PhaseProgress
+    ) -> None:
+        self.repo, self.writer, self.who, self.progress = repo, writer, who, progress
+        self.held: dict[str, bytes] = {}  # id -> type
+
+    def hold(self, oid: str, kind: bytes, raw: bytes) -> bool:
+        """Whether to hold back this object (a large tree or a blob that is no tensor's)."""
+        if kind not in (b"tree", b"blob") or len(raw) < DELTA_MIN_BYTES:
+            return False
+        if kind == b"blob" and (
+            raw[: len(codec.MAGIC)] == codec.MAGIC  # a tensor's (its header is parsed once, later)
+            or object_zlib_level(kind, raw)[0] == TENSOR_ZLIB_LEVEL  # large, zlib cannot shrink it
+        ):
+            return False
+        self.held[oid] = kind
+        return True
+
+    def write(
+        self,
+        commits: Iterable[str],
+        read_meta: Callable[[str], tuple[bytes, bytes] | None],
+        read: Callable[[str], tuple[bytes, bytes]],
+    ) -> None:
+        """Write every held object: `commits` (ids) and `read_meta` (a commit's or tree's type
+        and content, None if unknown) say which revision each belongs to; `read` gives a held
+        object's type and content again."""
+        if not self.held:
+            return
+        bases = _delta_bases(commits, read_meta, self.held)
+        below: dict[str, list[str]] = {}
+        for target, base_id in bases.items():
+            below.setdefault(base_id, []).append(target)
+        # (object, its planned base's id and content): each chain from its whole object down,
+        # so only the bases of the chains in progress are held in memory.
+        pending: list[tuple[str, tuple[str, bytes] | None]] = [
+            (oid, None) for oid in sorted(self.held, reverse=True) if oid not in bases
+        ]
+        written = 0
+        while pending:
+            oid, base = pending.pop()
+            kind, raw = read(oid)
+            self._add(oid, kind, raw, base)
+            written += 1
+            self.progress("packing", 1)
+            pending.extend((child, (oid, raw)) for child in below.get(oid, ()))
+        if written != len(self.held):  # _delta_bases plans no cycle; this keeps it so
+            raise GcWriteError(
+                f"{self.who} failed while packing: {len(self.held) - written} objects were left "
+                "out of the delta plan; nothing was deleted"
+            )
+
+    def _add(self, oid: str, kind: bytes, raw: bytes, base: tuple[str, bytes] | None) -> None:
+        """Write one held object: a delta against `base` when that is clearly smaller, else whole."""
+        level = META_ZLIB_LEVEL  # what object_zlib_level gives every object held
+        if base is None or self.held[base[0]] != kind:
+            _pack_checked(self.writer, oid, kind, raw, self.who)
+            return
+        digest = hashlib.sha1(b"%s %d\0" % (kind, len(raw)))
+        digest.update(raw)
+        if digest.hexdigest() != oid:
+            raise GcWriteError(
+                f"{self.who} failed while packing: object {oid} read back as other content; "
+                "nothing was deleted; run `mintvcs fsck`"
+            )
+        delta = self._delta(oid, raw, *base)
+        if delta is None:
+            _pack_checked(self.writer, oid, kind, raw, self.who)
+            return
+        deflated = zlib.compress(delta, level)
+        # Far below what deflate alone makes of any object: kept without deflating the whole.
+        if len(deflated) * 8 * _DELTA_GAIN <= len(raw):
+            self.writer.add_delta(oid, base[0], len(delta), deflated)
+            return
+        whole = zlib.compress(raw, level)
+        if len(deflated) * _DELTA_GAIN <= len(whole):
+            self.writer.add_delta(oid, base[0], len(delta), deflated)
+        else:
+            self.writer.add(kind, [raw], level, deflated=whole)
+
+    def _delta(self, oid: str, raw: bytes, base_id: str, base: bytes) -> bytes | None:
+        """A delta that rebuilds `raw` from `base`: the one a pack holds already (an earlier
+        gc's: only a new revision's objects cost a delta search, as `git repack -ad` reuses
+        deltas), else dulwich's; None if neither rebuilds it. Each is applied and compared first."""
+        from dulwich.errors import ApplyDeltaError
+        from dulwich.pack import apply_delta, create_delta
+
+        found = self.repo._find_packed(bytes.fromhex(oid))
+        stored = found[0].delta_against(found[1], bytes.fromhex(base_id)) if found else None
+        for delta in (stored, None):
+            if delta is None:
+                if _mostly_new(base, raw):
+                    return None
+                delta = b"".join(create_delta(base, raw))
+            with suppress(ApplyDeltaError):
+                if b"".join(apply_delta(base, delta)) == raw:
+                    return delta
+        return None
+
+
+def _mostly_new(base: bytes, raw: bytes) -> bool:
+    """Whether more than 1/_DELTA_NEW_PART of `raw`'s bytes lie in lines (tree entries) that
+    `base` lacks: a cheap bound on what a delta could save, and on the search's time."""
+    known = set(_records(base))
+    new = sum(len(record) + 1 for record in _records(raw) if record not in known)
+    return new * _DELTA_NEW_PART > len(raw)
+
+
+def _records(data: bytes) -> list[bytes]:
+    """A manifest's lines, or a tree's entries (split at each NUL: an id goes with the next name)."""
+    return data.replace(b"\0", b"\n").split(b"\n")
+
+
+def _delta_bases(
+    commits: Iterable[str],
+    read: Callable[[str], tuple[bytes, bytes] | None],
+    held: dict[str, bytes],
+) -> dict[str, str]:
+    """Which held objects to store as deltas, and against which (target id -> base id).
+
+    Each held object at the root of a commit's tree (its manifest, its tensors/ tree) is paired
+    with the object at the same path in a child's tree (a commit whose first parent it is): the
+    newer stays whole and the older is a delta against it, git's recency order, so the tips a
+    server loads read fastest. Chains are cut every DELTA_DEPTH + 1 commits counted from the
+    root along first parents, not from the tips, so the next gc finds the same pairs in the
+    store and reuses their deltas. Children are planned before their parents, so a base's own
+    depth is known when it is used, and an object once used as a base gets no base of its own
+    afterwards: no chain cycles or grows past DELTA_DEPTH, whatever objects revisions share.
+    `read` gives a commit's or tree's type and content (None if unknown).
+    """
+    from dulwich.errors import ObjectFormatException
+    from dulwich.objects import Commit, ShaFile, Tree
+
+    def parsed(oid: str) -> ShaFile | None:
+        found = read(oid)
+        if found is None:
+            return None
+        try:
+            return ShaFile.from_raw_string(OBJECT_TYPE_NUMBERS[found[0]], found[1])
+        except (ObjectFormatException, *_UNPARSABLE):
+            return None  # gc's walk reports what it needs; this only plans
+
+    parent: dict[str, str | None] = {}
+    tree: dict[str, str] = {}
+    for oid in commits:
+        commit = parsed(oid)
+        if isinstance(commit, Commit):
+            parent[oid] = commit.parents[0].decode() if commit.parents else None
+            tree[oid] = commit.tree.decode()
+    entries: dict[str, dict[bytes, str]] = {}
+
+    def root(commit: str) -> dict[bytes, str]:
+        """A commit's root tree entries (name -> id), read once."""
+        if commit not in entries:
+            top = parsed(tree[commit])
+            items = top.items() if isinstance(top, Tree) else []
+            entries[commit] = {item.path: item.sha.decode() for item in items}
+        return entries[commit]
+
+    # Children before parents (Kahn's order over first parents).
+    children = {oid: 0 for oid in parent}
+    for first in parent.values():
+        if first in children:
+            children[first] += 1
+    order = sorted(oid for oid, count in children.items() if not count)
+    for oid in order:  # grows as it goes
+        first = parent[oid]
+        if first in children:
+            children[first] -= 1
+            if not children[first]:
+                order.append(first)
+    generation: dict[str, int] = {}
+    for oid in reversed(order):
+        first = parent[oid]
+        generation[oid] = generation[first] + 1 if first in generation else 0
+    bases: dict[str, str] = {}
+    depth: dict[str, int] = {}
+    used: set[str] = set()
+    for oid in order:
+        first = parent[oid]
+        if first is None or generation[oid] % (DELTA_DEPTH + 1) == 0:
+            # A root (or a commit whose parent is not among those given), or the first commit
+            # of a stretch: its parent's objects stay whole.
+            continue
+        older = root(first)
+        for name, base in root(oid).items():
+            target = older.get(name)
+            if (
+                target is None
+                or target == base
+                or target in bases
+                or target in used
+                or held.get(target) is None
+                or held.get(target) != held.get(base)
+                or depth.get(base, 0) >= DELTA_DEPTH
+            ):
+                continue
+            bases[target] = base
+            depth[target] = depth.get(base, 0) + 1
+            used.add(base)
+    return bases
+
+
 # Files git keeps beside a pack (`git repack --write-bitmap-index`, `pack.writeReverseIndex`,
 # cruft packs), each meaningless once its pack is gone; git warns about orphans.
 _PACK_SIDECARS = (".rev", ".bitmap", ".mtimes")
@@ -1384,11 +1613,19 @@ def _repack(
     if keep:
         writer = PackWriter(repo, expected=len(keep), repack=True)
         wanted = set(keep)
+        deltas = _Deltas(repo, writer, "gc", progress)
 
         def add(oid: str, kind: bytes, raw: bytes) -> None:
-            _pack_checked(writer, oid, kind, raw, "gc")
             wanted.discard(oid)
-            progress("packing", 1)
+            if not deltas.hold(oid, kind, raw):
+                _pack_checked(writer, oid, kind, raw, "gc")
+                progress("packing", 1)
+
+        def read(oid: str) -> tuple[bytes, bytes]:
+            if oid in scan.meta:
+                return scan.meta[oid]
+            obj = repo.get_object(oid)
+            return obj.type_name, obj.as_raw_string()
 
         try:
             # Pack by pack, in each one's order, not object by object: looking each object up
@@ -1400,8 +1637,9 @@ def _repack(
                         add(entry.oid, entry.kind, entry.data)
             for oid in keep:  # loose, or in a pack written since the scan
                 if oid in wanted:
-                    obj = repo.get_object(oid)
-                    add(oid, obj.type_name, obj.as_raw_string())
+                    add(oid, *read(oid))
+            commits = (oid for oid in keep if scan.meta.get(oid, (b"",))[0] == b"commit")
+            deltas.write(commits, scan.meta.get, read)
         except BaseException:
             writer.abort()
             raise
@@ -1441,7 +1679,8 @@ def _refuse_precious(repo: Repository) -> None:
 
 @accepts_path
 def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_progress) -> GcResult:
-    """Pack reachable objects (no deltas, no zlib: tensors are zstd already), drop old unreachable ones, pack refs.
+    """Pack reachable objects (tensor blobs whole and unzlibbed: zstd already; manifests and trees
+    as deltas where they pay, `_Deltas`), drop old unreachable ones, pack refs.
 
     `progress(phase, n)` hears of the objects checked ("checking objects") and packed ("packing").
 
@@ -1741,13 +1980,28 @@ def _roll_up(
         return RollUpResult(0, 0, 0, len(packs), before, before)
     total = len(wanted)
     writer = PackWriter(repo, expected=total, repack=True)
+    deltas = _Deltas(repo, writer, "gc --auto", progress)
+    commits: list[str] = []
 
     def add(oid: str, kind: bytes, raw: bytes) -> None:
         if oid not in wanted:
             return  # stored twice (two packs, or a pack and a loose file): packed once
-        _pack_checked(writer, oid, kind, raw, "gc --auto")
         wanted.discard(oid)
-        progress("packing", 1)
+        if kind == b"commit":
+            commits.append(oid)
+        if not deltas.hold(oid, kind, raw):
+            _pack_checked(writer, oid, kind, raw, "gc --auto")
+            progress("packing", 1)
+
+    def read(oid: str) -> tuple[bytes, bytes]:
+        obj = repo.get_object(oid)
+        return obj.type_name, obj.as_raw_string()
+
+    def read_meta(oid: str) -> tuple[bytes, bytes] | None:
+        try:  # a merged commit or its root tree: small
+            return read(oid)
+        except MintError:
+            return None  # unreadable: no delta planned for it
 
     try:
         for pack in merged:
@@ -1768,6 +2022,7 @@ def _roll_up(
             except _Damage as damage:
                 raise GcCorruptObjectError(f"gc refused: {damage}; {_FIX}") from None
             add(oid, kind, body)
+        deltas.write(commits, read_meta, read)
     except BaseException:
         writer.abort()
         raise

@@ -40,6 +40,7 @@ _PROBE = 1 << 20
 _STORED = struct.Struct("<BHH")  # a zlib stored block header: BFINAL/BTYPE, LEN, NLEN
 _IOV_MAX = 1024
 _MAX_PREFIX = 1 << 16  # a deflated blob header is searched for its flush marker this far
+_INFLATE_STEP = 1 << 16  # a pack entry of unknown stream length is inflated this much at a time
 
 
 def read_fd(fd: int) -> bytes | memoryview:
@@ -353,10 +354,18 @@ class PackWriter:
         self.checksum = hashlib.sha1(header) if expected else None  # of the pack so far
         os.pwrite(self.fd, header, 0)
 
-    def add(self, kind: bytes, parts: Sequence[Any], level: int, prefix: int = 0) -> str:
+    def add(
+        self,
+        kind: bytes,
+        parts: Sequence[Any],
+        level: int,
+        prefix: int = 0,
+        deflated: bytes | None = None,
+    ) -> str:
         """Append an object (unless this pack or the store holds it); returns its id.
 
-        `level` and `prefix` are as for Repository.write_object.
+        `level` and `prefix` are as for Repository.write_object; `deflated`, when given, is the
+        content's zlib stream already made (gc weighed it against a delta).
         """
         views = [memoryview(p).cast("B") for p in parts]
         size = sum(v.nbytes for v in views)
@@ -368,21 +377,35 @@ class PackWriter:
         if not self.repack and self.repo.has_object(oid, loose=oid[:2] in self.loose_dirs):
             self.repo.freshen(oid)  # reused: gc must not take it for old garbage
             return oid
-        if level == 0:
+        if deflated is not None:
+            body = [deflated]
+        elif level == 0:
             body = zlib_tensor(views, prefix) if prefix else zlib_stored(views)
         else:
             body = [zlib.compress(b"".join(views), level)]
-        pieces = [_pack_entry_header(OBJECT_TYPE_NUMBERS[kind], size), *body]
-        crc = 0
-        for piece in pieces:
-            crc = crc32(piece, crc)
-        length = sum(len(memoryview(p)) for p in pieces)
-        key = digest.digest()
+        self._append(digest.digest(), [_pack_entry_header(OBJECT_TYPE_NUMBERS[kind], size), *body])
+        return oid
+
+    def add_delta(self, oid: str, base: str, delta_size: int, deflated: bytes) -> None:
+        """Append object `oid` as an OFS_DELTA against `base`, an entry of this pack already:
+        `deflated` is the zlib stream of a git delta of `delta_size` bytes (the caller checked
+        that it rebuilds `oid`). Its type is its base's, as git reads it."""
+        base_offset = self.entries[bytes.fromhex(base)][0]
+        head = _pack_entry_header(OFS_DELTA, delta_size)
+        self._append(bytes.fromhex(oid), [head, deflated], base_offset)
+
+    def _append(self, key: bytes, pieces: list[Any], base_offset: int | None = None) -> None:
+        """Write the entry `pieces` for binary id `key`, unless this pack holds it; with
+        `base_offset`, it is an OFS_DELTA whose distance back goes after its first piece."""
+        crc = _crc(pieces) if base_offset is None else 0
         with self.lock:
             if key in self.entries:
-                return oid
+                return
             offset = self.offset
-            self.offset += length
+            if base_offset is not None:  # the distance is known only now, as is its CRC
+                pieces = [pieces[0], _ofs_distance(offset - base_offset), *pieces[1:]]
+                crc = _crc(pieces)
+            self.offset += sum(len(memoryview(p)) for p in pieces)
             self.entries[key] = (offset, crc)
             if self.checksum is not None:
                 # In offset order, under the lock; hashlib releases the GIL meanwhile, so
@@ -392,7 +415,6 @@ class PackWriter:
         self.repo._count_written()
         # Each entry owns its byte range, so workers write without holding the lock.
         _write_all(self.fd, pieces, offset)
-        return oid
 
     def abort(self) -> None:
         """Drop the temporary pack: nothing of it reaches the store."""
@@ -428,6 +450,25 @@ class PackWriter:
         finally:
             os.close(self.fd)
             Path(self.tmp).unlink(missing_ok=True)
+
+
+def _crc(pieces: list[Any]) -> int:
+    """The CRC-32 of an entry's pieces, as a version-2 index records it."""
+    crc = 0
+    for piece in pieces:
+        crc = crc32(piece, crc)
+    return crc
+
+
+def _ofs_distance(distance: int) -> bytes:
+    """An OFS_DELTA's distance back to its base: big-endian base-128, each continuation minus one."""
+    out = [distance & 0x7F]
+    distance >>= 7
+    while distance:
+        distance -= 1
+        out.append(0x80 | (distance & 0x7F))
+        distance >>= 7
+    return bytes(reversed(out))
 
 
 def _pack_header(count: int) -> bytes:
@@ -706,6 +747,32 @@ class PackFile:
                 return largest
             offset = next_offset
         return largest
+
+    def delta_against(self, offset: int, base: bytes) -> bytes | None:
+        """The delta the entry at `offset` holds, if it is a delta against object `base` (20
+        bytes): an OFS_DELTA to its entry in this pack, or a REF_DELTA naming it; else None."""
+        end = len(self.pack) - PACK_TRAILER
+        if not PACK_HEADER <= offset < end:
+            return None
+        try:
+            _kind, size, pos, at = entry_header(self.pack, offset, end)
+        except PackEntryError:
+            return None
+        if at is None or at != (base if isinstance(at, bytes) else self.find(base)):
+            return None
+        # Inflated a piece at a time: the stream's length is known only at its end. One that
+        # inflates past its header's size is damaged (or a bomb): never more is kept.
+        inflater = zlib.decompressobj()
+        parts: list[bytes] = []
+        done = 0
+        try:
+            while not inflater.eof and pos < end and done <= size:
+                parts.append(inflater.decompress(self.pack[pos : pos + _INFLATE_STEP]))
+                done += len(parts[-1])
+                pos += _INFLATE_STEP
+        except zlib.error:
+            return None
+        return b"".join(parts) if inflater.eof and done == size else None
 
     def stored_layout(self, offset: int) -> tuple[int, bytes, list[tuple[int, int]]]:
         """The size of the blob entry at `offset` and where its content lies (_stored_layout)."""
