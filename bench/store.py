@@ -16,6 +16,10 @@ Everything is built locally in a temporary directory; nothing is downloaded.
 5. extra:  a trainer's checkpoint directory, a small adapter beside a 256 MB fp32
    optimizer state: `mintvcs commit` and a clean `mintvcs status` against
    `git add -A && git commit` and `git status`.
+6. meta:   an MoE-shaped adapter of 37,248 tiny tensors, 10 revisions with 1% of
+   them changed each: the store after `mintvcs gc` (manifests and trees as deltas)
+   against gc without deltas and `git repack -adf`, gc's time, and read_revision /
+   checkout of the newest and the deepest revision.
 
 Each line reads `name: ours X, peer Y, ratio Z`, ratio = peer / ours, so above
 1 means we are smaller or faster. The refs benchmark is bench/refs.py.
@@ -858,6 +862,154 @@ def split_checkout(work: Path, root: str, tip: str, repeat: int) -> None:
     )
 
 
+# ------------------------------------------- 5. an MoE adapter's metadata under gc
+def _moe_safetensors(path: Path, modules: list[str], data: np.ndarray) -> None:
+    """A safetensors file of rank-4 bf16 LoRA pairs, one per module, the rows of `data` as values."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for module in modules:
+        for ab, shape in (("A", [4, 8]), ("B", [8, 4])):
+            end = offset + 64
+            header[f"{module}.lora_{ab}.weight"] = {
+                "dtype": "BF16", "shape": shape, "data_offsets": [offset, end],
+            }  # fmt: skip
+            offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data.tobytes())
+
+
+def _read_times(work: Path, commits: list[str]) -> list[float]:
+    """Seconds of `read_revision` of each commit, in a Repository of its own each."""
+    times = []
+    for commit in commits:
+        repo = Repository.open(work)
+        t0 = time.perf_counter()
+        repo.read_revision(commit)
+        times.append(time.perf_counter() - t0)
+        repo.close()
+    return times
+
+
+def _gc_both(folder: Path) -> dict[str, float]:
+    """Seconds of `mintvcs gc` of folder/deltas, and of folder/whole without deltas."""
+    took = {}
+    for name, depth in (("deltas", maintenance.DELTA_DEPTH), ("whole", 0)):
+        saved, maintenance.DELTA_DEPTH = maintenance.DELTA_DEPTH, depth
+        try:
+            t0 = time.perf_counter()
+            maintenance.gc(folder / name)
+            took[name] = time.perf_counter() - t0
+        finally:
+            maintenance.DELTA_DEPTH = saved
+    return took
+
+
+def bench_meta(tmp: Path, layers: int, experts: int, revisions: int, repeat: int) -> None:
+    """An MoE-shaped adapter of many tiny tensors (48 layers x 128 experts x 3 projections x A/B
+    and the attention's: 37,248), `revisions` revisions with 1% of its tensors changed in each:
+    the store after `mintvcs gc` against gc without metadata deltas (DELTA_DEPTH 0: every object
+    whole, as gc wrote them before) and `git repack -adf`; gc's time, a second gc's after one
+    more revision, and read_revision / checkout of the newest and the deepest revision."""
+    modules = [
+        f"base_model.model.model.layers.{layer}.{name}"
+        for layer in range(layers)
+        for name in [
+            *(f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            *(f"mlp.experts.{e}.{p}" for e in range(experts) for p in ("gate", "up", "down")),
+        ]
+    ]
+    count = 2 * len(modules)
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal(count * 32).astype("<f4").view("<u4") >> 16).astype("<u2")
+    rows = data.reshape(count, 32)  # a 4x8 bf16 tensor each
+    work = tmp / "meta" / "deltas"
+    repo = porcelain.init(work, install_hooks=False)
+    (work / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM",
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate", "up",
+                                       "down"]})
+    )  # fmt: skip
+
+    def next_revision(message: str) -> None:
+        _moe_safetensors(work / "adapter_model.safetensors", modules, data)
+        porcelain.commit(repo, message, verify=False, show_progress=False)
+        changed = rng.choice(count, count // 100, replace=False)
+        rows[changed] ^= rng.integers(1, 4, (len(changed), 32), dtype="<u2")
+
+    t0 = time.perf_counter()
+    for step in range(revisions):
+        next_revision(f"step {step}")
+    repo.close()
+    note(
+        f"meta: {count} tensors, {revisions} revisions (1% changed each) committed in "
+        f"{time.perf_counter() - t0:.1f} s; .mint/objects {fmt(tree_bytes(work / '.mint' / 'objects'), 'B')} before gc"
+    )
+    stores = {name: tmp / "meta" / name for name in ("whole", "git", "git-zlib")}
+    for other in stores.values():
+        shutil.copytree(work, other, symlinks=True)
+    gc_time = _gc_both(tmp / "meta")
+    git_time = git(stores["git"], "--git-dir", ".mint", "repack", "-adf", "-q")
+    git(
+        stores["git-zlib"], "--git-dir", ".mint", "-c", "pack.compression=6", "repack", "-adf", "-q"
+    )
+    size = {name: tree_bytes(tmp / "meta" / name / ".mint" / "objects")
+            for name in ("deltas", "whole", "git", "git-zlib")}  # fmt: skip
+    label = f"meta ({count} tensors, {revisions} revisions, 1% changed each)"
+    report(Result(f"{label}, .mint after gc vs gc without deltas", size["deltas"],
+                  size["whole"], "B", "every object whole, as gc wrote before"))  # fmt: skip
+    report(Result(f"{label}, .mint after gc vs git repack -adf", size["deltas"], size["git"], "B",
+                  "git repack -adf, the store's pack.compression=0"))  # fmt: skip
+    report(Result(f"{label}, .mint after gc vs git repack -adf, zlib", size["deltas"],
+                  size["git-zlib"], "B", "git -c pack.compression=6 repack -adf"))  # fmt: skip
+    report(Result(f"{label}, gc time", gc_time["deltas"], gc_time["whole"], "s",
+                  "gc without deltas"))  # fmt: skip
+    note(f"meta: git repack -adf {git_time:.2f} s")
+    commits = (
+        subprocess.run(["git", "--git-dir", str(work / ".mint"), "rev-list", "HEAD"],
+                       capture_output=True, text=True, check=True).stdout.split()
+    )  # fmt: skip
+    reads = {name: _read_times(tmp / "meta" / name, commits) for name in ("deltas", "whole")}
+    note(
+        "meta: read_revision newest first, ms: deltas "
+        + " ".join(f"{t * 1e3:.0f}" for t in reads["deltas"])
+        + "; whole "
+        + " ".join(f"{t * 1e3:.0f}" for t in reads["whole"])
+    )
+    # The oldest revision sits deepest in its chain (its manifest is `revisions - 1` deltas down).
+    for which, index in (("newest", 0), ("deepest", len(commits) - 1)):
+        again = {
+            name: _median([_read_times(tmp / "meta" / name, [commits[index]])[0]
+                           for _ in range(repeat)])
+            for name in ("deltas", "whole")
+        }  # fmt: skip
+        report(Result(f"{label}, read_revision of the {which} revision", again["deltas"],
+                      again["whole"], "s", "its objects whole"))  # fmt: skip
+    for which, index in (("newest", 0), ("deepest", len(commits) - 1)):
+        took = {}
+        for name in ("deltas", "whole"):
+            times = []
+            with Repository.open(tmp / "meta" / name) as repo:
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    porcelain.checkout(repo, commits[index], force=True)
+                    times.append(time.perf_counter() - t0)
+                porcelain.checkout(repo, commits[0], force=True)
+            took[name] = _median(times)
+        report(Result(f"{label}, checkout (in-process) of the {which} revision", took["deltas"],
+                      took["whole"], "s", "its objects whole"))  # fmt: skip
+    # One more revision, and gc again: it reuses the deltas in the store, searching the new
+    # revision's pair alone.
+    repo = Repository.open(work)
+    next_revision("one more")
+    repo.close()
+    shutil.rmtree(stores["whole"])
+    shutil.copytree(work, stores["whole"], symlinks=True)
+    gc_time = _gc_both(tmp / "meta")
+    report(Result(f"{label}, a second gc after one more revision", gc_time["deltas"],
+                  gc_time["whole"], "s", "gc without deltas"))  # fmt: skip
+
+
 # --------------------------------------------------------------------- main
 def main() -> None:
     """Parse arguments, run the sections, print lines and optionally write JSON."""
@@ -870,7 +1022,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--only",
-        choices=["chain", "big", "swap", "extra"],
+        choices=["chain", "big", "swap", "extra", "meta"],
         help="run one part (chain includes single)",
     )
     ap.add_argument("--repeat", type=int, default=5, help="trials per timing (at least 3)")
@@ -895,6 +1047,8 @@ def main() -> None:
             bench_hot_swap(tmp, repeat)
         if args.only in (None, "big"):
             bench_big(tmp, layers, repeat)
+        if args.only in (None, "meta"):
+            bench_meta(tmp, *((4, 16, 4) if args.quick else (48, 128, 10)), repeat)
         if args.only in (None, "extra"):
             bench_extra(tmp, 16 if args.quick else 256, repeat)
     note(f"load at end {os.getloadavg()[0]:.2f}")
