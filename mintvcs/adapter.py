@@ -124,13 +124,16 @@ def stat_key(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
-def read_stable(path: Path) -> tuple[bytes | memoryview, tuple[int, ...] | None]:
-    """The file's bytes, and its stat_key() if it did not change while read."""
+def read_stable(
+    path: Path, *, mapped: bool = True
+) -> tuple[bytes | memoryview, tuple[int, ...] | None]:
+    """The file's bytes, and its stat_key() if it did not change while read; a large one is
+    mapped unless not `mapped` (then read whole: a private copy)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         before = os.fstat(fd)
-        if before.st_size < 1 << 20:
-            data: bytes | memoryview = os.read(fd, before.st_size + 1)
+        if before.st_size < 1 << 20 or not mapped:
+            data: bytes | memoryview = _read_all(fd, before.st_size + 1)
         else:
             # Mapped, not read: no copy, and no fresh memory to fault in (reading 84 MB into
             # new pages costs 2-5x more on this class of VM). A file truncated while mapped
@@ -171,7 +174,16 @@ def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str], bool
     if not patterns:
         return lambda rel: False
     rules = IgnoreFilter(patterns)
-    return lambda rel: rules.is_ignored(os.fsencode(rel)) is True
+
+    def ignored(rel: str) -> bool:
+        if not rel.endswith("/"):
+            return rules.is_ignored(os.fsencode(rel)) is True
+        # A directory, as git matches it: by its path. dulwich also lets `logs/*` match
+        # "logs/" (its `*` takes the empty name), and `!*/` only with the slash: so only
+        # what both forms ignore is left out whole; the rest is matched file by file.
+        return all(rules.is_ignored(os.fsencode(form)) is True for form in (rel, rel[:-1]))
+
+    return ignored
 
 
 def _extra_paths(
@@ -230,6 +242,18 @@ def _executable(st: os.stat_result) -> bool:
     return bool(st.st_mode & stat.S_IXUSR)
 
 
+def _read_all(fd: int, limit: int) -> bytes:
+    """Up to `limit` bytes of an open file, read as they come (a read may return fewer)."""
+    chunks = []
+    while limit > 0:
+        chunk = os.read(fd, min(limit, 1 << 30))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        limit -= len(chunk)
+    return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+
 def read_extra_files(
     root: Path, exclude: Sequence[bytes] = ()
 ) -> tuple[dict[str, tuple[bytes | memoryview, bool]], dict[str, tuple[int, ...] | None]]:
@@ -238,7 +262,9 @@ def read_extra_files(
     files: dict[str, tuple[bytes | memoryview, bool]] = {}
     stats: dict[str, tuple[int, ...] | None] = {}
     for rel, path, st in _extra_paths(root, exclude):
-        content, stats[rel] = read_stable(path)
+        # Read, not mapped: a trainer re-saving its optimizer state in place would change a
+        # map between the hash of a blob and its write (a corrupt object), or cut it (SIGBUS).
+        content, stats[rel] = read_stable(path, mapped=False)
         files[rel] = (content, _executable(st))
     return files, stats
 

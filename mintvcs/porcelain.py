@@ -342,6 +342,8 @@ def commit(
     if not isinstance(message, str):
         raise TypeError(f"a commit message is a str, not {type(message).__name__}")
     source = Path(source) if source is not None else repo.work_tree
+    # `--from .`, or the work tree by a symlinked path, is the work tree: its record follows.
+    of_work_tree = source is not None and _same_dir(source, repo.work_tree)
     if source is None:
         raise MintError("this repository has no work tree: pass --from DIR")
     if branch is not None:
@@ -372,11 +374,7 @@ def commit(
     branch_ref = f"refs/heads/{branch}" if branch is not None else repo.refs.read_symbolic("HEAD")
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
-    if (
-        source == repo.work_tree
-        and parent is not None
-        and target in ("HEAD", repo.refs.read_symbolic("HEAD"))
-    ):
+    if of_work_tree and parent is not None and target in ("HEAD", repo.refs.read_symbolic("HEAD")):
         base = work_tree_base(repo)
         if base is not None and base != parent:
             # git's index would commit the old files as they are, undoing what moved the
@@ -458,7 +456,7 @@ def commit(
             if parent is not None and not allow_empty and repo.commit_info(parent).tree == tree:
                 # Another process committed this very adapter meanwhile.
                 raise identical_to(parent, ", committed meanwhile") from None
-    if source == repo.work_tree and branch_ref == repo.refs.read_symbolic("HEAD"):
+    if of_work_tree and branch_ref == repo.refs.read_symbolic("HEAD"):
         # The work tree's weights are this commit's: later status checks may trust a stat,
         # unless the file changed since it was opened (it is mapped, so read lazily).
         def still(path: str, key: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -943,10 +941,23 @@ def work_tree_base(repo: Repository) -> str | None:
     """The revision the work tree was last made to hold (by checkout, a commit of it, reset),
     as the record says; None where no record says (an interrupted checkout, an old repository)."""
     try:
-        commit = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())["commit"]
+        record = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())
+        commit = record["commit"]
+        # A record without "files" was written by a mintvcs that did not keep it up to date
+        # as a base (its reset left it): only a cache of stats, no base.
+        if "files" not in record:
+            return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return commit if is_object_id(commit) else None
+
+
+def _same_dir(a: Path, b: Path | None) -> bool:
+    """Whether `a` and `b` name the same directory (`.`, a symlinked path)."""
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revision]) -> bool:
@@ -955,7 +966,8 @@ def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revi
     the record lists with its current stat is not read."""
     assert repo.work_tree is not None
     try:
-        record = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())
+        original = (repo.git_dir / WORKTREE_RECORD).read_bytes()
+        record = json.loads(original)
         key = stat_key(os.stat(repo.work_tree / WEIGHTS_FILE))
         if record["commit"] != head or record["weights"] != list(key):
             return False  # another base, a changed file, or a stat not trusted (None)
@@ -979,7 +991,7 @@ def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revi
             if recorded.get(path) == list(file_key):
                 continue  # its content is the one committed, and a mode change changes its ctime
             known_ns = time.time_ns()
-            content, refreshed[path] = read_stable(repo.work_tree / path)
+            content, refreshed[path] = read_stable(repo.work_tree / path, mapped=False)
             if (blob_id(content), executable) != committed[path]:
                 return False
             if not _trusted(refreshed[path], known_ns):
@@ -987,9 +999,12 @@ def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revi
     except OSError:
         return False
     if any(refreshed.values()):
-        # Touched but unchanged (as git status refreshes its index): not read again next time.
-        record["files"] = {**recorded, **{p: list(k) for p, k in refreshed.items() if k}}
-        _write_record(repo, record)
+        # Touched but unchanged (as git status refreshes its index): not read again next time,
+        # unless a checkout or commit wrote a record meanwhile (then this one is out of date).
+        with suppress(OSError):
+            if (repo.git_dir / WORKTREE_RECORD).read_bytes() == original:
+                record["files"] = {**recorded, **{p: list(k) for p, k in refreshed.items() if k}}
+                _write_record(repo, record)
     return True
 
 
@@ -1322,6 +1337,24 @@ class CheckoutResult:
     left_behind: tuple[str, ...] = ()
 
 
+def _ignored_edit_kept(
+    repo: Repository, path: str, head: str | None, head_rev: Revision | None, target: Revision
+) -> bool:
+    """Whether checking out `target` loses nothing of extra file `path`, which status lists as
+    removed: gone, or there but ignored (a committed file a pattern matches since), in which
+    case its content must be HEAD's or the target's (checkout writes or removes it)."""
+    assert repo.work_tree is not None
+    try:
+        content = read_stable(repo.work_tree / path, mapped=False)[0]
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # unreadable: never safe
+    blob = blob_id(content)
+    committed = _file_ids(_revision_of(repo, head, head_rev)) if head is not None else {}
+    return blob in {committed.get(path, ("",))[0], _file_ids(target).get(path, ("",))[0]}
+
+
 def _refuse_if_changes_lost(
     repo: Repository, target: Revision, verb: str, head_rev: Revision | None = None
 ) -> None:
@@ -1343,7 +1376,10 @@ def _refuse_if_changes_lost(
         target_files = {f.path for f in target.manifest.files}
         for kind, path in state.changes:
             if kind == "removed" and not path.startswith(WEIGHTS_FILE):
-                continue  # nothing of the user's to lose: the target's version comes back
+                if _ignored_edit_kept(repo, path, state.head, head_rev, target):
+                    continue  # nothing of the user's to lose: the target's version comes back
+                lost.append(path)
+                continue
             if (
                 kind == "added"
                 and path not in target_files

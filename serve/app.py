@@ -1095,6 +1095,11 @@ def run(config: ServerConfig) -> int:
             print(line, flush=True)
         except (BrokenPipeError, ValueError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+        except OSError:
+            # A full disk (`> /dev/full`): the serve fails, and what stdout still buffers goes
+            # to /dev/null, not into a second failure (a traceback) as the process exits.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+            raise
 
     return asyncio.run(serve_until_signalled(config, out=out))
 

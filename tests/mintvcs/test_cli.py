@@ -1142,3 +1142,80 @@ def test_ignored_files_stay_out_of_commits_and_status(work: Path, tmp_path: Path
     (work / ".mintignore").unlink()
     os.mkfifo(work / ".mintignore")
     assert ".mintignore is not a file of patterns" in mint_fails(work, "commit", "-m", "x")
+
+
+def test_a_committed_file_ignored_since_and_edited_is_not_lost_by_checkout(work: Path) -> None:
+    # Ignored files are no adapter content, but one committed before its pattern was added
+    # still has a committed version: checkout deleted or overwrote an edit of it.
+    (work / "optimizer.pt").write_bytes(b"state 1")
+    r0 = commit(work, "r0", "--no-verify")
+    (work / "optimizer.pt").write_bytes(b"state 2")
+    r1 = commit(work, "r1", "--no-verify")
+    exclude = work / ".mint" / "info" / "exclude"
+    exclude.write_text("optimizer.pt\n")
+    (work / "optimizer.pt").write_bytes(b"state 3, edited")
+    line = mint_fails(work, "checkout", r0)
+    assert "would be overwritten by checkout (optimizer.pt)" in line
+    assert (work / "optimizer.pt").read_bytes() == b"state 3, edited"
+    (work / "optimizer.pt").write_bytes(b"state 2")  # HEAD's: nothing to lose
+    mint(work, "checkout", r0)
+    assert (work / "optimizer.pt").read_bytes() == b"state 1" and head(work) == r0 != r1
+
+
+def test_commit_from_the_work_tree_by_another_path_keeps_its_base(work: Path) -> None:
+    # `commit --from .` is a commit of the work tree: its base record must follow, or the
+    # next plain commit was refused as if the branch had moved under it.
+    commit(work, "r0", "--no-verify")
+    (work / "notes.txt").write_text("1\n")
+    mint(work, "commit", "-m", "r1", "--from", ".", "--no-verify")
+    (work / "notes.txt").write_text("2\n")
+    commit(work, "r2", "--no-verify")
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"] is True
+
+
+def test_a_record_of_an_earlier_mintvcs_claims_no_base(work: Path) -> None:
+    # The previous version's record (no "files") was not kept up to date as a base (its reset
+    # left it): read as one, it made the recommit after that reset refused.
+    r0 = commit(work, "r0", "--no-verify")
+    (work / "notes.txt").write_text("1\n")
+    commit(work, "r1", "--no-verify")
+    record = work / ".mint" / "mint-worktree.json"
+    record.write_text(json.dumps({"commit": r0, "weights": None, "known_ns": 0}))
+    (work / "notes.txt").write_text("2\n")
+    commit(work, "r2", "--no-verify")
+
+
+@pytest.mark.parametrize(
+    "patterns",
+    [
+        "logs/*\n!logs/keep.txt\n",
+        "doc/*\n!doc/sub\n",
+        "sub/*\n!sub/foo/\n",
+        "bar/*/\n",
+        "sub/**/\n",
+        "*\n!*/\n!*.txt\n",
+        "logs/\n!logs/keep.txt\n",
+        "/*\n!/sub\n",
+        "**/foo/\n*.pt\n!keep.pt\n",
+    ],
+)
+def test_ignore_patterns_leave_out_what_git_leaves_out(tmp_path: Path, patterns: str) -> None:
+    from mintvcs.adapter import extra_files
+
+    root = tmp_path / "tree"
+    for name in (
+        "a.pt", "keep.pt", "logs/x.txt", "logs/keep.txt", "sub/a.pt", "sub/deep/a.pt",
+        "sub/foo/b.txt", "foo/c.txt", "bar/baz/q.txt", "bar/q.txt", "doc/readme.md",
+        "doc/sub/readme.md", "x.log",
+    ):  # fmt: skip
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    (root / ".mintignore").write_text(patterns)
+    (root / ".gitignore").write_text(patterns)
+    subprocess.run(["git", "init", "-q", str(root)], check=True, env=ENV)
+    listed = subprocess.run(
+        ["git", "-C", str(root), "ls-files", "--others", "--exclude-standard"],
+        capture_output=True, text=True, check=True, env=ENV,
+    ).stdout.split()  # fmt: skip
+    ours = set(extra_files(root)) - {".mintignore", ".gitignore"}
+    assert ours == set(listed) - {".gitignore", ".mintignore"}

@@ -271,9 +271,9 @@ def _extra_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     reads: list[str] = []
     read_stable = porcelain.read_stable
 
-    def counting(path: Path) -> tuple[bytes | memoryview, tuple[int, ...] | None]:
+    def counting(path: Path, **kwargs: bool) -> tuple[bytes | memoryview, tuple[int, ...] | None]:
         reads.append(path.name)
-        return read_stable(path)
+        return read_stable(path, **kwargs)
 
     monkeypatch.setattr(porcelain, "read_stable", counting)
     return reads
@@ -365,3 +365,17 @@ def test_an_extra_file_that_starts_like_a_tensor_blob_is_packed_by_gc(tmp_path: 
     git_fsck(work)
     mint_fsck_ok(work)
     assert _git_blob(work, "HEAD:files/notes.bin") == b"MINTBLOB but not one"
+
+
+def test_extra_files_are_read_into_a_private_copy(tmp_path: Path) -> None:
+    # Mapped, an extra file that a trainer re-saves in place during a commit changed between
+    # the hash of its blob and the blob's write (a corrupt object), or cut the map (SIGBUS).
+    from mintvcs.adapter import read_adapter
+
+    src = _many_tensors(tmp_path / "src", seed=11, count=6)
+    state = src / "optimizer.pt"
+    state.write_bytes(b"a" * (3 << 20))
+    adapter = read_adapter(src)
+    with open(state, "r+b") as handle:  # in place, same size: a map would see it
+        handle.write(b"b" * (3 << 20))
+    assert bytes(adapter.extra_files["optimizer.pt"][0][:4]) == b"aaaa"

@@ -458,3 +458,26 @@ def test_an_unknown_log_level_is_one_error_line(tmp_path: Path, tiny_base: Path)
     # It was a traceback (ValueError: Unknown level); `debug` was one too.
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith("error: MINT_LOG_LEVEL='verbose'"), done.stderr
+
+
+def test_serve_with_a_full_stdout_fails_in_one_line(tmp_path: Path, tiny_base: Path) -> None:
+    # `mintvcs serve > /dev/full`: its "listening" line cannot be written. One error line and
+    # status 1, not a traceback at exit from the line still buffered (status 120).
+    repo_dir = tmp_path / "repo"
+    porcelain.init(repo_dir, str(tiny_base))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "mintvcs.cli", "serve", "--repo", str(repo_dir)),
+                *("--base-model", str(tiny_base), "--port", "0"),
+            ],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "MINT_LOG_LEVEL": "WARNING"},
+            timeout=120,
+            check=False,
+        )
+    assert proc.returncode == 1, proc.stderr
+    assert "No space left on device" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
