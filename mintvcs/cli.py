@@ -233,22 +233,43 @@ def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
             )
 
 
+def _quiet_for_json(ctx: click.Context, _param: click.Parameter, as_json: bool) -> bool:
+    """No progress bar under --json: its reader is a script (bars are on stderr, yet a
+    terminal shows them among the JSON)."""
+    if as_json:
+        from mintvcs import progress
+
+        ctx.with_resource(progress.quiet())
+    return as_json
+
+
 def json_option(func: F) -> F:
     """Add --json to a command."""
-    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        callback=_quiet_for_json,
+        help="Machine-readable output.",
+    )(func)
 
 
 @click.group(cls=MintGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mintvcs")
 def main() -> None:
     """mintvcs: git for LoRA adapters, and a server that serves any revision by ref."""
-    if (
-        click.get_current_context().invoked_subcommand not in _MODEL_COMMANDS
-        and "numpy" not in sys.modules
-    ):
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand in _MODEL_COMMANDS:
+        return
+    if "numpy" not in sys.modules:
         # numpy's OpenBLAS starts a thread (and its buffers) per core on import: ~50 ms of a
         # half-second commit here. The version-control verbs do no linear algebra.
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from mintvcs import progress
+
+    # A bar shows once the command has run for a second, whichever phase it is in then (a
+    # server's bars keep a second of their own: it runs for hours).
+    ctx.with_resource(progress.command())
 
 
 def _freeze_before_exit() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -39,6 +40,7 @@ GIT_DIR = ".mint"
 # adapter directory is shallow, and this keeps every path a work tree must hold well inside
 # PATH_MAX (4096 bytes) and every walk of a tree short.
 MAX_PATH_DEPTH = 256
+_RECORDS_PER_STEP = 1024  # tensor records made between two progress reports
 
 
 def _is_int(value: object) -> bool:
@@ -271,19 +273,28 @@ class Manifest:
             raise CorruptManifestError(f"{where}: corrupt manifest ({err})") from None
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "manifest") -> Manifest:
-        """Parse a manifest blob, refusing other formats and versions."""
+    def from_bytes(
+        cls, data: bytes, where: str = "manifest", progress: Callable[[int], None] | None = None
+    ) -> Manifest:
+        """Parse a manifest blob, refusing other formats and versions; `progress(n)` hears of
+        the tensor records made (a 37k-tensor manifest takes most of a second)."""
         try:
             raw = _parse(data, where)
-            tensors = tuple(
-                TensorRecord(
-                    **{
-                        **_known(t, _TENSOR_KEYS, "tensor"),
-                        "shape": tuple(int(d) for d in t["shape"]),
-                    }
+            entries = raw["tensors"]
+            made: list[TensorRecord] = []
+            for at in range(0, len(entries), _RECORDS_PER_STEP):
+                made.extend(
+                    TensorRecord(
+                        **{
+                            **_known(t, _TENSOR_KEYS, "tensor"),
+                            "shape": tuple(int(d) for d in t["shape"]),
+                        }
+                    )
+                    for t in entries[at : at + _RECORDS_PER_STEP]
                 )
-                for t in raw["tensors"]
-            )
+                if progress:
+                    progress(len(made) - at)
+            tensors = tuple(made)
             files = tuple(FileRecord(**_known(f, _FILE_KEYS, "file")) for f in raw.get("files", []))
             _check_layout(tensors, files)
             return cls(

@@ -254,6 +254,14 @@ def _make_parents(path: Path) -> None:
                 raise
 
 
+def _read_revision(repo: Repository, commit: str, show_progress: bool = True) -> Revision:
+    """repo.read_revision, counting its tensor records on a terminal (37k take a second)."""
+    if not show_progress:
+        return repo.read_revision(commit)
+    with progress_bar(None, f"reading {commit[:7]}", unit=" tensors") as update:
+        return repo.read_revision(commit, update)
+
+
 def _ref_moved(repo: Repository, ref: str, old: str | None, new: str | None) -> None:
     """Tell the ref-update hook (e.g. one that notifies running servers) that `ref` moved."""
     env = hooks.hook_env(repo.git_dir)
@@ -383,7 +391,7 @@ def commit(
                 stale_hint(base, parent, branch_ref and branch_ref.removeprefix("refs/heads/"))
                 + "; nothing was committed"
             )
-    parent_rev = repo.read_revision(parent) if parent else None
+    parent_rev = _read_revision(repo, parent, show_progress) if parent else None
     # This commit's objects only: other threads may commit through `repo` meanwhile.
     written = WriteCount()
 
@@ -451,7 +459,7 @@ def commit(
             if encoded_on is not None and (
                 parent is None or not is_ancestor(repo, encoded_on, parent)
             ):
-                parent_rev = repo.read_revision(parent) if parent else None
+                parent_rev = _read_revision(repo, parent, show_progress) if parent else None
                 tree, manifest = encode(parent_rev)
             if parent is not None and not allow_empty and repo.commit_info(parent).tree == tree:
                 # Another process committed this very adapter meanwhile.
@@ -570,7 +578,7 @@ def ref_labels(repo: Repository) -> dict[str, list[str]]:
 @accepts_path
 def show(repo: Repository, spec: str = "HEAD") -> Revision:
     """The revision `spec` names."""
-    return repo.read_revision(repo.resolve(spec))
+    return _read_revision(repo, repo.resolve(spec))
 
 
 # --------------------------------------------------------------------- diff
@@ -725,7 +733,7 @@ def _compare(name: str, a: _Side | None, b: _Side | None) -> TensorDiff:
 @accepts_path
 def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult:
     """Per-tensor change from `spec_a` to `spec_b` (default: the work tree)."""
-    rev_a = repo.read_revision(repo.resolve(spec_a))
+    rev_a = _read_revision(repo, repo.resolve(spec_a))
     tensors_a = _stored_tensors(repo, rev_a)
     if spec_b is None:
         if repo.work_tree is None:
@@ -735,7 +743,7 @@ def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult
         config_b, header_b = work.config_bytes, work.layout.header
         files_b = {p: (blob_id(c), x) for p, (c, x) in work.extra_files.items()}
     else:
-        rev_b = repo.read_revision(repo.resolve(spec_b))
+        rev_b = _read_revision(repo, repo.resolve(spec_b))
         tensors_b, label_b = _stored_tensors(repo, rev_b), rev_b.commit
         config_b, files_b = rev_b.config_bytes, _file_ids(rev_b)
         header_b = repo.read_blob(rev_b.manifest.header_blob)
@@ -844,7 +852,7 @@ def _status(
 
 def _revision_of(repo: Repository, commit: str, known: Revision | None) -> Revision:
     """`commit`'s revision: `known` if it is that one (a large revision takes seconds to read)."""
-    return known if known is not None and known.commit == commit else repo.read_revision(commit)
+    return known if known is not None and known.commit == commit else _read_revision(repo, commit)
 
 
 def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[str, str]]:
@@ -855,15 +863,17 @@ def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[
     if work.config_bytes != rev.config_bytes:
         changes.append(("modified", CONFIG_FILE))
     committed = {t.name: t for t in rev.manifest.tensors}
-    for index, entry in enumerate(work.layout.tensors):
-        record = committed.pop(entry.name, None)
-        if record is None:
-            changes.append(("added", f"{WEIGHTS_FILE}:{entry.name}"))
-        elif (record.dtype, record.shape) != (
-            entry.dtype,
-            entry.shape,
-        ) or record.sha256 != hashlib.sha256(work.tensor_bytes(index)).hexdigest():
-            changes.append(("modified", f"{WEIGHTS_FILE}:{entry.name}"))
+    with progress_bar(work.layout.data_size, "checking work tree") as update:
+        for index, entry in enumerate(work.layout.tensors):
+            record = committed.pop(entry.name, None)
+            if record is None:
+                changes.append(("added", f"{WEIGHTS_FILE}:{entry.name}"))
+            elif (record.dtype, record.shape) != (
+                entry.dtype,
+                entry.shape,
+            ) or record.sha256 != hashlib.sha256(work.tensor_bytes(index)).hexdigest():
+                changes.append(("modified", f"{WEIGHTS_FILE}:{entry.name}"))
+            update(entry.nbytes)
     changes += [("removed", f"{WEIGHTS_FILE}:{name}") for name in committed]
     if not changes and work.layout.header != repo.read_blob(rev.manifest.header_blob):
         changes.append(("modified", f"{WEIGHTS_FILE} (header)"))
@@ -1454,7 +1464,7 @@ def checkout(
             raise RefExistsError(f"a branch named '{new_branch}' already exists")
     head = repo.head_commit()
     _refuse_if_locked(repo, f"refs/heads/{new_branch}" if new_branch else None)
-    target_rev = repo.read_revision(target)
+    target_rev = _read_revision(repo, target)
     head_rev = _revision_of(repo, head, target_rev) if head else None
     # As in git, switching to the commit already checked out keeps local changes.
     written = force or target != head
@@ -1647,7 +1657,7 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     _refuse_if_locked(repo)
     restore: AbstractContextManager[None] = nullcontext()
     if hard:  # a soft reset moves a ref only: no revision need be read
-        target_rev = repo.read_revision(target)
+        target_rev = _read_revision(repo, target)
         head_rev = _revision_of(repo, head, target_rev) if head else None
         write_work_tree(repo, target_rev, head_rev)
         restore = _restore_on_failure(repo, target_rev, head_rev)

@@ -478,9 +478,9 @@ def test_checkout_and_reset_read_each_revision_once(
     reads: list[str] = []
     read = Repository.read_revision
 
-    def counted(self: Repository, commit_id: str) -> Any:
+    def counted(self: Repository, commit_id: str, *args: Any) -> Any:
         reads.append(commit_id)
-        return read(self, commit_id)
+        return read(self, commit_id, *args)
 
     monkeypatch.setattr(Repository, "read_revision", counted)
     with Repository.open(work) as repo:
