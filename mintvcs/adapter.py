@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError
 from mintvcs.objects import (
     CONFIG_FILE,
@@ -112,7 +113,8 @@ def read_adapter(root: Path, exclude: Sequence[bytes] = ()) -> AdapterFiles:
         )
     started = time.time_ns()
     weights, stat = read_stable(weights_path)
-    layout = parse_layout(weights, str(weights_path))
+    with collector_paused():  # a dict and an entry per tensor
+        layout = parse_layout(weights, str(weights_path))
     files, file_stats = read_extra_files(root, exclude)
     return AdapterFiles(
         root, config_bytes, config, layout, weights, files, stat, started, file_stats

@@ -33,6 +33,7 @@ from mintvcs.adapter import (
     stat_key,
 )
 from mintvcs.base import BaseModel, read_base_model
+from mintvcs.bulk import collector_paused
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
 from mintvcs.ids import blob_id, is_object_id
@@ -398,7 +399,8 @@ def commit(
     def encode(parent_rev: Revision | None) -> tuple[str, Manifest]:
         """Write the revision's blobs and tree, XOR-encoded against `parent_rev`'s tensors."""
         try:
-            with repo.counting_writes(written):
+            # A record per tensor, and the manifest's and tree's entries.
+            with repo.counting_writes(written), collector_paused():
                 if not show_progress:
                     return repo.write_revision(
                         adapter, parent_rev, meta, check_finite=check_in_process
@@ -733,6 +735,12 @@ def _compare(name: str, a: _Side | None, b: _Side | None) -> TensorDiff:
 @accepts_path
 def diff(repo: Repository, spec_a: str, spec_b: str | None = None) -> DiffResult:
     """Per-tensor change from `spec_a` to `spec_b` (default: the work tree)."""
+    with collector_paused():  # a side per tensor and revision, and a TensorDiff
+        return _diff(repo, spec_a, spec_b)
+
+
+def _diff(repo: Repository, spec_a: str, spec_b: str | None) -> DiffResult:
+    """diff(), its caller having paused the collector."""
     rev_a = _read_revision(repo, repo.resolve(spec_a))
     tensors_a = _stored_tensors(repo, rev_a)
     if spec_b is None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles
 from mintvcs.base import BaseModel
+from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
 from mintvcs.objects import (
@@ -251,26 +252,27 @@ class Revision:
             return buffer
         chunk: list[int] = []
         size = 0
-        for index, record in enumerate(records):
-            chunk.append(index)
-            size += record.end - record.start
-            if (
-                size >= _DECODE_CHUNK_BYTES
-                or len(chunk) == _DECODE_CHUNK_TENSORS
-                or index == len(records) - 1
-            ):
-                self.repo.tensors_into(
-                    [
-                        (
-                            records[i],
-                            buffer[offsets[i] : offsets[i] + records[i].end - records[i].start],
-                        )
-                        for i in chunk
-                    ]
-                )
-                if progress:
-                    progress(size)
-                chunk, size = [], 0
+        with collector_paused():  # a header, planes and views per tensor
+            for index, record in enumerate(records):
+                chunk.append(index)
+                size += record.end - record.start
+                if (
+                    size >= _DECODE_CHUNK_BYTES
+                    or len(chunk) == _DECODE_CHUNK_TENSORS
+                    or index == len(records) - 1
+                ):
+                    self.repo.tensors_into(
+                        [
+                            (
+                                records[i],
+                                buffer[offsets[i] : offsets[i] + records[i].end - records[i].start],
+                            )
+                            for i in chunk
+                        ]
+                    )
+                    if progress:
+                        progress(size)
+                    chunk, size = [], 0
         return buffer
 
     def safetensors_buffer(self, progress: ProgressFn | None = None) -> npt.NDArray[np.uint8]:
@@ -1173,15 +1175,18 @@ class Repository:
         manifest_bytes = self.read_blob(
             entries[MANIFEST_PATH], what=MANIFEST_PATH, max_size=MAX_METADATA_BYTES
         )
-        manifest = Manifest.from_bytes(manifest_bytes, f"manifest of {commit_id[:12]}", progress)
-        # The checks report nothing: a zero step draws a bar that came due meanwhile (a third
-        # of a 37k-tensor read is in them).
-        if progress:
-            progress(0)
-        self._check_tree(commit_id, tree, manifest)
-        if progress:
-            progress(0)
-        self._check_header(commit_id, entries[MANIFEST_PATH], manifest)
+        with collector_paused():  # a few objects per tensor, and a tree entry each
+            manifest = Manifest.from_bytes(
+                manifest_bytes, f"manifest of {commit_id[:12]}", progress
+            )
+            # The checks report nothing: a zero step draws a bar that came due meanwhile (a
+            # third of a 37k-tensor read is in them).
+            if progress:
+                progress(0)
+            self._check_tree(commit_id, tree, manifest)
+            if progress:
+                progress(0)
+            self._check_header(commit_id, entries[MANIFEST_PATH], manifest)
         return Revision(self, info, manifest, entries)
 
     def _check_header(self, commit_id: str, manifest_blob: str, manifest: Manifest) -> None:
