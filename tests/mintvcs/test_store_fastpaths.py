@@ -46,6 +46,15 @@ def _many_tensors(path: Path, seed: int, count: int = PACK_THRESHOLD + 4) -> Pat
     return handmade_adapter(path, tensors)
 
 
+def _repository_of(tmp_path: Path, src: Path) -> Path:
+    """A new repository at tmp_path/work (no hooks) whose work tree holds the adapter in `src`."""
+    work = tmp_path / "work"
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    for name in os.listdir(src):
+        shutil.copyfile(src / name, work / name)
+    return work
+
+
 def _loose_blobs(git_dir: Path) -> list[Path]:
     return [
         p
@@ -63,11 +72,8 @@ def _identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_big_commit_is_one_pack_that_git_reads(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    mint(tmp_path, "init", str(work), "--no-hooks")
     src = _many_tensors(tmp_path / "src", seed=1)
-    for name in os.listdir(src):
-        shutil.copyfile(src / name, work / name)
+    work = _repository_of(tmp_path, src)
     mint(work, "commit", "-m", "r0")
     packs = list((work / ".mint" / "objects" / "pack").glob("pack-*.idx"))
     assert len(packs) == 1
@@ -114,11 +120,8 @@ def _git_blob(work: Path, oid: str) -> bytes:
 
 
 def test_flipped_byte_in_commit_pack_is_named(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    mint(tmp_path, "init", str(work), "--no-hooks")
     src = _many_tensors(tmp_path / "src", seed=2)
-    for name in os.listdir(src):
-        shutil.copyfile(src / name, work / name)
+    work = _repository_of(tmp_path, src)
     mint(work, "commit", "-m", "r0")
     mint(work, "branch", "keep")
     mutate(work, seed=3)
@@ -155,11 +158,8 @@ def test_loose_tensor_blobs_read_by_git(tmp_path: Path) -> None:
 
 
 def test_status_trusts_stat_only_while_the_file_is_untouched(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    mint(tmp_path, "init", str(work), "--no-hooks")
     src = _many_tensors(tmp_path / "src", seed=5, count=8)
-    for name in os.listdir(src):
-        shutil.copyfile(src / name, work / name)
+    work = _repository_of(tmp_path, src)
     mint(work, "commit", "-m", "r0")
     mint(work, "branch", "old")
     mutate(work, seed=6)
@@ -222,10 +222,7 @@ def test_pack_with_duplicate_tensors_is_valid(tmp_path: Path) -> None:
         for ab in "AB"
     }
     src = handmade_adapter(tmp_path / "src", tensors)
-    work = tmp_path / "work"
-    mint(tmp_path, "init", str(work), "--no-hooks")
-    for name in os.listdir(src):
-        shutil.copyfile(src / name, work / name)
+    work = _repository_of(tmp_path, src)
     mint(work, "commit", "-m", "r0")
     git_fsck(work)
     mint_fsck_ok(work)
@@ -289,11 +286,8 @@ def test_status_reads_no_unchanged_extra_file(
 ) -> None:
     # A trainer's checkpoint directory holds an optimizer state larger than the adapter: every
     # status used to read and hash it. The clean-by-stat record now lists the extra files too.
-    work = tmp_path / "work"
-    mint(tmp_path, "init", str(work), "--no-hooks")
     src = _many_tensors(tmp_path / "src", seed=8, count=6)
-    for name in os.listdir(src):
-        shutil.copyfile(src / name, work / name)
+    work = _repository_of(tmp_path, src)
     (work / "optimizer.pt").write_bytes(os.urandom(5 << 20))
     (work / "trainer_state.json").write_text('{"step": 1}\n')
     mint(work, "commit", "-m", "r0")
@@ -319,11 +313,8 @@ def test_status_reads_no_unchanged_extra_file(
 def test_large_extra_files_are_stored_deflated_only_if_that_pays(tmp_path: Path) -> None:
     # zlib saves ~7% of an optimizer state, at 10-40 MB/s: such a blob is stored in
     # zlib's stored blocks (any git reads them), while a large text file is still deflated.
-    work = tmp_path / "work"
-    mint(tmp_path, "init", str(work), "--no-hooks")
     src = _many_tensors(tmp_path / "src", seed=9, count=6)
-    for name in os.listdir(src):
-        shutil.copyfile(src / name, work / name)
+    work = _repository_of(tmp_path, src)
     # fp32 moments, as an optimizer state holds them: zlib would save ~7%.
     noise = (np.random.default_rng(0).standard_normal(6 << 18) * 1e-3).astype("<f4").tobytes()
     text = b"".join(b'{"step": %d, "loss": 0.5}\n' % i for i in range(250_000))
@@ -354,11 +345,8 @@ def test_large_extra_files_are_stored_deflated_only_if_that_pays(tmp_path: Path)
 def test_an_extra_file_that_starts_like_a_tensor_blob_is_packed_by_gc(tmp_path: Path) -> None:
     # gc took any blob starting with the blob magic for a tensor blob and failed on its header,
     # every run, calling the store corrupt while fsck said ok.
-    work = tmp_path / "work"
-    mint(tmp_path, "init", str(work), "--no-hooks")
     src = _many_tensors(tmp_path / "src", seed=10, count=6)
-    for name in os.listdir(src):
-        shutil.copyfile(src / name, work / name)
+    work = _repository_of(tmp_path, src)
     (work / "notes.bin").write_bytes(b"MINTBLOB but not one")
     mint(work, "commit", "-m", "r0")
     mint(work, "gc")

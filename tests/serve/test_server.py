@@ -13,6 +13,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1645,30 +1646,48 @@ def test_a_broken_ref_is_left_out_of_models_and_its_error_names_no_server_path(
 def test_an_empty_notify_counts_the_moves_it_finds(
     server: BackgroundServer, repo: Repository, adapters: dict[str, Path]
 ) -> None:
-    import subprocess
-
     def moves() -> float:
         return metric(server, 'mint_ref_moves_total{ref="fast"}')
 
-    git = ["git", "--git-dir", str(repo.git_dir)]
-    one, other = repo.resolve("main"), repo.resolve("product-b")
-    porcelain.branch_create(repo, "fast", other)
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        assert gen(server, prompt="x", ref="fast", max_tokens=1)[0] == 200
+    with _served_branch(server, repo, "fast") as (move, one, other):
         before = moves()
         # The watcher polls every 0.15 s: a notify right after the move usually comes first.
         for _ in range(5):
-            subprocess.run([*git, "update-ref", "refs/heads/fast", one], check=True)
-            status, _, body = request(server.url + "/v1/refs/notify", {}, headers=auth)
+            move(one)
+            status, _, body = request(server.url + "/v1/refs/notify", {}, headers=AUTH)
             assert status == 200, body
-            subprocess.run([*git, "update-ref", "refs/heads/fast", other], check=True)
-            request(server.url + "/v1/refs/notify", {}, headers=auth)
+            move(other)
+            request(server.url + "/v1/refs/notify", {}, headers=AUTH)
         time.sleep(0.5)
         # Every move counted, whoever saw it first (the notify dropped them before).
         assert moves() == before + 10
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@contextlib.contextmanager
+def _served_branch(
+    server: BackgroundServer, repo: Repository, name: str
+) -> Iterator[tuple[Callable[[str], None], str, str]]:
+    """Branch `name` at product-b's revision, served once, deleted after: yields what moves it
+    (git update-ref, as another process would), and main's and product-b's commits."""
+    import subprocess
+
+    one, other = repo.resolve("main"), repo.resolve("product-b")
+    porcelain.branch_create(repo, name, other)
+
+    def move(commit: str) -> None:
+        subprocess.run(
+            ["git", "--git-dir", str(repo.git_dir), "update-ref", f"refs/heads/{name}", commit],
+            check=True,
+        )
+
+    try:
+        assert gen(server, prompt="x", ref=name, max_tokens=1)[0] == 200
+        yield move, one, other
     finally:
-        porcelain.branch_delete(repo, "fast", force=True)
+        porcelain.branch_delete(repo, name, force=True)
 
 
 def test_a_revision_pruned_while_served_by_id_is_404_and_its_pin_can_be_released(
@@ -1756,20 +1775,11 @@ def test_a_move_is_logged_once_whichever_specs_name_the_ref(
 ) -> None:
     # A notify caches the full name `refs/heads/X` beside the served `X`: each move of X was
     # then logged once per spec, while the metric counted it once.
-    import subprocess
-
-    git = ["git", "--git-dir", str(repo.git_dir)]
-    one, other = repo.resolve("main"), repo.resolve("product-b")
-    porcelain.branch_create(repo, "twice", other)
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    try:
-        assert gen(server, prompt="x", ref="twice", max_tokens=1)[0] == 200
-        request(server.url + "/v1/refs/notify", {"ref": "refs/heads/twice"}, headers=auth)
+    with _served_branch(server, repo, "twice") as (move, one, _):
+        request(server.url + "/v1/refs/notify", {"ref": "refs/heads/twice"}, headers=AUTH)
         with caplog.at_level("INFO", logger="mintvcs.serve"):
-            subprocess.run([*git, "update-ref", "refs/heads/twice", one], check=True)
-            request(server.url + "/v1/refs/notify", {"ref": "twice"}, headers=auth)
+            move(one)
+            request(server.url + "/v1/refs/notify", {"ref": "twice"}, headers=AUTH)
             time.sleep(0.5)  # the watcher's poll too
         lines = [r.getMessage() for r in caplog.records if "moved" in r.getMessage()]
         assert len([line for line in lines if "twice" in line]) == 1, lines
-    finally:
-        porcelain.branch_delete(repo, "twice", force=True)
