@@ -1227,6 +1227,7 @@ def write_work_tree(
         weights = rev.safetensors_buffer()
     files = rev.files()
     gone = [] if old is None else [f.path for f in old.manifest.files if f.path not in files]
+    gone += _left_behind_files(repo, old, files, gone)
     for path in [*files, *gone]:  # before anything is written or removed
         _refuse_symlinked_parent(work, path)
     for path in files:
@@ -1246,6 +1247,29 @@ def write_work_tree(
             _write_atomic(work / path, content, executable, known_ns - 2 * _RACY_NS, temps)
     written = {path: stat_key(os.stat(work / path)) for path in files}
     _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns, written)
+
+
+def _left_behind_files(
+    repo: Repository, old: Revision | None, files: Collection[str], gone: Collection[str]
+) -> list[str]:
+    """Extra files of the revision the work tree holds when HEAD moved under it (a `commit
+    --from`), which neither `old` (HEAD's) nor the revision written has: removed as `old`'s
+    are, when they still hold that revision's content (an edited one stays, as untracked)."""
+    held = work_tree_base(repo)
+    if held is None or (old is not None and held == old.commit) or repo.work_tree is None:
+        return []
+    try:
+        kept = _file_ids(repo.read_revision(held))
+    except MintError:
+        return []  # pruned since, or unreadable: nothing is known of its files
+    left = []
+    for path, (blob, _) in kept.items():
+        if path in files or path in gone:
+            continue
+        with suppress(OSError):
+            if blob_id(read_stable(repo.work_tree / path, mapped=False)[0]) == blob:
+                left.append(path)
+    return left
 
 
 def _work_temporaries(repo: Repository) -> Path | None:

@@ -1219,3 +1219,31 @@ def test_ignore_patterns_leave_out_what_git_leaves_out(tmp_path: Path, patterns:
     ).stdout.split()  # fmt: skip
     ours = set(extra_files(root)) - {".mintignore", ".gitignore"}
     assert ours == set(listed) - {".gitignore", ".mintignore"}
+
+
+def test_checkout_force_of_a_work_tree_left_behind_removes_what_only_it_had(
+    work: Path, tmp_path: Path
+) -> None:
+    # checkout and reset --hard removed only the files HEAD's revision had: a file of the
+    # revision the work tree still held (main moved under it) stayed, and status was not clean.
+    (work / "notes.txt").write_text("r0\n")
+    commit(work, "r0", "--no-verify")
+    checkpoint = tmp_path / "checkpoint"
+    copy_adapter(work, checkpoint)
+    (checkpoint / "notes.txt").unlink()
+    name = tensor_names(checkpoint)[1]
+    mutate(checkpoint, seed=3, names=[name])
+    commit(work, "trainer step", "--from", str(checkpoint), "--no-verify")
+    mint(work, "checkout", "--force", "main")
+    assert not (work / "notes.txt").exists()
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"] is True
+    # One edited since is the user's: it stays, as an untracked file.
+    (work / "notes.txt").write_text("r2\n")
+    commit(work, "r2", "--no-verify")
+    mutate(checkpoint, seed=4, names=[name])
+    commit(work, "trainer step 2", "--from", str(checkpoint), "--no-verify")
+    (work / "notes.txt").write_text("edited\n")
+    mint(work, "reset", "--hard", "main")
+    assert (work / "notes.txt").read_text() == "edited\n"
+    changes = json.loads(mint(work, "status", "--json").stdout)["changes"]
+    assert changes == [{"status": "added", "path": "notes.txt"}]
