@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError
@@ -28,7 +28,7 @@ from mintvcs.safetensors_file import SafetensorsLayout, parse_layout
 _IGNORED = {GIT_DIR, ".git", "__pycache__", ".DS_Store"}
 # gitignore-syntax patterns at the top of an adapter directory: files commit leaves out.
 IGNORE_FILE = ".mintignore"
-_MAX_IGNORE_BYTES = 1 << 20
+_MAX_SMALL_FILE_BYTES = 1 << 20  # open_small_file's bound
 
 
 class NotAnAdapterError(MintError):
@@ -151,6 +151,19 @@ def read_stable(
     return data, (stat_key(after) if stable else None)
 
 
+def open_small_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open `path` only if it is a regular file under 1 MiB (a config, a list of patterns);
+    ValueError otherwise. A received repository may name any file: `/dev/zero` would be read
+    without end, and opening a FIFO would wait for a writer (O_NONBLOCK: a regular file
+    ignores it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_SMALL_FILE_BYTES:
+        os.close(fd)
+        raise ValueError(f"{os.fspath(path)} is not a regular file under 1 MiB")
+    return os.fdopen(fd, "rb")
+
+
 def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str], bool]:
     """Whether a relative posix path (a directory's with a trailing `/`) is left out: by
     `exclude` or by root's .mintignore, in gitignore's syntax (dulwich reads it as git does)."""
@@ -159,20 +172,16 @@ def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str], bool
     patterns = list(exclude)
     path = root / IGNORE_FILE
     try:
-        st = path.stat()
+        with open_small_file(path) as handle:
+            patterns += read_ignore_patterns(handle)
     except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_IGNORE_BYTES:
-            raise NotAnAdapterError(
-                f"{path} is not a file of patterns (a regular file under "
-                f"{_MAX_IGNORE_BYTES >> 20} MiB); fix or remove it"
-            )
-        try:
-            with open(path, "rb") as handle:
-                patterns += read_ignore_patterns(handle)
-        except OSError as err:
-            raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
+        pass
+    except ValueError:
+        raise NotAnAdapterError(
+            f"{path} is not a file of patterns (a regular file under 1 MiB); fix or remove it"
+        ) from None
+    except OSError as err:
+        raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
     if not patterns:
         return lambda rel: False
     rules = IgnoreFilter(patterns)
@@ -200,7 +209,7 @@ def _extra_paths(
         dirnames[:] = sorted(
             d for d in dirnames if d not in _IGNORED and not ignored(f"{prefix}{d}/")
         )
-        if dirnames and Path(dirpath).relative_to(root).as_posix().count("/") >= MAX_PATH_DEPTH:
+        if dirnames and where.count("/") >= MAX_PATH_DEPTH:
             # os.walk recurses once per level: refused before it runs out of stack.
             raise NotAnAdapterError(
                 f"{dirpath[:200]}…: directories nest more than {MAX_PATH_DEPTH} levels deep, and "
@@ -208,7 +217,7 @@ def _extra_paths(
             )
         for filename in sorted(filenames):
             path = Path(dirpath) / filename
-            rel = path.relative_to(root).as_posix()
+            rel = prefix + filename
             if rel in (CONFIG_FILE, WEIGHTS_FILE) or filename in _IGNORED or ignored(rel):
                 continue  # the adapter itself is never ignored
             # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
@@ -260,7 +269,7 @@ def read_extra_files(
     root: Path, exclude: Sequence[bytes] = ()
 ) -> tuple[dict[str, tuple[bytes | memoryview, bool]], dict[str, tuple[int, ...] | None]]:
     """Every extra file's (content, executable) by relative posix path, and its stat_key() while
-    it was read (None if it changed meanwhile). A large one is mapped, as the weights are."""
+    it was read (None if it changed meanwhile)."""
     files: dict[str, tuple[bytes | memoryview, bool]] = {}
     stats: dict[str, tuple[int, ...] | None] = {}
     for rel, path, st in _extra_paths(root, exclude):

@@ -68,13 +68,21 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
     return meta
 
 
+def _discard(fd: int) -> None:
+    """Point descriptor `fd` at /dev/null: what is still buffered for it is dropped there, not
+    failed again (into a traceback) as Python exits."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
+
+
 def _complain(line: str) -> None:
     """Write one line to stderr; where stderr cannot take it (a full disk, a reader gone), the
     exit status still tells, and what is unwritten goes to /dev/null, not into a traceback at exit."""
     try:
         click.echo(line, err=True)  # click flushes: a failure shows here
     except OSError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        _discard(2)
 
 
 def _usage_error(err: click.UsageError, command: str) -> NoReturn:
@@ -95,14 +103,13 @@ def _exit_for(err: MintError | OSError | MemoryError | KeyboardInterrupt) -> NoR
     if isinstance(err, BrokenPipeError):
         # As git: die of SIGPIPE, quietly; nothing more can reach the reader. What is left in
         # stdout's buffer goes to /dev/null, should the signal be blocked and Python exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        _discard(1)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGPIPE)
         sys.exit(141)  # only if the signal is blocked
     if isinstance(err, _StdoutWriteError):
-        # git's words and status; the unwritten rest goes to /dev/null, else the flush at exit
-        # would fail again with a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        # git's words and status; the unwritten rest goes to /dev/null.
+        _discard(1)
         _complain(f"error: write failure on 'stdout': {err.strerror}")
         sys.exit(128)
     if isinstance(err, MintError):

@@ -1298,10 +1298,12 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
 LAST_PACK_FILE = "mint-gc-pack"
 
 
-def _pack_checked(writer: PackWriter, oid: str, kind: bytes, raw: bytes, who: str) -> None:
-    """Append an object read back to `writer` as our writers store it; GcWriteError if its
-    content hashes to another id."""
-    level, prefix = object_zlib_level(kind, raw)
+def _pack_checked(
+    writer: PackWriter, oid: str, kind: bytes, raw: bytes, who: str, layout: tuple[int, int]
+) -> None:
+    """Append an object read back to `writer` with its object_zlib_level() `layout`, as our
+    writers store it; GcWriteError if its content hashes to another id."""
+    level, prefix = layout
     if writer.add(kind, [raw], level, prefix) != oid:
         raise GcWriteError(
             f"{who} failed while packing: object {oid} read back as other content; nothing was "
@@ -1338,17 +1340,22 @@ class _Deltas:
         self.repo, self.writer, self.who, self.progress = repo, writer, who, progress
         self.held: dict[str, bytes] = {}  # id -> type
 
-    def hold(self, oid: str, kind: bytes, raw: bytes) -> bool:
-        """Whether to hold back this object (a large tree or a blob that is no tensor's)."""
-        if kind not in (b"tree", b"blob") or len(raw) < DELTA_MIN_BYTES:
-            return False
-        if kind == b"blob" and (
-            raw[: len(codec.MAGIC)] == codec.MAGIC  # a tensor's (its header is parsed once, later)
-            or object_zlib_level(kind, raw)[0] == TENSOR_ZLIB_LEVEL  # large, zlib cannot shrink it
+    def add(self, oid: str, kind: bytes, raw: bytes) -> None:
+        """Write an object now, or hold it back for write(): a large tree, or a large blob that
+        is no tensor's and that deflate shrinks (whose level is then META_ZLIB_LEVEL)."""
+        layout = object_zlib_level(kind, raw)  # once: a large blob's costs a deflate probe
+        if (
+            kind in (b"tree", b"blob")
+            and len(raw) >= DELTA_MIN_BYTES
+            and not (
+                kind == b"blob"
+                and (raw[: len(codec.MAGIC)] == codec.MAGIC or layout[0] == TENSOR_ZLIB_LEVEL)
+            )
         ):
-            return False
-        self.held[oid] = kind
-        return True
+            self.held[oid] = kind
+            return
+        _pack_checked(self.writer, oid, kind, raw, self.who, layout)
+        self.progress("packing", 1)
 
     def write(
         self,
@@ -1388,7 +1395,7 @@ class _Deltas:
         """Write one held object: a delta against `base` when that is clearly smaller, else whole."""
         level = META_ZLIB_LEVEL  # what object_zlib_level gives every object held
         if base is None or self.held[base[0]] != kind:
-            _pack_checked(self.writer, oid, kind, raw, self.who)
+            _pack_checked(self.writer, oid, kind, raw, self.who, (level, 0))
             return
         digest = hashlib.sha1(b"%s %d\0" % (kind, len(raw)))
         digest.update(raw)
@@ -1399,7 +1406,7 @@ class _Deltas:
             )
         delta = self._delta(oid, raw, *base)
         if delta is None:
-            _pack_checked(self.writer, oid, kind, raw, self.who)
+            _pack_checked(self.writer, oid, kind, raw, self.who, (level, 0))
             return
         deflated = zlib.compress(delta, level)
         # Far below what deflate alone makes of any object: kept without deflating the whole.
@@ -1617,9 +1624,7 @@ def _repack(
 
         def add(oid: str, kind: bytes, raw: bytes) -> None:
             wanted.discard(oid)
-            if not deltas.hold(oid, kind, raw):
-                _pack_checked(writer, oid, kind, raw, "gc")
-                progress("packing", 1)
+            deltas.add(oid, kind, raw)
 
         def read(oid: str) -> tuple[bytes, bytes]:
             if oid in scan.meta:
@@ -1989,9 +1994,7 @@ def _roll_up(
         wanted.discard(oid)
         if kind == b"commit":
             commits.append(oid)
-        if not deltas.hold(oid, kind, raw):
-            _pack_checked(writer, oid, kind, raw, "gc --auto")
-            progress("packing", 1)
+        deltas.add(oid, kind, raw)
 
     def read(oid: str) -> tuple[bytes, bytes]:
         obj = repo.get_object(oid)

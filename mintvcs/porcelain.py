@@ -383,9 +383,10 @@ def commit(
     branch_ref = f"refs/heads/{branch}" if branch is not None else repo.refs.read_symbolic("HEAD")
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
-    if of_work_tree and parent is not None and target in ("HEAD", repo.refs.read_symbolic("HEAD")):
-        base = work_tree_base(repo)
-        if base is not None and base != parent:
+    if of_work_tree and target in ("HEAD", repo.refs.read_symbolic("HEAD")):
+        base = _held_instead(repo, parent)
+        if base is not None:
+            assert parent is not None
             # git's index would commit the old files as they are, undoing what moved the
             # branch (a trainer's `commit --from`); mintvcs knows the base, so it refuses.
             raise StaleWorkTreeError(
@@ -802,10 +803,8 @@ class Status:
 def status(repo: Repository) -> Status:
     """Compare the work tree with HEAD by content hash (the weights by stat when recorded clean)."""
     state = _status(repo)[0]
-    base = work_tree_base(repo)
-    if state.clean or base is None or base == state.head or state.head is None:
-        return state
-    return replace(state, base=base)
+    base = _held_instead(repo, state.head)
+    return state if state.clean or base is None else replace(state, base=base)
 
 
 def stale_hint(base: str, head: str, branch: str | None) -> str:
@@ -968,6 +967,13 @@ def work_tree_base(repo: Repository) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return commit if is_object_id(commit) else None
+
+
+def _held_instead(repo: Repository, head: str | None) -> str | None:
+    """The revision the work tree holds when it is not `head` (its branch moved under it),
+    else None."""
+    base = work_tree_base(repo)
+    return base if base is not None and head is not None and base != head else None
 
 
 def _same_dir(a: Path, b: Path | None) -> bool:
@@ -1435,8 +1441,9 @@ def _refuse_if_changes_lost(
                 lost.append(path)
     if lost:
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
-        base = work_tree_base(repo)
-        if base is not None and state.head is not None and base != state.head:
+        base = _held_instead(repo, state.head)
+        if base is not None:
+            assert state.head is not None
             advice = stale_hint(base, state.head, state.branch)
         else:
             advice = "commit them or use --force"
@@ -1699,6 +1706,6 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     if not hard and repo.work_tree is not None:
         # The work tree's files are now changes to `target`, as after git's soft reset: a
         # commit of them goes on top of it. No stat is trusted: they are not its content.
-        _write_record(repo, {"commit": target, "weights": None, "known_ns": 0, "files": {}})
+        _record_clean(repo, target, None, 0)
     _ref_moved(repo, repo.refs.read_symbolic("HEAD") or "HEAD", head, target)
     return target

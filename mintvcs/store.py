@@ -21,10 +21,10 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import cached_property, wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from mintvcs import codec
-from mintvcs.adapter import GIT_DIR, AdapterFiles
+from mintvcs.adapter import GIT_DIR, AdapterFiles, open_small_file
 from mintvcs.base import BaseModel
 from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError
@@ -68,7 +68,6 @@ if TYPE_CHECKING:
     from mintvcs.plane_cache import PlaneCache
 
 DEFAULT_BRANCH = "main"
-_MAX_CONFIG_BYTES = 1 << 20
 # A manifest or adapter config larger than this is refused unread: a real adapter's manifest is
 # ~300 bytes per tensor (134 kB for a Llama-8B all-linear LoRA). A safetensors header blob may be
 # as large as commit accepts one (safetensors_file.MAX_HEADER_BYTES, with its length prefix).
@@ -529,7 +528,7 @@ class Repository:
 
         path = self.git_dir / "info" / "exclude"
         try:
-            with _open_config_file(path) as handle:  # a regular file under 1 MiB, as the config
+            with open_small_file(path) as handle:  # a regular file under 1 MiB, as the config
                 return tuple(read_ignore_patterns(handle))
         except FileNotFoundError:
             return ()
@@ -1952,22 +1951,11 @@ def _read_config(path: Path) -> Any:
     from dulwich.config import ConfigFile
 
     try:
-        return ConfigFile.from_path(str(path), file_opener=_open_config_file)
+        return ConfigFile.from_path(str(path), file_opener=open_small_file)
     except (OSError, ValueError) as err:  # unreadable, refused, or dulwich's parse errors
         raise NotARepositoryError(
             f"{path} cannot be read ({err}); fix it, or restore it from a working repository"
         ) from None
-
-
-def _open_config_file(path: str | os.PathLike[str]) -> BinaryIO:
-    """Open a config file (or one it includes) only if it is a regular file under 1 MiB."""
-    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer; a regular file ignores it.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_CONFIG_BYTES:
-        os.close(fd)
-        raise ValueError(f"{os.fspath(path)} is not a regular file under 1 MiB")
-    return os.fdopen(fd, "rb")
 
 
 def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) -> None:
