@@ -96,7 +96,7 @@ def _natural(name: str) -> tuple[tuple[int, str], ...]:
 
 def read_adapter(root: Path, exclude: Sequence[bytes] = ()) -> AdapterFiles:
     """Read and validate a PEFT adapter directory (`exclude`: gitignore patterns of files that
-    are not part of it, beside those of its .mintignore)."""
+    are not part of it, beside those of its .mintignore files)."""
     root = Path(root)
     config_path, weights_path = adapter_paths(root)
     config_bytes = config_path.read_bytes()
@@ -164,35 +164,49 @@ def open_small_file(path: str | os.PathLike[str]) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
-def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str], bool]:
-    """Whether a relative posix path (a directory's with a trailing `/`) is left out: by
-    `exclude` or by root's .mintignore, in gitignore's syntax (dulwich reads it as git does)."""
+def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str, bool], bool]:
+    """Whether a relative posix path (a directory's if the flag is set) is left out: by the
+    .mintignore files of its directory and those above it, then `exclude`, as git reads its
+    .gitignore files and info/exclude (gitignore's syntax, matched by dulwich). What an ignored
+    directory holds is never asked: the caller does not enter it, as git does not."""
     from dulwich.ignore import IgnoreFilter, read_ignore_patterns
 
-    patterns = list(exclude)
-    path = root / IGNORE_FILE
-    try:
-        with open_small_file(path) as handle:
-            patterns += read_ignore_patterns(handle)
-    except FileNotFoundError:
-        pass
-    except ValueError:
-        raise NotAnAdapterError(
-            f"{path} is not a file of patterns (a regular file under 1 MiB); fix or remove it"
-        ) from None
-    except OSError as err:
-        raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
-    if not patterns:
-        return lambda rel: False
-    rules = IgnoreFilter(patterns)
+    excluded = IgnoreFilter(exclude)
+    levels: dict[str, IgnoreFilter | None] = {}
 
-    def ignored(rel: str) -> bool:
-        if not rel.endswith("/"):
-            return rules.is_ignored(os.fsencode(rel)) is True
-        # A directory, as git matches it: by its path. dulwich also lets `logs/*` match
-        # "logs/" (its `*` takes the empty name), and `!*/` only with the slash: so only
-        # what both forms ignore is left out whole; the rest is matched file by file.
-        return all(rules.is_ignored(os.fsencode(form)) is True for form in (rel, rel[:-1]))
+    def patterns_of(folder: str) -> IgnoreFilter | None:
+        """The patterns of `folder`'s .mintignore ("" the top, else "a/b/"), read once."""
+        if folder not in levels:
+            path = root / folder / IGNORE_FILE
+            try:
+                with open_small_file(path) as handle:
+                    levels[folder] = IgnoreFilter(read_ignore_patterns(handle))
+            except FileNotFoundError:
+                levels[folder] = None
+            except ValueError:
+                raise NotAnAdapterError(
+                    f"{path} is not a file of patterns (a regular file under 1 MiB); fix or "
+                    "remove it"
+                ) from None
+            except OSError as err:
+                raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
+        return levels[folder]
+
+    def ignored(rel: str, is_dir: bool) -> bool:
+        # The deepest file with a pattern for the path decides, by its last such pattern;
+        # info/exclude comes after every .mintignore: git's order of precedence.
+        parts = rel.split("/")
+        for depth in range(len(parts) - 1, -1, -1):
+            rules = patterns_of("".join(part + "/" for part in parts[:depth]))
+            if rules is not None:
+                name = os.fsencode("/".join(parts[depth:]))
+                for pattern in reversed(rules.patterns):
+                    if pattern.matches(name, is_dir):
+                        return pattern.is_exclude
+        for pattern in reversed(excluded.patterns):
+            if pattern.matches(os.fsencode(rel), is_dir):
+                return pattern.is_exclude
+        return False
 
     return ignored
 
@@ -207,7 +221,7 @@ def _extra_paths(
         where = Path(dirpath).relative_to(root).as_posix()
         prefix = "" if where == "." else where + "/"
         dirnames[:] = sorted(
-            d for d in dirnames if d not in _IGNORED and not ignored(f"{prefix}{d}/")
+            d for d in dirnames if d not in _IGNORED and not ignored(prefix + d, True)
         )
         if dirnames and where.count("/") >= MAX_PATH_DEPTH:
             # os.walk recurses once per level: refused before it runs out of stack.
@@ -218,7 +232,7 @@ def _extra_paths(
         for filename in sorted(filenames):
             path = Path(dirpath) / filename
             rel = prefix + filename
-            if rel in (CONFIG_FILE, WEIGHTS_FILE) or filename in _IGNORED or ignored(rel):
+            if rel in (CONFIG_FILE, WEIGHTS_FILE) or filename in _IGNORED or ignored(rel, False):
                 continue  # the adapter itself is never ignored
             # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
             # cache snapshot is a directory of such links, and a checkout writes plain files.

@@ -302,8 +302,8 @@ class Revision:
 # `.mint/info/exclude` as init writes it: comments only, nothing left out until a line is added.
 EXCLUDE_SAMPLE = """\
 # Files that `mintvcs commit` and `status` leave out of every adapter directory of this
-# repository, in .gitignore's syntax (a .mintignore at the top of an adapter directory adds
-# its own). A trainer's checkpoint holds state that a revision may do without; uncommented,
+# repository, in .gitignore's syntax (.mintignore files in an adapter directory add
+# theirs). A trainer's checkpoint holds state that a revision may do without; uncommented,
 # these lines keep a Trainer's checkpoint to the adapter and its tokenizer files:
 # optimizer.pt
 # scheduler.pt

@@ -1186,20 +1186,36 @@ def test_a_record_of_an_earlier_mintvcs_claims_no_base(work: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "patterns",
+    ("exclude", "ignore_files"),
     [
-        "logs/*\n!logs/keep.txt\n",
-        "doc/*\n!doc/sub\n",
-        "sub/*\n!sub/foo/\n",
-        "bar/*/\n",
-        "sub/**/\n",
-        "*\n!*/\n!*.txt\n",
-        "logs/\n!logs/keep.txt\n",
-        "/*\n!/sub\n",
-        "**/foo/\n*.pt\n!keep.pt\n",
+        ("", {"": "logs/*\n!logs/keep.txt\n"}),
+        ("", {"": "doc/*\n!doc/sub\n"}),
+        ("", {"": "sub/*\n!sub/foo/\n"}),
+        ("", {"": "bar/*/\n"}),
+        ("", {"": "sub/**/\n"}),
+        ("", {"": "*\n!*/\n!*.txt\n"}),
+        ("", {"": "logs/\n!logs/keep.txt\n"}),
+        ("", {"": "/*\n!/sub\n"}),
+        ("", {"": "**/foo/\n*.pt\n!keep.pt\n"}),
+        # A .mintignore below the top: its patterns are relative to its directory, and the
+        # deepest file with a matching pattern decides, as with git's nested .gitignore files.
+        ("", {"": "*.pt\n", "sub/": "!a.pt\n"}),
+        ("", {"sub/": "/a.pt\ndeep/\n"}),
+        ("", {"": "!keep.pt\n", "sub/": "*.pt\nfoo\n"}),
+        ("", {"": "sub/\n", "sub/": "!a.pt\n"}),
+        ("", {"doc/": "*.md\n", "doc/sub/": "!readme.md\n"}),
+        ("", {"bar/baz/": "*\n", "logs/": "keep.txt\n"}),
+        ("", {"": "sub/**\n!sub/foo/\n!sub/foo/**\n"}),
+        ("", {"": "*.txt\n", "logs/": "!*\n", "bar/": "*\n!baz/\n"}),
+        ("", {"": "x.log/\ndoc\n", "sub/": "**/a.pt\n!deep/a.pt\n"}),
+        # info/exclude comes last: every .mintignore overrides it.
+        ("*.pt\nlogs/\n", {"sub/": "!*.pt\n"}),
+        ("*.txt\n", {"": "!keep.txt\n"}),
     ],
 )
-def test_ignore_patterns_leave_out_what_git_leaves_out(tmp_path: Path, patterns: str) -> None:
+def test_ignore_patterns_leave_out_what_git_leaves_out(
+    tmp_path: Path, exclude: str, ignore_files: dict[str, str]
+) -> None:
     from mintvcs.adapter import extra_files
 
     root = tmp_path / "tree"
@@ -1210,15 +1226,19 @@ def test_ignore_patterns_leave_out_what_git_leaves_out(tmp_path: Path, patterns:
     ):  # fmt: skip
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(name)
-    (root / ".mintignore").write_text(patterns)
-    (root / ".gitignore").write_text(patterns)
+    for folder, patterns in ignore_files.items():
+        (root / folder / ".mintignore").write_text(patterns)
+        (root / folder / ".gitignore").write_text(patterns)
     subprocess.run(["git", "init", "-q", str(root)], check=True, env=ENV)
+    (root / ".git" / "info" / "exclude").write_text(exclude)
     listed = subprocess.run(
         ["git", "-C", str(root), "ls-files", "--others", "--exclude-standard"],
         capture_output=True, text=True, check=True, env=ENV,
     ).stdout.split()  # fmt: skip
-    ours = set(extra_files(root)) - {".mintignore", ".gitignore"}
-    assert ours == set(listed) - {".gitignore", ".mintignore"}
+    ours = extra_files(root, tuple(line.encode() for line in exclude.splitlines()))
+    assert {p for p in ours if not p.endswith("ignore")} == {
+        p for p in listed if not p.endswith("ignore")
+    }
 
 
 def test_checkout_force_of_a_work_tree_left_behind_removes_what_only_it_had(
