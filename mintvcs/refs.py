@@ -116,6 +116,17 @@ class RefNotFoundError(MintError):
         super().__init__(f"ref {name!r} not found; list refs with `mintvcs branch --list`")
 
 
+class SymbolicRefError(MintError):
+    """A rename of a symbolic ref, which git refuses too."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"cannot rename {name!r}: it is a symbolic ref (`git symbolic-ref`), which git does "
+            "not rename either; delete it and make one under the new name"
+        )
+
+
 class RefFormatError(MintError):
     """A loose ref, packed-refs or reflog file that does not parse."""
 
@@ -280,6 +291,23 @@ def _check_store_name(name: str, *, long_names: bool = False) -> None:
     check_ref_name(name, long_names=long_names)
     if not name.startswith("refs/"):
         raise InvalidRefNameError(name, "full ref names begin with 'refs/' (or are HEAD)")
+
+
+def _log_line(old: str, new: str, identity: str, ts: int, tz: str, message: str) -> bytes:
+    """One reflog line as git writes it (the message, if any, after a tab)."""
+    line = f"{old} {new} {identity} {ts} {tz}"
+    if message:
+        line += "\t" + message
+    return (line + "\n").encode()
+
+
+def _read_bytes(path: str) -> bytes | None:
+    """A file's bytes, or None when there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
 
 
 def _check_value(value: str) -> None:
@@ -710,15 +738,17 @@ class RefStore:
                 return anc
         return None
 
-    def _check_df(self, name: str) -> None:
-        """Refuse to create `name` where an ancestor is a ref or `name/` holds refs."""
+    def _check_df(self, name: str, but: str | None = None) -> None:
+        """Refuse to create `name` where an ancestor is a ref or `name/` holds refs (other than
+        `but`, the ref a rename takes the name from)."""
         anc = self._file_ancestor(name)
-        if anc is not None:
+        if anc is not None and anc != but:
             raise RefNameConflictError(name, anc)
         for child, _ in self._iter_raw(name + "/"):
-            raise RefNameConflictError(name, child)
+            if child != but:
+                raise RefNameConflictError(name, child)
         path = self._path(name)
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not (but or "").startswith(name + "/"):
             # Empty directories left behind by deleted refs: git removes them too.
             for root, _dirs, _files in os.walk(path, topdown=False):
                 try:
@@ -743,10 +773,7 @@ class RefStore:
     def _append_log(
         self, name: str, old: str, new: str, identity: str, ts: int, tz: str, message: str
     ) -> _Appended:
-        line = f"{old} {new} {identity} {ts} {tz}"
-        if message:
-            line += "\t" + message
-        data = (line + "\n").encode()
+        data = _log_line(old, new, identity, ts, tz, message)
         path = os.path.join(self._dir, "logs", name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # One O_APPEND write per entry: concurrent appenders never interleave within a line.
@@ -983,6 +1010,188 @@ class RefStore:
                 except OSError:
                     break
 
+    # -- renaming --
+
+    def rename(
+        self,
+        old: str,
+        new: str,
+        *,
+        force: bool = False,
+        message: str,
+        identity: str = DEFAULT_IDENTITY,
+        timestamp: int | None = None,
+        tz: str | None = None,
+        worktrees: Iterable[str | os.PathLike[str]] = (),
+    ) -> tuple[str | None, str | None]:
+        """Rename ref `old` to `new` with its reflog, as `git branch -m` does; returns (the value
+        renamed, None when `old` is unborn; the value `new` had, None when it had none).
+
+        HEAD, and the HEAD of each linked worktree directory in `worktrees`, follows when it
+        names `old`, with git's reflog lines. `new` must not exist unless `force`. An `old` that
+        does not exist but HEAD names (unborn) only moves the HEADs. `new` is written before
+        `old` is deleted: a crash in between leaves both names, never neither.
+        """
+        for name in (old, new):
+            _check_store_name(name)
+            if not name.startswith("refs/"):
+                raise InvalidRefNameError(name, "only names under 'refs/' are renamed")
+        _check_identity(identity)
+        ts, tz = _when(timestamp, tz)
+        message = _clean_message(message)
+
+        def log(store: RefStore, name: str, a: str, b: str) -> None:
+            store._append_log(name, a, b, identity, ts, tz, message)
+
+        locks: list[_Lock] = []
+        try:
+            # HEADs first, the order update() takes them in (HEAD, then the branch it names).
+            heads: list[tuple[RefStore, _Lock]] = []
+            for store in (self, *(RefStore(Path(w)) for w in worktrees)):
+                if store.read_symbolic(HEAD) == old:
+                    lock = store._lock(HEAD)
+                    locks.append(lock)
+                    if store.read_symbolic(HEAD) == old:  # still, now that it is locked
+                        heads.append((store, lock))
+            locks.append(self._lock(old))
+            # `a` -> `a/b`: no `a/b.lock` while `a` is a file; holding `a.lock` keeps `a/b` away.
+            new_lock = None if new == old or new.startswith(old + "/") else self._lock(new)
+            if new_lock is not None:
+                locks.append(new_lock)
+            value = self._read_direct(old)
+            if value is not None and value.startswith("ref: "):
+                raise SymbolicRefError(old)
+            if value is None and not (heads and heads[0][0] is self):
+                raise RefNotFoundError(old)
+            replaced = value if new == old else self._resolve(new)[1]
+            if replaced is not None and new != old and not force:
+                raise RefConflictError(new, None, replaced, detail="it already exists")
+            if value is None:
+                # Unborn: no ref to move, HEAD names the new name (git logs only a target that
+                # resolves: one that -M took over).
+                for store, lock in heads:
+                    if replaced is not None:
+                        log(store, HEAD, ZERO, replaced)
+                    lock.write_commit(f"ref: {new}\n".encode())
+                return None, replaced
+            if new == old:
+                # As git: the branch logs the "rename", HEAD its deletion and return.
+                log(self, old, value, value)
+                for store, _ in heads:
+                    if store is self:
+                        log(self, HEAD, value, ZERO)
+                    log(store, HEAD, value, value)
+                return value, replaced
+            nested = new.startswith(old + "/") or old.startswith(new + "/")
+            if self._read_direct(new) is None:
+                self._check_df(new, but=old)
+            self._check_log_way(new, old)
+            history = _read_bytes(os.path.join(self._dir, "logs", old))
+            logged = history is not None or self._logs(new)
+            entry = _log_line(value, value, identity, ts, tz, message)
+            plock = self._lock_packed()  # from here to old's deletion, as delete() holds it
+            locks.append(plock)
+            if nested:
+                # Both names cannot be loose files at once: one packed-refs write adds `new` (and
+                # drops a packed `old`), then the reflog moves and a loose `old` goes below.
+                self._swap_packed(plock, old, new, value)
+                if logged:
+                    self._place_log(new, (history or b"") + entry, drop=old)
+            else:
+                previous = _read_bytes(os.path.join(self._dir, "logs", new))
+                if logged:
+                    self._place_log(new, (history or b"") + entry)
+                assert new_lock is not None
+                try:
+                    new_lock.write_commit((value + "\n").encode())
+                except BaseException as err:
+                    self._restore_log(new, previous)
+                    if isinstance(err, (IsADirectoryError, NotADirectoryError, FileExistsError)):
+                        raise RefNameConflictError(new, f"{new}/...") from err
+                    raise
+            for store, lock in heads:
+                # git deletes `old` first, which HEAD logs, then points HEAD at `new`.
+                if store is self:
+                    log(self, HEAD, value, ZERO)
+                log(store, HEAD, ZERO, value)
+                lock.write_commit(f"ref: {new}\n".encode())
+            if not nested:
+                self._remove_packed(old, plock)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._dir, "logs", old))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(old))
+        finally:
+            for lk in locks:
+                lk.release()
+        self._prune_dirs(old)
+        return value, replaced
+
+    def _check_log_way(self, new: str, old: str) -> None:
+        """Refuse a rename whose reflog could not be put at logs/`new`: a reflog (of no ref, left
+        by a crash) where `new` needs a directory, or in a directory where `new`'s would go."""
+        logs = os.path.join(self._dir, "logs")
+        mine = os.path.join(logs, old)
+        parts = new.split("/")
+        for i in range(2, len(parts)):
+            above = os.path.join(logs, *parts[:i])
+            if os.path.isfile(above) and above != mine:
+                raise RefNameConflictError(new, os.path.relpath(above, self._dir))
+        for root, _dirs, files in os.walk(os.path.join(logs, new)):
+            for f in files:
+                if os.path.join(root, f) != mine:
+                    raise RefNameConflictError(
+                        new, os.path.relpath(os.path.join(root, f), self._dir)
+                    )
+
+    def _place_log(self, name: str, data: bytes, *, drop: str | None = None) -> None:
+        """Make `data` the whole reflog of `name` at once (written aside, renamed into place);
+        with `drop`, that ref's reflog is removed first (`a` -> `a/b`: one stands in the way)."""
+        logs = os.path.join(self._dir, "logs")
+        path = os.path.join(logs, name)
+        # A name with a '.'-led component is no ref's, so neither git nor mintvcs reads it as a log.
+        tmp = os.path.join(logs, "refs", f".tmp-renamed-log.{os.getpid()}.{os.urandom(4).hex()}")
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with open(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        dropped = False
+        try:
+            if drop is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(logs, drop))
+                dropped = True
+            # Empty directories (of deleted refs' reflogs, or `drop`'s: `a/b` -> `a`).
+            if os.path.isdir(path):
+                for root, _dirs, _files in os.walk(path, topdown=False):
+                    os.rmdir(root)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.rename(tmp, path)
+        except BaseException:
+            if not dropped:  # else the history is only there now: leave it, as git leaves its
+                with contextlib.suppress(FileNotFoundError):  # .tmp-renamed-log
+                    os.unlink(tmp)
+            raise
+
+    def _restore_log(self, name: str, data: bytes | None) -> None:
+        """Put back the reflog `name` had before a rename that then failed."""
+        path = os.path.join(self._dir, "logs", name)
+        with contextlib.suppress(OSError):
+            if data is None:
+                os.unlink(path)
+            else:
+                self._place_log(name, data)
+
+    def _swap_packed(self, plock: _Lock, old: str, new: str, value: str) -> None:
+        """Rewrite packed-refs with `new` at `value` and without `old`; the caller holds its lock."""
+        entries = _packed_entries(self._packed())
+        entries.pop(old, None)
+        entries[new] = (value, None)
+        # The new record has no peeled line (it may be a tag this store cannot peel): claim none.
+        plock.write_commit(_serialize_packed(entries, b"# pack-refs with: sorted \n"))
+
     # -- listing --
 
     def _iter_loose(
@@ -1086,15 +1295,8 @@ class RefStore:
                 if not raw.startswith("ref: "):
                     moved[name] = raw
             old_snap = self._packed()
-            entries: dict[str, tuple[str, str | None]] = {}
-            old_full = False
-            if old_snap is not None:
-                old_full = "fully-peeled" in old_snap.traits
-                for bname, bvalue, bpeeled in old_snap.iter_prefix(b""):
-                    entries[bname.decode("utf-8", "surrogateescape")] = (
-                        bvalue.decode(),
-                        None if bpeeled is None else bpeeled.decode(),
-                    )
+            entries = _packed_entries(old_snap)
+            old_full = old_snap is not None and "fully-peeled" in old_snap.traits
             for name, value in moved.items():
                 prev = entries.get(name)
                 if prev is not None and prev[0] == value and prev[1] is not None:
@@ -1137,14 +1339,7 @@ class RefStore:
             new[name] = value
         plock = self._lock_packed()
         try:
-            snap = self._packed()
-            entries: dict[str, tuple[str, str | None]] = {}
-            if snap is not None:
-                for bname, bvalue, bpeeled in snap.iter_prefix(b""):
-                    entries[bname.decode("utf-8", "surrogateescape")] = (
-                        bvalue.decode(),
-                        None if bpeeled is None else bpeeled.decode(),
-                    )
+            entries = _packed_entries(self._packed())
             loose = {n for n, _ in self._iter_loose("refs/")}
             for name in new:
                 if name in entries or name in loose:
@@ -1170,6 +1365,18 @@ class RefStore:
             plock.release()
         self.close()
         return len(new)
+
+
+def _packed_entries(snap: _Packed | None) -> dict[str, tuple[str, str | None]]:
+    """Every record of a packed-refs snapshot: name -> (value, peeled or None)."""
+    entries: dict[str, tuple[str, str | None]] = {}
+    if snap is not None:
+        for bname, bvalue, bpeeled in snap.iter_prefix(b""):
+            entries[bname.decode("utf-8", "surrogateescape")] = (
+                bvalue.decode(),
+                None if bpeeled is None else bpeeled.decode(),
+            )
+    return entries
 
 
 def _serialize_packed(entries: dict[str, tuple[str, str | None]], header: bytes) -> bytes:

@@ -839,3 +839,180 @@ def test_a_failed_second_reflog_line_takes_the_first_back(
         s.update("refs/heads/main", c2, message="two", identity=ME)
     assert s.read("refs/heads/main") == c1
     assert (repo / "logs/refs/heads/main").read_bytes() == before
+
+
+# --- renaming (git branch -m) ----------------------------------------------------------------
+
+GIT_ME = "Tester <t@example.com>"  # GIT_ENV's committer: both sides write the same reflog lines
+
+
+def _renaming_store(tmp_path: Path) -> tuple[Path, str]:
+    """A bare store logging every update (as .mint does), HEAD -> main: main and a/b loose at
+    the commit returned, side loose at its parent, `packed` only in packed-refs; all with reflogs."""
+    d = tmp_path / "ours.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(d)], env=GIT_ENV, check=True)
+    git(d, "config", "core.logAllRefUpdates", "true")
+    git(d, "symbolic-ref", "HEAD", "refs/heads/main")
+    c1, c2 = make_commits(d, 2)
+    for name in ("packed", "main"):
+        git(d, "update-ref", "-m", "made", f"refs/heads/{name}", c1)
+    git(d, "pack-refs", "--all")
+    for name in ("main", "a/b"):
+        git(d, "update-ref", "-m", "moved", f"refs/heads/{name}", c2)
+    git(d, "update-ref", "-m", "made", "refs/heads/side", c1)
+    return d, c2
+
+
+def _git_rename(store: Path, old: str, new: str, *, force: bool = False, ok: bool = True) -> bool:
+    """`git branch -m/-M OLD NEW` on a store; whether git did it."""
+    r = subprocess.run(
+        ["git", "--git-dir", str(store), "branch", "-M" if force else "-m", old, new],
+        env=GIT_ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (r.returncode == 0) == ok, r.stderr
+    return r.returncode == 0
+
+
+def _our_rename(store: Path, old: str, new: str, *, force: bool = False) -> None:
+    RefStore(store).rename(
+        f"refs/heads/{old}",
+        f"refs/heads/{new}",
+        force=force,
+        message=f"Branch: renamed refs/heads/{old} to refs/heads/{new}",
+        identity=GIT_ME,
+        timestamp=1700000000,
+        tz="+0000",
+    )
+
+
+def _store_state(d: Path) -> tuple[str, str, dict[str, bytes]]:
+    """HEAD, every ref and every reflog file, byte for byte."""
+    logs = {
+        p.relative_to(d).as_posix(): p.read_bytes() for p in (d / "logs").rglob("*") if p.is_file()
+    }
+    return (d / "HEAD").read_text(), git(d, "for-each-ref"), logs
+
+
+def test_a_rename_writes_what_git_branch_m_writes(tmp_path: Path) -> None:
+    # The current branch (HEAD follows, with git's two HEAD lines), a packed one, into and out
+    # of a directory its own name makes (`a` -> `a/b`, which git allows), onto its own name,
+    # and -M over an existing branch whose reflog it replaces.
+    ours, _ = _renaming_store(tmp_path)
+    theirs = tmp_path / "theirs.git"
+    shutil.copytree(ours, theirs)
+    steps = [
+        ("main", "trunk", False),
+        ("packed", "p/x", False),
+        ("a/b", "a", False),
+        ("a", "a/b/c", False),
+        ("trunk", "trunk/v1", False),
+        ("trunk/v1", "trunk/v1", False),
+        ("side", "side", False),
+        ("a/b/c", "side", True),
+        ("p/x", "p", False),
+    ]
+    for old, new, force in steps:
+        _git_rename(theirs, old, new, force=force)
+        _our_rename(ours, old, new, force=force)
+        assert _store_state(ours) == _store_state(theirs), (old, new)
+    git(ours, "fsck", "--strict")
+
+
+def test_a_rename_git_refuses_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    ours, _ = _renaming_store(tmp_path)
+    git(ours, "symbolic-ref", "refs/heads/alias", "refs/heads/side")
+    before = _store_state(ours)
+    for old, new, error in [
+        ("side", "main", RefConflictError),  # exists: -M only
+        ("nope", "x", RefNotFoundError),
+        ("side", "a/b/c", RefNameConflictError),  # a/b is a branch
+        ("side", "a", RefNameConflictError),  # a/ holds a branch
+        ("alias", "x", mintvcs_refs.SymbolicRefError),
+    ]:
+        _git_rename(ours, old, new, ok=False)
+        with pytest.raises(error):
+            _our_rename(ours, old, new)
+        assert _store_state(ours) == before, (old, new)
+    # Neither a lock left behind nor a temporary reflog.
+    assert not [p for p in ours.rglob("*") if p.name.endswith(".lock") or p.name.startswith(".tmp")]
+
+
+def test_an_unborn_branch_is_renamed_by_moving_head(repo: Path) -> None:
+    # `git branch -m fresh` in a new repository: no ref yet, HEAD names the new name.
+    s = RefStore(repo)
+    assert s.rename("refs/heads/main", "refs/heads/fresh", message="m", identity=ME) == (None, None)
+    assert git(repo, "symbolic-ref", "HEAD").strip() == "refs/heads/fresh"
+    assert not (repo / "logs").exists() or not list((repo / "logs").rglob("*"))
+    with pytest.raises(RefNotFoundError):  # unborn, but not what HEAD names
+        s.rename("refs/heads/other", "refs/heads/x", message="m", identity=ME)
+
+
+# A rename that dies (kill -9) before its Nth file-system change: rename, unlink, write, rmdir.
+CRASHING_RENAME = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from mintvcs.refs import RefStore
+
+    left = int(sys.argv[2])
+
+    def gate(call):
+        def run(*args, **kwargs):
+            global left
+            if left == 0:
+                os._exit(9)
+            left -= 1
+            return call(*args, **kwargs)
+        return run
+
+    for name in ("rename", "unlink", "write", "rmdir"):
+        setattr(os, name, gate(getattr(os, name)))
+    RefStore(Path(sys.argv[1])).rename(
+        sys.argv[3], sys.argv[4], force=True, message="renamed", identity="A <a@b>"
+    )
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("main", "side"), ("packed", "packed/x"), ("a/b", "a")],
+    ids=["current-over-existing", "packed-into-its-directory", "out-of-its-directory"],
+)
+def test_a_rename_killed_at_any_step_leaves_a_name_for_the_commit(
+    tmp_path: Path, old: str, new: str
+) -> None:
+    # A crash must never leave the commit without a ref (git deletes the old name before it
+    # writes the new one): at worst both names hold it, and its reflog is somewhere.
+    base, _ = _renaming_store(tmp_path)
+    old_ref, new_ref = f"refs/heads/{old}", f"refs/heads/{new}"
+    value = git(base, "rev-parse", old_ref).strip()
+    history = (base / "logs" / old_ref).read_text()
+    env = {**GIT_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for step in itertools.count():
+        d = tmp_path / f"run{step}"
+        shutil.copytree(base, d)
+        done = subprocess.run(
+            [sys.executable, "-c", CRASHING_RENAME, str(d), str(step), old_ref, new_ref],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode in (0, 9), done.stderr
+        names = {
+            n
+            for n in (old_ref, new_ref)
+            if git(d, "rev-parse", "-q", "--verify", n, check=False).strip() == value
+        }
+        assert names, f"killed at step {step}: no ref holds {value}"
+        assert git(d, "rev-parse", "--verify", "HEAD").strip()  # HEAD names a branch that is
+        git(d, "fsck")
+        logs = [p.read_text() for p in (d / "logs").rglob("*") if p.is_file()]
+        assert any(text.startswith(history) for text in logs), f"killed at step {step}"
+        if done.returncode == 0:
+            assert names == {new_ref} and step > 5
+            break
