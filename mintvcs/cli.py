@@ -703,21 +703,44 @@ def _name_and_start(names: tuple[str, ...], what: str) -> tuple[str, str | None]
 @click.argument("names", nargs=-1, metavar="[NAME [START]]")
 @click.option("-d", "--delete", is_flag=True, help="Delete branch NAME if HEAD's history holds it.")
 @click.option("-D", "force_delete", is_flag=True, help="Delete branch NAME even if not merged.")
-@click.option("-f", "--force", is_flag=True, help="Move NAME to START even if it exists.")
+@click.option(
+    "-m", "--move", is_flag=True, help="Rename branch OLD (default: the current one): [OLD] NEW."
+)
+@click.option("-M", "force_move", is_flag=True, help="Rename even if NEW exists (replacing it).")
+@click.option(
+    "-f", "--force", is_flag=True, help="Move NAME to START even if it exists (with -m: as -M)."
+)
 @click.option("-l", "--list", "list_", is_flag=True, help="List branches (matching NAMEs).")
 @json_option
 def branch(
     names: tuple[str, ...],
     delete: bool,
     force_delete: bool,
+    move: bool,
+    force_move: bool,
     force: bool,
     list_: bool,
     as_json: bool,
 ) -> None:
-    """List, create or delete branches."""
+    """List, create, rename or delete branches."""
     from mintvcs import porcelain
 
+    if (move or force_move) and (delete or force_delete or list_):
+        raise click.UsageError("-m renames a branch: it takes no -d, -D or -l")
     repo = _open_repo()
+    if move or force_move:
+        # As git: `-m NEW` renames the current branch, `-m OLD NEW` another one; silent on success.
+        if not names:
+            raise click.UsageError("branch name required")
+        if len(names) > 2:
+            raise click.UsageError("too many arguments for a rename operation")
+        old, new = (None, names[0]) if len(names) == 1 else names
+        result = porcelain.branch_rename(repo, old, new, force=force_move or force)
+        if as_json:
+            _emit_json(
+                {"name": result.name, "commit": result.commit, "renamed_from": result.renamed_from}
+            )
+        return
     if delete or force_delete:
         if not names:
             raise click.UsageError("branch name required")

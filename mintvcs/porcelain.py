@@ -1091,6 +1091,86 @@ def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
     return oid
 
 
+@dataclass(frozen=True)
+class RenameResult:
+    """What `branch -m` did: branch `renamed_from` is now `name`, at `commit` (None: unborn)."""
+
+    name: str
+    commit: str | None
+    renamed_from: str
+
+
+@accepts_path
+def branch_rename(
+    repo: Repository, old: str | None, new: str, *, force: bool = False
+) -> RenameResult:
+    """Rename branch `old` (None: the current one) to `new` with its reflog, as `git branch -m`
+    (`force`: -M, replacing an existing `new`); HEAD and linked worktrees that name it follow."""
+    check_name_type(new)
+    current = repo.current_branch()
+    if old is None:
+        if current is None:
+            raise MintError(
+                "cannot rename the current branch: HEAD is detached; name the branch to rename "
+                "(`mintvcs branch -m OLD NEW`)"
+            )
+        old = current
+    check_name_type(old)
+    old_ref, new_ref = f"refs/heads/{old}", f"refs/heads/{new}"
+    misnamed = False
+    try:
+        check_branch_name(old)
+    except InvalidRefNameError:
+        # As git: a branch made under a name it now refuses (by `git update-ref`) can be renamed
+        # away, with a warning; a name that is no branch's is refused.
+        if repo.refs.read(old_ref) is None:
+            raise
+        misnamed = True
+    if old != new:  # as git: `-m main main` only checks that the name is valid
+        check_branch_name(new)
+    if repo.refs.read_symbolic(old_ref) is not None:
+        raise MintError(
+            f"cannot rename branch '{old}': it is a symbolic ref (`git symbolic-ref`), which git "
+            "does not rename either; delete it and make one under the new name"
+        )
+    oid = repo.refs.read(old_ref)
+    if oid is None and old != current:
+        raise UnknownRevisionError(f"branch '{old}' not found")
+    worktrees = repo.linked_worktrees()
+    if old != new and repo.refs.read(new_ref) is not None:
+        if not force:
+            raise RefExistsError(f"a branch named '{new}' already exists (use -M to replace it)")
+        # As git outside a bare repository: a branch checked out anywhere is not overwritten.
+        if repo.refs.read_symbolic("HEAD") == new_ref:
+            raise MintError(f"cannot replace the current branch '{new}': it is checked out")
+        for worktree in worktrees:
+            if worktree.head == f"ref: {new_ref}":
+                raise MintError(
+                    f"cannot replace branch '{new}': it is checked out in the git worktree "
+                    f"{worktree.where}"
+                )
+    who = signature(repo)
+    value, replaced = repo.refs.rename(
+        old_ref,
+        new_ref,
+        force=force,
+        message=f"Branch: renamed {old_ref} to {new_ref}",
+        identity=who.identity,
+        timestamp=who.timestamp,
+        tz=who.tz,
+        worktrees=[w.admin for w in worktrees],
+    )
+    if value is not None and old != new:
+        # In the order the store changed: servers following refs serve `new` before `old` goes.
+        _ref_moved(repo, new_ref, replaced, value)
+        _ref_moved(repo, old_ref, value, None)
+    if misnamed:
+        import sys
+
+        sys.stderr.write(f"warning: Renamed a misnamed branch '{old}' away\n")
+    return RenameResult(new, value if value is not None else replaced, old)
+
+
 def is_ancestor(repo: Repository, ancestor: str, commit: str) -> bool:
     """True when `ancestor` is `commit` or in its history (every parent, not only first ones)."""
     seen: set[str] = set()

@@ -513,6 +513,23 @@ def test_branch_d_keeps_unmerged_work_unless_capital_d(work: Path, tmp_path: Pat
     git_fsck(work)
 
 
+def test_branch_m_tells_the_ref_update_hook_of_both_names(work: Path, tmp_path: Path) -> None:
+    # Servers following refs learn of a rename as of a create and a delete: the new name
+    # first, so that it serves before the old one is gone.
+    first = commit(work, "first", "--no-verify")
+    mint(work, "branch", "exp")
+    calls = tmp_path / "calls"
+    hook = work / ".mint" / "hooks" / "ref-update"
+    hook.write_text(f"#!/bin/sh\necho \"$@\" >> '{calls}'\n")
+    hook.chmod(0o755)
+    mint(work, "branch", "-m", "exp", "exp2")
+    zero = "0" * 40
+    assert calls.read_text().splitlines() == [
+        f"refs/heads/exp2 {zero} {first}",
+        f"refs/heads/exp {first} {zero}",
+    ]
+
+
 def test_a_tag_and_a_branch_of_one_name_resolve_as_git_does(work: Path) -> None:
     first = commit(work, "first", "--no-verify")
     mutate(work, seed=5)

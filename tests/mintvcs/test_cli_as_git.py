@@ -477,6 +477,89 @@ def test_a_branch_made_without_a_start_is_logged_as_git_logs_it(work: Path, tmp_
     _same_refs(work, twin)
 
 
+def test_branch_m_renames_as_git_does(work: Path, tmp_path: Path) -> None:
+    # There was no way to rename a branch but create and delete, which lost its reflog. As git's
+    # `branch -m/-M`: the reflog moves along, HEAD follows, packed (after gc) or loose.
+    _two_commits_and_a_tag(work)
+    mint(work, "branch", "side", "HEAD~1")
+    mint(work, "branch", "other")
+    mint(work, "gc")  # packs the refs
+    mint(work, "branch", "loose", "HEAD~1")
+    git(work / ".mint", "update-ref", "refs/heads/-dash", "HEAD")  # no name for git branch now
+    twin = _git_twin(work, tmp_path)
+    for args in (
+        ("-m", "side", "s2"),  # packed
+        ("-m", "cur"),  # the current branch: HEAD follows, and logs it as git does
+        ("-m", "loose", "loose/v1"),  # into the directory its own name makes
+        ("-M", "s2", "other"),  # over another branch, whose reflog it replaces
+        ("-m", "cur", "cur"),
+        ("-m", "-f", "loose/v1", "s2"),
+        ("-m", "--", "-dash", "dash"),  # renamed away, with git's warning
+    ):
+        done = mint(work, "branch", *args)
+        assert done.stdout == ""  # git says nothing either, but warns as git does:
+        warned = "warning: Renamed a misnamed branch '-dash' away\n" if "-dash" in args else ""
+        assert done.stderr == warned
+        _git_in_twin(twin, "branch", *args)
+        _same_refs(work, twin)
+    for args in (
+        ("-m", "nope", "x"),
+        ("-m", "other", "cur"),  # exists
+        ("-M", "other", "cur"),  # the checked-out branch (which git replaces in a bare store)
+        ("-m", "other", "bad..name"),
+        ("-m", "other", "cur/x"),  # cur is a branch
+        ("-m", "a", "b", "c"),
+    ):
+        mint(work, "branch", *args, ok=False)
+        # As git where the store has a work tree (`.mint` says core.bare for git's own use).
+        tree = ("-c", "core.bare=false", "--work-tree", str(tmp_path / "twin-tree"))
+        assert git(twin, *tree, "branch", *args, ok=False).returncode != 0
+        _same_refs(work, twin)
+    assert "'cur' already exists (use -M" in mint_fails(work, "branch", "-m", "other", "cur")
+    assert "begins with '-'" in mint_fails(work, "branch", "-m", "dash", "--", "-dash2")
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    out = json.loads(mint(work, "branch", "-m", "cur", "main", "--json").stdout)
+    assert out == {"name": "main", "commit": head, "renamed_from": "cur"}
+    mint(work, "checkout", "v1")
+    assert "HEAD is detached" in mint_fails(work, "branch", "-m", "x")
+    git_fsck(work)
+
+
+def test_branch_m_before_the_first_commit_renames_the_unborn_branch_as_git_does(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    mint(tmp_path, "init", "new")
+    work = tmp_path / "new"
+    twin = _git_twin_unborn(work, tmp_path)
+    out = json.loads(mint(work, "branch", "-m", "fresh", "--json").stdout)
+    assert out == {"name": "fresh", "commit": None, "renamed_from": "main"}
+    _git_in_twin(twin, "branch", "-m", "fresh")
+    assert (work / ".mint" / "HEAD").read_text() == (twin / "HEAD").read_text()
+    assert not (work / ".mint" / "logs").exists() and not (twin / "logs").exists()
+    assert "branch 'main' not found" in mint_fails(work, "branch", "-m", "main", "x")
+    copy_adapter(peft_adapter, work)
+    assert mint(work, "commit", "-m", "first").stdout.startswith("[fresh (root-commit) ")
+
+
+def test_branch_m_moves_a_git_worktree_s_head_along_as_git_does(work: Path, tmp_path: Path) -> None:
+    mint(work, "branch", "side")
+    mint(work, "branch", "spare")
+    twin = _git_twin(work, tmp_path)
+    stores = {"ours": work / ".mint", "theirs": twin}
+    for who, store in stores.items():
+        git(store, "worktree", "add", "-q", str(tmp_path / who / "wt"), "side")
+    mint(work, "branch", "-m", "side", "s2")
+    _git_in_twin(twin, "branch", "-m", "side", "s2")
+    _same_refs(work, twin)
+    ours, theirs = (store / "worktrees" / "wt" for store in stores.values())
+    assert (ours / "HEAD").read_text() == (theirs / "HEAD").read_text() == "ref: refs/heads/s2\n"
+    assert _reflogs(ours) == _reflogs(theirs)
+    # Another branch is not renamed over the one a worktree has checked out, by git either.
+    line = mint_fails(work, "branch", "-M", "spare", "s2")
+    assert "checked out in the git worktree" in line
+    assert git(twin, "branch", "-M", "spare", "s2", ok=False).returncode != 0
+
+
 def test_reflog_lines_take_their_time_from_git_committer_date(
     work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

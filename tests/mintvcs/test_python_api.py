@@ -41,6 +41,9 @@ def test_verbs_take_a_path_and_close_what_they_open(repo: Repository, peft_adapt
     assert maintenance.fsck(path).ok
     assert maintenance.auto_gc_due(path) is False  # the call a training loop makes after a commit
     assert repo.resolve("v1") == result.commit  # the caller's Repository sees what was written
+    renamed = porcelain.branch_rename(path, None, "trunk")
+    assert renamed == porcelain.RenameResult("trunk", result.commit, "main")
+    assert repo.current_branch() == "trunk"
 
 
 @pytest.mark.parametrize(
@@ -54,6 +57,11 @@ def test_verbs_take_a_path_and_close_what_they_open(repo: Repository, peft_adapt
         (lambda r: r.resolve(b"main"), "a revision is named by a str, not bytes"),
         (lambda r: porcelain.branch_create(r, 1), "a branch or tag name is a str, not int"),
         (lambda r: porcelain.tag_create(r, 1), "a branch or tag name is a str, not int"),
+        (lambda r: porcelain.branch_rename(r, None, 1), "a branch or tag name is a str, not int"),
+        (
+            lambda r: porcelain.branch_rename(r, b"main", "x"),
+            "a branch or tag name is a str, not bytes",
+        ),
     ],
 )
 def test_wrong_argument_types_are_type_errors_naming_what_was_given(

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from mintvcs import porcelain
+from mintvcs.errors import MintError
 from mintvcs.serve.api_keys import ApiKeyFileError
 from mintvcs.serve.app import BackgroundServer, ServerConfig, ServerError
 from mintvcs.serve.refwatch import names_an_ancestor
@@ -349,8 +350,6 @@ def test_api_key_scope_all_guards_every_endpoint_but_health(
 def test_failed_load_under_api_key_scope_all_names_its_error_to_token_holders_only(
     repo: Repository, tiny_base: Path, tmp_path: Path
 ) -> None:
-    from mintvcs.errors import MintError
-
     def broken_engine(config: ServerConfig) -> Any:
         raise MintError(f"cannot read {config.base_model / 'model.safetensors'}")
 
@@ -562,6 +561,25 @@ def test_a_branch_a_tag_shadows_is_listed_by_its_full_name(
     finally:
         porcelain.tag_delete(repo, "twin")
         porcelain.branch_delete(repo, "twin", force=True)
+
+
+def test_a_renamed_branch_is_served_by_its_new_name_only(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    # `branch -m`: the watcher's cached resolution of the old name must not outlive it.
+    porcelain.branch_create(repo, "before", "product-b")
+    want = repo.resolve("product-b")
+    try:
+        assert gen(server, prompt="Hi", ref="before", max_tokens=1)[2]["revision"] == want
+        porcelain.branch_rename(repo, "before", "after")
+        status, _, body = gen(server, prompt="Hi", ref="before", max_tokens=1)
+        assert status == 404, body
+        status, _, body = gen(server, prompt="Hi", ref="after", max_tokens=1)
+        assert status == 200 and body["revision"] == want, body
+    finally:
+        for name in ("before", "after"):
+            with contextlib.suppress(MintError):
+                porcelain.branch_delete(repo, name, force=True)
 
 
 def test_metrics_count_requests_tokens_and_slots(server: BackgroundServer) -> None:
