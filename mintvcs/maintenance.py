@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mintvcs import codec
+from mintvcs import codec, gitdelta
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
 from mintvcs.objects import MAX_PATH_DEPTH, TensorRecord
@@ -1321,12 +1321,9 @@ DELTA_MIN_BYTES = 4096
 # a revision within ~0.25 s more (a few % of the bytes a deeper chain would save). The newest
 # revisions are whole.
 DELTA_DEPTH = 20
-# A delta is kept only when its zlib stream is at most half the object's own.
+# A delta is kept only when its zlib stream is at most half the object's own; one over half the
+# object's size is given up as it is made (its new bytes deflate no better than the object's).
 _DELTA_GAIN = 2
-# dulwich's delta search takes time in proportion to size times change (a 12 MB manifest with
-# every tensor changed: about a minute), so it is not run when more than this part of an
-# object's lines (or tree entries) is new: such a delta is never half the object's size anyway.
-_DELTA_NEW_PART = 8
 
 
 class _Deltas:
@@ -1422,34 +1419,23 @@ class _Deltas:
     def _delta(self, oid: str, raw: bytes, base_id: str, base: bytes) -> bytes | None:
         """A delta that rebuilds `raw` from `base`: the one a pack holds already (an earlier
         gc's: only a new revision's objects cost a delta search, as `git repack -ad` reuses
-        deltas), else dulwich's; None if neither rebuilds it. Each is applied and compared first."""
+        deltas), else a new one (`gitdelta.create`); None if neither rebuilds it or the new one
+        is over half the object's size. Each is applied (by dulwich, as readers do) and compared
+        first."""
         from dulwich.errors import ApplyDeltaError
-        from dulwich.pack import apply_delta, create_delta
+        from dulwich.pack import apply_delta
 
         found = self.repo._find_packed(bytes.fromhex(oid))
         stored = found[0].delta_against(found[1], bytes.fromhex(base_id)) if found else None
         for delta in (stored, None):
             if delta is None:
-                if _mostly_new(base, raw):
+                delta = gitdelta.create(base, raw, len(raw) // _DELTA_GAIN)
+                if delta is None:
                     return None
-                delta = b"".join(create_delta(base, raw))
             with suppress(ApplyDeltaError):
                 if b"".join(apply_delta(base, delta)) == raw:
                     return delta
         return None
-
-
-def _mostly_new(base: bytes, raw: bytes) -> bool:
-    """Whether more than 1/_DELTA_NEW_PART of `raw`'s bytes lie in lines (tree entries) that
-    `base` lacks: a cheap bound on what a delta could save, and on the search's time."""
-    known = set(_records(base))
-    new = sum(len(record) + 1 for record in _records(raw) if record not in known)
-    return new * _DELTA_NEW_PART > len(raw)
-
-
-def _records(data: bytes) -> list[bytes]:
-    """A manifest's lines, or a tree's entries (split at each NUL: an id goes with the next name)."""
-    return data.replace(b"\0", b"\n").split(b"\n")
 
 
 def _delta_bases(
