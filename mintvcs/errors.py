@@ -10,3 +10,11 @@ class MintError(Exception):
 class NewerFormatError(MintError):
     """Data (a manifest, a tensor blob) in a format newer than this mintvcs reads: not damage,
     and not misread either; a newer mintvcs reads it."""
+
+
+def cannot_read(path: object, err: OSError) -> str:
+    """'PATH cannot be read: permission denied' (or the system's reason): a file the process
+    may not read is named as such, not taken for a missing or a corrupt one."""
+    if isinstance(err, PermissionError):
+        return f"{path} cannot be read: permission denied (check its owner and mode)"
+    return f"{path} cannot be read ({err.strerror or type(err).__name__})"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mintvcs.errors import MintError
+from mintvcs.errors import MintError, cannot_read
 from mintvcs.ids import is_object_id
 
 ZERO = "0" * 40
@@ -133,6 +133,16 @@ class RefFormatError(MintError):
     def __init__(self, path: str, detail: str) -> None:
         self.path = path
         super().__init__(f"corrupt ref file {path}: {detail}; restore it or run `git fsck`")
+
+
+class RefUnreadableError(RefFormatError):
+    """A ref file the system will not let this process read (permissions, a symlink loop, an
+    I/O error): not damage, so nothing tells to restore it. A RefFormatError all the same, so
+    that listings leave it out as they leave out a broken one."""
+
+    def __init__(self, path: str, err: OSError, kind: str = "ref file") -> None:
+        self.path = path
+        MintError.__init__(self, f"{kind} {cannot_read(path, err)}")
 
 
 @dataclass(frozen=True)
@@ -268,7 +278,7 @@ def read_reflog(path: str | os.PathLike[str]) -> list[ReflogEntry]:
     except OSError as err:
         if err.errno == errno.ENAMETOOLONG:  # a packed ref's name no file can hold: no reflog
             return []
-        raise
+        raise RefUnreadableError(os.fspath(path), err, "reflog") from None
     out = []
     for line in data.splitlines():
         head, _, message = line.partition("\t")
@@ -567,9 +577,11 @@ class RefStore:
         path = self._packed_path
         try:
             st = os.stat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             self._snap = None
             return None
+        except OSError as err:
+            raise RefUnreadableError(path, err) from None
         snap = self._snap
         if snap is not None and snap.key == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
             return snap
@@ -580,6 +592,8 @@ class RefStore:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as err:
+            raise RefUnreadableError(path, err) from None
         try:
             st = os.fstat(fd)
             if st.st_size == 0:
@@ -601,8 +615,9 @@ class RefStore:
         except OSError as err:
             if err.errno == errno.ENAMETOOLONG:  # no such ref can exist (check_ref_name)
                 return None
-            # A symlink loop, no permission: that ref is unreadable, as a corrupt one is.
-            raise RefFormatError(path, f"cannot be read ({err.strerror})") from None
+            # A symlink loop, no permission: that ref is unreadable (not corrupt: it may be
+            # fine for its owner).
+            raise RefUnreadableError(path, err) from None
         text = data.decode("utf-8", "replace").rstrip()
         if text.startswith("ref:"):
             return "ref: " + text[4:].strip()

@@ -27,7 +27,7 @@ from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles, open_small_file
 from mintvcs.base import BaseModel
 from mintvcs.bulk import collector_paused
-from mintvcs.errors import MintError
+from mintvcs.errors import MintError, cannot_read
 from mintvcs.ids import is_object_id
 from mintvcs.objects import (
     CONFIG_PATH,
@@ -115,6 +115,16 @@ class StoreBusyError(MintError):
 
 class CorruptObjectError(MintError):
     """A git object that is missing, unreadable or fails verification."""
+
+
+class UnreadableObjectError(CorruptObjectError):
+    """A git object whose file the system will not let this process read (permissions, an I/O
+    error): not damage, and not missing either."""
+
+
+class RepositoryGoneError(MintError):
+    """The repository's directory went away (moved, deleted, unmounted) or became unreadable
+    after it was opened: not an answer about any ref or object in it."""
 
 
 class NotAnAdapterRevision(CorruptObjectError):
@@ -603,7 +613,12 @@ class Repository:
             problem = None
         except damaged as err:
             problem = f"is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
+        except PermissionError as err:  # the file is there, for another user
+            raise UnreadableObjectError(
+                f"{named}object {oid}: {cannot_read(err.filename or 'its file', err)}"
+            ) from None
         if problem is None:
+            self.check_present()  # a store gone since it was opened misses every object
             problem = "is missing from the store" + self.missing_objects_hint()
         # Raised outside the except block so the error does not keep dulwich's frames (and a
         # view of the pack's memory map) alive.
@@ -1651,6 +1666,9 @@ class Repository:
                 with self._parents_lock:
                     known = oid in self._parents  # a commit a walk read: no tag to peel
                 return oid if known else self.peel(oid)
+        # No ref of that name, or no repository any more: only the second is not the client's
+        # answer (one stat, on this miss path only).
+        self.check_present()
         if ref == "HEAD" and name in ("HEAD", "@"):
             raise UnknownRevisionError("HEAD does not point to a commit yet: make a first commit")
         if _HEX.match(name):
@@ -1664,6 +1682,21 @@ class Repository:
                     f"revision {name!r} is ambiguous: {', '.join(c[:12] for c in commits[:5])}; give more digits"
                 )
         raise UnknownRevisionError(f"unknown revision {spec!r}: not a branch, tag or commit id")
+
+    def check_present(self) -> None:
+        """Raise RepositoryGoneError when the store's objects directory is gone or unreadable
+        (the repository moved, deleted or unmounted since it was opened): else a missing ref or
+        object would read as the answer "no such ref"."""
+        try:
+            ok = stat.S_ISDIR(os.stat(self._objects_dir).st_mode)
+            reason = "its objects directory is not a directory"
+        except OSError as err:
+            ok, reason = False, err.strerror or type(err).__name__
+        if not ok:
+            raise RepositoryGoneError(
+                f"the repository {self.git_dir} is gone or unreadable ({reason}): was it "
+                "moved, deleted or unmounted?"
+            )
 
     def _ids_with_prefix(self, prefix: str) -> set[str]:
         """The ids of the objects whose hex id starts with `prefix`."""
@@ -1716,6 +1749,10 @@ class Repository:
         except FileNotFoundError:
             return None
         except OSError as err:
+            if isinstance(err, PermissionError):  # not damage: another user's file
+                raise UnreadableObjectError(
+                    f"{what}: object {oid}: {cannot_read(err.filename, err)}"
+                ) from None
             raise CorruptObjectError(
                 f"{what}: object {oid} cannot be read ({err.strerror}: a symlink?); run 'mintvcs fsck'"
             ) from None
@@ -1729,6 +1766,8 @@ class Repository:
     def _is_commit_or_tag(self, oid: str) -> bool:
         try:
             return self.get_object(oid).type_name in (b"commit", b"tag")
+        except UnreadableObjectError:
+            raise  # it may well be a commit: say why it cannot be told
         except CorruptObjectError:
             return False
 

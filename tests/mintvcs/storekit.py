@@ -55,6 +55,33 @@ def mint(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[
     return result
 
 
+def without_root_reads(command: list[str]) -> list[str]:
+    """`command` so that a file's mode stops its reads: as it is for another user than root, and
+    for root through setpriv, which drops the capabilities that let root read anything (the
+    test is skipped where there is no setpriv)."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        import pytest
+
+        pytest.skip("root reads any file; dropping that needs setpriv")
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}", "--", *command]
+
+
+def mint_unprivileged(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mint(cwd, *args, ok=False)` run so that files of mode 000 cannot be read (without_root_reads)."""
+    return subprocess.run(
+        without_root_reads([sys.executable, "-m", "mintvcs.cli", *args]),
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
 def mint_fails(cwd: Path, *args: str) -> str:
     """Run `mintvcs ARGS` expecting a refusal: non-zero exit and one `error:` line; returns that line."""
     result = mint(cwd, *args, ok=False)

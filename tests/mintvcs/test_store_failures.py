@@ -19,8 +19,10 @@ from tests.mintvcs.storekit import (
     git,
     git_fsck,
     handmade_adapter,
+    loose_path,
     mint,
     mint_fails,
+    mint_unprivileged,
     random_f32,
 )
 
@@ -155,3 +157,51 @@ def test_a_fan_out_directory_pruned_under_the_writer_is_made_again(
     oid = repo.add_blob(b"written once the directory is back\n")
     assert pruned
     assert git(repo.git_dir, "cat-file", "-p", oid).stdout == "written once the directory is back\n"
+
+
+def test_files_this_user_may_not_read_are_named_as_such_not_as_damage(work: Path) -> None:
+    # A service account reading a repository another user committed to with umask 077: the
+    # ref was called corrupt ("restore it", which would replace a sound ref), and an object
+    # was a bare PermissionError (a traceback per request in the server).
+    main = work / ".mint" / "refs" / "heads" / "main"
+    commit = main.read_text().strip()
+    main.chmod(0o000)
+    try:
+        failed = mint_unprivileged(work, "log")
+    finally:
+        main.chmod(0o644)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
+    assert failed.stderr == (
+        f"error: ref file {main} cannot be read: permission denied (check its owner and mode)\n"
+    )
+    obj = loose_path(work, commit)
+    obj.chmod(0o000)
+    try:
+        for args in (("log",), ("show", commit[:10])):
+            failed = mint_unprivileged(work, *args)
+            assert failed.returncode == 1, failed.stderr
+            assert failed.stderr.count("\n") == 1 and failed.stderr.startswith("error: "), (
+                failed.stderr
+            )
+            assert f"{obj} cannot be read: permission denied" in failed.stderr
+            assert "corrupt" not in failed.stderr and "unknown revision" not in failed.stderr
+    finally:
+        obj.chmod(0o444)
+    assert mint(work, "log").stdout.startswith(f"commit {commit}")
+
+
+def test_a_repository_gone_since_it_was_opened_is_not_an_unknown_ref(
+    work: Path, tmp_path: Path
+) -> None:
+    from mintvcs.store import Repository, RepositoryGoneError
+
+    repo = Repository.open(work)
+    commit = repo.resolve("main")
+    work.rename(tmp_path / "moved")  # moved, deleted or unmounted under a long-lived reader
+    try:
+        for spec in ("main", "HEAD", commit[:10], commit, "no-such-branch"):
+            with pytest.raises(RepositoryGoneError, match="is gone or unreadable"):
+                repo.resolve(spec)
+    finally:
+        (tmp_path / "moved").rename(work)
+    assert repo.resolve("main") == commit  # back: read again

@@ -11,19 +11,22 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mintvcs import porcelain
-from tests.serve.http_kit import request
+from tests.mintvcs.storekit import loose_path, without_root_reads
+from tests.serve.http_kit import commit_on, request, variant
 
 
-def _start(args: list[str]) -> subprocess.Popen[str]:
+def _start(args: list[str], wrap: Callable[[list[str]], list[str]] = list) -> subprocess.Popen[str]:
+    """`mintvcs serve ARGS` as a process; `wrap` the command line to run it otherwise."""
     env = {**os.environ, "MINT_LOG_LEVEL": "WARNING"}
     return subprocess.Popen(
-        [sys.executable, "-m", "mintvcs.serve.cli", "serve", *args],
+        wrap([sys.executable, "-m", "mintvcs.serve.cli", "serve", *args]),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -481,3 +484,50 @@ def test_serve_with_a_full_stdout_fails_in_one_line(tmp_path: Path, tiny_base: P
     assert proc.returncode == 1, proc.stderr
     assert "No space left on device" in proc.stderr
     assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+
+
+def test_files_the_server_may_not_read_are_named_in_one_line_not_a_traceback(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    # A service account serving a repository another user committed to with umask 077: the ref
+    # was "corrupt ... restore it" (a sound ref), the object a 500 "internal error
+    # (PermissionError)" with a traceback in the log for every request.
+    work = tmp_path / "repo"
+    repo = porcelain.init(work, str(tiny_base))
+    first = commit_on(repo, "main", peft_adapter, "a")
+    second = commit_on(repo, "two", variant(peft_adapter, tmp_path / "b", 2.0), "b")
+    locked = work / ".mint" / "refs" / "heads" / "locked"
+    locked.write_text(first + "\n")
+    for path in (locked, loose_path(work, second)):
+        path.chmod(0o000)
+    proc = _start(
+        ["--repo", str(work), "--base-model", str(tiny_base), "--port", "0"], without_root_reads
+    )
+    try:
+        url = _url_when_ready(proc)
+
+        def gen(ref: str) -> tuple[int, dict[str, str], Any]:
+            return request(url + "/generate", {"prompt": "Hi", "ref": ref, "max_tokens": 1})
+
+        assert gen("main")[0] == 200
+        status, _, body = gen("locked")
+        assert status == 500 and body["error"] == (
+            "ref file .mint/refs/heads/locked cannot be read: permission denied (check its "
+            "owner and mode)"
+        ), body
+        for _ in range(2):
+            status, _, body = gen("two")
+            assert status == 500, body
+            assert body["error"].endswith(
+                f".mint/objects/{second[:2]}/{second[2:]} cannot be read: permission denied "
+                "(check its owner and mode)"
+            ), body
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err and "internal error" not in err, err
+        assert err.count("cannot be read: permission denied") == 3, err  # a line per request
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
