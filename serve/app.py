@@ -208,8 +208,35 @@ class ServerState:
     # The revision each ref spec pinned (warm with pin): unpinning by that spec releases it
     # even after the ref moved on.
     pins_by_spec: dict[str, str] = field(default_factory=dict)
+    # Why the repository cannot be read now (moved, deleted, unmounted since the start), or
+    # None: logged when it changes, not per request; /health reports it.
+    repo_problem: str | None = None
     _loads_seen: int = 0
     _ref_labels: set[str] = field(default_factory=set)
+
+    def note_repository(self, problem: str | None) -> None:
+        """Record whether the repository is readable: a log line when it goes, one when it is back."""
+        if problem is not None and self.repo_problem is None:
+            log.warning(
+                "%s; requests for its revisions get 503 until it is back (the base alone is "
+                "still served)",
+                problem,
+            )
+        elif problem is None and self.repo_problem is not None:
+            log.warning("the repository %s is back; serving its revisions again", self.repo.git_dir)
+        self.repo_problem = problem
+
+    def check_repository(self) -> str | None:
+        """Whether the repository is there now (one stat): its problem, or None."""
+        from mintvcs.store import RepositoryGoneError
+
+        try:
+            self.repo.check_present()
+        except RepositoryGoneError as err:
+            self.note_repository(str(err))
+        else:
+            self.note_repository(None)
+        return self.repo_problem
 
     def client_message(self, err: BaseException) -> str:
         """An error's message as clients get it: the repository's location on this machine
@@ -343,8 +370,15 @@ class ServerState:
         m.add(
             Gauge(
                 "mint_ready",
-                "1 once the base model is loaded, while the engine's steps succeed (as /health).",
-                lambda: 1.0 if self.engine is not None and self.engine.problem() is None else 0.0,
+                "1 once the base model is loaded, while the engine's steps succeed and the "
+                "repository is there (as /health).",
+                lambda: (
+                    1.0
+                    if self.engine is not None
+                    and self.engine.problem() is None
+                    and self.repo_problem is None
+                    else 0.0
+                ),
             )
         )
         m.add(
@@ -421,7 +455,12 @@ def status_for(err: MintError) -> int:
     from mintvcs.serve.sampling import InvalidSamplingParams
     from mintvcs.serve.slots import ResidencyError
     from mintvcs.serve.structured import StructuredOutputError
-    from mintvcs.store import NotAnAdapterRevision, StoreBusyError, UnknownRevisionError
+    from mintvcs.store import (
+        NotAnAdapterRevision,
+        RepositoryGoneError,
+        StoreBusyError,
+        UnknownRevisionError,
+    )
 
     if isinstance(err, HTTPError):
         return err.status
@@ -439,6 +478,9 @@ def status_for(err: MintError) -> int:
         (EngineOverloaded, 503),
         (KVCacheFull, 503),
         (StoreBusyError, 503),  # a gc elsewhere kept replacing packs: a retry will do
+        # Moved, deleted or unmounted: not the client's fault, and not an answer about its
+        # ref (a 404 would be cached as one); another instance, or a retry, may serve it.
+        (RepositoryGoneError, 503),
     ]
     for cls, status in table:
         if isinstance(err, cls):
@@ -512,13 +554,19 @@ async def error_middleware(
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         return error_response(request, exc.status, message)
     except MintError as err:
+        from mintvcs.store import RepositoryGoneError
+
         status = status_for(err)
+        reason = getattr(err, "reason", None)
+        if isinstance(err, RepositoryGoneError):
+            state.note_repository(str(err))  # logged once, not per request
+            reason = "repository_gone"
         # 503s (loading, draining, overloaded) are capacity, counted in the metrics; a log
         # line each would flood the log exactly when the server is busiest.
-        if status >= 500 and status != 503 and not isinstance(err, HTTPError):
+        elif status >= 500 and status != 503 and not isinstance(err, HTTPError):
             log.error("request %s %s failed: %s", request.method, request.path, err)
         message = state.client_message(err)
-        response = error_response(request, status, message, getattr(err, "reason", None))
+        response = error_response(request, status, message, reason)
         if status == 503:
             response.headers.update(RETRY_AFTER)
         if status == 401:  # RFC 9110: a 401 names the scheme it wants
@@ -864,6 +912,9 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
         while True:
             await asyncio.sleep(0.5)
             state.harvest_load_latency()
+            # One stat: the log says when the repository goes and when it is back, whether or
+            # not requests come meanwhile.
+            state.check_repository()
 
     async def reread_keys(keys: ApiKeys) -> None:
         # On a timer, not per request: a rotation is taken within two intervals whatever the

@@ -44,7 +44,8 @@ def _shown_to(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def health(request: web.Request) -> web.Response:
-    """200 once the base model is loaded; 503 while loading, after a failed load, while draining, or unhealthy."""
+    """200 once the base model is loaded; 503 while loading, after a failed load, while draining,
+    unhealthy, or degraded (the repository is gone)."""
     body = _shown_to(request, _health(request.app[STATE]))
     return web.json_response(body) if body["status"] == "ok" else _unavailable(body)
 
@@ -61,6 +62,9 @@ def _health(state: ServerState) -> dict[str, Any]:
     problem = engine.problem()
     if problem is not None:  # loaded, but the step loop is dead or every step fails
         return {"status": "unhealthy", "error": problem}
+    gone = state.check_repository()
+    if gone is not None:  # moved, deleted or unmounted: only the base alone can be served
+        return {"status": "degraded", "error": gone}
     return {
         "status": "ok",
         "base_model": str(state.config.base_model),

@@ -1309,6 +1309,7 @@ def _list_models(state: ServerState, prefix: str, limit: int) -> dict[str, Any]:
     def broken(name: str, err: MintError) -> None:
         log.warning("/v1/models leaves out %s: %s", name, err)
 
+    state.repo.check_present()  # a repository gone lists no ref: not an empty listing
     data: list[dict[str, Any]] = []
     if state.config.base_name.startswith(prefix):
         data.append(_base_object(state))
@@ -1386,6 +1387,7 @@ async def model(request: web.Request) -> web.Response:
             if name.startswith(root):
                 entry["id"] = name
             return web.json_response(entry)
+    state.repo.check_present()  # no such ref, or no repository any more
     raise HTTPError(404, f"no branch or tag named {name!r}; GET /v1/models lists them", "not_found")
 
 

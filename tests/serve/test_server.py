@@ -1801,3 +1801,44 @@ def test_a_move_is_logged_once_whichever_specs_name_the_ref(
             time.sleep(0.5)  # the watcher's poll too
         lines = [r.getMessage() for r in caplog.records if "moved" in r.getMessage()]
         assert len([line for line in lines if "twice" in line]) == 1, lines
+
+
+def test_a_repository_gone_while_serving_is_503_not_an_unknown_ref(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Moved, deleted or unmounted under a running server: every ref answered 404 "unknown
+    # revision" (which a balancer or client caches as final), /health said ok, nothing was logged.
+    work = tmp_path / "repo"
+    repo = porcelain.init(work, str(tiny_base))
+    commit_on(repo, "main", peft_adapter, "a")
+    config = ServerConfig(repo=work, base_model=tiny_base, port=0, max_model_len=64)
+    caplog.set_level(logging.INFO, logger="mintvcs.serve")
+    with BackgroundServer(config) as srv:
+        assert gen(srv, prompt="Hi", ref="main", max_tokens=1)[0] == 200
+        work.rename(tmp_path / "moved")
+        try:
+            for spec in ("main", "no-such-branch", "main~1"):
+                for _ in range(2):
+                    status, headers, body = gen(srv, prompt="Hi", ref=spec, max_tokens=1)
+                    assert status == 503 and headers["Retry-After"] == "1", body
+                    assert body["reason"] == "repository_gone", body
+                    assert body["error"].startswith("the repository .mint is gone or unreadable")
+                    assert str(tmp_path) not in body["error"]  # no server path for clients
+            status, _, body = request(srv.url + "/v1/completions", {"model": "main", "prompt": "x"})
+            assert status == 503 and "is gone or unreadable" in body["error"]["message"], body
+            assert request(srv.url + "/v1/models")[0] == 503  # not a listing of the base alone
+            status, _, body = request(srv.url + "/health")
+            assert status == 503 and body["status"] == "degraded", body
+            assert "is gone or unreadable" in body["error"]
+            assert metric(srv, "mint_ready") == 0
+            # The base alone needs no repository.
+            assert gen(srv, prompt="Hi", ref=config.base_name, max_tokens=1)[0] == 200
+        finally:
+            (tmp_path / "moved").rename(work)
+        assert gen(srv, prompt="Hi", ref="main", max_tokens=1)[0] == 200
+        status, _, body = request(srv.url + "/health")
+        assert status == 200 and body["status"] == "ok", body
+    gone = [r for r in caplog.records if "is gone or unreadable" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelno == logging.WARNING, gone  # once, not per request
+    assert [r for r in caplog.records if "is back" in r.getMessage()]
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
