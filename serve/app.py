@@ -884,7 +884,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             _warn_if_another_base(state)
         except Exception as err:
             state.load_error = err
-            log.error("the base model failed to load: %s", err)
+            if app.get(LOG_LOAD_ERROR, True):  # else whoever started it says so, once
+                log.error("the base model failed to load: %s", err)
         finally:
             state.loaded.set()
 
@@ -960,16 +961,23 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 ENGINE_FACTORY: web.AppKey[Callable[[ServerConfig], Engine]] = web.AppKey("mintvcs_engine_factory")
+# False: the base's load error is reported by the caller (the CLI's one `error:` line), not logged.
+LOG_LOAD_ERROR: web.AppKey[bool] = web.AppKey("mintvcs_log_load_error")
 
 
 def create_app(
-    config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Engine] | None = None
+    config: ServerConfig,
+    *,
+    engine_factory: Callable[[ServerConfig], Engine] | None = None,
+    log_load_error: bool = True,
 ) -> web.Application:
-    """The aiohttp application for `config`; the engine loads in the background once the app starts."""
+    """The aiohttp application for `config`; the engine loads in the background once the app
+    starts (a load that fails is logged, unless not `log_load_error`: the caller reports it)."""
     from mintvcs.serve import http_admin, http_api
 
     app = web.Application(middlewares=[error_middleware], client_max_size=body_limit(config))
     app[STATE] = new_state(config)
+    app[LOG_LOAD_ERROR] = log_load_error
     if engine_factory is not None:
         app[ENGINE_FACTORY] = engine_factory
     app.cleanup_ctx.append(_engine_ctx)
@@ -1046,10 +1054,13 @@ class RunningServer:
 
 
 async def start_server(
-    config: ServerConfig, *, engine_factory: Callable[[ServerConfig], Engine] | None = None
+    config: ServerConfig,
+    *,
+    engine_factory: Callable[[ServerConfig], Engine] | None = None,
+    log_load_error: bool = True,
 ) -> RunningServer:
     """Create the app, bind it, and return at once (the engine keeps loading in the background)."""
-    app = create_app(config, engine_factory=engine_factory)
+    app = create_app(config, engine_factory=engine_factory, log_load_error=log_load_error)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its sequence.
     # stop() has drained already: whatever still runs at cleanup is cancelled after a moment.
     runner = web.AppRunner(
@@ -1071,14 +1082,23 @@ def _print_flushed(line: str) -> None:
     print(line, flush=True)  # whoever started the server waits for the line naming its port
 
 
+def _complain(line: str) -> None:
+    """An `error:` line on stderr; one that a full or closed stderr cannot take is dropped
+    (the exit status still tells)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        print(line, file=sys.stderr, flush=True)
+
+
 async def serve_until_signalled(
     config: ServerConfig,
     *,
     out: Callable[[str], None] = _print_flushed,
+    err: Callable[[str], None] = _complain,
     engine_factory: Callable[[ServerConfig], Engine] | None = None,
 ) -> int:
-    """Run the server until SIGTERM, SIGINT or SIGHUP, then drain; the exit status (1 if the base failed to load)."""
-    server = await start_server(config, engine_factory=engine_factory)
+    """Run the server until SIGTERM, SIGINT or SIGHUP, then drain; the exit status (1 if the
+    base failed to load, said once through `err`)."""
+    server = await start_server(config, engine_factory=engine_factory, log_load_error=False)
     out(
         f"mintvcs serve: listening on {server.url} (repository {config.repo}, base "
         f"{config.base_model}, served alone as {config.base_name!r})"
@@ -1093,7 +1113,7 @@ async def serve_until_signalled(
     await asyncio.wait({loaded, stopped}, return_when=asyncio.FIRST_COMPLETED)
     status = 0
     if loaded.done() and server.state.load_error is not None:
-        out(f"error: the base model failed to load: {server.state.load_error}")
+        err(f"error: the base model failed to load: {server.state.load_error}")
         status = 1
     else:
         if loaded.done():
@@ -1146,11 +1166,18 @@ def run(config: ServerConfig) -> int:
             print(line, flush=True)
         except (BrokenPipeError, ValueError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
-        except OSError:
-            # A full disk (`> /dev/full`): the serve fails, and what stdout still buffers goes
-            # to /dev/null, not into a second failure (a traceback) as the process exits.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-            raise
+        except OSError as failure:
+            # A full disk (`> /dev/full`): the server is bound and keeps serving, as without a
+            # stdout; the line goes to the log instead, and what stdout still buffers to
+            # /dev/null, not into a second failure (a traceback) as the process exits.
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.close(null)
+            log.warning(
+                "write failure on 'stdout': %s; serving on without it: %s",
+                failure.strerror or failure,
+                line,
+            )
 
     return asyncio.run(serve_until_signalled(config, out=out))
 

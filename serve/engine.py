@@ -383,7 +383,12 @@ class Engine:
         self.source = source
         # Graphs need the Triton backend: the torch one reads slot segments on the host (a sync).
         graphs = device.type == "cuda" and config.cuda_graphs and config.kernel_backend != "torch"
-        self.kv = self.model.new_kv_cache(config.max_batch_size, self.max_model_len, scratch=graphs)
+        try:
+            self.kv = self.model.new_kv_cache(
+                config.max_batch_size, self.max_model_len, scratch=graphs
+            )
+        except (RuntimeError, MemoryError):  # torch's allocators say so in RuntimeErrors
+            raise self._kv_cache_too_large(config, graphs) from None
         self.pools = AdapterPools(
             self.model.config,
             config.adapter_slots,
@@ -418,6 +423,19 @@ class Engine:
             )
             if graphs
             else None,
+        )
+
+    def _kv_cache_too_large(self, config: EngineConfig, scratch: bool) -> EngineError:
+        """The error for a KV cache that could not be allocated: its size, and the options that set it."""
+        c, model = self.model.config, self.model
+        slots = config.max_batch_size + int(scratch)
+        per_slot = 2 * c.num_hidden_layers * self.max_model_len * c.kv_size
+        wanted = slots * per_slot * model.dtype.itemsize
+        return EngineError(
+            f"the KV cache for {config.max_batch_size} sequences of {self.max_model_len} tokens "
+            f"needs {wanted} bytes ({wanted / 2**30:.1f} GiB) of {model.device} memory, which "
+            "could not be allocated; lower max_batch_size "
+            "(--max-batch-size) or max_model_len (--max-model-len)"
         )
 
     def start(self) -> None:

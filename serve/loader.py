@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mintvcs.errors import MintError
+from mintvcs.errors import MintError, cannot_read
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -326,7 +326,11 @@ def read_config(directory: Path) -> ModelConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found; point the engine at a HF checkpoint directory")
-    config = ModelConfig.from_dict(json.loads(path.read_text()))
+    raw = _read_json(path)
+    try:
+        config = ModelConfig.from_dict(raw)
+    except (TypeError, ValueError, AttributeError) as err:  # a field of the wrong kind
+        raise CheckpointError(f"{path}: {err}") from None
     # Instruct models (Llama 3, Qwen2.5) list their end-of-turn token here, not in config.json.
     generation = Path(directory) / "generation_config.json"
     if generation.is_file():
@@ -345,8 +349,10 @@ def safetensors_files(directory: Path) -> list[Path]:
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        files = sorted({directory / name for name in weight_map.values()})
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map' object")
+        files = sorted({directory / str(name) for name in weight_map.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"shards named by {index} are missing: {', '.join(missing)}")
@@ -362,14 +368,42 @@ def safetensors_files(directory: Path) -> list[Path]:
     )
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON object, or a CheckpointError naming the file and what is wrong with it."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except OSError as err:
+        raise CheckpointError(cannot_read(path, err)) from None
+    except ValueError as err:  # not JSON, not UTF-8
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
+def _check_readable(path: Path) -> None:
+    """A CheckpointError naming `path` when this process may not read it: safetensors and
+    tokenizers report a file they were refused as one that does not exist."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        raise CheckpointError(cannot_read(path, err)) from None
+
+
 def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) over every tensor of the checkpoint, one shard at a time."""
-    from safetensors import safe_open
+    """Yield (name, tensor) over every tensor of the checkpoint, one shard at a time; a shard
+    that cannot be read is a CheckpointError naming it."""
+    from safetensors import SafetensorError, safe_open
 
     for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                yield name, handle.get_tensor(name)
+        _check_readable(path)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    yield name, handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:  # a header or data that does not parse
+            raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
 
 
 def load_tokenizer(directory: Path) -> Any:
@@ -379,4 +413,8 @@ def load_tokenizer(directory: Path) -> Any:
         return None
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(path))
+    _check_readable(path)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a plain Exception for a file it cannot parse
+        raise CheckpointError(f"{path} is not a tokenizer this engine reads: {err}") from None

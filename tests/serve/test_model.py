@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,30 @@ def test_refuses_unsupported_rope_type(tmp_path: Path) -> None:
     directory = build_base(tmp_path / "lr", rope_scaling={"rope_type": "longrope", "factor": 2.0})
     with pytest.raises(UnsupportedModelError, match="longrope"):
         read_config(directory)
+
+
+def test_checkpoint_files_that_do_not_parse_are_named(tmp_path: Path, tiny_base: Path) -> None:
+    # The JSON or safetensors error alone named no file: with a sharded checkpoint, no shard.
+    import shutil
+
+    from mintvcs.serve.loader import iter_tensors
+
+    base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
+    config = base / "config.json"
+    good = config.read_bytes()
+    for text, problem in (("{bad", "is not valid JSON (Expecting"), ("[1]", "holds a JSON list")):
+        config.write_text(text)
+        with pytest.raises(
+            CheckpointError, match=f"^{re.escape(str(config))} {re.escape(problem)}"
+        ):
+            read_config(base)
+    config.write_bytes(good)
+    weights = base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])  # cut short
+    with pytest.raises(
+        CheckpointError, match=f"^{re.escape(str(weights))} is not a readable safetensors file"
+    ):
+        list(iter_tensors(base))
 
 
 def test_tied_embeddings_share_the_matrix(tmp_path: Path) -> None:
