@@ -10,6 +10,16 @@ import click
 from mintvcs.errors import MintError
 
 
+def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse `--host ""`: aiohttp takes it for every interface, which an unset `--host "$HOST"`
+    must not open up (the admin endpoints are open without --api-key-file)."""
+    if not value.strip():
+        raise click.BadParameter(
+            "empty, which would bind every interface; give the address to bind (0.0.0.0 for all)"
+        )
+    return value
+
+
 @click.command("serve")
 @click.option(
     "--repo",
@@ -26,7 +36,13 @@ from mintvcs.errors import MintError
     required=True,
     help="Local HF checkpoint directory of the base model.",
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    callback=_nonempty_host,
+    help="Address to bind (0.0.0.0: every interface).",
+)
 @click.option(
     "--port",
     default=8000,

@@ -17,6 +17,7 @@ from mintvcs.serve.app import (
     HTTPError,
     ServerState,
     check_bearer,
+    expect_body,
     field_of,
     prefetch,
     read_json,
@@ -232,7 +233,7 @@ def add_routes(app: web.Application) -> None:
     """Register the operational routes."""
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/v1/refs/notify", notify)
-    app.router.add_post("/v1/adapters/warm", warm)
-    app.router.add_post("/v1/adapters/unpin", unpin)
+    app.router.add_post("/v1/refs/notify", notify, expect_handler=expect_body)
+    app.router.add_post("/v1/adapters/warm", warm, expect_handler=expect_body)
+    app.router.add_post("/v1/adapters/unpin", unpin, expect_handler=expect_body)
     app.router.add_get("/v1/adapters", adapters)

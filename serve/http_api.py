@@ -35,6 +35,7 @@ from mintvcs.serve.app import (
     ServerState,
     count_tokens,
     error_body,
+    expect_body,
     field_of,
     read_json,
     status_for,
@@ -1453,10 +1454,10 @@ async def detokenize(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Register the generation and model routes."""
-    app.router.add_post("/generate", generate)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/generate", generate, expect_handler=expect_body)
+    app.router.add_post("/v1/completions", completions, expect_handler=expect_body)
+    app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=expect_body)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{id:.+}", model)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/tokenize", tokenize, expect_handler=expect_body)
+    app.router.add_post("/detokenize", detokenize, expect_handler=expect_body)

@@ -1842,3 +1842,31 @@ def test_a_repository_gone_while_serving_is_503_not_an_unknown_ref(
     assert len(gone) == 1 and gone[0].levelno == logging.WARNING, gone  # once, not per request
     assert [r for r in caplog.records if "is back" in r.getMessage()]
     assert not [r for r in caplog.records if "internal error" in r.getMessage()]
+
+
+def test_expect_continue_with_a_body_declared_too_large_is_413_without_the_invitation(
+    server: BackgroundServer,
+) -> None:
+    # aiohttp's default handler answered 100 Continue first: the client then started sending
+    # the body the handler refuses unread (curl had sent 2.6 MB of 50 MB).
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    head = (
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nExpect: 100-continue\r\nContent-Length: {{size}}\r\n\r\n"
+    )
+    for path in ("/generate", "/v1/completions", "/v1/refs/notify"):
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            sock.sendall(head.format(path=path, size=50_000_000).encode())
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 413"), answer
+            assert b"100 Continue" not in answer
+    # A body within the limit is still invited, and served.
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1}).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head.format(path="/generate", size=len(body)).encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
