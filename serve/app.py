@@ -1053,11 +1053,11 @@ class RunningServer:
         if not state.idle.is_set():
             forced = force is not None and force.is_set()
             log.warning(
-                "%d request(s) still running %s",
+                "%d request(s) still running%s",
                 state.inflight,
                 "; signalled again: stopping at once"
                 if forced
-                else f"after {state.config.drain_timeout:g} s; closing anyway",
+                else f" after {state.config.drain_timeout:g} s; closing anyway",
             )
             if state.engine is not None:
                 # Ends each of them now (EngineClosed: a 503, or an error event in a stream);

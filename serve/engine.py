@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -42,6 +43,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # One failed step can be one bad batch; this many in a row is an engine that cannot compute
 # (a sticky CUDA error, say): health checks then report it so a load balancer stops sending.
 UNHEALTHY_AFTER_FAILED_STEPS = 3
+
+
+log = logging.getLogger("mintvcs.serve")
 
 
 class EngineError(MintError):
@@ -315,6 +319,14 @@ class Engine:
         # slow the step thread's.
         self._threads = config.cpu_threads or min(torch.get_num_threads(), available_cpus())
         on_cpu = (base.device if isinstance(base, Model) else config.torch_device()).type == "cpu"
+        if on_cpu and config.cpu_threads is not None and config.cpu_threads > available_cpus():
+            log.warning(
+                "cpu_threads (--cpu-threads) %d is more than the %d CPUs this process may use: "
+                "each step's threads wait for one another, and a descheduled one stalls the "
+                "step for all",
+                config.cpu_threads,
+                available_cpus(),
+            )
         with one_intraop_thread() if on_cpu else contextlib.nullcontext():
             self._build(base, config, source, base_fingerprint)
         self._eos = frozenset(self.model.config.eos_token_ids)
@@ -374,6 +386,12 @@ class Engine:
                     progress=progress,
                 )
             self.tokenizer = load_tokenizer(self.base_dir)
+            if self.tokenizer is None:
+                log.warning(
+                    "%s has no tokenizer.json: text prompts will be refused (400), and only "
+                    "/v1/completions with a prompt of token ids is served",
+                    self.base_dir,
+                )
             if base_fingerprint is None and config.check_base_fingerprint:
                 from mintvcs.base import fingerprint
 
@@ -507,7 +525,7 @@ class Engine:
         """Token ids of `prompt` with the checkpoint's tokenizer (and its BOS, unless `special_tokens=False`)."""
         if self.tokenizer is None:
             raise InvalidRequest(
-                f"{self.base_dir} has no tokenizer.json; send token ids instead of text"
+                "the base model has no tokenizer.json, so text prompts cannot be encoded"
             )
         ids: list[int] = self.tokenizer.encode(prompt, add_special_tokens=special_tokens).ids
         return ids

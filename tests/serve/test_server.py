@@ -1844,6 +1844,32 @@ def test_a_repository_gone_while_serving_is_503_not_an_unknown_ref(
     assert not [r for r in caplog.records if "internal error" in r.getMessage()]
 
 
+def test_a_base_without_a_tokenizer_warns_at_start_and_offers_no_token_ids_on_generate(
+    tmp_path: Path, repo: Repository, tiny_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It started "ready" without a word, and /generate told clients to "send token ids instead
+    # of text", which /generate refuses.
+    base = Path(shutil.copytree(tiny_base, tmp_path / "no-tokenizer"))
+    (base / "tokenizer.json").unlink()
+    caplog.set_level(logging.WARNING, logger="mintvcs.serve")
+    config = ServerConfig(repo=repo.git_dir, base_model=base, port=0, max_model_len=64)
+    with BackgroundServer(config) as srv:
+        warned = [r.getMessage() for r in caplog.records if "tokenizer.json" in r.getMessage()]
+        assert warned == [
+            f"{base} has no tokenizer.json: text prompts will be refused (400), and only "
+            "/v1/completions with a prompt of token ids is served"
+        ]
+        status, _, body = gen(srv, prompt="Hello", ref=config.base_name, max_tokens=1)
+        assert status == 400 and "no tokenizer.json" in body["error"], body
+        assert "token ids" not in body["error"] and str(base) not in body["error"]
+        assert gen(srv, prompt=[1, 2, 3], ref=config.base_name, max_tokens=1)[0] == 400
+        status, _, body = request(
+            srv.url + "/v1/completions",
+            {"model": config.base_name, "prompt": [1, 2, 3], "max_tokens": 1},
+        )
+        assert status == 200, body
+
+
 def test_expect_continue_with_a_body_declared_too_large_is_413_without_the_invitation(
     server: BackgroundServer,
 ) -> None:
@@ -1870,3 +1896,27 @@ def test_expect_continue_with_a_body_declared_too_large_is_413_without_the_invit
         assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
         sock.sendall(body)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_more_cpu_threads_than_cpus_is_a_warning(
+    repo: Repository, tiny_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mintvcs.serve.threads import available_cpus
+
+    caplog.set_level(logging.WARNING, logger="mintvcs.serve")
+    cpus = available_cpus()
+    config = ServerConfig(
+        repo=repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=64,
+        device="cpu",
+        cpu_threads=cpus + 1,
+    )
+    with BackgroundServer(config):
+        pass
+    warned = [r.getMessage() for r in caplog.records if "--cpu-threads" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith(
+        f"cpu_threads (--cpu-threads) {cpus + 1} is more than the {cpus} CPUs this process may use"
+    )
