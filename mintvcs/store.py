@@ -48,10 +48,10 @@ from mintvcs.packs import (
     PackFile,
     PackWriter,
     inflate,
+    located_segments,
     object_zlib_level,
     place_file,
     read_fd,
-    slicer,
     zlib_stored,
     zlib_tensor,
 )
@@ -1049,11 +1049,12 @@ class Repository:
         """Decode many tensors, each (its manifest record, uint8 array of its size), into their arrays.
 
         Returns once every tensor's sha256 is verified; a failure raises naming its tensor.
-        The read of a whole revision (a hot swap): a packed self-contained blob is decoded
-        straight from the pack's memory map (no gathered copy, no Adler-32 pass: its header
-        has a CRC32, its zstd planes CRC32s, and its raw planes reach the sha256 unchanged),
-        and the sha256s are then computed on two threads. Other blobs (loose, XOR chains,
-        anything unusual) take tensor_into().
+        The read of a whole revision (a hot swap, a checkout): the packs' indexes are searched
+        once for every blob, a packed blob and the links of its XOR chain are decoded straight
+        from the pack's memory map (no gathered copy, no Adler-32 pass: each header has a
+        CRC32, each zstd plane a CRC32, and the raw planes reach the sha256 unchanged), small
+        tensors' planes are merged a batch at a time (codec.MergeBatch), and the sha256s are
+        then computed on two threads. Other blobs (loose, anything unusual) take tensor_into().
         """
         if len(items) <= 1:
             for record, out in items:
@@ -1062,12 +1063,10 @@ class Repository:
         # Decoded first, verified after: see _verify_all for why not side by side.
         jobs = []
         links: list[tuple[codec.BlobHeader, codec.Planes]] = []
-        rescanned = False
-        for record, out in items:
-            decoded = self._decode_packed(record, out, rescan=not rescanned)
-            # Packs written since the last scan (a commit after the server started) are found
-            # by the first miss's rescan; later misses are loose or unusual blobs.
-            rescanned = rescanned or decoded is None
+        batch = codec.MergeBatch()
+        located = self._locate_packed([record.blob for record, _ in items])
+        for (record, out), found in zip(items, located, strict=True):
+            decoded = None if found is None else self._decode_packed(record, out, found, batch)
             if decoded is None:
                 self.tensor_into(record.blob, record.name, out, expect=record)
                 continue
@@ -1075,57 +1074,94 @@ class Repository:
             jobs.append((out, header, record.name))
             if planes is not None:
                 links.append((header, planes))
+        batch.flush()
         _verify_all(jobs)
         if self.plane_cache is not None:  # only verified planes become bases
             for header, planes in links:
                 self.plane_cache.put(header, planes)
 
-    def _decode_packed(
-        self, record: TensorRecord, out: npt.NDArray[np.uint8], rescan: bool = False
-    ) -> tuple[codec.BlobHeader, codec.Planes | None] | None:
-        """Decode a packed tensor blob into `out` without its sha256 check.
+    def _locate_packed(self, blob_ids: Sequence[str]) -> list[tuple[PackFile, int] | None]:
+        """Where each blob sits in the packs ((pack, offset), or None), a pack's index searched
+        once for all of them; packs written since the last scan (a commit after the server
+        started) are found by listing the pack directory again once, if any blob was missed."""
+        keys = [bytes.fromhex(oid) for oid in blob_ids]
+        located: list[tuple[PackFile, int] | None] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        for attempt in range(2):
+            for pack in self._packs(refresh=attempt == 1):
+                if not missing:
+                    return located
+                offsets = pack.find_many([keys[i] for i in missing])
+                still = []
+                for index, offset in zip(missing, offsets, strict=True):
+                    if offset is None:
+                        still.append(index)
+                    else:
+                        located[index] = (pack, offset)
+                missing = still
+            if not missing:
+                break
+        return located
 
-        A self-contained blob, or an XOR link whose base's planes are in the plane cache.
-        Returns the header to verify against and, for a link, its planes (to cache once
-        verified); or None (nothing written) when the blob is not in a pack in the form we
-        write, or is a link without a cached base. With `rescan`, a blob in no known pack makes
-        the pack directory be listed again.
+    def _decode_packed(
+        self,
+        record: TensorRecord,
+        out: npt.NDArray[np.uint8],
+        found: tuple[PackFile, int],
+        batch: codec.MergeBatch | None = None,
+    ) -> tuple[codec.BlobHeader, codec.Planes | None] | None:
+        """Decode the tensor blob at `found` (a pack and an offset) into `out` without its
+        sha256 check (with `batch`, a small one only at `batch.flush()`).
+
+        An XOR link's chain is read from the packs down to its root, or to a base whose planes
+        the plane cache holds. Returns the header to verify against and, with a plane cache,
+        the planes of a link (to cache once verified); or None (nothing written) when a blob of
+        the chain is not in a pack in the form we write.
         """
-        blob_id, name = record.blob, record.name
-        if not is_object_id(blob_id):
-            raise CorruptObjectError(f"tensor {name}: {blob_id!r} is not an object id")
-        found = self._find_packed(bytes.fromhex(blob_id), rescan)
-        if found is None:
-            return None
-        pack, offset = found
-        try:
-            size, head, pieces = pack.stored_layout(offset)
-        except NotStored:
-            return None
-        # Our writer deflates exactly the blob header; any other split takes the general path.
-        span = codec.header_span(head)
-        if span is None or len(head) < span:
-            return None
-        header = codec.header_of(head, size, name=name)
-        _check_record(record, header)
+        name = record.name
+        cache = self.plane_cache
+        links: list[tuple[codec.BlobHeader, list[bytes | memoryview]]] = []
         base = None
-        if header.encoding == "xor":
-            cache = self.plane_cache
-            cached = cache.get(header.base) if cache is not None and header.base else None
-            if cached is None:
+        pack, offset = found
+        while True:
+            try:
+                size, head, pieces = pack.stored_layout(offset)
+            except NotStored:
                 return None
-            codec.check_base(header, cached[0], name=name)
-            base = cached[1]
-        piece = slicer(memoryview(pack.pack), head, pieces)
-        segments = []
-        at = header.payload_offset
-        for _, length, _ in header.segments:
-            segments.append(piece(at, at + length))
-            at += length
-        if base is None:
-            codec.decode_segments(segments, header, out, name=name)
-            return header, None
-        return header, codec.decode_link(segments, header, base, out, blob_id=blob_id, name=name)
+            # Our writer deflates exactly the blob header; any other split takes the general path.
+            span = codec.header_span(head)
+            if span is None or len(head) < span:
+                return None
+            header = codec.header_of(head, size, name=name)
+            if not links:
+                _check_record(record, header)
+            segments = located_segments(
+                memoryview(pack.pack), head, pieces, header.payload_offset, header.segments
+            )
+            links.append((header, segments))
+            if header.encoding != "xor" or header.base is None:
+                break
+            cached = cache.get(header.base) if cache is not None else None
+            if cached is not None:
+                codec.check_base(header, cached[0], name=name)
+                base = cached[1]
+                break
+            if len(links) > codec.MAX_CHAIN:
+                raise codec.CorruptBlobError(
+                    name, f"xor chain from {record.blob} is longer than {codec.MAX_CHAIN}"
+                )
+            where = self._find_packed(bytes.fromhex(header.base))
+            if where is None:  # loose, or in a pack written since: the general path reads it
+                return None
+            pack, offset = where
+        if base is None and len(links) == 1:  # self-contained: most blobs of a revision
+            codec.decode_segments(links[0][1], links[0][0], out, name=name, batch=batch)
+            return links[0][0], None
+        tip, planes, grid = codec.chain_segments(links, name=name, base=base)
+        codec.merge_into(planes, tip, out, batch=batch)
+        if cache is None or grid is None:
+            return tip, None
+        return tip, codec.Planes(grid, record.blob, tip.depth)
 
     def tensor_planes(self, blob_id: str, name: str) -> codec.Planes:
         """A tensor in plane space, as the codec XORs the next revision against it."""

@@ -312,6 +312,77 @@ def test_xor_needs_the_right_base() -> None:
         decode(blob, bytes(wrong), name="w")
 
 
+def _edit(key: str, value: object) -> object:
+    def edit(header: dict[str, object]) -> None:
+        header[key] = value
+
+    return edit
+
+
+def _edit_segment(index: int, item: int, value: object) -> object:
+    def edit(header: dict[str, object]) -> None:
+        header["segments"][index][item] = value  # type: ignore[index]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (_edit("shape", [True, 64]), "shape"),  # JSON's true equals 1 in Python
+        (_edit("shape", [16, -64]), "shape"),
+        (_edit("shape", [16, 64.0]), "shape"),
+        (_edit("shape", "16,64"), "shape"),
+        (_edit("shape", [16, 32]), "nbytes 2048 does not match"),
+        (_edit("nbytes", 2047), "nbytes"),
+        (_edit("nbytes", True), "nbytes"),
+        (_edit("dtype", "bf16"), "dtype"),
+        (_edit("dtype", 2), "dtype"),
+        (_edit("sha256", "AB" * 32), "sha256"),
+        (_edit("group", 4), "group"),
+        (_edit("rotate", 0), "rotate"),
+        (_edit("encoding", "raw"), "raw encoding for BF16"),
+        (_edit("base", BASE_ID), "planes blob with base"),
+        (_edit("depth", 1), "planes blob with base"),
+        (_edit("segments", [["none", 1024, 0]]), "segments"),
+        (_edit_segment(0, 1, 1023), "raw segment of 1023 bytes"),
+        (_edit_segment(1, 2, 1 << 32), "segment"),
+        (_edit_segment(1, 2, -1), "segment"),
+        (_edit_segment(1, 1, False), "segment"),
+        (_edit_segment(1, 0, ["zstd"]), "segment"),
+    ],
+)
+def test_each_header_field_is_checked(edit: object, reason: str) -> None:
+    # The blob header's checks (hand-inlined for speed) refuse each bad field with its reason.
+    from tests.mintvcs.storekit import edit_blob_header
+
+    blob = encode(_lora_like(np.random.default_rng(4), "BF16", (16, 64)), "BF16", (16, 64))
+    assert [s[0] for s in read_header(blob).segments] == ["none", "zstd"]
+    with pytest.raises(CorruptBlobError, match=f"malformed header: {re.escape(reason)}"):
+        read_header(edit_blob_header(blob, edit), name="w")
+
+
+def test_header_checks_accept_what_a_reader_may_see() -> None:
+    from tests.mintvcs.storekit import edit_blob_header
+
+    blob = encode(_lora_like(np.random.default_rng(5), "BF16", (16, 64)), "BF16", (16, 64))
+    # A key no writer puts there yet is ignored (docs/format.md, section 6).
+    noted = edit_blob_header(blob, _edit("note", [1, 2]))
+    assert read_header(noted).payload_offset == read_header(blob).payload_offset + 13
+    assert decode(noted) == decode(blob)
+    # A dtype of unknown size is stored raw: its nbytes is taken as given.
+    odd = encode(b"\1\2\3\4\5", "Q7", (2,))
+    header = read_header(odd)
+    assert (header.dtype, header.nbytes, header.group, header.encoding) == ("Q7", 5, 1, "raw")
+    link = read_header(_blobs()[3][0])
+    assert (link.encoding, link.base, link.depth) == ("xor", BASE_ID, 1)
+    for depth in (0, MAX_CHAIN + 1, True):
+        with pytest.raises(CorruptBlobError, match="depth"):
+            read_header(edit_blob_header(_blobs()[3][0], _edit("depth", depth)))
+    with pytest.raises(CorruptBlobError, match="base"):
+        read_header(edit_blob_header(_blobs()[3][0], _edit("base", "x" * 40)))
+
+
 def test_bad_magic_and_version() -> None:
     blob = encode(b"\1\2\3", "U8", (3,))
     with pytest.raises(CorruptBlobError, match="magic"):
