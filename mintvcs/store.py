@@ -1294,6 +1294,8 @@ class Repository:
         stopped = len(actual) > limit
         for path in (CONFIG_PATH, MANIFEST_PATH):
             actual.pop(path, None)
+        if actual == expected:  # the usual case, compared in one call: no path is sorted
+            return
         differences = []
         for path in sorted(expected.keys() | actual.keys()):
             want, have = expected.get(path), actual.get(path)
