@@ -938,6 +938,20 @@ class Repository:
                 "run 'mintvcs fsck', and restore it from a good copy"
             ) from None
 
+    def has_objects(self, oids: Sequence[str]) -> list[bool]:
+        """has_object() of each of `oids` (after listing the pack directory again for one
+        that is missing), the packs' indexes searched once for all of them: fsck asks of every
+        entry of a revision's tree, 37k for a large MoE adapter."""
+        valid = [oid for oid in oids if is_object_id(oid)]
+        packed = {
+            oid for oid, found in zip(valid, self._locate_packed(valid), strict=True) if found
+        }
+        # What no pack holds is looked for as has_object() looks: loose, foreign, packed since.
+        return [
+            oid in packed or self.has_object(oid) or self.has_object(oid, rescan=True)
+            for oid in oids
+        ]
+
     def _has_foreign_objects(self) -> bool:
         """True when some objects are outside our own reader's reach (alternates, unusual packs)."""
         self._packs()
@@ -999,6 +1013,44 @@ class Repository:
 
         out = np.empty(record.end - record.start, dtype=np.uint8)
         self._tensor_into(record.blob, record.name, out, record, planes, keep_all=True)
+
+    def verify_tensors(
+        self, records: Sequence[TensorRecord], planes: PlaneCache
+    ) -> list[MintError | None]:
+        """verify_tensor() of each record, each one's failure in its place (None: sound).
+
+        Packed blobs and their chains are decoded as tensors_into decodes them (the indexes
+        searched once for all, small tensors merged a batch at a time), over `planes`; each
+        verified tensor's planes are kept there. Other blobs take verify_tensor().
+        """
+        import numpy as np
+
+        errors: list[MintError | None] = [None] * len(records)
+        outs = [np.empty(record.end - record.start, dtype=np.uint8) for record in records]
+        decoded: list[tuple[int, codec.BlobHeader, codec.Planes | None]] = []
+        batch = codec.MergeBatch()
+        located = self._locate_packed([record.blob for record in records])
+        for index, (record, found) in enumerate(zip(records, located, strict=True)):
+            try:
+                got = None
+                if found is not None:
+                    got = self._decode_packed(record, outs[index], found, batch, planes, True)
+                if got is None:
+                    self.verify_tensor(record, planes)
+                else:
+                    decoded.append((index, *got))
+            except MintError as err:
+                errors[index] = err
+        batch.flush()
+        for index, header, grid in decoded:
+            try:
+                codec.verify_sha256(outs[index], header, name=records[index].name)
+            except MintError as err:
+                errors[index] = err
+                continue
+            if grid is not None:
+                planes.put(header, grid)
+        return errors
 
     def tensor_into(
         self,
@@ -1066,7 +1118,9 @@ class Repository:
         batch = codec.MergeBatch()
         located = self._locate_packed([record.blob for record, _ in items])
         for (record, out), found in zip(items, located, strict=True):
-            decoded = None if found is None else self._decode_packed(record, out, found, batch)
+            decoded = None
+            if found is not None:
+                decoded = self._decode_packed(record, out, found, batch, self.plane_cache)
             if decoded is None:
                 self.tensor_into(record.blob, record.name, out, expect=record)
                 continue
@@ -1109,17 +1163,20 @@ class Repository:
         out: npt.NDArray[np.uint8],
         found: tuple[PackFile, int],
         batch: codec.MergeBatch | None = None,
+        cache: PlaneCache | None = None,
+        keep_all: bool = False,
     ) -> tuple[codec.BlobHeader, codec.Planes | None] | None:
         """Decode the tensor blob at `found` (a pack and an offset) into `out` without its
         sha256 check (with `batch`, a small one only at `batch.flush()`).
 
         An XOR link's chain is read from the packs down to its root, or to a base whose planes
-        the plane cache holds. Returns the header to verify against and, with a plane cache,
-        the planes of a link (to cache once verified); or None (nothing written) when a blob of
-        the chain is not in a pack in the form we write.
+        `cache` holds. Returns the header to verify against and, with a cache, the planes of a
+        link (with `keep_all`, of a self-contained blob too, copied) to cache once verified; or
+        None (nothing written) when a blob of the chain is not in a pack in the form we write.
         """
+        import numpy as np
+
         name = record.name
-        cache = self.plane_cache
         links: list[tuple[codec.BlobHeader, list[bytes | memoryview]]] = []
         base = None
         pack, offset = found
@@ -1154,10 +1211,13 @@ class Repository:
             if where is None:  # loose, or in a pack written since: the general path reads it
                 return None
             pack, offset = where
-        if base is None and len(links) == 1:  # self-contained: most blobs of a revision
+        if base is None and len(links) == 1 and not keep_all:  # most blobs of a revision
             codec.decode_segments(links[0][1], links[0][0], out, name=name, batch=batch)
             return links[0][0], None
         tip, planes, grid = codec.chain_segments(links, name=name, base=base)
+        if keep_all and grid is None:  # views into the pack's map: the cache keeps a copy
+            grid = np.stack(planes)
+            planes = list(grid)
         codec.merge_into(planes, tip, out, batch=batch)
         if cache is None or grid is None:
             return tip, None
