@@ -21,7 +21,7 @@ import struct
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 from mintvcs.checksums import crc32
 from mintvcs.errors import MintError, NewerFormatError
@@ -819,15 +819,39 @@ def _blob_segments(blob: bytes | memoryview, header: BlobHeader) -> list[memoryv
     return segments
 
 
+@overload
 def _segment_planes(
-    segments: Sequence[bytes | memoryview], header: BlobHeader, name: str, *, check_raw: bool
-) -> list[npt.NDArray[np.uint8]]:
-    """_plane_arrays() for a blob whose segments the caller located (`segments[k]` holds plane k)."""
+    segments: Sequence[bytes | memoryview],
+    header: BlobHeader,
+    name: str,
+    *,
+    check_raw: bool,
+    arrays: Literal[True] = True,
+) -> list[npt.NDArray[np.uint8]]: ...
+@overload
+def _segment_planes(
+    segments: Sequence[bytes | memoryview],
+    header: BlobHeader,
+    name: str,
+    *,
+    check_raw: bool,
+    arrays: Literal[False],
+) -> list[bytes | memoryview]: ...
+def _segment_planes(
+    segments: Sequence[bytes | memoryview],
+    header: BlobHeader,
+    name: str,
+    *,
+    check_raw: bool,
+    arrays: bool = True,
+) -> list[npt.NDArray[np.uint8]] | list[bytes | memoryview]:
+    """_plane_arrays() for a blob whose segments the caller located (`segments[k]` holds plane k);
+    with `arrays` False, the planes as bytes and views (what a MergeBatch joins)."""
     import numpy as np
     import zstandard
 
     plane_len = header.nbytes // header.group
-    planes: list[npt.NDArray[np.uint8]] = []
+    planes: list[bytes | memoryview] = []
     for index, ((codec_name, size, crc), seg) in enumerate(
         zip(header.segments, segments, strict=True)
     ):
@@ -836,7 +860,7 @@ def _segment_planes(
         if codec_name == "none":
             if check_raw and crc32(seg) != crc:
                 raise CorruptBlobError(name, f"plane {index}: CRC32 mismatch")
-            planes.append(np.frombuffer(seg, dtype=np.uint8))
+            planes.append(seg)
             continue
         if crc32(seg) != crc:
             raise CorruptBlobError(name, f"plane {index}: CRC32 mismatch")
@@ -858,8 +882,8 @@ def _segment_planes(
             raise CorruptBlobError(
                 name, f"plane {index}: decompressed to {len(out)} bytes, expected {plane_len}"
             )
-        planes.append(np.frombuffer(out, dtype=np.uint8))
-    return planes
+        planes.append(out)
+    return [np.frombuffer(plane, dtype=np.uint8) for plane in planes] if arrays else planes
 
 
 class MergeBatch:
@@ -875,12 +899,17 @@ class MergeBatch:
         """An empty batch."""
         # (group, rotate) -> each tensor's planes, and its output
         self._pending: dict[
-            tuple[int, int], tuple[list[list[npt.NDArray[np.uint8]]], list[npt.NDArray[np.uint8]]]
+            tuple[int, int], tuple[list[list[bytes | memoryview]], list[npt.NDArray[np.uint8]]]
         ] = {}
         self._bytes = 0
 
+    @staticmethod
+    def takes(header: BlobHeader) -> bool:
+        """Whether a tensor that `header` describes is merged in batches (small, split in planes)."""
+        return header.group > 1 and header.nbytes <= _BATCH_TENSOR_BYTES
+
     def add(
-        self, planes: list[npt.NDArray[np.uint8]], header: BlobHeader, out: npt.NDArray[np.uint8]
+        self, planes: list[bytes | memoryview], header: BlobHeader, out: npt.NDArray[np.uint8]
     ) -> None:
         """Merge `planes` (of a tensor that `header` describes) into `out` at the next flush."""
         pending = self._pending.get((header.group, header.rotate))
@@ -898,7 +927,7 @@ class MergeBatch:
 
         for (group, rotate), (planes, outs) in self._pending.items():
             columns = [
-                np.frombuffer(b"".join([p[k].data for p in planes]), dtype=np.uint8)
+                np.frombuffer(b"".join([p[k] for p in planes]), dtype=np.uint8)
                 for k in range(group)
             ]
             total = columns[0].size * group
@@ -935,7 +964,13 @@ def decode_segments(
     """
     if header.encoding == "xor":
         raise CorruptBlobError(name, f"xor blob needs its base blob {header.base}")
-    merge_into(_segment_planes(segments, header, name, check_raw=False), header, out, batch=batch)
+    if batch is None or not batch.takes(header):
+        merge_into(_segment_planes(segments, header, name, check_raw=False), header, out)
+        return
+    if out.size != header.nbytes:
+        raise ValueError(f"output buffer holds {out.size} bytes, the tensor {header.nbytes}")
+    # The batch joins the planes as they are: no numpy array per plane.
+    batch.add(_segment_planes(segments, header, name, check_raw=False, arrays=False), header, out)
 
 
 def merge_into(
@@ -949,8 +984,8 @@ def merge_into(
     caller's: verify_sha256); with `batch`, a small tensor only at `batch.flush()`."""
     if out.size != header.nbytes:
         raise ValueError(f"output buffer holds {out.size} bytes, the tensor {header.nbytes}")
-    if batch is not None and header.group > 1 and header.nbytes <= _BATCH_TENSOR_BYTES:
-        batch.add(list(planes), header, out)
+    if batch is not None and batch.takes(header):
+        batch.add([plane.data for plane in planes], header, out)
     else:
         _merge(list(planes), header.group, header.rotate, out)
 

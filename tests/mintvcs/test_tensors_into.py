@@ -175,6 +175,49 @@ def test_pack_index_lookup_agrees_with_git(repo: Repository, tmp_path: Path) -> 
     assert pack.find_many([]) == []
 
 
+def test_entry_header_reads_what_a_writer_writes_and_names_each_fault() -> None:
+    from mintvcs.packs import (
+        PACK_HEADER,
+        PackEntryError,
+        _ofs_distance,
+        _pack_entry_header,
+        entry_header,
+    )
+
+    pad = bytes(PACK_HEADER + 300)  # entries sit after the pack header; OFS bases before them
+    at = len(pad)
+    for kind in (1, 2, 3, 4):
+        for size in (0, 15, 16, 300, 1 << 20, 1 << 40):
+            head = _pack_entry_header(kind, size)
+            buf = pad + head + b"x"
+            assert entry_header(buf, at, len(buf)) == (kind, size, at + len(head), None)
+            for cut in range(len(head)):  # every byte of the header is checked against `end`
+                with pytest.raises(PackEntryError, match="runs past the end"):
+                    entry_header(buf, at, at + cut)
+    for distance in (1, 127, 128, 300):
+        head = _pack_entry_header(6, 9) + _ofs_distance(distance)
+        buf = pad + head
+        assert entry_header(buf, at, len(buf)) == (6, 9, len(buf), at - distance)
+        with pytest.raises(PackEntryError, match="runs past the end"):
+            entry_header(buf, at, len(buf) - 1)
+    buf = pad + _pack_entry_header(6, 9) + _ofs_distance(at)  # back into the pack header
+    with pytest.raises(PackEntryError, match="outside the pack"):
+        entry_header(buf, at, len(buf))
+    buf = pad + _pack_entry_header(7, 9) + b"\1" * 20
+    assert entry_header(buf, at, len(buf)) == (7, 9, len(buf), b"\1" * 20)
+    with pytest.raises(PackEntryError, match=r"REF_DELTA .* runs past"):
+        entry_header(buf, at, len(buf) - 1)
+    buf = pad + b"\xb0" + b"\x80" * 10 + b"\x01"  # a blob whose size never ends
+    with pytest.raises(PackEntryError, match="size header that never ends"):
+        entry_header(buf, at, len(buf))
+    buf = pad + b"\x60" + b"\x80" * 10 + b"\x01"  # an OFS_DELTA whose base offset never ends
+    with pytest.raises(PackEntryError, match="base offset that never ends"):
+        entry_header(buf, at, len(buf))
+    buf = pad + b"\x50"
+    with pytest.raises(PackEntryError, match="unknown type 5"):
+        entry_header(buf, at, len(buf))
+
+
 def _tiny_moe(path: Path, seed: int, experts: int = 60, *, twin: bool = False) -> Path:
     """An MoE-shaped adapter of many 64-byte BF16 tensors (rank 4), as in bench/store.py's meta;
     with `twin`, one more tensor holding the first one's bytes (the same blob, two records)."""
