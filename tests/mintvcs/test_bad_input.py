@@ -892,8 +892,8 @@ def test_a_manifest_that_lies_about_its_layout_is_refused(work: Path, edit, expe
 
 
 def test_manifest_records_are_built_and_checked_as_the_constructor_does(work: Path) -> None:
-    # Records are built without the dataclass __init__ (37k of them a read of a large MoE
-    # adapter): the same records, equal and hashable, in any order the manifest lists them.
+    # Records are built from their entries with positional arguments (37k of them a read of a
+    # large MoE adapter): the same records, equal and hashable, in any order the manifest lists.
     from mintvcs.objects import Manifest, TensorRecord
     from mintvcs.store import Repository
 
@@ -904,7 +904,7 @@ def test_manifest_records_are_built_and_checked_as_the_constructor_does(work: Pa
         built = TensorRecord.from_entry(entry)
         assert built == record == TensorRecord(**{**entry, "shape": tuple(entry["shape"])})
         assert hash(built) == hash(record) and repr(built) == repr(record)
-    with pytest.raises(TypeError, match="keys"):
+    with pytest.raises(KeyError, match="depth"):
         TensorRecord.from_entry({k: v for k, v in raw["tensors"][0].items() if k != "depth"})
     raw["tensors"].reverse()  # out of file order: still a layout that tiles the data section
     reread = Manifest.from_bytes(json.dumps(raw).encode())
