@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -598,6 +599,57 @@ def test_a_tree_changed_with_git_is_refused_not_read_through_its_manifest(work: 
         )
     report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)
     assert not report["ok"] and any("changed with git" in p for p in report["problems"])
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ("100755,{blob},tensors/{name}", "tensors/{name} has mode 100755 in the tree"),
+        ("100644,{blob},tensors/{name}.extra", "tensors/{name}.extra is in the tree, not in"),
+        ("100644,{blob},tensors/sub/{name}", "tensors/sub/{name} is in the tree, not in"),
+    ],
+)
+def test_a_tensors_tree_git_changed_otherwise_is_named_too(
+    work: Path, entry: str, named: str
+) -> None:
+    # The tensors tree is compared whole with the bytes git writes for the manifest's records;
+    # any other tree is walked entry by entry, so that the difference is still named.
+    git_dir = work / ".mint"
+    line = git(git_dir, "ls-tree", "main", "tensors/").stdout.splitlines()[0]
+    blob, name = line.split()[2], line.split("\t")[1].split("/", 1)[1]
+    git(git_dir, "read-tree", "main")
+    git(git_dir, "update-index", "--add", "--cacheinfo", entry.format(blob=blob, name=name))
+    tree = git(git_dir, "write-tree").stdout.strip()
+    (git_dir / "index").unlink()
+    commit = git(git_dir, "commit-tree", tree, "-p", "main", "-m", "edit").stdout.strip()
+    git(git_dir, "update-ref", "refs/heads/gitedit", commit)
+    line = mint_fails(work, "show", "gitedit")
+    assert named.format(name=name) in line and "changed with git" in line, line
+
+
+def test_an_intact_tensors_tree_is_compared_whole_not_walked(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dulwich.objects import Tree
+
+    from mintvcs.store import Repository
+
+    walked: list[bytes] = []
+    items = Tree.items
+
+    def counting(self: Tree) -> Any:
+        walked.append(self.id)
+        return items(self)
+
+    repo = Repository.open(work)
+    commit = repo.resolve("main")
+    root = repo.get_object(repo.commit_info(commit).tree)
+    assert isinstance(root, Tree)
+    tensors_tree = root[b"tensors"][1]
+    monkeypatch.setattr(Tree, "items", counting)
+    revision = repo.read_revision(commit)
+    assert len(revision.manifest.tensors) > 1 and walked and tensors_tree not in walked
+    repo.close()
 
 
 # ASCII, and 84 three-byte characters: 252 bytes, which a count of characters took for 84.
