@@ -450,6 +450,14 @@ def commit(
             # or a git gc, push or squash could drop the bases.
             time.sleep(random.uniform(0.001, 0.01))
             previous, parent = parent, repo.refs.read(target)
+            if parent is None and previous is not None and branch is None:
+                # `branch -m` renamed HEAD's branch: git's commit updates HEAD through its
+                # symref, so it lands on the branch HEAD names now if that is still the parent.
+                now = repo.refs.read_symbolic("HEAD")
+                if now is not None and now != target and repo.refs.read(now) == previous:
+                    target = branch_ref = now
+                    parent = previous
+                    continue
             if parent is None and previous is not None:
                 # As git's "reference is missing but expected": a commit would bring the
                 # branch back as a root commit sharing nothing with the history deleted.

@@ -286,6 +286,33 @@ def test_a_branch_deleted_while_committing_is_not_brought_back_as_a_root(work: P
     )
 
 
+def test_a_commit_racing_a_rename_of_its_branch_lands_on_the_new_name(work: Path) -> None:
+    before = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    _commit_msg_hook(work, 'git --git-dir "$MINT_DIR" branch -m main trunk\n')
+    mutate(work, seed=7)
+    mint(work, "commit", "-m", "step")
+    # As git's commit, which updates HEAD through its symref: HEAD names trunk now.
+    assert git(work / ".mint", "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/trunk"
+    assert git(work / ".mint", "rev-parse", "trunk~1").stdout.strip() == before
+    assert git(work / ".mint", "log", "-1", "--format=%s", "trunk").stdout.strip() == "step"
+    assert "main" not in git(work / ".mint", "branch", "--format=%(refname:short)").stdout
+    assert json.loads(mint(work, "status", "--json").stdout)["changes"] == []
+
+
+def test_a_commit_racing_a_rename_and_a_move_of_its_branch_is_refused(work: Path) -> None:
+    git(work / ".mint", "branch", "other")
+    mint(work, "commit", "--allow-empty", "--no-verify", "-m", "elsewhere", "--branch", "other")
+    _commit_msg_hook(
+        work,
+        'git --git-dir "$MINT_DIR" branch -m main trunk && '
+        'git --git-dir "$MINT_DIR" update-ref refs/heads/trunk refs/heads/other\n',
+    )
+    mutate(work, seed=7)
+    error = mint_fails(work, "commit", "-m", "step")
+    assert "branch 'main' was deleted while this commit was being made" in error
+    assert git(work / ".mint", "log", "-1", "--format=%s", "trunk").stdout.strip() == "elsewhere"
+
+
 def test_an_adapter_committed_meanwhile_by_another_process_is_nothing_to_commit(
     work: Path, tmp_path: Path
 ) -> None:
