@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
 import re
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError
@@ -23,6 +25,9 @@ from mintvcs.objects import (
     unsafe_path_reason,
 )
 from mintvcs.safetensors_file import SafetensorsLayout, parse_layout
+
+if TYPE_CHECKING:
+    from dulwich.ignore import Pattern
 
 # Files a PEFT save may write that we must not take for adapter content.
 _IGNORED = {GIT_DIR, ".git", "__pycache__", ".DS_Store"}
@@ -164,32 +169,102 @@ def open_small_file(path: str | os.PathLike[str]) -> BinaryIO:
     return os.fdopen(fd, "rb")
 
 
+def read_patterns(handle: BinaryIO) -> tuple[bytes, ...]:
+    """The patterns of a gitignore-syntax file, read as git reads them (dir.c)."""
+    # dulwich's reader keeps a UTF-8 BOM (the first pattern never matched) and trims a space
+    # after an escaped backslash (`a\\ ` then ignored the file `a ` where git ignores `a\`).
+    patterns = []
+    for line in handle.read().removeprefix(b"\xef\xbb\xbf").split(b"\n"):
+        line = line.removesuffix(b"\r")
+        if line and not line.startswith(b"#"):
+            line = _trim_trailing_spaces(line)
+            if line:  # blank: git's empty pattern, which matches nothing
+                patterns.append(line)
+    return tuple(patterns)
+
+
+def _trim_trailing_spaces(line: bytes) -> bytes:
+    """`line` less its trailing spaces that no backslash escapes (git's trim_trailing_spaces);
+    the escapes stay, for the matcher."""
+    last_space = None
+    i = 0
+    while i < len(line):
+        if line[i] == 0x20:
+            last_space = i if last_space is None else last_space
+        else:
+            if line[i] == 0x5C:  # a backslash escapes the next byte, whatever it is
+                i += 1
+                if i == len(line):
+                    return line
+            last_space = None
+        i += 1
+    return line if last_space is None else line[:last_space]
+
+
+def _compile(patterns: Sequence[bytes]) -> list[Pattern]:
+    """dulwich Patterns of `patterns`, skipping the malformed ones (such as `[`) silently, as git
+    skips them: dulwich's IgnoreFilter logs a warning naming no file on every read."""
+    from dulwich.ignore import Pattern
+    from dulwich.wildmatch import MalformedPattern
+
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(Pattern(pattern))
+        except MalformedPattern:
+            continue
+    return compiled
+
+
+# The symlinked ignore files already warned about: status reads the tree more than once.
+_warned: set[str] = set()
+
+
+def _read_ignore_file(path: Path) -> list[Pattern] | None:
+    """The patterns of the .mintignore at `path`; None if there is none, as git reads an
+    in-tree .gitignore: not through a symlink (with git's warning), and one that is not a
+    regular file (a directory, a FIFO) is skipped."""
+    try:
+        # O_NONBLOCK: opening a FIFO would wait for a writer (git 2.39 hangs there).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            if str(path) not in _warned:
+                _warned.add(str(path))
+                sys.stderr.write(f"warning: unable to access '{path}': {os.strerror(err.errno)}\n")
+            return None
+        if err.errno == errno.ENXIO:  # a socket
+            return None
+        raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_SMALL_FILE_BYTES:
+        os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        raise NotAnAdapterError(
+            f"{path} is over 1 MiB, too large for a file of patterns; fix or remove it"
+        )
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            return _compile(read_patterns(handle))
+        except OSError as err:
+            raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
+
+
 def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str, bool], bool]:
     """Whether a relative posix path (a directory's if the flag is set) is left out: by the
     .mintignore files of its directory and those above it, then `exclude`, as git reads its
     .gitignore files and info/exclude (gitignore's syntax, matched by dulwich). What an ignored
     directory holds is never asked: the caller does not enter it, as git does not."""
-    from dulwich.ignore import IgnoreFilter, read_ignore_patterns
+    excluded = _compile(exclude)
+    levels: dict[str, list[Pattern] | None] = {}
 
-    excluded = IgnoreFilter(exclude)
-    levels: dict[str, IgnoreFilter | None] = {}
-
-    def patterns_of(folder: str) -> IgnoreFilter | None:
+    def patterns_of(folder: str) -> list[Pattern] | None:
         """The patterns of `folder`'s .mintignore ("" the top, else "a/b/"), read once."""
         if folder not in levels:
-            path = root / folder / IGNORE_FILE
-            try:
-                with open_small_file(path) as handle:
-                    levels[folder] = IgnoreFilter(read_ignore_patterns(handle))
-            except FileNotFoundError:
-                levels[folder] = None
-            except ValueError:
-                raise NotAnAdapterError(
-                    f"{path} is not a file of patterns (a regular file under 1 MiB); fix or "
-                    "remove it"
-                ) from None
-            except OSError as err:
-                raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
+            levels[folder] = _read_ignore_file(root / folder / IGNORE_FILE)
         return levels[folder]
 
     def ignored(rel: str, is_dir: bool) -> bool:
@@ -200,10 +275,10 @@ def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str, bool]
             rules = patterns_of("".join(part + "/" for part in parts[:depth]))
             if rules is not None:
                 name = os.fsencode("/".join(parts[depth:]))
-                for pattern in reversed(rules.patterns):
+                for pattern in reversed(rules):
                     if pattern.matches(name, is_dir):
                         return pattern.is_exclude
-        for pattern in reversed(excluded.patterns):
+        for pattern in reversed(excluded):
             if pattern.matches(os.fsencode(rel), is_dir):
                 return pattern.is_exclude
         return False

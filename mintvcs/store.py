@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from mintvcs import codec
-from mintvcs.adapter import GIT_DIR, AdapterFiles, open_small_file
+from mintvcs.adapter import GIT_DIR, AdapterFiles, open_small_file, read_patterns
 from mintvcs.base import BaseModel
 from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError, cannot_read
@@ -534,12 +534,10 @@ class Repository:
     def excludes(self) -> tuple[bytes, ...]:
         """gitignore patterns of the files no commit takes from an adapter directory:
         `.mint/info/exclude`, git's own per-repository excludes file, read once."""
-        from dulwich.ignore import read_ignore_patterns
-
         path = self.git_dir / "info" / "exclude"
         try:
             with open_small_file(path) as handle:  # a regular file under 1 MiB, as the config
-                return tuple(read_ignore_patterns(handle))
+                return read_patterns(handle)
         except FileNotFoundError:
             return ()
         except (OSError, ValueError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import io
 import json
 import os
 import signal
@@ -1155,10 +1156,16 @@ def test_ignored_files_stay_out_of_commits_and_status(work: Path, tmp_path: Path
     (work / "keep.log").write_text("changed\n")
     changes = json.loads(mint(work, "status", "--json").stdout)["changes"]
     assert changes == [{"status": "modified", "path": "keep.log"}]
-    # A .mintignore that is not a file of patterns is refused, not read (a FIFO would block).
+    # A .mintignore that is not a regular file is skipped, as git skips a .gitignore that is a
+    # directory; it is not read (opening a FIFO would block, as git 2.39 does). A FIFO is then
+    # refused as any FIFO in the adapter directory, unless ignored.
     (work / ".mintignore").unlink()
     os.mkfifo(work / ".mintignore")
-    assert ".mintignore is not a file of patterns" in mint_fails(work, "commit", "-m", "x")
+    error = mint_fails(work, "commit", "-m", "x")
+    assert ".mintignore is not a regular file (a pipe, socket or device)" in error
+    exclude.write_text(exclude.read_text() + ".mintignore\n")
+    changes = json.loads(mint(work, "status", "--json").stdout)["changes"]
+    assert {"status": "added", "path": "other.log"} in changes
 
 
 def test_a_committed_file_ignored_since_and_edited_is_not_lost_by_checkout(work: Path) -> None:
@@ -1228,18 +1235,33 @@ def test_a_record_of_an_earlier_mintvcs_claims_no_base(work: Path) -> None:
         # info/exclude comes last: every .mintignore overrides it.
         ("*.pt\nlogs/\n", {"sub/": "!*.pt\n"}),
         ("*.txt\n", {"": "!keep.txt\n"}),
+        # Read as git reads them: a UTF-8 BOM skipped, a trailing space trimmed after an
+        # escaped backslash (`a\\ `: the file `a\`, which mintvcs refuses, not `a `), kept after
+        # a backslash (`a\ `).
+        ("", {"sub/": "\ufeff*.pt\n"}),
+        ("\ufeff*.pt\n", {}),
+        ("", {"": "\ufeffa.pt\r\n!sub/a.pt\r\n"}),
+        ("", {"": "a\\\\ \n"}),
+        ("", {"": "a\\ \n"}),
+        ("", {"": "a\\\\\\ \n"}),
+        ("", {"": "a\\   \nx.log\\\\  \n"}),
+        # A malformed pattern matches nothing, with no warning (git is silent).
+        ("[\n", {"": "[\n*.pt\n", "sub/": "!a[.pt\n"}),
     ],
 )
 def test_ignore_patterns_leave_out_what_git_leaves_out(
-    tmp_path: Path, exclude: str, ignore_files: dict[str, str]
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    exclude: str,
+    ignore_files: dict[str, str],
 ) -> None:
-    from mintvcs.adapter import extra_files
+    from mintvcs.adapter import extra_files, read_patterns
 
     root = tmp_path / "tree"
     for name in (
         "a.pt", "keep.pt", "logs/x.txt", "logs/keep.txt", "sub/a.pt", "sub/deep/a.pt",
         "sub/foo/b.txt", "foo/c.txt", "bar/baz/q.txt", "bar/q.txt", "doc/readme.md",
-        "doc/sub/readme.md", "x.log",
+        "doc/sub/readme.md", "x.log", "a ", "x.log ",
     ):  # fmt: skip
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(name)
@@ -1249,13 +1271,54 @@ def test_ignore_patterns_leave_out_what_git_leaves_out(
     subprocess.run(["git", "init", "-q", str(root)], check=True, env=ENV)
     (root / ".git" / "info" / "exclude").write_text(exclude)
     listed = subprocess.run(
-        ["git", "-C", str(root), "ls-files", "--others", "--exclude-standard"],
+        ["git", "-C", str(root), "ls-files", "-z", "--others", "--exclude-standard"],
         capture_output=True, text=True, check=True, env=ENV,
-    ).stdout.split()  # fmt: skip
-    ours = extra_files(root, tuple(line.encode() for line in exclude.splitlines()))
+    ).stdout.split("\0")  # fmt: skip
+    ours = extra_files(root, read_patterns(io.BytesIO(exclude.encode())))
     assert {p for p in ours if not p.endswith("ignore")} == {
-        p for p in listed if not p.endswith("ignore")
+        p for p in listed if p and not p.endswith("ignore")
     }
+    assert not caplog.records
+
+
+def test_a_symlinked_or_non_file_ignore_file_is_skipped_as_git_skips_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mintvcs.adapter import extra_files
+
+    # git 2.32+ does not follow an in-tree .gitignore symlink (it warns, then ignores nothing by
+    # it) and skips one that is a directory. mintvcs followed the link and refused a directory.
+    root = tmp_path / "tree"
+    for name in ("a.log", "s1/a.log", "s2/a.log", "s3/a.log", "s3/b.txt", "pats"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(name)
+    (root / "pats").write_text("*.log\n")
+    (root / "s3" / "pats").write_text("*.txt\n")
+    for ignore in (".gitignore", ".mintignore"):
+        (root / ignore).symlink_to("pats")
+        (root / "s1" / ignore).symlink_to("../pats")
+        (root / "s2" / ignore).mkdir()
+        (root / "s3" / ignore).symlink_to(root / "s3" / "pats")  # absolute
+    subprocess.run(["git", "init", "-q", str(root)], check=True, env=ENV)
+    listed = subprocess.run(
+        ["git", "-C", str(root), "ls-files", "-z", "--others", "--exclude-standard"],
+        capture_output=True, text=True, check=True, env=ENV,
+    )  # fmt: skip
+    ours = extra_files(root)
+    assert {p for p in ours if "ignore" not in p} == {
+        p for p in listed.stdout.split("\0") if p and "ignore" not in p
+    }
+    assert "s3/b.txt" in ours
+    # git's warning, once per file, naming it by its path.
+    theirs = sorted(listed.stderr.splitlines())
+    assert theirs == [
+        f"warning: unable to access '{name}': Too many levels of symbolic links"
+        for name in (".gitignore", "s1/.gitignore", "s3/.gitignore")
+    ]
+    assert sorted(capsys.readouterr().err.splitlines()) == [
+        line.replace(f"'{name}'", f"'{root / name.replace('.gitignore', '.mintignore')}'")
+        for line, name in zip(theirs, (".gitignore", "s1/.gitignore", "s3/.gitignore"), strict=True)
+    ]
 
 
 def test_checkout_force_of_a_work_tree_left_behind_removes_what_only_it_had(
