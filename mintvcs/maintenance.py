@@ -38,6 +38,7 @@ from mintvcs.packs import (
     PackWriter,
     entry_header,
     object_zlib_level,
+    read_fd,
 )
 from mintvcs.plane_cache import PlaneCache
 from mintvcs.progress import PhaseProgress
@@ -81,6 +82,9 @@ class FsckReport:
         return not self.problems
 
 
+_INFLATE_SLICE = 1 << 20  # fsck inflates a loose object this much input at a time
+
+
 class _Damage(Exception):
     """An object (or pack) that cannot be read back as what its name says; the text says why."""
 
@@ -92,11 +96,41 @@ class _Gone(_Damage):
 def _read_loose(path: Path, oid: str) -> tuple[bytes, bytes]:
     """(type, content) of one loose object file, verified: zlib stream, header and sha1."""
     try:
-        raw = zlib.decompress(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError as err:
         raise _Gone(f"corrupt loose object {oid}: {err}") from None
-    except (zlib.error, OSError) as err:
+    except OSError as err:
         raise _Damage(f"corrupt loose object {oid}: {err}") from None
+    on_disk = -1
+    try:
+        on_disk = os.fstat(fd).st_size
+        # Mapped and inflated a slice at a time, not read whole: a huge (sparse) file is damage
+        # at its first bytes or after its stream, where reading it into memory ran out of it
+        # and lost the rest of fsck's report.
+        view = memoryview(read_fd(fd))
+        stream = zlib.decompressobj()
+        parts = []
+        pos = 0
+        while pos < len(view) and not stream.eof:
+            parts.append(stream.decompress(view[pos : pos + _INFLATE_SLICE]))
+            pos += _INFLATE_SLICE
+        if not stream.eof:
+            raise zlib.error("incomplete or truncated stream")
+        if stream.unused_data or pos < len(view):
+            # git fsck's "garbage at end of loose object"; a reader stops at the stream's end.
+            raise _Damage(f"corrupt loose object {oid}: garbage after its zlib stream")
+        raw = b"".join(parts)
+    except (MemoryError, OSError) as err:
+        if isinstance(err, MemoryError) or err.errno == errno.ENOMEM:
+            raise _Damage(
+                f"loose object {oid} is too large to check in this process's memory "
+                f"({on_disk} bytes on disk)"
+            ) from None
+        raise _Damage(f"corrupt loose object {oid}: {err}") from None
+    except zlib.error as err:
+        raise _Damage(f"corrupt loose object {oid}: {err}") from None
+    finally:
+        os.close(fd)
     head, sep, body = raw.partition(b"\0")
     kind, _, size = head.partition(b" ")
     if not sep or kind not in _TYPES.values() or not size.isdigit() or int(size) != len(body):

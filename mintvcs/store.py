@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextvars
+import errno
 import hashlib
 import json
 import os
@@ -731,6 +732,15 @@ class Repository:
             return None
         try:
             raw = read_fd(fd)
+        except OSError as err:
+            if err.errno != errno.ENOMEM:
+                raise
+            # The address space a process limit leaves (ulimit -v): not damage, and fsck goes
+            # on with the rest of its report.
+            raise UnreadableObjectError(
+                f"{what}: object {oid} ({os.fstat(fd).st_size:,} bytes on disk) does not fit in "
+                f"this process's memory to be read ({err.strerror})"
+            ) from None
         finally:
             os.close(fd)
         if max_size is not None:

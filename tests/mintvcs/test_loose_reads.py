@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import resource
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import pytest
 
 from mintvcs import maintenance, porcelain
 from mintvcs.store import CorruptObjectError, Repository
-from tests.mintvcs.storekit import deleted_packs_held, git, git_log, loose_path, mint
+from tests.mintvcs.storekit import ENV, deleted_packs_held, git, git_log, loose_path, mint
 
 
 def _head(work: Path) -> str:
@@ -102,3 +106,37 @@ def test_a_repository_held_open_lets_go_of_packs_another_process_removed(work: P
         repo.release_removed_packs()
         assert deleted_packs_held(work / ".mint") == []
         assert repo.read_revision(head).commit == head  # read from the new pack
+
+
+def _fsck_within(work: Path, address_space: int) -> subprocess.CompletedProcess[str]:
+    """`mintvcs fsck` as a real process whose address space is capped (ulimit -v)."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    return subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", "fsck"],
+        cwd=work, env=ENV, capture_output=True, text=True, check=False, timeout=300,
+        preexec_fn=cap,
+    )  # fmt: skip
+
+
+def test_fsck_reports_a_huge_sparse_loose_object_and_carries_on(work: Path) -> None:
+    # fsck read the whole file: it printed only "out of memory" and lost the rest of its report.
+    blobs = git(work / ".mint", "rev-list", "--objects", "--no-object-names", "--all").stdout
+    loose = [oid for oid in blobs.split() if loose_path(work, oid).is_file()]
+    huge, garbled = loose[-1], loose[-2]
+    os.truncate(loose_path(work, huge), 50 << 30)  # sparse: its stream, then 50 GB of zeros
+    loose_path(work, garbled).chmod(0o644)
+    loose_path(work, garbled).write_bytes(b"not zlib at all")
+    limited = _fsck_within(work, 8 << 30)
+    assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr
+    assert "out of memory" not in limited.stderr + limited.stdout
+    lines = (limited.stdout + limited.stderr).splitlines()
+    assert any(f"loose object {huge} is too large to check" in line for line in lines), lines
+    assert any(f"corrupt loose object {garbled}" in line for line in lines), lines
+    # With room to map it, what lies after its zlib stream is damage, as git fsck's "garbage at
+    # end of loose object".
+    report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)["problems"]
+    assert f"corrupt loose object {huge}: garbage after its zlib stream" in report
+    assert any(f"corrupt loose object {garbled}" in line for line in report), report
