@@ -984,7 +984,7 @@ class RefStore:
             # Packed line first, loose file second: a reader never sees an older packed
             # value resurface after the loose file is gone.
             if plock is not None:
-                self._remove_packed(name, plock)
+                self._remove_packed(plock, name)
             if lock is not None:
                 # The reflog before the ref: a crash between the two leaves a ref without its
                 # reflog, not a reflog that a later ref of this name would take for its own.
@@ -1005,15 +1005,23 @@ class RefStore:
                 lock.release()
         self._prune_dirs(name)
 
-    def _remove_packed(self, name: str, plock: _Lock) -> None:
-        """Rewrite packed-refs without name's record; the caller holds packed-refs.lock."""
+    def _remove_packed(self, plock: _Lock, *names: str) -> None:
+        """Rewrite packed-refs without the records of `names`; the caller holds its lock."""
         snap = self._packed()
-        rng = None if snap is None else snap.find_range(name.encode("utf-8", "surrogateescape"))
-        if snap is None or rng is None:
+        if snap is None:
+            return
+        found = (snap.find_range(name.encode("utf-8", "surrogateescape")) for name in names)
+        ranges = sorted(rng for rng in found if rng is not None)
+        if not ranges:
             return
         mm = snap.mm
-        # Splice out the record's bytes; everything else, header included, stays as is.
-        plock.write_commit(mm[: rng[0]] + mm[rng[1] :])
+        # Splice out the records' bytes; everything else, header included, stays as is.
+        kept, start = [], 0
+        for begin, end in ranges:
+            kept.append(mm[start:begin])
+            start = end
+        kept.append(mm[start:])
+        plock.write_commit(b"".join(kept))
 
     def _prune_dirs(self, name: str) -> None:
         """Remove directories emptied by a deleted ref, keeping refs/<kind>/ itself."""
@@ -1068,7 +1076,8 @@ class RefStore:
                     locks.append(lock)
                     if store.read_symbolic(HEAD) == old:  # still, now that it is locked
                         heads.append((store, lock))
-            locks.append(self._lock(old))
+            old_lock = self._lock(old)
+            locks.append(old_lock)
             # `a` -> `a/b`: no `a/b.lock` while `a` is a file; holding `a.lock` keeps `a/b` away.
             new_lock = None if new == old or new.startswith(old + "/") else self._lock(new)
             if new_lock is not None:
@@ -1106,6 +1115,7 @@ class RefStore:
             entry = _log_line(value, value, identity, ts, tz, message)
             plock = self._lock_packed()  # from here to old's deletion, as delete() holds it
             locks.append(plock)
+            packed_before = self._packed()
             if nested:
                 # Both names cannot be loose files at once: one packed-refs write adds `new` (and
                 # drops a packed `old`), then the reflog moves and a loose `old` goes below.
@@ -1131,16 +1141,61 @@ class RefStore:
                 log(store, HEAD, ZERO, value)
                 lock.write_commit(f"ref: {new}\n".encode())
             if not nested:
-                self._remove_packed(old, plock)
+                # A packed record of a replaced `new` goes too (git deletes `new` first).
+                self._remove_packed(plock, old, new)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self._dir, "logs", old))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(old))
+            if nested:
+                old_lock.release()  # `a/b.lock` would keep `a/` from going
+                self._prune_dirs(old)
+                self._unpack(old, new, value, packed_before, locks, new_lock)
         finally:
             for lk in locks:
                 lk.release()
         self._prune_dirs(old)
         return value, replaced
+
+    def _unpack(
+        self,
+        old: str,
+        new: str,
+        value: str,
+        before: _Packed | None,
+        locks: list[_Lock],
+        lock: _Lock | None,
+    ) -> None:
+        """Move `new`, packed at `value` by a nested rename of `old`, to a loose file as git
+        leaves it; packed-refs gets back the header it had `before` if nothing else changed.
+        `lock` is `new`'s, if held (`a/b` -> `a`; `a` -> `a/b` could not take it before)."""
+        if lock is None:
+            try:
+                lock = self._lock(new)
+            except (OSError, MintError):
+                return  # it stays packed: read just as well
+            locks.append(lock)
+        try:
+            lock.write_commit((value + "\n").encode())
+        except OSError:
+            return
+        plock = self._lock_packed()
+        locks.append(plock)
+        entries = _packed_entries(self._packed())
+        entries.pop(new, None)
+        expected = _packed_entries(before)
+        for name in (old, new):
+            expected.pop(name, None)
+        if entries != expected:  # another writer's records: keep its header
+            self._remove_packed(plock, new)
+        elif before is None:  # packed-refs was made for the rename alone
+            os.unlink(self._packed_path)
+        else:
+            # The records left are the file's own, peeled lines and all: its traits still hold.
+            header = bytes(before.mm[: bytes(before.mm[:4096]).find(b"\n") + 1])
+            if not header.startswith(b"# pack-refs with:"):
+                header = b""
+            plock.write_commit(_serialize_packed(entries, header))
 
     def _check_log_way(self, new: str, old: str) -> None:
         """Refuse a rename whose reflog could not be put at logs/`new`: a reflog (of no ref, left

@@ -889,11 +889,16 @@ def _our_rename(store: Path, old: str, new: str, *, force: bool = False) -> None
 
 
 def _store_state(d: Path) -> tuple[str, str, dict[str, bytes]]:
-    """HEAD, every ref and every reflog file, byte for byte."""
-    logs = {
-        p.relative_to(d).as_posix(): p.read_bytes() for p in (d / "logs").rglob("*") if p.is_file()
+    """HEAD, every ref, and every reflog, loose ref and packed-refs file, byte for byte."""
+    files = {
+        p.relative_to(d).as_posix(): p.read_bytes()
+        for top in ("logs", "refs")
+        for p in (d / top).rglob("*")
+        if p.is_file()
     }
-    return (d / "HEAD").read_text(), git(d, "for-each-ref"), logs
+    if (d / "packed-refs").exists():
+        files["packed-refs"] = (d / "packed-refs").read_bytes()
+    return (d / "HEAD").read_text(), git(d, "for-each-ref"), files
 
 
 def test_a_rename_writes_what_git_branch_m_writes(tmp_path: Path) -> None:
@@ -913,8 +918,26 @@ def test_a_rename_writes_what_git_branch_m_writes(tmp_path: Path) -> None:
         ("side", "side", False),
         ("a/b/c", "side", True),
         ("p/x", "p", False),
+        # Packed ones: -M over a packed branch leaves no stale record under the new loose one;
+        # into and out of their own directory they end loose, as in git, and packed-refs keeps
+        # its "peeled fully-peeled" header.
+        ("pack", "", False),
+        ("side", "p", True),
+        ("trunk/v1", "trunk", False),
+        ("pack", "", False),
+        ("trunk", "trunk/v2", False),
+        ("pack", "", False),
+        ("trunk/v2", "trunk", False),
+        ("tag", "", False),
+        ("trunk", "trunk/v3", False),
     ]
     for old, new, force in steps:
+        if old in ("pack", "tag"):
+            for d in (ours, theirs):
+                if old == "tag":  # an annotated tag: its record has a peeled line
+                    git(d, "tag", "-a", "-m", "t", "v1", "trunk")
+                git(d, "pack-refs", "--all")
+            continue
         _git_rename(theirs, old, new, force=force)
         _our_rename(ours, old, new, force=force)
         assert _store_state(ours) == _store_state(theirs), (old, new)
