@@ -303,12 +303,10 @@ def test_serve_second_signal_stops_without_waiting_for_the_drain(
             proc.wait()
 
 
-def test_serve_option_out_of_range_is_one_usage_line(tmp_path: Path, tiny_base: Path) -> None:
+def _usage_line(tmp_path: Path, *args: str) -> str:
+    """The one stderr line of a `mintvcs serve` refused for its options (exit 2, nothing served)."""
     result = subprocess.run(
-        [
-            *(sys.executable, "-m", "mintvcs.cli", "serve"),
-            *("--base-model", str(tiny_base), "--ref-poll-interval", "5"),
-        ],
+        [sys.executable, "-m", "mintvcs.cli", "serve", *args],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -317,27 +315,20 @@ def test_serve_option_out_of_range_is_one_usage_line(tmp_path: Path, tiny_base: 
     )
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "--ref-poll-interval" in lines[0] and "0.01<=x<=1.0" in lines[0]
+    assert "listening" not in result.stdout
+    return lines[0]
+
+
+def test_serve_option_out_of_range_is_one_usage_line(tmp_path: Path, tiny_base: Path) -> None:
+    line = _usage_line(tmp_path, "--base-model", str(tiny_base), "--ref-poll-interval", "5")
+    assert "--ref-poll-interval" in line and "0.01<=x<=1.0" in line
 
 
 def test_an_empty_host_is_refused_not_every_interface(tmp_path: Path, tiny_base: Path) -> None:
     # `--host "$HOST"` with HOST unset bound 0.0.0.0, admin endpoints and all.
     for host in ("", " "):
-        result = subprocess.run(
-            [
-                *(sys.executable, "-m", "mintvcs.cli", "serve", "--base-model", str(tiny_base)),
-                *("--host", host, "--port", "0"),
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        lines = result.stderr.splitlines()
-        assert result.returncode == 2 and len(lines) == 1, result.stderr
-        assert lines[0].startswith("error: Invalid value for '--host': empty"), lines
-        assert "listening" not in result.stdout
+        line = _usage_line(tmp_path, "--base-model", str(tiny_base), "--host", host, "--port", "0")
+        assert line.startswith("error: Invalid value for '--host': empty"), line
 
 
 def test_a_signal_while_the_base_loads_stops_the_server_at_once(
