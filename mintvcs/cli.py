@@ -527,6 +527,7 @@ def show(rev: str, as_json: bool) -> None:
             "config": revision.config,
             "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "blob": t.blob, "sha256": t.sha256, "encoding": t.encoding, "depth": t.depth} for t in manifest.tensors],
             "files": [f.path for f in manifest.files],
+            "file_bytes": {f.path: repo.blob_size(f.blob, what=f.path) for f in manifest.files},
         })  # fmt: skip
         return
     click.echo(click.style(f"commit {info.id}", fg="yellow"))
@@ -551,7 +552,7 @@ def show(rev: str, as_json: bool) -> None:
         for t in manifest.tensors
     )
     for f in manifest.files:
-        click.echo(f"  file {f.path}")
+        click.echo(f"  file {f.path}  {repo.blob_size(f.blob, what=f.path):,} bytes")
 
 
 def _echo_lines(lines: Iterable[str]) -> None:

@@ -784,6 +784,21 @@ class PackFile:
             raise NotStored
         return size, pos
 
+    def entry_size(self, offset: int) -> int | None:
+        """The size of the object the entry at `offset` holds, from its headers (a delta's
+        result size); None when they cannot be read: whoever reads the entry reports that."""
+        pack = self.pack
+        if not PACK_HEADER <= offset < len(pack) - PACK_TRAILER:
+            return None
+        try:
+            _kind, size, pos, base = entry_header(pack, offset, len(pack) - PACK_TRAILER)
+        except PackEntryError:
+            return None
+        if base is None:
+            return size
+        sizes = _delta_sizes(pack[pos : pos + 64])
+        return None if sizes is None else sizes[1]
+
     def object_size(self, offset: int, max_chain: int = 64) -> int | None:
         """The largest object that reading the entry at `offset` inflates, from headers alone.
 

@@ -681,6 +681,25 @@ class Repository:
         content = self.blob_view(oid, what=what, max_size=max_size)
         return content if isinstance(content, bytes) else bytes(content)
 
+    def blob_size(self, oid: str, *, what: str = "blob") -> int:
+        """A blob's size as its headers give it (a loose object's, a pack entry's), not inflated
+        (a 400 MB optimizer state is not read to be listed); read whole only where neither does."""
+        if is_object_id(oid):
+            fd = self._open_loose(oid, what)
+            if fd is not None:
+                try:
+                    head = _loose_head(os.read(fd, 1024))
+                finally:
+                    os.close(fd)
+                if head is not None and head[0] == b"blob" and head[1].isdigit():
+                    return int(head[1])
+            else:
+                found = self._find_packed(bytes.fromhex(oid), rescan=True)
+                size = None if found is None else found[0].entry_size(found[1])
+                if size is not None:
+                    return size
+        return len(self.blob_view(oid, what=what))  # it names what is wrong, if anything
+
     def blob_view(
         self, oid: str, *, what: str = "blob", max_size: int | None = None
     ) -> bytes | memoryview:

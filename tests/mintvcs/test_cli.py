@@ -147,6 +147,23 @@ def test_commit_prints_id_and_git_agrees(work: Path) -> None:
     git_fsck(work)
 
 
+def test_show_lists_each_extra_file_with_its_size_loose_or_packed(work: Path) -> None:
+    # A trainer's optimizer state can be larger than the adapter: show said only its name.
+    (work / "optimizer.pt").write_bytes(os.urandom(3 << 20))  # a loose object, stored blocks
+    (work / "notes.txt").write_text("one\n")
+    commit(work, "r0", "--no-verify")
+    (work / "notes.txt").write_text("one\ntwo\n")
+    commit(work, "r1", "--no-verify")
+    sizes = {
+        name: (work / name).stat().st_size for name in ("README.md", "notes.txt", "optimizer.pt")
+    }
+    for when in ("loose", "packed"):
+        assert show_json(work)["file_bytes"] == sizes, when
+        assert show_json(work, "HEAD~1")["file_bytes"]["notes.txt"] == 4, when
+        assert f"  file optimizer.pt  {3 << 20:,} bytes" in mint(work, "show").stdout, when
+        mint(work, "gc")
+
+
 def test_unchanged_tensor_adds_no_blob_and_changed_one_is_xor(work: Path) -> None:
     first = commit(work, "first", "--no-verify")
     names = tensor_names(work)
