@@ -784,9 +784,10 @@ class PackFile:
             raise NotStored
         return size, pos
 
-    def entry_size(self, offset: int) -> int | None:
-        """The size of the object the entry at `offset` holds, from its headers (a delta's
-        result size); None when they cannot be read: whoever reads the entry reports that."""
+    def _entry_sizes(self, offset: int) -> tuple[int, int, bytes | int | None] | None:
+        """(the size the entry's base has, the size it rebuilds, its base) from its headers: a
+        whole object's size twice and no base, a delta's two sizes and its base; None when they
+        cannot be read."""
         pack = self.pack
         if not PACK_HEADER <= offset < len(pack) - PACK_TRAILER:
             return None
@@ -795,8 +796,14 @@ class PackFile:
         except PackEntryError:
             return None
         if base is None:
-            return size
+            return size, size, None
         sizes = _delta_sizes(pack[pos : pos + 64])
+        return None if sizes is None else (*sizes, base)
+
+    def entry_size(self, offset: int) -> int | None:
+        """The size of the object the entry at `offset` holds, from its headers (a delta's
+        result size); None when they cannot be read: whoever reads the entry reports that."""
+        sizes = self._entry_sizes(offset)
         return None if sizes is None else sizes[1]
 
     def object_size(self, offset: int, max_chain: int = 64) -> int | None:
@@ -807,23 +814,15 @@ class PackFile:
         `max_chain` links. None when the first entry cannot be read so far: whoever reads it
         reports that.
         """
-        pack = self.pack
         largest: int | None = None
         for _ in range(max_chain):
-            if not PACK_HEADER <= offset < len(pack) - PACK_TRAILER:
-                return largest
-            try:
-                _kind, size, pos, base = entry_header(pack, offset, len(pack) - PACK_TRAILER)
-            except PackEntryError:
-                return largest
-            if base is None:
-                return max(size, largest or 0)
-            sizes = _delta_sizes(pack[pos : pos + 64])
+            sizes = self._entry_sizes(offset)
             if sizes is None:
                 return largest
-            largest = max(largest or 0, *sizes)
+            largest = max(largest or 0, sizes[0], sizes[1])
+            base = sizes[2]
             # A REF_DELTA's base elsewhere in the store is not followed.
-            next_offset = self.find(base) if isinstance(base, bytes) else base
+            next_offset = base if base is None or isinstance(base, int) else self.find(base)
             if next_offset is None:
                 return largest
             offset = next_offset
