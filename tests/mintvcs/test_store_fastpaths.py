@@ -276,6 +276,14 @@ def _extra_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return reads
 
 
+def _written_earlier(*paths: Path) -> None:
+    """Date files back a few seconds, as a trainer wrote them before the commit: a file written
+    in the same instant as the commit reads it is racily clean and rightly read again."""
+    earlier = (time.time_ns() // 10**9 - 5) * 10**9
+    for path in paths:
+        os.utime(path, ns=(earlier, earlier))
+
+
 def _clean(work: Path) -> bool:
     with Repository.open(work) as repo:
         return porcelain.status(repo).changes == []
@@ -290,16 +298,18 @@ def test_status_reads_no_unchanged_extra_file(
     work = _repository_of(tmp_path, src)
     (work / "optimizer.pt").write_bytes(os.urandom(5 << 20))
     (work / "trainer_state.json").write_text('{"step": 1}\n')
+    _written_earlier(work / "optimizer.pt", work / "trainer_state.json")
     mint(work, "commit", "-m", "r0")
     mint(work, "branch", "old")
     (work / "trainer_state.json").write_text('{"step": 2}\n')
+    _written_earlier(work / "trainer_state.json")
     mint(work, "commit", "-m", "r1")
     reads = _extra_reads(monkeypatch)
     assert _clean(work) and reads == []  # as the commit left them
     mint(work, "checkout", "old")
     assert _clean(work) and reads == []  # as checkout wrote them
     # Touched, not changed: read once (clean), and the record refreshed for next time.
-    os.utime(work / "optimizer.pt", ns=(0, (time.time_ns() // 10**9 - 5) * 10**9))
+    _written_earlier(work / "optimizer.pt")
     assert _clean(work) and reads == ["optimizer.pt"]
     assert _clean(work) and reads == ["optimizer.pt"]
     # Changed in place to other bytes of the same size: seen.
