@@ -485,9 +485,12 @@ def commit(
                 return None
 
         files = {path: still(path, key) for path, key in adapter.extra_stats.items()}
-        _record_clean(
-            repo, commit_id, still(WEIGHTS_FILE, adapter.weights_stat), adapter.read_ns, files
+        content = (
+            blob_id(adapter.config_bytes),
+            {f.path: (f.blob, f.executable) for f in manifest.files},
         )
+        weights_key = still(WEIGHTS_FILE, adapter.weights_stat)
+        _record_clean(repo, commit_id, content, weights_key, adapter.read_ns, files)
     hooks.run_hook(repo.git_dir, "post-commit", [], env, may_refuse=False)
     _ref_moved(repo, branch_ref or "HEAD", parent, commit_id)
     return CommitResult(
@@ -827,19 +830,20 @@ def stale_hint(base: str, head: str, branch: str | None) -> str:
 
 
 def _status(
-    repo: Repository, head_rev: Revision | None = None
+    repo: Repository, known: RevisionOf | None = None
 ) -> tuple[Status, AdapterFiles | None]:
     """status(), and the work tree's adapter files when they were read (for a second comparison).
-    `head_rev`: HEAD's revision if the caller read it already (a large one takes seconds)."""
+    `known`: HEAD's revision as the caller holds it (read once, where it has to be)."""
     if repo.work_tree is None:
         raise MintError("this repository has no work tree")
     branch, head = repo.current_branch(), repo.head_commit()
+    head_rev = _revision_of(repo, head, known)
 
     def head_revision() -> Revision:
-        assert head is not None
-        return _revision_of(repo, head, head_rev)
+        assert head_rev is not None
+        return head_rev.read()
 
-    if head is not None and _clean_by_stat(repo, head, head_revision):
+    if head_rev is not None and _clean_by_stat(repo, head_rev):
         return Status(branch, head, []), None
     try:
         work = read_adapter(repo.work_tree, repo.excludes)
@@ -865,9 +869,39 @@ def _status(
     return Status(branch, head, _changes(repo, work, head_revision())), work
 
 
-def _revision_of(repo: Repository, commit: str, known: Revision | None) -> Revision:
-    """`commit`'s revision: `known` if it is that one (a large revision takes seconds to read)."""
-    return known if known is not None and known.commit == commit else _read_revision(repo, commit)
+class RevisionOf:
+    """A commit's revision, read the first time it is needed: a 37k-tensor one takes a second,
+    and what a checkout over a clean work tree asks of HEAD (its config and extra files) the
+    work tree's record answers."""
+
+    def __init__(self, repo: Repository, commit: str, known: Revision | None = None) -> None:
+        self.repo = repo
+        self.commit = commit
+        self._revision = known if known is not None and known.commit == commit else None
+
+    def read(self) -> Revision:
+        """The revision, read on the first call."""
+        if self._revision is None:
+            self._revision = _read_revision(self.repo, self.commit)
+        return self._revision
+
+    def content_ids(self) -> tuple[str, dict[str, tuple[str, bool]]]:
+        """The blob id of its adapter_config.json and _file_ids() of its extra files: from the
+        work tree's record when it names this commit, else from the revision."""
+        recorded = _recorded_content(self.repo, self.commit)
+        if recorded is not None:
+            return recorded
+        rev = self.read()
+        return blob_id(rev.config_bytes), _file_ids(rev)
+
+
+def _revision_of(
+    repo: Repository, commit: str | None, known: RevisionOf | None
+) -> RevisionOf | None:
+    """`commit`'s revision, read on demand: `known` when it is that one; None for no commit."""
+    if commit is None:
+        return None
+    return known if known is not None and known.commit == commit else RevisionOf(repo, commit)
 
 
 def _changes(repo: Repository, work: AdapterFiles, rev: Revision) -> list[tuple[str, str]]:
@@ -936,20 +970,50 @@ def _trusted(key: tuple[int, ...] | None, known_ns: int) -> bool:
 def _record_clean(
     repo: Repository,
     commit_id: str,
+    content: tuple[str, Mapping[str, tuple[str, bool]]] | None,
     key: tuple[int, ...] | None,
     known_ns: int,
     files: Mapping[str, tuple[int, ...] | None] | None = None,
 ) -> None:
-    """Record that the work tree holds commit `commit_id` (its base), that the weights file whose
-    stat_key() is `key` holds its weights, and each extra file in `files` with that stat_key()
-    its committed content (None or a fresh stat: not trusted, read next time)."""
+    """Record that the work tree holds commit `commit_id` (its base), whose `content` is
+    RevisionOf.content_ids() (None: not known here), that the weights file whose stat_key() is
+    `key` holds its weights, and each extra file in `files` with that stat_key() its committed
+    content (None or a fresh stat: not trusted, read next time)."""
     trusted = {
         p: list(k) for p, k in (files or {}).items() if k is not None and _trusted(k, known_ns)
     }
     weights = list(key) if key is not None and _trusted(key, known_ns) else None
-    _write_record(
-        repo, {"commit": commit_id, "weights": weights, "known_ns": known_ns, "files": trusted}
+    record: dict[str, Any] = {
+        "commit": commit_id,
+        "weights": weights,
+        "known_ns": known_ns,
+        "files": trusted,
+    }
+    if content is not None:
+        record["config"] = content[0]
+        record["committed"] = {p: list(ids) for p, ids in content[1].items()}
+    _write_record(repo, record)
+
+
+def _recorded_content(
+    repo: Repository, commit: str
+) -> tuple[str, dict[str, tuple[str, bool]]] | None:
+    """RevisionOf(commit).content_ids() as the work tree's record lists them, where it names
+    `commit` (older records list none: the revision is read instead)."""
+    try:
+        record = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())
+        if record["commit"] != commit:
+            return None
+        config = record["config"]
+        files = {
+            path: (blob, executable) for path, (blob, executable) in record["committed"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    sound = is_object_id(config) and all(
+        is_object_id(blob) and isinstance(executable, bool) for blob, executable in files.values()
     )
+    return (config, files) if sound else None
 
 
 def _write_record(repo: Repository, record: dict[str, Any]) -> None:
@@ -992,16 +1056,16 @@ def _same_dir(a: Path, b: Path | None) -> bool:
         return False
 
 
-def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revision]) -> bool:
+def _clean_by_stat(repo: Repository, head: RevisionOf) -> bool:
     """True when the record says the weights are HEAD's and the config and files match too
-    (`head_revision()` reads HEAD's revision, only once the record matches). An extra file
+    (HEAD's revision is read only where the record does not list their ids). An extra file
     the record lists with its current stat is not read."""
     assert repo.work_tree is not None
     try:
         original = (repo.git_dir / WORKTREE_RECORD).read_bytes()
         record = json.loads(original)
         key = stat_key(os.stat(repo.work_tree / WEIGHTS_FILE))
-        if record["commit"] != head or record["weights"] != list(key):
+        if record["commit"] != head.commit or record["weights"] != list(key):
             return False  # another base, a changed file, or a stat not trusted (None)
         if not _trusted(key, int(record["known_ns"])):
             return False
@@ -1010,11 +1074,10 @@ def _clean_by_stat(repo: Repository, head: str, head_revision: Callable[[], Revi
             return False
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    rev = head_revision()
+    config, committed = head.content_ids()
     try:
-        if (repo.work_tree / CONFIG_FILE).read_bytes() != rev.config_bytes:
+        if blob_id((repo.work_tree / CONFIG_FILE).read_bytes()) != config:
             return False
-        committed = _file_ids(rev)
         present = extra_file_stats(repo.work_tree, repo.excludes)
         if set(present) != set(committed):
             return False
@@ -1301,7 +1364,7 @@ def tags(
 def write_work_tree(
     repo: Repository,
     rev: Revision,
-    old: Revision | None,
+    old: RevisionOf | None,
     show_progress: bool = True,
     *,
     undo: bool = True,
@@ -1320,7 +1383,7 @@ def write_work_tree(
     else:
         weights = rev.safetensors_buffer()
     files = rev.files()
-    gone = [] if old is None else [f.path for f in old.manifest.files if f.path not in files]
+    gone = [] if old is None else [path for path in old.content_ids()[1] if path not in files]
     gone += _left_behind_files(repo, old, files, gone)
     for path in [*files, *gone]:  # before anything is written or removed
         _refuse_symlinked_parent(work, path)
@@ -1340,11 +1403,13 @@ def write_work_tree(
         for path, (content, executable) in files.items():
             _write_atomic(work / path, content, executable, known_ns - 2 * _RACY_NS, temps)
     written = {path: stat_key(os.stat(work / path)) for path in files}
-    _record_clean(repo, rev.commit, stat_key(os.stat(work / WEIGHTS_FILE)), known_ns, written)
+    ids = (blob_id(rev.config_bytes), _file_ids(rev))
+    weights_key = stat_key(os.stat(work / WEIGHTS_FILE))
+    _record_clean(repo, rev.commit, ids, weights_key, known_ns, written)
 
 
 def _left_behind_files(
-    repo: Repository, old: Revision | None, files: Collection[str], gone: Collection[str]
+    repo: Repository, old: RevisionOf | None, files: Collection[str], gone: Collection[str]
 ) -> list[str]:
     """Extra files of the revision the work tree holds when HEAD moved under it (a `commit
     --from`), which neither `old` (HEAD's) nor the revision written has: removed as `old`'s
@@ -1353,7 +1418,7 @@ def _left_behind_files(
     if held is None or (old is not None and held == old.commit) or repo.work_tree is None:
         return []
     try:
-        kept = _file_ids(repo.read_revision(held))
+        kept = RevisionOf(repo, held).content_ids()[1]
     except MintError:
         return []  # pruned since, or unreadable: nothing is known of its files
     left = []
@@ -1474,7 +1539,7 @@ class CheckoutResult:
 
 
 def _ignored_edit_kept(
-    repo: Repository, path: str, head: str | None, head_rev: Revision | None, target: Revision
+    repo: Repository, path: str, head: RevisionOf | None, target: Revision
 ) -> bool:
     """Whether checking out `target` loses nothing of extra file `path`, which status lists as
     removed: gone, or there but ignored (a committed file a pattern matches since), in which
@@ -1487,12 +1552,12 @@ def _ignored_edit_kept(
     except OSError:
         return False  # unreadable: never safe
     blob = blob_id(content)
-    committed = _file_ids(_revision_of(repo, head, head_rev)) if head is not None else {}
+    committed = head.content_ids()[1] if head is not None else {}
     return blob in {committed.get(path, ("",))[0], _file_ids(target).get(path, ("",))[0]}
 
 
 def _refuse_if_changes_lost(
-    repo: Repository, target: Revision, verb: str, head_rev: Revision | None = None
+    repo: Repository, target: Revision, verb: str, head: RevisionOf | None = None
 ) -> None:
     """Refuse to write `target` over local changes it would lose, as git does.
 
@@ -1500,7 +1565,7 @@ def _refuse_if_changes_lost(
     when it is a file HEAD does not have and the target does not write (it stays, as an
     untracked file does in git). A work tree that cannot be read is never safe.
     """
-    state, work = _status(repo, head_rev)
+    state, work = _status(repo, head)
     if state.clean:
         return
     lost: list[str] = []
@@ -1512,7 +1577,7 @@ def _refuse_if_changes_lost(
         target_files = {f.path for f in target.manifest.files}
         for kind, path in state.changes:
             if kind == "removed" and not path.startswith(WEIGHTS_FILE):
-                if _ignored_edit_kept(repo, path, state.head, head_rev, target):
+                if _ignored_edit_kept(repo, path, _revision_of(repo, state.head, head), target):
                     continue  # nothing of the user's to lose: the target's version comes back
                 lost.append(path)
                 continue
@@ -1550,7 +1615,7 @@ def _refuse_if_locked(repo: Repository, *names: str | None) -> None:
 
 @contextmanager
 def _restore_on_failure(
-    repo: Repository, written: Revision, old: Revision | None
+    repo: Repository, written: Revision, old: RevisionOf | None
 ) -> Iterator[None]:
     """Put `old` back in the work tree if the block fails once `written` is (being) written:
     writing it part-way, or moving the refs after it."""
@@ -1559,7 +1624,8 @@ def _restore_on_failure(
     except BaseException:
         if old is not None:
             with suppress(MintError, OSError):
-                write_work_tree(repo, old, written, show_progress=False, undo=False)
+                back = RevisionOf(repo, written.commit, written)
+                write_work_tree(repo, old.read(), back, show_progress=False, undo=False)
         raise
 
 
@@ -1592,7 +1658,7 @@ def checkout(
     head = repo.head_commit()
     _refuse_if_locked(repo, f"refs/heads/{new_branch}" if new_branch else None)
     target_rev = _read_revision(repo, target)
-    head_rev = _revision_of(repo, head, target_rev) if head else None
+    head_rev = _revision_of(repo, head, RevisionOf(repo, target, target_rev))
     # As in git, switching to the commit already checked out keeps local changes.
     written = force or target != head
     if written:
@@ -1785,7 +1851,7 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     restore: AbstractContextManager[None] = nullcontext()
     if hard:  # a soft reset moves a ref only: no revision need be read
         target_rev = _read_revision(repo, target)
-        head_rev = _revision_of(repo, head, target_rev) if head else None
+        head_rev = _revision_of(repo, head, RevisionOf(repo, target, target_rev))
         write_work_tree(repo, target_rev, head_rev)
         restore = _restore_on_failure(repo, target_rev, head_rev)
     with restore:
@@ -1794,6 +1860,6 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     if not hard and repo.work_tree is not None:
         # The work tree's files are now changes to `target`, as after git's soft reset: a
         # commit of them goes on top of it. No stat is trusted: they are not its content.
-        _record_clean(repo, target, None, 0)
+        _record_clean(repo, target, None, None, 0)
     _ref_moved(repo, repo.refs.read_symbolic("HEAD") or "HEAD", head, target)
     return target

@@ -3,6 +3,7 @@ record, in-place work-tree writes and the in-process sample pre-commit hook."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from mintvcs import porcelain
+from mintvcs.ids import blob_id
 from mintvcs.store import PACK_THRESHOLD, Repository
 from tests.mintvcs.storekit import (
     ENV,
@@ -377,3 +379,70 @@ def test_extra_files_are_read_into_a_private_copy(tmp_path: Path) -> None:
     with open(state, "r+b") as handle:  # in place, same size: a map would see it
         handle.write(b"b" * (3 << 20))
     assert bytes(adapter.extra_files["optimizer.pt"][0][:4]) == b"aaaa"
+
+
+def _revisions_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The commits whose revisions any Repository reads from now on (the list fills as it reads)."""
+    reads: list[str] = []
+    read_revision = Repository.read_revision
+
+    def counting(self: Repository, commit_id: str, *args: object) -> object:
+        reads.append(commit_id)
+        return read_revision(self, commit_id, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Repository, "read_revision", counting)
+    return reads
+
+
+def test_clean_work_tree_needs_no_revision_of_head(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 37k-tensor revision takes a second to read: status over a clean work tree, and a
+    # checkout from one, learn HEAD's config and extra files from the work tree's record.
+    src = _many_tensors(tmp_path / "src", seed=9, count=6)
+    work = _repository_of(tmp_path, src)
+    (work / "notes.txt").write_text("r0\n")
+    _written_earlier(*work.iterdir())
+    mint(work, "commit", "-m", "r0")
+    mint(work, "branch", "old")
+    mutate(work, seed=10)
+    (work / "notes.txt").write_text("r1\n")
+    (work / "extra.md").write_text("only in r1\n")
+    _written_earlier(*work.iterdir())
+    mint(work, "commit", "-m", "r1")
+    reads = _revisions_read(monkeypatch)
+    with Repository.open(work) as repo:
+        main, old = repo.resolve("main"), repo.resolve("old")
+        assert porcelain.status(repo).changes == [] and reads == []  # as the commit left it
+        porcelain.checkout(repo, "old")
+        assert reads == [old] and not (work / "extra.md").exists()
+        assert (work / "notes.txt").read_text() == "r0\n"
+        reads.clear()
+        assert porcelain.status(repo).changes == [] and reads == []  # as checkout left it
+        porcelain.checkout(repo, "main")
+        assert reads == [main] and (work / "extra.md").read_text() == "only in r1\n"
+        # What the record says is compared with the files, not taken for them.
+        (work / "adapter_config.json").write_text('{"r": 1}')
+        (work / "extra.md").write_text("edited\n")
+        changes = porcelain.status(repo).changes
+        assert ("modified", "adapter_config.json") in changes
+        assert ("modified", "extra.md") in changes
+        porcelain.checkout(repo, "main", force=True)
+        # A record without the ids (an older mintvcs wrote it), or with damaged ones: HEAD's
+        # revision is read, and the answer is the same.
+        record_path = work / ".mint" / "mint-worktree.json"
+        record = json.loads(record_path.read_text())
+        assert record["committed"] == {
+            "extra.md": [blob_id(b"only in r1\n"), False],
+            "notes.txt": [blob_id(b"r1\n"), False],
+        }
+        older = {k: v for k, v in record.items() if k not in ("config", "committed")}
+        for damaged in (
+            older,
+            {**record, "config": None},
+            {**record, "committed": {"extra.md": ["x", False], "notes.txt": ["y", 1]}},
+            {**record, "committed": []},
+        ):
+            record_path.write_text(json.dumps(damaged))
+            reads.clear()
+            assert porcelain.status(repo).changes == [] and reads == [main]
