@@ -36,6 +36,7 @@ from mintvcs.serve.http_metrics import (
     Histogram,
     Registry,
 )
+from mintvcs.serve.log_repeats import RepeatFilter
 from mintvcs.serve.refwatch import (
     InvalidRefSpec,
     RefMove,
@@ -974,6 +975,16 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
                 await task
 
 
+async def _repeats_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Hold back repeats of a warning or error while the app runs (log_repeats)."""
+    repeats = RepeatFilter()
+    log.addFilter(repeats)
+    try:
+        yield
+    finally:
+        log.removeFilter(repeats)
+
+
 ENGINE_FACTORY: web.AppKey[Callable[[ServerConfig], Engine]] = web.AppKey("mintvcs_engine_factory")
 # False: the base's load error is reported by the caller (the CLI's one `error:` line), not logged.
 LOG_LOAD_ERROR: web.AppKey[bool] = web.AppKey("mintvcs_log_load_error")
@@ -994,6 +1005,7 @@ def create_app(
     app[LOG_LOAD_ERROR] = log_load_error
     if engine_factory is not None:
         app[ENGINE_FACTORY] = engine_factory
+    app.cleanup_ctx.append(_repeats_ctx)
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_watcher_ctx)
     http_api.add_routes(app)

@@ -542,7 +542,7 @@ def test_files_the_server_may_not_read_are_named_in_one_line_not_a_traceback(
             "ref file .mint/refs/heads/locked cannot be read: permission denied (check its "
             "owner and mode)"
         ), body
-        for _ in range(2):
+        for _ in range(4):
             status, _, body = gen("two")
             assert status == 500, body
             assert body["error"].endswith(
@@ -553,7 +553,8 @@ def test_files_the_server_may_not_read_are_named_in_one_line_not_a_traceback(
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert "Traceback" not in err and "internal error" not in err, err
-        assert err.count("cannot be read: permission denied") == 3, err  # a line per request
+        # A line for each failure, not for each request: a repeat within a minute is held back.
+        assert err.count("cannot be read: permission denied") == 2, err
     finally:
         if proc.poll() is None:
             proc.kill()
