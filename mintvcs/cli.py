@@ -424,20 +424,30 @@ class _LogCommand(click.Command):
 
 
 @main.command(cls=_LogCommand)
-@click.argument("ref", default="HEAD")
+@click.argument("revisions", nargs=-1, metavar="[REVISION]...")
+@click.option("--all", "all_refs", is_flag=True, help="Start from every ref and HEAD as well.")
 @click.option("--oneline", is_flag=True, help="One line per commit.")
 @click.option(
     "-n", "--max-count", type=click.IntRange(min=0), help="Show at most N commits (or -N)."
 )
 @json_option
-def log(ref: str, oneline: bool, max_count: int | None, as_json: bool) -> None:
-    """Show the revisions reachable from REF, newest first."""
+def log(
+    revisions: tuple[str, ...], all_refs: bool, oneline: bool, max_count: int | None, as_json: bool
+) -> None:
+    """Show the revisions reachable from REVISIONs (default HEAD), newest first.
+
+    As git log: several REVISIONs list their union; ^A or A..B leaves out what A reaches
+    (main..product-b: what product-b has that main lacks); A...B, what only one of them reaches.
+    """
+    from mintvcs import porcelain, revwalk
+
     repo = _open_repo()
-    _warn_if_ambiguous(repo, ref)
+    _warn_if_ambiguous(repo, *(spec for arg in revisions for spec in revwalk.named_specs(arg)))
+    tips = porcelain.log_tips(repo, revisions, all_refs=all_refs)
     if as_json:
-        _log_json(repo, ref, max_count)
+        _log_json(repo, tips, max_count)
     else:
-        _log_text(repo, ref, max_count, oneline)
+        _log_text(repo, tips, max_count, oneline)
 
 
 # The first page of `log` is printed after this many commits are read, and each next page is
@@ -447,12 +457,12 @@ LOG_FIRST_PAGE = 64
 
 
 def _log_pages(
-    repo: Any, ref: str, max_count: int | None
+    repo: Any, tips: list[Any], max_count: int | None
 ) -> Iterator[tuple[list[Any], dict[str, list[str]]]]:
-    """The history from `ref` in pages of growing size, each with the ref labels of its commits."""
-    from mintvcs import porcelain
+    """The history from `tips` in pages of growing size, each with the ref labels of its commits."""
+    from mintvcs import porcelain, revwalk
 
-    commits = repo.walk(repo.resolve(ref), max_count)
+    commits = revwalk.walk(repo, tips, max_count)
     size = LOG_FIRST_PAGE
     index: dict[str, list[str]] | None = None
     while page := list(itertools.islice(commits, size)):
@@ -461,13 +471,13 @@ def _log_pages(
         size *= 2
 
 
-def _log_json(repo: Any, ref: str, max_count: int | None) -> None:
+def _log_json(repo: Any, tips: list[Any], max_count: int | None) -> None:
     """Print `log --json`, one JSON array written as the history is read (what _emit_json writes)."""
     from mintvcs.objects import CorruptManifestError
     from mintvcs.store import CorruptObjectError
 
     opened = False
-    for page, labels in _log_pages(repo, ref, max_count):
+    for page, labels in _log_pages(repo, tips, max_count):
         for c in page:
             item = {
                 "commit": c.id,
@@ -491,10 +501,10 @@ def _log_json(repo: Any, ref: str, max_count: int | None) -> None:
     click.echo("\n]" if opened else "[]")
 
 
-def _log_text(repo: Any, ref: str, max_count: int | None, oneline: bool) -> None:
+def _log_text(repo: Any, tips: list[Any], max_count: int | None, oneline: bool) -> None:
     """Print `log` as git does, page by page as the history is read."""
     index = 0
-    for page, labels in _log_pages(repo, ref, max_count):
+    for page, labels in _log_pages(repo, tips, max_count):
         for info in page:
             deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
             if oneline:

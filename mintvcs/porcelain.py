@@ -13,14 +13,14 @@ import re
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mintvcs import hooks
+from mintvcs import hooks, revwalk
 from mintvcs.adapter import (
     CONFIG_FILE,
     GIT_DIR,
@@ -524,9 +524,49 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
 
 # ------------------------------------------------------------ log and show
 @accepts_path
-def log(repo: Repository, spec: str = "HEAD", limit: int | None = None) -> list[CommitInfo]:
-    """Commits reachable from `spec` along first parents, newest first."""
-    return list(repo.walk(repo.resolve(spec), limit))
+def log(
+    repo: Repository,
+    spec: str | Sequence[str] = (),
+    limit: int | None = None,
+    *,
+    all_refs: bool = False,
+) -> list[CommitInfo]:
+    """Commits reachable from `spec` (HEAD when none is given), newest first, as `git log
+    --first-parent` lists them: a spec, a range (`A..B`, `^A`, `A...B`) or a list of them."""
+    return list(revwalk.walk(repo, log_tips(repo, spec, all_refs=all_refs), limit))
+
+
+def log_tips(
+    repo: Repository, spec: str | Sequence[str] = (), *, all_refs: bool = False
+) -> list[revwalk.Tip]:
+    """The commits `log` starts from: those `--all` names (every ref, then HEAD, then linked
+    worktrees' HEADs), then those `spec` names; HEAD when nothing is named, as in git."""
+    # A str is one argument; anything but a list or tuple goes on for tips_of to refuse.
+    args: list[Any] = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    tips = _all_ref_tips(repo) if all_refs else []
+    return tips + revwalk.tips_of(repo, args if args or all_refs else ["HEAD"])
+
+
+def _all_ref_tips(repo: Repository) -> list[revwalk.Tip]:
+    """The commits `git log --all` starts from, in its order: each ref's, by name (a ref to a
+    tree or blob names none; a broken one is warned of and left out, as git does), HEAD's, and
+    those of linked worktrees' detached HEADs."""
+    found: list[str] = []
+    for name, oid in repo.refs.iter_refs("refs/", on_broken=warn_ignored_ref):
+        try:
+            # Only a tag object needs reading to peel; None: the header cannot tell.
+            kind = repo.object_kind(oid)
+            if kind in ("tag", None):
+                oid, kind = repo.peel_object(oid)
+        except MintError as err:
+            warn_ignored_ref(name, err)
+            continue
+        if kind == "commit":
+            found.append(oid)
+    head = repo.head_commit()
+    found += [head] if head is not None else []
+    found += [w.head for w in repo.linked_worktrees() if is_object_id(w.head)]
+    return [revwalk.Tip(oid, False) for oid in found]
 
 
 def decorations(repo: Repository, shown: Collection[str]) -> dict[str, list[str]]:

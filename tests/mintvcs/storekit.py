@@ -35,12 +35,15 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 
 
-def mint(cwd: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run `mintvcs ARGS` as a real process in `cwd`; never a traceback, and exit 0 unless ok=False."""
+def mint(
+    cwd: Path, *args: str, ok: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `mintvcs ARGS` as a real process in `cwd` (ENV, with `env` over it); never a
+    traceback, and exit 0 unless ok=False."""
     result = subprocess.run(
         [sys.executable, "-m", "mintvcs.cli", *args],
         cwd=cwd,
-        env=ENV,
+        env={**ENV, **(env or {})},
         capture_output=True,
         text=True,
         errors="surrogateescape",  # as git, names that are not UTF-8 print as their bytes

@@ -1,0 +1,357 @@
+"""`log` of ranges and of several revisions, checked against real git's `log` of the same
+arguments, on histories built with the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.mintvcs.storekit import ENV, copy_adapter, count_reads, git, mint, mint_fails, mutate
+
+T0 = 1_700_000_000  # commit times are set (GIT_COMMITTER_DATE): ties and a skew on purpose
+
+
+def _commit(work: Path, message: str, when: int, *extra: str) -> str:
+    """`mintvcs commit` of the work tree, changed first, made at `when`; returns its id."""
+    mutate(work, seed=when + len(message))
+    out = mint(
+        work,
+        "commit",
+        "-m",
+        message,
+        "--no-verify",
+        "--json",
+        *extra,
+        env={"GIT_COMMITTER_DATE": f"@{when} +0000", "GIT_AUTHOR_DATE": f"@{when} +0000"},
+    )
+    return str(json.loads(out.stdout)["commit"])
+
+
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory: pytest.TempPathFactory, peft_adapter: Path) -> dict[str, Any]:
+    """main: m0 m1 m2 m3 m4; product-b forks at m2 with b1 b2 b3, exp with e1; tag prod at m1.
+    m0 and m1 are made in one second, and so are m3, m4, b1 and e1; b2's clock is skewed (older
+    than its parent and than m2)."""
+    work = tmp_path_factory.mktemp("forked") / "work"
+    mint(work.parent, "init", str(work), "--no-hooks")
+    copy_adapter(peft_adapter, work)
+    ids = {"m0": _commit(work, "m0", T0), "m1": _commit(work, "m1", T0)}
+    ids["m2"] = _commit(work, "m2", T0 + 10)
+    mint(work, "branch", "product-b")
+    mint(work, "branch", "exp")
+    ids["m3"] = _commit(work, "m3", T0 + 20)
+    ids["b1"] = _commit(work, "b1", T0 + 20, "--branch", "product-b")
+    ids["e1"] = _commit(work, "e1", T0 + 20, "--branch", "exp")
+    ids["b2"] = _commit(work, "b2", T0 + 5, "--branch", "product-b")
+    ids["m4"] = _commit(work, "m4", T0 + 20)
+    ids["b3"] = _commit(work, "b3", T0 + 30, "--branch", "product-b")
+    mint(work, "tag", "prod", ids["m1"])
+    times = git(work / ".mint", "log", "--format=%ct %s", "--all").stdout.splitlines()
+    assert f"{T0 + 5} b2" in times and f"{T0 + 20} e1" in times  # the dates were taken
+    return {"work": work, **ids}
+
+
+# (arguments, what they list) on `forked`; what git lists, in git's order, is checked too.
+CASES = [
+    (["main..product-b"], "b3 b2 b1"),
+    (["product-b", "^main"], "b3 b2 b1"),
+    (["^main", "product-b"], "b3 b2 b1"),
+    (["product-b..main"], "m4 m3"),
+    (["main...product-b"], "b3 m4 m3 b2 b1"),
+    (["main", "product-b"], "b3 m4 m3 m2 b2 b1 m1 m0"),
+    (["main", "exp"], "m4 e1 m3 m2 m1 m0"),  # tips of one second: in the order given
+    (["exp", "main"], "e1 m4 m3 m2 m1 m0"),
+    (["exp", "product-b", "^main"], "b3 e1 b2 b1"),
+    (["exp...main"], "e1 m4 m3"),
+    (["--all"], "b3 e1 m4 m3 m2 b2 b1 m1 m0"),
+    (["--all", "^prod"], "b3 e1 m4 m3 m2 b2 b1"),
+    (["-n", "2", "main..product-b"], "b3 b2"),
+    (["-1", "product-b", "main"], "b3"),
+    (["main~3..main"], "m4 m3 m2"),
+    (["..product-b"], "b3 b2 b1"),  # HEAD..product-b
+    (["product-b.."], "m4 m3"),
+    (["prod..product-b"], "b3 b2 b1 m2"),
+    (["main..main"], ""),
+    (["^main"], ""),
+    (["main...main"], ""),
+    (["main", "^main~2", "product-b"], "b3 m4 m3 b2 b1"),
+    (["HEAD~1"], "m3 m2 m1 m0"),
+    ([], "m4 m3 m2 m1 m0"),
+]
+
+
+def _ids(forked: dict[str, Any], names: str) -> list[str]:
+    return [forked[name] for name in names.split()]
+
+
+@pytest.mark.parametrize(("args", "names"), CASES, ids=[" ".join(a) or "none" for a, _ in CASES])
+def test_log_lists_what_git_log_lists(forked: dict[str, Any], args: list[str], names: str) -> None:
+    work = forked["work"]
+    expected = git(work / ".mint", "log", "--format=%H", *args).stdout.split()
+    got = [c["commit"] for c in json.loads(mint(work, "log", "--json", *args).stdout)]
+    assert got == expected
+    oneline = mint(work, "log", "--oneline", *args).stdout.splitlines()
+    assert [line.split()[0] for line in oneline] == [oid[:7] for oid in expected]
+    assert got == _ids(forked, names)
+
+
+def test_ranges_print_as_log_prints_and_fail_as_an_unknown_ref_fails(
+    forked: dict[str, Any],
+) -> None:
+    work = forked["work"]
+    # An empty range prints nothing and succeeds, as git's.
+    for args in (["main..main"], ["--oneline", "main..prod"], ["^main"]):
+        result = mint(work, "log", *args)
+        assert (result.stdout, result.stderr) == ("", "")
+    assert mint(work, "log", "--json", "main..main").stdout == "[]\n"
+    # Decorated, as log decorates any commit; --json with meta and refs.
+    lines = mint(work, "log", "--oneline", "prod..product-b").stdout.splitlines()
+    assert lines[0] == f"{forked['b3'][:7]} (product-b) b3"
+    assert lines[-1] == f"{forked['m2'][:7]} m2"
+    rows = json.loads(mint(work, "log", "--json", "exp", "product-b", "^main").stdout)
+    assert [(r["refs"], r["message"].strip()) for r in rows] == [
+        (["product-b"], "b3"),
+        (["exp"], "e1"),
+        ([], "b2"),
+        ([], "b1"),
+    ]
+    assert all(r["meta"] == {} for r in rows)
+    full = mint(work, "log", "main~1..main").stdout
+    assert full.startswith(f"commit {forked['m4']} (HEAD -> main)\nAuthor: Tester")
+    assert full.count("\ncommit ") == 0 and "    m4" in full
+    # Abbreviated ids on either side.
+    abbreviated = mint(work, "log", "--json", f"{forked['m1'][:7]}..{forked['b3'][:10]}").stdout
+    assert [r["commit"] for r in json.loads(abbreviated)] == _ids(forked, "b3 b2 b1 m2")
+    # An unknown revision anywhere in the arguments: one error line, git's status.
+    for args in (["main..nope"], ["nope..main"], ["nope...main"], ["^nope"], ["main", "nope"]):
+        result = mint(work, "log", *args, ok=False)
+        assert result.returncode == 128 and result.stdout == ""
+        assert result.stderr == "error: unknown revision 'nope': not a branch, tag or commit id\n"
+    assert "invalid revision '..'" in mint_fails(work, "log", "..")
+    assert "A..B" in mint(work, "log", "--help").stdout
+
+
+def test_a_range_warns_of_an_ambiguous_name_and_takes_the_tag(
+    forked: dict[str, Any], tmp_path: Path
+) -> None:
+    work = shutil.copytree(forked["work"], tmp_path / "work")
+    mint(work, "tag", "exp", forked["m2"])  # a tag named as the branch: the tag wins, as in git
+    result = mint(work, "log", "--json", "exp..main")
+    assert [r["commit"] for r in json.loads(result.stdout)] == _ids(forked, "m4 m3")
+    assert result.stderr == (
+        "warning: refname 'exp' is ambiguous (refs/tags/exp and refs/heads/exp); "
+        "using refs/tags/exp\n"
+    )
+    assert git(work / ".mint", "log", "--format=%H", "exp..main").stdout.split() == _ids(
+        forked, "m4 m3"
+    )
+
+
+def test_after_a_git_merge_ranges_follow_first_parents_and_exclude_through_every_parent(
+    forked: dict[str, Any], tmp_path: Path
+) -> None:
+    work = shutil.copytree(forked["work"], tmp_path / "work")
+    git_dir, scratch = work / ".mint", tmp_path / "scratch"
+    scratch.mkdir()
+    # git merges in a work tree of its own (the index of main's tree); -s ours keeps main's
+    # adapter, so the merge is a revision mintvcs reads.
+    git(git_dir, "--work-tree", str(scratch), "read-tree", "main")
+    git(
+        git_dir,
+        "--work-tree",
+        str(scratch),
+        "merge",
+        "--no-ff",
+        "-s",
+        "ours",
+        "-m",
+        "merge b",
+        "product-b",
+    )
+    (git_dir / "index").unlink()
+    merge = git(git_dir, "rev-parse", "main").stdout.strip()
+    assert git(git_dir, "rev-parse", "main^2").stdout.strip() == forked["b3"]
+    # log follows first parents; git log without --first-parent lists product-b's too.
+    assert [c["commit"] for c in json.loads(mint(work, "log", "--json").stdout)] == [
+        merge,
+        *_ids(forked, "m4 m3 m2 m1 m0"),
+    ]
+    assert len(git(git_dir, "log", "--format=%H", "main").stdout.split()) == 9
+    for args in (
+        ["main..product-b"],  # main has merged product-b: nothing left
+        ["main..product-b~1"],  # reached through the merge's second parent only
+        ["exp", "product-b~2", "^main"],
+        ["product-b..main"],
+        ["main~1..main"],
+        ["exp..main"],
+        ["main...exp"],
+        ["main", "exp", "^prod"],
+        ["product-b", "main"],
+        ["--all"],
+        ["-n", "3", "--all", "^prod"],
+    ):
+        expected = git(git_dir, "log", "--first-parent", "--format=%H", *args).stdout.split()
+        got = [c["commit"] for c in json.loads(mint(work, "log", "--json", *args).stdout)]
+        assert got == expected, args
+    assert mint(work, "log", "main..product-b").stdout == ""
+    assert mint(work, "log", "--oneline", "product-b..main").stdout.splitlines() == [
+        f"{merge[:7]} (HEAD -> main) merge b",
+        f"{forked['m4'][:7]} m4",
+        f"{forked['m3'][:7]} m3",
+    ]
+
+
+def _linear_history(repo: Any, count: int, start: int, parent: str | None = None) -> list[str]:
+    """`count` commits of an empty tree on `parent`, a minute apart from `start`; their ids."""
+    tree = repo.write_tree([])
+    ids: list[str] = []
+    for i in range(count):
+        who = f"Tester <tester@example.com> {start + 60 * i} +0000"
+        parents = [ids[-1]] if ids else ([parent] if parent else [])
+        ids.append(repo.write_commit(tree, parents, f"c{i}\n", who, who))
+    return ids
+
+
+def test_a_range_reads_only_the_recent_history_of_a_long_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mintvcs import porcelain
+    from mintvcs.store import Repository
+
+    work = tmp_path / "work"
+    porcelain.init(work, None, install_hooks=False).close()
+    with Repository.open(work) as repo:
+        main = _linear_history(repo, 10_000, T0)
+        # feature forked 5 commits ago, its 3 commits made among main's last ones.
+        feature = _linear_history(repo, 3, T0 + 60 * 9_996 + 30, parent=main[-6])
+    git_dir = work / ".mint"
+
+    def git_log(*args: str) -> list[str]:
+        return git(git_dir, "log", "--format=%H", *args).stdout.split()
+
+    git(git_dir, "update-ref", "refs/heads/main", main[-1])
+    git(git_dir, "update-ref", "refs/heads/feature", feature[-1])
+    with Repository.open(work) as repo:
+        reads = count_reads(repo, monkeypatch)
+        listed = [c.id for c in porcelain.log(repo, "main..feature", 10)]
+        assert listed == feature[::-1] == git_log("-n", "10", "main..feature")
+        assert len(reads) < 20, len(reads)  # main's tip back past the fork, and SLOP more
+        reads.clear()
+        assert [c.id for c in porcelain.log(repo, "feature...main", 10)] == git_log(
+            "feature...main"
+        )
+        assert len(reads) < 40, len(reads)  # the merge base's painting, then the walk
+        reads.clear()
+        assert [c.id for c in porcelain.log(repo, ["main", "feature"], 4)] == [
+            main[-1],
+            feature[-1],
+            main[-2],
+            feature[-2],
+        ]
+        assert len(reads) < 10, len(reads)
+    # Two pages of a range (LOG_FIRST_PAGE is 64), as git lists them.
+    lines = mint(work, "log", "--oneline", "main~100..main").stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [oid[:7] for oid in git_log("main~100..main")]
+    assert len(lines) == 100 and lines[0].endswith("(HEAD -> main) c9999")
+
+
+def _random_history(git_dir: Path, rng: random.Random, count: int) -> list[str]:
+    """`count` commits written by git on random branches, some merges among them; times
+    often equal and now and then skewed back. Returns their ids."""
+    tree = git(git_dir, "mktree", input_text="").stdout.strip()
+    commits: list[str] = []
+    tips: dict[str, str] = {}
+    when = T0
+    for i in range(count):
+        when += rng.choice([0, 0, 1, 60]) if rng.random() > 0.15 else -rng.randint(1, 5_000)
+        if not commits:
+            branch, parents = "main", []
+        elif rng.random() < 0.7:
+            branch = rng.choice(sorted(tips))
+            parents = [tips[branch]]
+        else:
+            branch, parents = f"b{i}", [rng.choice(commits)]
+        other = rng.choice(commits) if commits else None
+        if other is not None and other not in parents and rng.random() < 0.15:
+            parents.append(other)
+        stamp = {"GIT_COMMITTER_DATE": f"@{when} +0000", "GIT_AUTHOR_DATE": f"@{when} +0000"}
+        made = subprocess.run(
+            ["git", "--git-dir", str(git_dir), "commit-tree", tree, "-m", f"c{i}"]
+            + [arg for parent in parents for arg in ("-p", parent)],
+            env={**ENV, **stamp},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        commits.append(made.stdout.strip())
+        tips[branch] = commits[-1]
+        git(git_dir, "update-ref", f"refs/heads/{branch}", commits[-1])
+    git(git_dir, "tag", "t", rng.choice(commits))
+    git(git_dir, "symbolic-ref", "HEAD", f"refs/heads/{rng.choice(sorted(tips))}")
+    return commits
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_histories_list_as_git_log_first_parent_lists_them(
+    tmp_path: Path, seed: int
+) -> None:
+    from mintvcs import porcelain
+    from mintvcs.store import Repository
+
+    rng = random.Random(seed)
+    work = tmp_path / "work"
+    porcelain.init(work, None, install_hooks=False).close()
+    git_dir = work / ".mint"
+    commits = _random_history(git_dir, rng, 60)
+    names = [*git(git_dir, "for-each-ref", "--format=%(refname:short)").stdout.split(), "HEAD"]
+
+    def rev() -> str:
+        pick = rng.random()
+        if pick < 0.6:
+            return rng.choice(names)
+        if pick < 0.8:
+            return rng.choice(commits)[: rng.choice([7, 40])]
+        return f"{rng.choice(names)}~{rng.randint(0, 2)}"
+
+    forms = [
+        lambda: [f"{rev()}..{rev()}"],
+        lambda: [rev(), f"^{rev()}"],
+        lambda: [f"{rev()}...{rev()}"],
+        lambda: [rev(), rev(), rev()],
+        lambda: [f"^{rev()}", rev(), rev()],
+    ]
+    compared = 0
+    with Repository.open(work) as repo:
+        for _ in range(50):
+            args, limit = rng.choice(forms)(), rng.choice([None, None, 1, 3])
+            every = rng.random() < 0.1
+            options = ["--all"] * every + ["-n", str(limit)] * (limit is not None)
+            expected = git(
+                git_dir, "log", "--first-parent", "--format=%H", *options, *args, ok=False
+            )
+            if expected.returncode:
+                continue  # `~N` past a root commit
+            got = porcelain.log(repo, args, limit, all_refs=every)
+            assert [c.id for c in got] == expected.stdout.split(), (options, args)
+            compared += 1
+    assert compared > 30
+
+
+def test_all_starts_from_a_linked_worktrees_detached_head_too(
+    forked: dict[str, Any], tmp_path: Path
+) -> None:
+    work = shutil.copytree(forked["work"], tmp_path / "work")
+    git_dir = work / ".mint"
+    # A commit only a `git worktree`'s detached HEAD names.
+    tree = git(git_dir, "rev-parse", f"{forked['m2']}^{{tree}}").stdout.strip()
+    lone = git(git_dir, "commit-tree", tree, "-p", forked["m2"], "-m", "lone").stdout.strip()
+    git(git_dir, "worktree", "add", "--detach", str(tmp_path / "linked"), lone)
+    listed = [c["commit"] for c in json.loads(mint(work, "log", "--json", "--all").stdout)]
+    assert lone in listed
+    assert listed == git(git_dir, "log", "--format=%H", "--all").stdout.split()
