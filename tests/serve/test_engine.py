@@ -275,16 +275,20 @@ def test_a_refused_batch_queues_none_of_its_requests(engine: Engine) -> None:
 def test_task_cancellation_cancels_the_request(engine: Engine) -> None:
     """A consumer task cancelled mid-await (a client disconnect) cancels the request."""
 
-    async def consume() -> None:
+    async def consume(decoding: asyncio.Event) -> None:
         async for _ in engine.stream(
             _prompt(6, 4), "kv-r12", SamplingParams(max_tokens=200, ignore_eos=True)
         ):
             await asyncio.sleep(0)
+            decoding.set()
 
     async def main() -> int:
         before = engine.stats()["requests_cancelled"]
-        task = asyncio.create_task(consume())
-        await asyncio.sleep(0.2)
+        decoding = asyncio.Event()
+        task = asyncio.create_task(consume(decoding))
+        # Cancelled once it decodes, not after a fixed 0.2 s: its 200 tokens took 0.6-0.8 s
+        # on a small VM, so a machine a few times as fast would have had nothing to cancel.
+        await decoding.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
