@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import filecmp
 import io
 import json
@@ -289,16 +290,21 @@ def test_log_prints_page_by_page_and_stops_quietly_when_the_reader_goes(
     assert parsed[3]["refs"] == ["mid"] and parsed[LOG_FIRST_PAGE + 5]["refs"] == ["tag: early"]
     assert mint(work, "log", "--json", "-n", "0").stdout == "[]\n"
     # `mintvcs log | head -1`: the reader goes after one line; log dies of SIGPIPE as git does
-    # (it exited 141, which only a shell reads as the signal), quietly.
+    # (it exited 141, which only a shell reads as the signal), quietly. A pipe of one page: the
+    # log's 19 kB cannot all be written before the reader goes, however late the reader is woken
+    # (a 64 kB pipe took it all, and a reader 50 ms late found log exited 0).
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mintvcs.cli", "log"],
         cwd=work,
         env=ENV,
-        stdout=subprocess.PIPE,
+        stdout=write_end,
         stderr=subprocess.PIPE,
     )
-    assert proc.stdout is not None and proc.stdout.readline().startswith(b"commit ")
-    proc.stdout.close()
+    os.close(write_end)
+    with open(read_end, "rb") as reader:
+        assert reader.readline().startswith(b"commit ")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGPIPE and err == b"", err.decode()
 
