@@ -294,18 +294,53 @@ atexit.register(_freeze_before_exit)
 _MODEL_COMMANDS = ("serve", "demo")  # they load models: BLAS keeps its threads
 
 
-@main.command()
+class _InitCommand(click.Command):
+    """`init`, whose `--shared` takes its value after `=` only, as git's: `--shared` alone is
+    `--shared=group`, and a word after it is the directory (`init --shared r`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rewritten: list[str] = []
+        for arg in args:
+            if "--" in rewritten or rewritten[-1:] == ["--base-model"]:
+                rewritten.append(arg)  # a value or an operand: no option to rewrite
+            else:
+                rewritten.append("--shared=group" if arg == "--shared" else arg)
+        return super().parse_args(ctx, rewritten)
+
+
+def _shared_value(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a --shared value git refuses, as a usage error (exit 2)."""
+    from mintvcs.repoformat import parse_shared
+
+    if value is not None:
+        try:
+            parse_shared(value)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--shared") from None
+    return value
+
+
+@main.command(cls=_InitCommand)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
 @click.option(
     "--base-model", help="Base model: a local checkpoint directory (fingerprinted) or an id."
 )
 @click.option("--no-hooks", is_flag=True, help="Do not install the validating pre-commit hook.")
+@click.option(
+    "--shared",
+    metavar="[=PERM]",
+    callback=_shared_value,
+    help="Let a group of users write the repository (core.sharedRepository): group (alone), "
+    "all, umask, or an octal mode such as 0660.",
+)
 @json_option
-def init(directory: Path, base_model: str | None, no_hooks: bool, as_json: bool) -> None:
+def init(
+    directory: Path, base_model: str | None, no_hooks: bool, shared: str | None, as_json: bool
+) -> None:
     """Create an empty repository (.mint/) in DIRECTORY."""
     from mintvcs import porcelain
 
-    repo = porcelain.init(directory, base_model, install_hooks=not no_hooks)
+    repo = porcelain.init(directory, base_model, install_hooks=not no_hooks, shared=shared)
     base = repo.base
     if as_json:
         _emit_json(

@@ -6,9 +6,14 @@ import errno
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mintvcs.errors import MintError
+from mintvcs.filemodes import file_mode, make_dir
 from mintvcs.ids import blob_id
+
+if TYPE_CHECKING:
+    from dulwich.file import SharedPerm
 
 # Samples shipped in the `hooks/` directory of the source tree (package `mintvcs.hook_samples`).
 SAMPLES = ("pre-commit", "commit-msg", "post-commit", "ref-update", "update")
@@ -288,13 +293,15 @@ def refusal(name: str, detail: str) -> HookRefusedError:
     )
 
 
-def install_samples(git_dir: Path) -> None:
-    """Copy the sample hooks into `.mint/hooks/`: pre-commit and update active, the rest as .sample."""
+def install_samples(git_dir: Path, shared: SharedPerm | None = None) -> None:
+    """Copy the sample hooks into `.mint/hooks/`: pre-commit and update active, the rest as
+    .sample; executable, as git installs its own: 0777 less the umask, then as
+    core.sharedRepository (`shared`) says."""
     import shutil
     from importlib import resources
 
     target = git_dir / "hooks"
-    target.mkdir(exist_ok=True)
+    make_dir(target, shared)
     samples = resources.files("mintvcs.hook_samples")
     for name in SAMPLES:
         source = samples / name
@@ -303,4 +310,4 @@ def install_samples(git_dir: Path) -> None:
         dest = target / (name if name in INSTALLED_BY_INIT else f"{name}.sample")
         with resources.as_file(source) as src:
             shutil.copyfile(src, dest)
-        dest.chmod(0o755)
+        dest.chmod(file_mode(0o777, shared))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mintvcs import codec, gitdelta
 from mintvcs.errors import MintError
+from mintvcs.filemodes import adjust_fd, not_writable, write_file
 from mintvcs.ids import is_object_id
 from mintvcs.objects import MAX_PATH_DEPTH, TensorRecord
 from mintvcs.packs import (
@@ -1175,9 +1176,7 @@ def _write_first_seen(repo: Repository, seen: dict[str, float]) -> None:
     if not seen:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(f"{FIRST_SEEN_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(seen, sort_keys=True))
-    os.replace(tmp, path)
+    write_file(path, json.dumps(seen, sort_keys=True).encode(), repo.shared_perm)
 
 
 def _remove_stale_temporaries(repo: Repository, now: float) -> None:
@@ -1276,8 +1275,12 @@ def _takeover_guard(repo: Repository) -> Iterator[None]:
     drops the lock when its holder dies, so unlike a lock file it can never be left behind.
     """
     path = repo.git_dir / _TAKEOVER_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # Never removed (the lock is on its inode), so every user's gc must be able to open it:
+    # read-only is all flock needs, and it is created as git creates its files, 0666 less the
+    # umask, then as core.sharedRepository says.
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
     try:
+        adjust_fd(fd, repo.shared_perm)
         deadline = time.monotonic() + _TAKEOVER_WAIT_SECONDS
         while True:
             try:
@@ -1306,7 +1309,17 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
     # Written aside and hard-linked into place: the lock appears with its content, so no
     # other gc can read it empty and take it for a leftover.
     tmp = repo.git_dir / f"{_LOCK_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(mine)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    except PermissionError as err:
+        raise not_writable(
+            err, repo.git_dir, "taking gc's lock (gc.pid) in the git directory"
+        ) from None
+    try:
+        adjust_fd(fd, repo.shared_perm)
+        os.write(fd, mine.encode())
+    finally:
+        os.close(fd)
     try:
         for _attempt in range(2):
             try:
@@ -1691,7 +1704,7 @@ def _repack(
         name = writer.finish()
         if name is not None:
             old_packs.pop(name, None)  # the same objects as a pack we had: that file was replaced
-            (repo.git_dir / LAST_PACK_FILE).write_text(name + "\n")
+            write_file(repo.git_dir / LAST_PACK_FILE, f"{name}\n".encode(), repo.shared_perm)
     # A commit during the repack may have reused an object found unreachable (it freshens it)
     # or moved a ref onto one: look once more, now, just before deleting, and keep those, loose
     # or in the old packs that hold them (the next gc packs them).

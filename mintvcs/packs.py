@@ -23,14 +23,18 @@ from typing import TYPE_CHECKING, Any
 from mintvcs import codec
 from mintvcs.checksums import adler32, crc32
 from mintvcs.errors import MintError
+from mintvcs.filemodes import file_mode, make_dirs, not_writable
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+    from dulwich.file import SharedPerm
 
     from mintvcs.store import Repository
 
 TMP_OBJECT_PREFIX = "tmp_obj_"  # git's own prefix for objects being written
+# What a user who may not write the object directories is told could not be done (git's words).
+ADDING_OBJECTS = "adding an object to repository database"
 # Tensor blobs are zstd-coded planes already; zlib on top would only burn time. Manifests,
 # trees, headers and commits are JSON and names: zlib level 6 shrinks them 3-9x.
 TENSOR_ZLIB_LEVEL = 0
@@ -276,13 +280,16 @@ def _write_all(fd: int, pieces: list[Any], offset: int | None = None) -> None:
         index += _IOV_MAX
 
 
-def place_file(directory: Path, path: Path, pieces: list[Any]) -> None:
-    """Create read-only file `path` holding `pieces` via a temporary renamed into place, as git does."""
+def place_file(
+    directory: Path, path: Path, pieces: list[Any], shared: SharedPerm | None = None
+) -> None:
+    """Create read-only file `path` holding `pieces` via a temporary renamed into place, as git
+    does: mode 0444 less the umask, then as core.sharedRepository (`shared`) says."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_OBJECT_PREFIX)
     try:
         try:
             _write_all(fd, pieces)
-            os.fchmod(fd, 0o444)
+            os.fchmod(fd, file_mode(0o444, shared))
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -353,9 +360,12 @@ class PackWriter:
         self.repo = repo
         self.repack = repack
         self.directory = repo.git_dir / "objects" / "pack"
-        self.directory.mkdir(parents=True, exist_ok=True)
-        _remove_stale_packs(self.directory)
-        self.fd, self.tmp = tempfile.mkstemp(dir=self.directory, prefix="tmp_pack_")
+        try:
+            make_dirs(self.directory, repo.shared_perm)
+            _remove_stale_packs(self.directory)
+            self.fd, self.tmp = tempfile.mkstemp(dir=self.directory, prefix="tmp_pack_")
+        except PermissionError as err:
+            raise not_writable(err, self.directory, ADDING_OBJECTS) from None
         self.lock = threading.Lock()
         self.offset = 12
         self.entries: dict[bytes, tuple[int, int]] = {}  # binary id -> (offset, crc32)
@@ -453,12 +463,13 @@ class PackWriter:
             name = f"pack-{checksum.hex()}"
             idx = _pack_index(self.entries, checksum)
             fd, tmp_idx = tempfile.mkstemp(dir=self.directory, prefix="tmp_idx_")
+            mode = file_mode(0o444, self.repo.shared_perm)  # as git's, and its objects'
             try:
                 _write_all(fd, [idx])
-                os.fchmod(fd, 0o444)
+                os.fchmod(fd, mode)
             finally:
                 os.close(fd)
-            os.fchmod(self.fd, 0o444)
+            os.fchmod(self.fd, mode)
             os.replace(self.tmp, self.directory / f"{name}.pack")
             os.replace(tmp_idx, self.directory / f"{name}.idx")
             return name

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext, supp
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mintvcs import hooks, revwalk
 from mintvcs.adapter import (
@@ -36,6 +36,7 @@ from mintvcs.base import BaseModel, read_base_model
 from mintvcs.bulk import collector_paused
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
+from mintvcs.filemodes import file_mode
 from mintvcs.ids import blob_id, is_object_id
 from mintvcs.objects import Manifest
 from mintvcs.progress import progress_bar
@@ -52,6 +53,7 @@ from mintvcs.refs import (
     local_tz,
     tz_text,
 )
+from mintvcs.repoformat import parse_shared
 from mintvcs.store import (
     CommitInfo,
     Repository,
@@ -61,6 +63,9 @@ from mintvcs.store import (
     accepts_path,
 )
 from mintvcs.validate import check_lora_config
+
+if TYPE_CHECKING:
+    from dulwich.file import SharedPerm
 
 COMMIT_RETRY_SECONDS = (
     10.0  # how long a commit retries its compare-and-swap while others move the branch
@@ -143,7 +148,7 @@ def signature(repo: Repository | None = None, role: str = "committer") -> Signat
             email_from = "user.email"
             with suppress(KeyError):
                 email = stacked.get((b"user",), b"email").decode()
-    user = getpass.getuser()
+    user = "" if name and email else _login_name()
     if not email:
         import socket  # only for this fallback: not imported by every commit
 
@@ -157,6 +162,19 @@ def signature(repo: Repository | None = None, role: str = "committer") -> Signat
     date = os.environ.get(env + "DATE")
     timestamp, tz = _parse_date(date, env + "DATE") if date else (int(time.time()), None)
     return Signature(f"{name or user} <{email}>", timestamp, tz or local_tz(timestamp))
+
+
+def _login_name() -> str:
+    """The login name git's fallback identity is made of: LOGNAME, USER, ..., else the
+    password database's name for this user id."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a user id without an account (a container's)
+        raise BadIdentityError(
+            f"user id {os.getuid()} has no name (no LOGNAME or USER, no password database "
+            "entry): set user.name and user.email (`git --git-dir .mint config user.name NAME`), "
+            "or GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL and the same for GIT_COMMITTER_"
+        ) from None
 
 
 _LATEST_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z, git's limit too
@@ -205,10 +223,13 @@ def _write_atomic(
     executable: bool = False,
     mtime_ns: int | None = None,
     temp_dir: Path | None = None,
+    shared: SharedPerm | None = None,
 ) -> None:
     """Write a file so that a crash leaves the old or the new content, never a torn one.
 
     The temporary is made in `temp_dir` (on the same file system) when given, else beside `path`.
+    Its mode is git's for a file it checks out, 0666 (0777 `executable`) less the umask; a file
+    of `.mint/` gets core.sharedRepository's (`shared`) too.
     """
     _make_parents(path)
     # The temporary name adds 14 bytes to the file's: a name near the limit (255 bytes, which
@@ -220,7 +241,7 @@ def _write_atomic(
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fchmod(fd, 0o755 if executable else 0o644)
+            os.fchmod(fd, file_mode(0o777 if executable else 0o666, shared))
             if mtime_ns is not None:
                 os.utime(fd, ns=(time.time_ns(), mtime_ns))
         try:
@@ -230,7 +251,7 @@ def _write_atomic(
                 # A mount inside the work tree, or a bind-mounted git directory: one device
                 # number, but no rename across. Written again beside the file.
                 Path(tmp).unlink(missing_ok=True)
-                _write_atomic(path, data, executable, mtime_ns)
+                _write_atomic(path, data, executable, mtime_ns, shared=shared)
                 return
             # Name the file that could not be written (a read-only work tree), not the temporary.
             raise OSError(err.errno, err.strerror, os.fspath(path)) from None
@@ -272,9 +293,19 @@ def _ref_moved(repo: Repository, ref: str, old: str | None, new: str | None) -> 
 
 # --------------------------------------------------------------------- init
 def init(
-    directory: Path, base_model: str | None = None, *, install_hooks: bool = True
+    directory: Path,
+    base_model: str | None = None,
+    *,
+    install_hooks: bool = True,
+    shared: str | None = None,
 ) -> Repository:
-    """Create a repository; `base_model` is a local checkout directory (fingerprinted) or an id."""
+    """Create a repository; `base_model` is a local checkout directory (fingerprinted) or an id;
+    `shared` a core.sharedRepository value as `git init --shared=` takes it ("group", "all",
+    "umask", an octal mode such as "0660"), to let a group of users write it."""
+    try:
+        perm = parse_shared(shared) if shared is not None else None
+    except ValueError as err:
+        raise MintError(f"--shared: {err}") from None
     base: BaseModel | None = None
     if base_model is not None:
         try:
@@ -292,9 +323,9 @@ def init(
                 "a local checkpoint directory, or a model id such as org/name"
             )
         base = read_base_model(path) if path.is_dir() else BaseModel(base_model)
-    repo = Repository.init(Path(directory), base)
+    repo = Repository.init(Path(directory), base, shared=perm)
     if install_hooks:
-        hooks.install_samples(repo.git_dir)
+        hooks.install_samples(repo.git_dir, perm)
     return repo
 
 
@@ -1060,7 +1091,7 @@ def _write_record(repo: Repository, record: dict[str, Any]) -> None:
     """Write the work-tree record; one that cannot be written is removed, never left stale."""
     path = repo.git_dir / WORKTREE_RECORD
     try:
-        _write_atomic(path, json.dumps(record).encode())
+        _write_atomic(path, json.dumps(record).encode(), shared=repo.shared_perm)
     except OSError:  # a full disk, say: the next status hashes, and no base is claimed
         with suppress(OSError):
             path.unlink(missing_ok=True)
@@ -1480,7 +1511,8 @@ def _work_temporaries(repo: Repository) -> Path | None:
         same = os.stat(repo.git_dir).st_dev == os.stat(repo.work_tree).st_dev
     except OSError:
         return None
-    return repo.git_dir if same else None
+    # A user who may write the work tree but not `.mint/` (another's repository) writes beside.
+    return repo.git_dir if same and os.access(repo.git_dir, os.W_OK) else None
 
 
 def _refuse_symlinked_parent(work: Path, path: str) -> None:
@@ -1555,7 +1587,9 @@ def _write_weights(
     if fd >= 0:
         try:
             st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size == len(data) and st.st_nlink == 1:
+            # Only a file of our own: dating another user's back is refused (only its owner may).
+            mine = st.st_uid == os.geteuid()
+            if mine and stat.S_ISREG(st.st_mode) and st.st_size == len(data) and st.st_nlink == 1:
                 view = memoryview(data)
                 done = 0
                 while done < len(view):

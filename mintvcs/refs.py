@@ -17,10 +17,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mintvcs.errors import MintError, cannot_read
+from mintvcs.filemodes import adjust_fd, make_dirs
 from mintvcs.ids import is_object_id
+
+if TYPE_CHECKING:
+    from dulwich.file import SharedPerm
 
 ZERO = "0" * 40
 HEAD = "HEAD"
@@ -549,11 +553,14 @@ class _Appended:
 class RefStore:
     """git's files ref backend over a git directory: loose refs, packed-refs, reflogs."""
 
-    def __init__(self, git_dir: Path) -> None:
+    def __init__(self, git_dir: Path, shared_perm: SharedPerm | None = None) -> None:
         self.git_dir = Path(git_dir)
         self._dir = os.fspath(git_dir)
         self._packed_path = os.path.join(self._dir, "packed-refs")
         self._snap: _Packed | None = None
+        # core.sharedRepository, for the modes of the files and directories written here
+        # (Repository.open sets it from the config it reads).
+        self.shared_perm = shared_perm
 
     def close(self) -> None:
         """Release the packed-refs mapping."""
@@ -705,12 +712,12 @@ class RefStore:
         retries = 2
         while True:
             try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                make_dirs(os.path.dirname(path), self.shared_perm)
             except (NotADirectoryError, FileExistsError):
                 # A loose ref sits where this name needs a directory.
                 raise RefNameConflictError(name, self._file_ancestor(name) or name) from None
             try:
-                fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                fd = self._create(path + ".lock")
             except FileExistsError:
                 raise RefConflictError(name, expected, None, detail=_held_elsewhere(path)) from None
             except FileNotFoundError:
@@ -729,7 +736,7 @@ class RefStore:
         delay = 0.001
         while True:
             try:
-                fd = os.open(path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                fd = self._create(path + ".lock")
                 return _Lock(path, fd)
             except FileExistsError:
                 if time.monotonic() > deadline:
@@ -744,6 +751,19 @@ class RefStore:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
+
+    def _create(self, path: str) -> int:
+        """Create `path` exclusively for writing, as git creates its lock files: 0666 less the
+        umask, then core.sharedRepository's mode."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            adjust_fd(fd, self.shared_perm)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return fd
 
     def _file_ancestor(self, name: str) -> str | None:
         parts = name.split("/")
@@ -790,10 +810,11 @@ class RefStore:
     ) -> _Appended:
         data = _log_line(old, new, identity, ts, tz, message)
         path = os.path.join(self._dir, "logs", name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_dirs(os.path.dirname(path), self.shared_perm)
         # One O_APPEND write per entry: concurrent appenders never interleave within a line.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
         try:
+            adjust_fd(fd, self.shared_perm)
             start = os.fstat(fd).st_size
             os.write(fd, data)
         finally:
@@ -1070,7 +1091,7 @@ class RefStore:
         try:
             # HEADs first, the order update() takes them in (HEAD, then the branch it names).
             heads: list[tuple[RefStore, _Lock]] = []
-            for store in (self, *(RefStore(Path(w)) for w in worktrees)):
+            for store in (self, *(RefStore(Path(w), self.shared_perm) for w in worktrees)):
                 if store.read_symbolic(HEAD) == old:
                     lock = store._lock(HEAD)
                     locks.append(lock)
@@ -1221,8 +1242,8 @@ class RefStore:
         path = os.path.join(logs, name)
         # A name with a '.'-led component is no ref's, so neither git nor mintvcs reads it as a log.
         tmp = os.path.join(logs, "refs", f".tmp-renamed-log.{os.getpid()}.{os.urandom(4).hex()}")
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        make_dirs(os.path.dirname(tmp), self.shared_perm)
+        fd = self._create(tmp)
         with open(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -1237,7 +1258,7 @@ class RefStore:
             if os.path.isdir(path):
                 for root, _dirs, _files in os.walk(path, topdown=False):
                     os.rmdir(root)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_dirs(os.path.dirname(path), self.shared_perm)
             os.rename(tmp, path)
         except BaseException:
             if not dropped:  # else the history is only there now: leave it, as git leaves its

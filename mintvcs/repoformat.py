@@ -7,18 +7,29 @@ the rule), except the ones that only exist with version 1. mintvcs builds its ow
 object stores, so it checks this itself, once, when a repository is opened: a repository it
 cannot honour (SHA-256 objects, reftable refs, an extension it does not know) is refused
 before anything is read or written. `mint.formatVersion` is mintvcs's own repository format
-(docs/format.md, Versions).
+(docs/format.md, Versions). `core.sharedRepository`, the modes of what is written into the
+repository, is read here too, once (mintvcs.filemodes applies it).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mintvcs.errors import MintError
 
-__all__ = ["MINT_FORMAT_VERSION", "RepositoryFormat", "UnsupportedRepositoryError", "read_format"]
+if TYPE_CHECKING:
+    from dulwich.file import SharedPerm
+
+__all__ = [
+    "MINT_FORMAT_VERSION",
+    "RepositoryFormat",
+    "UnsupportedRepositoryError",
+    "parse_shared",
+    "read_format",
+    "shared_setting",
+]
 
 MINT_FORMAT_VERSION = 1
 """The mintvcs repository format this version reads and writes (`mint.formatVersion`)."""
@@ -33,6 +44,7 @@ _NAMES = {name.lower(): name for name in (*_ANY_VERSION, *_V1_ONLY)}
 # git reads integers with C's strtol (base 0: 0x.. hex, 0.. octal) and a k/m/g unit.
 _GIT_INT = re.compile(r"\s*([-+]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgG]?)")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_OCTAL = re.compile(r"[0-7]+")
 _TRUE = frozenset({"true", "yes", "on"})
 _FALSE = frozenset({"false", "no", "off", ""})
 
@@ -50,6 +62,7 @@ class RepositoryFormat:
     version: int = 0
     precious_objects: bool = False  # other repositories may borrow its objects: never delete any
     worktree_config: bool = False  # `config.worktree` is read over `config`
+    shared: SharedPerm | None = None  # core.sharedRepository: None leaves modes to the umask
 
 
 def _git_int(text: str) -> int | None:
@@ -71,6 +84,58 @@ def _git_bool(text: str) -> bool | None:
         return False
     number = _git_int(text)
     return None if number is None else number != 0
+
+
+def parse_shared(value: str | None) -> SharedPerm | None:
+    """core.sharedRepository (or `init --shared`; None: the key or option without a value)
+    read as git reads it (git_config_perm): None for the umask alone; ValueError with the
+    reason for what git refuses.
+
+    Not dulwich's parse_shared_repository, which takes `Group` and `yes` otherwise than git,
+    accepts a mode that takes the owner's read or write away, and keeps an octal mode's
+    execute bits, which would make every object file executable (git drops them).
+    """
+    from dulwich.file import PERM_EVERYBODY, PERM_GROUP, SharedPerm
+
+    if value is None:
+        return PERM_GROUP
+    if value == "umask":
+        return None
+    if value == "group":
+        return PERM_GROUP
+    if value in ("all", "world", "everybody"):
+        return PERM_EVERYBODY
+    if not _OCTAL.fullmatch(value):
+        flag = _git_bool(value)
+        if flag is None:
+            raise ValueError(
+                f"{value!r} is none of umask, group, all (world, everybody), an octal mode "
+                "such as 0660, or a boolean"
+            )
+        return PERM_GROUP if flag else None
+    mode = int(value, 8)
+    if mode in (0, 1, 2):  # git's older spellings of umask, group and all
+        return (None, PERM_GROUP, PERM_EVERYBODY)[mode]
+    if mode & 0o600 != 0o600:
+        raise ValueError(
+            f"{value!r}: the owner of files must always have read and write permissions"
+        )
+    # Execute bits go: directories get them from the read bits, files never.
+    return SharedPerm(tweak=mode & 0o666, replace=True)
+
+
+def shared_setting(perm: SharedPerm | None) -> str | None:
+    """core.sharedRepository as `git init --shared` writes it (`1`, `2` or `0660`, readable by
+    older gits), or None for the umask alone (nothing is written)."""
+    from dulwich.file import PERM_EVERYBODY, PERM_GROUP
+
+    if perm is None:
+        return None
+    if perm == PERM_GROUP:
+        return "1"
+    if perm == PERM_EVERYBODY:
+        return "2"
+    return f"0{perm.tweak:o}"
 
 
 def _extensions(config: Any) -> dict[str, tuple[str, str]]:
@@ -160,8 +225,16 @@ def read_format(config: Any, where: str) -> RepositoryFormat:
                 "object format's ids that it asks for (nor does this git); remove it"
             )
     _check_mint_version(config, where)
+    try:
+        shared = parse_shared(config.get((b"core",), b"sharedRepository").decode(errors="replace"))
+    except KeyError:
+        shared = None
+    except ValueError as err:
+        raise refuse(
+            f"core.sharedRepository = {err} (git refuses it too); fix or remove it"
+        ) from None
     return RepositoryFormat(
-        version, flags.get("preciousObjects", False), flags.get("worktreeConfig", False)
+        version, flags.get("preciousObjects", False), flags.get("worktreeConfig", False), shared
     )
 
 

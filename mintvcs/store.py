@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import cached_property, wraps
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -29,6 +30,7 @@ from mintvcs.adapter import GIT_DIR, AdapterFiles, open_small_file, read_pattern
 from mintvcs.base import BaseModel
 from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError, cannot_read
+from mintvcs.filemodes import make_dir, not_writable, write_file
 from mintvcs.ids import is_object_id
 from mintvcs.objects import (
     CONFIG_PATH,
@@ -42,6 +44,7 @@ from mintvcs.objects import (
     TensorRecord,
 )
 from mintvcs.packs import (
+    ADDING_OBJECTS,
     META_ZLIB_LEVEL,
     OBJECT_TYPE_NUMBERS,
     TENSOR_ZLIB_LEVEL,
@@ -57,12 +60,13 @@ from mintvcs.packs import (
     zlib_tensor,
 )
 from mintvcs.refs import InvalidRefNameError, RefStore
-from mintvcs.repoformat import MINT_FORMAT_VERSION, RepositoryFormat, read_format
+from mintvcs.repoformat import MINT_FORMAT_VERSION, RepositoryFormat, read_format, shared_setting
 from mintvcs.safetensors_file import MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+    from dulwich.file import SharedPerm
     from dulwich.object_store import DiskObjectStore
     from dulwich.objects import Commit, ShaFile, Tree
 
@@ -440,34 +444,52 @@ class Repository:
     # ----------------------------------------------------------------- opening
     @classmethod
     def init(
-        cls, work_tree: Path, base: BaseModel | None = None, *, default_branch: str = DEFAULT_BRANCH
+        cls,
+        work_tree: Path,
+        base: BaseModel | None = None,
+        *,
+        default_branch: str = DEFAULT_BRANCH,
+        shared: SharedPerm | None = None,
     ) -> Repository:
-        """Create `.mint/` in `work_tree` as a git directory whose HEAD is `default_branch`."""
+        """Create `.mint/` in `work_tree` as a git directory whose HEAD is `default_branch`;
+        `shared` is its core.sharedRepository (repoformat.parse_shared), set as `git init
+        --shared` sets it."""
         from dulwich.repo import Repo
 
         work_tree = Path(work_tree)
         work_tree.mkdir(parents=True, exist_ok=True)
         git_dir = work_tree / GIT_DIR
-        if git_dir.exists():
+        if git_dir.exists() or not make_dir(git_dir, shared):
             raise MintError(f"{git_dir} already exists: this is a mintvcs repository already")
-        git_dir.mkdir()
-        repo = Repo.init_bare(str(git_dir), default_branch=default_branch.encode())
+        setting = shared_setting(shared)
+        repo = Repo.init_bare(
+            str(git_dir), default_branch=default_branch.encode(), shared_repository=setting
+        )
         config = repo.get_config()
         # Tensor blobs are zstd already; zlib on top only burns time (and git's delta search is useless on them).
         config.set(b"core", b"compression", b"0")
         config.set(b"core", b"looseCompression", b"0")
         config.set(b"pack", b"compression", b"0")
         config.set(b"core", b"logAllRefUpdates", b"true")
+        if setting is not None:
+            config.set(b"receive", b"denyNonFastforwards", b"true")  # as `git init --shared`
         config.set(b"mint", b"formatVersion", str(MINT_FORMAT_VERSION).encode())
-        config.write_to_path()
+        text = BytesIO()
+        config.write_to_file(text)
         repo.close()
-        (git_dir / "info").mkdir(exist_ok=True)
-        (git_dir / "info" / "attributes").write_text(f"{TENSORS_DIR}/** -delta\n")
-        (git_dir / "info" / "exclude").write_text(EXCLUDE_SAMPLE)
-        (git_dir / "description").write_text("mintvcs adapter repository\n")
+        # dulwich's files are 0644 whatever the umask: each is written again as git writes it.
+        write_file(git_dir / "config", text.getvalue(), shared)
+        write_file(git_dir / "HEAD", f"ref: refs/heads/{default_branch}\n".encode(), shared)
+        make_dir(git_dir / "info", shared)
+        write_file(git_dir / "info" / "attributes", f"{TENSORS_DIR}/** -delta\n".encode(), shared)
+        write_file(git_dir / "info" / "exclude", EXCLUDE_SAMPLE.encode(), shared)
+        write_file(git_dir / "description", b"mintvcs adapter repository\n", shared)
         if base is not None:
-            (git_dir / BASE_FILE).write_text(json.dumps(base.to_json(), indent=1) + "\n")
-        return cls(git_dir, work_tree)
+            data = json.dumps(base.to_json(), indent=1) + "\n"
+            write_file(git_dir / BASE_FILE, data.encode(), shared)
+        found = cls(git_dir, work_tree)
+        found.refs.shared_perm = shared
+        return found
 
     @classmethod
     def open(cls, path: str | os.PathLike[str] = ".") -> Repository:
@@ -493,10 +515,17 @@ class Repository:
             # (loose reads do not). A missing one is left to whoever needs it, as before.
             if (found.git_dir / "config").exists():
                 found.config  # noqa: B018
+                found.refs.shared_perm = found.repo_format.shared
             return found
         raise NotARepositoryError(
             f"not a mintvcs repository (or any parent up to /): {start}; run 'mintvcs init'"
         )
+
+    @property
+    def shared_perm(self) -> SharedPerm | None:
+        """core.sharedRepository as read when the repository was opened: what is written into
+        `.mint/` gets its modes (mintvcs.filemodes); None leaves them to the umask."""
+        return self.refs.shared_perm
 
     @cached_property
     def objects(self) -> DiskObjectStore:
@@ -882,7 +911,9 @@ class Repository:
         try:
             os.utime(path)  # already there: a fresh mtime keeps gc's grace period from pruning it
             return oid
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
+            # Missing; or another user's (read-only) file, whose date only its owner may set:
+            # then it is written again, as git does, and renamed over that one (same content).
             pass
         if level == 0 and prefix:
             body = zlib_tensor([memoryview(head), *views], len(head) + prefix)
@@ -898,15 +929,21 @@ class Repository:
                 for start in range(0, part.nbytes, _DEFLATE_STEP)
             ]
             body.append(deflate.flush())
+        shared = self.shared_perm
         for attempt in range(3):
-            directory.mkdir(exist_ok=True)
             try:
-                place_file(directory, path, body)
+                make_dir(directory, shared)
+            except PermissionError as err:
+                raise not_writable(err, directory.parent, ADDING_OBJECTS) from None
+            try:
+                place_file(directory, path, body, shared)
                 break
             except FileNotFoundError:
                 # git prune removes empty fan-out directories: make it again, as git's writer does.
                 if attempt == 2:
                     raise
+            except PermissionError as err:
+                raise not_writable(err, directory, ADDING_OBJECTS) from None
         self._count_written()
         return oid
 
@@ -931,7 +968,8 @@ class Repository:
         touch its loose file, or write a loose copy of a packed one. gc keeps an unreachable
         object an hour past that, so a commit reusing an old abandoned object cannot lose it
         to a running gc."""
-        with suppress(FileNotFoundError):
+        # Another user's loose file, which only its owner may date, is written again (write_object).
+        with suppress(FileNotFoundError, PermissionError):
             os.utime(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}")
             return
         obj = self.get_object(oid)

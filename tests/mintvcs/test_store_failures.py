@@ -147,11 +147,11 @@ def test_a_fan_out_directory_pruned_under_the_writer_is_made_again(
     real = store.place_file
     pruned: list[Path] = []
 
-    def pruned_first(directory: Path, path: Path, pieces: list[object]) -> None:
+    def pruned_first(directory: Path, path: Path, pieces: list[object], shared: object) -> None:
         if not pruned:
             directory.rmdir()  # as git prune does, at the worst moment
             pruned.append(directory)
-        real(directory, path, pieces)
+        real(directory, path, pieces, shared)  # type: ignore[arg-type]
 
     monkeypatch.setattr(store, "place_file", pruned_first)
     oid = repo.add_blob(b"written once the directory is back\n")

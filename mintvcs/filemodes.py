@@ -1,0 +1,136 @@
+"""The modes of what mintvcs creates, as git gives them: the process umask first, then, inside
+`.mint/`, core.sharedRepository (git's adjust_shared_perm, as dulwich implements it).
+
+git creates a file as 0666 (0777 executable, 0444 an object or pack) less the umask, and a
+directory as 0777 less the umask; with core.sharedRepository it then widens what is in
+`.mint/` for the group (`group`), for everybody to read (`all`), or sets it outright (an
+octal `0660`: other users lose every bit), and directories get the setgid bit so that files
+created in them belong to the repository's group. Users sharing a repository can then write
+each other's files' directories, whatever their own umask.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dulwich.file import SharedPerm
+
+__all__ = [
+    "adjust_fd",
+    "file_mode",
+    "make_dir",
+    "make_dirs",
+    "not_writable",
+    "umask",
+    "write_file",
+]
+
+
+@functools.cache
+def umask() -> int:
+    """The process umask, read once.
+
+    os.umask can only read it by setting it, and threads creating files meanwhile would get
+    the stand-in value: Linux tells it in /proc/self/status; elsewhere it is set and put back
+    once, at the first file mintvcs creates.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(base: int, shared: SharedPerm | None = None) -> int:
+    """The mode git gives a file it creates as `base` (0o666; 0o777 executable; 0o444 an
+    object, pack or index): the umask's bits off, then core.sharedRepository's rule."""
+    mode = base & ~umask()
+    if shared is None:
+        return mode
+    from dulwich.file import calc_shared_perm
+
+    return calc_shared_perm(mode, shared)
+
+
+def adjust_fd(fd: int, shared: SharedPerm | None) -> None:
+    """Give a file opened with O_CREAT the mode core.sharedRepository asks for, as git's
+    adjust_shared_perm does after it creates one; nothing without the setting. Another
+    user's file (a reflog that was there) is left as it is: only its owner may chmod it."""
+    if shared is None:
+        return
+    from dulwich.file import calc_shared_perm
+
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    wanted = calc_shared_perm(mode, shared)
+    if wanted != mode and st.st_uid == os.geteuid():
+        os.fchmod(fd, wanted)
+
+
+def make_dir(path: str | os.PathLike[str], shared: SharedPerm | None) -> bool:
+    """mkdir (0o777 less the umask), then core.sharedRepository's mode and setgid bit; True
+    when this call made it, False when a directory was there (a file there raises)."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return False
+    if shared is not None:
+        from dulwich.file import adjust_shared_perm
+
+        adjust_shared_perm(path, shared)
+    return True
+
+
+def make_dirs(path: str | os.PathLike[str], shared: SharedPerm | None) -> None:
+    """os.makedirs(path, exist_ok=True), each directory it makes given core.sharedRepository's
+    mode as git's safe_create_leading_directories does (a file in the way raises as there)."""
+    if shared is None:
+        os.makedirs(path, exist_ok=True)
+        return
+    missing = []
+    folder = os.fspath(path)
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent in ("", folder):  # the top of a relative path, or the root
+            break
+        folder = parent
+    for folder in reversed(missing):
+        make_dir(folder, shared)
+
+
+def write_file(path: Path, data: bytes, shared: SharedPerm | None, base: int = 0o666) -> None:
+    """Replace `path` by a file holding `data`, as git writes its own files (config,
+    description): mode `base` less the umask and as core.sharedRepository says, written aside
+    and renamed into place, so another user's file there is replaced, not rewritten."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        with open(fd, "wb") as handle:
+            os.fchmod(fd, file_mode(base, shared))
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def not_writable(err: PermissionError, directory: str | os.PathLike[str], what: str) -> OSError:
+    """`err`, raised creating a temporary in `directory`, as git words it: the directory the
+    user may not write is named, not the temporary that was never made."""
+    return PermissionError(
+        err.errno or errno.EACCES, f"insufficient permission for {what}", os.fspath(directory)
+    )
