@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from mintvcs.errors import MintError
+from mintvcs.serve.log_repeats import ALWAYS
 
 log = logging.getLogger("mintvcs.serve")
 
@@ -99,7 +100,10 @@ class ApiKeys:
                 self._candidate = None
                 if problem != self._problem:
                     log.warning(
-                        "%s; keeping the %d token(s) read before", problem, len(self._tokens)
+                        "%s; keeping the %d token(s) read before",
+                        problem,
+                        len(self._tokens),
+                        extra=ALWAYS,  # a change of state: broken, fixed, broken again is told
                     )
                     self._problem = problem
             elif tokens == self._tokens:

@@ -36,7 +36,7 @@ from mintvcs.serve.http_metrics import (
     Histogram,
     Registry,
 )
-from mintvcs.serve.log_repeats import RepeatFilter
+from mintvcs.serve.log_repeats import ALWAYS, RepeatFilter
 from mintvcs.serve.refwatch import (
     InvalidRefSpec,
     RefMove,
@@ -222,9 +222,14 @@ class ServerState:
                 "%s; requests for its revisions get 503 until it is back (the base alone is "
                 "still served)",
                 problem,
+                extra=ALWAYS,
             )
         elif problem is None and self.repo_problem is not None:
-            log.warning("the repository %s is back; serving its revisions again", self.repo.git_dir)
+            log.warning(
+                "the repository %s is back; serving its revisions again",
+                self.repo.git_dir,
+                extra=ALWAYS,
+            )
         self.repo_problem = problem
 
     def check_repository(self) -> str | None:
@@ -1098,7 +1103,11 @@ async def start_server(
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
+    try:
+        await site.start()
+    except BaseException:  # the port taken, say: the app's contexts (the engine, the log's
+        await runner.cleanup()  # repeat filter) are undone, not left in the process
+        raise
     host, port = runner.addresses[0][:2]
     shown = f"[{host}]" if ":" in str(host) else host
     return RunningServer(f"http://{shown}:{port}", app, runner)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from mintvcs.serve.log_repeats import RepeatFilter
+from mintvcs.serve.app import BackgroundServer, ServerConfig
+from mintvcs.serve.log_repeats import ALWAYS, RepeatFilter
+from mintvcs.store import Repository
 
 
 class _Lines(logging.Handler):
@@ -17,7 +22,10 @@ class _Lines(logging.Handler):
         self.lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        try:
+            self.lines.append(record.getMessage())
+        except Exception:
+            self.handleError(record)  # as logging's own handlers do
 
 
 @pytest.fixture
@@ -87,3 +95,57 @@ def test_what_it_remembers_is_bounded(logged: tuple[logging.Logger, list[str]]) 
     logger.warning("failure %d", 0)  # forgotten: logged again
     logger.warning("failure %d", 1024)  # remembered: held back
     assert len(lines) == 1026 and lines[-1] == "failure 0"
+
+
+def test_a_change_of_state_is_never_held_back(logged: tuple[logging.Logger, list[str]]) -> None:
+    # Gone, back, gone again within the interval: the log must not end on "back".
+    logger, lines = logged
+    for _ in range(2):
+        logger.warning("the repository is gone", extra=ALWAYS)
+        logger.warning("the repository is back", extra=ALWAYS)
+    assert lines == ["the repository is gone", "the repository is back"] * 2
+
+
+def test_threads_logging_at_once_never_make_a_log_call_raise(
+    logged: tuple[logging.Logger, list[str]],
+) -> None:
+    # The engine's thread and the event loop both log; past the bound, two threads evicted the
+    # same oldest key and the second's KeyError came out of log.warning().
+    logger, lines = logged
+    errors: list[BaseException] = []
+
+    def spam(thread: int) -> None:
+        try:
+            for n in range(3000):
+                logger.warning("warning %d of thread %d", n, thread)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=spam, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(lines) == 12000
+
+
+def test_a_bad_format_call_is_left_to_logging_to_report() -> None:
+    # Formatting it in the filter raised out of the log call, where logging's handlers print
+    # "--- Logging error ---" and the caller goes on.
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "%d tokens", ("x",), None)
+    assert RepeatFilter().filter(record)
+
+
+def test_a_server_that_cannot_start_leaves_no_filter_on_the_log(
+    repo: Repository, tiny_base: Path
+) -> None:
+    # The port taken: the app's contexts had run and nothing undid them, so the process's
+    # "mintvcs.serve" log kept holding back repeats for whatever ran in it next.
+    serve_log = logging.getLogger("mintvcs.serve")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=taken.getsockname()[1])
+        with pytest.raises(OSError):
+            BackgroundServer(config).start()
+    assert not [f for f in serve_log.filters if isinstance(f, RepeatFilter)]
