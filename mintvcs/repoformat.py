@@ -44,7 +44,8 @@ _NAMES = {name.lower(): name for name in (*_ANY_VERSION, *_V1_ONLY)}
 # git reads integers with C's strtol (base 0: 0x.. hex, 0.. octal) and a k/m/g unit.
 _GIT_INT = re.compile(r"\s*([-+]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgG]?)")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_OCTAL = re.compile(r"[0-7]+")
+# What C's strtol(value, &end, 8) reads whole: blanks, a sign, octal digits (git's parse).
+_OCTAL = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-7]+)")
 _TRUE = frozenset({"true", "yes", "on"})
 _FALSE = frozenset({"false", "no", "off", ""})
 
@@ -105,7 +106,8 @@ def parse_shared(value: str | None) -> SharedPerm | None:
         return PERM_GROUP
     if value in ("all", "world", "everybody"):
         return PERM_EVERYBODY
-    if not _OCTAL.fullmatch(value):
+    octal = _OCTAL.fullmatch(value)
+    if octal is None:
         flag = _git_bool(value)
         if flag is None:
             raise ValueError(
@@ -113,14 +115,15 @@ def parse_shared(value: str | None) -> SharedPerm | None:
                 "such as 0660, or a boolean"
             )
         return PERM_GROUP if flag else None
-    mode = int(value, 8)
+    mode = int(octal[1], 8)
     if mode in (0, 1, 2):  # git's older spellings of umask, group and all
         return (None, PERM_GROUP, PERM_EVERYBODY)[mode]
     if mode & 0o600 != 0o600:
         raise ValueError(
             f"{value!r}: the owner of files must always have read and write permissions"
         )
-    # Execute bits go: directories get them from the read bits, files never.
+    # Execute bits go: directories get them from the read bits, files never. (A negative
+    # value that passes the check above is masked as git masks it, in two's complement.)
     return SharedPerm(tweak=mode & 0o666, replace=True)
 
 
@@ -231,7 +234,8 @@ def read_format(config: Any, where: str) -> RepositoryFormat:
         shared = None
     except ValueError as err:
         raise refuse(
-            f"core.sharedRepository = {err} (git refuses it too); fix or remove it"
+            f"core.sharedRepository = {err} (git refuses it in every command that writes); "
+            "fix or remove it"
         ) from None
     return RepositoryFormat(
         version, flags.get("preciousObjects", False), flags.get("worktreeConfig", False), shared

@@ -256,6 +256,13 @@ def test_a_group_shares_a_repository_by_core_shared_repository(users: Users, sha
         "0400",
         "bogus",
         "Group",
+        # git reads an octal value with strtol: blanks and a sign first.
+        "+0660",
+        "\t0640",
+        " 0660",
+        "-0660",
+        "-0100",
+        "+2",
     ],
 )
 def test_shared_values_read_as_gits(tmp_path: Path, value: str) -> None:
