@@ -692,6 +692,7 @@ def status(as_json: bool) -> None:
                 "changes": [{"status": k, "path": p} for k, p in state.changes],
                 "error": state.error,
                 "base": state.base,
+                "mixed": list(state.mixed) if state.mixed is not None else None,
             }
         )
         return
@@ -710,6 +711,9 @@ def status(as_json: bool) -> None:
         if state.base is not None and state.head is not None:
             behind = porcelain.stale_hint(state.base, state.head, state.branch)
             click.echo(f"\nNote: {behind}.")
+        elif state.mixed is not None and state.head is not None:
+            mixed = porcelain.mixed_hint(state.mixed, state.head, state.branch)
+            click.echo(f"\nNote: {mixed}.")
         click.echo("\nChanges not committed:")
         for kind, path in state.changes:
             color = {"added": "green", "removed": "red"}.get(kind, "yellow")

@@ -224,19 +224,28 @@ def _write_atomic(
     mtime_ns: int | None = None,
     temp_dir: Path | None = None,
     shared: SharedPerm | None = None,
+    changes: _WorkTreeChanges | None = None,
 ) -> None:
     """Write a file so that a crash leaves the old or the new content, never a torn one.
 
     The temporary is made in `temp_dir` (on the same file system) when given, else beside `path`.
     Its mode is git's for a file it checks out, 0666 (0777 `executable`) less the umask; a file
-    of `.mint/` gets core.sharedRepository's (`shared`) too.
+    of `.mint/` gets core.sharedRepository's (`shared`) too. The rename into place is one of
+    a checkout's `changes`. An error names `path`, never the temporary.
     """
     _make_parents(path)
     # The temporary name adds 14 bytes to the file's: a name near the limit (255 bytes, which
     # a stored path may use) takes a short one.
     stem = path.name if len(path.name.encode("utf-8", "surrogatepass")) <= 200 else "long-name"
     folder = path.parent if temp_dir is None else temp_dir
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".tmp")
+    except OSError as err:
+        if temp_dir is not None:  # `.mint/` refused it (another user's): beside the file, then
+            _write_atomic(path, data, executable, mtime_ns, shared=shared, changes=changes)
+            return
+        # A read-only work tree or `.mint/`: the file is named, not a temporary never made.
+        raise OSError(err.errno, err.strerror, os.fspath(path)) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -245,13 +254,14 @@ def _write_atomic(
             if mtime_ns is not None:
                 os.utime(fd, ns=(time.time_ns(), mtime_ns))
         try:
-            os.replace(tmp, path)
+            with changes.change() if changes is not None else nullcontext():
+                os.replace(tmp, path)
         except OSError as err:
             if err.errno == errno.EXDEV and temp_dir is not None:
                 # A mount inside the work tree, or a bind-mounted git directory: one device
                 # number, but no rename across. Written again beside the file.
                 Path(tmp).unlink(missing_ok=True)
-                _write_atomic(path, data, executable, mtime_ns, shared=shared)
+                _write_atomic(path, data, executable, mtime_ns, shared=shared, changes=changes)
                 return
             # Name the file that could not be written (a read-only work tree), not the temporary.
             raise OSError(err.errno, err.strerror, os.fspath(path)) from None
@@ -415,15 +425,12 @@ def commit(
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
     if of_work_tree and target in ("HEAD", repo.refs.read_symbolic("HEAD")):
-        base = _held_instead(repo, parent)
-        if base is not None:
-            assert parent is not None
-            # git's index would commit the old files as they are, undoing what moved the
-            # branch (a trainer's `commit --from`); mintvcs knows the base, so it refuses.
-            raise StaleWorkTreeError(
-                stale_hint(base, parent, branch_ref and branch_ref.removeprefix("refs/heads/"))
-                + "; nothing was committed"
-            )
+        # git's index would commit the old files as they are, undoing what moved the branch
+        # (a trainer's `commit --from`); mintvcs knows the base, so it refuses. Likewise the
+        # mix a failed checkout left: some of its files may be an older revision's.
+        hint = work_tree_hint(repo, parent, branch_ref and branch_ref.removeprefix("refs/heads/"))
+        if hint is not None:
+            raise StaleWorkTreeError(hint + "; nothing was committed")
     parent_rev = _read_revision(repo, parent, show_progress) if parent else None
     # This commit's objects only: other threads may commit through `repo` meanwhile.
     written = WriteCount()
@@ -542,7 +549,10 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
     # A file of this commit's own (the hook gets its path, as git's gets COMMIT_EDITMSG's):
     # git serializes commits under index.lock, we do not, and two trainers committing at once
     # through one shared file took each other's messages.
-    fd, name = tempfile.mkstemp(prefix="COMMIT_EDITMSG.", dir=repo.git_dir)
+    try:
+        fd, name = tempfile.mkstemp(prefix="COMMIT_EDITMSG.", dir=repo.git_dir)
+    except OSError as err:  # the directory is named, not a temporary never made
+        raise OSError(err.errno, err.strerror, os.fspath(repo.git_dir)) from None
     path = Path(name)
     try:
         with os.fdopen(fd, "w") as f:
@@ -874,6 +884,9 @@ class Status:
     # The revision the work tree was made to hold, when HEAD has moved since (a `commit --from`
     # onto its branch, a reset by git): its changes are that revision's, not the user's.
     base: str | None = None
+    # The revisions a checkout (or reset --hard) that stopped part-way, and could not write the
+    # old revision back, left the work tree holding files of, when one is not HEAD.
+    mixed: tuple[str, ...] | None = None
 
     @property
     def clean(self) -> bool:
@@ -885,8 +898,25 @@ class Status:
 def status(repo: Repository) -> Status:
     """Compare the work tree with HEAD by content hash (the weights by stat when recorded clean)."""
     state = _status(repo)[0]
-    base = _held_instead(repo, state.head)
-    return state if state.clean or base is None else replace(state, base=base)
+    if state.clean:
+        return state
+    mixed = _mixed_instead(repo, state.head)
+    return replace(
+        state, base=_held_instead(repo, state.head), mixed=tuple(mixed) if mixed else None
+    )
+
+
+def mixed_hint(mixes: Sequence[str], head: str, branch: str | None) -> str:
+    """What to do about a work tree a failed checkout (or reset --hard) left holding files of
+    each of `mixes`, while HEAD (`branch`) is at `head`."""
+    name = branch or "HEAD"
+    held = " and ".join(m[:7] for m in mixes)
+    return (
+        f"a checkout (or reset --hard) stopped part-way and could not write the old revision "
+        f"back: the work tree holds files of {held}, and {name} is at {head[:7]}: `mintvcs "
+        f"checkout --force {branch or head[:7]}` takes {head[:7]} (discarding what differs), "
+        f"`mintvcs reset --soft {branch or head[:7]}` keeps the work tree's files as changes to it"
+    )
 
 
 def stale_hint(base: str, head: str, branch: str | None) -> str:
@@ -1029,6 +1059,9 @@ def _file_changes(
 # later write gives the file a newer mtime, even within the same clock tick (git's "racily
 # clean" rule). Checkout makes its own writes trustworthy at once by dating the files' mtimes
 # back by _RACY_NS * 2 before it renames them into place.
+# While a checkout (or reset --hard) changes the work tree, the record claims no base and lists
+# the revisions whose files the work tree may hold ("mixes"): where the checkout dies, or fails
+# and cannot write the old revision back, that stays (see _WorkTreeChanges).
 WORKTREE_RECORD = "mint-worktree.json"
 _RACY_NS = 100_000_000
 
@@ -1112,11 +1145,114 @@ def work_tree_base(repo: Repository) -> str | None:
     return commit if is_object_id(commit) else None
 
 
+def work_tree_mix(repo: Repository) -> list[str]:
+    """The revisions whose files the work tree holds a mix of, where a checkout or reset --hard
+    stopped part-way and could not write the old revision back; [] where none did."""
+    try:
+        mixes = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())["mixes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [m for m in mixes if is_object_id(m)] if isinstance(mixes, list) else []
+
+
+def _held_revisions(repo: Repository) -> list[str]:
+    """The revisions whose files the work tree holds, as its record says: its base, or those a
+    checkout left a mix of; [] where no record says."""
+    base = work_tree_base(repo)
+    return [base] if base is not None else work_tree_mix(repo)
+
+
 def _held_instead(repo: Repository, head: str | None) -> str | None:
     """The revision the work tree holds when it is not `head` (its branch moved under it),
     else None."""
     base = work_tree_base(repo)
     return base if base is not None and head is not None and base != head else None
+
+
+def _mixed_instead(repo: Repository, head: str | None) -> list[str] | None:
+    """The revisions a checkout left the work tree a mix of, when one of them is not `head`."""
+    mixes = work_tree_mix(repo)
+    return mixes if head is not None and any(m != head for m in mixes) else None
+
+
+def work_tree_hint(repo: Repository, head: str | None, branch: str | None) -> str | None:
+    """Why the work tree's files are not changes to `head` (its branch moved under it, or a
+    failed checkout left a mix), and what to do; None when they are."""
+    base = _held_instead(repo, head)
+    if base is not None:
+        assert head is not None
+        return stale_hint(base, head, branch)
+    mixes = _mixed_instead(repo, head)
+    if mixes is not None:
+        assert head is not None
+        return mixed_hint(mixes, head, branch)
+    return None
+
+
+class _WorkTreeChanges:
+    """A checkout's changes to the work tree, and its record around them.
+
+    Before the first change the record is replaced by one that claims no base and lists the
+    revisions whose files the work tree may then hold: a checkout killed or failing part-way
+    leaves no record naming a base the work tree no longer holds, yet a plain commit of the
+    mix is still refused (it would put an older revision's files on top of HEAD). Where the
+    write fails before anything changed (a read-only work tree), the record is put back as it
+    was, so a work tree left behind by a `commit --from` is still known to be.
+    """
+
+    def __init__(self, repo: Repository, mixes: list[str]) -> None:
+        self.repo = repo
+        self.path = repo.git_dir / WORKTREE_RECORD
+        try:
+            self.original: bytes | None = self.path.read_bytes()
+        except OSError:
+            self.original = None
+        mixed: dict[str, Any] = {
+            "commit": None,
+            "mixes": mixes,
+            "weights": None,
+            "known_ns": 0,
+            "files": {},
+        }
+        self.mixed = json.dumps(mixed).encode()
+        self.marked = False
+        self.changed = False
+
+    @contextmanager
+    def change(self, *, in_place: bool = False) -> Iterator[None]:
+        """Wrap one change to the work tree (a rename into place, a removal): the record is
+        marked before it, and it counts as made once the block returns, or at once `in_place`
+        (a write in place that fails part-way has changed the file)."""
+        if not self.marked:
+            try:
+                _write_atomic(self.path, self.mixed, shared=self.repo.shared_perm)
+            except OSError:
+                # A full disk, say: at least no record may claim the old base. One that cannot
+                # be removed either fails the checkout here, before anything changed.
+                self.path.unlink(missing_ok=True)
+            self.marked = True
+        self.changed |= in_place
+        yield
+        self.changed = True
+
+    def put_back(self) -> None:
+        """The record as it was, after a write that changed nothing in the work tree."""
+        if self.marked:
+            # Else the mix stays recorded: it claims no base, and a plain commit still refuses.
+            with suppress(OSError):
+                if self.original is None:
+                    self.path.unlink(missing_ok=True)
+                else:
+                    _write_atomic(self.path, self.original, shared=self.repo.shared_perm)
+
+
+def _undo_point(repo: Repository, head: RevisionOf | None) -> RevisionOf | None:
+    """What a checkout or reset --hard that fails part-way writes back: the revision the work
+    tree holds as its record says, where HEAD moved under it (a `commit --from`), else HEAD's."""
+    base = work_tree_base(repo)
+    if base is not None and (head is None or base != head.commit):
+        return RevisionOf(repo, base)
+    return head
 
 
 def _same_dir(a: Path, b: Path | None) -> bool:
@@ -1438,12 +1574,15 @@ def write_work_tree(
     old: RevisionOf | None,
     show_progress: bool = True,
     *,
-    undo: bool = True,
+    undo: RevisionOf | None,
 ) -> None:
-    """Make the work tree hold `rev` exactly, removing files that only `old` had.
+    """Make the work tree hold `rev` exactly, removing files that only `old` (HEAD's revision)
+    had, or the revisions the work tree's record says it holds instead.
 
-    If writing fails part-way (a full disk, Ctrl-C), `old` is written back (with `undo`): the
-    work tree never holds one revision's config beside another's weights.
+    If writing fails part-way (a full disk, Ctrl-C), `undo` (_undo_point) is written back: the
+    work tree never holds one revision's config beside another's weights. If it fails before
+    anything in the work tree changed (a read-only one), nothing is written back and the
+    work tree's record is left as it was.
     """
     work = repo.work_tree
     if work is None:
@@ -1454,25 +1593,30 @@ def write_work_tree(
     else:
         weights = rev.safetensors_buffer()
     files = rev.files()
+    held = _held_revisions(repo)
     gone = [] if old is None else [path for path in old.content_ids()[1] if path not in files]
-    gone += _left_behind_files(repo, old, files, gone)
+    gone += _left_behind_files(repo, old, files, gone, held)
     for path in [*files, *gone]:  # before anything is written or removed
         _refuse_symlinked_parent(work, path)
     for path in files:
         _refuse_file_in_the_way(work, path, set(gone))
-    (repo.git_dir / WORKTREE_RECORD).unlink(missing_ok=True)
+    # No record: the work tree holds HEAD's files, and perhaps edits the checkout may lose.
+    was = held or ([old.commit] if old is not None else [])
+    changes = _WorkTreeChanges(repo, list(dict.fromkeys([*was, rev.commit])))
     temps = _work_temporaries(repo)
     known_ns = time.time_ns()
-    with _restore_on_failure(repo, rev, old if undo else None):
+    with _restore_on_failure(repo, rev, undo, changes):
         # Files only `old` had go first: one of them may be where `rev` has a directory.
         for path in gone:
-            (work / path).unlink(missing_ok=True)
+            with suppress(FileNotFoundError), changes.change():
+                (work / path).unlink()
             _remove_empty_parents(work, work / path)
-        _write_atomic(work / CONFIG_FILE, rev.config_bytes, temp_dir=temps)
+        _write_atomic(work / CONFIG_FILE, rev.config_bytes, temp_dir=temps, changes=changes)
         # mtime dated back (see WORKTREE_RECORD): a write after this one always changes it.
-        _write_weights(work / WEIGHTS_FILE, weights.data, known_ns - 2 * _RACY_NS, temps)
+        mtime_ns = known_ns - 2 * _RACY_NS
+        _write_weights(work / WEIGHTS_FILE, weights.data, mtime_ns, temps, changes)
         for path, (content, executable) in files.items():
-            _write_atomic(work / path, content, executable, known_ns - 2 * _RACY_NS, temps)
+            _write_atomic(work / path, content, executable, mtime_ns, temps, changes=changes)
     written = {path: stat_key(os.stat(work / path)) for path in files}
     ids = (blob_id(rev.config_bytes), _file_ids(rev))
     weights_key = stat_key(os.stat(work / WEIGHTS_FILE))
@@ -1480,25 +1624,30 @@ def write_work_tree(
 
 
 def _left_behind_files(
-    repo: Repository, old: RevisionOf | None, files: Collection[str], gone: Collection[str]
+    repo: Repository,
+    old: RevisionOf | None,
+    files: Collection[str],
+    gone: Collection[str],
+    held: Collection[str],
 ) -> list[str]:
-    """Extra files of the revision the work tree holds when HEAD moved under it (a `commit
-    --from`), which neither `old` (HEAD's) nor the revision written has: removed as `old`'s
-    are, when they still hold that revision's content (an edited one stays, as untracked)."""
-    held = work_tree_base(repo)
-    if held is None or (old is not None and held == old.commit) or repo.work_tree is None:
-        return []
-    try:
-        kept = RevisionOf(repo, held).content_ids()[1]
-    except MintError:
-        return []  # pruned since, or unreadable: nothing is known of its files
-    left = []
-    for path, (blob, _) in kept.items():
-        if path in files or path in gone:
+    """Extra files of the revisions the work tree holds (`held`) when HEAD moved under it (a
+    `commit --from`) or a failed checkout left a mix, which neither `old` (HEAD's) nor the
+    revision written has: removed as `old`'s are, when they still hold that revision's content
+    (an edited one stays, as untracked)."""
+    left: list[str] = []
+    for commit in held:
+        if (old is not None and commit == old.commit) or repo.work_tree is None:
             continue
-        with suppress(OSError):
-            if blob_id(read_stable(repo.work_tree / path, mapped=False)[0]) == blob:
-                left.append(path)
+        try:
+            kept = RevisionOf(repo, commit).content_ids()[1]
+        except MintError:
+            continue  # pruned since, or unreadable: nothing is known of its files
+        for path, (blob, _) in kept.items():
+            if path in files or path in gone or path in left:
+                continue
+            with suppress(OSError):
+                if blob_id(read_stable(repo.work_tree / path, mapped=False)[0]) == blob:
+                    left.append(path)
     return left
 
 
@@ -1568,7 +1717,11 @@ def _remove_empty_parents(root: Path, path: Path) -> None:
 
 
 def _write_weights(
-    path: Path, data: memoryview, mtime_ns: int, temp_dir: Path | None = None
+    path: Path,
+    data: memoryview,
+    mtime_ns: int,
+    temp_dir: Path | None = None,
+    changes: _WorkTreeChanges | None = None,
 ) -> None:
     """Write the weights file: in place when a same-size, singly linked file is there.
 
@@ -1592,13 +1745,14 @@ def _write_weights(
             if mine and stat.S_ISREG(st.st_mode) and st.st_size == len(data) and st.st_nlink == 1:
                 view = memoryview(data)
                 done = 0
-                while done < len(view):
-                    done += os.pwrite(fd, view[done:], done)
+                with changes.change(in_place=True) if changes is not None else nullcontext():
+                    while done < len(view):
+                        done += os.pwrite(fd, view[done:], done)
                 os.utime(fd, ns=(time.time_ns(), mtime_ns))
                 return
         finally:
             os.close(fd)
-    _write_atomic(path, data, mtime_ns=mtime_ns, temp_dir=temp_dir)
+    _write_atomic(path, data, mtime_ns=mtime_ns, temp_dir=temp_dir, changes=changes)
 
 
 @dataclass(frozen=True)
@@ -1668,12 +1822,7 @@ def _refuse_if_changes_lost(
                 lost.append(path)
     if lost:
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
-        base = _held_instead(repo, state.head)
-        if base is not None:
-            assert state.head is not None
-            advice = stale_hint(base, state.head, state.branch)
-        else:
-            advice = "commit them or use --force"
+        advice = work_tree_hint(repo, state.head, state.branch) or "commit them or use --force"
         raise DirtyWorkTreeError(
             f"your local changes would be overwritten by {verb} ({', '.join(lost[:3])}{more}); "
             + advice
@@ -1689,17 +1838,24 @@ def _refuse_if_locked(repo: Repository, *names: str | None) -> None:
 
 @contextmanager
 def _restore_on_failure(
-    repo: Repository, written: Revision, old: RevisionOf | None
+    repo: Repository,
+    written: Revision,
+    old: RevisionOf | None,
+    changes: _WorkTreeChanges | None = None,
 ) -> Iterator[None]:
     """Put `old` back in the work tree if the block fails once `written` is (being) written:
-    writing it part-way, or moving the refs after it."""
+    writing it part-way, or moving the refs after it. Where the writing (`changes`) failed
+    before anything changed, nothing is written: the record is put back instead."""
     try:
         yield
     except BaseException:
-        if old is not None:
+        if changes is not None and not changes.changed:
+            changes.put_back()
+        elif old is not None:
+            # Where this fails too, the record lists the mix (_WorkTreeChanges).
             with suppress(MintError, OSError):
                 back = RevisionOf(repo, written.commit, written)
-                write_work_tree(repo, old.read(), back, show_progress=False, undo=False)
+                write_work_tree(repo, old.read(), back, show_progress=False, undo=None)
         raise
 
 
@@ -1730,17 +1886,19 @@ def checkout(
         if repo.refs.read(f"refs/heads/{new_branch}") is not None:
             raise RefExistsError(f"a branch named '{new_branch}' already exists")
     head = repo.head_commit()
-    _refuse_if_locked(repo, f"refs/heads/{new_branch}" if new_branch else None)
+    new_ref = f"refs/heads/{new_branch}" if new_branch else None
+    _refuse_if_locked(repo, new_ref)
     target_rev = _read_revision(repo, target)
     head_rev = _revision_of(repo, head, RevisionOf(repo, target, target_rev))
     # As in git, switching to the commit already checked out keeps local changes.
     written = force or target != head
+    undo = _undo_point(repo, head_rev) if written else None
     if written:
         if not force:
             _refuse_if_changes_lost(repo, target_rev, "checkout", head_rev)
-        write_work_tree(repo, target_rev, head_rev)
+        write_work_tree(repo, target_rev, head_rev, undo=undo)
     detached = repo.current_branch() is None
-    with _restore_on_failure(repo, target_rev, head_rev if written else None):
+    with _restore_on_failure(repo, target_rev, undo):
         result = _move_head(repo, spec, target, head, new_branch, is_branch=oid is not None)
     if detached and head is not None and head != target:
         # HEAD has moved: a history that cannot be read must not turn that into a failure.
@@ -1926,8 +2084,9 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
     if hard:  # a soft reset moves a ref only: no revision need be read
         target_rev = _read_revision(repo, target)
         head_rev = _revision_of(repo, head, RevisionOf(repo, target, target_rev))
-        write_work_tree(repo, target_rev, head_rev)
-        restore = _restore_on_failure(repo, target_rev, head_rev)
+        undo = _undo_point(repo, head_rev)
+        write_work_tree(repo, target_rev, head_rev, undo=undo)
+        restore = _restore_on_failure(repo, target_rev, undo)
     with restore:
         message = f"reset: moving to {spec}"
         _move_ref(repo, "HEAD", target, old=head, message=message, by=signature(repo))

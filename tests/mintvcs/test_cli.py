@@ -430,6 +430,7 @@ def test_a_work_tree_left_behind_by_commit_from_is_told_not_committed_back(
         "changes": [],
         "error": None,
         "base": None,
+        "mixed": None,
     }
     # Or keeping the work tree's files as changes to main (git's soft reset): then they commit.
     mutate(checkpoint, seed=4, names=[name])

@@ -238,3 +238,168 @@ def test_gc_short_of_memory_says_so_not_that_the_store_is_corrupt(tmp_path: Path
     assert "memory" in short.stderr
     assert sorted((work / ".mint" / "objects" / "pack").glob("*.pack")) == packs
     mint_fsck_ok(work)
+
+
+# --------------------------------------------- a work tree or repository it may not write
+def _left_behind(tmp_path: Path) -> tuple[Path, str, str]:
+    """A work tree at r0 (with sub/notes.txt) whose branch main a trainer's `commit --from`
+    has moved on to r1 since: the work tree is left behind, and says so."""
+    rng = np.random.default_rng(21)
+    work = handmade_adapter(
+        tmp_path / "work", {"q.lora_A.weight": ("F32", [4, 64], random_f32(rng, [4, 64]))}
+    )
+    (work / "sub").mkdir()
+    (work / "sub" / "notes.txt").write_text("r0\n")
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    mint(work, "commit", "-m", "r0")
+    checkpoint = shutil.copytree(
+        work, tmp_path / "checkpoint", ignore=shutil.ignore_patterns(".mint")
+    )
+    handmade_adapter(checkpoint, {"q.lora_A.weight": ("F32", [4, 64], random_f32(rng, [4, 64]))})
+    (checkpoint / "sub" / "notes.txt").write_text("r1\n")
+    mint(work, "commit", "-m", "r1", "--from", str(checkpoint))
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert state["base"] is not None and state["base"] != state["head"]
+    return work, state["base"], state["head"]
+
+
+def _record(work: Path) -> bytes:
+    return (work / ".mint" / "mint-worktree.json").read_bytes()
+
+
+def _in_read_only_view(
+    tmp_path: Path, work: Path, commands: list[list[str]], *, mint_writable: bool
+) -> list[tuple[int, str]]:
+    """Run each `mintvcs` command in tmp_path/view, a read-only bind mount of `work` (with its
+    `.mint` bound writable over it when `mint_writable`), in a mount namespace of its own: the
+    mounts end with it. (exit status, stderr) of each."""
+    view = tmp_path / "view"
+    view.mkdir()
+    lines = [
+        "set -e",
+        f"mount --bind '{work}' '{view}'",
+        f"mount -o remount,bind,ro '{view}'",
+    ]
+    if mint_writable:
+        lines.append(f"mount --bind '{work / '.mint'}' '{view / '.mint'}'")
+    lines += ["set +e", f"cd '{view}'"]
+    for n, args in enumerate(commands):
+        quoted = " ".join(f"'{a}'" for a in args)
+        lines.append(
+            f"{sys.executable} -m mintvcs.cli {quoted} 2>'{tmp_path}/err{n}'; "
+            f"echo $? >'{tmp_path}/rc{n}'"
+        )
+    ran = subprocess.run(
+        ["unshare", "-m", "bash", "-c", "\n".join(lines)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if ran.returncode != 0 or not (tmp_path / "rc0").exists():
+        pytest.skip(f"needs a read-only bind mount (root, unshare): {ran.stderr.strip()}")
+    return [
+        (int((tmp_path / f"rc{n}").read_text()), (tmp_path / f"err{n}").read_text())
+        for n in range(len(commands))
+    ]
+
+
+def test_a_checkout_that_cannot_write_the_work_tree_keeps_its_record(tmp_path: Path) -> None:
+    # A read-only work tree (a read-only volume), `.mint` writable: checkout, checkout --force
+    # and reset --hard failed having changed nothing, but had removed the work-tree record
+    # first. The work tree left behind by a trainer's `commit --from` was then no longer known
+    # to be: a plain commit put its old weights back on top of main. And the error named a
+    # temporary that never existed (`view/.adapter_config.json.tdrs5t13.tmp`).
+    work, r0, r1 = _left_behind(tmp_path)
+    record, before = _record(work), _files(work)
+    commands = [["checkout", "HEAD~1"], ["checkout", "--force", "main"], ["reset", "--hard", r0]]
+    results = _in_read_only_view(tmp_path, work, commands, mint_writable=True)
+    for rc, stderr in results:
+        assert (rc, stderr) == (1, f"error: Read-only file system: {tmp_path / 'view' / CONFIG}\n")
+    assert _record(work) == record and _files(work) == before
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert (state["base"], state["head"], state["mixed"]) == (r0, r1, None)
+    failed = mint(work, "commit", "-m", "plain", ok=False)
+    assert failed.returncode == 1 and f"holds revision {r0[:7]}, but main" in failed.stderr
+    assert json.loads(mint(work, "status", "--json").stdout)["head"] == r1
+
+
+def _unprivileged(command: list[str]) -> list[str]:
+    """`command` so that file modes bind it: as root, through setpriv without the capabilities
+    that let root write anything (skipped where there is no setpriv)."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv to drop root's capabilities")
+    drop = "--bounding-set=-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", "--inh-caps=-all", drop, "--", *command]
+
+
+def _mint_unprivileged(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _unprivileged([*MINT, *args]), cwd=work, env=ENV, capture_output=True, text=True
+    )
+
+
+def test_a_checkout_that_fails_part_way_and_cannot_undo_it_claims_no_base(
+    tmp_path: Path,
+) -> None:
+    # A directory of the work tree it may not write: the config and weights are replaced,
+    # sub/notes.txt is refused, and writing the old revision back is refused there too. No
+    # record may then claim a base the work tree no longer holds, and a plain commit of the
+    # mix (which may hold the trainer's older files) is still refused.
+    work, r0, r1 = _left_behind(tmp_path)
+    (work / "sub").chmod(0o555)
+    try:
+        failed = _mint_unprivileged(work, "checkout", "--force", "main")
+    finally:
+        (work / "sub").chmod(0o755)
+    assert failed.returncode == 1
+    assert failed.stderr == f"error: Permission denied: {work / 'sub' / 'notes.txt'}\n"
+    record = json.loads(_record(work))
+    assert record["commit"] is None and sorted(record["mixes"]) == sorted([r0, r1])
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert state["base"] is None and sorted(state["mixed"]) == sorted([r0, r1])
+    assert (
+        "stopped part-way and could not write the old revision back" in mint(work, "status").stdout
+    )
+    line = mint(work, "commit", "-m", "plain", ok=False).stderr
+    assert "stopped part-way" in line and "nothing was committed" in line
+    assert json.loads(mint(work, "status", "--json").stdout)["head"] == r1
+    mint(work, "checkout", "--force", "main")  # writable again: it works, and says so
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert state["clean"] and state["mixed"] is None and state["base"] is None
+
+
+def test_a_checkout_that_fails_part_way_writes_back_what_the_work_tree_held(
+    tmp_path: Path,
+) -> None:
+    # The work tree was left at r0 by `commit --from`s; a checkout of main (r2, larger) that
+    # failed part-way wrote main's revision "back", which failed for the same reason, and
+    # the record was gone: the trainer's r0 files were then committable on top of r2.
+    work, r0, _r1 = _left_behind(tmp_path)
+    rng = np.random.default_rng(8)
+    larger = shutil.copytree(work, tmp_path / "larger", ignore=shutil.ignore_patterns(".mint"))
+    handmade_adapter(larger, {"q.lora_A.weight": ("F32", [64, 64], random_f32(rng, [64, 64]))})
+    r2 = mint(work, "commit", "-m", "r2", "--from", str(larger), "--json").stdout
+    r2 = json.loads(r2)["commit"]
+    before = _files(work)
+    limit = (len(before[WEIGHTS]) + 64 * 64 * 4) // 2  # over r0's weights, under r2's
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    failed = subprocess.run(
+        [*MINT, "checkout", "--force", "main"],
+        cwd=work,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        check=False,
+    )
+    assert failed.returncode == 1 and failed.stderr == "error: File too large\n"
+    assert _files(work) == before and (work / "sub" / "notes.txt").read_text() == "r0\n"
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert (state["base"], state["head"], state["mixed"]) == (r0, r2, None)
+    assert "nothing was committed" in mint(work, "commit", "-m", "plain", ok=False).stderr
