@@ -117,7 +117,10 @@ def write_file(path: Path, data: bytes, shared: SharedPerm | None, base: int = 0
     """Replace `path` by a file holding `data`, as git writes its own files (config,
     description): mode `base` less the umask and as core.sharedRepository says, written aside
     and renamed into place, so another user's file there is replaced, not rewritten."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    except OSError as err:  # the file is named, not a temporary that was never made
+        raise OSError(err.errno, err.strerror, os.fspath(path)) from None
     try:
         with open(fd, "wb") as handle:
             os.fchmod(fd, file_mode(base, shared))
@@ -128,9 +131,13 @@ def write_file(path: Path, data: bytes, shared: SharedPerm | None, base: int = 0
         raise
 
 
-def not_writable(err: PermissionError, directory: str | os.PathLike[str], what: str) -> OSError:
-    """`err`, raised creating a temporary in `directory`, as git words it: the directory the
-    user may not write is named, not the temporary that was never made."""
-    return PermissionError(
-        err.errno or errno.EACCES, f"insufficient permission for {what}", os.fspath(directory)
-    )
+def not_writable(err: OSError, directory: str | os.PathLike[str], what: str) -> OSError:
+    """`err`, raised creating a temporary in `directory`, naming the directory, not the
+    temporary that was never made: in git's words where the user may not write it, else in the
+    system's (`Read-only file system`, a full disk). A missing directory stays a
+    FileNotFoundError (a writer makes it again)."""
+    if isinstance(err, PermissionError):
+        return PermissionError(
+            err.errno or errno.EACCES, f"insufficient permission for {what}", os.fspath(directory)
+        )
+    return OSError(err.errno, err.strerror, os.fspath(directory))

@@ -1311,7 +1311,7 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
     tmp = repo.git_dir / f"{_LOCK_FILE}.{os.getpid()}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    except PermissionError as err:
+    except OSError as err:
         raise not_writable(
             err, repo.git_dir, "taking gc's lock (gc.pid) in the git directory"
         ) from None

@@ -285,7 +285,10 @@ def place_file(
 ) -> None:
     """Create read-only file `path` holding `pieces` via a temporary renamed into place, as git
     does: mode 0444 less the umask, then as core.sharedRepository (`shared`) says."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_OBJECT_PREFIX)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_OBJECT_PREFIX)
+    except OSError as err:
+        raise not_writable(err, directory, ADDING_OBJECTS) from None
     try:
         try:
             _write_all(fd, pieces)
@@ -363,8 +366,11 @@ class PackWriter:
         try:
             make_dirs(self.directory, repo.shared_perm)
             _remove_stale_packs(self.directory)
-            self.fd, self.tmp = tempfile.mkstemp(dir=self.directory, prefix="tmp_pack_")
         except PermissionError as err:
+            raise not_writable(err, self.directory, ADDING_OBJECTS) from None
+        try:
+            self.fd, self.tmp = tempfile.mkstemp(dir=self.directory, prefix="tmp_pack_")
+        except OSError as err:  # a read-only file system too: the directory is named
             raise not_writable(err, self.directory, ADDING_OBJECTS) from None
         self.lock = threading.Lock()
         self.offset = 12
@@ -462,7 +468,10 @@ class PackWriter:
             os.pwrite(self.fd, checksum, self.offset)
             name = f"pack-{checksum.hex()}"
             idx = _pack_index(self.entries, checksum)
-            fd, tmp_idx = tempfile.mkstemp(dir=self.directory, prefix="tmp_idx_")
+            try:
+                fd, tmp_idx = tempfile.mkstemp(dir=self.directory, prefix="tmp_idx_")
+            except OSError as err:
+                raise not_writable(err, self.directory, ADDING_OBJECTS) from None
             mode = file_mode(0o444, self.repo.shared_perm)  # as git's, and its objects'
             try:
                 _write_all(fd, [idx])

@@ -942,8 +942,6 @@ class Repository:
                 # git prune removes empty fan-out directories: make it again, as git's writer does.
                 if attempt == 2:
                     raise
-            except PermissionError as err:
-                raise not_writable(err, directory, ADDING_OBJECTS) from None
         self._count_written()
         return oid
 

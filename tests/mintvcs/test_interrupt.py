@@ -324,6 +324,38 @@ def test_a_checkout_that_cannot_write_the_work_tree_keeps_its_record(tmp_path: P
     assert json.loads(mint(work, "status", "--json").stdout)["head"] == r1
 
 
+def test_a_repository_on_a_read_only_volume_names_what_it_cannot_write(tmp_path: Path) -> None:
+    # Object writers named a random temporary (`.mint/objects/1c/tmp_obj_kftr4cvl`,
+    # `.mint/objects/pack/tmp_pack_4pszwcca`) where the directory could not be written.
+    work, _r0, _r1 = _left_behind(tmp_path)
+    mint(work, "branch", "side")
+    objects = work / ".mint" / "objects"
+    for i in range(256):  # every fan-out directory there: the object's temporary is refused
+        (objects / f"{i:02x}").mkdir(exist_ok=True)
+    rng = np.random.default_rng(5)
+    many = {
+        f"layers.{i}.q.lora_{ab}.weight": ("F32", shape, random_f32(rng, shape))
+        for i in range(60)
+        for ab, shape in (("A", [4, 8]), ("B", [8, 4]))
+    }
+    big = handmade_adapter(tmp_path / "big", many)  # a pack's worth of tensors
+    commands = [
+        ["tag", "-m", "m", "nt"],
+        ["commit", "-m", "m", "--from", str(big), "--branch", "side", "--no-verify"],
+        ["gc"],
+    ]
+    (tag, tag_err), (pack, pack_err), (gc, gc_err) = _in_read_only_view(
+        tmp_path, work, commands, mint_writable=False
+    )
+    view = tmp_path / "view" / ".mint"
+    prefix = "error: Read-only file system: "
+    assert tag == 1 and tag_err.startswith(prefix), tag_err
+    named = Path(tag_err.strip().removeprefix(prefix))
+    assert named.parent == view / "objects" and len(named.name) == 2, tag_err
+    assert (pack, pack_err) == (1, f"{prefix}{view / 'objects' / 'pack'}\n")
+    assert (gc, gc_err) == (1, f"{prefix}{view}\n")
+
+
 def _unprivileged(command: list[str]) -> list[str]:
     """`command` so that file modes bind it: as root, through setpriv without the capabilities
     that let root write anything (skipped where there is no setpriv)."""
