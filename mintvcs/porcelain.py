@@ -1836,6 +1836,20 @@ def _refuse_if_locked(repo: Repository, *names: str | None) -> None:
             repo.refs.check_unlocked(name)
 
 
+def _check_lockable(repo: Repository, *names: str | None) -> None:
+    """Fail before the work tree is written when a ref the command then moves cannot be locked:
+    another process holds it, or the user may not write `.mint/` (the lock is taken and let go).
+
+    git takes index.lock first and holds it over the checkout; a ref lock held over a write
+    that takes seconds would be left behind by a kill and block every later move of HEAD (and a
+    trainer's commits onto a branch meanwhile), so it is only tried here. A process that takes
+    it between here and the move makes the move fail and the work tree is written back.
+    """
+    for name in names:
+        if name is not None:
+            repo.refs.check_lockable(name)
+
+
 @contextmanager
 def _restore_on_failure(
     repo: Repository,
@@ -1896,6 +1910,7 @@ def checkout(
     if written:
         if not force:
             _refuse_if_changes_lost(repo, target_rev, "checkout", head_rev)
+        _check_lockable(repo, "HEAD", new_ref)
         write_work_tree(repo, target_rev, head_rev, undo=undo)
     detached = repo.current_branch() is None
     with _restore_on_failure(repo, target_rev, undo):
@@ -2085,6 +2100,7 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
         target_rev = _read_revision(repo, target)
         head_rev = _revision_of(repo, head, RevisionOf(repo, target, target_rev))
         undo = _undo_point(repo, head_rev)
+        _check_lockable(repo, "HEAD", repo.refs.read_symbolic("HEAD"))
         write_work_tree(repo, target_rev, head_rev, undo=undo)
         restore = _restore_on_failure(repo, target_rev, undo)
     with restore:

@@ -707,6 +707,14 @@ class RefStore:
         if os.path.exists(path + ".lock"):
             raise RefConflictError(name, ANY, None, detail=_held_elsewhere(path))
 
+    def check_lockable(self, name: str) -> None:
+        """Raise now what taking `name`'s lock later would (another process holds it, a
+        `.mint/` the user may not write), by taking it and letting it go: as git takes
+        index.lock before a checkout writes the work tree, so that the work tree is not written
+        for a move that cannot be made."""
+        _check_store_name(name)
+        self._lock(name).release()
+
     def _lock(self, name: str, expected: OldValue = ANY) -> _Lock:
         path = self._path(name)
         retries = 2

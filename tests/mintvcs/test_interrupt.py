@@ -435,3 +435,27 @@ def test_a_checkout_that_fails_part_way_writes_back_what_the_work_tree_held(
     state = json.loads(mint(work, "status", "--json").stdout)
     assert (state["base"], state["head"], state["mixed"]) == (r0, r2, None)
     assert "nothing was committed" in mint(work, "commit", "-m", "plain", ok=False).stderr
+
+
+def test_a_checkout_that_cannot_move_head_writes_nothing(tmp_path: Path) -> None:
+    # `.mint` the user may not write (another user's; here root without its capabilities),
+    # the work tree writable and emptied: checkout wrote the target's files, failed on
+    # HEAD.lock, and its rollback left HEAD's files where the user had deleted them. git takes
+    # its lock (index.lock) before it touches the work tree.
+    work = _two_sizes(tmp_path)
+    (work / ".mint" / "mint-worktree.json").unlink()
+    for name in (CONFIG, WEIGHTS):
+        (work / name).unlink()
+    (work / ".mint").chmod(0o555)
+    try:
+        results = [
+            _mint_unprivileged(work, *args)
+            for args in (("checkout", "big"), ("checkout", "--force", "big"), ("reset", "--hard"))
+        ]
+    finally:
+        (work / ".mint").chmod(0o755)
+    for failed in results:
+        lock = work / ".mint" / "HEAD.lock"
+        assert (failed.returncode, failed.stderr) == (1, f"error: Permission denied: {lock}\n")
+    assert sorted(p.name for p in work.iterdir()) == [".mint"]
+    assert json.loads(mint(work, "status", "--json").stdout)["branch"] == "main"
