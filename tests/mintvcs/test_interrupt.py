@@ -29,6 +29,23 @@ from tests.mintvcs.storekit import (
 MINT = [sys.executable, "-m", "mintvcs.cli"]
 
 
+def _with_file_size_limit(work: Path, limit: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mintvcs ARGS` in `work` with no file written past `limit` bytes (a full disk, nearly)."""
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [*MINT, *args],
+        cwd=work,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        check=False,
+    )
+
+
 def _two_sizes(tmp_path: Path) -> Path:
     """A work tree on `main` (a small adapter) with a branch `big` of another config and larger weights."""
     rng = np.random.default_rng(11)
@@ -151,18 +168,7 @@ def test_a_checkout_that_fails_part_way_writes_the_old_revision_back(tmp_path: P
     before = _files(work)
     limit = (len(before[WEIGHTS]) + 64 * 256 * 4) // 2  # over main's weights, under big's
 
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    failed = subprocess.run(
-        [*MINT, "checkout", "big"],
-        cwd=work,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        preexec_fn=small_files,
-        check=False,
-    )
+    failed = _with_file_size_limit(work, limit, "checkout", "big")
     assert failed.returncode == 1 and failed.stderr == "error: File too large\n"
     assert _files(work) == before
     assert _clean(work)
@@ -418,18 +424,7 @@ def test_a_checkout_that_fails_part_way_writes_back_what_the_work_tree_held(
     before = _files(work)
     limit = (len(before[WEIGHTS]) + 64 * 64 * 4) // 2  # over r0's weights, under r2's
 
-    def small_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    failed = subprocess.run(
-        [*MINT, "checkout", "--force", "main"],
-        cwd=work,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        preexec_fn=small_files,
-        check=False,
-    )
+    failed = _with_file_size_limit(work, limit, "checkout", "--force", "main")
     assert failed.returncode == 1 and failed.stderr == "error: File too large\n"
     assert _files(work) == before and (work / "sub" / "notes.txt").read_text() == "r0\n"
     state = json.loads(mint(work, "status", "--json").stdout)
