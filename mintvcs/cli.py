@@ -478,11 +478,11 @@ def log(
 
     repo = _open_repo()
     _warn_if_ambiguous(repo, *(spec for arg in revisions for spec in revwalk.named_specs(arg)))
-    tips = porcelain.log_tips(repo, revisions, all_refs=all_refs)
+    start = porcelain.log_tips(repo, revisions, all_refs=all_refs)
     if as_json:
-        _log_json(repo, tips, max_count)
+        _log_json(repo, start, max_count)
     else:
-        _log_text(repo, tips, max_count, oneline)
+        _log_text(repo, start, max_count, oneline)
 
 
 # The first page of `log` is printed after this many commits are read, and each next page is
@@ -492,12 +492,13 @@ LOG_FIRST_PAGE = 64
 
 
 def _log_pages(
-    repo: Any, tips: list[Any], max_count: int | None
+    repo: Any, start: Any, max_count: int | None
 ) -> Iterator[tuple[list[Any], dict[str, list[str]]]]:
-    """The history from `tips` in pages of growing size, each with the ref labels of its commits."""
+    """The history from `start` (revwalk.Revisions) in pages of growing size, each with the ref
+    labels of its commits."""
     from mintvcs import porcelain, revwalk
 
-    commits = revwalk.walk(repo, tips, max_count)
+    commits = revwalk.walk(start, max_count)
     size = LOG_FIRST_PAGE
     index: dict[str, list[str]] | None = None
     while page := list(itertools.islice(commits, size)):
@@ -506,13 +507,13 @@ def _log_pages(
         size *= 2
 
 
-def _log_json(repo: Any, tips: list[Any], max_count: int | None) -> None:
+def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
     """Print `log --json`, one JSON array written as the history is read (what _emit_json writes)."""
     from mintvcs.objects import CorruptManifestError
     from mintvcs.store import CorruptObjectError
 
     opened = False
-    for page, labels in _log_pages(repo, tips, max_count):
+    for page, labels in _log_pages(repo, start, max_count):
         for c in page:
             item = {
                 "commit": c.id,
@@ -536,10 +537,10 @@ def _log_json(repo: Any, tips: list[Any], max_count: int | None) -> None:
     click.echo("\n]" if opened else "[]")
 
 
-def _log_text(repo: Any, tips: list[Any], max_count: int | None, oneline: bool) -> None:
+def _log_text(repo: Any, start: Any, max_count: int | None, oneline: bool) -> None:
     """Print `log` as git does, page by page as the history is read."""
     index = 0
-    for page, labels in _log_pages(repo, tips, max_count):
+    for page, labels in _log_pages(repo, start, max_count):
         for info in page:
             deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
             if oneline:

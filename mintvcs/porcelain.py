@@ -574,18 +574,18 @@ def log(
 ) -> list[CommitInfo]:
     """Commits reachable from `spec` (HEAD when none is given), newest first, as `git log
     --first-parent` lists them: a spec, a range (`A..B`, `^A`, `A...B`) or a list of them."""
-    return list(revwalk.walk(repo, log_tips(repo, spec, all_refs=all_refs), limit))
+    return list(revwalk.walk(log_tips(repo, spec, all_refs=all_refs), limit))
 
 
 def log_tips(
     repo: Repository, spec: str | Sequence[str] = (), *, all_refs: bool = False
-) -> list[revwalk.Tip]:
+) -> revwalk.Revisions:
     """The commits `log` starts from: those `--all` names (every ref, then HEAD, then linked
     worktrees' HEADs), then those `spec` names; HEAD when nothing is named, as in git."""
     # A str is one argument; anything but a list or tuple goes on for tips_of to refuse.
     args: list[Any] = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     tips = _all_ref_tips(repo) if all_refs else []
-    return tips + revwalk.tips_of(repo, args if args or all_refs else ["HEAD"])
+    return revwalk.tips_of(repo, args if args or all_refs else ["HEAD"], tips)
 
 
 def _all_ref_tips(repo: Repository) -> list[revwalk.Tip]:

@@ -27,6 +27,29 @@ class Tip:
     excluded: bool
 
 
+class Revisions:
+    """What `log`'s arguments name: the tips, and every commit read to find them (those a
+    `~N` passes, and those painted down to the merge bases of `A...B`), which the walk reads
+    from here. git keeps one cache of the commits it parsed, and an exclusion passes at once
+    through every commit in it: a walk that read them again would stop short of that."""
+
+    def __init__(self, repo: Repository, tips: Sequence[Tip] = ()) -> None:
+        self.repo = repo
+        self.tips = list(tips)
+        self.read: dict[str, CommitInfo] = {}
+
+    def commit(self, oid: str) -> CommitInfo:
+        """Commit `oid`, read once for the whole log."""
+        info = self.read.get(oid)
+        if info is None:
+            info = self.read[oid] = self.repo.commit_info(oid)
+        return info
+
+    def resolve(self, spec: str) -> str:
+        """The commit `spec` names, its `~N`/`^N` steps read through this cache, as git's."""
+        return self.repo.resolve(spec, commit_info=self.commit)
+
+
 def split_range(arg: str) -> tuple[str, str, str] | None:
     """(A, '..' or '...', B) of a range argument, an empty side read as HEAD (as git reads
     `..B`); None for an argument that is no range."""
@@ -48,72 +71,104 @@ def named_specs(arg: str) -> list[str]:
     return [arg.removeprefix("^")]
 
 
-def tips_of(repo: Repository, args: Sequence[str]) -> list[Tip]:
-    """The commits `log ARGS` starts from, in git's order (it breaks ties of commit time):
-    `A..B` is ^A B, and `A...B` excludes the merge bases of A and B before listing A and B."""
-    tips: list[Tip] = []
+def tips_of(repo: Repository, args: Sequence[str], first: Sequence[Tip] = ()) -> Revisions:
+    """The commits `log ARGS` starts from, after `first` (those of `--all`), in git's order
+    (it breaks ties of commit time): `A..B` is ^A B, and `A...B` excludes the merge bases of
+    A and B before listing A and B."""
+    found = Revisions(repo, first)
     for arg in args:
         if not isinstance(arg, str):
             raise TypeError(f"a revision is named by a str, not {type(arg).__name__}: {arg!r:.60}")
         sides = split_range(arg)
         if sides is None:
             excluded = arg.startswith("^")
-            tips.append(Tip(repo.resolve(arg[1:] if excluded else arg), excluded))
+            found.tips.append(Tip(found.resolve(arg[1:] if excluded else arg), excluded))
             continue
         left, dots, right = sides
-        a, b = repo.resolve(left), repo.resolve(right)
+        a, b = found.resolve(left), found.resolve(right)
         if dots == "...":
-            tips += [Tip(base, True) for base in merge_bases(repo, a, b)]
-            tips += [Tip(a, False), Tip(b, False)]
+            found.tips += [Tip(base, True) for base in merge_bases(found, a, b)]
+            found.tips += [Tip(a, False), Tip(b, False)]
         else:
-            tips += [Tip(a, True), Tip(b, False)]
-    return tips
+            found.tips += [Tip(a, True), Tip(b, False)]
+    return found
 
 
-def merge_bases(repo: Repository, a: str, b: str) -> list[str]:
-    """The common ancestors of `a` and `b`, through every parent, that no other common ancestor
-    walked reaches, as git paints them (newest first; stops once every queued commit is common)."""
+# The marks of git's paint_down_to_common: reached from the one commit, from the others,
+# reached from a common ancestor (so no better a base than it), and found common.
+_ONE, _TWO, _STALE, _FOUND = 1, 2, 4, 8
+
+
+def merge_bases(revisions: Revisions, a: str, b: str) -> list[str]:
+    """The merge bases of `a` and `b` (`git merge-base --all`): the common ancestors, through
+    every parent, that no other common ancestor reaches, newest first, found as git's
+    get_merge_bases finds them. The commits read stay in `revisions`' cache for the walk."""
     if a == b:
         return [a]
-    one, two, stale = 1, 2, 4
-    flags = {a: one, b: two}
-    parents: dict[str, tuple[str, ...]] = {}
-    queue: list[tuple[int, int, str]] = []
+    found, flags = _paint_down_to_common(revisions, a, [b])
+    bases = [oid for oid in found if not flags[oid] & _STALE]
+    if len(bases) > 1:
+        # A skewed clock can pop a common ancestor before the one that reaches it: git then
+        # paints from each base to drop those another reaches (remove_redundant).
+        redundant: set[str] = set()
+        for base in bases:
+            if base in redundant:
+                continue
+            others = [other for other in bases if other != base and other not in redundant]
+            _found, marks = _paint_down_to_common(revisions, base, others)
+            if marks[base] & _TWO:
+                redundant.add(base)
+            redundant.update(other for other in others if marks[other] & _ONE)
+        bases = [base for base in bases if base not in redundant]
+    return bases
+
+
+def _paint_down_to_common(
+    revisions: Revisions, one: str, twos: list[str]
+) -> tuple[list[str], dict[str, int]]:
+    """git's paint_down_to_common: the commits found reached from both `one` and one of `twos`
+    (newest first, of one time in the order found), and the marks painted; it stops once
+    every queued commit is marked as reached from a common ancestor."""
+    flags = {one: _ONE}
+    if not twos:
+        return [one], flags
+    for two in twos:
+        flags[two] = flags.get(two, 0) | _TWO
+    queue: list[tuple[int, int, str]] = []  # (-commit time, order queued, id)
     order = itertools.count()
-
-    def push(oid: str) -> None:
-        info = repo.commit_info(oid)
-        parents[oid] = info.parents
-        heapq.heappush(queue, (-info.time, next(order), oid))
-
-    push(a)
-    push(b)
-    found: dict[str, None] = {}
-    while any(not flags[oid] & stale for *_key, oid in queue):
+    for oid in (one, *twos):
+        heapq.heappush(queue, (-revisions.commit(oid).time, next(order), oid))
+    found: list[str] = []
+    while any(not flags[oid] & _STALE for *_key, oid in queue):
         *_key, oid = heapq.heappop(queue)
-        mark = flags[oid]
-        if mark == one | two:
-            found[oid] = None
-            mark |= stale  # what a common ancestor reaches is no better a base
-        for parent in parents[oid]:
+        mark = flags[oid] & (_ONE | _TWO | _STALE)
+        if mark == _ONE | _TWO:
+            if not flags[oid] & _FOUND:
+                flags[oid] |= _FOUND
+                found.append(oid)
+            mark |= _STALE  # what a common ancestor reaches is no better a base
+        for parent in revisions.commit(oid).parents:
             if flags.get(parent, 0) & mark != mark:
                 flags[parent] = flags.get(parent, 0) | mark
-                push(parent)  # again when it gains a flag, as git's queue holds it again
-    return [oid for oid in found if not flags[oid] & stale]
+                info = revisions.commit(parent)
+                heapq.heappush(queue, (-info.time, next(order), parent))  # again, as git's
+    # git inserts each found commit by date, after those of its time.
+    found.sort(key=lambda oid: -revisions.read[oid].time)
+    return found, flags
 
 
-def walk(repo: Repository, tips: Sequence[Tip], limit: int | None = None) -> Iterator[CommitInfo]:
+def walk(revisions: Revisions, limit: int | None = None) -> Iterator[CommitInfo]:
     """The commits the tips that are not excluded reach along first parents, less those an
     excluded tip reaches through any parent, newest commit first (of one time, in the order
     they were queued), as `git log --first-parent` lists them."""
     if limit == 0:
         return
-    commits = list(dict.fromkeys(tip.commit for tip in tips))
-    excluded = {tip.commit for tip in tips if tip.excluded}
+    commits = list(dict.fromkeys(tip.commit for tip in revisions.tips))
+    excluded = {tip.commit for tip in revisions.tips if tip.excluded}
     if len(commits) == 1 and not excluded:
-        yield from repo.walk(commits[0], limit)  # one line of history: nothing to order
+        yield from revisions.repo.walk(commits[0], limit)  # one line of history: nothing to order
         return
-    state = _Walk(repo, commits, excluded)
+    state = _Walk(revisions, commits, excluded)
     if excluded:
         # As git's limit_list: a commit listed may turn out excluded later in the walk (its
         # time was skewed), so nothing is listed until the walk is done.
@@ -123,11 +178,12 @@ def walk(repo: Repository, tips: Sequence[Tip], limit: int | None = None) -> Ite
 
 
 class _Walk:
-    """One walk's state: the commits read, those excluded, and the queue, newest first."""
+    """One walk's state: the commits read (with those read to find its tips), those excluded,
+    and the queue, newest first."""
 
-    def __init__(self, repo: Repository, commits: list[str], excluded: set[str]) -> None:
-        self.repo = repo
-        self.infos: dict[str, CommitInfo] = {}
+    def __init__(self, revisions: Revisions, commits: list[str], excluded: set[str]) -> None:
+        self.read = revisions.commit
+        self.infos = revisions.read
         self.excluded = set(excluded)
         self.queue: list[tuple[int, int, str]] = []  # (-commit time, order queued, id)
         self.queued: set[str] = set()
@@ -141,13 +197,6 @@ class _Walk:
                 self.exclude_parents(oid)
         for oid in commits:
             self.push(oid)
-
-    def read(self, oid: str) -> CommitInfo:
-        """Commit `oid`, read once."""
-        info = self.infos.get(oid)
-        if info is None:
-            info = self.infos[oid] = self.repo.commit_info(oid)
-        return info
 
     def push(self, oid: str) -> None:
         """Queue a commit read before, once for the whole walk."""

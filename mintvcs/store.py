@@ -1737,8 +1737,9 @@ class Repository:
         target = self.refs.read_symbolic("HEAD")
         return target.removeprefix("refs/heads/") if target else None
 
-    def resolve(self, spec: str) -> str:
-        """Resolve a branch, tag, (abbreviated) commit id, HEAD, with `~N`/`^N` suffixes, to a commit id."""
+    def resolve(self, spec: str, *, commit_info: Callable[[str], CommitInfo] | None = None) -> str:
+        """Resolve a branch, tag, (abbreviated) commit id, HEAD, with `~N`/`^N` suffixes, to a
+        commit id; `commit_info` reads the commits the steps pass (log keeps them, as git's)."""
         name, suffix = _checked_spec(spec)
         base, at, selector = name.partition("@{")
         if at:
@@ -1746,19 +1747,25 @@ class Repository:
         else:
             oid = self._resolve_name(name or "HEAD", spec)
         steps = _STEP.findall(suffix)
-        shallow = self.shallow_commits() if steps else frozenset()
+        shallow = self.shallow_commits() if steps and commit_info is None else frozenset()
+
+        def parents_of(oid: str) -> tuple[str, ...]:
+            return (
+                self._parents_of(oid, shallow) if commit_info is None else commit_info(oid).parents
+            )
+
         for step in steps:
             if step.startswith("^{"):
                 continue  # `^{}` / `^{commit}`: peel to a commit, which every step already did
             count = int(step[1:]) if len(step) > 1 else 1
             if step[0] == "~":
                 for _ in range(count):
-                    parents = self._parents_of(oid, shallow)
+                    parents = parents_of(oid)
                     if not parents:
                         raise UnknownRevisionError(f"revision {spec!r} goes past the first commit")
                     oid = parents[0]
             elif count:  # `^0` is the commit itself: nothing to read
-                parents = self._parents_of(oid, shallow)
+                parents = parents_of(oid)
                 if count > len(parents):
                     raise UnknownRevisionError(
                         f"revision {spec!r}: commit {oid[:12]} has no parent {count}"

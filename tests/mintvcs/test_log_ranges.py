@@ -3,6 +3,7 @@ arguments, on histories built with the CLI."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -341,6 +342,160 @@ def test_random_histories_list_as_git_log_first_parent_lists_them(
             assert [c.id for c in got] == expected.stdout.split(), (options, args)
             compared += 1
     assert compared > 30
+
+
+def _dated_commit(git_dir: Path, when: int, message: str, *parents: str) -> str:
+    """A commit of the empty tree made by git at `when` on `parents`; its id."""
+    tree = git(git_dir, "mktree", input_text="").stdout.strip()
+    stamp = {"GIT_COMMITTER_DATE": f"@{when} +0000", "GIT_AUTHOR_DATE": f"@{when} +0000"}
+    made = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "commit-tree", tree, "-m", message]
+        + [arg for parent in parents for arg in ("-p", parent)],
+        env={**ENV, **stamp},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return made.stdout.strip()
+
+
+def test_an_exclusion_passes_through_the_commits_read_for_merge_bases(tmp_path: Path) -> None:
+    from mintvcs import porcelain
+
+    work = tmp_path / "work"
+    porcelain.init(work, None, install_hooks=False).close()
+    git_dir = work / ".mint"
+    # M is dated after its descendants (a skewed clock); X reaches it through p1..p7, more
+    # commits than SLOP; Y is an unrelated root. Finding X...Y's merge bases reads X down to
+    # M, and git's ^X excludes M at once through those commits; a walk that read them again
+    # listed M, then ran out of SLOP among excluded commits before reaching it.
+    tip = m = _dated_commit(git_dir, T0 + 5000, "M")
+    for i in range(1, 8):
+        tip = _dated_commit(git_dir, T0 + 100 + i, f"p{i}", tip)
+    x = _dated_commit(git_dir, T0 + 200, "X", tip)
+    y = _dated_commit(git_dir, T0 + 150, "Y")
+    for name, oid in (("M", m), ("X", x), ("Y", y)):
+        git(git_dir, "update-ref", f"refs/heads/{name}", oid)
+    args = ["M", "^X", "X...Y"]
+    expected = git(git_dir, "log", "--first-parent", "--format=%H", *args).stdout.split()
+    assert expected == [y]
+    assert [c["commit"] for c in json.loads(mint(work, "log", "--json", *args).stdout)] == [y]
+    assert mint(work, "log", "--oneline", *args).stdout == f"{y[:7]} (Y) Y\n"
+
+
+def test_merge_bases_are_listed_as_git_merge_base_lists_them(tmp_path: Path) -> None:
+    from mintvcs import porcelain, revwalk
+    from mintvcs.store import Repository
+
+    work = tmp_path / "work"
+    porcelain.init(work, None, install_hooks=False).close()
+    git_dir = work / ".mint"
+    # Two unrelated roots, both common to A and B: old, found first, and new (a skewed
+    # clock), found once the painting has gone round through CA and CB. git lists the
+    # newest first.
+    old, new = _dated_commit(git_dir, T0 + 50, "old"), _dated_commit(git_dir, T0 + 200, "new")
+    ca, cb = (_dated_commit(git_dir, T0 + 40, name, new) for name in ("CA", "CB"))
+    a = _dated_commit(git_dir, T0 + 100, "A", old, ca)
+    b = _dated_commit(git_dir, T0 + 100, "B", old, cb)
+    bases = git(git_dir, "merge-base", "--all", a, b).stdout.split()
+    assert bases == [new, old]
+    with Repository.open(work) as repo:
+        assert revwalk.merge_bases(revwalk.Revisions(repo), a, b) == bases
+        assert revwalk.merge_bases(revwalk.Revisions(repo), b, a) == bases
+
+
+def _skewed_history(git_dir: Path, rng: random.Random) -> list[str]:
+    """Runs of 3 to 12 commits, each forking from an earlier commit (or a new root), some
+    starting with a merge; one commit in eight dated far before or after its parent; six
+    branches r0..r5 at random commits, often skewed ones, and HEAD at one of them. Written
+    by one `git fast-import`; returns the branch names."""
+    stream: list[str] = []
+    marks: list[int] = []
+    skewed: list[int] = []
+    when = T0
+    while len(marks) < 40:
+        parents = [rng.choice(marks)] if marks and rng.random() < 0.85 else []
+        if marks and rng.random() < 0.3 and (other := rng.choice(marks)) not in parents:
+            parents.append(other)
+        for _ in range(rng.randint(3, 12)):
+            mark = len(marks) + 1
+            when += rng.choice([1, 1, 10, 60])
+            stamp = when
+            if rng.random() < 0.12:
+                stamp += rng.choice([1, -1]) * rng.randint(500, 5000)
+                skewed.append(mark)
+            stream.append(
+                f"commit refs/heads/tmp\nmark :{mark}\n"
+                f"committer Tester <tester@example.com> {stamp} +0000\ndata 3\nc{mark}\n"
+            )
+            # A run with no parent starts a new root (fast-import would go on from tmp's tip).
+            stream += [f"from :{parents[0]}\n"] if parents else ["from " + "0" * 40 + "\n"]
+            stream += [f"merge :{parent}\n" for parent in parents[1:]]
+            marks.append(mark)
+            parents = [mark]
+    names = [f"r{i}" for i in range(6)]
+    for name in names:
+        target = rng.choice(skewed if skewed and rng.random() < 0.4 else marks)
+        stream.append(f"reset refs/heads/{name}\nfrom :{target}\n\n")
+    git(git_dir, "fast-import", "--quiet", input_text="".join(stream))
+    git(git_dir, "update-ref", "-d", "refs/heads/tmp")
+    git(git_dir, "symbolic-ref", "HEAD", f"refs/heads/{rng.choice(names)}")
+    return names
+
+
+@pytest.mark.parametrize("seed", [44])
+def test_skewed_histories_list_as_git_log_first_parent_lists_them(
+    tmp_path: Path, seed: int
+) -> None:
+    from mintvcs import porcelain, revwalk
+    from mintvcs.store import Repository
+
+    # Exclusions next to A...B and ~N, on histories whose clocks are skewed by more than the
+    # walk's SLOP covers: what git lists then depends on which commits it read to find the
+    # tips (merge bases, ~N), as its exclusions pass through all of them at once. Seed 44
+    # finds each of: a walk that read again what the merge bases read, or what ~N read, and
+    # merge bases that kept one another reaches.
+    rng = random.Random(seed)
+    forms = ["{a}", "^{a}", "{a}..{b}", "{a}...{b}", "{a}~1..{b}", "^{a}~3", "{a}~2...{b}"]
+    compared = 0
+    for round_ in range(12):
+        work = tmp_path / f"work{round_}"
+        porcelain.init(work, None, install_hooks=False).close()
+        git_dir = work / ".mint"
+        names = [*_skewed_history(git_dir, rng), "HEAD"]
+        with Repository.open(work) as repo:
+            for _ in range(25):
+                if rng.random() < 0.5:
+                    args = [rng.choice(names), "^" + rng.choice(names)]
+                    args.append(f"{rng.choice(names)}...{rng.choice(names)}")
+                    rng.shuffle(args)
+                else:
+                    args = [
+                        rng.choice(forms).format(a=rng.choice(names), b=rng.choice(names))
+                        for _ in range(rng.randint(1, 3))
+                    ]
+                every = rng.random() < 0.1
+                limit = rng.choice([None, None, 1, 3])
+                options = ["--all"] * every + ["-n", str(limit)] * (limit is not None)
+                expected = git(
+                    git_dir, "log", "--first-parent", "--format=%H", *options, *args, ok=False
+                )
+                if expected.returncode:
+                    continue  # `~N` past a root commit
+                got = porcelain.log(repo, args, limit, all_refs=every)
+                assert [c.id for c in got] == expected.stdout.split(), (round_, options, args)
+                compared += 1
+    assert compared > 200
+    # The merge bases themselves, in git's order: a skewed clock finds some that another
+    # reaches, which git drops.
+    for round_ in range(12):
+        work = tmp_path / f"work{round_}"
+        names = git(work / ".mint", "for-each-ref", "--format=%(refname:short)").stdout.split()
+        with Repository.open(work) as repo:
+            for a, b in itertools.combinations(names, 2):
+                bases = git(work / ".mint", "merge-base", "--all", a, b, ok=False).stdout
+                found = revwalk.merge_bases(revwalk.Revisions(repo), *map(repo.resolve, (a, b)))
+                assert found == bases.split(), (round_, a, b)
 
 
 def test_all_starts_from_a_linked_worktrees_detached_head_too(
