@@ -46,6 +46,7 @@ from mintvcs.refs import (
     InvalidRefNameError,
     OldValue,
     RefConflictError,
+    RefFormatError,
     check_branch_name,
     check_name_type,
     check_ref_name,
@@ -56,6 +57,7 @@ from mintvcs.refs import (
 from mintvcs.repoformat import parse_shared
 from mintvcs.store import (
     CommitInfo,
+    CorruptObjectError,
     Repository,
     Revision,
     UnknownRevisionError,
@@ -590,18 +592,19 @@ def log_tips(
 
 def _all_ref_tips(repo: Repository) -> list[revwalk.Tip]:
     """The commits `git log --all` starts from, in its order: each ref's, by name (a ref to a
-    tree or blob names none; a broken one is warned of and left out, as git does), HEAD's, and
-    those of linked worktrees' detached HEADs."""
+    tree or blob names none), HEAD's, and those of linked worktrees' detached HEADs. As in git
+    2.39 (`fatal: bad object REF`), a ref file that does not parse, or a ref to a missing or
+    corrupt object, is an error: a listing of "all" that left a branch out would not say so."""
     found: list[str] = []
-    for name, oid in repo.refs.iter_refs("refs/", on_broken=warn_ignored_ref):
+    # Without on_broken: a ref file that does not parse raises RefFormatError, naming it.
+    for name, oid in repo.refs.iter_refs("refs/"):
         try:
             # Only a tag object needs reading to peel; None: the header cannot tell.
             kind = repo.object_kind(oid)
             if kind in ("tag", None):
                 oid, kind = repo.peel_object(oid)
-        except MintError as err:
-            warn_ignored_ref(name, err)
-            continue
+        except CorruptObjectError as err:
+            raise CorruptObjectError(f"bad object {name}: {err}") from err
         if kind == "commit":
             found.append(oid)
     head = repo.head_commit()
@@ -632,11 +635,20 @@ def _decoration(name: str) -> str:
     return name
 
 
+def _labelled_refs(repo: Repository) -> list[tuple[str, str]]:
+    """Every ref, for ref_labels; a ref file that does not parse labels nothing, as in git's
+    log, which lists the history all the same (`log --all` fails on it)."""
+    try:
+        return list(repo.refs.iter_refs("refs/"))
+    except RefFormatError:
+        return list(repo.refs.iter_refs("refs/", on_broken=lambda _name, _err: None))
+
+
 def ref_labels(repo: Repository) -> dict[str, list[str]]:
     """Every commit a ref names, with its `git log --decorate` labels: one pass over the refs
     (a log of many pages reads them once, not once a page)."""
     names: dict[str, list[str]] = {}
-    for name, oid in repo.refs.iter_refs("refs/"):
+    for name, oid in _labelled_refs(repo):
         if not name.startswith(_DECORATED_PREFIXES) and name != _DECORATED_EXACT:
             continue
         # Branches name commits; only a tag may name a tag object that has to be read and peeled.

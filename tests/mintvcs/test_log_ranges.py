@@ -498,6 +498,59 @@ def test_skewed_histories_list_as_git_log_first_parent_lists_them(
                 assert found == bases.split(), (round_, a, b)
 
 
+def test_all_stops_at_a_broken_ref_as_git_log_all_does_and_log_lists_on(
+    forked: dict[str, Any], tmp_path: Path
+) -> None:
+    work = shutil.copytree(forked["work"], tmp_path / "work")
+    git_dir = work / ".mint"
+    everything = git(git_dir, "log", "--format=%H", "--all").stdout.split()
+    # A ref to a tree, a blob or a tag of a tree names no commit: --all adds nothing for it.
+    tree = git(git_dir, "rev-parse", "main^{tree}").stdout.strip()
+    blob = git(git_dir, "hash-object", "-w", "--stdin", input_text="x").stdout.strip()
+    git(git_dir, "tag", "-a", "-m", "t", "tree-tag", tree)
+    git(git_dir, "update-ref", "refs/tags/tree", tree)
+    git(git_dir, "update-ref", "refs/tags/blob", blob)
+    (git_dir / "refs" / "heads" / "dangling").write_text("ref: refs/heads/nowhere\n")
+    assert git(git_dir, "log", "--format=%H", "--all").stdout.split() == everything
+    result = mint(work, "log", "--json", "--all")
+    assert [c["commit"] for c in json.loads(result.stdout)] == everything
+    assert result.stderr == ""
+    # A commit, then damaged: its loose file overwritten.
+    lone = git(git_dir, "commit-tree", tree, "-p", "main", "-m", "lone").stdout.strip()
+    loose = git_dir / "objects" / lone[:2] / lone[2:]
+    loose.chmod(0o644)
+    loose.write_bytes(b"junk")
+    missing = "1234567890" * 4
+    tag_of_missing = git(
+        git_dir,
+        "hash-object",
+        "-t",
+        "tag",
+        "-w",
+        "--stdin",
+        "--literally",
+        input_text=f"object {missing}\ntype commit\ntag t\ntagger T <t@e> 0 +0000\n\nm\n",
+    ).stdout.strip()
+    for ref, content, error in (
+        ("refs/heads/garbled", "garbage", "error: corrupt ref file "),
+        ("refs/heads/missing", missing, f"error: bad object refs/heads/missing: object {missing} "),
+        ("refs/heads/corrupt", lone, f"error: bad object refs/heads/corrupt: object {lone} is "),
+        ("refs/tags/gone", tag_of_missing, f"error: bad object refs/tags/gone: object {missing} "),
+    ):
+        (git_dir / ref).write_text(content + "\n")
+        # git 2.39: `fatal: bad object REF` (or its loose object "is corrupt"), status 128.
+        assert git(git_dir, "log", "--all", ok=False).returncode == 128
+        result = mint(work, "log", "--all", ok=False)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr.startswith(error) and result.stderr.count("\n") == 1, result.stderr
+        # A plain log lists its history all the same, as git's, that ref undecorated.
+        listed = git(git_dir, "log", "--format=%H").stdout.split()
+        plain = mint(work, "log", "--json")
+        assert [c["commit"] for c in json.loads(plain.stdout)] == listed
+        assert plain.stderr == ""
+        (git_dir / ref).unlink()
+
+
 def test_all_starts_from_a_linked_worktrees_detached_head_too(
     forked: dict[str, Any], tmp_path: Path
 ) -> None:
