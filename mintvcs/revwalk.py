@@ -52,15 +52,30 @@ class Revisions:
 
 def split_range(arg: str) -> tuple[str, str, str] | None:
     """(A, '..' or '...', B) of a range argument, an empty side read as HEAD (as git reads
-    `..B`); None for an argument that is no range."""
+    `..B`, and `..` as HEAD..HEAD); None for an argument that is no range."""
     left, dots, right = arg.partition("..")
     if not dots:
         return None
     if right.startswith("."):
         dots, right = "...", right[1:]
-    if not left and not right and dots == "..":
-        raise UnknownRevisionError("invalid revision '..': a range names a revision on one side")
-    return left or "HEAD", dots, right or "HEAD"
+    if ".." in right or right.startswith("."):
+        # git's "bad revision 'a..b..c'": name what was given, not the piece left over
+        raise UnknownRevisionError(
+            f"invalid revision {arg!r}: a range is A..B or A...B, of two revisions"
+        )
+    return _named(arg, left or "HEAD"), dots, _named(arg, right or "HEAD")
+
+
+def _named(arg: str, spec: str) -> str:
+    """`spec`, a revision of argument `arg`, refused (naming `arg`) when nothing names the
+    commit its `~`/`^` steps start from: git refuses `^..main` and `~1`, not reading HEAD."""
+    if not spec:
+        raise UnknownRevisionError(f"invalid revision {arg!r}: it names no revision")
+    if spec[0] in ("~", "^"):
+        raise UnknownRevisionError(
+            f"invalid revision {arg!r}: no branch, tag or commit id before {spec[0]!r}"
+        )
+    return spec
 
 
 def named_specs(arg: str) -> list[str]:
@@ -68,7 +83,7 @@ def named_specs(arg: str) -> list[str]:
     sides = split_range(arg)
     if sides is not None:
         return [sides[0], sides[2]]
-    return [arg.removeprefix("^")]
+    return [_named(arg, arg.removeprefix("^"))]
 
 
 def tips_of(repo: Repository, args: Sequence[str], first: Sequence[Tip] = ()) -> Revisions:
@@ -82,7 +97,8 @@ def tips_of(repo: Repository, args: Sequence[str], first: Sequence[Tip] = ()) ->
         sides = split_range(arg)
         if sides is None:
             excluded = arg.startswith("^")
-            found.tips.append(Tip(found.resolve(arg[1:] if excluded else arg), excluded))
+            spec = _named(arg, arg[1:] if excluded else arg)
+            found.tips.append(Tip(found.resolve(spec), excluded))
             continue
         left, dots, right = sides
         a, b = found.resolve(left), found.resolve(right)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.mintvcs.storekit import ENV, copy_adapter, count_reads, git, mint, mint_fails, mutate
+from tests.mintvcs.storekit import ENV, copy_adapter, count_reads, git, mint, mutate
 
 T0 = 1_700_000_000  # commit times are set (GIT_COMMITTER_DATE): ties and a skew on purpose
 
@@ -134,8 +134,44 @@ def test_ranges_print_as_log_prints_and_fail_as_an_unknown_ref_fails(
         result = mint(work, "log", *args, ok=False)
         assert result.returncode == 128 and result.stdout == ""
         assert result.stderr == "error: unknown revision 'nope': not a branch, tag or commit id\n"
-    assert "invalid revision '..'" in mint_fails(work, "log", "..")
     assert "A..B" in mint(work, "log", "--help").stdout
+
+
+def test_a_range_with_no_name_before_a_step_or_too_many_dots_is_refused_as_git_refuses_it(
+    forked: dict[str, Any],
+) -> None:
+    work = forked["work"]
+    # git: `fatal: bad revision 'ARG'`. An empty name before ~ or ^ is not HEAD (it was:
+    # `^..main` listed HEAD^..main), and an error names the whole argument, not what is left
+    # of it after the first `..` (`'product-b..main'`, `'.product-b'`).
+    for args, why in (
+        (["^..main"], "no branch, tag or commit id before '^'"),
+        (["~..main"], "no branch, tag or commit id before '~'"),
+        (["main..^"], "no branch, tag or commit id before '^'"),
+        (["main", "^^"], "no branch, tag or commit id before '^'"),
+        (["~1"], "no branch, tag or commit id before '~'"),
+        (["^main..main"], "no branch, tag or commit id before '^'"),
+        (["^"], "it names no revision"),
+        (["main..product-b..main"], "a range is A..B or A...B, of two revisions"),
+        (["main....product-b"], "a range is A..B or A...B, of two revisions"),
+        (["main...."], "a range is A..B or A...B, of two revisions"),
+    ):
+        refused = git(work / ".mint", "log", *args, "--", ok=False)
+        assert (refused.returncode, refused.stderr) == (128, f"fatal: bad revision '{args[-1]}'\n")
+        result = mint(work, "log", "--oneline", *args, ok=False)
+        assert (result.returncode, result.stdout) == (128, "")
+        assert result.stderr == f"error: invalid revision '{args[-1]}': {why}\n"
+    # `..` is HEAD..HEAD and `...` HEAD...HEAD: nothing, as in git.
+    for args in ([".."], ["..."]):
+        assert git(work / ".mint", "log", *args, "--").stdout == ""
+        assert mint(work, "log", "--json", *args).stdout == "[]\n"
+        result = mint(work, "log", *args)
+        assert (result.stdout, result.stderr) == ("", "")
+    listed = git(work / ".mint", "log", "--format=%H", "exp", "..", "--").stdout.split()
+    assert listed == _ids(forked, "e1")
+    assert [
+        c["commit"] for c in json.loads(mint(work, "log", "--json", "exp", "..").stdout)
+    ] == listed
 
 
 def test_a_range_warns_of_an_ambiguous_name_and_takes_the_tag(
