@@ -1111,20 +1111,37 @@ def _record_clean(
     _write_record(repo, record)
 
 
+def _parse_record(raw: bytes) -> dict[str, Any]:
+    """The work-tree record in `raw`; {} where it does not parse as one."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _read_record(repo: Repository) -> dict[str, Any]:
+    """The work-tree record; {} where there is none or it does not parse."""
+    try:
+        return _parse_record((repo.git_dir / WORKTREE_RECORD).read_bytes())
+    except OSError:
+        return {}
+
+
 def _recorded_content(
     repo: Repository, commit: str
 ) -> tuple[str, dict[str, tuple[str, bool]]] | None:
     """RevisionOf(commit).content_ids() as the work tree's record lists them, where it names
     `commit` (older records list none: the revision is read instead)."""
+    record = _read_record(repo)
+    if record.get("commit") != commit:
+        return None
     try:
-        record = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())
-        if record["commit"] != commit:
-            return None
         config = record["config"]
         files = {
             path: (blob, executable) for path, (blob, executable) in record["committed"].items()
         }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     sound = is_object_id(config) and all(
         is_object_id(blob) and isinstance(executable, bool) for blob, executable in files.values()
@@ -1145,25 +1162,17 @@ def _write_record(repo: Repository, record: dict[str, Any]) -> None:
 def work_tree_base(repo: Repository) -> str | None:
     """The revision the work tree was last made to hold (by checkout, a commit of it, reset),
     as the record says; None where no record says (an interrupted checkout, an old repository)."""
-    try:
-        record = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())
-        commit = record["commit"]
-        # A record without "files" was written by a mintvcs that did not keep it up to date
-        # as a base (its reset left it): only a cache of stats, no base.
-        if "files" not in record:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    record = _read_record(repo)
+    # A record without "files" was written by a mintvcs that did not keep it up to date as a
+    # base (its reset left it): only a cache of stats, no base.
+    commit = record.get("commit") if "files" in record else None
     return commit if is_object_id(commit) else None
 
 
 def work_tree_mix(repo: Repository) -> list[str]:
     """The revisions whose files the work tree holds a mix of, where a checkout or reset --hard
     stopped part-way and could not write the old revision back; [] where none did."""
-    try:
-        mixes = json.loads((repo.git_dir / WORKTREE_RECORD).read_bytes())["mixes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+    mixes = _read_record(repo).get("mixes")
     return [m for m in mixes if is_object_id(m)] if isinstance(mixes, list) else []
 
 
@@ -1282,7 +1291,7 @@ def _clean_by_stat(repo: Repository, head: RevisionOf) -> bool:
     assert repo.work_tree is not None
     try:
         original = (repo.git_dir / WORKTREE_RECORD).read_bytes()
-        record = json.loads(original)
+        record = _parse_record(original)
         key = stat_key(os.stat(repo.work_tree / WEIGHTS_FILE))
         if record["commit"] != head.commit or record["weights"] != list(key):
             return False  # another base, a changed file, or a stat not trusted (None)
