@@ -349,6 +349,10 @@ def _checked_spec(spec: str) -> tuple[str, str]:
         raise UnknownRevisionError(
             f"unknown revision {spec!r}: after a name come only ~N, ^N, ^{{}} and ^{{commit}}"
         )
+    if not parts[0]:  # git reads no HEAD into `~1` or `^{}`: they name nothing
+        raise UnknownRevisionError(
+            f"invalid revision {spec!r}: no branch, tag or commit id before {spec[0]!r}"
+        )
     return parts
 
 
@@ -1742,10 +1746,7 @@ class Repository:
         commit id; `commit_info` reads the commits the steps pass (log keeps them, as git's)."""
         name, suffix = _checked_spec(spec)
         base, at, selector = name.partition("@{")
-        if at:
-            oid = self._resolve_reflog(base, selector, spec)
-        else:
-            oid = self._resolve_name(name or "HEAD", spec)
+        oid = self._resolve_reflog(base, selector, spec) if at else self._resolve_name(name, spec)
         steps = _STEP.findall(suffix)
         shallow = self.shallow_commits() if steps and commit_info is None else frozenset()
 
@@ -1779,7 +1780,7 @@ class Repository:
         name, suffix = _checked_spec(spec)
         if suffix or "@{" in name:  # `~N`, `^{}`, a reflog entry: a commit
             return self.resolve(spec)
-        return self._resolve_name(name or "HEAD", spec, peel=False)
+        return self._resolve_name(name, spec, peel=False)
 
     def _resolve_reflog(self, base: str, selector: str, spec: str) -> str:
         """`NAME@{N}`: NAME's value N moves ago (its reflog); `@{-N}`: the branch checked out before the last N switches."""

@@ -698,6 +698,23 @@ def test_tags_of_an_annotated_tag_are_the_objects_git_writes(
     assert git(work / ".mint", *listing).stdout == git(twin, *listing).stdout
 
 
+def test_a_step_with_no_name_before_it_is_refused_not_read_from_head(work: Path) -> None:
+    # `show ~1` read HEAD~1 (only log refused it); git reads no HEAD into `~1`, `^` or `^{}`.
+    mutate(work, seed=36)
+    mint(work, "commit", "-m", "second")
+    before = git(work / ".mint", "for-each-ref").stdout
+    for spec in ("~1", "~", "^", "^1", "^{}", "^{commit}"):
+        assert git(work / ".mint", "rev-parse", spec, ok=False).returncode == 128, spec
+        for args in (("show", spec), ("tag", "t", spec), ("checkout", spec), ("diff", spec)):
+            result = mint(work, *args, ok=False)
+            assert result.returncode == 128, (args, result.stderr)
+            assert f"invalid revision {spec!r}: no branch, tag or commit id before" in (
+                result.stderr
+            ), args
+    assert git(work / ".mint", "for-each-ref").stdout == before
+    assert mint(work, "show", "--json", "@~1").returncode == 0
+
+
 def test_an_empty_revision_is_refused_not_read_as_head(work: Path) -> None:
     # `tag prod "$REV"` with REV unset tagged HEAD (so did branch, checkout and checkout -b);
     # git refuses an empty revision. `@` alone still means HEAD, as in git 2.45 on.
