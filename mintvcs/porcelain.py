@@ -56,6 +56,7 @@ from mintvcs.refs import (
 )
 from mintvcs.repoformat import parse_shared
 from mintvcs.store import (
+    KEEP_TENSOR_BYTES,
     CommitInfo,
     CorruptObjectError,
     Repository,
@@ -1608,11 +1609,13 @@ def write_work_tree(
     work = repo.work_tree
     if work is None:
         raise MintError("this repository has no work tree")
+    previous = _replaced_weights(work / WEIGHTS_FILE, rev)
     if show_progress:
         with progress_bar(rev.manifest.nbytes, "decoding") as update:
-            weights = rev.safetensors_buffer(update)
+            weights = rev.safetensors_buffer(update, previous)
     else:
-        weights = rev.safetensors_buffer()
+        weights = rev.safetensors_buffer(previous=previous)
+    del previous
     files = rev.files()
     held = _held_revisions(repo)
     gone = [] if old is None else [path for path in old.content_ids()[1] if path not in files]
@@ -1642,6 +1645,34 @@ def write_work_tree(
     ids = (blob_id(rev.config_bytes), _file_ids(rev))
     weights_key = stat_key(os.stat(work / WEIGHTS_FILE))
     _record_clean(repo, rev.commit, ids, weights_key, known_ns, written)
+
+
+def _replaced_weights(path: Path, rev: Revision) -> bytes | None:
+    """The weights file that writing `rev` replaces, when `rev` has many small tensors: those
+    it holds unchanged are taken from it (their sha256 checked) instead of decoded. None when
+    there is no regular file to read there, or reading it fails (everything is decoded)."""
+    small = sum(1 for r in rev.manifest.tensors if r.end - r.start <= KEEP_TENSOR_BYTES)
+    if small < _KEEP_MIN_TENSORS:
+        return None
+    try:
+        # Not through a symlink, and never blocking on a FIFO: only a plain file is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > 2 * rev.manifest.nbytes + (64 << 20):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as handle:  # read, not mapped: it may be truncated
+            return handle.read()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+# Fewer small tensors than this decode faster than the weights file is read and hashed.
+_KEEP_MIN_TENSORS = 256
 
 
 def _left_behind_files(

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -446,3 +447,73 @@ def test_clean_work_tree_needs_no_revision_of_head(
             record_path.write_text(json.dumps(damaged))
             reads.clear()
             assert porcelain.status(repo).changes == [] and reads == [main]
+
+
+def _decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the tensors each later checkout decodes (Repository.tensors_into, wrapped)."""
+    names: list[str] = []
+    decode = Repository.tensors_into
+
+    def counting(self: Repository, items: Any) -> None:
+        names.extend(record.name for record, _ in items)
+        decode(self, items)
+
+    monkeypatch.setattr(Repository, "tensors_into", counting)
+    return names
+
+
+def test_checkout_takes_unchanged_small_tensors_from_the_file_it_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _many_tensors(tmp_path / "src", seed=12, count=300)
+    work = _repository_of(tmp_path, src)
+    changed = tensor_names(work)[10:13]
+    with Repository.open(work) as repo:
+        first = porcelain.commit(repo, "r0", verify=False, show_progress=False).commit
+        mutate(work, seed=13, names=changed)
+        second = porcelain.commit(repo, "r1", verify=False, show_progress=False).commit
+        committed = {c: repo.read_revision(c).safetensors_bytes() for c in (first, second)}
+    decoded = _decoded(monkeypatch)
+    with Repository.open(work) as repo:
+        porcelain.checkout(repo, first)
+    assert (work / WEIGHTS).read_bytes() == committed[first]
+    assert sorted(decoded) == sorted(changed)  # the other 297 were in place, hashed
+    # A tensor edited in the file is not kept: its sha256 differs, it is decoded.
+    edited = tensor_names(work)[200]
+    mutate(work, seed=14, names=[edited])
+    decoded.clear()
+    with Repository.open(work) as repo:
+        porcelain.checkout(repo, second, force=True)
+    assert (work / WEIGHTS).read_bytes() == committed[second]
+    assert sorted(decoded) == sorted([*changed, edited])
+    # With no file to take from (removed, or a directory), everything is decoded.
+    (work / WEIGHTS).unlink()
+    decoded.clear()
+    with Repository.open(work) as repo:
+        porcelain.checkout(repo, first, force=True)
+    assert (work / WEIGHTS).read_bytes() == committed[first]
+    assert len(decoded) == 300
+
+
+def test_checkout_still_refuses_a_damaged_blob_of_a_changed_tensor(tmp_path: Path) -> None:
+    src = _many_tensors(tmp_path / "src", seed=15, count=300)
+    work = _repository_of(tmp_path, src)
+    changed = tensor_names(work)[20]
+    mint(work, "commit", "-m", "r0")
+    mint(work, "branch", "keep")
+    mutate(work, seed=16, names=[changed])
+    mint(work, "commit", "-m", "r1")
+    with Repository.open(work) as repo:
+        record = repo.read_revision(repo.resolve("keep")).manifest.tensor(changed)
+        assert record is not None
+        pack, offset = repo._locate_packed([record.blob])[0] or (None, 0)
+        assert pack is not None
+        path = Path(pack.pack_path)
+    data = bytearray(path.read_bytes())
+    data[offset + 400] ^= 0x10  # in its payload, past the deflated blob header
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+    before = (work / WEIGHTS).read_bytes()
+    line = mint_fails(work, "checkout", "keep")
+    assert changed in line
+    assert (work / WEIGHTS).read_bytes() == before
