@@ -360,7 +360,14 @@ def init(
 
 
 @main.command()
-@click.option("-m", "--message", required=True, help="Commit message.")
+@click.option(
+    "-m",
+    "--message",
+    "messages",
+    required=True,
+    multiple=True,
+    help="Commit message; several make one paragraph each (-m SUBJECT -m BODY).",
+)
 @click.option(
     "--from",
     "source",
@@ -379,7 +386,7 @@ def init(
 )
 @json_option
 def commit(
-    message: str,
+    messages: tuple[str, ...],
     source: Path | None,
     meta: tuple[str, ...],
     no_verify: bool,
@@ -389,11 +396,12 @@ def commit(
 ) -> None:
     """Record the adapter as a new revision on the current branch."""
     from mintvcs import porcelain
+    from mintvcs.messages import join_paragraphs
 
     repo = _open_repo()
     result = porcelain.commit(
         repo,
-        message,
+        join_paragraphs(messages),
         source=source,
         meta=_parse_meta(meta),
         verify=not no_verify,
@@ -842,7 +850,13 @@ def branch(
 
 @main.command()
 @click.argument("names", nargs=-1, metavar="[NAME [REV]]")
-@click.option("-m", "--message", help="Create an annotated tag with this message.")
+@click.option(
+    "-m",
+    "--message",
+    "messages",
+    multiple=True,
+    help="Create an annotated tag with this message; several make one paragraph each.",
+)
 @click.option(
     "-a", "--annotate", is_flag=True, help="Create an annotated tag (needs -m: no editor opens)."
 )
@@ -852,7 +866,7 @@ def branch(
 @json_option
 def tag(
     names: tuple[str, ...],
-    message: str | None,
+    messages: tuple[str, ...],
     annotate: bool,
     delete: bool,
     force: bool,
@@ -861,7 +875,9 @@ def tag(
 ) -> None:
     """List, create or delete tags."""
     from mintvcs import porcelain
+    from mintvcs.messages import join_paragraphs
 
+    message = join_paragraphs(messages) if messages else None
     if list_ and (delete or message is not None or force or annotate):
         raise click.UsageError("-l lists tags: it takes no -d, -a, -m or -f")
     if delete and (message is not None or force or annotate):

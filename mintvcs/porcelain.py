@@ -38,6 +38,7 @@ from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
 from mintvcs.filemodes import file_mode
 from mintvcs.ids import blob_id, is_object_id
+from mintvcs.messages import check_message, clean_message, decode_message
 from mintvcs.objects import Manifest
 from mintvcs.progress import progress_bar
 from mintvcs.refs import (
@@ -130,6 +131,25 @@ def _move_ref(
         tz=by.tz,
         deref=deref,
     )
+
+
+def comment_char(repo: Repository) -> str:
+    """core.commentChar (repository, then global config), as git tag reads it: '#' when unset
+    or "auto" (which only a commit's editor adjusts); a value of more than one byte is
+    refused, as git refuses it."""
+    from dulwich.config import StackedConfig
+
+    stacked = StackedConfig([repo.config, *StackedConfig.default_backends()])
+    try:
+        value = stacked.get((b"core",), b"commentChar")
+    except KeyError:
+        return "#"
+    if value.lower() == b"auto":
+        return "#"
+    if len(value) != 1 or not value.isascii():
+        # git takes any one byte; a byte of a multi-byte UTF-8 character is no prefix of a line.
+        raise MintError(f"core.commentChar should only be one ASCII character (it is {value!a})")
+    return value.decode("ascii")
 
 
 def signature(repo: Repository | None = None, role: str = "committer") -> Signature:
@@ -343,20 +363,6 @@ def init(
 
 
 # ------------------------------------------------------------------- commit
-def clean_message(message: str) -> str:
-    """A commit or tag message as git stores one given with -m: trailing whitespace off each
-    line, blank lines at either end dropped and runs of them made one, a final newline ("" if
-    nothing is left)."""
-    lines = [line.rstrip() for line in message.splitlines()]
-    kept: list[str] = []
-    for line in lines:
-        if line or (kept and kept[-1]):
-            kept.append(line)
-    while kept and not kept[-1]:
-        kept.pop()
-    return "\n".join(kept) + "\n" if kept else ""
-
-
 @dataclass(frozen=True)
 class CommitResult:
     """What `commit` did."""
@@ -394,6 +400,11 @@ def commit(
     """
     if not isinstance(message, str):
         raise TypeError(f"a commit message is a str, not {type(message).__name__}")
+    # Before anything is read or written: a message that cannot be stored as given is refused
+    # here, not after the tensors are encoded.
+    check_message(message, "commit")
+    # As git writes the -m message for the commit-msg hook: cleaned already.
+    message = clean_message(message)
     source = Path(source) if source is not None else repo.work_tree
     # `--from .`, or the work tree by a symlinked path, is the work tree: its record follows.
     of_work_tree = source is not None and _same_dir(source, repo.work_tree)
@@ -421,7 +432,7 @@ def commit(
     check_in_process = verify and hooks.is_sample(repo.git_dir, "pre-commit")
     if verify and not check_in_process:
         hooks.run_hook(repo.git_dir, "pre-commit", [], env, may_refuse=True)
-    if not message.strip() and not (verify and hooks.is_active(repo.git_dir, "commit-msg")):
+    if not message and not (verify and hooks.is_active(repo.git_dir, "commit-msg")):
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
     author, committer = signature(repo, "author"), signature(repo, "committer")
     branch_ref = f"refs/heads/{branch}" if branch is not None else repo.refs.read_symbolic("HEAD")
@@ -558,10 +569,12 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
         raise OSError(err.errno, err.strerror, os.fspath(repo.git_dir)) from None
     path = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(message)
+        with os.fdopen(fd, "wb") as f:
+            f.write(message.encode())
         hooks.run_hook(repo.git_dir, "commit-msg", [str(path)], env, may_refuse=True)
-        return path.read_text()
+        # Bytes, as git reads the file back: a text read would take the locale's encoding and
+        # turn a lone "\r" into a line break.
+        return decode_message(path.read_bytes(), "message the commit-msg hook left")
     finally:
         path.unlink(missing_ok=True)
 
@@ -1532,6 +1545,10 @@ def tag_create(
 ) -> str:
     """Create a lightweight tag, or an annotated one with `message`; returns the tag's ref value."""
     check_name_type(name)
+    if message is not None:
+        if not isinstance(message, str):
+            raise TypeError(f"a tag message is a str, not {type(message).__name__}")
+        check_message(message, "tag")
     check_ref_name(f"refs/tags/{name}")
     if name.startswith("-"):
         raise InvalidRefNameError(name, "a tag name cannot begin with '-'")
@@ -1555,7 +1572,8 @@ def tag_create(
         tag.tagger = who.encode()
         tag.tag_time = tagger.timestamp
         tag.tag_timezone = parse_timezone(tagger.tz.encode())[0]
-        tag.message = clean_message(message).encode()
+        # git tag's default cleanup drops comment lines too, unlike commit -m's.
+        tag.message = clean_message(message, comment_char(repo)).encode()
         repo.add_object(tag)
         value = tag.id.decode()
     _move_ref(repo, ref, value, old=existing, message=f"tag: {name}", by=tagger)

@@ -1578,6 +1578,16 @@ class Repository:
                     f"metadata {key!r:.40}: {value!r:.40} is not a non-empty string key with a "
                     "string value; convert values with str() (for example meta={'step': str(step)})"
                 )
+            # JSON would store a lone surrogate (or a byte of argv that is not UTF-8, which
+            # Python passes on as one) as an escape other readers take for U+FFFD.
+            for part, text in (("key", key), ("value", value)):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise MintError(
+                        f"metadata {key!a:.60}: its {part} is not valid UTF-8 text (bytes that "
+                        "are not UTF-8, or a lone surrogate); give it in UTF-8"
+                    ) from None
         # What a reader refuses (MAX_METADATA_BYTES) is refused here: a revision that could
         # not be read back would pass for a damaged one.
         _check_metadata_size(CONFIG_PATH, len(adapter.config_bytes))
@@ -1744,6 +1754,9 @@ class Repository:
         self, tree: str, parents: list[str], message: str, author: str, committer: str
     ) -> str:
         """Write a commit object as git serializes it; `author`/`committer` are `Name <email> seconds +HHMM`."""
+        from mintvcs.messages import check_message
+
+        check_message(message, "commit")  # what porcelain.commit checked before encoding
         lines = [f"tree {tree}", *(f"parent {p}" for p in parents)]
         lines += [f"author {author}", f"committer {committer}", "", message]
         return self.write_object(b"commit", ["\n".join(lines).encode()], META_ZLIB_LEVEL)

@@ -1,0 +1,196 @@
+"""Commit and tag messages: stored and refused as git 2.39 stores and refuses them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.mintvcs.storekit import ENV, git, mint, mint_fails, mutate
+
+DATES = {"GIT_AUTHOR_DATE": "1767225600 +0000", "GIT_COMMITTER_DATE": "1767225600 +0000"}
+
+
+def run_git(cwd: Path, *args: str, env: dict[str, str] | None = None, data: bytes = b"") -> str:
+    """Real git in `cwd` with fixed identities and dates; its stdout, decoded as UTF-8."""
+    result = subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        env={**ENV, **DATES, **(env or {})},
+        input=data,
+        capture_output=True,
+        check=False,
+    )
+    assert result.returncode == 0, f"git {args} failed:\n{result.stderr.decode(errors='replace')}"
+    return result.stdout.decode("utf-8", "surrogateescape")
+
+
+def git_twin(work: Path, tmp_path: Path, base: str) -> Path:
+    """A git repository sharing `work`'s objects whose index holds `base`'s tree and whose HEAD
+    is detached at `base`: `git commit --allow-empty` there makes the commit mintvcs makes."""
+    twin = tmp_path / "twin"
+    run_git(tmp_path, "init", "-q", str(twin))
+    (twin / ".git" / "objects" / "info" / "alternates").write_text(
+        f"{work / '.mint' / 'objects'}\n"
+    )
+    run_git(twin, "read-tree", base)
+    return twin
+
+
+def objects(work: Path) -> set[str]:
+    """Every file of the object store: loose objects and packs."""
+    root = work / ".mint" / "objects"
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+# Each a list of -m values. git's cleanup splits on "\n" only and strips " \t\n\r" alone.
+COMMIT_GRID = [
+    ["a\rb"],
+    ["x\x0cy\x0bz"],
+    ["nel\u0085next"],
+    ["ls\u2028sep\u2029par"],
+    ["trail\u00a0"],
+    ["ideo\u3000"],
+    ["\u00a0"],  # not blank for git: stored, not refused as empty
+    ["crlf\r\nline \r\n\r\n"],
+    ["\n\n  lead kept\n\n\n\nbody \t\n \n"],
+    ["# not a comment with -m\nsubject"],
+    ["tab\tinside\t"],
+    ["para one", "para two"],
+    ["subject", "", "body\n\n"],
+    ["a\n", "  ", "b\r"],
+    ["", "only the second"],
+]
+
+
+def test_commit_m_is_stored_byte_for_byte_as_git_commit_m_stores_it(
+    work: Path, tmp_path: Path
+) -> None:
+    base = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    twin = git_twin(work, tmp_path, base)
+    for i, parts in enumerate(COMMIT_GRID):
+        mint(work, "branch", f"m{i}", base)
+        args = [arg for part in parts for arg in ("-m", part)]
+        out = mint(work, "commit", "--allow-empty", "--branch", f"m{i}", *args, "--json", env=DATES)
+        ours = json.loads(out.stdout)["commit"]
+        run_git(twin, "update-ref", "--no-deref", "HEAD", base)
+        run_git(twin, "commit", "-q", "--allow-empty", "--no-verify", *args)
+        theirs = run_git(twin, "rev-parse", "HEAD").strip()
+        assert ours == theirs, (
+            parts,
+            run_git(twin, "cat-file", "commit", ours),
+            run_git(twin, "cat-file", "commit", theirs),
+        )
+    git(work / ".mint", "fsck", "--strict", "--no-dangling")
+
+
+TAG_GRID = [
+    ["#comment\nreal\n# another"],  # git tag's cleanup drops comment lines, unlike commit's
+    ["one", "two"],
+    ["a\rb \n\n\n"],
+    ["x\x0cy\u00a0"],
+    ["#only a comment"],
+    [""],
+]
+
+
+def test_tag_m_is_stored_byte_for_byte_as_git_tag_m_stores_it(work: Path, tmp_path: Path) -> None:
+    base = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    twin = git_twin(work, tmp_path, base)
+    run_git(twin, "update-ref", "--no-deref", "HEAD", base)
+    for i, parts in enumerate([*TAG_GRID, [";semicolon\n#hash"]]):
+        if i == len(TAG_GRID):  # the last one with another comment character
+            for config in (work / ".mint" / "config", twin / ".git" / "config"):
+                config.write_text(config.read_text() + '[core]\n\tcommentChar = ";"\n')
+        args = [arg for part in parts for arg in ("-m", part)]
+        mint(work, "tag", *args, f"t{i}", base, env=DATES)
+        run_git(twin, "tag", *args, f"t{i}", base)
+        ours = git(work / ".mint", "rev-parse", f"t{i}").stdout.strip()
+        theirs = run_git(twin, "rev-parse", f"t{i}").strip()
+        assert ours == theirs, (parts, run_git(twin, "cat-file", "tag", ours))
+    git(work / ".mint", "fsck", "--strict", "--no-dangling")
+
+
+def test_a_message_that_is_not_utf8_is_refused_before_anything_is_stored(work: Path) -> None:
+    # argv passes bytes that are not UTF-8 on as surrogate escapes; git would store them
+    # reinterpreted as Latin-1, with a warning. mintvcs refuses them, as it refuses a file
+    # name that is not UTF-8: what is stored is never a guess at what was meant.
+    mutate(work, seed=31)  # a commit would store new tensors
+    before, head = objects(work), git(work / ".mint", "rev-parse", "HEAD").stdout
+    line = mint_fails(work, "commit", "-m", "bad\udcff\udcfebytes")
+    assert "not valid UTF-8" in line and "0xff" in line and "'bad'" in line, line
+    line = mint_fails(work, "commit", "-m", "subject", "-m", "\udce9t\udce9")
+    assert "not valid UTF-8" in line and "0xe9" in line, line
+    line = mint_fails(work, "tag", "-m", "t\udcff", "badtag")
+    assert "tag message is not valid UTF-8" in line, line
+    assert objects(work) == before
+    assert git(work / ".mint", "rev-parse", "HEAD").stdout == head
+    assert git(work / ".mint", "tag", "-l").stdout.strip() == ""
+
+
+def test_a_commit_msg_hook_leaving_bytes_that_are_not_utf8_or_nul_is_one_error(
+    work: Path,
+) -> None:
+    hook = work / ".mint" / "hooks" / "commit-msg"
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout
+    for written, expected in (
+        (r"hooked \377\n", "not valid UTF-8 text: the byte 0xff after 'hooked '"),
+        (r"nul\000inside\n", "a NUL byte"),
+    ):
+        hook.write_text(f'#!/bin/sh\nprintf "{written}" > "$1"\n')
+        hook.chmod(0o755)
+        line = mint_fails(work, "commit", "--allow-empty", "-m", "fine")
+        assert expected in line and "commit-msg hook" in line, line
+        assert git(work / ".mint", "rev-parse", "HEAD").stdout == head
+    # The hook reads what git gives its hook (the -m values joined and cleaned) and its file is
+    # read back as bytes: a lone CR stays in its line, as in git.
+    seen = work / "seen"
+    hook.write_text(f'#!/bin/sh\ncp "$1" {seen}\nprintf "a\\rb  \\n\\n\\n" > "$1"\n')
+    mint(work, "commit", "--allow-empty", "-m", "one  ", "-m", "\n\ntwo\n\n")
+    assert seen.read_bytes() == b"one\n\ntwo\n"
+    body = run_git(work, "--git-dir", ".mint", "cat-file", "commit", "HEAD").split("\n\n", 1)[1]
+    assert body == "a\rb\n"
+
+
+def test_the_python_api_refuses_a_lone_surrogate_or_nul_writing_nothing(work: Path) -> None:
+    from mintvcs import porcelain
+    from mintvcs.errors import MintError
+    from mintvcs.store import Repository
+
+    mutate(work, seed=32)
+    before = objects(work)
+    with Repository.open(work) as repo:
+        for message, expected in (
+            ("lone \ud800 surrogate", "lone surrogate, U+D800 after 'lone '"),
+            ("nul\x00inside", "a NUL byte in the commit message"),
+        ):
+            with pytest.raises(MintError, match=re.escape(expected)):
+                porcelain.commit(repo, message, verify=False, show_progress=False)
+            with pytest.raises(MintError, match=re.escape(expected.replace("commit", "tag"))):
+                porcelain.tag_create(repo, "t", message=message)
+        with pytest.raises(MintError, match="a NUL byte"):
+            repo.write_commit(repo.commit_info(repo.head_commit() or "").tree, [], "x\0", "", "")
+    assert objects(work) == before
+    assert git(work / ".mint", "tag", "-l").stdout.strip() == ""
+
+
+def test_meta_keys_and_values_that_are_not_utf8_are_refused_naming_the_key(work: Path) -> None:
+    from mintvcs import porcelain
+    from mintvcs.errors import MintError
+    from mintvcs.store import Repository
+
+    mutate(work, seed=33)
+    before = objects(work)
+    line = mint_fails(work, "commit", "-m", "m", "--meta", "step=1", "--meta", "k=\udcff")
+    assert "metadata 'k': its value is not valid UTF-8" in line, line
+    line = mint_fails(work, "commit", "-m", "m", "--meta", "k\udcff=v")
+    assert "metadata 'k\\udcff': its key is not valid UTF-8" in line, line
+    with Repository.open(work) as repo, pytest.raises(MintError, match="'run': its value"):
+        porcelain.commit(repo, "m", meta={"run": "a\ud800"}, verify=False, show_progress=False)
+    assert objects(work) == before
+    # Text that is UTF-8 is stored as given.
+    mint(work, "commit", "-m", "m", "--meta", "note=naïve — 1\u202f000")
+    assert json.loads(mint(work, "show", "--json").stdout)["meta"] == {"note": "naïve — 1\u202f000"}
