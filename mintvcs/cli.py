@@ -39,9 +39,10 @@ def _emit_json(data: Any) -> None:
 
 
 def _subject(message: str) -> str:
-    """A commit's subject as git shows it: its first non-blank line (messages written by other
-    tools may start with blank lines; ours are cleaned when committed)."""
-    return next((line for line in message.splitlines() if line.strip()), "")
+    """A commit's subject as git shows it: its first paragraph, lines joined by a space."""
+    from mintvcs.messages import subject
+
+    return subject(message)
 
 
 def _format_date(seconds: int, offset: int) -> str:
@@ -214,9 +215,9 @@ class MintGroup(click.Group):
 
 def _printable(text: str) -> str:
     """`text` with control characters escaped: a revision's metadata must not drive the terminal."""
-    if all(c.isprintable() or c in " \t" for c in text):
-        return text
-    return text.encode("unicode_escape").decode("ascii")
+    from mintvcs.messages import printable
+
+    return printable(text)
 
 
 def _echo_commit_text(info: Any) -> None:
@@ -225,8 +226,12 @@ def _echo_commit_text(info: Any) -> None:
     # git's Date is the author's: it differs from the committer's after a rebase or with
     # GIT_AUTHOR_DATE.
     click.echo(f"Date:   {_format_date(info.author_time, info.author_timezone)}")
-    click.echo()
-    for line in info.message.rstrip("\n").splitlines():
+    from mintvcs.messages import body_lines
+
+    lines = body_lines(info.message)
+    if lines:  # git prints no blank line for an empty message
+        click.echo()
+    for line in lines:
         click.echo(f"    {_printable(line)}")
 
 

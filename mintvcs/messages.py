@@ -1,12 +1,19 @@
-"""Commit and tag messages as git cleans and checks them (strbuf_stripspace)."""
+"""Commit and tag messages as git cleans, checks and shows them (strbuf_stripspace, format_subject)."""
 
 from __future__ import annotations
+
+import codecs
+import re
 
 from mintvcs.errors import MintError
 
 # git's isspace (its own ctype table, not the C library's): no \v, \f, NBSP or other Unicode
 # space, which git keeps in a message as any other character.
 GIT_SPACE = " \t\n\r"
+
+# Python text codecs that are not character sets (git's iconv knows none of them): a commit's
+# `encoding` header naming one is ignored, as git ignores an encoding iconv lacks.
+_NOT_CHARSETS = frozenset({"unicode_escape", "raw_unicode_escape", "idna", "punycode", "undefined"})
 
 
 class BadMessageError(MintError):
@@ -73,3 +80,61 @@ def decode_message(raw: bytes, what: str) -> str:
     if "\0" in text:
         raise BadMessageError(f"a NUL byte in the {what} is not allowed (nor in git)")
     return text
+
+
+def decode_commit_texts(parts: list[bytes], encoding: bytes | None) -> list[str]:
+    """A commit's texts (identities, message) in the character set its `encoding` header
+    names (UTF-8 without one), as git log re-encodes the commit: all of them, or, where one
+    does not decode or Python does not know the encoding, none (read as UTF-8, bytes that are
+    not UTF-8 as U+FFFD), as git then shows the commit's bytes as they are."""
+    if encoding:
+        try:
+            info = codecs.lookup(encoding.decode("ascii").strip())
+        except (UnicodeDecodeError, LookupError):
+            pass
+        else:
+            if info._is_text_encoding and info.name.replace("-", "_") not in _NOT_CHARSETS:
+                try:
+                    return [part.decode(info.name) for part in parts]
+                except (UnicodeDecodeError, LookupError, ValueError, TypeError):
+                    pass  # not in that encoding after all (or a codec failing on its own)
+    return [part.decode("utf-8", "replace") for part in parts]
+
+
+def _lines(message: str) -> list[str]:
+    """The message's lines as git's pretty-printer reads them: split on "\\n" only, git's
+    whitespace off each line's end."""
+    return [line.rstrip(GIT_SPACE) for line in message.split("\n")]
+
+
+def subject(message: str) -> str:
+    """The one-line subject git shows (`%s`, `log --oneline`): the first paragraph after any
+    leading blank lines, its lines joined by a space, each with its trailing whitespace off."""
+    first: list[str] = []
+    for line in _lines(message):
+        if line:
+            first.append(line)
+        elif first:
+            break
+    return " ".join(first)
+
+
+def body_lines(message: str) -> list[str]:
+    """The lines `git log` prints for a message: leading and trailing blank lines left out,
+    trailing whitespace off each line (blank lines inside kept, each of them)."""
+    lines = _lines(message)
+    start = next((i for i, line in enumerate(lines) if line), len(lines))
+    end = len(lines)
+    while end > start and not lines[end - 1]:
+        end -= 1
+    return lines[start:end]
+
+
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with each control character (C0 but tab, DEL, C1), bidi override or isolate, and
+    lone surrogate escaped (`\\x1b`, `\\u202e`): a revision's text must not drive the terminal
+    or reorder what it shows. Everything else (NBSP, joiners, accents) prints as it is."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)

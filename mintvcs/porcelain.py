@@ -38,7 +38,7 @@ from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
 from mintvcs.filemodes import file_mode
 from mintvcs.ids import blob_id, is_object_id
-from mintvcs.messages import check_message, clean_message, decode_message
+from mintvcs.messages import check_message, clean_message, decode_message, subject
 from mintvcs.objects import Manifest
 from mintvcs.progress import progress_bar
 from mintvcs.refs import (
@@ -375,7 +375,7 @@ class CommitResult:
     # those other threads committing through the same Repository stored meanwhile.
     new_objects: int
     nbytes: int  # the adapter's tensor bytes
-    summary: str = ""  # the first line of the message as stored (after clean_message)
+    summary: str = ""  # the message's subject, as git's commit summary line shows it
 
 
 @accepts_path
@@ -480,7 +480,8 @@ def commit(
     message = clean_message(message)
     if not message:
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
-    summary = message.splitlines()[0]
+    summary = subject(message)
+    first_line = message.split("\n", 1)[0]  # what git's reflog keeps
     deadline = time.monotonic() + COMMIT_RETRY_SECONDS
     while True:
         with repo.counting_writes(written):
@@ -490,7 +491,7 @@ def commit(
         kind = "commit" if parent else "commit (initial)"
         try:
             _move_ref(
-                repo, target, commit_id, old=parent, message=f"{kind}: {summary}", by=committer
+                repo, target, commit_id, old=parent, message=f"{kind}: {first_line}", by=committer
             )
             break
         except RefConflictError:

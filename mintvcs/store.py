@@ -2114,16 +2114,22 @@ def _check_metadata_size(what: str, size: int) -> None:
 
 
 def _commit_info(commit: Commit) -> CommitInfo:
-    """Decode a dulwich commit."""
+    """Decode a dulwich commit: its text in the character set its `encoding` header names, as
+    git log re-encodes the whole commit (identities too)."""
+    from mintvcs.messages import decode_commit_texts
+
+    author, committer, message = decode_commit_texts(
+        [commit.author, commit.committer, commit.message], commit.encoding
+    )
     return CommitInfo(
         id=commit.id.decode(),
         tree=commit.tree.decode(),
         parents=tuple(p.decode() for p in commit.parents),
-        author=commit.author.decode("utf-8", "replace"),
-        committer=commit.committer.decode("utf-8", "replace"),
+        author=author,
+        committer=committer,
         time=commit.commit_time,
         timezone=commit.commit_timezone,
-        message=commit.message.decode("utf-8", "replace"),
+        message=message,
         author_time=commit.author_time,
         author_timezone=commit.author_timezone,
     )

@@ -1,4 +1,4 @@
-"""Commit and tag messages: stored and refused as git 2.39 stores and refuses them."""
+"""Commit and tag messages: stored, refused and shown as git 2.39 stores, refuses and shows them."""
 
 from __future__ import annotations
 
@@ -194,3 +194,111 @@ def test_meta_keys_and_values_that_are_not_utf8_are_refused_naming_the_key(work:
     # Text that is UTF-8 is stored as given.
     mint(work, "commit", "-m", "m", "--meta", "note=naïve — 1\u202f000")
     assert json.loads(mint(work, "show", "--json").stdout)["meta"] == {"note": "naïve — 1\u202f000"}
+
+
+# Messages as other tools write them (git commit-tree keeps them verbatim).
+RAW_MESSAGES = [
+    b"line one\nline two\n\nbody here\n",
+    b"\n\n  subj  \n\n\n\nbody\n  \n\n",
+    b"a\rb c\nd\x0ce \n",
+    b"na\xc3\xafve\xc2\xa0baseline \xe2\x80\x94 1\xe2\x80\xaf000 steps\n",
+    b"family \xf0\x9f\x91\xa8\xe2\x80\x8d\xf0\x9f\x91\xa9 run\n\n\xc2\xa0body\n",
+    b"   \n",
+]
+
+
+def test_subjects_and_bodies_are_shown_as_git_log_shows_them(work: Path) -> None:
+    git_dir = work / ".mint"
+    tree = git(git_dir, "rev-parse", "HEAD^{tree}").stdout.strip()
+    main = git(git_dir, "rev-parse", "main").stdout.strip()
+    for raw in RAW_MESSAGES:
+        oid = run_git(work, "--git-dir", str(git_dir), "commit-tree", tree, "-p", main, data=raw)
+        oid = oid.strip()
+        theirs = run_git(work, "--git-dir", str(git_dir), "log", "-1", "--format=%s", oid)
+        expected = theirs.rstrip("\n").replace("\r", "\\r").replace("\x0c", "\\x0c")
+        # The id as long as the other commands print it, then the subject.
+        tail = rf"{oid[:7]}[0-9a-f]* {re.escape(expected)}$"
+        oneline = mint(work, "log", "--oneline", "-1", oid).stdout
+        assert re.match(tail, oneline, re.M), (raw, oneline)
+        # Author, date and message as git prints them (the commit line may be decorated).
+        full = mint(work, "log", "-1", oid).stdout.split("\n", 1)[1]
+        git_full = run_git(work, "--git-dir", str(git_dir), "log", "-1", oid).split("\n", 1)[1]
+        assert full == git_full.replace("\r", "\\r").replace("\x0c", "\\x0c"), (raw, full)
+        shown = mint(work, "show", oid).stdout.split("\n", 1)[1]
+        assert shown.startswith(full), (raw, shown)
+        # The other one-line subjects: reset's and a detached HEAD's left-behind list.
+        if expected.strip():
+            reset = mint(work, "reset", "--hard", oid).stdout
+            assert re.search("^HEAD is now at " + tail, reset, re.M), reset
+            mint(work, "reset", "--hard", main)
+            mint(work, "checkout", oid)
+            left = mint(work, "checkout", "main").stderr
+            assert re.search("^  " + tail, left, re.M), left
+
+
+def test_commit_summary_is_git_s_subject_and_the_reflog_keeps_the_first_line(work: Path) -> None:
+    mutate(work, seed=34)
+    out = mint(work, "commit", "-m", "line one\nline two  \n\nbody here").stdout
+    subject = git(work / ".mint", "log", "-1", "--format=%s").stdout.rstrip("\n")
+    assert subject == "line one line two"
+    assert out.startswith("[main ") and out.split("\n")[0].endswith(f"] {subject}"), out
+    reflog = git(work / ".mint", "reflog", "-1", "--format=%gs").stdout.rstrip("\n")
+    assert reflog == "commit: line one"
+
+
+def test_only_control_characters_are_escaped_each_on_its_own(work: Path) -> None:
+    # NBSP, a narrow NBSP and joiners are text: git prints them, and so does mintvcs; an
+    # escape sequence or a bidi override is escaped alone, not the line around it.
+    raw = "naïve\u00a0baseline — 1\u202f000 👨\u200d👩 \u202eevil\u202c\x1b[2J\x85 \\ done"
+    mint(work, "commit", "--allow-empty", "-m", raw, "--meta", "k=é\u00a0\x1b")
+    expected = "naïve\u00a0baseline — 1\u202f000 👨\u200d👩 \\u202eevil\\u202c\\x1b[2J\\x85 \\ done"
+    assert mint(work, "log", "--oneline", "-1").stdout.split(") ", 1)[1] == expected + "\n"
+    assert f"    {expected}\n" in mint(work, "log", "-1").stdout
+    assert "meta k: é\u00a0\\x1b\n" in mint(work, "show").stdout
+
+
+def test_a_commit_s_encoding_header_is_honoured_as_git_log_honours_it(work: Path) -> None:
+    git_dir = work / ".mint"
+    tree = git(git_dir, "rev-parse", "HEAD^{tree}").stdout.strip()
+    env = {k.encode(): v.encode() for k, v in {**ENV, **DATES}.items()}
+    for encoding, name, raw in (
+        ("ISO-8859-1", "René".encode("latin-1"), "café latin\n\nbody à la\n".encode("latin-1")),
+        ("SHIFT_JIS", "山田".encode("shift_jis"), "日本語の件名\n".encode("shift_jis")),
+        # A name that is not Shift_JIS: git shows the whole commit's bytes as they are.
+        ("SHIFT_JIS", b"Ren\xe9", "日本語の件名\n".encode("shift_jis")),
+        ("no-such-charset", "René".encode(), "café utf8\n".encode()),  # kept as UTF-8
+        ("unicode_escape", b"Eve", b"not \\x1b an escape\n"),  # no charset: git's iconv lacks it
+    ):
+        made = subprocess.run(
+            [
+                "git",
+                "--git-dir",
+                str(git_dir),
+                "-c",
+                f"i18n.commitEncoding={encoding}",
+                "commit-tree",
+                tree,
+            ],
+            input=raw,
+            env={**env, b"GIT_AUTHOR_NAME": name},
+            capture_output=True,
+            check=True,
+        )
+        oid = made.stdout.decode().strip()
+        assert f"\nencoding {encoding}\n" in run_git(
+            work, "--git-dir", ".mint", "cat-file", "-p", oid
+        )
+        # git prints what it cannot re-encode as its bytes; mintvcs as U+FFFD.
+        theirs = subprocess.run(
+            ["git", "--git-dir", str(git_dir), "log", "-1", "--format=%an%x00%s%x00%B", oid],
+            capture_output=True,
+            check=True,
+        ).stdout.decode("utf-8", "replace")
+        author, subject, message = theirs.split("\0")
+        oneline = mint(work, "log", "--oneline", "-1", oid).stdout
+        assert oneline == f"{oid[:7]} {subject}\n", (encoding, oneline, theirs)
+        (listed,) = json.loads(mint(work, "log", "--json", "-1", oid).stdout)
+        assert listed["author"].startswith(author + " <"), (listed, theirs)
+        assert listed["message"] == message.removesuffix("\n"), (listed, theirs)
+        assert json.loads(mint(work, "show", "--json", oid).stdout)["message"] == listed["message"]
+        assert f"Author: {author} <" in mint(work, "show", oid).stdout
