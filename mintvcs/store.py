@@ -568,10 +568,16 @@ class Repository:
 
     @cached_property
     def objects(self) -> DiskObjectStore:
-        """The git object store, as dulwich reads it (our own writers write packs: PackWriter)."""
+        """The git object store, as dulwich reads it (our own writers write packs: PackWriter).
+
+        Built without the repository's config: dulwich's from_config reads pack.* and core.*
+        tuning keys (pack.windowMemory, core.packedGitLimit, ...) with int(), so git's own form
+        `512m` made every packed read fail as if the object were corrupt. mintvcs reads with
+        them at their defaults and writes its own packs and loose objects, so none applies.
+        """
         from dulwich.object_store import DiskObjectStore
 
-        return DiskObjectStore.from_config(str(self.git_dir / "objects"), self.config)
+        return DiskObjectStore(str(self.git_dir / "objects"))
 
     @cached_property
     def config(self) -> Any:
