@@ -439,12 +439,28 @@ def _auto_gc_after_commit(repo: Any) -> None:
     """As git after a commit: past gc.autoPackLimit packs (each commit of a large adapter writes
     one) or gc.auto loose objects, run `gc --auto`, detached unless gc.autoDetach is false."""
     from mintvcs import maintenance
+    from mintvcs.repoformat import config_bool
 
     with contextlib.suppress(OSError, MintError, ValueError):
-        if not maintenance.auto_gc_due(repo):
+        try:
+            due = maintenance.auto_gc_due(repo)
+            detach = config_bool(repo.config, (b"gc",), b"autoDetach", True)
+        except maintenance.GcRefusedError as err:
+            # A setting git refuses: git's gc --auto dies naming it after every commit. Said, not
+            # swallowed with the gc: the store would grow by a pack per commit, never merged.
+            click.echo(f"warning: no automatic gc: {err}", err=True)
+            return
+        except ValueError as err:
+            click.echo(
+                f"warning: no automatic gc: {err} (git's booleans: true/false, yes/no, on/off, "
+                "1/0); fix it in .mint/config",
+                err=True,
+            )
+            return
+        if not due:
             return
         packs = maintenance.pack_count(repo)
-        if not repo.config.get_boolean((b"gc",), b"autoDetach", True):
+        if not detach:
             click.echo(f"Auto packing the repository ({packs} packs)...", err=True)
             maintenance.auto_gc(repo)
             return

@@ -44,6 +44,7 @@ from mintvcs.packs import (
 from mintvcs.plane_cache import PlaneCache
 from mintvcs.progress import PhaseProgress
 from mintvcs.refs import ReflogEntry, read_reflog
+from mintvcs.repoformat import config_int
 from mintvcs.store import (
     CommitInfo,
     CorruptObjectError,
@@ -1808,27 +1809,19 @@ AUTO_LOOSE_LIMIT = 6700
 GEOMETRIC_FACTOR = 2
 
 
-_GIT_INT = re.compile(r"\s*([-+]?[0-9]+)\s*([kKmMgG]?)\s*")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
 def auto_limits(repo: Repository) -> tuple[int | None, int | None]:
     """(packs, loose objects) past which `gc --auto` merges: gc.autoPackLimit and gc.auto, or
     the defaults; None where the key is 0 or less, which turns that trigger off, as in git."""
 
     def read(name: bytes, default: int) -> int | None:
         try:
-            raw = repo.config.get((b"gc",), name)
-        except KeyError:
-            return default
-        text = raw.decode(errors="replace")
-        matched = _GIT_INT.fullmatch(text)
-        if matched is None:
+            value = config_int(repo.config, (b"gc",), name)
+        except ValueError as err:  # read as git reads it: 010 is 8, 0x10 16, "5 " refused
             raise GcRefusedError(
-                f"gc.{name.decode()} in .mint/config is {text!r:.40}, not an integer "
-                "(git's form: 100, 1k, 2m); fix it"
-            )
-        value = int(matched[1]) * _UNITS[matched[2].lower()]
+                f"{err} in .mint/config (git's form: 100, 1k, 2m, 0x10); fix it"
+            ) from None
+        if value is None:
+            return default
         return value if value > 0 else None
 
     return read(b"autoPackLimit", AUTO_PACK_LIMIT), read(b"auto", AUTO_LOOSE_LIMIT)

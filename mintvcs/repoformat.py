@@ -26,6 +26,8 @@ __all__ = [
     "MINT_FORMAT_VERSION",
     "RepositoryFormat",
     "UnsupportedRepositoryError",
+    "config_bool",
+    "config_int",
     "parse_shared",
     "read_format",
     "shared_setting",
@@ -85,6 +87,39 @@ def _git_bool(text: str) -> bool | None:
         return False
     number = _git_int(text)
     return None if number is None else number != 0
+
+
+def _key_name(section: tuple[bytes, ...], name: bytes) -> str:
+    return ".".join(part.decode(errors="replace") for part in (*section, name))
+
+
+def config_bool(config: Any, section: tuple[bytes, ...], name: bytes, default: bool) -> bool:
+    """A boolean key as git reads it (yes/on/1 ... in any case), `default` when absent;
+    ValueError naming the key and value for what git refuses.
+
+    Not dulwich's get_boolean, which takes only true and false and raises for git's `no`.
+    """
+    try:
+        raw = config.get(section, name).decode(errors="replace")
+    except KeyError:
+        return default
+    flag = _git_bool(raw)
+    if flag is None:
+        raise ValueError(f"{_key_name(section, name)} = {raw!r} is not a boolean")
+    return flag
+
+
+def config_int(config: Any, section: tuple[bytes, ...], name: bytes) -> int | None:
+    """An integer key as git reads it (strtol's bases, a k/m/g unit), None when absent;
+    ValueError naming the key and value for what git refuses."""
+    try:
+        raw = config.get(section, name).decode(errors="replace")
+    except KeyError:
+        return None
+    number = _git_int(raw)
+    if number is None:
+        raise ValueError(f"{_key_name(section, name)} = {raw!r} is not an integer")
+    return number
 
 
 def parse_shared(value: str | None) -> SharedPerm | None:

@@ -77,3 +77,90 @@ def test_git_size_and_boolean_forms_in_pack_and_core_keys_leave_the_store_readab
     mint(work, "fsck")
     mint(work, "gc")
     assert len(git(work / ".mint", "log", "--oneline").stdout.splitlines()) == 4
+
+
+def _loose(work: Path) -> list[Path]:
+    return sorted((work / ".mint" / "objects").glob("??/*"))
+
+
+def _wait_for_gc(work: Path) -> None:
+    """Until a detached gc is done: no gc.pid lock and no loose object."""
+    import time
+
+    deadline = time.monotonic() + 120
+    while _loose(work) or (work / ".mint" / "gc.pid").exists():
+        assert time.monotonic() < deadline, _loose(work)
+        time.sleep(0.1)
+
+
+def test_gc_auto_detach_is_read_as_a_git_boolean(work: Path) -> None:
+    _set(work, "gc.auto", "1")
+    # Only true and false were read: the others raised inside the commit's gc, which was
+    # silently skipped, so the store never merged again.
+    for seed, (value, detach) in enumerate(
+        [("no", False), ("Off", False), ("0", False), ("yes", True), ("ON", True), ("1", True)]
+    ):
+        _set(work, "gc.autoDetach", value)
+        by_git = git(work / ".mint", "config", "--bool", "gc.autoDetach").stdout.strip()
+        assert by_git == str(detach).lower()
+        mutate(work, seed=10 + seed)
+        committed = mint(work, "commit", "-m", value, "--no-verify")
+        assert "Auto packing the repository" in committed.stderr, committed.stderr
+        assert ("in the background" in committed.stderr) == detach
+        if not detach:
+            assert not _loose(work)  # packed by the commit itself
+        _wait_for_gc(work)
+    assert len(git(work / ".mint", "log", "--oneline").stdout.splitlines()) == 9
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "git_says"),
+    [
+        ("gc.autoDetach", "maybe", "bad boolean config value 'maybe' for 'gc.autodetach'"),
+        ("gc.auto", "lots", "bad numeric config value 'lots' for 'gc.auto'"),
+    ],
+)
+def test_a_gc_setting_git_refuses_is_named_after_each_commit(
+    work: Path, key: str, value: str, git_says: str
+) -> None:
+    _set(work, key, value)
+    assert (
+        git_says
+        in git(
+            work / ".mint", "config", "--type=bool" if "Detach" in key else "--int", key, ok=False
+        ).stderr
+    )
+    mutate(work, seed=5)
+    committed = mint(work, "commit", "-m", "four", "--no-verify")
+    warnings = [line for line in committed.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no automatic gc" in warnings[0], committed.stderr
+    assert f"{key} = {value!r}" in warnings[0], warnings
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"), [("010", 8), ("0x10", 16), ("1k", 1024), ("-1", None), ("0", None)]
+)
+def test_gc_limits_are_read_as_git_reads_integers(
+    work: Path, value: str, limit: int | None
+) -> None:
+    _set(work, "gc.autoPackLimit", value)
+    assert int(git(work / ".mint", "config", "--int", "gc.autoPackLimit").stdout) == (
+        limit or int(value)
+    )
+    from mintvcs.maintenance import auto_limits
+    from mintvcs.store import Repository
+
+    with Repository.open(work) as repo:
+        assert auto_limits(repo)[0] == limit
+
+
+def test_a_gc_limit_with_a_blank_git_refuses_is_refused(work: Path) -> None:
+    (work / ".mint" / "config").write_text(
+        (work / ".mint" / "config").read_text() + '[gc]\n\tautoPackLimit = "5 "\n'
+    )
+    assert (
+        "bad numeric config value"
+        in git(work / ".mint", "config", "--int", "gc.autoPackLimit", ok=False).stderr
+    )
+    line = mint(work, "gc", "--auto", ok=False).stderr
+    assert "gc.autoPackLimit = '5 ' is not an integer" in line, line
