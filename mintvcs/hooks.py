@@ -34,6 +34,7 @@ _EARLIER_SAMPLES = {
     ),
     "ref-update": frozenset(
         {
+            "3799b659a17b762e16c61cf44b902ba7fbeceff4",
             "aac773063e72e40515c905cb566e14027fcb5d87",
             "b617ff34a057ae8fcd8c26e3b8d917cea06b1690",
             "b00acf56acca5cd4a31bbc42224aa568174cf52f",

@@ -4,6 +4,7 @@ global config, hooks, includes and the parser's corner cases."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,27 @@ def test_a_gc_limit_with_a_blank_git_refuses_is_refused(work: Path) -> None:
     )
     line = mint(work, "gc", "--auto", ok=False).stderr
     assert "gc.autoPackLimit = '5 ' is not an integer" in line, line
+
+
+@pytest.mark.parametrize("header", ['[mint "notify"]', '[Mint "notify"]', '[MINT "notify"]'])
+def test_the_ref_update_sample_reads_its_section_in_any_case_as_git_does(
+    work: Path, header: str
+) -> None:
+    config = work / ".mint" / "config"
+    config.write_text(config.read_text() + f"{header}\n\turl = http://127.0.0.1:9\n")
+    assert git(work / ".mint", "config", "--get", "mint.notify.url").stdout.strip()
+    sample = Path(__file__).resolve().parents[2] / "hooks" / "ref-update"
+    env = {**ENV, "MINT_DIR": str(work / ".mint"), "MINT_PYTHON": sys.executable}
+    env.pop("MINT_NOTIFY_URL", None)
+    ran = subprocess.run(
+        ["sh", str(sample), "refs/heads/main", "0" * 40, "1" * 40],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0
+    # Nothing at all was said for the capitalised sections: no server was told, silently.
+    assert "cannot notify http://127.0.0.1:9" in ran.stderr, ran.stderr
