@@ -113,17 +113,29 @@ def _exit_for(err: MintError | OSError | MemoryError | KeyboardInterrupt) -> NoR
         _discard(1)
         _complain(f"error: write failure on 'stdout': {err.strerror}")
         sys.exit(128)
+    # What the command printed before it failed (log's commits before an unreadable one) is
+    # written first; a reader gone meanwhile still hears of the failure, then SIGPIPE ends it.
+    try:
+        _flush_stdout()
+        unwritten: OSError | None = None
+    except OSError as write_err:
+        _discard(1)
+        unwritten = write_err
     if isinstance(err, MintError):
         _complain(f"error: {err}")
-        sys.exit(err.exit_code)
-    if isinstance(err, MemoryError):
+        status = err.exit_code
+    elif isinstance(err, MemoryError):
         _complain("error: out of memory (this process's limit, or the machine's)")
-        sys.exit(1)
-    # The system refused a read or write (a full disk, a file size limit, permissions): one
-    # line, as git says it.
-    where = f": {err.filename}" if err.filename else ""
-    _complain(f"error: {err.strerror or err}{where}")
-    sys.exit(1)
+        status = 1
+    else:
+        # The system refused a read or write (a full disk, a file size limit, permissions): one
+        # line, as git says it.
+        where = f": {err.filename}" if err.filename else ""
+        _complain(f"error: {err.strerror or err}{where}")
+        status = 1
+    if isinstance(unwritten, BrokenPipeError):
+        _exit_for(unwritten)
+    sys.exit(status)
 
 
 def _open_closed_standard_streams() -> None:
@@ -160,6 +172,52 @@ class _StandardOutput(io.FileIO):
             raise _StdoutWriteError(err.errno, err.strerror) from None
 
 
+class _HeldOutput(io.BufferedWriter):
+    """stdout's buffer, which can hold what is written until the command ends: click.echo flushes
+    every line, and a reader that goes after the first (`| head -1`) then kills a command of a few
+    lines by SIGPIPE, where git's stdio writes an output that fits its buffer in one write."""
+
+    hold = False
+
+    def flush(self) -> None:
+        if not self.hold:
+            super().flush()
+
+    def push(self) -> None:
+        """Write what is buffered now, held or not (a page of log)."""
+        super().flush()
+
+
+def _hold_stdout() -> None:
+    """Write stdout as git's stdio does: in blocks when it is not a terminal (one write for a
+    small output), line by line on a terminal."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if isinstance(buffer, _HeldOutput) and not sys.stdout.line_buffering:
+        buffer.hold = True
+        atexit.register(_release_stdout)  # a sys.exit() past invoke still writes what is held
+
+
+def _release_stdout() -> None:
+    """Let stdout's flushes through again; the next one writes what was held."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if isinstance(buffer, _HeldOutput):
+        buffer.hold = False
+
+
+def _flush_stdout() -> None:
+    """Write everything held for stdout now; a failure raises, for _exit_for."""
+    _release_stdout()
+    sys.stdout.flush()
+
+
+def _push_stdout() -> None:
+    """Write what stdout holds so far, and hold on (a long output shows as it is made)."""
+    sys.stdout.flush()  # the text layer's pending characters, into the buffer
+    buffer = getattr(sys.stdout, "buffer", None)
+    if isinstance(buffer, _HeldOutput):
+        buffer.push()
+
+
 def _name_stdout_failures() -> None:
     """Put sys.stdout on a _StandardOutput, with the same encoding and buffering."""
     stream = sys.stdout
@@ -170,7 +228,7 @@ def _name_stdout_failures() -> None:
         return
     stream.flush()
     sys.stdout = io.TextIOWrapper(
-        io.BufferedWriter(_StandardOutput(1, "w", closefd=False)),
+        _HeldOutput(_StandardOutput(1, "w", closefd=False)),
         encoding=stream.encoding,
         errors=stream.errors,
         line_buffering=bool(stream.line_buffering),  # a terminal's: line by line
@@ -204,8 +262,12 @@ class MintGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            result = super().invoke(ctx)
-            sys.stdout.flush()  # a reader gone (`| head`) shows here, not at interpreter exit
+            try:
+                result = super().invoke(ctx)
+            except SystemExit:  # a command's own exit status (fsck, `branch -d` of a missing one)
+                _flush_stdout()
+                raise
+            _flush_stdout()  # a reader gone (`| head`) shows here, not at interpreter exit
             return result
         except click.UsageError as err:
             _usage_error(err, err.ctx.command_path if err.ctx is not None else ctx.command_path)
@@ -282,6 +344,7 @@ def main() -> None:
     # A bar shows once the command has run for a second, whichever phase it is in then (a
     # server's bars keep a second of their own: it runs for hours).
     ctx.with_resource(progress.command())
+    _hold_stdout()
 
 
 def _freeze_before_exit() -> None:
@@ -533,6 +596,8 @@ def _log_pages(
     while page := list(itertools.islice(commits, size)):
         index = porcelain.ref_labels(repo) if index is None else index  # after the first read
         yield page, {c.id: index[c.id] for c in page if c.id in index}
+        if len(page) == size:  # more may follow: what is printed goes out while it is read
+            _push_stdout()
         size *= 2
 
 
