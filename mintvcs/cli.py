@@ -69,6 +69,19 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
     return meta
 
 
+class DirectoryPath(click.Path):
+    """A directory argument, refused when empty: `init "$DIR"` with DIR unset must not take the
+    current directory (git refuses `git init ""`), nor `serve --repo "$REPO"` serve it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(file_okay=False, path_type=Path, **kwargs)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value:
+            self.fail("empty; give a directory ('.' for the current one)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _discard(fd: int) -> None:
     """Point descriptor `fd` at /dev/null: what is still buffered for it is dropped there, not
     failed again (into a traceback) as Python exits."""
@@ -270,7 +283,12 @@ class MintGroup(click.Group):
             _flush_stdout()  # a reader gone (`| head`) shows here, not at interpreter exit
             return result
         except click.UsageError as err:
-            _usage_error(err, err.ctx.command_path if err.ctx is not None else ctx.command_path)
+            # click's parser raises an option's missing value (`commit -m`) without a context:
+            # the help to name is still the command's.
+            where = ctx.command_path
+            if ctx.invoked_subcommand is not None:
+                where = f"{where} {ctx.invoked_subcommand}"
+            _usage_error(err, err.ctx.command_path if err.ctx is not None else where)
         except (MintError, OSError, MemoryError, KeyboardInterrupt) as err:
             _exit_for(err)
 
@@ -389,11 +407,16 @@ def _shared_value(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 @main.command(cls=_InitCommand)
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.argument("directory", type=DirectoryPath(), default=".")
 @click.option(
     "--base-model", help="Base model: a local checkpoint directory (fingerprinted) or an id."
 )
-@click.option("--no-hooks", is_flag=True, help="Do not install the validating pre-commit hook.")
+@click.option(
+    "--no-hooks",
+    is_flag=True,
+    help="Install no hooks: not the validating pre-commit, not the update hook that refuses a "
+    "push into the checked-out branch, no samples.",
+)
 @click.option(
     "--shared",
     metavar="[=PERM]",
@@ -482,6 +505,7 @@ def commit(
                 "commit": result.commit,
                 "branch": result.branch,
                 "parent": result.parent,
+                "parents": [result.parent] if result.parent else [],  # as log and show name them
                 "tensors": result.tensors,
                 "new_objects": result.new_objects,
                 "nbytes": result.nbytes,
@@ -613,6 +637,8 @@ def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
                 "commit": c.id,
                 "parents": list(c.parents),
                 "author": c.author,
+                "author_time": c.author_time,
+                "author_timezone": c.author_timezone,
                 "time": c.time,
                 "message": c.message,
                 "refs": labels.get(c.id, []),
@@ -662,6 +688,7 @@ def show(rev: str, as_json: bool) -> None:
     if as_json:
         _emit_json({
             "commit": info.id, "parents": list(info.parents), "author": info.author, "time": info.time,
+            "author_time": info.author_time, "author_timezone": info.author_timezone,
             "message": info.message, "meta": manifest.meta,
             "base": {"id": manifest.base_id, "fingerprint": manifest.base_fingerprint},
             "config": revision.config,
@@ -783,6 +810,7 @@ def status(as_json: bool) -> None:
             {
                 "branch": state.branch,
                 "head": state.head,
+                "commit": state.head,  # the name every other command gives HEAD's revision
                 "clean": state.clean,
                 "changes": [{"status": k, "path": p} for k, p in state.changes],
                 "error": state.error,
@@ -988,26 +1016,14 @@ def tag(
         raise click.UsageError("tag name required: -m and -f create or replace tag NAME")
     if not names or list_:
         # As git: with --list, the names are patterns the listed tags must match.
-        rows = [
-            row
-            for row in porcelain.tags(repo)
-            if not names or any(fnmatch.fnmatchcase(row[0], pattern) for pattern in names)
-        ]
+        rows = porcelain.tag_refs(
+            repo,
+            match=lambda n: not names or any(fnmatch.fnmatchcase(n, pattern) for pattern in names),
+        )
         if as_json:
-            _emit_json(
-                [
-                    {
-                        "name": n,
-                        "commit": oid if kind == "commit" else None,
-                        "object": oid,
-                        "type": kind,
-                    }
-                    for n, oid, kind in rows
-                ]
-            )
+            _emit_json([_tag_json(row) for row in rows])
             return
-        for n, _oid, _kind in rows:
-            click.echo(n)
+        _echo_lines(row.name for row in rows)
         return
     name, rev = _name_and_start(names, "REV")
     _warn_if_ambiguous(repo, rev)
@@ -1030,9 +1046,23 @@ def tag(
         )
     if as_json:
         target, kind = repo.peel_object(value)  # git can tag a tree or a blob
-        _emit_json({"name": name, "value": value, "commit": target if kind == "commit" else None})
+        # A tag object is never its own target: the value differs from it once one was followed.
+        _emit_json(_tag_json(porcelain.TagRef(name, value, value != target, target, kind)))
     elif was is not None and was != value:
         click.echo(f"Updated tag '{name}' (was {was[:7]})")
+
+
+def _tag_json(row: Any) -> dict[str, Any]:
+    """A tag in `tag --json`, listed or made: `value` the ref's own (the tag object of an
+    annotated one), `object`/`type` what it names once tag objects are followed."""
+    return {
+        "name": row.name,
+        "value": row.value,
+        "annotated": row.annotated,
+        "commit": row.object if row.type == "commit" else None,
+        "object": row.object,
+        "type": row.type,
+    }
 
 
 def _is_nested_tag(repo: Any, oid: str) -> bool:
@@ -1071,15 +1101,16 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
             }
         )
         return
+    # On stderr, as git's: stdout is for data (reset's "HEAD is now at" is on stdout in git too).
     if result.created:
-        click.echo(f"Switched to a new branch '{result.branch}'")
+        click.echo(f"Switched to a new branch '{result.branch}'", err=True)
     elif result.branch and result.branch == was_on:
-        click.echo(f"Already on '{result.branch}'")
+        click.echo(f"Already on '{result.branch}'", err=True)
     elif result.branch:
-        click.echo(f"Switched to branch '{result.branch}'")
+        click.echo(f"Switched to branch '{result.branch}'", err=True)
     else:
         assert result.commit is not None  # only `-b` on an unborn branch has none
-        click.echo(f"HEAD is now at {result.commit[:7]} (detached)")
+        click.echo(f"HEAD is now at {result.commit[:7]} (detached)", err=True)
 
 
 def _warn_left_behind(repo: Any, commits: tuple[str, ...]) -> None:

@@ -1594,18 +1594,52 @@ def tag_delete(repo: Repository, name: str) -> str:
     return oid
 
 
+@dataclass(frozen=True)
+class TagRef:
+    """A tag as `tag --list --json` shows it."""
+
+    name: str
+    value: str  # what the ref holds: the tag object of an annotated tag
+    annotated: bool  # `value` is a tag object
+    object: str  # what the tag names once tag objects are followed: mostly a commit
+    type: str  # `object`'s type: git can tag a tree or a blob
+
+
+@accepts_path
+def tag_refs(
+    repo: Repository,
+    *,
+    match: Callable[[str], bool] | None = None,
+    on_broken: Callable[[str, MintError], None] = warn_ignored_ref,
+) -> list[TagRef]:
+    """Every tag whose name `match` takes (default: all), sorted. One that cannot be read or used
+    (a missing or corrupt object, its own or one its tag objects name) is left out and passed to
+    `on_broken`, as in branches(); a tag `match` refuses is not read."""
+    listed = []
+    for ref, oid in repo.refs.iter_refs("refs/tags/", on_broken=on_broken):
+        name = ref.removeprefix("refs/tags/")
+        if match is not None and not match(name):
+            continue
+        kind = repo.object_kind(oid)  # a lightweight tag: its object's type, nothing read
+        try:
+            if kind is None:  # the header did not tell (a deltified or borrowed object): read it
+                kind = repo.get_object(oid).type_name.decode()
+            target, target_kind = repo.peel_object(oid) if kind == "tag" else (oid, kind)
+        except CorruptObjectError as err:
+            on_broken(ref, err)
+            continue
+        listed.append(TagRef(name, oid, kind == "tag", target, target_kind))
+    return listed
+
+
 @accepts_path
 def tags(
     repo: Repository, *, on_broken: Callable[[str, MintError], None] = warn_ignored_ref
 ) -> list[tuple[str, str, str]]:
     """(name, object, type) for every tag, peeled, sorted: mostly commits, but git can tag a tree
-    or blob. One that cannot be read or used is left out, as in branches()."""
-    listed = []
-    for name, oid in repo.refs.iter_refs("refs/tags/", on_broken=on_broken):
-        kind = repo.object_kind(oid)  # a lightweight tag: its object's type, nothing read
-        target = (oid, kind) if kind not in ("tag", None) else repo.peel_object(oid)
-        listed.append((name.removeprefix("refs/tags/"), *target))
-    return listed
+    or blob. One that cannot be read or used is left out, as in branches(); tag_refs() also
+    tells the ref's own value."""
+    return [(t.name, t.object, t.type) for t in tag_refs(repo, on_broken=on_broken)]
 
 
 # ---------------------------------------------------------- checkout, reset

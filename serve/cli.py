@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from mintvcs.cli import DirectoryPath
 from mintvcs.errors import MintError
 
 
@@ -24,7 +25,7 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.option(
     "--repo",
     "repo",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DirectoryPath(),
     default=".",
     show_default=True,
     help="The mintvcs repository whose refs are served.",
@@ -253,14 +254,14 @@ def serve(
 @click.command("demo")
 @click.option(
     "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DirectoryPath(),
     default=None,
     help="Where the demo writes its adapters and repository: a new or empty directory, or one "
     "an earlier demo made [default: a fresh temporary directory].",
 )
 @click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DirectoryPath(),
     default=None,
     help="Where the tiny base is cached [default: $XDG_CACHE_HOME/mintvcs/demo].",
 )

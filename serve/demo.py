@@ -136,7 +136,8 @@ def _command() -> str:
 
 
 def _cli(repo: Path, *args: str) -> str:
-    """Run `mintvcs ARGS` in the repository, as a user would; its stdout."""
+    """Run `mintvcs ARGS` in the repository, as a user would; what a terminal shows of it (stdout,
+    then stderr, where checkout says what it switched to)."""
     result = subprocess.run(
         [sys.executable, "-m", "mintvcs.cli", *args],
         cwd=repo,
@@ -148,7 +149,7 @@ def _cli(repo: Path, *args: str) -> str:
         raise DemoError(
             f"mintvcs {' '.join(args)} failed: {(result.stderr or result.stdout).strip()}"
         )
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def _copy_adapter(source: Path, repo: Path) -> None:

@@ -426,6 +426,7 @@ def test_a_work_tree_left_behind_by_commit_from_is_told_not_committed_back(
     assert json.loads(mint(work, "status", "--json").stdout) | {"changes": []} == {
         "branch": "main",
         "head": r1,
+        "commit": r1,
         "clean": True,
         "changes": [],
         "error": None,
@@ -570,7 +571,7 @@ def test_a_tag_and_a_branch_of_one_name_resolve_as_git_does(work: Path) -> None:
     mint(work, "checkout", "dup")
     assert git(git_dir, "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/dup"
     assert head(work) == second
-    assert "Already on 'dup'" in mint(work, "checkout", "--force", "dup").stdout
+    assert "Already on 'dup'" in mint(work, "checkout", "--force", "dup").stderr
 
 
 def test_log_json_carries_meta_and_refs(work: Path) -> None:
@@ -645,10 +646,10 @@ def test_checkout_every_kind_of_ref(work: Path) -> None:
         assert head(work) == ids[i]
         assert json.loads(mint(work, "status", "--json").stdout)["clean"]
 
-    assert "Switched to branch 'two'" in mint(work, "checkout", "two").stdout
+    assert "Switched to branch 'two'" in mint(work, "checkout", "two").stderr
     at(2)
     assert git(work / ".mint", "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/two"
-    assert "detached" in mint(work, "checkout", "v1").stdout
+    assert "detached" in mint(work, "checkout", "v1").stderr
     at(1)
     assert git(work / ".mint", "symbolic-ref", "-q", "HEAD", ok=False).returncode != 0
     mint(work, "checkout", ids[0])
@@ -659,7 +660,7 @@ def test_checkout_every_kind_of_ref(work: Path) -> None:
     at(1)
     mint(work, "checkout", "main")
     at(3)
-    assert "Switched to a new branch 'fix'" in mint(work, "checkout", "-b", "fix", "main~3").stdout
+    assert "Switched to a new branch 'fix'" in mint(work, "checkout", "-b", "fix", "main~3").stderr
     at(0)
     assert git(work / ".mint", "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/fix"
     # A commit on the new branch moves it, not main.
@@ -705,7 +706,8 @@ def test_checkout_warns_of_commits_left_behind(work: Path) -> None:
         *(f"  {oid[:7]} lost {seed}" for oid, seed in zip(lost, range(6, 2, -1), strict=False)),
         " ... and 1 more.",
     ]
-    assert text[-1] == f"  mintvcs branch <new-branch-name> {lost[0][:7]}"
+    assert text[-2] == f"  mintvcs branch <new-branch-name> {lost[0][:7]}"
+    assert text[-1] == "Switched to branch 'main'"  # on stderr too, after the warning, as git's
     # A tag keeps them: nothing is left behind.
     mint(work, "tag", "keep", lost[0], "-m", "annotated")
     mint(work, "checkout", lost[0])

@@ -388,7 +388,7 @@ def test_checkout_of_the_previous_branch_switches_to_it_as_git_does(
         _same_refs(work, twin)
     mint(work, "checkout", "main")
     _git_in_twin(twin, "checkout", "-q", "main")
-    assert mint(work, "checkout", "-").stdout == "Switched to branch 'nb'\n"
+    assert mint(work, "checkout", "-").stderr == "Switched to branch 'nb'\n"
     _git_in_twin(twin, "checkout", "-q", "-")
     _same_refs(work, twin)
 
@@ -473,7 +473,7 @@ def test_checkout_b_before_the_first_commit_names_the_unborn_branch_as_git_does(
     work = tmp_path / "new"
     twin = _git_twin_unborn(work, tmp_path)
     for name in ("other", "other", "third"):
-        assert mint(work, "checkout", "-b", name).stdout == f"Switched to a new branch '{name}'\n"
+        assert mint(work, "checkout", "-b", name).stderr == f"Switched to a new branch '{name}'\n"
         _git_in_twin(twin, "checkout", "-q", "-b", name)
         assert (work / ".mint" / "HEAD").read_text() == (twin / "HEAD").read_text()
         assert not (work / ".mint" / "logs").exists() and not (twin / "logs").exists()
@@ -732,7 +732,7 @@ def test_an_empty_revision_is_refused_not_read_as_head(work: Path) -> None:
         assert result.returncode == 128 and "invalid revision ''" in result.stderr, args
     assert git(work / ".mint", "for-each-ref").stdout == before
     assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n"
-    assert mint(work, "checkout", "@").stdout == "Already on 'main'\n"
+    assert mint(work, "checkout", "@").stderr == "Already on 'main'\n"
     assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n"
     head, first = (git(work / ".mint", "rev-parse", r).stdout.strip() for r in ("@", "@~1"))
     mint(work, "tag", "t", "@^")

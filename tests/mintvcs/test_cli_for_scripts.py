@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,191 @@ def test_output_printed_before_a_failure_still_reaches_the_pipe(
         os.close(write_end)
         assert done.returncode == -signal.SIGPIPE, (args, done)
         assert done.stderr.startswith("error: ") and "Exception" not in done.stderr, done.stderr
+
+
+def test_tag_listing_leaves_a_broken_tag_out_and_lists_the_others(
+    listed: Path, tmp_path: Path
+) -> None:
+    # One tag whose object is missing made every listing fail (exit 1, nothing on stdout, the
+    # tag unnamed), `tag -l t01` and `tag --json` too; branch listings went on past such a ref.
+    work = tmp_path / "work"
+    shutil.copytree(listed, work)
+    mint(work, "tag", "-m", "annotated", "ann", "HEAD~2")
+    (work / ".mint" / "refs" / "tags" / "bad").write_text("11" * 20 + "\n")
+    listed_text = mint(work, "tag")
+    assert listed_text.stdout.split() == ["ann", *(f"t{i:02}" for i in range(80))]
+    assert "warning: ignoring ref refs/tags/bad: object 1111" in listed_text.stderr
+    rows = json.loads(mint(work, "tag", "--json").stdout)
+    assert "bad" not in {row["name"] for row in rows} and len(rows) == 81
+    # A pattern that leaves the broken tag out does not read it: no warning.
+    assert mint(work, "tag", "-l", "t01").stdout == "t01\n"
+    assert mint(work, "tag", "-l", "t01", "--json").stderr == ""
+    # An annotated tag whose commit is gone is left out the same way, named.
+    commit = json.loads(mint(work, "tag", "-l", "ann", "--json").stdout)[0]["commit"]
+    loose_path(work, commit).unlink()
+    # (t02, a lightweight tag of the same commit, too).
+    gone = mint(work, "tag", "-l", "ann", "t0*")
+    assert gone.stdout.split() == [f"t{i:02}" for i in range(10) if i != 2]
+    warned = [line.split(":")[1] for line in gone.stderr.splitlines()]
+    assert warned == [" ignoring ref refs/tags/ann", " ignoring ref refs/tags/t02"]
+
+
+def test_tag_json_says_which_tags_are_annotated_with_the_same_keys_listed_and_made(
+    listed: Path, tmp_path: Path
+) -> None:
+    # The listing gave only what an annotated tag names (`object` equal to `commit`), so a
+    # script could not tell it from a lightweight one nor get the tag object `tag -m --json`
+    # printed as `value`; the two reports had different keys.
+    work = tmp_path / "work"
+    shutil.copytree(listed, work)
+    made = json.loads(mint(work, "tag", "--json", "-m", "msg", "ann", "HEAD~1").stdout)
+    light = json.loads(mint(work, "tag", "--json", "light", "HEAD~1").stdout)
+    target = git(work / ".mint", "rev-parse", "HEAD~1").stdout.strip()
+    tag_object = git(work / ".mint", "rev-parse", "refs/tags/ann").stdout.strip()
+    assert git(work / ".mint", "cat-file", "-t", tag_object).stdout == "tag\n"
+    assert made == {
+        "name": "ann",
+        "value": tag_object,
+        "annotated": True,
+        "commit": target,
+        "object": target,
+        "type": "commit",
+    }
+    assert light == made | {"name": "light", "value": target, "annotated": False}
+    rows = {row["name"]: row for row in json.loads(mint(work, "tag", "--json").stdout)}
+    assert rows["ann"] == made and rows["light"] == light
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("init", ""),
+        ("init", "", "--base-model", "org/model"),
+        ("serve", "--repo", "", "--base-model", "."),
+        ("demo", "--workdir", ""),
+        ("demo", "--cache-dir", ""),
+    ],
+)
+def test_an_empty_directory_argument_is_a_usage_error(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    # `init "$DIR"` with DIR unset made the current directory a repository (and so every
+    # directory below it part of one); `serve --repo "$REPO"` served the current directory.
+    # git refuses `git init ""`.
+    refused = mint(tmp_path, *args, ok=False)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("error: Invalid value for ") and "empty" in refused.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [
+        (("commit", "-m"), "commit"),
+        (("log", "-n"), "log"),
+        (("checkout", "-b"), "checkout"),
+        (("show", "--json=1"), "show"),
+        (("serve", "--port"), "serve"),
+    ],
+)
+def test_an_option_without_its_value_names_the_commands_help(
+    tmp_path: Path, args: tuple[str, ...], command: str
+) -> None:
+    # click raises these without a context, and the error named `mintvcs --help`.
+    refused = mint(tmp_path, *args, ok=False)
+    assert refused.returncode == 2
+    assert refused.stderr.endswith(f"mintvcs.cli {command} --help')\n"), refused.stderr
+
+
+def test_ctrl_c_while_the_command_line_loads_prints_no_traceback(listed: Path) -> None:
+    # The console script imported mintvcs.cli (click, json, ...) before any handler was in
+    # place: Ctrl-C in its first ~50 ms printed a traceback. The interrupt arrives here while
+    # click is being imported, as the installed `mintvcs` script loads it.
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    entry = pyproject["project"]["scripts"]["mintvcs"]
+    module, _, function = entry.partition(":")
+    script = textwrap.dedent(
+        f"""
+        import builtins, os, signal, sys
+        real_import = builtins.__import__
+        def interrupting_import(name, *args, **kwargs):
+            if name == "click":
+                builtins.__import__ = real_import
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = interrupting_import
+        sys.argv[0] = "mintvcs"
+        from {module} import {function}
+        sys.exit({function}())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "status"],
+        cwd=listed,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        # As from a terminal: an ignored SIGINT (a test run in the background) stays ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert done.stderr == "interrupted\n" and done.stdout == ""
+    assert done.returncode == -signal.SIGINT
+    # The script runs a command as before.
+    ran = subprocess.run(
+        [sys.executable, "-c", script.replace('"click"', '"no such module"'), "branch"],
+        cwd=listed,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert ran.returncode == 0 and "* main" in ran.stdout
+
+
+def test_checkout_says_where_it_went_on_stderr(listed: Path, tmp_path: Path) -> None:
+    # As git's: stdout is for data, and a checkout prints none.
+    work = tmp_path / "work"
+    shutil.copytree(listed, work)
+    for args, said in [
+        (("b05",), "Switched to branch 'b05'\n"),
+        (("b05",), "Already on 'b05'\n"),
+        (("-b", "fresh", "HEAD~1"), "Switched to a new branch 'fresh'\n"),
+        (
+            ("t03",),
+            f"HEAD is now at {git(work / '.mint', 'rev-parse', 't03').stdout[:7]} (detached)\n",
+        ),
+    ]:
+        done = mint(work, "checkout", "--force", *args)
+        assert (done.stdout, done.stderr) == ("", said)
+
+
+def test_json_reports_name_the_revision_and_the_author_date_as_the_others_do(
+    listed: Path, tmp_path: Path
+) -> None:
+    # status named HEAD's revision `head` where every other command says `commit`; commit gave
+    # `parent` where log and show give `parents`; JSON had no author date, which the text shows.
+    work = tmp_path / "work"
+    shutil.copytree(listed, work)
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert (
+        state["commit"] == state["head"] == git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    )
+    date = {"GIT_AUTHOR_DATE": "1767225600 +0130"}
+    made = json.loads(mint(work, "commit", "-m", "x", "--allow-empty", "--json", env=date).stdout)
+    assert made["parents"] == [made["parent"]] == [state["head"]]
+    logged = json.loads(mint(work, "log", "--json", "-n", "1").stdout)[0]
+    shown = json.loads(mint(work, "show", "--json").stdout)
+    for item in (logged, shown):
+        assert (item["author_time"], item["author_timezone"]) == (1767225600, 5400)
+    assert "Date:   Thu Jan 1 01:30:00 2026 +0130" in mint(work, "show").stdout
+
+
+def test_init_no_hooks_says_it_installs_none(tmp_path: Path) -> None:
+    # Its help named only the pre-commit hook; the update hook and the samples go too.
+    mint(tmp_path, "init", "r", "--no-hooks")
+    assert list((tmp_path / "r" / ".mint" / "hooks").glob("*")) == []
+    helped = " ".join(mint(tmp_path, "init", "--help").stdout.split())
+    assert (
+        "--no-hooks Install no hooks: not the validating pre-commit, not the update hook" in helped
+    )

@@ -117,8 +117,19 @@ def test_fsck_and_tag_accept_git_notes_and_tags_of_trees_and_blobs(work: Path) -
     assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
     rows = {t["name"]: t for t in json.loads(mint(work, "tag", "--json").stdout)}
     tree = git(git_dir, "rev-parse", "main^{tree}").stdout.strip()
-    assert rows["treetag"] == {"name": "treetag", "commit": None, "object": tree, "type": "tree"}
+    assert rows["treetag"] == {
+        "name": "treetag",
+        "value": tree,
+        "annotated": False,
+        "commit": None,
+        "object": tree,
+        "type": "tree",
+    }
     assert rows["blobtag"]["type"] == "blob" and rows["blobtag"]["commit"] is None
+    assert (
+        rows["blobtag"]["annotated"]
+        and rows["blobtag"]["value"] == git(git_dir, "rev-parse", "blobtag").stdout.strip()
+    )
     assert {"blobtag", "treetag"} <= set(mint(work, "tag").stdout.split())
     # Their objects are still checked: a missing note blob is reported.
     note = git(git_dir, "notes", "list", "main").stdout.split()[0]
