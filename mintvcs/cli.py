@@ -316,11 +316,36 @@ def _echo_commit_text(info: Any) -> None:
 
 
 def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
-    """git's warning for a name that is both a tag and a branch (the tag wins, as in git)."""
+    """git's warning for a name that means two things: a tag and a branch (the tag wins), a ref
+    and an abbreviated object id (the ref wins), a ref and a full object id (the object wins)."""
     for spec in specs:
-        if spec and (refs := repo.ambiguous(spec)):
+        if not spec:
+            continue
+        if refs := repo.refs_named_by_id(spec):
+            name = spec[:40]
+            click.echo(
+                f"warning: refname '{name}' is ambiguous ({' and '.join(refs)}); 40 hex digits "
+                f"name the object {name}, never a ref",
+                err=True,
+            )
+            if repo.config.get_boolean((b"advice",), b"objectNameWarning", True):
+                click.echo(
+                    "hint: A ref named by 40 hex digits is usually made by mistake:\n"
+                    "hint: `mintvcs checkout -b $NAME ID` with NAME unset names a branch ID.\n"
+                    "hint: It is reached by its full name (refs/heads/...) only; delete it\n"
+                    "hint: with `mintvcs branch -D` or `mintvcs tag -d` if it is such a one.\n"
+                    "hint: `git config advice.objectNameWarning false` turns this hint off.",
+                    err=True,
+                )
+        elif refs := repo.ambiguous(spec):
             click.echo(
                 f"warning: refname '{spec}' is ambiguous ({' and '.join(refs)}); using {refs[0]}",
+                err=True,
+            )
+        elif (oid := repo.abbreviated_by_ref_name(spec)) is not None:
+            click.echo(
+                f"warning: refname '{spec}' is ambiguous (a ref, and the abbreviated id of "
+                f"{repo.abbrev(oid)}); using the ref",
                 err=True,
             )
 
@@ -514,7 +539,7 @@ def commit(
     else:
         where = result.branch or "detached HEAD"
         root = "" if result.parent else " (root-commit)"
-        click.echo(f"[{where}{root} {result.commit[:7]}] {result.summary}")
+        click.echo(f"[{where}{root} {repo.abbrev(result.commit)}] {result.summary}")
         click.echo(
             f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_objects} new "
             f"object{'s' if result.new_objects != 1 else ''}"
@@ -661,11 +686,13 @@ def _log_text(repo: Any, start: Any, max_count: int | None, oneline: bool) -> No
     """Print `log` as git does, page by page as the history is read."""
     index = 0
     for page, labels in _log_pages(repo, start, max_count):
+        ids = [info.id for info in page] if oneline else []
+        short = dict(zip(ids, repo.abbrev_many(ids), strict=True))  # one search for the page
         for info in page:
             deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
             if oneline:
                 subject = _printable(_subject(info.message))
-                click.echo(f"{click.style(info.id[:7], fg='yellow')}{deco} {subject}")
+                click.echo(f"{click.style(short[info.id], fg='yellow')}{deco} {subject}")
                 continue
             if index:
                 click.echo()
@@ -757,8 +784,8 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
     from mintvcs.objects import WEIGHTS_FILE
     from mintvcs.porcelain import STATISTICS_DTYPES
 
-    b_label = result.b[:7] if len(result.b) == 40 else result.b
-    click.echo(f"diff {result.a[:7]}..{b_label}")
+    b_label = repo.abbrev(result.b) if len(result.b) == 40 else result.b
+    click.echo(f"diff {repo.abbrev(result.a)}..{b_label}")
     if result.config_changed:
         click.echo("  adapter_config.json changed")
     if result.header_changed:
@@ -804,7 +831,8 @@ def status(as_json: bool) -> None:
     """Show the branch and how the work tree differs from HEAD."""
     from mintvcs import porcelain
 
-    state = porcelain.status(_open_repo())
+    repo = _open_repo()
+    state = porcelain.status(repo)
     if as_json:
         _emit_json(
             {
@@ -822,7 +850,7 @@ def status(as_json: bool) -> None:
     click.echo(
         f"On branch {state.branch}"
         if state.branch
-        else f"HEAD detached at {state.head[:7] if state.head else '?'}"
+        else f"HEAD detached at {repo.abbrev(state.head) if state.head else '?'}"
     )
     if state.head is None:
         click.echo("\nNo commits yet")
@@ -832,10 +860,10 @@ def status(as_json: bool) -> None:
         click.echo("nothing to commit, work tree clean")
     else:
         if state.base is not None and state.head is not None:
-            behind = porcelain.stale_hint(state.base, state.head, state.branch)
+            behind = porcelain.stale_hint(repo, state.base, state.head, state.branch)
             click.echo(f"\nNote: {behind}.")
         elif state.mixed is not None and state.head is not None:
-            mixed = porcelain.mixed_hint(state.mixed, state.head, state.branch)
+            mixed = porcelain.mixed_hint(repo, state.mixed, state.head, state.branch)
             click.echo(f"\nNote: {mixed}.")
         click.echo("\nChanges not committed:")
         for kind, path in state.changes:
@@ -843,7 +871,9 @@ def status(as_json: bool) -> None:
             click.echo(click.style(f"\t{kind + ':':10} {path}", fg=color))
 
 
-def _each(names: tuple[str, ...], delete: Callable[[str], str], shown: str, as_json: bool) -> None:
+def _each(
+    repo: Any, names: tuple[str, ...], delete: Callable[[str], str], shown: str, as_json: bool
+) -> None:
     """Delete every name given, as git does: one that fails is reported and the rest still go
     (exit 1 then). `shown` formats a deletion's line from the name and the short id it had;
     --json prints [{"name", "was"}] of those deleted."""
@@ -858,7 +888,7 @@ def _each(names: tuple[str, ...], delete: Callable[[str], str], shown: str, as_j
             continue
         deleted.append({"name": name, "was": oid})
         if not as_json:
-            click.echo(shown.format(name, oid[:7]))
+            click.echo(shown.format(name, repo.abbrev(oid)))
     if as_json:
         _emit_json(deleted)
     if failed:
@@ -918,6 +948,7 @@ def branch(
         if not names:
             raise click.UsageError("branch name required")
         _each(
+            repo,
             names,
             lambda name: porcelain.branch_delete(repo, name, force=force_delete or force),
             "Deleted branch {} (was {}).",
@@ -949,10 +980,10 @@ def branch(
         head = repo.head_commit()
         if not names and head is not None and repo.refs.read_symbolic("HEAD") is None:
             # As git lists it: a detached HEAD is where the next commit goes.
-            click.echo(f"* {click.style(f'(HEAD detached at {head[:7]})', fg='green')}")
+            click.echo(f"* {click.style(f'(HEAD detached at {repo.abbrev(head)})', fg='green')}")
         for b in rows:
             shown = click.style(b.name, fg="green") if b.current else b.name
-            where = f"-> {b.alias_of}" if b.alias_of is not None else b.commit[:7]
+            where = f"-> {b.alias_of}" if b.alias_of is not None else repo.abbrev(b.commit)
             click.echo(f"{'*' if b.current else ' '} {shown}  {where}")
         return
     name, start = _name_and_start(names, "START")
@@ -1004,6 +1035,7 @@ def tag(
         if not names:
             raise click.UsageError("tag name required")
         _each(
+            repo,
             names,
             lambda name: porcelain.tag_delete(repo, name),
             "Deleted tag '{}' (was {})",
@@ -1049,7 +1081,7 @@ def tag(
         # A tag object is never its own target: the value differs from it once one was followed.
         _emit_json(_tag_json(porcelain.TagRef(name, value, value != target, target, kind)))
     elif was is not None and was != value:
-        click.echo(f"Updated tag '{name}' (was {was[:7]})")
+        click.echo(f"Updated tag '{name}' (was {repo.abbrev(was)})")
 
 
 def _tag_json(row: Any) -> dict[str, Any]:
@@ -1110,7 +1142,7 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
         click.echo(f"Switched to branch '{result.branch}'", err=True)
     else:
         assert result.commit is not None  # only `-b` on an unborn branch has none
-        click.echo(f"HEAD is now at {result.commit[:7]} (detached)", err=True)
+        click.echo(f"HEAD is now at {repo.abbrev(result.commit)} (detached)", err=True)
 
 
 def _warn_left_behind(repo: Any, commits: tuple[str, ...]) -> None:
@@ -1121,7 +1153,7 @@ def _warn_left_behind(repo: Any, commits: tuple[str, ...]) -> None:
         f"warning: you are leaving {len(commits)} commit{'s' if len(commits) > 1 else ''} "
         "behind, not connected to any of your branches or tags:",
         *(
-            f"  {oid[:7]} {_printable(_subject(repo.commit_info(oid).message))}"
+            f"  {repo.abbrev(oid)} {_printable(_subject(repo.commit_info(oid).message))}"
             for oid in commits[:shown]
         ),
     ]
@@ -1129,7 +1161,7 @@ def _warn_left_behind(repo: Any, commits: tuple[str, ...]) -> None:
         lines.append(f" ... and {len(commits) - shown} more.")
     lines += [
         f"If you want to keep {them} by creating a new branch, this may be a good time to do so with:",
-        f"  mintvcs branch <new-branch-name> {commits[0][:7]}",
+        f"  mintvcs branch <new-branch-name> {repo.abbrev(commits[0])}",
     ]
     click.echo("\n".join(lines), err=True)
 
@@ -1155,7 +1187,9 @@ def reset(rev: str, hard: bool, soft: bool, mixed: bool, as_json: bool) -> None:
     if as_json:
         _emit_json({"commit": oid, "branch": repo.current_branch(), "hard": hard})
         return
-    click.echo(f"HEAD is now at {oid[:7]} {_printable(_subject(repo.commit_info(oid).message))}")
+    click.echo(
+        f"HEAD is now at {repo.abbrev(oid)} {_printable(_subject(repo.commit_info(oid).message))}"
+    )
 
 
 @main.command()

@@ -25,3 +25,9 @@ def blob_id(content: bytes | memoryview) -> str:
     digest = hashlib.sha1(b"blob %d\0" % memoryview(content).nbytes)
     digest.update(content)
     return digest.hexdigest()
+
+
+def shared_hex_digits(a: bytes, b: bytes) -> int:
+    """How many leading hex digits two raw ids of one length have in common."""
+    differ = int.from_bytes(a, "big") ^ int.from_bytes(b, "big")
+    return (len(a) * 8 - differ.bit_length()) // 4

@@ -24,6 +24,7 @@ from mintvcs import codec
 from mintvcs.checksums import adler32, crc32
 from mintvcs.errors import MintError
 from mintvcs.filemodes import file_mode, make_dirs, not_writable
+from mintvcs.ids import shared_hex_digits
 
 if TYPE_CHECKING:
     import numpy as np
@@ -489,6 +490,26 @@ class PackWriter:
             Path(self.tmp).unlink(missing_ok=True)
 
 
+def shared_digits_many(packs: Sequence[PackFile], keys: Sequence[bytes]) -> list[int]:
+    """max(p.shared_digits(key) for p in packs) for each of `keys`, each index searched once
+    for all of them with numpy (worth its import for thousands of keys)."""
+    import numpy as np
+
+    if not keys:
+        return []
+    wanted = np.frombuffer(b"".join(keys), dtype=_NAME_DTYPE)
+    nearest = np.full(len(keys), np.iinfo(np.uint64).max, dtype=np.uint64)
+    for pack in packs:
+        nearest = np.minimum(nearest, pack.nearest_many(wanted))
+    # Leading hex digits in common: the zero nibbles atop the XOR (16 when it is 0).
+    nibbles = np.array([1 << (60 - 4 * i) for i in range(16)], dtype=np.uint64)
+    shared = (nearest[:, None] < nibbles).sum(axis=1).tolist()
+    return [
+        max(p.shared_digits(key) for p in packs) if digits >= 16 else digits
+        for key, digits in zip(keys, shared, strict=True)
+    ]
+
+
 def _crc(pieces: list[Any]) -> int:
     """The CRC-32 of an entry's pieces, as a version-2 index records it."""
     crc = 0
@@ -591,6 +612,9 @@ def _delta_sizes(stream: bytes | memoryview) -> tuple[int, int] | None:
 OFS_DELTA, REF_DELTA = 6, 7
 PACK_HEADER, PACK_TRAILER = 12, 20  # bytes before the first entry; the SHA-1 after the last
 _MAX_VARINT_BYTES = 10  # a size or offset of up to 70 bits; more is a damaged header
+# Delta bases followed to learn an object's type: git writes chains of at most 4095 (pack.depth
+# caps there); more is a cycle or damage, and the object is then read in full instead.
+_MAX_DELTA_HOPS = 4096
 
 
 class PackEntryError(ValueError):
@@ -729,6 +753,63 @@ class PackFile:
                 return self._offset_at(mid)
         return None
 
+    def shared_digits(self, key: bytes) -> int:
+        """The most leading hex digits a name of this index other than `key` (20 bytes) shares
+        with it: those of the names either side of where `key` sorts, as git's
+        find_abbrev_len_packed reads them. Only names of `key`'s first byte are looked at (one
+        that shares fewer than two digits never lengthens an abbreviation)."""
+        idx, count, names = self.idx, self.count, _IDX_NAMES
+        first = key[0]
+        start = struct.unpack_from(">I", idx, 8 + (first - 1) * 4)[0] if first else 0
+        end = min(struct.unpack_from(">I", idx, 8 + first * 4)[0], count)  # a lying fan-out
+        lo, hi = min(start, end), end
+        while lo < hi:  # the first name not below `key`
+            mid = (lo + hi) // 2
+            at = names + mid * 20
+            if idx[at : at + 20] < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        after = lo
+        if after < end and idx[names + after * 20 : names + after * 20 + 20] == key:
+            after += 1  # `key` itself
+        shared = 0
+        for position in (lo - 1, after):
+            if start <= position < end:
+                at = names + position * 20
+                shared = max(shared, shared_hex_digits(key, idx[at : at + 20]))
+        return shared
+
+    def nearest_many(self, wanted: npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
+        """For each name of `wanted` (_NAME_DTYPE), the XOR of its first 8 bytes with those of
+        the nearest other name of this index, either side of where it sorts (all ones when there
+        is none): its leading zero bits are the bits they share. 0 when another name shares
+        all 8 bytes: then shared_digits() tells how many more."""
+        import numpy as np
+
+        none = np.full(len(wanted), np.iinfo(np.uint64).max, dtype=np.uint64)
+        if not self.count:
+            return none
+        prefixes, count, high = self._name_prefixes(), self.count, wanted["high"]
+        at = np.searchsorted(prefixes, high)
+        names = np.frombuffer(self.idx, dtype=_NAME_DTYPE, count=count, offset=_IDX_NAMES)
+        after = at + (names[np.minimum(at, count - 1)] == wanted)  # past the name itself
+        del names  # no view of the map outlives the call: close() can unmap it
+        before = np.where(at > 0, prefixes[np.maximum(at - 1, 0)] ^ high, none)
+        return np.minimum(
+            before, np.where(after < count, prefixes[np.minimum(after, count - 1)] ^ high, none)
+        )
+
+    def _name_prefixes(self) -> npt.NDArray[np.uint64]:
+        """The first 8 bytes of each name as a sorted uint64 array (a copy, made once)."""
+        import numpy as np
+
+        if self._prefixes is None:
+            self._prefixes = np.frombuffer(
+                self.idx, dtype=_NAME_DTYPE, count=self.count, offset=_IDX_NAMES
+            )["high"].copy()
+        return self._prefixes
+
     def find_many(self, keys: Sequence[bytes]) -> list[int | None]:
         """find() for each of `keys` (20 bytes each), the index searched once for all of them.
 
@@ -743,15 +824,12 @@ class PackFile:
 
         if not keys or not self.count:
             return [None] * len(keys)
-        if self._prefixes is None:
-            self._prefixes = np.frombuffer(
-                self.idx, dtype=_NAME_DTYPE, count=self.count, offset=_IDX_NAMES
-            )["high"].copy()
+        prefixes = self._name_prefixes()
         wanted = np.frombuffer(b"".join(keys), dtype=_NAME_DTYPE)
-        at = np.minimum(np.searchsorted(self._prefixes, wanted["high"]), self.count - 1)
+        at = np.minimum(np.searchsorted(prefixes, wanted["high"]), self.count - 1)
         names = np.frombuffer(self.idx, dtype=_NAME_DTYPE, count=self.count, offset=_IDX_NAMES)
         hits = (names[at] == wanted).tolist()
-        shared = (self._prefixes[at] == wanted["high"]).tolist()
+        shared = (prefixes[at] == wanted["high"]).tolist()
         offsets = np.frombuffer(
             self.idx, dtype=">u4", count=self.count, offset=_IDX_NAMES + self.count * 24
         )
@@ -790,6 +868,25 @@ class PackFile:
         except PackEntryError:
             return None
         return _KIND_NAMES.get(kind)
+
+    def whole_kind_at(self, offset: int) -> str | bytes | None:
+        """The type of the object at `offset` from entry headers alone, following OFS_DELTA
+        bases inside this pack (a delta's type is its base's); for a REF_DELTA on the way, its
+        base's raw id, to be looked up where it is stored; None for an entry that cannot be read."""
+        end = len(self.pack) - PACK_TRAILER
+        for _ in range(_MAX_DELTA_HOPS):
+            if not PACK_HEADER <= offset < end:
+                return None
+            try:
+                kind, _size, _pos, base = entry_header(self.pack, offset, end)
+            except PackEntryError:
+                return None
+            if base is None:
+                return _KIND_NAMES.get(kind)
+            if isinstance(base, bytes):
+                return base
+            offset = base  # entry_header checked that it points back, inside the pack
+        return None
 
     def _blob_entry(self, offset: int) -> tuple[int, int]:
         """(size, position of the zlib stream) of the undeltified blob entry at `offset`."""

@@ -313,7 +313,7 @@ def _read_revision(repo: Repository, commit: str, show_progress: bool = True) ->
     """repo.read_revision, counting its tensor records on a terminal (37k take a second)."""
     if not show_progress:
         return repo.read_revision(commit)
-    with progress_bar(None, f"reading {commit[:7]}", unit=" tensors") as update:
+    with progress_bar(None, f"reading {repo.abbrev(commit)}", unit=" tensors") as update:
         return repo.read_revision(commit, update)
 
 
@@ -468,7 +468,7 @@ def commit(
     def identical_to(commit_id: str, when: str = "") -> NothingToCommit:
         return NothingToCommit(
             f"nothing to commit: the adapter in {source} is identical to "
-            f"{'HEAD' if branch is None else branch} ({commit_id[:7]}){when}; "
+            f"{'HEAD' if branch is None else branch} ({repo.abbrev(commit_id)}){when}; "
             "use --allow-empty (allow_empty=True) to record it anyway"
         )
 
@@ -933,27 +933,27 @@ def status(repo: Repository) -> Status:
     )
 
 
-def mixed_hint(mixes: Sequence[str], head: str, branch: str | None) -> str:
+def mixed_hint(repo: Repository, mixes: Sequence[str], head: str, branch: str | None) -> str:
     """What to do about a work tree a failed checkout (or reset --hard) left holding files of
     each of `mixes`, while HEAD (`branch`) is at `head`."""
-    name = branch or "HEAD"
-    held = " and ".join(m[:7] for m in mixes)
+    name, short = branch or "HEAD", repo.abbrev(head)
+    held = " and ".join(repo.abbrev(m) for m in mixes)
     return (
         f"a checkout (or reset --hard) stopped part-way and could not write the old revision "
-        f"back: the work tree holds files of {held}, and {name} is at {head[:7]}: `mintvcs "
-        f"checkout --force {branch or head[:7]}` takes {head[:7]} (discarding what differs), "
-        f"`mintvcs reset --soft {branch or head[:7]}` keeps the work tree's files as changes to it"
+        f"back: the work tree holds files of {held}, and {name} is at {short}: `mintvcs "
+        f"checkout --force {branch or short}` takes {short} (discarding what differs), "
+        f"`mintvcs reset --soft {branch or short}` keeps the work tree's files as changes to it"
     )
 
 
-def stale_hint(base: str, head: str, branch: str | None) -> str:
+def stale_hint(repo: Repository, base: str, head: str, branch: str | None) -> str:
     """What to do about a work tree left at `base` while HEAD (`branch`) moved to `head`."""
-    name = branch or "HEAD"
+    name, short = branch or "HEAD", repo.abbrev(head)
     return (
-        f"the work tree holds revision {base[:7]}, but {name} has moved to {head[:7]} since it "
-        f"was checked out (a `commit --from` onto {name}, or another process): `mintvcs checkout "
-        f"--force {branch or head[:7]}` takes {head[:7]} (discarding what differs), `mintvcs reset "
-        f"--soft {branch or head[:7]}` keeps the work tree's files as changes to it"
+        f"the work tree holds revision {repo.abbrev(base)}, but {name} has moved to {short} since "
+        f"it was checked out (a `commit --from` onto {name}, or another process): `mintvcs "
+        f"checkout --force {branch or short}` takes {short} (discarding what differs), `mintvcs "
+        f"reset --soft {branch or short}` keeps the work tree's files as changes to it"
     )
 
 
@@ -1217,11 +1217,11 @@ def work_tree_hint(repo: Repository, head: str | None, branch: str | None) -> st
     base = _held_instead(repo, head)
     if base is not None:
         assert head is not None
-        return stale_hint(base, head, branch)
+        return stale_hint(repo, base, head, branch)
     mixes = _mixed_instead(repo, head)
     if mixes is not None:
         assert head is not None
-        return mixed_hint(mixes, head, branch)
+        return mixed_hint(repo, mixes, head, branch)
     return None
 
 
@@ -1396,7 +1396,7 @@ def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
     head = repo.head_commit()
     if not force and (head is None or not is_ancestor(repo, oid, head)):
         raise MintError(
-            f"the branch '{name}' is not fully merged: its tip {oid[:7]} is not in HEAD's "
+            f"the branch '{name}' is not fully merged: its tip {repo.abbrev(oid)} is not in HEAD's "
             f"history, so deleting it would leave that revision reachable only by the reflog; "
             f"use -D to delete it anyway"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import bisect
 import contextvars
 import errno
 import hashlib
@@ -31,7 +32,7 @@ from mintvcs.base import BaseModel
 from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError, cannot_read
 from mintvcs.filemodes import make_dir, not_writable, write_file
-from mintvcs.ids import is_object_id
+from mintvcs.ids import is_object_id, shared_hex_digits
 from mintvcs.objects import (
     CONFIG_PATH,
     FILES_DIR,
@@ -56,11 +57,18 @@ from mintvcs.packs import (
     object_zlib_level,
     place_file,
     read_fd,
+    shared_digits_many,
     zlib_stored,
     zlib_tensor,
 )
 from mintvcs.refs import InvalidRefNameError, RefStore
-from mintvcs.repoformat import MINT_FORMAT_VERSION, RepositoryFormat, read_format, shared_setting
+from mintvcs.repoformat import (
+    MINT_FORMAT_VERSION,
+    RepositoryFormat,
+    _git_int,
+    read_format,
+    shared_setting,
+)
 from mintvcs.safetensors_file import MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
@@ -105,6 +113,19 @@ KEEP_TENSOR_BYTES = 64 << 10
 _AGREEING_MANIFESTS_KEPT = 1 << 16
 # Commits whose parents a Repository remembers for `~N`/`^N` (~300 bytes each, so ~10 MB at most).
 _PARENTS_KEPT = 1 << 15
+# REF_DELTA bases followed across packs to learn an object's type (each pack's OFS_DELTA chain
+# is followed in it); git's own chains stop at 4095 links.
+_MAX_REF_DELTA_HOPS = 4096
+# git's shortest abbreviation (MINIMUM_ABBREV), and the length it starts from in a small store.
+_ABBREV_MIN, _ABBREV_DEFAULT = 4, 7
+_LOOSE_NAME = re.compile(r"[0-9a-f]{38}")
+# How long `abbrev` trusts its listing of packs and loose objects before it stats their
+# directories again: a stat per id printed cost `log --oneline` 10 us a commit. An object
+# written within that time by another process can go unseen, and an id sharing its digits
+# printed one digit short (typed back, it is refused as ambiguous, never taken for another).
+_ABBREV_TRUST_S = 1.0
+# Searches (ids x packs) from which `abbrev_many` imports numpy to search each pack at once.
+_ABBREV_VECTORIZED = 8192
 ProgressFn = Callable[[int], None]
 
 
@@ -391,6 +412,12 @@ def _checked_spec(spec: str) -> tuple[str, str]:
     return parts
 
 
+def is_full_hex(name: str) -> bool:
+    """Whether a spec's name is a whole object id (40 hex digits, either case): it names that
+    object, never a ref of the same name (git's get_oid_basic)."""
+    return len(name) == 40 and _HEX.match(name) is not None
+
+
 def ref_candidates(name: str) -> list[str]:
     """The refs a spec's name may mean, in git's order (gitrevisions): the name itself when it is
     a full one, `refs/NAME` (`heads/main`), the tag, the branch, the remote-tracking branch
@@ -443,6 +470,17 @@ _WRITE_COUNTS: contextvars.ContextVar[tuple[tuple[Repository, WriteCount], ...]]
 
 # How much of an object's content zlib is given at once (write_object).
 _DEFLATE_STEP = 1 << 20
+
+
+@dataclass(frozen=True)
+class _AbbrevState:
+    """What `Repository.abbrev` knows of the store's packs, and since when."""
+
+    token: tuple[int, int] | None  # the pack directory's (inode, mtime) when they were listed
+    checked: float  # time.monotonic() when the token was last compared
+    packs: list[PackFile]
+    auto_length: int  # git's abbreviation length for their objects
+    foreign: bool  # objects our pack reader does not see: alternates, unreadable packs
 
 
 class Repository:
@@ -555,6 +593,9 @@ class Repository:
             if (found.git_dir / "config").exists():
                 found.config  # noqa: B018
                 found.refs.shared_perm = found.repo_format.shared
+                # git refuses a bad core.abbrev in every command, before anything is written
+                # (a commit must not be made and then fail to print its id).
+                found.abbrev_setting  # noqa: B018
             return found
         raise NotARepositoryError(
             f"not a mintvcs repository (or any parent up to /): {start}; run 'mintvcs init'"
@@ -988,6 +1029,7 @@ class Repository:
                 if attempt == 2:
                     raise
         self._count_written()
+        self.__dict__.get("_loose_listings", {}).pop(oid[:2], None)  # abbrev() lists it again
         return oid
 
     def _count_written(self) -> None:
@@ -1695,6 +1737,7 @@ class Repository:
         # Sealed even when refused: its blobs are unreferenced, and gc drops them.
         if pack:
             pack.finish()
+            self.__dict__.pop("_abbrev_known", None)  # abbrev() lists the packs again
         if refused:
             first = min(refused)
             raise codec.NonFiniteTensorError(tensors[first].name, refused[first])
@@ -1907,7 +1950,10 @@ class Repository:
 
     def _resolve_name(self, name: str, spec: str, *, peel: bool = True) -> str:
         """Resolve the part of a spec before any `~`/`^` suffix (to the commit, unless not `peel`)."""
-        for ref in ref_candidates(name):
+        # As git's get_oid_basic: 40 hex digits name that object, whatever ref has that name
+        # (refs_named_by_id warns of one). Else a branch named by a commit's id would redirect
+        # everything pinned to that commit, a server's requests included.
+        for ref in [] if is_full_hex(name) else ref_candidates(name):
             try:
                 oid = self.refs.read(ref)
             except InvalidRefNameError:
@@ -1921,7 +1967,7 @@ class Repository:
         # No ref of that name, or no repository any more: only the second is not the client's
         # answer (one stat, on this miss path only).
         self.check_present()
-        if ref == "HEAD" and name in ("HEAD", "@"):
+        if name in ("HEAD", "@"):
             raise UnknownRevisionError("HEAD does not point to a commit yet: make a first commit")
         if _HEX.match(name):
             hex_id = name.lower()
@@ -1968,6 +2014,161 @@ class Repository:
             "in another process?); try again"
         )
 
+    @cached_property
+    def abbrev_setting(self) -> int | None:
+        """core.abbrev as git reads it: the digits an id is shortened to at least (40: ids are
+        printed whole, as `no` or `false` ask), or None for `auto` or no setting (git's length
+        for the store's size); MintError for a value git refuses."""
+        try:
+            raw = self.config.get((b"core",), b"abbrev")
+        except KeyError:
+            return None
+        text = "true" if raw is None else raw.decode(errors="replace")  # a key with no `=`
+        if text.lower() == "auto":
+            return None
+        if text.lower() in ("false", "no", "off", ""):
+            return 40
+        value = _git_int(text)
+        if value is None or not _ABBREV_MIN <= value <= 40:
+            raise MintError(
+                f"core.abbrev in .mint/config is {text!r:.40}: git takes `auto`, `no` or a "
+                f"number of digits from {_ABBREV_MIN} to 40 (and refuses this one too); fix it"
+            )
+        return value
+
+    def abbrev_length(self) -> int:
+        """The digits `abbrev` starts from: core.abbrev, else git's length for the store's size
+        (7; 8 from 2^14 packed objects, 9 from 2^16, one more each time they quadruple: git's
+        repo_approximate_object_count counts the objects the packs' indexes list, not loose ones)."""
+        setting = self.abbrev_setting
+        return setting if setting is not None else self._abbrev_state().auto_length
+
+    def abbrev(self, oid: str) -> str:
+        """`oid` shortened as git prints it (find_unique_abbrev): to `abbrev_length()` digits,
+        more while another object of the store (of any type) shares them, so that the id
+        printed can be typed back."""
+        return self.abbrev_many([oid])[0]
+
+    def abbrev_many(self, oids: Sequence[str]) -> list[str]:
+        """`abbrev` of each of `oids`, the packs' indexes searched once for all of them when
+        there are many (a page of `log --oneline`)."""
+        state = self._abbrev_state()
+        length = self.abbrev_setting or state.auto_length
+        if length >= 40:
+            return list(oids)
+        wanted = [oid for oid in dict.fromkeys(oids) if is_object_id(oid)]
+        keys = [bytes.fromhex(oid) for oid in wanted]
+        shared = [self._loose_shared_digits(oid) for oid in wanted]
+        # A search per id and pack in Python costs ~10 us; numpy's search of a pack for all the
+        # ids costs its import first (~0.1 s), unless something imported it already.
+        searches = len(keys) * len(state.packs)
+        if len(keys) >= 64 and (searches >= _ABBREV_VECTORIZED or "numpy" in sys.modules):
+            found = shared_digits_many(state.packs, keys)
+            shared = [max(a, b) for a, b in zip(shared, found, strict=True)]
+        else:
+            for pack in state.packs:
+                found = [pack.shared_digits(key) for key in keys]
+                shared = [max(a, b) for a, b in zip(shared, found, strict=True)]
+        if state.foreign:  # objects only dulwich reads (alternates, packs ours cannot): ask it
+            for i, (oid, key) in enumerate(zip(wanted, keys, strict=True)):
+                for other in self._ids_with_prefix(oid[:length]) - {oid}:
+                    shared[i] = max(shared[i], shared_hex_digits(key, bytes.fromhex(other)))
+        short = {
+            oid: oid[: max(length, min(digits + 1, 40))]
+            for oid, digits in zip(wanted, shared, strict=True)
+        }
+        return [short.get(oid, oid) for oid in oids]
+
+    def _abbrev_state(self) -> _AbbrevState:
+        """The store's packs and git's automatic abbreviation length for them, listed again
+        when the pack directory changed; trusted for _ABBREV_TRUST_S between checks."""
+        known: _AbbrevState | None = self.__dict__.get("_abbrev_known")
+        now = time.monotonic()
+        if known is not None and now - known.checked < _ABBREV_TRUST_S:
+            return known
+        try:
+            st = os.stat(f"{self._objects_dir}/pack")
+            token: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
+        except OSError:
+            token = None
+        if known is None or known.token != token:
+            packs = self._packs(refresh=True)
+            count = sum(p.count for p in packs) + self._other_packed_count()
+            # git's find_unique_abbrev_r: ~2^bits objects expect a collision at 2^(bits/2), and
+            # a hex digit holds 4 bits (git's msb() is bit_length() - 1).
+            auto = max(_ABBREV_DEFAULT, -(-count.bit_length() // 2))
+            known = _AbbrevState(token, now, packs, auto, self._has_foreign_objects())
+        else:
+            known = replace(known, checked=now)
+        self.__dict__["_abbrev_known"] = known
+        return known
+
+    def _other_packed_count(self) -> int:
+        """The objects listed by the indexes our pack reader left out (git counts every pack
+        whose index and pack it can open) and by the packs of alternate stores."""
+        own = Path(self._objects_dir) / "pack"
+        places = [(own, name) for name in self.__dict__.get("_unreadable_packs", ())]
+        for store in self._alternate_stores():
+            try:
+                listed = os.listdir(store / "pack")
+            except OSError:
+                continue
+            places += [(store / "pack", n[: -len(".idx")]) for n in listed if n.endswith(".idx")]
+        return sum(
+            _idx_object_count(directory / f"{name}.idx")
+            for directory, name in places
+            if (directory / f"{name}.pack").is_file()
+        )
+
+    def _alternate_stores(self) -> list[Path]:
+        """The object directories `objects/info/alternates` lists (relative ones from ours)."""
+        try:
+            text = Path(self._objects_dir, "info", "alternates").read_text(errors="replace")
+        except OSError:
+            return []
+        lines = (line.strip() for line in text.splitlines())
+        return [Path(self._objects_dir, ln) for ln in lines if ln and not ln.startswith("#")]
+
+    def _loose_shared_digits(self, oid: str) -> int:
+        """The most leading hex digits a loose object other than `oid` shares with it: its
+        neighbours in a sorted listing of its fan-out directory, listed again when the
+        directory's mtime changed (checked at most every _ABBREV_TRUST_S)."""
+        listings: dict[str, tuple[tuple[int, int], float, list[str]]] = self.__dict__.setdefault(
+            "_loose_listings", {}
+        )
+        known = listings.get(oid[:2])
+        now = time.monotonic()
+        if known is None or now - known[1] >= _ABBREV_TRUST_S:
+            directory = f"{self._objects_dir}/{oid[:2]}"
+            try:
+                st = os.stat(directory)
+                token = (st.st_ino, st.st_mtime_ns)
+                names = (
+                    known[2]
+                    if known is not None and known[0] == token
+                    else sorted(n for n in os.listdir(directory) if _LOOSE_NAME.fullmatch(n))
+                )
+            except OSError:
+                token, names = (0, 0), []
+            listings[oid[:2]] = known = (token, now, names)
+        names, rest = known[2], oid[2:]
+        at = bisect.bisect_left(names, rest)
+        after = at + 1 if at < len(names) and names[at] == rest else at
+        shared = 0
+        for position in (at - 1, after):
+            if 0 <= position < len(names):
+                other = bytes.fromhex(names[position])
+                shared = max(shared, 2 + shared_hex_digits(other, bytes.fromhex(rest)))
+        return shared
+
+    def refs_named_by_id(self, spec: str) -> list[str]:
+        """The refs a spec's name would mean if it were not 40 hex digits, which name an object
+        whatever ref shares them (git then warns "refname is ambiguous"); else []."""
+        parts = _split_spec(spec)
+        if parts is None or not is_full_hex(parts[0]):
+            return []
+        return [ref for ref in ref_candidates(parts[0]) if self._ref_exists(ref)]
+
     def ambiguous(self, spec: str) -> list[str]:
         """The refs a spec's name could mean when it names more than one (a tag and a branch), else [].
 
@@ -1977,7 +2178,7 @@ class Repository:
         if parts is None:
             return []
         name = parts[0]
-        if not name or name in ("HEAD", "@") or name.startswith("refs/"):
+        if not name or name in ("HEAD", "@") or name.startswith("refs/") or is_full_hex(name):
             return []
         found = []
         for ref in ref_candidates(name):
@@ -1987,6 +2188,18 @@ class Repository:
             except MintError:
                 return []
         return found if len(found) > 1 else []
+
+    def abbreviated_by_ref_name(self, spec: str) -> str | None:
+        """The one object whose id a spec's name also abbreviates when a ref of that name takes
+        it (a branch `cafe`, and an object `cafe…`), else None: git warns "refname is ambiguous"."""
+        parts = _split_spec(spec)
+        if parts is None or _HEX.match(parts[0]) is None or is_full_hex(parts[0]):
+            return None
+        if not any(self._ref_exists(ref) for ref in ref_candidates(parts[0])):
+            return None
+        # As git's get_short_oid with no type asked for: any object, one only.
+        matches = self._ids_with_prefix(parts[0].lower())
+        return next(iter(matches)) if len(matches) == 1 else None
 
     def _open_loose(self, oid: str, what: str) -> int | None:
         """A descriptor of loose object `oid`'s file, None when it is not loose; CorruptObjectError
@@ -2016,6 +2229,11 @@ class Repository:
         return fd
 
     def _is_commit_or_tag(self, oid: str) -> bool:
+        """Whether `oid` is a commit or tag, told from its header: a prefix shared with a
+        tensor blob of hundreds of MB must not inflate that blob to learn it is one."""
+        kind = self.object_kind(oid)
+        if kind is not None:
+            return kind in ("commit", "tag")
         try:
             return self.get_object(oid).type_name in (b"commit", b"tag")
         except UnreadableObjectError:
@@ -2024,17 +2242,27 @@ class Repository:
             return False
 
     def object_kind(self, oid: str) -> str | None:
-        """The type of object `oid` ("commit", "tag", ...) from its header alone, or None when
-        that cannot tell (a deltified entry, a borrowed store, a damaged object): then read it.
+        """The type of object `oid` ("commit", "tag", ...) from headers alone (a delta's base's
+        for a deltified entry), or None when they cannot tell (a borrowed store, a damaged
+        object): then read it.
 
         A ref listing asks this of every tag: a lightweight tag names a commit, and inflating
         10,000 commits to learn so took most of a second.
         """
         if not is_object_id(oid):
             return None
-        found = self._find_packed(bytes.fromhex(oid))
-        if found is not None:
-            return found[0].kind_at(found[1])
+        key = bytes.fromhex(oid)
+        for _ in range(_MAX_REF_DELTA_HOPS):
+            found = self._find_packed(key)
+            if found is None:
+                break  # loose, or its REF_DELTA base is
+            kind = found[0].whole_kind_at(found[1])
+            if not isinstance(kind, bytes):
+                return kind
+            key = kind  # a REF_DELTA: its base may be in another pack (or loose)
+        else:
+            return None
+        oid = key.hex()
         try:
             fd = self._open_loose(oid, "object")
         except CorruptObjectError:
@@ -2267,6 +2495,20 @@ def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) 
     size = head[1]
     if size.isdigit() and int(size) > max_size:
         raise _too_large(oid, int(size), max_size, what)
+
+
+def _idx_object_count(path: Path) -> int:
+    """The objects a pack index lists (its fan-out table's last entry, versions 1 and 2), 0 if
+    it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8 + 1024)
+    except OSError:
+        return 0
+    table = 8 if head[:8] == b"\xfftOc\0\0\0\2" else 0
+    if len(head) < table + 1024:
+        return 0
+    return int(struct.unpack_from(">I", head, table + 255 * 4)[0])
 
 
 def _loose_head(raw: bytes | memoryview) -> tuple[bytes, bytes] | None:

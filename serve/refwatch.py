@@ -4,7 +4,8 @@ A request names a ref spec (`main`, `prod`, `main~2`, an abbreviated id). Resolv
 store reads a ref file and peels an object; doing that per request is wasteful, and scanning every
 ref is out of the question with 10^6 per-user branches. So each resolved spec is cached together
 with the stat signature (inode, size, mtime) of the few files that can change its answer: the loose
-ref files it was looked up in, and `packed-refs`. A request revalidates its entry with those two or
+ref files it was looked up in, and `packed-refs`. (A full commit id depends on no file; an
+abbreviated one on every object that may come to share its digits, so it is not cached.) A request revalidates its entry with those two or
 three `stat` calls, so it sees the ref's value at admission exactly; the poller stats the same files
 for every spec in use every ~150 ms, re-reads the ref values once a second (a guard against a
 rename that reuses an inode within one timestamp tick), and reports moves so that the server can
@@ -30,7 +31,7 @@ from typing import Any
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
 from mintvcs.refs import SYMREF_MAXDEPTH
-from mintvcs.store import ref_candidates
+from mintvcs.store import is_full_hex, ref_candidates
 
 log = logging.getLogger("mintvcs.serve")
 
@@ -185,6 +186,12 @@ class RefWatcher:
 
     def _resolve_uncached(self, spec: str) -> _Entry:
         name = _SUFFIX.split(spec, maxsplit=1)[0]
+        if is_full_hex(name):
+            # A full commit id names that commit whatever ref shares its digits, as the store
+            # reads it: no file can change the answer (a branch of that name must not redirect
+            # requests pinned to the commit).
+            commit = str(self.repo.resolve(spec))
+            return _Entry(Resolution(spec, commit, None), name, (), None, time.monotonic())
         names = self._candidates(name)
         # Stat first, then read: a move in between leaves a stale signature, so the next check re-resolves.
         deps = self._deps(names)
@@ -194,6 +201,13 @@ class RefWatcher:
         return _Entry(
             Resolution(spec, commit, ref), name, deps, self.read_ref(ref), time.monotonic()
         )
+
+    @staticmethod
+    def _cacheable(entry: _Entry) -> bool:
+        """False for an abbreviated id: a new object sharing its digits makes it ambiguous (an
+        error, as in the CLI) and nothing the entry could stat would tell; it is resolved
+        afresh on each request (a prefix search of the packs' indexes, no object read)."""
+        return entry.resolution.ref is not None or is_full_hex(entry.name)
 
     @staticmethod
     def _fresh(entry: _Entry, stats: dict[str, StatKey] | None = None) -> bool:
@@ -237,6 +251,12 @@ class RefWatcher:
         # Outside the lock: `main~40000` walks a long history, and requests for cached specs
         # (cached(), on the event loop) must not wait for it.
         entry = self._resolve_uncached(spec)
+        if not self._cacheable(entry):
+            with self._lock:
+                self.misses += 1
+                if spec in self._entries:  # it named a ref that is gone now
+                    self._drop(spec)
+            return entry.resolution
         return self._store(spec, entry).resolution
 
     def _store(self, spec: str, entry: _Entry) -> _Entry:
@@ -327,7 +347,10 @@ class RefWatcher:
             fresh.used = entry.used
             with self._lock:
                 if self._entries.get(spec) is entry:
-                    self._put(spec, fresh)
+                    if self._cacheable(fresh):
+                        self._put(spec, fresh)
+                    else:  # its ref is gone and it reads as an abbreviated id now
+                        self._drop(spec)
             fresh_resolutions.append(fresh.resolution)
             old, new = entry.resolution.commit, fresh.resolution.commit
             if new != old:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import json
 import os
 import re
@@ -482,3 +484,51 @@ def deleted_packs_held(git_dir: Path) -> list[str]:
     with open("/proc/self/maps") as maps:
         held += maps.read().splitlines()
     return [line for line in held if packs in line and "(deleted)" in line]
+
+
+def _commit_head(git_dir: Path, parent: str) -> str:
+    """A commit's lines before its message: `parent`'s tree, `parent`, a fixed identity and date."""
+    tree = git(git_dir, "rev-parse", f"{parent}^{{tree}}").stdout.strip()
+    return (
+        f"tree {tree}\nparent {parent}\n"
+        "author Tester <tester@example.com> 1767225700 +0000\n"
+        "committer Tester <tester@example.com> 1767225700 +0000\n\n"
+    )
+
+
+def _write_commit(git_dir: Path, body: bytes) -> str:
+    result = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "hash-object", "-t", "commit", "-w", "--stdin"],
+        input=body,
+        env=ENV,
+        capture_output=True,
+        check=True,
+    )
+    return result.stdout.decode().strip()
+
+
+def _commit_id(body: bytes) -> str:
+    return hashlib.sha1(b"commit %d\0" % len(body) + body).hexdigest()
+
+
+def colliding_commits(git_dir: Path, parent: str, digits: int) -> tuple[str, str]:
+    """Write two commits on `parent` whose ids share their first `digits` hex digits (a
+    birthday search over their messages: ~16^(digits/2) tries, under a second for 7)."""
+    head, seen = _commit_head(git_dir, parent), dict[str, bytes]()
+    for i in itertools.count():
+        body = f"{head}collide {i}\n".encode()
+        prefix = _commit_id(body)[:digits]
+        if prefix in seen:
+            return _write_commit(git_dir, seen[prefix]), _write_commit(git_dir, body)
+        seen[prefix] = body
+    raise AssertionError("unreachable")
+
+
+def commit_starting_with(git_dir: Path, parent: str, prefix: str) -> str:
+    """Write a commit on `parent` whose id starts with `prefix` (~16^len(prefix) tries)."""
+    head = _commit_head(git_dir, parent)
+    for i in itertools.count():
+        body = f"{head}twin {i}\n".encode()
+        if _commit_id(body).startswith(prefix):
+            return _write_commit(git_dir, body)
+    raise AssertionError("unreachable")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mintvcs import porcelain
-from mintvcs.serve.refwatch import RefMove, RefWatcher, metric_label
-from tests.mintvcs.storekit import copy_adapter, count_reads, mutate
+from mintvcs.serve.refwatch import RefMove, RefWatcher, Resolution, metric_label
+from tests.mintvcs.storekit import commit_starting_with, copy_adapter, count_reads, mutate
 
 
 def _repo_with_two_revisions(tmp_path: Path, adapter: Path) -> tuple[object, str, Path]:
@@ -289,3 +289,37 @@ def test_refresh_of_one_ref_re_resolves_only_its_specs_and_keeps_the_index_exact
     watcher.idle_forget_s = 0.0
     watcher.poll()
     assert watcher._entries == {} and watcher._by_key == {}
+
+
+def test_a_full_commit_id_is_not_redirected_by_a_branch_of_that_name(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    # A client pinning a revision by its id must get that revision whatever branches anyone
+    # pushes: 40 hex digits name an object before any ref, as in git.
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    watcher = RefWatcher(repo)
+    assert watcher.resolve(second) == Resolution(second, second, None)
+    porcelain.branch_create(repo, second, first)
+    assert watcher.resolve(second) == Resolution(second, second, None)
+    assert watcher.resolve(f"{second}~1").commit == first
+    # Afresh too, not only from the entry cached before the branch was made.
+    assert RefWatcher(repo).resolve(second) == Resolution(second, second, None)
+    assert RefWatcher(repo).resolve(f"refs/heads/{second}").commit == first
+
+
+def test_an_abbreviated_id_is_refused_once_another_commit_shares_it(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    from mintvcs.store import UnknownRevisionError
+
+    repo, _first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    watcher = RefWatcher(repo)
+    short = second[:5]
+    assert watcher.resolve(short) == Resolution(short, second, None)
+    twin = commit_starting_with(repo.git_dir, second, short)
+    # As the CLI (and a restarted server) answer: the spec names two commits now.
+    with pytest.raises(UnknownRevisionError, match="ambiguous"):
+        watcher.resolve(short)
+    assert watcher.resolve(twin[:6]).commit == twin
