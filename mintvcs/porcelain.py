@@ -7,6 +7,7 @@ import getpass
 import heapq
 import json
 import math
+import mmap
 import os
 import random
 import re
@@ -1700,12 +1701,16 @@ def write_work_tree(
     _record_clean(repo, rev.commit, ids, weights_key, known_ns, written)
 
 
-def _replaced_weights(path: Path, rev: Revision) -> bytes | None:
+def _replaced_weights(path: Path, rev: Revision) -> mmap.mmap | None:
     """The weights file that writing `rev` replaces, when `rev` has many small tensors: those
-    it holds unchanged are taken from it (their sha256 checked) instead of decoded. None when
-    there is no regular file to read there, or reading it fails (everything is decoded)."""
-    small = sum(1 for r in rev.manifest.tensors if r.end - r.start <= KEEP_TENSOR_BYTES)
-    if small < _KEEP_MIN_TENSORS:
+    it holds unchanged are taken from it (their sha256 checked) instead of decoded. Only their
+    bytes are read, into an anonymous map whose other pages stay untouched and take no memory
+    (a large tensor beside them is decoded anyway). None when there is no regular file to read
+    there, or reading it fails (everything is decoded)."""
+    small = sorted(
+        (r.start, r.end) for r in rev.manifest.tensors if r.end - r.start <= KEEP_TENSOR_BYTES
+    )
+    if len(small) < _KEEP_MIN_TENSORS:
         return None
     try:
         # Not through a symlink, and never blocking on a FIFO: only a plain file is read.
@@ -1716,14 +1721,46 @@ def _replaced_weights(path: Path, rev: Revision) -> bytes | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > 2 * rev.manifest.nbytes + (64 << 20):
             return None
-        with os.fdopen(os.dup(fd), "rb") as handle:  # read, not mapped: it may be truncated
-            return handle.read()
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            return None
+        data = 8 + int.from_bytes(head, "little")
+        # Read, not mapped from the file: it may be truncated meanwhile (a SIGBUS); what a short
+        # read leaves zero fails its tensor's sha256 and is decoded.
+        content = mmap.mmap(-1, max(info.st_size, 8))
+        content[:8] = head
+        view = memoryview(content)
+        try:
+            for begin, end in _runs(small, gap=_KEEP_READ_GAP):
+                at, stop = data + begin, min(data + end, info.st_size)
+                while at < stop and (got := os.preadv(fd, [view[at:stop]], at)):
+                    at += got
+        finally:
+            view.release()
+        return content
     except OSError:
         return None
     finally:
         os.close(fd)
 
 
+def _runs(ranges: Sequence[tuple[int, int]], gap: int) -> Iterator[tuple[int, int]]:
+    """Sorted (start, end) ranges merged where less than `gap` bytes lie between them."""
+    run: tuple[int, int] | None = None
+    for begin, end in ranges:
+        if run is not None and begin - run[1] < gap:
+            run = (run[0], max(run[1], end))
+            continue
+        if run is not None:
+            yield run
+        run = (begin, end)
+    if run is not None:
+        yield run
+
+
+# Small tensors closer than this are read in one call (a read per 64-byte tensor of an MoE
+# adapter would be 37k system calls).
+_KEEP_READ_GAP = 64 << 10
 # Fewer small tensors than this decode faster than the weights file is read and hashed.
 _KEEP_MIN_TENSORS = 256
 

@@ -72,6 +72,8 @@ from mintvcs.repoformat import (
 from mintvcs.safetensors_file import MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
+    import mmap
+
     import numpy as np
     import numpy.typing as npt
     from dulwich.file import SharedPerm
@@ -334,7 +336,9 @@ class Revision:
         return buffer
 
     def safetensors_buffer(
-        self, progress: ProgressFn | None = None, previous: bytes | memoryview | None = None
+        self,
+        progress: ProgressFn | None = None,
+        previous: bytes | memoryview | mmap.mmap | None = None,
     ) -> npt.NDArray[np.uint8]:
         """adapter_model.safetensors as a uint8 array, byte-identical to what was committed.
 

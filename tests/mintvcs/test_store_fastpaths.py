@@ -33,9 +33,14 @@ from tests.mintvcs.storekit import (
 )
 
 
-def _many_tensors(path: Path, seed: int, count: int = PACK_THRESHOLD + 4) -> Path:
+def _many_tensors(
+    path: Path,
+    seed: int,
+    count: int = PACK_THRESHOLD + 4,
+    extra: dict[str, tuple[str, list[int], bytes]] | None = None,
+) -> Path:
     rng = np.random.default_rng(seed)
-    tensors = {
+    tensors: dict[str, tuple[str, list[int], bytes]] = {
         f"layers.{i}.lora_{ab}.weight": (
             "BF16",
             [4, 96] if ab == "A" else [96, 4],
@@ -46,7 +51,7 @@ def _many_tensors(path: Path, seed: int, count: int = PACK_THRESHOLD + 4) -> Pat
         for i in range(count // 2)
         for ab in "AB"
     }
-    return handmade_adapter(path, tensors)
+    return handmade_adapter(path, {**tensors, **(extra or {})})
 
 
 def _repository_of(tmp_path: Path, src: Path) -> Path:
@@ -517,3 +522,26 @@ def test_checkout_still_refuses_a_damaged_blob_of_a_changed_tensor(tmp_path: Pat
     line = mint_fails(work, "checkout", "keep")
     assert changed in line
     assert (work / WEIGHTS).read_bytes() == before
+
+
+def test_checkout_reads_only_the_small_tensors_of_the_file_it_replaces(tmp_path: Path) -> None:
+    # The whole file was read: a checkout held a second copy of a large tensor beside the
+    # small ones (a saved embedding of gigabytes), though only the small ones are taken.
+    big = np.random.default_rng(18).standard_normal(256 * 1024).astype("<f4").tobytes()
+    extra = {"layers.75.lora_C.weight": ("F32", [256, 1024], big)}
+    work = _repository_of(tmp_path, _many_tensors(tmp_path / "src", 17, 300, extra))
+    mint(work, "commit", "-m", "r0")
+    with Repository.open(work) as repo:
+        rev = repo.read_revision(repo.resolve("HEAD"))
+        previous = porcelain._replaced_weights(work / WEIGHTS, rev)
+    assert previous is not None
+    on_disk = (work / WEIGHTS).read_bytes()
+    data = 8 + int.from_bytes(on_disk[:8], "little")
+    sizes = sorted(record.end - record.start for record in rev.manifest.tensors)
+    assert sizes[-1] == len(big) and sizes[-2] <= 64 << 10
+    for record in rev.manifest.tensors:
+        begin, end = data + record.start, data + record.end
+        if end - begin == len(big):
+            assert previous[begin:end] == bytes(end - begin)  # never read
+        else:
+            assert previous[begin:end] == on_disk[begin:end], record.name
