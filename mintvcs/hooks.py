@@ -34,6 +34,7 @@ _EARLIER_SAMPLES = {
     ),
     "ref-update": frozenset(
         {
+            "2c1ac8cea1d9697b3af01f100776f455398232e2",
             "3799b659a17b762e16c61cf44b902ba7fbeceff4",
             "aac773063e72e40515c905cb566e14027fcb5d87",
             "b617ff34a057ae8fcd8c26e3b8d917cea06b1690",
@@ -226,9 +227,11 @@ def _trusted(*paths: Path) -> bool:
     """Whether the user's global or system git config lists one of `paths` in mint.safeHooks."""
     from dulwich.config import StackedConfig
 
+    from mintvcs.gitconfig import BadConfigError, user_configs
+
     try:
-        values = list(StackedConfig(StackedConfig.default_backends()).get_multivar(*TRUST_KEY))
-    except (OSError, ValueError) as err:  # an unreadable config trusts nothing
+        values = list(StackedConfig(user_configs()).get_multivar(*TRUST_KEY))
+    except BadConfigError as err:  # an unreadable config trusts nothing
         sys.stderr.write(f"warning: cannot read your git config for mint.safeHooks: {err}\n")
         return False
     wanted = {os.path.realpath(path) for path in paths}

@@ -140,7 +140,9 @@ def comment_char(repo: Repository) -> str:
     refused, as git refuses it."""
     from dulwich.config import StackedConfig
 
-    stacked = StackedConfig([repo.config, *StackedConfig.default_backends()])
+    from mintvcs.gitconfig import user_configs
+
+    stacked = StackedConfig([repo.config, *user_configs(repo.git_dir)])
     try:
         value = stacked.get((b"core",), b"commentChar")
     except KeyError:
@@ -154,24 +156,39 @@ def comment_char(repo: Repository) -> str:
 
 
 def signature(repo: Repository | None = None, role: str = "committer") -> Signature:
-    """The author or committer, as git picks them: GIT_<ROLE>_NAME/_EMAIL/_DATE, then user.name and
-    user.email (repository, then global config), then user@host, now."""
+    """The author or committer, as git picks them: GIT_<ROLE>_NAME/_EMAIL/_DATE, then
+    <role>.name/.email, then user.name/.email (each from `git -c` settings handed down, the
+    repository's config, then the global and system ones, includeIf matched), then $EMAIL for
+    the email, then user@host; now."""
     env = f"GIT_{role.upper()}_"
     name, email = os.environ.get(env + "NAME"), os.environ.get(env + "EMAIL")
     name_from, email_from = env + "NAME", env + "EMAIL"
     if not (name and email):
         from dulwich.config import StackedConfig
 
+        from mintvcs.gitconfig import env_overrides, refuse_valueless, user_configs
+
         configs = [repo.config] if repo else []
-        stacked = StackedConfig([*configs, *StackedConfig.default_backends()])
+        stacked = StackedConfig(
+            [*env_overrides(), *configs, *user_configs(repo.git_dir if repo else None)]
+        )
+
+        def lookup(key: bytes) -> tuple[str | None, str]:
+            sections = (role.encode(), b"user")  # author.email over user.email, as in git
+            for section in sections:  # git refuses either written without a value
+                refuse_valueless(stacked, (section,), key)
+            for section in sections:
+                with suppress(KeyError):
+                    value = stacked.get((section,), key)
+                    return value.decode(), f"{section.decode()}.{key.decode()}"
+            return None, f"user.{key.decode()}"
+
         if not name:
-            name_from = "user.name"
-            with suppress(KeyError):
-                name = stacked.get((b"user",), b"name").decode()
+            name, name_from = lookup(b"name")
         if not email:
-            email_from = "user.email"
-            with suppress(KeyError):
-                email = stacked.get((b"user",), b"email").decode()
+            email, email_from = lookup(b"email")
+            if not email and os.environ.get("EMAIL"):
+                email, email_from = os.environ["EMAIL"], "EMAIL"
     user = "" if name and email else _login_name()
     if not email:
         import socket  # only for this fallback: not imported by every commit

@@ -643,11 +643,22 @@ class Repository:
     def repo_format(self) -> RepositoryFormat:
         """`.mint/config`'s core.repositoryformatversion, extensions.* and mint.formatVersion,
         checked as git checks them (UnsupportedRepositoryError for what mintvcs cannot honour)."""
-        return read_format(self._local_config, str(self.git_dir / "config"))
+        # git reads the format from `config` alone, its includes unread (read_repository_format):
+        # an include's extensions.* or repositoryformatversion counts for nothing there.
+        return read_format(self._bare_config, str(self.git_dir / "config"))
+
+    @cached_property
+    def _bare_config(self) -> Any:
+        """`.mint/config` alone, its includes unread, read once."""
+        return _read_config(self.git_dir / "config", includes=False)
 
     @cached_property
     def _local_config(self) -> Any:
-        """`.mint/config` alone, read once."""
+        """`.mint/config` with what it includes, read once (the bare one when it includes
+        nothing)."""
+        bare = self._bare_config
+        if not any(section[0].lower() in (b"include", b"includeif") for section in bare.sections()):
+            return bare
         return _read_config(self.git_dir / "config")
 
     @cached_property
@@ -2470,18 +2481,21 @@ _THREADED_HASH_BYTES = 4 << 20
 _PREFIX_ATTEMPTS = 8  # walks of the packs for an abbreviated id while a gc replaces them
 
 
-def _read_config(path: Path) -> Any:
-    """A git config file as a dulwich ConfigFile, includes followed.
+def _read_config(path: Path, *, includes: bool = True) -> Any:
+    """A repository's git config file as a dulwich ConfigFile (mintvcs.gitconfig.read_config):
+    includes followed unless `includes` is False, includeIf gitdir:/onbranch: matched against
+    this repository; a line git refuses, or one dulwich would read otherwise than git, is
+    BadConfigError naming the file (an included one, maybe) and its line.
 
     A received repository's config may name any file: `[include] path = /dev/zero` would
     be read without end (git refuses that one as a bad config line). So the config and
     every file it includes must be a regular file under 1 MiB.
     """
-    from dulwich.config import ConfigFile
+    from mintvcs.gitconfig import read_config
 
     try:
-        return ConfigFile.from_path(str(path), file_opener=open_small_file)
-    except (OSError, ValueError) as err:  # unreadable, refused, or dulwich's parse errors
+        return read_config(path, git_dir=path.parent, includes=includes)
+    except (OSError, ValueError) as err:  # unreadable, or not a regular file under 1 MiB
         raise NotARepositoryError(
             f"{path} cannot be read ({err}); fix it, or restore it from a working repository"
         ) from None

@@ -15,12 +15,16 @@ from tests.mintvcs.storekit import ENV, git, mint, mutate
 @pytest.fixture
 def home(tmp_path: Path) -> dict[str, str]:
     """An environment whose global git config is `HOME/.gitconfig` in a fresh HOME (no system
-    config), for both git and mintvcs."""
+    config), for both git and mintvcs; the identity comes from config, not GIT_AUTHOR_*."""
     place = tmp_path / "home"
     place.mkdir()
     env = {**ENV, "HOME": str(place), "XDG_CONFIG_HOME": str(place / ".config")}
     env["GIT_CONFIG_NOSYSTEM"] = "1"
-    env.pop("GIT_CONFIG_GLOBAL")
+    for name in ("GIT_CONFIG_GLOBAL", "EMAIL", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT"):
+        env.pop(name, None)
+    for role in ("AUTHOR", "COMMITTER"):
+        env.pop(f"GIT_{role}_NAME")
+        env.pop(f"GIT_{role}_EMAIL")
     return env
 
 
@@ -33,6 +37,22 @@ def _git(git_dir: Path, env: dict[str, str], *args: str) -> subprocess.Completed
         text=True,
         check=False,
     )
+
+
+def _mint(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`mintvcs ARGS` as a real process under exactly `env` (storekit's mint() puts its own
+    identity and GIT_CONFIG_GLOBAL back); never a traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mintvcs.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
 
 
 def _set(work: Path, key: str, value: str) -> None:
@@ -189,3 +209,292 @@ def test_the_ref_update_sample_reads_its_section_in_any_case_as_git_does(
     assert ran.returncode == 0
     # Nothing at all was said for the capitalised sections: no server was told, silently.
     assert "cannot notify http://127.0.0.1:9" in ran.stderr, ran.stderr
+
+
+def _append(work: Path, text: str, name: str = "config") -> None:
+    path = work / ".mint" / name
+    path.write_bytes((path.read_bytes() if path.exists() else b"") + text.encode())
+
+
+def _append_to(path: Path, text: str) -> None:
+    path.write_text(path.read_text() + text)
+
+
+def _error_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_a_malformed_global_config_is_named_with_its_line_as_git_names_it(
+    work: Path, home: dict[str, str]
+) -> None:
+    gitconfig = Path(home["HOME"]) / ".gitconfig"
+    gitconfig.write_text("[user]\n\tname = N\n[user\n")
+    by_git = _git(work / ".mint", home, "log", "-1")
+    assert by_git.returncode == 128
+    assert f"bad config line 3 in file {gitconfig}" in by_git.stderr
+    mutate(work, seed=4)
+    for args in (["commit", "-m", "four", "--no-verify"], ["branch", "newb"], ["tag", "t"]):
+        result = _mint(work, home, *args)  # a traceback before, naming no file
+        assert result.returncode == 128, result.stderr
+        line = _error_line(result)
+        assert f"{gitconfig} cannot be read: bad config line 3 (" in line, line
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "value"),
+    [
+        # A backslash ends the comment, not the value: git reads the next line as a key of its
+        # own; dulwich continued the value there and lost core.sharedRepository.
+        (
+            "[core]\n\tlogAllRefUpdates = true   ; reflogs \\\n\tsharedRepository = group\n",
+            2,
+            "core.sharedRepository",
+            "group",
+        ),
+        ("[mint]\n\tfoo = a ; c \\\n\tbar = b\n", 2, "mint.bar", "b"),
+        ('[mint]\n\tfoo = "x\\"y" # c\\\r\n\tbar = b\r\n', 2, "mint.bar", "b"),
+        # A continuation at the end of the file ends the value: dulwich dropped the key, or
+        # kept the backslash when no newline followed.
+        ("[mint]\n\tfoo = a\\\n", 2, "mint.foo", "a"),
+        ("[mint]\n\tfoo = a\\", 2, "mint.foo", "a"),
+        ("[mint]\n\tfoo = a\\\n\\\n", 3, "mint.foo", "a"),
+        # On a header's line dulwich ended the value and read the next line as a key.
+        ("[mint] foo = a\\\n\tb\n", 1, "mint.foo", "a b"),
+    ],
+)
+def test_a_line_dulwich_would_misread_is_refused_naming_it(
+    work: Path, text: str, line: int, key: str, value: str
+) -> None:
+    config = work / ".mint" / "config"
+    before = len(config.read_text().splitlines())
+    _append(work, text)
+    assert git(work / ".mint", "config", "--get", key).stdout.removesuffix("\n") == value
+    result = mint(work, "log", "--oneline", ok=False)
+    assert result.returncode == 128, result.stderr
+    said = _error_line(result)
+    assert f"{config} cannot be read: bad config line {before + line} (" in said, said
+
+
+def test_the_format_check_reads_config_without_its_includes_as_git_does(work: Path) -> None:
+    (work / ".mint" / "inc").write_text(
+        "[extensions]\n\tfrobnicate = yes\n\tobjectFormat = sha256\n"
+    )
+    _set(work, "core.repositoryformatversion", "1")
+    _append(work, "[include]\n\tpath = inc\n")
+    assert git(work / ".mint", "log", "--oneline").returncode == 0
+    assert len(mint(work, "log", "--oneline").stdout.splitlines()) == 3
+    # The other way round: version 1 only in the include, an unknown extension in config.
+    (work / ".mint" / "inc").write_text("[core]\n\trepositoryformatversion = 1\n")
+    _set(work, "core.repositoryformatversion", "0")
+    _set(work, "extensions.frobnicate", "yes")
+    assert git(work / ".mint", "log", "--oneline").returncode == 0
+    assert len(mint(work, "log", "--oneline").stdout.splitlines()) == 3
+    # What the include sets still counts for everything else.
+    (work / ".mint" / "inc").write_text("[user]\n\tname = Included\n")
+    from mintvcs.store import Repository
+
+    with Repository.open(work) as repo:
+        assert repo.config.get((b"user",), b"name") == b"Included"
+
+
+@pytest.mark.parametrize(
+    ("line", "included"),
+    [
+        ("[core\n", False),
+        ("[mint]\n\tfoo_bar = a\n", False),
+        ("[mint]\n\tfoo = a\\q\n", False),
+        ("[mint]\n\t1foo = a\n", False),
+        ("[mint]\n\t-foo = a\n", False),
+        ("[mint]\n\t= a\n", False),
+        ('[mint]\n\tfoo = "a\n', False),
+        ("[mint] foo ; c\n", False),
+        ('[mint]\n\tok = 1\n\tbad"\n', True),
+        ("[mint]\n\tok = 1\n\tfoo = a\\q\n", True),
+    ],
+)
+def test_a_bad_config_line_is_named_as_git_names_it(work: Path, line: str, included: bool) -> None:
+    bad = work / ".mint" / ("bad.inc" if included else "config")
+    if included:
+        bad.write_text(line)
+        _append(work, "[include]\n\tpath = bad.inc\n")
+    else:
+        _append(work, line)
+    by_git = git(work / ".mint", "log", ok=False)
+    assert by_git.returncode == 128
+    said = by_git.stderr.split("bad config line ")[1].split()[0]  # the line number
+    assert (
+        f" in file {bad.relative_to(work)}" in by_git.stderr or f" in file {bad}" in by_git.stderr
+    )
+    result = mint(work, "log", ok=False)
+    assert result.returncode == 128, result.stderr
+    line_said = _error_line(result)
+    assert f"{bad} cannot be read: bad config line {said} (" in line_said, line_said
+    assert "b'" not in line_said and 'b"' not in line_said  # no bytes reprs
+
+
+def _ident(work: Path, env: dict[str, str], role: str) -> str:
+    """`NAME <EMAIL>` as git would sign as `role` in this repository, the date cut off."""
+    result = _git(work / ".mint", env, "var", f"GIT_{role.upper()}_IDENT")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.rsplit(" ", 2)[0]
+
+
+def _committed_idents(work: Path, env: dict[str, str]) -> tuple[str, str]:
+    mutate(work, seed=len(list((work / ".mint" / "logs").rglob("*"))) + 20)
+    result = _mint(work, env, "commit", "-m", "next", "--no-verify")
+    assert result.returncode == 0, result.stderr
+    shown = git(work / ".mint", "log", "-1", "--format=%an <%ae>|%cn <%ce>").stdout.strip()
+    author, committer = shown.split("|")
+    return author, committer
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "includeif-gitdir",
+        "includeif-gitdir-i",
+        "includeif-onbranch",
+        "includeif-relative",
+        "includeif-dot-relative",
+        "author-committer-keys",
+        "email-variable",
+        "config-count",
+        "config-parameters",
+        "parameters-over-count",
+    ],
+)
+def test_the_commit_identity_is_the_one_git_would_use(
+    work: Path, home: dict[str, str], tmp_path: Path, setup: str
+) -> None:
+    gitconfig = Path(home["HOME"]) / ".gitconfig"
+    gitconfig.write_text("[user]\n\tname = Personal\n\temail = me@personal.example\n")
+    identity = tmp_path / "work.gitconfig"
+    identity.write_text("[user]\n\temail = me@work.example\n")
+    env = dict(home)
+    if setup == "includeif-gitdir":
+        _append_to(gitconfig, f'[includeIf "gitdir:{work.parent}/"]\n\tpath = {identity}\n')
+    elif setup == "includeif-gitdir-i":
+        _append_to(gitconfig, f'[includeIf "gitdir/i:{str(work).upper()}/"]\n\tpath = {identity}\n')
+    elif setup == "includeif-onbranch":
+        _append(work, f'[includeIf "onbranch:main"]\n\tpath = {identity}\n')
+    elif setup == "includeif-relative":
+        (Path(home["HOME"]) / "work.gitconfig").write_text(identity.read_text())
+        _append_to(gitconfig, f'[includeIf "gitdir:{work.name}/.mint"]\n\tpath = work.gitconfig\n')
+    elif setup == "includeif-dot-relative":  # relative to the file that holds it
+        elsewhere = work.parent / "global.gitconfig"
+        elsewhere.write_text(gitconfig.read_text())
+        _append_to(elsewhere, f'[includeIf "gitdir:./{work.name}/"]\n\tpath = {identity}\n')
+        env["GIT_CONFIG_GLOBAL"] = str(elsewhere)
+    elif setup == "author-committer-keys":
+        _set(work, "author.email", "author@x.example")
+        _set(work, "committer.name", "Committer")
+    elif setup == "email-variable":
+        gitconfig.write_text("[user]\n\tname = n\n")
+        env["EMAIL"] = "env@x.example"
+    elif setup == "config-count":
+        _set(work, "user.email", "local@x.example")
+        env.update(GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="user.email")
+        env["GIT_CONFIG_VALUE_0"] = "ci@x.example"
+    elif setup == "config-parameters":
+        _set(work, "user.email", "local@x.example")
+        env["GIT_CONFIG_PARAMETERS"] = "'user.email'='it'\\''s@x.example' 'user.Name=P Q'"
+    else:
+        env.update(GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="user.email")
+        env["GIT_CONFIG_VALUE_0"] = "ci@x.example"
+        env["GIT_CONFIG_PARAMETERS"] = "'user.email'='param@x.example'"
+    author, committer = _ident(work, env, "author"), _ident(work, env, "committer")
+    assert author != "Personal <me@personal.example>" or committer != author  # a case of its own
+    assert _committed_idents(work, env) == (author, committer)
+
+
+def _includeif_patterns(work: Path) -> list[str]:
+    """includeIf conditions that git's wildmatch takes or refuses for `work`'s `.mint`."""
+    up = work.parent
+    return [
+        f"gitdir:{work}/.mint",
+        f"gitdir:{work}/",
+        f"gitdir:{work}",  # the work tree, not the git dir: no
+        f"gitdir:{up}/*/.mint",
+        f"gitdir:{up.parent}/*/.mint",  # `*` stops at a slash: no
+        f"gitdir:{up.parent}/**/.mint",
+        f"gitdir:{up}/{work.name[0]}?{work.name[2:]}/",
+        f"gitdir:{up}/[a-z]ork/",
+        f"gitdir:{work.name}/.mint",  # relative: below any directory
+        f"gitdir:{work.name[1:]}/.mint",  # but a whole name: no
+        f"gitdir:{str(work).upper()}/",  # case counts: no
+        f"gitdir/i:{str(work).upper()}/",
+        "onbranch:main",
+        "onbranch:ma",
+        "onbranch:m*",
+        "onbranch:mai?",
+    ]
+
+
+def test_includeif_conditions_match_as_git_matches_them(
+    work: Path, home: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mintvcs.porcelain import signature
+    from mintvcs.store import Repository
+
+    assert work.name == "work"  # the ?, [a-z] patterns are made for it
+    identity = tmp_path / "work.gitconfig"
+    identity.write_text("[user]\n\temail = me@work.example\n")
+    for name in ("GIT_AUTHOR_EMAIL", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_PARAMETERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", home["HOME"])
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    gitconfig = Path(home["HOME"]) / ".gitconfig"
+    matched = []
+    for condition in _includeif_patterns(work):
+        gitconfig.write_text(
+            f'[user]\n\temail = me@personal.example\n[includeIf "{condition}"]\n'
+            f"\tpath = {identity}\n"
+        )
+        by_git = _git(work / ".mint", home, "config", "--get", "user.email").stdout.strip()
+        with Repository.open(work) as repo:
+            ours = signature(repo, "author").identity.split("<")[1].rstrip(">")
+        assert ours == by_git, condition
+        matched.append(by_git == "me@work.example")
+    assert 0 < sum(matched) < len(matched)  # both kinds
+
+
+def test_a_key_without_a_value_is_no_identity(work: Path, home: dict[str, str]) -> None:
+    _append(work, "[user]\n\tname = N\n\temail\n")
+    by_git = _git(work / ".mint", home, "var", "GIT_AUTHOR_IDENT")
+    assert by_git.returncode == 128 and "missing value for 'user.email'" in by_git.stderr
+    mutate(work, seed=4)
+    result = _mint(work, home, "commit", "-m", "four", "--no-verify")
+    assert result.returncode == 128  # it committed as `N <true>`
+    line = _error_line(result)
+    assert "missing value for 'user.email'" in line and f"{work / '.mint' / 'config'}" in line
+    # git refuses it even when a later line sets it.
+    _append(work, "[user]\n\temail = e@x.example\n")
+    assert _git(work / ".mint", home, "var", "GIT_AUTHOR_IDENT").returncode == 128
+    assert _mint(work, home, "commit", "-m", "four", "--no-verify").returncode == 128
+    # A boolean so written is git's true, and no error.
+    config = work / ".mint" / "config"
+    config.write_text(config.read_text().replace("\temail\n", "\tuseConfigOnly\n"))
+    assert _mint(work, home, "commit", "-m", "four", "--no-verify").returncode == 0
+
+
+def test_a_notify_url_without_a_value_is_refused_by_the_ref_update_sample(work: Path) -> None:
+    _append(work, '[mint "notify"]\n\turl\n')
+    assert git(work / ".mint", "config", "--get", "mint.notify.url").stdout == "\n"
+    sample = Path(__file__).resolve().parents[2] / "hooks" / "ref-update"
+    env = {**ENV, "MINT_DIR": str(work / ".mint"), "MINT_PYTHON": sys.executable}
+    env.pop("MINT_NOTIFY_URL", None)
+    ran = subprocess.run(
+        ["sh", str(sample), "refs/heads/main", "0" * 40, "1" * 40],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 0
+    # It posted to "true/v1/refs/notify".
+    assert "cannot notify true" not in ran.stderr, ran.stderr
+    assert "missing value for 'mint.notify.url'" in ran.stderr, ran.stderr
