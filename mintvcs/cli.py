@@ -455,8 +455,11 @@ def init(
 ) -> None:
     """Create an empty repository (.mint/) in DIRECTORY."""
     from mintvcs import porcelain
+    from mintvcs.hooks import hooks_path_warning
 
     repo = porcelain.init(directory, base_model, install_hooks=not no_hooks, shared=shared)
+    if not no_hooks and (warning := hooks_path_warning(repo.git_dir)):
+        click.echo(warning, err=True)
     base = repo.base
     if as_json:
         _emit_json(

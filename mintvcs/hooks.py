@@ -242,6 +242,32 @@ def _trusted(*paths: Path) -> bool:
     return False
 
 
+def hooks_path_warning(git_dir: Path) -> str | None:
+    """A warning when the user's global or system git config sets core.hooksPath: git then runs
+    the hooks there, and `.mint/hooks/update`, which refuses a push into the checked-out branch,
+    never runs. Its remedy is an absolute core.hooksPath in `.mint/config`, which wins over
+    theirs: a relative `hooks` git would take from the directory it runs in, so `git --git-dir
+    .mint ...` in the work tree would run the checked-out revision's `hooks/` files."""
+    from mintvcs.gitconfig import BadConfigError, user_configs
+
+    try:
+        configs = user_configs(git_dir)
+    except BadConfigError:
+        return None  # said by the first command that reads it
+    for config in configs:
+        try:
+            where = config.get((b"core",), b"hooksPath").decode(errors="replace")
+        except KeyError:
+            continue
+        hooks = git_dir.resolve() / "hooks"
+        return (
+            f"warning: your git config sets core.hooksPath ({where}), so git runs no hook of "
+            ".mint/hooks and a `git push` may move the branch checked out here; to keep the "
+            f"guard, run: git --git-dir {git_dir.resolve()} config core.hooksPath {hooks}"
+        )
+    return None
+
+
 def is_sample(git_dir: Path, name: str) -> bool:
     """True when `.mint/hooks/NAME` is active and byte-identical to the shipped sample (or to
     an earlier version of it).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mintvcs.storekit import ENV, git, mint, mutate
+from tests.mintvcs.storekit import ENV, copy_adapter, git, mint, mutate
 
 
 @pytest.fixture
@@ -498,3 +498,51 @@ def test_a_notify_url_without_a_value_is_refused_by_the_ref_update_sample(work: 
     # It posted to "true/v1/refs/notify".
     assert "cannot notify true" not in ran.stderr, ran.stderr
     assert "missing value for 'mint.notify.url'" in ran.stderr, ran.stderr
+
+
+def test_init_warns_of_a_global_hooks_path_and_its_remedy_keeps_the_push_guard(
+    tmp_path: Path, home: dict[str, str], peft_adapter: Path
+) -> None:
+    elsewhere = Path(home["HOME"]) / "hk"
+    elsewhere.mkdir()
+    (Path(home["HOME"]) / ".gitconfig").write_text(
+        f"[user]\n\tname = U\n\temail = u@x.example\n[core]\n\thooksPath = {elsewhere}\n"
+    )
+    work = tmp_path / "r"
+    made = _mint(tmp_path, home, "init", str(work))
+    assert made.returncode == 0, made.stderr
+    warning = [line for line in made.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "core.hooksPath" in warning[0], made.stderr
+    copy_adapter(peft_adapter, work)
+    assert _mint(work, home, "commit", "-m", "one", "--no-verify").returncode == 0
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(work / ".mint"), str(clone)], env=home, check=True)
+    subprocess.run(
+        ["git", "-C", str(clone), "commit", "-q", "--allow-empty", "-m", "x"], env=home, check=True
+    )
+    head = git(work / ".mint", "rev-parse", "main").stdout
+
+    def push() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", str(clone), "push", "-q", "origin", "HEAD:main"],
+            env=home,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    # The global hooksPath: git runs no .mint/hooks/update, and the push moves the checked-out
+    # branch.
+    pushed = push()
+    assert pushed.returncode == 0, pushed.stderr
+    git(work / ".mint", "update-ref", "refs/heads/main", head.strip())  # undo
+    # The remedy the warning gives, run from elsewhere: the push is refused again.
+    remedy = warning[0].split("run: ")[1].split()
+    subprocess.run(remedy, env=home, check=True, cwd=tmp_path)
+    pushed = push()
+    assert pushed.returncode != 0 and "hook declined" in pushed.stderr, pushed.stderr
+    assert git(work / ".mint", "rev-parse", "main").stdout == head
+    # No global hooksPath, no warning.
+    (Path(home["HOME"]) / ".gitconfig").write_text("[user]\n\tname = U\n\temail = u@x.example\n")
+    quiet = _mint(tmp_path, home, "init", str(tmp_path / "r2"))
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
