@@ -277,7 +277,9 @@ class MintGroup(click.Group):
         try:
             try:
                 result = super().invoke(ctx)
-            except SystemExit:  # a command's own exit status (fsck, `branch -d` of a missing one)
+            except (SystemExit, click.exceptions.Exit):
+                # A command's own exit status (fsck, `branch -d` of a missing one), or its
+                # --help: what it printed goes out now, where a closed pipe can be answered.
                 _flush_stdout()
                 raise
             _flush_stdout()  # a reader gone (`| head`) shows here, not at interpreter exit
@@ -291,6 +293,16 @@ class MintGroup(click.Group):
             _usage_error(err, err.ctx.command_path if err.ctx is not None else where)
         except (MintError, OSError, MemoryError, KeyboardInterrupt) as err:
             _exit_for(err)
+
+
+def _advice(repo: Any, name: bytes) -> bool:
+    """Whether git's advice.NAME hint is on: a value git would refuse leaves it on."""
+    from mintvcs.repoformat import config_bool
+
+    try:
+        return config_bool(repo.config, (b"advice",), name, True)
+    except ValueError:
+        return True
 
 
 def _printable(text: str) -> str:
@@ -328,7 +340,7 @@ def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
                 f"name the object {name}, never a ref",
                 err=True,
             )
-            if repo.config.get_boolean((b"advice",), b"objectNameWarning", True):
+            if _advice(repo, b"objectNameWarning"):
                 click.echo(
                     "hint: A ref named by 40 hex digits is usually made by mistake:\n"
                     "hint: `mintvcs checkout -b $NAME ID` with NAME unset names a branch ID.\n"

@@ -66,6 +66,7 @@ from mintvcs.repoformat import (
     MINT_FORMAT_VERSION,
     RepositoryFormat,
     _git_int,
+    config_bool,
     read_format,
     shared_setting,
 )
@@ -801,8 +802,8 @@ class Repository:
                 return True
         for section in config.sections():
             if section[:1] == (b"remote",):
-                with suppress(KeyError, ValueError):
-                    if config.get_boolean(section, b"promisor", False):
+                with suppress(ValueError):  # git's `yes` too, which dulwich's get_boolean refuses
+                    if config_bool(config, section, b"promisor", False):
                         return True
         return False
 

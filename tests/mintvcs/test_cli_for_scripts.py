@@ -281,3 +281,27 @@ def test_init_no_hooks_says_it_installs_none(tmp_path: Path) -> None:
     assert (
         "--no-hooks Install no hooks: not the validating pre-commit, not the update hook" in helped
     )
+
+
+def test_help_into_a_closed_pipe_or_a_full_disk_is_answered_as_other_output(listed: Path) -> None:
+    # --help's output was held and written at interpreter exit, past the handling of a closed
+    # reader: "Exception ignored ... BrokenPipeError" and exit 120, where 141 (SIGPIPE) was.
+    piped = subprocess.run(
+        ["bash", "-c", f"{MINT} log --help | true; echo ${{PIPESTATUS[0]}}"],
+        cwd=listed,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert piped.stdout.strip() in ("0", "141") and piped.stderr == "", piped
+    with open("/dev/full", "w") as full:
+        ran = subprocess.run(
+            [sys.executable, "-m", "mintvcs.cli", "log", "--help"],
+            cwd=listed,
+            env=ENV,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert ran.returncode == 128, ran.stderr
+    assert ran.stderr == "error: write failure on 'stdout': No space left on device\n"
