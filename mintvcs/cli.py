@@ -996,9 +996,12 @@ def branch(
         if not names and head is not None and repo.refs.read_symbolic("HEAD") is None:
             # As git lists it: a detached HEAD is where the next commit goes.
             click.echo(f"* {click.style(f'(HEAD detached at {repo.abbrev(head)})', fg='green')}")
+        # All at once, as log does: 10^4 branches abbreviated one by one took a second more.
+        commits = [b.commit for b in rows]
+        short = dict(zip(commits, repo.abbrev_many(commits), strict=True))
         for b in rows:
             shown = click.style(b.name, fg="green") if b.current else b.name
-            where = f"-> {b.alias_of}" if b.alias_of is not None else repo.abbrev(b.commit)
+            where = f"-> {b.alias_of}" if b.alias_of is not None else short[b.commit]
             click.echo(f"{'*' if b.current else ' '} {shown}  {where}")
         return
     name, start = _name_and_start(names, "START")
