@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -1036,8 +1037,6 @@ def _worktree_roots(repo: Repository) -> list[_Root]:
     """What git's own roots name beside refs and HEAD, as `git gc` keeps them: each linked
     worktree's detached HEAD and reflog (`git worktree add`), and what an index stages there
     or in the store's own index (blobs `git add`ed but not committed yet)."""
-    from dulwich.index import ConflictedIndexEntry, Index
-
     roots: list[_Root] = []
     worktrees = repo.linked_worktrees()
     for worktree in worktrees:
@@ -1051,16 +1050,7 @@ def _worktree_roots(repo: Repository) -> list[_Root]:
         if not (where / "index").is_file():
             continue
         try:
-            staged = [
-                side.sha.decode()
-                for _, entry in Index(where / "index").items()
-                for side in (
-                    (entry.ancestor, entry.this, entry.other)  # a merge in progress
-                    if isinstance(entry, ConflictedIndexEntry)
-                    else (entry,)
-                )
-                if side is not None
-            ]
+            staged = _staged_ids(where / "index")
         except Exception as err:  # dulwich raises several kinds on a damaged index
             raise MintError(
                 f"gc refused: the index of {label} cannot be read ({err}); gc would not know "
@@ -1068,6 +1058,27 @@ def _worktree_roots(repo: Repository) -> list[_Root]:
             ) from None
         roots.extend((oid, "a staged file", f"the index of {label}", False) for oid in staged)
     return roots
+
+
+def _staged_ids(path: Path) -> list[str]:
+    """The ids an index stages, at every stage, with those of the shared index a split index
+    (`core.splitIndex`) links to: a superset of what git reads (entries the split index deletes
+    or replaces are kept too), which is all gc needs."""
+    from dulwich.index import read_index
+
+    # dulwich's Index knows no `link` extension and fails a split index's checksum.
+    data = path.read_bytes()
+    body, trailer = data[:-20], data[-20:]
+    if trailer != hashlib.sha1(body).digest() and trailer != bytes(20):  # zeros: index.skipHash
+        raise ValueError(f"{path.name}: its checksum does not match")
+    stream = io.BytesIO(body)
+    ids = [entry.sha.decode() for entry in read_index(stream)]
+    rest = stream.read()
+    while len(rest) >= 8:  # extensions: a signature, a 32-bit size, the data
+        if rest[:4] == b"link":  # the shared index, beside the split one, named by its checksum
+            ids += _staged_ids(path.parent / f"sharedindex.{rest[8:28].hex()}")
+        rest = rest[8 + int.from_bytes(rest[4:8], "big") :]
+    return ids
 
 
 def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:

@@ -564,6 +564,46 @@ def test_gc_keeps_what_a_git_worktree_holds_and_its_branch_cannot_be_deleted(
     assert "checked out in the git worktree" in mint_fails(work, "branch", "-D", "side")
 
 
+@pytest.mark.parametrize("version", ["2", "4"])
+def test_gc_reads_a_split_index_and_keeps_what_both_halves_stage(
+    work: Path, tmp_path: Path, version: str
+) -> None:
+    # A split index (core.splitIndex, update-index --split-index) ends in a `link` extension
+    # naming sharedindex.<id> beside it; gc read it with dulwich, which failed its checksum,
+    # and refused every such repository as damaged, advising a `git reset` that split it again.
+    git_dir = work / ".mint"
+    tree = tmp_path / "wt"
+    git(git_dir, "worktree", "add", "-q", "--detach", str(tree), "main")
+
+    def stage(where: list[str], folder: Path, name: str) -> str:
+        (folder / name).write_text(f"{name} in {folder.name}, staged only\n")
+        subprocess.run(["git", *where, "add", name], cwd=folder, env=ENV, check=True)
+        return git(git_dir, "hash-object", str(folder / name)).stdout.strip()
+
+    store = ["--git-dir", str(git_dir), "--work-tree", str(work)]
+    git(git_dir, "config", "core.splitIndex", "true")
+    staged = [stage(store, work, "SHARED.txt"), stage(store, work, "SPLIT.txt")]
+    in_tree: list[str] = []
+    subprocess.run(
+        ["git", "update-index", "--index-version", version], cwd=tree, env=ENV, check=True
+    )
+    staged.append(stage(in_tree, tree, "SHARED.txt"))
+    subprocess.run(["git", "update-index", "--split-index"], cwd=tree, env=ENV, check=True)
+    staged.append(stage(in_tree, tree, "SPLIT.txt"))
+    admin = Path(git(git_dir, "rev-parse", "--git-path", "worktrees").stdout.strip())
+    for index in (git_dir / "index", next(admin.iterdir()) / "index"):
+        assert b"link" in index.read_bytes(), "git did not write a split index"
+    _age_objects(work)
+    mint(work, "gc")
+    for oid in staged:
+        assert git(git_dir, "cat-file", "-t", oid).stdout.strip() == "blob", oid
+    git_fsck(work)
+    # Genuine damage is still refused, not read past.
+    index = git_dir / "index"
+    index.write_bytes(index.read_bytes()[:-1] + b"!")
+    assert "the index of the store cannot be read" in mint_fails(work, "gc")
+
+
 def test_gc_leaves_git_s_pack_files_consistent(work: Path) -> None:
     git_dir = work / ".mint"
     pack_dir = git_dir / "objects" / "pack"
