@@ -1634,13 +1634,30 @@ def _drop_git_caches(repo: Repository) -> None:
     They name packs and commits gc may just have removed, and git reads a stale one as
     damage (`git fsck` fails, and `git gc` does not repair a stale multi-pack-index); git
     writes them again at its next gc or maintenance run. Neither is needed to read the store.
+    The multi-pack-index's bitmap and reverse index go with it, as git's repack deletes them.
+    `objects/info/packs`, where git wrote it (`update-server-info`, run by every git repack), is
+    written again from the packs now present, as git's repack does: a dumb-HTTP client fetches
+    the packs it names, and one naming a deleted pack fails the clone.
     """
     objects = repo.git_dir / "objects"
+    midx_files = list((objects / "pack").glob("multi-pack-index-*"))  # -<id>.bitmap, -<id>.rev
     for path in (objects / "pack" / "multi-pack-index", objects / "info" / "commit-graph"):
+        with suppress(FileNotFoundError):
+            path.unlink()
+    for path in midx_files:
         with suppress(FileNotFoundError):
             path.unlink()
     for folder in (objects / "pack" / "multi-pack-index.d", objects / "info" / "commit-graphs"):
         shutil.rmtree(folder, ignore_errors=True)
+    info_packs = objects / "info" / "packs"
+    if info_packs.is_file():
+        packs = sorted(
+            idx.with_suffix(".pack").name
+            for idx in (objects / "pack").glob("pack-*.idx")
+            if idx.with_suffix(".pack").is_file()
+        )
+        listing = "".join(f"P {name}\n" for name in packs) + "\n"  # git ends it with a blank line
+        write_file(info_packs, listing.encode(), repo.shared_perm)
 
 
 def _last_pack(repo: Repository) -> str | None:

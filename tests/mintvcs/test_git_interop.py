@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -625,6 +628,46 @@ def test_gc_leaves_git_s_pack_files_consistent(work: Path) -> None:
     git_fsck(work)
     assert "\ngarbage: 0\n" in git(git_dir, "count-objects", "-v").stdout
     assert_sound_and_checks_out(work, (work / "adapter_model.safetensors").read_bytes())
+
+
+def test_gc_rewrites_git_s_pack_list_for_dumb_http_clones(work: Path, tmp_path: Path) -> None:
+    # Every git repack writes objects/info/packs (update-server-info); gc deleted the packs it
+    # named and left it, so a dumb-HTTP clone failed ("Cannot obtain needed object"), and left
+    # the multi-pack-index's bitmap and reverse index behind it.
+    git_dir = work / ".mint"
+    pack_dir = git_dir / "objects" / "pack"
+    git(git_dir, "gc", "-q")
+    git(git_dir, "repack", "-d", "-q", "--write-midx", "--write-bitmap-index")
+    assert list(pack_dir.glob("multi-pack-index-*.bitmap"))
+    mutate(work, seed=7)
+    mint(work, "commit", "-m", "after git's gc", "--no-verify")
+    mint(work, "gc")
+    listed = (git_dir / "objects" / "info" / "packs").read_text()
+    assert not list(pack_dir.glob("multi-pack-index*"))
+    assert {line.split()[1] for line in listed.splitlines() if line} == {
+        path.name for path in pack_dir.glob("*.pack")
+    }
+    git(git_dir, "update-server-info")  # git's own listing, the oracle: the same file
+    assert (git_dir / "objects" / "info" / "packs").read_text() == listed
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(work))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (git_dir / "objects" / "info" / "packs").write_text(listed)  # ours again, not git's
+        url = f"http://127.0.0.1:{server.server_address[1]}/.mint"
+        clone = tmp_path / "dumb"
+        subprocess.run(["git", "clone", "-q", "--bare", url, str(clone)], env=ENV, check=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert git(clone, "rev-parse", "main").stdout == git(git_dir, "rev-parse", "main").stdout
+    git(clone, "fsck", "--strict")
 
 
 def test_a_tree_changed_with_git_is_refused_not_read_through_its_manifest(work: Path) -> None:
