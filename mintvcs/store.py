@@ -61,7 +61,7 @@ from mintvcs.packs import (
     zlib_stored,
     zlib_tensor,
 )
-from mintvcs.refs import InvalidRefNameError, RefStore
+from mintvcs.refs import InvalidRefNameError, RefFormatError, RefStore, RefUnreadableError
 from mintvcs.repoformat import (
     MINT_FORMAT_VERSION,
     RepositoryFormat,
@@ -423,13 +423,19 @@ def is_full_hex(name: str) -> bool:
     return len(name) == 40 and _HEX.match(name) is not None
 
 
+# A name git reads from the git directory itself before refs/ (refname_is_safe): FETCH_HEAD,
+# ORIG_HEAD, MERGE_HEAD, CHERRY_PICK_HEAD, and any other of capitals and underscores.
+_GIT_DIR_REF = re.compile(r"[A-Z][A-Z_]*\Z")
+
+
 def ref_candidates(name: str) -> list[str]:
     """The refs a spec's name may mean, in git's order (gitrevisions): the name itself when it is
-    a full one, `refs/NAME` (`heads/main`), the tag, the branch, the remote-tracking branch
-    (`origin/main`) and a remote's HEAD (`origin`); HEAD for `HEAD`, `@` and the empty name."""
+    a full one or a pseudo-ref in the git directory (`FETCH_HEAD`, `ORIG_HEAD`), `refs/NAME`
+    (`heads/main`), the tag, the branch, the remote-tracking branch (`origin/main`) and a
+    remote's HEAD (`origin`); HEAD for `HEAD`, `@` and the empty name."""
     if name in ("HEAD", "@", ""):
         return ["HEAD"]
-    itself = [name] if name.startswith("refs/") else []
+    itself = [name] if name.startswith("refs/") or _GIT_DIR_REF.match(name) else []
     return [
         *itself,
         f"refs/{name}",
@@ -1960,9 +1966,21 @@ class Repository:
 
     def _ref_exists(self, ref: str) -> bool:
         try:
-            return self.refs.read(ref) is not None
+            return self._read_candidate(ref) is not None
         except InvalidRefNameError:
             return False
+
+    def _read_candidate(self, ref: str) -> str | None:
+        """`refs.read(ref)`, but a file of the git directory that holds no ref (COMMIT_EDITMSG)
+        is no ref, as git skips it and tries the next reading of the name."""
+        try:
+            return self.refs.read(ref)
+        except RefUnreadableError:
+            raise  # not what it holds: the system's refusal, for its owner to fix
+        except RefFormatError:
+            if ref.startswith("refs/") or ref == "HEAD":
+                raise
+            return None
 
     def _resolve_name(self, name: str, spec: str, *, peel: bool = True) -> str:
         """Resolve the part of a spec before any `~`/`^` suffix (to the commit, unless not `peel`)."""
@@ -1971,7 +1989,7 @@ class Repository:
         # everything pinned to that commit, a server's requests included.
         for ref in [] if is_full_hex(name) else ref_candidates(name):
             try:
-                oid = self.refs.read(ref)
+                oid = self._read_candidate(ref)
             except InvalidRefNameError:
                 oid = None  # `name` cannot be this kind of ref: try the next reading
             if oid is not None and not peel:

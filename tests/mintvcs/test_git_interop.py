@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from mintvcs.serve.refwatch import RefWatcher
+from mintvcs.store import Repository
 from tests.mintvcs.storekit import (
     ENV,
     blobs,
@@ -668,6 +670,45 @@ def test_gc_rewrites_git_s_pack_list_for_dumb_http_clones(work: Path, tmp_path: 
         server.server_close()
     assert git(clone, "rev-parse", "main").stdout == git(git_dir, "rev-parse", "main").stdout
     git(clone, "fsck", "--strict")
+
+
+def test_pseudo_refs_of_the_git_directory_resolve_as_git_resolves_them(
+    work: Path, tmp_path: Path
+) -> None:
+    # git reads FETCH_HEAD, ORIG_HEAD, MERGE_HEAD, CHERRY_PICK_HEAD (any name of capitals and
+    # underscores) from the git directory before refs/; mintvcs read HEAD only, so `git fetch`
+    # then `mintvcs checkout FETCH_HEAD` failed ("unknown revision 'FETCH_HEAD'").
+    git_dir = work / ".mint"
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--bare", str(git_dir), str(clone)], env=ENV, check=True)
+    git(git_dir, "fetch", "-q", str(clone), "side", "main")
+    git(git_dir, "update-ref", "ORIG_HEAD", "main~1")
+    git(git_dir, "update-ref", "CHERRY_PICK_HEAD", "main~2")
+    ids = git(git_dir, "rev-parse", "main~2", "side").stdout.split()
+    (git_dir / "MERGE_HEAD").write_text(f"{ids[0]}\n{ids[1]}\n")
+    git(git_dir, "update-ref", "refs/heads/ORIG_HEAD", "main")  # the git directory's wins
+    (git_dir / "COMMIT_EDITMSG").write_text("rev 3\n")  # no ref: the next reading is taken
+    git(git_dir, "tag", "COMMIT_EDITMSG", "main~1")
+    repo = Repository.open(work)
+    watcher = RefWatcher(repo)
+
+    def agree(*specs: str) -> None:
+        for spec in specs:
+            expected = git(git_dir, "rev-parse", "--verify", spec).stdout.strip()
+            logged = json.loads(mint(work, "log", "-n", "1", "--json", spec).stdout)
+            assert logged[0]["commit"] == expected, spec
+            assert repo.resolve(spec) == expected, spec
+            assert watcher.resolve(spec).commit == expected, spec
+
+    agree("FETCH_HEAD", "FETCH_HEAD~1", "ORIG_HEAD", "MERGE_HEAD", "CHERRY_PICK_HEAD")
+    agree("COMMIT_EDITMSG")
+    # git 2.39 takes FETCH_HEAD's first line, even one marked not-for-merge.
+    (git_dir / "FETCH_HEAD").write_text(
+        f"{ids[0]}\tnot-for-merge\tbranch 'old' of ../clone\n{ids[1]}\t\tbranch 'side' of ../clone\n"
+    )
+    agree("FETCH_HEAD")
+    mint(work, "checkout", "FETCH_HEAD")
+    assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == ids[0]
 
 
 def test_a_tree_changed_with_git_is_refused_not_read_through_its_manifest(work: Path) -> None:
