@@ -711,6 +711,28 @@ def test_pseudo_refs_of_the_git_directory_resolve_as_git_resolves_them(
     assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == ids[0]
 
 
+def test_history_is_read_as_stored_replace_refs_and_grafts_ignored(work: Path) -> None:
+    # mintvcs reads history as `git --no-replace-objects` with info/grafts ignored, and serves
+    # `main~N` so (docs/format.md): log, resolve and the server follow the parents each commit
+    # stores. Pinned, so that it cannot change silently.
+    git_dir = work / ".mint"
+    stored = git(git_dir, "log", "--format=%H", "main").stdout.split()
+    git(git_dir, "replace", "--graft", "main~1")  # for git, main~1 has no parent now
+    assert git(git_dir, "log", "--format=%H", "main").stdout.split() == stored[:2]
+    assert (
+        git(git_dir, "--no-replace-objects", "log", "--format=%H", "main").stdout.split() == stored
+    )
+    repo = Repository.open(work)
+    watcher = RefWatcher(repo)
+    for grafts in (False, True):
+        if grafts:  # for git (deprecated but read), main has no parent either
+            (git_dir / "info" / "grafts").write_text(f"{stored[0]}\n")
+        logged = json.loads(mint(work, "log", "--json", "main").stdout)
+        assert [entry["commit"] for entry in logged] == stored
+        assert repo.resolve("main~2") == watcher.resolve("main~2").commit == stored[2]
+        assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+
+
 def test_a_tree_changed_with_git_is_refused_not_read_through_its_manifest(work: Path) -> None:
     git_dir = work / ".mint"
 
