@@ -14,10 +14,13 @@ repository, is read here too, once (mintvcs.filemodes applies it).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mintvcs.errors import MintError
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from dulwich.file import SharedPerm
@@ -99,27 +102,33 @@ def config_bool(config: Any, section: tuple[bytes, ...], name: bytes, default: b
 
     Not dulwich's get_boolean, which takes only true and false and raises for git's `no`.
     """
-    try:
-        raw = config.get(section, name).decode(errors="replace")
-    except KeyError:
-        return default
-    flag = _git_bool(raw)
-    if flag is None:
-        raise ValueError(f"{_key_name(section, name)} = {raw!r} is not a boolean")
-    return flag
+    flag = _config_value(config, section, name, _git_bool, "a boolean")
+    return default if flag is None else flag
 
 
 def config_int(config: Any, section: tuple[bytes, ...], name: bytes) -> int | None:
     """An integer key as git reads it (strtol's bases, a k/m/g unit), None when absent;
     ValueError naming the key and value for what git refuses."""
+    return _config_value(config, section, name, _git_int, "an integer")
+
+
+def _config_value(
+    config: Any,
+    section: tuple[bytes, ...],
+    name: bytes,
+    parse: Callable[[str], T | None],
+    kind: str,
+) -> T | None:
+    """Key `name` read by `parse` (None where git refuses it: a ValueError naming the key and
+    value as not `kind`); None when absent."""
     try:
         raw = config.get(section, name).decode(errors="replace")
     except KeyError:
         return None
-    number = _git_int(raw)
-    if number is None:
-        raise ValueError(f"{_key_name(section, name)} = {raw!r} is not an integer")
-    return number
+    value = parse(raw)
+    if value is None:
+        raise ValueError(f"{_key_name(section, name)} = {raw!r} is not {kind}")
+    return value
 
 
 def parse_shared(value: str | None) -> SharedPerm | None:

@@ -194,18 +194,7 @@ def test_the_ref_update_sample_reads_its_section_in_any_case_as_git_does(
     config = work / ".mint" / "config"
     config.write_text(config.read_text() + f"{header}\n\turl = http://127.0.0.1:9\n")
     assert git(work / ".mint", "config", "--get", "mint.notify.url").stdout.strip()
-    sample = Path(__file__).resolve().parents[2] / "hooks" / "ref-update"
-    env = {**ENV, "MINT_DIR": str(work / ".mint"), "MINT_PYTHON": sys.executable}
-    env.pop("MINT_NOTIFY_URL", None)
-    ran = subprocess.run(
-        ["sh", str(sample), "refs/heads/main", "0" * 40, "1" * 40],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    ran = _run_ref_update_sample(work)
     assert ran.returncode == 0
     # Nothing at all was said for the capitalised sections: no server was told, silently.
     assert "cannot notify http://127.0.0.1:9" in ran.stderr, ran.stderr
@@ -482,18 +471,7 @@ def test_a_key_without_a_value_is_no_identity(work: Path, home: dict[str, str]) 
 def test_a_notify_url_without_a_value_is_refused_by_the_ref_update_sample(work: Path) -> None:
     _append(work, '[mint "notify"]\n\turl\n')
     assert git(work / ".mint", "config", "--get", "mint.notify.url").stdout == "\n"
-    sample = Path(__file__).resolve().parents[2] / "hooks" / "ref-update"
-    env = {**ENV, "MINT_DIR": str(work / ".mint"), "MINT_PYTHON": sys.executable}
-    env.pop("MINT_NOTIFY_URL", None)
-    ran = subprocess.run(
-        ["sh", str(sample), "refs/heads/main", "0" * 40, "1" * 40],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    ran = _run_ref_update_sample(work)
     assert ran.returncode == 0
     # It posted to "true/v1/refs/notify".
     assert "cannot notify true" not in ran.stderr, ran.stderr
@@ -546,3 +524,19 @@ def test_init_warns_of_a_global_hooks_path_and_its_remedy_keeps_the_push_guard(
     (Path(home["HOME"]) / ".gitconfig").write_text("[user]\n\tname = U\n\temail = u@x.example\n")
     quiet = _mint(tmp_path, home, "init", str(tmp_path / "r2"))
     assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
+
+
+def _run_ref_update_sample(work: Path) -> subprocess.CompletedProcess[str]:
+    """The ref-update sample hook as git runs it for `main`, with no notify URL in the env."""
+    sample = Path(__file__).resolve().parents[2] / "hooks" / "ref-update"
+    env = {**ENV, "MINT_DIR": str(work / ".mint"), "MINT_PYTHON": sys.executable}
+    env.pop("MINT_NOTIFY_URL", None)
+    return subprocess.run(
+        ["sh", str(sample), "refs/heads/main", "0" * 40, "1" * 40],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
