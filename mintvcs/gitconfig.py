@@ -20,7 +20,6 @@ from dulwich.config import (
     _parse_section_header_line,
     _strip_comments,
     env_config,
-    get_xdg_config_home_path,
 )
 
 from mintvcs.adapter import open_small_file
@@ -86,7 +85,9 @@ def user_configs(git_dir: Path | None = None) -> list[Any]:
     if "GIT_CONFIG_GLOBAL" in os.environ:
         paths.append(os.environ["GIT_CONFIG_GLOBAL"])
     else:
-        paths += [os.path.expanduser("~/.gitconfig"), get_xdg_config_home_path("git", "config")]
+        # An empty XDG_CONFIG_HOME is unset, as git reads it (not `git/config` under the cwd).
+        xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
+        paths += [os.path.expanduser("~/.gitconfig"), os.path.join(xdg, "git", "config")]
     if os.environ.get("GIT_CONFIG_NOSYSTEM", "").lower() in ("", "0", "false", "no", "off"):
         paths.append(os.environ.get("GIT_CONFIG_SYSTEM", "/etc/gitconfig"))
     configs = []
@@ -348,8 +349,10 @@ def _matchers(reader: _Reader, git_dir: Path | None) -> dict[str, Callable[[str]
             pattern = "**/" + pattern
         if pattern.endswith("/"):
             pattern += "**"
-        # git tries the real path first, then the absolute one (a symbolic link on the way).
-        for text in dict.fromkeys((os.path.realpath(git_dir), os.path.abspath(git_dir))):
+        # git tries the real path first, then the one the shell took ($PWD through a symbolic
+        # link: os.getcwd() has resolved it already).
+        absolute = os.path.abspath(git_dir)
+        for text in dict.fromkeys((os.path.realpath(git_dir), absolute, _logical(absolute))):
             head, tail = text[: len(prefix)], text[len(prefix) :]
             if (head.lower() != prefix.lower()) if icase else (head != prefix):
                 continue
@@ -375,6 +378,23 @@ def _matchers(reader: _Reader, git_dir: Path | None) -> dict[str, Callable[[str]
         "gitdir/i:": lambda pattern: gitdir(pattern, True),
         "onbranch:": onbranch,
     }
+
+
+def _logical(path: str) -> str:
+    """`path` as the shell names it when the working directory was reached through a symbolic
+    link: under $PWD instead of the resolved working directory, as git's absolute paths are."""
+    pwd, cwd = os.environ.get("PWD", ""), os.getcwd()
+    if not os.path.isabs(pwd) or pwd == cwd:
+        return path
+    try:
+        if not os.path.samefile(pwd, cwd):
+            return path
+    except OSError:
+        return path
+    base = cwd.rstrip("/")
+    if path == cwd or path.startswith(base + "/"):
+        return pwd.rstrip("/") + path[len(base) :]
+    return path
 
 
 def _wildmatch(pattern: str, text: str, icase: bool) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -263,7 +264,8 @@ def hooks_path_warning(git_dir: Path) -> str | None:
         return (
             f"warning: your git config sets core.hooksPath ({where}), so git runs no hook of "
             ".mint/hooks and a `git push` may move the branch checked out here; to keep the "
-            f"guard, run: git --git-dir {git_dir.resolve()} config core.hooksPath {hooks}"
+            f"guard, run: git --git-dir {shlex.quote(str(git_dir.resolve()))} config "
+            f"core.hooksPath {shlex.quote(str(hooks))}"
         )
     return None
 

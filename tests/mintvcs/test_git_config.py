@@ -449,6 +449,49 @@ def test_includeif_conditions_match_as_git_matches_them(
     assert 0 < sum(matched) < len(matched)  # both kinds
 
 
+def test_includeif_gitdir_matches_the_path_taken_through_a_symbolic_link_as_git(
+    work: Path, home: dict[str, str], tmp_path: Path
+) -> None:
+    # git builds the repository's path from $PWD, the path the shell took; os.getcwd() had
+    # resolved the link, and a rule for ~/work/ never matched a repository reached through it.
+    alias = tmp_path / "alias"
+    alias.symlink_to(work)
+    identity = tmp_path / "work.gitconfig"
+    identity.write_text("[user]\n\temail = me@work.example\n")
+    (Path(home["HOME"]) / ".gitconfig").write_text(
+        f'[user]\n\tname = P\n\temail = me@home.example\n[includeIf "gitdir:{alias}/"]\n'
+        f"\tpath = {identity}\n"
+    )
+    env = {**home, "PWD": str(alias)}
+    by_git = subprocess.run(
+        ["git", "--git-dir", ".mint", "var", "GIT_AUTHOR_IDENT"],
+        cwd=alias,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "<me@work.example>" in by_git.stdout
+    mutate(work, seed=41)
+    result = _mint(alias, env, "commit", "-m", "via the link", "--no-verify")
+    assert result.returncode == 0, result.stderr
+    assert git(work / ".mint", "log", "-1", "--format=%ae").stdout.strip() == "me@work.example"
+
+
+def test_an_empty_xdg_config_home_is_unset_as_git_reads_it(
+    work: Path, home: dict[str, str]
+) -> None:
+    # dulwich joined "" and git/config: a `git/config` under the working directory was read.
+    xdg = Path(home["HOME"]) / ".config" / "git"
+    xdg.mkdir(parents=True)
+    (xdg / "config").write_text("[user]\n\tname = X\n\temail = xdg@x.example\n")
+    (work / "git").mkdir()
+    (work / "git" / "config").write_text("[user\n")
+    env = {**home, "XDG_CONFIG_HOME": ""}
+    assert _ident(work, env, "author") == "X <xdg@x.example>"
+    assert _committed_idents(work, env) == ("X <xdg@x.example>", "X <xdg@x.example>")
+
+
 def test_a_key_without_a_value_is_no_identity(work: Path, home: dict[str, str]) -> None:
     _append(work, "[user]\n\tname = N\n\temail\n")
     by_git = _git(work / ".mint", home, "var", "GIT_AUTHOR_IDENT")
@@ -486,7 +529,7 @@ def test_init_warns_of_a_global_hooks_path_and_its_remedy_keeps_the_push_guard(
     (Path(home["HOME"]) / ".gitconfig").write_text(
         f"[user]\n\tname = U\n\temail = u@x.example\n[core]\n\thooksPath = {elsewhere}\n"
     )
-    work = tmp_path / "r"
+    work = tmp_path / "my adapter"  # the remedy is pasted into a shell: quoted
     made = _mint(tmp_path, home, "init", str(work))
     assert made.returncode == 0, made.stderr
     warning = [line for line in made.stderr.splitlines() if line.startswith("warning:")]
@@ -515,8 +558,7 @@ def test_init_warns_of_a_global_hooks_path_and_its_remedy_keeps_the_push_guard(
     assert pushed.returncode == 0, pushed.stderr
     git(work / ".mint", "update-ref", "refs/heads/main", head.strip())  # undo
     # The remedy the warning gives, run from elsewhere: the push is refused again.
-    remedy = warning[0].split("run: ")[1].split()
-    subprocess.run(remedy, env=home, check=True, cwd=tmp_path)
+    subprocess.run(warning[0].split("run: ")[1], shell=True, env=home, check=True, cwd=tmp_path)
     pushed = push()
     assert pushed.returncode != 0 and "hook declined" in pushed.stderr, pushed.stderr
     assert git(work / ".mint", "rev-parse", "main").stdout == head
