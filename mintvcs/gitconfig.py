@@ -168,7 +168,7 @@ class _Reader:
         with self.opener(where) as handle:
             data = handle.read()
         # Not a ValueError: dulwich skips an include whose opener raises one, silently.
-        _scan(data, where, self.valueless)
+        data = _scan(data, where, self.valueless)
         return _Opened(self, where, data)
 
 
@@ -230,10 +230,12 @@ def _plain(err: Exception) -> str:
     return _BYTES_REPR.sub(text, str(err))
 
 
-def _scan(data: bytes, path: str, valueless: dict[_Key, tuple[str, int]]) -> None:
-    """Refuse (BadConfigError) the lines dulwich would read otherwise than git, and note the
-    keys written without a value. Not a parser: dulwich parses; this follows only what decides
-    where a value ends, and stops at the first line dulwich refuses anyway.
+def _scan(data: bytes, path: str, valueless: dict[_Key, tuple[str, int]]) -> bytes:
+    """`data` with the lines dulwich would read otherwise than git mended where git's reading
+    is plain (a backslash ending a comment dropped, a continuation at the end of the file
+    ended), the others refused (BadConfigError); the keys written without a value noted. Not
+    a parser: dulwich parses; this follows only what decides where a value ends, and stops at
+    the first line dulwich refuses anyway.
 
     dulwich continues a value onto the next line when the raw line ends in an odd number of
     backslashes, git when that backslash is part of the value: after `; comment \\` git starts
@@ -245,7 +247,9 @@ def _scan(data: bytes, path: str, valueless: dict[_Key, tuple[str, int]]) -> Non
     """
     section: tuple[bytes, ...] | None = None
     quoted = continued = False  # inside a value continued from the line before
-    lines = io.BytesIO(data.removeprefix(b"\xef\xbb\xbf")).readlines()
+    bom = data[:3] if data.startswith(b"\xef\xbb\xbf") else b""
+    lines = io.BytesIO(data[len(bom) :]).readlines()
+    mended = False
     for number, raw in enumerate(lines, 1):
         body = raw.removesuffix(b"\n").removesuffix(b"\r")
         ends = raw.endswith(b"\n")
@@ -256,7 +260,7 @@ def _scan(data: bytes, path: str, valueless: dict[_Key, tuple[str, int]]) -> Non
                 try:
                     section, after = _parse_section_header_line(rest)
                 except ValueError:
-                    return  # dulwich refuses the line
+                    break  # dulwich refuses the line
                 # dulwich reads what follows `]` with its comment cut off, git as a line.
                 kept = _strip_comments(rest).rstrip()
                 rest, on_header = rest[len(kept) - len(after) :].lstrip(b" \t"), True
@@ -266,7 +270,7 @@ def _scan(data: bytes, path: str, valueless: dict[_Key, tuple[str, int]]) -> Non
             assert match is not None
             name, equals = match.group(1), match.group(2)
             if section is None:
-                return  # dulwich refuses a key before any section
+                break  # dulwich refuses a key before any section
             after = rest[match.end() :].strip()
             # What dulwich takes and git refuses: a name not starting with a letter (dulwich
             # checks only its characters), one followed by a comment and no `=`.
@@ -293,23 +297,24 @@ def _scan(data: bytes, path: str, valueless: dict[_Key, tuple[str, int]]) -> Non
                 '\\\\, \\", \\n, \\t and \\b are); fix it'
             )
         if at == "open quote":
-            return  # both refuse it
+            break  # both refuse it
         quoted = at == "quoted"
         trailing = len(body) - len(body.rstrip(b"\\"))
         dulwich_continues = ends and trailing % 2 == 1 and not on_header
-        if git_continues != dulwich_continues or (git_continues and number == len(lines)):
-            why = (
-                "a value continued past the end of the file"
-                if git_continues and number == len(lines)
-                else "a backslash ending a comment, which git ignores"
-                if dulwich_continues
-                else "a value continued on a section header's line"
-            )
+        if git_continues and number == len(lines):
+            # git ends the value at the end of the file; dulwich would drop or keep the `\`.
+            lines[-1], mended, git_continues = body[:-1] + raw[len(body) :], True, False
+        elif dulwich_continues and not git_continues:
+            # A backslash ending a comment: git ignores it, dulwich would join the next line.
+            lines[number - 1], mended = body[:-1] + raw[len(body) :], True
+        elif git_continues != dulwich_continues:
             raise BadConfigError(
-                f"{path} cannot be read: bad config line {number} ({why}; mintvcs's config "
-                "reader would read another value there than git); fix it"
+                f"{path} cannot be read: bad config line {number} (a value continued on a "
+                "section header's line; mintvcs's config reader would read another value "
+                "there than git); fix it"
             )
         continued = git_continues
+    return bom + b"".join(lines) if mended else data
 
 
 def _value_end(text: bytes, quoted: bool) -> tuple[bool, str]:
