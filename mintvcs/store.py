@@ -2105,7 +2105,13 @@ class Repository:
                 shared = [max(a, b) for a, b in zip(shared, found, strict=True)]
         if state.foreign:  # objects only dulwich reads (alternates, packs ours cannot): ask it
             for i, (oid, key) in enumerate(zip(wanted, keys, strict=True)):
-                for other in self._ids_with_prefix(oid[:length]) - {oid}:
+                try:
+                    others = self._ids_with_prefix(oid[:length]) - {oid}
+                except (OSError, ValueError, struct.error, MintError):
+                    # A pack index dulwich cannot read either (truncated, say): an id is only
+                    # printed here, and the command that reads that pack names the damage.
+                    continue
+                for other in others:
                     shared[i] = max(shared[i], shared_hex_digits(key, bytes.fromhex(other)))
         short = {
             oid: oid[: max(length, min(digits + 1, 40))]

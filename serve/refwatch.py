@@ -186,15 +186,16 @@ class RefWatcher:
 
     def _resolve_uncached(self, spec: str) -> _Entry:
         name = _SUFFIX.split(spec, maxsplit=1)[0]
-        if is_full_hex(name):
-            # A full commit id names that commit whatever ref shares its digits, as the store
-            # reads it: no file can change the answer (a branch of that name must not redirect
-            # requests pinned to the commit).
-            commit = str(self.repo.resolve(spec))
-            return _Entry(Resolution(spec, commit, None), name, (), None, time.monotonic())
         names = self._candidates(name)
         # Stat first, then read: a move in between leaves a stale signature, so the next check re-resolves.
         deps = self._deps(names)
+        if is_full_hex(name):
+            # A full commit id names that commit whatever ref shares its digits, as the store
+            # reads it (a branch of that name must not redirect requests pinned to the commit);
+            # the files are watched all the same, so that a commit pruned since is looked up
+            # again once they change (a gc rewrites packed-refs).
+            commit = str(self.repo.resolve(spec))
+            return _Entry(Resolution(spec, commit, None), name, deps, None, time.monotonic())
         commit = str(self.repo.resolve(spec))
         # The first candidate that exists is the ref the store went through; None means a commit id.
         ref = next((n for n in names if self.read_ref(n) is not None), None)
