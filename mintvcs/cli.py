@@ -324,7 +324,8 @@ def _echo_commit_text(info: Any) -> None:
     if lines:  # git prints no blank line for an empty message
         click.echo()
     for line in lines:
-        click.echo(f"    {_printable(line)}")
+        # git's medium format expands tabs to every 8 columns of the message's own line.
+        click.echo(f"    {_printable(line.expandtabs(8))}")
 
 
 def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
