@@ -204,6 +204,7 @@ RAW_MESSAGES = [
     b"na\xc3\xafve\xc2\xa0baseline \xe2\x80\x94 1\xe2\x80\xaf000 steps\n",
     b"family \xf0\x9f\x91\xa8\xe2\x80\x8d\xf0\x9f\x91\xa9 run\n\n\xc2\xa0body\n",
     b"   \n",
+    b"subj\twith tab\n\nbody\tline\n\tindented\n12345678\tx\nna\xc3\xafve\tz\n",
 ]
 
 
