@@ -300,7 +300,7 @@ def _advice(repo: Any, name: bytes) -> bool:
     from mintvcs.repoformat import config_bool
 
     try:
-        return config_bool(repo.config, (b"advice",), name, True)
+        return config_bool(repo.config_with_user, (b"advice",), name, True)
     except ValueError:
         return True
 
@@ -347,7 +347,8 @@ def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
                     "hint: `mintvcs checkout -b $NAME ID` with NAME unset names a branch ID.\n"
                     "hint: It is reached by its full name (refs/heads/...) only; delete it\n"
                     "hint: with `mintvcs branch -D` or `mintvcs tag -d` if it is such a one.\n"
-                    "hint: `git config advice.objectNameWarning false` turns this hint off.",
+                    "hint: `git --git-dir .mint config advice.objectNameWarning false` turns this\n"
+                    "hint: hint off.",
                     err=True,
                 )
         elif refs := repo.ambiguous(spec):

@@ -138,13 +138,8 @@ def comment_char(repo: Repository) -> str:
     """core.commentChar (repository, then global config), as git tag reads it: '#' when unset
     or "auto" (which only a commit's editor adjusts); a value of more than one byte is
     refused, as git refuses it."""
-    from dulwich.config import StackedConfig
-
-    from mintvcs.gitconfig import user_configs
-
-    stacked = StackedConfig([repo.config, *user_configs(repo.git_dir)])
     try:
-        value = stacked.get((b"core",), b"commentChar")
+        value = repo.config_with_user.get((b"core",), b"commentChar")
     except KeyError:
         return "#"
     if value.lower() == b"auto":

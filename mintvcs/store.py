@@ -2049,12 +2049,24 @@ class Repository:
         )
 
     @cached_property
+    def config_with_user(self) -> Any:
+        """The repository's config over the user's global and system files: how git reads a
+        key a user sets once for every repository (core.abbrev, advice.*, core.commentChar)."""
+        from dulwich.config import StackedConfig
+
+        from mintvcs.gitconfig import user_configs
+
+        return StackedConfig([self.config, *user_configs(self.git_dir)])
+
+    @cached_property
     def abbrev_setting(self) -> int | None:
         """core.abbrev as git reads it: the digits an id is shortened to at least (40: ids are
         printed whole, as `no` or `false` ask), or None for `auto` or no setting (git's length
-        for the store's size); MintError for a value git refuses."""
+        for the store's size); BadConfigError for a value git refuses."""
+        from mintvcs.gitconfig import BadConfigError
+
         try:
-            raw = self.config.get((b"core",), b"abbrev")
+            raw = self.config_with_user.get((b"core",), b"abbrev")
         except KeyError:
             return None
         text = "true" if raw is None else raw.decode(errors="replace")  # a key with no `=`
@@ -2064,8 +2076,8 @@ class Repository:
             return 40
         value = _git_int(text)
         if value is None or not _ABBREV_MIN <= value <= 40:
-            raise MintError(
-                f"core.abbrev in .mint/config is {text!r:.40}: git takes `auto`, `no` or a "
+            raise BadConfigError(
+                f"core.abbrev is {text!r:.40} in your git config: git takes `auto`, `no` or a "
                 f"number of digits from {_ABBREV_MIN} to 40 (and refuses this one too); fix it"
             )
         return value

@@ -102,11 +102,12 @@ def test_a_core_abbrev_git_refuses_is_refused_before_anything_is_written(
     git_dir = work / ".mint"
     head = git(git_dir, "rev-parse", "HEAD").stdout.strip()
     git(git_dir, "config", "core.abbrev", value)
-    assert git(git_dir, "log", "--oneline", ok=False).returncode != 0  # git refuses it too
+    refused = git(git_dir, "log", "--oneline", ok=False)
+    assert refused.returncode == 128  # git refuses it too
     _adapter(work, 3)
     result = mint(work, "commit", "-m", "third", ok=False)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: core.abbrev in .mint/config is ")
+    assert result.returncode == 128, result.stderr
+    assert result.stderr.startswith(f"error: core.abbrev is {value!r} in your git config")
     git(git_dir, "config", "--unset", "core.abbrev")
     assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == head
 

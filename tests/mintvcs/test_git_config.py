@@ -506,6 +506,24 @@ def test_an_empty_xdg_config_home_is_unset_as_git_reads_it(
     assert _committed_idents(work, env) == ("X <xdg@x.example>", "X <xdg@x.example>")
 
 
+def test_abbrev_and_advice_set_in_the_global_config_count_as_in_git(
+    work: Path, home: dict[str, str]
+) -> None:
+    # Only .mint/config was read for them: ids of 7 digits where git printed 12.
+    (Path(home["HOME"]) / ".gitconfig").write_text(
+        "[user]\n\tname = U\n\temail = u@x.example\n[core]\n\tabbrev = 12\n"
+        "[advice]\n\tobjectNameWarning = false\n"
+    )
+    by_git = _git(work / ".mint", home, "log", "--oneline", "-1").stdout.split()[0]
+    ours = _mint(work, home, "log", "--oneline", "-1").stdout.split()[0]
+    assert len(by_git) == 12 and ours == by_git
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    first = git(work / ".mint", "rev-parse", "HEAD~1").stdout.strip()
+    assert _mint(work, home, "branch", head, first).returncode == 0
+    shown = _mint(work, home, "show", head).stderr
+    assert "is ambiguous" in shown and "hint:" not in shown, shown
+
+
 def test_a_key_without_a_value_is_no_identity(work: Path, home: dict[str, str]) -> None:
     _append(work, "[user]\n\tname = N\n\temail\n")
     by_git = _git(work / ".mint", home, "var", "GIT_AUTHOR_IDENT")
