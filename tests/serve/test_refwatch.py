@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mintvcs import porcelain
+from mintvcs.ids import shared_hex_digits
 from mintvcs.serve.refwatch import RefMove, RefWatcher, Resolution, metric_label
 from tests.mintvcs.storekit import commit_starting_with, copy_adapter, count_reads, mutate
 
@@ -322,4 +323,6 @@ def test_an_abbreviated_id_is_refused_once_another_commit_shares_it(
     # As the CLI (and a restarted server) answer: the spec names two commits now.
     with pytest.raises(UnknownRevisionError, match="ambiguous"):
         watcher.resolve(short)
-    assert watcher.resolve(twin[:6]).commit == twin
+    # One digit past what the two share (6 digits did not always tell them apart: 1 in 16).
+    unique = twin[: shared_hex_digits(bytes.fromhex(twin), bytes.fromhex(second)) + 1]
+    assert watcher.resolve(unique).commit == twin
