@@ -703,8 +703,7 @@ def _log_text(repo: Any, start: Any, max_count: int | None, oneline: bool) -> No
     """Print `log` as git does, page by page as the history is read."""
     index = 0
     for page, labels in _log_pages(repo, start, max_count):
-        ids = [info.id for info in page] if oneline else []
-        short = dict(zip(ids, repo.abbrev_many(ids), strict=True))  # one search for the page
+        short = repo.abbrev_many([info.id for info in page] if oneline else [])  # one search
         for info in page:
             deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
             if oneline:
@@ -999,8 +998,7 @@ def branch(
             # As git lists it: a detached HEAD is where the next commit goes.
             click.echo(f"* {click.style(f'(HEAD detached at {repo.abbrev(head)})', fg='green')}")
         # All at once, as log does: 10^4 branches abbreviated one by one took a second more.
-        commits = [b.commit for b in rows]
-        short = dict(zip(commits, repo.abbrev_many(commits), strict=True))
+        short = repo.abbrev_many([b.commit for b in rows])
         for b in rows:
             shown = click.style(b.name, fg="green") if b.current else b.name
             where = f"-> {b.alias_of}" if b.alias_of is not None else short[b.commit]

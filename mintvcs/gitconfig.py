@@ -1,7 +1,7 @@
 """git config files read with dulwich's reader, plus what git does around it: includeIf
 gitdir:/gitdir/i:/onbranch: matched against the repository, the global and system files,
 `git -c` settings handed down, errors that name the file and line, and the few lines dulwich
-would read differently from git refused instead of misread."""
+would read differently from git mended or refused, never misread."""
 
 from __future__ import annotations
 

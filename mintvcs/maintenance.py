@@ -1640,11 +1640,11 @@ def _drop_git_caches(repo: Repository) -> None:
     the packs it names, and one naming a deleted pack fails the clone.
     """
     objects = repo.git_dir / "objects"
-    midx_files = list((objects / "pack").glob("multi-pack-index-*"))  # -<id>.bitmap, -<id>.rev
-    for path in (objects / "pack" / "multi-pack-index", objects / "info" / "commit-graph"):
-        with suppress(FileNotFoundError):
-            path.unlink()
-    for path in midx_files:
+    for path in [
+        objects / "pack" / "multi-pack-index",
+        *(objects / "pack").glob("multi-pack-index-*"),  # its -<id>.bitmap and -<id>.rev
+        objects / "info" / "commit-graph",
+    ]:
         with suppress(FileNotFoundError):
             path.unlink()
     for folder in (objects / "pack" / "multi-pack-index.d", objects / "info" / "commit-graphs"):

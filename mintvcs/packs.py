@@ -614,7 +614,7 @@ PACK_HEADER, PACK_TRAILER = 12, 20  # bytes before the first entry; the SHA-1 af
 _MAX_VARINT_BYTES = 10  # a size or offset of up to 70 bits; more is a damaged header
 # Delta bases followed to learn an object's type: git writes chains of at most 4095 (pack.depth
 # caps there); more is a cycle or damage, and the object is then read in full instead.
-_MAX_DELTA_HOPS = 4096
+MAX_DELTA_HOPS = 4096
 
 
 class PackEntryError(ValueError):
@@ -729,6 +729,14 @@ class PackFile:
                 mapped.close()
         self._maps = []
 
+    def _fan_out(self, key: bytes) -> tuple[int, int]:
+        """The positions in the index of the names starting with `key`'s first byte, as the
+        fan-out table gives them (kept inside the index where the table lies)."""
+        idx, first = self.idx, key[0]
+        lo = struct.unpack_from(">I", idx, 8 + (first - 1) * 4)[0] if first else 0
+        hi = min(struct.unpack_from(">I", idx, 8 + first * 4)[0], self.count)
+        return min(lo, hi), hi
+
     def find(self, key: bytes) -> int | None:
         """The pack offset of object `key` (20 bytes), or None: a binary search of the index.
 
@@ -736,11 +744,8 @@ class PackFile:
         objects, and nothing built first (a table of every object cost 100 ms and 37 MiB per
         command at 240,000 objects, where a command looks up a few hundred).
         """
-        idx, count, names = self.idx, self.count, _IDX_NAMES
-        first = key[0]
-        lo = struct.unpack_from(">I", idx, 8 + (first - 1) * 4)[0] if first else 0
-        hi = min(struct.unpack_from(">I", idx, 8 + first * 4)[0], count)  # a lying fan-out
-        lo = min(lo, hi)
+        idx, names = self.idx, _IDX_NAMES
+        lo, hi = self._fan_out(key)
         while lo < hi:
             mid = (lo + hi) // 2
             at = names + mid * 20
@@ -758,11 +763,9 @@ class PackFile:
         with it: those of the names either side of where `key` sorts, as git's
         find_abbrev_len_packed reads them. Only names of `key`'s first byte are looked at (one
         that shares fewer than two digits never lengthens an abbreviation)."""
-        idx, count, names = self.idx, self.count, _IDX_NAMES
-        first = key[0]
-        start = struct.unpack_from(">I", idx, 8 + (first - 1) * 4)[0] if first else 0
-        end = min(struct.unpack_from(">I", idx, 8 + first * 4)[0], count)  # a lying fan-out
-        lo, hi = min(start, end), end
+        idx, names = self.idx, _IDX_NAMES
+        start, end = self._fan_out(key)
+        lo, hi = start, end
         while lo < hi:  # the first name not below `key`
             mid = (lo + hi) // 2
             at = names + mid * 20
@@ -874,7 +877,7 @@ class PackFile:
         bases inside this pack (a delta's type is its base's); for a REF_DELTA on the way, its
         base's raw id, to be looked up where it is stored; None for an entry that cannot be read."""
         end = len(self.pack) - PACK_TRAILER
-        for _ in range(_MAX_DELTA_HOPS):
+        for _ in range(MAX_DELTA_HOPS):
             if not PACK_HEADER <= offset < end:
                 return None
             try:

@@ -163,10 +163,8 @@ def signature(repo: Repository | None = None, role: str = "committer") -> Signat
 
         from mintvcs.gitconfig import env_overrides, refuse_valueless, user_configs
 
-        configs = [repo.config] if repo else []
-        stacked = StackedConfig(
-            [*env_overrides(), *configs, *user_configs(repo.git_dir if repo else None)]
-        )
+        files = repo.config_with_user.backends if repo else user_configs()
+        stacked = StackedConfig([*env_overrides(), *files])
 
         def lookup(key: bytes) -> tuple[str | None, str]:
             sections = (role.encode(), b"user")  # author.email over user.email, as in git

@@ -46,6 +46,7 @@ from mintvcs.objects import (
 )
 from mintvcs.packs import (
     ADDING_OBJECTS,
+    MAX_DELTA_HOPS,
     META_ZLIB_LEVEL,
     OBJECT_TYPE_NUMBERS,
     TENSOR_ZLIB_LEVEL,
@@ -116,9 +117,6 @@ KEEP_TENSOR_BYTES = 64 << 10
 _AGREEING_MANIFESTS_KEPT = 1 << 16
 # Commits whose parents a Repository remembers for `~N`/`^N` (~300 bytes each, so ~10 MB at most).
 _PARENTS_KEPT = 1 << 15
-# REF_DELTA bases followed across packs to learn an object's type (each pack's OFS_DELTA chain
-# is followed in it); git's own chains stop at 4095 links.
-_MAX_REF_DELTA_HOPS = 4096
 # git's shortest abbreviation (MINIMUM_ABBREV), and the length it starts from in a small store.
 _ABBREV_MIN, _ABBREV_DEFAULT = 4, 7
 _LOOSE_NAME = re.compile(r"[0-9a-f]{38}")
@@ -2093,15 +2091,15 @@ class Repository:
         """`oid` shortened as git prints it (find_unique_abbrev): to `abbrev_length()` digits,
         more while another object of the store (of any type) shares them, so that the id
         printed can be typed back."""
-        return self.abbrev_many([oid])[0]
+        return self.abbrev_many([oid])[oid]
 
-    def abbrev_many(self, oids: Sequence[str]) -> list[str]:
-        """`abbrev` of each of `oids`, the packs' indexes searched once for all of them when
-        there are many (a page of `log --oneline`)."""
-        state = self._abbrev_state()
-        length = self.abbrev_setting or state.auto_length
+    def abbrev_many(self, oids: Sequence[str]) -> dict[str, str]:
+        """`abbrev` of each of `oids` (id -> short id), the packs' indexes searched once for all
+        of them when there are many (a page of `log --oneline`)."""
+        length = self.abbrev_length()
         if length >= 40:
-            return list(oids)
+            return {oid: oid for oid in oids}
+        state = self._abbrev_state()
         wanted = [oid for oid in dict.fromkeys(oids) if is_object_id(oid)]
         keys = [bytes.fromhex(oid) for oid in wanted]
         shared = [self._loose_shared_digits(oid) for oid in wanted]
@@ -2125,11 +2123,10 @@ class Repository:
                     continue
                 for other in others:
                     shared[i] = max(shared[i], shared_hex_digits(key, bytes.fromhex(other)))
-        short = {
-            oid: oid[: max(length, min(digits + 1, 40))]
-            for oid, digits in zip(wanted, shared, strict=True)
-        }
-        return [short.get(oid, oid) for oid in oids]
+        short = {oid: oid for oid in oids}  # what is not an object id stays as it is
+        for oid, digits in zip(wanted, shared, strict=True):
+            short[oid] = oid[: max(length, min(digits + 1, 40))]
+        return short
 
     def _abbrev_state(self) -> _AbbrevState:
         """The store's packs and git's automatic abbreviation length for them, listed again
@@ -2304,7 +2301,8 @@ class Repository:
         if not is_object_id(oid):
             return None
         key = bytes.fromhex(oid)
-        for _ in range(_MAX_REF_DELTA_HOPS):
+        # REF_DELTA bases followed across packs, each pack's OFS_DELTA chain in it, as far.
+        for _ in range(MAX_DELTA_HOPS):
             found = self._find_packed(key)
             if found is None:
                 break  # loose, or its REF_DELTA base is

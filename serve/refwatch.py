@@ -4,9 +4,10 @@ A request names a ref spec (`main`, `prod`, `main~2`, an abbreviated id). Resolv
 store reads a ref file and peels an object; doing that per request is wasteful, and scanning every
 ref is out of the question with 10^6 per-user branches. So each resolved spec is cached together
 with the stat signature (inode, size, mtime) of the few files that can change its answer: the loose
-ref files it was looked up in, and `packed-refs`. (A full commit id depends on no file; an
-abbreviated one on every object that may come to share its digits, so it is not cached.) A request revalidates its entry with those two or
-three `stat` calls, so it sees the ref's value at admission exactly; the poller stats the same files
+ref files it was looked up in, and `packed-refs`. (A full commit id names that commit whatever ref
+shares its digits, but its entry watches the same files, so that a commit pruned since is looked
+up again once a gc rewrites them; an abbreviated id depends on every object that may come to share
+its digits, so it is not cached.) A request revalidates its entry with those two or three `stat` calls, so it sees the ref's value at admission exactly; the poller stats the same files
 for every spec in use every ~150 ms, re-reads the ref values once a second (a guard against a
 rename that reuses an inode within one timestamp tick), and reports moves so that the server can
 prefetch the new revision before requests ask for it. Only specs requested in the last minute
@@ -189,16 +190,11 @@ class RefWatcher:
         names = self._candidates(name)
         # Stat first, then read: a move in between leaves a stale signature, so the next check re-resolves.
         deps = self._deps(names)
-        if is_full_hex(name):
-            # A full commit id names that commit whatever ref shares its digits, as the store
-            # reads it (a branch of that name must not redirect requests pinned to the commit);
-            # the files are watched all the same, so that a commit pruned since is looked up
-            # again once they change (a gc rewrites packed-refs).
-            commit = str(self.repo.resolve(spec))
-            return _Entry(Resolution(spec, commit, None), name, deps, None, time.monotonic())
         commit = str(self.repo.resolve(spec))
-        # The first candidate that exists is the ref the store went through; None means a commit id.
-        ref = next((n for n in names if self.read_ref(n) is not None), None)
+        # The first candidate that exists is the ref the store went through; None means a commit
+        # id (a full one names that commit whatever ref shares its digits, as the store reads it).
+        found = (n for n in names if self.read_ref(n) is not None)
+        ref = None if is_full_hex(name) else next(found, None)
         return _Entry(
             Resolution(spec, commit, ref), name, deps, self.read_ref(ref), time.monotonic()
         )
