@@ -334,6 +334,23 @@ def _random_history(git_dir: Path, rng: random.Random, count: int) -> list[str]:
     return commits
 
 
+def _same_as_git_log(
+    repo: Any, git_dir: Path, args: list[str], limit: int | None, every: bool, *label: object
+) -> bool:
+    """Assert that porcelain.log lists what `git log --first-parent` lists for `args` (with
+    `-n limit`, `--all` where `every`); False, nothing compared, where git refuses them (`~N`
+    past a root commit)."""
+    from mintvcs import porcelain
+
+    options = ["--all"] * every + ["-n", str(limit)] * (limit is not None)
+    expected = git(git_dir, "log", "--first-parent", "--format=%H", *options, *args, ok=False)
+    if expected.returncode:
+        return False
+    got = porcelain.log(repo, args, limit, all_refs=every)
+    assert [c.id for c in got] == expected.stdout.split(), (*label, options, args)
+    return True
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_histories_list_as_git_log_first_parent_lists_them(
     tmp_path: Path, seed: int
@@ -368,15 +385,7 @@ def test_random_histories_list_as_git_log_first_parent_lists_them(
         for _ in range(50):
             args, limit = rng.choice(forms)(), rng.choice([None, None, 1, 3])
             every = rng.random() < 0.1
-            options = ["--all"] * every + ["-n", str(limit)] * (limit is not None)
-            expected = git(
-                git_dir, "log", "--first-parent", "--format=%H", *options, *args, ok=False
-            )
-            if expected.returncode:
-                continue  # `~N` past a root commit
-            got = porcelain.log(repo, args, limit, all_refs=every)
-            assert [c.id for c in got] == expected.stdout.split(), (options, args)
-            compared += 1
+            compared += _same_as_git_log(repo, git_dir, args, limit, every)
     assert compared > 30
 
 
@@ -512,15 +521,7 @@ def test_skewed_histories_list_as_git_log_first_parent_lists_them(
                     ]
                 every = rng.random() < 0.1
                 limit = rng.choice([None, None, 1, 3])
-                options = ["--all"] * every + ["-n", str(limit)] * (limit is not None)
-                expected = git(
-                    git_dir, "log", "--first-parent", "--format=%H", *options, *args, ok=False
-                )
-                if expected.returncode:
-                    continue  # `~N` past a root commit
-                got = porcelain.log(repo, args, limit, all_refs=every)
-                assert [c.id for c in got] == expected.stdout.split(), (round_, options, args)
-                compared += 1
+                compared += _same_as_git_log(repo, git_dir, args, limit, every, round_)
     assert compared > 200
     # The merge bases themselves, in git's order: a skewed clock finds some that another
     # reaches, which git drops.
