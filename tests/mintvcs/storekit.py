@@ -512,15 +512,17 @@ def _commit_id(body: bytes) -> str:
 
 
 def colliding_commits(git_dir: Path, parent: str, digits: int) -> tuple[str, str]:
-    """Write two commits on `parent` whose ids share their first `digits` hex digits (a
-    birthday search over their messages: ~16^(digits/2) tries, under a second for 7)."""
+    """Write two commits on `parent` whose ids share exactly their first `digits` hex digits
+    (a birthday search over their messages: ~16^(digits/2) tries, under a second for 7)."""
     head, seen = _commit_head(git_dir, parent), dict[str, bytes]()
     for i in itertools.count():
         body = f"{head}collide {i}\n".encode()
-        prefix = _commit_id(body)[:digits]
-        if prefix in seen:
+        commit_id = _commit_id(body)
+        prefix = commit_id[:digits]
+        # A pair sharing one digit more (1 in 16) would be printed a digit longer.
+        if prefix in seen and _commit_id(seen[prefix])[digits] != commit_id[digits]:
             return _write_commit(git_dir, seen[prefix]), _write_commit(git_dir, body)
-        seen[prefix] = body
+        seen.setdefault(prefix, body)
     raise AssertionError("unreachable")
 
 
