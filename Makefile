@@ -23,8 +23,9 @@ test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 lint: setup
-	$(VENV)/bin/ruff check mintvcs serve kernels tests bench
-	$(VENV)/bin/mypy mintvcs serve kernels
+	$(VENV)/bin/ruff check mintvcs serve kernels tests bench .ci/typecheck
+	$(VENV)/bin/ruff format --check mintvcs serve kernels tests bench .ci/typecheck
+	$(PY) .ci/typecheck
 
 bench: setup
 	$(PY) bench/store.py

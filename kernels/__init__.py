@@ -17,6 +17,7 @@ layer. See docs/kernels.md.
 from .checks import LoraShapeError
 from .groups import SlotGroups, group_tokens
 from .ops import (
+    Backend,
     LoraBackendError,
     PackedLora,
     add_lora,
@@ -29,6 +30,7 @@ from .ops import (
 from .reference import add_lora_reference
 
 __all__ = [
+    "Backend",
     "LoraBackendError",
     "LoraShapeError",
     "PackedLora",

@@ -23,6 +23,7 @@ from typing import Any, TypeAlias
 import torch
 
 from mintvcs.errors import MintError
+from mintvcs.kernels import Backend
 from mintvcs.progress import progress_bar
 from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, prepare_adapter
 from mintvcs.serve.graphs import DecodeGraphs
@@ -79,7 +80,7 @@ class EngineConfig:
     max_lora_rank: int = 16
     lora_targets: tuple[str, ...] = LORA_MODULES
     host_cache_bytes: int = 2 << 30
-    kernel_backend: str = "auto"
+    kernel_backend: Backend = "auto"
     check_base_fingerprint: bool = True
     # Decode-only steps replay from CUDA graphs on a GPU (serve/graphs.py); False = always eager.
     cuda_graphs: bool = True

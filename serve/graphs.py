@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from mintvcs.kernels import Backend
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import LoraBatch, Model, StepBatch
 from mintvcs.serve.slots import AdapterPools
@@ -74,7 +75,7 @@ class DecodeGraphs:
         kv: KVCache,
         pools: AdapterPools | None,
         *,
-        backend: str = "auto",
+        backend: Backend = "auto",
         capture: bool | None = None,
     ) -> None:
         if kv.scratch_slot != 0:

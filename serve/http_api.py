@@ -449,15 +449,15 @@ async def admit_many(
     state = request.app[STATE]
     engine = state.require_engine()
     name = check_spec(spec)
-    resolution = None
+    resolution: Resolution | None = None
     label = BASE_LABEL
     # The base's own name wins over a ref of that name. A ref is resolved first: one that
     # names nothing costs no encoding.
     if name != state.config.base_name:
         # A spec not cached may walk a long history (`main~20000`, a reflog): not on the loop.
-        resolution = state.watcher.cached(name) or await asyncio.to_thread(
-            state.watcher.resolve, name
-        )
+        resolution = state.watcher.cached(name)
+        if resolution is None:
+            resolution = await asyncio.to_thread(state.watcher.resolve, name)
         label = state.ref_label(resolution.ref)
     request[REF_KEY] = label
     # Each distinct prompt is encoded once (n choices repeat one prompt object), on a worker

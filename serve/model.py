@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mintvcs.kernels import Backend
 from mintvcs.kernels.torch_ops import packed_step
 from mintvcs.progress import Progress
 from mintvcs.serve.kv_cache import KVCache
@@ -187,7 +188,7 @@ class LoraBatch:
     scales: torch.Tensor  # [slots] float32
     ranks: torch.Tensor | None = None  # [slots] int32 real rank per slot
     modules: frozenset[str] = field(default_factory=frozenset)
-    backend: str = "auto"
+    backend: Backend = "auto"
     # per layer, group name (LORA_GROUPS) -> kernels PackedLora; used instead of a/b when present
     packed: list[dict[str, Any]] | None = None
 

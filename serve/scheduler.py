@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from mintvcs.errors import MintError
+from mintvcs.kernels import Backend
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.model import Model, StepBatch
@@ -274,7 +275,7 @@ class Scheduler:
         residency: Residency | None,
         *,
         max_num_batched_tokens: int = 4096,
-        kernel_backend: str = "auto",
+        kernel_backend: Backend = "auto",
         graphs: DecodeGraphs | None = None,
         prefix_caching: bool = True,
     ) -> None:
@@ -603,7 +604,12 @@ class Scheduler:
                 picked = work[torch.tensor(greedy, device=device)].argmax(dim=-1).tolist()
                 for j, token in zip(greedy, picked, strict=True):
                     out[changed[j]] = token
-        drawn = [i for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy]
+        generators = {
+            i: s.generator
+            for i, s in enumerate(seqs)
+            if s.generator is not None and not s.params.greedy
+        }
+        drawn = list(generators)
         if drawn:
             if work is not None and drawn == changed:  # e.g. every request sampled and constrained
                 rows = work
@@ -618,7 +624,7 @@ class Scheduler:
             tokens = sample_rows(
                 rows,
                 [seqs[i].params for i in drawn],
-                [seqs[i].generator for i in drawn],
+                list(generators.values()),
             )
             for i, token in zip(drawn, tokens, strict=True):
                 out[i] = token

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mintvcs.errors import MintError
+from mintvcs.kernels import Backend
 from mintvcs.serve.adapters import (
     AdapterRefused,
     AdapterSource,
@@ -332,7 +333,7 @@ class AdapterPools:
         self.slot_modules[slot] = frozenset()
 
     def batch(
-        self, token_slots: torch.Tensor, slots: set[int], backend: str = "auto"
+        self, token_slots: torch.Tensor, slots: set[int], backend: Backend = "auto"
     ) -> LoraBatch | None:
         """The LoraBatch of one step, or None when no token uses an adapter."""
         modules: frozenset[str] = (
