@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from typing import Any
 import torch
 
 from mintvcs.errors import MintError, cannot_read
+
+log = logging.getLogger("mintvcs.serve")
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -213,12 +216,17 @@ _DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
 _ROPE_REQUIRED = {
     "linear": ("factor",),
     "dynamic": ("factor",),
+    "yarn": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
 
 def parse_rope(raw: dict[str, Any], arch: str = "llama") -> RopeConfig:
-    """RoPE parameters from either the old keys (`rope_theta`, `rope_scaling`) or transformers 5's `rope_parameters`."""
+    """RoPE parameters from either the old keys (`rope_theta`, `rope_scaling`) or transformers 5's `rope_parameters`.
+
+    A config with both is read as transformers 4 and 5 both read it: a non-empty `rope_scaling`
+    whole, `rope_parameters` ignored (transformers 4 never reads it, 5 lets `rope_scaling` replace it).
+    """
     params: dict[str, Any] = dict(raw.get("rope_parameters") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
         # Nested per layer type (e.g. {"full_attention": {...}}): Llama-family models use one kind only.
@@ -228,37 +236,67 @@ def parse_rope(raw: dict[str, Any], arch: str = "llama") -> RopeConfig:
                 f"per-layer RoPE parameters {sorted(params)} are not supported"
             )
         params = dict(kinds[0])
-    scaling = raw.get("rope_scaling") or {}
-    merged = {**scaling, **params}
-    rope_type = merged.get("rope_type") or merged.get("type") or "default"
-    lacking = [k for k in _ROPE_REQUIRED.get(rope_type, ()) if merged.get(k) is None]
+    scaling = raw.get("rope_scaling")
+    if not (isinstance(scaling, dict) and scaling):
+        return _rope_from(params, "rope_parameters" if params else "rope_scaling", raw, arch)
+    rope = _rope_from(dict(scaling), "rope_scaling", raw, arch)
+    if params:
+        try:
+            ignored: RopeConfig | str = _rope_from(params, "rope_parameters", raw, arch)
+        except UnsupportedModelError as err:
+            ignored = str(err)
+        if ignored != rope:
+            log.warning(
+                "config.json has both rope_scaling and rope_parameters and they disagree; "
+                "using rope_scaling, as transformers does (%s), not rope_parameters (%s)",
+                rope,
+                ignored,
+            )
+    return rope
+
+
+def _rope_from(source: dict[str, Any], key: str, raw: dict[str, Any], arch: str) -> RopeConfig:
+    """A RopeConfig from one RoPE dict of config.json (`key` names it in errors), with the top-level keys."""
+    rope_type = source.get("rope_type") or source.get("type") or "default"
+    lacking = [k for k in _ROPE_REQUIRED.get(rope_type, ()) if source.get(k) is None]
     if lacking:
         raise UnsupportedModelError(
-            f"rope_scaling of type {rope_type!r} lacks {', '.join(map(repr, lacking))}"
+            f"{key} of type {rope_type!r} lacks {', '.join(map(repr, lacking))}"
         )
-    theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
+    # transformers' scaled RoPE rotates head_dim * partial_rotary_factor dims, but the Llama-family
+    # attention rotates the whole head, so transformers fails on such a config; with default RoPE
+    # it ignores the factor, and so do we.
+    for where, value in (
+        (key, source.get("partial_rotary_factor")),
+        ("config.json's top level", raw.get("partial_rotary_factor")),
+    ):
+        if rope_type != "default" and value is not None and float(value) != 1.0:
+            raise UnsupportedModelError(
+                f"partial_rotary_factor={value} (in {where}) with {rope_type!r} RoPE scaling is not "
+                "supported: the architecture rotates the whole head"
+            )
+    # transformers 5 fills the dict's rope_theta from the top-level key only where it has none.
+    theta = source.get("rope_theta", raw.get("rope_theta", 10000.0))
     # The top-level key wins over rope_scaling's, as transformers reads them.
-    original = raw.get("original_max_position_embeddings") or merged.get(
+    original = raw.get("original_max_position_embeddings") or source.get(
         "original_max_position_embeddings"
     )
     if rope_type in ("llama3", "yarn") and original is None:
         original = raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS.get(arch)
-    factor = merged.get("factor")
-    if factor is None and rope_type == "yarn" and original:
-        factor = raw.get("max_position_embeddings", original) / original
+    factor = source.get("factor")
     return RopeConfig(
         theta=float(theta),
         rope_type=str(rope_type),
         factor=float(factor if factor is not None else 1.0),
-        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        low_freq_factor=float(source.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(source.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(original) if original else None,
-        attention_factor=merged.get("attention_factor"),
-        beta_fast=float(merged.get("beta_fast") or 32.0),
-        beta_slow=float(merged.get("beta_slow") or 1.0),
-        mscale=merged.get("mscale"),
-        mscale_all_dim=merged.get("mscale_all_dim"),
-        truncate=bool(merged.get("truncate", True)),
+        attention_factor=source.get("attention_factor"),
+        beta_fast=float(source.get("beta_fast") or 32.0),
+        beta_slow=float(source.get("beta_slow") or 1.0),
+        mscale=source.get("mscale"),
+        mscale_all_dim=source.get("mscale_all_dim"),
+        truncate=bool(source.get("truncate", True)),
     )
 
 

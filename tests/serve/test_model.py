@@ -281,6 +281,8 @@ def test_config_defaults_and_refusals_follow_transformers() -> None:
     for scaling in (
         {"rope_type": "linear"},
         {k: v for k, v in LLAMA3_SCALING.items() if k != "low_freq_factor"},
+        # transformers refuses yarn without a factor; we used to derive one (docs say refused).
+        {"rope_type": "yarn", "original_max_position_embeddings": 16},
     ):
         with pytest.raises(UnsupportedModelError, match=r"rope_scaling of type .* lacks"):
             ModelConfig.from_dict(_llama(rope_scaling=scaling))
@@ -308,3 +310,70 @@ def test_tied_config_with_a_different_stored_head_keeps_it_as_transformers(
     save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
     plain = Model.from_dir(directory, prepack=False)
     assert plain.lm_head is plain.embed
+
+
+def _edit_config(directory: Path, drop: tuple[str, ...] = (), **changes: Any) -> None:
+    """Rewrite directory/config.json with `changes` set and the keys in `drop` removed."""
+    path = directory / "config.json"
+    config = {**json.loads(path.read_text()), **changes}
+    for key in drop:
+        config.pop(key, None)
+    path.write_text(json.dumps(config))
+
+
+def _assert_matches_transformers(directory: Path, n: int = PROMPT_LEN) -> None:
+    ids = _prompt(n=n)
+    ours, ref = _our_logits(directory, ids), _hf_logits(directory, ids)
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize(
+    ("scaling", "parameters", "drop"),
+    [
+        # Kept for transformers 4 and half migrated: the two name other RoPE types.
+        ({"type": "linear", "factor": 4.0}, {"rope_type": "default", "rope_theta": 10000.0}, ()),
+        # Only rope_parameters gives a theta: transformers takes rope_scaling, theta 10000.
+        (
+            {"type": "linear", "factor": 2.0},
+            {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            ("rope_theta",),
+        ),
+    ],
+)
+def test_rope_scaling_beside_rope_parameters_is_read_as_transformers(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    scaling: dict[str, Any],
+    parameters: dict[str, Any],
+    drop: tuple[str, ...],
+) -> None:
+    # transformers 5 lets a non-empty rope_scaling replace rope_parameters, and 4 never reads
+    # rope_parameters: both serve rope_scaling. Merging the two (rope_parameters' keys winning)
+    # gave logits more than 1 away from theirs.
+    directory = build_base(tmp_path / "dual", seed=3)
+    _edit_config(directory, drop, rope_scaling=scaling, rope_parameters=parameters)
+    with caplog.at_level("WARNING", logger="mintvcs.serve"):
+        config = read_config(directory)
+    assert "both rope_scaling and rope_parameters" in caplog.text
+    assert (config.rope.rope_type, config.rope.factor) == ("linear", scaling["factor"])
+    assert config.rope.theta == 10000.0
+    assert config.trained_positions == 512 * scaling["factor"]
+    _assert_matches_transformers(directory)
+
+
+def test_partial_rotary_factor_with_scaled_rope_is_refused() -> None:
+    # transformers' scaled RoPE rotates only head_dim * factor dims while the attention rotates
+    # the whole head, so transformers fails on these; we served a full-width rotation.
+    linear = {"rope_type": "linear", "factor": 2.0}
+    for raw in (
+        _llama(partial_rotary_factor=0.5, rope_scaling=linear),
+        _llama(rope_parameters={**linear, "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+        _llama(partial_rotary_factor=0.5, rope_scaling=LLAMA3_SCALING),
+    ):
+        with pytest.raises(UnsupportedModelError, match=r"partial_rotary_factor=0\.5 \(in "):
+            ModelConfig.from_dict(raw)
+    # With default RoPE transformers' Llama family ignores it, and so do we; 1 is no change.
+    assert ModelConfig.from_dict(_llama(partial_rotary_factor=0.5)).rope.rope_type == "default"
+    one = ModelConfig.from_dict(_llama(partial_rotary_factor=1.0, rope_scaling=linear))
+    assert one.rope.factor == 2.0
