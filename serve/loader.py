@@ -81,13 +81,21 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # (field, where its value came from) for the shape fields config.json does not give.
+    implied: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
+                f"{self.describe('num_key_value_heads')}"
             )
+
+    def describe(self, name: str) -> str:
+        """`name=value` of a config field, saying where the value came from when config.json lacks it."""
+        text = f"{name}={getattr(self, name)}"
+        why = dict(self.implied).get(name)
+        return f"{text} ({why})" if why else text
 
     @property
     def q_size(self) -> int:
@@ -150,7 +158,21 @@ class ModelConfig:
             raise UnsupportedModelError(f"config.json lacks {', '.join(map(repr, missing))}")
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
-        head_dim = raw.get("head_dim") or hidden // heads
+        implied: list[tuple[str, str]] = []
+        head_dim = raw.get("head_dim")
+        if not head_dim:
+            head_dim = hidden // heads
+            implied.append(("head_dim", "hidden_size / num_attention_heads"))
+        # An absent key takes the architecture's transformers default (Mistral 8, Qwen2 32,
+        # Llama the head count); only an explicit null means one KV head per query head.
+        if "num_key_value_heads" in raw:
+            kv_heads = raw["num_key_value_heads"]
+            kv_heads = heads if kv_heads is None else int(kv_heads)
+        else:
+            kv_heads = _DEFAULT_KV_HEADS[arch] or heads
+            implied.append(
+                ("num_key_value_heads", f"absent from config.json: transformers' {arch} default")
+            )
         # As transformers builds each architecture: Qwen2 always has q/k/v biases, Llama says
         # so in attention_bias (o_proj too) and mlp_bias, Mistral has none.
         attention_bias = arch == "qwen2" or (arch == "llama" and bool(raw.get("attention_bias")))
@@ -186,7 +208,7 @@ class ModelConfig:
             intermediate_size=int(raw["intermediate_size"]),
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            num_key_value_heads=kv_heads,
             head_dim=int(head_dim),
             max_position_embeddings=int(
                 raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch]
@@ -199,6 +221,7 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            implied=tuple(implied),
         )
 
 
@@ -212,6 +235,8 @@ _REQUIRED_FIELDS = (
 )
 # transformers' default max_position_embeddings per architecture, for a config without one.
 _DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+# transformers' default num_key_value_heads per architecture (None: as many as attention heads).
+_DEFAULT_KV_HEADS: dict[str, int | None] = {"llama": None, "mistral": 8, "qwen2": 32}
 # What each RoPE scaling type needs in rope_scaling (transformers refuses it without them).
 _ROPE_REQUIRED = {
     "linear": ("factor",),

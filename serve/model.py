@@ -389,55 +389,88 @@ class Model:
         max_len: int | None = None,
         prepack: bool = True,
     ) -> Model:
-        """Build from HF-named tensors already in the target dtype and device; consumes `raw`."""
+        """Build from HF-named tensors already in the target dtype and device; consumes `raw`.
 
-        def take(name: str) -> torch.Tensor:
+        Each tensor must have the shape config.json gives it (transformers refuses a mismatch
+        too); a CheckpointError names the tensor, both shapes and the fields behind them.
+        """
+        c = config
+        # Each dimension a tensor may have, with the config fields that set it.
+        hidden = (c.hidden_size, c.describe("hidden_size"))
+        q_out = (c.q_size, f"{c.describe('num_attention_heads')} * {c.describe('head_dim')}")
+        kv_out = (c.kv_size, f"{c.describe('num_key_value_heads')} * {c.describe('head_dim')}")
+        inter = (c.intermediate_size, c.describe("intermediate_size"))
+        vocab = (c.vocab_size, c.describe("vocab_size"))
+
+        def check(name: str, tensor: torch.Tensor, *dims: tuple[int, str]) -> torch.Tensor:
+            want = [size for size, _ in dims]
+            if list(tensor.shape) != want:
+                fields = ", ".join(dict.fromkeys(why for _, why in dims))
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {list(tensor.shape)} in the checkpoint, but "
+                    f"config.json makes it {want} ({fields})"
+                )
+            return tensor
+
+        def take(name: str, *dims: tuple[int, str]) -> torch.Tensor:
             try:
-                return raw.pop(name)
+                tensor = raw.pop(name)
             except KeyError:
                 raise CheckpointError(f"tensor {name!r} missing from the checkpoint") from None
+            return check(name, tensor, *dims)
 
-        def maybe(name: str) -> torch.Tensor | None:
-            return raw.pop(name, None)
+        def maybe(name: str, *dims: tuple[int, str]) -> torch.Tensor | None:
+            tensor = raw.pop(name, None)
+            return None if tensor is None else check(name, tensor, *dims)
 
+        shapes = {
+            "q_proj": (q_out, hidden),
+            "k_proj": (kv_out, hidden),
+            "v_proj": (kv_out, hidden),
+            "o_proj": (hidden, q_out),
+            "gate_proj": (inter, hidden),
+            "up_proj": (inter, hidden),
+            "down_proj": (hidden, inter),
+        }
         layers = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}"
-            q, k, v = (take(f"{p}.self_attn.{m}.weight") for m in ("q_proj", "k_proj", "v_proj"))
+            attn, mlp = f"{p}.self_attn", f"{p}.mlp"
+
+            def weight(group: str, module: str) -> torch.Tensor:
+                return take(f"{group}.{module}.weight", *shapes[module])
+
+            def bias(group: str, module: str) -> torch.Tensor:
+                return take(f"{group}.{module}.bias", shapes[module][0])
+
+            q, k, v = (weight(attn, m) for m in ("q_proj", "k_proj", "v_proj"))
             # Biases as the config asks for them, as transformers builds the layers: one it asks
             # for must be there, one it does not is ignored (a stray tensor changes nothing).
-            attn, mlp = f"{p}.self_attn", f"{p}.mlp"
             qkv_bias = o_bias = gate_up_bias = down_bias = None
             if config.attention_bias:
-                qkv_bias = torch.cat(
-                    [take(f"{attn}.{m}.bias") for m in ("q_proj", "k_proj", "v_proj")]
-                )
+                qkv_bias = torch.cat([bias(attn, m) for m in ("q_proj", "k_proj", "v_proj")])
                 if config.arch != "qwen2":  # Qwen2's o_proj has none
-                    o_bias = take(f"{attn}.o_proj.bias")
+                    o_bias = bias(attn, "o_proj")
             if config.mlp_bias:
-                gate_up_bias = torch.cat(
-                    [take(f"{mlp}.gate_proj.bias"), take(f"{mlp}.up_proj.bias")]
-                )
-                down_bias = take(f"{mlp}.down_proj.bias")
+                gate_up_bias = torch.cat([bias(mlp, "gate_proj"), bias(mlp, "up_proj")])
+                down_bias = bias(mlp, "down_proj")
             layers.append(
                 LayerWeights(
-                    input_norm=take(f"{p}.input_layernorm.weight"),
+                    input_norm=take(f"{p}.input_layernorm.weight", hidden),
                     qkv=torch.cat([q, k, v]),
                     qkv_bias=qkv_bias,
-                    o=take(f"{p}.self_attn.o_proj.weight"),
+                    o=weight(attn, "o_proj"),
                     o_bias=o_bias,
-                    post_norm=take(f"{p}.post_attention_layernorm.weight"),
-                    gate_up=torch.cat(
-                        [take(f"{p}.mlp.gate_proj.weight"), take(f"{p}.mlp.up_proj.weight")]
-                    ),
+                    post_norm=take(f"{p}.post_attention_layernorm.weight", hidden),
+                    gate_up=torch.cat([weight(mlp, "gate_proj"), weight(mlp, "up_proj")]),
                     gate_up_bias=gate_up_bias,
-                    down=take(f"{p}.mlp.down_proj.weight"),
+                    down=weight(mlp, "down_proj"),
                     down_bias=down_bias,
                 )
             )
             del q, k, v
-        embed = take("model.embed_tokens.weight")
-        lm_head = maybe("lm_head.weight")
+        embed = take("model.embed_tokens.weight", vocab, hidden)
+        lm_head = maybe("lm_head.weight", vocab, hidden)
         if lm_head is None:
             if not config.tie_word_embeddings:
                 raise CheckpointError("lm_head.weight missing and tie_word_embeddings is false")
@@ -453,7 +486,7 @@ class Model:
                     "from its embedding; using the stored lm_head (set tie_word_embeddings to "
                     "false to silence this)"
                 )
-        norm = take("model.norm.weight")
+        norm = take("model.norm.weight", hidden)
         return cls(config, embed, layers, norm, lm_head, max_len=max_len, prepack=prepack)
 
     @property

@@ -12,6 +12,7 @@ import torch
 
 from mintvcs.serve.loader import CheckpointError, ModelConfig, UnsupportedModelError, read_config
 from mintvcs.serve.model import Model, StepBatch
+from mintvcs.serve.tiny import ARCHITECTURES
 from tests.fixtures import build_base
 
 LLAMA3_SCALING = {
@@ -178,6 +179,7 @@ def _qwen2(**extra: Any) -> dict[str, Any]:
         "intermediate_size": 64,
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
+        "num_key_value_heads": 2,
         "sliding_window": 16,
         **extra,
     }
@@ -360,6 +362,94 @@ def test_rope_scaling_beside_rope_parameters_is_read_as_transformers(
     assert config.rope.theta == 10000.0
     assert config.trained_positions == 512 * scaling["factor"]
     _assert_matches_transformers(directory)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("given", ["absent", "null"])
+def test_num_key_value_heads_default_is_transformers_per_architecture(
+    arch: str, given: str
+) -> None:
+    from transformers import AutoConfig
+
+    raw = {**_qwen2(), "architectures": [ARCHITECTURES[arch]], "model_type": arch}
+    raw.update(num_attention_heads=64, hidden_size=256)
+    if given == "absent":
+        del raw["num_key_value_heads"]
+    else:
+        raw["num_key_value_heads"] = None
+    ours = ModelConfig.from_dict(raw).num_key_value_heads
+    # Mistral 8 and Qwen2 32 when the key is absent, the head count for Llama and for null.
+    assert ours == ({"mistral": 8, "qwen2": 32}.get(arch, 64) if given == "absent" else 64)
+    if arch == "mistral" and given == "null":
+        # transformers 5 types Mistral's field as int and refuses null; 4 reads it as the
+        # head count, as 5 does for Llama and Qwen2.
+        from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+        with pytest.raises(StrictDataclassFieldValidationError, match="num_key_value_heads"):
+            AutoConfig.for_model(**raw)
+        return
+    assert ours == AutoConfig.for_model(**raw).num_key_value_heads
+
+
+def test_mistral_without_num_key_value_heads_matches_transformers(tmp_path: Path) -> None:
+    # The key absent means 8 KV heads for Mistral; we took 16 (the head count), the engine
+    # started and every request failed in the forward with a bare shape error.
+    directory = build_base(
+        tmp_path / "mistral", "mistral", seed=3, hidden_size=128, num_attention_heads=16,
+        num_key_value_heads=8,
+    )  # fmt: skip
+    _edit_config(directory, ("num_key_value_heads",))
+    assert read_config(directory).num_key_value_heads == 8
+    _assert_matches_transformers(directory, n=32)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"intermediate_size": 96},
+            r"'model\.layers\.0\.mlp\.gate_proj\.weight' has shape \[128, 64\] in the checkpoint, "
+            r"but config\.json makes it \[96, 64\] \(intermediate_size=96, hidden_size=64\)",
+        ),
+        (
+            {"vocab_size": 320},
+            r"'model\.embed_tokens\.weight' has shape \[384, 64\] in the checkpoint, "
+            r"but config\.json makes it \[320, 64\] \(vocab_size=320, hidden_size=64\)",
+        ),
+        (
+            {"head_dim": 8},
+            r"'model\.layers\.0\.self_attn\.q_proj\.weight' has shape \[64, 64\] in the "
+            r"checkpoint, but config\.json makes it \[32, 64\] \(num_attention_heads=4 \* "
+            r"head_dim=8, hidden_size=64\)",
+        ),
+    ],
+)
+def test_tensor_shapes_are_checked_against_config(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    # They were not: the engine started and each request failed in the forward with a torch
+    # shape error naming no tensor or field, or (a smaller vocab) served wider logits.
+    # transformers refuses these checkpoints at load too.
+    directory = build_base(tmp_path / "shape", seed=3)
+    _edit_config(directory, **change)
+    with pytest.raises(CheckpointError, match=message):
+        Model.from_dir(directory)
+    with pytest.raises(RuntimeError, match="mismatched"):
+        _hf_logits(directory, _prompt(n=8))
+
+
+def test_defaulted_kv_heads_are_named_when_the_checkpoint_disagrees(tmp_path: Path) -> None:
+    directory = build_base(
+        tmp_path / "kv", "mistral", seed=3, num_attention_heads=8, num_key_value_heads=2
+    )
+    _edit_config(directory, ("num_key_value_heads",))
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[16, 64\] in the "
+        r"checkpoint, but config\.json makes it \[64, 64\] \(num_key_value_heads=8 \(absent "
+        r"from config\.json: transformers' mistral default\) \* head_dim=8, hidden_size=64\)",
+    ):
+        Model.from_dir(directory)
 
 
 def test_partial_rotary_factor_with_scaled_rope_is_refused() -> None:
