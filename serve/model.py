@@ -395,6 +395,12 @@ class Model:
         too); a CheckpointError names the tensor, both shapes and the fields behind them.
         """
         c = config
+        if raw and not any(name.startswith("model.") for name in raw):
+            # Saved from the bare decoder (LlamaModel): transformers adds its base-model prefix
+            # to such names; lm_head is not part of the decoder and keeps its name.
+            for name in list(raw):
+                if not name.startswith("lm_head."):
+                    raw[f"model.{name}"] = raw.pop(name)
         # Each dimension a tensor may have, with the config fields that set it.
         hidden = (c.hidden_size, c.describe("hidden_size"))
         q_out = (c.q_size, f"{c.describe('num_attention_heads')} * {c.describe('head_dim')}")
@@ -469,13 +475,23 @@ class Model:
                 )
             )
             del q, k, v
-        embed = take("model.embed_tokens.weight", vocab, hidden)
+        embed = maybe("model.embed_tokens.weight", vocab, hidden)
         lm_head = maybe("lm_head.weight", vocab, hidden)
+        if embed is None:
+            if lm_head is None or not config.tie_word_embeddings:
+                found = " (there is an lm_head.weight, but tie_word_embeddings is false)"
+                raise CheckpointError(
+                    "tensor 'model.embed_tokens.weight' missing from the checkpoint"
+                    + (found if lm_head is not None else "")
+                )
+            # A tied checkpoint may keep the shared matrix under the head's name only
+            # (safetensors' save_model does): transformers ties the embedding to it.
+            embed = lm_head
         if lm_head is None:
             if not config.tie_word_embeddings:
                 raise CheckpointError("lm_head.weight missing and tie_word_embeddings is false")
             lm_head = embed
-        elif config.tie_word_embeddings:
+        elif config.tie_word_embeddings and lm_head is not embed:
             if torch.equal(lm_head, embed):
                 lm_head = embed
             else:

@@ -452,6 +452,53 @@ def test_defaulted_kv_heads_are_named_when_the_checkpoint_disagrees(tmp_path: Pa
         Model.from_dir(directory)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tied_checkpoint_written_by_safetensors_save_model_matches_transformers(
+    tmp_path: Path, arch: str
+) -> None:
+    # safetensors' save_model keeps one name per shared tensor, here lm_head.weight: the
+    # embedding was reported missing though it is there under the head's name.
+    from safetensors.torch import load_file, save_model
+    from transformers import AutoModelForCausalLM
+
+    directory = build_base(tmp_path / arch, arch, seed=3, tie_word_embeddings=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    save_model(hf, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    names = set(load_file(directory / "model.safetensors"))
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" not in names
+    _assert_matches_transformers(directory)
+    assert Model.from_dir(directory, prepack=False).tied_embeddings
+
+
+def test_head_only_checkpoint_without_tying_says_what_it_found(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    directory = build_base(tmp_path / "head", seed=3)
+    weights = load_file(directory / "model.safetensors")
+    del weights["model.embed_tokens.weight"]
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model\.embed_tokens\.weight' missing from the checkpoint \(there is an "
+        r"lm_head\.weight, but tie_word_embeddings is false\)",
+    ):
+        Model.from_dir(directory)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_names_without_the_model_prefix_load_as_in_transformers(tmp_path: Path, tied: bool) -> None:
+    # Saved from the bare decoder (LlamaModel): transformers adds the `model.` prefix to every
+    # name but lm_head's; we refused them as missing.
+    from safetensors.torch import load_file, save_file
+
+    directory = build_base(tmp_path / "bare", seed=3, tie_word_embeddings=tied)
+    weights = load_file(directory / "model.safetensors")
+    bare = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
+    assert not any(name.startswith("model.") for name in bare)
+    save_file(bare, directory / "model.safetensors", metadata={"format": "pt"})
+    _assert_matches_transformers(directory)
+
+
 def test_partial_rotary_factor_with_scaled_rope_is_refused() -> None:
     # transformers' scaled RoPE rotates only head_dim * factor dims while the attention rotates
     # the whole head, so transformers fails on these; we served a full-width rotation.
