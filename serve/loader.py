@@ -408,8 +408,13 @@ def read_config(directory: Path) -> ModelConfig:
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the shards its index names, or the single file."""
+    """The safetensors files of a checkpoint: the single file, or the shards its index names."""
     directory = Path(directory)
+    # transformers looks for model.safetensors before the index: where both are there, it loads
+    # the single file (the index may be stale), and so must we to serve the same weights.
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map")
@@ -420,9 +425,6 @@ def safetensors_files(directory: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"shards named by {index} are missing: {', '.join(missing)}")
         return files
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
     found = sorted(directory.glob("*.safetensors"))
     if found:
         return found

@@ -499,6 +499,29 @@ def test_names_without_the_model_prefix_load_as_in_transformers(tmp_path: Path, 
     _assert_matches_transformers(directory)
 
 
+def test_single_file_beside_an_index_is_the_one_loaded_as_in_transformers(
+    tmp_path: Path,
+) -> None:
+    # transformers looks for model.safetensors before model.safetensors.index.json: we read
+    # the index's shards (other weights, served without a word) or refused a stale index.
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    other = build_base(tmp_path / "other", seed=4)
+    directory = tmp_path / "both"
+    AutoModelForCausalLM.from_pretrained(str(other), dtype=torch.float32).save_pretrained(
+        str(directory), max_shard_size="100KB"
+    )
+    assert (directory / "model.safetensors.index.json").is_file()
+    shutil.copy(build_base(tmp_path / "single", seed=3) / "model.safetensors", directory)
+    _assert_matches_transformers(directory)
+    # A stale index naming shards that are gone: the single file is still served.
+    for shard in directory.glob("model-*.safetensors"):
+        shard.unlink()
+    _assert_matches_transformers(directory, n=16)
+
+
 def test_partial_rotary_factor_with_scaled_rope_is_refused() -> None:
     # transformers' scaled RoPE rotates only head_dim * factor dims while the attention rotates
     # the whole head, so transformers fails on these; we served a full-width rotation.
