@@ -125,16 +125,25 @@ def env_overrides() -> list[Any]:
 def refuse_valueless(config: Any, section: tuple[bytes, ...], name: bytes) -> None:
     """BadConfigError if a file `config` read wrote `section.name` with no value: git refuses
     such a key wherever it wants a string, even when a later line sets it."""
+    found = valueless_at(config, section, name)
+    if found is not None:
+        where, line = found
+        dotted = b".".join((*section, name)).decode(errors="replace")
+        at = f"{where} line {line}" if line else where
+        raise BadConfigError(
+            f"missing value for '{dotted}' in {at}: git refuses it too; "
+            f"give it one (`{name.decode(errors='replace')} = VALUE`)"
+        )
+
+
+def valueless_at(config: Any, section: tuple[bytes, ...], name: bytes) -> tuple[str, int] | None:
+    """(file, line) where a file `config` read first wrote `section.name` with no value (line
+    0: a `git -c` setting), None if none did."""
     key = _key(section, name)
     for part in _files(config):
         if key in part.valueless:
-            where, line = part.valueless[key]
-            dotted = b".".join((*section, name)).decode(errors="replace")
-            at = f"{where} line {line}" if line else where
-            raise BadConfigError(
-                f"missing value for '{dotted}' in {at}: git refuses it too; "
-                f"give it one (`{name.decode(errors='replace')} = VALUE`)"
-            )
+            return part.valueless[key]
+    return None
 
 
 def _files(config: Any) -> Iterator[GitConfigFile]:

@@ -48,6 +48,7 @@ _V1_ONLY = ("noop-v1", "objectFormat", "refStorage", "compatObjectFormat")
 _NAMES = {name.lower(): name for name in (*_ANY_VERSION, *_V1_ONLY)}
 # git reads integers with C's strtol (base 0: 0x.. hex, 0.. octal) and a k/m/g unit.
 _GIT_INT = re.compile(r"\s*([-+]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgG]?)")
+_INT_MAX = 2**31 - 1  # git_config_int's range (a C int, less INT_MIN)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 # What C's strtol(value, &end, 8) reads whole: blanks, a sign, octal digits (git's parse).
 _OCTAL = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-7]+)")
@@ -206,16 +207,7 @@ def read_format(config: Any, where: str) -> RepositoryFormat:
     def refuse(message: str) -> UnsupportedRepositoryError:
         return UnsupportedRepositoryError(f"{where}: {message}")
 
-    try:
-        raw = config.get((b"core",), b"repositoryformatversion").decode(errors="replace")
-    except KeyError:
-        raw = "0"
-    version = _git_int(raw)
-    if version is None:
-        raise refuse(
-            f"core.repositoryformatversion = {raw!r} is not a number (git refuses it too); "
-            "set it to 0, or to 1 if the repository uses extensions"
-        )
+    raw, version = _format_version(config, where)
     if version > 1:
         raise refuse(
             f"core.repositoryformatversion = {version}, newer than the git repository formats "
@@ -284,6 +276,42 @@ def read_format(config: Any, where: str) -> RepositoryFormat:
     return RepositoryFormat(
         version, flags.get("preciousObjects", False), flags.get("worktreeConfig", False), shared
     )
+
+
+def _format_version(config: Any, where: str) -> tuple[str, int]:
+    """core.repositoryformatversion (its last value, 0 when absent) as git's setup reads it:
+    each value it is given must be an int (git_config_int), or git dies naming that value."""
+    from mintvcs.gitconfig import valueless_at
+
+    written_bare = valueless_at(config, (b"core",), b"repositoryformatversion")
+    try:
+        values = [
+            v.decode(errors="replace")
+            for v in config.get_multivar((b"core",), b"repositoryformatversion")
+        ]
+    except KeyError:
+        values = []
+    if written_bare is not None:
+        values = [""]  # git reads the key written without `=` as no value: its message shows ''
+    raw, version = "0", 0
+    for raw in values:
+        number = _git_int(raw)
+        reason = (
+            "invalid unit"
+            if number is None
+            else "out of range"
+            if not -_INT_MAX <= number <= _INT_MAX
+            else ""
+        )
+        if reason:
+            raise UnsupportedRepositoryError(
+                f"bad numeric config value '{raw}' for 'core.repositoryformatversion' in file "
+                f"{where}: {reason} (git refuses it too); set it to 0, or to 1 if the "
+                "repository uses extensions"
+            )
+        assert number is not None
+        version = number
+    return raw, version
 
 
 def _check_mint_version(config: Any, where: str) -> None:

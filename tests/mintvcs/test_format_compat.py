@@ -156,7 +156,10 @@ def _age_objects(work: Path, seconds: float = 7200) -> None:
 FORMATS = [
     ([("core.repositoryformatversion", "2")], "core.repositoryformatversion = 2"),
     ([("core.repositoryformatversion", "1k")], "core.repositoryformatversion = 1024"),
-    ([("core.repositoryformatversion", "banana")], "is not a number"),
+    (
+        [("core.repositoryformatversion", "banana")],
+        "bad numeric config value 'banana' for 'core.repositoryformatversion'",
+    ),
     (
         [("core.repositoryformatversion", "1"), ("extensions.frobnicate", "true")],
         "unknown repository extension extensions.frobnicate",
@@ -208,6 +211,30 @@ def test_repository_format_is_refused_exactly_where_git_refuses_it(
         assert result.returncode == 128, result.stderr
         assert result.stderr.count("error:") == 1 and refused in result.stderr, result.stderr
     assert _store_state(work) == before
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        "\trepositoryformatversion\n",  # no value: it said "'true' is not a number"
+        "\trepositoryformatversion =\n",
+        "\trepositoryformatversion = 4294967297\n",  # no C int: it said "newer"
+        "\trepositoryformatversion = -2147483648\n",
+        "\trepositoryformatversion = 2g\n",
+        # git reads every value the key is given; a later good one does not hide a bad one.
+        "\trepositoryformatversion = banana\n\trepositoryformatversion = 0\n",
+    ],
+)
+def test_a_format_version_git_cannot_read_is_refused_in_git_s_words(work: Path, lines: str) -> None:
+    config = work / ".mint" / "config"
+    config.write_text(config.read_text() + "[core]\n" + lines)
+    by_git = git(work / ".mint", "log", "--oneline", ok=False)
+    assert by_git.returncode == 128, by_git.stderr
+    said = by_git.stderr.strip().removeprefix("fatal: ")
+    head, _, tail = said.partition(" in file ")
+    reason = tail.rsplit(": ", 1)[1]  # invalid unit, out of range
+    line = mint_fails(work, "log", "--oneline")
+    assert f"{head} in file {config}: {reason} (git refuses it too)" in line, (line, said)
 
 
 def test_a_sha256_repository_is_refused_before_anything_is_written(
