@@ -20,15 +20,17 @@ class BadMessageError(MintError):
     """A message git could not store as given: a NUL byte, or text that is not UTF-8."""
 
 
-def clean_message(message: str, comment: str | None = None) -> str:
+def clean_message(message: str, comment: bytes | None = None) -> str:
     """`message` as git's strbuf_stripspace leaves it: lines split on "\\n" only, git's
     whitespace off the end of each, blank lines at either end dropped and runs of them made
-    one, a final newline ("" if nothing is left); with `comment`, lines starting with it are
-    dropped first (git tag's default cleanup)."""
+    one, a final newline ("" if nothing is left); with `comment` (one byte), lines whose UTF-8
+    starts with it are dropped first (git tag's default cleanup)."""
     kept: list[str] = []
     blank = False
     for line in message.split("\n"):
-        if comment and line.startswith(comment):
+        # git compares bytes: a byte that is not ASCII begins the lines of the characters
+        # it leads in UTF-8 (0xe9: U+9000 to U+9FFF).
+        if comment and line.encode("utf-8", "surrogatepass")[:1] == comment:
             continue  # a dropped comment line is not a blank one
         line = line.rstrip(GIT_SPACE)
         if not line:

@@ -134,20 +134,26 @@ def _move_ref(
     )
 
 
-def comment_char(repo: Repository) -> str:
-    """core.commentChar (repository, then global config), as git tag reads it: '#' when unset
-    or "auto" (which only a commit's editor adjusts); a value of more than one byte is
-    refused, as git refuses it."""
+def comment_char(repo: Repository) -> bytes:
+    """core.commentChar (repository, then global config), as git 2.39's tag reads it: b'#'
+    when unset or "auto" (which only a commit's editor adjusts), else its one byte, which need
+    not be ASCII (git compares it with a line's first byte); anything else is refused, as git
+    refuses it."""
+    from mintvcs.gitconfig import BadConfigError, refuse_valueless
+
+    refuse_valueless(repo.config_with_user, (b"core",), b"commentChar")
     try:
         value = repo.config_with_user.get((b"core",), b"commentChar")
     except KeyError:
-        return "#"
+        return b"#"
     if value.lower() == b"auto":
-        return "#"
-    if len(value) != 1 or not value.isascii():
-        # git takes any one byte; a byte of a multi-byte UTF-8 character is no prefix of a line.
-        raise MintError(f"core.commentChar should only be one ASCII character (it is {value!a})")
-    return value.decode("ascii")
+        return b"#"
+    if len(value) != 1:
+        raise BadConfigError(
+            f"core.commentChar should only be one character (it is {value!a}), as git says; "
+            "set it to one character, or to auto"
+        )
+    return value
 
 
 def signature(repo: Repository | None = None, role: str = "committer") -> Signature:

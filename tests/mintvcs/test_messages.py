@@ -114,6 +114,37 @@ def test_tag_m_is_stored_byte_for_byte_as_git_tag_m_stores_it(work: Path, tmp_pa
     git(work / ".mint", "fsck", "--strict", "--no-dangling")
 
 
+def test_a_comment_char_that_is_one_byte_not_ascii_is_taken_as_git_tag_takes_it(
+    work: Path, tmp_path: Path
+) -> None:
+    # git 2.39 takes any one byte and drops the lines whose first byte it is: 0xe9 leads the
+    # UTF-8 of U+9000 to U+9FFF, so a line starting with one of those is a comment. It was
+    # refused as "one ASCII character".
+    base = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    twin = git_twin(work, tmp_path, base)
+    for config in (work / ".mint" / "config", twin / ".git" / "config"):
+        config.write_bytes(config.read_bytes() + b"[core]\n\tcommentChar = \xe9\n")
+    message = "subject\n\u9023 dropped\n\u00e9 kept (0xc3 0xa9)\n\u9fff dropped too\nend"
+    mint(work, "tag", "-m", message, "t", base, env=DATES)
+    run_git(twin, "tag", "-m", message, "t", base)
+    ours = git(work / ".mint", "rev-parse", "t").stdout.strip()
+    assert ours == run_git(twin, "rev-parse", "t").strip()
+    assert "dropped" not in git(work / ".mint", "cat-file", "tag", "t").stdout
+    # More than one byte, or none, is refused by both, as git says it.
+    for value in (b"ab", b"\xc3\xa9", b""):
+        for config in (work / ".mint" / "config", twin / ".git" / "config"):
+            text = config.read_bytes().rsplit(b"\tcommentChar = ", 1)[0]
+            config.write_bytes(text + b"\tcommentChar = " + value + b"\n")
+        by_git = subprocess.run(
+            ["git", "tag", "-m", "m", "u", base], cwd=twin, env=ENV, capture_output=True
+        )
+        assert by_git.returncode == 128
+        assert b"core.commentChar should only be one character" in by_git.stderr
+        result = mint(work, "tag", "-m", "m", "u", base, ok=False)
+        assert result.returncode == 128, result.stderr
+        assert "core.commentChar should only be one character" in result.stderr
+
+
 def test_a_message_that_is_not_utf8_is_refused_before_anything_is_stored(work: Path) -> None:
     # argv passes bytes that are not UTF-8 on as surrogate escapes; git would store them
     # reinterpreted as Latin-1, with a warning. mintvcs refuses them, as it refuses a file
