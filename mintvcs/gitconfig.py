@@ -9,6 +9,7 @@ import ast
 import io
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -241,46 +242,67 @@ def _plain(err: Exception) -> str:
 
 def _scan(data: bytes, path: str, valueless: dict[_Key, tuple[str, int]]) -> bytes:
     """`data` with the lines dulwich would read otherwise than git mended where git's reading
-    is plain (a backslash ending a comment dropped, a continuation at the end of the file
-    ended), the others refused (BadConfigError); the keys written without a value noted. Not
-    a parser: dulwich parses; this follows only what decides where a value ends, and stops at
-    the first line dulwich refuses anyway.
+    is plain, the others refused (BadConfigError); the keys written without a value noted.
+    Not a parser: dulwich parses; this follows only what decides where a value ends, and
+    stops at the first line dulwich refuses anyway. Lines are rewritten, never added or
+    removed, so that a line number still names the line written.
 
-    dulwich continues a value onto the next line when the raw line ends in an odd number of
-    backslashes, git when that backslash is part of the value: after `; comment \\` git starts
-    a new key on the next line, dulwich swallows it; a continuation on a `[section] key = v\\`
-    line dulwich ends there; one at the end of the file git ends (`a\\` is "a"), dulwich drops
-    the key or keeps the backslash. Also refused as git refuses them, where dulwich reads
-    them silently: an unknown escape (`\\q`), a name not starting with a letter, and a name
-    followed by neither `=` nor the end of its line (`[core] bare ; comment`).
+    Mended: a backslash ending a comment, which git ignores and dulwich takes for a
+    continuation, is dropped; one ending the file, which git ends the value at, too. A value
+    git reads otherwise than dulwich (each unquoted blank a space, a tab too; the blanks
+    leading a continued line kept; `a ""` keeping its space; a value continued on a section
+    header's line) is written quoted in git's reading, its continued lines left blank, and
+    checked to read back so. Several headers on one line (`[a][b] k = v`) keep the last, as
+    git's is; an old-style `[a.B]` is written `[a "b"]`, the subsection lower-cased as git
+    does. A key before any section is dropped with git's `error: key does not contain a
+    section` on stderr. Refused as git refuses them, where dulwich reads them silently: an
+    unknown escape (`\\q`), a name not starting with a letter, and a name followed by
+    neither `=` nor the end of its line (`[core] bare ; comment`).
     """
     section: tuple[bytes, ...] | None = None
     quoted = continued = False  # inside a value continued from the line before
     bom = data[:3] if data.startswith(b"\xef\xbb\xbf") else b""
     lines = io.BytesIO(data[len(bom) :]).readlines()
     mended = False
+    # The value being read: its first line's number, where it starts on that line, and
+    # whether it is to be rewritten whatever dulwich reads (continued on a header's line).
+    value: tuple[int, int, bool] | None = None
+    orphan = False  # the value read is a key's before any section: dropped
     for number, raw in enumerate(lines, 1):
         body = raw.removesuffix(b"\n").removesuffix(b"\r")
         ends = raw.endswith(b"\n")
         rest, on_header = body, False
         if not continued:
             rest = body.lstrip(b" \t\v\f\r")
+            if body.lstrip(b" \t\r")[:1] in (b"\v", b"\f"):
+                # Not blanks to git (dulwich strips them): the line is no key, nor a comment.
+                raise BadConfigError(
+                    f"{path} cannot be read: bad config line {number} (a line starting with "
+                    "a vertical tab or form feed); fix it"
+                )
             if rest[:1] == b"[":
-                try:
-                    section, after = _parse_section_header_line(rest)
-                except ValueError:
+                header = _headers(rest)
+                if header is None:
                     break  # dulwich refuses the line
-                # dulwich reads what follows `]` with its comment cut off, git as a line.
-                kept = _strip_comments(rest).rstrip()
-                rest, on_header = rest[len(kept) - len(after) :].lstrip(b" \t"), True
+                section, text, after = header
+                if not section[0]:  # `[]`: dulwich takes it
+                    raise BadConfigError(
+                        f"{path} cannot be read: bad config line {number} (a section header "
+                        "with no name); fix it"
+                    )
+                if text != rest[: len(rest) - len(after)]:
+                    # `[a][b]` or `[a.B]`: only what git reads is left for dulwich.
+                    ending = raw[len(body) :]
+                    body = body[: len(body) - len(rest)] + text + after
+                    raw = body + ending
+                    lines[number - 1], mended = raw, True
+                rest, on_header = after.lstrip(b" \t"), True
             if not rest or rest[:1] in (b"#", b";"):
                 continue
             match = re.match(rb"([^=\s;#]*)[ \t]*(=?)", rest)
             assert match is not None
             name, equals = match.group(1), match.group(2)
-            if section is None:
-                break  # dulwich refuses a key before any section
-            after = rest[match.end() :].strip()
+            after = rest[match.end() :]  # git: only blanks (space, tab), then `=` or the end
             # What dulwich takes and git refuses: a name not starting with a letter (dulwich
             # checks only its characters), one followed by a comment and no `=`.
             refused = (
@@ -295,10 +317,18 @@ def _scan(data: bytes, path: str, valueless: dict[_Key, tuple[str, int]]) -> byt
                     f"{path} cannot be read: bad config line {number} ({refused}: "
                     f"{rest.decode(errors='replace')!r}); fix it"
                 )
+            orphan = section is None
+            if orphan:
+                # git reads it, says so, and has no use for it; dulwich would refuse the file.
+                _orphan_key(path, number, name)
             if not equals:
-                valueless.setdefault(_key(section, name), (path, number))
+                if section is None:
+                    lines[number - 1], mended, orphan = _ending(raw), True, False
+                else:
+                    valueless.setdefault(_key(section, name), (path, number))
                 continue
             rest, quoted = rest[match.end() :], False
+            value = (number, len(body) - len(rest), False)
         git_continues, at = _value_end(rest, quoted)
         if at == "escape":
             raise BadConfigError(
@@ -312,18 +342,171 @@ def _scan(data: bytes, path: str, valueless: dict[_Key, tuple[str, int]]) -> byt
         dulwich_continues = ends and trailing % 2 == 1 and not on_header
         if git_continues and number == len(lines):
             # git ends the value at the end of the file; dulwich would drop or keep the `\`.
-            lines[-1], mended, git_continues = body[:-1] + raw[len(body) :], True, False
+            # Rewritten whole below: the blanks before the `\` are the value's in git.
+            git_continues = False
+            if value is not None:
+                value = (value[0], value[1], True)
         elif dulwich_continues and not git_continues:
             # A backslash ending a comment: git ignores it, dulwich would join the next line.
             lines[number - 1], mended = body[:-1] + raw[len(body) :], True
-        elif git_continues != dulwich_continues:
-            raise BadConfigError(
-                f"{path} cannot be read: bad config line {number} (a value continued on a "
-                "section header's line; mintvcs's config reader would read another value "
-                "there than git); fix it"
-            )
+        elif git_continues and on_header and value is not None:
+            # dulwich ends the value at a header's line: it is rewritten whole below.
+            value = (value[0], value[1], True)
         continued = git_continues
+        if orphan:  # each of its lines left blank
+            lines[number - 1], mended = _ending(raw), True
+        elif not continued and value is not None:
+            mended = _mend_value(lines, value, number, section, path) or mended
+        if not continued:
+            value, orphan = None, False
     return bom + b"".join(lines) if mended else data
+
+
+# What a value may hold for git and dulwich to read it alike on one line: no blank but the
+# space, no quote, no backslash.
+_PLAIN_VALUE = re.compile(rb'[^\t\r\v\f"\\]*')
+
+
+def _mend_value(
+    lines: list[bytes],
+    value: tuple[int, int, bool],
+    last: int,
+    section: tuple[bytes, ...] | None,
+    path: str,
+) -> bool:
+    """Rewrite the value on `lines` from line value[0] (at offset value[1]) to line `last` as
+    one quoted value on its first line, the others left blank, if dulwich would read it
+    otherwise than git (or value[2] says it must be); True if it did. BadConfigError if dulwich
+    would not read the rewritten one as git reads it either."""
+    first, offset, forced = value
+    line = lines[first - 1]
+    text = line[offset : len(line) - len(_ending(line))]
+    if first == last and not forced and _PLAIN_VALUE.fullmatch(text):
+        return False
+    joined = line[offset:] + b"".join(lines[first:last])
+    wanted = _git_value(joined)
+    if wanted is None:  # the end of the file ends a quote or an escape: git refuses it
+        raise BadConfigError(
+            f"{path} cannot be read: bad config line {last} (a value git refuses: an unknown escape, or a quote the end of the file "
+            "leaves open); fix it"
+        )
+    on_header = line.lstrip()[:1] == b"["
+    if not forced and _dulwich_value(line, offset, lines[first:last], on_header) == wanted:
+        return False
+    escaped = (
+        wanted.replace(b"\\", b"\\\\")
+        .replace(b'"', b'\\"')
+        .replace(b"\n", b"\\n")
+        .replace(b"\t", b"\\t")
+        .replace(b"\b", b"\\b")
+    )
+    rewritten = line[:offset] + b' "' + escaped + b'"' + _ending(line)
+    if _dulwich_value(rewritten, offset, [], on_header) != wanted:
+        raise BadConfigError(
+            f"{path} cannot be read: bad config line {first} (a value mintvcs's config reader "
+            "would read otherwise than git); fix it"
+        )
+    lines[first - 1] = rewritten
+    for number in range(first, last):
+        lines[number] = _ending(lines[number])
+    return True
+
+
+def _ending(line: bytes) -> bytes:
+    """The line break ending `line` (CRLF, LF or none)."""
+    return b"\r\n" if line.endswith(b"\r\n") else b"\n" if line.endswith(b"\n") else b""
+
+
+def _dulwich_value(line: bytes, offset: int, more: list[bytes], on_header: bool) -> bytes | None:
+    """What dulwich reads for the value starting at `offset` of `line` and continued on
+    `more`, None where it refuses it."""
+    if on_header:
+        text, key = line + b"".join(more), None  # its own section header, its own name
+    else:
+        text, key = b"[x]\n\tk =" + line[offset:] + b"".join(more), ((b"x",), b"k")
+    try:
+        parsed = ConfigFile.from_file(io.BytesIO(text), expand_includes=False)
+        if key is None:
+            (section,) = [s for s in parsed.sections() if parsed.items(s)]
+            ((_, found),) = list(parsed.items(section))
+            return bytes(found)
+        return bytes(parsed.get(*key))
+    except (ValueError, KeyError):
+        return None
+
+
+def _git_value(text: bytes) -> bytes | None:
+    """A value as git's parse_value reads it from `text` (what follows the `=`, its
+    continued lines too), None where git refuses it: unquoted blanks before the first byte
+    dropped, each later one a space (a tab too), those at the end dropped; a comment cut off;
+    escapes and quotes undone; a backslash ending a line continues it."""
+    text = text.replace(b"\r\n", b"\n")  # git's reader turns CRLF into LF
+    out = bytearray()
+    quote = comment = False
+    space = i = 0
+    while True:
+        c = text[i : i + 1]
+        i += 1
+        if c in (b"", b"\n"):  # the end of the file reads as a newline
+            return None if quote else bytes(out)
+        if comment:
+            continue
+        if not quote and c in (b" ", b"\t", b"\r"):  # git's isspace, less the newline
+            space += 1 if out else 0
+            continue
+        if not quote and c in (b";", b"#"):
+            comment = True
+            continue
+        out += b" " * space
+        space = 0
+        if c == b"\\":
+            escape = text[i : i + 1]
+            i += 1
+            if escape in (b"", b"\n"):
+                continue
+            unescaped = {b"t": b"\t", b"b": b"\b", b"n": b"\n", b"\\": b"\\", b'"': b'"'}.get(
+                escape
+            )
+            if unescaped is None:
+                return None
+            out += unescaped
+        elif c == b'"':
+            quote = not quote
+        else:
+            out += c
+
+
+def _headers(rest: bytes) -> tuple[tuple[bytes, ...], bytes, bytes] | None:
+    """The section headers starting `rest` (git reads several on one line, the last one
+    counting) as (the section, the header dulwich is to read, what follows it), an old-style
+    `[a.B]` written `[a "b"]`; None when dulwich refuses one."""
+    found: tuple[tuple[bytes, ...], bytes, bytes] | None = None
+    while rest[:1] == b"[":
+        try:
+            section, after = _parse_section_header_line(rest)
+        except ValueError:
+            return None
+        # dulwich reads what follows `]` with its comment cut off, git as a line.
+        kept = _strip_comments(rest).rstrip()
+        text, rest = rest[: len(kept) - len(after)], rest[len(kept) - len(after) :]
+        if len(section) == 2 and not re.search(rb'[ \t"]', text):  # `[a.B]`: git lower-cases it
+            section = (section[0], section[1].lower())
+            if text[1:-1].lower() != text[1:-1]:
+                text = b"[" + section[0] + b' "' + section[1] + b'"]'
+        found = (section, text, rest)
+        rest = rest.lstrip(b" \t")
+    return found
+
+
+def _orphan_key(path: str, number: int, name: bytes) -> None:
+    """git's error line for a key before any section, once a process for each."""
+    if (path, number) not in _ORPHANS_SAID:
+        _ORPHANS_SAID.add((path, number))
+        said = name.lower().decode(errors="replace")
+        sys.stderr.write(f"error: key does not contain a section: {said}\n")
+
+
+_ORPHANS_SAID: set[tuple[str, int]] = set()
 
 
 def _value_end(text: bytes, quoted: bool) -> tuple[bool, str]:
