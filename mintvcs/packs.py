@@ -288,6 +288,17 @@ def place_file(
 ) -> None:
     """Create read-only file `path` holding `pieces` via a temporary renamed into place, as git
     does: mode 0444 less the umask, then as core.sharedRepository (`shared`) says."""
+    tmp = temp_file(directory, pieces, shared)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def temp_file(directory: Path, pieces: list[Any], shared: SharedPerm | None = None) -> str:
+    """A read-only temporary file in `directory` holding `pieces`, named as git names an object
+    being written (gc removes it once stale); its path."""
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_OBJECT_PREFIX)
     except OSError as err:
@@ -298,10 +309,10 @@ def place_file(
             os.fchmod(fd, file_mode(0o444, shared))
         finally:
             os.close(fd)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def object_zlib_level(kind: bytes, content: bytes | memoryview) -> tuple[int, int]:
@@ -482,12 +493,19 @@ class PackWriter:
             finally:
                 os.close(fd)
             os.fchmod(self.fd, mode)
+            held = self.repo.held_writes()
+            if held is not None:  # placed, the pack before its index, when the hold ends
+                held.add(self.tmp, str(self.directory / f"{name}.pack"))
+                held.add(tmp_idx, str(self.directory / f"{name}.idx"))
+                self.tmp = ""
+                return name
             os.replace(self.tmp, self.directory / f"{name}.pack")
             os.replace(tmp_idx, self.directory / f"{name}.idx")
             return name
         finally:
             os.close(self.fd)
-            Path(self.tmp).unlink(missing_ok=True)
+            if self.tmp:
+                Path(self.tmp).unlink(missing_ok=True)
 
 
 def shared_digits_many(packs: Sequence[PackFile], keys: Sequence[bytes]) -> list[int]:

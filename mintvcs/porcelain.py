@@ -489,14 +489,18 @@ def commit(
             "use --allow-empty (allow_empty=True) to record it anyway"
         )
 
-    tree, manifest = encode(parent_rev)
-    if parent_rev is not None and tree == parent_rev.info.tree and not allow_empty:
-        raise identical_to(parent_rev.commit)
-    if verify:
-        message = _run_commit_msg(repo, message, env)
-    message = clean_message(message)
-    if not message:
-        raise MintError("aborting commit due to empty commit message (use -m MSG)")
+    # The revision's objects reach the store only once the commit-msg hook has taken the
+    # message and it can be stored: a refusal (the hook's, or the message it leaves) leaves
+    # the store as it was.
+    with repo.holding_writes():
+        tree, manifest = encode(parent_rev)
+        if parent_rev is not None and tree == parent_rev.info.tree and not allow_empty:
+            raise identical_to(parent_rev.commit)
+        if verify:
+            message = _run_commit_msg(repo, message, env)
+        message = clean_message(message)
+        if not message:
+            raise MintError("aborting commit due to empty commit message (use -m MSG)")
     summary = subject(message)
     first_line = message.split("\n", 1)[0]  # what git's reflog keeps
     deadline = time.monotonic() + COMMIT_RETRY_SECONDS

@@ -59,6 +59,7 @@ from mintvcs.packs import (
     place_file,
     read_fd,
     shared_digits_many,
+    temp_file,
     zlib_stored,
     zlib_tensor,
 )
@@ -474,6 +475,33 @@ class WriteCount:
 # and `_parallel` runs its workers in copies of the caller's context, so they count for it.
 _WRITE_COUNTS: contextvars.ContextVar[tuple[tuple[Repository, WriteCount], ...]] = (
     contextvars.ContextVar("mint_write_counts", default=())
+)
+
+
+class HeldWrites:
+    """Objects written inside a `Repository.holding_writes` block: temporary files, each with
+    the path it is to be renamed to when the block ends."""
+
+    def __init__(self) -> None:
+        self.moves: list[tuple[str, str]] = []
+        self._lock = threading.Lock()  # a commit's encoding threads store objects at once
+
+    def add(self, tmp: str, final: str) -> None:
+        """Hold temporary file `tmp`, to be renamed to `final`."""
+        with self._lock:
+            self.moves.append((tmp, final))
+
+    def drop(self) -> None:
+        """Delete every temporary held: nothing of them reaches the store."""
+        with self._lock:
+            for tmp, _ in self.moves:
+                with suppress(OSError):
+                    os.unlink(tmp)
+            self.moves.clear()
+
+
+_HELD_WRITES: contextvars.ContextVar[tuple[tuple[Repository, HeldWrites], ...]] = (
+    contextvars.ContextVar("mint_held_writes", default=())
 )
 
 
@@ -1042,7 +1070,11 @@ class Repository:
             except PermissionError as err:
                 raise not_writable(err, directory.parent, ADDING_OBJECTS) from None
             try:
-                place_file(directory, path, body, shared)
+                held = self.held_writes()
+                if held is None:
+                    place_file(directory, path, body, shared)
+                else:
+                    held.add(temp_file(directory, body, shared), str(path))
                 break
             except FileNotFoundError:
                 # git prune removes empty fan-out directories: make it again, as git's writer does.
@@ -1056,6 +1088,42 @@ class Repository:
         for repo, count in _WRITE_COUNTS.get():
             if repo is self:
                 count.add()
+
+    def held_writes(self) -> HeldWrites | None:
+        """The hold this context's writes to this Repository go into, None outside one."""
+        for repo, held in _HELD_WRITES.get():
+            if repo is self:
+                return held
+        return None
+
+    @contextmanager
+    def holding_writes(self) -> Iterator[HeldWrites]:
+        """Keep the objects stored in this block (by this thread or the workers it starts) as
+        temporary files out of the store, then rename them into place if the block ends
+        without an error, or delete them if it raises: a commit refused after its tensors were
+        encoded (its commit-msg hook) leaves the store as it was. Until then no reader, nor
+        another writer of the same object, can see or rely on them; a process killed meanwhile
+        leaves temporaries that gc removes once stale."""
+        held = HeldWrites()
+        token = _HELD_WRITES.set((*_HELD_WRITES.get(), (self, held)))
+        try:
+            yield held
+        except BaseException:
+            _HELD_WRITES.reset(token)
+            held.drop()
+            raise
+        _HELD_WRITES.reset(token)
+        try:
+            for tmp, final in held.moves:  # a pack before its index, as readers find packs
+                os.replace(tmp, final)
+        except BaseException:
+            held.drop()
+            raise
+        finally:
+            listings = self.__dict__.get("_loose_listings", {})
+            for _, final in held.moves:
+                listings.pop(os.path.basename(os.path.dirname(final)), None)
+            self.__dict__.pop("_abbrev_known", None)  # abbrev() lists the packs again
 
     @contextmanager
     def counting_writes(self, count: WriteCount | None = None) -> Iterator[WriteCount]:
@@ -1723,7 +1791,8 @@ class Repository:
                 )
                 if check_finite and encoded.nonfinite:
                     refused[index] = encoded.nonfinite
-                # Written even when refused: an unreferenced blob is harmless and gc prunes it.
+                # Written even when refused: a commit holds its writes (holding_writes) and
+                # drops them then; another caller's unreferenced blob gc prunes.
                 blob_id = (pack.add if pack else self.write_object)(
                     b"blob", encoded.parts, TENSOR_ZLIB_LEVEL, encoded.header.payload_offset
                 )
@@ -1754,7 +1823,7 @@ class Repository:
             if pack:
                 pack.abort()
             raise
-        # Sealed even when refused: its blobs are unreferenced, and gc drops them.
+        # Sealed even when refused: a commit's hold drops it then; else gc drops its blobs.
         if pack:
             pack.finish()
             self.__dict__.pop("_abbrev_known", None)  # abbrev() lists the packs again

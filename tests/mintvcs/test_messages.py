@@ -186,6 +186,48 @@ def test_a_commit_msg_hook_leaving_bytes_that_are_not_utf8_or_nul_is_one_error(
     assert body == "a\rb\n"
 
 
+@pytest.mark.parametrize(
+    "script",
+    [
+        'printf "hooked \\377\\n" > "$1"\n',  # a message that is not UTF-8
+        'printf "\\n\\n" > "$1"\n',  # an empty one
+        "exit 1\n",  # refused by the hook itself
+    ],
+)
+@pytest.mark.parametrize("many", [False, True])
+def test_a_commit_the_commit_msg_hook_refuses_stores_nothing(
+    work: Path, tmp_path: Path, script: str, many: bool
+) -> None:
+    # The tensors were encoded into the store before the hook ran, and stayed there, unreached,
+    # until a gc an hour later. Now they reach the store only once the hook took the message.
+    hook = work / ".mint" / "hooks" / "commit-msg"
+    if many:  # enough tensors that they go into a pack: a repository of them
+        from tests.mintvcs.test_store_fastpaths import _many_tensors, _repository_of
+
+        (tmp_path / "m").mkdir()
+        work = _repository_of(tmp_path / "m", _many_tensors(tmp_path / "many", seed=3))
+        mint(work, "commit", "-m", "first")
+        _many_tensors(work, seed=4)
+        hook = work / ".mint" / "hooks" / "commit-msg"
+    else:
+        mutate(work, seed=33)
+    hook.write_text("#!/bin/sh\n" + script)
+    hook.chmod(0o755)
+    before, head = objects(work), git(work / ".mint", "rev-parse", "HEAD").stdout
+    result = mint(work, "commit", "-m", "fine", ok=False)
+    assert result.returncode != 0
+    assert "commit-msg" in result.stderr or "empty commit message" in result.stderr
+    assert objects(work) == before
+    assert git(work / ".mint", "rev-parse", "HEAD").stdout == head
+    fsck = git(work / ".mint", "fsck", "--strict", "--unreachable", "--no-progress")
+    assert fsck.stdout == "" and fsck.stderr == "", fsck
+    # And taken, the same commit is stored whole.
+    hook.unlink()
+    mint(work, "commit", "-m", "fine")
+    assert git(work / ".mint", "fsck", "--strict", "--unreachable", "--no-progress").stdout == ""
+    assert objects(work) > before
+
+
 def test_the_python_api_refuses_a_lone_surrogate_or_nul_writing_nothing(work: Path) -> None:
     from mintvcs import porcelain
     from mintvcs.errors import MintError
