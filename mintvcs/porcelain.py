@@ -7,7 +7,6 @@ import getpass
 import heapq
 import json
 import math
-import mmap
 import os
 import random
 import re
@@ -58,7 +57,6 @@ from mintvcs.refs import (
 )
 from mintvcs.repoformat import parse_shared
 from mintvcs.store import (
-    KEEP_TENSOR_BYTES,
     CommitInfo,
     CorruptObjectError,
     Repository,
@@ -1683,13 +1681,12 @@ def write_work_tree(
     work = repo.work_tree
     if work is None:
         raise MintError("this repository has no work tree")
-    previous = _replaced_weights(work / WEIGHTS_FILE, rev)
+    # Unchanged small tensors are taken from the weights file replaced, not decoded.
     if show_progress:
         with progress_bar(rev.manifest.nbytes, "decoding") as update:
-            weights = rev.safetensors_buffer(update, previous)
+            weights = rev.safetensors_buffer(update, work / WEIGHTS_FILE)
     else:
-        weights = rev.safetensors_buffer(previous=previous)
-    del previous
+        weights = rev.safetensors_buffer(replacing=work / WEIGHTS_FILE)
     files = rev.files()
     held = _held_revisions(repo)
     gone = [] if old is None else [path for path in old.content_ids()[1] if path not in files]
@@ -1719,70 +1716,6 @@ def write_work_tree(
     ids = (blob_id(rev.config_bytes), _file_ids(rev))
     weights_key = stat_key(os.stat(work / WEIGHTS_FILE))
     _record_clean(repo, rev.commit, ids, weights_key, known_ns, written)
-
-
-def _replaced_weights(path: Path, rev: Revision) -> mmap.mmap | None:
-    """The weights file that writing `rev` replaces, when `rev` has many small tensors: those
-    it holds unchanged are taken from it (their sha256 checked) instead of decoded. Only their
-    bytes are read, into an anonymous map whose other pages stay untouched and take no memory
-    (a large tensor beside them is decoded anyway). None when there is no regular file to read
-    there, or reading it fails (everything is decoded)."""
-    small = sorted(
-        (r.start, r.end) for r in rev.manifest.tensors if r.end - r.start <= KEEP_TENSOR_BYTES
-    )
-    if len(small) < _KEEP_MIN_TENSORS:
-        return None
-    try:
-        # Not through a symlink, and never blocking on a FIFO: only a plain file is read.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > 2 * rev.manifest.nbytes + (64 << 20):
-            return None
-        head = os.pread(fd, 8, 0)
-        if len(head) < 8:
-            return None
-        data = 8 + int.from_bytes(head, "little")
-        # Read, not mapped from the file: it may be truncated meanwhile (a SIGBUS); what a short
-        # read leaves zero fails its tensor's sha256 and is decoded.
-        content = mmap.mmap(-1, max(info.st_size, 8))
-        content[:8] = head
-        view = memoryview(content)
-        try:
-            for begin, end in _runs(small, gap=_KEEP_READ_GAP):
-                at, stop = data + begin, min(data + end, info.st_size)
-                while at < stop and (got := os.preadv(fd, [view[at:stop]], at)):
-                    at += got
-        finally:
-            view.release()
-        return content
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _runs(ranges: Sequence[tuple[int, int]], gap: int) -> Iterator[tuple[int, int]]:
-    """Sorted (start, end) ranges merged where less than `gap` bytes lie between them."""
-    run: tuple[int, int] | None = None
-    for begin, end in ranges:
-        if run is not None and begin - run[1] < gap:
-            run = (run[0], max(run[1], end))
-            continue
-        if run is not None:
-            yield run
-        run = (begin, end)
-    if run is not None:
-        yield run
-
-
-# Small tensors closer than this are read in one call (a read per 64-byte tensor of an MoE
-# adapter would be 37k system calls).
-_KEEP_READ_GAP = 64 << 10
-# Fewer small tensors than this decode faster than the weights file is read and hashed.
-_KEEP_MIN_TENSORS = 256
 
 
 def _left_behind_files(

@@ -33,6 +33,7 @@ from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError, cannot_read
 from mintvcs.filemodes import make_dir, not_writable, write_file
 from mintvcs.ids import is_object_id, shared_hex_digits
+from mintvcs.keep import ReplacedWeights
 from mintvcs.objects import (
     CONFIG_PATH,
     FILES_DIR,
@@ -75,8 +76,6 @@ from mintvcs.repoformat import (
 from mintvcs.safetensors_file import MAX_HEADER_BYTES
 
 if TYPE_CHECKING:
-    import mmap
-
     import numpy as np
     import numpy.typing as npt
     from dulwich.file import SharedPerm
@@ -110,10 +109,6 @@ _THREADED_DECODE_BYTES = 1 << 20  # mean tensor size from which decoding uses th
 # (progress steps: 16 MiB of 3 kB tensors took most of a second).
 _DECODE_CHUNK_BYTES = 16 << 20
 _DECODE_CHUNK_TENSORS = 1024
-# Tensors up to this size are taken from the weights file a checkout replaces when they are
-# there unchanged (Revision.safetensors_buffer's `previous`): most of their decode is per-tensor
-# work in Python, and a hash is far cheaper.
-KEEP_TENSOR_BYTES = 64 << 10
 # Manifests remembered as agreeing with their safetensors header (~100 bytes each), per Repository.
 _AGREEING_MANIFESTS_KEPT = 1 << 16
 # Commits whose parents a Repository remembers for `~N`/`^N` (~300 bytes each, so ~10 MB at most).
@@ -260,14 +255,14 @@ class Revision:
         size: int,
         offsets: list[int],
         progress: ProgressFn | None,
-        previous: tuple[memoryview, int] | None = None,
+        previous: ReplacedWeights | None = None,
     ) -> npt.NDArray[np.uint8]:
         """Decode every tensor into `size` bytes of a new buffer, tensor i at offsets[i].
 
-        With `previous` (a weights file's content and where its data section starts), each
-        tensor is first looked for at its own place in that data section: what has its sha256
-        there is kept (a checkout between two revisions of an MoE adapter that changed 1% of
-        its 37k tensors decodes those only), the rest is decoded.
+        With `previous` (the weights file a checkout replaces), each small tensor is first
+        looked for at its own place in that file's data section: what has its sha256 there is
+        kept (a checkout between two revisions of an MoE adapter that changed 1% of its 37k
+        tensors decodes those only), the rest is decoded.
         """
         import numpy as np
 
@@ -286,7 +281,7 @@ class Revision:
         records = self.manifest.tensors
         todo: Sequence[int] = range(len(records))
         if previous is not None:
-            todo = _kept_from(previous, records, offsets, buffer)
+            todo = previous.keep_into(records, offsets, buffer)
             if progress:
                 progress(
                     sum(r.end - r.start for r in records)
@@ -338,27 +333,30 @@ class Revision:
     def safetensors_buffer(
         self,
         progress: ProgressFn | None = None,
-        previous: bytes | memoryview | mmap.mmap | None = None,
+        replacing: Path | None = None,
     ) -> npt.NDArray[np.uint8]:
         """adapter_model.safetensors as a uint8 array, byte-identical to what was committed.
 
-        `previous`, a weights file's content (the one a checkout replaces), is where tensors
-        are taken from first: each one found at its place in its data section with the
-        record's sha256 is not decoded (see _decode_into).
+        `replacing`, the weights file a checkout replaces, is where small tensors are taken
+        from first: each one found at its place in its data section with the record's sha256
+        is not decoded (mintvcs.keep).
         """
         header = self.repo.read_blob(
             self.manifest.header_blob, what=HEADER_PATH, max_size=MAX_HEADER_BYTES + 8
         )
         records = self.manifest.tensors
         data_size = max((r.end for r in records), default=0)
-        kept = None
-        if previous is not None:
-            view = memoryview(previous).cast("B")
-            if view.nbytes >= 8:
-                kept = (view, 8 + int.from_bytes(view[:8], "little"))
-        buffer = self._decode_into(
-            len(header) + data_size, [len(header) + r.start for r in records], progress, kept
-        )
+        previous = None if replacing is None else ReplacedWeights.read(replacing, self.manifest)
+        try:
+            buffer = self._decode_into(
+                len(header) + data_size,
+                [len(header) + r.start for r in records],
+                progress,
+                previous,
+            )
+        finally:
+            if previous is not None:
+                previous.close()
         buffer[: len(header)] = memoryview(header)
         return buffer
 
@@ -2669,47 +2667,6 @@ def _check_record(record: TensorRecord, header: codec.BlobHeader) -> None:
             f"{record.dtype} {list(record.shape)} with sha256 {record.sha256[:12]}: the "
             "manifest and its blobs disagree; restore the repository from a good copy"
         )
-
-
-def _kept_from(
-    previous: tuple[memoryview, int],
-    records: Sequence[TensorRecord],
-    offsets: list[int],
-    buffer: npt.NDArray[np.uint8],
-) -> list[int]:
-    """Copy into `buffer` (tensor i at offsets[i]) each small tensor (KEEP_TENSOR_BYTES at
-    most) that `previous`'s data section (content, where it starts) holds at the record's
-    place with the record's sha256; return the indexes of the others, which are left to decode.
-
-    Only bytes whose sha256 is the one the manifest records are kept, whatever file they came
-    from. Larger tensors are decoded: per byte that costs little more than the hash, and a
-    miss would cost the hash as well.
-    """
-    import numpy as np
-
-    content, start = previous
-    data = content[start:] if start <= content.nbytes else content[:0]
-    sha256 = hashlib.sha256
-    todo: list[int] = []
-    runs: list[list[int]] = []  # [first index, last index] of adjacent tensors kept
-    for index, record in enumerate(records):
-        if (
-            record.end - record.start > KEEP_TENSOR_BYTES
-            or record.end > data.nbytes
-            or sha256(data[record.start : record.end]).hexdigest() != record.sha256
-        ):
-            todo.append(index)
-        elif runs and runs[-1][1] == index - 1 and records[index - 1].end == record.start:
-            runs[-1][1] = index
-        else:
-            runs.append([index, index])
-    source = np.frombuffer(data, dtype=np.uint8)
-    for first, last in runs:  # a copy per run, not per tensor
-        begin, end = records[first].start, records[last].end
-        at = offsets[first]
-        buffer[at : at + end - begin] = source[begin:end]
-    del source  # no view of the caller's buffer outlives the call
-    return todo
 
 
 def _verify_all(jobs: list[tuple[npt.NDArray[np.uint8], codec.BlobHeader, str]]) -> None:

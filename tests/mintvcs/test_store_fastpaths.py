@@ -16,6 +16,7 @@ import pytest
 
 from mintvcs import porcelain
 from mintvcs.ids import blob_id
+from mintvcs.keep import ReplacedWeights
 from mintvcs.store import PACK_THRESHOLD, Repository
 from tests.mintvcs.storekit import (
     ENV,
@@ -533,8 +534,9 @@ def test_checkout_reads_only_the_small_tensors_of_the_file_it_replaces(tmp_path:
     mint(work, "commit", "-m", "r0")
     with Repository.open(work) as repo:
         rev = repo.read_revision(repo.resolve("HEAD"))
-        previous = porcelain._replaced_weights(work / WEIGHTS, rev)
-    assert previous is not None
+        replaced = ReplacedWeights.read(work / WEIGHTS, rev.manifest)
+    assert replaced is not None
+    previous = replaced.content
     on_disk = (work / WEIGHTS).read_bytes()
     data = 8 + int.from_bytes(on_disk[:8], "little")
     sizes = sorted(record.end - record.start for record in rev.manifest.tensors)
