@@ -332,13 +332,14 @@ def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
     """git's warning for a name that means two things: a tag and a branch (the tag wins), a ref
     and an abbreviated object id (the ref wins), a ref and a full object id (the object wins)."""
     for spec in specs:
-        if not spec:
+        found = repo.ambiguity(spec) if spec else None
+        if found is None:
             continue
-        if refs := repo.refs_named_by_id(spec):
-            name = spec[:40]
+        name, refs = found.name, " and ".join(found.refs)
+        if found.object == name.lower():
             click.echo(
-                f"warning: refname '{name}' is ambiguous ({' and '.join(refs)}); 40 hex digits "
-                f"name the object {name}, never a ref",
+                f"warning: refname '{name}' is ambiguous ({refs}); 40 hex digits name the "
+                f"object {name}, never a ref",
                 err=True,
             )
             if _advice(repo, b"objectNameWarning"):
@@ -351,15 +352,15 @@ def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
                     "hint: hint off.",
                     err=True,
                 )
-        elif refs := repo.ambiguous(spec):
+        elif found.object is None:
             click.echo(
-                f"warning: refname '{spec}' is ambiguous ({' and '.join(refs)}); using {refs[0]}",
+                f"warning: refname '{name}' is ambiguous ({refs}); using {found.refs[0]}",
                 err=True,
             )
-        elif (oid := repo.abbreviated_by_ref_name(spec)) is not None:
+        else:
             click.echo(
-                f"warning: refname '{spec}' is ambiguous (a ref, and the abbreviated id of "
-                f"{repo.abbrev(oid)}); using the ref",
+                f"warning: refname '{name}' is ambiguous (a ref, and the abbreviated id of "
+                f"{repo.abbrev(found.object)}); using the ref",
                 err=True,
             )
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from functools import cached_property, wraps
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles, open_small_file, read_patterns
@@ -507,15 +507,61 @@ _HELD_WRITES: contextvars.ContextVar[tuple[tuple[Repository, HeldWrites], ...]] 
 _DEFLATE_STEP = 1 << 20
 
 
+_V = TypeVar("_V")
+
+
+class _Listing(Generic[_V]):
+    """A value made from listing directories (`make`), made again when one of `paths` changed
+    (its inode and mtime; a name added or removed changes its directory's mtime), which are
+    stat'ed at most every _ABBREV_TRUST_S: `abbrev`'s view of the packs and loose objects."""
+
+    def __init__(self, paths: Callable[[], Sequence[str]], make: Callable[[], _V]) -> None:
+        self._paths = paths
+        self._make = make
+        # (value, the paths' stat keys when it was made, time.monotonic() of the last check),
+        # replaced whole: threads that print ids at once each see one consistent tuple.
+        self._known: tuple[_V, tuple[tuple[int, int] | None, ...], float] | None = None
+
+    def get(self) -> _V:
+        """The value, made again when a path changed since it was made."""
+        known = self._known
+        now = time.monotonic()
+        if known is not None and now - known[2] < _ABBREV_TRUST_S:
+            return known[0]
+        # Stat'ed before listing: a change made during the listing is seen at the next check.
+        token = tuple(_directory_key(path) for path in self._paths())
+        value = known[0] if known is not None and known[1] == token else self._make()
+        self._known = (value, token, now)
+        return value
+
+
+def _directory_key(path: str) -> tuple[int, int] | None:
+    """(inode, mtime) of `path`, None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
 @dataclass(frozen=True)
 class _AbbrevState:
-    """What `Repository.abbrev` knows of the store's packs, and since when."""
+    """What `Repository.abbrev` knows of the store's packs."""
 
-    token: tuple[int, int] | None  # the pack directory's (inode, mtime) when they were listed
-    checked: float  # time.monotonic() when the token was last compared
     packs: list[PackFile]
     auto_length: int  # git's abbreviation length for their objects
     foreign: bool  # objects our pack reader does not see: alternates, unreadable packs
+
+
+@dataclass(frozen=True)
+class NameAmbiguity:
+    """A spec's name that means more than one thing (git warns "refname is ambiguous"): `refs`,
+    the refs of that name in git's order, and `object`, the object it also names (a full id,
+    which wins over them, or the one object an abbreviated id names; the refs win then)."""
+
+    name: str
+    refs: list[str]
+    object: str | None
 
 
 class Repository:
@@ -1824,7 +1870,7 @@ class Repository:
         # Sealed even when refused: a commit's hold drops it then; else gc drops its blobs.
         if pack:
             pack.finish()
-            self.__dict__.pop("_abbrev_known", None)  # abbrev() lists the packs again
+            self.__dict__.pop("_abbrev_listing", None)  # abbrev() lists the packs again
         if refused:
             first = min(refused)
             raise codec.NonFiniteTensorError(tensors[first].name, refused[first])
@@ -2197,27 +2243,23 @@ class Repository:
 
     def _abbrev_state(self) -> _AbbrevState:
         """The store's packs and git's automatic abbreviation length for them, listed again
-        when the pack directory changed; trusted for _ABBREV_TRUST_S between checks."""
-        known: _AbbrevState | None = self.__dict__.get("_abbrev_known")
-        now = time.monotonic()
-        if known is not None and now - known.checked < _ABBREV_TRUST_S:
-            return known
-        try:
-            st = os.stat(f"{self._objects_dir}/pack")
-            token: tuple[int, int] | None = (st.st_ino, st.st_mtime_ns)
-        except OSError:
-            token = None
-        if known is None or known.token != token:
-            packs = self._packs(refresh=True)
-            count = sum(p.count for p in packs) + self._other_packed_count()
-            # git's find_unique_abbrev_r: ~2^bits objects expect a collision at 2^(bits/2), and
-            # a hex digit holds 4 bits (git's msb() is bit_length() - 1).
-            auto = max(_ABBREV_DEFAULT, -(-count.bit_length() // 2))
-            known = _AbbrevState(token, now, packs, auto, self._has_foreign_objects())
-        else:
-            known = replace(known, checked=now)
-        self.__dict__["_abbrev_known"] = known
-        return known
+        when the pack directory changed (checked at most every _ABBREV_TRUST_S)."""
+        listing: _Listing[_AbbrevState] | None = self.__dict__.get("_abbrev_listing")
+        if listing is None:
+            pack_dir = f"{self._objects_dir}/pack"
+            listing = self.__dict__["_abbrev_listing"] = _Listing(
+                lambda: [pack_dir], self._list_packs_for_abbrev
+            )
+        return listing.get()
+
+    def _list_packs_for_abbrev(self) -> _AbbrevState:
+        """_abbrev_state's listing: the packs, and git's length for the objects they hold."""
+        packs = self._packs(refresh=True)
+        count = sum(p.count for p in packs) + self._other_packed_count()
+        # git's find_unique_abbrev_r: ~2^bits objects expect a collision at 2^(bits/2), and a
+        # hex digit holds 4 bits (git's msb() is bit_length() - 1).
+        auto = max(_ABBREV_DEFAULT, -(-count.bit_length() // 2))
+        return _AbbrevState(packs, auto, self._has_foreign_objects())
 
     def _other_packed_count(self) -> int:
         """The objects listed by the indexes our pack reader left out (git counts every pack
@@ -2248,26 +2290,16 @@ class Repository:
     def _loose_shared_digits(self, oid: str) -> int:
         """The most leading hex digits a loose object other than `oid` shares with it: its
         neighbours in a sorted listing of its fan-out directory, listed again when the
-        directory's mtime changed (checked at most every _ABBREV_TRUST_S)."""
-        listings: dict[str, tuple[tuple[int, int], float, list[str]]] = self.__dict__.setdefault(
-            "_loose_listings", {}
-        )
-        known = listings.get(oid[:2])
-        now = time.monotonic()
-        if known is None or now - known[1] >= _ABBREV_TRUST_S:
-            directory = f"{self._objects_dir}/{oid[:2]}"
-            try:
-                st = os.stat(directory)
-                token = (st.st_ino, st.st_mtime_ns)
-                names = (
-                    known[2]
-                    if known is not None and known[0] == token
-                    else sorted(n for n in os.listdir(directory) if _LOOSE_NAME.fullmatch(n))
-                )
-            except OSError:
-                token, names = (0, 0), []
-            listings[oid[:2]] = known = (token, now, names)
-        names, rest = known[2], oid[2:]
+        directory changed (checked at most every _ABBREV_TRUST_S)."""
+        listings: dict[str, _Listing[list[str]]] = self.__dict__.setdefault("_loose_listings", {})
+        fan_out = oid[:2]
+        listing = listings.get(fan_out)
+        if listing is None:
+            directory = f"{self._objects_dir}/{fan_out}"
+            listing = listings[fan_out] = _Listing(
+                lambda: [directory], lambda: _loose_names(directory)
+            )
+        names, rest = listing.get(), oid[2:]
         at = bisect.bisect_left(names, rest)
         after = at + 1 if at < len(names) and names[at] == rest else at
         shared = 0
@@ -2277,45 +2309,37 @@ class Repository:
                 shared = max(shared, 2 + shared_hex_digits(other, bytes.fromhex(rest)))
         return shared
 
-    def refs_named_by_id(self, spec: str) -> list[str]:
-        """The refs a spec's name would mean if it were not 40 hex digits, which name an object
-        whatever ref shares them (git then warns "refname is ambiguous"); else []."""
-        parts = _split_spec(spec)
-        if parts is None or not is_full_hex(parts[0]):
-            return []
-        return [ref for ref in ref_candidates(parts[0]) if self._ref_exists(ref)]
-
-    def ambiguous(self, spec: str) -> list[str]:
-        """The refs a spec's name could mean when it names more than one (a tag and a branch), else [].
-
-        `resolve` takes the first of them, as git does; git warns "refname is ambiguous".
-        """
+    def ambiguity(self, spec: str) -> NameAmbiguity | None:
+        """What else a spec's name means besides what `resolve` takes, as git's get_oid_basic
+        warns of it: refs of a name of 40 hex digits (the object wins), several refs of one
+        name (a tag and a branch: the first wins), or a ref and the one object whose id the
+        name abbreviates (the ref wins); else None. The refs are read once for all three."""
         parts = _split_spec(spec)
         if parts is None:
-            return []
+            return None
         name = parts[0]
-        if not name or name in ("HEAD", "@") or name.startswith("refs/") or is_full_hex(name):
-            return []
-        found = []
+        if name in ("", "HEAD", "@") or name.startswith("refs/"):
+            return None
+        refs = []
         for ref in ref_candidates(name):
             try:
-                if self.refs.read(ref) is not None:
-                    found.append(ref)
+                if self._read_candidate(ref) is not None:
+                    refs.append(ref)
+            except InvalidRefNameError:
+                continue  # `name` cannot be this kind of ref
             except MintError:
-                return []
-        return found if len(found) > 1 else []
-
-    def abbreviated_by_ref_name(self, spec: str) -> str | None:
-        """The one object whose id a spec's name also abbreviates when a ref of that name takes
-        it (a branch `cafe`, and an object `cafe…`), else None: git warns "refname is ambiguous"."""
-        parts = _split_spec(spec)
-        if parts is None or _HEX.match(parts[0]) is None or is_full_hex(parts[0]):
+                return None  # resolving it reports the ref at fault
+        if not refs:
             return None
-        if not any(self._ref_exists(ref) for ref in ref_candidates(parts[0])):
+        if is_full_hex(name):
+            return NameAmbiguity(name, refs, name.lower())
+        if len(refs) > 1:
+            return NameAmbiguity(name, refs, None)
+        if _HEX.match(name) is None:
             return None
         # As git's get_short_oid with no type asked for: any object, one only.
-        matches = self._ids_with_prefix(parts[0].lower())
-        return next(iter(matches)) if len(matches) == 1 else None
+        matches = self._ids_with_prefix(name.lower())
+        return NameAmbiguity(name, refs, next(iter(matches))) if len(matches) == 1 else None
 
     def _open_loose(self, oid: str, what: str) -> int | None:
         """A descriptor of loose object `oid`'s file, None when it is not loose; CorruptObjectError
@@ -2615,6 +2639,15 @@ def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) 
     size = head[1]
     if size.isdigit() and int(size) > max_size:
         raise _too_large(oid, int(size), max_size, what)
+
+
+def _loose_names(directory: str) -> list[str]:
+    """The loose objects' names in fan-out directory `directory` (less its two digits), sorted;
+    none when it cannot be listed."""
+    try:
+        return sorted(n for n in os.listdir(directory) if _LOOSE_NAME.fullmatch(n))
+    except OSError:
+        return []
 
 
 def _idx_object_count(path: Path) -> int:

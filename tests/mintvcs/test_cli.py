@@ -567,6 +567,8 @@ def test_a_tag_and_a_branch_of_one_name_resolve_as_git_does(work: Path) -> None:
     shown = mint(work, "show", "--json", "dup")
     assert json.loads(shown.stdout)["commit"] == first
     assert "warning: refname 'dup' is ambiguous" in shown.stderr
+    # The name is quoted without its suffix, as git's `refname 'dup' is ambiguous.` for dup~0.
+    assert "warning: refname 'dup' is ambiguous" in mint(work, "log", "-1", "dup~0").stderr
     # checkout of a branch name switches to the branch, as `git checkout dup` does.
     mint(work, "checkout", "dup")
     assert git(git_dir, "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/dup"
