@@ -767,6 +767,7 @@ class Repository:
             pack.close()
         self.__dict__.pop("_packs_scanned", None)
         self.__dict__.pop("_last_pack", None)
+        self.__dict__.pop("_abbrev_listing", None)  # it holds the packs just closed
 
     # ----------------------------------------------------------------- objects
     def get_object(self, oid: str, *, what: str = "object") -> ShaFile:

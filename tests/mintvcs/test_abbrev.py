@@ -188,6 +188,21 @@ def test_a_ref_named_as_an_abbreviated_id_wins_with_git_s_warning(work: Path) ->
     assert "ambiguous" not in mint(work, "log", "--oneline", "-1", "beef01").stderr
 
 
+def test_ids_are_abbreviated_again_after_the_repository_is_closed(tmp_path: Path) -> None:
+    # close() unmapped the packs abbrev had listed, and abbrev went on searching them: an
+    # id printed after a close raised "mmap closed or invalid".
+    work = tmp_path / "packed"
+    mint(tmp_path, "init", str(work))
+    _fast_import_files(work / ".mint", 200)  # past fast-import's unpackLimit: a pack
+    assert list((work / ".mint" / "objects" / "pack").glob("*.pack"))
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    repo = Repository.open(work)
+    short = repo.abbrev(head)
+    repo.close()
+    assert repo.abbrev(head) == short == _git_oneline(work)[0]
+    repo.close()
+
+
 def _page_faults() -> int:
     """Minor page faults of this process so far: a large loose object is read through a map,
     so reading it whole faults in its pages (8,192 for 32 MiB), and inflating it its copy's."""
