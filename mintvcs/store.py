@@ -121,6 +121,8 @@ _LOOSE_NAME = re.compile(r"[0-9a-f]{38}")
 # written within that time by another process can go unseen, and an id sharing its digits
 # printed one digit short (typed back, it is refused as ambiguous, never taken for another).
 _ABBREV_TRUST_S = 1.0
+# How deep git follows alternates files that name stores with alternates files of their own.
+_ALTERNATES_DEPTH = 5
 # Searches (ids x packs) from which `abbrev_many` imports numpy to search each pack at once.
 _ABBREV_VECTORIZED = 8192
 ProgressFn = Callable[[int], None]
@@ -548,9 +550,10 @@ def _directory_key(path: str) -> tuple[int, int] | None:
 class _AbbrevState:
     """What `Repository.abbrev` knows of the store's packs."""
 
-    packs: list[PackFile]
+    packs: list[PackFile]  # ours and our alternates'
     auto_length: int  # git's abbreviation length for their objects
-    foreign: bool  # objects our pack reader does not see: alternates, unreadable packs
+    foreign: bool  # objects our pack reader does not see: packs it cannot read
+    stores: tuple[str, ...]  # the object directories: ours, then our alternates
 
 
 @dataclass(frozen=True)
@@ -768,6 +771,8 @@ class Repository:
         self.__dict__.pop("_packs_scanned", None)
         self.__dict__.pop("_last_pack", None)
         self.__dict__.pop("_abbrev_listing", None)  # it holds the packs just closed
+        for pack in self.__dict__.pop("_alternate_pack_files", {}).values():
+            pack.close()
 
     # ----------------------------------------------------------------- objects
     def get_object(self, oid: str, *, what: str = "object") -> ShaFile:
@@ -2216,7 +2221,7 @@ class Repository:
         state = self._abbrev_state()
         wanted = [oid for oid in dict.fromkeys(oids) if is_object_id(oid)]
         keys = [bytes.fromhex(oid) for oid in wanted]
-        shared = [self._loose_shared_digits(oid) for oid in wanted]
+        shared = [self._loose_shared_digits(oid, state.stores) for oid in wanted]
         # A search per id and pack in Python costs ~10 us; numpy's search of a pack for all the
         # ids costs its import first (~0.1 s), unless something imported it already.
         searches = len(keys) * len(state.packs)
@@ -2227,7 +2232,7 @@ class Repository:
             for pack in state.packs:
                 found = [pack.shared_digits(key) for key in keys]
                 shared = [max(a, b) for a, b in zip(shared, found, strict=True)]
-        if state.foreign:  # objects only dulwich reads (alternates, packs ours cannot): ask it
+        if state.foreign:  # objects only dulwich reads (packs ours cannot): ask it
             for i, (oid, key) in enumerate(zip(wanted, keys, strict=True)):
                 try:
                     others = self._ids_with_prefix(oid[:length]) - {oid}
@@ -2243,64 +2248,115 @@ class Repository:
         return short
 
     def _abbrev_state(self) -> _AbbrevState:
-        """The store's packs and git's automatic abbreviation length for them, listed again
-        when the pack directory changed (checked at most every _ABBREV_TRUST_S)."""
+        """The packs of the store and of its alternates, and git's automatic abbreviation length
+        for them, listed again when a pack directory or an alternates file changed (checked at
+        most every _ABBREV_TRUST_S)."""
         listing: _Listing[_AbbrevState] | None = self.__dict__.get("_abbrev_listing")
         if listing is None:
-            pack_dir = f"{self._objects_dir}/pack"
             listing = self.__dict__["_abbrev_listing"] = _Listing(
-                lambda: [pack_dir], self._list_packs_for_abbrev
+                self._abbrev_paths, self._list_packs_for_abbrev
             )
         return listing.get()
 
+    def _abbrev_paths(self) -> list[str]:
+        """What _abbrev_state's listing is made from: each object store's pack directory and
+        alternates file, ours and those it borrows from."""
+        stores = [self._objects_dir, *map(str, self._alternate_stores())]
+        return [path for store in stores for path in (f"{store}/pack", f"{store}/info/alternates")]
+
     def _list_packs_for_abbrev(self) -> _AbbrevState:
         """_abbrev_state's listing: the packs, and git's length for the objects they hold."""
+        stores = self._alternate_stores()
         packs = self._packs(refresh=True)
-        count = sum(p.count for p in packs) + self._other_packed_count()
+        borrowed, unread = self._alternate_packs(stores)
+        own = Path(self._objects_dir) / "pack"
+        unread += [own / name for name in self.__dict__.get("_unreadable_packs", ())]
+        # git counts every pack whose index and pack it can open, its alternates' too.
+        count = sum(p.count for p in [*packs, *borrowed]) + sum(
+            _idx_object_count(Path(f"{base}.idx"))
+            for base in unread
+            if Path(f"{base}.pack").is_file()
+        )
         # git's find_unique_abbrev_r: ~2^bits objects expect a collision at 2^(bits/2), and a
         # hex digit holds 4 bits (git's msb() is bit_length() - 1).
         auto = max(_ABBREV_DEFAULT, -(-count.bit_length() // 2))
-        return _AbbrevState(packs, auto, self._has_foreign_objects())
-
-    def _other_packed_count(self) -> int:
-        """The objects listed by the indexes our pack reader left out (git counts every pack
-        whose index and pack it can open) and by the packs of alternate stores."""
-        own = Path(self._objects_dir) / "pack"
-        places = [(own, name) for name in self.__dict__.get("_unreadable_packs", ())]
-        for store in self._alternate_stores():
-            try:
-                listed = os.listdir(store / "pack")
-            except OSError:
-                continue
-            places += [(store / "pack", n[: -len(".idx")]) for n in listed if n.endswith(".idx")]
-        return sum(
-            _idx_object_count(directory / f"{name}.idx")
-            for directory, name in places
-            if (directory / f"{name}.pack").is_file()
+        return _AbbrevState(
+            [*packs, *borrowed], auto, bool(unread), (self._objects_dir, *map(str, stores))
         )
 
-    def _alternate_stores(self) -> list[Path]:
-        """The object directories `objects/info/alternates` lists (relative ones from ours)."""
-        try:
-            text = Path(self._objects_dir, "info", "alternates").read_text(errors="replace")
-        except OSError:
-            return []
-        lines = (line.strip() for line in text.splitlines())
-        return [Path(self._objects_dir, ln) for ln in lines if ln and not ln.startswith("#")]
+    def _alternate_packs(self, stores: Sequence[Path]) -> tuple[list[PackFile], list[Path]]:
+        """The packs of the alternate object stores `stores`, opened by our reader (kept open
+        from one listing to the next), and where those it cannot open are (a version-1 index)."""
+        with self._packs_lock:
+            cached: dict[str, PackFile] = self.__dict__.setdefault("_alternate_pack_files", {})
+            packs, unread, listed = [], [], set()
+            for store in stores:
+                try:
+                    names = sorted(
+                        n[: -len(".idx")] for n in os.listdir(store / "pack") if n.endswith(".idx")
+                    )
+                except OSError:
+                    continue
+                for name in names:
+                    base = store / "pack" / name
+                    listed.add(str(base))
+                    pack = cached.get(str(base))
+                    if pack is None:
+                        try:
+                            pack = cached[str(base)] = PackFile(base)
+                        except (OSError, ValueError):
+                            unread.append(base)  # dulwich reads it: abbrev asks dulwich
+                            continue
+                    packs.append(pack)
+            for gone in set(cached) - listed:
+                # Not closed: another thread may be searching it; its maps go with it.
+                cached.pop(gone)
+            return packs, unread
 
-    def _loose_shared_digits(self, oid: str) -> int:
-        """The most leading hex digits a loose object other than `oid` shares with it: its
-        neighbours in a sorted listing of its fan-out directory, listed again when the
-        directory changed (checked at most every _ABBREV_TRUST_S)."""
-        listings: dict[str, _Listing[list[str]]] = self.__dict__.setdefault("_loose_listings", {})
+    def _alternate_stores(self) -> list[Path]:
+        """The object directories `objects/info/alternates` lists, and those their own files
+        list, as git reads them: a relative one from the store whose file names it, each once,
+        ours and those that are no directory left out, five levels deep at most."""
+        found: list[Path] = []
+        seen = {os.path.realpath(self._objects_dir)}
+
+        def read(store: str, depth: int) -> None:
+            try:
+                text = Path(store, "info", "alternates").read_text(errors="replace")
+            except OSError:
+                return
+            for line in (line.strip() for line in text.splitlines()):
+                if not line or line.startswith("#"):
+                    continue
+                path = os.path.normpath(os.path.join(store, line))
+                real = os.path.realpath(path)
+                if real in seen or not os.path.isdir(path):
+                    continue
+                seen.add(real)
+                found.append(Path(path))
+                if depth < _ALTERNATES_DEPTH:
+                    read(path, depth + 1)
+
+        read(self._objects_dir, 0)
+        return found
+
+    def _loose_shared_digits(self, oid: str, stores: tuple[str, ...]) -> int:
+        """The most leading hex digits a loose object other than `oid` shares with it, in
+        object stores `stores` (ours, then our alternates): its neighbours in a sorted listing
+        of their fan-out directories, listed again when one of them changed (checked at most
+        every _ABBREV_TRUST_S)."""
+        listings: dict[str, tuple[tuple[str, ...], _Listing[list[str]]]] = self.__dict__.setdefault(
+            "_loose_listings", {}
+        )
         fan_out = oid[:2]
-        listing = listings.get(fan_out)
-        if listing is None:
-            directory = f"{self._objects_dir}/{fan_out}"
-            listing = listings[fan_out] = _Listing(
-                lambda: [directory], lambda: _loose_names(directory)
+        known = listings.get(fan_out)
+        if known is None or (known[0] is not stores and known[0] != stores):
+            directories = [f"{store}/{fan_out}" for store in stores]
+            known = listings[fan_out] = (
+                stores,
+                _Listing(lambda: directories, lambda: _loose_names(directories)),
             )
-        names, rest = listing.get(), oid[2:]
+        names, rest = known[1].get(), oid[2:]
         at = bisect.bisect_left(names, rest)
         after = at + 1 if at < len(names) and names[at] == rest else at
         shared = 0
@@ -2642,13 +2698,14 @@ def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) 
         raise _too_large(oid, int(size), max_size, what)
 
 
-def _loose_names(directory: str) -> list[str]:
-    """The loose objects' names in fan-out directory `directory` (less its two digits), sorted;
-    none when it cannot be listed."""
-    try:
-        return sorted(n for n in os.listdir(directory) if _LOOSE_NAME.fullmatch(n))
-    except OSError:
-        return []
+def _loose_names(directories: Sequence[str]) -> list[str]:
+    """The loose objects' names (less their two digits) in fan-out directories `directories`
+    of several stores, sorted, each once (a directory that cannot be listed holds none)."""
+    names: set[str] = set()
+    for directory in directories:
+        with suppress(OSError):
+            names.update(n for n in os.listdir(directory) if _LOOSE_NAME.fullmatch(n))
+    return sorted(names)
 
 
 def _idx_object_count(path: Path) -> int:

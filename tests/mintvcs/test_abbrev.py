@@ -203,6 +203,64 @@ def test_ids_are_abbreviated_again_after_the_repository_is_closed(tmp_path: Path
     repo.close()
 
 
+@pytest.mark.parametrize("where", ["loose", "packed", "nested"])
+def test_ids_sharing_digits_with_an_alternate_s_objects_are_printed_as_git_prints_them(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # A store borrowing objects through objects/info/alternates (`git clone --shared`) asked
+    # dulwich for each id printed, doubling `log --oneline`'s time: the alternates' packs and
+    # loose objects are now part of abbrev's own listing, as git's find_unique_abbrev reads them.
+    git_dir = work / ".mint"
+    head = git(git_dir, "rev-parse", "HEAD").stdout.strip()
+    ours, theirs = colliding_commits(git_dir, head, 7)
+    git(git_dir, "branch", "c1", ours)
+    other = tmp_path / "other.git"
+    git(tmp_path, "init", "-q", "--bare", str(other))
+    (git_dir / "objects" / "info" / "alternates").write_text(f"# borrowed\n{other / 'objects'}\n")
+    holder = other
+    if where == "nested":  # named by the alternate's own alternates file, relative to it
+        holder = tmp_path / "third.git"
+        git(tmp_path, "init", "-q", "--bare", str(holder))
+        (other / "objects" / "info" / "alternates").write_text("../../third.git/objects\n")
+    loose = Path(theirs[:2], theirs[2:])
+    (holder / "objects" / theirs[:2]).mkdir(exist_ok=True)
+    (git_dir / "objects" / loose).rename(holder / "objects" / loose)
+    if where == "packed":
+        subprocess.run(
+            [
+                "git",
+                "--git-dir",
+                str(holder),
+                "pack-objects",
+                "-q",
+                str(holder / "objects/pack/pack"),
+            ],
+            input=f"{theirs}\n",
+            text=True,
+            env=ENV,
+            check=True,
+            capture_output=True,
+        )
+        (holder / "objects" / loose).unlink()
+    assert not (git_dir / "objects" / loose).exists()
+    shown = _ids(mint(work, "log", "--oneline", "--all").stdout)
+    assert shown == _git_oneline(work, "--all")
+    assert ours[:8] in shown  # 7 digits would also name the alternate's commit
+    # Without asking dulwich id by id.
+    asked: list[str] = []
+    ask = Repository._ids_with_prefix
+
+    def counting(self: Repository, prefix: str) -> set[str]:
+        asked.append(prefix)
+        return ask(self, prefix)
+
+    monkeypatch.setattr(Repository, "_ids_with_prefix", counting)
+    ids = git(git_dir, "rev-list", "--all").stdout.split()
+    with Repository.open(work) as repo:
+        assert repo.abbrev_many(ids) == {oid: short for oid, short in zip(ids, shown, strict=True)}
+    assert asked == []
+
+
 def _page_faults() -> int:
     """Minor page faults of this process so far: a large loose object is read through a map,
     so reading it whole faults in its pages (8,192 for 32 MiB), and inflating it its copy's."""
