@@ -328,25 +328,42 @@ def _echo_commit_text(info: Any) -> None:
         click.echo(f"    {_printable(line.expandtabs(8))}")
 
 
-def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
+def _warn_if_ambiguous(repo: Any, *specs: str | None, checkout: bool = False) -> None:
     """git's warning for a name that means two things: a tag and a branch (the tag wins), a ref
-    and an abbreviated object id (the ref wins), a ref and a full object id (the object wins)."""
+    and an abbreviated object id (the ref wins), a ref and a full object id (the object wins).
+    For `checkout`, a branch of exactly the name given wins over all of them, as in git's."""
     for spec in specs:
         found = repo.ambiguity(spec) if spec else None
         if found is None:
             continue
         name, refs = found.name, " and ".join(found.refs)
+        branch = f"refs/heads/{name}"
+        takes_branch = checkout and spec == name and branch in found.refs
         if found.object == name.lower():
-            click.echo(
-                f"warning: refname '{name}' is ambiguous ({refs}); 40 hex digits name the "
-                f"object {name}, never a ref",
-                err=True,
-            )
+            if takes_branch:
+                # git's checkout reads refs/heads/NAME before the name as a revision.
+                click.echo(
+                    f"warning: refname '{name}' is ambiguous ({refs}); checkout takes the "
+                    "branch, as git's does (other commands read the object)",
+                    err=True,
+                )
+            else:
+                click.echo(
+                    f"warning: refname '{name}' is ambiguous ({refs}); 40 hex digits name the "
+                    f"object {name}, never a ref",
+                    err=True,
+                )
             if _advice(repo, b"objectNameWarning"):
+                reached = (
+                    "hint: Only checkout takes it for the branch: other commands read the object,\n"
+                    "hint: and reach it by its full name (refs/heads/...). Delete it\n"
+                    if takes_branch
+                    else "hint: It is reached by its full name (refs/heads/...) only; delete it\n"
+                )
                 click.echo(
                     "hint: A ref named by 40 hex digits is usually made by mistake:\n"
                     "hint: `mintvcs checkout -b $NAME ID` with NAME unset names a branch ID.\n"
-                    "hint: It is reached by its full name (refs/heads/...) only; delete it\n"
+                    f"{reached}"
                     "hint: with `mintvcs branch -D` or `mintvcs tag -d` if it is such a one.\n"
                     "hint: `git --git-dir .mint config advice.objectNameWarning false` turns this\n"
                     "hint: hint off.",
@@ -354,7 +371,8 @@ def _warn_if_ambiguous(repo: Any, *specs: str | None) -> None:
                 )
         elif found.object is None:
             click.echo(
-                f"warning: refname '{name}' is ambiguous ({refs}); using {found.refs[0]}",
+                f"warning: refname '{name}' is ambiguous ({refs}); using "
+                f"{branch if takes_branch else found.refs[0]}",
                 err=True,
             )
         else:
@@ -1139,6 +1157,7 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
 
     repo = _open_repo()
     was_on = repo.current_branch()
+    _warn_if_ambiguous(repo, ref, checkout=True)
     result = porcelain.checkout(repo, ref, new_branch=new_branch, force=force)
     if result.left_behind:
         _warn_left_behind(repo, result.left_behind)

@@ -5,6 +5,7 @@ object headers alone. Real `mintvcs` processes, real git."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -171,6 +172,48 @@ def test_a_full_id_names_its_commit_before_a_branch_of_that_name(work: Path) -> 
         assert "is ambiguous" in quiet and "hint:" not in quiet, off
     mint(work, "branch", "-D", second)
     assert "ambiguous" not in mint(work, "show", second).stderr
+
+
+def test_checkout_of_a_full_id_that_names_a_branch_switches_to_it_as_git_s(
+    work: Path, tmp_path: Path
+) -> None:
+    # git 2.39's checkout reads refs/heads/NAME before NAME as a revision: it warns that the
+    # name is ambiguous, then switches to the branch (every other command reads the object).
+    git_dir = work / ".mint"
+    second = git(git_dir, "rev-parse", "main").stdout.strip()
+    first = git(git_dir, "rev-parse", "main~1").stdout.strip()
+    mint(work, "branch", first, second)
+    peer = tmp_path / "peer.git"
+    shutil.copytree(git_dir, peer)
+    (tmp_path / "peer").mkdir()
+    theirs = git(peer, "--work-tree", str(tmp_path / "peer"), "checkout", first).stderr
+    assert f"warning: refname '{first}' is ambiguous." in theirs
+    assert git(peer, "symbolic-ref", "HEAD").stdout.strip() == f"refs/heads/{first}"
+    ours = mint(work, "checkout", first).stderr
+    assert ours.startswith(
+        f"warning: refname '{first}' is ambiguous (refs/heads/{first}); checkout takes the "
+        "branch, as git's does"
+    )
+    assert "hint: Only checkout takes it for the branch" in ours
+    assert ours.endswith(f"Switched to branch '{first}'\n")
+    assert git(git_dir, "symbolic-ref", "HEAD").stdout.strip() == f"refs/heads/{first}"
+    assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == second
+    assert (
+        Repository.open(work).read_revision(second).safetensors_bytes()
+        == (work / "adapter_model.safetensors").read_bytes()
+    )
+    # -b starts the new branch there too, as git's.
+    git(peer, "--work-tree", str(tmp_path / "peer"), "checkout", "-q", "-b", "new", first)
+    assert "is ambiguous" in mint(work, "checkout", "-b", "new", first).stderr
+    assert {git(d, "rev-parse", "new").stdout.strip() for d in (peer, git_dir)} == {second}
+    # A tag of that name and no branch: checkout detaches at the object, as git's.
+    mint(work, "checkout", "main")
+    mint(work, "branch", "-D", first)
+    mint(work, "tag", first, second)
+    detached = mint(work, "checkout", first).stderr
+    assert f"40 hex digits name the object {first}" in detached
+    assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == first
+    assert git(git_dir, "symbolic-ref", "-q", "HEAD", ok=False).returncode == 1
 
 
 def test_a_ref_named_as_an_abbreviated_id_wins_with_git_s_warning(work: Path) -> None:

@@ -569,8 +569,13 @@ def test_a_tag_and_a_branch_of_one_name_resolve_as_git_does(work: Path) -> None:
     assert "warning: refname 'dup' is ambiguous" in shown.stderr
     # The name is quoted without its suffix, as git's `refname 'dup' is ambiguous.` for dup~0.
     assert "warning: refname 'dup' is ambiguous" in mint(work, "log", "-1", "dup~0").stderr
-    # checkout of a branch name switches to the branch, as `git checkout dup` does.
-    mint(work, "checkout", "dup")
+    # checkout of a branch name switches to the branch, as `git checkout dup` does, with the
+    # warning git's checkout gives too.
+    switched = mint(work, "checkout", "dup").stderr
+    assert switched.startswith(
+        "warning: refname 'dup' is ambiguous (refs/tags/dup and refs/heads/dup); using "
+        "refs/heads/dup\n"
+    )
     assert git(git_dir, "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/dup"
     assert head(work) == second
     assert "Already on 'dup'" in mint(work, "checkout", "--force", "dup").stderr
