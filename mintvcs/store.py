@@ -1173,7 +1173,7 @@ class Repository:
             listings = self.__dict__.get("_loose_listings", {})
             for _, final in held.moves:
                 listings.pop(os.path.basename(os.path.dirname(final)), None)
-            self.__dict__.pop("_abbrev_known", None)  # abbrev() lists the packs again
+            self.__dict__.pop("_abbrev_listing", None)  # abbrev() lists the packs again
 
     @contextmanager
     def counting_writes(self, count: WriteCount | None = None) -> Iterator[WriteCount]:
