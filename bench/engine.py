@@ -128,11 +128,26 @@ THROUGHPUT_MODEL = TinyConfig(
     max_position_embeddings=512,
     init_std=0.02,
 )
+# --quick is a smoke run: every section's code and lines in seconds, its figures meaningless.
+# The same Llama cut to the least that runs; the vocabulary stays, as prompts draw ids below 8192.
+QUICK_MODEL = replace(
+    THROUGHPUT_MODEL,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
+def throughput_model(quick: bool) -> TinyConfig:
+    """The Llama of the CPU sections: THROUGHPUT_MODEL, or QUICK_MODEL for a smoke run."""
+    return QUICK_MODEL if quick else THROUGHPUT_MODEL
 
 
 def throughput_workload(quick: bool) -> tuple[list[str], list[list[int]], int]:
     """The mixed-batch requests: (adapter name per request, prompt ids, new tokens each)."""
-    n_requests, n_adapters, new_tokens = (16, 8, 16) if quick else (32, 8, 64)
+    n_requests, n_adapters, new_tokens = (4, 2, 4) if quick else (32, 8, 64)
     names = [f"a{i % n_adapters}" for i in range(n_requests)]
     gen = torch.Generator().manual_seed(0)
     prompts = [
@@ -192,10 +207,11 @@ def bench_throughput(root: Path, quick: bool) -> None:
     n_requests = len(prompts)
     # As in a server process, only the engine's step thread computes with a thread team while
     # the engine runs (mintvcs.serve.threads).
+    model = throughput_model(quick)
     with one_intraop_thread():
-        base = build_tiny_model(root / "base-30m", THROUGHPUT_MODEL, seed=0)
+        base = build_tiny_model(root / "base-30m", model, seed=0)
         adapters = {
-            name: write_peft_adapter(root / name, THROUGHPUT_MODEL, r=16, seed=100 + int(name[1:]))
+            name: write_peft_adapter(root / name, model, r=16, seed=100 + int(name[1:]))
             for name in sorted(set(names), key=lambda n: int(n[1:]))
         }
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -267,10 +283,11 @@ def bench_throughput(root: Path, quick: bool) -> None:
 # -------------------------------------------------------------------------------------- choices
 def bench_choices(root: Path, quick: bool) -> None:
     """n sampled choices per prompt (RL rollouts, best-of-n): one prefill per prompt vs one per choice."""
-    n_prompts, n, prompt_len, new_tokens = (2, 4, 64, 4) if quick else (4, 8, 192, 16)
+    n_prompts, n, prompt_len, new_tokens = (1, 2, 16, 2) if quick else (4, 8, 192, 16)
+    model = throughput_model(quick)
     with one_intraop_thread():
-        base = build_tiny_model(root / "base-choices", THROUGHPUT_MODEL, seed=0)
-        adapter = write_peft_adapter(root / "choices-a", THROUGHPUT_MODEL, r=16, seed=7)
+        base = build_tiny_model(root / "base-choices", model, seed=0)
+        adapter = write_peft_adapter(root / "choices-a", model, r=16, seed=7)
     gen = torch.Generator().manual_seed(1)
     prompts = [
         torch.randint(3, 8192, (prompt_len,), generator=gen).tolist() for _ in range(n_prompts)
@@ -326,8 +343,9 @@ def bench_choices(root: Path, quick: bool) -> None:
 
 
 # ----------------------------------------------------------------------------------- structured
-def bpe_tokenizer_json(vocab_size: int) -> str:
-    """A byte-level BPE tokenizer.json of `vocab_size` tokens, trained on made-up words and JSON."""
+def bpe_tokenizer_json(vocab_size: int, lines: int = 2000) -> str:
+    """A byte-level BPE tokenizer.json of up to `vocab_size` tokens, trained on `lines` lines of
+    made-up words and JSON (2000 lines give it all 32000)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     rng = random.Random(0)
@@ -335,7 +353,7 @@ def bpe_tokenizer_json(vocab_size: int) -> str:
     words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(60_000)]
     lines = (
         " ".join(rng.choices(words, k=200)) + ' {"key": [1, 2.5, "x"], "ok": true}\n'
-        for _ in range(2000)
+        for _ in range(lines)
     )
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -362,11 +380,12 @@ LONG_JSON = {
 def bench_structured(root: Path, quick: bool) -> None:
     """The cost of structured outputs: JSON-schema-constrained requests vs the same unconstrained."""
     names, prompts, new_tokens = throughput_workload(quick)
-    vocab = 32_000
-    model = replace(THROUGHPUT_MODEL, vocab_size=vocab)
+    # A smoke run trains a smaller vocabulary on a few lines (still all 8192 tokens): seconds less.
+    vocab, lines = (8192, 50) if quick else (32_000, 2000)
+    model = replace(throughput_model(quick), vocab_size=vocab)
     with one_intraop_thread():
         base = build_tiny_model(root / "base-structured", model, seed=0)
-        (base / "tokenizer.json").write_text(bpe_tokenizer_json(vocab))
+        (base / "tokenizer.json").write_text(bpe_tokenizer_json(vocab, lines))
         adapters = {
             name: write_peft_adapter(root / f"s-{name}", model, r=16, seed=100 + int(name[1:]))
             for name in sorted(set(names), key=lambda n: int(n[1:]))
@@ -428,8 +447,9 @@ def bench_chunked(root: Path, quick: bool) -> None:
     the prompt prefilled in chunks of --max-num-batched-tokens vs in one step."""
     import asyncio
 
-    decoders, prompt_len, chunk = (4, 120, 32) if quick else (16, 1000, 128)
-    long_model = TinyConfig(**{**THROUGHPUT_MODEL.__dict__, "max_position_embeddings": 1024})
+    decoders, prompt_len, chunk = (2, 48, 16) if quick else (16, 1000, 128)
+    settle = 0.2 if quick else 1.0  # seconds of decoding before the prompt arrives
+    long_model = replace(throughput_model(quick), max_position_embeddings=1024)
     with one_intraop_thread():
         base = build_tiny_model(root / "base-chunked", long_model, seed=0)
     gen = torch.Generator().manual_seed(2)
@@ -454,7 +474,7 @@ def bench_chunked(root: Path, quick: bool) -> None:
 
         measuring = False
         tasks = [asyncio.create_task(decoder(p)) for p in short]
-        await asyncio.sleep(1.0)  # all decoding, in a steady state
+        await asyncio.sleep(settle)  # all decoding, in a steady state
         measuring = True
         start = time.perf_counter()
         async with engine.submit(long_prompt, None, SamplingParams(max_tokens=1)) as events:
@@ -498,9 +518,9 @@ def bench_prefix(root: Path, quick: bool) -> None:
     """Prompts sharing a prefix, with prefix caching vs without: requests sharing a long system
     prompt per adapter, and an eval harness's loglikelihood batch sharing a few-shot context."""
     n_adapters, per_adapter, system_len, user_len, new_tokens = (
-        (2, 2, 48, 8, 4) if quick else (4, 8, 512, 32, 16)
+        (2, 1, 48, 8, 2) if quick else (4, 8, 512, 32, 16)
     )
-    long_model = TinyConfig(**{**THROUGHPUT_MODEL.__dict__, "max_position_embeddings": 1024})
+    long_model = replace(throughput_model(quick), max_position_embeddings=1024)
     with one_intraop_thread():
         base = build_tiny_model(root / "base-prefix", long_model, seed=0)
         adapters = {
@@ -544,7 +564,7 @@ def bench_prefix(root: Path, quick: bool) -> None:
         elapsed = time.perf_counter() - start
         return elapsed, statistics.median(firsts), engine.stats()["prefill_tokens"] - computed
 
-    n_questions, n_choices, shots_len, question_len = (2, 2, 32, 8) if quick else (8, 4, 384, 64)
+    n_questions, n_choices, shots_len, question_len = (1, 2, 32, 4) if quick else (8, 4, 384, 64)
     scoring = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
 
     def eval_batch(round_index: int) -> list[tuple[list[int], str | None, SamplingParams]]:
@@ -694,12 +714,13 @@ def bench_hotswap(root: Path, quick: bool) -> None:
     config = (
         HOTSWAP_MODEL
         if not quick
-        else TinyConfig(**{**HOTSWAP_MODEL.__dict__, "num_hidden_layers": 4})
+        else replace(QUICK_MODEL, vocab_size=512, max_position_embeddings=256)
     )
     t0 = time.perf_counter()
     base = build_tiny_model(root / "base-0.4b", config, seed=0)
     # One revision to warm up on, then 8 cold loads: the machine is noisy, the median needs them.
-    n_cold = 8
+    # (A smoke run's 4 are the least the warm loads' r0..r3 need.)
+    n_cold = 4 if quick else 8
     revisions = {
         f"r{i}": write_peft_adapter(root / f"r{i}", config, r=16, seed=200 + i)
         for i in range(n_cold + 1)

@@ -279,9 +279,16 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--swaps", type=int, default=5)
+    parser.add_argument(
+        "--refs",
+        default="1,8,32",
+        help="Distinct refs active in each throughput row, comma-separated; as many adapters "
+        "as the largest.",
+    )
     parser.add_argument("--repeat", type=int, default=2, help="Runs of ours and of PEFT; best.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = parser.parse_args()
+    ref_counts = [int(n) for n in args.refs.split(",")]
 
     root = Path(tempfile.mkdtemp(prefix="mintvcs-bench-serve-"))
     try:
@@ -297,7 +304,10 @@ def main() -> None:
                 num_key_value_heads=max(1, heads // 2),
             )
         base = build_tiny_model(root / "base", config)
-        adapters = make_adapters(base, root / "adapters", 32, args.rank)
+        # The hot swap commits adapter i + 1 on main for its i-th swap.
+        adapters = make_adapters(
+            base, root / "adapters", max(*ref_counts, args.swaps + 1), args.rank
+        )
         repo, refs = build_repo(base, adapters, root)
         from tokenizers import Tokenizer
 
@@ -335,7 +345,7 @@ def main() -> None:
                 "--max-model-len",
                 str(args.prompt_tokens + args.max_tokens + 8),
                 "--max-loras",
-                "32",
+                str(max(ref_counts)),
                 "--max-rank",
                 str(max(16, args.rank)),
                 "--max-batch-size",
@@ -375,7 +385,7 @@ def main() -> None:
                     f"({time.perf_counter() - started:.1f} s)",
                     flush=True,
                 )
-            for n_refs in (1, 8, 32):
+            for n_refs in ref_counts:
                 reqs = [(all_prompts[i], refs[i % n_refs]) for i in range(args.requests)]
                 # Best of --repeat runs each: this shared machine moves single runs by 2x.
                 runs = [

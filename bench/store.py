@@ -25,7 +25,7 @@ Each line reads `name: ours X, peer Y, ratio Z`, ratio = peer / ours, so above
 1 means we are smaller or faster. The refs benchmark is bench/refs.py.
 
     python bench/store.py            # full run (a few minutes on 2 cores)
-    python bench/store.py --quick    # 10 revisions, 8 layers: a smoke run
+    python bench/store.py --quick    # a smoke run: every section at its least, one trial
     python bench/store.py --json out.json
 """
 
@@ -192,7 +192,18 @@ def copy_adapter(src: Path, dst: Path) -> None:
 
 
 # --------------------------------------------------------- 1. the RL chain
-def train_chain(tmp: Path, steps: int) -> list[Path]:
+# The tiny Llama the chain trains on; --quick's is one narrow layer (the size goals are for this one).
+CHAIN_BASE = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+QUICK_CHAIN_BASE = {
+    **CHAIN_BASE,
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_hidden_layers": 1,
+}
+
+
+def train_chain(tmp: Path, steps: int, base: dict[str, int] = CHAIN_BASE) -> list[Path]:
     """Train a LoRA on a tiny Llama, saving a bf16 adapter (and the last fp32 master) every step."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -201,10 +212,7 @@ def train_chain(tmp: Path, steps: int) -> list[Path]:
     from tests.fixtures import build_base
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    base_dir = build_base(
-        tmp / "base", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, seed=0,
-    )  # fmt: skip
+    base_dir = build_base(tmp / "base", seed=0, **base)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     config = LoraConfig(
@@ -497,14 +505,14 @@ HOT_SWAP = {  # hidden 1024, intermediate 2816, 16 heads / 8 KV heads of 64: ben
 }  # fmt: skip
 
 
-def bench_hot_swap(tmp: Path, repeat: int) -> None:
-    """Decode of a 33.5 MB fp32 revision (28 layers, r=16, all linear) from the store, as a hot swap does."""
+def bench_hot_swap(tmp: Path, repeat: int, layers: int = 28) -> None:
+    """Decode of an fp32 revision (r=16, all linear; 28 layers: 33.5 MB) from the store, as a hot swap does."""
     import torch
     from safetensors.torch import load_file, save_file
 
     rng = np.random.default_rng(3)
     tensors = {}
-    for i in range(28):
+    for i in range(layers):
         for proj, (fan_in, fan_out) in HOT_SWAP.items():
             prefix = f"base_model.model.model.layers.{i}.{proj}"
             bound = 1.0 / np.sqrt(fan_in)
@@ -699,17 +707,17 @@ def bench_big(tmp: Path, layers: int, repeat: int) -> None:
     split_checkout(work, "root", "tip", repeat)
 
 
-def bench_extra(tmp: Path, megabytes: int, repeat: int) -> None:
+def bench_extra(tmp: Path, megabytes: int, repeat: int, layers: int = 2) -> None:
     """A trainer's checkpoint directory: a small adapter beside a large fp32 optimizer state.
     Commit (first revision) and a clean status, `mintvcs` CLI vs git, interleaved trials."""
     _compile_bytecode()
-    src = BigAdapter(2).save(tmp / "extra" / "src")
+    src = BigAdapter(layers).save(tmp / "extra" / "src")
     rng = np.random.default_rng(1)
     # Adam's two moments of fp32 parameters, as torch.save lays them out (zlib saves ~7%).
     moment = (rng.standard_normal(megabytes << 17, dtype=np.float32) * 1e-3).astype("<f4")
     state = np.concatenate([moment, moment * moment]).tobytes()
     (src / "optimizer.pt").write_bytes(state)
-    note(f"extra: {len(state) / 1e6:.0f} MB optimizer.pt beside a 2-layer adapter")
+    note(f"extra: {len(state) / 1e6:.0f} MB optimizer.pt beside a {layers}-layer adapter")
     commit: dict[str, list[float]] = {"ours": [], "git": []}
     status: dict[str, list[float]] = {"ours": [], "git": []}
     for trial in range(repeat):
@@ -1016,7 +1024,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="10 revisions, 8 layers: a smoke run")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: every section at its least (3 revisions, 1 layer, one trial); "
+        "its figures mean nothing",
+    )
     ap.add_argument(
         "--json", metavar="PATH", help="also write results as JSON to PATH ('-' for stdout)"
     )
@@ -1025,11 +1038,13 @@ def main() -> None:
         choices=["chain", "big", "swap", "extra", "meta"],
         help="run one part (chain includes single)",
     )
-    ap.add_argument("--repeat", type=int, default=5, help="trials per timing (at least 3)")
+    ap.add_argument(
+        "--repeat", type=int, help="trials per timing (at least 3; default 5, with --quick 1)"
+    )
     ap.add_argument("--keep", metavar="DIR", help="build in DIR and keep it (default: a temp dir)")
     args = ap.parse_args()
-    repeat = max(3, args.repeat)
-    steps, layers = (10, 8) if args.quick else (50, 32)
+    repeat = 1 if args.quick and args.repeat is None else max(3, args.repeat or 5)
+    steps, layers = (3, 1) if args.quick else (50, 32)
     note(
         f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, load {os.getloadavg()[0]:.2f}, "
         f"git {subprocess.run(['git', '--version'], capture_output=True, text=True).stdout.split()[-1]}, "
@@ -1039,18 +1054,18 @@ def main() -> None:
         tmp = Path(args.keep) if args.keep else Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
         if args.only in (None, "chain"):
-            revs = train_chain(tmp, steps)
+            revs = train_chain(tmp, steps, QUICK_CHAIN_BASE if args.quick else CHAIN_BASE)
             bench_chain(tmp, revs)
             bench_single(tmp, f"bf16 (chain step {steps})", revs[-1], 1.45)
             bench_single(tmp, "fp32 (its master)", tmp / "revs" / "last-fp32", 1.15)
         if args.only in (None, "swap"):
-            bench_hot_swap(tmp, repeat)
+            bench_hot_swap(tmp, repeat, 1 if args.quick else 28)
         if args.only in (None, "big"):
             bench_big(tmp, layers, repeat)
         if args.only in (None, "meta"):
-            bench_meta(tmp, *((4, 16, 4) if args.quick else (48, 128, 10)), repeat)
+            bench_meta(tmp, *((1, 16, 2) if args.quick else (48, 128, 10)), repeat)
         if args.only in (None, "extra"):
-            bench_extra(tmp, 16 if args.quick else 256, repeat)
+            bench_extra(tmp, 1 if args.quick else 256, repeat, 1 if args.quick else 2)
     note(f"load at end {os.getloadavg()[0]:.2f}")
     if args.json:
         payload = {

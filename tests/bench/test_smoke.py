@@ -19,8 +19,8 @@ SMALLEST = {
     "kernels": "bench/kernels.py --quick",
     "refs": "bench/refs.py --no-million --lookups 20 --dulwich-lookups 2 --git-lookups 2",
     "store": "bench/store.py --quick",
-    "serve": "bench/serve.py --hidden 64 --layers 2 --rank 4 --requests 8 --concurrency 4 "
-    "--max-tokens 4 --repeat 1 --swaps 1",
+    "serve": "bench/serve.py --hidden 64 --layers 2 --rank 4 --requests 4 --concurrency 2 "
+    "--max-tokens 2 --repeat 1 --swaps 1 --refs 2",
 }
 
 
