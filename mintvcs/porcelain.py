@@ -264,9 +264,10 @@ def _write_atomic(
     shared: SharedPerm | None = None,
     changes: _WorkTreeChanges | None = None,
 ) -> None:
-    """Write a file so that a crash leaves the old or the new content, never a torn one.
+    """Write a file so that a killed process leaves the old or the new content, never a torn one.
 
-    The temporary is made in `temp_dir` (on the same file system) when given, else beside `path`.
+    Not fsync'ed, as git's checkout leaves work-tree files to the page cache: a power cut may
+    lose the new content. The temporary is made in `temp_dir` (on the same file system) when given, else beside `path`.
     Its mode is git's for a file it checks out, 0666 (0777 `executable`) less the umask; a file
     of `.mint/` gets core.sharedRepository's (`shared`) too. The rename into place is one of
     a checkout's `changes`. An error names `path`, never the temporary.
