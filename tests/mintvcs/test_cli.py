@@ -855,6 +855,41 @@ def test_checkout_allows_what_loses_nothing(work: Path, tmp_path: Path) -> None:
     git_fsck(work)
 
 
+def test_checkout_refuses_to_overwrite_an_untracked_file_the_target_tracks(work: Path) -> None:
+    # git: "untracked working tree files would be overwritten by checkout". The file is in no
+    # revision of HEAD, but the target writes it: checking out would lose the user's bytes.
+    first = commit(work, "first", "--no-verify")
+    (work / "sub").mkdir()
+    (work / "sub" / "keep.txt").write_text("v1\n")
+    with_file = commit(work, "with a file", "--no-verify")
+    mint(work, "checkout", first)
+    assert not (work / "sub").exists()
+    (work / "sub").mkdir()
+    (work / "sub" / "keep.txt").write_text("mine, untracked\n")
+    line = mint_fails(work, "checkout", with_file)
+    assert "sub/keep.txt" in line and "--force" in line
+    assert (work / "sub" / "keep.txt").read_text() == "mine, untracked\n" and head(work) == first
+    mint(work, "checkout", "--force", with_file)
+    assert (work / "sub" / "keep.txt").read_text() == "v1\n" and head(work) == with_file
+
+
+def test_checkout_replaces_a_hard_linked_weights_file(work: Path, tmp_path: Path) -> None:
+    # A trainer's output linked into the work tree (cp -l, ln): git replaces the file, so the
+    # other name keeps its bytes; writing in place would change both.
+    first = commit(work, "first", "--no-verify")
+    first_bytes = (work / WEIGHTS).read_bytes()
+    mutate(work, seed=7)
+    commit(work, "second", "--no-verify")
+    second_bytes = (work / WEIGHTS).read_bytes()
+    assert len(second_bytes) == len(first_bytes) and second_bytes != first_bytes
+    outside = tmp_path / "trainer-output.safetensors"
+    os.link(work / WEIGHTS, outside)
+    mint(work, "checkout", first)
+    assert (work / WEIGHTS).read_bytes() == first_bytes
+    assert outside.read_bytes() == second_bytes
+    assert (work / WEIGHTS).stat().st_nlink == 1 and outside.stat().st_nlink == 1
+
+
 def test_symlinked_files_are_stored_by_content(work: Path, tmp_path: Path) -> None:
     # A Hugging Face cache snapshot is a directory of links into blobs/: commit what they point at.
     outside = tmp_path / "blobs" / "readme"

@@ -76,6 +76,23 @@ def test_nonfinite_count_of_large_tensors(dtype: str, bad: int) -> None:
     assert encoded.nonfinite == bad == codec.nonfinite_count(data, dtype)
 
 
+def test_nonfinite_count_is_numpy_isfinite_over_every_f16_and_bf16_pattern() -> None:
+    # Every bit pattern, not only normal-range draws: large finite values, subnormals, both
+    # infinities and every NaN payload, with numpy as the oracle.
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    for dtype, values in (
+        ("F16", bits.view(np.float16)),
+        ("BF16", (bits.astype(np.uint32) << 16).view(np.float32)),
+    ):
+        want = int(np.count_nonzero(~np.isfinite(values)))
+        data = bits.astype("<u2").tobytes()
+        assert codec.encode_parts(data, dtype, (1 << 16,)).nonfinite == want, dtype
+        assert codec.nonfinite_count(data, dtype) == want, dtype
+    f64 = np.array([1.0, np.nan, -np.inf, 1e308, -0.0], dtype="<f8")
+    assert codec.nonfinite_count(f64.tobytes(), "F64") == 2
+    assert codec.encode_parts(f64.tobytes(), "F64", (5,)).nonfinite == 2
+
+
 def test_checksums_match_zlib() -> None:
     data = memoryview(os.urandom(300_000))
     for start, value in ((0, 0), (1, 1), (7, 0xDEADBEEF)):

@@ -226,6 +226,26 @@ def test_other_dtypes_round_trip_bit_exact(tmp_path: Path) -> None:
     git_fsck(work)
 
 
+def test_a_reshape_or_retype_alone_is_committed_and_checked_out_exact(tmp_path: Path) -> None:
+    # The same bytes under another shape, then another dtype: only the header differs, so a
+    # tensor must count as unchanged only when its sha256, dtype and shape all match the parent's.
+    raw = np.random.default_rng(5).standard_normal(48).astype("<f4").tobytes()
+    work = handmade_adapter(tmp_path / "work", {"t.weight": ("F32", [6, 8], raw)})
+    repo = porcelain.init(work, None, install_hooks=False)
+    _commit(repo, "F32 [6, 8]")
+    for dtype, shape in (("F32", [8, 6]), ("I32", [8, 6])):
+        again = handmade_adapter(tmp_path / f"as-{dtype}", {"t.weight": (dtype, shape, raw)})
+        wanted = (again / WEIGHTS).read_bytes()
+        (work / WEIGHTS).write_bytes(wanted)
+        oid = _commit(repo, f"{dtype} {shape}")
+        assert repo.read_revision(oid).tensors()["t.weight"] == (dtype, tuple(shape), raw)
+        (work / WEIGHTS).write_bytes(b"")
+        porcelain.checkout(repo, oid, force=True)
+        assert (work / WEIGHTS).read_bytes() == wanted
+    repo.close()
+    git_fsck(work)
+
+
 def test_commit_reports_no_new_blobs_for_an_unchanged_adapter(
     tmp_path: Path, peft_adapter: Path
 ) -> None:
