@@ -147,6 +147,10 @@ def test_find_stop() -> None:
     assert find_stop("hello world", ("wor",), 0) == 6
     assert find_stop("hello world", ("xyz", "lo"), 0) == 3
     assert find_stop("hello world", ("lo",), 6) == -1
+    # Of several stops the earliest match wins, whatever the order they are given in (vLLM cuts
+    # the text at the first stop string it finds).
+    text = "abc END1 def END2 ghi"
+    assert find_stop(text, ("END2", "END1"), 0) == find_stop(text, ("END1", "END2"), 0) == 4
     assert SamplingParams(stop="x").stop == ("x",)
 
 

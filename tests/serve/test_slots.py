@@ -88,6 +88,25 @@ def test_unpacked_pools_on_cpu_keep_the_host_adapter(tiny_base: Path, zoo: dict[
     assert pools.image_numel(host) == 0
 
 
+def test_unpacked_slot_reuse_reads_only_the_new_occupant(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    """The per-module pools (CUDA's layout) reused over ORDER: what kernels read of the slot (every
+    module's B up to the slot rank) equals a fresh pool's, so nothing of an earlier occupant stays."""
+    reused = _pools(tiny_base, packed=False)
+    for name in ORDER:
+        host = _host(zoo[name], tiny_base)
+        reused.write(0, host)
+        fresh = _pools(tiny_base, packed=False)
+        fresh.write(0, host)
+        r = int(reused.ranks[0])
+        assert r == int(fresh.ranks[0]) and torch.equal(reused.scales, fresh.scales)
+        for layer, modules in enumerate(fresh.b):
+            for module, b in modules.items():
+                got = reused.b[layer][module][0, :, :r]
+                assert torch.equal(got, b[0, :, :r]), (name, layer, module)
+
+
 def _poisoned(directory: Path, value: float, tensor: str = "lora_B") -> AdapterWeights:
     weights = PeftDirSource({"x": directory}).load("x")
     name = sorted(n for n in weights.tensors if tensor in n and "layers.1." in n)[0]
