@@ -577,6 +577,35 @@ def test_a_pin_whose_load_is_refused_is_dropped(tiny_base: Path, zoo: dict[str, 
         assert eng.prefetch("mlp-r2", pin=True).result(30) is not None
 
 
+def test_a_load_that_failed_is_retried_not_served_from_the_slot_it_freed(
+    tiny_base: Path, zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed load (not a refusal) frees its slot, and the next revision takes that slot. Once
+    # the retry window has passed, the failed revision must be loaded again: were it still mapped
+    # to its old slot, it would be served with the other revision's adapter.
+    import shutil
+
+    from mintvcs.serve import slots
+
+    monkeypatch.setattr(slots, "_RETRY_AFTER_S", 0.2)
+    late = tmp_path / "late"  # missing at first: a transient failure, retried after the window
+    config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=128)
+    prompt = _prompt(6, 9)
+    with Engine(tiny_base, config, source=PeftDirSource({**zoo, "late": late})) as eng:
+        with pytest.raises(Exception, match="late") as info:
+            eng.generate(prompt, "late", GREEDY, timeout=30)
+        assert not isinstance(info.value, AdapterRefused)
+        assert eng.residency.slot_of("late") is None
+        other = eng.generate(prompt, "qv-r8", GREEDY, timeout=30).token_ids
+        shutil.copytree(zoo["mlp-r2"], late)
+        time.sleep(0.3)
+        got = eng.generate(prompt, "late", GREEDY, timeout=30).token_ids
+        assert eng.stats()["loads_failed"] == 1
+    want = _peft_greedy(tiny_base, zoo["mlp-r2"], prompt, GREEDY.max_tokens)
+    assert want != other  # the two adapters tell apart on this prompt
+    assert got == want
+
+
 def test_engine_cancel_ends_the_request_for_whoever_waits_on_it(
     tiny_base: Path, zoo: dict[str, Path]
 ) -> None:
