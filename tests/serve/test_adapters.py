@@ -338,6 +338,31 @@ def test_adapter_of_another_base_is_refused(
     assert info.value.reason == "shape"
 
 
+def test_a_lora_b_whose_rank_differs_from_lora_a_s_is_refused_by_name(
+    tiny_base: Path, peft_adapter: Path, tmp_path: Path
+) -> None:
+    # PEFT refuses the file too (a size mismatch in load_state_dict); here it is refused up
+    # front, by name, as a shape that does not fit, not left to fail in a later copy.
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_bytes((peft_adapter / "adapter_config.json").read_bytes())
+    tensors = load_file(str(peft_adapter / "adapter_model.safetensors"))
+    name = sorted(n for n in tensors if "lora_B" in n and "layers.1." in n)[0]
+    b = tensors[name]
+    tensors[name] = torch.cat([b, torch.zeros(b.shape[0], 1)], dim=1)  # [out, r + 1]
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+        PeftModel.from_pretrained(model, str(bad))
+    with pytest.raises(AdapterRefused, match=r"layer 1 \w+: A \(\d+, \d+\), B") as info:
+        prepare_adapter(_load(bad), read_config(tiny_base), max_rank=16)
+    assert info.value.reason == "shape"
+
+
 def test_other_base_fingerprint_is_refused(tiny_base: Path, peft_adapter: Path) -> None:
     weights = _load(peft_adapter)
     tagged = AdapterWeights(weights.revision, weights.config, weights.tensors, "sha256:" + "0" * 64)
