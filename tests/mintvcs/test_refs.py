@@ -560,6 +560,32 @@ def test_an_update_that_leaves_a_ref_unchanged_logs_what_git_logs(
         assert _log_lines(repo) == _log_lines(twin), (name, value, deref)
 
 
+def test_tag_reflogs_and_a_switch_to_an_unborn_branch_log_what_git_logs(
+    repo: Path, tmp_path: Path
+) -> None:
+    # git's core.logAllRefUpdates=true: a tag's move is logged only when its reflog already
+    # exists; a symbolic ref switched to an unborn branch gets no line (there is no new value).
+    c = make_commits(repo, 2)
+    s = RefStore(repo)
+    s.update("HEAD", c[0], old=None, message="c0", identity=ME)
+    twin = tmp_path / "twin.git"
+    shutil.copytree(repo, twin)
+    for d in (repo, twin):
+        git(d, "config", "core.logAllRefUpdates", "true")
+        git(d, "update-ref", "--create-reflog", "-m", "made", "refs/tags/logged", c[0])
+        git(d, "update-ref", "refs/tags/plain", c[0])
+    for name in ("refs/tags/logged", "refs/tags/plain"):
+        s.update(name, c[1], message="moved", identity=ME)
+        git(twin, "update-ref", "-m", "moved", name, c[1])
+    assert _log_lines(repo)["refs/tags/logged"] == [f"{ZERO} {c[0]}\tmade", f"{c[0]} {c[1]}\tmoved"]
+    assert _log_lines(repo) == _log_lines(twin)
+    message = "checkout: moving from main to unborn"
+    s.set_symbolic("HEAD", "refs/heads/unborn", message=message, identity=ME)
+    git(twin, "symbolic-ref", "-m", message, "HEAD", "refs/heads/unborn")
+    assert s.read("HEAD") is None
+    assert _log_lines(repo) == _log_lines(twin)
+
+
 def test_symbolic_head_update_logs_both(repo: Path) -> None:
     c = make_commits(repo, 3)
     s = RefStore(repo)
