@@ -606,6 +606,26 @@ def test_a_load_that_failed_is_retried_not_served_from_the_slot_it_freed(
     assert got == want
 
 
+def test_a_refusal_is_final_past_the_retry_window(
+    tiny_base: Path, zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refusal depends only on the revision's content: asking again, even after the window in
+    # which a failed load is not retried, gets the same refusal without loading it again.
+    from mintvcs.serve import slots
+
+    monkeypatch.setattr(slots, "_RETRY_AFTER_S", 0.2)
+    config = EngineConfig(max_batch_size=4, adapter_slots=2, max_lora_rank=8, max_model_len=128)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:
+        reasons = []
+        for _ in range(2):
+            with pytest.raises(AdapterRefused, match="rank") as info:
+                eng.generate([5, 6], "all-r16", GREEDY, timeout=30)  # r=16 over max_lora_rank 8
+            reasons.append(info.value.reason)
+            time.sleep(0.3)
+        assert reasons == ["too_large"] * 2  # larger than any rank-8 revision: not even read
+        assert eng.stats()["loads_failed"] == 1
+
+
 def test_engine_cancel_ends_the_request_for_whoever_waits_on_it(
     tiny_base: Path, zoo: dict[str, Path]
 ) -> None:
