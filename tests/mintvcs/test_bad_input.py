@@ -260,6 +260,17 @@ def test_non_finite_adapter_refused_by_hook(
     assert git(work / ".mint", "rev-parse", "HEAD").stdout.strip() == out["commit"]
 
 
+def test_non_finite_values_a_parent_kept_are_refused_by_a_verified_commit(work: Path) -> None:
+    # The parent was committed with --no-verify; the next verified commit leaves that tensor
+    # unchanged (its blob is reused, not encoded again), yet the NaN is still refused by name.
+    names = tensor_names(work)
+    set_value(work, names[5], 3, float("nan"))
+    mint(work, "commit", "-m", "forced", "--no-verify")
+    mutate(work, seed=4, names=[names[0]])
+    line = refused(work, "commit", "-m", "verified")
+    assert names[5] in line and "non-finite" in line and names[0] not in line
+
+
 def test_non_finite_bf16_refused(tmp_path: Path, tiny_base: Path, peft_adapter_bf16: Path) -> None:
     work = tmp_path / "work"
     mint(tmp_path, "init", str(work), "--base-model", str(tiny_base))
