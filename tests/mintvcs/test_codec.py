@@ -219,6 +219,9 @@ def test_encode_rejects_bad_input() -> None:
         encode(b"", "float32", (0,))
     with pytest.raises(CodecInputError, match="base_id"):
         encode(b"\0" * 8, "F32", (2,), base=b"\1" * 8, base_id="HEAD")
+    # Two negative dimensions multiply to the right element count: the sign is checked itself.
+    with pytest.raises(CodecInputError, match="negative"):
+        encode(b"\0" * 8, "F32", (-1, -2))
     assert issubclass(CodecInputError, MintError)
 
 
