@@ -11,7 +11,7 @@ import torch
 from mintvcs.serve import AdapterRefused, Engine, EngineConfig, PeftDirSource, SamplingParams
 from mintvcs.serve.adapters import AdapterWeights, HostAdapter, prepare_adapter
 from mintvcs.serve.loader import read_config
-from mintvcs.serve.slots import AdapterPools
+from mintvcs.serve.slots import AdapterPools, HostCache
 
 CPU = torch.device("cpu")
 
@@ -105,6 +105,23 @@ def test_unpacked_slot_reuse_reads_only_the_new_occupant(
             for module, b in modules.items():
                 got = reused.b[layer][module][0, :, :r]
                 assert torch.equal(got, b[0, :, :r]), (name, layer, module)
+
+
+def test_host_cache_evicts_the_least_recently_used_and_counts_its_bytes(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    config = read_config(tiny_base)
+    source = PeftDirSource(zoo)
+    a, b, c = (
+        prepare_adapter(source.load(n), config, max_rank=16) for n in ("qv-r8", "o-r6", "mlp-r2")
+    )
+    cache = HostCache(max(a.nbytes + b.nbytes, a.nbytes + c.nbytes))  # two fit, three do not
+    cache.put(a)
+    cache.put(b)
+    assert cache.get("qv-r8") is a  # a is now the most recently used: b goes first
+    cache.put(c)
+    assert cache.revisions() == ["qv-r8", "mlp-r2"] and cache.get("o-r6") is None
+    assert cache.nbytes == a.nbytes + c.nbytes and cache.evictions == 1
 
 
 def _poisoned(directory: Path, value: float, tensor: str = "lora_B") -> AdapterWeights:
