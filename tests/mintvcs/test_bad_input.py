@@ -271,6 +271,15 @@ def test_non_finite_values_a_parent_kept_are_refused_by_a_verified_commit(work: 
     assert names[5] in line and "non-finite" in line and names[0] not in line
 
 
+def test_of_several_non_finite_tensors_the_first_in_file_order_is_named(work: Path) -> None:
+    # Tensors are encoded on several threads; the refusal still names the first in file order.
+    names = tensor_names(work)
+    for name in (names[2], names[-1]):
+        set_value(work, name, 0, float("nan"))
+    line = refused(work, "commit", "-m", "bad")
+    assert names[2] in line and names[-1] not in line and "non-finite" in line
+
+
 def test_non_finite_bf16_refused(tmp_path: Path, tiny_base: Path, peft_adapter_bf16: Path) -> None:
     work = tmp_path / "work"
     mint(tmp_path, "init", str(work), "--base-model", str(tiny_base))
