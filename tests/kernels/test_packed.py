@@ -16,7 +16,7 @@ from mintvcs.kernels import (
     new_packed,
     pack_slot,
 )
-from mintvcs.kernels.torch_ops import _packed_plan
+from mintvcs.kernels.torch_ops import _accumulate, _accumulate_rows, _packed_plan
 
 from .cases import same_bits
 
@@ -338,3 +338,22 @@ def test_new_packed_refuses_what_cannot_be_a_fused_layer(
         new_packed(
             SLOTS, IN, sum(WIDTHS), columns, rank, dtype=torch.float32, device=torch.device("cpu")
         )
+
+
+def test_a_wider_delta_is_added_with_one_rounding() -> None:
+    """bf16 y += fp32 delta rounds once, as (y.float() + delta).to(bf16), whole or by rows."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(64, 128, generator=g).to(torch.bfloat16)
+    delta = torch.randn(64, 128, generator=g) * 3e-2
+    want = (y.float() + delta).to(torch.bfloat16)
+    # Rounding the delta first gives other bits somewhere: the check below can tell them apart.
+    assert not torch.equal(y + delta.to(torch.bfloat16), want)
+    whole = y.clone()
+    _accumulate(whole, delta)
+    assert torch.equal(whole, want)
+    rows = torch.tensor([5, 0, 63, 17])
+    by_rows = y.clone()
+    _accumulate_rows(by_rows, rows, delta[rows])
+    expected = y.clone()
+    expected[rows] = want[rows]
+    assert torch.equal(by_rows, expected)
