@@ -890,6 +890,21 @@ def test_checkout_replaces_a_hard_linked_weights_file(work: Path, tmp_path: Path
     assert (work / WEIGHTS).stat().st_nlink == 1 and outside.stat().st_nlink == 1
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_checkout_replaces_a_weights_file_of_another_owner(work: Path) -> None:
+    # A file another user owns (here writable by all) is replaced, as git replaces it, and the
+    # checked-out file is ours: writing into it in place would leave it theirs.
+    first = commit(work, "first", "--no-verify")
+    first_bytes = (work / WEIGHTS).read_bytes()
+    mutate(work, seed=8)
+    commit(work, "second", "--no-verify")
+    os.chown(work / WEIGHTS, 65534, 65534)
+    (work / WEIGHTS).chmod(0o666)
+    mint(work, "checkout", first)
+    assert (work / WEIGHTS).read_bytes() == first_bytes
+    assert (work / WEIGHTS).stat().st_uid == os.geteuid()
+
+
 def test_symlinked_files_are_stored_by_content(work: Path, tmp_path: Path) -> None:
     # A Hugging Face cache snapshot is a directory of links into blobs/: commit what they point at.
     outside = tmp_path / "blobs" / "readme"
