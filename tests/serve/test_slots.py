@@ -107,6 +107,20 @@ def test_unpacked_slot_reuse_reads_only_the_new_occupant(
                 assert torch.equal(got, b[0, :, :r]), (name, layer, module)
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_released_slot_reads_as_rank_zero(
+    tiny_base: Path, zoo: dict[str, Path], packed: bool
+) -> None:
+    # Kernels skip a rank-0 slot: a token still mapped to a released slot reads none of the
+    # stale factors, while the other slot keeps its own.
+    pools = _pools(tiny_base, packed=packed)
+    pools.write(0, _host(zoo["qv-r8"], tiny_base))
+    pools.write(1, _host(zoo["all-r16"], tiny_base))
+    pools.release(0)
+    assert pools.ranks.tolist() == [0, 16]
+    assert pools.slot_modules[0] == frozenset() and pools.slot_modules[1]
+
+
 def test_host_cache_evicts_the_least_recently_used_and_counts_its_bytes(
     tiny_base: Path, zoo: dict[str, Path]
 ) -> None:
