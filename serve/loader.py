@@ -109,17 +109,8 @@ class ModelConfig:
 
     def linear_shape(self, module: str) -> tuple[int, int]:
         """(out_features, in_features) of a targetable linear by its HF short name."""
-        h, i = self.hidden_size, self.intermediate_size
-        shapes = {
-            "q_proj": (self.q_size, h),
-            "k_proj": (self.kv_size, h),
-            "v_proj": (self.kv_size, h),
-            "o_proj": (h, self.q_size),
-            "gate_proj": (i, h),
-            "up_proj": (i, h),
-            "down_proj": (h, i),
-        }
-        return shapes[module]
+        out_width, in_width = LINEAR_WIDTHS[module]
+        return getattr(self, out_width), getattr(self, in_width)
 
     @property
     def trained_positions(self) -> int:
@@ -233,6 +224,16 @@ _REQUIRED_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
 )
+# Each targetable linear's (out_features, in_features), by the ModelConfig widths that set them.
+LINEAR_WIDTHS = {
+    "q_proj": ("q_size", "hidden_size"),
+    "k_proj": ("kv_size", "hidden_size"),
+    "v_proj": ("kv_size", "hidden_size"),
+    "o_proj": ("hidden_size", "q_size"),
+    "gate_proj": ("intermediate_size", "hidden_size"),
+    "up_proj": ("intermediate_size", "hidden_size"),
+    "down_proj": ("hidden_size", "intermediate_size"),
+}
 # transformers' default max_position_embeddings per architecture, for a config without one.
 _DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
 # transformers' default num_key_value_heads per architecture (None: as many as attention heads).

@@ -16,6 +16,7 @@ from mintvcs.kernels.torch_ops import packed_step
 from mintvcs.progress import Progress
 from mintvcs.serve.kv_cache import KVCache
 from mintvcs.serve.loader import (
+    LINEAR_WIDTHS,
     CheckpointError,
     ModelConfig,
     UnsupportedModelError,
@@ -401,11 +402,17 @@ class Model:
             for name in list(raw):
                 if not name.startswith("lm_head."):
                     raw[f"model.{name}"] = raw.pop(name)
-        # Each dimension a tensor may have, with the config fields that set it.
-        hidden = (c.hidden_size, c.describe("hidden_size"))
-        q_out = (c.q_size, f"{c.describe('num_attention_heads')} * {c.describe('head_dim')}")
-        kv_out = (c.kv_size, f"{c.describe('num_key_value_heads')} * {c.describe('head_dim')}")
-        inter = (c.intermediate_size, c.describe("intermediate_size"))
+        # Each width a tensor may have, with the config fields that set it.
+        widths = {
+            "hidden_size": (c.hidden_size, c.describe("hidden_size")),
+            "q_size": (c.q_size, f"{c.describe('num_attention_heads')} * {c.describe('head_dim')}"),
+            "kv_size": (
+                c.kv_size,
+                f"{c.describe('num_key_value_heads')} * {c.describe('head_dim')}",
+            ),
+            "intermediate_size": (c.intermediate_size, c.describe("intermediate_size")),
+        }
+        hidden = widths["hidden_size"]
         vocab = (c.vocab_size, c.describe("vocab_size"))
 
         def check(name: str, tensor: torch.Tensor, *dims: tuple[int, str]) -> torch.Tensor:
@@ -430,13 +437,8 @@ class Model:
             return None if tensor is None else check(name, tensor, *dims)
 
         shapes = {
-            "q_proj": (q_out, hidden),
-            "k_proj": (kv_out, hidden),
-            "v_proj": (kv_out, hidden),
-            "o_proj": (hidden, q_out),
-            "gate_proj": (inter, hidden),
-            "up_proj": (inter, hidden),
-            "down_proj": (hidden, inter),
+            module: (widths[out_width], widths[in_width])
+            for module, (out_width, in_width) in LINEAR_WIDTHS.items()
         }
         layers = []
         for i in range(config.num_hidden_layers):
