@@ -404,11 +404,50 @@ def json_option(func: F) -> F:
     )(func)
 
 
+class _CannotChangeDirectory(MintError):
+    exit_code = 128  # git's `fatal: cannot change to 'PATH'`
+
+
+@contextlib.contextmanager
+def _working_directory(paths: tuple[str, ...]) -> Iterator[None]:
+    """git's -C: change to each PATH in turn, so a relative one is taken from the one before and
+    an absolute one starts afresh (an empty one changes nothing, as in git 2.39); the directory
+    the process was in is its own again afterwards, so a caller of main() in-process keeps it."""
+    # By descriptor, not by name: it comes back even if renamed or removed meanwhile, and
+    # O_PATH (Linux) opens one the user may search but not read.
+    back = os.open(".", getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY)
+    try:
+        for path in paths:
+            if path:
+                try:
+                    os.chdir(path)
+                except OSError as err:
+                    raise _CannotChangeDirectory(
+                        f"cannot change to '{path}': {err.strerror}"
+                    ) from None
+        yield
+    finally:
+        os.fchdir(back)
+        os.close(back)
+
+
 @click.group(cls=MintGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mintvcs")
-def main() -> None:
+@click.option(
+    "-C",
+    "directories",
+    metavar="PATH",
+    multiple=True,
+    help="Run as if started in PATH (as git -C); several are taken in turn, each from the one "
+    "before.",
+)
+def main(directories: tuple[str, ...]) -> None:
     """mintvcs: git for LoRA adapters, and a server that serves any revision by ref."""
     ctx = click.get_current_context()
+    if any(directories):
+        # Before anything reads a path: the repository, and every path argument, is found from
+        # there, as git resolves pathspecs after -C.
+        ctx.with_resource(_working_directory(directories))
     if ctx.invoked_subcommand in _MODEL_COMMANDS:
         return
     if "numpy" not in sys.modules:
@@ -503,7 +542,8 @@ def init(
             }
         )
         return
-    click.echo(f"Initialized empty mintvcs repository in {repo.git_dir}")
+    # Absolute, as git prints it: a relative one would be relative to -C's directory.
+    click.echo(f"Initialized empty mintvcs repository in {repo.git_dir.resolve()}")
     if base is not None:
         click.echo(
             f"base model: {base.model_id}"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -58,6 +60,28 @@ def mint(
             f"mintvcs {args} exited {result.returncode}:\n{result.stderr}"
         )
     return result
+
+
+@functools.cache
+def console_script() -> str:
+    """The installed `mintvcs` console script, checked to run this checkout's code under ENV (its
+    interpreter imports mintvcs from ROOT, PYTHONPATH's first entry); skips where none is installed."""
+    import pytest
+
+    script = Path(sys.executable).parent / "mintvcs"
+    if not script.is_file():
+        pytest.skip("no mintvcs console script beside this Python (pip install -e .)")
+    interpreter = shlex.split(script.read_text().splitlines()[0].removeprefix("#!"))
+    found = subprocess.run(
+        [*interpreter, "-c", "import mintvcs; print(mintvcs.__file__)"],
+        cwd=script.parent,  # first on sys.path, as the script's own directory is for the script
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert found.stdout == f"{ROOT / 'mintvcs' / '__init__.py'}\n", found.stdout
+    return str(script)
 
 
 def without_root_reads(command: list[str]) -> list[str]:

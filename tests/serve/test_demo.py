@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mintvcs.serve.demo import PHRASES, cache_root, ensure_base
+from tests.mintvcs.storekit import ENV, console_script
 
 
 def test_base_is_built_once_then_reused(tmp_path: Path) -> None:
@@ -102,6 +103,24 @@ def test_the_demo_refuses_a_workdir_it_did_not_make_and_a_step_count_under_one(
     for steps in ("0", "-3"):  # 0 used to mean the default, -3 failed later on
         result = demo("--train-steps", steps)
         assert result.returncode == 2 and "--train-steps" in result.stderr
+
+
+def test_mintvcs_dash_c_takes_the_workdir_from_its_directory(tmp_path: Path) -> None:
+    # Both w's hold a file the demo did not make: the refusal names the one it took.
+    for where in (tmp_path, tmp_path / "d"):
+        (where / "w").mkdir(parents=True)
+        (where / "w" / "mine.txt").write_text("keep me\n")
+    refused = subprocess.run(
+        [console_script(), "-C", "d", "demo", "--workdir", "w", "--cache-dir", "cache"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: --workdir {tmp_path / 'd' / 'w'} is not empty")
 
 
 # A finder that makes `import peft` fail as it does where only the base package is installed.

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from mintvcs import porcelain
-from tests.mintvcs.storekit import loose_path, without_root_reads
+from tests.mintvcs.storekit import ENV, console_script, loose_path, without_root_reads
 from tests.serve.http_kit import commit_on, request, variant
 
 
@@ -205,6 +205,36 @@ def test_serve_refuses_a_bad_base_model_in_one_line(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert err.strip().startswith("error: ") and "config.json" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_mintvcs_dash_c_serves_the_repo_and_base_named_from_its_directory(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    # `--repo` and `--base-model` are taken from -C's directory, as every path argument is.
+    repo = porcelain.init(tmp_path / "d" / "repo", str(tiny_base))
+    commit = porcelain.commit(repo, "a", source=peft_adapter, verify=False, show_progress=False)
+    (tmp_path / "d" / "base").symlink_to(tiny_base)
+    command = [console_script(), "-C", "d", "serve", "--repo", "repo", "--base-model", "base"]
+    proc = subprocess.Popen(
+        [*command, "--port", "0", "--cpu-threads", "1"],
+        cwd=tmp_path,
+        env={**ENV, "MINT_LOG_LEVEL": "WARNING"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = _url_when_ready(proc)
+        models = request(url + "/v1/models")[2]["data"]
+        assert [m["revision"] for m in models if m["id"] == "main"] == [commit.commit]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow
