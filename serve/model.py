@@ -36,6 +36,8 @@ LORA_GROUPS = (
     ("gate_up", ("gate_proj", "up_proj")),
     ("down", ("down_proj",)),
 )
+# What a PeftModel's state dict puts before the wrapped model's own tensor names.
+_PEFT_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -396,12 +398,6 @@ class Model:
         too); a CheckpointError names the tensor, both shapes and the fields behind them.
         """
         c = config
-        if raw and not any(name.startswith("model.") for name in raw):
-            # Saved from the bare decoder (LlamaModel): transformers adds its base-model prefix
-            # to such names; lm_head is not part of the decoder and keeps its name.
-            for name in list(raw):
-                if not name.startswith("lm_head."):
-                    raw[f"model.{name}"] = raw.pop(name)
         # Each width a tensor may have, with the config fields that set it.
         widths = {
             "hidden_size": (c.hidden_size, c.describe("hidden_size")),
@@ -425,15 +421,37 @@ class Model:
                 )
             return tensor
 
+        def pop(name: str) -> torch.Tensor | None:
+            # transformers 5 adds its base-model prefix name by name: a tensor saved from the
+            # bare decoder (LlamaModel) as `layers.0.…` is `model.layers.0.…`, beside prefixed
+            # names too. Of both spellings it keeps one by sort order, so we refuse the pair.
+            bare = name.removeprefix("model.")
+            if bare == name or bare not in raw:
+                return raw.pop(name, None)
+            if name in raw:
+                raise CheckpointError(
+                    f"the checkpoint holds both {name!r} and {bare!r}, which transformers "
+                    "reads as one tensor (adding the 'model.' prefix); keep one of them"
+                )
+            return raw.pop(bare)
+
         def take(name: str, *dims: tuple[int, str]) -> torch.Tensor:
-            try:
-                tensor = raw.pop(name)
-            except KeyError:
-                raise CheckpointError(f"tensor {name!r} missing from the checkpoint") from None
+            tensor = pop(name)
+            if tensor is None:
+                why = ""
+                if any(other.startswith(_PEFT_PREFIX) for other in raw):
+                    # transformers loads none of these names either: it leaves every weight
+                    # at its random initialisation.
+                    why = (
+                        f": its tensor names start with {_PEFT_PREFIX!r}, as a PEFT model "
+                        "names them; save the base model itself (PEFT's merge_and_unload() "
+                        "returns it, any LoRA merged in) with save_pretrained and serve that"
+                    )
+                raise CheckpointError(f"tensor {name!r} missing from the checkpoint{why}")
             return check(name, tensor, *dims)
 
         def maybe(name: str, *dims: tuple[int, str]) -> torch.Tensor | None:
-            tensor = raw.pop(name, None)
+            tensor = pop(name)
             return None if tensor is None else check(name, tensor, *dims)
 
         shapes = {

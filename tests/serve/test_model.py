@@ -499,6 +499,65 @@ def test_names_without_the_model_prefix_load_as_in_transformers(tmp_path: Path, 
     _assert_matches_transformers(directory)
 
 
+def test_names_with_and_without_the_model_prefix_mixed_load_as_in_transformers(
+    tmp_path: Path,
+) -> None:
+    # transformers 5 adds the `model.` prefix name by name; we added it only where no name had
+    # it, and refused a checkpoint with some names bare as missing tensors.
+    from safetensors.torch import load_file, save_file
+
+    directory = build_base(tmp_path / "mixed", seed=3)
+    weights = load_file(directory / "model.safetensors")
+    bare = ("model.embed_tokens.weight", "model.norm.weight")
+    mixed = {
+        name.removeprefix("model.") if name in bare or ".layers.1." in name else name: tensor
+        for name, tensor in weights.items()
+    }
+    assert "layers.1.mlp.up_proj.weight" in mixed and "model.layers.0.mlp.up_proj.weight" in mixed
+    save_file(mixed, directory / "model.safetensors", metadata={"format": "pt"})
+    _assert_matches_transformers(directory)
+    # Both spellings of one tensor: transformers keeps one of them by sort order; we refuse.
+    mixed["model.norm.weight"] = torch.zeros_like(mixed["norm.weight"])
+    save_file(mixed, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError,
+        match=r"^the checkpoint holds both 'model\.norm\.weight' and 'norm\.weight', which "
+        r"transformers reads as one tensor \(adding the 'model\.' prefix\); keep one of them$",
+    ):
+        Model.from_dir(directory)
+
+
+def test_peft_model_state_dict_is_refused_naming_its_prefix(tmp_path: Path) -> None:
+    # A PeftModel's state dict saved as the base checkpoint (names `base_model.model.…`) was
+    # refused as a plain missing tensor; transformers loads none of it (all weights random).
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    directory = build_base(tmp_path / "peft", seed=3)
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
+    peft = get_peft_model(hf, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    state = {name: tensor.contiguous() for name, tensor in peft.state_dict().items()}
+    assert all(name.startswith("base_model.model.") for name in state)
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    _, info = AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype=torch.float32, output_loading_info=True
+    )
+    assert "model.embed_tokens.weight" in info["missing_keys"]
+    with pytest.raises(
+        CheckpointError,
+        match=r"^tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' missing from the "
+        r"checkpoint: its tensor names start with 'base_model\.model\.', as a PEFT model names "
+        r"them; save the base model itself \(PEFT's merge_and_unload\(\) returns it, any LoRA "
+        r"merged in\) with save_pretrained and serve that$",
+    ):
+        Model.from_dir(directory)
+    # The advice given works: the merged model saved so loads, equal to transformers.
+    merged = tmp_path / "merged"
+    peft.merge_and_unload().save_pretrained(str(merged))
+    _assert_matches_transformers(merged)
+
+
 def test_single_file_beside_an_index_is_the_one_loaded_as_in_transformers(
     tmp_path: Path,
 ) -> None:
