@@ -570,8 +570,16 @@ def test_a_revision_waiting_for_a_slot_gets_it_while_another_has_steady_traffic(
 def test_a_pin_whose_load_is_refused_is_dropped(tiny_base: Path, zoo: dict[str, Path]) -> None:
     config = EngineConfig(max_batch_size=4, adapter_slots=3, max_lora_rank=8, max_model_len=128)
     with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:
-        with pytest.raises(AdapterRefused, match="rank"):
-            eng.prefetch("all-r16", pin=True).result(30)  # r=16 over max_lora_rank 8
+        # all-r16's file holds more bytes than rank 8 on every linear: refused before it is read.
+        with pytest.raises(
+            AdapterRefused,
+            match=r"^revision all-r16 refused \(too_large\): \S+adapter_model\.safetensors holds "
+            r"\d+ bytes, more than any adapter this engine serves \(\d+ bytes: max_lora_rank on "
+            r"every targeted linear\)$",
+        ) as info:
+            eng.prefetch("all-r16", pin=True).result(30)
+        assert info.value.reason == "too_large"
+        assert eng.residency.pinned() == []
         # The refused pin used to count: the second pin below was refused with 2 of 3 slots free.
         assert eng.prefetch("qv-r8", pin=True).result(30) is not None
         assert eng.prefetch("mlp-r2", pin=True).result(30) is not None
