@@ -46,6 +46,9 @@ _ANY_VERSION = ("noop", "preciousObjects", "partialClone", "worktreeConfig")
 # Extensions that exist only with version 1 (git's handle_extension; refStorage since git 2.45).
 _V1_ONLY = ("noop-v1", "objectFormat", "refStorage", "compatObjectFormat")
 _NAMES = {name.lower(): name for name in (*_ANY_VERSION, *_V1_ONLY)}
+# Those whose value is a string: git refuses one written without `=` ("missing value") before
+# it looks at the version (git 2.39 crashes on a bare partialClone; later ones refuse it so).
+_STRING_VALUED = ("partialClone", "objectFormat", "refStorage", "compatObjectFormat")
 # git reads integers with C's strtol (base 0: 0x.. hex, 0.. octal) and a k/m/g unit.
 _GIT_INT = re.compile(r"\s*([-+]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)([kKmMgG]?)")
 _INT_MAX = 2**31 - 1  # git_config_int's range (a C int, less INT_MIN)
@@ -202,7 +205,8 @@ def _extensions(config: Any) -> dict[str, tuple[str, str]]:
 
 def read_format(config: Any, where: str) -> RepositoryFormat:
     """Check a repository's config (`where` names the file) as git does, and what mintvcs
-    honours of it; raise UnsupportedRepositoryError for what it cannot honour."""
+    honours of it; raise UnsupportedRepositoryError for what it cannot honour, BadConfigError
+    for an extension git wants a string of written without a value."""
 
     def refuse(message: str) -> UnsupportedRepositoryError:
         return UnsupportedRepositoryError(f"{where}: {message}")
@@ -214,10 +218,14 @@ def read_format(config: Any, where: str) -> RepositoryFormat:
             "mintvcs reads (0 and 1), as git says (`Expected git repo version <= 1`); use the "
             "tool that made it, or a mintvcs that reads it"
         )
+    from mintvcs.gitconfig import refuse_valueless
+
     extensions = _extensions(config)
     flags: dict[str, bool] = {}
     for key, (name, value) in extensions.items():
         known = _NAMES.get(key)
+        if known in _STRING_VALUED:
+            refuse_valueless(config, (b"extensions",), name.encode())
         if known is None:
             if version < 1:
                 continue  # git ignores them in a version-0 repository: they predate the rule

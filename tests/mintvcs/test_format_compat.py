@@ -237,6 +237,36 @@ def test_a_format_version_git_cannot_read_is_refused_in_git_s_words(work: Path, 
     assert f"{head} in file {config}: {reason} (git refuses it too)" in line, (line, said)
 
 
+@pytest.mark.parametrize("version", ["0", "1"])
+@pytest.mark.parametrize(
+    "name", ["objectFormat", "partialClone", "refStorage", "compatObjectFormat"]
+)
+def test_a_string_extension_without_a_value_is_refused_in_git_s_words(
+    work: Path, version: str, name: str
+) -> None:
+    # A bare objectFormat was "'true' is not an object format" (v1) or "v1-only" (v0); a bare
+    # partialClone was taken. git wants a string of each: "missing value", whatever the version,
+    # and even where a later line gives one.
+    config = work / ".mint" / "config"
+    text = f"[core]\n\trepositoryformatversion = {version}\n[extensions]\n\t{name}\n"
+    config.write_text(config.read_text() + text + f"\t{name} = sha1\n")
+    number = len(config.read_text().splitlines()) - 1
+    by_git = git(work / ".mint", "log", "--oneline", ok=False)
+    if name == "objectFormat":
+        assert by_git.stderr.splitlines() == [
+            f"error: missing value for 'extensions.{name.lower()}'",
+            f"fatal: bad config line {number} in file {config}",
+        ]
+    elif name == "partialClone":
+        assert by_git.returncode < 0  # git 2.39 crashes on it; later ones say "missing value"
+    # refStorage and compatObjectFormat are later git's (2.45+), which says "missing value".
+    line = mint_fails(work, "log", "--oneline")
+    assert line == (
+        f"error: missing value for 'extensions.{name}' in {config} line {number}: git refuses "
+        f"it too; give it one (`{name} = VALUE`)"
+    )
+
+
 def test_a_sha256_repository_is_refused_before_anything_is_written(
     tmp_path: Path, peft_adapter: Path
 ) -> None:
