@@ -132,11 +132,12 @@ def stat_key(st: os.stat_result) -> tuple[int, ...]:
 
 
 def read_stable(
-    path: Path, *, mapped: bool = True
+    path: Path | str, *, mapped: bool = True, dir_fd: int | None = None
 ) -> tuple[bytes | memoryview, tuple[int, ...] | None]:
     """The file's bytes, and its stat_key() if it did not change while read; a large one is
-    mapped unless not `mapped` (then read whole: a private copy)."""
-    fd = os.open(path, os.O_RDONLY)
+    mapped unless not `mapped` (then read whole: a private copy). `dir_fd`: `path` is relative
+    to that directory."""
+    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
     try:
         before = os.fstat(fd)
         if before.st_size < 1 << 20 or not mapped:
@@ -220,13 +221,14 @@ def _compile(patterns: Sequence[bytes]) -> list[Pattern]:
 _warned: set[str] = set()
 
 
-def _read_ignore_file(path: Path) -> list[Pattern] | None:
-    """The patterns of the .mintignore at `path`; None if there is none, as git reads an
-    in-tree .gitignore: not through a symlink (with git's warning), and one that is not a
-    regular file (a directory, a FIFO) is skipped."""
+def _read_ignore_file(path: Path, rel: str, dir_fd: int | None) -> list[Pattern] | None:
+    """The patterns of the .mintignore at `path` (`rel` under `dir_fd`, when given); None if
+    there is none, as git reads an in-tree .gitignore: not through a symlink (with git's
+    warning), and one that is not a regular file (a directory, a FIFO) is skipped."""
     try:
         # O_NONBLOCK: opening a FIFO would wait for a writer (git 2.39 hangs there).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW
+        fd = os.open(path, flags) if dir_fd is None else os.open(rel, flags, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as err:
@@ -253,18 +255,23 @@ def _read_ignore_file(path: Path) -> list[Pattern] | None:
             raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
 
 
-def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str, bool], bool]:
+def _ignore_filter(
+    root: Path, exclude: Sequence[bytes], dir_fd: int | None = None
+) -> Callable[[str, bool], bool]:
     """Whether a relative posix path (a directory's if the flag is set) is left out: by the
     .mintignore files of its directory and those above it, then `exclude`, as git reads its
     .gitignore files and info/exclude (gitignore's syntax, matched by dulwich). What an ignored
-    directory holds is never asked: the caller does not enter it, as git does not."""
+    directory holds is never asked: the caller does not enter it, as git does not. `dir_fd`:
+    `root`'s descriptor, the files are opened under it."""
     excluded = _compile(exclude)
     levels: dict[str, list[Pattern] | None] = {}
 
     def patterns_of(folder: str) -> list[Pattern] | None:
         """The patterns of `folder`'s .mintignore ("" the top, else "a/b/"), read once."""
         if folder not in levels:
-            levels[folder] = _read_ignore_file(root / folder / IGNORE_FILE)
+            levels[folder] = _read_ignore_file(
+                root / folder / IGNORE_FILE, folder + IGNORE_FILE, dir_fd
+            )
         return levels[folder]
 
     def ignored(rel: str, is_dir: bool) -> bool:
@@ -286,55 +293,122 @@ def _ignore_filter(root: Path, exclude: Sequence[bytes]) -> Callable[[str, bool]
     return ignored
 
 
-def _extra_paths(
-    root: Path, exclude: Sequence[bytes] = ()
-) -> Iterator[tuple[str, Path, os.stat_result]]:
-    """(relative posix path, path, stat) of every regular file besides the config and weights,
-    but for those ignored (_ignore_filter)."""
-    ignored = _ignore_filter(root, exclude)
-    for dirpath, dirnames, filenames in os.walk(root):
-        where = Path(dirpath).relative_to(root).as_posix()
-        prefix = "" if where == "." else where + "/"
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in _IGNORED and not ignored(prefix + d, True)
+@dataclass(frozen=True)
+class _Found:
+    """An extra file as the walk finds it: its relative posix path, the directory descriptor
+    its name is opened under (open only while the walk stands at it), and its stat."""
+
+    rel: str
+    path: Path  # for messages; opened through dir_fd, so a long path is no limit
+    dir_fd: int
+    st: os.stat_result
+
+
+def _unreadable(rel_dir: str, err: OSError) -> NotAnAdapterError:
+    """The refusal for a directory of the adapter that cannot be listed: read as empty, its
+    files would be committed as deleted (git warns "could not open directory")."""
+    reason = err.strerror or type(err).__name__
+    return NotAnAdapterError(
+        f"could not open directory '{rel_dir}/' of the adapter: {reason}; its "
+        "files can be neither compared nor committed (make it readable, or list it in "
+        f"{IGNORE_FILE})"
+    )
+
+
+def _extra_paths(root: Path, exclude: Sequence[bytes] = ()) -> Iterator[_Found]:
+    """Every regular file besides the config and weights, but for those ignored
+    (_ignore_filter), in git's order within a directory. A directory that cannot be listed
+    (permissions, an I/O error) is an error, never an empty one. Entries are opened relative
+    to the adapter directory's descriptor, so only the relative path is bound by PATH_MAX,
+    as in git."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ignored = _ignore_filter(root, exclude, root_fd)
+        yield from _walk_dir(root, root_fd, "", ignored)
+    finally:
+        os.close(root_fd)
+
+
+def _walk_dir(
+    root: Path,
+    root_fd: int,
+    prefix: str,
+    ignored: Callable[[str, bool], bool],
+) -> Iterator[_Found]:
+    """_extra_paths() of the directory `prefix` ("" the top, else "a/b/") and those below it."""
+    where = prefix.rstrip("/")
+    try:
+        # O_NOFOLLOW: a symlinked directory is not followed, as os.walk did not.
+        fd = os.open(where or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return  # replaced by a symlink since it was listed: not followed
+        raise _unreadable(where, err) from None
+    files: list[tuple[str, bool]] = []
+    dirs: list[str] = []
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    files.append((entry.name, entry.is_symlink()))
+                elif not entry.is_symlink():  # a symlinked directory is not followed
+                    dirs.append(entry.name)
+    except OSError as err:
+        raise _unreadable(where or ".", err) from None
+    finally:
+        os.close(fd)
+    dirs = sorted(d for d in dirs if d not in _IGNORED and not ignored(prefix + d, True))
+    if dirs and where.count("/") >= MAX_PATH_DEPTH:
+        # The walk recurses once per level: refused before it runs out of stack.
+        raise NotAnAdapterError(
+            f"{str(root / where)[:200]}…: directories nest more than "
+            f"{MAX_PATH_DEPTH} levels deep, and a stored path has at most {MAX_PATH_DEPTH} "
+            "components; move them out"
         )
-        if dirnames and where.count("/") >= MAX_PATH_DEPTH:
-            # os.walk recurses once per level: refused before it runs out of stack.
+    for filename, is_link in sorted(files):
+        rel = prefix + filename
+        if rel in (CONFIG_FILE, WEIGHTS_FILE) or filename in _IGNORED or ignored(rel, False):
+            continue  # the adapter itself is never ignored
+        path = root / rel
+        try:
+            rel.encode("utf-8")  # names that are not UTF-8 come as surrogate escapes
+        except UnicodeEncodeError:
             raise NotAnAdapterError(
-                f"{dirpath[:200]}…: directories nest more than {MAX_PATH_DEPTH} levels deep, and "
-                f"a stored path has at most {MAX_PATH_DEPTH} components; move them out"
+                f"{root}: the file name {rel!a} is not UTF-8, which a stored name must be; "
+                "rename it"
+            ) from None
+        reason = unsafe_path_reason(rel)
+        if reason is not None:
+            raise NotAnAdapterError(
+                f"{path}: this file name cannot be stored ({reason}); rename it"
             )
-        for filename in sorted(filenames):
-            path = Path(dirpath) / filename
-            rel = prefix + filename
-            if rel in (CONFIG_FILE, WEIGHTS_FILE) or filename in _IGNORED or ignored(rel, False):
-                continue  # the adapter itself is never ignored
-            # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
-            # cache snapshot is a directory of such links, and a checkout writes plain files.
-            try:
-                rel.encode("utf-8")  # os.walk gives bytes that are not UTF-8 as surrogates
-            except UnicodeEncodeError:
-                raise NotAnAdapterError(
-                    f"{root}: the file name {rel!a} is not UTF-8, which a stored name must be; "
-                    "rename it"
-                ) from None
-            reason = unsafe_path_reason(rel)
-            if reason is not None:
-                raise NotAnAdapterError(
-                    f"{path}: this file name cannot be stored ({reason}); rename it"
-                )
-            if path.is_symlink() and not path.is_file():
-                raise NotAnAdapterError(
-                    f"{path} is a symlink to {os.readlink(path)!r}, which is not a file; "
-                    "remove it or point it at a file"
-                )
-            st = path.stat()
-            if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read for ever
-                raise NotAnAdapterError(
-                    f"{path} is not a regular file (a pipe, socket or device); only files are "
-                    "stored: move it out of the adapter directory"
-                )
-            yield rel, path, st
+        # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
+        # cache snapshot is a directory of such links, and a checkout writes plain files.
+        try:
+            st = os.stat(rel, dir_fd=root_fd)
+        except FileNotFoundError:
+            if not is_link:
+                continue  # removed since it was listed
+            st = None
+        if is_link and (st is None or not stat.S_ISREG(st.st_mode)):
+            target = os.readlink(rel, dir_fd=root_fd)
+            raise NotAnAdapterError(
+                f"{path} is a symlink to {target!r}, which is not a file; remove it or point "
+                "it at a file"
+            )
+        assert st is not None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read for ever
+            raise NotAnAdapterError(
+                f"{path} is not a regular file (a pipe, socket or device); only files are "
+                "stored: move it out of the adapter directory"
+            )
+        yield _Found(rel, path, root_fd, st)
+    for d in dirs:
+        yield from _walk_dir(root, root_fd, prefix + d + "/", ignored)
 
 
 def _executable(st: os.stat_result) -> bool:
@@ -361,11 +435,11 @@ def read_extra_files(
     it was read (None if it changed meanwhile)."""
     files: dict[str, tuple[bytes | memoryview, bool]] = {}
     stats: dict[str, tuple[int, ...] | None] = {}
-    for rel, path, st in _extra_paths(root, exclude):
+    for found in _extra_paths(root, exclude):
         # Read, not mapped: a trainer re-saving its optimizer state in place would change a
         # map between the hash of a blob and its write (a corrupt object), or cut it (SIGBUS).
-        content, stats[rel] = read_stable(path, mapped=False)
-        files[rel] = (content, _executable(st))
+        content, stats[found.rel] = read_stable(found.rel, mapped=False, dir_fd=found.dir_fd)
+        files[found.rel] = (content, _executable(found.st))
     return files, stats
 
 
@@ -380,4 +454,4 @@ def extra_file_stats(
     root: Path, exclude: Sequence[bytes] = ()
 ) -> dict[str, tuple[tuple[int, ...], bool]]:
     """(stat_key(), executable) of every extra file, by relative posix path; nothing is read."""
-    return {rel: (stat_key(st), _executable(st)) for rel, _, st in _extra_paths(root, exclude)}
+    return {f.rel: (stat_key(f.st), _executable(f.st)) for f in _extra_paths(root, exclude)}

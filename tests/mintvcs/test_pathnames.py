@@ -1,0 +1,88 @@
+"""Path names in the work tree: unreadable and long directories, names that need quoting,
+repository discovery, ref names, and the order status lists files in (git 2.39 the oracle)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.mintvcs.storekit import git, mint, mint_unprivileged
+
+
+def _show_files(work: Path) -> list[str]:
+    """The extra files of HEAD, as `show --json` lists them."""
+    return json.loads(mint(work, "show", "--json").stdout)["files"]
+
+
+def test_an_unreadable_directory_is_never_read_as_an_empty_one(work: Path) -> None:
+    # As root, through setpriv without the capabilities that read any file: a directory of mode
+    # 000 was skipped without a word, so status listed its tracked file as removed and commit
+    # recorded it deleted; git warns "could not open directory 'secret2/'" and keeps it.
+    (work / "secret2").mkdir()
+    (work / "secret2" / "a.txt").write_text("q\n")
+    mint(work, "commit", "-m", "s2", "--no-verify")
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    (work / "new").mkdir()
+    (work / "new" / "tok.json").write_text("{}\n")
+    try:
+        for folder in ("secret2", "new"):  # a tracked file's directory, then a new one
+            (work / "secret2").chmod(0 if folder == "secret2" else 0o755)
+            (work / "new").chmod(0 if folder == "new" else 0o755)
+            status = mint_unprivileged(work, "status")
+            said = status.stdout + status.stderr
+            assert f"could not open directory '{folder}/'" in said, said
+            assert "removed" not in said and "work tree clean" not in said, said
+            commit = mint_unprivileged(work, "commit", "-m", "oops", "--no-verify")
+            assert commit.returncode == 1, commit.stderr
+            lines = commit.stderr.splitlines()
+            assert len(lines) == 1 and f"could not open directory '{folder}/'" in lines[0], lines
+            assert "Permission denied" in lines[0], lines
+            checkout = mint_unprivileged(work, "checkout", "HEAD~1")
+            assert checkout.returncode == 1 and "could not open directory" in checkout.stderr
+            assert git(work / ".mint", "rev-parse", "HEAD").stdout.strip() == head
+        # An ignored directory is not entered, as git does not: nothing to read there.
+        (work / ".mintignore").write_text("new/\n")
+        commit = mint_unprivileged(work, "commit", "-m", "ignored", "--no-verify")
+        assert commit.returncode == 0, commit.stderr
+    finally:
+        for folder in ("secret2", "new"):
+            (work / folder).chmod(0o755)
+    assert "secret2/a.txt" in _show_files(work)
+
+
+def test_a_file_past_path_max_is_committed_and_compared(work: Path) -> None:
+    # The work tree's own path is long, and the file 7 directories further down is past
+    # PATH_MAX as an absolute path (4,096 bytes), not as a path relative to the work tree:
+    # git lists it; the walk by absolute paths skipped it, so status said clean.
+    part = "d" * 200
+    deep = work.parent / "long"
+    while len(os.fsencode(deep)) < 2800:
+        deep = deep / part
+    deep.mkdir(parents=True)
+    long_work = deep / "w"
+    work.rename(long_work)
+    mint(long_work, "status")  # the repository works at such a path
+    rel = "/".join(["e" * 200] * 7) + "/notes.txt"
+    assert len(os.fsencode(long_work / rel)) > 4096
+    fd = os.open(long_work, os.O_RDONLY)
+    try:
+        where = fd
+        for name in rel.split("/")[:-1]:
+            os.mkdir(name, dir_fd=where)
+            inner = os.open(name, os.O_RDONLY, dir_fd=where)
+            if where != fd:
+                os.close(where)
+            where = inner
+        with open(os.open("notes.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=where), "w") as f:
+            f.write("deep\n")
+    finally:
+        if where != fd:
+            os.close(where)
+        os.close(fd)
+    status = json.loads(mint(long_work, "status", "--json").stdout)
+    assert {"status": "added", "path": rel} in status["changes"], status
+    mint(long_work, "commit", "-m", "deep", "--no-verify")
+    assert rel in _show_files(long_work)
+    assert json.loads(mint(long_work, "status", "--json").stdout)["clean"]
+    assert git(long_work / ".mint", "ls-tree", "-r", "--name-only", "HEAD", "files/").stdout
