@@ -1354,7 +1354,7 @@ def _clean_by_stat(repo: Repository, head: RevisionOf) -> bool:
                 return False
             if not _trusted(refreshed[path], known_ns):
                 refreshed[path] = None
-    except OSError:
+    except (OSError, MintError):  # a file name that cannot be stored: status says why
         return False
     if any(refreshed.values()):
         # Touched but unchanged (as git status refreshes its index): not read again next time,

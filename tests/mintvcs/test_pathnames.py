@@ -86,3 +86,26 @@ def test_a_file_past_path_max_is_committed_and_compared(work: Path) -> None:
     assert rel in _show_files(long_work)
     assert json.loads(mint(long_work, "status", "--json").stdout)["clean"]
     assert git(long_work / ".mint", "ls-tree", "-r", "--name-only", "HEAD", "files/").stdout
+
+
+def test_status_says_why_a_name_cannot_be_stored_also_with_a_work_tree_record(work: Path) -> None:
+    # docs/cli.md: a work tree that is not a readable adapter is status 0 and the reason in
+    # `error`. With .mint/mint-worktree.json present (after any commit or checkout) the check
+    # by stat raised first: exit 1 and no JSON for a script to read.
+    (work / "secret").mkdir()
+    (work / "secret" / "a.txt").write_text("q\n")
+    mint(work, "commit", "-m", "secret", "--no-verify")  # records the work tree's stat
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"]
+    (work / "Icon\r").write_text("x")  # what macOS Finder writes for a folder icon
+    result = mint(work, "status", "--json")
+    state = json.loads(result.stdout)
+    assert not state["clean"] and "this file name cannot be stored" in state["error"], state
+    assert "this file name cannot be stored" in mint(work, "status").stdout
+    (work / "Icon\r").unlink()
+    (work / "secret").chmod(0)
+    try:
+        result = mint_unprivileged(work, "status", "--json")
+    finally:
+        (work / "secret").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert "could not open directory 'secret/'" in json.loads(result.stdout)["error"]
