@@ -1329,10 +1329,10 @@ def _list_models(state: ServerState, prefix: str, limit: int) -> dict[str, Any]:
             except MintError as err:  # its object is missing or corrupt
                 broken(name, err)
                 continue
-            if entry["id"] == state.config.base_name or (
-                kind == "branch" and state.repo.refs.read(f"refs/tags/{entry['id']}") is not None
-            ):
-                # Its short name serves the base, or a tag (git's order): the full one reaches it.
+            if entry["id"] == state.config.base_name or state.watcher.ref_of(entry["id"]) != name:
+                # Its short name serves the base, or another ref or object (a tag, `refs/NAME`,
+                # a pseudo-ref, a commit of those 40 digits: git's order, which /generate
+                # follows): the full name reaches it.
                 entry["id"] = name
             data.append(entry)
     return {"object": "list", "data": data, "truncated": truncated}
@@ -1375,19 +1375,19 @@ async def model(request: web.Request) -> web.Response:
     name = check_spec(request.match_info["id"])
     if name == state.config.base_name:
         return web.json_response(_base_object(state))
-    # Tags before branches, as a short name resolves (git's order) and as /v1/models lists it.
-    for kind, root in reversed(_MODEL_KINDS):
-        # A full name too: /v1/models lists a ref named as the base by it.
-        ref = name if name.startswith(root) else root + name
-        try:
-            oid = state.repo.refs.read(ref)
-        except InvalidRefNameError:
-            oid = None  # no branch or tag can have that name
-        if oid is not None:
-            entry = _model_object(state, kind, ref, state.repo.peel(oid))
-            if name.startswith(root):
+    # The ref /generate would serve for the name, in git's order (a tag before a branch, a
+    # pseudo-ref or a commit of those 40 digits before either), listed when it is a branch or tag.
+    ref = await asyncio.to_thread(state.watcher.ref_of, name)
+    for kind, root in _MODEL_KINDS:
+        if ref is not None and ref.startswith(root):
+            try:
+                oid = state.repo.refs.read(ref)
+            except InvalidRefNameError:
+                oid = None
+            if oid is not None:
+                entry = _model_object(state, kind, ref, state.repo.peel(oid))
                 entry["id"] = name
-            return web.json_response(entry)
+                return web.json_response(entry)
     state.repo.check_present()  # no such ref, or no repository any more
     raise HTTPError(404, f"no branch or tag named {name!r}; GET /v1/models lists them", "not_found")
 

@@ -199,6 +199,14 @@ class RefWatcher:
             Resolution(spec, commit, ref), name, deps, self.read_ref(ref), time.monotonic()
         )
 
+    def ref_of(self, name: str) -> str | None:
+        """The ref that resolve() goes through for `name` (a spec without suffix): None for a
+        full commit id, which names that object, or for a name no ref has. Read without
+        resolving or caching: what a listing asks of each name it offers."""
+        if is_full_hex(name):
+            return None
+        return next((n for n in ref_candidates(name) if self.read_ref(n) is not None), None)
+
     @staticmethod
     def _cacheable(entry: _Entry) -> bool:
         """False for an abbreviated id: a new object sharing its digits makes it ambiguous (an

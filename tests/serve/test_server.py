@@ -1933,3 +1933,41 @@ def test_more_cpu_threads_than_cpus_is_a_warning(
     assert warned[0].startswith(
         f"cpu_threads (--cpu-threads) {cpus + 1} is more than the {cpus} CPUs this process may use"
     )
+
+
+def test_every_model_id_listed_serves_the_revision_it_lists(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    # The listing shadowed a short name by the base's and a tag's only, and /v1/models/{id}
+    # tried the tag, then the branch; /generate resolves in git's order: a 40-hex id, a
+    # pseudo-ref in the git directory, refs/NAME, the tag, the branch. Each of these branches
+    # was listed by its short name with its own revision, which /generate did not serve.
+    old, new = repo.resolve("product-b"), repo.resolve("main")
+    made = {"heads/x": old, "x": new, "tags/v1": old, new: old, "ORIG_HEAD": old}
+    for name, start in made.items():
+        porcelain.branch_create(repo, name, start)
+    porcelain.tag_create(repo, "v1", new)
+    (repo.git_dir / "ORIG_HEAD").write_text(new + "\n")  # as git reset writes it
+    try:
+        listed = request(server.url + "/v1/models")[2]["data"]
+        ids = {m["id"]: m["revision"] for m in listed if m["kind"] != "base" and m["id"] != "dora"}
+        for name in ("heads/x", "tags/v1", new, "ORIG_HEAD"):
+            assert name not in ids and ids[f"refs/heads/{name}"] == old, ids
+        assert ids["x"] == new and ids["v1"] == new, ids
+        for name, revision in ids.items():
+            ask = {"prompt": "x", "ref": name, "max_tokens": 1}
+            body = request(server.url + "/generate", ask)[2]
+            assert body["revision"] == revision, (name, body)
+            status, _, one = request(server.url + "/v1/models/" + name)
+            assert status == 200 and one["revision"] == revision, (name, one)
+        # What the short names serve: never the branch of that name.
+        for name in ("heads/x", "tags/v1"):
+            status, _, one = request(server.url + "/v1/models/" + name)
+            assert status == 200 and one["revision"] == new and one["id"] == name, one
+        for name in (new, "ORIG_HEAD"):
+            assert request(server.url + "/v1/models/" + name)[0] == 404
+    finally:
+        (repo.git_dir / "ORIG_HEAD").unlink()
+        porcelain.tag_delete(repo, "v1")
+        for name in made:
+            porcelain.branch_delete(repo, name, force=True)
