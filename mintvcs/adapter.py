@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError
+from mintvcs.messages import quote_path
 from mintvcs.objects import (
     CONFIG_FILE,
     GIT_DIR,
@@ -235,24 +236,31 @@ def _read_ignore_file(path: Path, rel: str, dir_fd: int | None) -> list[Pattern]
         if err.errno == errno.ELOOP:
             if str(path) not in _warned:
                 _warned.add(str(path))
-                sys.stderr.write(f"warning: unable to access '{path}': {os.strerror(err.errno)}\n")
+                sys.stderr.write(
+                    f"warning: unable to access {_in_quotes(str(path))}: {os.strerror(err.errno)}\n"
+                )
             return None
         if err.errno == errno.ENXIO:  # a socket
             return None
-        raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
+        raise NotAnAdapterError(
+            f"{quote_path(str(path))} cannot be read ({err.strerror or err})"
+        ) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_SMALL_FILE_BYTES:
         os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
         raise NotAnAdapterError(
-            f"{path} is over 1 MiB, too large for a file of patterns; fix or remove it"
+            f"{quote_path(str(path))} is over 1 MiB, too large for a file of patterns; fix or "
+            "remove it"
         )
     with os.fdopen(fd, "rb") as handle:
         try:
             return _compile(read_patterns(handle))
         except OSError as err:
-            raise NotAnAdapterError(f"{path} cannot be read ({err.strerror or err})") from None
+            raise NotAnAdapterError(
+                f"{quote_path(str(path))} cannot be read ({err.strerror or err})"
+            ) from None
 
 
 def _ignore_filter(
@@ -304,12 +312,18 @@ class _Found:
     st: os.stat_result
 
 
+def _in_quotes(path: str) -> str:
+    """A path as git's warnings name it (`'secret/'`), C-quoted when it must be."""
+    quoted = quote_path(path)
+    return quoted if quoted.startswith('"') else f"'{quoted}'"
+
+
 def _unreadable(rel_dir: str, err: OSError) -> NotAnAdapterError:
     """The refusal for a directory of the adapter that cannot be listed: read as empty, its
     files would be committed as deleted (git warns "could not open directory")."""
     reason = err.strerror or type(err).__name__
     return NotAnAdapterError(
-        f"could not open directory '{rel_dir}/' of the adapter: {reason}; its "
+        f"could not open directory {_in_quotes(rel_dir + '/')} of the adapter: {reason}; its "
         "files can be neither compared nor committed (make it readable, or list it in "
         f"{IGNORE_FILE})"
     )
@@ -365,7 +379,7 @@ def _walk_dir(
     if dirs and where.count("/") >= MAX_PATH_DEPTH:
         # The walk recurses once per level: refused before it runs out of stack.
         raise NotAnAdapterError(
-            f"{str(root / where)[:200]}…: directories nest more than "
+            f"{quote_path(str(root / where))[:200]}…: directories nest more than "
             f"{MAX_PATH_DEPTH} levels deep, and a stored path has at most {MAX_PATH_DEPTH} "
             "components; move them out"
         )
@@ -378,13 +392,13 @@ def _walk_dir(
             rel.encode("utf-8")  # names that are not UTF-8 come as surrogate escapes
         except UnicodeEncodeError:
             raise NotAnAdapterError(
-                f"{root}: the file name {rel!a} is not UTF-8, which a stored name must be; "
-                "rename it"
+                f"{quote_path(str(path))}: the file name is not UTF-8, which a stored name must "
+                "be; rename it"
             ) from None
         reason = unsafe_path_reason(rel)
         if reason is not None:
             raise NotAnAdapterError(
-                f"{path}: this file name cannot be stored ({reason}); rename it"
+                f"{quote_path(str(path))}: this file name cannot be stored ({reason}); rename it"
             )
         # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
         # cache snapshot is a directory of such links, and a checkout writes plain files.
@@ -397,14 +411,14 @@ def _walk_dir(
         if is_link and (st is None or not stat.S_ISREG(st.st_mode)):
             target = os.readlink(rel, dir_fd=root_fd)
             raise NotAnAdapterError(
-                f"{path} is a symlink to {target!r}, which is not a file; remove it or point "
-                "it at a file"
+                f"{quote_path(str(path))} is a symlink to {quote_path(target)}, which is not a "
+                "file; remove it or point it at a file"
             )
         assert st is not None
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read for ever
             raise NotAnAdapterError(
-                f"{path} is not a regular file (a pipe, socket or device); only files are "
-                "stored: move it out of the adapter directory"
+                f"{quote_path(str(path))} is not a regular file (a pipe, socket or device); only "
+                "files are stored: move it out of the adapter directory"
             )
         yield _Found(rel, path, root_fd, st)
     for d in dirs:

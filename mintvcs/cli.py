@@ -93,8 +93,12 @@ def _discard(fd: int) -> None:
 def _complain(line: str) -> None:
     """Write one line to stderr; where stderr cannot take it (a full disk, a reader gone), the
     exit status still tells, and what is unwritten goes to /dev/null, not into a traceback at exit."""
+    from mintvcs.messages import one_line
+
     try:
-        click.echo(line, err=True)  # click flushes: a failure shows here
+        # Escaped: a value the line names (a file name, an argument) must neither break it in
+        # two nor drive the terminal.
+        click.echo(one_line(line), err=True)  # click flushes: a failure shows here
     except OSError:
         _discard(2)
 
@@ -310,6 +314,13 @@ def _printable(text: str) -> str:
     from mintvcs.messages import printable
 
     return printable(text)
+
+
+def _quoted(path: str) -> str:
+    """A file name as git prints it (core.quotePath): C-quoted when not printable ASCII."""
+    from mintvcs.messages import quote_path
+
+    return quote_path(path)
 
 
 def _echo_commit_text(info: Any) -> None:
@@ -821,7 +832,7 @@ def show(rev: str, as_json: bool) -> None:
         for t in manifest.tensors
     )
     for f in manifest.files:
-        click.echo(f"  file {f.path}  {repo.blob_size(f.blob, what=f.path):,} bytes")
+        click.echo(f"  file {_quoted(f.path)}  {repo.blob_size(f.blob, what=f.path):,} bytes")
 
 
 def _echo_lines(lines: Iterable[str]) -> None:
@@ -866,7 +877,7 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
     if result.header_changed:
         click.echo(f"  {WEIGHTS_FILE} header changed (its __metadata__ or tensor order)")
     for file_status, path in result.files:
-        click.echo(f"  file {path} {file_status}")
+        click.echo(f"  file {_quoted(path)} {file_status}")
     changed = 0
     lines = []
     for t in result.tensors:
@@ -930,7 +941,9 @@ def status(as_json: bool) -> None:
     if state.head is None:
         click.echo("\nNo commits yet")
     if state.error:
-        click.echo(f"\nwork tree is not a readable adapter: {state.error}")
+        from mintvcs.messages import one_line
+
+        click.echo(f"\nwork tree is not a readable adapter: {one_line(state.error)}")
     elif state.clean:
         click.echo("nothing to commit, work tree clean")
     else:
@@ -943,7 +956,7 @@ def status(as_json: bool) -> None:
         click.echo("\nChanges not committed:")
         for kind, path in state.changes:
             color = {"added": "green", "removed": "red"}.get(kind, "yellow")
-            click.echo(click.style(f"\t{kind + ':':10} {path}", fg=color))
+            click.echo(click.style(f"\t{kind + ':':10} {_quoted(path)}", fg=color))
 
 
 def _each(

@@ -140,3 +140,42 @@ def printable(text: str) -> str:
     lone surrogate escaped (`\\x1b`, `\\u202e`): a revision's text must not drive the terminal
     or reorder what it shows. Everything else (NBSP, joiners, accents) prints as it is."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+# quote_c_style's escapes (git's quote.c); every other byte it quotes is written in octal.
+_C_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13: "\\r"}
+_C_ESCAPES |= {0x22: '\\"', 0x5C: "\\\\"}
+
+
+def quote_path(path: str) -> str:
+    """`path` as git prints a file name with core.quotePath on (its default, quote_c_style):
+    as it is when it is printable ASCII without `"` or `\\`, else in double quotes, `\\n`,
+    `\\t`, `\\"`, `\\\\` and the like escaped, and every other control byte and every byte of
+    a character that is not ASCII in octal (`"caf\\303\\251.md"`). So a name can neither drive
+    the terminal (ESC, C1, bidi overrides) nor pass for another (NFC and NFD spellings)."""
+    if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
+        return path
+    try:
+        raw = path.encode("utf-8", "surrogateescape")  # a name that is not UTF-8: its bytes
+    except UnicodeEncodeError:
+        raw = path.encode("utf-8", "surrogatepass")
+    out = []
+    for byte in raw:
+        if byte in _C_ESCAPES:
+            out.append(_C_ESCAPES[byte])
+        elif byte < 0x20 or byte >= 0x7F:
+            out.append(f"\\{byte:03o}")
+        else:
+            out.append(chr(byte))
+    return '"' + "".join(out) + '"'
+
+
+_UNSAFE_IN_A_LINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(text: str) -> str:
+    """`text` with each control character (C0 but tab, DEL, C1) and bidi override or isolate
+    escaped, as printable() does, but for lone surrogates (the bytes of a name that is not
+    UTF-8, which print as they are): an error line stays one line and cannot drive the
+    terminal, whatever value it names."""
+    return _UNSAFE_IN_A_LINE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)

@@ -38,7 +38,7 @@ from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
 from mintvcs.filemodes import file_mode
 from mintvcs.ids import blob_id, is_object_id
-from mintvcs.messages import check_message, clean_message, decode_message, subject
+from mintvcs.messages import check_message, clean_message, decode_message, quote_path, subject
 from mintvcs.objects import Manifest
 from mintvcs.progress import progress_bar
 from mintvcs.refs import (
@@ -1767,7 +1767,8 @@ def _refuse_symlinked_parent(work: Path, path: str) -> None:
         parent = parent / part
         if parent.is_symlink():
             raise MintError(
-                f"{parent} is a symlink: checkout will not write or remove {path} through it; "
+                f"{quote_path(str(parent))} is a symlink: checkout will not write or remove "
+                f"{quote_path(path)} through it; "
                 "remove the link (or make it a directory) and retry"
             )
 
@@ -1783,7 +1784,8 @@ def _refuse_file_in_the_way(work: Path, path: str, gone: set[str]) -> None:
         parent = work.joinpath(*parts[:depth])
         if parent.exists() and not parent.is_dir() and "/".join(parts[:depth]) not in gone:
             raise MintError(
-                f"{parent} is a file, but the revision has {path} inside it; "
+                f"{quote_path(str(parent))} is a file, but the revision has {quote_path(path)} "
+                "inside it; "
                 "move the file away and retry"
             )
     target = work / path
@@ -1903,7 +1905,7 @@ def _refuse_if_changes_lost(
             if kind == "removed" and not path.startswith(WEIGHTS_FILE):
                 if _ignored_edit_kept(repo, path, _revision_of(repo, state.head, head), target):
                     continue  # nothing of the user's to lose: the target's version comes back
-                lost.append(path)
+                lost.append(quote_path(path))
                 continue
             if (
                 kind == "added"
@@ -1915,7 +1917,7 @@ def _refuse_if_changes_lost(
                 path.startswith(WEIGHTS_FILE)
                 and any(p.startswith(WEIGHTS_FILE) for p in against_target)
             ):
-                lost.append(path)
+                lost.append(quote_path(path))
     if lost:
         more = f" and {len(lost) - 3} more" if len(lost) > 3 else ""
         advice = work_tree_hint(repo, state.head, state.branch) or "commit them or use --force"

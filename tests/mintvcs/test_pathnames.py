@@ -109,3 +109,51 @@ def test_status_says_why_a_name_cannot_be_stored_also_with_a_work_tree_record(wo
         (work / "secret").chmod(0o755)
     assert result.returncode == 0, result.stderr
     assert "could not open directory 'secret/'" in json.loads(result.stdout)["error"]
+
+
+def test_error_lines_quote_a_file_name_as_git_does(work: Path) -> None:
+    # The name went into the error raw: a newline split the one line in two, and an escape
+    # sequence reached the terminal (git add quotes it: "esc\033]0;...").
+    for name, quoted in (
+        ("new\nline.txt", '"new\\nline.txt"'),
+        ("esc\x1b]0;pwned\aX.txt", '"esc\\033]0;pwned\\aX.txt"'),
+        ("Icon\r", '"Icon\\r"'),
+    ):
+        (work / name).write_text("x")
+        result = mint(work, "commit", "-m", "x", "--no-verify", ok=False)
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and "\x1b" not in result.stderr, result.stderr
+        assert f"{quoted[1:]}: this file name cannot be stored" in result.stderr, result.stderr
+        status = json.loads(mint(work, "status", "--json").stdout)
+        assert quoted[1:-1] in status["error"]  # JSON holds the line as printed
+        text = mint(work, "status").stdout
+        assert "\x1b" not in text and "\r" not in text and quoted[1:-1] in text, text
+        (work / name).unlink()
+
+
+def test_file_names_print_quoted_as_git_ls_tree_prints_them(work: Path) -> None:
+    # Bidi overrides, C1 controls and non-ASCII printed raw in status, diff and show: the
+    # `evil\u202etxt.exe` line displayed as `evilexe.txt`, and the NFD spelling of a committed
+    # NFC name looked like it. git quotes them all (core.quotePath), and so must we, alike.
+    names = ["evil\u202etxt.exe", "c1\u009b31mred", "nel\u0085x", "caf\u00e9.md", "cafe\u0301.md"]
+    names += ['q"x', "sp ace", "plain.txt"]
+    for name in names:
+        (work / name).write_text(name)
+    added = [line for line in mint(work, "status").stdout.splitlines() if "added:" in line]
+    mint(work, "commit", "-m", "names", "--no-verify")
+    listed = git(work / ".mint", "ls-tree", "--name-only", "HEAD", "files/").stdout.splitlines()
+    # git's lines, less the `files/` our tree keeps them under: "files/x" -> "x", files/y -> y.
+    want = sorted('"' + n[7:] if n.startswith('"') else n[6:] for n in listed)
+    want = [w for w in want if w.strip('"') != "README.md"]
+    assert len(want) == len(names)
+    assert sorted(line.split(None, 1)[1] for line in added) == want, added
+    shown = mint(work, "show").stdout.splitlines()
+    files = [line[7:].rsplit("  ", 1)[0] for line in shown if line.startswith("  file ")]
+    assert sorted(f for f in files if f != "README.md") == want
+    diffed = mint(work, "diff", "HEAD~1", "HEAD").stdout.splitlines()
+    files = [line[7:].rsplit(" ", 1)[0] for line in diffed if line.startswith("  file ")]
+    assert sorted(files) == want
+    output = mint(work, "show").stdout + mint(work, "diff", "HEAD~1", "HEAD").stdout
+    assert not any(c in output for c in "\u202e\u009b\u0085\u00e9\u0301")
+    # --json keeps every name as it is.
+    assert sorted(names) == sorted(set(_show_files(work)) - {"README.md"})
