@@ -427,6 +427,24 @@ def is_full_hex(name: str) -> bool:
 _GIT_DIR_REF = re.compile(r"[A-Z][A-Z_]*\Z")
 
 
+_HEAD_ID = re.compile(rb"[0-9a-fA-F]{40}\s*\Z")
+
+
+def _is_git_directory(path: Path) -> bool:
+    """git's is_git_directory test: objects/ and refs/ are directories, and HEAD is a symbolic
+    ref under refs/ or an object id."""
+    if not ((path / "objects").is_dir() and (path / "refs").is_dir()):
+        return False
+    try:
+        with open(path / "HEAD", "rb") as handle:
+            head = handle.read(256)
+    except OSError:
+        return False
+    if head.startswith(b"ref:"):
+        return head[4:].lstrip(b" \t").startswith(b"refs/")
+    return _HEAD_ID.match(head) is not None
+
+
 def ref_candidates(name: str) -> list[str]:
     """The refs a spec's name may mean, in git's order (gitrevisions): the name itself when it is
     a full one or a pseudo-ref in the git directory (`FETCH_HEAD`, `ORIG_HEAD`), `refs/NAME`
@@ -658,10 +676,15 @@ class Repository:
         start = Path(path).resolve()
         found: Repository | None = None
         # A work tree's own .mint first: its revision may hold files named HEAD and objects/.
-        if (
-            (start / "HEAD").is_file()
-            and (start / "objects").is_dir()
-            and not (start / GIT_DIR / "HEAD").is_file()
+        # `start` itself only when it is a git directory as git tests one, or a `.mint` one: an
+        # adapter's directory holding a file HEAD and a directory objects/ is not.
+        if not (start / GIT_DIR / "HEAD").is_file() and (
+            _is_git_directory(start)
+            or (
+                start.name == GIT_DIR
+                and (start / "HEAD").is_file()
+                and (start / "objects").is_dir()
+            )
         ):
             found = cls(start, start.parent if start.name == GIT_DIR else None)
         else:

@@ -157,3 +157,29 @@ def test_file_names_print_quoted_as_git_ls_tree_prints_them(work: Path) -> None:
     assert not any(c in output for c in "\u202e\u009b\u0085\u00e9\u0301")
     # --json keeps every name as it is.
     assert sorted(names) == sorted(set(_show_files(work)) - {"README.md"})
+
+
+def test_a_directory_of_the_adapter_holding_head_and_objects_is_not_the_repository(
+    work: Path,
+) -> None:
+    # Any directory with a file HEAD and a directory objects/ was taken as a git directory:
+    # in data/, status said "no work tree" and log read the notes as a corrupt ref. git takes
+    # a directory as one only with objects/, refs/ and a HEAD that is a ref or an id.
+    data = work / "data"
+    (data / "objects").mkdir(parents=True)
+    (data / "HEAD").write_text("some notes\n")
+    (data / "objects" / "a.txt").write_text("x\n")
+    mint(work, "commit", "-m", "data", "--no-verify")
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    assert json.loads(mint(data, "status", "--json").stdout)["clean"]
+    assert json.loads(mint(data, "log", "-n1", "--json").stdout)[0]["commit"] == head
+    (data / "HEAD").write_text("ref: refs/heads/main\n")  # a valid HEAD, still no refs/
+    mint(data, "branch", "foo")
+    mint(data, "tag", "v1", head[:7])
+    assert git(work / ".mint", "rev-parse", "foo", "v1").stdout.split() == [head, head]
+    # The .mint directory itself, and a bare clone, are still repositories to open.
+    assert json.loads(mint(work / ".mint", "log", "-n1", "--json").stdout)[0]["commit"] == head
+    git(work / ".mint", "clone", "-q", "--bare", str(work / ".mint"), str(work.parent / "b.git"))
+    assert (
+        json.loads(mint(work.parent / "b.git", "log", "-n1", "--json").stdout)[0]["commit"] == head
+    )
