@@ -1013,7 +1013,8 @@ def _status(
         return Status(branch, head, [], str(err)), None
     if head is None:
         added = [("added", CONFIG_FILE), ("added", WEIGHTS_FILE)]
-        return Status(branch, head, added + [("added", p) for p in work.extra_files]), work
+        files = sorted((("added", p) for p in work.extra_files), key=_path_order)
+        return Status(branch, head, added + files), work
     return Status(branch, head, _changes(repo, work, head_revision())), work
 
 
@@ -1094,7 +1095,14 @@ def _file_changes(
             changes.append(("added", path))
         elif (blob_id(content), executable) != was:  # a mode change is one, as in git
             changes.append(("modified", path))
-    return changes + [("removed", path) for path in committed_files]
+    # git's order, that of diff and show: by the path's bytes, not the walk's (a directory's
+    # files after the files beside it).
+    return sorted(changes + [("removed", p) for p in committed_files], key=_path_order)
+
+
+def _path_order(change: tuple[str, str]) -> bytes:
+    """The sort key of a (kind, path) change: the path's bytes, as git sorts paths."""
+    return change[1].encode("utf-8", "surrogateescape")
 
 
 # ------------------------------------------------------- clean-by-stat record

@@ -183,3 +183,22 @@ def test_a_directory_of_the_adapter_holding_head_and_objects_is_not_the_reposito
     assert (
         json.loads(mint(work.parent / "b.git", "log", "-n1", "--json").stdout)[0]["commit"] == head
     )
+
+
+def test_status_lists_files_in_git_order(work: Path) -> None:
+    # status followed the walk (a directory's files after the files beside it: A.txt, b.txt,
+    # a/z.txt); git status, and our diff and show, sort by the path's bytes.
+    (work / "a").mkdir()
+    for name in ("a/z.txt", "b.txt", "A.txt", "a.txt", "a-b.txt"):
+        (work / name).write_text(name)
+    want = ["A.txt", "a-b.txt", "a.txt", "a/z.txt", "b.txt"]
+    # git's own order, of these files untracked by its (empty) index:
+    listed = git(work / ".mint", "--work-tree", str(work), "ls-files", "-o").stdout.split()
+    assert [n for n in listed if n in want] == want
+    paths = [c["path"] for c in json.loads(mint(work, "status", "--json").stdout)["changes"]]
+    assert paths == want, paths
+    mint(work, "commit", "-m", "o", "--no-verify")
+    for name in want:
+        (work / name).unlink()
+    paths = [c["path"] for c in json.loads(mint(work, "status", "--json").stdout)["changes"]]
+    assert paths == want, paths
