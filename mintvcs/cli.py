@@ -540,6 +540,8 @@ def init(
     from mintvcs import porcelain
     from mintvcs.hooks import hooks_path_warning
 
+    if as_json:
+        porcelain.check_json_path(directory)
     repo = porcelain.init(directory, base_model, install_hooks=not no_hooks, shared=shared)
     if not no_hooks and (warning := hooks_path_warning(repo.git_dir)):
         click.echo(warning, err=True)
@@ -739,6 +741,7 @@ def _log_pages(
 
 def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
     """Print `log --json`, one JSON array written as the history is read (what _emit_json writes)."""
+    from mintvcs import porcelain
     from mintvcs.objects import CorruptManifestError
     from mintvcs.store import CorruptObjectError
 
@@ -753,7 +756,7 @@ def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
                 "author_timezone": c.author_timezone,
                 "time": c.time,
                 "message": c.message,
-                "refs": labels.get(c.id, []),
+                "refs": [r for r in labels.get(c.id, []) if porcelain.json_safe(r)],
             }
             # Plain log reads no manifest: a commit whose manifest this mintvcs cannot read (a
             # newer version, damage) is listed all the same, and says why it has no meta.
@@ -1062,6 +1065,7 @@ def branch(
                         "alias_of": b.alias_of,
                     }
                     for b in rows
+                    if porcelain.json_safe(f"refs/heads/{b.name}")
                 ]
             )
             return
@@ -1143,7 +1147,7 @@ def tag(
             match=lambda n: not names or any(fnmatch.fnmatchcase(n, pattern) for pattern in names),
         )
         if as_json:
-            _emit_json([_tag_json(row) for row in rows])
+            _emit_json([_tag_json(r) for r in rows if porcelain.json_safe(f"refs/tags/{r.name}")])
             return
         _echo_lines(row.name for row in rows)
         return

@@ -51,6 +51,7 @@ from mintvcs.refs import (
     check_branch_name,
     check_name_type,
     check_ref_name,
+    check_utf8_name,
     fits_files,
     local_tz,
     tz_text,
@@ -341,6 +342,20 @@ def _ref_moved(repo: Repository, ref: str, old: str | None, new: str | None) -> 
 
 
 # --------------------------------------------------------------------- init
+def check_json_path(directory: str | os.PathLike[str]) -> None:
+    """Refuse, before anything is made, a directory whose absolute path is not UTF-8 where
+    `init --json` would print it: JSON text is Unicode, and its bytes would come out as lone
+    surrogate escapes, which strict readers refuse."""
+    path = os.path.abspath(directory)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MintError(
+            f"the path {quote_path(path)} is not UTF-8, which --json cannot carry; run init "
+            "without --json (it prints the path as its bytes)"
+        ) from None
+
+
 def init(
     directory: Path,
     base_model: str | None = None,
@@ -1548,6 +1563,23 @@ def warn_ignored_ref(name: str, err: MintError) -> None:
     sys.stderr.write(f"warning: ignoring ref {name}: {reason}\n")
 
 
+def json_safe(name: str) -> bool:
+    """Whether a --json output can carry ref `name` (a full one); if not, a warning says it is
+    left out. JSON text is Unicode: a name that is not UTF-8 would come out as a lone surrogate
+    escape, which strict readers refuse and no client can send back. The text listings show it,
+    as git does."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        import sys
+
+        sys.stderr.write(
+            f"warning: ignoring ref {quote_path(name)}: it is not UTF-8, which JSON cannot carry\n"
+        )
+        return False
+    return True
+
+
 @accepts_path
 def branches(
     repo: Repository, *, on_broken: Callable[[str, MintError], None] = warn_ignored_ref
@@ -1579,6 +1611,7 @@ def tag_create(
             raise TypeError(f"a tag message is a str, not {type(message).__name__}")
         check_message(message, "tag")
     check_ref_name(f"refs/tags/{name}")
+    check_utf8_name(name)
     if name.startswith("-"):
         raise InvalidRefNameError(name, "a tag name cannot begin with '-'")
     ref = f"refs/tags/{name}"

@@ -270,6 +270,21 @@ def check_branch_name(name: str) -> None:
         check_ref_name("refs/heads/" + name)
     except InvalidRefNameError as e:
         raise InvalidRefNameError(name, e.rule) from None
+    check_utf8_name(name)
+
+
+def check_utf8_name(name: str) -> None:
+    """Raise InvalidRefNameError for a name that is not UTF-8 (bytes of argv that are not come
+    as surrogate escapes): git takes any bytes, but JSON, /v1/models and a client sending the
+    name back cannot carry them, as mintvcs refuses such file names and messages."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(name[err.start])
+        what = f"the byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else "a surrogate"
+        raise InvalidRefNameError(
+            name, f"{what} is not UTF-8 (git takes it; mintvcs names refs in UTF-8 only)"
+        ) from None
 
 
 def read_reflog(path: str | os.PathLike[str]) -> list[ReflogEntry]:

@@ -1321,6 +1321,12 @@ def _list_models(state: ServerState, prefix: str, limit: int) -> dict[str, Any]:
             if len(data) >= limit:
                 truncated = True
                 break
+            if not name.isascii():
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError:  # JSON cannot carry it, no client could send it back
+                    broken(name, InvalidRefNameError(name, "it is not UTF-8"))
+                    continue
             try:
                 commit, what = state.repo.peel_object(oid)
                 if what != "commit":

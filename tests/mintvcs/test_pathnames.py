@@ -202,3 +202,39 @@ def test_status_lists_files_in_git_order(work: Path) -> None:
         (work / name).unlink()
     paths = [c["path"] for c in json.loads(mint(work, "status", "--json").stdout)["changes"]]
     assert paths == want, paths
+
+
+def _strict(text: str) -> object:
+    """`text` parsed as JSON, every string in it valid Unicode (no lone surrogate escape)."""
+    data = json.loads(text)
+    json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate fails here
+    return data
+
+
+def test_ref_names_that_are_not_utf8_are_refused_and_left_out_of_json(work: Path) -> None:
+    # git takes any bytes in a ref name, and mintvcs made them too: --json then printed
+    # "mb\udcfe", which jq reads as U+FFFD (no ref of that name) and strict readers refuse.
+    bad = os.fsdecode(b"mb\xfe")
+    for args in (("branch", bad), ("tag", bad), ("checkout", "-b", bad), ("branch", "-m", bad)):
+        result = mint(work, *args, ok=False)
+        assert result.returncode == 1 and "0xfe is not UTF-8" in result.stderr, result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    git(work / ".mint", "update-ref", os.fsdecode(b"refs/heads/mb\xfe"), head)
+    git(work / ".mint", "update-ref", os.fsdecode(b"refs/tags/tbad\xfe"), head)
+    for args, key in ((("branch",), "name"), (("tag",), "name")):
+        result = mint(work, *args, "--json")
+        assert all(row[key].isascii() for row in _strict(result.stdout)), result.stdout
+        assert 'warning: ignoring ref "refs/' in result.stderr, result.stderr
+    result = mint(work, "log", "-n1", "--json")
+    assert not any("bad" in r for r in _strict(result.stdout)[0]["refs"]), result.stdout
+    assert "tbad" in result.stderr
+    # The text listing shows it as its bytes, as git's does, and it can still be deleted.
+    assert "mb\udcfe" in mint(work, "branch").stdout
+    mint(work, "branch", "-D", bad)
+    # init --json of a path that is not UTF-8 is refused before anything is made.
+    where = work.parent / os.fsdecode(b"\xff\xfe")
+    result = mint(work.parent, "init", "--json", str(where), ok=False)
+    assert result.returncode == 1 and "is not UTF-8, which --json cannot carry" in result.stderr
+    assert not where.exists()
+    mint(work.parent, "init", str(where))

@@ -1971,3 +1971,19 @@ def test_every_model_id_listed_serves_the_revision_it_lists(
         porcelain.tag_delete(repo, "v1")
         for name in made:
             porcelain.branch_delete(repo, name, force=True)
+
+
+def test_models_leaves_out_a_ref_name_that_is_not_utf8(
+    server: BackgroundServer, repo: Repository
+) -> None:
+    # Listed as "bad\udcff": a lone surrogate no client can send back (/generate refuses such
+    # a body as invalid Unicode), and that strict JSON readers refuse.
+    path = os.fsencode(repo.git_dir / "refs" / "heads") + b"/bad\xff"
+    with open(path, "w") as handle:
+        handle.write(repo.resolve("main") + "\n")
+    try:
+        raw = urllib.request.urlopen(server.url + "/v1/models?prefix=bad").read()
+        ids = [m["id"] for m in json.loads(raw)["data"]]
+        assert ids == [] and b"\\udc" not in raw, raw
+    finally:
+        os.unlink(path)
