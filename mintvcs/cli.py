@@ -299,12 +299,13 @@ class MintGroup(click.Group):
             _exit_for(err)
 
 
-def _advice(repo: Any, name: bytes) -> bool:
-    """Whether git's advice.NAME hint is on: a value git would refuse leaves it on."""
+def _on(repo: Any, section: bytes, name: bytes) -> bool:
+    """Whether git's SECTION.NAME flag, on by default (advice.*, core.quotePath), is on: a
+    value git would refuse leaves it on."""
     from mintvcs.repoformat import config_bool
 
     try:
-        return config_bool(repo.config_with_user, (b"advice",), name, True)
+        return config_bool(repo.config_with_user, (section,), name, True)
     except ValueError:
         return True
 
@@ -316,11 +317,12 @@ def _printable(text: str) -> str:
     return printable(text)
 
 
-def _quoted(path: str) -> str:
-    """A file name as git prints it (core.quotePath): C-quoted when not printable ASCII."""
+def _quoted(repo: Any, path: str) -> str:
+    """A file name as git lists it: C-quoted where it does not print, and where it is not
+    ASCII unless core.quotePath is off."""
     from mintvcs.messages import quote_path
 
-    return quote_path(path)
+    return quote_path(path, non_ascii=_on(repo, b"core", b"quotePath"))
 
 
 def _echo_commit_text(info: Any) -> None:
@@ -364,7 +366,7 @@ def _warn_if_ambiguous(repo: Any, *specs: str | None, checkout: bool = False) ->
                     f"object {name}, never a ref",
                     err=True,
                 )
-            if _advice(repo, b"objectNameWarning"):
+            if _on(repo, b"advice", b"objectNameWarning"):
                 reached = (
                     "hint: Only checkout takes it for the branch: other commands read the object,\n"
                     "hint: and reach it by its full name (refs/heads/...). Delete it\n"
@@ -835,7 +837,7 @@ def show(rev: str, as_json: bool) -> None:
         for t in manifest.tensors
     )
     for f in manifest.files:
-        click.echo(f"  file {_quoted(f.path)}  {repo.blob_size(f.blob, what=f.path):,} bytes")
+        click.echo(f"  file {_quoted(repo, f.path)}  {repo.blob_size(f.blob, what=f.path):,} bytes")
 
 
 def _echo_lines(lines: Iterable[str]) -> None:
@@ -880,7 +882,7 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
     if result.header_changed:
         click.echo(f"  {WEIGHTS_FILE} header changed (its __metadata__ or tensor order)")
     for file_status, path in result.files:
-        click.echo(f"  file {_quoted(path)} {file_status}")
+        click.echo(f"  file {_quoted(repo, path)} {file_status}")
     changed = 0
     lines = []
     for t in result.tensors:
@@ -959,7 +961,7 @@ def status(as_json: bool) -> None:
         click.echo("\nChanges not committed:")
         for kind, path in state.changes:
             color = {"added": "green", "removed": "red"}.get(kind, "yellow")
-            click.echo(click.style(f"\t{kind + ':':10} {_quoted(path)}", fg=color))
+            click.echo(click.style(f"\t{kind + ':':10} {_quoted(repo, path)}", fg=color))
 
 
 def _each(

@@ -147,27 +147,31 @@ _C_ESCAPES = {7: "\\a", 8: "\\b", 9: "\\t", 10: "\\n", 11: "\\v", 12: "\\f", 13:
 _C_ESCAPES |= {0x22: '\\"', 0x5C: "\\\\"}
 
 
-def quote_path(path: str) -> str:
-    """`path` as git prints a file name with core.quotePath on (its default, quote_c_style):
-    as it is when it is printable ASCII without `"` or `\\`, else in double quotes, `\\n`,
-    `\\t`, `\\"`, `\\\\` and the like escaped, and every other control byte and every byte of
-    a character that is not ASCII in octal (`"caf\\303\\251.md"`). So a name can neither drive
-    the terminal (ESC, C1, bidi overrides) nor pass for another (NFC and NFD spellings)."""
-    if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
-        return path
-    try:
-        raw = path.encode("utf-8", "surrogateescape")  # a name that is not UTF-8: its bytes
-    except UnicodeEncodeError:
-        raw = path.encode("utf-8", "surrogatepass")
+def quote_path(path: str, *, non_ascii: bool = False) -> str:
+    """`path` as git prints a file name (quote_c_style): as it is when it needs no escape,
+    else in double quotes, `\\n`, `\\t`, `\\"`, `\\\\` and the like escaped and every other
+    character that does not print in octal (controls, C1, bidi overrides, joiners: git prints
+    the last three raw, but a name must neither drive the terminal nor reorder the line).
+    `non_ascii` (git's core.quotePath, on in git by default) puts every byte of a character
+    that is not ASCII in octal too (`"caf\\303\\251.md"`), so that two spellings of one name
+    (NFC, NFD) look different; error lines name paths without it, as git's do."""
     out = []
-    for byte in raw:
-        if byte in _C_ESCAPES:
-            out.append(_C_ESCAPES[byte])
-        elif byte < 0x20 or byte >= 0x7F:
-            out.append(f"\\{byte:03o}")
-        else:
-            out.append(chr(byte))
-    return '"' + "".join(out) + '"'
+    for char in path:
+        # isprintable() is False for controls, C1, bidi overrides (format characters) and the
+        # lone surrogates that stand for the bytes of a name that is not UTF-8.
+        plain = char.isprintable() and (char.isascii() or not non_ascii)
+        out.append(char if plain and char not in '"\\' else _octal(char))
+    quoted = "".join(out)
+    return path if quoted == path else f'"{quoted}"'
+
+
+def _octal(char: str) -> str:
+    """One character's bytes C-escaped: `\\n` and the like where C has a name, else octal."""
+    try:
+        raw = char.encode("utf-8", "surrogateescape")  # a byte of a name that is not UTF-8
+    except UnicodeEncodeError:
+        raw = char.encode("utf-8", "surrogatepass")
+    return "".join(_C_ESCAPES.get(byte, f"\\{byte:03o}") for byte in raw)
 
 
 _UNSAFE_IN_A_LINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")

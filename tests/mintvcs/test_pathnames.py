@@ -159,6 +159,37 @@ def test_file_names_print_quoted_as_git_ls_tree_prints_them(work: Path) -> None:
     assert sorted(names) == sorted(set(_show_files(work)) - {"README.md"})
 
 
+def test_core_quote_path_off_prints_non_ascii_names_as_git_does(work: Path) -> None:
+    # With core.quotePath off git lists non-ASCII names as they are; so do we, but for names
+    # that do not print (bidi overrides, C1), which stay quoted where git prints them raw.
+    names = ["caf\u00e9.md", "cafe\u0301.md", "日本語.txt", 'q"x', "sp ace"]
+    for name in names:
+        (work / name).write_text(name)
+    mint(work, "commit", "-m", "names", "--no-verify")
+    git(work / ".mint", "config", "core.quotePath", "false")
+    listed = git(work / ".mint", "ls-tree", "--name-only", "HEAD", "files/").stdout.splitlines()
+    want = sorted('"' + n[7:] if n.startswith('"') else n[6:] for n in listed)
+    want = [w for w in want if w != "README.md"]
+    assert "caf\u00e9.md" in want and "日本語.txt" in want  # git's own listing, unquoted
+    shown = mint(work, "show").stdout.splitlines()
+    files = [line[7:].rsplit("  ", 1)[0] for line in shown if line.startswith("  file ")]
+    assert sorted(f for f in files if f != "README.md") == want
+    (work / "evil\u202etxt").write_text("x")
+    (work / "caf\u00e9.md").write_text("changed")
+    status = mint(work, "status").stdout
+    assert '"evil\\342\\200\\256txt"' in status and "\u202e" not in status, status
+    assert "modified: caf\u00e9.md" in status.replace("\t", " ").replace("  ", " "), status
+    git(work / ".mint", "config", "core.quotePath", "true")
+    assert '"caf\\303\\251.md"' in mint(work, "status").stdout
+
+
+def test_an_error_line_names_a_non_ascii_path_as_it_is(work: Path) -> None:
+    # git's error lines print a path as it is; only what does not print is escaped.
+    (work / "naïve\x1b.txt").write_text("x")
+    result = mint(work, "commit", "-m", "x", "--no-verify", ok=False)
+    assert 'naïve\\033.txt": this file name cannot be stored' in result.stderr, result.stderr
+
+
 def test_a_directory_of_the_adapter_holding_head_and_objects_is_not_the_repository(
     work: Path,
 ) -> None:
