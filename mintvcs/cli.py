@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import codecs
 import contextlib
 import dataclasses
 import fnmatch
@@ -172,6 +173,29 @@ def _open_closed_standard_streams() -> None:
             setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 
+def _unencodable(err: UnicodeError) -> tuple[str | bytes, int]:
+    """Output's encoding error handler: a name's bytes that are not UTF-8 (surrogate escapes)
+    go out as they are, as git writes them; a character the terminal's encoding cannot carry
+    (a Japanese name on a Latin-1 locale) is backslash-escaped. Either raised a traceback."""
+    if not isinstance(err, UnicodeEncodeError):
+        raise err
+    try:
+        return codecs.lookup_error("surrogateescape")(err)
+    except UnicodeEncodeError:
+        return codecs.backslashreplace_errors(err)
+
+
+codecs.register_error("mintvcs-output", _unencodable)
+
+
+def _print_anything() -> None:
+    """Standard error never fails to encode a message (see _unencodable); stdout is made so by
+    _name_stdout_failures."""
+    with contextlib.suppress(AttributeError, ValueError):  # not a file's stream
+        if sys.stderr.errors in ("strict", "surrogateescape"):
+            sys.stderr.reconfigure(errors="mintvcs-output")  # type: ignore[union-attr]
+
+
 class _StdoutWriteError(OSError):
     """A write to standard output failed for a reason other than a reader gone (a full disk)."""
 
@@ -244,10 +268,11 @@ def _name_stdout_failures() -> None:
     except (AttributeError, OSError, ValueError):  # not a file's stream (a test's capture)
         return
     stream.flush()
+    errors = stream.errors or "strict"
     sys.stdout = io.TextIOWrapper(
         _HeldOutput(_StandardOutput(1, "w", closefd=False)),
         encoding=stream.encoding,
-        errors=stream.errors,
+        errors="mintvcs-output" if errors in ("strict", "surrogateescape") else errors,
         line_buffering=bool(stream.line_buffering),  # a terminal's: line by line
         write_through=bool(getattr(stream, "write_through", False)),  # PYTHONUNBUFFERED's
     )
@@ -258,6 +283,7 @@ class MintGroup(click.Group):
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         _open_closed_standard_streams()
+        _print_anything()
         _name_stdout_failures()
         return super().main(*args, **kwargs)
 

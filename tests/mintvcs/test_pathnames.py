@@ -269,3 +269,21 @@ def test_ref_names_that_are_not_utf8_are_refused_and_left_out_of_json(work: Path
     assert result.returncode == 1 and "is not UTF-8, which --json cannot carry" in result.stderr
     assert not where.exists()
     mint(work.parent, "init", str(where))
+
+
+def test_output_the_terminal_cannot_encode_never_raises(work: Path) -> None:
+    # A name's bytes that are not UTF-8 raised under a strict UTF-8 stdout (any UTF-8 locale
+    # but C), and a Japanese name or message under a Latin-1 one: a traceback, the listing cut.
+    git(work / ".mint", "update-ref", "refs/heads/mb\udcfe", "HEAD")
+    (work / "日本.txt").write_text("x")
+    mint(work, "commit", "-m", "日本 msg", "--no-verify")
+    git(work / ".mint", "config", "core.quotePath", "false")
+    (work / "日本.txt").write_text("y")
+    strict = {"PYTHONIOENCODING": "utf-8"}
+    assert "  mb\udcfe " in mint(work, "branch", env=strict).stdout  # its bytes, as git's
+    assert "mb\udcfe" in mint(work, "log", "--oneline", env=strict).stdout
+    latin = {"PYTHONIOENCODING": "latin-1"}
+    assert "    \\u65e5\\u672c msg" in mint(work, "log", env=latin).stdout
+    assert "modified:  \\u65e5\\u672c.txt" in mint(work, "status", env=latin).stdout
+    missing = mint(work, "branch", "-d", "x日", ok=False, env=latin)
+    assert "error: branch 'x\\u65e5' not found" in missing.stderr, missing.stderr
