@@ -1148,11 +1148,13 @@ def _record_clean(
     key: tuple[int, ...] | None,
     known_ns: int,
     files: Mapping[str, tuple[int, ...] | None] | None = None,
+    changes: _WorkTreeChanges | None = None,
 ) -> None:
     """Record that the work tree holds commit `commit_id` (its base), whose `content` is
     RevisionOf.content_ids() (None: not known here), that the weights file whose stat_key() is
     `key` holds its weights, and each extra file in `files` with that stat_key() its committed
-    content (None or a fresh stat: not trusted, read next time)."""
+    content (None or a fresh stat: not trusted, read next time); after the checkout that made
+    it so (`changes`, see _write_record)."""
     trusted = {
         p: list(k) for p, k in (files or {}).items() if k is not None and _trusted(k, known_ns)
     }
@@ -1166,7 +1168,7 @@ def _record_clean(
     if content is not None:
         record["config"] = content[0]
         record["committed"] = {p: list(ids) for p, ids in content[1].items()}
-    _write_record(repo, record)
+    _write_record(repo, record, changes)
 
 
 def _parse_record(raw: bytes) -> dict[str, Any]:
@@ -1207,14 +1209,52 @@ def _recorded_content(
     return (config, files) if sound else None
 
 
-def _write_record(repo: Repository, record: dict[str, Any]) -> None:
-    """Write the work-tree record; one that cannot be written is removed, never left stale."""
+def _write_record(
+    repo: Repository, record: dict[str, Any], changes: _WorkTreeChanges | None = None
+) -> None:
+    """Write the work-tree record; one that cannot be written is removed, never left stale.
+
+    After a checkout (`changes`) the record that lists its mix stays instead, made to list only
+    the revision now written where it can be: removing it would let a plain commit take the
+    work tree's files if the move of HEAD fails next and the old revision cannot be written back.
+    """
     path = repo.git_dir / WORKTREE_RECORD
     try:
         _write_atomic(path, json.dumps(record).encode(), shared=repo.shared_perm)
     except OSError:  # a full disk, say: the next status hashes, and no base is claimed
+        if changes is not None and changes.marked:
+            _mark_in_place(repo, [record["commit"]])
+            return
         with suppress(OSError):
             path.unlink(missing_ok=True)
+
+
+def _mixed_record(mixes: list[str]) -> bytes:
+    """A work-tree record that claims no base and lists the revisions the work tree may hold."""
+    return json.dumps(
+        {"commit": None, "mixes": mixes, "weights": None, "known_ns": 0, "files": {}}
+    ).encode()
+
+
+def _mark_in_place(repo: Repository, mixes: list[str]) -> bool:
+    """Overwrite the work-tree record in place with one listing `mixes`, padded with spaces to
+    the record's length (JSON allows them): no new block is needed, so this still works on a
+    disk too full for a temporary. False where there is no record that long, or it fails."""
+    data = _mixed_record(mixes)
+    try:
+        fd = os.open(repo.git_dir / WORKTREE_RECORD, os.O_WRONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if len(data) > size:
+            return False
+        os.pwrite(fd, data + b" " * (size - len(data)), 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def work_tree_base(repo: Repository) -> str | None:
@@ -1274,9 +1314,11 @@ class _WorkTreeChanges:
     Before the first change the record is replaced by one that claims no base and lists the
     revisions whose files the work tree may then hold: a checkout killed or failing part-way
     leaves no record naming a base the work tree no longer holds, yet a plain commit of the
-    mix is still refused (it would put an older revision's files on top of HEAD). Where the
-    write fails before anything changed (a read-only work tree), the record is put back as it
-    was, so a work tree left behind by a `commit --from` is still known to be.
+    mix is still refused (it would put an older revision's files on top of HEAD). A record
+    that cannot be written (a full disk) is overwritten in place, else the checkout fails
+    before its first change. Where the write fails before anything changed (a read-only work
+    tree), the record is put back as it was, so a work tree left behind by a `commit --from` is
+    still known to be.
     """
 
     def __init__(self, repo: Repository, mixes: list[str]) -> None:
@@ -1286,14 +1328,8 @@ class _WorkTreeChanges:
             self.original: bytes | None = self.path.read_bytes()
         except OSError:
             self.original = None
-        mixed: dict[str, Any] = {
-            "commit": None,
-            "mixes": mixes,
-            "weights": None,
-            "known_ns": 0,
-            "files": {},
-        }
-        self.mixed = json.dumps(mixed).encode()
+        self.mixes = mixes
+        self.mixed = _mixed_record(mixes)
         self.marked = False
         self.changed = False
 
@@ -1306,9 +1342,11 @@ class _WorkTreeChanges:
             try:
                 _write_atomic(self.path, self.mixed, shared=self.repo.shared_perm)
             except OSError:
-                # A full disk, say: at least no record may claim the old base. One that cannot
-                # be removed either fails the checkout here, before anything changed.
-                self.path.unlink(missing_ok=True)
+                # A full disk, say: the record's own bytes take the mark. Where they cannot
+                # either, the checkout fails here, before anything changed: with no record a
+                # plain commit would take a mix left by a later failure.
+                if not _mark_in_place(self.repo, self.mixes):
+                    raise
             self.marked = True
         self.changed |= in_place
         yield
@@ -1757,7 +1795,7 @@ def write_work_tree(
     written = {path: stat_key(os.stat(work / path)) for path in files}
     ids = (blob_id(rev.config_bytes), _file_ids(rev))
     weights_key = stat_key(os.stat(work / WEIGHTS_FILE))
-    _record_clean(repo, rev.commit, ids, weights_key, known_ns, written)
+    _record_clean(repo, rev.commit, ids, weights_key, known_ns, written, changes)
 
 
 def _left_behind_files(
@@ -2006,9 +2044,15 @@ def _restore_on_failure(
             changes.put_back()
         elif old is not None:
             # Where this fails too, the record lists the mix (_WorkTreeChanges).
-            with suppress(MintError, OSError):
+            try:
                 back = RevisionOf(repo, written.commit, written)
                 write_work_tree(repo, old.read(), back, show_progress=False, undo=None)
+            except (MintError, OSError):
+                # Failing before its first change, it left the record naming `written` as the
+                # base, which status would explain as HEAD moved under the work tree. HEAD
+                # never moved: the record lists it as a failed checkout's instead.
+                if work_tree_base(repo) == written.commit:
+                    _mark_in_place(repo, [written.commit])
         raise
 
 

@@ -1,0 +1,91 @@
+"""Commands whose disk fills up while they run (tests.mintvcs.fullkit: the first N writes succeed,
+then every write that needs new space fails with ENOSPC). Whatever N, a failed command leaves a
+repository that real git and mintvcs fsck pass, and nothing a plain next command turns into a
+wrong result."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.mintvcs import fullkit
+from tests.mintvcs.storekit import (
+    git_fsck,
+    handmade_adapter,
+    mint,
+    mint_fsck_ok,
+    mutate,
+    random_f32,
+)
+
+
+def _adapter(path: Path, seed: int) -> Path:
+    """A small fp32 adapter of four tensors (the same names and shapes whatever `seed`)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"A": [4, 64], "B": [64, 4]}
+    tensors = {
+        f"base_model.model.layers.{i}.q_proj.lora_{ab}.weight": (
+            "F32",
+            shapes[ab],
+            random_f32(rng, shapes[ab]),
+        )
+        for i in range(2)
+        for ab in "AB"
+    }
+    return handmade_adapter(path, tensors)
+
+
+@pytest.fixture(scope="module")
+def two_branches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository whose main and `two` hold weights of the same size, work tree on main (its
+    record written by status, so checkout may overwrite the weights in place)."""
+    work = tmp_path_factory.mktemp("full") / "work"
+    mint(work.parent, "init", str(work), "--no-hooks")
+    _adapter(work, 1)
+    mint(work, "commit", "-m", "one")
+    mint(work, "checkout", "-b", "two")
+    mutate(work, seed=2)
+    mint(work, "commit", "-m", "two")
+    mint(work, "checkout", "main")
+    mint(work, "status")
+    return work
+
+
+def _copy(pristine: Path, tmp_path: Path, n: int) -> Path:
+    work = tmp_path / f"w{n}"
+    shutil.copytree(pristine, work, symlinks=True)
+    return work
+
+
+@pytest.mark.parametrize("command", [["checkout", "two"], ["reset", "--hard", "two"]])
+def test_a_failed_checkout_never_leaves_a_mix_a_plain_commit_takes(
+    two_branches: Path, tmp_path: Path, command: list[str]
+) -> None:
+    main = (two_branches / ".mint" / "refs" / "heads" / "main").read_text()
+    failed = 0
+    for n in range(9):
+        work = _copy(two_branches, tmp_path, n)
+        result = fullkit.run(work, n, *command)
+        assert "Traceback" not in result.stderr, result.stderr
+        if result.returncode == 0:
+            continue
+        failed += 1
+        assert result.stderr == "error: No space left on device\n" or "mint-worktree" in (
+            result.stderr
+        ), result.stderr
+        assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n"
+        assert (work / ".mint" / "refs" / "heads" / "main").read_text() == main
+        # Either the work tree is main's, or the commit is refused as the failed checkout's
+        # (not as main having moved: it never did), never a commit of two's weights on main.
+        commit = mint(work, "commit", "-m", "my edit", ok=False)
+        assert commit.returncode != 0, (n, commit.stdout)
+        assert "nothing to commit" in commit.stderr or "stopped part-way" in commit.stderr, (
+            n,
+            commit.stderr,
+        )
+        git_fsck(work)
+        mint_fsck_ok(work)
+    assert failed >= 5  # the disk filled at each step of the checkout, not only before it
