@@ -2248,7 +2248,6 @@ def _move_head(
             message=f"branch: Created from {spec}",
             by=who,
         )
-        _ref_moved(repo, f"refs/heads/{new_branch}", None, target)
         branch: str | None = new_branch
     elif spec in ("HEAD", "@"):
         branch = repo.current_branch()
@@ -2258,17 +2257,27 @@ def _move_head(
     else:
         branch = spec if is_branch else None
     message = f"checkout: moving from {previous} to {branch or spec}"
-    if branch is not None:
-        repo.refs.set_symbolic(
-            "HEAD",
-            f"refs/heads/{branch}",
-            message=message,
-            identity=who.identity,
-            timestamp=who.timestamp,
-            tz=who.tz,
-        )
-    else:
-        _move_ref(repo, "HEAD", target, old=ANY, message=message, by=who, deref=False)
+    try:
+        if branch is not None:
+            repo.refs.set_symbolic(
+                "HEAD",
+                f"refs/heads/{branch}",
+                message=message,
+                identity=who.identity,
+                timestamp=who.timestamp,
+                tz=who.tz,
+            )
+        else:
+            _move_ref(repo, "HEAD", target, old=ANY, message=message, by=who, deref=False)
+    except BaseException:
+        if new_branch is not None:
+            # HEAD could not follow (a full disk): the branch `-b` made goes too, so that the
+            # failed command leaves nothing its retry would be refused for.
+            with suppress(MintError, OSError):
+                repo.refs.delete(f"refs/heads/{new_branch}", old=target)
+        raise
+    if new_branch is not None:
+        _ref_moved(repo, f"refs/heads/{new_branch}", None, target)
     return CheckoutResult(target, branch, new_branch is not None)
 
 

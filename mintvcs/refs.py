@@ -835,11 +835,21 @@ class RefStore:
         path = os.path.join(self._dir, "logs", name)
         make_dirs(os.path.dirname(path), self.shared_perm)
         # One O_APPEND write per entry: concurrent appenders never interleave within a line.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        try:
+            fd = os.open(path, flags | os.O_EXCL, 0o666)
+            made = True
+        except FileExistsError:
+            fd = os.open(path, flags, 0o666)
+            made = False
         try:
             adjust_fd(fd, self.shared_perm)
             start = os.fstat(fd).st_size
             os.write(fd, data)
+        except BaseException:
+            if made:  # left empty (a full disk): it goes, as no line made it
+                _Appended(path, 0, 0).undo()
+            raise
         finally:
             os.close(fd)
         return _Appended(path, start, len(data))
@@ -956,11 +966,32 @@ class RefStore:
                 raise RefNameConflictError(final, f"{final}/...") from err
             # A new ref is logged once it exists (still under its lock): a log file written
             # first could stand in the way of a concurrent `final/...`, the ref that won the race.
-            for ref in logged:
-                self._append_log(ref, prev, new, identity, ts, tz, message)
+            # Where a line cannot be written (a full disk), the ref goes again, as git creates
+            # none then: a failed `branch x` leaves no `x` that its retry would be refused for.
+            created: list[_Appended] = []
+            try:
+                for ref in logged:
+                    created.append(self._append_log(ref, prev, new, identity, ts, tz, message))
+            except BaseException:
+                for entry in created:
+                    entry.undo()
+                self._take_back(final, new)
+                raise
         finally:
             for lk in locks:
                 lk.release()
+
+    def _take_back(self, name: str, value: str) -> None:
+        """Delete `name`, which this process has just created at `value`, under its lock again,
+        unless another process has taken or moved it since."""
+        with contextlib.suppress(MintError, OSError):
+            lock = self._lock(name)
+            try:
+                if self._read_loose(name) == value:
+                    os.unlink(self._path(name))
+            finally:
+                lock.release()
+            self._prune_dirs(name)
 
     def set_symbolic(
         self,

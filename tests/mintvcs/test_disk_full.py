@@ -13,6 +13,7 @@ import pytest
 
 from tests.mintvcs import fullkit
 from tests.mintvcs.storekit import (
+    git,
     git_fsck,
     handmade_adapter,
     mint,
@@ -89,3 +90,54 @@ def test_a_failed_checkout_never_leaves_a_mix_a_plain_commit_takes(
         git_fsck(work)
         mint_fsck_ok(work)
     assert failed >= 5  # the disk filled at each step of the checkout, not only before it
+
+
+def _heads(work: Path) -> dict[str, str]:
+    """Every branch and its value, as real git lists them."""
+    out = git(work / ".mint", "for-each-ref", "--format=%(refname) %(objectname)", "refs/heads")
+    return dict(line.split() for line in out.stdout.splitlines())
+
+
+def _until_it_succeeds(pristine: Path, tmp_path: Path, *args: str) -> list[Path]:
+    """Run `mintvcs ARGS` on a copy of `pristine` with the disk filling after 0, 1, 2... writes,
+    until it succeeds; the copies it failed on."""
+    failed = []
+    for n in range(60):
+        work = _copy(pristine, tmp_path, n)
+        result = fullkit.run(work, n, *args)
+        assert "Traceback" not in result.stderr, result.stderr
+        if result.returncode == 0:
+            return failed
+        assert result.returncode == 1, result.stderr
+        failed.append(work)
+    raise AssertionError(f"mintvcs {args} never succeeded")
+
+
+@pytest.mark.parametrize("command", [["branch", "feat"], ["checkout", "-b", "feat"]])
+def test_a_branch_not_logged_is_not_created(
+    two_branches: Path, tmp_path: Path, command: list[str]
+) -> None:
+    before = _heads(two_branches)
+    failed = _until_it_succeeds(two_branches, tmp_path, *command)
+    assert len(failed) >= 2  # its reflog's line, and for checkout -b HEAD's move, failed
+    for work in failed:
+        # As git: no branch whose reflog could not be written, so the retry is not refused.
+        assert _heads(work) == before, work
+        assert not (work / ".mint" / "logs" / "refs" / "heads" / "feat").exists()
+        assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n"
+        git_fsck(work)
+        mint(work, *command)
+
+
+def test_a_first_commit_not_logged_leaves_no_branch(tmp_path: Path) -> None:
+    pristine = tmp_path / "pristine"
+    mint(tmp_path, "init", str(pristine), "--no-hooks")
+    _adapter(pristine, 1)
+    failed = _until_it_succeeds(pristine, tmp_path / "runs", "commit", "-m", "one")
+    for work in failed:
+        # A trainer told the commit failed must find nothing committed, and its retry commits.
+        assert _heads(work) == {}, work
+        assert not (work / ".mint" / "logs" / "HEAD").exists()
+        mint(work, "commit", "-m", "one")
+        assert len(git(work / ".mint", "rev-list", "--all").stdout.split()) == 1
+        git_fsck(work)
