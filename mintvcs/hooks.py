@@ -341,5 +341,12 @@ def install_samples(git_dir: Path, shared: SharedPerm | None = None) -> None:
             continue
         dest = target / (name if name in INSTALLED_BY_INIT else f"{name}.sample")
         with resources.as_file(source) as src:
-            shutil.copyfile(src, dest)
+            try:
+                shutil.copyfile(src, dest)
+            except OSError as err:
+                # copyfile names the source where the write fails (its sendfile path): the
+                # file that could not be written is the destination.
+                if err.errno is None:
+                    raise
+                raise OSError(err.errno, err.strerror, os.fspath(dest)) from None
         dest.chmod(file_mode(0o777, shared))

@@ -65,6 +65,7 @@ from mintvcs.store import (
     UnknownRevisionError,
     WriteCount,
     accepts_path,
+    undo_init,
 )
 from mintvcs.validate import check_lora_config
 
@@ -389,7 +390,11 @@ def init(
         base = read_base_model(path) if path.is_dir() else BaseModel(base_model)
     repo = Repository.init(Path(directory), base, shared=perm)
     if install_hooks:
-        hooks.install_samples(repo.git_dir, perm)
+        try:
+            hooks.install_samples(repo.git_dir, perm)
+        except BaseException as err:
+            repo.close()
+            raise undo_init(repo.git_dir, err) from None
     return repo
 
 

@@ -585,6 +585,27 @@ class NameAmbiguity:
     object: str | None
 
 
+def undo_init(git_dir: Path, err: BaseException) -> BaseException:
+    """Remove `git_dir`, which init made and then failed to fill (`err`): nothing of the user's
+    is in it, and a `.mint/` without HEAD is no repository that a second init would complete.
+    Returns the error to raise: an OSError that named no file names `git_dir`."""
+    import shutil
+    import traceback
+
+    # dulwich's lock files whose write failed are closed by their finalizers, which fail
+    # again and would print "Exception ignored ... Traceback" at exit: run them now, quietly.
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda _unraisable: None
+    try:
+        traceback.clear_frames(err.__traceback__)
+    finally:
+        sys.unraisablehook = hook
+    shutil.rmtree(git_dir, ignore_errors=True)
+    if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+        return OSError(err.errno, err.strerror, os.fspath(git_dir))
+    return err.with_traceback(None)
+
+
 class Repository:
     """A mintvcs repository: `.mint/` (a git directory) and, usually, a work tree beside it.
 
@@ -632,14 +653,30 @@ class Repository:
     ) -> Repository:
         """Create `.mint/` in `work_tree` as a git directory whose HEAD is `default_branch`;
         `shared` is its core.sharedRepository (repoformat.parse_shared), set as `git init
-        --shared` sets it."""
-        from dulwich.repo import Repo
-
+        --shared` sets it. Where a step fails (a full disk), the `.mint/` it made goes again
+        (undo_init), so that init can be run again."""
         work_tree = Path(work_tree)
         work_tree.mkdir(parents=True, exist_ok=True)
         git_dir = work_tree / GIT_DIR
         if git_dir.exists() or not make_dir(git_dir, shared):
             raise MintError(f"{git_dir} already exists: this is a mintvcs repository already")
+        try:
+            return cls._fill_git_dir(git_dir, work_tree, base, default_branch, shared)
+        except BaseException as err:
+            raise undo_init(git_dir, err) from None
+
+    @classmethod
+    def _fill_git_dir(
+        cls,
+        git_dir: Path,
+        work_tree: Path,
+        base: BaseModel | None,
+        default_branch: str,
+        shared: SharedPerm | None,
+    ) -> Repository:
+        """Write the files of the new, empty `git_dir` (see init)."""
+        from dulwich.repo import Repo
+
         setting = shared_setting(shared)
         repo = Repo.init_bare(
             str(git_dir), default_branch=default_branch.encode(), shared_repository=setting

@@ -14,6 +14,7 @@ until `uninstall()`.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import io
 import os
@@ -63,31 +64,53 @@ def _nbytes(data: Any) -> int:
 
 
 class _Writer:
-    """A file opened for writing, whose write() the full disk may fail (everything else is the file's)."""
+    """A file opened for writing, whose writes the full disk may fail (everything else is the
+    file's). A buffered file's bytes reach the disk, and fail, when its buffer is flushed (on
+    flush(), close(), or a write that fills it), as a real one's do."""
 
     def __init__(self, file: Any, disk: _Disk) -> None:
         self._file = file
         self._disk = disk
+        self._buffered = hasattr(file, "raw")
+        self._pending = 0
+
+    def _settle(self, size: int) -> None:
+        """Count the write of the buffer's `size` bytes, as the flush that writes them."""
+        if size:
+            self._disk.check(self._file.fileno(), size, self._file.tell() - self._pending)
+            self._pending = 0
 
     def write(self, data: Any) -> int:
-        fd = self._file.fileno()
-        if isinstance(data, str):
-            size = len(data.encode())
-            self._disk.check(fd, size, self._file.tell())
+        size = len(data.encode()) if isinstance(data, str) else _nbytes(data)
+        if self._buffered and self._pending + size < io.DEFAULT_BUFFER_SIZE:
+            self._pending += size
         else:
-            self._disk.check(fd, _nbytes(data), self._file.tell())
+            self._settle(self._pending + size)
         return int(self._file.write(data))
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
             self.write(line)
 
+    def flush(self) -> None:
+        self._settle(self._pending)
+        self._file.flush()
+
+    def close(self) -> None:
+        try:
+            self._settle(self._pending)
+        except OSError:
+            # As a real buffered file: closed all the same, its unwritten bytes lost.
+            with contextlib.suppress(OSError, ValueError):
+                self._file.raw.close()
+            raise
+        self._file.close()
+
     def __enter__(self) -> _Writer:
-        self._file.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> Any:
-        return self._file.__exit__(*exc)
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __iter__(self) -> Any:
         return iter(self._file)

@@ -141,3 +141,25 @@ def test_a_first_commit_not_logged_leaves_no_branch(tmp_path: Path) -> None:
         mint(work, "commit", "-m", "one")
         assert len(git(work / ".mint", "rev-list", "--all").stdout.split()) == 1
         git_fsck(work)
+
+
+def test_a_failed_init_leaves_nothing_and_init_runs_again(tmp_path: Path) -> None:
+    ran = 0
+    for n in range(40):
+        work = tmp_path / f"w{n}"
+        work.mkdir()
+        result = fullkit.run(work, n, "init")
+        if result.returncode == 0:
+            break
+        ran += 1
+        # One line: not dulwich's lock files' finalizers failing again at exit.
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: No space left on device: "), result.stderr
+        # The file named is the repository's (a hook's destination), never mintvcs's own sample.
+        assert ".mint" in result.stderr and "hook_samples" not in result.stderr, result.stderr
+        # The half-made .mint (locks, no HEAD) is gone, so that init completes the repository.
+        assert sorted(p.name for p in work.iterdir()) == []
+        mint(work, "init")
+        assert (work / ".mint" / "hooks" / "update").is_file()
+        git_fsck(work)
+    assert ran >= 10  # dulwich's files, ours, and each hook's copy failed in turn
