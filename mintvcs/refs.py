@@ -981,6 +981,32 @@ class RefStore:
             for lk in locks:
                 lk.release()
 
+    def _put_back(self, name: str, raw: str | None, *, written: str | None = None) -> None:
+        """Give `name` its content `raw` again (None: delete it), under its lock again, after a
+        change this process made (to `written`, where given) that then failed; left alone
+        where another process holds or moved it since."""
+        with contextlib.suppress(MintError, OSError):
+            lock = self._lock(name)
+            try:
+                if written is not None and self._read_loose(name) != written:
+                    return
+                if raw is None:
+                    os.unlink(self._path(name))
+                    return
+                data = (raw + "\n").encode()
+                try:
+                    lock.write_commit(data)
+                except OSError:
+                    # No block for the lock's content (a full disk): the ref's own, in place.
+                    fd = os.open(self._path(name), os.O_WRONLY | os.O_NOFOLLOW)
+                    try:
+                        os.pwrite(fd, data, 0)
+                        os.ftruncate(fd, len(data))
+                    finally:
+                        os.close(fd)
+            finally:
+                lock.release()
+
     def _take_back(self, name: str, value: str) -> None:
         """Delete `name`, which this process has just created at `value`, under its lock again,
         unless another process has taken or moved it since."""
@@ -1138,8 +1164,8 @@ class RefStore:
         ts, tz = _when(timestamp, tz)
         message = _clean_message(message)
 
-        def log(store: RefStore, name: str, a: str, b: str) -> None:
-            store._append_log(name, a, b, identity, ts, tz, message)
+        def log(store: RefStore, name: str, a: str, b: str) -> _Appended:
+            return store._append_log(name, a, b, identity, ts, tz, message)
 
         locks: list[_Lock] = []
         try:
@@ -1191,6 +1217,7 @@ class RefStore:
             plock = self._lock_packed()  # from here to old's deletion, as delete() holds it
             locks.append(plock)
             packed_before = self._packed()
+            previous: bytes | None = None
             if nested:
                 # Both names cannot be loose files at once: one packed-refs write adds `new` (and
                 # drops a packed `old`), then the reflog moves and a loose `old` goes below.
@@ -1209,15 +1236,32 @@ class RefStore:
                     if isinstance(err, (IsADirectoryError, NotADirectoryError, FileExistsError)):
                         raise RefNameConflictError(new, f"{new}/...") from err
                     raise
-            for store, lock in heads:
-                # git deletes `old` first, which HEAD logs, then points HEAD at `new`.
-                if store is self:
-                    log(self, HEAD, value, ZERO)
-                log(store, HEAD, ZERO, value)
-                lock.write_commit(f"ref: {new}\n".encode())
+            lines: list[_Appended] = []
+            switched: list[RefStore] = []
+            try:
+                for store, lock in heads:
+                    # git deletes `old` first, which HEAD logs, then points HEAD at `new`.
+                    if store is self:
+                        lines.append(log(self, HEAD, value, ZERO))
+                    lines.append(log(store, HEAD, ZERO, value))
+                    lock.write_commit(f"ref: {new}\n".encode())
+                    switched.append(store)
+                if not nested:
+                    # A packed record of a replaced `new` goes too (git deletes `new` first).
+                    self._remove_packed(plock, old, new)
+            except BaseException:
+                # A HEAD that cannot follow, or a packed `old` that cannot go (a full disk): the
+                # rename is taken back, HEAD's lines, the HEADs already moved, `new` and its
+                # log, so that `old` alone is left and the retry is not refused for `new`.
+                for line in reversed(lines):
+                    line.undo()
+                for store in switched:
+                    store._put_back(HEAD, f"ref: {old}")
+                if not nested:
+                    self._put_back(new, replaced, written=value)
+                    self._restore_log(new, previous)
+                raise
             if not nested:
-                # A packed record of a replaced `new` goes too (git deletes `new` first).
-                self._remove_packed(plock, old, new)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self._dir, "logs", old))
             with contextlib.suppress(FileNotFoundError):

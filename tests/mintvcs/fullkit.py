@@ -4,8 +4,8 @@
 process in which the first N writes succeed and, from then on, every write that needs space a
 file does not have yet fails with ENOSPC (or NAME): what another process filling the disk
 meanwhile does to this one (`strace -e inject=write:error=ENOSPC:when=N+`, with room still in
-the files already written). A write into a file's existing bytes (checkout's in-place weights)
-still succeeds, as on a real full disk. The failure is injected at os.write, os.pwrite,
+the files already written). A write within the 4 KiB blocks a file has (checkout's in-place
+weights, a short line appended to a log) still succeeds, as on a real full disk. The failure is injected at os.write, os.pwrite,
 os.writev, os.pwritev, os.sendfile and the write() of every file opened for writing (open,
 os.fdopen, pathlib): no code of mintvcs is replaced. Run in-process, `install(n)` does the same
 until `uninstall()`.
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.mintvcs.storekit import ENV
+
+_BLOCK = 4096  # a write within the blocks a file has needs no space: tmpfs pages, ext4 blocks
 
 
 class _Disk:
@@ -49,7 +51,7 @@ class _Disk:
                 offset = length if appending else os.lseek(fd, 0, os.SEEK_CUR)
         except OSError:
             length, offset = 0, 0
-        if offset + size > length:
+        if -(-(offset + size) // _BLOCK) > -(-length // _BLOCK):
             raise OSError(self.error, os.strerror(self.error))
 
 

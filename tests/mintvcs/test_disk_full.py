@@ -163,3 +163,24 @@ def test_a_failed_init_leaves_nothing_and_init_runs_again(tmp_path: Path) -> Non
         assert (work / ".mint" / "hooks" / "update").is_file()
         git_fsck(work)
     assert ran >= 10  # dulwich's files, ours, and each hook's copy failed in turn
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_failed_branch_rename_leaves_the_old_name_alone(
+    two_branches: Path, tmp_path: Path, packed: bool
+) -> None:
+    pristine = _copy(two_branches, tmp_path, -1)
+    if packed:
+        git(pristine / ".mint", "pack-refs", "--all")
+    before = _heads(pristine)
+    head_log = (pristine / ".mint" / "logs" / "HEAD").read_bytes()
+    failed = _until_it_succeeds(pristine, tmp_path / "runs", "branch", "-m", "main", "newmain")
+    assert failed
+    for work in failed:
+        # Nothing of the rename: HEAD on main, no newmain, HEAD's log without its two lines.
+        assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n", work
+        assert _heads(work) == before, work
+        assert (work / ".mint" / "logs" / "HEAD").read_bytes() == head_log, work
+        assert not (work / ".mint" / "logs" / "refs" / "heads" / "newmain").exists()
+        git_fsck(work)
+        mint(work, "branch", "-m", "main", "newmain")
