@@ -1037,6 +1037,7 @@ class RefStore:
         _check_identity(identity)
         ts, tz = _when(timestamp, tz)
         lock = self._lock(name)
+        appended: _Appended | None = None
         try:
             message = _clean_message(message)
             if message:
@@ -1044,8 +1045,14 @@ class RefStore:
                 _, new = self._resolve(target)
                 # git logs a symref move only when the new target resolves (not unborn).
                 if new is not None:
-                    self._append_log(name, old or ZERO, new, identity, ts, tz, message)
+                    appended = self._append_log(name, old or ZERO, new, identity, ts, tz, message)
             lock.write_commit(f"ref: {target}\n".encode())
+        except BaseException:
+            # As update(): a move that failed (a full disk) keeps no line, else `checkout -`
+            # would go back to the branch HEAD never left.
+            if appended is not None:
+                appended.undo()
+            raise
         finally:
             lock.release()
 

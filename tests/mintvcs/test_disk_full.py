@@ -184,3 +184,13 @@ def test_a_failed_branch_rename_leaves_the_old_name_alone(
         assert not (work / ".mint" / "logs" / "refs" / "heads" / "newmain").exists()
         git_fsck(work)
         mint(work, "branch", "-m", "main", "newmain")
+
+
+def test_a_failed_switch_of_head_keeps_no_reflog_line(two_branches: Path, tmp_path: Path) -> None:
+    head_log = (two_branches / ".mint" / "logs" / "HEAD").read_bytes()
+    failed = _until_it_succeeds(two_branches, tmp_path, "checkout", "two")
+    for work in failed:
+        assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n", work
+        # No "checkout: moving from main to two": `checkout -` goes back to two, HEAD's
+        # previous branch, not to main, where HEAD never left.
+        assert (work / ".mint" / "logs" / "HEAD").read_bytes() == head_log, work
