@@ -1196,13 +1196,18 @@ def _remove_stale_temporaries(repo: Repository, now: float) -> None:
     object temporaries, pack temporaries and locks (a killed gc leaves a store-sized `tmp*.pack`,
     or a `pack-X.pack` without its index and the index's `.lock`), and the `*.tmp` files and
     commit-msg hook messages that commands write in the git directory itself (a killed checkout
-    leaves a file of the work tree there)."""
+    leaves a file of the work tree there), and branch -m's reflogs written aside."""
     for entry in _real_entries(repo.git_dir):
         name = entry.name
         if entry.is_file(follow_symlinks=False) and (
             name.endswith(".tmp") or name.startswith("COMMIT_EDITMSG.")
         ):
             _remove_if_stale(Path(entry.path), now)
+    # A branch -m killed (or failing) while it wrote a reflog aside (refs._place_log).
+    with suppress(OSError):
+        for entry in _real_entries(repo.git_dir / "logs" / "refs"):
+            if entry.name.startswith(".tmp-renamed-log.") and entry.is_file(follow_symlinks=False):
+                _remove_if_stale(Path(entry.path), now)
     objects = repo.git_dir / "objects"
     for folder in _real_entries(objects):
         if folder.is_dir(follow_symlinks=False) and (
@@ -1330,6 +1335,10 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
     try:
         adjust_fd(fd, repo.shared_perm)
         os.write(fd, mine.encode())
+    except BaseException:
+        with suppress(OSError):  # a full disk: the temporary goes, not left for a later gc
+            tmp.unlink()
+        raise
     finally:
         os.close(fd)
     try:

@@ -397,7 +397,14 @@ class PackWriter:
         self.loose_dirs = {name for name in os.listdir(objects) if len(name) == 2}
         header = _pack_header(expected or 0)  # rewritten by finish() when the count differs
         self.checksum = hashlib.sha1(header) if expected else None  # of the pack so far
-        os.pwrite(self.fd, header, 0)
+        try:
+            os.pwrite(self.fd, header, 0)
+        except BaseException:
+            # The caller has no writer to abort() yet (a full disk): the temporary goes here.
+            os.close(self.fd)
+            with suppress(OSError):
+                os.unlink(self.tmp)
+            raise
 
     def add(
         self,
@@ -490,6 +497,9 @@ class PackWriter:
             try:
                 _write_all(fd, [idx])
                 os.fchmod(fd, mode)
+            except BaseException:
+                Path(tmp_idx).unlink(missing_ok=True)  # a full disk: not left for an hour
+                raise
             finally:
                 os.close(fd)
             os.fchmod(self.fd, mode)

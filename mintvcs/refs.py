@@ -1349,10 +1349,15 @@ class RefStore:
         tmp = os.path.join(logs, "refs", f".tmp-renamed-log.{os.getpid()}.{os.urandom(4).hex()}")
         make_dirs(os.path.dirname(tmp), self.shared_perm)
         fd = self._create(tmp)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):  # a full disk: no empty temporary left behind
+                os.unlink(tmp)
+            raise
         dropped = False
         try:
             if drop is not None:

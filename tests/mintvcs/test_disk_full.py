@@ -5,7 +5,9 @@ wrong result."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +184,7 @@ def test_a_failed_branch_rename_leaves_the_old_name_alone(
         assert _heads(work) == before, work
         assert (work / ".mint" / "logs" / "HEAD").read_bytes() == head_log, work
         assert not (work / ".mint" / "logs" / "refs" / "heads" / "newmain").exists()
+        assert not list((work / ".mint" / "logs" / "refs").glob(".tmp-renamed-log.*")), work
         git_fsck(work)
         mint(work, "branch", "-m", "main", "newmain")
 
@@ -194,3 +197,32 @@ def test_a_failed_switch_of_head_keeps_no_reflog_line(two_branches: Path, tmp_pa
         # No "checkout: moving from main to two": `checkout -` goes back to two, HEAD's
         # previous branch, not to main, where HEAD never left.
         assert (work / ".mint" / "logs" / "HEAD").read_bytes() == head_log, work
+
+
+def _leftovers(work: Path) -> list[str]:
+    """Temporaries and locks of mintvcs's under .mint."""
+    patterns = ("*.tmp", "*.lock", "tmp_*", ".tmp-*")
+    return sorted(str(p) for pattern in patterns for p in (work / ".mint").rglob(pattern))
+
+
+def test_a_failed_gc_leaves_no_temporary(two_branches: Path, tmp_path: Path) -> None:
+    failed = _until_it_succeeds(two_branches, tmp_path, "gc")
+    assert len(failed) >= 2  # its lock's content, and the new pack's header, did not fit
+    for work in failed:
+        # gc.pid's temporary and the pack's are removed at once, not left for an hour.
+        assert _leftovers(work) == [], work
+        git_fsck(work)
+        mint_fsck_ok(work)
+
+
+def test_gc_sweeps_a_stale_reflog_written_aside(two_branches: Path, tmp_path: Path) -> None:
+    work = _copy(two_branches, tmp_path, 0)
+    aside = work / ".mint" / "logs" / "refs" / ".tmp-renamed-log.4242.0badf00d"
+    aside.write_bytes(b"")
+    young = aside.with_name(".tmp-renamed-log.4243.0badf00d")
+    young.write_bytes(b"")
+    three_days = time.time() - 3 * 86400
+    os.utime(aside, (three_days, three_days))
+    mint(work, "gc")
+    # A killed or failed branch -m's temporary goes once stale; a young one may be in use.
+    assert not aside.exists() and young.exists()
