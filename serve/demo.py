@@ -75,7 +75,14 @@ def ensure_base(cache_dir: Path) -> tuple[Path, bool]:
         return target, False
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-llama.", dir=cache_dir))
-    build_tiny_model(staging)
+    try:
+        build_tiny_model(staging)
+    except BaseException as err:
+        # A full disk, say: no partial base is left in the cache for every failed run.
+        shutil.rmtree(staging, ignore_errors=True)
+        if type(err).__name__ == "SafetensorError":  # safetensors' own, not an OSError
+            raise DemoError(f"cannot build the tiny base model in {cache_dir}: {err}") from None
+        raise
     if target.exists():  # a broken earlier build
         shutil.rmtree(target)
     os.replace(staging, target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -103,6 +104,31 @@ def test_the_demo_refuses_a_workdir_it_did_not_make_and_a_step_count_under_one(
     for steps in ("0", "-3"):  # 0 used to mean the default, -3 failed later on
         result = demo("--train-steps", steps)
         assert result.returncode == 2 and "--train-steps" in result.stderr
+
+
+def test_a_base_that_cannot_be_written_leaves_no_partial_build_and_one_line(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "cache"
+
+    def cap() -> None:  # a full cache disk, as far as the writer sees: 100 KB per file
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    args = ["--workdir", str(tmp_path / "w"), "--cache-dir", str(cache), "--train-steps", "1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "mintvcs.serve.cli", "demo", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        preexec_fn=cap,
+    )
+    # safetensors' SafetensorError was a traceback; each failed run left a .tiny-llama.* behind.
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith(f"error: cannot build the tiny base model in {cache}: "), last
+    assert list(cache.iterdir()) == []
 
 
 def test_mintvcs_dash_c_takes_the_workdir_from_its_directory(tmp_path: Path) -> None:
