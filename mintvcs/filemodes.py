@@ -141,3 +141,12 @@ def not_writable(err: OSError, directory: str | os.PathLike[str], what: str) -> 
             err.errno or errno.EACCES, f"insufficient permission for {what}", os.fspath(directory)
         )
     return OSError(err.errno, err.strerror, os.fspath(directory))
+
+
+def write_failed(err: OSError, path: str | os.PathLike[str], what: str) -> OSError:
+    """`err`, raised writing (a full disk, a file size limit), saying `what` was being written
+    (as git words it: "unable to write loose object file") and naming `path`, where the system
+    named no file."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return OSError(err.errno, f"{what}: {err.strerror}", os.fspath(path))

@@ -2004,6 +2004,14 @@ def _packing_errors_named(who: str) -> Iterator[None]:
                 f"by another gc or `git repack` running at once; nothing was deleted; run "
                 f"`mintvcs {who}` again once it is done"
             ) from None
+        if isinstance(err, OSError) and err.errno != errno.EIO:
+            # The system refused a write or read (a full disk, a file size limit): nothing is
+            # damaged, so fsck is not the advice.
+            where = f": {err.filename}" if err.filename else ""
+            raise GcWriteError(
+                f"{who} failed while packing: {err.strerror or err}{where}; nothing was "
+                f"deleted; run `mintvcs {who}` again once that is fixed"
+            ) from None
         raise GcWriteError(
             f"{who} failed while packing ({err}); nothing was deleted; run `mintvcs fsck`"
         ) from None

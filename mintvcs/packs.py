@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from mintvcs import codec
 from mintvcs.checksums import adler32, crc32
 from mintvcs.errors import MintError
-from mintvcs.filemodes import file_mode, make_dirs, not_writable
+from mintvcs.filemodes import file_mode, make_dirs, not_writable, write_failed
 from mintvcs.ids import shared_hex_digits
 
 if TYPE_CHECKING:
@@ -309,6 +309,9 @@ def temp_file(directory: Path, pieces: list[Any], shared: SharedPerm | None = No
             os.fchmod(fd, file_mode(0o444, shared))
         finally:
             os.close(fd)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failed(err, directory, "unable to write loose object file") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -36,7 +36,7 @@ from mintvcs.base import BaseModel, read_base_model
 from mintvcs.bulk import collector_paused
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
-from mintvcs.filemodes import file_mode
+from mintvcs.filemodes import file_mode, write_failed
 from mintvcs.ids import blob_id, is_object_id
 from mintvcs.messages import check_message, clean_message, decode_message, quote_path, subject
 from mintvcs.objects import Manifest
@@ -288,12 +288,15 @@ def _write_atomic(
         # A read-only work tree or `.mint/`: the file is named, not a temporary never made.
         raise OSError(err.errno, err.strerror, os.fspath(path)) from None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fchmod(fd, file_mode(0o777 if executable else 0o666, shared))
-            if mtime_ns is not None:
-                os.utime(fd, ns=(time.time_ns(), mtime_ns))
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fchmod(fd, file_mode(0o777 if executable else 0o666, shared))
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(time.time_ns(), mtime_ns))
+        except OSError as err:  # a full disk: the file, not the temporary, is named
+            raise write_failed(err, path, "unable to write") from None
         try:
             with changes.change() if changes is not None else nullcontext():
                 os.replace(tmp, path)

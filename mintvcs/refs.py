@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from mintvcs.errors import MintError, cannot_read
-from mintvcs.filemodes import adjust_fd, make_dirs
+from mintvcs.filemodes import adjust_fd, make_dirs, write_failed
 from mintvcs.ids import is_object_id
 
 if TYPE_CHECKING:
@@ -528,8 +528,11 @@ class _Lock:
     def write_commit(self, data: bytes) -> None:
         """Write data, fsync and rename over the target, so readers see old or new."""
         assert self.fd is not None
-        os.write(self.fd, data)
-        os.fsync(self.fd)
+        try:
+            os.write(self.fd, data)
+            os.fsync(self.fd)
+        except OSError as err:
+            raise write_failed(err, self.lock_path, "unable to write") from None
         os.close(self.fd)
         self.fd = None
         os.rename(self.lock_path, self.path)
@@ -846,9 +849,11 @@ class RefStore:
             adjust_fd(fd, self.shared_perm)
             start = os.fstat(fd).st_size
             os.write(fd, data)
-        except BaseException:
+        except BaseException as err:
             if made:  # left empty (a full disk): it goes, as no line made it
                 _Appended(path, 0, 0).undo()
+            if isinstance(err, OSError):
+                raise write_failed(err, path, "unable to append to the reflog") from None
             raise
         finally:
             os.close(fd)

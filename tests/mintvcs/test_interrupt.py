@@ -169,7 +169,8 @@ def test_a_checkout_that_fails_part_way_writes_the_old_revision_back(tmp_path: P
     limit = (len(before[WEIGHTS]) + 64 * 256 * 4) // 2  # over main's weights, under big's
 
     failed = _with_file_size_limit(work, limit, "checkout", "big")
-    assert failed.returncode == 1 and failed.stderr == "error: File too large\n"
+    assert failed.returncode == 1
+    assert failed.stderr == f"error: unable to write: File too large: {work / WEIGHTS}\n"
     assert _files(work) == before
     assert _clean(work)
     assert json.loads(mint(work, "status", "--json").stdout)["branch"] == "main"
@@ -425,7 +426,8 @@ def test_a_checkout_that_fails_part_way_writes_back_what_the_work_tree_held(
     limit = (len(before[WEIGHTS]) + 64 * 64 * 4) // 2  # over r0's weights, under r2's
 
     failed = _with_file_size_limit(work, limit, "checkout", "--force", "main")
-    assert failed.returncode == 1 and failed.stderr == "error: File too large\n"
+    assert failed.returncode == 1
+    assert failed.stderr == f"error: unable to write: File too large: {work / WEIGHTS}\n"
     assert _files(work) == before and (work / "sub" / "notes.txt").read_text() == "r0\n"
     state = json.loads(mint(work, "status", "--json").stdout)
     assert (state["base"], state["head"], state["mixed"]) == (r0, r2, None)

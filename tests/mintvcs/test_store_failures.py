@@ -96,7 +96,10 @@ def test_writes_refused_by_the_system_are_one_line_and_change_nothing(work: Path
     ):
         result = _limited(work, 0, *args)
         assert result.returncode == 1, (args, result.stderr)
-        assert result.stderr.strip().splitlines() == ["error: File too large"], args
+        # One line naming what was being written and the file (its lock, the work-tree file).
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("error: unable to write"), (args, line)
+        assert f": File too large: {work}/" in line, (args, line)
     assert git(work / ".mint", "rev-parse", "HEAD").stdout == head
     assert mint(work, "branch").stdout.split() == ["*", "main", head[:7]]
     assert mint(work, "tag").stdout == ""
