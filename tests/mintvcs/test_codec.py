@@ -315,6 +315,41 @@ def test_xor_needs_the_right_base() -> None:
         decode(blob, bytes(wrong), name="w")
 
 
+def test_a_chain_whose_links_do_not_fit_is_refused_as_corrupt() -> None:
+    # chain_planes reads links a store located by id: each must be the base its link above
+    # names in dtype, size and depth, or the chain is corrupt (CorruptBlobError, which fsck and
+    # the CLI report by name), not decoded into bytes only a later sha256 would refuse.
+    rng = np.random.default_rng(12)
+    root = _lora_like(rng, "F32", (8, 32))
+    one = bytearray(root)
+    one[::13] = b"\x55" * len(one[::13])
+    two = bytearray(one)
+    two[::7] = b"\x11" * len(two[::7])
+    root_blob = encode(root, "F32", (8, 32))
+    link = encode(bytes(one), "F32", (8, 32), base=root, base_id=BASE_ID)
+    assert read_header(link).depth == 1
+    tip, planes, _ = codec.chain_planes([link, root_blob], name="w")  # a chain that fits
+    out = np.empty(len(root), dtype=np.uint8)
+    codec.merge_planes(planes, tip, out, name="w")
+    assert out.tobytes() == bytes(one)
+    # A link claiming depth 1 on a base of depth 1: its depth must be its base's plus one
+    # (what bounds every chain by MAX_CHAIN when the next commit reads the depth).
+    lying = encode(bytes(two), "F32", (8, 32), base=bytes(one), base_id="cd" * 20, base_depth=0)
+    with pytest.raises(CorruptBlobError, match=r"'w'.*has depth 1, expected 0"):
+        codec.chain_planes([lying, link, root_blob], name="w")
+    # A base of another size under the link: refused by name, not a numpy broadcast error.
+    other = encode(_lora_like(rng, "F32", (8, 16)), "F32", (8, 16))
+    with pytest.raises(CorruptBlobError, match=r"'w'.*decodes to 512 bytes F32, expected 1024"):
+        codec.chain_planes([link, other], name="w")
+    # Base planes decoded from another blob than the one the last link names.
+    planes_of = codec.decode_planes([root_blob], "ef" * 20)
+    with pytest.raises(
+        ValueError, match=f"base planes of {'ef' * 20} given for a link on {BASE_ID}"
+    ):
+        codec.chain_planes([link], name="w", base=planes_of)
+    assert codec.chain_planes([link], name="w", base=codec.decode_planes([root_blob], BASE_ID))
+
+
 def _edit(key: str, value: object) -> object:
     def edit(header: dict[str, object]) -> None:
         header[key] = value
