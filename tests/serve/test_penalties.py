@@ -136,6 +136,20 @@ def test_min_p_keeps_only_tokens_near_the_likeliest() -> None:
     assert drawn == allowed == {0, 1}
 
 
+def test_min_p_keeps_a_token_exactly_at_its_threshold_as_hf_does() -> None:
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    # min_p=1.0 keeps exactly the tokens tied with the likeliest: each is at the threshold
+    # (vLLM and HF cut only what is below it). A strict cut would keep nothing and draw a token
+    # min_p removed.
+    logits = torch.tensor([0.0, 3.0, 3.0, 1.0, -1.0])
+    warped = MinPLogitsWarper(min_p=1.0)(torch.zeros((1, 1), dtype=torch.long), logits[None])
+    allowed = {i for i in range(5) if torch.isfinite(warped[0, i])}
+    params = SamplingParams(temperature=1.0, min_p=1.0)
+    drawn = {sample(logits, params, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert drawn == allowed == {1, 2}
+
+
 def test_out_of_range_values_are_refused(engine: Engine) -> None:
     for kw in (
         {"presence_penalty": 2.5},
