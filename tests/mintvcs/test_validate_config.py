@@ -116,6 +116,24 @@ def test_r_mismatch_is_what_peft_fails_on(
         PeftModel.from_pretrained(model, str(adapter))
 
 
+@pytest.mark.parametrize("r", [2, 1])
+def test_an_r_that_divides_the_rank_is_refused_as_peft_fails_on_it(
+    saved: dict[str, Path], tiny_base: Path, tmp_path: Path, r: int
+) -> None:
+    """An "r" below the factors' rank 4 that divides it: PEFT makes rank-r layers and fails to
+    load the rank-4 factors, so commit must refuse it (only a LoRA on parameters stacks
+    rank-r blocks)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = edited(saved["qv"], tmp_path / "a", r=r)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(model, str(adapter))
+    message = refusal(adapter)
+    assert f'"r" is {r} but' in message and "has rank 4" in message
+
+
 def test_init_lora_weights_peft_cannot_load_is_refused_even_without_verify(
     saved: dict[str, Path], tiny_base: Path, tmp_path: Path
 ) -> None:
@@ -162,11 +180,40 @@ def test_regex_target_must_fully_match(saved: dict[str, Path], tmp_path: Path) -
     assert "regex 'q_proj' does not fully match model.layers.0.self_attn.k_proj" in message
 
 
+def test_a_regex_target_matching_inside_the_path_is_refused_as_peft_ignores_it(
+    saved: dict[str, Path], tiny_base: Path, tmp_path: Path
+) -> None:
+    """PEFT matches a regex target_modules against the whole module path (re.fullmatch): one
+    that only occurs inside the path targets nothing, and PEFT loads none of the factors."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = edited(saved["regex"], tmp_path / "a", target_modules="(q|k)_proj")
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32)
+    with pytest.raises(ValueError, match="not found in the base model"):
+        PeftModel.from_pretrained(model, str(adapter))
+    message = refusal(adapter)
+    assert "regex '(q|k)_proj' does not fully match model.layers.0.self_attn." in message
+
+
 def test_layers_to_transform_must_cover_the_layer(saved: dict[str, Path], tmp_path: Path) -> None:
     message = refusal(edited(saved["layers"], tmp_path / "a", layers_to_transform=[0]))
     assert '"layers_to_transform" is [0]' in message
     assert "is in layer 1" in message
     assert "layers.1.mlp.down_proj.lora_A.weight" in message
+
+
+def test_layers_pattern_without_layers_to_transform_is_refused_as_peft_refuses_it() -> None:
+    from peft import LoraConfig
+
+    options: dict[str, Any] = {"target_modules": ["q_proj"], "layers_pattern": "layers"}
+    with pytest.raises(ValueError, match="layers_to_transform"):
+        LoraConfig(r=4, **options)
+    tensors: Shapes = {Q_A: ("F32", (4, 64)), Q_B: ("F32", (64, 4))}
+    with pytest.raises(
+        AdapterConfigError, match='"layers_pattern" is set but "layers_to_transform"'
+    ):
+        check_lora_config({"peft_type": "LORA", "r": 4, **options}, tensors)
 
 
 def test_layers_to_transform_with_regex_targets_is_refused(
@@ -252,6 +299,13 @@ def test_lora_a_and_b_ranks_must_agree() -> None:
     message = str(info.value)
     assert f"{Q_A} has 4 rows but {Q_B} has 6 columns" in message
     assert '"r"' in message
+
+
+def test_a_factor_of_one_dimension_is_refused() -> None:
+    # What a ZeRO-3 / FSDP shard saved ungathered looks like: PEFT cannot load it.
+    config = {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}
+    with pytest.raises(AdapterConfigError, match=rf"{Q_A} has shape \[4\]; a LoRA factor"):
+        check_lora_config(config, {Q_A: ("F32", (4,)), Q_B: ("F32", (64, 4))})
 
 
 def test_lone_factor_is_checked_but_allowed() -> None:
