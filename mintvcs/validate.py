@@ -400,7 +400,9 @@ def _check_targeted(
             f'{refuse}: add "{key.rpartition(".")[2]}" to target_modules'
         )
     layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
+    if layers is None or layers == [] or key in target_names.names:
+        # PEFT (check_target_module_exists) applies layers_to_transform only to a module it
+        # matched by a suffix: one listed by its whole path (lm_head, say) is always targeted.
         return
     index = _layer_index(key, config.get("layers_pattern"))
     wanted = [layers] if isinstance(layers, int) else layers

@@ -32,6 +32,11 @@ KINDS: dict[str, dict[str, Any]] = {
         "layers_to_transform": [1],
         "layers_pattern": "layers",
     },
+    # lm_head and a module named by its whole path get a LoRA whatever layers_to_transform says.
+    "layers_by_path": {
+        "target_modules": ["q_proj", "lm_head", "model.layers.1.self_attn.v_proj"],
+        "layers_to_transform": [0],
+    },
     "rank_pattern": {
         "target_modules": ["q_proj", "v_proj"],
         "rank_pattern": {"v_proj": 2, r"layers\.0\.self_attn\.q_proj": 6},
@@ -201,6 +206,45 @@ def test_layers_to_transform_must_cover_the_layer(saved: dict[str, Path], tmp_pa
     assert '"layers_to_transform" is [0]' in message
     assert "is in layer 1" in message
     assert "layers.1.mlp.down_proj.lora_A.weight" in message
+
+
+@pytest.mark.parametrize(
+    ("targets", "layers", "key"),
+    [
+        (["q_proj"], [0], "model.layers.0.self_attn.q_proj"),
+        (["q_proj"], [1], "model.layers.0.self_attn.q_proj"),
+        # The first number after a dotted name is the layer, not the expert's index.
+        (["down_proj"], [1], "model.layers.1.mlp.experts.0.down_proj"),
+        (["down_proj"], [0], "model.layers.1.mlp.experts.0.down_proj"),
+        # A module with no layer index is in no layer PEFT transforms, unless listed by its
+        # whole path: PEFT applies layers_to_transform only to modules it matched by suffix.
+        (["q_proj", "linear"], [0], "model.projector.linear"),
+        (["q_proj", "lm_head"], [0], "lm_head"),
+        (["q_proj", "lm_head"], 0, "lm_head"),
+        (["model.layers.1.self_attn.v_proj"], [0], "model.layers.1.self_attn.v_proj"),
+        (["self_attn.v_proj"], [0], "model.layers.1.self_attn.v_proj"),
+    ],
+)
+def test_layers_to_transform_reads_the_layer_index_as_peft_does(
+    targets: list[str], layers: int | list[int], key: str
+) -> None:
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    options = {"target_modules": targets, "layers_to_transform": layers}
+    peft_targets = bool(check_target_module_exists(LoraConfig(r=4, **options), key))
+    module = f"base_model.model.{key}"
+    tensors: Shapes = {
+        f"{module}.lora_A.weight": ("F32", (4, 64)),
+        f"{module}.lora_B.weight": ("F32", (64, 4)),
+    }
+    try:
+        check_lora_config({"peft_type": "LORA", "r": 4, **options}, tensors)
+        accepted = True
+    except AdapterConfigError as err:
+        assert '"layers_to_transform"' in str(err)
+        accepted = False
+    assert accepted == peft_targets
 
 
 def test_layers_pattern_without_layers_to_transform_is_refused_as_peft_refuses_it() -> None:
