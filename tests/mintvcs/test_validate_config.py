@@ -157,6 +157,23 @@ def test_init_lora_weights_peft_cannot_load_is_refused_even_without_verify(
     porcelain.commit(repo, "m", source=valid, verify=False, show_progress=False)
 
 
+def test_the_validator_run_as_a_program_checks_the_repositorys_base(
+    tiny_base: Path, other_base: Path, tmp_path: Path
+) -> None:
+    # What an edited pre-commit hook runs (`python -m mintvcs.validate` with MINT_DIR): the
+    # shapes are checked against the repository's base too, not only the config.
+    from mintvcs import porcelain
+    from mintvcs.base import BaseModelError
+    from tests.fixtures import make_peft_adapter
+
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base), install_hooks=False)
+    foreign = make_peft_adapter(other_base, tmp_path / "foreign")
+    validate_adapter(foreign, None)  # a sound adapter, for another base
+    with pytest.raises(BaseModelError):
+        validate_adapter(foreign, repo)
+    validate_adapter(make_peft_adapter(tiny_base, tmp_path / "ours"), repo)
+
+
 def test_untargeted_module_is_refused(saved: dict[str, Path], tmp_path: Path) -> None:
     message = refusal(edited(saved["qv"], tmp_path / "a", target_modules=["q_proj"]))
     assert '"target_modules" ["q_proj"] does not cover' in message
