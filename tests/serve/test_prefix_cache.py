@@ -11,7 +11,7 @@ import torch
 
 from mintvcs.serve import Engine, EngineConfig, PeftDirSource, SamplingParams
 from mintvcs.serve.kv_cache import KVCache, KVCacheFull
-from mintvcs.serve.prefix_cache import BLOCK, PrefixCache, block_hashes
+from mintvcs.serve.prefix_cache import BLOCK, MISS, PrefixCache, block_hashes
 from mintvcs.serve.sampling import InvalidSamplingParams, TokenLogprobs
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
@@ -165,6 +165,49 @@ def test_a_published_running_prompt_is_a_source_and_disabled_caching_keeps_nothi
     off.retire(s, None, prompt)
     assert cached == 0 and off.idle == 0 and off.kv.free_slots == 2
     assert _admit(off, None, prompt) == (0, 0) and off.stats.queried_tokens == 0
+
+
+def test_a_prompt_of_whole_blocks_leaves_its_last_block_to_compute() -> None:
+    # The prompt's last token must go through the model for the first output's logits: a
+    # prompt of exactly two blocks, cached whole, gets one block from the cache, not two.
+    cache = _cache()
+    prompt = _tokens(12, 2 * BLOCK)
+    slot, _ = _admit(cache, None, prompt)
+    cache.retire(slot, None, prompt)
+    assert cache.lookup(None, prompt).length == BLOCK
+    # With the prompt's hashes given (the scheduler's Sequence.prompt_hashes), the last too.
+    assert cache.lookup(None, prompt, hashes=block_hashes(None, prompt)).length == BLOCK
+    assert cache.match(None, prompt, 2 * BLOCK - 1) == (slot, BLOCK)
+    assert cache.lookup(None, [*prompt, 3]).length == 2 * BLOCK
+
+
+def test_a_hash_collision_costs_a_miss_never_another_prompts_keys() -> None:
+    # Collisions forced through publish's caller-given hashes: a slot indexed under another
+    # prompt's hashes (or another owner's) is never handed out for that prompt.
+    cache = _cache()
+    mine, theirs = _tokens(13, 40), _tokens(14, 40)
+    slot, _ = _admit(cache, None, mine)
+    cache.publish(slot, None, mine, hashes=block_hashes(None, theirs))
+    assert cache.lookup(None, theirs) == cache.lookup(None, [*theirs, 1]) == MISS
+    other, _ = _admit(cache, "a" * 40, mine)
+    cache.publish(other, "a" * 40, mine, hashes=block_hashes(None, mine))
+    assert cache.match(None, mine, 39) == (-1, 0)  # the hashes are the base's, the keys not
+
+
+def test_the_idle_slot_a_prompt_copied_from_is_the_last_given_up() -> None:
+    # Least recently used: copying a prefix from an idle slot uses it, so the other idle slot
+    # goes first when a slot must be given up (vLLM's LRU over cached blocks).
+    cache = _cache(3)
+    shared, other = _tokens(15, 40), _tokens(16, 40)
+    a, _ = _admit(cache, None, shared)
+    cache.retire(a, None, shared)
+    b, _ = _admit(cache, None, other)
+    cache.retire(b, None, other)
+    _, cached = _admit(cache, None, [*shared[:35], 1, 2])  # copies from a
+    assert cached == 32 and cache.kv.free_slots == 0
+    _admit(cache, None, _tokens(17, 20))  # gives up one idle slot: b's, used less recently
+    assert cache.match(None, shared, 39)[1] == 32
+    assert cache.match(None, other, 39) == (-1, 0)
 
 
 # ------------------------------------------------------------------------------------- engine
