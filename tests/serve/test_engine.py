@@ -717,7 +717,12 @@ def test_generation_config_eos_stops_generation(tiny_base: Path, tmp_path: Path)
     (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, first]}))
     with Engine(base, EngineConfig(max_model_len=64)) as eng:
         out = eng.generate(prompt, None, SamplingParams(max_tokens=12, temperature=0.0))
+        # ignore_eos (vLLM's, for benchmarks) runs past it to max_tokens, as the other base does.
+        on = eng.generate(
+            prompt, None, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        )
     assert out.finish_reason == "stop" and out.token_ids == [first]
+    assert on.finish_reason == "length" and len(on.token_ids) == 12 and on.token_ids[0] == first
 
 
 def test_max_model_len_beyond_the_trained_positions_is_refused(tiny_base: Path) -> None:
