@@ -167,6 +167,21 @@ def test_a_published_running_prompt_is_a_source_and_disabled_caching_keeps_nothi
     assert _admit(off, None, prompt) == (0, 0) and off.stats.queried_tokens == 0
 
 
+def test_kv_slots_are_handed_out_once_and_never_the_scratch_slot() -> None:
+    # With CUDA graphs the padding rows of a step write into the scratch slot 0: a sequence
+    # holding it would read their keys. A slot freed twice would be given to two sequences.
+    kv = KVCache(1, 2, 8, 1, 2, dtype=torch.float32, device=torch.device("cpu"), scratch=True)
+    assert kv.keys[0].shape[0] == 3 and kv.lowest_free() == 1
+    assert sorted([kv.allocate(), kv.allocate()]) == [1, 2]
+    with pytest.raises(KVCacheFull):
+        kv.allocate()
+    kv.free(2)
+    for slot in (2, 0, 3):  # freed already, the scratch slot, past the end
+        with pytest.raises(ValueError, match=f"KV slot {slot} is not allocated"):
+            kv.free(slot)
+    assert kv.free_slots == 1 and kv.allocate() == 2
+
+
 def test_a_prompt_of_whole_blocks_leaves_its_last_block_to_compute() -> None:
     # The prompt's last token must go through the model for the first output's logits: a
     # prompt of exactly two blocks, cached whole, gets one block from the cache, not two.
