@@ -627,6 +627,31 @@ def test_an_empty_xdg_config_home_is_unset_as_git_reads_it(
     assert _committed_idents(work, env) == ("X <xdg@x.example>", "X <xdg@x.example>")
 
 
+@pytest.mark.parametrize("value", ["1", "true", "Yes", "on", "0", "false", "no", "off", ""])
+def test_git_config_nosystem_is_read_as_git_reads_a_boolean(
+    tmp_path: Path, home: dict[str, str], monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from mintvcs.gitconfig import user_configs
+
+    system = tmp_path / "system-config"
+    system.write_text("[user]\n\tname = System\n")
+    env = {**home, "GIT_CONFIG_SYSTEM": str(system), "GIT_CONFIG_NOSYSTEM": value}
+    by_git = subprocess.run(
+        ["git", "config", "--get", "user.name"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    for name in ("GIT_CONFIG_GLOBAL", "GIT_CONFIG_SYSTEM", "GIT_CONFIG_NOSYSTEM"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HOME", "XDG_CONFIG_HOME", "GIT_CONFIG_SYSTEM", "GIT_CONFIG_NOSYSTEM"):
+        monkeypatch.setenv(name, env[name])
+    names = [c.get((b"user",), b"name") for c in user_configs() if c.has_section((b"user",))]
+    assert [n.decode() for n in names] == ([by_git] if by_git else [])
+    assert by_git == ("" if value.lower() in ("1", "true", "yes", "on") else "System")
+
+
 def test_abbrev_and_advice_set_in_the_global_config_count_as_in_git(
     work: Path, home: dict[str, str]
 ) -> None:
