@@ -191,6 +191,13 @@ BAD_BODIES: list[tuple[str, bytes, int]] = [
     ("negative temperature", b'{"prompt": "x", "temperature": -1}', 400),
     ("top_p zero", b'{"prompt": "x", "top_p": 0}', 400),
     ("stop not strings", b'{"prompt": "x", "stop": [1]}', 400),
+    # An empty stop string would end every output at once; the list is bounded (16).
+    ("empty stop string", b'{"prompt": "x", "stop": ["a", ""]}', 400),
+    (
+        "17 stop strings",
+        json.dumps({"prompt": "x", "stop": [f"s{i}" for i in range(17)]}).encode(),
+        400,
+    ),
     ("unknown ref", b'{"prompt": "x", "ref": "no-such-branch"}', 404),
     ("unknown commit id", b'{"prompt": "x", "ref": "' + b"0" * 40 + b'"}', 404),
     ("ref with ..", b'{"prompt": "x", "ref": "main..product-b"}', 400),
