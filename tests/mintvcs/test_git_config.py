@@ -652,6 +652,29 @@ def test_git_config_nosystem_is_read_as_git_reads_a_boolean(
     assert by_git == ("" if value.lower() in ("1", "true", "yes", "on") else "System")
 
 
+def test_home_gitconfig_wins_over_the_xdg_one_as_in_git(
+    tmp_path: Path, home: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mintvcs.gitconfig import user_configs
+
+    xdg = Path(home["XDG_CONFIG_HOME"]) / "git"
+    xdg.mkdir(parents=True)
+    (xdg / "config").write_text("[user]\n\tname = Xdg\n")
+    (Path(home["HOME"]) / ".gitconfig").write_text("[user]\n\tname = Home\n")
+    by_git = subprocess.run(
+        ["git", "config", "--get", "user.name"],
+        env=home,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    monkeypatch.delenv("GIT_CONFIG_GLOBAL", raising=False)
+    for name in ("HOME", "XDG_CONFIG_HOME", "GIT_CONFIG_NOSYSTEM"):
+        monkeypatch.setenv(name, home[name])
+    first = next(c for c in user_configs() if c.has_section((b"user",)))  # most precedent first
+    assert first.get((b"user",), b"name").decode() == by_git == "Home"
+
+
 def test_abbrev_and_advice_set_in_the_global_config_count_as_in_git(
     work: Path, home: dict[str, str]
 ) -> None:
