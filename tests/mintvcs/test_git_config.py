@@ -675,6 +675,23 @@ def test_home_gitconfig_wins_over_the_xdg_one_as_in_git(
     assert first.get((b"user",), b"name").decode() == by_git == "Home"
 
 
+def test_the_refused_line_is_numbered_as_git_numbers_it_wherever_it_is(tmp_path: Path) -> None:
+    from mintvcs.gitconfig import BadConfigError, read_config
+
+    for bad in range(1, 12):
+        lines = ["[mint]\n", *(f"\tk{i} = v\n" for i in range(2, 12))]
+        lines[bad - 1] = "[mint\n"  # a header dulwich and git both refuse
+        path = tmp_path / f"config{bad}"
+        path.write_text("".join(lines))
+        said = subprocess.run(
+            ["git", "config", "--file", str(path), "--list"], capture_output=True, text=True
+        ).stderr
+        line = int(re.search(r"bad config line (\d+)", said)[1])  # type: ignore[index]
+        with pytest.raises(BadConfigError, match=rf"bad config line {line} "):
+            read_config(path)
+        assert line == bad
+
+
 def test_abbrev_and_advice_set_in_the_global_config_count_as_in_git(
     work: Path, home: dict[str, str]
 ) -> None:
