@@ -194,6 +194,11 @@ BAD_BODIES: list[tuple[str, bytes, int]] = [
     # An empty stop string would end every output at once; the list is bounded (16).
     ("empty stop string", b'{"prompt": "x", "stop": ["a", ""]}', 400),
     (
+        "17 stop token ids",
+        json.dumps({"prompt": "x", "stop_token_ids": list(range(17))}).encode(),
+        400,
+    ),
+    (
         "17 stop strings",
         json.dumps({"prompt": "x", "stop": [f"s{i}" for i in range(17)]}).encode(),
         400,
