@@ -315,6 +315,12 @@ def _text_of_first(free: dict[str, Any], pieces: list[str], n: int) -> str:
         ("/v1/completions", {"prompt": "x", "logit_bias": {"9" * 5000: 1}}, "logit_bias"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 10**400}}, "logit_bias"),
         ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 60, "05": 60}}, "twice"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": True}}, "logit_bias"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "logit_bias": {str(t): 1 for t in range(301)}},
+            "logit_bias has 301 entries; at most 300",
+        ),
         ("/v1/completions", {"prompt": "x", "presence_penalty": 10**400}, "finite"),
         ("/v1/completions", {"prompt": "x", "temperature": -(10**400)}, "finite"),
         (
