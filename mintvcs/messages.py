@@ -149,20 +149,27 @@ _C_ESCAPES |= {0x22: '\\"', 0x5C: "\\\\"}
 
 def quote_path(path: str, *, non_ascii: bool = False) -> str:
     """`path` as git prints a file name (quote_c_style): as it is when it needs no escape,
-    else in double quotes, `\\n`, `\\t`, `\\"`, `\\\\` and the like escaped and every other
-    character that does not print in octal (controls, C1, bidi overrides, joiners: git prints
-    the last three raw, but a name must neither drive the terminal nor reorder the line).
+    else in double quotes, `\\n`, `\\t`, `\\"`, `\\\\` and the like escaped, and in octal every
+    other control character and the non-ASCII ones of _QUOTED_NON_ASCII (C1, bidi overrides:
+    git prints them raw, but a name must neither drive the terminal nor reorder the line).
     `non_ascii` (git's core.quotePath, on in git by default) puts every byte of a character
     that is not ASCII in octal too (`"caf\\303\\251.md"`), so that two spellings of one name
     (NFC, NFD) look different; error lines name paths without it, as git's do."""
     out = []
     for char in path:
-        # isprintable() is False for controls, C1, bidi overrides (format characters) and the
-        # lone surrogates that stand for the bytes of a name that is not UTF-8.
-        plain = char.isprintable() and (char.isascii() or not non_ascii)
-        out.append(char if plain and char not in '"\\' else _octal(char))
+        if char.isascii():
+            plain = char.isprintable() and char not in '"\\'
+        else:  # as git, but for what must not reach the terminal raw (_QUOTED_NON_ASCII)
+            plain = not non_ascii and not _QUOTED_NON_ASCII.match(char)
+        out.append(char if plain else _octal(char))
     quoted = "".join(out)
     return path if quoted == path else f'"{quoted}"'
+
+
+# Quoted whatever core.quotePath says: C1 controls (NEL, the 8-bit CSI), the line and paragraph
+# separators, bidi embeddings, overrides and isolates (they reorder the line), and the lone
+# surrogates that stand for the bytes of a name that is not UTF-8.
+_QUOTED_NON_ASCII = re.compile("[\x80-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def _octal(char: str) -> str:
