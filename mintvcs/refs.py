@@ -330,6 +330,15 @@ def _log_line(old: str, new: str, identity: str, ts: int, tz: str, message: str)
     return (line + "\n").encode()
 
 
+def _note(err: BaseException, note: str) -> None:
+    """Add `note` to the one line `err` will be reported in (a failed command's undo that left
+    something as another process set it meanwhile)."""
+    if isinstance(err, OSError) and err.strerror:
+        err.strerror = f"{err.strerror} ({note})"
+    elif isinstance(err, MintError) and err.args:
+        err.args = (f"{err.args[0]} ({note})", *err.args[1:])
+
+
 def _read_bytes(path: str) -> bytes | None:
     """A file's bytes, or None when there is no such file."""
     try:
@@ -986,31 +995,51 @@ class RefStore:
             for lk in locks:
                 lk.release()
 
-    def _put_back(self, name: str, raw: str | None, *, written: str | None = None) -> None:
+    def _put_back(
+        self,
+        name: str,
+        raw: str | None,
+        *,
+        written: str | None = None,
+        log: tuple[bytes | None, bytes] | None = None,
+    ) -> bool:
         """Give `name` its content `raw` again (None: delete it), under its lock again, after a
         change this process made (to `written`, where given) that then failed; left alone
-        where another process holds or moved it since."""
-        with contextlib.suppress(MintError, OSError):
+        where another process holds or moved it since. `log`: the reflog `name` had before and
+        the one this process gave it, put back too while it is still that one (under the
+        lock every move of `name` logs under). False when it was left alone so."""
+        try:
             lock = self._lock(name)
+        except RefConflictError:
+            return False  # another process holds it
+        except (MintError, OSError):
+            return True
+        try:
+            if written is not None and self._read_loose(name) != written:
+                return False
+            if log is not None:
+                before, placed = log
+                if _read_bytes(os.path.join(self._dir, "logs", name)) == placed:
+                    self._restore_log(name, before)
+            if raw is None:
+                os.unlink(self._path(name))
+                return True
+            data = (raw + "\n").encode()
             try:
-                if written is not None and self._read_loose(name) != written:
-                    return
-                if raw is None:
-                    os.unlink(self._path(name))
-                    return
-                data = (raw + "\n").encode()
+                lock.write_commit(data)
+            except OSError:
+                # No block for the lock's content (a full disk): the ref's own, in place.
+                fd = os.open(self._path(name), os.O_WRONLY | os.O_NOFOLLOW)
                 try:
-                    lock.write_commit(data)
-                except OSError:
-                    # No block for the lock's content (a full disk): the ref's own, in place.
-                    fd = os.open(self._path(name), os.O_WRONLY | os.O_NOFOLLOW)
-                    try:
-                        os.pwrite(fd, data, 0)
-                        os.ftruncate(fd, len(data))
-                    finally:
-                        os.close(fd)
-            finally:
-                lock.release()
+                    os.pwrite(fd, data, 0)
+                    os.ftruncate(fd, len(data))
+                finally:
+                    os.close(fd)
+        except (MintError, OSError):
+            pass
+        finally:
+            lock.release()
+        return True
 
     def _take_back(self, name: str, value: str) -> None:
         """Delete `name`, which this process has just created at `value`, under its lock again,
@@ -1230,16 +1259,17 @@ class RefStore:
             locks.append(plock)
             packed_before = self._packed()
             previous: bytes | None = None
+            placed = (history or b"") + entry
             if nested:
                 # Both names cannot be loose files at once: one packed-refs write adds `new` (and
                 # drops a packed `old`), then the reflog moves and a loose `old` goes below.
                 self._swap_packed(plock, old, new, value)
                 if logged:
-                    self._place_log(new, (history or b"") + entry, drop=old)
+                    self._place_log(new, placed, drop=old)
             else:
                 previous = _read_bytes(os.path.join(self._dir, "logs", new))
                 if logged:
-                    self._place_log(new, (history or b"") + entry)
+                    self._place_log(new, placed)
                 assert new_lock is not None
                 try:
                     new_lock.write_commit((value + "\n").encode())
@@ -1261,17 +1291,25 @@ class RefStore:
                 if not nested:
                     # A packed record of a replaced `new` goes too (git deletes `new` first).
                     self._remove_packed(plock, old, new)
-            except BaseException:
+            except BaseException as err:
                 # A HEAD that cannot follow, or a packed `old` that cannot go (a full disk): the
                 # rename is taken back, HEAD's lines, the HEADs already moved, `new` and its
-                # log, so that `old` alone is left and the retry is not refused for `new`.
+                # log, so that `old` alone is left and the retry is not refused for `new`. Only
+                # what is still as this process wrote it: a HEAD another process has moved
+                # since (a checkout), or a `new` it has set, stays as that process left it.
+                kept = []
                 for line in reversed(lines):
                     line.undo()
                 for store in switched:
-                    store._put_back(HEAD, f"ref: {old}")
-                if not nested:
-                    self._put_back(new, replaced, written=value)
-                    self._restore_log(new, previous)
+                    if not store._put_back(HEAD, f"ref: {old}", written=f"ref: {new}"):
+                        where = "" if store is self else f" of worktree {store.git_dir.name}"
+                        kept.append(f"HEAD{where} was left as another process set it")
+                if not nested and not self._put_back(
+                    new, replaced, written=value, log=(previous, placed) if logged else None
+                ):
+                    kept.append(f"{new} was left as another process set it, with its reflog")
+                if kept:
+                    _note(err, "; ".join(kept))
                 raise
             if not nested:
                 with contextlib.suppress(FileNotFoundError):

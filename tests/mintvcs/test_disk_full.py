@@ -8,14 +8,17 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mintvcs.refs import RefStore
 from tests.mintvcs import fullkit
 from tests.mintvcs.storekit import (
     CONFIG,
+    ENV,
     git,
     git_fsck,
     handmade_adapter,
@@ -259,3 +262,107 @@ def test_full_disk_errors_say_what_was_being_written_and_where(
     packing = error(1, "gc")
     assert packing.startswith("error: gc failed while packing: No space left on device"), packing
     assert "Errno" not in packing and "fsck" not in packing, packing
+
+
+# --- a failed command's undo, with another process's command run meanwhile --------------------
+
+
+def _race(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    work: Path,
+    hook: tuple[object, str, Callable[..., bool]],
+    meanwhile: list[str],
+    *args: str,
+) -> tuple[int | str | None, str]:
+    """Run `mintvcs ARGS` in this process in `work` (process A); at the first call of `hook`
+    (owner, method, a test of its arguments) that the test passes, run `mintvcs MEANWHILE` to
+    its end as a real process (B), then let the disk fill (fullkit) for A's writes from there
+    on: what a slow scheduler and a full disk do. Returns A's exit status and its stderr."""
+    from mintvcs import cli
+
+    owner, method, when = hook
+    real = getattr(owner, method)
+    ran: list[str] = []
+
+    def hooked(*a: object, **k: object) -> object:
+        if not ran and when(*a, **k):
+            ran.append(mint(work, *meanwhile).stdout)
+            fullkit.install(0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, method, hooked)
+    monkeypatch.chdir(work)
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(key, ENV[key])
+    capsys.readouterr()
+    try:
+        cli.main(list(args), standalone_mode=True)
+        status: int | str | None = 0
+    except SystemExit as done:
+        status = done.code
+    finally:
+        fullkit.uninstall()
+    assert ran, "the other process never ran"
+    return status, capsys.readouterr().err
+
+
+def test_a_failed_rename_leaves_a_head_another_process_moved_meanwhile(
+    two_branches: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A's packed-refs rewrite fails after A moved HEAD to newmain; B checked out `two` between.
+    # A's undo wrote `ref: refs/heads/main` over B's HEAD: HEAD on main, two's files in the
+    # work tree, and B told it had switched.
+    work = _copy(two_branches, tmp_path, 0)
+    git(work / ".mint", "pack-refs", "--all")
+    before = _heads(work)
+    status, err = _race(
+        monkeypatch,
+        capsys,
+        work,
+        (RefStore, "_remove_packed", lambda *a, **k: True),
+        ["checkout", "two"],
+        "branch",
+        "-m",
+        "main",
+        "newmain",
+    )
+    assert status == 1, err
+    assert "No space left on device" in err and "HEAD was left as another process set it" in err
+    assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/two\n"
+    assert _heads(work) == before  # no newmain, main where it was
+    assert "nothing to commit" in mint(work, "status").stdout
+    git_fsck(work)
+
+
+def test_a_failed_rename_keeps_the_reflog_another_process_wrote_meanwhile(
+    two_branches: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A's HEAD cannot follow to newmain; B reset newmain (which A had just made) to `two`
+    # between. A kept B's newmain but removed its reflog, B's line with it: newmain@{1} gone.
+    work = _copy(two_branches, tmp_path, 0)
+    two = _heads(work)["refs/heads/two"]
+    status, err = _race(
+        monkeypatch,
+        capsys,
+        work,
+        (RefStore, "_append_log", lambda self, name, *a, **k: name == "HEAD"),
+        ["branch", "-f", "newmain", "two"],
+        "branch",
+        "-m",
+        "main",
+        "newmain",
+    )
+    assert status == 1, err
+    assert "refs/heads/newmain was left as another process set it" in err, err
+    assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert _heads(work)["refs/heads/newmain"] == two
+    log = git(work / ".mint", "reflog", "show", "--format=%H %gs", "newmain").stdout.splitlines()
+    assert log[0] == f"{two} branch: Reset to two", log
+    git_fsck(work)
