@@ -48,6 +48,7 @@ from mintvcs.refs import (
     OldValue,
     RefConflictError,
     RefFormatError,
+    add_note,
     check_branch_name,
     check_name_type,
     check_ref_name,
@@ -2277,12 +2278,14 @@ def _move_head(
             )
         else:
             _move_ref(repo, "HEAD", target, old=ANY, message=message, by=who, deref=False)
-    except BaseException:
+    except BaseException as err:
         if new_branch is not None:
             # HEAD could not follow (a full disk): the branch `-b` made goes too, so that the
-            # failed command leaves nothing its retry would be refused for.
-            with suppress(MintError, OSError):
-                repo.refs.delete(f"refs/heads/{new_branch}", old=target)
+            # failed command leaves nothing its retry would be refused for; not where another
+            # process has checked it out (or moved it) meanwhile.
+            ref = f"refs/heads/{new_branch}"
+            if not repo.refs.take_back(ref, target):
+                add_note(err, f"{ref} was left: another process has checked it out or set it")
         raise
     if new_branch is not None:
         _ref_moved(repo, f"refs/heads/{new_branch}", None, target)

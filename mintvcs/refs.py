@@ -330,7 +330,7 @@ def _log_line(old: str, new: str, identity: str, ts: int, tz: str, message: str)
     return (line + "\n").encode()
 
 
-def _note(err: BaseException, note: str) -> None:
+def add_note(err: BaseException, note: str) -> None:
     """Add `note` to the one line `err` will be reported in (a failed command's undo that left
     something as another process set it meanwhile)."""
     if isinstance(err, OSError) and err.strerror:
@@ -934,6 +934,9 @@ class RefStore:
                 raise RefFormatError(self._path(name), "symbolic ref chain too deep")
             final = chain[-1]
             current = self._read_direct(final)
+            # HEADs that name a ref not made yet (an unborn branch, a first commit's): its
+            # undo may delete it; one that names it later was a checkout of it meanwhile.
+            named = self._heads_naming(final) if current is None else set()
             final_symbolic = current is not None and current.startswith("ref: ")
             if final_symbolic:
                 if deref:
@@ -982,14 +985,16 @@ class RefStore:
             # first could stand in the way of a concurrent `final/...`, the ref that won the race.
             # Where a line cannot be written (a full disk), the ref goes again, as git creates
             # none then: a failed `branch x` leaves no `x` that its retry would be refused for.
+            # Not one another process has checked out meanwhile (its HEAD would name no ref).
             created: list[_Appended] = []
             try:
                 for ref in logged:
                     created.append(self._append_log(ref, prev, new, identity, ts, tz, message))
-            except BaseException:
+            except BaseException as err:
                 for entry in created:
                     entry.undo()
-                self._take_back(final, new)
+                if not self._take_back(final, new, named=named, head_held=HEAD in chain):
+                    add_note(err, f"{final} was left: another process has checked it out or set it")
                 raise
         finally:
             for lk in locks:
@@ -1041,17 +1046,53 @@ class RefStore:
             lock.release()
         return True
 
-    def _take_back(self, name: str, value: str) -> None:
-        """Delete `name`, which this process has just created at `value`, under its lock again,
-        unless another process has taken or moved it since."""
-        with contextlib.suppress(MintError, OSError):
-            lock = self._lock(name)
-            try:
-                if self._read_loose(name) == value:
-                    os.unlink(self._path(name))
-            finally:
+    def _heads_naming(self, name: str) -> set[str]:
+        """The HEADs that name `name` now: "HEAD" for this repository's, the directory of each
+        linked worktree (`.mint/worktrees/*`) whose HEAD names it."""
+        found = {HEAD} if self.read_symbolic(HEAD) == name else set()
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(os.path.join(self._dir, "worktrees")):
+                with contextlib.suppress(OSError, MintError):
+                    if RefStore(Path(entry.path)).read_symbolic(HEAD) == name:
+                        found.add(entry.path)
+        return found
+
+    def _take_back(
+        self, name: str, value: str, *, named: set[str], head_held: bool = False, log: bool = False
+    ) -> bool:
+        """Delete `name`, which this process has just created at `value` (with `log`, its reflog
+        too), under its lock again and this repository's HEAD's (`head_held`: this process holds
+        it already), unless another process has taken or moved it since or a HEAD not among
+        `named` (those that named it before it was made: an unborn branch) names it now: a
+        checkout of it meanwhile, which the deletion would leave on a branch that is not there.
+        False when it was left so."""
+        locks: list[_Lock] = []
+        try:
+            locks.append(self._lock(name))
+            if not head_held:
+                locks.append(self._lock(HEAD))
+            if self._read_loose(name) != value or self._heads_naming(name) - named:
+                return False
+            if log:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    os.unlink(os.path.join(self._dir, "logs", name))
+            os.unlink(self._path(name))
+        except RefConflictError:
+            return False  # another process holds it, or HEAD: it may be checking it out
+        except (MintError, OSError):
+            return True
+        finally:
+            for lock in locks:
                 lock.release()
-            self._prune_dirs(name)
+        self._prune_dirs(name)
+        return True
+
+    def take_back(self, name: str, value: str) -> bool:
+        """Delete branch `name`, which this process has just created at `value` and no HEAD named
+        then (`checkout -b` whose HEAD could not follow), with its reflog; left where another
+        process has moved or checked it out since. False when it was left so."""
+        _check_store_name(name)
+        return self._take_back(name, value, named=set(), log=True)
 
     def set_symbolic(
         self,
@@ -1309,7 +1350,7 @@ class RefStore:
                 ):
                     kept.append(f"{new} was left as another process set it, with its reflog")
                 if kept:
-                    _note(err, "; ".join(kept))
+                    add_note(err, "; ".join(kept))
                 raise
             if not nested:
                 with contextlib.suppress(FileNotFoundError):

@@ -5,6 +5,7 @@ wrong result."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -365,4 +366,35 @@ def test_a_failed_rename_keeps_the_reflog_another_process_wrote_meanwhile(
     assert _heads(work)["refs/heads/newmain"] == two
     log = git(work / ".mint", "reflog", "show", "--format=%H %gs", "newmain").stdout.splitlines()
     assert log[0] == f"{two} branch: Reset to two", log
+    git_fsck(work)
+
+
+@pytest.mark.parametrize(
+    ("command", "hook"),
+    [
+        # The reflog line of the branch just made cannot be written.
+        (["branch", "feat"], (RefStore, "_append_log", lambda s, name, *a: name.endswith("feat"))),
+        # HEAD cannot follow the branch `-b` just made.
+        (["checkout", "-b", "feat"], (RefStore, "set_symbolic", lambda *a, **k: True)),
+    ],
+)
+def test_a_failed_branch_creation_leaves_a_branch_another_process_checked_out_meanwhile(
+    two_branches: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    hook: tuple[object, str, Callable[..., bool]],
+) -> None:
+    # B checked out feat after A made it and before A's undo, which deleted it: B's HEAD on an
+    # unborn feat, whose next commit would be a root commit on an orphan branch.
+    work = _copy(two_branches, tmp_path, 0)
+    main = _heads(work)["refs/heads/main"]
+    status, err = _race(monkeypatch, capsys, work, hook, ["checkout", "feat"], *command)
+    assert status == 1, err
+    assert "No space left on device" in err, err
+    assert "refs/heads/feat was left: another process has checked it out or set it" in err, err
+    assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/feat\n"
+    assert _heads(work)["refs/heads/feat"] == main
+    assert json.loads(mint(work, "log", "--json").stdout)[0]["commit"] == main
     git_fsck(work)
