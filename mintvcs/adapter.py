@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import mmap
 import os
@@ -333,8 +334,8 @@ def _extra_paths(root: Path, exclude: Sequence[bytes] = ()) -> Iterator[_Found]:
     """Every regular file besides the config and weights, but for those ignored
     (_ignore_filter), in git's order within a directory. A directory that cannot be listed
     (permissions, an I/O error) is an error, never an empty one. Entries are opened relative
-    to the adapter directory's descriptor, so only the relative path is bound by PATH_MAX,
-    as in git."""
+    to the adapter directory's descriptor, so that a tree of any depth is listed; a file whose
+    full path is past PATH_MAX is refused all the same, as checkout could not write it back."""
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         ignored = _ignore_filter(root, exclude, root_fd)
@@ -375,6 +376,7 @@ def _walk_dir(
         raise _unreadable(where or ".", err) from None
     finally:
         os.close(fd)
+    base = len(os.fsencode(os.path.abspath(root))) + 1  # a file's full path: base + its own
     dirs = sorted(d for d in dirs if d not in _IGNORED and not ignored(prefix + d, True))
     if dirs and where.count("/") >= MAX_PATH_DEPTH:
         # The walk recurses once per level: refused before it runs out of stack.
@@ -400,6 +402,16 @@ def _walk_dir(
             raise NotAnAdapterError(
                 f"{quote_path(str(path))}: this file name cannot be stored ({reason}); rename it"
             )
+        full = base + len(rel.encode("utf-8"))
+        if full >= _path_max():
+            # The walk opens it relative to the adapter directory, but checkout writes and
+            # removes a work tree's files by their full paths: committed, it could not be
+            # checked out again (File name too long), nor the work tree leave its revision.
+            raise NotAnAdapterError(
+                f"{quote_path(str(path))[:200]}…: the full path is {full} bytes, past the "
+                f"system's limit ({_path_max() - 1}), so a checkout could not write it back; "
+                "shorten it, or move the adapter directory nearer the root"
+            )
         # A link to a file is stored by its content, as `cp -L` copies it: a Hugging Face
         # cache snapshot is a directory of such links, and a checkout writes plain files.
         try:
@@ -423,6 +435,15 @@ def _walk_dir(
         yield _Found(rel, path, root_fd, st)
     for d in dirs:
         yield from _walk_dir(root, root_fd, prefix + d + "/", ignored)
+
+
+@functools.cache
+def _path_max() -> int:
+    """The system's PATH_MAX (the terminating NUL included): 4096 on Linux."""
+    try:
+        return os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
 
 
 def _executable(st: os.stat_result) -> bool:

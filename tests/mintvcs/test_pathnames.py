@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from tests.mintvcs.storekit import git, mint, mint_unprivileged
+from tests.mintvcs.storekit import git, mint, mint_fails, mint_unprivileged
 
 
 def _show_files(work: Path) -> list[str]:
@@ -51,10 +51,12 @@ def test_an_unreadable_directory_is_never_read_as_an_empty_one(work: Path) -> No
     assert "secret2/a.txt" in _show_files(work)
 
 
-def test_a_file_past_path_max_is_committed_and_compared(work: Path) -> None:
+def test_a_file_past_path_max_is_refused_as_checkout_could_not_write_it_back(work: Path) -> None:
     # The work tree's own path is long, and the file 7 directories further down is past
-    # PATH_MAX as an absolute path (4,096 bytes), not as a path relative to the work tree:
-    # git lists it; the walk by absolute paths skipped it, so status said clean.
+    # PATH_MAX as an absolute path (4,096 bytes), not as a path relative to the work tree.
+    # The walk by absolute paths skipped it (status said clean); the walk by directory
+    # descriptors committed it, and then no checkout could write or remove it (File name too
+    # long), so the work tree could not leave that revision, even with --force.
     part = "d" * 200
     deep = work.parent / "long"
     while len(os.fsencode(deep)) < 2800:
@@ -81,11 +83,10 @@ def test_a_file_past_path_max_is_committed_and_compared(work: Path) -> None:
             os.close(where)
         os.close(fd)
     status = json.loads(mint(long_work, "status", "--json").stdout)
-    assert {"status": "added", "path": rel} in status["changes"], status
-    mint(long_work, "commit", "-m", "deep", "--no-verify")
-    assert rel in _show_files(long_work)
-    assert json.loads(mint(long_work, "status", "--json").stdout)["clean"]
-    assert git(long_work / ".mint", "ls-tree", "-r", "--name-only", "HEAD", "files/").stdout
+    assert not status["clean"] and "past the system's limit (4095)" in status["error"], status
+    error = mint_fails(long_work, "commit", "-m", "deep", "--no-verify")
+    assert "the full path is" in error and "a checkout could not write it back" in error, error
+    assert "notes.txt" not in git(long_work / ".mint", "ls-tree", "-r", "HEAD").stdout
 
 
 def test_status_says_why_a_name_cannot_be_stored_also_with_a_work_tree_record(work: Path) -> None:
