@@ -323,8 +323,9 @@ def _unreadable(rel_dir: str, err: OSError) -> NotAnAdapterError:
     """The refusal for a directory of the adapter that cannot be listed: read as empty, its
     files would be committed as deleted (git warns "could not open directory")."""
     reason = err.strerror or type(err).__name__
+    name = _in_quotes(rel_dir + "/") if rel_dir else "'.'"  # git's words for the top
     return NotAnAdapterError(
-        f"could not open directory {_in_quotes(rel_dir + '/')} of the adapter: {reason}; its "
+        f"could not open directory {name} of the adapter: {reason}; its "
         "files can be neither compared nor committed (make it readable, or list it in "
         f"{IGNORE_FILE})"
     )
@@ -336,7 +337,12 @@ def _extra_paths(root: Path, exclude: Sequence[bytes] = ()) -> Iterator[_Found]:
     (permissions, an I/O error) is an error, never an empty one. Entries are opened relative
     to the adapter directory's descriptor, so that a tree of any depth is listed; a file whose
     full path is past PATH_MAX is refused all the same, as checkout could not write it back."""
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as err:  # one status reports, as it does a subdirectory's
+        raise _unreadable("", err) from None
     try:
         ignored = _ignore_filter(root, exclude, root_fd)
         yield from _walk_dir(root, root_fd, "", ignored)
@@ -373,7 +379,7 @@ def _walk_dir(
                 elif not entry.is_symlink():  # a symlinked directory is not followed
                     dirs.append(entry.name)
     except OSError as err:
-        raise _unreadable(where or ".", err) from None
+        raise _unreadable(where, err) from None
     finally:
         os.close(fd)
     base = len(os.fsencode(os.path.abspath(root))) + 1  # a file's full path: base + its own

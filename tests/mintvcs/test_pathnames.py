@@ -289,3 +289,26 @@ def test_output_the_terminal_cannot_encode_never_raises(work: Path) -> None:
     assert "modified:  \\u65e5\\u672c.txt" in mint(work, "status", env=latin).stdout
     missing = mint(work, "branch", "-d", "x日", ok=False, env=latin)
     assert "error: branch 'x\\u65e5' not found" in missing.stderr, missing.stderr
+
+
+def test_status_of_an_adapter_directory_that_cannot_be_listed_says_why(work: Path) -> None:
+    # docs/cli.md: status of a work tree that is not a readable adapter exits 0 and says why
+    # (`error` in --json). The top of the adapter, unlike a directory inside it, raised a bare
+    # PermissionError: `error: Permission denied: <dir>`, exit 1, no JSON. git status warns
+    # "could not open directory '.': Permission denied" and exits 0.
+    (work / "notes.txt").write_text("n\n")
+    mint(work, "commit", "-m", "notes", "--no-verify")
+    work.chmod(0o311)  # enterable, its files readable by name, not listable
+    try:
+        result = mint_unprivileged(work, "status", "--json")
+        text = mint_unprivileged(work, "status")
+        commit = mint_unprivileged(work, "commit", "-m", "oops", "--no-verify")
+    finally:
+        work.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    error = json.loads(result.stdout)["error"]
+    assert "could not open directory '.' of the adapter: Permission denied" in error, error
+    assert text.returncode == 0 and "could not open directory '.'" in text.stdout, text
+    assert "removed" not in text.stdout, text.stdout
+    assert commit.returncode == 1 and "could not open directory '.'" in commit.stderr
+    assert "notes.txt" in _show_files(work)
