@@ -2086,6 +2086,17 @@ def checkout(
     # A branch name switches to that branch even where a tag of the same name exists (as git
     # checkout does), although a plain spec resolves to the tag first.
     oid = _branch_value(repo, spec)
+    if oid is not None and new_branch is None:
+        # A branch git made under a name that is not UTF-8: HEAD would name it, which status
+        # --json and the server cannot carry. Refused before anything is written; git checks
+        # it out, and `branch -m` renames it (with its reflog), as git does.
+        try:
+            check_utf8_name(spec)
+        except InvalidRefNameError as err:
+            add_note(
+                err, "rename that branch first, keeping its reflog: `mintvcs branch -m OLD NEW`"
+            )
+            raise
     target = repo.peel(oid) if oid is not None else repo.resolve(spec)
     if new_branch is not None:
         check_branch_name(new_branch)

@@ -323,11 +323,13 @@ def _check_store_name(name: str, *, long_names: bool = False) -> None:
 
 
 def _log_line(old: str, new: str, identity: str, ts: int, tz: str, message: str) -> bytes:
-    """One reflog line as git writes it (the message, if any, after a tab)."""
+    """One reflog line as git writes it (the message, if any, after a tab). A name in the
+    message that is not UTF-8 (a branch git made: `reset --hard` to it, `branch -m` away from
+    it) is written as its bytes, as git writes it, not a traceback."""
     line = f"{old} {new} {identity} {ts} {tz}"
     if message:
         line += "\t" + message
-    return (line + "\n").encode()
+    return (line + "\n").encode("utf-8", "surrogateescape")
 
 
 def add_note(err: BaseException, note: str) -> None:

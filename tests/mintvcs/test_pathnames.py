@@ -312,3 +312,27 @@ def test_status_of_an_adapter_directory_that_cannot_be_listed_says_why(work: Pat
     assert "removed" not in text.stdout, text.stdout
     assert commit.returncode == 1 and "could not open directory '.'" in commit.stderr
     assert "notes.txt" in _show_files(work)
+
+
+def test_a_branch_git_named_in_bytes_that_are_not_utf8_is_reset_to_renamed_or_refused(
+    work: Path,
+) -> None:
+    # checkout, reset --hard and branch -m of such a branch (git update-ref made it) raised a
+    # UnicodeEncodeError traceback writing the reflog line that names it.
+    bad = os.fsdecode(b"mb\xfe")
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    git(work / ".mint", "update-ref", f"refs/heads/{bad}", head)
+    # HEAD would name it, which --json cannot carry: one line, before anything is written.
+    error = mint_fails(work, "checkout", bad)
+    assert "0xfe is not UTF-8" in error and "mintvcs branch -m OLD NEW" in error, error
+    assert (work / ".mint" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    # As git: the reflog line names it in its bytes.
+    mint(work, "reset", "--hard", bad)
+    assert (work / ".mint" / "logs" / "HEAD").read_bytes().endswith(b"\treset: moving to mb\xfe\n")
+    mint(work, "checkout", "-b", "made", bad)
+    mint(work, "branch", "-m", bad, "fixed")
+    log = (work / ".mint" / "logs" / "refs" / "heads" / "fixed").read_bytes()
+    assert log.endswith(b"\tBranch: renamed refs/heads/mb\xfe to refs/heads/fixed\n"), log
+    assert git(work / ".mint", "rev-parse", "fixed").stdout.strip() == head
+    mint(work, "checkout", "fixed")
+    git(work / ".mint", "fsck", "--strict")
