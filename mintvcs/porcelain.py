@@ -885,14 +885,21 @@ def _compare(name: str, a: _Side | None, b: _Side | None) -> TensorDiff:
     va, vb = _as_float64(a.dtype, a.read()), _as_float64(b.dtype, b.read())
     if va is None or vb is None:
         return result(status)
-    norm_a, norm_b = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
-    change = float(np.linalg.norm(vb - va))
+    # A NaN or an infinity in a tensor makes NaNs and overflows: they are values here (rel_l2
+    # nan, cosine none), not numpy's RuntimeWarning lines on stderr.
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        norm_a, norm_b = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
+        change = float(np.linalg.norm(vb - va))
+        dot = float(va @ vb)
     # From an all-zero A (PEFT's B at step 0) a change is infinitely large, and none is none
     # (+0 -> -0, zeros F32 -> BF16); a cosine with a zero vector has no value.
     rel = change / norm_a if norm_a else (float("inf") if change else 0.0)
     cos = None
     if norm_a and norm_b:
-        cos = min(1.0, max(-1.0, float(va @ vb) / (norm_a * norm_b)))  # rounding can pass 1
+        quotient = dot / norm_a / norm_b  # one by one: the product of two tiny norms is 0
+        # A NaN in either has no cosine: max(-1.0, nan) is -1.0, "perfectly opposed".
+        if math.isfinite(quotient):
+            cos = min(1.0, max(-1.0, quotient))  # rounding can pass 1
     return result(status, rel, cos)
 
 

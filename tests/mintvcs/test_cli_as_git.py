@@ -26,6 +26,8 @@ from tests.mintvcs.storekit import (
     mint,
     mint_fails,
     mutate,
+    set_value,
+    tensor_names,
 )
 
 
@@ -71,6 +73,31 @@ def test_diff_json_is_strict_json_when_the_old_tensor_is_all_zero(work: Path) ->
     assert row["status"] == "modified" and row["rel_l2"] is None and row["cosine"] is None
     text = mint(work, "diff", "HEAD~1", "HEAD").stdout
     assert "rel_l2=inf  cos=n/a" in text  # the text says so
+
+
+def test_diff_of_a_tensor_holding_nan_has_no_cosine_and_no_warnings(work: Path) -> None:
+    # max(-1.0, nan) is -1.0: an undefined cosine read as perfectly opposed; and numpy's
+    # RuntimeWarnings (two source lines each) went to stderr.
+    name = tensor_names(work)[0]
+    set_value(work, name, 0, float("nan"))
+
+    def check(*revs: str) -> None:
+        done = mint(work, "diff", *revs, "--json")
+        (row,) = [t for t in _strict_json(done.stdout)["tensors"] if t["name"] == name]
+        assert (row["status"], row["rel_l2"], row["cosine"]) == ("modified", None, None), row
+        text = mint(work, "diff", *revs)
+        (line,) = [line for line in text.stdout.splitlines() if f" {name} " in line]
+        assert line.endswith("rel_l2=nan  cos=n/a"), line  # n/a: no value, as for a zero norm
+        assert done.stderr == text.stderr == "", done.stderr + text.stderr
+
+    check("HEAD")
+    mint(work, "commit", "--no-verify", "-m", "nan")
+    check("HEAD~1", "HEAD")
+    # An infinity on both sides: inf - inf is numpy's "invalid value encountered in subtract".
+    set_value(work, name, 0, float("inf"))
+    mint(work, "commit", "--no-verify", "-m", "inf")
+    set_value(work, name, 1, 0.5)
+    check("HEAD")
 
 
 def test_diff_shows_what_status_and_git_show(work: Path) -> None:
