@@ -336,6 +336,37 @@ def _on(repo: Any, section: bytes, name: bytes) -> bool:
         return True
 
 
+def _use_color(repo: Any, command: str) -> None:
+    """Colour this command's output or not as git's want_color decides: color.COMMAND (`status`,
+    `branch`; `diff` for log, show and diff), else color.ui, else `auto`. `always` colours even
+    into a pipe, `never` or a false boolean never, `auto` or a true one only a terminal whose
+    TERM is set and not `dumb`; a value git would refuse counts as unset."""
+    from mintvcs.repoformat import config_bool
+
+    config, setting = repo.config_with_user, "auto"
+    for name in (command.encode(), b"ui"):
+        try:
+            raw = config.get((b"color",), name).decode(errors="replace").lower()
+        except KeyError:
+            continue
+        try:
+            if raw in ("always", "never", "auto"):
+                setting = raw
+            elif not config_bool(config, (b"color",), name, True):
+                setting = "never"
+            break
+        except ValueError:
+            continue
+    if setting == "auto":
+        try:
+            tty = sys.stdout.isatty()
+        except (AttributeError, ValueError):  # not a file's stream (a test's capture)
+            tty = False
+        setting = "always" if tty and os.environ.get("TERM", "dumb") != "dumb" else "never"
+    # click.echo reads it for every line: the styles go out, or are stripped.
+    click.get_current_context().color = setting == "always"
+
+
 def _printable(text: str) -> str:
     """`text` with control characters escaped: a revision's metadata must not drive the terminal."""
     from mintvcs.messages import printable
@@ -802,6 +833,7 @@ def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
 
 def _log_text(repo: Any, start: Any, max_count: int | None, oneline: bool) -> None:
     """Print `log` as git does, page by page as the history is read."""
+    _use_color(repo, "diff")
     index = 0
     for page, labels in _log_pages(repo, start, max_count):
         short = repo.abbrev_many([info.id for info in page] if oneline else [])  # one search
@@ -841,6 +873,7 @@ def show(rev: str, as_json: bool) -> None:
             "file_bytes": {f.path: repo.blob_size(f.blob, what=f.path) for f in manifest.files},
         })  # fmt: skip
         return
+    _use_color(repo, "diff")
     click.echo(click.style(f"commit {info.id}", fg="yellow"))
     _echo_commit_text(info)
     click.echo()
@@ -898,6 +931,7 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
             }
         )
         return
+    _use_color(repo, "diff")
     from mintvcs.objects import WEIGHTS_FILE
     from mintvcs.porcelain import STATISTICS_DTYPES
 
@@ -964,6 +998,7 @@ def status(as_json: bool) -> None:
             }
         )
         return
+    _use_color(repo, "status")
     click.echo(
         f"On branch {state.branch}"
         if state.branch
@@ -1097,6 +1132,7 @@ def branch(
                 ]
             )
             return
+        _use_color(repo, "branch")
         head = repo.head_commit()
         if not names and head is not None and repo.refs.read_symbolic("HEAD") is None:
             # As git lists it: a detached HEAD is where the next commit goes.
