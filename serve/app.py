@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -1120,8 +1121,12 @@ def _print_flushed(line: str) -> None:
 def _complain(line: str) -> None:
     """An `error:` line on stderr; one that a full or closed stderr cannot take is dropped
     (the exit status still tells)."""
+    from mintvcs.messages import one_line
+
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        print(line, file=sys.stderr, flush=True)
+        # Escaped, as the CLI's: what the line names (a path, a file's error) must neither
+        # break it in two nor drive the terminal.
+        print(one_line(line), file=sys.stderr, flush=True)
 
 
 async def serve_until_signalled(
@@ -1134,9 +1139,11 @@ async def serve_until_signalled(
     """Run the server until SIGTERM, SIGINT or SIGHUP, then drain; the exit status (1 if the
     base failed to load, said once through `err`)."""
     server = await start_server(config, engine_factory=engine_factory, log_load_error=False)
+    from mintvcs.messages import one_line
+
     out(
-        f"mintvcs serve: listening on {server.url} (repository {config.repo}, base "
-        f"{config.base_model}, served alone as {config.base_name!r})"
+        f"mintvcs serve: listening on {server.url} (repository {one_line(str(config.repo))}, "
+        f"base {one_line(str(config.base_model))}, served alone as {config.base_name!r})"
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1183,16 +1190,28 @@ async def serve_until_signalled(
     return status
 
 
+class OneLineFormatter(logging.Formatter):
+    """Log lines whose message has its control characters and bidi overrides escaped: a ref
+    name, spec or path a line names comes from whoever wrote the repository, and must not
+    drive the terminal (C1's CSI), reorder the line or forge another (a traceback's lines,
+    which follow the message, stay as they are)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from mintvcs.messages import one_line
+
+        escaped = copy.copy(record)  # other handlers see the record as it was
+        escaped.message = one_line(record.message)
+        return super().formatMessage(escaped)
+
+
 def run(config: ServerConfig) -> int:
     """Blocking entry point for the CLI."""
     level = os.environ.get("MINT_LOG_LEVEL", "INFO")
     if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ServerError(f"MINT_LOG_LEVEL={level!r:.40}: use DEBUG, INFO, WARNING or ERROR")
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
     def out(line: str) -> None:
         # Whoever read the first line (the port) may have closed the pipe since, as

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mintvcs.cli import DirectoryPath
+from mintvcs.cli import DirectoryPath, _complain
 from mintvcs.errors import MintError
 
 
@@ -243,10 +243,10 @@ def serve(
         )
         status = run(config)
     except MintError as err:
-        click.echo(f"error: {err}", err=True)
+        _complain(f"error: {err}")  # escaped, as every command's error line
         sys.exit(err.exit_code)
     except OSError as err:  # the port is taken, most often
-        click.echo(f"error: cannot serve on {host}:{port}: {err.strerror or err}", err=True)
+        _complain(f"error: cannot serve on {host}:{port}: {err.strerror or err}")
         sys.exit(1)
     sys.exit(status)
 
@@ -279,17 +279,16 @@ def demo(workdir: Path | None, cache_dir: Path | None, train_steps: int | None) 
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as err:
-        click.echo(
+        _complain(
             f"error: mintvcs demo trains its adapters with PEFT, and {err.name or err} is not "
-            "installed: pip install 'mintvcs[demo]'",
-            err=True,
+            "installed: pip install 'mintvcs[demo]'"
         )
         sys.exit(1)
 
     try:
         run_demo(workdir=workdir, cache_dir=cache_dir, train_steps=train_steps)
     except MintError as err:
-        click.echo(f"error: {err}", err=True)
+        _complain(f"error: {err}")  # escaped, as every command's error line
         sys.exit(err.exit_code)
 
 

@@ -649,3 +649,52 @@ def test_a_base_that_fails_to_load_is_one_stderr_line_naming_the_cause(
         assert "the KV cache for 100000000 sequences of 64 tokens needs" in err
         assert re.search(r"needs \d+ bytes \([\d.]+ GiB\) of \S+ memory", err), err
     assert "error" not in out and "Traceback" not in err
+
+
+# ESC starting a colour, and a bidi override that reorders the rest of the line.
+HOSTILE = "\x1b[31m\u202e"
+
+
+def test_serve_error_line_is_escaped_as_every_commands(tmp_path: Path, tiny_base: Path) -> None:
+    # It was printed raw: on a terminal the rest of the line turned red and was reordered.
+    where = tmp_path / f"empty{HOSTILE}"
+    where.mkdir()
+    proc = _start(["--repo", str(where), "--base-model", str(tiny_base), "--port", "0"])
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.count("\n") == 1, err
+    assert "not a mintvcs repository" in err and "empty\\x1b[31m\\u202e" in err, err
+    assert "\x1b" not in err and "\u202e" not in err, err
+
+
+@pytest.mark.slow
+def test_serve_escapes_names_in_its_listening_and_log_lines(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    # The repository's path in the listening line, and a ref name in a log line (a broken
+    # ref /v1/models leaves out), reached the terminal raw. The ref's name is one git takes:
+    # C1's CSI (xterm acts on it) and a bidi override.
+    where = tmp_path / f"srv{HOSTILE}"
+    porcelain.init(where, str(tiny_base))
+    (where / ".mint" / "refs" / "heads" / "bad\x9b31m\u202e").write_text("1" * 40 + "\n")
+    proc = _start(["--repo", str(where), "--base-model", str(tiny_base), "--port", "0"])
+    try:
+        assert proc.stdout is not None
+        listening = proc.stdout.readline()
+        assert f"repository {tmp_path}/srv\\x1b[31m\\u202e, base" in listening, listening
+        url = re.search(r"listening on (http://\S+)", listening).group(1)  # type: ignore[union-attr]
+        deadline = time.monotonic() + 60
+        while request(url + "/health")[0] != 200:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        request(url + "/v1/models")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        out = listening + out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    (left_out,) = [line for line in err.splitlines() if "leaves out" in line] or [err]
+    assert "refs/heads/bad\\x9b31m\\u202e" in left_out, left_out
+    assert not {"\x1b", "\x9b", "\u202e"} & set(err + out), err + out
