@@ -63,9 +63,9 @@ def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--meta")
+            raise click.BadParameter(f"'{pair}' is not KEY=VALUE", param_hint="--meta")
         if key.strip() in meta:
-            raise click.BadParameter(f"key {key.strip()!r} given twice", param_hint="--meta")
+            raise click.BadParameter(f"key '{key.strip()}' given twice", param_hint="--meta")
         meta[key.strip()] = value
     return meta
 
@@ -192,7 +192,8 @@ def _print_anything() -> None:
     """Standard error never fails to encode a message (see _unencodable); stdout is made so by
     _name_stdout_failures."""
     with contextlib.suppress(AttributeError, ValueError):  # not a file's stream
-        if sys.stderr.errors in ("strict", "surrogateescape"):
+        # backslashreplace, Python's own for stderr, wrote a name's byte 0xff as `\udcff`.
+        if sys.stderr.errors in ("strict", "surrogateescape", "backslashreplace"):
             sys.stderr.reconfigure(errors="mintvcs-output")  # type: ignore[union-attr]
 
 

@@ -198,7 +198,7 @@ def signature(repo: Repository | None = None, role: str = "committer") -> Signat
     for value, where in ((name, name_from), (email, email_from)):
         if value and any(c in value for c in "<>\n\0"):
             raise BadIdentityError(
-                f"{where} is {value!r}: a name or email may not hold '<', '>', a newline or NUL"
+                f"{where} is '{value}': a name or email may not hold '<', '>', a newline or NUL"
             )
     date = os.environ.get(env + "DATE")
     timestamp, tz = _parse_date(date, env + "DATE") if date else (int(time.time()), None)
@@ -227,7 +227,7 @@ def _parse_date(text: str, where: str) -> tuple[int, str | None]:
     """(unix seconds, "+HHMM" or None for local) from git's raw, ISO 8601 or RFC 2822 date forms."""
     seconds, tz = _read_date(text, where)
     if not 0 <= seconds <= _LATEST_DATE:
-        raise BadIdentityError(f"{where} is {text!r}: give a date from 1970 to 9999")
+        raise BadIdentityError(f"{where} is '{text}': give a date from 1970 to 9999")
     return seconds, tz
 
 
@@ -245,7 +245,7 @@ def _read_date(text: str, where: str) -> tuple[int, str | None]:
             when = email.utils.parsedate_to_datetime(text)
         except (TypeError, ValueError):
             raise BadIdentityError(
-                f"{where} is {text!r}: give '<unix seconds> <+HHMM>', ISO 8601 "
+                f"{where} is '{text}': give '<unix seconds> <+HHMM>', ISO 8601 "
                 "('2026-11-28T12:00:00+01:00') or RFC 2822"
             ) from None
     try:

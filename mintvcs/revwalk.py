@@ -61,7 +61,7 @@ def split_range(arg: str) -> tuple[str, str, str] | None:
     if ".." in right or right.startswith("."):
         # git's "bad revision 'a..b..c'": name what was given, not the piece left over
         raise UnknownRevisionError(
-            f"invalid revision {arg!r}: a range is A..B or A...B, of two revisions"
+            f"invalid revision '{arg}': a range is A..B or A...B, of two revisions"
         )
     return _named(arg, left or "HEAD"), dots, _named(arg, right or "HEAD")
 
@@ -70,10 +70,10 @@ def _named(arg: str, spec: str) -> str:
     """`spec`, a revision of argument `arg`, refused (naming `arg`) when nothing names the
     commit its `~`/`^` steps start from: git refuses `^..main` and `~1`, not reading HEAD."""
     if not spec:
-        raise UnknownRevisionError(f"invalid revision {arg!r}: it names no revision")
+        raise UnknownRevisionError(f"invalid revision '{arg}': it names no revision")
     if spec[0] in ("~", "^"):
         raise UnknownRevisionError(
-            f"invalid revision {arg!r}: no branch, tag or commit id before {spec[0]!r}"
+            f"invalid revision '{arg}': no branch, tag or commit id before '{spec[0]}'"
         )
     return spec
 

@@ -232,7 +232,7 @@ class Revision:
         """The raw bytes of one tensor, verified."""
         record = self.manifest.tensor(name)
         if record is None:
-            raise UnknownRevisionError(f"revision {self.commit[:12]} has no tensor {name!r}")
+            raise UnknownRevisionError(f"revision {self.commit[:12]} has no tensor '{name}'")
         return self.repo.tensor_bytes(record.blob, name, expect=record)
 
     def tensors(
@@ -402,16 +402,16 @@ def _checked_spec(spec: str) -> tuple[str, str]:
         raise TypeError(f"a revision is named by a str, not {type(spec).__name__}: {spec!r:.60}")
     if not spec or any(ord(c) < 32 or c == "\x7f" for c in spec) or ".." in spec:
         raise UnknownRevisionError(
-            f"invalid revision {spec!r}: it is empty or holds '..' or control characters"
+            f"invalid revision '{spec}': it is empty or holds '..' or control characters"
         )
     parts = _split_spec(spec)
     if parts is None:
         raise UnknownRevisionError(
-            f"unknown revision {spec!r}: after a name come only ~N, ^N, ^{{}} and ^{{commit}}"
+            f"unknown revision '{spec}': after a name come only ~N, ^N, ^{{}} and ^{{commit}}"
         )
     if not parts[0]:  # git reads no HEAD into `~1` or `^{}`: they name nothing
         raise UnknownRevisionError(
-            f"invalid revision {spec!r}: no branch, tag or commit id before {spec[0]!r}"
+            f"invalid revision '{spec}': no branch, tag or commit id before '{spec[0]}'"
         )
     return parts
 
@@ -2059,13 +2059,13 @@ class Repository:
                 for _ in range(count):
                     parents = parents_of(oid)
                     if not parents:
-                        raise UnknownRevisionError(f"revision {spec!r} goes past the first commit")
+                        raise UnknownRevisionError(f"revision '{spec}' goes past the first commit")
                     oid = parents[0]
             elif count:  # `^0` is the commit itself: nothing to read
                 parents = parents_of(oid)
                 if count > len(parents):
                     raise UnknownRevisionError(
-                        f"revision {spec!r}: commit {oid[:12]} has no parent {count}"
+                        f"revision '{spec}': commit {oid[:12]} has no parent {count}"
                     )
                 oid = parents[count - 1]
         return oid
@@ -2083,25 +2083,25 @@ class Repository:
         chosen = _SELECTOR.match(selector)
         if chosen is None or chosen["count"] == "-0":
             raise UnknownRevisionError(
-                f"revision {spec!r}: only @{{N}} and @{{-N}} reflog selectors are supported"
+                f"revision '{spec}': only @{{N}} and @{{-N}} reflog selectors are supported"
             )
         count = int(chosen["count"])
         if count < 0:
             if base:
-                raise UnknownRevisionError(f"revision {spec!r}: @{{-N}} takes no name before it")
+                raise UnknownRevisionError(f"revision '{spec}': @{{-N}} takes no name before it")
             return self.resolve(self._previous_checkout(-count, spec))
         if base in ("", "@"):  # git: the current branch's reflog (HEAD's when detached)
             ref = self.refs.read_symbolic("HEAD") or "HEAD"
         else:
             existing = [r for r in ref_candidates(base) if self._ref_exists(r)]
             if not existing:
-                raise UnknownRevisionError(f"unknown revision {spec!r}: no ref named {base!r}")
+                raise UnknownRevisionError(f"unknown revision '{spec}': no ref named '{base}'")
             # As git's: the first of them with a reflog file, even an emptied one (a tag of a
             # branch's name has none); a symbolic ref without one reads its target's.
             logged = (self.refs.reflog_of(r) for r in existing)
             found = next((r for r in logged if r is not None), None)
             if found is None:
-                raise UnknownRevisionError(f"revision {spec!r}: {existing[0]} has no reflog")
+                raise UnknownRevisionError(f"revision '{spec}': {existing[0]} has no reflog")
             ref = found
         entries = self.refs.reflog(ref)
         zero = "0" * 40
@@ -2109,7 +2109,7 @@ class Repository:
             # git: the newest entry's new value; with an empty reflog, the ref's current value.
             oid = entries[-1].new if entries else self.refs.read(ref)
             if oid is None or oid == zero:
-                raise UnknownRevisionError(f"revision {spec!r}: {ref} does not point to a commit")
+                raise UnknownRevisionError(f"revision '{spec}': {ref} does not point to a commit")
             return self.peel(oid)
         # As git's read_ref_at: the value before the count-th newest move, i.e. that entry's old
         # id, or when it is zero (the ref was created there) the next older entry's. So
@@ -2118,7 +2118,7 @@ class Repository:
             if entry.old != zero:
                 return self.peel(entry.old)
         raise UnknownRevisionError(
-            f"revision {spec!r}: the reflog of {ref} has only {len(entries)} entries"
+            f"revision '{spec}': the reflog of {ref} has only {len(entries)} entries"
         )
 
     def _previous_checkout(self, count: int, spec: str) -> str:
@@ -2129,7 +2129,7 @@ class Repository:
         previous = [m["name"] for m in reversed(moves) if m is not None and "@{" not in m["name"]]
         if len(previous) < count:
             raise UnknownRevisionError(
-                f"revision {spec!r}: only {len(previous)} checkout(s) in HEAD's reflog"
+                f"revision '{spec}': only {len(previous)} checkout(s) in HEAD's reflog"
             )
         return previous[count - 1]
 
@@ -2188,9 +2188,9 @@ class Repository:
                 return self.peel(commits[0]) if peel else commits[0]
             if len(commits) > 1:
                 raise UnknownRevisionError(
-                    f"revision {name!r} is ambiguous: {', '.join(c[:12] for c in commits[:5])}; give more digits"
+                    f"revision '{name}' is ambiguous: {', '.join(c[:12] for c in commits[:5])}; give more digits"
                 )
-        raise UnknownRevisionError(f"unknown revision {spec!r}: not a branch, tag or commit id")
+        raise UnknownRevisionError(f"unknown revision '{spec}': not a branch, tag or commit id")
 
     def check_present(self) -> None:
         """Raise RepositoryGoneError when the store's objects directory is gone or unreadable
@@ -2221,7 +2221,7 @@ class Repository:
             # packs one by one, so the next walks may meet the next one: a few, a moment apart.
             time.sleep(0.01 * (attempt + 1))
         raise StoreBusyError(
-            f"the store's packs kept changing while looking up ids starting {prefix!r} (a gc "
+            f"the store's packs kept changing while looking up ids starting '{prefix}' (a gc "
             "in another process?); try again"
         )
 

@@ -770,3 +770,21 @@ def test_an_empty_revision_is_refused_not_read_as_head(work: Path) -> None:
     mint(work, "checkout", "main")
     assert json.loads(mint(work, "reset", "@^", "--json").stdout)["commit"] == first
     assert json.loads(mint(work, "reset", "@{1}", "--json").stdout)["commit"] == head
+
+
+def test_error_lines_name_arguments_as_given_not_in_python_repr(work: Path) -> None:
+    # `unknown revision 'nope\udcff'` (a Python surrogate for a byte), 'a\\b' (a doubled
+    # backslash) and "it's" (switched quotes): git names the argument as it is, in single
+    # quotes, its bytes as given (`'nope<FF>'`).
+    cases = {
+        "nope\udcff": "unknown revision 'nope\udcff'",  # the byte 0xff, raw, as git writes it
+        "a\\b": "unknown revision 'a\\b'",
+        "it's": "unknown revision 'it's'",
+        "main~1x": "unknown revision 'main~1x'",
+        "nope\x1b[31m": "revision 'nope\\x1b[31m'",  # what would drive the terminal is escaped
+    }
+    for spec, said in cases.items():
+        for command in ("log", "show"):
+            line = mint_fails(work, command, spec)
+            assert said in line and "\\udc" not in line and "\\\\" not in line, line
+    assert "'k' is not KEY=VALUE" in mint(work, "commit", "-m", "x", "--meta", "k", ok=False).stderr
