@@ -297,8 +297,15 @@ class MintGroup(click.Group):
     ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
-            raise  # `mintvcs` alone: the help, as git prints its usage
+        except click.exceptions.NoArgsIsHelpError as err:
+            # `mintvcs` alone: the help on stdout, as git prints its usage (click wrote it to
+            # stderr: `mintvcs | less` showed nothing); exit 2, a usage error's status.
+            try:
+                click.echo((err.ctx or click.Context(self, info_name=info_name)).get_help())
+                _flush_stdout()
+            except (OSError, KeyboardInterrupt) as failure:  # a full disk, a reader gone
+                _exit_for(failure)
+            sys.exit(2)
         except click.UsageError as err:  # `mintvcs --bogus`: one line, as for a command's
             _usage_error(err, info_name or "mintvcs")
         except (OSError, KeyboardInterrupt) as err:  # `--help` or `--version` into a full output

@@ -305,3 +305,24 @@ def test_help_into_a_closed_pipe_or_a_full_disk_is_answered_as_other_output(list
         )
     assert ran.returncode == 128, ran.stderr
     assert ran.stderr == "error: write failure on 'stdout': No space left on device\n"
+
+
+def test_mintvcs_alone_prints_its_help_on_stdout(tmp_path: Path) -> None:
+    # It went to stderr: `mintvcs > out.txt` left out.txt empty, `mintvcs | less` showed
+    # nothing. git alone prints its usage on stdout too (exit 1; mintvcs's usage status is 2).
+    alone = mint(tmp_path, ok=False)
+    assert (alone.returncode, alone.stderr) == (2, ""), alone
+    assert alone.stdout.startswith("Usage: ") and "Commands:" in alone.stdout, alone.stdout
+    assert alone.stdout == mint(tmp_path, "--help").stdout
+    git_alone = subprocess.run(["git"], env=ENV, capture_output=True, text=True)
+    assert git_alone.stdout.startswith("usage: git") and git_alone.stderr == "", git_alone
+    with open("/dev/full", "w") as full:
+        ran = subprocess.run(
+            [sys.executable, "-m", "mintvcs.cli"],
+            env=ENV,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    assert ran.returncode == 128, ran.stderr
+    assert ran.stderr == "error: write failure on 'stdout': No space left on device\n"
