@@ -296,6 +296,11 @@ def _text_of_first(free: dict[str, Any], pieces: list[str], n: int) -> str:
         ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
         ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
         ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "n": 1025, "max_tokens": 1},
+            "1025 choices; at most 1024",
+        ),
         ("/v1/completions", {"prompt": [True, 2]}, "prompt"),
         ("/v1/completions", {"prompt": [[]]}, "prompt"),
         ("/v1/completions", {"prompt": [10**9]}, "vocabulary"),
@@ -329,6 +334,9 @@ def _text_of_first(free: dict[str, Any], pieces: list[str], n: int) -> str:
             "stream_options",
         ),
         ("/v1/completions", {"prompt": "x", "n": 2, "best_of": True}, "best_of"),
+        # A boolean field's neutral value is a boolean: 0 is a wrong type, not false.
+        ("/v1/completions", {"prompt": "x", "include_stop_str_in_output": 0}, "(got 0)"),
+        ("/v1/chat/completions", {"echo": 0}, "echo"),
         ("/v1/completions", {"prompt": "x", "echo": True, "max_tokens": False}, "max_tokens"),
         ("/detokenize", {}, "tokens"),
         # Each message names what the client sent, whole.

@@ -258,6 +258,26 @@ def test_prompt_longer_than_the_context_is_413(server: BackgroundServer) -> None
     assert status == 413 and "tokens" in body["error"]
 
 
+def test_a_prompt_at_each_limit_is_measured_as_the_limit_says(server: BackgroundServer) -> None:
+    # --max-prompt-bytes is the most a prompt may have: 2000 bytes pass the byte check (this
+    # one is then too long in tokens), 2001 do not.
+    status, _, body = gen(server, prompt="x" * 2000, ref="main")
+    assert (status, body["reason"]) == (413, "prompt_too_long"), body
+    status, _, body = gen(server, prompt="x" * 2001, ref="main")
+    assert (status, body["reason"]) == (413, "prompt_too_large"), body
+    status, _, body = request(server.url + "/tokenize", {"prompt": "x" * 2000})
+    assert status == 200 and body["count"] == 2000, body
+    # A prompt must leave the context room for one token: 511 of 512 do, 512 are refused
+    # as too long (413 prompt_too_long, as past it), not as some other 400.
+    for length, status in ((511, 200), (512, 413)):
+        got, _, body = request(
+            server.url + "/v1/completions",
+            {"model": "main", "prompt": [5] * length, "max_tokens": 1},
+        )
+        assert got == status, (length, body)
+    assert body["error"]["code"] == "prompt_too_long", body
+
+
 def test_unsupported_lora_feature_is_422_naming_it(server: BackgroundServer) -> None:
     for _ in range(2):  # the refusal is remembered: the second answer comes from the failure cache
         status, _, body = gen(server, prompt="Hello", ref="dora", max_tokens=2)
@@ -1428,6 +1448,7 @@ def test_models_listing_refuses_a_prefix_out_of_refs_and_a_limit_past_its_cap(
         ("prefix=" + "../" * 12, "prefix"),
         ("prefix=a%00b", "prefix"),
         ("limit=100001", "limit"),
+        ("limit=0", "limit"),  # the base alone would be listed past it
     ):
         status, _, body = request(server.url + "/v1/models?" + query)
         assert status == 400 and field in body["error"]["message"], (query, body)
