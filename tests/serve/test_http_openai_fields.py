@@ -255,7 +255,17 @@ def test_tokenize_and_detokenize(server: BackgroundServer, tiny_base: Path) -> N
     assert scored["choices"][0]["prompt_token_ids"] == answer["tokens"]
     status, _, back = request(server.url + "/detokenize", {"tokens": answer["tokens"]})
     assert status == 200 and back["prompt"].endswith("Hello world")
-    for body in ({"tokens": [10**8]}, {"tokens": "abc"}, {"tokens": [True]}):
+    # The vocabulary is [0, vocab_size): its first id past the end and -1 are refused too.
+    vocab = json.loads((tiny_base / "config.json").read_text())["vocab_size"]
+    status, _, back = request(server.url + "/detokenize", {"tokens": [0, vocab - 1]})
+    assert status == 200, back
+    for body in (
+        {"tokens": [10**8]},
+        {"tokens": [vocab]},
+        {"tokens": [-1]},
+        {"tokens": "abc"},
+        {"tokens": [True]},
+    ):
         status, _, bad = request(server.url + "/detokenize", body)
         assert status == 400 and "token" in bad["error"], body
     status, _, bad = request(server.url + "/tokenize", {"prompt": 5})
