@@ -324,6 +324,16 @@ def test_blanks_in_a_value_are_read_as_git_reads_them(work: Path, value: str, he
     assert mint(work, "log", "--oneline").returncode == 0
 
 
+@pytest.mark.parametrize("value", [r"a\bc", r'"x\by"', r"a\t\n\"\\\b"])
+def test_escapes_in_a_value_are_read_as_git_reads_them(work: Path, value: str) -> None:
+    # git takes \b (a backspace) beside \\, \", \n and \t; any other escape is refused.
+    _append(work, "[mint]\n\tfoo = " + value + "\n\tbar = b\n")
+    assert b"\b" in (_as_git_reads(work, "mint.foo") or b"")
+    for key in ("mint.foo", "mint.bar"):
+        assert _as_mintvcs_reads(work, key) == _as_git_reads(work, key), key
+    assert mint(work, "log", "--oneline").returncode == 0
+
+
 def test_a_value_continued_on_a_section_header_s_line_is_read_as_git_reads_it(
     work: Path,
 ) -> None:
@@ -582,6 +592,34 @@ def test_includeif_conditions_match_as_git_matches_them(
         assert ours == by_git, condition
         matched.append(by_git == "me@work.example")
     assert 0 < sum(matched) < len(matched)  # both kinds
+
+
+def test_an_onbranch_pattern_ending_in_a_slash_matches_the_branches_under_it_as_git(
+    work: Path, home: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # git adds `**` to a pattern ending in `/`, as for gitdir: `onbranch:user/` is every
+    # branch under user/.
+    from mintvcs.porcelain import signature
+    from mintvcs.store import Repository
+
+    for name in ("GIT_AUTHOR_EMAIL", "GIT_CONFIG_GLOBAL", "GIT_CONFIG_PARAMETERS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", home["HOME"])
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    git(work / ".mint", "symbolic-ref", "HEAD", "refs/heads/user/topic")
+    identity = tmp_path / "work.gitconfig"
+    identity.write_text("[user]\n\temail = me@work.example\n")
+    config = work / ".mint" / "config"
+    original = config.read_text() + "[user]\n\temail = me@personal.example\n"
+    matched = []
+    for condition in ("onbranch:user/", "onbranch:use/", "onbranch:user", "onbranch:user/*"):
+        config.write_text(original + f'[includeIf "{condition}"]\n\tpath = {identity}\n')
+        by_git = _git(work / ".mint", home, "config", "--get", "user.email").stdout.strip()
+        with Repository.open(work) as repo:
+            ours = signature(repo, "author").identity.split("<")[1].rstrip(">")
+        assert ours == by_git, condition
+        matched.append(by_git == "me@work.example")
+    assert matched == [True, False, False, True]
 
 
 def test_includeif_gitdir_matches_the_path_taken_through_a_symbolic_link_as_git(
