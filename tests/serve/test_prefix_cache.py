@@ -437,3 +437,25 @@ def test_a_revision_named_base_never_shares_the_bases_salted_cache(
             else:  # queued together: a fork of the base's request, before the fix
                 done = engine.generate_many([(prompt, None, params), (prompt, "base", params)])
                 assert done[1].token_ids == want
+
+
+def test_a_prompt_still_going_in_serves_none_of_its_blocks_until_they_are_in(
+    tiny_base: Path,
+) -> None:
+    # 40 tokens a step: the first prompt goes in over two steps; the second, which shares all
+    # its 64 tokens, comes in at the second and must wait for the blocks that step computes.
+    first = _tokens(80, 64)
+    requests: list[tuple[list[int], str | None, SamplingParams]] = [
+        (first, None, GREEDY),
+        ([*first, *_tokens(81, 6)], None, GREEDY),
+    ]
+    config = EngineConfig(max_batch_size=4, max_model_len=128, max_num_batched_tokens=40)
+    with (
+        Engine(tiny_base, config) as cached,
+        Engine(tiny_base, replace(config, prefix_caching=False)) as plain,
+    ):
+        mine = cached.generate_many(requests, timeout=120)
+        theirs = plain.generate_many(requests, timeout=120)
+        for a, b in zip(mine, theirs, strict=True):
+            assert a.token_ids == b.token_ids
+        assert cached.stats()["prefix_cache_hit_tokens"] == 64
