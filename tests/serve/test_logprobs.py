@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,21 @@ def test_logprobs_are_of_the_raw_distribution_whatever_the_sampling(
         assert found.logprob == pytest.approx(
             float(expected[len(prompt) - 1 + i][found.token_id]), abs=1e-4
         )
+
+
+ONE_OF_THREE = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+
+def test_each_request_in_a_batch_gets_the_alternatives_it_asked_for(engine: Engine) -> None:
+    # The batch computes the most alternatives any request asked for; each gets its own
+    # count (OpenAI's top_logprobs: that many), 0 and 1 beside 5 as when alone.
+    requests: list[tuple[list[int], str | None, SamplingParams]] = [
+        (_prompt(20 + top, 7), None, replace(ONE_OF_THREE, logprobs=top)) for top in (5, 0, 1)
+    ]
+    together = engine.generate_many(requests, timeout=60)
+    for (_, _, params), done in zip(requests, together, strict=True):
+        assert done.logprobs is not None and len(done.logprobs) == 3
+        assert all(len(found.top) == params.logprobs for found in done.logprobs), params
 
 
 def test_scored_prefills_in_a_mixed_batch_equal_each_alone(
