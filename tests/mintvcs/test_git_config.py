@@ -767,6 +767,20 @@ def test_a_key_without_a_value_is_no_identity(work: Path, home: dict[str, str]) 
     assert _mint(work, home, "commit", "-m", "four", "--no-verify").returncode == 0
 
 
+def test_a_key_without_a_value_in_git_config_parameters_is_no_identity(
+    work: Path, home: dict[str, str]
+) -> None:
+    # `git -c user.email` passes the key alone: git refuses it as it refuses one in a file.
+    env = {**home, "GIT_CONFIG_PARAMETERS": "'user.email'"}
+    (Path(home["HOME"]) / ".gitconfig").write_text("[user]\n\tname = N\n\temail = e@x.example\n")
+    by_git = _git(work / ".mint", env, "var", "GIT_AUTHOR_IDENT")
+    assert by_git.returncode == 128 and "missing value for 'user.email'" in by_git.stderr
+    mutate(work, seed=5)
+    result = _mint(work, env, "commit", "-m", "five", "--no-verify")
+    assert result.returncode == 128  # not a commit as `N <true>`
+    assert "missing value for 'user.email'" in _error_line(result)
+
+
 def test_a_notify_url_without_a_value_is_refused_by_the_ref_update_sample(work: Path) -> None:
     _append(work, '[mint "notify"]\n\turl\n')
     assert git(work / ".mint", "config", "--get", "mint.notify.url").stdout == "\n"
