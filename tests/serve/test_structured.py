@@ -252,6 +252,32 @@ def test_min_tokens_cannot_outlast_a_complete_grammar(engine: Engine) -> None:
     assert (out.text, out.finish_reason) == ("ok", "stop")
 
 
+def test_min_tokens_gives_way_to_a_grammar_that_allows_only_stop_tokens(
+    engine: Engine, tiny_base: Path
+) -> None:
+    # Every token that spells "a" is a stop token, which min_tokens bars: the grammar wins, as
+    # it does over EOS, and the output ends on one; no failed request for lack of a token.
+    tokenizer = llguidance.LLTokenizer((tiny_base / "tokenizer.json").read_text(), eos_token=2)
+    matcher = llguidance.LLMatcher(tokenizer, llguidance.grammar_from("regex", "a"))
+    bias = matcher.compute_logit_bias()[: tokenizer.vocab_size]
+    spelling = [t for t, b in enumerate(bias) if b != 0]
+    assert 0 < len(spelling) < 8
+    out = engine.generate(
+        _prompt(9, 6),
+        None,
+        SamplingParams(
+            max_tokens=20,
+            temperature=0.0,
+            min_tokens=15,
+            stop_token_ids=tuple(spelling),
+            structured=StructuredOutput.choice(["a"]),
+        ),
+        timeout=60,
+    )
+    assert out.finish_reason == "stop" and out.token_ids[-1] in spelling
+    assert len(out.token_ids) == 1
+
+
 def test_a_regex_allowing_more_may_end_on_eos(engine: Engine) -> None:
     # [a-z]+ accepts after one letter: from then on EOS is allowed, and the output may end on it.
     spec = StructuredOutput("regex", "[a-z]+")
