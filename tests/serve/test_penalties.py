@@ -127,6 +127,24 @@ def test_penalties_change_the_output_over_the_engine(engine: Engine) -> None:
     assert len(set(penalised)) >= len(set(plain)) and penalised != plain
 
 
+def test_a_sampled_request_beside_a_penalised_greedy_one_draws_from_its_own_logits(
+    engine: Engine,
+) -> None:
+    # One row drawn (the seeded one) and one row changed (the penalised greedy one): each
+    # request in the batch gives what it gives alone.
+    requests: list[tuple[list[int], str | None, SamplingParams]] = [
+        (_prompt(24, 8), None, SamplingParams(max_tokens=12, temperature=1.0, seed=3)),
+        (
+            _prompt(25, 8),
+            None,
+            SamplingParams(max_tokens=12, temperature=0.0, frequency_penalty=2.0),
+        ),
+    ]
+    together = engine.generate_many(requests, timeout=60)
+    for request, got in zip(requests, together, strict=True):
+        assert got.token_ids == engine.generate(*request, timeout=60).token_ids
+
+
 def test_min_p_keeps_only_tokens_near_the_likeliest() -> None:
     logits = torch.tensor([4.0, 3.9, 1.0, 0.5, -3.0])
     probs = torch.softmax(logits, dim=0)
