@@ -205,6 +205,26 @@ def test_max_waiting_refuses_past_the_bound_all_or_nothing(tiny_base: Path) -> N
         EngineConfig(max_waiting=0)
 
 
+def test_a_request_cancelled_while_it_waits_leaves_the_queue_at_once(tiny_base: Path) -> None:
+    # One KV slot, busy for 150 tokens: the second request waits, and cancelling it takes it
+    # out of the queue (counted cancelled) before the first ends, not once it got a slot.
+    config = EngineConfig(max_batch_size=1, max_model_len=256)
+    with Engine(tiny_base, config) as eng:
+        long = SamplingParams(max_tokens=150, temperature=0.0, ignore_eos=True)
+        first, second = eng.start_many([(_prompt(3, 5), None, long), (_prompt(4, 5), None, long)])
+        deadline = time.monotonic() + 30
+        while eng.stats()["steps"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert eng.stats()["queue_depth"] == 1
+        assert second.cancel()
+        while eng.stats()["queue_depth"] and time.monotonic() < deadline:
+            time.sleep(0.005)
+        stats = eng.stats()
+        assert not first.done(), "the first request ended before the second was reaped"
+        assert stats["queue_depth"] == 0 and stats["requests_cancelled"] == 1
+        assert first.result(60).finish_reason == "length"
+
+
 def test_cancel_frees_the_sequence_and_slot_ref(engine: Engine) -> None:
     async def main() -> tuple[int, dict[str, Any]]:
         stream = engine.submit(
