@@ -428,6 +428,31 @@ def test_an_exclusion_passes_through_the_commits_read_for_merge_bases(tmp_path: 
     assert mint(work, "log", "--oneline", *args).stdout == f"{y[:7]} (Y) Y\n"
 
 
+def test_excluded_commits_of_the_last_listed_ones_time_keep_the_walk_going_as_in_git(
+    tmp_path: Path,
+) -> None:
+    from mintvcs import porcelain
+
+    work = tmp_path / "work"
+    porcelain.init(work, None, install_hooks=False).close()
+    git_dir = work / ".mint"
+    # Commits made within one second: L is listed (I's parent), then only excluded commits
+    # of L's time are queued, more of them than SLOP, the last of which reaches L. git keeps
+    # walking while a queued commit is as new as the last one listed (not only newer), so
+    # finds L excluded and lists I alone.
+    low = _dated_commit(git_dir, T0, "L")
+    tip = low
+    for i in range(1, 9):
+        tip = _dated_commit(git_dir, T0, f"e{i}", tip)
+    e = _dated_commit(git_dir, T0 + 20, "E", tip)
+    i_ = _dated_commit(git_dir, T0 + 10, "I", low)
+    for name, oid in (("E", e), ("I", i_)):
+        git(git_dir, "update-ref", f"refs/heads/{name}", oid)
+    expected = git(git_dir, "log", "--first-parent", "--format=%H", "E..I").stdout.split()
+    assert expected == [i_]
+    assert [c["commit"] for c in json.loads(mint(work, "log", "--json", "E..I").stdout)] == [i_]
+
+
 def test_merge_bases_are_listed_as_git_merge_base_lists_them(tmp_path: Path) -> None:
     from mintvcs import porcelain, revwalk
     from mintvcs.store import Repository
