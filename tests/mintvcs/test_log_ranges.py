@@ -453,6 +453,39 @@ def test_excluded_commits_of_the_last_listed_ones_time_keep_the_walk_going_as_in
     assert [c["commit"] for c in json.loads(mint(work, "log", "--json", "E..I").stdout)] == [i_]
 
 
+@pytest.mark.parametrize("depth", [3, 4, 5, 6])
+def test_a_queued_commit_found_interesting_then_excluded_no_longer_keeps_the_walk_going(
+    tmp_path: Path, depth: int
+) -> None:
+    from mintvcs import porcelain
+
+    work = tmp_path / "work"
+    porcelain.init(work, None, install_hooks=False).close()
+    git_dir = work / ".mint"
+    # C (old: a skewed clock) is queued from L, found the one interesting commit in the queue,
+    # then excluded through X while still queued. git's cache of it counts no longer (its
+    # flag is checked), so the walk ends SLOP commits on: K, which c<depth> reaches, is listed
+    # at depths 4 and more although excluded, as git lists it. A walk that trusted the cache
+    # went further and left K out.
+    tip = k = _dated_commit(git_dir, T0 + 700, "K")
+    for n in range(depth, 0, -1):
+        tip = _dated_commit(git_dir, T0 + 30 - n, f"c{n}", tip)
+    c = _dated_commit(git_dir, T0 + 30, "C", tip)
+    i = _dated_commit(git_dir, T0 + 1000, "I", _dated_commit(git_dir, T0 + 900, "L", c))
+    j = _dated_commit(git_dir, T0 + 800, "J", k)
+    e = _dated_commit(git_dir, T0 + 40, "X", c)
+    for n, name in enumerate(("Y", "Z")):
+        e = _dated_commit(git_dir, T0 + 50 + 10 * n, name, e)
+    e = _dated_commit(git_dir, T0 + 2000, "E", e)
+    for name, oid in (("E", e), ("I", i), ("J", j)):
+        git(git_dir, "update-ref", f"refs/heads/{name}", oid)
+    args = ["I", "J", "^E"]
+    expected = git(git_dir, "log", "--first-parent", "--format=%H", *args).stdout.split()
+    assert (k in expected) == (depth >= 4)
+    listed = json.loads(mint(work, "log", "--json", *args).stdout)
+    assert [m["commit"] for m in listed] == expected
+
+
 def test_merge_bases_are_listed_as_git_merge_base_lists_them(tmp_path: Path) -> None:
     from mintvcs import porcelain, revwalk
     from mintvcs.store import Repository
