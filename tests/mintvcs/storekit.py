@@ -84,6 +84,43 @@ def console_script() -> str:
     return str(script)
 
 
+def run_on_terminal(
+    program: str, argv: list[str], env: dict[str, str], cwd: Path | None = None, columns: int = 100
+) -> bytes:
+    """What `program` (run as `argv`, in `cwd`) writes to a pseudo-terminal of 24 x `columns`
+    that is its stdout and stderr, until it exits or a minute has passed."""
+    import fcntl
+    import pty
+    import select
+    import termios
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child
+        try:
+            if cwd is not None:
+                os.chdir(cwd)
+            os.execve(program, argv, env)
+        finally:
+            os._exit(127)  # never back into pytest
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    out = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # the child exited and closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.waitpid(pid, 0)
+    return out
+
+
 def without_root_reads(command: list[str]) -> list[str]:
     """`command` so that a file's mode stops its reads: as it is for another user than root, and
     for root through setpriv, which drops the capabilities that let root read anything (the

@@ -3,18 +3,14 @@ git 2.39 on the same settings as the oracle."""
 
 from __future__ import annotations
 
-import os
-import pty
-import select
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.mintvcs.storekit import ENV
+from tests.mintvcs.storekit import ENV, run_on_terminal
 
 MINT = [sys.executable, "-m", "mintvcs.cli"]
 
@@ -27,27 +23,7 @@ def _output(command: list[str], cwd: Path, env: dict[str, str], terminal: bool) 
         return done.stdout
     program = shutil.which(command[0])
     assert program is not None, command
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: stdout and stderr are the terminal
-        try:
-            os.chdir(cwd)
-            os.execve(program, command, env)
-        finally:
-            os._exit(127)  # never back into pytest
-    out = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if not ready:
-            continue
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # the child exited and closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.waitpid(pid, 0)
+    out = run_on_terminal(program, command, env, cwd)
     assert b"Traceback" not in out, out
     return out
 

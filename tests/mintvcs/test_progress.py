@@ -4,17 +4,11 @@ else keeps a large adapter's commands quick: no cyclic collections mid-read, lin
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import json
 import os
-import pty
-import select
-import struct
 import subprocess
 import sys
-import termios
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +19,7 @@ import pytest
 
 from mintvcs import adapter, maintenance, objects, porcelain, store
 from mintvcs.store import Repository
-from tests.mintvcs.storekit import ENV, WEIGHTS, handmade_adapter, random_f32
+from tests.mintvcs.storekit import ENV, WEIGHTS, handmade_adapter, random_f32, run_on_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,27 +39,7 @@ print("done")
 
 def _on_a_terminal(code: str, *args: str, cwd: Path | None = None) -> bytes:
     """Everything `code` (run with `args`, in `cwd`) writes to a pseudo-terminal 100 columns wide."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: stdout and stderr are the terminal
-        if cwd is not None:
-            os.chdir(cwd)
-        os.execve(sys.executable, [sys.executable, "-c", code, *args], ENV)
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    out = b""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if not ready:
-            continue
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # the child exited and closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    os.waitpid(pid, 0)
-    return out
+    return run_on_terminal(sys.executable, [sys.executable, "-c", code, *args], ENV, cwd)
 
 
 def test_phase_counter_shows_a_phase_only_after_a_second() -> None:
