@@ -1443,12 +1443,17 @@ def gc(no_prune: bool, auto: bool, as_json: bool) -> None:
                 "bytes_before": result.bytes_before,
                 "bytes_after": result.bytes_after,
                 "rewritten": result.rewritten,
+                "refs_packed": result.refs_packed,
             }
         )
         return
     if not result.rewritten:
+        # Said of the objects; loose refs (a branch made since, a gc that failed at
+        # packed-refs) are packed all the same, and said so.
+        refs = result.refs_packed
+        done = f"packed {refs} ref{'s' * (refs != 1)}; " if refs else "nothing to do: "
         click.echo(
-            f"nothing to do: {result.packed} objects checked, already packed; store {result.bytes_after:,} bytes"
+            f"{done}{result.packed} objects checked, already packed; store {result.bytes_after:,} bytes"
         )
         return
     click.echo(

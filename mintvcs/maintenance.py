@@ -1128,6 +1128,7 @@ class GcResult:
     bytes_before: int
     bytes_after: int
     rewritten: bool = True  # False: nothing new since the pack gc wrote last, left as it was
+    refs_packed: int = 0  # loose refs moved into packed-refs
 
 
 # oid -> unix time gc first found it unreachable (or its loose file's mtime): the age of
@@ -1827,7 +1828,7 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
         _remove_stale_temporaries(repo, now)  # a killed gc's store-sized temporary pack, first
         with _packing_errors_named("gc"):
             packed, rewritten, spared = _repack(repo, scan, unreachable, progress, needed_now)
-        repo.refs.pack()
+        refs_packed = repo.refs.pack()
         for fan in _real_entries(repo.git_dir / "objects"):
             if len(fan.name) == 2 and fan.is_dir(follow_symlinks=False):
                 # Tidying only: a fan-out directory that is not empty (a commit just wrote to
@@ -1835,7 +1836,7 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
                 with suppress(OSError):
                     os.rmdir(fan.path)
         pruned = len(unreachable) - spared
-        return GcResult(packed, pruned, before, _store_size(repo), rewritten)
+        return GcResult(packed, pruned, before, _store_size(repo), rewritten, refs_packed)
 
 
 # `gc --auto` does nothing below these (git's own are 50 and 6700), set per repository by

@@ -1569,8 +1569,9 @@ class RefStore:
 
     # -- packing --
 
-    def pack(self, peel: Callable[[str], str | None] | None = None) -> None:
-        """Move every loose ref into packed-refs, like `git pack-refs --all`.
+    def pack(self, peel: Callable[[str], str | None] | None = None) -> int:
+        """Move every loose ref into packed-refs, like `git pack-refs --all`; the number of
+        loose refs it found.
 
         `peel(id)` returns the object an annotated tag points to (or None); with it the
         file records peeled lines and says "peeled fully-peeled", as git writes it.
@@ -1610,6 +1611,7 @@ class RefStore:
             finally:
                 lock.release()
             self._prune_dirs(name)
+        return len(moved)
 
     def bulk_create(self, items: Iterable[tuple[str, str]]) -> int:
         """Add many new refs straight into packed-refs (no reflog); for imports and benchmarks.

@@ -144,7 +144,14 @@ def test_gc_on_healthy_repository_packs_and_cleans_up(work: Path) -> None:
     again = json.loads(mint(work, "gc", "--json").stdout)  # and again, on a packed store
     assert again["pruned"] == 0 and again["packed"] == first["packed"] > 0
     assert first["rewritten"] and not again["rewritten"]
+    assert first["refs_packed"] >= 1 and again["refs_packed"] == 0
     assert mint(work, "gc").stdout.startswith("nothing to do: ")
+    # A branch made since: its loose ref is packed, and said so, not "nothing to do".
+    mint(work, "branch", "since")
+    said = mint(work, "gc").stdout
+    assert said.startswith("packed 1 ref; ") and "already packed" in said, said
+    assert not (git_dir / "refs" / "heads" / "since").exists()
+    assert "refs/heads/since" in (git_dir / "packed-refs").read_text()
     # Nothing new since: the pack gc wrote is left as it is, not written again.
     assert (pack.stat().st_ino, pack.stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     # A new commit's loose objects: the next gc packs everything into a new pack, the only one.
