@@ -7,6 +7,7 @@ import codecs
 import contextlib
 import dataclasses
 import fnmatch
+import functools
 import gc as pygc  # `gc` is the name of a command below
 import io
 import itertools
@@ -382,12 +383,12 @@ def _printable(text: str) -> str:
     return printable(text)
 
 
-def _quoted(repo: Any, path: str) -> str:
-    """A file name as git lists it: C-quoted where it does not print, and where it is not
-    ASCII unless core.quotePath is off."""
+def _path_quoter(repo: Any) -> Callable[[str], str]:
+    """How this command lists a file name, as git: C-quoted where it does not print, and where
+    it is not ASCII unless core.quotePath is off (read once, not per name)."""
     from mintvcs.messages import quote_path
 
-    return quote_path(path, non_ascii=_on(repo, b"core", b"quotePath"))
+    return functools.partial(quote_path, non_ascii=_on(repo, b"core", b"quotePath"))
 
 
 def _echo_commit_text(info: Any) -> None:
@@ -903,8 +904,9 @@ def show(rev: str, as_json: bool) -> None:
         f"  {t.name}  {t.dtype} {list(t.shape)}  {t.encoding}{f' (depth {t.depth})' if t.depth else ''}"
         for t in manifest.tensors
     )
+    quoted = _path_quoter(repo)
     for f in manifest.files:
-        click.echo(f"  file {_quoted(repo, f.path)}  {repo.blob_size(f.blob, what=f.path):,} bytes")
+        click.echo(f"  file {quoted(f.path)}  {repo.blob_size(f.blob, what=f.path):,} bytes")
 
 
 def _echo_lines(lines: Iterable[str]) -> None:
@@ -949,8 +951,9 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
         click.echo("  adapter_config.json changed")
     if result.header_changed:
         click.echo(f"  {WEIGHTS_FILE} header changed (its __metadata__ or tensor order)")
+    quoted = _path_quoter(repo)
     for file_status, path in result.files:
-        click.echo(f"  file {_quoted(repo, path)} {file_status}")
+        click.echo(f"  file {quoted(path)} {file_status}")
     changed = 0
     lines = []
     for t in result.tensors:
@@ -1028,9 +1031,10 @@ def status(as_json: bool) -> None:
             mixed = porcelain.mixed_hint(repo, state.mixed, state.head, state.branch)
             click.echo(f"\nNote: {mixed}.")
         click.echo("\nChanges not committed:")
+        quoted = _path_quoter(repo)
         for kind, path in state.changes:
             color = {"added": "green", "removed": "red"}.get(kind, "yellow")
-            click.echo(click.style(f"\t{kind + ':':10} {_quoted(repo, path)}", fg=color))
+            click.echo(click.style(f"\t{kind + ':':10} {quoted(path)}", fg=color))
 
 
 def _each(

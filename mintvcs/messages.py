@@ -132,14 +132,23 @@ def body_lines(message: str) -> list[str]:
     return lines[start:end]
 
 
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# Control characters (C0 but tab, DEL, C1) and bidi overrides and isolates: what would break
+# a line in two, drive the terminal or reorder what it shows.
+_UNSAFE = "\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+_UNSAFE_IN_A_LINE = re.compile(f"[{_UNSAFE}]")
+_CONTROL = re.compile(f"[{_UNSAFE}\ud800-\udfff]")  # and lone surrogates
+
+
+def _escaped(match: re.Match[str]) -> str:
+    """The characters matched, as Python escapes them (`\\x1b`, `\\u202e`)."""
+    return match.group().encode("unicode_escape").decode("ascii")
 
 
 def printable(text: str) -> str:
     """`text` with each control character (C0 but tab, DEL, C1), bidi override or isolate, and
     lone surrogate escaped (`\\x1b`, `\\u202e`): a revision's text must not drive the terminal
     or reorder what it shows. Everything else (NBSP, joiners, accents) prints as it is."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return _CONTROL.sub(_escaped, text)
 
 
 # quote_c_style's escapes (git's quote.c); every other byte it quotes is written in octal.
@@ -181,12 +190,9 @@ def _octal(char: str) -> str:
     return "".join(_C_ESCAPES.get(byte, f"\\{byte:03o}") for byte in raw)
 
 
-_UNSAFE_IN_A_LINE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
 def one_line(text: str) -> str:
     """`text` with each control character (C0 but tab, DEL, C1) and bidi override or isolate
     escaped, as printable() does, but for lone surrogates (the bytes of a name that is not
     UTF-8, which print as they are): an error line stays one line and cannot drive the
     terminal, whatever value it names."""
-    return _UNSAFE_IN_A_LINE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    return _UNSAFE_IN_A_LINE.sub(_escaped, text)
