@@ -383,6 +383,18 @@ def _printable(text: str) -> str:
     return printable(text)
 
 
+def _ref(name: str) -> str:
+    """A ref name (a branch, a tag, a decoration) as text output shows it: C1 controls and bidi
+    overrides or isolates escaped (`\\x9b`, `\\u202e`), which git prints raw, so a branch made
+    by anyone cannot drive the terminal or reorder the line; the bytes of a name that is not
+    UTF-8 go out as they are, as git writes them. git's check-ref-format refuses C0 controls,
+    DEL and backslashes in a name, so an escape cannot be read as part of one. --json gives the
+    name as it is."""
+    from mintvcs.messages import one_line
+
+    return one_line(name)
+
+
 def _path_quoter(repo: Any) -> Callable[[str], str]:
     """How this command lists a file name, as git: C-quoted where it does not print, and where
     it is not ASCII unless core.quotePath is off (read once, not per name)."""
@@ -415,20 +427,20 @@ def _warn_if_ambiguous(repo: Any, *specs: str | None, checkout: bool = False) ->
         found = repo.ambiguity(spec) if spec else None
         if found is None:
             continue
-        name, refs = found.name, " and ".join(found.refs)
+        name, refs = found.name, " and ".join(map(_ref, found.refs))
         branch = f"refs/heads/{name}"
         takes_branch = checkout and spec == name and branch in found.refs
         if found.object == name.lower():
             if takes_branch:
                 # git's checkout reads refs/heads/NAME before the name as a revision.
                 click.echo(
-                    f"warning: refname '{name}' is ambiguous ({refs}); checkout takes the "
+                    f"warning: refname '{_ref(name)}' is ambiguous ({refs}); checkout takes the "
                     "branch, as git's does (other commands read the object)",
                     err=True,
                 )
             else:
                 click.echo(
-                    f"warning: refname '{name}' is ambiguous ({refs}); 40 hex digits name the "
+                    f"warning: refname '{_ref(name)}' is ambiguous ({refs}); 40 hex digits name the "
                     f"object {name}, never a ref",
                     err=True,
                 )
@@ -450,13 +462,13 @@ def _warn_if_ambiguous(repo: Any, *specs: str | None, checkout: bool = False) ->
                 )
         elif found.object is None:
             click.echo(
-                f"warning: refname '{name}' is ambiguous ({refs}); using "
-                f"{branch if takes_branch else found.refs[0]}",
+                f"warning: refname '{_ref(name)}' is ambiguous ({refs}); using "
+                f"{_ref(branch if takes_branch else found.refs[0])}",
                 err=True,
             )
         else:
             click.echo(
-                f"warning: refname '{name}' is ambiguous (a ref, and the abbreviated id of "
+                f"warning: refname '{_ref(name)}' is ambiguous (a ref, and the abbreviated id of "
                 f"{repo.abbrev(found.object)}); using the ref",
                 err=True,
             )
@@ -694,9 +706,10 @@ def commit(
             }
         )
     else:
-        where = result.branch or "detached HEAD"
+        where = _ref(result.branch) if result.branch else "detached HEAD"
         root = "" if result.parent else " (root-commit)"
-        click.echo(f"[{where}{root} {repo.abbrev(result.commit)}] {result.summary}")
+        summary = _printable(result.summary)
+        click.echo(f"[{where}{root} {repo.abbrev(result.commit)}] {summary}")
         click.echo(
             f" {result.tensors} tensors, {result.nbytes:,} bytes, {result.new_objects} new "
             f"object{'s' if result.new_objects != 1 else ''}"
@@ -847,7 +860,7 @@ def _log_text(repo: Any, start: Any, max_count: int | None, oneline: bool) -> No
     for page, labels in _log_pages(repo, start, max_count):
         short = repo.abbrev_many([info.id for info in page] if oneline else [])  # one search
         for info in page:
-            deco = f" ({', '.join(labels[info.id])})" if info.id in labels else ""
+            deco = f" ({', '.join(map(_ref, labels[info.id]))})" if info.id in labels else ""
             if oneline:
                 subject = _printable(_subject(info.message))
                 click.echo(f"{click.style(short[info.id], fg='yellow')}{deco} {subject}")
@@ -1011,7 +1024,7 @@ def status(as_json: bool) -> None:
         return
     _use_color(repo, "status")
     click.echo(
-        f"On branch {state.branch}"
+        f"On branch {_ref(state.branch)}"
         if state.branch
         else f"HEAD detached at {repo.abbrev(state.head) if state.head else '?'}"
     )
@@ -1026,10 +1039,10 @@ def status(as_json: bool) -> None:
     else:
         if state.base is not None and state.head is not None:
             behind = porcelain.stale_hint(repo, state.base, state.head, state.branch)
-            click.echo(f"\nNote: {behind}.")
+            click.echo(f"\nNote: {_ref(behind)}.")
         elif state.mixed is not None and state.head is not None:
             mixed = porcelain.mixed_hint(repo, state.mixed, state.head, state.branch)
-            click.echo(f"\nNote: {mixed}.")
+            click.echo(f"\nNote: {_ref(mixed)}.")
         click.echo("\nChanges not committed:")
         quoted = _path_quoter(repo)
         for kind, path in state.changes:
@@ -1049,12 +1062,12 @@ def _each(
         try:
             oid = delete(name)
         except MintError as err:
-            click.echo(f"error: {err}", err=True)
+            _complain(f"error: {err}")
             failed = True
             continue
         deleted.append({"name": name, "was": oid})
         if not as_json:
-            click.echo(shown.format(name, repo.abbrev(oid)))
+            click.echo(shown.format(_ref(name), repo.abbrev(oid)))
     if as_json:
         _emit_json(deleted)
     if failed:
@@ -1152,8 +1165,8 @@ def branch(
         # All at once, as log does: 10^4 branches abbreviated one by one took a second more.
         short = repo.abbrev_many([b.commit for b in rows])
         for b in rows:
-            shown = click.style(b.name, fg="green") if b.current else b.name
-            where = f"-> {b.alias_of}" if b.alias_of is not None else short[b.commit]
+            shown = click.style(_ref(b.name), fg="green") if b.current else _ref(b.name)
+            where = f"-> {_ref(b.alias_of)}" if b.alias_of is not None else short[b.commit]
             click.echo(f"{'*' if b.current else ' '} {shown}  {where}")
         return
     name, start = _name_and_start(names, "START")
@@ -1225,7 +1238,7 @@ def tag(
         if as_json:
             _emit_json([_tag_json(r) for r in rows if porcelain.json_safe(f"refs/tags/{r.name}")])
             return
-        _echo_lines(row.name for row in rows)
+        _echo_lines(_ref(row.name) for row in rows)
         return
     name, rev = _name_and_start(names, "REV")
     _warn_if_ambiguous(repo, rev)
@@ -1243,7 +1256,7 @@ def tag(
             "hint: You have created a nested tag. The object referred to by your new tag is\n"
             "hint: already a tag. If you meant to tag the object that it points to, use:\n"
             "hint:\n"
-            f"hint: \tmintvcs tag -f -m MSG {name} {rev}^{{}}",
+            f"hint: \tmintvcs tag -f -m MSG {_ref(name)} {_ref(str(rev))}^{{}}",
             err=True,
         )
     if as_json:
@@ -1251,7 +1264,7 @@ def tag(
         # A tag object is never its own target: the value differs from it once one was followed.
         _emit_json(_tag_json(porcelain.TagRef(name, value, value != target, target, kind)))
     elif was is not None and was != value:
-        click.echo(f"Updated tag '{name}' (was {repo.abbrev(was)})")
+        click.echo(f"Updated tag '{_ref(name)}' (was {repo.abbrev(was)})")
 
 
 def _tag_json(row: Any) -> dict[str, Any]:
@@ -1306,11 +1319,11 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
         return
     # On stderr, as git's: stdout is for data (reset's "HEAD is now at" is on stdout in git too).
     if result.created:
-        click.echo(f"Switched to a new branch '{result.branch}'", err=True)
+        click.echo(f"Switched to a new branch '{_ref(str(result.branch))}'", err=True)
     elif result.branch and result.branch == was_on:
-        click.echo(f"Already on '{result.branch}'", err=True)
+        click.echo(f"Already on '{_ref(result.branch)}'", err=True)
     elif result.branch:
-        click.echo(f"Switched to branch '{result.branch}'", err=True)
+        click.echo(f"Switched to branch '{_ref(result.branch)}'", err=True)
     else:
         assert result.commit is not None  # only `-b` on an unborn branch has none
         click.echo(f"HEAD is now at {repo.abbrev(result.commit)} (detached)", err=True)
@@ -1385,9 +1398,9 @@ def fsck(as_json: bool) -> None:
         )
     else:
         for warning in report.warnings:
-            click.echo(f"warning: {warning}", err=True)
+            _complain(f"warning: {warning}")
         for problem in report.problems:
-            click.echo(f"error: {problem}", err=True)
+            _complain(f"error: {problem}")
         click.echo(
             f"checked {report.objects} objects, {report.revisions} revisions, {report.tensors} tensors: {'ok' if report.ok else f'{len(report.problems)} problem(s)'}"
         )

@@ -38,7 +38,14 @@ from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError
 from mintvcs.filemodes import file_mode, write_failed
 from mintvcs.ids import blob_id, is_object_id
-from mintvcs.messages import check_message, clean_message, decode_message, quote_path, subject
+from mintvcs.messages import (
+    check_message,
+    clean_message,
+    decode_message,
+    one_line,
+    quote_path,
+    subject,
+)
 from mintvcs.objects import Manifest
 from mintvcs.progress import progress_bar
 from mintvcs.refs import (
@@ -1578,7 +1585,7 @@ def branch_rename(
     if misnamed:
         import sys
 
-        sys.stderr.write(f"warning: Renamed a misnamed branch '{old}' away\n")
+        sys.stderr.write(one_line(f"warning: Renamed a misnamed branch '{old}' away") + "\n")
     return RenameResult(new, value if value is not None else replaced, old)
 
 
@@ -1614,7 +1621,8 @@ def warn_ignored_ref(name: str, err: MintError) -> None:
     if not fits_files(name):
         kind = "branch -D" if name.startswith("refs/heads/") else "tag -d"
         reason += f"; mintvcs only deletes such a ref (`mintvcs {kind} NAME`)"
-    sys.stderr.write(f"warning: ignoring ref {name}: {reason}\n")
+    # C1 controls and bidi overrides escaped, as in every line that names a ref.
+    sys.stderr.write(one_line(f"warning: ignoring ref {name}: {reason}") + "\n")
 
 
 def json_safe(name: str) -> bool:

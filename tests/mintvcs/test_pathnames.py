@@ -336,3 +336,47 @@ def test_a_branch_git_named_in_bytes_that_are_not_utf8_is_reset_to_renamed_or_re
     assert git(work / ".mint", "rev-parse", "fixed").stdout.strip() == head
     mint(work, "checkout", "fixed")
     git(work / ".mint", "fsck", "--strict")
+
+
+def test_ref_names_holding_c1_controls_or_bidi_overrides_print_escaped(work: Path) -> None:
+    # git's check-ref-format takes C1 controls and bidi overrides or isolates, and git prints
+    # them raw: a branch named with the 8-bit CSI (U+009B) made the rest of `branch`'s line red,
+    # one with U+202E reversed it. Every text line naming a ref escapes them; --json keeps them.
+    csi, rlo, lri = "mk\u009b31mX", "bi\u202eX", "t\u2066X"
+    mint(work, "branch", csi)
+    git(work / ".mint", "update-ref", f"refs/heads/{rlo}", "HEAD")  # as a clone brings it
+    git(work / ".mint", "update-ref", f"refs/tags/{lri}", "HEAD")
+    raw = git(work / ".mint", "branch").stdout
+    assert f"  {csi}\n" in raw and f"  {rlo}\n" in raw  # git's, as it is
+    shown = {r"mk\x9b31mX", r"bi\u202eX", r"t\u2066X"}
+    branch = mint(work, "branch").stdout
+    assert r"  bi\u202eX  " in branch and r"  mk\x9b31mX  " in branch, branch
+    assert mint(work, "tag").stdout == "t\\u2066X\n"
+    oneline = mint(work, "log", "--oneline", "-n1").stdout
+    assert all(name in oneline for name in shown), oneline
+    assert all(name in mint(work, "log", "-n1").stdout.splitlines()[0] for name in shown)
+    switched = mint(work, "checkout", rlo).stderr
+    assert switched == "Switched to branch 'bi\\u202eX'\n", switched
+    assert mint(work, "status").stdout.startswith("On branch bi\\u202eX\n")
+    committed = mint(work, "commit", "--allow-empty", "-m", "e", "--no-verify").stdout
+    assert committed.startswith("[bi\\u202eX "), committed
+    mint(work, "tag", csi)  # a tag and a branch of one name: git's warning names both
+    ambiguous = mint(work, "log", "-n1", csi).stderr
+    assert r"refname 'mk\x9b31mX' is ambiguous (refs/tags/mk\x9b31mX and " in ambiguous
+    deleted = mint(work, "branch", "-D", csi).stdout
+    assert deleted.startswith("Deleted branch mk\\x9b31mX (was "), deleted
+    assert mint(work, "tag", "-d", csi).stdout.startswith("Deleted tag 'mk\\x9b31mX' (was ")
+    texts = [mint(work, *args).stdout for args in (("branch",), ("log",), ("status",), ("tag",))]
+    assert not any(char in text for text in texts for char in "\u009b\u202e\u2066"), texts
+    # --json gives each name as it is.
+    assert {row["name"] for row in json.loads(mint(work, "branch", "--json").stdout)} == {
+        "main",
+        "side",
+        rlo,
+    }
+    assert json.loads(mint(work, "status", "--json").stdout)["branch"] == rlo
+    assert [row["name"] for row in json.loads(mint(work, "tag", "--json").stdout)] == [lri]
+    refs = json.loads(mint(work, "log", "-n1", "--json", "side").stdout)[0]["refs"]
+    assert refs == ["side"], refs
+    refs = json.loads(mint(work, "log", "-n1", "--json", "main").stdout)[0]["refs"]
+    assert refs == [f"tag: {lri}", "main"], refs
