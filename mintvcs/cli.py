@@ -345,27 +345,61 @@ def _on(repo: Any, section: bytes, name: bytes) -> bool:
         return True
 
 
-def _use_color(repo: Any, command: str) -> None:
-    """Colour this command's output or not as git's want_color decides: color.COMMAND (`status`,
-    `branch`; `diff` for log, show and diff), else color.ui, else `auto`. `always` colours even
-    into a pipe, `never` or a false boolean never, `auto` or a true one only a terminal whose
-    TERM is set and not `dumb`; a value git would refuse counts as unset."""
-    from mintvcs.repoformat import config_bool
+class _BadColorSetting(MintError):
+    exit_code = 128  # git's `fatal: bad boolean config value`
 
-    config, setting = repo.config_with_user, "auto"
-    for name in (command.encode(), b"ui"):
+
+# The color.* keys git 2.39 reads for each command beside color.ui: the first decides the
+# command's colour (status's, branch's; log, show and diff go by color.diff), the others are
+# read all the same (git status and commit load the diff config), so a value git refuses in
+# any of them stops the command there. commit and tag colour nothing here.
+_COLOR_KEYS = {
+    "log": ("diff",),
+    "show": ("diff",),
+    "diff": ("diff",),
+    "status": ("status", "diff"),
+    "branch": ("branch",),
+    "commit": ("status", "diff"),
+    "tag": (),
+}
+
+
+def _color_setting(repo: Any, command: str) -> str:
+    """The colour git's want_color gives `command`: `always`, `never` or `auto`, from its
+    color.COMMAND key, else color.ui, else `auto`. As git, every value of each key git reads
+    for the command (_COLOR_KEYS), in every config file, must be `always`, `never`, `auto`
+    (any case) or a git boolean (false is `never`, true `auto`): _BadColorSetting in git's
+    words and status for another, before the command does anything, even where a later file
+    sets the key again."""
+    from mintvcs.repoformat import _git_bool
+
+    def setting(value: bytes | None, name: str) -> str:
+        # A key without `=` is true, as git's config_bool reads it.
+        raw = "true" if value is None else value.decode(errors="replace")
+        if raw.lower() in ("always", "never", "auto"):
+            return raw.lower()
+        flag = _git_bool(raw)
+        if flag is None:
+            raise _BadColorSetting(f"bad boolean config value '{raw}' for 'color.{name}'")
+        return "auto" if flag else "never"
+
+    config = repo.config_with_user
+    for name in (*_COLOR_KEYS[command], "ui"):
+        for value in config.get_multivar((b"color",), name.encode()):
+            setting(value, name)
+    own = _COLOR_KEYS[command][:1] if command not in ("commit", "tag") else ()
+    for name in (*own, "ui"):
         try:
-            raw = config.get((b"color",), name).decode(errors="replace").lower()
+            return setting(config.get((b"color",), name.encode()), name)  # the value that wins
         except KeyError:
             continue
-        try:
-            if raw in ("always", "never", "auto"):
-                setting = raw
-            elif not config_bool(config, (b"color",), name, True):
-                setting = "never"
-            break
-        except ValueError:
-            continue
+    return "auto"
+
+
+def _use_color(repo: Any, command: str) -> None:
+    """Colour this command's output or not as git decides (_color_setting): `always` colours
+    even into a pipe, `never` never, `auto` only a terminal whose TERM is set and not `dumb`."""
+    setting = _color_setting(repo, command)
     if setting == "auto":
         try:
             tty = sys.stdout.isatty()
@@ -684,6 +718,7 @@ def commit(
     from mintvcs.messages import join_paragraphs
 
     repo = _open_repo()
+    _color_setting(repo, "commit")  # a value git refuses stops it here, as git
     result = porcelain.commit(
         repo,
         join_paragraphs(messages),
@@ -788,6 +823,7 @@ def log(
     from mintvcs import porcelain, revwalk
 
     repo = _open_repo()
+    _color_setting(repo, "log")  # a value git refuses stops it here, as git
     _warn_if_ambiguous(repo, *(spec for arg in revisions for spec in revwalk.named_specs(arg)))
     start = porcelain.log_tips(repo, revisions, all_refs=all_refs)
     if as_json:
@@ -880,6 +916,7 @@ def show(rev: str, as_json: bool) -> None:
     from mintvcs import porcelain
 
     repo = _open_repo()
+    _color_setting(repo, "show")  # a value git refuses stops it here, as git
     _warn_if_ambiguous(repo, rev)
     revision = porcelain.show(repo, rev)
     info, manifest = revision.info, revision.manifest
@@ -939,6 +976,7 @@ def diff(rev_a: str, rev_b: str | None, show_all: bool, as_json: bool) -> None:
     from mintvcs import porcelain
 
     repo = _open_repo()
+    _color_setting(repo, "diff")  # a value git refuses stops it here, as git
     _warn_if_ambiguous(repo, rev_a, rev_b)
     result = porcelain.diff(repo, rev_a, rev_b)
     if as_json:
@@ -1007,6 +1045,7 @@ def status(as_json: bool) -> None:
     from mintvcs import porcelain
 
     repo = _open_repo()
+    _color_setting(repo, "status")  # a value git refuses stops it here, as git
     state = porcelain.status(repo)
     if as_json:
         _emit_json(
@@ -1110,6 +1149,7 @@ def branch(
     if (move or force_move) and (delete or force_delete or list_):
         raise click.UsageError("-m renames a branch: it takes no -d, -D or -l")
     repo = _open_repo()
+    _color_setting(repo, "branch")  # a value git refuses stops it here, as git
     if move or force_move:
         # As git: `-m NEW` renames the current branch, `-m OLD NEW` another one; silent on success.
         if not names:
@@ -1214,6 +1254,7 @@ def tag(
         # git would open an editor for the message; a command run by a training script must not wait on one.
         raise click.UsageError("-a needs -m MSG: the annotated tag's message")
     repo = _open_repo()
+    _color_setting(repo, "tag")  # a value git refuses stops it here, as git
     if delete:
         if not names:
             raise click.UsageError("tag name required")
