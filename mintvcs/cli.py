@@ -298,15 +298,6 @@ class MintGroup(click.Group):
     ) -> click.Context:
         try:
             return super().make_context(info_name, args, parent, **extra)
-        except click.exceptions.NoArgsIsHelpError as err:
-            # `mintvcs` alone: the help on stdout, as git prints its usage (click wrote it to
-            # stderr: `mintvcs | less` showed nothing); exit 2, a usage error's status.
-            try:
-                click.echo((err.ctx or click.Context(self, info_name=info_name)).get_help())
-                _flush_stdout()
-            except (OSError, KeyboardInterrupt) as failure:  # a full disk, a reader gone
-                _exit_for(failure)
-            sys.exit(2)
         except click.UsageError as err:  # `mintvcs --bogus`: one line, as for a command's
             _usage_error(err, info_name or "mintvcs")
         except (OSError, KeyboardInterrupt) as err:  # `--help` or `--version` into a full output
@@ -556,7 +547,13 @@ def _working_directory(paths: tuple[str, ...]) -> Iterator[None]:
         os.close(back)
 
 
-@click.group(cls=MintGroup, context_settings={"help_option_names": ["-h", "--help"]})
+# invoke_without_command: `mintvcs` alone, or with -C only, runs main(), which prints the help.
+@click.group(
+    cls=MintGroup,
+    invoke_without_command=True,
+    subcommand_metavar="COMMAND [ARGS]...",  # a command is still needed (click's: [COMMAND])
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="mintvcs")
 @click.option(
     "-C",
@@ -573,6 +570,13 @@ def main(directories: tuple[str, ...]) -> None:
         # Before anything reads a path: the repository, and every path argument, is found from
         # there, as git resolves pathspecs after -C.
         ctx.with_resource(_working_directory(directories))
+    if ctx.invoked_subcommand is None:
+        # `mintvcs` alone, or with -C only (a -C it cannot change to failed above, as git's):
+        # the help on stdout, as git prints its usage (click wrote it to stderr: `mintvcs |
+        # less` showed nothing, `mintvcs -C DIR` said "Missing command"); exit 2, a usage
+        # error's status. A full stdout is git's write failure (MintGroup.invoke).
+        click.echo(ctx.get_help())
+        sys.exit(2)
     if ctx.invoked_subcommand in _MODEL_COMMANDS:
         return
     if "numpy" not in sys.modules:

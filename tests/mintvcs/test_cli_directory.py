@@ -98,6 +98,25 @@ def test_a_missing_value_is_a_usage_error_and_an_empty_one_changes_nothing(tree:
     assert (empty.returncode, empty.stdout, empty.stderr) == (1, plain.stdout, plain.stderr)
 
 
+def test_dash_c_without_a_command_is_mintvcs_alone_after_the_change(tree: Path) -> None:
+    # It said "error: Missing command." on stderr, where git prints its usage on stdout, the
+    # same as git alone, and a -C it cannot change to fails first (exit 128, its line).
+    # mintvcs alone prints its help on stdout with its usage status, 2 (git's is 1).
+    alone = _mintvcs(tree)
+    assert alone.returncode == 2 and alone.stdout.startswith("Usage: ") and not alone.stderr
+    for paths in (["a"], ["a", "b"], [""]):
+        theirs, git_alone = _git(tree, *_dash_c(paths)), _git(tree)
+        assert (theirs.returncode, theirs.stdout, theirs.stderr) == (1, git_alone.stdout, "")
+        ours = _mintvcs(tree, *_dash_c(paths))
+        assert (ours.returncode, ours.stdout, ours.stderr) == (2, alone.stdout, ""), paths
+    for paths in (["nope"], ["a", "file"]):
+        theirs = _git(tree, *_dash_c(paths))
+        assert theirs.returncode == 128 and theirs.stderr.startswith("fatal: cannot change to ")
+        ours = _mintvcs(tree, *_dash_c(paths))
+        assert (ours.returncode, ours.stdout) == (128, "")
+        assert ours.stderr == theirs.stderr.replace("fatal: ", "error: ", 1)
+
+
 def test_init_and_its_base_model_are_taken_from_the_directory(
     tmp_path: Path, tiny_base: Path
 ) -> None:
