@@ -1557,4 +1557,11 @@ main.add_command(
 )
 
 if __name__ == "__main__":
-    main()
+    # `python -m mintvcs.cli` runs as the `mintvcs` script does: in Python's UTF-8 mode whatever
+    # the locale (it stored `commit -m café` under Latin-1 as double-encoded UTF-8), Ctrl-C while
+    # it loads as in a command. This module is mintvcs.cli to whoever imports it (console.main,
+    # serve's commands), not run a second time as another copy.
+    sys.modules.setdefault("mintvcs.cli", sys.modules[__name__])
+    from mintvcs.console import main as console_main
+
+    console_main(module="mintvcs.cli")

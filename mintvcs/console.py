@@ -1,5 +1,5 @@
-"""The `mintvcs` console script: run in Python's UTF-8 mode whatever the locale; Ctrl-C while the
-command line loads ends it as it ends a command."""
+"""The `mintvcs` console script, and `python -m mintvcs.cli` alike: run in Python's UTF-8 mode
+whatever the locale; Ctrl-C while the command line loads ends it as it ends a command."""
 
 from __future__ import annotations
 
@@ -20,8 +20,37 @@ def _interrupted() -> NoReturn:
     sys.exit(130)  # only if the signal is blocked
 
 
-def _utf8_mode() -> None:
-    """Re-run this process in Python's UTF-8 mode where its file-system encoding is another.
+def _started_as(module: str) -> bool:
+    """Whether the interpreter's own command line runs `module` (`python [OPTIONS] -m MODULE`,
+    `-mMODULE` and `-Im MODULE` too), read as Python reads its options: not a script, `-c`, or a
+    program that runs the module in-process."""
+    argv = sys.orig_argv
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--check-hash-based-pycs":
+            i += 2
+            continue
+        if not arg.startswith("-") or arg == "-":
+            return False  # a script, or stdin
+        if arg.startswith("--"):
+            i += 1
+            continue
+        for k, letter in enumerate(arg[1:], 2):
+            if letter in "cmWX":  # the options that take a value, there or as the next word
+                if letter in "cm":
+                    value = arg[k:] or (argv[i + 1] if i + 1 < len(argv) else "")
+                    return letter == "m" and value == module
+                i += 1 if arg[k:] else 2
+                break
+        else:
+            i += 1
+    return False
+
+
+def _utf8_mode(module: str | None = None) -> None:
+    """Re-run this process in Python's UTF-8 mode where its file-system encoding is another: the
+    console script, or `python -m MODULE` with `module`.
 
     Under a non-UTF-8 locale (LC_ALL=C with PYTHONUTF8=0, a Latin-1 one) Python decodes the
     arguments, file names and environment with the locale's codec: `-m café` was stored as
@@ -30,6 +59,13 @@ def _utf8_mode() -> None:
     The arguments as decoded encode back to the bytes they were given, so the new process sees
     the same ones. A UTF-8 locale, the common case, costs nothing."""
     if sys.flags.utf8_mode or sys.getfilesystemencoding().lower().replace("-", "") == "utf8":
+        return
+    if module is not None:
+        # Every option given kept, -X utf8 first: if a later `-X utf8=0` still wins, the re-run
+        # sees it was one and runs as it is.
+        if _started_as(module) and sys.orig_argv[1:3] != ["-X", "utf8"]:
+            with contextlib.suppress(OSError):  # no interpreter to exec: run as we are
+                os.execv(sys.executable, [sys.executable, "-X", "utf8", *sys.orig_argv[1:]])
         return
     script = sys.argv[0] if sys.argv else ""
     if not script or not os.path.isfile(script):  # not started as the script: nothing to re-run
@@ -49,10 +85,10 @@ def _utf8_mode() -> None:
         os.execv(sys.executable, [sys.executable, *flags, "-X", "utf8", script, *sys.argv[1:]])
 
 
-def main() -> Any:
+def main(module: str | None = None) -> Any:
     """Load mintvcs.cli and run it; an interrupt during the ~50 ms its imports take printed a
-    Python traceback."""
-    _utf8_mode()
+    Python traceback. `module`: the process is `python -m MODULE` (mintvcs.cli), not the script."""
+    _utf8_mode(module)
     try:
         from mintvcs.cli import main as cli
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.mintvcs.storekit import ENV, console_script, git
@@ -57,3 +58,27 @@ def test_non_ascii_message_meta_and_name_round_trip_under_the_c_locale(work: Pat
     assert name in os.listdir(os.fsencode(work)), os.listdir(os.fsencode(work))
     shown = _mintvcs_c(work, b"show")
     assert CAFE in shown.stdout and NAIVE in shown.stdout, shown.stdout
+
+
+def test_python_dash_m_mintvcs_cli_runs_in_utf8_mode_as_the_script_does(work: Path) -> None:
+    # Only the console script ran itself again in UTF-8 mode: `python -m mintvcs.cli` (how the
+    # demo runs mintvcs, and what it shows where no script is installed) refused a UTF-8
+    # message as not UTF-8 under the C locale and called a UTF-8 file name "not UTF-8". Python's
+    # own options before -m are read as Python reads them (-W takes a value, -Bm is -B -m).
+    name = NAIVE + b".md"
+    with open(os.path.join(os.fsencode(work), name), "wb") as f:
+        f.write(b"x\n")
+    for options in ([b"-m"], [b"-B", b"-W", b"ignore", b"-m"], [b"-Bm"]):
+        command = [os.fsencode(sys.executable), *options, b"mintvcs.cli"]
+        done = subprocess.run(
+            [*command, b"commit", b"-m", CAFE, b"--allow-empty", b"--no-verify"],
+            cwd=work,
+            env=C_LOCALE,
+            capture_output=True,
+            timeout=120,
+        )
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, (options, done.stderr)
+        body = _git_bytes(work, "cat-file", "commit", "HEAD")
+        assert body.endswith(b"\n\n" + CAFE + b"\n"), (options, body)
+    names = _git_bytes(work, "ls-tree", "-r", "-z", "--name-only", "HEAD").split(b"\0")
+    assert b"files/" + name in names, names
