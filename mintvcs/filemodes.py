@@ -126,8 +126,10 @@ def write_file(path: Path, data: bytes, shared: SharedPerm | None, base: int = 0
             os.fchmod(fd, file_mode(base, shared))
             handle.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a full disk: the file named, not the temporary
+            raise write_failed(err, path, "unable to write") from None
         raise
 
 

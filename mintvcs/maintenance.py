@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from mintvcs import codec, gitdelta
 from mintvcs.errors import MintError
-from mintvcs.filemodes import adjust_fd, not_writable, write_file
+from mintvcs.filemodes import adjust_fd, not_writable, write_failed, write_file
 from mintvcs.ids import is_object_id
 from mintvcs.objects import MAX_PATH_DEPTH, TensorRecord
 from mintvcs.packs import (
@@ -1336,9 +1336,11 @@ def _gc_lock(repo: Repository) -> Iterator[None]:
     try:
         adjust_fd(fd, repo.shared_perm)
         os.write(fd, mine.encode())
-    except BaseException:
+    except BaseException as err:
         with suppress(OSError):  # a full disk: the temporary goes, not left for a later gc
             tmp.unlink()
+        if isinstance(err, OSError):  # named as the lock it was to become (the temporary is gone)
+            raise write_failed(err, path, "unable to write") from None
         raise
     finally:
         os.close(fd)

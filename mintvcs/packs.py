@@ -402,12 +402,20 @@ class PackWriter:
         self.checksum = hashlib.sha1(header) if expected else None  # of the pack so far
         try:
             os.pwrite(self.fd, header, 0)
-        except BaseException:
+        except BaseException as err:
             # The caller has no writer to abort() yet (a full disk): the temporary goes here.
             os.close(self.fd)
             with suppress(OSError):
                 os.unlink(self.tmp)
+            if isinstance(err, OSError):
+                raise self._failed(err) from None
             raise
+
+    def _failed(self, err: OSError) -> OSError:
+        """`err`, raised writing the pack or its index (a full disk, a file size limit), in
+        git's words and naming the pack directory, as a loose object's names its directory:
+        the temporary's name would mean nothing once it is removed."""
+        return write_failed(err, self.directory, "unable to write pack file")
 
     def add(
         self,
@@ -469,7 +477,10 @@ class PackWriter:
                     self.checksum.update(piece)
         self.repo._count_written()
         # Each entry owns its byte range, so workers write without holding the lock.
-        _write_all(self.fd, pieces, offset)
+        try:
+            _write_all(self.fd, pieces, offset)
+        except OSError as err:
+            raise self._failed(err) from None
 
     def abort(self) -> None:
         """Drop the temporary pack: nothing of it reaches the store."""
@@ -515,6 +526,8 @@ class PackWriter:
             os.replace(self.tmp, self.directory / f"{name}.pack")
             os.replace(tmp_idx, self.directory / f"{name}.idx")
             return name
+        except OSError as err:  # one naming its file already (not_writable's) stays as it is
+            raise self._failed(err) from None
         finally:
             os.close(self.fd)
             if self.tmp:

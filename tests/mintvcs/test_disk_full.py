@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -160,7 +161,10 @@ def test_a_failed_init_leaves_nothing_and_init_runs_again(tmp_path: Path) -> Non
         ran += 1
         # One line: not dulwich's lock files' finalizers failing again at exit.
         assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
-        assert result.stderr.startswith("error: No space left on device: "), result.stderr
+        # The system's words and the file, as the system named it or as mintvcs's own writes
+        # name theirs (`unable to write: ...: .mint/config`).
+        said = re.match(r"error: (unable to write: )?No space left on device: \S", result.stderr)
+        assert said is not None, result.stderr
         # The file named is the repository's (a hook's destination), never mintvcs's own sample.
         assert ".mint" in result.stderr and "hook_samples" not in result.stderr, result.stderr
         # The half-made .mint (locks, no HEAD) is gone, so that init completes the repository.
@@ -259,10 +263,53 @@ def test_full_disk_errors_say_what_was_being_written_and_where(
         f"error: unable to write: No space left on device: W/{CONFIG}"
     )
     # gc's: the system's words, not Python's "[Errno 28]", and no fsck advice (nothing is
-    # damaged by a full disk).
+    # damaged by a full disk); the pack named by its directory, as a loose object is.
     packing = error(1, "gc")
-    assert packing.startswith("error: gc failed while packing: No space left on device"), packing
+    assert packing.startswith(
+        "error: gc failed while packing: unable to write pack file: No space left on device: "
+        "W/.mint/objects/pack; "
+    ), packing
     assert "Errno" not in packing and "fsck" not in packing, packing
+    assert error(0, "gc") == "error: unable to write: No space left on device: W/.mint/gc.pid"
+
+
+def test_every_full_disk_failure_of_a_pack_write_names_its_file(
+    two_branches: Path, tmp_path: Path
+) -> None:
+    # A pack's writes, and gc's own files, failed naming no file (`gc failed while packing: No
+    # space left on device`; gc.pid's `error: No space left on device`), where a loose object's
+    # failure names its directory. At every point gc can fail, the line names the file.
+    seen = set()
+    for n in range(60):
+        work = _copy(two_branches, tmp_path, n)
+        result = fullkit.run(work, n, "gc")
+        if result.returncode == 0:
+            break
+        line = result.stderr.strip().replace(str(work), "W")
+        assert result.returncode == 1 and "\n" not in line, result.stderr
+        named = re.search(r"No space left on device: (W/\.mint/[^;\s]+)", line)
+        assert named is not None, line
+        seen.add(named.group(1))
+    else:
+        raise AssertionError("gc never succeeded")
+    assert {"W/.mint/gc.pid", "W/.mint/objects/pack", "W/.mint/mint-gc-pack"} <= seen, seen
+    # A commit of 100 tensors or more writes a pack too: its header, an entry, and the writes
+    # that seal it (its checksum, its index) fail the same way.
+    work = tmp_path / "packed"
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    rng = np.random.default_rng(0)
+    names = [
+        f"base_model.model.layers.{i}.q_proj.lora_{ab}.weight" for i in range(50) for ab in "AB"
+    ]
+    handmade_adapter(work, {name: ("F32", [2, 2], random_f32(rng, [2, 2])) for name in names})
+    mint(work, "commit", "-m", "one")
+    handmade_adapter(work, {name: ("F32", [2, 2], random_f32(rng, [2, 2])) for name in names})
+    for n in (0, 50, 101, 102):
+        result = fullkit.run(work, n, "commit", "-m", "two")
+        assert result.returncode == 1, result.stderr
+        assert result.stderr == (
+            f"error: unable to write pack file: No space left on device: {work}/.mint/objects/pack\n"
+        ), (n, result.stderr)
 
 
 # --- a failed command's undo, with another process's command run meanwhile --------------------
