@@ -420,6 +420,15 @@ def _ref(name: str) -> str:
     return one_line(name)
 
 
+def _json_branch(name: str | None) -> str | None:
+    """Branch `name` as --json gives it: None for one git named in bytes that are not UTF-8,
+    which JSON cannot carry, with porcelain.json_safe's warning (HEAD may be on one: git checks
+    it out)."""
+    from mintvcs.porcelain import json_safe
+
+    return name if name is None or json_safe(f"refs/heads/{name}") else None
+
+
 def _path_quoter(repo: Any) -> Callable[[str], str]:
     """How this command lists a file name, as git: C-quoted where it does not print, and where
     it is not ASCII unless core.quotePath is off (read once, not per name)."""
@@ -736,7 +745,7 @@ def commit(
         _emit_json(
             {
                 "commit": result.commit,
-                "branch": result.branch,
+                "branch": _json_branch(result.branch),
                 "parent": result.parent,
                 "parents": [result.parent] if result.parent else [],  # as log and show name them
                 "tensors": result.tensors,
@@ -1054,7 +1063,7 @@ def status(as_json: bool) -> None:
     if as_json:
         _emit_json(
             {
-                "branch": state.branch,
+                "branch": _json_branch(state.branch),
                 "head": state.head,
                 "commit": state.head,  # the name every other command gives HEAD's revision
                 "clean": state.clean,
@@ -1164,7 +1173,11 @@ def branch(
         result = porcelain.branch_rename(repo, old, new, force=force_move or force)
         if as_json:
             _emit_json(
-                {"name": result.name, "commit": result.commit, "renamed_from": result.renamed_from}
+                {
+                    "name": result.name,
+                    "commit": result.commit,
+                    "renamed_from": _json_branch(result.renamed_from),
+                }
             )
         return
     if delete or force_delete:
@@ -1356,7 +1369,7 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
         _emit_json(
             {
                 "commit": result.commit,
-                "branch": result.branch,
+                "branch": _json_branch(result.branch),
                 "created": result.created,
                 "left_behind": list(result.left_behind),
             }
@@ -1414,7 +1427,7 @@ def reset(rev: str, hard: bool, soft: bool, mixed: bool, as_json: bool) -> None:
     _warn_if_ambiguous(repo, rev)
     oid = porcelain.reset(repo, rev, hard=hard)
     if as_json:
-        _emit_json({"commit": oid, "branch": repo.current_branch(), "hard": hard})
+        _emit_json({"commit": oid, "branch": _json_branch(repo.current_branch()), "hard": hard})
         return
     click.echo(
         f"HEAD is now at {repo.abbrev(oid)} {_printable(_subject(repo.commit_info(oid).message))}"

@@ -654,9 +654,12 @@ class RefStore:
             # A symlink loop, no permission: that ref is unreadable (not corrupt: it may be
             # fine for its owner).
             raise RefUnreadableError(path, err) from None
+        if data.startswith(b"ref:"):
+            # The target's bytes as a directory listing gives a ref's name: those that are not
+            # UTF-8 as surrogate escapes. Replaced by U+FFFD, HEAD on a branch git named so
+            # named another one, which commit then created and status took for unborn.
+            return "ref: " + data[4:].strip().decode("utf-8", "surrogateescape")
         text = data.decode("utf-8", "replace").rstrip()
-        if text.startswith("ref:"):
-            return "ref: " + text[4:].strip()
         value = text[:40]
         if not is_object_id(value) or (len(text) > 40 and not text[40].isspace()):
             raise RefFormatError(

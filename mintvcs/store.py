@@ -2591,8 +2591,10 @@ def accepts_path(
 
 
 def _text_or_empty(path: Path) -> str:
+    """A small file's text ("" if it cannot be read), bytes that are not UTF-8 as surrogate
+    escapes: a worktree's HEAD names a branch, its gitdir a path, each as git wrote the bytes."""
     try:
-        return path.read_text(errors="replace")
+        return path.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError:
         return ""
 

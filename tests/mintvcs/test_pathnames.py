@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from tests.mintvcs.storekit import git, mint, mint_fails, mint_unprivileged
@@ -380,3 +381,47 @@ def test_ref_names_holding_c1_controls_or_bidi_overrides_print_escaped(work: Pat
     assert refs == ["side"], refs
     refs = json.loads(mint(work, "log", "-n1", "--json", "main").stdout)[0]["refs"]
     assert refs == [f"tag: {lri}", "main"], refs
+
+
+def test_head_on_a_branch_git_named_in_bytes_that_are_not_utf8_is_that_branch(
+    work: Path, tmp_path: Path
+) -> None:
+    # HEAD's target was read with U+FFFD for such bytes, so it named another branch: status
+    # said "No commits yet", commit made a root commit on a new branch `mb\xef\xbf\xbd`, and
+    # `branch -m` renamed that one (not there) and left HEAD on the old name, which git moves.
+    bad, raw = os.fsdecode(b"mb\xfe"), b"mb\xfe"
+    git_dir = work / ".mint"
+    head = git(git_dir, "rev-parse", "HEAD").stdout.strip()
+    git(git_dir, "update-ref", f"refs/heads/{bad}", head)
+    git(git_dir, "symbolic-ref", "HEAD", f"refs/heads/{bad}")  # as `git checkout` puts it
+    status = mint(work, "status")
+    assert status.stdout == f"On branch {bad}\nnothing to commit, work tree clean\n", status.stdout
+    listed = mint(work, "status", "--json")
+    assert json.loads(listed.stdout)["head"] == head  # its branch is left out of JSON, and said
+    assert json.loads(listed.stdout)["branch"] is None and "JSON cannot carry" in listed.stderr
+    assert f"* {bad}  " in mint(work, "branch").stdout
+    assert mint(work, "log", "--oneline", "-n1").stdout.startswith(f"{head[:7]} (HEAD -> {bad}, ")
+    heads = sorted(os.listdir(os.fsencode(git_dir / "refs" / "heads")))  # all loose here
+    made = mint(work, "commit", "--allow-empty", "--no-verify", "-m", "on it").stdout
+    assert made.startswith(f"[{bad} "), made
+    assert git(git_dir, "rev-parse", f"{bad}~1").stdout.strip() == head  # onto it, no other
+    assert sorted(os.listdir(os.fsencode(git_dir / "refs" / "heads"))) == heads
+    # branch -m moves HEAD with it, as git's does (git 2.39 on a copy the oracle).
+    theirs = tmp_path / "theirs"
+    shutil.copytree(work, theirs)
+    git(theirs / ".mint", "branch", "-m", bad, "fixed")
+    renamed = mint(work, "branch", "-m", bad, "fixed", "--json")
+    assert json.loads(renamed.stdout)["renamed_from"] is None, renamed.stdout
+    for repo in (work, theirs):
+        assert (repo / ".mint" / "HEAD").read_bytes() == b"ref: refs/heads/fixed\n", repo
+        line = (repo / ".mint" / "logs" / "HEAD").read_bytes().splitlines()[-1]
+        assert line.endswith(b"\tBranch: renamed refs/heads/" + raw + b" to refs/heads/fixed")
+    mint(work, "branch", "-m", "again")  # the current branch, named or not
+    assert (work / ".mint" / "HEAD").read_bytes() == b"ref: refs/heads/again\n"
+    # A git worktree's HEAD likewise: its branch is not deleted under it (git refuses too).
+    git(git_dir, "branch", bad, "again")
+    git(git_dir, "worktree", "add", "-q", str(tmp_path / "wt"), bad)
+    refused = mint(work, "branch", "-D", bad, ok=False)
+    assert refused.returncode == 1 and "it is checked out in the git worktree" in refused.stderr
+    assert git(git_dir, "rev-parse", "--verify", "-q", f"refs/heads/{bad}").returncode == 0
+    git(git_dir, "fsck", "--strict")
