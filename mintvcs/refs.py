@@ -13,6 +13,7 @@ import errno
 import mmap
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -221,6 +222,15 @@ def check_ref_name(name: str, *, long_names: bool = False) -> None:
             raise InvalidRefNameError(name, f"component {part!r} ends with '.lock'")
         if not long_names and (rule := _too_long(part)):
             raise InvalidRefNameError(name, rule)
+
+
+def _valid_ref_name(name: str) -> bool:
+    """Whether git check-ref-format accepts `name` (a symbolic link's target, read as a ref)."""
+    try:
+        check_ref_name(name, long_names=True)
+    except InvalidRefNameError:
+        return False
+    return True
 
 
 def _too_long(part: str) -> str | None:
@@ -641,8 +651,33 @@ class RefStore:
         return snap
 
     def _read_loose(self, name: str) -> str | None:
-        """Raw content of a loose ref ('ref: X' or a hex id), or None when absent."""
+        """Raw content of a loose ref ('ref: X' or a hex id), or None when absent.
+
+        As git's files backend reads one: a symbolic link whose target is a ref name under
+        refs/ (core.preferSymlinkRefs' HEAD -> refs/heads/main) is that symbolic ref, and any
+        other link is read through.
+        """
         path = self._path(name)
+        for _ in range(3):  # lstat, then read: a link replaced between the two is looked at again
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as err:
+                if err.errno == errno.ENAMETOOLONG:  # no such ref can exist (check_ref_name)
+                    return None
+                raise RefUnreadableError(path, err) from None
+            if not stat.S_ISLNK(st.st_mode):
+                break
+            try:
+                target = os.readlink(path)
+            except OSError as err:
+                if err.errno in (errno.ENOENT, errno.EINVAL):
+                    continue  # no longer a link
+                raise RefUnreadableError(path, err) from None
+            if target.startswith("refs/") and _valid_ref_name(target):
+                return "ref: " + target
+            break  # a link to anything else: read what it points to
         try:
             with open(path, "rb") as f:
                 data = f.read(4096)

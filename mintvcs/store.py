@@ -430,11 +430,28 @@ _GIT_DIR_REF = re.compile(r"[A-Z][A-Z_]*\Z")
 _HEAD_ID = re.compile(rb"[0-9a-fA-F]{40}\s*\Z")
 
 
+def _head_link(path: Path) -> str | None:
+    """The target of `path`/HEAD when it is a symbolic link to a name under refs/, which git
+    reads as a symbolic ref (core.preferSymlinkRefs), whether or not that branch is born yet."""
+    try:
+        target = os.readlink(path / "HEAD")
+    except OSError:
+        return None
+    return target if target.startswith("refs/") else None
+
+
+def _has_head(git_dir: Path) -> bool:
+    """Whether `git_dir` holds a HEAD: a file, or a link to a branch (born or not)."""
+    return (git_dir / "HEAD").is_file() or _head_link(git_dir) is not None
+
+
 def _is_git_directory(path: Path) -> bool:
     """git's is_git_directory test: objects/ and refs/ are directories, and HEAD is a symbolic
-    ref under refs/ or an object id."""
+    ref under refs/ (a file, or a link as git's validate_headref reads one) or an object id."""
     if not ((path / "objects").is_dir() and (path / "refs").is_dir()):
         return False
+    if _head_link(path) is not None:
+        return True
     try:
         with open(path / "HEAD", "rb") as handle:
             head = handle.read(256)
@@ -715,18 +732,14 @@ class Repository:
         # A work tree's own .mint first: its revision may hold files named HEAD and objects/.
         # `start` itself only when it is a git directory as git tests one, or a `.mint` one: an
         # adapter's directory holding a file HEAD and a directory objects/ is not.
-        if not (start / GIT_DIR / "HEAD").is_file() and (
+        if not _has_head(start / GIT_DIR) and (
             _is_git_directory(start)
-            or (
-                start.name == GIT_DIR
-                and (start / "HEAD").is_file()
-                and (start / "objects").is_dir()
-            )
+            or (start.name == GIT_DIR and _has_head(start) and (start / "objects").is_dir())
         ):
             found = cls(start, start.parent if start.name == GIT_DIR else None)
         else:
             for candidate in (start, *start.parents):
-                if (candidate / GIT_DIR / "HEAD").is_file():
+                if _has_head(candidate / GIT_DIR):
                     found = cls(candidate / GIT_DIR, candidate)
                     break
         if found is not None:

@@ -457,6 +457,34 @@ def test_a_commit_through_a_symbolic_branch_is_logged_on_head_too(work: Path) ->
         assert (git_dir / "logs" / ref).read_text().splitlines()[-1].endswith("\tcommit: on alias")
 
 
+def test_a_head_that_is_a_symbolic_link_to_a_branch_is_that_branch_as_git_reads_it(
+    work: Path, tmp_path: Path, peft_adapter: Path
+) -> None:
+    # git's files backend reads a ref that is a link to a name under refs/ as a symbolic ref
+    # (core.preferSymlinkRefs writes HEAD so): the commit advances main, not a detached HEAD.
+    git_dir = work / ".mint"
+    (git_dir / "HEAD").unlink()
+    (git_dir / "HEAD").symlink_to("refs/heads/main")
+    assert git(git_dir, "symbolic-ref", "HEAD").stdout == "refs/heads/main\n"
+    assert mint(work, "status").stdout.startswith("On branch main\n")
+    mutate(work, seed=41)
+    mint(work, "commit", "-m", "through the link")
+    assert git(git_dir, "log", "-1", "--format=%s", "main").stdout == "through the link\n"
+    assert (git_dir / "HEAD").is_symlink()  # git's commit leaves the link too
+    assert mint(work, "branch").stdout.startswith("* main ")
+    # Before the first commit too: a link to a branch not born yet is a repository's HEAD
+    # for git (validate_headref), and the first commit makes that branch.
+    fresh = tmp_path / "fresh"
+    mint(tmp_path, "init", str(fresh))
+    (fresh / ".mint" / "HEAD").unlink()
+    (fresh / ".mint" / "HEAD").symlink_to("refs/heads/trunk")
+    assert git(fresh / ".mint", "symbolic-ref", "HEAD").stdout == "refs/heads/trunk\n"
+    assert mint(fresh, "status").stdout.startswith("On branch trunk\n")
+    copy_adapter(peft_adapter, fresh)
+    mint(fresh, "commit", "-m", "first")
+    assert git(fresh / ".mint", "log", "--format=%s", "trunk").stdout == "first\n"
+
+
 def test_git_spellings_of_reset_log_tag_and_ids_are_taken(work: Path, tmp_path: Path) -> None:
     # Each was refused: `reset --hard` without REV, --soft/--mixed, `log -2`, `tag -l`, an
     # upper-case id; and `tag -f` over a tag said nothing where git says what it replaced.
