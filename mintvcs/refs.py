@@ -466,7 +466,8 @@ class _Packed:
         line = mm[rec:nl]
         value, _, name = line.partition(b" ")
         if not name or len(value) != 40:
-            raise RefFormatError(self.path, f"bad line at byte {rec}: {line[:80]!r}")
+            # The line itself stays out of the message: packed-refs may be a link to any file.
+            raise RefFormatError(self.path, f"bad line at byte {rec}")
         nxt = nl + 1
         peeled = None
         if nxt < self.end and mm[nxt] == 0x5E:
@@ -697,10 +698,23 @@ class RefStore:
         text = data.decode("utf-8", "replace").rstrip()
         value = text[:40]
         if not is_object_id(value) or (len(text) > 40 and not text[40].isspace()):
-            raise RefFormatError(
-                path, f"content {data[:60]!r} is neither 'ref: NAME' nor an object id"
-            )
+            # Never the content: a ref may be a link to any file this process can read (a
+            # repository unpacked from a tarball), and the server sends this message to
+            # clients. git's "ignoring broken ref" shows none either.
+            raise RefFormatError(path, "it holds neither 'ref: NAME' nor an object id")
         return value
+
+    def _target(self, name: str, raw: str) -> str:
+        """The target of symbolic ref `name`, whose loose content is `raw` ('ref: X'), checked."""
+        target = raw[5:]
+        try:
+            _check_store_name(target)
+        except InvalidRefNameError:
+            # The name is the file's content, not given here: it stays out of the message.
+            raise RefFormatError(
+                self._path(name), "it is a symbolic ref to an invalid or over-long ref name"
+            ) from None
+        return target
 
     def _read_direct(self, name: str) -> str | None:
         """Loose then packed content of one ref, without following symrefs."""
@@ -724,9 +738,7 @@ class RefStore:
                 return chain, None
             if not raw.startswith("ref: "):
                 return chain, raw
-            target = raw[5:]
-            _check_store_name(target)
-            chain.append(target)
+            chain.append(self._target(chain[-1], raw))
         raise RefFormatError(self._path(name), f"symbolic ref chain deeper than {SYMREF_MAXDEPTH}")
 
     def read(self, name: str, *, long_names: bool = False) -> str | None:
@@ -966,8 +978,7 @@ class RefStore:
                 raw = self._read_loose(chain[-1])
                 if raw is None or not raw.startswith("ref: ") or not deref:
                     break
-                target = raw[5:]
-                _check_store_name(target)
+                target = self._target(chain[-1], raw)
                 chain.append(target)
                 locks.append(self._lock(target, old))
             else:

@@ -778,6 +778,26 @@ def test_a_ref_name_that_is_not_utf8_is_listed_kept_and_repacked(work: Path) -> 
     assert b"refs/heads/caf\xe9\n" in packed.read_bytes()  # gc kept it, byte for byte
 
 
+def test_ref_files_linked_to_other_files_never_show_their_content(
+    work: Path, tmp_path: Path
+) -> None:
+    # A ref or packed-refs unpacked as a link to any readable file: its bytes were quoted in
+    # the error (the server sends it to clients); git's "ignoring broken ref" quotes none.
+    secret = tmp_path / "secret"
+    secret.write_text("0123 S3CRETHASH:19000\nroot:S3CRETHASH\n")
+    git_dir = work / ".mint"
+    (git_dir / "refs" / "heads" / "leak").symlink_to(secret)
+    line = mint_fails(work, "show", "leak")
+    assert "refs/heads/leak" in line and "S3CRET" not in line, line
+    (git_dir / "refs" / "heads" / "leak").unlink()
+    packed = git_dir / "packed-refs"
+    if packed.exists():
+        packed.rename(tmp_path / "packed-refs")
+    packed.symlink_to(secret)
+    line = mint_fails(work, "show", "nope")
+    assert "packed-refs: bad line at byte 0" in line and "S3CRET" not in line, line
+
+
 def test_a_loose_object_that_is_a_link_to_a_device_is_refused(work: Path) -> None:
     manifest = subprocess.run(
         ["git", "--git-dir", str(work / ".mint"), "rev-parse", "HEAD:manifest.json"],

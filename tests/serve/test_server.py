@@ -1694,6 +1694,43 @@ def test_a_broken_ref_is_left_out_of_models_and_its_error_names_no_server_path(
         (git_dir / "refs" / "heads" / "zz-missing").unlink()
 
 
+def test_no_response_carries_the_bytes_of_a_file_a_ref_leads_to(
+    server: BackgroundServer,
+    repo: Repository,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A repository unpacked from a tarball may hold a ref that is a link to any file the
+    # server's user can read; its content was sent to whoever named the ref (`content
+    # b'root:$6$...'`), without a token. git's "ignoring broken ref" shows none of it.
+    secret = tmp_path / "shadow"
+    secret.write_text("root:$6$S3CRETHASH:19000:0:99999:7:::\n")
+    symbolic = tmp_path / "looks-symbolic"  # read as a symbolic ref to a name git refuses
+    symbolic.write_text("ref: S3CRETHASH/../x:y\n")
+    heads = repo.git_dir / "refs" / "heads"
+    (heads / "zz-leak").symlink_to(secret)
+    (heads / "zz-leak2").symlink_to(symbolic)
+    try:
+        for ref in ("zz-leak", "zz-leak2"):
+            answers = [
+                gen(server, prompt="hi", ref=ref, max_tokens=2),
+                request(
+                    server.url + "/v1/completions", {"model": ref, "prompt": "hi", "max_tokens": 2}
+                ),
+                request(server.url + f"/v1/models/{ref}"),
+                request(server.url + "/v1/models"),
+                request(server.url + "/v1/refs/notify", {"ref": ref}, headers=AUTH),
+            ]
+            for status, _, body in answers:
+                assert "S3CRETHASH" not in json.dumps(body), (ref, status, body)
+            status, _, body = answers[0]
+            assert status == 500 and f".mint/refs/heads/{ref}" in body["error"], body
+        assert not [r for r in caplog.records if "S3CRETHASH" in r.getMessage()]
+    finally:
+        (heads / "zz-leak").unlink()
+        (heads / "zz-leak2").unlink()
+
+
 def test_an_empty_notify_counts_the_moves_it_finds(
     server: BackgroundServer, repo: Repository, adapters: dict[str, Path]
 ) -> None:
