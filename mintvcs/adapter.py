@@ -133,15 +133,38 @@ def stat_key(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
+def _open_regular(path: Path | str, dir_fd: int | None = None) -> tuple[int, os.stat_result]:
+    """A descriptor of `path` opened for reading, and its stat; OSError unless a regular file.
+
+    O_NONBLOCK: opening a FIFO that a work tree holds where a file goes would wait for a
+    writer for ever (a regular file ignores the flag).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    return fd, st
+
+
+def read_regular(path: Path | str) -> bytes:
+    """A regular file's bytes (a FIFO, a device: OSError, unread), for a small file such as the
+    config."""
+    fd, st = _open_regular(path)
+    try:
+        return _read_all(fd, st.st_size + 1)
+    finally:
+        os.close(fd)
+
+
 def read_stable(
     path: Path | str, *, mapped: bool = True, dir_fd: int | None = None
 ) -> tuple[bytes | memoryview, tuple[int, ...] | None]:
     """The file's bytes, and its stat_key() if it did not change while read; a large one is
     mapped unless not `mapped` (then read whole: a private copy). `dir_fd`: `path` is relative
-    to that directory."""
-    fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+    to that directory. Anything but a regular file (a FIFO, a device) is an OSError, unread."""
+    fd, before = _open_regular(path, dir_fd)
     try:
-        before = os.fstat(fd)
         if before.st_size < 1 << 20 or not mapped:
             data: bytes | memoryview = _read_all(fd, before.st_size + 1)
         else:

@@ -29,6 +29,7 @@ from mintvcs.adapter import (
     extra_file_stats,
     extra_files,
     read_adapter,
+    read_regular,
     read_stable,
     stat_key,
 )
@@ -1423,7 +1424,8 @@ def _clean_by_stat(repo: Repository, head: RevisionOf) -> bool:
         return False
     config, committed = head.content_ids()
     try:
-        if blob_id((repo.work_tree / CONFIG_FILE).read_bytes()) != config:
+        # A FIFO put there is no config, and would block a plain read for ever.
+        if blob_id(read_regular(repo.work_tree / CONFIG_FILE)) != config:
             return False
         present = extra_file_stats(repo.work_tree, repo.excludes)
         if set(present) != set(committed):
@@ -1935,7 +1937,9 @@ def _write_weights(
     its other names keep their content.
     """
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO where the file goes fails (ENXIO) instead of waiting for a reader
+        # for ever, and is replaced as anything else that is no regular file is.
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         fd = -1
     if fd >= 0:

@@ -636,13 +636,17 @@ class RefStore:
         # it; it unmaps when the last reference goes.
         self._snap = None
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(
+                path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            )  # a FIFO: see _read_loose
         except FileNotFoundError:
             return None
         except OSError as err:
             raise RefUnreadableError(path, err) from None
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RefFormatError(path, "it is not a regular file (a pipe or a device)")
             if st.st_size == 0:
                 return None
             snap = _Packed(path, fd, st)
@@ -680,16 +684,27 @@ class RefStore:
                 return "ref: " + target
             break  # a link to anything else: read what it points to
         try:
-            with open(path, "rb") as f:
-                data = f.read(4096)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            # O_NONBLOCK: opening a FIFO would wait for a writer for ever (git 2.39's does).
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
             if err.errno == errno.ENAMETOOLONG:  # no such ref can exist (check_ref_name)
                 return None
-            # A symlink loop, no permission: that ref is unreadable (not corrupt: it may be
-            # fine for its owner).
+            # A symlink loop, no permission, a socket: that ref is unreadable (not corrupt: it
+            # may be fine for its owner).
             raise RefUnreadableError(path, err) from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):  # a directory of refs (or a link to one), no ref itself
+                return None
+            if not stat.S_ISREG(mode):
+                raise RefFormatError(path, "it is not a regular file (a pipe or a device)")
+            data = os.read(fd, 4096)
+        except OSError as err:
+            raise RefUnreadableError(path, err) from None
+        finally:
+            os.close(fd)
         if data.startswith(b"ref:"):
             # The target's bytes as a directory listing gives a ref's name: those that are not
             # UTF-8 as surrogate escapes. Replaced by U+FFFD, HEAD on a branch git named so
