@@ -12,7 +12,7 @@ from typing import Any
 from mintvcs.errors import MintError, NewerFormatError
 from mintvcs.ids import is_object_id, is_sha256
 from mintvcs.safetensors_file import DTYPE_SIZES, check_tensor_name
-from mintvcs.treenames import git_special_name, repository_dir_name
+from mintvcs.treenames import alias_of, git_special_name, repository_dir_name
 
 MANIFEST_FORMAT = "mintvcs-adapter"
 MANIFEST_VERSION = 1
@@ -184,6 +184,16 @@ def unsafe_path_reason(path: str) -> str | None:
     if parts[0] in (CONFIG_FILE, WEIGHTS_FILE):
         # Also as a directory (`adapter_config.json/x`): checkout writes that file itself.
         return "it is (or is inside) the adapter's config or weights file, which the revision holds itself"
+    if parts[0].isascii() and not parts[0][:5].lower().startswith("adapt"):
+        return None  # the usual name: no alias of either
+    alias = alias_of(parts[0], (CONFIG_FILE, WEIGHTS_FILE))
+    if alias is not None:
+        # Written after the file it aliases, it would replace the verified config or weights
+        # on macOS or Windows, and status would call that checkout clean.
+        return (
+            f"macOS and Windows take {parts[0]!r} for {alias}, which the revision holds "
+            "itself and checkout writes first"
+        )
     return None
 
 

@@ -1,4 +1,5 @@
-"""Tree entry names git refuses: `.git` and `.gitmodules` under their case, NTFS and HFS+ aliases."""
+"""Tree entry names git refuses: `.git` and `.gitmodules` under their case, NTFS and HFS+ aliases;
+and those a file system would open as another name checkout writes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ _HFS_IGNORED = frozenset(
 )
 # NTFS 8.3 short names of `.git` and `.gitmodules` (git's is_ntfs_dotgit / is_ntfs_dotgitmodules).
 _NTFS_SHORT = re.compile(r"(?:git~1|gitmod~[1-4])\Z")
+_MINT_SHORT = re.compile(r"mint~[0-9]+\Z")
 
 
 def _folded(component: str) -> tuple[str, str]:
@@ -34,9 +36,15 @@ def repository_dir_name(component: str) -> bool:
     A checkout must never write one, at any depth: `sub/.mint/hooks/pre-commit` would be a
     repository of its own whose hooks run the next time someone commits in `sub`.
     """
-    if component.isascii() and not component[:5].lower().startswith((".mint", ".git")):
+    if component.isascii() and not component[:5].lower().startswith((".mint", ".git", "mint~")):
         return False
-    return any(name in (".mint", ".git") for name in _folded(component))
+    folded, ntfs = _folded(component)
+    # `mint~1`: the NTFS short name of `.mint`, as `git~1` is `.git`'s (git_special_name).
+    return (
+        folded in (".mint", ".git")
+        or ntfs in (".mint", ".git")
+        or _MINT_SHORT.match(ntfs) is not None
+    )
 
 
 def git_special_name(component: str) -> str | None:
@@ -56,4 +64,28 @@ def git_special_name(component: str) -> str | None:
             )
     if _NTFS_SHORT.match(ntfs):
         return f"{component!r} is an NTFS short name of .git or .gitmodules; git fsck refuses it"
+    return None
+
+
+def _short_name(name: str) -> re.Pattern[str]:
+    """The NTFS 8.3 short names `name` may get (`adapte~1.jso`), folded: the first six
+    characters of its stem, `~` and a number, the first three of its extension."""
+    stem, dot, ext = name.lower().rpartition(".")
+    if not dot:
+        stem, ext = ext, ""
+    pattern = re.escape(stem.replace(".", "").replace(" ", "")[:6]) + "~[0-9]+"
+    return re.compile(pattern + (r"\." + re.escape(ext[:3]) if ext else "") + r"\Z")
+
+
+def alias_of(component: str, names: tuple[str, ...]) -> str | None:
+    """The one of `names` (lower-case names of files checkout writes) that some file system
+    opens `component` as while not being it: in another case (macOS, Windows, a casefold ext4),
+    with code points HFS+ ignores, trailing dots or spaces or a `:stream` (NTFS), or as its NTFS
+    short name; None when none does. As git's protectHFS and protectNTFS checks guard `.git`."""
+    if component in names:
+        return None
+    folded, ntfs = _folded(component)
+    for name in names:
+        if name in (folded, ntfs) or _short_name(name).match(ntfs):
+            return name
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -505,6 +506,7 @@ def test_close_after_reading_a_corrupt_packed_object(work: Path) -> None:
         "sub/.mint/hooks/pre-commit",
         "sub/.MINT./hooks/pre-commit",
         "sub/.git/hooks/pre-commit",
+        "MINT~1/hooks/post-commit",  # the NTFS short name of .mint, as git~1 is .git's
     ],
 )
 def test_a_revision_naming_an_unsafe_path_is_refused(work: Path, path: str) -> None:
@@ -553,6 +555,48 @@ def test_a_path_checkout_could_not_write_is_refused_before_anything_is(
     line = mint_fails(work, "checkout", "--force", "hostile")
     assert "unsafe" in line, line
     assert snapshot(work) == state and [p.name for p in work.iterdir()] == [".mint"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "ADAPTER_MODEL.SAFETENSORS",
+        "Adapter_Config.json",
+        "adapter_config.json.",  # NTFS drops trailing dots and spaces
+        "adapter_model.safetensors ",
+        "ADAPTE~1.JSO",  # the config's NTFS short name
+        "adapter\u200c_model.safetensors",  # HFS+ ignores U+200C
+        "ADAPTER_CONFIG.JSON/x",
+    ],
+)
+def test_a_name_a_file_system_takes_for_the_config_or_weights_is_refused(
+    work: Path, path: str
+) -> None:
+    # On macOS or Windows, checkout would write such an extra file after the verified weights
+    # or config, over them, and status would call the result clean: refused as git's
+    # protectHFS and protectNTFS checks refuse the aliases of .git.
+    target = work / path
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes((work / WEIGHTS).read_bytes())
+    line = mint_fails(work, "commit", "-m", "alias", "--no-verify")
+    assert "macOS and Windows take" in line and "cannot be stored" in line, line
+    if target.parent == work:
+        target.unlink()
+    else:
+        shutil.rmtree(target.parent)
+    # A revision that holds one, as a hostile repository could: refused before anything is
+    # written, and fsck names it.
+    repo = Repository.open(work)
+    any_blob = repo.read_revision(repo.head_commit() or "").manifest.header_blob
+    repo.close()
+    extra = [{"path": path, "blob": any_blob, "executable": False}]
+    commit_with_manifest_files(work, extra, in_tree=True)
+    state = snapshot(work)
+    line = mint_fails(work, "checkout", "--force", "hostile")
+    assert "unsafe" in line and "macOS and Windows take" in line, line
+    assert snapshot(work) == state
+    result = mint(work, "fsck", ok=False)
+    assert result.returncode != 0 and "macOS and Windows take" in result.stdout + result.stderr
 
 
 def test_a_file_name_of_255_bytes_is_stored_and_checked_out(work: Path) -> None:
