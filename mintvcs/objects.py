@@ -167,6 +167,11 @@ def unsafe_path_reason(path: str) -> str | None:
         return "it is empty, absolute or holds a backslash"
     if any(ord(c) < 32 or ord(c) == 127 for c in path):
         return "it holds a control character"
+    if not path.isascii():
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can spell one; a name in a tree is bytes
+            return "it holds a lone surrogate, which is no UTF-8 name (mintvcs stores no other)"
     if path.count("/") >= MAX_PATH_DEPTH:
         return f"it has {path.count('/') + 1} components, more than the {MAX_PATH_DEPTH} mintvcs stores"
     parts = path.split("/")

@@ -1722,22 +1722,25 @@ class Repository:
             actual.pop(path, None)
         if actual == expected:  # the usual case, compared in one call: no path is sorted
             return
+        from mintvcs.messages import quote_path
+
         differences = []
         for path in sorted(expected.keys() | actual.keys()):
             want, have = expected.get(path), actual.get(path)
             if want == have or (have is None and stopped):
                 continue
+            name = quote_path(path)  # as git names it: `"files/\377"` for a byte not UTF-8
             if have is None:
-                differences.append(f"{path} is in the manifest, not in the tree")
+                differences.append(f"{name} is in the manifest, not in the tree")
             elif want is None:
-                differences.append(f"{path} is in the tree, not in the manifest")
+                differences.append(f"{name} is in the tree, not in the manifest")
             elif want[0] != have[0]:
                 differences.append(
-                    f"{path} is {have[0][:12]} in the tree, {want[0][:12]} in the manifest"
+                    f"{name} is {have[0][:12]} in the tree, {want[0][:12]} in the manifest"
                 )
             else:
                 differences.append(
-                    f"{path} has mode {have[1]:o} in the tree, {want[1]:o} in the manifest"
+                    f"{name} has mode {have[1]:o} in the tree, {want[1]:o} in the manifest"
                 )
         if differences:
             more = f" (and {len(differences) - 2} more)" if len(differences) > 2 else ""
@@ -1786,7 +1789,10 @@ class Repository:
         while pending and len(blobs) <= limit:
             tree, prefix, depth = pending.pop()
             for entry in tree.items():
-                path = prefix + entry.path.decode("utf-8", "replace")
+                # A name that is not UTF-8 keeps its bytes (as surrogate escapes), so that two
+                # such names stay two paths, and none is the name of a manifest's file (always
+                # UTF-8): mintvcs never writes one, so it is a difference that git made.
+                path = prefix + entry.path.decode("utf-8", "surrogateescape")
                 if not stat.S_ISDIR(entry.mode):
                     blobs[path] = (entry.sha.decode(), entry.mode)
                     continue

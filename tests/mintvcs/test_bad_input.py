@@ -599,6 +599,50 @@ def test_a_name_a_file_system_takes_for_the_config_or_weights_is_refused(
     assert result.returncode != 0 and "macOS and Windows take" in result.stdout + result.stderr
 
 
+def _files_tree_commit(work: Path, names: dict[bytes, bytes], listed: list[str]) -> str:
+    """A commit on HEAD whose files/ tree holds `names` (raw name -> content) and whose
+    manifest lists the paths `listed`, each with the blob of the content named first."""
+    from dulwich.objects import Blob, Tree
+
+    repo = Repository.open(work)
+    files = Tree()
+    for name, content in names.items():
+        blob = Blob.from_string(content)
+        repo.add_object(blob)
+        files[name] = (0o100644, blob.id)
+    repo.add_object(files)
+    first = files[next(iter(names))][1].decode()
+    manifest_id = git(work / ".mint", "rev-parse", "HEAD:manifest.json").stdout.strip()
+    manifest = json.loads(repo.read_blob(manifest_id))
+    manifest["files"] = [{"path": p, "blob": first, "executable": False} for p in listed]
+    entries = {
+        "files": files.id.decode(),
+        "manifest.json": repo.add_blob(json.dumps(manifest).encode()),
+    }
+    repo.close()
+    return hostile_commit(work, entries)
+
+
+def test_tree_names_that_are_not_utf8_are_a_change_made_with_git(work: Path) -> None:
+    # git sees two files, \376 and \377; decoded with U+FFFD for each bad byte they were one
+    # path, the manifest's only file, so show, checkout, fsck and the server read one file.
+    oid = _files_tree_commit(work, {b"\xff": b"seen\n", b"\xfe": b"hidden\n"}, ["\ufffd"])
+    listed = git(work / ".mint", "ls-tree", "-r", "--name-only", oid, "files/").stdout
+    assert listed == '"files/\\376"\n"files/\\377"\n'
+    state = snapshot(work)
+    for verb in (("show", oid), ("checkout", "--force", oid)):
+        line = mint_fails(work, *verb)
+        assert "changed with git" in line and '"files/\\377" is in the tree' in line, line
+    assert snapshot(work) == state
+    result = mint(work, "fsck", ok=False)
+    assert result.returncode != 0 and '"files/\\376" is in the tree' in result.stderr
+    # A manifest may spell the name's byte as the surrogate escape that stands for it: no
+    # UTF-8 name is that, and such a path is refused whatever the tree holds.
+    oid = _files_tree_commit(work, {b"\xff": b"seen\n"}, ["\udcff"])
+    line = mint_fails(work, "show", oid)
+    assert "lone surrogate" in line, line
+
+
 def test_a_file_name_of_255_bytes_is_stored_and_checked_out(work: Path) -> None:
     # The longest name a file system holds: checkout's temporary name for it was too long.
     name = "x" * 250 + ".json"
