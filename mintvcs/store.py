@@ -1718,13 +1718,17 @@ class Repository:
         actual = self._tree_blobs(commit_id, root, limit, skip=TENSORS_DIR if whole else None)
         # Past the limit the walk stopped: a path it did not reach is not known to be missing.
         stopped = len(actual) > limit
+        differences = []
         for path in (CONFIG_PATH, MANIFEST_PATH):
-            actual.pop(path, None)
-        if actual == expected:  # the usual case, compared in one call: no path is sorted
+            found = actual.pop(path, None)
+            # Read as a file whatever its mode; git would check out a link (120000) or see a
+            # submodule (160000), not the file commit writes.
+            if found is not None and found[1] != 0o100644:
+                differences.append(f"{path} has mode {found[1]:o} in the tree, 100644 as written")
+        if actual == expected and not differences:  # the usual case: no path is sorted
             return
         from mintvcs.messages import quote_path
 
-        differences = []
         for path in sorted(expected.keys() | actual.keys()):
             want, have = expected.get(path), actual.get(path)
             if want == have or (have is None and stopped):

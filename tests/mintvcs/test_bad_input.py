@@ -643,6 +643,40 @@ def test_tree_names_that_are_not_utf8_are_a_change_made_with_git(work: Path) -> 
     assert "lone surrogate" in line, line
 
 
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [
+        ("adapter_config.json", "120000"),  # git checks out a link whose target is the JSON
+        ("adapter_config.json", "160000"),  # a submodule, for git
+        ("adapter_config.json", "100755"),
+        ("manifest.json", "120000"),
+    ],
+)
+def test_a_config_or_manifest_of_another_mode_is_a_change_made_with_git(
+    work: Path, name: str, mode: str
+) -> None:
+    # Read as a file whatever the tree's mode said: git and mintvcs disagreed without a word.
+    from dulwich.objects import Tree
+
+    git_dir = work / ".mint"
+    repo = Repository.open(work)
+    tree = repo.get_object(git(git_dir, "rev-parse", "HEAD^{tree}").stdout.strip())
+    assert isinstance(tree, Tree)
+    tree[name.encode()] = (int(mode, 8), tree[name.encode()][1])  # the same blob id
+    repo.add_object(tree)
+    repo.close()
+    head = git(git_dir, "rev-parse", "HEAD").stdout.strip()
+    oid = git(git_dir, "commit-tree", tree.id.decode(), "-p", head, "-m", "mode").stdout.strip()
+    state = snapshot(work)
+    for verb in (("show", oid), ("checkout", "--force", oid), ("diff", "HEAD", oid)):
+        line = mint_fails(work, *verb)
+        assert f"{name} has mode {mode} in the tree, 100644 as written" in line, line
+    assert snapshot(work) == state
+    git(git_dir, "update-ref", "refs/heads/moded", oid)
+    result = mint(work, "fsck", ok=False)
+    assert result.returncode != 0 and f"{name} has mode {mode}" in result.stderr
+
+
 def test_a_file_name_of_255_bytes_is_stored_and_checked_out(work: Path) -> None:
     # The longest name a file system holds: checkout's temporary name for it was too long.
     name = "x" * 250 + ".json"
