@@ -449,6 +449,16 @@ def _walk_dir(
             if not is_link:
                 continue  # removed since it was listed
             st = None
+        except OSError as err:
+            if not is_link:
+                raise
+            # A loop (`loop -> loop`), a target this user may not reach: reported as a dangling
+            # link is, not as a bare OSError that ends status.
+            target = os.readlink(rel, dir_fd=root_fd)
+            raise NotAnAdapterError(
+                f"{quote_path(str(path))} is a symlink to {quote_path(target)}, which cannot be "
+                f"followed ({err.strerror or err}); remove it or point it at a file"
+            ) from None
         if is_link and (st is None or not stat.S_ISREG(st.st_mode)):
             target = os.readlink(rel, dir_fd=root_fd)
             raise NotAnAdapterError(
