@@ -91,6 +91,9 @@ def adapter_paths(root: Path) -> tuple[Path, Path]:
             else ""
         )
         raise NotAnAdapterError(f"{root} is not a PEFT adapter: {WEIGHTS_FILE} is missing{hint}")
+    for path in (config_path, weights_path):
+        if path.is_symlink():  # followed as an extra file's link is, but not into `.mint`
+            _refuse_link_into_repository(path, os.readlink(path))
     return config_path, weights_path
 
 
@@ -342,6 +345,25 @@ def _in_quotes(path: str) -> str:
     return quoted if quoted.startswith('"') else f"'{quoted}'"
 
 
+def _refuse_link_into_repository(path: Path, target: str) -> None:
+    """Refuse `path`, a symbolic link to `target`, when the file it leads to lies inside a
+    repository's `.mint` directory (one holding a HEAD): a repository's own files (its config, which may hold credentials, its
+    hooks, its objects) are never adapter content, and a link there would commit them. A link
+    anywhere else is followed (a Hugging Face cache snapshot links into ../../blobs/)."""
+    real = os.path.realpath(path)
+    parts = Path(real).parts
+    for depth, part in enumerate(parts[:-1]):
+        if part.lower() != GIT_DIR:
+            continue
+        inside = os.path.join(*parts[: depth + 1])
+        if os.path.lexists(os.path.join(inside, "HEAD")):  # a repository's, not any `.mint`
+            raise NotAnAdapterError(
+                f"{quote_path(str(path))} is a symlink to {quote_path(target)}, a file of the "
+                f"repository directory {quote_path(inside)}, which commit never takes; remove "
+                "the link (or copy the file in, if it is adapter content)"
+            )
+
+
 def _unreadable(rel_dir: str, err: OSError) -> NotAnAdapterError:
     """The refusal for a directory of the adapter that cannot be listed: read as empty, its
     files would be committed as deleted (git warns "could not open directory")."""
@@ -465,6 +487,8 @@ def _walk_dir(
                 f"{quote_path(str(path))} is a symlink to {quote_path(target)}, which is not a "
                 "file; remove it or point it at a file"
             )
+        if is_link:
+            _refuse_link_into_repository(path, os.readlink(rel, dir_fd=root_fd))
         assert st is not None
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read for ever
             raise NotAnAdapterError(

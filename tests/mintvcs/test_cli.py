@@ -924,6 +924,46 @@ def test_symlinked_files_are_stored_by_content(work: Path, tmp_path: Path) -> No
     assert "broken" in line and "symlink" in line and "not a file" in line
 
 
+def test_a_link_into_a_repository_directory_is_refused_not_committed(
+    work: Path, tmp_path: Path
+) -> None:
+    # Links are followed wherever they lead (a Hugging Face cache snapshot's do), but one into
+    # a repository's .mint would commit its config (credentials), hooks or objects.
+    first = commit(work, "first", "--no-verify")
+    other = tmp_path / "other"
+    mint(tmp_path, "init", str(other))
+    aside = work / ".mint" / "aside.safetensors"
+    aside.write_bytes((work / WEIGHTS).read_bytes())
+    (work / "sub").mkdir()
+    (work / "sub" / "repo").symlink_to("../.mint")  # a directory link on the way
+    cases = [
+        ("s", ".mint/config", work / ".mint"),
+        ("h", "sub/repo/HEAD", work / ".mint"),
+        ("c", str(other / ".mint" / "config"), other / ".mint"),
+    ]
+    for name, target, inside in cases:
+        (work / name).symlink_to(target)
+        line = mint_fails(work, "commit", "-m", "x", "--no-verify")
+        assert f"{name} is a symlink to {target}" in line and str(inside) in line, line
+        error = json.loads(mint(work, "status", "--json").stdout)["error"]
+        assert f"{name} is a symlink to {target}" in error, error
+        (work / name).unlink()
+    # The weights themselves: a valid safetensors file, committed before.
+    (work / WEIGHTS).unlink()
+    (work / WEIGHTS).symlink_to(".mint/aside.safetensors")
+    line = mint_fails(work, "commit", "-m", "x", "--no-verify")
+    assert f"{WEIGHTS} is a symlink to .mint/aside.safetensors" in line, line
+    (work / WEIGHTS).unlink()
+    (work / WEIGHTS).write_bytes(aside.read_bytes())
+    # A directory merely named .mint, no repository's (no HEAD), is followed as any other.
+    plain = tmp_path / "notes" / ".mint" / "card.md"
+    plain.parent.mkdir(parents=True)
+    plain.write_text("card\n")
+    (work / "card.md").symlink_to(plain)
+    second = commit(work, "card", "--no-verify")
+    assert "card.md" in show_json(work, second)["files"] and second != first
+
+
 def test_a_symlink_loop_is_reported_as_a_dangling_link_is(work: Path) -> None:
     # ELOOP escaped as a bare OSError line: status exited 1 and --json printed nothing, where
     # docs/cli.md promises exit 0 and the reason in `error` (git lists such a link as untracked).
