@@ -347,9 +347,9 @@ def _in_quotes(path: str) -> str:
 
 def _refuse_link_into_repository(path: Path, target: str) -> None:
     """Refuse `path`, a symbolic link to `target`, when the file it leads to lies inside a
-    repository's `.mint` directory (one holding a HEAD): a repository's own files (its config, which may hold credentials, its
-    hooks, its objects) are never adapter content, and a link there would commit them. A link
-    anywhere else is followed (a Hugging Face cache snapshot links into ../../blobs/)."""
+    repository's `.mint` directory (one holding a HEAD): its files (the config, which may hold
+    credentials, hooks, objects) are never adapter content, and a link there would commit them.
+    A link anywhere else is followed (a Hugging Face cache snapshot links into ../../blobs/)."""
     real = os.path.realpath(path)
     parts = Path(real).parts
     for depth, part in enumerate(parts[:-1]):

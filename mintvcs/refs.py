@@ -635,10 +635,8 @@ class RefStore:
         # Drop, don't close, the old mapping: a reader elsewhere may still be searching
         # it; it unmaps when the last reference goes.
         self._snap = None
-        try:
-            fd = os.open(
-                path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-            )  # a FIFO: see _read_loose
+        try:  # O_NONBLOCK: a FIFO, see _read_loose
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as err:
