@@ -28,6 +28,7 @@ from mintvcs import codec, gitdelta
 from mintvcs.errors import MintError
 from mintvcs.filemodes import adjust_fd, not_writable, write_failed, write_file
 from mintvcs.ids import is_object_id
+from mintvcs.messages import quote_path
 from mintvcs.objects import MAX_PATH_DEPTH, TensorRecord
 from mintvcs.packs import (
     META_ZLIB_LEVEL,
@@ -53,7 +54,7 @@ from mintvcs.store import (
     accepts_path,
     unreadable_file_errors,
 )
-from mintvcs.treenames import git_special_name
+from mintvcs.treenames import dotgit_reason
 
 if TYPE_CHECKING:
     from dulwich.object_store import DiskObjectStore
@@ -162,7 +163,9 @@ def _format_problem(oid: str, kind: bytes, body: bytes) -> str | None:
         return f"malformed {kind.decode()} {oid}: {err}"
     if isinstance(obj, Tree):
         for item in obj.items():  # the case and file-system aliases dulwich does not check
-            reason = git_special_name(item.path.decode(errors="replace"))
+            # Only .git's: git checks a .gitmodules, and passes a regular one (an extra file
+            # an earlier mintvcs committed under that name is reported with its revision).
+            reason = dotgit_reason(item.path.decode(errors="replace"))
             if reason is not None:
                 return f"malformed tree {oid}: entry {reason}"
     return None
@@ -722,6 +725,13 @@ def _check_revision(
                 check.tensors += results.count(None)
             progress("tensors", len(records))
     for file in rev.manifest.files:
+        unsafe = file.unsafe_reason
+        if unsafe is not None:
+            check.problems.append(
+                f"commit {oid[:12]}: extra file {quote_path(file.path)} has a name unsafe to "
+                f"write ({unsafe}); checkout refuses the revision (an earlier mintvcs committed "
+                "it)"
+            )
         if file.blob in verified.blobs:
             continue
         try:

@@ -154,6 +154,27 @@ def _entry_text(entry: object) -> str:
     return f"{dtype_text[:40]} {json.dumps(shape)[:80]} at {where}"
 
 
+def malformed_path_reason(path: str) -> str | None:
+    """Why `path` is no relative path a revision's tree can hold, or None when it is one.
+
+    What every reader of a manifest refuses: no mintvcs ever wrote such a path. The names
+    unsafe_path_reason refuses besides are refused where a file would be written (commit,
+    checkout), not where a revision is read: earlier releases committed some of them.
+    """
+    if not path or path.startswith("/"):
+        return "it is empty or absolute"
+    if not path.isascii():
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:  # JSON can spell one; a name in a tree is bytes
+            return "it holds a lone surrogate, which is no UTF-8 name (mintvcs stores no other)"
+    if path.count("/") >= MAX_PATH_DEPTH:
+        return f"it has {path.count('/') + 1} components, more than the {MAX_PATH_DEPTH} mintvcs stores"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "it has an empty, '.' or '..' component"
+    return None
+
+
 def unsafe_path_reason(path: str) -> str | None:
     """Why an extra file's path may not be written under a work tree, or None when it may.
 
@@ -163,20 +184,14 @@ def unsafe_path_reason(path: str) -> str | None:
     Nor may one that checkout could not write whole: a component no file name holds, or one
     inside the config or weights file, which checkout writes first.
     """
-    if not path or path.startswith("/") or "\\" in path:
-        return "it is empty, absolute or holds a backslash"
+    reason = malformed_path_reason(path)
+    if reason is not None:
+        return reason
+    if "\\" in path:
+        return "it holds a backslash"
     if any(ord(c) < 32 or ord(c) == 127 for c in path):
         return "it holds a control character"
-    if not path.isascii():
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:  # JSON can spell one; a name in a tree is bytes
-            return "it holds a lone surrogate, which is no UTF-8 name (mintvcs stores no other)"
-    if path.count("/") >= MAX_PATH_DEPTH:
-        return f"it has {path.count('/') + 1} components, more than the {MAX_PATH_DEPTH} mintvcs stores"
     parts = path.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        return "it has an empty, '.' or '..' component"
     for part in parts:
         reason = git_special_name(part)
         if reason is not None:
@@ -211,13 +226,20 @@ class FileRecord:
     executable: bool = False
 
     def __post_init__(self) -> None:
-        reason = unsafe_path_reason(self.path) if isinstance(self.path, str) else "not a string"
+        # Only what no tree holds is refused here: a name an earlier mintvcs committed and
+        # today's refuses to write (`.gitmodules`, `back\\slash`) leaves its revision readable.
+        reason = malformed_path_reason(self.path) if isinstance(self.path, str) else "not a string"
         if reason is not None:
             raise ValueError(f"file path {self.path!r:.200} is unsafe: {reason}")
         if not is_object_id(self.blob):
             raise ValueError(f"file {self.path!r}: blob {self.blob!r}")
         if not isinstance(self.executable, bool):
             raise ValueError(f"file {self.path!r}: executable {self.executable!r}")
+
+    @property
+    def unsafe_reason(self) -> str | None:
+        """Why checkout may not write this file (unsafe_path_reason), or None when it may."""
+        return unsafe_path_reason(self.path)
 
 
 @dataclass(frozen=True)

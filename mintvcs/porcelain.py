@@ -47,7 +47,7 @@ from mintvcs.messages import (
     quote_path,
     subject,
 )
-from mintvcs.objects import Manifest
+from mintvcs.objects import Manifest, unsafe_path_reason
 from mintvcs.progress import progress_bar
 from mintvcs.refs import (
     ANY,
@@ -1787,15 +1787,25 @@ def write_work_tree(
     work = repo.work_tree
     if work is None:
         raise MintError("this repository has no work tree")
+    files = rev.files()  # refuses a revision holding a file no checkout writes, before any work
     # Unchanged small tensors are taken from the weights file replaced, not decoded.
     if show_progress:
         with progress_bar(rev.manifest.nbytes, "decoding") as update:
             weights = rev.safetensors_buffer(update, work / WEIGHTS_FILE)
     else:
         weights = rev.safetensors_buffer(replacing=work / WEIGHTS_FILE)
-    files = rev.files()
     held = _held_revisions(repo)
-    gone = [] if old is None else [path for path in old.content_ids()[1] if path not in files]
+    # A file of HEAD's that no checkout writes (an earlier mintvcs committed it) never reached
+    # the work tree from one: it is not removed either (`.GIT/config` may be `.git`'s).
+    gone = (
+        []
+        if old is None
+        else [
+            path
+            for path in old.content_ids()[1]
+            if path not in files and unsafe_path_reason(path) is None
+        ]
+    )
     gone += _left_behind_files(repo, old, files, gone, held)
     for path in [*files, *gone]:  # before anything is written or removed
         _refuse_symlinked_parent(work, path)
@@ -1844,7 +1854,7 @@ def _left_behind_files(
         except MintError:
             continue  # pruned since, or unreadable: nothing is known of its files
         for path, (blob, _) in kept.items():
-            if path in files or path in gone or path in left:
+            if path in files or path in gone or path in left or unsafe_path_reason(path):
                 continue
             with suppress(OSError):
                 if blob_id(read_stable(repo.work_tree / path, mapped=False)[0]) == blob:

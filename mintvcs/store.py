@@ -34,6 +34,7 @@ from mintvcs.errors import MintError, cannot_read
 from mintvcs.filemodes import make_dir, not_writable, write_file
 from mintvcs.ids import is_object_id, shared_hex_digits
 from mintvcs.keep import ReplacedWeights
+from mintvcs.messages import quote_path
 from mintvcs.objects import (
     CONFIG_PATH,
     FILES_DIR,
@@ -44,6 +45,7 @@ from mintvcs.objects import (
     FileRecord,
     Manifest,
     TensorRecord,
+    unsafe_path_reason,
 )
 from mintvcs.packs import (
     ADDING_OBJECTS,
@@ -367,7 +369,16 @@ class Revision:
         return self.safetensors_buffer(progress).tobytes()
 
     def files(self) -> dict[str, tuple[bytes | memoryview, bool]]:
-        """Extra files by relative path: (content, executable)."""
+        """Extra files by relative path: (content, executable), for checkout to write; refuses a
+        revision that holds one no checkout may write (FileRecord.unsafe_reason)."""
+        for f in self.manifest.files:
+            reason = f.unsafe_reason
+            if reason is not None:
+                raise MintError(
+                    f"revision {self.commit[:12]} holds the extra file {quote_path(f.path)}, "
+                    f"a name unsafe to write ({reason}); checkout writes no revision holding "
+                    "one (an earlier mintvcs committed it), and nothing was changed"
+                )
         return {  # views where they can be: an optimizer state is not copied once more
             f.path: (self.repo.blob_view(f.blob, what=f.path), f.executable)
             for f in self.manifest.files
@@ -1727,7 +1738,6 @@ class Repository:
                 differences.append(f"{path} has mode {found[1]:o} in the tree, 100644 as written")
         if actual == expected and not differences:  # the usual case: no path is sorted
             return
-        from mintvcs.messages import quote_path
 
         for path in sorted(expected.keys() | actual.keys()):
             want, have = expected.get(path), actual.get(path)
@@ -1964,6 +1974,10 @@ class Repository:
             first = min(refused)
             raise codec.NonFiniteTensorError(tensors[first].name, refused[first])
         base = self.base
+        for path in adapter.extra_files:  # the work tree's reader refuses them: its backstop
+            reason = unsafe_path_reason(path)
+            if reason is not None:
+                raise MintError(f"{quote_path(path)}: this file name cannot be stored ({reason})")
         files = tuple(
             FileRecord(path, self.add_blob(content), executable)
             for path, (content, executable) in sorted(adapter.extra_files.items())

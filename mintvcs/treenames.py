@@ -18,8 +18,8 @@ _HFS_IGNORED = frozenset(
         0xFEFF,
     )
 )
-# NTFS 8.3 short names of `.git` and `.gitmodules` (git's is_ntfs_dotgit / is_ntfs_dotgitmodules).
-_NTFS_SHORT = re.compile(r"(?:git~1|gitmod~[1-4])\Z")
+# NTFS 8.3 short names of `.gitmodules` (git's is_ntfs_dotgit / is_ntfs_dotgitmodules).
+_NTFS_SHORT = re.compile(r"gitmod~[1-4]\Z")
 _MINT_SHORT = re.compile(r"mint~[0-9]+\Z")
 
 
@@ -56,14 +56,30 @@ def git_special_name(component: str) -> str | None:
     """
     if component.isascii() and not component[:7].lower().startswith((".git", "git~", "gitmod~")):
         return None  # every tensor name of a real adapter: checked on each manifest read
+    reason = dotgit_reason(component)
+    if reason is not None:
+        return reason
     folded, ntfs = _folded(component)
-    for special in (".git", ".gitmodules"):
-        if special in (folded, ntfs):
-            return (
-                f"git reads {component!r} as {special}; git fsck and fsck-checking clones refuse it"
-            )
-    if _NTFS_SHORT.match(ntfs):
-        return f"{component!r} is an NTFS short name of .git or .gitmodules; git fsck refuses it"
+    if ".gitmodules" in (folded, ntfs) or _NTFS_SHORT.match(ntfs):
+        # git accepts a regular one (fsck --strict parses it as submodule configuration, and
+        # refuses it as a symbolic link): a checkout would hand git that configuration.
+        return (
+            f"git reads {component!r} as .gitmodules, the submodule configuration of a "
+            "work tree holding it"
+        )
+    return None
+
+
+def dotgit_reason(component: str) -> str | None:
+    """Why git fsck (and a fsck-checking clone or push) refuses `component` as a tree entry: it
+    is `.git` in another case or under a file-system alias; None when it is no such name."""
+    if component.isascii() and not component[:4].lower().startswith((".git", "git~")):
+        return None
+    folded, ntfs = _folded(component)
+    if ".git" in (folded, ntfs):
+        return f"git reads {component!r} as .git; git fsck and fsck-checking clones refuse it"
+    if ntfs == "git~1":
+        return f"{component!r} is an NTFS short name of .git; git fsck refuses it"
     return None
 
 

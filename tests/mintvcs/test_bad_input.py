@@ -514,7 +514,10 @@ def test_a_revision_naming_an_unsafe_path_is_refused(work: Path, path: str) -> N
 
     repo = Repository.open(work)  # the fixture committed the adapter
     any_blob = repo.read_revision(repo.head_commit() or "").manifest.header_blob
-    commit_with_manifest_files(work, [{"path": path, "blob": any_blob, "executable": True}])
+    # The tree holds those a tree can (files/.mint/...), as an earlier mintvcs wrote them.
+    in_tree = not path.startswith("/") and ".." not in path.split("/")
+    extra = [{"path": path, "blob": any_blob, "executable": True}]
+    commit_with_manifest_files(work, extra, in_tree=in_tree)
     before = sorted(p.relative_to(work.parent).as_posix() for p in work.parent.rglob("*"))
     state = snapshot(work)
     line = mint_fails(work, "checkout", "--force", "hostile")
@@ -544,8 +547,8 @@ def test_a_path_checkout_could_not_write_is_refused_before_anything_is(
 
     repo = Repository.open(work)
     any_blob = repo.read_revision(repo.head_commit() or "").manifest.header_blob
-    with pytest.raises(ValueError, match="unsafe"):
-        FileRecord(path, any_blob)  # what a commit records for each extra file
+    # Read (an earlier mintvcs committed some such names), but never written.
+    assert FileRecord(path, any_blob).unsafe_reason is not None
     extra = [{"path": path, "blob": any_blob, "executable": False}]
     commit_with_manifest_files(work, extra, in_tree=True)
     for child in work.iterdir():
@@ -1154,12 +1157,15 @@ def test_manifest_file_paths_must_not_collide(work: Path) -> None:
     for files, expected in (
         ([{"path": "a", "blob": blob}, {"path": "a/b", "blob": blob}], "also the directory"),
         ([{"path": "a", "blob": blob}, {"path": "a", "blob": blob}], "twice"),
-        ([{"path": "adapter_model.safetensors", "blob": blob}], "weights file"),
         ([{"path": "x", "blob": blob, "executable": "yes"}], "executable"),
     ):
         raw["files"] = files
         with pytest.raises(CorruptManifestError, match=expected):
             Manifest.from_bytes(json.dumps(raw).encode())
+    # A name checkout may not write is read, and refused where it would be written.
+    raw["files"] = [{"path": "adapter_model.safetensors", "blob": blob}]
+    (record,) = Manifest.from_bytes(json.dumps(raw).encode()).files
+    assert "weights file" in (record.unsafe_reason or "")
     with pytest.raises(CorruptManifestError, match="nested too deeply"):
         Manifest.from_bytes(b"[" * 100_000 + b"]" * 100_000)
 
@@ -1429,3 +1435,61 @@ def test_a_trainer_output_directory_names_its_last_checkpoint(tmp_path: Path) ->
         read_adapter(tmp_path)
     assert "found checkpoint-40/adapter_config.json and 3 more such directories" in str(info.value)
     assert f"use --from {tmp_path / 'checkpoint-40'})" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".gitmodules",  # each committed by an earlier mintvcs (before 16ead5f)
+        "sub/.gitmodules",
+        "back\\slash.txt",
+        "ctl\x01name.txt",
+        "sub/.Mint/x",
+        "ADAPTER_MODEL.SAFETENSORS",  # refused since afa5d46
+    ],
+)
+def test_a_revision_with_a_name_an_earlier_mintvcs_accepted_is_read(work: Path, path: str) -> None:
+    # docs/format.md §7: an earlier mintvcs's revision is read. The name is refused where a
+    # file would be written (checkout), not where the revision is read: show, diff, the
+    # server's load and fsck called the whole revision a corrupt manifest, and a work tree
+    # whose HEAD was on it could not leave it (checkout --force and reset --hard failed too).
+    from mintvcs.messages import quote_path
+    from mintvcs.serve import StoreSource
+
+    repo = Repository.open(work)
+    before = repo.head_commit() or ""
+    content = b'[submodule "x"]\n\tpath = x\n\turl = https://example.com/x\n'
+    blob = repo.add_blob(content)
+    repo.close()
+    extra = [{"path": path, "blob": blob, "executable": False}]
+    old = commit_with_manifest_files(work, extra, in_tree=True)  # as that mintvcs wrote it
+    # git itself keeps it: no damage either way.
+    git(work / ".mint", "fsck", "--strict")
+    assert path in json.loads(mint(work, "show", "--json", old).stdout)["files"]
+    assert quote_path(path) in mint(work, "diff", before, old).stdout
+    source = StoreSource(work / ".mint")
+    try:
+        ours, theirs = source.load(before), source.load(old)
+        assert set(ours.tensors) == set(theirs.tensors)
+        assert all(ours.tensors[n].equal(theirs.tensors[n]) for n in ours.tensors)
+    finally:
+        source.close()
+    # Checkout never writes it: refused, naming it, nothing changed.
+    state = snapshot(work)
+    line = mint_fails(work, "checkout", "--force", old)
+    assert quote_path(path) in line and "unsafe to write" in line, line
+    assert snapshot(work) == state
+    # fsck says what is wrong in its own words: no corrupt manifest, no malformed tree.
+    result = mint(work, "fsck", ok=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "unsafe to write" in out and quote_path(path) in out, out
+    assert "corrupt" not in out and "malformed" not in out, out
+    # A HEAD on it (the branch moved there, as that mintvcs's commit left it) can be left.
+    branch = git(work / ".mint", "symbolic-ref", "HEAD").stdout.strip()
+    for leave in (("checkout", "--force", before), ("reset", "--hard", before)):
+        git(work / ".mint", "update-ref", branch, old)
+        mint(work, "log", "-n", "1")
+        mint(work, *leave)
+        assert git(work / ".mint", "rev-parse", "HEAD").stdout.strip() == before
+        assert json.loads(mint(work, "status", "--json").stdout)["clean"] is True
+        assert not (work / path.split("/")[0]).exists()
