@@ -393,8 +393,9 @@ def tz_text(minutes: int) -> str:
 
 
 def local_tz(ts: int) -> str:
-    """This machine's UTC offset at `ts`, as git writes it (`+0100`)."""
-    return tz_text(time.localtime(ts).tm_gmtoff // 60)
+    """This machine's UTC offset at `ts`, as git writes it (`+0100`): an offset's seconds are
+    dropped toward zero, as git's int division drops them (-3:30:30 is -0330, not -0331)."""
+    return tz_text(int(time.localtime(ts).tm_gmtoff / 60))
 
 
 # --- packed-refs -------------------------------------------------------------------
