@@ -226,9 +226,33 @@ def _login_name() -> str:
         ) from None
 
 
-_LATEST_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z, git's limit too
+_LATEST_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z: mintvcs's own limit
 # `seconds +HHMM`, a zone being at most 23:59 from UTC (`+9999` would print as nonsense).
-_RAW_DATE = re.compile(r"@?(?P<seconds>[0-9]+)(?: (?P<tz>[+-](?:[01][0-9]|2[0-3])[0-5][0-9]))?\Z")
+_RAW_DATE = re.compile(
+    r"(?P<at>@?)(?P<seconds>[0-9]+)(?: (?P<tz>(?P<sign>[+-])(?P<hh>[01][0-9]|2[0-3])(?P<mm>[0-5][0-9])))?\Z"
+)
+# A bare number is seconds only from 9 digits on (git's rule): shorter, it is more likely a
+# compact date or a year, so only the exact `@N +HHMM` form takes it.
+_SHORTEST_SECONDS = 9
+# An RFC 2822 zone: `+0100`, or `+01:00` as people write it; `-0000` is UTC.
+_RFC_ZONE = re.compile(r"(?P<sign>[+-])(?P<hh>[0-9]{2}):?(?P<mm>[0-9]{2})\Z")
+# Zone names RFC 2822 defines, in minutes east of UTC; any other name is refused rather than
+# read as local time.
+_RFC_ZONE_NAMES = {
+    "UT": 0, "UTC": 0, "GMT": 0, "Z": 0,
+    "EST": -300, "EDT": -240, "CST": -360, "CDT": -300,
+    "MST": -420, "MDT": -360, "PST": -480, "PDT": -420,
+}  # fmt: skip
+_RFC_WORDS = {
+    *("mon", "tue", "wed", "thu", "fri", "sat", "sun"),
+    *("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
+}
+_DATE_FORMS = (
+    "give '<unix seconds> <+HHMM>' or '@<unix seconds>' (9 digits or more, or any with a zone: "
+    "'@0 +0000'), ISO 8601 ('2026-11-28T12:00:00+01:00') or RFC 2822 with a time of day "
+    "('Sat, 28 Nov 2026 12:00:00 +0100', a zone such as +0100, +01:00, -0000, GMT, UT or EST, "
+    "AM/PM taken)"
+)
 
 
 def _parse_date(text: str, where: str) -> tuple[int, str | None]:
@@ -241,21 +265,24 @@ def _parse_date(text: str, where: str) -> tuple[int, str | None]:
 
 def _read_date(text: str, where: str) -> tuple[int, str | None]:
     import datetime
-    import email.utils
 
+    refused = BadIdentityError(f"{where} is '{text}': invalid date format; {_DATE_FORMS}")
     raw = _RAW_DATE.match(text.strip())
     if raw:
-        return int(raw["seconds"]), raw["tz"]
+        if len(raw["seconds"]) < _SHORTEST_SECONDS and not (raw["at"] and raw["tz"]):
+            raise refused  # `20231114` is no instant in 1970
+        if raw["tz"] is None:
+            return int(raw["seconds"]), None
+        minutes = int(raw["hh"]) * 60 + int(raw["mm"])
+        # -0000 is written +0000, as git writes it.
+        return int(raw["seconds"]), tz_text(-minutes if raw["sign"] == "-" else minutes)
     try:
         when = datetime.datetime.fromisoformat(text.strip())
     except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            raise BadIdentityError(
-                f"{where} is '{text}': give '<unix seconds> <+HHMM>', ISO 8601 "
-                "('2026-11-28T12:00:00+01:00') or RFC 2822"
-            ) from None
+        rfc = _read_rfc2822(text)
+        if rfc is None:
+            raise refused from None
+        return rfc
     try:
         seconds = int(when.timestamp())
     except (OverflowError, OSError, ValueError):
@@ -264,6 +291,58 @@ def _read_date(text: str, where: str) -> tuple[int, str | None]:
     if offset is None:
         return seconds, None  # local time, as git reads it
     return seconds, tz_text(int(offset.total_seconds() // 60))
+
+
+def _read_rfc2822(text: str) -> tuple[int, str | None] | None:
+    """(unix seconds, "+HHMM" or None for local) of an RFC 2822 date with a time of day, or None.
+
+    email.utils alone reads `-0000` and any zone it does not know (`+01:00`, `PM`) as local
+    time and takes `+0199` as +02:39, so the zone and AM/PM are taken out here first: every
+    word must then be a weekday, a month, AM/PM or a known zone, else the date is refused.
+    """
+    import calendar
+    import email.utils
+
+    body = re.sub(r"\s*\([^()]*\)\s*\Z", "", text.strip())  # a trailing `(CET)` comment
+    zone: int | None = None
+    meridiem = None
+    kept = []
+    for token in body.replace(",", " ").split():
+        named = _RFC_ZONE_NAMES.get(token.upper())
+        numeric = _RFC_ZONE.match(token)
+        if token.lower() in ("am", "pm"):
+            meridiem = token.lower()
+        elif named is not None or numeric:
+            if zone is not None:
+                return None  # two zones
+            if numeric:
+                hours, minutes = int(numeric["hh"]), int(numeric["mm"])
+                if hours > 23 or minutes > 59:
+                    return None  # `+0199` is no zone
+                zone = (hours * 60 + minutes) * (-1 if numeric["sign"] == "-" else 1)
+            else:
+                zone = named
+        elif any(c.isalpha() for c in token) and token.lower()[:3] not in _RFC_WORDS:
+            return None  # an unknown zone name or word: refused, not read as local time
+        else:
+            kept.append(token)
+    if not any(":" in token for token in kept):
+        return None  # a date alone, no time of day
+    parsed = email.utils.parsedate_tz(" ".join(kept))
+    if parsed is None:
+        return None
+    year, month, day, hour, minute, second = parsed[:6]
+    if meridiem is not None:
+        if not 1 <= hour <= 12:
+            return None
+        hour = hour % 12 + (12 if meridiem == "pm" else 0)
+    try:
+        datetime_fields = (year, month, day, hour, minute, second)
+        if zone is None:
+            return int(time.mktime((*datetime_fields, 0, 1, -1))), None
+        return calendar.timegm((*datetime_fields, 0, 1, 0)) - zone * 60, tz_text(zone)
+    except (OverflowError, ValueError):
+        return -1, None  # out of range: refused by the caller
 
 
 def _write_atomic(

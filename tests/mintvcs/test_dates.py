@@ -82,3 +82,36 @@ def test_now_in_a_zone_with_seconds_is_written_as_git_writes_it(tz: str) -> None
     theirs, ours = git_dates(tz, [""]), mint_dates(tz, [""])
     (git_seconds, git_zone), (seconds, zone) = theirs[0].split(), ours[0].split()
     assert zone == git_zone and abs(int(seconds) - int(git_seconds)) < 60, (theirs, ours)
+
+
+# RFC 2822 zones and AM/PM, and bare numbers (dates review, 1, 2 and 6), each against git.
+RFC_AND_NUMBERS = [
+    "Tue, 14 Nov 2023 22:13:20 -0000",
+    "Tue, 14 Nov 2023 22:13:20 +01:00",
+    "14 Nov 2023 10:13:20 PM +0100",
+    "14 Nov 2023 12:13:20 AM +0100",
+    "14 Nov 2023 10:13:20 PM",
+    "Tue, 14 Nov 2023 22:13:20 +0100 (CET)",
+    "Tue, 14 Nov 2023 22:13:20 GMT",
+    "Tue, 14 Nov 2023 22:13:20 CDT",
+    "Tue, 14 Nov 2023 22:13:20",
+    "20231114",
+    "@99999999",
+    "12345 +0100",
+    "0",
+    "@0 +0000",
+    "1700000000 -0000",
+    "@1700000000",
+]
+
+
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York", "Asia/Kathmandu"])
+def test_rfc2822_zones_and_bare_numbers_are_read_as_git_reads_them(tz: str) -> None:
+    assert_read_as_git(tz, RFC_AND_NUMBERS)
+
+
+def test_a_date_it_cannot_read_is_refused_naming_the_forms_it_takes() -> None:
+    # git ignores an impossible zone or an unknown word and takes local time; mintvcs refuses.
+    dates = ["Tue, 14 Nov 2023 22:13:20 +0199", "14 Nov 2023 22:13:20 XYZ"]
+    for we_wrote in mint_dates("UTC", dates):
+        assert we_wrote.startswith("refused: ") and "RFC 2822 with a time of day" in we_wrote
