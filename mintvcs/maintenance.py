@@ -52,6 +52,7 @@ from mintvcs.store import (
     CorruptObjectError,
     Repository,
     accepts_path,
+    parse_object,
     unreadable_file_errors,
 )
 from mintvcs.treenames import dotgit_reason
@@ -966,10 +967,10 @@ def _children(
     it does not parse. A commit in `shallow` (a shallow clone's boundary) has no parents, as git
     reads it: they were never fetched."""
     from dulwich.errors import ObjectFormatException
-    from dulwich.objects import Commit, ShaFile, Tag, Tree
+    from dulwich.objects import Commit, Tag, Tree
 
     try:
-        obj = ShaFile.from_raw_string(OBJECT_TYPE_NUMBERS[kind], body)
+        obj = parse_object(OBJECT_TYPE_NUMBERS[kind], body)  # a date git reads, gc walks past
         if isinstance(obj, Commit):
             return [
                 (obj.tree.decode(), f"tree of commit {oid[:12]}"),
@@ -1564,7 +1565,7 @@ def _delta_bases(
         if found is None:
             return None
         try:
-            return ShaFile.from_raw_string(OBJECT_TYPE_NUMBERS[found[0]], found[1])
+            return parse_object(OBJECT_TYPE_NUMBERS[found[0]], found[1])
         except (ObjectFormatException, *_UNPARSABLE):
             return None  # gc's walk reports what it needs; this only plans
 

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
-from functools import cached_property, wraps
+from functools import cache, cached_property, wraps
 from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar
@@ -862,7 +862,7 @@ class Repository:
     def get_object(self, oid: str, *, what: str = "object") -> ShaFile:
         """Read one git object, naming `what` if it is missing or unreadable."""
         from dulwich.errors import ChecksumMismatch, ObjectFormatException
-        from dulwich.objects import ObjectID, ShaFile
+        from dulwich.objects import ObjectID
 
         named = "" if what == "object" else f"{what}: "
         problem: str | None = None
@@ -881,9 +881,7 @@ class Repository:
             digest.update(body)
             if digest.hexdigest() == oid:
                 try:
-                    return ShaFile.from_raw_string(
-                        type_num, bytes(body), sha=ObjectID(oid.encode())
-                    )
+                    return parse_object(type_num, bytes(body), oid)
                 except (
                     ObjectFormatException,
                     ValueError,
@@ -908,6 +906,9 @@ class Repository:
         except KeyError:
             problem = None
         except damaged as err:
+            commit = self._packed_commit(oid) if isinstance(err, ObjectFormatException) else None
+            if commit is not None:
+                return commit
             problem = f"is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
         except PermissionError as err:  # the file is there, for another user
             raise UnreadableObjectError(
@@ -939,6 +940,26 @@ class Repository:
             lines = (line.strip() for line in text.splitlines())
             self._shallow = (key, frozenset(line for line in lines if is_object_id(line)))
         return self._shallow[1]
+
+    def _packed_commit(self, oid: str) -> ShaFile | None:
+        """A stored commit that dulwich refuses for its author or committer date, read as git
+        reads it (parse_object); None if it is no such commit or does not hash to `oid`."""
+        from dulwich.errors import ObjectFormatException
+        from dulwich.objects import Commit, ObjectID
+
+        try:
+            with self._dulwich_lock:
+                type_num, raw = self.objects.get_raw(ObjectID(oid.encode()))
+        except (KeyError, ObjectFormatException, ValueError, zlib.error, OSError):
+            return None
+        digest = hashlib.sha1(b"commit %d\0" % len(raw))
+        digest.update(raw)
+        if type_num != Commit.type_num or digest.hexdigest() != oid:
+            return None
+        try:
+            return parse_object(type_num, raw, oid)
+        except (ObjectFormatException, ValueError, KeyError, IndexError, AssertionError):
+            return None
 
     def missing_objects_hint(self) -> str:
         """Why this store may lack objects by design, for an error naming a missing one: it is a
@@ -2642,6 +2663,63 @@ def _check_metadata_size(what: str, size: int) -> None:
             f"this adapter's {what} would be {size:,} bytes, over the {MAX_METADATA_BYTES:,} a "
             "revision's metadata may hold (tensor names and metadata too long, or too many)"
         )
+
+
+def parse_object(type_num: int, body: bytes, oid: str | None = None) -> ShaFile:
+    """A git object from its type number and content, as dulwich parses it (`oid`, if given,
+    trusted as its id). A commit whose author or committer date dulwich refuses (no zone, text
+    after it, `+1a00`) is read as git log reads it, the date it shows (the epoch where it finds
+    none) in place of the line's, its bytes and id its own: git log, show and checkout read
+    such commits, which old or buggy tools wrote, and only fsck flags them."""
+    from dulwich.errors import ObjectFormatException
+    from dulwich.objects import Commit, ObjectID, ShaFile
+
+    sha = None if oid is None else ObjectID(oid.encode())
+    try:
+        return ShaFile.from_raw_string(type_num, body, sha=sha)
+    except ObjectFormatException:
+        if type_num != Commit.type_num:
+            raise
+        commit = _commit_read_as_git()()
+        try:
+            commit.set_raw_chunks([body], sha)
+        except ObjectFormatException:
+            pass  # not (only) its dates: the first error says what
+        else:
+            return commit
+        raise
+
+
+@cache
+def _commit_read_as_git() -> type[Commit]:
+    """dulwich's Commit, its author and committer dates parsed as git log reads them."""
+    from dulwich.objects import Commit
+
+    class CommitReadAsGit(Commit):
+        __slots__ = ()
+
+        def _deserialize(self, chunks: list[bytes]) -> None:
+            # The chunks are kept as they are (set_raw_chunks stored them): only what dulwich
+            # parses has each date line rewritten to the date and zone git reads there.
+            super()._deserialize([_dates_as_git_reads_them(b"".join(chunks))])
+
+    return CommitReadAsGit
+
+
+def _dates_as_git_reads_them(body: bytes) -> bytes:
+    """A commit's text with each author and committer line's date and zone rewritten to what
+    git log reads there (`1700000000` alone: `0 +0000`; `1700000000 +0000 extra`: its first two)."""
+    from mintvcs.dates import ident_date, zone_text
+
+    head, sep, message = body.partition(b"\n\n")
+    lines = head.split(b"\n")
+    for n, line in enumerate(lines):
+        key = line.partition(b" ")[0]
+        if key in (b"author", b"committer") and b">" in line:
+            seconds, zone = ident_date(line[len(key) + 1 :])
+            end = line.rfind(b">") + 1
+            lines[n] = b"%s %d %s" % (line[:end], seconds, zone_text(zone).encode())
+    return b"\n".join(lines) + sep + message
 
 
 def _commit_info(commit: Commit) -> CommitInfo:

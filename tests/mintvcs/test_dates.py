@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.mintvcs.storekit import ENV
+from mintvcs.dates import zone_seconds
+from tests.mintvcs.storekit import ENV, git, loose_path, mint
 
 # mintvcs's reading of each GIT_AUTHOR_DATE on stdin (a JSON list), in one process: the
 # timestamp and zone the author line would get, or the error line.
@@ -115,3 +117,72 @@ def test_a_date_it_cannot_read_is_refused_naming_the_forms_it_takes() -> None:
     dates = ["Tue, 14 Nov 2023 22:13:20 +0199", "14 Nov 2023 22:13:20 XYZ"]
     for we_wrote in mint_dates("UTC", dates):
         assert we_wrote.startswith("refused: ") and "RFC 2822 with a time of day" in we_wrote
+
+
+def literal_commit(git_dir: Path, parent: str, author: str, committer: str, message: str) -> str:
+    """A commit written byte for byte as given (git hash-object --literally: git's own checks
+    would refuse a malformed date line)."""
+    tree = git(git_dir, "rev-parse", f"{parent}^{{tree}}").stdout.strip()
+    body = (
+        f"tree {tree}\nparent {parent}\nauthor A U <a@x> {author}\n"
+        f"committer C U <c@x> {committer}\n\n{message}\n"
+    )
+    return git(
+        git_dir, "hash-object", "-t", "commit", "-w", "--literally", "--stdin", input_text=body
+    ).stdout.strip()
+
+
+def test_a_malformed_date_line_is_read_as_git_reads_it(work: Path) -> None:
+    # Old or buggy tools wrote such lines: git log, show and checkout read the commits (a date
+    # they cannot read is the epoch), only fsck flags them. mintvcs took each for a corrupt
+    # object, and every command reading a history through one failed.
+    git_dir = work / ".mint"
+    tip = git(git_dir, "rev-parse", "main").stdout.strip()
+    for n, (author, committer) in enumerate(
+        [
+            ("1700000000", "1700000000 +0000"),  # no zone: the epoch
+            ("1700000000 +0000 extra", "1700000000 +0000"),  # what follows is ignored
+            ("1700000000 +1a00", "1700000000 +0000"),  # the zone's digits, as far as they go
+            ("1700000000 +0000", "garbage"),
+            ("1700000000", "1700000100"),
+        ]
+    ):
+        tip = literal_commit(git_dir, tip, author, committer, f"odd {n}")
+    tip = literal_commit(git_dir, tip, "1700000200 +0100", "1700000200 +0100", "good")
+    git(git_dir, "update-ref", "refs/heads/odd", tip)
+    odd_one = git(git_dir, "rev-parse", "odd~1").stdout.strip()
+
+    def dates_git_shows() -> list[tuple[int, int, int]]:
+        # %ad is empty where git finds no date (its Date: line then shows the epoch).
+        rows = git(git_dir, "log", "--format=%ad|%cd", "--date=raw", "odd").stdout.splitlines()
+        found = []
+        for row in rows:
+            (author, zone), (committer, _zone) = (
+                (part or "0 +0000").split() for part in row.split("|")
+            )
+            found.append((int(author), zone_seconds(int(zone)), int(committer)))
+        return found
+
+    def dates_mint_shows() -> list[tuple[int, int, int]]:
+        listed = json.loads(mint(work, "log", "--json", "odd").stdout)
+        return [(c["author_time"], c["author_timezone"], c["time"]) for c in listed]
+
+    assert dates_mint_shows() == dates_git_shows()
+    assert dates_git_shows()[1] == (0, 0, 0)  # neither line has a zone
+    date_lines = [line for line in mint(work, "log", "odd").stdout.splitlines() if "Date:" in line]
+    assert date_lines == [
+        line for line in git(git_dir, "log", "odd").stdout.splitlines() if "Date:" in line
+    ]
+    assert "Date:   Thu Jan 1 00:00:00 1970 +0000" in mint(work, "show", "odd~1").stdout
+    mint(work, "diff", "main", "odd")
+    mint(work, "checkout", "odd")
+    mint(work, "checkout", "main")
+    # gc keeps the history, packed: read from the pack, the commits read the same.
+    mint(work, "gc")
+    assert not loose_path(work, tip).exists() and not loose_path(work, odd_one).exists()
+    assert dates_mint_shows() == dates_git_shows()
+    # fsck still flags each, as git fsck does.
+    assert git(git_dir, "fsck", ok=False).returncode != 0
+    fsck = mint(work, "fsck", ok=False)
+    assert fsck.returncode != 0
+    assert fsck.stderr.count("malformed commit") == 5, fsck.stderr

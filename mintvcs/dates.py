@@ -1,0 +1,41 @@
+"""Dates as they stand in git objects: reading an author, committer or tagger line the way git's
+readers do (lenient for log and ordering, strict for fsck)."""
+
+from __future__ import annotations
+
+import re
+
+_INT_MAX = 2**31 - 1
+_UINTMAX = 2**64 - 1
+# What follows the last `>` of an identity, as git log reads it: blanks (never \v or \f),
+# digits, blanks, a sign and the zone's digits as far as they go; anything after is ignored.
+_SHOWN_DATE = re.compile(rb"[ \t\n\r]*(?P<seconds>[0-9]+)[ \t\n\r]*(?P<sign>[+-])(?P<zone>[0-9]+)")
+
+
+def ident_date(value: bytes) -> tuple[int, int]:
+    """(seconds, zone) that git log shows for an identity line's value (what follows `author `).
+
+    The zone is git's decimal number (`+0100` is 100, `+0060` is 60, `+1a00` is 1). A line with
+    no `<...>`, no date or no zone reads as (0, 0), the epoch: git lists such a commit all the
+    same. Seconds past 2^63 - 1 are kept (mintvcs shows them as @N: docs/cli.md).
+    """
+    if not re.search(rb"<[^>]*>", value):
+        return 0, 0
+    found = _SHOWN_DATE.match(value, value.rfind(b">") + 1)
+    if found is None:
+        return 0, 0
+    zone = int(found["zone"]) * (-1 if found["sign"] == b"-" else 1)
+    if not -_INT_MAX - 1 < zone < _INT_MAX:
+        zone = 0  # git keeps the zone in an int; a wider one reads as +0000
+    return min(int(found["seconds"]), _UINTMAX), zone
+
+
+def zone_seconds(zone: int) -> int:
+    """Seconds east of UTC of git's decimal zone (`+0130`, 130: 5400), minutes past 59 carried."""
+    hours, minutes = divmod(abs(zone), 100)
+    return (hours * 3600 + minutes * 60) * (-1 if zone < 0 else 1)
+
+
+def zone_text(zone: int) -> str:
+    """git's decimal zone as git log prints it: `+0060` and `+9999` as they are."""
+    return f"{zone:+05d}"
