@@ -47,16 +47,16 @@ def _subject(message: str) -> str:
     return subject(message)
 
 
-def _format_date(seconds: int, offset: int) -> str:
-    from mintvcs.refs import tz_text
-
+def _format_date(seconds: int, offset: int, zone: str) -> str:
+    """git log's default date: the wall clock `offset` seconds east of UTC, then `zone`, the
+    zone's text as the commit holds it (git prints `+0060`, not `+0100`)."""
     try:
         when = time.gmtime(seconds + offset)
         # git's default date format does not pad the day of the month (`Thu Jan 1 ...`).
         stamp = time.strftime(f"%a %b {when.tm_mday} %H:%M:%S %Y", when)
     except (OverflowError, OSError, ValueError):  # a commit may claim any time (git prints it raw)
         stamp = f"@{seconds}"
-    return f"{stamp} {tz_text(int(offset / 60))}"
+    return f"{stamp} {zone}"
 
 
 def _parse_meta(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -442,7 +442,8 @@ def _echo_commit_text(info: Any) -> None:
     click.echo(f"Author: {_printable(info.author)}")
     # git's Date is the author's: it differs from the committer's after a rebase or with
     # GIT_AUTHOR_DATE.
-    click.echo(f"Date:   {_format_date(info.author_time, info.author_timezone)}")
+    date = _format_date(info.author_time, info.author_timezone, info.author_zone)
+    click.echo(f"Date:   {date}")
     from mintvcs.messages import body_lines
 
     lines = body_lines(info.message)

@@ -187,6 +187,7 @@ class CommitInfo:
     message: str
     author_time: int  # what `git log` prints as Date
     author_timezone: int
+    author_zone: str  # the author's zone as git log prints it (`+0060` as the commit holds it)
 
 
 class Revision:
@@ -2725,23 +2726,40 @@ def _dates_as_git_reads_them(body: bytes) -> bytes:
 def _commit_info(commit: Commit) -> CommitInfo:
     """Decode a dulwich commit: its text in the character set its `encoding` header names, as
     git log re-encodes the whole commit (identities too)."""
+    from mintvcs.dates import zone_seconds, zone_text
     from mintvcs.messages import decode_commit_texts
 
     author, committer, message = decode_commit_texts(
         [commit.author, commit.committer, commit.message], commit.encoding
     )
+    (author_time, author_zone), (commit_time, zone) = _ident_dates(commit.as_raw_string())
     return CommitInfo(
         id=commit.id.decode(),
         tree=commit.tree.decode(),
         parents=tuple(p.decode() for p in commit.parents),
         author=author,
         committer=committer,
-        time=commit.commit_time,
-        timezone=commit.commit_timezone,
+        time=commit_time,
+        timezone=zone_seconds(zone),
         message=message,
-        author_time=commit.author_time,
-        author_timezone=commit.author_timezone,
+        author_time=author_time,
+        author_timezone=zone_seconds(author_zone),
+        author_zone=zone_text(author_zone),
     )
+
+
+def _ident_dates(body: bytes) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The first author and committer lines' dates, as git log reads them from their own text
+    (dates.ident_date: `+0060` stays 60, `-1` or `1_700` is no date), not as dulwich parsed
+    them; the epoch for a line that is not there."""
+    from mintvcs.dates import ident_date
+
+    found: dict[bytes, tuple[int, int]] = {}
+    for line in body.partition(b"\n\n")[0].split(b"\n"):
+        key, _, value = line.partition(b" ")
+        if key in (b"author", b"committer") and key not in found:
+            found[key] = ident_date(value)
+    return found.get(b"author", (0, 0)), found.get(b"committer", (0, 0))
 
 
 # ------------------------------------------------------------------ helpers

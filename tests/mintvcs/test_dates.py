@@ -186,3 +186,40 @@ def test_a_malformed_date_line_is_read_as_git_reads_it(work: Path) -> None:
     fsck = mint(work, "fsck", ok=False)
     assert fsck.returncode != 0
     assert fsck.stderr.count("malformed commit") == 5, fsck.stderr
+
+
+def test_dates_are_shown_as_git_shows_them(work: Path) -> None:
+    # Zones git itself writes from `@N +0060` or that other tools wrote: git log prints their
+    # digits as they are, at the wall clock they give; a date git does not read as digits
+    # (a sign, an underscore) is the epoch, where Python's int() read it.
+    git_dir = work / ".mint"
+    tip = git(git_dir, "rev-parse", "main").stdout.strip()
+    for n, author in enumerate(
+        [
+            "1700000000 +0060",
+            "1700000000 +9999",
+            "1700000000 -2400",
+            "1700000000 -0000",
+            "1700000000 -0130",
+            "-1 +0000",
+            "1_700_000_000 +0000",
+            "01700000000 +0100",
+            "1700000000  +0100",
+        ]
+    ):
+        tip = literal_commit(git_dir, tip, author, "1700000000 +0000", f"zone {n}")
+    git(git_dir, "update-ref", "refs/heads/zones", tip)
+    ours = [line for line in mint(work, "log", "zones").stdout.splitlines() if "Date:" in line]
+    theirs = [line for line in git(git_dir, "log", "zones").stdout.splitlines() if "Date:" in line]
+    assert ours == theirs
+    assert ours[6:9] == [  # newest first
+        "Date:   Mon Nov 13 22:13:20 2023 -2400",
+        "Date:   Sun Nov 19 02:52:20 2023 +9999",
+        "Date:   Tue Nov 14 23:13:20 2023 +0060",
+    ]
+    raw = git(git_dir, "log", "--format=%ad", "--date=raw", "zones").stdout.splitlines()
+    listed = json.loads(mint(work, "log", "--json", "zones").stdout)
+    assert [(c["author_time"], c["author_timezone"]) for c in listed] == [
+        (int(seconds), zone_seconds(int(zone)))
+        for seconds, zone in ((row or "0 +0000").split() for row in raw)
+    ]
