@@ -39,3 +39,38 @@ def zone_seconds(zone: int) -> int:
 def zone_text(zone: int) -> str:
     """git's decimal zone as git log prints it: `+0060` and `+9999` as they are."""
     return f"{zone:+05d}"
+
+
+# The header git reads a commit's ordering date from: the tree line, any parent lines, an
+# author line, then a committer line, whose date is read from its first `>` on; a line must
+# follow it (the message's blank line at least).
+_ORDERING_HEADER = re.compile(
+    rb"tree [^\n]{40}\n(?:parent [^\n]{40}\n)*author[^\n]*\ncommitter[^>\n]*>(?=[^\n]*\n.)",
+    re.DOTALL,
+)
+# A number as C's strtoumax reads it: C's blanks (newlines too), a sign, digits.
+_LEADING_NUMBER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]*)")
+
+
+def commit_date(body: bytes) -> int:
+    """The committer date git orders commits by, from a commit's raw text: the committer line
+    read as an unsigned number after its `>`, so `-1` is 2^64 - 1 (the newest) and `1_700` is
+    1; 0 where the header is not tree, parents, author, committer."""
+    header = _ORDERING_HEADER.match(body)
+    if header is None:
+        return 0
+    return _unsigned_number(body, header.end())[0]
+
+
+def _unsigned_number(body: bytes, i: int) -> tuple[int, int]:
+    """(value, end) of the number at `i` read as strtoumax reads it: blanks and a sign taken, a
+    negative number wrapped modulo 2^64, an overflow saturated; no digit: (0, i)."""
+    number = _LEADING_NUMBER.match(body, i)
+    assert number is not None  # every part of the pattern may be empty
+    sign, digits = number.groups()
+    if not digits:
+        return 0, i
+    value = int(digits)
+    if value > _UINTMAX:
+        return _UINTMAX, number.end()
+    return (-value % 2**64 if sign == b"-" else value), number.end()

@@ -2255,14 +2255,14 @@ def _reaches(repo: Repository, start: str, target: str) -> bool:
     commit first, giving up _SLOP commits after the walk is older than `target` (as git's
     date-bounded walks; a clock skewed further hides it). False only says it was not found so."""
     try:
-        floor = repo.commit_info(target).time
+        floor = repo.commit_info(target).date
         parents: dict[str, tuple[str, ...]] = {}
         queue: list[tuple[int, str]] = []
 
         def push(oid: str) -> None:
             info = repo.commit_info(oid)
             parents[oid] = info.parents
-            heapq.heappush(queue, (-info.time, oid))
+            heapq.heappush(queue, (-info.date, oid))
 
         push(start)
         slop = _SLOP
@@ -2327,7 +2327,7 @@ def _left_behind(repo: Repository, old: str, new: str) -> list[str]:
         parents[oid] = info.parents
         live += not from_ref
         queued.add(oid)
-        heapq.heappush(queue, (-info.time, not from_ref, len(reached), oid))
+        heapq.heappush(queue, (-info.date, not from_ref, len(reached), oid))
 
     push(old, False)
     # Each distinct commit once: 10^6 per-user branches made from main name a handful.

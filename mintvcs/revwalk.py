@@ -153,7 +153,7 @@ def _paint_down_to_common(
     queue: list[tuple[int, int, str]] = []  # (-commit time, order queued, id)
     order = itertools.count()
     for oid in (one, *twos):
-        heapq.heappush(queue, (-revisions.commit(oid).time, next(order), oid))
+        heapq.heappush(queue, (-revisions.commit(oid).date, next(order), oid))
     found: list[str] = []
     while any(not flags[oid] & _STALE for *_key, oid in queue):
         *_key, oid = heapq.heappop(queue)
@@ -167,9 +167,9 @@ def _paint_down_to_common(
             if flags.get(parent, 0) & mark != mark:
                 flags[parent] = flags.get(parent, 0) | mark
                 info = revisions.commit(parent)
-                heapq.heappush(queue, (-info.time, next(order), parent))  # again, as git's
+                heapq.heappush(queue, (-info.date, next(order), parent))  # again, as git's
     # git inserts each found commit by date, after those of its time.
-    found.sort(key=lambda oid: -revisions.read[oid].time)
+    found.sort(key=lambda oid: -revisions.read[oid].date)
     return found, flags
 
 
@@ -218,7 +218,7 @@ class _Walk:
         """Queue a commit read before, once for the whole walk."""
         self.seen.add(oid)
         self.queued.add(oid)
-        heapq.heappush(self.queue, (-self.infos[oid].time, next(self.order), oid))
+        heapq.heappush(self.queue, (-self.infos[oid].date, next(self.order), oid))
 
     def pop(self) -> str:
         """The newest queued commit (of one time, the first queued)."""
@@ -261,7 +261,7 @@ class _Walk:
             oid = self.pop()
             self.process_parents(oid)
             if oid not in self.excluded:
-                last = self.infos[oid].time
+                last = self.infos[oid].date
                 listed.append(oid)
             elif (slop := self.still_interesting(last, slop)) == 0:
                 break

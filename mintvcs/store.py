@@ -188,6 +188,8 @@ class CommitInfo:
     author_time: int  # what `git log` prints as Date
     author_timezone: int
     author_zone: str  # the author's zone as git log prints it (`+0060` as the commit holds it)
+    # The committer date git orders commits by (`-1` is 2^64 - 1, the newest): log's walks.
+    date: int
 
 
 class Revision:
@@ -2726,13 +2728,14 @@ def _dates_as_git_reads_them(body: bytes) -> bytes:
 def _commit_info(commit: Commit) -> CommitInfo:
     """Decode a dulwich commit: its text in the character set its `encoding` header names, as
     git log re-encodes the whole commit (identities too)."""
-    from mintvcs.dates import zone_seconds, zone_text
+    from mintvcs.dates import commit_date, zone_seconds, zone_text
     from mintvcs.messages import decode_commit_texts
 
     author, committer, message = decode_commit_texts(
         [commit.author, commit.committer, commit.message], commit.encoding
     )
-    (author_time, author_zone), (commit_time, zone) = _ident_dates(commit.as_raw_string())
+    body = commit.as_raw_string()
+    (author_time, author_zone), (commit_time, zone) = _ident_dates(body)
     return CommitInfo(
         id=commit.id.decode(),
         tree=commit.tree.decode(),
@@ -2745,6 +2748,7 @@ def _commit_info(commit: Commit) -> CommitInfo:
         author_time=author_time,
         author_timezone=zone_seconds(author_zone),
         author_zone=zone_text(author_zone),
+        date=commit_date(body),
     )
 
 

@@ -223,3 +223,24 @@ def test_dates_are_shown_as_git_shows_them(work: Path) -> None:
         (int(seconds), zone_seconds(int(zone)))
         for seconds, zone in ((row or "0 +0000").split() for row in raw)
     ]
+
+
+@pytest.mark.parametrize(
+    "odd",
+    ["-1 +0000", "1_900 +0000", "1900", " +5 +0000", "99999999999999999999999 +0000", "x"],
+)
+def test_log_orders_commits_by_the_date_git_reads(work: Path, odd: str) -> None:
+    # git orders by strtoumax of the committer line after its '>': -1 is 2^64 - 1, the newest
+    # (mintvcs sorted it as the oldest), 1_900 is 1, a date without a zone counts, a sign and
+    # blanks are taken, an overflow is 2^64 - 1, no digits is 0.
+    git_dir = work / ".mint"
+    root = git(git_dir, "rev-parse", "main").stdout.strip()
+    first = literal_commit(git_dir, root, "1000 +0000", "1000 +0000", "A")
+    odd_one = literal_commit(git_dir, first, "1000 +0000", odd, "B")
+    later = literal_commit(git_dir, odd_one, "2000 +0000", "2000 +0000", "C")
+    side = literal_commit(git_dir, first, "1500 +0000", "1500 +0000", "D")
+    git(git_dir, "update-ref", "refs/heads/later", later)
+    git(git_dir, "update-ref", "refs/heads/side", side)
+    for spec in (["later", "side"], ["side..later"], ["later...side"], ["later", "^main"]):
+        listed = [c["commit"] for c in json.loads(mint(work, "log", "--json", *spec).stdout)]
+        assert listed == git(git_dir, "log", "--format=%H", *spec).stdout.split(), spec
