@@ -74,3 +74,45 @@ def _unsigned_number(body: bytes, i: int) -> tuple[int, int]:
     if value > _UINTMAX:
         return _UINTMAX, number.end()
     return (-value % 2**64 if sign == b"-" else value), number.end()
+
+
+_LONG_MAX = 2**63 - 1
+# An identity line split at its first `<` or `>` and at the next one after it: the name, that
+# bracket, the email, the next bracket, the rest of the line and its newline.
+_IDENT_LINE = re.compile(
+    rb"(?P<name>[^<>\n]*)(?P<open>[<>]?)(?P<email>[^<>\n]*)(?P<close>[<>]?)"
+    rb"(?P<rest>[^\n]*\n?)"
+)
+# What git fsck takes after the email: one space, digits, one space, a sign and four digits.
+_FSCK_ZONE = re.compile(rb"[+-][0-9]{4}\n")
+
+
+def ident_problem(body: bytes, start: int) -> str | None:
+    """What git fsck says of the identity at `start` (just past `author `, `committer ` or
+    `tagger `), as `msgId: message`, or None for a well-formed `name <email> seconds +HHMM`."""
+    line = _IDENT_LINE.match(body, start)
+    assert line is not None  # every part of the pattern may be empty
+    what = "invalid author/committer line - "
+    if line["open"] == b"<" and not line["name"]:
+        return f"missingNameBeforeEmail: {what}missing space before email"
+    if line["open"] == b">":
+        return f"badName: {what}bad name"
+    if line["open"] != b"<":
+        return f"missingEmail: {what}missing email"
+    if not line["name"].endswith(b" "):
+        return f"missingSpaceBeforeEmail: {what}missing space before email"
+    if line["close"] != b">":
+        return f"badEmail: {what}bad email"
+    date = line.start("rest") + 1  # past the space that must follow the email
+    if body[date - 1 : date] != b" ":
+        return f"missingSpaceBeforeDate: {what}missing space before date"
+    if body[date : date + 1] == b"0" and body[date + 1 : date + 2] != b" ":
+        return f"zeroPaddedDate: {what}zero-padded date"
+    seconds, end = _unsigned_number(body, date)
+    if seconds > _LONG_MAX:  # no signed 64-bit time holds it
+        return f"badDateOverflow: {what}date causes integer overflow"
+    if end == date or body[end : end + 1] != b" ":
+        return f"badDate: {what}bad date"
+    if not _FSCK_ZONE.fullmatch(body, end + 1, end + 7):
+        return f"badTimezone: {what}bad time zone"
+    return None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mintvcs import codec, gitdelta
+from mintvcs.dates import ident_problem
 from mintvcs.errors import MintError
 from mintvcs.filemodes import adjust_fd, not_writable, write_failed, write_file
 from mintvcs.ids import is_object_id
@@ -157,6 +158,10 @@ def _format_problem(oid: str, kind: bytes, body: bytes) -> str | None:
     from dulwich.errors import ObjectFormatException
     from dulwich.objects import ShaFile, Tree
 
+    for start in _identities(kind, body):
+        problem = ident_problem(body, start)
+        if problem is not None:  # what git fsck says: dulwich checks a date only fits 64 bits
+            return f"malformed {kind.decode()} {oid}: {problem}"
     try:
         obj = ShaFile.from_raw_string(OBJECT_TYPE_NUMBERS[kind], body)
         obj.check()
@@ -170,6 +175,30 @@ def _format_problem(oid: str, kind: bytes, body: bytes) -> str | None:
             if reason is not None:
                 return f"malformed tree {oid}: entry {reason}"
     return None
+
+
+def _identities(kind: bytes, body: bytes) -> list[int]:
+    """Where the identities git fsck checks start, each just past its keyword: a commit's
+    author lines after its tree and parent lines, then its committer line; a tag's tagger line
+    after its object, type and tag lines."""
+    skipped: tuple[bytes, ...]
+    checked: tuple[bytes, ...]
+    if kind == b"commit":
+        skipped, checked = (b"tree ", b"parent "), (b"author ", b"committer ")
+    elif kind == b"tag":
+        skipped, checked = (b"object ", b"type ", b"tag "), (b"tagger ",)
+    else:
+        return []
+    starts = []
+    i = 0
+    while any(body.startswith(key, i) for key in skipped):
+        i = body.find(b"\n", i) + 1 or len(body)
+    while body.startswith(checked[0], i):
+        starts.append(i + len(checked[0]))
+        i = body.find(b"\n", i) + 1 or len(body)
+    if len(checked) > 1 and body.startswith(checked[1], i):
+        starts.append(i + len(checked[1]))
+    return starts
 
 
 def _loose_files(repo: Repository) -> Iterator[tuple[str, Path]]:

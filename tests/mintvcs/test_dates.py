@@ -244,3 +244,64 @@ def test_log_orders_commits_by_the_date_git_reads(work: Path, odd: str) -> None:
     for spec in (["later", "side"], ["side..later"], ["later...side"], ["later", "^main"]):
         listed = [c["commit"] for c in json.loads(mint(work, "log", "--json", *spec).stdout)]
         assert listed == git(git_dir, "log", "--format=%H", *spec).stdout.split(), spec
+
+
+def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
+    # dulwich only checks that a date fits 64 bits: mintvcs fsck passed what git fsck rejects,
+    # which a server with receive.fsckObjects would refuse. Each line below, as an author's,
+    # a committer's or a tagger's, gets git fsck's message id, or passes as in git.
+    git_dir = work / ".mint"
+    main = git(git_dir, "rev-parse", "main").stdout.strip()
+    dates = [
+        "01700000000 +0000",  # zeroPaddedDate
+        "1_700_000_000 +0000",  # badDate
+        "-1 +0000",  # badDateOverflow
+        "9223372036854775808 +0000",
+        "1700000000 +01",  # badTimezone
+        "1700000000 +000000",
+        "1700000000 +0000 extra",
+        "1700000000",
+        "1700000000  +0000",
+        " 1700000000 +0000",
+        "0 +0000",  # all right
+        "9223372036854775807 +0000",
+        "1700000000 -9999",
+    ]
+    made = {}
+    for n, date in enumerate(dates):
+        made[literal_commit(git_dir, main, date, "1700000000 +0000", f"a{n}")] = date
+        made[literal_commit(git_dir, main, "1700000000 +0000", date, f"c{n}")] = date
+        tag = f"object {main}\ntype commit\ntag t{n}\ntagger T <t@x> {date}\n\nm\n"
+        made[
+            git(
+                git_dir, "hash-object", "-t", "tag", "-w", "--literally", "--stdin",
+                input_text=tag,
+            ).stdout.strip()
+        ] = date  # fmt: skip
+
+    def flagged(output: str, prefix: str) -> dict[str, str]:
+        found = {}
+        for line in output.splitlines():
+            if line.startswith(prefix):
+                oid, _, rest = line.removeprefix(prefix).partition(": ")
+                found[oid.split()[-1]] = rest.partition(":")[0]
+        return {oid: found.get(oid, "ok") for oid in made}
+
+    theirs = flagged(git(git_dir, "fsck", "--no-dangling", ok=False).stderr, "error in ")
+    ours = flagged(mint(work, "fsck", ok=False).stderr, "error: malformed ")
+    assert ours == theirs
+    assert {made[oid]: why for oid, why in theirs.items()} == {
+        "01700000000 +0000": "zeroPaddedDate",
+        "1_700_000_000 +0000": "badDate",
+        "-1 +0000": "badDateOverflow",
+        "9223372036854775808 +0000": "badDateOverflow",
+        "1700000000 +01": "badTimezone",
+        "1700000000 +000000": "badTimezone",
+        "1700000000 +0000 extra": "badTimezone",
+        "1700000000": "badDate",
+        "1700000000  +0000": "badTimezone",
+        " 1700000000 +0000": "ok",
+        "0 +0000": "ok",
+        "9223372036854775807 +0000": "ok",
+        "1700000000 -9999": "ok",
+    }
