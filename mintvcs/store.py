@@ -909,9 +909,9 @@ class Repository:
         except KeyError:
             problem = None
         except damaged as err:
-            commit = self._packed_commit(oid) if isinstance(err, ObjectFormatException) else None
-            if commit is not None:
-                return commit
+            read = self._packed_read_as_git(oid) if isinstance(err, ObjectFormatException) else None
+            if read is not None:
+                return read
             problem = f"is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
         except PermissionError as err:  # the file is there, for another user
             raise UnreadableObjectError(
@@ -944,20 +944,23 @@ class Repository:
             self._shallow = (key, frozenset(line for line in lines if is_object_id(line)))
         return self._shallow[1]
 
-    def _packed_commit(self, oid: str) -> ShaFile | None:
-        """A stored commit that dulwich refuses for its author or committer date, read as git
-        reads it (parse_object); None if it is no such commit or does not hash to `oid`."""
+    def _packed_read_as_git(self, oid: str) -> ShaFile | None:
+        """A stored commit or tag that dulwich refuses for an identity's date, read as git
+        reads it (parse_object); None if it is no such object or does not hash to `oid`."""
         from dulwich.errors import ObjectFormatException
-        from dulwich.objects import Commit, ObjectID
+        from dulwich.objects import ObjectID
 
         try:
             with self._dulwich_lock:
                 type_num, raw = self.objects.get_raw(ObjectID(oid.encode()))
         except (KeyError, ObjectFormatException, ValueError, zlib.error, OSError):
             return None
-        digest = hashlib.sha1(b"commit %d\0" % len(raw))
+        lenient = _read_as_git().get(type_num)
+        if lenient is None:
+            return None
+        digest = hashlib.sha1(b"%s %d\0" % (lenient.type_name, len(raw)))
         digest.update(raw)
-        if type_num != Commit.type_num or digest.hexdigest() != oid:
+        if digest.hexdigest() != oid:
             return None
         try:
             return parse_object(type_num, raw, oid)
@@ -2670,55 +2673,63 @@ def _check_metadata_size(what: str, size: int) -> None:
 
 def parse_object(type_num: int, body: bytes, oid: str | None = None) -> ShaFile:
     """A git object from its type number and content, as dulwich parses it (`oid`, if given,
-    trusted as its id). A commit whose author or committer date dulwich refuses (no zone, text
-    after it, `+1a00`) is read as git log reads it, the date it shows (the epoch where it finds
-    none) in place of the line's, its bytes and id its own: git log, show and checkout read
-    such commits, which old or buggy tools wrote, and only fsck flags them."""
+    trusted as its id). A commit or tag whose author, committer or tagger date dulwich refuses
+    (no zone, text after it, `+1a00`) is read as git log reads it, the date it shows (the epoch
+    where it finds none) in place of the line's, its bytes and id its own: git log, show and
+    checkout read such objects, which old or buggy tools wrote, and only fsck flags them."""
     from dulwich.errors import ObjectFormatException
-    from dulwich.objects import Commit, ObjectID, ShaFile
+    from dulwich.objects import ObjectID, ShaFile
 
     sha = None if oid is None else ObjectID(oid.encode())
     try:
         return ShaFile.from_raw_string(type_num, body, sha=sha)
     except ObjectFormatException:
-        if type_num != Commit.type_num:
+        lenient = _read_as_git().get(type_num)
+        if lenient is None:
             raise
-        commit = _commit_read_as_git()()
+        obj = lenient()
         try:
-            commit.set_raw_chunks([body], sha)
+            obj.set_raw_chunks([body], sha)
         except ObjectFormatException:
             pass  # not (only) its dates: the first error says what
         else:
-            return commit
+            return obj
         raise
 
 
 @cache
-def _commit_read_as_git() -> type[Commit]:
-    """dulwich's Commit, its author and committer dates parsed as git log reads them."""
-    from dulwich.objects import Commit
+def _read_as_git() -> dict[int, type[ShaFile]]:
+    """dulwich's Commit and Tag by type number, their identity dates parsed as git reads them."""
+    from dulwich.objects import Commit, Tag
 
+    # The chunks are kept as they are (set_raw_chunks stored them): only what dulwich parses
+    # has each date line rewritten to the date and zone git reads there.
     class CommitReadAsGit(Commit):
         __slots__ = ()
 
         def _deserialize(self, chunks: list[bytes]) -> None:
-            # The chunks are kept as they are (set_raw_chunks stored them): only what dulwich
-            # parses has each date line rewritten to the date and zone git reads there.
             super()._deserialize([_dates_as_git_reads_them(b"".join(chunks))])
 
-    return CommitReadAsGit
+    class TagReadAsGit(Tag):
+        __slots__ = ()
+
+        def _deserialize(self, chunks: list[bytes]) -> None:
+            super()._deserialize([_dates_as_git_reads_them(b"".join(chunks))])
+
+    return {Commit.type_num: CommitReadAsGit, Tag.type_num: TagReadAsGit}
 
 
 def _dates_as_git_reads_them(body: bytes) -> bytes:
-    """A commit's text with each author and committer line's date and zone rewritten to what
-    git log reads there (`1700000000` alone: `0 +0000`; `1700000000 +0000 extra`: its first two)."""
+    """A commit's or tag's text with each author, committer and tagger line's date and zone
+    rewritten to what git log reads there (`1700000000` alone: `0 +0000`; `1700000000 +0000
+    extra`: its first two)."""
     from mintvcs.dates import ident_date, zone_text
 
     head, sep, message = body.partition(b"\n\n")
     lines = head.split(b"\n")
     for n, line in enumerate(lines):
         key = line.partition(b" ")[0]
-        if key in (b"author", b"committer") and b">" in line:
+        if key in (b"author", b"committer", b"tagger") and b">" in line:
             seconds, zone = ident_date(line[len(key) + 1 :])
             end = line.rfind(b">") + 1
             lines[n] = b"%s %d %s" % (line[:end], seconds, zone_text(zone).encode())

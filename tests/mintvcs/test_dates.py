@@ -305,3 +305,29 @@ def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
         "9223372036854775807 +0000": "ok",
         "1700000000 -9999": "ok",
     }
+
+
+def test_a_tag_with_a_malformed_tagger_date_is_read_as_git_reads_it(work: Path) -> None:
+    # As a commit's: git log, show and checkout go through such a tag, loose or packed.
+    git_dir = work / ".mint"
+    main = git(git_dir, "rev-parse", "main").stdout.strip()
+    for name, date in (("nozone", "1700000000"), ("extra", "1700000000 +0000 extra")):
+        body = f"object {main}\ntype commit\ntag {name}\ntagger T <t@x> {date}\n\nm\n"
+        tag = git(
+            git_dir, "hash-object", "-t", "tag", "-w", "--literally", "--stdin", input_text=body
+        ).stdout.strip()
+        git(git_dir, "update-ref", f"refs/tags/{name}", tag)
+    for packed in (False, True):
+        if packed:
+            mint(work, "gc")
+            assert not loose_path(work, tag).exists()
+        for name in ("nozone", "extra"):
+            listed = json.loads(mint(work, "log", "--json", name).stdout)
+            assert [c["commit"] for c in listed] == git(
+                git_dir, "log", "--format=%H", name
+            ).stdout.split()
+            assert mint(work, "show", "--json", name).returncode == 0
+            mint(work, "checkout", name)
+            assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == main
+            mint(work, "checkout", "main")
+    assert "badDate" in mint(work, "fsck", ok=False).stderr
