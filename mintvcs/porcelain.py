@@ -241,7 +241,10 @@ _RFC_ZONE = re.compile(r"(?P<sign>[+-])(?P<hh>[0-9]{2}):?(?P<mm>[0-9]{2})\Z")
 _RFC_ZONE_NAMES = {
     "UT": 0, "UTC": 0, "GMT": 0, "Z": 0,
     "EST": -300, "EDT": -240, "CST": -360, "CDT": -300,
-    "MST": -420, "MDT": -360, "PST": -480, "PDT": -420,
+    "MST": -420, "MDT": -360, "PST": -480, "PDT": -420, "HST": -600,
+    # Others that `date` prints and git reads as these offsets.
+    "WET": 0, "CET": 60, "MET": 60, "BST": 60, "CEST": 120, "MEST": 120, "EET": 120,
+    "EEST": 180, "JST": 540, "NZST": 720, "NZDT": 780,
 }  # fmt: skip
 _RFC_WORDS = {
     *("mon", "tue", "wed", "thu", "fri", "sat", "sun"),

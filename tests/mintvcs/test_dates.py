@@ -96,6 +96,10 @@ RFC_AND_NUMBERS = [
     "Tue, 14 Nov 2023 22:13:20 +0100 (CET)",
     "Tue, 14 Nov 2023 22:13:20 GMT",
     "Tue, 14 Nov 2023 22:13:20 CDT",
+    "Tue Nov 14 22:13:20 CET 2023",  # what `date` prints
+    "Tue, 14 Nov 2023 22:13:20 CEST",
+    "Tue, 14 Nov 2023 22:13:20 JST",
+    "Tue, 14 Nov 2023 22:13:20 NZDT",
     "Tue, 14 Nov 2023 22:13:20",
     "20231114",
     "@99999999",
