@@ -49,6 +49,7 @@ from mintvcs.progress import PhaseProgress
 from mintvcs.refs import ReflogEntry, read_reflog
 from mintvcs.repoformat import config_int
 from mintvcs.store import (
+    UNREACHABLE_RECORD,
     CommitInfo,
     CorruptObjectError,
     Repository,
@@ -1173,7 +1174,7 @@ class GcResult:
 
 # oid -> unix time gc first found it unreachable (or its loose file's mtime): the age of
 # unreachable objects inside packs, which have no file of their own to date them.
-FIRST_SEEN_FILE = "mint-unreachable.json"
+FIRST_SEEN_FILE = UNREACHABLE_RECORD
 
 
 def _read_first_seen(repo: Repository, now: float) -> dict[str, float]:
@@ -1856,6 +1857,7 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
             # commit in progress loses nothing.
             first_seen = _read_first_seen(repo, now)
             still_young: dict[str, float] = {}
+            old: dict[str, float] = {}
             for oid in sorted(scan.ids):
                 key = ObjectID(oid.encode())
                 if key in reachable:
@@ -1864,12 +1866,18 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
                 if now - seen < GC_GRACE_SECONDS:
                     still_young[oid] = seen
                     continue
+                old[oid] = seen
                 unreachable.add(key)
-            _write_first_seen(repo, still_young)
+            # What may be pruned stays listed until it is gone: a commit that reuses a packed
+            # object the record lists writes a loose copy of it (Repository.freshen), which
+            # the deleting below spares.
+            _write_first_seen(repo, {**still_young, **old})
             unreachable -= needed_now()
         _remove_stale_temporaries(repo, now)  # a killed gc's store-sized temporary pack, first
         with _packing_errors_named("gc"):
             packed, rewritten, spared = _repack(repo, scan, unreachable, progress, needed_now)
+        if prune:
+            _write_first_seen(repo, still_young)
         refs_packed = repo.refs.pack()
         for fan in _real_entries(repo.git_dir / "objects"):
             if len(fan.name) == 2 and fan.is_dir(follow_symlinks=False):

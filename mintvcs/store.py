@@ -127,6 +127,10 @@ _ABBREV_TRUST_S = 1.0
 _ALTERNATES_DEPTH = 5
 # Searches (ids x packs) from which `abbrev_many` imports numpy to search each pack at once.
 _ABBREV_VECTORIZED = 8192
+# In the git directory: oid -> when gc first found it unreachable, for the objects it keeps
+# packed through their grace period (maintenance reads and writes it). A writer that reuses a
+# packed object listed there writes a loose copy, which dates it anew (Repository.freshen).
+UNREACHABLE_RECORD = "mint-unreachable.json"
 ProgressFn = Callable[[int], None]
 
 
@@ -1193,7 +1197,8 @@ class Repository:
         tensor blobs are zstd already), except that the first `prefix` bytes of the content
         (a tensor blob's JSON header) are deflated; other levels deflate it all. Objects are content-addressed,
         so two writers of one object cannot conflict, and a writer killed half-way leaves
-        only a temporary file that gc removes.
+        only a temporary file that gc removes. An object stored already, loose or in a pack, is
+        freshened instead (see freshen), not written again.
         """
         views = [memoryview(p).cast("B") for p in parts]
         head = b"%s %d\0" % (kind, sum(v.nbytes for v in views))
@@ -1206,9 +1211,16 @@ class Repository:
         try:
             os.utime(path)  # already there: a fresh mtime keeps gc's grace period from pruning it
             return oid
-        except (FileNotFoundError, PermissionError):
-            # Missing; or another user's (read-only) file, whose date only its owner may set:
-            # then it is written again, as git does, and renamed over that one (same content).
+        except FileNotFoundError:
+            # Not loose: packed by a gc, most often (a commit's unchanged extra files, config
+            # and trees), which is stored already, as git's writer finds it (has_object). Not
+            # rescanned: a pack written since goes unseen, and the object is stored twice.
+            found = self._find_packed(digest.digest())
+            if found is not None and self._packed_copy_holds(oid, found[0]):
+                return oid
+        except PermissionError:
+            # Another user's (read-only) file, whose date only its owner may set: it is
+            # written again, as git does, and renamed over that one (same content).
             pass
         if level == 0 and prefix:
             body = zlib_tensor([memoryview(head), *views], len(head) + prefix)
@@ -1299,16 +1311,71 @@ class Repository:
 
     def freshen(self, oid: str) -> None:
         """Mark `oid` as just used, as git does when a write finds the object already stored:
-        touch its loose file, or write a loose copy of a packed one. gc keeps an unreachable
-        object an hour past that, so a commit reusing an old abandoned object cannot lose it
-        to a running gc."""
+        touch its loose file, or its pack; a packed one that gc holds as unreachable (listed
+        in UNREACHABLE_RECORD) gets a loose copy instead. gc keeps an unreachable object an
+        hour past that, so a commit reusing an old abandoned object cannot lose it to a
+        running gc."""
         # Another user's loose file, which only its owner may date, is written again (write_object).
         with suppress(FileNotFoundError, PermissionError):
             os.utime(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}")
             return
+        found = self._find_packed(bytes.fromhex(oid))
+        if found is not None and self._packed_copy_holds(oid, found[0]):
+            return
         obj = self.get_object(oid)
         data = obj.as_raw_string()
         self.write_object(obj.type_name, [data], *object_zlib_level(obj.type_name, data))
+
+    def _packed_copy_holds(self, oid: str, pack: PackFile) -> bool:
+        """Whether object `oid`, found in `pack`, is stored for good without a loose copy: its
+        pack is still there (touched once, as git freshens a pack it reuses an object of) and
+        gc does not hold it as unreachable (UNREACHABLE_RECORD), so no gc may prune it."""
+        # The record first, then the pack: gc lists what it may prune until it has dropped the
+        # packs that held it, so a reader that no longer sees an object listed finds its pack
+        # gone, unless the object is stored for good (reachable, or unreachable only since).
+        if oid in self._unreachable_packed():
+            return False
+        touched: set[str] = self.__dict__.setdefault("_touched_packs", set())
+        try:
+            if pack.pack_path in touched:
+                os.stat(pack.pack_path)
+            else:
+                try:
+                    os.utime(pack.pack_path)  # git's gc dates unreachable packed objects so
+                except PermissionError:  # another user's pack: only its owner may date it
+                    os.stat(pack.pack_path)
+                touched.add(pack.pack_path)
+        except FileNotFoundError:
+            # Removed by a gc since we listed it: where the object went, if anywhere, is found
+            # by listing the packs again.
+            found = self._find_packed(bytes.fromhex(oid), rescan=True)
+            return (
+                found is not None
+                and found[0] is not pack
+                and self._packed_copy_holds(oid, found[0])
+            )
+        return True
+
+    def _unreachable_packed(self) -> frozenset[str]:
+        """The objects gc's record (UNREACHABLE_RECORD) lists, read again whenever it changes."""
+        path = self.git_dir / UNREACHABLE_RECORD
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return frozenset()
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached: tuple[tuple[int, int, int], frozenset[str]] | None = self.__dict__.get(
+            "_unreachable_record"
+        )
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            raw = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            raw = {}  # gc takes an unreadable record for an empty one: nothing it may prune
+        listed = frozenset(raw) if isinstance(raw, dict) else frozenset()
+        self.__dict__["_unreachable_record"] = (key, listed)
+        return listed
 
     def has_object(self, oid: str, *, loose: bool = True, rescan: bool = False) -> bool:
         """True when the store holds object `oid`, loose or packed (`loose` False: packed only;

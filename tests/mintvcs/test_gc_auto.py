@@ -297,3 +297,30 @@ def test_many_loose_objects_are_counted_in_one_fan_out_directory(tmp_path: Path)
     (objects / "17" / f"{0:038x}").unlink()
     with Repository.open(objects.parent) as repo:
         assert auto_gc_due(repo)  # 5,027 > 100
+
+
+def test_a_commit_after_gc_stores_no_packed_object_again(work: Path) -> None:
+    # A commit looked for an object it was about to write among the loose ones only: after a
+    # gc it wrote every unchanged extra file, the config, the safetensors header and the
+    # unchanged trees again, as loose objects. With 20,000 extra files that was 20,000 loose
+    # objects a commit, enough to start gc --auto, whose pack the next commit copied out again.
+    git_dir = work / ".mint"
+    (work / "tokenizer.json").write_bytes(b"".join(b"token %d\n" % i for i in range(20_000)))
+    (work / "data").mkdir()
+    for i in range(20):
+        (work / "data" / f"shard{i}.txt").write_text(f"shard {i}\n")
+    mint(work, "commit", "-m", "with files", "--no-verify")
+    mint(work, "gc")
+    assert not list(git_dir.glob("objects/??/*"))
+    mutate(work, seed=40)
+    out = json.loads(mint(work, "commit", "-m", "after gc", "--no-verify", "--json").stdout)
+    loose = {p.parent.name + p.name for p in git_dir.glob("objects/??/*")}
+    tokenizer = git(git_dir, "hash-object", str(work / "tokenizer.json")).stdout.strip()
+    assert tokenizer not in loose
+    # What is loose is what the commit made: none of it in the pack, and counted as new.
+    counts = dict(
+        line.split(": ") for line in git(git_dir, "count-objects", "-v").stdout.splitlines()
+    )
+    assert counts["prune-packable"] == "0"
+    assert out["new_objects"] == len(loose) == int(counts["count"])
+    git_fsck(work)

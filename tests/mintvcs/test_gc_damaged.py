@@ -386,8 +386,9 @@ def test_gc_keeps_old_objects_a_commit_reuses_while_it_runs(
     landed: list[str] = []
 
     def decide_then_commit(repo: Repository, seen: dict[str, float]) -> None:
-        write_first_seen(repo, seen)  # gc has chosen what to prune
-        landed.append(_commit_again(work, adapter))
+        write_first_seen(repo, seen)  # gc has chosen what to prune (first), or pruned (second)
+        if not landed:
+            landed.append(_commit_again(work, adapter))
 
     monkeypatch.setattr(maintenance, "_write_first_seen", decide_then_commit)
     with Repository.open(work) as repo:
@@ -444,6 +445,47 @@ def test_gc_keeps_old_objects_a_commit_reuses_after_its_last_look(
     monkeypatch.setattr(maintenance, "_needed_now", look_then_commit)
     with Repository.open(work) as repo:
         maintenance.gc(repo)
+    _landed_whole(work, landed)
+
+
+def test_gc_keeps_packed_old_objects_a_commit_reuses_after_its_last_look(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As above, with the abandoned objects packed by an earlier gc and listed in its record of
+    # unreachable ones an hour back. A commit finds a packed object stored and writes nothing,
+    # unless gc's record lists it: then it writes a loose copy, which gc spares (it deletes
+    # only the loose files it listed, and drops the pack).
+    from mintvcs import maintenance
+    from mintvcs.store import Repository
+
+    git_dir = work / ".mint"
+    mint(work, "checkout", "-b", "exp")
+    mutate(work, seed=34)
+    mint(work, "commit", "-m", "abandoned", "--no-verify")
+    adapter = copy_adapter(work, tmp_path / "same-again")
+    mint(work, "checkout", "main")
+    mint(work, "branch", "-D", "exp")
+    shutil.rmtree(git_dir / "logs")
+    mint(work, "gc")  # young yet: packed, and listed with the time gc found them unreachable
+    assert not list(git_dir.glob("objects/??/*"))
+    record = git_dir / "mint-unreachable.json"
+    seen = json.loads(record.read_text())
+    record.write_text(json.dumps({oid: t - 7200 for oid, t in seen.items()}))
+    needed_now = maintenance._needed_now
+    looks: list[int] = []
+    landed: list[str] = []
+
+    def look_then_commit(*args: Any) -> Any:
+        needed = needed_now(*args)
+        looks.append(1)
+        if len(looks) == 2:
+            landed.append(_commit_again(work, adapter))
+        return needed
+
+    monkeypatch.setattr(maintenance, "_needed_now", look_then_commit)
+    with Repository.open(work) as repo:
+        result = maintenance.gc(repo)
+    assert result.pruned == len(seen)
     _landed_whole(work, landed)
 
 

@@ -210,7 +210,7 @@ def test_a_group_shares_a_repository_by_core_shared_repository(users: Users, sha
     users.mint(BOB, 0o022, r, "branch", "bx")
     users.mint(BOB, 0o022, r, "tag", "-m", "annotated", "t2")
     users.mint(BOB, 0o022, r, "gc")
-    # alice again, on what bob's gc packed: reused objects are written loose again (freshened).
+    # alice again, on what bob's gc packed: reused objects are found in his pack (freshened).
     users.mint(ALICE, 0o022, r, "commit", "-m", "a2", "--from", str(a1), "--no-verify")
     users.mint(ALICE, 0o022, r, "gc")
     users.mint(BOB, 0o022, r, "branch", "-D", "bx")
