@@ -525,7 +525,10 @@ def _check_packs(repo: Repository, report: FsckReport, progress: PhaseProgress) 
             if pack._basename in checked:
                 continue
             checked.add(pack._basename)
-            problems = _check_pack(pack, report, progress)
+            try:
+                problems = _check_pack(pack, report, progress)
+            finally:
+                pack.close()  # its descriptors: a store may hold more packs than the limit
             if problems and _pack_gone(pack):
                 continue
             report.problems.extend(problems)
@@ -966,17 +969,20 @@ def _scan_store(repo: Repository, progress: PhaseProgress) -> _Scan:
         scan.packs[os.path.basename(pack._basename)] = pack
         pack_damage: list[str] = []
         too_deep: list[tuple[str, int]] = []
-        for entry in _pack_objects(pack, too_deep):
-            progress("checking objects", 1)
-            if entry.problem is not None or entry.kind is None or entry.data is None:
-                pack_damage.append(entry.problem or f"corrupt packed object {entry.oid}")
-                continue
-            scan.add(entry.oid, entry.kind, entry.data)
-        if too_deep:
-            pack_damage.append(_depth_problem(pack, too_deep))
-        # A broken checksum whose objects all read back still means a damaged pack file: name
-        # the objects when we can, the pack when no object is at fault.
-        checksum = _pack_checksum_problem(pack)
+        try:
+            for entry in _pack_objects(pack, too_deep):
+                progress("checking objects", 1)
+                if entry.problem is not None or entry.kind is None or entry.data is None:
+                    pack_damage.append(entry.problem or f"corrupt packed object {entry.oid}")
+                    continue
+                scan.add(entry.oid, entry.kind, entry.data)
+            if too_deep:
+                pack_damage.append(_depth_problem(pack, too_deep))
+            # A broken checksum whose objects all read back still means a damaged pack file:
+            # name the objects when we can, the pack when no object is at fault.
+            checksum = _pack_checksum_problem(pack)
+        finally:
+            pack.close()  # its descriptors: a store may hold more packs than the limit
         scan.damage.extend(pack_damage or ([checksum] if checksum else []))
     return scan
 
@@ -1772,9 +1778,16 @@ def _repack(
             # searched every pack (28 s of a 37 s gc with a pack per commit), and a revision's
             # blobs stay next to each other as its commit wrote them.
             for pack in sorted(old_packs.values(), key=_pack_name):
-                for entry in _pack_objects(pack, []):
-                    if entry.oid in wanted and entry.kind is not None and entry.data is not None:
-                        add(entry.oid, entry.kind, entry.data)
+                try:
+                    for entry in _pack_objects(pack, []):
+                        if (
+                            entry.oid in wanted
+                            and entry.kind is not None
+                            and entry.data is not None
+                        ):
+                            add(entry.oid, entry.kind, entry.data)
+                finally:
+                    pack.close()
             for oid in keep:  # loose, or in a pack written since the scan
                 if oid in wanted:
                     add(oid, *read(oid))
@@ -1799,7 +1812,9 @@ def _repack(
             store.delete_loose_object(ObjectID(oid.encode()))
     held = late - scan.loose
     for pack in old_packs.values():
-        if not any(ObjectID(oid.encode()) in pack for oid in held):
+        needed = any(ObjectID(oid.encode()) in pack for oid in held)
+        pack.close()
+        if not needed:
             _drop_pack(store, pack)
     _drop_git_caches(repo)
     repo.close()  # our maps and dulwich's pack list name the old packs
@@ -2123,6 +2138,8 @@ def _roll_up(
                 f"gc refused: corrupt pack index of {_pack_name(pack)} "
                 f"({err or type(err).__name__}); {_FIX}"
             ) from None
+        finally:
+            pack.close()  # its descriptors: a store may hold more packs than the limit
     if not wanted:
         return RollUpResult(0, 0, 0, len(packs), before, before)
     total = len(wanted)
@@ -2151,12 +2168,15 @@ def _roll_up(
     try:
         for pack in merged:
             too_deep: list[tuple[str, int]] = []
-            for entry in _pack_objects(pack, too_deep):
-                if entry.problem is not None or entry.kind is None or entry.data is None:
-                    raise GcCorruptObjectError(
-                        f"gc refused: {entry.problem or f'corrupt packed object {entry.oid}'}; {_FIX}"
-                    )
-                add(entry.oid, entry.kind, entry.data)
+            try:
+                for entry in _pack_objects(pack, too_deep):
+                    if entry.problem is not None or entry.kind is None or entry.data is None:
+                        raise GcCorruptObjectError(
+                            f"gc refused: {entry.problem or f'corrupt packed object {entry.oid}'}; {_FIX}"
+                        )
+                    add(entry.oid, entry.kind, entry.data)
+            finally:
+                pack.close()
             if too_deep:
                 raise GcCorruptObjectError(f"gc refused: {_depth_problem(pack, too_deep)}; {_FIX}")
         for oid, path in loose:

@@ -1,21 +1,27 @@
 """Git objects on disk as we write and read them: zlib streams, loose files and packs.
 
 Tensor blobs are written zlib-"stored" (level 0: their planes are zstd already), so a reader
-can find their bytes inside a stream or a pack without inflating; dulwich reads everything else.
+can find their bytes inside a stream or a pack without inflating. Commits, trees and other
+packed objects are read here too (PackFile.read_object); dulwich reads what this reader cannot
+(alternates, version-1 indexes) and reports damage.
 """
 
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import mmap
 import os
+import resource
 import struct
 import tempfile
 import threading
 import time
+import weakref
 import zlib
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -730,24 +736,162 @@ class NotStored(Exception):
     """A pack entry that is not a whole blob in stored zlib blocks."""
 
 
+class PackGone(NotStored):
+    """A pack file removed since its index was read (a gc replaced it): look again."""
+
+
 _KIND_NAMES = {1: "commit", 2: "tree", 3: "blob", 4: "tag"}
 # Where a version-2 index's sorted object names start: magic, version, 256 fan-out entries.
 _IDX_NAMES = 8 + 1024
 # An object name as numpy compares it: three big-endian words, so the order is the bytes'.
 _NAME_DTYPE = [("high", ">u8"), ("middle", ">u8"), ("low", ">u4")]
+# Indexes up to this size (~300,000 objects) are read into memory, larger ones mapped. Python's
+# mmap keeps a duplicate of its file's descriptor (3.11 has no trackfd=False): a map per index
+# took one descriptor per pack for as long as the Repository lived, and a store of 500 packs ran
+# out of them at the usual limit of 1024. git maps its indexes and closes their files.
+_IDX_READ_MAX = 8 << 20
+# The most pack data maps a process keeps at once (each holds a descriptor too): at most an
+# eighth of RLIMIT_NOFILE, least recently used dropped first, as git bounds its open packs.
+_PACK_MAPS_MAX = 128
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def _map_file(path: str) -> mmap.mmap:
+    """A read-only map of the whole file `path` (its descriptor closed; the map keeps its own)."""
+    with open(path, "rb") as handle:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+class _PackMaps:
+    """The pack data maps this process holds (PackFile.pack), least recently used first.
+
+    Each one holds a descriptor, so there are at most _pack_maps_budget() of them; a map
+    dropped here stays valid for whoever still uses it (a thread reading, a view of a
+    tensor) and goes, with its descriptor, with its last reference.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.used: OrderedDict[int, weakref.ref[PackFile]] = OrderedDict()
+
+    def touch(self, pack: PackFile) -> None:
+        """Mark `pack`'s map as just used (no lock: OrderedDict's operations are atomic)."""
+        with suppress(KeyError):
+            self.used.move_to_end(id(pack))
+
+    def open(self, pack: PackFile) -> mmap.mmap:
+        """Map `pack`'s data, dropping the least recently used maps past the budget, or all
+        of them when the process is out of descriptors (git's close_one_pack)."""
+        with self.lock:
+            mapped = pack._pack_map
+            if mapped is not None:
+                return mapped
+            while len(self.used) >= _pack_maps_budget():
+                self._drop_oldest()
+            try:
+                mapped = _map_file(pack.pack_path)
+            except OSError as err:
+                if err.errno not in _OUT_OF_DESCRIPTORS or not self.used:
+                    raise
+                while self.used:
+                    self._drop_oldest()
+                mapped = _map_file(pack.pack_path)
+            pack._pack_map = mapped
+            key = id(pack)
+            self.used[key] = weakref.ref(pack, lambda _ref: self.used.pop(key, None))
+            return mapped
+
+    def drop(self, pack: PackFile) -> None:
+        """Forget `pack`'s map (PackFile.close)."""
+        self.used.pop(id(pack), None)
+        pack._pack_map = None
+
+    def drop_all(self) -> None:
+        """Let go of every map: descriptors are short (EMFILE) and another reader needs one."""
+        with self.lock:
+            while self.used:
+                self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _key, ref = self.used.popitem(last=False)
+        pack = ref()
+        if pack is not None:
+            pack._pack_map = None
+
+
+def _pack_maps_budget() -> int:
+    """How many pack data maps to keep: an eighth of the descriptor limit, within 1 and
+    _PACK_MAPS_MAX (read each time: a process may lower its limit, as the tests do)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return _PACK_MAPS_MAX
+    return max(1, min(_PACK_MAPS_MAX, soft // 8))
+
+
+PACK_MAPS = _PackMaps()
+
+
+def release_pack_maps() -> None:
+    """Let go of every pack data map this process keeps (each holds a descriptor)."""
+    PACK_MAPS.drop_all()
+
+
+class _DeltaBases:
+    """Objects rebuilt from pack deltas, by pack and offset, least recently used dropped past
+    _DELTA_BASES_BYTES: reading the revisions of a history one after another (fsck, log -p)
+    rebuilds each manifest from the one its child's read rebuilt, not from its chain's whole
+    object each time (git's delta base cache; dulwich keeps one per pack)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.kept: OrderedDict[tuple[str, int], tuple[int, bytes]] = OrderedDict()
+        self.size = 0
+
+    def get(self, pack: str, offset: int) -> tuple[int, bytes] | None:
+        """(type number, content) of the object at `offset` in `pack`, if kept."""
+        with self.lock:
+            found = self.kept.get((pack, offset))
+            if found is not None:
+                self.kept.move_to_end((pack, offset))
+            return found
+
+    def put(self, pack: str, offset: int, kind: int, data: bytes) -> None:
+        """Keep the object rebuilt at `offset` in `pack` (not one larger than the whole cache)."""
+        if len(data) > _DELTA_BASES_BYTES // 2:
+            return
+        with self.lock:
+            old = self.kept.pop((pack, offset), None)
+            self.size += len(data) - (len(old[1]) if old is not None else 0)
+            self.kept[(pack, offset)] = (kind, data)
+            while self.size > _DELTA_BASES_BYTES:
+                self.size -= len(self.kept.popitem(last=False)[1][1])
+
+
+_DELTA_BASES_BYTES = 32 << 20
+DELTA_BASES = _DeltaBases()
 
 
 class PackFile:
-    """A pack and its version-2 index, memory-mapped, for reading whole stored blobs fast."""
+    """A pack and its version-2 index, for reading objects and whole stored blobs fast.
+
+    The index is read (or, when large, mapped) at once; the pack itself is mapped when an
+    entry is first read, and the process keeps only so many such maps (_PackMaps), so a store
+    of many packs needs no descriptor per pack.
+    """
 
     def __init__(self, base: Path) -> None:
-        """Map `base`.idx and `base`.pack; ValueError when the index is not version 2."""
-        import mmap
-
+        """Read `base`.idx; ValueError when it is not a version-2 index, OSError when it or
+        `base`.pack cannot be opened."""
         self._maps: list[mmap.mmap] = []
+        self._pack_map: mmap.mmap | None = None
+        self.gone = False  # the pack file was found removed (PackGone)
         with open(f"{base}.idx", "rb") as handle:
-            self.idx = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        self._maps.append(self.idx)
+            size = os.fstat(handle.fileno()).st_size
+            if size <= _IDX_READ_MAX:
+                self.idx: bytes | mmap.mmap = handle.read()
+            else:
+                self.idx = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps.append(self.idx)
         if self.idx[:8] != b"\xfftOc\0\0\0\2":
             self.close()
             raise ValueError(f"{base}.idx is not a version-2 pack index")
@@ -762,12 +906,26 @@ class PackFile:
             raise ValueError(f"{base}.idx is shorter than its {self.count} objects need")
         self.pack_path = f"{base}.pack"
         self._prefixes: npt.NDArray[np.uint64] | None = None  # find_many's, made when first used
-        with open(self.pack_path, "rb") as handle:
-            self.pack = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        self._maps.append(self.pack)
+        if os.stat(self.pack_path).st_size < PACK_HEADER + PACK_TRAILER:
+            self.close()
+            raise ValueError(f"{self.pack_path} is truncated")
+
+    @property
+    def pack(self) -> mmap.mmap:
+        """The pack file's map, made when first needed; PackGone when the file was removed."""
+        mapped = self._pack_map
+        if mapped is not None:
+            PACK_MAPS.touch(self)
+            return mapped
+        try:
+            return PACK_MAPS.open(self)
+        except FileNotFoundError:
+            self.gone = True
+            raise PackGone(self.pack_path) from None
 
     def close(self) -> None:
         """Unmap the files."""
+        PACK_MAPS.drop(self)
         for mapped in self._maps:
             with suppress(BufferError):  # a view still in use keeps its map alive
                 mapped.close()
@@ -826,6 +984,27 @@ class PackFile:
                 at = names + position * 20
                 shared = max(shared, shared_hex_digits(key, idx[at : at + 20]))
         return shared
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        """The hex ids of this index's objects that start with `prefix` (hex digits, at least two)."""
+        low = bytes.fromhex((prefix + "0" * 40)[:40])
+        idx, names = self.idx, _IDX_NAMES
+        lo, end = self._fan_out(low)
+        hi = end
+        while lo < hi:  # the first name not below `low`
+            mid = (lo + hi) // 2
+            at = names + mid * 20
+            if idx[at : at + 20] < low:
+                lo = mid + 1
+            else:
+                hi = mid
+        found = []
+        for position in range(lo, end):
+            name = idx[names + position * 20 : names + position * 20 + 20].hex()
+            if not name.startswith(prefix):
+                break
+            found.append(name)
+        return found
 
     def nearest_many(self, wanted: npt.NDArray[Any]) -> npt.NDArray[np.uint64]:
         """For each name of `wanted` (_NAME_DTYPE), the XOR of its first 8 bytes with those of
@@ -905,13 +1084,22 @@ class PackFile:
             offset = struct.unpack_from(">Q", idx, large)[0]
         return offset
 
+    def _data(self) -> mmap.mmap | None:
+        """The pack's map, or None when the file was removed (the readers that answer None
+        for an entry they cannot read answer it then too: whoever asked looks elsewhere)."""
+        try:
+            return self.pack
+        except PackGone:
+            return None
+
     def kind_at(self, offset: int) -> str | None:
         """The type of the whole object at `offset` from its entry header; None for a delta
         (its type is its base's) or an entry that cannot be read."""
-        if not PACK_HEADER <= offset < len(self.pack) - PACK_TRAILER:
+        pack = self._data()
+        if pack is None or not PACK_HEADER <= offset < len(pack) - PACK_TRAILER:
             return None
         try:
-            kind = entry_header(self.pack, offset, len(self.pack) - PACK_TRAILER)[0]
+            kind = entry_header(pack, offset, len(pack) - PACK_TRAILER)[0]
         except PackEntryError:
             return None
         return _KIND_NAMES.get(kind)
@@ -920,12 +1108,15 @@ class PackFile:
         """The type of the object at `offset` from entry headers alone, following OFS_DELTA
         bases inside this pack (a delta's type is its base's); for a REF_DELTA on the way, its
         base's raw id, to be looked up where it is stored; None for an entry that cannot be read."""
-        end = len(self.pack) - PACK_TRAILER
+        pack = self._data()
+        if pack is None:
+            return None
+        end = len(pack) - PACK_TRAILER
         for _ in range(MAX_DELTA_HOPS):
             if not PACK_HEADER <= offset < end:
                 return None
             try:
-                kind, _size, _pos, base = entry_header(self.pack, offset, end)
+                kind, _size, _pos, base = entry_header(pack, offset, end)
             except PackEntryError:
                 return None
             if base is None:
@@ -935,9 +1126,8 @@ class PackFile:
             offset = base  # entry_header checked that it points back, inside the pack
         return None
 
-    def _blob_entry(self, offset: int) -> tuple[int, int]:
+    def _blob_entry(self, pack: mmap.mmap, offset: int) -> tuple[int, int]:
         """(size, position of the zlib stream) of the undeltified blob entry at `offset`."""
-        pack = self.pack
         if (
             not PACK_HEADER <= offset < len(pack) - PACK_TRAILER
         ):  # a lying index: outside the objects
@@ -954,8 +1144,8 @@ class PackFile:
         """(the size the entry's base has, the size it rebuilds, its base) from its headers: a
         whole object's size twice and no base, a delta's two sizes and its base; None when they
         cannot be read."""
-        pack = self.pack
-        if not PACK_HEADER <= offset < len(pack) - PACK_TRAILER:
+        pack = self._data()
+        if pack is None or not PACK_HEADER <= offset < len(pack) - PACK_TRAILER:
             return None
         try:
             _kind, size, pos, base = entry_header(pack, offset, len(pack) - PACK_TRAILER)
@@ -997,41 +1187,118 @@ class PackFile:
     def delta_against(self, offset: int, base: bytes) -> bytes | None:
         """The delta the entry at `offset` holds, if it is a delta against object `base` (20
         bytes): an OFS_DELTA to its entry in this pack, or a REF_DELTA naming it; else None."""
-        end = len(self.pack) - PACK_TRAILER
+        pack = self._data()
+        if pack is None:
+            return None
+        end = len(pack) - PACK_TRAILER
         if not PACK_HEADER <= offset < end:
             return None
         try:
-            _kind, size, pos, at = entry_header(self.pack, offset, end)
+            _kind, size, pos, at = entry_header(pack, offset, end)
         except PackEntryError:
             return None
         if at is None or at != (base if isinstance(at, bytes) else self.find(base)):
             return None
-        # Inflated a piece at a time: the stream's length is known only at its end. One that
-        # inflates past its header's size is damaged (or a bomb): never more is kept.
-        inflater = zlib.decompressobj()
-        parts: list[bytes] = []
-        done = 0
-        try:
-            while not inflater.eof and pos < end and done <= size:
-                parts.append(inflater.decompress(self.pack[pos : pos + _INFLATE_STEP]))
-                done += len(parts[-1])
-                pos += _INFLATE_STEP
-        except zlib.error:
+        return _inflate_entry(pack, pos, size, end)
+
+    def read_object(
+        self, offset: int, external: Callable[[bytes], tuple[int, bytes] | None]
+    ) -> tuple[int, bytes] | None:
+        """(type number, content) of the object at `offset`: a whole entry inflated, or a
+        delta applied to its base, resolved down its chain (OFS_DELTA bases in this pack, a
+        REF_DELTA's where this index lists it, else as `external(raw id)` reads it).
+
+        None for an entry that cannot be read so (damaged, a chain too long, a pack removed
+        since): the caller then asks dulwich, which reads or reports it. Commits and trees
+        are read here, not through dulwich, which keeps each pack it looks in open.
+        """
+        from dulwich.pack import apply_delta
+
+        pack = self._data()
+        if pack is None:
             return None
-        return b"".join(parts) if inflater.eof and done == size else None
+        end = len(pack) - PACK_TRAILER
+        deltas: list[tuple[int, bytes]] = []  # (offset, delta), newest first
+        for _ in range(MAX_DELTA_HOPS):
+            known = DELTA_BASES.get(self.pack_path, offset)
+            if known is not None:
+                kind, data = known
+                break
+            if not PACK_HEADER <= offset < end:
+                return None
+            try:
+                kind, size, pos, base = entry_header(pack, offset, end)
+            except PackEntryError:
+                return None
+            inflated = _inflate_entry(pack, pos, size, end)
+            if inflated is None:
+                return None
+            data = inflated
+            if base is None:
+                if deltas:  # a base: the next read of its chain starts here
+                    DELTA_BASES.put(self.pack_path, offset, kind, data)
+                break
+            deltas.append((offset, data))
+            if isinstance(base, bytes):
+                found = self.find(base)
+                if found is None:
+                    outside = external(base)
+                    if outside is None:
+                        return None
+                    kind, data = outside
+                    break
+                offset = found
+            else:
+                offset = base
+        else:
+            return None
+        try:
+            for at, delta in reversed(deltas):
+                data = b"".join(apply_delta(data, delta))
+                DELTA_BASES.put(self.pack_path, at, kind, data)
+        except Exception:  # dulwich's delta errors alike mean a damaged entry
+            return None
+        return (kind, data) if kind in _KIND_NAMES else None
 
     def stored_layout(self, offset: int) -> tuple[int, bytes, list[tuple[int, int]]]:
         """The size of the blob entry at `offset` and where its content lies (_stored_layout)."""
-        size, pos = self._blob_entry(offset)
-        layout = _stored_layout(memoryview(self.pack), pos, size)
+        pack = self.pack
+        size, pos = self._blob_entry(pack, offset)
+        layout = _stored_layout(memoryview(pack), pos, size)
         if layout is None:
             raise NotStored  # deltas, deflated or corrupt entries: dulwich reads (or reports) them
         return size, layout[0], layout[1]
 
     def stored_blob(self, offset: int) -> memoryview:
         """The content of the blob entry at `offset`, when it is zlib-stored as we write tensors."""
-        size, pos = self._blob_entry(offset)
-        fast = _fast_inflate(memoryview(self.pack), pos, size)
+        pack = self.pack
+        size, pos = self._blob_entry(pack, offset)
+        fast = _fast_inflate(memoryview(pack), pos, size)
         if fast is None:
             raise NotStored  # deltas, deflated or corrupt entries: dulwich reads (or reports) them
         return fast[0].data
+
+
+def _inflate_entry(pack: mmap.mmap, pos: int, size: int, end: int) -> bytes | None:
+    """The `size` bytes the zlib stream at pack[pos:] inflates to; None when it is damaged,
+    ends past `end`, or inflates to another size (never more than `size` + 1 is kept)."""
+    inflater = zlib.decompressobj()
+    parts: list[bytes] = []
+    done = 0
+    # The stream's length is known only at its end. First as much as zlib could make of
+    # `size` bytes (stored blocks add 5 bytes per 64 KiB, deflate at most a little more), so
+    # that a small object takes one call; then a piece at a time.
+    step = size + (size >> 12) + 64
+    with memoryview(pack) as view:
+        try:
+            while not inflater.eof and pos < end:
+                part = inflater.decompress(view[pos : min(pos + step, end)], size + 1 - done)
+                parts.append(part)
+                done += len(part)
+                if done > size or inflater.unconsumed_tail:
+                    return None
+                pos += step
+                step = _INFLATE_STEP
+        except zlib.error:
+            return None
+    return b"".join(parts) if inflater.eof and done == size else None

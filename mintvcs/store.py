@@ -61,6 +61,7 @@ from mintvcs.packs import (
     object_zlib_level,
     place_file,
     read_fd,
+    release_pack_maps,
     shared_digits_many,
     temp_file,
     zlib_stored,
@@ -127,6 +128,8 @@ _ABBREV_TRUST_S = 1.0
 _ALTERNATES_DEPTH = 5
 # Searches (ids x packs) from which `abbrev_many` imports numpy to search each pack at once.
 _ABBREV_VECTORIZED = 8192
+# Packs a REF_DELTA chain is followed through (each base stored outside its delta's pack).
+_REF_DELTA_PACKS = 64
 # In the git directory: oid -> when gc first found it unreachable, for the objects it keeps
 # packed through their grace period (maintenance reads and writes it). A writer that reuses a
 # packed object listed there writes a loose copy, which dates it anew (Repository.freshen).
@@ -899,6 +902,17 @@ class Repository:
                     raise CorruptObjectError(
                         f"{named}object {oid} is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
                     ) from None
+        # Then the packs, with our reader: dulwich keeps every pack it looks in open (two
+        # descriptors each, for the Repository's life), so a store of many packs ran out of
+        # descriptors. dulwich still reads what ours does not (damage it reports, alternates).
+        packed = self._read_packed_object(bytes.fromhex(oid))
+        if packed is not None:
+            try:
+                return ShaFile.from_raw_string(packed[0], packed[1], sha=ObjectID(oid.encode()))
+            except (ObjectFormatException, ValueError, KeyError, IndexError, AssertionError) as err:
+                raise CorruptObjectError(
+                    f"{named}object {oid} is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
+                ) from None
         damaged: tuple[type[Exception], ...] = (
             zlib.error,
             ChecksumMismatch,
@@ -908,8 +922,7 @@ class Repository:
             *unreadable_file_errors(),
         )
         try:
-            with self._dulwich_lock:
-                return self.objects[ObjectID(oid.encode())]
+            return self._with_dulwich(lambda store: store[ObjectID(oid.encode())])
         except KeyError:
             problem = None
         except damaged as err:
@@ -1111,20 +1124,63 @@ class Repository:
         """A packed blob stored whole with zlib level 0, read from the pack's memory map.
 
         None when no pack holds it in that form (deltas, deflated or non-blob entries go
-        through dulwich). The copy out of the pack is checked against the entry's Adler-32.
+        through get_object). The copy out of the pack is checked against the entry's Adler-32.
         """
-        found = self._find_packed(bytes.fromhex(oid), rescan=True)
-        if found is None:
-            return None
-        pack, offset = found
+        for _attempt in range(2):  # again once, should the pack prove removed (a gc)
+            found = self._find_packed(bytes.fromhex(oid), rescan=True)
+            if found is None:
+                return None
+            pack, offset = found
+            try:
+                return pack.stored_blob(offset)
+            except zlib.error as err:
+                raise CorruptObjectError(
+                    f"{what}: packed object {oid} is corrupt ({err}); run 'mintvcs fsck'"
+                ) from None
+            except NotStored:
+                if not pack.gone:
+                    return None
+        return None
+
+    def _read_packed_object(self, key: bytes, depth: int = 0) -> tuple[int, bytes] | None:
+        """(type number, content) of object `key` (20 bytes) as our pack reader reads it (see
+        PackFile.read_object); None where it cannot: in no pack it reads, or unreadable there
+        (dulwich then reads it or says what is wrong)."""
+        for _attempt in range(2):  # again once, should the pack prove removed (a gc)
+            found = self._find_packed(key, rescan=True)
+            if found is None:
+                return None
+            pack, offset = found
+            read = pack.read_object(offset, lambda base: self._read_base(base, depth))
+            if read is not None or not pack.gone:
+                return read
+        return None
+
+    def _read_base(self, key: bytes, depth: int) -> tuple[int, bytes] | None:
+        """A REF_DELTA's base `key` stored outside its pack: loose, or in another pack."""
+        if depth >= _REF_DELTA_PACKS:
+            return None  # a cycle across packs, or damage: dulwich reports it
         try:
-            return pack.stored_blob(offset)
-        except zlib.error as err:
-            raise CorruptObjectError(
-                f"{what}: packed object {oid} is corrupt ({err}); run 'mintvcs fsck'"
-            ) from None
-        except NotStored:
+            loose = self._read_loose(key.hex(), "object")
+        except MintError:
             return None
+        if loose is not None:
+            type_num = OBJECT_TYPE_NUMBERS.get(loose[0])
+            return None if type_num is None else (type_num, bytes(loose[1]))
+        return self._read_packed_object(key, depth + 1)
+
+    def _with_dulwich(self, use: Callable[[DiskObjectStore], _R]) -> _R:
+        """`use(self.objects)` under dulwich's lock; out of descriptors (EMFILE, ENFILE), once
+        more after closing every pack dulwich and our reader hold, as git's close_one_pack."""
+        with self._dulwich_lock:
+            try:
+                return use(self.objects)
+            except OSError as err:
+                if err.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                self.objects.close()
+                release_pack_maps()
+                return use(self.objects)
 
     def _find_packed(self, key: bytes, rescan: bool = False) -> tuple[PackFile, int] | None:
         """The pack holding object `key` and its offset there, or None (`rescan`: list the
@@ -1132,14 +1188,14 @@ class Repository:
         # A revision's blobs mostly sit in one pack (its commit's): try the last hit first.
         # With a pack per commit (a training run before gc) that spares a search of each pack.
         last: PackFile | None = self.__dict__.get("_last_pack")
-        if last is not None:
+        if last is not None and not last.gone:
             offset = last.find(key)
             if offset is not None:
                 return last, offset
         for attempt in range(2 if rescan else 1):
             for pack in self._packs(refresh=attempt == 1):
                 offset = pack.find(key)
-                if offset is not None:
+                if offset is not None and not pack.gone:  # a removed one: listed again
                     self.__dict__["_last_pack"] = pack
                     return pack, offset
         return None
@@ -1166,9 +1222,13 @@ class Repository:
                 unreadable = set()
                 for name in sorted(names - set(cached)):
                     try:
-                        cached[name] = PackFile(directory / name)
-                    except (OSError, ValueError):
+                        cached[name] = _open_pack(directory / name)
+                    except OSError as err:
+                        if err.errno in (errno.EMFILE, errno.ENFILE):
+                            raise  # not unreadable: out of descriptors, which dulwich needs too
                         unreadable.add(name)  # dulwich still reads it: has_object falls back
+                    except ValueError:
+                        unreadable.add(name)
                 self.__dict__["_unreadable_packs"] = unreadable
                 self.__dict__["_packs_scanned"] = True  # after the scan: others wait for it
             return list(cached.values())
@@ -1395,8 +1455,7 @@ class Repository:
         from dulwich.objects import ObjectID
 
         try:
-            with self._dulwich_lock:
-                return ObjectID(oid.encode()) in self.objects
+            return self._with_dulwich(lambda store: ObjectID(oid.encode()) in store)
         except unreadable_file_errors() as err:
             unreadable = ", ".join(sorted(self.__dict__.get("_unreadable_packs", ()))) or "a pack"
             raise CorruptObjectError(
@@ -1611,6 +1670,8 @@ class Repository:
             for pack in self._packs(refresh=attempt == 1):
                 if not missing:
                     return located
+                if pack.gone:  # removed by a gc: its objects are elsewhere now
+                    continue
                 offsets = pack.find_many([keys[i] for i in missing])
                 still = []
                 for index, offset in zip(missing, offsets, strict=True):
@@ -1649,7 +1710,8 @@ class Repository:
         while True:
             try:
                 size, head, pieces = pack.stored_layout(offset)
-            except NotStored:
+                mapped = pack.pack  # the same file's map, should it have been dropped meanwhile
+            except NotStored:  # PackGone too: the general path finds where it went
                 return None
             # Our writer deflates exactly the blob header; any other split takes the general path.
             span = codec.header_span(head)
@@ -1659,7 +1721,7 @@ class Repository:
             if not links:
                 _check_record(record, header)
             segments = located_segments(
-                memoryview(pack.pack), head, pieces, header.payload_offset, header.segments
+                memoryview(mapped), head, pieces, header.payload_offset, header.segments
             )
             links.append((header, segments))
             if header.encoding != "xor" or header.base is None:
@@ -2342,12 +2404,30 @@ class Repository:
         """The ids of the objects whose hex id starts with `prefix`."""
         from dulwich.pack import PackFileDisappeared
 
+        if not self._has_foreign_objects():
+            # Loose, then packed (a gc packs an object before it deletes its loose file): our
+            # reader's indexes, where dulwich would open every pack and keep it open.
+            found = {
+                prefix[:2] + name
+                for name in _loose_names([f"{self._objects_dir}/{prefix[:2]}"])
+                if name.startswith(prefix[2:])
+            }
+            for pack in self._packs(refresh=True):
+                found.update(pack.with_prefix(prefix))
+            if not self._has_foreign_objects():  # no pack ours cannot read turned up meanwhile
+                return found
+
+        def matching(store: DiskObjectStore) -> set[str]:
+            try:
+                return {o.decode() for o in store.iter_prefix(prefix.encode())}
+            finally:
+                store.close()  # it opened every pack: they stay closed until needed again
+
         for attempt in range(_PREFIX_ATTEMPTS):
-            with self._dulwich_lock:
-                try:
-                    return {o.decode() for o in self.objects.iter_prefix(prefix.encode())}
-                except PackFileDisappeared:
-                    pass
+            try:
+                return self._with_dulwich(matching)
+            except PackFileDisappeared:
+                pass
             # Another process's gc removed a pack dulwich had listed; a gc removes its old
             # packs one by one, so the next walks may meet the next one: a few, a moment apart.
             time.sleep(0.01 * (attempt + 1))
@@ -2973,6 +3053,19 @@ def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) 
     size = head[1]
     if size.isdigit() and int(size) > max_size:
         raise _too_large(oid, int(size), max_size, what)
+
+
+def _open_pack(base: Path) -> PackFile:
+    """PackFile(base), once more after letting go of the pack maps this process keeps should
+    it be out of descriptors (an index is read with one, which a full table has not); still
+    out of them, the OSError is raised: the pack is not unreadable, nor is dulwich to try it."""
+    try:
+        return PackFile(base)
+    except OSError as err:
+        if err.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+    release_pack_maps()
+    return PackFile(base)
 
 
 def _loose_names(directories: Sequence[str]) -> list[str]:

@@ -547,6 +547,33 @@ def deleted_packs_held(git_dir: Path) -> list[str]:
     return [line for line in held if packs in line and "(deleted)" in line]
 
 
+def pack_each_object(git_dir: Path) -> int:
+    """Put every object of `git_dir` in a pack of its own (git pack-objects), none left loose:
+    the many packs a store piles up while gc --auto does not run. Returns how many."""
+    ids = [oid for oid in git(git_dir, "rev-list", "--objects", "--all").stdout.split()]
+    ids = [oid for oid in ids if len(oid) == 40]
+    for oid in ids:
+        subprocess.run(
+            [
+                "git",
+                "--git-dir",
+                str(git_dir),
+                "pack-objects",
+                "-q",
+                str(git_dir / "objects/pack/pack"),
+            ],
+            input=oid + "\n",
+            text=True,
+            check=True,
+            capture_output=True,
+            env=ENV,
+        )
+    git(git_dir, "prune-packed")
+    assert not list(git_dir.glob("objects/??/*"))
+    assert len(list(git_dir.glob("objects/pack/*.pack"))) == len(ids)
+    return len(ids)
+
+
 def _commit_head(git_dir: Path, parent: str) -> str:
     """A commit's lines before its message: `parent`'s tree, `parent`, a fixed identity and date."""
     tree = git(git_dir, "rev-parse", f"{parent}^{{tree}}").stdout.strip()

@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 
 from mintvcs import porcelain
-from tests.mintvcs.storekit import ENV, console_script, loose_path, without_root_reads
+from tests.mintvcs.storekit import (
+    ENV,
+    console_script,
+    loose_path,
+    pack_each_object,
+    without_root_reads,
+)
 from tests.serve.http_kit import commit_on, request, variant
 
 
@@ -698,3 +704,39 @@ def test_serve_escapes_names_in_its_listening_and_log_lines(
     (left_out,) = [line for line in err.splitlines() if "leaves out" in line] or [err]
     assert "refs/heads/bad\\x9b31m\\u202e" in left_out, left_out
     assert not {"\x1b", "\x9b", "\u202e"} & set(err + out), err + out
+
+
+def test_serve_reads_a_store_of_more_packs_than_descriptors(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    # Every pack took two descriptors for the server's life (our reader's maps and dulwich's
+    # open files): under its limit, the first /generate filled the table, and every request
+    # after it failed ("ref file .mint/refs/main cannot be read (Too many open files)") until
+    # a gc without the limit. With the packs closed when not in use, a few descriptors do.
+    repo = porcelain.init(tmp_path / "repo", str(tiny_base))
+    commits = [
+        commit_on(repo, "main", variant(peft_adapter, tmp_path / f"v{i}", 1 + i / 4), f"v{i}")
+        for i in range(3)
+    ]
+    repo.close()
+    assert pack_each_object(tmp_path / "repo" / ".mint") > 24
+    limit = 48  # the server idles at ~15; with two per pack, 24 packs alone took them all
+    proc = _start(
+        [
+            *("--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base)),
+            *("--port", "0", "--cpu-threads", "1", "--max-model-len", "64"),
+        ],
+        wrap=lambda command: ["sh", "-c", f'ulimit -n {limit} && exec "$@"', "sh", *command],
+    )
+    try:
+        url = _url_when_ready(proc)
+        for ref, commit in (("main", commits[2]), ("main~2", commits[0]), ("main~1", commits[1])):
+            for _ in range(2):
+                status, _, body = request(
+                    url + "/generate", {"prompt": "Hi", "ref": ref, "max_tokens": 2}
+                )
+                assert status == 200 and body["revision"] == commit, body
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert "Too many open files" not in err, err
