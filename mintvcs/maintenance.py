@@ -12,6 +12,7 @@ import math
 import mmap
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -107,6 +108,7 @@ def _read_loose(path: Path, oid: str) -> tuple[bytes, bytes]:
     except FileNotFoundError as err:
         raise _Gone(f"corrupt loose object {oid}: {err}") from None
     except OSError as err:
+        _out_of_descriptors(err, f"loose object {oid}", path.parent.parent / "pack")
         raise _Damage(f"corrupt loose object {oid}: {err}") from None
     on_disk = -1
     try:
@@ -133,6 +135,7 @@ def _read_loose(path: Path, oid: str) -> tuple[bytes, bytes]:
                 f"loose object {oid} is too large to check in this process's memory "
                 f"({on_disk} bytes on disk)"
             ) from None
+        _out_of_descriptors(err, f"loose object {oid}", path.parent.parent / "pack")
         raise _Damage(f"corrupt loose object {oid}: {err}") from None
     except zlib.error as err:
         raise _Damage(f"corrupt loose object {oid}: {err}") from None
@@ -291,6 +294,7 @@ def _pack_checksum_problem(pack: Pack) -> str | None:
     try:
         pack.check_length_and_checksum()
     except Exception as err:  # dulwich raises several kinds here; all mean "corrupt" to a user
+        _out_of_descriptors(err, _pack_name(pack), Path(pack._basename).parent)
         return f"corrupt pack {_pack_name(pack)}: {err}"
     return None
 
@@ -323,6 +327,7 @@ def _pack_objects(pack: Pack, too_deep: list[tuple[str, int]]) -> Iterator[_Pack
         for sha, offset, _crc in pack.index.iterentries():
             names.setdefault(offset, []).append(sha.decode() if len(sha) == 40 else sha.hex())
     except Exception as err:  # a lying fan-out table or a short file: dulwich asserts or raises
+        _out_of_descriptors(err, f"the index of {name}", Path(pack._basename).parent)
         yield _Packed(
             "0" * 40, problem=f"corrupt pack index of {name}: {err or type(err).__name__}"
         )
@@ -331,6 +336,7 @@ def _pack_objects(pack: Pack, too_deep: list[tuple[str, int]]) -> Iterator[_Pack
         with open(Path(pack._basename + ".pack"), "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as err:  # gone, unreadable, or empty (mmap refuses size 0)
+        _out_of_descriptors(err, name, Path(pack._basename).parent)
         if isinstance(err, OSError) and err.errno == errno.ENOMEM:
             # The address space a process limit leaves: not damage.
             raise OutOfMemoryError(
@@ -884,6 +890,32 @@ def reachable_objects(repo: Repository) -> set[ObjectID]:
 
 class OutOfMemoryError(MintError):
     """The system refused the memory a check needs: a limit was met, nothing is damaged."""
+
+
+class OutOfDescriptorsError(MintError):
+    """The system refused a file descriptor a check needs (EMFILE, ENFILE): a limit was met,
+    nothing is damaged."""
+
+
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+def _out_of_descriptors(err: BaseException, what: str, pack_dir: Path) -> None:
+    """Raise OutOfDescriptorsError if `err` is the system refusing a descriptor to read `what`
+    (a pack, an index, a loose object): not damage, whatever else failing there would mean."""
+    if not isinstance(err, OSError) or err.errno not in _OUT_OF_DESCRIPTORS:
+        return
+    try:
+        held = f"; the store holds {sum(n.endswith('.pack') for n in os.listdir(pack_dir))} packs"
+    except OSError:  # listing takes a descriptor too
+        held = ""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    allowed = "" if limit == resource.RLIM_INFINITY else f" ({limit} for this process)"
+    raise OutOfDescriptorsError(
+        f"too many open files reading {what} ({err.strerror}{held}); nothing was changed: "
+        f"raise the limit on open files{allowed} (ulimit -n), or close what holds them, and "
+        "retry; nothing is damaged"
+    ) from None
 
 
 class GcRefusedError(MintError):

@@ -82,3 +82,59 @@ def test_gc_packs_a_store_of_more_packs_than_descriptors(packed: Path, tmp_path:
     result = json.loads(_mint(other, "gc", "--json").stdout)
     assert result["pruned"] == 0 and len(list(other.glob(".mint/objects/pack/*.pack"))) == 1
     git_fsck(other)
+
+
+# Runs gc or fsck (argv[1]) on the repository argv[2], taking every descriptor left at the first
+# object it checks, as whatever else a process holds open can; prints how it ended, as JSON.
+_OUT_OF_DESCRIPTORS = """
+import json, os, sys
+from mintvcs import maintenance
+from mintvcs.errors import MintError
+from mintvcs.store import Repository
+
+held = []
+
+def take_the_rest(_phase, _count):
+    if held:
+        return
+    held.append(-1)
+    try:
+        while True:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+
+with Repository.open(sys.argv[2]) as repo:
+    try:
+        report = getattr(maintenance, sys.argv[1])(repo, progress=take_the_rest)
+        out = {"problems": getattr(report, "problems", [])}
+    except MintError as err:
+        out = {"error": type(err).__name__, "exit": err.exit_code, "message": str(err)}
+    for fd in held[1:]:
+        os.close(fd)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("command", ["gc", "fsck"])
+def test_gc_and_fsck_say_they_ran_out_of_descriptors(packed: Path, command: str) -> None:
+    # gc called every object it could not open damage and told the user to restore from a
+    # backup (exit 128: "corrupt packed object ...: [Errno 24] Too many open files (and 347
+    # more damaged objects)"); fsck listed them as damaged and exited 1, which it does only for
+    # a damaged store. Both now say what happened, as for running out of memory.
+    packs = sorted(packed.glob(".mint/objects/pack/*"))
+    result = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS, command, str(packed)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        preexec_fn=_limited(64),
+    )
+    out = json.loads(result.stdout)
+    assert out.get("error") == "OutOfDescriptorsError" and out["exit"] == 1, out
+    assert out["message"].startswith("too many open files reading pack-"), out
+    assert "nothing was changed" in out["message"] and "corrupt" not in out["message"]
+    assert sorted(packed.glob(".mint/objects/pack/*")) == packs
+    git_fsck(packed)
