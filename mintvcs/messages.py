@@ -144,6 +144,12 @@ def _escaped(match: re.Match[str]) -> str:
     return match.group().encode("unicode_escape").decode("ascii")
 
 
+# Looked up now, not at the first escape: finding a codec imports its module, which takes a
+# file descriptor, and a server at its limit on them escapes each line it logs (serve.app's
+# formatter), which failed into a "--- Logging error ---" traceback per line.
+codecs.lookup("unicode_escape")
+
+
 def printable(text: str) -> str:
     """`text` with each control character (C0 but tab, DEL, C1), bidi override or isolate, and
     lone surrogate escaped (`\\x1b`, `\\u202e`): a revision's text must not drive the terminal

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from mintvcs.errors import MintError
+from mintvcs.messages import one_line
 from mintvcs.serve import api_keys
 from mintvcs.serve.api_keys import ApiKeys
 from mintvcs.serve.http_metrics import (
@@ -37,7 +38,7 @@ from mintvcs.serve.http_metrics import (
     Histogram,
     Registry,
 )
-from mintvcs.serve.log_repeats import ALWAYS, RepeatFilter
+from mintvcs.serve.log_repeats import ALWAYS, AcceptFailures, RepeatFilter
 from mintvcs.serve.refwatch import (
     InvalidRefSpec,
     RefMove,
@@ -982,12 +983,17 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _repeats_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Hold back repeats of a warning or error while the app runs (log_repeats)."""
+    """Hold back repeats of a warning or error while the app runs (log_repeats), and collapse
+    the event loop's reports of accept() failing for want of a descriptor into a line a while."""
     repeats = RepeatFilter()
     log.addFilter(repeats)
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(AcceptFailures(log, previous))
     try:
         yield
     finally:
+        loop.set_exception_handler(previous)
         log.removeFilter(repeats)
 
 
@@ -1121,8 +1127,6 @@ def _print_flushed(line: str) -> None:
 def _complain(line: str) -> None:
     """An `error:` line on stderr; one that a full or closed stderr cannot take is dropped
     (the exit status still tells)."""
-    from mintvcs.messages import one_line
-
     with contextlib.suppress(OSError, ValueError, AttributeError):
         # Escaped, as the CLI's: what the line names (a path, a file's error) must neither
         # break it in two nor drive the terminal.
@@ -1139,8 +1143,6 @@ async def serve_until_signalled(
     """Run the server until SIGTERM, SIGINT or SIGHUP, then drain; the exit status (1 if the
     base failed to load, said once through `err`)."""
     server = await start_server(config, engine_factory=engine_factory, log_load_error=False)
-    from mintvcs.messages import one_line
-
     out(
         f"mintvcs serve: listening on {server.url} (repository {one_line(str(config.repo))}, "
         f"base {one_line(str(config.base_model))}, served alone as {config.base_name!r})"
@@ -1197,8 +1199,6 @@ class OneLineFormatter(logging.Formatter):
     which follow the message, stay as they are)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        from mintvcs.messages import one_line
-
         escaped = copy.copy(record)  # other handlers see the record as it was
         escaped.message = one_line(record.message)
         return super().formatMessage(escaped)

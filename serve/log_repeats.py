@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import resource
 import threading
 import time
+from typing import Any
 
 # A corrupt object fails every request for its revision, an unreadable refs folder every poll
 # of the watcher, a broken device every engine step: one line each per this many seconds.
@@ -63,3 +66,58 @@ def _key(record: logging.LogRecord) -> tuple[object, ...]:
         err = record.exc_info[1]
         return (record.levelno, record.msg, type(err).__name__, str(err))
     return (record.levelno, record.getMessage())
+
+
+# What asyncio's accept loop reports when accept() fails for want of a descriptor or memory.
+ACCEPT_FAILED = "socket.accept() out of system resource"
+# Such failures are logged once per this many seconds, with how many there were.
+ACCEPT_FAILED_INTERVAL = 10.0
+ExceptionHandler = Any  # asyncio's: (loop, context) -> None
+
+
+class AcceptFailures:
+    """An event loop exception handler that logs the accept loop's failures for want of a
+    descriptor once per ACCEPT_FAILED_INTERVAL, one line with their count, and passes every
+    other error the loop reports on to `previous` (asyncio's default handler when None).
+
+    At its limit on open files a server fails each accept(): CPython 3.11's accept loop
+    reports each of up to `backlog` (128) failures per wake-up, and each report was an error
+    line and its traceback, megabytes a second while clients kept connecting.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        previous: ExceptionHandler | None,
+        interval: float = ACCEPT_FAILED_INTERVAL,
+    ) -> None:
+        self.logger, self.previous, self.interval = logger, previous, interval
+        self.failed = 0  # since the last line
+        self.logged_at: float | None = None
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != ACCEPT_FAILED:
+            if self.previous is None:
+                loop.default_exception_handler(context)
+            else:
+                self.previous(loop, context)
+            return
+        self.failed += 1
+        now = time.monotonic()
+        if self.logged_at is not None and now - self.logged_at < self.interval:
+            return
+        err = context.get("exception")
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        shown = "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+        self.logger.error(
+            "cannot accept new connections: %s (%d failed accept() calls%s); open connections "
+            "are still served, new ones wait until descriptors are freed; the limit on open "
+            "files is %s (ulimit -n)",
+            reason,
+            self.failed,
+            "" if self.logged_at is None else f" in the last {now - self.logged_at:.0f} s",
+            shown,
+        )
+        self.failed = 0
+        self.logged_at = now

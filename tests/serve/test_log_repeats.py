@@ -149,3 +149,83 @@ def test_a_server_that_cannot_start_leaves_no_filter_on_the_log(
         with pytest.raises(OSError):
             BackgroundServer(config).start()
     assert not [f for f in serve_log.filters if isinstance(f, RepeatFilter)]
+
+
+# Formats a log line holding a newline (asyncio's reports hold several) with every descriptor
+# taken, as a server at its limit on open files formats each line it logs; prints the line.
+_FORMAT_WITHOUT_DESCRIPTORS = """
+import logging, os, resource, sys
+from mintvcs.serve.app import OneLineFormatter
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+record = logging.LogRecord("asyncio", logging.ERROR, "x", 1, "accept() failed\\nsocket: s", (), None)
+try:
+    line = OneLineFormatter("%(levelname)s %(message)s").format(record)
+finally:
+    for fd in held:
+        os.close(fd)
+print(line)
+"""
+
+
+def test_the_log_formatter_needs_no_descriptor() -> None:
+    # Its escaping codec was found at its first use, which imports a module and so takes a
+    # descriptor: at the server's limit each line failed into logging's "--- Logging error
+    # ---" and a 50-line traceback.
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _FORMAT_WITHOUT_DESCRIPTORS],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ERROR accept() failed\\nsocket: s\n"
+
+
+class _Recorded(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_accept_failures_are_one_line_a_while_and_other_errors_pass_on() -> None:
+    import asyncio
+    import errno
+
+    from mintvcs.serve.log_repeats import ACCEPT_FAILED, AcceptFailures
+
+    logger = logging.getLogger("tests.accept_failures")
+    logger.propagate = False
+    handler = _Recorded()
+    logger.addHandler(handler)
+    passed: list[dict[str, object]] = []
+    loop = asyncio.new_event_loop()
+    try:
+        failures = AcceptFailures(logger, lambda _loop, context: passed.append(context), 0.3)
+        full = {"message": ACCEPT_FAILED, "exception": OSError(errno.EMFILE, "Too many open files")}
+        for _ in range(500):  # what a few wake-ups of CPython 3.11's accept loop report
+            failures(loop, full)
+        failures(loop, {"message": "Task exception was never retrieved"})
+        time.sleep(0.35)
+        failures(loop, full)
+    finally:
+        loop.close()
+        logger.removeHandler(handler)
+    lines = [record.getMessage() for record in handler.records]
+    assert len(lines) == 2 and all(r.levelno == logging.ERROR for r in handler.records)
+    assert lines[0].startswith("cannot accept new connections: Too many open files (1 failed")
+    assert "(500 failed accept() calls in the last 0 s)" in lines[1], lines
+    assert passed == [{"message": "Task exception was never retrieved"}]

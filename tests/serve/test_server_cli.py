@@ -740,3 +740,59 @@ def test_serve_reads_a_store_of_more_packs_than_descriptors(
         proc.kill()
         _, err = proc.communicate(timeout=60)
     assert "Too many open files" not in err, err
+
+
+def _healthy(url: str) -> bool:
+    """Whether /health answers 200 within 5 s."""
+    try:
+        return request(url + "/health", timeout=5)[0] == 200
+    except OSError:  # a timeout, a refused connection
+        return False
+
+
+def test_serve_at_its_descriptor_limit_logs_a_line_not_a_flood(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    # 100 idle clients of a server allowed 64 descriptors: asyncio's accept loop reported each
+    # failed accept() (hundreds a second), each logged as an error with its traceback, and each
+    # of those failed again in the log's formatter ("--- Logging error ---"): 13 MB in 6 s.
+    import socket
+
+    porcelain.init(tmp_path / "repo", str(tiny_base)).close()
+    log = tmp_path / "serve.log"  # a file, as a service's log: a pipe nobody reads fills up
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [
+                *("sh", "-c", 'ulimit -n 64 && exec "$@"', "sh", sys.executable, "-m"),
+                *("mintvcs.serve.cli", "serve", "--repo", str(tmp_path / "repo")),
+                *("--base-model", str(tiny_base), "--port", "0", "--cpu-threads", "1"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "MINT_LOG_LEVEL": "WARNING"},
+        )
+    clients: list[socket.socket] = []
+    try:
+        url = _url_when_ready(proc)
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        clients = [socket.create_connection((host, int(port))) for _ in range(100)]
+        time.sleep(3)
+        for client in clients:
+            client.close()
+        deadline = time.monotonic() + 30
+        while not _healthy(url):  # served again once they go
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        for client in clients:
+            client.close()
+        proc.kill()
+        proc.communicate(timeout=60)
+    err = log.read_text()
+    lines = err.splitlines()
+    accept = [line for line in lines if "cannot accept new connections" in line]
+    assert 1 <= len(accept) <= 2, err[:3000]
+    assert "Too many open files" in accept[0] and "(ulimit -n)" in accept[0]
+    assert "Logging error" not in err and "Traceback" not in err, err[:3000]
+    assert len(lines) <= 5, err[:3000]
