@@ -908,7 +908,7 @@ class Repository:
         packed = self._read_packed_object(bytes.fromhex(oid))
         if packed is not None:
             try:
-                return ShaFile.from_raw_string(packed[0], packed[1], sha=ObjectID(oid.encode()))
+                return parse_object(packed[0], bytes(packed[1]), oid)
             except (ObjectFormatException, ValueError, KeyError, IndexError, AssertionError) as err:
                 raise CorruptObjectError(
                     f"{named}object {oid} is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
