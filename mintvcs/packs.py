@@ -945,6 +945,21 @@ class PackFile:
         hi = min(struct.unpack_from(">I", idx, 8 + first * 4)[0], self.count)
         return min(lo, hi), hi
 
+    def _first_not_below(self, key: bytes) -> tuple[int, int, int]:
+        """The position of the first name of this index not below `key` (20 bytes), searched in
+        the range of `key`'s first byte, and that range's start and end."""
+        idx, names = self.idx, _IDX_NAMES
+        start, end = self._fan_out(key)
+        lo, hi = start, end
+        while lo < hi:
+            mid = (lo + hi) // 2
+            at = names + mid * 20
+            if idx[at : at + 20] < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo, start, end
+
     def find(self, key: bytes) -> int | None:
         """The pack offset of object `key` (20 bytes), or None: a binary search of the index.
 
@@ -972,15 +987,7 @@ class PackFile:
         find_abbrev_len_packed reads them. Only names of `key`'s first byte are looked at (one
         that shares fewer than two digits never lengthens an abbreviation)."""
         idx, names = self.idx, _IDX_NAMES
-        start, end = self._fan_out(key)
-        lo, hi = start, end
-        while lo < hi:  # the first name not below `key`
-            mid = (lo + hi) // 2
-            at = names + mid * 20
-            if idx[at : at + 20] < key:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo, start, end = self._first_not_below(key)
         after = lo
         if after < end and idx[names + after * 20 : names + after * 20 + 20] == key:
             after += 1  # `key` itself
@@ -995,15 +1002,7 @@ class PackFile:
         """The hex ids of this index's objects that start with `prefix` (hex digits, at least two)."""
         low = bytes.fromhex((prefix + "0" * 40)[:40])
         idx, names = self.idx, _IDX_NAMES
-        lo, end = self._fan_out(low)
-        hi = end
-        while lo < hi:  # the first name not below `low`
-            mid = (lo + hi) // 2
-            at = names + mid * 20
-            if idx[at : at + 20] < low:
-                lo = mid + 1
-            else:
-                hi = mid
+        lo, _start, end = self._first_not_below(low)
         found = []
         for position in range(lo, end):
             name = idx[names + position * 20 : names + position * 20 + 20].hex()
