@@ -1287,6 +1287,8 @@ class PackFile:
 def _inflate_entry(pack: mmap.mmap, pos: int, size: int, end: int) -> bytes | None:
     """The `size` bytes the zlib stream at pack[pos:] inflates to; None when it is damaged,
     ends past `end`, or inflates to another size (never more than `size` + 1 is kept)."""
+    if size > (end - pos) * 1032 + 64:
+        return None  # deflate makes at most ~1032 bytes of one: a lying header, or a bomb
     inflater = zlib.decompressobj()
     parts: list[bytes] = []
     done = 0

@@ -905,7 +905,7 @@ class Repository:
         # Then the packs, with our reader: dulwich keeps every pack it looks in open (two
         # descriptors each, for the Repository's life), so a store of many packs ran out of
         # descriptors. dulwich still reads what ours does not (damage it reports, alternates).
-        packed = self._read_packed_object(bytes.fromhex(oid))
+        packed = self._read_packed_object(bytes.fromhex(oid)) if is_object_id(oid) else None
         if packed is not None:
             try:
                 return parse_object(packed[0], bytes(packed[1]), oid)

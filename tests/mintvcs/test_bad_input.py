@@ -30,6 +30,7 @@ from tests.mintvcs.storekit import (
     git,
     handmade_adapter,
     hostile_commit,
+    loose_path,
     mint,
     mint_fails,
     mutate,
@@ -1206,6 +1207,35 @@ def test_a_lying_pack_index_is_a_clean_error(work: Path) -> None:
     result = mint(work, "fsck", ok=False)  # `mint` fails the test on any traceback
     assert result.returncode != 0
     assert mint(work, "gc", ok=False).returncode == 128
+
+
+def test_a_pack_entry_claiming_more_than_a_stream_can_hold_is_a_clean_error(work: Path) -> None:
+    # The head commit alone in a pack whose entry header claims 2**63 bytes: our pack reader
+    # handed that to zlib as its output limit, which no Py_ssize_t holds (an OverflowError
+    # traceback); it is damage, which dulwich then names.
+    git_dir = work / ".mint"
+    head = git(git_dir, "rev-parse", "HEAD").stdout.strip()
+    name = git(
+        git_dir, "pack-objects", "-q", str(git_dir / "objects/pack/pack"), input_text=head + "\n"
+    ).stdout.strip()
+    loose_path(work, head).unlink()
+    pack = git_dir / "objects" / "pack" / f"pack-{name}.pack"
+    data = bytearray(pack.read_bytes())
+    assert data[12] >> 4 & 7 == 1  # the commit's entry, right after the pack header
+    size = 1 << 63
+    claim = bytearray([0x80 | 1 << 4 | size & 0x0F])
+    size >>= 4
+    while size >> 7:
+        claim.append(0x80 | size & 0x7F)
+        size >>= 7
+    claim.append(size)
+    at = 13
+    while data[at - 1] & 0x80:  # past the entry's own size bytes
+        at += 1
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(data[:12] + claim + data[at:]))
+    line = mint_fails(work, "log")  # `mint` fails the test on any traceback
+    assert head in line and "corrupt" in line, line
 
 
 def test_a_corrupt_head_or_config_is_named(work: Path) -> None:
