@@ -775,15 +775,10 @@ class _PackMaps:
         self.used: OrderedDict[int, weakref.ref[PackFile]] = OrderedDict()
 
     def touch(self, pack: PackFile) -> None:
-        """Mark `pack`'s map as just used (no lock: OrderedDict's operations are atomic).
-
-        Called for every object read (a revision's hundreds of tensors): the usual case, the
-        pack read last, costs one comparison, not a move (a cold load spent ~1 ms here)."""
-        key = id(pack)
-        if next(reversed(self.used), None) == key:
-            return
-        with suppress(KeyError):  # dropped meanwhile: its map stays valid for this read
-            self.used.move_to_end(key)
+        """Mark `pack`'s map as just used (no lock: move_to_end is atomic, where a look at the
+        order first, from a thread while another changes it, raises RuntimeError)."""
+        with suppress(KeyError):
+            self.used.move_to_end(id(pack))
 
     def open(self, pack: PackFile) -> mmap.mmap:
         """Map `pack`'s data, dropping the least recently used maps past the budget, or all
