@@ -139,6 +139,16 @@ class ModelConfig:
                 f"architecture {archs or raw.get('model_type')!r} is not supported; "
                 f"the engine runs {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        quantization = raw.get("quantization_config")
+        if quantization:
+            # Its weights are packed integers or 8-bit floats with scales beside them: read as
+            # plain weights they would load and give nonsense.
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+            raise UnsupportedModelError(
+                "quantized checkpoints are not supported (config.json has a quantization_config"
+                + (f" of quant_method {str(method)!r:.40}" if method else "")
+                + "); serve the unquantized checkpoint (F32, F16 or BF16 weights)"
+            )
         act = raw.get("hidden_act", "silu")
         if act not in ("silu", "swish"):  # one function under two names
             raise UnsupportedModelError(

@@ -38,6 +38,8 @@ LORA_GROUPS = (
 )
 # What a PeftModel's state dict puts before the wrapped model's own tensor names.
 _PEFT_PREFIX = "base_model.model."
+# The weight dtypes a checkpoint may hold; anything else is quantized.
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass
@@ -380,7 +382,8 @@ class Model:
                 progress(tensor.numel() * tensor.element_size())
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            raw[name] = tensor.to(device=device, dtype=dtype)
+            # Other dtypes stay as stored: from_state_dict refuses one it would use.
+            raw[name] = tensor.to(device=device, dtype=dtype) if tensor.dtype in _FLOATS else tensor
         return cls.from_state_dict(config, raw, max_len=max_len, prepack=prepack)
 
     @classmethod
@@ -412,6 +415,13 @@ class Model:
         vocab = (c.vocab_size, c.describe("vocab_size"))
 
         def check(name: str, tensor: torch.Tensor, *dims: tuple[int, str]) -> torch.Tensor:
+            if tensor.dtype not in _FLOATS:
+                # 8-bit floats or packed integers: quantized weights, whose scales sit apart.
+                raise CheckpointError(
+                    f"tensor {name!r} is stored as {str(tensor.dtype).removeprefix('torch.')}: "
+                    "quantized weights are not supported; serve the unquantized checkpoint "
+                    "(F32, F16 or BF16 weights)"
+                )
             want = [size for size, _ in dims]
             if list(tensor.shape) != want:
                 fields = ", ".join(dict.fromkeys(why for _, why in dims))
@@ -523,6 +533,14 @@ class Model:
                     "false to silence this)"
                 )
         norm = take("model.norm.weight", hidden)
+        if raw:
+            # As transformers does, a warning: such a tensor belongs to a part neither runs.
+            unused = sorted(raw)
+            log.warning(
+                "the checkpoint holds %d tensor(s) the model does not use: %s",
+                len(unused),
+                ", ".join(f"{name!r:.80}" for name in unused[:5]) + (", ..." if unused[5:] else ""),
+            )
         return cls(config, embed, layers, norm, lm_head, max_len=max_len, prepack=prepack)
 
     @property

@@ -596,3 +596,54 @@ def test_partial_rotary_factor_with_scaled_rope_is_refused() -> None:
     assert ModelConfig.from_dict(_llama(partial_rotary_factor=0.5)).rope.rope_type == "default"
     one = ModelConfig.from_dict(_llama(partial_rotary_factor=1.0, rope_scaling=linear))
     assert one.rope.factor == 2.0
+
+
+def test_quantized_checkpoints_are_refused_not_read_as_plain_weights(tmp_path: Path) -> None:
+    # An FP8 checkpoint (8-bit weights, their scales in `weight_scale_inv` beside them) loaded
+    # with each weight cast to float and the scales dropped: nonsense served without a word.
+    from safetensors.torch import load_file, save_file
+
+    directory = build_base(tmp_path / "fp8", seed=3)
+    weights = load_file(directory / "model.safetensors")
+    for name in [n for n in weights if n.endswith("_proj.weight")]:
+        weights[name.removesuffix("weight") + "weight_scale_inv"] = torch.ones(1, 1)
+        weights[name] = weights[name].to(torch.float8_e4m3fn)
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    # Without its quantization_config, the first 8-bit weight the model uses is named.
+    with pytest.raises(
+        CheckpointError,
+        match=r"^tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' is stored as "
+        r"float8_e4m3fn: quantized weights are not supported; serve the unquantized "
+        r"checkpoint \(F32, F16 or BF16 weights\)$",
+    ):
+        Model.from_dir(directory)
+    _edit_config(directory, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"^quantized checkpoints are not supported \(config\.json has a "
+        r"quantization_config of quant_method 'fp8'\); serve the unquantized checkpoint",
+    ):
+        Model.from_dir(directory)
+
+
+def test_tensors_the_model_does_not_use_are_named_in_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # transformers warns of unused weights too; the logits are still the same as its.
+    from safetensors.torch import load_file, save_file
+
+    directory = build_base(tmp_path / "extra", seed=3)
+    weights = load_file(directory / "model.safetensors")
+    with caplog.at_level("WARNING", logger="mintvcs.serve"):
+        Model.from_dir(directory, prepack=False)
+    assert "does not use" not in caplog.text
+    extra = {f"model.layers.0.extra_{i}": torch.zeros(2) for i in range(6)}
+    save_file({**weights, **extra}, directory / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="mintvcs.serve"):
+        ours = _our_logits(directory, _prompt())
+    assert (
+        "the checkpoint holds 6 tensor(s) the model does not use: 'model.layers.0.extra_0', "
+        "'model.layers.0.extra_1', 'model.layers.0.extra_2', 'model.layers.0.extra_3', "
+        "'model.layers.0.extra_4', ..." in caplog.text
+    )
+    assert torch.allclose(ours, _hf_logits(directory, _prompt()), atol=1e-4, rtol=0)
