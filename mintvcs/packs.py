@@ -1212,24 +1212,23 @@ class PackFile:
         since): the caller then asks dulwich, which reads or reports it. Commits and trees
         are read here, not through dulwich, which keeps each pack it looks in open.
         """
-        from dulwich.pack import apply_delta
-
         pack = self._data()
         if pack is None:
             return None
         end = len(pack) - PACK_TRAILER
         deltas: list[tuple[int, bytes]] = []  # (offset, delta), newest first
         for _ in range(MAX_DELTA_HOPS):
-            known = DELTA_BASES.get(self.pack_path, offset)
-            if known is not None:
-                kind, data = known
-                break
             if not PACK_HEADER <= offset < end:
                 return None
             try:
                 kind, size, pos, base = entry_header(pack, offset, end)
             except PackEntryError:
                 return None
+            if base is not None or deltas:  # a delta or a delta's base: rebuilt already?
+                known = DELTA_BASES.get(self.pack_path, offset)
+                if known is not None:
+                    kind, data = known
+                    break
             inflated = _inflate_entry(pack, pos, size, end)
             if inflated is None:
                 return None
@@ -1252,6 +1251,10 @@ class PackFile:
                 offset = base
         else:
             return None
+        if not deltas:
+            return (kind, data) if kind in _KIND_NAMES else None
+        from dulwich.pack import apply_delta
+
         try:
             for at, delta in reversed(deltas):
                 data = b"".join(apply_delta(data, delta))

@@ -665,6 +665,7 @@ class Repository:
         self.plane_cache: PlaneCache | None = None
         # `.mint/shallow` as last read: (its stat key, the commits it lists).
         self._shallow: tuple[tuple[int, int, int], frozenset[str]] | None = None
+        self._shallow_path = str(self.git_dir / SHALLOW_FILE)
         # Manifest blobs whose safetensors header was found to agree with them (_check_header).
         self._agreeing_manifests: set[str] = set()
         # Commit id -> its parents as the object lists them, least recently used first (see
@@ -876,13 +877,17 @@ class Repository:
 
         named = "" if what == "object" else f"{what}: "
         problem: str | None = None
-        # Loose first, with our reader: dulwich looks through every pack before the loose
+        # In the pack the last lookup found its object in, first: a walk of a gc'd history
+        # finds each commit there (a failed open of its loose path cost more than the read).
+        key = bytes.fromhex(oid) if is_object_id(oid) else None  # dulwich names what is not
+        packed = None if key is None else self._read_packed_object(key, last_only=True)
+        # Then loose, with our reader: dulwich looks through every pack before the loose
         # files, and a training run's commits, trees and manifests stay loose until gc while
         # each commit adds a pack (2.3 ms per read with 300 packs). A loose copy that is
         # unreadable or holds other content falls through to dulwich, which reads packs first
         # (a good packed copy wins, as in git) and reports a bad loose one.
         try:
-            loose = self._read_loose(oid, what)
+            loose = None if packed is not None else self._read_loose(oid, what)
         except CorruptObjectError:
             loose = None
         if loose is not None and (type_num := OBJECT_TYPE_NUMBERS.get(loose[0])) is not None:
@@ -905,7 +910,8 @@ class Repository:
         # Then the packs, with our reader: dulwich keeps every pack it looks in open (two
         # descriptors each, for the Repository's life), so a store of many packs ran out of
         # descriptors. dulwich still reads what ours does not (damage it reports, alternates).
-        packed = self._read_packed_object(bytes.fromhex(oid)) if is_object_id(oid) else None
+        if packed is None and key is not None:
+            packed = self._read_packed_object(key)
         if packed is not None:
             try:
                 return parse_object(packed[0], bytes(packed[1]), oid)
@@ -946,7 +952,7 @@ class Repository:
         lists them: their parents were not fetched, and git treats them as having none. Empty
         for a whole repository; read again whenever the file changes (`git fetch --unshallow`
         deletes it)."""
-        path = self.git_dir / SHALLOW_FILE
+        path = self._shallow_path  # asked once per commit a walk reads: no Path built each time
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -954,7 +960,7 @@ class Repository:
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._shallow is None or self._shallow[0] != key:
             try:
-                text = path.read_bytes().decode("ascii", "replace")
+                text = Path(path).read_bytes().decode("ascii", "replace")
             except (FileNotFoundError, IsADirectoryError):
                 return frozenset()
             lines = (line.strip() for line in text.splitlines())
@@ -1142,12 +1148,20 @@ class Repository:
                     return None
         return None
 
-    def _read_packed_object(self, key: bytes, depth: int = 0) -> tuple[int, bytes] | None:
+    def _read_packed_object(
+        self, key: bytes, depth: int = 0, *, last_only: bool = False
+    ) -> tuple[int, bytes] | None:
         """(type number, content) of object `key` (20 bytes) as our pack reader reads it (see
         PackFile.read_object); None where it cannot: in no pack it reads, or unreadable there
-        (dulwich then reads it or says what is wrong)."""
-        for _attempt in range(2):  # again once, should the pack prove removed (a gc)
-            found = self._find_packed(key, rescan=True)
+        (dulwich then reads it or says what is wrong). `last_only`: only if it is in the pack
+        the last lookup found its object in."""
+        for _attempt in range(1 if last_only else 2):  # again once, should the pack be gone
+            if last_only:
+                last: PackFile | None = self.__dict__.get("_last_pack")
+                offset = None if last is None or last.gone else last.find(key)
+                found = None if offset is None or last is None else (last, offset)
+            else:
+                found = self._find_packed(key, rescan=True)
             if found is None:
                 return None
             pack, offset = found
@@ -1787,12 +1801,27 @@ class Repository:
                 self._parents.move_to_end(oid)
         if parents is None:
             # Untrimmed: `.mint/shallow` may change (`fetch --deepen`), the commit cannot.
-            parents = self._read_commit(oid).parents
+            parents = self._read_parents(oid)
             with self._parents_lock:
                 self._parents[oid] = parents
                 while len(self._parents) > _PARENTS_KEPT:
                     self._parents.popitem(last=False)
         return () if parents and oid in shallow else parents
+
+    def _read_parents(self, oid: str) -> tuple[str, ...]:
+        """A commit's parents as _read_commit gives them, read from its packed entry's first
+        lines where they are plain (tree, then parent lines), not parsed whole: a `~N` of a long
+        history reads N commits (~100 us each through dulwich's full parse)."""
+        if is_object_id(oid):
+            key = bytes.fromhex(oid)
+            packed = self._read_packed_object(key, last_only=True)
+            if packed is None and not os.path.exists(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}"):
+                packed = self._read_packed_object(key)
+            if packed is not None and packed[0] == OBJECT_TYPE_NUMBERS[b"commit"]:
+                parents = _plain_parents(packed[1])
+                if parents is not None:
+                    return parents
+        return self._read_commit(oid).parents  # loose, or anything unusual: read in full
 
     def read_revision(self, commit_id: str, progress: ProgressFn | None = None) -> Revision:
         """Load a revision's manifest (tensors are decoded on demand); `progress(n)` hears of
@@ -3066,6 +3095,27 @@ def _open_pack(base: Path) -> PackFile:
             raise
     release_pack_maps()
     return PackFile(base)
+
+
+_PLAIN_ID = re.compile(rb"[0-9a-f]{40}\Z")
+
+
+def _plain_parents(body: bytes) -> tuple[str, ...] | None:
+    """The parents of a commit whose content is `body`, where it starts as git writes it: a
+    tree line, then its parent lines, then a line that is no continuation of them; None for
+    anything else (dulwich's parse then says what it makes of it)."""
+    if not body.startswith(b"tree ") or body[45:46] != b"\n" or not _PLAIN_ID.match(body, 5, 45):
+        return None
+    parents = []
+    at = 46
+    while body.startswith(b"parent ", at):
+        if body[at + 47 : at + 48] != b"\n" or not _PLAIN_ID.match(body, at + 7, at + 47):
+            return None
+        parents.append(body[at + 7 : at + 47].decode())
+        at += 48
+    if body[at : at + 1] in (b" ", b""):  # a continuation of the last line, or no end
+        return None
+    return tuple(parents)
 
 
 def _loose_names(directories: Sequence[str]) -> list[str]:
