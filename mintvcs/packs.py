@@ -741,6 +741,8 @@ class PackGone(NotStored):
 
 
 _KIND_NAMES = {1: "commit", 2: "tree", 3: "blob", 4: "tag"}
+# find's binary search stops at this many names, then looks for the name among them at once.
+_FIND_SCAN = 64
 # Where a version-2 index's sorted object names start: magic, version, 256 fan-out entries.
 _IDX_NAMES = 8 + 1024
 # An object name as numpy compares it: three big-endian words, so the order is the bytes'.
@@ -964,7 +966,7 @@ class PackFile:
         """
         idx, names = self.idx, _IDX_NAMES
         lo, hi = self._fan_out(key)
-        while lo < hi:
+        while hi - lo > _FIND_SCAN:
             mid = (lo + hi) // 2
             at = names + mid * 20
             name = idx[at : at + 20]
@@ -974,7 +976,13 @@ class PackFile:
                 hi = mid
             else:
                 return self._offset_at(mid)
-        return None
+        # The last few names in one substring search (a walk looks up every commit: each probe
+        # above costs a slice and a comparison in Python); a hit must start at a name's start.
+        start, stop = names + lo * 20, names + hi * 20
+        at = idx.find(key, start, stop)
+        while at >= 0 and (at - names) % 20:
+            at = idx.find(key, at + 1, stop)
+        return None if at < 0 else self._offset_at((at - names) // 20)
 
     def shared_digits(self, key: bytes) -> int:
         """The most leading hex digits a name of this index other than `key` (20 bytes) shares
@@ -1294,6 +1302,14 @@ def _inflate_entry(pack: mmap.mmap, pos: int, size: int, end: int) -> bytes | No
     # `size` bytes (stored blocks add 5 bytes per 64 KiB, deflate at most a little more), so
     # that a small object takes one call; then a piece at a time.
     step = size + (size >> 12) + 64
+    if size < _INFLATE_STEP:  # a commit, a tree: one call on a copy of its bytes
+        try:
+            small = inflater.decompress(pack[pos : min(pos + step, end)], size + 1)
+        except zlib.error:
+            return None
+        if inflater.eof:
+            return small if len(small) == size else None
+        inflater = zlib.decompressobj()  # a stream longer than zlib makes: read it as below
     with memoryview(pack) as view:
         try:
             while not inflater.eof and pos < end:

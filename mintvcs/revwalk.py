@@ -37,12 +37,13 @@ class Revisions:
         self.repo = repo
         self.tips = list(tips)
         self.read: dict[str, CommitInfo] = {}
+        self.shallow = repo.shallow_commits()  # once for the log, as git reads it
 
     def commit(self, oid: str) -> CommitInfo:
         """Commit `oid`, read once for the whole log."""
         info = self.read.get(oid)
         if info is None:
-            info = self.read[oid] = self.repo.commit_info(oid)
+            info = self.read[oid] = self.repo.commit_info(oid, self.shallow)
         return info
 
     def resolve(self, spec: str) -> str:

@@ -30,11 +30,13 @@ from mintvcs import codec
 from mintvcs.adapter import GIT_DIR, AdapterFiles, open_small_file, read_patterns
 from mintvcs.base import BaseModel
 from mintvcs.bulk import collector_paused
+from mintvcs.commits import parse_plain
+from mintvcs.dates import zone_seconds, zone_text
 from mintvcs.errors import MintError, cannot_read
 from mintvcs.filemodes import make_dir, not_writable, write_file
 from mintvcs.ids import is_object_id, shared_hex_digits
 from mintvcs.keep import ReplacedWeights
-from mintvcs.messages import quote_path
+from mintvcs.messages import decode_commit_texts, quote_path
 from mintvcs.objects import (
     CONFIG_PATH,
     FILES_DIR,
@@ -116,6 +118,7 @@ _DECODE_CHUNK_TENSORS = 1024
 _AGREEING_MANIFESTS_KEPT = 1 << 16
 # Commits whose parents a Repository remembers for `~N`/`^N` (~300 bytes each, so ~10 MB at most).
 _PARENTS_KEPT = 1 << 15
+_COMMIT_TYPE = OBJECT_TYPE_NUMBERS[b"commit"]
 # git's shortest abbreviation (MINIMUM_ABBREV), and the length it starts from in a small store.
 _ABBREV_MIN, _ABBREV_DEFAULT = 4, 7
 _LOOSE_NAME = re.compile(r"[0-9a-f]{38}")
@@ -1170,6 +1173,10 @@ class Repository:
                 return read
         return None
 
+    def _external_base(self, key: bytes) -> tuple[int, bytes] | None:
+        """A REF_DELTA's base stored outside the pack of its delta (_read_base)."""
+        return self._read_base(key, 0)
+
     def _read_base(self, key: bytes, depth: int) -> tuple[int, bytes] | None:
         """A REF_DELTA's base `key` stored outside its pack: loose, or in another pack."""
         if depth >= _REF_DELTA_PACKS:
@@ -1771,10 +1778,11 @@ class Repository:
         return codec.decode_planes(blobs, blob_id, name=name, headers=headers)
 
     # --------------------------------------------------------------- revisions
-    def commit_info(self, oid: str) -> CommitInfo:
-        """Decode a commit object."""
+    def commit_info(self, oid: str, shallow: frozenset[str] | None = None) -> CommitInfo:
+        """Decode a commit object (`shallow`: shallow_commits() as read once for a whole walk,
+        which would otherwise look at `.mint/shallow` once per commit)."""
         info = self._read_commit(oid)
-        if info.parents and oid in self.shallow_commits():
+        if info.parents and oid in (self.shallow_commits() if shallow is None else shallow):
             # A shallow clone's boundary: as git, it has no parents (they were never fetched),
             # so log, fsck and `~N` stop there instead of failing on a missing object.
             info = replace(info, parents=())
@@ -1782,7 +1790,60 @@ class Repository:
 
     def _read_commit(self, oid: str) -> CommitInfo:
         """A commit object decoded, its parents as it lists them (commit_info trims a shallow
-        clone's boundary)."""
+        clone's boundary): read with commits.parse_plain where it is written as git writes
+        it (a walk reads thousands), else parsed whole by dulwich."""
+        body = self._commit_body(oid)
+        plain = None if body is None else parse_plain(body)
+        if plain is None:
+            return self._read_whole_commit(oid)
+        author, committer, message = decode_commit_texts(
+            [plain.author, plain.committer, plain.message], plain.encoding
+        )
+        return CommitInfo(
+            id=oid,
+            tree=plain.tree,
+            parents=plain.parents,
+            author=author,
+            committer=committer,
+            time=plain.commit_time,
+            timezone=zone_seconds(plain.commit_zone),
+            message=message,
+            author_time=plain.author_time,
+            author_timezone=zone_seconds(plain.author_zone),
+            author_zone=zone_text(plain.author_zone),
+            date=plain.commit_time,  # the committer line is plain: the date git orders by
+        )
+
+    def _commit_body(self, oid: str) -> bytes | None:
+        """The text of commit `oid` as our readers find it: in the pack the last lookup found
+        its object in, loose (its id checked), or in another pack; None where they do not (not
+        a commit, missing, damaged: get_object then says what it is)."""
+        if not is_object_id(oid):
+            return None
+        key = bytes.fromhex(oid)
+        packed = None
+        last: PackFile | None = self.__dict__.get("_last_pack")
+        if last is not None and (offset := last.find(key)) is not None:
+            packed = last.read_object(offset, self._external_base)
+        if packed is None:
+            try:
+                loose = self._read_loose(oid, "object")
+            except MintError:
+                return None
+            if loose is not None:
+                kind, body = loose
+                if kind != b"commit":
+                    return None
+                digest = hashlib.sha1(b"commit %d\0" % len(body))
+                digest.update(body)
+                return bytes(body) if digest.hexdigest() == oid else None
+            packed = self._read_packed_object(key)
+        if packed is None or packed[0] != _COMMIT_TYPE:
+            return None
+        return bytes(packed[1])
+
+    def _read_whole_commit(self, oid: str) -> CommitInfo:
+        """A commit read through dulwich's parse (_read_commit for any commit)."""
         from dulwich.objects import Commit
 
         obj = self.get_object(oid, what=f"commit {oid[:12]}")
@@ -1809,19 +1870,12 @@ class Repository:
         return () if parents and oid in shallow else parents
 
     def _read_parents(self, oid: str) -> tuple[str, ...]:
-        """A commit's parents as _read_commit gives them, read from its packed entry's first
-        lines where they are plain (tree, then parent lines), not parsed whole: a `~N` of a long
-        history reads N commits (~100 us each through dulwich's full parse)."""
-        if is_object_id(oid):
-            key = bytes.fromhex(oid)
-            packed = self._read_packed_object(key, last_only=True)
-            if packed is None and not os.path.exists(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}"):
-                packed = self._read_packed_object(key)
-            if packed is not None and packed[0] == OBJECT_TYPE_NUMBERS[b"commit"]:
-                parents = _plain_parents(packed[1])
-                if parents is not None:
-                    return parents
-        return self._read_commit(oid).parents  # loose, or anything unusual: read in full
+        """A commit's parents as _read_commit gives them, read from its first lines where they
+        are plain (tree, then parent lines), nothing else parsed or decoded: a `~N` of a long
+        history reads N commits."""
+        body = self._commit_body(oid)
+        parents = None if body is None else _plain_parents(body)
+        return self._read_commit(oid).parents if parents is None else parents
 
     def read_revision(self, commit_id: str, progress: ProgressFn | None = None) -> Revision:
         """Load a revision's manifest (tensors are decoded on demand); `progress(n)` hears of
@@ -2235,8 +2289,9 @@ class Repository:
         """Commits from `start` along first parents, newest first."""
         oid: str | None = start
         count = 0
+        shallow = self.shallow_commits()
         while oid is not None and (limit is None or count < limit):
-            info = self.commit_info(oid)
+            info = self.commit_info(oid, shallow)
             yield info
             count += 1
             oid = info.parents[0] if info.parents else None
@@ -2899,7 +2954,7 @@ def _dates_as_git_reads_them(body: bytes) -> bytes:
     """A commit's or tag's text with each author, committer and tagger line's date and zone
     rewritten to what git log reads there (`1700000000` alone: `0 +0000`; `1700000000 +0000
     extra`: its first two)."""
-    from mintvcs.dates import ident_date, zone_text
+    from mintvcs.dates import ident_date
 
     head, sep, message = body.partition(b"\n\n")
     lines = head.split(b"\n")
@@ -2915,8 +2970,7 @@ def _dates_as_git_reads_them(body: bytes) -> bytes:
 def _commit_info(commit: Commit) -> CommitInfo:
     """Decode a dulwich commit: its text in the character set its `encoding` header names, as
     git log re-encodes the whole commit (identities too)."""
-    from mintvcs.dates import commit_date, zone_seconds, zone_text
-    from mintvcs.messages import decode_commit_texts
+    from mintvcs.dates import commit_date
 
     author, committer, message = decode_commit_texts(
         [commit.author, commit.committer, commit.message], commit.encoding

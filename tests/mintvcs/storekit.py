@@ -523,15 +523,32 @@ def swap_two_offsets(header: dict[str, Any]) -> None:
 
 
 def count_reads(repo: Any, monkeypatch: Any) -> list[str]:
-    """The ids `repo.get_object` reads from now on, in order (the list fills as it reads)."""
+    """The ids `repo` reads from now on, in order (the list fills as it reads): objects read
+    through get_object, commits through the walks' reader (_commit_body; a commit that reader
+    leaves to get_object counts twice)."""
     reads: list[str] = []
-    get_object = repo.get_object
+    for name in ("get_object", "_commit_body"):
+        reader = getattr(repo, name)
 
-    def counting(oid: str, *args: Any, **kwargs: Any) -> Any:
+        def counting(oid: str, *args: Any, _reader: Any = reader, **kwargs: Any) -> Any:
+            reads.append(oid)
+            return _reader(oid, *args, **kwargs)
+
+        monkeypatch.setattr(repo, name, counting)
+    return reads
+
+
+def whole_commit_reads(repo: Any, monkeypatch: Any) -> list[str]:
+    """The commits `repo` parses whole (through dulwich) from now on, in order: those the
+    walks' own reader (commits.parse_plain) leaves to it."""
+    reads: list[str] = []
+    read_whole = repo._read_whole_commit
+
+    def counting(oid: str) -> Any:
         reads.append(oid)
-        return get_object(oid, *args, **kwargs)
+        return read_whole(oid)
 
-    monkeypatch.setattr(repo, "get_object", counting)
+    monkeypatch.setattr(repo, "_read_whole_commit", counting)
     return reads
 
 

@@ -31,6 +31,7 @@ from tests.mintvcs.storekit import (
     mutate,
     set_value,
     tensor_names,
+    whole_commit_reads,
 )
 
 
@@ -583,10 +584,10 @@ def test_a_walk_down_a_packed_history_reads_only_each_commit_s_parent_lines(
     git(git_dir, "repack", "-a", "-d", "-q")
     assert not list(git_dir.glob("objects/??/*"))
     with Repository.open(tmp_path / "repo") as repo:
-        reads = count_reads(repo, monkeypatch)
+        whole = whole_commit_reads(repo, monkeypatch)
         for spec in ("main~150", "main~80^2", "main~80^2~49", "odd~1", "odd^1~199"):
             assert repo.resolve(spec) == git(git_dir, "rev-parse", spec).stdout.strip(), spec
-        assert set(reads) == {tip, odd_id}  # the refs peeled; no commit walked read whole
+        assert whole == []  # no commit walked was read whole
         with pytest.raises(store.UnknownRevisionError, match="has no parent 2"):
             repo.resolve("odd^2")
     # What is not as git writes it is left to the full parse (which refuses, or reads, it).
