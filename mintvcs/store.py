@@ -1862,20 +1862,12 @@ class Repository:
                 self._parents.move_to_end(oid)
         if parents is None:
             # Untrimmed: `.mint/shallow` may change (`fetch --deepen`), the commit cannot.
-            parents = self._read_parents(oid)
+            parents = self._read_commit(oid).parents
             with self._parents_lock:
                 self._parents[oid] = parents
                 while len(self._parents) > _PARENTS_KEPT:
                     self._parents.popitem(last=False)
         return () if parents and oid in shallow else parents
-
-    def _read_parents(self, oid: str) -> tuple[str, ...]:
-        """A commit's parents as _read_commit gives them, read from its first lines where they
-        are plain (tree, then parent lines), nothing else parsed or decoded: a `~N` of a long
-        history reads N commits."""
-        body = self._commit_body(oid)
-        parents = None if body is None else _plain_parents(body)
-        return self._read_commit(oid).parents if parents is None else parents
 
     def read_revision(self, commit_id: str, progress: ProgressFn | None = None) -> Revision:
         """Load a revision's manifest (tensors are decoded on demand); `progress(n)` hears of
@@ -3149,27 +3141,6 @@ def _open_pack(base: Path) -> PackFile:
             raise
     release_pack_maps()
     return PackFile(base)
-
-
-_PLAIN_ID = re.compile(rb"[0-9a-f]{40}\Z")
-
-
-def _plain_parents(body: bytes) -> tuple[str, ...] | None:
-    """The parents of a commit whose content is `body`, where it starts as git writes it: a
-    tree line, then its parent lines, then a line that is no continuation of them; None for
-    anything else (dulwich's parse then says what it makes of it)."""
-    if not body.startswith(b"tree ") or body[45:46] != b"\n" or not _PLAIN_ID.match(body, 5, 45):
-        return None
-    parents = []
-    at = 46
-    while body.startswith(b"parent ", at):
-        if body[at + 47 : at + 48] != b"\n" or not _PLAIN_ID.match(body, at + 7, at + 47):
-            return None
-        parents.append(body[at + 7 : at + 47].decode())
-        at += 48
-    if body[at : at + 1] in (b" ", b""):  # a continuation of the last line, or no end
-        return None
-    return tuple(parents)
 
 
 def _loose_names(directories: Sequence[str]) -> list[str]:

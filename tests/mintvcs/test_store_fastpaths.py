@@ -550,13 +550,14 @@ def test_checkout_reads_only_the_small_tensors_of_the_file_it_replaces(tmp_path:
             assert previous[begin:end] == on_disk[begin:end], record.name
 
 
-def test_a_walk_down_a_packed_history_reads_only_each_commit_s_parent_lines(
+def test_a_walk_down_a_packed_history_parses_no_commit_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `~N` over a gc'd history parsed each commit whole (dulwich's parse, then every field
     # decoded): ~130 us a commit, 30x git's walk on a 50,000-commit chain. A commit written as
-    # git writes it has its parents read from its first lines; anything else is read whole.
+    # git writes it is read by commits.parse_plain; anything else is read whole.
     from mintvcs import store
+    from mintvcs.commits import parse_plain
 
     git_dir = tmp_path / "repo" / ".mint"
     porcelain.init(tmp_path / "repo", install_hooks=False).close()
@@ -587,11 +588,11 @@ def test_a_walk_down_a_packed_history_reads_only_each_commit_s_parent_lines(
         whole = whole_commit_reads(repo, monkeypatch)
         for spec in ("main~150", "main~80^2", "main~80^2~49", "odd~1", "odd^1~199"):
             assert repo.resolve(spec) == git(git_dir, "rev-parse", spec).stdout.strip(), spec
-        assert whole == []  # no commit walked was read whole
+        assert whole == [odd_id]  # only the odd commit was read whole, no commit walked
         with pytest.raises(store.UnknownRevisionError, match="has no parent 2"):
             repo.resolve("odd^2")
     # What is not as git writes it is left to the full parse (which refuses, or reads, it).
-    assert store._plain_parents(odd.encode()) == (tip,)
-    assert store._plain_parents(f"tree {tree}\nparent {tip}\n x\n".encode()) is None
-    assert store._plain_parents(f"tree {tree}\nparent {tip.upper()}\n".encode()) is None
-    assert store._plain_parents(f"author {stamp}\ntree {tree}\n".encode()) is None
+    assert parse_plain(odd.encode()) is None
+    assert parse_plain(f"tree {tree}\nparent {tip}\n x\n".encode()) is None
+    assert parse_plain(f"tree {tree}\nparent {tip.upper()}\n".encode()) is None
+    assert parse_plain(f"author {stamp}\ntree {tree}\n".encode()) is None
