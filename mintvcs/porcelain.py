@@ -66,6 +66,7 @@ from mintvcs.refs import (
     tz_text,
 )
 from mintvcs.repoformat import parse_shared
+from mintvcs.safetensors_file import parse_layout
 from mintvcs.store import (
     CommitInfo,
     CorruptObjectError,
@@ -1391,7 +1392,51 @@ def _held_instead(repo: Repository, head: str | None) -> str | None:
     """The revision the work tree holds when it is not `head` (its branch moved under it),
     else None."""
     base = work_tree_base(repo)
-    return base if base is not None and head is not None and base != head else None
+    if base is None or head is None or base == head:
+        return None
+    return None if _switched_unrecorded(repo, base, head) else base
+
+
+def _switched_unrecorded(repo: Repository, base: str, head: str) -> bool:
+    """Whether something that keeps no record (a mintvcs before the record existed, which
+    checked out and committed without it) made the work tree hold `head` after the record named
+    `base`: the weights file no longer has the stat the record lists, and holds `head`'s tensors
+    where `base`'s differ. As git's index, a stat that no longer matches sends us to the content;
+    weights that are neither revision's (retrained in place) leave the record believed."""
+    assert repo.work_tree is not None
+    import hashlib
+
+    path = repo.work_tree / WEIGHTS_FILE
+    try:
+        if _read_record(repo).get("weights") == list(stat_key(os.stat(path))):
+            return False  # never rewritten since the record was
+        was, now = _read_revision(repo, base), _read_revision(repo, head)
+    except (OSError, MintError):
+        return False
+
+    def tensors(rev: Revision) -> tuple[bytes, dict[str, tuple[str, tuple[int, ...], str]]]:
+        return bytes(repo.read_blob(rev.manifest.header_blob)), {
+            t.name: (t.dtype, t.shape, t.sha256) for t in rev.manifest.tensors
+        }
+
+    held = tensors(now)
+    if held == tensors(was):
+        return False  # the weights cannot tell the two apart
+    try:
+        weights = read_stable(path)[0]
+        layout = parse_layout(weights, str(path))
+    except (OSError, MintError):
+        return False
+    offset = len(layout.header)
+    found = {
+        t.name: (
+            t.dtype,
+            t.shape,
+            hashlib.sha256(weights[offset + t.start : offset + t.end]).hexdigest(),
+        )
+        for t in layout.tensors
+    }
+    return (bytes(layout.header), found) == held
 
 
 def _mixed_instead(repo: Repository, head: str | None) -> list[str] | None:
@@ -1472,10 +1517,11 @@ class _WorkTreeChanges:
 def _undo_point(repo: Repository, head: RevisionOf | None) -> RevisionOf | None:
     """What a checkout or reset --hard that fails part-way writes back: the revision the work
     tree holds as its record says, where HEAD moved under it (a `commit --from`), else HEAD's."""
-    base = work_tree_base(repo)
-    if base is not None and (head is None or base != head.commit):
-        return RevisionOf(repo, base)
-    return head
+    if head is None:
+        base = work_tree_base(repo)
+        return RevisionOf(repo, base) if base is not None else None
+    held = _held_instead(repo, head.commit)
+    return RevisionOf(repo, held) if held is not None else head
 
 
 def _same_dir(a: Path, b: Path | None) -> bool:

@@ -442,6 +442,42 @@ def test_a_work_tree_left_behind_by_commit_from_is_told_not_committed_back(
     assert git(work / ".mint", "rev-parse", "HEAD~1").stdout.strip() == r3 and head(work) == r4
 
 
+def test_a_work_tree_switched_without_its_record_is_a_plain_work_tree(
+    work: Path, tmp_path: Path
+) -> None:
+    # A mintvcs older than the work-tree record moves HEAD and rewrites the files without
+    # touching it (plain git plumbing and a copy do the same here). The record then names a
+    # revision the work tree no longer holds: an edit read as "the branch has moved", the
+    # commit was refused, and the advised checkout --force would have dropped the edit.
+    r0 = commit(work, "r0", "--no-verify")
+    checkpoint = copy_adapter(work, tmp_path / "checkpoint")
+    mutate(checkpoint, seed=3, names=[tensor_names(checkpoint)[1]])
+    mint(work, "branch", "feature")
+    r1 = commit(work, "step", "--from", str(checkpoint), "--branch", "feature", "--no-verify")
+    git(work / ".mint", "symbolic-ref", "HEAD", "refs/heads/feature")
+    copy_adapter(checkpoint, work)
+    assert mint(work, "status").stdout.endswith("nothing to commit, work tree clean\n")
+    (work / "README.md").write_text("edited after the switch\n")
+    state = json.loads(mint(work, "status", "--json").stdout)
+    assert state["base"] is None and state["head"] == r1
+    assert [(c["status"], c["path"]) for c in state["changes"]] == [("modified", "README.md")]
+    assert "has moved" not in mint(work, "status").stdout
+    r2 = commit(work, "edit", "--no-verify")
+    assert git(work / ".mint", "rev-parse", "HEAD~1").stdout.strip() == r1
+    assert (
+        git(work / ".mint", "show", f"{r2}:files/README.md").stdout == "edited after the switch\n"
+    )
+    # While the weights still hold the record's revision (or neither: retrained in place), the
+    # record is believed: a `commit --from` onto the branch is still told, not committed back.
+    mint(work, "checkout", "main")
+    assert head(work) == r0
+    r3 = commit(work, "main step", "--from", str(checkpoint), "--no-verify")
+    mutate(work, seed=8, names=[tensor_names(work)[1]])
+    assert json.loads(mint(work, "status", "--json").stdout)["base"] == r0
+    line = mint_fails(work, "commit", "-m", "retrained", "--no-verify")
+    assert f"holds revision {r0[:7]}, but main has moved to {r3[:7]}" in line
+
+
 def test_status_clean_modified_added_removed(work: Path, tmp_path: Path) -> None:
     state = json.loads(mint(work, "status", "--json").stdout)
     assert state["head"] is None and not state["clean"]
