@@ -75,6 +75,7 @@ from mintvcs.store import (
     UnknownRevisionError,
     WriteCount,
     accepts_path,
+    refuse_colliding_paths,
     undo_init,
 )
 from mintvcs.validate import check_lora_config
@@ -550,6 +551,7 @@ def commit(
                 f"branch '{branch}' does not exist; create it with `mintvcs branch {branch} [START]`"
             )
     adapter = read_adapter(source, repo.excludes)
+    refuse_colliding_paths(adapter.extra_files)  # before any hook runs or blob is written
     shapes = {t.name: (t.dtype, t.shape) for t in adapter.layout.tensors}
     if repo.base is not None:
         repo.base.check_adapter(shapes, adapter.config)
@@ -1956,10 +1958,37 @@ def write_work_tree(
         _write_weights(work / WEIGHTS_FILE, weights.data, mtime_ns, temps, changes)
         for path, (content, executable) in files.items():
             _write_atomic(work / path, content, executable, mtime_ns, temps, changes=changes)
-    written = {path: stat_key(os.stat(work / path)) for path in files}
+    written: dict[str, tuple[int, ...] | None] = {
+        path: stat_key(os.stat(work / path)) for path in files
+    }
+    collided = _collided(written)
+    if collided:
+        import sys
+
+        # Not recorded as clean: status reads them, and shows the ones overwritten as modified.
+        written.update(dict.fromkeys(collided))
+        names = ", ".join(quote_path(p) for p in collided)
+        sys.stderr.write(
+            one_line(
+                f"warning: this file system opens some of the revision's files as one file (it "
+                f"ignores case or Unicode normalization), which holds the last one written: "
+                f"{names}; status shows the others as modified"
+            )
+            + "\n"
+        )
     ids = (blob_id(rev.config_bytes), _file_ids(rev))
     weights_key = stat_key(os.stat(work / WEIGHTS_FILE))
     _record_clean(repo, rev.commit, ids, weights_key, known_ns, written, changes)
+
+
+def _collided(written: Mapping[str, tuple[int, ...] | None]) -> list[str]:
+    """The paths of `written` (by stat_key()) that are one file with another: a file system
+    that ignores case (macOS, Windows) wrote the second of two such names over the first."""
+    by_file: dict[tuple[int, int], list[str]] = {}
+    for path, key in written.items():
+        if key is not None:
+            by_file.setdefault((key[3], key[4]), []).append(path)
+    return [path for paths in by_file.values() if len(paths) > 1 for path in paths]
 
 
 def _left_behind_files(

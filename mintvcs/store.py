@@ -18,7 +18,7 @@ import time
 import weakref
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import cache, cached_property, wraps
@@ -79,6 +79,7 @@ from mintvcs.repoformat import (
     shared_setting,
 )
 from mintvcs.safetensors_file import MAX_HEADER_BYTES
+from mintvcs.treenames import colliding_paths
 
 if TYPE_CHECKING:
     import numpy as np
@@ -2209,6 +2210,7 @@ class Repository:
             reason = unsafe_path_reason(path)
             if reason is not None:
                 raise MintError(f"{quote_path(path)}: this file name cannot be stored ({reason})")
+        refuse_colliding_paths(adapter.extra_files)
         files = tuple(
             FileRecord(path, self.add_blob(content), executable)
             for path, (content, executable) in sorted(adapter.extra_files.items())
@@ -2884,6 +2886,19 @@ def _text_or_empty(path: Path) -> str:
         return path.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError:
         return ""
+
+
+def refuse_colliding_paths(paths: Iterable[str]) -> None:
+    """Refuse extra files that macOS or Windows would open as one file (git commits them, and
+    warns of the collision only when a clone there has already kept one of the two)."""
+    pair = colliding_paths(paths)
+    if pair is not None:
+        first, second = (quote_path(p) for p in pair)
+        raise MintError(
+            f"{first} and {second}: macOS and Windows open these names as one file (they differ "
+            "only in case, Unicode normalization or trailing dots), so a checkout there would "
+            "keep one of the two; rename one"
+        )
 
 
 def _check_metadata_size(what: str, size: int) -> None:

@@ -4,6 +4,8 @@ and those a file system would open as another name checkout writes."""
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Iterable
 
 # Code points HFS+ ignores in file names: `.g\u200cit` opens `.git` there (git's is_hfs_dotgit).
 _HFS_IGNORED = frozenset(
@@ -104,4 +106,17 @@ def alias_of(component: str, names: tuple[str, ...]) -> str | None:
     for name in names:
         if name in (folded, ntfs) or _short_name(name).match(ntfs):
             return name
+    return None
+
+
+def colliding_paths(paths: Iterable[str]) -> tuple[str, str] | None:
+    """Two of `paths` that some file system opens as one file (they differ only in case, in
+    Unicode normalization or code points HFS+ ignores, or in NTFS's trailing dots), or None.
+    A checkout there would write the second over the first: one file lost, unseen."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        key = "/".join(_folded(unicodedata.normalize("NFC", part))[1] for part in path.split("/"))
+        first = seen.setdefault(key, path)
+        if first != path:
+            return first, path
     return None

@@ -603,6 +603,63 @@ def test_a_name_a_file_system_takes_for_the_config_or_weights_is_refused(
     assert result.returncode != 0 and "macOS and Windows take" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("NOTES.txt", "notes.txt"),
+        ("Sub/notes.txt", "sub/notes.txt"),
+        ("notes.txt", "notes.txt."),  # NTFS drops trailing dots
+        ("caf\u00e9.txt", "cafe\u0301.txt"),  # one name to macOS: NFC and NFD
+    ],
+)
+def test_two_files_a_file_system_opens_as_one_are_refused_at_commit(
+    work: Path, pair: tuple[str, str]
+) -> None:
+    # On macOS or Windows a checkout wrote the second over the first: one file lost, and status
+    # called the work tree clean. git commits such names; refused here, naming both.
+    from mintvcs.messages import quote_path
+
+    before = git(work / ".mint", "rev-parse", "HEAD").stdout
+    for number, path in enumerate(pair):
+        (work / path).parent.mkdir(exist_ok=True)
+        (work / path).write_text(f"file {number}\n")
+    line = mint_fails(work, "commit", "-m", "both", "--no-verify")
+    named = {f"{quote_path(a)} and {quote_path(b)}: macOS" for a, b in (pair, pair[::-1])}
+    assert any(both in line for both in named) and "open these names as one" in line, line
+    assert "rename one" in line and git(work / ".mint", "rev-parse", "HEAD").stdout == before
+    for path in pair:
+        (work / path).unlink()
+    # A revision git (or an earlier mintvcs) committed with both is read, and checked out
+    # where the file system keeps both, as git does.
+    repo = Repository.open(work)
+    blobs = [repo.add_blob(f"file {number}\n".encode()) for number in range(2)]
+    repo.close()
+    extra = [
+        {"path": path, "blob": blob, "executable": False}
+        for path, blob in sorted(zip(pair, blobs, strict=True))
+    ]
+    both = commit_with_manifest_files(work, extra, in_tree=True)
+    assert set(pair) <= set(json.loads(mint(work, "show", "--json", both).stdout)["files"])
+    mint(work, "checkout", "--force", both)
+    assert [(work / p).read_text() for p in pair] == ["file 0\n", "file 1\n"]
+    assert json.loads(mint(work, "status", "--json").stdout)["clean"] is True
+    mint(work, "fsck")
+
+
+def test_checkout_tells_of_files_a_file_system_wrote_as_one(tmp_path: Path) -> None:
+    # What a case-insensitive file system leaves (none runs here): two names of one file.
+    # checkout warns of such paths and never records them clean, so status reads them.
+    from mintvcs.adapter import stat_key
+
+    (tmp_path / "README.md").write_text("the last one written\n")
+    os.link(tmp_path / "README.md", tmp_path / "readme.md")
+    (tmp_path / "other.txt").write_text("apart\n")
+    names = ("README.md", "other.txt", "readme.md")
+    written = {p: stat_key(os.stat(tmp_path / p)) for p in names}
+    assert porcelain._collided(written) == ["README.md", "readme.md"]
+    assert porcelain._collided({"other.txt": written["other.txt"]}) == []
+
+
 def _files_tree_commit(work: Path, names: dict[bytes, bytes], listed: list[str]) -> str:
     """A commit on HEAD whose files/ tree holds `names` (raw name -> content) and whose
     manifest lists the paths `listed`, each with the blob of the content named first."""
