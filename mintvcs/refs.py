@@ -300,14 +300,14 @@ def check_utf8_name(name: str) -> None:
 def read_reflog(path: str | os.PathLike[str]) -> list[ReflogEntry]:
     """The entries of a reflog file, oldest first; [] when there is none (see RefStore.reflog)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read().decode("utf-8", "replace")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return []
+        raw = _read_bytes(os.fspath(path))
     except OSError as err:
         if err.errno == errno.ENAMETOOLONG:  # a packed ref's name no file can hold: no reflog
             return []
         raise RefUnreadableError(os.fspath(path), err, "reflog") from None
+    if raw is None:
+        return []
+    data = raw.decode("utf-8", "replace")
     out = []
     for line in data.splitlines():
         head, _, message = line.partition("\t")
@@ -352,12 +352,22 @@ def add_note(err: BaseException, note: str) -> None:
 
 
 def _read_bytes(path: str) -> bytes | None:
-    """A file's bytes, or None when there is no such file."""
+    """A regular file's bytes, or None when there is none: nothing there, or a directory, a FIFO
+    or a device (as git's files backend, which takes only a regular file for a reflog). Opened
+    O_NONBLOCK: a plain open of a FIFO waits for a writer for ever."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _check_value(value: str) -> None:
@@ -913,7 +923,8 @@ class RefStore:
         path = os.path.join(self._dir, "logs", name)
         make_dirs(os.path.dirname(path), self.shared_perm)
         # One O_APPEND write per entry: concurrent appenders never interleave within a line.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        # O_NONBLOCK: a FIFO there fails (ENXIO), where a plain open waited for a reader for ever.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK
         try:
             fd = os.open(path, flags | os.O_EXCL, 0o666)
             made = True

@@ -1118,6 +1118,29 @@ def test_fifos_where_files_are_read_are_not_waited_on(work: Path, tmp_path: Path
     assert "refs/heads/pipe" in line and "not a regular file" in line, line
 
 
+def test_fifos_where_reflogs_go_are_not_waited_on(work: Path) -> None:
+    # As git's files backend, a reflog is a regular file: anything else there is none. gc read
+    # HEAD's through a plain open and hung; git gc goes through (git reflog hangs, as a commit
+    # appending to it does: one is refused here, naming it, and moves nothing).
+    mint(work, "reset", "--hard")
+    git_dir = work / ".mint"
+    head = git(git_dir, "rev-parse", "HEAD").stdout
+    _fifo_at(git_dir / "logs" / "HEAD")
+    result = _in_time(work, "gc")
+    assert result.returncode == 0, result.stderr
+    assert _in_time(work, "log", "-n", "1", "--oneline", "HEAD@{1}").returncode == 0
+    mutate(work, seed=11)
+    result = _in_time(work, "commit", "-m", "next", "--no-verify")
+    assert result.returncode != 0 and "logs/HEAD" in result.stderr, result
+    assert git(git_dir, "rev-parse", "HEAD").stdout == head
+    assert not list(git_dir.rglob("*.lock"))
+    (git_dir / "logs" / "HEAD").unlink()
+    _fifo_at(git_dir / "logs" / "refs" / "heads" / "main")
+    result = _in_time(work, "gc")
+    assert result.returncode == 0, result.stderr
+    git(git_dir, "fsck", "--strict")
+
+
 def test_checkout_does_not_write_through_a_symlinked_directory(work: Path, tmp_path: Path) -> None:
     (work / "sub").mkdir()
     (work / "sub" / "notes.txt").write_text("v1\n")
