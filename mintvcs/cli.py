@@ -429,6 +429,12 @@ def _json_branch(name: str | None) -> str | None:
     return name if name is None or json_safe(f"refs/heads/{name}") else None
 
 
+def _json_head(branch: str | None) -> dict[str, Any]:
+    """`branch` and `detached` as --json gives where HEAD is: a branch that JSON cannot carry
+    (_json_branch) is null too, and `detached` tells it from a detached HEAD."""
+    return {"branch": _json_branch(branch), "detached": branch is None}
+
+
 def _path_quoter(repo: Any) -> Callable[[str], str]:
     """How this command lists a file name, as git: C-quoted where it does not print, and where
     it is not ASCII unless core.quotePath is off (read once, not per name)."""
@@ -746,7 +752,7 @@ def commit(
         _emit_json(
             {
                 "commit": result.commit,
-                "branch": _json_branch(result.branch),
+                **_json_head(result.branch),
                 "parent": result.parent,
                 "parents": [result.parent] if result.parent else [],  # as log and show name them
                 "tensors": result.tensors,
@@ -1064,7 +1070,7 @@ def status(as_json: bool) -> None:
     if as_json:
         _emit_json(
             {
-                "branch": _json_branch(state.branch),
+                **_json_head(state.branch),
                 "head": state.head,
                 "commit": state.head,  # the name every other command gives HEAD's revision
                 "clean": state.clean,
@@ -1370,7 +1376,7 @@ def checkout(ref: str | None, new_branch: str | None, force: bool, as_json: bool
         _emit_json(
             {
                 "commit": result.commit,
-                "branch": _json_branch(result.branch),
+                **_json_head(result.branch),
                 "created": result.created,
                 "left_behind": list(result.left_behind),
             }
@@ -1428,7 +1434,7 @@ def reset(rev: str, hard: bool, soft: bool, mixed: bool, as_json: bool) -> None:
     _warn_if_ambiguous(repo, rev)
     oid = porcelain.reset(repo, rev, hard=hard)
     if as_json:
-        _emit_json({"commit": oid, "branch": _json_branch(repo.current_branch()), "hard": hard})
+        _emit_json({"commit": oid, **_json_head(repo.current_branch()), "hard": hard})
         return
     click.echo(
         f"HEAD is now at {repo.abbrev(oid)} {_printable(_subject(repo.commit_info(oid).message))}"

@@ -1675,7 +1675,10 @@ def branch_rename(
         # away, with a warning; a name that is no branch's is refused.
         if repo.refs.read(old_ref) is None:
             raise
-        misnamed = True
+        try:  # git takes bytes that are not UTF-8, and renames such a branch without a word
+            check_branch_name(old, utf8=False)
+        except InvalidRefNameError:
+            misnamed = True
     if old != new:  # as git: `-m main main` only checks that the name is valid
         check_branch_name(new)
     if repo.refs.read_symbolic(old_ref) is not None:

@@ -267,8 +267,9 @@ def check_name_type(name: object) -> None:
         raise TypeError(f"a branch or tag name is a str, not {type(name).__name__}")
 
 
-def check_branch_name(name: str) -> None:
-    """Raise InvalidRefNameError unless `name` is a valid short branch name."""
+def check_branch_name(name: str, *, utf8: bool = True) -> None:
+    """Raise InvalidRefNameError unless `name` is a valid short branch name (`utf8`: and UTF-8,
+    which mintvcs asks and git does not)."""
     check_name_type(name)
     if not name:
         raise InvalidRefNameError(name, "it is empty")
@@ -280,7 +281,8 @@ def check_branch_name(name: str) -> None:
         check_ref_name("refs/heads/" + name)
     except InvalidRefNameError as e:
         raise InvalidRefNameError(name, e.rule) from None
-    check_utf8_name(name)
+    if utf8:
+        check_utf8_name(name)
 
 
 def check_utf8_name(name: str) -> None:

@@ -425,6 +425,7 @@ def test_a_work_tree_left_behind_by_commit_from_is_told_not_committed_back(
     (work / "notes.txt").unlink()  # untracked: --force leaves it, as git does
     assert json.loads(mint(work, "status", "--json").stdout) | {"changes": []} == {
         "branch": "main",
+        "detached": False,
         "head": r1,
         "commit": r1,
         "clean": True,
@@ -1098,11 +1099,23 @@ def test_init_checkout_and_reset_speak_json(
     mutate(work, seed=1)
     second = commit(work, "second")
     detached = json.loads(mint(work, "checkout", first, "--json").stdout)
-    assert detached == {"commit": first, "branch": None, "created": False, "left_behind": []}
+    assert detached == {
+        "commit": first,
+        "branch": None,
+        "detached": True,
+        "created": False,
+        "left_behind": [],
+    }
     branched = json.loads(mint(work, "checkout", "-b", "exp", "--json").stdout)
-    assert branched == {"commit": first, "branch": "exp", "created": True, "left_behind": []}
+    assert branched == {
+        "commit": first,
+        "branch": "exp",
+        "detached": False,
+        "created": True,
+        "left_behind": [],
+    }
     moved = json.loads(mint(work, "reset", "--hard", second, "--json").stdout)
-    assert moved == {"commit": second, "branch": "exp", "hard": True}
+    assert moved == {"commit": second, "branch": "exp", "detached": False, "hard": True}
     assert head(work) == second
 
 

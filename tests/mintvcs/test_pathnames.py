@@ -408,6 +408,7 @@ def test_head_on_a_branch_git_named_in_bytes_that_are_not_utf8_is_that_branch(
     listed = mint(work, "status", "--json")
     assert json.loads(listed.stdout)["head"] == head  # its branch is left out of JSON, and said
     assert json.loads(listed.stdout)["branch"] is None and "JSON cannot carry" in listed.stderr
+    assert json.loads(listed.stdout)["detached"] is False  # on a branch: no detached HEAD
     assert f"* {bad}  " in mint(work, "branch").stdout
     assert mint(work, "log", "--oneline", "-n1").stdout.startswith(f"{head[:7]} (HEAD -> {bad}, ")
     heads = sorted(os.listdir(os.fsencode(git_dir / "refs" / "heads")))  # all loose here
@@ -419,6 +420,10 @@ def test_head_on_a_branch_git_named_in_bytes_that_are_not_utf8_is_that_branch(
     theirs = tmp_path / "theirs"
     shutil.copytree(work, theirs)
     git(theirs / ".mint", "branch", "-m", bad, "fixed")
+    plain = tmp_path / "plain"
+    shutil.copytree(work, plain)
+    quiet = mint(plain, "branch", "-m", bad, "fixed")  # git says nothing: a name it takes
+    assert (quiet.stdout, quiet.stderr) == ("", ""), quiet
     renamed = mint(work, "branch", "-m", bad, "fixed", "--json")
     assert json.loads(renamed.stdout)["renamed_from"] is None, renamed.stdout
     for repo in (work, theirs):
@@ -426,6 +431,9 @@ def test_head_on_a_branch_git_named_in_bytes_that_are_not_utf8_is_that_branch(
         line = (repo / ".mint" / "logs" / "HEAD").read_bytes().splitlines()[-1]
         assert line.endswith(b"\tBranch: renamed refs/heads/" + raw + b" to refs/heads/fixed")
     mint(work, "branch", "-m", "again")  # the current branch, named or not
+    mint(work, "checkout", head)
+    assert json.loads(mint(work, "status", "--json").stdout)["detached"] is True
+    mint(work, "checkout", "again")
     assert (work / ".mint" / "HEAD").read_bytes() == b"ref: refs/heads/again\n"
     # A git worktree's HEAD likewise: its branch is not deleted under it (git refuses too).
     git(git_dir, "branch", bad, "again")
