@@ -353,6 +353,13 @@ def add_note(err: BaseException, note: str) -> None:
         err.args = (f"{err.args[0]} ({note})", *err.args[1:])
 
 
+def _no_such_ref(err: OSError) -> bool:
+    """Whether `err`, from looking at a loose ref's file, means there is no such ref: no file, a
+    file where a directory of its path goes, or a name no file could have (check_ref_name lets
+    packed-refs hold such refs)."""
+    return err.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
+
+
 def _read_bytes(path: str) -> bytes | None:
     """A regular file's bytes, or None when there is none: nothing there, or a directory, a FIFO
     or a device (as git's files backend, which takes only a regular file for a reflog). Opened
@@ -677,10 +684,8 @@ class RefStore:
         for _ in range(3):  # lstat, then read: a link replaced between the two is looked at again
             try:
                 st = os.lstat(path)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
             except OSError as err:
-                if err.errno == errno.ENAMETOOLONG:  # no such ref can exist (check_ref_name)
+                if _no_such_ref(err):
                     return None
                 raise RefUnreadableError(path, err) from None
             if not stat.S_ISLNK(st.st_mode):
@@ -697,10 +702,8 @@ class RefStore:
         try:
             # O_NONBLOCK: opening a FIFO would wait for a writer for ever (git 2.39's does).
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
         except OSError as err:
-            if err.errno == errno.ENAMETOOLONG:  # no such ref can exist (check_ref_name)
+            if _no_such_ref(err):
                 return None
             # A symlink loop, no permission, a socket: that ref is unreadable (not corrupt: it
             # may be fine for its owner).
