@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,16 @@ WEIGHTS = "adapter_model.safetensors"
 
 
 def mint(
-    cwd: Path, *args: str, ok: bool = True, env: dict[str, str] | None = None
+    cwd: Path,
+    *args: str,
+    ok: bool = True,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `mintvcs ARGS` as a real process in `cwd` (ENV, with `env` over it); never a
-    traceback, and exit 0 unless ok=False."""
+    """Run `mintvcs ARGS` as a real process in `cwd` (ENV, with `env` over it; `preexec_fn` run
+    in the child first, a resource limit say), ending within `timeout` seconds (a command that
+    blocks fails the test instead of hanging it); never a traceback, and exit 0 unless ok=False."""
     result = subprocess.run(
         [sys.executable, "-m", "mintvcs.cli", *args],
         cwd=cwd,
@@ -52,7 +59,8 @@ def mint(
         text=True,
         errors="surrogateescape",  # as git, names that are not UTF-8 print as their bytes
         check=False,
-        timeout=120,
+        timeout=timeout,
+        preexec_fn=preexec_fn,
     )
     assert "Traceback" not in result.stderr, f"mintvcs {args} raised:\n{result.stderr}"
     if ok:
@@ -564,27 +572,20 @@ def deleted_packs_held(git_dir: Path) -> list[str]:
     return [line for line in held if packs in line and "(deleted)" in line]
 
 
+def pack_objects(git_dir: Path, ids: Sequence[str]) -> None:
+    """Put objects `ids` of `git_dir` into one new pack (git pack-objects); their loose copies
+    stay until `git prune-packed`."""
+    pack = str(git_dir / "objects/pack/pack")
+    git(git_dir, "pack-objects", "-q", pack, input_text="".join(oid + "\n" for oid in ids))
+
+
 def pack_each_object(git_dir: Path) -> int:
     """Put every object of `git_dir` in a pack of its own (git pack-objects), none left loose:
     the many packs a store piles up while gc --auto does not run. Returns how many."""
     ids = [oid for oid in git(git_dir, "rev-list", "--objects", "--all").stdout.split()]
     ids = [oid for oid in ids if len(oid) == 40]
     for oid in ids:
-        subprocess.run(
-            [
-                "git",
-                "--git-dir",
-                str(git_dir),
-                "pack-objects",
-                "-q",
-                str(git_dir / "objects/pack/pack"),
-            ],
-            input=oid + "\n",
-            text=True,
-            check=True,
-            capture_output=True,
-            env=ENV,
-        )
+        pack_objects(git_dir, [oid])
     git(git_dir, "prune-packed")
     assert not list(git_dir.glob("objects/??/*"))
     assert len(list(git_dir.glob("objects/pack/*.pack"))) == len(ids)

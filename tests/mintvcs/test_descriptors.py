@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.mintvcs.storekit import ENV, git, git_fsck, mutate, pack_each_object
+from tests.mintvcs.storekit import ENV, git, git_fsck, mint, mutate, pack_each_object
 
 # Fewer descriptors than the store has packs (each pack is two files), and enough for a
 # command whose packs are all closed (Python, numpy and zstandard start with ~10).
@@ -29,20 +29,7 @@ def _limited(limit: int) -> Callable[[], None]:
 
 def _mint(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`mintvcs ARGS` as a process under LIMIT descriptors (soft and hard), which must succeed."""
-    result = subprocess.run(
-        [sys.executable, "-m", "mintvcs.cli", *args],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-        preexec_fn=_limited(LIMIT),
-    )
-    assert result.returncode == 0 and "Traceback" not in result.stderr, (
-        f"mintvcs {args} exited {result.returncode}:\n{result.stderr}"
-    )
-    return result
+    return mint(cwd, *args, preexec_fn=_limited(LIMIT))
 
 
 @pytest.fixture

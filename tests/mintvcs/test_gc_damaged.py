@@ -25,6 +25,7 @@ from tests.mintvcs.storekit import (
     mint,
     mint_fails,
     mutate,
+    pack_objects,
 )
 
 Snapshot = dict[str, tuple[int, bytes | None]]
@@ -278,20 +279,7 @@ def test_gc_keeps_young_unreachable_objects_even_inside_packs(work: Path) -> Non
         source = work.parent / f"in-flight-{i}.bin"
         source.write_bytes(os.urandom(1000))
         ids.append(git(git_dir, "hash-object", "-w", str(source)).stdout.strip())
-    subprocess.run(
-        [
-            "git",
-            "--git-dir",
-            str(git_dir),
-            "pack-objects",
-            "-q",
-            str(git_dir / "objects/pack/pack"),
-        ],
-        input="\n".join(ids[:2]) + "\n",
-        text=True,
-        check=True,
-        capture_output=True,
-    )
+    pack_objects(git_dir, ids[:2])
     git(git_dir, "prune-packed")
     assert not loose_path(work, ids[0]).exists() and loose_path(work, ids[2]).exists()
     for _ in range(2):
