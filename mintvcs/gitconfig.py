@@ -6,6 +6,7 @@ would read differently from git mended or refused, never misread."""
 from __future__ import annotations
 
 import ast
+import errno
 import io
 import os
 import re
@@ -82,24 +83,34 @@ def user_configs(git_dir: Path | None = None) -> list[Any]:
     (GIT_CONFIG_GLOBAL, else ~/.gitconfig then $XDG_CONFIG_HOME/git/config; then
     GIT_CONFIG_SYSTEM or /etc/gitconfig unless GIT_CONFIG_NOSYSTEM), includeIf matched against
     `git_dir`. BadConfigError for one git would refuse or cannot read."""
-    paths = []
+    # (path, whether it is a global one): git skips a global file it may not read (access_or_die
+    # with ACCESS_EACCES_OK), so a HOME it cannot enter (sudo -u, a container run as another
+    # uid) stops nothing; an unreadable system file stays fatal, as in git.
+    paths: list[tuple[str, bool]] = []
     if "GIT_CONFIG_GLOBAL" in os.environ:
-        paths.append(os.environ["GIT_CONFIG_GLOBAL"])
+        paths.append((os.environ["GIT_CONFIG_GLOBAL"], True))
     else:
         # An empty XDG_CONFIG_HOME is unset, as git reads it (not `git/config` under the cwd).
         xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-        paths += [os.path.expanduser("~/.gitconfig"), os.path.join(xdg, "git", "config")]
+        paths += [
+            (os.path.expanduser("~/.gitconfig"), True),
+            (os.path.join(xdg, "git", "config"), True),
+        ]
     if os.environ.get("GIT_CONFIG_NOSYSTEM", "").lower() in ("", "0", "false", "no", "off"):
-        paths.append(os.environ.get("GIT_CONFIG_SYSTEM", "/etc/gitconfig"))
+        paths.append((os.environ.get("GIT_CONFIG_SYSTEM", "/etc/gitconfig"), False))
     configs = []
-    for path in paths:
+    for path, is_global in paths:
         if not path:
             continue
         try:
             configs.append(read_config(Path(path), git_dir=git_dir, trusted=True))
-        except FileNotFoundError:
-            continue
         except OSError as err:
+            # git's access_error_is_ok: a missing file, or one behind a path component that is
+            # a file, is not there; EACCES too for the global ones. EISDIR, ELOOP... stay fatal.
+            if err.errno in (errno.ENOENT, errno.ENOTDIR) or (
+                is_global and err.errno == errno.EACCES
+            ):
+                continue
             raise BadConfigError(f"{cannot_read(path, err)}; fix it") from None
         except ValueError as err:  # open_small_file's: not a regular file under 1 MiB
             raise BadConfigError(f"{path} cannot be read ({err}); fix it") from None

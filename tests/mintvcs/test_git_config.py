@@ -852,3 +852,63 @@ def _run_ref_update_sample(work: Path) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+
+
+def test_a_global_config_that_cannot_be_reached_is_skipped_as_git_skips_it(
+    work: Path, home: dict[str, str], tmp_path: Path
+) -> None:
+    # A HOME the process may not enter (a container run as another uid keeps HOME=/root; sudo
+    # -u keeps the caller's), or XDG_CONFIG_HOME / GIT_CONFIG_GLOBAL through a file: git reads
+    # no global config and goes on; mintvcs stopped every command with exit 128.
+    from tests.mintvcs.storekit import without_root_reads
+
+    def both(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], ...]:
+        by_git = subprocess.run(
+            without_root_reads(["git", "--git-dir", str(work / ".mint"), *args]),
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        by_mint = subprocess.run(
+            without_root_reads([sys.executable, "-m", "mintvcs.cli", *args]),
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert "Traceback" not in by_mint.stderr, by_mint.stderr
+        return by_git, by_mint
+
+    closed = Path(home["HOME"])
+    (closed / ".gitconfig").write_text("[user]\n\tname = Hidden\n\temail = h@x.example\n")
+    afile = tmp_path / "afile"
+    afile.write_text("hi\n")
+    cases = {
+        "home": {},
+        "xdg": {"XDG_CONFIG_HOME": str(afile)},
+        "global": {"GIT_CONFIG_GLOBAL": str(afile / "x")},
+    }
+    closed.chmod(0o000)
+    try:
+        for name, extra in cases.items():
+            env = {**home, **extra, "GIT_AUTHOR_NAME": "A", "GIT_AUTHOR_EMAIL": "a@x.example"}
+            env.update(GIT_COMMITTER_NAME="A", GIT_COMMITTER_EMAIL="a@x.example")
+            by_git, by_mint = both(env, "log", "-n1", "--oneline")
+            assert by_git.returncode == 0, (name, by_git.stderr)
+            assert by_mint.returncode == 0, (name, by_mint.stderr)
+            assert by_mint.stderr == by_git.stderr == "", name  # silently, as git
+            committed = both(env, "commit", "--allow-empty", "-m", name, "--no-verify")[1]
+            assert committed.returncode == 0, (name, committed.stderr)
+        # The system file stays fatal when it cannot be read, in git too; so does a directory.
+        system = tmp_path / "system"
+        system.write_text("[core]\n")
+        system.chmod(0o000)
+        env = {**home, "GIT_CONFIG_NOSYSTEM": "0", "GIT_CONFIG_SYSTEM": str(system)}
+        by_git, by_mint = both(env, "log", "-n1")
+        assert by_git.returncode == by_mint.returncode == 128, (by_git.stderr, by_mint.stderr)
+        assert f"{system} cannot be read: permission denied" in by_mint.stderr, by_mint.stderr
+        env = {**home, "GIT_CONFIG_GLOBAL": str(tmp_path)}
+        by_mint = both(env, "log", "-n1")[1]
+        assert by_mint.returncode == 128, by_mint.stderr
+    finally:
+        closed.chmod(0o700)
