@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from mintvcs.console import Terminated, die_of
 from mintvcs.errors import MintError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -111,8 +112,11 @@ def _usage_error(err: click.UsageError, command: str) -> NoReturn:
     sys.exit(err.exit_code)
 
 
-def _exit_for(err: MintError | OSError | MemoryError | KeyboardInterrupt) -> NoReturn:
+def _exit_for(err: MintError | OSError | MemoryError | KeyboardInterrupt | Terminated) -> NoReturn:
     """Report a failure in one line, and exit with the status git gives it."""
+    if isinstance(err, Terminated):
+        # Cleaned up on the way here; quiet and dead of the signal, as git.
+        die_of(err.signum)
     if isinstance(err, KeyboardInterrupt):
         _complain("interrupted")
         # Die of the signal, as git does, not exit 130: a shell running a loop of commands stops
@@ -300,7 +304,11 @@ class MintGroup(click.Group):
             return super().make_context(info_name, args, parent, **extra)
         except click.UsageError as err:  # `mintvcs --bogus`: one line, as for a command's
             _usage_error(err, info_name or "mintvcs")
-        except (OSError, KeyboardInterrupt) as err:  # `--help` or `--version` into a full output
+        except (
+            OSError,
+            KeyboardInterrupt,
+            Terminated,
+        ) as err:  # `--help` or `--version` into a full output
             _exit_for(err)
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -321,7 +329,7 @@ class MintGroup(click.Group):
             if ctx.invoked_subcommand is not None:
                 where = f"{where} {ctx.invoked_subcommand}"
             _usage_error(err, err.ctx.command_path if err.ctx is not None else where)
-        except (MintError, OSError, MemoryError, KeyboardInterrupt) as err:
+        except (MintError, OSError, MemoryError, KeyboardInterrupt, Terminated) as err:
             _exit_for(err)
 
 

@@ -1,5 +1,6 @@
 """The `mintvcs` console script, and `python -m mintvcs.cli` alike: run in Python's UTF-8 mode
-whatever the locale; Ctrl-C while the command line loads ends it as it ends a command."""
+whatever the locale; Ctrl-C while the command line loads ends it as it ends a command, and
+SIGTERM, SIGHUP and SIGQUIT unwind a command as Ctrl-C does."""
 
 from __future__ import annotations
 
@@ -18,6 +19,43 @@ def _interrupted() -> NoReturn:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
     sys.exit(130)  # only if the signal is blocked
+
+
+class Terminated(BaseException):
+    """SIGTERM, SIGHUP or SIGQUIT, raised in the main thread as Ctrl-C raises KeyboardInterrupt:
+    what a command was writing (a temporary pack of up to the adapter's size, a lock) is removed
+    as the exception unwinds through it, as git's sigchain removes its temporaries and locks."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# The signals that end jobs (`timeout`, a cancelled CI job, pod eviction, systemctl stop, a
+# closed ssh session): Python's default lets them kill the process with no unwinding.
+_TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    # A second one while cleaning up ends the process at once, as asked.
+    signal.signal(signum, signal.SIG_DFL)
+    raise Terminated(signum)
+
+
+def catch_terminating_signals() -> None:
+    """Turn the signals that end jobs into Terminated; one the process started with ignored
+    (nohup) stays ignored, and one somebody else handles stays theirs."""
+    for signum in _TERMINATING:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            signal.signal(signum, _raise_terminated)
+
+
+def die_of(signum: int) -> NoReturn:
+    """End the process by `signum`, as git re-raises the signal once it has cleaned up: whoever
+    waits sees death by the signal (128+N in a shell), not an exit status."""
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    sys.exit(128 + signum)  # only if the signal is blocked
 
 
 def _started_as(module: str) -> bool:
@@ -89,11 +127,16 @@ def main(module: str | None = None) -> Any:
     """Load mintvcs.cli and run it; an interrupt during the ~50 ms its imports take printed a
     Python traceback. `module`: the process is `python -m MODULE` (mintvcs.cli), not the script."""
     _utf8_mode(module)
+    catch_terminating_signals()
     try:
         from mintvcs.cli import main as cli
     except KeyboardInterrupt:
         _interrupted()
+    except Terminated as err:
+        die_of(err.signum)
     try:
         return cli()
     except KeyboardInterrupt:  # before the command's own handling is in place, or after it
         _interrupted()
+    except Terminated as err:
+        die_of(err.signum)

@@ -456,3 +456,69 @@ def test_a_checkout_that_cannot_move_head_writes_nothing(tmp_path: Path) -> None
         assert (failed.returncode, failed.stderr) == (1, f"error: Permission denied: {lock}\n")
     assert sorted(p.name for p in work.iterdir()) == [".mint"]
     assert json.loads(mint(work, "status", "--json").stdout)["branch"] == "main"
+
+
+def _signalled_while_writing(
+    tmp_path: Path, signum: int, ignored: bool = False
+) -> tuple[Path, subprocess.CompletedProcess[str], list[str]]:
+    """A commit of 40 MB of new weights in 160 tensors (a pack: store.PACK_THRESHOLD), sent
+    `signum` once its temporary pack exists (started with `signum` ignored if `ignored`): the
+    work tree, how it ended and the temporaries left."""
+    rng = np.random.default_rng(5)
+    tensors = {
+        f"m{i}.lora_A.weight": ("F32", [64, 1024], random_f32(rng, [64, 1024])) for i in range(160)
+    }
+    work = handmade_adapter(tmp_path / "work", tensors)
+    mint(tmp_path, "init", str(work), "--no-hooks")
+    pack_dir = work / ".mint" / "objects" / "pack"
+
+    def prepare() -> None:
+        signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL)
+
+    proc = subprocess.Popen(
+        [*MINT, "commit", "-m", "big", "--no-verify"],
+        cwd=work,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=prepare,
+    )
+    deadline = time.monotonic() + 60
+    while not any(pack_dir.glob("tmp_pack_*")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no temporary pack appeared"
+        time.sleep(0.002)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    left = [p.name for p in (work / ".mint").rglob("*") if p.name.startswith("tmp")]
+    left += [p.name for p in (work / ".mint").rglob("*.lock")]
+    return work, done, left
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP", "SIGQUIT"])
+def test_a_commit_ended_by_a_signal_leaves_no_temporary_pack(tmp_path: Path, name: str) -> None:
+    # Ctrl-C unwound through the writers' cleanup; SIGTERM (timeout, a cancelled CI job, pod
+    # eviction) and SIGHUP (a closed ssh session) killed Python outright, leaving a temporary
+    # pack of up to the adapter's size that only a full gc removed. git's sigchain removes its
+    # temporaries and locks on these signals, then dies of the signal.
+    signum = getattr(signal, name)
+    work, done, left = _signalled_while_writing(tmp_path, signum)
+    assert done.returncode == -signum, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and done.stderr == "", done.stderr
+    assert left == []
+    assert (
+        subprocess.run(
+            ["git", "--git-dir", str(work / ".mint"), "fsck", "--strict"], env=ENV, check=False
+        ).returncode
+        == 0
+    )
+    mint_fsck_ok(work)
+
+
+def test_a_signal_the_command_started_with_ignored_stays_ignored(tmp_path: Path) -> None:
+    # nohup: the commit goes on through a SIGHUP, as git's does.
+    work, done, left = _signalled_while_writing(tmp_path, signal.SIGHUP, ignored=True)
+    assert done.returncode == 0, done.stderr
+    assert left == []
+    assert _clean(work)
