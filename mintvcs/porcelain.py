@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import getpass
 import heapq
 import json
 import math
@@ -109,6 +108,21 @@ class BadIdentityError(MintError):
     """A user name, email or date that would break the commit's author or committer line."""
 
 
+class UnknownIdentityError(BadIdentityError):
+    """No identity configured and none git would make up (a host name without a domain), or an
+    empty name: git refuses to commit with one."""
+
+    exit_code = 128  # git's `fatal: unable to auto-detect email address`
+
+
+_WHO_HINT = (
+    'run git config --global user.email "you@example.com" and git config --global user.name '
+    '"Your Name" to set your account\'s default identity (git --git-dir .mint config without '
+    "--global: this repository only), or set GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL and the same "
+    "for GIT_COMMITTER_"
+)
+
+
 @dataclass(frozen=True)
 class Signature:
     """Who and when, as a commit's author or committer line holds it."""
@@ -167,15 +181,22 @@ def comment_char(repo: Repository) -> bytes:
     return value
 
 
-def signature(repo: Repository | None = None, role: str = "committer") -> Signature:
+def signature(
+    repo: Repository | None = None, role: str = "committer", *, strict: bool = False
+) -> Signature:
     """The author or committer, as git picks them: GIT_<ROLE>_NAME/_EMAIL/_DATE, then
     <role>.name/.email, then user.name/.email (each from `git -c` settings handed down, the
     repository's config, then the global and system ones, includeIf matched), then $EMAIL for
-    the email, then user@host; now."""
+    the email, then the password database's user at the host's domain name; now.
+
+    `strict` (a commit's author and committer, an annotated tag's tagger: git's IDENT_STRICT)
+    refuses an empty name and an email made up from a host name without a domain
+    (UnknownIdentityError); otherwise (reflog lines) they are written as git writes them."""
     env = f"GIT_{role.upper()}_"
+    # Set but empty is no unset: git refuses an empty name, and keeps an empty email.
     name, email = os.environ.get(env + "NAME"), os.environ.get(env + "EMAIL")
     name_from, email_from = env + "NAME", env + "EMAIL"
-    if not (name and email):
+    if name is None or email is None:
         from dulwich.config import StackedConfig
 
         from mintvcs.gitconfig import env_overrides, refuse_valueless, user_configs
@@ -193,17 +214,28 @@ def signature(repo: Repository | None = None, role: str = "committer") -> Signat
                     return value.decode(), f"{section.decode()}.{key.decode()}"
             return None, f"user.{key.decode()}"
 
-        if not name:
+        if name is None:
             name, name_from = lookup(b"name")
-        if not email:
+        if email is None:
             email, email_from = lookup(b"email")
-            if not email and os.environ.get("EMAIL"):
-                email, email_from = os.environ["EMAIL"], "EMAIL"
-    user = "" if name and email else _login_name()
-    if not email:
-        import socket  # only for this fallback: not imported by every commit
-
-        email = f"{user}@{socket.gethostname()}"
+            if email is None and os.environ.get("EMAIL", "").strip():
+                email, email_from = os.environ["EMAIL"].strip(), "EMAIL"
+    who = "Author" if role == "author" else "Committer"
+    if email is None:
+        email, bogus = _default_email()
+        if strict and bogus:
+            raise UnknownIdentityError(
+                f"{who} identity unknown: unable to auto-detect email address (got '{email}'); "
+                + _WHO_HINT
+            )
+    if name is None:
+        name = _default_name()
+    if not name:
+        if strict:
+            raise UnknownIdentityError(
+                f"empty ident name (for <{email}>) not allowed ({name_from} is empty); " + _WHO_HINT
+            )
+        name = _passwd_entry().pw_name  # git's name for a reflog line
     # Checked before anything is written: such a value would forge header lines in the commit.
     for value, where in ((name, name_from), (email, email_from)):
         if value and any(c in value for c in "<>\n\0"):
@@ -212,20 +244,57 @@ def signature(repo: Repository | None = None, role: str = "committer") -> Signat
             )
     date = os.environ.get(env + "DATE")
     timestamp, tz = _parse_date(date, env + "DATE") if date else (int(time.time()), None)
-    return Signature(f"{name or user} <{email}>", timestamp, tz or local_tz(timestamp))
+    return Signature(f"{name} <{email}>", timestamp, tz or local_tz(timestamp))
 
 
-def _login_name() -> str:
-    """The login name git's fallback identity is made of: LOGNAME, USER, ..., else the
-    password database's name for this user id."""
+def _passwd_entry() -> Any:
+    """This user id's password database entry, which git's made-up identity comes from."""
+    import pwd
+
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # a user id without an account (a container's)
+        return pwd.getpwuid(os.getuid())
+    except KeyError:  # a user id without an account (a container's)
         raise BadIdentityError(
-            f"user id {os.getuid()} has no name (no LOGNAME or USER, no password database "
-            "entry): set user.name and user.email (`git --git-dir .mint config user.name NAME`), "
-            "or GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL and the same for GIT_COMMITTER_"
+            f"user id {os.getuid()} has no name (no password database entry): set user.name "
+            "and user.email (`git --git-dir .mint config user.name NAME`), or GIT_AUTHOR_NAME, "
+            "GIT_AUTHOR_EMAIL and the same for GIT_COMMITTER_"
         ) from None
+
+
+def _default_name() -> str:
+    """git's made-up name: the password entry's full name (GECOS up to its first comma, `&`
+    standing for the login name capitalised)."""
+    entry = _passwd_entry()
+    gecos = (entry.pw_gecos or "").split(",", 1)[0]
+    login = entry.pw_name
+    return gecos.replace("&", login[:1].upper() + login[1:]).strip()
+
+
+def _default_email() -> tuple[str, bool]:
+    """git's made-up email, and whether git calls it bogus: LOGIN@ the first line of
+    /etc/mailname, else the host name if it holds a dot, else its canonical name if that does,
+    else HOST.(none), bogus."""
+    import socket  # only for this fallback: not imported by every commit
+
+    login = _passwd_entry().pw_name
+    with suppress(OSError, UnicodeDecodeError):
+        with open("/etc/mailname", encoding="utf-8") as mailname:
+            line = mailname.readline()
+        if line:
+            return f"{login}@{line.rstrip(chr(10))}", False
+    try:
+        host = socket.gethostname()
+    except OSError:
+        return f"{login}@(none)", True
+    if "." in host:
+        return f"{login}@{host}", False
+    with suppress(OSError, UnicodeError):
+        for *_, canonical, _address in socket.getaddrinfo(host, None, flags=socket.AI_CANONNAME)[
+            :1
+        ]:
+            if "." in canonical:
+                return f"{login}@{canonical}", False
+    return f"{login}@{host}.(none)", True
 
 
 _LATEST_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z: mintvcs's own limit
@@ -567,7 +636,8 @@ def commit(
         hooks.run_hook(repo.git_dir, "pre-commit", [], env, may_refuse=True)
     if not message and not (verify and hooks.is_active(repo.git_dir, "commit-msg")):
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
-    author, committer = signature(repo, "author"), signature(repo, "committer")
+    author = signature(repo, "author", strict=True)
+    committer = signature(repo, "committer", strict=True)
     branch_ref = f"refs/heads/{branch}" if branch is not None else repo.refs.read_symbolic("HEAD")
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
@@ -1819,7 +1889,7 @@ def tag_create(
     # lightweight tag then names that object, an annotated one nests it); `REV^{}` the commit.
     target = repo.resolve_object(rev)
     value = target
-    tagger = signature(repo)
+    tagger = signature(repo, strict=message is not None)  # a reflog line alone is never refused
     who = tagger.identity
     if message is not None:
         from dulwich.objects import Tag, parse_timezone

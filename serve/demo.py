@@ -145,9 +145,15 @@ def _command() -> str:
 def _cli(repo: Path, *args: str) -> str:
     """Run `mintvcs ARGS` in the repository, as a user would; what a terminal shows of it (stdout,
     then stderr, where checkout says what it switched to)."""
+    # Your identity if you have one; else an email for the demo's commits, where git (and so
+    # mintvcs) would refuse one made up from a host name without a domain (a container's).
+    env = dict(os.environ)
+    if not env.get("EMAIL", "").strip():
+        env["EMAIL"] = "mintvcs-demo@localhost"
     result = subprocess.run(
         [sys.executable, "-m", "mintvcs.cli", *args],
         cwd=repo,
+        env=env,
         capture_output=True,
         text=True,
         check=False,

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures import ALL_LINEAR, build_base, make_peft_adapter
+
+# In-process commits (the Python API's tests) take the identity of whoever runs the tests; where
+# that has none, an email git would accept, not one made up from a host name without a domain,
+# which git and mintvcs refuse. Subprocess tests set their own (storekit.ENV).
+if not os.environ.get("EMAIL", "").strip():
+    os.environ["EMAIL"] = "tester@example.com"
 
 
 @pytest.fixture(scope="session")

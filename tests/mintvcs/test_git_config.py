@@ -912,3 +912,42 @@ def test_a_global_config_that_cannot_be_reached_is_skipped_as_git_skips_it(
         assert by_mint.returncode == 128, by_mint.stderr
     finally:
         closed.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "case", ["nothing", "empty-name", "empty-config-name", "email-variable", "empty-email"]
+)
+def test_an_identity_git_would_not_make_up_is_refused_as_git_refuses_it(
+    work: Path, home: dict[str, str], case: str
+) -> None:
+    # mintvcs made up LOGIN@HOST where git refuses a host name without a domain ("unable to
+    # auto-detect email address (got 'root@vm.(none)')"), and read an empty GIT_AUTHOR_NAME
+    # as unset. git var GIT_AUTHOR_IDENT applies git commit's rule (IDENT_STRICT).
+    env = dict(home)
+    if case == "empty-name":
+        env.update(GIT_AUTHOR_NAME="", GIT_AUTHOR_EMAIL="a@x.example")
+    elif case == "empty-config-name":
+        (Path(home["HOME"]) / ".gitconfig").write_text("[user]\n\tname =\n\temail = e@x.example\n")
+    elif case == "email-variable":
+        env["EMAIL"] = "env@x.example"  # the name made up from the password database
+    elif case == "empty-email":
+        env.update(GIT_AUTHOR_NAME="A", GIT_AUTHOR_EMAIL="")
+        env.update(GIT_COMMITTER_NAME="C", GIT_COMMITTER_EMAIL="")
+    by_git = {
+        role: _git(work / ".mint", env, "var", f"GIT_{role}_IDENT")
+        for role in ("AUTHOR", "COMMITTER")
+    }
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout
+    mutate(work, seed=31)
+    by_mint = _mint(work, env, "commit", "-m", "who", "--no-verify")
+    if all(r.returncode == 0 for r in by_git.values()):
+        assert by_mint.returncode == 0, by_mint.stderr
+        shown = git(work / ".mint", "log", "-1", "--format=%an <%ae>|%cn <%ce>").stdout.strip()
+        idents = tuple(r.stdout.rsplit(" ", 2)[0] for r in by_git.values())
+        assert tuple(shown.split("|")) == idents
+        return
+    refused = next(r for r in by_git.values() if r.returncode != 0)
+    assert refused.returncode == by_mint.returncode == 128, (refused.stderr, by_mint.stderr)
+    reason = refused.stderr.strip().splitlines()[-1].removeprefix("fatal: ")
+    assert reason in _error_line(by_mint), (reason, by_mint.stderr)
+    assert git(work / ".mint", "rev-parse", "HEAD").stdout == head
