@@ -47,6 +47,14 @@ class GitConfigFile(ConfigFile):
         super().__init__(*args, **kwargs)
         self.valueless = {}
 
+    def _resolve_include_path(self, path: str, config_dir: str | None) -> str | None:
+        # `~` from $HOME alone, as git: dulwich's expanduser took the password database's home
+        # without HOME, and kept a relative `~/x` where there was none.
+        expanded = home_path(path)
+        if expanded is None:
+            raise ValueError(f"could not expand include path '{path}' (HOME is not set)")
+        return super()._resolve_include_path(expanded, config_dir)
+
 
 def read_config(
     path: Path, *, git_dir: Path | None = None, includes: bool = True, trusted: bool = False
@@ -78,6 +86,28 @@ def read_config(
     return config
 
 
+def home_path(text: str) -> str | None:
+    """`text` with a leading `~/` or `~USER/` expanded as git's interpolate_path does it: `~`
+    from $HOME only, None when HOME is unset (git then reads no such file) or USER has no
+    account; any other text as it is."""
+    if not text.startswith("~"):
+        return text
+    head, sep, rest = text[1:].partition("/")
+    if head:
+        import pwd
+
+        try:
+            home = pwd.getpwnam(head).pw_dir
+        except KeyError:
+            return None
+    else:
+        found = os.environ.get("HOME")
+        if found is None:
+            return None
+        home = found
+    return home.rstrip("/") + sep + rest if sep else (home or "/")
+
+
 def user_configs(git_dir: Path | None = None) -> list[Any]:
     """The global and system git config files that exist, in git's order of precedence
     (GIT_CONFIG_GLOBAL, else ~/.gitconfig then $XDG_CONFIG_HOME/git/config; then
@@ -90,12 +120,16 @@ def user_configs(git_dir: Path | None = None) -> list[Any]:
     if "GIT_CONFIG_GLOBAL" in os.environ:
         paths.append((os.environ["GIT_CONFIG_GLOBAL"], True))
     else:
-        # An empty XDG_CONFIG_HOME is unset, as git reads it (not `git/config` under the cwd).
-        xdg = os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config")
-        paths += [
-            (os.path.expanduser("~/.gitconfig"), True),
-            (os.path.join(xdg, "git", "config"), True),
-        ]
+        # From $HOME alone, as git: without it no ~/.gitconfig is read (not the password
+        # database's home, nor a relative `~/.gitconfig` from the cwd, which a revision's files
+        # can hold), and the XDG file only from XDG_CONFIG_HOME. An empty XDG_CONFIG_HOME is
+        # unset, as git reads it (not `git/config` under the cwd).
+        gitconfig, dot_config = home_path("~/.gitconfig"), home_path("~/.config")
+        xdg = os.environ.get("XDG_CONFIG_HOME") or dot_config
+        if gitconfig is not None:
+            paths.append((gitconfig, True))
+        if xdg is not None:
+            paths.append((os.path.join(xdg, "git", "config"), True))
     if os.environ.get("GIT_CONFIG_NOSYSTEM", "").lower() in ("", "0", "false", "no", "off"):
         paths.append((os.environ.get("GIT_CONFIG_SYSTEM", "/etc/gitconfig"), False))
     configs = []
@@ -548,7 +582,7 @@ def _matchers(reader: _Reader, git_dir: Path | None) -> dict[str, Callable[[str]
     def gitdir(pattern: str, icase: bool) -> bool:
         if git_dir is None:
             return False
-        pattern = os.path.expanduser(pattern)
+        pattern = home_path(pattern) or pattern  # git leaves a `~` it cannot expand as it is
         prefix = ""
         if pattern.startswith("./"):  # relative to the file that holds the condition
             prefix = os.path.dirname(os.path.realpath(reader.stack[-1])) + "/"

@@ -228,7 +228,7 @@ def _trusted(*paths: Path) -> bool:
     """Whether the user's global or system git config lists one of `paths` in mint.safeHooks."""
     from dulwich.config import StackedConfig
 
-    from mintvcs.gitconfig import BadConfigError, user_configs
+    from mintvcs.gitconfig import BadConfigError, home_path, user_configs
 
     try:
         values = list(StackedConfig(user_configs()).get_multivar(*TRUST_KEY))
@@ -238,7 +238,8 @@ def _trusted(*paths: Path) -> bool:
     wanted = {os.path.realpath(path) for path in paths}
     for value in values:
         text = os.fsdecode(value).strip()
-        if text == "*" or os.path.realpath(os.path.expanduser(text)) in wanted:
+        path = home_path(text)  # `~` from $HOME alone, as git's safe.directory
+        if text == "*" or (path is not None and os.path.realpath(path) in wanted):
             return True
     return False
 

@@ -4,6 +4,7 @@ global config, hooks, includes and the parser's corner cases."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -951,3 +952,46 @@ def test_an_identity_git_would_not_make_up_is_refused_as_git_refuses_it(
     reason = refused.stderr.strip().splitlines()[-1].removeprefix("fatal: ")
     assert reason in _error_line(by_mint), (reason, by_mint.stderr)
     assert git(work / ".mint", "rev-parse", "HEAD").stdout == head
+
+
+def test_without_home_no_global_config_is_read_but_the_xdg_one_as_in_git(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # mintvcs took ~ from the password database without HOME (git: "$HOME not set", no file).
+    from mintvcs.gitconfig import user_configs
+
+    for name in ("HOME", "GIT_CONFIG_GLOBAL", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.chdir(tmp_path)
+    by_git = subprocess.run(["git", "config", "--global", "-l"], capture_output=True, text=True)
+    assert by_git.returncode == 128 and "$HOME not set" in by_git.stderr
+    assert user_configs() == []
+    xdg = tmp_path / "xdg"
+    (xdg / "git").mkdir(parents=True)
+    (xdg / "git" / "config").write_text("[user]\n\tname = Xdg\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    by_git = subprocess.run(["git", "config", "user.name"], capture_output=True, text=True)
+    found = [c.get((b"user",), b"name").decode() for c in user_configs()]
+    assert found == [by_git.stdout.strip()] == ["Xdg"]
+
+
+def test_a_tilde_folder_in_the_work_tree_is_no_global_config(work: Path) -> None:
+    # HOME unset and a user id with no account: os.path.expanduser left `~/.gitconfig` as it
+    # was, read from the cwd, the work tree, whose files any revision may carry (so anyone who
+    # could push set core.abbrev, the identity, mint.safeHooks). git reads no such file.
+    from tests.mintvcs.userkit import ALICE, other_users
+
+    with other_users() as users:
+        repo = users.place / "repo"
+        shutil.copytree(work, repo)
+        (repo / "~").mkdir()
+        (repo / "~" / ".gitconfig").write_text("[core]\n\tabbrev = 12\n")
+        subprocess.run(["chmod", "-R", "a+rwX", str(repo)], check=True)
+        # No HOME, and no GIT_CONFIG_GLOBAL (storekit.ENV's) to stand in for the global file.
+        unset = ["env", "-u", "HOME", "-u", "GIT_CONFIG_GLOBAL", "-u", "XDG_CONFIG_HOME"]
+        log = ["log", "-n1", "--oneline"]
+        by_mint = users.run(ALICE, 0o022, repo, [*unset, sys.executable, "-m", "mintvcs.cli", *log])
+        by_git = users.run(ALICE, 0o022, repo, [*unset, "git", "--git-dir", ".mint", *log])
+        assert by_mint.stdout.split()[0] == by_git.stdout.split()[0]
+        assert len(by_git.stdout.split()[0]) == 7
