@@ -29,10 +29,23 @@ from mintvcs.errors import MintError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _NoWorkingDirectoryError(MintError):
+    exit_code = 128  # git's `fatal: Unable to read current working directory`
+
+
 def _open_repo() -> Any:
     from mintvcs.store import Repository
 
-    return Repository.open(Path.cwd())
+    try:
+        cwd = Path.cwd()
+    except OSError as err:
+        # A directory an earlier step removed (a cron job's, a CI step's): the OSError names
+        # no file, and said only "No such file or directory".
+        raise _NoWorkingDirectoryError(
+            f"unable to read current working directory: {err.strerror or err} (was it "
+            "removed? cd to the repository, or give mintvcs -C PATH)"
+        ) from None
+    return Repository.open(cwd)
 
 
 def _emit_json(data: Any) -> None:

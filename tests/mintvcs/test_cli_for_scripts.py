@@ -326,3 +326,16 @@ def test_mintvcs_alone_prints_its_help_on_stdout(tmp_path: Path) -> None:
         )
     assert ran.returncode == 128, ran.stderr
     assert ran.stderr == "error: write failure on 'stdout': No space left on device\n"
+
+
+def test_a_removed_working_directory_is_named_as_git_names_it(tmp_path: Path) -> None:
+    # A cron job or CI step whose directory an earlier step removed got "error: No such file
+    # or directory", exit 1, naming nothing; git says why and exits 128.
+    gone = tmp_path / "gone"
+    script = f'mkdir {gone} && cd {gone} && rmdir {gone} && exec "$@"'
+    for argv in (["git", "status"], [sys.executable, "-m", "mintvcs.cli", "status"]):
+        done = subprocess.run(
+            ["sh", "-c", script, "sh", *argv], env=ENV, capture_output=True, text=True
+        )
+        assert done.returncode == 128, done.stderr
+        assert "nable to read current working directory: No such file or directory" in done.stderr
