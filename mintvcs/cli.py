@@ -342,7 +342,13 @@ class MintGroup(click.Group):
             if ctx.invoked_subcommand is not None:
                 where = f"{where} {ctx.invoked_subcommand}"
             _usage_error(err, err.ctx.command_path if err.ctx is not None else where)
-        except (MintError, OSError, MemoryError, KeyboardInterrupt, Terminated) as err:
+        except Terminated as err:
+            # serve's clean stop (docs/http.md), also while it is still importing torch.
+            if ctx.invoked_subcommand == "serve" and err.signum != signal.SIGQUIT:
+                _complain("mintvcs serve: stopped before it was listening")
+                sys.exit(0)
+            _exit_for(err)
+        except (MintError, OSError, MemoryError, KeyboardInterrupt) as err:
             _exit_for(err)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -212,9 +213,14 @@ def serve(
     enforce_eager: bool,
 ) -> None:
     """Serve generate-by-ref over HTTP from one resident base model."""
-    from mintvcs.serve.app import ServerConfig, run
+    from mintvcs.console import Terminated, catch_terminating_signals
 
+    # SIGTERM or SIGHUP before the server's own handlers are in place (importing torch takes
+    # seconds) is the clean stop it is afterwards, exit 0, not death by the signal.
+    catch_terminating_signals()
     try:
+        from mintvcs.serve.app import ServerConfig, run
+
         config = ServerConfig(
             repo=repo,
             base_model=base_model,
@@ -242,6 +248,11 @@ def serve(
             enforce_eager=enforce_eager,
         )
         status = run(config)
+    except Terminated as err:
+        if err.signum == signal.SIGQUIT:  # a core dump asked for: not a stop
+            raise
+        _complain("mintvcs serve: stopped before it was listening")
+        sys.exit(0)
     except MintError as err:
         _complain(f"error: {err}")  # escaped, as every command's error line
         sys.exit(err.exit_code)

@@ -796,3 +796,38 @@ def test_serve_at_its_descriptor_limit_logs_a_line_not_a_flood(
     assert "Too many open files" in accept[0] and "(ulimit -n)" in accept[0]
     assert "Logging error" not in err and "Traceback" not in err, err[:3000]
     assert len(lines) <= 5, err[:3000]
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_signal_while_serve_imports_is_a_clean_stop(
+    tmp_path: Path, tiny_base: Path, name: str
+) -> None:
+    # docs/http.md promises exit 0 for SIGTERM while the base loads; in the seconds torch takes
+    # to import, before the server's handlers were in place, the signal killed it (143, 129).
+    # The signal is sent here as torch's import starts, as the installed script runs serve.
+    porcelain.init(tmp_path / "repo", str(tiny_base))
+    script = f"""
+import builtins, os, signal, sys
+real_import = builtins.__import__
+def signalling_import(name, *args, **kwargs):
+    if name == "torch":
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), signal.{name})
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = signalling_import
+sys.argv[0] = "mintvcs"
+from mintvcs.console import main
+sys.exit(main())
+"""
+    args = ["serve", "--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base)]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args, "--port", "0"],
+        env={**ENV, "MINT_LOG_LEVEL": "WARNING"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert "listening on" not in done.stdout
