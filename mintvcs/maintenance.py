@@ -958,6 +958,9 @@ class _Scan:
 
     ids: set[str] = field(default_factory=set)  # readable objects, loose or packed
     loose: set[str] = field(default_factory=set)
+    # Objects the walk went through that only an alternate object store holds (`git clone
+    # --shared`): they belong to the other repository, and are neither packed nor pruned here.
+    borrowed: set[str] = field(default_factory=set)
     # Commits, trees and tags are small; keeping their content spares the walk a second read.
     meta: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     # XOR tensor blob -> the blob it is encoded against: a link inside the blob's content that
@@ -968,9 +971,10 @@ class _Scan:
     # meanwhile writes a pack of its own, whose objects the scan did not see).
     packs: dict[str, Pack] = field(default_factory=dict)
 
-    def add(self, oid: str, kind: bytes, body: bytes) -> None:
-        """Record a readable object: what the walk needs of it."""
-        self.ids.add(oid)
+    def add(self, oid: str, kind: bytes, body: bytes, *, borrowed: bool = False) -> None:
+        """Record a readable object: what the walk needs of it (`borrowed`: only an alternate
+        holds it)."""
+        (self.borrowed if borrowed else self.ids).add(oid)
         if kind != b"blob":
             self.meta.setdefault(oid, (kind, body))
         elif body.startswith(codec.MAGIC):
@@ -1065,7 +1069,8 @@ def _children(
 
 def _borrowed(repo: Repository, scan: _Scan, oid: str) -> bool:
     """Whether `oid` is stored though the scan did not see it (an alternate object store, `git
-    clone --shared`, or written since by a commit); recorded in `scan` if so.
+    clone --shared`, or written since by a commit); recorded in `scan` if so, as borrowed when
+    the store's own object directory lacks it.
 
     An alternate's objects belong to the other repository: gc walks through them but neither
     packs nor prunes them, as git does. Objects written since are kept like any young one.
@@ -1074,7 +1079,7 @@ def _borrowed(repo: Repository, scan: _Scan, oid: str) -> bool:
     if not repo.has_object(oid, rescan=True):
         return False
     obj = repo.get_object(oid)
-    scan.add(oid, obj.type_name, obj.as_raw_string())
+    scan.add(oid, obj.type_name, obj.as_raw_string(), borrowed=not repo.has_own_object(oid))
     return True
 
 
@@ -1178,7 +1183,7 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
                 f"gc refused: {root} holds {oid!r:.60}, which is not an object id; fix or "
                 f"delete that ref; {_FIX}"
             )
-        if oid not in scan.ids and not _borrowed(repo, scan, oid):
+        if oid not in scan.ids and oid not in scan.borrowed and not _borrowed(repo, scan, oid):
             if not strict:
                 continue  # a reflog entry whose commit was pruned: git skips it too
             raise GcMissingObjectError(

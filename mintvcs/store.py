@@ -1485,6 +1485,25 @@ class Repository:
                 "run 'mintvcs fsck', and restore it from a good copy"
             ) from None
 
+    def has_own_object(self, oid: str) -> bool:
+        """True when this store's own object directory holds `oid`, loose or in one of its packs
+        (listed again first), as git's `repack -l` counts an object local; one only an
+        alternate holds is not."""
+        if not is_object_id(oid):
+            return False
+        if os.path.exists(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}"):
+            return True
+        if self._find_packed(bytes.fromhex(oid), rescan=True) is not None:
+            return True
+        if not self.__dict__.get("_unreadable_packs"):
+            return False
+        from dulwich.objects import ObjectID
+
+        # A pack our reader cannot open (a version-1 index): dulwich's own packs, not its
+        # alternates'.
+        key = ObjectID(oid.encode())
+        return self._with_dulwich(lambda store: any(key in pack for pack in store.packs))
+
     def has_objects(self, oids: Sequence[str]) -> list[bool]:
         """has_object() of each of `oids` (after listing the pack directory again for one
         that is missing), the packs' indexes searched once for all of them: fsck asks of every

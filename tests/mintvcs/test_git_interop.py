@@ -165,6 +165,58 @@ def test_a_shared_clone_and_version_1_pack_indexes_are_not_called_damaged(
     assert_sound_and_checks_out(work, weights)
 
 
+def _pack_ids(git_dir: Path) -> set[str]:
+    """The ids of every object in the packs of store `git_dir` (its own, not its alternates')."""
+    ids: set[str] = set()
+    for idx in (git_dir / "objects" / "pack").glob("*.idx"):
+        listing = subprocess.run(
+            ["git", "show-index"], stdin=idx.open("rb"), capture_output=True, check=True
+        )
+        ids.update(line.split()[1].decode() for line in listing.stdout.splitlines())
+    return ids
+
+
+def _loose_ids(git_dir: Path) -> set[str]:
+    """The ids of the loose objects of store `git_dir`."""
+    return {
+        f"{path.parent.name}{path.name}"
+        for path in (git_dir / "objects").glob("??/*")
+        if len(path.name) == 38
+    }
+
+
+def test_gc_in_a_shared_clone_packs_only_the_clone_s_own_objects(
+    work: Path, tmp_path: Path
+) -> None:
+    # `git clone --shared` borrows the source's objects; git's gc (`repack -l`) packs only the
+    # clone's own. mintvcs gc copied the source's whole history into the clone's pack.
+    mint(work, "gc")
+    source = work / ".mint"
+    clone = tmp_path / "clone"
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", "--shared", str(source), str(clone / ".mint")],
+        check=True,
+    )
+    mint(clone, "checkout", "--force", "main")
+    mutate(clone, seed=11)
+    weights = (clone / "adapter_model.safetensors").read_bytes()
+    mint(clone, "commit", "-m", "rev in the clone", "--no-verify")
+    own = _loose_ids(clone / ".mint")
+    borrowed = _pack_ids(source)
+    assert own and borrowed
+    assert mint(clone, "gc").stdout.startswith(f"packed {len(own)} objects")
+    assert _pack_ids(clone / ".mint") == own
+    assert not _loose_ids(clone / ".mint")
+    assert _pack_ids(source) == borrowed  # the source is left as it was
+    git_fsck(clone)
+    assert_sound_and_checks_out(clone, weights)
+    # A second gc finds the same, and git's own gc packs nothing mintvcs left out.
+    mint(clone, "gc")
+    assert _pack_ids(clone / ".mint") == own
+    git(clone / ".mint", "gc", "-q")
+    assert _pack_ids(clone / ".mint") <= own
+
+
 def test_tags_get_no_reflog_so_git_gc_runs_clean(work: Path) -> None:
     # git (core.logAllRefUpdates=true) logs branches, not tags; our tag reflogs made git gc's
     # reflog expiry print "error: Object ... not a commit" for every annotated tag.
