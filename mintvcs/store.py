@@ -799,9 +799,7 @@ class Repository:
         `512m` made every packed read fail as if the object were corrupt. mintvcs reads with
         them at their defaults and writes its own packs and loose objects, so none applies.
         """
-        from dulwich.object_store import DiskObjectStore
-
-        return DiskObjectStore(str(self.git_dir / "objects"))
+        return _object_store_class()(str(self.git_dir / "objects"))
 
     @cached_property
     def config(self) -> Any:
@@ -2683,30 +2681,8 @@ class Repository:
 
     def _alternate_stores(self) -> list[Path]:
         """The object directories `objects/info/alternates` lists, and those their own files
-        list, as git reads them: a relative one from the store whose file names it, each once,
-        ours and those that are no directory left out, five levels deep at most."""
-        found: list[Path] = []
-        seen = {os.path.realpath(self._objects_dir)}
-
-        def read(store: str, depth: int) -> None:
-            try:
-                text = Path(store, "info", "alternates").read_text(errors="replace")
-            except OSError:
-                return
-            for line in (line.strip() for line in text.splitlines()):
-                if not line or line.startswith("#"):
-                    continue
-                path = os.path.normpath(os.path.join(store, line))
-                real = os.path.realpath(path)
-                if real in seen or not os.path.isdir(path):
-                    continue
-                seen.add(real)
-                found.append(Path(path))
-                if depth < _ALTERNATES_DEPTH:
-                    read(path, depth + 1)
-
-        read(self._objects_dir, 0)
-        return found
+        list, as git reads them (read_alternates)."""
+        return read_alternates(self._objects_dir).stores
 
     def _loose_shared_digits(self, oid: str, stores: tuple[str, ...]) -> int:
         """The most leading hex digits a loose object other than `oid` shares with it, in
@@ -3162,6 +3138,74 @@ def _refuse_larger(raw: bytes | memoryview, max_size: int, oid: str, what: str) 
     size = head[1]
     if size.isdigit() and int(size) > max_size:
         raise _too_large(oid, int(size), max_size, what)
+
+
+@dataclass(frozen=True)
+class Alternates:
+    """What a store's `objects/info/alternates` file names, followed as git follows it."""
+
+    stores: list[Path]  # the object directories it borrows from, each once
+
+
+def read_alternates(objects_dir: str) -> Alternates:
+    """The alternate object directories of the store `objects_dir`, as git's
+    link_alt_odb_entries reads them: blank and `#` lines skipped, a relative path taken from the
+    store whose file names it, each store once (ours, cycles and those that are no directory
+    left out), five levels deep at most."""
+    found: list[Path] = []
+    seen = {os.path.realpath(objects_dir)}
+
+    def read(store: str, depth: int) -> None:
+        listing = os.path.join(store, "info", "alternates")
+        try:
+            text = Path(listing).read_bytes().decode("utf-8", "surrogateescape")
+        except OSError:
+            return
+        for line in text.splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            path = os.path.normpath(os.path.join(store, line))
+            real = os.path.realpath(path)
+            if real in seen or not os.path.isdir(path):
+                continue
+            seen.add(real)
+            found.append(Path(path))
+            if depth < _ALTERNATES_DEPTH:
+                read(path, depth + 1)
+
+    read(objects_dir, 0)
+    return Alternates(found)
+
+
+@cache
+def _object_store_class() -> type[DiskObjectStore]:
+    """dulwich's DiskObjectStore, but for its alternates: read_alternates' list, flat.
+
+    dulwich reads `info/alternates` itself, and reads it differently from git: a blank line made
+    the store its own alternate, and two stores naming each other were followed for ever, so
+    any lookup of an absent object ended in a RecursionError."""
+    from dulwich.object_store import BaseObjectStore, DiskObjectStore
+
+    class ObjectStore(DiskObjectStore):
+        """A DiskObjectStore whose alternates are those read_alternates lists (flat: none of
+        them has alternates of its own), or none (`borrows` False)."""
+
+        borrows = True
+
+        @property
+        def alternates(self) -> list[BaseObjectStore]:
+            if self._alternates is None:
+                stores = read_alternates(os.fspath(self.path)).stores if self.borrows else []
+                borrowed: list[BaseObjectStore] = []
+                for store in stores:
+                    alternate = ObjectStore(str(store))
+                    alternate.borrows = False
+                    borrowed.append(alternate)
+                self._alternates = borrowed
+            return self._alternates
+
+    return ObjectStore
 
 
 def _open_pack(base: Path) -> PackFile:

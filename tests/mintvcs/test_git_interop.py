@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from mintvcs.serve.refwatch import RefWatcher
-from mintvcs.store import Repository
+from mintvcs.store import CorruptObjectError, Repository
 from tests.mintvcs.storekit import (
     ENV,
     blobs,
@@ -215,6 +215,48 @@ def test_gc_in_a_shared_clone_packs_only_the_clone_s_own_objects(
     assert _pack_ids(clone / ".mint") == own
     git(clone / ".mint", "gc", "-q")
     assert _pack_ids(clone / ".mint") <= own
+
+
+def _shared_clone(work: Path, dst: Path) -> Path:
+    """`git clone --bare --shared` of `work`'s store into `dst/.mint`, checked out; returns `dst`."""
+    subprocess.run(
+        ["git", "clone", "-q", "--bare", "--shared", str(work / ".mint"), str(dst / ".mint")],
+        check=True,
+    )
+    mint(dst, "checkout", "--force", "main")
+    return dst
+
+
+def test_alternates_files_git_accepts_never_crash_a_lookup(work: Path, tmp_path: Path) -> None:
+    # dulwich read objects/info/alternates itself: a blank line made the store its own
+    # alternate, and two stores borrowing from each other were followed for ever, so looking
+    # up any absent object ended in a RecursionError traceback. git skips both.
+    unknown = "1234567890123456789012345678901234567890"
+    alone = mint_fails(work, "show", unknown)
+    clone = _shared_clone(work, tmp_path / "clone")
+    listing = clone / ".mint" / "objects" / "info" / "alternates"
+    source_listing = work / ".mint" / "objects" / "info" / "alternates"
+    blank = listing.read_text() + "\n"
+    cycle = str(clone / ".mint" / "objects") + "\n"
+    for ours, theirs in [(blank, None), (listing.read_text(), cycle), (blank, cycle)]:
+        listing.write_text(ours)
+        if theirs is not None:
+            source_listing.write_text(theirs)
+        assert "fatal: bad object" in git(clone / ".mint", "show", unknown, ok=False).stderr
+        assert mint_fails(clone, "show", unknown) == alone
+        assert mint_fails(clone, "checkout", unknown) == alone.replace("show", "checkout")
+        repo = Repository.open(clone)
+        try:
+            assert not repo.has_object(unknown)
+            with pytest.raises(CorruptObjectError, match=r"is missing from the store$"):
+                repo.get_object(unknown)
+        finally:
+            repo.close()
+        assert json.loads(mint(clone, "fsck", "--json").stdout)["ok"]
+        assert mint(clone, "gc").stdout.startswith("packed ")
+        assert git_log(clone) == [
+            i["commit"] for i in json.loads(mint(clone, "log", "--json").stdout)
+        ]
 
 
 def test_tags_get_no_reflog_so_git_gc_runs_clean(work: Path) -> None:
