@@ -615,6 +615,7 @@ def _check_git_history(
                 for where, missing in _missing_in_tree(repo, oid, verified.trees):
                     report.problems.append(
                         f"{name}: object {missing} ({where!r}) is missing from the store"
+                        f"{repo.missing_objects_hint()}"
                     )
         except MintError as err:
             report.problems.append(f"{kind} {oid[:12]} (reachable from {name}): {err}")
@@ -783,6 +784,7 @@ def _check_revision(
         for where, missing in _missing_in_tree(repo, rev.info.tree, verified.trees):
             check.problems.append(
                 f"commit {oid[:12]}: object {missing} ({where!r}) is missing from the store"
+                f"{repo.missing_objects_hint()}"
             )
     except MintError as err:
         check.problems.append(f"commit {oid[:12]}: {err}")
@@ -1186,9 +1188,12 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
         if oid not in scan.ids and oid not in scan.borrowed and not _borrowed(repo, scan, oid):
             if not strict:
                 continue  # a reflog entry whose commit was pruned: git skips it too
+            # Where the store lacks objects by design (a shallow or partial clone, a moved
+            # alternate), the hint says what to do; restoring from a backup is not it.
+            hint = repo.missing_objects_hint()
             raise GcMissingObjectError(
                 f"gc refused: object {oid} ({what}, reachable from {root}) is missing from the "
-                f"store{repo.missing_objects_hint()}; {_FIX}"
+                f"store{hint}; {'nothing was changed' if hint else _FIX}"
             )
         seen.add(oid)
         if oid not in scan.meta:

@@ -181,6 +181,42 @@ def quote_path(path: str, *, non_ascii: bool = False) -> str:
     return path if quoted == path else f'"{quoted}"'
 
 
+# unquote_c_style's escapes: the named ones of _C_ESCAPES, read back.
+_C_UNESCAPES = {ord(text[1]): byte for byte, text in _C_ESCAPES.items()}
+
+
+def unquote_c_style(text: str) -> str | None:
+    """A name as git wrote it in double quotes (quote_c_style: `"sp\\040ace"`, `"a\\"b"`), read
+    back; None where `text` does not start with a quote or its quoting is broken (no closing
+    quote, an unknown escape), as git's unquote_c_style refuses it. What follows the closing
+    quote is ignored."""
+    data = text.encode("utf-8", "surrogateescape")
+    if not data.startswith(b'"'):
+        return None
+    out = bytearray()
+    at = 1
+    while at < len(data):
+        byte = data[at]
+        at += 1
+        if byte == 0x22:
+            return out.decode("utf-8", "surrogateescape")  # a byte that is not UTF-8 kept as one
+        if byte != 0x5C:
+            out.append(byte)
+            continue
+        escape = data[at : at + 1]
+        if not escape:
+            return None
+        if escape[0] in _C_UNESCAPES:
+            out.append(_C_UNESCAPES[escape[0]])
+            at += 1
+        elif re.fullmatch(rb"[0-3][0-7][0-7]", data[at : at + 3]):
+            out.append(int(data[at : at + 3], 8))
+            at += 3
+        else:
+            return None
+    return None
+
+
 # Quoted whatever core.quotePath says: C1 controls (NEL, the 8-bit CSI), the line and paragraph
 # separators, bidi embeddings, overrides and isolates (they reorder the line), and the lone
 # surrogates that stand for the bytes of a name that is not UTF-8.

@@ -36,7 +36,7 @@ from mintvcs.errors import MintError, cannot_read
 from mintvcs.filemodes import make_dir, not_writable, write_file
 from mintvcs.ids import is_object_id, shared_hex_digits
 from mintvcs.keep import ReplacedWeights
-from mintvcs.messages import decode_commit_texts, quote_path
+from mintvcs.messages import decode_commit_texts, quote_path, unquote_c_style
 from mintvcs.objects import (
     CONFIG_PATH,
     FILES_DIR,
@@ -993,10 +993,22 @@ class Repository:
             return None
 
     def missing_objects_hint(self) -> str:
-        """Why this store may lack objects by design, for an error naming a missing one: it is a
-        shallow clone, or a partial one (`git clone --filter`), whose objects git fetches on
-        demand from its promisor remote and mintvcs cannot; '' for a whole repository."""
+        """Why this store may lack objects by design, for an error naming a missing one: an
+        alternates line names a store that is not there, or it is a shallow clone, or a partial
+        one (`git clone --filter`), whose objects git fetches on demand from its promisor
+        remote and mintvcs cannot; '' for a whole repository."""
         git_dir = os.path.relpath(self.git_dir)  # `.mint` where commands run, in the work tree
+        # First: the objects of a store moved or unmounted since are all missing, whatever
+        # else this clone is.
+        missing = read_alternates(self._objects_dir).missing
+        if missing:
+            listing, path = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            return (
+                f": {os.path.relpath(listing)} names the object directory {path}, which does not "
+                f"exist{more} (the store this one borrows from was moved or unmounted?); "
+                "fix that line"
+            )
         if (self.git_dir / SHALLOW_FILE).exists():
             return (
                 ": this is a shallow clone (git clone --depth), without the older revisions whose "
@@ -3145,14 +3157,19 @@ class Alternates:
     """What a store's `objects/info/alternates` file names, followed as git follows it."""
 
     stores: list[Path]  # the object directories it borrows from, each once
+    # (the alternates file, the path it names) of each line that names no directory: a store
+    # moved or unmounted since
+    missing: list[tuple[str, str]]
 
 
 def read_alternates(objects_dir: str) -> Alternates:
     """The alternate object directories of the store `objects_dir`, as git's
-    link_alt_odb_entries reads them: blank and `#` lines skipped, a relative path taken from the
-    store whose file names it, each store once (ours, cycles and those that are no directory
-    left out), five levels deep at most."""
+    link_alt_odb_entries reads them: blank and `#` lines skipped, a line in double quotes
+    unquoted (quote_c_style, `"sp\\040ace"`), a relative path taken from the store whose file
+    names it, each store once (ours and cycles left out), five levels deep at most; and the
+    lines that name no directory."""
     found: list[Path] = []
+    missing: list[tuple[str, str]] = []
     seen = {os.path.realpath(objects_dir)}
 
     def read(store: str, depth: int) -> None:
@@ -3162,20 +3179,25 @@ def read_alternates(objects_dir: str) -> Alternates:
         except OSError:
             return
         for line in text.splitlines():
+            if line.startswith('"'):
+                line = unquote_c_style(line) or line  # broken quoting: git takes it as it is
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             path = os.path.normpath(os.path.join(store, line))
             real = os.path.realpath(path)
-            if real in seen or not os.path.isdir(path):
+            if real in seen:
                 continue
             seen.add(real)
+            if not os.path.isdir(path):
+                missing.append((listing, path))
+                continue
             found.append(Path(path))
             if depth < _ALTERNATES_DEPTH:
                 read(path, depth + 1)
 
     read(objects_dir, 0)
-    return Alternates(found)
+    return Alternates(found, missing)
 
 
 @cache

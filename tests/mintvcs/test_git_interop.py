@@ -259,6 +259,37 @@ def test_alternates_files_git_accepts_never_crash_a_lookup(work: Path, tmp_path:
         ]
 
 
+def test_an_alternate_that_moved_is_named_and_a_quoted_one_is_read(
+    work: Path, tmp_path: Path
+) -> None:
+    # The store a shared clone borrows from, moved or unmounted: git names the alternates line
+    # that resolves to nothing; mintvcs said "missing from the store", and gc advised restoring
+    # from a backup. git also reads a line in C quotes (`"sp\\040ace"`), which mintvcs took
+    # literally.
+    weights = (work / "adapter_model.safetensors").read_bytes()
+    clone = _shared_clone(work, tmp_path / "clone")
+    listing = clone / ".mint" / "objects" / "info" / "alternates"
+    source = tmp_path / "source"
+    shutil.move(work, source)
+    moved = str(work / ".mint" / "objects")
+    assert moved in git(clone / ".mint", "log", "-1", ok=False).stderr
+    named = f".mint/objects/info/alternates names the object directory {moved}, which does not"
+    for command in (["log"], ["checkout", "--force", "main~1"]):
+        line = mint_fails(clone, *command)
+        assert "is missing from the store" in line and named in line, line
+    line = mint_fails(clone, "gc")
+    assert named in line and "backup" not in line, line
+    problems = json.loads(mint(clone, "fsck", "--json", ok=False).stdout)["problems"]
+    assert problems and all(named in p for p in problems), problems
+
+    spaced = tmp_path / 'sp ace\t"x"'
+    shutil.move(source, spaced)
+    quoted = '"' + str(spaced).replace("\t", "\\t").replace('"', '\\"').replace(" ", "\\040")
+    listing.write_text(f'{quoted}/.mint/objects"\n')
+    assert git_log(clone) == [i["commit"] for i in json.loads(mint(clone, "log", "--json").stdout)]
+    assert_sound_and_checks_out(clone, weights)
+
+
 def test_tags_get_no_reflog_so_git_gc_runs_clean(work: Path) -> None:
     # git (core.logAllRefUpdates=true) logs branches, not tags; our tag reflogs made git gc's
     # reflog expiry print "error: Object ... not a commit" for every annotated tag.
