@@ -1543,7 +1543,15 @@ def gc(no_prune: bool, auto: bool, as_json: bool) -> None:
             )
         return
     with phase_counter("gc") as progress:
-        result = maintenance.gc(_open_repo(), prune=not no_prune, progress=progress)
+        repo = _open_repo()
+        result = maintenance.gc(repo, prune=not no_prune, progress=progress)
+    if result.absent_bases:
+        n = result.absent_bases
+        _complain(
+            f"warning: {n} XOR base{'s' * (n != 1)} that reachable tensor blobs build on "
+            f"{'is' if n == 1 else 'are'} not in the store{repo.missing_objects_hint()}; gc kept "
+            "the blobs built on them, which cannot be decoded or checked here"
+        )
     if as_json:
         _emit_json(
             {
@@ -1553,6 +1561,7 @@ def gc(no_prune: bool, auto: bool, as_json: bool) -> None:
                 "bytes_after": result.bytes_after,
                 "rewritten": result.rewritten,
                 "refs_packed": result.refs_packed,
+                "absent_bases": result.absent_bases,
             }
         )
         return

@@ -963,6 +963,9 @@ class _Scan:
     # Objects the walk went through that only an alternate object store holds (`git clone
     # --shared`): they belong to the other repository, and are neither packed nor pruned here.
     borrowed: set[str] = field(default_factory=set)
+    # XOR bases that reachable tensor blobs name and a shallow or partial clone never fetched:
+    # not damage, and nothing gc could delete.
+    absent_bases: set[str] = field(default_factory=set)
     # Commits, trees and tags are small; keeping their content spares the walk a second read.
     meta: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     # XOR tensor blob -> the blob it is encoded against: a link inside the blob's content that
@@ -1174,6 +1177,9 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
     stack = list(roots)
     seen: set[str] = set()
     shallow = repo.shallow_commits()
+    # A shallow clone lacks the bases of its boundary revisions' XOR blobs, a partial one those
+    # its filter left out: such a blob is kept as it is, its base noted, not called damage.
+    incomplete = bool(shallow) or repo._partial_clone()
     while stack:
         oid, what, root, strict = stack.pop()
         if oid in seen:
@@ -1198,8 +1204,17 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
         seen.add(oid)
         if oid not in scan.meta:
             base = scan.bases.get(oid)  # a blob: present and verified, and its XOR base too
-            if base is not None:
-                stack.append((base, f"XOR base of blob {oid[:12]}", root, True))
+            if base is None:
+                continue
+            if (
+                incomplete
+                and base not in scan.ids
+                and base not in scan.borrowed
+                and not _borrowed(repo, scan, base)
+            ):
+                scan.absent_bases.add(base)
+                continue
+            stack.append((base, f"XOR base of blob {oid[:12]}", root, True))
             continue
         # Below a root, everything is needed: a missing tree or blob is fatal even from a reflog.
         stack.extend(
@@ -1218,6 +1233,9 @@ class GcResult:
     bytes_after: int
     rewritten: bool = True  # False: nothing new since the pack gc wrote last, left as it was
     refs_packed: int = 0  # loose refs moved into packed-refs
+    # XOR bases of reachable tensor blobs that a shallow or partial clone lacks by design:
+    # those blobs were kept unverified
+    absent_bases: int = 0
 
 
 # oid -> unix time gc first found it unreachable (or its loose file's mtime): the age of
@@ -1943,7 +1961,15 @@ def gc(repo: Repository, *, prune: bool = True, progress: PhaseProgress = _no_pr
                 with suppress(OSError):
                     os.rmdir(fan.path)
         pruned = len(unreachable) - spared
-        return GcResult(packed, pruned, before, _store_size(repo), rewritten, refs_packed)
+        return GcResult(
+            packed,
+            pruned,
+            before,
+            _store_size(repo),
+            rewritten,
+            refs_packed,
+            len(scan.absent_bases),
+        )
 
 
 # `gc --auto` does nothing below these (git's own are 50 and 6700), set per repository by
