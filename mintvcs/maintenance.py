@@ -1727,8 +1727,9 @@ def _delta_bases(
 
 
 # Files git keeps beside a pack (`git repack --write-bitmap-index`, `pack.writeReverseIndex`,
-# cruft packs), each meaningless once its pack is gone; git warns about orphans.
-_PACK_SIDECARS = (".rev", ".bitmap", ".mtimes")
+# cruft packs, a partial clone's fetched packs), each meaningless once its pack is gone; git
+# warns about orphans.
+_PACK_SIDECARS = (".rev", ".bitmap", ".mtimes", ".promisor")
 
 
 def _drop_pack(store: DiskObjectStore, pack: Pack) -> None:

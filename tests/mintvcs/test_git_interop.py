@@ -463,6 +463,16 @@ def test_partial_clone_names_itself_when_an_object_is_missing(work: Path, tmp_pa
     line = mint_fails(partial, "checkout", "--force", "main")
     assert "partial clone" in line and "without --filter" in line, line
     assert "partial clone" in mint_fails(partial, "gc")
+    # A filter that leaves nothing out: gc runs, and deletes the fetched pack's `.promisor`
+    # with it (git's repack does; left behind, git counts it as garbage and warns).
+    whole = _clone(work, tmp_path / "w", "--filter=blob:limit=1m")
+    pack_dir = whole / ".mint" / "objects" / "pack"
+    assert list(pack_dir.glob("*.promisor"))
+    assert mint(whole, "gc").stdout.startswith("packed ")
+    assert all(p.with_suffix(".pack").exists() for p in pack_dir.glob("*.promisor"))
+    assert "garbage: 0" in git(whole / ".mint", "count-objects", "-v").stdout
+    assert "warning" not in git(whole / ".mint", "gc", "-q").stderr
+    git_fsck(whole)
 
 
 def test_git_commit_in_a_worktree_says_which_hook_refused_it(work: Path, tmp_path: Path) -> None:
