@@ -1180,6 +1180,7 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
     # A shallow clone lacks the bases of its boundary revisions' XOR blobs, a partial one those
     # its filter left out: such a blob is kept as it is, its base noted, not called damage.
     incomplete = bool(shallow) or repo._partial_clone()
+    grafts = _grafts(repo)
     while stack:
         oid, what, root, strict = stack.pop()
         if oid in seen:
@@ -1220,7 +1221,28 @@ def _walk(repo: Repository, scan: _Scan, roots: list[_Root]) -> set[ObjectID]:
         stack.extend(
             (child, kind, root, True) for child, kind in _children(oid, *scan.meta[oid], shallow)
         )
+        # What `info/grafts` makes a parent: mintvcs reads history without grafts, but git's
+        # gc keeps them, and git finds the repository broken once one is gone.
+        stack.extend(
+            (parent, f"graft parent of commit {oid[:12]}", root, False)
+            for parent in grafts.get(oid, ())
+        )
     return {ObjectID(oid.encode()) for oid in seen}
+
+
+def _grafts(repo: Repository) -> dict[str, list[str]]:
+    """The parents `.mint/info/grafts` gives commits (git's deprecated grafts file: `COMMIT
+    [PARENT...]` a line), lines git would refuse left out; {} without the file."""
+    try:
+        text = (repo.git_dir / "info" / "grafts").read_text(errors="replace")
+    except OSError:
+        return {}
+    grafts: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        ids = line.split()
+        if ids and not line.startswith("#") and all(is_object_id(i) for i in ids):
+            grafts.setdefault(ids[0], []).extend(ids[1:])
+    return grafts
 
 
 @dataclass(frozen=True)

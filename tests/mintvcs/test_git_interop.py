@@ -92,6 +92,23 @@ def test_gc_keeps_xor_bases_that_only_a_tensor_blob_names(work: Path) -> None:
     assert_sound_and_checks_out(work, weights)
 
 
+def test_gc_keeps_what_info_grafts_makes_a_parent(work: Path) -> None:
+    # Older history stitched on below the root with git's (deprecated) grafts file: git's gc
+    # keeps the grafted parent; mintvcs gc pruned it, and git then found main broken.
+    git_dir = work / ".mint"
+    root = git(git_dir, "rev-list", "--max-parents=0", "main").stdout.strip()
+    older = git(git_dir, "commit-tree", "-m", "imported history", f"{root}^{{tree}}").stdout.strip()
+    (git_dir / "info" / "grafts").write_text(f"# imported\n{root} {older}\n")
+    three_hours_ago = time.time() - 3 * 3600
+    os.utime(loose_path(work, older), (three_hours_ago, three_hours_ago))
+    assert ", pruned 0;" in mint(work, "gc").stdout
+    assert git(git_dir, "cat-file", "-t", older).stdout.strip() == "commit"
+    git_fsck(work)
+    assert git_log(work, "main")[-1] == older
+    # mintvcs still reads history without grafts (docs/format.md).
+    assert older not in mint(work, "log", "--json").stdout
+
+
 def test_commit_retry_after_a_backwards_move_encodes_against_the_new_tip(work: Path) -> None:
     # The branch moves back (a reset elsewhere) while a commit is in flight: the commit lands
     # on the new tip, so its XOR bases must come from the new tip's history, or git's own gc
