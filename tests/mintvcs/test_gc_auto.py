@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,49 @@ def test_a_commit_after_gc_stores_no_packed_object_again(work: Path) -> None:
     assert counts["prune-packable"] == "0"
     assert out["new_objects"] == len(loose) == int(counts["count"])
     git_fsck(work)
+
+
+def _blob_pack(git_dir: Path, i: int) -> Path:
+    """Pack a new blob on its own, as git pack-objects writes it (its loose copy pruned)."""
+    source = git_dir.parent.parent / f"blob{i}"
+    source.write_text(f"blob {i}\n")
+    oid = git(git_dir, "hash-object", "-w", str(source)).stdout.strip()
+    name = git(
+        git_dir, "pack-objects", "-q", str(git_dir / "objects/pack/pack"), input_text=oid + "\n"
+    ).stdout.strip()
+    git(git_dir, "prune-packed")
+    return git_dir / "objects" / "pack" / f"pack-{name}.pack"
+
+
+def test_exactly_auto_pack_limit_packs_is_not_past_it_as_in_git(tmp_path: Path) -> None:
+    """gc --auto is due past gc.autoPackLimit packs, not at it: git's too_many_packs."""
+    from mintvcs.maintenance import auto_gc_due
+
+    with porcelain.init(tmp_path / "repo", install_hooks=False) as repo:
+        git_dir = repo.git_dir
+    git(git_dir, "config", "gc.autoPackLimit", "3")
+    git(git_dir, "config", "gc.autoDetach", "false")
+    packs: list[Path] = []
+    for count, due in ((3, False), (4, True)):
+        packs += [_blob_pack(git_dir, i) for i in range(len(packs), count)]
+        with Repository.open(git_dir.parent) as repo:
+            assert auto_gc_due(repo) == due
+        oracle = tmp_path / f"copy{count}.git"
+        shutil.copytree(git_dir, oracle)
+        git(oracle, "gc", "--auto")
+        assert (len(list((oracle / "objects/pack").glob("*.pack"))) < count) == due
+
+
+def test_gc_auto_leaves_a_kept_pack_alone_as_git_does(tmp_path: Path) -> None:
+    """A pack marked .keep is neither merged nor deleted by gc --auto (git's repack skips it)."""
+    with porcelain.init(tmp_path / "repo", install_hooks=False) as repo:
+        git_dir = repo.git_dir
+    packs = [_blob_pack(git_dir, i) for i in range(4)]
+    git(git_dir, "config", "gc.autoPackLimit", "2")
+    kept = packs[0]
+    kept.with_suffix(".keep").touch()
+    with Repository.open(git_dir.parent) as repo:
+        result = auto_gc(repo)
+    assert result.rewritten and result.packs_after == 2
+    assert kept.exists() and kept.with_suffix(".idx").exists()
+    git_fsck(git_dir.parent)

@@ -188,6 +188,36 @@ def test_gc_takes_over_the_lock_of_a_dead_gc(work: Path) -> None:
     assert not lock.exists()
 
 
+def test_a_gc_pid_older_than_12_hours_no_longer_blocks_gc_as_in_git(work: Path) -> None:
+    """A gc.pid left 13 hours ago is ignored even if its pid is alive now (reused), as git does."""
+    lock = work / ".mint" / "gc.pid"
+    lock.write_text(f"{os.getpid()} {socket.gethostname()}")  # this test process: alive
+    thirteen_hours_ago = time.time() - 13 * 3600
+    os.utime(lock, (thirteen_hours_ago, thirteen_hours_ago))
+    assert mint(work, "gc").stdout.startswith("packed ")
+    assert not lock.exists()
+
+
+def test_gc_leaves_a_gc_pid_another_gc_took_over(work: Path) -> None:
+    """A gc whose lock another gc took over (past the 12 hours) does not remove that one's."""
+    from mintvcs import maintenance
+    from mintvcs.store import Repository
+
+    lock = work / ".mint" / "gc.pid"
+    other = f"{os.getpid()} another-host"
+    taken: list[str] = []
+
+    def take_over(phase: str, n: int) -> None:
+        if not taken and lock.exists():
+            lock.unlink()
+            lock.write_text(other)
+            taken.append(phase)
+
+    with Repository.open(work) as repo:
+        maintenance.gc(repo, progress=take_over)
+    assert taken and lock.read_text() == other
+
+
 def test_gc_prunes_old_unreachable_objects_and_keeps_young_ones(work: Path) -> None:
     git_dir = work / ".mint"
     ids = []
@@ -297,6 +327,20 @@ def test_gc_keeps_young_unreachable_objects_even_inside_packs(work: Path) -> Non
     git_fsck(work)
 
 
+def test_gc_counts_a_first_seen_time_in_the_future_as_now(work: Path) -> None:
+    """An unreachable object's first-seen time ahead of the clock is rewritten as now, not kept."""
+    git_dir = work / ".mint"
+    source = work.parent / "unreachable.txt"
+    source.write_text("unreachable\n")
+    oid = git(git_dir, "hash-object", "-w", str(source)).stdout.strip()
+    git(git_dir, "pack-objects", "-q", str(git_dir / "objects/pack/pack"), input_text=oid + "\n")
+    git(git_dir, "prune-packed")
+    record = git_dir / "mint-unreachable.json"
+    record.write_text(json.dumps({oid: time.time() + 10 * 365 * 86400}))  # a wrong clock's
+    mint(work, "gc")
+    assert json.loads(record.read_text())[oid] <= time.time()
+
+
 def test_fsck_names_every_missing_tensor_and_checks_older_revisions(work: Path) -> None:
     # It used to stop at the first missing object of a revision, and skip its history.
     only_tip = [b for b in blobs(work, "main:tensors") if b not in set(blobs(work, "main~1"))]
@@ -322,6 +366,17 @@ def test_fsck_warns_about_a_ref_lock_a_killed_writer_left(work: Path) -> None:
     assert result.returncode == 0
     assert "warning: refs/heads/main.lock is 60 minutes old" in result.stderr
     assert "remove it if no mintvcs or git process is running" in result.stderr
+
+
+def test_fsck_warns_about_a_ref_lock_from_ten_minutes_on(work: Path) -> None:
+    """A ref lock 11 minutes old is warned about, one 9 minutes old is not (a live writer's)."""
+    lock = work / ".mint" / "refs" / "heads" / "main.lock"
+    lock.write_text("0" * 40 + "\n")
+    for minutes, warned in ((9, False), (11, True)):
+        then = time.time() - minutes * 60
+        os.utime(lock, (then, then))
+        result = mint(work, "fsck")
+        assert ("refs/heads/main.lock is" in result.stderr) == warned, result.stderr
 
 
 def _abandoned_long_ago(work: Path, tmp_path: Path, seed: int) -> Path:

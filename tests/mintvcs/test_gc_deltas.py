@@ -268,3 +268,25 @@ def test_a_tree_with_a_third_of_its_entries_changed_is_a_delta(tmp_path: Path) -
     assert int(rows[tree][2]) * 3 < int(rows[_metadata(work, "HEAD")[1]][2])
     git(work / ".mint", "fsck", "--full", "--strict", "--no-dangling")
     mint_fsck_ok(work)
+
+
+def test_a_delta_that_deflates_to_over_half_the_whole_is_stored_whole(tmp_path: Path) -> None:
+    """A delta whose new bytes deflate no better than the whole object is not kept (_DELTA_GAIN)."""
+    import random
+
+    from mintvcs.packs import PackWriter
+
+    rng = random.Random(1)
+    fresh = rng.randbytes(2048)
+    lines = b"the same line of metadata, again and again\n" * 100  # deflates to almost nothing
+    base, target = lines + rng.randbytes(3000), lines + fresh + fresh
+    ids = [hashlib.sha1(b"blob %d\0%b" % (len(o), o)).hexdigest() for o in (base, target)]
+    with porcelain.init(tmp_path / "repo", install_hooks=False) as repo:
+        writer = PackWriter(repo, repack=True)
+        deltas = maintenance._Deltas(repo, writer, "gc", lambda _phase, _n: None)
+        deltas.held = {ids[0]: b"blob", ids[1]: b"blob"}
+        deltas._add(ids[0], b"blob", base, None)
+        deltas._add(ids[1], b"blob", target, (ids[0], base))
+        assert writer.finish() is not None
+    rows = _pack_rows(tmp_path / "repo")
+    assert len(rows[ids[1]]) == 4, rows  # type, sizes, offset: no (depth, base)

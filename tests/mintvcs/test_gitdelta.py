@@ -179,6 +179,17 @@ def test_gives_up_past_its_limit_early() -> None:
     assert gitdelta.create(base, changed, len(delta) - 1) is None
 
 
+def test_a_delta_of_exactly_the_limit_is_made() -> None:
+    """create() gives None only past its limit: a delta of exactly `limit` bytes is made."""
+    lines = _lines(3000)
+    base = b"\n".join(lines)
+    new = b"\n".join([*lines[:1500], b"changed", *lines[1501:]])
+    delta = gitdelta.create(base, new)
+    assert delta is not None
+    assert gitdelta.create(base, new, len(delta)) == delta
+    assert gitdelta.create(base, new, len(delta) - 1) is None
+
+
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 16383, 16384, 1 << 40])
 def test_sizes_are_git_varints(size: int) -> None:
     assert _varint(gitdelta._varint(size), 0) == (size, len(gitdelta._varint(size)))

@@ -140,3 +140,16 @@ def test_fsck_reports_a_huge_sparse_loose_object_and_carries_on(work: Path) -> N
     report = json.loads(mint(work, "fsck", "--json", ok=False).stdout)["problems"]
     assert f"corrupt loose object {huge}: garbage after its zlib stream" in report
     assert any(f"corrupt loose object {garbled}" in line for line in report), report
+
+
+def test_fsck_flags_a_loose_object_whose_header_misstates_its_size(work: Path) -> None:
+    """A loose object hashing right but whose header says 5 bytes for 3 is damage, as git fsck says."""
+    raw = b"blob 5\0abc"
+    oid = hashlib.sha1(raw).hexdigest()
+    path = loose_path(work, oid)
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(zlib.compress(raw))
+    oracle = git(work / ".mint", "fsck", ok=False)
+    assert oracle.returncode != 0 and oid[2:] in oracle.stderr, oracle.stderr
+    result = mint(work, "fsck", ok=False)
+    assert result.returncode == 1 and oid in result.stdout + result.stderr

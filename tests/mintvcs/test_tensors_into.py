@@ -458,6 +458,52 @@ def test_plane_cache_decodes_each_child_from_its_parents_planes(
         assert 0 < small.plane_cache.nbytes <= 40_000
 
 
+def _cached(blob_id: str, size: int) -> tuple[codec.BlobHeader, codec.Planes]:
+    """A PlaneCache entry of `size` bytes of planes."""
+    header = codec.BlobHeader("uint8", (size,), "planes", None, 0, "0" * 64, size)
+    return header, codec.Planes(np.zeros((1, size), dtype=np.uint8), blob_id, 0)
+
+
+def test_plane_cache_evicts_the_least_recently_used_first() -> None:
+    """A get() keeps an entry recent: the next put evicts the one unused longest, not the oldest put."""
+    cache = PlaneCache(200)
+    cache.put(*_cached("a", 100))
+    cache.put(*_cached("b", 100))
+    assert cache.get("a") is not None
+    cache.put(*_cached("c", 100))
+    assert "a" in cache and "b" not in cache and "c" in cache and cache.nbytes == 200
+
+
+def test_plane_cache_counts_an_entry_put_again_once() -> None:
+    """Putting a blob that is cached already replaces it: its bytes count once."""
+    cache = PlaneCache(300)
+    cache.put(*_cached("a", 100))
+    cache.put(*_cached("a", 100))
+    assert cache.nbytes == 100 and len(cache) == 1
+    cache.put(*_cached("b", 100))
+    cache.put(*_cached("c", 100))
+    assert len(cache) == 3 and cache.nbytes == 300
+
+
+def test_plane_cache_keeps_entries_that_fill_its_bound_exactly() -> None:
+    """The bound is inclusive: one entry of max_bytes, or two halves, are all kept."""
+    cache = PlaneCache(200)
+    cache.put(*_cached("whole", 200))
+    assert "whole" in cache and cache.nbytes == 200
+    cache = PlaneCache(200)
+    cache.put(*_cached("a", 100))
+    cache.put(*_cached("b", 100))
+    assert len(cache) == 2 and cache.nbytes == 200
+
+
+def test_plane_cache_skips_an_entry_over_its_bound_and_evicts_nothing() -> None:
+    """A tensor bigger than the whole cache is not kept, and does not flush what is cached."""
+    cache = PlaneCache(200)
+    cache.put(*_cached("a", 100))
+    cache.put(*_cached("big", 300))
+    assert "a" in cache and "big" not in cache and cache.nbytes == 100
+
+
 def test_plane_cache_reads_only_the_last_link(tmp_path: Path) -> None:
     """A child decodes with its ancestors' blobs gone: only its own link is read."""
     repo = porcelain.init(tmp_path / "work", install_hooks=False)
