@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from mintvcs.serve.app import HTTPError, read_tokenizer_config
-from mintvcs.serve.http_chat import render_chat
+from mintvcs.serve.http_chat import chat_message, render_chat
 
 # A ChatML-style template with what recent checkpoints use: a {% generation %} block,
 # strftime_now, a kwarg (enable_thinking) and the end-of-turn after each message.
@@ -69,3 +69,54 @@ def test_continuing_needs_no_generation_prompt(base_with_jinja: Path) -> None:
     config = read_tokenizer_config(base_with_jinja)
     with pytest.raises(HTTPError, match="add_generation_prompt false"):
         render_chat(MESSAGES, config, continue_final_message=True)
+
+
+def test_continuing_cuts_after_the_last_copy_of_the_final_message(base_with_jinja: Path) -> None:
+    """A final message whose text came earlier too is continued where it is, not at the first copy."""
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}]
+    options = {"add_generation_prompt": False, "continue_final_message": True}
+    expected = AutoTokenizer.from_pretrained(str(base_with_jinja)).apply_chat_template(
+        messages, tokenize=False, **options
+    )
+    assert expected.endswith("<|im_start|>assistant\nHi")
+    config = read_tokenizer_config(base_with_jinja)
+    assert render_chat(messages, config, **options) == (expected, True)
+
+
+def test_tools_take_the_tool_use_template_of_named_ones() -> None:
+    """Of a list of named templates, a request with tools gets "tool_use", one without "default"."""
+    config = {
+        "chat_template": [
+            {"name": "default", "template": "plain"},
+            {"name": "tool_use", "template": "{{ tools[0].function.name }}"},
+        ]
+    }
+    messages = [{"role": "user", "content": "x"}]
+    tool = {"type": "function", "function": {"name": "roll"}}
+    assert render_chat(messages, config, [tool]) == ("roll", True)
+    assert render_chat(messages, config) == ("plain", True)
+
+
+def test_the_developer_role_reaches_the_template() -> None:
+    """OpenAI's developer role (docs/http.md) is taken and reaches the template as it is."""
+    message = chat_message({"role": "developer", "content": "Be brief."}, 0)
+    assert message == {"role": "developer", "content": "Be brief."}
+    config = {"chat_template": "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"}
+    assert render_chat([message], config) == ("[developer]Be brief.", True)
+
+
+def test_only_text_content_parts_are_taken() -> None:
+    """A content part of another type is refused even when it carries a text key."""
+    text = {"type": "text", "text": "look: "}
+    image = {"type": "image_url", "text": "x", "image_url": {"url": "data:,"}}
+    assert chat_message({"role": "user", "content": [text, text]}, 0)["content"] == "look: look: "
+    with pytest.raises(HTTPError, match="only text content parts"):
+        chat_message({"role": "user", "content": [text, image]}, 0)
+
+
+def test_a_tool_reply_keeps_its_call_id_and_name() -> None:
+    """A tool message's tool_call_id and name reach the template (Mistral's checks the id)."""
+    reply = {"role": "tool", "content": "cold", "tool_call_id": "c1", "name": "get_weather"}
+    assert chat_message(reply, 2) == reply

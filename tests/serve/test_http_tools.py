@@ -7,12 +7,15 @@ from typing import Any
 
 import pytest
 
-from mintvcs.serve.app import BackgroundServer
+from mintvcs.serve.app import BackgroundServer, HTTPError
 from mintvcs.serve.http_chat import (
+    MAX_TOOLS,
     TOOL_CALL_FORMATS,
     HermesFormat,
     Llama3JsonFormat,
     chat_message,
+    offered_tools,
+    parse_tools,
     render_chat,
 )
 from tests.serve.http_kit import request
@@ -426,6 +429,20 @@ def test_text_that_may_start_a_call_is_held_back() -> None:
     assert llama(" <b>") == 4
 
 
+def test_a_tail_one_short_of_the_call_marker_is_held_back() -> None:
+    """Text ending in all of <tool_call> but its last character is held back until it is known."""
+    streamable = HermesFormat().streamable
+    assert streamable("ok <tool_call") == 3
+    assert streamable("ok <tool_cal") == 3
+    assert streamable("ok tool_call") == len("ok tool_call")
+
+
+def test_blank_text_before_a_call_is_no_content() -> None:
+    """Only whitespace before the first call gives content null, as for no text at all."""
+    found = HermesFormat().calls('\n\n<tool_call>{"name": "roll", "arguments": {}}</tool_call>')
+    assert found is not None and found[0] is None and len(found[1]) == 1
+
+
 def test_llama3_json_replies_are_read_for_calls() -> None:
     calls = Llama3JsonFormat().calls
 
@@ -631,3 +648,30 @@ def test_special_token_markers_are_kept_in_the_text_the_parser_reads(tiny_base: 
         kept.add(token)
         dropped.add(token)
     assert kept.flush().startswith("<tool_call>") and not dropped.flush().startswith("<tool_call>")
+
+
+def test_a_forced_call_of_a_tool_without_parameters_is_an_object() -> None:
+    """A tool that declares no parameters is still called with a JSON object of arguments."""
+    plan = parse_tools(
+        {
+            "tools": [{"type": "function", "function": {"name": "now"}}],
+            "tool_choice": {"type": "function", "function": {"name": "now"}},
+        }
+    )
+    assert plan is not None
+    spec = plan.structured()
+    assert spec is not None and json.loads(spec.spec)["type"] == "object"
+
+
+def test_up_to_max_tools_are_taken() -> None:
+    """docs/http.md's limit: MAX_TOOLS tools are taken, one more is a 400."""
+    tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(MAX_TOOLS + 1)]
+    assert len(offered_tools({"tools": tools[:MAX_TOOLS]})) == MAX_TOOLS
+    with pytest.raises(HTTPError, match="at most"):
+        offered_tools({"tools": tools})
+
+
+def test_a_tool_with_an_empty_name_is_refused() -> None:
+    """A function named "" cannot be called by name: the request is a 400."""
+    with pytest.raises(HTTPError, match=r"tools\[1\]"):
+        offered_tools({"tools": [DICE, {"type": "function", "function": {"name": ""}}]})

@@ -578,3 +578,38 @@ def test_llguidance_errors_are_short_and_say_what_is_wrong(tiny_base: Path) -> N
     ):
         with pytest.raises(InvalidStructuredOutput, match=r"\$ref that refers back to itself"):
             grammars.compile(StructuredOutput.json_schema(schema))
+
+
+def test_an_error_just_past_the_limit_is_cut_to_it() -> None:
+    """short_error cuts anything past ERROR_CHARS, however little past it is."""
+    from mintvcs.serve.structured import ERROR_CHARS, short_error
+
+    assert short_error("x" * ERROR_CHARS) == "x" * ERROR_CHARS
+    cut = short_error("x" * (ERROR_CHARS + 50))
+    assert len(cut) == ERROR_CHARS and cut.endswith("...")
+
+
+def test_the_compile_cache_keeps_its_number_of_grammars(tiny_base: Path) -> None:
+    """COMPILED_GRAMMARS compiled grammars are kept; one more pushes out the oldest."""
+    from mintvcs.serve.structured import COMPILED_GRAMMARS
+
+    grammars = Grammars((tiny_base / "tokenizer.json").read_text(), [2], 384)
+    specs = [StructuredOutput("regex", f"a{{{i}}}") for i in range(1, COMPILED_GRAMMARS + 2)]
+    for spec in specs:
+        grammars.compile(spec)
+    assert grammars.cached(specs[0]) is None
+    assert all(grammars.cached(spec) is not None for spec in specs[1:])
+
+
+def test_remembered_failures_are_bounded_in_characters(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed specs are remembered within COMPILED_SPEC_CHARS, not only by their number."""
+    from mintvcs.serve import structured
+
+    monkeypatch.setattr(structured, "COMPILED_SPEC_CHARS", 1000)
+    grammars = Grammars((tiny_base / "tokenizer.json").read_text(), [2], 384)
+    for i in range(3):  # 600 characters each: two would pass the bound
+        with pytest.raises(InvalidStructuredOutput):
+            grammars.compile(StructuredOutput("regex", "(" * 600 + str(i)))
+    assert len(grammars._failed) == 1
