@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 import torch
 
-from mintvcs.serve.loader import CheckpointError, ModelConfig, UnsupportedModelError, read_config
+from mintvcs.serve.loader import (
+    CheckpointError,
+    ModelConfig,
+    UnsupportedModelError,
+    read_config,
+    rope_inv_freq,
+    safetensors_files,
+)
 from mintvcs.serve.model import Model, StepBatch
 from mintvcs.serve.tiny import ARCHITECTURES
 from tests.fixtures import build_base
@@ -205,6 +212,14 @@ def test_qwen2_slides_only_from_max_window_layers_on() -> None:
 def test_generation_config_eos_ids_join_config_ones(tmp_path: Path) -> None:
     directory = build_base(tmp_path / "gen")
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert set(read_config(directory).eos_token_ids) == {2, 7}
+
+
+def test_generation_config_eos_ids_join_disjoint_config_ones(tmp_path: Path) -> None:
+    """generation_config.json's EOS ids add to config.json's, even when they share none."""
+    directory = build_base(tmp_path / "gen")
+    _edit_config(directory, eos_token_id=2)
+    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [7]}))
     assert set(read_config(directory).eos_token_ids) == {2, 7}
 
 
@@ -647,3 +662,79 @@ def test_tensors_the_model_does_not_use_are_named_in_a_warning(
         "'model.layers.0.extra_4', ..." in caplog.text
     )
     assert torch.allclose(ours, _hf_logits(directory, _prompt()), atol=1e-4, rtol=0)
+
+
+def test_a_rope_factor_of_zero_is_refused() -> None:
+    """A scaling factor of 0 would divide the frequencies by zero: refused, naming the factor."""
+    with pytest.raises(UnsupportedModelError, match="factor must be positive"):
+        ModelConfig.from_dict(_llama(rope_scaling={"rope_type": "linear", "factor": 0}))
+
+
+def test_zero_key_value_heads_are_refused_naming_the_key(tmp_path: Path) -> None:
+    """num_key_value_heads 0 is an error naming the key, not a ZeroDivisionError."""
+    (tmp_path / "config.json").write_text(json.dumps(_llama(num_key_value_heads=0)))
+    with pytest.raises((CheckpointError, UnsupportedModelError), match="num_key_value_heads"):
+        read_config(tmp_path)
+
+
+def test_scaled_positions_are_never_fewer_than_max_position_embeddings() -> None:
+    """Yarn stretching 4096 positions 4 times under a max of 32768 (Qwen2.5's) gives 32768."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+    config = ModelConfig.from_dict(_qwen2(max_position_embeddings=32768, rope_scaling=yarn))
+    assert config.trained_positions == 32768
+
+
+def test_model_type_alone_names_the_architecture() -> None:
+    """A config without architectures is read by its model_type (docs/engine.md)."""
+    raw = _qwen2()
+    del raw["architectures"]
+    assert ModelConfig.from_dict(raw).arch == "qwen2"
+
+
+def test_rope_parameters_theta_wins_over_a_top_level_one_as_transformers() -> None:
+    """A leftover top-level rope_theta yields to rope_parameters' own, as transformers 5 reads it."""
+    from transformers import LlamaConfig
+
+    parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    hf = LlamaConfig(rope_theta=10000.0, rope_parameters=dict(parameters))
+    assert hf.rope_parameters["rope_theta"] == 500000.0
+    config = ModelConfig.from_dict(_llama(rope_theta=10000.0, rope_parameters=parameters))
+    assert config.rope.theta == 500000.0
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"truncate": False},
+        {"mscale": 1.0, "mscale_all_dim": 0.707},  # DeepSeek's: the ratio of the two
+        {"beta_slow": 21.0},  # the ramp's ends both clamped to 0: an empty ramp
+    ],
+    ids=["untruncated", "mscale-ratio", "empty-ramp"],
+)
+def test_yarn_frequencies_and_scale_are_transformers(extra: dict[str, Any]) -> None:
+    """Yarn's inverse frequencies and attention factor equal transformers' for its rarer keys."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    parameters = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+        "rope_theta": 10000.0,
+        **extra,
+    }
+    raw = _llama(max_position_embeddings=512, rope_parameters=parameters)
+    hf = LlamaConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+    expected, expected_scale = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    config = ModelConfig.from_dict(raw)
+    inv_freq, scale = rope_inv_freq(config.rope, config.head_dim)
+    assert torch.allclose(inv_freq, expected.float()) and scale == pytest.approx(expected_scale)
+
+
+def test_a_missing_shard_is_named_before_any_is_read(tmp_path: Path) -> None:
+    """Every shard the index names must be there before the first is read: a missing one is named."""
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    index = {"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"b\.safetensors"):
+        safetensors_files(tmp_path)
