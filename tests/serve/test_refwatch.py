@@ -8,7 +8,14 @@ import pytest
 
 from mintvcs import porcelain
 from mintvcs.ids import shared_hex_digits
-from mintvcs.serve.refwatch import RefMove, RefWatcher, Resolution, metric_label
+from mintvcs.serve.refwatch import (
+    InvalidRefSpec,
+    RefMove,
+    RefWatcher,
+    Resolution,
+    check_spec,
+    metric_label,
+)
 from tests.mintvcs.storekit import commit_starting_with, copy_adapter, count_reads, mutate
 
 
@@ -326,3 +333,104 @@ def test_an_abbreviated_id_is_refused_once_another_commit_shares_it(
     # One digit past what the two share (6 digits did not always tell them apart: 1 in 16).
     unique = twin[: shared_hex_digits(bytes.fromhex(twin), bytes.fromhex(second)) + 1]
     assert watcher.resolve(unique).commit == twin
+
+
+def _moved_back_in_place(repo: object, first: str) -> None:
+    """Rewrite main's ref file in place to `first` with its stat kept: inode, size and mtime, as
+    a rename reusing an inode within one timestamp tick leaves them; stat cannot see it."""
+    import os
+
+    path = Path(repo.git_dir) / "refs" / "heads" / "main"  # type: ignore[attr-defined]
+    before = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(first.encode() + b"\n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+
+
+def test_the_periodic_reread_sees_a_move_stat_cannot(tmp_path: Path, peft_adapter: Path) -> None:
+    """poll(reread=True) compares ref values: it reports a move that leaves the file's stat as it was."""
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    watcher = RefWatcher(repo)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    assert watcher.resolve("main").commit == second
+    _moved_back_in_place(repo, first)
+    assert watcher.poll() == []  # by stat, nothing changed
+    moves = watcher.poll(reread=True)
+    assert [(m.spec, m.old, m.new) for m in moves] == [("main", second, first)]
+
+
+def test_the_poll_loop_rereads_on_its_period(tmp_path: Path, peft_adapter: Path) -> None:
+    """run() asks for a re-read every reread_every seconds, so such a move is reported unasked."""
+    import asyncio
+    import time
+
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    moves: list[RefMove] = []
+    watcher = RefWatcher(repo, on_move=moves.append)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    assert watcher.resolve("main").commit == second
+    _moved_back_in_place(repo, first)
+
+    async def poll_until_a_move() -> None:
+        task = asyncio.create_task(watcher.run(interval=0.01, reread_every=0.05))
+        deadline = time.monotonic() + 30  # a bound for a loaded machine, not a timing margin
+        while not moves and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(poll_until_a_move())
+    assert [(m.old, m.new) for m in moves] == [(second, first)]
+
+
+@pytest.mark.parametrize(
+    "spec", ["ma\x7fin", "ma\x1fin", "main\x00", "x" * 1025], ids=["DEL", "US", "NUL", "long"]
+)
+def test_specs_git_could_never_name_are_refused(spec: str) -> None:
+    """Control characters (DEL and 0x1f included, as git check-ref-format) and 1,025 characters."""
+    with pytest.raises(InvalidRefSpec):
+        check_spec(spec)
+
+
+def test_a_spec_of_the_length_limit_is_taken() -> None:
+    """The limit is 1,024 characters: a spec of exactly that many is passed on."""
+    assert check_spec("x" * 1024) == "x" * 1024
+
+
+def test_the_cache_holds_max_entries(tmp_path: Path, peft_adapter: Path) -> None:
+    """A watcher of max_entries 2 keeps two specs, not one fewer."""
+    repo, _first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    porcelain.commit(repo, "second", verify=False, show_progress=False)
+    watcher = RefWatcher(repo, max_entries=2)
+    watcher.resolve("main")
+    watcher.resolve("main~1")
+    assert len(watcher.tracked()) == 2
+    watcher.resolve("main~0")
+    assert len(watcher.tracked()) == 2
+
+
+def test_a_notify_by_short_tag_name_refreshes_specs_naming_it_as_tags(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    """refresh("prod") re-resolves a cached "tags/prod" too, as a notify names it."""
+    repo, _first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    porcelain.tag_create(repo, "prod")
+    watcher = RefWatcher(repo)
+    watcher.resolve("tags/prod")
+    assert [r.spec for r in watcher.refresh("prod")] == ["tags/prod"]
+
+
+def test_a_deleted_branch_leaves_the_cache_on_notify(tmp_path: Path, peft_adapter: Path) -> None:
+    """A notify for a branch that is gone drops its specs, so /v1/adapters no longer lists it."""
+    repo, _first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    porcelain.branch_create(repo, "gone")
+    watcher = RefWatcher(repo)
+    watcher.resolve("gone")
+    porcelain.branch_delete(repo, "gone", force=True)
+    assert watcher.refresh("refs/heads/gone") == []
+    assert watcher.tracked() == []

@@ -464,6 +464,83 @@ def test_api_key_file_rotates_without_a_restart(
         api_keys.ApiKeys(key)
 
 
+@pytest.fixture
+def key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A 0600 token file holding "old", re-read at every refresh()."""
+    from mintvcs.serve import api_keys
+
+    monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.0)
+    key = tmp_path / "keys"
+    key.write_text("old\n")
+    key.chmod(0o600)
+    return key
+
+
+def test_a_key_file_change_is_taken_once_two_reads_agree(key_file: Path) -> None:
+    """A file caught half written is not taken: a new content must read the same twice."""
+    from mintvcs.serve.api_keys import ApiKeys
+
+    keys = ApiKeys(key_file)
+    key_file.write_text("ol\n")  # a write caught midway
+    assert keys.refresh() == (b"old",)
+    key_file.write_text("new\n")
+    assert keys.refresh() == (b"old",)  # read once: not yet
+    assert keys.refresh() == (b"new",)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o620, 0o604])
+def test_any_group_or_other_permission_on_the_key_file_is_a_warning(
+    key_file: Path, caplog: pytest.LogCaptureFixture, mode: int
+) -> None:
+    """docs/http.md: any group or other permission is a warning (chmod 600)."""
+    from mintvcs.serve.api_keys import ApiKeys
+
+    key_file.chmod(mode)
+    with caplog.at_level(logging.WARNING, "mintvcs.serve"):
+        ApiKeys(key_file)
+    assert "chmod 600" in caplog.text
+
+
+def test_a_key_file_broken_again_after_a_fix_is_told_again(
+    key_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each break of the key file is logged, not only the first."""
+    from mintvcs.serve.api_keys import ApiKeys
+
+    keys = ApiKeys(key_file)
+    with caplog.at_level(logging.WARNING, "mintvcs.serve"):
+        for text in ("# none\n", "old\n", "# none\n"):
+            key_file.write_text(text)
+            keys.refresh()
+    assert caplog.text.count("holds no token") == 2
+
+
+def test_a_key_file_rotated_open_to_others_is_a_warning(
+    key_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rotation renaming a 0644 file over the key file is warned about, as at start."""
+    from mintvcs.serve.api_keys import ApiKeys
+
+    keys = ApiKeys(key_file)
+    new = key_file.with_name("keys.new")
+    new.write_text("new\n")
+    new.chmod(0o644)
+    os.replace(new, key_file)
+    with caplog.at_level(logging.WARNING, "mintvcs.serve"):
+        keys.refresh()
+        assert keys.refresh() == (b"new",)
+    assert "chmod 600" in caplog.text
+
+
+def test_a_token_that_is_not_utf8_is_matched_byte_for_byte(key_file: Path) -> None:
+    """A Latin-1 token file is read as bytes, not refused with a UnicodeDecodeError."""
+    from mintvcs.serve.api_keys import ApiKeys
+
+    key_file.write_bytes(b"caf\xe9\n")
+    keys = ApiKeys(key_file)
+    assert keys.accepts(b"caf\xe9") and not keys.accepts(b"caf")
+
+
 def test_a_key_file_that_hangs_does_not_stall_the_server(
     repo: Repository, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
