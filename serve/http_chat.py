@@ -181,8 +181,9 @@ def render_chat(
             ) from None
         if continue_final_message:
             # Cut after the last message's content, as transformers does: its end-of-turn goes.
-            final = messages[-1]["content"]
-            final = final.strip() if isinstance(final, str) else ""
+            content = messages[-1]["content"]
+            content = content if isinstance(content, str) else ""
+            final = content.strip()
             at = rendered.rfind(final) if final else -1
             if at == -1:
                 raise HTTPError(
@@ -191,7 +192,14 @@ def render_chat(
                     "content as it was sent, so it cannot be continued",
                     "continue_final_message",
                 )
-            rendered = rendered[: at + len(final)]
+            end = at + len(final)
+            # A template that wrote the content as sent wrote its trailing whitespace too, and
+            # transformers keeps that ("The answer is " goes on after the space); one that
+            # trimmed it gets none back.
+            trailing = content[len(content.rstrip()) :]
+            if trailing and rendered.startswith(trailing, end):
+                end += len(trailing)
+            rendered = rendered[:end]
         return rendered, True
     # Non-ASCII as it is, as templates' tojson writes it: escapes would cost tokens.
     lines = [f"tools: {_tojson(tools)}"] if tools else []

@@ -120,3 +120,32 @@ def test_a_tool_reply_keeps_its_call_id_and_name() -> None:
     """A tool message's tool_call_id and name reach the template (Mistral's checks the id)."""
     reply = {"role": "tool", "content": "cold", "tool_call_id": "c1", "name": "get_weather"}
     assert chat_message(reply, 2) == reply
+
+
+@pytest.mark.parametrize("final", ["The answer is ", " x\n", "Hi"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}",
+        "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</s>{% endfor %}",
+    ],
+    ids=["as-sent", "trimmed"],
+)
+def test_continuing_keeps_the_final_whitespace_the_template_wrote(
+    template: str, final: str
+) -> None:
+    """The continued message ends as transformers ends it: with its trailing whitespace where the
+    template wrote the content as sent, without where the template trimmed it."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": final}]
+    expected = render_jinja_template(
+        conversations=[messages], chat_template=template, continue_final_message=True
+    )[0][0]
+    rendered = render_chat(
+        messages,
+        {"chat_template": template},
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )
+    assert rendered == (expected, True)
