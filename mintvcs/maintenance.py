@@ -2005,7 +2005,8 @@ GEOMETRIC_FACTOR = 2
 
 def auto_limits(repo: Repository) -> tuple[int | None, int | None]:
     """(packs, loose objects) past which `gc --auto` merges: gc.autoPackLimit and gc.auto, or
-    the defaults; None where the key is 0 or less, which turns that trigger off, as in git."""
+    the defaults; None where the key is 0 or less, which turns that trigger off, as in git. As
+    in git, gc.auto 0 or less turns both off: `gc --auto` then never runs."""
 
     def read(name: bytes, default: int) -> int | None:
         try:
@@ -2018,7 +2019,10 @@ def auto_limits(repo: Repository) -> tuple[int | None, int | None]:
             return default
         return value if value > 0 else None
 
-    return read(b"autoPackLimit", AUTO_PACK_LIMIT), read(b"auto", AUTO_LOOSE_LIMIT)
+    loose = read(b"auto", AUTO_LOOSE_LIMIT)
+    if loose is None:  # git's need_to_gc returns at once for gc.auto <= 0, packs uncounted
+        return None, None
+    return read(b"autoPackLimit", AUTO_PACK_LIMIT), loose
 
 
 def _over(count: int, limit: int | None) -> bool:

@@ -371,3 +371,24 @@ def test_gc_auto_leaves_a_kept_pack_alone_as_git_does(tmp_path: Path) -> None:
     assert result.rewritten and result.packs_after == 2
     assert kept.exists() and kept.with_suffix(".idx").exists()
     git_fsck(git_dir.parent)
+
+
+def test_gc_auto_0_turns_gc_auto_off_as_in_git(tmp_path: Path) -> None:
+    """gc.auto 0 turns gc --auto off altogether, past gc.autoPackLimit packs too, as git's does."""
+    from mintvcs.maintenance import auto_gc_due
+
+    with porcelain.init(tmp_path / "repo", install_hooks=False) as repo:
+        git_dir = repo.git_dir
+    for i in range(4):
+        _blob_pack(git_dir, i)
+    git(git_dir, "config", "gc.autoPackLimit", "2")
+    git(git_dir, "config", "gc.auto", "0")
+    git(git_dir, "config", "gc.autoDetach", "false")
+    oracle = tmp_path / "copy.git"
+    shutil.copytree(git_dir, oracle)
+    git(oracle, "gc", "--auto")
+    assert len(list((oracle / "objects/pack").glob("*.pack"))) == 4
+    with Repository.open(git_dir.parent) as repo:
+        assert not auto_gc_due(repo)
+        assert not auto_gc(repo).rewritten
+    assert len(list((git_dir / "objects/pack").glob("*.pack"))) == 4
