@@ -546,10 +546,10 @@ def test_a_key_per_module_is_checked_in_linear_time() -> None:
                 tensors[f"base_model.model.{module}.lora_B.weight"] = ("F32", (64, 4))
                 pattern[module] = 4
     config = {"peft_type": "LORA", "r": 8, "target_modules": ["up_proj", "gate_proj", "down_proj"]}
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: other jobs on the machine do not count
     check_lora_config({**config, "rank_pattern": pattern}, tensors)
     # 5,040 keys for 5,040 modules took 11 s when each module tried every key's regex.
-    assert time.perf_counter() - started < 3.0
+    assert time.process_time() - started < 5.0
     with pytest.raises(AdapterConfigError, match="rank_pattern"):
         check_lora_config({**config, "rank_pattern": {**pattern, module: 8}}, tensors)
 
@@ -566,9 +566,9 @@ def test_a_target_list_of_every_module_path_is_checked_in_linear_time() -> None:
                 tensors[f"base_model.model.{module}.lora_A.weight"] = ("F32", (4, 64))
                 tensors[f"base_model.model.{module}.lora_B.weight"] = ("F32", (64, 4))
     config = {"peft_type": "LORA", "r": 4, "target_modules": modules}
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: other jobs on the machine do not count
     check_lora_config(config, tensors)
-    assert time.perf_counter() - started < 3.0  # each module scanned the list: 37k x 18k
+    assert time.process_time() - started < 5.0  # each module scanned the list: 37k x 18k
     # A suffix after a dot counts, a part of a name does not; exclude_modules alike.
     check_lora_config({**config, "target_modules": ["experts.0.gate_proj", *modules[1:]]}, tensors)
     with pytest.raises(AdapterConfigError, match="does not cover") as err:
