@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -1109,8 +1110,14 @@ async def start_server(
         keepalive_timeout=KEEPALIVE_TIMEOUT_S,
     )
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site: web.BaseSite
     try:
+        if config.host == "::":
+            # Every address, IPv4 too, as vLLM's server listens on `::`: asyncio
+            # makes an IPv6 socket IPv6-only, which refused IPv4 clients and probes.
+            site = web.SockSite(runner, _dual_stack_socket(config.port))
+        else:
+            site = web.TCPSite(runner, config.host, config.port)
         await site.start()
     except BaseException:  # the port taken, say: the app's contexts (the engine, the log's
         await runner.cleanup()  # repeat filter) are undone, not left in the process
@@ -1118,6 +1125,19 @@ async def start_server(
     host, port = runner.addresses[0][:2]
     shown = f"[{host}]" if ":" in str(host) else host
     return RunningServer(f"http://{shown}:{port}", app, runner)
+
+
+def _dual_stack_socket(port: int) -> socket.socket:
+    """A listening TCP socket bound to `::` that takes IPv4 connections too."""
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's own sockets
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _print_flushed(line: str) -> None:

@@ -19,7 +19,8 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
         raise click.BadParameter(
             "empty, which would bind every interface; give the address to bind (0.0.0.0 for all)"
         )
-    return value
+    # An IPv6 address as URLs write it, `[::1]`: the address inside.
+    return value[1:-1] if value.startswith("[") and value.endswith("]") else value
 
 
 @click.command("serve")
@@ -43,7 +44,7 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
     default="127.0.0.1",
     show_default=True,
     callback=_nonempty_host,
-    help="Address to bind (0.0.0.0: every interface).",
+    help="Address to bind (0.0.0.0: every IPv4 interface; ::, every interface, IPv4 too).",
 )
 @click.option(
     "--port",

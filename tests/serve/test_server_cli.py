@@ -367,6 +367,30 @@ def test_an_empty_host_is_refused_not_every_interface(tmp_path: Path, tiny_base:
         assert line.startswith("error: Invalid value for '--host': empty"), line
 
 
+def test_host_all_addresses_takes_ipv4_too_and_a_bracketed_address_is_read(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    # `--host ::` listened on IPv6 alone (asyncio makes its sockets IPv6-only), so IPv4
+    # clients and probes were refused; vLLM's server takes both there. `[::1]` was an error.
+    porcelain.init(tmp_path / "repo", str(tiny_base))
+    for host, clients in (("::", ("127.0.0.1", "::1")), ("[::1]", ("::1",))):
+        proc = _start(
+            [
+                *("--repo", str(tmp_path / "repo"), "--base-model", str(tiny_base)),
+                *("--host", host, "--port", "0"),
+            ]
+        )
+        try:
+            url = _url_when_ready(proc)
+            port = int(url.rsplit(":", 1)[1])
+            for client in clients:
+                shown = f"[{client}]" if ":" in client else client
+                assert request(f"http://{shown}:{port}/health")[0] == 200, (host, client)
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=60)
+
+
 def test_a_signal_while_the_base_loads_stops_the_server_at_once(
     tmp_path: Path, tiny_base: Path
 ) -> None:
