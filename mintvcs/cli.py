@@ -1531,6 +1531,9 @@ def gc(no_prune: bool, auto: bool, as_json: bool) -> None:
                 )
                 return
             packs, loose = maintenance.auto_limits(repo)
+            if loose is None:
+                click.echo("nothing to do: gc.auto is 0, which turns gc --auto off, as in git")
+                return
             click.echo(
                 f"nothing to do: {rolled.packs_after} packs (gc.autoPackLimit "
                 f"{packs or 'off'}), loose objects within gc.auto ({loose or 'off'})"

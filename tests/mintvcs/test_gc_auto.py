@@ -392,3 +392,5 @@ def test_gc_auto_0_turns_gc_auto_off_as_in_git(tmp_path: Path) -> None:
         assert not auto_gc_due(repo)
         assert not auto_gc(repo).rewritten
     assert len(list((git_dir / "objects/pack").glob("*.pack"))) == 4
+    out = mint(git_dir.parent, "gc", "--auto").stdout
+    assert out == "nothing to do: gc.auto is 0, which turns gc --auto off, as in git\n"
