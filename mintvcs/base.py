@@ -5,18 +5,28 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mintvcs.checkpoint import (
+    CheckpointError,
+    architecture,
+    resolved_heads,
+    safetensors_files,
+    safetensors_header,
+)
 from mintvcs.errors import MintError
 
 # Config keys that change what an adapter attaches to; the rest (dtype, ids) do not.
 _SHAPE_KEYS = (
     "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+)  # fmt: skip
+# The shape fields kept as integers when the architecture is one the server resolves.
+_RESOLVED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
 )  # fmt: skip
 _LORA_NAME = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[^.]+)?\.weight$"
@@ -136,47 +146,132 @@ def bdlora_blocks(config: Mapping[str, Any], module: str) -> tuple[int, int]:
     return 1, 1
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    """Read only the JSON header of a safetensors file."""
-    with path.open("rb") as handle:
-        raw_len = handle.read(8)
-        if len(raw_len) != 8:
-            raise BaseModelError(f"{path}: truncated safetensors file")
-        (length,) = struct.unpack("<Q", raw_len)
-        header: dict[str, Any] = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
-
-
 def read_base_model(directory: Path, model_id: str | None = None) -> BaseModel:
-    """Fingerprint a local HF checkpoint directory from its config and tensor shapes."""
+    """Fingerprint a local HF checkpoint directory from its resolved shape fields and the
+    shapes of the tensors the model uses (docs/format.md §5)."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise BaseModelError(f"{directory} is not a model directory: config.json is missing")
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
+    except (OSError, ValueError) as err:
         raise BaseModelError(f"{config_path}: invalid JSON ({err})") from None
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise BaseModelError(f"{directory} holds no *.safetensors weights")
-    shapes: dict[str, list[Any]] = {}
-    for path in files:
-        for name, info in _safetensors_header(path).items():
-            shapes[name] = [info["dtype"], info["shape"]]
-    identity = {
-        "config": {key: config.get(key) for key in _SHAPE_KEYS},
-        # Dtype is not identity: a bf16 and an fp32 copy of one model serve the same adapters.
-        "tensors": {name: shape for name, (_dtype, shape) in sorted(shapes.items())},
-    }
+    if not isinstance(config, dict):
+        raise BaseModelError(f"{config_path} holds a JSON {type(config).__name__}, not an object")
+    try:
+        files = safetensors_files(directory)
+        shapes: dict[str, list[int]] = {}
+        for path in files:
+            for name, info in safetensors_header(path).items():
+                shapes[name] = info["shape"]
+    except CheckpointError as err:
+        raise BaseModelError(str(err)) from None
+    # Buffers (rotary inverse frequencies) that older conversions saved: no model loads them.
+    shapes = {name: shape for name, shape in shapes.items() if not _is_buffer(name)}
+    identity = {"config": _shape_config(config), "tensors": _used_tensors(config, shapes)}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     linears = {
         name.removesuffix(".weight"): (int(shape[0]), int(shape[1]))
-        for name, (_dtype, shape) in shapes.items()
+        for name, shape in shapes.items()
         if name.endswith(".weight") and len(shape) == 2
     }
     return BaseModel(model_id or directory.name, f"sha256:{digest}", linears)
+
+
+def _is_buffer(name: str) -> bool:
+    """A saved buffer rather than a weight: transformers recomputes it and never loads it."""
+    return name.endswith(".rotary_emb.inv_freq") or name == "rotary_emb.inv_freq"
+
+
+def _shape_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config side of the identity: the shape fields as the server resolves them for an
+    architecture it runs (a re-save that writes the implied head_dim changes nothing), else
+    config.json's own values."""
+    arch = architecture(config)
+    if arch is not None:
+        try:
+            head_dim, kv_heads, _ = resolved_heads(config, arch)
+            fields = {key: int(config[key]) for key in _RESOLVED_KEYS}
+        except (KeyError, TypeError, ValueError):
+            pass  # a config the server refuses: identified by its own values
+        else:
+            return {"arch": arch, **fields, "num_key_value_heads": kv_heads, "head_dim": head_dim}
+    return {key: config.get(key) for key in _SHAPE_KEYS}
+
+
+def _used_tensors(config: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The tensor side of the identity: name -> shape, a tied head counted once."""
+    used = dict(shapes)
+    arch = architecture(config)
+    if arch is not None:
+        # transformers adds the `model.` prefix to a bare decoder's names (layers.0.…).
+        used = {
+            name
+            if name.startswith("model.") or name == "lm_head.weight"
+            else f"model.{name}": shape
+            for name, shape in used.items()
+        }
+    if config.get("tie_word_embeddings") and "lm_head.weight" in used:
+        # One matrix, stored as the embedding, as the head, or as both: one entry, the
+        # embedding's (the architectures the server runs name it model.embed_tokens).
+        head = used.pop("lm_head.weight")
+        if not any(name.rsplit(".", 2)[-2:-1] in ([e] for e in _EMBEDDINGS) for name in used):
+            used["model.embed_tokens.weight" if arch is not None else "lm_head.weight"] = head
+    return used
+
+
+def legacy_fingerprints(directory: Path) -> list[str]:
+    """The fingerprints older versions may have recorded for this model: their digest (raw
+    shape keys, every tensor of every *.safetensors file) of each stored form of it (head_dim
+    and num_key_value_heads written or implied, buffers saved or not, a tied head stored under
+    either name or both, files beside the loaded ones or not); empty where none can be read."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        raw = {key: config.get(key) for key in _SHAPE_KEYS}
+        stored: dict[str, Any] = {}
+        try:
+            for path in sorted(directory.glob("*.safetensors")):
+                for name, info in safetensors_header(path).items():
+                    stored[name] = info["shape"]
+        except CheckpointError:  # a file the loader does not read (a stray LFS pointer, say)
+            stored = {}
+        loaded: dict[str, Any] = {}
+        for path in safetensors_files(directory):
+            for name, info in safetensors_header(path).items():
+                loaded[name] = info["shape"]
+    except (OSError, ValueError, AttributeError, CheckpointError):
+        return []
+    configs = [raw]
+    arch = architecture(config)
+    if arch is not None:
+        try:
+            head_dim, kv_heads, _ = resolved_heads(config, arch)
+        except (KeyError, TypeError, ValueError):
+            pass
+        else:
+            for hd in (raw["head_dim"], head_dim, None):
+                for kv in (raw["num_key_value_heads"], kv_heads, None):
+                    configs.append({**raw, "head_dim": hd, "num_key_value_heads": kv})
+    tensor_sets: list[dict[str, Any]] = []
+    for shapes in (stored, loaded):
+        for kept in (shapes, {n: s for n, s in shapes.items() if not _is_buffer(n)}):
+            tensor_sets.append(kept)
+            embedding = "model.embed_tokens.weight"
+            tied = kept.get("lm_head.weight") or kept.get(embedding)
+            if config.get("tie_word_embeddings") and tied is not None:
+                rest = {n: s for n, s in kept.items() if n not in ("lm_head.weight", embedding)}
+                for names in (("lm_head.weight",), (embedding,), ("lm_head.weight", embedding)):
+                    tensor_sets.append({**rest, **dict.fromkeys(names, tied)})
+    digests: dict[str, None] = {}
+    for cfg in configs:
+        for tensors in tensor_sets:
+            if tensors:
+                identity = {"config": cfg, "tensors": dict(sorted(tensors.items()))}
+                text = json.dumps(identity, sort_keys=True).encode()
+                digests["sha256:" + hashlib.sha256(text).hexdigest()] = None
+    return list(digests)
 
 
 def fingerprint(directory: Path) -> str:
@@ -184,3 +279,10 @@ def fingerprint(directory: Path) -> str:
     fp = read_base_model(directory).fingerprint
     assert fp is not None
     return fp
+
+
+def fingerprints(directory: Path) -> tuple[str, ...]:
+    """Every fingerprint a repository may have recorded for this base: the current one first,
+    then those older versions computed (accepted too, so that their repositories stay valid)."""
+    current = fingerprint(directory)
+    return tuple(dict.fromkeys([current, *legacy_fingerprints(directory)]))

@@ -18,3 +18,10 @@ def cannot_read(path: object, err: OSError) -> str:
     if isinstance(err, PermissionError):
         return f"{path} cannot be read: permission denied (check its owner and mode)"
     return f"{path} cannot be read ({err.strerror or type(err).__name__})"
+
+
+def error_text(err: BaseException) -> str:
+    """The message of `err`, never empty: a MemoryError or a bare exception has none of its own."""
+    if isinstance(err, MemoryError) and not str(err):
+        return "out of memory (this process's limit, or the machine's)"
+    return str(err) or type(err).__name__

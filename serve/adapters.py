@@ -131,15 +131,21 @@ def _too_large(
     )
 
 
-def refuse_other_base(revision: str, committed_on: str | None, resident: str | None) -> None:
+# The resident base's fingerprint, or every fingerprint it answers to (the current one first,
+# then those older versions recorded for it: mintvcs.base.fingerprints).
+BaseFingerprint = str | tuple[str, ...] | None
+
+
+def refuse_other_base(revision: str, committed_on: str | None, resident: BaseFingerprint) -> None:
     """AdapterRefused("base_fingerprint") if the revision was committed against another base
     than the resident one (either unknown: nothing to compare)."""
-    if resident and committed_on and committed_on != resident:
+    accepted = (resident,) if isinstance(resident, str) else resident or ()
+    if accepted and committed_on and committed_on not in accepted:
         raise AdapterRefused(
             revision,
             "base_fingerprint",
             f"it was committed against base {committed_on[:19]}, the resident base is "
-            f"{resident[:19]}; serve it with its own base",
+            f"{accepted[0][:19]}; serve it with its own base",
         )
 
 
@@ -457,7 +463,7 @@ def prepare_adapter(
     *,
     max_rank: int,
     targets: frozenset[str] | tuple[str, ...] = LORA_MODULES,
-    base_fingerprint: str | None = None,
+    base_fingerprint: BaseFingerprint = None,
     dtype: torch.dtype = torch.float32,
     check_finite: bool = True,
 ) -> HostAdapter:

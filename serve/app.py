@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from mintvcs.errors import MintError
+from mintvcs.errors import MintError, error_text
 from mintvcs.messages import one_line
 from mintvcs.serve import api_keys
 from mintvcs.serve.api_keys import ApiKeys
@@ -435,7 +435,9 @@ class ServerState:
         if self.engine is None:
             if self.load_error is not None:
                 raise HTTPError(
-                    503, f"the base model failed to load: {self.load_error}", "load_failed"
+                    503,
+                    f"the base model failed to load: {error_text(self.load_error)}",
+                    "load_failed",
                 )
             raise HTTPError(503, "the base model is still loading; poll GET /health", "loading")
         return self.engine
@@ -882,7 +884,8 @@ def _warn_if_another_base(state: ServerState) -> None:
     loaded = state.engine.base_fingerprint if state.engine is not None else None
     if recorded is None or recorded.fingerprint is None or loaded is None:
         return
-    if recorded.fingerprint != loaded:
+    assert state.engine is not None
+    if recorded.fingerprint not in (state.engine.base_fingerprints or (loaded,)):
         # Requests for its revisions get 422 base_fingerprint, each one; the server stays up for
         # the base alone and for revisions committed elsewhere, but this is most likely a typo.
         log.warning(
@@ -908,7 +911,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         except Exception as err:
             state.load_error = err
             if app.get(LOG_LOAD_ERROR, True):  # else whoever started it says so, once
-                log.error("the base model failed to load: %s", err)
+                log.error("the base model failed to load: %s", error_text(err))
         finally:
             state.loaded.set()
 
@@ -1177,7 +1180,7 @@ async def serve_until_signalled(
     await asyncio.wait({loaded, stopped}, return_when=asyncio.FIRST_COMPLETED)
     status = 0
     if loaded.done() and server.state.load_error is not None:
-        err(f"error: the base model failed to load: {server.state.load_error}")
+        err(f"error: the base model failed to load: {error_text(server.state.load_error)}")
         status = 1
     else:
         if loaded.done():

@@ -357,6 +357,7 @@ class Engine:
         base_fingerprint: str | None,
     ) -> None:
         """Load the base (or take the given one) and set up the KV cache, slot pools and scheduler."""
+        accepted: tuple[str, ...] = ()
         if isinstance(base, Model):
             # A model built in memory (benchmarks build random bases on the GPU): no tokenizer, token ids only.
             self.base_dir: Path | None = None
@@ -394,10 +395,16 @@ class Engine:
                     self.base_dir,
                 )
             if base_fingerprint is None and config.check_base_fingerprint:
-                from mintvcs.base import fingerprint
+                from mintvcs.base import fingerprints
 
-                base_fingerprint = fingerprint(self.base_dir)
+                accepted = fingerprints(self.base_dir)
+                base_fingerprint = accepted[0]
         self.base_fingerprint = base_fingerprint
+        # Every fingerprint a revision of this base may carry: the current one, then those
+        # older versions recorded (their repositories stay valid).
+        self.base_fingerprints: tuple[str, ...] = accepted or (
+            (base_fingerprint,) if base_fingerprint else ()
+        )
         device, dtype = self.model.device, self.model.dtype
         self.source = source
         # Graphs need the Triton backend: the torch one reads slot segments on the host (a sync).
@@ -425,7 +432,7 @@ class Engine:
             self._prepare,
             host_cache_bytes=config.host_cache_bytes,
             on_change=self._wake.set,
-            base_fingerprint=self.base_fingerprint,
+            base_fingerprint=self.base_fingerprints,
         )
         self.scheduler = Scheduler(
             self.model,
@@ -497,7 +504,7 @@ class Engine:
             self.model.config,
             max_rank=self.config.max_lora_rank,
             targets=self.pools.targets,
-            base_fingerprint=self.base_fingerprint,
+            base_fingerprint=self.base_fingerprints,
             dtype=self.model.dtype,
             check_finite=False,
         )

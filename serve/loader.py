@@ -13,21 +13,21 @@ from typing import Any
 
 import torch
 
+from mintvcs.checkpoint import (
+    SUPPORTED_ARCHITECTURES,
+    CheckpointError,
+    architecture,
+    lfs_pointer_error,
+    read_json,
+    resolved_heads,
+    safetensors_files,
+)
 from mintvcs.errors import MintError, cannot_read
 
 log = logging.getLogger("mintvcs.serve")
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
 # RoPE variants whose frequencies we compute exactly as transformers does.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
-
-
-class CheckpointError(MintError):
-    """A checkpoint directory is missing files or holds tensors we cannot use."""
 
 
 class UnsupportedModelError(MintError):
@@ -125,15 +125,7 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Validate a config.json dict and normalise it; raise UnsupportedModelError with the reason."""
         archs = raw.get("architectures") or []
-        arch = next(
-            (SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None
-        )
-        if arch is None:
-            arch = (
-                raw.get("model_type")
-                if raw.get("model_type") in SUPPORTED_ARCHITECTURES.values()
-                else None
-            )
+        arch = architecture(raw)
         if arch is None:
             raise UnsupportedModelError(
                 f"architecture {archs or raw.get('model_type')!r} is not supported; "
@@ -159,21 +151,7 @@ class ModelConfig:
             raise UnsupportedModelError(f"config.json lacks {', '.join(map(repr, missing))}")
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
-        implied: list[tuple[str, str]] = []
-        head_dim = raw.get("head_dim")
-        if not head_dim:
-            head_dim = hidden // heads
-            implied.append(("head_dim", "hidden_size / num_attention_heads"))
-        # An absent key takes the architecture's transformers default (Mistral 8, Qwen2 32,
-        # Llama the head count); only an explicit null means one KV head per query head.
-        if "num_key_value_heads" in raw:
-            kv_heads = raw["num_key_value_heads"]
-            kv_heads = heads if kv_heads is None else int(kv_heads)
-        else:
-            kv_heads = _DEFAULT_KV_HEADS[arch] or heads
-            implied.append(
-                ("num_key_value_heads", f"absent from config.json: transformers' {arch} default")
-            )
+        head_dim, kv_heads, implied = resolved_heads(raw, arch)
         # As transformers builds each architecture: Qwen2 always has q/k/v biases, Llama says
         # so in attention_bias (o_proj too) and mlp_bias, Mistral has none.
         attention_bias = arch == "qwen2" or (arch == "llama" and bool(raw.get("attention_bias")))
@@ -246,8 +224,6 @@ LINEAR_WIDTHS = {
 }
 # transformers' default max_position_embeddings per architecture, for a config without one.
 _DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
-# transformers' default num_key_value_heads per architecture (None: as many as attention heads).
-_DEFAULT_KV_HEADS: dict[str, int | None] = {"llama": None, "mistral": 8, "qwen2": 32}
 # What each RoPE scaling type needs in rope_scaling (transformers refuses it without them).
 _ROPE_REQUIRED = {
     "linear": ("factor",),
@@ -400,7 +376,7 @@ def read_config(directory: Path) -> ModelConfig:
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found; point the engine at a HF checkpoint directory")
-    raw = _read_json(path)
+    raw = read_json(path)
     try:
         config = ModelConfig.from_dict(raw)
     except (TypeError, ValueError, AttributeError) as err:  # a field of the wrong kind
@@ -416,45 +392,6 @@ def read_config(directory: Path) -> ModelConfig:
         ids = tuple(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)]))
         config = dataclasses.replace(config, eos_token_ids=ids)
     return config
-
-
-def safetensors_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the single file, or the shards its index names."""
-    directory = Path(directory)
-    # transformers looks for model.safetensors before the index: where both are there, it loads
-    # the single file (the index may be stale), and so must we to serve the same weights.
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index} has no 'weight_map' object")
-        files = sorted({directory / str(name) for name in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"shards named by {index} are missing: {', '.join(missing)}")
-        return files
-    found = sorted(directory.glob("*.safetensors"))
-    if found:
-        return found
-    raise CheckpointError(
-        f"no *.safetensors in {directory}; convert the checkpoint to safetensors first"
-    )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A checkpoint's JSON object, or a CheckpointError naming the file and what is wrong with it."""
-    try:
-        raw = json.loads(path.read_bytes())
-    except OSError as err:
-        raise CheckpointError(cannot_read(path, err)) from None
-    except ValueError as err:  # not JSON, not UTF-8
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(raw).__name__}, not an object")
-    return raw
 
 
 def _check_readable(path: Path) -> None:
@@ -474,6 +411,10 @@ def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     for path in safetensors_files(directory):
         _check_readable(path)
+        with open(path, "rb") as handle:
+            lfs = lfs_pointer_error(path, handle.read(64))
+        if lfs is not None:
+            raise lfs
         try:
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__

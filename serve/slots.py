@@ -27,6 +27,7 @@ from mintvcs.serve.adapters import (
     AdapterRefused,
     AdapterSource,
     AdapterWeights,
+    BaseFingerprint,
     HostAdapter,
     PackedImage,
     refuse_other_base,
@@ -445,7 +446,7 @@ class Residency:
         *,
         host_cache_bytes: int,
         on_change: Callable[[], None] | None = None,
-        base_fingerprint: str | None = None,
+        base_fingerprint: BaseFingerprint = None,
     ) -> None:
         self.pools = pools
         self.source = source

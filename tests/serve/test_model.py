@@ -165,6 +165,14 @@ def test_checkpoint_files_that_do_not_parse_are_named(tmp_path: Path, tiny_base:
         CheckpointError, match=f"^{re.escape(str(weights))} is not a readable safetensors file"
     ):
         list(iter_tensors(base))
+    # A clone without git-lfs holds a pointer where the weights should be: say so.
+    weights.write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 9\n"
+    )
+    with pytest.raises(
+        CheckpointError, match=f"^{re.escape(str(weights))} is a Git LFS pointer.*git lfs pull"
+    ):
+        list(iter_tensors(base))
 
 
 def test_tied_embeddings_share_the_matrix(tmp_path: Path) -> None:

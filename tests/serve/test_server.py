@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -303,6 +304,45 @@ def test_revision_for_another_base_is_422(
     # The operator hears of it at start, not only from each refused request.
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("is not the base this repository was made for" in m for m in warned), warned
+
+
+def test_a_repository_made_before_serves_on_its_base_resaved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A repository that recorded the old digest of a base whose config had no head_dim
+    serves its revisions on a bf16 copy transformers re-saved (which writes head_dim): the
+    same model, no 422 and no 'not the base' warning."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mintvcs.base import read_base_model
+    from tests.fixtures import build_base
+    from tests.mintvcs.test_base_model import _old_fingerprint, _without_head_dim
+
+    original = _without_head_dim(build_base(tmp_path / "orig", "mistral"))
+    resaved = tmp_path / "bf16"
+    model = AutoModelForCausalLM.from_pretrained(str(original), dtype=torch.bfloat16)
+    model.save_pretrained(resaved)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(original / name, resaved / name)
+    # As `init` recorded it before the fingerprint was normalised.
+    old = dataclasses.replace(read_base_model(original), fingerprint=_old_fingerprint(original))
+    repo = Repository.init(tmp_path / "repo", old)
+    adapter = make_peft_adapter(original, tmp_path / "adapter")
+    porcelain.commit(repo, "one", source=adapter, show_progress=False)
+    repo.close()
+    for base in (original, resaved):
+        config = ServerConfig(repo=tmp_path / "repo", base_model=base, port=0, max_model_len=64)
+        with (
+            caplog.at_level(logging.WARNING, logger="mintvcs.serve"),
+            BackgroundServer(config) as srv,
+        ):
+            status, _, body = request(
+                srv.url + "/generate", {"prompt": "Hello", "ref": "main", "max_tokens": 2}
+            )
+            assert status == 200, body
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert not any("is not the base this repository was made for" in m for m in warned), warned
 
 
 # ---------------------------------------------------------------------------- auth and admin
