@@ -111,6 +111,9 @@ class ServerConfig:
     # mid-body would otherwise hold its request, and a drain, open for ever.
     body_timeout: float = 30.0
     max_ref_labels: int = 1000  # distinct refs labelled in metrics; later ones count as (other)
+    # "auto": generation_config.json's sampling keys are the defaults of requests that leave
+    # them out, as vLLM's --generation-config auto; "vllm": the neutral defaults (1.0, no top-k...).
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
         for name in (
@@ -155,6 +158,10 @@ class ServerConfig:
                 f"tool_call_parser {self.tool_call_parser!r} is not one this server reads: "
                 f"{', '.join(TOOL_CALL_FORMATS)}"
             )
+        if self.generation_config not in ("auto", "vllm"):
+            raise ServerError(
+                f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}"
+            )
         if not (0.01 <= self.ref_poll_interval <= 1.0):
             raise ServerError(f"ref_poll_interval {self.ref_poll_interval} s must be in [0.01, 1]")
         name = self.base_name
@@ -194,6 +201,9 @@ class ServerState:
     watcher: RefWatcher
     api_keys: ApiKeys | None  # None: no --api-key-file, the endpoints are open
     tokenizer_config: dict[str, Any]
+    # Sampling defaults for fields a request leaves out (generation_config.json's, under
+    # --generation-config auto); a request's own value wins.
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     engine: Engine | None = None
     load_error: BaseException | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
@@ -804,6 +814,47 @@ def read_tokenizer_config(base: Path) -> dict[str, Any]:
     return data
 
 
+# generation_config.json's keys that vLLM (--generation-config auto) takes as request defaults.
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def read_sampling_defaults(base: Path) -> dict[str, float | int]:
+    """generation_config.json's sampling keys that requests leaving them out get, as vLLM reads
+    them (do_sample is not read: vLLM samples with them whatever it says); one that is not a
+    valid value is left out, with a warning."""
+    from mintvcs.serve.sampling import SamplingParams
+
+    path = Path(base) / "generation_config.json"
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as err:
+        log.warning("ignoring unreadable %s: %s", path, err)
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    defaults: dict[str, float | int] = {}
+    for key in SAMPLING_DEFAULT_KEYS:
+        value = data.get(key)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(f"not a number: {value!r:.40}")
+            if key == "top_k":
+                if float(value) != int(value):
+                    raise TypeError(f"not an integer: {value!r}")
+                value = int(value)
+            else:
+                value = float(value)
+            checked: dict[str, Any] = {key: value}
+            SamplingParams(**checked)  # the ranges a request's value must be in
+        except (TypeError, ValueError, OverflowError, MintError) as err:
+            log.warning("ignoring %s's %s: %s", path, key, err)
+            continue
+        defaults[key] = value
+    return defaults
+
+
 def new_state(config: ServerConfig) -> ServerState:
     """Open the repository and read what the handlers need; raises MintError for a bad setup."""
     from mintvcs.store import Repository
@@ -820,6 +871,9 @@ def new_state(config: ServerConfig) -> ServerState:
         watcher=RefWatcher(repo),
         api_keys=None if config.api_key_file is None else ApiKeys(config.api_key_file),
         tokenizer_config=read_tokenizer_config(config.base_model),
+        sampling_defaults=(
+            read_sampling_defaults(config.base_model) if config.generation_config == "auto" else {}
+        ),
     )
 
 
@@ -1187,6 +1241,13 @@ async def serve_until_signalled(
             engine = server.state.engine
             held = f": {engine.summary()}" if engine is not None else ""
             out(f"mintvcs serve: base model loaded; ready{held}")
+            defaults = server.state.sampling_defaults
+            if defaults:
+                out(
+                    "mintvcs serve: requests that leave them out sample with generation_config.json's "
+                    + ", ".join(f"{k}={v}" for k, v in defaults.items())
+                    + " (--generation-config vllm: the neutral defaults)"
+                )
         await stopped
     force = asyncio.Event()
     for sig in signals:  # a second signal: stop without waiting

@@ -183,6 +183,15 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
     "[default: the --base-model folder's name]. It wins over a branch or tag of the same name.",
 )
 @click.option(
+    "--generation-config",
+    type=click.Choice(["auto", "vllm"]),
+    default="auto",
+    show_default=True,
+    help="auto: a request that leaves out temperature, top_p, top_k, min_p or "
+    "repetition_penalty gets the base's generation_config.json value, as vLLM does; "
+    "vllm: the neutral defaults (temperature 1, no top-p/top-k/min-p, no penalty).",
+)
+@click.option(
     "--enforce-eager",
     is_flag=True,
     help="Run every decode step eagerly on CUDA instead of replaying captured CUDA graphs.",
@@ -211,6 +220,7 @@ def serve(
     drain_timeout: float,
     tool_call_parser: str | None,
     served_model_name: str | None,
+    generation_config: str,
     enforce_eager: bool,
 ) -> None:
     """Serve generate-by-ref over HTTP from one resident base model."""
@@ -247,6 +257,7 @@ def serve(
             tool_call_parser=tool_call_parser,
             served_model_name=served_model_name,
             enforce_eager=enforce_eager,
+            generation_config=generation_config,
         )
         status = run(config)
     except Terminated as err:

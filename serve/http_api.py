@@ -97,9 +97,13 @@ def sampling_params(
     max_tokens = field_of(body, "max_completion_tokens", (int,), max_tokens)
     if max_tokens < 1 or max_tokens > limit:
         raise HTTPError(400, f"{named} must be in [1, {limit}], got {max_tokens}", named)
-    temperature = field_of(body, "temperature", (float,), default_temperature)
-    top_p = field_of(body, "top_p", (float,), 1.0)
-    top_k = field_of(body, "top_k", (int,), 0)
+    # A field the request leaves out takes the model's default (generation_config.json, as vLLM).
+    given = state.sampling_defaults
+    temperature = field_of(
+        body, "temperature", (float,), given.get("temperature", default_temperature)
+    )
+    top_p = field_of(body, "top_p", (float,), given.get("top_p", 1.0))
+    top_k = field_of(body, "top_k", (int,), int(given.get("top_k", 0)))
     seed = field_of(body, "seed", (int,), None)
     stop_raw = field_of(body, "stop", (str, list), [])
     stop = [stop_raw] if isinstance(stop_raw, str) else stop_raw
@@ -121,9 +125,11 @@ def sampling_params(
         ignore_eos=ignore_eos,
         presence_penalty=field_of(body, "presence_penalty", (float,), 0.0),
         frequency_penalty=field_of(body, "frequency_penalty", (float,), 0.0),
-        repetition_penalty=field_of(body, "repetition_penalty", (float,), 1.0),
+        repetition_penalty=field_of(
+            body, "repetition_penalty", (float,), given.get("repetition_penalty", 1.0)
+        ),
         min_tokens=field_of(body, "min_tokens", (int,), 0),
-        min_p=field_of(body, "min_p", (float,), 0.0),
+        min_p=field_of(body, "min_p", (float,), given.get("min_p", 0.0)),
         stop_token_ids=_token_ids(body, "stop_token_ids", MAX_STOP_STRINGS),
         logit_bias=_logit_bias(body),
         cache_salt=field_of(body, "cache_salt", (str,), None),

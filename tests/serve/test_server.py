@@ -2174,3 +2174,67 @@ def test_models_leaves_out_a_ref_name_that_is_not_utf8(
         assert ids == [] and b"\\udc" not in raw, raw
     finally:
         os.unlink(path)
+
+
+def _completions(srv: BackgroundServer, **body: Any) -> list[int]:
+    status, _, answer = request(
+        srv.url + "/v1/completions",
+        {
+            "model": "main",
+            "prompt": "Hello world",
+            "max_tokens": 6,
+            "return_token_ids": True,
+            **body,
+        },
+    )
+    assert status == 200, answer
+    return list(answer["choices"][0]["token_ids"])
+
+
+def test_generation_config_sampling_defaults_apply_to_requests_that_leave_them_out(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    """As vLLM's --generation-config auto: the model's temperature/top_k/... are the defaults,
+    a request's own value wins, and --generation-config vllm turns them off."""
+    base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
+    (base / "generation_config.json").write_text(
+        json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 1})
+    )
+    porcelain.commit(
+        porcelain.init(tmp_path / "repo", str(base)), "m", source=peft_adapter, show_progress=False
+    )
+    config = ServerConfig(repo=tmp_path / "repo", base_model=base, port=0, max_model_len=64)
+    with BackgroundServer(config) as srv:
+        greedy = _completions(srv, temperature=0)
+        # top_k 1 from the file: every seed draws the greedy tokens.
+        assert [_completions(srv, seed=s) for s in range(4)] == [greedy] * 4
+        # The request's own top_k wins: seeds draw differently at temperature 0.6.
+        drawn = [_completions(srv, seed=s, top_k=0) for s in range(4)]
+        assert len({tuple(d) for d in drawn}) > 1, drawn
+    neutral = dataclasses.replace(config, generation_config="vllm")
+    with BackgroundServer(neutral) as srv:
+        drawn = [_completions(srv, seed=s) for s in range(4)]
+        assert len({tuple(d) for d in drawn}) > 1, drawn
+
+
+def test_generation_config_values_out_of_range_are_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value a request could not send is left out with a warning, not a 400 on every request."""
+    from mintvcs.serve.app import read_sampling_defaults
+
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "temperature": -1,
+                "top_k": 1.5,
+                "top_p": 0.9,
+                "min_p": True,
+                "repetition_penalty": 1.05,
+            }
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="mintvcs.serve"):
+        assert read_sampling_defaults(tmp_path) == {"top_p": 0.9, "repetition_penalty": 1.05}
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "temperature" in warned and "top_k" in warned and "min_p" in warned
