@@ -793,8 +793,10 @@ def build_engine(config: ServerConfig) -> Engine:
 
 
 def read_tokenizer_config(base: Path) -> dict[str, Any]:
-    """tokenizer_config.json, with the chat template where transformers now saves it when the
-    config holds none (chat_template.jinja, or chat_template.json's "chat_template")."""
+    """tokenizer_config.json as transformers reads it with the files beside it: the chat
+    template of chat_template.jinja (over the config's), named templates from
+    additional_chat_templates/*.jinja, and, for a config without added_tokens_decoder (an
+    older save), the special tokens of special_tokens_map.json."""
     data: Any = {}
     path = Path(base) / "tokenizer_config.json"
     try:
@@ -802,15 +804,41 @@ def read_tokenizer_config(base: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as err:
         log.warning("ignoring unreadable %s: %s", path, err)
     data = data if isinstance(data, dict) else {}
-    if not data.get("chat_template"):
-        jinja, named = Path(base) / "chat_template.jinja", Path(base) / "chat_template.json"
-        try:
-            if jinja.is_file():
-                data["chat_template"] = jinja.read_text()
-            elif named.is_file():
-                data["chat_template"] = json.loads(named.read_text()).get("chat_template")
-        except (OSError, ValueError, AttributeError) as err:
-            log.warning("ignoring an unreadable chat template beside %s: %s", path, err)
+    from mintvcs.serve.loader import read_special_tokens
+
+    data.update(read_special_tokens(Path(base), data))
+    templates: dict[str, str] = {}
+    # transformers: "independent chat template file(s) ... take priority over template entries
+    # in the tokenizer config"; chat_template.jinja is the default one.
+    jinja, named = Path(base) / "chat_template.jinja", Path(base) / "additional_chat_templates"
+    try:
+        if jinja.is_file():
+            templates["default"] = jinja.read_text()
+        if named.is_dir():
+            for file in sorted(named.glob("*.jinja")):
+                templates[file.name.removesuffix(".jinja")] = file.read_text()
+    except (OSError, ValueError) as err:
+        log.warning("ignoring an unreadable chat template beside %s: %s", path, err)
+    if "default" not in templates:
+        config_template = data.get("chat_template")
+        legacy = Path(base) / "chat_template.json"
+        if not config_template and legacy.is_file():
+            try:
+                config_template = json.loads(legacy.read_text()).get("chat_template")
+            except (OSError, ValueError, AttributeError) as err:
+                log.warning("ignoring an unreadable chat template beside %s: %s", path, err)
+        if templates and isinstance(config_template, str) and config_template:
+            # transformers would keep only the named files (and refuse a chat without tools
+            # for want of a default): the config's template serves as that default here.
+            templates["default"] = config_template
+        elif not templates:
+            if config_template:
+                data["chat_template"] = config_template
+            return data
+    if list(templates) == ["default"]:
+        data["chat_template"] = templates["default"]
+    else:  # render_chat's named form: "tool_use" when tools are sent, else "default"
+        data["chat_template"] = [{"name": k, "template": v} for k, v in templates.items()]
     return data
 
 

@@ -423,6 +423,39 @@ def iter_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
 
 
+def read_special_tokens(directory: Path, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The special tokens (`bos_token`, `eos_token`, ...) as transformers 5 reads them:
+    tokenizer_config.json's (or `config`, already read from it), with special_tokens_map.json's
+    over them when the config has no added_tokens_decoder (an older save); it ignores that file
+    otherwise. Values are strings or AddedToken dicts ({"content": ...})."""
+    if config is None:
+        path = Path(directory) / "tokenizer_config.json"
+        try:
+            config = read_json(path) if path.is_file() else {}
+        except CheckpointError as err:
+            log.warning("ignoring %s", err)
+            config = {}
+    tokens = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str | dict)}
+    special = Path(directory) / "special_tokens_map.json"
+    if "added_tokens_decoder" not in config and special.is_file():
+        try:
+            mapped = read_json(special)
+        except CheckpointError as err:
+            log.warning("ignoring %s", err)
+            mapped = {}
+        tokens.update(
+            {k: v for k, v in mapped.items() if k.endswith("_token") and isinstance(v, str | dict)}
+        )
+    return tokens
+
+
+def token_text(value: Any) -> str | None:
+    """A special token's text, from its string or AddedToken dict form."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
 def load_tokenizer(directory: Path) -> Any:
     """The `tokenizers.Tokenizer` of `directory/tokenizer.json`, or None when the checkpoint has none."""
     path = Path(directory) / "tokenizer.json"

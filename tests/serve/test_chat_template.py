@@ -65,6 +65,60 @@ def test_rendered_as_transformers_renders_it(
     assert templated and rendered == expected
 
 
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+
+
+def _hf_render(base: Path, tools: list[dict[str, Any]] | None = None) -> str:
+    from transformers import AutoTokenizer
+
+    rendered = AutoTokenizer.from_pretrained(str(base)).apply_chat_template(
+        MESSAGES[:2], tools=tools, tokenize=False, add_generation_prompt=True
+    )
+    assert isinstance(rendered, str)
+    return rendered
+
+
+def test_the_jinja_file_wins_over_the_config_and_named_templates_are_read(
+    tiny_base: Path, tmp_path: Path
+) -> None:
+    """transformers: independent template files take priority over the config's entry, and
+    additional_chat_templates/tool_use.jinja is the template when tools are sent."""
+    base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["chat_template"] = "OLD{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").write_text(TEMPLATE)
+    expected = _hf_render(base)
+    assert expected.startswith("<s><|im_start|>system")  # the .jinja file, not OLD
+    assert render_chat(MESSAGES[:2], read_tokenizer_config(base))[0] == expected
+    (base / "additional_chat_templates").mkdir()
+    tool_use = "TOOLS {{ tools | length }}{% for m in messages %}|{{ m.content }}{% endfor %}"
+    (base / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    for tools in (None, TOOLS):
+        expected = _hf_render(base, tools)
+        assert render_chat(MESSAGES[:2], read_tokenizer_config(base), tools)[0] == expected
+    assert expected.startswith("TOOLS 1|")
+
+
+def test_special_tokens_from_special_tokens_map(tiny_base: Path, tmp_path: Path) -> None:
+    """An older save keeps bos/eos in special_tokens_map.json only: transformers reads them
+    there (for a config without added_tokens_decoder), so {{ bos_token }} is not empty."""
+    base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    for key in ("bos_token", "eos_token", "unk_token", "added_tokens_decoder"):
+        config.pop(key, None)
+    config["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}[INST] {{ m.content }} [/INST]{% endfor %}{{ eos_token }}"
+    )
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": False}})
+    )
+    expected = _hf_render(base)
+    assert expected.startswith("<s>[INST]") and expected.endswith("</s>")
+    assert render_chat(MESSAGES[:2], read_tokenizer_config(base))[0] == expected
+
+
 def test_continuing_needs_no_generation_prompt(base_with_jinja: Path) -> None:
     config = read_tokenizer_config(base_with_jinja)
     with pytest.raises(HTTPError, match="add_generation_prompt false"):
