@@ -27,7 +27,13 @@ from mintvcs.kernels import Backend
 from mintvcs.progress import progress_bar
 from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, prepare_adapter
 from mintvcs.serve.graphs import DecodeGraphs
-from mintvcs.serve.loader import load_tokenizer, read_config, safetensors_files
+from mintvcs.serve.loader import (
+    load_tokenizer,
+    read_config,
+    read_special_tokens,
+    safetensors_files,
+    token_text,
+)
 from mintvcs.serve.model import LORA_MODULES, Model
 from mintvcs.serve.sampling import (
     IncrementalDetokenizer,
@@ -330,7 +336,9 @@ class Engine:
             )
         with one_intraop_thread() if on_cpu else contextlib.nullcontext():
             self._build(base, config, source, base_fingerprint)
-        self._eos = frozenset(self.model.config.eos_token_ids)
+        # As vLLM: the tokenizer's eos_token ends a sequence too (a ChatML fine-tune names
+        # <|im_end|> there while config.json keeps the base's id), beside the configs' ids.
+        self._eos = frozenset([*self.model.config.eos_token_ids, *self._tokenizer_eos()])
         self._ids = itertools.count(1)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._seqs: dict[int, Sequence] = {}
@@ -349,6 +357,15 @@ class Engine:
             self.start()
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def _tokenizer_eos(self) -> tuple[int, ...]:
+        """The id of the tokenizer's eos_token (tokenizer_config.json, or special_tokens_map.json
+        as transformers reads it), which vLLM stops on; none without a tokenizer or such a token."""
+        if self.tokenizer is None or self.base_dir is None:
+            return ()
+        text = token_text(read_special_tokens(self.base_dir).get("eos_token"))
+        token_id = self.tokenizer.token_to_id(text) if text is not None else None
+        return () if token_id is None else (int(token_id),)
+
     def _build(
         self,
         base: Path | str | Model,

@@ -877,3 +877,38 @@ def test_closing_answers_a_request_mid_prompt(tiny_base: Path) -> None:
         eng.close()
     with pytest.raises(EngineClosed):
         pending.result(5)
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "special_tokens_map"])
+def test_the_tokenizers_eos_token_ends_a_sequence(tmp_path: Path, where: str) -> None:
+    """A ChatML fine-tune names <|im_end|> as the tokenizer's eos_token while config.json keeps
+    the base's id: vLLM stops on it (its request EOS is the tokenizer's), and so do we."""
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import AutoTokenizer
+
+    from tests.fixtures import build_base
+
+    base = build_base(tmp_path / "base", vocab_size=400)
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken("<|im_end|>", special=True)])
+    tokenizer.save(str(base / "tokenizer.json"))
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    if where == "tokenizer_config":
+        config["eos_token"] = "<|im_end|>"
+    else:  # an older save: the special tokens in special_tokens_map.json only
+        config.pop("eos_token", None)
+        config.pop("added_tokens_decoder", None)
+        (base / "special_tokens_map.json").write_text(
+            json.dumps({"eos_token": {"content": "<|im_end|>", "special": True}})
+        )
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    im_end = AutoTokenizer.from_pretrained(str(base)).eos_token_id
+    assert im_end == tokenizer.token_to_id("<|im_end|>") != 2
+    assert json.loads((base / "config.json").read_text())["eos_token_id"] == 2
+    forced = SamplingParams(max_tokens=6, temperature=0, logit_bias=((im_end, 100.0),))
+    with Engine(base, EngineConfig(device="cpu", max_model_len=64)) as eng:
+        done = eng.generate([5, 6, 7], None, forced, timeout=60)
+        assert done.token_ids == [im_end] and done.finish_reason == "stop", done
+        # config.json's id still ends one too.
+        done = eng.generate([5, 6], None, replace(forced, logit_bias=((2, 100.0),)), timeout=60)
+        assert done.token_ids == [2] and done.finish_reason == "stop", done
