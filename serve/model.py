@@ -377,13 +377,33 @@ class Model:
         config = read_config(directory)
         device = torch.device(device)
         raw: dict[str, torch.Tensor] = {}
+        not_finite: list[str] = []
         for name, tensor in iter_tensors(directory):
             if progress is not None:
                 progress(tensor.numel() * tensor.element_size())
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             # Other dtypes stay as stored: from_state_dict refuses one it would use.
-            raw[name] = tensor.to(device=device, dtype=dtype) if tensor.dtype in _FLOATS else tensor
+            if tensor.dtype in _FLOATS:
+                stored, tensor = tensor, tensor.to(device=device, dtype=dtype)
+                if not bool(torch.isfinite(tensor).all()):
+                    # Finite as stored: values past the range of the dtype it is served in.
+                    cast = bool(torch.isfinite(stored).all())
+                    served = str(dtype).removeprefix("torch.")
+                    not_finite.append(
+                        f"{name!r:.80}" + (f" (past the range of {served})" if cast else "")
+                    )
+                del stored
+            raw[name] = tensor
+        if not_finite:
+            # transformers loads such weights without a word too, but every output is then
+            # decided by NaN (token 0, say): a bad conversion or a damaged download, most likely.
+            log.warning(
+                "the checkpoint has NaN or infinite values in %d tensor(s): %s; outputs will be "
+                "nonsense wherever they are used (check the conversion or download it again)",
+                len(not_finite),
+                ", ".join(not_finite[:5]) + (", ..." if not_finite[5:] else ""),
+            )
         return cls.from_state_dict(config, raw, max_len=max_len, prepack=prepack)
 
     @classmethod

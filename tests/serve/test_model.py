@@ -746,3 +746,33 @@ def test_a_missing_shard_is_named_before_any_is_read(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"b\.safetensors"):
         safetensors_files(tmp_path)
+
+
+def test_nan_or_infinite_weights_are_warned_of_by_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """transformers loads them without a word, and so do we, but every output is nonsense:
+    the log names the tensors (and a value that only the cast to the served dtype overflows)."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    base = build_base(tmp_path / "base")
+    with caplog.at_level(logging.WARNING, logger="mintvcs.serve"):
+        Model.from_dir(base)
+    assert "NaN" not in caplog.text
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 5] = float("nan")
+    tensors["model.layers.1.self_attn.q_proj.weight"][0, 0] = 1e6  # finite in F32, not in F16
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mintvcs.serve"):
+        Model.from_dir(base)
+    warned = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert len(warned) == 1 and "1 tensor(s): 'model.layers.0.mlp.down_proj.weight'" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mintvcs.serve"):
+        Model.from_dir(base, dtype=torch.float16)
+    warned = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert len(warned) == 1 and "2 tensor(s)" in warned[0], warned
+    assert "'model.layers.1.self_attn.q_proj.weight' (past the range of float16)" in warned[0]
