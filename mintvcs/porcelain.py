@@ -229,13 +229,17 @@ def signature(
                 + _WHO_HINT
             )
     if name is None:
-        name = _default_name()
+        name, bogus = _default_name()
+        if strict and bogus:
+            raise UnknownIdentityError(
+                f"{who} identity unknown: unable to auto-detect name (got '{name}'); " + _WHO_HINT
+            )
     if not name:
         if strict:
             raise UnknownIdentityError(
                 f"empty ident name (for <{email}>) not allowed ({name_from} is empty); " + _WHO_HINT
             )
-        name = _passwd_entry().pw_name  # git's name for a reflog line
+        name = _passwd_entry()[0]  # git's name for a reflog line
     # Checked before anything is written: such a value would forge header lines in the commit.
     for value, where in ((name, name_from), (email, email_from)):
         if value and any(c in value for c in "<>\n\0"):
@@ -247,53 +251,52 @@ def signature(
     return Signature(f"{name} <{email}>", timestamp, tz or local_tz(timestamp))
 
 
-def _passwd_entry() -> Any:
-    """This user id's password database entry, which git's made-up identity comes from."""
+def _passwd_entry() -> tuple[str, str, bool]:
+    """This user id's login name and GECOS, which git's made-up identity comes from, and
+    whether they are bogus: a user id without an account (a container's, `docker run -u N`)
+    gets git's stand-in, login "unknown" and GECOS "Unknown", so reflog lines are still
+    written and a commit is refused with git's words."""
     import pwd
 
     try:
-        return pwd.getpwuid(os.getuid())
-    except KeyError:  # a user id without an account (a container's)
-        raise BadIdentityError(
-            f"user id {os.getuid()} has no name (no password database entry): set user.name "
-            "and user.email (`git --git-dir .mint config user.name NAME`), or GIT_AUTHOR_NAME, "
-            "GIT_AUTHOR_EMAIL and the same for GIT_COMMITTER_"
-        ) from None
+        entry = pwd.getpwuid(os.getuid())
+    except KeyError:
+        return "unknown", "Unknown", True
+    return entry.pw_name, entry.pw_gecos or "", False
 
 
-def _default_name() -> str:
-    """git's made-up name: the password entry's full name (GECOS up to its first comma, `&`
-    standing for the login name capitalised)."""
-    entry = _passwd_entry()
-    gecos = (entry.pw_gecos or "").split(",", 1)[0]
-    login = entry.pw_name
-    return gecos.replace("&", login[:1].upper() + login[1:]).strip()
+def _default_name() -> tuple[str, bool]:
+    """git's made-up name, and whether git calls it bogus: the password entry's full name
+    (GECOS up to its first comma, `&` standing for the login name capitalised)."""
+    login, gecos, bogus = _passwd_entry()
+    full = gecos.split(",", 1)[0]
+    return full.replace("&", login[:1].upper() + login[1:]).strip(), bogus
 
 
 def _default_email() -> tuple[str, bool]:
     """git's made-up email, and whether git calls it bogus: LOGIN@ the first line of
     /etc/mailname, else the host name if it holds a dot, else its canonical name if that does,
-    else HOST.(none), bogus."""
+    else HOST.(none), bogus; bogus too when the user id has no account."""
     import socket  # only for this fallback: not imported by every commit
 
-    login = _passwd_entry().pw_name
+    login, _gecos, bogus = _passwd_entry()
     with suppress(OSError, UnicodeDecodeError):
         with open("/etc/mailname", encoding="utf-8") as mailname:
             line = mailname.readline()
         if line:
-            return f"{login}@{line.rstrip(chr(10))}", False
+            return f"{login}@{line.rstrip(chr(10))}", bogus
     try:
         host = socket.gethostname()
     except OSError:
         return f"{login}@(none)", True
     if "." in host:
-        return f"{login}@{host}", False
+        return f"{login}@{host}", bogus
     with suppress(OSError, UnicodeError):
         for *_, canonical, _address in socket.getaddrinfo(host, None, flags=socket.AI_CANONNAME)[
             :1
         ]:
             if "." in canonical:
-                return f"{login}@{canonical}", False
+                return f"{login}@{canonical}", bogus
     return f"{login}@{host}.(none)", True
 
 

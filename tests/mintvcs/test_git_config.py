@@ -995,3 +995,40 @@ def test_a_tilde_folder_in_the_work_tree_is_no_global_config(work: Path) -> None
         by_git = users.run(ALICE, 0o022, repo, [*unset, "git", "--git-dir", ".mint", *log])
         assert by_mint.stdout.split()[0] == by_git.stdout.split()[0]
         assert len(by_git.stdout.split()[0]) == 7
+
+
+def test_a_user_id_without_an_account_gets_gits_stand_in_identity(work: Path) -> None:
+    # `docker run -u 12345`: no password entry. mintvcs refused every reflog line (branch,
+    # checkout, reset) with exit 1 where git writes "Unknown <unknown@HOST...>", and refused a
+    # commit in its own words where git says "unable to auto-detect ..." with exit 128.
+    from tests.mintvcs.userkit import ALICE, other_users
+
+    with other_users() as users:
+        repo = users.place / "repo"
+        shutil.copytree(work, repo)
+        mutate(repo, seed=37)
+        subprocess.run(["chmod", "-R", "a+rwX", str(repo)], check=True)
+        unset = ["env", "-u", "GIT_AUTHOR_NAME", "-u", "GIT_COMMITTER_NAME", "-u", "EMAIL"]
+        unset += ["-u", "GIT_AUTHOR_EMAIL", "-u", "GIT_COMMITTER_EMAIL", "LOGNAME=builder"]
+        mint = [*unset, sys.executable, "-m", "mintvcs.cli"]
+        git_ = [*unset, "git", "--git-dir", ".mint"]
+        users.run(ALICE, 0o022, repo, [*git_, "branch", "bygit"])
+        users.run(ALICE, 0o022, repo, [*mint, "branch", "bymint"])
+        users.run(ALICE, 0o022, repo, [*mint, "checkout", "bymint"])
+        shown = "--format=%gn <%ge>"
+        lines = {
+            ref: users.run(ALICE, 0o022, repo, [*git_, "log", "-g", "-1", shown, ref]).stdout
+            for ref in ("refs/heads/bygit", "refs/heads/bymint", "HEAD")
+        }
+        assert len(set(lines.values())) == 1, lines
+        assert lines["HEAD"].startswith("Unknown <unknown@"), lines
+        head = git(repo / ".mint", "rev-parse", "HEAD").stdout
+        for extra in ([], ["EMAIL=e@x.example"]):
+            var = [*unset, *extra, *git_[len(unset) :], "var", "GIT_AUTHOR_IDENT"]
+            by_git = users.run(ALICE, 0o022, repo, var, ok=False)
+            argv = [*unset, *extra, *mint[len(unset) :], "commit", "-m", "who", "--no-verify"]
+            by_mint = users.run(ALICE, 0o022, repo, argv, ok=False)
+            assert by_git.returncode == by_mint.returncode == 128, (by_git, by_mint.stderr)
+            reason = by_git.stderr.strip().splitlines()[-1].removeprefix("fatal: ")
+            assert reason in _error_line(by_mint), (reason, by_mint.stderr)
+        assert git(repo / ".mint", "rev-parse", "HEAD").stdout == head
