@@ -162,6 +162,23 @@ def render_chat(
                 value = value.get("content")
             return value if isinstance(value, str) else ""
 
+        # The final message is rendered with a marker after its content, and the prompt is cut
+        # at the marker, as transformers cuts it: neither a search for the content's text
+        # (which may also stand in the end-of-turn markup, "end" in <|im_end|>) nor a guess at
+        # who wrote the whitespace after it. Random, so no message holds it; a space after it,
+        # to tell a template that writes the content as sent from one that trims it.
+        marker = f"MINTCONTINUE{secrets.token_hex(8)}"
+        final = ""
+        if continue_final_message:
+            content = messages[-1].get("content")
+            if not isinstance(content, str):
+                raise HTTPError(
+                    400,
+                    "continue_final_message: the last message has no text content to continue",
+                    "continue_final_message",
+                )
+            final = content
+            messages = [*messages[:-1], {**messages[-1], "content": final + marker + " "}]
         try:
             rendered = env.from_string(template).render(
                 **(template_kwargs or {}),
@@ -180,26 +197,19 @@ def render_chat(
                 400, f"the base model's chat template failed: {err}", "chat_template"
             ) from None
         if continue_final_message:
-            # Cut after the last message's content, as transformers does: its end-of-turn goes.
-            content = messages[-1]["content"]
-            content = content if isinstance(content, str) else ""
-            final = content.strip()
-            at = rendered.rfind(final) if final else -1
-            if at == -1:
+            at = rendered.rfind(marker)
+            if at == -1 or final.strip() not in rendered:
                 raise HTTPError(
                     400,
                     "continue_final_message: the chat template did not write the last message's "
                     "content as it was sent, so it cannot be continued",
                     "continue_final_message",
                 )
-            end = at + len(final)
             # A template that wrote the content as sent wrote its trailing whitespace too, and
-            # transformers keeps that ("The answer is " goes on after the space); one that
-            # trimmed it gets none back.
-            trailing = content[len(content.rstrip()) :]
-            if trailing and rendered.startswith(trailing, end):
-                end += len(trailing)
-            rendered = rendered[:end]
+            # transformers keeps it ("The answer is " goes on after the space); one that
+            # trimmed it gets none back, whatever the template wrote after it.
+            kept = rendered.startswith(marker + " ", at)
+            rendered = rendered[:at] if kept else rendered[:at].rstrip()
         return rendered, True
     # Non-ASCII as it is, as templates' tojson writes it: escapes would cost tokens.
     lines = [f"tools: {_tojson(tools)}"] if tools else []

@@ -176,20 +176,31 @@ def test_a_tool_reply_keeps_its_call_id_and_name() -> None:
     assert chat_message(reply, 2) == reply
 
 
-@pytest.mark.parametrize("final", ["The answer is ", " x\n", "Hi"])
+@pytest.mark.parametrize(
+    "final",
+    ["The answer is ", " x\n", "Hi", "Hi ", "Hi\n", "Hi\n\n", "Sure:\n", "end", "m", "id", ""],
+)
 @pytest.mark.parametrize(
     "template",
     [
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}",
         "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</s>{% endfor %}",
+        "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}\n</s>{% endfor %}",
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+        "{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content | trim }} [/INST]"
+        "{% else %}{{ ' ' + m.content | trim + ' ' + '</s>' }}{% endif %}{% endfor %}",
+        "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+        "{{ m.content | trim }}<|eot_id|>{% endfor %}",
     ],
-    ids=["as-sent", "trimmed"],
+    ids=["as-sent", "trimmed", "trimmed-then-newline", "chatml", "llama2", "llama3"],
 )
 def test_continuing_keeps_the_final_whitespace_the_template_wrote(
     template: str, final: str
 ) -> None:
     """The continued message ends as transformers ends it: with its trailing whitespace where the
-    template wrote the content as sent, without where the template trimmed it."""
+    template wrote the content as sent, without where the template trimmed it, even when the
+    template writes whitespace of its own after it; and cut at the message, not at a copy of its
+    text in the end-of-turn markup ("end" in <|im_end|>)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": final}]
