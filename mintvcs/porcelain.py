@@ -1477,14 +1477,30 @@ def _switched_unrecorded(repo: Repository, base: str, head: str) -> bool:
     checked out and committed without it) made the work tree hold `head` after the record named
     `base`: the weights file no longer has the stat the record lists, and holds `head`'s tensors
     where `base`'s differ. As git's index, a stat that no longer matches sends us to the content;
-    weights that are neither revision's (retrained in place) leave the record believed."""
+    weights that are neither revision's (retrained in place) leave the record believed.
+
+    The answer found by the content is kept in the record ("switched"), with the weights' stat
+    and `head`, as git status refreshes its index: while they stay the same, the next status,
+    commit or checkout takes it without reading and hashing the weights again."""
     assert repo.work_tree is not None
     import hashlib
 
     path = repo.work_tree / WEIGHTS_FILE
     try:
-        if _read_record(repo).get("weights") == list(stat_key(os.stat(path))):
+        original = (repo.git_dir / WORKTREE_RECORD).read_bytes()
+        record = _parse_record(original)
+        key = list(stat_key(os.stat(path)))
+        if record.get("weights") == key:
             return False  # never rewritten since the record was
+        known = record.get("switched")
+        if (
+            isinstance(known, dict)
+            and known.get("head") == head
+            and known.get("weights") == key
+            and isinstance(known.get("known_ns"), int)
+            and _trusted(tuple(key), known["known_ns"])
+        ):
+            return known.get("holds_head") is True
         was, now = _read_revision(repo, base), _read_revision(repo, head)
     except (OSError, MintError):
         return False
@@ -1497,8 +1513,9 @@ def _switched_unrecorded(repo: Repository, base: str, head: str) -> bool:
     held = tensors(now)
     if held == tensors(was):
         return False  # the weights cannot tell the two apart
+    known_ns = time.time_ns()
     try:
-        weights = read_stable(path)[0]
+        weights, read_key = read_stable(path)
         layout = parse_layout(weights, str(path))
     except (OSError, MintError):
         return False
@@ -1511,7 +1528,17 @@ def _switched_unrecorded(repo: Repository, base: str, head: str) -> bool:
         )
         for t in layout.tensors
     }
-    return (bytes(layout.header), found) == held
+    holds_head = (bytes(layout.header), found) == held
+    if read_key is not None and _trusted(read_key, known_ns):
+        # Not _write_record: a record that cannot be rewritten must stay (it names the base),
+        # and one a checkout or commit rewrote meanwhile is newer than this answer.
+        verdict = {"head": head, "weights": list(read_key), "known_ns": known_ns}
+        with suppress(OSError):
+            if (repo.git_dir / WORKTREE_RECORD).read_bytes() == original:
+                record["switched"] = {**verdict, "holds_head": holds_head}
+                data = json.dumps(record).encode()
+                _write_atomic(repo.git_dir / WORKTREE_RECORD, data, shared=repo.shared_perm)
+    return holds_head
 
 
 def _mixed_instead(repo: Repository, head: str | None) -> list[str] | None:

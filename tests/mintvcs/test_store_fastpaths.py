@@ -596,3 +596,52 @@ def test_a_walk_down_a_packed_history_parses_no_commit_whole(
     assert parse_plain(f"tree {tree}\nparent {tip}\n x\n".encode()) is None
     assert parse_plain(f"tree {tree}\nparent {tip.upper()}\n".encode()) is None
     assert parse_plain(f"author {stamp}\ntree {tree}\n".encode()) is None
+
+
+def test_weights_found_to_be_neither_revision_are_not_hashed_again(
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a `commit --from` moved main under the work tree and the weights were retrained in
+    # place, every status, commit and checkout read and hashed the whole weights file again
+    # to learn that they were not main's (0.4 s per 400 MB): the answer was never kept.
+    from tests.mintvcs.storekit import copy_adapter
+
+    checkpoint = copy_adapter(work, tmp_path / "checkpoint")
+    mutate(checkpoint, seed=3)
+    mint(work, "commit", "-m", "r1", "--from", str(checkpoint), "--no-verify")
+    r0 = git(work / ".mint", "rev-parse", "HEAD~1").stdout.strip()
+    r1 = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    weights = work / WEIGHTS
+    read = porcelain.read_stable
+    reads: list[Path] = []
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> Any:
+        reads.append(Path(path))
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(porcelain, "read_stable", counting)
+    repo = Repository.open(work)
+
+    def settled() -> None:  # an mtime old enough to be trusted (git's racily clean rule)
+        old = time.time_ns() - 10**9
+        os.utime(weights, ns=(old, old))
+
+    for content, base in ((None, r0), (checkpoint / WEIGHTS, None)):
+        if content is None:
+            mutate(work, seed=9)  # retrained in place: neither r0's nor r1's
+        else:
+            shutil.copyfile(content, weights)  # r1's, put there by something keeping no record
+            (work / "notes.txt").write_text("an edit, so that status looks further\n")
+        settled()
+        reads.clear()
+        assert porcelain.status(repo).base == base
+        assert reads.count(weights) == 1
+        for _ in range(2):
+            reads.clear()
+            assert porcelain.status(repo).base == base and reads.count(weights) == 0, reads
+    # Changed again: read again.
+    mutate(work, seed=10)
+    settled()
+    reads.clear()
+    assert porcelain.status(repo).base == r0 and reads.count(weights) == 1
+    assert r1 != r0
