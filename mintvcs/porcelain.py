@@ -218,7 +218,7 @@ def signature(
             name, name_from = lookup(b"name")
         if email is None:
             email, email_from = lookup(b"email")
-            if email is None and os.environ.get("EMAIL", "").strip():
+            if email is None and os.environ.get("EMAIL"):  # taken when set, then trimmed, as git
                 email, email_from = os.environ["EMAIL"].strip(), "EMAIL"
     who = "Author" if role == "author" else "Committer"
     if email is None:
@@ -276,7 +276,14 @@ def _default_name() -> tuple[str, bool]:
 def _default_email() -> tuple[str, bool]:
     """git's made-up email, and whether git calls it bogus: LOGIN@ the first line of
     /etc/mailname, else the host name if it holds a dot, else its canonical name if that does,
-    else HOST.(none), bogus; bogus too when the user id has no account."""
+    else HOST.(none), bogus; bogus too when the user id has no account. Trimmed as a whole, as
+    git trims it (a space that ends /etc/mailname goes)."""
+    email, bogus = _made_up_email()
+    return email.strip(), bogus
+
+
+def _made_up_email() -> tuple[str, bool]:
+    """_default_email's, untrimmed."""
     import socket  # only for this fallback: not imported by every commit
 
     login, _gecos, bogus = _passwd_entry()

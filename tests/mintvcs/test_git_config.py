@@ -916,7 +916,8 @@ def test_a_global_config_that_cannot_be_reached_is_skipped_as_git_skips_it(
 
 
 @pytest.mark.parametrize(
-    "case", ["nothing", "empty-name", "empty-config-name", "email-variable", "empty-email"]
+    "case",
+    ["nothing", "empty-name", "empty-config-name", "email-variable", "empty-email", "blank-email"],
 )
 def test_an_identity_git_would_not_make_up_is_refused_as_git_refuses_it(
     work: Path, home: dict[str, str], case: str
@@ -931,6 +932,8 @@ def test_an_identity_git_would_not_make_up_is_refused_as_git_refuses_it(
         (Path(home["HOME"]) / ".gitconfig").write_text("[user]\n\tname =\n\temail = e@x.example\n")
     elif case == "email-variable":
         env["EMAIL"] = "env@x.example"  # the name made up from the password database
+    elif case == "blank-email":  # taken, then trimmed to empty: git commits `A <>`
+        env.update(GIT_AUTHOR_NAME="A", GIT_COMMITTER_NAME="C", EMAIL="   ")
     elif case == "empty-email":
         env.update(GIT_AUTHOR_NAME="A", GIT_AUTHOR_EMAIL="")
         env.update(GIT_COMMITTER_NAME="C", GIT_COMMITTER_EMAIL="")
@@ -1032,3 +1035,34 @@ def test_a_user_id_without_an_account_gets_gits_stand_in_identity(work: Path) ->
             reason = by_git.stderr.strip().splitlines()[-1].removeprefix("fatal: ")
             assert reason in _error_line(by_mint), (reason, by_mint.stderr)
         assert git(repo / ".mint", "rev-parse", "HEAD").stdout == head
+
+
+def test_a_made_up_email_is_trimmed_as_git_trims_it(work: Path, home: dict[str, str]) -> None:
+    # /etc/mailname " example.com \n": git commits as `root@ example.com`, trimmed as a whole;
+    # mintvcs kept the trailing space. /etc is overlaid in a mount namespace of the command's.
+    import os
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("an /etc/mailname of the test's own needs root and unshare")
+    upper, workdir = work.parent / "etc-upper", work.parent / "etc-work"
+    upper.mkdir()
+    workdir.mkdir()
+    (upper / "mailname").write_text(" example.com \n")
+    overlay = f"mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={workdir} /etc"
+    env = {**home, "GIT_AUTHOR_NAME": "A", "GIT_COMMITTER_NAME": "C"}
+
+    def inside(*argv: str) -> subprocess.CompletedProcess[str]:
+        command = ["unshare", "--mount", "--propagation", "private", "--"]
+        command += ["sh", "-c", f'{overlay} && exec "$@"', "sh", *argv]
+        return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+
+    by_git = inside("git", "--git-dir", ".mint", "var", "GIT_AUTHOR_IDENT")
+    if by_git.returncode != 0 and "mount" in by_git.stderr:
+        pytest.skip(f"no overlay mount here: {by_git.stderr.strip()}")
+    assert by_git.returncode == 0, by_git.stderr
+    mutate(work, seed=41)
+    by_mint = inside(sys.executable, "-m", "mintvcs.cli", "commit", "-m", "who", "--no-verify")
+    assert by_mint.returncode == 0, by_mint.stderr
+    shown = git(work / ".mint", "log", "-1", "--format=%an <%ae>").stdout.strip()
+    assert shown == by_git.stdout.rsplit(" ", 2)[0]
+    assert shown.endswith("@ example.com>"), shown
