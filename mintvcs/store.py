@@ -894,9 +894,7 @@ class Repository:
             loose = None
         if loose is not None and (type_num := OBJECT_TYPE_NUMBERS.get(loose[0])) is not None:
             kind, body = loose
-            digest = hashlib.sha1(b"%s %d\0" % (kind, len(body)))
-            digest.update(body)
-            if digest.hexdigest() == oid:
+            if _named_by(oid, kind, body):
                 try:
                     return parse_object(type_num, bytes(body), oid)
                 except (
@@ -983,9 +981,7 @@ class Repository:
         lenient = _read_as_git().get(type_num)
         if lenient is None:
             return None
-        digest = hashlib.sha1(b"%s %d\0" % (lenient.type_name, len(raw)))
-        digest.update(raw)
-        if digest.hexdigest() != oid:
+        if not _named_by(oid, lenient.type_name, raw):
             return None
         try:
             return parse_object(type_num, raw, oid)
@@ -1183,10 +1179,6 @@ class Repository:
             if read is not None or not pack.gone:
                 return read
         return None
-
-    def _external_base(self, key: bytes) -> tuple[int, bytes] | None:
-        """A REF_DELTA's base stored outside the pack of its delta (_read_base)."""
-        return self._read_base(key, 0)
 
     def _read_base(self, key: bytes, depth: int) -> tuple[int, bytes] | None:
         """A REF_DELTA's base `key` stored outside its pack: loose, or in another pack."""
@@ -1851,10 +1843,7 @@ class Repository:
         if not is_object_id(oid):
             return None
         key = bytes.fromhex(oid)
-        packed = None
-        last: PackFile | None = self.__dict__.get("_last_pack")
-        if last is not None and (offset := last.find(key)) is not None:
-            packed = last.read_object(offset, self._external_base)
+        packed = self._read_packed_object(key, last_only=True)
         if packed is None:
             try:
                 loose = self._read_loose(oid, "object")
@@ -1864,9 +1853,7 @@ class Repository:
                 kind, body = loose
                 if kind != b"commit":
                     return None
-                digest = hashlib.sha1(b"commit %d\0" % len(body))
-                digest.update(body)
-                return bytes(body) if digest.hexdigest() == oid else None
+                return bytes(body) if _named_by(oid, kind, body) else None
             packed = self._read_packed_object(key)
         if packed is None or packed[0] != _COMMIT_TYPE:
             return None
@@ -3241,6 +3228,13 @@ def _open_pack(base: Path) -> PackFile:
             raise
     release_pack_maps()
     return PackFile(base)
+
+
+def _named_by(oid: str, kind: bytes, body: bytes | memoryview) -> bool:
+    """Whether `oid` is the git id of a `kind` object whose content is `body`."""
+    digest = hashlib.sha1(b"%s %d\0" % (kind, len(body)))
+    digest.update(body)
+    return digest.hexdigest() == oid
 
 
 def _loose_names(directories: Sequence[str]) -> list[str]:
