@@ -474,6 +474,19 @@ def test_gc_keeps_old_objects_a_commit_reuses_after_its_last_look(
     from mintvcs.store import Repository
 
     adapter = _abandoned_long_ago(work, tmp_path, seed=33)
+    landed = _commit_after_gcs_last_look(work, adapter, monkeypatch)
+    with Repository.open(work) as repo:
+        maintenance.gc(repo)
+    _landed_whole(work, landed)
+
+
+def _commit_after_gcs_last_look(
+    work: Path, adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> list[str]:
+    """Make the next gc's second look at what is needed (the one before it deletes) commit
+    `adapter` right after it; the list the commit's id lands in."""
+    from mintvcs import maintenance
+
     needed_now = maintenance._needed_now
     looks: list[int] = []
     landed: list[str] = []
@@ -481,14 +494,12 @@ def test_gc_keeps_old_objects_a_commit_reuses_after_its_last_look(
     def look_then_commit(*args: Any) -> Any:
         needed = needed_now(*args)
         looks.append(1)
-        if len(looks) == 2:  # the look before deleting: the commit lands right after it
+        if len(looks) == 2:
             landed.append(_commit_again(work, adapter))
         return needed
 
     monkeypatch.setattr(maintenance, "_needed_now", look_then_commit)
-    with Repository.open(work) as repo:
-        maintenance.gc(repo)
-    _landed_whole(work, landed)
+    return landed
 
 
 def test_gc_keeps_packed_old_objects_a_commit_reuses_after_its_last_look(
@@ -514,18 +525,7 @@ def test_gc_keeps_packed_old_objects_a_commit_reuses_after_its_last_look(
     record = git_dir / "mint-unreachable.json"
     seen = json.loads(record.read_text())
     record.write_text(json.dumps({oid: t - 7200 for oid, t in seen.items()}))
-    needed_now = maintenance._needed_now
-    looks: list[int] = []
-    landed: list[str] = []
-
-    def look_then_commit(*args: Any) -> Any:
-        needed = needed_now(*args)
-        looks.append(1)
-        if len(looks) == 2:
-            landed.append(_commit_again(work, adapter))
-        return needed
-
-    monkeypatch.setattr(maintenance, "_needed_now", look_then_commit)
+    landed = _commit_after_gcs_last_look(work, adapter, monkeypatch)
     with Repository.open(work) as repo:
         result = maintenance.gc(repo)
     assert result.pruned == len(seen)
