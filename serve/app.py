@@ -842,7 +842,8 @@ def read_tokenizer_config(base: Path) -> dict[str, Any]:
     return data
 
 
-# generation_config.json's keys that vLLM (--generation-config auto) takes as request defaults.
+# generation_config.json's keys that vLLM (--generation-config auto) takes as request defaults;
+# max_new_tokens is read as the default max_tokens.
 SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
@@ -861,13 +862,18 @@ def read_sampling_defaults(base: Path) -> dict[str, float | int]:
     if not isinstance(data, dict):
         return {}
     defaults: dict[str, float | int] = {}
-    for key in SAMPLING_DEFAULT_KEYS:
+    for key in (*SAMPLING_DEFAULT_KEYS, "max_new_tokens"):
         value = data.get(key)
         if value is None:
             continue
         try:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise TypeError(f"not a number: {value!r:.40}")
+            if key == "max_new_tokens":
+                if float(value) != int(value) or value < 1:
+                    raise TypeError(f"not a positive integer: {value!r}")
+                defaults["max_tokens"] = int(value)
+                continue
             if key == "top_k":
                 if float(value) != int(value):
                     raise TypeError(f"not an integer: {value!r}")

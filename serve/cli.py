@@ -188,7 +188,8 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
     default="auto",
     show_default=True,
     help="auto: a request that leaves out temperature, top_p, top_k, min_p or "
-    "repetition_penalty gets the base's generation_config.json value, as vLLM does; "
+    "repetition_penalty (a chat request: max_tokens, from max_new_tokens) gets the base's "
+    "generation_config.json value, as vLLM does; "
     "vllm: the neutral defaults (temperature 1, no top-p/top-k/min-p, no penalty).",
 )
 @click.option(

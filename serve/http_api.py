@@ -85,10 +85,14 @@ def sampling_params(
     """SamplingParams from a request body; 400 on wrong types, non-finite or out-of-range values.
 
     Without max_tokens, a completion gets the server's default; with `to_context_end` (chat, as
-    OpenAI does) it runs to the end of the context, or to the server's limit if that comes first.
+    OpenAI does) it runs to the end of the context, or to the server's limit if that comes first,
+    or to generation_config.json's max_new_tokens (as vLLM's chat) if that comes first.
     """
     limit = state.config.max_tokens_limit
-    default = limit if to_context_end else state.config.default_max_tokens
+    given = state.sampling_defaults
+    default = state.config.default_max_tokens
+    if to_context_end:
+        default = min(limit, int(given.get("max_tokens", limit)))
     max_tokens = field_of(body, "max_tokens", (int,), default)
     # OpenAI's newer name wins over the deprecated one when a client sends both.
     named = (
@@ -98,7 +102,6 @@ def sampling_params(
     if max_tokens < 1 or max_tokens > limit:
         raise HTTPError(400, f"{named} must be in [1, {limit}], got {max_tokens}", named)
     # A field the request leaves out takes the model's default (generation_config.json, as vLLM).
-    given = state.sampling_defaults
     temperature = field_of(
         body, "temperature", (float,), given.get("temperature", default_temperature)
     )

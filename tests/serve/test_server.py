@@ -2217,6 +2217,39 @@ def test_generation_config_sampling_defaults_apply_to_requests_that_leave_them_o
         assert len({tuple(d) for d in drawn}) > 1, drawn
 
 
+def test_generation_config_max_new_tokens_is_the_chat_default(
+    tmp_path: Path, tiny_base: Path, peft_adapter: Path
+) -> None:
+    """As vLLM's chat: max_new_tokens bounds a chat that leaves max_tokens out; a request's own
+    max_tokens wins, a completion keeps 16, and --generation-config vllm reads none of it."""
+    base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
+    (base / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5}))
+    porcelain.commit(
+        porcelain.init(tmp_path / "repo", str(base)), "m", source=peft_adapter, show_progress=False
+    )
+    config = ServerConfig(repo=tmp_path / "repo", base_model=base, port=0, max_model_len=64)
+
+    def chat(srv: BackgroundServer, **body: Any) -> int:
+        status, _, answer = request(
+            srv.url + "/v1/chat/completions",
+            {
+                "model": "main",
+                "messages": [{"role": "user", "content": "Hello"}],
+                "ignore_eos": True,
+                **body,
+            },
+        )
+        assert status == 200, answer
+        return int(answer["usage"]["completion_tokens"])
+
+    with BackgroundServer(config) as srv:
+        assert chat(srv) == 5
+        assert chat(srv, max_tokens=7) == 7
+        assert len(_completions(srv, max_tokens=None, ignore_eos=True)) == 16
+    with BackgroundServer(dataclasses.replace(config, generation_config="vllm")) as srv:
+        assert chat(srv) > 5
+
+
 def test_generation_config_values_out_of_range_are_ignored(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -2231,6 +2264,7 @@ def test_generation_config_values_out_of_range_are_ignored(
                 "top_p": 0.9,
                 "min_p": True,
                 "repetition_penalty": 1.05,
+                "max_new_tokens": 0,
             }
         )
     )
@@ -2238,3 +2272,4 @@ def test_generation_config_values_out_of_range_are_ignored(
         assert read_sampling_defaults(tmp_path) == {"top_p": 0.9, "repetition_penalty": 1.05}
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "temperature" in warned and "top_k" in warned and "min_p" in warned
+    assert "max_new_tokens" in warned
