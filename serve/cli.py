@@ -60,7 +60,7 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
     "--dtype",
     type=click.Choice(["float32", "bfloat16", "float16"]),
     default=None,
-    help="Compute dtype [default: float32 on CPU, bfloat16 on CUDA].",
+    help="Compute dtype [default: float32 on CPU; on CUDA float16 for a base stored in float16, else bfloat16, as vLLM's auto].",
 )
 @click.option(
     "--max-loras",

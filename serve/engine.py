@@ -32,6 +32,7 @@ from mintvcs.serve.loader import (
     read_config,
     read_special_tokens,
     safetensors_files,
+    stored_dtype,
     token_text,
 )
 from mintvcs.serve.model import LORA_MODULES, Model
@@ -78,7 +79,7 @@ class EngineConfig:
     """Engine sizing; every memory the engine allocates is bounded by these numbers."""
 
     device: str = "auto"  # "auto" = cuda when available, else cpu
-    dtype: str | None = None  # None = float32 on CPU, bfloat16 on CUDA
+    dtype: str | None = None  # None: fp32 on CPU; on CUDA fp16 for an fp16 base, else bf16
     max_batch_size: int = 32  # running sequences = KV cache slots
     max_model_len: int | None = None  # prompt + output; None = min(2048, max_position_embeddings)
     max_num_batched_tokens: int = 4096  # prompt tokens prefilled per step; longer ones are chunked
@@ -138,11 +139,16 @@ class EngineConfig:
                 )
         return device
 
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
-        """The compute dtype: the configured one, else fp32 on CPU and bf16 on CUDA."""
+    def torch_dtype(self, device: torch.device, stored: str | None = None) -> torch.dtype:
+        """The compute dtype: the configured one, else fp32 on CPU; on CUDA fp16 for a base
+        stored in fp16 (`stored`, config.json's torch_dtype), else bf16."""
         if self.dtype is not None:
             return _DTYPES[self.dtype]
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        # As vLLM's "auto": an fp16 model keeps fp16, whose 10 mantissa bits bf16 would cut to 7
+        # (about 9x the logit error); fp32 and bf16 bases compute in bf16.
+        return torch.float16 if stored == "float16" else torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -384,7 +390,7 @@ class Engine:
         else:
             self.base_dir = Path(base)
             device = config.torch_device()
-            dtype = config.torch_dtype(device)
+            dtype = config.torch_dtype(device, stored_dtype(self.base_dir))
             model_config = read_config(self.base_dir)
             limit = model_config.trained_positions
             if config.max_model_len is not None and config.max_model_len > limit:

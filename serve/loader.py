@@ -394,6 +394,17 @@ def read_config(directory: Path) -> ModelConfig:
     return config
 
 
+def stored_dtype(directory: Path) -> str | None:
+    """config.json's torch_dtype (transformers 5: dtype), "float16" say; None if it names none."""
+    path = Path(directory) / "config.json"
+    try:
+        raw = read_json(path)
+    except CheckpointError:
+        return None
+    value = raw.get("dtype", raw.get("torch_dtype")) if isinstance(raw, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def _check_readable(path: Path) -> None:
     """A CheckpointError naming `path` when this process may not read it: safetensors and
     tokenizers report a file they were refused as one that does not exist."""

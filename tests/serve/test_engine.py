@@ -912,3 +912,32 @@ def test_the_tokenizers_eos_token_ends_a_sequence(tmp_path: Path, where: str) ->
         # config.json's id still ends one too.
         done = eng.generate([5, 6], None, replace(forced, logit_bias=((2, 100.0),)), timeout=60)
         assert done.token_ids == [2] and done.finish_reason == "stop", done
+
+
+@pytest.mark.parametrize(
+    ("key", "stored", "cuda"),
+    [
+        ("torch_dtype", "float16", torch.float16),
+        ("dtype", "float16", torch.float16),  # transformers 5's name
+        ("torch_dtype", "bfloat16", torch.bfloat16),
+        ("torch_dtype", "float32", torch.bfloat16),
+        (None, None, torch.bfloat16),
+    ],
+)
+def test_default_dtype_keeps_an_fp16_base_fp16_on_cuda(
+    tmp_path: Path, key: str | None, stored: str | None, cuda: torch.dtype
+) -> None:
+    """As vLLM's auto: bf16 would round an fp16 base's weights to 7 mantissa bits; CPU stays fp32
+    and a configured dtype wins. (Only the choice runs here: no CUDA device is needed for it.)"""
+    from mintvcs.serve.loader import stored_dtype
+
+    config: dict[str, Any] = {"architectures": ["LlamaForCausalLM"]}
+    if key is not None:
+        config[key] = stored
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert stored_dtype(tmp_path) == stored
+    auto = EngineConfig()
+    assert auto.torch_dtype(torch.device("cuda"), stored_dtype(tmp_path)) == cuda
+    assert auto.torch_dtype(torch.device("cpu"), stored_dtype(tmp_path)) == torch.float32
+    chosen = EngineConfig(dtype="bfloat16")
+    assert chosen.torch_dtype(torch.device("cuda"), stored_dtype(tmp_path)) == torch.bfloat16
