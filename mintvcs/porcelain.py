@@ -315,6 +315,8 @@ _RAW_DATE = re.compile(
 # A bare number is seconds only from 9 digits on (git's rule): shorter, it is more likely a
 # compact date or a year, so only the exact `@N +HHMM` form takes it.
 _SHORTEST_SECONDS = 9
+# More digits than any date to 9999 has (and than int() reads past 4300).
+_MOST_SECONDS_DIGITS = 20
 # An RFC 2822 zone: `+0100`, or `+01:00` as people write it; `-0000` is UTC.
 _RFC_ZONE = re.compile(r"(?P<sign>[+-])(?P<hh>[0-9]{2}):?(?P<mm>[0-9]{2})\Z")
 # Zone names RFC 2822 defines, in minutes east of UTC; any other name is refused rather than
@@ -355,26 +357,65 @@ def _read_date(text: str, where: str) -> tuple[int, str | None]:
     if raw:
         if len(raw["seconds"]) < _SHORTEST_SECONDS and not (raw["at"] and raw["tz"]):
             raise refused  # `20231114` is no instant in 1970
+        if len(raw["seconds"]) > _MOST_SECONDS_DIGITS:
+            return -1, None  # past any date (and past what int() reads): refused by the caller
         if raw["tz"] is None:
             return int(raw["seconds"]), None
         minutes = int(raw["hh"]) * 60 + int(raw["mm"])
         # -0000 is written +0000, as git writes it.
         return int(raw["seconds"]), tz_text(-minutes if raw["sign"] == "-" else minutes)
     try:
+        datetime.date.fromisoformat(text.strip())
+    except ValueError:
+        pass
+    else:
+        raise refused  # a date alone: git wants a time of day too
+    try:
         when = datetime.datetime.fromisoformat(text.strip())
     except ValueError:
-        rfc = _read_rfc2822(text)
+        try:
+            rfc = _read_rfc2822(text)
+        except ValueError:  # a number past what int() reads
+            rfc = None
         if rfc is None:
             raise refused from None
         return rfc
+    offset = when.utcoffset()
+    if offset is None:  # local time, as git reads it
+        return _local_date(when.timetuple()[:6])
     try:
         seconds = int(when.timestamp())
     except (OverflowError, OSError, ValueError):
         seconds = -1  # out of range: refused by the caller
-    offset = when.utcoffset()
-    if offset is None:
-        return seconds, None  # local time, as git reads it
     return seconds, tz_text(int(offset.total_seconds() // 60))
+
+
+def _local_date(wall: tuple[int, ...]) -> tuple[int, str | None]:
+    """(unix seconds, "+HHMM") of a local wall-clock time (year .. second), as git dates it.
+
+    The offset in force where the wall clock read as UTC falls, then in force at the instant
+    that offset gives; if those differ the clock is in a spring gap and the second one stands.
+    So the autumn hour that comes twice takes the offset of its side of the change at that UTC
+    reading, and the zone written is the wall clock's distance from the instant (Berlin's 02:30
+    in the gap is written +0100), each as a new git process dates it. (mktime would depend on
+    the calls before it in the process.)
+    """
+    import calendar
+
+    try:
+        as_utc = calendar.timegm((*wall, 0, 1, 0))
+        first = time.localtime(as_utc).tm_gmtoff
+        then = time.localtime(as_utc - first).tm_gmtoff
+        if first != then and time.localtime(as_utc - then).tm_gmtoff == then:
+            first = then  # the offset that holds at its own instant
+        elif first != then:
+            first = min(first, then)  # neither holds: a gap, dated in the offset before it
+    except (OverflowError, OSError, ValueError):
+        return -1, None  # out of range: refused by the caller
+    instant = as_utc - first
+    apart = as_utc - instant
+    minutes = apart // 60 if apart >= 0 else -(-apart // 60)  # toward zero, as git's division
+    return instant, tz_text(minutes)
 
 
 def _read_rfc2822(text: str) -> tuple[int, str | None] | None:
@@ -420,10 +461,10 @@ def _read_rfc2822(text: str) -> tuple[int, str | None] | None:
         if not 1 <= hour <= 12:
             return None
         hour = hour % 12 + (12 if meridiem == "pm" else 0)
+    datetime_fields = (year, month, day, hour, minute, second)
+    if zone is None:
+        return _local_date(datetime_fields)
     try:
-        datetime_fields = (year, month, day, hour, minute, second)
-        if zone is None:
-            return int(time.mktime((*datetime_fields, 0, 1, -1))), None
         return calendar.timegm((*datetime_fields, 0, 1, 0)) - zone * 60, tz_text(zone)
     except (OverflowError, ValueError):
         return -1, None  # out of range: refused by the caller

@@ -335,3 +335,36 @@ def test_a_tag_with_a_malformed_tagger_date_is_read_as_git_reads_it(work: Path) 
             assert git(git_dir, "rev-parse", "HEAD").stdout.strip() == main
             mint(work, "checkout", "main")
     assert "badDate" in mint(work, "fsck", ok=False).stderr
+
+
+@pytest.mark.parametrize(
+    ("tz", "days"),
+    [
+        ("Europe/Berlin", ("2023-03-26", "2023-10-29")),
+        ("America/New_York", ("2023-03-12", "2023-11-05")),
+        ("Australia/Lord_Howe", ("2023-04-02", "2023-10-01")),  # a half-hour change
+    ],
+)
+def test_local_times_around_a_summer_time_change_are_dated_as_gits(
+    tz: str, days: tuple[str, str]
+) -> None:
+    # Wall clocks in the spring gap, in the autumn hour that comes twice and around them: git
+    # writes the wall clock's distance from the instant it picks as the zone (Berlin's 02:30
+    # in the gap is +0100 where the zone in force at that instant is +0200).
+    dates = [f"{day} {h:02d}:{m:02d}:00" for day in days for h in range(5) for m in (0, 30)]
+    assert_read_as_git(tz, [*dates, "Sun, 29 Oct 2023 02:30:00", "2023-07-01T12:00:00"])
+
+
+def test_a_date_without_a_time_of_day_is_refused_as_git_refuses_it() -> None:
+    dates = ["2023-11-14", "20231114"]
+    assert git_dates("UTC", dates) == ["refused", "refused"]
+    for we_wrote in mint_dates("UTC", dates):
+        assert we_wrote.startswith("refused: ") and "invalid date format" in we_wrote
+
+
+def test_numbers_too_long_for_int_are_refused_without_a_traceback() -> None:
+    # Python's int() stops at 4300 digits; such a date is past any mintvcs writes anyway.
+    long = "9" * 5000
+    dates = [long, f"@{long}", f"{long} +0100", f"Tue, 14 Nov 2023 22:13:{long} +0100"]
+    for we_wrote in mint_dates("UTC", dates):
+        assert we_wrote.startswith("refused: "), we_wrote
