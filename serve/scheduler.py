@@ -528,6 +528,16 @@ class Scheduler:
                     seq.prompt_hashes,
                 )
         self.prefilling = [s for s in self.prefilling if s.prefilled < len(s.prompt_ids)]
+        # Counted before any event goes out: a client that reads /metrics after its answer
+        # must find its own tokens there.
+        s = self.stats
+        s.steps += 1
+        s.prefill_tokens += sum(seq.chunk for seq in chunked)
+        s.generated_tokens += len(seqs)
+        if seqs:  # a step of prompt chunks only samples nothing: it is no batch size
+            s.sampling_steps += 1
+            s.last_batch_size = len(seqs)
+            s.batch_size_sum += len(seqs)
         self.running = []
         for seq, token, token_lp in zip(seqs, tokens, logprobs, strict=True):
             if seq.first_token_at is None:
@@ -552,14 +562,6 @@ class Scheduler:
                 self.running.append(seq)
             _deliver(seq, event)
         self.admitting = []
-        s = self.stats
-        s.steps += 1
-        s.prefill_tokens += sum(seq.chunk for seq in chunked)
-        s.generated_tokens += len(seqs)
-        if seqs:  # a step of prompt chunks only samples nothing: it is no batch size
-            s.sampling_steps += 1
-            s.last_batch_size = len(seqs)
-            s.batch_size_sum += len(seqs)
         s.step_seconds_total += time.perf_counter() - started
         return True
 

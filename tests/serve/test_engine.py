@@ -941,3 +941,26 @@ def test_default_dtype_keeps_an_fp16_base_fp16_on_cuda(
     assert auto.torch_dtype(torch.device("cpu"), stored_dtype(tmp_path)) == torch.float32
     chosen = EngineConfig(dtype="bfloat16")
     assert chosen.torch_dtype(torch.device("cuda"), stored_dtype(tmp_path)) == torch.bfloat16
+
+
+def test_a_finished_request_finds_its_tokens_counted(
+    tiny_base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step's counters are updated before its events go out: a client that reads /metrics
+    right after its answer found the prompt it sent not yet counted (a test flaked on it)."""
+    from mintvcs.serve import scheduler as scheduler_module
+
+    seen: list[tuple[int, int]] = []
+    deliver = scheduler_module._deliver
+
+    def deliver_and_look(seq: Any, item: Any) -> None:
+        if isinstance(item, TokenEvent) and item.finish_reason is not None:
+            stats = engine.scheduler.stats
+            seen.append((stats.prefill_tokens, stats.generated_tokens))
+        deliver(seq, item)
+
+    monkeypatch.setattr(scheduler_module, "_deliver", deliver_and_look)
+    with Engine(tiny_base, EngineConfig(max_model_len=64)) as engine:
+        done = engine.generate([1, 5, 9, 13, 17], None, SamplingParams(max_tokens=1))
+    assert done.prompt_tokens == 5
+    assert seen == [(5, 1)]
