@@ -909,9 +909,21 @@ class PackFile:
             raise ValueError(f"{base}.idx is shorter than its {self.count} objects need")
         self.pack_path = f"{base}.pack"
         self._prefixes: npt.NDArray[np.uint64] | None = None  # find_many's, made when first used
-        if os.stat(self.pack_path).st_size < PACK_HEADER + PACK_TRAILER:
+        stat = os.stat(self.pack_path)
+        # Which file this is: a repack writes a pack of the same objects under the same name
+        # as a new file, and the old one's space is freed only once its readers let it go.
+        self.identity = (stat.st_dev, stat.st_ino)
+        if stat.st_size < PACK_HEADER + PACK_TRAILER:
             self.close()
             raise ValueError(f"{self.pack_path} is truncated")
+
+    def replaced(self) -> bool:
+        """Whether the file at the pack's path is no longer the one this was opened on."""
+        try:
+            stat = os.stat(self.pack_path)
+        except OSError:
+            return False  # removed (or unreadable): the listing of the directory tells
+        return (stat.st_dev, stat.st_ino) != self.identity
 
     @property
     def pack(self) -> mmap.mmap:

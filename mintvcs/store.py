@@ -1236,13 +1236,16 @@ class Repository:
                     if directory.is_dir()
                     else set()
                 )
-                for name in set(cached) - names:
+                replaced = {name for name in names & set(cached) if cached[name].replaced()}
+                for name in (set(cached) - names) | replaced:
                     gone = cached.pop(name)
                     if self.__dict__.get("_last_pack") is gone:
                         self.__dict__.pop("_last_pack", None)
                     # Not closed: another thread may be reading it (its content is still
                     # right: objects are named by their content); its maps go with the last
                     # reference.
+                if replaced:  # for dulwich's list too (release_removed_packs)
+                    self.__dict__.setdefault("_replaced_packs", set()).update(replaced)
                 unreadable = set()
                 for name in sorted(names - set(cached)):
                     try:
@@ -1262,8 +1265,16 @@ class Repository:
         so that the file system can free them: both pack lists are refreshed only on a miss,
         and a long-lived reader whose objects are all in an old pack never misses."""
         self._packs(refresh=True)
+        replaced = self.__dict__.pop("_replaced_packs", set())
         if "objects" in self.__dict__:
             with self._dulwich_lock:
+                # dulwich knows its packs by name too: one rewritten under its name is dropped
+                # from its list here, so that the listing below opens the new file.
+                known = getattr(self.objects, "_pack_cache", {})
+                for name in replaced:
+                    old = known.pop(name, None)
+                    if old is not None:
+                        old.close()
                 _ = self.objects.packs  # dulwich lists the directory here, closing removed packs
 
     def add_blob(self, data: bytes | memoryview) -> str:

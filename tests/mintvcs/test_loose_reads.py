@@ -108,6 +108,25 @@ def test_a_repository_held_open_lets_go_of_packs_another_process_removed(work: P
         assert repo.read_revision(head).commit == head  # read from the new pack
 
 
+def test_a_repository_held_open_lets_go_of_a_pack_rewritten_under_its_name(work: Path) -> None:
+    # git gc on a store where nothing changed writes the same pack again: same name, a new
+    # file, the old one unlinked. Known by name only, it stayed mapped for the reader's life.
+    mint(work, "gc")
+    git(work / ".mint", "gc", "-q")
+    pack_dir = work / ".mint" / "objects" / "pack"
+    with Repository.open(work) as repo:
+        head = _head(work)
+        record = repo.read_revision(head).manifest.tensors[0]
+        repo.tensor_bytes(record.blob, record.name)
+        before = sorted(p.name for p in pack_dir.glob("*.pack"))
+        git(work / ".mint", "gc", "-q")
+        assert sorted(p.name for p in pack_dir.glob("*.pack")) == before  # the same name
+        assert deleted_packs_held(work / ".mint")
+        repo.release_removed_packs()
+        assert deleted_packs_held(work / ".mint") == []
+        assert repo.tensor_bytes(record.blob, record.name)  # read from the new file
+
+
 def _fsck_within(work: Path, address_space: int) -> subprocess.CompletedProcess[str]:
     """`mintvcs fsck` as a real process whose address space is capped (ulimit -v)."""
 
