@@ -170,9 +170,11 @@ class RefWatcher:
                 names.append(ref)
         return names
 
-    def _deps(self, names: list[str]) -> tuple[tuple[str, StatKey], ...]:
+    def _deps(self, names: list[str], reflog: bool = False) -> tuple[tuple[str, StatKey], ...]:
         paths = [os.path.join(self.git_dir, n) for n in names]
         paths.append(os.path.join(self.git_dir, "packed-refs"))
+        if reflog:  # `main@{1}` names what the reflog says, which expire and delete rewrite
+            paths += [os.path.join(self.git_dir, "logs", n) for n in names]
         return tuple((p, _stat(p)) for p in paths)
 
     def read_ref(self, ref: str | None) -> str | None:
@@ -189,7 +191,7 @@ class RefWatcher:
         name = _SUFFIX.split(spec, maxsplit=1)[0]
         names = self._candidates(name)
         # Stat first, then read: a move in between leaves a stale signature, so the next check re-resolves.
-        deps = self._deps(names)
+        deps = self._deps(names, reflog="@{" in spec)
         commit = str(self.repo.resolve(spec))
         # The first candidate that exists is the ref the store went through; None means a commit
         # id (a full one names that commit whatever ref shares its digits, as the store reads it).

@@ -90,6 +90,43 @@ def test_a_reflog_spec_follows_its_ref(tmp_path: Path, peft_adapter: Path) -> No
     assert watcher.resolve("main@{1}").commit == second
 
 
+def test_a_reflog_spec_follows_a_rewrite_of_its_reflog(tmp_path: Path, peft_adapter: Path) -> None:
+    # git reflog delete/expire (git gc runs expire) change what `main@{1}` names without
+    # moving main: the entry watches the reflog too.
+    import subprocess
+
+    from mintvcs.store import UnknownRevisionError
+    from tests.mintvcs.storekit import ENV
+
+    repo, first, work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    porcelain.commit(repo, "second", verify=False, show_progress=False)
+    mutate(work, seed=2)
+    porcelain.commit(repo, "third", verify=False, show_progress=False)
+    watcher = RefWatcher(repo)
+    git_dir = str(work / ".mint")
+
+    def git_says(spec: str) -> str:
+        done = subprocess.run(
+            ["git", "--git-dir", git_dir, "rev-parse", "--verify", "-q", spec],
+            env=ENV, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    assert watcher.resolve("main@{1}").commit == git_says("main@{1}")
+    subprocess.run(
+        ["git", "--git-dir", git_dir, "reflog", "delete", "--rewrite", "refs/heads/main@{1}"],
+        env=ENV, check=True,
+    )  # fmt: skip
+    assert watcher.resolve("main@{1}").commit == git_says("main@{1}") == first
+    subprocess.run(
+        ["git", "--git-dir", git_dir, "reflog", "expire", "--expire=now", "refs/heads/main"],
+        env=ENV, check=True,
+    )  # fmt: skip
+    assert git_says("main@{1}") == ""
+    with pytest.raises(UnknownRevisionError):
+        watcher.resolve("main@{1}")
+
+
 def test_at_minus_n_follows_the_branch_it_names(tmp_path: Path, peft_adapter: Path) -> None:
     # @{-1} names the previously checked-out branch; a commit onto it (commit --branch) does
     # not touch HEAD, and the cache used to keep serving the old commit.
