@@ -2984,8 +2984,10 @@ def _commit_info(commit: Commit) -> CommitInfo:
     git log re-encodes the whole commit (identities too)."""
     from mintvcs.dates import commit_date
 
+    # dulwich leaves the message None where no blank line ends the headers (git writes one,
+    # other tools need not): git reads no message there, and shows the commit.
     author, committer, message = decode_commit_texts(
-        [commit.author, commit.committer, commit.message], commit.encoding
+        [commit.author, commit.committer, commit.message or b""], commit.encoding
     )
     body = commit.as_raw_string()
     (author_time, author_zone), (commit_time, zone) = _ident_dates(body)

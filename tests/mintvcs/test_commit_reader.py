@@ -13,7 +13,7 @@ import pytest
 from mintvcs import porcelain, revwalk, store
 from mintvcs.commits import parse_plain
 from mintvcs.store import Repository
-from tests.mintvcs.storekit import ENV, git, whole_commit_reads
+from tests.mintvcs.storekit import ENV, git, mint, whole_commit_reads
 
 T0 = 1_700_000_000
 
@@ -114,6 +114,7 @@ def _odd_commits(parent: str) -> dict[str, tuple[bytes, bool]]:
         ),
         "continued committer": (tree + p + a + c + b" more\n\ncontinued\n", False),
         "no message": (tree + p + a + c, False),
+        "no blank line": (tree + p + a + c + b"loose words\n", False),
     }
 
 
@@ -157,6 +158,27 @@ def test_the_walks_reader_reads_every_commit_as_the_full_parse_loose_and_packed(
         zones = repo.commit_info(commits["zones and zeros"][0])
         assert (zones.author_zone, zones.author_timezone, zones.timezone) == ("-0130", -5400, 3600)
         assert zones.time == zones.date == 2**64 - 1
+        for name in ("no message", "no blank line"):  # git reads no message: none shown
+            assert repo.commit_info(commits[name][0]).message == "", name
+
+
+def test_log_and_show_read_a_commit_with_no_blank_line_after_its_headers_as_git(
+    git_dir: Path,
+) -> None:
+    # dulwich leaves such a commit's message None: log, show, status and fsck ended in an
+    # AttributeError traceback; git shows the commit with no message.
+    texts = _odd_commits("0" * 40)
+    root = _write(git_dir, texts["no message"][0].replace(b"parent " + b"0" * 40 + b"\n", b""))
+    tip = _write(git_dir, _odd_commits(root)["no blank line"][0])
+    git(git_dir, "update-ref", "refs/heads/main", tip)
+    work = git_dir.parent
+    oneline = git(git_dir, "log", "--oneline", "--decorate").stdout
+    assert mint(work, "log", "--oneline").stdout == oneline
+    shown = mint(work, "log").stdout
+    assert shown.replace(" (HEAD -> main)", "") == git(git_dir, "log").stdout
+    # Not adapter revisions (an empty tree): named as such, not a traceback.
+    for args in (["show"], ["fsck"], ["status"]):
+        assert "not an adapter revision" in mint(work, *args, ok=False).stderr, args
 
 
 def _history(git_dir: Path) -> dict[str, str]:
