@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 from mintvcs.errors import MintError, cannot_read
 from mintvcs.filemodes import adjust_fd, make_dirs, write_failed
 from mintvcs.ids import is_object_id
+from mintvcs.messages import one_line
 
 if TYPE_CHECKING:
     from dulwich.file import SharedPerm
@@ -47,6 +48,13 @@ ANY: Literal[_Any.ANY] = _Any.ANY
 OldValue = str | None | Literal[_Any.ANY]
 
 
+def _quoted(name: str) -> str:
+    """A ref name as ref errors give it: in single quotes, as git's do, its bytes that are not
+    UTF-8 (surrogate escapes) left to print as they are, where Python's repr showed `\\udce9`;
+    control characters escaped (messages.one_line), as the repr did."""
+    return f"'{one_line(name)}'"
+
+
 class InvalidRefNameError(MintError):
     """A ref or branch name that git would refuse."""
 
@@ -54,7 +62,7 @@ class InvalidRefNameError(MintError):
         self.name = name
         self.rule = rule
         super().__init__(
-            f"invalid ref name {name!r}: {rule}; choose a name that git check-ref-format accepts"
+            f"invalid ref name {_quoted(name)}: {rule}; choose a name that git check-ref-format accepts"
         )
 
 
@@ -82,12 +90,12 @@ class RefConflictError(MintError):
         self.expected = expected
         self.actual = actual
         if detail:
-            msg = f"cannot update ref {name!r}: {detail}"
+            msg = f"cannot update ref {_quoted(name)}: {detail}"
         else:
             exp = "nothing" if expected in (None, ZERO) else str(expected)
             act = "nothing" if actual is None else actual
             msg = (
-                f"cannot update ref {name!r}: expected {exp} but found {act}; "
+                f"cannot update ref {_quoted(name)}: expected {exp} but found {act}; "
                 "it moved meanwhile, re-read it and retry"
             )
         super().__init__(msg)
@@ -100,7 +108,7 @@ class RefNameConflictError(MintError):
         self.name = name
         self.other = other
         super().__init__(
-            f"cannot create ref {name!r}: ref {other!r} exists and one name is a prefix "
+            f"cannot create ref {_quoted(name)}: ref {_quoted(other)} exists and one name is a prefix "
             "directory of the other; delete it or pick another name"
         )
 
@@ -118,7 +126,7 @@ class RefNotFoundError(MintError):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        super().__init__(f"ref {name!r} not found; list refs with `mintvcs branch --list`")
+        super().__init__(f"ref {_quoted(name)} not found; list refs with `mintvcs branch --list`")
 
 
 class SymbolicRefError(MintError):
@@ -127,7 +135,7 @@ class SymbolicRefError(MintError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(
-            f"cannot rename {name!r}: it is a symbolic ref (`git symbolic-ref`), which git does "
+            f"cannot rename {_quoted(name)}: it is a symbolic ref (`git symbolic-ref`), which git does "
             "not rename either; delete it and make one under the new name"
         )
 
@@ -217,9 +225,9 @@ def check_ref_name(name: str, *, long_names: bool = False) -> None:
         if not part:
             raise InvalidRefNameError(name, "it contains '//'")
         if part.startswith("."):
-            raise InvalidRefNameError(name, f"component {part!r} begins with '.'")
+            raise InvalidRefNameError(name, f"component {_quoted(part)} begins with '.'")
         if part.endswith(".lock"):
-            raise InvalidRefNameError(name, f"component {part!r} ends with '.lock'")
+            raise InvalidRefNameError(name, f"component {_quoted(part)} ends with '.lock'")
         if not long_names and (rule := _too_long(part)):
             raise InvalidRefNameError(name, rule)
 
@@ -239,7 +247,7 @@ def _too_long(part: str) -> str | None:
     if size <= _MAX_COMPONENT:
         return None
     return (
-        f"component {part[:24]!r}... is {size} bytes; a file name holds at most "
+        f"component {_quoted(part[:24])}... is {size} bytes; a file name holds at most "
         f"{_MAX_COMPONENT} (255 less room for '.lock')"
     )
 
@@ -276,7 +284,7 @@ def check_branch_name(name: str, *, utf8: bool = True) -> None:
     if name.startswith("-"):
         raise InvalidRefNameError(name, "it begins with '-'")
     if name in ("HEAD", "@"):
-        raise InvalidRefNameError(name, f"{name!r} is reserved for the current revision")
+        raise InvalidRefNameError(name, f"{_quoted(name)} is reserved for the current revision")
     try:
         check_ref_name("refs/heads/" + name)
     except InvalidRefNameError as e:

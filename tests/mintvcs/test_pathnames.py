@@ -262,7 +262,13 @@ def test_ref_names_that_are_not_utf8_are_refused_and_left_out_of_json(work: Path
         result = mint(work, *args, ok=False)
         assert result.returncode == 1 and "0xfe is not UTF-8" in result.stderr, result.stderr
         assert len(result.stderr.splitlines()) == 1, result.stderr
+        # Named by its bytes, as git names it ('mb\376'), not by Python's repr ('mb\udcfe').
+        assert "name 'mb\udcfe':" in result.stderr and "\\udcfe" not in result.stderr
     head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    git(work / ".mint", "update-ref", os.fsdecode(b"refs/heads/p/q\xfe"), head)
+    line = mint_fails(work, "branch", "p")
+    assert "cannot create ref 'refs/heads/p': ref 'refs/heads/p/q\udcfe' exists" in line, line
+    git(work / ".mint", "update-ref", "-d", os.fsdecode(b"refs/heads/p/q\xfe"))
     git(work / ".mint", "update-ref", os.fsdecode(b"refs/heads/mb\xfe"), head)
     git(work / ".mint", "update-ref", os.fsdecode(b"refs/tags/tbad\xfe"), head)
     for args, key in ((("branch",), "name"), (("tag",), "name")):
