@@ -240,15 +240,30 @@ def signature(
                 f"empty ident name (for <{email}>) not allowed ({name_from} is empty); " + _WHO_HINT
             )
         name = _passwd_entry()[0]  # git's name for a reflog line
-    # Checked before anything is written: such a value would forge header lines in the commit.
+    if strict and not _without_crud(name):
+        raise UnknownIdentityError(
+            f"name consists only of disallowed characters: {name} ({name_from}), as git says; "
+            + _WHO_HINT
+        )
+    name, email = _without_crud(name), _without_crud(email)
+    # Checked before anything is written: a NUL would end the commit's header line early.
     for value, where in ((name, name_from), (email, email_from)):
-        if value and any(c in value for c in "<>\n\0"):
-            raise BadIdentityError(
-                f"{where} is '{value}': a name or email may not hold '<', '>', a newline or NUL"
-            )
+        if "\0" in value:
+            raise BadIdentityError(f"{where} is '{value}': a name or email may not hold NUL")
     date = os.environ.get(env + "DATE")
     timestamp, tz = _parse_date(date, env + "DATE") if date else (int(time.time()), None)
     return Signature(f"{name} <{email}>", timestamp, tz or local_tz(timestamp))
+
+
+# git's crud (ident.c): what it trims off both ends of a name and an email.
+_CRUD = "".join(map(chr, range(33))) + ".,:;<>\"\\'"
+
+
+def _without_crud(value: str) -> str:
+    """A name or email as git writes it into an identity (strbuf_addstr_without_crud): crud
+    trimmed off both ends (`<a@x>` is `a@x`, ` Dr. A Jr. ` is `Dr. A Jr`), and any newline,
+    `<` or `>` left inside dropped, which would otherwise forge the commit's header lines."""
+    return re.sub("[\n<>]", "", value.strip(_CRUD))
 
 
 def _passwd_entry() -> tuple[str, str, bool]:

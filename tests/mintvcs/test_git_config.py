@@ -917,9 +917,12 @@ def test_a_global_config_that_cannot_be_reached_is_skipped_as_git_skips_it(
 
 @pytest.mark.parametrize(
     "case",
-    ["nothing", "empty-name", "empty-config-name", "email-variable", "empty-email", "blank-email"],
+    [
+        *("nothing", "empty-name", "empty-config-name", "email-variable", "empty-email"),
+        *("blank-email", "crud-name", "blank-name", "crud-ends", "crud-config", "brackets-inside"),
+    ],
 )
-def test_an_identity_git_would_not_make_up_is_refused_as_git_refuses_it(
+def test_an_identity_git_would_not_make_up_is_refused_or_cleaned_as_git_does(
     work: Path, home: dict[str, str], case: str
 ) -> None:
     # mintvcs made up LOGIN@HOST where git refuses a host name without a domain ("unable to
@@ -937,6 +940,23 @@ def test_an_identity_git_would_not_make_up_is_refused_as_git_refuses_it(
     elif case == "empty-email":
         env.update(GIT_AUTHOR_NAME="A", GIT_AUTHOR_EMAIL="")
         env.update(GIT_COMMITTER_NAME="C", GIT_COMMITTER_EMAIL="")
+    # git trims its "crud" (controls, space, `.,:;<>"\'`) off both ends of a name and an email,
+    # drops `<`, `>` and newlines inside, and refuses a name of crud alone; mintvcs kept them
+    # (`"Dr. A Jr." <<a@x>>`), or refused `<a@x>`.
+    elif case == "crud-name":
+        env.update(GIT_AUTHOR_NAME=".", GIT_AUTHOR_EMAIL="a@x.example")
+    elif case == "blank-name":
+        env.update(GIT_AUTHOR_NAME=" ", GIT_AUTHOR_EMAIL="a@x.example")
+    elif case == "crud-ends":
+        env.update(GIT_AUTHOR_NAME=' "Dr. A Jr." ', GIT_AUTHOR_EMAIL="<a@x.example>")
+        env.update(GIT_COMMITTER_NAME=",;:C\\'", GIT_COMMITTER_EMAIL=" .c@x.example;\t")
+    elif case == "crud-config":
+        (Path(home["HOME"]) / ".gitconfig").write_text(
+            "[user]\n\tname = \"'Q. '\"\n\temail = <e@x.example>.\n"
+        )
+    elif case == "brackets-inside":
+        env.update(GIT_AUTHOR_NAME="Eve <evil@x> 0 +0000", GIT_AUTHOR_EMAIL="e<v>e@x")
+        env.update(GIT_COMMITTER_NAME="Eve\nparent " + "0" * 40, GIT_COMMITTER_EMAIL="eve@x>")
     by_git = {
         role: _git(work / ".mint", env, "var", f"GIT_{role}_IDENT")
         for role in ("AUTHOR", "COMMITTER")
