@@ -2211,6 +2211,9 @@ def _roll_up(
 
     repo.close()  # a long-lived Repository's pack list may name packs another gc deleted
     _refuse_links(repo)
+    # As git's gc --auto, once due, prunes its expired temporaries: a killed commit's or gc's
+    # tmp_obj_* and tmp_pack_* (store-sized) were otherwise left until a manual gc.
+    _remove_stale_temporaries(repo, time.time())
     before = _store_size(repo)
     store = repo.objects
     packs = sorted(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -394,3 +396,32 @@ def test_gc_auto_0_turns_gc_auto_off_as_in_git(tmp_path: Path) -> None:
     assert len(list((git_dir / "objects/pack").glob("*.pack"))) == 4
     out = mint(git_dir.parent, "gc", "--auto").stdout
     assert out == "nothing to do: gc.auto is 0, which turns gc --auto off, as in git\n"
+
+
+def test_gc_auto_once_due_removes_a_killed_writers_old_temporaries_as_git_does(
+    tmp_path: Path,
+) -> None:
+    """Once due, gc --auto removes the tmp_obj_*/tmp_pack_* a killed writer left, past the
+    grace period, as git's gc --auto prunes them (and as the full gc did; --auto kept them)."""
+    with porcelain.init(tmp_path / "repo", install_hooks=False) as repo:
+        git_dir = repo.git_dir
+    for i in range(4):
+        _blob_pack(git_dir, i)
+    git(git_dir, "config", "gc.autoPackLimit", "2")
+    git(git_dir, "config", "gc.autoDetach", "false")
+    names = ["pack/tmp_pack_old", "ab/tmp_obj_old", "pack/tmp_pack_young", "ab/tmp_obj_young"]
+    three_weeks_ago = time.time() - 21 * 86400  # past git's prune expiry and our grace period
+    for name in names:
+        path = git_dir / "objects" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"\0" * 4096)
+        if name.endswith("old"):
+            os.utime(path, (three_weeks_ago, three_weeks_ago))
+    oracle = tmp_path / "copy.git"
+    shutil.copytree(git_dir, oracle)
+    git(oracle, "gc", "--auto")
+    left = [name for name in names if (oracle / "objects" / name).exists()]
+    assert left == ["pack/tmp_pack_young", "ab/tmp_obj_young"]
+    assert json.loads(mint(git_dir.parent, "gc", "--auto", "--json").stdout)["rewritten"]
+    assert [name for name in names if (git_dir / "objects" / name).exists()] == left
+    git_fsck(git_dir.parent)
