@@ -465,6 +465,26 @@ def _head_link(path: Path) -> str | None:
     return target if target.startswith("refs/") else None
 
 
+def _ceiling(start: str) -> str | None:
+    """The nearest GIT_CEILING_DIRECTORIES entry above `start` (a resolved path), or None, as
+    git's discovery reads it: absolute entries only, each resolved through symbolic links
+    unless an empty entry came before it, and one that is `start` itself is no ceiling."""
+    best: tuple[int, str] | None = None
+    literal = False
+    for entry in os.environ.get("GIT_CEILING_DIRECTORIES", "").split(":"):
+        if not entry:
+            literal = True  # git: the entries after an empty one are taken as they are written
+            continue
+        if not os.path.isabs(entry):
+            continue
+        ceiling = entry if literal else os.path.realpath(entry)
+        length = 0 if ceiling == "/" else len(ceiling)  # "/" is above every path but itself
+        above = start.startswith(ceiling[:length]) and start[length : length + 1] == "/"
+        if above and start != "/" and (best is None or length > best[0]):
+            best = (length, ceiling)
+    return None if best is None else best[1]
+
+
 def _has_head(git_dir: Path) -> bool:
     """Whether `git_dir` holds a HEAD: a file, or a link to a branch (born or not)."""
     return (git_dir / "HEAD").is_file() or _head_link(git_dir) is not None
@@ -764,7 +784,12 @@ class Repository:
         ):
             found = cls(start, start.parent if start.name == GIT_DIR else None)
         else:
+            ceiling = _ceiling(str(start))
+            # git never looks in the ceiling or above; the root, as a ceiling, stops at "/".
+            floor = -1 if ceiling is None else max(len(ceiling.rstrip("/")), 1)
             for candidate in (start, *start.parents):
+                if candidate != start and len(str(candidate)) <= floor:
+                    break
                 if _has_head(candidate / GIT_DIR):
                     found = cls(candidate / GIT_DIR, candidate)
                     break
@@ -780,8 +805,9 @@ class Repository:
                 # (a commit must not be made and then fail to print its id).
                 found.abbrev_setting  # noqa: B018
             return found
+        up_to = "up to /" if ceiling is None else f"below {ceiling}, GIT_CEILING_DIRECTORIES"
         raise NotARepositoryError(
-            f"not a mintvcs repository (or any parent up to /): {start}; run 'mintvcs init'"
+            f"not a mintvcs repository (or any parent {up_to}): {start}; run 'mintvcs init'"
         )
 
     @property

@@ -169,3 +169,39 @@ def test_an_in_process_call_keeps_its_working_directory(
     assert refused.value.code == 128
     assert os.getcwd() == str(tree)
     assert capsys.readouterr().err == "error: cannot change to 'nope': No such file or directory\n"
+
+
+def test_discovery_stops_at_git_ceiling_directories_as_gits_does(tmp_path: Path) -> None:
+    # mintvcs looked for .mint up to / whatever GIT_CEILING_DIRECTORIES said (a CI job's
+    # checkout under another repository then committed into that one).
+    top = (tmp_path / "top").resolve()
+    deep = top / "r" / "sub" / "deep"
+    deep.mkdir(parents=True)
+    porcelain.init(top / "r", install_hooks=False).close()
+    subprocess.run(["git", "init", "-q", str(top / "r")], env=ENV, check=True)  # the oracle
+    (top / "link").symlink_to(top / "r")
+    r = str(top / "r")
+    ceilings = [
+        r, r + "/", r + "/sub", r + "/sub/deep", r + "/sub/deep/", str(top), "", "/",
+        f"{r}/sub:/nowhere", f"/nowhere:{r}", f"relative/x:{r}/sub", f"{top}/link/sub",
+        f":{top}/link/sub", f"{top}/link/sub:",
+    ]  # fmt: skip
+    found = []
+    for ceiling in ceilings:
+        env = {**ENV, "GIT_CEILING_DIRECTORIES": ceiling}
+        by_git = subprocess.run(
+            ["git", "rev-parse", "--git-dir"], cwd=deep, env=env, capture_output=True, text=True
+        )
+        ours = subprocess.run(
+            [console_script(), "branch"], cwd=deep, env=env, capture_output=True, text=True
+        )
+        assert "Traceback" not in ours.stderr, ours.stderr
+        missing = "not a mintvcs repository" in ours.stderr
+        assert missing == (by_git.returncode != 0), (ceiling, ours.stderr, by_git.stderr)
+        if missing:
+            assert "GIT_CEILING_DIRECTORIES" in ours.stderr, ours.stderr
+        found.append(not missing)
+    assert found == [False, False, False, True, True, True, True, True] + [False] * 4 + [
+        True,
+        False,
+    ]
