@@ -1080,6 +1080,12 @@ def _borrowed(repo: Repository, scan: _Scan, oid: str) -> bool:
     An alternate's objects belong to the other repository: gc walks through them but neither
     packs nor prunes them, as git does. Objects written since are kept like any young one.
     """
+    # An alternate's object first, our pack directory not listed again for it: the rescans
+    # below listed it five times for each of a shared clone's thousands of borrowed objects.
+    borrowed = repo.read_borrowed(oid)
+    if borrowed is not None:
+        scan.add(oid, borrowed.type_name, borrowed.as_raw_string(), borrowed=True)
+        return True
     # Rescanning: a commit landing during gc may have written its pack after the scan.
     if not repo.has_object(oid, rescan=True):
         return False

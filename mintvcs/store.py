@@ -1543,6 +1543,42 @@ class Repository:
         key = ObjectID(oid.encode())
         return self._with_dulwich(lambda store: any(key in pack for pack in store.packs))
 
+    def read_borrowed(self, oid: str) -> ShaFile | None:
+        """Object `oid` as an alternate object store holds it, where this store's own directory
+        does not (loose, or in a pack of its last listing); else None, also where the read
+        fails (get_object then says why). Neither pack directory is listed again for it, as
+        has_object(rescan=True), get_object and has_own_object each did: gc asks this of every
+        borrowed object, thousands in a `git clone --shared`."""
+        from dulwich.errors import ChecksumMismatch, ObjectFormatException
+        from dulwich.objects import ObjectID
+
+        if not is_object_id(oid) or not os.path.exists(f"{self._objects_dir}/info/alternates"):
+            return None
+        if os.path.exists(f"{self._objects_dir}/{oid[:2]}/{oid[2:]}"):
+            return None
+        if self._find_packed(bytes.fromhex(oid)) is not None:
+            return None
+        key = ObjectID(oid.encode())
+
+        def lookup(store: DiskObjectStore) -> ShaFile | None:
+            for alternate in store.alternates:
+                with suppress(KeyError):
+                    return alternate[key]  # a hit lists nothing: its packs are open
+            return None
+
+        damaged: tuple[type[Exception], ...] = (
+            zlib.error,
+            ChecksumMismatch,
+            ObjectFormatException,
+            AssertionError,
+            IndexError,
+            *unreadable_file_errors(),
+        )
+        try:
+            return self._with_dulwich(lookup)
+        except damaged:
+            return None
+
     def has_objects(self, oids: Sequence[str]) -> list[bool]:
         """has_object() of each of `oids` (after listing the pack directory again for one
         that is missing), the packs' indexes searched once for all of them: fsck asks of every
