@@ -29,6 +29,7 @@ from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, p
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.loader import (
     load_tokenizer,
+    missing_tokenizer_hint,
     read_config,
     read_special_tokens,
     safetensors_files,
@@ -413,9 +414,10 @@ class Engine:
             self.tokenizer = load_tokenizer(self.base_dir)
             if self.tokenizer is None:
                 log.warning(
-                    "%s has no tokenizer.json: text prompts will be refused (400), and only "
+                    "%s has no tokenizer.json%s: text prompts will be refused (400), and only "
                     "/v1/completions with a prompt of token ids is served",
                     self.base_dir,
+                    missing_tokenizer_hint(self.base_dir),
                 )
             if base_fingerprint is None and config.check_base_fingerprint:
                 from mintvcs.base import fingerprints

@@ -467,6 +467,25 @@ def token_text(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+# A slow (Python) tokenizer's files, as transformers saves them: the `tokenizers` library reads
+# none of them, only the tokenizer.json that transformers writes from them.
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
+
+
+def missing_tokenizer_hint(directory: Path) -> str:
+    """Why `directory` has no tokenizer this engine reads and how to write one: the slow
+    tokenizer's files it has, if any (empty when it has none of them)."""
+    found = [name for name in SLOW_TOKENIZER_FILES if (Path(directory) / name).is_file()]
+    if not found:
+        return ""
+    needs = " (with the sentencepiece package)" if "tokenizer.model" in found else ""
+    return (
+        f" (it has {' and '.join(found)}, a slow tokenizer's files, which this server does not "
+        f"read: write tokenizer.json beside them with transformers{needs}, "
+        f"AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR))"
+    )
+
+
 def load_tokenizer(directory: Path) -> Any:
     """The `tokenizers.Tokenizer` of `directory/tokenizer.json`, or None when the checkpoint has none."""
     path = Path(directory) / "tokenizer.json"

@@ -2070,6 +2070,41 @@ def test_a_base_without_a_tokenizer_warns_at_start_and_offers_no_token_ids_on_ge
         assert status == 200, body
 
 
+def test_a_base_with_only_a_slow_tokenizer_is_told_how_to_write_tokenizer_json(
+    tmp_path: Path, repo: Repository, tiny_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # vocab.json + merges.txt (a GPT-2-style slow tokenizer) and no tokenizer.json: the warning
+    # said only "no tokenizer.json", not what the checkpoint had nor how to get one.
+    from transformers import AutoTokenizer
+
+    base = Path(shutil.copytree(tiny_base, tmp_path / "slow"))
+    fast = json.loads((base / "tokenizer.json").read_text())
+    (base / "tokenizer.json").unlink()
+    (base / "vocab.json").write_text(json.dumps(fast["model"]["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in fast["model"]["merges"]]
+    (base / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer_config = json.loads((base / "tokenizer_config.json").read_text())
+    tokenizer_config["tokenizer_class"] = "GPT2Tokenizer"
+    (base / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    caplog.set_level(logging.WARNING, logger="mintvcs.serve")
+    config = ServerConfig(repo=repo.git_dir, base_model=base, port=0, max_model_len=64)
+    with BackgroundServer(config) as srv:
+        warned = [r.getMessage() for r in caplog.records if "tokenizer.json" in r.getMessage()]
+        assert len(warned) == 1, warned
+        assert "it has vocab.json and merges.txt" in warned[0], warned
+        assert "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)" in warned[0], warned
+        assert "sentencepiece" not in warned[0]
+        assert gen(srv, prompt="Hello", ref=config.base_name, max_tokens=1)[0] == 400
+    # The advice, followed, gives a base this server reads, with the tokenizer's own ids.
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(base))
+    assert (
+        json.loads((base / "tokenizer.json").read_text())["model"]["vocab"]
+        == fast["model"]["vocab"]
+    )
+    with BackgroundServer(config) as srv:
+        assert gen(srv, prompt="Hello", ref=config.base_name, max_tokens=1)[0] == 200
+
+
 def test_expect_continue_with_a_body_declared_too_large_is_413_without_the_invitation(
     server: BackgroundServer,
 ) -> None:
