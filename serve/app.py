@@ -821,7 +821,7 @@ def read_tokenizer_config(base: Path) -> dict[str, Any]:
                 templates[file.name.removesuffix(".jinja")] = file.read_text()
     except (OSError, ValueError) as err:
         log.warning("ignoring an unreadable chat template beside %s: %s", path, err)
-    if "default" not in templates:
+    if not templates:
         config_template = data.get("chat_template")
         legacy = Path(base) / "chat_template.json"
         if not config_template and legacy.is_file():
@@ -829,14 +829,11 @@ def read_tokenizer_config(base: Path) -> dict[str, Any]:
                 config_template = json.loads(legacy.read_text()).get("chat_template")
             except (OSError, ValueError, AttributeError) as err:
                 log.warning("ignoring an unreadable chat template beside %s: %s", path, err)
-        if templates and isinstance(config_template, str) and config_template:
-            # transformers would keep only the named files (and refuse a chat without tools
-            # for want of a default): the config's template serves as that default here.
-            templates["default"] = config_template
-        elif not templates:
-            if config_template:
-                data["chat_template"] = config_template
-            return data
+        if config_template:
+            data["chat_template"] = config_template
+        return data
+    # Template files replace the config's entry, as in transformers: named files alone have
+    # no "default", and a chat that needs one is refused (render_chat), as transformers does.
     if list(templates) == ["default"]:
         data["chat_template"] = templates["default"]
     else:  # render_chat's named form: "tool_use" when tools are sent, else "default"

@@ -136,6 +136,18 @@ def render_chat(
     ):  # several named templates: take "tool_use" for tools, else "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = (tools and named.get("tool_use")) or named.get("default")
+        if not template:
+            # transformers refuses it too: a template picked by guess would write a prompt
+            # the model was not trained on.
+            wanted = '"tool_use" or "default"' if tools else '"default"'
+            names = sorted(str(name) for name in named)
+            raise HTTPError(
+                400,
+                f"the base model has several chat templates and none named {wanted} for this "
+                f"request (available template names are {names}); its checkpoint needs a "
+                "chat_template.jinja, the default one",
+                "chat_template",
+            )
     if isinstance(template, str) and template:
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment

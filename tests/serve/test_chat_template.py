@@ -100,6 +100,34 @@ def test_the_jinja_file_wins_over_the_config_and_named_templates_are_read(
     assert expected.startswith("TOOLS 1|")
 
 
+@pytest.mark.parametrize("where", ["config", "files"])
+def test_named_templates_without_a_default_refuse_a_chat_as_transformers_does(
+    tiny_base: Path, tmp_path: Path, where: str
+) -> None:
+    """Named templates with none called "default": transformers refuses a chat without tools,
+    naming the templates there are, where a list in the config rendered the plain template
+    and the config's own template stood in for the default beside named files."""
+    base = Path(shutil.copytree(tiny_base, tmp_path / "base"))
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    tool_use = "TOOLS {{ tools | length }}{% for m in messages %}|{{ m.content }}{% endfor %}"
+    if where == "config":
+        config["chat_template"] = [{"name": "tool_use", "template": tool_use}]
+    else:  # transformers keeps the files only: the config's template is not the default
+        config["chat_template"] = "OLD{% for m in messages %}{{ m.content }}{% endfor %}"
+        (base / "additional_chat_templates").mkdir()
+        (base / "additional_chat_templates" / "tool_use.jinja").write_text(tool_use)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"no default specified.*\['tool_use'\]"):
+        _hf_render(base)
+    with pytest.raises(HTTPError) as refused:
+        render_chat(MESSAGES[:2], read_tokenizer_config(base))
+    assert refused.value.status == 400 and "['tool_use']" in str(refused.value), refused.value
+    assert '"default"' in str(refused.value)
+    expected = _hf_render(base, TOOLS)
+    assert expected.startswith("TOOLS 1|")
+    assert render_chat(MESSAGES[:2], read_tokenizer_config(base), TOOLS) == (expected, True)
+
+
 def test_special_tokens_from_special_tokens_map(tiny_base: Path, tmp_path: Path) -> None:
     """An older save keeps bos/eos in special_tokens_map.json only: transformers reads them
     there (for a config without added_tokens_decoder), so {{ bos_token }} is not empty."""
