@@ -73,8 +73,16 @@ def ensure_base(cache_dir: Path) -> tuple[Path, bool]:
     target = cache_dir / "tiny-llama"
     if (target / "mintvcs-tiny.json").is_file() and (target / "model.safetensors").is_file():
         return target, False
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-llama.", dir=cache_dir))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tiny-llama.", dir=cache_dir))
+    except OSError as err:  # a read-only or missing $HOME, say: the option is the way out
+        reason = "permission denied" if isinstance(err, PermissionError) else err.strerror
+        raise DemoError(
+            f"cannot write the tiny base model's cache in {cache_dir} "
+            f"({reason or type(err).__name__}): choose a writable directory with --cache-dir "
+            "(or $XDG_CACHE_HOME)"
+        ) from None
     try:
         build_tiny_model(staging)
     except BaseException as err:

@@ -131,6 +131,27 @@ def test_a_base_that_cannot_be_written_leaves_no_partial_build_and_one_line(
     assert list(cache.iterdir()) == []
 
 
+def test_a_home_it_cannot_write_in_is_one_line_that_names_cache_dir(tmp_path: Path) -> None:
+    # A HOME the cache cannot go under (a file here: root may write in a read-only directory):
+    # the error was the bare "Not a directory: ...", without the option that avoids it.
+    home = tmp_path / "home"
+    home.write_text("")
+    env = {k: v for k, v in ENV.items() if k != "XDG_CACHE_HOME"}
+    result = subprocess.run(
+        [console_script(), "demo", "--workdir", str(tmp_path / "w")],
+        cwd=tmp_path,
+        env={**env, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith(f"error: cannot write the tiny base model's cache in {home}/"), last
+    assert "--cache-dir" in last, last
+
+
 def test_mintvcs_dash_c_takes_the_workdir_from_its_directory(tmp_path: Path) -> None:
     # Both w's hold a file the demo did not make: the refusal names the one it took.
     for where in (tmp_path, tmp_path / "d"):
