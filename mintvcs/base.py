@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,9 +147,17 @@ def bdlora_blocks(config: Mapping[str, Any], module: str) -> tuple[int, int]:
     return 1, 1
 
 
-def read_base_model(directory: Path, model_id: str | None = None) -> BaseModel:
+# Reads a safetensors file's header: safetensors_header, or one that keeps what it read.
+HeaderReader = Callable[[Path], dict[str, Any]]
+
+
+def read_base_model(
+    directory: Path, model_id: str | None = None, *, header: HeaderReader | None = None
+) -> BaseModel:
     """Fingerprint a local HF checkpoint directory from its resolved shape fields and the
-    shapes of the tensors the model uses (docs/format.md §5)."""
+    shapes of the tensors the model uses (docs/format.md §5); `header` reads each file's
+    header (safetensors_header by default)."""
+    header = header or safetensors_header
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -163,7 +172,7 @@ def read_base_model(directory: Path, model_id: str | None = None) -> BaseModel:
         files = safetensors_files(directory)
         shapes: dict[str, list[int]] = {}
         for path in files:
-            for name, info in safetensors_header(path).items():
+            for name, info in header(path).items():
                 shapes[name] = info["shape"]
     except CheckpointError as err:
         raise BaseModelError(str(err)) from None
@@ -221,25 +230,27 @@ def _used_tensors(config: dict[str, Any], shapes: dict[str, list[int]]) -> dict[
     return used
 
 
-def legacy_fingerprints(directory: Path) -> list[str]:
+def legacy_fingerprints(directory: Path, *, header: HeaderReader | None = None) -> list[str]:
     """The fingerprints older versions may have recorded for this model: their digest (raw
     shape keys, every tensor of every *.safetensors file) of each stored form of it (head_dim
     and num_key_value_heads written or implied, buffers saved or not, a tied head stored under
-    either name or both, files beside the loaded ones or not); empty where none can be read."""
+    either name or both, files beside the loaded ones or not); empty where none can be read.
+    `header` reads each file's header (safetensors_header by default)."""
     directory = Path(directory)
+    header = header or safetensors_header
     try:
         config = json.loads((directory / "config.json").read_text())
         raw = {key: config.get(key) for key in _SHAPE_KEYS}
         stored: dict[str, Any] = {}
         try:
             for path in sorted(directory.glob("*.safetensors")):
-                for name, info in safetensors_header(path).items():
+                for name, info in header(path).items():
                     stored[name] = info["shape"]
         except CheckpointError:  # a file the loader does not read (a stray LFS pointer, say)
             stored = {}
         loaded: dict[str, Any] = {}
         for path in safetensors_files(directory):
-            for name, info in safetensors_header(path).items():
+            for name, info in header(path).items():
                 loaded[name] = info["shape"]
     except (OSError, ValueError, AttributeError, CheckpointError):
         return []
@@ -284,5 +295,9 @@ def fingerprint(directory: Path) -> str:
 def fingerprints(directory: Path) -> tuple[str, ...]:
     """Every fingerprint a repository may have recorded for this base: the current one first,
     then those older versions computed (accepted too, so that their repositories stay valid)."""
-    current = fingerprint(directory)
-    return tuple(dict.fromkeys([current, *legacy_fingerprints(directory)]))
+    # Each file's header read once for all three sets (a large base has hundreds of shards'
+    # headers of thousands of entries); a file that fails is not kept, and fails each time.
+    header = functools.cache(safetensors_header)
+    current = read_base_model(directory, header=header).fingerprint
+    assert current is not None
+    return tuple(dict.fromkeys([current, *legacy_fingerprints(directory, header=header)]))

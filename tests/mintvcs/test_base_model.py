@@ -13,7 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mintvcs.base import BaseModelError, fingerprint, fingerprints, read_base_model
+from mintvcs.base import (
+    BaseModelError,
+    fingerprint,
+    fingerprints,
+    legacy_fingerprints,
+    read_base_model,
+)
 from mintvcs.checkpoint import CheckpointError, safetensors_header
 from mintvcs.errors import error_text
 from tests.fixtures import build_base
@@ -106,6 +112,37 @@ def test_files_the_loader_does_not_read_and_buffers_are_not_the_model(tmp_path: 
     # A stray file that is not even readable is not read at all.
     (copy / "consolidated.safetensors").write_text(LFS_POINTER)
     assert fingerprint(copy) == before.fingerprint
+
+
+def test_the_fingerprints_read_each_header_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The current fingerprint and the stored and loaded sets of the legacy ones read the same
+    files: each header is read once for all of them (it was read three times at serve start)."""
+    import mintvcs.base
+
+    base = build_base(tmp_path / "base")
+    tensors = load_file(base / "model.safetensors")
+    (base / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    for shard, held in shards.items():
+        save_file({n: tensors[n] for n in held}, base / shard, metadata={"format": "pt"})
+    weight_map = {n: shard for shard, held in shards.items() for n in held}
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    expected = (fingerprint(base), *legacy_fingerprints(base))
+    reads: list[str] = []
+
+    def counted(path: Path) -> dict[str, Any]:
+        reads.append(Path(path).name)
+        return safetensors_header(path)
+
+    monkeypatch.setattr(mintvcs.base, "safetensors_header", counted)
+    assert fingerprints(base) == tuple(dict.fromkeys(expected))
+    assert sorted(reads) == sorted(shards), reads
 
 
 def test_another_shape_is_still_another_base(tmp_path: Path) -> None:
