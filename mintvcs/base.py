@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -185,7 +186,21 @@ def read_base_model(
         for name, shape in shapes.items()
         if name.endswith(".weight") and len(shape) == 2
     }
-    return BaseModel(model_id or directory.name, f"sha256:{digest}", linears)
+    return BaseModel(model_id or default_model_id(directory), f"sha256:{digest}", linears)
+
+
+def default_model_id(directory: Path) -> str:
+    """The id a base directory is recorded under: the hub id (org/name) of a Hugging Face hub
+    cache snapshot (.../models--org--name/snapshots/REVISION), else the directory's name (of
+    its absolute path: `.` is named too); links are not followed, so a link names its target."""
+    path = Path(os.path.abspath(directory))
+    repo = path.parent.parent.name
+    if path.parent.name == "snapshots" and repo.startswith("models--"):
+        # The hub refuses "--" in ids, so the cache's "--" separators split it unambiguously.
+        parts = repo.removeprefix("models--").split("--")
+        if len(parts) <= 2 and all(parts):
+            return "/".join(parts)
+    return path.name
 
 
 def _is_buffer(name: str) -> bool:

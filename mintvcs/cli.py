@@ -656,11 +656,21 @@ class _InitCommand(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         rewritten: list[str] = []
         for arg in args:
-            if "--" in rewritten or rewritten[-1:] == ["--base-model"]:
+            if "--" in rewritten or rewritten[-1:] in (["--base-model"], ["--base-model-id"]):
                 rewritten.append(arg)  # a value or an operand: no option to rewrite
             else:
                 rewritten.append("--shared=group" if arg == "--shared" else arg)
         return super().parse_args(ctx, rewritten)
+
+
+def _model_id_value(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse an empty --base-model-id, or one with control characters, as a usage error: it is
+    printed in messages one line each."""
+    if value is not None and (
+        not value.strip() or any(ord(c) < 32 or ord(c) == 127 for c in value)
+    ):
+        raise click.BadParameter("empty, or holds control characters", param_hint="--base-model-id")
+    return value
 
 
 def _shared_value(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -681,6 +691,13 @@ def _shared_value(ctx: click.Context, param: click.Parameter, value: str | None)
     "--base-model", help="Base model: a local checkpoint directory (fingerprinted) or an id."
 )
 @click.option(
+    "--base-model-id",
+    metavar="ID",
+    callback=_model_id_value,
+    help="The id a --base-model directory is recorded under [default: org/name for a Hugging "
+    "Face hub cache snapshot, else the directory's name].",
+)
+@click.option(
     "--no-hooks",
     is_flag=True,
     help="Install no hooks: not the validating pre-commit, not the update hook that refuses a "
@@ -695,7 +712,12 @@ def _shared_value(ctx: click.Context, param: click.Parameter, value: str | None)
 )
 @json_option
 def init(
-    directory: Path, base_model: str | None, no_hooks: bool, shared: str | None, as_json: bool
+    directory: Path,
+    base_model: str | None,
+    base_model_id: str | None,
+    no_hooks: bool,
+    shared: str | None,
+    as_json: bool,
 ) -> None:
     """Create an empty repository (.mint/) in DIRECTORY."""
     from mintvcs import porcelain
@@ -703,7 +725,13 @@ def init(
 
     if as_json:
         porcelain.check_json_path(directory)
-    repo = porcelain.init(directory, base_model, install_hooks=not no_hooks, shared=shared)
+    repo = porcelain.init(
+        directory,
+        base_model,
+        install_hooks=not no_hooks,
+        shared=shared,
+        base_model_id=base_model_id,
+    )
     if not no_hooks and (warning := hooks_path_warning(repo.git_dir)):
         click.echo(warning, err=True)
     base = repo.base

@@ -594,10 +594,12 @@ def init(
     *,
     install_hooks: bool = True,
     shared: str | None = None,
+    base_model_id: str | None = None,
 ) -> Repository:
     """Create a repository; `base_model` is a local checkout directory (fingerprinted) or an id;
     `shared` a core.sharedRepository value as `git init --shared=` takes it ("group", "all",
-    "umask", an octal mode such as "0660"), to let a group of users write it."""
+    "umask", an octal mode such as "0660"), to let a group of users write it; `base_model_id`
+    the id a directory `base_model` is recorded under (default: base.default_model_id)."""
     try:
         perm = parse_shared(shared) if shared is not None else None
     except ValueError as err:
@@ -618,7 +620,14 @@ def init(
                 f"{'a file, not a directory' if path.is_file() else 'no such directory'}; give "
                 "a local checkpoint directory, or a model id such as org/name"
             )
-        base = read_base_model(path) if path.is_dir() else BaseModel(base_model)
+        if base_model_id is not None and not path.is_dir():
+            raise MintError(
+                f"--base-model-id names a local --base-model directory; {base_model} is an id, "
+                "recorded as given"
+            )
+        base = read_base_model(path, base_model_id) if path.is_dir() else BaseModel(base_model)
+    elif base_model_id is not None:
+        raise MintError("--base-model-id names the --base-model directory: give --base-model")
     repo = Repository.init(Path(directory), base, shared=perm)
     if install_hooks:
         try:

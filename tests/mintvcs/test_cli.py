@@ -7,6 +7,7 @@ import filecmp
 import io
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -640,6 +641,37 @@ def test_init_refuses_a_base_model_path_that_does_not_exist(tmp_path: Path) -> N
     assert not (tmp_path / "r" / ".mint").exists()
     # A hub id (org/name) is still an id.
     mint(tmp_path, "init", str(tmp_path / "r2"), "--base-model", "meta-llama/Llama-3-8B")
+
+
+def test_init_names_a_hub_cache_snapshot_by_its_hub_id_and_takes_base_model_id(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    # A snapshot of the hub cache was recorded as its revision hash, and nothing could name it.
+    from huggingface_hub.file_download import repo_folder_name
+
+    for repo_id in ("meta-llama/Llama-3-8B", "gpt2"):
+        folder = repo_folder_name(repo_id=repo_id, repo_type="model")
+        snapshot = tmp_path / "hub" / folder / "snapshots" / ("0123abcd" * 5)
+        shutil.copytree(tiny_base, snapshot)
+        work = tmp_path / folder
+        out = mint(tmp_path, "init", str(work), "--base-model", str(snapshot), "--json")
+        assert json.loads(out.stdout)["base_model"] == repo_id
+    # The id a user gives wins; ".", the current directory, is named as the directory.
+    out = mint(
+        tmp_path, "init", "named", "--base-model", str(snapshot), "--base-model-id", "mine/v2"
+    )
+    assert "base model: mine/v2 (" in out.stdout
+    recorded = json.loads((tmp_path / "named" / ".mint" / "mint-base.json").read_text())
+    assert recorded["id"] == "mine/v2" and recorded["fingerprint"] == fingerprint(tiny_base)
+    out = mint(tiny_base, "init", str(tmp_path / "dot"), "--base-model", ".")
+    assert f"base model: {tiny_base.name} (" in out.stdout
+    # An id needs a directory to name, and must be a name.
+    line = mint_fails(tmp_path, "init", "r3", "--base-model", "org/x", "--base-model-id", "y")
+    assert "--base-model-id" in line and not (tmp_path / "r3" / ".mint").exists()
+    result = mint(
+        tmp_path, "init", "r4", "--base-model", str(snapshot), "--base-model-id", "", ok=False
+    )
+    assert result.returncode == 2 and "--base-model-id" in result.stderr
 
 
 # -------------------------------------------------------------------- tag
