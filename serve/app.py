@@ -185,11 +185,14 @@ class ServerConfig:
 
     @cached_property
     def base_name(self) -> str:
-        """The name that selects the base model alone (served_model_name, or the base's folder name)."""
+        """The name that selects the base model alone (served_model_name, else the base's id as
+        init records it: org/name for a Hugging Face hub cache snapshot, or the folder's name)."""
+        from mintvcs.base import default_model_id
+
         if self.served_model_name is not None:
             return self.served_model_name
         # The folder as given, links not followed: a linked snapshot is not named by its hash.
-        return Path(os.path.abspath(self.base_model)).name
+        return default_model_id(Path(self.base_model))
 
 
 @dataclass

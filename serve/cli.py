@@ -180,7 +180,8 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.option(
     "--served-model-name",
     help="The model (or ref) that asks for the base model alone, with no adapter "
-    "[default: the --base-model folder's name]. It wins over a branch or tag of the same name.",
+    "[default: the --base-model folder's name, or org/name for a Hugging Face hub cache "
+    "snapshot]. It wins over a branch or tag of the same name.",
 )
 @click.option(
     "--generation-config",

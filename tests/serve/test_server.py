@@ -1179,6 +1179,11 @@ def test_the_base_name_wins_over_a_ref_of_that_name(
     link = tmp_path / "my-base"
     link.symlink_to(tiny_base, target_is_directory=True)
     assert ServerConfig(repo=repo.git_dir, base_model=link).base_name == "my-base"
+    # A hub cache snapshot is served by its hub id, as init records it, not by its hash.
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / ("0" * 40)
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(tiny_base, target_is_directory=True)
+    assert ServerConfig(repo=repo.git_dir, base_model=snapshot).base_name == "org/tiny"
 
 
 def test_openai_client_completions_chat_and_streaming(
