@@ -472,19 +472,23 @@ def _path_quoter(repo: Any) -> Callable[[str], str]:
 
 def _echo_commit_text(info: Any) -> None:
     """Author, date and message as git log prints them, with control characters escaped."""
-    click.echo(f"Author: {_printable(info.author)}")
+    click.echo("\n".join(_commit_text_lines(info)))
+
+
+def _commit_text_lines(info: Any) -> list[str]:
+    """The lines of _echo_commit_text."""
+    from mintvcs.messages import body_lines
+
     # git's Date is the author's: it differs from the committer's after a rebase or with
     # GIT_AUTHOR_DATE.
     date = _format_date(info.author_time, info.author_timezone, info.author_zone)
-    click.echo(f"Date:   {date}")
-    from mintvcs.messages import body_lines
-
+    out = [f"Author: {_printable(info.author)}", f"Date:   {date}"]
     lines = body_lines(info.message)
     if lines:  # git prints no blank line for an empty message
-        click.echo()
-    for line in lines:
-        # git's medium format expands tabs to every 8 columns of the message's own line.
-        click.echo(f"    {_printable(line.expandtabs(8))}")
+        out.append("")
+    # git's medium format expands tabs to every 8 columns of the message's own line.
+    out += [f"    {_printable(line.expandtabs(8))}" for line in lines]
+    return out
 
 
 def _warn_if_ambiguous(repo: Any, *specs: str | None, checkout: bool = False) -> None:
@@ -967,20 +971,24 @@ def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
 def _log_text(repo: Any, start: Any, max_count: int | None, oneline: bool) -> None:
     """Print `log` as git does, page by page as the history is read."""
     _use_color(repo, "diff")
+    # The yellow of the ids, made once: click.style costs ~2 us a call.
+    yellow, plain = click.style("\0", fg="yellow").split("\0")
     index = 0
     for page, labels in _log_pages(repo, start, max_count):
         short = repo.abbrev_many([info.id for info in page] if oneline else [])  # one search
+        lines: list[str] = []  # one click.echo a page: one a line cost ~4 us each
         for info in page:
             deco = f" ({', '.join(map(_ref, labels[info.id]))})" if info.id in labels else ""
             if oneline:
                 subject = _printable(_subject(info.message))
-                click.echo(f"{click.style(short[info.id], fg='yellow')}{deco} {subject}")
+                lines.append(f"{yellow}{short[info.id]}{plain}{deco} {subject}")
                 continue
             if index:
-                click.echo()
-            click.echo(click.style(f"commit {info.id}", fg="yellow") + deco)
-            _echo_commit_text(info)
+                lines.append("")
+            lines.append(f"{yellow}commit {info.id}{plain}{deco}")
+            lines += _commit_text_lines(info)
             index += 1
+        click.echo("\n".join(lines))
 
 
 @main.command()

@@ -112,6 +112,10 @@ def _lines(message: str) -> list[str]:
 def subject(message: str) -> str:
     """The one-line subject git shows (`%s`, `log --oneline`): the first paragraph after any
     leading blank lines, its lines joined by a space, each with its trailing whitespace off."""
+    line, _nl, rest = message.partition("\n")
+    line = line.rstrip(GIT_SPACE)
+    if line and not rest.partition("\n")[0].rstrip(GIT_SPACE):
+        return line  # most messages: a first line, then a blank one (or nothing); no split
     first: list[str] = []
     for line in _lines(message):
         if line:
@@ -154,6 +158,8 @@ def printable(text: str) -> str:
     """`text` with each control character (C0 but tab, DEL, C1), bidi override or isolate, and
     lone surrogate escaped (`\\x1b`, `\\u202e`): a revision's text must not drive the terminal
     or reorder what it shows. Everything else (NBSP, joiners, accents) prints as it is."""
+    if text.isprintable():  # what it escapes is all of Unicode's Cc, Cf or Cs: none here
+        return text
     return _CONTROL.sub(_escaped, text)
 
 

@@ -2672,7 +2672,7 @@ class Repository:
         state = self._abbrev_state()
         wanted = [oid for oid in dict.fromkeys(oids) if is_object_id(oid)]
         keys = [bytes.fromhex(oid) for oid in wanted]
-        shared = [self._loose_shared_digits(oid, state.stores) for oid in wanted]
+        shared = self._loose_shared_digits(wanted, state.stores)
         # A search per id and pack in Python costs ~10 us; numpy's search of a pack for all the
         # ids costs its import first (~0.1 s), unless something imported it already.
         searches = len(keys) * len(state.packs)
@@ -2769,15 +2769,33 @@ class Repository:
         list, as git reads them (read_alternates)."""
         return read_alternates(self._objects_dir).stores
 
-    def _loose_shared_digits(self, oid: str, stores: tuple[str, ...]) -> int:
-        """The most leading hex digits a loose object other than `oid` shares with it, in
-        object stores `stores` (ours, then our alternates): its neighbours in a sorted listing
-        of their fan-out directories, listed again when one of them changed (checked at most
-        every _ABBREV_TRUST_S)."""
+    def _loose_shared_digits(self, oids: Sequence[str], stores: tuple[str, ...]) -> list[int]:
+        """For each of `oids`, the most leading hex digits a loose object other than it shares
+        with it, in object stores `stores` (ours, then our alternates): its neighbours in a
+        sorted listing of their fan-out directories, listed again when one of them changed
+        (checked at most every _ABBREV_TRUST_S); each listing looked at once for all `oids`."""
         listings: dict[str, tuple[tuple[str, ...], _Listing[list[str]]]] = self.__dict__.setdefault(
             "_loose_listings", {}
         )
-        fan_out = oid[:2]
+        names_of: dict[str, list[str]] = {}
+        shared = []
+        for oid in oids:
+            fan_out = oid[:2]
+            names = names_of.get(fan_out)
+            if names is None:
+                names = names_of[fan_out] = self._loose_listing(listings, fan_out, stores)
+            # A packed store's fan-out directories are empty: nothing to compare (~3 us an id).
+            shared.append(self._loose_neighbours(names, oid[2:]) if names else 0)
+        return shared
+
+    @staticmethod
+    def _loose_listing(
+        listings: dict[str, tuple[tuple[str, ...], _Listing[list[str]]]],
+        fan_out: str,
+        stores: tuple[str, ...],
+    ) -> list[str]:
+        """The sorted names (less the fan-out's digits) of the loose objects of `fan_out` in
+        `stores`, as `listings` keeps them."""
         known = listings.get(fan_out)
         if known is None or (known[0] is not stores and known[0] != stores):
             directories = [f"{store}/{fan_out}" for store in stores]
@@ -2785,7 +2803,12 @@ class Repository:
                 stores,
                 _Listing(lambda: directories, lambda: _loose_names(directories)),
             )
-        names, rest = known[1].get(), oid[2:]
+        return known[1].get()
+
+    @staticmethod
+    def _loose_neighbours(names: list[str], rest: str) -> int:
+        """The most leading hex digits (with the fan-out's two) an entry of `names` other than
+        `rest` shares with it: its neighbours where it sorts."""
         at = bisect.bisect_left(names, rest)
         after = at + 1 if at < len(names) and names[at] == rest else at
         shared = 0

@@ -1,19 +1,21 @@
 """The fast paths of long history walks give what the general readers give: the pack index's
 table of offsets, a whole commit read straight from its pack entry (a deltified one, or one
-whose pack a gc replaced midway, through the general reader)."""
+whose pack a gc replaced midway, through the general reader), the subject and escape of each
+line `log --oneline` prints, and `log`'s output a page at a time."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from pathlib import Path
 
 import pytest
 
-from mintvcs import packs, porcelain
+from mintvcs import messages, packs, porcelain
 from mintvcs.packs import PackFile, release_pack_maps
 from mintvcs.store import CommitInfo, Repository
-from tests.mintvcs.storekit import git
+from tests.mintvcs.storekit import git, mint
 
 T0 = 1_700_000_000
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
@@ -134,3 +136,45 @@ def test_a_walk_goes_on_when_gc_replaces_its_pack_midway(
         release_pack_maps()
         rest = [info.id for info in walk]
     assert first + rest == expected
+
+
+def _subject_by_lines(message: str) -> str:
+    """git's subject, the long way: lines split on "\\n", git's whitespace off each line's
+    end, the first run of non-blank lines joined by a space."""
+    first: list[str] = []
+    for line in message.split("\n"):
+        line = line.rstrip(" \t\n\r")
+        if line:
+            first.append(line)
+        elif first:
+            break
+    return " ".join(first)
+
+
+def test_the_subject_of_a_first_line_alone_is_the_subject_of_all_its_lines() -> None:
+    rng = random.Random(7)
+    pieces = ["a", "b c", " ", "\t", "\r", "\n", "\n", "\x0b", "\u00a0"]
+    for _ in range(20000):
+        message = "".join(rng.choice(pieces) for _ in range(rng.randrange(12)))
+        assert messages.subject(message) == _subject_by_lines(message), repr(message)
+
+
+def test_printable_text_is_left_as_the_escape_would_leave_it() -> None:
+    # Text Python calls printable is returned at once: the escape would change none of it.
+    for code in range(0x110000):
+        char = chr(code)
+        assert messages.printable(char) == messages._CONTROL.sub(messages._escaped, char)
+
+
+def test_log_of_many_pages_is_git_s_byte_for_byte(work: Path) -> None:
+    # Each page goes out in one write: over pages of 64, 128 and 256 commits, as git's.
+    git_dir = work / ".mint"
+    _fast_import(git_dir, 300, pad="body\n\n\tindented\nlast")
+    git(git_dir, "branch", "side", "main~100")
+    git(git_dir, "tag", "v1", "main~250")
+    git(git_dir, "repack", "-a", "-d", "-q")
+    for args in (["--oneline"], []):
+        ours = mint(work, "log", *args).stdout
+        theirs = git(git_dir, "log", "--decorate=short", *args).stdout
+        assert ours == theirs
+        assert len(re.findall(r"^(?:commit )?[0-9a-f]{7,}\b", ours, re.M)) == 300
