@@ -1954,6 +1954,13 @@ class Repository:
             raise UnknownRevisionError(f"{oid} is a {obj.type_name.decode()}, not a commit")
         return _commit_info(obj)
 
+    def _commit_parents(self, oid: str) -> tuple[str, ...]:
+        """_read_commit(oid).parents, without decoding the commit's texts and dates (a `~N`
+        reads only the parents of each commit it passes: ~3 us a commit less)."""
+        body = self._commit_body(oid)
+        plain = None if body is None else parse_plain(body)
+        return self._read_whole_commit(oid).parents if plain is None else plain.parents
+
     def _parents_of(self, oid: str, shallow: frozenset[str]) -> tuple[str, ...]:
         """A commit's parents as commit_info gives them (none at a `shallow` boundary), read
         once: a commit never changes, so the `~N` walks that the server's ref watcher resolves
@@ -1965,7 +1972,7 @@ class Repository:
                 self._parents.move_to_end(oid)
         if parents is None:
             # Untrimmed: `.mint/shallow` may change (`fetch --deepen`), the commit cannot.
-            parents = self._read_commit(oid).parents
+            parents = self._commit_parents(oid)
             with self._parents_lock:
                 self._parents[oid] = parents
                 while len(self._parents) > _PARENTS_KEPT:

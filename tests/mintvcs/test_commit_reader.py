@@ -150,6 +150,13 @@ def test_the_walks_reader_reads_every_commit_as_the_full_parse_loose_and_packed(
                 assert (parse_plain(body) is not None) == fast, name
                 ours, whole = _read_both(repo, oid)
                 assert ours == whole, (name, packed)
+                # What `~N` reads of it: the parents alone, or the same error.
+                try:
+                    parents: object = repo._commit_parents(oid)
+                except Exception as err:
+                    parents = (type(err), str(err))
+                expected = whole.parents if isinstance(whole, store.CommitInfo) else whole
+                assert parents == expected, (name, packed)
     # What the full parse shows for some of them, as git log shows it.
     with Repository.open(git_dir.parent) as repo:
         latin = repo.commit_info(commits["latin-1"][0])
