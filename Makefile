@@ -30,6 +30,7 @@ lint: setup
 bench: setup
 	$(PY) bench/store.py
 	$(PY) bench/refs.py
+	$(PY) bench/walks.py
 	$(PY) bench/kernels.py
 	$(PY) bench/engine.py
 	$(PY) bench/serve.py
