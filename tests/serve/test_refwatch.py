@@ -225,12 +225,12 @@ def test_a_long_walk_does_not_hold_up_cached_specs(tmp_path: Path, peft_adapter:
     import time
 
     repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
-    # A history of 3000 commits on one tree, made by git in one go.
+    # A history of 10,000 commits on one tree, made by git in one go.
     git = ["git", "--git-dir", str(repo.git_dir)]
     tree = subprocess.run(
         [*git, "rev-parse", "main^{tree}"], capture_output=True, text=True, check=True
     ).stdout.strip()
-    n = 3000
+    n = 10_000
     stream = [f"reset refs/heads/deep\nfrom {first}\n"]
     for i in range(n):
         stream.append(
@@ -244,13 +244,10 @@ def test_a_long_walk_does_not_hold_up_cached_specs(tmp_path: Path, peft_adapter:
     started = time.perf_counter()
     walk.start()
     time.sleep(0.02)
-    hit = time.perf_counter()
     assert watcher.cached("main") is not None
-    hit = time.perf_counter() - hit
+    # Answered while the walk goes on: it used to wait for the whole walk on the watcher's lock.
+    assert walk.is_alive(), time.perf_counter() - started
     walk.join()
-    total = time.perf_counter() - started
-    # It waited for the whole walk on the watcher's lock.
-    assert hit < total / 4, (hit, total)
     assert watcher.resolve(f"deep~{n - 1}").commit != first
 
 
