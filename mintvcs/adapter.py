@@ -38,6 +38,19 @@ IGNORE_FILE = ".mintignore"
 _MAX_SMALL_FILE_BYTES = 1 << 20  # open_small_file's bound
 
 
+def holds_repository(path: str | os.PathLike[str], dir_fd: int | None = None) -> bool:
+    """Whether the directory `path` is another repository's work tree: it holds a `.mint` or a
+    `.git` (a directory, or a worktree's or submodule's gitfile), as git tells an embedded
+    repository, whose files it never adds nor removes."""
+    for name in (GIT_DIR, ".git"):
+        try:
+            os.lstat(os.path.join(path, name), dir_fd=dir_fd)
+        except OSError:
+            continue
+        return True
+    return False
+
+
 class NotAnAdapterError(MintError):
     """A directory that is not a PEFT LoRA adapter in safetensors form."""
 
@@ -428,7 +441,15 @@ def _walk_dir(
     finally:
         os.close(fd)
     base = len(os.fsencode(os.path.abspath(root))) + 1  # a file's full path: base + its own
-    dirs = sorted(d for d in dirs if d not in _IGNORED and not ignored(prefix + d, True))
+    dirs = sorted(
+        d
+        for d in dirs
+        if d not in _IGNORED
+        and not ignored(prefix + d, True)
+        # Another repository's work tree (`mintvcs init sub`, a `git worktree` of the store):
+        # its files are that repository's, as git leaves an embedded repository's to it.
+        and not holds_repository(prefix + d, root_fd)
+    )
     if dirs and where.count("/") >= MAX_PATH_DEPTH:
         # The walk recurses once per level: refused before it runs out of stack.
         raise NotAnAdapterError(

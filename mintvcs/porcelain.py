@@ -27,6 +27,7 @@ from mintvcs.adapter import (
     AdapterFiles,
     extra_file_stats,
     extra_files,
+    holds_repository,
     read_adapter,
     read_regular,
     read_stable,
@@ -2112,6 +2113,16 @@ def write_work_tree(
         ]
     )
     gone += _left_behind_files(repo, old, files, gone, held)
+    # Another repository's work tree inside this one holds its own files (an older commit may
+    # have taken them): they are never removed, nor written over, as git leaves an embedded
+    # repository's files alone.
+    gone = [path for path in gone if _inside_repository(work, path) is None]
+    for path in files:
+        if (folder := _inside_repository(work, path)) is not None:
+            raise MintError(
+                f"{quote_path(folder)} is another repository (it holds a .mint or a .git): "
+                f"checkout will not write {quote_path(path)} into it; move it away and retry"
+            )
     for path in [*files, *gone]:  # before anything is written or removed
         _refuse_symlinked_parent(work, path)
     for path in files:
@@ -2205,6 +2216,16 @@ def _work_temporaries(repo: Repository) -> Path | None:
         return None
     # A user who may write the work tree but not `.mint/` (another's repository) writes beside.
     return repo.git_dir if same and os.access(repo.git_dir, os.W_OK) else None
+
+
+def _inside_repository(work: Path, path: str) -> str | None:
+    """The directory above `path` in the work tree that is another repository's (holds_repository), if any."""
+    parts = path.split("/")
+    for depth in range(1, len(parts)):
+        folder = "/".join(parts[:depth])
+        if holds_repository(work / folder):
+            return folder
+    return None
 
 
 def _refuse_symlinked_parent(work: Path, path: str) -> None:
@@ -2352,6 +2373,8 @@ def _refuse_if_changes_lost(
         target_files = {f.path for f in target.manifest.files}
         for kind, path in state.changes:
             if kind == "removed" and not path.startswith(WEIGHTS_FILE):
+                if repo.work_tree is not None and _inside_repository(repo.work_tree, path):
+                    continue  # another repository's file now: the checkout leaves it be
                 if _ignored_edit_kept(repo, path, _revision_of(repo, state.head, head), target):
                     continue  # nothing of the user's to lose: the target's version comes back
                 lost.append(quote_path(path))
