@@ -145,6 +145,12 @@ class NotARepositoryError(MintError):
     """No `.mint/` directory where one was expected."""
 
 
+class BadGitfileError(NotARepositoryError):
+    """A `.mint` file that names no repository: git's `fatal: not a git repository: PATH`."""
+
+    exit_code = 128
+
+
 class UnknownRevisionError(MintError):
     """A ref spec that names no branch, tag or commit."""
 
@@ -490,6 +496,23 @@ def _has_head(git_dir: Path) -> bool:
     return (git_dir / "HEAD").is_file() or _head_link(git_dir) is not None
 
 
+def _gitfile_target(path: Path) -> Path:
+    """The store a `.mint` gitfile names (`gitdir: PATH`, relative to the file's directory), as
+    git reads a `.git` file; BadGitfileError when it is no gitfile or names no repository."""
+    try:
+        with open_small_file(path) as handle:  # a regular file under 1 MiB
+            text = handle.read()
+    except (OSError, ValueError) as err:
+        raise BadGitfileError(f"{path} cannot be read ({err}); fix or remove it") from None
+    if not text.startswith(b"gitdir: "):
+        raise BadGitfileError(f"invalid gitfile format: {path}; fix or remove it")
+    target = Path(os.fsdecode(text[len(b"gitdir: ") :].rstrip(b"\r\n")))
+    target = path.parent / target  # an absolute one stays itself
+    if not _has_head(target):
+        raise BadGitfileError(f"not a mintvcs repository: {target} (named by the gitfile {path})")
+    return Path(os.path.abspath(target))
+
+
 def _is_git_directory(path: Path) -> bool:
     """git's is_git_directory test: objects/ and refs/ are directories, and HEAD is a symbolic
     ref under refs/ (a file, or a link as git's validate_headref reads one) or an object id."""
@@ -792,6 +815,11 @@ class Repository:
                     break
                 if _has_head(candidate / GIT_DIR):
                     found = cls(candidate / GIT_DIR, candidate)
+                    break
+                if (candidate / GIT_DIR).is_file():
+                    # A gitfile (`gitdir: PATH`), followed as git follows a `.git` file; one
+                    # that names no repository stops here, never falls back to a parent's.
+                    found = cls(_gitfile_target(candidate / GIT_DIR), candidate)
                     break
         if found is not None:
             # Read now, as git does: a broken config, or a format mintvcs cannot honour (a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -68,3 +70,28 @@ def test_a_git_worktree_inside_the_work_tree_is_not_taken(work: Path) -> None:
         ["git", "status", "--porcelain"], cwd=work / "wt", env=ENV, capture_output=True, text=True
     )
     assert listed.returncode == 0 and listed.stdout == "", listed.stdout + listed.stderr
+
+
+def test_a_mint_gitfile_is_followed_and_never_falls_back_to_a_parent(
+    work: Path, tmp_path: Path, peft_adapter: Path
+) -> None:
+    # `.mint` as a gitfile (`gitdir: PATH`), as git's `.git` file: it was not followed, and
+    # inside another work tree every command ran on the outer repository instead.
+    store = tmp_path / "inner-store"
+    shutil.copytree(work / ".mint", store)
+    inner = work / "inner"
+    copy_adapter(peft_adapter, inner)
+    mutate(inner, seed=5)
+    (inner / ".mint").write_text(f"gitdir: {os.path.relpath(store, inner)}\n")
+    outer_head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    mint(inner, "commit", "-m", "inner commit", "--no-verify")
+    assert git(store, "log", "-1", "--format=%s").stdout.strip() == "inner commit"
+    assert git(work / ".mint", "rev-parse", "HEAD").stdout.strip() == outer_head
+    assert mint(inner, "status").stdout.splitlines()[-1] == "nothing to commit, work tree clean"
+    (inner / ".mint").write_text("gitdir: ../nowhere\n")
+    result = mint(inner, "status", ok=False)
+    assert result.returncode == 128
+    assert f"not a mintvcs repository: {inner}/../nowhere" in result.stderr
+    (inner / ".mint").write_text("not a gitfile\n")
+    assert "invalid gitfile format" in mint_fails(inner, "commit", "-m", "x", "--no-verify")
+    assert git(work / ".mint", "rev-parse", "HEAD").stdout.strip() == outer_head
