@@ -100,6 +100,12 @@ class StaleWorkTreeError(MintError):
     """A commit of a work tree that holds an older revision than its branch's (the branch moved under it)."""
 
 
+class CheckedOutElsewhereError(MintError):
+    """A branch a `git worktree` of the store has checked out, which git will not switch to or force-move."""
+
+    exit_code = 128  # git's `fatal:`
+
+
 class RefExistsError(MintError):
     """A branch or tag that already exists, without --force."""
 
@@ -1772,6 +1778,11 @@ def branch_create(
         raise RefExistsError(f"a branch named '{name}' already exists (use -f to move it)")
     if existing is not None and ref == repo.refs.read_symbolic("HEAD"):
         raise MintError(f"cannot force-update the current branch '{name}'; use 'mintvcs reset'")
+    if existing is not None and (where := _worktree_holding(repo, ref)) is not None:
+        # As git: moving it would leave that worktree's index and files behind its branch.
+        raise CheckedOutElsewhereError(
+            f"cannot force update the branch '{name}' checked out at '{where}'"
+        )
     message = f"branch: Created from {start}" if existing is None else f"branch: Reset to {start}"
     _move_ref(repo, ref, oid, old=existing, message=message, by=signature(repo))
     _ref_moved(repo, ref, existing, oid)
@@ -1796,12 +1807,10 @@ def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
         return alias_of.removeprefix("refs/heads/")
     if repo.refs.read_symbolic("HEAD") == ref:
         raise MintError(f"cannot delete branch '{name}': it is checked out")
-    for worktree in repo.linked_worktrees():
-        if worktree.head == f"ref: {ref}":
-            raise MintError(
-                f"cannot delete branch '{name}': it is checked out in the git worktree "
-                f"{worktree.where}"
-            )
+    if (where := _worktree_holding(repo, ref)) is not None:
+        raise MintError(
+            f"cannot delete branch '{name}': it is checked out in the git worktree {where}"
+        )
     head = repo.head_commit()
     if not force and (head is None or not is_ancestor(repo, oid, head)):
         raise MintError(
@@ -1812,6 +1821,14 @@ def branch_delete(repo: Repository, name: str, *, force: bool = False) -> str:
     repo.refs.delete(ref, old=oid)
     _ref_moved(repo, ref, oid, None)
     return oid
+
+
+def _worktree_holding(repo: Repository, ref: str) -> str | None:
+    """Where a `git worktree` of the store has `ref` checked out, if one has."""
+    for worktree in repo.linked_worktrees():
+        if worktree.head == f"ref: {ref}":
+            return str(worktree.where)
+    return None
 
 
 @dataclass(frozen=True)
@@ -1869,12 +1886,10 @@ def branch_rename(
         # As git outside a bare repository: a branch checked out anywhere is not overwritten.
         if repo.refs.read_symbolic("HEAD") == new_ref:
             raise MintError(f"cannot replace the current branch '{new}': it is checked out")
-        for worktree in worktrees:
-            if worktree.head == f"ref: {new_ref}":
-                raise MintError(
-                    f"cannot replace branch '{new}': it is checked out in the git worktree "
-                    f"{worktree.where}"
-                )
+        if (where := _worktree_holding(repo, new_ref)) is not None:
+            raise MintError(
+                f"cannot replace branch '{new}': it is checked out in the git worktree {where}"
+            )
     who = signature(repo)
     value, replaced = repo.refs.rename(
         old_ref,
@@ -2481,6 +2496,11 @@ def checkout(
                 err, "rename that branch first, keeping its reflog: `mintvcs branch -m OLD NEW`"
             )
             raise
+        branch_ref = f"refs/heads/{spec}"
+        # As git: two work trees on one branch leave the other's index and files stale.
+        where = _worktree_holding(repo, branch_ref)
+        if where is not None and repo.refs.read_symbolic("HEAD") != branch_ref:
+            raise CheckedOutElsewhereError(f"'{spec}' is already checked out at '{where}'")
     target = repo.peel(oid) if oid is not None else repo.resolve(spec)
     if new_branch is not None:
         check_branch_name(new_branch)

@@ -95,3 +95,26 @@ def test_a_mint_gitfile_is_followed_and_never_falls_back_to_a_parent(
     (inner / ".mint").write_text("not a gitfile\n")
     assert "invalid gitfile format" in mint_fails(inner, "commit", "-m", "x", "--no-verify")
     assert git(work / ".mint", "rev-parse", "HEAD").stdout.strip() == outer_head
+
+
+def test_a_branch_a_git_worktree_holds_is_neither_checked_out_nor_force_moved(
+    work: Path, tmp_path: Path
+) -> None:
+    # git refuses both (128), even in a bare repository: the worktree's index and files would
+    # be left behind its branch, so that its next commit reverts ours.
+    git_dir = work / ".mint"
+    wt = tmp_path / "wt"
+    git(git_dir, "worktree", "add", "-q", str(wt), "side")
+    side = git(git_dir, "rev-parse", "side").stdout.strip()
+    result = mint(work, "checkout", "side", ok=False)
+    assert result.returncode == 128
+    assert f"'side' is already checked out at '{wt}'" in result.stderr
+    assert git(git_dir, "symbolic-ref", "HEAD").stdout.strip() == "refs/heads/main"
+    result = mint(work, "branch", "-f", "side", "main", ok=False)
+    assert result.returncode == 128
+    assert f"cannot force update the branch 'side' checked out at '{wt}'" in result.stderr
+    assert git(git_dir, "rev-parse", "side").stdout.strip() == side
+    # Detached at its commit, and a branch no worktree holds, as git allows.
+    mint(work, "checkout", side)
+    mint(work, "branch", "-f", "main", side)
+    assert "checked out in the git worktree" in mint_fails(work, "branch", "-D", "side")
