@@ -52,11 +52,34 @@ class HookRefusedError(MintError):
     """A pre-commit or commit-msg hook exited non-zero."""
 
 
+# git's variables that place a repository (its local_repo_env, and GIT_NAMESPACE): mintvcs
+# ignores them, so where the shell set them they name another repository, whose objects or index
+# a hook's `git` would read or write.
+_REPOSITORY_ENV = (
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+    "GIT_COMMON_DIR",
+    "GIT_CONFIG",
+    "GIT_DIR",
+    "GIT_GRAFT_FILE",
+    "GIT_IMPLICIT_WORK_TREE",
+    "GIT_INDEX_FILE",
+    "GIT_NAMESPACE",
+    "GIT_NO_REPLACE_OBJECTS",
+    "GIT_OBJECT_DIRECTORY",
+    "GIT_PREFIX",
+    "GIT_REPLACE_REF_BASE",
+    "GIT_SHALLOW_FILE",
+    "GIT_WORK_TREE",
+)
+
+
 def hook_env(git_dir: Path, adapter_dir: Path | None = None) -> dict[str, str]:
     """The environment hooks get: where the repository and adapter are, and which Python runs mintvcs."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in _REPOSITORY_ENV}
     # Absolute: hooks run in the work tree, not where mintvcs was started (`--from ../x`).
     env["MINT_DIR"] = os.path.abspath(git_dir)
+    # As git exports GIT_DIR to its hooks: a hook's `git` reads this store, and nothing else.
+    env["GIT_DIR"] = env["MINT_DIR"]
     env["MINT_PYTHON"] = sys.executable
     if adapter_dir is not None:
         env["MINT_ADAPTER_DIR"] = os.path.abspath(adapter_dir)

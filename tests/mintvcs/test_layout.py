@@ -118,3 +118,35 @@ def test_a_branch_a_git_worktree_holds_is_neither_checked_out_nor_force_moved(
     mint(work, "checkout", side)
     mint(work, "branch", "-f", "main", side)
     assert "checked out in the git worktree" in mint_fails(work, "branch", "-D", "side")
+
+
+def test_hooks_get_this_store_as_git_dir_and_not_the_shells_repository(
+    work: Path, tmp_path: Path
+) -> None:
+    # mintvcs ignores GIT_DIR, GIT_OBJECT_DIRECTORY, ... but handed them on to hooks, so a
+    # hook's `git --git-dir "$MINT_DIR"` read (or wrote) the shell's repository's objects.
+    other = tmp_path / "ci"
+    subprocess.run(["git", "init", "-q", str(other)], env=ENV, check=True)
+    hook = work / ".mint" / "hooks" / "post-commit"
+    record = tmp_path / "seen"
+    names = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY")
+    shown = "".join(f'echo "{n}=${{{n}-unset}}"\n' for n in names)
+    hook.write_text(f"#!/bin/sh\n{{\n{shown}git log -1 --format=%s\n}} > {record}\n")
+    hook.chmod(0o755)
+    mutate(work, seed=5)
+    shell = {
+        "GIT_DIR": str(other / ".git"),
+        "GIT_WORK_TREE": str(other),
+        "GIT_INDEX_FILE": str(other / ".git" / "index"),
+        "GIT_OBJECT_DIRECTORY": str(other / ".git" / "objects"),
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES": str(other / ".git" / "objects"),
+    }
+    mint(work, "commit", "-m", "with the shell's repository set", "--no-verify", env=shell)
+    git_dir = os.path.realpath(work / ".mint")
+    assert record.read_text().splitlines() == [
+        f"GIT_DIR={git_dir}",
+        "GIT_WORK_TREE=unset",
+        "GIT_INDEX_FILE=unset",
+        "GIT_OBJECT_DIRECTORY=unset",
+        "with the shell's repository set",
+    ]
