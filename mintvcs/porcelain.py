@@ -2287,9 +2287,17 @@ def _refuse_file_in_the_way(work: Path, path: str, gone: set[str]) -> None:
 
 
 def _remove_empty_parents(root: Path, path: Path) -> None:
-    """Remove the directories above `path` that are left empty, up to (not including) `root`."""
+    """Remove the directories above `path` that are left empty, up to (not including) `root`,
+    sparing the current directory (and those above it), as git 2.36+ does: a shell left in a
+    deleted directory fails every later command."""
+    try:
+        cwd: Path | None = Path(os.getcwd())
+    except OSError:
+        cwd = None
     parent = path.parent
     while parent != root and root in parent.parents:
+        if cwd is not None and (parent == cwd or parent in cwd.parents):
+            return
         try:
             parent.rmdir()
         except OSError:  # not empty (or not ours to remove): stop here

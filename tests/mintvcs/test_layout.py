@@ -150,3 +150,19 @@ def test_hooks_get_this_store_as_git_dir_and_not_the_shells_repository(
         "GIT_OBJECT_DIRECTORY=unset",
         "with the shell's repository set",
     ]
+
+
+def test_checkout_from_a_directory_the_revision_lacks_keeps_it(work: Path) -> None:
+    # As git 2.36+: the current directory stays (empty); it was removed, and every later
+    # command in that shell failed ("unable to read current working directory").
+    deep = work / "docs" / "deep"
+    deep.mkdir(parents=True)
+    (deep / "R.md").write_text("r\n")
+    mint(work, "commit", "-m", "docs", "--no-verify")
+    mint(deep, "checkout", "HEAD~1")
+    assert deep.is_dir() and not (deep / "R.md").exists()
+    assert mint(deep, "status").stdout.splitlines()[-1] == "nothing to commit, work tree clean"
+    mint(deep, "checkout", "main")
+    assert (deep / "R.md").read_text() == "r\n"
+    mint(work, "checkout", "HEAD~1")  # from the top, the emptied directories go, as in git
+    assert not (work / "docs").exists()
