@@ -2019,9 +2019,12 @@ class Repository:
         # We write UTF-8 names only; git accepts any bytes, and "replace" keeps such a tree
         # readable (its odd entries are never ours to read) instead of failing on it.
         entries = {e.path.decode("utf-8", "replace"): e.sha.decode() for e in tree.items()}
-        if MANIFEST_PATH not in entries or CONFIG_PATH not in entries:
+        missing = [path for path in (MANIFEST_PATH, CONFIG_PATH) if path not in entries]
+        if missing:
+            # Named as they are: a `git rm` in a worktree of the store may drop either one.
             raise NotAnAdapterRevision(
-                f"commit {commit_id[:12]} is not an adapter revision: {MANIFEST_PATH} is missing"
+                f"commit {commit_id[:12]} is not an adapter revision: "
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
             )
         manifest_bytes = self.read_blob(
             entries[MANIFEST_PATH], what=MANIFEST_PATH, max_size=MAX_METADATA_BYTES

@@ -166,3 +166,19 @@ def test_checkout_from_a_directory_the_revision_lacks_keeps_it(work: Path) -> No
     assert (deep / "R.md").read_text() == "r\n"
     mint(work, "checkout", "HEAD~1")  # from the top, the emptied directories go, as in git
     assert not (work / "docs").exists()
+
+
+def test_a_revision_without_its_config_is_named_as_such(work: Path, tmp_path: Path) -> None:
+    # A `git rm adapter_config.json` in a worktree of the store (manifest.json kept): the error
+    # said manifest.json was missing.
+    git_dir = work / ".mint"
+    wt = tmp_path / "wt"
+    git(git_dir, "worktree", "add", "-q", "--detach", str(wt), "main")
+    for args in (["rm", "-q", "--cached", "adapter_config.json"], ["commit", "-q", "--no-verify"]):
+        extra = ["-m", "rm config"] if args[0] == "commit" else []
+        subprocess.run(["git", *args, *extra], cwd=wt, env=ENV, check=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=wt, env=ENV, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    line = mint_fails(work, "show", commit)
+    assert line.endswith("is not an adapter revision: adapter_config.json is missing"), line
