@@ -34,7 +34,7 @@ class _NoWorkingDirectoryError(MintError):
 
 
 def _open_repo() -> Any:
-    from mintvcs.store import Repository
+    from mintvcs.store import Repository, check_ownership
 
     try:
         cwd = Path.cwd()
@@ -45,7 +45,9 @@ def _open_repo() -> Any:
             f"unable to read current working directory: {err.strerror or err} (was it "
             "removed? cd to the repository, or give mintvcs -C PATH)"
         ) from None
-    return Repository.open(cwd)
+    repo = Repository.open(cwd)
+    check_ownership(repo)
+    return repo
 
 
 def _emit_json(data: Any) -> None:

@@ -151,6 +151,60 @@ class BadGitfileError(NotARepositoryError):
     exit_code = 128
 
 
+class DubiousOwnershipError(NotARepositoryError):
+    """A repository another user owns, which git refuses unless safe.directory lists it."""
+
+    exit_code = 128
+
+
+def check_ownership(repo: Repository) -> None:
+    """Refuse a repository whose work tree or store another user owns, as git's safe.directory
+    check does: a command run there (by root, a sudo session) leaves files its owner cannot
+    replace. Lifted by safe.directory (the path, or `*`) in the global, system or command-line
+    config; as git, root may use a root-owned one, or the one of the user sudo came from."""
+    if not hasattr(os, "geteuid"):
+        return
+    me = os.geteuid()
+    where = repo.work_tree if repo.work_tree is not None else repo.git_dir
+    for path in (repo.work_tree, repo.git_dir):
+        if path is None:
+            continue
+        try:
+            owner = os.lstat(path).st_uid
+        except OSError:
+            continue  # read next by whatever needs it, and reported there
+        expected = me
+        if me == 0 and owner != 0:
+            with suppress(ValueError):
+                expected = int(os.environ.get("SUDO_UID", "0"))
+        if owner != expected and not _safe_directory(where, repo.git_dir):
+            raise DubiousOwnershipError(
+                f"detected dubious ownership in repository at '{where}' ({path} belongs to uid "
+                f"{owner}, not to you, uid {me}); to add an exception for this directory, call: "
+                f"git config --global --add safe.directory {where}"
+            )
+
+
+def _safe_directory(where: Path, git_dir: Path) -> bool:
+    """Whether safe.directory, read as git reads it (system, global, then command-line config;
+    an empty value drops those before it), lists `where` or `*`."""
+    from dulwich.config import StackedConfig
+
+    from mintvcs.gitconfig import env_overrides, home_path, user_configs
+
+    configs = [*reversed(user_configs(git_dir)), *reversed(env_overrides())]
+    safe = False
+    for value in StackedConfig(configs).get_multivar((b"safe",), b"directory"):
+        text = os.fsdecode(value)
+        if not text:
+            safe = False
+        elif text == "*":
+            safe = True
+        elif (path := home_path(text)) is not None:
+            safe = safe or os.path.realpath(path) == os.path.realpath(where)
+    return safe
+
+
 class UnknownRevisionError(MintError):
     """A ref spec that names no branch, tag or commit."""
 

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.mintvcs.storekit import ENV, copy_adapter, git, mint, mint_fails, mutate
 
 
@@ -182,3 +184,27 @@ def test_a_revision_without_its_config_is_named_as_such(work: Path, tmp_path: Pa
     ).stdout.strip()
     line = mint_fails(work, "show", commit)
     assert line.endswith("is not an adapter revision: adapter_config.json is missing"), line
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_a_repository_another_user_owns_is_refused_as_git_refuses_it(work: Path) -> None:
+    # git's safe.directory check: root (or anyone) working in another user's repository left
+    # root-owned object directories there, which broke the owner's gc.
+    for path in [work, *work.rglob("*")]:
+        os.chown(path, 43101, 43101, follow_symlinks=False)
+    mutate(work, seed=31)
+    head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
+    result = mint(work, "commit", "-m", "root in alice's repo", "--no-verify", ok=False)
+    assert result.returncode == 128
+    assert f"detected dubious ownership in repository at '{work}'" in result.stderr
+    assert f"git config --global --add safe.directory {work}" in result.stderr
+    assert git(work / ".mint", "rev-parse", "HEAD").stdout.strip() == head
+    assert not [p for p in (work / ".mint").rglob("*") if p.lstat().st_uid != 43101]
+    # As git: a sudo session may work in the repository of the user it came from, and
+    # safe.directory (global, system or `git -c`, never the repository's own) lifts it.
+    mint(work, "status", env={"SUDO_UID": "43101"})
+    listed = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": "safe.directory"}
+    mint(work, "status", env={**listed, "GIT_CONFIG_VALUE_0": str(work)})
+    mint(work, "status", env={**listed, "GIT_CONFIG_VALUE_0": "*"})
+    git(work / ".mint", "config", "safe.directory", "*")
+    assert mint(work, "status", ok=False).returncode == 128
