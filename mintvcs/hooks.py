@@ -103,10 +103,21 @@ def is_active(git_dir: Path, name: str, *, hint: bool = False) -> bool:
 
 
 def run_hook(
-    git_dir: Path, name: str, args: list[str], env: dict[str, str], *, may_refuse: bool
+    git_dir: Path,
+    name: str,
+    args: list[str],
+    env: dict[str, str],
+    *,
+    may_refuse: bool,
+    work_tree: Path | None = None,
 ) -> None:
-    """Run `.mint/hooks/NAME` if it exists and is executable; a refusal raises when the hook may refuse."""
+    """Run `.mint/hooks/NAME` if it exists and is executable; a refusal raises when the hook may refuse.
+
+    It runs in `work_tree`, as git runs hooks at the top of the work tree: where `.mint` is a
+    gitfile, the store's parent is another directory. Without one, in the store's parent.
+    """
     path = git_dir / "hooks" / name
+    cwd = git_dir.parent if work_tree is None else work_tree
     if not is_active(git_dir, name, hint=True):
         return
     try:
@@ -121,10 +132,10 @@ def run_hook(
     if (current := _instead_of_earlier_sample(path, name)) is not None:
         argv = ["/bin/sh", "-c", current.decode(), str(path), *args]  # $0 is the hook's path
     try:
-        code, last = _run_streaming(argv, env, git_dir.parent)
+        code, last = _run_streaming(argv, env, cwd)
     except OSError as err:
         if err.errno == errno.ENOEXEC:  # no #! line: as git, the shell runs it
-            code, last = _run_streaming(["/bin/sh", str(path), *args], env, git_dir.parent)
+            code, last = _run_streaming(["/bin/sh", str(path), *args], env, cwd)
         else:
             if may_refuse:
                 raise refusal(name, f"it could not run ({err.strerror})") from None

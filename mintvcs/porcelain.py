@@ -577,7 +577,9 @@ def _ref_moved(repo: Repository, ref: str, old: str | None, new: str | None) -> 
     """Tell the ref-update hook (e.g. one that notifies running servers) that `ref` moved."""
     env = hooks.hook_env(repo.git_dir)
     args = [ref, old or ZERO, new or ZERO]
-    hooks.run_hook(repo.git_dir, "ref-update", args, env, may_refuse=False)
+    hooks.run_hook(
+        repo.git_dir, "ref-update", args, env, may_refuse=False, work_tree=repo.work_tree
+    )
 
 
 # --------------------------------------------------------------------- init
@@ -715,7 +717,9 @@ def commit(
     # the codec builds anyway. Any other pre-commit hook runs as a program, as in git.
     check_in_process = verify and hooks.is_sample(repo.git_dir, "pre-commit")
     if verify and not check_in_process:
-        hooks.run_hook(repo.git_dir, "pre-commit", [], env, may_refuse=True)
+        hooks.run_hook(
+            repo.git_dir, "pre-commit", [], env, may_refuse=True, work_tree=repo.work_tree
+        )
     if not message and not (verify and hooks.is_active(repo.git_dir, "commit-msg")):
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
     author = signature(repo, "author", strict=True)
@@ -833,7 +837,7 @@ def commit(
         )
         weights_key = still(WEIGHTS_FILE, adapter.weights_stat)
         _record_clean(repo, commit_id, content, weights_key, adapter.read_ns, files)
-    hooks.run_hook(repo.git_dir, "post-commit", [], env, may_refuse=False)
+    hooks.run_hook(repo.git_dir, "post-commit", [], env, may_refuse=False, work_tree=repo.work_tree)
     _ref_moved(repo, branch_ref or "HEAD", parent, commit_id)
     return CommitResult(
         commit_id,
@@ -861,7 +865,9 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(message.encode())
-        hooks.run_hook(repo.git_dir, "commit-msg", [str(path)], env, may_refuse=True)
+        hooks.run_hook(
+            repo.git_dir, "commit-msg", [str(path)], env, may_refuse=True, work_tree=repo.work_tree
+        )
         # Bytes, as git reads the file back: a text read would take the locale's encoding and
         # turn a lone "\r" into a line break.
         return decode_message(path.read_bytes(), "message the commit-msg hook left")

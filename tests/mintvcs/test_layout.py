@@ -208,3 +208,23 @@ def test_a_repository_another_user_owns_is_refused_as_git_refuses_it(work: Path)
     mint(work, "status", env={**listed, "GIT_CONFIG_VALUE_0": "*"})
     git(work / ".mint", "config", "safe.directory", "*")
     assert mint(work, "status", ok=False).returncode == 128
+
+
+def test_hooks_run_in_the_work_tree_a_gitfile_names_its_store_from(
+    work: Path, tmp_path: Path, peft_adapter: Path
+) -> None:
+    # As git runs hooks at the top of the work tree: they ran in the store's parent, which for
+    # a `.mint` gitfile is another directory.
+    store = tmp_path / "stores" / "adapter"
+    store.parent.mkdir()
+    shutil.copytree(work / ".mint", store)
+    inner = tmp_path / "inner"
+    copy_adapter(peft_adapter, inner)
+    mutate(inner, seed=5)
+    (inner / ".mint").write_text(f"gitdir: {store}\n")
+    record = tmp_path / "where"
+    hook = store / "hooks" / "post-commit"
+    hook.write_text(f"#!/bin/sh\npwd -P > {record}\n")
+    hook.chmod(0o755)
+    mint(inner, "commit", "-m", "inner", "--no-verify")
+    assert record.read_text().strip() == os.path.realpath(inner)
