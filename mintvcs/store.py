@@ -982,7 +982,7 @@ class Repository:
     # ----------------------------------------------------------------- objects
     def get_object(self, oid: str, *, what: str = "object") -> ShaFile:
         """Read one git object, naming `what` if it is missing or unreadable."""
-        from dulwich.errors import ChecksumMismatch, ObjectFormatException
+        from dulwich.errors import ObjectFormatException
         from dulwich.objects import ObjectID
 
         named = "" if what == "object" else f"{what}: "
@@ -1027,14 +1027,7 @@ class Repository:
                 raise CorruptObjectError(
                     f"{named}object {oid} is corrupt ({err or type(err).__name__}); run 'mintvcs fsck'"
                 ) from None
-        damaged: tuple[type[Exception], ...] = (
-            zlib.error,
-            ChecksumMismatch,
-            ObjectFormatException,
-            AssertionError,
-            IndexError,
-            *unreadable_file_errors(),
-        )
+        damaged = dulwich_damage_errors()
         try:
             return self._with_dulwich(lambda store: store[ObjectID(oid.encode())])
         except KeyError:
@@ -1631,7 +1624,6 @@ class Repository:
         fails (get_object then says why). Neither pack directory is listed again for it, as
         has_object(rescan=True), get_object and has_own_object each did: gc asks this of every
         borrowed object, thousands in a `git clone --shared`."""
-        from dulwich.errors import ChecksumMismatch, ObjectFormatException
         from dulwich.objects import ObjectID
 
         if not is_object_id(oid) or not os.path.exists(f"{self._objects_dir}/info/alternates"):
@@ -1648,17 +1640,9 @@ class Repository:
                     return alternate[key]  # a hit lists nothing: its packs are open
             return None
 
-        damaged: tuple[type[Exception], ...] = (
-            zlib.error,
-            ChecksumMismatch,
-            ObjectFormatException,
-            AssertionError,
-            IndexError,
-            *unreadable_file_errors(),
-        )
         try:
             return self._with_dulwich(lookup)
-        except damaged:
+        except dulwich_damage_errors():
             return None
 
     def has_objects(self, oids: Sequence[str]) -> list[bool]:
@@ -3292,6 +3276,21 @@ def _sha256_while_importing(adapter: AdapterFiles, indexes: list[int]) -> dict[i
     if failed:
         raise failed[0]
     return out
+
+
+def dulwich_damage_errors() -> tuple[type[Exception], ...]:
+    """What dulwich raises reading a damaged object or pack (a corrupt one, or one it could
+    not read whole)."""
+    from dulwich.errors import ChecksumMismatch, ObjectFormatException
+
+    return (
+        zlib.error,
+        ChecksumMismatch,
+        ObjectFormatException,
+        AssertionError,
+        IndexError,
+        *unreadable_file_errors(),
+    )
 
 
 def unreadable_file_errors() -> tuple[type[Exception], ...]:

@@ -341,6 +341,16 @@ def _blob_pack(git_dir: Path, i: int) -> Path:
     return git_dir / "objects" / "pack" / f"pack-{name}.pack"
 
 
+def _four_packs_past_a_limit_of_two(tmp_path: Path) -> Path:
+    """A new repository's store holding four packs, with gc.autoPackLimit 2."""
+    with porcelain.init(tmp_path / "repo", install_hooks=False) as repo:
+        git_dir = repo.git_dir
+    for i in range(4):
+        _blob_pack(git_dir, i)
+    git(git_dir, "config", "gc.autoPackLimit", "2")
+    return git_dir
+
+
 def test_exactly_auto_pack_limit_packs_is_not_past_it_as_in_git(tmp_path: Path) -> None:
     """gc --auto is due past gc.autoPackLimit packs, not at it: git's too_many_packs."""
     from mintvcs.maintenance import auto_gc_due
@@ -379,11 +389,7 @@ def test_gc_auto_0_turns_gc_auto_off_as_in_git(tmp_path: Path) -> None:
     """gc.auto 0 turns gc --auto off altogether, past gc.autoPackLimit packs too, as git's does."""
     from mintvcs.maintenance import auto_gc_due
 
-    with porcelain.init(tmp_path / "repo", install_hooks=False) as repo:
-        git_dir = repo.git_dir
-    for i in range(4):
-        _blob_pack(git_dir, i)
-    git(git_dir, "config", "gc.autoPackLimit", "2")
+    git_dir = _four_packs_past_a_limit_of_two(tmp_path)
     git(git_dir, "config", "gc.auto", "0")
     git(git_dir, "config", "gc.autoDetach", "false")
     oracle = tmp_path / "copy.git"
@@ -403,11 +409,7 @@ def test_gc_auto_once_due_removes_a_killed_writers_old_temporaries_as_git_does(
 ) -> None:
     """Once due, gc --auto removes the tmp_obj_*/tmp_pack_* a killed writer left, past the
     grace period, as git's gc --auto prunes them (and as the full gc did; --auto kept them)."""
-    with porcelain.init(tmp_path / "repo", install_hooks=False) as repo:
-        git_dir = repo.git_dir
-    for i in range(4):
-        _blob_pack(git_dir, i)
-    git(git_dir, "config", "gc.autoPackLimit", "2")
+    git_dir = _four_packs_past_a_limit_of_two(tmp_path)
     git(git_dir, "config", "gc.autoDetach", "false")
     names = ["pack/tmp_pack_old", "ab/tmp_obj_old", "pack/tmp_pack_young", "ab/tmp_obj_young"]
     three_weeks_ago = time.time() - 21 * 86400  # past git's prune expiry and our grace period
