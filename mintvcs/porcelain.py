@@ -415,9 +415,11 @@ def _read_date(text: str, where: str) -> tuple[int, str | None]:
 def _local_date(wall: tuple[int, ...]) -> tuple[int, str | None]:
     """(unix seconds, "+HHMM") of a local wall-clock time (year .. second), as git dates it.
 
-    The offset in force where the wall clock read as UTC falls, then in force at the instant
-    that offset gives; if those differ the clock is in a spring gap and the second one stands.
-    So the autumn hour that comes twice takes the offset of its side of the change at that UTC
+    The offset in force where the wall clock read as UTC falls, or else the one in force at the
+    instant that offset gives, whichever holds at its own instant; in a spring gap neither
+    does, and standard time's stands (tm_isdst 0: the offset before the change where summer
+    time is ahead; the one after in Dublin, whose winter time is the "daylight" one). So the
+    autumn hour that comes twice takes the offset of its side of the change at that UTC
     reading, and the zone written is the wall clock's distance from the instant (Berlin's 02:30
     in the gap is written +0100), each as a new git process dates it. (mktime would depend on
     the calls before it in the process.)
@@ -426,12 +428,14 @@ def _local_date(wall: tuple[int, ...]) -> tuple[int, str | None]:
 
     try:
         as_utc = calendar.timegm((*wall, 0, 1, 0))
-        first = time.localtime(as_utc).tm_gmtoff
-        then = time.localtime(as_utc - first).tm_gmtoff
-        if first != then and time.localtime(as_utc - then).tm_gmtoff == then:
-            first = then  # the offset that holds at its own instant
-        elif first != then:
-            first = min(first, then)  # neither holds: a gap, dated in the offset before it
+        there = time.localtime(as_utc)
+        then = time.localtime(as_utc - there.tm_gmtoff)
+        first = there.tm_gmtoff
+        if then.tm_gmtoff != first:
+            if time.localtime(as_utc - then.tm_gmtoff).tm_gmtoff == then.tm_gmtoff:
+                first = then.tm_gmtoff  # the offset that holds at its own instant
+            else:  # neither holds: a gap, dated in standard time
+                first = then.tm_gmtoff if there.tm_isdst else first
     except (OverflowError, OSError, ValueError):
         return -1, None  # out of range: refused by the caller
     instant = as_utc - first

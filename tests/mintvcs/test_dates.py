@@ -343,6 +343,7 @@ def test_a_tag_with_a_malformed_tagger_date_is_read_as_git_reads_it(work: Path) 
         ("Europe/Berlin", ("2023-03-26", "2023-10-29")),
         ("America/New_York", ("2023-03-12", "2023-11-05")),
         ("Australia/Lord_Howe", ("2023-04-02", "2023-10-01")),  # a half-hour change
+        ("Europe/Dublin", ("2024-03-31", "2024-10-27")),  # winter is its "daylight" time
     ],
 )
 def test_local_times_around_a_summer_time_change_are_dated_as_gits(
