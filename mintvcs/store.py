@@ -538,6 +538,8 @@ def _ceiling(start: str) -> str | None:
         if not os.path.isabs(entry):
             continue
         ceiling = entry if literal else os.path.realpath(entry)
+        if len(ceiling) > 1 and ceiling.endswith("/"):
+            ceiling = ceiling[:-1]  # as git: `/a/` is the ceiling `/a`
         length = 0 if ceiling == "/" else len(ceiling)  # "/" is above every path but itself
         above = start.startswith(ceiling[:length]) and start[length : length + 1] == "/"
         if above and start != "/" and (best is None or length > best[0]):
@@ -560,7 +562,9 @@ def _gitfile_target(path: Path) -> Path:
         raise BadGitfileError(f"{path} cannot be read ({err}); fix or remove it") from None
     if not text.startswith(b"gitdir: "):
         raise BadGitfileError(f"invalid gitfile format: {path}; fix or remove it")
-    target = Path(os.fsdecode(text[len(b"gitdir: ") :].rstrip(b"\r\n")))
+    # Up to a NUL, as git reads the path (a C string): Path() would refuse it with a traceback.
+    named = text[len(b"gitdir: ") :].rstrip(b"\r\n").split(b"\0", 1)[0]
+    target = Path(os.fsdecode(named))
     target = path.parent / target  # an absolute one stays itself
     if not _has_head(target):
         raise BadGitfileError(f"not a mintvcs repository: {target} (named by the gitfile {path})")

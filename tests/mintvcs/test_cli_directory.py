@@ -184,7 +184,7 @@ def test_discovery_stops_at_git_ceiling_directories_as_gits_does(tmp_path: Path)
     ceilings = [
         r, r + "/", r + "/sub", r + "/sub/deep", r + "/sub/deep/", str(top), "", "/",
         f"{r}/sub:/nowhere", f"/nowhere:{r}", f"relative/x:{r}/sub", f"{top}/link/sub",
-        f":{top}/link/sub", f"{top}/link/sub:",
+        f":{top}/link/sub", f"{top}/link/sub:", f":{r}/sub/",
     ]  # fmt: skip
     found = []
     for ceiling in ceilings:
@@ -203,5 +203,6 @@ def test_discovery_stops_at_git_ceiling_directories_as_gits_does(tmp_path: Path)
         found.append(not missing)
     assert found == [False, False, False, True, True, True, True, True] + [False] * 4 + [
         True,
+        False,
         False,
     ]

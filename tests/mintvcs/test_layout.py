@@ -94,6 +94,11 @@ def test_a_mint_gitfile_is_followed_and_never_falls_back_to_a_parent(
     result = mint(inner, "status", ok=False)
     assert result.returncode == 128
     assert f"not a mintvcs repository: {inner}/../nowhere" in result.stderr
+    # A path as git reads it, up to a NUL (it ended in a ValueError traceback).
+    (inner / ".mint").write_bytes(b"gitdir: a\0b\n")
+    result = mint(inner, "status", ok=False)
+    assert result.returncode == 128 and "Traceback" not in result.stderr
+    assert f"not a mintvcs repository: {inner}/a " in result.stderr
     (inner / ".mint").write_text("not a gitfile\n")
     assert "invalid gitfile format" in mint_fails(inner, "commit", "-m", "x", "--no-verify")
     assert git(work / ".mint", "rev-parse", "HEAD").stdout.strip() == outer_head
