@@ -2142,12 +2142,7 @@ def write_work_tree(
     # have taken them): they are never removed, nor written over, as git leaves an embedded
     # repository's files alone.
     gone = [path for path in gone if _inside_repository(work, path) is None]
-    for path in files:
-        if (folder := _inside_repository(work, path)) is not None:
-            raise MintError(
-                f"{quote_path(folder)} is another repository (it holds a .mint or a .git): "
-                f"checkout will not write {quote_path(path)} into it; move it away and retry"
-            )
+    files = {path: v for path, v in files.items() if _inside_repository(work, path) is None}
     for path in [*files, *gone]:  # before anything is written or removed
         _refuse_symlinked_parent(work, path)
     for path in files:
