@@ -84,6 +84,10 @@ def _odd_commits(parent: str) -> dict[str, tuple[bytes, bool]]:
             + b"\nzones\n",
             True,
         ),
+        "author past 2^64": (
+            tree + p + b"author %s 18446744073709551616 +0000\n" % WHO + c + b"\nlate\n",
+            True,
+        ),
         "empty message": (tree + p + a + c + b"\n", True),
         "blank lines and CR": (tree + p + a + c + b"\n\n\n  subject\r\nbody\r\n", True),
         "mergetag": (
@@ -101,6 +105,10 @@ def _odd_commits(parent: str) -> dict[str, tuple[bytes, bool]]:
             tree + p + a + c + b"encoding ISO-8859-1\n more\n\n\xe9\n",
             False,
         ),
+        "three-digit zone": (
+            tree + p + b"author %s %d +100\n" % (WHO, T0) + c + b"\nshort zone\n",
+            False,
+        ),
         "no zone": (tree + p + a + b"committer %s %d\n" % (WHO, T0) + b"\nno zone\n", False),
         "date -1": (tree + p + a + b"committer %s -1 +0000\n" % WHO + b"\nminus one\n", False),
         "two spaces": (tree + p + a + b"committer %s  5 +0000\n" % WHO + b"\nspaces\n", False),
@@ -113,6 +121,7 @@ def _odd_commits(parent: str) -> dict[str, tuple[bytes, bool]]:
             False,
         ),
         "continued committer": (tree + p + a + c + b" more\n\ncontinued\n", False),
+        "header with no value": (tree + p + a + c + b"x-flag\n\nflag\n", False),
         "no message": (tree + p + a + c, False),
         "no blank line": (tree + p + a + c + b"loose words\n", False),
     }
