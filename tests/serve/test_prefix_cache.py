@@ -126,6 +126,42 @@ def test_with_no_free_slot_the_lowest_holder_is_taken_over_without_a_copy() -> N
     assert cache.match(None, prompt, 39) == (older, 32)
     cache.release(again)
     assert cache.match(None, prompt, 39) == (-1, 0) and cache.available == 2
+    assert not cache._index  # no hash is left behind, slotless
+
+
+def test_a_slot_taken_over_holds_the_prefix_it_kept_and_its_logprobs() -> None:
+    cache = _cache(1)
+    holder = _tokens(15, 60)  # 3 blocks and some
+    lps = (None, *(TokenLogprobs(t, -1.0, ((t, -1.0),)) for t in holder[1:]))
+    slot, _ = _admit(cache, None, holder)
+    cache.publish(slot, None, holder, lps, 1)
+    cache.retire(slot, None, holder)
+    prompt = [*holder[:35], 5, 6]
+    again, cached = _admit(cache, None, prompt)  # the only slot: taken over, 2 blocks kept
+    assert (again, cached) == (slot, 32)
+    cache.publish(again, None, prompt)  # unscored, running
+    # Its third block is gone: the holder's whole prompt finds the two kept, no more, and a
+    # scored prompt the logprobs kept of them.
+    assert cache.match(None, holder, 59) == (slot, 32)
+    hit = cache.lookup(None, [*holder[:35], 9], scored=1)
+    assert hit.length == 16 and hit.logprobs == lps[:17]
+
+
+def test_with_no_free_slot_a_higher_holder_is_copied_down_not_taken_over() -> None:
+    cache = _cache(2)
+    first, second = _tokens(12, 40), _tokens(13, 40)
+    for prompt in (first, second):
+        slot, _ = _admit(cache, None, prompt)
+        cache.retire(slot, None, prompt)
+    # The second took slot 0, and what slot 0 held moved up to slot 1.
+    assert cache.match(None, first, 39) == (1, 32) and cache.kv.free_slots == 0
+    _fill(cache, 1, 4.0)
+    # Running sequences stay lowest: slot 0 is given up and the prefix copied into it, rather
+    # than slot 1 taken over.
+    again, cached = _admit(cache, None, [*first[:35], 5, 6])
+    assert (again, cached) == (0, 32)
+    assert bool((cache.kv.keys[1][0, :, :32] == 4.0).all())
+    assert cache.match(None, first, 39) == (1, 32) and cache.idle == 1
 
 
 def test_a_scored_prompt_settles_for_a_scored_holder_below_an_unscored_one() -> None:
@@ -146,6 +182,19 @@ def test_a_scored_prompt_settles_for_a_scored_holder_below_an_unscored_one() -> 
     assert cache._held[hit.slot].tokens == scored_holder
     assert [lp.token_id for lp in hit.logprobs[1:]] == scored_holder[1:33]
     assert cache.lookup(None, prompt, scored=2).length == 0  # it kept one alternative only
+    # A scored prompt ending one token past a block reuses that block: its last shared
+    # token's logprob is kept, and the hidden state before it is all the next one needs.
+    short = cache.lookup(None, scored_holder[:33], scored=1)
+    assert short.length == 32 and short.logprobs is not None and len(short.logprobs) == 33
+
+
+def test_a_retired_sequence_of_one_whole_block_is_kept() -> None:
+    cache = _cache(2)
+    prompt = _tokens(14, BLOCK)
+    slot, _ = _admit(cache, None, prompt)
+    cache.retire(slot, None, prompt)
+    assert cache.idle == 1
+    assert cache.lookup(None, [*prompt, 5]).length == BLOCK
 
 
 def test_a_published_running_prompt_is_a_source_and_disabled_caching_keeps_nothing() -> None:
@@ -180,6 +229,32 @@ def test_kv_slots_are_handed_out_once_and_never_the_scratch_slot() -> None:
         with pytest.raises(ValueError, match=f"KV slot {slot} is not allocated"):
             kv.free(slot)
     assert kv.free_slots == 1 and kv.allocate() == 2
+
+
+def test_kv_slots_are_handed_out_lowest_first_whatever_order_they_are_freed_in() -> None:
+    # Decode steps read the span of slots up to the highest running one: a freed low slot
+    # must be the next one taken.
+    kv = KVCache(1, 4, 8, 1, 2, dtype=torch.float32, device=torch.device("cpu"))
+    assert kv.keys[0].shape[0] == 4  # no scratch slot
+    assert [kv.allocate() for _ in range(4)] == [0, 1, 2, 3]
+    for slot in (0, 1, 3):
+        kv.free(slot)
+    assert kv.lowest_free() == 0
+    assert [kv.allocate() for _ in range(3)] == [0, 1, 3]
+    for slots, length in ((0, 8), (4, 0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            KVCache(1, slots, length, 1, 2, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_kv_gather_reads_the_keys_and_values_of_the_slots_asked_for() -> None:
+    # Decodes whose slots lie far apart read them gathered rather than as one span.
+    cache = _cache(3)
+    for slot in range(3):
+        _fill(cache, slot, float(slot + 1))
+    keys, values = cache.kv.gather(1, torch.tensor([2, 0]), 5)
+    assert keys.shape == values.shape == (2, 1, 5, 2)
+    assert keys[:, 0, :, 0].tolist() == [[3.0] * 5, [1.0] * 5]
+    assert values[:, 0, :, 0].tolist() == [[-3.0] * 5, [-1.0] * 5]
 
 
 def test_a_prompt_of_whole_blocks_leaves_its_last_block_to_compute() -> None:
