@@ -177,6 +177,9 @@ def test_an_lfs_pointer_is_named_as_one(tmp_path: Path) -> None:
         (struct.pack("<Q", 12) + b'{"a": {"dtyp', "does not parse"),
         (struct.pack("<Q", 9) + b'{"a": [1]}', "does not parse"),
         (struct.pack("<Q", 2) + b"[]", "does not parse"),
+        (struct.pack("<Q", 1) + b"7", "a JSON int, not an object"),
+        (struct.pack("<Q", 40) + b'{"a": {"dtype": "F32", "shape": [true]}}', "has no shape"),
+        (struct.pack("<Q", 21) + b'{"a": {"shape": [1]}}', "has no dtype"),
         (b"\x01\x02", "truncated"),
     ],
 )

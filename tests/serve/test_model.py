@@ -699,6 +699,14 @@ def test_model_type_alone_names_the_architecture() -> None:
     assert ModelConfig.from_dict(raw).arch == "qwen2"
 
 
+def test_the_architectures_list_names_the_architecture_before_model_type() -> None:
+    """The first supported name in `architectures` wins; entries that are no name are skipped."""
+    raw = _qwen2()
+    raw["architectures"] = [None, ["LlamaForCausalLM"], "Qwen2ForCausalLM"]
+    raw["model_type"] = "llama"
+    assert ModelConfig.from_dict(raw).arch == "qwen2"
+
+
 def test_rope_parameters_theta_wins_over_a_top_level_one_as_transformers() -> None:
     """A leftover top-level rope_theta yields to rope_parameters' own, as transformers 5 reads it."""
     from transformers import LlamaConfig
@@ -745,6 +753,19 @@ def test_a_missing_shard_is_named_before_any_is_read(tmp_path: Path) -> None:
     index = {"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"b\.safetensors"):
+        safetensors_files(tmp_path)
+
+
+def test_an_index_names_each_shard_once_and_must_map_tensors_to_files(tmp_path: Path) -> None:
+    """A shard holding many tensors is one file to read; a weight_map that is no object is named."""
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    index = tmp_path / "model.safetensors.index.json"
+    mapped = {"x": "b.safetensors", "y": "a.safetensors", "z": "b.safetensors"}
+    index.write_text(json.dumps({"weight_map": mapped}))
+    assert safetensors_files(tmp_path) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    index.write_text(json.dumps({"weight_map": ["a.safetensors"]}))
+    with pytest.raises(CheckpointError, match="has no 'weight_map' object"):
         safetensors_files(tmp_path)
 
 
