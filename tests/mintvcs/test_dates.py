@@ -192,6 +192,34 @@ def test_a_malformed_date_line_is_read_as_git_reads_it(work: Path) -> None:
     assert fsck.stderr.count("malformed commit") == 5, fsck.stderr
 
 
+def test_the_date_of_an_odd_identity_is_read_as_git_reads_it(work: Path) -> None:
+    # git reads a date only after an identity's `<...>`, from its last `>` on: digits alone,
+    # or after a `>` with no `<`, are no date (the epoch), though they look like one.
+    git_dir = work / ".mint"
+    tip = git(git_dir, "rev-parse", "main").stdout.strip()
+    tree = git(git_dir, "rev-parse", "main^{tree}").stdout.strip()
+    authors = [
+        "1700000000 +0100",
+        "A> 1700000000 +0100",
+        "A <a@x>> 1700000000 -0130",
+        "A <a@x> 1700000000 +2147483647",  # git keeps a zone short of int's bounds: +0000
+    ]
+    for n, author in enumerate(authors):
+        body = (
+            f"tree {tree}\nparent {tip}\nauthor {author}\n"
+            f"committer C U <c@x> 1700000100 +0000\n\nodd {n}\n"
+        )
+        command = ("hash-object", "-t", "commit", "-w", "--literally", "--stdin")
+        tip = git(git_dir, *command, input_text=body).stdout.strip()
+    git(git_dir, "update-ref", "refs/heads/odd", tip)
+    rows = git(git_dir, "log", "-4", "--format=%ad", "--date=raw", "odd").stdout.splitlines()
+    # No date: %ad is empty (and git's Date: line shows the epoch).
+    shown = [(int(t), zone_seconds(int(z))) for t, z in (r.split() or ("0", "0") for r in rows)]
+    assert shown == [(1700000000, 0), (1700000000, -5400), (0, 0), (0, 0)]
+    listed = json.loads(mint(work, "log", "--json", "-n", "4", "odd").stdout)
+    assert [(c["author_time"], c["author_timezone"]) for c in listed] == shown
+
+
 def test_dates_are_shown_as_git_shows_them(work: Path) -> None:
     # Zones git itself writes from `@N +0060` or that other tools wrote: git log prints their
     # digits as they are, at the wall clock they give; a date git does not read as digits
@@ -261,6 +289,8 @@ def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
         "1_700_000_000 +0000",  # badDate
         "-1 +0000",  # badDateOverflow
         "9223372036854775808 +0000",
+        "18446744073709551621 +0000",
+        "- +0000",  # badDate: a sign, no digits
         "1700000000 +01",  # badTimezone
         "1700000000 +000000",
         "1700000000 +0000 extra",
@@ -282,6 +312,13 @@ def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
                 input_text=tag,
             ).stdout.strip()
         ] = date  # fmt: skip
+    # Identities that are odd before the date (no name: git says so, not that a space is missing).
+    for n, ident in enumerate(
+        ["<t@x> 1700000000 +0000", "T <t@x>1700000000 +0000", "T<t@x> 1 +0000"]
+    ):
+        tag = f"object {main}\ntype commit\ntag i{n}\ntagger {ident}\n\nm\n"
+        command = ("hash-object", "-t", "tag", "-w", "--literally", "--stdin")
+        made[git(git_dir, *command, input_text=tag).stdout.strip()] = ident
 
     def flagged(output: str, prefix: str) -> dict[str, str]:
         found = {}
@@ -299,6 +336,11 @@ def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
         "1_700_000_000 +0000": "badDate",
         "-1 +0000": "badDateOverflow",
         "9223372036854775808 +0000": "badDateOverflow",
+        "18446744073709551621 +0000": "badDateOverflow",
+        "- +0000": "badDate",
+        "<t@x> 1700000000 +0000": "missingNameBeforeEmail",
+        "T <t@x>1700000000 +0000": "missingSpaceBeforeDate",
+        "T<t@x> 1 +0000": "missingSpaceBeforeEmail",
         "1700000000 +01": "badTimezone",
         "1700000000 +000000": "badTimezone",
         "1700000000 +0000 extra": "badTimezone",
