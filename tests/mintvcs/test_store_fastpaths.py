@@ -550,6 +550,27 @@ def test_checkout_reads_only_the_small_tensors_of_the_file_it_replaces(tmp_path:
             assert previous[begin:end] == on_disk[begin:end], record.name
 
 
+def test_only_a_plain_weights_file_of_a_plausible_size_is_read_for_its_tensors(
+    tmp_path: Path,
+) -> None:
+    # A symlink may point anywhere and a directory or a FIFO is no weights file; a file too short
+    # for a header, or far larger than the revision, is not what it replaces: all decoded.
+    work = _repository_of(tmp_path, _many_tensors(tmp_path / "src", 19, 300))
+    mint(work, "commit", "-m", "r0")
+    with Repository.open(work) as repo:
+        manifest = repo.read_revision(repo.resolve("HEAD")).manifest
+    kept = ReplacedWeights.read(work / WEIGHTS, manifest)
+    assert kept is not None
+    kept.close()
+    (tmp_path / "link").symlink_to(work / WEIGHTS)
+    (tmp_path / "short").write_bytes(b"\x10\x00\x00")
+    with open(tmp_path / "huge", "wb") as handle:  # sparse: no disk taken
+        handle.truncate(2 * manifest.nbytes + (64 << 20) + 1)
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("link", "short", "huge", "fifo"):
+        assert ReplacedWeights.read(tmp_path / name, manifest) is None, name
+
+
 def test_a_walk_down_a_packed_history_parses_no_commit_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
