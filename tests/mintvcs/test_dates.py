@@ -203,6 +203,7 @@ def test_the_date_of_an_odd_identity_is_read_as_git_reads_it(work: Path) -> None
         "A> 1700000000 +0100",
         "A <a@x>> 1700000000 -0130",
         "A <a@x> 1700000000 +2147483647",  # git keeps a zone short of int's bounds: +0000
+        "A <a@x> \v1700000000 +0100",  # git log skips no \v before the date
     ]
     for n, author in enumerate(authors):
         body = (
@@ -212,11 +213,11 @@ def test_the_date_of_an_odd_identity_is_read_as_git_reads_it(work: Path) -> None
         command = ("hash-object", "-t", "commit", "-w", "--literally", "--stdin")
         tip = git(git_dir, *command, input_text=body).stdout.strip()
     git(git_dir, "update-ref", "refs/heads/odd", tip)
-    rows = git(git_dir, "log", "-4", "--format=%ad", "--date=raw", "odd").stdout.splitlines()
+    rows = git(git_dir, "log", "-5", "--format=%ad", "--date=raw", "odd").stdout.splitlines()
     # No date: %ad is empty (and git's Date: line shows the epoch).
     shown = [(int(t), zone_seconds(int(z))) for t, z in (r.split() or ("0", "0") for r in rows)]
-    assert shown == [(1700000000, 0), (1700000000, -5400), (0, 0), (0, 0)]
-    listed = json.loads(mint(work, "log", "--json", "-n", "4", "odd").stdout)
+    assert shown == [(0, 0), (1700000000, 0), (1700000000, -5400), (0, 0), (0, 0)]
+    listed = json.loads(mint(work, "log", "--json", "-n", "5", "odd").stdout)
     assert [(c["author_time"], c["author_timezone"]) for c in listed] == shown
 
 
@@ -259,7 +260,10 @@ def test_dates_are_shown_as_git_shows_them(work: Path) -> None:
 
 @pytest.mark.parametrize(
     "odd",
-    ["-1 +0000", "1_900 +0000", "1900", " +5 +0000", "99999999999999999999999 +0000", "x"],
+    [
+        *("-1 +0000", "1_900 +0000", "1900", " +5 +0000", "99999999999999999999999 +0000", "x"),
+        "\v3000 +0000",  # strtoumax skips \v: the newest
+    ],
 )
 def test_log_orders_commits_by_the_date_git_reads(work: Path, odd: str) -> None:
     # git orders by strtoumax of the committer line after its '>': -1 is 2^64 - 1, the newest
@@ -278,6 +282,22 @@ def test_log_orders_commits_by_the_date_git_reads(work: Path, odd: str) -> None:
         assert listed == git(git_dir, "log", "--format=%H", *spec).stdout.split(), spec
 
 
+def test_a_commit_ending_at_its_committer_line_is_ordered_as_git_orders_it(work: Path) -> None:
+    # git reads the ordering date only where something follows the committer line: a commit
+    # that ends there (no blank line, no message) sorts as the epoch, whatever its date.
+    git_dir = work / ".mint"
+    root = git(git_dir, "rev-parse", "main").stdout.strip()
+    tree = git(git_dir, "rev-parse", "main^{tree}").stdout.strip()
+    first = literal_commit(git_dir, root, "1000 +0000", "1000 +0000", "A")
+    body = f"tree {tree}\nparent {first}\nauthor A <a@x> 3000 +0000\ncommitter C <c@x> 3000 +0000\n"
+    command = ("hash-object", "-t", "commit", "-w", "--literally", "--stdin")
+    bare = git(git_dir, *command, input_text=body).stdout.strip()
+    side = literal_commit(git_dir, first, "2000 +0000", "2000 +0000", "D")
+    listed = [c["commit"] for c in json.loads(mint(work, "log", "--json", bare, side).stdout)]
+    assert listed == git(git_dir, "log", "--format=%H", bare, side).stdout.split()
+    assert listed[0] == side and listed[-1] == bare  # dated 3000, and yet the oldest
+
+
 def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
     # dulwich only checks that a date fits 64 bits: mintvcs fsck passed what git fsck rejects,
     # which a server with receive.fsckObjects would refuse. Each line below, as an author's,
@@ -291,6 +311,7 @@ def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
         "9223372036854775808 +0000",
         "18446744073709551621 +0000",
         "- +0000",  # badDate: a sign, no digits
+        " x",
         "1700000000 +01",  # badTimezone
         "1700000000 +000000",
         "1700000000 +0000 extra",
@@ -338,6 +359,7 @@ def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
         "9223372036854775808 +0000": "badDateOverflow",
         "18446744073709551621 +0000": "badDateOverflow",
         "- +0000": "badDate",
+        " x": "badDate",
         "<t@x> 1700000000 +0000": "missingNameBeforeEmail",
         "T <t@x>1700000000 +0000": "missingSpaceBeforeDate",
         "T<t@x> 1 +0000": "missingSpaceBeforeEmail",
