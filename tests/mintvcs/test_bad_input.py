@@ -220,6 +220,7 @@ BAD_NAMES = [
     ".git. .",
     ".g\u200cit",
     ".gitmodules",
+    "GITMOD~4",  # an NTFS short name of .gitmodules
 ]
 
 
@@ -229,6 +230,7 @@ BAD_NAMES = [
     ids=[
         *("slash", "dotdot-path", "dotdot", "nul", "empty"),
         *("dotgit-case", "dotgit-ntfs-short", "dotgit-ntfs-dots", "dotgit-hfs", "gitmodules"),
+        "gitmodules-ntfs-short",
     ],
 )
 def test_bad_tensor_names(work: Path, tmp_path: Path, name: str) -> None:
@@ -509,6 +511,7 @@ def test_close_after_reading_a_corrupt_packed_object(work: Path) -> None:
         "sub/.MINT./hooks/pre-commit",
         "sub/.git/hooks/pre-commit",
         "MINT~1/hooks/post-commit",  # the NTFS short name of .mint, as git~1 is .git's
+        "sub/mint~2/hooks/pre-commit",  # or another's, where mint~1 was taken
     ],
 )
 def test_a_revision_naming_an_unsafe_path_is_refused(work: Path, path: str) -> None:
@@ -569,6 +572,7 @@ def test_a_path_checkout_could_not_write_is_refused_before_anything_is(
         "Adapter_Config.json",
         "adapter_config.json.",  # NTFS drops trailing dots and spaces
         "adapter_model.safetensors ",
+        "adapter_config.json:x",  # NTFS opens the file's stream x
         "ADAPTE~1.JSO",  # the config's NTFS short name
         "adapter\u200c_model.safetensors",  # HFS+ ignores U+200C
         "ADAPTER_CONFIG.JSON/x",

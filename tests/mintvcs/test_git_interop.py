@@ -615,6 +615,10 @@ def test_a_symbolic_branch_is_listed_and_deleted_as_git_does(work: Path) -> None
         # dulwich's check only knows ".git"; git's hasDotgit also catches case and NTFS aliases.
         (b".GIT", "entry git reads '.GIT' as .git"),
         (b"git~1", "entry 'git~1' is an NTFS short name"),
+        (b"GIT~1. ", "entry 'GIT~1. ' is an NTFS short name"),  # NTFS drops the dot and space
+        # Code points HFS+ ignores, from both ends of git's ranges.
+        (".g\u202eit".encode(), "entry git reads"),
+        (".gi\u206ft".encode(), "entry git reads"),
     ],
 )
 def test_fsck_flags_tree_entries_git_fsck_flags(work: Path, name: bytes, problem: str) -> None:
