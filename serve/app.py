@@ -757,16 +757,14 @@ def engine_config(config: ServerConfig) -> Any:
 
     from mintvcs.kernels.torch_ops import work_dtype
     from mintvcs.serve.engine import EngineConfig
-    from mintvcs.serve.loader import read_config, stored_dtype
+    from mintvcs.serve.loader import read_config
     from mintvcs.serve.model import LORA_MODULES
 
     model = read_config(config.base_model)
     probe = EngineConfig(device=config.device, dtype=config.dtype)
     device = probe.torch_device()
     # The host cache holds factors as the slots do: on CPU, half types are held in fp32.
-    itemsize = work_dtype(
-        probe.torch_dtype(device, stored_dtype(config.base_model)), device
-    ).itemsize
+    itemsize = work_dtype(probe.torch_dtype(device, model.stored_dtype), device).itemsize
     # A revision of rank max_rank on every targeted linear is the largest the host cache must hold.
     per_revision = sum(
         config.max_rank * sum(model.linear_shape(m)) * itemsize for m in LORA_MODULES

@@ -33,7 +33,6 @@ from mintvcs.serve.loader import (
     read_config,
     read_special_tokens,
     safetensors_files,
-    stored_dtype,
     token_text,
 )
 from mintvcs.serve.model import LORA_MODULES, Model
@@ -391,8 +390,8 @@ class Engine:
         else:
             self.base_dir = Path(base)
             device = config.torch_device()
-            dtype = config.torch_dtype(device, stored_dtype(self.base_dir))
             model_config = read_config(self.base_dir)
+            dtype = config.torch_dtype(device, model_config.stored_dtype)
             limit = model_config.trained_positions
             if config.max_model_len is not None and config.max_model_len > limit:
                 raise EngineError(

@@ -83,6 +83,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # (field, where its value came from) for the shape fields config.json does not give.
     implied: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    # The dtype its weights are stored in (torch_dtype; transformers 5: dtype), "float16" say.
+    stored_dtype: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
@@ -201,7 +203,14 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             implied=tuple(implied),
+            stored_dtype=_stored_dtype(raw),
         )
+
+
+def _stored_dtype(raw: dict[str, Any]) -> str | None:
+    """config.json's torch_dtype (transformers 5: dtype), "float16" say; None if it names none."""
+    value = raw.get("dtype", raw.get("torch_dtype"))
+    return value if isinstance(value, str) else None
 
 
 # Keys a config.json must give (transformers' defaults for them are no model's real values).
@@ -392,17 +401,6 @@ def read_config(directory: Path) -> ModelConfig:
         ids = tuple(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)]))
         config = dataclasses.replace(config, eos_token_ids=ids)
     return config
-
-
-def stored_dtype(directory: Path) -> str | None:
-    """config.json's torch_dtype (transformers 5: dtype), "float16" say; None if it names none."""
-    path = Path(directory) / "config.json"
-    try:
-        raw = read_json(path)
-    except CheckpointError:
-        return None
-    value = raw.get("dtype", raw.get("torch_dtype")) if isinstance(raw, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def _check_readable(path: Path) -> None:

@@ -925,22 +925,25 @@ def test_the_tokenizers_eos_token_ends_a_sequence(tmp_path: Path, where: str) ->
     ],
 )
 def test_default_dtype_keeps_an_fp16_base_fp16_on_cuda(
-    tmp_path: Path, key: str | None, stored: str | None, cuda: torch.dtype
+    tiny_base: Path, tmp_path: Path, key: str | None, stored: str | None, cuda: torch.dtype
 ) -> None:
     """As vLLM's auto: bf16 would round an fp16 base's weights to 7 mantissa bits; CPU stays fp32
     and a configured dtype wins. (Only the choice runs here: no CUDA device is needed for it.)"""
-    from mintvcs.serve.loader import stored_dtype
+    from mintvcs.serve.loader import read_config
 
-    config: dict[str, Any] = {"architectures": ["LlamaForCausalLM"]}
+    config: dict[str, Any] = json.loads((tiny_base / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config.pop("dtype", None)
     if key is not None:
         config[key] = stored
     (tmp_path / "config.json").write_text(json.dumps(config))
-    assert stored_dtype(tmp_path) == stored
+    read = read_config(tmp_path).stored_dtype
+    assert read == stored
     auto = EngineConfig()
-    assert auto.torch_dtype(torch.device("cuda"), stored_dtype(tmp_path)) == cuda
-    assert auto.torch_dtype(torch.device("cpu"), stored_dtype(tmp_path)) == torch.float32
+    assert auto.torch_dtype(torch.device("cuda"), read) == cuda
+    assert auto.torch_dtype(torch.device("cpu"), read) == torch.float32
     chosen = EngineConfig(dtype="bfloat16")
-    assert chosen.torch_dtype(torch.device("cuda"), stored_dtype(tmp_path)) == torch.bfloat16
+    assert chosen.torch_dtype(torch.device("cuda"), read) == torch.bfloat16
 
 
 def test_a_finished_request_finds_its_tokens_counted(
