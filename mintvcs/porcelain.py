@@ -581,9 +581,14 @@ def _ref_moved(repo: Repository, ref: str, old: str | None, new: str | None) -> 
     """Tell the ref-update hook (e.g. one that notifies running servers) that `ref` moved."""
     env = hooks.hook_env(repo.git_dir)
     args = [ref, old or ZERO, new or ZERO]
-    hooks.run_hook(
-        repo.git_dir, "ref-update", args, env, may_refuse=False, work_tree=repo.work_tree
-    )
+    _run_hook(repo, "ref-update", args, env, may_refuse=False)
+
+
+def _run_hook(
+    repo: Repository, name: str, args: list[str], env: dict[str, str], *, may_refuse: bool
+) -> None:
+    """hooks.run_hook in the repository's work tree, where git runs hooks."""
+    hooks.run_hook(repo.git_dir, name, args, env, may_refuse=may_refuse, work_tree=repo.work_tree)
 
 
 # --------------------------------------------------------------------- init
@@ -721,9 +726,7 @@ def commit(
     # the codec builds anyway. Any other pre-commit hook runs as a program, as in git.
     check_in_process = verify and hooks.is_sample(repo.git_dir, "pre-commit")
     if verify and not check_in_process:
-        hooks.run_hook(
-            repo.git_dir, "pre-commit", [], env, may_refuse=True, work_tree=repo.work_tree
-        )
+        _run_hook(repo, "pre-commit", [], env, may_refuse=True)
     if not message and not (verify and hooks.is_active(repo.git_dir, "commit-msg")):
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
     author = signature(repo, "author", strict=True)
@@ -841,7 +844,7 @@ def commit(
         )
         weights_key = still(WEIGHTS_FILE, adapter.weights_stat)
         _record_clean(repo, commit_id, content, weights_key, adapter.read_ns, files)
-    hooks.run_hook(repo.git_dir, "post-commit", [], env, may_refuse=False, work_tree=repo.work_tree)
+    _run_hook(repo, "post-commit", [], env, may_refuse=False)
     _ref_moved(repo, branch_ref or "HEAD", parent, commit_id)
     return CommitResult(
         commit_id,
@@ -869,9 +872,7 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(message.encode())
-        hooks.run_hook(
-            repo.git_dir, "commit-msg", [str(path)], env, may_refuse=True, work_tree=repo.work_tree
-        )
+        _run_hook(repo, "commit-msg", [str(path)], env, may_refuse=True)
         # Bytes, as git reads the file back: a text read would take the locale's encoding and
         # turn a lone "\r" into a line break.
         return decode_message(path.read_bytes(), "message the commit-msg hook left")
