@@ -110,6 +110,18 @@ class RefExistsError(MintError):
     """A branch or tag that already exists, without --force."""
 
 
+class NoWorkTreeError(MintError):
+    """A command that writes or reads a work tree, in a repository without one (a bare store)."""
+
+    exit_code = 128  # git's `fatal: this operation must be run in a work tree`
+
+
+class OptionsError(MintError):
+    """Options that cannot go together: a usage error, as the CLI's own."""
+
+    exit_code = 2  # click's usage errors
+
+
 # ------------------------------------------------------------------ helpers
 class BadIdentityError(MintError):
     """A user name, email or date that would break the commit's author or committer line."""
@@ -639,13 +651,13 @@ def init(
                 "a local checkpoint directory, or a model id such as org/name"
             )
         if base_model_id is not None and not path.is_dir():
-            raise MintError(
+            raise OptionsError(
                 f"--base-model-id names a local --base-model directory; {base_model} is an id, "
                 "recorded as given"
             )
         base = read_base_model(path, base_model_id) if path.is_dir() else BaseModel(base_model)
     elif base_model_id is not None:
-        raise MintError("--base-model-id names the --base-model directory: give --base-model")
+        raise OptionsError("--base-model-id names the --base-model directory: give --base-model")
     repo = Repository.init(Path(directory), base, shared=perm)
     if install_hooks:
         try:
@@ -703,7 +715,7 @@ def commit(
     # `--from .`, or the work tree by a symlinked path, is the work tree: its record follows.
     of_work_tree = source is not None and _same_dir(source, repo.work_tree)
     if source is None:
-        raise MintError("this repository has no work tree: pass --from DIR")
+        raise NoWorkTreeError("this repository has no work tree: pass --from DIR")
     if branch is not None:
         check_branch_name(branch)
         ref = f"refs/heads/{branch}"
@@ -1270,7 +1282,7 @@ def _status(
     """status(), and the work tree's adapter files when they were read (for a second comparison).
     `known`: HEAD's revision as the caller holds it (read once, where it has to be)."""
     if repo.work_tree is None:
-        raise MintError("this repository has no work tree")
+        raise NoWorkTreeError("this repository has no work tree")
     branch, head = repo.current_branch(), repo.head_commit()
     head_rev = _revision_of(repo, head, known)
 
@@ -2118,7 +2130,7 @@ def write_work_tree(
     """
     work = repo.work_tree
     if work is None:
-        raise MintError("this repository has no work tree")
+        raise NoWorkTreeError("this repository has no work tree")
     files = rev.files()  # refuses a revision holding a file no checkout writes, before any work
     # Unchanged small tensors are taken from the weights file replaced, not decoded.
     if show_progress:
@@ -2494,6 +2506,8 @@ def checkout(
     # As git: `-` is `@{-1}`, and `@{-N}` is the name it stands for, so that it switches back
     # to that branch (and the reflog names it) rather than detaching at its commit.
     spec = repo.expand_previous("@{-1}" if spec == "-" else spec)
+    if repo.work_tree is None:  # git refuses even a switch that would write no file
+        raise NoWorkTreeError("this repository has no work tree")
     if new_branch is not None and spec in ("HEAD", "@") and repo.head_commit() is None:
         return _new_unborn_branch(repo, new_branch)
     # A branch name switches to that branch even where a tag of the same name exists (as git

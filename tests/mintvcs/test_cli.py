@@ -665,9 +665,11 @@ def test_init_names_a_hub_cache_snapshot_by_its_hub_id_and_takes_base_model_id(
     assert recorded["id"] == "mine/v2" and recorded["fingerprint"] == fingerprint(tiny_base)
     out = mint(tiny_base, "init", str(tmp_path / "dot"), "--base-model", ".")
     assert f"base model: {tiny_base.name} (" in out.stdout
-    # An id needs a directory to name, and must be a name.
-    line = mint_fails(tmp_path, "init", "r3", "--base-model", "org/x", "--base-model-id", "y")
-    assert "--base-model-id" in line and not (tmp_path / "r3" / ".mint").exists()
+    # An id needs a directory to name, and must be a name: usage errors, as the empty one.
+    for misuse in (["--base-model", "org/x", "--base-model-id", "y"], ["--base-model-id", "y"]):
+        result = mint(tmp_path, "init", "r3", *misuse, ok=False)
+        assert result.returncode == 2 and "error: --base-model-id" in result.stderr
+        assert not (tmp_path / "r3" / ".mint").exists()
     result = mint(
         tmp_path, "init", "r4", "--base-model", str(snapshot), "--base-model-id", "", ok=False
     )

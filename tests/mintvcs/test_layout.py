@@ -238,3 +238,20 @@ def test_hooks_run_in_the_work_tree_a_gitfile_names_its_store_from(
     hook.chmod(0o755)
     mint(inner, "commit", "-m", "inner", "--no-verify")
     assert record.read_text().strip() == os.path.realpath(inner)
+
+
+def test_a_store_without_work_tree_refuses_checkout_as_git_refuses_it(
+    work: Path, tmp_path: Path
+) -> None:
+    # A git clone's `.git` is a store without work tree: checkout of the branch HEAD names said
+    # "Already on" and exited 0, where git says the operation needs a work tree (128).
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(work / ".mint"), str(clone)], check=True, env=ENV)
+    store = clone / ".git"
+    head = git(store, "symbolic-ref", "HEAD").stdout
+    for args in (["checkout", "main"], ["checkout", "-b", "x"], ["status"], ["reset", "--hard"]):
+        result = mint(store, *args, ok=False)
+        assert result.returncode == 128, (args, result.stderr)
+        assert "error: this repository has no work tree" in result.stderr
+    assert git(store, "symbolic-ref", "HEAD").stdout == head
+    assert git(store, "branch", "--list", "x").stdout == ""
