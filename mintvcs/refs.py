@@ -574,6 +574,7 @@ class _Lock:
         self.lock_path = path + ".lock"
         self.fd: int | None = fd
         self.held = True
+        self._identity = _file_identity(os.fstat(fd))
 
     def write_commit(self, data: bytes) -> None:
         """Write data, fsync and rename over the target, so readers see old or new."""
@@ -583,21 +584,36 @@ class _Lock:
             os.fsync(self.fd)
         except OSError as err:
             raise write_failed(err, self.lock_path, "unable to write") from None
-        os.close(self.fd)
-        self.fd = None
+        # Forgotten before it is closed: a Ctrl-C between the two must not make release()
+        # close the number again, by then perhaps another file's.
+        fd, self.fd = self.fd, None
+        os.close(fd)
         os.rename(self.lock_path, self.path)
         # From here the lock path may already be another process's lock: never touch it.
         self.held = False
 
+    def renamed(self) -> bool:
+        """Whether the lock file went over the target: an interrupt (Ctrl-C) can land between
+        the rename and the line that records it."""
+        try:
+            return _file_identity(os.stat(self.lock_path)) != self._identity
+        except FileNotFoundError:
+            return True
+
     def release(self) -> None:
         """Drop the lock without changing the target (idempotent)."""
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            fd, self.fd = self.fd, None
+            os.close(fd)
         if self.held:
             self.held = False
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.lock_path)
+            if not self.renamed():  # else the lock path may already be another process's
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.lock_path)
+
+
+def _file_identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 @dataclass(frozen=True)
@@ -1060,8 +1076,9 @@ class RefStore:
                         appended.append(self._append_log(ref, prev, new, identity, ts, tz, message))
                     locks[-1].write_commit((new + "\n").encode())
                 except BaseException:
-                    for entry in appended:
-                        entry.undo()
+                    if not locks[-1].renamed():  # the lines of a move that happened stay
+                        for entry in appended:
+                            entry.undo()
                     raise
                 return
             try:

@@ -666,6 +666,11 @@ _HELD_WRITES: contextvars.ContextVar[tuple[tuple[Repository, HeldWrites], ...]] 
 )
 
 
+def _release_hold(held: HeldWrites) -> None:
+    """Take `held` off this context's holds (a no-op where it never got on)."""
+    _HELD_WRITES.set(tuple(entry for entry in _HELD_WRITES.get() if entry[1] is not held))
+
+
 # How much of an object's content zlib is given at once (write_object).
 _DEFLATE_STEP = 1 << 20
 
@@ -1477,16 +1482,22 @@ class Repository:
         encoded (its commit-msg hook) leaves the store as it was. Until then no reader, nor
         another writer of the same object, can see or rely on them; a process killed meanwhile
         leaves temporaries that gc removes once stale."""
+        # Holds never nest: one found here is what a Ctrl-C left of an earlier block (it can
+        # land inside the release below too), and its objects were never committed to.
+        for repo, stale in _HELD_WRITES.get():
+            if repo is self:
+                stale.drop()
+                _release_hold(stale)
         held = HeldWrites()
-        token = _HELD_WRITES.set((*_HELD_WRITES.get(), (self, held)))
         try:
-            yield held
-        except BaseException:
-            _HELD_WRITES.reset(token)
-            held.drop()
-            raise
-        _HELD_WRITES.reset(token)
-        try:
+            # Set inside the try, and taken back by identity rather than by token: a Ctrl-C
+            # landing between the two would leave every later write of this thread held and
+            # never stored, while its commits still moved their branches.
+            _HELD_WRITES.set((*_HELD_WRITES.get(), (self, held)))
+            try:
+                yield held
+            finally:
+                _release_hold(held)
             for tmp, final in held.moves:  # a pack before its index, as readers find packs
                 os.replace(tmp, final)
         except BaseException:
