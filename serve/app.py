@@ -271,7 +271,7 @@ class ServerState:
 
     def ref_label(self, ref: str | None) -> str:
         """The metrics label of `ref` (refwatch.metric_label), or OTHER_REFS past max_ref_labels refs."""
-        label = metric_label(ref)
+        label = self._short_label(ref)
         labels = self._ref_labels
         if label in labels:
             return label
@@ -279,6 +279,14 @@ class ServerState:
         if len(labels) >= self.config.max_ref_labels:
             return OTHER_REFS
         labels.add(label)
+        return label
+
+    def _short_label(self, ref: str | None) -> str:
+        """metric_label(ref), or the full ref name where the short one reaches another ref (a
+        branch beside a tag of its name), as /v1/models lists it: one series per ref."""
+        label = metric_label(ref)
+        if ref is not None and label != ref and self.watcher.ref_of(label) != ref:
+            return ref
         return label
 
     def __post_init__(self) -> None:
@@ -421,7 +429,7 @@ class ServerState:
 
     def _live_revisions(self) -> dict[tuple[str, ...], float]:
         """(branch or tag, commit) of each ref requested lately as is (not `main~1`), as it is now."""
-        return {(metric_label(r.ref), r.commit): 1.0 for r in self.watcher.live()}
+        return {(self._short_label(r.ref), r.commit): 1.0 for r in self.watcher.live()}
 
     def harvest_load_latency(self) -> None:
         """Move new slot-load durations from the engine's counters into the histogram."""

@@ -1415,6 +1415,22 @@ def test_metrics_show_which_revision_each_ref_serves(
         if line.startswith("mint_ref_revision_info{")
     }
     assert live["main"] == repo.resolve("main") and live["prod"] == repo.resolve("prod")
+    # A branch beside the tag `prod` (which `prod` resolves to) is a series of its own, named
+    # as /v1/models names it: both were one `ref="prod"`, their requests and revisions mixed.
+    porcelain.branch_create(repo, "prod", "product-b")
+    try:
+        assert gen(server, prompt="x", ref="refs/heads/prod", max_tokens=1)[0] == 200
+        _, _, text = request(server.url + "/metrics")
+        series = [
+            line.split('ref="', 1)[1].split('"', 1)[0]
+            for line in text.splitlines()
+            if line.startswith("mint_ref_revision_info{")
+        ]
+        assert sorted(series).count("prod") == 1 and "refs/heads/prod" in series
+        requests = [line for line in text.splitlines() if line.startswith("mint_requests_total{")]
+        assert any('ref="refs/heads/prod"' in line for line in requests)
+    finally:
+        porcelain.branch_delete(repo, "prod", force=True)
     # A spec with a suffix names a commit through its ref, not the ref's value.
     assert [names_an_ancestor(s) for s in ("main", "main~1", "main^2", "main@{1}")] == [
         False,
