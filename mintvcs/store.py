@@ -166,11 +166,16 @@ def check_ownership(repo: Repository) -> None:
         return
     me = os.geteuid()
     where = repo.work_tree if repo.work_tree is not None else repo.git_dir
-    for path in (repo.work_tree, repo.git_dir):
+    # A `.mint` gitfile counts too, as git checks a `.git` file's owner: it chooses the store.
+    gitfile = repo.work_tree / GIT_DIR if repo.work_tree is not None else None
+    for path in (gitfile, repo.work_tree, repo.git_dir):
         if path is None:
             continue
         try:
-            owner = os.lstat(path).st_uid
+            info = os.lstat(path)
+            if path is gitfile and not stat.S_ISREG(info.st_mode):
+                continue
+            owner = info.st_uid
         except OSError:
             continue  # read next by whatever needs it, and reported there
         expected = me

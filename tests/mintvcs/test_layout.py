@@ -220,6 +220,27 @@ def test_a_repository_another_user_owns_is_refused_as_git_refuses_it(work: Path)
     assert mint(work, "status", ok=False).returncode == 128
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_a_gitfile_another_user_owns_is_refused_as_git_refuses_it(
+    work: Path, tmp_path: Path
+) -> None:
+    # The gitfile chooses the store the commands run hooks from: git checks its owner too.
+    store = tmp_path / "store"
+    shutil.move(work / ".mint", store)
+    (work / ".mint").write_text(f"gitdir: {store}\n")
+    mint(work, "status")
+    os.chown(work / ".mint", 43101, 43101)
+    result = mint(work, "status", ok=False)
+    assert result.returncode == 128
+    assert f"detected dubious ownership in repository at '{work}'" in result.stderr
+    peer = tmp_path / "peer"
+    separate = ["git", "init", "-q", "--separate-git-dir", str(tmp_path / "ps"), str(peer)]
+    subprocess.run(separate, env=ENV, check=True)
+    os.chown(peer / ".git", 43101, 43101)
+    status = subprocess.run(["git", "-C", str(peer), "status"], env=ENV, capture_output=True)
+    assert status.returncode == 128 and b"dubious ownership" in status.stderr
+
+
 def test_hooks_run_in_the_work_tree_a_gitfile_names_its_store_from(
     work: Path, tmp_path: Path, peft_adapter: Path
 ) -> None:
