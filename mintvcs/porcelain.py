@@ -620,7 +620,7 @@ def check_json_path(directory: str | os.PathLike[str]) -> None:
 
 def init(
     directory: Path,
-    base_model: str | None = None,
+    base_model: str | os.PathLike[str] | None = None,
     *,
     install_hooks: bool = True,
     shared: str | None = None,
@@ -636,6 +636,7 @@ def init(
         raise MintError(f"--shared: {err}") from None
     base: BaseModel | None = None
     if base_model is not None:
+        base_model = os.fspath(base_model)  # a trainer passes its checkout as a Path
         try:
             path = Path(base_model).expanduser()
         except RuntimeError:  # ~user of no such user

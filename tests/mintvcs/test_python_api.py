@@ -49,6 +49,16 @@ def test_verbs_take_a_path_and_close_what_they_open(repo: Repository, peft_adapt
     assert repo.current_branch() == "trunk"
 
 
+def test_init_takes_the_base_model_directory_as_a_path(tmp_path: Path, tiny_base: Path) -> None:
+    by_path = porcelain.init(tmp_path / "by-path", tiny_base, install_hooks=False)
+    by_str = porcelain.init(tmp_path / "by-str", str(tiny_base), install_hooks=False)
+    base = by_path.base
+    assert base is not None and base.fingerprint is not None
+    assert base == by_str.base
+    by_path.close()
+    by_str.close()
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
