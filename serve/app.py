@@ -584,7 +584,10 @@ async def error_middleware(
             raise
         status = exc.status
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
-        return error_response(request, exc.status, message)
+        response = error_response(request, exc.status, message)
+        if not request.content.is_eof():  # aiohttp's 413 for a chunked body past the limit
+            response.force_close()
+        return response
     except MintError as err:
         from mintvcs.store import RepositoryGoneError
 
@@ -604,9 +607,11 @@ async def error_middleware(
         if status == 401:  # RFC 9110: a 401 names the scheme it wants
             response.headers["WWW-Authenticate"] = 'Bearer realm="mintvcs"'
 
-        if status == 408 or state.draining:
-            # A body that never came leaves the connection unusable; a draining server should
-            # not keep a client's connection alive for requests it will refuse.
+        if status == 408 or state.draining or not request.content.is_eof():
+            # A body that never came, or one answered before it was read (a 413 for one declared
+            # too large), leaves the connection unusable: the client's next request would be
+            # read as the rest of it (RFC 9110 §10.1.1). A draining server should not keep a
+            # client's connection alive for requests it will refuse.
             response.force_close()
         return response
     except asyncio.CancelledError:

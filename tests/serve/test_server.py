@@ -2154,6 +2154,41 @@ def test_expect_continue_with_a_body_declared_too_large_is_413_without_the_invit
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
 
 
+def test_a_413_before_the_body_was_read_closes_the_connection(server: BackgroundServer) -> None:
+    # It was kept alive: a client that did not send the body (Expect) and reused the
+    # connection had its next request read as that body, and got EOF some 10 s later.
+    import http.client
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=30)
+    conn.putrequest("POST", "/generate")
+    conn.putheader("Content-Length", "50000000")
+    conn.putheader("Expect", "100-continue")
+    conn.endheaders()
+    response = conn.getresponse()
+    assert (response.status, response.getheader("Connection")) == (413, "close")
+    assert response.will_close
+    response.read()
+    conn.close()
+    # A chunked body past the limit (aiohttp's own 413, after reading part of it) too.
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n100000\r\n"
+            + b" " * (1 << 20)  # the limit, and 16 bytes more (no last chunk: it goes on)
+            + b"\r\n10\r\n"
+            + b" " * 16
+            + b"\r\n"
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413") and b"Connection: close" in answer, answer[:300]
+    assert request(server.url + "/health")[0] == 200
+
+
 def test_more_cpu_threads_than_cpus_is_a_warning(
     repo: Repository, tiny_base: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
