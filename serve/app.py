@@ -269,9 +269,10 @@ class ServerState:
             message = message.replace(location, git_dir.name)
         return message
 
-    def ref_label(self, ref: str | None) -> str:
-        """The metrics label of `ref` (refwatch.metric_label), or OTHER_REFS past max_ref_labels refs."""
-        label = self._short_label(ref)
+    def ref_label(self, ref: str | None, spec: str | None = None) -> str:
+        """The metrics label of `ref` (refwatch.metric_label), or OTHER_REFS past max_ref_labels
+        refs; `spec`: the name a client sent that resolved through `ref`, if known."""
+        label = self._short_label(ref, spec)
         labels = self._ref_labels
         if label in labels:
             return label
@@ -281,11 +282,14 @@ class ServerState:
         labels.add(label)
         return label
 
-    def _short_label(self, ref: str | None) -> str:
+    def _short_label(self, ref: str | None, spec: str | None = None) -> str:
         """metric_label(ref), or the full ref name where the short one reaches another ref (a
-        branch beside a tag of its name), as /v1/models lists it: one series per ref."""
+        branch beside a tag of its name), as /v1/models lists it: one series per ref. A short
+        name a client sent (`spec`) reached `ref` already: no ref is read for it."""
         label = metric_label(ref)
-        if ref is not None and label != ref and self.watcher.ref_of(label) != ref:
+        if ref is None or label in (ref, spec):
+            return label
+        if self.watcher.ref_of(label) != ref:
             return ref
         return label
 
@@ -429,7 +433,7 @@ class ServerState:
 
     def _live_revisions(self) -> dict[tuple[str, ...], float]:
         """(branch or tag, commit) of each ref requested lately as is (not `main~1`), as it is now."""
-        return {(self._short_label(r.ref), r.commit): 1.0 for r in self.watcher.live()}
+        return {(self._short_label(r.ref, r.spec), r.commit): 1.0 for r in self.watcher.live()}
 
     def harvest_load_latency(self) -> None:
         """Move new slot-load durations from the engine's counters into the histogram."""

@@ -467,7 +467,7 @@ async def admit_many(
         resolution = state.watcher.cached(name)
         if resolution is None:
             resolution = await asyncio.to_thread(state.watcher.resolve, name)
-        label = state.ref_label(resolution.ref)
+        label = state.ref_label(resolution.ref, resolution.spec)
     request[REF_KEY] = label
     # Each distinct prompt is encoded once (n choices repeat one prompt object), on a worker
     # thread when the text is large: encoding 64 KiB takes ~75 ms the loop would stand still.
