@@ -116,6 +116,13 @@ class NoWorkTreeError(MintError):
     exit_code = 128  # git's `fatal: this operation must be run in a work tree`
 
 
+def _work_tree_of(repo: Repository) -> Path:
+    """The repository's work tree; NoWorkTreeError for a store without one."""
+    if repo.work_tree is None:
+        raise NoWorkTreeError("this repository has no work tree")
+    return repo.work_tree
+
+
 class OptionsError(MintError):
     """Options that cannot go together: a usage error, as the CLI's own."""
 
@@ -1282,7 +1289,7 @@ def _status(
 ) -> tuple[Status, AdapterFiles | None]:
     """status(), and the work tree's adapter files when they were read (for a second comparison).
     `known`: HEAD's revision as the caller holds it (read once, where it has to be)."""
-    if repo.work_tree is None:
+    if repo.work_tree is None:  # kept inline: the checks below rely on mypy's narrowing
         raise NoWorkTreeError("this repository has no work tree")
     branch, head = repo.current_branch(), repo.head_commit()
     head_rev = _revision_of(repo, head, known)
@@ -2129,9 +2136,7 @@ def write_work_tree(
     anything in the work tree changed (a read-only one), nothing is written back and the
     work tree's record is left as it was.
     """
-    work = repo.work_tree
-    if work is None:
-        raise NoWorkTreeError("this repository has no work tree")
+    work = _work_tree_of(repo)
     files = rev.files()  # refuses a revision holding a file no checkout writes, before any work
     # Unchanged small tensors are taken from the weights file replaced, not decoded.
     if show_progress:
@@ -2507,8 +2512,7 @@ def checkout(
     # As git: `-` is `@{-1}`, and `@{-N}` is the name it stands for, so that it switches back
     # to that branch (and the reflog names it) rather than detaching at its commit.
     spec = repo.expand_previous("@{-1}" if spec == "-" else spec)
-    if repo.work_tree is None:  # git refuses even a switch that would write no file
-        raise NoWorkTreeError("this repository has no work tree")
+    _work_tree_of(repo)  # git refuses even a switch that would write no file
     if new_branch is not None and spec in ("HEAD", "@") and repo.head_commit() is None:
         return _new_unborn_branch(repo, new_branch)
     # A branch name switches to that branch even where a tag of the same name exists (as git
