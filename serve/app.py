@@ -38,6 +38,7 @@ from mintvcs.serve.http_metrics import (
     GaugeSeries,
     Histogram,
     Registry,
+    one_two_five_buckets,
 )
 from mintvcs.serve.log_repeats import ALWAYS, AcceptFailures, RepeatFilter
 from mintvcs.serve.refwatch import (
@@ -326,36 +327,20 @@ class ServerState:
             )
         )
 
-        # vLLM's buckets for the same two quantities (time to first token, end to end).
+        # Fine below a second, where a GPU answers, and reaching about half an hour / 80 min, where a long CPU
+        # generation or a queue behind it lands (vLLM's range; everything there would read +Inf).
         self.first_token_latency = m.add(
             Histogram(
                 "mint_time_to_first_token_seconds",
                 "From a generation request's arrival to its first token (queueing and prefill included).",
-                (
-                    0.001,
-                    0.005,
-                    0.01,
-                    0.02,
-                    0.04,
-                    0.06,
-                    0.08,
-                    0.1,
-                    0.25,
-                    0.5,
-                    0.75,
-                    1.0,
-                    2.5,
-                    5.0,
-                    7.5,
-                    10.0,
-                ),
+                one_two_five_buckets(0.001, 2000.0),
             )
         )
         self.request_latency = m.add(
             Histogram(
                 "mint_e2e_request_latency_seconds",
                 "From a generation request's arrival to its last byte, for requests answered 200.",
-                (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0),
+                one_two_five_buckets(0.01, 5000.0),
             )
         )
 

@@ -131,6 +131,18 @@ class GaugeSeries(_Metric):
         return self._series(self.read())
 
 
+def one_two_five_buckets(low: float, high: float) -> tuple[float, ...]:
+    """Bucket bounds 1, 2, 5 times each power of ten from `low` up to `high`, both included."""
+    bounds: list[float] = []
+    decade = low
+    while decade <= high:
+        bounds += [
+            round(decade * step, 12) for step in (1, 2, 5) if decade * step <= high * (1 + 1e-9)
+        ]
+        decade *= 10
+    return tuple(bounds)
+
+
 class Histogram(_Metric):
     """Observations counted into cumulative buckets, with their sum and count."""
 

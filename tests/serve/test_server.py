@@ -24,6 +24,7 @@ from mintvcs import porcelain
 from mintvcs.errors import MintError
 from mintvcs.serve.api_keys import ApiKeyFileError
 from mintvcs.serve.app import BackgroundServer, ServerConfig, ServerError
+from mintvcs.serve.http_metrics import one_two_five_buckets
 from mintvcs.serve.refwatch import names_an_ancestor
 from mintvcs.store import Repository
 from tests.fixtures import make_peft_adapter
@@ -768,6 +769,19 @@ def test_metrics_count_requests_tokens_and_slots(server: BackgroundServer) -> No
     first, total = "mint_time_to_first_token_seconds", "mint_e2e_request_latency_seconds"
     assert float(lines[f"{first}_count"]) >= 1 and float(lines[f"{total}_count"]) >= 1
     assert float(lines[f"{first}_sum"]) > 0 and float(lines[f"{total}_sum"]) > 0
+    # A CPU generation of minutes, or a queue behind one, still lands in a finite bucket.
+    for name, reach in ((first, 1000.0), (total, 3600.0)):
+        bounds = [
+            float(key.split('le="')[1].rstrip('"}'))
+            for key in lines
+            if key.startswith(f"{name}_bucket") and "+Inf" not in key
+        ]
+        assert max(bounds) >= reach and min(bounds) <= 0.01, (name, bounds)
+
+
+def test_latency_buckets_step_one_two_five_between_their_ends() -> None:
+    assert one_two_five_buckets(0.001, 0.05) == (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+    assert one_two_five_buckets(1.0, 30.0) == (1.0, 2.0, 5.0, 10.0, 20.0)
 
 
 # ---------------------------------------------------------------------------- ref moves
