@@ -1025,6 +1025,37 @@ def test_client_disconnect_cancels_and_frees_the_slot(
         time.sleep(0.02)
 
 
+def test_a_client_that_half_closes_after_its_request_gets_no_answer_and_costs_nothing(
+    server: BackgroundServer,
+) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    engine = server.state.engine
+    assert engine is not None
+    answered = 'mint_requests_total{ref="product-b",endpoint="/generate",status="200"}'
+    before = metric(server, answered)
+    body = json.dumps(
+        {"prompt": "Hi", "ref": "product-b", "max_tokens": 400, "ignore_eos": True}
+    ).encode()
+    url = urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        sock.shutdown(socket.SHUT_WR)
+        # The end of the client's stream reads as the client leaving, as nginx and uvicorn take it.
+        assert sock.recv(65536) == b""
+    deadline = time.monotonic() + 10
+    while engine.stats()["running"] or engine.stats()["queue_depth"]:
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.05)
+    assert metric(server, answered) == before
+    assert gen(server, prompt="Hi", ref="product-b", max_tokens=1)[0] == 200
+
+
 def test_a_small_prefill_budget_chunks_prompts_and_answers_alike(
     server: BackgroundServer, repo: Repository, tiny_base: Path
 ) -> None:
