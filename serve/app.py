@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.log import server_logger as aiohttp_server_log
 
 from mintvcs.errors import MintError, error_text
 from mintvcs.messages import one_line
@@ -40,6 +41,7 @@ from mintvcs.serve.http_metrics import (
     Registry,
     one_two_five_buckets,
 )
+from mintvcs.serve.log_bad_requests import BadRequestFilter, log_bad_request
 from mintvcs.serve.log_repeats import ALWAYS, AcceptFailures, RepeatFilter
 from mintvcs.serve.refwatch import (
     InvalidRefSpec,
@@ -666,6 +668,13 @@ async def read_json(request: web.Request, *, empty_ok: bool = False) -> dict[str
         raise HTTPError(
             408, f"the request body did not arrive within {limit:g} s", "body_timeout"
         ) from None
+    except Exception as err:
+        # A body aiohttp cannot parse (bad chunks, a Content-Encoding it does not decode) is the
+        # client's fault: a 400 and one warning line, not a 500 and a traceback quoting the body.
+        reason = log_bad_request(log, request.remote, err)
+        if reason is None:
+            raise
+        raise HTTPError(400, f"the request body is malformed: {reason}", "invalid_body") from None
     if not raw.strip():
         if empty_ok:
             return {}
@@ -1077,10 +1086,14 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _repeats_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Hold back repeats of a warning or error while the app runs (log_repeats), and collapse
-    the event loop's reports of accept() failing for want of a descriptor into a line a while."""
+    """Hold back repeats of a warning or error while the app runs (log_repeats), turn aiohttp's
+    errors for requests it cannot parse into warning lines held back alike (log_bad_requests),
+    and collapse the event loop's reports of accept() failing for want of a descriptor into a
+    line a while."""
     repeats = RepeatFilter()
     log.addFilter(repeats)
+    bad_requests = BadRequestFilter(repeats)
+    aiohttp_server_log.addFilter(bad_requests)
     loop = asyncio.get_running_loop()
     previous = loop.get_exception_handler()
     loop.set_exception_handler(AcceptFailures(log, previous))
@@ -1088,6 +1101,7 @@ async def _repeats_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         loop.set_exception_handler(previous)
+        aiohttp_server_log.removeFilter(bad_requests)
         log.removeFilter(repeats)
 
 

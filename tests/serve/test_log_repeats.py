@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mintvcs.serve.app import BackgroundServer, ServerConfig
+from mintvcs.serve.log_bad_requests import BadRequestFilter
 from mintvcs.serve.log_repeats import ALWAYS, RepeatFilter
 from mintvcs.store import Repository
 
@@ -149,6 +150,8 @@ def test_a_server_that_cannot_start_leaves_no_filter_on_the_log(
         with pytest.raises(OSError):
             BackgroundServer(config).start()
     assert not [f for f in serve_log.filters if isinstance(f, RepeatFilter)]
+    aiohttp_log = logging.getLogger("aiohttp.server")
+    assert not [f for f in aiohttp_log.filters if isinstance(f, BadRequestFilter)]
 
 
 # Formats a log line holding a newline (asyncio's reports hold several) with every descriptor
