@@ -576,9 +576,11 @@ async def error_middleware(
         status = exc.status
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         response = error_response(request, exc.status, message)
-        if not request.content.is_eof():  # aiohttp's 413 for a chunked body past the limit
-            response.force_close()
-        return response
+        # Its headers but the body's: a 405's Allow (RFC 9110 §15.5.6).
+        for key, value in exc.headers.items():
+            if key.lower() not in ("content-type", "content-length"):
+                response.headers[key] = value
+        return _closed_if_body_unread(request, response)  # aiohttp's 413 for a chunked body
     except MintError as err:
         from mintvcs.store import RepositoryGoneError
 
@@ -598,13 +600,12 @@ async def error_middleware(
         if status == 401:  # RFC 9110: a 401 names the scheme it wants
             response.headers["WWW-Authenticate"] = 'Bearer realm="mintvcs"'
 
-        if status == 408 or state.draining or not request.content.is_eof():
-            # A body that never came, or one answered before it was read (a 413 for one declared
-            # too large), leaves the connection unusable: the client's next request would be
-            # read as the rest of it (RFC 9110 §10.1.1). A draining server should not keep a
-            # client's connection alive for requests it will refuse.
+        if status == 408 or state.draining:
+            # A body that never came leaves the connection unusable as an unread one does. A
+            # draining server should not keep a client's connection alive for requests it will
+            # refuse.
             response.force_close()
-        return response
+        return _closed_if_body_unread(request, response)
     except asyncio.CancelledError:
         status = 499  # the client went away (nginx's code for it)
         raise
@@ -614,9 +615,10 @@ async def error_middleware(
     except Exception as err:
         log.exception("internal error on %s %s", request.method, request.path)
         # The message stays in the server's log: it may name paths that clients have no business seeing.
-        return error_response(
+        response = error_response(
             request, 500, f"internal error ({type(err).__name__}); the server log has the details"
         )
+        return _closed_if_body_unread(request, response)
     finally:
         state.inflight -= 1
         if state.inflight == 0:
@@ -627,6 +629,15 @@ async def error_middleware(
                 state.tokens.inc((label, kind, str(status)), n)
             if status == 200:
                 state.request_latency.observe(time.monotonic() - request[STARTED_KEY])
+
+
+def _closed_if_body_unread(request: web.Request, response: web.Response) -> web.Response:
+    """`response`, closing its connection if it answers before the request's body was read (a
+    413 for a body declared too large): the client's next request would be read as the rest of
+    that body (RFC 9110 §10.1.1)."""
+    if not request.content.is_eof():
+        response.force_close()
+    return response
 
 
 # ---------------------------------------------------------------------------- request helpers

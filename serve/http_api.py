@@ -355,6 +355,17 @@ def _render_conversation(
 _TEMPLATE_OWN = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
 
 
+# What /generate does not take of /v1/completions: one choice, no echo, no tools.
+_GENERATE_NEUTRAL = {
+    **_NEUTRAL,
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+}
+
+
 def _refuse_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
     """400 for an OpenAI field this server does not implement, unless its value is the neutral one."""
     # Tools are for chat only.
@@ -363,6 +374,23 @@ def _refuse_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
         if chat
         else {**_NEUTRAL, "tools": ([],), "tool_choice": ("none",)}
     )
+    _refuse_fields(body, fields, "this server")
+
+
+def _refuse_generate_fields(body: dict[str, Any]) -> None:
+    """400 for what /generate would otherwise ignore: `model` (an OpenAI client's habit, which
+    would answer from `ref`'s revision instead) and /v1/completions' fields it does not take."""
+    if "model" in body:
+        raise HTTPError(
+            400,
+            "/generate names the revision in 'ref', not 'model' ('model' is for the /v1 endpoints)",
+            "unsupported",
+        )
+    _refuse_fields(body, _GENERATE_NEUTRAL, "/generate")
+
+
+def _refuse_fields(body: dict[str, Any], fields: dict[str, tuple[object, ...]], where: str) -> None:
+    """400 naming the first of `fields` that `body` holds with a value not among its neutral ones."""
     for name, neutral in fields.items():
         value = body.get(name)
         # 0.0 counts as 0, but True is not 1: JSON's booleans and numbers are different values.
@@ -373,7 +401,7 @@ def _refuse_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
         shown = repr(value)
         raise HTTPError(
             400,
-            f"{name} is not supported by this server; leave it out"
+            f"{name} is not supported by {where}; leave it out"
             + (f" (got {shown})" if len(shown) <= 60 else ""),
             "unsupported",
         )
@@ -821,7 +849,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     spec = field_of(body, "ref", (str,), "main")
     stream = field_of(body, "stream", (bool,), False)
     return_ids = field_of(body, "return_token_ids", (bool,), False)
-    _refuse_unsupported(body)
+    _refuse_generate_fields(body)
     params = replace(sampling_params(body, state), logprobs=_logprobs_field(body, "logprobs"))
     admitted = await admit(request, prompt, spec, params, stream=stream)
     texts = TokenTexts(state.require_engine(admitted=True).tokenizer)

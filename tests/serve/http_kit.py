@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from mintvcs import porcelain
 from mintvcs.serve.app import BackgroundServer
@@ -116,3 +122,26 @@ def peft_greedy(base: Path, adapter: Path | None, prompt: str, max_new_tokens: i
 def gen(server: BackgroundServer, **body: Any) -> tuple[int, dict[str, str], Any]:
     """POST /generate."""
     return request(server.url + "/generate", body)
+
+
+@contextmanager
+def serving_app(app: web.Application) -> Iterator[int]:
+    """`app` on a loopback port, its loop in a thread of its own; yields the port."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runner = web.AppRunner(app)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return int(runner.addresses[0][1])
+
+    try:
+        yield asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        loop.close()

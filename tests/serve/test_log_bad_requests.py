@@ -3,13 +3,10 @@ no traceback, none of the client's bytes, and repeats held back; real errors kee
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from mintvcs import porcelain
 from mintvcs.serve.app import BackgroundServer, ServerConfig, _repeats_ctx
 from mintvcs.serve.log_bad_requests import BadRequestFilter
 from mintvcs.serve.log_repeats import RepeatFilter
+from tests.serve.http_kit import serving_app
 
 # Every byte a test client sends that could end up in a log line carries this mark.
 MARK = b"EVIL"
@@ -201,29 +199,6 @@ def test_at_log_level_error_a_bad_request_is_not_logged(
     assert recorded.complaints() == []
 
 
-@contextmanager
-def _serving(app: web.Application) -> Iterator[int]:
-    """`app` on a loopback port, its loop in a thread of its own; yields the port."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    runner = web.AppRunner(app)
-
-    async def start() -> int:
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return int(runner.addresses[0][1])
-
-    try:
-        yield asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
-        loop.close()
-
-
 async def _fails(request: web.Request) -> web.Response:
     raise RuntimeError("a genuine fault")
 
@@ -233,7 +208,7 @@ def test_a_handler_that_raises_is_still_an_error_with_its_traceback(recorded: _R
     app = web.Application()
     app.cleanup_ctx.append(_repeats_ctx)
     app.router.add_get("/fails", _fails)
-    with _serving(app) as port:
+    with serving_app(app) as port:
         answer = _exchange(port, b"GET /fails HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 500 ")
         assert _exchange(port, b"GET /health HTTP/" + MARK + b"\r\n\r\n").startswith(

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from mintvcs import porcelain
 from mintvcs.errors import MintError
 from mintvcs.serve.api_keys import ApiKeyFileError
-from mintvcs.serve.app import BackgroundServer, ServerConfig, ServerError
+from mintvcs.serve.app import BackgroundServer, ServerConfig, ServerError, create_app
 from mintvcs.serve.http_metrics import one_two_five_buckets
 from mintvcs.serve.refwatch import names_an_ancestor
 from mintvcs.store import Repository
@@ -36,6 +37,7 @@ from tests.serve.http_kit import (
     metric,
     peft_greedy,
     request,
+    serving_app,
     sse_events,
     variant,
 )
@@ -250,8 +252,9 @@ def test_bad_input_on_openai_routes_uses_openai_error_shape(server: BackgroundSe
     assert status == 400 and "1026 choices" in body["error"]["message"]
     status, _, body = request(server.url + "/nope")
     assert status == 404 and "error" in body
-    status, _, body = request(server.url + "/generate", method="GET")
+    status, headers, body = request(server.url + "/generate", method="GET")
     assert status == 405 and "error" in body
+    assert headers["Allow"] == "POST"  # RFC 9110: a 405 says which methods the resource takes
 
 
 def test_prompt_longer_than_the_context_is_413(server: BackgroundServer) -> None:
@@ -878,6 +881,13 @@ def test_ref_update_hook_notifies_the_server(
         assert gen(server, prompt="Hi", ref="main", max_tokens=1)[2]["revision"] == new
         time.sleep(0.4)  # the watcher has polled since: still one move
         assert moves() == before + 1
+        porcelain.branch_create(repo, "short-lived", "main")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            porcelain.branch_delete(repo, "short-lived")
+        assert f"{server.url}: refs/heads/short-lived -> (deleted)" in err.getvalue(), (
+            err.getvalue()
+        )
     finally:
         hook.unlink()
         config.write_text(original)
@@ -1387,6 +1397,18 @@ def test_openai_fields_that_would_change_the_output_are_refused(server: Backgrou
     assert status == 200
 
 
+def test_generate_refuses_what_it_would_otherwise_ignore(server: BackgroundServer) -> None:
+    base = {"prompt": "Hello", "max_tokens": 2}
+    # An OpenAI habit: `model` would be ignored and `ref`'s default, main, answer.
+    status, _, body = request(server.url + "/generate", {**base, "model": "product-b"})
+    assert status == 400 and "'ref'" in body["error"], body
+    for field, value in (("n", 2), ("best_of", 3), ("echo", True), ("suffix", "end")):
+        status, _, body = request(server.url + "/generate", {**base, field: value})
+        assert status == 400 and body["error"].startswith(f"{field} is not supported"), body
+    status, _, body = request(server.url + "/generate", {**base, "n": 1, "echo": False})
+    assert status == 200, body
+
+
 def test_chat_runs_to_the_context_end_by_default(server: BackgroundServer) -> None:
     chat = {"model": "main", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
     status, _, body = request(server.url + "/v1/chat/completions", chat)
@@ -1791,6 +1813,30 @@ def test_a_body_that_stalls_is_408_and_the_connection_closes(
         assert head.startswith(b"HTTP/1.1 408"), answer
         assert json.loads(body)["reason"] == "body_timeout"
         assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200  # and it goes on serving
+
+
+def test_an_internal_error_before_the_body_was_read_closes_the_connection(
+    repo: Repository, tiny_base: Path
+) -> None:
+    import socket
+
+    async def fails_before_reading(request: web.Request) -> web.Response:
+        raise RuntimeError("a fault in a handler, before it read the body")
+
+    config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=64)
+    app = create_app(config)
+    app.router.add_post("/fails", fails_before_reading)
+    with (
+        serving_app(app) as port,
+        socket.create_connection(("127.0.0.1", port), timeout=30) as sock,
+    ):
+        sock.sendall(b"POST /fails HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        head = sock.recv(65536)
+        # The rest of the body would otherwise be read as the client's next request.
+        assert head.startswith(b"HTTP/1.1 500 ") and b"Connection: close" in head, head
+        sock.sendall(b"67890")  # the rest of the body: read and dropped, then the close
+        while chunk := sock.recv(65536):
+            assert not chunk.startswith(b"HTTP/"), chunk
 
 
 def test_a_body_declared_too_large_is_413_at_once_and_a_client_gone_mid_body_is_499(
