@@ -82,12 +82,17 @@ def adjust_fd(fd: int, shared: SharedPerm | None) -> None:
 def make_dir(path: str | os.PathLike[str], shared: SharedPerm | None) -> bool:
     """mkdir (0o777 less the umask), then core.sharedRepository's mode and setgid bit; True
     when this call made it, False when a directory was there (a file there raises)."""
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise
-        return False
+    for attempt in range(3):
+        try:
+            os.mkdir(path)
+            break
+        except FileExistsError:
+            if os.path.isdir(path):
+                return False
+            # Gone between the two calls (a gc tidying an empty objects/XX): made again, as
+            # git's writer does. A file, or a link to nothing, in the way raises.
+            if os.path.lexists(path) or attempt == 2:
+                raise
     if shared is not None:
         from dulwich.file import adjust_shared_perm
 

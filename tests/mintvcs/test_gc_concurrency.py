@@ -222,3 +222,37 @@ def test_fsck_is_quiet_while_gcs_replace_packs(work: Path) -> None:
         stop.set()
         worker.join()
     assert not failures
+
+
+def test_a_commit_makes_again_a_fan_out_directory_a_gc_removes_under_it(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gc removes the objects/XX directories its packing emptied. A writer whose mkdir found
+    # one there, and then found nothing, failed with FileExistsError and lost its commit.
+    from mintvcs import porcelain
+
+    repo = Repository.open(work)
+    objects = repo.git_dir / "objects"
+    for i in range(256):
+        (objects / f"{i:02x}").mkdir(exist_ok=True)
+    real_mkdir = os.mkdir
+    tidied: list[str] = []
+
+    def mkdir_as_a_gc_tidies(path: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            real_mkdir(path, *args, **kwargs)
+        except FileExistsError:
+            if os.path.dirname(os.fspath(path)) == os.fspath(objects) and not tidied:
+                os.rmdir(path)  # empty: what gc's tidy-up does to it now
+                tidied.append(os.fspath(path))
+            raise
+
+    monkeypatch.setattr(os, "mkdir", mkdir_as_a_gc_tidies)
+    parent = repo.resolve("HEAD")
+    source = work / "extra-file.txt"
+    source.write_text("a change, so that there is something to commit\n")
+    commit = porcelain.commit(repo, "through a gc's tidy-up", show_progress=False).commit
+    monkeypatch.undo()
+    assert tidied and commit != parent
+    report = maintenance.fsck(Repository.open(work))
+    assert report.ok, report.problems
