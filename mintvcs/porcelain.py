@@ -749,8 +749,9 @@ def commit(
         _run_hook(repo, "pre-commit", [], env, may_refuse=True)
     if not message and not (verify and hooks.is_active(repo.git_dir, "commit-msg")):
         raise MintError("aborting commit due to empty commit message (use -m MSG)")
-    author = signature(repo, "author", strict=True)
-    committer = signature(repo, "committer", strict=True)
+    # Checked before encoding, so that a missing identity costs nothing; dated when written.
+    signature(repo, "author", strict=True)
+    signature(repo, "committer", strict=True)
     branch_ref = f"refs/heads/{branch}" if branch is not None else repo.refs.read_symbolic("HEAD")
     target = branch_ref or "HEAD"
     parent = repo.refs.read(target)
@@ -803,7 +804,11 @@ def commit(
     summary = subject(message)
     first_line = message.split("\n", 1)[0]  # what git's reflog keeps
     deadline = time.monotonic() + COMMIT_RETRY_SECONDS
+    author = signature(repo, "author", strict=True)
     while True:
+        # Dated again on each try, as a rebase dates the commits it re-parents: a commit that
+        # lost the race lands after the winner, not dated before its parent.
+        committer = signature(repo, "committer", strict=True)
         with repo.counting_writes(written):
             commit_id = repo.write_commit(
                 tree, [parent] if parent else [], message, author.line(), committer.line()

@@ -1259,6 +1259,37 @@ def test_concurrent_commits_keep_their_own_messages_through_commit_msg(
     assert not list((work / ".mint").glob("COMMIT_EDITMSG*"))  # no temporary left behind
 
 
+def test_a_commit_that_lost_the_race_is_dated_after_the_one_that_won(
+    work: Path, tmp_path: Path
+) -> None:
+    """A commit re-parented onto a branch another commit moved meanwhile kept the date it took
+    before encoding: a child dated before its parent, and the reflog going back in time."""
+    from mintvcs import porcelain
+    from mintvcs.store import Repository
+
+    commit(work, "first")
+    other = copy_adapter(work, tmp_path / "other")
+    mutate(other, seed=5)
+    # While this commit's message is checked, another process commits to the same branch.
+    _install_hook(
+        work,
+        "commit-msg",
+        '[ -n "$INNER" ] && exit 0\nsleep 1.2\n'
+        f'INNER=1 "{sys.executable}" -m mintvcs.cli commit -m won --from "{other}"\n',
+    )
+    mutate(work, seed=6)
+    with Repository.open(work) as repo:
+        lost = porcelain.commit(repo, "lost", show_progress=False)
+        won = repo.commit_info(lost.parent or "")
+        assert won.message.strip() == "won", "the hook's commit did not land first"
+        assert repo.commit_info(lost.commit).time >= won.time
+    times = [
+        int(line.split("\t")[0].split()[-2])
+        for line in (work / ".mint" / "logs" / "refs" / "heads" / "main").read_text().splitlines()
+    ]
+    assert times == sorted(times), times
+
+
 def test_hook_refusal_shows_all_its_output_and_gets_absolute_paths(
     work: Path, tmp_path: Path
 ) -> None:
