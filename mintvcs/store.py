@@ -167,13 +167,15 @@ def check_ownership(repo: Repository) -> None:
     me = os.geteuid()
     where = repo.work_tree if repo.work_tree is not None else repo.git_dir
     # A `.mint` gitfile counts too, as git checks a `.git` file's owner: it chooses the store.
+    # So does a symlink to one (git lstats the `.git` it read); a `.mint` directory is the
+    # store itself, checked as git_dir.
     gitfile = repo.work_tree / GIT_DIR if repo.work_tree is not None else None
     for path in (gitfile, repo.work_tree, repo.git_dir):
         if path is None:
             continue
         try:
             info = os.lstat(path)
-            if path is gitfile and not stat.S_ISREG(info.st_mode):
+            if path is gitfile and stat.S_ISDIR(info.st_mode):
                 continue
             owner = info.st_uid
         except OSError:

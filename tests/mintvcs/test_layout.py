@@ -241,6 +241,33 @@ def test_a_gitfile_another_user_owns_is_refused_as_git_refuses_it(
     assert status.returncode == 128 and b"dubious ownership" in status.stderr
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_a_symlink_to_a_gitfile_another_user_owns_is_refused_as_git_refuses_it(
+    work: Path, tmp_path: Path
+) -> None:
+    # A `.mint` symlink to a gitfile was followed without its owner being checked (only a
+    # regular gitfile was); git lstats the `.git` it read as a gitfile, the symlink too.
+    store = tmp_path / "store"
+    shutil.move(work / ".mint", store)
+    gitfile = tmp_path / "gitfile"
+    gitfile.write_text(f"gitdir: {store}\n")
+    (work / ".mint").symlink_to(gitfile)
+    mint(work, "status")
+    os.chown(work / ".mint", 43101, 43101, follow_symlinks=False)
+    result = mint(work, "status", ok=False)
+    assert result.returncode == 128
+    assert f"detected dubious ownership in repository at '{work}'" in result.stderr
+    peer = tmp_path / "peer"
+    separate = ["git", "init", "-q", "--separate-git-dir", str(tmp_path / "ps"), str(peer)]
+    subprocess.run(separate, env=ENV, check=True)
+    peer_gitfile = tmp_path / "peer-gitfile"
+    (peer / ".git").rename(peer_gitfile)
+    (peer / ".git").symlink_to(peer_gitfile)
+    os.chown(peer / ".git", 43101, 43101, follow_symlinks=False)
+    status = subprocess.run(["git", "-C", str(peer), "status"], env=ENV, capture_output=True)
+    assert status.returncode == 128 and b"dubious ownership" in status.stderr
+
+
 def test_hooks_run_in_the_work_tree_a_gitfile_names_its_store_from(
     work: Path, tmp_path: Path, peft_adapter: Path
 ) -> None:
