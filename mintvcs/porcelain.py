@@ -643,20 +643,23 @@ def init(
         raise MintError(f"--shared: {err}") from None
     base: BaseModel | None = None
     if base_model is not None:
+        # A Path (not a str) is the caller saying "a directory": never read as a hub id.
+        given_as_path = not isinstance(base_model, str)
         base_model = os.fspath(base_model)  # a trainer passes its checkout as a Path
         try:
             path = Path(base_model).expanduser()
         except RuntimeError:  # ~user of no such user
             path = Path(base_model)
         looks_local = base_model.startswith(("/", "./", "../", "~")) or base_model in (".", "..")
-        if (looks_local or path.is_file()) and not path.is_dir():
+        if (looks_local or given_as_path or path.is_file()) and not path.is_dir():
             # 'org/name' is a hub id, but './x' or '/x' means a directory, and so does a path
             # to a file (its config.json, say): a typo must not become an id that silently
             # turns the shape check off.
+            give = "an id as a str" if given_as_path else "a model id such as org/name"
             raise MintError(
                 f"--base-model {base_model}: "
                 f"{'a file, not a directory' if path.is_file() else 'no such directory'}; give "
-                "a local checkpoint directory, or a model id such as org/name"
+                f"a local checkpoint directory, or {give}"
             )
         if base_model_id is not None and not path.is_dir():
             raise OptionsError(

@@ -59,6 +59,19 @@ def test_init_takes_the_base_model_directory_as_a_path(tmp_path: Path, tiny_base
     by_str.close()
 
 
+def test_init_refuses_a_base_model_path_that_does_not_exist(tmp_path: Path) -> None:
+    # A relative Path that names nothing was recorded as a hub id, which turns the base-model
+    # shape check off; a str that looks like org/name is still an id, as the CLI reads it.
+    for missing in (Path("missing-model"), Path("org/missing")):
+        with pytest.raises(MintError, match=f"--base-model {missing}: no such directory"):
+            porcelain.init(tmp_path / "r", missing, install_hooks=False)
+        assert not (tmp_path / "r").exists()
+    by_id = porcelain.init(tmp_path / "r", "org/missing", install_hooks=False)
+    assert by_id.base is not None and by_id.base.model_id == "org/missing"
+    assert by_id.base.fingerprint is None
+    by_id.close()
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
