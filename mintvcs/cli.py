@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from mintvcs.console import Terminated, die_of
-from mintvcs.errors import MintError
+from mintvcs.errors import MintError, OptionsError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -299,6 +299,13 @@ def _name_stdout_failures() -> None:
     )
 
 
+def _invoked(ctx: click.Context) -> str:
+    """The command line's command (`mintvcs init`), whose --help a usage error names."""
+    if ctx.invoked_subcommand is None:
+        return ctx.command_path
+    return f"{ctx.command_path} {ctx.invoked_subcommand}"
+
+
 class MintGroup(click.Group):
     """Turns MintError and usage errors into one `error:` line and an exit code instead of a traceback or a usage block."""
 
@@ -340,10 +347,10 @@ class MintGroup(click.Group):
         except click.UsageError as err:
             # click's parser raises an option's missing value (`commit -m`) without a context:
             # the help to name is still the command's.
-            where = ctx.command_path
-            if ctx.invoked_subcommand is not None:
-                where = f"{where} {ctx.invoked_subcommand}"
-            _usage_error(err, err.ctx.command_path if err.ctx is not None else where)
+            _usage_error(err, err.ctx.command_path if err.ctx is not None else _invoked(ctx))
+        except OptionsError as err:
+            # Found past click's parsing (porcelain's checks): reported as its usage errors are.
+            _usage_error(click.UsageError(str(err)), _invoked(ctx))
         except Terminated as err:
             # serve's clean stop (docs/http.md), also while it is still importing torch.
             if ctx.invoked_subcommand == "serve" and err.signum != signal.SIGQUIT:

@@ -7,6 +7,13 @@ class MintError(Exception):
     exit_code: int = 1
 
 
+class OptionsError(MintError):
+    """Options that cannot go together: a usage error, which the CLI reports as click's own
+    (one line naming the command's --help, exit 2)."""
+
+    exit_code = 2  # click's usage errors
+
+
 class NewerFormatError(MintError):
     """Data (a manifest, a tensor blob) in a format newer than this mintvcs reads: not damage,
     and not misread either; a newer mintvcs reads it."""

@@ -36,7 +36,7 @@ from mintvcs.adapter import (
 from mintvcs.base import BaseModel, read_base_model
 from mintvcs.bulk import collector_paused
 from mintvcs.codec import NonFiniteTensorError
-from mintvcs.errors import MintError
+from mintvcs.errors import MintError, OptionsError
 from mintvcs.filemodes import file_mode, write_failed
 from mintvcs.ids import blob_id, is_object_id
 from mintvcs.messages import (
@@ -121,12 +121,6 @@ def _work_tree_of(repo: Repository) -> Path:
     if repo.work_tree is None:
         raise NoWorkTreeError("this repository has no work tree")
     return repo.work_tree
-
-
-class OptionsError(MintError):
-    """Options that cannot go together: a usage error, as the CLI's own."""
-
-    exit_code = 2  # click's usage errors
 
 
 # ------------------------------------------------------------------ helpers

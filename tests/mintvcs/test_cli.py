@@ -669,6 +669,10 @@ def test_init_names_a_hub_cache_snapshot_by_its_hub_id_and_takes_base_model_id(
     for misuse in (["--base-model", "org/x", "--base-model-id", "y"], ["--base-model-id", "y"]):
         result = mint(tmp_path, "init", "r3", *misuse, ok=False)
         assert result.returncode == 2 and "error: --base-model-id" in result.stderr
+        # One line naming the help, as every usage error's (docs/cli.md, exit 2).
+        assert result.stderr.count("\n") == 1 and result.stderr.endswith(" init --help')\n"), (
+            result.stderr
+        )
         assert not (tmp_path / "r3" / ".mint").exists()
     result = mint(
         tmp_path, "init", "r4", "--base-model", str(snapshot), "--base-model-id", "", ok=False
