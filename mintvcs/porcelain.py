@@ -1194,7 +1194,10 @@ def _diff(repo: Repository, spec_a: str, spec_b: str | None) -> DiffResult:
     tensors_a = _stored_tensors(repo, rev_a)
     if spec_b is None:
         if repo.work_tree is None:
-            raise MintError("no work tree to compare with: give two revisions")
+            # git's `diff REV` there: 128, after the revision is read (an unknown one is that).
+            raise NoWorkTreeError(
+                "this repository has no work tree to compare with: give two revisions"
+            )
         work = read_adapter(repo.work_tree, repo.excludes)
         tensors_b, label_b = _work_tensors(work), "work tree"
         config_b, header_b = work.config_bytes, work.layout.header
@@ -2511,10 +2514,11 @@ def checkout(
     repo: Repository, spec: str, *, new_branch: str | None = None, force: bool = False
 ) -> CheckoutResult:
     """Write revision `spec` into the work tree and move HEAD (to a branch, or detached)."""
+    # git refuses even a switch that would write no file, before it reads the revision.
+    _work_tree_of(repo)
     # As git: `-` is `@{-1}`, and `@{-N}` is the name it stands for, so that it switches back
     # to that branch (and the reflog names it) rather than detaching at its commit.
     spec = repo.expand_previous("@{-1}" if spec == "-" else spec)
-    _work_tree_of(repo)  # git refuses even a switch that would write no file
     if new_branch is not None and spec in ("HEAD", "@") and repo.head_commit() is None:
         return _new_unborn_branch(repo, new_branch)
     # A branch name switches to that branch even where a tag of the same name exists (as git

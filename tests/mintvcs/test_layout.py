@@ -292,14 +292,27 @@ def test_a_store_without_work_tree_refuses_checkout_as_git_refuses_it(
     work: Path, tmp_path: Path
 ) -> None:
     # A git clone's `.git` is a store without work tree: checkout of the branch HEAD names said
-    # "Already on" and exited 0, where git says the operation needs a work tree (128).
+    # "Already on" and exited 0, where git says the operation needs a work tree (128). `diff
+    # REV` exited 1, and `checkout -` (no previous branch) named the reflog first: git names
+    # the work tree, each with 128.
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(work / ".mint"), str(clone)], check=True, env=ENV)
     store = clone / ".git"
     head = git(store, "symbolic-ref", "HEAD").stdout
-    for args in (["checkout", "main"], ["checkout", "-b", "x"], ["status"], ["reset", "--hard"]):
+    commands = [
+        ["checkout", "main"],
+        ["checkout", "-b", "x"],
+        ["checkout", "-"],
+        ["status"],
+        ["reset", "--hard"],
+        ["diff", "HEAD"],
+        ["commit", "-m", "x", "--no-verify"],
+    ]
+    for args in commands:
         result = mint(store, *args, ok=False)
         assert result.returncode == 128, (args, result.stderr)
-        assert "error: this repository has no work tree" in result.stderr
+        assert "error: this repository has no work tree" in result.stderr, (args, result.stderr)
+        peer = subprocess.run(["git", "-C", str(store), *args], env=ENV, capture_output=True)
+        assert peer.returncode == 128 and b"must be run in a work tree" in peer.stderr, args
     assert git(store, "symbolic-ref", "HEAD").stdout == head
     assert git(store, "branch", "--list", "x").stdout == ""
