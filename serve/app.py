@@ -78,6 +78,18 @@ class HTTPError(MintError):
         super().__init__(message)
 
 
+def base_name_problem(name: str) -> str | None:
+    """Why `name` cannot select the base model alone (it names no ref, or reads as a revision
+    spec a request could mean), or None when it can."""
+    try:
+        check_spec(name)
+    except InvalidRefSpec:
+        return "cannot name the base model (empty, control characters or '..')"
+    if names_an_ancestor(name) or name == "HEAD" or name.startswith("refs/"):
+        return "reads as a revision spec (HEAD, refs/..., ~, ^ or @{)"
+    return None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `mintvcs serve` takes; limits are validated here, paths when the server starts."""
@@ -168,22 +180,14 @@ class ServerConfig:
         if not (0.01 <= self.ref_poll_interval <= 1.0):
             raise ServerError(f"ref_poll_interval {self.ref_poll_interval} s must be in [0.01, 1]")
         name = self.base_name
-        given = (
-            "--served-model-name"
-            if self.served_model_name is not None
-            else "the base folder's name"
-        )
-        try:
-            check_spec(name)
-        except InvalidRefSpec:
+        if (problem := base_name_problem(name)) is not None:
+            given = (
+                "--served-model-name"
+                if self.served_model_name is not None
+                else "the base folder's name"
+            )
             raise ServerError(
-                f"{given} {name!r} cannot name the base model (empty, control characters or "
-                "'..'); set --served-model-name to a plain name"
-            ) from None
-        if names_an_ancestor(name) or name == "HEAD" or name.startswith("refs/"):
-            raise ServerError(
-                f"{given} {name!r} reads as a revision spec (HEAD, refs/..., ~, ^ or @{{); "
-                "set --served-model-name to a plain name"
+                f"{given} {name!r} {problem}; set --served-model-name to a plain name"
             )
 
     @cached_property

@@ -232,8 +232,19 @@ def serve(
     # seconds) is the clean stop it is afterwards, exit 0, not death by the signal.
     catch_terminating_signals()
     try:
-        from mintvcs.serve.app import ServerConfig, run
+        from mintvcs.serve.app import ServerConfig, base_name_problem, run
 
+        # Refused here as usage errors (exit 2, naming --help), as click's own checks are;
+        # ServerConfig checks them again for Python callers.
+        if api_key_scope == "all" and api_key_file is None:
+            raise click.UsageError(
+                "--api-key-scope all needs --api-key-file: without tokens every endpoint is open"
+            )
+        if served_model_name is not None and (problem := base_name_problem(served_model_name)):
+            raise click.BadParameter(
+                f"{served_model_name!r} {problem}; give a plain name",
+                param_hint="'--served-model-name'",
+            )
         config = ServerConfig(
             repo=repo,
             base_model=base_model,

@@ -367,6 +367,21 @@ def test_an_empty_host_is_refused_not_every_interface(tmp_path: Path, tiny_base:
         assert line.startswith("error: Invalid value for '--host': empty"), line
 
 
+def test_options_server_config_refuses_are_usage_errors(tmp_path: Path, tiny_base: Path) -> None:
+    # ServerConfig's own checks exited 1 with a bare error line; as options that cannot go
+    # together or an invalid value, they are usage errors (exit 2), naming serve's --help.
+    base = ("--base-model", str(tiny_base), "--port", "0")
+    line = _usage_line(tmp_path, *base, "--api-key-scope", "all")
+    assert line.startswith("error: --api-key-scope all needs --api-key-file"), line
+    assert line.endswith(" serve --help')"), line
+    for name, problem in (("", "cannot name the base model"), ("HEAD", "reads as a revision")):
+        line = _usage_line(tmp_path, *base, "--served-model-name", name)
+        assert line.startswith(
+            f"error: Invalid value for '--served-model-name': {name!r} {problem}"
+        )
+        assert line.endswith(" serve --help')"), line
+
+
 def test_host_all_addresses_takes_ipv4_too_and_a_bracketed_address_is_read(
     tmp_path: Path, tiny_base: Path
 ) -> None:
