@@ -136,9 +136,10 @@ def body_lines(message: str) -> list[str]:
     return lines[start:end]
 
 
-# Control characters (C0 but tab, DEL, C1) and bidi overrides and isolates: what would break
-# a line in two, drive the terminal or reorder what it shows.
-_UNSAFE = "\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+# Control characters (C0 but tab, DEL, C1), the line and paragraph separators (lines to
+# Python's splitlines()) and bidi overrides and isolates: what would break a line in two,
+# drive the terminal or reorder what it shows.
+_UNSAFE = "\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
 _UNSAFE_IN_A_LINE = re.compile(f"[{_UNSAFE}]")
 _CONTROL = re.compile(f"[{_UNSAFE}\ud800-\udfff]")  # and lone surrogates
 

@@ -2289,6 +2289,14 @@ class Repository:
                     f"metadata {key!r:.40}: {value!r:.40} is not a non-empty string key with a "
                     "string value; convert values with str() (for example meta={'step': str(step)})"
                 )
+            # What `--meta KEY=VALUE` cannot give, so that a script reads back what the CLI
+            # could have written: a key with '=' or spaces around it (the CLI splits at the
+            # first '=' and strips the key), a NUL (as a commit message refuses one).
+            if "=" in key or key != key.strip() or "\x00" in key + value:
+                raise MintError(
+                    f"metadata {key!a:.60}: a key holds no '=' nor spaces around it, and no "
+                    "key or value a NUL character (what `--meta KEY=VALUE` can give)"
+                )
             # JSON would store a lone surrogate (or a byte of argv that is not UTF-8, which
             # Python passes on as one) as an escape other readers take for U+FFFD.
             for part, text in (("key", key), ("value", value)):

@@ -329,6 +329,12 @@ def test_only_control_characters_are_escaped_each_on_its_own(work: Path) -> None
     assert mint(work, "log", "--oneline", "-1").stdout.split(") ", 1)[1] == expected + "\n"
     assert f"    {expected}\n" in mint(work, "log", "-1").stdout
     assert "meta k: é\u00a0\\x1b\n" in mint(work, "show").stdout
+    # Line and paragraph separators end a line for Python's splitlines(): a script splitting
+    # show's output would read a forged `meta` or `Author:` line.
+    mint(work, "commit", "--allow-empty", "-m", "x", "--meta", "k=a\u2028Author: m\u2029meta b: c")
+    shown = mint(work, "show").stdout
+    assert "meta k: a\\u2028Author: m\\u2029meta b: c\n" in shown, shown
+    assert not [line for line in shown.splitlines() if line.startswith("Author: m")]
 
 
 def test_a_commit_s_encoding_header_is_honoured_as_git_log_honours_it(work: Path) -> None:

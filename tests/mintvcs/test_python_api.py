@@ -111,6 +111,17 @@ def test_metadata_must_be_strings_and_nothing_is_written_otherwise(
                 allow_empty=True,
                 show_progress=False,
             )
+    # What `--meta KEY=VALUE` could not give: read back, it would not be what was meant.
+    for meta in ({"a=b": "c"}, {" step ": "1"}, {"step\x00": "1"}, {"step": "1\x00"}):
+        with pytest.raises(MintError, match="what `--meta KEY=VALUE` can give"):
+            porcelain.commit(
+                repo,
+                "bad meta",
+                source=peft_adapter,
+                meta=meta,
+                allow_empty=True,
+                show_progress=False,
+            )
     assert {p.name for p in (repo.git_dir / "objects").rglob("*")} == before
 
 
