@@ -7,6 +7,7 @@ import bisect
 import contextvars
 import errno
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -18,8 +19,8 @@ import time
 import weakref
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, replace
 from functools import cache, cached_property, wraps
 from io import BytesIO
@@ -653,6 +654,19 @@ class HeldWrites:
     def __init__(self) -> None:
         self.moves: list[tuple[str, str]] = []
         self._lock = threading.Lock()  # a commit's encoding threads store objects at once
+        self.owner: weakref.ref[Generator[HeldWrites, None, None]] | None = None
+
+    def in_force(self) -> bool:
+        """Whether the block holding these writes is still running its body.
+
+        Read from the state of the block's generator, which changes without a line of ours
+        running: a Ctrl-C can land anywhere in the code that takes a hold off (even before its
+        first bytecode), and a hold left on made every later object of the process, a gc's
+        pack or a tag's, a temporary never stored while refs moved to it and gc deleted the
+        loose copies. Once the generator resumes, finishes or is collected the hold is over.
+        """
+        owner = self.owner() if self.owner is not None else None
+        return owner is not None and inspect.getgeneratorstate(owner) == inspect.GEN_SUSPENDED
 
     def add(self, tmp: str, final: str) -> None:
         """Hold temporary file `tmp`, to be renamed to `final`."""
@@ -1477,25 +1491,32 @@ class Repository:
     def held_writes(self) -> HeldWrites | None:
         """The hold this context's writes to this Repository go into, None outside one."""
         for repo, held in _HELD_WRITES.get():
-            if repo is self:
+            if repo is self and held.in_force():
                 return held
         return None
 
-    @contextmanager
-    def holding_writes(self) -> Iterator[HeldWrites]:
+    def holding_writes(self) -> AbstractContextManager[HeldWrites]:
         """Keep the objects stored in this block (by this thread or the workers it starts) as
         temporary files out of the store, then rename them into place if the block ends
         without an error, or delete them if it raises: a commit refused after its tensors were
         encoded (its commit-msg hook) leaves the store as it was. Until then no reader, nor
         another writer of the same object, can see or rely on them; a process killed meanwhile
         leaves temporaries that gc removes once stale."""
+        held = HeldWrites()
+        manager = self._holding_writes(held)
+        # The hold is in force only while this generator is suspended at its yield (in_force):
+        # a weak reference, so that a block left without its exit running still ends it.
+        held.owner = weakref.ref(manager.gen)
+        return manager
+
+    @contextmanager
+    def _holding_writes(self, held: HeldWrites) -> Iterator[HeldWrites]:
         # Holds never nest: one found here is what a Ctrl-C left of an earlier block (it can
         # land inside the release below too), and its objects were never committed to.
         for repo, stale in _HELD_WRITES.get():
             if repo is self:
                 stale.drop()
                 _release_hold(stale)
-        held = HeldWrites()
         try:
             # Set inside the try, and taken back by identity rather than by token: a Ctrl-C
             # landing between the two would leave every later write of this thread held and

@@ -151,17 +151,27 @@ def test_loose_objects_are_counted_while_gc_removes_fan_out_directories(
 
 # Where a Ctrl-C can land with the most at stake: between a hold's start and its try, between a
 # ref's rename and the line that records it, in the undo of a failed move.
-_INTERRUPTIBLE = {"holding_writes", "write_commit", "release", "update", "undo", "_release_hold"}
+_INTERRUPTIBLE = {
+    "holding_writes",
+    "_holding_writes",
+    "write_commit",
+    "release",
+    "update",
+    "undo",
+    "_release_hold",
+}
 
 
-def _interrupt_at(n: int, event_kind: str) -> Callable[..., object]:
+def _interrupt_at(
+    n: int, event_kind: str, where: frozenset[str] | set[str] = _INTERRUPTIBLE
+) -> Callable[..., object]:
     """A trace function raising KeyboardInterrupt at the n-th `event_kind` ("line" or
-    "opcode": between any two bytecodes, as a signal can) run in _INTERRUPTIBLE."""
+    "opcode": between any two bytecodes, as a signal can) run in the functions named `where`."""
     seen = 0
 
     def trace(frame: Any, event: str, arg: object) -> object:
         nonlocal seen
-        if frame.f_code.co_name not in _INTERRUPTIBLE:
+        if frame.f_code.co_name not in where:
             return None
         frame.f_trace_opcodes = event_kind == "opcode"
         if event == event_kind:
@@ -213,3 +223,33 @@ def test_a_ctrl_c_anywhere_in_a_commit_leaves_the_store_whole_and_usable(
     git(repo.git_dir, "fsck", "--strict")
     mint_fsck_ok(repo.work_tree)
     assert left == 0  # temporaries of interrupted commits are removed, not left to gc
+
+
+def test_a_ctrl_c_while_a_hold_is_taken_off_leaves_no_writer_holding(
+    repo: Repository, peft_adapter: Path, tmp_path: Path
+) -> None:
+    # The code that takes a commit's hold off can itself be interrupted, at its first bytecode
+    # too. A hold left on sent a later annotated tag's object, and gc's new pack, to temporaries
+    # never stored, while the tag ref was written and gc deleted the loose objects: every ref
+    # of the store named a missing object.
+    source = tmp_path / "adapter"
+    shutil.copytree(peft_adapter, source)
+    for n in range(1, 25):
+        mutate(source, seed=n)
+        sys.settrace(_interrupt_at(n, "opcode", {"_release_hold"}))
+        try:
+            porcelain.commit(repo, f"step {n}", source=source, show_progress=False)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        assert repo.held_writes() is None, n
+        tag = porcelain.tag_create(repo, f"t{n}", "HEAD", message=f"tag {n}")
+        assert git(repo.git_dir, "cat-file", "-t", tag).stdout.strip() == "tag", n
+        if n == 1:
+            maintenance.gc(repo)
+            git(repo.git_dir, "fsck", "--strict")
+    maintenance.gc(repo)
+    git(repo.git_dir, "fsck", "--strict")
+    assert repo.work_tree is not None
+    mint_fsck_ok(repo.work_tree)
