@@ -594,11 +594,20 @@ class _Lock:
 
     def renamed(self) -> bool:
         """Whether the lock file went over the target: an interrupt (Ctrl-C) can land between
-        the rename and the line that records it."""
+        the rename and the line that records it. Asked of the target, which is our file once
+        it moved: a lock file gone does not say so (someone may have removed it, as the
+        message for a leftover lock advises, and the rename then failed)."""
         try:
-            return _file_identity(os.stat(self.lock_path)) != self._identity
-        except FileNotFoundError:
-            return True
+            return _file_identity(os.stat(self.path)) == self._identity
+        except OSError:
+            return False
+
+    def _lock_file_is_ours(self) -> bool:
+        """Whether the lock path still holds the file this lock created."""
+        try:
+            return _file_identity(os.stat(self.lock_path)) == self._identity
+        except OSError:
+            return False
 
     def release(self) -> None:
         """Drop the lock without changing the target (idempotent)."""
@@ -607,7 +616,9 @@ class _Lock:
             os.close(fd)
         if self.held:
             self.held = False
-            if not self.renamed():  # else the lock path may already be another process's
+            # Not when renamed (a Ctrl-C after the rename): the lock path may already be
+            # another process's lock then.
+            if self._lock_file_is_ours():
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.lock_path)
 

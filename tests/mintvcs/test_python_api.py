@@ -3,6 +3,8 @@ reads them, and gc's counters safe to call while another gc tidies the store."""
 
 from __future__ import annotations
 
+import inspect
+import os
 import re
 import shutil
 import sys
@@ -12,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from mintvcs import maintenance, porcelain
+from mintvcs import maintenance, porcelain, refs
 from mintvcs.errors import MintError
 from mintvcs.store import Repository, UnknownRevisionError
 from tests.mintvcs.storekit import git, mint_fsck_ok, mutate
@@ -253,3 +255,92 @@ def test_a_ctrl_c_while_a_hold_is_taken_off_leaves_no_writer_holding(
     git(repo.git_dir, "fsck", "--strict")
     assert repo.work_tree is not None
     mint_fsck_ok(repo.work_tree)
+
+
+def _at_lock_line(
+    line_text: str, ref: str, action: Callable[[refs._Lock], None]
+) -> Callable[..., object]:
+    """A trace function running `action(lock)` in `_Lock.write_commit` of `ref`'s lock, as the
+    first line containing `line_text` is about to run (a Ctrl-C, or another process, there)."""
+    lines, first = inspect.getsourcelines(refs._Lock.write_commit)
+    target = first + next(i for i, text in enumerate(lines) if line_text in text)
+
+    def trace(frame: Any, event: str, arg: object) -> object:
+        if frame.f_code is not refs._Lock.write_commit.__code__:
+            return None
+        lock = frame.f_locals["self"]
+        if event == "line" and frame.f_lineno == target and lock.path.endswith(ref):
+            action(lock)
+        return trace
+
+    return trace
+
+
+def _interrupt(lock: refs._Lock) -> None:
+    raise KeyboardInterrupt
+
+
+def _traced(trace: Callable[..., object], call: Callable[[], object]) -> None:
+    """call() under `trace`, a KeyboardInterrupt it raises swallowed (a Ctrl-C)."""
+    sys.settrace(trace)
+    try:
+        call()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.settrace(None)
+
+
+def _reflog(repo: Repository, ref: str) -> list[str]:
+    return git(repo.git_dir, "reflog", "--format=%H %gs", ref).stdout.splitlines()
+
+
+def test_a_ctrl_c_just_after_a_branch_moves_keeps_its_line_and_the_next_lock(
+    repo: Repository, peft_adapter: Path, tmp_path: Path
+) -> None:
+    # Between the rename that moves the branch and the line that records it: the move
+    # happened, so its reflog lines stay (they were taken back: `main@{1}` then named the
+    # value before the last move); and the lock path is no longer ours, so another process's
+    # lock taken there meanwhile is not deleted.
+    source = tmp_path / "adapter"
+    shutil.copytree(peft_adapter, source)
+    mutate(source, seed=3)
+    before = repo.refs.read("refs/heads/main")
+    lines, head_lines = _reflog(repo, "main"), _reflog(repo, "HEAD")
+
+    def another_locks_then_ctrl_c(lock: refs._Lock) -> None:
+        Path(lock.lock_path).write_text("another process's lock\n")
+        raise KeyboardInterrupt
+
+    _traced(
+        _at_lock_line("self.held = False", "refs/heads/main", another_locks_then_ctrl_c),
+        lambda: porcelain.commit(repo, "moved", source=source, show_progress=False),
+    )
+    after = repo.refs.read("refs/heads/main")
+    assert after is not None and after != before
+    assert _reflog(repo, "main") == [f"{after} commit: moved", *lines]
+    assert _reflog(repo, "HEAD") == [f"{after} commit: moved", *head_lines]
+    lock = repo.git_dir / "refs" / "heads" / "main.lock"
+    assert lock.read_text() == "another process's lock\n"
+    lock.unlink()
+    git(repo.git_dir, "fsck", "--strict")
+
+
+def test_a_lock_removed_before_its_rename_leaves_no_line_for_a_move_not_made(
+    repo: Repository, peft_adapter: Path, tmp_path: Path
+) -> None:
+    # The leftover-lock message advises removing the file: done while a commit holds it, the
+    # rename fails and the branch stays. Its reflog must not keep a line for that move.
+    source = tmp_path / "adapter"
+    shutil.copytree(peft_adapter, source)
+    mutate(source, seed=4)
+    before = repo.refs.read("refs/heads/main")
+    lines, head_lines = _reflog(repo, "main"), _reflog(repo, "HEAD")
+    with pytest.raises(OSError):
+        _traced(
+            _at_lock_line("os.rename(", "refs/heads/main", lambda lock: os.unlink(lock.lock_path)),
+            lambda: porcelain.commit(repo, "not moved", source=source, show_progress=False),
+        )
+    assert repo.refs.read("refs/heads/main") == before
+    assert _reflog(repo, "main") == lines
+    assert _reflog(repo, "HEAD") == head_lines
