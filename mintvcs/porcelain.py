@@ -2478,13 +2478,18 @@ def _restore_on_failure(
     written: Revision,
     old: RevisionOf | None,
     changes: _WorkTreeChanges | None = None,
+    moved: Callable[[], bool] | None = None,
 ) -> Iterator[None]:
     """Put `old` back in the work tree if the block fails once `written` is (being) written:
     writing it part-way, or moving the refs after it. Where the writing (`changes`) failed
-    before anything changed, nothing is written: the record is put back instead."""
+    before anything changed, nothing is written: the record is put back instead. Where
+    `moved()` says the refs moved all the same (a Ctrl-C just after the rename that moved
+    them), the work tree keeps `written`: it is what HEAD names now."""
     try:
         yield
     except BaseException:
+        if moved is not None and _says_moved(moved):
+            raise
         if changes is not None and not changes.changed:
             changes.put_back()
         elif old is not None:
@@ -2499,6 +2504,14 @@ def _restore_on_failure(
                 if work_tree_base(repo) == written.commit:
                     _mark_in_place(repo, [written.commit])
         raise
+
+
+def _says_moved(moved: Callable[[], bool]) -> bool:
+    """moved(), False where the refs cannot be read: the old revision is written back then."""
+    try:
+        return moved()
+    except (MintError, OSError):
+        return False
 
 
 def _branch_value(repo: Repository, spec: str) -> str | None:
@@ -2559,7 +2572,12 @@ def checkout(
         _check_lockable(repo, "HEAD", new_ref)
         write_work_tree(repo, target_rev, head_rev, undo=undo)
     detached = repo.current_branch() is None
-    with _restore_on_failure(repo, target_rev, undo):
+    branch_after = new_branch or (spec if oid is not None else None)
+
+    def head_moved() -> bool:
+        return repo.current_branch() == branch_after and repo.head_commit() == target
+
+    with _restore_on_failure(repo, target_rev, undo, moved=head_moved):
         result = _move_head(repo, spec, target, head, new_branch, is_branch=oid is not None)
     if detached and head is not None and head != target:
         # HEAD has moved: a history that cannot be read must not turn that into a failure.
@@ -2736,7 +2754,8 @@ def _move_head(
         if new_branch is not None:
             # HEAD could not follow (a full disk): the branch `-b` made goes too, so that the
             # failed command leaves nothing its retry would be refused for; not where another
-            # process has checked it out (or moved it) meanwhile.
+            # process has checked it out (or moved it) meanwhile, nor where HEAD did follow (a
+            # Ctrl-C just after its rename): take_back leaves a branch a HEAD names.
             ref = f"refs/heads/{new_branch}"
             if not repo.refs.take_back(ref, target):
                 add_note(err, f"{ref} was left: another process has checked it out or set it")
@@ -2759,7 +2778,9 @@ def reset(repo: Repository, spec: str, *, hard: bool = False) -> str:
         undo = _undo_point(repo, head_rev)
         _check_lockable(repo, "HEAD", repo.refs.read_symbolic("HEAD"))
         write_work_tree(repo, target_rev, head_rev, undo=undo)
-        restore = _restore_on_failure(repo, target_rev, undo)
+        restore = _restore_on_failure(
+            repo, target_rev, undo, moved=lambda: repo.head_commit() == target
+        )
     with restore:
         message = f"reset: moving to {spec}"
         _move_ref(repo, "HEAD", target, old=head, message=message, by=signature(repo))

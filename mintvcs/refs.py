@@ -1241,8 +1241,9 @@ class RefStore:
             lock.write_commit(f"ref: {target}\n".encode())
         except BaseException:
             # As update(): a move that failed (a full disk) keeps no line, else `checkout -`
-            # would go back to the branch HEAD never left.
-            if appended is not None:
+            # would go back to the branch HEAD never left; one that happened (a Ctrl-C just
+            # after the rename) keeps it, else `checkout -` would name the branch HEAD is on.
+            if appended is not None and not lock.renamed():
                 appended.undo()
             raise
         finally:
@@ -1456,6 +1457,11 @@ class RefStore:
                 # what is still as this process wrote it: a HEAD another process has moved
                 # since (a checkout), or a `new` it has set, stays as that process left it.
                 kept = []
+                # A HEAD whose rename went through just before the failure (a Ctrl-C) is put
+                # back with the others.
+                switched += [
+                    store for store, lock in heads if store not in switched and lock.renamed()
+                ]
                 for line in reversed(lines):
                     line.undo()
                 for store in switched:

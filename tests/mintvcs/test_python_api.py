@@ -344,3 +344,89 @@ def test_a_lock_removed_before_its_rename_leaves_no_line_for_a_move_not_made(
     assert repo.refs.read("refs/heads/main") == before
     assert _reflog(repo, "main") == lines
     assert _reflog(repo, "HEAD") == head_lines
+
+
+def _two_branches(repo: Repository, peft_adapter: Path, tmp_path: Path) -> tuple[str, str]:
+    """Branch `side` one commit past `main`, main checked out (`@{-1}` is side), the work tree
+    clean; returns main's and side's commits."""
+    source = tmp_path / "adapter"
+    shutil.copytree(peft_adapter, source)
+    porcelain.checkout(repo, "main", new_branch="side")
+    mutate(source, seed=7)
+    side = porcelain.commit(repo, "side", source=source, show_progress=False).commit
+    porcelain.checkout(repo, "side", force=True)
+    porcelain.checkout(repo, "main")
+    main = repo.refs.read("refs/heads/main")
+    assert main is not None and main != side and porcelain.status(repo).changes == []
+    return main, side
+
+
+def test_a_ctrl_c_just_after_checkout_moves_head_keeps_the_switch(
+    repo: Repository, peft_adapter: Path, tmp_path: Path
+) -> None:
+    # HEAD moved to side: its reflog line stays (`checkout -` went to side itself, not back to
+    # main), and the work tree keeps side's revision (main's was written back under it).
+    _, side = _two_branches(repo, peft_adapter, tmp_path)
+    head_lines = _reflog(repo, "HEAD")
+    _traced(
+        _at_lock_line("self.held = False", "HEAD", _interrupt),
+        lambda: porcelain.checkout(repo, "side"),
+    )
+    assert repo.refs.read_symbolic("HEAD") == "refs/heads/side"
+    assert _reflog(repo, "HEAD") == [f"{side} checkout: moving from main to side", *head_lines]
+    assert repo.expand_previous("@{-1}") == "main"
+    state = porcelain.status(repo)
+    assert (state.head, state.changes, state.base, state.mixed) == (side, [], None, None)
+    assert not list(repo.git_dir.rglob("*.lock"))
+
+
+def test_a_ctrl_c_just_after_checkout_b_moves_head_keeps_the_new_branch(
+    repo: Repository, peft_adapter: Path, tmp_path: Path
+) -> None:
+    # HEAD names the new branch: the branch stays (HEAD names it), and the work tree holds it.
+    _, side = _two_branches(repo, peft_adapter, tmp_path)
+    _traced(
+        _at_lock_line("self.held = False", "HEAD", _interrupt),
+        lambda: porcelain.checkout(repo, "side", new_branch="fresh"),
+    )
+    assert repo.refs.read_symbolic("HEAD") == "refs/heads/fresh"
+    assert repo.refs.read("refs/heads/fresh") == side
+    state = porcelain.status(repo)
+    assert (state.head, state.changes, state.base, state.mixed) == (side, [], None, None)
+
+
+def test_a_ctrl_c_just_after_reset_hard_moves_the_branch_keeps_the_work_tree(
+    repo: Repository, peft_adapter: Path, tmp_path: Path
+) -> None:
+    # The branch moved: the work tree keeps the revision it was reset to (the old one was
+    # written back, status then saying the branch moved under the work tree).
+    main, _ = _two_branches(repo, peft_adapter, tmp_path)
+    porcelain.checkout(repo, "side")
+    lines = _reflog(repo, "side")
+    _traced(
+        _at_lock_line("self.held = False", "refs/heads/side", _interrupt),
+        lambda: porcelain.reset(repo, "main", hard=True),
+    )
+    assert repo.refs.read("refs/heads/side") == main
+    assert _reflog(repo, "side") == [f"{main} reset: moving to main", *lines]
+    state = porcelain.status(repo)
+    assert (state.head, state.changes, state.base, state.mixed) == (main, [], None, None)
+
+
+def test_a_ctrl_c_just_after_branch_m_moves_head_takes_the_whole_rename_back(
+    repo: Repository,
+) -> None:
+    # The rename is undone on failure: HEAD too, though its rename went through just before
+    # the interrupt (it was left naming the new name, whose ref the undo then deleted).
+    main = repo.refs.read("refs/heads/main")
+    head_lines, lines = _reflog(repo, "HEAD"), _reflog(repo, "main")
+    _traced(
+        _at_lock_line("self.held = False", "HEAD", _interrupt),
+        lambda: porcelain.branch_rename(repo, None, "trunk"),
+    )
+    assert repo.refs.read_symbolic("HEAD") == "refs/heads/main"
+    assert repo.refs.read("refs/heads/main") == main
+    assert repo.refs.read("refs/heads/trunk") is None
+    assert (_reflog(repo, "HEAD"), _reflog(repo, "main")) == (head_lines, lines)
+    git(repo.git_dir, "fsck", "--strict")
+    assert porcelain.branch_rename(repo, None, "trunk").name == "trunk"  # and it can be retried
