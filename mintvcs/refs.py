@@ -101,6 +101,10 @@ class RefConflictError(MintError):
         super().__init__(msg)
 
 
+class LockRemovedError(MintError):
+    """A lock file was removed while this process held it: the update it guarded was not made."""
+
+
 class RefNameConflictError(MintError):
     """A new ref would be a file where another ref needs a directory, or the reverse."""
 
@@ -588,7 +592,13 @@ class _Lock:
         # close the number again, by then perhaps another file's.
         fd, self.fd = self.fd, None
         os.close(fd)
-        os.rename(self.lock_path, self.path)
+        try:
+            os.rename(self.lock_path, self.path)
+        except FileNotFoundError:
+            raise LockRemovedError(
+                f"{self.lock_path} was removed while this process held it (by hand, or by "
+                f"another process's cleanup): {self.path} was not changed; retry"
+            ) from None
         # From here the lock path may already be another process's lock: never touch it.
         self.held = False
 

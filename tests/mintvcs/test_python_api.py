@@ -336,7 +336,9 @@ def test_a_lock_removed_before_its_rename_leaves_no_line_for_a_move_not_made(
     mutate(source, seed=4)
     before = repo.refs.read("refs/heads/main")
     lines, head_lines = _reflog(repo, "main"), _reflog(repo, "HEAD")
-    with pytest.raises(OSError):
+    with pytest.raises(
+        refs.LockRemovedError, match=r"main\.lock was removed while this process held"
+    ):
         _traced(
             _at_lock_line("os.rename(", "refs/heads/main", lambda lock: os.unlink(lock.lock_path)),
             lambda: porcelain.commit(repo, "not moved", source=source, show_progress=False),
