@@ -1102,25 +1102,28 @@ class RefStore:
                             entry.undo()
                     raise
                 return
-            try:
-                locks[-1].write_commit((new + "\n").encode())
-            except (IsADirectoryError, NotADirectoryError, FileExistsError) as err:
-                # Another process created `final/...` since the check: its directory now
-                # stands where this ref's file would go.
-                raise RefNameConflictError(final, f"{final}/...") from err
             # A new ref is logged once it exists (still under its lock): a log file written
             # first could stand in the way of a concurrent `final/...`, the ref that won the race.
-            # Where a line cannot be written (a full disk), the ref goes again, as git creates
-            # none then: a failed `branch x` leaves no `x` that its retry would be refused for.
-            # Not one another process has checked out meanwhile (its HEAD would name no ref).
+            # Where a line cannot be written (a full disk, a Ctrl-C just after the rename), the
+            # ref goes again, as git creates none then: a failed `branch x` leaves no `x` that
+            # its retry would be refused for, nor an `x` without its line. Not one another
+            # process has checked out meanwhile (its HEAD would name no ref).
             created: list[_Appended] = []
             try:
+                try:
+                    locks[-1].write_commit((new + "\n").encode())
+                except (IsADirectoryError, NotADirectoryError, FileExistsError) as err:
+                    # Another process created `final/...` since the check: its directory now
+                    # stands where this ref's file would go.
+                    raise RefNameConflictError(final, f"{final}/...") from err
                 for ref in logged:
                     created.append(self._append_log(ref, prev, new, identity, ts, tz, message))
             except BaseException as err:
                 for entry in created:
                     entry.undo()
-                if not self._take_back(final, new, named=named, head_held=HEAD in chain):
+                if locks[-1].renamed() and not self._take_back(
+                    final, new, named=named, head_held=HEAD in chain
+                ):
                     add_note(err, f"{final} was left: another process has checked it out or set it")
                 raise
         finally:

@@ -326,6 +326,22 @@ def test_a_ctrl_c_just_after_a_branch_moves_keeps_its_line_and_the_next_lock(
     git(repo.git_dir, "fsck", "--strict")
 
 
+def test_a_ctrl_c_just_after_a_new_branch_is_renamed_into_place_leaves_no_branch_without_its_line(
+    repo: Repository,
+) -> None:
+    # A new ref gets its line after the rename: a Ctrl-C between the two left `side` with no
+    # reflog (`side@{0}` unknown), and no take-back as a failed line gets.
+    _traced(
+        _at_lock_line("self.held = False", "refs/heads/side", _interrupt),
+        lambda: porcelain.branch_create(repo, "side", "main"),
+    )
+    assert repo.refs.read("refs/heads/side") is None
+    assert not (repo.git_dir / "refs" / "heads" / "side.lock").exists()
+    porcelain.branch_create(repo, "side", "main")  # its retry is not refused
+    assert len(_reflog(repo, "side")) == 1
+    git(repo.git_dir, "fsck", "--strict")
+
+
 def test_a_lock_removed_before_its_rename_leaves_no_line_for_a_move_not_made(
     repo: Repository, peft_adapter: Path, tmp_path: Path
 ) -> None:
