@@ -954,6 +954,10 @@ def _warn_if_a_ref_is_named_as_the_base(repo: Repository, name: str) -> None:
     )
 
 
+# What ServerState.moved_to holds for a ref deleted (no commit id is empty).
+_DELETED = ""
+
+
 def count_move(state: ServerState, ref: str | None, commit: str) -> bool:
     """Count a ref's move to `commit` once, however many specs in use reported it; True the
     first time."""
@@ -966,6 +970,14 @@ def count_move(state: ServerState, ref: str | None, commit: str) -> bool:
 
 
 def _on_move(state: ServerState, move: RefMove) -> None:
+    if move.new is None:
+        # Deleted: one line however many specs in use went through it. Made again elsewhere,
+        # it is the move from what it named here (refwatch's tombstones).
+        key = metric_label(move.ref)
+        if state.moved_to.get(key) != _DELETED:
+            state.moved_to[key] = _DELETED
+            log.info("%s deleted (it named %s)", move.ref or move.spec, move.old[:12])
+        return
     first = True
     if move.ref is not None:
         # `main~1` and `main@{1}` move to other commits than main itself: count main's value.

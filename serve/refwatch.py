@@ -26,13 +26,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mintvcs.errors import MintError
 from mintvcs.ids import is_object_id
 from mintvcs.refs import SYMREF_MAXDEPTH
-from mintvcs.store import is_full_hex, ref_candidates
+from mintvcs.store import UnknownRevisionError, is_full_hex, ref_candidates
 
 log = logging.getLogger("mintvcs.serve")
 
@@ -106,12 +106,12 @@ def metric_label(ref: str | None) -> str:
 
 @dataclass(frozen=True)
 class RefMove:
-    """A spec in use whose commit changed."""
+    """A spec in use whose commit changed; `new` None: it names nothing now (its ref deleted)."""
 
     spec: str
     ref: str | None
     old: str
-    new: str
+    new: str | None
 
 
 @dataclass
@@ -145,6 +145,9 @@ class RefWatcher:
         self.max_entries = max_entries
         self.idle_forget_s = idle_forget_s
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # What a spec named before its ref was deleted (_bury), so that the ref made again
+        # elsewhere (`branch -D x; branch x other`) is reported as the move it is.
+        self._gone: OrderedDict[str, _Entry] = OrderedDict()
         # The cached specs by the names a notify may give for them (_keys): a notify for one
         # of 10^5 per-user branches finds its specs without scanning the cache under the lock.
         self._by_key: dict[tuple[str, str], set[str]] = {}
@@ -270,13 +273,14 @@ class RefWatcher:
         """Cache a fresh resolution of `spec` unless a fresher one came first; report a move."""
         with self._lock:
             self.misses += 1
-            old = self._entries.get(spec)
+            old = self._entries.get(spec) or self._gone.get(spec)
             current = old if old is not None and self._fresh(old) else None
             if current is not None or not self._fresh(entry):
                 # Another thread cached a current answer meanwhile, or the files changed while
                 # this one was read: keep what is cached (the next request revalidates).
                 return current or entry
             self._put(spec, entry)
+            self._gone.pop(spec, None)
             self._entries.move_to_end(spec)
             while len(self._entries) > self.max_entries:
                 self._drop(next(iter(self._entries)))
@@ -306,6 +310,18 @@ class RefWatcher:
     def _drop(self, spec: str) -> None:
         """Forget `spec`'s entry and its index keys; under the lock."""
         self._unindex(spec, self._entries.pop(spec))
+
+    def _bury(self, spec: str) -> RefMove | None:
+        """Forget `spec`, which names nothing now, keeping what it named for a ref made again;
+        under the lock. The deletion, for on_move, unless the spec went through no ref."""
+        entry = self._entries[spec]
+        self._drop(spec)
+        if entry.resolution.ref is None:
+            return None
+        self._gone[spec] = entry
+        while len(self._gone) > self.max_entries:
+            self._gone.popitem(last=False)
+        return RefMove(spec, entry.resolution.ref, entry.resolution.commit, None)
 
     def _unindex(self, spec: str, entry: _Entry) -> None:
         for key in self._keys(entry):
@@ -346,10 +362,16 @@ class RefWatcher:
         for spec, entry in entries:
             try:
                 fresh = self._resolve_uncached(spec)
-            except MintError:
+            except MintError as err:
                 with self._lock:
-                    if self._entries.get(spec) is entry:
-                        self._drop(spec)  # deleted: the next request gets the error
+                    if self._entries.get(spec) is not entry:
+                        continue
+                    # The next request gets the error. A ref that cannot be read is not
+                    # said to be deleted.
+                    if not isinstance(err, UnknownRevisionError):
+                        self._drop(spec)
+                    elif (gone := self._bury(spec)) is not None:
+                        moves.append(gone)
                 continue
             fresh.used = entry.used
             with self._lock:
@@ -414,7 +436,44 @@ class RefWatcher:
                 changed = values[ref] != entry.raw
             if changed:
                 stale.append((spec, entry))
-        return self._reresolve(stale)[0]
+        return self._reresolve(stale)[0] + self._exhume(now)
+
+    def _exhume(self, now: float) -> list[RefMove]:
+        """The deleted refs of specs in use that were made again (the moves from what they
+        named), for a prefetch before the next request; the others wait for their files to
+        change again."""
+        with self._lock:
+            buried = [
+                (spec, entry)
+                for spec, entry in self._gone.items()
+                if now - entry.used <= self.active_s and not self._fresh(entry)
+            ]
+        moves: list[RefMove] = []
+        for spec, entry in buried:
+            try:
+                fresh = self._resolve_uncached(spec)
+            except MintError:
+                names = self._candidates(entry.name)
+                deps = self._deps(names, reflog="@{" in spec)
+                with self._lock:
+                    if self._gone.get(spec) is entry:
+                        self._gone[spec] = replace(entry, deps=deps)
+                continue
+            fresh.used = entry.used
+            with self._lock:
+                if self._gone.get(spec) is not entry or spec in self._entries:
+                    continue
+                del self._gone[spec]
+                if self._cacheable(fresh):
+                    self._put(spec, fresh)
+            if fresh.resolution.commit != entry.resolution.commit:
+                self.moves += 1
+                moves.append(
+                    RefMove(
+                        spec, fresh.resolution.ref, entry.resolution.commit, fresh.resolution.commit
+                    )
+                )
+        return moves
 
     async def run(self, *, interval: float = 0.15, reread_every: float = 1.0) -> None:
         """Poll forever, calling on_move on the loop for each move.

@@ -468,3 +468,29 @@ def test_a_deleted_branch_leaves_the_cache_on_notify(tmp_path: Path, peft_adapte
     porcelain.branch_delete(repo, "gone", force=True)
     assert watcher.refresh("refs/heads/gone") == []
     assert watcher.tracked() == []
+
+
+@pytest.mark.parametrize("seen_by", ["poller", "request"])
+def test_a_branch_deleted_then_made_again_elsewhere_is_reported_as_both(
+    tmp_path: Path, peft_adapter: Path, seen_by: str
+) -> None:
+    # `branch -D x; branch x other`: the deletion dropped the cached spec without a word, and
+    # the branch made again was cached as new, so its move to another revision was never
+    # logged, counted or prefetched.
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    porcelain.branch_create(repo, "x", first)
+    moves: list[RefMove] = []
+    watcher = RefWatcher(repo, on_move=moves.append)
+    assert watcher.resolve("x").commit == first
+    porcelain.branch_delete(repo, "x", force=True)
+    assert watcher.poll() == [RefMove("x", "refs/heads/x", first, None)]
+    assert watcher.poll() == []  # said once
+    porcelain.branch_create(repo, "x", second)
+    if seen_by == "poller":
+        assert watcher.poll() == [RefMove("x", "refs/heads/x", first, second)]
+    else:
+        assert watcher.resolve("x").commit == second
+        assert moves == [RefMove("x", "refs/heads/x", first, second)]
+    assert watcher.poll(reread=True) == []
+    assert watcher.resolve("x").commit == second

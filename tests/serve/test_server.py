@@ -2102,6 +2102,32 @@ def test_a_move_is_logged_once_whichever_specs_name_the_ref(
         assert len([line for line in lines if "twice" in line]) == 1, lines
 
 
+def test_a_branch_deleted_and_made_again_elsewhere_is_logged_and_counted(
+    server: BackgroundServer, repo: Repository, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `branch -D x; branch x other` served the other revision without a line or a count: the
+    # deletion dropped what the watcher knew, so the branch made again was not a move.
+    def moves() -> float:
+        return metric(server, 'mint_ref_moves_total{ref="again"}')
+
+    with _served_branch(server, repo, "again") as (_, one, other):
+        before = moves()
+        with caplog.at_level("INFO", logger="mintvcs.serve"):
+            porcelain.branch_delete(repo, "again", force=True)
+            time.sleep(0.5)  # the watcher's poll
+            porcelain.branch_create(repo, "again", one)
+            deadline = time.monotonic() + 5
+            while moves() == before:  # the poller sees it before any request
+                assert time.monotonic() < deadline, "the branch made again was not a move"
+                time.sleep(0.05)
+        said = [r.getMessage() for r in caplog.records if "again" in r.getMessage()]
+        assert said == [
+            f"refs/heads/again deleted (it named {other[:12]})",
+            f"again (refs/heads/again) moved {other[:12]} -> {one[:12]}",
+        ], said
+        assert gen(server, prompt="x", ref="again", max_tokens=1)[2]["revision"] == one
+
+
 def test_a_repository_gone_while_serving_is_503_not_an_unknown_ref(
     tmp_path: Path, tiny_base: Path, peft_adapter: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
