@@ -369,7 +369,10 @@ class ServerState:
                 "Prompt tokens the engine computed (choices sharing a prompt count it once; "
                 "prefix-cache hits not at all).",
             ),
-            ("requests_cancelled", "Requests cancelled (client disconnects)."),
+            (
+                "requests_cancelled",
+                "Sequences cancelled (client disconnects); a request's n choices are n sequences.",
+            ),
             ("prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache."),
             (
                 "prefix_cache_hit_tokens",
