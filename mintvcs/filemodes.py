@@ -11,11 +11,12 @@ each other's files' directories, whatever their own umask.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ __all__ = [
     "file_mode",
     "make_dir",
     "make_dirs",
+    "make_temp",
     "not_writable",
     "umask",
     "write_file",
@@ -118,12 +120,34 @@ def make_dirs(path: str | os.PathLike[str], shared: SharedPerm | None) -> None:
         make_dir(folder, shared)
 
 
+def make_temp(directory: str | os.PathLike[str], prefix: str, suffix: str = "") -> tuple[int, str]:
+    """A new file in `directory` named `prefix`, random letters and `suffix`, open for reading
+    and writing, mode 0600: tempfile.mkstemp's (fd, path), but a Ctrl-C or signal landing as
+    the file is created removes it again. (A signal handler runs as the open() returns, and
+    mkstemp, interrupted there, left a file nobody could name: a temporary pack of up to the
+    adapter's size, until a gc.)"""
+    for _ in range(100):
+        path = os.path.join(directory, f"{prefix}{secrets.token_hex(4)}{suffix}")
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+        except FileExistsError:
+            continue
+        except OSError:
+            raise
+        except BaseException:
+            # The open may have made it: this name was free, so the file is ours.
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", os.fspath(directory))
+
+
 def write_file(path: Path, data: bytes, shared: SharedPerm | None, base: int = 0o666) -> None:
     """Replace `path` by a file holding `data`, as git writes its own files (config,
     description): mode `base` less the umask and as core.sharedRepository says, written aside
     and renamed into place, so another user's file there is replaced, not rewritten."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+        fd, tmp = make_temp(path.parent, f"{path.name}.", ".tmp")
     except OSError as err:  # the file is named, not a temporary that was never made
         raise OSError(err.errno, err.strerror, os.fspath(path)) from None
     try:

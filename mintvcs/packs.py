@@ -15,7 +15,6 @@ import mmap
 import os
 import resource
 import struct
-import tempfile
 import threading
 import time
 import weakref
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from mintvcs import codec
 from mintvcs.checksums import adler32, crc32
 from mintvcs.errors import MintError
-from mintvcs.filemodes import file_mode, make_dirs, not_writable, write_failed
+from mintvcs.filemodes import file_mode, make_dirs, make_temp, not_writable, write_failed
 from mintvcs.ids import shared_hex_digits
 
 if TYPE_CHECKING:
@@ -306,7 +305,7 @@ def temp_file(directory: Path, pieces: list[Any], shared: SharedPerm | None = No
     """A read-only temporary file in `directory` holding `pieces`, named as git names an object
     being written (gc removes it once stale); its path."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_OBJECT_PREFIX)
+        fd, tmp = make_temp(directory, TMP_OBJECT_PREFIX)
     except OSError as err:
         raise not_writable(err, directory, ADDING_OBJECTS) from None
     try:
@@ -392,24 +391,26 @@ class PackWriter:
         except PermissionError as err:
             raise not_writable(err, self.directory, ADDING_OBJECTS) from None
         try:
-            self.fd, self.tmp = tempfile.mkstemp(dir=self.directory, prefix="tmp_pack_")
+            self.fd, self.tmp = make_temp(self.directory, "tmp_pack_")
         except OSError as err:  # a read-only file system too: the directory is named
             raise not_writable(err, self.directory, ADDING_OBJECTS) from None
-        self.lock = threading.Lock()
-        self.offset = 12
-        self.entries: dict[bytes, tuple[int, int]] = {}  # binary id -> (offset, crc32)
-        self.expected = expected
-        # Fan-out directories of loose objects, listed once: a store checks hundreds of new
-        # ids, and most have no directory (a failed stat each was ~20 us). One created
-        # meanwhile by another writer can only make us store an object twice, which git allows.
-        objects = repo.git_dir / "objects"
-        self.loose_dirs = {name for name in os.listdir(objects) if len(name) == 2}
-        header = _pack_header(expected or 0)  # rewritten by finish() when the count differs
-        self.checksum = hashlib.sha1(header) if expected else None  # of the pack so far
         try:
+            self.lock = threading.Lock()
+            self.offset = 12
+            self.entries: dict[bytes, tuple[int, int]] = {}  # binary id -> (offset, crc32)
+            self.expected = expected
+            # Fan-out directories of loose objects, listed once: a store checks hundreds of
+            # new ids, and most have no directory (a failed stat each was ~20 us). One created
+            # meanwhile by another writer can only make us store an object twice, which git
+            # allows.
+            objects = repo.git_dir / "objects"
+            self.loose_dirs = {name for name in os.listdir(objects) if len(name) == 2}
+            header = _pack_header(expected or 0)  # rewritten by finish() when the count differs
+            self.checksum = hashlib.sha1(header) if expected else None  # of the pack so far
             os.pwrite(self.fd, header, 0)
         except BaseException as err:
-            # The caller has no writer to abort() yet (a full disk): the temporary goes here.
+            # The caller has no writer to abort() yet (a full disk, a SIGTERM while the loose
+            # directories are listed): the temporary goes here.
             os.close(self.fd)
             with suppress(OSError):
                 os.unlink(self.tmp)
@@ -509,11 +510,11 @@ class PackWriter:
             os.pwrite(self.fd, checksum, self.offset)
             name = f"pack-{checksum.hex()}"
             idx = _pack_index(self.entries, checksum)
+            mode = file_mode(0o444, self.repo.shared_perm)  # as git's, and its objects'
             try:
-                fd, tmp_idx = tempfile.mkstemp(dir=self.directory, prefix="tmp_idx_")
+                fd, tmp_idx = make_temp(self.directory, "tmp_idx_")
             except OSError as err:
                 raise not_writable(err, self.directory, ADDING_OBJECTS) from None
-            mode = file_mode(0o444, self.repo.shared_perm)  # as git's, and its objects'
             try:
                 _write_all(fd, [idx])
                 os.fchmod(fd, mode)

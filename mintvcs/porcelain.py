@@ -10,7 +10,6 @@ import os
 import random
 import re
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
@@ -37,7 +36,7 @@ from mintvcs.base import BaseModel, read_base_model
 from mintvcs.bulk import collector_paused
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError, OptionsError
-from mintvcs.filemodes import file_mode, write_failed
+from mintvcs.filemodes import file_mode, make_temp, write_failed
 from mintvcs.ids import blob_id, is_object_id
 from mintvcs.messages import (
     check_message,
@@ -532,7 +531,7 @@ def _write_atomic(
     stem = path.name if len(path.name.encode("utf-8", "surrogatepass")) <= 200 else "long-name"
     folder = path.parent if temp_dir is None else temp_dir
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{stem}.", suffix=".tmp")
+        fd, tmp = make_temp(folder, f".{stem}.", ".tmp")
     except OSError as err:
         if temp_dir is not None:  # `.mint/` refused it (another user's): beside the file, then
             _write_atomic(path, data, executable, mtime_ns, shared=shared, changes=changes)
@@ -887,11 +886,11 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
     # git serializes commits under index.lock, we do not, and two trainers committing at once
     # through one shared file took each other's messages.
     try:
-        fd, name = tempfile.mkstemp(prefix="COMMIT_EDITMSG.", dir=repo.git_dir)
+        fd, name = make_temp(repo.git_dir, "COMMIT_EDITMSG.")
     except OSError as err:  # the directory is named, not a temporary never made
         raise OSError(err.errno, err.strerror, os.fspath(repo.git_dir)) from None
-    path = Path(name)
     try:
+        path = Path(name)
         with os.fdopen(fd, "wb") as f:
             f.write(message.encode())
         _run_hook(repo, "commit-msg", [str(path)], env, may_refuse=True)
@@ -899,7 +898,7 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
         # turn a lone "\r" into a line break.
         return decode_message(path.read_bytes(), "message the commit-msg hook left")
     finally:
-        path.unlink(missing_ok=True)
+        Path(name).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------ log and show

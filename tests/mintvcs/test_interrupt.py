@@ -522,3 +522,29 @@ def test_a_signal_the_command_started_with_ignored_stays_ignored(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert left == []
     assert _clean(work)
+
+
+def test_a_temporary_interrupted_as_it_is_created_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A signal handler runs as open() returns: tempfile.mkstemp, interrupted there, left a
+    # file no caller could name (a temporary pack of the adapter's size, until a gc).
+    from mintvcs.filemodes import make_temp
+
+    real_open = os.open
+    opened: list[int] = []
+
+    def open_then_signal(path: str, flags: int, mode: int = 0o777) -> int:
+        opened.append(real_open(path, flags, mode))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "open", open_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        make_temp(tmp_path, "tmp_pack_")
+    monkeypatch.undo()
+    os.close(opened[0])
+    assert list(tmp_path.iterdir()) == []
+    fd, path = make_temp(tmp_path, "tmp_idx_", ".x")
+    os.close(fd)
+    assert Path(path).parent == tmp_path and Path(path).name.startswith("tmp_idx_")
+    assert Path(path).suffix == ".x" and oct(Path(path).stat().st_mode & 0o777) == "0o600"
