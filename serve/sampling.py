@@ -447,3 +447,14 @@ def find_stop(text: str, stops: tuple[str, ...], start: int) -> int:
         if i != -1 and (best == -1 or i < best):
             best = i
     return best
+
+
+def stop_tail_start(text: str, stops: tuple[str, ...]) -> int:
+    """Where the longest tail of text that is a proper prefix of a stop string begins (len(text): none)."""
+    longest = max(len(stop) for stop in stops)
+    for start in range(max(0, len(text) - longest + 1), len(text)):
+        tail = text[start:]
+        # Only a proper prefix can still become a stop string that ends in text not yet decoded.
+        if any(len(tail) < len(stop) and stop.startswith(tail) for stop in stops):
+            return start
+    return len(text)

@@ -27,6 +27,7 @@ from mintvcs.serve.sampling import (
     adjust_logits,
     find_stop,
     sample_rows,
+    stop_tail_start,
     token_logprobs,
 )
 from mintvcs.serve.slots import Residency
@@ -212,9 +213,11 @@ class Sequence:
             at = find_stop(text, stops, max(self.emitted, self.stop_floor))
             if at != -1:
                 reason, cut = "stop", at
-            elif reason is None:
-                # Hold back a tail that could still grow into a stop string.
-                cut = max(self.emitted, len(text) - max(len(s) for s in stops) + 1)
+        if stops and reason is None:
+            # Hold back a tail that could still grow into a stop string, within min_tokens too:
+            # a stop string may begin in those tokens' text as long as it ends past it, and is
+            # then cut from where it begins, so that text must not have been sent yet.
+            cut = max(self.emitted, stop_tail_start(text, stops))
         delta = text[self.emitted : cut]
         self.emitted = max(self.emitted, cut)
         if reason is not None:

@@ -293,6 +293,26 @@ def test_a_stop_string_in_the_text_flushed_at_max_tokens_is_cut(stop: str) -> No
     assert events[-1].finish_reason == "stop"
 
 
+def test_a_stop_string_that_begins_inside_min_tokens_is_cut_from_where_it_begins() -> None:
+    # Within min_tokens nothing was held back: "abc" ending past the first 4 tokens counted (vLLM's
+    # rule), but the "ab" already sent stayed, and the text came back as "xxab".
+    tokenizer, _ = _byte_level_tokenizer()
+    seq = _sequence(tokenizer, [_HELLO], SamplingParams(max_tokens=10, min_tokens=4, stop=("abc",)))
+    events = [seq.append(3 + b) for b in b"xxabc"]
+    assert [e.text for e in events] == ["x", "x", "", "", ""]
+    assert events[-1].finish_reason == "stop"
+    # A stop string that ends inside the first min_tokens tokens' text still does not count,
+    # and what can no longer become one is sent at once: "ab" when "d" follows.
+    seq = _sequence(
+        tokenizer, [_HELLO], SamplingParams(max_tokens=7, min_tokens=3, stop=("abc", "abd"))
+    )
+    events = [seq.append(3 + b) for b in b"abcabxy"]
+    assert [e.text for e in events] == ["", "", "abc", "", "", "abx", "y"]
+    assert events[-1].finish_reason == "length"
+    seq = _sequence(tokenizer, [_HELLO], SamplingParams(max_tokens=7, stop=("xyz",)))
+    assert [seq.append(3 + b).text for b in b"axyaxbc"] == ["a", "", "", "xya", "", "xb", "c"]
+
+
 def test_a_character_left_unfinished_is_kept_whatever_ends_the_output() -> None:
     # At EOS the pending tail was dropped, the space before it too; at max_tokens it was kept.
     tokenizer, _ = _byte_level_tokenizer()
