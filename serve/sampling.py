@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
+import re
 import secrets
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
@@ -362,6 +364,71 @@ CONTEXT_TOKENS = 5
 _MAX_CONTINUATION_TOKENS = 3
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback vocabulary's byte tokens
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte each character of a byte-level (GPT-2 style) vocabulary stands for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_OF = _byte_level_alphabet()
+
+
+def _token_bytes(tokenizer: Any, token_id: int, byte_level: bool) -> bytes | None:
+    """The bytes a token stands for: a <0xNN> piece, a byte-level piece, or its text."""
+    piece = tokenizer.id_to_token(token_id)
+    if piece is None:
+        return None
+    byte = _BYTE_PIECE.fullmatch(piece)
+    if byte is not None:
+        return bytes([int(byte[1], 16)])
+    if byte_level and all(c in _BYTE_OF for c in piece):
+        return bytes(_BYTE_OF[c] for c in piece)
+    return str(piece).encode()
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    """Whether the tokenizer's decoder reads pieces as GPT-2 byte characters (alone or in a Sequence)."""
+    getstate = getattr(getattr(tokenizer, "decoder", None), "__getstate__", None)
+    state = getstate() if getstate is not None else None  # the decoder as JSON bytes
+    return isinstance(state, bytes) and b'"type":"ByteLevel"' in state
+
+
+def incomplete_tail(tokenizer: Any, ids: Sequence[int]) -> tuple[int, str]:
+    """How many of the last ids (up to 3) hold a character their bytes leave unfinished (0: none),
+    and the text those tokens hold before it (" 世" of a byte-level piece " 世" + 2 bytes of "界").
+
+    Only the start of a valid UTF-8 character counts (a prompt of ids cut inside one, which the
+    output may complete); stray or invalid bytes are text as they decode (U+FFFD). Tokenizers
+    whose pieces do not show their bytes (no id_to_token) have none.
+    """
+    none = (0, "")
+    if not ids or not hasattr(tokenizer, "id_to_token"):
+        return none
+    byte_level = _is_byte_level(tokenizer)
+    pieces = []
+    for token_id in ids[-_MAX_CONTINUATION_TOKENS:]:
+        piece = _token_bytes(tokenizer, token_id, byte_level)
+        if piece is None:
+            return none
+        pieces.append(piece)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(b"".join(pieces))  # keeps back the start of a character, if valid so far
+    held = len(decoder.getstate()[0])
+    if not held:
+        return none
+    covered = 0  # the tokens that hold those bytes, from the last one back
+    for count, piece in enumerate(reversed(pieces), 1):
+        covered += len(piece)
+        if covered >= held:
+            lead = b"".join(pieces[-count:])[: covered - held]
+            return count, lead.decode("utf-8", errors="replace")
+    return none
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, holding back incomplete characters.
 
@@ -380,11 +447,18 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = skip_special_tokens
         self._window = self._context_window(list(context))  # the ids decoded together
         self._counted = len(self._window)  # those of the window whose text is in self.text
+        # The last tokens of a prompt of ids cut inside a character (a client continuing an
+        # output max_tokens cut there): an output token that completes it brings the whole
+        # character, as tokenizers' DecodeStream gives it; one that does not leaves the
+        # prompt's U+FFFD out of the output.
+        self._open_tail = incomplete_tail(tokenizer, self._window) if tokenizer else (0, "")
         self.text = ""
         self._pending = ""  # text of the uncounted ids, which ends inside a character
         self._skipped: dict[int, bool] = {}  # token id -> a special token that decode skips
 
     def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
         return str(self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens))
 
     def _context_window(self, context: list[int]) -> list[int]:
@@ -404,13 +478,26 @@ class IncrementalDetokenizer:
         self._window.append(token_id)
         before = self._decode(self._window[: self._counted])
         after = self._decode(self._window)
-        new = after[len(before) :]
+        start = self._counted  # the window's first token of the new text
+        tail, lead = self._open_tail
+        shown = ""
+        if tail and not after.startswith(before):
+            shown = self._decode(self._window[: self._counted - tail]) + lead
+        if after.startswith(before):
+            new = after[len(before) :]
+        elif shown and after.startswith(shown):
+            # The prompt's unfinished character is completed: its text starts the output's.
+            new = after[len(shown) :]
+            start = self._counted - tail
+        else:
+            new = after[len(before) :]
         if after.endswith("\ufffd"):
             self._pending = new
             return ""
         self._pending = ""
         if new:  # the window moves to this text's first token; a token with none keeps it
-            del self._window[: self._counted]
+            del self._window[:start]
+            self._open_tail = (0, "")
         elif self._is_skipped(token_id):
             # The text is the same with or without it: kept out of the window, so that a run of
             # them (EOS after EOS under ignore_eos) does not make every decode longer.

@@ -492,8 +492,9 @@ def test_text_offsets_count_a_character_split_across_tokens_once(tiny_base: Path
     # Each token's offset is where its text starts; the first half of a character starts
     # where the character does.
     assert out["text_offset"] == [0, 1, 1, 2, 3, 3]
-    # Without echo, the offsets follow the prompt's own text, decoded in context.
+    # Without echo, the offsets follow the prompt's own text, decoded in context: a prompt that
+    # ends inside a character leaves it to the token that completes it, whose text it starts.
     tail = CompletionLogprobs(TokenTexts(tokenizer), 5, [comma, split[0]]).chunk(
         [(split[1], None), (comma, None)]
     )
-    assert tail["text_offset"] == [5, 5]
+    assert tail["text_offset"] == [5, 6]

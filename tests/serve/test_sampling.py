@@ -244,6 +244,53 @@ def test_byte_fallback_characters_in_a_row_are_not_replaced(characters: str) -> 
         assert not any("\ufffd" in d for d in deltas)
 
 
+@pytest.mark.parametrize("style", ["byte-level", "byte-fallback"])
+@pytest.mark.parametrize("cut", [1, 2])
+def test_a_prompt_that_ends_inside_a_character_leaves_it_to_the_output(
+    style: str, cut: int
+) -> None:
+    # A prompt of ids cut mid-character (a client continuing an output max_tokens cut there):
+    # its half was counted as text already shown, so the token completing it added "".
+    from tokenizers.decoders import DecodeStream
+
+    from mintvcs.serve.sampling import IncrementalDetokenizer
+
+    if style == "byte-level":
+        tokenizer, _ = _byte_level_tokenizer()
+        ids = [_HELLO, 3 + ord(" "), *_byte_tokens("中")]
+    else:
+        tokenizer, vocab = _byte_fallback_tokenizer()
+        ids = [vocab["▁Hello"], *_byte_tokens("中")]
+    prompt, output = ids[:-cut], [*ids[-cut:], *_byte_tokens("!")]
+    assert tokenizer.decode(prompt).endswith("\ufffd")
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.add(t) for t in output]
+    assert deltas == [""] * (cut - 1) + ["中", "!"]
+    # What tokenizers' DecodeStream (vLLM's) gives for the output after stepping the prompt.
+    stream = DecodeStream(skip_special_tokens=True)
+    for t in prompt:
+        stream.step(tokenizer, t)
+    assert [stream.step(tokenizer, t) or "" for t in output] == deltas
+
+
+def test_a_prompt_s_unfinished_character_is_the_output_s_only_once_completed() -> None:
+    from mintvcs.serve.sampling import IncrementalDetokenizer
+
+    tokenizer, _ = _byte_level_tokenizer()
+    world = _byte_tokens("界")
+    for prompt, output, expected in [
+        # A piece holding " 世" and the start of "界": the output gets "界", not " 世" again.
+        ([_HELLO, _WORLD_CUT], world[2:] + _byte_tokens("!"), ["界", "!"]),
+        # Not completed: the prompt's U+FFFD stays out of the output (a grammar's "{" is "{").
+        ([_HELLO, world[0]], _byte_tokens("{"), ["{"]),
+        # A stray byte is no character's start: text as it decodes, left to the prompt.
+        ([_HELLO, 3 + 0x80], _byte_tokens("ok"), ["o", "k"]),
+    ]:
+        detok = IncrementalDetokenizer(tokenizer, prompt)
+        assert [detok.add(t) for t in output] == expected, prompt
+        assert detok.flush() == "".join(expected)
+
+
 def _sequence(tokenizer: Any, prompt: list[int], params: SamplingParams) -> Any:
     from mintvcs.serve.sampling import IncrementalDetokenizer
     from mintvcs.serve.scheduler import Sequence
