@@ -53,6 +53,7 @@ from mintvcs.serve.sampling import (
     SamplingParams,
     StructuredOutput,
     TokenLogprobs,
+    incomplete_tail,
 )
 from mintvcs.serve.scheduler import TokenEvent
 from mintvcs.serve.structured import compile_pool
@@ -766,6 +767,42 @@ class TokenTexts:
         """The text of token ids as a completion shows it (special tokens skipped)."""
         return "" if self.tokenizer is None else str(self.tokenizer.decode(ids))
 
+    def decode_whole_characters(self, ids: list[int]) -> str:
+        """The text of token ids up to their last whole character: a prompt of ids may end inside one,
+        whose text then comes with the output token that completes it (as DecodeStream gives it)."""
+        back, lead = incomplete_tail(self.tokenizer, ids) if self.tokenizer else (0, "")
+        return self.decode(ids[: len(ids) - back]) + lead
+
+    def shown_offsets(self, ids: list[int]) -> list[int]:
+        """Where each token's text starts in decode(ids), special tokens taking none and the
+        tokens of a split character each starting where the character does."""
+        shown = IncrementalDetokenizer(self.tokenizer)
+        offsets = []
+        at = 0
+        for token_id in ids:
+            offsets.append(at)
+            at += len(shown.add(token_id))
+        return offsets
+
+    def prompt_offsets(self, prompt: str | list[int], ids: list[int], special: bool) -> list[int]:
+        """Where each prompt token's text starts in the prompt as echo returns it.
+
+        A string prompt is echoed as sent, which differs from its decoded text under a
+        normalizer (NFC, a prepended space): its offsets come from the tokenizer's alignment
+        of each token to the string sent (the tokens of a split character share one span).
+        A token with no span there (BOS, or EOS a template adds) starts where the text so
+        far ends.
+        """
+        if isinstance(prompt, str) and self.tokenizer is not None:
+            encoding = self.tokenizer.encode(prompt, add_special_tokens=special)
+            if list(encoding.ids) == ids:
+                offsets, end = [], 0
+                for start, stop in encoding.offsets:
+                    offsets.append(max(start, end) if start == stop else start)
+                    end = max(end, stop)
+                return offsets
+        return self.shown_offsets(ids)
+
 
 def _generate_logprobs(lps: list[TokenLogprobs], texts: TokenTexts) -> list[dict[str, Any]]:
     """`/generate`'s logprobs: one object per generated token, with token ids and texts."""
@@ -784,16 +821,28 @@ def _generate_logprobs(lps: list[TokenLogprobs], texts: TokenTexts) -> list[dict
 class CompletionLogprobs:
     """The legacy completions `logprobs` object (tokens, token_logprobs, top_logprobs, text_offset) of one choice, built chunk by chunk."""
 
-    def __init__(self, texts: TokenTexts, offset: int, context: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        texts: TokenTexts,
+        offset: int,
+        context: Sequence[int] = (),
+        prompt_offsets: Sequence[int] = (),
+    ) -> None:
         self.texts = texts
         self.offset = offset  # text_offset counts from the start of prompt + completion
+        self.prompt_offsets = prompt_offsets  # an echoed prompt's tokens', into the text echoed
         # The shown text, token by token, as the output's is built (in the context of the
         # prompt's tail when it is not echoed): a token that ends inside a character adds
         # nothing until the token that completes it.
         self._shown = IncrementalDetokenizer(texts.tokenizer, context)
 
-    def chunk(self, lps: list[tuple[int, TokenLogprobs | None]]) -> dict[str, Any]:
-        """The object for these (token id, logprobs) entries; None logprobs (a first prompt token) stay null."""
+    def chunk(
+        self,
+        lps: list[tuple[int, TokenLogprobs | None]],
+        prompt: Sequence[tuple[int, TokenLogprobs | None]] = (),
+    ) -> dict[str, Any]:
+        """The object for an echoed prompt's entries, then these (token id, logprobs) entries; None logprobs (a first prompt token) stay null."""
+        lps = [*prompt, *lps]
         self.texts.add((lp for _, lp in lps), (t for t, _ in lps))
         out: dict[str, list[Any]] = {
             "tokens": [],
@@ -801,11 +850,15 @@ class CompletionLogprobs:
             "top_logprobs": [],
             "text_offset": [],
         }
-        for token_id, lp in lps:
+        for number, (token_id, lp) in enumerate(lps):
             text = self.texts[token_id]
             out["tokens"].append(text)
-            out["text_offset"].append(self.offset)
-            self.offset += len(self._shown.add(token_id))  # a skipped special token adds nothing
+            if number < len(prompt):
+                out["text_offset"].append(self.prompt_offsets[number])
+            else:
+                out["text_offset"].append(self.offset)
+                # A skipped special token adds nothing.
+                self.offset += len(self._shown.add(token_id))
             if lp is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
@@ -1017,18 +1070,31 @@ async def completions(request: web.Request) -> web.StreamResponse:
         envelope = _OpenAIEnvelope("cmpl", choices[0], usage_null=stream and include_usage)
         engine = state.require_engine(admitted=True)
         texts = TokenTexts(engine.tokenizer)
-        # The prompt's text: as sent, or decoded from the token ids sent (echo returns it).
-        decoded = {
-            id(p): p if isinstance(p, str) else texts.decode(p)
-            for p in {id(p): p for p in prompts}.values()
-        }
+        # The prompt's text: as sent, or decoded from the token ids sent (echo returns it). Ids
+        # that end inside a character leave it to the output token that completes it (scoring
+        # the prompt alone, with no such token, shows it as decoded, U+FFFD included).
+        decode_ids = texts.decode if score_only else texts.decode_whole_characters
+        distinct = {id(p): p for p in prompts}
+        decoded = {key: p if isinstance(p, str) else decode_ids(p) for key, p in distinct.items()}
         prompt_texts = [decoded[id(p)] for p, _ in requests]
         echoes = prompt_texts if echo else [""] * len(requests)
+        # text_offset indexes the text returned: an echoed prompt's tokens into the prompt as
+        # echoed, the completion's from its end, counted on the text the completion shows.
+        prompt_offsets: dict[int, list[int]] = {}
+        if echo and logprobs is not None:
+            by_prompt = {id(p): c.prompt_ids for (p, _), c in zip(requests, choices, strict=True)}
+
+            def locate() -> dict[int, list[int]]:
+                return {
+                    key: texts.prompt_offsets(p, by_prompt[key], special)
+                    for key, p in distinct.items()
+                }
+
+            size = sum(len(p) for p in prompts)
+            prompt_offsets = await asyncio.to_thread(locate) if size > 16_384 else locate()
         offsets = [
-            CompletionLogprobs(texts, 0, ())
-            if echo
-            else CompletionLogprobs(texts, len(t), c.prompt_ids)
-            for t, c in zip(prompt_texts, choices, strict=True)
+            CompletionLogprobs(texts, len(t), c.prompt_ids, prompt_offsets.get(id(p), ()))
+            for t, (p, _), c in zip(prompt_texts, requests, choices, strict=True)
         ]
 
         def prompt_entries(i: int) -> list[tuple[int, TokenLogprobs | None]]:
@@ -1040,10 +1106,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         def lp_object(i: int, evs: list[TokenEvent], with_prompt: bool) -> dict[str, Any] | None:
             if logprobs is None:
                 return None
-            entries = prompt_entries(i) if with_prompt else []
-            if not score_only:
-                entries += [(e.token_id, e.logprobs) for e in evs]
-            return offsets[i].chunk(entries)
+            prompt = prompt_entries(i) if with_prompt else []
+            generated = [] if score_only else [(e.token_id, e.logprobs) for e in evs]
+            return offsets[i].chunk(generated, prompt)
 
         def obj(*items: dict[str, Any]) -> dict[str, Any]:
             return envelope.wrap("text_completion", *items)

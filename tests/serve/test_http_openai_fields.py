@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from mintvcs.serve.app import BackgroundServer
+from mintvcs.serve.app import BackgroundServer, ServerConfig
 from tests.serve.http_kit import gen, metric, request, sse_events
 
 
@@ -498,3 +498,81 @@ def test_text_offsets_count_a_character_split_across_tokens_once(tiny_base: Path
         [(split[1], None), (comma, None)]
     )
     assert tail["text_offset"] == [5, 6]
+
+
+def test_a_token_prompt_that_ends_inside_a_character_gets_it_from_the_output(
+    server: BackgroundServer, tiny_base: Path
+) -> None:
+    # A client continuing an output cut mid-character sends its ids back: the token that
+    # completed the character added no text, and echo showed the prompt's half as U+FFFD.
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    ids = _ids(tiny_base, "Hello մ")
+    prompt, last = ids[:-1], ids[-1]
+    assert tokenizer.decode(prompt).endswith("\ufffd") and tokenizer.decode(ids).endswith("մ")
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logit_bias": {str(last): 100}}
+    status, plain = completions(server, **body, logprobs=0, return_token_ids=True)
+    assert status == 200, plain
+    assert plain["choices"][0]["token_ids"] == [last]
+    assert plain["choices"][0]["text"] == "մ"
+    shown = tokenizer.decode(ids)  # the prompt's text up to the character, then the character
+    assert plain["choices"][0]["logprobs"]["text_offset"] == [shown.index("մ")]
+    _, _, streamed = request(
+        server.url + "/v1/completions", {"model": "main", **body, "stream": True}
+    )
+    pieces = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in pieces if c["choices"]) == "մ"
+    # Echo shows the prompt up to its last whole character: the character once, not U+FFFD.
+    status, echoed = completions(server, **body, echo=True, logprobs=0)
+    choice = echoed["choices"][0]
+    assert choice["text"] == shown
+    offsets = choice["logprobs"]["text_offset"]
+    assert offsets[-2:] == [shown.index("մ")] * 2  # both halves start where the character does
+    # Scoring the prompt alone, nothing completes it: it is echoed as it decodes.
+    status, scored = completions(server, prompt=prompt, echo=True, logprobs=0, max_tokens=0)
+    assert scored["choices"][0]["text"] == tokenizer.decode(prompt)
+
+
+def test_echo_text_offsets_index_the_prompt_as_sent_under_a_normalizer(
+    tiny_base: Path, repo: Any, tmp_path: Path
+) -> None:
+    # Echo returns a string prompt as sent, but its offsets counted the decoded prompt, which an
+    # NFC normalizer makes shorter: "cafe" + U+0301 (7 characters) decodes to "café x" (6).
+    import shutil
+
+    from tokenizers import Tokenizer, normalizers
+
+    base = tmp_path / "base-nfc"
+    shutil.copytree(tiny_base, base)
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.save(str(base / "tokenizer.json"))
+    prompt = "cafe\u0301 x, a cat"
+    assert tokenizer.decode(tokenizer.encode(prompt).ids) != prompt
+    config = ServerConfig(repo=repo.git_dir, base_model=base, port=0, max_model_len=64)
+    body = {"model": "main", "prompt": prompt, "temperature": 0, "logprobs": 0}
+    with BackgroundServer(config) as srv:
+        answers = [
+            request(srv.url + "/v1/completions", {**body, **extra})[2]
+            for extra in (
+                {"max_tokens": 3, "ignore_eos": True},
+                {"max_tokens": 3, "ignore_eos": True, "echo": True},
+                {"max_tokens": 0, "echo": True},
+            )
+        ]
+    plain, echoed, scored = (a["choices"][0] for a in answers)
+    assert echoed["text"] == prompt + plain["text"] and scored["text"] == prompt
+    generated = len(plain["logprobs"]["tokens"])
+    # The completion's offsets are the same with echo as without: from the end of the prompt.
+    assert echoed["logprobs"]["text_offset"][-generated:] == plain["logprobs"]["text_offset"]
+    assert plain["logprobs"]["text_offset"][0] == len(prompt)
+    # Each prompt token's offset is where its text stands in the prompt as echoed.
+    for lp in (echoed["logprobs"], scored["logprobs"]):
+        offsets = lp["text_offset"][: len(scored["logprobs"]["tokens"])]
+        assert offsets == sorted(offsets)
+        tokens = lp["tokens"][: len(offsets)]
+        for token, at in zip(tokens, offsets, strict=True):
+            if token.isascii():  # "é" is the composed form, which the prompt does not hold
+                assert prompt[at : at + len(token)] == token, (token, at)
+        assert offsets[-1] == len(prompt) - len(tokens[-1])  # past the "é": off by one it was
