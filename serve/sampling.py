@@ -490,7 +490,11 @@ class IncrementalDetokenizer:
             new = after[len(shown) :]
             start = self._counted - tail
         else:
-            new = after[len(before) :]
+            # A byte-fallback decoder turns a whole run of <0xNN> tokens into U+FFFD, one per
+            # token, once a byte in it is invalid: the characters of the run already shown too
+            # ("中" then a stray byte decodes to four). The new tokens' own text, decoded alone,
+            # keeps what was shown and gives one U+FFFD per broken byte.
+            new = self._decode(self._window[self._counted :])
         if after.endswith("\ufffd"):
             self._pending = new
             return ""

@@ -375,6 +375,24 @@ def test_a_character_left_unfinished_is_kept_whatever_ends_the_output() -> None:
         assert events[-1].finish_reason == reason
 
 
+def test_a_broken_byte_after_a_byte_fallback_character_is_one_replacement_character() -> None:
+    # tokenizer.decode turns the whole <0xNN> run into U+FFFD once a byte in it is invalid, "中"
+    # included; "中" had been sent, and the text took decode's tail past it: "中���" at
+    # max_tokens for the one byte of a character left unfinished, "中����" for two stray bytes.
+    tokenizer, vocab = _byte_fallback_tokenizer()
+    han = _byte_tokens("中")
+    assert tokenizer.decode([*han, 3 + 0xE5]) == "\ufffd" * 4  # why the text cannot be decode's
+    for output, expected in [
+        ([*han, 3 + 0xE5], "中\ufffd"),
+        ([*han, 3 + 0x80, 3 + 0x80, vocab["▁The"]], "中\ufffd\ufffd The"),
+    ]:
+        params = SamplingParams(max_tokens=len(output))
+        seq = _sequence(tokenizer, [vocab["▁Hello"]], params)
+        events = [seq.append(t) for t in output]
+        assert "".join(e.text for e in events) == expected
+        assert events[-1].finish_reason == "length"
+
+
 def test_a_run_of_skipped_special_tokens_keeps_the_decodes_short() -> None:
     # EOS after EOS (ignore_eos) added no text, so the window never moved and every decode
     # grew by one token: 4,000 of them cost ~1 s on the step thread.
