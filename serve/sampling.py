@@ -540,10 +540,15 @@ def find_stop(text: str, stops: tuple[str, ...], start: int) -> int:
     return best
 
 
-def stop_tail_start(text: str, stops: tuple[str, ...]) -> int:
-    """Where the longest tail of text that is a proper prefix of a stop string begins (len(text): none)."""
+def stop_tail_start(text: str, stops: tuple[str, ...], sent: int = 0) -> int:
+    """Where the longest tail of text that is a proper prefix of a stop string begins (len(text): none).
+
+    Only tails past `sent` are looked at: a tail that begins earlier was such a prefix already
+    when that text was sent, so it was held back then (a prefix of a prefix is one); this keeps
+    a long stop string from making each token's check go over the whole text.
+    """
     longest = max(len(stop) for stop in stops)
-    for start in range(max(0, len(text) - longest + 1), len(text)):
+    for start in range(max(sent, len(text) - longest + 1), len(text)):
         tail = text[start:]
         # Only a proper prefix can still become a stop string that ends in text not yet decoded.
         if any(len(tail) < len(stop) and stop.startswith(tail) for stop in stops):

@@ -217,7 +217,7 @@ class Sequence:
             # Hold back a tail that could still grow into a stop string, within min_tokens too:
             # a stop string may begin in those tokens' text as long as it ends past it, and is
             # then cut from where it begins, so that text must not have been sent yet.
-            cut = max(self.emitted, stop_tail_start(text, stops))
+            cut = stop_tail_start(text, stops, self.emitted)
         delta = text[self.emitted : cut]
         self.emitted = max(self.emitted, cut)
         if reason is not None:
