@@ -147,7 +147,7 @@ class RefWatcher:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         # What a spec named before its ref was deleted (_bury), so that the ref made again
         # elsewhere (`branch -D x; branch x other`) is reported as the move it is.
-        self._gone: OrderedDict[str, _Entry] = OrderedDict()
+        self._gone: OrderedDict[str, tuple[_Entry, float]] = OrderedDict()  # with when buried
         # The cached specs by the names a notify may give for them (_keys): a notify for one
         # of 10^5 per-user branches finds its specs without scanning the cache under the lock.
         self._by_key: dict[tuple[str, str], set[str]] = {}
@@ -273,7 +273,7 @@ class RefWatcher:
         """Cache a fresh resolution of `spec` unless a fresher one came first; report a move."""
         with self._lock:
             self.misses += 1
-            old = self._entries.get(spec) or self._gone.get(spec)
+            old = self._entries.get(spec) or self._gone.get(spec, (None, 0.0))[0]
             current = old if old is not None and self._fresh(old) else None
             if current is not None or not self._fresh(entry):
                 # Another thread cached a current answer meanwhile, or the files changed while
@@ -318,7 +318,7 @@ class RefWatcher:
         self._drop(spec)
         if entry.resolution.ref is None:
             return None
-        self._gone[spec] = entry
+        self._gone[spec] = (entry, time.monotonic())
         while len(self._gone) > self.max_entries:
             self._gone.popitem(last=False)
         return RefMove(spec, entry.resolution.ref, entry.resolution.commit, None)
@@ -442,12 +442,16 @@ class RefWatcher:
         """The deleted refs of specs in use that were made again (the moves from what they
         named), for a prefetch before the next request; the others wait for their files to
         change again."""
+        buried: list[tuple[str, _Entry]] = []
         with self._lock:
-            buried = [
-                (spec, entry)
-                for spec, entry in self._gone.items()
-                if now - entry.used <= self.active_s and not self._fresh(entry)
-            ]
+            # Newest first, as far as those buried within active_s: the poller watches only
+            # specs requested that recently, and thousands of per-user branches deleted long
+            # ago must not cost every poll a pass.
+            for spec, (entry, when) in reversed(self._gone.items()):
+                if now - when > self.active_s:
+                    break
+                if now - entry.used <= self.active_s and not self._fresh(entry):
+                    buried.append((spec, entry))
         moves: list[RefMove] = []
         for spec, entry in buried:
             try:
@@ -456,12 +460,14 @@ class RefWatcher:
                 names = self._candidates(entry.name)
                 deps = self._deps(names, reflog="@{" in spec)
                 with self._lock:
-                    if self._gone.get(spec) is entry:
-                        self._gone[spec] = replace(entry, deps=deps)
+                    found = self._gone.get(spec)
+                    if found is not None and found[0] is entry:
+                        self._gone[spec] = (replace(entry, deps=deps), found[1])
                 continue
             fresh.used = entry.used
             with self._lock:
-                if self._gone.get(spec) is not entry or spec in self._entries:
+                found = self._gone.get(spec)
+                if found is None or found[0] is not entry or spec in self._entries:
                     continue
                 del self._gone[spec]
                 if self._cacheable(fresh):
