@@ -221,49 +221,32 @@ def test_a_repository_another_user_owns_is_refused_as_git_refuses_it(work: Path)
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+@pytest.mark.parametrize("linked", [False, True], ids=["gitfile", "symlink to a gitfile"])
 def test_a_gitfile_another_user_owns_is_refused_as_git_refuses_it(
-    work: Path, tmp_path: Path
+    work: Path, tmp_path: Path, linked: bool
 ) -> None:
-    # The gitfile chooses the store the commands run hooks from: git checks its owner too.
+    # The gitfile chooses the store the commands run hooks from: git checks its owner too, and
+    # lstats a `.git` symlink to one (a symlink was followed without its owner being checked).
+    def make_gitfile(dot: Path, store: Path) -> None:
+        gitfile = tmp_path / f"{dot.parent.name}-gitfile" if linked else dot
+        gitfile.write_text(f"gitdir: {store}\n")
+        if linked:
+            dot.symlink_to(gitfile)
+        os.chown(dot, 43101, 43101, follow_symlinks=False)
+
     store = tmp_path / "store"
     shutil.move(work / ".mint", store)
-    (work / ".mint").write_text(f"gitdir: {store}\n")
-    mint(work, "status")
-    os.chown(work / ".mint", 43101, 43101)
+    make_gitfile(work / ".mint", store)
     result = mint(work, "status", ok=False)
     assert result.returncode == 128
     assert f"detected dubious ownership in repository at '{work}'" in result.stderr
-    peer = tmp_path / "peer"
-    separate = ["git", "init", "-q", "--separate-git-dir", str(tmp_path / "ps"), str(peer)]
-    subprocess.run(separate, env=ENV, check=True)
-    os.chown(peer / ".git", 43101, 43101)
-    status = subprocess.run(["git", "-C", str(peer), "status"], env=ENV, capture_output=True)
-    assert status.returncode == 128 and b"dubious ownership" in status.stderr
-
-
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
-def test_a_symlink_to_a_gitfile_another_user_owns_is_refused_as_git_refuses_it(
-    work: Path, tmp_path: Path
-) -> None:
-    # A `.mint` symlink to a gitfile was followed without its owner being checked (only a
-    # regular gitfile was); git lstats the `.git` it read as a gitfile, the symlink too.
-    store = tmp_path / "store"
-    shutil.move(work / ".mint", store)
-    gitfile = tmp_path / "gitfile"
-    gitfile.write_text(f"gitdir: {store}\n")
-    (work / ".mint").symlink_to(gitfile)
+    os.chown(work / ".mint", os.geteuid(), os.getegid(), follow_symlinks=False)
     mint(work, "status")
-    os.chown(work / ".mint", 43101, 43101, follow_symlinks=False)
-    result = mint(work, "status", ok=False)
-    assert result.returncode == 128
-    assert f"detected dubious ownership in repository at '{work}'" in result.stderr
     peer = tmp_path / "peer"
     separate = ["git", "init", "-q", "--separate-git-dir", str(tmp_path / "ps"), str(peer)]
     subprocess.run(separate, env=ENV, check=True)
-    peer_gitfile = tmp_path / "peer-gitfile"
-    (peer / ".git").rename(peer_gitfile)
-    (peer / ".git").symlink_to(peer_gitfile)
-    os.chown(peer / ".git", 43101, 43101, follow_symlinks=False)
+    (peer / ".git").unlink()
+    make_gitfile(peer / ".git", tmp_path / "ps")
     status = subprocess.run(["git", "-C", str(peer), "status"], env=ENV, capture_output=True)
     assert status.returncode == 128 and b"dubious ownership" in status.stderr
 

@@ -291,6 +291,14 @@ def _traced(trace: Callable[..., object], call: Callable[[], object]) -> None:
         sys.settrace(None)
 
 
+def _changed_copy(peft_adapter: Path, tmp_path: Path, seed: int) -> Path:
+    """A copy of the adapter with changed weights: something for a commit to store."""
+    source = tmp_path / "adapter"
+    shutil.copytree(peft_adapter, source)
+    mutate(source, seed=seed)
+    return source
+
+
 def _reflog(repo: Repository, ref: str) -> list[str]:
     return git(repo.git_dir, "reflog", "--format=%H %gs", ref).stdout.splitlines()
 
@@ -302,9 +310,7 @@ def test_a_ctrl_c_just_after_a_branch_moves_keeps_its_line_and_the_next_lock(
     # happened, so its reflog lines stay (they were taken back: `main@{1}` then named the
     # value before the last move); and the lock path is no longer ours, so another process's
     # lock taken there meanwhile is not deleted.
-    source = tmp_path / "adapter"
-    shutil.copytree(peft_adapter, source)
-    mutate(source, seed=3)
+    source = _changed_copy(peft_adapter, tmp_path, seed=3)
     before = repo.refs.read("refs/heads/main")
     lines, head_lines = _reflog(repo, "main"), _reflog(repo, "HEAD")
 
@@ -347,9 +353,7 @@ def test_a_lock_removed_before_its_rename_leaves_no_line_for_a_move_not_made(
 ) -> None:
     # The leftover-lock message advises removing the file: done while a commit holds it, the
     # rename fails and the branch stays. Its reflog must not keep a line for that move.
-    source = tmp_path / "adapter"
-    shutil.copytree(peft_adapter, source)
-    mutate(source, seed=4)
+    source = _changed_copy(peft_adapter, tmp_path, seed=4)
     before = repo.refs.read("refs/heads/main")
     lines, head_lines = _reflog(repo, "main"), _reflog(repo, "HEAD")
     with pytest.raises(
