@@ -169,6 +169,13 @@ class Completion:
 _Posted: TypeAlias = TokenEvent | BaseException | list[TokenEvent | BaseException]
 
 
+def _cancel_abandoned(seq: Sequence) -> None:
+    """Cancel the request of a stream that was dropped unfinished."""
+    # Only a flag the step loop reads at its next step: the garbage collector may run this on
+    # any thread, inside any lock (the engine's included), so it takes none and wakes nobody.
+    seq.cancelled = True
+
+
 class RequestStream:
     """The async iterator of one request's TokenEvents; cancel() (or leaving `async with`) frees it."""
 
@@ -181,6 +188,16 @@ class RequestStream:
         self.request_id = seq.request_id
         self.revision = seq.revision
         self.prompt_tokens = len(seq.prompt_ids)
+        # A stream dropped unfinished (a `break` out of `async for` over it, or never iterated)
+        # would keep its KV slot and adapter reference until the request ran to its end, as
+        # nothing else refers to it. Like an async generator's finalizer, dropping it cancels.
+        # Registered last: a stream whose construction failed has no request to cancel.
+        self._abandoned = weakref.finalize(self, _cancel_abandoned, seq)
+        self._abandoned.atexit = False
+
+    def _finish(self) -> None:
+        self._done = True
+        self._abandoned.detach()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -203,16 +220,16 @@ class RequestStream:
             else:
                 item = posted
         if isinstance(item, BaseException):
-            self._done = True
+            self._finish()
             raise item
         if item.finish_reason is not None:
-            self._done = True
+            self._finish()
         return item
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the KV slot and adapter reference at its next step."""
         if not self._done:
-            self._done = True
+            self._finish()
             self._engine.cancel(self.request_id)
 
     async def aclose(self) -> None:

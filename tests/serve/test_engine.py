@@ -254,6 +254,35 @@ def test_cancel_frees_the_sequence_and_slot_ref(engine: Engine) -> None:
     assert stats["requests_cancelled"] >= 1
 
 
+@pytest.mark.parametrize("how", ["break", "never iterated"])
+def test_a_stream_dropped_unfinished_cancels_its_request(engine: Engine, how: str) -> None:
+    # Nothing but the caller refers to a stream: dropped unfinished (a `break` out of
+    # `async for`, as vLLM's generate allows), it used to run to max_model_len, holding its
+    # KV slot and adapter reference, while its events piled up unread.
+    endless = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+
+    async def main() -> dict[str, Any]:
+        if how == "break":
+            async for _event in engine.submit(_prompt(5, 6), "all-r16", endless):
+                break
+        else:
+            engine.submit(_prompt(5, 6), "all-r16", endless)
+        # Settled with the loop still running: its closing would cancel the request anyway.
+        for _ in range(3000):
+            if not engine._seqs:
+                break
+            await asyncio.sleep(0.01)
+        return engine.stats()
+
+    before = engine.stats()
+    stats = asyncio.run(main())
+    assert stats["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert stats["requests_finished"] == before["requests_finished"]  # not run to the end
+    assert stats["running"] == 0 and stats["kv_slots_free"] == engine.config.max_batch_size
+    slot = engine.residency.slot_of("all-r16")
+    assert slot is not None and engine.residency.slots[slot].refs == 0
+
+
 def _settled(engine: Engine) -> dict[str, Any]:
     # Not the running and waiting counts: a request being prefilled is in neither for a step.
     for _ in range(500):
