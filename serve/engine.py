@@ -866,6 +866,8 @@ class Engine:
     # -- residency ------------------------------------------------------------------------------
     def prefetch(self, revision: str, *, pin: bool = False) -> Future[int | None]:
         """Start loading `revision` (slot if one is free or idle, else host cache); pin keeps it resident."""
+        if self._closed:
+            raise EngineClosed("the engine was closed")
         if self.source is None:
             raise EngineError("this engine has no adapter source")
         future = self.residency.warm(revision, pin=pin)

@@ -9,12 +9,13 @@ them: a request whose revision is not ready stays queued while the rest of the b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -488,10 +489,19 @@ class Residency:
         )
 
     def close(self) -> None:
-        """Stop the loader thread (pending loads finish first)."""
+        """Stop the loader thread (the load in progress finishes; queued ones fail with ResidencyError)."""
         with self._lock:
             self._closing = True
         self._executor.shutdown(wait=True, cancel_futures=True)
+        # A load cancelled before it started never settles the future warm() handed out:
+        # `await engine.warm(...)` queued behind another load would wait for ever.
+        with self._lock:
+            waiting = [s.future for s in self.slots if s.future is not None]
+            waiting += self._host_loads.values()
+        closed = ResidencyError("the engine was closed before this revision was loaded")
+        for future in waiting:
+            with contextlib.suppress(InvalidStateError):  # settled meanwhile
+                future.set_exception(closed)
         if self._alloc is not None:
             self._alloc.shutdown(wait=True, cancel_futures=True)
 
@@ -571,6 +581,8 @@ class Residency:
     def warm(self, revision: str, *, pin: bool = False) -> Future[int | None]:
         """Load `revision` into a slot if one can be freed, else into the host cache; the future gives the slot."""
         with self._lock:
+            if self._closing:
+                raise ResidencyError("the engine was closed; nothing can be loaded")
             if pin:
                 # Every pin counts, in a slot or not yet: one pinned while the slots were busy
                 # takes a slot once loaded, and all slots pinned would starve other revisions.
@@ -594,8 +606,11 @@ class Residency:
                 return started
             pending = self._host_loads.get(revision)
             if pending is None:
-                pending = self._executor.submit(self._load_host_only, revision)
-                self._host_loads[revision] = pending
+                # Our own future, not the executor's: close() fails it with ResidencyError
+                # rather than cancelling it (a CancelledError would read as the awaiting
+                # task's own cancellation).
+                pending = self._host_loads[revision] = Future()
+                self._executor.submit(self._load_host_only, revision, pending)
             return pending
 
     def unpin(self, revision: str) -> bool:
@@ -737,22 +752,26 @@ class Residency:
                 self._spare = self._alloc.submit(self.pools.new_image, numel)
         return image
 
-    def _load_host_only(self, revision: str) -> int | None:
+    def _load_host_only(self, revision: str, future: Future[int | None]) -> None:
         try:
             host = self._host_adapter(revision)
         except BaseException as err:
             with self._lock:
                 self._remember_failure(revision, err)
-            raise
+            future.set_exception(err)
+            return
         finally:
             with self._lock:
                 self._host_loads.pop(revision, None)
         if revision not in self.host:  # not the revision's fault: no failure remembered
-            raise ResidencyError(
-                f"every adapter slot is busy and the host cache ({self.host.max_bytes} bytes) "
-                f"cannot hold {revision[:12]} ({host.nbytes} bytes): nothing was warmed"
+            future.set_exception(
+                ResidencyError(
+                    f"every adapter slot is busy and the host cache ({self.host.max_bytes} "
+                    f"bytes) cannot hold {revision[:12]} ({host.nbytes} bytes): nothing was warmed"
+                )
             )
-        return None
+            return
+        future.set_result(None)
 
     def _load_into(
         self, slot: Slot, revision: str, started: float, future: Future[int | None]

@@ -721,6 +721,46 @@ def test_warming_a_revision_the_host_cache_cannot_hold_is_an_error(
         assert len(eng.generate([5, 6], "all-r16", GREEDY, timeout=30).token_ids) == 12
 
 
+def test_closing_fails_the_loads_queued_behind_another(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    # A load queued behind another was cancelled by close() before it started, and the future
+    # warm() handed out was never settled: `await engine.warm(...)` waited for ever.
+    import threading
+
+    source = _GatedSource(zoo)
+    config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=128)
+    eng = Engine(tiny_base, config, source=source)
+    try:
+        first = eng.prefetch("mlp-r2")  # loading, held at the gate
+        queued = eng.prefetch("o-r6")  # the other slot, queued behind it
+        host_only = eng.prefetch("qv-r8")  # no slot left: the host cache, queued too
+
+        async def warm_queued() -> int | None:
+            return await eng.warm("o-r6")
+
+        closing = threading.Thread(target=eng.close)
+        closing.start()
+        deadline = time.monotonic() + 30
+        while not eng.residency._closing and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.2)  # close() cancels the queued loads right after it marks itself closing
+        source.gate.set()
+        closing.join(30)
+        assert not closing.is_alive()
+        assert first.result(5) is not None  # the load in progress finished
+        for future in (queued, host_only):
+            with pytest.raises(ResidencyError, match="closed before this revision was loaded"):
+                future.result(5)
+        with pytest.raises(EngineClosed):
+            asyncio.run(warm_queued())  # not RuntimeError from concurrent.futures
+        with pytest.raises(EngineClosed):
+            eng.prefetch("kv-r12")
+    finally:
+        source.gate.set()
+        eng.close()
+
+
 def test_a_slow_load_does_not_stall_running_requests(tiny_base: Path, zoo: dict[str, Path]) -> None:
     source = _GatedSource(zoo)
     with Engine(
