@@ -256,6 +256,8 @@ class LoopMailbox:
         """Queue item for the loop (from any thread); False when the loop is closed."""
         # A decode step posts one event per sequence: waking the loop for each would make the
         # HTTP thread take the GIL dozens of times per step, stalling the step thread.
+        if self.closed():
+            return False
         with self._lock:
             self._items.append((target, item))
             if self._scheduled:
@@ -268,6 +270,16 @@ class LoopMailbox:
                 self._scheduled = False
                 self._items.clear()
             return False
+        return True
+
+    def closed(self) -> bool:
+        """Whether the loop is closed; its undelivered items are dropped then."""
+        # Checked on each post: a delivery scheduled before the loop closed never runs, so
+        # _scheduled stays set and call_soon_threadsafe is never tried again to say so.
+        if not self.loop.is_closed():
+            return False
+        with self._lock:
+            self._items.clear()
         return True
 
     def _deliver(self) -> None:
@@ -311,6 +323,10 @@ class _LoopSink:
         self.held: list[TokenEvent | BaseException] = []  # touched by the step thread only
 
     def __call__(self, item: TokenEvent | BaseException) -> None:
+        if self.mailbox.closed():  # nobody listens any more: free its slots now
+            self.held.clear()
+            self.engine.cancel(self.request_id)
+            return
         # A caller that waits for the whole text gains nothing from a loop wakeup per step,
         # which is Python work competing with the step thread for the GIL and the CPUs.
         if (
@@ -671,6 +687,10 @@ class Engine:
 
     def _mailbox(self, loop: asyncio.AbstractEventLoop) -> LoopMailbox:
         with self._lock:
+            # A mailbox refers to its loop, so the weak keys alone never let one go: a script
+            # that calls asyncio.run() per item would keep every loop it ever ran.
+            for closed in [known for known in self._mailboxes if known.is_closed()]:
+                del self._mailboxes[closed]
             box = self._mailboxes.get(loop)
             if box is None:
                 box = self._mailboxes[loop] = LoopMailbox(loop)

@@ -283,6 +283,48 @@ def test_a_stream_dropped_unfinished_cancels_its_request(engine: Engine, how: st
     assert slot is not None and engine.residency.slots[slot].refs == 0
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_requests_whose_event_loop_closed_are_cancelled(engine: Engine, stream: bool) -> None:
+    # Streams kept, their loop closed (a notebook's helper loop, asyncio.run's end) with an
+    # event delivery already scheduled on it: the requests ran to max_model_len, and every
+    # later event piled up in the engine for good.
+    endless = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    loop = asyncio.new_event_loop()
+
+    async def submit() -> list[Any]:
+        return engine.submit_many(
+            [(_prompt(i, 6), "qv-r8", endless) for i in (1, 2)], stream=stream
+        )
+
+    before = engine.stats()
+    kept = loop.run_until_complete(submit())
+    deadline = time.monotonic() + 30
+    while engine.stats()["generated_tokens"] < before["generated_tokens"] + 8:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    loop.close()
+    stats = _settled(engine)
+    assert not engine._seqs
+    assert stats["requests_cancelled"] == before["requests_cancelled"] + 2
+    assert stats["requests_finished"] == before["requests_finished"]  # not run to the end
+    assert stats["running"] == 0 and stats["kv_slots_free"] == engine.config.max_batch_size
+    box = engine._mailboxes.get(loop)
+    assert box is None or not box._items  # nothing held for a loop that is gone
+    del kept
+
+
+def test_the_engine_keeps_no_mailbox_of_a_closed_loop(engine: Engine) -> None:
+    # One asyncio.run() per item (an evaluation script) kept one mailbox, and so one closed
+    # loop, per call: the mailbox refers to its loop, which held its weak key alive.
+    async def one(i: int) -> None:
+        async for _event in engine.stream([5, i], None, SamplingParams(max_tokens=1)):
+            pass
+
+    for i in range(5):
+        asyncio.run(one(i + 6))
+    assert len(engine._mailboxes) <= 1
+
+
 def _settled(engine: Engine) -> dict[str, Any]:
     # Not the running and waiting counts: a request being prefilled is in neither for a step.
     for _ in range(500):
