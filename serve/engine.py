@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import itertools
 import logging
 import queue
@@ -289,6 +290,31 @@ class LoopMailbox:
             target.put_nowait(item)
 
 
+def _check_source(source: AdapterSource) -> None:
+    """Refuse a source whose load() cannot take max_bytes=: every request would fail on it."""
+    load = getattr(source, "load", None)
+    if not callable(load) or not callable(getattr(source, "resolve", None)):
+        raise EngineError(
+            f"{type(source).__name__} is not an AdapterSource: it needs resolve(spec) -> id "
+            "and load(id, *, max_bytes=None) -> AdapterWeights"
+        )
+    try:
+        params = inspect.signature(load).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): the call will tell
+        return
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD or (p.name == "max_bytes" and p.kind in named)
+        for p in params
+    ):
+        names = ", ".join(p.name for p in params)
+        raise EngineError(
+            f"{type(source).__name__}.load({names}) takes no max_bytes: the "
+            "engine calls load(id, max_bytes=N) and a source refuses a revision of more than N "
+            'bytes of tensors with AdapterRefused(id, "too_large", ...); see AdapterSource'
+        )
+
+
 def _link_forks(seqs: Seq[Sequence]) -> None:
     """Mark runs of requests with one prompt, revision, prompt-logprobs ask and cache salt (`n`
     choices) as forks of the run's first: admitted together, they prefill the prompt once."""
@@ -360,6 +386,8 @@ class Engine:
         start: bool = True,
     ) -> None:
         self.config = config = config or EngineConfig()
+        if source is not None:
+            _check_source(source)
         # The step thread computes with the caller's thread count (at most the CPUs it may use);
         # everything here runs on one thread, so that the caller keeps no OpenMP team that would
         # slow the step thread's.

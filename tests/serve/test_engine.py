@@ -803,6 +803,29 @@ def test_closing_fails_the_loads_queued_behind_another(
         eng.close()
 
 
+def test_a_source_whose_load_takes_no_max_bytes_is_refused_at_construction(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    # Written to the protocol the docs showed, load(id): every request then failed with
+    # "load() got an unexpected keyword argument 'max_bytes'".
+    class OldSource:
+        def resolve(self, spec: str) -> str:
+            return spec
+
+        def load(self, revision: str) -> Any:
+            return PeftDirSource(zoo).load(revision)
+
+    class Flexible(OldSource):
+        def load(self, revision: str, **options: Any) -> Any:  # type: ignore[override]
+            return PeftDirSource(zoo).load(revision, **options)
+
+    config = EngineConfig(max_batch_size=2, adapter_slots=2, max_model_len=64)
+    with pytest.raises(EngineError, match=r"OldSource\.load\(revision\) takes no max_bytes"):
+        Engine(tiny_base, config, source=OldSource())  # type: ignore[arg-type]
+    with Engine(tiny_base, config, source=Flexible()) as eng:  # type: ignore[arg-type]
+        assert len(eng.generate([5, 6], "qv-r8", GREEDY, timeout=30).token_ids) == 12
+
+
 def test_a_slow_load_does_not_stall_running_requests(tiny_base: Path, zoo: dict[str, Path]) -> None:
     source = _GatedSource(zoo)
     with Engine(
