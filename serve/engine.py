@@ -8,18 +8,19 @@ import functools
 import inspect
 import itertools
 import logging
+import operator
 import queue
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, get_args
 
 import torch
 
@@ -104,6 +105,8 @@ class EngineConfig:
     prefix_caching: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.dtype, torch.dtype):  # vLLM takes one: kept as its name
+            object.__setattr__(self, "dtype", str(self.dtype).removeprefix("torch."))
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise EngineError(f"dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -115,6 +118,21 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EngineError(f"{name} must be at least 1 or None, got {value}")
+        # 0 used to mean the default silently, and a negative one failed deep in the model.
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise EngineError(
+                f"max_model_len must be at least 2 (one prompt token and one generated) or "
+                f"None for the base's own limit, got {self.max_model_len}"
+            )
+        if self.host_cache_bytes < 0:
+            raise EngineError(
+                f"host_cache_bytes must be at least 0 (0: no host cache), got {self.host_cache_bytes}"
+            )
+        backends = get_args(Backend)
+        if self.kernel_backend not in backends:  # else every adapter step failed, logged only
+            raise EngineError(
+                f"kernel_backend {self.kernel_backend!r} is not one of {', '.join(backends)}"
+            )
         bad = set(self.lora_targets) - set(LORA_MODULES)
         if bad:
             raise EngineError(
@@ -313,6 +331,38 @@ def _check_source(source: AdapterSource) -> None:
             "engine calls load(id, max_bytes=N) and a source refuses a revision of more than N "
             'bytes of tensors with AdapterRefused(id, "too_large", ...); see AdapterSource'
         )
+
+
+def _token_ids(prompt: object) -> list[int]:
+    """A prompt of token ids as a list; TypeError for anything but integers (numpy's too)."""
+    # bytes are a sequence of ints, and int() truncates floats: both gave a silent wrong prompt.
+    if isinstance(prompt, bytes | bytearray | memoryview) or not isinstance(prompt, Iterable):
+        raise TypeError(
+            f"a prompt is a str or a list of int token ids, not {type(prompt).__name__}"
+        )
+    try:
+        return [operator.index(t) for t in prompt]  # ints, numpy's included; not floats
+    except TypeError:
+        bad = next(t for t in prompt if not hasattr(t, "__index__"))
+        raise TypeError(
+            f"a prompt is a str or a list of int token ids; it holds {bad!r:.40} "
+            f"({type(bad).__name__})"
+        ) from None
+
+
+def _request_parts(
+    request: object,
+) -> tuple[str | Seq[int], str | None, SamplingParams | None]:
+    """One (prompt, revision, params) of submit_many/start_many; TypeError for anything else."""
+    if not isinstance(request, tuple | list) or len(request) != 3:
+        raise TypeError(
+            "each request is a (prompt, revision, SamplingParams or None) tuple, not "
+            f"{request!r:.60}; for one prompt use generate() or submit()"
+        )
+    prompt, revision, params = request
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"a revision is a str or None, not {type(revision).__name__}")
+    return prompt, revision, params
 
 
 def _link_forks(seqs: Seq[Sequence]) -> None:
@@ -639,8 +689,14 @@ class Engine:
     ) -> Sequence:
         if self._closed:
             raise EngineClosed("the engine was closed")
-        params = params or SamplingParams()
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if params is None:
+            params = SamplingParams()
+        elif not isinstance(params, SamplingParams):
+            raise TypeError(
+                f"params must be a SamplingParams or None, not {type(params).__name__}: "
+                f"SamplingParams(**{{...}}) makes one from a dict"
+            )
+        ids = self.encode(prompt) if isinstance(prompt, str) else _token_ids(prompt)
         if not ids:
             raise InvalidRequest("the prompt is empty; send at least one token")
         vocab = self.model.config.vocab_size
@@ -789,7 +845,7 @@ class Engine:
         seqs: list[Sequence] = []
         streams: list[RequestStream] = []
         with self._forgotten_on_error(seqs):
-            for prompt, revision, params in requests:
+            for prompt, revision, params in map(_request_parts, requests):
                 events: asyncio.Queue[_Posted] = asyncio.Queue()
                 sink = _LoopSink(self, mailbox, events, stream)
                 seq = self._new_sequence(prompt, revision, params, sink, compiled)
@@ -839,7 +895,7 @@ class Engine:
         futures: list[Future[Completion]] = []
         seqs: list[Sequence] = []
         with self._forgotten_on_error(seqs):
-            for prompt, revision, params in requests:
+            for prompt, revision, params in map(_request_parts, requests):
                 future: Future[Completion] = Future()
                 parts: list[TokenEvent] = []
 
@@ -896,6 +952,16 @@ class Engine:
                 f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
                 for f in futures
             ]
+        except TimeoutError:
+            unfinished = sum(1 for f in futures if not f.done())
+            for f in futures:
+                f.cancel()
+            if not unfinished:  # a request's own failure, not the deadline
+                raise
+            raise TimeoutError(
+                f"{unfinished} of {len(futures)} requests had not finished after {timeout} s; "
+                "they were cancelled"
+            ) from None
         except BaseException:
             for f in futures:
                 f.cancel()

@@ -7,7 +7,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -101,7 +101,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0  # EOS, stop token ids and stop strings cannot end the output before this
     min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature)
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    # (token id, added to its logit); a {token id: bias} mapping (vLLM's and OpenAI's form) is
+    # taken too, and kept as these pairs
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # vLLM's cache_salt: only requests with the same salt share cached prompt prefixes, so one
     # tenant cannot learn from the cache what another sent. Not a sampling choice, but it
     # travels with the request's other options.
@@ -156,9 +158,8 @@ class SamplingParams:
             raise InvalidSamplingParams(
                 f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters"
             )
-        object.__setattr__(
-            self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias)
-        )
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in pairs))
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise InvalidSamplingParams(f"{name} must be in [-2, 2], got {getattr(self, name)}")

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -518,6 +519,42 @@ def test_invalid_requests_are_refused_up_front(engine: Engine) -> None:
         engine.generate([10_000], None, GREEDY)
     with pytest.raises(InvalidRequest, match="max_model_len"):
         engine.generate([5] * 300, None, GREEDY)
+
+
+def test_misused_calls_are_refused_with_what_was_expected(engine: Engine) -> None:
+    # Each used to give a silent wrong answer or an error from deep inside the engine.
+    with pytest.raises(TypeError, match="a str or a list of int token ids, not bytes"):
+        engine.generate(b"hi", None, GREEDY)  # read as the token ids [104, 105]
+    with pytest.raises(TypeError, match=r"it holds 1\.7 \(float\)"):
+        engine.generate([1.7, 2.2], None, GREEDY)  # truncated to [1, 2]
+    with pytest.raises(TypeError, match=r"each request is a \(prompt, revision, SamplingParams"):
+        engine.generate_many(["Hi", "there"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="params must be a SamplingParams or None, not dict"):
+        engine.generate([5, 6], None, {"max_tokens": 2})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a revision is a str or None, not int"):
+        engine.generate_many([([5, 6], 3, GREEDY)])  # type: ignore[list-item]
+    assert not engine._seqs
+    assert len(engine.generate(np.array([5, 6]), None, GREEDY).token_ids) == 12  # type: ignore[arg-type]
+    # vLLM's and OpenAI's form of logit_bias: a mapping, kept as pairs.
+    assert SamplingParams(logit_bias={5: 1.0, 7: -2}).logit_bias == ((5, 1.0), (7, -2.0))
+    with pytest.raises(InvalidRequest, match="logit_bias token id 100000"):
+        engine.generate([5, 6], None, SamplingParams(logit_bias={100_000: 1.0}))  # type: ignore[arg-type]
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    with pytest.raises(TimeoutError, match=r"^2 of 2 requests had not finished after 0\.01 s"):
+        engine.generate_many([([5, 6], None, long), ([7, 8], None, long)], timeout=0.01)
+
+
+def test_engine_config_refuses_what_it_cannot_run() -> None:
+    for value in (0, 1, -5):  # 0 silently meant the default, -5 failed inside the model
+        with pytest.raises(EngineError, match=f"max_model_len must be at least 2 .*got {value}"):
+            EngineConfig(max_model_len=value)
+    with pytest.raises(EngineError, match="host_cache_bytes must be at least 0"):
+        EngineConfig(host_cache_bytes=-1)
+    with pytest.raises(
+        EngineError, match="kernel_backend 'bogus' is not one of auto, torch, triton"
+    ):
+        EngineConfig(kernel_backend="bogus")  # type: ignore[arg-type]
+    assert EngineConfig(dtype=torch.bfloat16).dtype == "bfloat16"  # type: ignore[arg-type]
 
 
 def test_length_is_capped_by_max_model_len(engine: Engine) -> None:
