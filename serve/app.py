@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -229,6 +230,8 @@ class ServerState:
     # The commit each ref's last counted move went to: several specs in use (main, main~1,
     # refs/heads/main) report one move each, and the counter counts the ref's move once.
     moved_to: dict[str, str] = field(default_factory=dict)
+    # (ref, what it named) of the deletions logged in the last second, with when (_on_move).
+    deletions_logged: OrderedDict[tuple[str, str], float] = field(default_factory=OrderedDict)
     # The revision each ref spec pinned (warm with pin): unpinning by that spec releases it
     # even after the ref moved on.
     pins_by_spec: dict[str, str] = field(default_factory=dict)
@@ -957,10 +960,6 @@ def _warn_if_a_ref_is_named_as_the_base(repo: Repository, name: str) -> None:
     )
 
 
-# What ServerState.moved_to holds for a ref deleted (no commit id is empty).
-_DELETED = ""
-
-
 def count_move(state: ServerState, ref: str | None, commit: str) -> bool:
     """Count a ref's move to `commit` once, however many specs in use reported it; True the
     first time."""
@@ -972,14 +971,23 @@ def count_move(state: ServerState, ref: str | None, commit: str) -> bool:
     return True
 
 
+# The specs of one ref (`x`, `x~0`) report its deletion together, in one poll or notify:
+# said once within this many seconds (a ref made again at that commit and deleted again later
+# is said again).
+_SAME_DELETION_S = 1.0
+
+
 def _on_move(state: ServerState, move: RefMove) -> None:
     if move.new is None:
         # Deleted: one line however many specs in use went through it. Made again elsewhere,
         # it is the move from what it named here (refwatch's tombstones).
-        key = metric_label(move.ref)
-        if state.moved_to.get(key) != _DELETED:
-            state.moved_to[key] = _DELETED
-            log.info("%s deleted (it named %s)", move.ref or move.spec, move.old[:12])
+        seen, now = state.deletions_logged, time.monotonic()
+        while seen and now - next(iter(seen.values())) > _SAME_DELETION_S:
+            seen.popitem(last=False)
+        key = (move.ref or move.spec, move.old)
+        if key not in seen:
+            seen[key] = now
+            log.info("%s deleted (it named %s)", key[0], move.old[:12])
         return
     first = True
     if move.ref is not None:

@@ -37,6 +37,9 @@ from mintvcs.store import UnknownRevisionError, is_full_hex, ref_candidates
 log = logging.getLogger("mintvcs.serve")
 
 StatKey = tuple[int, int, int] | None
+# Deleted refs' specs remembered (RefWatcher._gone), ~1.5 KB each: a ref made again after
+# this many other deletions is taken for a new one.
+_MAX_BURIED = 4096
 _SUFFIX = re.compile(r"[~^]|@\{")  # where a spec's ref name ends: `main~1`, `main@{1}`
 _MAX_SPEC = 1024
 
@@ -319,7 +322,7 @@ class RefWatcher:
         if entry.resolution.ref is None:
             return None
         self._gone[spec] = (entry, time.monotonic())
-        while len(self._gone) > self.max_entries:
+        while len(self._gone) > _MAX_BURIED:
             self._gone.popitem(last=False)
         return RefMove(spec, entry.resolution.ref, entry.resolution.commit, None)
 
@@ -366,9 +369,12 @@ class RefWatcher:
                 with self._lock:
                     if self._entries.get(spec) is not entry:
                         continue
-                    # The next request gets the error. A ref that cannot be read is not
-                    # said to be deleted.
-                    if not isinstance(err, UnknownRevisionError):
+                    # The next request gets the error. Only a ref that reads as gone is said
+                    # to be deleted: not one that cannot be read, nor a ref whose `~2` or
+                    # `@{5}` names nothing now (a reset, an expired reflog).
+                    ref = entry.resolution.ref
+                    deleted = isinstance(err, UnknownRevisionError) and ref is not None
+                    if not (deleted and self.read_ref(ref) is None):
                         self._drop(spec)
                     elif (gone := self._bury(spec)) is not None:
                         moves.append(gone)
@@ -436,9 +442,9 @@ class RefWatcher:
                 changed = values[ref] != entry.raw
             if changed:
                 stale.append((spec, entry))
-        return self._reresolve(stale)[0] + self._exhume(now)
+        return self._reresolve(stale)[0] + self._exhume(now, stats)
 
-    def _exhume(self, now: float) -> list[RefMove]:
+    def _exhume(self, now: float, stats: dict[str, StatKey]) -> list[RefMove]:
         """The deleted refs of specs in use that were made again (the moves from what they
         named), for a prefetch before the next request; the others wait for their files to
         change again."""
@@ -448,9 +454,11 @@ class RefWatcher:
             # specs requested that recently, and thousands of per-user branches deleted long
             # ago must not cost every poll a pass.
             for spec, (entry, when) in reversed(self._gone.items()):
+                if when >= now:  # buried by this poll: just found unresolvable
+                    continue
                 if now - when > self.active_s:
                     break
-                if now - entry.used <= self.active_s and not self._fresh(entry):
+                if now - entry.used <= self.active_s and not self._fresh(entry, stats):
                     buried.append((spec, entry))
         moves: list[RefMove] = []
         for spec, entry in buried:

@@ -494,3 +494,17 @@ def test_a_branch_deleted_then_made_again_elsewhere_is_reported_as_both(
         assert moves == [RefMove("x", "refs/heads/x", first, second)]
     assert watcher.poll(reread=True) == []
     assert watcher.resolve("x").commit == second
+
+
+def test_a_spec_whose_suffix_names_nothing_now_is_not_a_deleted_ref(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    # `main~1` after main is reset to its root commit names nothing, but main is there: it
+    # was reported (and logged by the server) as main deleted.
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    watcher = RefWatcher(repo)
+    assert watcher.resolve("main~1").commit == first
+    porcelain.reset(repo, first)
+    assert [m for m in watcher.poll() if m.new is None] == []
+    assert watcher.resolve("main").commit == first != second

@@ -2126,6 +2126,20 @@ def test_a_branch_deleted_and_made_again_elsewhere_is_logged_and_counted(
             f"again (refs/heads/again) moved {other[:12]} -> {one[:12]}",
         ], said
         assert gen(server, prompt="x", ref="again", max_tokens=1)[2]["revision"] == one
+        # Deleted, made again at that commit (no move), deleted again: each deletion is said
+        # (a marker kept until the next move said the second nothing).
+        line = f"refs/heads/again deleted (it named {one[:12]})"
+        for _ in range(2):
+            with caplog.at_level("INFO", logger="mintvcs.serve"):
+                caplog.clear()
+                porcelain.branch_delete(repo, "again", force=True)
+                deadline = time.monotonic() + 5
+                while line not in [r.getMessage() for r in caplog.records]:
+                    assert time.monotonic() < deadline, "a deletion was not logged"
+                    time.sleep(0.05)
+            time.sleep(1.1)
+            porcelain.branch_create(repo, "again", one)
+            assert gen(server, prompt="x", ref="again", max_tokens=1)[2]["revision"] == one
 
 
 def test_a_repository_gone_while_serving_is_503_not_an_unknown_ref(
