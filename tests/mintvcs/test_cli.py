@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -1264,28 +1265,33 @@ def test_concurrent_commits_keep_their_own_messages_through_commit_msg(
 
 
 def test_a_commit_that_lost_the_race_is_dated_after_the_one_that_won(
-    work: Path, tmp_path: Path
+    work: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A commit re-parented onto a branch another commit moved meanwhile kept the date it took
-    before encoding: a child dated before its parent, and the reflog going back in time."""
+    before: a child dated before its parent, and the reflog going back in time."""
     from mintvcs import porcelain
     from mintvcs.store import Repository
 
     commit(work, "first")
     other = copy_adapter(work, tmp_path / "other")
     mutate(other, seed=5)
-    # While this commit's message is checked, another process commits to the same branch.
-    _install_hook(
-        work,
-        "commit-msg",
-        '[ -n "$INNER" ] && exit 0\nsleep 1.2\n'
-        f'INNER=1 "{sys.executable}" -m mintvcs.cli commit -m won --from "{other}"\n',
-    )
+    real_move = porcelain._move_ref
+    raced: list[str] = []
+
+    def another_process_commits_first(repo: Repository, ref: str, *args: Any, **kw: Any) -> None:
+        # Just before this commit moves main, a second later, another process commits to it.
+        if ref == "refs/heads/main" and not raced:
+            raced.append(ref)
+            time.sleep(1.1)
+            mint(work, "commit", "-m", "won", "--from", str(other))
+        real_move(repo, ref, *args, **kw)
+
+    monkeypatch.setattr(porcelain, "_move_ref", another_process_commits_first)
     mutate(work, seed=6)
     with Repository.open(work) as repo:
         lost = porcelain.commit(repo, "lost", show_progress=False)
         won = repo.commit_info(lost.parent or "")
-        assert won.message.strip() == "won", "the hook's commit did not land first"
+        assert won.message.strip() == "won", "the other commit did not land first"
         assert repo.commit_info(lost.commit).time >= won.time
     times = [
         int(line.split("\t")[0].split()[-2])
