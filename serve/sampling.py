@@ -467,10 +467,32 @@ class IncrementalDetokenizer:
         if self.tokenizer is None or len(context) <= CONTEXT_TOKENS:
             return context
         start = len(context) - CONTEXT_TOKENS
-        for back in range(min(_MAX_CONTINUATION_TOKENS, start) + 1):
+        reach = min(_MAX_CONTINUATION_TOKENS, start)
+        back = self._steps_to_character_start(context, start, reach)
+        if back is not None:
+            return context[start - back :]
+        for back in range(reach + 1):
             if not self._decode(context[start - back :]).startswith("\ufffd"):
                 return context[start - back :]
         return context[start:]  # the prompt itself holds U+FFFD or invalid bytes there
+
+    def _steps_to_character_start(self, context: list[int], start: int, reach: int) -> int | None:
+        """How many tokens before `start` the character it is inside begins, read from the
+        tokens' bytes (None: the pieces do not show them, or no start within `reach`).
+
+        Decoding cannot tell: a byte-fallback decoder turns a whole <0xNN> run into U+FFFD once
+        a byte in it is invalid, and a prompt cut inside a character ends in such a byte.
+        """
+        if not hasattr(self.tokenizer, "id_to_token"):
+            return None
+        byte_level = _is_byte_level(self.tokenizer)
+        for back in range(reach + 1):
+            piece = _token_bytes(self.tokenizer, context[start - back], byte_level)
+            if piece is None:
+                return None
+            if not piece or not 0x80 <= piece[0] <= 0xBF:  # not a UTF-8 continuation byte
+                return back
+        return None  # stray continuation bytes: no character starts within reach
 
     def add(self, token_id: int) -> str:
         """Append a token; return the new stable text (may be empty while a character is incomplete)."""

@@ -273,6 +273,35 @@ def test_a_prompt_that_ends_inside_a_character_leaves_it_to_the_output(
     assert [stream.step(tokenizer, t) or "" for t in output] == deltas
 
 
+@pytest.mark.parametrize(
+    ("before", "character", "cut"),
+    [("éé中", "é", 1), ("😀aé ", "😀", 3), ("a兔兔", "龜", 1)],
+)
+def test_a_byte_fallback_prompt_cut_inside_a_character_after_others_leaves_it_to_the_output(
+    before: str, character: str, cut: int
+) -> None:
+    # The prompt's last 5 tokens started inside an earlier character: its window was to start
+    # where a decode does not begin with U+FFFD, but the open tail turns the whole <0xNN> run
+    # into U+FFFD, so the window began on a continuation byte and the character came out as
+    # U+FFFD (DecodeStream gives it).
+    from tokenizers.decoders import DecodeStream
+
+    from mintvcs.serve.sampling import IncrementalDetokenizer
+
+    tokenizer, vocab = _byte_fallback_tokenizer()
+    rest = _byte_tokens(character)
+    prompt = [vocab["▁Hello"], *_byte_tokens(before), *rest[:cut]]
+    output = [*rest[cut:], vocab["▁is"]]
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.add(t) for t in output]
+    assert deltas == [""] * (len(output) - 2) + [character, " is"]
+    assert detok.flush() == f"{character} is"
+    stream = DecodeStream(skip_special_tokens=True)
+    for t in prompt:
+        stream.step(tokenizer, t)
+    assert [stream.step(tokenizer, t) or "" for t in output] == deltas
+
+
 def test_a_prompt_s_unfinished_character_is_the_output_s_only_once_completed() -> None:
     from mintvcs.serve.sampling import IncrementalDetokenizer
 
