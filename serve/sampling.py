@@ -503,12 +503,12 @@ class IncrementalDetokenizer:
         after = self._decode(self._window)
         start = self._counted  # the window's first token of the new text
         tail, lead = self._open_tail
-        shown = ""
+        shown = None  # the text shown before the prompt's unfinished character ("" at the start)
         if tail and not after.startswith(before):
             shown = self._decode(self._window[: self._counted - tail]) + lead
         if after.startswith(before):
             new = after[len(before) :]
-        elif shown and after.startswith(shown):
+        elif shown is not None and after.startswith(shown):
             # The prompt's unfinished character is completed: its text starts the output's.
             new = after[len(shown) :]
             start = self._counted - tail

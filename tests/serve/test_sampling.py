@@ -302,6 +302,30 @@ def test_a_byte_fallback_prompt_cut_inside_a_character_after_others_leaves_it_to
     assert [stream.step(tokenizer, t) or "" for t in output] == deltas
 
 
+@pytest.mark.parametrize("head", [[], ["▁"]])
+def test_a_prompt_with_no_text_before_its_unfinished_character_leaves_it_to_the_output(
+    head: list[str],
+) -> None:
+    # The prompt's text before its unfinished character was "" (nothing, or a lone "▁" that the
+    # decoder strips), which counted as no text at all: the completed character came out as one
+    # U+FFFD per byte token.
+    from tokenizers.decoders import DecodeStream
+
+    from mintvcs.serve.sampling import IncrementalDetokenizer
+
+    tokenizer, vocab = _byte_fallback_tokenizer()
+    han = _byte_tokens("中")
+    prompt = [*(vocab[piece] for piece in head), han[0]]
+    output = [*han[1:], vocab["▁is"]]
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.add(t) for t in output]
+    assert deltas == ["", "中", " is"]
+    stream = DecodeStream(skip_special_tokens=True)
+    for t in prompt:
+        stream.step(tokenizer, t)
+    assert [stream.step(tokenizer, t) or "" for t in output] == deltas
+
+
 def test_a_prompt_s_unfinished_character_is_the_output_s_only_once_completed() -> None:
     from mintvcs.serve.sampling import IncrementalDetokenizer
 
