@@ -399,7 +399,8 @@ def _is_byte_level(tokenizer: Any) -> bool:
 
 
 def incomplete_tail(tokenizer: Any, ids: Sequence[int]) -> tuple[int, str]:
-    """How many of the last ids (up to 3) hold a character their bytes leave unfinished (0: none),
+    """How many of the last ids hold a character their bytes leave unfinished (0: none; up to 3,
+    and up to 3 more back to the start of a character that a token of those begins inside),
     and the text those tokens hold before it (" 世" of a byte-level piece " 世" + 2 bytes of "界").
 
     Only the start of a valid UTF-8 character counts (a prompt of ids cut inside one, which the
@@ -425,9 +426,28 @@ def incomplete_tail(tokenizer: Any, ids: Sequence[int]) -> tuple[int, str]:
     for count, piece in enumerate(reversed(pieces), 1):
         covered += len(piece)
         if covered >= held:
-            lead = b"".join(pieces[-count:])[: covered - held]
-            return count, lead.decode("utf-8", errors="replace")
+            tail = pieces[-count:]
+            # A byte-level piece may begin inside the character before ("👩" ends in the piece
+            # that starts "💻"): its lead alone would decode to U+FFFD, so the tokens that hold
+            # it go back to where that character starts.
+            earlier = ids[: len(ids) - count]
+            for back in range(1, min(_MAX_CONTINUATION_TOKENS, len(earlier)) + 1):
+                if not _continues_a_character(tail[0]):
+                    break
+                piece = _token_bytes(tokenizer, earlier[-back], byte_level)
+                if piece is None:
+                    break
+                tail = [piece, *tail]
+            if _continues_a_character(tail[0]):
+                tail = pieces[-count:]  # stray bytes: no character starts within reach
+            lead = b"".join(tail)[: len(b"".join(tail)) - held]
+            return len(tail), lead.decode("utf-8", errors="replace")
     return none
+
+
+def _continues_a_character(piece: bytes) -> bool:
+    """Whether a token's bytes begin with a UTF-8 continuation byte (inside a character)."""
+    return bool(piece) and 0x80 <= piece[0] <= 0xBF
 
 
 class IncrementalDetokenizer:
@@ -490,7 +510,7 @@ class IncrementalDetokenizer:
             piece = _token_bytes(self.tokenizer, context[start - back], byte_level)
             if piece is None:
                 return None
-            if not piece or not 0x80 <= piece[0] <= 0xBF:  # not a UTF-8 continuation byte
+            if not _continues_a_character(piece):
                 return back
         return None  # stray continuation bytes: no character starts within reach
 

@@ -338,10 +338,18 @@ def test_a_prompt_s_unfinished_character_is_the_output_s_only_once_completed() -
         ([_HELLO, world[0]], _byte_tokens("{"), ["{"]),
         # A stray byte is no character's start: text as it decodes, left to the prompt.
         ([_HELLO, 3 + 0x80], _byte_tokens("ok"), ["o", "k"]),
+        # The token holding the start of "界" begins inside "😀": its "!" is the prompt's text
+        # too, not "😀" decoded from its last two bytes alone (two U+FFFD, then "!").
+        ([_HELLO, *_byte_tokens("😀")[:2], _SMILE_CUT], world[2:] + _byte_tokens("?"), ["界", "?"]),
     ]:
         detok = IncrementalDetokenizer(tokenizer, prompt)
         assert [detok.add(t) for t in output] == expected, prompt
         assert detok.flush() == "".join(expected)
+    # What echo shows of such a prompt: its text up to the unfinished character.
+    from mintvcs.serve.http_api import TokenTexts
+
+    prompt = [_HELLO, *_byte_tokens("😀")[:2], _SMILE_CUT]
+    assert TokenTexts(tokenizer).decode_whole_characters(prompt) == "Hello😀!"
 
 
 def _sequence(tokenizer: Any, prompt: list[int], params: SamplingParams) -> Any:
@@ -370,7 +378,7 @@ def _byte_level_tokenizer() -> tuple[Any, dict[str, int]]:
     char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({char[b]: 3 + b for b in range(256)})
-    for text in [b"Hello", " 世界".encode()[:6]]:
+    for text in [b"Hello", " 世界".encode()[:6], _SMILE_CUT_BYTES]:
         vocab["".join(char[b] for b in text)] = len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tokenizer.decoder = decoders.ByteLevel()
@@ -380,6 +388,10 @@ def _byte_level_tokenizer() -> tuple[Any, dict[str, int]]:
 
 # "Hello", then one token: " 世" and the first two bytes of "界" (a character left unfinished).
 _HELLO, _WORLD_CUT = 259, 260
+# A token that begins inside a character and ends inside another: the last 2 bytes of "😀",
+# "!" and the first 2 bytes of "界".
+_SMILE_CUT_BYTES = "😀".encode()[2:] + b"!" + "界".encode()[:2]
+_SMILE_CUT = 261
 
 
 @pytest.mark.parametrize("stop", [" 世", "世"])
