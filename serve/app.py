@@ -232,6 +232,7 @@ class ServerState:
     moved_to: dict[str, str] = field(default_factory=dict)
     # (ref, what it named) of the deletions logged in the last second, with when (_on_move).
     deletions_logged: OrderedDict[tuple[str, str], float] = field(default_factory=OrderedDict)
+    moves_lock: threading.Lock = field(default_factory=threading.Lock)  # for the two above
     # The revision each ref spec pinned (warm with pin): unpinning by that spec releases it
     # even after the ref moved on.
     pins_by_spec: dict[str, str] = field(default_factory=dict)
@@ -486,7 +487,7 @@ def status_for(err: MintError) -> int:
     from mintvcs.serve.engine import EngineClosed, EngineOverloaded, InvalidRequest
     from mintvcs.serve.kv_cache import KVCacheFull
     from mintvcs.serve.sampling import InvalidSamplingParams
-    from mintvcs.serve.slots import ResidencyError
+    from mintvcs.serve.slots import ResidencyClosed, ResidencyError
     from mintvcs.serve.structured import StructuredOutputError
     from mintvcs.store import (
         NotAnAdapterRevision,
@@ -506,6 +507,7 @@ def status_for(err: MintError) -> int:
         (InvalidSamplingParams, 400),
         (InvalidRequest, 400),
         (StructuredOutputError, 422),  # a grammar past llguidance's limits while generating
+        (ResidencyClosed, 503),  # the server is stopping, as EngineClosed
         (ResidencyError, 409),
         (EngineClosed, 503),
         (EngineOverloaded, 503),
@@ -964,9 +966,10 @@ def count_move(state: ServerState, ref: str | None, commit: str) -> bool:
     """Count a ref's move to `commit` once, however many specs in use reported it; True the
     first time."""
     label = state.ref_label(ref)
-    if state.moved_to.get(label) == commit:
-        return False
-    state.moved_to[label] = commit
+    with state.moves_lock:
+        if state.moved_to.get(label) == commit:
+            return False
+        state.moved_to[label] = commit
     state.ref_moves.inc((label,))
     return True
 
@@ -981,12 +984,15 @@ def _on_move(state: ServerState, move: RefMove) -> None:
     if move.new is None:
         # Deleted: one line however many specs in use went through it. Made again elsewhere,
         # it is the move from what it named here (refwatch's tombstones).
-        seen, now = state.deletions_logged, time.monotonic()
-        while seen and now - next(iter(seen.values())) > _SAME_DELETION_S:
-            seen.popitem(last=False)
         key = (move.ref or move.spec, move.old)
-        if key not in seen:
-            seen[key] = now
+        with state.moves_lock:  # the poller, notifies and requests report from their threads
+            seen, now = state.deletions_logged, time.monotonic()
+            while seen and now - next(iter(seen.values())) > _SAME_DELETION_S:
+                seen.popitem(last=False)
+            said = key in seen
+            if not said:
+                seen[key] = now
+        if not said:
             log.info("%s deleted (it named %s)", key[0], move.old[:12])
         return
     first = True

@@ -136,7 +136,7 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
 @click.option(
     "--max-model-len",
     default=None,
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=2),
     help="Prompt + output tokens per sequence [default: min(2048, the model's)].",
 )
 @click.option(

@@ -16,11 +16,11 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from collections.abc import Sequence as Seq
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeAlias, get_args
+from typing import Any, TypeAlias, TypeVar, get_args
 
 import torch
 
@@ -308,6 +308,28 @@ class LoopMailbox:
             target.put_nowait(item)
 
 
+T = TypeVar("T")
+
+
+def _own_future(shared: Future[T]) -> Future[T]:
+    """A future of the caller's own that settles as `shared` does: callers of one load share it,
+    and one caller cancelling (a client gone from `await engine.warm(...)`) must not cancel the
+    load for the others."""
+    mine: Future[T] = Future()
+
+    def settle(done: Future[T]) -> None:
+        with contextlib.suppress(InvalidStateError):  # the caller cancelled its own
+            if done.cancelled():
+                mine.cancel()
+            elif (err := done.exception()) is not None:
+                mine.set_exception(err)
+            else:
+                mine.set_result(done.result())
+
+    shared.add_done_callback(settle)
+    return mine
+
+
 def _check_source(source: AdapterSource) -> None:
     """Refuse a source whose load() cannot take max_bytes=: every request would fail on it."""
     load = getattr(source, "load", None)
@@ -340,14 +362,16 @@ def _token_ids(prompt: object) -> list[int]:
         raise TypeError(
             f"a prompt is a str or a list of int token ids, not {type(prompt).__name__}"
         )
-    try:
-        return [operator.index(t) for t in prompt]  # ints, numpy's included; not floats
-    except TypeError:
-        bad = next(t for t in prompt if not hasattr(t, "__index__"))
-        raise TypeError(
-            f"a prompt is a str or a list of int token ids; it holds {bad!r:.40} "
-            f"({type(bad).__name__})"
-        ) from None
+    ids = []
+    for item in list(prompt):  # once: a generator's items are read once
+        try:
+            ids.append(operator.index(item))  # ints, numpy's and 0-d tensors' included
+        except TypeError:  # a float, or a row of a 2-D array (a tokenizer's return_tensors)
+            raise TypeError(
+                f"a prompt is a str or a list of int token ids; it holds {item!r:.40} "
+                f"({type(item).__name__})"
+            ) from None
+    return ids
 
 
 def _request_parts(
@@ -956,7 +980,7 @@ class Engine:
             unfinished = sum(1 for f in futures if not f.done())
             for f in futures:
                 f.cancel()
-            if not unfinished:  # a request's own failure, not the deadline
+            if deadline is None or time.monotonic() < deadline:  # a request's own failure
                 raise
             raise TimeoutError(
                 f"{unfinished} of {len(futures)} requests had not finished after {timeout} s; "
@@ -984,8 +1008,7 @@ class Engine:
             raise EngineClosed("the engine was closed")
         if self.source is None:
             raise EngineError("this engine has no adapter source")
-        future = self.residency.warm(revision, pin=pin)
-        return future
+        return _own_future(self.residency.warm(revision, pin=pin))
 
     async def warm(self, revision: str, *, pin: bool = False) -> int | None:
         """Await prefetch(): the slot index, or None when it only reached the host cache."""

@@ -109,7 +109,8 @@ def metric_label(ref: str | None) -> str:
 
 @dataclass(frozen=True)
 class RefMove:
-    """A spec in use whose commit changed; `new` None: it names nothing now (its ref deleted)."""
+    """A spec in use whose commit changed; `new` None: its ref was deleted, and `old` is what
+    the ref named (not the spec: `x~1`'s deletion is x's)."""
 
     spec: str
     ref: str | None
@@ -324,7 +325,9 @@ class RefWatcher:
         self._gone[spec] = (entry, time.monotonic())
         while len(self._gone) > _MAX_BURIED:
             self._gone.popitem(last=False)
-        return RefMove(spec, entry.resolution.ref, entry.resolution.commit, None)
+        # What the ref itself named (`x~1`'s entry knows x's value too): one deletion however
+        # many specs of the ref report it.
+        return RefMove(spec, entry.resolution.ref, entry.raw or entry.resolution.commit, None)
 
     def _unindex(self, spec: str, entry: _Entry) -> None:
         for key in self._keys(entry):
@@ -514,4 +517,7 @@ class RefWatcher:
             took = time.monotonic() - now
             for move in moves:
                 if self.on_move is not None:
-                    self.on_move(move)
+                    try:
+                        self.on_move(move)
+                    except Exception:  # as a failed poll: polling must go on
+                        log.exception("reporting a move of %s failed; polling on", move.spec)

@@ -61,6 +61,10 @@ class ResidencyError(MintError):
     """A residency request that cannot be honoured (e.g. pinning more revisions than there are slots)."""
 
 
+class ResidencyClosed(ResidencyError):
+    """A load still queued when the engine closed: it will never be made."""
+
+
 def _transpose_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst[...] = src.T (with dtype conversion); numpy's strided copy where it can."""
     if dst.dtype == src.dtype and src.dtype in (torch.float32, torch.float16):
@@ -498,7 +502,7 @@ class Residency:
         with self._lock:
             waiting = [s.future for s in self.slots if s.future is not None]
             waiting += self._host_loads.values()
-        closed = ResidencyError("the engine was closed before this revision was loaded")
+        closed = ResidencyClosed("the engine was closed before this revision was loaded")
         for future in waiting:
             with contextlib.suppress(InvalidStateError):  # settled meanwhile
                 future.set_exception(closed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -635,17 +637,18 @@ def test_warm_pin_and_residency(tiny_base: Path, zoo: dict[str, Path]) -> None:
 
 
 class _GatedSource(PeftDirSource):
-    """A PEFT-directory source whose loads wait for a gate: a slow disk, on demand."""
+    """A PEFT-directory source whose loads (of `gated` only, if given) wait for a gate: a slow
+    disk, on demand."""
 
-    def __init__(self, directories: dict[str, Path]) -> None:
+    def __init__(self, directories: dict[str, Path], gated: str | None = None) -> None:
         super().__init__(directories)
-        import threading
-
+        self.gated = gated
         self.gate = threading.Event()
 
     def load(self, revision: str, *, max_bytes: int | None = None) -> Any:
-        assert self.gate.wait(30)
-        return super().load(revision)
+        if self.gated in (None, revision):
+            assert self.gate.wait(30)
+        return super().load(revision, max_bytes=max_bytes)
 
 
 def test_pins_taken_while_the_slots_are_busy_count_too(
@@ -1140,3 +1143,64 @@ def test_a_finished_request_finds_its_tokens_counted(
         done = engine.generate([1, 5, 9, 13, 17], None, SamplingParams(max_tokens=1))
     assert done.prompt_tokens == 5
     assert seen == [(5, 1)]
+
+
+def test_one_cancelled_warm_leaves_others_waiting_on_the_same_load(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    # Every caller of one load got the same future: a client gone from `await warm()` (the
+    # server cancels its handler) cancelled it for the others, who got CancelledError.
+    source = _GatedSource(zoo, "qv-r8")
+    config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=512)
+    endless = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    with Engine(tiny_base, config, source=source) as eng:
+        busy = eng.start_many([([5, 6], "mlp-r2", endless), ([5, 7], "o-r6", endless)])
+        deadline = time.monotonic() + 30
+        while eng.stats()["running"] < 2:  # every slot busy: the warm goes to the host cache
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        async def two_waiters() -> object:
+            first = asyncio.create_task(eng.warm("qv-r8"))
+            second = asyncio.create_task(eng.warm("qv-r8"))
+            await asyncio.sleep(0.3)  # the load is in progress, held at the gate
+            first.cancel()
+            await asyncio.sleep(0.05)
+            source.gate.set()
+            return await asyncio.wait_for(second, 30)
+
+        assert asyncio.run(two_waiters()) is None  # None: it reached the host cache
+        for f in busy:
+            f.cancel()
+
+
+def test_a_prompt_of_rows_or_floats_is_a_type_error_naming_the_item(engine: Engine) -> None:
+    # A tokenizer's return_tensors="pt" is 2-D: the error search found nothing and a bare
+    # StopIteration escaped (a RuntimeError inside a coroutine).
+    for prompt, item in (
+        (torch.tensor([[5, 6]]), "tensor([5, 6])"),
+        (torch.tensor([5.0, 6.0]), "tensor(5.)"),
+        (np.array([[5, 6]]), "array([5, 6])"),
+        ((x for x in (5, 1.5)), "1.5"),
+    ):
+        with pytest.raises(TypeError, match=f"it holds {re.escape(item)}"):
+            engine.generate(prompt, None, GREEDY)  # type: ignore[arg-type]
+
+
+class _TimingOutSource(PeftDirSource):
+    def load(self, revision: str, *, max_bytes: int | None = None) -> Any:
+        if revision == "o-r6":
+            raise TimeoutError("the adapter store did not answer")
+        return super().load(revision, max_bytes=max_bytes)
+
+
+def test_a_requests_own_timeout_error_is_not_taken_for_the_deadline(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=512)
+    with (
+        Engine(tiny_base, config, source=_TimingOutSource(zoo)) as eng,
+        pytest.raises(Exception) as raised,
+    ):
+        eng.generate_many([([5, 6], "o-r6", GREEDY), ([5, 7], None, GREEDY)])
+    assert "had not finished" not in str(raised.value), raised.value

@@ -508,3 +508,19 @@ def test_a_spec_whose_suffix_names_nothing_now_is_not_a_deleted_ref(
     porcelain.reset(repo, first)
     assert [m for m in watcher.poll() if m.new is None] == []
     assert watcher.resolve("main").commit == first != second
+
+
+def test_a_deleted_ref_is_reported_with_its_own_value_by_each_of_its_specs(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    # `x~1`'s deletion carried what x~1 named: the server logged x deleted twice, the second
+    # line naming x's parent as what x named.
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    porcelain.branch_create(repo, "x", second)
+    watcher = RefWatcher(repo)
+    assert watcher.resolve("x~1").commit == first
+    watcher.resolve("x")
+    porcelain.branch_delete(repo, "x", force=True)
+    gone = watcher.poll()
+    assert {(m.spec, m.old, m.new) for m in gone} == {("x", second, None), ("x~1", second, None)}

@@ -782,6 +782,15 @@ def test_metrics_count_requests_tokens_and_slots(server: BackgroundServer) -> No
         assert max(bounds) >= reach and min(bounds) <= 0.01, (name, bounds)
 
 
+def test_a_warm_the_closing_engine_never_made_is_a_503_as_the_closing_is() -> None:
+    from mintvcs.serve.app import status_for
+    from mintvcs.serve.slots import ResidencyClosed, ResidencyError
+
+    # 409 is a pin conflict or a full host cache: the client's to fix, not a stopping server.
+    assert status_for(ResidencyClosed("the engine was closed")) == 503
+    assert status_for(ResidencyError("every slot is pinned")) == 409
+
+
 def test_latency_buckets_step_one_two_five_between_their_ends() -> None:
     assert one_two_five_buckets(0.001, 0.05) == (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
     assert one_two_five_buckets(1.0, 30.0) == (1.0, 2.0, 5.0, 10.0, 20.0)

@@ -358,6 +358,9 @@ def _usage_line(tmp_path: Path, *args: str) -> str:
 def test_serve_option_out_of_range_is_one_usage_line(tmp_path: Path, tiny_base: Path) -> None:
     line = _usage_line(tmp_path, "--base-model", str(tiny_base), "--ref-poll-interval", "5")
     assert "--ref-poll-interval" in line and "0.01<=x<=1.0" in line
+    # One token of context: passed the CLI, then the engine refused it once the base loaded.
+    line = _usage_line(tmp_path, "--base-model", str(tiny_base), "--max-model-len", "1")
+    assert "--max-model-len" in line and "x>=2" in line, line
 
 
 def test_an_empty_host_is_refused_not_every_interface(tmp_path: Path, tiny_base: Path) -> None:
