@@ -607,15 +607,12 @@ class _Lock:
         the rename and the line that records it. Asked of the target, which is our file once
         it moved: a lock file gone does not say so (someone may have removed it, as the
         message for a leftover lock advises, and the rename then failed)."""
-        try:
-            return _file_identity(os.stat(self.path)) == self._identity
-        except OSError:
-            return False
+        return self._is_ours(self.path)
 
-    def _lock_file_is_ours(self) -> bool:
-        """Whether the lock path still holds the file this lock created."""
+    def _is_ours(self, path: str) -> bool:
+        """Whether `path` holds the file this lock created."""
         try:
-            return _file_identity(os.stat(self.lock_path)) == self._identity
+            return _file_identity(os.stat(path)) == self._identity
         except OSError:
             return False
 
@@ -628,7 +625,7 @@ class _Lock:
             self.held = False
             # Not when renamed (a Ctrl-C after the rename): the lock path may already be
             # another process's lock then.
-            if self._lock_file_is_ours():
+            if self._is_ours(self.lock_path):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.lock_path)
 

@@ -337,8 +337,9 @@ class ServerState:
             )
         )
 
-        # Fine below a second, where a GPU answers, and reaching about half an hour / 80 min, where a long CPU
-        # generation or a queue behind it lands (vLLM's range; everything there would read +Inf).
+        # Fine below a second, where a GPU answers, and reaching about half an hour / 80 min,
+        # where a long CPU generation or a queue behind it lands (vLLM's range; everything
+        # there would read +Inf).
         self.first_token_latency = m.add(
             Histogram(
                 "mint_time_to_first_token_seconds",

@@ -976,19 +976,17 @@ class Engine:
                 f.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
                 for f in futures
             ]
-        except TimeoutError:
+        except BaseException as err:
             unfinished = sum(1 for f in futures if not f.done())
             for f in futures:
                 f.cancel()
-            if deadline is None or time.monotonic() < deadline:  # a request's own failure
-                raise
-            raise TimeoutError(
-                f"{unfinished} of {len(futures)} requests had not finished after {timeout} s; "
-                "they were cancelled"
-            ) from None
-        except BaseException:
-            for f in futures:
-                f.cancel()
+            # The deadline passed, not a request's own TimeoutError (a source's socket, say).
+            late = deadline is not None and time.monotonic() >= deadline
+            if isinstance(err, TimeoutError) and late:
+                raise TimeoutError(
+                    f"{unfinished} of {len(futures)} requests had not finished after {timeout} s; "
+                    "they were cancelled"
+                ) from None
             raise
 
     def generate(

@@ -356,26 +356,16 @@ def _render_conversation(
 _TEMPLATE_OWN = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
 
 
-# What /generate does not take of /v1/completions: one choice, no echo, no tools.
-_GENERATE_NEUTRAL = {
-    **_NEUTRAL,
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "n": (1,),
-    "best_of": (1,),
-    "echo": (False,),
-}
+# Tools are for chat only; chat has no echo of the last message (vLLM's).
+_COMPLETIONS_NEUTRAL = {**_NEUTRAL, "tools": ([],), "tool_choice": ("none",)}
+_CHAT_NEUTRAL = {**_NEUTRAL, "echo": (False,)}
+# What /generate does not take of /v1/completions besides: one choice, no echo.
+_GENERATE_NEUTRAL = {**_COMPLETIONS_NEUTRAL, "n": (1,), "best_of": (1,), "echo": (False,)}
 
 
 def _refuse_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
     """400 for an OpenAI field this server does not implement, unless its value is the neutral one."""
-    # Tools are for chat only.
-    fields = (
-        {**_NEUTRAL, "echo": (False,)}  # vLLM's chat echo of the last message
-        if chat
-        else {**_NEUTRAL, "tools": ([],), "tool_choice": ("none",)}
-    )
-    _refuse_fields(body, fields, "this server")
+    _refuse_fields(body, _CHAT_NEUTRAL if chat else _COMPLETIONS_NEUTRAL, "this server")
 
 
 def _refuse_generate_fields(body: dict[str, Any]) -> None:
