@@ -42,7 +42,11 @@ from mintvcs.serve.http_metrics import (
     Registry,
     one_two_five_buckets,
 )
-from mintvcs.serve.log_bad_requests import BadRequestFilter, log_bad_request
+from mintvcs.serve.log_bad_requests import (
+    BadRequestFilter,
+    body_parse_failures,
+    log_bad_request,
+)
 from mintvcs.serve.log_repeats import ALWAYS, AcceptFailures, RepeatFilter
 from mintvcs.serve.refwatch import (
     InvalidRefSpec,
@@ -687,7 +691,8 @@ async def read_json(request: web.Request, *, empty_ok: bool = False) -> dict[str
         )
     limit = config.body_timeout
     try:
-        raw = await asyncio.wait_for(request.read(), limit)
+        with body_parse_failures(request):
+            raw = await asyncio.wait_for(request.read(), limit)
     except TimeoutError:
         raise HTTPError(
             408, f"the request body did not arrive within {limit:g} s", "body_timeout"

@@ -3,9 +3,13 @@ error and traceback quoting what the client sent."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+from collections.abc import Iterator
+from typing import Any
 
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import (
     BadHttpMessage,
     BadHttpMethod,
@@ -13,6 +17,7 @@ from aiohttp.http_exceptions import (
     ContentEncodingError,
     ContentLengthError,
     DecompressSizeError,
+    HttpProcessingError,
     InvalidHeader,
     InvalidURLError,
     LineTooLong,
@@ -94,6 +99,13 @@ def log_bad_request(logger: logging.Logger, remote: str | None, err: BaseExcepti
     return reason
 
 
+def _logged_already(err: BaseException | None) -> bool:
+    """Whether log_bad_request logged `err`, or the failure it wraps: aiohttp's pure-Python
+    parser fails a body's pending read with its TransferEncodingError, and later reads with a
+    RequestPayloadError caused by it."""
+    return any(getattr(e, _LOGGED, False) for e in (err, getattr(err, "__cause__", None)))
+
+
 def client_address(candidate: object) -> str:
     """`candidate` if it is an IP address, else "-": a log line names no other text for it."""
     if isinstance(candidate, str):
@@ -124,7 +136,7 @@ class BadRequestFilter(logging.Filter):
         reason = bad_request_reason(err)
         if reason is None:
             return True
-        if getattr(err, _LOGGED, False):
+        if _logged_already(err):
             return False
         # aiohttp's "Error handling request from %s" has the client's address as its one
         # argument; its other records with such an exception name none.
@@ -144,3 +156,58 @@ class BadRequestFilter(logging.Filter):
             if not logging.getLogger(record.name).isEnabledFor(logging.WARNING):
                 return False
         return self.repeats.filter(record)
+
+
+class _BodyFailingParser:
+    """A connection's HTTP parser, passed through, except that a parse failure while `body` is
+    still arriving fails the reads of `body` (a RequestPayloadError caused by it), as aiohttp's
+    pure-Python parser fails them.
+
+    aiohttp's C parser (llhttp) raises such a failure out of feed_data and forgets the body: the
+    protocol queues it as an error answer for after the running handler, whose read of the body
+    waited for bytes that would never come until the body timeout (a 408), and nothing was
+    logged.
+    """
+
+    def __init__(self, parser: Any, body: StreamReader) -> None:
+        self.parser = parser
+        self.body = body
+
+    def feed_data(self, data: bytes) -> Any:
+        """The parser's feed_data; its failure is the body's too, while the body is unfinished."""
+        try:
+            return self.parser.feed_data(data)
+        except HttpProcessingError as err:
+            if not self.body.is_eof() and self.body.exception() is None:
+                failure = RequestPayloadError("the request body is malformed")
+                failure.__cause__ = err
+                self.body.set_exception(failure)
+            # The protocol's own handling as well: the error answer it queues is never sent,
+            # for a connection whose body failed closes after the handler's answer.
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.parser, name)
+
+
+# The protocol's parser: an attribute aiohttp does not publish.
+_PARSER = "_parser"
+
+
+@contextlib.contextmanager
+def body_parse_failures(request: web.BaseRequest) -> Iterator[None]:
+    """Within it, a rest of `request`'s body that is not well-formed (a bad chunk size) fails
+    the body's reads at once, with either of aiohttp's HTTP parsers."""
+    protocol = request.protocol
+    parser = getattr(protocol, _PARSER, None)
+    if parser is None or request.content.is_eof():  # no parser: the reads wait as aiohttp's do
+        yield
+        return
+    stand_in = _BodyFailingParser(parser, request.content)
+    setattr(protocol, _PARSER, stand_in)
+    try:
+        yield
+    finally:
+        # None instead once the connection is gone: it stays so.
+        if getattr(protocol, _PARSER, None) is stand_in:
+            setattr(protocol, _PARSER, parser)

@@ -3,12 +3,16 @@ no traceback, none of the client's bytes, and repeats held back; real errors kee
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp.http_parser
+import aiohttp.web_protocol
 import pytest
 from aiohttp import web
 
@@ -120,6 +124,16 @@ MALFORMED: dict[str, tuple[tuple[bytes, ...], str, int]] = {
     "bad target": (
         (b"GET /" + MARK + b"\x7f HTTP/1.1\r\nHost: x\r\n\r\n",),
         "a malformed request target",
+        400,
+    ),
+    # The handler reading the body by the time the bad chunk comes: aiohttp's C parser left
+    # that read waiting out the body timeout, and logged nothing.
+    "bad chunk size mid-body": (
+        (
+            _post("/v1/completions", "Transfer-Encoding: chunked", b'5\r\n{"a":\r\n'),
+            b"zz" + MARK + b"\r\nab\r\n0\r\n\r\n",
+        ),
+        "a malformed chunked body",
         400,
     ),
     # Read by the handler, past the parser: aiohttp's 500, our 400 now.
@@ -244,3 +258,73 @@ def test_a_stopped_server_leaves_no_filter_on_aiohttps_log(
     with BackgroundServer(ServerConfig(repo=empty_repo, base_model=tiny_base, port=0)):
         assert [f for f in aiohttp_log.filters if isinstance(f, BadRequestFilter)]
     assert not [f for f in aiohttp_log.filters if isinstance(f, BadRequestFilter)]
+
+
+def _answer(answer: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The status line of a /v1 JSON answer, and its error (or its whole body, if none)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    parsed = json.loads(body)
+    return head.split(b"\r\n", 1)[0], parsed.get("error", parsed)
+
+
+# aiohttp's two HTTP parsers, each a real one: llhttp's (its C extension, the default where
+# installed) and its pure-Python one (AIOHTTP_NO_EXTENSIONS=1).
+PARSERS = {
+    "c": getattr(aiohttp.http_parser, "HttpRequestParserC", None),
+    "python": aiohttp.http_parser.HttpRequestParserPy,
+}
+
+
+@pytest.mark.parametrize("parser", list(PARSERS))
+def test_a_chunked_body_that_turns_malformed_mid_read_is_400_at_once_not_a_timeout(
+    empty_repo: Path,
+    tiny_base: Path,
+    recorded: _Recorded,
+    monkeypatch: pytest.MonkeyPatch,
+    parser: str,
+) -> None:
+    if PARSERS[parser] is None:
+        pytest.skip("aiohttp is installed without its C extensions")
+    monkeypatch.setattr(aiohttp.web_protocol, "HttpRequestParser", PARSERS[parser])
+    config = ServerConfig(repo=empty_repo, base_model=tiny_base, port=0, body_timeout=3.0)
+    with BackgroundServer(config) as srv:
+        port = _port(srv.url)
+        started = time.monotonic()
+        answer = _exchange(port, *MALFORMED["bad chunk size mid-body"][0])
+        took = time.monotonic() - started
+        status, body = _answer(answer)
+        assert status == b"HTTP/1.1 400 Bad Request" and body["code"] == "invalid_body", answer
+        assert "a malformed chunked body" in body["message"], body
+        assert took < config.body_timeout / 2, took  # not after the body timeout
+        # A chunk split over packets, or a pause shorter than the body timeout, is no fault.
+        json_body = b'{"prompt": "Hi", "max_tokens": 1, "model": "nothing-here"}'
+        whole = _exchange(
+            port,
+            _post(
+                "/v1/completions",
+                f"Content-Length: {len(json_body)}\r\nConnection: close",
+                json_body,
+            ),
+        )
+        chunked = _exchange(
+            port,
+            _post("/v1/completions", "Transfer-Encoding: chunked\r\nConnection: close", b"")
+            + f"{len(json_body):x}\r\n".encode()
+            + json_body[:10],
+            json_body[10:] + b"\r",
+            b"\n0\r\n\r\n",
+        )
+        assert _answer(chunked) == _answer(whole), (chunked, whole)
+        assert _answer(whole)[1].get("code") not in ("invalid_body", "body_timeout"), whole
+        # A body that stops coming is still the body timeout's.
+        started = time.monotonic()
+        stalled = _exchange(
+            port, _post("/v1/completions", "Transfer-Encoding: chunked", b'5\r\n{"a":\r\n')
+        )
+        status, body = _answer(stalled)
+        assert status.startswith(b"HTTP/1.1 408") and body["code"] == "body_timeout", stalled
+        assert time.monotonic() - started >= config.body_timeout
+    time.sleep(0.2)
+    assert [(r.levelno, r.getMessage()) for r in recorded.complaints()] == [
+        (logging.WARNING, "bad HTTP request from 127.0.0.1: a malformed chunked body")
+    ], recorded.text(recorded.complaints())
