@@ -4,15 +4,17 @@ each step's logits to the tokens that keep the output matching it."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
+import tokenizers
 import torch
 
 from mintvcs.errors import MintError
@@ -118,22 +120,194 @@ def _literal(text: str) -> str:
     return "".join(f"\\x{ord(c):02x}" if ord(c) < 128 and not c.isalnum() else c for c in text)
 
 
+def grammar_tokenizer(
+    tokenizer_json: str, eos: list[int], vocab_size: int
+) -> llguidance.LLTokenizer:
+    """llguidance's view of a tokenizer: the bytes each token adds to the text.
+
+    llguidance reads them from tokenizer.json for byte-level and Llama-2-style byte-fallback
+    decoders only; it refuses others (a bare Metaspace decoder, WordPiece) or, for some
+    (ByteFallback then Metaspace), keeps the "▁" that decode turns into a space. Such
+    tokenizers get the bytes that decode gives each token instead (token_bytes).
+    InvalidStructuredOutput when the tokenizer has more ids than the model's `vocab_size` rows.
+    """
+    tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+    ids = max([*tokenizer.get_vocab(with_added_tokens=True).values(), -1]) + 1
+    if ids > vocab_size:
+        raise InvalidStructuredOutput(
+            f"structured outputs are unavailable for this base: its tokenizer does not fit "
+            f"its {vocab_size}-token vocabulary (the tokenizer has {ids} ids)"
+        )
+    native: llguidance.LLTokenizer | None = None
+    refusal = ""
+    try:
+        # n_vocab: the model's rows; ids past the tokenizer's own (padding) are never allowed.
+        native = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos or None)
+    except ValueError as err:
+        refusal = short_error(str(err))
+    if native is not None and _is_byte_level_decoder(tokenizer):
+        return native  # the pieces spell their bytes: nothing for decode to disagree with
+    pieces, special = token_bytes(tokenizer, ids)
+    if native is not None and all(
+        native.decode_bytes([token]) == piece
+        for token, piece in enumerate(pieces)
+        # llguidance marks special tokens with a leading 0xFF, which no UTF-8 text holds
+        if token not in special and not piece.startswith(b"\xff")
+    ):
+        return native
+    # The wrapper's tokens are the whole vocabulary: the model's padding rows spell nothing.
+    pieces += [b""] * (vocab_size - ids)
+    try:
+        return llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(_TokenizerBytes(tokenizer, pieces, special, eos)),
+            n_vocab=vocab_size,
+            eos_token=eos or None,
+        )
+    except ValueError as err:
+        raise InvalidStructuredOutput(
+            "structured outputs are unavailable for this base: llguidance takes neither its "
+            f"tokenizer.json ({refusal or 'its bytes differ from decode'}) nor the bytes "
+            f"decode gives its tokens ({short_error(str(err))})"
+        ) from None
+
+
+def _is_byte_level_decoder(tokenizer: tokenizers.Tokenizer) -> bool:
+    """Whether the decoder reads pieces as GPT-2 byte characters (alone or in a Sequence)."""
+    decoder = tokenizer.decoder
+    decoder = json.loads(decoder.__getstate__()) if decoder is not None else {}
+    steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+    return any(step.get("type") == "ByteLevel" for step in steps)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback vocabulary's byte tokens
+
+
+def token_bytes(tokenizer: tokenizers.Tokenizer, ids: int) -> tuple[list[bytes], set[int]]:
+    """The bytes each of the first `ids` token ids adds to decoded text, and the special ids.
+
+    A token's text is what it adds after a plain word (decode([word, token]) less decode([word])):
+    decoded alone, a Metaspace or Llama-2 decoder drops its leading space, a byte-fallback
+    <0xNN> token of a multi-byte character is U+FFFD (its byte is taken from the piece instead,
+    when the decoder reads such pieces as bytes), a WordPiece "##" piece joins the word before.
+    """
+    special = {
+        token
+        for token, added in tokenizer.get_added_tokens_decoder().items()
+        if added.special and token < ids
+    }
+
+    def decode(tokens: list[int]) -> str:
+        return str(tokenizer.decode(tokens, skip_special_tokens=False))
+
+    word = next(
+        (
+            token
+            for token in range(ids)
+            if token not in special
+            and decode([token]).isalnum()
+            and decode([token, token]).startswith(decode([token]))
+        ),
+        None,
+    )
+    shown = decode([word]) if word is not None else ""
+    texts = tokenizer.decode_batch(
+        [[token] if word is None else [word, token] for token in range(ids)],
+        skip_special_tokens=False,
+    )
+    letter_a = tokenizer.token_to_id("<0x41>")
+    bytes_as_pieces = letter_a is not None and decode([letter_a]) == "A"
+    pieces = []
+    for token, text in enumerate(texts):
+        piece = tokenizer.id_to_token(token)
+        byte = _BYTE_PIECE.fullmatch(piece) if piece is not None else None
+        if piece is None:
+            pieces.append(b"")  # an id the vocabulary skips
+        elif token in special:
+            pieces.append(piece.encode())
+        elif byte is not None and bytes_as_pieces:
+            pieces.append(bytes([int(byte[1], 16)]))
+        elif text.startswith(shown):
+            pieces.append(text[len(shown) :].encode())
+        else:
+            pieces.append(decode([token]).encode())
+    return pieces, special
+
+
+class _TokenizerBytes:
+    """What llguidance.TokenizerWrapper reads: tokens' bytes and a way to tokenize text."""
+
+    def __init__(
+        self,
+        tokenizer: tokenizers.Tokenizer,
+        pieces: list[bytes],
+        special: set[int],
+        eos: list[int],
+    ) -> None:
+        self.tokens = pieces
+        self.special_token_ids = sorted(special)
+        self.eos_token_id = eos[0] if eos else None
+        self.bos_token_id = None
+        self._encoder = _without_prefix_space(tokenizer)
+        self._id_of = {piece: token for token, piece in enumerate(pieces) if piece}
+        for token in special:
+            self._id_of.pop(pieces[token], None)
+        self._longest = max(map(len, self._id_of), default=1)
+
+    def __call__(self, text: bytes) -> list[int]:
+        """Tokens whose bytes are exactly `text`: the tokenizer's, or longest pieces first."""
+        try:
+            ids: list[int] = self._encoder.encode(text.decode(), add_special_tokens=False).ids
+        except UnicodeDecodeError:
+            ids = []
+        if b"".join(self.tokens[token] for token in ids) == text:
+            return ids
+        return self._greedy(text)
+
+    def _greedy(self, text: bytes) -> list[int]:
+        ids = []
+        at = 0
+        while at < len(text):
+            for end in range(min(len(text), at + self._longest), at, -1):
+                token = self._id_of.get(text[at:end])
+                if token is not None:
+                    ids.append(token)
+                    at = end
+                    break
+            else:
+                at += 1  # a byte no token spells: llguidance only hints with this
+        return ids
+
+
+def _without_prefix_space(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    """A copy of `tokenizer` that does not put "▁" before the text it encodes: llguidance
+    tokenizes pieces of the output (forced bytes), not whole prompts."""
+    spec = json.loads(tokenizer.to_str())
+
+    def strip(part: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not part:
+            return part
+        if part.get("type") == "Sequence":
+            key = "normalizers" if "normalizers" in part else "pretokenizers"
+            part[key] = [s for s in map(strip, part.get(key, [])) if s is not None]
+            return part
+        if part.get("type") == "Prepend":
+            return None
+        if part.get("type") == "Metaspace":
+            part["prepend_scheme"] = "never"
+            part.pop("add_prefix_space", None)
+        return part
+
+    spec["normalizer"] = strip(spec.get("normalizer"))
+    spec["pre_tokenizer"] = strip(spec.get("pre_tokenizer"))
+    return tokenizers.Tokenizer.from_str(json.dumps(spec))
+
+
 class Grammars:
     """The structured outputs of one tokenizer: a fresh matcher per request from grammars compiled once."""
 
     def __init__(self, tokenizer_json: str, eos_ids: Iterable[int], vocab_size: int) -> None:
-        eos = sorted(eos_ids)
         self.vocab_size = vocab_size
-        try:
-            # n_vocab: the model's rows; ids past the tokenizer's own (padding) are never allowed.
-            self.tokenizer = llguidance.LLTokenizer(
-                tokenizer_json, n_vocab=vocab_size, eos_token=eos or None
-            )
-        except ValueError as err:
-            raise InvalidStructuredOutput(
-                f"structured outputs are unavailable for this base: its tokenizer does not fit "
-                f"its {vocab_size}-token vocabulary ({err})"
-            ) from None
+        self.tokenizer = grammar_tokenizer(tokenizer_json, sorted(eos_ids), vocab_size)
         self._compiled: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
         self._compiling: dict[StructuredOutput, Future[llguidance.LLMatcher]] = {}
         # Recent compile failures: their spec -> (when they are forgotten, the message).

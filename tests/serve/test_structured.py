@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -613,3 +614,107 @@ def test_remembered_failures_are_bounded_in_characters(
         with pytest.raises(InvalidStructuredOutput):
             grammars.compile(StructuredOutput("regex", "(" * 600 + str(i)))
     assert len(grammars._failed) == 1
+
+
+def _sentencepiece_tokenizer(decoder: str) -> Any:
+    """A SentencePiece-style BPE tokenizer (Metaspace pieces, 256 <0xNN> byte-fallback tokens,
+    <unk> <s> </s> at 0-2) whose decoder is a bare Metaspace (which shows <0xNN> as it is),
+    ByteFallback then Metaspace, or Llama-2's Replace/ByteFallback/Fuse/Strip."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mintvcs.serve.tiny import _TOKENIZER_CORPUS
+
+    specials = ["<unk>", "<s>", "</s>"]
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.pre_tokenizer = pre_tokenizers.Metaspace()
+    corpus = _TOKENIZER_CORPUS + ' {"name": "Ada", "age": 36, "tags": ["a", "b"]}' * 4
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=specials, show_progress=False)
+    learner.train_from_iterator([corpus], trainer)
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {piece: i for i, piece in enumerate(specials)}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True)
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tokenizer.decoder = {
+        "metaspace": decoders.Metaspace(prepend_scheme="first"),
+        "bytefallback-metaspace": decoders.Sequence(
+            [decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first")]
+        ),
+        "llama2": decoders.Sequence(
+            [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(content=" ", left=1, right=0),
+            ]
+        ),
+    }[decoder]
+    tokenizer.add_special_tokens([AddedToken(s, special=True) for s in specials])
+    assert tokenizer.get_vocab_size() <= 384
+    return tokenizer
+
+
+SENTENCEPIECE_DECODERS = ["metaspace", "bytefallback-metaspace", "llama2"]
+
+
+@pytest.mark.parametrize("decoder", SENTENCEPIECE_DECODERS)
+def test_sentencepiece_tokens_spell_what_decode_gives_them(decoder: str) -> None:
+    # A bare Metaspace decoder made llguidance refuse the tokenizer (every structured output
+    # was a 422); ByteFallback then Metaspace made it keep the "▁" that decode turns into a
+    # space, so " {" was no JSON to it and " The" inside a string was "▁The".
+    tokenizer = _sentencepiece_tokenizer(decoder)
+    grammars = Grammars(tokenizer.to_str(), [2], 384)
+    space_word = tokenizer.token_to_id("▁the")
+    byte_a = tokenizer.token_to_id("<0x41>")
+    assert grammars.tokenizer.decode_bytes([space_word]) == b" the"
+    assert tokenizer.decode([1, space_word, space_word]) == "the the"
+    if decoder == "metaspace":  # no ByteFallback step: decode shows the piece as it is
+        assert tokenizer.decode([byte_a]) == "<0x41>"
+        assert grammars.tokenizer.decode_bytes([byte_a]) == b"<0x41>"
+    else:
+        assert grammars.tokenizer.decode_bytes([byte_a, 3 + 0xC3, 3 + 0xA9]) == "Aé".encode()
+    matcher = grammars.matcher(StructuredOutput("regex", "( [a-z]+)+"))
+    allowed = allowed_tokens([matcher], 384)[0]
+    assert allowed[space_word] and not allowed[tokenizer.token_to_id("t")]
+
+
+@pytest.fixture(scope="module", params=SENTENCEPIECE_DECODERS)
+def sentencepiece_engine(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Engine, Any]]:
+    """An engine on a tiny Llama whose tokenizer.json is _sentencepiece_tokenizer's."""
+    from tests.fixtures import build_base
+
+    base = build_base(tmp_path_factory.mktemp("base") / f"sp-{request.param}", seed=3)
+    tokenizer = _sentencepiece_tokenizer(request.param)
+    (base / "tokenizer.json").write_text(tokenizer.to_str())
+    with Engine(base, EngineConfig(max_batch_size=8, max_model_len=256)) as eng:
+        yield eng, tokenizer
+
+
+def test_sentencepiece_bases_give_json_that_matches_the_schema(
+    sentencepiece_engine: tuple[Engine, Any],
+) -> None:
+    engine, tokenizer = sentencepiece_engine
+    done = engine.generate_many(
+        [
+            ("The answer is", None, params)
+            for seed in range(4)
+            for params in [
+                SamplingParams(max_tokens=96, temperature=1.0, seed=seed, structured=spec)
+                for spec in (SPECS["json"], StructuredOutput.json_schema(PERSON))
+            ]
+        ],
+        timeout=120,
+    )
+    for c in done:
+        assert c.finish_reason == "stop", c.text
+        assert _matches("json", c.text), c.text
+        # The text is what the output adds to the prompt's decode (its leading space kept).
+        prompt = tokenizer.encode("The answer is").ids
+        assert tokenizer.decode(prompt + c.token_ids) == tokenizer.decode(prompt) + c.text
