@@ -54,6 +54,7 @@ from mintvcs.serve.sampling import (
     StructuredOutput,
     TokenLogprobs,
     incomplete_tail,
+    texts_after_a_word,
 )
 from mintvcs.serve.scheduler import TokenEvent
 from mintvcs.serve.structured import compile_pool
@@ -727,7 +728,7 @@ def _logprobs_field(body: dict[str, Any], name: str) -> int | None:
 
 
 class TokenTexts:
-    """Each token id's text, as the logprobs responses name tokens (decoded alone, special tokens kept)."""
+    """Each token id's text, as the logprobs responses name tokens (what it adds after a word, special tokens kept)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -746,9 +747,9 @@ class TokenTexts:
         if self.tokenizer is None:  # a base without tokenizer.json: vLLM's spelling
             self.texts.update((t, f"token_id:{t}") for t in new)
             return
-        alone = [[t] for t in new]
-        decoded = self.tokenizer.decode_batch(alone, skip_special_tokens=False)
-        self.texts.update(zip(new, decoded, strict=True))
+        # In context, not alone: a SentencePiece token keeps its leading space ("▁the" is
+        # " the", as a byte-level one's is), so the texts of the output's tokens join into its text.
+        self.texts.update(zip(new, texts_after_a_word(self.tokenizer, new), strict=True))
 
     def __getitem__(self, token_id: int) -> str:
         return self.texts[token_id]

@@ -7,7 +7,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -396,6 +396,52 @@ def _is_byte_level(tokenizer: Any) -> bool:
     getstate = getattr(getattr(tokenizer, "decoder", None), "__getstate__", None)
     state = getstate() if getstate is not None else None  # the decoder as JSON bytes
     return isinstance(state, bytes) and b'"type":"ByteLevel"' in state
+
+
+def texts_after_a_word(tokenizer: Any, ids: Iterable[int]) -> list[str]:
+    """The text each token adds after a plain word, special tokens kept: decode([word, token])
+    less decode([word]), in one batch.
+
+    Decoded alone, a SentencePiece token loses its leading space (a Metaspace or Llama-2
+    decoder strips the first one: "▁the" is "the", "▁" nothing) and a WordPiece "##" piece
+    keeps its "##"; after a word each reads as it does inside a text. A tokenizer with no such
+    word (or whose decoder changes the word's text) gives each token's text alone.
+    """
+    ids = list(ids)
+    alone = tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    word = _plain_word(tokenizer)
+    if word is None:
+        return [str(text) for text in alone]
+    shown = str(tokenizer.decode([word], skip_special_tokens=False))
+    after = tokenizer.decode_batch([[word, i] for i in ids], skip_special_tokens=False)
+    return [
+        str(text)[len(shown) :] if str(text).startswith(shown) else str(solo)
+        for text, solo in zip(after, alone, strict=True)
+    ]
+
+
+# The words texts_after_a_word tries first: one of them is usually a single token.
+_PLAIN_WORDS = ("the", "a", "x", "e")
+
+
+def _plain_word(tokenizer: Any) -> int | None:
+    """A token that decodes to letters, alone and before another token alike."""
+
+    def plain(token: int) -> bool:
+        text = str(tokenizer.decode([token], skip_special_tokens=False))
+        return text.isalnum() and str(
+            tokenizer.decode([token, token], skip_special_tokens=False)
+        ).startswith(text)
+
+    for word in _PLAIN_WORDS:
+        ids = tokenizer.encode(word, add_special_tokens=False).ids
+        if len(ids) == 1 and plain(ids[0]):
+            return int(ids[0])
+    special = {
+        token for token, added in tokenizer.get_added_tokens_decoder().items() if added.special
+    }
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    return next((t for t in range(size) if t not in special and plain(t)), None)
 
 
 def incomplete_tail(tokenizer: Any, ids: Sequence[int]) -> tuple[int, str]:

@@ -18,7 +18,7 @@ import tokenizers
 import torch
 
 from mintvcs.errors import MintError
-from mintvcs.serve.sampling import InvalidSamplingParams, StructuredOutput
+from mintvcs.serve.sampling import InvalidSamplingParams, StructuredOutput, texts_after_a_word
 from mintvcs.serve.threads import available_cpus
 
 if TYPE_CHECKING:
@@ -185,37 +185,18 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback vocabulary'
 def token_bytes(tokenizer: tokenizers.Tokenizer, ids: int) -> tuple[list[bytes], set[int]]:
     """The bytes each of the first `ids` token ids adds to decoded text, and the special ids.
 
-    A token's text is what it adds after a plain word (decode([word, token]) less decode([word])):
-    decoded alone, a Metaspace or Llama-2 decoder drops its leading space, a byte-fallback
-    <0xNN> token of a multi-byte character is U+FFFD (its byte is taken from the piece instead,
-    when the decoder reads such pieces as bytes), a WordPiece "##" piece joins the word before.
+    A token's text is what it adds after a plain word (texts_after_a_word); a byte-fallback
+    <0xNN> token of a multi-byte character decodes to U+FFFD, so its byte is taken from the
+    piece instead, where the decoder reads such pieces as bytes.
     """
     special = {
         token
         for token, added in tokenizer.get_added_tokens_decoder().items()
         if added.special and token < ids
     }
-
-    def decode(tokens: list[int]) -> str:
-        return str(tokenizer.decode(tokens, skip_special_tokens=False))
-
-    word = next(
-        (
-            token
-            for token in range(ids)
-            if token not in special
-            and decode([token]).isalnum()
-            and decode([token, token]).startswith(decode([token]))
-        ),
-        None,
-    )
-    shown = decode([word]) if word is not None else ""
-    texts = tokenizer.decode_batch(
-        [[token] if word is None else [word, token] for token in range(ids)],
-        skip_special_tokens=False,
-    )
+    texts = texts_after_a_word(tokenizer, range(ids))
     letter_a = tokenizer.token_to_id("<0x41>")
-    bytes_as_pieces = letter_a is not None and decode([letter_a]) == "A"
+    bytes_as_pieces = letter_a is not None and tokenizer.decode([letter_a]) == "A"
     pieces = []
     for token, text in enumerate(texts):
         piece = tokenizer.id_to_token(token)
@@ -226,10 +207,8 @@ def token_bytes(tokenizer: tokenizers.Tokenizer, ids: int) -> tuple[list[bytes],
             pieces.append(piece.encode())
         elif byte is not None and bytes_as_pieces:
             pieces.append(bytes([int(byte[1], 16)]))
-        elif text.startswith(shown):
-            pieces.append(text[len(shown) :].encode())
         else:
-            pieces.append(decode([token]).encode())
+            pieces.append(text.encode())
     return pieces, special
 
 

@@ -576,3 +576,31 @@ def test_echo_text_offsets_index_the_prompt_as_sent_under_a_normalizer(
             if token.isascii():  # "é" is the composed form, which the prompt does not hold
                 assert prompt[at : at + len(token)] == token, (token, at)
         assert offsets[-1] == len(prompt) - len(tokens[-1])  # past the "é": off by one it was
+
+
+def test_sentencepiece_token_texts_keep_their_leading_space() -> None:
+    # Decoded alone (as vLLM names them), a Llama-2-style token lost its leading space: "▁is"
+    # was "is", "▁" nothing, so the tokens did not join into the text they make.
+    from mintvcs.serve.http_api import CompletionLogprobs, TokenTexts
+    from mintvcs.serve.sampling import TokenLogprobs
+    from tests.serve.test_sampling import _byte_fallback_tokenizer
+
+    tokenizer, vocab = _byte_fallback_tokenizer()
+    prompt = tokenizer.encode("The").ids
+    output = [
+        vocab["▁answer"],
+        vocab["▁is"],
+        vocab["▁"],
+        3 + ord("x"),
+        *(3 + b for b in "é".encode()),
+    ]
+    chosen = TokenLogprobs(vocab["▁is"], -1.0, ((vocab["▁is"], -1.0), (vocab["▁"], -2.0)))
+    out = CompletionLogprobs(TokenTexts(tokenizer), 0, prompt).chunk(
+        [(t, chosen if t == vocab["▁is"] else None) for t in output]
+    )
+    assert out["tokens"][:4] == [" answer", " is", " ", "x"]
+    shown = tokenizer.decode(prompt + output)[len(tokenizer.decode(prompt)) :]
+    assert shown == " answer is xé"
+    assert "".join(out["tokens"][:4]) == shown[:-1]
+    assert out["top_logprobs"][1] == {" is": -1.0, " ": -2.0}
+    assert out["text_offset"] == [0, 7, 10, 11, 12, 12]
