@@ -384,7 +384,8 @@ def _token_bytes(tokenizer: Any, token_id: int, byte_level: bool) -> bytes | Non
     if piece is None:
         return None
     byte = _BYTE_PIECE.fullmatch(piece)
-    if byte is not None:
+    # A decoder without a ByteFallback step (a bare Metaspace) shows the piece as written.
+    if byte is not None and tokenizer.decode([token_id], skip_special_tokens=False) != piece:
         return bytes([int(byte[1], 16)])
     if byte_level and all(c in _BYTE_OF for c in piece):
         return bytes(_BYTE_OF[c] for c in piece)

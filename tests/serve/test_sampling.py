@@ -352,6 +352,29 @@ def test_a_prompt_s_unfinished_character_is_the_output_s_only_once_completed() -
     assert TokenTexts(tokenizer).decode_whole_characters(prompt) == "Hello😀!"
 
 
+def test_byte_pieces_a_decoder_shows_as_written_are_text_not_bytes() -> None:
+    # A bare Metaspace decoder has no ByteFallback step: "<0xE4>" decodes as those six
+    # characters. The pieces were read as the bytes of an unfinished "中" all the same, so a
+    # prompt of ids ending in them lost their text: echo left it to the completion, which
+    # never showed it ("Hello <0xAD> yes" for "Hello <0xE4><0xB8><0xAD> yes").
+    from tokenizers import decoders
+
+    from mintvcs.serve.http_api import TokenTexts
+    from mintvcs.serve.sampling import IncrementalDetokenizer, incomplete_tail
+
+    tokenizer, vocab = _byte_fallback_tokenizer()
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="first")
+    han = _byte_tokens("中")
+    prompt = [vocab["▁Hello"], vocab["▁"], *han[:2]]
+    output = [han[2], vocab["▁is"]]
+    assert tokenizer.decode(prompt + output) == "Hello <0xE4><0xB8><0xAD> is"
+    assert incomplete_tail(tokenizer, prompt) == (0, "")
+    echo = TokenTexts(tokenizer).decode_whole_characters(prompt)
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    streamed = "".join(detok.add(t) for t in output)
+    assert echo + streamed == tokenizer.decode(prompt + output)
+
+
 def _sequence(tokenizer: Any, prompt: list[int], params: SamplingParams) -> Any:
     from mintvcs.serve.sampling import IncrementalDetokenizer
     from mintvcs.serve.scheduler import Sequence
