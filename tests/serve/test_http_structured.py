@@ -296,3 +296,59 @@ def test_slow_compiles_hold_up_neither_other_requests_nor_a_resent_failure(
     first, second = gen(server, **bad), gen(server, **bad)
     assert first[0] == second[0] == 400 and first[2] == second[2], (first, second)
     assert built.count("slow([") == 1
+
+
+def test_a_sentencepiece_base_serves_json_and_streams_its_text(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # A Metaspace decoder with <0xNN> byte-fallback pieces: every structured request was a 422
+    # (llguidance refused the tokenizer). Streamed deltas join into the text sent whole, which
+    # is what the output adds to the prompt's decode.
+    from tokenizers import Tokenizer
+
+    from mintvcs import porcelain
+    from mintvcs.serve.app import ServerConfig
+    from tests.fixtures import build_base
+    from tests.serve.test_structured import _sentencepiece_tokenizer
+
+    base = build_base(tmp_path_factory.mktemp("sp-base") / "sp-llama", seed=4)
+    (base / "tokenizer.json").write_text(_sentencepiece_tokenizer("metaspace").to_str())
+    tokenizer = Tokenizer.from_file(str(base / "tokenizer.json"))
+    repo = porcelain.init(tmp_path_factory.mktemp("sp-repo") / "repo", str(base))
+    config = ServerConfig(repo=repo.work_tree or repo.git_dir, base_model=base, port=0)
+    with BackgroundServer(config) as srv:
+        body: dict[str, Any] = {
+            "model": "sp-llama",
+            "prompt": "The answer is",
+            "max_tokens": 60,
+            "temperature": 1.0,
+            "return_token_ids": True,
+        }
+        for seed in range(3):
+            for extra in (
+                {},
+                {
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "v", "schema": SCHEMA},
+                    }
+                },
+            ):
+                status, _, whole = request(
+                    srv.url + "/v1/completions", {**body, **extra, "seed": seed}
+                )
+                assert status == 200, whole
+                choice = whole["choices"][0]
+                status, _, stream = request(
+                    srv.url + "/v1/completions", {**body, **extra, "seed": seed, "stream": True}
+                )
+                chunks = [json.loads(d) for _, d in sse_events(stream) if d != "[DONE]"]
+                assert (
+                    "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+                    == choice["text"]
+                )
+                prompt = choice["prompt_token_ids"]
+                shown = tokenizer.decode(prompt + choice["token_ids"])
+                assert shown == tokenizer.decode(prompt) + choice["text"]
+                if extra:
+                    assert choice["finish_reason"] == "stop" and _schema_ok(choice["text"]), choice
