@@ -365,7 +365,7 @@ CONTEXT_TOKENS = 5
 _MAX_CONTINUATION_TOKENS = 3
 
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback vocabulary's byte tokens
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback vocabulary's byte tokens
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -383,7 +383,7 @@ def _token_bytes(tokenizer: Any, token_id: int, byte_level: bool) -> bytes | Non
     piece = tokenizer.id_to_token(token_id)
     if piece is None:
         return None
-    byte = _BYTE_PIECE.fullmatch(piece)
+    byte = BYTE_PIECE.fullmatch(piece)
     # A decoder without a ByteFallback step (a bare Metaspace) shows the piece as written.
     if byte is not None and tokenizer.decode([token_id], skip_special_tokens=False) != piece:
         return bytes([int(byte[1], 16)])
@@ -392,7 +392,7 @@ def _token_bytes(tokenizer: Any, token_id: int, byte_level: bool) -> bytes | Non
     return str(piece).encode()
 
 
-def _is_byte_level(tokenizer: Any) -> bool:
+def is_byte_level(tokenizer: Any) -> bool:
     """Whether the tokenizer's decoder reads pieces as GPT-2 byte characters (alone or in a Sequence)."""
     getstate = getattr(getattr(tokenizer, "decoder", None), "__getstate__", None)
     state = getstate() if getstate is not None else None  # the decoder as JSON bytes
@@ -457,7 +457,7 @@ def incomplete_tail(tokenizer: Any, ids: Sequence[int]) -> tuple[int, str]:
     none = (0, "")
     if not ids or not hasattr(tokenizer, "id_to_token"):
         return none
-    byte_level = _is_byte_level(tokenizer)
+    byte_level = is_byte_level(tokenizer)
     pieces = []
     for token_id in ids[-_MAX_CONTINUATION_TOKENS:]:
         piece = _token_bytes(tokenizer, token_id, byte_level)
@@ -552,7 +552,7 @@ class IncrementalDetokenizer:
         """
         if not hasattr(self.tokenizer, "id_to_token"):
             return None
-        byte_level = _is_byte_level(self.tokenizer)
+        byte_level = is_byte_level(self.tokenizer)
         for back in range(reach + 1):
             piece = _token_bytes(self.tokenizer, context[start - back], byte_level)
             if piece is None:

@@ -4,7 +4,6 @@ each step's logits to the tokens that keep the output matching it."""
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -18,7 +17,13 @@ import tokenizers
 import torch
 
 from mintvcs.errors import MintError
-from mintvcs.serve.sampling import InvalidSamplingParams, StructuredOutput, texts_after_a_word
+from mintvcs.serve.sampling import (
+    BYTE_PIECE,
+    InvalidSamplingParams,
+    StructuredOutput,
+    is_byte_level,
+    texts_after_a_word,
+)
 from mintvcs.serve.threads import available_cpus
 
 if TYPE_CHECKING:
@@ -145,7 +150,7 @@ def grammar_tokenizer(
         native = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos or None)
     except ValueError as err:
         refusal = short_error(str(err))
-    if native is not None and _is_byte_level_decoder(tokenizer):
+    if native is not None and is_byte_level(tokenizer):
         return native  # the pieces spell their bytes: nothing for decode to disagree with
     pieces, special = token_bytes(tokenizer, ids)
     if native is not None and all(
@@ -171,17 +176,6 @@ def grammar_tokenizer(
         ) from None
 
 
-def _is_byte_level_decoder(tokenizer: tokenizers.Tokenizer) -> bool:
-    """Whether the decoder reads pieces as GPT-2 byte characters (alone or in a Sequence)."""
-    decoder = tokenizer.decoder
-    decoder = json.loads(decoder.__getstate__()) if decoder is not None else {}
-    steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
-    return any(step.get("type") == "ByteLevel" for step in steps)
-
-
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback vocabulary's byte tokens
-
-
 def token_bytes(tokenizer: tokenizers.Tokenizer, ids: int) -> tuple[list[bytes], set[int]]:
     """The bytes each of the first `ids` token ids adds to decoded text, and the special ids.
 
@@ -200,7 +194,7 @@ def token_bytes(tokenizer: tokenizers.Tokenizer, ids: int) -> tuple[list[bytes],
     pieces = []
     for token, text in enumerate(texts):
         piece = tokenizer.id_to_token(token)
-        byte = _BYTE_PIECE.fullmatch(piece) if piece is not None else None
+        byte = BYTE_PIECE.fullmatch(piece) if piece is not None else None
         if piece is None:
             pieces.append(b"")  # an id the vocabulary skips
         elif token in special:
