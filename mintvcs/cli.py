@@ -1006,6 +1006,7 @@ def _log_text(repo: Any, start: Any, max_count: int | None, oneline: bool) -> No
 def show(rev: str, as_json: bool) -> None:
     """Show a revision: commit, base model, metadata and tensors."""
     from mintvcs import porcelain
+    from mintvcs.messages import quote_meta
 
     repo = _open_repo()
     _color_setting(repo, "show")  # a value git refuses stops it here, as git
@@ -1034,7 +1035,9 @@ def show(rev: str, as_json: bool) -> None:
             + (f" ({manifest.base_fingerprint})" if manifest.base_fingerprint else "")
         )
     for key, value in manifest.meta.items():
-        click.echo(f"meta {_printable(key)}: {_printable(value)}")
+        # C-quoted where needed (quote_meta), so that each line reads back one way only: a
+        # newline does not look like a backslash and an n, nor a key holding ": " like a value.
+        click.echo(f"meta {quote_meta(key, key=True)}: {quote_meta(value)}")
     config = revision.config
     click.echo(
         _printable(

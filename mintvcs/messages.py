@@ -177,15 +177,33 @@ def quote_path(path: str, *, non_ascii: bool = False) -> str:
     `non_ascii` (git's core.quotePath, on in git by default) puts every byte of a character
     that is not ASCII in octal too (`"caf\\303\\251.md"`), so that two spellings of one name
     (NFC, NFD) look different; error lines name paths without it, as git's do."""
+    quoted = _c_escaped(path, non_ascii)
+    return path if quoted == path else f'"{quoted}"'
+
+
+def _c_escaped(text: str, non_ascii: bool) -> str:
+    """`text` with what quote_path escapes escaped, without the quotes around it."""
     out = []
-    for char in path:
+    for char in text:
         if char.isascii():
             plain = char.isprintable() and char not in '"\\'
         else:  # as git, but for what must not reach the terminal raw (_QUOTED_NON_ASCII)
             plain = not non_ascii and not _QUOTED_NON_ASCII.match(char)
         out.append(char if plain else _octal(char))
-    quoted = "".join(out)
-    return path if quoted == path else f'"{quoted}"'
+    return "".join(out)
+
+
+def quote_meta(text: str, *, key: bool = False) -> str:
+    """A revision's metadata key or value as `show` prints it on its `meta KEY: VALUE` line: as
+    it is when it reads back one way only, else C-quoted as quote_path quotes a name with
+    core.quotePath off (`"two\\nlines"`, `"a\\\\nb"`, `"\\033[2J"`; accents and emoji plain).
+    Quoted are: what quote_path escapes (a backslash, a double quote, control characters, line
+    separators, bidi overrides), leading or trailing whitespace, the empty string, and in a
+    key ": ", which would read as the end of the key."""
+    quoted = _c_escaped(text, non_ascii=False)
+    if quoted == text and text and text == text.strip() and not (key and ": " in text):
+        return text
+    return f'"{quoted}"'
 
 
 # unquote_c_style's escapes: the named ones of _C_ESCAPES, read back.

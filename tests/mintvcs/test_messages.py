@@ -328,13 +328,71 @@ def test_only_control_characters_are_escaped_each_on_its_own(work: Path) -> None
     expected = "naïve\u00a0baseline — 1\u202f000 👨\u200d👩 \\u202eevil\\u202c\\x1b[2J\\x85 \\ done"
     assert mint(work, "log", "--oneline", "-1").stdout.split(") ", 1)[1] == expected + "\n"
     assert f"    {expected}\n" in mint(work, "log", "-1").stdout
-    assert "meta k: é\u00a0\\x1b\n" in mint(work, "show").stdout
+    assert 'meta k: "é\u00a0\\033"\n' in mint(work, "show").stdout
     # Line and paragraph separators end a line for Python's splitlines(): a script splitting
     # show's output would read a forged `meta` or `Author:` line.
     mint(work, "commit", "--allow-empty", "-m", "x", "--meta", "k=a\u2028Author: m\u2029meta b: c")
     shown = mint(work, "show").stdout
-    assert "meta k: a\\u2028Author: m\\u2029meta b: c\n" in shown, shown
+    assert 'meta k: "a\\342\\200\\250Author: m\\342\\200\\251meta b: c"\n' in shown, shown
     assert not [line for line in shown.splitlines() if line.startswith("Author: m")]
+
+
+def _quoted_prefix(text: str) -> tuple[str, str]:
+    """`text`, which starts with a C-quoted string, split after that string's closing quote."""
+    at = 1
+    while text[at] != '"':
+        at += 2 if text[at] == "\\" else 1  # an escape's first two characters hold no quote
+    return text[: at + 1], text[at + 1 :]
+
+
+def test_show_prints_each_meta_line_so_that_it_reads_back_one_way(work: Path) -> None:
+    from mintvcs.messages import unquote_c_style
+
+    # Pairs that printed alike: a newline and a backslash before an n; a key holding ": " and
+    # a value holding it. Each is C-quoted where it needs to be, as git quotes a file name.
+    meta = {
+        "newline": "a\nb",
+        "backslash": "a\\nb",
+        "a: b": "c",
+        "a": "b: c",
+        "tab": "x\ty",
+        "quote": 'say "hi"',
+        "padded": " 1 ",
+        "empty": "",
+        "plain": "0.71 naïve 👍",
+        'k"ey: x': "\x1b[2J\u202e",
+    }
+    args = [arg for key, value in meta.items() for arg in ("--meta", f"{key}={value}")]
+    mint(work, "commit", "--allow-empty", "-m", "x", *args)
+    shown = [line for line in mint(work, "show").stdout.split("\n") if line.startswith("meta ")]
+    assert sorted(shown) == sorted([
+        'meta newline: "a\\nb"',
+        'meta backslash: "a\\\\nb"',
+        'meta "a: b": c',
+        "meta a: b: c",
+        'meta tab: "x\\ty"',
+        'meta quote: "say \\"hi\\""',
+        'meta padded: " 1 "',
+        'meta empty: ""',
+        "meta plain: 0.71 naïve 👍",
+        'meta "k\\"ey: x": "\\033[2J\\342\\200\\256"',
+    ])  # fmt: skip
+    # Read back as a script would: a quoted key ends at its closing quote, a plain one at the
+    # first ": "; a quoted value is unquoted. Every key and value comes back as stored.
+    read: dict[str, str | None] = {}
+    for line in shown:
+        rest = line.removeprefix("meta ")
+        if rest.startswith('"'):
+            quoted_key, rest = _quoted_prefix(rest)
+            key = unquote_c_style(quoted_key)
+            rest = rest.removeprefix(": ")
+        else:
+            key, rest = rest.split(": ", 1)
+        assert key is not None, line
+        read[key] = unquote_c_style(rest) if rest.startswith('"') else rest
+    assert read == meta
+    # --json gives each as it is.
+    assert json.loads(mint(work, "show", "--json").stdout)["meta"] == meta
 
 
 def test_a_commit_s_encoding_header_is_honoured_as_git_log_honours_it(work: Path) -> None:
