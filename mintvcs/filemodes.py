@@ -24,11 +24,11 @@ if TYPE_CHECKING:
     from dulwich.file import SharedPerm
 
 __all__ = [
+    "TempFile",
     "adjust_fd",
     "file_mode",
     "make_dir",
     "make_dirs",
-    "make_temp",
     "not_writable",
     "umask",
     "write_file",
@@ -120,26 +120,109 @@ def make_dirs(path: str | os.PathLike[str], shared: SharedPerm | None) -> None:
         make_dir(folder, shared)
 
 
-def make_temp(directory: str | os.PathLike[str], prefix: str, suffix: str = "") -> tuple[int, str]:
+class TempFile:
     """A new file in `directory` named `prefix`, random letters and `suffix`, open for reading
-    and writing, mode 0600: tempfile.mkstemp's (fd, path), but a Ctrl-C or signal landing as
-    the file is created removes it again. (A signal handler runs as the open() returns, and
-    mkstemp, interrupted there, left a file nobody could name: a temporary pack of up to the
-    adapter's size, until a gc.)"""
-    for _ in range(100):
-        path = os.path.join(directory, f"{prefix}{secrets.token_hex(4)}{suffix}")
+    and writing (`fd`, close-on-exec), mode 0600, at `path`: what tempfile.mkstemp makes, but
+    a Ctrl-C or signal landing anywhere never leaves the file or its descriptor behind.
+
+    A signal handler runs as a call returns, so an fd or path a call returns can be dropped
+    before any line of its caller holds it: mkstemp, interrupted as its open() returned, left
+    a file nobody could name (a temporary pack of up to the adapter's size, until a gc) and its
+    descriptor open. Here the object owns both from the open() on: discard() closes and removes
+    them, as does leaving a `with` block, or the object being dropped unused (a KeyboardInterrupt
+    as TempFile() returns); close() closes the fd only; keep() leaves the file in place (renamed
+    or handed on by the caller). Open the fd as a file with closefd=False: only this closes it.
+    """
+
+    fd: int = -1
+    path: str = ""
+    # os.open was called and its fd may not be in self.fd yet (a signal as it returned).
+    _opening: bool = False
+
+    def __init__(self, directory: str | os.PathLike[str], prefix: str, suffix: str = "") -> None:
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
-        except FileExistsError:
-            continue
-        except OSError:
-            raise
+            self._create(directory, prefix, suffix)
         except BaseException:
-            # The open may have made it: this name was free, so the file is ours.
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            self.discard()
             raise
-    raise FileExistsError(errno.EEXIST, "no free temporary file name", os.fspath(directory))
+
+    def _create(self, directory: str | os.PathLike[str], prefix: str, suffix: str) -> None:
+        """Make the file under a free random name."""
+        for _ in range(100):
+            path = os.path.join(directory, f"{prefix}{secrets.token_hex(4)}{suffix}")
+            self.path, self._opening = path, True
+            try:
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except OSError as err:
+                # Nothing was made: a file of that name there is another's, not ours to remove.
+                self.path, self._opening = "", False
+                if isinstance(err, FileExistsError):
+                    continue
+                raise
+            self._opening = False
+            return
+        raise FileExistsError(errno.EEXIST, "no free temporary file name", os.fspath(directory))
+
+    def close(self) -> None:
+        """Close the fd (once); the file stays until discard()."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+        elif self._opening and self.path:
+            _close_lost_fds(self.path)
+        self._opening = False
+
+    def keep(self) -> None:
+        """Leave the file where it is when this closes: the caller renamed it or handed it on."""
+        self.path = ""
+
+    def discard(self) -> None:
+        """Close the fd and remove the file (kept: only close); nothing once done."""
+        try:
+            self.close()
+        finally:
+            # No call before the unlink, and the path forgotten only after it: a signal
+            # handler runs as a call returns, and one here would lose the path.
+            if self.path:
+                try:  # noqa: SIM105 (contextlib.suppress() is a call: see above)
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+                self.path = ""
+
+    def __enter__(self) -> TempFile:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+    def __del__(self) -> None:
+        # Dropped unused: a signal as a call returned it, before its caller's `with` or try.
+        if self.fd >= 0 or self.path:
+            with contextlib.suppress(Exception):
+                self.discard()
+
+
+def _close_lost_fds(path: str) -> None:
+    """Close this process's descriptors of the file at `path`, which os.open made and returned
+    as a signal landed (the fd was dropped with the exception): a file of a random name just
+    made, so no other descriptor of it is ours. Where the process's descriptors cannot be
+    listed (no /proc/self/fd nor /dev/fd) the fd stays open."""
+    try:
+        made = os.lstat(path)
+    except OSError:
+        return  # the open failed: no descriptor
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(listing)
+        except OSError:
+            continue
+        for name in names:
+            with contextlib.suppress(OSError, ValueError):
+                st = os.fstat(int(name))
+                if (st.st_dev, st.st_ino) == (made.st_dev, made.st_ino):
+                    os.close(int(name))
+        return
 
 
 def write_file(path: Path, data: bytes, shared: SharedPerm | None, base: int = 0o666) -> None:
@@ -147,19 +230,19 @@ def write_file(path: Path, data: bytes, shared: SharedPerm | None, base: int = 0
     description): mode `base` less the umask and as core.sharedRepository says, written aside
     and renamed into place, so another user's file there is replaced, not rewritten."""
     try:
-        fd, tmp = make_temp(path.parent, f"{path.name}.", ".tmp")
+        temp = TempFile(path.parent, f"{path.name}.", ".tmp")
     except OSError as err:  # the file is named, not a temporary that was never made
         raise OSError(err.errno, err.strerror, os.fspath(path)) from None
-    try:
-        with open(fd, "wb") as handle:
-            os.fchmod(fd, file_mode(base, shared))
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):  # a full disk: the file named, not the temporary
+    with temp:  # closed, and removed unless renamed into place, whatever ends the block
+        try:
+            with open(temp.fd, "wb", closefd=False) as handle:
+                os.fchmod(temp.fd, file_mode(base, shared))
+                handle.write(data)
+            temp.close()
+            os.replace(temp.path, path)
+            temp.keep()
+        except OSError as err:  # a full disk: the file named, not the temporary
             raise write_failed(err, path, "unable to write") from None
-        raise
 
 
 def not_writable(err: OSError, directory: str | os.PathLike[str], what: str) -> OSError:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from mintvcs import codec
 from mintvcs.checksums import adler32, crc32
 from mintvcs.errors import MintError
-from mintvcs.filemodes import file_mode, make_dirs, make_temp, not_writable, write_failed
+from mintvcs.filemodes import TempFile, file_mode, make_dirs, not_writable, write_failed
 from mintvcs.ids import shared_hex_digits
 
 if TYPE_CHECKING:
@@ -293,34 +293,29 @@ def place_file(
 ) -> None:
     """Create read-only file `path` holding `pieces` via a temporary renamed into place, as git
     does: mode 0444 less the umask, then as core.sharedRepository (`shared`) says."""
-    tmp = temp_file(directory, pieces, shared)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with temp_file(directory, pieces, shared) as temp:  # removed unless renamed
+        os.replace(temp.path, path)
+        temp.keep()
 
 
-def temp_file(directory: Path, pieces: list[Any], shared: SharedPerm | None = None) -> str:
+def temp_file(directory: Path, pieces: list[Any], shared: SharedPerm | None = None) -> TempFile:
     """A read-only temporary file in `directory` holding `pieces`, named as git names an object
-    being written (gc removes it once stale); its path."""
+    being written (gc removes it once stale), closed: the caller renames it or discards it."""
     try:
-        fd, tmp = make_temp(directory, TMP_OBJECT_PREFIX)
+        temp = TempFile(directory, TMP_OBJECT_PREFIX)
     except OSError as err:
         raise not_writable(err, directory, ADDING_OBJECTS) from None
     try:
-        try:
-            _write_all(fd, pieces)
-            os.fchmod(fd, file_mode(0o444, shared))
-        finally:
-            os.close(fd)
+        _write_all(temp.fd, pieces)
+        os.fchmod(temp.fd, file_mode(0o444, shared))
+        temp.close()
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
+        temp.discard()
         raise write_failed(err, directory, "unable to write loose object file") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        temp.discard()
         raise
-    return tmp
+    return temp
 
 
 def object_zlib_level(kind: bytes, content: bytes | memoryview) -> tuple[int, int]:
@@ -391,9 +386,12 @@ class PackWriter:
         except PermissionError as err:
             raise not_writable(err, self.directory, ADDING_OBJECTS) from None
         try:
-            self.fd, self.tmp = make_temp(self.directory, "tmp_pack_")
+            # Owned by the writer: a writer dropped before its caller could abort() it (a
+            # Ctrl-C as PackWriter() returns) closes and removes it (TempFile).
+            self.temp = TempFile(self.directory, "tmp_pack_")
         except OSError as err:  # a read-only file system too: the directory is named
             raise not_writable(err, self.directory, ADDING_OBJECTS) from None
+        self.fd = self.temp.fd
         try:
             self.lock = threading.Lock()
             self.offset = 12
@@ -411,9 +409,7 @@ class PackWriter:
         except BaseException as err:
             # The caller has no writer to abort() yet (a full disk, a SIGTERM while the loose
             # directories are listed): the temporary goes here.
-            os.close(self.fd)
-            with suppress(OSError):
-                os.unlink(self.tmp)
+            self.temp.discard()
             if isinstance(err, OSError):
                 raise self._failed(err) from None
             raise
@@ -492,8 +488,7 @@ class PackWriter:
     def abort(self) -> None:
         """Drop the temporary pack: nothing of it reaches the store."""
         with suppress(OSError):
-            os.close(self.fd)
-        Path(self.tmp).unlink(missing_ok=True)
+            self.temp.discard()
 
     def finish(self) -> str | None:
         """Seal the pack and move it and its index into place; its name (`pack-<sha>`), or
@@ -512,33 +507,31 @@ class PackWriter:
             idx = _pack_index(self.entries, checksum)
             mode = file_mode(0o444, self.repo.shared_perm)  # as git's, and its objects'
             try:
-                fd, tmp_idx = make_temp(self.directory, "tmp_idx_")
+                index_temp = TempFile(self.directory, "tmp_idx_")
             except OSError as err:
                 raise not_writable(err, self.directory, ADDING_OBJECTS) from None
-            try:
-                _write_all(fd, [idx])
-                os.fchmod(fd, mode)
-            except BaseException:
-                Path(tmp_idx).unlink(missing_ok=True)  # a full disk: not left for an hour
-                raise
-            finally:
-                os.close(fd)
-            os.fchmod(self.fd, mode)
-            held = self.repo.held_writes()
-            if held is not None:  # placed, the pack before its index, when the hold ends
-                held.add(self.tmp, str(self.directory / f"{name}.pack"))
-                held.add(tmp_idx, str(self.directory / f"{name}.idx"))
-                self.tmp = ""
-                return name
-            os.replace(self.tmp, self.directory / f"{name}.pack")
-            os.replace(tmp_idx, self.directory / f"{name}.idx")
+            # Closed, and removed unless placed or held (a full disk: not left for an hour).
+            with index_temp:
+                _write_all(index_temp.fd, [idx])
+                os.fchmod(index_temp.fd, mode)
+                index_temp.close()
+                os.fchmod(self.fd, mode)
+                held = self.repo.held_writes()
+                if held is not None:  # placed, the pack before its index, when the hold ends
+                    held.add(self.temp.path, str(self.directory / f"{name}.pack"))
+                    held.add(index_temp.path, str(self.directory / f"{name}.idx"))
+                    self.temp.keep()
+                    index_temp.keep()
+                    return name
+                os.replace(self.temp.path, self.directory / f"{name}.pack")
+                self.temp.keep()
+                os.replace(index_temp.path, self.directory / f"{name}.idx")
+                index_temp.keep()
             return name
         except OSError as err:  # one naming its file already (not_writable's) stays as it is
             raise self._failed(err) from None
         finally:
-            os.close(self.fd)
-            if self.tmp:
-                Path(self.tmp).unlink(missing_ok=True)
+            self.temp.discard()
 
 
 def shared_digits_many(packs: Sequence[PackFile], keys: Sequence[bytes]) -> list[int]:

@@ -36,7 +36,7 @@ from mintvcs.base import BaseModel, read_base_model
 from mintvcs.bulk import collector_paused
 from mintvcs.codec import NonFiniteTensorError
 from mintvcs.errors import MintError, OptionsError
-from mintvcs.filemodes import file_mode, make_temp, write_failed
+from mintvcs.filemodes import TempFile, file_mode, write_failed
 from mintvcs.ids import blob_id, is_object_id
 from mintvcs.messages import (
     check_message,
@@ -531,38 +531,38 @@ def _write_atomic(
     stem = path.name if len(path.name.encode("utf-8", "surrogatepass")) <= 200 else "long-name"
     folder = path.parent if temp_dir is None else temp_dir
     try:
-        fd, tmp = make_temp(folder, f".{stem}.", ".tmp")
+        temp = TempFile(folder, f".{stem}.", ".tmp")
     except OSError as err:
         if temp_dir is not None:  # `.mint/` refused it (another user's): beside the file, then
             _write_atomic(path, data, executable, mtime_ns, shared=shared, changes=changes)
             return
         # A read-only work tree or `.mint/`: the file is named, not a temporary never made.
         raise OSError(err.errno, err.strerror, os.fspath(path)) from None
-    try:
+    with temp:  # closed, and removed unless renamed into place, whatever ends the block
+        fd = temp.fd
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with os.fdopen(fd, "wb", closefd=False) as handle:
                 handle.write(data)
                 handle.flush()
                 os.fchmod(fd, file_mode(0o777 if executable else 0o666, shared))
                 if mtime_ns is not None:
                     os.utime(fd, ns=(time.time_ns(), mtime_ns))
+            temp.close()
         except OSError as err:  # a full disk: the file, not the temporary, is named
             raise write_failed(err, path, "unable to write") from None
         try:
             with changes.change() if changes is not None else nullcontext():
-                os.replace(tmp, path)
+                os.replace(temp.path, path)
+                temp.keep()
+            return
         except OSError as err:
-            if err.errno == errno.EXDEV and temp_dir is not None:
-                # A mount inside the work tree, or a bind-mounted git directory: one device
-                # number, but no rename across. Written again beside the file.
-                Path(tmp).unlink(missing_ok=True)
-                _write_atomic(path, data, executable, mtime_ns, shared=shared, changes=changes)
-                return
-            # Name the file that could not be written (a read-only work tree), not the temporary.
-            raise OSError(err.errno, err.strerror, os.fspath(path)) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            if err.errno != errno.EXDEV or temp_dir is None:
+                # Name the file that could not be written (a read-only work tree), not the
+                # temporary.
+                raise OSError(err.errno, err.strerror, os.fspath(path)) from None
+    # A mount inside the work tree, or a bind-mounted git directory: one device number, but no
+    # rename across. Written again beside the file, the temporary removed.
+    _write_atomic(path, data, executable, mtime_ns, shared=shared, changes=changes)
 
 
 def _make_parents(path: Path) -> None:
@@ -886,19 +886,18 @@ def _run_commit_msg(repo: Repository, message: str, env: dict[str, str]) -> str:
     # git serializes commits under index.lock, we do not, and two trainers committing at once
     # through one shared file took each other's messages.
     try:
-        fd, name = make_temp(repo.git_dir, "COMMIT_EDITMSG.")
+        temp = TempFile(repo.git_dir, "COMMIT_EDITMSG.")
     except OSError as err:  # the directory is named, not a temporary never made
         raise OSError(err.errno, err.strerror, os.fspath(repo.git_dir)) from None
-    try:
-        path = Path(name)
-        with os.fdopen(fd, "wb") as f:
+    with temp:  # closed and removed whatever ends the block
+        path = Path(temp.path)
+        with os.fdopen(temp.fd, "wb", closefd=False) as f:
             f.write(message.encode())
+        temp.close()
         _run_hook(repo, "commit-msg", [str(path)], env, may_refuse=True)
         # Bytes, as git reads the file back: a text read would take the locale's encoding and
         # turn a lone "\r" into a line break.
         return decode_message(path.read_bytes(), "message the commit-msg hook left")
-    finally:
-        Path(name).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------ log and show

@@ -1473,7 +1473,9 @@ class Repository:
                 if held is None:
                     place_file(directory, path, body, shared)
                 else:
-                    held.add(temp_file(directory, body, shared), str(path))
+                    temp = temp_file(directory, body, shared)  # removed if dropped unheld
+                    held.add(temp.path, str(path))
+                    temp.keep()
                 break
             except FileNotFoundError:
                 # git prune removes empty fan-out directories: make it again, as git's writer does.

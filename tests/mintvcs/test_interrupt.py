@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dis
+import itertools
 import json
 import os
 import resource
@@ -11,7 +13,10 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -524,27 +529,119 @@ def test_a_signal_the_command_started_with_ignored_stays_ignored(tmp_path: Path)
     assert _clean(work)
 
 
-def test_a_temporary_interrupted_as_it_is_created_is_removed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A signal handler runs as open() returns: tempfile.mkstemp, interrupted there, left a
-    # file no caller could name (a temporary pack of the adapter's size, until a gc).
-    from mintvcs.filemodes import make_temp
+def _signal_points(code: types.CodeType) -> frozenset[int]:
+    """The offsets in `code` where CPython runs a Python signal handler: its first instruction,
+    each one right after a call returns, and each target a loop jumps back to (the eval
+    breaker's checks). A KeyboardInterrupt raised there is what a Ctrl-C does there."""
+    points = _POINTS.get(code)
+    if points is None:
+        instructions = list(dis.get_instructions(code))
+        found = {instructions[0].offset}
+        for before, after in itertools.pairwise(instructions):
+            if before.opname == "RESUME" or before.opname.startswith("CALL"):
+                found.add(after.offset)
+            if "JUMP_BACKWARD" in before.opname or before.opname == "JUMP_ABSOLUTE":
+                found.add(before.argval)
+        points = _POINTS[code] = frozenset(found)
+    return points
 
-    real_open = os.open
-    opened: list[int] = []
 
-    def open_then_signal(path: str, flags: int, mode: int = 0o777) -> int:
-        opened.append(real_open(path, flags, mode))
-        raise KeyboardInterrupt
+_POINTS: dict[types.CodeType, frozenset[int]] = {}
 
-    monkeypatch.setattr(os, "open", open_then_signal)
-    with pytest.raises(KeyboardInterrupt):
-        make_temp(tmp_path, "tmp_pack_")
-    monkeypatch.undo()
-    os.close(opened[0])
-    assert list(tmp_path.iterdir()) == []
-    fd, path = make_temp(tmp_path, "tmp_idx_", ".x")
-    os.close(fd)
-    assert Path(path).parent == tmp_path and Path(path).name.startswith("tmp_idx_")
-    assert Path(path).suffix == ".x" and oct(Path(path).stat().st_mode & 0o777) == "0o600"
+
+def _interrupt_at(point: int, action: Callable[[], object]) -> bool:
+    """Run `action` with a KeyboardInterrupt raised at the `point`-th place (counted from 0, in
+    the order they run) that a signal handler could run in the Python code it runs; whether it
+    was raised there (False: `action` ended before reaching it)."""
+    seen = 0
+    fired = False
+
+    def each_instruction(frame: types.FrameType, event: str, arg: object) -> Any:
+        nonlocal seen, fired
+        if event == "opcode" and not fired and frame.f_lasti in _signal_points(frame.f_code):
+            if seen == point:
+                fired = True
+                raise KeyboardInterrupt
+            seen += 1
+        return each_instruction
+
+    def each_call(frame: types.FrameType, event: str, arg: object) -> Any:
+        if frame.f_code.co_name == "__del__":
+            return None  # Python prints and drops an exception raised there: it never unwinds
+        frame.f_trace_opcodes = True
+        return each_instruction
+
+    sys.settrace(each_call)
+    try:
+        action()
+    except KeyboardInterrupt:
+        if not fired:
+            raise
+    finally:
+        sys.settrace(None)
+    return fired
+
+
+def _open_fds() -> list[str]:
+    """This process's open file descriptors."""
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def _interrupted_everywhere(
+    folder: Path, action: Callable[[], object], allowed: Collection[str] = ()
+) -> int:
+    """Run `action` once for each place a Ctrl-C could land in it, interrupted there, and check
+    that each run left no descriptor open and no file in `folder` but `allowed`; how many."""
+    before_files = {p.name for p in folder.iterdir()}
+    point = 0
+    while True:
+        before_fds = _open_fds()
+        fired = _interrupt_at(point, action)
+        left = {p.name for p in folder.iterdir()} - before_files - set(allowed)
+        assert left == set(), (point, left)
+        assert _open_fds() == before_fds, point
+        for name in allowed:
+            (folder / name).unlink(missing_ok=True)
+        if not fired:
+            return point
+        point += 1
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists descriptors in /proc")
+def test_a_temporary_interrupted_anywhere_leaves_no_file_and_no_descriptor(tmp_path: Path) -> None:
+    # A signal handler runs as a call returns: tempfile.mkstemp, interrupted as its open()
+    # returned, left a file no caller could name (a temporary pack of the adapter's size, until
+    # a gc) and its descriptor open; so did the writers, interrupted as the temporary's maker
+    # returned, before their try. Every such place is tried, in the writers of the store's
+    # files, loose objects and work-tree files.
+    from mintvcs.filemodes import TempFile, write_file
+    from mintvcs.packs import place_file
+    from mintvcs.porcelain import _write_atomic
+
+    def made_and_dropped() -> None:
+        with TempFile(tmp_path, "tmp_pack_") as temp:
+            os.write(temp.fd, b"x")
+
+    def config_written() -> None:
+        write_file(tmp_path / "config", b"[core]\n", None)
+
+    def object_placed() -> None:
+        place_file(tmp_path / "ab", tmp_path / "ab" / "cdef", [b"blob"])
+
+    def checked_out() -> None:
+        _write_atomic(tmp_path / "adapter_config.json", b"{}", executable=False)
+
+    assert _interrupted_everywhere(tmp_path, made_and_dropped) >= 4
+    assert _interrupted_everywhere(tmp_path, config_written, {"config"}) >= 6
+    (tmp_path / "ab").mkdir()
+    assert _interrupted_everywhere(tmp_path / "ab", object_placed, {"cdef"}) >= 6
+    assert _interrupted_everywhere(tmp_path, checked_out, {"adapter_config.json"}) >= 6
+
+    # Uninterrupted: the file is ours alone, and stays open until closed.
+    temp = TempFile(tmp_path, "tmp_idx_", ".x")
+    assert Path(temp.path).parent == tmp_path and Path(temp.path).name.startswith("tmp_idx_")
+    assert Path(temp.path).suffix == ".x" and oct(Path(temp.path).stat().st_mode & 0o777) == "0o600"
+    temp.close()
+    assert Path(temp.path).exists()
+    temp.discard()
+    assert list(tmp_path.glob("tmp_*")) == []
