@@ -227,8 +227,9 @@ def sample_rows(
 
     Temperature, then top-k, min_p and top-p cut each row to the tokens they keep (a token tied
     with the last one kept is kept too); the token is then drawn by inverse CDF over the kept
-    tokens in vocabulary order, from one uniform number of the row's generator (on the CPU, so
-    a seed gives the same token on any device, whatever else is in the batch). Every step is a
+    tokens in vocabulary order, in float64, from one float64 uniform number of the row's
+    generator (on the CPU, so for the same logits a seed gives the same token on any device,
+    whatever else is in the batch). Every step is a
     batched op over the rows: no row is sorted unless its nucleus lies past the
     NUCLEUS_CANDIDATES likeliest tokens.
     """
@@ -256,10 +257,14 @@ def sample_rows(
         weights[index] = torch.where(
             kept >= _nucleus_floor(kept, [params[i].top_p for i in nucleus]), kept, 0.0
         )
-    cum = weights.cumsum(dim=-1)
+    # float64, the running sum and the draw alike: in float32 a token whose weight is under half
+    # an ulp of the sum before it adds nothing to it and can never be drawn (most of a 128k
+    # vocabulary's tail), and a 24-bit draw cannot tell apart probabilities under 2**-24.
+    cum = weights.double().cumsum(dim=-1)
     total = cum[:, -1:]
     draws = torch.tensor(
-        [torch.rand((), generator=g).item() for g in generators], dtype=torch.float32
+        [torch.rand((), dtype=torch.float64, generator=g).item() for g in generators],
+        dtype=torch.float64,
     ).to(device)
     # Below the total even when u * total rounds up to it: the draw lands on a kept token.
     target = torch.minimum(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -503,3 +504,34 @@ def test_a_run_of_skipped_special_tokens_keeps_the_decodes_short() -> None:
         whole = tokenizer.decode([vocab["▁The"], *output], skip_special_tokens=skip)
         assert text == whole[len(prompt_text) :]
         assert max(sizes) <= 3
+
+
+def _exact_inverse_cdf(weights: torch.Tensor, u: float) -> int:
+    """The token whose share of the exact (rational) cumulative weight holds the draw u."""
+    parts = [Fraction(w) for w in weights.tolist()]
+    target = Fraction(u) * sum(parts)
+    running = Fraction(0)
+    for token, part in enumerate(parts):
+        running += part
+        if running > target:
+            return token
+    raise AssertionError("the draw fell past the total")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_tokens_under_float32_resolution_are_drawn_by_their_exact_share(seed: int) -> None:
+    # A token of mass about u, a block of 2**14 tokens of 6e-9 each (under half a float32 ulp
+    # of the running sum), then the rest: the seed's draw u falls inside the block. A float32
+    # cumulative sum gives most block tokens no width at all (they can never be drawn) and
+    # hands their share to the next one that happens to round up.
+    u = torch.rand((), dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).item()
+    assert 0.01 < u < 0.99  # the seed's draw, which the sampler takes (one per row)
+    block, width = 1 << 14, 1e-4
+    masses = [u - width / 2, *[width / block] * block, 1.0 - u - width / 2]
+    logits = torch.tensor(masses, dtype=torch.float64).log().float()
+    params = SamplingParams(temperature=1.0, seed=seed)
+    token = sample_rows(logits.unsqueeze(0), [params], [params.generator()])[0]
+    # The sampler's unnormalised weights at temperature 1 (the likeliest at exactly 1).
+    weights = torch.exp(logits - logits.max())
+    assert token == _exact_inverse_cdf(weights, u)
+    assert 1 <= token <= block
