@@ -301,14 +301,73 @@ def _nucleus_floor(weights: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     return floor
 
 
+class PenaltyHistory:
+    """What a request's penalties look at, kept across its steps on the logits' device: the
+    distinct tokens of its prompt and output (as a set and as an index tensor) and how often
+    each token is in its output. Each step adds only the tokens sampled since the last one;
+    rebuilding them from the id lists cost O(prompt) per row and step on the step thread.
+    Penalties then touch only those tokens' logits, not the whole vocabulary."""
+
+    def __init__(self, prompt_ids: Sequence[int], vocab: int, device: torch.device) -> None:
+        self.prompt_ids = prompt_ids
+        self.vocab = vocab
+        self.device = device
+        self._seen: set[int] | None = None  # prompt and output tokens, made on first use
+        self._seen_ids: torch.Tensor | None = None
+        self._produced: set[int] = set()  # output tokens
+        self._produced_ids = torch.zeros(0, dtype=torch.long, device=device)
+        self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self._counted = 0  # output tokens already taken in
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _take(self, output_ids: Sequence[int]) -> None:
+        """Take in the output tokens sampled since the last call (`output_ids` only grows)."""
+        new = [int(t) for t in output_ids[self._counted :]]
+        self._counted = len(output_ids)
+        if not new:
+            return
+        if len(new) == 1:  # the usual step: one token more
+            self._counts[new[0]] += 1.0
+        else:
+            self._counts.index_add_(0, self._ids(new), torch.ones(len(new), device=self.device))
+        fresh = sorted(set(new) - self._produced)
+        if fresh:
+            self._produced.update(fresh)
+            self._produced_ids = torch.cat([self._produced_ids, self._ids(fresh)])
+        if self._seen is not None:
+            unseen = sorted(set(new) - self._seen)
+            if unseen:
+                self._seen.update(unseen)
+                assert self._seen_ids is not None
+                self._seen_ids = torch.cat([self._seen_ids, self._ids(unseen)])
+
+    def seen_ids(self, output_ids: Sequence[int]) -> torch.Tensor:
+        """The distinct token ids of the prompt and `output_ids`, as a long tensor."""
+        self._take(output_ids)
+        if self._seen is None:
+            self._seen = {*self.prompt_ids, *self._produced}
+            self._seen_ids = self._ids(sorted(self._seen))
+        assert self._seen_ids is not None
+        return self._seen_ids
+
+    def output_counts(self, output_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct token ids of `output_ids` and how often each is there (float)."""
+        self._take(output_ids)
+        return self._produced_ids, self._counts[self._produced_ids]
+
+
 def adjust_logits(
     logits: torch.Tensor,
     params: SamplingParams,
     prompt_ids: Sequence[int],
     output_ids: Sequence[int],
     stop_ids: Collection[int],
+    history: PenaltyHistory | None = None,
 ) -> torch.Tensor:
-    """A copy of one row of logits [vocab] with min_tokens, logit_bias and the penalties applied, in vLLM's order."""
+    """A copy of one row of logits [vocab] with min_tokens, logit_bias and the penalties applied,
+    in vLLM's order. `history` is the request's, kept from step to step (a fresh one without)."""
     out = logits.float().clone()
     device = out.device
     if params.min_tokens and len(output_ids) < params.min_tokens and stop_ids:
@@ -316,17 +375,21 @@ def adjust_logits(
     if params.logit_bias:
         ids, biases = zip(*params.logit_bias, strict=True)
         out.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, device=device))
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted({*prompt_ids, *output_ids}), dtype=torch.long, device=device)
+    repetition = params.repetition_penalty != 1.0
+    occurrence = bool(params.presence_penalty or params.frequency_penalty) and bool(output_ids)
+    if not (repetition or occurrence):
+        return out
+    if history is None:
+        history = PenaltyHistory(prompt_ids, out.shape[0], device)
+    if repetition:
+        seen = history.seen_ids(output_ids)
         values = out[seen]
         out[seen] = torch.where(
             values > 0, values / params.repetition_penalty, values * params.repetition_penalty
         )
-    if (params.presence_penalty or params.frequency_penalty) and output_ids:
-        counts = torch.bincount(
-            torch.tensor(list(output_ids), device=device), minlength=out.shape[0]
-        ).to(out.dtype)
-        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    if occurrence:
+        produced, counts = history.output_counts(output_ids)
+        out[produced] -= params.frequency_penalty * counts + params.presence_penalty
     return out
 
 

@@ -22,6 +22,7 @@ from mintvcs.serve.model import Model, StepBatch
 from mintvcs.serve.prefix_cache import BLOCK, Owner, PrefixCache, block_hashes
 from mintvcs.serve.sampling import (
     IncrementalDetokenizer,
+    PenaltyHistory,
     SamplingParams,
     TokenLogprobs,
     adjust_logits,
@@ -105,6 +106,9 @@ class Sequence:
     grammar: Any = None
     matcher: Any = None
     renew_grammar: Callable[[Any], Any] | None = None
+    # What its penalties look at (params.adjusts_logits), kept from step to step; made at its
+    # first sampled step, on the logits' device.
+    penalties: PenaltyHistory | None = None
     _hashes: list[int] | None = field(default=None, init=False, repr=False)
     # The token ids that end this sequence: EOS (unless ignored) and its stop token ids.
     stop_ids: frozenset[int] = field(init=False)
@@ -599,8 +603,15 @@ class Scheduler:
             for j, i in enumerate(changed):
                 seq = seqs[i]
                 if seq.params.adjusts_logits:
+                    if seq.penalties is None:
+                        seq.penalties = PenaltyHistory(seq.prompt_ids, logits.shape[1], device)
                     work[j] = adjust_logits(
-                        logits[i], seq.params, seq.prompt_ids, seq.output_ids, seq.stop_ids
+                        logits[i],
+                        seq.params,
+                        seq.prompt_ids,
+                        seq.output_ids,
+                        seq.stop_ids,
+                        seq.penalties,
                     )
             if structured:
                 self._mask(work, logits, changed, structured, blocked, seqs)

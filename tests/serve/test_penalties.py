@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mintvcs.serve import Engine, InvalidRequest, SamplingParams
-from mintvcs.serve.sampling import InvalidSamplingParams, adjust_logits, sample
+from mintvcs.serve.sampling import InvalidSamplingParams, PenaltyHistory, adjust_logits, sample
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -184,3 +184,36 @@ def test_out_of_range_values_are_refused(engine: Engine) -> None:
         engine.generate([5, 6], None, SamplingParams(logit_bias=((vocab, 1.0),)))
     with pytest.raises(InvalidRequest, match="stop token id"):
         engine.generate([5, 6], None, SamplingParams(stop_token_ids=(vocab + 3,)))
+
+
+class _CountedReads(list[int]):
+    """A list that counts how often it is read through."""
+
+    reads = 0
+
+    def __iter__(self) -> Any:
+        self.reads += 1
+        return super().__iter__()
+
+
+def test_a_request_s_penalty_history_reads_its_prompt_once_and_counts_as_it_goes() -> None:
+    vocab = 50
+    gen = torch.Generator().manual_seed(5)
+    prompt = _CountedReads(torch.randint(0, vocab, (40,), generator=gen).tolist())
+    params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.2)
+    history = PenaltyHistory(prompt, vocab, torch.device("cpu"))
+    output: list[int] = []
+    for step in range(30):
+        logits = torch.randn(vocab, generator=gen)
+        got = adjust_logits(logits, params, prompt, output, frozenset(), history)
+        # The same row from scratch (a fresh history), by the definition of the penalties.
+        seen = sorted({*prompt, *output})
+        expected = logits.clone()
+        expected[seen] = torch.where(expected[seen] > 0, expected[seen] / 1.3, expected[seen] * 1.3)
+        counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=vocab).float()
+        expected -= 0.2 * counts + 0.5 * (counts > 0)
+        assert torch.allclose(got, expected), step
+        # Sometimes two tokens come at once (the counts catch up with what they have not seen).
+        output.extend(torch.randint(0, vocab, (1 + step % 3 // 2,), generator=gen).tolist())
+    # The comparison above read the prompt once per step; the history read it once in all.
+    assert prompt.reads == 30 + 1
