@@ -728,10 +728,22 @@ class Engine:
             ("token id", ids),
             ("stop token id", params.stop_token_ids),
             ("logit_bias token id", [t for t, _ in params.logit_bias]),
+            ("allowed token id", params.allowed_token_ids or ()),
         ):
             bad = [t for t in named if not 0 <= t < vocab]
             if bad:
                 raise InvalidRequest(f"{what} {bad[0]} is outside the vocabulary [0, {vocab})")
+        allowed = params.allowed_token_ids
+        if allowed is not None and params.min_tokens:
+            ending = frozenset(params.stop_token_ids) | (
+                frozenset() if params.ignore_eos else self._eos
+            )
+            if ending.issuperset(allowed):
+                # Every token would be masked until min_tokens: nothing left to pick.
+                raise InvalidRequest(
+                    "allowed_token_ids holds only tokens that end the output, which min_tokens "
+                    "bars until it is reached"
+                )
         if len(ids) >= self.max_model_len:
             raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens; this engine's max_model_len is {self.max_model_len}"

@@ -137,6 +137,7 @@ def sampling_params(
         min_p=field_of(body, "min_p", (float,), given.get("min_p", 0.0)),
         stop_token_ids=_token_ids(body, "stop_token_ids", MAX_STOP_STRINGS),
         logit_bias=_logit_bias(body),
+        allowed_token_ids=_allowed_token_ids(body),
         cache_salt=field_of(body, "cache_salt", (str,), None),
         structured=structured_output(body),
     )
@@ -162,6 +163,19 @@ def _token_ids(body: dict[str, Any], name: str, limit: int) -> tuple[int, ...]:
     ids = as_token_ids(field_of(body, name, (list,), []))
     if ids is None or len(ids) > limit:
         raise HTTPError(400, f"{name} must be a list of at most {limit} token ids", name)
+    return tuple(ids)
+
+
+def _allowed_token_ids(body: dict[str, Any]) -> tuple[int, ...] | None:
+    """vLLM's allowed_token_ids: a non-empty list of token ids, or None (every token allowed)."""
+    value = field_of(body, "allowed_token_ids", (list,), None)
+    if value is None:
+        return None
+    ids = as_token_ids(value)
+    if not ids:
+        raise HTTPError(
+            400, "allowed_token_ids must be a non-empty list of token ids", "allowed_token_ids"
+        )
     return tuple(ids)
 
 
@@ -204,6 +218,22 @@ _NEUTRAL: dict[str, tuple[object, ...]] = {
     "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
     "include_stop_str_in_output": (False,),
+    # vLLM's sampling extensions this server does not implement: beam search (and its length
+    # penalty), banned words, prompt truncation, prompt logprobs outside echo, ids in place of
+    # logprobs' token texts, server-side logits processors and their extension arguments.
+    "use_beam_search": (False,),
+    "length_penalty": (1.0,),
+    "bad_words": ([],),
+    "truncate_prompt_tokens": (),
+    "prompt_logprobs": (),
+    "return_tokens_as_token_ids": (False,),
+    "logits_processors": ([],),
+    "vllm_xargs": ({},),
+    # vLLM's structured output by structural tags; documents a RAG chat template would render;
+    # a prompt given as embeddings.
+    "structural_tag": (),
+    "documents": ([],),
+    "prompt_embeds": (),
 }
 
 # vLLM's structured_outputs keys (and its older guided_* fields) -> our kinds.

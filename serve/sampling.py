@@ -104,6 +104,9 @@ class SamplingParams:
     # (token id, added to its logit); a {token id: bias} mapping (vLLM's and OpenAI's form) is
     # taken too, and kept as these pairs
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # vLLM's allowed_token_ids: only these tokens may be generated (every other logit is -inf
+    # before the penalties); None allows all
+    allowed_token_ids: tuple[int, ...] | None = None
     # vLLM's cache_salt: only requests with the same salt share cached prompt prefixes, so one
     # tenant cannot learn from the cache what another sent. Not a sampling choice, but it
     # travels with the request's other options.
@@ -119,6 +122,13 @@ class SamplingParams:
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            allowed = tuple(int(t) for t in self.allowed_token_ids)
+            if not allowed:
+                raise InvalidSamplingParams(
+                    "allowed_token_ids must name at least one token id (None allows all)"
+                )
+            object.__setattr__(self, "allowed_token_ids", allowed)
         if self.max_tokens is not None and (
             not isinstance(self.max_tokens, int) or self.max_tokens < 1
         ):
@@ -188,13 +198,14 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether a penalty, a bias or min_tokens changes the logits before a token is picked."""
+        """Whether a penalty, a bias, allowed_token_ids or min_tokens changes the logits before a token is picked."""
         return bool(
             self.presence_penalty
             or self.frequency_penalty
             or self.repetition_penalty != 1.0
             or self.min_tokens
             or self.logit_bias
+            or self.allowed_token_ids is not None
         )
 
     @property
@@ -303,8 +314,8 @@ def _nucleus_floor(weights: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
 
 class PenaltyHistory:
     """What a request's penalties look at, kept across its steps on the logits' device: the
-    distinct tokens of its prompt and output (as a set and as an index tensor) and how often
-    each token is in its output. Each step adds only the tokens sampled since the last one;
+    distinct tokens of its prompt and output (as a set and as an index tensor), how often
+    each token is in its output, and the mask of its allowed_token_ids. Each step adds only the tokens sampled since the last one;
     rebuilding them from the id lists cost O(prompt) per row and step on the step thread.
     Penalties then touch only those tokens' logits, not the whole vocabulary."""
 
@@ -318,6 +329,15 @@ class PenaltyHistory:
         self._produced_ids = torch.zeros(0, dtype=torch.long, device=device)
         self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
         self._counted = 0  # output tokens already taken in
+        self._barred: torch.Tensor | None = None  # True where allowed_token_ids leaves a token out
+
+    def barred(self, allowed: Sequence[int]) -> torch.Tensor:
+        """A bool mask [vocab], True for each token not in `allowed` (made once)."""
+        if self._barred is None:
+            barred = torch.ones(self.vocab, dtype=torch.bool, device=self.device)
+            barred[self._ids(list(allowed))] = False
+            self._barred = barred
+        return self._barred
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -366,10 +386,14 @@ def adjust_logits(
     stop_ids: Collection[int],
     history: PenaltyHistory | None = None,
 ) -> torch.Tensor:
-    """A copy of one row of logits [vocab] with min_tokens, logit_bias and the penalties applied,
-    in vLLM's order. `history` is the request's, kept from step to step (a fresh one without)."""
+    """A copy of one row of logits [vocab] with allowed_token_ids, min_tokens, logit_bias and the
+    penalties applied, in vLLM's order. `history` is the request's, kept from step to step (a fresh one without)."""
     out = logits.float().clone()
     device = out.device
+    if history is None:
+        history = PenaltyHistory(prompt_ids, out.shape[0], device)
+    if params.allowed_token_ids is not None:  # first, as vLLM's built-in logits processor
+        out.masked_fill_(history.barred(params.allowed_token_ids), -math.inf)
     if params.min_tokens and len(output_ids) < params.min_tokens and stop_ids:
         out[torch.tensor(sorted(stop_ids), device=device)] = -math.inf
     if params.logit_bias:
@@ -379,8 +403,6 @@ def adjust_logits(
     occurrence = bool(params.presence_penalty or params.frequency_penalty) and bool(output_ids)
     if not (repetition or occurrence):
         return out
-    if history is None:
-        history = PenaltyHistory(prompt_ids, out.shape[0], device)
     if repetition:
         seen = history.seen_ids(output_ids)
         values = out[seen]

@@ -604,3 +604,102 @@ def test_sentencepiece_token_texts_keep_their_leading_space() -> None:
     assert "".join(out["tokens"][:4]) == shown[:-1]
     assert out["top_logprobs"][1] == {" is": -1.0, " ": -2.0}
     assert out["text_offset"] == [0, 7, 10, 11, 12, 12]
+
+
+# vLLM's request fields that change the output and that this server does not implement, each
+# with a value that would change it and its neutral value (accepted: it changes nothing).
+_VLLM_UNIMPLEMENTED: list[tuple[str, Any, Any]] = [
+    ("use_beam_search", True, False),
+    ("length_penalty", 0.5, 1.0),
+    ("bad_words", ["world"], []),
+    ("truncate_prompt_tokens", 2, None),
+    ("prompt_logprobs", 1, None),
+    ("return_tokens_as_token_ids", True, False),
+    ("logits_processors", ["some.module.Processor"], []),
+    ("vllm_xargs", {"k": 1}, {}),
+    ("structural_tag", '{"structures": []}', None),
+    ("documents", [{"title": "t", "text": "x"}], []),
+    ("prompt_embeds", "AAAA", None),
+]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/generate"])
+@pytest.mark.parametrize(("field", "changing", "neutral"), _VLLM_UNIMPLEMENTED)
+def test_vllm_fields_that_would_change_the_output_are_refused_unless_neutral(
+    server: BackgroundServer, route: str, field: str, changing: Any, neutral: Any
+) -> None:
+    body: dict[str, Any] = {"max_tokens": 2, "temperature": 0}
+    if route == "/v1/chat/completions":
+        body |= {"model": "main", "messages": [{"role": "user", "content": "hi"}]}
+    else:
+        body |= {"prompt": "Hello world"}
+        body |= {"model": "main"} if route == "/v1/completions" else {"ref": "main"}
+    status, _, answer = request(server.url + route, {**body, field: changing})
+    assert status == 400, answer
+    message = answer["error"]["message"] if route.startswith("/v1/") else answer["error"]
+    assert message.startswith(f"{field} is not supported"), message
+    status, _, answer = request(server.url + route, {**body, field: neutral})
+    assert status == 200, answer
+
+
+def test_allowed_token_ids_restrict_what_is_generated(server: BackgroundServer) -> None:
+    allowed = [5, 6, 300]
+    body = {"prompt": "Hello world", "max_tokens": 12, "ignore_eos": True}
+    plain = gen(server, ref="main", **body, temperature=0, return_token_ids=True)[2]
+    assert not set(plain["token_ids"]) <= set(allowed)  # the restriction has work to do
+    for sampling in ({"temperature": 0}, {"temperature": 2.0, "seed": 3}):
+        got = gen(
+            server,
+            ref="main",
+            **body,
+            **sampling,
+            allowed_token_ids=allowed,
+            return_token_ids=True,
+        )[2]
+        assert set(got["token_ids"]) <= set(allowed), (sampling, got)
+        status, answer = completions(
+            server, **body, **sampling, allowed_token_ids=allowed, return_token_ids=True
+        )
+        assert status == 200, answer
+        assert answer["choices"][0]["token_ids"] == got["token_ids"]
+    sampled = gen(
+        server,
+        ref="main",
+        **body,
+        temperature=5.0,
+        seed=1,
+        allowed_token_ids=allowed,
+        return_token_ids=True,
+    )[2]["token_ids"]
+    assert len(set(sampled)) > 1  # a draw among them, not one token forced
+    status, _, chat = request(
+        server.url + "/v1/chat/completions",
+        {
+            "model": "main",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "ignore_eos": True,
+            "allowed_token_ids": [300],
+            "return_token_ids": True,
+        },
+    )
+    assert status == 200 and chat["choices"][0]["token_ids"] == [300] * 6, chat
+
+
+@pytest.mark.parametrize(
+    ("extra", "word"),
+    [
+        ({"allowed_token_ids": []}, "allowed_token_ids must be a non-empty list"),
+        ({"allowed_token_ids": [1.5]}, "allowed_token_ids must be a non-empty list"),
+        ({"allowed_token_ids": "5"}, "allowed_token_ids"),
+        ({"allowed_token_ids": [10**7]}, "allowed token id 10000000 is outside the vocabulary"),
+        ({"allowed_token_ids": [7], "stop_token_ids": [7], "min_tokens": 2}, "min_tokens"),
+    ],
+)
+def test_bad_allowed_token_ids_are_400(
+    server: BackgroundServer, extra: dict[str, Any], word: str
+) -> None:
+    status, answer = completions(server, prompt="x", max_tokens=4, **extra)
+    assert status == 400, answer
+    assert word in answer["error"]["message"]
