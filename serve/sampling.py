@@ -327,7 +327,7 @@ class PenaltyHistory:
         self._seen_ids: torch.Tensor | None = None
         self._produced: set[int] = set()  # output tokens
         self._produced_ids = torch.zeros(0, dtype=torch.long, device=device)
-        self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self._counts: torch.Tensor | None = None  # made on the first output token
         self._counted = 0  # output tokens already taken in
         self._barred: torch.Tensor | None = None  # True where allowed_token_ids leaves a token out
 
@@ -348,6 +348,8 @@ class PenaltyHistory:
         self._counted = len(output_ids)
         if not new:
             return
+        if self._counts is None:
+            self._counts = torch.zeros(self.vocab, dtype=torch.float32, device=self.device)
         if len(new) == 1:  # the usual step: one token more
             self._counts[new[0]] += 1.0
         else:
@@ -375,6 +377,8 @@ class PenaltyHistory:
     def output_counts(self, output_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The distinct token ids of `output_ids` and how often each is there (float)."""
         self._take(output_ids)
+        if self._counts is None:
+            return self._produced_ids, torch.zeros(0, device=self.device)
         return self._produced_ids, self._counts[self._produced_ids]
 
 
