@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,9 @@ log = logging.getLogger("mintvcs.serve")
 # Seconds between reads of the file: a read per authenticated request would be cheap too, but
 # a second is already faster than anyone rotates a token. A change is taken within two.
 CHECK_INTERVAL = 1.0
+# A read under way for this many intervals is told as stalled (a hung mount): until it ends,
+# no rotation is taken, and the operator must know that.
+STALLED_INTERVALS = 5
 
 
 class ApiKeyFileError(MintError):
@@ -50,21 +54,44 @@ class ApiKeys:
         self._candidate: tuple[bytes, ...] | None = None  # seen once, not yet taken
         self._problem: str | None = None  # the last one warned about
         self._checked = time.monotonic()
+        self._read_since: float | None = None  # when the read under way began
+        self._stall_told = False  # the read under way was told as stalled
         self._warn_if_open()
 
     def _read(self) -> tuple[tuple[bytes, ...], str | None]:
         """The file's tokens, or a problem saying why there are none."""
         try:
-            text = self.path.read_text(encoding="utf-8", errors="surrogateescape")
+            data = self._read_bytes()
         except OSError as err:
             return (), f"cannot read --api-key-file {self.path}: {err.strerror or err}"
-        tokens = parse_tokens(text)
+        if data is None:
+            return (), (
+                f"--api-key-file {self.path} is not a regular file (a FIFO, socket, device or "
+                "directory); write the tokens to a regular file and rename it over the path"
+            )
+        tokens = parse_tokens(data.decode("utf-8", "surrogateescape"))
         if not tokens:
             return (
                 (),
                 f"--api-key-file {self.path} holds no token; put one bearer token per line in it",
             )
         return tuple(t.encode("utf-8", "surrogateescape") for t in tokens), None
+
+    def _read_bytes(self) -> bytes | None:
+        """The file's bytes, or None when it is not a regular file (left unread)."""
+        # O_NONBLOCK: a plain open of a FIFO waits for a writer, for ever once the FIFO is
+        # unlinked, and would hold the lock so that no later rotation is read (a regular file
+        # ignores the flag). A directory opens read-only too; fstat tells them all apart.
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            chunks = []
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def _warn_if_open(self) -> None:
         try:
@@ -82,6 +109,23 @@ class ApiKeys:
         """Whether refresh() would read the file: CHECK_INTERVAL has passed and no read is under way."""
         return time.monotonic() - self._checked >= CHECK_INTERVAL and not self._lock.locked()
 
+    def warn_if_stalled(self) -> None:
+        """Log once when the read under way has lasted STALLED_INTERVALS intervals (a hung mount)."""
+        since = self._read_since
+        if since is None or self._stall_told:
+            return
+        lasted = time.monotonic() - since
+        if lasted >= STALLED_INTERVALS * CHECK_INTERVAL:
+            self._stall_told = True
+            log.warning(
+                "reading --api-key-file %s has not ended after %.0f s; keeping the %d token(s) "
+                "read before, and no change to the file is taken until the read ends",
+                self.path,
+                lasted,
+                len(self._tokens),
+                extra=ALWAYS,
+            )
+
     def refresh(self) -> tuple[bytes, ...]:
         """Read the file again if due, and return the tokens accepted now (file I/O: keep it off the event loop).
 
@@ -95,7 +139,19 @@ class ApiKeys:
             if now - self._checked < CHECK_INTERVAL:
                 return self._tokens
             self._checked = now
-            tokens, problem = self._read()
+            self._read_since = now
+            try:
+                tokens, problem = self._read()
+            finally:
+                self._read_since = None
+            if self._stall_told:
+                self._stall_told = False
+                log.warning(
+                    "reading --api-key-file %s ended after %.0f s",
+                    self.path,
+                    time.monotonic() - now,
+                    extra=ALWAYS,
+                )
             if problem is not None:
                 self._candidate = None
                 if problem != self._problem:

@@ -1100,6 +1100,7 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
         # would keep a drained server from ever exiting. due() lets one read run at a time.
         while True:
             await asyncio.sleep(api_keys.CHECK_INTERVAL / 2)
+            keys.warn_if_stalled()  # a read that never ends stalls every rotation: say so
             if keys.due():
                 threading.Thread(target=keys.refresh, name="mint-api-keys", daemon=True).start()
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -586,10 +587,15 @@ def test_a_token_that_is_not_utf8_is_matched_byte_for_byte(key_file: Path) -> No
 
 
 def test_a_key_file_that_hangs_does_not_stall_the_server(
-    repo: Repository, tiny_base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    repo: Repository,
+    tiny_base: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """The token file is re-read off the event loop: a read that blocks (a FIFO no one writes, a
-    hung network mount) leaves every request answered with the tokens read before."""
+    """The token file is re-read off the event loop: a read that blocks (a hung network mount)
+    leaves every request answered with the tokens read before, and is told once it has lasted
+    several intervals, since no rotation is taken meanwhile."""
     from mintvcs.serve import api_keys
 
     monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.05)
@@ -598,21 +604,125 @@ def test_a_key_file_that_hangs_does_not_stall_the_server(
     key.chmod(0o600)
     config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, api_key_file=key)
     auth = {"Authorization": "Bearer the-token"}
-    with BackgroundServer(config) as srv:
+    # No hung mount can be made here: a read that waits on an event stands for one.
+    mount_back = threading.Event()
+
+    with caplog.at_level(logging.INFO, logger="mintvcs.serve"), BackgroundServer(config) as srv:
         # Re-read on a timer: a new token works on its first request, however sparse the traffic.
         key.write_text("the-token\nnew-token\n")
         time.sleep(0.5)
         new = {"Authorization": "Bearer new-token"}
         assert request(srv.url + "/v1/adapters", headers=new, timeout=5)[0] == 200
-        key.unlink()
-        os.mkfifo(key)  # opening it for reading blocks until a writer comes
-        time.sleep(0.2)
-        for _ in range(20):  # more than the default executor's threads
-            assert request(srv.url + "/v1/adapters", headers=auth, timeout=5)[0] == 200
-            assert gen(srv, prompt="Hi", ref="main", max_tokens=1)[0] == 200
+        keys = srv.state.api_keys
+        assert keys is not None
+        read_bytes = keys._read_bytes
+
+        def hung_read() -> bytes | None:
+            mount_back.wait(30)
+            return read_bytes()
+
+        # This server's alone: another test's server may be running in this process.
+        monkeypatch.setattr(keys, "_read_bytes", hung_read)
+        try:
+            time.sleep(0.2)
+            for _ in range(20):  # more than the default executor's threads
+                assert request(srv.url + "/v1/adapters", headers=auth, timeout=5)[0] == 200
+                assert gen(srv, prompt="Hi", ref="main", max_tokens=1)[0] == 200
+                time.sleep(0.02)
+            told = [r.getMessage() for r in caplog.records if str(key) in r.getMessage()]
+            assert len([m for m in told if "has not ended after" in m]) == 1, told  # once per read
+        finally:
+            mount_back.set()
+        deadline = time.monotonic() + 10
+        while not any(f"{key} ended after" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, caplog.text
             time.sleep(0.02)
-        with open(key, "w") as writer:  # release the blocked read
-            writer.write("the-token\n")
+
+
+def test_a_key_file_that_is_a_fifo_for_a_while_does_not_stop_later_rotations(
+    repo: Repository,
+    tiny_base: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A FIFO at the key file's path is not a token file: it is warned about and left unread
+    (opening it would wait for a writer for ever, and no later rotation would be read), and the
+    regular file renamed over it next is taken."""
+    from mintvcs.serve import api_keys
+
+    monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.05)
+    key = tmp_path / "token"
+    key.write_text("old-token\n")
+    key.chmod(0o600)
+    config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, api_key_file=key)
+
+    def status(srv: BackgroundServer, token: str) -> int:
+        return request(
+            srv.url + "/v1/adapters", headers={"Authorization": f"Bearer {token}"}, timeout=5
+        )[0]
+
+    with caplog.at_level(logging.INFO, logger="mintvcs.serve"), BackgroundServer(config) as srv:
+        key.unlink()
+        os.mkfifo(key, 0o600)
+        deadline = time.monotonic() + 10
+        while "is not a regular file" not in caplog.text:
+            assert time.monotonic() < deadline, caplog.text
+            assert (status(srv, "old-token"), status(srv, "new-token")) == (200, 401)
+            time.sleep(0.02)
+        time.sleep(0.3)  # several reads of the FIFO: one warning all the same
+        assert caplog.text.count("is not a regular file") == 1, caplog.text
+        fresh = tmp_path / "token.new"
+        fresh.write_text("new-token\n")
+        fresh.chmod(0o600)
+        os.replace(fresh, key)
+        deadline = time.monotonic() + 3
+        while (status(srv, "old-token"), status(srv, "new-token")) != (401, 200):
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.02)
+        assert "re-read: 1 token(s)" in caplog.text
+
+
+def test_a_stalled_key_file_read_is_told_once_and_its_end_too(
+    key_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read under way for STALLED_INTERVALS intervals is warned about once; the change made
+    meanwhile is taken after it ends."""
+    from mintvcs.serve import api_keys
+
+    monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.01)
+    keys = api_keys.ApiKeys(key_file)
+    entered, mount_back = threading.Event(), threading.Event()
+    read_bytes = keys._read_bytes
+
+    def hung_read() -> bytes | None:
+        entered.set()
+        mount_back.wait(30)
+        return read_bytes()
+
+    # On this instance alone: another test's server may be running in this process.
+    monkeypatch.setattr(keys, "_read_bytes", hung_read)
+    time.sleep(0.02)
+    reader = threading.Thread(target=keys.refresh, daemon=True)
+    with caplog.at_level(logging.INFO, "mintvcs.serve"):
+        reader.start()
+        assert entered.wait(5)
+        keys.warn_if_stalled()
+        assert "has not ended" not in caplog.text  # not yet several intervals
+        time.sleep(api_keys.STALLED_INTERVALS * 0.01 + 0.02)
+        keys.warn_if_stalled()
+        keys.warn_if_stalled()
+        assert keys.refresh() == (b"old",)  # a second read does not queue behind it
+        told = [r.getMessage() for r in caplog.records if str(key_file) in r.getMessage()]
+        assert len([m for m in told if "has not ended after" in m]) == 1, told
+        key_file.write_text("new\n")
+        mount_back.set()
+        reader.join(5)
+        assert any(f"{key_file} ended after" in r.getMessage() for r in caplog.records)
+        monkeypatch.setattr(keys, "_read_bytes", read_bytes)
+        time.sleep(0.02)
+        keys.refresh()  # the hung read saw "new" once; now twice
+        assert keys.refresh() == (b"new",)
 
 
 def test_unpin_by_ref_releases_what_it_pinned_after_the_ref_moved(
