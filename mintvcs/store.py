@@ -1370,6 +1370,7 @@ class Repository:
                 replaced = {name for name in names & set(cached) if cached[name].replaced()}
                 for name in (set(cached) - names) | replaced:
                     gone = cached.pop(name)
+                    self.__dict__["_packs_let_go"] = self.packs_let_go() + 1
                     if self.__dict__.get("_last_pack") is gone:
                         self.__dict__.pop("_last_pack", None)
                     # Not closed: another thread may be reading it (its content is still
@@ -1390,6 +1391,13 @@ class Repository:
                 self.__dict__["_unreadable_packs"] = unreadable
                 self.__dict__["_packs_scanned"] = True  # after the scan: others wait for it
             return list(cached.values())
+
+    def packs_let_go(self) -> int:
+        """How many packs this store's reader has let go of since it was opened (deleted or
+        replaced on disk): an answer found while they were listed may name an object that is
+        gone now, so a cache of such answers compares this count."""
+        count: int = self.__dict__.get("_packs_let_go", 0)
+        return count
 
     def release_removed_packs(self) -> None:
         """Let go of packs deleted since they were opened (a gc or repack by another process),
@@ -2691,6 +2699,11 @@ class Repository:
             if len(commits) > 1:
                 raise UnknownRevisionError(
                     f"revision '{name}' is ambiguous: {', '.join(c[:12] for c in commits[:5])}; give more digits"
+                )
+            if len(hex_id) == 40:  # as the server's load path says it: the id cannot be a typo
+                raise UnknownRevisionError(
+                    f"unknown revision '{spec}': no commit of that id in the repository (never "
+                    "committed there, or pruned since)"
                 )
         raise UnknownRevisionError(f"unknown revision '{spec}': not a branch, tag or commit id")
 

@@ -5,9 +5,10 @@ store reads a ref file and peels an object; doing that per request is wasteful, 
 ref is out of the question with 10^6 per-user branches. So each resolved spec is cached together
 with the stat signature (inode, size, mtime) of the few files that can change its answer: the loose
 ref files it was looked up in, and `packed-refs`. (A full commit id names that commit whatever ref
-shares its digits, but its entry watches the same files, so that a commit pruned since is looked
-up again once a gc rewrites them; an abbreviated id depends on every object that may come to share
-its digits, so it is not cached.) A request revalidates its entry with those two or three `stat` calls, so it sees the ref's value at admission exactly; the poller stats the same files
+shares its digits; its entry watches the same files, and the object store too: the pack directory,
+the object's loose file, and the count of packs the store let go of, so that a commit pruned since
+is looked up again, in the packs listed anew, once a gc deletes the pack or file that held it. An
+abbreviated id depends on every object that may come to share its digits, so it is not cached.) A request revalidates its entry with those two or three `stat` calls, so it sees the ref's value at admission exactly; the poller stats the same files
 for every spec in use every ~150 ms, re-reads the ref values once a second (a guard against a
 rename that reuses an inode within one timestamp tick), and reports moves so that the server can
 prefetch the new revision before requests ask for it. Only specs requested in the last minute
@@ -125,6 +126,8 @@ class _Entry:
     deps: tuple[tuple[str, StatKey], ...]
     raw: str | None  # the ref's own value when resolved (before ~N), for the periodic re-read
     used: float
+    # A full commit id's: the store's packs_let_go() before it was looked up (None for others).
+    packs_let_go: int | None = None
 
 
 class RefWatcher:
@@ -177,11 +180,19 @@ class RefWatcher:
                 names.append(ref)
         return names
 
-    def _deps(self, names: list[str], reflog: bool = False) -> tuple[tuple[str, StatKey], ...]:
+    def _deps(
+        self, names: list[str], reflog: bool = False, commit_id: str | None = None
+    ) -> tuple[tuple[str, StatKey], ...]:
         paths = [os.path.join(self.git_dir, n) for n in names]
         paths.append(os.path.join(self.git_dir, "packed-refs"))
         if reflog:  # `main@{1}` names what the reflog says, which expire and delete rewrite
             paths += [os.path.join(self.git_dir, "logs", n) for n in names]
+        if commit_id is not None:
+            # Where the object is: a gc that prunes it deletes its loose file or rewrites the
+            # pack directory (whose mtime changes as a pack is added or deleted).
+            objects = os.path.join(self.git_dir, "objects")
+            paths.append(os.path.join(objects, "pack"))
+            paths.append(os.path.join(objects, commit_id[:2], commit_id[2:]))
         return tuple((p, _stat(p)) for p in paths)
 
     def read_ref(self, ref: str | None) -> str | None:
@@ -197,15 +208,28 @@ class RefWatcher:
     def _resolve_uncached(self, spec: str) -> _Entry:
         name = _SUFFIX.split(spec, maxsplit=1)[0]
         names = self._candidates(name)
+        commit_id = name.lower() if is_full_hex(name) else None
         # Stat first, then read: a move in between leaves a stale signature, so the next check re-resolves.
-        deps = self._deps(names, reflog="@{" in spec)
+        deps = self._deps(names, reflog="@{" in spec, commit_id=commit_id)
+        packs_let_go = None
+        if commit_id is not None:
+            # The store lists its packs again only on a miss: a pack a gc deleted, still
+            # listed (and mapped), would find the pruned commit, and the entry would keep it.
+            # The count after the listing: a pack let go of from now on makes the entry stale.
+            self.repo.release_removed_packs()
+            packs_let_go = self.repo.packs_let_go()
         commit = str(self.repo.resolve(spec))
         # The first candidate that exists is the ref the store went through; None means a commit
         # id (a full one names that commit whatever ref shares its digits, as the store reads it).
         found = (n for n in names if self.read_ref(n) is not None)
         ref = None if is_full_hex(name) else next(found, None)
         return _Entry(
-            Resolution(spec, commit, ref), name, deps, self.read_ref(ref), time.monotonic()
+            Resolution(spec, commit, ref),
+            name,
+            deps,
+            self.read_ref(ref),
+            time.monotonic(),
+            packs_let_go,
         )
 
     def ref_of(self, name: str) -> str | None:
@@ -223,10 +247,14 @@ class RefWatcher:
         afresh on each request (a prefix search of the packs' indexes, no object read)."""
         return entry.resolution.ref is not None or is_full_hex(entry.name)
 
-    @staticmethod
-    def _fresh(entry: _Entry, stats: dict[str, StatKey] | None = None) -> bool:
-        """Whether the entry's files are as when it was resolved; `stats` memoizes one pass's
-        stat calls (many specs share packed-refs and their ref's file)."""
+    def _fresh(self, entry: _Entry, stats: dict[str, StatKey] | None = None) -> bool:
+        """Whether the entry's files are as when it was resolved, and for a commit id whether
+        the store has let go of no pack since; `stats` memoizes one pass's stat calls (many
+        specs share packed-refs and their ref's file)."""
+        # A counter, not a file: a pack the server's timer releases (it was deleted, on a file
+        # system whose directory mtime did not tell) may have been what found the commit.
+        if entry.packs_let_go is not None and entry.packs_let_go != self.repo.packs_let_go():
+            return False
         for path, key in entry.deps:
             if stats is None:
                 now = _stat(path)
@@ -434,7 +462,7 @@ class RefWatcher:
                         self._drop(spec)
                 continue
             if entry.resolution.ref is None and is_object_id(spec):
-                continue  # a full commit id names the same revision forever: nothing to watch
+                continue  # a full commit id never moves: a request sees it pruned (_fresh)
             if idle > self.active_s:
                 continue  # no recent request: nothing to prefetch for
             changed = not self._fresh(entry, stats)

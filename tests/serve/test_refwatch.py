@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -524,3 +528,75 @@ def test_a_deleted_ref_is_reported_with_its_own_value_by_each_of_its_specs(
     porcelain.branch_delete(repo, "x", force=True)
     gone = watcher.poll()
     assert {(m.spec, m.old, m.new) for m in gone} == {("x", second, None), ("x~1", second, None)}
+
+
+def _packed_unreferenced_commit(
+    tmp_path: Path, adapter: Path
+) -> tuple[Any, str, str, Callable[..., subprocess.CompletedProcess[str]]]:
+    """A repository whose `doomed` branch names a commit (returned with the first one and a git
+    runner) that only it holds, all its objects packed."""
+    repo, first, _work = _repo_with_two_revisions(tmp_path, adapter)
+    doomed = porcelain.commit(repo, "doomed", verify=False, show_progress=False).commit
+    git_dir = str(repo.git_dir)
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "--git-dir", git_dir, *args], capture_output=True, text=True)
+
+    porcelain.branch_create(repo, "doomed", doomed)
+    assert git("update-ref", "refs/heads/main", first).returncode == 0
+    assert git("gc", "--quiet").returncode == 0  # doomed's objects go into a pack
+    assert not (Path(git_dir) / "objects" / doomed[:2] / doomed[2:]).exists()
+    return repo, first, doomed, git
+
+
+def test_a_commit_id_pruned_from_a_pack_is_unknown_though_the_pack_was_listed(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    """docs/http.md: a revision pruned since it was last requested answers 404. Its objects in a
+    pack the store still has listed (and mapped), a look-up after `branch -D` (which rewrites
+    packed-refs) found it there, and the entry kept it after gc deleted the pack."""
+    from mintvcs.store import UnknownRevisionError
+
+    repo, first, doomed, git = _packed_unreferenced_commit(tmp_path, peft_adapter)
+    watcher = RefWatcher(repo)
+    assert watcher.resolve(doomed) == Resolution(doomed, doomed, None)
+    repo.release_removed_packs()  # the server's timer, with no pack gone
+    assert watcher.cached(doomed) is not None  # requests by id stay cached lookups
+    porcelain.branch_delete(repo, "doomed", force=True)
+    assert watcher.resolve(doomed).commit == doomed  # still there: the window before the gc
+    assert git("reflog", "expire", "--expire=now", "--all").returncode == 0
+    assert git("gc", "--quiet", "--prune=now").returncode == 0
+    assert git("cat-file", "-e", doomed).returncode != 0  # gone from disk
+    with pytest.raises(UnknownRevisionError):
+        watcher.resolve(doomed)
+    assert watcher.resolve(first).commit == first  # what gc kept is still found
+
+
+def test_a_commit_id_is_looked_up_again_once_the_store_lets_go_of_a_pack(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    """Where the pack directory's stat does not tell a repack (a file system of coarse
+    timestamps; its mtime put back here), the server's timer letting go of the deleted pack
+    makes a commit id's entry stale all the same."""
+    from mintvcs.store import UnknownRevisionError
+
+    repo, _first, doomed, git = _packed_unreferenced_commit(tmp_path, peft_adapter)
+    porcelain.branch_delete(repo, "doomed", force=True)
+    assert git("reflog", "expire", "--expire=now", "--all").returncode == 0
+    watcher = RefWatcher(repo)
+    assert watcher.resolve(doomed).commit == doomed  # unreferenced, but its pack is still there
+    pack_dir = Path(repo.git_dir) / "objects" / "pack"
+    before = os.stat(pack_dir)
+    # repack, not gc: packed-refs is left as it was, so only the object store tells.
+    assert git("repack", "-a", "-d", "-q").returncode == 0
+    assert git("prune", "--expire=now").returncode == 0
+    assert git("cat-file", "-e", doomed).returncode != 0
+    os.utime(pack_dir, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(pack_dir)
+    if (after.st_ino, after.st_size) != (before.st_ino, before.st_size):
+        pytest.skip("this file system's directory size tells the repack apart")
+    assert watcher.cached(doomed) is not None  # nothing a stat sees has changed
+    repo.release_removed_packs()  # the server's timer lets go of the deleted pack
+    assert watcher.cached(doomed) is None
+    with pytest.raises(UnknownRevisionError):
+        watcher.resolve(doomed)
