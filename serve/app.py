@@ -111,7 +111,8 @@ class ServerConfig:
     api_key_file: Path | None = None
     api_key_scope: str = "admin"  # "all": every endpoint but /health needs the token too
     max_batch_size: int = 32
-    max_queued_requests: int | None = None  # waiting to start; more get 503 (None: no bound)
+    # Choices (sequences) waiting to start; a request that would go past gets 503 (None: no bound).
+    max_queued_requests: int | None = None
     max_num_batched_tokens: int = 4096  # prompt tokens prefilled per step (longer: chunked)
     cpu_threads: int | None = None  # None: the CPUs this process may use (affinity, cgroup quota)
     max_model_len: int | None = None
@@ -392,7 +393,7 @@ class ServerState:
         for key, help_text in (
             ("batch_size", "Sequences in the last engine step."),
             ("mean_batch_size", "Mean sequences per engine step since start."),
-            ("queue_depth", "Requests waiting for a KV slot or their adapter."),
+            ("queue_depth", "Sequences (choices) waiting for a KV slot or their adapter."),
             ("running", "Sequences admitted: decoding, or their prompt going in."),
             ("prefilling", "Sequences whose prompt is going in over several steps (chunked)."),
             (

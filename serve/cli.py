@@ -108,7 +108,8 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
     "--max-queued-requests",
     default=None,
     type=click.IntRange(min=1),
-    help="Requests that may wait to start; more get 503 with Retry-After [default: no bound].",
+    help="Choices (sequences: n per prompt of each request) that may wait to start; a request "
+    "that would take them past N gets 503 with Retry-After [default: no bound].",
 )
 @click.option(
     "--max-num-batched-tokens",

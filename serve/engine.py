@@ -71,7 +71,8 @@ class EngineClosed(EngineError):
 
 
 class EngineOverloaded(EngineError):
-    """As many requests as EngineConfig.max_waiting already wait to start; retry later."""
+    """The request's choices would take the sequences waiting to start past
+    EngineConfig.max_waiting; retry later."""
 
     reason = "overloaded"
 
@@ -96,8 +97,10 @@ class EngineConfig:
     # Threads of the step thread's torch team on CPU; None = the caller's torch count, capped by
     # the CPUs this process may use (affinity and cgroup quota: threads.available_cpus).
     cpu_threads: int | None = None
-    # Requests that may wait to start (queued, not yet in the batch); more are refused with
-    # EngineOverloaded. None = no bound, as vLLM: a client then waits instead of being told.
+    # Sequences (a request's choices: n per prompt) that may wait to start (queued, not yet in
+    # the batch), counted so because each takes a KV slot; a request that would take them past
+    # this is refused with EngineOverloaded. None = no bound, as vLLM: a client then waits
+    # instead of being told.
     max_waiting: int | None = None
     # Finished sequences' KV slots keep their keys and values, and a prompt that starts with
     # the same tokens for the same revision copies them (serve/prefix_cache.py). False = every
@@ -826,15 +829,15 @@ class Engine:
                 refusal = EngineClosed("the engine was closed")
             elif limit is not None and len(seqs) > limit:  # would never fit: not "retry later"
                 refusal = InvalidRequest(
-                    f"{len(seqs)} requests at once (choices of one call) are more than the "
+                    f"{len(seqs)} choices (sequences) in one request are more than the "
                     f"{limit} that may wait to start (max_waiting, the server's "
                     "--max-queued-requests); send fewer"
                 )
             elif limit is not None and self.waiting + len(seqs) > limit:
                 refusal = EngineOverloaded(
-                    f"the server is overloaded: {self.waiting} requests already wait to start, "
-                    f"at most {limit} may (max_waiting, the server's --max-queued-requests); "
-                    "retry later"
+                    f"the server is overloaded: {self.waiting} choice(s) (sequences) already "
+                    f"wait to start and this request adds {len(seqs)}; at most {limit} may wait "
+                    "(max_waiting, the server's --max-queued-requests); retry later"
                 )
             if refusal is not None:
                 for seq in seqs:

@@ -187,8 +187,10 @@ def test_max_waiting_refuses_past_the_bound_all_or_nothing(tiny_base: Path) -> N
             eng.start_many([(_prompt(4, 5), None, long)] * 3)
         assert eng.waiting == 0 and len(eng._seqs) == 1
         waiting = eng.start_many([(_prompt(4, 5), None, long)])
-        # A batch that would overflow the bound queues none of its requests.
-        with pytest.raises(EngineOverloaded, match="at most 2 may"):
+        # A batch that would overflow the bound queues none of its requests; the refusal
+        # counts choices (sequences), as the bound does.
+        told = "1 choice(s) (sequences) already wait to start and this request adds 2; at most 2"
+        with pytest.raises(EngineOverloaded, match=re.escape(told)):
             eng.start_many([(_prompt(5, 5), None, long)] * 2)
         assert eng.waiting == 1 and len(eng._seqs) == 2
         waiting += eng.start_many([(_prompt(5, 5), None, long)])
@@ -197,7 +199,7 @@ def test_max_waiting_refuses_past_the_bound_all_or_nothing(tiny_base: Path) -> N
         while eng._inbox.qsize() or len(eng.scheduler.waiting) < 2:
             assert time.monotonic() < deadline, eng.stats()
             time.sleep(0.005)
-        with pytest.raises(EngineOverloaded, match="2 requests already wait"):
+        with pytest.raises(EngineOverloaded, match=r"2 choice\(s\) \(sequences\) already wait"):
             eng.start_many([(_prompt(6, 5), None, GREEDY)])
         assert eng.stats()["queue_depth"] == 2
         for future in [running, *waiting]:

@@ -1250,6 +1250,11 @@ def test_past_max_queued_requests_is_503_overloaded_at_once(
         status, headers, answer, openai_status = asyncio.run(run())
         assert (status, openai_status) == (503, 503), answer
         assert answer["reason"] == "overloaded" and "retry later" in answer["error"]
+        # What the bound counts is what it says: choices (sequences), not requests.
+        assert (
+            "1 choice(s) (sequences) already wait to start and this request adds 1; at most 1 "
+            in answer["error"]
+        ), answer
         assert headers["Retry-After"] == "1"
         deadline = time.monotonic() + 10
         while engine.stats()["running"] or engine.waiting:
