@@ -398,7 +398,14 @@ class Scheduler:
                     seq.cache_owner, seq.prompt_ids, hashes=seq.prompt_hashes, scored=scored
                 )
                 if _shared_blocks(seq, going_in, scored) * BLOCK > hit.length + BLOCK:
-                    continue  # a prompt going in holds more of it: wait a step, then copy
+                    # A prompt going in holds more of it: wait a step, then copy. Nobody
+                    # younger goes first meanwhile: one that did could take the last KV slot,
+                    # or drain this one's adapter slot, and keep it waiting a whole generation.
+                    # Forks joining a parent that ends in this step still get in (no budget).
+                    budget = 0
+                    if not ending:
+                        break
+                    continue
             if seq.revision is not None:
                 assert self.residency is not None
                 try:

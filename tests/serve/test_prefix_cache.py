@@ -534,3 +534,54 @@ def test_a_prompt_still_going_in_serves_none_of_its_blocks_until_they_are_in(
         for a, b in zip(mine, theirs, strict=True):
             assert a.token_ids == b.token_ids
         assert cached.stats()["prefix_cache_hit_tokens"] == 64
+
+
+def _first_token_steps(
+    engine: Engine, requests: list[tuple[list[int], str | None, SamplingParams]]
+) -> list[int]:
+    """Step an engine made with start=False by hand until `requests` end: each one's first
+    token's step (counted from 1), so that the order of admissions is exact."""
+    engine.start_many(requests)
+    sched = engine.scheduler
+    seqs = sorted(engine._seqs.values(), key=lambda s: s.request_id)[-len(requests) :]
+    while not engine._inbox.empty():
+        sched.add(engine._inbox.get_nowait())
+    first = [0] * len(seqs)
+    for step in range(1, 500):
+        sched.step()
+        for i, seq in enumerate(seqs):
+            if not first[i] and seq.output_ids:
+                first[i] = step
+        if not sched.has_work:
+            return first
+        time.sleep(0.001)  # an adapter load runs on the residency's thread
+    raise AssertionError(f"the requests did not end: first tokens at {first}")
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_a_prompt_waiting_for_blocks_going_in_keeps_its_place_in_the_queue(
+    tiny_base: Path, zoo: dict[str, Path], caching: bool
+) -> None:
+    # Q goes in; P shares Q's first 48 tokens and waits a step to copy them. A younger request
+    # must not go first meanwhile: B (another revision) would drain the only adapter slot,
+    # which P's revision holds; C would take the last KV slot. P would then wait for Q's
+    # 40 tokens, with the prefix cache on only.
+    query = [1, *_tokens(90, 63)]
+    shared = [*query[:48], *_tokens(91, 9)]
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    short = replace(long, max_tokens=5)
+    config = EngineConfig(max_model_len=128, adapter_slots=1, prefix_caching=caching)
+    source = PeftDirSource(zoo)
+    with Engine(tiny_base, replace(config, max_batch_size=4), source=source, start=False) as one:
+        one.prefetch("kv-r12").result(60)
+        steps = _first_token_steps(
+            one,
+            [(query, "kv-r12", long), (shared, "kv-r12", short), (_tokens(92, 20), "o-r6", long)],
+        )
+        assert steps[0] == 1 and steps[1] <= 2  # at step 41 before the fix (cache on)
+        assert one.scheduler.prefix.stats.hit_tokens == (48 if caching else 0)
+    with Engine(tiny_base, replace(config, max_batch_size=2), source=source, start=False) as two:
+        steps = _first_token_steps(
+            two, [(query, None, long), (shared, None, short), (_tokens(93, 20), None, long)]
+        )
+        assert steps[0] == 1 and steps[1] <= 2  # at step 41 before the fix (cache on)
