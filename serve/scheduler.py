@@ -338,16 +338,30 @@ class Scheduler:
                 self._finish(seq)
                 reaped.append(seq)
         if any(s.cancelled for s in self.waiting):
-            for seq in [s for s in self.waiting if s.cancelled]:
+            gone = [s for s in self.waiting if s.cancelled]
+            for seq in gone:
                 seq.finished = True
                 reaped.append(seq)
             self.waiting = deque(s for s in self.waiting if not s.cancelled)
+            self._undrain(gone)
         for seq in reaped:
             self.stats.cancelled += 1
             # Its last word, so that whoever waits on it learns it ended. A consumer that
             # cancelled it has stopped listening, and a sink that failed was why: both may raise.
             with suppress(Exception):
                 seq.sink(RequestCancelled(f"request {seq.request_id} was cancelled"))
+
+    def _undrain(self, gone: list[Sequence]) -> None:
+        """Give up the adapter slot drains that waiting requests now `gone` may have asked for,
+        for each revision no request still waiting asks for: a drain left for nobody would hold
+        up the requests for the revision in that slot until all its running ones end."""
+        if self.residency is None:
+            return
+        revisions = {s.revision for s in gone if s.waited_for_adapter and s.revision is not None}
+        if not revisions:
+            return
+        for revision in revisions - {s.revision for s in self.waiting}:
+            self.residency.undrain(revision)
 
     def _plan(self) -> list[Sequence]:
         """This step's prompt work within max_num_batched_tokens: the next chunk of each prompt

@@ -548,6 +548,15 @@ class Residency:
                 self._load_waiting_pins()
         self._on_change()
 
+    def undrain(self, revision: str) -> None:
+        """Stop reserving a slot for `revision`: no request waits for it any more (cancelled)."""
+        with self._lock:
+            for slot in self.slots:
+                if slot.draining_for == revision:
+                    # Else the slot takes no new references until it is idle, for nobody; the
+                    # next waiter of another revision drains one again when it asks.
+                    slot.draining_for = None
+
     def failure(self, revision: str) -> BaseException | None:
         """The error of revision's last failed load, if it is still reported."""
         with self._lock:

@@ -223,3 +223,40 @@ def test_a_remembered_refusal_does_not_collect_each_request_s_frames(
         _, kept = eng.residency._failures["bad"]
         assert kept.__traceback__ is None and kept.__context__ is None
         assert eng.stats()["loads_failed"] == 1
+
+
+def test_a_cancelled_waiter_leaves_no_drain_behind(tiny_base: Path, zoo: dict[str, Path]) -> None:
+    # One adapter slot, held by a running request: a request for another revision drains it.
+    # Cancelled while it waits, its drain must go with it (while no one else waits for that
+    # revision), or a new request for the resident revision waits for the running one's end.
+    long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(max_model_len=128, adapter_slots=1, prefix_caching=False)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo), start=False) as eng:
+        eng.prefetch("kv-r12").result(60)
+        sched = eng.scheduler
+
+        def queue(revision: str, params: SamplingParams = long) -> int:
+            eng.start_many([([1, 5, 9, 13], revision, params)])
+            while not eng._inbox.empty():
+                sched.add(eng._inbox.get_nowait())
+            return max(eng._seqs)
+
+        def draining() -> list[str | None]:
+            return [slot.draining_for for slot in eng.residency.slots]
+
+        queue("kv-r12")
+        sched.step()
+        first, second = queue("o-r6"), queue("o-r6")
+        sched.step()
+        assert draining() == ["o-r6"]
+        eng.cancel(first)
+        sched.step()
+        assert draining() == ["o-r6"]  # the second still waits for it
+        eng.cancel(second)
+        late = eng._seqs[queue("kv-r12", SamplingParams(max_tokens=3, temperature=0.0))]
+        sched.step()
+        assert draining() == [None]
+        assert late.output_ids  # its first token at once, not after the running request's 60
+        while sched.has_work:
+            sched.step()
+        assert eng.residency.slots[0].refs == 0
