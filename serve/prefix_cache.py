@@ -111,8 +111,10 @@ class PrefixCache:
 
         Decode steps read KV slots 0 up to the highest in use (a view, or CUDA graphs' bucket),
         so running sequences must stay in the lowest slots. When the lowest is idle, what it
-        holds moves to the slot the cache gives up instead: the lowest free one, else the
-        least recently used idle one, whose own contents are dropped.
+        holds moves to the slot the cache gives up instead: the lowest free one, else an idle
+        one, whose own contents are dropped. Idle copies that another slot also holds (the
+        `n` choices of one prompt each leave one) are given up first, least recently used
+        first, then the others; the lowest is given up, not moved, when it is such a copy.
         """
         free = self.kv.lowest_free()
         low = min((s for s in self._idle if s != keep), default=None)
@@ -122,10 +124,15 @@ class PrefixCache:
                     f"all {self.kv.num_slots} KV slots are in use; raise max_batch_size or wait"
                 )
             return self.kv.allocate()
+        if self._redundant(low):
+            del self._idle[low]
+            self._forget(low)
+            return low
         if free is not None:
             spare = self.kv.allocate()
         else:
-            spare = next(s for s in self._idle if s != keep)
+            victims = [s for s in self._idle if s != keep]
+            spare = next((s for s in victims if s != low and self._redundant(s)), victims[0])
             if spare == low:
                 del self._idle[low]
                 self._forget(low)
@@ -138,6 +145,24 @@ class PrefixCache:
         self._idle = OrderedDict((spare if s == low else s, None) for s in self._idle if s != spare)
         self._hold(spare, held.owner, held.tokens, held.logprobs, held.top, held.hashes)
         return low
+
+    def _redundant(self, slot: int) -> bool:
+        """Whether another slot holds every whole block the idle `slot` holds (and the prompt
+        logprobs it kept): giving it up loses no hit. By block hash: a collision costs a miss."""
+        held = self._held[slot]
+        if not held.hashes:
+            return True
+        for other in self._index.get(held.hashes[-1], {}):
+            theirs = self._held[other]
+            if other == slot or theirs.owner != held.owner:
+                continue
+            if held.logprobs is None or (
+                theirs.logprobs is not None
+                and len(theirs.logprobs) >= len(held.logprobs)
+                and theirs.top >= held.top
+            ):
+                return True
+        return False
 
     def lookup(
         self,

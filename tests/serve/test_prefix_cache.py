@@ -83,20 +83,18 @@ def test_revisions_and_short_prefixes_do_not_match() -> None:
 
 def test_allocation_keeps_running_slots_lowest_and_moves_what_idle_ones_hold() -> None:
     cache = _cache(3)
-    base = _tokens(2, 48)
-    short_slot, _ = _admit(cache, None, base[:20])
-    _fill(cache, short_slot, 1.0)
-    cache.retire(short_slot, None, base[:20])
+    base, short = _tokens(2, 48), _tokens(16, 20)
+    short_slot, _ = _admit(cache, None, short)
     long_slot, _ = _admit(cache, None, base)
+    _fill(cache, short_slot, 1.0)
     _fill(cache, long_slot, 2.0)
+    cache.retire(short_slot, None, short)
     cache.retire(long_slot, None, base)
     assert (short_slot, long_slot) == (0, 1)
     assert cache.match(None, [*base, 9], 48) == (long_slot, 48)
-    # The longest holder wins (24 tokens against 20), counted in whole blocks.
-    assert cache.match(None, [*base[:24], *[9] * 8], 31) == (long_slot, 16)
     # A new prompt gets the lowest slot, 0; what slot 0 held moves to the free slot 2.
     assert _admit(cache, None, _tokens(3, 20)) == (0, 0)
-    assert cache.match(None, [*base[:20], 0], 20)[1] == 16
+    assert cache.match(None, [*short, 0], 20) == (2, 16)
     assert bool((cache.kv.keys[0][2, :, :20] == 1.0).all())
     # No slot is free: the next gets slot 1, and what it held (the long prompt) moves to the
     # least recently used idle slot, 2, whose short prompt is dropped.
@@ -106,6 +104,55 @@ def test_allocation_keeps_running_slots_lowest_and_moves_what_idle_ones_hold() -
     assert _admit(cache, None, _tokens(5, 20)) == (2, 0)  # the last idle slot, given up
     with pytest.raises(KVCacheFull):
         _admit(cache, None, _tokens(6, 20))
+
+
+def test_an_idle_copy_another_slot_also_holds_is_given_up_first_and_never_moved() -> None:
+    cache = _cache(3)
+    base = _tokens(2, 48)
+    for prompt in (base[:20], base):
+        slot, _ = _admit(cache, None, prompt)
+        cache.retire(slot, None, prompt)
+    # The longest holder wins (24 tokens against 20), counted in whole blocks.
+    assert cache.match(None, [*base[:24], *[9] * 8], 31) == (1, 16)
+    # Slot 0's one whole block is slot 1's first: slot 0 is given up, not moved to slot 2.
+    assert _admit(cache, None, _tokens(3, 20)) == (0, 0)
+    assert cache.kv.free_slots == 1 and cache.idle == 1
+    assert cache.match(None, [*base[:20], 0], 20) == (1, 16)
+
+
+def test_the_n_copies_of_one_prompt_go_before_another_prompts_only_copy() -> None:
+    # Five slots: Y once, then X with three choices (three idle copies), then X, X and Y
+    # again. Y's only copy must outlast X's spare ones.
+    cache = _cache(5)
+    x, y = _tokens(17, 40), _tokens(18, 40)
+    slot, _ = _admit(cache, None, y)
+    cache.retire(slot, None, y)
+    slots = [_admit(cache, None, x)[0] for _ in range(3)]
+    for slot in slots:
+        cache.retire(slot, None, x)
+    assert cache.idle == 4 and cache.kv.free_slots == 1
+    cached = []
+    for prompt in (x, x, y):
+        slot, n = _admit(cache, None, prompt)
+        cache.publish(slot, None, prompt)
+        cached.append(n)
+    assert cached == [32, 32, 32]
+
+
+def test_a_scored_copy_is_not_given_up_for_an_unscored_one() -> None:
+    cache = _cache(3)
+    prompt = _tokens(19, 40)
+    lps = (None, *(TokenLogprobs(t, -1.0, ((t, -1.0),)) for t in prompt[1:]))
+    scored, _ = _admit(cache, None, prompt)
+    cache.publish(scored, None, prompt, lps, 1)
+    cache.retire(scored, None, prompt)
+    plain, _ = _admit(cache, None, prompt)
+    cache.retire(plain, None, prompt)
+    assert (scored, plain) == (0, 1)
+    # Slot 0 is the lowest and least recent, but only it kept the logprobs: slot 1 goes.
+    assert _admit(cache, None, _tokens(20, 20)) == (0, 0)
+    _admit(cache, None, _tokens(21, 20))
+    assert cache.lookup(None, [*prompt[:35], 9], scored=1).length == 32
 
 
 def test_with_no_free_slot_the_lowest_holder_is_taken_over_without_a_copy() -> None:
