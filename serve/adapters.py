@@ -104,10 +104,14 @@ class AdapterWeights:
 
 
 class AdapterSource(Protocol):
-    """Where revisions come from: resolve a ref or name to an id, load an id's weights."""
+    """Where revisions come from: resolve a ref or name to an id, load an id's weights.
+
+    An id names fixed weights: the adapter slots, the host cache and the prefix cache (whose
+    keys and values a k/v LoRA changes) keep what they hold under the id.
+    """
 
     def resolve(self, spec: str) -> str:
-        """The revision id `spec` names now."""
+        """The revision id `spec` names now (a ref may move; the id's weights may not)."""
         ...
 
     def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
@@ -162,8 +166,20 @@ class PeftDirSource:
         self.base_fingerprint = base_fingerprint
 
     def add(self, name: str, directory: Path | str) -> None:
-        """Register `directory` under revision id `name`."""
-        self.directories[name] = Path(directory)
+        """Register `directory` under revision id `name`; ValueError if `name` names another.
+
+        A name is an id, and an id names fixed weights: an engine that served `name` keeps its
+        adapter and the keys and values its prompts gave under that name, and rebinding it
+        would mix the two adapters' outputs. Add the new directory under a new name.
+        """
+        path = Path(directory)
+        known = self.directories.get(name)
+        if known is not None and known.resolve() != path.resolve():
+            raise ValueError(
+                f"adapter name {name!r} already names {str(known)!r}, not {str(path)!r}: a "
+                "name is a revision id and must keep naming the same weights; use a new name"
+            )
+        self.directories[name] = path
 
     def resolve(self, spec: str) -> str:
         """A name is its own id; an unknown name is an error."""

@@ -71,6 +71,23 @@ def _assert_served_as_peft(base: Path, adapters: dict[str, Path]) -> None:
             assert found == pytest.approx(want, abs=1e-4), name
 
 
+def test_a_peft_dir_name_is_never_rebound_to_another_directory(
+    tmp_path: Path, zoo: dict[str, Path]
+) -> None:
+    # A name is a revision id: slots and the prefix cache keep what it gave under that name.
+    source = PeftDirSource({"x": zoo["kv-r12"]})
+    with pytest.raises(ValueError, match="'x'") as info:
+        source.add("x", zoo["qv-r8"])
+    assert str(zoo["kv-r12"]) in str(info.value) and str(zoo["qv-r8"]) in str(info.value)
+    assert source.directories["x"] == zoo["kv-r12"]
+    source.add("x", zoo["kv-r12"])  # the same directory again: nothing changes
+    (tmp_path / "link").symlink_to(zoo["kv-r12"])
+    source.add("x", tmp_path / "link")  # so is a path to it
+    source.add("y", zoo["qv-r8"])
+    assert source.resolve("y") == "y"
+    assert source.load("x").tensors.keys() != source.load("y").tensors.keys()
+
+
 def _load(directory: Path) -> AdapterWeights:
     return PeftDirSource({"x": directory}).load("x")
 
