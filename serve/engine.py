@@ -45,7 +45,7 @@ from mintvcs.serve.sampling import (
     TokenLogprobs,
 )
 from mintvcs.serve.scheduler import Scheduler, Sequence, TokenEvent
-from mintvcs.serve.slots import AdapterPools, Residency
+from mintvcs.serve.slots import AdapterPools, Residency, ResidencyClosed
 from mintvcs.serve.structured import Grammars
 from mintvcs.serve.threads import available_cpus, one_intraop_thread, set_intraop_threads
 
@@ -1016,12 +1016,21 @@ class Engine:
 
     # -- residency ------------------------------------------------------------------------------
     def prefetch(self, revision: str, *, pin: bool = False) -> Future[int | None]:
-        """Start loading `revision` (slot if one is free or idle, else host cache); pin keeps it resident."""
+        """Start loading `revision` (slot if one is free or idle, else host cache); pin keeps it resident.
+
+        EngineClosed once close() has begun; a load still queued when it ran fails its future
+        with ResidencyClosed (both: the server is stopping, a 503).
+        """
         if self._closed:
             raise EngineClosed("the engine was closed")
         if self.source is None:
             raise EngineError("this engine has no adapter source")
-        return _own_future(self.residency.warm(revision, pin=pin))
+        try:
+            shared = self.residency.warm(revision, pin=pin)
+        except ResidencyClosed:
+            # close() began since the check above: the same answer as a closed engine's.
+            raise EngineClosed("the engine was closed") from None
+        return _own_future(shared)
 
     async def warm(self, revision: str, *, pin: bool = False) -> int | None:
         """Await prefetch(): the slot index, or None when it only reached the host cache."""

@@ -62,7 +62,8 @@ class ResidencyError(MintError):
 
 
 class ResidencyClosed(ResidencyError):
-    """A load still queued when the engine closed: it will never be made."""
+    """The residency is closing or closed (the engine stops): a load asked for now, or still
+    queued when close() ran, will never be made."""
 
 
 def _transpose_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -493,7 +494,7 @@ class Residency:
         )
 
     def close(self) -> None:
-        """Stop the loader thread (the load in progress finishes; queued ones fail with ResidencyError)."""
+        """Stop the loader thread (the load in progress finishes; queued ones fail with ResidencyClosed)."""
         with self._lock:
             self._closing = True
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -595,7 +596,9 @@ class Residency:
         """Load `revision` into a slot if one can be freed, else into the host cache; the future gives the slot."""
         with self._lock:
             if self._closing:
-                raise ResidencyError("the engine was closed; nothing can be loaded")
+                # As a load queued when close() ran: the server is stopping (a 503), not a
+                # conflict with this revision (ResidencyError's 409).
+                raise ResidencyClosed("the engine was closed; nothing can be loaded")
             if pin:
                 # Every pin counts, in a slot or not yet: one pinned while the slots were busy
                 # takes a slot once loaded, and all slots pinned would starve other revisions.
@@ -619,7 +622,7 @@ class Residency:
                 return started
             pending = self._host_loads.get(revision)
             if pending is None:
-                # Our own future, not the executor's: close() fails it with ResidencyError
+                # Our own future, not the executor's: close() fails it with ResidencyClosed
                 # rather than cancelling it (a CancelledError would read as the awaiting
                 # task's own cancellation).
                 pending = self._host_loads[revision] = Future()
@@ -641,6 +644,8 @@ class Residency:
     def _load_waiting_pins(self) -> None:
         """Start loading pinned revisions that hold no slot (pinned while every slot was busy)
         into idle ones; under the lock."""
+        if self._closing:  # a release after close(): nothing is loaded any more
+            return
         for revision in sorted(self._pinned - self._by_revision.keys()):
             future = self._start_load(revision)
             if future is None:
@@ -703,6 +708,10 @@ class Residency:
         return min(idle, key=lambda s: s.last_used) if idle else None
 
     def _start_load(self, revision: str) -> Future[int | None] | None:
+        if self._closing:
+            # The loader is shut down: a submit would fail with the executor's RuntimeError
+            # and leave the slot "loading" for good.
+            raise ResidencyClosed("the engine was closed; nothing can be loaded")
         if self.source is None:
             raise ResidencyError(
                 "this engine has no adapter source; pass source= to serve revisions"

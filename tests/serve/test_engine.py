@@ -847,6 +847,28 @@ def test_closing_fails_the_loads_queued_behind_another(
         eng.close()
 
 
+def test_warming_a_closing_residency_says_it_is_closed_not_a_conflict(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    # A warm() that came after close() marked the residency closing raised a plain
+    # ResidencyError: a 409 over HTTP, where a load queued at that moment got the 503 of
+    # ResidencyClosed; and the scheduler's acquire() hit the shut executor's RuntimeError.
+    from mintvcs.serve.slots import ResidencyClosed
+
+    config = EngineConfig(max_batch_size=2, adapter_slots=2, max_model_len=64)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:
+        eng.residency.close()  # where Engine.close() stands once its step loop has stopped
+        with pytest.raises(ResidencyClosed, match="closed"):
+            eng.residency.warm("mlp-r2")
+        with pytest.raises(ResidencyClosed, match="closed"):
+            eng.residency.warm("o-r6", pin=True)
+        with pytest.raises(ResidencyClosed, match="closed"):
+            eng.residency.acquire("qv-r8")
+        with pytest.raises(EngineClosed):  # the engine's own answer for a closing engine
+            eng.prefetch("kv-r12")
+        assert all(s["state"] == "free" for s in eng.residency.snapshot())
+
+
 def test_a_source_whose_load_takes_no_max_bytes_is_refused_at_construction(
     tiny_base: Path, zoo: dict[str, Path]
 ) -> None:

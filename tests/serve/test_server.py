@@ -901,6 +901,26 @@ def test_a_warm_the_closing_engine_never_made_is_a_503_as_the_closing_is() -> No
     assert status_for(ResidencyError("every slot is pinned")) == 409
 
 
+def test_a_warm_while_the_engine_closes_is_a_503(
+    repo: Repository, tiny_base: Path, tmp_path: Path
+) -> None:
+    # It was a 409 (a plain ResidencyError) once the residency had begun closing.
+    key = tmp_path / "token"
+    key.write_text(TOKEN + "\n")
+    key.chmod(0o600)
+    config = ServerConfig(
+        repo=repo.git_dir, base_model=tiny_base, port=0, max_loras=2, api_key_file=key
+    )
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with BackgroundServer(config) as srv:
+        srv.state.engine.residency.close()  # where closing stands once the step loop stopped
+        status, headers, body = request(
+            srv.url + "/v1/adapters/warm", {"ref": "main"}, headers=auth
+        )
+        assert status == 503, body
+        assert "Retry-After" in headers
+
+
 def test_latency_buckets_step_one_two_five_between_their_ends() -> None:
     assert one_two_five_buckets(0.001, 0.05) == (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
     assert one_two_five_buckets(1.0, 30.0) == (1.0, 2.0, 5.0, 10.0, 20.0)
