@@ -27,7 +27,7 @@ import torch
 from mintvcs.errors import MintError
 from mintvcs.kernels import Backend
 from mintvcs.progress import progress_bar
-from mintvcs.serve.adapters import AdapterSource, AdapterWeights, HostAdapter, prepare_adapter
+from mintvcs.serve.adapters import AdapterSource, prepare_adapter
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.loader import (
     load_tokenizer,
@@ -450,6 +450,46 @@ class _LoopSink:
             self.engine.cancel(self.request_id)
 
 
+def _release(residency: Residency, source: AdapterSource | None) -> None:
+    """Stop the loader threads and close the source (a StoreSource's open pack files)."""
+    residency.close()
+    close_source = getattr(source, "close", None)
+    if callable(close_source):
+        close_source()
+
+
+def _step_loop(
+    engine_ref: weakref.ref[Engine],
+    wake: threading.Event,
+    residency: Residency,
+    source: AdapterSource | None,
+    threads: int,
+) -> None:
+    """The step thread: runs steps until the engine is closed, or collected unclosed.
+
+    It holds its engine only for one step at a time, never while it sleeps: an engine that
+    nobody refers to any more (a notebook cell run again without close()) is then collected,
+    with its model, KV cache and slot pools, and this thread ends instead of stepping for ever.
+    A stream or a future of a request still running holds the engine, so it is never collected
+    under a caller that waits for one.
+    """
+    set_intraop_threads(threads)
+    while True:
+        engine = engine_ref()
+        if engine is None:
+            break
+        if engine._closed:
+            return  # close() releases the rest
+        wait = engine._step()
+        del engine  # before sleeping: the sleep must not keep it alive
+        if wait is not None:
+            wake.wait(wait)
+    # Collected without close(). Released here rather than in a weakref finalizer, which the
+    # garbage collector may run on any thread (a loader thread itself, which close() joins)
+    # and inside any lock.
+    _release(residency, source)
+
+
 class Engine:
     """A resident base model serving many adapter revisions through slot pools and continuous batching."""
 
@@ -591,7 +631,19 @@ class Engine:
         self.residency = Residency(
             self.pools,
             source,
-            self._prepare,
+            # Validation only: the residency stages the factors into the slots' memory order
+            # (and pinned memory on CUDA) and runs the NaN/Inf check once, over the staged
+            # buffer. No method of the engine: nothing the residency holds (its loader threads
+            # neither) may keep an engine that nobody refers to any more alive.
+            functools.partial(
+                prepare_adapter,
+                config=self.model.config,
+                max_rank=config.max_lora_rank,
+                targets=self.pools.targets,
+                base_fingerprint=self.base_fingerprints,
+                dtype=self.model.dtype,
+                check_finite=False,
+            ),
             host_cache_bytes=config.host_cache_bytes,
             on_change=self._wake.set,
             base_fingerprint=self.base_fingerprints,
@@ -629,7 +681,12 @@ class Engine:
     def start(self) -> None:
         """Start the step loop thread."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="mintvcs-engine", daemon=True)
+            self._thread = threading.Thread(
+                target=_step_loop,
+                args=(weakref.ref(self), self._wake, self.residency, self.source, self._threads),
+                name="mintvcs-engine",
+                daemon=True,
+            )
             self._thread.start()
 
     def close(self) -> None:
@@ -641,10 +698,7 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self.residency.close()
-        close_source = getattr(self.source, "close", None)  # a StoreSource's open pack files
-        if callable(close_source):
-            close_source()
+        _release(self.residency, self.source)
         err = EngineClosed("the engine was closed")
         sched = self.scheduler
         for seq in [*sched.waiting, *sched.prefilling, *sched.running]:
@@ -658,37 +712,24 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _prepare(self, weights: AdapterWeights) -> HostAdapter:
-        # Validation only: the residency stages the factors into the slots' memory order (and
-        # pinned memory on CUDA) and runs the NaN/Inf check once, over the staged buffer.
-        return prepare_adapter(
-            weights,
-            self.model.config,
-            max_rank=self.config.max_lora_rank,
-            targets=self.pools.targets,
-            base_fingerprint=self.base_fingerprints,
-            dtype=self.model.dtype,
-            check_finite=False,
-        )
-
-    def _run(self) -> None:
-        set_intraop_threads(self._threads)
+    def _step(self) -> float | None:
+        """One turn of the step loop: None when it did work, else how long to wait for a wakeup."""
         sched = self.scheduler
-        while not self._closed:
-            if not self._inbox.empty():
-                # Under the lock that _enqueue counts `waiting` under: a request in neither the
-                # inbox nor the scheduler's queue would let one more in than max_waiting allows.
-                with self._lock:
-                    while not self._inbox.empty():
-                        sched.add(self._inbox.get_nowait())
-            self._wake.clear()
-            worked = sched.step()
+        if not self._inbox.empty():
+            # Under the lock that _enqueue counts `waiting` under: a request in neither the
+            # inbox nor the scheduler's queue would let one more in than max_waiting allows.
             with self._lock:
-                for seq in [s for s in self._seqs.values() if s.finished]:
-                    del self._seqs[seq.request_id]
-            if not worked:
-                # Nothing runnable: sleep until a submit, a cancel or a finished load wakes us.
-                self._wake.wait(timeout=0.05 if sched.has_work else 1.0)
+                while not self._inbox.empty():
+                    sched.add(self._inbox.get_nowait())
+        self._wake.clear()
+        worked = sched.step()
+        with self._lock:
+            for seq in [s for s in self._seqs.values() if s.finished]:
+                del self._seqs[seq.request_id]
+        if worked:
+            return None
+        # Nothing runnable: sleep until a submit, a cancel or a finished load wakes us.
+        return 0.05 if sched.has_work else 1.0
 
     # -- requests -------------------------------------------------------------------------------
     def encode(self, prompt: str, *, special_tokens: bool = True) -> list[int]:

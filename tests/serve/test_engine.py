@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import threading
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -1077,6 +1079,93 @@ def test_closing_answers_a_request_mid_prompt(tiny_base: Path) -> None:
         eng.close()
     with pytest.raises(EngineClosed):
         pending.result(5)
+
+
+def _collected(ref: weakref.ref[Engine], timeout: float = 10.0) -> bool:
+    """Whether the engine `ref` names is garbage-collected within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gc.collect()
+        if ref() is None:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_an_engine_dropped_without_close_is_collected_and_its_threads_end(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    # A notebook cell run again without close(): the step thread held the engine (its bound
+    # method was the thread's target), and the residency held it through its prepare callback,
+    # so the model, KV cache and slot pools stayed in memory and the thread stepped for ever.
+    config = EngineConfig(max_batch_size=2, adapter_slots=2, max_model_len=64)
+    before = set(threading.enumerate())  # other tests' engines may be running
+    eng = Engine(tiny_base, config, source=PeftDirSource(zoo))
+    assert len(eng.generate([5, 6], "mlp-r2", GREEDY, timeout=30).token_ids) == 12
+    assert eng.prefetch("o-r6").result(30) is not None
+    ref = weakref.ref(eng)
+    ours = [t for t in threading.enumerate() if t not in before]
+    assert {"mintvcs-engine", "mintvcs-adapter-load_0"} <= {t.name for t in ours}
+    del eng
+    assert _collected(ref)
+    for thread in ours:
+        thread.join(10)
+        assert not thread.is_alive(), thread.name
+
+    # One never started has no step thread: its loader-side threads end with it all the same.
+    before = set(threading.enumerate())
+    idle = Engine(tiny_base, config, source=PeftDirSource(zoo), start=False)
+    ref = weakref.ref(idle)
+    helpers = [t for t in threading.enumerate() if t not in before]
+    del idle
+    assert _collected(ref)
+    for thread in helpers:
+        thread.join(10)
+        assert not thread.is_alive(), thread.name
+
+
+def test_an_unreferenced_engine_lives_while_its_requests_are_awaited(tiny_base: Path) -> None:
+    # Only the stream (or future) of a running request refers to the engine: it must not be
+    # collected under the caller mid-request, and is once that request is done with.
+    config = EngineConfig(max_batch_size=2, max_model_len=128)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    before = set(threading.enumerate())
+
+    async def stream_from_a_dropped_engine() -> tuple[weakref.ref[Engine], list[TokenEvent]]:
+        eng = Engine(tiny_base, config)
+        ref, stream = weakref.ref(eng), eng.submit([5, 6, 7], None, params)
+        del eng
+        events = []
+        async for event in stream:
+            gc.collect()
+            assert ref() is not None
+            events.append(event)
+        return ref, events
+
+    ref, events = asyncio.run(stream_from_a_dropped_engine())
+    assert len(events) == 16 and events[-1].finish_reason == "length"
+    assert _collected(ref)
+
+    async def drop_engine_and_stream_mid_request() -> weakref.ref[Engine]:
+        eng = Engine(tiny_base, config)
+        long = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+        ref, stream = weakref.ref(eng), eng.submit([5, 6, 7], None, long)
+        del eng
+        await anext(stream)
+        return ref  # the stream goes unfinished: its request is cancelled, then the engine
+
+    assert _collected(asyncio.run(drop_engine_and_stream_mid_request()))
+
+    eng = Engine(tiny_base, config)
+    ref, future = weakref.ref(eng), eng.start_many([([5, 6, 7], None, params)])[0]
+    del eng
+    gc.collect()
+    assert future.result(30).token_ids == [e.token_id for e in events]
+    del future
+    assert _collected(ref)
+    for thread in set(threading.enumerate()) - before:  # the engines' threads end too
+        thread.join(10)
+        assert not thread.is_alive(), thread.name
 
 
 @pytest.mark.parametrize("where", ["tokenizer_config", "special_tokens_map"])
