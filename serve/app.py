@@ -132,6 +132,14 @@ class ServerConfig:
     # mid-body would otherwise hold its request, and a drain, open for ever.
     body_timeout: float = 30.0
     max_ref_labels: int = 1000  # distinct refs labelled in metrics; later ones count as (other)
+    # Seconds one write of a response to its client may wait for the client to read (nginx's
+    # send_timeout): past it the request is cancelled (499) and its connection closed, as a
+    # client that reads nothing would otherwise hold its request's output and connection for ever.
+    send_timeout: float = 60.0
+    # Events generated for one streamed response and not yet written to its client, at most (all
+    # its choices together): past it the request is cancelled as a slow consumer (499) and its
+    # connection closed, so that a client reading slower than generation holds bounded memory.
+    max_stream_backlog: int = 8192
     # "auto": generation_config.json's sampling keys are the defaults of requests that leave
     # them out, as vLLM's --generation-config auto; "vllm": the neutral defaults (1.0, no top-k...).
     generation_config: str = "auto"
@@ -160,8 +168,13 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ServerError(f"{name} must be at least 1 or None, got {value}")
-        if not self.body_timeout > 0:
-            raise ServerError(f"body_timeout must be positive, got {self.body_timeout}")
+        for name in ("body_timeout", "send_timeout"):
+            if not getattr(self, name) > 0:
+                raise ServerError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_stream_backlog < 1:
+            raise ServerError(
+                f"max_stream_backlog must be at least 1, got {self.max_stream_backlog}"
+            )
         if not 0 <= self.port < 65536:
             raise ServerError(
                 f"port {self.port} is not a TCP port; use 0..65535 (0 picks a free one)"
@@ -490,7 +503,7 @@ def count_tokens(request: web.Request, label: str, kind: str, n: int) -> None:
 # ---------------------------------------------------------------------------- errors
 def status_for(err: MintError) -> int:
     from mintvcs.serve.adapters import AdapterNotFound, AdapterRefused
-    from mintvcs.serve.engine import EngineClosed, EngineOverloaded, InvalidRequest
+    from mintvcs.serve.engine import EngineClosed, EngineOverloaded, InvalidRequest, SlowConsumer
     from mintvcs.serve.kv_cache import KVCacheFull
     from mintvcs.serve.sampling import InvalidSamplingParams
     from mintvcs.serve.slots import ResidencyClosed, ResidencyError
@@ -517,6 +530,7 @@ def status_for(err: MintError) -> int:
         (ResidencyError, 409),
         (EngineClosed, 503),
         (EngineOverloaded, 503),
+        (SlowConsumer, 499),  # the client stopped reading its stream: it is gone to us
         (KVCacheFull, 503),
         (StoreBusyError, 503),  # a gc elsewhere kept replacing packs: a retry will do
         # Moved, deleted or unmounted: not the client's fault, and not an answer about its

@@ -162,6 +162,23 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
     help="Seconds between checks of the refs in use.",
 )
 @click.option(
+    "--send-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a streamed response may wait for its client to read what was sent; past it "
+    "the request is cancelled (499) and the connection closed.",
+)
+@click.option(
+    "--max-stream-backlog",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Events (tokens of all its choices) generated for one streamed response and not yet "
+    "sent to its client; past it the request is cancelled as a slow consumer (499) and the "
+    "connection closed.",
+)
+@click.option(
     "--drain-timeout",
     default=30.0,
     show_default=True,
@@ -220,6 +237,8 @@ def serve(
     max_prompt_bytes: int,
     max_tokens_limit: int,
     ref_poll_interval: float,
+    send_timeout: float,
+    max_stream_backlog: int,
     drain_timeout: float,
     tool_call_parser: str | None,
     served_model_name: str | None,
@@ -267,6 +286,8 @@ def serve(
             max_prompt_bytes=max_prompt_bytes,
             max_tokens_limit=max_tokens_limit,
             ref_poll_interval=ref_poll_interval,
+            send_timeout=send_timeout,
+            max_stream_backlog=max_stream_backlog,
             drain_timeout=drain_timeout,
             tool_call_parser=tool_call_parser,
             served_model_name=served_model_name,

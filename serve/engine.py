@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
@@ -75,6 +75,12 @@ class EngineOverloaded(EngineError):
     EngineConfig.max_waiting; retry later."""
 
     reason = "overloaded"
+
+
+class SlowConsumer(EngineError):
+    """A streamed request's reader fell more than its unread-events limit behind; it was cancelled."""
+
+    reason = "slow_consumer"
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,65 @@ def _cancel_abandoned(seq: Sequence) -> None:
     seq.cancelled = True
 
 
+class _Backlog:
+    """Events posted to the streams of one submit_many() call and not yet read, and their limit.
+
+    A reader that stops reading (a client that keeps its socket open and reads nothing) would
+    otherwise have every event of its request kept until the request ends, and its connection
+    for ever: past the limit its requests are cancelled and their queued events dropped.
+    """
+
+    def __init__(self, engine: Engine, limit: int, on_overflow: Callable[[], None] | None) -> None:
+        self.engine = engine
+        self.limit = limit
+        self.on_overflow = on_overflow
+        self.unread = 0
+        self.overflowed = False
+        self.queues: list[_EventQueue] = []
+
+    def overflow(self) -> None:
+        """Cancel every request of the call, drop what waits unread, and tell on_overflow."""
+        self.overflowed = True
+        error = SlowConsumer(
+            f"the stream's reader fell more than {self.limit} events behind; the request "
+            "was cancelled"
+        )
+        for events in self.queues:
+            self.engine.cancel(events.request_id)
+            while not events.empty():
+                events.get_nowait()
+            asyncio.Queue.put_nowait(events, error)
+        self.unread = 0
+        if self.on_overflow is not None:
+            self.on_overflow()
+
+
+class _EventQueue(asyncio.Queue[_Posted]):
+    """A request's event queue whose unread events count against its call's _Backlog."""
+
+    def __init__(self, backlog: _Backlog) -> None:
+        super().__init__()
+        self.backlog = backlog
+        self.request_id = -1
+        backlog.queues.append(self)
+
+    def put_nowait(self, item: _Posted) -> None:
+        """Queue `item` (on the loop); past the backlog's limit, overflow instead."""
+        backlog = self.backlog
+        if backlog.overflowed:  # cancelled: what its step thread still posts is dropped
+            return
+        backlog.unread += len(item) if isinstance(item, list) else 1
+        if backlog.unread > backlog.limit:
+            backlog.overflow()
+            return
+        super().put_nowait(item)
+
+    def taken(self, item: _Posted) -> None:
+        """`item` was read: it no longer counts as unread."""
+        if not self.backlog.overflowed:
+            self.backlog.unread -= len(item) if isinstance(item, list) else 1
+
+
 class RequestStream:
     """The async iterator of one request's TokenEvents; cancel() (or leaving `async with`) frees it."""
 
@@ -236,6 +301,8 @@ class RequestStream:
                 # The consumer went away (client disconnect): free the sequence and its slot ref.
                 self.cancel()
                 raise
+            if isinstance(self._events, _EventQueue):
+                self._events.taken(posted)
             if isinstance(posted, list):
                 self._pending.extend(posted)
                 item = self._pending.popleft()
@@ -915,21 +982,35 @@ class Engine:
         *,
         stream: bool = True,
         compiled: Mapping[StructuredOutput, Any] | None = None,
+        max_unread: int | None = None,
+        on_overflow: Callable[[], None] | None = None,
     ) -> list[RequestStream]:
         """submit() for several requests at once: all of them are queued, or none (a refusal raises).
 
         `compiled`: structured outputs compiled beforehand (`grammars().compile`, off the event
         loop), so that none is compiled here, even one the cache has dropped meanwhile.
+        `max_unread` (with `stream`): events of these requests posted and not yet read, together,
+        at most; past it all of them are cancelled, their queued events dropped, their streams
+        raise SlowConsumer, and `on_overflow()` is called (on the loop).
         """
         mailbox = self._mailbox(asyncio.get_running_loop())
         seqs: list[Sequence] = []
         streams: list[RequestStream] = []
+        backlog = None
+        if stream and max_unread is not None:
+            if max_unread < 1:
+                raise ValueError(f"max_unread must be at least 1 or None, got {max_unread}")
+            backlog = _Backlog(self, max_unread, on_overflow)
         with self._forgotten_on_error(seqs):
             for prompt, revision, params in map(_request_parts, requests):
-                events: asyncio.Queue[_Posted] = asyncio.Queue()
+                events: asyncio.Queue[_Posted] = (
+                    asyncio.Queue() if backlog is None else _EventQueue(backlog)
+                )
                 sink = _LoopSink(self, mailbox, events, stream)
                 seq = self._new_sequence(prompt, revision, params, sink, compiled)
                 sink.request_id = seq.request_id
+                if isinstance(events, _EventQueue):
+                    events.request_id = seq.request_id
                 seqs.append(seq)
                 streams.append(RequestStream(self, seq, events))
             self._enqueue(*seqs)

@@ -17,8 +17,9 @@ import math
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
@@ -545,6 +546,13 @@ async def admit_many(
         ],
         stream=stream,
         compiled=compiled,
+        max_unread=state.config.max_stream_backlog,
+        on_overflow=partial(
+            _drop_slow_client,
+            request,
+            f"fell more than {state.config.max_stream_backlog} events behind "
+            "(--max-stream-backlog)",
+        ),
     )
     firsts: list[TokenEvent] = []
     try:
@@ -598,16 +606,20 @@ async def merged_events(choices: list[Admitted]) -> AsyncIterator[tuple[int, Tok
         async for event in events(choices[0]):
             yield 0, event
         return
-    arrivals: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+    # Bounded: a reader that falls behind leaves the events in each choice's own queue, where
+    # the engine counts them against the stream's backlog limit (max_unread).
+    arrivals: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue(
+        maxsize=len(choices)
+    )
 
     async def pump(index: int, choice: Admitted) -> None:
         try:
             async for event in events(choice):
-                arrivals.put_nowait((index, event))
+                await arrivals.put((index, event))
         except Exception as err:
-            arrivals.put_nowait((index, err))
-        finally:
-            arrivals.put_nowait((index, None))
+            await arrivals.put((index, err))
+        else:
+            await arrivals.put((index, None))
 
     tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(choices)]
     try:
@@ -643,13 +655,37 @@ async def _sse(request: web.Request, admitted: Admitted) -> web.StreamResponse:
 
 
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes) -> bool:
-    """Write an SSE chunk; False (and status 499) when the client has gone."""
+    """Write an SSE chunk; False (and status 499) when the client has gone or stopped reading."""
+    return await _sent(request, response.write(data))
+
+
+async def _sent(request: web.Request, write: Awaitable[None]) -> bool:
+    """Await a write to the client; False (and status 499) when the client has gone, or has not
+    read for ServerConfig.send_timeout seconds (then its connection is closed)."""
+    timeout = request.app[STATE].config.send_timeout
     try:
-        await response.write(data)
+        # aiohttp waits for the socket to drain without a deadline: a client that keeps its
+        # connection open and reads nothing would hold the handler, its request and its
+        # connection for as long as it likes (nginx's send_timeout, for the same reason).
+        await asyncio.wait_for(write, timeout)
+    except TimeoutError:
+        _drop_slow_client(request, f"read nothing for {timeout:g} s (--send-timeout)")
+        return False
     except (ConnectionError, RuntimeError):
         request[STATUS_KEY] = 499
         return False
     return True
+
+
+def _drop_slow_client(request: web.Request, why: str) -> None:
+    """Close the connection of a streaming client that stopped reading; its request ends as 499."""
+    request[STATUS_KEY] = 499
+    # One message per cause and limit, so the log's repeat filter keeps it to a line a minute.
+    log.warning("a streaming client %s: its request is cancelled and its connection closed", why)
+    transport = request.transport
+    if transport is not None:
+        # Not close(): that waits to flush what the client is not reading.
+        transport.abort()
 
 
 def _event_bytes(payload: dict[str, Any], event: str | None = None) -> bytes:
@@ -694,7 +730,7 @@ async def _run_stream(
     for data in done(finished):
         if not await _write(request, response, data):
             return response
-    await response.write_eof()
+    await _sent(request, response.write_eof())
     return response
 
 

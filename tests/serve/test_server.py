@@ -2640,3 +2640,146 @@ def test_generation_config_values_out_of_range_are_ignored(
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "temperature" in warned and "top_k" in warned and "min_p" in warned
     assert "max_new_tokens" in warned
+
+
+# ---------------------------------------------------------------------------- slow readers
+def _stream_never_read(srv: BackgroundServer, body: dict[str, Any]) -> Any:
+    """A raw socket with a small receive buffer that posts a streamed request and reads nothing."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(srv.url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((url.hostname, url.port))
+    data = json.dumps({"stream": True, **body}).encode()
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return sock
+
+
+def _closed_by_server(sock: Any, within: float) -> bool:
+    """Whether the server has closed `sock` (reading what it holds), waiting `within` s at most."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def _wait_for_499(srv: BackgroundServer, within: float) -> float:
+    """Seconds until /v1/completions has a 499 in mint_requests_total (AssertionError past `within`)."""
+    started = time.monotonic()
+    while 'endpoint="/v1/completions",status="499"' not in request(srv.url + "/metrics")[2]:
+        assert time.monotonic() - started < within, "no 499 counted"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def _released(srv: BackgroundServer, within: float = 10) -> dict[str, Any]:
+    """The engine's stats once nothing runs, waits or holds an adapter slot."""
+    engine = srv.state.engine
+    assert engine is not None
+    deadline = time.monotonic() + within
+    while True:
+        stats = engine.stats()
+        busy = [s for s in engine.residency_snapshot()["slots"] if s["refs"]]
+        if not stats["running"] and not stats["queue_depth"] and not busy:
+            assert stats["kv_slots_free"] == engine.config.max_batch_size, stats
+            return stats
+        assert time.monotonic() < deadline, (stats, busy)
+        time.sleep(0.02)
+
+
+# ~10 MB of events (logprobs): more than the socket buffers of a client that reads nothing hold.
+_FLOOD = {"model": "main", "prompt": "hi", "n": 32, "max_tokens": 400, "logprobs": 20}
+
+
+def test_a_stream_whose_client_reads_nothing_is_cancelled_after_the_send_timeout(
+    repo: Repository, tiny_base: Path
+) -> None:
+    config = ServerConfig(
+        repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=512, send_timeout=1.0
+    )
+    with BackgroundServer(config) as srv:
+        sock = _stream_never_read(srv, {**_FLOOD, "ignore_eos": True, "max_tokens": 500})
+        with sock:
+            took = _wait_for_499(srv, within=30)
+            assert took < 20, took
+            # Closed from the server's side, not by the client's giving up.
+            assert _closed_by_server(sock, within=5)
+        _released(srv)
+        series = 'mint_requests_total{ref="main",endpoint="/v1/completions",status="200"}'
+        assert metric(srv, series) == 0
+        assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200  # and it goes on serving
+
+
+def test_a_stream_that_falls_past_its_backlog_is_cancelled_and_closed_at_once(
+    repo: Repository, tiny_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = ServerConfig(
+        repo=repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=512,
+        send_timeout=600.0,  # not what ends it
+        max_stream_backlog=64,
+    )
+    with BackgroundServer(config) as srv:
+        engine = srv.state.engine
+        assert engine is not None
+        cancelled = engine.stats()["requests_cancelled"]
+        with caplog.at_level(logging.WARNING, "mintvcs.serve"):
+            # Generation runs far ahead of a client that reads nothing: cancelled mid-way.
+            sock = _stream_never_read(srv, {**_FLOOD, "ignore_eos": True, "max_tokens": 500})
+            with sock:
+                _wait_for_499(srv, within=30)
+                assert _closed_by_server(sock, within=5)
+            stats = _released(srv)
+        # All 32 choices were cancelled, not run to their end.
+        assert stats["requests_cancelled"] - cancelled == 32, stats
+        assert stats["generated_tokens"] < 32 * 500
+        warned = [r.getMessage() for r in caplog.records if "streaming client" in r.getMessage()]
+        assert len(warned) == 1 and "64 events behind" in warned[0], warned
+        assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200
+
+
+def test_a_stream_read_late_but_within_the_limits_is_whole(
+    repo: Repository, tiny_base: Path
+) -> None:
+    config = ServerConfig(
+        repo=repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=512,
+        send_timeout=3.0,
+        max_stream_backlog=4 * 40 + 8,
+    )
+    with BackgroundServer(config) as srv:
+        body = {"model": "main", "prompt": "hi", "n": 4, "max_tokens": 40, "ignore_eos": True}
+        sock = _stream_never_read(srv, body)
+        with sock:
+            time.sleep(1.5)  # a pause shorter than the send timeout, then reading
+            sock.settimeout(30)
+            answer = b""
+            while b"data: [DONE]" not in answer:
+                chunk = sock.recv(4096)
+                assert chunk, answer[-200:]
+                answer += chunk
+                time.sleep(0.001)
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        texts = rest.decode(errors="replace")
+        assert texts.count('"finish_reason":"length"') == 4, texts[-500:]
+        series = 'mint_requests_total{ref="main",endpoint="/v1/completions",status="200"}'
+        deadline = time.monotonic() + 5
+        while metric(srv, series) != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
