@@ -449,8 +449,17 @@ class ServerState:
         )
 
     def _live_revisions(self) -> dict[tuple[str, ...], float]:
-        """(branch or tag, commit) of each ref requested lately as is (not `main~1`), as it is now."""
-        return {(self._short_label(r.ref, r.spec), r.commit): 1.0 for r in self.watcher.live()}
+        """(branch or tag, commit) of each ref requested lately as is (not `main~1`), as it is now,
+        for the refs that have a metrics label of their own (ref_label: max_ref_labels at most)."""
+        labelled = self._ref_labels
+        live: dict[tuple[str, ...], float] = {}
+        for resolution in self.watcher.live():
+            label = self._short_label(resolution.ref, resolution.spec)
+            # A ref past max_ref_labels is left out, not summed under "(other)": which revision
+            # "(other)" serves means nothing, and per-user branches would add series for ever.
+            if label in labelled:
+                live[(label, resolution.commit)] = 1.0
+        return live
 
     def harvest_load_latency(self) -> None:
         """Move new slot-load durations from the engine's counters into the histogram."""

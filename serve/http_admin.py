@@ -82,8 +82,11 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition."""
     state = request.app[STATE]
     state.harvest_load_latency()
+    # Off the loop: with many refs in use, reading their files and formatting the series takes
+    # long enough to stall every request the loop serves meanwhile. The metrics take locks.
+    text = await asyncio.to_thread(state.metrics.render)
     return web.Response(
-        text=state.metrics.render(),
+        text=text,
         content_type="text/plain",
         charset="utf-8",
         headers={"X-Prometheus-Format": "0.0.4"},

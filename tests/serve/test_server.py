@@ -2033,6 +2033,26 @@ def test_metrics_label_at_most_max_ref_labels_refs(repo: Repository, tiny_base: 
     assert any('ref="product-b"' in line for line in series)
     assert any('ref="(other)"' in line for line in series)  # prod came third
     assert not any('ref="prod"' in line for line in series)
+    # Which revision each ref serves: only for the refs with a label of their own.
+    info = [line for line in text.splitlines() if line.startswith("mint_ref_revision_info{")]
+    assert {line.split('ref="')[1].split('"')[0] for line in info} == {"main", "product-b"}, info
+
+
+def test_metrics_are_rendered_off_the_event_loop(repo: Repository, tiny_base: Path) -> None:
+    from mintvcs.serve.http_metrics import Gauge
+
+    config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=64)
+    with BackgroundServer(config) as srv:
+        rendered_on: list[threading.Thread] = []
+
+        def value() -> float:
+            rendered_on.append(threading.current_thread())
+            return 1.0
+
+        srv.state.metrics.add(Gauge("mint_test_probe", "where rendering runs", value))
+        assert "\nmint_test_probe 1\n" in request(srv.url + "/metrics")[2]
+        # Formatting many refs' series on the loop stalled every request meanwhile.
+        assert rendered_on and srv._thread not in rendered_on, rendered_on
 
 
 def test_a_broken_ref_is_left_out_of_models_and_its_error_names_no_server_path(
