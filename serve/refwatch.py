@@ -311,6 +311,7 @@ class RefWatcher:
                 # Another thread cached a current answer meanwhile, or the files changed while
                 # this one was read: keep what is cached (the next request revalidates).
                 return current or entry
+            entry.used = time.monotonic()  # resolving may have taken a while: in order of use
             self._put(spec, entry)
             self._gone.pop(spec, None)
             self._entries.move_to_end(spec)
@@ -410,8 +411,8 @@ class RefWatcher:
                     elif (gone := self._bury(spec)) is not None:
                         moves.append(gone)
                 continue
-            fresh.used = entry.used
             with self._lock:
+                fresh.used = entry.used  # as a request may have set it meanwhile: its place
                 if self._entries.get(spec) is entry:
                     if self._cacheable(fresh):
                         self._put(spec, fresh)
@@ -424,6 +425,17 @@ class RefWatcher:
                 moves.append(RefMove(spec, fresh.resolution.ref, old, new))
         return moves, fresh_resolutions
 
+    def _recent(self, now: float) -> list[tuple[str, _Entry]]:
+        """The (spec, entry) used in the last active_s seconds, least recently used first;
+        under the lock."""
+        recent = []
+        for spec, entry in reversed(self._entries.items()):
+            if now - entry.used > self.active_s:
+                break  # and so is every entry before it: the cache is in order of use
+            recent.append((spec, entry))
+        recent.reverse()
+        return recent
+
     def tracked(self) -> list[Resolution]:
         """Resolutions in the cache, least recently used first."""
         with self._lock:
@@ -434,7 +446,7 @@ class RefWatcher:
         keeps current (requested in the last active_s seconds, files unchanged)."""
         now = time.monotonic()
         with self._lock:
-            entries = [e for e in self._entries.values() if now - e.used <= self.active_s]
+            entries = [entry for _, entry in self._recent(now)]
         stats: dict[str, StatKey] = {}
         latest: dict[str, Resolution] = {}
         for entry in entries:  # least recently used first: the latest use of a ref wins
@@ -450,21 +462,21 @@ class RefWatcher:
         """Re-resolve specs whose files changed (or, with reread, whose ref value changed); return the moves."""
         now = time.monotonic()
         with self._lock:
-            entries = list(self._entries.items())
+            # The cache is in order of use: the idle are forgotten from the old end, and the
+            # specs in use read from the new end, both as far as the first that is not, so that
+            # a poll costs what is in use, not the 65,536 specs a burst may have left cached.
+            while self._entries:
+                spec, entry = next(iter(self._entries.items()))
+                if now - entry.used <= self.idle_forget_s:  # full commit ids too
+                    break
+                self._drop(spec)
+            entries = self._recent(now)
         stats: dict[str, StatKey] = {}
         values: dict[str, str | None] = {}  # each ref read once per poll, however many specs use it
         stale: list[tuple[str, _Entry]] = []
         for spec, entry in entries:
-            idle = now - entry.used
-            if idle > self.idle_forget_s:  # full commit ids too: an eval names each one once
-                with self._lock:
-                    if self._entries.get(spec) is entry:
-                        self._drop(spec)
-                continue
             if entry.resolution.ref is None and is_object_id(spec):
                 continue  # a full commit id never moves: a request sees it pruned (_fresh)
-            if idle > self.active_s:
-                continue  # no recent request: nothing to prefetch for
             changed = not self._fresh(entry, stats)
             ref = entry.resolution.ref
             if not changed and reread and ref is not None:
@@ -503,12 +515,14 @@ class RefWatcher:
                     if found is not None and found[0] is entry:
                         self._gone[spec] = (replace(entry, deps=deps), found[1])
                 continue
-            fresh.used = entry.used
             with self._lock:
                 found = self._gone.get(spec)
                 if found is None or found[0] is not entry or spec in self._entries:
                     continue
                 del self._gone[spec]
+                # Back at the new end of the cache: so its use is now, to keep the cache in
+                # order of use (the poller reads it from that end as far as the first idle).
+                fresh.used = time.monotonic()
                 if self._cacheable(fresh):
                     self._put(spec, fresh)
             if fresh.resolution.commit != entry.resolution.commit:

@@ -144,6 +144,57 @@ def test_at_minus_n_follows_the_branch_it_names(tmp_path: Path, peft_adapter: Pa
     assert new != before and watcher.resolve("@{-1}").commit == new
 
 
+def test_a_poll_costs_the_specs_in_use_not_every_cached_one(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    import time
+
+    repo, _first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    watcher = RefWatcher(repo, active_s=0.5)
+
+    def fastest_poll() -> float:
+        watcher.resolve("main")  # the one spec in use
+        best = float("inf")
+        for _ in range(15):
+            started = time.perf_counter()
+            watcher.poll(reread=True)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    alone = fastest_poll()
+    # A burst of distinct spellings, idle now: each poll walked all of them (a core's 15-35 %
+    # for the 10 minutes until they were forgotten).
+    for tildes in range(80):
+        for carets in range(80):
+            watcher.resolve("main" + "~0" * tildes + "^0" * carets)
+    time.sleep(0.6)
+    assert len(watcher.tracked()) == 80 * 80
+    with_idle = fastest_poll()
+    assert with_idle < 3 * alone + 0.0003, (alone, with_idle)
+    assert [r.spec for r in watcher.live()] == ["main"]
+    assert len(watcher.tracked()) == 80 * 80  # cached still, for their next request
+
+
+def test_the_specs_in_use_are_polled_whatever_order_they_were_resolved_in(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    import time
+
+    repo, _first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    watcher = RefWatcher(repo, active_s=0.3)
+    watcher.resolve("main~0")
+    time.sleep(0.4)
+    for spec in ("main", "main^0", "main~0"):  # main~0 again, after the others
+        watcher.resolve(spec)
+    second = porcelain.commit(repo, "second", verify=False, show_progress=False).commit
+    moves = watcher.poll()
+    assert sorted((m.spec, m.new) for m in moves) == [
+        ("main", second),
+        ("main^0", second),
+        ("main~0", second),
+    ]
+
+
 def test_idle_entries_are_forgotten_full_commit_ids_too(tmp_path: Path, peft_adapter: Path) -> None:
     import time
 
