@@ -138,6 +138,7 @@ class RefWatcher:
         repo: Any,
         *,
         max_entries: int = 65536,
+        max_spec_chars: int = 4 << 20,
         idle_forget_s: float = 600.0,
         active_s: float = 60.0,
         on_move: Callable[[RefMove], None] | None = None,
@@ -150,6 +151,12 @@ class RefWatcher:
         self.on_move = on_move
         self.git_dir = os.fspath(repo.git_dir)
         self.max_entries = max_entries
+        # The characters of the cached specs, at most, besides their count: a spec may be 1024
+        # characters (`main~0~0...`, one commit spelled 500 ways), and 65,536 of those held
+        # ~200 MB with their entries. Names as refs are spelled (tens of characters) fit
+        # max_entries of them within it.
+        self.max_spec_chars = max_spec_chars
+        self._spec_chars = 0
         self.idle_forget_s = idle_forget_s
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         # What a spec named before its ref was deleted (_bury), so that the ref made again
@@ -315,7 +322,9 @@ class RefWatcher:
             self._put(spec, entry)
             self._gone.pop(spec, None)
             self._entries.move_to_end(spec)
-            while len(self._entries) > self.max_entries:
+            while self._entries and (
+                len(self._entries) > self.max_entries or self._spec_chars > self.max_spec_chars
+            ):
                 self._drop(next(iter(self._entries)))
             moved = old is not None and old.resolution.commit != entry.resolution.commit
             if moved:
@@ -336,6 +345,8 @@ class RefWatcher:
         """Cache `entry` for `spec` (in place of any entry it had), indexed by its keys; under the lock."""
         if spec in self._entries:
             self._unindex(spec, self._entries[spec])
+        else:
+            self._spec_chars += len(spec)
         self._entries[spec] = entry
         for key in self._keys(entry):
             self._by_key.setdefault(key, set()).add(spec)
@@ -343,6 +354,7 @@ class RefWatcher:
     def _drop(self, spec: str) -> None:
         """Forget `spec`'s entry and its index keys; under the lock."""
         self._unindex(spec, self._entries.pop(spec))
+        self._spec_chars -= len(spec)
 
     def _bury(self, spec: str) -> RefMove | None:
         """Forget `spec`, which names nothing now, keeping what it named for a ref made again;

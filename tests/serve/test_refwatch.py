@@ -195,6 +195,24 @@ def test_the_specs_in_use_are_polled_whatever_order_they_were_resolved_in(
     ]
 
 
+def test_the_cache_keeps_to_its_characters_of_specs_as_well_as_its_count(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    watcher = RefWatcher(repo, max_entries=1000, max_spec_chars=2000)
+    long_specs = ["main" + "~0" * 50 + "^0" * n for n in range(60)]  # 104 to 222 characters
+    for spec in long_specs:
+        assert watcher.resolve(spec).commit == first
+    cached = [r.spec for r in watcher.tracked()]
+    # The most recently used ones, as many as fit.
+    assert sum(map(len, cached)) <= 2000 < sum(map(len, cached)) + len(long_specs[-len(cached) - 1])
+    assert cached == long_specs[-len(cached) :]
+    # A spec dropped for room is resolved (and cached) again when asked again.
+    assert watcher.resolve(long_specs[0]).commit == first
+    assert watcher.tracked()[-1].spec == long_specs[0]
+    assert sum(len(r.spec) for r in watcher.tracked()) <= 2000
+
+
 def test_idle_entries_are_forgotten_full_commit_ids_too(tmp_path: Path, peft_adapter: Path) -> None:
     import time
 
