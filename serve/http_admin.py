@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -24,6 +24,9 @@ from mintvcs.serve.app import (
 )
 from mintvcs.serve.refwatch import check_spec
 from mintvcs.store import UnknownRevisionError
+
+if TYPE_CHECKING:
+    from mintvcs.serve.engine import Engine
 
 
 def _unavailable(body: dict[str, Any]) -> web.Response:
@@ -183,7 +186,7 @@ async def warm(request: web.Request) -> web.Response:
     started = time.perf_counter()
     slot = await engine.warm(resolution.commit, pin=pin)
     if pin and resolution.ref is not None:
-        state.pins_by_spec[spec] = resolution.commit
+        _remember_pin(state, engine, spec, resolution.commit)
     return web.json_response(
         {
             "ref": spec,
@@ -194,6 +197,25 @@ async def warm(request: web.Request) -> web.Response:
             "seconds": round(time.perf_counter() - started, 6),
         }
     )
+
+
+# Specs remembered with what they pinned, at most: each distinct spelling pinned (`main`,
+# `main~0`, ...) was kept until unpinned by that very spelling.
+MAX_PIN_SPECS = 256
+
+
+def _remember_pin(state: ServerState, engine: Engine, spec: str, commit: str) -> None:
+    """Remember what `spec` pinned, for its unpin after its ref moved; within MAX_PIN_SPECS."""
+    pins = state.pins_by_spec
+    # Those whose revision was unpinned since (by another spelling, or by its id) release
+    # nothing any more; past the bound, the oldest go too: their revision stays pinned, to be
+    # unpinned by its id or by a spec that names it now.
+    pinned = set(engine.residency.pinned())
+    for stale in [s for s, c in pins.items() if c not in pinned or s == spec]:
+        del pins[stale]
+    pins[spec] = commit  # the most recent last
+    while len(pins) > MAX_PIN_SPECS:
+        del pins[next(iter(pins))]
 
 
 async def unpin(request: web.Request) -> web.Response:

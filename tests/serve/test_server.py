@@ -744,6 +744,35 @@ def test_unpin_by_ref_releases_what_it_pinned_after_the_ref_moved(
         porcelain.branch_delete(repo, "pinme", force=True)
 
 
+def test_pins_by_many_spellings_are_remembered_within_a_bound(server: BackgroundServer) -> None:
+    from mintvcs.serve.http_admin import MAX_PIN_SPECS
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    spellings = ["main" + "~0" * n for n in range(MAX_PIN_SPECS + 40)]
+    try:
+        for spec in spellings:
+            status, _, body = request(
+                server.url + "/v1/adapters/warm", {"ref": spec, "pin": True}, headers=auth
+            )
+            assert status == 200 and body["pinned"], body
+        # One commit pinned under ever more names: each spelling was kept until unpinned by it.
+        assert len(server.state.pins_by_spec) == MAX_PIN_SPECS
+        assert list(server.state.pins_by_spec)[-1] == spellings[-1]
+    finally:
+        status, _, body = request(
+            server.url + "/v1/adapters/unpin", {"ref": spellings[-1]}, headers=auth
+        )
+    assert status == 200 and body["unpinned"], body
+    engine = server.state.engine
+    assert engine is not None and engine.residency.pinned() == []
+    # Spellings whose revision is no longer pinned are forgotten at the next pin.
+    warm_b = {"ref": "product-b", "pin": True}
+    status, _, body = request(server.url + "/v1/adapters/warm", warm_b, headers=auth)
+    assert status == 200, body
+    assert server.state.pins_by_spec == {"product-b": body["revision"]}
+    assert request(server.url + "/v1/adapters/unpin", {"ref": "product-b"}, headers=auth)[0] == 200
+
+
 def test_warm_pin_and_residency(server: BackgroundServer, repo: Repository) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     status, _, body = request(
