@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -526,7 +526,8 @@ class Scheduler:
                     logits = self.model.forward(batch, self.kv, lora)
             if forks:
                 logits = self._fork(logits, forks, prompt_logprobs)
-            tokens = self._sample(logits, seqs)
+            tokens, stuck = self._sample(logits, seqs)
+            left_no_token = {id(seqs[i]) for i in stuck}
             logprobs = self._logprobs(logits, seqs, tokens)
         except Exception as err:
             # A failed step must not take the engine down: fail this batch, keep serving.
@@ -573,6 +574,9 @@ class Scheduler:
             # A matcher whose mask failed (a parser limit met mid-output) allowed only the end
             # of the output: that is a failure to report, not a finished answer.
             try:
+                if id(seq) in left_no_token:
+                    self._fail(seq, _no_token_left(seq))
+                    continue
                 if seq.matcher is not None and not seq.takes(token):
                     self._fail(seq, _structured_failure(seq))
                     continue
@@ -593,7 +597,9 @@ class Scheduler:
         s.step_seconds_total += time.perf_counter() - started
         return True
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], set[int]]:
+        """The token of each sequence, and the indices of those left no token to draw (their
+        constraints together allow none)."""
         # Structured outputs' masks first: on a GPU they are computed on the CPU while the
         # step's kernels still run (nothing before them waits for the logits).
         structured = [i for i, s in enumerate(seqs) if s.matcher is not None]
@@ -618,6 +624,7 @@ class Scheduler:
             i for i, s in enumerate(seqs) if s.params.adjusts_logits or s.matcher is not None
         ]
         work = None
+        stuck: set[int] = set()
         if changed:
             device = logits.device
             work = logits[torch.tensor(changed, device=device)].float()
@@ -635,7 +642,7 @@ class Scheduler:
                         seq.penalties,
                     )
             if structured:
-                self._mask(work, logits, changed, structured, blocked, seqs)
+                stuck = self._mask(work, logits, changed, structured, blocked, seqs)
             greedy = [j for j, i in enumerate(changed) if seqs[i].params.greedy]
             if greedy:
                 picked = work[torch.tensor(greedy, device=device)].argmax(dim=-1).tolist()
@@ -665,7 +672,7 @@ class Scheduler:
             )
             for i, token in zip(drawn, tokens, strict=True):
                 out[i] = token
-        return out
+        return out, stuck
 
     @staticmethod
     def _mask(
@@ -675,9 +682,10 @@ class Scheduler:
         structured: list[int],
         blocked: torch.Tensor,
         seqs: list[Sequence],
-    ) -> None:
+    ) -> set[int]:
         """Set, in `work` (the changed rows), every token a structured output does not allow
-        next (`blocked`, on the logits' device) to -inf, as one batched op."""
+        next (`blocked`, on the logits' device) to -inf, as one batched op; the indices (in
+        `seqs`) of the rows their own constraints and the structured output leave no token."""
         if len(structured) == len(changed):  # the usual case: every changed row is constrained
             rows = None
             work.masked_fill_(blocked, -math.inf)
@@ -685,17 +693,34 @@ class Scheduler:
             at = {i: j for j, i in enumerate(changed)}
             rows = torch.tensor([at[i] for i in structured], device=logits.device)
             work[rows] = work[rows].masked_fill(blocked, -math.inf)
+        stuck: set[int] = set()
         if any(seqs[i].params.adjusts_logits for i in structured):
-            # min_tokens barred EOS where the grammar allows nothing else: the grammar wins.
             part = work if rows is None else work[rows]
             empty = ~torch.isfinite(part).any(dim=-1)
             if bool(empty.any()):
-                raw = logits[torch.tensor(structured, device=logits.device)].float()
-                fixed = torch.where(empty.unsqueeze(1), raw.masked_fill(blocked, -math.inf), part)
-                if rows is None:
-                    work.copy_(fixed)
-                else:
-                    work[rows] = fixed
+                # min_tokens barred EOS where the grammar allows nothing else: the grammar wins
+                # over min_tokens (only its bar is lifted), never over allowed_token_ids.
+                for row in empty.nonzero().flatten().tolist():
+                    i = structured[row]
+                    seq = seqs[i]
+                    if not seq.params.adjusts_logits:
+                        continue  # a failed matcher's row: its sampled token fails it
+                    if seq.params.min_tokens:
+                        lifted = adjust_logits(
+                            logits[i],
+                            replace(seq.params, min_tokens=0),
+                            seq.prompt_ids,
+                            seq.output_ids,
+                            seq.stop_ids,
+                            seq.penalties,
+                        ).masked_fill_(blocked[row], -math.inf)
+                        part[row] = lifted
+                    if not bool(torch.isfinite(part[row]).any()):
+                        stuck.add(i)
+                        part[row] = 0.0  # any token to draw: the request fails before taking it
+                if rows is not None:
+                    work[rows] = part
+        return stuck
 
     def _fork(
         self,
@@ -768,6 +793,21 @@ def _structured_failure(seq: Sequence) -> StructuredOutputError:
     return StructuredOutputError(
         f"the output could not continue under its {seq.params.structured.kind} structured "
         f"output after {len(seq.output_ids)} tokens: {reason}"
+    )
+
+
+def _no_token_left(seq: Sequence) -> StructuredOutputError:
+    """The error of a sequence whose allowed_token_ids and structured output allow no token in common."""
+    assert seq.params.structured is not None  # only a structured row can be left empty
+    reason = matcher_error(seq.matcher)
+    if reason:
+        return _structured_failure(seq)
+    log.info(
+        "request %d: allowed_token_ids and its structured output leave no token", seq.request_id
+    )
+    return StructuredOutputError(
+        f"allowed_token_ids and the {seq.params.structured.kind} structured output leave no "
+        f"token to continue the output after {len(seq.output_ids)} tokens"
     )
 
 

@@ -687,6 +687,29 @@ def test_allowed_token_ids_restrict_what_is_generated(server: BackgroundServer) 
     assert status == 200 and chat["choices"][0]["token_ids"] == [300] * 6, chat
 
 
+def test_allowed_token_ids_no_structured_output_allows_are_422_not_ignored(
+    server: BackgroundServer, tiny_base: Path
+) -> None:
+    letters = _ids(tiny_base, "x") + _ids(tiny_base, "y")
+    body = {"prompt": "Hi", "max_tokens": 6, "allowed_token_ids": letters, "temperature": 0}
+    status, answer = completions(server, **body, structured_outputs={"regex": "[0-9]{3}"})
+    assert status == 422, answer
+    assert "allowed_token_ids and the regex structured output leave no token" in str(answer)
+    status, answer = completions(
+        server, **body, structured_outputs={"regex": "[x-y][0-9]"}, return_token_ids=True
+    )
+    assert status == 422, answer  # after the first token, as at once
+    digits = _ids(tiny_base, "4") + _ids(tiny_base, "7")
+    status, answer = completions(
+        server,
+        **{**body, "allowed_token_ids": digits},
+        structured_outputs={"regex": "[0-9]{3}"},
+        return_token_ids=True,
+    )
+    assert status == 200, answer
+    assert set(answer["choices"][0]["token_ids"]) <= set(digits), answer
+
+
 @pytest.mark.parametrize(
     ("extra", "word"),
     [

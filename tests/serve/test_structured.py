@@ -279,6 +279,46 @@ def test_min_tokens_gives_way_to_a_grammar_that_allows_only_stop_tokens(
     assert len(out.token_ids) == 1
 
 
+def test_allowed_token_ids_hold_under_a_structured_output_or_the_request_fails(
+    engine: Engine, tiny_base: Path
+) -> None:
+    from tokenizers import Tokenizer
+
+    from mintvcs.serve.structured import StructuredOutputError
+
+    tokenizer = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    digits = [tokenizer.token_to_id(c) for c in "0123456789"]
+    letters = [tokenizer.token_to_id(c) for c in "xyz"]
+    assert None not in digits and None not in letters
+
+    def run(allowed: list[int], pattern: str, **extra: Any) -> Any:
+        params = SamplingParams(
+            max_tokens=8,
+            temperature=1.0,
+            seed=0,
+            allowed_token_ids=tuple(allowed),
+            structured=StructuredOutput("regex", pattern),
+            **extra,
+        )
+        return engine.generate_many([(_prompt(10, 6), None, params)], timeout=60)[0]
+
+    # Both hold where they allow tokens in common: only the allowed digits come out.
+    two = digits[3:5]
+    out = run(two, "[0-9]{3}")
+    assert len(out.token_ids) == 3 and set(out.token_ids) <= set(two), out
+    # min_tokens bars the stop token where the grammar allows it or a letter: min_tokens gives
+    # way, allowed_token_ids does not (no letter).
+    out = run([*two, 2], "[0-9]{3}[a-z]?", min_tokens=5, stop_token_ids=(2,))
+    assert len(out.token_ids) == 4 and set(out.token_ids) <= {*two, 2}, out
+    # Where they allow none in common (at once, or after a first token), the request fails
+    # with that reason: no token outside allowed_token_ids, none the grammar refuses.
+    with pytest.raises(StructuredOutputError, match=r"allowed_token_ids and the regex .* 0 tokens"):
+        run(letters, "[0-9]{3}")
+    with pytest.raises(StructuredOutputError, match=r"allowed_token_ids and the regex .* 1 tokens"):
+        run(letters, "x[0-9]{2}")
+    assert engine.generate([5, 6, 7], None, SamplingParams(max_tokens=2), timeout=30).token_ids
+
+
 def test_a_regex_allowing_more_may_end_on_eos(engine: Engine) -> None:
     # [a-z]+ accepts after one letter: from then on EOS is allowed, and the output may end on it.
     spec = StructuredOutput("regex", "[a-z]+")
