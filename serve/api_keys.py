@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import select
 import stat
 import threading
 import time
@@ -22,6 +23,10 @@ CHECK_INTERVAL = 1.0
 # A read under way for this many intervals is told as stalled (a hung mount): until it ends,
 # no rotation is taken, and the operator must know that.
 STALLED_INTERVALS = 5
+# A pipe given at start (`--api-key-file <(pass show ...)`, a FIFO a writer fills) is read once,
+# within these seconds to its end, and at most this many bytes: no later read can find it again.
+PIPE_TIMEOUT = 5.0
+PIPE_MAX_BYTES = 1 << 20
 
 
 class ApiKeyFileError(MintError):
@@ -47,28 +52,44 @@ class ApiKeys:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        tokens, problem = self._read()
+        tokens, problem = self._read(at_start=True)
         if problem is not None:
             raise ApiKeyFileError(problem)
         self._tokens = tokens
         self._candidate: tuple[bytes, ...] | None = None  # seen once, not yet taken
         self._problem: str | None = None  # the last one warned about
+        if self._piped:
+            log.warning(
+                "--api-key-file %s is a pipe: its %d token(s) were read once, at start, and "
+                "cannot be rotated; use a regular file to rotate tokens without a restart",
+                self.path,
+                len(tokens),
+            )
+            # Its later reads find it not a regular file: that was told just now.
+            self._problem = self._not_regular()
         self._checked = time.monotonic()
         self._read_since: float | None = None  # when the read under way began
         self._stall_told = False  # the read under way was told as stalled
         self._warn_if_open()
 
-    def _read(self) -> tuple[tuple[bytes, ...], str | None]:
-        """The file's tokens, or a problem saying why there are none."""
+    def _not_regular(self) -> str:
+        """The problem of a path that is no regular file, as re-reads warn of it."""
+        return (
+            f"--api-key-file {self.path} is not a regular file (a FIFO, socket, device or "
+            "directory); write the tokens to a regular file and rename it over the path"
+        )
+
+    def _read(self, at_start: bool = False) -> tuple[tuple[bytes, ...], str | None]:
+        """The file's tokens, or a problem saying why there are none (at start, a pipe is read too)."""
+        self._piped = False
         try:
-            data = self._read_bytes()
+            data = self._read_bytes(at_start=True) if at_start else self._read_bytes()
         except OSError as err:
             return (), f"cannot read --api-key-file {self.path}: {err.strerror or err}"
+        except _PipeError as err:
+            return (), f"--api-key-file {self.path} is a pipe that {err}"
         if data is None:
-            return (), (
-                f"--api-key-file {self.path} is not a regular file (a FIFO, socket, device or "
-                "directory); write the tokens to a regular file and rename it over the path"
-            )
+            return (), self._not_regular()
         tokens = parse_tokens(data.decode("utf-8", "surrogateescape"))
         if not tokens:
             return (
@@ -77,14 +98,20 @@ class ApiKeys:
             )
         return tuple(t.encode("utf-8", "surrogateescape") for t in tokens), None
 
-    def _read_bytes(self) -> bytes | None:
-        """The file's bytes, or None when it is not a regular file (left unread)."""
+    def _read_bytes(self, at_start: bool = False) -> bytes | None:
+        """The file's bytes, or None when it is not a regular file (left unread); at start, a
+        pipe's bytes (read to its end within PIPE_TIMEOUT, else _PipeError)."""
         # O_NONBLOCK: a plain open of a FIFO waits for a writer, for ever once the FIFO is
         # unlinked, and would hold the lock so that no later rotation is read (a regular file
         # ignores the flag). A directory opens read-only too; fstat tells them all apart.
         fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            mode = os.fstat(fd).st_mode
+            if at_start and stat.S_ISFIFO(mode):
+                data = _read_pipe(fd)
+                self._piped = True
+                return data
+            if not stat.S_ISREG(mode):
                 return None
             chunks = []
             while chunk := os.read(fd, 1 << 16):
@@ -181,3 +208,39 @@ class ApiKeys:
         for expected in self._tokens:
             matched |= hmac.compare_digest(token, expected)
         return matched
+
+
+class _PipeError(Exception):
+    """A pipe given as the key file that did not end in time, or held too much."""
+
+
+def _read_pipe(fd: int) -> bytes:
+    """All of a non-blocking pipe's bytes, to its end (its writers gone), within PIPE_TIMEOUT."""
+    deadline = time.monotonic() + PIPE_TIMEOUT
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    size = 0
+    hung_up = False
+    while True:
+        try:
+            chunk: bytes | None = os.read(fd, 1 << 16)
+        except BlockingIOError:  # a writer is there, with nothing written yet
+            chunk = None
+        if chunk:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > PIPE_MAX_BYTES:
+                raise _PipeError(f"holds more than {PIPE_MAX_BYTES} bytes")
+            continue
+        # An empty read is the end once something was read or a writer came and went; before
+        # that it is a FIFO no writer has opened yet (or one that went before this open).
+        if chunk == b"" and (chunks or hung_up):
+            return b"".join(chunks)
+        left = deadline - time.monotonic()
+        events = poller.poll(left * 1000) if left > 0 else []
+        if not events:
+            raise _PipeError(
+                f"gave no end within {PIPE_TIMEOUT:.0f} s (no writer, or one still writing)"
+            )
+        hung_up = any(e & select.POLLHUP for _, e in events)

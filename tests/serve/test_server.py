@@ -683,6 +683,57 @@ def test_a_key_file_that_is_a_fifo_for_a_while_does_not_stop_later_rotations(
         assert "re-read: 1 token(s)" in caplog.text
 
 
+def test_a_key_file_given_as_a_pipe_is_read_once_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--api-key-file <(pass show ...)`: a pipe, read to its end at start (its writer may
+    still be writing), its tokens kept and its later reads quiet; one that never ends within
+    PIPE_TIMEOUT is refused rather than waited for."""
+    from mintvcs.serve import api_keys
+    from mintvcs.serve.api_keys import ApiKeyFileError, ApiKeys
+
+    monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.0)
+    monkeypatch.setattr(api_keys, "PIPE_TIMEOUT", 2.0, raising=False)
+    read_end, write_end = os.pipe()  # what bash's process substitution passes: /dev/fd/N
+    try:
+        os.write(write_end, b"piped-1\n")
+
+        def finish() -> None:
+            time.sleep(0.2)
+            os.write(write_end, b"piped-2\n")
+            os.close(write_end)
+
+        writer = threading.Thread(target=finish)
+        with caplog.at_level(logging.INFO, "mintvcs.serve"):
+            writer.start()
+            keys = ApiKeys(Path(f"/dev/fd/{read_end}"))
+            writer.join()
+            assert keys.accepts(b"piped-1") and keys.accepts(b"piped-2")
+            assert "read once, at start, and cannot be rotated" in caplog.text
+            told = caplog.text
+            assert keys.refresh() == (b"piped-1", b"piped-2")  # the pipe is spent: kept
+            assert keys.refresh() == (b"piped-1", b"piped-2")
+            assert caplog.text == told  # no warning at each read
+    finally:
+        os.close(read_end)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+
+    def fill() -> None:
+        time.sleep(0.2)  # opened by the reader first: no writer yet
+        with open(fifo, "wb") as out:
+            out.write(b"fifo-token\n")
+
+    writer = threading.Thread(target=fill)
+    writer.start()
+    assert ApiKeys(fifo).accepts(b"fifo-token")
+    writer.join()
+    started = time.monotonic()
+    with pytest.raises(ApiKeyFileError, match="is a pipe that gave no end within 2 s"):
+        ApiKeys(fifo)  # nobody writes
+    assert time.monotonic() - started < 10
+
+
 def test_a_stalled_key_file_read_is_told_once_and_its_end_too(
     key_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
