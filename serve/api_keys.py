@@ -70,6 +70,10 @@ class ApiKeys:
         self._checked = time.monotonic()
         self._read_since: float | None = None  # when the read under way began
         self._stall_told = False  # the read under way was told as stalled
+        # The two above, between the loop's stall check and the read's thread: a read ending
+        # between the check's look and its mark would leave the mark for the next read. Not
+        # _lock, which a stalled read holds.
+        self._stall_lock = threading.Lock()
         self._warn_if_open()
 
     def _not_regular(self) -> str:
@@ -138,12 +142,15 @@ class ApiKeys:
 
     def warn_if_stalled(self) -> None:
         """Log once when the read under way has lasted STALLED_INTERVALS intervals (a hung mount)."""
-        since = self._read_since
-        if since is None or self._stall_told:
-            return
-        lasted = time.monotonic() - since
-        if lasted >= STALLED_INTERVALS * CHECK_INTERVAL:
+        with self._stall_lock:
+            since = self._read_since
+            if since is None or self._stall_told:
+                return
+            lasted = time.monotonic() - since
+            if lasted < STALLED_INTERVALS * CHECK_INTERVAL:
+                return
             self._stall_told = True
+            # Under the lock: the read's "ended" line cannot come before this one.
             log.warning(
                 "reading --api-key-file %s has not ended after %.0f s; keeping the %d token(s) "
                 "read before, and no change to the file is taken until the read ends",
@@ -166,13 +173,15 @@ class ApiKeys:
             if now - self._checked < CHECK_INTERVAL:
                 return self._tokens
             self._checked = now
-            self._read_since = now
+            with self._stall_lock:
+                self._read_since = now
             try:
                 tokens, problem = self._read()
             finally:
-                self._read_since = None
-            if self._stall_told:
-                self._stall_told = False
+                with self._stall_lock:
+                    self._read_since = None
+                    stall_told, self._stall_told = self._stall_told, False
+            if stall_told:
                 log.warning(
                     "reading --api-key-file %s ended after %.0f s",
                     self.path,

@@ -776,6 +776,57 @@ def test_a_stalled_key_file_read_is_told_once_and_its_end_too(
         assert keys.refresh() == (b"new",)
 
 
+def test_a_stall_told_as_its_read_ends_is_told_ended_then_and_only_then(
+    key_file: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The event loop's stall check and the read thread's end race: the read ending between the
+    check's look at the read under way and its mark of the stall as told must still log its
+    end, at once, and leave no mark for the next read (a bogus "ended after 0 s")."""
+    import types
+
+    from mintvcs.serve import api_keys
+
+    monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.01)
+    keys = api_keys.ApiKeys(key_file)
+    entered, mount_back = threading.Event(), threading.Event()
+    read_bytes = keys._read_bytes
+
+    def hung_read() -> bytes | None:
+        entered.set()
+        mount_back.wait(30)
+        return read_bytes()
+
+    monkeypatch.setattr(keys, "_read_bytes", hung_read)
+    time.sleep(0.02)
+    reader = threading.Thread(target=keys.refresh, daemon=True)
+    real_monotonic = time.monotonic
+    armed = threading.Event()
+
+    def monotonic() -> float:
+        # The stall check asks the time between its look and its mark: the read ends there.
+        if armed.is_set() and threading.current_thread() is threading.main_thread():
+            armed.clear()
+            mount_back.set()
+            reader.join(0.5)  # the read's end waits for the check (or ends at once, unfixed)
+        return real_monotonic()
+
+    monkeypatch.setattr(api_keys, "time", types.SimpleNamespace(monotonic=monotonic))
+    with caplog.at_level(logging.INFO, "mintvcs.serve"):
+        reader.start()
+        assert entered.wait(5)
+        time.sleep(api_keys.STALLED_INTERVALS * 0.01 + 0.02)
+        armed.set()
+        keys.warn_if_stalled()
+        reader.join(5)
+        ended = [m for m in caplog.messages if f"{key_file} ended after" in m]
+        assert len(ended) == 1, caplog.text
+        monkeypatch.setattr(keys, "_read_bytes", read_bytes)
+        time.sleep(0.02)
+        keys.refresh()
+        ended = [m for m in caplog.messages if f"{key_file} ended after" in m]
+        assert len(ended) == 1, caplog.text
+
+
 def test_unpin_by_ref_releases_what_it_pinned_after_the_ref_moved(
     server: BackgroundServer, repo: Repository
 ) -> None:
