@@ -2701,11 +2701,26 @@ class Repository:
                     f"revision '{name}' is ambiguous: {', '.join(c[:12] for c in commits[:5])}; give more digits"
                 )
             if len(hex_id) == 40:  # as the server's load path says it: the id cannot be a typo
+                kind = self._kind_if_held(hex_id)
+                if kind is not None:  # as git: the object is there, of another type
+                    raise UnknownRevisionError(
+                        f"unknown revision '{spec}': {hex_id} is a {kind}, not a commit"
+                    )
                 raise UnknownRevisionError(
                     f"unknown revision '{spec}': no commit of that id in the repository (never "
                     "committed there, or pruned since)"
                 )
         raise UnknownRevisionError(f"unknown revision '{spec}': not a branch, tag or commit id")
+
+    def _kind_if_held(self, oid: str) -> str | None:
+        """The type of object `oid` when the store holds it (None when it does not)."""
+        kind = self.object_kind(oid)
+        if kind is not None or not self.has_object(oid, rescan=True):
+            return kind
+        try:  # held where headers alone cannot tell (a borrowed store): read it
+            return self.get_object(oid).type_name.decode()
+        except (UnreadableObjectError, CorruptObjectError):
+            return None
 
     def check_present(self) -> None:
         """Raise RepositoryGoneError when the store's objects directory is gone or unreadable

@@ -372,6 +372,27 @@ def test_revision_names_resolve_as_git_rev_parse_does(work: Path) -> None:
     assert "@{N}" in mint_fails(work, "checkout", "main@{yesterday}")
 
 
+def test_a_full_id_of_a_tree_or_blob_is_told_as_one_not_as_a_missing_commit(work: Path) -> None:
+    from mintvcs.store import Repository, UnknownRevisionError
+
+    git_dir = work / ".mint"
+    tree = git(git_dir, "rev-parse", "main^{tree}").stdout.strip()
+    listing = git(git_dir, "ls-tree", "-r", "main").stdout.split()
+    blob = listing[listing.index("blob") + 1]
+    missing = "0123456789" * 4
+    for packed in (False, True):
+        if packed:
+            git(git_dir, "gc", "--quiet")
+        repo = Repository.open(work)
+        for oid, kind in ((tree, "tree"), (blob, "blob")):
+            # git: "expected commit type, but the object dereferences to tree type"
+            assert git(git_dir, "cat-file", "-t", oid).stdout.strip() == kind
+            with pytest.raises(UnknownRevisionError, match=f"{oid} is a {kind}, not a commit"):
+                repo.resolve(oid)
+        with pytest.raises(UnknownRevisionError, match="never committed there, or pruned since"):
+            repo.resolve(missing)
+
+
 def test_reflog_selectors_at_the_ends_of_a_reflog_resolve_as_git_does(work: Path) -> None:
     # git rev-parse: NAME@{N} with N entries is the oldest entry's old id when it is not zero;
     # NAME@{0} of an emptied reflog is the ref's value; a zero old id passes to the older entry.
