@@ -799,6 +799,8 @@ class TokenTexts:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.texts: dict[int, str] = {}
+        self._alone: dict[int, str] = {}
+        self._special: set[int] | None = None
 
     def add(self, lps: Iterable[TokenLogprobs | None], token_ids: Iterable[int] = ()) -> None:
         """Decode, in one call, every token id these logprobs (and `token_ids`) name that is not known yet."""
@@ -819,6 +821,26 @@ class TokenTexts:
 
     def __getitem__(self, token_id: int) -> str:
         return self.texts[token_id]
+
+    def at_start(self, token_id: int) -> str:
+        """A token's text at the very start of a text: decoded alone, as the text decodes there
+        (a SentencePiece "▁The" is "The" at the start, " The" after a word)."""
+        if self.tokenizer is None:
+            return self.texts[token_id]
+        if token_id not in self._alone:
+            self._alone[token_id] = str(
+                self.tokenizer.decode([token_id], skip_special_tokens=False)
+            )
+        return self._alone[token_id]
+
+    def is_special(self, token_id: int) -> bool:
+        """Whether a token is one of the tokenizer's special tokens (BOS, EOS), which show no text."""
+        if self.tokenizer is None:
+            return False
+        if self._special is None:
+            decoder = self.tokenizer.get_added_tokens_decoder()
+            self._special = {t for t, added in decoder.items() if added.special}
+        return token_id in self._special
 
     def decode(self, ids: list[int]) -> str:
         """The text of token ids as a completion shows it (special tokens skipped)."""
@@ -899,6 +921,9 @@ class CompletionLogprobs:
         prompt: Sequence[tuple[int, TokenLogprobs | None]] = (),
     ) -> dict[str, Any]:
         """The object for an echoed prompt's entries, then these (token id, logprobs) entries; None logprobs (a first prompt token) stay null."""
+        # The first token of an echoed prompt's text (after BOS) reads as the text starts: a
+        # SentencePiece "▁The" is "The" there, as the echoed text shows it, not " The".
+        first = next((k for k, (t, _) in enumerate(prompt) if not self.texts.is_special(t)), -1)
         lps = [*prompt, *lps]
         self.texts.add((lp for _, lp in lps), (t for t, _ in lps))
         out: dict[str, list[Any]] = {
@@ -908,7 +933,8 @@ class CompletionLogprobs:
             "text_offset": [],
         }
         for number, (token_id, lp) in enumerate(lps):
-            text = self.texts[token_id]
+            text_of = self.texts.at_start if number == first else self.texts.__getitem__
+            text = text_of(token_id)
             out["tokens"].append(text)
             if number < len(prompt):
                 out["text_offset"].append(self.prompt_offsets[number])
@@ -922,7 +948,7 @@ class CompletionLogprobs:
                 continue
             top: dict[str, float] = {}
             for alternative, value in lp.top:  # likeliest first: two ids of one text keep the first
-                top.setdefault(self.texts[alternative], value)
+                top.setdefault(text_of(alternative), value)
             # OpenAI always includes the chosen token, with its own logprob.
             top[text] = max(top.get(text, -math.inf), lp.logprob)
             out["token_logprobs"].append(lp.logprob)

@@ -606,6 +606,42 @@ def test_sentencepiece_token_texts_keep_their_leading_space() -> None:
     assert out["text_offset"] == [0, 7, 10, 11, 12, 12]
 
 
+@pytest.mark.parametrize("kind", ["llama2", "metaspace", "byte_fallback"])
+def test_an_echoed_sentencepiece_prompt_s_tokens_join_into_the_echoed_text(kind: str) -> None:
+    # In context a SentencePiece token keeps its leading space ("▁The" is " The"), but at the
+    # start of a text it has none: the first token of an echoed prompt (after BOS) read " The"
+    # while the echoed text was "The answer is".
+    from mintvcs.serve.http_api import CompletionLogprobs, TokenTexts
+    from mintvcs.serve.sampling import TokenLogprobs
+    from tests.serve.test_sampling import _byte_fallback_tokenizer
+    from tests.serve.test_structured import _sentencepiece_tokenizer
+
+    if kind == "byte_fallback":
+        tokenizer = _byte_fallback_tokenizer()[0]  # "▁" is a token of its own there
+    else:
+        tokenizer = _sentencepiece_tokenizer(kind)
+    bos = tokenizer.token_to_id("<s>")
+    words = tokenizer.encode("The answer is", add_special_tokens=False).ids
+    prompt = [bos, *words, *words[:1]]  # the first token again, inside the text
+    echoed = tokenizer.decode(prompt)
+    assert echoed.startswith("The answer is")
+    texts = TokenTexts(tokenizer)
+    first = TokenLogprobs(words[0], -1.0, ((words[1], -0.5), (words[0], -1.0)))
+    entries = [(bos, None), (words[0], first), *((t, None) for t in prompt[2:])]
+    offsets = texts.prompt_offsets(prompt, prompt, True)
+    out = CompletionLogprobs(texts, len(echoed), prompt, offsets).chunk([], entries)
+    assert "".join(out["tokens"][1:]) == echoed, out["tokens"]
+    assert out["tokens"][0] == "<s>"
+    # Each token reads as its part of the echoed text, and its alternatives with it.
+    for token, at in zip(out["tokens"][1:], out["text_offset"][1:], strict=True):
+        assert echoed[at:].startswith(token), (token, at, echoed)
+    assert set(out["top_logprobs"][1]) == {
+        texts.at_start(words[1]),
+        out["tokens"][1],
+    }
+    assert out["tokens"][-1] != out["tokens"][1]  # the same token later: its space kept
+
+
 # vLLM's request fields that change the output and that this server does not implement, each
 # with a value that would change it and its neutral value (accepted: it changes nothing).
 _VLLM_UNIMPLEMENTED: list[tuple[str, Any, Any]] = [
