@@ -89,6 +89,21 @@ def test_a_commit_that_cannot_write_its_pack_installs_nothing(work: Path, tmp_pa
     git_fsck(work)
 
 
+def test_a_commit_keeps_the_pack_it_wrote_under_its_write_hold(tmp_path: Path) -> None:
+    # In process, as a server or a training loop commits: the commit's write hold places the
+    # pack's temporaries when it ends, so the writer must leave them in place, not remove them
+    # as the temporaries of a pack given up.
+    from mintvcs import porcelain
+
+    work = _many_tensors(tmp_path / "work", 1)
+    repo = porcelain.init(work, None, install_hooks=False)
+    porcelain.commit(repo, "first", verify=False, show_progress=False)
+    assert [p for p in _packs(work) if p.endswith(".pack")]
+    assert not [p for p in _packs(work) if p.startswith("tmp_")]
+    assert json.loads(mint(work, "fsck", "--json").stdout)["ok"]
+    git_fsck(work)
+
+
 def test_writes_refused_by_the_system_are_one_line_and_change_nothing(work: Path) -> None:
     head = git(work / ".mint", "rev-parse", "HEAD").stdout
     for args in (

@@ -120,6 +120,22 @@ def test_an_idle_copy_another_slot_also_holds_is_given_up_first_and_never_moved(
     assert cache.match(None, [*base[:20], 0], 20) == (1, 16)
 
 
+def test_a_spare_copy_is_given_up_before_the_least_recent_only_copy() -> None:
+    # Four slots hold A, B, X, X, B least recently used, A in slot 0: a new prompt moves A onto
+    # a copy of X (one is enough), rather than drop B's only copy for being the least recent.
+    cache = _cache(4)
+    a, b, x = _tokens(30, 40), _tokens(31, 40), _tokens(32, 40)
+    slots = [_admit(cache, None, p)[0] for p in (a, b, x, x)]
+    assert slots == [0, 1, 2, 3]
+    for slot, prompt in ((1, b), (2, x), (3, x), (0, a)):  # B least recent, A most
+        cache.retire(slot, None, prompt)
+    assert _admit(cache, None, _tokens(33, 20)) == (0, 0)  # A moves out of slot 0
+    cached = 40 - 40 % 16
+    assert cache.lookup(None, [*a, 9]).length == cached
+    assert cache.lookup(None, [*b, 9]).length == cached  # B's only copy kept
+    assert cache.lookup(None, [*x, 9]).length == cached
+
+
 def test_the_n_copies_of_one_prompt_go_before_another_prompts_only_copy() -> None:
     # Five slots: Y once, then X with three choices (three idle copies), then X, X and Y
     # again. Y's only copy must outlast X's spare ones.

@@ -641,6 +641,32 @@ def test_a_commit_id_pruned_from_a_pack_is_unknown_though_the_pack_was_listed(
     assert watcher.resolve(first).commit == first  # what gc kept is still found
 
 
+def test_a_commit_id_whose_loose_file_alone_is_pruned_is_unknown_at_its_next_request(
+    tmp_path: Path, peft_adapter: Path
+) -> None:
+    # A commit-id entry depends on the commit's loose file too: a prune that deletes only that
+    # file (no pack, no ref touched) makes the id unknown at its next request.
+    from mintvcs.store import UnknownRevisionError
+
+    repo, first, _work = _repo_with_two_revisions(tmp_path, peft_adapter)
+    doomed = porcelain.commit(repo, "doomed", verify=False, show_progress=False).commit
+    git_dir = str(repo.git_dir)
+
+    def git(*args: str) -> int:
+        return subprocess.run(["git", "--git-dir", git_dir, *args], capture_output=True).returncode
+
+    loose = Path(git_dir) / "objects" / doomed[:2] / doomed[2:]
+    assert loose.exists()
+    assert git("update-ref", "refs/heads/main", first) == 0
+    assert git("reflog", "expire", "--expire=now", "--all") == 0
+    watcher = RefWatcher(repo)
+    assert watcher.resolve(doomed).commit == doomed
+    assert git("prune", "--expire=now") == 0  # deletes the loose commit; no pack, no ref touched
+    assert not loose.exists()
+    with pytest.raises(UnknownRevisionError):
+        watcher.resolve(doomed)
+
+
 def test_a_commit_id_is_looked_up_again_once_the_store_lets_go_of_a_pack(
     tmp_path: Path, peft_adapter: Path
 ) -> None:
