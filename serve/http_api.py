@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -667,7 +668,12 @@ async def _sent(request: web.Request, write: Awaitable[None]) -> bool:
         # aiohttp waits for the socket to drain without a deadline: a client that keeps its
         # connection open and reads nothing would hold the handler, its request and its
         # connection for as long as it likes (nginx's send_timeout, for the same reason).
-        await asyncio.wait_for(write, timeout)
+        if sys.version_info >= (3, 11):
+            # A third of wait_for's cost, which makes a task per write (one per SSE event).
+            async with asyncio.timeout(timeout):
+                await write
+        else:
+            await asyncio.wait_for(write, timeout)
     except TimeoutError:
         _drop_slow_client(request, f"read nothing for {timeout:g} s (--send-timeout)")
         return False

@@ -2859,7 +2859,12 @@ def test_a_stream_whose_client_reads_nothing_is_cancelled_after_the_send_timeout
     repo: Repository, tiny_base: Path
 ) -> None:
     config = ServerConfig(
-        repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=512, send_timeout=1.0
+        repo=repo.git_dir,
+        base_model=tiny_base,
+        port=0,
+        max_model_len=512,
+        send_timeout=1.0,
+        max_stream_backlog=10**6,  # not what ends it: the whole output fits
     )
     with BackgroundServer(config) as srv:
         sock = _stream_never_read(srv, {**_FLOOD, "ignore_eos": True, "max_tokens": 500})
