@@ -586,6 +586,25 @@ def test_a_token_that_is_not_utf8_is_matched_byte_for_byte(key_file: Path) -> No
     assert keys.accepts(b"caf\xe9") and not keys.accepts(b"caf")
 
 
+def _hang_reads(
+    keys: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event, Callable[[], bytes | None]]:
+    """Make `keys`' file reads wait until the second event is set (the first is set as one
+    starts): no hung mount can be made here, and a read that waits stands for one. Patched on
+    this instance alone: another test's server may be running in this process. Returns the
+    events and the real read."""
+    entered, mount_back = threading.Event(), threading.Event()
+    read_bytes = keys._read_bytes
+
+    def hung_read() -> bytes | None:
+        entered.set()
+        mount_back.wait(30)
+        return read_bytes()
+
+    monkeypatch.setattr(keys, "_read_bytes", hung_read)
+    return entered, mount_back, read_bytes
+
+
 def test_a_key_file_that_hangs_does_not_stall_the_server(
     repo: Repository,
     tiny_base: Path,
@@ -604,8 +623,6 @@ def test_a_key_file_that_hangs_does_not_stall_the_server(
     key.chmod(0o600)
     config = ServerConfig(repo=repo.git_dir, base_model=tiny_base, port=0, api_key_file=key)
     auth = {"Authorization": "Bearer the-token"}
-    # No hung mount can be made here: a read that waits on an event stands for one.
-    mount_back = threading.Event()
 
     with caplog.at_level(logging.INFO, logger="mintvcs.serve"), BackgroundServer(config) as srv:
         # Re-read on a timer: a new token works on its first request, however sparse the traffic.
@@ -615,14 +632,7 @@ def test_a_key_file_that_hangs_does_not_stall_the_server(
         assert request(srv.url + "/v1/adapters", headers=new, timeout=5)[0] == 200
         keys = srv.state.api_keys
         assert keys is not None
-        read_bytes = keys._read_bytes
-
-        def hung_read() -> bytes | None:
-            mount_back.wait(30)
-            return read_bytes()
-
-        # This server's alone: another test's server may be running in this process.
-        monkeypatch.setattr(keys, "_read_bytes", hung_read)
+        _entered, mount_back, _read_bytes = _hang_reads(keys, monkeypatch)
         try:
             time.sleep(0.2)
             for _ in range(20):  # more than the default executor's threads
@@ -745,16 +755,7 @@ def test_a_stalled_key_file_read_is_told_once_and_its_end_too(
 
     monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.01)
     keys = api_keys.ApiKeys(key_file)
-    entered, mount_back = threading.Event(), threading.Event()
-    read_bytes = keys._read_bytes
-
-    def hung_read() -> bytes | None:
-        entered.set()
-        mount_back.wait(30)
-        return read_bytes()
-
-    # On this instance alone: another test's server may be running in this process.
-    monkeypatch.setattr(keys, "_read_bytes", hung_read)
+    entered, mount_back, read_bytes = _hang_reads(keys, monkeypatch)
     time.sleep(0.02)
     reader = threading.Thread(target=keys.refresh, daemon=True)
     with caplog.at_level(logging.INFO, "mintvcs.serve"):
@@ -790,15 +791,7 @@ def test_a_stall_told_as_its_read_ends_is_told_ended_then_and_only_then(
 
     monkeypatch.setattr(api_keys, "CHECK_INTERVAL", 0.01)
     keys = api_keys.ApiKeys(key_file)
-    entered, mount_back = threading.Event(), threading.Event()
-    read_bytes = keys._read_bytes
-
-    def hung_read() -> bytes | None:
-        entered.set()
-        mount_back.wait(30)
-        return read_bytes()
-
-    monkeypatch.setattr(keys, "_read_bytes", hung_read)
+    entered, mount_back, read_bytes = _hang_reads(keys, monkeypatch)
     time.sleep(0.02)
     reader = threading.Thread(target=keys.refresh, daemon=True)
     real_monotonic = time.monotonic
