@@ -87,8 +87,9 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
     "--api-key-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="File of bearer tokens, one a line (re-read while serving, so tokens rotate without a "
-    "restart), that the notify/warm/adapters endpoints require.",
+    help="File of bearer tokens, one a line, that the notify/warm/adapters endpoints require "
+    "(--api-key-scope all: every endpoint but /health). Re-read while serving, so tokens rotate "
+    "without a restart (rename a new file over it); a pipe is read once, at start.",
 )
 @click.option(
     "--api-key-scope",
