@@ -260,3 +260,50 @@ def test_a_cancelled_waiter_leaves_no_drain_behind(tiny_base: Path, zoo: dict[st
         while sched.has_work:
             sched.step()
         assert eng.residency.slots[0].refs == 0
+
+
+def test_a_drain_stays_while_another_waiter_for_it_cannot_get_in(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    # One adapter slot and two KV slots. Two requests wait for a revision that drains the
+    # slot; then a base-model request takes the last KV slot. When the first waiter is
+    # cancelled, the second cannot reach the slot in that step (no KV slot free, so it does not
+    # ask for the drain again): the drain must stay for it all the same. A drain given up with
+    # a waiter left behind is not asked for again until that waiter gets a KV slot.
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(
+        max_model_len=128, adapter_slots=1, max_batch_size=2, prefix_caching=False
+    )
+    with Engine(tiny_base, config, source=PeftDirSource(zoo), start=False) as eng:
+        eng.prefetch("kv-r12").result(60)
+        sched = eng.scheduler
+
+        def queue(revision: str | None) -> int:
+            eng.start_many([([1, 5, 9, 13], revision, long)])
+            while not eng._inbox.empty():
+                sched.add(eng._inbox.get_nowait())
+            return max(eng._seqs)
+
+        def draining() -> list[str | None]:
+            return [slot.draining_for for slot in eng.residency.slots]
+
+        resident = eng._seqs[queue("kv-r12")]
+        sched.step()
+        first, second = queue("o-r6"), queue("o-r6")
+        sched.step()
+        assert draining() == ["o-r6"]
+        queue(None)  # the base model needs no adapter slot: it takes the last KV slot
+        sched.step()
+        assert sched.prefix.available == 0
+        eng.cancel(first)
+        sched.step()
+        assert draining() == ["o-r6"]  # the second still waits for it
+        waiter = eng._seqs[second]
+        # Until the slot's running request ends (which ends the drain: the slot is idle).
+        while not resident.finished:
+            assert draining() == ["o-r6"] and waiter.lora_slot < 0
+            sched.step()
+        while sched.has_work:
+            sched.step()
+        assert len(waiter.output_ids) == long.max_tokens
+        assert eng.residency.slots[0].revision == "o-r6" and eng.residency.slots[0].refs == 0
