@@ -848,6 +848,17 @@ class TokenTexts:
             self._special = {t for t, added in decoder.items() if added.special}
         return token_id in self._special
 
+    def start_index(self, ids: Sequence[int]) -> int:
+        """The index of the first of `ids` that shows text (past BOS and the like); -1 if none."""
+        return next((k for k, t in enumerate(ids) if not self.is_special(t)), -1)
+
+    def in_text(self, ids: Sequence[int]) -> list[str]:
+        """Each token's text in a text that begins with `ids`: the first shown one as the text
+        starts, the others after a word, so that they join into the text."""
+        self.add((), ids)
+        first = self.start_index(ids)
+        return [self.at_start(t) if k == first else self[t] for k, t in enumerate(ids)]
+
     def decode(self, ids: list[int]) -> str:
         """The text of token ids as a completion shows it (special tokens skipped)."""
         return "" if self.tokenizer is None else str(self.tokenizer.decode(ids))
@@ -929,7 +940,7 @@ class CompletionLogprobs:
         """The object for an echoed prompt's entries, then these (token id, logprobs) entries; None logprobs (a first prompt token) stay null."""
         # The first token of an echoed prompt's text (after BOS) reads as the text starts: a
         # SentencePiece "▁The" is "The" there, as the echoed text shows it, not " The".
-        first = next((k for k, (t, _) in enumerate(prompt) if not self.texts.is_special(t)), -1)
+        first = self.texts.start_index([t for t, _ in prompt])
         lps = [*prompt, *lps]
         self.texts.add((lp for _, lp in lps), (t for t, _ in lps))
         out: dict[str, list[Any]] = {
@@ -1625,9 +1636,7 @@ async def tokenize(request: web.Request) -> web.Response:
     ids = engine.encode(text, special_tokens=special)
     out: dict[str, Any] = {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
     if field_of(body, "return_token_strs", (bool,), False):
-        texts = TokenTexts(engine.tokenizer)
-        texts.add((), ids)
-        out["token_strs"] = [texts[t] for t in ids]
+        out["token_strs"] = TokenTexts(engine.tokenizer).in_text(ids)
     return web.json_response(out)
 
 

@@ -606,6 +606,19 @@ def test_sentencepiece_token_texts_keep_their_leading_space() -> None:
     assert out["text_offset"] == [0, 7, 10, 11, 12, 12]
 
 
+def test_tokenize_s_token_strs_join_into_the_text_they_tokenize() -> None:
+    # /tokenize named each token as it reads after a word, the first too: "The answer" gave
+    # [" The", " answer"], which does not join into "The answer".
+    from mintvcs.serve.http_api import TokenTexts
+    from tests.serve.test_sampling import _byte_fallback_tokenizer
+
+    tokenizer, _ = _byte_fallback_tokenizer()
+    for text, specials in (("The answer is", True), ("The answer is", False), ("Hello", True)):
+        ids = tokenizer.encode(text, add_special_tokens=specials).ids
+        strs = TokenTexts(tokenizer).in_text([1, *ids] if specials else ids)
+        assert "".join(strs[1:] if specials else strs) == text, strs
+
+
 @pytest.mark.parametrize("kind", ["llama2", "metaspace", "byte_fallback"])
 def test_an_echoed_sentencepiece_prompt_s_tokens_join_into_the_echoed_text(kind: str) -> None:
     # In context a SentencePiece token keeps its leading space ("▁The" is " The"), but at the
