@@ -608,6 +608,10 @@ async def error_middleware(
         if state.config.api_key_scope == "all" and request.path != "/health":
             check_bearer(request)  # load balancers probe /health without credentials
         response = await handler(request)
+        if not response.prepared:
+            # Written here, not by aiohttp once this returns, so that --send-timeout bounds it
+            # too: a client that never reads its answer would hold the connection for ever.
+            await sent(request, _whole(request, response))
         status = request.get(STATUS_KEY, response.status)
         return response
     except web.HTTPException as exc:
@@ -670,6 +674,46 @@ async def error_middleware(
                 state.tokens.inc((label, kind, str(status)), n)
             if status == 200:
                 state.request_latency.observe(time.monotonic() - request[STARTED_KEY])
+
+
+async def sent(request: web.Request, write: Awaitable[None]) -> bool:
+    """Await a write to the client; False (and status 499) when the client has gone, or has not
+    read for ServerConfig.send_timeout seconds (then its connection is closed)."""
+    timeout = request.app[STATE].config.send_timeout
+    try:
+        # aiohttp waits for the socket to drain without a deadline: a client that keeps its
+        # connection open and reads nothing would hold the handler, its request and its
+        # connection for as long as it likes (nginx's send_timeout, for the same reason).
+        if sys.version_info >= (3, 11):
+            # A third of wait_for's cost, which makes a task per write (one per SSE event).
+            async with asyncio.timeout(timeout):
+                await write
+        else:
+            await asyncio.wait_for(write, timeout)
+    except TimeoutError:
+        drop_slow_client(request, f"read nothing for {timeout:g} s (--send-timeout)")
+        return False
+    except (ConnectionError, RuntimeError):
+        request[STATUS_KEY] = 499
+        return False
+    return True
+
+
+def drop_slow_client(request: web.Request, why: str) -> None:
+    """Close the connection of a client that stopped reading; its request ends as 499."""
+    request[STATUS_KEY] = 499
+    # One message per cause and limit, so the log's repeat filter keeps it to a line a minute.
+    log.warning("a client %s: its request is cancelled and its connection closed", why)
+    transport = request.transport
+    if transport is not None:
+        # Not close(): that waits to flush what the client is not reading.
+        transport.abort()
+
+
+async def _whole(request: web.Request, response: web.StreamResponse) -> None:
+    """Write `response`, headers and body, as aiohttp would after the handler."""
+    await response.prepare(request)
+    await response.write_eof()
 
 
 def _closed_if_body_unread(request: web.Request, response: web.Response) -> web.Response:

@@ -167,8 +167,8 @@ def _nonempty_host(ctx: click.Context, param: click.Parameter, value: str) -> st
     default=60.0,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
-    help="Seconds a streamed response may wait for its client to read what was sent; past it "
-    "the request is cancelled (499) and the connection closed.",
+    help="Seconds one write of a response (a stream's event, or a whole answer) may wait for "
+    "its client to read; past it the request is cancelled (499) and the connection closed.",
 )
 @click.option(
     "--max-stream-backlog",

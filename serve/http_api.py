@@ -16,9 +16,8 @@ import logging
 import math
 import re
 import secrets
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
@@ -36,10 +35,12 @@ from mintvcs.serve.app import (
     HTTPError,
     ServerState,
     count_tokens,
+    drop_slow_client,
     error_body,
     expect_body,
     field_of,
     read_json,
+    sent,
     status_for,
 )
 from mintvcs.serve.http_chat import (
@@ -549,7 +550,7 @@ async def admit_many(
         compiled=compiled,
         max_unread=state.config.max_stream_backlog,
         on_overflow=partial(
-            _drop_slow_client,
+            drop_slow_client,
             request,
             f"fell more than {state.config.max_stream_backlog} events behind "
             "(--max-stream-backlog)",
@@ -657,41 +658,7 @@ async def _sse(request: web.Request, admitted: Admitted) -> web.StreamResponse:
 
 async def _write(request: web.Request, response: web.StreamResponse, data: bytes) -> bool:
     """Write an SSE chunk; False (and status 499) when the client has gone or stopped reading."""
-    return await _sent(request, response.write(data))
-
-
-async def _sent(request: web.Request, write: Awaitable[None]) -> bool:
-    """Await a write to the client; False (and status 499) when the client has gone, or has not
-    read for ServerConfig.send_timeout seconds (then its connection is closed)."""
-    timeout = request.app[STATE].config.send_timeout
-    try:
-        # aiohttp waits for the socket to drain without a deadline: a client that keeps its
-        # connection open and reads nothing would hold the handler, its request and its
-        # connection for as long as it likes (nginx's send_timeout, for the same reason).
-        if sys.version_info >= (3, 11):
-            # A third of wait_for's cost, which makes a task per write (one per SSE event).
-            async with asyncio.timeout(timeout):
-                await write
-        else:
-            await asyncio.wait_for(write, timeout)
-    except TimeoutError:
-        _drop_slow_client(request, f"read nothing for {timeout:g} s (--send-timeout)")
-        return False
-    except (ConnectionError, RuntimeError):
-        request[STATUS_KEY] = 499
-        return False
-    return True
-
-
-def _drop_slow_client(request: web.Request, why: str) -> None:
-    """Close the connection of a streaming client that stopped reading; its request ends as 499."""
-    request[STATUS_KEY] = 499
-    # One message per cause and limit, so the log's repeat filter keeps it to a line a minute.
-    log.warning("a streaming client %s: its request is cancelled and its connection closed", why)
-    transport = request.transport
-    if transport is not None:
-        # Not close(): that waits to flush what the client is not reading.
-        transport.abort()
+    return await sent(request, response.write(data))
 
 
 def _event_bytes(payload: dict[str, Any], event: str | None = None) -> bytes:
@@ -736,7 +703,7 @@ async def _run_stream(
     for data in done(finished):
         if not await _write(request, response, data):
             return response
-    await _sent(request, response.write_eof())
+    await sent(request, response.write_eof())
     return response
 
 

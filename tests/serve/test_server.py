@@ -2790,7 +2790,8 @@ def test_generation_config_values_out_of_range_are_ignored(
 
 # ---------------------------------------------------------------------------- slow readers
 def _stream_never_read(srv: BackgroundServer, body: dict[str, Any]) -> Any:
-    """A raw socket with a small receive buffer that posts a streamed request and reads nothing."""
+    """A raw socket with a small receive buffer that posts a request (streamed unless `body`
+    says otherwise) and reads nothing."""
     import socket
     from urllib.parse import urlsplit
 
@@ -2872,6 +2873,25 @@ def test_a_stream_whose_client_reads_nothing_is_cancelled_after_the_send_timeout
         assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200  # and it goes on serving
 
 
+def test_an_answer_whose_client_reads_nothing_is_dropped_after_the_send_timeout(
+    repo: Repository, tiny_base: Path
+) -> None:
+    # A whole (not streamed) answer was written by aiohttp after the handler, with no deadline:
+    # a client that never read it held its connection, and the server's drain, for ever.
+    config = ServerConfig(
+        repo=repo.git_dir, base_model=tiny_base, port=0, max_model_len=512, send_timeout=1.0
+    )
+    with BackgroundServer(config) as srv:
+        body = {**_FLOOD, "stream": False, "ignore_eos": True, "max_tokens": 500}
+        sock = _stream_never_read(srv, body)  # an answer of megabytes: more than the buffers
+        with sock:
+            took = _wait_for_499(srv, within=60)
+            assert took < 45, took
+            assert _closed_by_server(sock, within=5)
+        _released(srv)
+        assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200  # and it goes on serving
+
+
 def test_a_stream_that_falls_past_its_backlog_is_cancelled_and_closed_at_once(
     repo: Repository, tiny_base: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -2897,7 +2917,9 @@ def test_a_stream_that_falls_past_its_backlog_is_cancelled_and_closed_at_once(
         # All 32 choices were cancelled, not run to their end.
         assert stats["requests_cancelled"] - cancelled == 32, stats
         assert stats["generated_tokens"] < 32 * 500
-        warned = [r.getMessage() for r in caplog.records if "streaming client" in r.getMessage()]
+        warned = [
+            r.getMessage() for r in caplog.records if "its connection closed" in r.getMessage()
+        ]
         assert len(warned) == 1 and "64 events behind" in warned[0], warned
         assert gen(srv, prompt="Hi", max_tokens=1)[0] == 200
 
