@@ -30,6 +30,7 @@ __all__ = [
     "make_dir",
     "make_dirs",
     "not_writable",
+    "read_regular",
     "umask",
     "write_file",
 ]
@@ -223,6 +224,18 @@ def _close_lost_fds(path: str) -> None:
                 if (st.st_dev, st.st_ino) == (made.st_dev, made.st_ino):
                     os.close(int(name))
         return
+
+
+def read_regular(fd: int) -> bytes | None:
+    """All the bytes of open `fd` if it is a regular file; None for a FIFO, a directory, a
+    device or a socket, left unread (open such a path O_NONBLOCK: a plain open of a FIFO waits
+    for a writer, for ever once it is unlinked)."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return None
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def write_file(path: Path, data: bytes, shared: SharedPerm | None, base: int = 0o666) -> None:

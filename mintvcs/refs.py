@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from mintvcs.errors import MintError, cannot_read
-from mintvcs.filemodes import adjust_fd, make_dirs, write_failed
+from mintvcs.filemodes import adjust_fd, make_dirs, read_regular, write_failed
 from mintvcs.ids import is_object_id
 from mintvcs.messages import one_line
 
@@ -381,12 +381,7 @@ def _read_bytes(path: str) -> bytes | None:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_regular(fd)
     finally:
         os.close(fd)
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mintvcs.errors import MintError
+from mintvcs.filemodes import read_regular
 from mintvcs.serve.log_repeats import ALWAYS
 
 log = logging.getLogger("mintvcs.serve")
@@ -87,7 +88,7 @@ class ApiKeys:
         """The file's tokens, or a problem saying why there are none (at start, a pipe is read too)."""
         self._piped = False
         try:
-            data = self._read_bytes(at_start=True) if at_start else self._read_bytes()
+            data = self._read_bytes(at_start)
         except OSError as err:
             return (), f"cannot read --api-key-file {self.path}: {err.strerror or err}"
         except _PipeError as err:
@@ -110,17 +111,11 @@ class ApiKeys:
         # ignores the flag). A directory opens read-only too; fstat tells them all apart.
         fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            mode = os.fstat(fd).st_mode
-            if at_start and stat.S_ISFIFO(mode):
+            if at_start and stat.S_ISFIFO(os.fstat(fd).st_mode):
                 data = _read_pipe(fd)
                 self._piped = True
                 return data
-            if not stat.S_ISREG(mode):
-                return None
-            chunks = []
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return read_regular(fd)
         finally:
             os.close(fd)
 

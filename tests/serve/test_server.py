@@ -588,7 +588,7 @@ def test_a_token_that_is_not_utf8_is_matched_byte_for_byte(key_file: Path) -> No
 
 def _hang_reads(
     keys: Any, monkeypatch: pytest.MonkeyPatch
-) -> tuple[threading.Event, threading.Event, Callable[[], bytes | None]]:
+) -> tuple[threading.Event, threading.Event, Callable[..., bytes | None]]:
     """Make `keys`' file reads wait until the second event is set (the first is set as one
     starts): no hung mount can be made here, and a read that waits stands for one. Patched on
     this instance alone: another test's server may be running in this process. Returns the
@@ -596,10 +596,10 @@ def _hang_reads(
     entered, mount_back = threading.Event(), threading.Event()
     read_bytes = keys._read_bytes
 
-    def hung_read() -> bytes | None:
+    def hung_read(at_start: bool = False) -> bytes | None:
         entered.set()
         mount_back.wait(30)
-        return read_bytes()
+        return read_bytes(at_start)
 
     monkeypatch.setattr(keys, "_read_bytes", hung_read)
     return entered, mount_back, read_bytes
