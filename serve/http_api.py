@@ -57,6 +57,7 @@ from mintvcs.serve.sampling import (
     StructuredOutput,
     TokenLogprobs,
     incomplete_tail,
+    special_ids,
     texts_after_a_word,
 )
 from mintvcs.serve.scheduler import TokenEvent
@@ -811,8 +812,7 @@ class TokenTexts:
         if self.tokenizer is None:
             return False
         if self._special is None:
-            decoder = self.tokenizer.get_added_tokens_decoder()
-            self._special = {t for t, added in decoder.items() if added.special}
+            self._special = special_ids(self.tokenizer)
         return token_id in self._special
 
     def start_index(self, ids: Sequence[int]) -> int:

@@ -493,6 +493,11 @@ def is_byte_level(tokenizer: Any) -> bool:
     return isinstance(state, bytes) and b'"type":"ByteLevel"' in state
 
 
+def special_ids(tokenizer: Any) -> set[int]:
+    """The ids of the tokenizer's special tokens (BOS, EOS, ...), which decoded text skips."""
+    return {token for token, added in tokenizer.get_added_tokens_decoder().items() if added.special}
+
+
 def texts_after_a_word(tokenizer: Any, ids: Iterable[int]) -> list[str]:
     """The text each token adds after a plain word, special tokens kept: decode([word, token])
     less decode([word]), in one batch.
@@ -503,15 +508,18 @@ def texts_after_a_word(tokenizer: Any, ids: Iterable[int]) -> list[str]:
     word (or whose decoder changes the word's text) gives each token's text alone.
     """
     ids = list(ids)
-    alone = tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
     word = _plain_word(tokenizer)
     if word is None:
+        alone = tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
         return [str(text) for text in alone]
     shown = str(tokenizer.decode([word], skip_special_tokens=False))
     after = tokenizer.decode_batch([[word, i] for i in ids], skip_special_tokens=False)
+    # Alone only where the word's text does not stay ahead: one decode per token, not two.
     return [
-        str(text)[len(shown) :] if str(text).startswith(shown) else str(solo)
-        for text, solo in zip(after, alone, strict=True)
+        str(text)[len(shown) :]
+        if str(text).startswith(shown)
+        else str(tokenizer.decode([token], skip_special_tokens=False))
+        for token, text in zip(ids, after, strict=True)
     ]
 
 
@@ -532,9 +540,7 @@ def _plain_word(tokenizer: Any) -> int | None:
         ids = tokenizer.encode(word, add_special_tokens=False).ids
         if len(ids) == 1 and plain(ids[0]):
             return int(ids[0])
-    special = {
-        token for token, added in tokenizer.get_added_tokens_decoder().items() if added.special
-    }
+    special = special_ids(tokenizer)
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     return next((t for t in range(size) if t not in special and plain(t)), None)
 

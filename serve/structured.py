@@ -22,6 +22,7 @@ from mintvcs.serve.sampling import (
     InvalidSamplingParams,
     StructuredOutput,
     is_byte_level,
+    special_ids,
     texts_after_a_word,
 )
 from mintvcs.serve.threads import available_cpus
@@ -183,11 +184,7 @@ def token_bytes(tokenizer: tokenizers.Tokenizer, ids: int) -> tuple[list[bytes],
     <0xNN> token of a multi-byte character decodes to U+FFFD, so its byte is taken from the
     piece instead, where the decoder reads such pieces as bytes.
     """
-    special = {
-        token
-        for token, added in tokenizer.get_added_tokens_decoder().items()
-        if added.special and token < ids
-    }
+    special = {token for token in special_ids(tokenizer) if token < ids}
     texts = texts_after_a_word(tokenizer, range(ids))
     letter_a = tokenizer.token_to_id("<0x41>")
     bytes_as_pieces = letter_a is not None and tokenizer.decode([letter_a]) == "A"
