@@ -391,7 +391,6 @@ class PackWriter:
             self.temp = TempFile(self.directory, "tmp_pack_")
         except OSError as err:  # a read-only file system too: the directory is named
             raise not_writable(err, self.directory, ADDING_OBJECTS) from None
-        self.fd = self.temp.fd
         try:
             self.lock = threading.Lock()
             self.offset = 12
@@ -405,7 +404,7 @@ class PackWriter:
             self.loose_dirs = {name for name in os.listdir(objects) if len(name) == 2}
             header = _pack_header(expected or 0)  # rewritten by finish() when the count differs
             self.checksum = hashlib.sha1(header) if expected else None  # of the pack so far
-            os.pwrite(self.fd, header, 0)
+            os.pwrite(self.temp.fd, header, 0)
         except BaseException as err:
             # The caller has no writer to abort() yet (a full disk, a SIGTERM while the loose
             # directories are listed): the temporary goes here.
@@ -481,7 +480,7 @@ class PackWriter:
         self.repo._count_written()
         # Each entry owns its byte range, so workers write without holding the lock.
         try:
-            _write_all(self.fd, pieces, offset)
+            _write_all(self.temp.fd, pieces, offset)
         except OSError as err:
             raise self._failed(err) from None
 
@@ -500,9 +499,9 @@ class PackWriter:
             if self.checksum is not None and count == self.expected:
                 checksum = self.checksum.digest()
             else:
-                os.pwrite(self.fd, _pack_header(count), 0)
-                checksum = _sha1_of_file(self.fd, self.offset)
-            os.pwrite(self.fd, checksum, self.offset)
+                os.pwrite(self.temp.fd, _pack_header(count), 0)
+                checksum = _sha1_of_file(self.temp.fd, self.offset)
+            os.pwrite(self.temp.fd, checksum, self.offset)
             name = f"pack-{checksum.hex()}"
             idx = _pack_index(self.entries, checksum)
             mode = file_mode(0o444, self.repo.shared_perm)  # as git's, and its objects'
@@ -515,7 +514,7 @@ class PackWriter:
                 _write_all(index_temp.fd, [idx])
                 os.fchmod(index_temp.fd, mode)
                 index_temp.close()
-                os.fchmod(self.fd, mode)
+                os.fchmod(self.temp.fd, mode)
                 held = self.repo.held_writes()
                 if held is not None:  # placed, the pack before its index, when the hold ends
                     held.add(self.temp.path, str(self.directory / f"{name}.pack"))

@@ -229,7 +229,7 @@ class RefWatcher:
         # The first candidate that exists is the ref the store went through; None means a commit
         # id (a full one names that commit whatever ref shares its digits, as the store reads it).
         found = (n for n in names if self.read_ref(n) is not None)
-        ref = None if is_full_hex(name) else next(found, None)
+        ref = None if commit_id is not None else next(found, None)
         return _Entry(
             Resolution(spec, commit, ref),
             name,
