@@ -426,6 +426,9 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), likeliest first
+    # The token's place in the whole vocabulary, 1 for the likeliest: how many tokens are at
+    # least as likely (ties count ahead, as vLLM ranks); 0 when not computed.
+    rank: int = 0
 
     def keep_top(self, n: int) -> TokenLogprobs:
         """These logprobs with at most the `n` likeliest alternatives (itself when it has no more)."""
@@ -433,11 +436,13 @@ class TokenLogprobs:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprobs]:
-    """Log-probabilities of `tokens` [R] under fp32 logits [R, vocab], with the `top` likeliest of each row."""
+    """Log-probabilities of `tokens` [R] under fp32 logits [R, vocab], with each one's rank and the `top` likeliest of each row."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     logprobs = torch.nan_to_num(logprobs, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR)
     index = torch.tensor(list(tokens), dtype=torch.long, device=logprobs.device).unsqueeze(1)
-    chosen = logprobs.gather(1, index).squeeze(1).tolist()
+    picked = logprobs.gather(1, index)
+    ranks = (logprobs >= picked).sum(dim=1).tolist()
+    chosen = picked.squeeze(1).tolist()
     if top:
         values, ids = torch.topk(logprobs, min(top, logprobs.shape[1]), dim=-1)
         alternatives = [
@@ -447,8 +452,8 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> lis
     else:
         alternatives = [()] * len(chosen)
     return [
-        TokenLogprobs(token, value, alts)
-        for token, value, alts in zip(tokens, chosen, alternatives, strict=True)
+        TokenLogprobs(token, value, alts, rank)
+        for token, value, alts, rank in zip(tokens, chosen, alternatives, ranks, strict=True)
     ]
 
 
