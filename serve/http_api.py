@@ -74,8 +74,9 @@ MAX_STOP_STRINGS = 16
 # its own (the body size limit bounds the prompts too).
 MAX_CHOICES = 1024
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
-# Prompt log-probabilities (alternatives included) one echo answer may hold: ~20 MB of JSON.
-MAX_ECHO_LOGPROBS = 1 << 20
+# Prompt log-probabilities (alternatives included) one answer may hold, an echo's and
+# prompt_logprobs' together: ~20 MB of JSON.
+MAX_PROMPT_LOGPROBS = 1 << 20
 MAX_MODELS_LIMIT = 10_000  # refs one /v1/models answer lists (read on a worker thread)
 _TOKEN_KEY = re.compile(r"[0-9]{1,9}")
 
@@ -223,13 +224,12 @@ _NEUTRAL: dict[str, tuple[object, ...]] = {
     "spaces_between_special_tokens": (True,),
     "include_stop_str_in_output": (False,),
     # vLLM's sampling extensions this server does not implement: beam search (and its length
-    # penalty), banned words, prompt truncation, prompt logprobs outside echo, ids in place of
-    # logprobs' token texts, server-side logits processors and their extension arguments.
+    # penalty), banned words, prompt truncation, ids in place of logprobs' token texts,
+    # server-side logits processors and their extension arguments.
     "use_beam_search": (False,),
     "length_penalty": (1.0,),
     "bad_words": ([],),
     "truncate_prompt_tokens": (),
-    "prompt_logprobs": (),
     "return_tokens_as_token_ids": (False,),
     "logits_processors": ([],),
     "vllm_xargs": ({},),
@@ -394,8 +394,15 @@ _TEMPLATE_OWN = frozenset({"messages", "tools", "add_generation_prompt", "bos_to
 # Tools are for chat only; chat has no echo of the last message (vLLM's).
 _COMPLETIONS_NEUTRAL = {**_NEUTRAL, "tools": ([],), "tool_choice": ("none",)}
 _CHAT_NEUTRAL = {**_NEUTRAL, "echo": (False,)}
-# What /generate does not take of /v1/completions besides: one choice, no echo.
-_GENERATE_NEUTRAL = {**_COMPLETIONS_NEUTRAL, "n": (1,), "best_of": (1,), "echo": (False,)}
+# What /generate does not take of /v1/completions besides: one choice, no echo, no prompt
+# logprobs (the /v1 routes give them in vLLM's form).
+_GENERATE_NEUTRAL = {
+    **_COMPLETIONS_NEUTRAL,
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "prompt_logprobs": (),
+}
 
 
 def _refuse_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
@@ -767,6 +774,33 @@ def _logprobs_field(body: dict[str, Any], name: str) -> int | None:
     return cast(int | None, value)
 
 
+def _prompt_logprobs_field(body: dict[str, Any], stream: bool) -> int | None:
+    """vLLM's prompt_logprobs: alternatives per prompt token in [0, MAX_LOGPROBS], or None when
+    absent; 400 for -1 (the whole vocabulary) and with a stream, which has no place for them."""
+    value = cast(int | None, field_of(body, "prompt_logprobs", (int,), None))
+    if value is None:
+        return None
+    if value == -1:
+        raise HTTPError(
+            400,
+            f"prompt_logprobs=-1 (the whole vocabulary) is not supported; at most {MAX_LOGPROBS} "
+            "alternatives per prompt token",
+            "prompt_logprobs",
+        )
+    if not 0 <= value <= MAX_LOGPROBS:
+        raise HTTPError(
+            400, f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {value}", "prompt_logprobs"
+        )
+    if stream:
+        # vLLM refuses it too (and drops a 0 without a word): no stream chunk carries them.
+        raise HTTPError(
+            400,
+            "prompt_logprobs is not available with stream: true; send the request unstreamed",
+            "prompt_logprobs",
+        )
+    return value
+
+
 class TokenTexts:
     """Each token id's text, as the logprobs responses name tokens (what it adds after a word, special tokens kept)."""
 
@@ -956,6 +990,33 @@ def _chat_logprobs(lps: list[TokenLogprobs], texts: TokenTexts) -> dict[str, Any
     }
 
 
+def _vllm_prompt_logprobs(
+    ids: Sequence[int], found: Sequence[TokenLogprobs | None], top: int, texts: TokenTexts
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: null for the first prompt token (nothing predicts it), then per
+    token {token id: {logprob, rank, decoded_token}} of the token itself and the `top` likeliest."""
+    texts.add(found, ids)
+
+    def entry(token_id: int, logprob: float, rank: int) -> dict[str, Any]:
+        # Without tokenizer.json there is no text to give: null, as vLLM's.
+        decoded = None if texts.tokenizer is None else texts[token_id]
+        return {"logprob": logprob, "rank": rank, "decoded_token": decoded}
+
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for lp in found:
+        if lp is None:
+            out.append(None)
+            continue
+        # The prompt's token first, with its rank in the whole vocabulary; an alternative that
+        # is the token itself keeps that entry.
+        position = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+        for rank, (token_id, logprob) in enumerate(lp.top[:top], start=1):
+            position.setdefault(str(token_id), entry(token_id, logprob, rank))
+        out.append(position)
+    assert len(out) == len(ids)
+    return out
+
+
 def _event_logprobs(events: list[TokenEvent]) -> list[TokenLogprobs]:
     return [e.logprobs for e in events if e.logprobs is not None]
 
@@ -1093,19 +1154,30 @@ def _completion_prompts(body: dict[str, Any]) -> list[Prompt]:
     )
 
 
-async def _check_echo_size(state: ServerState, prompts: list[Prompt], n: int, top: int) -> None:
-    """400 for an echo whose prompt logprobs would pass MAX_ECHO_LOGPROBS entries: each choice
-    repeats its prompt's, so a 10 kB request (n=1024, a 2000-token prompt, 20 alternatives)
-    asked for a 1 GB answer, gigabytes of memory and a minute of the event loop."""
-    lengths = await asyncio.to_thread(lambda: [len(_prompt_ids(state, p, True)) for p in prompts])
-    entries = n * sum(lengths) * (top + 1)
-    if entries > MAX_ECHO_LOGPROBS:
+async def _check_prompt_logprobs_size(
+    state: ServerState,
+    prompts: Sequence[Prompt],
+    special: bool,
+    copies: int,
+    per_token: int,
+    asked: str,
+) -> None:
+    """400 for prompt logprobs (an echo's, prompt_logprobs') that would pass MAX_PROMPT_LOGPROBS
+    entries: each of `copies` repeats every prompt token's `per_token`, so a 10 kB request
+    (n=1024, a 2000-token prompt, 20 alternatives) asked for a 1 GB answer, gigabytes of memory
+    and a minute of the event loop. `asked` names the fields, for the message."""
+    lengths = await asyncio.to_thread(
+        lambda: [len(_prompt_ids(state, p, special)) for p in prompts]
+    )
+    entries = copies * sum(lengths) * per_token
+    if entries > MAX_PROMPT_LOGPROBS:
+        times = f" x n={copies}" if copies > 1 else ""
         raise HTTPError(
             400,
-            f"echo with logprobs={top} over {sum(lengths)} prompt tokens x n={n} is {entries:,} "
-            f"log-probabilities; at most {MAX_ECHO_LOGPROBS:,} per request: lower n or logprobs, "
-            "or split the prompts over requests",
-            "logprobs",
+            f"{asked} over {sum(lengths)} prompt tokens{times} is {entries:,} log-probabilities; "
+            f"at most {MAX_PROMPT_LOGPROBS:,} per request: ask for fewer alternatives (or a "
+            "lower n), or split the prompts over requests",
+            "prompt_logprobs" if "prompt_logprobs" in asked else "logprobs",
         )
 
 
@@ -1121,17 +1193,29 @@ async def completions(request: web.Request) -> web.StreamResponse:
     _refuse_unsupported(body)
     n = _choice_count(body, len(prompts))
     logprobs = _logprobs_field(body, "logprobs")
+    prompt_top = _prompt_logprobs_field(body, stream)
     return_ids = field_of(body, "return_token_ids", (bool,), False)
     # max_tokens 0 with echo scores the prompt only (OpenAI's legacy form; lm-eval sends
     # max_tokens 1 and drops the last token itself): one token is generated and not reported.
     score_only = echo and field_of(body, "max_tokens", (int,), None) == 0
     params = sampling_params({**body, "max_tokens": 1} if score_only else body, state)
-    params = replace(params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
-    if echo and logprobs is not None:
-        await _check_echo_size(state, prompts, n, logprobs)
-    requests = [(p, q) for p in prompts for q in _choice_params(params, n)]
+    # The engine scores the prompt once, with the alternatives of whichever asks for more: an
+    # echo's logprobs and prompt_logprobs each keep their own count of them.
+    echo_top = logprobs if echo else None
+    wanted = [top for top in (echo_top, prompt_top) if top is not None]
+    params = replace(params, logprobs=logprobs, prompt_logprobs=max(wanted, default=None))
     # False: a client that templated its prompt itself (BOS included) sends it as it is.
     special = field_of(body, "add_special_tokens", (bool,), True)
+    if wanted:
+        asked = [
+            f"{name}={top}"
+            for name, top in (("echo with logprobs", echo_top), ("prompt_logprobs", prompt_top))
+            if top is not None
+        ]
+        await _check_prompt_logprobs_size(
+            state, prompts, special, n, sum(top + 1 for top in wanted), " and ".join(asked)
+        )
+    requests = [(p, q) for p in prompts for q in _choice_params(params, n)]
     choices = await admit_many(request, requests, spec, stream=stream, special_tokens=special)
     with _cancel_on_error(choices):
         envelope = _OpenAIEnvelope("cmpl", choices[0], usage_null=stream and include_usage)
@@ -1166,9 +1250,23 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
         def prompt_entries(i: int) -> list[tuple[int, TokenLogprobs | None]]:
             found = choices[i].first.prompt_logprobs
-            if not echo or found is None:
+            if echo_top is None or found is None:
                 return []
-            return list(zip(choices[i].prompt_ids, found, strict=True))
+            kept = [None if lp is None else lp.keep_top(echo_top) for lp in found]
+            return list(zip(choices[i].prompt_ids, kept, strict=True))
+
+        scored: dict[int, list[dict[str, dict[str, Any]] | None]] = {}
+
+        def vllm_prompt_logprobs(i: int) -> dict[str, Any]:
+            """The choice's `prompt_logprobs` field, when asked; its prompt's other choices share one list."""
+            if prompt_top is None:
+                return {}
+            key = id(requests[i][0])
+            if key not in scored:
+                found = choices[i].first.prompt_logprobs
+                assert found is not None
+                scored[key] = _vllm_prompt_logprobs(choices[i].prompt_ids, found, prompt_top, texts)
+            return {"prompt_logprobs": scored[key]}
 
         def lp_object(i: int, evs: list[TokenEvent], with_prompt: bool) -> dict[str, Any] | None:
             if logprobs is None:
@@ -1194,6 +1292,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                         "logprobs": lp_object(i, g.events, True),
                         "finish_reason": g.last.finish_reason,
                         **ids(i, g.events, True),
+                        **vllm_prompt_logprobs(i),
                     }
                     for i, g in enumerate(got)
                 )
@@ -1293,8 +1392,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     top = _logprobs_field(body, "top_logprobs")
     if top and not want_logprobs:
         raise HTTPError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    prompt_top = _prompt_logprobs_field(body, stream)
     params = sampling_params(body, state, to_context_end=True)
-    params = replace(params, logprobs=(top or 0) if want_logprobs else None)
+    params = replace(
+        params, logprobs=(top or 0) if want_logprobs else None, prompt_logprobs=prompt_top
+    )
     forced = None if plan is None else plan.structured()
     if forced is not None:
         if params.structured is not None:
@@ -1313,12 +1415,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         state, body, messages, None if plan is None else list(plan.tools)
     )
     # A chat template writes BOS itself; the tokenizer adding another would shift every logit.
+    special = field_of(body, "add_special_tokens", (bool,), not templated)
+    if prompt_top is not None:  # once per response, not per choice (vLLM's top-level field)
+        await _check_prompt_logprobs_size(
+            state, [prompt], special, 1, prompt_top + 1, f"prompt_logprobs={prompt_top}"
+        )
     choices = await admit_many(
         request,
         [(prompt, q) for q in _choice_params(params, n)],
         spec,
         stream=stream,
-        special_tokens=field_of(body, "add_special_tokens", (bool,), not templated),
+        special_tokens=special,
     )
     with _cancel_on_error(choices):
         obj = _OpenAIEnvelope("chatcmpl", choices[0], usage_null=stream and include_usage).wrap
@@ -1362,6 +1469,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 ),
             )
             out["usage"] = _usage(choices, [g.last for g in got], n)
+            if prompt_top is not None:
+                found = choices[0].first.prompt_logprobs
+                assert found is not None
+                out["prompt_logprobs"] = _vllm_prompt_logprobs(
+                    choices[0].prompt_ids, found, prompt_top, texts
+                )
             return web.json_response(out, headers=_headers(choices[0]))
         started = [False] * len(choices)
         pending: list[list[TokenEvent]] = [[] for _ in choices]

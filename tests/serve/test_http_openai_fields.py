@@ -662,7 +662,6 @@ _VLLM_UNIMPLEMENTED: list[tuple[str, Any, Any]] = [
     ("length_penalty", 0.5, 1.0),
     ("bad_words", ["world"], []),
     ("truncate_prompt_tokens", 2, None),
-    ("prompt_logprobs", 1, None),
     ("return_tokens_as_token_ids", True, False),
     ("logits_processors", ["some.module.Processor"], []),
     ("vllm_xargs", {"k": 1}, {}),
