@@ -11,6 +11,7 @@ Data decides only which programs exit early and how many rank tiles a slot loops
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -341,52 +342,55 @@ def add_lora_triton(
         (num_slices, tokens, rank), dtype=torch.float32, device=dev
     )  # [slices, tokens, rank]
 
-    _shrink_kernel[(nb, rank_tiles * sk, num_slices)](
-        x,
-        a_table,
-        buf,
-        groups.sorted_tokens,
-        groups.slot_end,
-        blocks.block_slot,
-        blocks.block_start,
-        ranks,
-        tokens,
-        in_features,
-        rank,
-        x.stride(0),
-        BLOCK_M=bm,
-        BLOCK_R=br,
-        BLOCK_K=bk,
-        SPLIT_K=sk,
-        UPCAST=upcast,
-        ALIGNED=aligned,
-        VEC_SHIFT=(16 // x.element_size()).bit_length() - 1,
-        num_warps=warps,
-    )
-    if shrink_only:
-        return y
-    bn = _pow2(max(widths), 16, widest if dev.type == "cuda" else 64)
-    _expand_kernel[(nb, triton.cdiv(max(widths), bn), num_slices)](
-        y,
-        b_table,
-        widths_t,
-        cols_t,
-        buf,
-        groups.sorted_tokens,
-        groups.slot_end,
-        blocks.block_slot,
-        blocks.block_start,
-        ranks,
-        scales32,
-        tokens,
-        rank,
-        y.stride(0),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_R=br,
-        UPCAST=upcast,
-        ALIGNED=aligned,
-        VEC_SHIFT=(16 // x.element_size()).bit_length() - 1,
-        num_warps=warps,
-    )
+    # Triton launches on the current CUDA device and its stream, not on the tensors' device: on
+    # a second GPU the kernels would otherwise run on the first one with the second's pointers.
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _shrink_kernel[(nb, rank_tiles * sk, num_slices)](
+            x,
+            a_table,
+            buf,
+            groups.sorted_tokens,
+            groups.slot_end,
+            blocks.block_slot,
+            blocks.block_start,
+            ranks,
+            tokens,
+            in_features,
+            rank,
+            x.stride(0),
+            BLOCK_M=bm,
+            BLOCK_R=br,
+            BLOCK_K=bk,
+            SPLIT_K=sk,
+            UPCAST=upcast,
+            ALIGNED=aligned,
+            VEC_SHIFT=(16 // x.element_size()).bit_length() - 1,
+            num_warps=warps,
+        )
+        if shrink_only:
+            return y
+        bn = _pow2(max(widths), 16, widest if dev.type == "cuda" else 64)
+        _expand_kernel[(nb, triton.cdiv(max(widths), bn), num_slices)](
+            y,
+            b_table,
+            widths_t,
+            cols_t,
+            buf,
+            groups.sorted_tokens,
+            groups.slot_end,
+            blocks.block_slot,
+            blocks.block_start,
+            ranks,
+            scales32,
+            tokens,
+            rank,
+            y.stride(0),
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_R=br,
+            UPCAST=upcast,
+            ALIGNED=aligned,
+            VEC_SHIFT=(16 // x.element_size()).bit_length() - 1,
+            num_warps=warps,
+        )
     return y

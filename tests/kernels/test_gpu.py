@@ -97,3 +97,21 @@ def test_cuda_graph_replays_with_new_slots() -> None:
         fresh = Case(case.y0, case.x, case.a, case.b, idle.cuda(), case.scales, case.ranks)
         rtol, atol = TOL[torch.float16]
         torch.testing.assert_close(y.double(), exact(fresh).double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_the_tensors_device() -> None:
+    # The current device stays cuda:0: the kernels must still run on cuda:1, where the tensors are.
+    case = make_case(33, 8, 16, 256, 128, torch.float16, "mixed", seed=3, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    y = add_lora(
+        case.y0.clone(),
+        case.x,
+        case.a,
+        case.b,
+        case.slots,
+        case.scales,
+        slot_ranks=case.ranks,
+        backend="triton",
+    )
+    assert_matches(case, y, expected(case))
