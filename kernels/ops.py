@@ -185,6 +185,12 @@ def add_lora_packed(
         raise LoraShapeError(
             f"x has dtype {x.dtype} and y {y.dtype}; pass both in the model's dtype"
         )
+    if packed.a.dtype not in (x.dtype, torch.float32):
+        # The update is added in the factors' dtype: narrower than x, it would round y's rows.
+        raise LoraShapeError(
+            f"the packed factors have dtype {packed.a.dtype} but x has {x.dtype}; build the "
+            "PackedLora with new_packed(dtype=x.dtype) (factors are kept in x's dtype or float32)"
+        )
     if scales.shape != (num_slots,):
         raise LoraShapeError(
             f"scales has shape {list(scales.shape)}; expected [{num_slots}] = one scale per slot"

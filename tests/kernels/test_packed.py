@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -260,6 +261,12 @@ def _packed_call(**override: object) -> torch.Tensor:
     return add_lora_packed(**args, slot_ranks=ranks)  # type: ignore[arg-type]
 
 
+def _half_pool() -> PackedLora:
+    """Factors in float16, as new_packed(dtype=torch.float16) keeps them on a GPU."""
+    pool = _filled_pool()
+    return dataclasses.replace(pool, a=pool.a.half(), b=tuple(b.half() for b in pool.b))
+
+
 BAD_PACKED_CALL: list[tuple[str, Callable[[], dict[str, object]], str]] = [
     ("scales a list", lambda: {"scales": [1.0] * SLOTS}, "scales must be a torch.Tensor, got list"),
     ("scales float64", lambda: {"scales": torch.ones(SLOTS, dtype=torch.float64)}, "use float32"),
@@ -272,6 +279,11 @@ BAD_PACKED_CALL: list[tuple[str, Callable[[], dict[str, object]], str]] = [
         "slot_ranks is a torch.float32 tensor [6]",
     ),
     ("packed not packed", lambda: {"packed": torch.ones(3)}, "packed must be a PackedLora"),
+    (
+        "factors narrower than x",
+        lambda: {"packed": _half_pool()},
+        "the packed factors have dtype torch.float16 but x has torch.float32",
+    ),
     ("x a list", lambda: {"x": [[0.0] * IN] * 4}, "x must be a torch.Tensor"),
     (
         "y rows overlap",
