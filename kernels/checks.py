@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,21 @@ def check_rank_values(slot_ranks: torch.Tensor, rank: int, what: str) -> None:
 
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def slot_count(num_slots: object) -> int:
+    """num_slots as an int (an int-like such as a numpy integer is fine); 0 or more."""
+    try:
+        # operator.index takes True as 1: a bool here is surely a mistake, so it is refused too.
+        count = -1 if isinstance(num_slots, bool) else operator.index(num_slots)  # type: ignore[arg-type]
+    except TypeError:
+        count = -1
+    if count < 0:
+        kind = "" if num_slots is None or type(num_slots) is int else f" ({_what(num_slots)})"
+        raise LoraShapeError(
+            f"num_slots is {num_slots!r}{kind}; pass the slot pool's size, an int of 0 or more"
+        )
+    return count
 
 
 def check_slots(token_slots: torch.Tensor, num_slots: int | None, *, validate_values: bool) -> None:
@@ -107,6 +123,16 @@ def check_rows_disjoint(y: torch.Tensor) -> None:
         raise LoraShapeError(
             f"y [{tokens}, {width}] has row stride {y.stride(0)}, so its rows overlap in memory "
             "(an expand() or as_strided view); pass a tensor with one row per token, e.g. y.clone()"
+        )
+
+
+def check_not_tracked(y: torch.Tensor) -> None:
+    """Refuse a y that autograd tracks: the ops write y in place outside autograd (inference only)."""
+    # The torch backend would raise torch's own in-place error, Triton would write y untracked.
+    if y.requires_grad and torch.is_grad_enabled():
+        raise LoraShapeError(
+            "y requires grad; the multi-LoRA ops update y in place for inference, outside "
+            "autograd: pass y.detach(), or call them under torch.no_grad() or inference_mode()"
         )
 
 
@@ -177,12 +203,15 @@ def check_call(
         )
     check_rows_disjoint(y)
 
+    check_not_tracked(y)
+
     a0 = slices[0][0]
+    tag0 = "" if len(slices) == 1 else " (slice 0)"
     if not isinstance(a0, torch.Tensor):
-        raise LoraShapeError(f"lora_a must be a torch.Tensor, got {type(a0).__name__}")
+        raise LoraShapeError(f"lora_a{tag0} must be a torch.Tensor, got {type(a0).__name__}")
     if a0.dim() != 3:
         raise LoraShapeError(
-            f"lora_a has shape {_shape(a0)}; it must be 3-D [slots, rank, in_features]"
+            f"lora_a{tag0} has shape {_shape(a0)}; it must be 3-D [slots, rank, in_features]"
         )
     num_slots, rank, _ = a0.shape
     widths: list[int] = []

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checks import check_slots
+from .checks import check_slots, slot_count
 
 
 def block_m_for(num_tokens: int) -> int:
@@ -115,6 +115,7 @@ def _make_blocks(tokens: int, num_slots: int, counts: torch.Tensor, start: torch
 
 def group_tokens(token_slots: torch.Tensor, num_slots: int, *, validate: bool = True) -> SlotGroups:
     """Group tokens by slot for add_lora; validate=False makes out-of-range indices idle (no GPU sync)."""
+    num_slots = slot_count(num_slots)
     check_slots(token_slots, num_slots, validate_values=validate)
     dev = token_slots.device
     tokens = int(token_slots.shape[0])

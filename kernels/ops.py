@@ -10,6 +10,7 @@ import torch
 from .checks import (
     LoraShapeError,
     check_call,
+    check_not_tracked,
     check_rank_values,
     check_rows_disjoint,
     check_scales_dtype,
@@ -179,6 +180,7 @@ def add_lora_packed(
             f"[tokens, {packed.out_features}] with contiguous rows"
         )
     check_rows_disjoint(y)
+    check_not_tracked(y)
     if not x.is_contiguous():
         raise LoraShapeError(f"x (shape {list(x.shape)}) is not contiguous; call x.contiguous()")
     if y.dtype != x.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):

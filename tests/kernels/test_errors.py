@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -196,6 +197,33 @@ def test_slices_of_different_rank() -> None:
         add_lora_slices(
             torch.zeros(T, N + 2), args["x"], pairs, args["token_slots"], args["scales"]
         )
+
+
+def test_slice_0_of_the_wrong_rank_is_named() -> None:
+    args = good()
+    pairs = [(torch.randn(R, K), args["lora_b"]), (args["lora_a"], args["lora_b"])]
+    with pytest.raises(LoraShapeError, match=r"lora_a \(slice 0\) has shape \[4, 8\]"):
+        add_lora_slices(
+            torch.zeros(T, 2 * N), args["x"], pairs, args["token_slots"], args["scales"]
+        )
+
+
+@pytest.mark.parametrize("num_slots", [3.0, None, True, "3"], ids=repr)
+def test_num_slots_not_an_int(num_slots: object) -> None:
+    with pytest.raises(LoraShapeError, match=f"num_slots is {re.escape(repr(num_slots))}"):
+        group_tokens(good()["token_slots"], num_slots)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_y_requiring_grad(backend: str) -> None:
+    # Refused alike on both backends (torch's in-place error on one, an untracked write on the
+    # other); under no_grad both write y, as an optimizer step would.
+    y = torch.zeros(T, N, requires_grad=True)
+    with pytest.raises(LoraShapeError, match="y requires grad"):
+        call(y=y, backend=backend)
+    with torch.no_grad():
+        call(y=y, backend=backend)
+    assert y[0].abs().sum() > 0 and y[3].abs().sum() == 0
 
 
 def test_no_slices() -> None:

@@ -284,6 +284,11 @@ BAD_PACKED_CALL: list[tuple[str, Callable[[], dict[str, object]], str]] = [
         lambda: {"packed": _half_pool()},
         "the packed factors have dtype torch.float16 but x has torch.float32",
     ),
+    (
+        "y requires grad",
+        lambda: {"y": torch.zeros(4, sum(WIDTHS), requires_grad=True)},
+        "y requires grad",
+    ),
     ("x a list", lambda: {"x": [[0.0] * IN] * 4}, "x must be a torch.Tensor"),
     (
         "y rows overlap",
