@@ -126,6 +126,54 @@ def check_rows_disjoint(y: torch.Tensor) -> None:
         )
 
 
+def _rows_meet(y: torch.Tensor, lo: int, hi: int) -> bool:
+    """Whether any row of y (unit column stride, rows disjoint) shares a byte with [lo, hi)."""
+    tokens, width = y.shape
+    if tokens == 0 or width == 0 or hi <= lo:
+        return False
+    start, row = y.data_ptr(), width * y.element_size()
+    if tokens == 1:
+        return start < hi and start + row > lo
+    step = y.stride(0) * y.element_size()  # >= row: check_rows_disjoint ran first
+    # Row t spans [start + t*step, start + t*step + row): it meets [lo, hi) for t in first..last.
+    first = max(0, (lo - start - row) // step + 1)
+    last = min(tokens - 1, -((start - hi) // step) - 1)
+    return first <= last
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes [first, end) that t's elements span (gaps included)."""
+    if t.numel() == 0:
+        return 0, 0
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def check_no_overlap(
+    y: torch.Tensor, x: torch.Tensor, factors: Sequence[tuple[str, torch.Tensor]]
+) -> None:
+    """Refuse a y that partly overlaps x, or overlaps a factor, in memory; y = x's own rows is fine."""
+    # Every backend computes a row's update from x before writing it, so y may be x itself or
+    # columns of x's rows. Shifted rows would make the result depend on the backend's order.
+    if _rows_meet(y, *_extent(x)):
+        # x is contiguous: its rows are in_features long and follow each other.
+        offset = y.data_ptr() - x.data_ptr()
+        row_bytes = x.shape[1] * x.element_size()
+        same_rows = (y.shape[0] <= 1 or y.stride(0) == x.shape[1]) and (
+            offset >= 0 and offset + y.shape[1] * y.element_size() <= row_bytes
+        )
+        if not same_rows:
+            raise LoraShapeError(
+                "y partly overlaps x in memory (its rows are not x's own rows); pass y = x, "
+                "columns of x's rows, or a tensor of its own"
+            )
+    for name, t in factors:
+        if _rows_meet(y, *_extent(t)):
+            raise LoraShapeError(
+                f"y overlaps {name} in memory; pass a y that shares no memory with the factors"
+            )
+
+
 def check_not_tracked(y: torch.Tensor) -> None:
     """Refuse a y that autograd tracks: the ops write y in place outside autograd (inference only)."""
     # The torch backend would raise torch's own in-place error, Triton would write y untracked.
@@ -279,4 +327,5 @@ def check_call(
         raise LoraShapeError(
             f"token_slots is on {slots_device} but x is on {x.device}; move every tensor to one device"
         )
+    check_no_overlap(y, x, named[2:])
     return LoraShapes(tokens, k, num_slots, rank, tuple(widths))

@@ -10,6 +10,7 @@ import torch
 from .checks import (
     LoraShapeError,
     check_call,
+    check_no_overlap,
     check_not_tracked,
     check_rank_values,
     check_rows_disjoint,
@@ -214,6 +215,7 @@ def add_lora_packed(
             raise LoraShapeError(
                 f"{name} is on {t.device} but x is on {x.device}; move every tensor to one device"
             )
+    check_no_overlap(y, x, [("the packed factors", t) for t in (packed.a, *packed.b)])
     if isinstance(token_slots, SlotGroups):
         groups = token_slots
         if groups.num_slots != num_slots or groups.num_tokens != x.shape[0]:

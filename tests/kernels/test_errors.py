@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
@@ -17,9 +18,11 @@ from mintvcs.kernels import (
     LoraBackendError,
     LoraShapeError,
     add_lora,
+    add_lora_reference,
     add_lora_slices,
     group_tokens,
 )
+from mintvcs.kernels.checks import _rows_meet
 
 T, S, R, K, N = 5, 3, 4, 8, 6
 
@@ -329,3 +332,61 @@ def test_the_interpreter_flag_reads_as_triton_reads_it(
 
     monkeypatch.setenv("TRITON_INTERPRET", value)
     assert interpreting() is on
+
+
+def _square() -> dict[str, Any]:
+    """good() with out_features = in_features, so that y may be x itself."""
+    args = good()
+    args["lora_b"] = torch.randn(S, K, R)
+    return args
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_y_partly_overlapping_x(backend: str) -> None:
+    # y = x shifted by one row: the reference reads rows the previous token already updated,
+    # the backends do not; refused rather than backend-dependent.
+    args = _square()
+    buf = torch.randn(T + 1, K)
+    args.update(x=buf[1:], y=buf[:-1])
+    with pytest.raises(LoraShapeError, match="y partly overlaps x in memory"):
+        call(backend=backend, **args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_y_overlapping_a_factor(backend: str) -> None:
+    args = good()
+    args["y"] = args["lora_b"].view(-1)[: T * N].view(T, N)
+    with pytest.raises(LoraShapeError, match=r"y overlaps lora_b\[0\] in memory"):
+        call(backend=backend, **args)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("cols", [None, (2, 6)], ids=["y is x", "columns of x"])
+def test_y_in_x_own_rows_still_works(backend: str, cols: tuple[int, int] | None) -> None:
+    args = _square()
+    x = args["x"]
+    if cols is not None:
+        args["lora_b"] = args["lora_b"][:, : cols[1] - cols[0]].contiguous()
+    want = x.clone() if cols is None else x[:, cols[0] : cols[1]].clone()
+    add_lora_reference(
+        want, x.clone(), args["lora_a"], args["lora_b"], args["token_slots"], args["scales"]
+    )
+    args["y"] = x if cols is None else x[:, cols[0] : cols[1]]
+    got = call(backend=backend, **args)
+    torch.testing.assert_close(got, want)
+
+
+def test_rows_meet_matches_a_byte_by_byte_check() -> None:
+    # The closed form behind the overlap check, against the bytes themselves.
+    base = torch.zeros(64)
+    for stride, width, tokens, lo, hi in itertools.product(
+        (3, 5, 8), (1, 3), (1, 2, 4), range(0, 40, 3), (1, 4, 9)
+    ):
+        if width > stride:
+            continue
+        y = base.as_strided((tokens, width), (stride, 1), 2)
+        rows = {2 + t * stride + c for t in range(tokens) for c in range(width)}
+        want = any(lo <= e < lo + hi for e in rows)
+        start = base.data_ptr()
+        got = _rows_meet(y, start + 4 * lo, start + 4 * (lo + hi))
+        assert got == want, (stride, width, tokens, lo, hi)

@@ -267,6 +267,12 @@ def _half_pool() -> PackedLora:
     return dataclasses.replace(pool, a=pool.a.half(), b=tuple(b.half() for b in pool.b))
 
 
+def _shifted_x_y() -> dict[str, object]:
+    """x [4, IN] and y [4, out] in one buffer, y starting 10 elements into x's first row."""
+    buf = torch.randn(200)
+    return {"x": buf[: 4 * IN].view(4, IN), "y": buf[10 : 10 + 4 * sum(WIDTHS)].view(4, -1)}
+
+
 BAD_PACKED_CALL: list[tuple[str, Callable[[], dict[str, object]], str]] = [
     ("scales a list", lambda: {"scales": [1.0] * SLOTS}, "scales must be a torch.Tensor, got list"),
     ("scales float64", lambda: {"scales": torch.ones(SLOTS, dtype=torch.float64)}, "use float32"),
@@ -288,6 +294,14 @@ BAD_PACKED_CALL: list[tuple[str, Callable[[], dict[str, object]], str]] = [
         "y requires grad",
         lambda: {"y": torch.zeros(4, sum(WIDTHS), requires_grad=True)},
         "y requires grad",
+    ),
+    ("y partly overlaps x", _shifted_x_y, "y partly overlaps x in memory"),
+    (
+        "y overlaps the factors",
+        lambda: (lambda p: {"packed": p, "y": p.a.view(-1)[: 4 * sum(WIDTHS)].view(4, -1)})(
+            _filled_pool()
+        ),
+        "y overlaps the packed factors",
     ),
     ("x a list", lambda: {"x": [[0.0] * IN] * 4}, "x must be a torch.Tensor"),
     (
