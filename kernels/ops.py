@@ -230,7 +230,22 @@ def add_lora_packed(
                 f"x has {x.shape[0]} tokens but token_slots has {token_slots.shape[0]}; pass one per row"
             )
         groups = group_tokens(token_slots, num_slots)
-    return packed_step(groups, scales, slot_ranks).apply(y, x, packed)
+    step = packed_step(groups, scales, slot_ranks)
+    check_packed_ranks(step.values[1], packed.written)
+    return step.apply(y, x, packed)
+
+
+def check_packed_ranks(ranks: list[int] | None, written: list[int]) -> None:
+    """Refuse a live slot whose rank is below the rank pack_slot wrote: the packed path cannot truncate."""
+    if ranks is None or not written:
+        return
+    for slot, (rank, packed_rank) in enumerate(zip(ranks, written, strict=True)):
+        if 0 < rank < packed_rank:
+            raise LoraShapeError(
+                f"slot_ranks[{slot}] is {rank} but pack_slot wrote rank-{packed_rank} factors into "
+                f"slot {slot}; the packed path applies a live slot's factors at the rank they were "
+                f"packed with: pack_slot the first {rank} ranks, or pass {packed_rank} (0 releases it)"
+            )
 
 
 __all__ = [

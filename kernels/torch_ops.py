@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -192,6 +192,9 @@ class PackedLora:
     rank: int  # R, the padded rank of each slice
     columns: tuple[tuple[int, int], ...]  # (first output column, width) of each slice
     out_features: int  # the full width of the fused layer's output
+    # Per slot, the largest rank pack_slot wrote there over the slices (0 = nothing yet), for
+    # add_lora_packed's rank check; empty for a PackedLora built by hand, which is not checked.
+    written: list[int] = field(default_factory=list)
 
     @cached_property
     def slices(self) -> tuple[tuple[int, torch.Tensor, int, int], ...]:
@@ -246,6 +249,7 @@ def new_packed(
         rank=rank,
         columns=tuple((int(c), int(w)) for c, w in columns),
         out_features=out_features,
+        written=[0] * num_slots,
     )
 
 
@@ -257,6 +261,7 @@ def pack_slot(
     """Write one slot: factors[i] = (A [r, in], B [width_i, r]) with r <= R, or None for 'no update'."""
     _check_pack(packed, slot, factors)  # everything, so that a bad call leaves the slot as it was
     a, rank = packed.a[slot], packed.rank  # a: [in, P*R]
+    top = 0
     # Factors whose transposes are contiguous (A.t().contiguous().t(), as the engine keeps its
     # host copies) copy row by row here; others are transposed on the fly, which is slower.
     for i, (b, pair) in enumerate(zip(packed.b, factors, strict=True)):
@@ -264,11 +269,14 @@ def pack_slot(
         if pair is not None:
             fa, fb = pair
             r = fa.shape[0]
+            top = max(top, r)
             a[:, i * rank : i * rank + r].copy_(fa.T)
             b[slot, :r].copy_(fb.T)
         # Zero past this slice's rank: the previous occupant may have had a larger one.
         a[:, i * rank + r : (i + 1) * rank].zero_()
         b[slot, r:].zero_()
+    if packed.written:
+        packed.written[slot] = top
 
 
 def _check_pack(packed: PackedLora, slot: object, factors: object) -> None:
@@ -451,6 +459,8 @@ class PackedStep:
 
     Built once per step, so that a layer's call is the matmuls and little else: in a 32-token
     decode step the per-call bookkeeping used to cost as much as the matmuls' own launch.
+    slot_ranks only say which slots are live (rank > 0) and which released (0): a live slot's
+    factors apply at the rank pack_slot wrote, since truncating them would cost a mask per call.
     """
 
     def __init__(

@@ -316,6 +316,11 @@ BAD_PACKED_CALL: list[tuple[str, Callable[[], dict[str, object]], str]] = [
         "slot_ranks holds -3",
     ),
     (
+        "rank below the rank packed",
+        lambda: {"slot_ranks": torch.tensor([8, 3, 8, 8, 0, 8], dtype=torch.int32)},
+        "slot_ranks[1] is 3 but pack_slot wrote rank-8 factors into slot 1",
+    ),
+    (
         "rank past the packed rank",
         lambda: {"slot_ranks": torch.tensor([8, 99, 8, 8, 8, 8], dtype=torch.int32)},
         "slot_ranks holds 99",
