@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -65,7 +66,26 @@ class SlotGroups:
         """(slot, start, end) per active slot; syncs once when the metadata lives on a GPU."""
         if self.host_segments is not None:
             return self.host_segments
-        return _segments(self.slot_start, self.slot_end)
+        got = self.memo.get("host-segments")
+        if not isinstance(got, tuple):
+            got = _segments(self.slot_start, self.slot_end)
+            self.memo["host-segments"] = got
+        return got
+
+    def host_values(self, t: torch.Tensor) -> list[Any]:
+        """t's values (per-slot ranks or scales) as host numbers, read again only after t is written.
+
+        Read off a GPU once per step rather than once per layer; an in-place write to t (a slot
+        released to rank 0) bumps t's version and so is seen on the next call.
+        """
+        version = _version(t)
+        key = ("host-values", id(t))
+        hit = self.memo.get(key)
+        if isinstance(hit, tuple) and hit[0] is t and version is not None and hit[1] == version:
+            return hit[2]
+        values = t.tolist()
+        self.memo[key] = (t, version, values)
+        return values
 
     def host_token_slots(self) -> list[int]:
         """token_slots as host ints, read once per step (a sync when they live on a GPU)."""
@@ -82,6 +102,14 @@ class SlotGroups:
             got = _make_blocks(self.num_tokens, self.num_slots, self.counts, self.slot_start)
             self.memo["blocks"] = got
         return got
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place write counter; None for an inference-mode tensor, which keeps none."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
 
 
 def _segments(start: torch.Tensor, end: torch.Tensor) -> tuple[tuple[int, int, int], ...]:

@@ -108,14 +108,15 @@ def add_lora_torch(
     rank = slices[0][0].shape[1]
     if rank == 0 or not groups.segments():
         return y
-    plan = _plan(groups, None if slot_ranks is None else slot_ranks.tolist(), rank)
+    # Host reads of the step's metadata are memoized on groups: on a GPU each one is a sync.
+    plan = _plan(groups, None if slot_ranks is None else groups.host_values(slot_ranks), rank)
     if plan is None:
         return y
     work = work_dtype(x.dtype, x.device)
     if plan.padded:
         deltas = _padded(x, slices, plan, scales, work)
     else:
-        deltas = _loop(x, slices, plan, scales, work)
+        deltas = _loop(x, slices, plan, groups.host_values(scales), work)
     col = 0
     for (_, b), delta in zip(slices, deltas, strict=True):
         yv = y[:, col : col + b.shape[1]]  # [tokens, out_i], a view: writes land in y
@@ -158,13 +159,12 @@ def _loop(
     x: torch.Tensor,
     slices: Sequence[tuple[torch.Tensor, torch.Tensor]],
     plan: _Plan,
-    scales: torch.Tensor,
+    scale_of: list[float],
     work: torch.dtype,
 ) -> list[torch.Tensor]:
     # One gather into slot order, then contiguous per-slot views: no index ops in the loop.
     xs = x[: len(plan.idx)] if plan.in_place else x.index_select(0, plan.idx)
     xs = xs.to(work)  # [active, in]
-    scale_of = scales.tolist()
     out = []
     for a, b in slices:
         o = torch.empty(xs.shape[0], b.shape[1], dtype=work, device=x.device)  # [active, out]

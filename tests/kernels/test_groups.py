@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from mintvcs.kernels import (
     LoraShapeError,
@@ -110,3 +115,66 @@ def test_half_scales_are_read_as_float32(dtype: torch.dtype, backend: str) -> No
     want = add_lora(y0.clone(), x, a, b, slots, scales, backend=backend)
     got = add_lora(y0.clone(), x, a, b, slots, scales.to(dtype), backend=backend)
     assert same_bits(got, want)
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts reads of tensor values into Python (each one a device sync on a GPU)."""
+
+    READS = frozenset({"tolist", "item", "__int__", "__float__", "__bool__", "__index__"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: object,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("tokens", [6, 120], ids=["padded", "loop"])
+def test_torch_backend_reads_the_host_once_per_step(tokens: int) -> None:
+    # group_tokens keeps no host segments off the CPU; this SlotGroups is the one it builds on a
+    # GPU, so the torch backend's host reads are those it would make there, each a sync.
+    slots = (torch.arange(tokens) * S // tokens).to(torch.int32)  # 2 or 40 tokens per slot
+    groups = dataclasses.replace(group_tokens(slots, S), host_segments=None, memo={})
+    y0, x, a, b, scales = _inputs(tokens, S, "cpu")
+    ranks = torch.tensor([R, 2, R], dtype=torch.int32)
+
+    def layer() -> torch.Tensor:
+        return add_lora(
+            y0.clone(), x, a, b, groups, scales, slot_ranks=ranks, backend="torch", validate=False
+        )
+
+    with _HostReads() as first:
+        want = layer()
+    with _HostReads() as later:
+        for _ in range(4):
+            assert same_bits(layer(), want)
+    assert first.count > 0 and later.count == 0
+    # In-place writes between calls are seen: a slot released to rank 0, a new scale.
+    ranks[1] = 0
+    scales[0] *= 3
+    got = layer()
+    one = slots == 1
+    assert same_bits(got[one], y0[one])
+    zero = slots == 0
+    torch.testing.assert_close(got[zero] - y0[zero], 3 * (want[zero] - y0[zero]))
+
+
+def test_torch_backend_reads_inference_tensors_every_call() -> None:
+    # Inference-mode tensors keep no version counter, so their values cannot be cached safely.
+    slots = torch.tensor([0, 1, 2, 1], dtype=torch.int32)
+    groups = group_tokens(slots, S)
+    y0, x, a, b, scales = _inputs(4, S, "cpu")
+    with torch.inference_mode():
+        ranks = torch.full((S,), R, dtype=torch.int32)
+        add_lora(y0.clone(), x, a, b, groups, scales, slot_ranks=ranks, backend="torch")
+        ranks[1] = 0
+        got = add_lora(y0.clone(), x, a, b, groups, scales, slot_ranks=ranks, backend="torch")
+    assert same_bits(got[slots == 1], y0[slots == 1])
