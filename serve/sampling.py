@@ -250,28 +250,30 @@ def sample_rows(
     def column(values: list[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
-    scaled = logits.float() / column([p.temperature for p in params])
+    # One [rows, vocab] buffer, changed in place from here on: at a 128k vocabulary each fresh
+    # one is 16 MB of newly mapped pages, which cost more than the arithmetic done on them.
+    weights = logits.float() / column([p.temperature for p in params])
     # Unnormalised probabilities, the likeliest of each row at exactly 1.
-    weights = torch.exp(scaled - scaled.max(dim=-1, keepdim=True).values)
+    weights.sub_(weights.max(dim=-1, keepdim=True).values).exp_()
     top_ks = [min(p.top_k, vocab) for p in params]
     if any(top_ks):
         kth = torch.topk(weights, max(top_ks), dim=-1).values
         at = torch.tensor([max(k, 1) - 1 for k in top_ks], device=device).unsqueeze(1)
         floor = torch.where(column([float(k > 0) for k in top_ks]) > 0, kth.gather(1, at), 0.0)
-        weights = torch.where(weights >= floor, weights, 0.0)
+        _keep_at_least(weights, floor)
     if any(p.min_p for p in params):
-        weights = torch.where(weights >= column([p.min_p for p in params]), weights, 0.0)
+        _keep_at_least(weights, column([p.min_p for p in params]))
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
     if nucleus:
         index = torch.tensor(nucleus, device=device)
         kept = weights[index]
-        weights[index] = torch.where(
-            kept >= _nucleus_floor(kept, [params[i].top_p for i in nucleus]), kept, 0.0
+        weights[index] = _keep_at_least(
+            kept, _nucleus_floor(kept, [params[i].top_p for i in nucleus])
         )
     # float64, the running sum and the draw alike: in float32 a token whose weight is under half
     # an ulp of the sum before it adds nothing to it and can never be drawn (most of a 128k
     # vocabulary's tail), and a 24-bit draw cannot tell apart probabilities under 2**-24.
-    cum = weights.double().cumsum(dim=-1)
+    cum = torch.cumsum(weights, dim=-1, dtype=torch.float64)
     total = cum[:, -1:]
     draws = torch.tensor(
         [torch.rand((), dtype=torch.float64, generator=g).item() for g in generators],
@@ -284,6 +286,11 @@ def sample_rows(
     # side="right": the first token whose cumulative weight passes the target has weight > 0.
     tokens = torch.searchsorted(cum, target, right=True).squeeze(1).clamp_(max=vocab - 1)
     return [int(t) for t in tokens.tolist()]
+
+
+def _keep_at_least(weights: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, the weights under each row's floor [rows, 1] (NaN too); returns weights."""
+    return weights.masked_fill_(weights.ge(floor).logical_not_(), 0.0)
 
 
 def _nucleus_floor(weights: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
