@@ -37,6 +37,7 @@ from mintvcs.serve.loader import (
     safetensors_files,
     token_text,
 )
+from mintvcs.serve.memory import keep_freed_memory
 from mintvcs.serve.model import LORA_MODULES, Model
 from mintvcs.serve.sampling import (
     IncrementalDetokenizer,
@@ -587,6 +588,8 @@ class Engine:
             )
         with one_intraop_thread() if on_cpu else contextlib.nullcontext():
             self._build(base, config, source, base_fingerprint)
+        if on_cpu:  # after loading, whose temporaries need not stay: serving's steps reuse theirs
+            keep_freed_memory()
         # As vLLM: the tokenizer's eos_token ends a sequence too (a ChatML fine-tune names
         # <|im_end|> there while config.json keeps the base's id), beside the configs' ids.
         self._eos = frozenset([*self.model.config.eos_token_ids, *self._tokenizer_eos()])
