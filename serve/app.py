@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -1126,7 +1127,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             log.debug("base model loaded from %s", state.config.base_model)  # the CLI says so
             _warn_if_another_base(state)
         except Exception as err:
-            state.load_error = err
+            state.load_error = _without_traceback(err)
             if app.get(LOG_LOAD_ERROR, True):  # else whoever started it says so, once
                 log.error("the base model failed to load: %s", error_text(err))
         finally:
@@ -1140,7 +1141,30 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.shield(task)
         if state.engine is not None:
             await asyncio.to_thread(state.engine.close)
+        # aiohttp keeps every application that served a request in a module-wide cache, and
+        # with it this state: holding the engine (or the error with what its load read) there
+        # would keep the whole base, and its KV cache, for the life of the process.
+        state.engine = None
+        state.load_error = None
         state.repo.close()
+
+
+def _without_traceback(err: BaseException) -> BaseException:
+    """`err`, and the errors it was raised from, without their tracebacks (logged at debug level
+    first): a load error is kept while the server runs, and the frames of a load that failed,
+    and the closures their functions keep, hold every weight it had read."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("the base model failed to load:\n%s", "".join(traceback.format_exception(err)))
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [err]
+    while pending:
+        each = pending.pop()
+        if each is None or id(each) in seen:
+            continue
+        seen.add(id(each))
+        each.__traceback__ = None
+        pending += [each.__cause__, each.__context__]
+    return err
 
 
 # How often the server lets go of packs another process deleted (release_removed_packs).
