@@ -43,6 +43,10 @@ def resolved_heads(raw: dict[str, Any], arch: str) -> tuple[int, int, list[tuple
     `implied` names the fields config.json does not give and where their values came from."""
     hidden = int(raw["hidden_size"])
     heads = int(raw["num_attention_heads"])
+    if heads <= 0:  # no head to divide hidden_size among
+        raise ValueError(
+            f"num_attention_heads must be a positive integer, got {raw['num_attention_heads']!r}"
+        )
     implied: list[tuple[str, str]] = []
     head_dim = raw.get("head_dim")
     if not head_dim:

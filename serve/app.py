@@ -965,8 +965,7 @@ def read_sampling_defaults(base: Path) -> dict[str, float | int]:
     path = Path(base) / "generation_config.json"
     try:
         data = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as err:
-        log.warning("ignoring unreadable %s: %s", path, err)
+    except (OSError, ValueError):  # the loader says so, once (it reads the file's EOS ids)
         return {}
     if not isinstance(data, dict):
         return {}

@@ -657,6 +657,7 @@ class Engine:
                     device=device,
                     max_len=self.max_model_len,
                     progress=progress,
+                    config=model_config,
                 )
             self.tokenizer = load_tokenizer(self.base_dir)
             if self.tokenizer is None:

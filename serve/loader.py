@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Iterator
@@ -58,6 +57,8 @@ class RopeConfig:
             )
         if self.factor <= 0:
             raise UnsupportedModelError(f"rope scaling factor must be positive, got {self.factor}")
+        if not self.theta > 0:  # NaN too: every rotation, and so every output, would be NaN
+            raise UnsupportedModelError(f"rope_theta must be positive, got {self.theta}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,18 @@ class ModelConfig:
     stored_dtype: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+        if self.head_dim <= 0:
+            raise UnsupportedModelError(f"{self.describe('head_dim')} must be positive")
+        if self.head_dim % 2:
+            # RoPE rotates the head's two halves into each other (transformers refuses it too).
+            raise UnsupportedModelError(
+                f"RoPE needs an even head_dim, got {self.describe('head_dim')}"
+            )
+        if self.num_key_value_heads <= 0:
+            raise UnsupportedModelError(
+                f"{self.describe('num_key_value_heads')} must be a positive integer"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"{self.describe('num_key_value_heads')}"
@@ -129,6 +141,11 @@ class ModelConfig:
         archs = raw.get("architectures") or []
         arch = architecture(raw)
         if arch is None:
+            if not isinstance(archs, list):
+                raise TypeError(
+                    f"architectures must be a list of class names, got a {type(archs).__name__} "
+                    f"({archs!r:.80})"
+                )
             raise UnsupportedModelError(
                 f"architecture {archs or raw.get('model_type')!r} is not supported; "
                 f"the engine runs {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -151,8 +168,8 @@ class ModelConfig:
         missing = [k for k in _REQUIRED_FIELDS if raw.get(k) is None]
         if missing:
             raise UnsupportedModelError(f"config.json lacks {', '.join(map(repr, missing))}")
-        hidden = int(raw["hidden_size"])
-        heads = int(raw["num_attention_heads"])
+        hidden = _count(raw, "hidden_size")
+        heads = _count(raw, "num_attention_heads")
         head_dim, kv_heads, implied = resolved_heads(raw, arch)
         # As transformers builds each architecture: Qwen2 always has q/k/v biases, Llama says
         # so in attention_bias (o_proj too) and mlp_bias, Mistral has none.
@@ -161,7 +178,8 @@ class ModelConfig:
         # transformers' defaults when the key is absent: Mistral and Qwen2 slide over 4096
         # positions (Qwen2 only with use_sliding_window); Llama never slides, whatever it says.
         sliding = None if arch == "llama" else raw.get("sliding_window", 4096)
-        layers = int(raw["num_hidden_layers"])
+        # transformers refuses a negative count, and builds a model of no layers for 0.
+        layers = _count(raw, "num_hidden_layers", minimum=0)
         # Qwen2 slides only with use_sliding_window, in the layers its layer_types names
         # "sliding_attention" or, without that list, from layer max_window_layers on
         # (transformers' default is 28): with no such layer, every layer attends in full.
@@ -174,6 +192,7 @@ class ModelConfig:
             )
             if not raw.get("use_sliding_window", False) or not slides:
                 sliding = None
+        positions = raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch]
         eos = raw.get("eos_token_id")
         eos_ids: tuple[int, ...] = (
             ()
@@ -184,15 +203,18 @@ class ModelConfig:
         )
         return cls(
             arch=arch,
-            vocab_size=int(raw["vocab_size"]),
+            vocab_size=_count(raw, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
+            intermediate_size=_count(raw, "intermediate_size"),
             num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=int(head_dim),
-            max_position_embeddings=int(
-                raw.get("max_position_embeddings") or _DEFAULT_MAX_POSITIONS[arch]
+            max_position_embeddings=_count(
+                {"max_position_embeddings": positions},
+                "max_position_embeddings",
+                # A prompt of one token and one token generated: the engine's least max_model_len.
+                minimum=2,
             ),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope=parse_rope(raw, arch),
@@ -205,6 +227,17 @@ class ModelConfig:
             implied=tuple(implied),
             stored_dtype=_stored_dtype(raw),
         )
+
+
+def _count(raw: dict[str, Any], key: str, *, minimum: int = 1) -> int:
+    """config.json's integer `key`; a ValueError naming it when it is less than `minimum`."""
+    value = int(raw[key])
+    if value < minimum:
+        wanted = {0: "must not be negative", 1: "must be a positive integer"}.get(
+            minimum, f"must be at least {minimum}"
+        )
+        raise ValueError(f"{key} {wanted}, got {raw[key]!r}")
+    return value
 
 
 def _stored_dtype(raw: dict[str, Any]) -> str | None:
@@ -248,6 +281,12 @@ def parse_rope(raw: dict[str, Any], arch: str = "llama") -> RopeConfig:
     A config with both is read as transformers 4 and 5 both read it: a non-empty `rope_scaling`
     whole, `rope_parameters` ignored (transformers 4 never reads it, 5 lets `rope_scaling` replace it).
     """
+    for key in ("rope_parameters", "rope_scaling"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, dict):  # transformers refuses it too
+            raise TypeError(
+                f"{key} must be a JSON object, got a {type(value).__name__} ({value!r:.80})"
+            )
     params: dict[str, Any] = dict(raw.get("rope_parameters") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
         # Nested per layer type (e.g. {"full_attention": {...}}): Llama-family models use one kind only.
@@ -258,7 +297,7 @@ def parse_rope(raw: dict[str, Any], arch: str = "llama") -> RopeConfig:
             )
         params = dict(kinds[0])
     scaling = raw.get("rope_scaling")
-    if not (isinstance(scaling, dict) and scaling):
+    if not scaling:
         return _rope_from(params, "rope_parameters" if params else "rope_scaling", raw, arch)
     rope = _rope_from(dict(scaling), "rope_scaling", raw, arch)
     if params:
@@ -391,16 +430,37 @@ def read_config(directory: Path) -> ModelConfig:
     except (TypeError, ValueError, AttributeError) as err:  # a field of the wrong kind
         raise CheckpointError(f"{path}: {err}") from None
     # Instruct models (Llama 3, Qwen2.5) list their end-of-turn token here, not in config.json.
-    generation = Path(directory) / "generation_config.json"
-    if generation.is_file():
-        try:
-            eos = json.loads(generation.read_text()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError) as err:
-            raise CheckpointError(f"{generation}: not a JSON object ({err})") from None
-        extra = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
-        ids = tuple(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)]))
+    extra = generation_eos_ids(Path(directory) / "generation_config.json")
+    if extra:
+        ids = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
         config = dataclasses.replace(config, eos_token_ids=ids)
     return config
+
+
+def generation_eos_ids(path: Path) -> tuple[int, ...]:
+    """The EOS ids generation_config.json lists; what is not a token id there is named in a
+    warning and left out, as a file that does not parse is: transformers loads the model
+    without them too (config.json's and the tokenizer's EOS ids still end a sequence)."""
+    if not path.is_file():
+        return ()
+    try:
+        eos = read_json(path).get("eos_token_id")
+    except CheckpointError as err:
+        log.warning(
+            "%s; ignoring it, as transformers does (config.json's and the tokenizer's EOS ids "
+            "still end a sequence)",
+            err,
+        )
+        return ()
+    ids: list[int] = []
+    for entry in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+        try:
+            if isinstance(entry, bool) or (isinstance(entry, float) and not entry.is_integer()):
+                raise TypeError(entry)  # JSON true is no token id, though Python's int(True) is 1
+            ids.append(int(entry))
+        except (TypeError, ValueError, OverflowError):
+            log.warning("ignoring %s's eos_token_id %r: not a token id", path, entry)
+    return tuple(ids)
 
 
 def _check_readable(path: Path) -> None:

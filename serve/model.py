@@ -368,13 +368,15 @@ class Model:
         max_len: int | None = None,
         prepack: bool = True,
         progress: Progress | None = None,
+        config: ModelConfig | None = None,
     ) -> Model:
         """Load a HF checkpoint directory (config.json + safetensors, sharded or not).
 
-        `progress` is called with each tensor's stored bytes once it is read.
+        `progress` is called with each tensor's stored bytes once it is read; `config` is the
+        directory's read_config(), where the caller has read it already.
         """
         directory = Path(directory)
-        config = read_config(directory)
+        config = config or read_config(directory)
         device = torch.device(device)
         raw: dict[str, torch.Tensor] = {}
         not_finite: list[str] = []

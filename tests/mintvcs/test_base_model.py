@@ -199,3 +199,17 @@ def test_no_error_text_is_empty() -> None:
     assert "out of memory" in error_text(MemoryError())
     assert error_text(KeyError()) == "KeyError"
     assert error_text(ValueError("bad")) == "bad"
+
+
+def test_a_config_with_no_attention_head_is_identified_by_its_own_values(tmp_path: Path) -> None:
+    """`mintvcs init --base-model` used to die with a ZeroDivisionError traceback on it."""
+    from mintvcs import porcelain
+
+    base = build_base(tmp_path / "heads0")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(
+        json.dumps({**config, "num_attention_heads": 0, "head_dim": None})
+    )
+    assert fingerprint(base) in fingerprints(base)
+    repo = porcelain.init(tmp_path / "repo", str(base))
+    assert repo.base is not None and repo.base.fingerprint == fingerprint(base)

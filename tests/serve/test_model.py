@@ -797,3 +797,95 @@ def test_nan_or_infinite_weights_are_warned_of_by_name(
     warned = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
     assert len(warned) == 1 and "2 tensor(s)" in warned[0], warned
     assert "'model.layers.1.self_attn.q_proj.weight' (past the range of float16)" in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # transformers divides by zero; we name the field.
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+        # transformers refuses a negative layer count; it used to serve a model of no layers.
+        ({"num_hidden_layers": -1}, "num_hidden_layers must not be negative, got -1"),
+        ({"hidden_size": -64}, "hidden_size must be a positive integer, got -64"),
+        ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
+        ({"intermediate_size": 0}, "intermediate_size must be a positive integer, got 0"),
+        # It used to fail on torch.arange's words, after every tensor was read.
+        ({"max_position_embeddings": -5}, "max_position_embeddings must be at least 2, got -5"),
+        ({"max_position_embeddings": 1}, "max_position_embeddings must be at least 2, got 1"),
+        # transformers refuses it (expected dict); it used to be ignored, with default RoPE.
+        ({"rope_scaling": "linear"}, r"rope_scaling must be a JSON object, got a str \('linear'\)"),
+        ({"rope_parameters": [1, 2]}, r"rope_parameters must be a JSON object, got a list"),
+        # It used to say "architecture 'LlamaForCausalLM' is not supported; the engine runs
+        # LlamaForCausalLM, ...".
+        (
+            {"architectures": "LlamaForCausalLM", "model_type": None},
+            "architectures must be a list of class names, got a str",
+        ),
+    ],
+)
+def test_config_values_transformers_refuses_are_refused_naming_the_field(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    directory = build_base(tmp_path / "base")
+    _edit_config(directory, drop=("head_dim",), **changes)
+    with pytest.raises(CheckpointError, match=rf"config\.json: {message}"):
+        read_config(directory)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # transformers refuses it: RoPE rotates the head's two halves. It used to load, report
+        # healthy, and fail every request.
+        (
+            {"hidden_size": 60, "head_dim": None},
+            r"RoPE needs an even head_dim, got head_dim=15 \(hidden_size / num_attention_heads\)",
+        ),
+        ({"head_dim": 15}, r"RoPE needs an even head_dim, got head_dim=15$"),
+        (
+            {"hidden_size": 2, "head_dim": None},
+            r"head_dim=0 \(hidden_size / num_attention_heads\) must be positive",
+        ),
+        ({"num_key_value_heads": 0}, "num_key_value_heads=0 must be a positive integer"),
+        # Every rotation, and so every output, was NaN.
+        ({"rope_theta": 0}, "rope_theta must be positive, got 0.0"),
+        ({"rope_theta": -10000}, "rope_theta must be positive, got -10000.0"),
+    ],
+)
+def test_config_shapes_rope_cannot_run_are_refused_naming_the_field(
+    changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        ModelConfig.from_dict(_llama(**changes))
+
+
+def test_generation_config_eos_ids_that_are_not_token_ids_are_named_and_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # transformers loads the model with such a file; we used to fail on int()'s words.
+    directory = build_base(tmp_path / "gen")
+    path = directory / "generation_config.json"
+    path.write_text(json.dumps({"eos_token_id": [7, None, "</s>", True, "9"]}))
+    assert set(read_config(directory).eos_token_ids) == {2, 7, 9}
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ignoring {path}'s eos_token_id {value}: not a token id"
+        for value in ("None", "'</s>'", "True")
+    ]
+
+
+def test_a_generation_config_that_does_not_parse_is_ignored_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # transformers loads the model without it; we used to both warn that we ignore it and refuse
+    # to load because of it.
+    from mintvcs.serve.app import read_sampling_defaults
+    from mintvcs.serve.engine import Engine, EngineConfig
+
+    directory = build_base(tmp_path / "gen")
+    (directory / "generation_config.json").write_text("{bad")
+    assert read_sampling_defaults(directory) == {}
+    with Engine(directory, EngineConfig(max_model_len=64, check_base_fingerprint=False)) as eng:
+        assert eng.model.config.eos_token_ids == (2,)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1
+    assert re.match(r".*generation_config\.json is not valid JSON \(.*\); ignoring it", warned[0])
