@@ -9,6 +9,7 @@ import inspect
 import itertools
 import logging
 import operator
+import os
 import queue
 import threading
 import time
@@ -30,6 +31,7 @@ from mintvcs.progress import progress_bar
 from mintvcs.serve.adapters import AdapterSource, prepare_adapter
 from mintvcs.serve.graphs import DecodeGraphs
 from mintvcs.serve.loader import (
+    ModelConfig,
     load_tokenizer,
     missing_tokenizer_hint,
     read_config,
@@ -38,7 +40,7 @@ from mintvcs.serve.loader import (
     token_text,
 )
 from mintvcs.serve.memory import keep_freed_memory
-from mintvcs.serve.model import LORA_MODULES, Model
+from mintvcs.serve.model import LORA_MODULES, Model, check_max_len
 from mintvcs.serve.sampling import (
     IncrementalDetokenizer,
     SamplingParams,
@@ -178,6 +180,44 @@ class EngineConfig:
         # As vLLM's "auto": an fp16 model keeps fp16, whose 10 mantissa bits bf16 would cut to 7
         # (about 9x the logit error); fp32 and bf16 bases compute in bf16.
         return torch.float16 if stored == "float16" else torch.bfloat16
+
+
+def _uses_graphs(config: EngineConfig, device: torch.device) -> bool:
+    """Whether the engine captures CUDA graphs (which take a scratch KV slot)."""
+    # Graphs need the Triton backend: the torch one reads slot segments on the host (a sync).
+    return device.type == "cuda" and config.cuda_graphs and config.kernel_backend != "torch"
+
+
+def _kv_cache_bytes(
+    model: ModelConfig, config: EngineConfig, max_len: int, dtype: torch.dtype, graphs: bool
+) -> int:
+    """The bytes of the engine's KV cache: keys and values of every layer, for each slot."""
+    slots = config.max_batch_size + int(graphs)
+    return slots * 2 * model.num_hidden_layers * max_len * model.kv_size * dtype.itemsize
+
+
+def _device_memory(device: torch.device) -> int:
+    """The bytes of memory `device` has in all (the machine's RAM for the CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _kv_cache_too_large(
+    config: EngineConfig, max_len: int, wanted: int, device: torch.device, *, allocated: bool
+) -> EngineError:
+    """The error for a KV cache that does not fit (more than the device has, or, `allocated`,
+    one the allocator refused): its size, and the options that set it."""
+    fits = (
+        "which could not be allocated"
+        if allocated
+        else f"more than the {_device_memory(device) / 2**30:.1f} GiB it has"
+    )
+    return EngineError(
+        f"the KV cache for {config.max_batch_size} sequences of {max_len} tokens needs {wanted} "
+        f"bytes ({wanted / 2**30:.1f} GiB) of {device} memory, {fits}; lower max_batch_size "
+        "(--max-batch-size) or max_model_len (--max-model-len)"
+    )
 
 
 @dataclass(frozen=True)
@@ -649,6 +689,16 @@ class Engine:
                     f"max_model_len <= {limit}"
                 )
             self.max_model_len = config.max_model_len or min(2048, limit)
+            # What the configuration alone refuses, refused before the weights are read (a
+            # large base takes minutes) and before RoPE tables of max_model_len rows are built.
+            check_max_len(model_config, self.max_model_len)
+            graphs = _uses_graphs(config, device)
+            kv_bytes = _kv_cache_bytes(model_config, config, self.max_model_len, dtype, graphs)
+            if kv_bytes > _device_memory(device):
+                raise _kv_cache_too_large(
+                    config, self.max_model_len, kv_bytes, device, allocated=False
+                )
+            self.tokenizer = load_tokenizer(self.base_dir)
             total = sum(f.stat().st_size for f in safetensors_files(self.base_dir))
             with progress_bar(total, "loading base") as progress:
                 self.model = Model.from_dir(
@@ -659,7 +709,6 @@ class Engine:
                     progress=progress,
                     config=model_config,
                 )
-            self.tokenizer = load_tokenizer(self.base_dir)
             if self.tokenizer is None:
                 log.warning(
                     "%s has no tokenizer.json%s: text prompts will be refused (400), and only "
@@ -680,14 +729,16 @@ class Engine:
         )
         device, dtype = self.model.device, self.model.dtype
         self.source = source
-        # Graphs need the Triton backend: the torch one reads slot segments on the host (a sync).
-        graphs = device.type == "cuda" and config.cuda_graphs and config.kernel_backend != "torch"
+        graphs = _uses_graphs(config, device)
         try:
             self.kv = self.model.new_kv_cache(
                 config.max_batch_size, self.max_model_len, scratch=graphs
             )
         except (RuntimeError, MemoryError):  # torch's allocators say so in RuntimeErrors
-            raise self._kv_cache_too_large(config, graphs) from None
+            wanted = _kv_cache_bytes(self.model.config, config, self.max_model_len, dtype, graphs)
+            raise _kv_cache_too_large(
+                config, self.max_model_len, wanted, device, allocated=True
+            ) from None
         self.pools = AdapterPools(
             self.model.config,
             config.adapter_slots,
@@ -734,19 +785,6 @@ class Engine:
             )
             if graphs
             else None,
-        )
-
-    def _kv_cache_too_large(self, config: EngineConfig, scratch: bool) -> EngineError:
-        """The error for a KV cache that could not be allocated: its size, and the options that set it."""
-        c, model = self.model.config, self.model
-        slots = config.max_batch_size + int(scratch)
-        per_slot = 2 * c.num_hidden_layers * self.max_model_len * c.kv_size
-        wanted = slots * per_slot * model.dtype.itemsize
-        return EngineError(
-            f"the KV cache for {config.max_batch_size} sequences of {self.max_model_len} tokens "
-            f"needs {wanted} bytes ({wanted / 2**30:.1f} GiB) of {model.device} memory, which "
-            "could not be allocated; lower max_batch_size "
-            "(--max-batch-size) or max_model_len (--max-model-len)"
         )
 
     def start(self) -> None:

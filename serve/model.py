@@ -279,6 +279,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def check_max_len(config: ModelConfig, max_len: int) -> None:
+    """UnsupportedModelError where the model cannot serve `max_len` positions as configured."""
+    if config.sliding_window and max_len > config.sliding_window:
+        raise UnsupportedModelError(
+            "sliding-window attention is not implemented; set max_model_len (--max-model-len) "
+            f"<= {config.sliding_window}"
+        )
+    if config.rope.rope_type == "dynamic" and max_len > config.max_position_embeddings:
+        raise UnsupportedModelError(
+            "dynamic NTK RoPE changes beyond max_position_embeddings; "
+            f"set max_model_len (--max-model-len) <= {config.max_position_embeddings}"
+        )
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
         # torch's fused kernel: the same fp32 arithmetic in one op instead of five.
@@ -339,24 +353,16 @@ class Model:
         self.dtype = embed.dtype
         self.device = embed.device
         self.max_len = max_len or config.max_position_embeddings
-        if config.sliding_window and self.max_len > config.sliding_window:
-            raise UnsupportedModelError(
-                f"sliding-window attention is not implemented; set max_model_len <= {config.sliding_window}"
-            )
-        if config.rope.rope_type == "dynamic" and self.max_len > config.max_position_embeddings:
-            raise UnsupportedModelError(
-                "dynamic NTK RoPE changes beyond max_position_embeddings; "
-                f"set max_model_len <= {config.max_position_embeddings}"
-            )
+        check_max_len(config, self.max_len)
         inv_freq, scale = rope_inv_freq(config.rope, config.head_dim)
         positions = torch.arange(self.max_len, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         # [max_len, head_dim], in the model dtype as transformers casts them.
         self.cos = (emb.cos() * scale).to(dtype=self.dtype, device=self.device)
-        self.sin = (emb.sin() * scale).to(dtype=self.dtype, device=self.device)
+        sin = (emb.sin() * scale).to(dtype=self.dtype, device=self.device)
         half = config.head_dim // 2
-        self.sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
+        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
     @classmethod
     def from_dir(

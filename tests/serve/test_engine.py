@@ -20,6 +20,7 @@ import torch
 from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, SamplingParams
 from mintvcs.serve.adapters import AdapterRefused
 from mintvcs.serve.engine import EngineClosed, EngineError
+from mintvcs.serve.loader import CheckpointError, UnsupportedModelError
 from mintvcs.serve.scheduler import RequestCancelled, TokenEvent
 from mintvcs.serve.slots import ResidencyError
 from tests.fixtures import ALL_LINEAR
@@ -1341,3 +1342,52 @@ def test_a_seeded_request_draws_the_same_tokens_alone_and_at_any_batch_position(
         assert together[position].token_ids == alone, position
     other_seed = engine.generate(request[0], request[1], replace(seeded, seed=43), timeout=60)
     assert other_seed.token_ids != alone
+
+
+def _edited_base(directory: Path, arch: str = "llama", **changes: Any) -> Path:
+    """A tiny base of `arch` with `changes` made to its config.json."""
+    from tests.fixtures import build_base
+
+    base = build_base(directory, arch)
+    path = base / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return base
+
+
+def test_a_kv_cache_larger_than_the_device_is_refused_before_rope_tables_are_built(
+    tmp_path: Path,
+) -> None:
+    # It used to fail on the RoPE tables of max_model_len rows, in the allocator's words (or
+    # take tens of GB), before the KV-cache check that names the options.
+    base = _edited_base(tmp_path / "base", max_position_embeddings=2**40)
+    with pytest.raises(
+        EngineError,
+        match=r"the KV cache for 1 sequences of 549755813888 tokens needs \d+ bytes "
+        r"\([\d.]+ GiB\) of cpu memory, more than the [\d.]+ GiB it has; lower max_batch_size "
+        r"\(--max-batch-size\) or max_model_len \(--max-model-len\)",
+    ):
+        Engine(base, EngineConfig(max_model_len=2**39, max_batch_size=1))
+
+
+def test_a_sliding_window_refusal_comes_before_the_weights_are_read(tmp_path: Path) -> None:
+    # A large base took minutes to read before it; damaged weights show they are not read.
+    base = _edited_base(tmp_path / "base", "mistral", sliding_window=64)
+    (base / "model.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"sliding-window attention is not implemented; set max_model_len "
+        r"\(--max-model-len\) <= 64",
+    ):
+        Engine(base, EngineConfig(max_model_len=128))
+
+
+def test_a_tokenizer_that_does_not_parse_is_refused_before_the_weights_are_read(
+    tmp_path: Path,
+) -> None:
+    from tests.fixtures import build_base
+
+    base = build_base(tmp_path / "base")
+    (base / "model.safetensors").write_bytes(b"\x01\x02")
+    (base / "tokenizer.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json is not a tokenizer"):
+        Engine(base, EngineConfig(max_model_len=64))
