@@ -182,6 +182,25 @@ class EngineConfig:
         return torch.float16 if stored == "float16" else torch.bfloat16
 
 
+def _warn_if_tokenizer_outgrows(directory: Path, tokenizer: Any, model: ModelConfig) -> None:
+    """One warning when the tokenizer has ids past the model's vocabulary: every prompt that
+    encodes to one of them is refused (400), and structured outputs with it: a mismatched
+    tokenizer, most likely, better named at start-up than on each request."""
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    top = max(ids, default=-1)
+    if top >= model.vocab_size:
+        past = sum(1 for i in ids if i >= model.vocab_size)
+        log.warning(
+            "%s/tokenizer.json has %d token id(s) outside the model's vocabulary [0, %d) "
+            "(config.json's vocab_size), up to %d: prompts that encode to them, and structured "
+            "outputs, will be refused (400); is it the tokenizer of this model?",
+            directory,
+            past,
+            model.vocab_size,
+            top,
+        )
+
+
 def _uses_graphs(config: EngineConfig, device: torch.device) -> bool:
     """Whether the engine captures CUDA graphs (which take a scratch KV slot)."""
     # Graphs need the Triton backend: the torch one reads slot segments on the host (a sync).
@@ -709,6 +728,8 @@ class Engine:
                     progress=progress,
                     config=model_config,
                 )
+            if self.tokenizer is not None:
+                _warn_if_tokenizer_outgrows(self.base_dir, self.tokenizer, model_config)
             if self.tokenizer is None:
                 log.warning(
                     "%s has no tokenizer.json%s: text prompts will be refused (400), and only "

@@ -1391,3 +1391,26 @@ def test_a_tokenizer_that_does_not_parse_is_refused_before_the_weights_are_read(
     (base / "tokenizer.json").write_text("{")
     with pytest.raises(CheckpointError, match=r"tokenizer\.json is not a tokenizer"):
         Engine(base, EngineConfig(max_model_len=64))
+
+
+def test_a_tokenizer_with_ids_past_the_vocabulary_is_named_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It used to start without a word; requests were then refused one by one.
+    from tests.fixtures import build_base
+
+    base = build_base(tmp_path / "base", vocab_size=300)  # its tokenizer has 384 ids
+    with Engine(base, EngineConfig(max_model_len=64, check_base_fingerprint=False)):
+        pass
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"{base}/tokenizer.json has 84 token id(s) outside the model's vocabulary [0, 300) "
+        "(config.json's vocab_size), up to 383: prompts that encode to them, and structured "
+        "outputs, will be refused (400); is it the tokenizer of this model?"
+    ]
+    caplog.clear()
+    with Engine(
+        build_base(tmp_path / "wider", vocab_size=400),
+        EngineConfig(max_model_len=64, check_base_fingerprint=False),
+    ):
+        pass  # a vocabulary padded past the tokenizer's ids is common and fine
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
