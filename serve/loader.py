@@ -150,6 +150,18 @@ class ModelConfig:
                 f"architecture {archs or raw.get('model_type')!r} is not supported; "
                 f"the engine runs {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        model_type = raw.get("model_type")
+        if isinstance(model_type, str) and model_type != arch:
+            # vLLM picks the class by architectures too, but transformers' AutoModelForCausalLM
+            # builds model_type's, with its defaults (biases, sliding window, KV heads).
+            log.warning(
+                "config.json's architectures (%s) and model_type (%r) disagree: serving it as "
+                "%s, as the architectures list says (and vLLM reads it); transformers builds "
+                "model_type's class, whose outputs may differ",
+                ", ".join(map(str, archs)) if isinstance(archs, list) else archs,
+                model_type,
+                arch,
+            )
         quantization = raw.get("quantization_config")
         if quantization:
             # Its weights are packed integers or 8-bit floats with scales beside them: read as

@@ -707,6 +707,22 @@ def test_the_architectures_list_names_the_architecture_before_model_type() -> No
     assert ModelConfig.from_dict(raw).arch == "qwen2"
 
 
+def test_architectures_and_model_type_that_disagree_are_named_in_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """transformers builds model_type's class, so the served model may differ from its: say so."""
+    assert ModelConfig.from_dict(_llama(model_type="qwen2")).arch == "llama"
+    assert [r.getMessage() for r in caplog.records] == [
+        "config.json's architectures (LlamaForCausalLM) and model_type ('qwen2') disagree: "
+        "serving it as llama, as the architectures list says (and vLLM reads it); transformers "
+        "builds model_type's class, whose outputs may differ"
+    ]
+    caplog.clear()
+    ModelConfig.from_dict(_llama())
+    ModelConfig.from_dict({k: v for k, v in _llama().items() if k != "model_type"})
+    assert not caplog.records
+
+
 def test_rope_parameters_theta_wins_over_a_top_level_one_as_transformers() -> None:
     """A leftover top-level rope_theta yields to rope_parameters' own, as transformers 5 reads it."""
     from transformers import LlamaConfig
