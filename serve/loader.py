@@ -20,6 +20,7 @@ from mintvcs.checkpoint import (
     read_json,
     resolved_heads,
     safetensors_files,
+    safetensors_header,
 )
 from mintvcs.errors import MintError, cannot_read
 
@@ -441,12 +442,35 @@ def read_config(directory: Path) -> ModelConfig:
         config = ModelConfig.from_dict(raw)
     except (TypeError, ValueError, AttributeError) as err:  # a field of the wrong kind
         raise CheckpointError(f"{path}: {err}") from None
+    if config.stored_dtype is None:
+        config = dataclasses.replace(config, stored_dtype=_weights_dtype(Path(directory)))
     # Instruct models (Llama 3, Qwen2.5) list their end-of-turn token here, not in config.json.
     extra = generation_eos_ids(Path(directory) / "generation_config.json")
     if extra:
         ids = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
         config = dataclasses.replace(config, eos_token_ids=ids)
     return config
+
+
+# safetensors' dtype names, as config.json's torch_dtype spells them.
+_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+# The tensor whose stored dtype stands for the checkpoint's where config.json names none.
+_EMBEDDINGS = ("model.embed_tokens.weight", "embed_tokens.weight", "lm_head.weight")
+
+
+def _weights_dtype(directory: Path) -> str | None:
+    """The dtype the embedding is stored in ("float16", say), read from the safetensors headers
+    alone, for a config.json without torch_dtype; None where there is none to read (the load
+    reports a missing or damaged file)."""
+    try:
+        headers = [safetensors_header(path) for path in safetensors_files(directory)]
+    except CheckpointError:
+        return None
+    for name in _EMBEDDINGS:
+        for header in headers:
+            if name in header:
+                return _SAFETENSORS_DTYPES.get(header[name]["dtype"])
+    return None
 
 
 def generation_eos_ids(path: Path) -> tuple[int, ...]:

@@ -1236,6 +1236,34 @@ def test_default_dtype_keeps_an_fp16_base_fp16_on_cuda(
     assert chosen.torch_dtype(torch.device("cuda"), read) == torch.bfloat16
 
 
+@pytest.mark.parametrize(
+    ("stored", "cuda"),
+    [
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_without_torch_dtype_the_weights_stored_dtype_chooses(
+    tmp_path: Path, stored: torch.dtype, cuda: torch.dtype
+) -> None:
+    """A config.json without torch_dtype: its fp16 weights used to be served in bf16 on CUDA."""
+    from safetensors.torch import load_file, save_file
+
+    from mintvcs.serve.loader import read_config
+
+    base = _edited_base(tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config.pop("torch_dtype")
+    (base / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(base / "model.safetensors"))
+    save_file({k: v.to(stored) for k, v in weights.items()}, str(base / "model.safetensors"))
+    read = read_config(base).stored_dtype
+    assert read == str(stored).removeprefix("torch.")
+    assert EngineConfig().torch_dtype(torch.device("cuda"), read) == cuda
+    assert EngineConfig().torch_dtype(torch.device("cpu"), read) == torch.float32
+
+
 def test_a_finished_request_finds_its_tokens_counted(
     tiny_base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
