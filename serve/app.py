@@ -1566,6 +1566,11 @@ class BackgroundServer:
             self.call(self.server.stop())
             self.server = None
         if self._thread.is_alive():
+            # Join the threads that loaded and closed the engine: one that has not yet let go
+            # of its work item holds the engine, weights and KV cache, past stop(). Bounded: a
+            # read stuck on a dead mount must not hang stop() too.
+            with contextlib.suppress(TimeoutError):
+                self.call(self.loop.shutdown_default_executor(), _CLEANUP_GRACE_S)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join()
         self.loop.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 import urllib.error
 import urllib.request
 import warnings
@@ -35,6 +36,7 @@ def _server(tmp_path: Path, base: Path) -> BackgroundServer:
 def test_a_stopped_server_keeps_no_tensor_of_its_base(tmp_path: Path) -> None:
     # A vocabulary of its own: no other tensor of the process has that dimension.
     base = build_base(tmp_path / "base", vocab_size=391)
+    threads = set(threading.enumerate())
     srv = _server(tmp_path, base)
     srv.start()
     # A request served puts the app in aiohttp's module-wide middleware cache, which outlives
@@ -42,6 +44,8 @@ def test_a_stopped_server_keeps_no_tensor_of_its_base(tmp_path: Path) -> None:
     urllib.request.urlopen(srv.url + "/health").read()
     assert _base_tensors(391) > 0
     srv.stop()
+    # The threads that loaded and closed the engine are joined: one still ending could hold it.
+    assert set(threading.enumerate()) <= threads
     del srv
     assert _base_tensors(391) == 0
 
