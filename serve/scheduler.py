@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -87,6 +87,12 @@ class Sequence:
     emitted: int = 0  # characters of detok.text already sent
     cancelled: bool = False
     finished: bool = False
+    # Told of a cancel (the scheduler's queue of cancelled requests, set when it is queued), so
+    # that a step looks at the cancelled requests only, not at every waiting one.
+    on_cancel: Callable[[Sequence], None] | None = field(default=None, repr=False)
+    queued: bool = False  # in the scheduler's waiting queue
+    arrival: int = 0  # its place in the order the scheduler was handed requests
+    queued_forks: int = 0  # requests queued as forks of this one (fork_of), still waiting
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     prefilled: int = 0  # prompt tokens in the KV cache (a long prompt takes several steps)
@@ -116,6 +122,13 @@ class Sequence:
     def __post_init__(self) -> None:
         eos = frozenset() if self.params.ignore_eos else self.eos_ids
         self.stop_ids = eos | frozenset(self.params.stop_token_ids)
+
+    def cancel(self) -> None:
+        """Mark it cancelled and tell the scheduler; takes no lock (a garbage collector's callback may call it)."""
+        self.cancelled = True
+        notify = self.on_cancel
+        if notify is not None:
+            notify(self)
 
     @property
     def num_tokens(self) -> int:
@@ -239,6 +252,59 @@ class Sequence:
         )
 
 
+class WaitQueue:
+    """The requests waiting to start, in arrival order, counted per revision.
+
+    A step takes requests from its head (popleft) as far as it admits and puts back in front the
+    ones it passes over; a request that leaves from elsewhere (cancelled) is counted out at once
+    and its entry dropped when a step reaches it. No step then costs a pass over a backlog.
+    """
+
+    def __init__(self) -> None:
+        self._entries: deque[Sequence] = deque()  # the queued ones and entries left behind
+        self._queued = 0  # read by other threads (the engine's max_waiting and gauges)
+        self.per_revision: Counter[str | None] = Counter()
+
+    def __len__(self) -> int:
+        return self._queued
+
+    def __bool__(self) -> bool:
+        return self._queued > 0
+
+    def __iter__(self) -> Iterator[Sequence]:
+        return (s for s in list(self._entries) if s.queued)
+
+    def append(self, seq: Sequence) -> None:
+        """Queue `seq` behind the others."""
+        seq.queued = True
+        if seq.fork_of is not None:
+            seq.fork_of.queued_forks += 1
+        self._entries.append(seq)
+        self._queued += 1
+        self.per_revision[seq.revision] += 1
+
+    def leave(self, seq: Sequence) -> None:
+        """Count `seq` out (admitted, failed or cancelled); its entry goes when a step reaches it."""
+        seq.queued = False
+        if seq.fork_of is not None:
+            seq.fork_of.queued_forks -= 1
+        self._queued -= 1
+        self.per_revision[seq.revision] -= 1
+        if not self.per_revision[seq.revision]:
+            del self.per_revision[seq.revision]
+
+    def popleft(self) -> Sequence:
+        """Take the oldest queued request off the front (it stays counted until it leaves)."""
+        while True:
+            seq = self._entries.popleft()
+            if seq.queued:
+                return seq
+
+    def put_back(self, passed: list[Sequence]) -> None:
+        """Put the requests a step took and passed over back in front, in their order."""
+        self._entries.extendleft(reversed(passed))
+
+
 @dataclass
 class SchedulerStats:
     """Counters for /metrics."""
@@ -293,7 +359,16 @@ class Scheduler:
         self.residency = residency
         self.max_num_batched_tokens = max_num_batched_tokens
         self.kernel_backend = kernel_backend
-        self.waiting: deque[Sequence] = deque()
+        self.waiting = WaitQueue()
+        # Requests cancelled since the last step (Sequence.cancel, from any thread: a deque's
+        # append and popleft are atomic), so that no step looks for them among all the waiting.
+        self.cancelled: deque[Sequence] = deque()
+        # Requests that ended since the engine last took them (it forgets their ids).
+        self.done: list[Sequence] = []
+        self._arrivals = 0  # requests handed to add() so far
+        # Per revision, the arrivals before which a waiting request counts as having waited for
+        # its adapter: a step that stops at a backlog stalled on adapters marks it this way.
+        self._stalled_before: dict[str, int] = {}
         self.running: list[Sequence] = []
         # Admitted, holding a KV slot, their prompt not all in the cache yet (chunked prefill).
         self.prefilling: list[Sequence] = []
@@ -310,7 +385,12 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a request; it joins the batch at a later step."""
+        seq.arrival = self._arrivals
+        self._arrivals += 1
         self.waiting.append(seq)
+        seq.on_cancel = self.cancelled.append
+        if seq.cancelled:  # cancelled before it got here (a cancel now tells the queue itself)
+            self.cancelled.append(seq)
 
     def _finish(self, seq: Sequence, *, kv_valid: bool = True) -> None:
         if seq.kv_slot >= 0:
@@ -324,6 +404,7 @@ class Scheduler:
             self.residency.release(seq.lora_slot)
             seq.lora_slot = -1
         seq.finished = True
+        self.done.append(seq)
 
     def _fail(self, seq: Sequence, err: BaseException) -> None:
         self._finish(seq, kv_valid=False)  # a failed step may have written part of its KV
@@ -337,13 +418,16 @@ class Scheduler:
                 group.remove(seq)
                 self._finish(seq)
                 reaped.append(seq)
-        if any(s.cancelled for s in self.waiting):
-            gone = [s for s in self.waiting if s.cancelled]
-            for seq in gone:
+        gone = []
+        while self.cancelled:
+            seq = self.cancelled.popleft()
+            if seq.queued:  # the others were running (reaped above) or have ended
+                self.waiting.leave(seq)
                 seq.finished = True
-                reaped.append(seq)
-            self.waiting = deque(s for s in self.waiting if not s.cancelled)
-            self._undrain(gone)
+                self.done.append(seq)
+                gone.append(seq)
+        reaped += gone
+        self._undrain(gone)
         for seq in reaped:
             self.stats.cancelled += 1
             # Its last word, so that whoever waits on it learns it ended. A consumer that
@@ -357,11 +441,16 @@ class Scheduler:
         up the requests for the revision in that slot until all its running ones end."""
         if self.residency is None:
             return
-        revisions = {s.revision for s in gone if s.waited_for_adapter and s.revision is not None}
-        if not revisions:
-            return
-        for revision in revisions - {s.revision for s in self.waiting}:
-            self.residency.undrain(revision)
+        revisions = {s.revision for s in gone if self._waited(s) and s.revision is not None}
+        for revision in revisions:
+            if not self.waiting.per_revision[revision]:
+                self.residency.undrain(revision)
+
+    def _waited(self, seq: Sequence) -> bool:
+        """Whether seq's revision was loading or had no slot when a step first asked for it."""
+        if seq.waited_for_adapter:
+            return True
+        return seq.revision is not None and seq.arrival < self._stalled_before.get(seq.revision, 0)
 
     def _plan(self) -> list[Sequence]:
         """This step's prompt work within max_num_batched_tokens: the next chunk of each prompt
@@ -374,36 +463,55 @@ class Scheduler:
             seq.chunk = min(len(seq.prompt_ids) - seq.prefilled, budget)
             budget -= seq.chunk
             planned.append(seq)
-        # Looked up by identity, once per step: a queue of thousands (n-choice groups) must
-        # not cost a scan per request.
-        ending = {id(p) for p in planned if p.prefilled + p.chunk == len(p.prompt_ids)}
-        pending = {id(s) for s in self.waiting} | {id(s) for s in self.prefilling}
-        taken: set[int] = set()
+        ending = {id(p): p for p in planned if p.prefilled + p.chunk == len(p.prompt_ids)}
         # Blocks of the prompts going in, not yet in the cache: a prompt that shares more of
         # them than the cache holds waits a step for them instead of computing them again.
         going_in: dict[int, int] = {}
         for seq in self.prefilling:
             self._going_in(seq, going_in)
         # Revisions with no adapter slot this step (loading, or every slot busy): the requests
-        # behind them wait too, without a lookup each (a backlog of thousands, every step).
+        # behind them wait too, without a lookup each.
         stalled: set[str] = set()
-        for seq in self.waiting:
-            if self.prefix.available == 0:
-                break
+        # Waiting requests are taken from the head of the queue, as far as this step admits;
+        # those passed over go back in front at the end, in their order: no step costs a pass
+        # over the whole backlog, nor a rebuild of the queue per admission.
+        waiting = self.waiting
+        passed: list[Sequence] = []
+        passed_per_revision: Counter[str | None] = Counter()
+
+        def pass_over(seq: Sequence) -> None:
+            passed.append(seq)
+            passed_per_revision[seq.revision] += 1
+
+        while len(waiting) > len(passed) and self.prefix.available > 0:
+            if stalled and budget > 0:
+                # Stop once every request left asks for a revision with no slot (each would be
+                # passed over), counting them as having waited for their adapter.
+                left = len(waiting) - len(passed)
+                per_revision = waiting.per_revision
+                if left == sum(per_revision[r] - passed_per_revision[r] for r in stalled):
+                    for revision in stalled:
+                        self._stalled_before[revision] = self._arrivals
+                    break
+            seq = waiting.popleft()
             # A fork whose parent's prompt ends in this step shares its prefill (at no cost to
             # the budget). While the parent waits or is still prefilling, so does the fork;
             # once the parent is gone (running, failed), the fork prefills on its own.
             parent = seq.fork_of
             if parent is not None and id(parent) not in ending:
-                if not parent.finished and id(parent) in pending:
+                if not parent.finished and parent.prefilled < len(parent.prompt_ids):
+                    pass_over(seq)
                     continue
+                parent.queued_forks -= 1
                 seq.fork_of = None
             if seq.fork_of is None and budget == 0:
-                if not ending:
+                pass_over(seq)
+                if not any(p.queued_forks for p in ending.values()):
                     break  # no prompt tokens left, and no fork can join a parent this step
                 continue  # only forks still get in
             if seq.revision in stalled:
                 seq.waited_for_adapter = True
+                pass_over(seq)
                 continue
             hit = None
             if seq.fork_of is None:
@@ -417,22 +525,25 @@ class Scheduler:
                     # or drain this one's adapter slot, and keep it waiting a whole generation.
                     # Forks joining a parent that ends in this step still get in (no budget).
                     budget = 0
-                    if not ending:
+                    pass_over(seq)
+                    if not any(p.queued_forks for p in ending.values()):
                         break
                     continue
             if seq.revision is not None:
                 assert self.residency is not None
                 try:
-                    slot = self.residency.acquire(seq.revision, waited=seq.waited_for_adapter)
+                    slot = self.residency.acquire(seq.revision, waited=self._waited(seq))
                 except Exception as err:
-                    taken.add(id(seq))
+                    waiting.leave(seq)
                     self._fail(seq, err)
                     continue
                 if slot is None:
                     seq.waited_for_adapter = True
                     stalled.add(seq.revision)
+                    pass_over(seq)
                     continue  # its adapter is loading or every slot is busy: wait, do not fail
                 seq.lora_slot = slot
+            waiting.leave(seq)
             if hit is None:
                 seq.kv_slot = self.prefix.allocate()
             else:
@@ -441,7 +552,6 @@ class Scheduler:
                 if hit.logprobs is not None:
                     seq.prompt_lps = list(hit.logprobs)
                 self._going_in(seq, going_in)
-            taken.add(id(seq))
             seq.chunk = (
                 0 if seq.fork_of is not None else min(len(seq.prompt_ids) - seq.prefilled, budget)
             )
@@ -450,9 +560,8 @@ class Scheduler:
             if seq.fork_of is None:
                 self.prefilling.append(seq)
                 if seq.prefilled + seq.chunk == len(seq.prompt_ids):
-                    ending.add(id(seq))
-        if taken:
-            self.waiting = deque(s for s in self.waiting if id(s) not in taken)
+                    ending[id(seq)] = seq
+        waiting.put_back(passed)
         return planned
 
     def _going_in(self, seq: Sequence, going_in: dict[int, int]) -> None:
@@ -821,4 +930,4 @@ def _deliver(seq: Sequence, item: Any) -> None:
         seq.sink(item)
     except Exception:
         log.exception("request %d: its sink failed; cancelling it", seq.request_id)
-        seq.cancelled = True
+        seq.cancel()

@@ -11,7 +11,7 @@ import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ from mintvcs.serve import Engine, EngineConfig, InvalidRequest, PeftDirSource, S
 from mintvcs.serve.adapters import AdapterRefused
 from mintvcs.serve.engine import EngineClosed, EngineError
 from mintvcs.serve.loader import CheckpointError, UnsupportedModelError
-from mintvcs.serve.scheduler import RequestCancelled, TokenEvent
+from mintvcs.serve.scheduler import RequestCancelled, Sequence, TokenEvent
 from mintvcs.serve.slots import ResidencyError
 from tests.fixtures import ALL_LINEAR
 from tests.serve.conftest import ZOO
@@ -1442,3 +1442,57 @@ def test_a_tokenizer_with_ids_past_the_vocabulary_is_named_at_start_up(
     ):
         pass  # a vocabulary padded past the tokenizer's ids is common and fine
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+class _Watched(Sequence):
+    """A queued request that records every look at it (an attribute read) by the step."""
+
+    looked_at: ClassVar[set[int]] = set()
+
+    def __getattribute__(self, name: str) -> Any:
+        _Watched.looked_at.add(id(self))
+        return super().__getattribute__(name)
+
+
+def _steps_until(eng: Engine, done: Any, limit: int = 500) -> None:
+    for _ in range(limit):
+        if done():
+            return
+        if eng._step() is not None:
+            time.sleep(0.01)  # nothing runnable: an adapter is loading on the loader thread
+    raise AssertionError(f"not reached after {limit} steps: {eng.stats()}")
+
+
+@pytest.mark.parametrize("backlog", ["kv-slots-full", "adapter-stalled"])
+def test_a_step_looks_at_the_head_of_the_queue_not_at_the_whole_backlog(
+    tiny_base: Path, zoo: dict[str, Path], backlog: str
+) -> None:
+    # 300 requests wait behind the running ones, either for a KV slot (every one is taken) or for
+    # an adapter slot (the only one is busy with another revision): a step's scheduling work must
+    # not grow with them (cancels, finished requests and fork parents are found without a scan).
+    config = EngineConfig(max_batch_size=2, adapter_slots=1, max_model_len=256)
+    if backlog == "adapter-stalled":
+        config = replace(config, max_batch_size=4)
+    long = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo), start=False) as eng:
+        running = eng.start_many([(_prompt(i, 5), "qv-r8", long) for i in range(2)])
+        _steps_until(eng, lambda: eng.stats()["running"] == 2)
+        revision = None if backlog == "kv-slots-full" else "mlp-r2"
+        queued = eng.start_many([(_prompt(10 + i, 5), revision, one) for i in range(300)])
+        eng._step()  # moves them from the inbox into the scheduler's queue
+        waiting = list(eng.scheduler.waiting)
+        assert len(waiting) == 300
+        for seq in waiting:
+            seq.__class__ = _Watched
+        _Watched.looked_at.clear()
+        steps = eng.stats()["steps"]
+        for _ in range(5):
+            eng._step()
+        assert eng.stats()["steps"] == steps + 5 and eng.stats()["running"] == 2
+        assert len(_Watched.looked_at) <= 1, f"a step looked at {len(_Watched.looked_at)} of 300"
+        # The backlog still runs once the slots free up.
+        _steps_until(eng, lambda: all(f.done() for f in [*running, *queued]), limit=2000)
+        assert [f.result().finish_reason for f in queued] == ["length"] * 300
+        if backlog == "adapter-stalled":  # every request waited for its adapter, the first two too
+            assert eng.stats()["slot_misses"] == 302
