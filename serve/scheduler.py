@@ -292,6 +292,11 @@ class WaitQueue:
         self.per_revision[seq.revision] -= 1
         if not self.per_revision[seq.revision]:
             del self.per_revision[seq.revision]
+        # Entries left behind at the front go now (each once): an idle engine must not keep
+        # the cancelled requests' sequences alive until the next request comes.
+        entries = self._entries
+        while entries and not entries[0].queued:
+            entries.popleft()
 
     def popleft(self) -> Sequence:
         """Take the oldest queued request off the front (it stays counted until it leaves)."""

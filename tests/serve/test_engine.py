@@ -1496,3 +1496,22 @@ def test_a_step_looks_at_the_head_of_the_queue_not_at_the_whole_backlog(
         assert [f.result().finish_reason for f in queued] == ["length"] * 300
         if backlog == "adapter-stalled":  # every request waited for its adapter, the first two too
             assert eng.stats()["slot_misses"] == 302
+
+
+def test_cancelled_waiting_requests_are_not_kept_alive_by_the_queue(tiny_base: Path) -> None:
+    # The only KV slot is busy, so no step walks the queue: the cancelled requests must still go.
+    config = EngineConfig(max_batch_size=1, max_model_len=256)
+    long = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    with Engine(tiny_base, config, start=False) as eng:
+        first = eng.start_many([(_prompt(3, 5), None, long)])[0]
+        _steps_until(eng, lambda: eng.stats()["running"] == 1)
+        queued = eng.start_many([(_prompt(10 + i, 5), None, long) for i in range(5)])
+        eng._step()
+        gone = [weakref.ref(seq) for seq in eng.scheduler.waiting]
+        assert len(gone) == 5
+        for future in queued:
+            future.cancel()
+        _steps_until(eng, lambda: eng.stats()["requests_cancelled"] == 5)
+        gc.collect()
+        assert not first.done() and eng.stats()["queue_depth"] == 0
+        assert [ref() for ref in gone] == [None] * 5
