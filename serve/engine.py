@@ -1268,6 +1268,8 @@ class Engine:
         r = self.residency.stats
         s = self.scheduler.stats
         q = self.scheduler.snapshot()
+        with self._lock:  # which _step holds while it moves requests from the inbox to the queue
+            queue_depth = self.waiting
         p = self.scheduler.prefix.stats
         return {
             "slot_hits": r.slot_hits,
@@ -1288,7 +1290,7 @@ class Engine:
             "requests_failed": s.failed,
             "batch_size": s.last_batch_size,
             "mean_batch_size": s.batch_size_sum / s.sampling_steps if s.sampling_steps else 0.0,
-            "queue_depth": q["waiting"] + self._inbox.qsize(),
+            "queue_depth": queue_depth,
             "running": q["running"],
             "prefilling": len(self.scheduler.prefilling),
             "kv_slots_free": self.scheduler.prefix.available,

@@ -586,7 +586,9 @@ class Scheduler:
         # Sampled this step: the running sequences and each prompt that ends in this step.
         # Ordered by adapter slot (base-only last), stably: each slot's tokens then form one
         # contiguous run, so the LoRA ops work on row slices instead of gathering and scattering.
-        self.running.sort(key=_slot_order)
+        # A new list, not a sort in place: a list being sorted reads as empty to the threads
+        # that count it meanwhile (snapshot(), for /metrics).
+        self.running = sorted(self.running, key=_slot_order)
         chunked.sort(key=_slot_order)
         ending = [s for s in chunked if s.prefilled + s.chunk == len(s.prompt_ids)]
         forks = [s for s in planned if s.fork_of is not None]
@@ -681,7 +683,9 @@ class Scheduler:
             s.sampling_steps += 1
             s.last_batch_size = len(seqs)
             s.batch_size_sum += len(seqs)
-        self.running = []
+        # Built aside and put in place at once: snapshot() reads these lists from other
+        # threads, and a list refilled in place would show some running requests as gone.
+        running: list[Sequence] = []
         for seq, token, token_lp in zip(seqs, tokens, logprobs, strict=True):
             if seq.first_token_at is None:
                 seq.first_token_at = time.monotonic()
@@ -705,8 +709,9 @@ class Scheduler:
                 self._finish(seq)
                 self.stats.finished += 1
             else:
-                self.running.append(seq)
+                running.append(seq)
             _deliver(seq, event)
+        self.running = running
         self.admitting = []
         s.step_seconds_total += time.perf_counter() - started
         return True

@@ -1498,6 +1498,33 @@ def test_a_step_looks_at_the_head_of_the_queue_not_at_the_whole_backlog(
             assert eng.stats()["slot_misses"] == 302
 
 
+def test_the_running_gauge_never_reads_fewer_than_the_requests_decoding(tiny_base: Path) -> None:
+    # stats() is read from other threads (/metrics) while the step thread hands out a step's
+    # tokens: a read then must still count every request that holds a KV slot. Each request's
+    # sink runs on the step thread at exactly that point, so it reads the gauge there, every time.
+    config = EngineConfig(max_batch_size=4, max_model_len=256)
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    with Engine(tiny_base, config, start=False) as eng:
+        futures = eng.start_many([(_prompt(i, 5), None, long) for i in range(4)])
+        seen: dict[int, int] = {}
+
+        def reading(sink: Any) -> Any:
+            def read_then_deliver(item: Any) -> None:
+                if isinstance(item, TokenEvent) and item.index > 1 and item.finish_reason is None:
+                    running = eng.stats()["running"]
+                    seen[running] = seen.get(running, 0) + 1
+                sink(item)
+
+            return read_then_deliver
+
+        for seq in eng._seqs.values():
+            seq.sink = reading(seq.sink)
+        _steps_until(eng, lambda: all(f.done() for f in futures))
+        assert seen.keys() == {4}, f"running read as: {seen}"
+        assert sum(seen.values()) == 4 * 38
+        assert [f.result().finish_reason for f in futures] == ["length"] * 4
+
+
 def test_cancelled_waiting_requests_are_not_kept_alive_by_the_queue(tiny_base: Path) -> None:
     # The only KV slot is busy, so no step walks the queue: the cancelled requests must still go.
     config = EngineConfig(max_batch_size=1, max_model_len=256)
