@@ -845,13 +845,16 @@ class Engine:
     def _step(self) -> float | None:
         """One turn of the step loop: None when it did work, else how long to wait for a wakeup."""
         sched = self.scheduler
+        # Cleared before the inbox is looked at, not after: a submit (put, then set) landing
+        # between the look and the clear would have its wakeup cleared unseen, and wait for
+        # the idle timeout. Cleared first, it leaves the event set and the wait returns at once.
+        self._wake.clear()
         if not self._inbox.empty():
             # Under the lock that _enqueue counts `waiting` under: a request in neither the
             # inbox nor the scheduler's queue would let one more in than max_waiting allows.
             with self._lock:
                 while not self._inbox.empty():
                     sched.add(self._inbox.get_nowait())
-        self._wake.clear()
         worked = sched.step()
         # The requests that ended in this step, as the scheduler lists them: not a look at
         # every live request per step (a backlog of thousands).

@@ -1542,3 +1542,30 @@ def test_cancelled_waiting_requests_are_not_kept_alive_by_the_queue(tiny_base: P
         gc.collect()
         assert not first.done() and eng.stats()["queue_depth"] == 0
         assert [ref() for ref in gone] == [None] * 5
+
+
+def test_a_request_submitted_right_after_the_step_looked_at_its_inbox_wakes_it(
+    tiny_base: Path,
+) -> None:
+    # A submit (put, then wake) that lands just after the step thread found its inbox empty (a
+    # preemption there) must leave the wakeup set: else the request waits the idle timeout (1 s).
+    with Engine(tiny_base, EngineConfig(max_batch_size=2, max_model_len=64), start=False) as eng:
+        submitted: list[Any] = []
+        inbox = eng._inbox
+
+        class SubmitAfterTheLook:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inbox, name)
+
+            def empty(self) -> bool:
+                found = inbox.empty()
+                if found and not submitted:
+                    submitted.extend(eng.start_many([([5, 6, 7], None, GREEDY)]))
+                return found
+
+        eng._inbox = SubmitAfterTheLook()  # type: ignore[assignment]
+        wait = eng._step()
+        assert submitted and wait == 1.0  # it saw nothing to do
+        assert eng._wake.is_set(), "the request's wakeup was lost: it would wait for the timeout"
+        _steps_until(eng, lambda: submitted[0].done())
+        assert submitted[0].result().finish_reason == "length"
