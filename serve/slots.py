@@ -543,9 +543,9 @@ class Residency:
             slot.refs -= 1
             slot.last_used = time.monotonic()
             if slot.refs == 0:
-                # Idle now: the next acquire of the revision it drained for evicts it (the
-                # scheduler asks in FIFO order, so that one comes before any later request).
-                slot.draining_for = None
+                # Idle now, and still reserved for the revision it drained for: that one's next
+                # acquire loads into it (the scheduler asks in FIFO order). A pin taken since
+                # then waits for the next slot that falls idle, not this one.
                 self._load_waiting_pins()
         self._on_change()
 
@@ -554,9 +554,11 @@ class Residency:
         with self._lock:
             for slot in self.slots:
                 if slot.draining_for == revision:
-                    # Else the slot takes no new references until it is idle, for nobody; the
-                    # next waiter of another revision drains one again when it asks.
+                    # Else the slot takes no new references, for nobody; the next waiter of
+                    # another revision drains one again when it asks.
                     slot.draining_for = None
+                    if slot.refs == 0:  # idle and reserved until now: a waiting pin may take it
+                        self._load_waiting_pins()
 
     def failure(self, revision: str) -> BaseException | None:
         """The error of revision's last failed load, if it is still reported."""
@@ -574,6 +576,9 @@ class Residency:
         behind would count against later pins though no slot shows it."""
         self.stats.loads_failed += 1
         self._pinned.discard(revision)
+        for slot in self.slots:  # its waiting requests now fail: a reservation would be for nobody
+            if slot.draining_for == revision:
+                slot.draining_for = None
         self._failures.pop(revision, None)
         self._failures[revision] = (time.monotonic(), _detached(err))
         while len(self._failures) > _REMEMBERED_FAILURES:
@@ -696,14 +701,19 @@ class Residency:
         if busy:
             min(busy, key=lambda s: (s.refs, s.last_used)).draining_for = revision
 
-    def _victim(self) -> Slot | None:
+    def _victim(self, revision: str) -> Slot | None:
+        """The slot to load `revision` into: a free one, else the least recently used idle,
+        unpinned one that is not reserved for another revision (drained for it)."""
         free = [s for s in self.slots if s.state == "free"]
         if free:
             return free[0]
         idle = [
             s
             for s in self.slots
-            if s.state == "ready" and s.refs == 0 and s.revision not in self._pinned
+            if s.state == "ready"
+            and s.refs == 0
+            and s.revision not in self._pinned
+            and s.draining_for in (None, revision)
         ]
         return min(idle, key=lambda s: s.last_used) if idle else None
 
@@ -716,7 +726,7 @@ class Residency:
             raise ResidencyError(
                 "this engine has no adapter source; pass source= to serve revisions"
             )
-        victim = self._victim()
+        victim = self._victim(revision)
         if victim is None:
             return None
         for slot in self.slots:  # a slot draining for this revision need drain no more

@@ -617,6 +617,35 @@ def test_a_pin_taken_while_every_slot_is_busy_takes_a_slot_once_one_is_idle(
             time.sleep(0.02)
 
 
+def test_a_slot_drained_for_a_waiting_request_is_not_taken_by_a_later_pin(
+    tiny_base: Path, zoo: dict[str, Path]
+) -> None:
+    # Three slots busy (a short request on one, long ones on the others): a request for a
+    # fourth revision reserves the short one's slot; a pin taken after that must not take
+    # the slot when it falls idle, or the request would wait for the long ones to end.
+    config = EngineConfig(max_batch_size=8, adapter_slots=3, max_model_len=256)
+    short = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    with Engine(tiny_base, config, source=PeftDirSource(zoo), start=False) as eng:
+        for revision in ("qv-r8", "mlp-r2", "o-r6"):
+            eng.prefetch(revision).result(60)
+        first = eng.start_many([([5, 6], "qv-r8", short)])
+        _steps_until(eng, lambda: eng.stats()["running"] == 1)
+        busy = eng.start_many([([5, 6], "mlp-r2", long), ([5, 7], "o-r6", long)])
+        _steps_until(eng, lambda: eng.stats()["running"] == 3)
+        waiter = eng.start_many([([5, 8], "kv-r12", short)])[0]
+        eng._step()
+        assert [s.draining_for for s in eng.residency.slots] == ["kv-r12", None, None]
+        assert eng.prefetch("all-r16", pin=True).result(60) is None  # no slot: host cache only
+        _steps_until(eng, waiter.done)
+        assert first[0].done() and not any(f.done() for f in busy)
+        assert waiter.result().finish_reason == "length"
+        # The pin takes the next slot that falls idle.
+        _steps_until(eng, lambda: all(f.done() for f in busy))
+        _steps_until(eng, lambda: eng.residency.slot_of("all-r16") is not None)
+        assert eng.residency_snapshot()["pinned"] == ["all-r16"]
+
+
 def test_warm_pin_and_residency(tiny_base: Path, zoo: dict[str, Path]) -> None:
     config = EngineConfig(max_batch_size=4, adapter_slots=2, max_model_len=128)
     with Engine(tiny_base, config, source=PeftDirSource(zoo)) as eng:
