@@ -21,6 +21,7 @@ import torch
 from mintvcs.adapter import adapter_paths
 from mintvcs.errors import MintError, NewerFormatError
 from mintvcs.ids import is_object_id
+from mintvcs.safetensors_file import CorruptSafetensorsError
 from mintvcs.serve.loader import ModelConfig
 from mintvcs.serve.model import LORA_MODULES
 from mintvcs.validate import PatternKeys, init_lora_weights_error
@@ -191,7 +192,7 @@ class PeftDirSource:
 
     def load(self, revision: str, *, max_bytes: int | None = None) -> AdapterWeights:
         """Read the directory's config and safetensors (refused past max_bytes, by file size)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         directory = self.directories.get(revision)
@@ -203,12 +204,18 @@ class PeftDirSource:
             raise AdapterNotFound(f"adapter {revision!r}: {err}") from None
         config = json.loads(config_path.read_text())
         size = weights.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            # The real cause first: a copy of a whole base layer is refused as such.
-            with safe_open(str(weights), framework="pt") as header:  # reads the header only
-                refuse_unserved(revision, config, header.keys())
-            raise _too_large(revision, f"{weights} holds {size} bytes", max_bytes)
-        tensors = load_file(str(weights))
+        # safetensors' own message ("header too large") names neither the adapter nor the file.
+        try:
+            if max_bytes is not None and size > max_bytes:
+                # The real cause first: a copy of a whole base layer is refused as such.
+                with safe_open(str(weights), framework="pt") as header:  # reads the header only
+                    refuse_unserved(revision, config, header.keys())
+                raise _too_large(revision, f"{weights} holds {size} bytes", max_bytes)
+            tensors = load_file(str(weights))
+        except SafetensorError as err:
+            raise CorruptSafetensorsError(
+                f"adapter {revision!r}: {weights} is not a readable safetensors file: {err}"
+            ) from None
         return AdapterWeights(revision, config, tensors, self.base_fingerprint)
 
 

@@ -88,6 +88,27 @@ def test_a_peft_dir_name_is_never_rebound_to_another_directory(
     assert source.load("x").tensors.keys() != source.load("y").tensors.keys()
 
 
+@pytest.mark.parametrize("max_bytes", [None, 1])  # read whole, or its header only (too large)
+def test_a_corrupt_weights_file_is_named_with_its_revision(
+    zoo: dict[str, Path], tmp_path: Path, max_bytes: int | None
+) -> None:
+    import shutil
+
+    from mintvcs.safetensors_file import CorruptSafetensorsError
+
+    directory = tmp_path / "broken"
+    shutil.copytree(zoo["qv-r8"], directory)
+    weights = directory / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = (1 << 62).to_bytes(8, "little")  # a header length past the file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptSafetensorsError) as caught:
+        PeftDirSource({"broken": directory}).load("broken", max_bytes=max_bytes)
+    message = str(caught.value)
+    assert "adapter 'broken'" in message and str(weights) in message, message
+    assert "not a readable safetensors file" in message
+
+
 def _load(directory: Path) -> AdapterWeights:
     return PeftDirSource({"x": directory}).load("x")
 
