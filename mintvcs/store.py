@@ -3172,23 +3172,26 @@ def _check_metadata_size(what: str, size: int) -> None:
 def parse_object(type_num: int, body: bytes, oid: str | None = None) -> ShaFile:
     """A git object from its type number and content, as dulwich parses it (`oid`, if given,
     trusted as its id). A commit or tag whose author, committer or tagger date dulwich refuses
-    (no zone, text after it, `+1a00`) is read as git log reads it, the date it shows (the epoch
-    where it finds none) in place of the line's, its bytes and id its own: git log, show and
-    checkout read such objects, which old or buggy tools wrote, and only fsck flags them."""
+    (no zone, an empty one, text after it, `+1a00`) is read as git log reads it, the date it
+    shows (the epoch where it finds none) in place of the line's, its bytes and id its own: git
+    log, show and checkout read such objects, which old or buggy tools wrote, and only fsck
+    flags them."""
     from dulwich.errors import ObjectFormatException
     from dulwich.objects import ObjectID, ShaFile
 
     sha = None if oid is None else ObjectID(oid.encode())
     try:
         return ShaFile.from_raw_string(type_num, body, sha=sha)
-    except ObjectFormatException:
+    # dulwich raises IndexError, not its format error, for a date with an empty zone
+    # (`1700000000 ` then the line's end), which git log reads as it reads no zone.
+    except (ObjectFormatException, IndexError):
         lenient = _read_as_git().get(type_num)
         if lenient is None:
             raise
         obj = lenient()
         try:
             obj.set_raw_chunks([body], sha)
-        except ObjectFormatException:
+        except (ObjectFormatException, IndexError):
             pass  # not (only) its dates: the first error says what
         else:
             return obj

@@ -147,6 +147,7 @@ def test_a_malformed_date_line_is_read_as_git_reads_it(work: Path) -> None:
             ("1700000000", "1700000000 +0000"),  # no zone: the epoch
             ("1700000000 +0000 extra", "1700000000 +0000"),  # what follows is ignored
             ("1700000000 +1a00", "1700000000 +0000"),  # the zone's digits, as far as they go
+            ("1700000000 ", "1700000000 "),  # an empty zone (dulwich failed another way): the epoch
             ("1700000000 +0000", "garbage"),
             ("1700000000", "1700000100"),
         ]
@@ -189,7 +190,7 @@ def test_a_malformed_date_line_is_read_as_git_reads_it(work: Path) -> None:
     assert git(git_dir, "fsck", ok=False).returncode != 0
     fsck = mint(work, "fsck", ok=False)
     assert fsck.returncode != 0
-    assert fsck.stderr.count("malformed commit") == 5, fsck.stderr
+    assert fsck.stderr.count("malformed commit") == 6, fsck.stderr
 
 
 def test_the_date_of_an_odd_identity_is_read_as_git_reads_it(work: Path) -> None:
@@ -314,6 +315,7 @@ def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
         " x",
         "1700000000 +01",  # badTimezone
         "1700000000 +000000",
+        "1700000000 ",
         "1700000000 +0000 extra",
         "1700000000",
         "1700000000  +0000",
@@ -365,6 +367,7 @@ def test_fsck_flags_the_date_lines_git_fsck_flags(work: Path) -> None:
         "T<t@x> 1 +0000": "missingSpaceBeforeEmail",
         "1700000000 +01": "badTimezone",
         "1700000000 +000000": "badTimezone",
+        "1700000000 ": "badTimezone",
         "1700000000 +0000 extra": "badTimezone",
         "1700000000": "badDate",
         "1700000000  +0000": "badTimezone",
@@ -379,7 +382,8 @@ def test_a_tag_with_a_malformed_tagger_date_is_read_as_git_reads_it(work: Path) 
     # As a commit's: git log, show and checkout go through such a tag, loose or packed.
     git_dir = work / ".mint"
     main = git(git_dir, "rev-parse", "main").stdout.strip()
-    for name, date in (("nozone", "1700000000"), ("extra", "1700000000 +0000 extra")):
+    odd = {"nozone": "1700000000", "emptyzone": "1700000000 ", "extra": "1700000000 +0000 extra"}
+    for name, date in odd.items():
         body = f"object {main}\ntype commit\ntag {name}\ntagger T <t@x> {date}\n\nm\n"
         tag = git(
             git_dir, "hash-object", "-t", "tag", "-w", "--literally", "--stdin", input_text=body
@@ -389,7 +393,7 @@ def test_a_tag_with_a_malformed_tagger_date_is_read_as_git_reads_it(work: Path) 
         if packed:
             mint(work, "gc")
             assert not loose_path(work, tag).exists()
-        for name in ("nozone", "extra"):
+        for name in odd:
             listed = json.loads(mint(work, "log", "--json", name).stdout)
             assert [c["commit"] for c in listed] == git(
                 git_dir, "log", "--format=%H", name
