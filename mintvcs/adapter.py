@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mintvcs.bulk import collector_paused
 from mintvcs.errors import MintError
-from mintvcs.messages import quote_path
+from mintvcs.messages import lone_surrogate_in, quote_path
 from mintvcs.objects import (
     CONFIG_FILE,
     GIT_DIR,
@@ -133,6 +133,14 @@ def read_adapter(root: Path, exclude: Sequence[bytes] = ()) -> AdapterFiles:
         kind = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         raise NotAnAdapterError(
             f"{config_path}: peft_type {kind!r} is not supported; mintvcs stores LoRA adapters"
+        )
+    # Refused as a tensor name holding one is: Python and PEFT read the escape, but strict
+    # JSON readers refuse the show --json that repeats it, and no UTF-8 text holds it.
+    odd = lone_surrogate_in(config)
+    if odd is not None:
+        raise NotAnAdapterError(
+            f"{config_path}: {odd!a:.80} holds a lone surrogate escape, which is no Unicode "
+            "text (mintvcs stores none); write the character it stands for"
         )
     started = time.time_ns()
     weights, stat = read_stable(weights_path)

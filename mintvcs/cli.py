@@ -56,6 +56,23 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
 
 
+def _json_config(config: dict[str, Any], commit: str) -> object:
+    """A revision's adapter_config.json for --json output: a lone surrogate escape (which an
+    earlier mintvcs committed, or another tool) as U+FFFD, with a warning, since strict JSON
+    readers refuse the whole output that holds one."""
+    from mintvcs.messages import lone_surrogate_in, without_lone_surrogates
+
+    odd = lone_surrogate_in(config)
+    if odd is None:
+        return config
+    click.echo(
+        f"warning: adapter_config.json of {commit[:12]}: {odd!a:.80} holds a lone surrogate "
+        "escape; shown as U+FFFD",
+        err=True,
+    )
+    return without_lone_surrogates(config)
+
+
 def _subject(message: str) -> str:
     """A commit's subject as git shows it: its first paragraph, lines joined by a space."""
     from mintvcs.messages import subject
@@ -1019,7 +1036,7 @@ def show(rev: str, as_json: bool) -> None:
             "author_time": info.author_time, "author_timezone": info.author_timezone,
             "message": info.message, "meta": manifest.meta,
             "base": {"id": manifest.base_id, "fingerprint": manifest.base_fingerprint},
-            "config": revision.config,
+            "config": _json_config(revision.config, info.id),
             "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "blob": t.blob, "sha256": t.sha256, "encoding": t.encoding, "depth": t.depth} for t in manifest.tensors],
             "files": [f.path for f in manifest.files],
             "file_bytes": {f.path: repo.blob_size(f.blob, what=f.path) for f in manifest.files},

@@ -68,6 +68,43 @@ def check_message(message: str, what: str) -> None:
         ) from None
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_in(value: object) -> str | None:
+    """The first key or string of a parsed JSON value that holds a lone surrogate (JSON can
+    spell one, `"\\ud800"`; no UTF-8 text holds it, and strict JSON readers refuse it), else
+    None."""
+    if isinstance(value, str):
+        return value if _LONE_SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate_in(key) or lone_surrogate_in(item)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for item in value:
+            found = lone_surrogate_in(item)
+            if found is not None:
+                return found
+    return None
+
+
+def without_lone_surrogates(value: object) -> object:
+    """A parsed JSON value with each lone surrogate in its keys and strings made U+FFFD, as
+    lenient JSON readers read them: what strict JSON output can hold."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {
+            without_lone_surrogates(key): without_lone_surrogates(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [without_lone_surrogates(item) for item in value]
+    return value
+
+
 def decode_message(raw: bytes, what: str) -> str:
     """A message read back as bytes (the commit-msg hook's file): strict UTF-8, NUL refused."""
     try:

@@ -330,7 +330,7 @@ class Manifest:
     def meta_from_bytes(data: bytes, where: str = "manifest") -> dict[str, str]:
         """Only the `meta` of a manifest blob: what `log --json` shows, without building its tensor records."""
         try:
-            return {str(k): str(v) for k, v in _parse(data, where).get("meta", {}).items()}
+            return _meta_strings(_parse(data, where).get("meta", {}))
         except CorruptManifestError:
             raise
         except (ValueError, TypeError, AttributeError, RecursionError) as err:
@@ -362,7 +362,7 @@ class Manifest:
                 raw["safetensors"]["header"],
                 tensors,
                 files,
-                {str(k): str(v) for k, v in raw.get("meta", {}).items()},
+                _meta_strings(raw.get("meta", {})),
             )
         except CorruptManifestError:
             raise
@@ -402,6 +402,25 @@ def _known(record: Any, keys: tuple[frozenset[str], frozenset[str]], what: str) 
     if missing:
         raise ValueError(f"a {what} record lacks {', '.join(sorted(missing))}")
     return {k: v for k, v in record.items() if k in known}
+
+
+def _meta_strings(meta: Any) -> dict[str, str]:
+    """A manifest's `meta` as strings: another tool's value that is not one (a number, null, a
+    list) as its JSON text (`1`, `null`, `[1]`), not as Python spells it (`None`). A lone
+    surrogate is refused, as in a tensor name: JSON can spell one, no UTF-8 text holds it, and
+    strict JSON readers refuse the output that repeats it (docs/format.md)."""
+    strings = {}
+    for key, value in meta.items():
+        text = value if type(value) is str else json.dumps(value, ensure_ascii=False)
+        try:
+            (key + text).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"meta {key!a:.60} holds a lone surrogate, which is no UTF-8 text "
+                "(mintvcs stores no other)"
+            ) from None
+        strings[key] = text
+    return strings
 
 
 def _parse(data: bytes, where: str) -> dict[str, Any]:

@@ -10,10 +10,20 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.mintvcs.storekit import ENV, copy_adapter, git, loose_path, mint
+from tests.mintvcs.storekit import (
+    ENV,
+    commit_with_manifest_files,
+    copy_adapter,
+    git,
+    hostile_commit,
+    loose_path,
+    mint,
+    mint_fails,
+)
 
 MINT = f"'{sys.executable}' -m mintvcs.cli"
 
@@ -339,3 +349,56 @@ def test_a_removed_working_directory_is_named_as_git_names_it(tmp_path: Path) ->
         )
         assert done.returncode == 128, done.stderr
         assert "nable to read current working directory: No such file or directory" in done.stderr
+
+
+def strict_json(text: str) -> Any:
+    """`text` parsed as a strict JSON reader (jq, Go, Rust) parses it: Python's reader takes a
+    lone surrogate escape (`"\\ud800"`), which they refuse."""
+    parsed = json.loads(text)
+    json.dumps(parsed, ensure_ascii=False).encode("utf-8")  # a lone surrogate: UnicodeEncodeError
+    return parsed
+
+
+def test_meta_holding_a_lone_surrogate_is_refused_as_a_tensor_name_is(work: Path) -> None:
+    # Another tool's manifest may spell a lone surrogate in its meta: log --json repeated the
+    # escape, and jq refused the whole listing of any history holding it; fsck said ok.
+    bad = commit_with_manifest_files(
+        work, [], edit_manifest=lambda m: m.update(meta={"k\udcff": "v\ud800"})
+    )
+    listed = strict_json(mint(work, "log", "--json", "-n", "2", "hostile").stdout)
+    assert listed[0]["commit"] == bad and listed[0]["meta"] is None
+    assert "lone surrogate" in listed[0]["meta_error"]
+    assert listed[1]["meta"] == {}
+    assert "lone surrogate" in mint_fails(work, "show", "--json", bad)
+    fsck = mint(work, "fsck", ok=False)
+    assert fsck.returncode == 1 and "lone surrogate" in fsck.stderr
+
+
+def test_meta_values_other_tools_wrote_as_other_json_read_as_their_json_text(work: Path) -> None:
+    # {"a": null, "b": 1, "c": [1]} came out as Python spells them: "None", "1", "[1]".
+    meta = {"a": None, "b": 1.5, "c": [1, "\u00e9"], "d": True, "e": "text"}
+    bad = commit_with_manifest_files(work, [], edit_manifest=lambda m: m.update(meta=meta))
+    expected = {"a": "null", "b": "1.5", "c": '[1, "\u00e9"]', "d": "true", "e": "text"}
+    assert strict_json(mint(work, "log", "--json", "-n", "1", bad).stdout)[0]["meta"] == expected
+    assert strict_json(mint(work, "show", "--json", bad).stdout)["meta"] == expected
+    assert "meta d: true" in mint(work, "show", bad).stdout
+
+
+def test_a_config_holding_a_lone_surrogate_is_refused_and_shown_as_strict_json(work: Path) -> None:
+    # Python and PEFT load "\ud800" in adapter_config.json: commit stored it, and show --json
+    # repeated the escape, which strict JSON readers refuse.
+    config_path = work / "adapter_config.json"
+    config = json.loads(config_path.read_bytes())
+    config_path.write_text(json.dumps({**config, "note": "x\ud800"}))
+    line = mint_fails(work, "commit", "-m", "odd config", "--no-verify")
+    assert "lone surrogate" in line and "adapter_config.json" in line, line
+    # A revision holding one (an earlier mintvcs's, another tool's) shows it as U+FFFD.
+    from mintvcs.store import Repository
+
+    repo = Repository.open(work)
+    blob = repo.add_blob(config_path.read_bytes())
+    repo.close()
+    odd = hostile_commit(work, {"adapter_config.json": blob})
+    shown = mint(work, "show", "--json", odd)
+    assert strict_json(shown.stdout)["config"]["note"] == "x\ufffd"
+    assert "lone surrogate" in shown.stderr
