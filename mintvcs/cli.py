@@ -914,7 +914,10 @@ class _LogCommand(click.Command):
 @click.option("--all", "all_refs", is_flag=True, help="Start from every ref and HEAD as well.")
 @click.option("--oneline", is_flag=True, help="One line per commit.")
 @click.option(
-    "-n", "--max-count", type=click.IntRange(min=0), help="Show at most N commits (or -N)."
+    "-n",
+    "--max-count",
+    type=int,
+    help="Show at most N commits (or -N); a negative N sets no limit, as in git.",
 )
 @json_option
 def log(
@@ -927,6 +930,8 @@ def log(
     """
     from mintvcs import porcelain, revwalk
 
+    if max_count is not None and max_count < 0:
+        max_count = None  # git's reading: scripts pass `-n "${LIMIT:--1}"` for "all"
     repo = _open_repo()
     _color_setting(repo, "log")  # a value git refuses stops it here, as git
     _warn_if_ambiguous(repo, *(spec for arg in revisions for spec in revwalk.named_specs(arg)))

@@ -74,6 +74,9 @@ CASES = [
     (["--all", "^prod"], "b3 e1 m4 m3 m2 b2 b1"),
     (["-n", "2", "main..product-b"], "b3 b2"),
     (["-1", "product-b", "main"], "b3"),
+    (["-n", "-1", "main"], "m4 m3 m2 m1 m0"),  # a negative count: no limit (scripts pass -1)
+    (["--max-count=-3", "-n", "2", "main"], "m4 m3"),  # the last count given
+    (["-n", "2", "--max-count=-1", "main"], "m4 m3 m2 m1 m0"),
     (["main~3..main"], "m4 m3 m2"),
     (["..product-b"], "b3 b2 b1"),  # HEAD..product-b
     (["product-b.."], "m4 m3"),
