@@ -1844,8 +1844,13 @@ def _repack(
         if ObjectID(oid.encode()) not in unreachable
         and not any(ObjectID(oid.encode()) in pack for pack in kept)
     )
-    if not scan.loose and not unreachable and set(old_packs) == {_last_pack(repo)}:
-        # Nothing new since our last gc wrote the one pack: rewriting it would give the same file.
+    if (
+        not scan.loose
+        and not unreachable
+        and (not old_packs or set(old_packs) == {_last_pack(repo)})
+    ):
+        # Nothing new since our last gc wrote the one pack (or no object at all, as in a new
+        # store): rewriting it would give the same file.
         return len(keep), False, 0
     if keep:
         writer = PackWriter(repo, expected=len(keep), repack=True)

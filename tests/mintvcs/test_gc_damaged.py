@@ -124,6 +124,18 @@ def test_gc_skips_reflog_entry_whose_commit_is_gone(work: Path) -> None:
     assert damage_checks(work) == checks  # the same damage, nothing new
 
 
+def test_gc_of_a_store_with_no_objects_says_it_wrote_nothing(tmp_path: Path) -> None:
+    # It compared no packs with the one a last gc wrote (none): "rewritten": true every time,
+    # though nothing was written, as git's gc writes nothing there.
+    mint(tmp_path, "init", "empty", "--no-hooks")
+    work = tmp_path / "empty"
+    for _ in range(2):
+        report = json.loads(mint(work, "gc", "--json").stdout)
+        assert report["rewritten"] is False and report["packed"] == 0, report
+    assert list((work / ".mint" / "objects" / "pack").iterdir()) == []
+    assert mint(work, "gc").stdout.startswith("nothing to do: ")
+
+
 def test_gc_on_healthy_repository_packs_and_cleans_up(work: Path) -> None:
     head = git(work / ".mint", "rev-parse", "HEAD").stdout.strip()
     loose = sum(1 for p in (work / ".mint" / "objects").glob("??/*"))

@@ -174,7 +174,8 @@ def test_a_shared_clone_and_version_1_pack_indexes_are_not_called_damaged(
     )
     assert (clone / ".mint" / "objects" / "info" / "alternates").exists()
     mint(clone, "checkout", "--force", "main")
-    assert mint(clone, "gc").stdout.startswith("packed ")
+    # Every object is borrowed: nothing of its own to pack, and gc says so, as git's writes none.
+    assert mint(clone, "gc").stdout.startswith("nothing to do: ")
     assert_sound_and_checks_out(clone, weights)
 
     git(work / ".mint", "-c", "pack.indexVersion=1", "repack", "-adq")
@@ -300,7 +301,8 @@ def test_alternates_files_git_accepts_never_crash_a_lookup(work: Path, tmp_path:
         finally:
             repo.close()
         assert json.loads(mint(clone, "fsck", "--json").stdout)["ok"]
-        assert mint(clone, "gc").stdout.startswith("packed ")
+        # Every object borrowed: nothing of its own to pack, and gc says so.
+        assert mint(clone, "gc").stdout.startswith("nothing to do: ")
         assert git_log(clone) == [
             i["commit"] for i in json.loads(mint(clone, "log", "--json").stdout)
         ]
