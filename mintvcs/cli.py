@@ -482,6 +482,27 @@ def _json_branch(name: str | None) -> str | None:
     return name if name is None or json_safe(f"refs/heads/{name}") else None
 
 
+def _json_alias_safe(branch: Any) -> bool:
+    """Whether `branch --json` can carry a branch's `alias_of` (porcelain.Branch): a symbolic
+    branch to one named in bytes that are not UTF-8 is left out, warning about it, as that
+    branch is; a null `alias_of` would say it is no alias."""
+    from mintvcs.messages import quote_path
+
+    if branch.alias_of is None:
+        return True
+    try:
+        branch.alias_of.encode("utf-8")
+    except UnicodeEncodeError:
+        click.echo(
+            f"warning: ignoring ref {quote_path(f'refs/heads/{branch.name}')}: it points to "
+            f"{quote_path(f'refs/heads/{branch.alias_of}')}, a name that is not UTF-8, which JSON "
+            "cannot carry",
+            err=True,
+        )
+        return False
+    return True
+
+
 def _json_head(branch: str | None) -> dict[str, Any]:
     """`branch` and `detached` as --json gives where HEAD is: a branch that JSON cannot carry
     (_json_branch) is null too, and `detached` tells it from a detached HEAD."""
@@ -949,17 +970,18 @@ LOG_FIRST_PAGE = 64
 
 
 def _log_pages(
-    repo: Any, start: Any, max_count: int | None
+    repo: Any, start: Any, max_count: int | None, *, for_json: bool = False
 ) -> Iterator[tuple[list[Any], dict[str, list[str]]]]:
     """The history from `start` (revwalk.Revisions) in pages of growing size, each with the ref
-    labels of its commits."""
+    labels of its commits (`for_json`: of the refs JSON can carry, porcelain.json_safe)."""
     from mintvcs import porcelain, revwalk
 
     commits = revwalk.walk(start, max_count)
     size = LOG_FIRST_PAGE
     index: dict[str, list[str]] | None = None
     while page := list(itertools.islice(commits, size)):
-        index = porcelain.ref_labels(repo) if index is None else index  # after the first read
+        if index is None:  # after the first read
+            index = porcelain.ref_labels(repo, porcelain.json_safe if for_json else None)
         yield page, {c.id: index[c.id] for c in page if c.id in index}
         if len(page) == size:  # more may follow: what is printed goes out while it is read
             _push_stdout()
@@ -968,12 +990,11 @@ def _log_pages(
 
 def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
     """Print `log --json`, one JSON array written as the history is read (what _emit_json writes)."""
-    from mintvcs import porcelain
     from mintvcs.objects import CorruptManifestError
     from mintvcs.store import CorruptObjectError
 
     opened = False
-    for page, labels in _log_pages(repo, start, max_count):
+    for page, labels in _log_pages(repo, start, max_count, for_json=True):
         for c in page:
             item = {
                 "commit": c.id,
@@ -983,7 +1004,7 @@ def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
                 "author_timezone": c.author_timezone,
                 "time": c.time,
                 "message": c.message,
-                "refs": [r for r in labels.get(c.id, []) if porcelain.json_safe(r)],
+                "refs": labels.get(c.id, []),
             }
             # Plain log reads no manifest: a commit whose manifest this mintvcs cannot read (a
             # newer version, damage) is listed all the same, and says why it has no meta.
@@ -1314,7 +1335,7 @@ def branch(
                         "alias_of": b.alias_of,
                     }
                     for b in rows
-                    if porcelain.json_safe(f"refs/heads/{b.name}")
+                    if porcelain.json_safe(f"refs/heads/{b.name}") and _json_alias_safe(b)
                 ]
             )
             return

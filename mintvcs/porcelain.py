@@ -979,12 +979,16 @@ def _labelled_refs(repo: Repository) -> list[tuple[str, str]]:
         return list(repo.refs.iter_refs("refs/", on_broken=lambda _name, _err: None))
 
 
-def ref_labels(repo: Repository) -> dict[str, list[str]]:
+def ref_labels(repo: Repository, keep: Callable[[str], bool] | None = None) -> dict[str, list[str]]:
     """Every commit a ref names, with its `git log --decorate` labels: one pass over the refs
-    (a log of many pages reads them once, not once a page)."""
+    (a log of many pages reads them once, not once a page). With `keep`, only the refs whose
+    full name it passes (json_safe: `log --json`); HEAD is then `HEAD` alone where its branch
+    is left out."""
     names: dict[str, list[str]] = {}
     for name, oid in _labelled_refs(repo):
         if not name.startswith(_DECORATED_PREFIXES) and name != _DECORATED_EXACT:
+            continue
+        if keep is not None and not keep(name):
             continue
         # Branches name commits; only a tag may name a tag object that has to be read and peeled.
         # Reading an object per branch made `log` take seconds with 10^5 branches.

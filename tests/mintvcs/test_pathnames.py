@@ -289,6 +289,31 @@ def test_ref_names_that_are_not_utf8_are_refused_and_left_out_of_json(work: Path
     mint(work.parent, "init", str(where))
 
 
+def test_json_leaves_out_refs_that_are_not_utf8_by_their_full_names(work: Path) -> None:
+    # log --json warned of the label ("tag: tb\376"), not the ref, and with HEAD on such a
+    # branch dropped "HEAD -> mb\376" whole, so no entry said where HEAD is; branch --json gave
+    # an alias of such a branch as `alias_of` "mb\udcfe", a lone surrogate escape.
+    git_dir = work / ".mint"
+    head = git(git_dir, "rev-parse", "HEAD").stdout.strip()
+    git(git_dir, "update-ref", os.fsdecode(b"refs/tags/tb\xfe"), head)
+    git(git_dir, "update-ref", os.fsdecode(b"refs/heads/mb\xfe"), head)
+    git(git_dir, "symbolic-ref", "HEAD", os.fsdecode(b"refs/heads/mb\xfe"))
+    result = mint(work, "log", "-n1", "--json")
+    assert _strict(result.stdout)[0]["refs"][0] == "HEAD", result.stdout
+    warned = sorted(line for line in result.stderr.splitlines() if "ignoring ref" in line)
+    assert warned == [
+        'warning: ignoring ref "refs/heads/mb\\376": it is not UTF-8, which JSON cannot carry',
+        'warning: ignoring ref "refs/tags/tb\\376": it is not UTF-8, which JSON cannot carry',
+    ], result.stderr
+    git(git_dir, "symbolic-ref", "refs/heads/alias", os.fsdecode(b"refs/heads/mb\xfe"))
+    result = mint(work, "branch", "--json")
+    rows = _strict(result.stdout)
+    assert isinstance(rows, list)
+    listed = {row["name"]: row for row in rows}
+    assert "alias" not in listed and all(row["alias_of"] is None for row in listed.values())
+    assert 'ignoring ref refs/heads/alias: it points to "refs/heads/mb\\376"' in result.stderr
+
+
 def test_output_the_terminal_cannot_encode_never_raises(work: Path) -> None:
     # A name's bytes that are not UTF-8 raised under a strict UTF-8 stdout (any UTF-8 locale
     # but C), and a Japanese name or message under a Latin-1 one: a traceback, the listing cut.
