@@ -964,9 +964,12 @@ def log(
 
 
 # The first page of `log` is printed after this many commits are read, and each next page is
-# twice as long: a long history starts printing at once (and `| head` stops it early), while
-# the ref labels are looked up a few times in all, not once per commit.
+# twice as long, up to LOG_MAX_PAGE: a long history starts printing at once (and `| head` stops
+# it early), while the abbreviations and ref labels are looked up a few times per thousand
+# commits, not once per commit. The cap bounds what a page holds (~1 KB a commit): doubling
+# without one held half of a 10^6-commit history at once.
 LOG_FIRST_PAGE = 64
+LOG_MAX_PAGE = 4096
 
 
 def _log_pages(
@@ -985,7 +988,7 @@ def _log_pages(
         yield page, {c.id: index[c.id] for c in page if c.id in index}
         if len(page) == size:  # more may follow: what is printed goes out while it is read
             _push_stdout()
-        size *= 2
+        size = min(size * 2, LOG_MAX_PAGE)
 
 
 def _log_json(repo: Any, start: Any, max_count: int | None) -> None:

@@ -402,3 +402,21 @@ def test_a_config_holding_a_lone_surrogate_is_refused_and_shown_as_strict_json(w
     shown = mint(work, "show", "--json", odd)
     assert strict_json(shown.stdout)["config"]["note"] == "x\ufffd"
     assert "lone surrogate" in shown.stderr
+
+
+def test_log_pages_stop_doubling_at_their_cap(
+    listed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each page was twice the last without end: a long history's log held half of it at once
+    # (~1 KB a commit, 178 MB for 10^5 commits). Scaled down: pages of 2, 4, then 8 at most.
+    from mintvcs import cli, porcelain
+    from mintvcs.store import Repository
+
+    monkeypatch.setattr(cli, "LOG_FIRST_PAGE", 2)
+    monkeypatch.setattr(cli, "LOG_MAX_PAGE", 8)
+    with Repository.open(listed) as repo:
+        start = porcelain.log_tips(repo, (), all_refs=False)
+        pages = [page for page, _labels in cli._log_pages(repo, start, None)]
+    assert [len(page) for page in pages] == [2, 4, 8, 8, 8, 8, 2]
+    listed_ids = [c.id for page in pages for c in page]
+    assert listed_ids == git(listed / ".mint", "log", "--format=%H").stdout.split()
