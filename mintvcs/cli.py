@@ -1012,7 +1012,7 @@ def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
             # Plain log reads no manifest: a commit whose manifest this mintvcs cannot read (a
             # newer version, damage) is listed all the same, and says why it has no meta.
             try:
-                item["meta"] = repo.revision_meta(c.id)
+                item["meta"] = repo.revision_meta(c.id, c.tree)
             except (CorruptManifestError, CorruptObjectError) as err:
                 item["meta"], item["meta_error"] = None, str(err)
             text = textwrap.indent(

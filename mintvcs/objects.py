@@ -330,7 +330,9 @@ class Manifest:
     def meta_from_bytes(data: bytes, where: str = "manifest") -> dict[str, str]:
         """Only the `meta` of a manifest blob: what `log --json` shows, without building its tensor records."""
         try:
-            return _meta_strings(_parse(data, where).get("meta", {}))
+            return _meta_strings(
+                _checked(_head_of(data) or json.loads(data), where).get("meta", {})
+            )
         except CorruptManifestError:
             raise
         except (ValueError, TypeError, AttributeError, RecursionError) as err:
@@ -423,9 +425,33 @@ def _meta_strings(meta: Any) -> dict[str, str]:
     return strings
 
 
+# Where to_bytes starts the tensor records, after every other key on one line: a raw newline
+# is in no JSON string, so this is structure, not text.
+_TENSORS_START = b', "tensors": [\n'
+
+
+def _head_of(data: bytes) -> dict[str, Any] | None:
+    """A manifest's keys but `tensors`, parsed without its tensor records (all but a few
+    hundred bytes of it: 6 MB for 20k tensors), where it is laid out as to_bytes writes it;
+    else None (another writer's layout: parse the whole). Only `meta` is read from it."""
+    cut = data.find(_TENSORS_START)
+    # A second `meta` after the records would be the one a whole parse keeps.
+    if cut < 0 or data.find(b'"meta"', cut) >= 0:
+        return None
+    try:
+        head = json.loads(data[:cut] + b"}")
+    except (ValueError, RecursionError):  # cut inside a nested value: no top-level key
+        return None
+    return head if isinstance(head, dict) and "tensors" not in head else None
+
+
 def _parse(data: bytes, where: str) -> dict[str, Any]:
     """A manifest's JSON, refusing other formats and versions."""
-    raw = json.loads(data)
+    return _checked(json.loads(data), where)
+
+
+def _checked(raw: Any, where: str) -> dict[str, Any]:
+    """A parsed manifest, refusing other formats and versions."""
     if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
         raise CorruptManifestError(f"{where}: not a mintvcs manifest")
     version = raw.get("version")

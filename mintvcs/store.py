@@ -799,6 +799,8 @@ class Repository:
         self._shallow_path = str(self.git_dir / SHALLOW_FILE)
         # Manifest blobs whose safetensors header was found to agree with them (_check_header).
         self._agreeing_manifests: set[str] = set()
+        # The tree and meta revision_meta read last (log --json reads one per commit).
+        self._last_meta: tuple[str, dict[str, str] | None] | None = None
         # Commit id -> its parents as the object lists them, least recently used first (see
         # _parents_of); its own lock, as the server's ref watcher resolves on worker threads.
         self._parents: OrderedDict[str, tuple[str, ...]] = OrderedDict()
@@ -2287,17 +2289,34 @@ class Repository:
                 pending.append((sub, path + "/", depth + 1))
         return blobs
 
-    def revision_meta(self, commit_id: str) -> dict[str, str] | None:
+    def revision_meta(self, commit_id: str, tree_id: str | None = None) -> dict[str, str] | None:
         """A revision's `--meta` strings, read without parsing its tensor records (log --json);
         None for a commit that is no adapter revision (one made with git, its tree holding no
-        manifest), which a history may hold as git allows."""
-        _, tree = self._root_of(commit_id)
+        manifest), which a history may hold as git allows. `tree_id`: the commit's tree, where
+        the caller has read the commit (log's walk), so that it is not read again."""
+        from dulwich.objects import Tree
+
+        if tree_id is None:
+            tree_id = self.commit_info(commit_id).tree
+        # Consecutive commits often share a tree (--allow-empty evaluations, a run's restarts):
+        # the last one's meta is kept, a copy given out.
+        last = self._last_meta
+        if last is not None and last[0] == tree_id:
+            return None if last[1] is None else dict(last[1])
+        tree = self.get_object(tree_id, what=f"tree of {commit_id[:12]}")
+        if not isinstance(tree, Tree):
+            raise CorruptObjectError(f"commit {commit_id[:12]}: tree {tree_id} is not a tree")
         try:
             _, blob = tree[MANIFEST_PATH.encode()]
         except KeyError:
-            return None
-        manifest = self.read_blob(blob.decode(), what=MANIFEST_PATH, max_size=MAX_METADATA_BYTES)
-        return Manifest.meta_from_bytes(manifest, f"manifest of {commit_id[:12]}")
+            meta = None
+        else:
+            manifest = self.read_blob(
+                blob.decode(), what=MANIFEST_PATH, max_size=MAX_METADATA_BYTES
+            )
+            meta = Manifest.meta_from_bytes(manifest, f"manifest of {commit_id[:12]}")
+        self._last_meta = (tree_id, meta)
+        return None if meta is None else dict(meta)
 
     def write_revision(
         self,
