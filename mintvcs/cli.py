@@ -51,9 +51,28 @@ def _open_repo() -> Any:
 
 
 def _emit_json(data: Any) -> None:
-    # allow_nan=False: NaN and Infinity are not JSON (strict parsers reject them); a value
-    # that can be non-finite must be mapped to null before it gets here.
-    click.echo(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
+    click.echo(_json_text(data))
+
+
+def _json_text(data: Any) -> str:
+    """`data` as every --json output writes it, strict JSON, or an error where it is not.
+
+    allow_nan=False: NaN and Infinity are not JSON (strict parsers reject them); a value that
+    can be non-finite must be mapped to null before it gets here. A lone surrogate (a name's
+    bytes that are not UTF-8, a JSON escape read from a revision) would come out as an escape
+    that strict readers (jq) refuse, the whole output with it: each source leaves it out or
+    replaces it, and this is the backstop, one error line in place of output no one can read.
+    """
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False)
+    if "\\ud" in text:  # a surrogate escape: a pair (a character past U+FFFF), or a lone one
+        try:
+            json.dumps(data, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise MintError(
+                f"cannot print {err.object[max(0, err.start - 40) : err.end]!a} as JSON: it "
+                "holds a lone surrogate, which no UTF-8 text holds and strict JSON readers refuse"
+            ) from None
+    return text
 
 
 def _json_config(config: dict[str, Any], commit: str) -> object:
@@ -1015,9 +1034,7 @@ def _log_json(repo: Any, start: Any, max_count: int | None) -> None:
                 item["meta"] = repo.revision_meta(c.id, c.tree)
             except (CorruptManifestError, CorruptObjectError) as err:
                 item["meta"], item["meta_error"] = None, str(err)
-            text = textwrap.indent(
-                json.dumps(item, indent=2, sort_keys=True, allow_nan=False), "  "
-            )
+            text = textwrap.indent(_json_text(item), "  ")
             click.echo((",\n" if opened else "[\n") + text, nl=False)
             opened = True
     click.echo("\n]" if opened else "[]")

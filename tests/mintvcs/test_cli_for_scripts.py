@@ -478,3 +478,15 @@ def test_meta_is_read_from_any_layout_as_a_whole_parse_reads_it(work: Path) -> N
     for data in layouts:
         assert Manifest.meta_from_bytes(data) == json.loads(data)["meta"], data[:200]
     assert Manifest.meta_from_bytes(twice) == {"a": "last"}
+
+
+def test_json_output_holding_a_lone_surrogate_is_an_error_not_invalid_json() -> None:
+    # The backstop behind each source's own check: output with a lone surrogate escape is
+    # refused whole by jq, so one error line is printed in its place.
+    from mintvcs import cli
+    from mintvcs.errors import MintError
+
+    assert json.loads(cli._json_text({"emoji": "\U0001f600"})) == {"emoji": "\U0001f600"}
+    assert json.loads(cli._json_text({"text": "\\ud800"})) == {"text": "\\ud800"}
+    with pytest.raises(MintError, match="lone surrogate"):
+        cli._json_text({"meta": {"k": "v\ud800"}})
