@@ -4,12 +4,16 @@
 # the device run's `carry` and bench/gpu.sh installs them. The GPU machine's Python is 3.12.
 # What to fetch follows pyproject.toml: every runtime dependency except those the GPU image ships
 # (GPU_IMAGE_HAS below, from the device tool's list of the image's packages), so a dependency
-# added to pyproject is fetched without anyone remembering this script. Versions: those of the
-# dev venv (.venv), so that the GPU run tests what CI tests; unpinned where the venv lacks one.
+# added to pyproject is fetched without anyone remembering this script, and with them everything
+# they need in turn (aiohttp's yarl, multidict, frozenlist...): the image has some of those too,
+# at versions nobody read, and an older yarl would fail aiohttp at import. Versions: those of
+# the dev venv (.venv), so that the GPU run tests what CI tests; unpinned where the venv lacks one.
+# aiohttp and click are on the image as well, but at unread versions that may be older than
+# pyproject's bounds (aiohttp>=3.14 for web.RequestKey), so they are fetched too (~3 MB).
 # Platforms up to glibc 2.34: the GPU image's Python 3.12.3 is a distribution build with a newer glibc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GPU_IMAGE_HAS="torch triton safetensors click numpy tqdm tokenizers aiohttp jinja2"
+GPU_IMAGE_HAS="torch triton safetensors numpy tqdm tokenizers jinja2"
 PY=${PYTHON:-python3}
 TARGET_PY=${TARGET_PY:-3.12}
 # In a worktree .git is a file; ask git where the exclude file is, and carry on without one.
@@ -22,28 +26,49 @@ else
 fi
 VENV_PY=$PY
 [ -x .venv/bin/python ] && VENV_PY=.venv/bin/python
-mapfile -t PINS < <("$VENV_PY" - $GPU_IMAGE_HAS <<'PYEOF'
+mapfile -t PINS < <("$VENV_PY" - "$TARGET_PY" $GPU_IMAGE_HAS <<'PYEOF'
 import re
 import sys
 import tomllib
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, requires, version
+
+from packaging.requirements import Requirement
 
 
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-image = {canonical(name) for name in sys.argv[1:]}
+target_py, image = sys.argv[1], {canonical(name) for name in sys.argv[2:]}
+# Markers as the GPU machine would evaluate them (CPython on x86-64 Linux), not as this one would.
+target = {
+    "python_version": target_py,
+    "python_full_version": target_py + ".0",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "extra": "",
+}
 with open("pyproject.toml", "rb") as f:
-    requirements = tomllib.load(f)["project"]["dependencies"]
-for requirement in requirements:
-    name = canonical(re.match(r"[A-Za-z0-9._-]+", requirement).group(0))
-    if name in image:
+    todo = [Requirement(line) for line in tomllib.load(f)["project"]["dependencies"]]
+seen = set()
+while todo:
+    requirement = todo.pop(0)
+    name = canonical(requirement.name)
+    if name in image or name in seen:
         continue
+    if requirement.marker is not None and not requirement.marker.evaluate(target):
+        continue
+    seen.add(name)
     try:
         print(f"{name}=={version(name)}")
     except PackageNotFoundError:
-        print(requirement.split(";")[0].strip())  # pyproject's own bounds, without a marker
+        print(f"{name}{requirement.specifier}")  # pyproject's own bounds, without a marker
+        continue
+    todo += [Requirement(line) for line in requires(name) or []]
 PYEOF
 )
 if ((${#PINS[@]} == 0)); then
