@@ -13,7 +13,7 @@
 # Platforms up to glibc 2.34: the GPU image's Python 3.12.3 is a distribution build with a newer glibc.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GPU_IMAGE_HAS="torch triton safetensors numpy tqdm tokenizers jinja2"
+GPU_IMAGE_HAS=(torch triton safetensors numpy tqdm tokenizers jinja2)
 PY=${PYTHON:-python3}
 TARGET_PY=${TARGET_PY:-3.12}
 # In a worktree .git is a file; ask git where the exclude file is, and carry on without one.
@@ -26,7 +26,7 @@ else
 fi
 VENV_PY=$PY
 [ -x .venv/bin/python ] && VENV_PY=.venv/bin/python
-mapfile -t PINS < <("$VENV_PY" - "$TARGET_PY" $GPU_IMAGE_HAS <<'PYEOF'
+mapfile -t PINS < <("$VENV_PY" - "$TARGET_PY" "${GPU_IMAGE_HAS[@]}" <<'PYEOF'
 import re
 import sys
 import tomllib
