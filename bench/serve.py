@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ from bench.engine import THROUGHPUT_MODEL, load_peft
 from mintvcs import porcelain
 from mintvcs.serve.model import LORA_MODULES
 from mintvcs.serve.tiny import TinyConfig, build_tiny_model
+
+# How long one hot swap may take to show, and one request to answer, before the run gives up.
+SWAP_TIMEOUT_S = 30.0
 
 
 class ServerProcess:
@@ -255,6 +259,25 @@ def peft_run(
     return time.perf_counter() - start, tokens
 
 
+def save_json(path: Path, results: dict[str, Any]) -> None:
+    """Write `results` to `path` whole: a timeout killing the run mid-write leaves the last copy."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps(results, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def wait_for_revision(ask: Callable[[], str], revision: str, timeout_s: float) -> float | None:
+    """Seconds until `ask()` names `revision`, or None when it has not within `timeout_s`."""
+    start = time.perf_counter()
+    while ask() != revision:
+        if time.perf_counter() - start > timeout_s:
+            return None
+    return time.perf_counter() - start
+
+
 def pct(values: list[float], q: float) -> float:
     """The q-quantile (nearest rank)."""
     ordered = sorted(values)
@@ -417,12 +440,14 @@ def main() -> None:
                     f"throughput {n_refs} refs (tokens/s): ours {ours:.1f}, peer {peer:.1f}, ratio {ours / peer:.2f}"
                 )
                 if args.json:  # after each row: a run cut short by a time limit keeps what it had
-                    args.json.write_text(json.dumps(results, indent=2) + "\n")
+                    save_json(args.json, results)
                 print(
                     f"latency {n_refs} refs: p50 {pct(lat, 0.5) * 1000:.0f} ms, p99 {pct(lat, 0.99) * 1000:.0f} ms"
                 )
 
-            # Hot swap: commit a new revision on main, then ask until a response names it.
+            # Hot swap: commit a new revision on main, then ask until a response names it. A
+            # server that never does (a commit its ref watcher missed, a stuck request) gives up
+            # after SWAP_TIMEOUT_S rather than spinning for the rest of the run's time.
             swap_times = []
 
             def ask() -> str:
@@ -434,7 +459,7 @@ def main() -> None:
                     data=body,
                     headers={"Content-Type": "application/json"},
                 )
-                with urllib.request.urlopen(req) as resp:
+                with urllib.request.urlopen(req, timeout=SWAP_TIMEOUT_S) as resp:
                     return str(json.loads(resp.read())["revision"])
 
             for i in range(args.swaps):
@@ -446,10 +471,13 @@ def main() -> None:
                     verify=False,
                     show_progress=False,
                 ).commit
-                committed = time.perf_counter()
-                while ask() != new:
-                    pass
-                swap_times.append(time.perf_counter() - committed)
+                took = wait_for_revision(ask, new, SWAP_TIMEOUT_S)
+                if took is None:
+                    results["hot_swap_s"] = "timed out"
+                    if args.json:
+                        save_json(args.json, results)
+                    sys.exit(f"hot swap {i}: no response named {new} within {SWAP_TIMEOUT_S} s")
+                swap_times.append(took)
             swap = statistics.median(swap_times)
             results["hot_swap_s"] = swap_times
             # Peer for the swap: what merging-and-reloading would cost is a full base load; PEFT's
@@ -468,7 +496,7 @@ def main() -> None:
                 f"hot swap, commit to first response on the new revision (ms): ours {swap * 1000:.1f}, peer {peer_swap * 1000:.1f} (PEFT load_adapter+set_adapter, no HTTP, no commit), ratio {peer_swap / swap:.2f}"
             )
         if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            save_json(args.json, results)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
