@@ -218,6 +218,11 @@ def test_on_a_gpu_masks_come_from_the_thread_pool_and_unpack_there(
             for i, kind in enumerate(kinds)
         ]
         together = gpu.generate_many(requests, timeout=120)
+        # Graphs are on by default, and a capture that fails only logs a warning and decodes
+        # eagerly: without this the masks would pass unchecked against graph-replayed steps.
+        graphs = gpu.scheduler.graphs
+        assert graphs is not None and graphs.failure is None, graphs and graphs.failure
+        assert graphs.captured >= 1 and graphs.steps >= 1
         # (Not compared with each request alone: on a GPU a batch's matmuls may round
         # differently from a single row's, and a sampled token can then differ.)
         assert sum(got.finish_reason == "stop" for got in together) >= len(kinds) // 2
