@@ -71,3 +71,19 @@ def test_a_slow_set_up_check_runs_every_step(tmp_path: Path) -> None:
         assert f"\n{step}: exit 0, " in summary
     assert "RAN bench/serve.py" in logs
     assert status == 0
+
+
+@pytest.mark.slow
+def test_an_engine_that_does_not_import_skips_the_engine_too(tmp_path: Path) -> None:
+    # An llguidance that fails at import: mintvcs.serve does not import, mintvcs.kernels does.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "llguidance.py").write_text('raise ImportError("no llguidance here")\n')
+    path = f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    status, summary, logs = run_gpu_sh(tmp_path, PYTHONPATH=path)
+    assert "import mintvcs.serve: ImportError: no llguidance here" in summary
+    for step in ("engine-tests", "engine", "serve"):
+        assert f"{step}: skipped (set-up)" in summary
+    for step in ("parity", "fused-parity", "kernels"):
+        assert f"\n{step}: exit 0, " in summary
+    assert "RAN bench/engine.py" not in logs and status == 1
