@@ -709,33 +709,6 @@ def drop_page_cache(*roots: Path) -> None:
                 os.close(fd)
 
 
-def merged_reload(merged: Path, *, from_disk: bool) -> float:
-    """Seconds to load the merged checkpoint through our loader, best of 2, in a process of its own.
-
-    As a server restarted on a merged checkpoint loads it, and away from the engine's process,
-    whose malloc settings (serve/memory.py) the peer should neither get nor pay for. from_disk
-    drops the checkpoint from the OS page cache before each load.
-    """
-    command = [sys.executable, __file__, "--merged-run", str(merged)]
-    out = subprocess.run(
-        [*command, *(["--from-disk"] if from_disk else [])],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return float(out.strip().splitlines()[-1])
-
-
-def _merged_run(merged: Path, from_disk: bool) -> float:
-    """merged_reload's measurement, in its own process."""
-    times = []
-    for _ in range(2):
-        if from_disk:
-            drop_page_cache(merged)
-        times.append(_time(lambda: Model.from_dir(merged)))
-    return min(times)
-
-
 def bench_hotswap(root: Path, quick: bool) -> None:
     """Revision requested -> slot ready, cold and warm, vs a full merged-checkpoint load."""
     config = (
@@ -787,7 +760,7 @@ def bench_hotswap(root: Path, quick: bool) -> None:
     chain_cached, chain_plain, depths = _hotswap_chain(
         root, base, repo, revisions["r0"], engine_config, cycles=1 if quick else 2
     )
-    full = merged_reload(merged, from_disk=False)
+    full = min(_time(lambda: Model.from_dir(merged)) for _ in range(2))
     # From disk: engines without host cache, so that every load decodes from the store, load
     # r0..r7 three times over: with the files in the page cache, then with them dropped from
     # it, then cached again. Each round is a fresh engine (its own Repository) that has read
@@ -810,7 +783,11 @@ def bench_hotswap(root: Path, quick: bool) -> None:
             )
     disk, cached = rounds[1], rounds[0] + rounds[2]
 
-    full_disk = merged_reload(merged, from_disk=True)
+    def merged_from_disk() -> float:
+        drop_page_cache(merged)
+        return _time(lambda: Model.from_dir(merged))
+
+    full_disk = min(merged_from_disk() for _ in range(2))
     cold_s, warm_s = statistics.median(cold), statistics.median(warm)
     print(
         f"# base {params / 1e9:.2f}B parameters fp32, revision {adapter_mb:.1f} MB on disk, "
@@ -1194,14 +1171,9 @@ def main() -> None:
         "--cuda-smoke", action="store_true", help="run the GPU section's code on CPU, tiny shape"
     )
     parser.add_argument("--peft-run", type=Path, help=argparse.SUPPRESS)  # one PEFT round
-    parser.add_argument("--merged-run", type=Path, help=argparse.SUPPRESS)  # the hot swap's peer
-    parser.add_argument("--from-disk", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peft_run is not None:
         print(peft_throughput(args.peft_run, args.quick))
-        return
-    if args.merged_run is not None:
-        print(_merged_run(args.merged_run, args.from_disk))
         return
     sections = args.only or [
         "throughput",
